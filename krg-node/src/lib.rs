@@ -1,0 +1,1 @@
+pub mod agent; pub mod cli; pub mod cluster;

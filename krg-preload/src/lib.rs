@@ -1,0 +1,1 @@
+//! libkrg.so

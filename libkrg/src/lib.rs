@@ -1,0 +1,14 @@
+//! libkrg: the core of krg, a single system image for Linux clusters built as
+//! a library OS.
+//!
+//! This crate holds what both sides share (the local protocol and its
+//! validated framing, gpids, capabilities) and every in-process mechanism,
+//! one module per subsystem. `krg-preload` turns it into `libkrg.so`;
+//! `krg-node` uses the protocol and client.
+
+pub mod caps;
+pub mod client;
+pub mod frame;
+pub mod gpid;
+pub mod log;
+pub mod proto;
