@@ -1,1 +1,676 @@
-//! agent
+//! The krg agent, one per host: membership and heartbeats with the other
+//! agents (tarpc over TCP, key-authenticated), the node's process table, and
+//! the local Unix socket that serves application processes and `krg`.
+//! See docs/architecture/agent.md.
+
+pub mod auth;
+pub mod config;
+pub mod local;
+pub mod peer;
+pub mod probe;
+pub mod procs;
+
+use crate::agent::config::Config;
+use crate::agent::peer::{GroupKill, Heartbeat, Peer, PeerClient};
+use crate::agent::procs::ProcTable;
+use libkrg::caps::Caps;
+use libkrg::gpid;
+use libkrg::proto::{CapsInfo, ErrorReply, NodeStatus, ProcInfo, Request, Response};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tarpc::context;
+use tracing::{debug, info, warn};
+
+/// How often heartbeats go out.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+/// A node silent for this long is shown `down` (well within the 3 s promise).
+pub const DOWN_AFTER: Duration = Duration::from_millis(2000);
+/// Deadline of one call to a peer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who is calling on the local socket (from SO_PEERCRED).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    /// Kernel pid in the agent's pid namespace; 0 if not visible from it.
+    pub pid: i32,
+    pub uid: u32,
+}
+
+#[derive(Debug)]
+struct Member {
+    addr: SocketAddr,
+    last_seen: Option<Instant>,
+    status: Option<NodeStatus>,
+    client: Option<PeerClient>,
+    busy: bool,
+}
+
+impl Member {
+    fn new(addr: SocketAddr) -> Member {
+        Member {
+            addr,
+            last_seen: None,
+            status: None,
+            client: None,
+            busy: false,
+        }
+    }
+
+    fn up(&self) -> bool {
+        self.last_seen.is_some_and(|t| t.elapsed() < DOWN_AFTER)
+    }
+}
+
+/// The agent's shared state.
+#[derive(Debug)]
+pub struct Agent {
+    pub cfg: Config,
+    cpus: f64,
+    procs: Mutex<ProcTable>,
+    members: Mutex<HashMap<u32, Member>>,
+    /// Configured peers and seeds whose node id is not known yet.
+    pending: Mutex<Vec<SocketAddr>>,
+    load: Mutex<probe::LoadAvg>,
+    /// Processes count cached by the probe (reading /proc per heartbeat
+    /// would be wasteful).
+    nprocs: Mutex<u32>,
+}
+
+fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
+    ErrorReply {
+        errno,
+        msg: msg.into(),
+    }
+}
+
+fn ctx() -> context::Context {
+    let mut c = context::current();
+    c.deadline = Instant::now() + CALL_TIMEOUT;
+    c
+}
+
+impl Agent {
+    pub fn new(cfg: Config) -> Arc<Agent> {
+        let cpus = probe::cpu_capacity(cfg.cpus);
+        Arc::new(Agent {
+            procs: Mutex::new(ProcTable::new(cfg.node_id)),
+            members: Mutex::new(HashMap::new()),
+            pending: Mutex::new(cfg.peers.clone()),
+            load: Mutex::new(probe::LoadAvg::default()),
+            nprocs: Mutex::new(0),
+            cpus,
+            cfg,
+        })
+    }
+
+    pub fn node_id(&self) -> u32 {
+        self.cfg.node_id
+    }
+
+    fn procs(&self) -> std::sync::MutexGuard<'_, ProcTable> {
+        self.procs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn members(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Member>> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// This node's own line of `krg status`.
+    pub fn self_status(&self) -> NodeStatus {
+        let (total, free) = probe::memory_kb();
+        NodeStatus {
+            id: self.cfg.node_id,
+            address: self.cfg.advertise.to_string(),
+            up: true,
+            cpus: self.cpus,
+            load: self.load.lock().unwrap_or_else(|e| e.into_inner()).get(),
+            mem_total_kb: total,
+            mem_free_kb: free,
+            processes: *self.nprocs.lock().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+
+    fn known(&self) -> Vec<(u32, SocketAddr)> {
+        let mut v: Vec<(u32, SocketAddr)> =
+            self.members().iter().map(|(id, m)| (*id, m.addr)).collect();
+        v.push((self.cfg.node_id, self.cfg.advertise));
+        v
+    }
+
+    fn learn(&self, known: &[(u32, SocketAddr)]) {
+        let mut m = self.members();
+        for (id, addr) in known {
+            if *id == self.cfg.node_id || *id == 0 || *id > gpid::MAX_NODE {
+                continue;
+            }
+            m.entry(*id).or_insert_with(|| {
+                info!("learnt of node {id} at {addr}");
+                Member::new(*addr)
+            });
+        }
+    }
+
+    /// A heartbeat arrived from a peer.
+    fn on_heartbeat(&self, hb: Heartbeat) -> Heartbeat {
+        let id = hb.from.id;
+        if id != self.cfg.node_id && id != 0 && id <= gpid::MAX_NODE {
+            let addr = hb.from.address.parse().ok();
+            let mut m = self.members();
+            let e = m.entry(id).or_insert_with(|| {
+                info!("node {id} joined from {}", hb.from.address);
+                Member::new(addr.unwrap_or(self.cfg.advertise))
+            });
+            if let Some(a) = addr {
+                e.addr = a;
+            }
+            if !e.up() {
+                info!("node {id} is up");
+            }
+            e.last_seen = Some(Instant::now());
+            e.status = Some(hb.from);
+        }
+        self.learn(&hb.known);
+        Heartbeat {
+            from: self.self_status(),
+            known: self.known(),
+        }
+    }
+
+    /// An authenticated client for node `id`, connecting if needed.
+    async fn client(&self, id: u32) -> Result<PeerClient, ErrorReply> {
+        let addr = {
+            let m = self.members();
+            let mem = m
+                .get(&id)
+                .ok_or_else(|| err(libc::ESRCH, format!("node {id} is not a member of the cluster")))?;
+            if let Some(c) = &mem.client {
+                return Ok(c.clone());
+            }
+            mem.addr
+        };
+        let (got, c) = peer::connect(addr, &self.cfg.key, self.cfg.node_id)
+            .await
+            .map_err(|e| err(libc::EHOSTUNREACH, format!("node {id} at {addr}: {e}")))?;
+        if got != id {
+            return Err(err(
+                libc::EHOSTUNREACH,
+                format!("{addr} answered as node {got}, expected node {id}"),
+            ));
+        }
+        if let Some(mem) = self.members().get_mut(&id) {
+            mem.client = Some(c.clone());
+        }
+        Ok(c)
+    }
+
+    fn drop_client(&self, id: u32) {
+        if let Some(m) = self.members().get_mut(&id) {
+            m.client = None;
+        }
+    }
+
+    fn up_peers(&self) -> Vec<u32> {
+        self.members()
+            .iter()
+            .filter(|(_, m)| m.up())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn is_up(&self, id: u32) -> bool {
+        self.members().get(&id).is_some_and(|m| m.up())
+    }
+
+    /// One round of heartbeats to every known member and pending address.
+    fn heartbeat_round(self: &Arc<Self>) {
+        let hb = Heartbeat {
+            from: self.self_status(),
+            known: self.known(),
+        };
+        let pending: Vec<SocketAddr> = self.pending.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for addr in pending {
+            let me = self.clone();
+            tokio::spawn(async move {
+                match peer::connect(addr, &me.cfg.key, me.cfg.node_id).await {
+                    Ok((id, c)) => {
+                        me.pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| *a != addr);
+                        let mut m = me.members();
+                        let e = m.entry(id).or_insert_with(|| Member::new(addr));
+                        e.addr = addr;
+                        e.client = Some(c);
+                        info!("connected to node {id} at {addr}");
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                        warn!("peer {addr}: {e}")
+                    }
+                    Err(e) => debug!("peer {addr} not reachable yet: {e}"),
+                }
+            });
+        }
+        let ids: Vec<u32> = {
+            let mut m = self.members();
+            m.iter_mut()
+                .filter(|(_, mem)| !mem.busy)
+                .map(|(id, mem)| {
+                    mem.busy = true;
+                    *id
+                })
+                .collect()
+        };
+        for id in ids {
+            let me = self.clone();
+            let hb = hb.clone();
+            tokio::spawn(async move {
+                let res = match me.client(id).await {
+                    Ok(c) => {
+                        let mut cx = context::current();
+                        cx.deadline = Instant::now() + Duration::from_millis(1000);
+                        c.heartbeat(cx, hb).await.map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e.msg),
+                };
+                match res {
+                    Ok(reply) if reply.from.id == id => {
+                        me.learn(&reply.known);
+                        let mut m = me.members();
+                        if let Some(mem) = m.get_mut(&id) {
+                            if !mem.up() {
+                                info!("node {id} is up");
+                            }
+                            mem.last_seen = Some(Instant::now());
+                            mem.status = Some(reply.from);
+                            mem.busy = false;
+                        }
+                    }
+                    other => {
+                        if let Err(e) = &other {
+                            debug!("heartbeat to node {id} failed: {e}");
+                        }
+                        me.drop_client(id);
+                        let mut m = me.members();
+                        if let Some(mem) = m.get_mut(&id) {
+                            mem.busy = false;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Every node of the cluster, this one first.
+    pub fn status(&self) -> Vec<NodeStatus> {
+        let mut v = vec![self.self_status()];
+        for (id, m) in self.members().iter() {
+            let mut s = m.status.clone().unwrap_or(NodeStatus {
+                id: *id,
+                address: m.addr.to_string(),
+                up: false,
+                cpus: 0.0,
+                load: 0.0,
+                mem_total_kb: 0,
+                mem_free_kb: 0,
+                processes: 0,
+            });
+            s.id = *id;
+            s.up = m.up();
+            if !s.up {
+                s.load = 0.0;
+                s.processes = 0;
+            }
+            v.push(s);
+        }
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// Every SSI process of the cluster (nodes that do not answer in time
+    /// are left out).
+    pub async fn ps(&self) -> Vec<ProcInfo> {
+        let mut all = self.procs().ps();
+        let calls = self.up_peers().into_iter().map(|id| async move {
+            match self.client(id).await {
+                Ok(c) => match c.procs(ctx()).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        warn!("ps: node {id} did not answer: {e}");
+                        self.drop_client(id);
+                        Vec::new()
+                    }
+                },
+                Err(e) => {
+                    warn!("ps: {}", e.msg);
+                    Vec::new()
+                }
+            }
+        });
+        for v in futures::future::join_all(calls).await {
+            all.extend(v);
+        }
+        all.sort_by_key(|p| (p.node, p.pid));
+        all
+    }
+
+    /// The node that answers for a gpid (its origin node: the one that
+    /// knows where it runs).
+    fn owner(&self, pid: i32) -> Result<u32, ErrorReply> {
+        let node = gpid::node_of(pid)
+            .ok_or_else(|| err(libc::ESRCH, format!("{pid} is not a cluster pid (no SSI process has it)")))?;
+        if node != self.cfg.node_id && !self.is_up(node) {
+            let known = self.members().contains_key(&node);
+            return Err(err(
+                libc::ESRCH,
+                if known {
+                    format!("pid {pid}: its node {node} is down")
+                } else {
+                    format!("pid {pid}: no such process (no node {node} in the cluster)")
+                },
+            ));
+        }
+        Ok(node)
+    }
+
+    async fn kill_one(&self, pid: i32, sig: i32, uid: u32) -> Result<(), ErrorReply> {
+        let node = self.owner(pid)?;
+        if node == self.cfg.node_id {
+            return self.procs().kill(pid, sig, uid);
+        }
+        let c = self.client(node).await?;
+        c.kill(ctx(), pid, sig, uid).await.map_err(|e| {
+            self.drop_client(node);
+            err(libc::EHOSTUNREACH, format!("pid {pid}: node {node}: {e}"))
+        })?
+    }
+
+    async fn kill_group(&self, pgid: i32, sig: i32, uid: u32) -> Result<(), ErrorReply> {
+        let mut total = self.procs().kill_group(pgid, sig, uid);
+        let calls = self.up_peers().into_iter().map(|id| async move {
+            match self.client(id).await {
+                Ok(c) => c.kill_group(ctx(), pgid, sig, uid).await.unwrap_or_default(),
+                Err(_) => GroupKill::default(),
+            }
+        });
+        for g in futures::future::join_all(calls).await {
+            total.0 += g.found;
+            total.1 += g.sent;
+            if g.error.is_some() {
+                total.2 = g.error;
+            }
+        }
+        match total {
+            (0, _, _) => Err(err(libc::ESRCH, format!("process group {pgid}: no such process group"))),
+            (_, 0, e) => Err(e.unwrap_or_else(|| err(libc::EPERM, format!("process group {pgid}: operation not permitted")))),
+            _ => Ok(()),
+        }
+    }
+
+    fn cap_get_local(&self, g: i32) -> Result<CapsInfo, ErrorReply> {
+        let t = self.procs();
+        let p = t
+            .get(g)
+            .ok_or_else(|| err(libc::ESRCH, format!("pid {g}: no such process")))?;
+        Ok(CapsInfo {
+            gpid: g,
+            effective: p.caps_eff.0,
+            inheritable: p.caps_inh.0,
+        })
+    }
+
+    fn cap_set_local(&self, g: i32, spec: &str, eff: bool, inh: bool, uid: u32) -> Result<CapsInfo, ErrorReply> {
+        let mut t = self.procs();
+        let p = t
+            .get(g)
+            .ok_or_else(|| err(libc::ESRCH, format!("pid {g}: no such process")))?;
+        ProcTable::permitted(p, uid)?;
+        let p = t.get_mut(g).expect("just found");
+        if eff {
+            p.caps_eff = Caps::apply(p.caps_eff, spec).map_err(|e| err(libc::EINVAL, e.to_string()))?;
+        }
+        if inh {
+            p.caps_inh = Caps::apply(p.caps_inh, spec).map_err(|e| err(libc::EINVAL, e.to_string()))?;
+        }
+        info!("capabilities of {g} set to {} (inheritable {})", p.caps_eff, p.caps_inh);
+        Ok(CapsInfo {
+            gpid: g,
+            effective: p.caps_eff.0,
+            inheritable: p.caps_inh.0,
+        })
+    }
+
+    /// Serve one request from the local socket.
+    pub async fn handle_local(&self, req: Request, who: Caller) -> Response {
+        match self.handle_local_inner(req, who).await {
+            Ok(r) => r,
+            Err(e) => Response::Err(e),
+        }
+    }
+
+    async fn handle_local_inner(&self, req: Request, who: Caller) -> Result<Response, ErrorReply> {
+        let need_pid = || {
+            if who.pid > 0 {
+                Ok(who.pid)
+            } else {
+                Err(err(libc::EPERM, "caller is not visible in this node's pid namespace"))
+            }
+        };
+        match req {
+            Request::Hello { version, caps_env } => {
+                if version != libkrg::proto::PROTO_VERSION {
+                    return Err(err(
+                        libc::EPROTO,
+                        format!("protocol version {version} (agent speaks {})", libkrg::proto::PROTO_VERSION),
+                    ));
+                }
+                let kpid = need_pid()?;
+                let mut t = self.procs();
+                let p = t.register(kpid, Some(caps_env))?;
+                Ok(Response::Hello {
+                    gpid: p.gpid,
+                    node: self.cfg.node_id,
+                    caps: p.caps_eff.0,
+                })
+            }
+            Request::Ensure { kpid } => {
+                let me = need_pid()?;
+                if kpid != me {
+                    let st = procs::read_stat(kpid)
+                        .ok_or_else(|| err(libc::ESRCH, format!("no process with kernel pid {kpid}")))?;
+                    if st.ppid != me {
+                        return Err(err(
+                            libc::EPERM,
+                            format!("kernel pid {kpid} is neither the caller nor its child"),
+                        ));
+                    }
+                }
+                Ok(Response::Pid(self.procs().register(kpid, None)?.gpid))
+            }
+            Request::Translate { kpid } => Ok(Response::Pid(self.procs().translate(kpid).unwrap_or(kpid))),
+            Request::Resolve { gpid: g } => {
+                let t = self.procs();
+                let p = t
+                    .get(g)
+                    .ok_or_else(|| err(libc::ESRCH, format!("pid {g}: not on node {}", self.cfg.node_id)))?;
+                Ok(Response::Pid(p.kpid))
+            }
+            Request::Kill { pid, sig } => {
+                if !(0..=64).contains(&sig) {
+                    return Err(err(libc::EINVAL, format!("invalid signal {sig}")));
+                }
+                if pid > 0 {
+                    self.kill_one(pid, sig, who.uid).await?;
+                } else if pid < -1 {
+                    self.kill_group(-pid, sig, who.uid).await?;
+                } else {
+                    return Err(err(libc::EINVAL, format!("kill({pid}): the library handles 0 and -1 locally")));
+                }
+                Ok(Response::Ok)
+            }
+            Request::Ps => Ok(Response::Ps(self.ps().await)),
+            Request::Status => Ok(Response::Status(self.status())),
+            Request::CapGet { gpid: g } => {
+                let node = self.owner(g)?;
+                if node == self.cfg.node_id {
+                    return Ok(Response::Caps(self.cap_get_local(g)?));
+                }
+                let c = self.client(node).await?;
+                let r = c
+                    .cap_get(ctx(), g)
+                    .await
+                    .map_err(|e| err(libc::EHOSTUNREACH, format!("node {node}: {e}")))??;
+                Ok(Response::Caps(r))
+            }
+            Request::CapSet {
+                gpid: g,
+                spec,
+                effective,
+                inheritable,
+            } => {
+                Caps::apply(Caps::NONE, &spec).map_err(|e| err(libc::EINVAL, e.to_string()))?;
+                let node = self.owner(g)?;
+                if node == self.cfg.node_id {
+                    return Ok(Response::Caps(self.cap_set_local(g, &spec, effective, inheritable, who.uid)?));
+                }
+                let c = self.client(node).await?;
+                let r = c
+                    .cap_set(ctx(), g, spec, effective, inheritable, who.uid)
+                    .await
+                    .map_err(|e| err(libc::EHOSTUNREACH, format!("node {node}: {e}")))??;
+                Ok(Response::Caps(r))
+            }
+        }
+    }
+}
+
+/// The tarpc face of the agent.
+#[derive(Clone, Debug)]
+pub struct PeerServer(pub Arc<Agent>);
+
+impl Peer for PeerServer {
+    async fn heartbeat(self, _: context::Context, hb: Heartbeat) -> Heartbeat {
+        self.0.on_heartbeat(hb)
+    }
+
+    async fn procs(self, _: context::Context) -> Vec<ProcInfo> {
+        self.0.procs().ps()
+    }
+
+    async fn kill(self, _: context::Context, g: i32, sig: i32, uid: u32) -> Result<(), ErrorReply> {
+        if !(0..=64).contains(&sig) {
+            return Err(err(libc::EINVAL, format!("invalid signal {sig}")));
+        }
+        self.0.procs().kill(g, sig, uid)
+    }
+
+    async fn kill_group(self, _: context::Context, pgid: i32, sig: i32, uid: u32) -> GroupKill {
+        if !(0..=64).contains(&sig) {
+            return GroupKill::default();
+        }
+        let (found, sent, error) = self.0.procs().kill_group(pgid, sig, uid);
+        GroupKill { found, sent, error }
+    }
+
+    async fn cap_get(self, _: context::Context, g: i32) -> Result<CapsInfo, ErrorReply> {
+        self.0.cap_get_local(g)
+    }
+
+    async fn cap_set(
+        self,
+        _: context::Context,
+        g: i32,
+        spec: String,
+        eff: bool,
+        inh: bool,
+        uid: u32,
+    ) -> Result<CapsInfo, ErrorReply> {
+        self.0.cap_set_local(g, &spec, eff, inh, uid)
+    }
+}
+
+/// Run the agent until it is killed.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
+    let agent = Agent::new(cfg);
+    let listener = tokio::net::TcpListener::bind(agent.cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", agent.cfg.listen))?;
+    let local = local::bind(&agent.cfg.sock)?;
+    std::fs::write(
+        agent.cfg.state_dir.join("krg-node.pid"),
+        format!("{}\n", std::process::id()),
+    )
+    .with_context(|| format!("writing pid file in {}", agent.cfg.state_dir.display()))?;
+    info!(
+        "node {} listening on {} (advertised {}), local socket {}, {} cpus",
+        agent.cfg.node_id,
+        agent.cfg.listen,
+        agent.cfg.advertise,
+        agent.cfg.sock.display(),
+        agent.cpus
+    );
+
+    // Peers.
+    let a = agent.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, addr) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("accept on {}: {e}", a.cfg.listen);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let a = a.clone();
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                match auth::server(&mut s, &a.cfg.key, a.cfg.node_id).await {
+                    Ok(id) => {
+                        debug!("node {id} connected from {addr}");
+                        peer::serve(s, PeerServer(a)).await;
+                    }
+                    Err(e) => warn!("refused connection from {addr}: {e}"),
+                }
+            });
+        }
+    });
+
+    // Heartbeats.
+    let a = agent.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            a.heartbeat_round();
+        }
+    });
+
+    // Probes and the process-table sweep, off the async threads.
+    let a = agent.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(1000));
+        loop {
+            tick.tick().await;
+            let a2 = a.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let runnable = probe::runnable_tasks();
+                a2.load
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .update(runnable, a2.cpus);
+                let n = {
+                    let mut t = a2.procs();
+                    t.sweep();
+                    t.live_count()
+                };
+                *a2.nprocs.lock().unwrap_or_else(|e| e.into_inner()) = n;
+            })
+            .await;
+        }
+    });
+
+    local::serve(agent, local).await
+}

@@ -1,1 +1,211 @@
-//! cli
+//! The `krg` user command. Blocking and single-threaded on purpose: `krg
+//! cluster exec` must be able to enter namespaces (setns(CLONE_NEWNS) is
+//! refused to multithreaded processes).
+
+mod kill;
+mod ps;
+
+use crate::cluster;
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use libkrg::caps::Caps;
+use libkrg::client::{self, CallError};
+use libkrg::proto::{Request, Response};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+
+/// krg: a single system image over a cluster of Linux hosts.
+#[derive(Parser, Debug)]
+#[command(name = "krg", version, about, disable_help_subcommand = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// List the nodes of the cluster.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every SSI process of the cluster.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the cluster's processes, refreshed like top.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(short = 'd', long, default_value_t = 2.0)]
+        delay: f64,
+        /// Stop after this many refreshes.
+        #[arg(short = 'n', long)]
+        iterations: Option<u64>,
+        /// Batch mode: no screen clearing (default when not on a terminal).
+        #[arg(short = 'b', long)]
+        batch: bool,
+    },
+    /// Send a signal to SSI processes, wherever they run:
+    /// krg kill [-SIG | -s SIG] PID...
+    #[command(disable_help_flag = true)]
+    Kill {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 1..)]
+        args: Vec<String>,
+    },
+    /// Show or change the SSI capabilities of a process:
+    /// krg capset PID [+cap|-cap|cap,...]
+    Capset {
+        /// Change only the effective set (what applies to the process itself).
+        #[arg(short = 'e', long)]
+        effective: bool,
+        /// Change only the inheritable set (what its future children get).
+        #[arg(short = 'i', long)]
+        inheritable: bool,
+        pid: i32,
+        #[arg(allow_hyphen_values = true)]
+        changes: Vec<String>,
+    },
+    /// Run a program as an SSI process on this node (LD_PRELOAD=libkrg.so).
+    Run {
+        #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
+        cmd: Vec<String>,
+    },
+    /// A whole cluster of N nodes on this one machine.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Start N agents, each in its own network, pid and mount namespaces and cgroup.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        /// CPU capacity of each node (cgroup CPU quota); fractions allowed.
+        #[arg(long, default_value_t = 1.0)]
+        cpus: f64,
+    },
+    /// Stop every node and remove everything `up` made.
+    Down,
+    /// List the nodes of the local cluster.
+    List,
+    /// Run a command on node K as an SSI process (stdio, exit status and
+    /// signals pass through).
+    Exec {
+        #[arg(long)]
+        node: u32,
+        /// Run it as a plain process, without the preload library.
+        #[arg(long)]
+        plain: bool,
+        #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
+        cmd: Vec<String>,
+    },
+}
+
+/// Run the command; returns the process exit code.
+pub fn main(cli: Cli) -> i32 {
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("krg: {e:#}");
+            1
+        }
+    }
+}
+
+pub(crate) fn agent_call(req: &Request) -> Result<Response> {
+    client::call(req).map_err(|e| match e {
+        CallError::Io { .. } => anyhow::anyhow!(
+            "{e} (is krg-node running on this node? In the local cluster, use `krg cluster exec --node N -- krg ...`)"
+        ),
+        other => anyhow::anyhow!("{other}"),
+    })
+}
+
+/// `libkrg.so`, next to this executable.
+pub fn preload_path() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the krg executable")?;
+    let dir = exe.parent().context("krg executable has no directory")?;
+    let so = dir.join("libkrg.so");
+    if !so.exists() {
+        bail!("{} not found (build it with cargo build --release)", so.display());
+    }
+    Ok(so)
+}
+
+fn dispatch(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Status { json } => ps::status(json),
+        Cmd::Ps { json } => ps::ps(json),
+        Cmd::Top {
+            delay,
+            iterations,
+            batch,
+        } => ps::top(delay, iterations, batch),
+        Cmd::Kill { args } => kill::kill(&args),
+        Cmd::Capset {
+            effective,
+            inheritable,
+            pid,
+            changes,
+        } => capset(pid, &changes, effective, inheritable),
+        Cmd::Run { cmd } => {
+            let so = preload_path()?;
+            let err = std::process::Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .env("LD_PRELOAD", so)
+                .exec();
+            bail!("cannot run {}: {err}", cmd[0])
+        }
+        Cmd::Cluster { cmd } => match cmd {
+            ClusterCmd::Up { nodes, cpus } => {
+                if nodes == 0 || nodes > 200 {
+                    bail!("--nodes {nodes}: between 1 and 200");
+                }
+                if !(cpus > 0.0 && cpus.is_finite()) {
+                    bail!("--cpus {cpus}: must be a positive number");
+                }
+                cluster::up(&cluster::UpOptions { nodes, cpus }).map(|_| 0)
+            }
+            ClusterCmd::Down => cluster::down().map(|_| 0),
+            ClusterCmd::List => cluster::list().map(|_| 0),
+            ClusterCmd::Exec { node, plain, cmd } => {
+                if plain {
+                    cluster::exec(node, &cmd) // TEMP until exec_plain lands
+                } else {
+                    cluster::exec(node, &cmd)
+                }
+            }
+        },
+    }
+}
+
+fn capset(pid: i32, changes: &[String], eff: bool, inh: bool) -> Result<i32> {
+    let info = if changes.is_empty() {
+        match agent_call(&Request::CapGet { gpid: pid })? {
+            Response::Caps(c) => c,
+            other => bail!("unexpected answer: {other:?}"),
+        }
+    } else {
+        let spec = changes.join(",");
+        Caps::apply(Caps::NONE, &spec)?;
+        // Neither flag: both sets, as Kerrighed's krgcapset did by default.
+        let (e, i) = if !eff && !inh { (true, true) } else { (eff, inh) };
+        match agent_call(&Request::CapSet {
+            gpid: pid,
+            spec,
+            effective: e,
+            inheritable: i,
+        })? {
+            Response::Caps(c) => c,
+            other => bail!("unexpected answer: {other:?}"),
+        }
+    };
+    println!("pid {}", info.gpid);
+    println!("  effective:   {}", Caps::from_bits(info.effective));
+    println!("  inheritable: {}", Caps::from_bits(info.inheritable));
+    Ok(0)
+}

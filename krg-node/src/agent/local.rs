@@ -1,0 +1,116 @@
+//! The agent's local Unix socket: application processes (libkrg) and the
+//! `krg` command. Every frame is validated before use; the caller is
+//! identified by SO_PEERCRED, never by what it says.
+
+use super::{Agent, Caller};
+use anyhow::{Context, Result};
+use libkrg::frame::{self, MAX_REQUEST};
+use libkrg::proto::{ErrorReply, Request, Response};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+/// An idle client connection is closed after this long.
+const IDLE: Duration = Duration::from_secs(60);
+/// A started frame must be complete within this long.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bind the local socket (replacing a stale one) and open it to every user:
+/// each request is checked against the caller's credentials instead.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", path.display())),
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(l)
+}
+
+/// Accept clients forever.
+pub async fn serve(agent: Arc<Agent>, l: UnixListener) -> Result<()> {
+    loop {
+        match l.accept().await {
+            Ok((s, _)) => {
+                let a = agent.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = client(a, s).await {
+                        debug!("local client: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!("accept on local socket: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn reply(s: &mut UnixStream, r: &Response) -> std::io::Result<()> {
+    s.write_all(&frame::encode(r)?).await
+}
+
+async fn client(agent: Arc<Agent>, mut s: UnixStream) -> std::io::Result<()> {
+    let cred = s.peer_cred()?;
+    let who = Caller {
+        pid: cred.pid().unwrap_or(0),
+        uid: cred.uid(),
+    };
+    loop {
+        let mut len = [0u8; 4];
+        match tokio::time::timeout(IDLE, s.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            // EOF, error or idle: the client is done.
+            _ => return Ok(()),
+        }
+        let n = match frame::check_len(len, MAX_REQUEST) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("local client pid {} uid {}: {e}", who.pid, who.uid);
+                let r = Response::Err(ErrorReply {
+                    errno: libc::EINVAL,
+                    msg: format!("malformed request: {e}"),
+                });
+                let _ = reply(&mut s, &r).await;
+                return Ok(());
+            }
+        };
+        let mut body = vec![0u8; n];
+        match tokio::time::timeout(FRAME_TIMEOUT, s.read_exact(&mut body)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                warn!("local client pid {}: truncated request ({n} bytes announced): {e}", who.pid);
+                return Ok(());
+            }
+            Err(_) => {
+                warn!("local client pid {}: request of {n} bytes not sent in time", who.pid);
+                return Ok(());
+            }
+        }
+        let req: Request = match frame::decode(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("local client pid {} uid {}: {e}", who.pid, who.uid);
+                let r = Response::Err(ErrorReply {
+                    errno: libc::EINVAL,
+                    msg: format!("malformed request: {e}"),
+                });
+                let _ = reply(&mut s, &r).await;
+                return Ok(());
+            }
+        };
+        debug!("pid {} uid {}: {req:?}", who.pid, who.uid);
+        let r = agent.handle_local(req, who).await;
+        reply(&mut s, &r).await?;
+    }
+}

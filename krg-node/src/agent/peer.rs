@@ -1,0 +1,81 @@
+//! The agent-to-agent service (tarpc over TCP, after the key handshake of
+//! [`super::auth`]).
+
+use super::auth;
+use futures::StreamExt;
+use libkrg::proto::{CapsInfo, ErrorReply, NodeStatus, ProcInfo};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use tarpc::serde_transport;
+use tarpc::server::{BaseChannel, Channel};
+use tarpc::tokio_serde::formats::Bincode;
+use tarpc::tokio_util::codec::LengthDelimitedCodec;
+use tokio::net::TcpStream;
+
+/// Largest frame between agents.
+const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// What a heartbeat carries both ways: the sender's state and the members
+/// it knows (so a node that joined through one seed learns everyone).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Heartbeat {
+    pub from: NodeStatus,
+    pub known: Vec<(u32, SocketAddr)>,
+}
+
+/// Result of signalling a process group on one node.
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct GroupKill {
+    pub found: u32,
+    pub sent: u32,
+    pub error: Option<ErrorReply>,
+}
+
+#[tarpc::service]
+pub trait Peer {
+    /// Liveness, load and membership, every half second.
+    async fn heartbeat(hb: Heartbeat) -> Heartbeat;
+    /// The SSI processes running on the callee.
+    async fn procs() -> Vec<ProcInfo>;
+    /// Signal one process whose gpid the callee owns; `caller_uid` was
+    /// checked with SO_PEERCRED by the calling agent.
+    async fn kill(gpid: i32, sig: i32, caller_uid: u32) -> Result<(), ErrorReply>;
+    /// Signal the callee's members of a process group.
+    async fn kill_group(pgid: i32, sig: i32, caller_uid: u32) -> GroupKill;
+    async fn cap_get(gpid: i32) -> Result<CapsInfo, ErrorReply>;
+    async fn cap_set(
+        gpid: i32,
+        spec: String,
+        effective: bool,
+        inheritable: bool,
+        caller_uid: u32,
+    ) -> Result<CapsInfo, ErrorReply>;
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+/// Connect to a peer, authenticate, and return a client with its node id.
+pub async fn connect(addr: SocketAddr, key: &[u8], my_id: u32) -> std::io::Result<(u32, PeerClient)> {
+    let mut s = tokio::time::timeout(std::time::Duration::from_secs(2), TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.set_nodelay(true)?;
+    let id = auth::client(&mut s, key, my_id).await?;
+    let transport = serde_transport::new(tarpc::tokio_util::codec::Framed::new(s, codec()), Bincode::default());
+    Ok((id, PeerClient::new(tarpc::client::Config::default(), transport).spawn()))
+}
+
+/// Serve one authenticated connection.
+pub async fn serve(s: TcpStream, server: super::PeerServer) {
+    let transport = serde_transport::new(tarpc::tokio_util::codec::Framed::new(s, codec()), Bincode::default());
+    BaseChannel::with_defaults(transport)
+        .execute(server.serve())
+        .for_each(|fut| async {
+            tokio::spawn(fut);
+        })
+        .await;
+}

@@ -1,0 +1,460 @@
+//! The node's table of SSI processes: registration, gpid allocation,
+//! capabilities, `/proc` readings for `krg ps`, and signal delivery.
+//!
+//! Mirrors libkrg's `processes` module on the agent side. A process is known
+//! by its kernel pid plus its start time (so a recycled kernel pid is never
+//! mistaken for the old process); signals go through a pidfd opened at
+//! registration, so they can never reach a recycled pid either.
+
+use libkrg::caps::Caps;
+use libkrg::gpid;
+use libkrg::proto::{ErrorReply, ProcInfo};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// One registered SSI process.
+#[derive(Debug)]
+pub struct Proc {
+    pub gpid: i32,
+    pub kpid: i32,
+    pub start_ticks: u64,
+    pub caps_eff: Caps,
+    pub caps_inh: Caps,
+    /// The `KRG_CAPS` value the current program image started with.
+    pub caps_env: Option<String>,
+    /// Whether the process itself has said Hello (vs. registered by its parent).
+    pub greeted: bool,
+    pidfd: Option<OwnedFd>,
+}
+
+/// What `/proc/<pid>/stat` says about a process.
+#[derive(Debug, Clone)]
+pub struct Stat {
+    pub comm: String,
+    pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
+    pub session: i32,
+    pub utime: u64,
+    pub stime: u64,
+    pub start_ticks: u64,
+    pub rss_pages: u64,
+}
+
+/// Parse `/proc/<pid>/stat`; `None` if the process is gone.
+pub fn read_stat(kpid: i32) -> Option<Stat> {
+    let s = std::fs::read_to_string(format!("/proc/{kpid}/stat")).ok()?;
+    parse_stat(&s)
+}
+
+fn parse_stat(s: &str) -> Option<Stat> {
+    // comm may contain spaces and parentheses: it ends at the last ')'.
+    let open = s.find('(')?;
+    let close = s.rfind(')')?;
+    let comm = s.get(open + 1..close)?.to_string();
+    let rest: Vec<&str> = s.get(close + 2..)?.split_whitespace().collect();
+    // rest[0] is field 3 (state).
+    let f = |i: usize| rest.get(i - 3).and_then(|v| v.parse::<i64>().ok());
+    Some(Stat {
+        comm,
+        state: rest.first()?.chars().next()?,
+        ppid: f(4)? as i32,
+        pgrp: f(5)? as i32,
+        session: f(6)? as i32,
+        utime: f(14)? as u64,
+        stime: f(15)? as u64,
+        start_ticks: f(22)? as u64,
+        rss_pages: f(24)?.max(0) as u64,
+    })
+}
+
+/// Real, effective and saved uids from `/proc/<pid>/status`.
+pub fn read_uids(kpid: i32) -> Option<[u32; 3]> {
+    let s = std::fs::read_to_string(format!("/proc/{kpid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("Uid:"))?;
+    let v: Vec<u32> = line[4..]
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (v.len() >= 3).then(|| [v[0], v[1], v[2]])
+}
+
+fn read_cmdline(kpid: i32, comm: &str) -> String {
+    match std::fs::read(format!("/proc/{kpid}/cmdline")) {
+        Ok(b) if !b.is_empty() => {
+            let parts: Vec<String> = b
+                .split(|c| *c == 0)
+                .filter(|p| !p.is_empty())
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect();
+            parts.join(" ")
+        }
+        _ => format!("[{comm}]"),
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+fn uptime_s() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn user_name(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(u)) => u.name,
+        _ => uid.to_string(),
+    }
+}
+
+fn pidfd_open(kpid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, kpid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just gave us this fd; we are its only owner.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
+    ErrorReply {
+        errno,
+        msg: msg.into(),
+    }
+}
+
+/// The process table of one node.
+#[derive(Debug)]
+pub struct ProcTable {
+    node: u32,
+    by_gpid: HashMap<i32, Proc>,
+    by_kpid: HashMap<i32, i32>,
+    /// Next candidate for a gpid whose natural value is taken.
+    next_spare: u32,
+}
+
+impl ProcTable {
+    pub fn new(node: u32) -> ProcTable {
+        ProcTable {
+            node,
+            by_gpid: HashMap::new(),
+            by_kpid: HashMap::new(),
+            next_spare: 1,
+        }
+    }
+
+    pub fn node(&self) -> u32 {
+        self.node
+    }
+
+    /// The live entry for a kernel pid, checking the start time so that a
+    /// recycled pid is never taken for the process that had it before.
+    fn live_gpid(&self, kpid: i32, start: u64) -> Option<i32> {
+        let g = *self.by_kpid.get(&kpid)?;
+        (self.by_gpid.get(&g)?.start_ticks == start).then_some(g)
+    }
+
+    fn remove(&mut self, g: i32) {
+        if let Some(p) = self.by_gpid.remove(&g) {
+            if self.by_kpid.get(&p.kpid) == Some(&g) {
+                self.by_kpid.remove(&p.kpid);
+            }
+        }
+    }
+
+    fn alloc_gpid(&mut self, kpid: i32) -> Result<i32, ErrorReply> {
+        if let Some(g) = gpid::make(self.node, kpid as u32) {
+            if !self.by_gpid.contains_key(&g) {
+                return Ok(g);
+            }
+        }
+        // The natural value is held (a process born here that now runs
+        // elsewhere still owns it): take the next free local value.
+        for _ in 0..gpid::LOCAL_MASK {
+            let cand = self.next_spare;
+            self.next_spare = if cand >= gpid::LOCAL_MASK as u32 {
+                1
+            } else {
+                cand + 1
+            };
+            if let Some(g) = gpid::make(self.node, cand) {
+                if !self.by_gpid.contains_key(&g) {
+                    return Ok(g);
+                }
+            }
+        }
+        Err(err(libc::EAGAIN, format!("node {}: no free gpid", self.node)))
+    }
+
+    /// Register a local process (or find it). `caps_env` is given when the
+    /// process itself says Hello; `None` when its parent registers it.
+    pub fn register(&mut self, kpid: i32, hello: Option<Option<String>>) -> Result<&Proc, ErrorReply> {
+        let st = read_stat(kpid)
+            .ok_or_else(|| err(libc::ESRCH, format!("no process with kernel pid {kpid} on node {}", self.node)))?;
+        let g = match self.live_gpid(kpid, st.start_ticks) {
+            Some(g) => g,
+            None => {
+                if let Some(old) = self.by_kpid.get(&kpid).copied() {
+                    self.remove(old);
+                }
+                let g = self.alloc_gpid(kpid)?;
+                let parent = self
+                    .live_gpid(st.ppid, read_stat(st.ppid).map(|s| s.start_ticks).unwrap_or(0))
+                    .and_then(|pg| self.by_gpid.get(&pg));
+                let (inh_base, parent_env) = match parent {
+                    Some(p) => (p.caps_inh, p.caps_env.clone()),
+                    None => (Caps::DEFAULT, None),
+                };
+                self.by_gpid.insert(
+                    g,
+                    Proc {
+                        gpid: g,
+                        kpid,
+                        start_ticks: st.start_ticks,
+                        caps_eff: inh_base,
+                        caps_inh: inh_base,
+                        caps_env: parent_env,
+                        greeted: false,
+                        pidfd: pidfd_open(kpid),
+                    },
+                );
+                self.by_kpid.insert(kpid, g);
+                g
+            }
+        };
+        if let Some(env) = hello {
+            let p = self.by_gpid.get_mut(&g).expect("entry just found or made");
+            // A KRG_CAPS inherited unchanged keeps what the parent passed on
+            // (capset may have changed it since); a new value applies on top.
+            if env != p.caps_env || (!p.greeted && p.caps_env.is_none() && env.is_some()) {
+                if let Some(spec) = env.as_deref() {
+                    let c = Caps::apply(p.caps_inh, spec)
+                        .map_err(|e| err(libc::EINVAL, format!("KRG_CAPS: {e}")))?;
+                    p.caps_eff = c;
+                    p.caps_inh = c;
+                }
+                p.caps_env = env;
+            }
+            p.greeted = true;
+        }
+        Ok(self.by_gpid.get(&g).expect("entry just found or made"))
+    }
+
+    /// gpid of a local kernel pid, if registered and alive.
+    pub fn translate(&self, kpid: i32) -> Option<i32> {
+        let st = read_stat(kpid)?;
+        self.live_gpid(kpid, st.start_ticks)
+    }
+
+    pub fn get(&self, g: i32) -> Option<&Proc> {
+        self.by_gpid.get(&g)
+    }
+
+    pub fn get_mut(&mut self, g: i32) -> Option<&mut Proc> {
+        self.by_gpid.get_mut(&g)
+    }
+
+    /// Drop the entries of processes that no longer exist (reaped zombies
+    /// included); a zombie stays listed until its parent reaps it.
+    pub fn sweep(&mut self) {
+        let dead: Vec<i32> = self
+            .by_gpid
+            .values()
+            .filter(|p| read_stat(p.kpid).map(|s| s.start_ticks) != Some(p.start_ticks))
+            .map(|p| p.gpid)
+            .collect();
+        for g in dead {
+            self.remove(g);
+        }
+    }
+
+    /// Processes counted in `krg status` (zombies excluded).
+    pub fn live_count(&self) -> u32 {
+        self.by_gpid
+            .values()
+            .filter(|p| matches!(read_stat(p.kpid), Some(s) if s.start_ticks == p.start_ticks && s.state != 'Z'))
+            .count() as u32
+    }
+
+    fn gpid_or_kernel(&self, kpid: i32) -> i32 {
+        if kpid <= 0 {
+            return kpid;
+        }
+        self.translate(kpid).unwrap_or(kpid)
+    }
+
+    /// `krg ps` rows for this node.
+    pub fn ps(&self) -> Vec<ProcInfo> {
+        let hz = clock_ticks();
+        let up = uptime_s();
+        let mut out = Vec::new();
+        for p in self.by_gpid.values() {
+            let Some(st) = read_stat(p.kpid) else { continue };
+            if st.start_ticks != p.start_ticks {
+                continue;
+            }
+            let uid = read_uids(p.kpid).map(|u| u[0]).unwrap_or(u32::MAX);
+            let cpu_ticks = st.utime + st.stime;
+            let elapsed = (up - st.start_ticks as f64 / hz).max(0.0);
+            let cpu_s = cpu_ticks as f64 / hz;
+            out.push(ProcInfo {
+                pid: p.gpid,
+                node: self.node,
+                ppid: self.gpid_or_kernel(st.ppid),
+                pgid: self.gpid_or_kernel(st.pgrp),
+                uid,
+                user: user_name(uid),
+                state: st.state.to_string(),
+                cpu: if elapsed > 0.0 {
+                    (cpu_s / elapsed * 100.0) as f32
+                } else {
+                    0.0
+                },
+                rss_kb: st.rss_pages * (page_size() / 1024),
+                cpu_time_ms: (cpu_s * 1000.0) as u64,
+                elapsed_s: elapsed,
+                command: read_cmdline(p.kpid, &st.comm),
+                caps: p.caps_eff.0,
+            });
+        }
+        out.sort_by_key(|p| p.pid);
+        out
+    }
+
+    /// May a caller with effective uid `caller` signal or control `p`?
+    /// The kill(2) rule: root, or the caller's uid is the target's real or
+    /// saved uid.
+    pub fn permitted(p: &Proc, caller: u32) -> Result<(), ErrorReply> {
+        if caller == 0 {
+            return Ok(());
+        }
+        match read_uids(p.kpid) {
+            Some([r, _, s]) if r == caller || s == caller => Ok(()),
+            Some([r, _, _]) => Err(err(
+                libc::EPERM,
+                format!("pid {}: operation not permitted (owned by uid {r}, caller uid {caller})", p.gpid),
+            )),
+            None => Err(err(libc::ESRCH, format!("pid {}: no such process", p.gpid))),
+        }
+    }
+
+    /// Deliver `sig` to one local process after the permission check.
+    pub fn kill(&self, g: i32, sig: i32, caller: u32) -> Result<(), ErrorReply> {
+        let p = self
+            .by_gpid
+            .get(&g)
+            .filter(|p| read_stat(p.kpid).map(|s| s.start_ticks) == Some(p.start_ticks))
+            .ok_or_else(|| err(libc::ESRCH, format!("pid {g}: no such process on node {}", self.node)))?;
+        Self::permitted(p, caller)?;
+        send_signal(p, sig).map_err(|e| err(e, format!("pid {g}: signal {sig}: {}", errno_str(e))))
+    }
+
+    /// Deliver `sig` to every local member of process group `pgid` (a gpid or
+    /// a kernel pgid). Returns (members found, members signalled, last error).
+    pub fn kill_group(&self, pgid: i32, sig: i32, caller: u32) -> (u32, u32, Option<ErrorReply>) {
+        let (mut found, mut sent, mut last) = (0, 0, None);
+        for p in self.by_gpid.values() {
+            let Some(st) = read_stat(p.kpid) else { continue };
+            if st.start_ticks != p.start_ticks || st.state == 'Z' {
+                continue;
+            }
+            if self.gpid_or_kernel(st.pgrp) != pgid {
+                continue;
+            }
+            found += 1;
+            match Self::permitted(p, caller).and_then(|_| {
+                send_signal(p, sig).map_err(|e| err(e, format!("pid {}: {}", p.gpid, errno_str(e))))
+            }) {
+                Ok(()) => sent += 1,
+                Err(e) => last = Some(e),
+            }
+        }
+        (found, sent, last)
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+fn errno_str(e: i32) -> String {
+    std::io::Error::from_raw_os_error(e).to_string()
+}
+
+fn send_signal(p: &Proc, sig: i32) -> Result<(), i32> {
+    let r = match &p.pidfd {
+        // SAFETY: pidfd_send_signal with a valid pidfd, a null siginfo and
+        // no flags, as documented.
+        Some(fd) => unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        },
+        // SAFETY: plain kill(2); the start time was checked by the caller.
+        None => unsafe { libc::kill(p.kpid, sig) as libc::c_long },
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_odd_comm() {
+        let s = "1234 (a b) c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 1 0 5555 1000 250 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
+        let st = parse_stat(s).unwrap();
+        assert_eq!(st.comm, "a b) c)");
+        assert_eq!(st.state, 'S');
+        assert_eq!(st.ppid, 1);
+        assert_eq!(st.pgrp, 1234);
+        assert_eq!(st.utime, 7);
+        assert_eq!(st.stime, 3);
+        assert_eq!(st.start_ticks, 5555);
+        assert_eq!(st.rss_pages, 250);
+    }
+
+    #[test]
+    fn self_registration_is_stable_and_reuse_safe() {
+        let me = std::process::id() as i32;
+        let mut t = ProcTable::new(3);
+        let g = t.register(me, Some(Some("-dfs".into()))).unwrap().gpid;
+        assert_eq!(gpid::node_of(g), Some(3));
+        assert_eq!(t.register(me, Some(Some("-dfs".into()))).unwrap().gpid, g);
+        assert!(!t.get(g).unwrap().caps_eff.contains(Caps::DFS));
+        assert_eq!(t.translate(me), Some(g));
+        // A stale entry for the same kernel pid with another start time is
+        // replaced, never reused.
+        t.by_gpid.get_mut(&g).unwrap().start_ticks += 1;
+        assert_eq!(t.translate(me), None);
+        let g2 = t.register(me, None).unwrap().gpid;
+        assert_eq!(t.translate(me), Some(g2));
+        assert!(t.kill(g2, 0, 0).is_ok());
+        assert_eq!(t.kill(g2 + 1, 0, 0).unwrap_err().errno, libc::ESRCH);
+    }
+}
