@@ -16,7 +16,11 @@ fn init(default: &str) {
             }
             .to_string();
             // tarpc traces every RPC at info: keep it quiet unless asked.
-            let v = if v.contains("tarpc") { v } else { format!("{v},tarpc=warn") };
+            let v = if v.contains("tarpc") {
+                v
+            } else {
+                format!("{v},tarpc=warn")
+            };
             EnvFilter::try_new(&v).unwrap_or_else(|_| EnvFilter::new(default))
         }
         _ => EnvFilter::new(format!("{default},tarpc=error")),

@@ -1,7 +1,10 @@
 //! krg-node: the krg agent, one per host.
 
 use clap::Parser;
-use krg_node::agent::{self, config::{Config, Flags}};
+use krg_node::agent::{
+    self,
+    config::{Config, Flags},
+};
 
 fn main() {
     let flags = Flags::parse();
@@ -14,8 +17,7 @@ fn main() {
         }
     };
     krg_node::reaper::install_if_init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -1,1 +1,276 @@
-//! libkrg.so
+//! libkrg.so: the `LD_PRELOAD` shim of krg.
+//!
+//! Thin by design: each hook resolves the next definition of its libc
+//! function, lets [`libkrg::rt::enter`] decide between the SSI semantics and
+//! plain pass-through, and delegates to [`libkrg::processes`]. The only code
+//! here is argument plumbing (status and siginfo pointers) and the vfork
+//! trampoline. See `docs/architecture/preload.md`.
+
+mod hook;
+mod vfork;
+
+use hook::{enosys, hooks};
+use libc::{
+    c_char, c_int, c_uint, id_t, idtype_t, pid_t, posix_spawn_file_actions_t, posix_spawnattr_t,
+    rusage, siginfo_t, sigval, termios, winsize,
+};
+use libkrg::processes;
+
+/// Runs when the dynamic loader initialises libkrg.so: resolve every next
+/// symbol, then register with the agent (or go standalone/disabled).
+extern "C" fn constructor() {
+    resolve_all();
+    vfork::resolve();
+    libkrg::rt::init();
+}
+
+#[used]
+#[link_section = ".init_array"]
+static CONSTRUCTOR: extern "C" fn() = constructor;
+
+/// Where a wait status goes: the caller's pointer, or a local when it passed
+/// NULL (the hook needs the status to know whether the child was reaped).
+fn status_target(status: *mut c_int, local: &mut c_int) -> *mut c_int {
+    if status.is_null() {
+        local
+    } else {
+        status
+    }
+}
+
+/// Read back the status the real wait stored.
+fn read_status(p: *const c_int, r: pid_t) -> c_int {
+    if r <= 0 {
+        return 0;
+    }
+    // SAFETY: the real wait returned a child, so it wrote *p, which is either
+    // the caller's valid status pointer or our local.
+    unsafe { *p }
+}
+
+/// The caller's siginfo after a successful real waitid.
+///
+/// # Safety
+/// `p` must be valid for reads and writes, as it is when the kernel just
+/// filled it (waitid returned 0).
+unsafe fn filled_siginfo<'a>(p: *mut siginfo_t) -> &'a mut siginfo_t {
+    // SAFETY: the function's contract.
+    unsafe { &mut *p }
+}
+
+hooks! {
+    /// `getpid()`: the gpid (a cached atomic load).
+    fn getpid() -> pid_t {
+        // SAFETY: getpid has no preconditions.
+        missing => unsafe { libc::syscall(libc::SYS_getpid) as pid_t },
+        krg(real) => processes::getpid(),
+    }
+
+    /// `getppid()`: the parent's gpid.
+    fn getppid() -> pid_t {
+        // SAFETY: getppid has no preconditions.
+        missing => unsafe { libc::syscall(libc::SYS_getppid) as pid_t },
+        krg(real) => processes::getppid(),
+    }
+
+    /// `kill(pid, sig)` on gpids and group gpids.
+    fn kill(pid: pid_t, sig: c_int) -> c_int {
+        missing => enosys(),
+        krg(real) => processes::kill(pid, sig, real),
+    }
+
+    /// `killpg(pgrp, sig)` on group gpids.
+    fn killpg(pgrp: pid_t, sig: c_int) -> c_int {
+        missing => enosys(),
+        krg(real) => processes::killpg(pgrp, sig, real),
+    }
+
+    /// `sigqueue(pid, sig, value)` on gpids of this node.
+    fn sigqueue(pid: pid_t, sig: c_int, value: sigval) -> c_int {
+        missing => enosys(),
+        krg(real) => processes::sigqueue(pid, |k| real(k, sig, value)),
+    }
+
+    /// `pidfd_open(pid, flags)` on gpids of this node.
+    fn pidfd_open(pid: pid_t, flags: c_uint) -> c_int {
+        missing => enosys(),
+        krg(real) => processes::pidfd_open(pid, |k| real(k, flags)),
+    }
+
+    /// `wait(status)`: returns the child's gpid.
+    fn wait(status: *mut c_int) -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::wait(None, |_| {
+            let mut local = 0;
+            let p = status_target(status, &mut local);
+            let r = real(p);
+            (r, read_status(p, r))
+        }),
+    }
+
+    /// `waitpid(pid, status, options)` with gpids.
+    fn waitpid(pid: pid_t, status: *mut c_int, options: c_int) -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::wait(Some(pid), |k| {
+            let mut local = 0;
+            let p = status_target(status, &mut local);
+            let r = real(k, p, options);
+            (r, read_status(p, r))
+        }),
+    }
+
+    /// `wait3(status, options, rusage)`: returns the child's gpid.
+    fn wait3(status: *mut c_int, options: c_int, usage: *mut rusage) -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::wait(None, |_| {
+            let mut local = 0;
+            let p = status_target(status, &mut local);
+            let r = real(p, options, usage);
+            (r, read_status(p, r))
+        }),
+    }
+
+    /// `wait4(pid, status, options, rusage)` with gpids.
+    fn wait4(pid: pid_t, status: *mut c_int, options: c_int, usage: *mut rusage) -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::wait(Some(pid), |k| {
+            let mut local = 0;
+            let p = status_target(status, &mut local);
+            let r = real(k, p, options, usage);
+            (r, read_status(p, r))
+        }),
+    }
+
+    /// `waitid(idtype, id, info, options)` with gpids, `si_pid` included.
+    fn waitid(idtype: idtype_t, id: id_t, infop: *mut siginfo_t, options: c_int) -> c_int {
+        missing => enosys(),
+        krg(real) => {
+            // SAFETY: all-zero is a valid siginfo_t.
+            let mut local: siginfo_t = unsafe { std::mem::zeroed() };
+            let p = if infop.is_null() { &mut local as *mut siginfo_t } else { infop };
+            processes::waitid(idtype, id, options, |t, i| {
+                let r = real(t, i, p, options);
+                // SAFETY: waitid returned 0, so the kernel filled *p.
+                (r, (r == 0).then(|| unsafe { filled_siginfo(p) }))
+            })
+        },
+    }
+
+    /// `fork()`: returns the child's gpid to the parent.
+    fn fork() -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::fork(real),
+    }
+
+    /// `_Fork()` (glibc 2.34: fork without atfork handlers).
+    fn _Fork() -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::fork(real),
+    }
+
+    /// `forkpty(...)`: returns the child's gpid to the parent (glibc's
+    /// forkpty forks internally, without the PLT).
+    fn forkpty(
+        amaster: *mut c_int,
+        name: *mut c_char,
+        termp: *const termios,
+        winp: *const winsize,
+    ) -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::fork(|| real(amaster, name, termp, winp)),
+    }
+
+    /// `posix_spawn(...)`: stores the child's gpid.
+    fn posix_spawn(
+        pid: *mut pid_t,
+        path: *const c_char,
+        actions: *const posix_spawn_file_actions_t,
+        attr: *const posix_spawnattr_t,
+        argv: *const *mut c_char,
+        envp: *const *mut c_char,
+    ) -> c_int {
+        missing => libc::ENOSYS,
+        krg(real) => {
+            let (rc, g) = processes::spawn(|k| real(k, path, actions, attr, argv, envp));
+            if rc == 0 && !pid.is_null() {
+                // SAFETY: a non-null pid is writable (posix_spawn's contract).
+                unsafe { *pid = g };
+            }
+            rc
+        },
+    }
+
+    /// `posix_spawnp(...)`: stores the child's gpid.
+    fn posix_spawnp(
+        pid: *mut pid_t,
+        file: *const c_char,
+        actions: *const posix_spawn_file_actions_t,
+        attr: *const posix_spawnattr_t,
+        argv: *const *mut c_char,
+        envp: *const *mut c_char,
+    ) -> c_int {
+        missing => libc::ENOSYS,
+        krg(real) => {
+            let (rc, g) = processes::spawn(|k| real(k, file, actions, attr, argv, envp));
+            if rc == 0 && !pid.is_null() {
+                // SAFETY: a non-null pid is writable (posix_spawnp's contract).
+                unsafe { *pid = g };
+            }
+            rc
+        },
+    }
+
+    /// `getpgrp()`: the group's gpid when its leader is an SSI process.
+    fn getpgrp() -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::getpgrp(real),
+    }
+
+    /// `getpgid(pid)` with gpids.
+    fn getpgid(pid: pid_t) -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::getpgid(pid, real),
+    }
+
+    /// `__getpgid(pid)`, glibc's exported alias of getpgid.
+    fn __getpgid(pid: pid_t) -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::getpgid(pid, real),
+    }
+
+    /// `getsid(pid)` with gpids.
+    fn getsid(pid: pid_t) -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::getsid(pid, real),
+    }
+
+    /// `setpgid(pid, pgid)` with gpids.
+    fn setpgid(pid: pid_t, pgid: pid_t) -> c_int {
+        missing => enosys(),
+        krg(real) => processes::setpgid(pid, pgid, real),
+    }
+
+    /// `setsid()`: returns the new session's gpid.
+    fn setsid() -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::setsid(real),
+    }
+
+    /// `tcgetpgrp(fd)`: the foreground group's gpid.
+    fn tcgetpgrp(fd: c_int) -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::tcgetpgrp(|| real(fd)),
+    }
+
+    /// `tcsetpgrp(fd, pgrp)` with a group gpid.
+    fn tcsetpgrp(fd: c_int, pgrp: pid_t) -> c_int {
+        missing => enosys(),
+        krg(real) => processes::tcsetpgrp(pgrp, |k| real(fd, k)),
+    }
+
+    /// `tcgetsid(fd)`: the session's gpid.
+    fn tcgetsid(fd: c_int) -> pid_t {
+        missing => enosys(),
+        krg(real) => processes::tcgetsid(|| real(fd)),
+    }
+}

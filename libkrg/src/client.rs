@@ -47,7 +47,11 @@ impl fmt::Display for CallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CallError::Io { path, err } => {
-                write!(f, "cannot talk to the krg agent at {}: {err}", path.display())
+                write!(
+                    f,
+                    "cannot talk to the krg agent at {}: {err}",
+                    path.display()
+                )
             }
             CallError::Agent(e) => f.write_str(&e.msg),
             CallError::Unexpected(s) => write!(f, "unexpected answer from the agent: {s}"),

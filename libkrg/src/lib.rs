@@ -6,9 +6,13 @@
 //! one module per subsystem. `krg-preload` turns it into `libkrg.so`;
 //! `krg-node` uses the protocol and client.
 
+pub mod capi;
 pub mod caps;
 pub mod client;
 pub mod frame;
 pub mod gpid;
+pub mod hookclient;
 pub mod log;
+pub mod processes;
 pub mod proto;
+pub mod rt;

@@ -38,7 +38,9 @@ pub fn parse_level(v: &str) -> u8 {
 
 /// Read `KRG_LOG` (called once, at library initialisation).
 pub fn init_from_env() {
-    let lvl = std::env::var("KRG_LOG").map(|v| parse_level(&v)).unwrap_or(0);
+    let lvl = std::env::var("KRG_LOG")
+        .map(|v| parse_level(&v))
+        .unwrap_or(0);
     MAX.store(lvl, Ordering::Relaxed);
 }
 

@@ -13,7 +13,9 @@ pub const PROTO_VERSION: u32 = 1;
 
 /// A request to the local agent. The caller's pid, uid and gid come from
 /// `SO_PEERCRED`, never from the message.
-#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
 pub enum Request {
     /// Register the calling process, or refresh its entry after `exec`.
     /// `caps_env` is the value of `KRG_CAPS` it started with.
@@ -50,13 +52,11 @@ pub enum Request {
 }
 
 /// The agent's answer to a [`Request`].
-#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
 pub enum Response {
-    Hello {
-        gpid: i32,
-        node: u32,
-        caps: u32,
-    },
+    Hello { gpid: i32, node: u32, caps: u32 },
     Pid(i32),
     Ok,
     Err(ErrorReply),
@@ -66,14 +66,18 @@ pub enum Response {
 }
 
 /// A failed request: the errno the application should see, and what failed.
-#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
 pub struct ErrorReply {
     pub errno: i32,
     pub msg: String,
 }
 
 /// One SSI process, as `krg ps` shows it.
-#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
 pub struct ProcInfo {
     pub pid: i32,
     pub node: u32,
@@ -95,7 +99,9 @@ pub struct ProcInfo {
 }
 
 /// One node, as `krg status` shows it.
-#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
 pub struct NodeStatus {
     pub id: u32,
     pub address: String,
@@ -112,7 +118,9 @@ pub struct NodeStatus {
 }
 
 /// The capabilities of one process.
-#[derive(Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
 pub struct CapsInfo {
     pub gpid: i32,
     pub effective: u32,

@@ -28,7 +28,15 @@ fn mac(key: &[u8], role: &[u8], cid: u32, sid: u32, cn: &[u8; 32], sn: &[u8; 32]
     m.finalize().into_bytes().into()
 }
 
-fn verify(key: &[u8], role: &[u8], cid: u32, sid: u32, cn: &[u8; 32], sn: &[u8; 32], tag: &[u8]) -> bool {
+fn verify(
+    key: &[u8],
+    role: &[u8],
+    cid: u32,
+    sid: u32,
+    cn: &[u8; 32],
+    sn: &[u8; 32],
+    tag: &[u8],
+) -> bool {
     let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
     m.update(role);
     m.update(&cid.to_le_bytes());
@@ -68,7 +76,8 @@ async fn client_inner(s: &mut TcpStream, key: &[u8], my_id: u32) -> io::Result<u
     let sn: [u8; 32] = challenge[8..40].try_into().expect("32 bytes");
     // The client proves itself first, so a server never hands a proof to
     // someone who does not hold the key.
-    s.write_all(&mac(key, b"client", my_id, sid, &cn, &sn)).await?;
+    s.write_all(&mac(key, b"client", my_id, sid, &cn, &sn))
+        .await?;
     let mut proof = [0u8; 32];
     s.read_exact(&mut proof).await.map_err(|_| {
         refused(format!(
@@ -76,7 +85,9 @@ async fn client_inner(s: &mut TcpStream, key: &[u8], my_id: u32) -> io::Result<u
         ))
     })?;
     if !verify(key, b"server", my_id, sid, &cn, &sn, &proof) {
-        return Err(refused(format!("node {sid} failed to prove the cluster key")));
+        return Err(refused(format!(
+            "node {sid} failed to prove the cluster key"
+        )));
     }
     Ok(sid)
 }
@@ -109,11 +120,10 @@ async fn server_inner(s: &mut TcpStream, key: &[u8], my_id: u32) -> io::Result<u
     let mut tag = [0u8; 32];
     s.read_exact(&mut tag).await?;
     if !verify(key, b"client", cid, my_id, &cn, &sn, &tag) {
-        return Err(refused(format!(
-            "node {cid} does not hold the cluster key"
-        )));
+        return Err(refused(format!("node {cid} does not hold the cluster key")));
     }
-    s.write_all(&mac(key, b"server", cid, my_id, &cn, &sn)).await?;
+    s.write_all(&mac(key, b"server", cid, my_id, &cn, &sn))
+        .await?;
     Ok(cid)
 }
 
@@ -158,7 +168,9 @@ mod tests {
             server(&mut s, b"0123456789abcdef", 1).await
         });
         let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\r\n\r\n").await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\r\n\r\n")
+            .await
+            .unwrap();
         let e = srv.await.unwrap().unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
     }

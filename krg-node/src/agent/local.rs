@@ -28,7 +28,9 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", path.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale socket {}", path.display()))
+        }
     }
     let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
@@ -89,11 +91,17 @@ async fn client(agent: Arc<Agent>, mut s: UnixStream) -> std::io::Result<()> {
         match tokio::time::timeout(FRAME_TIMEOUT, s.read_exact(&mut body)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                warn!("local client pid {}: truncated request ({n} bytes announced): {e}", who.pid);
+                warn!(
+                    "local client pid {}: truncated request ({n} bytes announced): {e}",
+                    who.pid
+                );
                 return Ok(());
             }
             Err(_) => {
-                warn!("local client pid {}: request of {n} bytes not sent in time", who.pid);
+                warn!(
+                    "local client pid {}: request of {n} bytes not sent in time",
+                    who.pid
+                );
                 return Ok(());
             }
         }

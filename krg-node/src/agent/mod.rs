@@ -182,9 +182,12 @@ impl Agent {
     async fn client(&self, id: u32) -> Result<PeerClient, ErrorReply> {
         let addr = {
             let m = self.members();
-            let mem = m
-                .get(&id)
-                .ok_or_else(|| err(libc::ESRCH, format!("node {id} is not a member of the cluster")))?;
+            let mem = m.get(&id).ok_or_else(|| {
+                err(
+                    libc::ESRCH,
+                    format!("node {id} is not a member of the cluster"),
+                )
+            })?;
             if let Some(c) = &mem.client {
                 return Ok(c.clone());
             }
@@ -229,13 +232,20 @@ impl Agent {
             from: self.self_status(),
             known: self.known(),
         };
-        let pending: Vec<SocketAddr> = self.pending.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let pending: Vec<SocketAddr> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for addr in pending {
             let me = self.clone();
             tokio::spawn(async move {
                 match peer::connect(addr, &me.cfg.key, me.cfg.node_id).await {
                     Ok((id, c)) => {
-                        me.pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| *a != addr);
+                        me.pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .retain(|a| *a != addr);
                         let mut m = me.members();
                         let e = m.entry(id).or_insert_with(|| Member::new(addr));
                         e.addr = addr;
@@ -355,8 +365,12 @@ impl Agent {
     /// The node that answers for a gpid (its origin node: the one that
     /// knows where it runs).
     fn owner(&self, pid: i32) -> Result<u32, ErrorReply> {
-        let node = gpid::node_of(pid)
-            .ok_or_else(|| err(libc::ESRCH, format!("{pid} is not a cluster pid (no SSI process has it)")))?;
+        let node = gpid::node_of(pid).ok_or_else(|| {
+            err(
+                libc::ESRCH,
+                format!("{pid} is not a cluster pid (no SSI process has it)"),
+            )
+        })?;
         if node != self.cfg.node_id && !self.is_up(node) {
             let known = self.members().contains_key(&node);
             return Err(err(
@@ -387,7 +401,10 @@ impl Agent {
         let mut total = self.procs().kill_group(pgid, sig, uid);
         let calls = self.up_peers().into_iter().map(|id| async move {
             match self.client(id).await {
-                Ok(c) => c.kill_group(ctx(), pgid, sig, uid).await.unwrap_or_default(),
+                Ok(c) => c
+                    .kill_group(ctx(), pgid, sig, uid)
+                    .await
+                    .unwrap_or_default(),
                 Err(_) => GroupKill::default(),
             }
         });
@@ -399,8 +416,16 @@ impl Agent {
             }
         }
         match total {
-            (0, _, _) => Err(err(libc::ESRCH, format!("process group {pgid}: no such process group"))),
-            (_, 0, e) => Err(e.unwrap_or_else(|| err(libc::EPERM, format!("process group {pgid}: operation not permitted")))),
+            (0, _, _) => Err(err(
+                libc::ESRCH,
+                format!("process group {pgid}: no such process group"),
+            )),
+            (_, 0, e) => Err(e.unwrap_or_else(|| {
+                err(
+                    libc::EPERM,
+                    format!("process group {pgid}: operation not permitted"),
+                )
+            })),
             _ => Ok(()),
         }
     }
@@ -417,7 +442,14 @@ impl Agent {
         })
     }
 
-    fn cap_set_local(&self, g: i32, spec: &str, eff: bool, inh: bool, uid: u32) -> Result<CapsInfo, ErrorReply> {
+    fn cap_set_local(
+        &self,
+        g: i32,
+        spec: &str,
+        eff: bool,
+        inh: bool,
+        uid: u32,
+    ) -> Result<CapsInfo, ErrorReply> {
         let mut t = self.procs();
         let p = t
             .get(g)
@@ -425,12 +457,17 @@ impl Agent {
         ProcTable::permitted(p, uid)?;
         let p = t.get_mut(g).expect("just found");
         if eff {
-            p.caps_eff = Caps::apply(p.caps_eff, spec).map_err(|e| err(libc::EINVAL, e.to_string()))?;
+            p.caps_eff =
+                Caps::apply(p.caps_eff, spec).map_err(|e| err(libc::EINVAL, e.to_string()))?;
         }
         if inh {
-            p.caps_inh = Caps::apply(p.caps_inh, spec).map_err(|e| err(libc::EINVAL, e.to_string()))?;
+            p.caps_inh =
+                Caps::apply(p.caps_inh, spec).map_err(|e| err(libc::EINVAL, e.to_string()))?;
         }
-        info!("capabilities of {g} set to {} (inheritable {})", p.caps_eff, p.caps_inh);
+        info!(
+            "capabilities of {g} set to {} (inheritable {})",
+            p.caps_eff, p.caps_inh
+        );
         Ok(CapsInfo {
             gpid: g,
             effective: p.caps_eff.0,
@@ -451,7 +488,10 @@ impl Agent {
             if who.pid > 0 {
                 Ok(who.pid)
             } else {
-                Err(err(libc::EPERM, "caller is not visible in this node's pid namespace"))
+                Err(err(
+                    libc::EPERM,
+                    "caller is not visible in this node's pid namespace",
+                ))
             }
         };
         match req {
@@ -459,7 +499,10 @@ impl Agent {
                 if version != libkrg::proto::PROTO_VERSION {
                     return Err(err(
                         libc::EPROTO,
-                        format!("protocol version {version} (agent speaks {})", libkrg::proto::PROTO_VERSION),
+                        format!(
+                            "protocol version {version} (agent speaks {})",
+                            libkrg::proto::PROTO_VERSION
+                        ),
                     ));
                 }
                 let kpid = need_pid()?;
@@ -474,8 +517,9 @@ impl Agent {
             Request::Ensure { kpid } => {
                 let me = need_pid()?;
                 if kpid != me {
-                    let st = procs::read_stat(kpid)
-                        .ok_or_else(|| err(libc::ESRCH, format!("no process with kernel pid {kpid}")))?;
+                    let st = procs::read_stat(kpid).ok_or_else(|| {
+                        err(libc::ESRCH, format!("no process with kernel pid {kpid}"))
+                    })?;
                     if st.ppid != me {
                         return Err(err(
                             libc::EPERM,
@@ -485,13 +529,17 @@ impl Agent {
                 }
                 Ok(Response::Pid(self.procs().register(kpid, None)?.gpid))
             }
-            Request::Translate { kpid } => Ok(Response::Pid(self.procs().translate(kpid).unwrap_or(kpid))),
+            Request::Translate { kpid } => {
+                Ok(Response::Pid(self.procs().translate(kpid).unwrap_or(kpid)))
+            }
             Request::Resolve { gpid: g } => {
-                let t = self.procs();
-                let p = t
-                    .get(g)
-                    .ok_or_else(|| err(libc::ESRCH, format!("pid {g}: not on node {}", self.cfg.node_id)))?;
-                Ok(Response::Pid(p.kpid))
+                let k = self.procs().resolve(g).ok_or_else(|| {
+                    err(
+                        libc::ESRCH,
+                        format!("pid {g}: not on node {}", self.cfg.node_id),
+                    )
+                })?;
+                Ok(Response::Pid(k))
             }
             Request::Kill { pid, sig } => {
                 if !(0..=64).contains(&sig) {
@@ -502,7 +550,10 @@ impl Agent {
                 } else if pid < -1 {
                     self.kill_group(-pid, sig, who.uid).await?;
                 } else {
-                    return Err(err(libc::EINVAL, format!("kill({pid}): the library handles 0 and -1 locally")));
+                    return Err(err(
+                        libc::EINVAL,
+                        format!("kill({pid}): the library handles 0 and -1 locally"),
+                    ));
                 }
                 Ok(Response::Ok)
             }
@@ -529,7 +580,13 @@ impl Agent {
                 Caps::apply(Caps::NONE, &spec).map_err(|e| err(libc::EINVAL, e.to_string()))?;
                 let node = self.owner(g)?;
                 if node == self.cfg.node_id {
-                    return Ok(Response::Caps(self.cap_set_local(g, &spec, effective, inheritable, who.uid)?));
+                    return Ok(Response::Caps(self.cap_set_local(
+                        g,
+                        &spec,
+                        effective,
+                        inheritable,
+                        who.uid,
+                    )?));
                 }
                 let c = self.client(node).await?;
                 let r = c

@@ -59,19 +59,32 @@ fn codec() -> LengthDelimitedCodec {
 }
 
 /// Connect to a peer, authenticate, and return a client with its node id.
-pub async fn connect(addr: SocketAddr, key: &[u8], my_id: u32) -> std::io::Result<(u32, PeerClient)> {
+pub async fn connect(
+    addr: SocketAddr,
+    key: &[u8],
+    my_id: u32,
+) -> std::io::Result<(u32, PeerClient)> {
     let mut s = tokio::time::timeout(std::time::Duration::from_secs(2), TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     s.set_nodelay(true)?;
     let id = auth::client(&mut s, key, my_id).await?;
-    let transport = serde_transport::new(tarpc::tokio_util::codec::Framed::new(s, codec()), Bincode::default());
-    Ok((id, PeerClient::new(tarpc::client::Config::default(), transport).spawn()))
+    let transport = serde_transport::new(
+        tarpc::tokio_util::codec::Framed::new(s, codec()),
+        Bincode::default(),
+    );
+    Ok((
+        id,
+        PeerClient::new(tarpc::client::Config::default(), transport).spawn(),
+    ))
 }
 
 /// Serve one authenticated connection.
 pub async fn serve(s: TcpStream, server: super::PeerServer) {
-    let transport = serde_transport::new(tarpc::tokio_util::codec::Framed::new(s, codec()), Bincode::default());
+    let transport = serde_transport::new(
+        tarpc::tokio_util::codec::Framed::new(s, codec()),
+        Bincode::default(),
+    );
     BaseChannel::with_defaults(transport)
         .execute(server.serve())
         .for_each(|fut| async {

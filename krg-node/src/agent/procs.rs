@@ -142,7 +142,16 @@ pub struct ProcTable {
     by_kpid: HashMap<i32, i32>,
     /// Next candidate for a gpid whose natural value is taken.
     next_spare: u32,
+    /// Processes that are gone but whose gpid may still be asked about: a
+    /// parent translating the pid `waitpid` just returned, or a process
+    /// group (or session) whose leader exited while members remain.
+    /// Kernel pid -> (gpid, when it went).
+    ghosts: HashMap<i32, (i32, std::time::Instant)>,
 }
+
+/// How long a reaped process stays translatable when no group or session
+/// still carries its pid.
+const GHOST_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl ProcTable {
     pub fn new(node: u32) -> ProcTable {
@@ -151,6 +160,7 @@ impl ProcTable {
             by_gpid: HashMap::new(),
             by_kpid: HashMap::new(),
             next_spare: 1,
+            ghosts: HashMap::new(),
         }
     }
 
@@ -170,7 +180,20 @@ impl ProcTable {
             if self.by_kpid.get(&p.kpid) == Some(&g) {
                 self.by_kpid.remove(&p.kpid);
             }
+            self.ghosts.insert(p.kpid, (g, std::time::Instant::now()));
         }
+    }
+
+    /// The gpid a gone process had, if its kernel pid was not reused since.
+    fn ghost(&self, kpid: i32) -> Option<i32> {
+        let (g, _) = self.ghosts.get(&kpid)?;
+        // A live process with that kernel pid (SSI or not) means reuse.
+        if self.by_kpid.contains_key(&kpid)
+            || std::path::Path::new(&format!("/proc/{kpid}")).exists()
+        {
+            return None;
+        }
+        Some(*g)
     }
 
     fn alloc_gpid(&mut self, kpid: i32) -> Result<i32, ErrorReply> {
@@ -194,23 +217,38 @@ impl ProcTable {
                 }
             }
         }
-        Err(err(libc::EAGAIN, format!("node {}: no free gpid", self.node)))
+        Err(err(
+            libc::EAGAIN,
+            format!("node {}: no free gpid", self.node),
+        ))
     }
 
     /// Register a local process (or find it). `caps_env` is given when the
     /// process itself says Hello; `None` when its parent registers it.
-    pub fn register(&mut self, kpid: i32, hello: Option<Option<String>>) -> Result<&Proc, ErrorReply> {
-        let st = read_stat(kpid)
-            .ok_or_else(|| err(libc::ESRCH, format!("no process with kernel pid {kpid} on node {}", self.node)))?;
+    pub fn register(
+        &mut self,
+        kpid: i32,
+        hello: Option<Option<String>>,
+    ) -> Result<&Proc, ErrorReply> {
+        let st = read_stat(kpid).ok_or_else(|| {
+            err(
+                libc::ESRCH,
+                format!("no process with kernel pid {kpid} on node {}", self.node),
+            )
+        })?;
         let g = match self.live_gpid(kpid, st.start_ticks) {
             Some(g) => g,
             None => {
                 if let Some(old) = self.by_kpid.get(&kpid).copied() {
                     self.remove(old);
                 }
+                self.ghosts.remove(&kpid);
                 let g = self.alloc_gpid(kpid)?;
                 let parent = self
-                    .live_gpid(st.ppid, read_stat(st.ppid).map(|s| s.start_ticks).unwrap_or(0))
+                    .live_gpid(
+                        st.ppid,
+                        read_stat(st.ppid).map(|s| s.start_ticks).unwrap_or(0),
+                    )
                     .and_then(|pg| self.by_gpid.get(&pg));
                 let (inh_base, parent_env) = match parent {
                     Some(p) => (p.caps_inh, p.caps_env.clone()),
@@ -251,10 +289,25 @@ impl ProcTable {
         Ok(self.by_gpid.get(&g).expect("entry just found or made"))
     }
 
-    /// gpid of a local kernel pid, if registered and alive.
+    /// gpid of a local kernel pid: a registered live process, or one gone
+    /// recently (see `ghosts`).
     pub fn translate(&self, kpid: i32) -> Option<i32> {
-        let st = read_stat(kpid)?;
-        self.live_gpid(kpid, st.start_ticks)
+        match read_stat(kpid) {
+            Some(st) => self.live_gpid(kpid, st.start_ticks),
+            None => self.ghost(kpid),
+        }
+    }
+
+    /// Local kernel pid of a gpid: a live process, or a gone one whose pid
+    /// still names a process group or session here.
+    pub fn resolve(&self, g: i32) -> Option<i32> {
+        if let Some(p) = self.by_gpid.get(&g) {
+            return Some(p.kpid);
+        }
+        self.ghosts
+            .iter()
+            .find(|(k, (gg, _))| *gg == g && self.ghost(**k).is_some())
+            .map(|(k, _)| *k)
     }
 
     pub fn get(&self, g: i32) -> Option<&Proc> {
@@ -277,6 +330,21 @@ impl ProcTable {
         for g in dead {
             self.remove(g);
         }
+        // Keep a ghost while a live process still has its pid as process
+        // group or session, else for GHOST_GRACE.
+        let mut in_use = std::collections::HashSet::new();
+        for p in self.by_gpid.values() {
+            if let Some(st) = read_stat(p.kpid) {
+                in_use.insert(st.pgrp);
+                in_use.insert(st.session);
+            }
+        }
+        // The kernel never reuses a pid that still names a group or session,
+        // so a ghost whose pid exists again is stale.
+        self.ghosts.retain(|k, (_, t)| {
+            !std::path::Path::new(&format!("/proc/{k}")).exists()
+                && (in_use.contains(k) || t.elapsed() < GHOST_GRACE)
+        });
     }
 
     /// Processes counted in `krg status` (zombies excluded).
@@ -300,7 +368,9 @@ impl ProcTable {
         let up = uptime_s();
         let mut out = Vec::new();
         for p in self.by_gpid.values() {
-            let Some(st) = read_stat(p.kpid) else { continue };
+            let Some(st) = read_stat(p.kpid) else {
+                continue;
+            };
             if st.start_ticks != p.start_ticks {
                 continue;
             }
@@ -343,7 +413,10 @@ impl ProcTable {
             Some([r, _, s]) if r == caller || s == caller => Ok(()),
             Some([r, _, _]) => Err(err(
                 libc::EPERM,
-                format!("pid {}: operation not permitted (owned by uid {r}, caller uid {caller})", p.gpid),
+                format!(
+                    "pid {}: operation not permitted (owned by uid {r}, caller uid {caller})",
+                    p.gpid
+                ),
             )),
             None => Err(err(libc::ESRCH, format!("pid {}: no such process", p.gpid))),
         }
@@ -355,7 +428,12 @@ impl ProcTable {
             .by_gpid
             .get(&g)
             .filter(|p| read_stat(p.kpid).map(|s| s.start_ticks) == Some(p.start_ticks))
-            .ok_or_else(|| err(libc::ESRCH, format!("pid {g}: no such process on node {}", self.node)))?;
+            .ok_or_else(|| {
+                err(
+                    libc::ESRCH,
+                    format!("pid {g}: no such process on node {}", self.node),
+                )
+            })?;
         Self::permitted(p, caller)?;
         send_signal(p, sig).map_err(|e| err(e, format!("pid {g}: signal {sig}: {}", errno_str(e))))
     }
@@ -365,7 +443,9 @@ impl ProcTable {
     pub fn kill_group(&self, pgid: i32, sig: i32, caller: u32) -> (u32, u32, Option<ErrorReply>) {
         let (mut found, mut sent, mut last) = (0, 0, None);
         for p in self.by_gpid.values() {
-            let Some(st) = read_stat(p.kpid) else { continue };
+            let Some(st) = read_stat(p.kpid) else {
+                continue;
+            };
             if st.start_ticks != p.start_ticks || st.state == 'Z' {
                 continue;
             }
@@ -417,7 +497,9 @@ fn send_signal(p: &Proc, sig: i32) -> Result<(), i32> {
     if r == 0 {
         Ok(())
     } else {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+        Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO))
     }
 }
 

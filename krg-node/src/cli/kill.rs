@@ -15,10 +15,18 @@ pub fn parse_signal(s: &str) -> Result<i32> {
         bail!("invalid signal number {n}");
     }
     let up = s.to_ascii_uppercase();
-    let name = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
+    let name = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
     if let Some(rt) = name.strip_prefix("SIGRTMIN") {
         let base = libc::SIGRTMIN();
-        let off: i32 = if rt.is_empty() { 0 } else { rt.trim_start_matches('+').parse()? };
+        let off: i32 = if rt.is_empty() {
+            0
+        } else {
+            rt.trim_start_matches('+').parse()?
+        };
         return Ok(base + off);
     }
     Signal::from_str(&name)
@@ -36,11 +44,16 @@ pub fn kill(args: &[String]) -> Result<i32> {
             pids.extend(args[i + 1..].iter().cloned());
             break;
         } else if a == "-s" || a == "--signal" {
-            let v = args.get(i + 1).ok_or_else(|| anyhow::anyhow!("-s needs a signal"))?;
+            let v = args
+                .get(i + 1)
+                .ok_or_else(|| anyhow::anyhow!("-s needs a signal"))?;
             sig = parse_signal(v)?;
             i += 2;
             continue;
-        } else if let Some(s) = a.strip_prefix('-').filter(|s| !s.is_empty() && pids.is_empty()) {
+        } else if let Some(s) = a
+            .strip_prefix('-')
+            .filter(|s| !s.is_empty() && pids.is_empty())
+        {
             sig = parse_signal(s)?;
         } else {
             pids.push(a.clone());

@@ -131,7 +131,10 @@ pub fn preload_path() -> Result<PathBuf> {
     let dir = exe.parent().context("krg executable has no directory")?;
     let so = dir.join("libkrg.so");
     if !so.exists() {
-        bail!("{} not found (build it with cargo build --release)", so.display());
+        bail!(
+            "{} not found (build it with cargo build --release)",
+            so.display()
+        );
     }
     Ok(so)
 }
@@ -174,7 +177,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             ClusterCmd::List => cluster::list().map(|_| 0),
             ClusterCmd::Exec { node, plain, cmd } => {
                 if plain {
-                    cluster::exec(node, &cmd) // TEMP until exec_plain lands
+                    cluster::exec_plain(node, &cmd)
                 } else {
                     cluster::exec(node, &cmd)
                 }
@@ -193,7 +196,11 @@ fn capset(pid: i32, changes: &[String], eff: bool, inh: bool) -> Result<i32> {
         let spec = changes.join(",");
         Caps::apply(Caps::NONE, &spec)?;
         // Neither flag: both sets, as Kerrighed's krgcapset did by default.
-        let (e, i) = if !eff && !inh { (true, true) } else { (eff, inh) };
+        let (e, i) = if !eff && !inh {
+            (true, true)
+        } else {
+            (eff, inh)
+        };
         match agent_call(&Request::CapSet {
             gpid: pid,
             spec,

@@ -165,7 +165,10 @@ pub fn top(delay: f64, iterations: Option<u64>, batch: bool) -> Result<i32> {
             };
             cpu.insert(key, c);
         }
-        prev = rows.iter().map(|p| ((p.node, p.pid), (p.cpu_time_ms, now))).collect();
+        prev = rows
+            .iter()
+            .map(|p| ((p.node, p.pid), (p.cpu_time_ms, now)))
+            .collect();
         let mut sorted = rows.clone();
         sorted.sort_by(|a, b| {
             let ca = cpu.get(&(a.node, a.pid)).copied().unwrap_or(0.0);

@@ -1,0 +1,636 @@
+//! Integration tests of the foundation on a real local cluster: separate
+//! hosts, membership, authentication, cluster-wide pids, ps/kill/status,
+//! capabilities, the library's fallbacks. Each test brings its own cluster
+//! up and down (the Drop of `Cluster` tears it down even on failure).
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const GPID_SHIFT: u32 = 22;
+
+fn node_of(gpid: i64) -> i64 {
+    gpid >> GPID_SHIFT
+}
+
+#[test]
+fn cluster_up_down_leaves_nothing() {
+    {
+        let c = Cluster::up(3, 0.5);
+        // A second `up` is a clear error.
+        let again = Command::new(krg_bin())
+            .args(["cluster", "up", "--nodes", "2"])
+            .output()
+            .unwrap();
+        assert!(!again.status.success());
+        assert!(
+            text(&again.stderr).contains("already up"),
+            "{}",
+            text(&again.stderr)
+        );
+        // Every node sees every node up, with its CPU quota.
+        for n in 1..=3 {
+            let st = c.status(n);
+            assert_eq!(st.len(), 3, "node {n} sees {st:?}");
+            for s in &st {
+                assert_eq!(s["state"], "up", "from node {n}: {s}");
+                assert_eq!(s["cpus"].as_f64(), Some(0.5));
+                for k in [
+                    "id",
+                    "address",
+                    "load",
+                    "mem_total_kb",
+                    "mem_free_kb",
+                    "processes",
+                ] {
+                    assert!(!s[k].is_null(), "status lacks {k}: {s}");
+                }
+            }
+        }
+        let quota =
+            std::fs::read_to_string("/sys/fs/cgroup/cpu/krg-cluster/n2/cpu.cfs_quota_us").unwrap();
+        assert_eq!(quota.trim(), "50000");
+        let list = Command::new(krg_bin())
+            .args(["cluster", "list"])
+            .output()
+            .unwrap();
+        assert!(list.status.success());
+        assert!(
+            text(&list.stdout).contains("10.77.0.3"),
+            "{}",
+            text(&list.stdout)
+        );
+    }
+    // Dropped: everything must be gone.
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !text(&netns.stdout).contains("krg-"),
+        "left: {}",
+        text(&netns.stdout)
+    );
+    assert!(!std::path::Path::new("/sys/fs/cgroup/cpu/krg-cluster").exists());
+    assert!(!std::path::Path::new("/sys/fs/cgroup/cpuacct/krg-cluster").exists());
+    let ps = Command::new("pgrep")
+        .args(["-f", "krg-node --node-id .* --listen 10.77.0."])
+        .output()
+        .unwrap();
+    assert!(ps.stdout.is_empty(), "agents left: {}", text(&ps.stdout));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("krg-n"), "mounts left");
+    // Down with nothing up is not an error.
+    let down = Command::new(krg_bin())
+        .args(["cluster", "down"])
+        .output()
+        .unwrap();
+    assert!(down.status.success(), "{}", text(&down.stderr));
+}
+
+#[test]
+fn nodes_are_separate_hosts() {
+    let c = Cluster::up(2, 1.0);
+    // Each node has its own pid namespace: kernel pid 1 is each node's agent,
+    // and pids collide across nodes.
+    for n in 1..=2 {
+        let o = c.plain(n, &["cat", "/proc/1/comm"]).output().unwrap();
+        assert_eq!(text(&o.stdout).trim(), "krg-node");
+    }
+    // A process on node 1 is invisible on node 2.
+    let mut s1 = c.plain(1, &["sleep", "31.4159"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let o = c
+        .plain(1, &["pgrep", "-f", "sleep 31.4159"])
+        .output()
+        .unwrap();
+    assert!(!o.stdout.is_empty(), "node 1 does not see its own process");
+    let o = c
+        .plain(2, &["pgrep", "-f", "sleep 31.4159"])
+        .output()
+        .unwrap();
+    assert!(
+        o.stdout.is_empty(),
+        "node 2 sees node 1's process: {}",
+        text(&o.stdout)
+    );
+    let _ = s1.kill();
+    let _ = s1.wait();
+    // Private /tmp.
+    let o = c
+        .plain(
+            1,
+            &[
+                "sh",
+                "-c",
+                "echo one > /tmp/krg-node-file && cat /tmp/krg-node-file",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(text(&o.stdout).trim(), "one");
+    let o = c
+        .plain(
+            2,
+            &[
+                "sh",
+                "-c",
+                "cat /tmp/krg-node-file 2>/dev/null || echo absent",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_eq!(text(&o.stdout).trim(), "absent");
+    assert!(!std::path::Path::new("/tmp/krg-node-file").exists());
+    // Own network: node addresses, and the host has no route into the subnet.
+    let o = c
+        .plain(2, &["ip", "-4", "-o", "addr", "show", "eth0"])
+        .output()
+        .unwrap();
+    assert!(text(&o.stdout).contains("10.77.0.2"), "{}", text(&o.stdout));
+    let r = Command::new("ip")
+        .args(["route", "show", "10.77.0.0/24"])
+        .output()
+        .unwrap();
+    assert!(
+        r.stdout.is_empty(),
+        "host route into the cluster: {}",
+        text(&r.stdout)
+    );
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    assert!(
+        !text(&links.stdout).contains("br0"),
+        "bridge in the host namespace"
+    );
+}
+
+#[test]
+fn gpids_ps_and_kill_across_nodes() {
+    let c = Cluster::up(3, 1.0);
+    let mut child = c
+        .cmd(2, &["sh", "-c", "echo $$; exec sleep 60"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let gpid: i64 = read_line(&mut child).parse().unwrap();
+    assert_eq!(node_of(gpid), 2, "gpid {gpid} should encode node 2");
+    // Seen from every node, with the right columns.
+    for n in 1..=3 {
+        let ok = wait_for(Duration::from_secs(5), || {
+            c.ps(n)
+                .iter()
+                .any(|p| p["pid"].as_i64() == Some(gpid) && p["command"] == "sleep 60")
+        });
+        assert!(ok, "node {n} does not list {gpid}: {:?}", c.ps(n));
+    }
+    let row = c
+        .ps(1)
+        .into_iter()
+        .find(|p| p["pid"].as_i64() == Some(gpid))
+        .unwrap();
+    assert_eq!(row["node"], 2);
+    assert_eq!(row["user"], "root");
+    for k in ["ppid", "state", "cpu", "rss_kb"] {
+        assert!(!row[k].is_null(), "ps lacks {k}: {row}");
+    }
+    let table = c.krg(3, &["ps"]);
+    let t = text(&table.stdout);
+    assert!(
+        t.contains("PID") && t.contains("NODE") && t.contains("COMMAND"),
+        "{t}"
+    );
+    assert!(t.contains(&gpid.to_string()));
+    // The process count is probed once a second and shared in heartbeats.
+    let counted = wait_for(Duration::from_secs(4), || {
+        let st = c.status(1);
+        st.iter()
+            .any(|s| s["id"] == 2 && s["processes"].as_u64().unwrap_or(0) >= 1)
+    });
+    assert!(counted, "node 2's process not counted: {:?}", c.status(1));
+    // Killed from node 3 with `krg kill`.
+    let k = c.krg(3, &["kill", "-TERM", &gpid.to_string()]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 15), "{status:?}");
+    // Gone: ESRCH, from the command and from a program's kill(2).
+    let ok = wait_for(Duration::from_secs(3), || {
+        !c.ps(1).iter().any(|p| p["pid"].as_i64() == Some(gpid))
+    });
+    assert!(ok, "{gpid} still listed");
+    let k = c.krg(1, &["kill", &gpid.to_string()]);
+    assert!(!k.status.success());
+    assert!(
+        text(&k.stderr).to_lowercase().contains("no such process"),
+        "{}",
+        text(&k.stderr)
+    );
+    let o = c.sh(1, &format!("kill -0 {gpid} 2>&1; echo rc=$?"));
+    assert!(text(&o.stdout).contains("rc=1"), "{}", text(&o.stdout));
+    // A program's kill(2) reaches a process on another node.
+    let mut victim = c
+        .cmd(3, &["sh", "-c", "echo $$; exec sleep 60"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let v: i64 = read_line(&mut victim).parse().unwrap();
+    assert_eq!(node_of(v), 3);
+    let o = c.sh(1, &format!("kill -KILL {v}; echo rc=$?"));
+    assert!(
+        text(&o.stdout).contains("rc=0"),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    let status = victim.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 9), "{status:?}");
+    // top shows the cluster.
+    let top = c.krg(1, &["top", "-b", "-n", "1"]);
+    assert!(
+        text(&top.stdout).contains("krg top"),
+        "{}",
+        text(&top.stdout)
+    );
+}
+
+#[test]
+fn getpid_getppid_wait_and_exit_status() {
+    let c = Cluster::up(1, 1.0);
+    let script = r#"
+        sh -c 'echo "child $$ parent $PPID"; exit 3' &
+        c=$!
+        wait $c
+        echo "status $? bang $c me $$"
+    "#;
+    let o = c.sh(1, script);
+    let out = text(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out} {}", text(&o.stderr));
+    let child: Vec<&str> = lines[0].split_whitespace().collect();
+    let parent: Vec<&str> = lines[1].split_whitespace().collect();
+    let child_pid: i64 = child[1].parse().unwrap();
+    assert!(node_of(child_pid) == 1, "{out}");
+    assert_eq!(
+        child[3], parent[5],
+        "child's getppid is the parent's gpid: {out}"
+    );
+    assert_eq!(parent[1], "3", "exit status passes: {out}");
+    assert_eq!(parent[3], child[1], "$! is the child's gpid: {out}");
+    // python: os.fork / waitpid / getppid agree on gpids.
+    let py = r#"
+import os, sys
+me = os.getpid()
+pid = os.fork()
+if pid == 0:
+    print("child", os.getpid(), os.getppid(), flush=True)
+    os._exit(5)
+got, st = os.waitpid(pid, 0)
+print("parent", me, pid, got, os.WEXITSTATUS(st), flush=True)
+"#;
+    let o = c.cmd(1, &["python3", "-c", py]).output().unwrap();
+    let out = text(&o.stdout);
+    let mut child = None;
+    let mut parent = None;
+    for l in out.lines() {
+        let f: Vec<i64> = l
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        if l.starts_with("child") {
+            child = Some(f);
+        } else {
+            parent = Some(f);
+        }
+    }
+    let (ch, pa) = (child.expect(&out), parent.expect(&out));
+    assert!(ch[0] >= 1 << GPID_SHIFT, "{out}");
+    assert_eq!(ch[1], pa[0], "{out}");
+    assert_eq!(pa[1], ch[0], "fork returned the child's gpid: {out}");
+    assert_eq!(pa[2], ch[0], "waitpid returned the child's gpid: {out}");
+    assert_eq!(pa[3], 5, "{out}");
+    // /proc/self still works.
+    let o = c.sh(1, "grep -c ^Pid: /proc/self/status");
+    assert_eq!(text(&o.stdout).trim(), "1");
+}
+
+#[test]
+fn kill_permissions_and_unknown_pids() {
+    let c = Cluster::up(2, 1.0);
+    let mut root_proc = c
+        .cmd(2, &["sh", "-c", "echo $$; exec sleep 60"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let g = read_line(&mut root_proc);
+    // Another user may not signal it, neither with krg kill nor with kill(2).
+    let k = c.krg_as_nobody(1, &["kill", "-TERM", &g]);
+    assert!(!k.status.success());
+    assert!(
+        text(&k.stderr).contains("not permitted"),
+        "{}",
+        text(&k.stderr)
+    );
+    let nob = c
+        .plain(
+            1,
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "env",
+            ],
+        )
+        .arg(format!("LD_PRELOAD={}", preload().display()))
+        .args(["sh", "-c", &format!("kill -TERM {g} 2>&1; echo rc=$?")])
+        .output()
+        .unwrap();
+    let t = text(&nob.stdout);
+    assert!(
+        t.contains("rc=1") && t.to_lowercase().contains("not permitted"),
+        "{t}"
+    );
+    // Still alive.
+    let gn: i64 = g.parse().unwrap();
+    assert!(
+        c.ps(1).iter().any(|p| p["pid"].as_i64() == Some(gn)),
+        "{g} died"
+    );
+    // Root may.
+    let k = c.krg(1, &["kill", "-KILL", &g]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    assert_eq!(root_proc.wait().unwrap().code(), Some(137));
+    // Unknown gpids: ESRCH, including one on a node that does not exist.
+    for bogus in [(1i64 << GPID_SHIFT) + 4_000_000, (77i64 << GPID_SHIFT) + 5] {
+        let o = c.sh(1, &format!("kill -0 {bogus} 2>&1; echo rc=$?"));
+        let t = text(&o.stdout);
+        assert!(
+            t.contains("rc=1") && t.to_lowercase().contains("no such process"),
+            "{t}"
+        );
+    }
+}
+
+impl Cluster {
+    fn krg_as_nobody(&self, node: u32, args: &[&str]) -> std::process::Output {
+        let k = krg_bin();
+        let mut v = vec![
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            k.to_str().unwrap(),
+        ];
+        v.extend_from_slice(args);
+        self.plain(node, &v).output().unwrap()
+    }
+}
+
+#[test]
+fn capabilities_show_change_and_inherit() {
+    let c = Cluster::up(2, 1.0);
+    let mut p = c
+        .cmd(
+            1,
+            &["sh", "-c", "echo $$; read x; sleep 60 & echo $!; wait"],
+        )
+        .env("KRG_CAPS", "-dfs,-dsm")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let g = read_line(&mut p);
+    let show = c.krg(2, &["capset", &g]);
+    let t = text(&show.stdout);
+    assert!(show.status.success(), "{}", text(&show.stderr));
+    assert!(
+        t.contains("migrate") && !t.contains("dfs") && !t.contains("dsm"),
+        "{t}"
+    );
+    // Change it from another node: its future children get the new set.
+    let set = c.krg(2, &["capset", &g, "-migrate"]);
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    assert!(
+        !text(&set.stdout).contains("migrate"),
+        "{}",
+        text(&set.stdout)
+    );
+    p.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    let kid = read_line(&mut p);
+    let show = c.krg(1, &["capset", &kid]);
+    let t = text(&show.stdout);
+    assert!(
+        t.contains("distant-fork") && !t.contains("migrate"),
+        "child {kid}: {t}"
+    );
+    // A bad name is refused with the list of names.
+    let bad = c.krg(1, &["capset", &g, "+teleport"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("teleport"));
+    let _ = c.krg(1, &["kill", "-KILL", &kid]);
+    let _ = c.krg(1, &["kill", "-KILL", &g]);
+    let _ = p.wait();
+}
+
+#[test]
+fn disabled_and_agentless_library() {
+    let c = Cluster::up(1, 1.0);
+    // KRG_DISABLE=1: kernel pids, nothing printed.
+    let o = c
+        .cmd(
+            1,
+            &[
+                "env",
+                "KRG_DISABLE=1",
+                "sh",
+                "-c",
+                "echo $$; sh -c 'echo $$'",
+            ],
+        )
+        .output()
+        .unwrap();
+    for l in text(&o.stdout).lines() {
+        assert!(l.parse::<i64>().unwrap() < 1 << GPID_SHIFT, "{l}");
+    }
+    assert!(o.stderr.is_empty(), "{}", text(&o.stderr));
+    drop(c);
+    // No agent: the program runs as a plain process after one warning line,
+    // and its children do not repeat it.
+    let o = Command::new("sh")
+        .args(["-c", "echo $$; sh -c 'echo $$'; exit 4"])
+        .env("LD_PRELOAD", preload())
+        .env("KRG_NODE_SOCK", "/nonexistent/krg.sock")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4));
+    let err = text(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    for l in text(&o.stdout).lines() {
+        assert!(l.parse::<i64>().unwrap() < 1 << GPID_SHIFT, "{l}");
+    }
+}
+
+#[test]
+fn heartbeats_show_down_within_3s_and_up_again() {
+    let c = Cluster::up(3, 1.0);
+    let pid = c.agent_pid(2);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let down = wait_for(Duration::from_secs(5), || c.node_state(1, 2) == "down");
+    let took = t.elapsed();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    assert!(down, "node 2 never shown down");
+    assert!(
+        took < Duration::from_millis(3300),
+        "shown down after {took:?}"
+    );
+    assert_eq!(c.node_state(3, 1), "up");
+    let t = Instant::now();
+    let up = wait_for(Duration::from_secs(5), || {
+        c.node_state(1, 2) == "up" && c.node_state(3, 2) == "up"
+    });
+    assert!(up, "node 2 never came back");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "up again after {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn peer_without_the_key_is_refused_and_logged() {
+    let c = Cluster::up(2, 1.0);
+    let dir = shared_dir("badkey");
+    let key = dir.join("bad.key");
+    write_file(&key, "not-the-cluster-key-0123456789abcdef\n");
+    let agent = bin_dir().join("krg-node");
+    let mut intruder = c
+        .plain(
+            2,
+            &[
+                agent.to_str().unwrap(),
+                "--node-id",
+                "9",
+                "--listen",
+                "10.77.0.2:7409",
+                "--seed",
+                "10.77.0.1:7400",
+                "--key-file",
+                key.to_str().unwrap(),
+                "--state-dir",
+                "/run/krg/intruder",
+                "--sock",
+                "/run/krg/intruder.sock",
+            ],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let logged = wait_for(Duration::from_secs(6), || {
+        c.log(1).contains("node 9 does not hold the cluster key")
+    });
+    let _ = intruder.kill();
+    let _ = intruder.wait();
+    assert!(logged, "node 1 log: {}", c.log(1));
+    assert_eq!(c.node_state(1, 9), "absent");
+    assert_eq!(c.status(2).len(), 2);
+}
+
+#[test]
+fn malformed_input_never_crashes_an_agent() {
+    let c = Cluster::up(2, 1.0);
+    let fuzz = r#"
+import os, socket, struct, random
+random.seed(7)
+for i in range(400):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect('/run/krg/krg-node.sock')
+    n = random.randint(0, 300)
+    body = os.urandom(n)
+    k = i % 4
+    if k == 0: s.send(struct.pack('<I', n) + body)
+    elif k == 1: s.send(struct.pack('<I', n + 40) + body)
+    elif k == 2: s.send(struct.pack('<I', 0xffffffff))
+    else: s.send(os.urandom(random.randint(1, 12)))
+    s.close()
+for i in range(200):
+    t = socket.create_connection(('10.77.0.2', 7400))
+    if i % 2: t.send(b'KRG1' + os.urandom(random.randint(0, 100)))
+    else: t.send(os.urandom(random.randint(1, 200)))
+    t.close()
+print("sent")
+"#;
+    let o = c.plain(1, &["python3", "-c", fuzz]).output().unwrap();
+    assert_eq!(text(&o.stdout).trim(), "sent", "{}", text(&o.stderr));
+    // A truncated but well-formed-looking request gets an error reply.
+    let probe = r#"
+import socket, struct
+s = socket.socket(socket.AF_UNIX); s.connect('/run/krg/krg-node.sock')
+s.send(struct.pack('<I', 1 << 30))
+print(s.recv(4096))
+"#;
+    let o = c.plain(1, &["python3", "-c", probe]).output().unwrap();
+    assert!(
+        text(&o.stdout).contains("malformed request"),
+        "{}",
+        text(&o.stdout)
+    );
+    for n in 1..=2 {
+        assert!(
+            c.status(n).iter().all(|s| s["state"] == "up"),
+            "node {n} after fuzz"
+        );
+    }
+    for n in 1..=2 {
+        let pid = c.agent_pid(n);
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "agent {n} died"
+        );
+    }
+}
+
+#[test]
+fn exec_passes_stdio_status_and_signals() {
+    let c = Cluster::up(2, 1.0);
+    let mut cat = c
+        .cmd(2, &["cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let data: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let mut stdin = cat.stdin.take().unwrap();
+    let d2 = data.clone();
+    let w = std::thread::spawn(move || {
+        stdin.write_all(&d2).unwrap();
+    });
+    let out = cat.wait_with_output().unwrap();
+    w.join().unwrap();
+    assert!(out.status.success());
+    assert!(out.stdout == data, "stdin/stdout bytes differ");
+    let o = c.sh(2, "echo to-stderr >&2; exit 7");
+    assert_eq!(o.status.code(), Some(7));
+    assert_eq!(text(&o.stderr).trim(), "to-stderr");
+    // Ctrl-C (SIGINT to krg) reaches the program.
+    let mut sl = c.cmd(2, &["sleep", "30"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let t = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sl.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let st = sl.wait().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5));
+    use std::os::unix::process::ExitStatusExt;
+    assert!(st.code() == Some(130) || st.signal() == Some(2), "{st:?}");
+}

@@ -1,0 +1,151 @@
+//! The hook machinery: symbol resolution and the `hooks!` macro.
+//!
+//! Every hook is written as
+//!
+//! ```ignore
+//! hooks! {
+//!     /// doc
+//!     fn kill(pid: pid_t, sig: c_int) -> c_int {
+//!         missing => enosys(),
+//!         krg(real) => processes::kill(pid, sig, real),
+//!     }
+//! }
+//! ```
+//!
+//! and expands to an exported `unsafe extern "C" fn kill` that
+//!
+//! 1. takes the next definition of `kill` (resolved by the constructor with
+//!    `dlsym(RTLD_NEXT)`, or now if a hook runs before our constructor); if
+//!    there is none it returns the `missing` expression, never a guess;
+//! 2. wraps it as `real`, a closure with the same parameters;
+//! 3. asks [`libkrg::rt::enter`] what to do: `Entry::Krg` evaluates the
+//!    `krg` expression (all logic lives in libkrg), `Entry::PassThrough(why)`
+//!    calls `real` with the original arguments. Both arms are spelled out in
+//!    the expansion: there is no silent fallback. `enter` initialises the
+//!    library first if needed, so no hook decides before the mode is known.
+//!
+//! Nothing here allocates; the profile aborts on panic and no code path here
+//! can panic, so nothing unwinds into C.
+
+use std::ffi::{c_void, CStr};
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+/// Marker stored for a symbol that no later object defines.
+const MISSING: *mut c_void = usize::MAX as *mut c_void;
+
+/// The next definition of `name` after libkrg.so, cached in `slot`; null if
+/// there is none.
+#[inline]
+pub fn next(slot: &AtomicPtr<c_void>, name: &CStr) -> *mut c_void {
+    let p = slot.load(Ordering::Acquire);
+    if p == MISSING {
+        return std::ptr::null_mut();
+    }
+    if !p.is_null() {
+        return p;
+    }
+    resolve(slot, name)
+}
+
+#[cold]
+fn resolve(slot: &AtomicPtr<c_void>, name: &CStr) -> *mut c_void {
+    // SAFETY: dlsym with the RTLD_NEXT pseudo-handle and a NUL-terminated
+    // name. It is called from code inside libkrg.so, so "next" means the
+    // objects after us in the lookup order (libc). Two threads racing here
+    // store the same value.
+    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    slot.store(if p.is_null() { MISSING } else { p }, Ordering::Release);
+    p
+}
+
+/// `-1` with errno `ENOSYS`: the value of a hook whose real function does
+/// not exist in this libc.
+pub fn enosys<T: From<i8>>() -> T {
+    libkrg::rt::set_errno(libc::ENOSYS);
+    T::from(-1)
+}
+
+/// One trace line per hook call (`KRG_LOG=trace`).
+#[cold]
+pub fn trace(name: &str, entry: libkrg::rt::Entry, args: std::fmt::Arguments<'_>) {
+    libkrg::log::log(
+        libkrg::log::Level::Trace,
+        format_args!("hook {name}{args}: {entry:?}"),
+    );
+}
+
+/// Define hooks. See the module documentation.
+macro_rules! hooks {
+    ($(
+        $(#[doc = $doc:literal])*
+        fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty {
+            missing => $missing:expr,
+            krg($real:ident) => $body:expr $(,)?
+        }
+    )*) => {
+        /// The next definition of every hooked function.
+        #[allow(non_upper_case_globals)]
+        pub(crate) mod next {
+            use std::ffi::c_void;
+            use std::sync::atomic::AtomicPtr;
+            $(
+                pub static $name: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+            )*
+        }
+
+        /// Resolve every hook's next definition (from the constructor, so
+        /// that hooks never call dlsym later, e.g. in a forked child).
+        pub(crate) fn resolve_all() {
+            $(
+                let _ = $crate::hook::next(
+                    &next::$name,
+                    // SAFETY: the literal ends with its only NUL byte.
+                    unsafe { std::ffi::CStr::from_bytes_with_nul_unchecked(
+                        concat!(stringify!($name), "\0").as_bytes()) },
+                );
+            )*
+        }
+
+        $(
+            $(#[doc = $doc])*
+            #[no_mangle]
+            #[allow(non_snake_case, clippy::missing_safety_doc)]
+            pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+                let p = $crate::hook::next(
+                    &next::$name,
+                    // SAFETY: the literal ends with its only NUL byte.
+                    unsafe { std::ffi::CStr::from_bytes_with_nul_unchecked(
+                        concat!(stringify!($name), "\0").as_bytes()) },
+                );
+                if p.is_null() {
+                    return $missing;
+                }
+                // SAFETY: p is the address dlsym(RTLD_NEXT) returned for this
+                // very libc function, whose C type is this hook's signature.
+                let f = unsafe {
+                    std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn($($ty),*) -> $ret>(p)
+                };
+                #[allow(unused_variables)]
+                let $real = move |$($arg: $ty),*| -> $ret {
+                    // SAFETY: the real function gets the arguments the C
+                    // caller passed to this hook, or kernel pids translated
+                    // from them; their validity is the caller's contract,
+                    // exactly as for a direct call to libc.
+                    unsafe { f($($arg),*) }
+                };
+                let entry = libkrg::rt::enter();
+                if libkrg::log::enabled(libkrg::log::Level::Trace) {
+                    $crate::hook::trace(stringify!($name), entry, format_args!(
+                        concat!("(" $(, " ", stringify!($arg), "={", stringify!($arg), ":?}")*, " )") $(, $arg = $arg)*
+                    ));
+                }
+                match entry {
+                    libkrg::rt::Entry::Krg => $body,
+                    libkrg::rt::Entry::PassThrough(_why) => $real($($arg),*),
+                }
+            }
+        )*
+    };
+}
+
+pub(crate) use hooks;

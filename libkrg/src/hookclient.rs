@@ -1,0 +1,544 @@
+//! The agent client used from hooks: no allocation, no lock, no libc
+//! cancellation point, async-signal-safe.
+//!
+//! Hooks such as `kill` and `waitpid` are async-signal-safe in libc and are
+//! called from signal handlers (shells reap children in their SIGCHLD handler,
+//! supervisors forward signals to their children). A handler may have
+//! interrupted `malloc`, so the path from such a hook to the agent must not
+//! allocate or take a lock. [`crate::client`] (std sockets, `Vec` frames) is
+//! the right tool for the `krg` command; this module is the one for hooks.
+//!
+//! It speaks the same frames as [`crate::frame`]: the request is serialised
+//! with rkyv's low-level API into a stack buffer, the answer is read into an
+//! aligned stack buffer and *validated* (bytecheck) before anything is read
+//! from it; strings in the answer are never copied to the heap. Each call
+//! opens its own connection (`SOCK_CLOEXEC`), so there is nothing to share
+//! between threads and nothing a fork can catch half-held. The socket calls
+//! are raw system calls: invisible to any krg hook, and not cancellation
+//! points, so `pthread_cancel` never unwinds through Rust frames here.
+
+use crate::proto::{ArchivedResponse, Request};
+use rkyv::api::low::{access, to_bytes_in_with_alloc};
+use rkyv::rancor::Failure;
+use rkyv::ser::allocator::SubAllocator;
+use rkyv::ser::writer::Buffer;
+use rkyv::util::Align;
+use std::fmt;
+use std::mem::MaybeUninit;
+use std::time::Duration;
+
+/// Largest request frame the hooks send (Hello with a long `KRG_CAPS`).
+const SEND_MAX: usize = 1024;
+/// Largest answer a hook accepts; longer answers are drained and refused.
+const RECV_MAX: usize = 2048;
+
+/// The agent's Unix socket address, prepared once.
+#[derive(Clone, Copy)]
+pub struct AgentAddr {
+    addr: libc::sockaddr_un,
+    len: libc::socklen_t,
+    path_len: usize,
+}
+
+impl fmt::Debug for AgentAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AgentAddr({})", self.display())
+    }
+}
+
+impl AgentAddr {
+    /// An address for `path`; `None` if it does not fit `sun_path` or
+    /// contains a NUL byte.
+    pub fn new(path: &[u8]) -> Option<AgentAddr> {
+        // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        if path.is_empty() || path.len() >= addr.sun_path.len() || path.contains(&0) {
+            return None;
+        }
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(path) {
+            *d = *s as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sa_family_t>() + path.len() + 1;
+        Some(AgentAddr {
+            addr,
+            len: len as libc::socklen_t,
+            path_len: path.len(),
+        })
+    }
+
+    /// The socket path, for messages.
+    pub fn display(&self) -> impl fmt::Display + '_ {
+        struct D<'a>(&'a AgentAddr);
+        impl fmt::Display for D<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                for &c in &self.0.addr.sun_path[..self.0.path_len] {
+                    let b = c as u8;
+                    if b.is_ascii_graphic() || b == b' ' {
+                        fmt::Write::write_char(f, b as char)?;
+                    } else {
+                        write!(f, "\\x{b:02x}")?;
+                    }
+                }
+                Ok(())
+            }
+        }
+        D(self)
+    }
+}
+
+/// The useful content of an answer, copied out of the validated archive.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Reply {
+    Hello {
+        gpid: i32,
+        node: u32,
+        caps: u32,
+    },
+    Pid(i32),
+    Ok,
+    Caps {
+        gpid: i32,
+        effective: u32,
+        inheritable: u32,
+    },
+    /// A valid answer of a kind hooks never ask for (`Ps`, `Status`).
+    Other,
+}
+
+/// A short copy of an agent's error message (kept small: errors travel by
+/// value on the stack, the heap is not an option here). Long enough for the
+/// agent's own messages (an unknown `KRG_CAPS` name lists every known one);
+/// a longer message is cut and ends with `...`, so a cut is visible.
+#[derive(Clone, Copy)]
+pub struct Msg {
+    buf: [u8; Msg::MAX],
+    len: u8,
+}
+
+impl Msg {
+    const MAX: usize = 100;
+    const CUT: &'static [u8] = b"...";
+
+    fn from_str(s: &str) -> Msg {
+        let mut m = Msg {
+            buf: [0; Msg::MAX],
+            len: 0,
+        };
+        let cut = s.len() > Msg::MAX;
+        // Cut on a character boundary, leaving room for the marker.
+        let mut n = if cut {
+            Msg::MAX - Msg::CUT.len()
+        } else {
+            s.len()
+        };
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        m.buf[..n].copy_from_slice(&s.as_bytes()[..n]);
+        if cut {
+            m.buf[n..n + Msg::CUT.len()].copy_from_slice(Msg::CUT);
+            n += Msg::CUT.len();
+        }
+        m.len = n as u8;
+        m
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl fmt::Debug for Msg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// Why a hook's call to the agent failed.
+#[derive(Clone, Copy, Debug)]
+pub enum HookCallError {
+    /// The agent could not be reached or the exchange broke (`op` failed
+    /// with `errno`).
+    Io { op: &'static str, errno: i32 },
+    /// The agent answered with an error.
+    Agent { errno: i32, msg: Msg },
+    /// The request could not be encoded, or the answer was invalid.
+    Protocol(&'static str),
+}
+
+impl HookCallError {
+    /// The errno an application should see.
+    pub fn errno(&self) -> i32 {
+        match self {
+            HookCallError::Io { .. } => libc::EAGAIN,
+            HookCallError::Agent { errno, .. } => *errno,
+            HookCallError::Protocol(_) => libc::EIO,
+        }
+    }
+}
+
+impl fmt::Display for HookCallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HookCallError::Io { op, errno } => write!(f, "{op}: {}", crate::rt::Errno(*errno)),
+            HookCallError::Agent { errno, msg } => {
+                write!(f, "{} ({})", msg.as_str(), crate::rt::Errno(*errno))
+            }
+            HookCallError::Protocol(what) => f.write_str(what),
+        }
+    }
+}
+
+/// Serialise `req` as a complete frame (length prefix included) into `out`;
+/// returns the frame length.
+pub fn encode_request(req: &Request, out: &mut [u8; SEND_MAX]) -> Result<usize, HookCallError> {
+    let mut arena = [MaybeUninit::<u8>::uninit(); 256];
+    let (head, body) = out.split_at_mut(4);
+    let n = to_bytes_in_with_alloc::<_, _, Failure>(
+        req,
+        Buffer::from(body),
+        SubAllocator::new(&mut arena),
+    )
+    .map_err(|_| HookCallError::Protocol("request too large for a hook frame"))?
+    .len();
+    head.copy_from_slice(&(n as u32).to_le_bytes());
+    Ok(4 + n)
+}
+
+/// Validate an answer body and copy out what hooks need.
+pub fn decode_reply(body: &[u8]) -> Result<Reply, HookCallError> {
+    let resp = access::<ArchivedResponse, Failure>(body)
+        .map_err(|_| HookCallError::Protocol("invalid answer from the agent"))?;
+    Ok(match resp {
+        ArchivedResponse::Hello { gpid, node, caps } => Reply::Hello {
+            gpid: gpid.to_native(),
+            node: node.to_native(),
+            caps: caps.to_native(),
+        },
+        ArchivedResponse::Pid(p) => Reply::Pid(p.to_native()),
+        ArchivedResponse::Ok => Reply::Ok,
+        ArchivedResponse::Err(e) => {
+            return Err(HookCallError::Agent {
+                errno: e.errno.to_native(),
+                msg: Msg::from_str(e.msg.as_str()),
+            })
+        }
+        ArchivedResponse::Caps(c) => Reply::Caps {
+            gpid: c.gpid.to_native(),
+            effective: c.effective.to_native(),
+            inheritable: c.inheritable.to_native(),
+        },
+        ArchivedResponse::Ps(_) | ArchivedResponse::Status(_) => Reply::Other,
+    })
+}
+
+/// An owned socket descriptor, closed with a raw `close` on drop.
+struct Fd(i32);
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: self.0 is a descriptor this module opened and owns.
+        unsafe { libc::syscall(libc::SYS_close, self.0) };
+    }
+}
+
+fn last_errno() -> i32 {
+    crate::rt::errno()
+}
+
+fn connect(addr: &AgentAddr, timeout: Option<Duration>) -> Result<Fd, HookCallError> {
+    let io = |op| HookCallError::Io {
+        op,
+        errno: last_errno(),
+    };
+    loop {
+        // SAFETY: plain socket(2) system call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_socket,
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        if fd < 0 {
+            return Err(io("socket"));
+        }
+        let fd = Fd(fd as i32);
+        if let Some(t) = timeout {
+            let tv = libc::timeval {
+                tv_sec: t.as_secs() as libc::time_t,
+                tv_usec: t.subsec_micros() as libc::suseconds_t,
+            };
+            for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+                // SAFETY: tv is a live timeval and its exact size is passed.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_setsockopt,
+                        fd.0,
+                        libc::SOL_SOCKET,
+                        opt,
+                        &tv as *const libc::timeval,
+                        std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                    )
+                };
+            }
+        }
+        // SAFETY: addr.addr is a valid sockaddr_un whose used length is
+        // addr.len.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_connect,
+                fd.0,
+                &addr.addr as *const libc::sockaddr_un,
+                addr.len,
+            )
+        };
+        if rc == 0 {
+            return Ok(fd);
+        }
+        if last_errno() != libc::EINTR {
+            return Err(io("connect"));
+        }
+        // Interrupted (e.g. by a stop/continue): start over on a new socket.
+    }
+}
+
+fn send_all(fd: &Fd, mut buf: &[u8]) -> Result<(), HookCallError> {
+    while !buf.is_empty() {
+        // SAFETY: buf is a live byte slice of the given length. MSG_NOSIGNAL:
+        // a vanished agent gives EPIPE, not a SIGPIPE that would kill the
+        // application.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_sendto,
+                fd.0,
+                buf.as_ptr(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+                std::ptr::null::<libc::sockaddr>(),
+                0,
+            )
+        };
+        if n < 0 {
+            if last_errno() == libc::EINTR {
+                continue;
+            }
+            return Err(HookCallError::Io {
+                op: "send",
+                errno: last_errno(),
+            });
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
+fn recv_exact(fd: &Fd, buf: &mut [u8]) -> Result<(), HookCallError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let rest = &mut buf[got..];
+        // SAFETY: rest is a live, writable byte slice of the given length.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_recvfrom,
+                fd.0,
+                rest.as_mut_ptr(),
+                rest.len(),
+                0,
+                std::ptr::null_mut::<libc::sockaddr>(),
+                std::ptr::null_mut::<libc::socklen_t>(),
+            )
+        };
+        if n < 0 {
+            if last_errno() == libc::EINTR {
+                continue;
+            }
+            return Err(HookCallError::Io {
+                op: "receive",
+                errno: last_errno(),
+            });
+        }
+        if n == 0 {
+            return Err(HookCallError::Io {
+                op: "receive",
+                errno: libc::ECONNRESET,
+            });
+        }
+        got += n as usize;
+    }
+    Ok(())
+}
+
+/// Send one request and wait for its answer. `Response::Err` comes back as
+/// [`HookCallError::Agent`].
+pub fn call(
+    addr: &AgentAddr,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Result<Reply, HookCallError> {
+    let mut out = [0u8; SEND_MAX];
+    let n = encode_request(req, &mut out)?;
+    let fd = connect(addr, timeout)?;
+    send_all(&fd, &out[..n])?;
+    let mut len = [0u8; 4];
+    recv_exact(&fd, &mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 {
+        return Err(HookCallError::Protocol("empty answer from the agent"));
+    }
+    if len > RECV_MAX {
+        return Err(HookCallError::Protocol("answer too large for a hook"));
+    }
+    let mut body = Align([0u8; RECV_MAX]);
+    recv_exact(&fd, &mut body[..len])?;
+    decode_reply(&body[..len])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame;
+    use crate::proto::{ErrorReply, Response};
+
+    #[test]
+    fn requests_match_the_std_framing() {
+        let reqs = [
+            Request::Hello {
+                version: 1,
+                caps_env: Some("migrate,-dfs".into()),
+            },
+            Request::Hello {
+                version: 1,
+                caps_env: None,
+            },
+            Request::Ensure { kpid: 1234 },
+            Request::Translate { kpid: 77 },
+            Request::Resolve { gpid: 1 << 22 | 5 },
+            Request::Kill {
+                pid: -(1 << 22 | 9),
+                sig: 15,
+            },
+            Request::CapGet { gpid: 1 << 22 | 5 },
+        ];
+        for req in reqs {
+            let mut out = [0u8; SEND_MAX];
+            let n = encode_request(&req, &mut out).unwrap();
+            let back: Request = frame::read_frame(&mut &out[..n], frame::MAX_REQUEST).unwrap();
+            assert_eq!(back, req);
+        }
+    }
+
+    #[test]
+    fn oversized_request_is_an_error_not_a_panic() {
+        let req = Request::Hello {
+            version: 1,
+            caps_env: Some("x".repeat(5000)),
+        };
+        let mut out = [0u8; SEND_MAX];
+        assert!(encode_request(&req, &mut out).is_err());
+    }
+
+    fn body_of(resp: &Response) -> Vec<u8> {
+        frame::encode(resp).unwrap()[4..].to_vec()
+    }
+
+    fn decode_copy(bytes: &[u8]) -> Result<Reply, HookCallError> {
+        let mut b = Align([0u8; RECV_MAX]);
+        b[..bytes.len()].copy_from_slice(bytes);
+        decode_reply(&b[..bytes.len()])
+    }
+
+    #[test]
+    fn answers_decode() {
+        let r = decode_copy(&body_of(&Response::Hello {
+            gpid: 1 << 22 | 3,
+            node: 1,
+            caps: 7,
+        }))
+        .unwrap();
+        assert_eq!(
+            r,
+            Reply::Hello {
+                gpid: 1 << 22 | 3,
+                node: 1,
+                caps: 7
+            }
+        );
+        assert_eq!(
+            decode_copy(&body_of(&Response::Pid(42))).unwrap(),
+            Reply::Pid(42)
+        );
+        assert_eq!(decode_copy(&body_of(&Response::Ok)).unwrap(), Reply::Ok);
+        match decode_copy(&body_of(&Response::Err(ErrorReply {
+            errno: libc::EPERM,
+            msg: "not yours é".repeat(40),
+        }))) {
+            Err(HookCallError::Agent { errno, msg }) => {
+                assert_eq!(errno, libc::EPERM);
+                assert!(msg.as_str().starts_with("not yours"));
+                assert!(msg.as_str().ends_with("..."), "{msg:?}");
+                assert!(msg.as_str().len() <= Msg::MAX);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The agent's longest own message (an unknown KRG_CAPS name) fits.
+        let long = format!(
+            "KRG_CAPS: {}",
+            crate::caps::Caps::apply(crate::caps::Caps::ALL, "teleport").unwrap_err()
+        );
+        match decode_copy(&body_of(&Response::Err(ErrorReply {
+            errno: libc::EINVAL,
+            msg: long.clone(),
+        }))) {
+            Err(HookCallError::Agent { msg, .. }) => assert_eq!(msg.as_str(), long),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_answers_are_rejected() {
+        let good = body_of(&Response::Pid(42));
+        // Truncations and noise must fail cleanly (or, by chance, decode
+        // to some valid value), never panic or read out of bounds.
+        for cut in 0..good.len() {
+            let _ = decode_copy(&good[..cut]);
+        }
+        assert!(decode_copy(&good[..0]).is_err());
+        let mut seed = 0x9e37_79b9u32;
+        for _ in 0..2000 {
+            let n = (seed % 48) as usize + 1;
+            let mut noise = vec![0u8; n];
+            for b in noise.iter_mut() {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                *b = seed as u8;
+            }
+            let _ = decode_copy(&noise);
+        }
+    }
+
+    #[test]
+    fn addr_limits() {
+        assert!(AgentAddr::new(b"/tmp/x.sock").is_some());
+        assert!(AgentAddr::new(&[b'a'; 200]).is_none());
+        assert!(AgentAddr::new(b"").is_none());
+        assert!(AgentAddr::new(b"a\0b").is_none());
+        let a = AgentAddr::new(b"/run/krg/krg-node.sock").unwrap();
+        assert_eq!(a.display().to_string(), "/run/krg/krg-node.sock");
+    }
+
+    #[test]
+    fn connect_failure_is_io() {
+        let a = AgentAddr::new(b"/nonexistent/krg.sock").unwrap();
+        match call(&a, &Request::Ensure { kpid: 1 }, None) {
+            Err(HookCallError::Io { op, errno }) => {
+                assert_eq!(op, "connect");
+                assert_eq!(errno, libc::ENOENT);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! The runtime of libkrg inside an application process: the initialisation
+//! state machine, the re-entrancy guard, and the one way hooks talk to the
+//! agent.
+//!
+//! # States
+//!
+//! ```text
+//!   Uninit ──CAS──▶ Initialising ──▶ Active       (Hello answered: SSI process)
+//!                                ├─▶ Standalone   (no agent: real pids, one warning)
+//!                                └─▶ Disabled     (KRG_DISABLE=1: pure pass-through)
+//! ```
+//!
+//! The constructor of `libkrg.so` calls [`init`]; every hook calls [`enter`],
+//! which initialises first if the constructor has not run yet (a hook called
+//! from the constructor of a library initialised before ours). Exactly one
+//! thread initialises; another thread arriving meanwhile waits for the
+//! outcome, so no hook ever decides before the state is known.
+//!
+//! # Re-entrancy
+//!
+//! [`guarded`] marks the current thread as "inside krg" (a const-initialised
+//! thread-local `Cell<bool>`: no allocation, no lazy registration) and blocks
+//! every signal for the duration. A hook entered while the mark is set was
+//! called by krg itself and goes straight to libc ([`Why::Reentrant`]). Because
+//! signals are blocked while the mark is set, a signal handler can never run
+//! under it, so an application's handler that calls `kill` or `getpid` is
+//! always translated. The mark is *never* held while a real libc function
+//! runs on behalf of the application (fork's atfork handlers and signal
+//! handlers during `waitpid` are application code).
+//!
+//! # Agent calls
+//!
+//! [`agent_call`] sends one request with [`crate::hookclient`]: no allocation
+//! and no lock, one connection per request, so it is async-signal-safe and
+//! fork-safe. `errno` is preserved across it.
+
+use crate::hookclient::{self, AgentAddr, HookCallError, Reply};
+use crate::proto::{Request, PROTO_VERSION};
+use crate::{krg_log, log};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The state of the library in this process image.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum Mode {
+    Uninit = 0,
+    Initialising = 1,
+    /// Registered with the agent: an SSI process.
+    Active = 2,
+    /// No agent: a plain local process with real pids.
+    Standalone = 3,
+    /// `KRG_DISABLE=1`: every hook calls the real function.
+    Disabled = 4,
+}
+
+impl Mode {
+    fn from_u8(v: u8) -> Mode {
+        match v {
+            1 => Mode::Initialising,
+            2 => Mode::Active,
+            3 => Mode::Standalone,
+            4 => Mode::Disabled,
+            _ => Mode::Uninit,
+        }
+    }
+}
+
+static STATE: AtomicU8 = AtomicU8::new(Mode::Uninit as u8);
+
+/// Where the agent listens, fixed at initialisation.
+static AGENT: OnceLock<AgentAddr> = OnceLock::new();
+
+/// Set once the "lost the agent" warning has been printed in this process.
+static LOST_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// How long one agent exchange may take before the hook gives up.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Environment variable that marks a process tree as standalone, so that the
+/// "no agent" warning is printed once per tree, not once per process.
+pub const STANDALONE_ENV: &str = "KRG_STANDALONE";
+
+thread_local! {
+    /// "This thread is inside krg": hooks pass straight through.
+    static IN_KRG: Cell<bool> = const { Cell::new(false) };
+}
+
+/// What a hook must do, decided by [`enter`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Entry {
+    /// Apply the SSI semantics (call into libkrg).
+    Krg,
+    /// Call the real function, for the reason given.
+    PassThrough(Why),
+}
+
+/// Why a hook passes straight through to libc.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Why {
+    /// Called by krg itself (the re-entrancy guard is set).
+    Reentrant,
+    /// `KRG_DISABLE=1`.
+    Disabled,
+    /// No agent: a plain local process.
+    Standalone,
+}
+
+/// The current mode, without initialising.
+pub fn mode() -> Mode {
+    Mode::from_u8(STATE.load(Ordering::Acquire))
+}
+
+/// Whether the current thread is inside krg.
+pub fn in_krg() -> bool {
+    IN_KRG.get()
+}
+
+/// Decide what a hook does; initialises the library first if needed.
+///
+/// Never allocates or locks once initialised: one thread-local load and one
+/// atomic load.
+#[inline]
+pub fn enter() -> Entry {
+    if IN_KRG.get() {
+        return Entry::PassThrough(Why::Reentrant);
+    }
+    loop {
+        match mode() {
+            Mode::Active => return Entry::Krg,
+            Mode::Standalone => return Entry::PassThrough(Why::Standalone),
+            Mode::Disabled => return Entry::PassThrough(Why::Disabled),
+            Mode::Uninit => init(),
+            Mode::Initialising => {
+                // Another thread is initialising (this one would have the
+                // guard set otherwise): wait for its outcome.
+                // SAFETY: sched_yield has no preconditions.
+                unsafe { libc::sched_yield() };
+            }
+        }
+    }
+}
+
+/// Initialise the library once per process image (idempotent, thread-safe).
+pub fn init() {
+    if STATE
+        .compare_exchange(
+            Mode::Uninit as u8,
+            Mode::Initialising as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .is_err()
+    {
+        return;
+    }
+    let outcome = guarded(initialise);
+    STATE.store(outcome as u8, Ordering::Release);
+}
+
+/// A forked child inherits the parent's state; if another thread of the
+/// parent was initialising at the time of the fork, that thread does not
+/// exist in the child, so the child starts over.
+pub fn after_fork_child() {
+    let _ = STATE.compare_exchange(
+        Mode::Initialising as u8,
+        Mode::Uninit as u8,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The body of [`init`]: decide the mode and register with the agent.
+fn initialise() -> Mode {
+    // KRG_DISABLE is checked first and silences everything, the log included.
+    if env_flag("KRG_DISABLE") {
+        return Mode::Disabled;
+    }
+    log::init_from_env();
+    crate::processes::init_identity();
+    if env_flag(STANDALONE_ENV) {
+        krg_log!(
+            log::Level::Debug,
+            "{STANDALONE_ENV} is set: running as a plain local process"
+        );
+        return Mode::Standalone;
+    }
+    let path = crate::client::sock_path();
+    let Some(addr) = AgentAddr::new(path.as_os_str().as_encoded_bytes()) else {
+        go_standalone(format_args!(
+            "agent socket path {} is too long",
+            path.display()
+        ));
+        return Mode::Standalone;
+    };
+    let addr = AGENT.get_or_init(|| addr);
+    let caps_env = std::env::var("KRG_CAPS").ok();
+    let hello = Request::Hello {
+        version: PROTO_VERSION,
+        caps_env,
+    };
+    match hookclient::call(addr, &hello, Some(AGENT_TIMEOUT)) {
+        Ok(Reply::Hello { gpid, node, caps }) if crate::gpid::is_gpid(gpid) => {
+            crate::processes::set_identity(gpid, node, caps);
+            crate::processes::register_atfork();
+            krg_log!(
+                log::Level::Info,
+                "registered with the agent at {}: gpid {gpid}, node {node}, caps {}",
+                addr.display(),
+                crate::caps::Caps::from_bits(caps)
+            );
+            Mode::Active
+        }
+        Ok(other) => {
+            go_standalone(format_args!(
+                "unexpected answer to Hello from the agent at {}: {other:?}",
+                addr.display()
+            ));
+            Mode::Standalone
+        }
+        Err(HookCallError::Io { errno, op }) => {
+            go_standalone(format_args!(
+                "no agent at {} ({op}: {})",
+                addr.display(),
+                Errno(errno)
+            ));
+            Mode::Standalone
+        }
+        Err(e) => {
+            go_standalone(format_args!(
+                "the agent at {} refused this process ({e})",
+                addr.display()
+            ));
+            Mode::Standalone
+        }
+    }
+}
+
+/// Print the one warning of a standalone process tree and mark the tree.
+fn go_standalone(why: std::fmt::Arguments<'_>) {
+    log::emit(format_args!("krg: {why}; running as a plain local process"));
+    // Children (exec'd images included) inherit the environment and start
+    // standalone without a second warning.
+    std::env::set_var(STANDALONE_ENV, "1");
+}
+
+/// Run `f` inside krg: the re-entrancy mark is set and every signal is
+/// blocked on this thread; `errno` is restored afterwards.
+pub fn guarded<R>(f: impl FnOnce() -> R) -> R {
+    if IN_KRG.get() {
+        return f();
+    }
+    IN_KRG.set(true);
+    let saved_errno = errno();
+    let old = block_all_signals();
+    let r = f();
+    // Leave krg *before* unblocking: a signal that became pending meanwhile
+    // (SIGCHLD, or the caller's own kill to its group) is handled as soon as
+    // the mask is restored, and its handler's calls must be translated.
+    IN_KRG.set(false);
+    restore_signals(&old);
+    set_errno(saved_errno);
+    r
+}
+
+fn block_all_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; an all-zero value is a valid
+    // (empty) set which sigfillset/pthread_sigmask then overwrite.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live, writable sigset_t values.
+    // pthread_sigmask (unlike raw rt_sigprocmask) leaves glibc's internal
+    // cancellation and setxid signals unblocked.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+    }
+    old
+}
+
+fn restore_signals(old: &libc::sigset_t) {
+    // SAFETY: `old` is the mask returned by pthread_sigmask above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut());
+    }
+}
+
+/// The calling thread's errno.
+pub fn errno() -> i32 {
+    // SAFETY: __errno_location always returns the calling thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Set the calling thread's errno.
+pub fn set_errno(e: i32) {
+    // SAFETY: __errno_location always returns the calling thread's errno.
+    unsafe { *libc::__errno_location() = e }
+}
+
+/// The agent's address, once the library is active.
+pub fn agent_addr() -> Option<&'static AgentAddr> {
+    AGENT.get()
+}
+
+/// Send one request to the agent from a hook: guarded, signal-safe,
+/// allocation-free. Prints one warning per process the first time the agent
+/// cannot be reached after a successful registration.
+pub fn agent_call(req: &Request) -> Result<Reply, HookCallError> {
+    let Some(addr) = AGENT.get() else {
+        return Err(HookCallError::Io {
+            op: "no agent address",
+            errno: libc::ENOTCONN,
+        });
+    };
+    let r = guarded(|| hookclient::call(addr, req, Some(AGENT_TIMEOUT)));
+    match &r {
+        Err(HookCallError::Io { op, errno }) => {
+            if !LOST_WARNED.swap(true, Ordering::Relaxed) {
+                log::emit(format_args!(
+                    "krg: lost the agent at {} ({op}: {}); pids of this process may be wrong",
+                    addr.display(),
+                    Errno(*errno)
+                ));
+            }
+        }
+        Err(e) => krg_log!(log::Level::Debug, "agent: {req:?} -> {e}"),
+        Ok(rep) => krg_log!(log::Level::Trace, "agent: {req:?} -> {rep:?}"),
+    }
+    r
+}
+
+/// Formats an errno value as `strerror` would, without allocating.
+pub struct Errno(pub i32);
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut buf = [0u8; 128];
+        // SAFETY: strerror_r (XSI variant in the libc crate's binding) writes
+        // a NUL-terminated string of at most buf.len() bytes into buf.
+        let rc = unsafe { libc::strerror_r(self.0, buf.as_mut_ptr().cast(), buf.len()) };
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(0);
+        match std::str::from_utf8(&buf[..end]) {
+            Ok(s) if rc == 0 && !s.is_empty() => f.write_str(s),
+            _ => write!(f, "errno {}", self.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_sets_and_clears_and_keeps_errno() {
+        assert!(!in_krg());
+        set_errno(libc::EINTR);
+        let inside = guarded(|| {
+            set_errno(libc::EBADF);
+            // Nested use stays inside.
+            guarded(in_krg)
+        });
+        assert!(inside);
+        assert!(!in_krg());
+        assert_eq!(errno(), libc::EINTR);
+    }
+
+    #[test]
+    fn guard_blocks_signals() {
+        let blocked = guarded(|| {
+            // SAFETY: zeroed sigset_t is valid; pthread_sigmask with a null
+            // new set only reads the current mask into `cur`.
+            unsafe {
+                let mut cur: libc::sigset_t = std::mem::zeroed();
+                libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur);
+                libc::sigismember(&cur, libc::SIGINT) == 1
+            }
+        });
+        assert!(blocked);
+    }
+
+    #[test]
+    fn pending_signal_is_handled_outside_krg() {
+        // A signal that arrives inside krg is handled when krg unblocks it,
+        // and its handler must not be taken for krg's own call (a SIGCHLD
+        // handler calling waitpid would get an untranslated pid).
+        use std::sync::atomic::AtomicI32;
+        static SEEN: AtomicI32 = AtomicI32::new(-1);
+        extern "C" fn handler(_: libc::c_int) {
+            SEEN.store(i32::from(in_krg()), Ordering::SeqCst);
+        }
+        // SAFETY: installs a handler that only touches an atomic and a
+        // thread-local; sends SIGUSR2 to this thread only.
+        unsafe {
+            libc::signal(libc::SIGUSR2, handler as *const () as libc::sighandler_t);
+            guarded(|| {
+                libc::pthread_kill(libc::pthread_self(), libc::SIGUSR2);
+                assert_eq!(SEEN.load(Ordering::SeqCst), -1, "delivered inside krg");
+            });
+            libc::signal(libc::SIGUSR2, libc::SIG_DFL);
+        }
+        assert_eq!(SEEN.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn errno_formats() {
+        assert_eq!(Errno(libc::ENOENT).to_string(), "No such file or directory");
+    }
+}
