@@ -66,7 +66,8 @@ fn table(rows: &[ProcInfo], cpu: &dyn Fn(&ProcInfo) -> f32, width: usize) -> Str
             cpu(p),
             p.rss_kb,
             cputime(p.cpu_time_ms),
-            p.command
+            // One process, one line: a multi-line `-c` script stays on it.
+            p.command.replace(|c: char| c.is_control(), " ")
         );
         out.push_str(&trunc(&line, width));
         out.push('\n');
