@@ -634,3 +634,45 @@ fn exec_passes_stdio_status_and_signals() {
     use std::os::unix::process::ExitStatusExt;
     assert!(st.code() == Some(130) || st.signal() == Some(2), "{st:?}");
 }
+
+#[test]
+fn process_groups_are_signalled_by_gpid() {
+    let c = Cluster::up(2, 1.0);
+    // setsid makes the shell a group (and session) leader: the group's id is
+    // the shell's gpid, and getpgrp/getsid say so.
+    let mut job = c
+        .cmd(
+            2,
+            &["setsid", "sh", "-c", "echo $$; sleep 60 & sleep 60 & wait"],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = read_line(&mut job);
+    let leader: i64 = line.split_whitespace().next().unwrap().parse().unwrap();
+    assert_eq!(node_of(leader), 2);
+    let members = |c: &Cluster| {
+        c.ps(1)
+            .into_iter()
+            .filter(|p| p["pgid"].as_i64() == Some(leader))
+            .count()
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || members(&c) == 3),
+        "{:?}",
+        c.ps(1)
+    );
+    // From node 1: krg kill -- -PGID, then the whole group is gone.
+    let k = c.krg(1, &["kill", "-TERM", "--", &format!("-{leader}")]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    let st = job.wait().unwrap();
+    assert_eq!(st.code(), Some(143), "{st:?}");
+    assert!(
+        wait_for(Duration::from_secs(5), || members(&c) == 0),
+        "{:?}",
+        c.ps(1)
+    );
+    // An unknown group: ESRCH.
+    let k = c.krg(1, &["kill", "--", &format!("-{leader}")]);
+    assert!(!k.status.success());
+}

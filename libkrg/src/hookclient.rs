@@ -107,9 +107,10 @@ pub enum Reply {
 }
 
 /// A short copy of an agent's error message (kept small: errors travel by
-/// value on the stack, the heap is not an option here). Long enough for the
-/// agent's own messages (an unknown `KRG_CAPS` name lists every known one);
-/// a longer message is cut and ends with `...`, so a cut is visible.
+/// value on the stack, the heap is not an option here, and the whole
+/// [`HookCallError`] stays under 128 bytes). Long enough for the agent's
+/// usual messages (an unknown `KRG_CAPS` name comes back with the list of
+/// known ones); a longer one is cut and ends with `...`, so a cut shows.
 #[derive(Clone, Copy)]
 pub struct Msg {
     buf: [u8; Msg::MAX],
@@ -117,7 +118,7 @@ pub struct Msg {
 }
 
 impl Msg {
-    const MAX: usize = 100;
+    const MAX: usize = 120;
     const CUT: &'static [u8] = b"...";
 
     fn from_str(s: &str) -> Msg {
@@ -483,7 +484,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // The agent's longest own message (an unknown KRG_CAPS name) fits.
+        // The agent's answer to an unknown KRG_CAPS name fits whole.
         let long = format!(
             "KRG_CAPS: {}",
             crate::caps::Caps::apply(crate::caps::Caps::ALL, "teleport").unwrap_err()

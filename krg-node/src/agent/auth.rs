@@ -168,7 +168,7 @@ mod tests {
             server(&mut s, b"0123456789abcdef", 1).await
         });
         let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\r\n\r\n")
+        c.write_all(b"GET / HTTP/1.1\r\nHost: example\r\nAccept: */*\r\nUser-Agent: x\r\n\r\n")
             .await
             .unwrap();
         let e = srv.await.unwrap().unwrap_err();

@@ -151,3 +151,76 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("krg-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn toml_file_and_flags() {
+        let d = dir("toml");
+        std::fs::write(d.join("key"), "0123456789abcdef0123\n").unwrap();
+        let toml = format!(
+            "node_id = 4\nlisten = \"10.0.0.4:7400\"\npeers = [\"10.0.0.1:7400\"]\nseed = \"10.0.0.2:7400\"\nkey_file = \"{}\"\ncpus = 0.5\n",
+            d.join("key").display()
+        );
+        std::fs::write(d.join("node.toml"), toml).unwrap();
+        let flags = Flags {
+            config: Some(d.join("node.toml")),
+            ..Flags::default()
+        };
+        let c = Config::from_flags(flags.clone()).unwrap();
+        assert_eq!(c.node_id, 4);
+        assert_eq!(c.advertise, "10.0.0.4:7400".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.cpus, Some(0.5));
+        assert_eq!(c.key, b"0123456789abcdef0123");
+        // A flag wins over the file.
+        let c = Config::from_flags(Flags {
+            node_id: Some(7),
+            ..flags
+        })
+        .unwrap();
+        assert_eq!(c.node_id, 7);
+    }
+
+    #[test]
+    fn bad_configs_are_clear_errors() {
+        let d = dir("bad");
+        std::fs::write(d.join("key"), "short").unwrap();
+        std::fs::write(d.join("typo.toml"), "node_idd = 3\n").unwrap();
+        let e = Config::from_flags(Flags {
+            config: Some(d.join("typo.toml")),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("node_idd"), "{e:#}");
+        let e = Config::from_flags(Flags {
+            node_id: Some(1),
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            key_file: Some(d.join("key")),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("too short"), "{e:#}");
+        let e = Config::from_flags(Flags {
+            node_id: Some(512),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("out of range"), "{e:#}");
+        let e = Config::from_flags(Flags {
+            node_id: Some(1),
+            listen: Some("0.0.0.0:7400".parse().unwrap()),
+            ..Flags::default()
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("--advertise"), "{e:#}");
+    }
+}

@@ -236,6 +236,12 @@ impl ProcTable {
                 format!("no process with kernel pid {kpid} on node {}", self.node),
             )
         })?;
+        // A refused KRG_CAPS refuses the registration: the process then runs
+        // as a plain local process and must not be listed.
+        if let Some(Some(spec)) = &hello {
+            Caps::apply(Caps::NONE, spec)
+                .map_err(|e| err(libc::EINVAL, format!("KRG_CAPS: {e}")))?;
+        }
         let g = match self.live_gpid(kpid, st.start_ticks) {
             Some(g) => g,
             None => {

@@ -160,6 +160,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let err = std::process::Command::new(&cmd[0])
                 .args(&cmd[1..])
                 .env("LD_PRELOAD", so)
+                // Marks a tree that found no agent; this one may have one.
+                .env_remove("KRG_STANDALONE")
                 .exec();
             bail!("cannot run {}: {err}", cmd[0])
         }

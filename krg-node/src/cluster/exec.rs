@@ -112,7 +112,8 @@ pub(super) fn run(node: u32, cmd: &[String], preload: bool) -> Result<i32> {
 
     // The command's environment, argv and error messages, ready before fork.
     let mut env: Vec<OsString> = std::env::vars_os()
-        .filter(|(k, _)| k != "LD_PRELOAD" && k != "KRG_NODE_SOCK")
+        // KRG_STANDALONE marks a tree that found no agent; this one has one.
+        .filter(|(k, _)| k != "LD_PRELOAD" && k != "KRG_NODE_SOCK" && k != "KRG_STANDALONE")
         .map(|(mut k, v)| {
             k.push("=");
             k.push(v);

@@ -1,0 +1,521 @@
+//! libkrg.so in real programs (bash, python3, the C examples), against the
+//! real agent (`krg-node`, one per test on its own socket), without an agent
+//! (standalone), refused by the agent, and with `KRG_DISABLE=1`.
+//!
+//! What the programs asked the agent is read from the agent's own log: with
+//! `KRG_LOG=debug` it writes one line per local request,
+//! `pid P uid U: <Request debug>`.
+
+use libkrg::gpid;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The node id the test agents run as.
+const NODE: u32 = 1;
+
+fn agent_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_krg-node"))
+}
+
+/// target/debug (where cargo puts the binaries and libkrg.so).
+fn bin_dir() -> PathBuf {
+    agent_bin().parent().unwrap().to_path_buf()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The newest modification time of the files under `dir`.
+fn newest(dir: &Path) -> std::time::SystemTime {
+    let mut t = std::time::SystemTime::UNIX_EPOCH;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        let mt = if m.is_dir() {
+            newest(&e.path())
+        } else {
+            m.modified().unwrap()
+        };
+        t = t.max(mt);
+    }
+    t
+}
+
+/// libkrg.so, which `cargo test` does not rebuild by itself (a cdylib is
+/// not linked into tests): refuse to test a stale one.
+fn preload() -> PathBuf {
+    let so = bin_dir().join("libkrg.so");
+    let hint = "run `cargo build --workspace` first (scripts/test does)";
+    let built = std::fs::metadata(&so)
+        .unwrap_or_else(|_| panic!("{} is missing: {hint}", so.display()))
+        .modified()
+        .unwrap();
+    for src in ["krg-preload/src", "libkrg/src"] {
+        assert!(
+            newest(&repo().join(src)) <= built,
+            "{} is older than {src}: {hint}",
+            so.display()
+        );
+    }
+    so
+}
+
+/// A fresh directory for one test, under the target dir (unique per test
+/// and per test process, so parallel tests and runs never share a socket).
+fn tmpdir(name: &str) -> PathBuf {
+    let d = bin_dir()
+        .join("krg-test")
+        .join(format!("preload-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// One real agent, killed and reaped when dropped (also when a test fails,
+/// in which case its log is printed and its directory kept).
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+    sock: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(name: &str) -> Agent {
+        let dir = tmpdir(name);
+        let sock = dir.join("krg.sock");
+        let log = dir.join("agent.log");
+        let key = dir.join("key");
+        std::fs::write(&key, "preload-test-key-0123456789\n").unwrap();
+        let child = Command::new(agent_bin())
+            .args(["--node-id", &NODE.to_string(), "--listen", "127.0.0.1:0"])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--sock")
+            .arg(&sock)
+            .env("KRG_LOG", "debug")
+            .env_remove("LD_PRELOAD")
+            .env_remove("KRG_DISABLE")
+            .env_remove("KRG_STANDALONE")
+            .env_remove("KRG_CAPS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start krg-node");
+        // From here on the guard tears the agent down, whatever happens.
+        let mut a = Agent {
+            child,
+            dir,
+            sock,
+            log,
+        };
+        a.wait_ready();
+        a
+    }
+
+    /// Wait until the local socket accepts connections.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if UnixStream::connect(&self.sock).is_ok() {
+                return;
+            }
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!("krg-node exited ({st}) before serving:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "krg-node did not open {} in time:\n{}",
+                self.sock.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Every local request the agent received: (caller's kernel pid, the
+    /// request's debug form).
+    fn requests(&self) -> Vec<(i32, String)> {
+        self.log()
+            .lines()
+            .filter_map(|l| {
+                let rest = &l[l.find(" DEBUG pid ")? + 11..];
+                let (pid, rest) = rest.split_once(" uid ")?;
+                let (_uid, req) = rest.split_once(": ")?;
+                Some((pid.parse().ok()?, req.to_string()))
+            })
+            .collect()
+    }
+
+    /// How many requests of one kind (`Hello`, `Ensure`, `Kill`...) arrived.
+    fn count(&self, kind: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|(_, r)| r.split([' ', '{', '(']).next() == Some(kind))
+            .count()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- agent log ({})\n{}", self.dir.display(), self.log());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Compile one of the C examples.
+fn example(name: &str, dir: &Path) -> PathBuf {
+    compile(&repo().join("examples").join(format!("{name}.c")), dir)
+}
+
+/// Compile a C source into `dir`, with krg.h on the include path.
+fn compile(src: &Path, dir: &Path) -> PathBuf {
+    let out = dir.join(src.file_stem().unwrap());
+    let st = Command::new("cc")
+        .arg("-O1")
+        .arg("-I")
+        .arg(repo().join("libkrg/include"))
+        .arg("-o")
+        .arg(&out)
+        .arg(src)
+        .arg("-lpthread")
+        .status()
+        .expect("run cc");
+    assert!(st.success(), "cc {}", src.display());
+    out
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.stdin(Stdio::null()).output().expect("spawn");
+    eprintln!(
+        "--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `prog` with the library, talking to the agent at `sock`.
+fn under_krg(sock: &Path, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(prog);
+    c.env("LD_PRELOAD", preload())
+        .env("KRG_NODE_SOCK", sock)
+        .env_remove("KRG_DISABLE")
+        .env_remove("KRG_STANDALONE")
+        .env_remove("KRG_CAPS")
+        .env_remove("KRG_LOG");
+    c
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The integer after `key` on the first line that starts with it.
+fn val(s: &str, key: &str) -> i32 {
+    s.lines()
+        .find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no '{key}' in {s}"))
+}
+
+#[test]
+fn c_example_pids_with_an_agent() {
+    let agent = Agent::start("pids");
+    let prog = example("pids", &agent.dir);
+    let out = run(&mut under_krg(&agent.sock, &prog));
+    assert!(out.status.success());
+    let s = stdout(&out);
+    assert!(s.contains(&format!("(gpid, node {NODE})")), "{s}");
+    assert!(s.contains("ok: 0 failure(s)"), "{s}");
+    assert_eq!(stderr(&out), "");
+    // Every child was registered by its parent, and the signals to children
+    // and to the group went through the agent.
+    assert!(agent.count("Ensure") >= 5, "{:?}", agent.requests());
+    assert!(agent.count("Kill") >= 3, "{:?}", agent.requests());
+}
+
+#[test]
+fn threads_that_fork_with_an_agent() {
+    let agent = Agent::start("threads");
+    let prog = example("threads_fork", &agent.dir);
+    let out = run(&mut under_krg(&agent.sock, &prog));
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("0 bad"));
+    assert_eq!(stderr(&out), "");
+    // 4 threads x 25 forks, each child registered by its parent.
+    assert!(agent.count("Ensure") >= 100, "{:?}", agent.requests());
+}
+
+#[test]
+fn c_api() {
+    let agent = Agent::start("capi");
+    let prog = example("krginfo", &agent.dir);
+    let out = run(under_krg(&agent.sock, &prog).env("KRG_CAPS", "migrate,checkpoint"));
+    assert!(out.status.success());
+    let s = stdout(&out);
+    assert!(s.contains("mode: active"), "{s}");
+    assert!(s.contains(&format!("node: {NODE}\n")), "{s}");
+    // The agent applied KRG_CAPS (its default is every capability).
+    assert!(s.contains("caps: 0x5: migrate checkpoint\n"), "{s}");
+    let g = val(&s, "gpid: ");
+    assert!(gpid::is_gpid(g));
+    assert_eq!(gpid::node_of(g), Some(NODE));
+    assert_eq!(agent.count("CapGet"), 1, "{:?}", agent.requests());
+    // Without the library, the weak symbols are absent and it says so.
+    let out = run(&mut Command::new(&prog));
+    assert!(stdout(&out).contains("not loaded"));
+}
+
+#[test]
+fn bash_pids_jobs_and_exec() {
+    let agent = Agent::start("bash");
+    let script = r#"
+        echo "me $$"
+        sleep 5 & p=$!
+        echo "bg $p"
+        kill $p; wait $p; echo "killed $?"
+        bash -c 'echo "child ppid $PPID"'
+        exec python3 -c 'import os; print("exec", os.getpid())'
+    "#;
+    for _ in 0..5 {
+        let out = run(under_krg(&agent.sock, "bash").arg("-c").arg(script));
+        assert!(out.status.success());
+        assert_eq!(stderr(&out), "");
+        let s = stdout(&out);
+        let me = val(&s, "me ");
+        assert!(gpid::is_gpid(me), "{s}");
+        assert_eq!(gpid::node_of(me), Some(NODE));
+        let bg = val(&s, "bg ");
+        assert!(gpid::is_gpid(bg), "{s}");
+        assert_eq!(gpid::node_of(bg), Some(NODE));
+        assert_eq!(val(&s, "killed "), 143, "bash lost the killed job's status");
+        assert_eq!(val(&s, "child ppid "), me);
+        assert_eq!(val(&s, "exec "), me, "exec must keep the gpid");
+    }
+    // `kill $p` of the background job went through the agent.
+    assert!(agent.count("Kill") >= 5, "{:?}", agent.requests());
+}
+
+#[test]
+fn python_os_functions() {
+    let agent = Agent::start("python");
+    let script = r#"
+import os, signal, subprocess, sys, time
+node = int(sys.argv[1])
+me = os.getpid()
+assert me >= 1 << 22 and me >> 22 == node, (me, node)
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if os.getppid() == me else 1)
+wp, st = os.waitpid(pid, 0)
+assert wp == pid and os.waitstatus_to_exitcode(st) == 0, (wp, pid, st)
+pid = os.fork()
+if pid == 0:
+    time.sleep(10); os._exit(0)
+assert pid >> 22 == node, pid
+os.kill(pid, signal.SIGKILL)
+wp, st = os.waitpid(pid, 0)
+assert wp == pid and os.waitstatus_to_exitcode(st) == -signal.SIGKILL, (wp, pid, st)
+p = subprocess.Popen(["sh", "-c", "echo $$ $PPID"], stdout=subprocess.PIPE)
+child, parent = map(int, p.communicate()[0].split())
+assert child == p.pid and parent == me, (child, p.pid, parent, me)
+assert p.wait() == 0
+pid = os.posix_spawn("/bin/true", ["true"], os.environ)
+assert pid >> 22 == node, pid
+assert os.waitpid(pid, 0)[0] == pid
+pid = os.fork()
+if pid == 0:
+    os._exit(3)
+info = os.waitid(os.P_PID, pid, os.WEXITED)
+assert info.si_pid == pid and info.si_status == 3, info
+try:
+    os.kill((node << 22) | 999999, 0)
+    raise SystemExit("kill of an unknown gpid succeeded")
+except ProcessLookupError:
+    pass
+print("python ok")
+"#;
+    let out = run(under_krg(&agent.sock, "python3")
+        .arg("-c")
+        .arg(script)
+        .arg(NODE.to_string()));
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("python ok"));
+    assert_eq!(stderr(&out), "");
+    // The unknown gpid was asked of the agent, not guessed locally.
+    let unknown = format!("Kill {{ pid: {}, sig: 0 }}", (NODE << 22) | 999_999);
+    assert!(
+        agent.requests().iter().any(|(_, r)| *r == unknown),
+        "{:?}",
+        agent.requests()
+    );
+}
+
+#[test]
+fn standalone_warns_once_per_tree() {
+    let dir = tmpdir("standalone");
+    let sock = dir.join("nobody.sock");
+    let out = run(under_krg(&sock, "bash").arg("-c").arg(
+        "bash -c 'bash -c true; sh -c true'; python3 -c 'import os; os.waitpid(os.fork() or os._exit(0) or 0, 0)'; echo $$",
+    ));
+    assert!(out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!("krg: no agent at {} (connect: ", sock.display())),
+        "{err}"
+    );
+    assert!(err.contains("running as a plain local process"));
+    let pid: i32 = stdout(&out).trim().parse().unwrap();
+    assert!(!gpid::is_gpid(pid));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The agent refuses a Hello whose KRG_CAPS names an unknown capability:
+/// the process says why, once, and runs as a plain local process, and so
+/// does its tree, without asking the agent again.
+#[test]
+fn refused_hello_is_standalone_with_the_reason() {
+    let agent = Agent::start("refused");
+    let out = run(under_krg(&agent.sock, "bash")
+        .env("KRG_CAPS", "teleport")
+        .arg("-c")
+        .arg(
+            "echo \"me $$\"; bash -c 'echo \"child $$ $PPID\"'; sleep 0 & wait $!; echo \"bg $!\"",
+        ));
+    assert!(out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let expected = format!(
+        "krg: the agent at {} refused this process (KRG_CAPS: unknown capability 'teleport' \
+         (known: migrate, distant-fork, checkpoint, dsm, streams, dfs, all, none) \
+         (Invalid argument)); running as a plain local process\n",
+        agent.sock.display()
+    );
+    assert_eq!(err, expected);
+    let s = stdout(&out);
+    let me = val(&s, "me ");
+    assert!(!gpid::is_gpid(me), "{s}");
+    let child = s
+        .lines()
+        .find_map(|l| l.strip_prefix("child "))
+        .unwrap_or_else(|| panic!("no child line in {s}"));
+    let (c, pp) = child.split_once(' ').unwrap();
+    assert!(!gpid::is_gpid(c.parse().unwrap()), "{s}");
+    assert_eq!(pp.parse::<i32>().unwrap(), me, "{s}");
+    assert!(!gpid::is_gpid(val(&s, "bg ")), "{s}");
+    // One Hello (refused); the tree did not ask again, nor anything else.
+    let reqs = agent.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert_eq!(reqs[0].0, me);
+    assert_eq!(
+        reqs[0].1,
+        r#"Hello { version: 1, caps_env: Some("teleport") }"#
+    );
+}
+
+#[test]
+fn disabled_is_invisible() {
+    let agent = Agent::start("disabled");
+    let out = run(under_krg(&agent.sock, "bash")
+        .env("KRG_DISABLE", "1")
+        .env("KRG_LOG", "trace")
+        .arg("-c")
+        .arg("sleep 0 & wait; bash -c 'echo $$'"));
+    assert!(out.status.success());
+    assert_eq!(stderr(&out), "");
+    assert!(!gpid::is_gpid(stdout(&out).trim().parse().unwrap()));
+    assert_eq!(agent.requests(), vec![], "KRG_DISABLE contacted the agent");
+    // The same program without KRG_DISABLE does talk to this agent, so the
+    // check above can fail.
+    let out = run(under_krg(&agent.sock, "bash")
+        .arg("-c")
+        .arg("sleep 0 & wait; bash -c 'echo $$'"));
+    assert!(out.status.success());
+    assert!(gpid::is_gpid(stdout(&out).trim().parse().unwrap()));
+    assert!(agent.count("Hello") >= 1, "{:?}", agent.requests());
+}
+
+/// vfork is a trampoline: a real vfork when the library passes through
+/// (the child shares memory), a fork in an SSI process; both must keep the
+/// parent's stack intact and hand back the pid waitpid reports.
+#[test]
+fn vfork_in_every_mode() {
+    let agent = Agent::start("vfork");
+    let src = agent.dir.join("vf.c");
+    std::fs::write(
+        &src,
+        r#"
+#include <stdio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(void)
+{
+    volatile int shared = 0;
+    pid_t me = getpid();
+    for (int i = 0; i < 20; i++) {
+        pid_t c = vfork();
+        if (c == 0) {
+            shared = 1;
+            char *argv[] = {"true", NULL};
+            execv("/bin/true", argv);
+            _exit(127);
+        }
+        int st;
+        if (waitpid(c, &st, 0) != c || !WIFEXITED(st) || WEXITSTATUS(st)) return 1;
+    }
+    pid_t c = vfork();
+    if (c == 0) _exit(getppid() == me ? 0 : 1);
+    int st;
+    if (waitpid(c, &st, 0) != c || WEXITSTATUS(st)) return 2;
+    printf("%s %d\n", shared ? "shared" : "copied", (int)me);
+    return 0;
+}
+"#,
+    )
+    .unwrap();
+    let prog = compile(&src, &agent.dir);
+    let mode = |out: &Output| -> (String, i32) {
+        assert!(out.status.success(), "{out:?}");
+        let s = stdout(out);
+        let (m, pid) = s.trim().split_once(' ').unwrap();
+        (m.to_string(), pid.parse().unwrap())
+    };
+    // Active: a fork, and every child registered by the parent.
+    let (m, me) = mode(&run(&mut under_krg(&agent.sock, &prog)));
+    assert_eq!(m, "copied");
+    assert_eq!(gpid::node_of(me), Some(NODE));
+    assert!(agent.count("Ensure") >= 21, "{:?}", agent.requests());
+    // Disabled and standalone: the real vfork.
+    let before = agent.requests().len();
+    let (m, me) = mode(&run(under_krg(&agent.sock, &prog).env("KRG_DISABLE", "1")));
+    assert_eq!(m, "shared");
+    assert!(!gpid::is_gpid(me));
+    assert_eq!(agent.requests().len(), before);
+    let out = run(&mut under_krg(&agent.dir.join("nobody.sock"), &prog));
+    assert_eq!(stderr(&out).lines().count(), 1);
+    let (m, me) = mode(&out);
+    assert_eq!(m, "shared");
+    assert!(!gpid::is_gpid(me));
+}
