@@ -67,6 +67,7 @@ const ST_SETSID: i32 = 12;
 const ST_STDIO: i32 = 13;
 const ST_EXEC: i32 = 14;
 const ST_CHDIR: i32 = 15;
+const ST_KEEPTMP: i32 = 16;
 
 fn step_name(step: i32) -> &'static str {
     match step {
@@ -79,6 +80,7 @@ fn step_name(step: i32) -> &'static str {
         ST_TMP => "mounting a tmpfs on /tmp",
         ST_SHM => "mounting a tmpfs on /dev/shm",
         ST_RUN => "mounting a tmpfs on /run/krg",
+        ST_KEEPTMP => "keeping the krg checkout visible under the private /tmp",
         ST_STATEDIR => "creating /run/krg/state",
         ST_HOSTNAME => "setting the hostname",
         ST_SETSID => "setsid",
@@ -99,6 +101,20 @@ struct Prepared {
     agent: CString,
     argv: CStrVec,
     envp: CStrVec,
+    /// The directory right under /tmp that holds the krg binaries, if they
+    /// live under /tmp (a checkout in /tmp): part of the shared image, so it
+    /// stays visible through the node's private /tmp.
+    keep_tmp: Option<PathBuf>,
+}
+
+/// Where `keep_tmp` waits while the node's /tmp is replaced.
+const TMP_STAGE: &str = "/run/krg/.shared-tmp";
+
+/// The top-level directory under /tmp containing `path`, if any.
+pub(super) fn tmp_top(path: &Path) -> Option<PathBuf> {
+    let rel = path.strip_prefix("/tmp").ok()?;
+    let first = rel.components().next()?;
+    Some(Path::new("/tmp").join(first))
 }
 
 /// A started node: the host pid of its pid-1 process and its start time.
@@ -150,6 +166,7 @@ pub(super) fn begin(l: &Launch) -> Result<Pending> {
         agent: sys::cstring(&l.agent)?,
         argv: CStrVec::new(&l.argv)?,
         envp: CStrVec::new(&l.env)?,
+        keep_tmp: tmp_top(&l.agent),
     };
     // The mount point of the node's run directory, on the shared root
     // file system (an empty directory; the tmpfs is mounted inside the node).
@@ -341,6 +358,38 @@ fn node_init(p: &Prepared, wr: &OwnedFd) -> ! {
     );
     check(
         wr,
+        ST_RUN,
+        mount(
+            Some("tmpfs"),
+            NODE_RUN_DIR,
+            Some("tmpfs"),
+            tmpfs_flags,
+            Some("mode=0755"),
+        ),
+    );
+    // The krg checkout, if it lives under /tmp, is part of the shared
+    // image: park a bind mount of it in the (new, private) run directory,
+    // then move it into the node's own /tmp.
+    if let Some(keep) = &p.keep_tmp {
+        check(
+            wr,
+            ST_KEEPTMP,
+            mkdir(TMP_STAGE, Mode::from_bits_truncate(0o755)),
+        );
+        check(
+            wr,
+            ST_KEEPTMP,
+            mount(
+                Some(keep.as_path()),
+                TMP_STAGE,
+                none,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                none,
+            ),
+        );
+    }
+    check(
+        wr,
         ST_TMP,
         mount(
             Some("tmpfs"),
@@ -350,6 +399,27 @@ fn node_init(p: &Prepared, wr: &OwnedFd) -> ! {
             Some("mode=1777"),
         ),
     );
+    if let Some(keep) = &p.keep_tmp {
+        check(
+            wr,
+            ST_KEEPTMP,
+            mkdir(keep.as_path(), Mode::from_bits_truncate(0o755)),
+        );
+        check(
+            wr,
+            ST_KEEPTMP,
+            mount(
+                Some(TMP_STAGE),
+                keep.as_path(),
+                none,
+                MsFlags::MS_MOVE,
+                none,
+            ),
+        );
+        // SAFETY: rmdir of a NUL-terminated literal path.
+        let r = unsafe { libc::rmdir(c"/run/krg/.shared-tmp".as_ptr()) };
+        check(wr, ST_KEEPTMP, Errno::result(r));
+    }
     check(
         wr,
         ST_SHM,
@@ -359,17 +429,6 @@ fn node_init(p: &Prepared, wr: &OwnedFd) -> ! {
             Some("tmpfs"),
             tmpfs_flags,
             Some("mode=1777"),
-        ),
-    );
-    check(
-        wr,
-        ST_RUN,
-        mount(
-            Some("tmpfs"),
-            NODE_RUN_DIR,
-            Some("tmpfs"),
-            tmpfs_flags,
-            Some("mode=0755"),
         ),
     );
     check(
