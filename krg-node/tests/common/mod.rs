@@ -42,6 +42,22 @@ pub fn shared_dir(name: &str) -> PathBuf {
 pub struct Cluster {
     pub nodes: u32,
     _lock: MutexGuard<'static, ()>,
+    /// Held for the cluster's life: other test processes on this machine
+    /// (another `cargo test`) wait instead of colliding.
+    _flock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Take the machine-wide local-cluster test lock.
+pub fn machine_lock() -> nix::fcntl::Flock<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/krg-cluster-tests.lock")
+        .expect("open /run/krg-cluster-tests.lock");
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("lock /run/krg-cluster-tests.lock")
 }
 
 impl Cluster {
@@ -52,6 +68,7 @@ impl Cluster {
         );
         preload();
         let lock = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let flock = machine_lock();
         // A cluster left over by an earlier, killed run.
         let _ = Command::new(krg_bin()).args(["cluster", "down"]).output();
         let out = Command::new(krg_bin())
@@ -65,7 +82,11 @@ impl Cluster {
             ])
             .output()
             .expect("run krg cluster up");
-        let c = Cluster { nodes, _lock: lock };
+        let c = Cluster {
+            nodes,
+            _lock: lock,
+            _flock: flock,
+        };
         assert!(
             out.status.success(),
             "krg cluster up failed: {}{}",
