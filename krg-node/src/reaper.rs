@@ -1,6 +1,31 @@
 //! When the agent is pid 1 of a pid namespace (a node of the local
 //! cluster), orphans are re-parented to it and must be reaped, or they stay
-//! zombies for ever. A plain thread blocked in `waitid` does that.
+//! zombies for ever. A plain thread waits for any child; the programs the
+//! agent starts for remote exec are *managed*: their own waiter thread reaps
+//! them (it needs their status), so the reaper leaves them alone.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, MutexGuard};
+
+static MANAGED: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
+
+/// Held while starting a managed child, so that the reaper cannot reap it
+/// between its birth and [`manage`].
+pub fn managed_lock() -> MutexGuard<'static, Option<HashSet<i32>>> {
+    MANAGED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Add `kpid` to the managed set through a held guard.
+pub fn manage_locked(guard: &mut MutexGuard<'static, Option<HashSet<i32>>>, kpid: i32) {
+    guard.get_or_insert_with(HashSet::new).insert(kpid);
+}
+
+/// The child was reaped by its waiter.
+pub fn unmanage(kpid: i32) {
+    if let Some(s) = managed_lock().as_mut() {
+        s.remove(&kpid);
+    }
+}
 
 /// Start the reaper thread if this process is pid 1.
 pub fn install_if_init() {
@@ -10,12 +35,33 @@ pub fn install_if_init() {
     let r = std::thread::Builder::new()
         .name("krg-reaper".into())
         .spawn(|| loop {
-            // SAFETY: waitpid with a null status pointer is allowed; it
-            // reaps any child (orphans included) and blocks until one exits.
-            let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::__WALL) };
-            if r < 0 {
+            // SAFETY: siginfo_t is plain data that waitid fills.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // Look without reaping: a managed child's status is its waiter's.
+            // SAFETY: waitid with a valid siginfo pointer.
+            let r = unsafe {
+                libc::waitid(
+                    libc::P_ALL,
+                    0,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT | libc::__WALL,
+                )
+            };
+            if r != 0 {
                 std::thread::sleep(std::time::Duration::from_millis(200));
+                continue;
             }
+            // SAFETY: waitid succeeded, so si_pid is set.
+            let pid = unsafe { info.si_pid() };
+            let guard = managed_lock();
+            if guard.as_ref().is_some_and(|s| s.contains(&pid)) {
+                drop(guard);
+                // Its waiter reaps it in a moment.
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                continue;
+            }
+            // SAFETY: reaps that one zombie (not managed, so nobody waits).
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG | libc::__WALL) };
         });
     if let Err(e) = r {
         eprintln!("krg-node: cannot start the zombie reaper: {e}");

@@ -94,6 +94,7 @@ pub enum Reply {
         gpid: i32,
         node: u32,
         caps: u32,
+        place: u32,
     },
     Pid(i32),
     Ok,
@@ -212,10 +213,16 @@ pub fn decode_reply(body: &[u8]) -> Result<Reply, HookCallError> {
     let resp = access::<ArchivedResponse, Failure>(body)
         .map_err(|_| HookCallError::Protocol("invalid answer from the agent"))?;
     Ok(match resp {
-        ArchivedResponse::Hello { gpid, node, caps } => Reply::Hello {
+        ArchivedResponse::Hello {
+            gpid,
+            node,
+            caps,
+            place,
+        } => Reply::Hello {
             gpid: gpid.to_native(),
             node: node.to_native(),
             caps: caps.to_native(),
+            place: place.to_native(),
         },
         ArchivedResponse::Pid(p) => Reply::Pid(p.to_native()),
         ArchivedResponse::Ok => Reply::Ok,
@@ -230,7 +237,8 @@ pub fn decode_reply(body: &[u8]) -> Result<Reply, HookCallError> {
             effective: c.effective.to_native(),
             inheritable: c.inheritable.to_native(),
         },
-        ArchivedResponse::Ps(_) | ArchivedResponse::Status(_) => Reply::Other,
+        // Answers hooks never ask for (ps, status, scheduling, ...).
+        _ => Reply::Other,
     })
 }
 
@@ -409,10 +417,12 @@ mod tests {
             Request::Hello {
                 version: 1,
                 caps_env: Some("migrate,-dfs".into()),
+                pinned: Some(3),
             },
             Request::Hello {
                 version: 1,
                 caps_env: None,
+                pinned: None,
             },
             Request::Ensure { kpid: 1234 },
             Request::Translate { kpid: 77 },
@@ -436,6 +446,7 @@ mod tests {
         let req = Request::Hello {
             version: 1,
             caps_env: Some("x".repeat(5000)),
+            pinned: None,
         };
         let mut out = [0u8; SEND_MAX];
         assert!(encode_request(&req, &mut out).is_err());
@@ -457,6 +468,7 @@ mod tests {
             gpid: 1 << 22 | 3,
             node: 1,
             caps: 7,
+            place: 0,
         }))
         .unwrap();
         assert_eq!(
@@ -464,7 +476,8 @@ mod tests {
             Reply::Hello {
                 gpid: 1 << 22 | 3,
                 node: 1,
-                caps: 7
+                caps: 7,
+                place: 0
             }
         );
         assert_eq!(

@@ -9,6 +9,7 @@
 pub mod capi;
 pub mod caps;
 pub mod client;
+pub mod distant;
 pub mod frame;
 pub mod gpid;
 pub mod hookclient;

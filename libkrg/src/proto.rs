@@ -22,6 +22,9 @@ pub enum Request {
     Hello {
         version: u32,
         caps_env: Option<String>,
+        /// `KRG_NODE`: run this program on that node (consumed by the
+        /// program it is given to; its children are placed normally).
+        pinned: Option<u32>,
     },
     /// The gpid of a local kernel pid that is the caller itself or one of
     /// its children; registers the process if the agent does not know it yet
@@ -49,6 +52,76 @@ pub enum Request {
         effective: bool,
         inheritable: bool,
     },
+    /// Run the caller's new program on another node; the caller stays as
+    /// its shadow (the parent's child: it relays stdio, forwards signals and
+    /// exits with the remote program's status). Answered with `Pid(kpid on
+    /// the target node)` once the program runs there.
+    RemoteExec(RemoteExec),
+    /// The scheduling policy in force on this node.
+    SchedGet,
+    /// Switch the scheduling policy of every up node (root only). `name` is
+    /// a built-in policy when `source` is `None`; otherwise `source` is the
+    /// text of a user policy (a rhai script) and `name` the file it was
+    /// read from.
+    SchedSet {
+        name: String,
+        source: Option<String>,
+    },
+    /// Debugging aid: ask this node's scheduler where it would place
+    /// `count` programs (each decision counts as a real placement for the
+    /// policies that remember them). `pinned` as `KRG_NODE` would give.
+    SchedPlace {
+        count: u32,
+        exe: String,
+        argv: Vec<String>,
+        pinned: Option<u32>,
+    },
+}
+
+/// How the remote program gets one of its standard fds.
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+)]
+pub enum StdioKind {
+    /// Closed in the caller: closed in the remote program too.
+    Closed,
+    /// `/dev/null` in the caller: opened on the target node.
+    DevNull,
+    /// Anything else (terminal, pipe, file, socket): a TCP stream between
+    /// the target node and the shadow, which relays it.
+    Relay,
+}
+
+/// The program to start elsewhere, as the library sees it at start. The
+/// caller's credentials are not in it: the agent takes them from the kernel.
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
+pub struct RemoteExec {
+    pub node: u32,
+    /// The executable (`/proc/self/exe`).
+    pub exe: Vec<u8>,
+    pub argv: Vec<Vec<u8>>,
+    pub env: Vec<Vec<u8>>,
+    pub cwd: Vec<u8>,
+    pub umask: u32,
+    /// `(resource, soft, hard)` for every rlimit.
+    pub rlimits: Vec<(u32, u64, u64)>,
+    /// fds 0, 1 and 2.
+    pub stdio: Vec<StdioKind>,
+    /// TCP port the shadow listens on (on its node's address).
+    pub port: u16,
+    /// What every connection to that port must present first.
+    pub token: Vec<u8>,
 }
 
 /// The agent's answer to a [`Request`].
@@ -56,13 +129,24 @@ pub enum Request {
     Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
 )]
 pub enum Response {
-    Hello { gpid: i32, node: u32, caps: u32 },
+    /// `place`: 0 to run here, else the node the scheduler chose for this
+    /// new program (the library then runs it there, see `RemoteExec`).
+    Hello {
+        gpid: i32,
+        node: u32,
+        caps: u32,
+        place: u32,
+    },
     Pid(i32),
     Ok,
     Err(ErrorReply),
     Ps(Vec<ProcInfo>),
     Status(Vec<NodeStatus>),
     Caps(CapsInfo),
+    /// Answer to `SchedGet` and `SchedSet`.
+    Sched(SchedInfo),
+    /// Answer to `SchedPlace`: the chosen node of each placement, in order.
+    Placed(Vec<u32>),
 }
 
 /// A failed request: the errno the application should see, and what failed.
@@ -125,4 +209,48 @@ pub struct CapsInfo {
     pub gpid: i32,
     pub effective: u32,
     pub inheritable: u32,
+}
+
+/// Environment variable that pins a program to a node: `KRG_NODE=N`.
+pub const NODE_PIN_ENV: &str = "KRG_NODE";
+
+/// Parse a `KRG_NODE` value: a node id in `1..=511`. `None` for anything
+/// else (the variable is then ignored).
+pub fn parse_node_pin(value: &str) -> Option<u32> {
+    let n: u32 = value.trim().parse().ok()?;
+    (1..=crate::gpid::MAX_NODE).contains(&n).then_some(n)
+}
+
+/// The scheduling policy in force on a node, as `krg sched` shows it.
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
+pub struct SchedInfo {
+    /// A built-in policy name, or the file name of a user policy.
+    pub name: String,
+    /// `built-in` or `script`.
+    pub kind: String,
+    /// Where a user policy was read from (its path on the node that set
+    /// it); empty for a built-in one.
+    pub origin: String,
+    /// Version: unix milliseconds when it was set, then the node that set
+    /// it (0 for the default in force at start). The highest wins.
+    pub version_ms: u64,
+    pub version_node: u32,
+    /// First 16 hex digits of the SHA-256 of a user policy's text; empty
+    /// for a built-in one.
+    pub digest: String,
+    /// For `SchedSet`: the outcome on each other node that was up.
+    pub pushed: Vec<SchedPush>,
+}
+
+/// The outcome of pushing a new policy to one node.
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
+pub struct SchedPush {
+    pub node: u32,
+    pub ok: bool,
+    /// Why it failed, when it did.
+    pub error: String,
 }

@@ -201,13 +201,37 @@ fn initialise() -> Mode {
     };
     let addr = AGENT.get_or_init(|| addr);
     let caps_env = std::env::var("KRG_CAPS").ok();
+    // KRG_NODE pins the program it is given to, not its children: consume
+    // it (this runs in the constructor, before any other thread exists).
+    let pinned = std::env::var("KRG_NODE")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    if std::env::var_os("KRG_NODE").is_some() {
+        std::env::remove_var("KRG_NODE");
+    }
     let hello = Request::Hello {
         version: PROTO_VERSION,
         caps_env,
+        pinned,
     };
     match hookclient::call(addr, &hello, Some(AGENT_TIMEOUT)) {
-        Ok(Reply::Hello { gpid, node, caps }) if crate::gpid::is_gpid(gpid) => {
+        Ok(Reply::Hello {
+            gpid,
+            node,
+            caps,
+            place,
+        }) if crate::gpid::is_gpid(gpid) => {
             crate::processes::set_identity(gpid, node, caps);
+            if place != 0 && place != node {
+                // Runs the program on `place` and never returns, unless it
+                // could not start there: then it runs here after all.
+                if let Err(e) = crate::distant::run_on(place, gpid) {
+                    krg_log!(
+                        log::Level::Warn,
+                        "could not run on node {place} ({e}); running on node {node}"
+                    );
+                }
+            }
             crate::processes::register_atfork();
             krg_log!(
                 log::Level::Info,

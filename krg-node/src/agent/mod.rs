@@ -9,6 +9,8 @@ pub mod local;
 pub mod peer;
 pub mod probe;
 pub mod procs;
+pub mod remote;
+pub mod sched;
 
 use crate::agent::config::Config;
 use crate::agent::peer::{GroupKill, Heartbeat, Peer, PeerClient};
@@ -76,16 +78,18 @@ pub struct Agent {
     /// Processes count cached by the probe (reading /proc per heartbeat
     /// would be wasteful).
     nprocs: Mutex<u32>,
+    /// The scheduling policy in force and the recent placements.
+    sched: sched::Sched,
 }
 
-fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
+pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
     ErrorReply {
         errno,
         msg: msg.into(),
     }
 }
 
-fn ctx() -> context::Context {
+pub(crate) fn ctx() -> context::Context {
     let mut c = context::current();
     c.deadline = Instant::now() + CALL_TIMEOUT;
     c
@@ -100,6 +104,7 @@ impl Agent {
             pending: Mutex::new(cfg.peers.clone()),
             load: Mutex::new(probe::LoadAvg::default()),
             nprocs: Mutex::new(0),
+            sched: sched::Sched::new(),
             cpus,
             cfg,
         })
@@ -175,6 +180,7 @@ impl Agent {
         Heartbeat {
             from: self.self_status(),
             known: self.known(),
+            sched: self.sched_version(),
         }
     }
 
@@ -231,6 +237,7 @@ impl Agent {
         let hb = Heartbeat {
             from: self.self_status(),
             known: self.known(),
+            sched: self.sched_version(),
         };
         let pending: Vec<SocketAddr> = self
             .pending
@@ -284,6 +291,7 @@ impl Agent {
                 match res {
                     Ok(reply) if reply.from.id == id => {
                         me.learn(&reply.known);
+                        me.sched_sync(id, reply.sched);
                         let mut m = me.members();
                         if let Some(mem) = m.get_mut(&id) {
                             if !mem.up() {
@@ -307,6 +315,30 @@ impl Agent {
                 }
             });
         }
+    }
+
+    /// Where a new program of local kernel pid `kpid` should run: the
+    /// scheduler's choice (a pin first, if that node is up).
+    fn placement(&self, kpid: i32, pinned: Option<u32>) -> u32 {
+        let argv: Vec<String> = std::fs::read(format!("/proc/{kpid}/cmdline"))
+            .map(|b| {
+                b.split(|c| *c == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let exe = std::fs::read_link(format!("/proc/{kpid}/exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let uid = procs::read_uids(kpid).map(|u| u[0]).unwrap_or(u32::MAX);
+        self.place(&sched::PlaceRequest {
+            origin_node: self.cfg.node_id,
+            uid,
+            exe,
+            argv,
+            pinned,
+        })
     }
 
     /// Every node of the cluster, this one first.
@@ -386,14 +418,44 @@ impl Agent {
     }
 
     async fn kill_one(&self, pid: i32, sig: i32, uid: u32) -> Result<(), ErrorReply> {
-        let node = self.owner(pid)?;
-        if node == self.cfg.node_id {
-            return self.procs().kill(pid, sig, uid);
+        self.owner(pid)?;
+        self.kill_routed(pid, sig, uid, 0).await
+    }
+
+    /// Deliver to a gpid wherever it runs: here, where this node knows it
+    /// went (it is its origin, or holds its shadow), else ask its origin.
+    async fn kill_routed(&self, g: i32, sig: i32, uid: u32, hops: u8) -> Result<(), ErrorReply> {
+        if hops > 3 {
+            return Err(err(
+                libc::ESRCH,
+                format!("pid {g}: lost while routing the signal"),
+            ));
         }
-        let c = self.client(node).await?;
-        c.kill(ctx(), pid, sig, uid).await.map_err(|e| {
-            self.drop_client(node);
-            err(libc::EHOSTUNREACH, format!("pid {pid}: node {node}: {e}"))
+        let me = self.cfg.node_id;
+        let target = {
+            let t = self.procs();
+            match t.runs_elsewhere(g) {
+                Some(n) if n != me => n,
+                _ if t.get(g).is_some() => return t.kill(g, sig, uid),
+                _ => {
+                    let origin = gpid::node_of(g).unwrap_or(me);
+                    if origin == me || hops > 0 {
+                        return Err(err(libc::ESRCH, format!("pid {g}: no such process")));
+                    }
+                    origin
+                }
+            }
+        };
+        if !self.is_up(target) {
+            return Err(err(
+                libc::ESRCH,
+                format!("pid {g}: its node {target} is down"),
+            ));
+        }
+        let c = self.client(target).await?;
+        c.kill(ctx(), g, sig, uid, hops + 1).await.map_err(|e| {
+            self.drop_client(target);
+            err(libc::EHOSTUNREACH, format!("pid {g}: node {target}: {e}"))
         })?
     }
 
@@ -495,7 +557,11 @@ impl Agent {
             }
         };
         match req {
-            Request::Hello { version, caps_env } => {
+            Request::Hello {
+                version,
+                caps_env,
+                pinned,
+            } => {
                 if version != libkrg::proto::PROTO_VERSION {
                     return Err(err(
                         libc::EPROTO,
@@ -506,14 +572,28 @@ impl Agent {
                     ));
                 }
                 let kpid = need_pid()?;
-                let mut t = self.procs();
-                let p = t.register(kpid, Some(caps_env))?;
+                let (gpid, caps, skip) = {
+                    let mut t = self.procs();
+                    let p = t.register(kpid, Some(caps_env))?;
+                    let r = (p.gpid, p.caps_eff, p.skip_place);
+                    if let Some(p) = t.get_mut(r.0) {
+                        p.skip_place = false;
+                    }
+                    r
+                };
+                let place = if skip || !caps.contains(Caps::DISTANT_FORK) {
+                    0
+                } else {
+                    self.placement(kpid, pinned)
+                };
                 Ok(Response::Hello {
-                    gpid: p.gpid,
+                    gpid,
                     node: self.cfg.node_id,
-                    caps: p.caps_eff.0,
+                    caps: caps.0,
+                    place: if place == self.cfg.node_id { 0 } else { place },
                 })
             }
+            Request::RemoteExec(spec) => Ok(Response::Pid(self.remote_exec(who, spec).await?)),
             Request::Ensure { kpid } => {
                 let me = need_pid()?;
                 if kpid != me {
@@ -530,7 +610,22 @@ impl Agent {
                 Ok(Response::Pid(self.procs().register(kpid, None)?.gpid))
             }
             Request::Translate { kpid } => {
-                Ok(Response::Pid(self.procs().translate(kpid).unwrap_or(kpid)))
+                let t = self.procs();
+                // A program started here for a shadow elsewhere has the
+                // agent as its kernel parent: it sees its shadow's parent
+                // and group instead.
+                if let Some(v) = t.translate(who.pid).and_then(|g| {
+                    let p = t.get(g)?;
+                    let st = procs::read_stat(who.pid)?;
+                    match (kpid == st.ppid, kpid == st.pgrp) {
+                        (true, _) => p.vppid.filter(|v| *v > 0),
+                        (_, true) => p.vpgid.filter(|v| *v > 0),
+                        _ => None,
+                    }
+                }) {
+                    return Ok(Response::Pid(v));
+                }
+                Ok(Response::Pid(t.translate(kpid).unwrap_or(kpid)))
             }
             Request::Resolve { gpid: g } => {
                 let k = self.procs().resolve(g).ok_or_else(|| {
@@ -595,6 +690,18 @@ impl Agent {
                     .map_err(|e| err(libc::EHOSTUNREACH, format!("node {node}: {e}")))??;
                 Ok(Response::Caps(r))
             }
+            Request::SchedGet => Ok(Response::Sched(self.sched_info())),
+            Request::SchedSet { name, source } => {
+                Ok(Response::Sched(self.sched_set(name, source, who).await?))
+            }
+            Request::SchedPlace {
+                count,
+                exe,
+                argv,
+                pinned,
+            } => Ok(Response::Placed(
+                self.sched_place(count, exe, argv, pinned, who)?,
+            )),
         }
     }
 }
@@ -605,18 +712,30 @@ pub struct PeerServer(pub Arc<Agent>);
 
 impl Peer for PeerServer {
     async fn heartbeat(self, _: context::Context, hb: Heartbeat) -> Heartbeat {
-        self.0.on_heartbeat(hb)
+        let (from, version) = (hb.from.id, hb.sched);
+        let reply = self.0.on_heartbeat(hb);
+        if from != self.0.node_id() {
+            self.0.sched_sync(from, version);
+        }
+        reply
     }
 
     async fn procs(self, _: context::Context) -> Vec<ProcInfo> {
         self.0.procs().ps()
     }
 
-    async fn kill(self, _: context::Context, g: i32, sig: i32, uid: u32) -> Result<(), ErrorReply> {
+    async fn kill(
+        self,
+        _: context::Context,
+        g: i32,
+        sig: i32,
+        uid: u32,
+        hops: u8,
+    ) -> Result<(), ErrorReply> {
         if !(0..=64).contains(&sig) {
             return Err(err(libc::EINVAL, format!("invalid signal {sig}")));
         }
-        self.0.procs().kill(g, sig, uid)
+        self.0.kill_routed(g, sig, uid, hops.max(1)).await
     }
 
     async fn kill_group(self, _: context::Context, pgid: i32, sig: i32, uid: u32) -> GroupKill {
@@ -641,6 +760,28 @@ impl Peer for PeerServer {
         uid: u32,
     ) -> Result<CapsInfo, ErrorReply> {
         self.0.cap_set_local(g, &spec, eff, inh, uid)
+    }
+
+    async fn spawn(self, _: context::Context, spec: remote::SpawnSpec) -> Result<i32, ErrorReply> {
+        self.0.spawn_here(spec).await
+    }
+
+    async fn set_location(self, _: context::Context, g: i32, node: u32) {
+        self.0.procs().set_location(g, node);
+    }
+
+    // --- scheduling ---
+    async fn sched_get(self, _: context::Context) -> sched::SchedPolicy {
+        self.0.sched_policy()
+    }
+
+    async fn sched_push(
+        self,
+        _: context::Context,
+        policy: sched::SchedPolicy,
+    ) -> Result<libkrg::proto::SchedInfo, ErrorReply> {
+        let from = policy.version.node;
+        self.0.sched_receive(policy, from)
     }
 }
 

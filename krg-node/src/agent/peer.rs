@@ -3,7 +3,7 @@
 
 use super::auth;
 use futures::StreamExt;
-use libkrg::proto::{CapsInfo, ErrorReply, NodeStatus, ProcInfo};
+use libkrg::proto::{CapsInfo, ErrorReply, NodeStatus, ProcInfo, SchedInfo};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use tarpc::serde_transport;
@@ -21,6 +21,8 @@ const MAX_FRAME: usize = 16 * 1024 * 1024;
 pub struct Heartbeat {
     pub from: NodeStatus,
     pub known: Vec<(u32, SocketAddr)>,
+    /// Version of the sender's scheduling policy.
+    pub sched: super::sched::SchedVersion,
 }
 
 /// Result of signalling a process group on one node.
@@ -39,7 +41,7 @@ pub trait Peer {
     async fn procs() -> Vec<ProcInfo>;
     /// Signal one process whose gpid the callee owns; `caller_uid` was
     /// checked with SO_PEERCRED by the calling agent.
-    async fn kill(gpid: i32, sig: i32, caller_uid: u32) -> Result<(), ErrorReply>;
+    async fn kill(gpid: i32, sig: i32, caller_uid: u32, hops: u8) -> Result<(), ErrorReply>;
     /// Signal the callee's members of a process group.
     async fn kill_group(pgid: i32, sig: i32, caller_uid: u32) -> GroupKill;
     async fn cap_get(gpid: i32) -> Result<CapsInfo, ErrorReply>;
@@ -50,6 +52,19 @@ pub trait Peer {
         inheritable: bool,
         caller_uid: u32,
     ) -> Result<CapsInfo, ErrorReply>;
+    // --- remote exec ---
+    /// Start a program here for a shadow on the caller's node; returns its
+    /// kernel pid here.
+    async fn spawn(spec: super::remote::SpawnSpec) -> Result<i32, ErrorReply>;
+    /// The callee is the origin node of `gpid`: it now runs on `node`.
+    async fn set_location(gpid: i32, node: u32);
+    // --- scheduling ---
+    /// The scheduling policy in force on the callee, with its text (a node
+    /// whose heartbeat showed an older version fetches it).
+    async fn sched_get() -> super::sched::SchedPolicy;
+    /// `krg sched set` on the caller: apply `policy` if it is newer than
+    /// the callee's; answers the policy in force on the callee afterwards.
+    async fn sched_push(policy: super::sched::SchedPolicy) -> Result<SchedInfo, ErrorReply>;
 }
 
 fn codec() -> LengthDelimitedCodec {

@@ -25,6 +25,14 @@ pub struct Proc {
     /// Whether the process itself has said Hello (vs. registered by its parent).
     pub greeted: bool,
     pidfd: Option<OwnedFd>,
+    /// This entry is a shadow: its program runs on that node (and is listed
+    /// and signalled there).
+    pub running_on: Option<u32>,
+    /// Started here for a shadow elsewhere: its next Hello is not placed
+    /// again, and it shows its shadow's parent and group.
+    pub skip_place: bool,
+    pub vppid: Option<i32>,
+    pub vpgid: Option<i32>,
 }
 
 /// What `/proc/<pid>/stat` says about a process.
@@ -147,6 +155,9 @@ pub struct ProcTable {
     /// group (or session) whose leader exited while members remain.
     /// Kernel pid -> (gpid, when it went).
     ghosts: HashMap<i32, (i32, std::time::Instant)>,
+    /// gpids born here that run on another node, and where (the origin
+    /// node answers for its gpids).
+    located: HashMap<i32, u32>,
 }
 
 /// How long a reaped process stays translatable when no group or session
@@ -161,6 +172,7 @@ impl ProcTable {
             by_kpid: HashMap::new(),
             next_spare: 1,
             ghosts: HashMap::new(),
+            located: HashMap::new(),
         }
     }
 
@@ -198,7 +210,7 @@ impl ProcTable {
 
     fn alloc_gpid(&mut self, kpid: i32) -> Result<i32, ErrorReply> {
         if let Some(g) = gpid::make(self.node, kpid as u32) {
-            if !self.by_gpid.contains_key(&g) {
+            if !self.by_gpid.contains_key(&g) && !self.located.contains_key(&g) {
                 return Ok(g);
             }
         }
@@ -212,7 +224,7 @@ impl ProcTable {
                 cand + 1
             };
             if let Some(g) = gpid::make(self.node, cand) {
-                if !self.by_gpid.contains_key(&g) {
+                if !self.by_gpid.contains_key(&g) && !self.located.contains_key(&g) {
                     return Ok(g);
                 }
             }
@@ -271,6 +283,10 @@ impl ProcTable {
                         caps_env: parent_env,
                         greeted: false,
                         pidfd: pidfd_open(kpid),
+                        running_on: None,
+                        skip_place: false,
+                        vppid: None,
+                        vpgid: None,
                     },
                 );
                 self.by_kpid.insert(kpid, g);
@@ -293,6 +309,79 @@ impl ProcTable {
             p.greeted = true;
         }
         Ok(self.by_gpid.get(&g).expect("entry just found or made"))
+    }
+
+    /// Register a program started here for a shadow on another node: it
+    /// keeps its gpid (born elsewhere).
+    #[allow(clippy::too_many_arguments)]
+    pub fn register_remote(
+        &mut self,
+        kpid: i32,
+        g: i32,
+        caps_eff: Caps,
+        caps_inh: Caps,
+        caps_env: Option<String>,
+        vppid: i32,
+        vpgid: i32,
+    ) -> Result<(), ErrorReply> {
+        if self.by_gpid.get(&g).is_some_and(|p| p.running_on.is_none()) {
+            return Err(err(
+                libc::EBUSY,
+                format!("pid {g} already runs on node {}", self.node),
+            ));
+        }
+        let st = read_stat(kpid).ok_or_else(|| {
+            err(
+                libc::ESRCH,
+                format!("pid {g}: exited at once on node {}", self.node),
+            )
+        })?;
+        // A shadow of the same gpid here (the program came back) is
+        // replaced in the table; it keeps running and relaying.
+        self.by_gpid.insert(
+            g,
+            Proc {
+                gpid: g,
+                kpid,
+                start_ticks: st.start_ticks,
+                caps_eff,
+                caps_inh,
+                caps_env,
+                greeted: false,
+                pidfd: pidfd_open(kpid),
+                running_on: None,
+                skip_place: true,
+                vppid: Some(vppid),
+                vpgid: Some(vpgid),
+            },
+        );
+        self.by_kpid.insert(kpid, g);
+        Ok(())
+    }
+
+    /// Where a gpid's program runs, if not here (known for the gpids born
+    /// here and for shadows here).
+    pub fn runs_elsewhere(&self, g: i32) -> Option<u32> {
+        if let Some(p) = self.by_gpid.get(&g) {
+            return p.running_on;
+        }
+        self.located.get(&g).copied()
+    }
+
+    /// The origin's record of where one of its gpids runs.
+    pub fn set_location(&mut self, g: i32, node: u32) {
+        if node == self.node {
+            self.located.remove(&g);
+        } else {
+            self.located.insert(g, node);
+        }
+    }
+
+    /// Mark the local process `g` as the shadow of a program now on `node`.
+    pub fn set_shadow(&mut self, g: i32, node: u32) {
+        if let Some(p) = self.by_gpid.get_mut(&g) {
+            p.running_on = Some(node);
+        }
     }
 
     /// gpid of a local kernel pid: a registered live process, or one gone
@@ -357,6 +446,7 @@ impl ProcTable {
     pub fn live_count(&self) -> u32 {
         self.by_gpid
             .values()
+            .filter(|p| p.running_on.is_none())
             .filter(|p| matches!(read_stat(p.kpid), Some(s) if s.start_ticks == p.start_ticks && s.state != 'Z'))
             .count() as u32
     }
@@ -374,6 +464,10 @@ impl ProcTable {
         let up = uptime_s();
         let mut out = Vec::new();
         for p in self.by_gpid.values() {
+            // A shadow's program is listed where it runs.
+            if p.running_on.is_some() {
+                continue;
+            }
             let Some(st) = read_stat(p.kpid) else {
                 continue;
             };
@@ -387,8 +481,8 @@ impl ProcTable {
             out.push(ProcInfo {
                 pid: p.gpid,
                 node: self.node,
-                ppid: self.gpid_or_kernel(st.ppid),
-                pgid: self.gpid_or_kernel(st.pgrp),
+                ppid: p.vppid.unwrap_or_else(|| self.gpid_or_kernel(st.ppid)),
+                pgid: p.vpgid.unwrap_or_else(|| self.gpid_or_kernel(st.pgrp)),
                 uid,
                 user: user_name(uid),
                 state: st.state.to_string(),
@@ -452,10 +546,12 @@ impl ProcTable {
             let Some(st) = read_stat(p.kpid) else {
                 continue;
             };
-            if st.start_ticks != p.start_ticks || st.state == 'Z' {
+            // A shadow's program is signalled where it runs (and the shadow
+            // would forward the signal a second time).
+            if st.start_ticks != p.start_ticks || st.state == 'Z' || p.running_on.is_some() {
                 continue;
             }
-            if self.gpid_or_kernel(st.pgrp) != pgid {
+            if p.vpgid.unwrap_or_else(|| self.gpid_or_kernel(st.pgrp)) != pgid {
                 continue;
             }
             found += 1;

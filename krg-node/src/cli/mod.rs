@@ -2,8 +2,10 @@
 //! cluster exec` must be able to enter namespaces (setns(CLONE_NEWNS) is
 //! refused to multithreaded processes).
 
+mod bench;
 mod kill;
 mod ps;
+pub mod sched;
 
 use crate::cluster;
 use anyhow::{bail, Context, Result};
@@ -66,10 +68,37 @@ pub enum Cmd {
         #[arg(allow_hyphen_values = true)]
         changes: Vec<String>,
     },
-    /// Run a program as an SSI process on this node (LD_PRELOAD=libkrg.so).
+    /// Run a program as an SSI process (LD_PRELOAD=libkrg.so), placed by
+    /// the scheduler or pinned to a node.
     Run {
+        /// Run it on node N (sets KRG_NODE=N; if N is down, the
+        /// scheduling policy places it).
+        #[arg(long, value_name = "N")]
+        node: Option<u32>,
         #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
         cmd: Vec<String>,
+    },
+    /// Show the scheduling policy in force, or change it on every node:
+    /// krg sched [--json] [set NAME|FILE]
+    Sched {
+        /// Machine-readable output.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: Option<sched::SchedCmd>,
+    },
+    /// Benchmarks with ratios against baselines measured in the same run
+    /// (brings up its own 2-node local cluster).
+    Bench {
+        /// Fewer repetitions.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// One measurement of `krg bench`, run inside a node.
+    #[command(hide = true)]
+    BenchWorker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// A whole cluster of N nodes on this one machine.
     Cluster {
@@ -155,9 +184,16 @@ fn dispatch(cli: Cli) -> Result<i32> {
             pid,
             changes,
         } => capset(pid, &changes, effective, inheritable),
-        Cmd::Run { cmd } => {
+        Cmd::Run { node, cmd } => {
             let so = preload_path()?;
-            let err = std::process::Command::new(&cmd[0])
+            let mut c = std::process::Command::new(&cmd[0]);
+            if let Some(n) = node {
+                let n = libkrg::proto::parse_node_pin(&n.to_string()).with_context(|| {
+                    format!("--node {n}: node ids are 1..={}", libkrg::gpid::MAX_NODE)
+                })?;
+                c.env(libkrg::proto::NODE_PIN_ENV, n.to_string());
+            }
+            let err = c
                 .args(&cmd[1..])
                 .env("LD_PRELOAD", so)
                 // Marks a tree that found no agent; this one may have one.
@@ -165,6 +201,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 .exec();
             bail!("cannot run {}: {err}", cmd[0])
         }
+        Cmd::Sched { json, cmd } => sched::sched(cmd, json),
+        Cmd::Bench { quick } => bench::bench(quick),
+        Cmd::BenchWorker { args } => bench::worker(&args),
         Cmd::Cluster { cmd } => match cmd {
             ClusterCmd::Up { nodes, cpus } => {
                 if nodes == 0 || nodes > 200 {

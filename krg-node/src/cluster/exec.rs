@@ -113,7 +113,9 @@ pub(super) fn run(node: u32, cmd: &[String], preload: bool) -> Result<i32> {
     // The command's environment, argv and error messages, ready before fork.
     let mut env: Vec<OsString> = std::env::vars_os()
         // KRG_STANDALONE marks a tree that found no agent; this one has one.
-        .filter(|(k, _)| k != "LD_PRELOAD" && k != "KRG_NODE_SOCK" && k != "KRG_STANDALONE")
+        .filter(|(k, _)| {
+            k != "LD_PRELOAD" && k != "KRG_NODE_SOCK" && k != "KRG_STANDALONE" && k != "KRG_NODE"
+        })
         .map(|(mut k, v)| {
             k.push("=");
             k.push(v);
@@ -129,6 +131,11 @@ pub(super) fn run(node: u32, cmd: &[String], preload: bool) -> Result<i32> {
         "KRG_NODE_SOCK={}",
         n.sock.display()
     )));
+    if preload {
+        // The program runs on the node asked for; its children are placed
+        // by the scheduler (the library consumes KRG_NODE).
+        env.push(OsString::from(format!("KRG_NODE={}", n.id)));
+    }
     let envp = CStrVec::new(&env)?;
     let argv = CStrVec::new(cmd)?;
     let file = sys::cstring(prog)?;

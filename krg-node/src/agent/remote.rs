@@ -1,0 +1,372 @@
+//! Remote exec, agent side (the library side is `libkrg::distant`).
+//!
+//! On the shadow's node: `RemoteExec` from a registered SSI process is
+//! turned into a [`SpawnSpec`] (credentials from the kernel, never from the
+//! message) and sent to the target node. On the target node: connect back
+//! to the shadow (control stream + one stream per relayed stdio fd), start
+//! the program with the caller's identity, register it under its gpid, wait
+//! for it in a thread and send its wait status to the shadow.
+
+use super::procs::read_stat;
+use super::{err, Agent, Caller};
+use libkrg::caps::Caps;
+use libkrg::proto::{ErrorReply, RemoteExec, StdioKind};
+use serde::{Deserialize, Serialize};
+use std::ffi::OsStr;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Everything the target node needs to start the program.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SpawnSpec {
+    pub gpid: i32,
+    /// The node of the shadow (where the parent is).
+    pub from: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub caps_eff: u32,
+    pub caps_inh: u32,
+    pub caps_env: Option<String>,
+    pub vppid: i32,
+    pub vpgid: i32,
+    pub exe: Vec<u8>,
+    pub argv: Vec<Vec<u8>>,
+    pub env: Vec<Vec<u8>>,
+    pub cwd: Vec<u8>,
+    pub umask: u32,
+    pub rlimits: Vec<(u32, u64, u64)>,
+    pub stdio: Vec<StdioKind>,
+    pub shadow: SocketAddr,
+    pub token: Vec<u8>,
+}
+
+/// Effective uid, effective gid and supplementary groups of a local pid.
+fn creds(kpid: i32) -> Option<(u32, u32, Vec<u32>)> {
+    let s = std::fs::read_to_string(format!("/proc/{kpid}/status")).ok()?;
+    let field = |name: &str| -> Vec<u32> {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| {
+                l[name.len()..]
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let uid = *field("Uid:").get(1)?;
+    let gid = *field("Gid:").get(1)?;
+    Some((uid, gid, field("Groups:")))
+}
+
+impl Agent {
+    /// `RemoteExec` from a local process: start its program on `spec.node`.
+    pub(super) async fn remote_exec(
+        &self,
+        who: Caller,
+        spec: RemoteExec,
+    ) -> Result<i32, ErrorReply> {
+        if who.pid <= 0 {
+            return Err(err(
+                libc::EPERM,
+                "caller is not visible in this node's pid namespace",
+            ));
+        }
+        let node = spec.node;
+        if node == self.node_id() {
+            return Err(err(libc::EINVAL, format!("node {node} is this node")));
+        }
+        if !self.is_up(node) {
+            return Err(err(libc::EHOSTDOWN, format!("node {node} is down")));
+        }
+        let (g, caps_eff, caps_inh, caps_env, vppid, vpgid) = {
+            let t = self.procs();
+            let g = t.translate(who.pid).ok_or_else(|| {
+                err(
+                    libc::EPERM,
+                    format!("kernel pid {} is not an SSI process", who.pid),
+                )
+            })?;
+            let p = t.get(g).expect("translated gpid is in the table");
+            let st = read_stat(who.pid).ok_or_else(|| err(libc::ESRCH, "caller exited"))?;
+            let vppid = if st.ppid > 0 {
+                t.translate(st.ppid).unwrap_or(0)
+            } else {
+                0
+            };
+            let vpgid = t.translate(st.pgrp).unwrap_or(g);
+            (
+                g,
+                p.caps_eff.0,
+                p.caps_inh.0,
+                p.caps_env.clone(),
+                vppid,
+                vpgid,
+            )
+        };
+        let (uid, gid, groups) = creds(who.pid)
+            .ok_or_else(|| err(libc::ESRCH, format!("pid {g}: cannot read its credentials")))?;
+        let full = SpawnSpec {
+            gpid: g,
+            from: self.node_id(),
+            uid,
+            gid,
+            groups,
+            caps_eff,
+            caps_inh,
+            caps_env,
+            vppid,
+            vpgid,
+            exe: spec.exe,
+            argv: spec.argv,
+            env: spec.env,
+            cwd: spec.cwd,
+            umask: spec.umask,
+            rlimits: spec.rlimits,
+            stdio: spec.stdio,
+            shadow: SocketAddr::new(self.cfg.advertise.ip(), spec.port),
+            token: spec.token,
+        };
+        let c = self.client(node).await?;
+        let mut cx = tarpc::context::current();
+        cx.deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let kpid = c
+            .spawn(cx, full)
+            .await
+            .map_err(|e| err(libc::EHOSTUNREACH, format!("node {node}: {e}")))??;
+        self.procs().set_shadow(g, node);
+        let origin = libkrg::gpid::node_of(g).unwrap_or(0);
+        if origin == self.node_id() {
+            self.procs().set_location(g, node);
+        } else if let Ok(oc) = self.client(origin).await {
+            let _ = oc.set_location(super::ctx(), g, node).await;
+        }
+        info!("pid {g} runs on node {node} (kernel pid {kpid} there); its shadow stays here");
+        Ok(kpid)
+    }
+
+    /// Target side: start the program for a shadow on `spec.from`.
+    pub(super) async fn spawn_here(self: &Arc<Self>, spec: SpawnSpec) -> Result<i32, ErrorReply> {
+        if spec.token.len() != 16 {
+            return Err(err(libc::EINVAL, "bad shadow token"));
+        }
+        // Connect back to the shadow: the control stream first, then one
+        // stream per relayed fd.
+        let mut control = connect_shadow(spec.shadow, &spec.token, 0).await?;
+        let mut fds: Vec<Option<OwnedFd>> = Vec::new();
+        for (i, k) in spec.stdio.iter().enumerate().take(3) {
+            fds.push(match k {
+                StdioKind::Relay => Some(
+                    connect_shadow(spec.shadow, &spec.token, 1 + i as u8)
+                        .await?
+                        .into(),
+                ),
+                StdioKind::DevNull => Some(
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open("/dev/null")
+                        .map_err(|e| err(libc::EIO, format!("/dev/null: {e}")))?
+                        .into(),
+                ),
+                StdioKind::Closed => None,
+            });
+        }
+        let exe = OsStr::from_bytes(&spec.exe).to_owned();
+        let mut cmd = Command::new(&exe);
+        if let Some(a0) = spec.argv.first() {
+            cmd.arg0(OsStr::from_bytes(a0));
+        }
+        cmd.args(spec.argv.iter().skip(1).map(|a| OsStr::from_bytes(a)));
+        cmd.env_clear();
+        for e in &spec.env {
+            if let Some(eq) = e.iter().position(|c| *c == b'=') {
+                cmd.env(OsStr::from_bytes(&e[..eq]), OsStr::from_bytes(&e[eq + 1..]));
+            }
+        }
+        let cwd = OsStr::from_bytes(&spec.cwd).to_owned();
+        if !std::path::Path::new(&cwd).is_dir() {
+            return Err(err(
+                libc::ENOENT,
+                format!(
+                    "node {}: working directory {} does not exist here",
+                    self.node_id(),
+                    std::path::Path::new(&cwd).display()
+                ),
+            ));
+        }
+        cmd.current_dir(&cwd);
+        let mut closed = Vec::new();
+        for (i, f) in fds.into_iter().enumerate() {
+            let stdio = match f {
+                Some(fd) => Stdio::from(fd),
+                None => {
+                    closed.push(i as i32);
+                    Stdio::null()
+                }
+            };
+            match i {
+                0 => cmd.stdin(stdio),
+                1 => cmd.stdout(stdio),
+                _ => cmd.stderr(stdio),
+            };
+        }
+        let (uid, gid, groups, umask, rlimits) = (
+            spec.uid,
+            spec.gid,
+            spec.groups.clone(),
+            spec.umask,
+            spec.rlimits.clone(),
+        );
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe system calls on data captured by value.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::umask(umask as libc::mode_t);
+                for (r, cur, max) in &rlimits {
+                    let l = libc::rlimit {
+                        rlim_cur: *cur,
+                        rlim_max: *max,
+                    };
+                    libc::setrlimit(*r, &l);
+                }
+                for fd in &closed {
+                    libc::close(*fd);
+                }
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let node = self.node_id();
+        let g = spec.gpid;
+        // Spawn and register under the reaper's lock: the child can neither
+        // be reaped by the pid-1 reaper nor say Hello before it is known.
+        let (child, kpid) = {
+            let mut reaper = crate::reaper::managed_lock();
+            let child = cmd.spawn().map_err(|e| {
+                err(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                    format!(
+                        "node {node}: cannot run {}: {e}",
+                        std::path::Path::new(&exe).display()
+                    ),
+                )
+            })?;
+            let kpid = child.id() as i32;
+            crate::reaper::manage_locked(&mut reaper, kpid);
+            let r = self.procs().register_remote(
+                kpid,
+                g,
+                Caps::from_bits(spec.caps_eff),
+                Caps::from_bits(spec.caps_inh),
+                spec.caps_env.clone(),
+                spec.vppid,
+                spec.vpgid,
+            );
+            if let Err(e) = r {
+                // SAFETY: kill of the child we just started.
+                unsafe { libc::kill(kpid, libc::SIGKILL) };
+                drop(reaper);
+                let mut child = child;
+                let _ = child.wait();
+                crate::reaper::unmanage(kpid);
+                return Err(e);
+            }
+            (child, kpid)
+        };
+        info!(
+            "pid {g}: started here (kernel pid {kpid}) for its shadow on node {}",
+            spec.from
+        );
+        let agent = self.clone();
+        let origin = libkrg::gpid::node_of(g).unwrap_or(0);
+        let handle = tokio::runtime::Handle::current();
+        let _ = std::thread::Builder::new()
+            .name(format!("krg-wait-{kpid}"))
+            .spawn(move || {
+                let mut child = child;
+                let status = match child.wait() {
+                    Ok(st) => st.into_raw(),
+                    Err(e) => {
+                        warn!("pid {g}: waiting for kernel pid {kpid}: {e}");
+                        // Unknown end: report a kill.
+                        libc::SIGKILL
+                    }
+                };
+                crate::reaper::unmanage(kpid);
+                let _ = control.set_nonblocking(false);
+                let _ = control.write_all(&status.to_le_bytes());
+                drop(control);
+                // The origin stops routing to this node.
+                if origin != 0 && origin != agent.node_id() {
+                    handle.spawn(async move {
+                        if let Ok(c) = agent.client(origin).await {
+                            let _ = c.set_location(super::ctx(), g, origin).await;
+                        }
+                    });
+                } else {
+                    agent.procs().set_location(g, origin);
+                }
+            });
+        Ok(kpid)
+    }
+}
+
+async fn connect_shadow(
+    addr: SocketAddr,
+    token: &[u8],
+    ch: u8,
+) -> Result<std::net::TcpStream, ErrorReply> {
+    let s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            err(
+                libc::ETIMEDOUT,
+                format!("connecting back to the shadow at {addr}: timed out"),
+            )
+        })?
+        .map_err(|e| {
+            err(
+                libc::EHOSTUNREACH,
+                format!("connecting back to the shadow at {addr}: {e}"),
+            )
+        })?;
+    let _ = s.set_nodelay(true);
+    let mut hello = token.to_vec();
+    hello.push(ch);
+    let mut s = s
+        .into_std()
+        .map_err(|e| err(libc::EIO, format!("shadow stream: {e}")))?;
+    s.set_nonblocking(false)
+        .map_err(|e| err(libc::EIO, format!("shadow stream: {e}")))?;
+    s.write_all(&hello)
+        .map_err(|e| err(libc::EIO, format!("shadow stream to {addr}: {e}")))?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_credentials() {
+        let (uid, gid, _) = creds(std::process::id() as i32).unwrap();
+        // SAFETY: geteuid/getegid have no preconditions.
+        assert_eq!(uid, unsafe { libc::geteuid() });
+        // SAFETY: as above.
+        assert_eq!(gid, unsafe { libc::getegid() });
+    }
+}

@@ -1,0 +1,183 @@
+//! `krg bench`: benchmarks that print ratios against a baseline measured in
+//! the same run (this machine is shared and noisy: absolute numbers alone say
+//! little). It brings up its own 2-node local cluster and tears it down.
+//!
+//! Measured today:
+//! - spawn + wait of `/bin/true`: plain fork+exec (no library), an SSI
+//!   program on the same node, and an SSI program placed on the other node
+//!   (remote exec through a shadow);
+//! - a pipe's throughput: plain, SSI on one node, and with the writer on the
+//!   other node (relayed by its shadow, one TCP hop).
+
+use super::preload_path;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// What one worker run measured.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct Sample {
+    /// Per-operation times in microseconds (spawn) or one throughput in MB/s.
+    pub values: Vec<f64>,
+}
+
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let i = ((v.len() - 1) as f64 * q).round() as usize;
+    v[i]
+}
+
+/// `krg bench-worker spawn COUNT [NODE]`: spawn and wait for /bin/true COUNT
+/// times (placed on NODE if given); print the times as JSON.
+/// `krg bench-worker pipe MIB [NODE]`: read MIB MiB from a `dd` writer (on
+/// NODE if given); print MB/s as JSON.
+pub fn worker(args: &[String]) -> Result<i32> {
+    let what = args.first().map(String::as_str).unwrap_or("");
+    let n: u64 = args
+        .get(1)
+        .context("bench-worker: missing count")?
+        .parse()
+        .context("bench-worker: count")?;
+    let node = args.get(2).cloned();
+    let mut s = Sample::default();
+    match what {
+        "spawn" => {
+            for _ in 0..n {
+                let mut c = Command::new("/bin/true");
+                if let Some(k) = &node {
+                    c.env("KRG_NODE", k);
+                }
+                let t = Instant::now();
+                let st = c.status().context("spawning /bin/true")?;
+                s.values.push(t.elapsed().as_secs_f64() * 1e6);
+                if !st.success() {
+                    bail!("/bin/true failed: {st}");
+                }
+            }
+        }
+        "pipe" => {
+            let mut c = Command::new("dd");
+            c.args(["if=/dev/zero", "bs=1M", &format!("count={n}")])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null());
+            if let Some(k) = &node {
+                c.env("KRG_NODE", k);
+            }
+            let t = Instant::now();
+            let mut child = c.spawn().context("spawning dd")?;
+            let mut out = child.stdout.take().context("dd stdout")?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            loop {
+                let r = out.read(&mut buf)?;
+                if r == 0 {
+                    break;
+                }
+                total += r as u64;
+            }
+            child.wait()?;
+            let secs = t.elapsed().as_secs_f64();
+            if total != n << 20 {
+                bail!("pipe delivered {total} bytes, expected {}", n << 20);
+            }
+            s.values.push(total as f64 / secs / 1e6);
+        }
+        other => bail!("bench-worker: unknown benchmark {other:?}"),
+    }
+    println!("{}", serde_json::to_string(&s)?);
+    Ok(0)
+}
+
+fn run_worker(plain: bool, args: &[&str]) -> Result<Sample> {
+    let krg = std::env::current_exe()?;
+    let mut c = Command::new(&krg);
+    c.args(["cluster", "exec"]);
+    if plain {
+        c.arg("--plain");
+    }
+    c.args(["--node", "1", "--"])
+        .arg(&krg)
+        .arg("bench-worker")
+        .args(args);
+    let out = c
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running the bench worker")?;
+    if !out.status.success() {
+        bail!("bench worker {args:?} failed: {}", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or("");
+    serde_json::from_str(line).with_context(|| format!("bench worker output {text:?}"))
+}
+
+/// `krg bench [--quick]`.
+pub fn bench(quick: bool) -> Result<i32> {
+    preload_path()?;
+    if crate::cluster::state()?.is_some_and(|s| s.nodes.iter().any(|n| n.is_running())) {
+        bail!("a local cluster is up: krg bench brings up its own (run `krg cluster down` first)");
+    }
+    crate::cluster::up(&crate::cluster::UpOptions {
+        nodes: 2,
+        cpus: 1.0,
+    })?;
+    let r = measure(quick);
+    let down = crate::cluster::down();
+    let r = r?;
+    down?;
+    Ok(r)
+}
+
+fn measure(quick: bool) -> Result<i32> {
+    let count = if quick { "60" } else { "300" };
+    let mib = if quick { "256" } else { "2048" };
+    println!("krg bench: 2-node local cluster, 1 CPU each; medians (p90)");
+    // Warm the page cache and both agents.
+    run_worker(true, &["spawn", "10"])?;
+    run_worker(false, &["spawn", "10", "2"])?;
+
+    let mut plain = run_worker(true, &["spawn", count])?.values;
+    let mut local = run_worker(false, &["spawn", count])?.values;
+    let mut remote = run_worker(false, &["spawn", count, "2"])?.values;
+    let (p50, p90) = (quantile(&mut plain, 0.5), quantile(&mut plain, 0.9));
+    let (l50, l90) = (quantile(&mut local, 0.5), quantile(&mut local, 0.9));
+    let (r50, r90) = (quantile(&mut remote, 0.5), quantile(&mut remote, 0.9));
+    println!("spawn+wait /bin/true ({count} each)");
+    println!(
+        "  plain fork+exec, no krg      {:8.3} ms ({:.3})",
+        p50 / 1e3,
+        p90 / 1e3
+    );
+    println!(
+        "  SSI, same node               {:8.3} ms ({:.3})   {:.2}x plain",
+        l50 / 1e3,
+        l90 / 1e3,
+        l50 / p50
+    );
+    println!(
+        "  SSI, placed on other node    {:8.3} ms ({:.3})   {:.2}x plain   [goal <= 3 ms and <= 5x]",
+        r50 / 1e3,
+        r90 / 1e3,
+        r50 / p50
+    );
+
+    let pp = run_worker(true, &["pipe", mib])?.values[0];
+    let pl = run_worker(false, &["pipe", mib])?.values[0];
+    let pr = run_worker(false, &["pipe", mib, "2"])?.values[0];
+    println!("pipe throughput ({mib} MiB through dd | reader)");
+    println!("  plain, one node              {pp:8.0} MB/s");
+    println!(
+        "  SSI, one node                {pl:8.0} MB/s   {:.2}x plain",
+        pl / pp
+    );
+    println!(
+        "  SSI, writer on other node    {pr:8.0} MB/s   {:.2}x same-node SSI",
+        pr / pl
+    );
+    Ok(0)
+}

@@ -1,0 +1,225 @@
+//! Remote exec on a real local cluster: programs started by an SSI process
+//! run on the node the scheduler (here: a `KRG_NODE` pin) chose, with their
+//! stdio, exit status, signals and parent relation as on one machine.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+fn node_of(gpid: i64) -> i64 {
+    gpid >> 22
+}
+
+#[test]
+fn remote_program_keeps_stdio_status_and_parent() {
+    let c = Cluster::up(3, 1.0);
+    let script = r#"
+        echo "parent $$ $(hostname)"
+        KRG_NODE=2 sh -c 'echo "child $$ $PPID $(hostname)"; read l; echo "got $l"; echo to-err >&2; exit 3'
+        echo "status $?"
+    "#;
+    let mut p = c
+        .cmd(1, &["sh", "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"hello there\n")
+        .unwrap();
+    let out = p.wait_with_output().unwrap();
+    let o = text(&out.stdout);
+    let lines: Vec<Vec<&str>> = o.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(lines.len(), 4, "{o}\n{}", text(&out.stderr));
+    assert_eq!(lines[0][2], "krg-n1", "{o}");
+    assert_eq!(lines[1][3], "krg-n2", "the child runs on node 2: {o}");
+    let child: i64 = lines[1][1].parse().unwrap();
+    assert_eq!(node_of(child), 1, "its gpid was allocated on node 1: {o}");
+    assert_eq!(lines[1][2], lines[0][1], "its parent is the shell: {o}");
+    assert_eq!(
+        lines[2],
+        vec!["got", "hello", "there"],
+        "stdin reached it: {o}"
+    );
+    assert_eq!(lines[3], vec!["status", "3"], "exit status: {o}");
+    assert_eq!(text(&out.stderr).trim(), "to-err");
+    assert!(out.status.success());
+}
+
+#[test]
+fn wait_reaps_remote_and_local_children_and_signals_reach_them() {
+    let c = Cluster::up(3, 1.0);
+    let script = r#"
+        KRG_NODE=2 sh -c 'exit 2' & a=$!
+        KRG_NODE=3 sh -c 'exit 3' & b=$!
+        sh -c 'exit 4' & l=$!
+        wait $a; echo "a $?"
+        wait $b; echo "b $?"
+        wait $l; echo "l $?"
+        KRG_NODE=2 sh -c 'kill -KILL $$' ; echo "self-killed $?"
+        KRG_NODE=3 sleep 60 & s=$!
+        sleep 0.5
+        kill -TERM $s; wait $s; echo "termed $?"
+    "#;
+    let o = c.sh(1, script);
+    let t = text(&o.stdout);
+    assert_eq!(
+        t.lines().collect::<Vec<_>>(),
+        vec!["a 2", "b 3", "l 4", "self-killed 137", "termed 143"],
+        "{t}\n{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn remote_child_is_listed_where_it_runs_and_killed_from_anywhere() {
+    let c = Cluster::up(3, 1.0);
+    let mut p = c
+        .cmd(
+            1,
+            &[
+                "sh",
+                "-c",
+                "echo $$; KRG_NODE=2 sleep 60 & echo $!; wait $!; echo \"status $?\"",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let parent: i64 = read_line(&mut p).parse().unwrap();
+    let child: i64 = read_line(&mut p).parse().unwrap();
+    let listed = wait_for(Duration::from_secs(5), || {
+        c.ps(3).iter().any(|r| {
+            r["pid"].as_i64() == Some(child) && r["node"] == 2 && r["ppid"].as_i64() == Some(parent)
+        })
+    });
+    assert!(listed, "{:?}", c.ps(3));
+    // Listed once: the shadow on node 1 is not a process of its own.
+    assert_eq!(
+        c.ps(1)
+            .iter()
+            .filter(|r| r["pid"].as_i64() == Some(child))
+            .count(),
+        1
+    );
+    let k = c.krg(3, &["kill", "-USR1", &child.to_string()]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    let rest = read_line(&mut p);
+    assert_eq!(rest, format!("status {}", 128 + 10));
+    let _ = p.wait();
+}
+
+#[test]
+fn ctrl_c_reaches_the_remote_job() {
+    let c = Cluster::up(2, 1.0);
+    // A terminal's Ctrl-C signals the whole foreground process group: run
+    // krg in a group of its own and signal that group the same way.
+    use std::os::unix::process::CommandExt;
+    let p = c
+        .cmd(1, &["sh", "-c", "KRG_NODE=2 sleep 61; echo after"])
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let running = wait_for(Duration::from_secs(5), || {
+        c.ps(2)
+            .iter()
+            .any(|r| r["command"] == "sleep 61" && r["node"] == 2)
+    });
+    assert!(running, "{:?}", c.ps(2));
+    let t = Instant::now();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(p.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = p.wait_with_output().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    // The shell saw its child die of SIGINT and died of it too.
+    assert_eq!(out.status.code(), Some(130), "{:?}", out.status);
+    assert!(!text(&out.stdout).contains("after"));
+    let gone = wait_for(Duration::from_secs(3), || {
+        !c.ps(2).iter().any(|r| r["command"] == "sleep 61")
+    });
+    assert!(gone, "{:?}", c.ps(2));
+}
+
+#[test]
+fn pipeline_across_three_nodes_is_byte_identical() {
+    let c = Cluster::up(4, 1.0);
+    let dir = shared_dir("pipeline");
+    let f = dir.join("data");
+    {
+        // 100 MB of varied, compressible-enough text.
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&f).unwrap());
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut written = 0usize;
+        while written < 100_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let line = format!("{x:016x} the quick brown fox {written}\n");
+            w.write_all(line.as_bytes()).unwrap();
+            written += line.len();
+        }
+    }
+    let f = f.to_str().unwrap();
+    let script = format!(
+        "KRG_NODE=2 cat {f} | KRG_NODE=3 tr a-z A-Z | KRG_NODE=4 sha256sum; cat {f} | tr a-z A-Z | sha256sum"
+    );
+    let o = c.sh(1, &script);
+    let t = text(&o.stdout);
+    let sums: Vec<&str> = t
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(sums.len(), 2, "{t}\n{}", text(&o.stderr));
+    assert_eq!(sums[0], sums[1]);
+    let _ = std::fs::remove_file(f);
+}
+
+#[test]
+fn a_down_or_unusable_node_is_not_a_dead_end() {
+    let c = Cluster::up(3, 1.0);
+    // The pinned node is down: the program runs elsewhere, nothing hangs.
+    let pid = c.agent_pid(3);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let down = wait_for(Duration::from_secs(5), || c.node_state(1, 3) == "down");
+    let t = Instant::now();
+    let o = c.sh(1, "KRG_NODE=3 hostname");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    assert!(down);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_ne!(text(&o.stdout).trim(), "krg-n3");
+    // The program cannot start there (its working directory is node 1's
+    // private /tmp): it runs here instead.
+    let o = c.sh(
+        1,
+        "mkdir -p /tmp/only-here && cd /tmp/only-here && KRG_NODE=2 hostname",
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim(), "krg-n1");
+}

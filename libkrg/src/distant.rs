@@ -1,0 +1,586 @@
+//! Remote exec: a new program that the scheduler placed on another node.
+//!
+//! The decision comes with the agent's answer to `Hello`, in the library's
+//! constructor, before the program's `main`: every way of starting a program
+//! (each `exec*`, `posix_spawn`, `system`, `popen`, fork then exec) goes
+//! through it. The process then asks its agent to start the same program
+//! (executable, argv, environment, cwd, umask, rlimits; credentials are taken
+//! by the agent from the kernel) on the chosen node, and stays behind as the
+//! program's *shadow*: it is what the parent created, so the parent's
+//! `wait`, `SIGCHLD`, exit status and job control keep working unchanged. The
+//! shadow
+//! - relays its stdin, stdout and stderr over TCP straight to the node where
+//!   the program runs (one hop; `/dev/null` and closed fds are recreated
+//!   there instead of relayed);
+//! - forwards the signals it receives (a terminal's Ctrl-C, a `kill` of its
+//!   kernel pid) to the program, through the agents;
+//! - exits with the program's exit status, or dies of the same signal.
+//!
+//! It runs inside the constructor, under the re-entrancy guard with every
+//! signal blocked, so it reads signals from a signalfd and makes its own
+//! system calls directly.
+
+use crate::client;
+use crate::proto::{RemoteExec, Request, Response, StdioKind};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// Channel ids a connection to the shadow announces after the token.
+const CH_CONTROL: u8 = 0;
+const CH_FD0: u8 = 1;
+
+/// Signals the shadow forwards to the program.
+const FORWARDED: &[i32] = &[
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+    libc::SIGALRM,
+    libc::SIGCONT,
+    libc::SIGTSTP,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+];
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// Run this process's program on `node` as gpid `gpid`. Returns only if the
+/// program could not be started there (nothing was changed: the caller runs
+/// it here instead); otherwise this process becomes the shadow and exits
+/// with the remote program's status.
+pub fn run_on(node: u32, gpid: i32) -> Result<(), String> {
+    let listener = Listener::new()?;
+    let mut token = [0u8; 16];
+    // SAFETY: getrandom writes at most token.len() bytes into token.
+    let n = unsafe { libc::getrandom(token.as_mut_ptr().cast(), token.len(), 0) };
+    if n != token.len() as isize {
+        return Err(os_err("getrandom"));
+    }
+    let stdio: Vec<StdioKind> = (0..3).map(stdio_kind).collect();
+    let req = RemoteExec {
+        node,
+        exe: read_link("/proc/self/exe")?,
+        argv: split_nul(&std::fs::read("/proc/self/cmdline").map_err(|e| e.to_string())?),
+        env: std::env::vars_os()
+            .map(|(k, v)| {
+                let mut e = k.into_encoded_bytes();
+                e.push(b'=');
+                e.extend_from_slice(v.as_encoded_bytes());
+                e
+            })
+            .collect(),
+        cwd: read_link("/proc/self/cwd")?,
+        umask: current_umask(),
+        rlimits: rlimits(),
+        stdio: stdio.clone(),
+        port: listener.port,
+        token: token.to_vec(),
+    };
+    match client::call(&Request::RemoteExec(req)) {
+        Ok(Response::Pid(_)) => {}
+        Ok(other) => return Err(format!("unexpected answer {other:?}")),
+        Err(e) => return Err(e.to_string()),
+    }
+    // From here on the program runs on `node`: this process is its shadow
+    // and never returns to the caller.
+    let relayed = stdio.iter().filter(|k| **k == StdioKind::Relay).count();
+    let conns = listener.accept_all(&token, 1 + relayed);
+    shadow(gpid, node, &stdio, conns)
+}
+
+fn read_link(p: &str) -> Result<Vec<u8>, String> {
+    std::fs::read_link(p)
+        .map(|p| p.into_os_string().into_encoded_bytes())
+        .map_err(|e| format!("{p}: {e}"))
+}
+
+fn split_nul(b: &[u8]) -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = b.split(|c| *c == 0).map(<[u8]>::to_vec).collect();
+    if v.last().is_some_and(Vec::is_empty) {
+        v.pop();
+    }
+    v
+}
+
+fn current_umask() -> u32 {
+    // /proc/self/status has it without the set-and-restore race of umask(2).
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().find(|l| l.starts_with("Umask:"))?;
+            u32::from_str_radix(l[6..].trim(), 8).ok()
+        })
+        .unwrap_or(0o022)
+}
+
+fn rlimits() -> Vec<(u32, u64, u64)> {
+    let mut v = Vec::new();
+    // Linux has 16 resource limits (RLIMIT_CPU = 0 .. RLIMIT_RTTIME = 15).
+    for r in 0..16u32 {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills the rlimit struct we own.
+        if unsafe { libc::getrlimit(r, &mut l) } == 0 {
+            v.push((r, l.rlim_cur, l.rlim_max));
+        }
+    }
+    v
+}
+
+fn stdio_kind(fd: RawFd) -> StdioKind {
+    // SAFETY: fstat on any fd number is safe; st is ours.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return StdioKind::Closed;
+    }
+    if st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3) {
+        return StdioKind::DevNull;
+    }
+    StdioKind::Relay
+}
+
+struct Listener {
+    fd: OwnedFd,
+    port: u16,
+}
+
+impl Listener {
+    fn new() -> Result<Listener, String> {
+        // SAFETY: plain socket creation.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(os_err("socket"));
+        }
+        // SAFETY: fd was just created and is owned here only.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: all-zero is a valid sockaddr_in (INADDR_ANY, port 0).
+        let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: sa is a valid sockaddr_in of `len` bytes.
+        if unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_in).cast(),
+                len,
+            )
+        } != 0
+        {
+            return Err(os_err("bind"));
+        }
+        // SAFETY: listen on our socket.
+        if unsafe { libc::listen(fd.as_raw_fd(), 8) } != 0 {
+            return Err(os_err("listen"));
+        }
+        let mut got = len;
+        // SAFETY: getsockname writes at most `got` bytes into sa.
+        if unsafe {
+            libc::getsockname(
+                fd.as_raw_fd(),
+                (&mut sa as *mut libc::sockaddr_in).cast(),
+                &mut got,
+            )
+        } != 0
+        {
+            return Err(os_err("getsockname"));
+        }
+        Ok(Listener {
+            fd,
+            port: u16::from_be(sa.sin_port),
+        })
+    }
+
+    /// Accept the agent's `n` connections (each presents the token and its
+    /// channel); strangers are dropped. Gives up after 10 s.
+    fn accept_all(&self, token: &[u8; 16], n: usize) -> Vec<(u8, OwnedFd)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < deadline {
+            if !poll_one(self.fd.as_raw_fd(), libc::POLLIN, 200) {
+                continue;
+            }
+            // SAFETY: accept4 on our listening socket, no address wanted.
+            let c = unsafe {
+                libc::accept4(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if c < 0 {
+                continue;
+            }
+            // SAFETY: c was just returned by accept4.
+            let c = unsafe { OwnedFd::from_raw_fd(c) };
+            let mut hello = [0u8; 17];
+            if read_exact_timeout(c.as_raw_fd(), &mut hello, 2000) && hello[..16] == token[..] {
+                out.push((hello[16], c));
+            }
+        }
+        out
+    }
+}
+
+fn poll_one(fd: RawFd, events: i16, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+}
+
+fn read_exact_timeout(fd: RawFd, buf: &mut [u8], ms: i32) -> bool {
+    let mut got = 0;
+    while got < buf.len() {
+        if !poll_one(fd, libc::POLLIN, ms) {
+            return false;
+        }
+        // SAFETY: reads into the unfilled tail of buf.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        if n <= 0 {
+            return false;
+        }
+        got += n as usize;
+    }
+    true
+}
+
+/// One direction of a relayed stream.
+struct Pipe {
+    from: RawFd,
+    to: RawFd,
+    buf: Vec<u8>,
+    start: usize,
+    /// The source reached EOF (or failed).
+    eof: bool,
+    /// The destination refused more data: the stream is over.
+    broken: bool,
+    /// Shut the write side of `to` (a socket) at EOF.
+    shutdown_to: bool,
+    /// Stop reading `from` (a socket) when `to` breaks, so the writer sees
+    /// EPIPE as it would on a closed pipe.
+    shutdown_from: bool,
+}
+
+impl Pipe {
+    fn new(from: RawFd, to: RawFd, to_is_socket: bool) -> Pipe {
+        Pipe {
+            from,
+            to,
+            buf: Vec::with_capacity(64 * 1024),
+            start: 0,
+            eof: false,
+            broken: false,
+            shutdown_to: to_is_socket,
+            shutdown_from: !to_is_socket,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.broken || (self.eof && self.start >= self.buf.len())
+    }
+
+    fn want_read(&self) -> bool {
+        !self.eof && !self.broken && self.start >= self.buf.len()
+    }
+
+    fn want_write(&self) -> bool {
+        !self.broken && self.start < self.buf.len()
+    }
+
+    fn on_readable(&mut self) {
+        self.buf.resize(64 * 1024, 0);
+        // SAFETY: reads into our buffer.
+        let n = unsafe { libc::read(self.from, self.buf.as_mut_ptr().cast(), self.buf.len()) };
+        if n > 0 {
+            self.buf.truncate(n as usize);
+            self.start = 0;
+        } else {
+            self.buf.clear();
+            self.start = 0;
+            if n == 0 || errno() != libc::EINTR && errno() != libc::EAGAIN {
+                self.eof = true;
+                self.finish();
+            }
+        }
+    }
+
+    fn on_writable(&mut self) {
+        // Pipes take PIPE_BUF bytes without blocking once poll says so.
+        let chunk = (self.buf.len() - self.start).min(4096);
+        // SAFETY: writes initialised bytes of our buffer.
+        let n = unsafe { libc::write(self.to, self.buf[self.start..].as_ptr().cast(), chunk) };
+        if n > 0 {
+            self.start += n as usize;
+            if self.eof && self.start >= self.buf.len() {
+                self.finish();
+            }
+        } else if errno() != libc::EINTR && errno() != libc::EAGAIN {
+            self.broken = true;
+            if self.shutdown_from {
+                // SAFETY: shutdown of a socket we own; errors are harmless.
+                unsafe { libc::shutdown(self.from, libc::SHUT_RDWR) };
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.eof && self.start >= self.buf.len() && self.shutdown_to {
+            // SAFETY: half-close our socket: the program sees EOF on stdin.
+            unsafe { libc::shutdown(self.to, libc::SHUT_WR) };
+            self.shutdown_to = false;
+        }
+    }
+}
+
+fn signalfd_forwarded() -> Option<OwnedFd> {
+    // SAFETY: an empty sigset filled by the libc helpers.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::sigemptyset(&mut set) };
+    for s in FORWARDED {
+        // SAFETY: adds a valid signal number to our set.
+        unsafe { libc::sigaddset(&mut set, *s) };
+    }
+    // They are already blocked (the guard blocks all signals); make sure.
+    // SAFETY: changes this thread's mask only.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    // SAFETY: creates a new signalfd for our set.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
+    // SAFETY: fd was just created.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn forward(gpid: i32, sig: i32) {
+    if let Err(e) = client::call(&Request::Kill { pid: gpid, sig }) {
+        crate::krg_log!(
+            crate::log::Level::Warn,
+            "forwarding signal {sig} to {gpid}: {e}"
+        );
+    }
+}
+
+/// Relay until the program ends, then end like it. Never returns.
+fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, OwnedFd)>) -> ! {
+    let mut control = None;
+    let mut pipes: Vec<Pipe> = Vec::new();
+    let mut keep = Vec::new();
+    for (ch, fd) in conns {
+        let raw = fd.as_raw_fd();
+        match ch {
+            CH_CONTROL => control = Some(fd),
+            c if (CH_FD0..CH_FD0 + 3).contains(&c) => {
+                let local = (c - CH_FD0) as RawFd;
+                if stdio.get(local as usize) != Some(&StdioKind::Relay) {
+                    continue;
+                }
+                // SAFETY: O_NONBLOCK on our own socket (never on the shared
+                // local fds: their file descriptions belong to others too).
+                unsafe { libc::fcntl(raw, libc::F_SETFL, libc::O_NONBLOCK) };
+                if local == 0 {
+                    pipes.push(Pipe::new(0, raw, true));
+                } else {
+                    pipes.push(Pipe::new(raw, local, false));
+                }
+                keep.push(fd);
+            }
+            _ => {}
+        }
+    }
+    let Some(control) = control else {
+        crate::log::emit(format_args!(
+            "krg: pid {gpid}: node {node} never connected back; the program's fate is unknown"
+        ));
+        exit_like(libc::SIGKILL, true)
+    };
+    let sfd = signalfd_forwarded();
+    let mut status: Option<i32> = None;
+    let mut ctl_buf = [0u8; 4];
+    let mut ctl_got = 0;
+    let mut lost = false;
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        let outputs_done = pipes.iter().filter(|p| p.from != 0).all(Pipe::done);
+        if let Some(_s) = status {
+            if outputs_done || drain_deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+        }
+        if lost && (outputs_done || drain_deadline.is_some_and(|d| Instant::now() >= d)) {
+            break;
+        }
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(8);
+        let mut map: Vec<(usize, bool)> = Vec::new();
+        for (i, p) in pipes.iter().enumerate() {
+            if p.want_read() {
+                fds.push(libc::pollfd {
+                    fd: p.from,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                map.push((i, false));
+            } else if p.want_write() {
+                fds.push(libc::pollfd {
+                    fd: p.to,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                });
+                map.push((i, true));
+            }
+        }
+        let ctl_idx = fds.len();
+        if status.is_none() && !lost {
+            fds.push(libc::pollfd {
+                fd: control.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let sig_idx = fds.len();
+        if let Some(s) = &sfd {
+            fds.push(libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: fds is a valid array of pollfd of the given length.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 500) };
+        if r < 0 {
+            continue;
+        }
+        for (k, (i, w)) in map.iter().enumerate() {
+            if fds[k].revents == 0 {
+                continue;
+            }
+            if *w {
+                pipes[*i].on_writable();
+            } else {
+                pipes[*i].on_readable();
+            }
+        }
+        if status.is_none() && !lost && fds[ctl_idx].revents != 0 {
+            // SAFETY: reads into the rest of our 4-byte buffer.
+            let n = unsafe {
+                libc::read(
+                    control.as_raw_fd(),
+                    ctl_buf[ctl_got..].as_mut_ptr().cast(),
+                    4 - ctl_got,
+                )
+            };
+            if n > 0 {
+                ctl_got += n as usize;
+                if ctl_got == 4 {
+                    status = Some(i32::from_le_bytes(ctl_buf));
+                    // Output still in flight is relayed; a grandchild that
+                    // keeps the stream open does not hold the parent's wait.
+                    drain_deadline = Some(Instant::now() + Duration::from_secs(2));
+                }
+            } else if n == 0 || (errno() != libc::EINTR && errno() != libc::EAGAIN) {
+                lost = true;
+                drain_deadline = Some(Instant::now() + Duration::from_secs(1));
+            }
+        }
+        if let Some(s) = &sfd {
+            if fds[sig_idx].revents != 0 {
+                // SAFETY: signalfd_siginfo is plain data filled by read.
+                let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+                let sz = std::mem::size_of::<libc::signalfd_siginfo>();
+                // SAFETY: reads one siginfo record into si.
+                let n = unsafe {
+                    libc::read(
+                        s.as_raw_fd(),
+                        (&mut si as *mut libc::signalfd_siginfo).cast(),
+                        sz,
+                    )
+                };
+                if n == sz as isize {
+                    let sig = si.ssi_signo as i32;
+                    forward(gpid, sig);
+                    if matches!(sig, libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU) {
+                        // Job control: the shell must see its child stop.
+                        // SAFETY: stops this process; SIGCONT resumes it.
+                        unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
+                    }
+                }
+            }
+        }
+    }
+    drop(keep);
+    match status {
+        Some(st) if libc::WIFEXITED(st) => {
+            // SAFETY: ends the process with the program's exit code.
+            unsafe { libc::_exit(libc::WEXITSTATUS(st)) }
+        }
+        Some(st) if libc::WIFSIGNALED(st) => exit_like(libc::WTERMSIG(st), false),
+        _ => {
+            crate::log::emit(format_args!(
+                "krg: pid {gpid}: lost contact with node {node}, where it ran"
+            ));
+            exit_like(libc::SIGKILL, true)
+        }
+    }
+}
+
+/// Die of `sig` so the parent's wait sees the same end as the program's.
+fn exit_like(sig: i32, _lost: bool) -> ! {
+    // SAFETY: default disposition, unblock, raise: the process dies of sig.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
+        libc::_exit(128 + sig)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_split() {
+        assert_eq!(
+            split_nul(b"sh\0-c\0echo hi\0"),
+            vec![b"sh".to_vec(), b"-c".to_vec(), b"echo hi".to_vec()]
+        );
+        assert_eq!(
+            split_nul(b"a\0\0b\0"),
+            vec![b"a".to_vec(), b"".to_vec(), b"b".to_vec()]
+        );
+    }
+
+    #[test]
+    fn stdio_kinds() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(stdio_kind(null.as_raw_fd()), StdioKind::DevNull);
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        assert_eq!(stdio_kind(f.as_raw_fd()), StdioKind::Relay);
+        assert_eq!(stdio_kind(987), StdioKind::Closed);
+    }
+
+    #[test]
+    fn umask_and_limits_are_read() {
+        assert!(current_umask() <= 0o777);
+        assert!(rlimits().len() >= 10);
+    }
+}
