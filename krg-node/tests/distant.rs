@@ -223,3 +223,169 @@ fn a_down_or_unusable_node_is_not_a_dead_end() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout).trim(), "krg-n1");
 }
+
+/// Nodes (by hostname) where the SSI processes whose command starts with
+/// `prefix` run, from `krg ps` on node 1.
+fn nodes_running(c: &Cluster, prefix: &str) -> Vec<i64> {
+    let mut v: Vec<i64> = c
+        .ps(1)
+        .iter()
+        .filter(|p| p["command"].as_str().unwrap_or("").starts_with(prefix))
+        .map(|p| p["node"].as_i64().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn round_robin_spreads_a_shell_batch_two_per_node() {
+    let c = Cluster::up(4, 1.0);
+    let set = c.krg(1, &["sched", "set", "round-robin"]);
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    let dir = shared_dir("batch");
+    let f = dir.join("50M");
+    {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&f).unwrap());
+        let mut x: u32 = 12345;
+        for _ in 0..(50_000_000 / 4) {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            w.write_all(&x.to_le_bytes()).unwrap();
+        }
+    }
+    let want = {
+        let o = std::process::Command::new("sha256sum")
+            .arg(&f)
+            .output()
+            .unwrap();
+        text(&o.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let fs = f.to_str().unwrap();
+    let script =
+        format!("for i in 1 2 3 4 5 6 7 8; do sha256sum {fs} > {fs}.$i & done; wait; cat {fs}.*");
+    let mut job = c
+        .cmd(1, &["sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While they run: 2 per node.
+    let mut seen = Vec::new();
+    let spread = wait_for(Duration::from_secs(20), || {
+        seen = nodes_running(&c, "sha256sum");
+        seen == vec![1, 1, 2, 2, 3, 3, 4, 4]
+    });
+    let out = job.wait_with_output().unwrap();
+    assert!(spread, "sha256sum ran on nodes {seen:?}");
+    let t = text(&out.stdout);
+    let sums: Vec<&str> = t
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(sums.len(), 8, "{t}");
+    assert!(sums.iter().all(|s| *s == want), "{t}");
+}
+
+#[test]
+fn make_j8_compiles_on_several_nodes() {
+    let c = Cluster::up(4, 1.0);
+    let set = c.krg(1, &["sched", "set", "round-robin"]);
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    let dir = shared_dir("make");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    let mut main = String::from("#include <stdio.h>\n");
+    let mut objs = Vec::new();
+    for i in 0..20 {
+        write_file(
+            &dir.join(format!("f{i}.c")),
+            &format!("int f{i}(int x) {{ int s = 0; for (int k = 0; k <= x; k++) s += k * {i}; return s; }}\n"),
+        );
+        main.push_str(&format!("int f{i}(int);\n"));
+        objs.push(format!("f{i}.o"));
+    }
+    main.push_str("int main(void) { long t = 0;\n");
+    for i in 0..20 {
+        main.push_str(&format!("  t += f{i}(10);\n"));
+    }
+    main.push_str("  printf(\"total %ld\\n\", t); return 0; }\n");
+    write_file(&dir.join("main.c"), &main);
+    objs.push("main.o".into());
+    // The compile wrapper records where it runs: `read` is a shell builtin,
+    // so the hostname is that of the node running this very shell.
+    write_file(
+        &dir.join("cc.sh"),
+        "#!/bin/sh\nread h < /proc/sys/kernel/hostname\necho \"$h\" >> nodes.log\nexec gcc \"$@\"\n",
+    );
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(dir.join("cc.sh"))
+        .status()
+        .unwrap();
+    write_file(
+        &dir.join("Makefile"),
+        &format!(
+            "OBJS = {}\nprog: $(OBJS)\n\tgcc -o $@ $(OBJS)\n%.o: %.c\n\t./cc.sh -O1 -c $< -o $@\n",
+            objs.join(" ")
+        ),
+    );
+    let d = dir.to_str().unwrap();
+    // gcc's temporary files must be where every node sees them (each node's
+    // /tmp is its own, as on real hosts).
+    let o = c.sh(
+        1,
+        &format!("cd {d} && TMPDIR={d}/tmp make -j8 -s && ./prog"),
+    );
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    // 0+1+..+10 = 55; sum over i of 55*i for i < 20 = 55 * 190.
+    assert_eq!(text(&o.stdout).trim(), format!("total {}", 55 * 190));
+    let log = std::fs::read_to_string(dir.join("nodes.log")).unwrap();
+    let mut nodes: Vec<&str> = log.lines().collect();
+    assert_eq!(nodes.len(), 21, "{log}");
+    nodes.sort();
+    nodes.dedup();
+    assert!(nodes.len() >= 3, "compiled on {nodes:?} only");
+}
+
+#[test]
+fn user_policy_switched_mid_batch_governs_every_node() {
+    let c = Cluster::up(3, 1.0);
+    let set = c.krg(1, &["sched", "set", "round-robin"]);
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    // A batch keeps running across the switch.
+    let mut batch = c
+        .cmd(
+            1,
+            &[
+                "sh",
+                "-c",
+                "for i in 1 2 3 4 5 6; do sleep 4 & done; wait; echo batch-done",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || nodes_running(
+        &c, "sleep 4"
+    )
+    .len()
+        == 6));
+    let policy = shared_dir("policy").join("all-on-3.rhai");
+    write_file(&policy, "fn place(nodes, req) { 3 }\n");
+    let set = c.krg(2, &["sched", "set", policy.to_str().unwrap()]);
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    for n in 1..=3 {
+        let o = c.sh(n, "read h < /proc/sys/kernel/hostname; echo $h; sh -c 'read h < /proc/sys/kernel/hostname; echo $h'");
+        let t = text(&o.stdout);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines,
+            vec![format!("krg-n{n}").as_str(), "krg-n3"],
+            "from node {n}: {t}"
+        );
+    }
+    let out = batch.wait_with_output().unwrap();
+    assert_eq!(text(&out.stdout).trim(), "batch-done");
+}

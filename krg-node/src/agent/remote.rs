@@ -160,15 +160,34 @@ impl Agent {
         }
         // Connect back to the shadow: the control stream first, then one
         // stream per relayed fd.
-        let mut control = connect_shadow(spec.shadow, &spec.token, 0).await?;
+        // All streams at once: each costs a round trip to the shadow.
+        let relayed: Vec<u8> = spec
+            .stdio
+            .iter()
+            .take(3)
+            .enumerate()
+            .filter(|(_, k)| **k == StdioKind::Relay)
+            .map(|(i, _)| 1 + i as u8)
+            .collect();
+        let (control, streams) = futures::future::join(
+            connect_shadow(spec.shadow, &spec.token, 0),
+            futures::future::join_all(
+                relayed
+                    .iter()
+                    .map(|ch| connect_shadow(spec.shadow, &spec.token, *ch)),
+            ),
+        )
+        .await;
+        let mut control = control?;
+        let mut streams = relayed
+            .into_iter()
+            .zip(streams)
+            .map(|(ch, r)| r.map(|s| (ch, s)))
+            .collect::<Result<std::collections::HashMap<u8, std::net::TcpStream>, ErrorReply>>()?;
         let mut fds: Vec<Option<OwnedFd>> = Vec::new();
         for (i, k) in spec.stdio.iter().enumerate().take(3) {
             fds.push(match k {
-                StdioKind::Relay => Some(
-                    connect_shadow(spec.shadow, &spec.token, 1 + i as u8)
-                        .await?
-                        .into(),
-                ),
+                StdioKind::Relay => streams.remove(&(1 + i as u8)).map(OwnedFd::from),
                 StdioKind::DevNull => Some(
                     std::fs::OpenOptions::new()
                         .read(true)
