@@ -266,7 +266,7 @@ fn round_robin_spreads_a_shell_batch_two_per_node() {
     let fs = f.to_str().unwrap();
     let script =
         format!("for i in 1 2 3 4 5 6 7 8; do sha256sum {fs} > {fs}.$i & done; wait; cat {fs}.*");
-    let mut job = c
+    let job = c
         .cmd(1, &["sh", "-c", &script])
         .stdout(Stdio::piped())
         .spawn()
@@ -355,7 +355,7 @@ fn user_policy_switched_mid_batch_governs_every_node() {
     let set = c.krg(1, &["sched", "set", "round-robin"]);
     assert!(set.status.success(), "{}", text(&set.stderr));
     // A batch keeps running across the switch.
-    let mut batch = c
+    let batch = c
         .cmd(
             1,
             &[
