@@ -97,12 +97,16 @@ impl Agent {
             })?;
             let p = t.get(g).expect("translated gpid is in the table");
             let st = read_stat(who.pid).ok_or_else(|| err(libc::ESRCH, "caller exited"))?;
-            let vppid = if st.ppid > 0 {
-                t.translate(st.ppid).unwrap_or(0)
-            } else {
-                0
-            };
-            let vpgid = t.translate(st.pgrp).unwrap_or(g);
+            // A caller that is itself a program started here for a shadow
+            // passes on the parent and group it shows.
+            let vppid = p.vppid.unwrap_or_else(|| {
+                if st.ppid > 0 {
+                    t.translate(st.ppid).unwrap_or(0)
+                } else {
+                    0
+                }
+            });
+            let vpgid = p.vpgid.unwrap_or_else(|| t.translate(st.pgrp).unwrap_or(g));
             (
                 g,
                 p.caps_eff.0,
