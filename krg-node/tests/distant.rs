@@ -389,3 +389,31 @@ fn user_policy_switched_mid_batch_governs_every_node() {
     let out = batch.wait_with_output().unwrap();
     assert_eq!(text(&out.stdout).trim(), "batch-done");
 }
+
+#[test]
+fn a_file_stdin_is_shared_like_on_one_machine() {
+    let c = Cluster::up(2, 1.0);
+    let f = shared_dir("stdin").join("lines");
+    write_file(&f, "a\nb\nc\nd\ne\nf\n");
+    // The remote child reads one line of the loop's stdin; the loop goes on
+    // after it, as with a local child sharing the file offset.
+    let script = format!(
+        "while read l; do echo \"loop $l\"; KRG_NODE=2 sh -c 'read x; read h < /proc/sys/kernel/hostname; echo \"child $x $h\"'; done < {}",
+        f.display()
+    );
+    let o = c.sh(1, &script);
+    let t = text(&o.stdout);
+    assert_eq!(
+        t.lines().collect::<Vec<_>>(),
+        vec![
+            "loop a",
+            "child b krg-n2",
+            "loop c",
+            "child d krg-n2",
+            "loop e",
+            "child f krg-n2"
+        ],
+        "{t}\n{}",
+        text(&o.stderr)
+    );
+}

@@ -21,7 +21,7 @@
 //! system calls directly.
 
 use crate::client;
-use crate::proto::{RemoteExec, Request, Response, StdioKind};
+use crate::proto::{FileRef, RemoteExec, Request, Response, StdioKind};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -150,7 +150,36 @@ fn stdio_kind(fd: RawFd) -> StdioKind {
     if st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3) {
         return StdioKind::DevNull;
     }
+    if fd == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG {
+        if let Some(f) = stdin_file(&st) {
+            return StdioKind::File(f);
+        }
+    }
     StdioKind::Relay
+}
+
+/// Stdin is a regular file opened read-only: the target reads it itself
+/// (relaying would read ahead of the program and take input that belongs
+/// to the parent, as in `while read l; do prog; done < file`).
+fn stdin_file(st: &libc::stat) -> Option<FileRef> {
+    // SAFETY: F_GETFL on fd 0 only reads its flags.
+    let fl = unsafe { libc::fcntl(0, libc::F_GETFL) };
+    if fl < 0 || fl & libc::O_ACCMODE != libc::O_RDONLY {
+        return None;
+    }
+    let path = std::fs::read_link("/proc/self/fd/0").ok()?;
+    let path = path.into_os_string().into_encoded_bytes();
+    if path.ends_with(b" (deleted)") || !path.starts_with(b"/") {
+        return None;
+    }
+    // SAFETY: lseek with SEEK_CUR only reads the offset.
+    let off = unsafe { libc::lseek(0, 0, libc::SEEK_CUR) };
+    (off >= 0).then_some(FileRef {
+        path,
+        dev: st.st_dev,
+        ino: st.st_ino,
+        offset: off as u64,
+    })
 }
 
 struct Listener {
@@ -412,7 +441,8 @@ fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, OwnedFd)>) 
     };
     let sfd = signalfd_forwarded();
     let mut status: Option<i32> = None;
-    let mut ctl_buf = [0u8; 4];
+    // The wait status, then where the program left a file stdin (-1: none).
+    let mut ctl_buf = [0u8; 12];
     let mut ctl_got = 0;
     let mut lost = false;
     let mut drain_deadline: Option<Instant> = None;
@@ -477,18 +507,26 @@ fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, OwnedFd)>) 
             }
         }
         if status.is_none() && !lost && fds[ctl_idx].revents != 0 {
-            // SAFETY: reads into the rest of our 4-byte buffer.
+            // SAFETY: reads into the rest of our 12-byte buffer.
             let n = unsafe {
                 libc::read(
                     control.as_raw_fd(),
                     ctl_buf[ctl_got..].as_mut_ptr().cast(),
-                    4 - ctl_got,
+                    12 - ctl_got,
                 )
             };
             if n > 0 {
                 ctl_got += n as usize;
-                if ctl_got == 4 {
-                    status = Some(i32::from_le_bytes(ctl_buf));
+                if ctl_got == 12 {
+                    status = Some(i32::from_le_bytes(
+                        ctl_buf[..4].try_into().expect("4 bytes"),
+                    ));
+                    let off = i64::from_le_bytes(ctl_buf[4..].try_into().expect("8 bytes"));
+                    if off >= 0 && matches!(stdio.first(), Some(StdioKind::File(_))) {
+                        // SAFETY: moves the shared offset of our stdin (a
+                        // regular file) to where the program stopped reading.
+                        unsafe { libc::lseek(0, off, libc::SEEK_SET) };
+                    }
                     // Output still in flight is relayed; a grandchild that
                     // keeps the stream open does not hold the parent's wait.
                     drain_deadline = Some(Instant::now() + Duration::from_secs(2));
@@ -575,6 +613,8 @@ mod tests {
         assert_eq!(stdio_kind(null.as_raw_fd()), StdioKind::DevNull);
         let f = std::fs::File::open("/proc/self/status").unwrap();
         assert_eq!(stdio_kind(f.as_raw_fd()), StdioKind::Relay);
+        let (r, _w) = std::io::pipe().unwrap();
+        assert_eq!(stdio_kind(r.as_raw_fd()), StdioKind::Relay);
         assert_eq!(stdio_kind(987), StdioKind::Closed);
     }
 

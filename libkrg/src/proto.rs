@@ -87,7 +87,6 @@ pub enum Request {
     serde::Deserialize,
     Debug,
     Clone,
-    Copy,
     PartialEq,
     Eq,
 )]
@@ -96,9 +95,33 @@ pub enum StdioKind {
     Closed,
     /// `/dev/null` in the caller: opened on the target node.
     DevNull,
-    /// Anything else (terminal, pipe, file, socket): a TCP stream between
+    /// Anything else (terminal, pipe, socket, ...): a TCP stream between
     /// the target node and the shadow, which relays it.
     Relay,
+    /// A regular file opened read-only as stdin: the program reads the same
+    /// file on the target (same device and inode, or it does not start
+    /// there) from the same offset, and the shadow moves its own offset to
+    /// where the program stopped, as a shared file description would.
+    File(FileRef),
+}
+
+/// A regular file the target node must open itself.
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+)]
+pub struct FileRef {
+    pub path: Vec<u8>,
+    pub dev: u64,
+    pub ino: u64,
+    pub offset: u64,
 }
 
 /// The program to start elsewhere, as the library sees it at start. The

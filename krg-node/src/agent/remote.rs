@@ -189,6 +189,9 @@ impl Agent {
             .map(|(ch, r)| r.map(|s| (ch, s)))
             .collect::<Result<std::collections::HashMap<u8, std::net::TcpStream>, ErrorReply>>()?;
         let mut fds: Vec<Option<OwnedFd>> = Vec::new();
+        // A second handle on a file stdin's open file description: its
+        // offset after the program ends is where the shadow continues.
+        let mut stdin_file: Option<std::fs::File> = None;
         for (i, k) in spec.stdio.iter().enumerate().take(3) {
             fds.push(match k {
                 StdioKind::Relay => streams.remove(&(1 + i as u8)).map(OwnedFd::from),
@@ -201,6 +204,11 @@ impl Agent {
                         .into(),
                 ),
                 StdioKind::Closed => None,
+                StdioKind::File(f) => {
+                    let (fd, keep) = open_stdin_file(f, self.node_id())?;
+                    stdin_file = Some(keep);
+                    Some(fd)
+                }
             });
         }
         let exe = OsStr::from_bytes(&spec.exe).to_owned();
@@ -330,8 +338,17 @@ impl Agent {
                     }
                 };
                 crate::reaper::unmanage(kpid);
+                let offset: i64 = match &mut stdin_file {
+                    Some(f) => std::io::Seek::stream_position(f)
+                        .map(|o| o as i64)
+                        .unwrap_or(-1),
+                    None => -1,
+                };
+                let mut msg = [0u8; 12];
+                msg[..4].copy_from_slice(&status.to_le_bytes());
+                msg[4..].copy_from_slice(&offset.to_le_bytes());
                 let _ = control.set_nonblocking(false);
-                let _ = control.write_all(&status.to_le_bytes());
+                let _ = control.write_all(&msg);
                 drop(control);
                 // The origin stops routing to this node.
                 if origin != 0 && origin != agent.node_id() {
@@ -346,6 +363,45 @@ impl Agent {
             });
         Ok(kpid)
     }
+}
+
+/// Open a file stdin here: the very file the shadow has (same device and
+/// inode), at its offset. Returns the fd for the program and a handle on the
+/// same open file description for the agent.
+fn open_stdin_file(
+    f: &libkrg::proto::FileRef,
+    node: u32,
+) -> Result<(OwnedFd, std::fs::File), ErrorReply> {
+    use std::io::Seek;
+    use std::os::unix::fs::MetadataExt;
+    let path = std::path::Path::new(OsStr::from_bytes(&f.path));
+    let mut file = std::fs::File::open(path).map_err(|e| {
+        err(
+            libc::EXDEV,
+            format!(
+                "node {node}: stdin file {} is not here: {e}",
+                path.display()
+            ),
+        )
+    })?;
+    let md = file
+        .metadata()
+        .map_err(|e| err(libc::EIO, format!("{}: {e}", path.display())))?;
+    if md.dev() != f.dev || md.ino() != f.ino {
+        return Err(err(
+            libc::EXDEV,
+            format!(
+                "node {node}: {} is another file here than on the parent's node",
+                path.display()
+            ),
+        ));
+    }
+    file.seek(std::io::SeekFrom::Start(f.offset))
+        .map_err(|e| err(libc::EIO, format!("{}: {e}", path.display())))?;
+    let keep = file
+        .try_clone()
+        .map_err(|e| err(libc::EIO, format!("{}: {e}", path.display())))?;
+    Ok((file.into(), keep))
 }
 
 async fn connect_shadow(
