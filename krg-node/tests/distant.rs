@@ -108,10 +108,10 @@ fn remote_child_is_listed_where_it_runs_and_killed_from_anywhere() {
             .count(),
         1
     );
-    let k = c.krg(3, &["kill", "-USR1", &child.to_string()]);
+    let k = c.krg(3, &["kill", "-KILL", &child.to_string()]);
     assert!(k.status.success(), "{}", text(&k.stderr));
     let rest = read_line(&mut p);
-    assert_eq!(rest, format!("status {}", 128 + 10));
+    assert_eq!(rest, format!("status {}", 128 + 9));
     let _ = p.wait();
 }
 
