@@ -7,7 +7,9 @@
 //!   program on the same node, and an SSI program placed on the other node
 //!   (remote exec through a shadow);
 //! - a pipe's throughput: plain, SSI on one node, and with the writer on the
-//!   other node (relayed by its shadow, one TCP hop).
+//!   other node (relayed by its shadow, one TCP hop);
+//! - the cost of hooked libc calls (getpid, getppid, a passed-through kill)
+//!   with and without the library.
 
 use super::preload_path;
 use anyhow::{bail, Context, Result};
@@ -87,6 +89,32 @@ pub fn worker(args: &[String]) -> Result<i32> {
             }
             s.values.push(total as f64 / secs / 1e6);
         }
+        "hooks" => {
+            // Nanoseconds per call of hooked libc functions: getpid (answered
+            // from a cache under krg), getppid (cached translation), and
+            // kill(own kernel pid, 0) (a kernel pid: passed through).
+            // SAFETY: the raw syscall has no preconditions.
+            let kself = unsafe { libc::syscall(libc::SYS_getpid) } as i32;
+            let time = |f: &dyn Fn()| {
+                let t = Instant::now();
+                for _ in 0..n {
+                    f();
+                }
+                t.elapsed().as_secs_f64() * 1e9 / n as f64
+            };
+            // SAFETY: getpid/getppid have no preconditions.
+            s.values.push(time(&|| unsafe {
+                std::hint::black_box(libc::getpid());
+            }));
+            // SAFETY: as above.
+            s.values.push(time(&|| unsafe {
+                std::hint::black_box(libc::getppid());
+            }));
+            // SAFETY: signal 0 to ourselves only checks existence.
+            s.values.push(time(&|| unsafe {
+                std::hint::black_box(libc::kill(kself, 0));
+            }));
+        }
         other => bail!("bench-worker: unknown benchmark {other:?}"),
     }
     println!("{}", serde_json::to_string(&s)?);
@@ -165,6 +193,26 @@ fn measure(quick: bool) -> Result<i32> {
         r90 / 1e3,
         r50 / p50
     );
+
+    let calls = if quick { "200000" } else { "2000000" };
+    let hp = run_worker(true, &["hooks", calls])?.values;
+    let hk = run_worker(false, &["hooks", calls])?.values;
+    println!("libc calls under the library ({calls} each; ns per call)");
+    for (i, name) in [
+        "getpid (cached gpid)",
+        "getppid (cached)",
+        "kill(kernel pid, 0) (pass-through)",
+    ]
+    .iter()
+    .enumerate()
+    {
+        println!(
+            "  {name:<36} {:7.1} ns   plain {:7.1} ns   {:.2}x",
+            hk[i],
+            hp[i],
+            hk[i] / hp[i]
+        );
+    }
 
     let pp = run_worker(true, &["pipe", mib])?.values[0];
     let pl = run_worker(false, &["pipe", mib])?.values[0];
