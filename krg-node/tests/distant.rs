@@ -417,3 +417,32 @@ fn a_file_stdin_is_shared_like_on_one_machine() {
         text(&o.stderr)
     );
 }
+
+#[test]
+fn every_way_of_creating_a_program_is_placed() {
+    let c = Cluster::up(2, 1.0);
+    let prog = cc(&repo_root().join("examples/spawn_ways.c"), "spawn_ways");
+    let o = c.cmd(1, &[prog.to_str().unwrap(), "2"]).output().unwrap();
+    let t = text(&o.stdout);
+    for way in ["fork-exec", "vfork-exec", "posix_spawnp", "system", "popen"] {
+        assert!(
+            t.contains(&format!("{way} krg-n2")),
+            "{way} did not run on node 2:\n{t}\n{}",
+            text(&o.stderr)
+        );
+        let status = t
+            .lines()
+            .find(|l| l.starts_with(&format!("{way}: ")))
+            .unwrap_or_else(|| panic!("no status for {way}: {t}"));
+        assert!(status.ends_with("exit 7"), "{status}");
+    }
+    // fork and posix_spawn return the child's gpid (allocated on node 1).
+    for way in ["fork-exec", "vfork-exec", "posix_spawnp"] {
+        let l = t
+            .lines()
+            .find(|l| l.starts_with(&format!("{way}: ")))
+            .unwrap();
+        let pid: i64 = l.split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert_eq!(node_of(pid), 1, "{l}");
+    }
+}
