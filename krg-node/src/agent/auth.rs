@@ -47,6 +47,32 @@ fn verify(
     m.verify_slice(tag).is_ok()
 }
 
+/// The 40-byte opening of either side: magic, node id, nonce.
+fn opening(id: u32, nonce: &[u8; 32]) -> [u8; 40] {
+    let mut m = [0u8; 40];
+    m[..4].copy_from_slice(MAGIC);
+    m[4..8].copy_from_slice(&id.to_le_bytes());
+    m[8..].copy_from_slice(nonce);
+    m
+}
+
+/// Read the other side's opening: its node id and nonce.
+async fn read_opening(s: &mut TcpStream, bad_magic: &'static str) -> io::Result<(u32, [u8; 32])> {
+    let mut m = [0u8; 40];
+    s.read_exact(&mut m).await?;
+    if &m[..4] != MAGIC {
+        return Err(refused(bad_magic));
+    }
+    let id = u32::from_le_bytes(m[4..8].try_into().expect("4 bytes"));
+    Ok((id, m[8..].try_into().expect("32 bytes")))
+}
+
+fn nonce() -> [u8; 32] {
+    let mut n = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut n);
+    n
+}
+
 fn refused(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, msg.into())
 }
@@ -60,20 +86,9 @@ pub async fn client(s: &mut TcpStream, key: &[u8], my_id: u32) -> io::Result<u32
 }
 
 async fn client_inner(s: &mut TcpStream, key: &[u8], my_id: u32) -> io::Result<u32> {
-    let mut cn = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut cn);
-    let mut hello = Vec::with_capacity(40);
-    hello.extend_from_slice(MAGIC);
-    hello.extend_from_slice(&my_id.to_le_bytes());
-    hello.extend_from_slice(&cn);
-    s.write_all(&hello).await?;
-    let mut challenge = [0u8; 40];
-    s.read_exact(&mut challenge).await?;
-    if &challenge[..4] != MAGIC {
-        return Err(refused("peer does not speak the krg agent protocol"));
-    }
-    let sid = u32::from_le_bytes(challenge[4..8].try_into().expect("4 bytes"));
-    let sn: [u8; 32] = challenge[8..40].try_into().expect("32 bytes");
+    let cn = nonce();
+    s.write_all(&opening(my_id, &cn)).await?;
+    let (sid, sn) = read_opening(s, "peer does not speak the krg agent protocol").await?;
     // The client proves itself first, so a server never hands a proof to
     // someone who does not hold the key.
     s.write_all(&mac(key, b"client", my_id, sid, &cn, &sn))
@@ -100,23 +115,12 @@ pub async fn server(s: &mut TcpStream, key: &[u8], my_id: u32) -> io::Result<u32
 }
 
 async fn server_inner(s: &mut TcpStream, key: &[u8], my_id: u32) -> io::Result<u32> {
-    let mut hello = [0u8; 40];
-    s.read_exact(&mut hello).await?;
-    if &hello[..4] != MAGIC {
-        return Err(refused("not the krg agent protocol (bad magic)"));
-    }
-    let cid = u32::from_le_bytes(hello[4..8].try_into().expect("4 bytes"));
-    let cn: [u8; 32] = hello[8..40].try_into().expect("32 bytes");
+    let (cid, cn) = read_opening(s, "not the krg agent protocol (bad magic)").await?;
     if cid == my_id {
         return Err(refused(format!("peer claims our own node id {cid}")));
     }
-    let mut sn = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut sn);
-    let mut challenge = Vec::with_capacity(40);
-    challenge.extend_from_slice(MAGIC);
-    challenge.extend_from_slice(&my_id.to_le_bytes());
-    challenge.extend_from_slice(&sn);
-    s.write_all(&challenge).await?;
+    let sn = nonce();
+    s.write_all(&opening(my_id, &sn)).await?;
     let mut tag = [0u8; 32];
     s.read_exact(&mut tag).await?;
     if !verify(key, b"client", cid, my_id, &cn, &sn, &tag) {

@@ -62,6 +62,17 @@ async fn reply(s: &mut UnixStream, r: &Response) -> std::io::Result<()> {
     s.write_all(&frame::encode(r)?).await
 }
 
+/// Answer a malformed request with an error and end the connection.
+async fn refuse(s: &mut UnixStream, who: Caller, e: std::io::Error) -> std::io::Result<()> {
+    warn!("local client pid {} uid {}: {e}", who.pid, who.uid);
+    let r = Response::Err(ErrorReply {
+        errno: libc::EINVAL,
+        msg: format!("malformed request: {e}"),
+    });
+    let _ = reply(s, &r).await;
+    Ok(())
+}
+
 async fn client(agent: Arc<Agent>, mut s: UnixStream) -> std::io::Result<()> {
     let cred = s.peer_cred()?;
     let who = Caller {
@@ -77,15 +88,7 @@ async fn client(agent: Arc<Agent>, mut s: UnixStream) -> std::io::Result<()> {
         }
         let n = match frame::check_len(len, MAX_REQUEST) {
             Ok(n) => n,
-            Err(e) => {
-                warn!("local client pid {} uid {}: {e}", who.pid, who.uid);
-                let r = Response::Err(ErrorReply {
-                    errno: libc::EINVAL,
-                    msg: format!("malformed request: {e}"),
-                });
-                let _ = reply(&mut s, &r).await;
-                return Ok(());
-            }
+            Err(e) => return refuse(&mut s, who, e).await,
         };
         let mut body = vec![0u8; n];
         match tokio::time::timeout(FRAME_TIMEOUT, s.read_exact(&mut body)).await {
@@ -107,15 +110,7 @@ async fn client(agent: Arc<Agent>, mut s: UnixStream) -> std::io::Result<()> {
         }
         let req: Request = match frame::decode(&body) {
             Ok(r) => r,
-            Err(e) => {
-                warn!("local client pid {} uid {}: {e}", who.pid, who.uid);
-                let r = Response::Err(ErrorReply {
-                    errno: libc::EINVAL,
-                    msg: format!("malformed request: {e}"),
-                });
-                let _ = reply(&mut s, &r).await;
-                return Ok(());
-            }
+            Err(e) => return refuse(&mut s, who, e).await,
         };
         debug!("pid {} uid {}: {req:?}", who.pid, who.uid);
         let r = agent.handle_local(req, who).await;

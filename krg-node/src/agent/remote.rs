@@ -37,15 +37,11 @@ pub struct SpawnSpec {
     pub caps_env: Option<String>,
     pub vppid: i32,
     pub vpgid: i32,
-    pub exe: Vec<u8>,
-    pub argv: Vec<Vec<u8>>,
-    pub env: Vec<Vec<u8>>,
-    pub cwd: Vec<u8>,
-    pub umask: u32,
-    pub rlimits: Vec<(u32, u64, u64)>,
-    pub stdio: Vec<StdioKind>,
+    /// What the shadow sent (executable, argv, environment, cwd, umask,
+    /// rlimits, stdio, its port and token).
+    pub exec: RemoteExec,
+    /// The shadow's address (its node's address, the port it listens on).
     pub shadow: SocketAddr,
-    pub token: Vec<u8>,
 }
 
 /// Effective uid, effective gid and supplementary groups of a local pid.
@@ -129,15 +125,8 @@ impl Agent {
             caps_env,
             vppid,
             vpgid,
-            exe: spec.exe,
-            argv: spec.argv,
-            env: spec.env,
-            cwd: spec.cwd,
-            umask: spec.umask,
-            rlimits: spec.rlimits,
-            stdio: spec.stdio,
             shadow: SocketAddr::new(self.cfg.advertise.ip(), spec.port),
-            token: spec.token,
+            exec: spec,
         };
         let c = self.client(node).await?;
         let mut cx = tarpc::context::current();
@@ -159,13 +148,13 @@ impl Agent {
 
     /// Target side: start the program for a shadow on `spec.from`.
     pub(super) async fn spawn_here(self: &Arc<Self>, spec: SpawnSpec) -> Result<i32, ErrorReply> {
-        if spec.token.len() != 16 {
+        if spec.exec.token.len() != 16 {
             return Err(err(libc::EINVAL, "bad shadow token"));
         }
-        // Connect back to the shadow: the control stream first, then one
-        // stream per relayed fd.
-        // All streams at once: each costs a round trip to the shadow.
+        // Connect back to the shadow: a control stream and one stream per
+        // relayed fd, all at once (each costs a round trip).
         let relayed: Vec<u8> = spec
+            .exec
             .stdio
             .iter()
             .take(3)
@@ -174,11 +163,11 @@ impl Agent {
             .map(|(i, _)| 1 + i as u8)
             .collect();
         let (control, streams) = futures::future::join(
-            connect_shadow(spec.shadow, &spec.token, 0),
+            connect_shadow(spec.shadow, &spec.exec.token, 0),
             futures::future::join_all(
                 relayed
                     .iter()
-                    .map(|ch| connect_shadow(spec.shadow, &spec.token, *ch)),
+                    .map(|ch| connect_shadow(spec.shadow, &spec.exec.token, *ch)),
             ),
         )
         .await;
@@ -192,7 +181,7 @@ impl Agent {
         // A second handle on a file stdin's open file description: its
         // offset after the program ends is where the shadow continues.
         let mut stdin_file: Option<std::fs::File> = None;
-        for (i, k) in spec.stdio.iter().enumerate().take(3) {
+        for (i, k) in spec.exec.stdio.iter().enumerate().take(3) {
             fds.push(match k {
                 StdioKind::Relay => streams.remove(&(1 + i as u8)).map(OwnedFd::from),
                 StdioKind::DevNull => Some(
@@ -211,19 +200,19 @@ impl Agent {
                 }
             });
         }
-        let exe = OsStr::from_bytes(&spec.exe).to_owned();
+        let exe = OsStr::from_bytes(&spec.exec.exe).to_owned();
         let mut cmd = Command::new(&exe);
-        if let Some(a0) = spec.argv.first() {
+        if let Some(a0) = spec.exec.argv.first() {
             cmd.arg0(OsStr::from_bytes(a0));
         }
-        cmd.args(spec.argv.iter().skip(1).map(|a| OsStr::from_bytes(a)));
+        cmd.args(spec.exec.argv.iter().skip(1).map(|a| OsStr::from_bytes(a)));
         cmd.env_clear();
-        for e in &spec.env {
+        for e in &spec.exec.env {
             if let Some(eq) = e.iter().position(|c| *c == b'=') {
                 cmd.env(OsStr::from_bytes(&e[..eq]), OsStr::from_bytes(&e[eq + 1..]));
             }
         }
-        let cwd = OsStr::from_bytes(&spec.cwd).to_owned();
+        let cwd = OsStr::from_bytes(&spec.exec.cwd).to_owned();
         if !std::path::Path::new(&cwd).is_dir() {
             return Err(err(
                 libc::ENOENT,
@@ -254,8 +243,8 @@ impl Agent {
             spec.uid,
             spec.gid,
             spec.groups.clone(),
-            spec.umask,
-            spec.rlimits.clone(),
+            spec.exec.umask,
+            spec.exec.rlimits.clone(),
         );
         // SAFETY: the closure runs in the forked child before exec and only
         // makes async-signal-safe system calls on data captured by value.

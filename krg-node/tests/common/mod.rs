@@ -160,11 +160,12 @@ impl Cluster {
         self.plain(node, &v).output().unwrap()
     }
 
-    pub fn ps(&self, node: u32) -> Vec<serde_json::Value> {
-        let out = self.krg(node, &["ps", "--json"]);
+    /// `krg SUBCOMMAND --json` on node K, as a JSON array.
+    pub fn json_list(&self, node: u32, sub: &str) -> Vec<serde_json::Value> {
+        let out = self.krg(node, &[sub, "--json"]);
         assert!(
             out.status.success(),
-            "krg ps: {}",
+            "krg {sub}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice::<serde_json::Value>(&out.stdout)
@@ -174,18 +175,12 @@ impl Cluster {
             .clone()
     }
 
+    pub fn ps(&self, node: u32) -> Vec<serde_json::Value> {
+        self.json_list(node, "ps")
+    }
+
     pub fn status(&self, node: u32) -> Vec<serde_json::Value> {
-        let out = self.krg(node, &["status", "--json"]);
-        assert!(
-            out.status.success(),
-            "krg status: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .clone()
+        self.json_list(node, "status")
     }
 
     /// Node `id`'s state as seen from node `from`.
