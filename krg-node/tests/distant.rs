@@ -446,3 +446,42 @@ fn every_way_of_creating_a_program_is_placed() {
         assert_eq!(node_of(pid), 1, "{l}");
     }
 }
+
+#[test]
+fn losing_the_node_of_a_remote_child_does_not_hang_its_parent() {
+    let c = Cluster::up(3, 1.0);
+    let mut p = c
+        .cmd(1, &["sh", "-c", "KRG_NODE=3 sleep 60; echo \"status $?\""])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(5), || {
+        c.ps(1)
+            .iter()
+            .any(|r| r["command"] == "sleep 60" && r["node"] == 3)
+    }));
+    // Pull node 3's plug: its pid 1 (the agent) dies, and every process in
+    // its pid namespace with it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.agent_pid(3)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let out = {
+        let mut o = String::new();
+        std::io::Read::read_to_string(p.stdout.as_mut().unwrap(), &mut o).unwrap();
+        o
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(p.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let _ = p.wait();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(out.trim(), "status 137", "{out} {err}");
+    assert!(err.contains("node 3"), "{err}");
+}

@@ -148,6 +148,7 @@ impl Agent {
 
     /// Target side: start the program for a shadow on `spec.from`.
     pub(super) async fn spawn_here(self: &Arc<Self>, spec: SpawnSpec) -> Result<i32, ErrorReply> {
+        tracing::debug!("pid {}: spawn request from node {}", spec.gpid, spec.from);
         if spec.exec.token.len() != 16 {
             return Err(err(libc::EINVAL, "bad shadow token"));
         }
@@ -172,6 +173,7 @@ impl Agent {
         )
         .await;
         let mut control = control?;
+        tracing::debug!("pid {}: shadow streams connected", spec.gpid);
         let mut streams = relayed
             .into_iter()
             .zip(streams)
