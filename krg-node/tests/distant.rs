@@ -485,3 +485,64 @@ fn losing_the_node_of_a_remote_child_does_not_hang_its_parent() {
     assert_eq!(out.trim(), "status 137", "{out} {err}");
     assert!(err.contains("node 3"), "{err}");
 }
+
+#[test]
+fn a_remote_program_sees_its_shadows_parent_and_group() {
+    let c = Cluster::up(2, 1.0);
+    let py = "import os; print(os.getpid(), os.getppid(), os.getpgrp())";
+    // setsid: the shell leads its own group (and session).
+    let script = format!("echo $$; KRG_NODE=2 python3 -c '{py}'");
+    let o = c.cmd(1, &["setsid", "sh", "-c", &script]).output().unwrap();
+    let t = text(&o.stdout);
+    let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(lines.len(), 2, "{t}\n{}", text(&o.stderr));
+    let shell = lines[0][0];
+    let (pid, ppid, pgrp) = (lines[1][0], lines[1][1], lines[1][2]);
+    assert_eq!(node_of(pid.parse().unwrap()), 1, "{t}");
+    assert_eq!(ppid, shell, "{t}");
+    // The shell's group, whose leader is the shell.
+    assert_eq!(pgrp, shell, "{t}");
+}
+
+#[test]
+fn killing_a_process_group_reaches_its_remote_members() {
+    let c = Cluster::up(2, 1.0);
+    let mut job = c
+        .cmd(
+            1,
+            &[
+                "setsid",
+                "sh",
+                "-c",
+                "echo $$; KRG_NODE=2 sleep 62 & sleep 62 & wait",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let leader: i64 = read_line(&mut job).parse().unwrap();
+    let members = |c: &Cluster| {
+        c.ps(2)
+            .iter()
+            .filter(|p| p["pgid"].as_i64() == Some(leader))
+            .map(|p| p["node"].as_i64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let mut m = members(&c);
+            m.sort();
+            m == vec![1, 1, 2]
+        }),
+        "{:?}",
+        c.ps(2)
+    );
+    let k = c.krg(2, &["kill", "-TERM", "--", &format!("-{leader}")]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    assert_eq!(job.wait().unwrap().code(), Some(143));
+    assert!(
+        wait_for(Duration::from_secs(5), || members(&c).is_empty()),
+        "{:?}",
+        c.ps(2)
+    );
+}

@@ -256,21 +256,48 @@ fn to_global_cached(cache: &Pair, k: pid_t) -> pid_t {
     }
 }
 
+/// A kernel process group or session id → gpid. Always asked of the agent
+/// (once per id, for our own group and session): a program started for a
+/// shadow leads a kernel group of its own yet belongs to its shadow's group,
+/// so "it is my own pid" does not answer.
+fn group_to_global_uncached(k: pid_t) -> pid_t {
+    if k <= 0 {
+        return k;
+    }
+    ask_pid(&Request::TranslateGroup { kpgid: k }).unwrap_or(k)
+}
+
+fn group_to_global_cached(cache: &Pair, k: pid_t) -> pid_t {
+    if k <= 0 {
+        return k;
+    }
+    if let Some(g) = cache.get(k) {
+        return g;
+    }
+    match ask_pid(&Request::TranslateGroup { kpgid: k }) {
+        Ok(g) => {
+            cache.set(k, g);
+            g
+        }
+        Err(_) => k,
+    }
+}
+
 /// A process group id (kernel) → gpid.
 fn group_to_global(kpg: pid_t) -> pid_t {
     if kpg > 0 && kpg == sys_getpgid(0) {
-        to_global_cached(&PGID, kpg)
+        group_to_global_cached(&PGID, kpg)
     } else {
-        to_global(kpg)
+        group_to_global_uncached(kpg)
     }
 }
 
 /// A session id (kernel) → gpid.
 fn session_to_global(ksid: pid_t) -> pid_t {
     if ksid > 0 && ksid == sys_getsid(0) {
-        to_global_cached(&SID, ksid)
+        group_to_global_cached(&SID, ksid)
     } else {
-        to_global(ksid)
+        group_to_global_uncached(ksid)
     }
 }
 
@@ -324,7 +351,7 @@ pub fn getpgrp(real: impl FnOnce() -> pid_t) -> pid_t {
     if k <= 0 {
         return k;
     }
-    to_global_cached(&PGID, k)
+    group_to_global_cached(&PGID, k)
 }
 
 /// Map a pid argument of getpgid/getsid (0 = self).
@@ -381,7 +408,12 @@ pub fn setpgid(pid: pid_t, pgid: pid_t, real: impl FnOnce(pid_t, pid_t) -> c_int
             Err(_) => return fail(libc::EPERM),
         },
     };
-    real(kp, kg)
+    let r = real(kp, kg);
+    if r == 0 {
+        // A process's group changed (perhaps ours): drop the cached one.
+        PGID.clear();
+    }
+    r
 }
 
 /// `setsid()`: the new session id is the caller's own pid.
@@ -390,6 +422,9 @@ pub fn setsid(real: impl FnOnce() -> pid_t) -> pid_t {
     if r <= 0 {
         return r;
     }
+    // New session and group: what was cached about the old ones is stale.
+    PGID.clear();
+    SID.clear();
     to_global_cached(&SID, r)
 }
 
@@ -470,7 +505,7 @@ pub fn kill(pid: pid_t, sig: c_int, real: impl FnOnce(pid_t, c_int) -> c_int) ->
 /// `killpg(pgrp, sig)`; `pgrp == 0` is the caller's own group.
 pub fn killpg(pgrp: pid_t, sig: c_int, real: impl FnOnce(pid_t, c_int) -> c_int) -> c_int {
     if pgrp == 0 {
-        let g = to_global_cached(&PGID, sys_getpgid(0));
+        let g = group_to_global_cached(&PGID, sys_getpgid(0));
         if is_gpid(g) {
             // The agent signals every member, this process included, before
             // it answers; the signal is delivered here as soon as the hook

@@ -76,6 +76,11 @@ pub enum Request {
         argv: Vec<String>,
         pinned: Option<u32>,
     },
+    /// The gpid of a local kernel process group (or session) id: its
+    /// leader's gpid, or for a program started here for a shadow, the group
+    /// of its shadow. Answers the kernel id unchanged when no SSI process
+    /// leads it.
+    TranslateGroup { kpgid: i32 },
 }
 
 /// How the remote program gets one of its standard fds.

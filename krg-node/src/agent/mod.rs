@@ -612,21 +612,19 @@ impl Agent {
             Request::Translate { kpid } => {
                 let t = self.procs();
                 // A program started here for a shadow elsewhere has the
-                // agent as its kernel parent: it sees its shadow's parent
-                // and group instead.
+                // agent as its kernel parent: it sees its shadow's parent.
                 if let Some(v) = t.translate(who.pid).and_then(|g| {
                     let p = t.get(g)?;
                     let st = procs::read_stat(who.pid)?;
-                    match (kpid == st.ppid, kpid == st.pgrp) {
-                        (true, _) => p.vppid.filter(|v| *v > 0),
-                        (_, true) => p.vpgid.filter(|v| *v > 0),
-                        _ => None,
-                    }
+                    (kpid == st.ppid).then_some(p.vppid).flatten()
                 }) {
-                    return Ok(Response::Pid(v));
+                    if v > 0 {
+                        return Ok(Response::Pid(v));
+                    }
                 }
                 Ok(Response::Pid(t.translate(kpid).unwrap_or(kpid)))
             }
+            Request::TranslateGroup { kpgid } => Ok(Response::Pid(self.procs().group_gpid(kpgid))),
             Request::Resolve { gpid: g } => {
                 let k = self.procs().resolve(g).ok_or_else(|| {
                     err(

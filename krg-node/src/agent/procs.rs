@@ -393,6 +393,26 @@ impl ProcTable {
         }
     }
 
+    /// The gpid of a kernel process group (or session) id on this node: a
+    /// program started here for a shadow leads a kernel group of its own
+    /// (the agent starts it in a new session) but belongs to its shadow's
+    /// group, and so do its descendants that stay in that group. Any other
+    /// group is its leader's gpid; the kernel id if no SSI process leads it.
+    pub fn group_gpid(&self, kpgid: i32) -> i32 {
+        if kpgid <= 0 {
+            return kpgid;
+        }
+        if let Some(g) = self.translate(kpgid) {
+            if let Some(v) = self.by_gpid.get(&g).and_then(|p| p.vpgid) {
+                if v > 0 {
+                    return v;
+                }
+            }
+            return g;
+        }
+        kpgid
+    }
+
     /// Local kernel pid of a gpid: a live process, or a gone one whose pid
     /// still names a process group or session here.
     pub fn resolve(&self, g: i32) -> Option<i32> {
@@ -482,7 +502,7 @@ impl ProcTable {
                 pid: p.gpid,
                 node: self.node,
                 ppid: p.vppid.unwrap_or_else(|| self.gpid_or_kernel(st.ppid)),
-                pgid: p.vpgid.unwrap_or_else(|| self.gpid_or_kernel(st.pgrp)),
+                pgid: self.group_gpid(st.pgrp),
                 uid,
                 user: user_name(uid),
                 state: st.state.to_string(),
@@ -551,7 +571,7 @@ impl ProcTable {
             if st.start_ticks != p.start_ticks || st.state == 'Z' || p.running_on.is_some() {
                 continue;
             }
-            if p.vpgid.unwrap_or_else(|| self.gpid_or_kernel(st.pgrp)) != pgid {
+            if self.group_gpid(st.pgrp) != pgid {
                 continue;
             }
             found += 1;

@@ -252,6 +252,10 @@ impl Agent {
         // makes async-signal-safe system calls on data captured by value.
         unsafe {
             cmd.pre_exec(move || {
+                // Out of the agent's session and group: its process group
+                // is its shadow's (the agent answers with that gpid), and
+                // signals to the agent's group must not reach it.
+                libc::setsid();
                 libc::umask(umask as libc::mode_t);
                 for (r, cur, max) in &rlimits {
                     let l = libc::rlimit {
