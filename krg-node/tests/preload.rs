@@ -519,3 +519,133 @@ int main(void)
     assert_eq!(m, "shared");
     assert!(!gpid::is_gpid(me));
 }
+
+/// `/proc/<gpid>` paths reach the kernel's `/proc/<kernel pid>` for processes
+/// of this node: a script reading its own status through a child (`cat`
+/// resolves its parent's gpid through the agent), and a background child's
+/// directory exists while it lives. A gpid that does not run here (node 2)
+/// stays a path that does not exist.
+#[test]
+fn proc_paths_of_gpids_in_shell_scripts() {
+    let agent = Agent::start("procsh");
+    let out = run(under_krg(&agent.sock, "sh")
+        .arg("-c")
+        .arg("cat /proc/$$/status | grep -c ^Pid:"));
+    assert!(out.status.success());
+    assert_eq!(stderr(&out), "");
+    assert_eq!(stdout(&out), "1\n");
+    assert!(agent.count("Resolve") >= 1, "{:?}", agent.requests());
+
+    let other = (2 << 22) | 1;
+    let script = format!(
+        r#"
+        echo "me $$"
+        grep ^Name: /proc/$$/status
+        test -d /proc/$$/fd && echo "fd dir"
+        sleep 5 & p=$!
+        echo "bg $p"
+        test -e /proc/$p && echo "child seen"
+        grep -q ^State: /proc/$p/status && echo "child status"
+        kill $p; wait $p
+        test -e /proc/$p || echo "child gone"
+        test -e /proc/{other} || echo "other node absent"
+        cat /proc/{other}/status 2>&1 | grep -q 'No such file' && echo "enoent"
+        test -r /proc/self/status && echo "self"
+        "#
+    );
+    let out = run(under_krg(&agent.sock, "bash").arg("-c").arg(&script));
+    assert!(out.status.success());
+    assert_eq!(stderr(&out), "");
+    let s = stdout(&out);
+    assert!(gpid::is_gpid(val(&s, "me ")), "{s}");
+    assert!(gpid::is_gpid(val(&s, "bg ")), "{s}");
+    for line in [
+        "Name:\tbash",
+        "fd dir",
+        "child seen",
+        "child status",
+        "child gone",
+        "other node absent",
+        "enoent",
+        "self",
+    ] {
+        assert!(s.lines().any(|l| l == line), "no '{line}' in {s}");
+    }
+}
+
+/// A program opening `/proc/<its own gpid>` gets its own kernel directory,
+/// without asking the agent.
+#[test]
+fn proc_paths_of_the_own_gpid_in_python() {
+    let agent = Agent::start("procpy");
+    let script = r#"
+import os
+me = os.getpid()
+assert me >= 1 << 22, me
+with open(f"/proc/{me}/cmdline", "rb") as f:
+    argv = f.read().split(b"\0")
+assert b"-c" in argv, argv
+with open(f"/proc/{me}/status") as f:
+    kpid = int(next(l for l in f if l.startswith("Pid:")).split()[1])
+assert kpid < 1 << 22, kpid
+assert os.path.exists(f"/proc/{me}/fd")
+assert os.stat(f"/proc/{me}").st_ino == os.stat(f"/proc/{kpid}").st_ino
+assert os.readlink(f"/proc/{me}/exe") == os.readlink("/proc/self/exe")
+assert sorted(os.listdir(f"/proc/{me}/fd")) == sorted(os.listdir("/proc/self/fd"))
+print("python proc ok")
+"#;
+    let before = agent.count("Resolve");
+    let out = run(under_krg(&agent.sock, "python3").arg("-c").arg(script));
+    assert!(out.status.success());
+    assert_eq!(stderr(&out), "");
+    assert!(stdout(&out).contains("python proc ok"));
+    assert_eq!(
+        agent.count("Resolve"),
+        before,
+        "the own gpid needs no agent call: {:?}",
+        agent.requests()
+    );
+}
+
+/// procps `ps` looks itself up with `/proc/<getpid()>` (without the
+/// translation it stops with "fatal library error, lookup self"). Under krg
+/// it runs; its listing comes from reading the `/proc` directory, which is
+/// not translated, so it shows kernel pids and selects by kernel pid: `ps -p
+/// <kernel pid>` finds the shell, `ps -p $$` (a gpid) finds nothing.
+#[test]
+fn procps_ps_under_the_library() {
+    let have_ps = Command::new("sh")
+        .arg("-c")
+        .arg("command -v ps")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_ps {
+        eprintln!("note: procps `ps` is not installed; skipping");
+        return;
+    }
+    let agent = Agent::start("procps");
+    let script = r#"
+        echo "me $$"
+        k=$(awk '/^Pid:/ { print $2 }' /proc/$$/status)
+        echo "kernel $k"
+        ps -p $k -o pid=,comm=
+        echo "ps rc $?"
+        ps -p $$ -o pid=,comm=
+        echo "ps gpid rc $?"
+    "#;
+    let out = run(under_krg(&agent.sock, "sh").arg("-c").arg(script));
+    assert!(out.status.success());
+    assert_eq!(stderr(&out), "", "ps failed to look itself up");
+    let s = stdout(&out);
+    let me = val(&s, "me ");
+    assert!(gpid::is_gpid(me), "{s}");
+    let k = val(&s, "kernel ");
+    assert!(k > 0 && !gpid::is_gpid(k), "{s}");
+    assert!(
+        s.lines().any(|l| l.trim() == format!("{k} sh")),
+        "no row for sh in {s}"
+    );
+    assert_eq!(val(&s, "ps rc "), 0, "{s}");
+    // The listing is in kernel pids (readdir of /proc is not translated).
+    assert_eq!(val(&s, "ps gpid rc "), 1, "{s}");
+}

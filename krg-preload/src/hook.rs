@@ -12,7 +12,19 @@
 //! }
 //! ```
 //!
-//! and expands to an exported `unsafe extern "C" fn kill` that
+//! A C-variadic function takes its variadic argument after `; ...`:
+//!
+//! ```ignore
+//!     fn open(path: *const c_char, flags: c_int; ...mode: mode_t) -> c_int {
+//! ```
+//!
+//! The exported hook then takes it as an ordinary last parameter (on x86_64
+//! and aarch64 Linux a variadic integer argument travels in the same
+//! register as a fixed one, so a hook reads what the caller passed, or
+//! garbage that the real function ignores just as it would), and `real`
+//! calls the real function through its variadic C type.
+//!
+//! A hook expands to an exported `unsafe extern "C" fn kill` that
 //!
 //! 1. takes the next definition of `kill` (resolved by the constructor with
 //!    `dlsym(RTLD_NEXT)`, or now if a hook runs before our constructor); if
@@ -76,9 +88,17 @@ pub fn trace(name: &str, entry: libkrg::rt::Entry, args: std::fmt::Arguments<'_>
 
 /// Define hooks. See the module documentation.
 macro_rules! hooks {
+    // The C type of the real function: fixed parameters only, or fixed
+    // parameters and a variadic tail.
+    (@fnty ($($ty:ty),*) () $ret:ty) => {
+        unsafe extern "C" fn($($ty),*) -> $ret
+    };
+    (@fnty ($($ty:ty),*) ($vty:ty) $ret:ty) => {
+        unsafe extern "C" fn($($ty,)* ...) -> $ret
+    };
     ($(
         $(#[doc = $doc:literal])*
-        fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty {
+        fn $name:ident($($arg:ident: $ty:ty),* $(; ...$varg:ident: $vty:ty)? $(,)?) -> $ret:ty {
             missing => $missing:expr,
             krg($real:ident) => $body:expr $(,)?
         }
@@ -110,7 +130,7 @@ macro_rules! hooks {
             $(#[doc = $doc])*
             #[no_mangle]
             #[allow(non_snake_case, clippy::missing_safety_doc)]
-            pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            pub unsafe extern "C" fn $name($($arg: $ty,)* $($varg: $vty)?) -> $ret {
                 let p = $crate::hook::next(
                     &next::$name,
                     // SAFETY: the literal ends with its only NUL byte.
@@ -123,25 +143,25 @@ macro_rules! hooks {
                 // SAFETY: p is the address dlsym(RTLD_NEXT) returned for this
                 // very libc function, whose C type is this hook's signature.
                 let f = unsafe {
-                    std::mem::transmute::<*mut std::ffi::c_void, unsafe extern "C" fn($($ty),*) -> $ret>(p)
+                    std::mem::transmute::<*mut std::ffi::c_void, $crate::hook::hooks!(@fnty ($($ty),*) ($($vty)?) $ret)>(p)
                 };
                 #[allow(unused_variables)]
-                let $real = move |$($arg: $ty),*| -> $ret {
+                let $real = move |$($arg: $ty,)* $($varg: $vty)?| -> $ret {
                     // SAFETY: the real function gets the arguments the C
-                    // caller passed to this hook, or kernel pids translated
-                    // from them; their validity is the caller's contract,
-                    // exactly as for a direct call to libc.
-                    unsafe { f($($arg),*) }
+                    // caller passed to this hook, or kernel pids and paths
+                    // translated from them; their validity is the caller's
+                    // contract, exactly as for a direct call to libc.
+                    unsafe { f($($arg,)* $($varg)?) }
                 };
                 let entry = libkrg::rt::enter();
                 if libkrg::log::enabled(libkrg::log::Level::Trace) {
                     $crate::hook::trace(stringify!($name), entry, format_args!(
-                        concat!("(" $(, " ", stringify!($arg), "={", stringify!($arg), ":?}")*, " )") $(, $arg = $arg)*
+                        concat!("(" $(, " ", stringify!($arg), "={", stringify!($arg), ":?}")* $(, " ", stringify!($varg), "={", stringify!($varg), ":?}")?, " )") $(, $arg = $arg)* $(, $varg = $varg)?
                     ));
                 }
                 match entry {
                     libkrg::rt::Entry::Krg => $body,
-                    libkrg::rt::Entry::PassThrough(_why) => $real($($arg),*),
+                    libkrg::rt::Entry::PassThrough(_why) => $real($($arg,)* $($varg)?),
                 }
             }
         )*

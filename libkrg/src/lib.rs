@@ -15,5 +15,6 @@ pub mod gpid;
 pub mod hookclient;
 pub mod log;
 pub mod processes;
+pub mod procfs;
 pub mod proto;
 pub mod rt;
