@@ -546,3 +546,36 @@ fn killing_a_process_group_reaches_its_remote_members() {
         c.ps(2)
     );
 }
+
+#[test]
+fn credentials_umask_rlimits_cwd_and_env_travel() {
+    let c = Cluster::up(2, 1.0);
+    let dir = shared_dir("travel");
+    let d = dir.to_str().unwrap();
+    let script = format!(
+        "cd {d} && umask 027 && ulimit -n 512 && export KRG_TEST_VAR=here && \
+         KRG_NODE=2 sh -c 'read h < /proc/sys/kernel/hostname; echo $h $(id -u) $(id -g) $(umask) $(ulimit -n) $PWD $KRG_TEST_VAR'"
+    );
+    let o = c
+        .plain(
+            1,
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "env",
+            ],
+        )
+        .arg(format!("LD_PRELOAD={}", preload().display()))
+        .args(["KRG_NODE_SOCK=/run/krg/krg-node.sock", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let t = text(&o.stdout);
+    assert_eq!(
+        t.split_whitespace().collect::<Vec<_>>(),
+        vec!["krg-n2", "65534", "65534", "0027", "512", d, "here"],
+        "{t}\n{}",
+        text(&o.stderr)
+    );
+}
