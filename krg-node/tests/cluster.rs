@@ -330,21 +330,10 @@ fn kill_permissions_and_unknown_pids() {
         "{}",
         text(&k.stderr)
     );
-    let nob = c
-        .plain(
-            1,
-            &[
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "env",
-            ],
-        )
-        .arg(format!("LD_PRELOAD={}", preload().display()))
-        .args(["sh", "-c", &format!("kill -TERM {g} 2>&1; echo rc=$?")])
-        .output()
-        .unwrap();
+    let nob = c.as_nobody(
+        1,
+        &["sh", "-c", &format!("kill -TERM {g} 2>&1; echo rc=$?")],
+    );
     let t = text(&nob.stdout);
     assert!(
         t.contains("rc=1") && t.to_lowercase().contains("not permitted"),
@@ -368,21 +357,6 @@ fn kill_permissions_and_unknown_pids() {
             t.contains("rc=1") && t.to_lowercase().contains("no such process"),
             "{t}"
         );
-    }
-}
-
-impl Cluster {
-    fn krg_as_nobody(&self, node: u32, args: &[&str]) -> std::process::Output {
-        let k = krg_bin();
-        let mut v = vec![
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            k.to_str().unwrap(),
-        ];
-        v.extend_from_slice(args);
-        self.plain(node, &v).output().unwrap()
     }
 }
 
@@ -474,19 +448,11 @@ fn disabled_and_agentless_library() {
 fn heartbeats_show_down_within_3s_and_up_again() {
     let c = Cluster::up(3, 1.0);
     let pid = c.agent_pid(2);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .unwrap();
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
     let t = Instant::now();
     let down = wait_for(Duration::from_secs(5), || c.node_state(1, 2) == "down");
     let took = t.elapsed();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGCONT,
-    )
-    .unwrap();
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
     assert!(down, "node 2 never shown down");
     assert!(
         took < Duration::from_millis(3300),
@@ -624,11 +590,7 @@ fn exec_passes_stdio_status_and_signals() {
     let mut sl = c.cmd(2, &["sleep", "30"]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(700));
     let t = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sl.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    signal(sl.id() as i32, nix::sys::signal::Signal::SIGINT);
     let st = sl.wait().unwrap();
     assert!(t.elapsed() < Duration::from_secs(5));
     use std::os::unix::process::ExitStatusExt;

@@ -17,8 +17,8 @@ fn node_of(gpid: i64) -> i64 {
 fn remote_program_keeps_stdio_status_and_parent() {
     let c = Cluster::up(3, 1.0);
     let script = r#"
-        echo "parent $$ $(hostname)"
-        KRG_NODE=2 sh -c 'echo "child $$ $PPID $(hostname)"; read l; echo "got $l"; echo to-err >&2; exit 3'
+        echo "parent $$ $(cat /proc/sys/kernel/hostname)"
+        KRG_NODE=2 sh -c 'echo "child $$ $PPID $(cat /proc/sys/kernel/hostname)"; read l; echo "got $l"; echo to-err >&2; exit 3'
         echo "status $?"
     "#;
     let mut p = c
@@ -193,19 +193,11 @@ fn a_down_or_unusable_node_is_not_a_dead_end() {
     let c = Cluster::up(3, 1.0);
     // The pinned node is down: the program runs elsewhere, nothing hangs.
     let pid = c.agent_pid(3);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .unwrap();
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
     let down = wait_for(Duration::from_secs(5), || c.node_state(1, 3) == "down");
     let t = Instant::now();
     let o = c.sh(1, "KRG_NODE=3 hostname");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGCONT,
-    )
-    .unwrap();
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
     assert!(down);
     assert!(
         t.elapsed() < Duration::from_secs(5),
@@ -463,11 +455,7 @@ fn losing_the_node_of_a_remote_child_does_not_hang_its_parent() {
     }));
     // Pull node 3's plug: its pid 1 (the agent) dies, and every process in
     // its pid namespace with it.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(c.agent_pid(3)),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    signal(c.agent_pid(3), nix::sys::signal::Signal::SIGKILL);
     let t = Instant::now();
     let out = {
         let mut o = String::new();
@@ -556,21 +544,7 @@ fn credentials_umask_rlimits_cwd_and_env_travel() {
         "cd {d} && umask 027 && ulimit -n 512 && export KRG_TEST_VAR=here && \
          KRG_NODE=2 sh -c 'read h < /proc/sys/kernel/hostname; echo $h $(id -u) $(id -g) $(umask) $(ulimit -n) $PWD $KRG_TEST_VAR'"
     );
-    let o = c
-        .plain(
-            1,
-            &[
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "env",
-            ],
-        )
-        .arg(format!("LD_PRELOAD={}", preload().display()))
-        .args(["KRG_NODE_SOCK=/run/krg/krg-node.sock", "sh", "-c", &script])
-        .output()
-        .unwrap();
+    let o = c.as_nobody(1, &["sh", "-c", &script]);
     let t = text(&o.stdout);
     assert_eq!(
         t.split_whitespace().collect::<Vec<_>>(),

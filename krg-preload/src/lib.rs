@@ -66,6 +66,17 @@ fn enosys_null<T>() -> *mut T {
     std::ptr::null_mut()
 }
 
+/// `real(args...)` with its `path` argument translated from
+/// `/proc/<gpid>` (see `libkrg::procfs`): the body of every path hook.
+macro_rules! via_path {
+    ($path:ident => $real:ident($($arg:ident),*)) => {
+        // SAFETY: `path` is null or the caller's NUL-terminated string, the
+        // hooked function's own contract; with_path reads it only until its
+        // NUL and passes either it or a translated copy to `real`.
+        unsafe { procfs::with_path($path, |$path| $real($($arg),*)) }
+    };
+}
+
 hooks! {
     /// `getpid()`: the gpid (a cached atomic load).
     fn getpid() -> pid_t {
@@ -198,14 +209,8 @@ hooks! {
         envp: *const *mut c_char,
     ) -> c_int {
         missing => libc::ENOSYS,
-        krg(real) => {
-            let (rc, g) = processes::spawn(|k| real(k, path, actions, attr, argv, envp));
-            if rc == 0 && !pid.is_null() {
-                // SAFETY: a non-null pid is writable (posix_spawn's contract).
-                unsafe { *pid = g };
-            }
-            rc
-        },
+        // SAFETY: pid is null or writable (posix_spawn's contract).
+        krg(real) => unsafe { processes::spawn(pid, |k| real(k, path, actions, attr, argv, envp)) },
     }
 
     /// `posix_spawnp(...)`: stores the child's gpid.
@@ -218,14 +223,8 @@ hooks! {
         envp: *const *mut c_char,
     ) -> c_int {
         missing => libc::ENOSYS,
-        krg(real) => {
-            let (rc, g) = processes::spawn(|k| real(k, file, actions, attr, argv, envp));
-            if rc == 0 && !pid.is_null() {
-                // SAFETY: a non-null pid is writable (posix_spawnp's contract).
-                unsafe { *pid = g };
-            }
-            rc
-        },
+        // SAFETY: pid is null or writable (posix_spawnp's contract).
+        krg(real) => unsafe { processes::spawn(pid, |k| real(k, file, actions, attr, argv, envp)) },
     }
 
     /// `getpgrp()`: the group's gpid when its leader is an SSI process.
@@ -285,290 +284,174 @@ hooks! {
     /// `open(path, flags, ...)`: `/proc/<gpid>` paths translated.
     fn open(path: *const c_char, flags: c_int; ...mode: mode_t) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (open's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, flags, mode)) }
-        },
+        krg(real) => via_path!(path => real(path, flags, mode)),
     }
 
     /// `open64`: `/proc/<gpid>` paths translated.
     fn open64(path: *const c_char, flags: c_int; ...mode: mode_t) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (open64's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, flags, mode)) }
-        },
+        krg(real) => via_path!(path => real(path, flags, mode)),
     }
 
     /// `openat`: absolute `/proc/<gpid>` paths translated (relative ones are not).
     fn openat(dirfd: c_int, path: *const c_char, flags: c_int; ...mode: mode_t) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (openat's own contract).
-            unsafe { procfs::with_path(path, |path| real(dirfd, path, flags, mode)) }
-        },
+        krg(real) => via_path!(path => real(dirfd, path, flags, mode)),
     }
 
     /// `openat64`: `/proc/<gpid>` paths translated.
     fn openat64(dirfd: c_int, path: *const c_char, flags: c_int; ...mode: mode_t) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (openat64's own contract).
-            unsafe { procfs::with_path(path, |path| real(dirfd, path, flags, mode)) }
-        },
+        krg(real) => via_path!(path => real(dirfd, path, flags, mode)),
     }
 
     /// `__open_2` (fortified open): as `open`.
     fn __open_2(path: *const c_char, flags: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (__open_2's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, flags)) }
-        },
+        krg(real) => via_path!(path => real(path, flags)),
     }
 
     /// `__open64_2`: `/proc/<gpid>` paths translated.
     fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (__open64_2's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, flags)) }
-        },
+        krg(real) => via_path!(path => real(path, flags)),
     }
 
     /// `__openat_2` (fortified openat): as `openat`.
     fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (__openat_2's own contract).
-            unsafe { procfs::with_path(path, |path| real(dirfd, path, flags)) }
-        },
+        krg(real) => via_path!(path => real(dirfd, path, flags)),
     }
 
     /// `__openat64_2`: `/proc/<gpid>` paths translated.
     fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (__openat64_2's own contract).
-            unsafe { procfs::with_path(path, |path| real(dirfd, path, flags)) }
-        },
+        krg(real) => via_path!(path => real(dirfd, path, flags)),
     }
 
     /// `fopen` (glibc opens without the PLT): `/proc/<gpid>` paths translated.
     fn fopen(path: *const c_char, mode: *const c_char) -> *mut FILE {
         missing => enosys_null(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (fopen's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, mode)) }
-        },
+        krg(real) => via_path!(path => real(path, mode)),
     }
 
     /// `fopen64`: `/proc/<gpid>` paths translated.
     fn fopen64(path: *const c_char, mode: *const c_char) -> *mut FILE {
         missing => enosys_null(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (fopen64's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, mode)) }
-        },
+        krg(real) => via_path!(path => real(path, mode)),
     }
 
     /// `opendir`: `/proc/<gpid>` paths translated.
     fn opendir(path: *const c_char) -> *mut DIR {
         missing => enosys_null(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (opendir's own contract).
-            unsafe { procfs::with_path(path, real) }
-        },
+        krg(real) => via_path!(path => real(path)),
     }
 
     /// `stat`: `/proc/<gpid>` paths translated.
     fn stat(path: *const c_char, buf: *mut libc::stat) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (stat's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, buf)) }
-        },
+        krg(real) => via_path!(path => real(path, buf)),
     }
 
     /// `stat64`: `/proc/<gpid>` paths translated.
     fn stat64(path: *const c_char, buf: *mut libc::stat64) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (stat64's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, buf)) }
-        },
+        krg(real) => via_path!(path => real(path, buf)),
     }
 
     /// `lstat`: `/proc/<gpid>` paths translated.
     fn lstat(path: *const c_char, buf: *mut libc::stat) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (lstat's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, buf)) }
-        },
+        krg(real) => via_path!(path => real(path, buf)),
     }
 
     /// `lstat64`: `/proc/<gpid>` paths translated.
     fn lstat64(path: *const c_char, buf: *mut libc::stat64) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (lstat64's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, buf)) }
-        },
+        krg(real) => via_path!(path => real(path, buf)),
     }
 
     /// `fstatat`: `/proc/<gpid>` paths translated.
     fn fstatat(dirfd: c_int, path: *const c_char, buf: *mut libc::stat, flags: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (fstatat's own contract).
-            unsafe { procfs::with_path(path, |path| real(dirfd, path, buf, flags)) }
-        },
+        krg(real) => via_path!(path => real(dirfd, path, buf, flags)),
     }
 
     /// `fstatat64`: `/proc/<gpid>` paths translated.
     fn fstatat64(dirfd: c_int, path: *const c_char, buf: *mut libc::stat64, flags: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (fstatat64's own contract).
-            unsafe { procfs::with_path(path, |path| real(dirfd, path, buf, flags)) }
-        },
+        krg(real) => via_path!(path => real(dirfd, path, buf, flags)),
     }
 
     /// `statx`: `/proc/<gpid>` paths translated.
     fn statx(dirfd: c_int, path: *const c_char, flags: c_int, mask: c_uint, buf: *mut libc::statx) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (statx's own contract).
-            unsafe { procfs::with_path(path, |path| real(dirfd, path, flags, mask, buf)) }
-        },
+        krg(real) => via_path!(path => real(dirfd, path, flags, mask, buf)),
     }
 
     /// `access`: `/proc/<gpid>` paths translated.
     fn access(path: *const c_char, mode: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (access's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, mode)) }
-        },
+        krg(real) => via_path!(path => real(path, mode)),
     }
 
     /// `eaccess`: `/proc/<gpid>` paths translated.
     fn eaccess(path: *const c_char, mode: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (eaccess's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, mode)) }
-        },
+        krg(real) => via_path!(path => real(path, mode)),
     }
 
     /// `euidaccess`: `/proc/<gpid>` paths translated.
     fn euidaccess(path: *const c_char, mode: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (euidaccess's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, mode)) }
-        },
+        krg(real) => via_path!(path => real(path, mode)),
     }
 
     /// `faccessat`: `/proc/<gpid>` paths translated.
     fn faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (faccessat's own contract).
-            unsafe { procfs::with_path(path, |path| real(dirfd, path, mode, flags)) }
-        },
+        krg(real) => via_path!(path => real(dirfd, path, mode, flags)),
     }
 
     /// `readlink`: `/proc/<gpid>` paths translated.
     fn readlink(path: *const c_char, buf: *mut c_char, size: size_t) -> ssize_t {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (readlink's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, buf, size)) }
-        },
+        krg(real) => via_path!(path => real(path, buf, size)),
     }
 
     /// `__readlink_chk` (fortified readlink): as `readlink`.
     fn __readlink_chk(path: *const c_char, buf: *mut c_char, size: size_t, buflen: size_t) -> ssize_t {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (__readlink_chk's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, buf, size, buflen)) }
-        },
+        krg(real) => via_path!(path => real(path, buf, size, buflen)),
     }
 
     /// `readlinkat`: `/proc/<gpid>` paths translated.
     fn readlinkat(dirfd: c_int, path: *const c_char, buf: *mut c_char, size: size_t) -> ssize_t {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (readlinkat's own contract).
-            unsafe { procfs::with_path(path, |path| real(dirfd, path, buf, size)) }
-        },
+        krg(real) => via_path!(path => real(dirfd, path, buf, size)),
     }
 
     /// `__readlinkat_chk`: `/proc/<gpid>` paths translated.
     fn __readlinkat_chk(dirfd: c_int, path: *const c_char, buf: *mut c_char, size: size_t, buflen: size_t) -> ssize_t {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (__readlinkat_chk's own contract).
-            unsafe { procfs::with_path(path, |path| real(dirfd, path, buf, size, buflen)) }
-        },
+        krg(real) => via_path!(path => real(dirfd, path, buf, size, buflen)),
     }
 
     /// `chdir`: `/proc/<gpid>` paths translated.
     fn chdir(path: *const c_char) -> c_int {
         missing => enosys(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (chdir's own contract).
-            unsafe { procfs::with_path(path, real) }
-        },
+        krg(real) => via_path!(path => real(path)),
     }
 
     /// `realpath`: a `/proc/<gpid>` path resolves to `/proc/<kernel pid>`.
     fn realpath(path: *const c_char, resolved: *mut c_char) -> *mut c_char {
         missing => enosys_null(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (realpath's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, resolved)) }
-        },
+        krg(real) => via_path!(path => real(path, resolved)),
     }
 
     /// `__realpath_chk`: `/proc/<gpid>` paths translated.
     fn __realpath_chk(path: *const c_char, resolved: *mut c_char, resolvedlen: size_t) -> *mut c_char {
         missing => enosys_null(),
-        krg(real) => {
-            // SAFETY: path is null or the caller's NUL-terminated string
-            // (__realpath_chk's own contract).
-            unsafe { procfs::with_path(path, |path| real(path, resolved, resolvedlen)) }
-        },
+        krg(real) => via_path!(path => real(path, resolved, resolvedlen)),
     }
 }

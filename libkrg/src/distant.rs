@@ -437,7 +437,7 @@ fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, OwnedFd)>) 
         crate::log::emit(format_args!(
             "krg: pid {gpid}: node {node} never connected back; the program's fate is unknown"
         ));
-        exit_like(libc::SIGKILL, true)
+        exit_like(libc::SIGKILL)
     };
     let sfd = signalfd_forwarded();
     let mut status: Option<i32> = None;
@@ -567,18 +567,18 @@ fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, OwnedFd)>) 
             // SAFETY: ends the process with the program's exit code.
             unsafe { libc::_exit(libc::WEXITSTATUS(st)) }
         }
-        Some(st) if libc::WIFSIGNALED(st) => exit_like(libc::WTERMSIG(st), false),
+        Some(st) if libc::WIFSIGNALED(st) => exit_like(libc::WTERMSIG(st)),
         _ => {
             crate::log::emit(format_args!(
                 "krg: pid {gpid}: lost contact with node {node}, where it ran"
             ));
-            exit_like(libc::SIGKILL, true)
+            exit_like(libc::SIGKILL)
         }
     }
 }
 
 /// Die of `sig` so the parent's wait sees the same end as the program's.
-fn exit_like(sig: i32, _lost: bool) -> ! {
+fn exit_like(sig: i32) -> ! {
     // SAFETY: default disposition, unblock, raise: the process dies of sig.
     unsafe {
         libc::signal(sig, libc::SIG_DFL);

@@ -233,21 +233,34 @@ pub fn to_global(k: pid_t) -> pid_t {
     ask_pid(&Request::Translate { kpid: k }).unwrap_or(k)
 }
 
+/// The question for the agent about a kernel id: a process, or a process
+/// group / session. Groups are always asked (once per id, for our own group
+/// and session): a program started for a shadow leads a kernel group of its
+/// own yet belongs to its shadow's group, so "it is my own pid" does not
+/// answer.
+fn translate_req(k: pid_t, group: bool) -> Request {
+    if group {
+        Request::TranslateGroup { kpgid: k }
+    } else {
+        Request::Translate { kpid: k }
+    }
+}
+
 /// Kernel id → gpid through a one-entry cache keyed by the kernel id.
-fn to_global_cached(cache: &Pair, k: pid_t) -> pid_t {
+fn cached(cache: &Pair, k: pid_t, group: bool) -> pid_t {
     if k <= 0 {
         return k;
     }
-    if k == my_kpid() {
+    if !group && k == my_kpid() {
         return my_gpid();
     }
     if let Some(g) = cache.get(k) {
         return g;
     }
-    if let Some(g) = CHILDREN.gpid_of(k) {
+    if let Some(g) = (!group).then(|| CHILDREN.gpid_of(k)).flatten() {
         return g;
     }
-    match ask_pid(&Request::Translate { kpid: k }) {
+    match ask_pid(&translate_req(k, group)) {
         Ok(g) => {
             cache.set(k, g);
             g
@@ -256,31 +269,19 @@ fn to_global_cached(cache: &Pair, k: pid_t) -> pid_t {
     }
 }
 
-/// A kernel process group or session id → gpid. Always asked of the agent
-/// (once per id, for our own group and session): a program started for a
-/// shadow leads a kernel group of its own yet belongs to its shadow's group,
-/// so "it is my own pid" does not answer.
+fn to_global_cached(cache: &Pair, k: pid_t) -> pid_t {
+    cached(cache, k, false)
+}
+
+fn group_to_global_cached(cache: &Pair, k: pid_t) -> pid_t {
+    cached(cache, k, true)
+}
+
 fn group_to_global_uncached(k: pid_t) -> pid_t {
     if k <= 0 {
         return k;
     }
-    ask_pid(&Request::TranslateGroup { kpgid: k }).unwrap_or(k)
-}
-
-fn group_to_global_cached(cache: &Pair, k: pid_t) -> pid_t {
-    if k <= 0 {
-        return k;
-    }
-    if let Some(g) = cache.get(k) {
-        return g;
-    }
-    match ask_pid(&Request::TranslateGroup { kpgid: k }) {
-        Ok(g) => {
-            cache.set(k, g);
-            g
-        }
-        Err(_) => k,
-    }
+    ask_pid(&translate_req(k, true)).unwrap_or(k)
 }
 
 /// A process group id (kernel) → gpid.
@@ -364,19 +365,20 @@ fn pid_arg(pid: pid_t) -> Result<pid_t, c_int> {
 
 /// `getpgid(pid)`.
 pub fn getpgid(pid: pid_t, real: impl FnOnce(pid_t) -> pid_t) -> pid_t {
-    let k = match pid_arg(pid) {
-        Ok(k) => k,
-        Err(e) => return fail(e),
-    };
-    let r = real(k);
-    if r <= 0 {
-        return r;
-    }
-    group_to_global(r)
+    group_query(pid, real, group_to_global)
 }
 
 /// `getsid(pid)`.
 pub fn getsid(pid: pid_t, real: impl FnOnce(pid_t) -> pid_t) -> pid_t {
+    group_query(pid, real, session_to_global)
+}
+
+/// getpgid/getsid: translate the pid argument, ask, translate the answer.
+fn group_query(
+    pid: pid_t,
+    real: impl FnOnce(pid_t) -> pid_t,
+    to_global: fn(pid_t) -> pid_t,
+) -> pid_t {
     let k = match pid_arg(pid) {
         Ok(k) => k,
         Err(e) => return fail(e),
@@ -385,7 +387,7 @@ pub fn getsid(pid: pid_t, real: impl FnOnce(pid_t) -> pid_t) -> pid_t {
     if r <= 0 {
         return r;
     }
-    session_to_global(r)
+    to_global(r)
 }
 
 /// `setpgid(pid, pgid)`: gpid arguments become kernel pids.
@@ -586,16 +588,20 @@ pub fn fork(real: impl FnOnce() -> pid_t) -> pid_t {
     adopt_child(k)
 }
 
-/// `posix_spawn`/`posix_spawnp`: `real` spawns and writes the kernel pid.
-/// Returns the libc result and the child's gpid (meaningful when 0).
-pub fn spawn(real: impl FnOnce(&mut pid_t) -> c_int) -> (c_int, pid_t) {
+/// `posix_spawn`/`posix_spawnp`: `real` spawns and writes the kernel pid;
+/// the caller's `pid` (if not null) gets the child's gpid.
+///
+/// # Safety
+/// `pid` is null or writable, as posix_spawn's contract requires.
+pub unsafe fn spawn(pid: *mut pid_t, real: impl FnOnce(&mut pid_t) -> c_int) -> c_int {
     let _ = my_gpid();
     let mut k: pid_t = 0;
     let rc = real(&mut k);
-    if rc != 0 || k <= 0 {
-        return (rc, k);
+    if rc == 0 && k > 0 && !pid.is_null() {
+        // SAFETY: non-null and writable by this function's contract.
+        unsafe { *pid = adopt_child(k) };
     }
-    (rc, adopt_child(k))
+    rc
 }
 
 // ---------------------------------------------------------------------------

@@ -18,33 +18,35 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 
 type HmacSha256 = Hmac<Sha256>;
 
-fn mac(key: &[u8], role: &[u8], cid: u32, sid: u32, cn: &[u8; 32], sn: &[u8; 32]) -> [u8; 32] {
-    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
-    m.update(role);
-    m.update(&cid.to_le_bytes());
-    m.update(&sid.to_le_bytes());
-    m.update(cn);
-    m.update(sn);
-    m.finalize().into_bytes().into()
-}
-
-fn verify(
-    key: &[u8],
-    role: &[u8],
+/// What one side proves: HMAC(key, role ‖ client id ‖ server id ‖ both
+/// nonces), so a proof is bound to this exchange and this direction.
+struct Transcript<'a> {
+    role: &'a [u8],
     cid: u32,
     sid: u32,
-    cn: &[u8; 32],
-    sn: &[u8; 32],
-    tag: &[u8],
-) -> bool {
-    let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
-    m.update(role);
-    m.update(&cid.to_le_bytes());
-    m.update(&sid.to_le_bytes());
-    m.update(cn);
-    m.update(sn);
-    // Constant-time comparison.
-    m.verify_slice(tag).is_ok()
+    cn: &'a [u8; 32],
+    sn: &'a [u8; 32],
+}
+
+impl Transcript<'_> {
+    fn hmac(&self, key: &[u8]) -> HmacSha256 {
+        let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+        m.update(self.role);
+        m.update(&self.cid.to_le_bytes());
+        m.update(&self.sid.to_le_bytes());
+        m.update(self.cn);
+        m.update(self.sn);
+        m
+    }
+
+    fn proof(&self, key: &[u8]) -> [u8; 32] {
+        self.hmac(key).finalize().into_bytes().into()
+    }
+
+    /// Constant-time check of the other side's proof.
+    fn verify(&self, key: &[u8], tag: &[u8]) -> bool {
+        self.hmac(key).verify_slice(tag).is_ok()
+    }
 }
 
 /// The 40-byte opening of either side: magic, node id, nonce.
@@ -89,17 +91,23 @@ async fn client_inner(s: &mut TcpStream, key: &[u8], my_id: u32) -> io::Result<u
     let cn = nonce();
     s.write_all(&opening(my_id, &cn)).await?;
     let (sid, sn) = read_opening(s, "peer does not speak the krg agent protocol").await?;
+    let t = |role| Transcript {
+        role,
+        cid: my_id,
+        sid,
+        cn: &cn,
+        sn: &sn,
+    };
     // The client proves itself first, so a server never hands a proof to
     // someone who does not hold the key.
-    s.write_all(&mac(key, b"client", my_id, sid, &cn, &sn))
-        .await?;
+    s.write_all(&t(b"client").proof(key)).await?;
     let mut proof = [0u8; 32];
     s.read_exact(&mut proof).await.map_err(|_| {
         refused(format!(
             "node {sid} refused us (does it hold the same cluster key?)"
         ))
     })?;
-    if !verify(key, b"server", my_id, sid, &cn, &sn, &proof) {
+    if !t(b"server").verify(key, &proof) {
         return Err(refused(format!(
             "node {sid} failed to prove the cluster key"
         )));
@@ -121,13 +129,19 @@ async fn server_inner(s: &mut TcpStream, key: &[u8], my_id: u32) -> io::Result<u
     }
     let sn = nonce();
     s.write_all(&opening(my_id, &sn)).await?;
+    let t = |role| Transcript {
+        role,
+        cid,
+        sid: my_id,
+        cn: &cn,
+        sn: &sn,
+    };
     let mut tag = [0u8; 32];
     s.read_exact(&mut tag).await?;
-    if !verify(key, b"client", cid, my_id, &cn, &sn, &tag) {
+    if !t(b"client").verify(key, &tag) {
         return Err(refused(format!("node {cid} does not hold the cluster key")));
     }
-    s.write_all(&mac(key, b"server", cid, my_id, &cn, &sn))
-        .await?;
+    s.write_all(&t(b"server").proof(key)).await?;
     Ok(cid)
 }
 

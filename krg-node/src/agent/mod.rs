@@ -78,6 +78,8 @@ pub struct Agent {
     /// Processes count cached by the probe (reading /proc per heartbeat
     /// would be wasteful).
     nprocs: Mutex<u32>,
+    /// (MemTotal, MemAvailable) in kB, from the same probe.
+    mem: Mutex<(u64, u64)>,
     /// The scheduling policy in force and the recent placements.
     sched: sched::Sched,
 }
@@ -104,6 +106,7 @@ impl Agent {
             pending: Mutex::new(cfg.peers.clone()),
             load: Mutex::new(probe::LoadAvg::default()),
             nprocs: Mutex::new(0),
+            mem: Mutex::new(probe::memory_kb()),
             sched: sched::Sched::new(),
             cpus,
             cfg,
@@ -124,7 +127,7 @@ impl Agent {
 
     /// This node's own line of `krg status`.
     pub fn self_status(&self) -> NodeStatus {
-        let (total, free) = probe::memory_kb();
+        let (total, free) = *self.mem.lock().unwrap_or_else(|e| e.into_inner());
         NodeStatus {
             id: self.cfg.node_id,
             address: self.cfg.advertise.to_string(),
@@ -320,6 +323,11 @@ impl Agent {
     /// Where a new program of local kernel pid `kpid` should run: the
     /// scheduler's choice (a pin first, if that node is up).
     fn placement(&self, kpid: i32, pinned: Option<u32>) -> u32 {
+        if pinned.is_none() && self.sched.is_local() {
+            // The default policy: no need to read the program's /proc files
+            // on every exec of every SSI process.
+            return self.cfg.node_id;
+        }
         let argv: Vec<String> = std::fs::read(format!("/proc/{kpid}/cmdline"))
             .map(|b| {
                 b.split(|c| *c == 0)
@@ -863,6 +871,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     t.live_count()
                 };
                 *a2.nprocs.lock().unwrap_or_else(|e| e.into_inner()) = n;
+                *a2.mem.lock().unwrap_or_else(|e| e.into_inner()) = probe::memory_kb();
             })
             .await;
         }

@@ -193,6 +193,40 @@ impl Cluster {
     }
 }
 
+/// Run what follows as user nobody (uid and gid 65534, no groups).
+pub const AS_NOBODY: [&str; 4] = [
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+];
+
+impl Cluster {
+    /// `ARGS` on node K as user nobody, with the library (an SSI process of
+    /// another user than the tests').
+    pub fn as_nobody(&self, node: u32, args: &[&str]) -> Output {
+        let so = format!("LD_PRELOAD={}", preload().display());
+        let mut v: Vec<&str> = AS_NOBODY.to_vec();
+        v.extend(["env", so.as_str(), "KRG_NODE_SOCK=/run/krg/krg-node.sock"]);
+        v.extend_from_slice(args);
+        self.plain(node, &v).output().unwrap()
+    }
+
+    /// `krg ARGS` on node K as user nobody.
+    pub fn krg_as_nobody(&self, node: u32, args: &[&str]) -> Output {
+        let k = krg_bin();
+        let mut v: Vec<&str> = AS_NOBODY.to_vec();
+        v.push(k.to_str().unwrap());
+        v.extend_from_slice(args);
+        self.plain(node, &v).output().unwrap()
+    }
+}
+
+/// Send `sig` to a host process.
+pub fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let out = Command::new(krg_bin()).args(["cluster", "down"]).output();

@@ -194,6 +194,12 @@ impl Sched {
         self.state().policy.version
     }
 
+    /// Whether the policy in force never moves a program (nothing about the
+    /// program then needs to be read to place it).
+    pub fn is_local(&self) -> bool {
+        matches!(self.state().active, Active::Builtin(Builtin::Local))
+    }
+
     /// The policy in force, with its text (what a peer fetches).
     pub fn policy(&self) -> SchedPolicy {
         self.state().policy.clone()
