@@ -29,6 +29,11 @@ extern "C" fn constructor() {
 #[link_section = ".init_array"]
 static CONSTRUCTOR: extern "C" fn() = constructor;
 
+/// malloc, except while a checkpoint is being taken (see
+/// `libkrg::checkpoint::alloc`).
+#[global_allocator]
+static ALLOC: libkrg::checkpoint::alloc::KrgAlloc = libkrg::checkpoint::alloc::KrgAlloc;
+
 /// Where a wait status goes: the caller's pointer, or a local when it passed
 /// NULL (the hook needs the status to know whether the child was reaped).
 fn status_target(status: *mut c_int, local: &mut c_int) -> *mut c_int {

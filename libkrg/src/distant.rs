@@ -99,6 +99,34 @@ pub fn run_on(node: u32, gpid: i32) -> Result<(), String> {
     shadow(gpid, node, &stdio, conns)
 }
 
+/// Have the agent start something elsewhere (the request is built from
+/// the port this process listens on, its token and how its stdio travels)
+/// and become its shadow. Used by `krg restart`: the command stands in
+/// for the restored process as a shadow does for a placed program. Returns
+/// only if the start failed.
+pub fn shadow_for(
+    make: impl FnOnce(u16, Vec<u8>, Vec<StdioKind>) -> Request,
+    announce: impl FnOnce(i32, u32),
+) -> Result<std::convert::Infallible, String> {
+    let listener = Listener::new()?;
+    let mut token = [0u8; 16];
+    // SAFETY: getrandom writes at most token.len() bytes into token.
+    let n = unsafe { libc::getrandom(token.as_mut_ptr().cast(), token.len(), 0) };
+    if n != token.len() as isize {
+        return Err(os_err("getrandom"));
+    }
+    let stdio: Vec<StdioKind> = (0..3).map(stdio_kind).collect();
+    let (gpid, node) = match client::call(&make(listener.port, token.to_vec(), stdio.clone())) {
+        Ok(Response::Ckpt(i)) => (i.pid, i.node),
+        Ok(other) => return Err(format!("unexpected answer {other:?}")),
+        Err(e) => return Err(e.to_string()),
+    };
+    announce(gpid, node);
+    let relayed = stdio.iter().filter(|k| **k == StdioKind::Relay).count();
+    let conns = listener.accept_all(&token, 1 + relayed);
+    shadow(gpid, node, &stdio, conns)
+}
+
 fn read_link(p: &str) -> Result<Vec<u8>, String> {
     std::fs::read_link(p)
         .map(|p| p.into_os_string().into_encoded_bytes())

@@ -8,6 +8,7 @@
 
 pub mod capi;
 pub mod caps;
+pub mod checkpoint;
 pub mod client;
 pub mod distant;
 pub mod frame;

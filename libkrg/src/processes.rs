@@ -187,6 +187,28 @@ pub fn after_fork_child() {
     rt::after_fork_child();
 }
 
+/// In a restored image: the kernel pid is new and this node's agent
+/// registered it (under the image's gpid, or a new one if that is taken);
+/// cached translations of the old node's kernel ids mean nothing here.
+pub fn after_restore() {
+    MY_KPID.store(sys_getpid(), Ordering::Release);
+    CHILDREN.clear();
+    PPID.clear();
+    PGID.clear();
+    SID.clear();
+    match rt::agent_call(&Request::Whoami) {
+        Ok(Reply::Hello {
+            gpid, node, caps, ..
+        }) => set_identity(gpid, node, caps),
+        Ok(_) | Err(_) => {
+            crate::krg_log!(
+                crate::log::Level::Warn,
+                "restored, but the agent did not say who this process is"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Agent helpers
 

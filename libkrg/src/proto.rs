@@ -81,6 +81,88 @@ pub enum Request {
     /// of its shadow. Answers the kernel id unchanged when no SSI process
     /// leads it.
     TranslateGroup { kpgid: i32 },
+    /// The caller's identity, as `Hello` gives it (`place` 0), without
+    /// registering: a restored process asks after its memory came back.
+    Whoami,
+    /// Checkpoint a process (the `krg checkpoint` command): its image goes
+    /// to `dir` (a path visible on the node where it runs). `kill`: the
+    /// process ends once the image is complete.
+    Checkpoint { pid: i32, dir: Vec<u8>, kill: bool },
+    /// From a process in its checkpoint handler: what is wanted of it.
+    CkptOrder,
+    /// From a process: the capture it was ordered is over.
+    CkptDone { ok: bool, msg: String, bytes: u64 },
+    /// Restart a checkpointed process (the `krg restart` command); the
+    /// caller becomes its shadow as for `RemoteExec`. Answered with
+    /// `Restarted`.
+    Restart(RestartReq),
+}
+
+/// Signal the agent sends to ask a process for a capture (SIGRTMAX-2).
+pub const CKPT_SIGNAL: i32 = 62;
+
+/// What a process is asked to do in its checkpoint handler.
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+)]
+pub enum CkptAction {
+    /// Nothing (the request was withdrawn).
+    None,
+    /// Write the image to a directory.
+    Checkpoint,
+}
+
+/// The order a process gets in its checkpoint handler.
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
+pub struct CkptOrder {
+    pub action: CkptAction,
+    /// Directory of the image.
+    pub path: Vec<u8>,
+    pub kill: bool,
+}
+
+/// A restart request: what the command read from the image (the agent
+/// takes credentials from the kernel, never from the image, unless the
+/// caller is root).
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
+pub struct RestartReq {
+    /// The image file (absolute path, visible on the target node).
+    pub image: Vec<u8>,
+    /// Target node, 0 to let the scheduler choose.
+    pub node: u32,
+    pub gpid: i32,
+    pub caps: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    /// How the restored process is started: executable, argv, environment,
+    /// cwd, umask, rlimits, stdio, and the shadow's port and token (the
+    /// `node` field is ignored).
+    pub exec: RemoteExec,
+}
+
+/// Answer to `Checkpoint` and `Restart`.
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
+pub struct CkptDoneInfo {
+    pub pid: i32,
+    pub node: u32,
+    pub bytes: u64,
+    pub ms: u64,
 }
 
 /// How the remote program gets one of its standard fds.
@@ -175,6 +257,9 @@ pub enum Response {
     Sched(SchedInfo),
     /// Answer to `SchedPlace`: the chosen node of each placement, in order.
     Placed(Vec<u32>),
+    CkptOrder(CkptOrder),
+    /// A checkpoint was written, or a process restarted.
+    Ckpt(CkptDoneInfo),
 }
 
 /// A failed request: the errno the application should see, and what failed.

@@ -38,7 +38,7 @@ use crate::hookclient::{self, AgentAddr, HookCallError, Reply};
 use crate::proto::{Request, PROTO_VERSION};
 use crate::{krg_log, log};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -69,6 +69,10 @@ impl Mode {
 }
 
 static STATE: AtomicU8 = AtomicU8::new(Mode::Uninit as u8);
+
+/// The signal mask the process started with (the guard blocks everything
+/// during initialisation; an exec from there must not pass that on).
+static START_MASK: AtomicU64 = AtomicU64::new(0);
 
 /// Where the agent listens, fixed at initialisation.
 static AGENT: OnceLock<AgentAddr> = OnceLock::new();
@@ -156,6 +160,18 @@ pub fn init() {
     {
         return;
     }
+    let mut mask: u64 = 0;
+    // SAFETY: queries this thread's signal mask into an 8-byte set.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_BLOCK,
+            std::ptr::null::<u64>(),
+            &mut mask as *mut u64,
+            8usize,
+        )
+    };
+    START_MASK.store(mask, Ordering::Relaxed);
     let outcome = guarded(initialise);
     STATE.store(outcome as u8, Ordering::Release);
 }
@@ -200,6 +216,13 @@ fn initialise() -> Mode {
         return Mode::Standalone;
     };
     let addr = AGENT.get_or_init(|| addr);
+    if let Some(image) = std::env::var_os(crate::checkpoint::restore::RESTORE_ENV) {
+        // This process exists to become the image: never returns.
+        crate::checkpoint::restore::run(&image);
+    }
+    if path.exists() {
+        ensure_no_aslr();
+    }
     let caps_env = std::env::var("KRG_CAPS").ok();
     // KRG_NODE pins the program it is given to, not its children: consume
     // it (this runs in the constructor, before any other thread exists).
@@ -233,6 +256,10 @@ fn initialise() -> Mode {
                 }
             }
             crate::processes::register_atfork();
+            let c = crate::caps::Caps::from_bits(caps);
+            if c.contains(crate::caps::Caps::CHECKPOINT) || c.contains(crate::caps::Caps::MIGRATE) {
+                crate::checkpoint::install();
+            }
             krg_log!(
                 log::Level::Info,
                 "registered with the agent at {}: gpid {gpid}, node {node}, caps {}",
@@ -264,6 +291,67 @@ fn initialise() -> Mode {
             Mode::Standalone
         }
     }
+}
+
+/// SSI processes run without address randomisation, so that an image
+/// restores at the same addresses on any node (the personality is
+/// inherited: `krg run`, `krg cluster exec` and the agents set it, and this
+/// re-exec is the fallback for a program started some other way).
+fn ensure_no_aslr() {
+    // SAFETY: 0xffffffff queries the personality without changing it.
+    let cur = unsafe { libc::personality(0xffff_ffff) };
+    if cur < 0 || cur & libc::ADDR_NO_RANDOMIZE != 0 {
+        return;
+    }
+    let (Ok(exe), Ok(cmdline), Ok(environ)) = (
+        std::fs::read_link("/proc/self/exe"),
+        std::fs::read("/proc/self/cmdline"),
+        std::fs::read("/proc/self/environ"),
+    ) else {
+        return;
+    };
+    let to_c = |b: &[u8]| -> Vec<std::ffi::CString> {
+        b.split(|c| *c == 0)
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| std::ffi::CString::new(s).ok())
+            .collect()
+    };
+    let (argv, envp) = (to_c(&cmdline), to_c(&environ));
+    let Ok(exe) = std::ffi::CString::new(exe.into_os_string().into_encoded_bytes()) else {
+        return;
+    };
+    let mut av: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
+    av.push(std::ptr::null());
+    let mut ev: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
+    ev.push(std::ptr::null());
+    // SAFETY: sets our own personality, then replaces the image with the
+    // same program (NUL-terminated arrays of valid C strings); on failure
+    // the personality is put back and the program runs on as it is.
+    unsafe {
+        let start = START_MASK.load(Ordering::Relaxed);
+        let mut now: u64 = 0;
+        libc::personality((cur | libc::ADDR_NO_RANDOMIZE) as libc::c_ulong);
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &start as *const u64,
+            &mut now as *mut u64,
+            8usize,
+        );
+        libc::execve(exe.as_ptr(), av.as_ptr(), ev.as_ptr());
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &now as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        );
+        libc::personality(cur as libc::c_ulong);
+    }
+    krg_log!(
+        log::Level::Warn,
+        "could not re-execute without address randomisation: checkpoints will be refused"
+    );
 }
 
 /// Print the one warning of a standalone process tree and mark the tree.

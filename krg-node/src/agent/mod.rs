@@ -4,6 +4,7 @@
 //! See docs/architecture/agent.md.
 
 pub mod auth;
+pub mod checkpoint;
 pub mod config;
 pub mod local;
 pub mod peer;
@@ -82,6 +83,8 @@ pub struct Agent {
     mem: Mutex<(u64, u64)>,
     /// The scheduling policy in force and the recent placements.
     sched: sched::Sched,
+    /// Checkpoint orders waiting for their processes.
+    orders: checkpoint::Orders,
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -108,6 +111,7 @@ impl Agent {
             nprocs: Mutex::new(0),
             mem: Mutex::new(probe::memory_kb()),
             sched: sched::Sched::new(),
+            orders: checkpoint::Orders::default(),
             cpus,
             cfg,
         })
@@ -546,14 +550,18 @@ impl Agent {
     }
 
     /// Serve one request from the local socket.
-    pub async fn handle_local(&self, req: Request, who: Caller) -> Response {
+    pub async fn handle_local(self: &Arc<Self>, req: Request, who: Caller) -> Response {
         match self.handle_local_inner(req, who).await {
             Ok(r) => r,
             Err(e) => Response::Err(e),
         }
     }
 
-    async fn handle_local_inner(&self, req: Request, who: Caller) -> Result<Response, ErrorReply> {
+    async fn handle_local_inner(
+        self: &Arc<Self>,
+        req: Request,
+        who: Caller,
+    ) -> Result<Response, ErrorReply> {
         let need_pid = || {
             if who.pid > 0 {
                 Ok(who.pid)
@@ -708,6 +716,32 @@ impl Agent {
             } => Ok(Response::Placed(
                 self.sched_place(count, exe, argv, pinned, who)?,
             )),
+            Request::Whoami => {
+                let kpid = need_pid()?;
+                let t = self.procs();
+                let g = t.translate(kpid).ok_or_else(|| {
+                    err(
+                        libc::ESRCH,
+                        format!("kernel pid {kpid} is not an SSI process"),
+                    )
+                })?;
+                let caps = t.get(g).map(|p| p.caps_eff.0).unwrap_or(0);
+                Ok(Response::Hello {
+                    gpid: g,
+                    node: self.cfg.node_id,
+                    caps,
+                    place: 0,
+                })
+            }
+            Request::Checkpoint { pid, dir, kill } => Ok(Response::Ckpt(
+                self.checkpoint(pid, dir, kill, who.uid).await?,
+            )),
+            Request::CkptOrder => Ok(Response::CkptOrder(self.ckpt_order(who))),
+            Request::CkptDone { ok, msg, bytes } => {
+                self.ckpt_done(who, ok, msg, bytes);
+                Ok(Response::Ok)
+            }
+            Request::Restart(req) => Ok(Response::Ckpt(self.restart(who, req).await?)),
         }
     }
 }
@@ -768,8 +802,23 @@ impl Peer for PeerServer {
         self.0.cap_set_local(g, &spec, eff, inh, uid)
     }
 
-    async fn spawn(self, _: context::Context, spec: remote::SpawnSpec) -> Result<i32, ErrorReply> {
+    async fn spawn(
+        self,
+        _: context::Context,
+        spec: remote::SpawnSpec,
+    ) -> Result<(i32, i32), ErrorReply> {
         self.0.spawn_here(spec).await
+    }
+
+    async fn checkpoint(
+        self,
+        _: context::Context,
+        g: i32,
+        dir: Vec<u8>,
+        kill: bool,
+        uid: u32,
+    ) -> Result<libkrg::proto::CkptDoneInfo, ErrorReply> {
+        self.0.checkpoint_local(g, dir, kill, uid).await
     }
 
     async fn set_location(self, _: context::Context, g: i32, node: u32) {

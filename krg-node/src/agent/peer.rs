@@ -53,9 +53,18 @@ pub trait Peer {
         caller_uid: u32,
     ) -> Result<CapsInfo, ErrorReply>;
     // --- remote exec ---
-    /// Start a program here for a shadow on the caller's node; returns its
-    /// kernel pid here.
-    async fn spawn(spec: super::remote::SpawnSpec) -> Result<i32, ErrorReply>;
+    /// Start a program (or restore an image) here for a shadow on the
+    /// caller's node; returns its kernel pid here and its gpid.
+    async fn spawn(spec: super::remote::SpawnSpec) -> Result<(i32, i32), ErrorReply>;
+    // --- checkpoint ---
+    /// Checkpoint a process running on the callee (`caller_uid` checked
+    /// with SO_PEERCRED by the calling agent).
+    async fn checkpoint(
+        gpid: i32,
+        dir: Vec<u8>,
+        kill: bool,
+        caller_uid: u32,
+    ) -> Result<libkrg::proto::CkptDoneInfo, ErrorReply>;
     /// The callee is the origin node of `gpid`: it now runs on `node`.
     async fn set_location(gpid: i32, node: u32);
     // --- scheduling ---

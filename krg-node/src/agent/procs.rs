@@ -311,6 +311,12 @@ impl ProcTable {
         Ok(self.by_gpid.get(&g).expect("entry just found or made"))
     }
 
+    /// A new gpid of this node for a local kernel pid (a restored image
+    /// whose own gpid is taken).
+    pub fn alloc_for(&mut self, kpid: i32) -> Result<i32, ErrorReply> {
+        self.alloc_gpid(kpid)
+    }
+
     /// Register a program started here for a shadow on another node: it
     /// keeps its gpid (born elsewhere).
     #[allow(clippy::too_many_arguments)]

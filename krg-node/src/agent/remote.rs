@@ -42,10 +42,15 @@ pub struct SpawnSpec {
     pub exec: RemoteExec,
     /// The shadow's address (its node's address, the port it listens on).
     pub shadow: SocketAddr,
+    /// Restore this image (a path on the target node) instead of running
+    /// the program afresh: the executable, argv and environment are the
+    /// image's, `KRG_RESTORE` tells libkrg. A `gpid` of 0 then asks for a
+    /// new gpid from the target node.
+    pub restore: Option<Vec<u8>>,
 }
 
 /// Effective uid, effective gid and supplementary groups of a local pid.
-fn creds(kpid: i32) -> Option<(u32, u32, Vec<u32>)> {
+pub(super) fn creds(kpid: i32) -> Option<(u32, u32, Vec<u32>)> {
     let s = std::fs::read_to_string(format!("/proc/{kpid}/status")).ok()?;
     let field = |name: &str| -> Vec<u32> {
         s.lines()
@@ -126,12 +131,13 @@ impl Agent {
             vppid,
             vpgid,
             shadow: SocketAddr::new(self.cfg.advertise.ip(), spec.port),
+            restore: None,
             exec: spec,
         };
         let c = self.client(node).await?;
         let mut cx = tarpc::context::current();
         cx.deadline = std::time::Instant::now() + Duration::from_secs(15);
-        let kpid = c
+        let (kpid, _) = c
             .spawn(cx, full)
             .await
             .map_err(|e| err(libc::EHOSTUNREACH, format!("node {node}: {e}")))??;
@@ -146,8 +152,12 @@ impl Agent {
         Ok(kpid)
     }
 
-    /// Target side: start the program for a shadow on `spec.from`.
-    pub(super) async fn spawn_here(self: &Arc<Self>, spec: SpawnSpec) -> Result<i32, ErrorReply> {
+    /// Target side: start the program (or restore the image) for a shadow
+    /// on `spec.from`. Answers its kernel pid here and its gpid.
+    pub(super) async fn spawn_here(
+        self: &Arc<Self>,
+        spec: SpawnSpec,
+    ) -> Result<(i32, i32), ErrorReply> {
         tracing::debug!("pid {}: spawn request from node {}", spec.gpid, spec.from);
         if spec.exec.token.len() != 16 {
             return Err(err(libc::EINVAL, "bad shadow token"));
@@ -214,6 +224,12 @@ impl Agent {
                 cmd.env(OsStr::from_bytes(&e[..eq]), OsStr::from_bytes(&e[eq + 1..]));
             }
         }
+        if let Some(image) = &spec.restore {
+            cmd.env(
+                libkrg::checkpoint::restore::RESTORE_ENV,
+                OsStr::from_bytes(image),
+            );
+        }
         let cwd = OsStr::from_bytes(&spec.exec.cwd).to_owned();
         if !std::path::Path::new(&cwd).is_dir() {
             return Err(err(
@@ -256,6 +272,9 @@ impl Agent {
                 // is its shadow's (the agent answers with that gpid), and
                 // signals to the agent's group must not reach it.
                 libc::setsid();
+                // SSI processes run without address randomisation (an image
+                // restores at the same addresses on any node).
+                libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong);
                 libc::umask(umask as libc::mode_t);
                 for (r, cur, max) in &rlimits {
                     let l = libc::rlimit {
@@ -277,7 +296,8 @@ impl Agent {
             });
         }
         let node = self.node_id();
-        let g = spec.gpid;
+        let mut g = spec.gpid;
+        let restoring = spec.restore.is_some();
         // Spawn and register under the reaper's lock: the child can neither
         // be reaped by the pid-1 reaper nor say Hello before it is known.
         let (child, kpid) = {
@@ -293,15 +313,34 @@ impl Agent {
             })?;
             let kpid = child.id() as i32;
             crate::reaper::manage_locked(&mut reaper, kpid);
-            let r = self.procs().register_remote(
-                kpid,
-                g,
-                Caps::from_bits(spec.caps_eff),
-                Caps::from_bits(spec.caps_inh),
-                spec.caps_env.clone(),
-                spec.vppid,
-                spec.vpgid,
-            );
+            let r = {
+                let mut t = self.procs();
+                if g == 0 {
+                    t.alloc_for(kpid).map(|n| g = n)
+                } else {
+                    Ok(())
+                }
+                .and_then(|()| {
+                    t.register_remote(
+                        kpid,
+                        g,
+                        Caps::from_bits(spec.caps_eff),
+                        Caps::from_bits(spec.caps_inh),
+                        spec.caps_env.clone(),
+                        spec.vppid,
+                        if spec.vpgid == 0 { g } else { spec.vpgid },
+                    )
+                })
+                .map(|()| {
+                    if restoring {
+                        // It runs libkrg (the image did), and never says
+                        // Hello: it asks Whoami.
+                        if let Some(p) = t.get_mut(g) {
+                            p.greeted = true;
+                        }
+                    }
+                })
+            };
             if let Err(e) = r {
                 // SAFETY: kill of the child we just started.
                 unsafe { libc::kill(kpid, libc::SIGKILL) };
@@ -314,7 +353,8 @@ impl Agent {
             (child, kpid)
         };
         info!(
-            "pid {g}: started here (kernel pid {kpid}) for its shadow on node {}",
+            "pid {g}: {} here (kernel pid {kpid}) for its shadow on node {}",
+            if restoring { "restoring" } else { "started" },
             spec.from
         );
         let agent = self.clone();
@@ -356,7 +396,7 @@ impl Agent {
                     agent.procs().set_location(g, origin);
                 }
             });
-        Ok(kpid)
+        Ok((kpid, g))
     }
 }
 

@@ -3,6 +3,7 @@
 //! refused to multithreaded processes).
 
 mod bench;
+mod checkpoint;
 mod kill;
 mod ps;
 pub mod sched;
@@ -77,6 +78,29 @@ pub enum Cmd {
         node: Option<u32>,
         #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
         cmd: Vec<String>,
+    },
+    /// Save the state of a running process to a directory (it keeps
+    /// running unless --kill).
+    Checkpoint {
+        pid: i32,
+        /// Directory of the image (default ./ckpt-PID); must be visible on
+        /// the node where the process runs.
+        #[arg(short = 'o', long = "output", value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// End the process once the image is complete.
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Restart a checkpointed process (on node N, or where the scheduler
+    /// places it); this command stays as its stand-in (stdio, signals,
+    /// exit status).
+    Restart {
+        dir: PathBuf,
+        #[arg(long, value_name = "N")]
+        node: Option<u32>,
+        /// Do not print the restarted pid.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Show the scheduling policy in force, or change it on every node:
     /// krg sched [--json] [set NAME|FILE]
@@ -193,6 +217,14 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 })?;
                 c.env(libkrg::proto::NODE_PIN_ENV, n.to_string());
             }
+            // SAFETY: personality in the child before exec: SSI processes
+            // run without address randomisation (see libkrg::checkpoint).
+            unsafe {
+                c.pre_exec(|| {
+                    libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong);
+                    Ok(())
+                });
+            }
             let err = c
                 .args(&cmd[1..])
                 .env("LD_PRELOAD", so)
@@ -201,6 +233,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 .exec();
             bail!("cannot run {}: {err}", cmd[0])
         }
+        Cmd::Checkpoint { pid, dir, kill } => checkpoint::checkpoint(pid, dir, kill),
+        Cmd::Restart { dir, node, quiet } => checkpoint::restart(&dir, node, quiet),
         Cmd::Sched { json, cmd } => sched::sched(cmd, json),
         Cmd::Bench { quick } => bench::bench(quick),
         Cmd::BenchWorker { args } => bench::worker(&args),

@@ -319,6 +319,11 @@ fn run_child(
     restore(saved, old_mask);
     // SAFETY: setting a default disposition installs no handler code.
     let _ = unsafe { signal::signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    // SSI processes run without address randomisation (checkpoint images
+    // restore at the same addresses); a plain process keeps it off too,
+    // harmlessly, as setarch -R would.
+    // SAFETY: changes this child's personality only.
+    unsafe { libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong) };
     // SAFETY: the file name, argv and envp are NUL-terminated C strings and
     // NULL-terminated arrays that outlive the call.
     unsafe { libc::execvpe(file.as_ptr(), argv.as_ptr(), envp.as_ptr()) };

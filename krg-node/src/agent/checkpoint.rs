@@ -1,0 +1,303 @@
+//! Checkpoint and restart, agent side (the capture and the restore run in
+//! the process, `libkrg::checkpoint`).
+//!
+//! Checkpoint: the request is routed to the node where the process runs.
+//! That agent checks ownership, the capability and every fd (a resource
+//! that can never move refuses the request before the process is touched),
+//! records the order, and sends the capture signal. The process's handler
+//! asks for its order (`CkptOrder`), writes the image and reports
+//! (`CkptDone`); the agent answers the command.
+//!
+//! Restart: the command reads the image's metadata and sends it here; the
+//! chosen node starts the image's executable with `KRG_RESTORE` (see
+//! `remote::spawn_here`) and the command stays as the restored process's
+//! shadow, exactly as for a remote exec.
+
+use super::remote::SpawnSpec;
+use super::{err, Agent, Caller};
+use libkrg::caps::Caps;
+use libkrg::checkpoint::capture::refusal;
+use libkrg::proto::{CkptAction, CkptDoneInfo, CkptOrder, ErrorReply, RestartReq};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tracing::info;
+
+/// Longest a capture may take before the command gives up waiting.
+const CAPTURE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Orders waiting for (or being executed by) a process, by kernel pid.
+#[derive(Default)]
+pub struct Orders(Mutex<HashMap<i32, Pending>>);
+
+impl std::fmt::Debug for Orders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Orders({} pending)", self.lock().len())
+    }
+}
+
+struct Pending {
+    order: CkptOrder,
+    taken: bool,
+    done: Option<oneshot::Sender<Result<u64, String>>>,
+}
+
+impl Orders {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Pending>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Why the fds of a local process forbid a capture, read from outside.
+fn fd_refusal(kpid: i32) -> Option<String> {
+    let dir = std::fs::read_dir(format!("/proc/{kpid}/fd")).ok()?;
+    let mut fds: Vec<(i32, String)> = dir
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            let link = std::fs::read_link(e.path()).ok()?;
+            Some((fd, link.to_string_lossy().into_owned()))
+        })
+        .collect();
+    fds.sort();
+    fds.iter().find_map(|(fd, l)| refusal(*fd, l))
+}
+
+impl Agent {
+    /// `krg checkpoint`: route to the node where `g` runs.
+    pub(super) async fn checkpoint(
+        &self,
+        g: i32,
+        dir: Vec<u8>,
+        kill: bool,
+        uid: u32,
+    ) -> Result<CkptDoneInfo, ErrorReply> {
+        self.owner(g)?;
+        let me = self.node_id();
+        let target = {
+            let t = self.procs();
+            match t.runs_elsewhere(g) {
+                Some(n) if n != me => n,
+                _ if t.get(g).is_some() => me,
+                _ => libkrg::gpid::node_of(g).unwrap_or(me),
+            }
+        };
+        if target == me {
+            return self.checkpoint_local(g, dir, kill, uid).await;
+        }
+        if !self.is_up(target) {
+            return Err(err(
+                libc::EHOSTDOWN,
+                format!("pid {g}: node {target} is down"),
+            ));
+        }
+        let c = self.client(target).await?;
+        let mut cx = tarpc::context::current();
+        cx.deadline = Instant::now() + CAPTURE_TIMEOUT + Duration::from_secs(5);
+        c.checkpoint(cx, g, dir, kill, uid)
+            .await
+            .map_err(|e| err(libc::EHOSTUNREACH, format!("pid {g}: node {target}: {e}")))?
+    }
+
+    /// Checkpoint a process of this node.
+    pub(super) async fn checkpoint_local(
+        &self,
+        g: i32,
+        dir: Vec<u8>,
+        kill: bool,
+        uid: u32,
+    ) -> Result<CkptDoneInfo, ErrorReply> {
+        let kpid = {
+            let t = self.procs();
+            let p = t.get(g).filter(|p| p.running_on.is_none()).ok_or_else(|| {
+                err(
+                    libc::ESRCH,
+                    format!("pid {g}: not running on node {}", self.node_id()),
+                )
+            })?;
+            super::procs::ProcTable::permitted(p, uid)?;
+            if !p.caps_eff.contains(Caps::CHECKPOINT) {
+                return Err(err(
+                    libc::EPERM,
+                    format!(
+                        "pid {g}: the checkpoint capability is off (krg capset {g} +checkpoint)"
+                    ),
+                ));
+            }
+            if !p.greeted {
+                return Err(err(
+                    libc::EPERM,
+                    format!("pid {g}: does not run libkrg (not started under krg)"),
+                ));
+            }
+            p.kpid
+        };
+        if let Some(why) = fd_refusal(kpid) {
+            return Err(err(libc::EBUSY, format!("pid {g}: {why}")));
+        }
+        let pers = std::fs::read_to_string(format!("/proc/{kpid}/personality"))
+            .ok()
+            .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
+            .unwrap_or(0);
+        if pers & libc::ADDR_NO_RANDOMIZE as u32 == 0 {
+            return Err(err(
+                libc::EINVAL,
+                format!("pid {g}: runs with address randomisation (not started under krg)"),
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut o = self.orders.lock();
+            if o.contains_key(&kpid) {
+                return Err(err(
+                    libc::EBUSY,
+                    format!("pid {g}: a capture is already under way"),
+                ));
+            }
+            o.insert(
+                kpid,
+                Pending {
+                    order: CkptOrder {
+                        action: CkptAction::Checkpoint,
+                        path: dir.clone(),
+                        kill,
+                    },
+                    taken: false,
+                    done: Some(tx),
+                },
+            );
+        }
+        let started = Instant::now();
+        if let Err(e) = self.procs().kill(g, libkrg::proto::CKPT_SIGNAL, 0) {
+            self.orders.lock().remove(&kpid);
+            return Err(e);
+        }
+        // The handler must ask for its order soon; then the capture takes
+        // as long as the memory needs.
+        let r = tokio::time::timeout(CAPTURE_TIMEOUT, rx).await;
+        let removed = self.orders.lock().remove(&kpid);
+        let res = match r {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("the process ended during the capture".to_string()),
+            Err(_) => Err(match removed {
+                Some(p) if !p.taken => "the process never answered the capture signal".to_string(),
+                _ => "the capture did not finish in time".to_string(),
+            }),
+        };
+        let bytes = res.map_err(|e| err(libc::EIO, format!("pid {g}: {e}")))?;
+        let ms = started.elapsed().as_millis() as u64;
+        info!(
+            "pid {g}: checkpointed to {} ({bytes} bytes, {ms} ms{})",
+            String::from_utf8_lossy(&dir),
+            if kill { ", killed" } else { "" }
+        );
+        Ok(CkptDoneInfo {
+            pid: g,
+            node: self.node_id(),
+            bytes,
+            ms,
+        })
+    }
+
+    /// `CkptOrder` from a process in its handler.
+    pub(super) fn ckpt_order(&self, who: Caller) -> CkptOrder {
+        let mut o = self.orders.lock();
+        match o.get_mut(&who.pid) {
+            Some(p) if !p.taken => {
+                p.taken = true;
+                p.order.clone()
+            }
+            _ => CkptOrder {
+                action: CkptAction::None,
+                path: Vec::new(),
+                kill: false,
+            },
+        }
+    }
+
+    /// `CkptDone` from a process.
+    pub(super) fn ckpt_done(&self, who: Caller, ok: bool, msg: String, bytes: u64) {
+        if let Some(p) = self.orders.lock().get_mut(&who.pid) {
+            if let Some(tx) = p.done.take() {
+                let _ = tx.send(if ok { Ok(bytes) } else { Err(msg) });
+            }
+        }
+    }
+
+    /// `krg restart`: start the image on the chosen node; the caller is the
+    /// shadow. Answers the restored process's gpid and node.
+    pub(super) async fn restart(
+        self: &std::sync::Arc<Self>,
+        who: Caller,
+        req: RestartReq,
+    ) -> Result<CkptDoneInfo, ErrorReply> {
+        if who.pid <= 0 {
+            return Err(err(
+                libc::EPERM,
+                "caller is not visible in this node's pid namespace",
+            ));
+        }
+        let node = if req.node != 0 {
+            if !self.is_up(req.node) && req.node != self.node_id() {
+                return Err(err(libc::EHOSTDOWN, format!("node {} is down", req.node)));
+            }
+            req.node
+        } else {
+            self.placement(who.pid, None)
+        };
+        // The image's gpid comes back if no process has it any more.
+        let g = req.gpid;
+        let reuse = libkrg::gpid::is_gpid(g) && self.kill_routed(g, 0, 0, 0).await.is_err();
+        let (uid, gid, groups) = if who.uid == 0 {
+            (req.uid, req.gid, req.groups.clone())
+        } else {
+            super::remote::creds(who.pid)
+                .ok_or_else(|| err(libc::ESRCH, "cannot read the caller's credentials"))?
+        };
+        let caps = Caps::from_bits(req.caps);
+        let spec = SpawnSpec {
+            gpid: if reuse { g } else { 0 },
+            from: self.node_id(),
+            uid,
+            gid,
+            groups,
+            caps_eff: caps.0,
+            caps_inh: caps.0,
+            caps_env: None,
+            vppid: 1,
+            vpgid: 0,
+            shadow: SocketAddr::new(self.cfg.advertise.ip(), req.exec.port),
+            restore: Some(req.image.clone()),
+            exec: req.exec,
+        };
+        let started = Instant::now();
+        let (kpid, gpid) = if node == self.node_id() {
+            self.clone().spawn_here(spec).await?
+        } else {
+            let c = self.client(node).await?;
+            let mut cx = tarpc::context::current();
+            cx.deadline = Instant::now() + Duration::from_secs(15);
+            c.spawn(cx, spec)
+                .await
+                .map_err(|e| err(libc::EHOSTUNREACH, format!("node {node}: {e}")))??
+        };
+        let origin = libkrg::gpid::node_of(gpid).unwrap_or(node);
+        if origin == self.node_id() {
+            self.procs().set_location(gpid, node);
+        } else if let Ok(oc) = self.client(origin).await {
+            let _ = oc.set_location(super::ctx(), gpid, node).await;
+        }
+        info!(
+            "pid {gpid}: restarted from {} on node {node} (kernel pid {kpid} there)",
+            String::from_utf8_lossy(&req.image)
+        );
+        Ok(CkptDoneInfo {
+            pid: gpid,
+            node,
+            bytes: 0,
+            ms: started.elapsed().as_millis() as u64,
+        })
+    }
+}

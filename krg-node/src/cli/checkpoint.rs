@@ -1,0 +1,101 @@
+//! `krg checkpoint`, `krg restart`.
+
+use super::agent_call;
+use anyhow::{bail, Context, Result};
+use libkrg::checkpoint::image;
+use libkrg::proto::{RemoteExec, Request, Response, RestartReq};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+/// `krg checkpoint PID [-o DIR] [--kill]`.
+pub fn checkpoint(pid: i32, dir: Option<PathBuf>, kill: bool) -> Result<i32> {
+    let dir = dir.unwrap_or_else(|| PathBuf::from(format!("ckpt-{pid}")));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("{}", dir.display()))?;
+    let r = agent_call(&Request::Checkpoint {
+        pid,
+        dir: dir.as_os_str().as_bytes().to_vec(),
+        kill,
+    })?;
+    match r {
+        Response::Ckpt(i) => {
+            println!(
+                "pid {}: checkpointed on node {} to {} ({} in {} ms){}",
+                i.pid,
+                i.node,
+                dir.display(),
+                mib(i.bytes),
+                i.ms,
+                if kill { ", killed" } else { "" }
+            );
+            Ok(0)
+        }
+        Response::Err(e) => bail!("{}", e.msg),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
+
+fn image_path(dir: &Path) -> Result<PathBuf> {
+    let p = if dir.is_dir() {
+        dir.join(image::IMAGE_FILE)
+    } else {
+        dir.to_path_buf()
+    };
+    p.canonicalize()
+        .with_context(|| format!("no image at {}", p.display()))
+}
+
+/// `krg restart DIR [--node N]`: this command becomes the restored
+/// process's shadow (its stdio, signals and exit status).
+pub fn restart(dir: &Path, node: Option<u32>, quiet: bool) -> Result<i32> {
+    let path = image_path(dir)?;
+    let mut f = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
+    let meta = image::read_meta(&mut f).with_context(|| format!("{}", path.display()))?;
+    drop(f);
+    let node = match node {
+        Some(n) => libkrg::proto::parse_node_pin(&n.to_string())
+            .with_context(|| format!("--node {n}: node ids are 1..={}", libkrg::gpid::MAX_NODE))?,
+        None => 0,
+    };
+    let image = path.as_os_str().as_bytes().to_vec();
+    let err = libkrg::distant::shadow_for(
+        |port, token, stdio| {
+            Request::Restart(RestartReq {
+                image,
+                node,
+                gpid: meta.gpid,
+                caps: meta.caps,
+                uid: meta.uid,
+                gid: meta.gid,
+                groups: meta.groups.clone(),
+                exec: RemoteExec {
+                    node,
+                    exe: meta.exe.clone(),
+                    argv: meta.argv.clone(),
+                    env: meta.env.clone(),
+                    cwd: meta.cwd.clone(),
+                    umask: meta.umask,
+                    rlimits: meta.rlimits.clone(),
+                    stdio,
+                    port,
+                    token,
+                },
+            })
+        },
+        |g, n| {
+            if !quiet {
+                eprintln!("krg: pid {g} restarted on node {n}");
+            }
+        },
+    );
+    match err {
+        Ok(never) => match never {},
+        Err(e) => bail!("restart of {}: {e}", path.display()),
+    }
+}

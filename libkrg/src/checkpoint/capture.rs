@@ -1,0 +1,671 @@
+//! Taking the image, from inside: runs in the capturing thread while every
+//! other thread is parked in the checkpoint handler. Allocations come from
+//! the capture arena ([`super::alloc`]); nothing here may call malloc,
+//! `opendir` or take a lock another thread could hold.
+
+use super::image::{
+    self, FdKind, FdState, FileId, Meta, Region, RegionKind, SigAction, ThreadState,
+};
+use std::os::fd::RawFd;
+
+const PAGE: u64 = 4096;
+
+fn errno() -> i32 {
+    crate::rt::errno()
+}
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", crate::rt::Errno(errno()))
+}
+
+/// One line of `/proc/self/maps`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MapLine {
+    pub start: u64,
+    pub end: u64,
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    pub shared: bool,
+    pub offset: u64,
+    pub inode: u64,
+    pub path: String,
+}
+
+impl MapLine {
+    pub fn prot(&self) -> u32 {
+        let mut p = 0;
+        if self.read {
+            p |= libc::PROT_READ as u32;
+        }
+        if self.write {
+            p |= libc::PROT_WRITE as u32;
+        }
+        if self.exec {
+            p |= libc::PROT_EXEC as u32;
+        }
+        p
+    }
+
+    /// Kernel-provided mappings that are never saved or restored.
+    pub fn is_special(&self) -> bool {
+        matches!(
+            self.path.as_str(),
+            "[vsyscall]" | "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[uprobes]"
+        )
+    }
+}
+
+/// Parse `/proc/self/maps` text.
+pub fn parse_maps(text: &str) -> Vec<MapLine> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut it = line.splitn(6, ' ');
+        let (Some(range), Some(perms), Some(off), Some(_dev), Some(ino)) =
+            (it.next(), it.next(), it.next(), it.next(), it.next())
+        else {
+            continue;
+        };
+        let path = it.next().unwrap_or("").trim_start().to_string();
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end), Ok(offset), Ok(inode)) = (
+            u64::from_str_radix(a, 16),
+            u64::from_str_radix(b, 16),
+            u64::from_str_radix(off, 16),
+            ino.parse::<u64>(),
+        ) else {
+            continue;
+        };
+        let p = perms.as_bytes();
+        if p.len() < 4 {
+            continue;
+        }
+        out.push(MapLine {
+            start,
+            end,
+            read: p[0] == b'r',
+            write: p[1] == b'w',
+            exec: p[2] == b'x',
+            shared: p[3] == b's',
+            offset,
+            inode,
+            path,
+        });
+    }
+    out
+}
+
+/// Read a whole (proc) file with plain system calls.
+pub fn read_file(path: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{path}: {e}"))
+}
+
+fn read_link(path: &str) -> Result<Vec<u8>, String> {
+    std::fs::read_link(path)
+        .map(|p| p.into_os_string().into_encoded_bytes())
+        .map_err(|e| format!("{path}: {e}"))
+}
+
+/// Entries of a directory, with getdents64 (std's `read_dir` goes through
+/// libc's `opendir`, which mallocs).
+pub fn list_dir_numbers(path: &str) -> Result<Vec<i32>, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: getdents64 writes at most buf.len() bytes into buf.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        if n < 0 {
+            return Err(os_err(path));
+        }
+        if n == 0 {
+            break;
+        }
+        let mut off = 0usize;
+        while off + 19 <= n as usize {
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            if reclen == 0 || off + reclen > n as usize {
+                break;
+            }
+            let name = &buf[off + 19..off + reclen];
+            let end = name.iter().position(|c| *c == 0).unwrap_or(name.len());
+            if let Ok(v) = std::str::from_utf8(&name[..end])
+                .unwrap_or("")
+                .parse::<i32>()
+            {
+                out.push(v);
+            }
+            off += reclen;
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn split_nul(b: &[u8]) -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = b.split(|c| *c == 0).map(<[u8]>::to_vec).collect();
+    if v.last().is_some_and(Vec::is_empty) {
+        v.pop();
+    }
+    v
+}
+
+fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find(|l| l.starts_with(name))
+        .map(|l| l[name.len()..].trim())
+}
+
+/// Why an fd can never be captured, from its `/proc/<pid>/fd` link and
+/// number: `None` if it may be (the agent asks this before it disturbs the
+/// process; the capture asks again from inside).
+pub fn refusal(fd: i32, link: &str) -> Option<String> {
+    if let Some(kind) = link.strip_prefix("anon_inode:") {
+        let kind = kind.trim_matches(|c| c == '[' || c == ']');
+        return match kind {
+            "eventfd" => None,
+            "io_uring" => Some(format!("fd {fd}: io_uring is not migratable")),
+            other => Some(format!("fd {fd}: {other} is not migratable")),
+        };
+    }
+    if link.starts_with("socket:") || link.starts_with("pipe:") {
+        return (fd > 2).then(|| {
+            format!("fd {fd}: {link} is not migratable (only stdin, stdout and stderr follow a process for now)")
+        });
+    }
+    if link.ends_with(" (deleted)") {
+        return Some(format!("fd {fd}: {link} is not migratable (deleted file)"));
+    }
+    if link.starts_with("/dev/pts/") || link.starts_with("/dev/tty") || link == "/dev/console" {
+        return (fd > 2).then(|| format!("fd {fd}: terminal {link} is not migratable"));
+    }
+    None
+}
+
+const PORTABLE_DEVICES: &[(u32, u32, &str)] = &[
+    (1, 3, "/dev/null"),
+    (1, 5, "/dev/zero"),
+    (1, 7, "/dev/full"),
+    (1, 8, "/dev/random"),
+    (1, 9, "/dev/urandom"),
+];
+
+fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
+    // The fd that listed the directory is gone already: skip what vanished.
+    let Ok(link) = read_link(&format!("/proc/self/fd/{fd}")) else {
+        return Ok(None);
+    };
+    let link_s = String::from_utf8_lossy(&link).into_owned();
+    if let Some(why) = refusal(fd, &link_s) {
+        return Err(why);
+    }
+    // SAFETY: fcntl/fstat/lseek on an fd number only read its state.
+    let (fdflags, flags) = unsafe {
+        (
+            libc::fcntl(fd, libc::F_GETFD),
+            libc::fcntl(fd, libc::F_GETFL),
+        )
+    };
+    if fdflags < 0 || flags < 0 {
+        return Ok(None);
+    }
+    let cloexec = fdflags & libc::FD_CLOEXEC != 0;
+    // SAFETY: as above; st is ours.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(os_err(&format!("fd {fd}: fstat")));
+    }
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG | libc::S_IFDIR => {
+            // SAFETY: lseek with SEEK_CUR only reads the offset.
+            let offset = unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) };
+            if !link.starts_with(b"/") {
+                return Err(format!("fd {fd}: {link_s} has no path to reopen it by"));
+            }
+            FdKind::File {
+                path: link,
+                flags,
+                offset: offset.max(0),
+                dev: st.st_dev,
+                ino: st.st_ino,
+            }
+        }
+        libc::S_IFCHR => {
+            let (ma, mi) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+            if let Some((_, _, p)) = PORTABLE_DEVICES
+                .iter()
+                .find(|(a, b, _)| *a == ma && *b == mi)
+            {
+                FdKind::Device {
+                    path: p.as_bytes().to_vec(),
+                    flags,
+                }
+            } else if fd <= 2 {
+                FdKind::Relay
+            } else {
+                return Err(format!("fd {fd}: device {link_s} is not migratable"));
+            }
+        }
+        libc::S_IFIFO | libc::S_IFSOCK => FdKind::Relay,
+        _ if link_s == "anon_inode:[eventfd]" => {
+            let info =
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+            let count = status_field(&info, "eventfd-count:")
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
+                .unwrap_or(0);
+            FdKind::EventFd { count, flags }
+        }
+        _ => return Err(format!("fd {fd}: {link_s} is not migratable")),
+    };
+    Ok(Some(FdState { fd, cloexec, kind }))
+}
+
+/// Capture the fds of the process, except `skip`.
+pub fn capture_fds(skip: &[RawFd]) -> Result<Vec<FdState>, String> {
+    let mut out = Vec::new();
+    for fd in list_dir_numbers("/proc/self/fd")? {
+        if skip.contains(&fd) {
+            continue;
+        }
+        if let Some(s) = capture_fd(fd)? {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+fn sigactions() -> Vec<SigAction> {
+    let mut v = Vec::new();
+    for sig in 1..=64u32 {
+        if sig == libc::SIGKILL as u32 || sig == libc::SIGSTOP as u32 {
+            continue;
+        }
+        let mut k = [0u64; 4];
+        // SAFETY: rt_sigaction with a null new action only writes the old
+        // one (kernel layout: handler, flags, restorer, mask) into k.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                std::ptr::null::<u8>(),
+                k.as_mut_ptr(),
+                8usize,
+            )
+        };
+        if r == 0 && k[0] != 0 {
+            v.push(SigAction {
+                sig,
+                handler: k[0],
+                flags: k[1],
+                restorer: k[2],
+                mask: k[3],
+            });
+        }
+    }
+    v
+}
+
+fn itimers() -> Vec<(u32, i64, i64, i64, i64)> {
+    let mut v = Vec::new();
+    for which in 0..3u32 {
+        // SAFETY: getitimer fills the struct we own.
+        let mut t: libc::itimerval = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::syscall(libc::SYS_getitimer, which, &mut t) } == 0
+            && (t.it_value.tv_sec != 0 || t.it_value.tv_usec != 0)
+        {
+            v.push((
+                which,
+                t.it_interval.tv_sec,
+                t.it_interval.tv_usec,
+                t.it_value.tv_sec,
+                t.it_value.tv_usec,
+            ));
+        }
+    }
+    v
+}
+
+fn rlimits() -> Vec<(u32, u64, u64)> {
+    let mut v = Vec::new();
+    for r in 0..16u32 {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills the struct we own.
+        if unsafe { libc::getrlimit(r, &mut l) } == 0 {
+            v.push((r, l.rlim_cur, l.rlim_max));
+        }
+    }
+    v
+}
+
+fn file_id(m: &MapLine) -> Result<FileId, String> {
+    let md = std::fs::metadata(&m.path).map_err(|e| format!("mapping of {}: {e}", m.path))?;
+    use std::os::unix::fs::MetadataExt;
+    if md.ino() != m.inode {
+        return Err(format!(
+            "mapping of {}: the file at that path was replaced",
+            m.path
+        ));
+    }
+    Ok(FileId {
+        path: m.path.clone().into_bytes(),
+        offset: m.offset,
+        dev: md.dev(),
+        ino: md.ino(),
+        size: md.size(),
+        mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+    })
+}
+
+/// Which pages of a region to save.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Save {
+    /// Pages that exist (present or swapped).
+    Present,
+    /// Pages a private file mapping has copied (present and not file
+    /// pages, or swapped).
+    Modified,
+    /// Every page.
+    All,
+    Nothing,
+}
+
+/// Runs of memory to save: (address, length).
+pub type Runs = Vec<(u64, u64)>;
+
+/// The regions of the image and the runs of memory to save.
+pub fn regions(maps: &[MapLine], exclude: &[(u64, u64)]) -> Result<(Vec<Region>, Runs), String> {
+    let pagemap = std::fs::File::open("/proc/self/pagemap")
+        .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+    let mut regions = Vec::new();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for m in maps {
+        if m.is_special() || exclude.iter().any(|(a, b)| m.start < *b && *a < m.end) {
+            continue;
+        }
+        let deleted = m.path.ends_with(" (deleted)");
+        let anon_name = m.inode == 0;
+        let (kind, save) = if m.path == "[stack]" {
+            (RegionKind::Stack, Save::Present)
+        } else if anon_name {
+            if m.shared {
+                (RegionKind::SharedAnon, Save::All)
+            } else {
+                (RegionKind::Anon, Save::Present)
+            }
+        } else if deleted || m.path.starts_with("/SYSV") || m.path.starts_with("/memfd:") {
+            if m.shared {
+                (RegionKind::SharedAnon, Save::All)
+            } else {
+                (RegionKind::Anon, Save::All)
+            }
+        } else if m.shared {
+            (RegionKind::FileShared(file_id(m)?), Save::Nothing)
+        } else {
+            (RegionKind::FilePrivate(file_id(m)?), Save::Modified)
+        };
+        // Runs never span two regions: the restore checks each against one.
+        let floor = runs.len();
+        match save {
+            Save::Nothing => {}
+            Save::All => push_run(&mut runs, floor, m.start, m.end - m.start),
+            Save::Present | Save::Modified => scan_pagemap(
+                &pagemap,
+                m.start,
+                m.end,
+                save == Save::Modified,
+                &mut runs,
+                floor,
+            )?,
+        }
+        regions.push(Region {
+            start: m.start,
+            end: m.end,
+            prot: m.prot(),
+            saved: runs[floor..].iter().map(|r| r.1).sum(),
+            kind,
+        });
+    }
+    Ok((regions, runs))
+}
+
+fn push_run(runs: &mut Vec<(u64, u64)>, floor: usize, addr: u64, len: u64) {
+    if runs.len() > floor {
+        let last = runs.last_mut().expect("non-empty");
+        if last.0 + last.1 == addr {
+            last.1 += len;
+            return;
+        }
+    }
+    runs.push((addr, len));
+}
+
+fn scan_pagemap(
+    pagemap: &std::fs::File,
+    start: u64,
+    end: u64,
+    modified_only: bool,
+    runs: &mut Vec<(u64, u64)>,
+    floor: usize,
+) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE: u64 = 1 << 61;
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut page = start / PAGE;
+    let last = end / PAGE;
+    while page < last {
+        let n = ((last - page) as usize).min(buf.len() / 8);
+        let got = pagemap
+            .read_at(&mut buf[..n * 8], page * 8)
+            .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+        if got < 8 {
+            return Err("/proc/self/pagemap: short read".into());
+        }
+        for i in 0..got / 8 {
+            let e = u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            let keep = if modified_only {
+                e & SWAPPED != 0 || (e & PRESENT != 0 && e & FILE == 0)
+            } else {
+                e & (PRESENT | SWAPPED) != 0
+            };
+            if keep {
+                push_run(runs, floor, (page + i as u64) * PAGE, PAGE);
+            }
+        }
+        page += (got / 8) as u64;
+    }
+    Ok(())
+}
+
+/// Everything but memory contents and threads.
+pub fn meta(
+    maps: &[MapLine],
+    regions: Vec<Region>,
+    threads: Vec<ThreadState>,
+    fds: Vec<FdState>,
+    mem_bytes: u64,
+    anchor: u64,
+) -> Result<Meta, String> {
+    let status = String::from_utf8_lossy(&read_file("/proc/self/status")?).into_owned();
+    let ids = |name: &str| -> Vec<u32> {
+        status_field(&status, name)
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let umask = status_field(&status, "Umask:")
+        .and_then(|v| u32::from_str_radix(v, 8).ok())
+        .unwrap_or(0o022);
+    let vdso = maps.iter().find(|m| m.path == "[vdso]");
+    let (vdso_start, vdso_bytes) = match vdso {
+        Some(v) => {
+            // SAFETY: the vDSO is mapped readable for its whole range.
+            let s = unsafe {
+                std::slice::from_raw_parts(v.start as *const u8, (v.end - v.start) as usize)
+            };
+            (v.start, s.to_vec())
+        }
+        None => (0, Vec::new()),
+    };
+    // SAFETY: brk(0) only reports the current break.
+    let brk = unsafe { libc::syscall(libc::SYS_brk, 0usize) } as u64;
+    Ok(Meta {
+        gpid: crate::processes::my_gpid(),
+        node: crate::processes::node_id(),
+        caps: crate::processes::hello_caps(),
+        taken_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        exe: read_link("/proc/self/exe")?,
+        argv: split_nul(&read_file("/proc/self/cmdline")?),
+        env: split_nul(&read_file("/proc/self/environ")?),
+        cwd: read_link("/proc/self/cwd")?,
+        umask,
+        rlimits: rlimits(),
+        uid: ids("Uid:").get(1).copied().unwrap_or(0),
+        gid: ids("Gid:").get(1).copied().unwrap_or(0),
+        groups: ids("Groups:"),
+        brk,
+        regions,
+        threads,
+        sigactions: sigactions(),
+        fds,
+        itimers: itimers(),
+        vdso_start,
+        vdso: vdso_bytes,
+        mem_bytes,
+        krg_anchor: anchor,
+    })
+}
+
+/// Write `len` bytes at `p` to `fd`.
+///
+/// # Safety
+/// `[p, p + len)` must be readable memory of this process.
+pub unsafe fn write_all(fd: RawFd, mut p: *const u8, mut len: usize) -> Result<(), String> {
+    while len > 0 {
+        // SAFETY: [p, p+len) is readable memory of this process.
+        let n = unsafe { libc::write(fd, p.cast(), len) };
+        if n < 0 {
+            if errno() == libc::EINTR {
+                continue;
+            }
+            return Err(os_err("writing the image"));
+        }
+        if n == 0 {
+            return Err("writing the image: no progress".into());
+        }
+        // SAFETY: stays within the original range.
+        p = unsafe { p.add(n as usize) };
+        len -= n as usize;
+    }
+    Ok(())
+}
+
+/// Write the image: metadata, memory runs, end marker. Returns its size.
+pub fn write_image(
+    fd: RawFd,
+    meta: &Meta,
+    regions: &[Region],
+    runs: &[(u64, u64)],
+) -> Result<u64, String> {
+    let head = image::encode_meta(meta).map_err(|e| e.to_string())?;
+    // SAFETY: (here and below) each range is a live buffer or a run of the
+    // process's own mapped memory, made readable above if it was not.
+    unsafe { write_all(fd, head.as_ptr(), head.len())? };
+    let mut total = head.len() as u64;
+    for (addr, len) in runs {
+        // A run in a region the process cannot read (PROT_NONE after use)
+        // is made readable for the copy, then put back.
+        let unreadable = regions
+            .iter()
+            .find(|r| r.start <= *addr && *addr < r.end)
+            .filter(|r| r.prot & libc::PROT_READ as u32 == 0);
+        if let Some(r) = unreadable {
+            // SAFETY: changes protection of a mapping of this process that
+            // no running thread uses (all are parked).
+            unsafe {
+                libc::mprotect(
+                    r.start as *mut _,
+                    (r.end - r.start) as usize,
+                    libc::PROT_READ,
+                )
+            };
+        }
+        let h = image::record(*addr, *len);
+        // SAFETY: see above.
+        unsafe {
+            write_all(fd, h.as_ptr(), h.len())?;
+            write_all(fd, *addr as *const u8, *len as usize)?;
+        }
+        if let Some(r) = unreadable {
+            // SAFETY: as above, back to the original protection.
+            unsafe { libc::mprotect(r.start as *mut _, (r.end - r.start) as usize, r.prot as i32) };
+        }
+        total += 16 + len;
+    }
+    let end = image::record(0, 0);
+    // SAFETY: live buffers.
+    unsafe {
+        write_all(fd, end.as_ptr(), end.len())?;
+        write_all(fd, image::END_MAGIC.as_ptr(), 8)?;
+    }
+    Ok(total + 24)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_parse() {
+        let t = "55555555-55556000 r-xp 00001000 fe:00 123    /usr/bin/with space\n\
+                 7ffff000-7ffff100 rw-s 00000000 00:00 0 \n\
+                 ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]\n";
+        let m = parse_maps(t);
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[0].path, "/usr/bin/with space");
+        assert!(m[0].exec && !m[0].write && !m[0].shared);
+        assert_eq!(m[0].offset, 0x1000);
+        assert!(m[1].shared && m[1].path.is_empty());
+        assert!(m[2].is_special());
+    }
+
+    #[test]
+    fn refusals_name_the_resource() {
+        assert_eq!(
+            refusal(7, "anon_inode:[io_uring]").unwrap(),
+            "fd 7: io_uring is not migratable"
+        );
+        assert!(refusal(3, "anon_inode:[eventfd]").is_none());
+        assert!(refusal(1, "pipe:[123]").is_none());
+        assert!(refusal(5, "socket:[9]").unwrap().contains("fd 5"));
+        assert!(refusal(4, "/tmp/x (deleted)").is_some());
+        assert!(refusal(4, "/tmp/x").is_none());
+    }
+
+    #[test]
+    fn own_fds_and_regions() {
+        let fds = list_dir_numbers("/proc/self/fd").unwrap();
+        assert!(fds.contains(&0) || fds.contains(&1) || fds.contains(&2));
+        let maps = parse_maps(&String::from_utf8(read_file("/proc/self/maps").unwrap()).unwrap());
+        let (regions, runs) = regions(&maps, &[]).unwrap();
+        assert!(regions.iter().any(|r| r.kind == RegionKind::Stack));
+        assert!(!runs.is_empty());
+        assert!(runs.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
+    }
+}

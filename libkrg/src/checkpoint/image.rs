@@ -1,0 +1,254 @@
+//! The image of a process: one stream, written front to back by the
+//! capture and read front to back by the restore, so that the same format
+//! goes to a file (checkpoint) or straight down a socket (migration).
+//!
+//! ```text
+//! "KRGIMG01"  meta_len: u64 LE  meta: rkyv archive of Meta (validated on read)
+//! { addr: u64 LE, len: u64 LE, len bytes of memory }*   one record per run of saved pages
+//! addr = 0, len = 0                                       end of memory
+//! "KRGEND01"
+//! ```
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+pub const MAGIC: &[u8; 8] = b"KRGIMG01";
+pub const END_MAGIC: &[u8; 8] = b"KRGEND01";
+/// Largest metadata section accepted on read.
+pub const MAX_META: u64 = 64 << 20;
+/// Name of the image file in a checkpoint directory.
+pub const IMAGE_FILE: &str = "image.krg";
+
+/// Everything about the process except its memory contents.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Meta {
+    pub gpid: i32,
+    /// Node it was captured on.
+    pub node: u32,
+    pub caps: u32,
+    /// Unix milliseconds at capture.
+    pub taken_ms: u64,
+    pub exe: Vec<u8>,
+    /// The command line and environment the process was started with (its
+    /// initial stack), to start the restorer with the same layout.
+    pub argv: Vec<Vec<u8>>,
+    pub env: Vec<Vec<u8>>,
+    pub cwd: Vec<u8>,
+    pub umask: u32,
+    pub rlimits: Vec<(u32, u64, u64)>,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub brk: u64,
+    pub regions: Vec<Region>,
+    pub threads: Vec<ThreadState>,
+    pub sigactions: Vec<SigAction>,
+    pub fds: Vec<FdState>,
+    /// `(which, interval sec, interval usec, value sec, value usec)` for
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF.
+    pub itimers: Vec<(u32, i64, i64, i64, i64)>,
+    /// The vDSO the process has been calling into: it must be identical
+    /// (same kernel build) where the image is restored.
+    pub vdso_start: u64,
+    pub vdso: Vec<u8>,
+    /// Bytes of memory records that follow.
+    pub mem_bytes: u64,
+    /// Addresses of libkrg's own statics (the restorer writes them once the
+    /// memory is back); they must match the restoring process's.
+    pub krg_anchor: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Region {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: u32,
+    /// Bytes of this region saved in the image.
+    pub saved: u64,
+    pub kind: RegionKind,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum RegionKind {
+    /// Private anonymous memory (heap, thread stacks, malloc arenas, ...).
+    Anon,
+    /// The main thread's stack (grows down).
+    Stack,
+    /// Shared anonymous memory (`MAP_SHARED|MAP_ANONYMOUS`, memfd, a SysV
+    /// segment only this process uses): saved whole, restored shared.
+    SharedAnon,
+    /// A private mapping of a file: mapped from the file again, then the
+    /// pages the process modified are overwritten from the image.
+    FilePrivate(FileId),
+    /// A shared mapping of a file: mapped again, its contents are the file.
+    FileShared(FileId),
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FileId {
+    pub path: Vec<u8>,
+    pub offset: u64,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ThreadState {
+    pub tid: i32,
+    /// The thread whose tid is the process id (restored as the first
+    /// thread of the new process).
+    pub main: bool,
+    /// [`super::arch::Ctx`] as words: rbx rbp r12 r13 r14 r15 rsp rip,
+    /// then mxcsr | fcw << 32.
+    pub ctx: Vec<u64>,
+    pub fs: u64,
+    /// `set_tid_address` pointer (glibc: the thread's `tid` field).
+    pub tid_addr: u64,
+    pub robust_head: u64,
+    pub robust_len: u64,
+    /// Its rseq area (0: none registered).
+    pub rseq: u64,
+    pub rseq_len: u32,
+    /// Signal mask inside the checkpoint handler.
+    pub sigmask: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SigAction {
+    pub sig: u32,
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct FdState {
+    pub fd: i32,
+    pub cloexec: bool,
+    pub kind: FdKind,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum FdKind {
+    /// A regular file (or directory), reopened by path at its offset with
+    /// its status flags.
+    File {
+        path: Vec<u8>,
+        flags: i32,
+        offset: i64,
+        dev: u64,
+        ino: u64,
+    },
+    /// A character device that means the same on every node (`/dev/null`,
+    /// `/dev/zero`, `/dev/urandom`, ...).
+    Device {
+        path: Vec<u8>,
+        flags: i32,
+    },
+    /// Standard fd connected to a terminal, pipe or socket: after a
+    /// restart it is connected to what the restarting command gives.
+    Relay,
+    EventFd {
+        count: u64,
+        flags: i32,
+    },
+}
+
+/// Header of one memory record.
+pub fn record(addr: u64, len: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..8].copy_from_slice(&addr.to_le_bytes());
+    h[8..].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+/// Serialise the metadata section (magic and length included).
+pub fn encode_meta(meta: &Meta) -> std::io::Result<Vec<u8>> {
+    // An explicit rkyv arena: the default one lives in a thread-local whose
+    // first use registers a destructor through libc's calloc, which a
+    // capture must not call.
+    let mut arena = rkyv::ser::allocator::Arena::new();
+    let body =
+        rkyv::api::high::to_bytes_with_alloc::<_, rkyv::rancor::Error>(meta, arena.acquire())
+            .map_err(|e| std::io::Error::other(format!("image metadata: {e}")))?;
+    let mut out = Vec::with_capacity(16 + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Read and validate the metadata section from the start of an image.
+pub fn read_meta(r: &mut impl std::io::Read) -> std::io::Result<Meta> {
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let mut head = [0u8; 16];
+    r.read_exact(&mut head)?;
+    if &head[..8] != MAGIC {
+        return Err(bad("not a krg process image (bad magic)".into()));
+    }
+    let len = u64::from_le_bytes(head[8..].try_into().expect("8 bytes"));
+    if len == 0 || len > MAX_META {
+        return Err(bad(format!(
+            "image metadata of {len} bytes is not plausible"
+        )));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body)?;
+    crate::frame::decode::<Meta>(&body).map_err(|e| bad(format!("image metadata: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_roundtrip_and_rejects_garbage() {
+        let m = Meta {
+            gpid: 5,
+            node: 1,
+            caps: 3,
+            taken_ms: 9,
+            exe: b"/bin/x".to_vec(),
+            argv: vec![b"x".to_vec()],
+            env: vec![],
+            cwd: b"/".to_vec(),
+            umask: 0o22,
+            rlimits: vec![(0, 1, 2)],
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            brk: 0x1000,
+            regions: vec![Region {
+                start: 0x1000,
+                end: 0x2000,
+                prot: 3,
+                saved: 0,
+                kind: RegionKind::Anon,
+            }],
+            threads: vec![],
+            sigactions: vec![],
+            fds: vec![FdState {
+                fd: 1,
+                cloexec: false,
+                kind: FdKind::Relay,
+            }],
+            itimers: vec![],
+            vdso_start: 0,
+            vdso: vec![1, 2],
+            mem_bytes: 0,
+            krg_anchor: 0,
+        };
+        let bytes = encode_meta(&m).unwrap();
+        assert_eq!(read_meta(&mut &bytes[..]).unwrap(), m);
+        let mut bad = bytes.clone();
+        let n = bad.len();
+        bad[n - 3] ^= 0xff;
+        bad[20] ^= 0x55;
+        assert!(read_meta(&mut &bad[..]).is_err() || read_meta(&mut &bad[..]).unwrap() != m);
+        assert!(read_meta(&mut &b"KRGIMG01\xff\xff\xff\xff\xff\xff\xff\xff"[..]).is_err());
+        assert!(read_meta(&mut &b"nope"[..]).is_err());
+    }
+}

@@ -1,0 +1,531 @@
+//! Checkpoint, restart and migration by in-library state capture.
+//!
+//! # Capture
+//! The agent asks for a capture by sending [`SIGCKPT`] to the process. The
+//! thread that takes it becomes the *leader*: it asks the agent what is
+//! wanted (the order), signals every other thread, and each of them *parks*
+//! inside the handler after saving its callee-saved registers, thread
+//! pointer, tid address, robust list, rseq area and signal mask
+//! ([`ThreadRaw`]). The leader saves its own, then writes the image
+//! ([`image`]): metadata, then every page worth saving. Because every thread
+//! is inside the handler, the kernel's signal frames (the interrupted
+//! registers, FPU state, masks) are ordinary stack memory in the image.
+//!
+//! # Restore
+//! A fresh instance of the same executable is started with the same
+//! command line, environment and `ADDR_NO_RANDOMIZE`, so the executable, the
+//! libraries (libkrg among them) and the vDSO land where they were. libkrg's
+//! constructor sees `KRG_RESTORE` and runs [`restore`]: it reopens the fds,
+//! then on a private stack with raw system calls replaces the address space
+//! with the image's, recreates the threads with `clone` and resumes each in
+//! its saved context: every thread "returns a second time" from the context
+//! save in the handler. The leader then re-registers with the agent and
+//! releases the others; each handler returns and the kernel's
+//! `rt_sigreturn` resumes the application where it was interrupted.
+
+pub mod alloc;
+pub mod arch;
+pub mod capture;
+pub mod image;
+pub mod restore;
+
+use crate::proto::{CkptAction, Request, Response};
+use crate::{krg_log, log};
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// The signal the agent sends to ask for a capture (and the leader sends
+/// to park the other threads). SIGRTMAX-2: glibc keeps the first real-time
+/// signals for itself; applications that use real-time signals usually
+/// count up from SIGRTMIN.
+pub const SIGCKPT: i32 = crate::proto::CKPT_SIGNAL;
+
+/// Most threads a capture handles.
+pub const MAX_THREADS: usize = 1024;
+
+/// One thread's state at the capture, saved by itself in the handler.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct ThreadRaw {
+    pub tid: i32,
+    pub main: u32,
+    pub ctx: arch::Ctx,
+    pub fs: u64,
+    pub tid_addr: u64,
+    pub robust_head: u64,
+    pub robust_len: u64,
+    pub rseq: u64,
+    pub rseq_len: u32,
+    pub _pad: u32,
+    pub sigmask: u64,
+}
+
+struct Slots(UnsafeCell<[ThreadRaw; MAX_THREADS]>);
+// SAFETY: each slot is written by exactly one thread (index from NSLOTS)
+// and read by the leader only after that thread counted itself parked.
+unsafe impl Sync for Slots {}
+
+static SLOTS: Slots = Slots(UnsafeCell::new(
+    [ThreadRaw {
+        tid: 0,
+        main: 0,
+        ctx: arch::Ctx {
+            rbx: 0,
+            rbp: 0,
+            r12: 0,
+            r13: 0,
+            r14: 0,
+            r15: 0,
+            rsp: 0,
+            rip: 0,
+            mxcsr: 0,
+            fcw: 0,
+            _pad: 0,
+        },
+        fs: 0,
+        tid_addr: 0,
+        robust_head: 0,
+        robust_len: 0,
+        rseq: 0,
+        rseq_len: 0,
+        _pad: 0,
+        sigmask: 0,
+    }; MAX_THREADS],
+));
+static NSLOTS: AtomicUsize = AtomicUsize::new(0);
+/// 1 while a capture runs in this process.
+static BUSY: AtomicU32 = AtomicU32::new(0);
+/// Parked threads wait for this to change.
+static GO: AtomicU32 = AtomicU32::new(0);
+static PARKED: AtomicU32 = AtomicU32::new(0);
+/// Threads of a restored image that left the restorer's stacks.
+pub(crate) static RESUMED: AtomicU32 = AtomicU32::new(0);
+/// The restorer's private area (address, length), unmapped by the leader
+/// once every thread has left it.
+pub(crate) static RESTORE_AREA: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+/// A static whose address says where libkrg's data is: the image records
+/// it and a restore refuses a libkrg mapped elsewhere.
+pub(crate) static ANCHOR: AtomicI32 = AtomicI32::new(0);
+
+extern "C" {
+    /// glibc ≥ 2.35: offset of the rseq area from the thread pointer, and
+    /// its size (0 when glibc did not register one).
+    static __rseq_offset: isize;
+    static __rseq_size: u32;
+}
+
+fn rseq_of(fs: u64) -> (u64, u32) {
+    // SAFETY: plain reads of two constants glibc sets before main.
+    let (off, size) = unsafe { (__rseq_offset, __rseq_size) };
+    if size == 0 {
+        (0, 0)
+    } else {
+        // glibc registers the whole struct rseq (32 bytes) whatever the
+        // feature size it exports.
+        ((fs as i64 + off as i64) as u64, 32)
+    }
+}
+
+fn futex_wait(word: &AtomicU32, val: u32, ms: u64) {
+    let ts = libc::timespec {
+        tv_sec: (ms / 1000) as i64,
+        tv_nsec: ((ms % 1000) * 1_000_000) as i64,
+    };
+    // SAFETY: FUTEX_WAIT on a live atomic with a timeout we own.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            val,
+            &ts,
+        )
+    };
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE on a live atomic.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        )
+    };
+}
+
+fn gettid() -> i32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+fn getpid_raw() -> i32 {
+    // SAFETY: no preconditions.
+    unsafe { libc::syscall(libc::SYS_getpid) as i32 }
+}
+
+/// Fill the calling thread's slot (everything but the context).
+fn fill_slot(t: &mut ThreadRaw) {
+    t.tid = gettid();
+    t.main = u32::from(t.tid == getpid_raw());
+    t.fs = arch::fs_base() as u64;
+    let mut addr: u64 = 0;
+    // SAFETY: PR_GET_TID_ADDRESS writes one pointer into addr.
+    unsafe { libc::prctl(libc::PR_GET_TID_ADDRESS, &mut addr as *mut u64) };
+    t.tid_addr = addr;
+    let mut head: u64 = 0;
+    let mut len: usize = 0;
+    // SAFETY: get_robust_list of the calling thread writes into head/len.
+    unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            0,
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    };
+    t.robust_head = head;
+    t.robust_len = len as u64;
+    let (rseq, rseq_len) = rseq_of(t.fs);
+    t.rseq = rseq;
+    t.rseq_len = rseq_len;
+    let mut mask: u64 = 0;
+    // SAFETY: queries the calling thread's mask into an 8-byte set.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_BLOCK,
+            std::ptr::null::<u64>(),
+            &mut mask as *mut u64,
+            8usize,
+        )
+    };
+    t.sigmask = mask;
+}
+
+fn take_slot() -> Option<*mut ThreadRaw> {
+    let i = NSLOTS.fetch_add(1, Ordering::AcqRel);
+    if i >= MAX_THREADS {
+        return None;
+    }
+    // SAFETY: index i is this thread's alone (fetch_add).
+    Some(unsafe { (SLOTS.0.get() as *mut ThreadRaw).add(i) })
+}
+
+/// Install the capture handler (once the process is an SSI process with
+/// the checkpoint or migrate capability).
+pub fn install() {
+    // SAFETY: a zeroed sigaction is valid; we fill handler, flags, mask.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = on_signal as *const () as usize;
+    sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SAFETY: fills the mask we own.
+    unsafe { libc::sigfillset(&mut sa.sa_mask) };
+    // Faults inside a capture must still kill the process loudly.
+    for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE] {
+        // SAFETY: as above.
+        unsafe { libc::sigdelset(&mut sa.sa_mask, s) };
+    }
+    // SAFETY: installs our handler for our reserved signal.
+    unsafe { libc::sigaction(SIGCKPT, &sa, std::ptr::null_mut()) };
+    ANCHOR.store(1, Ordering::Relaxed);
+}
+
+extern "C" fn on_signal(_sig: i32, info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
+    let saved = crate::rt::errno();
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let (code, sender) = unsafe { ((*info).si_code, (*info).si_pid()) };
+    let from_self = code == libc::SI_TKILL && sender == getpid_raw();
+    if from_self {
+        // The leader parks us; a late one (the capture is over) is dropped.
+        let gen = GO.load(Ordering::Acquire);
+        if BUSY.load(Ordering::Acquire) == 1 {
+            park(gen);
+        }
+    } else if BUSY
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
+        crate::rt::guarded(lead);
+    }
+    crate::rt::set_errno(saved);
+}
+
+fn park(gen: u32) {
+    let Some(slot) = take_slot() else {
+        return;
+    };
+    // SAFETY: the slot is ours.
+    fill_slot(unsafe { &mut *slot });
+    park_here(slot, gen);
+}
+
+/// Save the context and wait for the leader; runs twice after a restore.
+#[inline(never)]
+fn park_here(slot: *mut ThreadRaw, gen: u32) {
+    // SAFETY: the slot is ours; this frame stays live until the wait ends.
+    let restored = unsafe { arch::ctx_save(&mut (*slot).ctx) } != 0;
+    if restored {
+        RESUMED.fetch_add(1, Ordering::AcqRel);
+        futex_wake(&RESUMED);
+    } else {
+        PARKED.fetch_add(1, Ordering::AcqRel);
+        futex_wake(&PARKED);
+    }
+    while GO.load(Ordering::Acquire) == gen && BUSY.load(Ordering::Acquire) == 1 {
+        futex_wait(&GO, gen, 200);
+    }
+}
+
+/// Let the parked threads go and end the capture.
+fn release() {
+    GO.fetch_add(1, Ordering::AcqRel);
+    futex_wake(&GO);
+    BUSY.store(0, Ordering::Release);
+}
+
+/// What the leader does for one order.
+struct Order {
+    action: CkptAction,
+    path: Vec<u8>,
+    kill: bool,
+}
+
+fn ask_order() -> Result<Option<Order>, String> {
+    match crate::client::call(&Request::CkptOrder) {
+        Ok(Response::CkptOrder(o)) => Ok(match o.action {
+            CkptAction::None => None,
+            a => Some(Order {
+                action: a,
+                path: o.path,
+                kill: o.kill,
+            }),
+        }),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn report(ok: bool, msg: String, bytes: u64) {
+    let _ = crate::client::call(&Request::CkptDone { ok, msg, bytes });
+}
+
+fn lead() {
+    if alloc::begin().is_none() {
+        report(false, "no memory for the capture".into(), 0);
+        BUSY.store(0, Ordering::Release);
+        return;
+    }
+    let order = match ask_order() {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            alloc::end();
+            BUSY.store(0, Ordering::Release);
+            return;
+        }
+        Err(e) => {
+            krg_log!(log::Level::Warn, "checkpoint: asking the agent: {e}");
+            alloc::end();
+            BUSY.store(0, Ordering::Release);
+            return;
+        }
+    };
+    let kill = order.kill;
+    let r = lead_capture(&order);
+    drop(order);
+    match r {
+        Ok(Some(bytes)) => {
+            report(true, String::new(), bytes);
+            if kill {
+                // The image is the process now: it must not run on (a
+                // record appended after the capture would be replayed).
+                // SAFETY: kills this process.
+                unsafe { libc::kill(getpid_raw(), libc::SIGKILL) };
+            }
+        }
+        Ok(None) => {
+            // Restored: this is the new process.
+            after_restore();
+            return;
+        }
+        Err(e) => {
+            krg_log!(log::Level::Warn, "checkpoint refused: {e}");
+            report(false, e, 0);
+        }
+    }
+    release();
+    alloc::end();
+}
+
+/// Park the other threads and take the image. `Ok(None)` when this call
+/// returns in a restored process.
+fn lead_capture(order: &Order) -> Result<Option<u64>, String> {
+    let me = gettid();
+    let pid = getpid_raw();
+    NSLOTS.store(0, Ordering::Release);
+    PARKED.store(0, Ordering::Release);
+    // Refuse early, before any thread is disturbed.
+    if personality() & libc::ADDR_NO_RANDOMIZE as u32 == 0 {
+        return Err("the process runs with address randomisation (start it under krg so that it inherits ADDR_NO_RANDOMIZE)".into());
+    }
+    let mut signalled: Vec<i32> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tasks = capture::list_dir_numbers("/proc/self/task")?;
+        let mut new = false;
+        for t in tasks {
+            if t != me && !signalled.contains(&t) {
+                // SAFETY: tgkill to a thread of this process.
+                unsafe { libc::syscall(libc::SYS_tgkill, pid, t, SIGCKPT) };
+                signalled.push(t);
+                new = true;
+            }
+        }
+        let parked = PARKED.load(Ordering::Acquire) as usize;
+        if !new && parked >= signalled.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let stuck: Vec<String> = signalled.iter().map(|t| t.to_string()).collect();
+            return Err(format!(
+                "{} of the threads ({}) did not stop within 5 s (signal {SIGCKPT} blocked?)",
+                signalled.len() - parked,
+                stuck.join(" ")
+            ));
+        }
+        futex_wait(&PARKED, parked as u32, 20);
+    }
+    if signalled.len() + 1 > MAX_THREADS {
+        return Err(format!("more than {MAX_THREADS} threads"));
+    }
+    let slot = take_slot().ok_or("no thread slot")?;
+    // SAFETY: the slot is ours.
+    fill_slot(unsafe { &mut *slot });
+    // On an error the parked threads go on: `lead` releases them.
+    save_and_capture(slot, order)
+}
+
+fn personality() -> u32 {
+    // SAFETY: 0xffffffff queries without changing.
+    unsafe { libc::personality(0xffff_ffff) as u32 }
+}
+
+/// The context save of the leader and, in the same frame, the capture.
+#[inline(never)]
+fn save_and_capture(slot: *mut ThreadRaw, order: &Order) -> Result<Option<u64>, String> {
+    // SAFETY: the slot is ours; this frame stays live during the capture.
+    if unsafe { arch::ctx_save(&mut (*slot).ctx) } != 0 {
+        return Ok(None);
+    }
+    take_image(order).map(Some)
+}
+
+fn threads_of_slots() -> Vec<image::ThreadState> {
+    let n = NSLOTS.load(Ordering::Acquire).min(MAX_THREADS);
+    // SAFETY: every slot below n was filled by a parked thread or us.
+    let slots = unsafe { &(&*SLOTS.0.get())[..n] };
+    slots
+        .iter()
+        .map(|t| image::ThreadState {
+            tid: t.tid,
+            main: t.main != 0,
+            ctx: vec![
+                t.ctx.rbx,
+                t.ctx.rbp,
+                t.ctx.r12,
+                t.ctx.r13,
+                t.ctx.r14,
+                t.ctx.r15,
+                t.ctx.rsp,
+                t.ctx.rip,
+                u64::from(t.ctx.mxcsr) | (u64::from(t.ctx.fcw) << 32),
+            ],
+            fs: t.fs,
+            tid_addr: t.tid_addr,
+            robust_head: t.robust_head,
+            robust_len: t.robust_len,
+            rseq: t.rseq,
+            rseq_len: t.rseq_len,
+            sigmask: t.sigmask,
+        })
+        .collect()
+}
+
+fn take_image(order: &Order) -> Result<u64, String> {
+    match order.action {
+        CkptAction::Checkpoint => {}
+        other => return Err(format!("{other:?} is not supported by this library")),
+    }
+    let threads = threads_of_slots();
+    if !threads.iter().any(|t| t.main) {
+        return Err("the main thread has exited; such a process cannot be restored".into());
+    }
+    let dir = std::path::PathBuf::from(
+        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&order.path),
+    );
+    let path = dir.join(image::IMAGE_FILE);
+    let tmp = dir.join(format!(".{}.tmp", image::IMAGE_FILE));
+    let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let maps_text = capture::read_file("/proc/self/maps")?;
+    let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));
+    let arena = alloc::range();
+    let (regions, runs) = capture::regions(&maps, &[arena])?;
+    let fds = capture::capture_fds(&[fd])?;
+    let mem: u64 = runs.iter().map(|r| r.1).sum();
+    let meta = capture::meta(
+        &maps,
+        regions.clone(),
+        threads,
+        fds,
+        mem,
+        &ANCHOR as *const AtomicI32 as u64,
+    )?;
+    let r = capture::write_image(fd, &meta, &regions, &runs);
+    drop(file);
+    match r {
+        Ok(n) => {
+            std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(n)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// In the leader of a restored process: the address space is the image's
+/// and every thread runs again. Re-register, wait for the others to leave
+/// the restorer's stacks, free those, let everyone go.
+fn after_restore() {
+    let _ = alloc::restart_after_restore();
+    crate::processes::after_restore();
+    let others = NSLOTS.load(Ordering::Acquire).saturating_sub(1) as u32;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = RESUMED.load(Ordering::Acquire);
+        if n >= others || Instant::now() > deadline {
+            break;
+        }
+        futex_wait(&RESUMED, n, 50);
+    }
+    let (a, l) = (
+        RESTORE_AREA[0].swap(0, Ordering::AcqRel),
+        RESTORE_AREA[1].swap(0, Ordering::AcqRel),
+    );
+    if a != 0 && RESUMED.load(Ordering::Acquire) >= others {
+        // SAFETY: the restorer's area; no thread runs on it any more.
+        unsafe { libc::munmap(a as *mut libc::c_void, l) };
+    }
+    krg_log!(
+        log::Level::Info,
+        "restored as gpid {} on node {}",
+        crate::processes::my_gpid(),
+        crate::processes::node_id()
+    );
+    release();
+    alloc::end();
+}
