@@ -20,7 +20,11 @@ pub fn encode<T>(value: &T) -> io::Result<Vec<u8>>
 where
     T: for<'a> rkyv::Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, rancor::Error>>,
 {
-    let body = rkyv::to_bytes::<rancor::Error>(value)
+    // A local arena, not rkyv's thread-local one: a checkpoint handler
+    // encodes from a temporary allocation arena, and a thread-local kept
+    // across it would point into memory that is gone afterwards.
+    let mut arena = rkyv::ser::allocator::Arena::new();
+    let body = rkyv::api::high::to_bytes_with_alloc::<_, rancor::Error>(value, arena.acquire())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("encode: {e}")))?;
     let len = u32::try_from(body.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "frame too large"))?;
