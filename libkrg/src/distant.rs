@@ -86,6 +86,7 @@ pub fn run_on(node: u32, gpid: i32) -> Result<(), String> {
         stdio: stdio.clone(),
         port: listener.port,
         token: token.to_vec(),
+        restore: false,
     };
     match client::call(&Request::RemoteExec(req)) {
         Ok(Response::Pid(_)) => {}
@@ -127,6 +128,48 @@ pub fn shadow_for(
     shadow(gpid, node, &stdio, conns)
 }
 
+/// `KRG_SHADOW=gpid:node:control:fd0:fd1:fd2` (fd numbers of the
+/// connections, -1 for a stdio fd that is not relayed): a migrated
+/// process exec'd itself to shed its memory and be its own shadow.
+pub const SHADOW_ENV: &str = "KRG_SHADOW";
+
+/// Become the shadow described by `KRG_SHADOW`. Returns only if the value
+/// is not valid.
+pub fn shadow_from_env(spec: &str) -> Result<std::convert::Infallible, String> {
+    let v: Vec<i64> = spec
+        .split(':')
+        .map(|x| x.parse::<i64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{SHADOW_ENV}={spec}: not numbers"))?;
+    if v.len() != 6 {
+        return Err(format!("{SHADOW_ENV}={spec}: 6 fields expected"));
+    }
+    let (gpid, node) = (v[0] as i32, v[1] as u32);
+    let mut conns = Vec::new();
+    let mut stdio = Vec::new();
+    for (i, fd) in v[2..].iter().enumerate() {
+        let fd = *fd as RawFd;
+        if fd < 0 {
+            if i > 0 {
+                stdio.push(StdioKind::Closed);
+            }
+            continue;
+        }
+        // SAFETY: the exec'ing process left these fds open for us and
+        // nothing else in this image refers to them.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: set close-on-exec on our own fd again.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        if i == 0 {
+            conns.push((CH_CONTROL, owned));
+        } else {
+            conns.push((CH_FD0 + (i - 1) as u8, owned));
+            stdio.push(StdioKind::Relay);
+        }
+    }
+    shadow(gpid, node, &stdio, conns)
+}
+
 fn read_link(p: &str) -> Result<Vec<u8>, String> {
     std::fs::read_link(p)
         .map(|p| p.into_os_string().into_encoded_bytes())
@@ -141,7 +184,7 @@ fn split_nul(b: &[u8]) -> Vec<Vec<u8>> {
     v
 }
 
-fn current_umask() -> u32 {
+pub(crate) fn current_umask() -> u32 {
     // /proc/self/status has it without the set-and-restore race of umask(2).
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -168,7 +211,7 @@ fn rlimits() -> Vec<(u32, u64, u64)> {
     v
 }
 
-fn stdio_kind(fd: RawFd) -> StdioKind {
+pub(crate) fn stdio_kind(fd: RawFd) -> StdioKind {
     // SAFETY: fstat on any fd number is safe; st is ours.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -210,13 +253,13 @@ fn stdin_file(st: &libc::stat) -> Option<FileRef> {
     })
 }
 
-struct Listener {
+pub(crate) struct Listener {
     fd: OwnedFd,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Listener {
-    fn new() -> Result<Listener, String> {
+    pub(crate) fn new() -> Result<Listener, String> {
         // SAFETY: plain socket creation.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
@@ -263,7 +306,7 @@ impl Listener {
 
     /// Accept the agent's `n` connections (each presents the token and its
     /// channel); strangers are dropped. Gives up after 10 s.
-    fn accept_all(&self, token: &[u8; 16], n: usize) -> Vec<(u8, OwnedFd)> {
+    pub(crate) fn accept_all(&self, token: &[u8; 16], n: usize) -> Vec<(u8, OwnedFd)> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut out = Vec::new();
         while out.len() < n && Instant::now() < deadline {
@@ -435,7 +478,7 @@ fn forward(gpid: i32, sig: i32) {
 }
 
 /// Relay until the program ends, then end like it. Never returns.
-fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, OwnedFd)>) -> ! {
+pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, OwnedFd)>) -> ! {
     let mut control = None;
     let mut pipes: Vec<Pipe> = Vec::new();
     let mut keep = Vec::new();

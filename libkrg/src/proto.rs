@@ -92,6 +92,9 @@ pub enum Request {
     CkptOrder,
     /// From a process: the capture it was ordered is over.
     CkptDone { ok: bool, msg: String, bytes: u64 },
+    /// Move a running process to another node (the `krg migrate`
+    /// command). Answered with `Ckpt`.
+    Migrate { pid: i32, node: u32 },
     /// Restart a checkpointed process (the `krg restart` command); the
     /// caller becomes its shadow as for `RemoteExec`. Answered with
     /// `Restarted`.
@@ -119,6 +122,9 @@ pub enum CkptAction {
     None,
     /// Write the image to a directory.
     Checkpoint,
+    /// Stream the image to another node, which restores it; stay behind as
+    /// the shadow.
+    Migrate,
 }
 
 /// The order a process gets in its checkpoint handler.
@@ -130,6 +136,8 @@ pub struct CkptOrder {
     /// Directory of the image.
     pub path: Vec<u8>,
     pub kill: bool,
+    /// Target node of a migration.
+    pub node: u32,
 }
 
 /// A restart request: what the command read from the image (the agent
@@ -232,7 +240,14 @@ pub struct RemoteExec {
     pub port: u16,
     /// What every connection to that port must present first.
     pub token: Vec<u8>,
+    /// Migration: the target restores the image the caller streams on
+    /// one more connection (channel [`IMAGE_CHANNEL`]) instead of starting
+    /// the executable afresh.
+    pub restore: bool,
 }
+
+/// Channel of the connection that carries a migrating process's image.
+pub const IMAGE_CHANNEL: u8 = 4;
 
 /// The agent's answer to a [`Request`].
 #[derive(

@@ -216,6 +216,13 @@ fn initialise() -> Mode {
         return Mode::Standalone;
     };
     let addr = AGENT.get_or_init(|| addr);
+    if let Ok(spec) = std::env::var(crate::distant::SHADOW_ENV) {
+        // A migrated process re-executed to stay behind as its shadow.
+        let Err(e) = crate::distant::shadow_from_env(&spec);
+        log::emit(format_args!("krg: {e}"));
+        // SAFETY: ends this process.
+        unsafe { libc::_exit(127) };
+    }
     if let Some(image) = std::env::var_os(crate::checkpoint::restore::RESTORE_ENV) {
         // This process exists to become the image: never returns.
         crate::checkpoint::restore::run(&image);

@@ -66,26 +66,42 @@ fn fd_refusal(kpid: i32) -> Option<String> {
 }
 
 impl Agent {
-    /// `krg checkpoint`: route to the node where `g` runs.
+    /// `krg checkpoint` and `krg migrate`: route to the node where `g`
+    /// runs.
     pub(super) async fn checkpoint(
         &self,
         g: i32,
-        dir: Vec<u8>,
-        kill: bool,
+        order: CkptOrder,
         uid: u32,
+        hops: u8,
     ) -> Result<CkptDoneInfo, ErrorReply> {
         self.owner(g)?;
+        if hops > 3 {
+            return Err(err(
+                libc::ESRCH,
+                format!("pid {g}: lost while routing the request"),
+            ));
+        }
         let me = self.node_id();
         let target = {
             let t = self.procs();
             match t.runs_elsewhere(g) {
                 Some(n) if n != me => n,
                 _ if t.get(g).is_some() => me,
-                _ => libkrg::gpid::node_of(g).unwrap_or(me),
+                _ => match libkrg::gpid::node_of(g) {
+                    Some(o) if o != me && hops == 0 => o,
+                    _ => return Err(err(libc::ESRCH, format!("pid {g}: no such process"))),
+                },
             }
         };
+        if order.action == CkptAction::Migrate && order.node == target {
+            return Err(err(
+                libc::EINVAL,
+                format!("pid {g} already runs on node {target}"),
+            ));
+        }
         if target == me {
-            return self.checkpoint_local(g, dir, kill, uid).await;
+            return self.checkpoint_local(g, order, uid).await;
         }
         if !self.is_up(target) {
             return Err(err(
@@ -96,19 +112,27 @@ impl Agent {
         let c = self.client(target).await?;
         let mut cx = tarpc::context::current();
         cx.deadline = Instant::now() + CAPTURE_TIMEOUT + Duration::from_secs(5);
-        c.checkpoint(cx, g, dir, kill, uid)
+        c.checkpoint(cx, g, order, uid, hops + 1)
             .await
             .map_err(|e| err(libc::EHOSTUNREACH, format!("pid {g}: node {target}: {e}")))?
     }
 
-    /// Checkpoint a process of this node.
+    /// Checkpoint or migrate a process of this node.
     pub(super) async fn checkpoint_local(
         &self,
         g: i32,
-        dir: Vec<u8>,
-        kill: bool,
+        order: CkptOrder,
         uid: u32,
     ) -> Result<CkptDoneInfo, ErrorReply> {
+        let migrate = order.action == CkptAction::Migrate;
+        let (cap, capname) = if migrate {
+            (Caps::MIGRATE, "migrate")
+        } else {
+            (Caps::CHECKPOINT, "checkpoint")
+        };
+        if migrate && !self.is_up(order.node) {
+            return Err(err(libc::EHOSTDOWN, format!("node {} is down", order.node)));
+        }
         let kpid = {
             let t = self.procs();
             let p = t.get(g).filter(|p| p.running_on.is_none()).ok_or_else(|| {
@@ -118,12 +142,10 @@ impl Agent {
                 )
             })?;
             super::procs::ProcTable::permitted(p, uid)?;
-            if !p.caps_eff.contains(Caps::CHECKPOINT) {
+            if !p.caps_eff.contains(cap) {
                 return Err(err(
                     libc::EPERM,
-                    format!(
-                        "pid {g}: the checkpoint capability is off (krg capset {g} +checkpoint)"
-                    ),
+                    format!("pid {g}: the {capname} capability is off (krg capset {g} +{capname})"),
                 ));
             }
             if !p.greeted {
@@ -159,11 +181,7 @@ impl Agent {
             o.insert(
                 kpid,
                 Pending {
-                    order: CkptOrder {
-                        action: CkptAction::Checkpoint,
-                        path: dir.clone(),
-                        kill,
-                    },
+                    order: order.clone(),
                     taken: false,
                     done: Some(tx),
                 },
@@ -186,19 +204,46 @@ impl Agent {
                 _ => "the capture did not finish in time".to_string(),
             }),
         };
-        let bytes = res.map_err(|e| err(libc::EIO, format!("pid {g}: {e}")))?;
+        let bytes = match res {
+            Ok(b) => b,
+            Err(e) => {
+                if migrate {
+                    // It stays here after all.
+                    self.procs().clear_shadow(g);
+                    self.relocate(g, self.node_id()).await;
+                }
+                return Err(err(libc::EIO, format!("pid {g}: {e}")));
+            }
+        };
         let ms = started.elapsed().as_millis() as u64;
-        info!(
-            "pid {g}: checkpointed to {} ({bytes} bytes, {ms} ms{})",
-            String::from_utf8_lossy(&dir),
-            if kill { ", killed" } else { "" }
-        );
+        if migrate {
+            info!(
+                "pid {g}: migrated to node {} ({bytes} bytes, {ms} ms)",
+                order.node
+            );
+        } else {
+            info!(
+                "pid {g}: checkpointed to {} ({bytes} bytes, {ms} ms{})",
+                String::from_utf8_lossy(&order.path),
+                if order.kill { ", killed" } else { "" }
+            );
+        }
         Ok(CkptDoneInfo {
             pid: g,
-            node: self.node_id(),
+            node: if migrate { order.node } else { self.node_id() },
             bytes,
             ms,
         })
+    }
+
+    /// Tell the origin node of `g` that it runs on `node` now.
+    pub(super) async fn relocate(&self, g: i32, node: u32) {
+        let origin = libkrg::gpid::node_of(g).unwrap_or(node);
+        if origin == self.node_id() {
+            self.procs().set_location(g, node);
+        } else if let Ok(oc) = self.client(origin).await {
+            let _ = oc.set_location(super::ctx(), g, node).await;
+        }
     }
 
     /// `CkptOrder` from a process in its handler.
@@ -213,6 +258,7 @@ impl Agent {
                 action: CkptAction::None,
                 path: Vec::new(),
                 kill: false,
+                node: 0,
             },
         }
     }
@@ -283,12 +329,7 @@ impl Agent {
                 .await
                 .map_err(|e| err(libc::EHOSTUNREACH, format!("node {node}: {e}")))??
         };
-        let origin = libkrg::gpid::node_of(gpid).unwrap_or(node);
-        if origin == self.node_id() {
-            self.procs().set_location(gpid, node);
-        } else if let Ok(oc) = self.client(origin).await {
-            let _ = oc.set_location(super::ctx(), gpid, node).await;
-        }
+        self.relocate(gpid, node).await;
         info!(
             "pid {gpid}: restarted from {} on node {node} (kernel pid {kpid} there)",
             String::from_utf8_lossy(&req.image)

@@ -733,9 +733,28 @@ impl Agent {
                     place: 0,
                 })
             }
-            Request::Checkpoint { pid, dir, kill } => Ok(Response::Ckpt(
-                self.checkpoint(pid, dir, kill, who.uid).await?,
-            )),
+            Request::Checkpoint { pid, dir, kill } => {
+                let order = libkrg::proto::CkptOrder {
+                    action: libkrg::proto::CkptAction::Checkpoint,
+                    path: dir,
+                    kill,
+                    node: 0,
+                };
+                Ok(Response::Ckpt(
+                    self.checkpoint(pid, order, who.uid, 0).await?,
+                ))
+            }
+            Request::Migrate { pid, node } => {
+                let order = libkrg::proto::CkptOrder {
+                    action: libkrg::proto::CkptAction::Migrate,
+                    path: Vec::new(),
+                    kill: false,
+                    node,
+                };
+                Ok(Response::Ckpt(
+                    self.checkpoint(pid, order, who.uid, 0).await?,
+                ))
+            }
             Request::CkptOrder => Ok(Response::CkptOrder(self.ckpt_order(who))),
             Request::CkptDone { ok, msg, bytes } => {
                 self.ckpt_done(who, ok, msg, bytes);
@@ -814,11 +833,11 @@ impl Peer for PeerServer {
         self,
         _: context::Context,
         g: i32,
-        dir: Vec<u8>,
-        kill: bool,
+        order: libkrg::proto::CkptOrder,
         uid: u32,
+        hops: u8,
     ) -> Result<libkrg::proto::CkptDoneInfo, ErrorReply> {
-        self.0.checkpoint_local(g, dir, kill, uid).await
+        self.0.checkpoint(g, order, uid, hops).await
     }
 
     async fn set_location(self, _: context::Context, g: i32, node: u32) {

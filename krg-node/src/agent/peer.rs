@@ -61,9 +61,9 @@ pub trait Peer {
     /// with SO_PEERCRED by the calling agent).
     async fn checkpoint(
         gpid: i32,
-        dir: Vec<u8>,
-        kill: bool,
+        order: libkrg::proto::CkptOrder,
         caller_uid: u32,
+        hops: u8,
     ) -> Result<libkrg::proto::CkptDoneInfo, ErrorReply>;
     /// The callee is the origin node of `gpid`: it now runs on `node`.
     async fn set_location(gpid: i32, node: u32);

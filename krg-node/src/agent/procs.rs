@@ -33,6 +33,10 @@ pub struct Proc {
     pub skip_place: bool,
     pub vppid: Option<i32>,
     pub vpgid: Option<i32>,
+    /// The command line to show instead of /proc's (a restored image: the
+    /// kernel's record of the command line points into memory the image
+    /// replaced).
+    pub command: Option<String>,
 }
 
 /// What `/proc/<pid>/stat` says about a process.
@@ -287,6 +291,7 @@ impl ProcTable {
                         skip_place: false,
                         vppid: None,
                         vpgid: None,
+                        command: None,
                     },
                 );
                 self.by_kpid.insert(kpid, g);
@@ -359,6 +364,7 @@ impl ProcTable {
                 skip_place: true,
                 vppid: Some(vppid),
                 vpgid: Some(vpgid),
+                command: None,
             },
         );
         self.by_kpid.insert(kpid, g);
@@ -387,6 +393,13 @@ impl ProcTable {
     pub fn set_shadow(&mut self, g: i32, node: u32) {
         if let Some(p) = self.by_gpid.get_mut(&g) {
             p.running_on = Some(node);
+        }
+    }
+
+    /// The local process `g` runs here after all (a migration failed).
+    pub fn clear_shadow(&mut self, g: i32) {
+        if let Some(p) = self.by_gpid.get_mut(&g) {
+            p.running_on = None;
         }
     }
 
@@ -520,7 +533,10 @@ impl ProcTable {
                 rss_kb: st.rss_pages * (page_size() / 1024),
                 cpu_time_ms: (cpu_s * 1000.0) as u64,
                 elapsed_s: elapsed,
-                command: read_cmdline(p.kpid, &st.comm),
+                command: p
+                    .command
+                    .clone()
+                    .unwrap_or_else(|| read_cmdline(p.kpid, &st.comm)),
                 caps: p.caps_eff.0,
             });
         }

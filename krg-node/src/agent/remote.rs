@@ -183,6 +183,13 @@ impl Agent {
         )
         .await;
         let mut control = control?;
+        // A migration: the image arrives on one more connection, handed to
+        // the restoring process as fd 3.
+        let image_stream = if spec.exec.restore {
+            Some(connect_shadow(spec.shadow, &spec.exec.token, libkrg::proto::IMAGE_CHANNEL).await?)
+        } else {
+            None
+        };
         tracing::debug!("pid {}: shadow streams connected", spec.gpid);
         let mut streams = relayed
             .into_iter()
@@ -229,7 +236,13 @@ impl Agent {
                 libkrg::checkpoint::restore::RESTORE_ENV,
                 OsStr::from_bytes(image),
             );
+        } else if image_stream.is_some() {
+            cmd.env(libkrg::checkpoint::restore::RESTORE_ENV, "fd:3");
         }
+        let image_fd = image_stream
+            .as_ref()
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+            .unwrap_or(-1);
         let cwd = OsStr::from_bytes(&spec.exec.cwd).to_owned();
         if !std::path::Path::new(&cwd).is_dir() {
             return Err(err(
@@ -286,6 +299,9 @@ impl Agent {
                 for fd in &closed {
                     libc::close(*fd);
                 }
+                if image_fd >= 0 && libc::dup2(image_fd, 3) != 3 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setgid(gid) != 0
                     || libc::setuid(uid) != 0
@@ -297,7 +313,7 @@ impl Agent {
         }
         let node = self.node_id();
         let mut g = spec.gpid;
-        let restoring = spec.restore.is_some();
+        let restoring = spec.restore.is_some() || spec.exec.restore;
         // Spawn and register under the reaper's lock: the child can neither
         // be reaped by the pid-1 reaper nor say Hello before it is known.
         let (child, kpid) = {
@@ -337,6 +353,14 @@ impl Agent {
                         // Hello: it asks Whoami.
                         if let Some(p) = t.get_mut(g) {
                             p.greeted = true;
+                            p.command = Some(
+                                spec.exec
+                                    .argv
+                                    .iter()
+                                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                                    .collect::<Vec<_>>()
+                                    .join(" "),
+                            );
                         }
                     }
                 })

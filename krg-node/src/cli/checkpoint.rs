@@ -85,6 +85,7 @@ pub fn restart(dir: &Path, node: Option<u32>, quiet: bool) -> Result<i32> {
                     stdio,
                     port,
                     token,
+                    restore: false,
                 },
             })
         },
@@ -97,5 +98,25 @@ pub fn restart(dir: &Path, node: Option<u32>, quiet: bool) -> Result<i32> {
     match err {
         Ok(never) => match never {},
         Err(e) => bail!("restart of {}: {e}", path.display()),
+    }
+}
+
+/// `krg migrate PID NODE`.
+pub fn migrate(pid: i32, node: u32) -> Result<i32> {
+    let node = libkrg::proto::parse_node_pin(&node.to_string())
+        .with_context(|| format!("node {node}: node ids are 1..={}", libkrg::gpid::MAX_NODE))?;
+    match agent_call(&Request::Migrate { pid, node })? {
+        Response::Ckpt(i) => {
+            println!(
+                "pid {}: migrated to node {} ({} in {} ms)",
+                i.pid,
+                i.node,
+                mib(i.bytes),
+                i.ms
+            );
+            Ok(0)
+        }
+        Response::Err(e) => bail!("{}", e.msg),
+        other => bail!("unexpected answer: {other:?}"),
     }
 }

@@ -91,6 +91,9 @@ pub enum Cmd {
         #[arg(long)]
         kill: bool,
     },
+    /// Move a running process to node NODE (its pid, parent, stdio and
+    /// signals stay as they were).
+    Migrate { pid: i32, node: u32 },
     /// Restart a checkpointed process (on node N, or where the scheduler
     /// places it); this command stays as its stand-in (stdio, signals,
     /// exit status).
@@ -234,6 +237,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             bail!("cannot run {}: {err}", cmd[0])
         }
         Cmd::Checkpoint { pid, dir, kill } => checkpoint::checkpoint(pid, dir, kill),
+        Cmd::Migrate { pid, node } => checkpoint::migrate(pid, node),
         Cmd::Restart { dir, node, quiet } => checkpoint::restart(&dir, node, quiet),
         Cmd::Sched { json, cmd } => sched::sched(cmd, json),
         Cmd::Bench { quick } => bench::bench(quick),

@@ -520,6 +520,7 @@ pub fn meta(
         }
         None => (0, Vec::new()),
     };
+    let ident = super::exec_ident()?;
     // SAFETY: brk(0) only reports the current break.
     let brk = unsafe { libc::syscall(libc::SYS_brk, 0usize) } as u64;
     Ok(Meta {
@@ -531,8 +532,8 @@ pub fn meta(
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
         exe: read_link("/proc/self/exe")?,
-        argv: split_nul(&read_file("/proc/self/cmdline")?),
-        env: split_nul(&read_file("/proc/self/environ")?),
+        argv: split_nul(&ident.0),
+        env: split_nul(&ident.1),
         cwd: read_link("/proc/self/cwd")?,
         umask,
         rlimits: rlimits(),

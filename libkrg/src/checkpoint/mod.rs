@@ -27,6 +27,7 @@ pub mod alloc;
 pub mod arch;
 pub mod capture;
 pub mod image;
+mod migrate;
 pub mod restore;
 
 use crate::proto::{CkptAction, Request, Response};
@@ -107,6 +108,45 @@ pub(crate) static RESTORE_AREA: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicU
 /// A static whose address says where libkrg's data is: the image records
 /// it and a restore refuses a libkrg mapped elsewhere.
 pub(crate) static ANCHOR: AtomicI32 = AtomicI32::new(0);
+
+/// The command line and environment the process image was started with
+/// (NUL-separated, as in /proc/self/cmdline and /proc/self/environ), kept
+/// in libkrg's memory at the first capture: after a restore, /proc shows
+/// the restoring process's own start instead, so a second capture of a
+/// restored process must take them from here. A fixed buffer because a
+/// capture may not allocate anything that outlives it.
+struct ExecIdent(UnsafeCell<[u8; IDENT_MAX]>);
+// SAFETY: only the leader of a capture touches it (every other thread of
+// the process is parked meanwhile).
+unsafe impl Sync for ExecIdent {}
+const IDENT_MAX: usize = 256 * 1024;
+static IDENT: ExecIdent = ExecIdent(UnsafeCell::new([0; IDENT_MAX]));
+/// Lengths of the command line and environment in `IDENT` (0, 0: unset).
+static IDENT_LEN: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+/// The start-time command line and environment (raw, NUL-separated).
+pub(crate) fn exec_ident() -> Result<(Vec<u8>, Vec<u8>), String> {
+    let (a, e) = (
+        IDENT_LEN[0].load(Ordering::Acquire),
+        IDENT_LEN[1].load(Ordering::Acquire),
+    );
+    if a > 0 {
+        // SAFETY: the first a + e bytes were written by a previous capture.
+        let buf = unsafe { &*IDENT.0.get() };
+        return Ok((buf[..a].to_vec(), buf[a..a + e].to_vec()));
+    }
+    let argv = capture::read_file("/proc/self/cmdline")?;
+    let env = capture::read_file("/proc/self/environ")?;
+    if argv.len() + env.len() <= IDENT_MAX && !argv.is_empty() {
+        // SAFETY: the leader alone writes the buffer, within its bounds.
+        let buf = unsafe { &mut *IDENT.0.get() };
+        buf[..argv.len()].copy_from_slice(&argv);
+        buf[argv.len()..argv.len() + env.len()].copy_from_slice(&env);
+        IDENT_LEN[1].store(env.len(), Ordering::Release);
+        IDENT_LEN[0].store(argv.len(), Ordering::Release);
+    }
+    Ok((argv, env))
+}
 
 extern "C" {
     /// glibc ≥ 2.35: offset of the rseq area from the thread pointer, and
@@ -287,10 +327,11 @@ fn release() {
 }
 
 /// What the leader does for one order.
-struct Order {
-    action: CkptAction,
-    path: Vec<u8>,
-    kill: bool,
+pub(crate) struct Order {
+    pub(crate) action: CkptAction,
+    pub(crate) path: Vec<u8>,
+    pub(crate) kill: bool,
+    pub(crate) node: u32,
 }
 
 fn ask_order() -> Result<Option<Order>, String> {
@@ -301,6 +342,7 @@ fn ask_order() -> Result<Option<Order>, String> {
                 action: a,
                 path: o.path,
                 kill: o.kill,
+                node: o.node,
             }),
         }),
         Ok(other) => Err(format!("unexpected answer {other:?}")),
@@ -308,7 +350,7 @@ fn ask_order() -> Result<Option<Order>, String> {
     }
 }
 
-fn report(ok: bool, msg: String, bytes: u64) {
+pub(crate) fn report(ok: bool, msg: String, bytes: u64) {
     let _ = crate::client::call(&Request::CkptDone { ok, msg, bytes });
 }
 
@@ -419,10 +461,13 @@ fn save_and_capture(slot: *mut ThreadRaw, order: &Order) -> Result<Option<u64>, 
     if unsafe { arch::ctx_save(&mut (*slot).ctx) } != 0 {
         return Ok(None);
     }
-    take_image(order).map(Some)
+    match order.action {
+        CkptAction::Migrate => migrate::out(order).map(Some),
+        _ => take_image(order).map(Some),
+    }
 }
 
-fn threads_of_slots() -> Vec<image::ThreadState> {
+pub(crate) fn threads_of_slots() -> Vec<image::ThreadState> {
     let n = NSLOTS.load(Ordering::Acquire).min(MAX_THREADS);
     // SAFETY: every slot below n was filled by a parked thread or us.
     let slots = unsafe { &(&*SLOTS.0.get())[..n] };
@@ -453,15 +498,17 @@ fn threads_of_slots() -> Vec<image::ThreadState> {
         .collect()
 }
 
-fn take_image(order: &Order) -> Result<u64, String> {
-    match order.action {
-        CkptAction::Checkpoint => {}
-        other => return Err(format!("{other:?} is not supported by this library")),
-    }
+/// The threads of the capture; refused without a main thread.
+fn capture_threads() -> Result<Vec<image::ThreadState>, String> {
     let threads = threads_of_slots();
     if !threads.iter().any(|t| t.main) {
         return Err("the main thread has exited; such a process cannot be restored".into());
     }
+    Ok(threads)
+}
+
+fn take_image(order: &Order) -> Result<u64, String> {
+    let threads = capture_threads()?;
     let dir = std::path::PathBuf::from(
         <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&order.path),
     );

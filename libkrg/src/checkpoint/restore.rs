@@ -257,7 +257,18 @@ fn overlaps(a: u64, b: u64, c: u64, d: u64) -> bool {
 }
 
 fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
-    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    // `fd:N`: the image streams in on fd N (a migration); else a file.
+    let mut file = match path.to_str().and_then(|p| p.strip_prefix("fd:")) {
+        Some(n) => {
+            let fd: RawFd = n.parse().map_err(|_| format!("bad image fd {n}"))?;
+            if fstat(fd).is_none() {
+                return Err(format!("image fd {fd} is not open"));
+            }
+            // SAFETY: the agent left this fd open for us; nothing else owns it.
+            unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+        }
+        None => std::fs::File::open(path).map_err(|e| e.to_string())?,
+    };
     let meta = image::read_meta(&mut file).map_err(|e| e.to_string())?;
     let anchor = &ANCHOR as *const _ as u64;
     if meta.krg_anchor != anchor {

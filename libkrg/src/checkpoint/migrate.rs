@@ -1,0 +1,152 @@
+//! Live migration, in the leader of a capture: the image goes straight
+//! down a TCP connection to the target node (no disk), where the agent
+//! feeds it to a restoring instance of the program; this process then
+//! stays behind as the program's *shadow* (the parent's child: it relays
+//! the stdio that cannot move, forwards signals and ends like the program;
+//! see `crate::distant`). To give its memory back at once it re-executes
+//! itself in shadow mode (`KRG_SHADOW`), which also ends its other threads.
+
+use super::image::FdKind;
+use super::{capture, report, Order, ANCHOR};
+use crate::distant::{self, Listener, SHADOW_ENV};
+use crate::proto::{RemoteExec, Request, Response, StdioKind, IMAGE_CHANNEL};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::AtomicI32;
+
+/// Take the image and send it to `order.node`. Never returns once the
+/// image is sent; an error means nothing changed (the process goes on).
+pub(super) fn out(order: &Order) -> Result<u64, String> {
+    let threads = super::capture_threads()?;
+    let maps_text = capture::read_file("/proc/self/maps")?;
+    let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));
+    let arena = super::alloc::range();
+    let (regions, runs) = capture::regions(&maps, &[arena])?;
+    // The fds, before this side's own sockets exist.
+    let fds = capture::capture_fds(&[])?;
+    let mem: u64 = runs.iter().map(|r| r.1).sum();
+    let meta = capture::meta(
+        &maps,
+        regions.clone(),
+        threads,
+        fds,
+        mem,
+        &ANCHOR as *const AtomicI32 as u64,
+    )?;
+    let listener = Listener::new()?;
+    let mut token = [0u8; 16];
+    // SAFETY: getrandom writes at most token.len() bytes into token.
+    if unsafe { libc::getrandom(token.as_mut_ptr().cast(), token.len(), 0) } != 16 {
+        return Err("getrandom failed".into());
+    }
+    // Stdio that is a terminal, pipe or socket stays here and is relayed;
+    // files and devices are reopened there from the image.
+    let stdio: Vec<StdioKind> = (0..3)
+        .map(
+            |i| match meta.fds.iter().find(|f| f.fd == i).map(|f| &f.kind) {
+                Some(FdKind::Relay) => StdioKind::Relay,
+                _ => StdioKind::Closed,
+            },
+        )
+        .collect();
+    let req = RemoteExec {
+        node: order.node,
+        exe: meta.exe.clone(),
+        argv: meta.argv.clone(),
+        env: meta.env.clone(),
+        cwd: meta.cwd.clone(),
+        umask: meta.umask,
+        rlimits: meta.rlimits.clone(),
+        stdio: stdio.clone(),
+        port: listener.port,
+        token: token.to_vec(),
+        restore: true,
+    };
+    match crate::client::call(&Request::RemoteExec(req)) {
+        Ok(Response::Pid(_)) => {}
+        Ok(other) => return Err(format!("unexpected answer {other:?}")),
+        Err(e) => return Err(format!("node {}: {e}", order.node)),
+    }
+    let relayed = stdio.iter().filter(|k| **k == StdioKind::Relay).count();
+    let mut conns = listener.accept_all(&token, 2 + relayed);
+    let Some(i) = conns.iter().position(|(ch, _)| *ch == IMAGE_CHANNEL) else {
+        return Err(format!(
+            "node {} did not connect back for the image",
+            order.node
+        ));
+    };
+    let (_, image) = conns.remove(i);
+    // SAFETY: blocking mode on our own socket.
+    unsafe { libc::fcntl(image.as_raw_fd(), libc::F_SETFL, 0) };
+    let bytes = capture::write_image(image.as_raw_fd(), &meta, &regions, &runs)?;
+    // SAFETY: half-close our socket: the target sees the end of the image.
+    unsafe { libc::shutdown(image.as_raw_fd(), libc::SHUT_WR) };
+    drop(image);
+    report(true, String::new(), bytes);
+    become_shadow(
+        meta.gpid, order.node, &meta.exe, &meta.argv, &meta.env, conns,
+    )
+}
+
+/// Re-execute as the shadow of the migrated program, keeping only the
+/// connections to it. Falls back to being the shadow in place.
+fn become_shadow(
+    gpid: i32,
+    node: u32,
+    exe: &[u8],
+    argv: &[Vec<u8>],
+    env: &[Vec<u8>],
+    conns: Vec<(u8, OwnedFd)>,
+) -> ! {
+    let fd_of = |ch: u8| -> i64 {
+        conns
+            .iter()
+            .find(|(c, _)| *c == ch)
+            .map(|(_, f)| i64::from(f.as_raw_fd()))
+            .unwrap_or(-1)
+    };
+    let spec = format!(
+        "{gpid}:{node}:{}:{}:{}:{}",
+        fd_of(0),
+        fd_of(1),
+        fd_of(2),
+        fd_of(3)
+    );
+    for (_, f) in &conns {
+        // SAFETY: the shadow image inherits these fds.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) };
+    }
+    let c = |b: &[u8]| std::ffi::CString::new(b.to_vec()).ok();
+    let mut envs: Vec<std::ffi::CString> = env
+        .iter()
+        .filter(|e| {
+            !e.starts_with(SHADOW_ENV.as_bytes())
+                && !e.starts_with(super::restore::RESTORE_ENV.as_bytes())
+        })
+        .filter_map(|e| c(e))
+        .collect();
+    envs.extend(c(format!("{SHADOW_ENV}={spec}").as_bytes()));
+    let args: Vec<std::ffi::CString> = argv.iter().filter_map(|a| c(a)).collect();
+    if let Some(exe) = c(exe) {
+        let mut av: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        av.push(std::ptr::null());
+        let mut ev: Vec<*const libc::c_char> = envs.iter().map(|e| e.as_ptr()).collect();
+        ev.push(std::ptr::null());
+        // SAFETY: NUL-terminated arrays of valid C strings; on success the
+        // image is replaced (other threads end), on failure we go on below.
+        unsafe { libc::execve(exe.as_ptr(), av.as_ptr(), ev.as_ptr()) };
+    }
+    crate::krg_log!(
+        crate::log::Level::Warn,
+        "pid {gpid}: could not re-execute as a shadow; relaying from the old image"
+    );
+    let stdio: Vec<StdioKind> = (1..4)
+        .map(|ch| {
+            if fd_of(ch) >= 0 {
+                StdioKind::Relay
+            } else {
+                StdioKind::Closed
+            }
+        })
+        .collect();
+    distant::shadow(gpid, node, &stdio, conns)
+}
