@@ -65,6 +65,19 @@ fn fd_refusal(kpid: i32) -> Option<String> {
     fds.iter().find_map(|(fd, l)| refusal(*fd, l))
 }
 
+/// A live child of a local process, if any (zombies included: the parent
+/// still has to reap them here).
+fn first_child(kpid: i32) -> Option<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{kpid}/task")).ok()?;
+    for t in tasks.flatten() {
+        let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        if let Some(c) = kids.split_whitespace().next().and_then(|c| c.parse().ok()) {
+            return Some(c);
+        }
+    }
+    None
+}
+
 impl Agent {
     /// `krg checkpoint` and `krg migrate`: route to the node where `g`
     /// runs.
@@ -133,8 +146,17 @@ impl Agent {
         if migrate && !self.is_up(order.node) {
             return Err(err(libc::EHOSTDOWN, format!("node {} is down", order.node)));
         }
+        // A process still being restored here is not capturable yet (its
+        // handlers are not back): wait a little for it.
+        let wait_until = Instant::now() + Duration::from_secs(10);
+        while self.procs().get(g).is_some_and(|p| p.restoring) && Instant::now() < wait_until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let kpid = {
             let t = self.procs();
+            if t.get(g).is_some_and(|p| p.restoring) {
+                return Err(err(libc::EBUSY, format!("pid {g}: still being restored")));
+            }
             let p = t.get(g).filter(|p| p.running_on.is_none()).ok_or_else(|| {
                 err(
                     libc::ESRCH,
@@ -158,6 +180,16 @@ impl Agent {
         };
         if let Some(why) = fd_refusal(kpid) {
             return Err(err(libc::EBUSY, format!("pid {g}: {why}")));
+        }
+        if migrate || order.kill {
+            if let Some(child) = first_child(kpid) {
+                return Err(err(
+                    libc::EBUSY,
+                    format!(
+                        "pid {g} has child processes (kernel pid {child} here): a parent cannot move away from its children yet"
+                    ),
+                ));
+            }
         }
         let pers = std::fs::read_to_string(format!("/proc/{kpid}/personality"))
             .ok()

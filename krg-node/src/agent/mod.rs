@@ -725,7 +725,15 @@ impl Agent {
                         format!("kernel pid {kpid} is not an SSI process"),
                     )
                 })?;
-                let caps = t.get(g).map(|p| p.caps_eff.0).unwrap_or(0);
+                drop(t);
+                let mut t = self.procs();
+                let caps = match t.get_mut(g) {
+                    Some(p) => {
+                        p.restoring = false;
+                        p.caps_eff.0
+                    }
+                    None => 0,
+                };
                 Ok(Response::Hello {
                     gpid: g,
                     node: self.cfg.node_id,

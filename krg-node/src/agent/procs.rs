@@ -37,6 +37,9 @@ pub struct Proc {
     /// kernel's record of the command line points into memory the image
     /// replaced).
     pub command: Option<String>,
+    /// An image being restored: not capturable until it asks `Whoami`
+    /// (its handlers and threads are not back before that).
+    pub restoring: bool,
 }
 
 /// What `/proc/<pid>/stat` says about a process.
@@ -292,6 +295,7 @@ impl ProcTable {
                         vppid: None,
                         vpgid: None,
                         command: None,
+                        restoring: false,
                     },
                 );
                 self.by_kpid.insert(kpid, g);
@@ -365,6 +369,7 @@ impl ProcTable {
                 vppid: Some(vppid),
                 vpgid: Some(vpgid),
                 command: None,
+                restoring: false,
             },
         );
         self.by_kpid.insert(kpid, g);

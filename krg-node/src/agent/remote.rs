@@ -353,6 +353,7 @@ impl Agent {
                         // Hello: it asks Whoami.
                         if let Some(p) = t.get_mut(g) {
                             p.greeted = true;
+                            p.restoring = true;
                             p.command = Some(
                                 spec.exec
                                     .argv

@@ -24,7 +24,7 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     // The fds, before this side's own sockets exist.
     let fds = capture::capture_fds(&[])?;
     let mem: u64 = runs.iter().map(|r| r.1).sum();
-    let meta = capture::meta(
+    let mut meta = capture::meta(
         &maps,
         regions.clone(),
         threads,
@@ -32,6 +32,15 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
         mem,
         &ANCHOR as *const AtomicI32 as u64,
     )?;
+    // Stdin, stdout and stderr stay with the shadow, whatever they are
+    // (a file here may not exist there; a file shared with the parent keeps
+    // its one offset): the target gets relayed streams. Devices that mean
+    // the same everywhere are simply reopened there.
+    for f in meta.fds.iter_mut().filter(|f| f.fd <= 2) {
+        if !matches!(f.kind, FdKind::Device { .. }) {
+            f.kind = FdKind::Relay;
+        }
+    }
     let listener = Listener::new()?;
     let mut token = [0u8; 16];
     // SAFETY: getrandom writes at most token.len() bytes into token.
@@ -77,7 +86,11 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     let (_, image) = conns.remove(i);
     // SAFETY: blocking mode on our own socket.
     unsafe { libc::fcntl(image.as_raw_fd(), libc::F_SETFL, 0) };
-    let bytes = capture::write_image(image.as_raw_fd(), &meta, &regions, &runs)?;
+    let bytes = match capture::write_image(image.as_raw_fd(), &meta, &regions, &runs) {
+        Ok(b) => b,
+        // The restorer says why it gave up on the same connection.
+        Err(e) => return Err(why_refused(&image).unwrap_or(e)),
+    };
     // SAFETY: half-close our socket: the target sees the end of the image.
     unsafe { libc::shutdown(image.as_raw_fd(), libc::SHUT_WR) };
     drop(image);
@@ -85,6 +98,39 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     become_shadow(
         meta.gpid, order.node, &meta.exe, &meta.argv, &meta.env, conns,
     )
+}
+
+/// The restorer's last words on the image connection, if any.
+fn why_refused(image: &OwnedFd) -> Option<String> {
+    let mut buf = [0u8; 1024];
+    let mut got = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while got < buf.len() && std::time::Instant::now() < deadline {
+        let mut p = libc::pollfd {
+            fd: image.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, 200) } <= 0 {
+            continue;
+        }
+        // SAFETY: reads into the rest of our buffer.
+        let n = unsafe {
+            libc::read(
+                image.as_raw_fd(),
+                buf[got..].as_mut_ptr().cast(),
+                buf.len() - got,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    let s = String::from_utf8_lossy(&buf[..got]);
+    s.strip_prefix(super::restore::REFUSAL)
+        .map(|m| m.trim().to_string())
 }
 
 /// Re-execute as the shadow of the migrated program, keeping only the

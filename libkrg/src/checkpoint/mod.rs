@@ -457,6 +457,9 @@ fn personality() -> u32 {
 /// The context save of the leader and, in the same frame, the capture.
 #[inline(never)]
 fn save_and_capture(slot: *mut ThreadRaw, order: &Order) -> Result<Option<u64>, String> {
+    // Written into libkrg's memory now, before the pages to save are
+    // listed: a page first touched after the pagemap scan is not saved.
+    exec_ident()?;
     // SAFETY: the slot is ours; this frame stays live during the capture.
     if unsafe { arch::ctx_save(&mut (*slot).ctx) } != 0 {
         return Ok(None);

@@ -93,6 +93,13 @@ struct Plan {
     area_len: usize,
 }
 
+/// What a restorer that gives up writes back on a migration stream,
+/// before its reason.
+pub const REFUSAL: &str = "KRGERR ";
+
+/// The migration stream's fd while `prepare` runs (-1: a file image).
+static STREAM_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
 /// Restore the image at `path` into this process. Never returns: the
 /// process continues as the image, or exits with status 127.
 pub fn run(path: &OsStr) -> ! {
@@ -107,6 +114,13 @@ pub fn run(path: &OsStr) -> ! {
                 "krg: cannot restore {}: {e}",
                 std::path::Path::new(path).display()
             ));
+            let fd = STREAM_FD.load(std::sync::atomic::Ordering::Relaxed);
+            if fd >= 0 {
+                let msg = format!("{REFUSAL}{e}");
+                // SAFETY: writes our message to the migration stream (the
+                // source reads it to say why the migration failed).
+                unsafe { libc::write(fd, msg.as_ptr().cast(), msg.len()) };
+            }
             // SAFETY: ends this process.
             unsafe { libc::_exit(127) }
         }
@@ -264,6 +278,7 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
             if fstat(fd).is_none() {
                 return Err(format!("image fd {fd} is not open"));
             }
+            STREAM_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
             // SAFETY: the agent left this fd open for us; nothing else owns it.
             unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) }
         }
@@ -372,7 +387,11 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
     }
     // Fds: the restorer's own go above every fd number of the image.
     let floor = meta.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
+    let is_stream = STREAM_FD.load(std::sync::atomic::Ordering::Relaxed) >= 0;
     let image_fd = high(file.into_raw_fd(), floor)?;
+    if is_stream {
+        STREAM_FD.store(image_fd, std::sync::atomic::Ordering::Relaxed);
+    }
     // Files to map again (those not already mapped identically here).
     let mut ops: Vec<MapOp> = Vec::new();
     let mut close: Vec<i32> = vec![image_fd];

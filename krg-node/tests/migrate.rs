@@ -1,0 +1,263 @@
+//! Live migration on a real local cluster: a running process moves to
+//! another node and goes on exactly where it was, with its gpid, its
+//! parent's wait, its stdio and its signals.
+
+mod common;
+
+use common::*;
+use std::io::Read;
+use std::process::Stdio;
+use std::time::Duration;
+
+/// The gpid and node of the process whose command starts with `pat`.
+fn find(c: &Cluster, pat: &str) -> Option<(i64, u64)> {
+    c.ps(1)
+        .iter()
+        .find(|p| p["command"].as_str().unwrap_or("").starts_with(pat))
+        .map(|p| (p["pid"].as_i64().unwrap(), p["node"].as_u64().unwrap()))
+}
+
+fn migrate(c: &Cluster, from: u32, pid: i64, to: u32) {
+    let out = c.krg(from, &["migrate", &pid.to_string(), &to.to_string()]);
+    assert!(
+        out.status.success(),
+        "krg migrate {pid} {to}: {}{}\nps: {:?}",
+        text(&out.stdout),
+        text(&out.stderr),
+        c.ps(1)
+            .iter()
+            .map(|p| format!("{} {} {}", p["pid"], p["ppid"], p["command"]))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        text(&out.stdout).contains(&format!("migrated to node {to}")),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+const HASH_PY: &str = r#"
+import hashlib, sys
+n = int(sys.argv[1])
+h = hashlib.sha256()
+for i in range(n):
+    for k in range(20000):
+        h.update(str(i * 100000 + k).encode())
+    print(i, h.hexdigest()[:16], flush=True)
+print("final", h.hexdigest(), flush=True)
+"#;
+
+#[test]
+fn python_migrated_three_times_prints_what_an_unmigrated_run_prints() {
+    let dir = shared_dir("migrate-py");
+    let script = dir.join("hash.py");
+    write_file(&script, HASH_PY);
+    let script = script.to_str().unwrap().to_string();
+    let steps = "2500";
+    let native = std::process::Command::new("/usr/bin/python3")
+        .args([script.as_str(), steps])
+        .output()
+        .unwrap();
+    assert!(native.status.success());
+    let c = Cluster::up(3, 1.0);
+    // Its stdout is a pipe to this test: after each move it is relayed by
+    // the shadow left on the node it came from.
+    let mut p = c
+        .cmd(1, &["/usr/bin/python3", &script, steps])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = p.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        stdout.read_to_end(&mut s).unwrap();
+        s
+    });
+    let mut pid = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        pid = find(&c, "/usr/bin/python3").map(|p| p.0);
+        pid.is_some()
+    }));
+    let pid = pid.unwrap();
+    for (from, to) in [(1, 2), (3, 3), (2, 1)] {
+        std::thread::sleep(Duration::from_millis(700));
+        // Asked from any node: the request goes where the process runs.
+        let from = if from == to { 1 } else { from };
+        migrate(&c, from, pid, to);
+        let now = find(&c, "/usr/bin/python3");
+        assert_eq!(now, Some((pid, to as u64)), "same gpid, on node {to}");
+    }
+    let st = p.wait().unwrap();
+    let out = reader.join().unwrap();
+    let mut err = String::new();
+    p.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(st.success(), "exit {st:?}: {err}");
+    assert_eq!(
+        text(&out),
+        text(&native.stdout),
+        "no line lost, repeated or changed (stderr: {err})"
+    );
+}
+
+#[test]
+fn threads_migrated_ten_times_in_a_row_end_exact() {
+    let bin = cc(&repo_root().join("examples/ckpt/threads.c"), "ckpt-threads");
+    let bin = bin.to_str().unwrap().to_string();
+    let native = std::process::Command::new(&bin)
+        .args(["1500", "2000000"])
+        .output()
+        .unwrap();
+    let c = Cluster::up(3, 1.0);
+    let p = c
+        .cmd(1, &[&bin, "1500", "2000000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pid = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        pid = find(&c, &bin).map(|p| p.0);
+        pid.is_some()
+    }));
+    let pid = pid.unwrap();
+    for to in [2, 3, 1, 2, 3, 1, 2, 3, 1, 2] {
+        migrate(&c, 3, pid, to);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let out = p.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), text(&native.stdout));
+}
+
+#[test]
+fn a_gibibyte_of_memory_moves_intact() {
+    let bin = cc(&repo_root().join("examples/ckpt/bigmem.c"), "ckpt-bigmem");
+    let c = Cluster::up(3, 1.0);
+    let mut p = c
+        .cmd(1, &[bin.to_str().unwrap(), "1024", "20"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(read_line(&mut p), "ready 1024 MiB");
+    let (pid, _) = find(&c, bin.to_str().unwrap()).unwrap();
+    migrate(&c, 1, pid, 2);
+    migrate(&c, 2, pid, 3);
+    let out = p.wait_with_output().unwrap();
+    let o = text(&out.stdout);
+    assert!(out.status.success(), "{o}");
+    assert!(
+        o.starts_with("ok "),
+        "every byte checked after the moves: {o}"
+    );
+}
+
+#[test]
+fn parent_waits_and_signals_follow_a_migrated_child() {
+    let c = Cluster::up(3, 1.0);
+    let script = r#"
+        /usr/bin/python3 -c 'import time
+t = time.time()
+while time.time() - t < 4: pass
+raise SystemExit(7)' & a=$!
+        sleep 60 & b=$!
+        echo started
+        wait $a; echo "a $?"
+        wait $b; echo "b $?"
+    "#;
+    let mut p = c
+        .cmd(1, &["sh", "-c", script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(read_line(&mut p), "started");
+    let mut a = None;
+    let mut b = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        a = find(&c, "/usr/bin/python3 -c").map(|p| p.0);
+        b = find(&c, "sleep 60").map(|p| p.0);
+        a.is_some() && b.is_some()
+    }));
+    migrate(&c, 1, a.unwrap(), 2);
+    migrate(&c, 1, b.unwrap(), 3);
+    let k = c.krg(2, &["kill", "-TERM", &b.unwrap().to_string()]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    let out = p.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        vec!["a 7", "b 143"],
+        "the shell's wait sees the migrated children's ends"
+    );
+}
+
+#[test]
+fn migrate_refusals_leave_the_process_alone() {
+    let c = Cluster::up(2, 1.0);
+    let mut p = c
+        .cmd(1, &["sh", "-c", "sleep 30; echo done"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pid = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        pid = find(&c, "sleep 30").map(|p| p.0);
+        pid.is_some()
+    }));
+    let pid = pid.unwrap().to_string();
+    let same = c.krg(1, &["migrate", &pid, "1"]);
+    assert!(!same.status.success());
+    assert!(
+        text(&same.stderr).contains("already runs on node 1"),
+        "{}",
+        text(&same.stderr)
+    );
+    let nowhere = c.krg(1, &["migrate", &pid, "9"]);
+    assert!(!nowhere.status.success());
+    assert!(
+        text(&nowhere.stderr).contains("node 9"),
+        "{}",
+        text(&nowhere.stderr)
+    );
+    let off = c.krg(1, &["capset", &pid, "-migrate"]);
+    assert!(off.status.success());
+    let refused = c.krg(1, &["migrate", &pid, "2"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("migrate capability is off"),
+        "{}",
+        text(&refused.stderr)
+    );
+    // A parent cannot leave its children behind (their kernel ids stay
+    // on this node): refused, not half done.
+    let parent = c
+        .ps(1)
+        .iter()
+        .find(|p| p["pid"].as_i64().map(|x| x.to_string()) == Some(pid.clone()))
+        .and_then(|p| p["ppid"].as_i64())
+        .filter(|pp| *pp > 1)
+        .map(|pp| pp.to_string());
+    if let Some(sh) = parent {
+        let r = c.krg(1, &["migrate", &sh, "2"]);
+        assert!(!r.status.success());
+        assert!(text(&r.stderr).contains("child"), "{}", text(&r.stderr));
+    }
+    let nobody = c.krg_as_nobody(1, &["migrate", &pid, "2"]);
+    assert!(!nobody.status.success());
+    assert!(
+        text(&nobody.stderr).contains("not permitted"),
+        "{}",
+        text(&nobody.stderr)
+    );
+    assert_eq!(
+        find(&c, "sleep 30").map(|p| p.1),
+        Some(1),
+        "still on node 1"
+    );
+    let _ = c.krg(1, &["kill", "-KILL", &pid]);
+    let _ = p.wait();
+}
