@@ -261,3 +261,64 @@ fn migrate_refusals_leave_the_process_alone() {
     let _ = c.krg(1, &["kill", "-KILL", &pid]);
     let _ = p.wait();
 }
+
+#[test]
+fn balancer_spreads_cpu_bound_processes_and_never_moves_the_unmovable() {
+    let bin = cc(&repo_root().join("examples/ckpt/counter.c"), "ckpt-counter");
+    let bin = bin.to_str().unwrap().to_string();
+    let c = Cluster::up(4, 0.5);
+    let on = c.krg(2, &["sched", "balance", "threshold"]);
+    assert!(on.status.success(), "{}", text(&on.stderr));
+    let shown = c.krg(3, &["sched"]);
+    assert!(
+        text(&shown.stdout).contains("balance  threshold"),
+        "{}",
+        text(&shown.stdout)
+    );
+    let script = format!(
+        "for i in 1 2 3 4 5 6 7 8; do {bin} 100000000 300000000 >/dev/null 2>&1 </dev/null & done; \
+         KRG_CAPS=-migrate {bin} 100000000 300000001 >/dev/null 2>&1 </dev/null &"
+    );
+    let o = c.sh(1, &script);
+    assert!(o.status.success());
+    let spread = |c: &Cluster| -> (Vec<usize>, Option<u64>) {
+        let mut per = vec![0usize; 5];
+        let mut pinned = None;
+        for p in c.ps(1) {
+            let cmd = p["command"].as_str().unwrap_or("");
+            if !cmd.starts_with(&bin) {
+                continue;
+            }
+            let n = p["node"].as_u64().unwrap();
+            if cmd.ends_with("300000001") {
+                pinned = Some(n);
+            } else {
+                per[n as usize] += 1;
+            }
+        }
+        (per, pinned)
+    };
+    let mut last = (vec![], None);
+    let ok = wait_for(Duration::from_secs(60), || {
+        last = spread(&c);
+        assert_eq!(
+            last.1,
+            Some(1),
+            "a process without `migrate` never moves: {last:?}"
+        );
+        last.0[1..].iter().all(|n| (1..=3).contains(n)) && last.0.iter().sum::<usize>() == 8
+    });
+    let ids: Vec<String> = c
+        .ps(1)
+        .iter()
+        .filter(|p| p["command"].as_str().unwrap_or("").starts_with(&bin))
+        .map(|p| p["pid"].as_i64().unwrap().to_string())
+        .collect();
+    for id in &ids {
+        let _ = c.krg(1, &["kill", "-KILL", id]);
+    }
+    assert!(
+        ok,
+        "8 CPU-bound processes started on node 1 end up spread over the 4 nodes: {last:?}"
+    );
+}

@@ -92,6 +92,9 @@ pub enum Request {
     CkptOrder,
     /// From a process: the capture it was ordered is over.
     CkptDone { ok: bool, msg: String, bytes: u64 },
+    /// Switch the load balancer of every up node (root only): `off` or
+    /// `threshold`. Answered with `Sched`.
+    SchedBalance { name: String },
     /// Move a running process to another node (the `krg migrate`
     /// command). Answered with `Ckpt`.
     Migrate { pid: i32, node: u32 },
@@ -370,6 +373,8 @@ pub struct SchedInfo {
     pub digest: String,
     /// For `SchedSet`: the outcome on each other node that was up.
     pub pushed: Vec<SchedPush>,
+    /// The load-balancing policy (`off`, `threshold`).
+    pub balance: String,
 }
 
 /// The outcome of pushing a new policy to one node.

@@ -4,6 +4,7 @@
 //! See docs/architecture/agent.md.
 
 pub mod auth;
+pub mod balance;
 pub mod checkpoint;
 pub mod config;
 pub mod local;
@@ -85,6 +86,8 @@ pub struct Agent {
     sched: sched::Sched,
     /// Checkpoint orders waiting for their processes.
     orders: checkpoint::Orders,
+    /// The load balancer's memory (hysteresis).
+    balancer: Mutex<balance::State>,
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -112,6 +115,7 @@ impl Agent {
             mem: Mutex::new(probe::memory_kb()),
             sched: sched::Sched::new(),
             orders: checkpoint::Orders::default(),
+            balancer: Mutex::new(balance::State::default()),
             cpus,
             cfg,
         })
@@ -716,6 +720,9 @@ impl Agent {
             } => Ok(Response::Placed(
                 self.sched_place(count, exe, argv, pinned, who)?,
             )),
+            Request::SchedBalance { name } => {
+                Ok(Response::Sched(self.sched_balance(name, who).await?))
+            }
             Request::Whoami => {
                 let kpid = need_pid()?;
                 let t = self.procs();
@@ -914,6 +921,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     Err(e) => warn!("refused connection from {addr}: {e}"),
                 }
             });
+        }
+    });
+
+    // The load balancer.
+    let a = agent.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(balance::EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            a.balance_round();
         }
     });
 

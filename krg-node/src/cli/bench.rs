@@ -9,7 +9,9 @@
 //! - a pipe's throughput: plain, SSI on one node, and with the writer on the
 //!   other node (relayed by its shadow, one TCP hop);
 //! - the cost of hooked libc calls (getpid, getppid, a passed-through kill)
-//!   with and without the library.
+//!   with and without the library;
+//! - live migration of a process holding 1 MiB to 2 GiB: its freeze-to-
+//!   resume gap (from its own timestamps) against a memcpy of the same size.
 
 use super::preload_path;
 use anyhow::{bail, Context, Result};
@@ -115,10 +117,98 @@ pub fn worker(args: &[String]) -> Result<i32> {
                 std::hint::black_box(libc::kill(kself, 0));
             }));
         }
+        "hold" => hold(n)?,
+        "migrate" => s.values = migrate_sample(n, node.as_deref().unwrap_or("2"))?,
         other => bail!("bench-worker: unknown benchmark {other:?}"),
     }
     println!("{}", serde_json::to_string(&s)?);
     Ok(0)
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// `bench-worker hold MIB`: touch MIB MiB, say `ready`, then print a
+/// wall-clock timestamp every 200 us until stdin closes or 30 s pass. The
+/// gap in the timestamps around a migration is its freeze-to-resume time.
+fn hold(mib: u64) -> Result<()> {
+    use std::io::Write;
+    let mut mem = vec![0u8; (mib << 20) as usize];
+    for (i, b) in mem.iter_mut().enumerate().step_by(4096) {
+        *b = i as u8 | 1;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    let end = Instant::now() + std::time::Duration::from_secs(30);
+    while Instant::now() < end {
+        if writeln!(out, "{}", now_ns()).and_then(|_| out.flush()).is_err() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    std::hint::black_box(&mem);
+    Ok(())
+}
+
+/// `bench-worker migrate MIB NODE`: start a holder of MIB MiB here, migrate
+/// it to NODE, and measure: the freeze-to-resume gap in its timestamps, the
+/// `krg migrate` call, and a plain memory copy of the same size (the floor).
+fn migrate_sample(mib: u64, node: &str) -> Result<Vec<f64>> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(&exe)
+        .args(["bench-worker", "hold", &mib.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the holder")?;
+    let pid = child.id() as i32;
+    let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    match lines.next() {
+        Some(Ok(l)) if l == "ready" => {}
+        other => bail!("holder did not start: {other:?}"),
+    }
+    // Let it tick a while, reading as it goes (in a thread).
+    let reader = std::thread::spawn(move || {
+        let mut v: Vec<u64> = Vec::new();
+        for l in lines.map_while(|l| l.ok()) {
+            if let Ok(t) = l.trim().parse() {
+                v.push(t);
+            }
+        }
+        v
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let node: u32 = node.parse().context("node")?;
+    let t0 = Instant::now();
+    let r = libkrg::client::call(&libkrg::proto::Request::Migrate { pid, node })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let call_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if let libkrg::proto::Response::Err(e) = r {
+        bail!("migrate: {}", e.msg);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let _ = libkrg::client::call(&libkrg::proto::Request::Kill { pid, sig: libc::SIGKILL });
+    let _ = child.wait();
+    let ticks = reader.join().map_err(|_| anyhow::anyhow!("reader"))?;
+    let gap_ms = ticks
+        .windows(2)
+        .map(|w| w[1].saturating_sub(w[0]))
+        .max()
+        .unwrap_or(0) as f64
+        / 1e6;
+    // The floor: copying the same bytes once in memory.
+    let src = vec![1u8; (mib << 20) as usize];
+    let mut dst = vec![0u8; (mib << 20) as usize];
+    let t = Instant::now();
+    dst.copy_from_slice(&src);
+    std::hint::black_box(&dst);
+    let copy_ms = t.elapsed().as_secs_f64() * 1e3;
+    Ok(vec![gap_ms, call_ms, copy_ms])
 }
 
 fn run_worker(plain: bool, args: &[&str]) -> Result<Sample> {
@@ -227,5 +317,28 @@ fn measure(quick: bool) -> Result<i32> {
         "  SSI, writer on other node    {pr:8.0} MB/s   {:.2}x same-node SSI",
         pr / pl
     );
+
+    let sizes: &[(&str, &str)] = if quick {
+        &[("1", "[goal <= 30 ms]"), ("64", ""), ("256", "")]
+    } else {
+        &[
+            ("1", "[goal <= 30 ms]"),
+            ("64", ""),
+            ("512", "[goal <= 350 ms]"),
+            ("2048", ""),
+        ]
+    };
+    println!("live migration to the other node (freeze-to-resume gap; krg migrate call; memcpy floor)");
+    for (mib, goal) in sizes {
+        let v = run_worker(false, &["migrate", mib, "2"])?.values;
+        println!(
+            "  {mib:>5} MiB   {:8.1} ms   call {:8.1} ms   floor {:7.1} ms   {:.1}x floor   {:6.0} MB/s {goal}",
+            v[0],
+            v[1],
+            v[2],
+            v[0] / v[2].max(0.001),
+            (mib.parse::<f64>().unwrap_or(0.0) * 1.048_576) / (v[0] / 1e3)
+        );
+    }
     Ok(0)
 }

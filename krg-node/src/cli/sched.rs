@@ -18,6 +18,13 @@ pub enum SchedCmd {
         #[arg(value_name = "NAME|FILE")]
         policy: String,
     },
+    /// Switch the load balancer of every node that is up: `off`, or
+    /// `threshold` (running CPU-bound processes move from overloaded to
+    /// underloaded nodes).
+    Balance {
+        #[arg(value_name = "off|threshold")]
+        policy: String,
+    },
     /// Debugging aid: where this node's scheduler would place COUNT new
     /// programs (each counts as a placement, as a real one would).
     #[command(hide = true)]
@@ -49,6 +56,7 @@ pub fn sched(cmd: Option<SchedCmd>, json: bool) -> Result<i32> {
             Ok(0)
         }
         Some(SchedCmd::Set { policy }) => set(&policy, json),
+        Some(SchedCmd::Balance { policy }) => balance(&policy, json),
         Some(SchedCmd::Place { count, node, cmd }) => place(count, node, cmd, json),
     }
 }
@@ -84,21 +92,39 @@ fn resolve(arg: &str) -> Result<(String, Option<String>)> {
     Ok((abs.display().to_string(), Some(src)))
 }
 
+fn balance(policy: &str, json: bool) -> Result<i32> {
+    let info = match agent_call(&Request::SchedBalance {
+        name: policy.to_string(),
+    })? {
+        Response::Sched(i) => i,
+        other => bail!("unexpected answer: {other:?}"),
+    };
+    report(&info, json, "load balancing")
+}
+
 fn set(policy: &str, json: bool) -> Result<i32> {
     let (name, source) = resolve(policy)?;
     let info = match agent_call(&Request::SchedSet { name, source })? {
         Response::Sched(i) => i,
         other => bail!("unexpected answer: {other:?}"),
     };
+    report(&info, json, "scheduling policy")
+}
+
+fn report(info: &SchedInfo, json: bool, what: &str) -> Result<i32> {
+    let info = info.clone();
     if json {
         println!("{}", serde_json::to_string_pretty(&info_json(&info))?);
         return Ok(0);
     }
+    let now = if what == "load balancing" {
+        info.balance.clone()
+    } else {
+        describe(&info)
+    };
     println!(
-        "scheduling policy set to {}, version {}.{}",
-        describe(&info),
-        info.version_ms,
-        info.version_node
+        "{what} set to {now}, version {}.{}",
+        info.version_ms, info.version_node
     );
     println!("  node {}: applied (this node)", info.version_node);
     for p in &info.pushed {
@@ -168,8 +194,9 @@ fn show(i: &SchedInfo) -> String {
         format!("set {} by node {}", utc(i.version_ms), i.version_node)
     };
     format!(
-        "policy   {}\nversion  {}.{} ({when})\nbuilt-in {}\n",
+        "policy   {}\nbalance  {}\nversion  {}.{} ({when})\nbuilt-in {}\n",
         describe(i),
+        i.balance,
         i.version_ms,
         i.version_node,
         Builtin::names()
@@ -185,6 +212,7 @@ fn info_json(i: &SchedInfo) -> serde_json::Value {
         "version_ms": i.version_ms,
         "version_node": i.version_node,
         "digest": i.digest,
+        "balance": i.balance,
         "pushed": i.pushed.iter().map(|p| serde_json::json!({
             "node": p.node,
             "ok": p.ok,

@@ -82,6 +82,9 @@ pub struct SchedPolicy {
     /// Where a user policy was read from; empty for a built-in one.
     pub origin: String,
     pub version: SchedVersion,
+    /// The load-balancing policy (see [`crate::agent::balance`]): it travels
+    /// and is versioned with the placement policy.
+    pub balance: String,
 }
 
 impl SchedPolicy {
@@ -142,6 +145,7 @@ fn digest(src: &str) -> String {
 
 /// Validate a policy and build its runnable form.
 fn activate(p: &SchedPolicy) -> Result<(Active, String), String> {
+    crate::agent::balance::check_name(&p.balance)?;
     match &p.source {
         None => Builtin::from_name(&p.name)
             .map(|b| (Active::Builtin(b), String::new()))
@@ -175,6 +179,7 @@ impl Sched {
                     source: None,
                     origin: String::new(),
                     version: SchedVersion::default(),
+                    balance: crate::agent::balance::DEFAULT.into(),
                 },
                 active: Active::Builtin(DEFAULT_POLICY),
                 digest: String::new(),
@@ -215,6 +220,7 @@ impl Sched {
             version_node: st.policy.version.node,
             digest: st.digest.clone(),
             pushed: Vec::new(),
+            balance: st.policy.balance.clone(),
         }
     }
 
@@ -258,6 +264,7 @@ impl Sched {
             source,
             origin,
             version: SchedVersion::default(),
+            balance: self.state().policy.balance.clone(),
         };
         let (active, digest) = activate(&p)?;
         let mut st = self.state();
@@ -275,6 +282,27 @@ impl Sched {
         st.active = active;
         st.digest = digest;
         Ok(p)
+    }
+
+    /// Switch the load-balancing policy (the placement policy stays), with
+    /// a new version; returns the whole policy to push.
+    pub fn set_balance(&self, balance: String, me: u32) -> Result<SchedPolicy, String> {
+        crate::agent::balance::check_name(&balance)?;
+        let mut st = self.state();
+        let mut p = st.policy.clone();
+        p.balance = balance;
+        p.version = SchedVersion {
+            ms: now_ms().max(st.policy.version.ms.saturating_add(1)),
+            node: me,
+        };
+        info!("load balancing set to {}, version {}", p.balance, p.version);
+        st.policy = p.clone();
+        Ok(p)
+    }
+
+    /// The load-balancing policy in force.
+    pub fn balance(&self) -> String {
+        self.state().policy.balance.clone()
     }
 
     /// Choose a node for `req` among the up nodes in `nodes` (this node
@@ -434,6 +462,30 @@ impl Agent {
             .sched
             .set_new(name, source, origin, self.cfg.node_id)
             .map_err(|e| err(libc::EINVAL, e))?;
+        self.sched_push_all(p).await
+    }
+
+    /// `krg sched balance`: switch the load balancer of every up node.
+    pub(crate) async fn sched_balance(
+        &self,
+        name: String,
+        who: Caller,
+    ) -> Result<SchedInfo, ErrorReply> {
+        if who.uid != 0 {
+            return Err(err(
+                libc::EPERM,
+                "only root may change the load balancing of the cluster",
+            ));
+        }
+        let p = self
+            .sched
+            .set_balance(name, self.cfg.node_id)
+            .map_err(|e| err(libc::EINVAL, e))?;
+        self.sched_push_all(p).await
+    }
+
+    /// Push a policy just set here to every up peer.
+    async fn sched_push_all(&self, p: SchedPolicy) -> Result<SchedInfo, ErrorReply> {
         let calls = self.up_peers().into_iter().map(|id| {
             let p = p.clone();
             async move {

@@ -1,0 +1,244 @@
+//! The load balancer: every agent, once a second, moves at most one of its
+//! running CPU-bound processes to a less loaded node.
+//!
+//! Policies (hot-swapped cluster-wide with `krg sched balance NAME`; they
+//! travel and are versioned with the placement policy):
+//! - `off` (the default): nothing moves by itself.
+//! - `threshold`: move when this node stays more loaded than the least
+//!   loaded node by more than one process's worth on both sides: with
+//!   `L` = runnable tasks per CPU, move one process from here (capacity
+//!   `c`) to `t` (capacity `ct`) only if `L - 1/c >= Lt + 1/ct`, so that
+//!   after the move this node is still at least as loaded as the target:
+//!   a move never reverses the imbalance, which is what prevents
+//!   ping-pong. The imbalance must last two rounds, moves made in the last
+//!   few seconds are counted before the load probes see them, and a
+//!   process moved recently is not moved again for a while.
+//!
+//! Only processes that run libkrg, have the `migrate` capability, are
+//! runnable and capturable (no children, no fd that cannot move) are
+//! candidates; the one with the most CPU time lately goes first.
+
+use super::{Agent, Caps};
+use libkrg::proto::{CkptAction, CkptOrder};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info};
+
+/// Period of a balancing round.
+pub const EVERY: Duration = Duration::from_millis(1000);
+/// The policy in force when an agent starts.
+pub const DEFAULT: &str = "off";
+/// Every policy name.
+pub const NAMES: &[&str] = &["off", "threshold"];
+/// A process is not moved again sooner than this.
+const PROCESS_COOLDOWN: Duration = Duration::from_secs(10);
+/// Moves younger than this are counted in the loads (the probes average
+/// over about a second and travel in heartbeats).
+const IN_FLIGHT: Duration = Duration::from_secs(3);
+/// Rounds an imbalance must last before a move.
+const PERSIST_ROUNDS: u32 = 2;
+
+/// Validate a balancing policy name.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if NAMES.contains(&name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "unknown load-balancing policy `{name}`: one of {}",
+            NAMES.join(", ")
+        ))
+    }
+}
+
+/// The balancer's memory on one agent.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Consecutive rounds this node was found overloaded.
+    over_rounds: u32,
+    /// Recent moves from here: (when, target node).
+    moves: Vec<(Instant, u32)>,
+    /// When each process was last moved by this agent.
+    moved: HashMap<i32, Instant>,
+    /// Last CPU time seen per process (ms), to rank candidates.
+    cpu: HashMap<i32, u64>,
+    /// A move is under way (one at a time).
+    busy: bool,
+}
+
+/// One node as the balancer weighs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Load {
+    pub id: u32,
+    pub cpus: f64,
+    /// Runnable tasks per CPU.
+    pub load: f64,
+}
+
+/// The `threshold` decision: the node to move one process to, if any.
+/// `me` is this node (already corrected for moves in flight).
+pub fn threshold_target(me: Load, others: &[Load]) -> Option<u32> {
+    let per = |l: &Load| 1.0 / l.cpus.max(0.01);
+    others
+        .iter()
+        .filter(|t| t.id != me.id)
+        .filter(|t| me.load - per(&me) >= t.load + per(t) - 1e-9)
+        .min_by(|a, b| {
+            (a.load + per(a))
+                .partial_cmp(&(b.load + per(b)))
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.id.cmp(&b.id))
+        })
+        .map(|t| t.id)
+}
+
+impl Agent {
+    fn balancer(&self) -> std::sync::MutexGuard<'_, State> {
+        self.balancer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One round (called every [`EVERY`]).
+    pub(super) fn balance_round(self: &Arc<Self>) {
+        if self.sched.balance() != "threshold" {
+            self.balancer().over_rounds = 0;
+            return;
+        }
+        let now = Instant::now();
+        let me_id = self.node_id();
+        let statuses = self.status();
+        let mut loads: Vec<Load> = statuses
+            .iter()
+            .filter(|s| s.up && s.cpus > 0.0 && s.load.is_finite())
+            .map(|s| Load {
+                id: s.id,
+                cpus: s.cpus,
+                load: s.load,
+            })
+            .collect();
+        let (target, candidates) = {
+            let mut st = self.balancer();
+            if st.busy {
+                return;
+            }
+            st.moves.retain(|(t, _)| now.duration_since(*t) < IN_FLIGHT);
+            st.moved
+                .retain(|_, t| now.duration_since(*t) < PROCESS_COOLDOWN);
+            // Count the moves the probes have not seen yet.
+            for (_, to) in &st.moves {
+                for l in loads.iter_mut() {
+                    if l.id == *to {
+                        l.load += 1.0 / l.cpus;
+                    } else if l.id == me_id {
+                        l.load -= 1.0 / l.cpus;
+                    }
+                }
+            }
+            let Some(me) = loads.iter().find(|l| l.id == me_id).copied() else {
+                return;
+            };
+            let target = threshold_target(me, &loads);
+            if target.is_none() {
+                st.over_rounds = 0;
+                return;
+            }
+            st.over_rounds += 1;
+            // Rank the runnable local processes by CPU time since last round.
+            let procs = self.procs().ps();
+            let mut cands: Vec<(u64, i32)> = Vec::new();
+            let mut seen = HashMap::new();
+            for p in &procs {
+                let prev = st.cpu.get(&p.pid).copied().unwrap_or(p.cpu_time_ms);
+                seen.insert(p.pid, p.cpu_time_ms);
+                if p.node == me_id
+                    && p.state == "R"
+                    && Caps::from_bits(p.caps).contains(Caps::MIGRATE)
+                    && !st.moved.contains_key(&p.pid)
+                {
+                    cands.push((p.cpu_time_ms.saturating_sub(prev), p.pid));
+                }
+            }
+            st.cpu = seen;
+            if st.over_rounds < PERSIST_ROUNDS || cands.is_empty() {
+                return;
+            }
+            cands.sort_by(|a, b| b.cmp(a));
+            st.busy = true;
+            (target, cands)
+        };
+        let Some(to) = target else {
+            self.balancer().busy = false;
+            return;
+        };
+        let a = self.clone();
+        tokio::spawn(async move {
+            for (_, g) in candidates.into_iter().take(3) {
+                let order = CkptOrder {
+                    action: CkptAction::Migrate,
+                    path: Vec::new(),
+                    kill: false,
+                    node: to,
+                };
+                match a.checkpoint_local(g, order, 0).await {
+                    Ok(done) => {
+                        info!("balancer: moved pid {g} to node {to} ({} ms)", done.ms);
+                        let mut st = a.balancer();
+                        let t = Instant::now();
+                        st.moves.push((t, to));
+                        st.moved.insert(g, t);
+                        st.over_rounds = 0;
+                        break;
+                    }
+                    Err(e) => {
+                        debug!("balancer: pid {g} stays: {}", e.msg);
+                        a.balancer().moved.insert(g, Instant::now());
+                    }
+                }
+            }
+            a.balancer().busy = false;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(id: u32, cpus: f64, procs: f64) -> Load {
+        Load {
+            id,
+            cpus,
+            load: procs / cpus,
+        }
+    }
+
+    #[test]
+    fn moves_only_when_it_does_not_reverse_the_imbalance() {
+        // 8 processes on one of four half-CPU nodes: move to the emptiest.
+        let others = [
+            l(1, 0.5, 8.0),
+            l(2, 0.5, 0.0),
+            l(3, 0.5, 1.0),
+            l(4, 0.5, 0.0),
+        ];
+        assert_eq!(threshold_target(others[0], &others), Some(2));
+        // 3 against 1: one move makes it 2 and 2.
+        let two = [l(1, 0.5, 3.0), l(2, 0.5, 1.0)];
+        assert_eq!(threshold_target(two[0], &two), Some(2));
+        // 2 against 1: a move would make it 1 against 2: stay.
+        let two = [l(1, 0.5, 2.0), l(2, 0.5, 1.0)];
+        assert_eq!(threshold_target(two[0], &two), None);
+        // Balanced: nothing.
+        let even = [l(1, 0.5, 2.0), l(2, 0.5, 2.0), l(3, 0.5, 2.0)];
+        assert_eq!(threshold_target(even[0], &even), None);
+        // A bigger node takes more: 4 on 1 CPU vs 1 on 2 CPUs.
+        let mixed = [l(1, 1.0, 4.0), l(2, 2.0, 1.0)];
+        assert_eq!(threshold_target(mixed[0], &mixed), Some(2));
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("off").is_ok());
+        assert!(check_name("threshold").is_ok());
+        assert!(check_name("bogus").unwrap_err().contains("threshold"));
+    }
+}
