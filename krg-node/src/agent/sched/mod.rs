@@ -839,6 +839,7 @@ mod tests {
             source: None,
             origin: String::new(),
             version: v,
+            balance: "off".into(),
         };
         assert_eq!(s.apply(pol("pack", b), "test"), Ok(true));
         // Older or equal: ignored.
