@@ -322,3 +322,48 @@ fn balancer_spreads_cpu_bound_processes_and_never_moves_the_unmovable() {
         "8 CPU-bound processes started on node 1 end up spread over the 4 nodes: {last:?}"
     );
 }
+
+#[test]
+fn a_tuned_program_migrates_and_checkpoints_itself() {
+    let src = repo_root().join("examples/ckpt/selfmig.c");
+    let bin = shared_dir("bin").join("ckpt-selfmig");
+    let inc = repo_root().join("libkrg/include");
+    let st = std::process::Command::new("gcc")
+        .args(["-O1", "-Wall", "-I"])
+        .arg(&inc)
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let dir = shared_dir("selfmig-img");
+    let _ = std::fs::remove_file(dir.join("image.krg"));
+    let c = Cluster::up(3, 1.0);
+    let out = c
+        .cmd(1, &[bin.to_str().unwrap(), "2", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        vec![
+            "start node 1",
+            "moved node 2 same-pid 1 captures 1 restores 1",
+            "checkpoint returned 0 on node 2 captures 2 restores 1",
+        ],
+        "{}",
+        text(&out.stderr)
+    );
+    let again = c.krg(1, &["restart", "-q", dir.to_str().unwrap(), "--node", "3"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(
+        text(&again.stdout).trim(),
+        "checkpoint returned 1 on node 3 captures 2 restores 2"
+    );
+}

@@ -71,6 +71,20 @@ KRG_API int krg_caps(void);
 /* The version of the protocol between the library and its agent. */
 KRG_API unsigned krg_proto_version(void);
 
+/* Checkpoint and migration from inside (tuned applications).
+ * krg_checkpoint: write this process's image to directory DIR and go on;
+ * returns 0 after taking it, 1 in a process restarted from it (krg restart
+ * DIR), -1 with errno if it could not (nothing changed).
+ * krg_migrate: move this process to NODE; returns 0 there, or -1 with
+ * errno here if it could not move.
+ * krg_on_checkpoint / krg_on_restart: run FN in the capturing thread before
+ * each capture / in a restored process before its other threads go on (at
+ * most 16 each; -1 with ENOSPC beyond). */
+KRG_API int krg_checkpoint(const char *dir);
+KRG_API int krg_migrate(unsigned node);
+KRG_API int krg_on_checkpoint(void (*fn)(void));
+KRG_API int krg_on_restart(void (*fn)(void));
+
 #ifdef __cplusplus
 }
 #endif

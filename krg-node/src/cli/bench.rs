@@ -146,7 +146,10 @@ fn hold(mib: u64) -> Result<()> {
     out.flush()?;
     let end = Instant::now() + std::time::Duration::from_secs(30);
     while Instant::now() < end {
-        if writeln!(out, "{}", now_ns()).and_then(|_| out.flush()).is_err() {
+        if writeln!(out, "{}", now_ns())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
             break;
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
@@ -192,7 +195,10 @@ fn migrate_sample(mib: u64, node: &str) -> Result<Vec<f64>> {
         bail!("migrate: {}", e.msg);
     }
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let _ = libkrg::client::call(&libkrg::proto::Request::Kill { pid, sig: libc::SIGKILL });
+    let _ = libkrg::client::call(&libkrg::proto::Request::Kill {
+        pid,
+        sig: libc::SIGKILL,
+    });
     let _ = child.wait();
     let ticks = reader.join().map_err(|_| anyhow::anyhow!("reader"))?;
     let gap_ms = ticks
@@ -328,7 +334,9 @@ fn measure(quick: bool) -> Result<i32> {
             ("2048", ""),
         ]
     };
-    println!("live migration to the other node (freeze-to-resume gap; krg migrate call; memcpy floor)");
+    println!(
+        "live migration to the other node (freeze-to-resume gap; krg migrate call; memcpy floor)"
+    );
     for (mib, goal) in sizes {
         let v = run_worker(false, &["migrate", mib, "2"])?.values;
         println!(

@@ -278,7 +278,8 @@ extern "C" fn on_signal(_sig: i32, info: *mut libc::siginfo_t, _uc: *mut libc::c
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
     let (code, sender) = unsafe { ((*info).si_code, (*info).si_pid()) };
     let from_self = code == libc::SI_TKILL && sender == getpid_raw();
-    if from_self {
+    let own_order = from_self && LOCAL_PENDING.load(Ordering::Acquire);
+    if from_self && !own_order {
         // The leader parks us; a late one (the capture is over) is dropped.
         let gen = GO.load(Ordering::Acquire);
         if BUSY.load(Ordering::Acquire) == 1 {
@@ -334,7 +335,124 @@ pub(crate) struct Order {
     pub(crate) node: u32,
 }
 
+/// An order the process gave itself (`krg_checkpoint`, `krg_migrate`):
+/// taken by the leader instead of asking the agent. Set and raised by the
+/// same thread, which then is the leader.
+struct LocalOrder(std::sync::Mutex<Option<Order>>);
+static LOCAL: LocalOrder = LocalOrder(std::sync::Mutex::new(None));
+/// Outcome of the last self-ordered capture: 0 taken, 1 restored, -errno.
+static SELF_RESULT: AtomicI32 = AtomicI32::new(0);
+/// A self order waits for the signal the same thread raises.
+static LOCAL_PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Callbacks run before a capture and after a restore (C function
+/// pointers, at most 16 of each).
+static BEFORE: [AtomicUsize; 16] = [const { AtomicUsize::new(0) }; 16];
+static AFTER: [AtomicUsize; 16] = [const { AtomicUsize::new(0) }; 16];
+
+fn register(list: &[AtomicUsize; 16], f: usize) -> bool {
+    list.iter().any(|s| {
+        s.compare_exchange(0, f, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    })
+}
+
+fn run_callbacks(list: &[AtomicUsize; 16]) {
+    for s in list {
+        let f = s.load(Ordering::Acquire);
+        if f != 0 {
+            // SAFETY: only `extern "C" fn()` pointers are registered.
+            let f: extern "C" fn() = unsafe { std::mem::transmute::<usize, extern "C" fn()>(f) };
+            f();
+        }
+    }
+}
+
+/// Run `f` in the capturing thread before every capture (other threads
+/// still run; it must not wait for them). False if 16 are registered.
+pub fn on_checkpoint(f: extern "C" fn()) -> bool {
+    register(&BEFORE, f as usize)
+}
+
+/// Run `f` in a restored process before its threads go on.
+pub fn on_restart(f: extern "C" fn()) -> bool {
+    register(&AFTER, f as usize)
+}
+
+/// Capture this process by its own request, from the calling thread.
+/// `Ok(false)`: the image was taken (or the process migrated and this is
+/// the restored copy for a migration: `Ok(true)`); `Ok(true)` when this
+/// call returns in a process restored from the image.
+fn capture_self(order: Order) -> Result<bool, (i32, String)> {
+    if crate::rt::mode() != crate::rt::Mode::Active {
+        return Err((libc::ENOTCONN, "not an SSI process".into()));
+    }
+    *LOCAL.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(order);
+    SELF_RESULT.store(-libc::EAGAIN, Ordering::Release);
+    SELF_MSG.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    LOCAL_PENDING.store(true, Ordering::Release);
+    // SAFETY: a signal to the calling thread: its handler runs before
+    // tgkill returns (the signal is not blocked outside krg).
+    unsafe { libc::syscall(libc::SYS_tgkill, getpid_raw(), gettid(), SIGCKPT) };
+    LOCAL_PENDING.store(false, Ordering::Release);
+    if let Ok(mut l) = LOCAL.0.lock() {
+        // Not taken (another capture was under way): withdrawn.
+        if l.take().is_some() {
+            return Err((libc::EBUSY, "another capture of this process is under way".into()));
+        }
+    }
+    match SELF_RESULT.load(Ordering::Acquire) {
+        0 => Ok(false),
+        1 => Ok(true),
+        e => Err((
+            -e,
+            SELF_MSG.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        )),
+    }
+}
+
+static SELF_MSG: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+/// `krg_checkpoint(dir)`: write this process's image to `dir` and go on.
+/// Returns `Ok(false)` after taking it, `Ok(true)` in a process restarted
+/// from it.
+pub fn checkpoint_self(dir: &std::path::Path) -> Result<bool, (i32, String)> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::fs::canonicalize(dir).map_err(|e| {
+        (
+            e.raw_os_error().unwrap_or(libc::EINVAL),
+            format!("{}: {e}", dir.display()),
+        )
+    })?;
+    capture_self(Order {
+        action: CkptAction::Checkpoint,
+        path: dir.as_os_str().as_bytes().to_vec(),
+        kill: false,
+        node: 0,
+    })
+}
+
+/// `krg_migrate(node)`: move this process to `node`. Returns in the moved
+/// process (`Ok`), or here with the reason it could not move.
+pub fn migrate_self(node: u32) -> Result<(), (i32, String)> {
+    if node == crate::processes::node_id() {
+        return Err((libc::EINVAL, format!("already on node {node}")));
+    }
+    capture_self(Order {
+        action: CkptAction::Migrate,
+        path: Vec::new(),
+        kill: false,
+        node,
+    })
+    .map(|_| ())
+}
+
 fn ask_order() -> Result<Option<Order>, String> {
+    // try_lock: this runs in a signal handler.
+    if LOCAL_PENDING.swap(false, Ordering::AcqRel) {
+        if let Some(o) = LOCAL.0.try_lock().ok().and_then(|mut l| l.take()) {
+            return Ok(Some(o));
+        }
+    }
     match crate::client::call(&Request::CkptOrder) {
         Ok(Response::CkptOrder(o)) => Ok(match o.action {
             CkptAction::None => None,
@@ -375,10 +493,12 @@ fn lead() {
         }
     };
     let kill = order.kill;
+    run_callbacks(&BEFORE);
     let r = lead_capture(&order);
     drop(order);
     match r {
         Ok(Some(bytes)) => {
+            SELF_RESULT.store(0, Ordering::Release);
             report(true, String::new(), bytes);
             if kill {
                 // The image is the process now: it must not run on (a
@@ -394,7 +514,20 @@ fn lead() {
         }
         Err(e) => {
             krg_log!(log::Level::Warn, "checkpoint refused: {e}");
+            SELF_RESULT.store(-libc::EBUSY, Ordering::Release);
+            // The message lives in the arena: keep a copy on the stack
+            // for the caller, taken to the heap once the arena is gone.
+            let mut keep = [0u8; 512];
+            let n = e.len().min(keep.len());
+            keep[..n].copy_from_slice(&e.as_bytes()[..n]);
             report(false, e, 0);
+            release();
+            alloc::end();
+            if let Ok(mut m) = SELF_MSG.try_lock() {
+                m.clear();
+                m.push_str(&String::from_utf8_lossy(&keep[..n]));
+            }
+            return;
         }
     }
     release();
@@ -576,6 +709,8 @@ fn after_restore() {
         crate::processes::my_gpid(),
         crate::processes::node_id()
     );
-    release();
+    SELF_RESULT.store(1, Ordering::Release);
     alloc::end();
+    run_callbacks(&AFTER);
+    release();
 }
