@@ -367,3 +367,218 @@ fn a_tuned_program_migrates_and_checkpoints_itself() {
         "checkpoint returned 1 on node 3 captures 2 restores 2"
     );
 }
+
+/// `krg checkpoint` then `krg restart` elsewhere: the process goes on from
+/// the image; a file it appends to ends with every record exactly once.
+#[test]
+fn checkpoint_kill_restart_elsewhere_appends_every_record_once() {
+    let dir = shared_dir("ckpt-append");
+    let src = dir.join("append.c");
+    write_file(
+        &src,
+        r#"#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int fd = open(argv[1], O_WRONLY | O_APPEND | O_CREAT, 0644);
+    int n = atoi(argv[2]);
+    for (int i = 0; i < n; i++) {
+        char b[16];
+        int l = snprintf(b, sizeof b, "%08d\n", i);
+        if (write(fd, b, l) != l) return 1;
+        struct timespec ts = {0, 20 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    return 0;
+}
+"#,
+    );
+    let bin = cc(&src, "ckpt-append");
+    let out = dir.join("records.txt");
+    let _ = std::fs::remove_file(&out);
+    let img = dir.join("img");
+    let _ = std::fs::remove_dir_all(&img);
+    let c = Cluster::up(3, 1.0);
+    let script = format!(
+        "{} {} 300 </dev/null >/dev/null 2>&1 &",
+        bin.display(),
+        out.display()
+    );
+    assert!(c.sh(1, &script).status.success());
+    let mut pid = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        pid = find(&c, bin.to_str().unwrap()).map(|p| p.0);
+        pid.is_some()
+    }));
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = pid.unwrap().to_string();
+    let ck = c.krg(
+        1,
+        &["checkpoint", &pid, "-o", img.to_str().unwrap(), "--kill"],
+    );
+    assert!(ck.status.success(), "{}", text(&ck.stderr));
+    assert!(text(&ck.stdout).contains("killed"), "{}", text(&ck.stdout));
+    let before = std::fs::read_to_string(&out).unwrap().lines().count();
+    assert!(
+        before > 10 && before < 300,
+        "checkpointed mid-way: {before}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap().lines().count(),
+        before,
+        "nothing written after the checkpoint with --kill"
+    );
+    let r = c.krg(2, &["restart", "-q", img.to_str().unwrap(), "--node", "3"]);
+    assert!(r.status.success(), "{}{}", text(&r.stdout), text(&r.stderr));
+    let got = std::fs::read_to_string(&out).unwrap();
+    let want: String = (0..300).map(|i| format!("{i:08}\n")).collect();
+    assert_eq!(got, want, "every record exactly once, in order");
+}
+
+/// A checkpoint leaves the process running; a restart of the image while
+/// it still runs is a copy with its own gpid; both finish exactly.
+#[test]
+fn checkpoint_keeps_running_and_a_restarted_copy_finishes_too() {
+    let bin = cc(&repo_root().join("examples/ckpt/threads.c"), "ckpt-threads");
+    let bin = bin.to_str().unwrap().to_string();
+    let native = std::process::Command::new(&bin)
+        .args(["800", "2000000"])
+        .output()
+        .unwrap();
+    let img = shared_dir("ckpt-copy").join("img");
+    let _ = std::fs::remove_dir_all(&img);
+    let c = Cluster::up(3, 1.0);
+    let p = c
+        .cmd(1, &[&bin, "800", "2000000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pid = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        pid = find(&c, &bin).map(|p| p.0);
+        pid.is_some()
+    }));
+    std::thread::sleep(Duration::from_millis(800));
+    let pid = pid.unwrap();
+    let ck = c.krg(
+        2,
+        &["checkpoint", &pid.to_string(), "-o", img.to_str().unwrap()],
+    );
+    assert!(ck.status.success(), "{}", text(&ck.stderr));
+    let copy = c.krg(1, &["restart", img.to_str().unwrap(), "--node", "3"]);
+    let orig = p.wait_with_output().unwrap();
+    assert!(orig.status.success());
+    assert_eq!(
+        text(&orig.stdout),
+        text(&native.stdout),
+        "the original goes on exactly"
+    );
+    assert!(copy.status.success(), "{}", text(&copy.stderr));
+    assert_eq!(
+        text(&copy.stdout),
+        text(&native.stdout),
+        "the copy finishes exactly"
+    );
+    let said = text(&copy.stderr);
+    assert!(said.contains("restarted on node 3"), "{said}");
+    assert!(
+        !said.contains(&format!("pid {pid} ")),
+        "the copy got its own gpid: {said}"
+    );
+}
+
+/// What cannot move is refused before the process is touched.
+#[test]
+fn an_io_uring_refuses_checkpoint_and_migration_and_the_process_runs_on() {
+    let dir = shared_dir("ckpt-uring");
+    let src = dir.join("uring.c");
+    write_file(
+        &src,
+        r#"#include <linux/io_uring.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static volatile int got;
+static void h(int s) { got = s; }
+int main(void) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    int fd = syscall(__NR_io_uring_setup, 4, &p);
+    if (fd < 0) { perror("io_uring_setup"); return 2; }
+    for (int s = 1; s < 32; s++) signal(s, h);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("fd %d\n", fd);
+    for (int i = 0; i < 60; i++) {
+        printf("beat %d signal %d\n", i, got);
+        usleep(100000);
+    }
+    return 0;
+}
+"#,
+    );
+    let bin = cc(&src, "ckpt-uring");
+    let c = Cluster::up(2, 1.0);
+    let mut p = c
+        .cmd(1, &[bin.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = read_line(&mut p);
+    assert!(first.starts_with("fd "), "{first}");
+    let fd = first[3..].to_string();
+    let (pid, _) = find(&c, bin.to_str().unwrap()).unwrap();
+    let img = dir.join("img");
+    let ck = c.krg(
+        1,
+        &["checkpoint", &pid.to_string(), "-o", img.to_str().unwrap()],
+    );
+    assert!(!ck.status.success());
+    let e = text(&ck.stderr);
+    assert!(
+        e.contains(&format!("fd {fd}: io_uring is not migratable")),
+        "{e}"
+    );
+    let mg = c.krg(1, &["migrate", &pid.to_string(), "2"]);
+    assert!(!mg.status.success());
+    assert!(
+        text(&mg.stderr).contains("io_uring is not migratable"),
+        "{}",
+        text(&mg.stderr)
+    );
+    let out = p.wait_with_output().unwrap();
+    let o = text(&out.stdout);
+    assert!(out.status.success(), "it ran on to its end: {o}");
+    assert!(o.contains("beat 59 signal 0"), "no signal reached it: {o}");
+    assert!(
+        !o.contains("signal 1") && !o.lines().any(|l| !l.ends_with("signal 0")),
+        "{o}"
+    );
+}
+
+#[test]
+fn restart_of_a_missing_or_bad_image_fails_cleanly() {
+    let dir = shared_dir("ckpt-bad");
+    let c = Cluster::up(2, 1.0);
+    let r = c.krg(1, &["restart", "/nonexistent/img"]);
+    assert!(!r.status.success());
+    assert!(text(&r.stderr).contains("no image"), "{}", text(&r.stderr));
+    let junk = dir.join("image.krg");
+    write_file(&junk, "this is not an image at all, just some bytes");
+    let r = c.krg(1, &["restart", dir.to_str().unwrap()]);
+    assert!(!r.status.success());
+    assert!(
+        text(&r.stderr).contains("not a krg process image"),
+        "{}",
+        text(&r.stderr)
+    );
+    assert!(c
+        .ps(1)
+        .iter()
+        .all(|p| !p["command"].as_str().unwrap_or("").contains("image")));
+}

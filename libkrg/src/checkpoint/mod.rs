@@ -397,7 +397,10 @@ fn capture_self(order: Order) -> Result<bool, (i32, String)> {
     if let Ok(mut l) = LOCAL.0.lock() {
         // Not taken (another capture was under way): withdrawn.
         if l.take().is_some() {
-            return Err((libc::EBUSY, "another capture of this process is under way".into()));
+            return Err((
+                libc::EBUSY,
+                "another capture of this process is under way".into(),
+            ));
         }
     }
     match SELF_RESULT.load(Ordering::Acquire) {

@@ -176,8 +176,28 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
                 ino,
             } => {
                 let fl = flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_NOCTTY);
-                let fd = open_path(path, fl | libc::O_NOCTTY)
-                    .map_err(|e| format!("fd {}: {e}", f.fd))?;
+                let opened = open_path(path, fl | libc::O_NOCTTY);
+                let same = opened
+                    .as_ref()
+                    .ok()
+                    .and_then(|fd| fstat(*fd))
+                    .is_some_and(|st| st.st_dev == *dev && st.st_ino == *ino);
+                if f.fd <= 2 && !same {
+                    // Stdio the image had in a file this node does not
+                    // have: keep what the restarting command gave instead.
+                    if let Ok(fd) = opened {
+                        // SAFETY: our own fd.
+                        unsafe { libc::close(fd) };
+                    }
+                    crate::krg_log!(
+                        crate::log::Level::Warn,
+                        "fd {}: {} is not on this node; using the restarting command's",
+                        f.fd,
+                        String::from_utf8_lossy(path)
+                    );
+                    continue;
+                }
+                let fd = opened.map_err(|e| format!("fd {}: {e}", f.fd))?;
                 let st = fstat(fd).ok_or_else(|| os_err("fstat"))?;
                 if st.st_dev != *dev || st.st_ino != *ino {
                     return Err(format!(
