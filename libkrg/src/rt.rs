@@ -230,6 +230,7 @@ fn initialise() -> Mode {
     if path.exists() {
         ensure_no_aslr();
     }
+    restore_comm();
     let caps_env = std::env::var("KRG_CAPS").ok();
     // KRG_NODE pins the program it is given to, not its children: consume
     // it (this runs in the constructor, before any other thread exists).
@@ -300,6 +301,21 @@ fn initialise() -> Mode {
     }
 }
 
+/// Set by the re-exec of [`ensure_no_aslr`]: the process name to keep.
+const COMM_ENV: &str = "KRG_COMM";
+
+/// After that re-exec: take the program's name back, drop the variable.
+fn restore_comm() {
+    if let Some(c) = std::env::var_os(COMM_ENV) {
+        std::env::remove_var(COMM_ENV);
+        if let Ok(c) = std::ffi::CString::new(c.into_encoded_bytes()) {
+            // SAFETY: PR_SET_NAME reads a NUL-terminated string (the kernel
+            // takes at most 15 bytes of it).
+            unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr()) };
+        }
+    }
+}
+
 /// SSI processes run without address randomisation, so that an image
 /// restores at the same addresses on any node (the personality is
 /// inherited: `krg run`, `krg cluster exec` and the agents set it, and this
@@ -317,6 +333,14 @@ fn ensure_no_aslr() {
     ) else {
         return;
     };
+    // The kernel names the new image after the file exec'd (`dash` for
+    // an `sh` symlink): keep the name the program had (see `COMM_ENV`).
+    let comm = std::fs::read("/proc/self/comm").unwrap_or_default();
+    let mut environ = environ;
+    environ.extend_from_slice(COMM_ENV.as_bytes());
+    environ.push(b'=');
+    environ.extend_from_slice(comm.strip_suffix(b"\n").unwrap_or(&comm));
+    environ.push(0);
     let to_c = |b: &[u8]| -> Vec<std::ffi::CString> {
         b.split(|c| *c == 0)
             .filter(|s| !s.is_empty())

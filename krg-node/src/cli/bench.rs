@@ -119,6 +119,7 @@ pub fn worker(args: &[String]) -> Result<i32> {
         }
         "hold" => hold(n)?,
         "migrate" => s.values = migrate_sample(n, node.as_deref().unwrap_or("2"))?,
+        "ckpt" => s.values = ckpt_sample(n)?,
         other => bail!("bench-worker: unknown benchmark {other:?}"),
     }
     println!("{}", serde_json::to_string(&s)?);
@@ -215,6 +216,75 @@ fn migrate_sample(mib: u64, node: &str) -> Result<Vec<f64>> {
     std::hint::black_box(&dst);
     let copy_ms = t.elapsed().as_secs_f64() * 1e3;
     Ok(vec![gap_ms, call_ms, copy_ms])
+}
+
+/// `bench-worker ckpt MIB`: checkpoint a holder of MIB MiB to this node's
+/// /tmp (killing it), restart it here, and measure: the checkpoint's time
+/// and size, the restart until the restored holder's first timestamp, and
+/// writing the same bytes to a file in the same directory (the floor).
+fn ckpt_sample(mib: u64) -> Result<Vec<f64>> {
+    use std::io::{BufRead, Write};
+    let exe = std::env::current_exe()?;
+    let dir = std::path::PathBuf::from(format!("/tmp/krg-bench-ckpt-{mib}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut child = Command::new(&exe)
+        .args(["bench-worker", "hold", &mib.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the holder")?;
+    let pid = child.id() as i32;
+    let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    match lines.next() {
+        Some(Ok(l)) if l == "ready" => {}
+        other => bail!("holder did not start: {other:?}"),
+    }
+    std::thread::spawn(move || for _ in lines.map_while(|l| l.ok()) {});
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let t = Instant::now();
+    let r = libkrg::client::call(&libkrg::proto::Request::Checkpoint {
+        pid,
+        dir: dir.to_string_lossy().as_bytes().to_vec(),
+        kill: true,
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ckpt_ms = t.elapsed().as_secs_f64() * 1e3;
+    let bytes = match r {
+        libkrg::proto::Response::Ckpt(i) => i.bytes as f64,
+        libkrg::proto::Response::Err(e) => bail!("checkpoint: {}", e.msg),
+        other => bail!("checkpoint: {other:?}"),
+    };
+    let _ = child.wait();
+    // Restart here; the first timestamp it prints ends the measure.
+    let t = Instant::now();
+    let mut r = Command::new(&exe)
+        .args(["restart", "-q"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("krg restart")?;
+    let mut out = std::io::BufReader::new(r.stdout.take().context("stdout")?).lines();
+    let first = out.next();
+    let restart_ms = t.elapsed().as_secs_f64() * 1e3;
+    if !matches!(first, Some(Ok(ref l)) if l.trim().parse::<u64>().is_ok()) {
+        bail!("restarted holder said {first:?}");
+    }
+    let _ = r.kill();
+    let _ = r.wait();
+    // The floor: the same number of bytes written to a file there.
+    let buf = vec![7u8; 1 << 20];
+    let t = Instant::now();
+    let mut f = std::fs::File::create(dir.join("floor"))?;
+    let mut left = bytes as u64;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    drop(f);
+    let floor_ms = t.elapsed().as_secs_f64() * 1e3;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(vec![ckpt_ms, bytes, restart_ms, floor_ms])
 }
 
 fn run_worker(plain: bool, args: &[&str]) -> Result<Sample> {
@@ -346,6 +416,19 @@ fn measure(quick: bool) -> Result<i32> {
             v[2],
             v[0] / v[2].max(0.001),
             (mib.parse::<f64>().unwrap_or(0.0) * 1.048_576) / (v[0] / 1e3)
+        );
+    }
+    let sizes: &[&str] = if quick { &["64"] } else { &["64", "512"] };
+    println!("checkpoint to the node's /tmp (--kill) and restart there (floor: writing as many bytes to a file)");
+    for mib in sizes {
+        let v = run_worker(false, &["ckpt", mib])?.values;
+        println!(
+            "  {mib:>5} MiB   checkpoint {:8.1} ms ({:5.2} GB/s)   restart {:8.1} ms   floor {:7.1} ms ({:5.2} GB/s) [goal >= 1.4 GB/s]",
+            v[0],
+            v[1] / v[0] / 1e6,
+            v[2],
+            v[3],
+            v[1] / v[3] / 1e6
         );
     }
     Ok(0)
