@@ -339,7 +339,12 @@ impl ProcTable {
         vppid: i32,
         vpgid: i32,
     ) -> Result<(), ErrorReply> {
-        if self.by_gpid.get(&g).is_some_and(|p| p.running_on.is_none()) {
+        // A live local process with that gpid refuses; an entry of one
+        // that ended (not swept yet) is replaced.
+        if self.by_gpid.get(&g).is_some_and(|p| {
+            p.running_on.is_none()
+                && read_stat(p.kpid).map(|s| s.start_ticks) == Some(p.start_ticks)
+        }) {
             return Err(err(
                 libc::EBUSY,
                 format!("pid {g} already runs on node {}", self.node),
@@ -351,6 +356,11 @@ impl ProcTable {
                 format!("pid {g}: exited at once on node {}", self.node),
             )
         })?;
+        if let Some(old) = self.by_gpid.get(&g) {
+            if old.kpid != kpid && old.running_on.is_none() {
+                self.by_kpid.remove(&old.kpid);
+            }
+        }
         // A shadow of the same gpid here (the program came back) is
         // replaced in the table; it keeps running and relaying.
         self.by_gpid.insert(
