@@ -10,9 +10,11 @@
 //!   `c`) to `t` (capacity `ct`) only if `L - 1/c >= Lt + 1/ct`, so that
 //!   after the move this node is still at least as loaded as the target:
 //!   a move never reverses the imbalance, which is what prevents
-//!   ping-pong. The imbalance must last two rounds, moves made in the last
-//!   few seconds are counted before the load probes see them, and a
-//!   process moved recently is not moved again for a while.
+//!   ping-pong. The imbalance must last two rounds; then each round plans
+//!   as many moves (at most four) as keep that rule, each weighed with the
+//!   ones before it; moves of the last few seconds are counted before the
+//!   load probes see them; a process moved recently is not moved again for
+//!   a while.
 //!
 //! Only processes that run libkrg, have the `migrate` capability, are
 //! runnable and capturable (no children, no fd that cannot move) are
@@ -36,8 +38,10 @@ const PROCESS_COOLDOWN: Duration = Duration::from_secs(10);
 /// Moves younger than this are counted in the loads (the probes average
 /// over about a second and travel in heartbeats).
 const IN_FLIGHT: Duration = Duration::from_secs(3);
-/// Rounds an imbalance must last before a move.
+/// Rounds an imbalance must last before the first move.
 const PERSIST_ROUNDS: u32 = 2;
+/// Most moves one node starts in a round.
+const MAX_PER_ROUND: usize = 4;
 
 /// Validate a balancing policy name.
 pub fn check_name(name: &str) -> Result<(), String> {
@@ -115,7 +119,7 @@ impl Agent {
                 load: s.load,
             })
             .collect();
-        let (target, candidates) = {
+        let plan: Vec<(i32, u32)> = {
             let mut st = self.balancer();
             if st.busy {
                 return;
@@ -136,8 +140,7 @@ impl Agent {
             let Some(me) = loads.iter().find(|l| l.id == me_id).copied() else {
                 return;
             };
-            let target = threshold_target(me, &loads);
-            if target.is_none() {
+            if threshold_target(me, &loads).is_none() {
                 st.over_rounds = 0;
                 return;
             }
@@ -162,16 +165,37 @@ impl Agent {
                 return;
             }
             cands.sort_by(|a, b| b.cmp(a));
+            // As many moves as it takes to stop being the most loaded (at
+            // most MAX_PER_ROUND), each weighed with the ones before it.
+            let mut plan = Vec::new();
+            for (_, g) in cands {
+                let Some(me) = loads.iter().find(|l| l.id == me_id).copied() else {
+                    break;
+                };
+                let Some(to) = threshold_target(me, &loads) else {
+                    break;
+                };
+                for l in loads.iter_mut() {
+                    if l.id == to {
+                        l.load += 1.0 / l.cpus;
+                    } else if l.id == me_id {
+                        l.load -= 1.0 / l.cpus;
+                    }
+                }
+                plan.push((g, to));
+                if plan.len() >= MAX_PER_ROUND {
+                    break;
+                }
+            }
+            if plan.is_empty() {
+                return;
+            }
             st.busy = true;
-            (target, cands)
-        };
-        let Some(to) = target else {
-            self.balancer().busy = false;
-            return;
+            plan
         };
         let a = self.clone();
         tokio::spawn(async move {
-            for (_, g) in candidates.into_iter().take(3) {
+            for (g, to) in plan {
                 let order = CkptOrder {
                     action: CkptAction::Migrate,
                     path: Vec::new(),
@@ -185,8 +209,6 @@ impl Agent {
                         let t = Instant::now();
                         st.moves.push((t, to));
                         st.moved.insert(g, t);
-                        st.over_rounds = 0;
-                        break;
                     }
                     Err(e) => {
                         debug!("balancer: pid {g} stays: {}", e.msg);

@@ -11,7 +11,10 @@
 //! - the cost of hooked libc calls (getpid, getppid, a passed-through kill)
 //!   with and without the library;
 //! - live migration of a process holding 1 MiB to 2 GiB: its freeze-to-
-//!   resume gap (from its own timestamps) against a memcpy of the same size.
+//!   resume gap (from its own timestamps) against a memcpy of the same size;
+//! - checkpoint to disk and restart against writing the same bytes;
+//! - the load balancer's makespan for 8 CPU-bound jobs started on one of 4
+//!   half-CPU nodes (a second local cluster), against the ideal.
 
 use super::preload_path;
 use anyhow::{bail, Context, Result};
@@ -120,6 +123,14 @@ pub fn worker(args: &[String]) -> Result<i32> {
         "hold" => hold(n)?,
         "migrate" => s.values = migrate_sample(n, node.as_deref().unwrap_or("2"))?,
         "ckpt" => s.values = ckpt_sample(n)?,
+        "spin" => {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for i in 0..n {
+                h = (h ^ i).wrapping_mul(0x0100_0000_01b3);
+            }
+            s.values.push(std::hint::black_box(h) as f64);
+        }
+        "makespan" => s.values = makespan_sample(n)?,
         other => bail!("bench-worker: unknown benchmark {other:?}"),
     }
     println!("{}", serde_json::to_string(&s)?);
@@ -287,6 +298,33 @@ fn ckpt_sample(mib: u64) -> Result<Vec<f64>> {
     Ok(vec![ckpt_ms, bytes, restart_ms, floor_ms])
 }
 
+/// `bench-worker makespan N`: one `spin N` alone (its time on this node),
+/// then 8 at once started here; seconds of each.
+fn makespan_sample(n: u64) -> Result<Vec<f64>> {
+    let exe = std::env::current_exe()?;
+    let spin = || {
+        Command::new(&exe)
+            .args(["bench-worker", "spin", &n.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+    };
+    let t = Instant::now();
+    spin()?.wait()?;
+    let single = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut kids = Vec::new();
+    for _ in 0..8 {
+        kids.push(spin()?);
+    }
+    for mut k in kids {
+        let st = k.wait()?;
+        if !st.success() {
+            bail!("a job failed: {st}");
+        }
+    }
+    Ok(vec![single, t.elapsed().as_secs_f64()])
+}
+
 fn run_worker(plain: bool, args: &[&str]) -> Result<Sample> {
     let krg = std::env::current_exe()?;
     let mut c = Command::new(&krg);
@@ -324,7 +362,43 @@ pub fn bench(quick: bool) -> Result<i32> {
     let down = crate::cluster::down();
     let r = r?;
     down?;
+    // The load balancer needs more, smaller nodes.
+    crate::cluster::up(&crate::cluster::UpOptions {
+        nodes: 4,
+        cpus: 0.5,
+    })?;
+    let m = makespan(quick);
+    let down = crate::cluster::down();
+    m?;
+    down?;
     Ok(r)
+}
+
+fn makespan(quick: bool) -> Result<()> {
+    let krg = std::env::current_exe()?;
+    let st = Command::new(&krg)
+        .args(["cluster", "exec", "--plain", "--node", "1", "--"])
+        .arg(&krg)
+        .args(["sched", "balance", "threshold"])
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("krg sched balance threshold failed");
+    }
+    let n = if quick { "1000000000" } else { "3000000000" };
+    let v = run_worker(false, &["makespan", n])?.values;
+    // Ideal: the work of 8 jobs spread evenly over 4 equal nodes, each
+    // job's time measured alone on one of them.
+    let ideal = v[0] * 8.0 / 4.0;
+    println!("load balancing: 8 CPU-bound jobs started on node 1 of 4 nodes x 0.5 CPU (krg sched balance threshold)");
+    println!(
+        "  one job alone {:6.2} s   makespan {:6.2} s   ideal {:6.2} s   {:.2}x ideal [goal <= 1.25x]",
+        v[0],
+        v[1],
+        ideal,
+        v[1] / ideal
+    );
+    Ok(())
 }
 
 fn measure(quick: bool) -> Result<i32> {
