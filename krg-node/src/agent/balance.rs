@@ -10,7 +10,8 @@
 //!   `c`) to `t` (capacity `ct`) only if `L - 1/c >= Lt + 1/ct`, so that
 //!   after the move this node is still at least as loaded as the target:
 //!   a move never reverses the imbalance, which is what prevents
-//!   ping-pong. The imbalance must last two rounds; then each round plans
+//!   ping-pong. The imbalance must last two rounds (unless it is worth three
+//!   processes or more: then at once); then each round plans
 //!   as many moves (at most four) as keep that rule, each weighed with the
 //!   ones before it; moves of the last few seconds are counted before the
 //!   load probes see them; a process moved recently is not moved again for
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info};
 
 /// Period of a balancing round.
-pub const EVERY: Duration = Duration::from_millis(1000);
+pub const EVERY: Duration = Duration::from_millis(500);
 /// The policy in force when an agent starts.
 pub const DEFAULT: &str = "off";
 /// Every policy name.
@@ -37,9 +38,11 @@ pub const NAMES: &[&str] = &["off", "threshold"];
 const PROCESS_COOLDOWN: Duration = Duration::from_secs(10);
 /// Moves younger than this are counted in the loads (the probes average
 /// over about a second and travel in heartbeats).
-const IN_FLIGHT: Duration = Duration::from_secs(3);
+const IN_FLIGHT: Duration = Duration::from_millis(1500);
 /// Rounds an imbalance must last before the first move.
 const PERSIST_ROUNDS: u32 = 2;
+/// An imbalance of this many processes' worth needs no persistence.
+const BIG_GAP: f64 = 3.0;
 /// Most moves one node starts in a round.
 const MAX_PER_ROUND: usize = 4;
 
@@ -140,11 +143,20 @@ impl Agent {
             let Some(me) = loads.iter().find(|l| l.id == me_id).copied() else {
                 return;
             };
-            if threshold_target(me, &loads).is_none() {
+            let Some(first) = threshold_target(me, &loads) else {
                 st.over_rounds = 0;
                 return;
-            }
+            };
             st.over_rounds += 1;
+            // A gap of several processes is no blip: act at once.
+            let gap = loads
+                .iter()
+                .find(|l| l.id == first)
+                .map(|t| (me.load - t.load) * me.cpus.min(t.cpus))
+                .unwrap_or(0.0);
+            if gap >= BIG_GAP {
+                st.over_rounds = st.over_rounds.max(PERSIST_ROUNDS);
+            }
             // Rank the runnable local processes by CPU time since last round.
             let procs = self.procs().ps();
             let mut cands: Vec<(u64, i32)> = Vec::new();
