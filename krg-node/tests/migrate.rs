@@ -582,3 +582,43 @@ fn restart_of_a_missing_or_bad_image_fails_cleanly() {
         .iter()
         .all(|p| !p["command"].as_str().unwrap_or("").contains("image")));
 }
+
+/// A truncated image is refused, never run from the start.
+#[test]
+fn a_truncated_image_fails_and_nothing_runs_from_scratch() {
+    let bin = cc(
+        &repo_root().join("examples/ckpt/counter.c"),
+        "ckpt-counter-trunc",
+    );
+    let bin = bin.to_str().unwrap().to_string();
+    let img = shared_dir("ckpt-trunc").join("img");
+    let _ = std::fs::remove_dir_all(&img);
+    let c = Cluster::up(2, 1.0);
+    let script = format!("{bin} 1000000 300000000 </dev/null >/dev/null 2>&1 &");
+    assert!(c.sh(1, &script).status.success());
+    let mut pid = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        pid = find(&c, &bin).map(|p| p.0);
+        pid.is_some()
+    }));
+    let pid = pid.unwrap().to_string();
+    let ck = c.krg(
+        1,
+        &["checkpoint", &pid, "-o", img.to_str().unwrap(), "--kill"],
+    );
+    assert!(ck.status.success(), "{}", text(&ck.stderr));
+    let file = img.join("image.krg");
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let r = c.krg(1, &["restart", "-q", img.to_str().unwrap(), "--node", "2"]);
+    assert!(!r.status.success(), "{}", text(&r.stdout));
+    let e = text(&r.stderr);
+    assert!(e.contains("ends early") || e.contains("truncated"), "{e}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(find(&c, &bin).is_none(), "nothing runs: {:?}", c.ps(1));
+}

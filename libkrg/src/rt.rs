@@ -194,6 +194,19 @@ fn env_flag(name: &str) -> bool {
 
 /// The body of [`init`]: decide the mode and register with the agent.
 fn initialise() -> Mode {
+    // A process started to become an image (or a migrated process's
+    // shadow) exists for nothing else: before any other setting.
+    if let Ok(spec) = std::env::var(crate::distant::SHADOW_ENV) {
+        // A migrated process re-executed to stay behind as its shadow.
+        let Err(e) = crate::distant::shadow_from_env(&spec);
+        log::emit(format_args!("krg: {e}"));
+        // SAFETY: ends this process.
+        unsafe { libc::_exit(127) };
+    }
+    if let Some(image) = std::env::var_os(crate::checkpoint::restore::RESTORE_ENV) {
+        // This process exists to become the image: never returns.
+        crate::checkpoint::restore::run(&image);
+    }
     // KRG_DISABLE is checked first and silences everything, the log included.
     if env_flag("KRG_DISABLE") {
         return Mode::Disabled;
@@ -216,17 +229,6 @@ fn initialise() -> Mode {
         return Mode::Standalone;
     };
     let addr = AGENT.get_or_init(|| addr);
-    if let Ok(spec) = std::env::var(crate::distant::SHADOW_ENV) {
-        // A migrated process re-executed to stay behind as its shadow.
-        let Err(e) = crate::distant::shadow_from_env(&spec);
-        log::emit(format_args!("krg: {e}"));
-        // SAFETY: ends this process.
-        unsafe { libc::_exit(127) };
-    }
-    if let Some(image) = std::env::var_os(crate::checkpoint::restore::RESTORE_ENV) {
-        // This process exists to become the image: never returns.
-        crate::checkpoint::restore::run(&image);
-    }
     if path.exists() {
         ensure_no_aslr();
     }

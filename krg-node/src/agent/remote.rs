@@ -239,6 +239,41 @@ impl Agent {
         } else if image_stream.is_some() {
             cmd.env(libkrg::checkpoint::restore::RESTORE_ENV, "fd:3");
         }
+        if spec.restore.is_some() || image_stream.is_some() {
+            // Without libkrg the restorer would run the program afresh:
+            // make sure it is preloaded (the image's environment may have
+            // had it linked instead, or lost it).
+            let current = spec
+                .exec
+                .env
+                .iter()
+                .find_map(|e| e.strip_prefix(b"LD_PRELOAD="))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            if !current.contains("libkrg.so") {
+                let so = std::env::current_exe()
+                    .ok()
+                    .and_then(|e| e.parent().map(|d| d.join("libkrg.so")))
+                    .filter(|p| p.exists());
+                match so {
+                    Some(so) if current.is_empty() => {
+                        cmd.env("LD_PRELOAD", so);
+                    }
+                    Some(so) => {
+                        cmd.env("LD_PRELOAD", format!("{}:{current}", so.display()));
+                    }
+                    None => {
+                        return Err(err(
+                            libc::ENOENT,
+                            format!(
+                                "node {}: libkrg.so is not next to krg-node: cannot restore",
+                                self.node_id()
+                            ),
+                        ))
+                    }
+                }
+            }
+        }
         let image_fd = image_stream
             .as_ref()
             .map(std::os::fd::AsRawFd::as_raw_fd)

@@ -305,6 +305,26 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
         None => std::fs::File::open(path).map_err(|e| e.to_string())?,
     };
     let meta = image::read_meta(&mut file).map_err(|e| e.to_string())?;
+    // A file image is checked whole before the point of no return: its end
+    // marker is there and it is long enough for the memory it announces.
+    if STREAM_FD.load(std::sync::atomic::Ordering::Relaxed) < 0 {
+        use std::io::{Read, Seek, SeekFrom};
+        let here = file.stream_position().map_err(|e| e.to_string())?;
+        let len = file.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
+        let mut end = [0u8; 8];
+        let ok = len >= here + meta.mem_bytes + 24
+            && file.seek(SeekFrom::End(-8)).is_ok()
+            && file.read_exact(&mut end).is_ok()
+            && &end == image::END_MAGIC;
+        if !ok {
+            return Err(format!(
+                "the image is truncated ({len} bytes, no end marker or less than the {} bytes of memory it announces)",
+                meta.mem_bytes
+            ));
+        }
+        file.seek(SeekFrom::Start(here))
+            .map_err(|e| e.to_string())?;
+    }
     let anchor = &ANCHOR as *const _ as u64;
     if meta.krg_anchor != anchor {
         return Err(format!(
