@@ -440,6 +440,18 @@ pub fn migrate_self(node: u32) -> Result<(), (i32, String)> {
     if node == crate::processes::node_id() {
         return Err((libc::EINVAL, format!("already on node {node}")));
     }
+    // As the agent refuses for `krg migrate`: children stay behind.
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            if let Some(k) = kids.split_whitespace().next() {
+                return Err((
+                    libc::EBUSY,
+                    format!("this process has children (kernel pid {k}): a parent cannot move away from them yet"),
+                ));
+            }
+        }
+    }
     capture_self(Order {
         action: CkptAction::Migrate,
         path: Vec::new(),
