@@ -7,6 +7,62 @@ use libkrg::proto::{RemoteExec, Request, Response, RestartReq};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+/// The expected image size of a process (its resident memory), for the
+/// progress display.
+fn expected_bytes(pid: i32) -> Option<u64> {
+    match agent_call(&Request::Ps).ok()? {
+        Response::Ps(v) => v.iter().find(|p| p.pid == pid).map(|p| p.rss_kb * 1024),
+        _ => None,
+    }
+}
+
+/// Run `call` in a thread; on a terminal, show progress meanwhile: bytes
+/// of `growing` (a file being written) against `total`, else a spinner.
+fn with_progress<T: Send + 'static>(
+    what: String,
+    total: Option<u64>,
+    growing: Option<std::path::PathBuf>,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    use std::io::IsTerminal;
+    let h = std::thread::spawn(call);
+    if !std::io::stderr().is_terminal() {
+        return h.join().expect("agent call thread");
+    }
+    let bar = match (total, &growing) {
+        (Some(t), Some(_)) => {
+            let b = indicatif::ProgressBar::new(t);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} {bar:30} {bytes}/{total_bytes} {elapsed}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        }
+        _ => {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b
+        }
+    };
+    bar.set_message(what);
+    while !h.is_finished() {
+        if let Some(p) = &growing {
+            if let Ok(m) = std::fs::metadata(p) {
+                bar.set_position(m.len());
+            }
+        }
+        bar.tick();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    bar.finish_and_clear();
+    h.join().expect("agent call thread")
+}
+
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
 }
@@ -18,11 +74,17 @@ pub fn checkpoint(pid: i32, dir: Option<PathBuf>, kill: bool) -> Result<i32> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("{}", dir.display()))?;
-    let r = agent_call(&Request::Checkpoint {
+    let req = Request::Checkpoint {
         pid,
         dir: dir.as_os_str().as_bytes().to_vec(),
         kill,
-    })?;
+    };
+    let r = with_progress(
+        format!("checkpointing pid {pid}"),
+        expected_bytes(pid),
+        Some(dir.join(format!(".{}.tmp", image::IMAGE_FILE))),
+        move || agent_call(&req),
+    )?;
     match r {
         Response::Ckpt(i) => {
             println!(
@@ -105,7 +167,18 @@ pub fn restart(dir: &Path, node: Option<u32>, quiet: bool) -> Result<i32> {
 pub fn migrate(pid: i32, node: u32) -> Result<i32> {
     let node = libkrg::proto::parse_node_pin(&node.to_string())
         .with_context(|| format!("node {node}: node ids are 1..={}", libkrg::gpid::MAX_NODE))?;
-    match agent_call(&Request::Migrate { pid, node })? {
+    let r = with_progress(
+        format!(
+            "migrating pid {pid} to node {node}{}",
+            expected_bytes(pid)
+                .map(|b| format!(" ({})", mib(b)))
+                .unwrap_or_default()
+        ),
+        None,
+        None,
+        move || agent_call(&Request::Migrate { pid, node }),
+    )?;
+    match r {
         Response::Ckpt(i) => {
             println!(
                 "pid {}: migrated to node {} ({} in {} ms)",
