@@ -12,10 +12,11 @@ mod vfork;
 
 use hook::{enosys, hooks};
 use libc::{
-    c_char, c_int, c_uint, id_t, idtype_t, mode_t, pid_t, posix_spawn_file_actions_t,
-    posix_spawnattr_t, rusage, siginfo_t, sigval, size_t, ssize_t, termios, winsize, DIR, FILE,
+    c_char, c_int, c_uint, c_void, id_t, idtype_t, key_t, mode_t, pid_t,
+    posix_spawn_file_actions_t, posix_spawnattr_t, rusage, shmid_ds, siginfo_t, sigval, size_t,
+    ssize_t, termios, winsize, DIR, FILE,
 };
-use libkrg::{processes, procfs};
+use libkrg::{dsm, processes, procfs};
 
 /// Runs when the dynamic loader initialises libkrg.so: resolve every next
 /// symbol, then register with the agent (or go standalone/disabled).
@@ -62,6 +63,12 @@ fn read_status(p: *const c_int, r: pid_t) -> c_int {
 unsafe fn filled_siginfo<'a>(p: *mut siginfo_t) -> &'a mut siginfo_t {
     // SAFETY: the function's contract.
     unsafe { &mut *p }
+}
+
+/// `MAP_FAILED` with errno `ENOSYS` (shmat's error value).
+fn enosys_failed() -> *mut c_void {
+    libkrg::rt::set_errno(libc::ENOSYS);
+    libc::MAP_FAILED
 }
 
 /// A null pointer with errno `ENOSYS`: the value of a pointer-returning
@@ -458,5 +465,34 @@ hooks! {
     fn __realpath_chk(path: *const c_char, resolved: *mut c_char, resolvedlen: size_t) -> *mut c_char {
         missing => enosys_null(),
         krg(real) => via_path!(path => real(path, resolved, resolvedlen)),
+    }
+
+    /// `shmget`: a cluster-wide System V segment (capability `dsm`).
+    fn shmget(key: key_t, size: size_t, flags: c_int) -> c_int {
+        missing => enosys(),
+        krg(real) => if dsm::active() { dsm::shmget(key, size, flags) } else { real(key, size, flags) },
+    }
+
+    /// `shmat`: map a cluster-wide segment, kept coherent by the agent.
+    fn shmat(shmid: c_int, addr: *const c_void, flags: c_int) -> *mut c_void {
+        missing => enosys_failed(),
+        krg(real) => if dsm::active() { dsm::shmat(shmid, addr, flags) } else { real(shmid, addr, flags) },
+    }
+
+    /// `shmdt`: detach a cluster-wide segment.
+    fn shmdt(addr: *const c_void) -> c_int {
+        missing => enosys(),
+        krg(real) => if dsm::active() { dsm::shmdt(addr) } else { real(addr) },
+    }
+
+    /// `shmctl`: IPC_STAT, IPC_SET and IPC_RMID act cluster-wide.
+    fn shmctl(shmid: c_int, cmd: c_int, buf: *mut shmid_ds) -> c_int {
+        missing => enosys(),
+        krg(real) => if dsm::active() {
+            // SAFETY: buf is the caller's, valid for cmd per shmctl(2).
+            unsafe { dsm::shmctl(shmid, cmd, buf, real) }
+        } else {
+            real(shmid, cmd, buf)
+        },
     }
 }

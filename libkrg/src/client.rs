@@ -6,6 +6,7 @@ use crate::frame::{self, MAX_RESPONSE};
 use crate::proto::{ErrorReply, Request, Response};
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -86,6 +87,87 @@ pub fn call_at(
         Response::Err(e) => Err(CallError::Agent(e)),
         r => Ok(r),
     }
+}
+
+/// Like [`call`], for requests whose answer announces file descriptors
+/// (`ShmAttached`): they follow the answer as SCM_RIGHTS on one byte.
+pub fn call_fds(req: &Request) -> Result<(Response, Vec<OwnedFd>), CallError> {
+    let path = sock_path();
+    let io_err = |err| CallError::Io {
+        path: path.clone(),
+        err,
+    };
+    let mut s = UnixStream::connect(&path).map_err(io_err)?;
+    frame::write_frame(&mut s, req).map_err(io_err)?;
+    let resp: Response = frame::read_frame(&mut s, MAX_RESPONSE).map_err(io_err)?;
+    let n = match &resp {
+        Response::Err(e) => return Err(CallError::Agent(e.clone())),
+        Response::ShmAttached { fds, .. } => *fds as usize,
+        _ => 0,
+    };
+    let fds = if n > 0 {
+        recv_fds(&s, n).map_err(io_err)?
+    } else {
+        Vec::new()
+    };
+    Ok((resp, fds))
+}
+
+/// Receive up to `max` (at most 4) descriptors sent with one byte.
+fn recv_fds(s: &UnixStream, max: usize) -> io::Result<Vec<OwnedFd>> {
+    const MAX: usize = 4;
+    let max = max.min(MAX);
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // u64 words keep the control buffer aligned for cmsghdr.
+    let mut cbuf = [0u64; 8];
+    // SAFETY: msghdr is plain data; all-zero is valid before we fill it.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
+    // SAFETY: msg points at our iovec and control buffer, both live and
+    // of the sizes given; MSG_CMSG_CLOEXEC keeps the fds from exec.
+    let r = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if r == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "agent closed before sending descriptors",
+        ));
+    }
+    let mut out = Vec::new();
+    // SAFETY: the CMSG_* walkers read within msg's control buffer, whose
+    // length the kernel set; each SCM_RIGHTS payload is an array of ints
+    // that the kernel installed as new descriptors owned by us now.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const libc::c_int;
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<libc::c_int>();
+                for i in 0..count {
+                    let fd = std::ptr::read_unaligned(data.add(i));
+                    out.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if out.len() > max {
+        return Err(io::Error::other(format!(
+            "agent sent {} descriptors, {max} announced",
+            out.len()
+        )));
+    }
+    Ok(out)
 }
 
 /// A request that must be answered with a pid.

@@ -11,6 +11,7 @@ pub mod caps;
 pub mod checkpoint;
 pub mod client;
 pub mod distant;
+pub mod dsm;
 pub mod frame;
 pub mod gpid;
 pub mod hookclient;

@@ -102,6 +102,67 @@ pub enum Request {
     /// caller becomes its shadow as for `RemoteExec`. Answered with
     /// `Restarted`.
     Restart(RestartReq),
+    // --- distributed shared memory (System V segments) ---
+    /// `shmget(key, size, flags)`: the cluster-wide segment id.
+    /// Answered with `Id`.
+    ShmGet { key: i32, size: u64, flags: i32 },
+    /// Attach the caller to a segment (`shmat`), or register a mapping it
+    /// inherited across `fork` (`inherited`: no new memory object is sent).
+    /// Answered with `ShmAttached`, followed on the socket by one byte that
+    /// carries the file descriptors (SCM_RIGHTS) it announces.
+    ShmAttach {
+        shmid: i32,
+        rdonly: bool,
+        inherited: bool,
+        /// The caller has no userfaultfd registered with the agent yet: send
+        /// `/dev/userfaultfd` so that it can create one.
+        need_uffd: bool,
+    },
+    /// The caller mapped the segment at `addr`; `uffd` is the number of its
+    /// new userfaultfd (which the agent takes with `pidfd_getfd`), or -1.
+    ShmMapped {
+        shmid: i32,
+        addr: u64,
+        len: u64,
+        rdonly: bool,
+        uffd: i32,
+    },
+    /// `shmdt`: the caller unmapped the attachment at `addr`.
+    ShmDetach { shmid: i32, addr: u64 },
+    /// `shmctl(IPC_STAT | IPC_SET | IPC_RMID)`; `set` carries uid, gid and
+    /// mode for IPC_SET. Answered with `Shm` (IPC_STAT) or `Ok`.
+    ShmCtl {
+        shmid: i32,
+        cmd: i32,
+        set: Option<(u32, u32, u32)>,
+    },
+    /// Every segment of the cluster (`krg ipcs`). Answered with `Ipcs`.
+    Ipcs,
+}
+
+/// One System V segment as `shmctl(IPC_STAT)` and `krg ipcs` show it.
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
+pub struct ShmInfo {
+    pub shmid: i32,
+    pub key: i32,
+    /// The node that keeps its metadata and page directory.
+    pub home: u32,
+    pub size: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub cuid: u32,
+    pub cgid: u32,
+    /// Permission bits, plus `SHM_DEST` (0o1000) once removed.
+    pub mode: u32,
+    pub atime: i64,
+    pub dtime: i64,
+    pub ctime: i64,
+    pub cpid: i32,
+    pub lpid: i32,
+    /// `(gpid, node)` of every attachment.
+    pub attached: Vec<(i32, u32)>,
 }
 
 /// Signal the agent sends to ask a process for a capture (SIGRTMAX-2).
@@ -278,6 +339,16 @@ pub enum Response {
     CkptOrder(CkptOrder),
     /// A checkpoint was written, or a process restarted.
     Ckpt(CkptDoneInfo),
+    /// An identifier (a segment id for `ShmGet`).
+    Id(i32),
+    /// Answer to `ShmAttach`: `fds` descriptors follow (the memory object,
+    /// then `/dev/userfaultfd` if asked for).
+    ShmAttached {
+        size: u64,
+        fds: u8,
+    },
+    Shm(ShmInfo),
+    Ipcs(Vec<ShmInfo>),
 }
 
 /// A failed request: the errno the application should see, and what failed.

@@ -266,6 +266,7 @@ fn initialise() -> Mode {
                 }
             }
             crate::processes::register_atfork();
+            crate::dsm::register_atfork();
             let c = crate::caps::Caps::from_bits(caps);
             if c.contains(crate::caps::Caps::CHECKPOINT) || c.contains(crate::caps::Caps::MIGRATE) {
                 crate::checkpoint::install();

@@ -6,11 +6,12 @@ use super::{Agent, Caller};
 use anyhow::{Context, Result};
 use libkrg::frame::{self, MAX_REQUEST};
 use libkrg::proto::{ErrorReply, Request, Response};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
@@ -73,11 +74,38 @@ async fn refuse(s: &mut UnixStream, who: Caller, e: std::io::Error) -> std::io::
     Ok(())
 }
 
+/// Send descriptors (SCM_RIGHTS) on one byte after an answer that
+/// announced them.
+async fn send_fds(s: &UnixStream, fds: &[OwnedFd]) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    loop {
+        s.writable().await?;
+        let r = s.try_io(Interest::WRITABLE, || {
+            let cmsg = [ControlMessage::ScmRights(&raw)];
+            sendmsg::<()>(
+                s.as_raw_fd(),
+                &[std::io::IoSlice::new(&[0u8])],
+                &cmsg,
+                MsgFlags::empty(),
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match r {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 async fn client(agent: Arc<Agent>, mut s: UnixStream) -> std::io::Result<()> {
     let cred = s.peer_cred()?;
     let who = Caller {
         pid: cred.pid().unwrap_or(0),
         uid: cred.uid(),
+        gid: cred.gid(),
     };
     loop {
         let mut len = [0u8; 4];
@@ -113,7 +141,10 @@ async fn client(agent: Arc<Agent>, mut s: UnixStream) -> std::io::Result<()> {
             Err(e) => return refuse(&mut s, who, e).await,
         };
         debug!("pid {} uid {}: {req:?}", who.pid, who.uid);
-        let r = agent.handle_local(req, who).await;
+        let (r, fds) = agent.handle_local_fds(req, who).await;
         reply(&mut s, &r).await?;
+        if !fds.is_empty() {
+            send_fds(&s, &fds).await?;
+        }
     }
 }

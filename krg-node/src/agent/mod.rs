@@ -7,6 +7,7 @@ pub mod auth;
 pub mod balance;
 pub mod checkpoint;
 pub mod config;
+pub mod dsm;
 pub mod local;
 pub mod peer;
 pub mod probe;
@@ -40,6 +41,7 @@ pub struct Caller {
     /// Kernel pid in the agent's pid namespace; 0 if not visible from it.
     pub pid: i32,
     pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Debug)]
@@ -88,6 +90,8 @@ pub struct Agent {
     orders: checkpoint::Orders,
     /// The load balancer's memory (hysteresis).
     balancer: Mutex<balance::State>,
+    /// Shared memory segments: those homed here and local copies.
+    dsm: dsm::Dsm,
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -116,6 +120,7 @@ impl Agent {
             sched: sched::Sched::new(),
             orders: checkpoint::Orders::default(),
             balancer: Mutex::new(balance::State::default()),
+            dsm: dsm::Dsm::default(),
             cpus,
             cfg,
         })
@@ -553,6 +558,30 @@ impl Agent {
         })
     }
 
+    /// Serve one request from the local socket, with the descriptors its
+    /// answer carries (`ShmAttach`).
+    pub async fn handle_local_fds(
+        self: &Arc<Self>,
+        req: Request,
+        who: Caller,
+    ) -> (Response, Vec<std::os::fd::OwnedFd>) {
+        match req {
+            Request::ShmAttach {
+                shmid,
+                rdonly,
+                inherited,
+                need_uffd,
+            } => match self
+                .shm_attach(who, shmid, rdonly, inherited, need_uffd)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => (Response::Err(e), Vec::new()),
+            },
+            req => (self.handle_local(req, who).await, Vec::new()),
+        }
+    }
+
     /// Serve one request from the local socket.
     pub async fn handle_local(self: &Arc<Self>, req: Request, who: Caller) -> Response {
         match self.handle_local_inner(req, who).await {
@@ -592,6 +621,8 @@ impl Agent {
                     ));
                 }
                 let kpid = need_pid()?;
+                // A new program: the old one's segment attachments are gone.
+                self.shm_forget(kpid);
                 let (gpid, caps, skip) = {
                     let mut t = self.procs();
                     let p = t.register(kpid, Some(caps_env))?;
@@ -614,6 +645,21 @@ impl Agent {
                 })
             }
             Request::RemoteExec(spec) => Ok(Response::Pid(self.remote_exec(who, spec).await?)),
+            Request::ShmGet { key, size, flags } => self.shm_get(who, key, size, flags).await,
+            Request::ShmAttach { .. } => Err(err(
+                libc::EINVAL,
+                "ShmAttach answers with descriptors: not on this path",
+            )),
+            Request::ShmMapped {
+                shmid,
+                addr,
+                len,
+                uffd,
+                ..
+            } => self.shm_mapped(who, shmid, addr, len, uffd),
+            Request::ShmDetach { shmid, addr } => Ok(self.shm_detach(who, shmid, addr).await),
+            Request::ShmCtl { shmid, cmd, set } => self.shm_ctl(who, shmid, cmd, set).await,
+            Request::Ipcs => Ok(self.ipcs().await),
             Request::Ensure { kpid } => {
                 let me = need_pid()?;
                 if kpid != me {
@@ -862,6 +908,22 @@ impl Peer for PeerServer {
     // --- scheduling ---
     async fn sched_get(self, _: context::Context) -> sched::SchedPolicy {
         self.0.sched_policy()
+    }
+
+    async fn dsm_home(
+        self,
+        _: context::Context,
+        op: dsm::HomeOp,
+    ) -> Result<dsm::HomeReply, ErrorReply> {
+        self.0.home_op(op).await
+    }
+
+    async fn dsm_node(
+        self,
+        _: context::Context,
+        op: dsm::NodeOp,
+    ) -> Result<Option<serde_bytes::ByteBuf>, ErrorReply> {
+        self.0.node_op(op).await
     }
 
     async fn sched_push(

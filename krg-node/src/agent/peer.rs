@@ -74,6 +74,11 @@ pub trait Peer {
     /// `krg sched set` on the caller: apply `policy` if it is newer than
     /// the callee's; answers the policy in force on the callee afterwards.
     async fn sched_push(policy: super::sched::SchedPolicy) -> Result<SchedInfo, ErrorReply>;
+    // --- distributed shared memory ---
+    /// A request to the home of a segment (metadata, page directory).
+    async fn dsm_home(op: super::dsm::HomeOp) -> Result<super::dsm::HomeReply, ErrorReply>;
+    /// What a segment's home asks of a node holding its pages.
+    async fn dsm_node(op: super::dsm::NodeOp) -> Result<Option<serde_bytes::ByteBuf>, ErrorReply>;
 }
 
 fn codec() -> LengthDelimitedCodec {

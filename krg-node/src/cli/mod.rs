@@ -4,6 +4,7 @@
 
 mod bench;
 mod checkpoint;
+mod ipcs;
 mod kill;
 mod ps;
 pub mod sched;
@@ -34,6 +35,12 @@ pub enum Cmd {
     },
     /// List every SSI process of the cluster.
     Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the cluster's System V shared memory segments, with the
+    /// processes attached to each and their nodes.
+    Ipcs {
         #[arg(long)]
         json: bool,
     },
@@ -199,6 +206,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Status { json } => ps::status(json),
         Cmd::Ps { json } => ps::ps(json),
+        Cmd::Ipcs { json } => ipcs::ipcs(json),
         Cmd::Top {
             delay,
             iterations,

@@ -1,0 +1,1247 @@
+//! Distributed shared memory, the agent side: cluster-wide System V
+//! segments and the coherence of their pages. See docs/architecture/dsm.md.
+//!
+//! Every segment has a *home* node, named by its id (`home << 20 | seq`),
+//! which keeps its metadata (what IPC_STAT shows) and one directory entry
+//! per page: the node that holds it writable, if any, and the nodes that
+//! hold a valid copy. The home serialises the requests for a page, so the
+//! protocol is single-writer / many-readers with invalidation: sequentially
+//! consistent at page granularity.
+//!
+//! Every node with attachments keeps one memfd per segment, mapped by all
+//! its local processes (so they share pages natively), and one state per
+//! page: *invalid* (absent from the memfd: any access faults), *read*
+//! (present, every local mapping of it write-protected) or *write*
+//! (present, mappings may be writable). The processes' mappings are
+//! registered with their userfaultfds, which the agent holds: missing and
+//! minor faults map a page in (after fetching it if invalid), write-protect
+//! faults take ownership. Invalidation punches the page out of the memfd,
+//! which unmaps it from every local process at once.
+
+use super::{ctx, err, Agent, Caller};
+use libkrg::dsm::uffd;
+use libkrg::proto::{ErrorReply, Response, ShmInfo};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{Mutex as AsyncMutex, Notify};
+use tracing::{debug, warn};
+
+const PAGE: u64 = uffd::PAGE;
+/// Segment ids: the home node above these bits, a sequence number below.
+const SEQ_BITS: u32 = 20;
+/// Largest segment: bounds the page directory a request can make a home
+/// allocate.
+const SHM_MAX: u64 = 1 << 36;
+/// `mode` bit of a removed segment (Linux's SHM_DEST).
+const SHM_DEST: u32 = 0o1000;
+/// Page directories keep copy sets as bit masks of node ids.
+const MAX_NODE: u32 = 63;
+
+/// The home node of a segment id.
+pub fn home_of(shmid: i32) -> u32 {
+    (shmid as u32) >> SEQ_BITS
+}
+
+/// Credentials of the caller, as the home checks them.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Cred {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl Cred {
+    fn in_group(&self, g: u32) -> bool {
+        self.gid == g || self.groups.contains(&g)
+    }
+
+    /// Linux's ipcperms: `want` is rwx in the low three bits.
+    fn allowed(&self, i: &ShmInfo, want: u32) -> bool {
+        if self.uid == 0 {
+            return true;
+        }
+        let mut granted = i.mode;
+        if self.uid == i.cuid || self.uid == i.uid {
+            granted >>= 6;
+        } else if self.in_group(i.cgid) || self.in_group(i.gid) {
+            granted >>= 3;
+        }
+        want & !granted & 0o7 == 0
+    }
+
+    fn owns(&self, i: &ShmInfo) -> bool {
+        self.uid == 0 || self.uid == i.uid || self.uid == i.cuid
+    }
+}
+
+/// A request to a segment's home.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub enum HomeOp {
+    Get {
+        key: i32,
+        size: u64,
+        flags: i32,
+        cred: Cred,
+        pid: i32,
+    },
+    Attach {
+        shmid: i32,
+        rdonly: bool,
+        cred: Cred,
+        pid: i32,
+        node: u32,
+    },
+    Detach {
+        shmid: i32,
+        pid: i32,
+        node: u32,
+    },
+    Ctl {
+        shmid: i32,
+        cmd: i32,
+        set: Option<(u32, u32, u32)>,
+        cred: Cred,
+    },
+    /// `node` wants page `page` readable (or writable): answered once the
+    /// home has installed it there.
+    Acquire {
+        shmid: i32,
+        page: u32,
+        node: u32,
+        write: bool,
+    },
+    List,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub enum HomeReply {
+    Id(i32),
+    Info(ShmInfo),
+    List(Vec<ShmInfo>),
+    Done,
+}
+
+/// What a home asks of a node that holds (or will hold) pages.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub enum NodeOp {
+    /// Make the page valid here (`data`, or zeros, or the copy already
+    /// here when `None` and the page is valid), readable or writable.
+    Install {
+        shmid: i32,
+        size: u64,
+        page: u32,
+        write: bool,
+        data: Option<ByteBuf>,
+    },
+    /// Drop the page here, returning its contents if `want`.
+    Invalidate { shmid: i32, page: u32, want: bool },
+    /// Keep a read-only copy, returning the contents.
+    Downgrade { shmid: i32, page: u32 },
+    /// The contents of a valid copy.
+    Fetch { shmid: i32, page: u32 },
+    /// The segment is gone: free its memory here.
+    Drop { shmid: i32 },
+}
+
+// ---------------------------------------------------------------------------
+// State
+
+/// A segment at its home.
+#[derive(Debug)]
+struct Home {
+    meta: Mutex<Meta>,
+    pages: Vec<AsyncMutex<Dir>>,
+}
+
+#[derive(Debug)]
+struct Meta {
+    info: ShmInfo,
+    removed: bool,
+    /// Nodes that made a memfd for it (told when it is destroyed).
+    nodes: BTreeSet<u32>,
+}
+
+/// Directory entry of a page at its home.
+#[derive(Debug, Default)]
+struct Dir {
+    writer: Option<u32>,
+    /// Bit n: node n holds a valid copy (the writer included).
+    copies: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PState {
+    Invalid,
+    Read,
+    Write,
+}
+
+/// A segment on a node that has (or had) attachments.
+#[derive(Debug)]
+struct LocalSeg {
+    size: u64,
+    mem: File,
+    pages: Vec<AsyncMutex<PState>>,
+    atts: Mutex<Vec<LAtt>>,
+}
+
+/// A local process's mapping of a segment.
+#[derive(Debug, Clone)]
+struct LAtt {
+    kpid: i32,
+    addr: u64,
+    len: u64,
+    mem: Arc<ProcMem>,
+}
+
+/// A local process's userfaultfd.
+#[derive(Debug)]
+struct ProcMem {
+    kpid: i32,
+    uffd: OwnedFd,
+    stop: Notify,
+}
+
+/// The agent's shared-memory state.
+#[derive(Debug, Default)]
+pub struct Dsm {
+    keys: Mutex<HashMap<i32, i32>>,
+    homes: Mutex<HashMap<i32, Arc<Home>>>,
+    seq: AtomicU32,
+    locals: Mutex<HashMap<i32, Arc<LocalSeg>>>,
+    mems: Mutex<HashMap<i32, Arc<ProcMem>>>,
+    /// Home attachments per local kernel pid (segment id, the gpid the
+    /// home recorded), mapped or not: what to detach when the process exits
+    /// or execs (when its gpid may no longer be known).
+    owed: Mutex<HashMap<i32, Vec<(i32, i32)>>>,
+    /// Local processes whose exit is watched.
+    watched: Mutex<HashSet<i32>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn pages_of(size: u64) -> usize {
+    size.div_ceil(PAGE) as usize
+}
+
+fn io_err(what: String, e: std::io::Error) -> ErrorReply {
+    err(
+        e.raw_os_error().unwrap_or(libc::EIO),
+        format!("{what}: {e}"),
+    )
+}
+
+fn sys_fd(r: libc::c_long, what: &str) -> Result<OwnedFd, ErrorReply> {
+    if r < 0 {
+        return Err(io_err(what.into(), std::io::Error::last_os_error()));
+    }
+    // SAFETY: the system call just returned this new descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Watch a descriptor we own with the runtime.
+fn async_fd(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: the OwnedFd is moved into the AsyncFd, so the descriptor stays
+    // open and the same for the AsyncFd's whole life.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+}
+
+fn pidfd_open(kpid: i32) -> Result<OwnedFd, ErrorReply> {
+    // SAFETY: pidfd_open takes a pid and flags.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, kpid, 0) };
+    sys_fd(r, &format!("pidfd_open({kpid})"))
+}
+
+/// A copy of descriptor `fd` of process `kpid`.
+fn pidfd_getfd(kpid: i32, fd: i32) -> Result<OwnedFd, ErrorReply> {
+    let p = pidfd_open(kpid)?;
+    // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, p.as_raw_fd(), fd, 0) };
+    sys_fd(r, &format!("pid {kpid}: fd {fd}"))
+}
+
+/// The supplementary groups of a local process.
+fn groups_of(kpid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{kpid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+impl LocalSeg {
+    fn new(shmid: i32, size: u64) -> Result<LocalSeg, ErrorReply> {
+        let name = std::ffi::CString::new(format!("krg-shm-{shmid}")).expect("no NUL");
+        // SAFETY: memfd_create with a NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = sys_fd(fd as libc::c_long, "memfd_create")?;
+        let mem = File::from(fd);
+        let len = pages_of(size) as u64 * PAGE;
+        mem.set_len(len)
+            .map_err(|e| io_err(format!("segment {shmid}: size {len}"), e))?;
+        Ok(LocalSeg {
+            size,
+            mem,
+            pages: (0..pages_of(size))
+                .map(|_| AsyncMutex::new(PState::Invalid))
+                .collect(),
+            atts: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn read_page(&self, page: u32) -> Result<ByteBuf, ErrorReply> {
+        let mut b = vec![0u8; PAGE as usize];
+        self.mem
+            .read_exact_at(&mut b, page as u64 * PAGE)
+            .map_err(|e| io_err(format!("page {page}: read"), e))?;
+        Ok(ByteBuf::from(b))
+    }
+
+    fn write_page(&self, page: u32, data: &[u8]) -> Result<(), ErrorReply> {
+        if data.len() != PAGE as usize {
+            return Err(err(
+                libc::EINVAL,
+                format!("page {page}: {} bytes", data.len()),
+            ));
+        }
+        self.mem
+            .write_all_at(data, page as u64 * PAGE)
+            .map_err(|e| io_err(format!("page {page}: write"), e))
+    }
+
+    /// Take the page out of the memfd: every local mapping loses it.
+    fn punch(&self, page: u32) -> Result<(), ErrorReply> {
+        // SAFETY: fallocate on our memfd with a range inside it.
+        let r = unsafe {
+            libc::fallocate(
+                self.mem.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (page as u64 * PAGE) as libc::off_t,
+                PAGE as libc::off_t,
+            )
+        };
+        if r < 0 {
+            return Err(io_err(
+                format!("page {page}: punch"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Write-protect the page in every local mapping, so that its contents
+    /// stay still while they are read for another node.
+    fn protect_all(&self, page: u32) {
+        let off = page as u64 * PAGE;
+        for a in lock(&self.atts).iter().filter(|a| off < a.len) {
+            if let Err(e) = uffd::write_protect(a.mem.uffd.as_fd(), a.addr + off, PAGE, true) {
+                debug!("pid {}: write-protect {:#x}: {e}", a.kpid, a.addr + off);
+            }
+        }
+    }
+}
+
+/// Map the page in for a faulting thread, or lift its write protection.
+fn resolve(mem: &ProcMem, addr: u64, st: PState, wp_fault: bool) {
+    let fd = mem.uffd.as_fd();
+    let r = if wp_fault {
+        uffd::write_protect(fd, addr, PAGE, false)
+    } else {
+        uffd::cont(fd, addr, PAGE, st == PState::Read)
+    };
+    if let Err(e) = r {
+        // EEXIST: another fault mapped it already; the thread just retries.
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            debug!("pid {}: resolve {addr:#x}: {e}", mem.kpid);
+        }
+        let _ = uffd::wake(fd, addr, PAGE);
+    }
+}
+
+impl Dsm {
+    fn local(&self, shmid: i32) -> Result<Arc<LocalSeg>, ErrorReply> {
+        lock(&self.locals)
+            .get(&shmid)
+            .cloned()
+            .ok_or_else(|| err(libc::EINVAL, format!("segment {shmid}: not present here")))
+    }
+
+    fn local_or_new(&self, shmid: i32, size: u64) -> Result<Arc<LocalSeg>, ErrorReply> {
+        let mut l = lock(&self.locals);
+        if let Some(s) = l.get(&shmid) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(LocalSeg::new(shmid, size)?);
+        l.insert(shmid, s.clone());
+        Ok(s)
+    }
+
+    fn home(&self, shmid: i32) -> Result<Arc<Home>, ErrorReply> {
+        lock(&self.homes)
+            .get(&shmid)
+            .cloned()
+            .ok_or_else(|| err(libc::EINVAL, format!("no shared memory segment {shmid}")))
+    }
+
+    /// The segment and attachment base of a faulting address.
+    fn find(&self, kpid: i32, addr: u64) -> Option<(i32, Arc<LocalSeg>, u64)> {
+        let l = lock(&self.locals);
+        l.iter().find_map(|(id, s)| {
+            lock(&s.atts)
+                .iter()
+                .find(|a| a.kpid == kpid && addr >= a.addr && addr < a.addr + a.len)
+                .map(|a| (*id, s.clone(), a.addr))
+        })
+    }
+
+    /// Every segment homed here.
+    fn list(&self) -> Vec<ShmInfo> {
+        let h = lock(&self.homes);
+        let mut v: Vec<ShmInfo> = h.values().map(|s| lock(&s.meta).info.clone()).collect();
+        v.sort_by_key(|i| i.shmid);
+        v
+    }
+}
+
+impl Agent {
+    fn cred(&self, who: Caller) -> Cred {
+        Cred {
+            uid: who.uid,
+            gid: who.gid,
+            groups: if who.pid > 0 {
+                groups_of(who.pid)
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    fn caller_gpid(&self, who: Caller) -> i32 {
+        self.procs().translate(who.pid).unwrap_or(who.pid)
+    }
+
+    /// Where the segment of a System V key lives: the lowest node id of
+    /// the cluster, so that every node finds the same segment for a key.
+    fn key_home(&self) -> u32 {
+        let m = self.members();
+        m.keys()
+            .copied()
+            .chain(std::iter::once(self.node_id()))
+            .min()
+            .unwrap_or(self.node_id())
+    }
+
+    // -- calls, local or remote ---------------------------------------------
+
+    async fn dsm_home(self: &Arc<Self>, home: u32, op: HomeOp) -> Result<HomeReply, ErrorReply> {
+        if home == self.node_id() {
+            return Box::pin(self.home_op(op)).await;
+        }
+        if !self.is_up(home) {
+            return Err(err(
+                libc::EIO,
+                format!("the home node {home} of the segment is down"),
+            ));
+        }
+        let c = self.client(home).await?;
+        c.dsm_home(ctx(), op).await.map_err(|e| {
+            self.drop_client(home);
+            err(libc::EIO, format!("segment home node {home}: {e}"))
+        })?
+    }
+
+    async fn dsm_node(
+        self: &Arc<Self>,
+        node: u32,
+        op: NodeOp,
+    ) -> Result<Option<ByteBuf>, ErrorReply> {
+        if node == self.node_id() {
+            return self.node_op(op).await;
+        }
+        let c = self.client(node).await?;
+        c.dsm_node(ctx(), op).await.map_err(|e| {
+            self.drop_client(node);
+            err(libc::EIO, format!("node {node}: {e}"))
+        })?
+    }
+
+    // -- the application's requests (local socket) --------------------------
+
+    pub async fn shm_get(
+        self: &Arc<Self>,
+        who: Caller,
+        key: i32,
+        size: u64,
+        flags: i32,
+    ) -> Result<Response, ErrorReply> {
+        let home = if key == libc::IPC_PRIVATE {
+            self.node_id()
+        } else {
+            self.key_home()
+        };
+        let op = HomeOp::Get {
+            key,
+            size,
+            flags,
+            cred: self.cred(who),
+            pid: self.caller_gpid(who),
+        };
+        match self.dsm_home(home, op).await? {
+            HomeReply::Id(id) => Ok(Response::Id(id)),
+            r => Err(err(libc::EIO, format!("shmget: unexpected {r:?}"))),
+        }
+    }
+
+    /// `ShmAttach`: count the attachment at the home, make sure this node
+    /// has the segment's memfd, and hand it over (with `/dev/userfaultfd`
+    /// if asked).
+    pub async fn shm_attach(
+        self: &Arc<Self>,
+        who: Caller,
+        shmid: i32,
+        rdonly: bool,
+        inherited: bool,
+        need_uffd: bool,
+    ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
+        if who.pid <= 0 {
+            return Err(err(libc::EPERM, "caller not visible from this node"));
+        }
+        if self.node_id() > MAX_NODE {
+            return Err(err(
+                libc::ENOSYS,
+                format!("shared memory needs node ids <= {MAX_NODE}"),
+            ));
+        }
+        let gpid = self.caller_gpid(who);
+        let op = HomeOp::Attach {
+            shmid,
+            rdonly,
+            cred: self.cred(who),
+            pid: gpid,
+            node: self.node_id(),
+        };
+        let info = match self.dsm_home(home_of(shmid), op).await? {
+            HomeReply::Info(i) => i,
+            r => return Err(err(libc::EIO, format!("shmat: unexpected {r:?}"))),
+        };
+        lock(&self.dsm.owed)
+            .entry(who.pid)
+            .or_default()
+            .push((shmid, gpid));
+        self.watch_exit(who.pid);
+        let undo = |a: &Arc<Self>, e: ErrorReply| {
+            let a = a.clone();
+            tokio::spawn(async move { a.shm_detach(who, shmid, 0).await });
+            e
+        };
+        let seg = match self.dsm.local_or_new(shmid, info.size) {
+            Ok(s) => s,
+            Err(e) => return Err(undo(self, e)),
+        };
+        let mut fds = Vec::new();
+        if !inherited {
+            match seg.mem.try_clone() {
+                Ok(f) => fds.push(OwnedFd::from(f)),
+                Err(e) => return Err(undo(self, io_err(format!("segment {shmid}"), e))),
+            }
+        }
+        if need_uffd {
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/userfaultfd")
+            {
+                Ok(f) => fds.push(OwnedFd::from(f)),
+                Err(e) => return Err(undo(self, io_err("/dev/userfaultfd".into(), e))),
+            }
+        }
+        Ok((
+            Response::ShmAttached {
+                size: info.size,
+                fds: fds.len() as u8,
+            },
+            fds,
+        ))
+    }
+
+    /// `ShmMapped`: register the process's mapping with its userfaultfd.
+    pub fn shm_mapped(
+        self: &Arc<Self>,
+        who: Caller,
+        shmid: i32,
+        addr: u64,
+        len: u64,
+        uffd_fd: i32,
+    ) -> Result<Response, ErrorReply> {
+        let seg = self.dsm.local(shmid)?;
+        if !lock(&self.dsm.owed)
+            .get(&who.pid)
+            .is_some_and(|v| v.iter().any(|(s, _)| *s == shmid))
+        {
+            return Err(err(
+                libc::EINVAL,
+                format!("segment {shmid}: not attached by pid {}", who.pid),
+            ));
+        }
+        let seg_len = pages_of(seg.size) as u64 * PAGE;
+        if len != seg_len || !addr.is_multiple_of(PAGE) || addr.checked_add(len).is_none() {
+            return Err(err(
+                libc::EINVAL,
+                format!("segment {shmid}: mapping {addr:#x}+{len:#x} (segment is {seg_len:#x})"),
+            ));
+        }
+        let mem = if uffd_fd >= 0 {
+            let fd = pidfd_getfd(who.pid, uffd_fd)?;
+            let m = Arc::new(ProcMem {
+                kpid: who.pid,
+                uffd: fd,
+                stop: Notify::new(),
+            });
+            if let Some(old) = lock(&self.dsm.mems).insert(who.pid, m.clone()) {
+                old.stop.notify_one();
+            }
+            self.serve_faults(m.clone())?;
+            m
+        } else {
+            lock(&self.dsm.mems).get(&who.pid).cloned().ok_or_else(|| {
+                err(
+                    libc::EINVAL,
+                    format!("pid {}: no userfaultfd registered", who.pid),
+                )
+            })?
+        };
+        uffd::register(mem.uffd.as_fd(), addr, len)
+            .map_err(|e| io_err(format!("segment {shmid}: register {addr:#x}+{len:#x}"), e))?;
+        lock(&seg.atts).push(LAtt {
+            kpid: who.pid,
+            addr,
+            len,
+            mem,
+        });
+        Ok(Response::Ok)
+    }
+
+    /// `ShmDetach` (`addr` 0: an attachment that was never mapped).
+    pub async fn shm_detach(self: &Arc<Self>, who: Caller, shmid: i32, addr: u64) -> Response {
+        if addr != 0 {
+            if let Ok(seg) = self.dsm.local(shmid) {
+                let mut atts = lock(&seg.atts);
+                if let Some(i) = atts
+                    .iter()
+                    .position(|a| a.kpid == who.pid && a.addr == addr)
+                {
+                    atts.remove(i);
+                }
+            }
+        }
+        let counted = {
+            let mut owed = lock(&self.dsm.owed);
+            let v = owed.entry(who.pid).or_default();
+            let i = v.iter().position(|(s, _)| *s == shmid);
+            i.map(|i| v.remove(i))
+        };
+        if let Some((_, gpid)) = counted {
+            let op = HomeOp::Detach {
+                shmid,
+                pid: gpid,
+                node: self.node_id(),
+            };
+            if let Err(e) = self.dsm_home(home_of(shmid), op).await {
+                return Response::Err(e);
+            }
+        }
+        Response::Ok
+    }
+
+    pub async fn shm_ctl(
+        self: &Arc<Self>,
+        who: Caller,
+        shmid: i32,
+        cmd: i32,
+        set: Option<(u32, u32, u32)>,
+    ) -> Result<Response, ErrorReply> {
+        let op = HomeOp::Ctl {
+            shmid,
+            cmd,
+            set,
+            cred: self.cred(who),
+        };
+        match self.dsm_home(home_of(shmid), op).await? {
+            HomeReply::Info(i) => Ok(Response::Shm(i)),
+            HomeReply::Done => Ok(Response::Ok),
+            r => Err(err(libc::EIO, format!("shmctl: unexpected {r:?}"))),
+        }
+    }
+
+    /// Every segment of the cluster (`krg ipcs`).
+    pub async fn ipcs(self: &Arc<Self>) -> Response {
+        let mut nodes = self.up_peers();
+        nodes.push(self.node_id());
+        let calls = nodes
+            .into_iter()
+            .map(|n| async move { self.dsm_home(n, HomeOp::List).await });
+        let mut all = Vec::new();
+        for r in futures::future::join_all(calls).await {
+            if let Ok(HomeReply::List(v)) = r {
+                all.extend(v);
+            }
+        }
+        all.sort_by_key(|i| i.shmid);
+        Response::Ipcs(all)
+    }
+
+    /// A local process exec'd or exited: its attachments are gone.
+    pub fn shm_forget(self: &Arc<Self>, kpid: i32) {
+        if let Some(m) = lock(&self.dsm.mems).remove(&kpid) {
+            m.stop.notify_one();
+        }
+        for s in lock(&self.dsm.locals).values() {
+            lock(&s.atts).retain(|a| a.kpid != kpid);
+        }
+        let owed = lock(&self.dsm.owed).remove(&kpid).unwrap_or_default();
+        if owed.is_empty() {
+            return;
+        }
+        let a = self.clone();
+        tokio::spawn(async move {
+            for (shmid, gpid) in owed {
+                let op = HomeOp::Detach {
+                    shmid,
+                    pid: gpid,
+                    node: a.node_id(),
+                };
+                if let Err(e) = a.dsm_home(home_of(shmid), op).await {
+                    warn!("pid {kpid}: detaching segment {shmid}: {}", e.msg);
+                }
+            }
+        });
+    }
+
+    /// Detach a process's segments when it exits.
+    fn watch_exit(self: &Arc<Self>, kpid: i32) {
+        if !lock(&self.dsm.watched).insert(kpid) {
+            return;
+        }
+        let a = self.clone();
+        tokio::spawn(async move {
+            if let Ok(fd) = pidfd_open(kpid) {
+                if let Ok(afd) = async_fd(fd) {
+                    let _ = afd.readable().await;
+                }
+            }
+            lock(&a.dsm.watched).remove(&kpid);
+            a.shm_forget(kpid);
+        });
+    }
+
+    // -- faults -------------------------------------------------------------
+
+    /// Read the process's page faults and serve each in its own task.
+    fn serve_faults(self: &Arc<Self>, mem: Arc<ProcMem>) -> Result<(), ErrorReply> {
+        let fd = mem
+            .uffd
+            .try_clone()
+            .map_err(|e| io_err(format!("pid {}: userfaultfd", mem.kpid), e))?;
+        let afd = async_fd(fd).map_err(|e| io_err("userfaultfd".into(), e))?;
+        let a = self.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; uffd::MSG_SIZE * 16];
+            loop {
+                let mut g = tokio::select! {
+                    g = afd.readable() => match g { Ok(g) => g, Err(_) => return },
+                    _ = mem.stop.notified() => return,
+                };
+                // SAFETY: reading whole uffd_msg records into our buffer.
+                let n = unsafe { libc::read(afd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::WouldBlock {
+                        g.clear_ready();
+                        continue;
+                    }
+                    debug!("pid {}: userfaultfd: {e}", mem.kpid);
+                    return;
+                }
+                if n == 0 {
+                    return;
+                }
+                for f in uffd::faults(&buf[..n as usize]) {
+                    let (a, m) = (a.clone(), mem.clone());
+                    tokio::spawn(async move { a.fault(m, f).await });
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn fault(self: Arc<Self>, mem: Arc<ProcMem>, f: uffd::Fault) {
+        let addr = f.addr & !(PAGE - 1);
+        let Some((shmid, seg, base)) = self.dsm.find(mem.kpid, addr) else {
+            debug!("pid {}: fault at {addr:#x} outside its segments", mem.kpid);
+            let _ = uffd::wake(mem.uffd.as_fd(), addr, PAGE);
+            return;
+        };
+        let page = ((addr - base) / PAGE) as u32;
+        if page as usize >= seg.pages.len() {
+            let _ = uffd::wake(mem.uffd.as_fd(), addr, PAGE);
+            return;
+        }
+        let write = f.flags & uffd::FLAG_WRITE != 0;
+        let wp = f.flags & uffd::FLAG_WP != 0;
+        loop {
+            {
+                let st = seg.pages[page as usize].lock().await;
+                if *st == PState::Write || (*st == PState::Read && !write) {
+                    resolve(&mem, addr, *st, wp);
+                    return;
+                }
+            }
+            let op = HomeOp::Acquire {
+                shmid,
+                page,
+                node: self.node_id(),
+                write,
+            };
+            if let Err(e) = self.dsm_home(home_of(shmid), op).await {
+                // The page cannot be had (its only copy was on a node that
+                // is gone, or the home is): the access fails loudly.
+                warn!(
+                    "pid {}: segment {shmid} page {page}: {}; sending SIGBUS",
+                    mem.kpid, e.msg
+                );
+                if let Ok(p) = pidfd_open(mem.kpid) {
+                    // SAFETY: pidfd_send_signal with a valid pidfd.
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_pidfd_send_signal,
+                            p.as_raw_fd(),
+                            libc::SIGBUS,
+                            std::ptr::null::<libc::siginfo_t>(),
+                            0,
+                        );
+                    }
+                }
+                let _ = uffd::wake(mem.uffd.as_fd(), addr, PAGE);
+                return;
+            }
+        }
+    }
+
+    // -- the home -----------------------------------------------------------
+
+    pub async fn home_op(self: &Arc<Self>, op: HomeOp) -> Result<HomeReply, ErrorReply> {
+        match op {
+            HomeOp::Get {
+                key,
+                size,
+                flags,
+                cred,
+                pid,
+            } => self.home_get(key, size, flags, &cred, pid),
+            HomeOp::Attach {
+                shmid,
+                rdonly,
+                cred,
+                pid,
+                node,
+            } => {
+                let h = self.dsm.home(shmid)?;
+                let mut m = lock(&h.meta);
+                let want = if rdonly { 0o4 } else { 0o6 };
+                if !cred.allowed(&m.info, want) {
+                    return Err(err(
+                        libc::EACCES,
+                        format!("segment {shmid}: permission denied"),
+                    ));
+                }
+                m.info.attached.push((pid, node));
+                m.nodes.insert(node);
+                m.info.atime = now();
+                m.info.lpid = pid;
+                Ok(HomeReply::Info(m.info.clone()))
+            }
+            HomeOp::Detach { shmid, pid, node } => {
+                let h = self.dsm.home(shmid)?;
+                let gone = {
+                    let mut m = lock(&h.meta);
+                    if let Some(i) = m.info.attached.iter().position(|x| *x == (pid, node)) {
+                        m.info.attached.remove(i);
+                    }
+                    m.info.dtime = now();
+                    m.info.lpid = pid;
+                    m.removed && m.info.attached.is_empty()
+                };
+                if gone {
+                    self.destroy(shmid);
+                }
+                Ok(HomeReply::Done)
+            }
+            HomeOp::Ctl {
+                shmid,
+                cmd,
+                set,
+                cred,
+            } => self.home_ctl(shmid, cmd, set, &cred),
+            HomeOp::Acquire {
+                shmid,
+                page,
+                node,
+                write,
+            } => {
+                self.acquire(shmid, page, node, write).await?;
+                Ok(HomeReply::Done)
+            }
+            HomeOp::List => Ok(HomeReply::List(self.dsm.list())),
+        }
+    }
+
+    fn home_get(
+        &self,
+        key: i32,
+        size: u64,
+        flags: i32,
+        cred: &Cred,
+        pid: i32,
+    ) -> Result<HomeReply, ErrorReply> {
+        let mut keys = lock(&self.dsm.keys);
+        if key != libc::IPC_PRIVATE {
+            if let Some(&id) = keys.get(&key) {
+                if flags & libc::IPC_CREAT != 0 && flags & libc::IPC_EXCL != 0 {
+                    return Err(err(
+                        libc::EEXIST,
+                        format!("key {key:#x}: segment {id} exists"),
+                    ));
+                }
+                let h = self.dsm.home(id)?;
+                let m = lock(&h.meta);
+                if size > m.info.size {
+                    return Err(err(
+                        libc::EINVAL,
+                        format!(
+                            "key {key:#x}: segment {id} is {} bytes, {size} asked",
+                            m.info.size
+                        ),
+                    ));
+                }
+                let f = flags as u32;
+                if !cred.allowed(&m.info, ((f >> 6) | (f >> 3) | f) & 0o7) {
+                    return Err(err(
+                        libc::EACCES,
+                        format!("key {key:#x}: segment {id}: permission denied"),
+                    ));
+                }
+                return Ok(HomeReply::Id(id));
+            }
+            if flags & libc::IPC_CREAT == 0 {
+                return Err(err(libc::ENOENT, format!("no segment with key {key:#x}")));
+            }
+        }
+        if size == 0 || size > SHM_MAX {
+            return Err(err(libc::EINVAL, format!("segment size {size}")));
+        }
+        let me = self.node_id();
+        let seq = self.dsm.seq.fetch_add(1, Ordering::Relaxed) & ((1 << SEQ_BITS) - 1);
+        let id = ((me << SEQ_BITS) | seq) as i32;
+        let t = now();
+        let info = ShmInfo {
+            shmid: id,
+            key,
+            home: me,
+            size,
+            uid: cred.uid,
+            gid: cred.gid,
+            cuid: cred.uid,
+            cgid: cred.gid,
+            mode: flags as u32 & 0o777,
+            atime: 0,
+            dtime: 0,
+            ctime: t,
+            cpid: pid,
+            lpid: 0,
+            attached: Vec::new(),
+        };
+        let h = Arc::new(Home {
+            meta: Mutex::new(Meta {
+                info,
+                removed: false,
+                nodes: BTreeSet::new(),
+            }),
+            pages: (0..pages_of(size)).map(|_| AsyncMutex::default()).collect(),
+        });
+        lock(&self.dsm.homes).insert(id, h);
+        if key != libc::IPC_PRIVATE {
+            keys.insert(key, id);
+        }
+        debug!("segment {id} (key {key:#x}, {size} bytes) created by pid {pid}");
+        Ok(HomeReply::Id(id))
+    }
+
+    fn home_ctl(
+        self: &Arc<Self>,
+        shmid: i32,
+        cmd: i32,
+        set: Option<(u32, u32, u32)>,
+        cred: &Cred,
+    ) -> Result<HomeReply, ErrorReply> {
+        let h = self.dsm.home(shmid)?;
+        let mut m = lock(&h.meta);
+        match cmd {
+            libc::IPC_STAT => {
+                if !cred.allowed(&m.info, 0o4) {
+                    return Err(err(
+                        libc::EACCES,
+                        format!("segment {shmid}: permission denied"),
+                    ));
+                }
+                Ok(HomeReply::Info(m.info.clone()))
+            }
+            libc::IPC_SET | libc::IPC_RMID => {
+                if !cred.owns(&m.info) {
+                    return Err(err(
+                        libc::EPERM,
+                        format!("segment {shmid}: not its owner or creator"),
+                    ));
+                }
+                if cmd == libc::IPC_SET {
+                    let (uid, gid, mode) = set.ok_or_else(|| err(libc::EINVAL, "IPC_SET"))?;
+                    m.info.uid = uid;
+                    m.info.gid = gid;
+                    m.info.mode = (m.info.mode & !0o777) | (mode & 0o777);
+                    m.info.ctime = now();
+                    return Ok(HomeReply::Done);
+                }
+                if !m.removed {
+                    m.removed = true;
+                    m.info.mode |= SHM_DEST;
+                    let mut keys = lock(&self.dsm.keys);
+                    if keys.get(&m.info.key) == Some(&shmid) {
+                        keys.remove(&m.info.key);
+                    }
+                    m.info.key = libc::IPC_PRIVATE;
+                    m.info.ctime = now();
+                }
+                let gone = m.info.attached.is_empty();
+                drop(m);
+                if gone {
+                    self.destroy(shmid);
+                }
+                Ok(HomeReply::Done)
+            }
+            _ => Err(err(libc::EINVAL, format!("shmctl command {cmd}"))),
+        }
+    }
+
+    /// The last attachment of a removed segment went: free it everywhere.
+    fn destroy(self: &Arc<Self>, shmid: i32) {
+        let Some(h) = lock(&self.dsm.homes).remove(&shmid) else {
+            return;
+        };
+        let nodes: Vec<u32> = lock(&h.meta).nodes.iter().copied().collect();
+        debug!("segment {shmid} destroyed");
+        let a = self.clone();
+        tokio::spawn(async move {
+            for n in nodes {
+                if let Err(e) = a.dsm_node(n, NodeOp::Drop { shmid }).await {
+                    debug!("segment {shmid}: drop on node {n}: {}", e.msg);
+                }
+            }
+        });
+    }
+
+    /// Give `node` a readable or writable copy of a page, invalidating the
+    /// others for a write. One request per page at a time.
+    async fn acquire(
+        self: &Arc<Self>,
+        shmid: i32,
+        page: u32,
+        node: u32,
+        write: bool,
+    ) -> Result<(), ErrorReply> {
+        if node > MAX_NODE {
+            return Err(err(libc::EINVAL, format!("node {node}")));
+        }
+        let h = self.dsm.home(shmid)?;
+        let size = lock(&h.meta).info.size;
+        let mut d = h
+            .pages
+            .get(page as usize)
+            .ok_or_else(|| err(libc::EINVAL, format!("segment {shmid}: page {page}")))?
+            .lock()
+            .await;
+        let bit = 1u64 << node;
+        let holders = |mask: u64| (0..=MAX_NODE).filter(move |n| mask & (1 << n) != 0);
+        if write {
+            if d.writer == Some(node) {
+                return Ok(());
+            }
+            let have = d.copies & bit != 0;
+            let src = if have {
+                None
+            } else {
+                d.writer.or_else(|| holders(d.copies).next())
+            };
+            let others: Vec<u32> = holders(d.copies & !bit).collect();
+            let calls = others.iter().map(|&n| {
+                self.dsm_node(
+                    n,
+                    NodeOp::Invalidate {
+                        shmid,
+                        page,
+                        want: Some(n) == src,
+                    },
+                )
+            });
+            let mut data = None;
+            for (n, r) in others.iter().zip(futures::future::join_all(calls).await) {
+                let r = r.map_err(|e| {
+                    err(
+                        libc::EIO,
+                        format!("segment {shmid} page {page}: node {n}: {}", e.msg),
+                    )
+                })?;
+                if Some(*n) == src {
+                    data = r;
+                }
+            }
+            // Every other copy is gone: from here the page is `node`'s.
+            d.copies &= bit;
+            d.writer = None;
+            if src.is_some() && data.is_none() {
+                return Err(err(
+                    libc::EIO,
+                    format!("segment {shmid} page {page}: no contents from its holder"),
+                ));
+            }
+            self.dsm_node(
+                node,
+                NodeOp::Install {
+                    shmid,
+                    size,
+                    page,
+                    write: true,
+                    data,
+                },
+            )
+            .await?;
+            d.writer = Some(node);
+            d.copies = bit;
+        } else {
+            if d.copies & bit != 0 {
+                return Ok(());
+            }
+            let data = if let Some(w) = d.writer {
+                let r = self.dsm_node(w, NodeOp::Downgrade { shmid, page }).await?;
+                d.writer = None;
+                r
+            } else if let Some(n) = holders(d.copies).next() {
+                self.dsm_node(n, NodeOp::Fetch { shmid, page }).await?
+            } else {
+                None
+            };
+            self.dsm_node(
+                node,
+                NodeOp::Install {
+                    shmid,
+                    size,
+                    page,
+                    write: false,
+                    data,
+                },
+            )
+            .await?;
+            d.copies |= bit;
+        }
+        Ok(())
+    }
+
+    // -- a node holding pages -----------------------------------------------
+
+    pub async fn node_op(self: &Arc<Self>, op: NodeOp) -> Result<Option<ByteBuf>, ErrorReply> {
+        match op {
+            NodeOp::Install {
+                shmid,
+                size,
+                page,
+                write,
+                data,
+            } => {
+                let seg = self.dsm.local_or_new(shmid, size)?;
+                let mut st = page_lock(&seg, page)?.lock().await;
+                match data {
+                    Some(d) => seg.write_page(page, &d)?,
+                    None if *st == PState::Invalid => {
+                        seg.write_page(page, &[0u8; PAGE as usize])?
+                    }
+                    None => {}
+                }
+                *st = if write { PState::Write } else { PState::Read };
+                Ok(None)
+            }
+            NodeOp::Invalidate { shmid, page, want } => {
+                let seg = self.dsm.local(shmid)?;
+                let mut st = page_lock(&seg, page)?.lock().await;
+                if *st == PState::Write {
+                    seg.protect_all(page);
+                }
+                let data = if want {
+                    Some(seg.read_page(page)?)
+                } else {
+                    None
+                };
+                seg.punch(page)?;
+                *st = PState::Invalid;
+                Ok(data)
+            }
+            NodeOp::Downgrade { shmid, page } => {
+                let seg = self.dsm.local(shmid)?;
+                let mut st = page_lock(&seg, page)?.lock().await;
+                if *st == PState::Write {
+                    seg.protect_all(page);
+                    *st = PState::Read;
+                }
+                Ok(Some(seg.read_page(page)?))
+            }
+            NodeOp::Fetch { shmid, page } => {
+                let seg = self.dsm.local(shmid)?;
+                let st = page_lock(&seg, page)?.lock().await;
+                if *st == PState::Invalid {
+                    return Err(err(
+                        libc::EIO,
+                        format!("segment {shmid} page {page}: no valid copy here"),
+                    ));
+                }
+                Ok(Some(seg.read_page(page)?))
+            }
+            NodeOp::Drop { shmid } => {
+                lock(&self.dsm.locals).remove(&shmid);
+                Ok(None)
+            }
+        }
+    }
+}
+
+fn page_lock(seg: &LocalSeg, page: u32) -> Result<&AsyncMutex<PState>, ErrorReply> {
+    seg.pages
+        .get(page as usize)
+        .ok_or_else(|| err(libc::EINVAL, format!("page {page} out of range")))
+}

@@ -1,0 +1,166 @@
+//! Cluster-wide System V shared memory (issue 6): segments named by the
+//! same key on every node, kept coherent page by page by the agents.
+//! Every test runs processes on different nodes of a local cluster: the
+//! nodes share no /dev/shm and no IPC namespace, so the only way a byte
+//! written on one node is read on another is through krg.
+
+mod common;
+
+use common::*;
+use std::process::{Child, Stdio};
+
+fn shmtool() -> String {
+    cc(&repo_root().join("examples/shm/shmtool.c"), "shmtool")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn ok(out: &std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn spawn(c: &Cluster, node: u32, args: &[&str]) -> Child {
+    c.cmd(node, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(ch: Child, what: &str) -> String {
+    ok(&ch.wait_with_output().unwrap(), what)
+}
+
+/// The segments `krg ipcs --json` lists, seen from `node`.
+fn ipcs(c: &Cluster, node: u32) -> Vec<serde_json::Value> {
+    c.json_list(node, "ipcs")
+}
+
+#[test]
+fn a_ring_buffer_of_c11_atomics_carries_a_million_items_between_two_nodes() {
+    let c = Cluster::up(3, 1.0);
+    let t = shmtool();
+    let id = ok(
+        &c.cmd(1, &[&t, "create", "0x5101"]).output().unwrap(),
+        "create",
+    );
+    assert!(id.trim().parse::<i32>().is_ok(), "segment id: {id}");
+    let n = "1000000";
+    let cons = spawn(&c, 2, &[&t, "ring-cons", "0x5101", n]);
+    let prod = spawn(&c, 1, &[&t, "ring-prod", "0x5101", n]);
+    let p = finish(prod, "producer on node 1");
+    let q = finish(cons, "consumer on node 2");
+    // The consumer checks every item against the formula as it goes; the
+    // checksums of both ends must agree too.
+    let sum = |s: &str| s.split_whitespace().last().unwrap().to_string();
+    assert!(p.starts_with("ring-prod 1000000 items"), "{p}");
+    assert!(q.starts_with("ring-cons 1000000 items"), "{q}");
+    assert_eq!(sum(&p), sum(&q), "producer {p} consumer {q}");
+}
+
+#[test]
+fn three_nodes_add_to_one_counter_with_atomic_fetch_add_exactly() {
+    let c = Cluster::up(3, 1.0);
+    let t = shmtool();
+    ok(
+        &c.cmd(1, &[&t, "create", "0x5102"]).output().unwrap(),
+        "create",
+    );
+    // Each adder waits until all three have arrived, so they contend.
+    let kids: Vec<Child> = (1..=3)
+        .map(|n| spawn(&c, n, &[&t, "add", "0x5102", "100000", "atomic", "3"]))
+        .collect();
+    for (i, k) in kids.into_iter().enumerate() {
+        finish(k, &format!("adder on node {}", i + 1));
+    }
+    let show = ok(&c.cmd(2, &[&t, "show", "0x5102"]).output().unwrap(), "show");
+    assert!(show.contains("atomic 300000"), "{show}");
+}
+
+#[test]
+fn a_read_into_a_segment_on_one_node_is_seen_on_another() {
+    let c = Cluster::up(3, 1.0);
+    let t = shmtool();
+    ok(
+        &c.cmd(1, &[&t, "create", "0x5103"]).output().unwrap(),
+        "create",
+    );
+    // The file exists only in node 2's private /tmp.
+    let read = c.sh(
+        2,
+        &format!("seq 1 5000 > /tmp/numbers && {t} read-into 0x5103 /tmp/numbers"),
+    );
+    let said = ok(&read, "read-into on node 2");
+    let want: String = (1..=5000).map(|i| format!("{i}\n")).collect();
+    assert!(
+        said.contains(&format!("read {} bytes", want.len())),
+        "{said}"
+    );
+    let no_file = c.sh(3, "test -e /tmp/numbers && echo shared || echo private");
+    assert_eq!(text(&no_file.stdout).trim(), "private");
+    let dump = ok(&c.cmd(3, &[&t, "dump", "0x5103"]).output().unwrap(), "dump");
+    assert_eq!(dump, want);
+}
+
+#[test]
+fn ipc_rmid_and_permissions_behave_as_on_one_machine() {
+    let c = Cluster::up(3, 1.0);
+    let t = shmtool();
+    ok(
+        &c.cmd(1, &[&t, "create", "0x5104", "0", "600"])
+            .output()
+            .unwrap(),
+        "create 0600",
+    );
+    // Another user: no read permission, so no IPC_STAT and no attach; not
+    // the owner, so no IPC_RMID.
+    let stat = c.as_nobody(2, &[&t, "stat", "0x5104"]);
+    assert!(!stat.status.success());
+    assert!(text(&stat.stderr).contains("Permission denied"), "{stat:?}");
+    let show = c.as_nobody(3, &[&t, "show", "0x5104"]);
+    assert!(
+        text(&show.stderr).contains("shmat: Permission denied"),
+        "{show:?}"
+    );
+    let rm = c.as_nobody(2, &[&t, "rm", "0x5104"]);
+    assert!(
+        text(&rm.stderr).contains("Operation not permitted"),
+        "{rm:?}"
+    );
+
+    // IPC_RMID while a process on node 3 is attached: the segment stays
+    // (marked for destruction, its key free) until that process detaches.
+    let mut hold = spawn(&c, 3, &[&t, "hold", "0x5104", "3"]);
+    assert_eq!(read_line(&mut hold), "attached");
+    let seg = ipcs(&c, 2)
+        .into_iter()
+        .find(|s| s["key"] == 0x5104)
+        .expect("segment listed");
+    let attached = seg["attached"].as_array().unwrap();
+    assert_eq!(attached.len(), 1, "{seg}");
+    assert_eq!(attached[0]["node"], 3, "{seg}");
+    ok(
+        &c.cmd(2, &[&t, "rm", "0x5104"]).output().unwrap(),
+        "rm as root",
+    );
+    let after = ipcs(&c, 1);
+    let dest: Vec<_> = after.iter().filter(|s| s["removed"] == true).collect();
+    assert_eq!(dest.len(), 1, "{after:?}");
+    assert_eq!(dest[0]["key"], 0, "a removed segment's key is IPC_PRIVATE");
+    let gone = c.cmd(1, &[&t, "stat", "0x5104"]).output().unwrap();
+    assert!(text(&gone.stderr).contains("No such file"), "{gone:?}");
+    finish(hold, "holder on node 3");
+    assert!(
+        wait_for(std::time::Duration::from_secs(5), || ipcs(&c, 1).is_empty()),
+        "segment still listed after its last detach: {:?}",
+        ipcs(&c, 1)
+    );
+}

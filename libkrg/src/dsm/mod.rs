@@ -1,0 +1,402 @@
+//! Distributed shared memory, the application side: System V segments
+//! (`shmget`, `shmat`, `shmdt`, `shmctl`) that name the same memory on
+//! every node. See docs/architecture/dsm.md.
+//!
+//! The agent keeps one memory object (a memfd) per segment and node; the
+//! process maps it and hands the agent a userfaultfd for the mapping, and
+//! the agent keeps the pages coherent across nodes from outside the process
+//! (missing and minor faults fetch a page, write-protect faults take
+//! ownership). Nothing here runs on the fault path: a `read(2)` into a
+//! segment page that is not here blocks in the kernel until the agent has
+//! filled it, exactly like a user-space access.
+
+pub mod uffd;
+
+use crate::caps::Caps;
+use crate::client::{self, CallError};
+use crate::krg_log;
+use crate::log::Level;
+use crate::proto::{Request, Response, ShmInfo};
+use libc::{c_int, c_void, key_t, shmid_ds, size_t};
+use std::cell::RefCell;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+/// One attachment of this process.
+#[derive(Debug, Clone, Copy)]
+struct Att {
+    shmid: i32,
+    addr: u64,
+    len: u64,
+    rdonly: bool,
+}
+
+static ATTS: Mutex<Vec<Att>> = Mutex::new(Vec::new());
+/// The agent holds this process's userfaultfd (reset in a forked child:
+/// the kernel gives a child's mappings no userfaultfd).
+static HAS_UFFD: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// The attachment table held across `fork`, so that the child gets a
+    /// consistent copy (see [`register_atfork`]).
+    static HELD: RefCell<Option<MutexGuard<'static, Vec<Att>>>> = const { RefCell::new(None) };
+}
+
+fn atts() -> MutexGuard<'static, Vec<Att>> {
+    ATTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether this process's System V shared memory is krg's (capability
+/// `dsm`); otherwise the kernel's, node-local.
+pub fn active() -> bool {
+    Caps::from_bits(crate::processes::hello_caps()).contains(Caps::DSM)
+}
+
+fn fail<T>(errno: i32, err: T) -> T {
+    crate::rt::set_errno(errno);
+    err
+}
+
+fn call(req: &Request) -> Result<Response, CallError> {
+    client::call(req)
+}
+
+fn call_err<T>(what: &str, e: CallError, err: T) -> T {
+    krg_log!(Level::Debug, "{what}: {e}");
+    fail(e.errno(), err)
+}
+
+/// `shmget(key, size, flags)`.
+pub fn shmget(key: key_t, size: size_t, flags: c_int) -> c_int {
+    let req = Request::ShmGet {
+        key,
+        size: size as u64,
+        flags,
+    };
+    match call(&req) {
+        Ok(Response::Id(id)) => id,
+        Ok(other) => fail(libc::EIO, unexpected("shmget", &other)),
+        Err(e) => call_err(&format!("shmget key {key:#x}"), e, -1),
+    }
+}
+
+fn unexpected(what: &str, r: &Response) -> c_int {
+    krg_log!(
+        Level::Warn,
+        "{what}: unexpected answer from the agent: {r:?}"
+    );
+    -1
+}
+
+/// What the agent gave for an attachment: the segment's size, its memory
+/// object, `/dev/userfaultfd`.
+type Granted = (u64, Option<OwnedFd>, Option<OwnedFd>);
+
+/// Ask the agent for an attachment: the memory object (unless
+/// `inherited`) and `/dev/userfaultfd` if this process has no userfaultfd
+/// with the agent yet.
+fn attach_req(shmid: i32, rdonly: bool, inherited: bool) -> Result<Granted, (i32, String)> {
+    let need_uffd = !HAS_UFFD.load(Ordering::Acquire);
+    let req = Request::ShmAttach {
+        shmid,
+        rdonly,
+        inherited,
+        need_uffd,
+    };
+    let (r, fds) = client::call_fds(&req).map_err(|e| (e.errno(), e.to_string()))?;
+    let size = match r {
+        Response::ShmAttached { size, .. } => size,
+        other => return Err((libc::EIO, format!("unexpected answer {other:?}"))),
+    };
+    let mut fds = fds.into_iter();
+    let mem = if inherited { None } else { fds.next() };
+    if !inherited && mem.is_none() {
+        return Err((libc::EIO, "the agent sent no memory object".into()));
+    }
+    let dev = if need_uffd { fds.next() } else { None };
+    if need_uffd && dev.is_none() {
+        return Err((libc::EIO, "the agent sent no /dev/userfaultfd".into()));
+    }
+    Ok((size, mem, dev))
+}
+
+/// Tell the agent about a mapping at `addr`; hands over a new userfaultfd
+/// made from `dev` if there is one.
+fn mapped(
+    shmid: i32,
+    addr: u64,
+    len: u64,
+    rdonly: bool,
+    dev: Option<OwnedFd>,
+) -> Result<(), (i32, String)> {
+    let uffd = match &dev {
+        Some(d) => Some(uffd::create(d.as_fd()).map_err(|e| {
+            (
+                libc::ENOSYS,
+                format!("userfaultfd from /dev/userfaultfd: {e}"),
+            )
+        })?),
+        None => None,
+    };
+    drop(dev);
+    let req = Request::ShmMapped {
+        shmid,
+        addr,
+        len,
+        rdonly,
+        uffd: uffd.as_ref().map_or(-1, |u| u.as_raw_fd()),
+    };
+    // The agent copies our userfaultfd (pidfd_getfd) before it answers;
+    // ours is closed on return, so the application never sees it.
+    match call(&req) {
+        Ok(Response::Ok) => {
+            if uffd.is_some() {
+                HAS_UFFD.store(true, Ordering::Release);
+            }
+            Ok(())
+        }
+        Ok(other) => Err((libc::EIO, format!("unexpected answer {other:?}"))),
+        Err(e) => Err((e.errno(), e.to_string())),
+    }
+}
+
+fn page_up(n: u64) -> u64 {
+    n.div_ceil(uffd::PAGE) * uffd::PAGE
+}
+
+/// `shmat(shmid, addr, flags)`.
+pub fn shmat(shmid: c_int, addr: *const c_void, flags: c_int) -> *mut c_void {
+    let bad = libc::MAP_FAILED;
+    let rdonly = flags & libc::SHM_RDONLY != 0;
+    let mut want = addr as u64;
+    if want != 0 {
+        if flags & libc::SHM_RND != 0 {
+            want &= !(uffd::PAGE - 1);
+        } else if !want.is_multiple_of(uffd::PAGE) {
+            return fail(libc::EINVAL, bad);
+        }
+    }
+    let mut held = atts();
+    let (size, mem, dev) = match attach_req(shmid, rdonly, false) {
+        Ok(x) => x,
+        Err((errno, msg)) => {
+            krg_log!(Level::Debug, "shmat {shmid}: {msg}");
+            return fail(errno, bad);
+        }
+    };
+    let Some(mem) = mem else {
+        return fail(libc::EIO, bad);
+    };
+    let len = page_up(size);
+    let mut prot = libc::PROT_READ;
+    if !rdonly {
+        prot |= libc::PROT_WRITE;
+    }
+    if flags & libc::SHM_EXEC != 0 {
+        prot |= libc::PROT_EXEC;
+    }
+    let mut mflags = libc::MAP_SHARED;
+    if want != 0 {
+        mflags |= if flags & libc::SHM_REMAP != 0 {
+            libc::MAP_FIXED
+        } else {
+            libc::MAP_FIXED_NOREPLACE
+        };
+    }
+    // SAFETY: a new shared mapping of our own memfd; with an address it is
+    // either placed there or fails (MAP_FIXED only with SHM_REMAP, which
+    // asks for exactly that replacement).
+    let p = unsafe {
+        libc::mmap(
+            want as *mut c_void,
+            len as usize,
+            prot,
+            mflags,
+            mem.as_raw_fd(),
+            0,
+        )
+    };
+    drop(mem);
+    // Undo the attachment the agent counted (no mapping at address 0).
+    let detach_at_home = || {
+        let _ = call(&Request::ShmDetach { shmid, addr: 0 });
+    };
+    if p == libc::MAP_FAILED {
+        let errno = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EINVAL);
+        detach_at_home();
+        return fail(
+            if errno == libc::EEXIST {
+                libc::EINVAL
+            } else {
+                errno
+            },
+            bad,
+        );
+    }
+    let at = p as u64;
+    if let Err((errno, msg)) = mapped(shmid, at, len, rdonly, dev) {
+        krg_log!(Level::Warn, "shmat {shmid}: {msg}");
+        // SAFETY: the mapping we just made, not yet handed to the caller.
+        unsafe { libc::munmap(p, len as usize) };
+        detach_at_home();
+        return fail(errno, bad);
+    }
+    held.push(Att {
+        shmid,
+        addr: at,
+        len,
+        rdonly,
+    });
+    p
+}
+
+/// `shmdt(addr)`.
+pub fn shmdt(addr: *const c_void) -> c_int {
+    let mut held = atts();
+    let Some(i) = held.iter().position(|a| a.addr == addr as u64) else {
+        return fail(libc::EINVAL, -1);
+    };
+    let a = held.remove(i);
+    // SAFETY: unmapping an attachment this process made with shmat; the
+    // application gave up the address by calling shmdt.
+    unsafe { libc::munmap(a.addr as *mut c_void, a.len as usize) };
+    match call(&Request::ShmDetach {
+        shmid: a.shmid,
+        addr: a.addr,
+    }) {
+        Ok(_) => 0,
+        Err(e) => call_err(&format!("shmdt {:#x} (segment {})", a.addr, a.shmid), e, -1),
+    }
+}
+
+/// `shmctl(shmid, cmd, buf)` for IPC_STAT, IPC_SET, IPC_RMID, SHM_LOCK and
+/// SHM_UNLOCK; IPC_INFO and SHM_INFO (limits of the system) go to `real`.
+///
+/// # Safety
+/// `buf` is what the caller passed: valid for the command as shmctl(2)
+/// requires (read for IPC_SET, written for IPC_STAT).
+pub unsafe fn shmctl(
+    shmid: c_int,
+    cmd: c_int,
+    buf: *mut shmid_ds,
+    real: impl FnOnce(c_int, c_int, *mut shmid_ds) -> c_int,
+) -> c_int {
+    const IPC_64: c_int = 0x100;
+    const IPC_INFO: c_int = 3;
+    const SHM_INFO: c_int = 14;
+    let c = cmd & !IPC_64;
+    match c {
+        IPC_INFO | SHM_INFO => return real(shmid, cmd, buf),
+        libc::IPC_STAT | libc::IPC_SET | libc::IPC_RMID | libc::SHM_LOCK | libc::SHM_UNLOCK => {}
+        _ => return fail(libc::EINVAL, -1),
+    }
+    if (c == libc::IPC_STAT || c == libc::IPC_SET) && buf.is_null() {
+        return fail(libc::EFAULT, -1);
+    }
+    let set = if c == libc::IPC_SET {
+        // SAFETY: non-null, readable by the caller's contract.
+        let p = unsafe { &(*buf).shm_perm };
+        Some((p.uid, p.gid, p.mode as u32))
+    } else {
+        None
+    };
+    // SHM_LOCK/UNLOCK: segments are never swapped by krg's choice; the
+    // call checks that the segment exists and the caller may see it.
+    let wire_cmd = if c == libc::SHM_LOCK || c == libc::SHM_UNLOCK {
+        libc::IPC_STAT
+    } else {
+        c
+    };
+    match call(&Request::ShmCtl {
+        shmid,
+        cmd: wire_cmd,
+        set,
+    }) {
+        Ok(Response::Shm(info)) => {
+            if c == libc::IPC_STAT {
+                // SAFETY: non-null, writable by the caller's contract.
+                unsafe { fill_ds(&mut *buf, &info) };
+            }
+            0
+        }
+        Ok(Response::Ok) => 0,
+        Ok(other) => fail(libc::EIO, unexpected("shmctl", &other)),
+        Err(e) => call_err(&format!("shmctl {shmid} cmd {cmd}"), e, -1),
+    }
+}
+
+fn fill_ds(ds: &mut shmid_ds, i: &ShmInfo) {
+    ds.shm_perm.__key = i.key;
+    ds.shm_perm.uid = i.uid;
+    ds.shm_perm.gid = i.gid;
+    ds.shm_perm.cuid = i.cuid;
+    ds.shm_perm.cgid = i.cgid;
+    ds.shm_perm.mode = i.mode as _;
+    ds.shm_segsz = i.size as size_t;
+    ds.shm_atime = i.atime;
+    ds.shm_dtime = i.dtime;
+    ds.shm_ctime = i.ctime;
+    ds.shm_cpid = i.cpid;
+    ds.shm_lpid = i.lpid;
+    ds.shm_nattch = i.attached.len() as _;
+}
+
+/// Keep the attachment table locked across `fork` so the child's copy is
+/// whole, and re-register the child's inherited attachments: the kernel
+/// gives the child's mappings no userfaultfd, so until the agent has one
+/// for them they must not be touched (nothing of the application runs
+/// before this handler returns).
+pub fn register_atfork() {
+    extern "C" fn prepare() {
+        let g = atts();
+        HELD.with(|h| *h.borrow_mut() = Some(g));
+    }
+    extern "C" fn parent() {
+        HELD.with(|h| drop(h.borrow_mut().take()));
+    }
+    extern "C" fn child() {
+        let g = HELD.with(|h| h.borrow_mut().take());
+        HAS_UFFD.store(false, Ordering::Release);
+        if let Some(g) = g {
+            after_fork_child(g);
+        }
+    }
+    // SAFETY: registering handlers with no preconditions.
+    unsafe {
+        libc::pthread_atfork(Some(prepare), Some(parent), Some(child));
+    }
+}
+
+fn after_fork_child(mut held: MutexGuard<'static, Vec<Att>>) {
+    if held.is_empty() {
+        return;
+    }
+    let old = std::mem::take(&mut *held);
+    for a in old {
+        let r = attach_req(a.shmid, a.rdonly, true)
+            .and_then(|(_, _, dev)| mapped(a.shmid, a.addr, a.len, a.rdonly, dev));
+        match r {
+            Ok(()) => held.push(a),
+            Err((_, msg)) => {
+                // Unregistered, the mapping would show stale or zero
+                // pages: take it away so that a use faults loudly.
+                krg_log!(
+                    Level::Warn,
+                    "fork: segment {} at {:#x} not shared with the child: {msg}",
+                    a.shmid,
+                    a.addr
+                );
+                // SAFETY: the child's inherited copy of the attachment.
+                unsafe { libc::munmap(a.addr as *mut c_void, a.len as usize) };
+            }
+        }
+    }
+}
+
+/// Whether this process has segments attached (checkpoint refuses them).
+pub fn attached() -> Vec<i32> {
+    atts().iter().map(|a| a.shmid).collect()
+}
