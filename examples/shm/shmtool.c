@@ -12,6 +12,12 @@
  *   shmtool stat KEY                print shmid, size, nattch, mode
  *   shmtool rm KEY                  IPC_RMID
  *   shmtool hold KEY SECS           stay attached for SECS seconds
+ *   shmtool touch KEY read|write    access every page after the header once,
+ *                                   print the median and p99 time per access
+ *   shmtool pingpong KEY N 0|1      N round trips through two process-shared
+ *                                   semaphores (side 0 serves first)
+ *   shmtool condvar KEY N 0|1       N hand-overs through a process-shared
+ *                                   mutex and condition variable
  *
  * Layout of a segment (pages apart, so that the producer's and the
  * consumer's indexes do not share a page: on a DSM that is false sharing):
@@ -24,11 +30,14 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <semaphore.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stddef.h>
 #include <string.h>
+#include <time.h>
 #include <sys/ipc.h>
 #include <sys/shm.h>
 #include <unistd.h>
@@ -51,7 +60,11 @@ struct seg {
     /* page 2 */
     uint64_t len;
     _Atomic uint64_t arrived;
-    char pad2[PAGE - 16];
+    sem_t ping, pong;
+    pthread_mutex_t cmutex;
+    pthread_cond_t cond;
+    uint64_t turn;
+    char pad2[PAGE - 24 - 2 * sizeof(sem_t) - sizeof(pthread_mutex_t) - sizeof(pthread_cond_t)];
     /* page 3.. */
     uint64_t slots[SLOTS];
 };
@@ -94,6 +107,12 @@ int main(int argc, char **argv) {
         pthread_mutexattr_init(&a);
         pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
         pthread_mutex_init(&s->mutex, &a);
+        pthread_mutex_init(&s->cmutex, &a);
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setpshared(&ca, PTHREAD_PROCESS_SHARED);
+        pthread_cond_init(&s->cond, &ca);
+        if (sem_init(&s->ping, 1, 0) || sem_init(&s->pong, 1, 0)) die("sem_init");
         s->mutex_ready = 1;
         printf("%d\n", id);
         return 0;
@@ -199,6 +218,66 @@ int main(int argc, char **argv) {
         if (shmctl(id, IPC_STAT, &ds) < 0) die("shmctl IPC_STAT");
         printf("shmid %d size %zu nattch %lu mode %o uid %u\n", id, ds.shm_segsz,
                (unsigned long)ds.shm_nattch, ds.shm_perm.mode & 0777, ds.shm_perm.uid);
+        return 0;
+    }
+    if (!strcmp(cmd, "pingpong")) {
+        uint64_t n = strtoull(argv[3], NULL, 0);
+        int side = atoi(argv[4]);
+        struct seg *s = attach(key);
+        for (uint64_t i = 0; i < n; i++) {
+            if (side == 0) {
+                if (sem_post(&s->ping)) die("sem_post");
+                while (sem_wait(&s->pong)) if (errno != EINTR) die("sem_wait");
+            } else {
+                while (sem_wait(&s->ping)) if (errno != EINTR) die("sem_wait");
+                if (sem_post(&s->pong)) die("sem_post");
+            }
+        }
+        printf("pingpong side %d: %llu round trips\n", side, (unsigned long long)n);
+        return 0;
+    }
+    if (!strcmp(cmd, "condvar")) {
+        uint64_t n = strtoull(argv[3], NULL, 0);
+        uint64_t side = strtoull(argv[4], NULL, 0);
+        struct seg *s = attach(key);
+        /* turn counts hand-overs: side 0 moves it from even to odd, side 1
+         * from odd to even; each waits on the condition for its turn. */
+        for (uint64_t i = 0; i < n; i++) {
+            pthread_mutex_lock(&s->cmutex);
+            while (s->turn % 2 != side) pthread_cond_wait(&s->cond, &s->cmutex);
+            s->turn++;
+            pthread_cond_broadcast(&s->cond);
+            pthread_mutex_unlock(&s->cmutex);
+        }
+        printf("condvar side %llu: turn %llu\n", (unsigned long long)side,
+               (unsigned long long)s->turn);
+        return 0;
+    }
+    if (!strcmp(cmd, "touch")) {
+        int w = !strcmp(argv[3], "write");
+        int id = shmget(key, 0, 0);
+        if (id < 0) die("shmget");
+        struct shmid_ds ds;
+        if (shmctl(id, IPC_STAT, &ds) < 0) die("shmctl IPC_STAT");
+        volatile char *p = shmat(id, NULL, 0);
+        if (p == (void *)-1) die("shmat");
+        size_t first = offsetof(struct seg, slots) / PAGE, n = ds.shm_segsz / PAGE - first;
+        double *t = calloc(n, sizeof *t);
+        struct timespec a, b;
+        for (size_t i = 0; i < n; i++) {
+            volatile char *q = p + (first + i) * PAGE;
+            clock_gettime(CLOCK_MONOTONIC, &a);
+            if (w) *q = (char)i; else (void)*q;
+            clock_gettime(CLOCK_MONOTONIC, &b);
+            t[i] = (b.tv_sec - a.tv_sec) * 1e6 + (b.tv_nsec - a.tv_nsec) / 1e3;
+        }
+        int cmp(const void *x, const void *y) {
+            double d = *(const double *)x - *(const double *)y;
+            return d < 0 ? -1 : d > 0;
+        }
+        qsort(t, n, sizeof *t, cmp);
+        printf("%s %zu pages: median %.1f us p99 %.1f us\n", w ? "write" : "read", n,
+               t[n / 2], t[n * 99 / 100]);
         return 0;
     }
     if (!strcmp(cmd, "hold")) {

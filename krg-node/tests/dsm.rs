@@ -164,3 +164,46 @@ fn ipc_rmid_and_permissions_behave_as_on_one_machine() {
         ipcs(&c, 1)
     );
 }
+
+#[test]
+fn three_nodes_add_under_one_process_shared_mutex_exactly() {
+    let c = Cluster::up(3, 1.0);
+    let t = shmtool();
+    ok(
+        &c.cmd(1, &[&t, "create", "0x5105"]).output().unwrap(),
+        "create",
+    );
+    let kids: Vec<Child> = (1..=3)
+        .map(|n| spawn(&c, n, &[&t, "add", "0x5105", "100000", "mutex", "3"]))
+        .collect();
+    for (i, k) in kids.into_iter().enumerate() {
+        finish(k, &format!("adder on node {}", i + 1));
+    }
+    let show = ok(&c.cmd(3, &[&t, "show", "0x5105"]).output().unwrap(), "show");
+    assert!(show.contains("counter 300000"), "{show}");
+}
+
+/// Waiters sleep in the kernel on their own node; a post, signal or unlock
+/// on another node must wake them.
+#[test]
+fn semaphores_and_condition_variables_wake_waiters_on_other_nodes() {
+    let c = Cluster::up(3, 1.0);
+    let t = shmtool();
+    ok(
+        &c.cmd(1, &[&t, "create", "0x5106"]).output().unwrap(),
+        "create",
+    );
+    let n = "1000";
+    let b = spawn(&c, 3, &[&t, "pingpong", "0x5106", n, "1"]);
+    let a = spawn(&c, 2, &[&t, "pingpong", "0x5106", n, "0"]);
+    assert!(finish(a, "pingpong side 0").contains("1000 round trips"));
+    assert!(finish(b, "pingpong side 1").contains("1000 round trips"));
+    let b = spawn(&c, 1, &[&t, "condvar", "0x5106", n, "1"]);
+    let a = spawn(&c, 3, &[&t, "condvar", "0x5106", n, "0"]);
+    let (x, y) = (finish(a, "condvar side 0"), finish(b, "condvar side 1"));
+    // 2000 hand-overs in all; the side that finishes last saw them all.
+    assert!(
+        x.contains("turn 2000") || y.contains("turn 2000"),
+        "{x} / {y}"
+    );
+}

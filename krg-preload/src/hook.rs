@@ -65,7 +65,17 @@ fn resolve(slot: &AtomicPtr<c_void>, name: &CStr) -> *mut c_void {
     // name. It is called from code inside libkrg.so, so "next" means the
     // objects after us in the lookup order (libc). Two threads racing here
     // store the same value.
-    let p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    let mut p = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    // The condition variables applications link against are the
+    // GLIBC_2.3.2 ones; a plain lookup may give the 2.2.5 compatibility
+    // versions (another struct layout).
+    if name.to_bytes().starts_with(b"pthread_cond_") {
+        // SAFETY: dlvsym with RTLD_NEXT and NUL-terminated name and version.
+        let v = unsafe { libc::dlvsym(libc::RTLD_NEXT, name.as_ptr(), c"GLIBC_2.3.2".as_ptr()) };
+        if !v.is_null() {
+            p = v;
+        }
+    }
     slot.store(if p.is_null() { MISSING } else { p }, Ordering::Release);
     p
 }

@@ -13,10 +13,12 @@ mod vfork;
 use hook::{enosys, hooks};
 use libc::{
     c_char, c_int, c_uint, c_void, id_t, idtype_t, key_t, mode_t, pid_t,
-    posix_spawn_file_actions_t, posix_spawnattr_t, rusage, shmid_ds, siginfo_t, sigval, size_t,
-    ssize_t, termios, winsize, DIR, FILE,
+    posix_spawn_file_actions_t, posix_spawnattr_t, pthread_barrier_t, pthread_cond_t,
+    pthread_mutex_t, rusage, sem_t, shmid_ds, siginfo_t, sigval, size_t, ssize_t, termios,
+    timespec, winsize, DIR, FILE,
 };
 use libkrg::{dsm, processes, procfs};
+use std::mem::size_of;
 
 /// Runs when the dynamic loader initialises libkrg.so: resolve every next
 /// symbol, then register with the agent (or go standalone/disabled).
@@ -465,6 +467,60 @@ hooks! {
     fn __realpath_chk(path: *const c_char, resolved: *mut c_char, resolvedlen: size_t) -> *mut c_char {
         missing => enosys_null(),
         krg(real) => via_path!(path => real(path, resolved, resolvedlen)),
+    }
+
+    /// `pthread_mutex_lock`: a process-shared mutex in a cluster-wide
+    /// segment is woken across nodes (see `dsm::sync_object`).
+    fn pthread_mutex_lock(m: *mut pthread_mutex_t) -> c_int {
+        missing => enosys(),
+        krg(real) => { dsm::sync_object(m as usize, size_of::<pthread_mutex_t>()); real(m) },
+    }
+
+    /// `pthread_mutex_timedlock`: as pthread_mutex_lock.
+    fn pthread_mutex_timedlock(m: *mut pthread_mutex_t, t: *const timespec) -> c_int {
+        missing => enosys(),
+        krg(real) => { dsm::sync_object(m as usize, size_of::<pthread_mutex_t>()); real(m, t) },
+    }
+
+    /// `pthread_cond_wait`: a process-shared condition variable in a
+    /// cluster-wide segment is signalled across nodes.
+    fn pthread_cond_wait(c: *mut pthread_cond_t, m: *mut pthread_mutex_t) -> c_int {
+        missing => enosys(),
+        krg(real) => {
+            dsm::sync_object(c as usize, size_of::<pthread_cond_t>());
+            dsm::sync_object(m as usize, size_of::<pthread_mutex_t>());
+            real(c, m)
+        },
+    }
+
+    /// `pthread_cond_timedwait`: as pthread_cond_wait.
+    fn pthread_cond_timedwait(c: *mut pthread_cond_t, m: *mut pthread_mutex_t, t: *const timespec) -> c_int {
+        missing => enosys(),
+        krg(real) => {
+            dsm::sync_object(c as usize, size_of::<pthread_cond_t>());
+            dsm::sync_object(m as usize, size_of::<pthread_mutex_t>());
+            real(c, m, t)
+        },
+    }
+
+    /// `sem_wait`: a semaphore in a cluster-wide segment is posted across
+    /// nodes.
+    fn sem_wait(sem: *mut sem_t) -> c_int {
+        missing => enosys(),
+        krg(real) => { dsm::sync_object(sem as usize, size_of::<sem_t>()); real(sem) },
+    }
+
+    /// `sem_timedwait`: as sem_wait.
+    fn sem_timedwait(sem: *mut sem_t, t: *const timespec) -> c_int {
+        missing => enosys(),
+        krg(real) => { dsm::sync_object(sem as usize, size_of::<sem_t>()); real(sem, t) },
+    }
+
+    /// `pthread_barrier_wait`: a process-shared barrier in a cluster-wide
+    /// segment.
+    fn pthread_barrier_wait(b: *mut pthread_barrier_t) -> c_int {
+        missing => enosys(),
+        krg(real) => { dsm::sync_object(b as usize, size_of::<pthread_barrier_t>()); real(b) },
     }
 
     /// `shmget`: a cluster-wide System V segment (capability `dsm`).

@@ -127,6 +127,10 @@ pub enum Request {
         rdonly: bool,
         uffd: i32,
     },
+    /// The caller is about to wait on a synchronisation object (mutex,
+    /// condition variable, semaphore, barrier) at `offset` in a segment:
+    /// the agent wakes the futexes in it when another node changes its page.
+    ShmFutex { shmid: i32, offset: u64, len: u32 },
     /// `shmdt`: the caller unmapped the attachment at `addr`.
     ShmDetach { shmid: i32, addr: u64 },
     /// `shmctl(IPC_STAT | IPC_SET | IPC_RMID)`; `set` carries uid, gid and

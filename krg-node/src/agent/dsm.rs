@@ -190,6 +190,28 @@ struct LocalSeg {
     mem: File,
     pages: Vec<AsyncMutex<PState>>,
     atts: Mutex<Vec<LAtt>>,
+    /// Offsets of the futex words local processes wait on (4-byte words of
+    /// their mutexes, condition variables, semaphores, barriers).
+    futex: Mutex<BTreeSet<u64>>,
+    /// The agent's own mapping of the memfd, made for the first futex word:
+    /// a shared futex is named by file and offset, so a wake through this
+    /// mapping reaches the waiters of every local process.
+    map: Mutex<Option<Mapping>>,
+}
+
+/// A shared mapping of a segment's memfd in the agent.
+#[derive(Debug)]
+struct Mapping {
+    addr: usize,
+    len: usize,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping this struct owns; nothing else
+        // holds pointers into it (futex wakes use it only under the lock).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
 }
 
 /// A local process's mapping of a segment.
@@ -306,7 +328,85 @@ impl LocalSeg {
                 .map(|_| AsyncMutex::new(PState::Invalid))
                 .collect(),
             atts: Mutex::new(Vec::new()),
+            futex: Mutex::new(BTreeSet::new()),
+            map: Mutex::new(None),
         })
+    }
+
+    /// Remember futex words (`len` bytes at `offset`) to wake on
+    /// invalidation.
+    fn note_futex(&self, offset: u64, len: u64) -> Result<(), ErrorReply> {
+        let mapped = pages_of(self.size) as u64 * PAGE;
+        if len == 0 || len > 256 || offset.checked_add(len).is_none_or(|e| e > mapped) {
+            return Err(err(libc::EINVAL, format!("futex range {offset}+{len}")));
+        }
+        {
+            let mut m = lock(&self.map);
+            if m.is_none() {
+                // SAFETY: a new shared mapping of our memfd, at an address
+                // the kernel picks.
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        mapped as usize,
+                        libc::PROT_READ,
+                        libc::MAP_SHARED,
+                        self.mem.as_raw_fd(),
+                        0,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    return Err(io_err(
+                        "map segment".into(),
+                        std::io::Error::last_os_error(),
+                    ));
+                }
+                *m = Some(Mapping {
+                    addr: p as usize,
+                    len: mapped as usize,
+                });
+            }
+        }
+        let mut f = lock(&self.futex);
+        let mut w = offset & !3;
+        while w < offset + len {
+            f.insert(w);
+            w += 4;
+        }
+        Ok(())
+    }
+
+    /// Wake every local waiter on the page's futex words. Returns whether
+    /// there were any (the wake itself may have put a page back).
+    fn wake_futexes(&self, page: u32) -> bool {
+        let start = page as u64 * PAGE;
+        let words: Vec<u64> = lock(&self.futex)
+            .range(start..start + PAGE)
+            .copied()
+            .collect();
+        if words.is_empty() {
+            return false;
+        }
+        let m = lock(&self.map);
+        let Some(map) = m.as_ref() else {
+            return false;
+        };
+        for w in words {
+            // SAFETY: FUTEX_WAKE on an address inside our own mapping; it
+            // reads nothing the kernel does not check.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    map.addr + w as usize,
+                    libc::FUTEX_WAKE,
+                    i32::MAX,
+                    std::ptr::null::<libc::timespec>(),
+                    std::ptr::null::<u32>(),
+                    0,
+                );
+            }
+        }
+        true
     }
 
     fn read_page(&self, page: u32) -> Result<ByteBuf, ErrorReply> {
@@ -638,6 +738,27 @@ impl Agent {
             len,
             mem,
         });
+        Ok(Response::Ok)
+    }
+
+    /// `ShmFutex`: a local process waits on a synchronisation object.
+    pub fn shm_futex(
+        &self,
+        who: Caller,
+        shmid: i32,
+        offset: u64,
+        len: u32,
+    ) -> Result<Response, ErrorReply> {
+        if !lock(&self.dsm.owed)
+            .get(&who.pid)
+            .is_some_and(|v| v.iter().any(|(s, _)| *s == shmid))
+        {
+            return Err(err(
+                libc::EINVAL,
+                format!("segment {shmid}: not attached by pid {}", who.pid),
+            ));
+        }
+        self.dsm.local(shmid)?.note_futex(offset, len as u64)?;
         Ok(Response::Ok)
     }
 
@@ -1209,6 +1330,15 @@ impl Agent {
                     None
                 };
                 seg.punch(page)?;
+                // Waiters of this node went to sleep on the value the page
+                // had; the writer to come is elsewhere. Wake them *after*
+                // the punch, so that one that checks again faults and waits
+                // for the new value instead of sleeping on the old one.
+                // Naming the futex faults a zero page into the memfd:
+                // punch again.
+                if seg.wake_futexes(page) {
+                    seg.punch(page)?;
+                }
                 *st = PState::Invalid;
                 Ok(data)
             }

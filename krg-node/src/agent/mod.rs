@@ -657,6 +657,7 @@ impl Agent {
                 uffd,
                 ..
             } => self.shm_mapped(who, shmid, addr, len, uffd),
+            Request::ShmFutex { shmid, offset, len } => self.shm_futex(who, shmid, offset, len),
             Request::ShmDetach { shmid, addr } => Ok(self.shm_detach(who, shmid, addr).await),
             Request::ShmCtl { shmid, cmd, set } => self.shm_ctl(who, shmid, cmd, set).await,
             Request::Ipcs => Ok(self.ipcs().await),

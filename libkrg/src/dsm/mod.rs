@@ -33,6 +33,11 @@ struct Att {
 }
 
 static ATTS: Mutex<Vec<Att>> = Mutex::new(Vec::new());
+/// Whether `ATTS` is non-empty: the fast test of the synchronisation hooks.
+static ANY: AtomicBool = AtomicBool::new(false);
+/// Synchronisation objects already announced to the agent (segment,
+/// offset).
+static NOTED: Mutex<Vec<(i32, u64)>> = Mutex::new(Vec::new());
 /// The agent holds this process's userfaultfd (reset in a forked child:
 /// the kernel gives a child's mappings no userfaultfd).
 static HAS_UFFD: AtomicBool = AtomicBool::new(false);
@@ -250,7 +255,45 @@ pub fn shmat(shmid: c_int, addr: *const c_void, flags: c_int) -> *mut c_void {
         len,
         rdonly,
     });
+    ANY.store(true, Ordering::Release);
     p
+}
+
+/// A thread is about to wait on the synchronisation object of `len` bytes
+/// at `addr`. If it lies in a segment, tell the agent once: a waiter sleeps
+/// in the kernel on a futex of this node, and a post or unlock on another
+/// node changes the page there, not here; the agent wakes this node's
+/// waiters on the object whenever it takes the page away (they then
+/// re-read it, as after any spurious wake-up).
+pub fn sync_object(addr: usize, len: usize) {
+    if !ANY.load(Ordering::Acquire) {
+        return;
+    }
+    let addr = addr as u64;
+    let found = atts()
+        .iter()
+        .find(|a| addr >= a.addr && addr < a.addr + a.len)
+        .map(|a| (a.shmid, addr - a.addr));
+    let Some((shmid, offset)) = found else {
+        return;
+    };
+    {
+        let mut n = NOTED.lock().unwrap_or_else(|e| e.into_inner());
+        if n.contains(&(shmid, offset)) {
+            return;
+        }
+        n.push((shmid, offset));
+    }
+    if let Err(e) = call(&Request::ShmFutex {
+        shmid,
+        offset,
+        len: len as u32,
+    }) {
+        krg_log!(
+            Level::Warn,
+            "segment {shmid}: waits at offset {offset} will not be woken from other nodes: {e}"
+        );
+    }
 }
 
 /// `shmdt(addr)`.
@@ -260,6 +303,7 @@ pub fn shmdt(addr: *const c_void) -> c_int {
         return fail(libc::EINVAL, -1);
     };
     let a = held.remove(i);
+    ANY.store(!held.is_empty(), Ordering::Release);
     // SAFETY: unmapping an attachment this process made with shmat; the
     // application gave up the address by calling shmdt.
     unsafe { libc::munmap(a.addr as *mut c_void, a.len as usize) };
@@ -394,6 +438,7 @@ fn after_fork_child(mut held: MutexGuard<'static, Vec<Att>>) {
             }
         }
     }
+    ANY.store(!held.is_empty(), Ordering::Release);
 }
 
 /// Whether this process has segments attached (checkpoint refuses them).
