@@ -103,12 +103,12 @@ macro_rules! hooks {
     (@fnty ($($ty:ty),*) () $ret:ty) => {
         unsafe extern "C" fn($($ty),*) -> $ret
     };
-    (@fnty ($($ty:ty),*) ($vty:ty) $ret:ty) => {
+    (@fnty ($($ty:ty),*) ($($vty:ty),+) $ret:ty) => {
         unsafe extern "C" fn($($ty,)* ...) -> $ret
     };
     ($(
         $(#[doc = $doc:literal])*
-        fn $name:ident($($arg:ident: $ty:ty),* $(; ...$varg:ident: $vty:ty)? $(,)?) -> $ret:ty {
+        fn $name:ident($($arg:ident: $ty:ty),* $(; ...$($varg:ident: $vty:ty),+)? $(,)?) -> $ret:ty {
             missing => $missing:expr,
             krg($real:ident) => $body:expr $(,)?
         }
@@ -140,7 +140,7 @@ macro_rules! hooks {
             $(#[doc = $doc])*
             #[no_mangle]
             #[allow(non_snake_case, clippy::missing_safety_doc)]
-            pub unsafe extern "C" fn $name($($arg: $ty,)* $($varg: $vty)?) -> $ret {
+            pub unsafe extern "C" fn $name($($arg: $ty,)* $($($varg: $vty),+)?) -> $ret {
                 let p = $crate::hook::next(
                     &next::$name,
                     // SAFETY: the literal ends with its only NUL byte.
@@ -153,25 +153,25 @@ macro_rules! hooks {
                 // SAFETY: p is the address dlsym(RTLD_NEXT) returned for this
                 // very libc function, whose C type is this hook's signature.
                 let f = unsafe {
-                    std::mem::transmute::<*mut std::ffi::c_void, $crate::hook::hooks!(@fnty ($($ty),*) ($($vty)?) $ret)>(p)
+                    std::mem::transmute::<*mut std::ffi::c_void, $crate::hook::hooks!(@fnty ($($ty),*) ($($($vty),+)?) $ret)>(p)
                 };
                 #[allow(unused_variables)]
-                let $real = move |$($arg: $ty,)* $($varg: $vty)?| -> $ret {
+                let $real = move |$($arg: $ty,)* $($($varg: $vty),+)?| -> $ret {
                     // SAFETY: the real function gets the arguments the C
                     // caller passed to this hook, or kernel pids and paths
                     // translated from them; their validity is the caller's
                     // contract, exactly as for a direct call to libc.
-                    unsafe { f($($arg,)* $($varg)?) }
+                    unsafe { f($($arg,)* $($($varg),+)?) }
                 };
                 let entry = libkrg::rt::enter();
                 if libkrg::log::enabled(libkrg::log::Level::Trace) {
                     $crate::hook::trace(stringify!($name), entry, format_args!(
-                        concat!("(" $(, " ", stringify!($arg), "={", stringify!($arg), ":?}")* $(, " ", stringify!($varg), "={", stringify!($varg), ":?}")?, " )") $(, $arg = $arg)* $(, $varg = $varg)?
+                        concat!("(" $(, " ", stringify!($arg), "={", stringify!($arg), ":?}")* $($(, " ", stringify!($varg), "={", stringify!($varg), ":?}")+)?, " )") $(, $arg = $arg)* $($(, $varg = $varg)+)?
                     ));
                 }
                 match entry {
                     libkrg::rt::Entry::Krg => $body,
-                    libkrg::rt::Entry::PassThrough(_why) => $real($($arg,)* $($varg)?),
+                    libkrg::rt::Entry::PassThrough(_why) => $real($($arg,)* $($($varg),+)?),
                 }
             }
         )*

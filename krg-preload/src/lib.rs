@@ -18,6 +18,7 @@ use libc::{
     timespec, winsize, DIR, FILE,
 };
 use libkrg::{dsm, processes, procfs};
+use std::ffi::CStr;
 use std::mem::size_of;
 
 /// Runs when the dynamic loader initialises libkrg.so: resolve every next
@@ -514,6 +515,35 @@ hooks! {
     fn sem_timedwait(sem: *mut sem_t, t: *const timespec) -> c_int {
         missing => enosys(),
         krg(real) => { dsm::sync_object(sem as usize, size_of::<sem_t>()); real(sem, t) },
+    }
+
+    /// `sem_open(name, oflag, mode, value)`: a named semaphore of the whole
+    /// cluster (capability `dsm`).
+    fn sem_open(name: *const c_char, oflag: c_int; ...mode: mode_t, value: c_uint) -> *mut sem_t {
+        missing => enosys_null(),
+        krg(real) => if dsm::active() && !name.is_null() {
+            // SAFETY: a non-null name is the caller's C string, per sem_open(3).
+            dsm::sem_open(unsafe { CStr::from_ptr(name) }, oflag, mode, value)
+        } else {
+            real(name, oflag, mode, value)
+        },
+    }
+
+    /// `sem_close`: detach a cluster-wide named semaphore.
+    fn sem_close(sem: *mut sem_t) -> c_int {
+        missing => enosys(),
+        krg(real) => if dsm::is_attachment(sem.cast()) { dsm::shmdt(sem.cast()) } else { real(sem) },
+    }
+
+    /// `sem_unlink`: remove a cluster-wide named semaphore's name.
+    fn sem_unlink(name: *const c_char) -> c_int {
+        missing => enosys(),
+        krg(real) => if dsm::active() && !name.is_null() {
+            // SAFETY: a non-null name is the caller's C string.
+            dsm::sem_unlink(unsafe { CStr::from_ptr(name) })
+        } else {
+            real(name)
+        },
     }
 
     /// `pthread_barrier_wait`: a process-shared barrier in a cluster-wide

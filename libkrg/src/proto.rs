@@ -131,6 +131,18 @@ pub enum Request {
     /// condition variable, semaphore, barrier) at `offset` in a segment:
     /// the agent wakes the futexes in it when another node changes its page.
     ShmFutex { shmid: i32, offset: u64, len: u32 },
+    /// Open (or create, with `O_CREAT` in `oflag`) a named object: a
+    /// POSIX named semaphore (`sem.NAME`). `init` is the contents of its
+    /// first bytes when this call creates it. Answered with `Id`.
+    ShmOpen {
+        name: String,
+        oflag: i32,
+        mode: u32,
+        size: u64,
+        init: Option<Vec<u8>>,
+    },
+    /// Remove a name (`sem_unlink`); the object lives on while attached.
+    ShmUnlink { name: String },
     /// `shmdt`: the caller unmapped the attachment at `addr`.
     ShmDetach { shmid: i32, addr: u64 },
     /// `shmctl(IPC_STAT | IPC_SET | IPC_RMID)`; `set` carries uid, gid and
@@ -151,6 +163,8 @@ pub enum Request {
 pub struct ShmInfo {
     pub shmid: i32,
     pub key: i32,
+    /// Name of a POSIX object (`sem.NAME`), empty for System V segments.
+    pub name: String,
     /// The node that keeps its metadata and page directory.
     pub home: u32,
     pub size: u64,

@@ -91,6 +91,19 @@ pub enum HomeOp {
         cred: Cred,
         pid: i32,
     },
+    Open {
+        name: String,
+        oflag: i32,
+        mode: u32,
+        size: u64,
+        init: Option<ByteBuf>,
+        cred: Cred,
+        pid: i32,
+    },
+    Unlink {
+        name: String,
+        cred: Cred,
+    },
     Attach {
         shmid: i32,
         rdonly: bool,
@@ -235,6 +248,8 @@ struct ProcMem {
 #[derive(Debug, Default)]
 pub struct Dsm {
     keys: Mutex<HashMap<i32, i32>>,
+    /// Names of POSIX objects homed here.
+    names: Mutex<HashMap<String, i32>>,
     homes: Mutex<HashMap<i32, Arc<Home>>>,
     seq: AtomicU32,
     locals: Mutex<HashMap<i32, Arc<LocalSeg>>>,
@@ -612,6 +627,39 @@ impl Agent {
         }
     }
 
+    pub async fn shm_open(
+        self: &Arc<Self>,
+        who: Caller,
+        name: String,
+        oflag: i32,
+        mode: u32,
+        size: u64,
+        init: Option<Vec<u8>>,
+    ) -> Result<Response, ErrorReply> {
+        let op = HomeOp::Open {
+            name,
+            oflag,
+            mode,
+            size,
+            init: init.map(ByteBuf::from),
+            cred: self.cred(who),
+            pid: self.caller_gpid(who),
+        };
+        match self.dsm_home(self.key_home(), op).await? {
+            HomeReply::Id(id) => Ok(Response::Id(id)),
+            r => Err(err(libc::EIO, format!("open: unexpected {r:?}"))),
+        }
+    }
+
+    pub async fn shm_unlink(self: &Arc<Self>, who: Caller, name: String) -> Result<Response, ErrorReply> {
+        let op = HomeOp::Unlink {
+            name,
+            cred: self.cred(who),
+        };
+        self.dsm_home(self.key_home(), op).await?;
+        Ok(Response::Ok)
+    }
+
     /// `ShmAttach`: count the attachment at the home, make sure this node
     /// has the segment's memfd, and hand it over (with `/dev/userfaultfd`
     /// if asked).
@@ -979,6 +1027,38 @@ impl Agent {
                 cred,
                 pid,
             } => self.home_get(key, size, flags, &cred, pid),
+            HomeOp::Open {
+                name,
+                oflag,
+                mode,
+                size,
+                init,
+                cred,
+                pid,
+            } => self.home_open(name, oflag, mode, size, init, &cred, pid),
+            HomeOp::Unlink { name, cred } => {
+                let id = lock(&self.dsm.names)
+                    .get(&name)
+                    .copied()
+                    .ok_or_else(|| err(libc::ENOENT, format!("no object named {name}")))?;
+                let h = self.dsm.home(id)?;
+                let gone = {
+                    let mut m = lock(&h.meta);
+                    // /dev/shm is sticky: only the owner (or root) unlinks.
+                    if !cred.owns(&m.info) {
+                        return Err(err(libc::EACCES, format!("{name}: not its owner")));
+                    }
+                    m.removed = true;
+                    m.info.mode |= SHM_DEST;
+                    m.info.ctime = now();
+                    m.info.attached.is_empty()
+                };
+                lock(&self.dsm.names).remove(&name);
+                if gone {
+                    self.destroy(id);
+                }
+                Ok(HomeReply::Done)
+            }
             HomeOp::Attach {
                 shmid,
                 rdonly,
@@ -1077,6 +1157,72 @@ impl Agent {
                 return Err(err(libc::ENOENT, format!("no segment with key {key:#x}")));
             }
         }
+        let id = self.create(key, String::new(), size, flags as u32 & 0o777, cred, pid)?;
+        if key != libc::IPC_PRIVATE {
+            keys.insert(key, id);
+        }
+        Ok(HomeReply::Id(id))
+    }
+
+    /// A named object (POSIX semaphore): open it, or create it with its
+    /// first bytes (`init`) already in place, so that no other node can
+    /// see it uninitialised.
+    #[allow(clippy::too_many_arguments)]
+    fn home_open(
+        &self,
+        name: String,
+        oflag: i32,
+        mode: u32,
+        size: u64,
+        init: Option<ByteBuf>,
+        cred: &Cred,
+        pid: i32,
+    ) -> Result<HomeReply, ErrorReply> {
+        let mut names = lock(&self.dsm.names);
+        if let Some(&id) = names.get(&name) {
+            if oflag & libc::O_CREAT != 0 && oflag & libc::O_EXCL != 0 {
+                return Err(err(libc::EEXIST, format!("{name} exists")));
+            }
+            let h = self.dsm.home(id)?;
+            if !cred.allowed(&lock(&h.meta).info, 0o6) {
+                return Err(err(libc::EACCES, format!("{name}: permission denied")));
+            }
+            return Ok(HomeReply::Id(id));
+        }
+        if oflag & libc::O_CREAT == 0 {
+            return Err(err(libc::ENOENT, format!("no object named {name}")));
+        }
+        let id = self.create(libc::IPC_PRIVATE, name.clone(), size, mode & 0o777, cred, pid)?;
+        if let Some(bytes) = init {
+            let h = self.dsm.home(id)?;
+            let seg = self.dsm.local_or_new(id, size)?;
+            let mut page = vec![0u8; PAGE as usize];
+            let n = bytes.len().min(page.len());
+            page[..n].copy_from_slice(&bytes[..n]);
+            seg.write_page(0, &page)?;
+            let me = self.node_id();
+            // Fresh objects: nobody else can hold these locks yet.
+            if let (Ok(mut st), Ok(mut d)) = (seg.pages[0].try_lock(), h.pages[0].try_lock()) {
+                *st = PState::Write;
+                d.writer = Some(me);
+                d.copies = 1 << me;
+            }
+            lock(&h.meta).nodes.insert(me);
+        }
+        names.insert(name, id);
+        Ok(HomeReply::Id(id))
+    }
+
+    /// A new segment homed here.
+    fn create(
+        &self,
+        key: i32,
+        name: String,
+        size: u64,
+        mode: u32,
+        cred: &Cred,
+        pid: i32,
+    ) -> Result<i32, ErrorReply> {
         if size == 0 || size > SHM_MAX {
             return Err(err(libc::EINVAL, format!("segment size {size}")));
         }
@@ -1087,13 +1233,14 @@ impl Agent {
         let info = ShmInfo {
             shmid: id,
             key,
+            name,
             home: me,
             size,
             uid: cred.uid,
             gid: cred.gid,
             cuid: cred.uid,
             cgid: cred.gid,
-            mode: flags as u32 & 0o777,
+            mode,
             atime: 0,
             dtime: 0,
             ctime: t,
@@ -1110,11 +1257,8 @@ impl Agent {
             pages: (0..pages_of(size)).map(|_| AsyncMutex::default()).collect(),
         });
         lock(&self.dsm.homes).insert(id, h);
-        if key != libc::IPC_PRIVATE {
-            keys.insert(key, id);
-        }
         debug!("segment {id} (key {key:#x}, {size} bytes) created by pid {pid}");
-        Ok(HomeReply::Id(id))
+        Ok(id)
     }
 
     fn home_ctl(

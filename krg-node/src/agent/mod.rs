@@ -658,6 +658,14 @@ impl Agent {
                 ..
             } => self.shm_mapped(who, shmid, addr, len, uffd),
             Request::ShmFutex { shmid, offset, len } => self.shm_futex(who, shmid, offset, len),
+            Request::ShmOpen {
+                name,
+                oflag,
+                mode,
+                size,
+                init,
+            } => self.shm_open(who, name, oflag, mode, size, init).await,
+            Request::ShmUnlink { name } => self.shm_unlink(who, name).await,
             Request::ShmDetach { shmid, addr } => Ok(self.shm_detach(who, shmid, addr).await),
             Request::ShmCtl { shmid, cmd, set } => self.shm_ctl(who, shmid, cmd, set).await,
             Request::Ipcs => Ok(self.ipcs().await),

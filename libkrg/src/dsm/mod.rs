@@ -19,6 +19,7 @@ use crate::log::Level;
 use crate::proto::{Request, Response, ShmInfo};
 use libc::{c_int, c_void, key_t, shmid_ds, size_t};
 use std::cell::RefCell;
+use std::ffi::CStr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -172,14 +173,21 @@ fn page_up(n: u64) -> u64 {
 
 /// `shmat(shmid, addr, flags)`.
 pub fn shmat(shmid: c_int, addr: *const c_void, flags: c_int) -> *mut c_void {
-    let bad = libc::MAP_FAILED;
+    match attach_at(shmid, addr as u64, flags) {
+        Ok(p) => p,
+        Err(errno) => fail(errno, libc::MAP_FAILED),
+    }
+}
+
+/// Attach segment `shmid` (shmat's semantics for `addr` and `flags`).
+fn attach_at(shmid: c_int, addr: u64, flags: c_int) -> Result<*mut c_void, i32> {
     let rdonly = flags & libc::SHM_RDONLY != 0;
-    let mut want = addr as u64;
+    let mut want = addr;
     if want != 0 {
         if flags & libc::SHM_RND != 0 {
             want &= !(uffd::PAGE - 1);
         } else if !want.is_multiple_of(uffd::PAGE) {
-            return fail(libc::EINVAL, bad);
+            return Err(libc::EINVAL);
         }
     }
     let mut held = atts();
@@ -187,11 +195,11 @@ pub fn shmat(shmid: c_int, addr: *const c_void, flags: c_int) -> *mut c_void {
         Ok(x) => x,
         Err((errno, msg)) => {
             krg_log!(Level::Debug, "shmat {shmid}: {msg}");
-            return fail(errno, bad);
+            return Err(errno);
         }
     };
     let Some(mem) = mem else {
-        return fail(libc::EIO, bad);
+        return Err(libc::EIO);
     };
     let len = page_up(size);
     let mut prot = libc::PROT_READ;
@@ -232,14 +240,11 @@ pub fn shmat(shmid: c_int, addr: *const c_void, flags: c_int) -> *mut c_void {
             .raw_os_error()
             .unwrap_or(libc::EINVAL);
         detach_at_home();
-        return fail(
-            if errno == libc::EEXIST {
-                libc::EINVAL
-            } else {
-                errno
-            },
-            bad,
-        );
+        return Err(if errno == libc::EEXIST {
+            libc::EINVAL
+        } else {
+            errno
+        });
     }
     let at = p as u64;
     if let Err((errno, msg)) = mapped(shmid, at, len, rdonly, dev) {
@@ -247,7 +252,7 @@ pub fn shmat(shmid: c_int, addr: *const c_void, flags: c_int) -> *mut c_void {
         // SAFETY: the mapping we just made, not yet handed to the caller.
         unsafe { libc::munmap(p, len as usize) };
         detach_at_home();
-        return fail(errno, bad);
+        return Err(errno);
     }
     held.push(Att {
         shmid,
@@ -256,7 +261,98 @@ pub fn shmat(shmid: c_int, addr: *const c_void, flags: c_int) -> *mut c_void {
         rdonly,
     });
     ANY.store(true, Ordering::Release);
-    p
+    Ok(p)
+}
+
+/// The object name of a POSIX semaphore name (`/NAME` or `NAME`).
+fn sem_name(name: &CStr) -> Result<String, i32> {
+    let n = name.to_str().map_err(|_| libc::EINVAL)?.trim_start_matches('/');
+    if n.is_empty() || n.contains('/') || n.len() > 250 {
+        return Err(libc::EINVAL);
+    }
+    Ok(format!("sem.{n}"))
+}
+
+/// This process's umask (without changing it).
+fn current_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
+/// `sem_open(name, oflag, mode, value)`: a named semaphore shared by the
+/// whole cluster. Created with its value already in place at its home, so
+/// no node ever sees it half made.
+pub fn sem_open(name: &CStr, oflag: c_int, mode: libc::mode_t, value: libc::c_uint) -> *mut libc::sem_t {
+    let failed = std::ptr::null_mut();
+    let obj = match sem_name(name) {
+        Ok(n) => n,
+        Err(e) => return fail(e, failed),
+    };
+    let init = if oflag & libc::O_CREAT != 0 {
+        if value > i32::MAX as u32 {
+            return fail(libc::EINVAL, failed);
+        }
+        // SAFETY: sem_t is plain data; sem_init fills the local copy.
+        let mut sem: libc::sem_t = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid sem_t to initialise, process-shared.
+        if unsafe { libc::sem_init(&mut sem, 1, value) } != 0 {
+            return fail(libc::EINVAL, failed);
+        }
+        // SAFETY: viewing the initialised sem_t as its bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&sem as *const libc::sem_t).cast::<u8>(),
+                std::mem::size_of::<libc::sem_t>(),
+            )
+        };
+        Some(bytes.to_vec())
+    } else {
+        None
+    };
+    let req = Request::ShmOpen {
+        name: obj.clone(),
+        oflag,
+        mode: mode as u32 & 0o777 & !current_umask(),
+        size: std::mem::size_of::<libc::sem_t>() as u64,
+        init,
+    };
+    let id = match call(&req) {
+        Ok(Response::Id(id)) => id,
+        Ok(other) => return fail(libc::EIO, unexpected_ptr("sem_open", &other)),
+        Err(e) => return call_err(&format!("sem_open {obj}"), e, failed),
+    };
+    match attach_at(id, 0, 0) {
+        Ok(p) => p.cast(),
+        Err(errno) => fail(errno, failed),
+    }
+}
+
+fn unexpected_ptr<T>(what: &str, r: &Response) -> *mut T {
+    unexpected(what, r);
+    std::ptr::null_mut()
+}
+
+/// Whether `addr` is where this process attached a segment.
+pub fn is_attachment(addr: *const c_void) -> bool {
+    ANY.load(Ordering::Acquire) && atts().iter().any(|a| a.addr == addr as u64)
+}
+
+/// `sem_unlink(name)`.
+pub fn sem_unlink(name: &CStr) -> c_int {
+    let obj = match sem_name(name) {
+        Ok(n) => n,
+        Err(e) => return fail(e, -1),
+    };
+    match call(&Request::ShmUnlink { name: obj.clone() }) {
+        Ok(_) => 0,
+        Err(e) => call_err(&format!("sem_unlink {obj}"), e, -1),
+    }
 }
 
 /// A thread is about to wait on the synchronisation object of `len` bytes
