@@ -138,27 +138,39 @@ pub enum HomeReply {
     Id(i32),
     Info(ShmInfo),
     List(Vec<ShmInfo>),
+    Grant(Grant),
     Done,
 }
 
-/// What a home asks of a node that holds (or will hold) pages.
+/// The home's answer to `Acquire`: the page for the requester, version
+/// `ver` of the page's grants (a node applies grants and revocations in
+/// version order, so a revocation that overtakes the grant it revokes
+/// waits for it).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Grant {
+    pub ver: u64,
+    pub write: bool,
+    /// The contents, or `None`: zeros if the requester has no copy, its
+    /// own copy if it has one.
+    pub data: Option<ByteBuf>,
+}
+
+/// What a home asks of a node that holds a page. `ver` is the version of
+/// the last grant this node got for the page: the request waits until the
+/// node has applied it.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub enum NodeOp {
-    /// Make the page valid here (`data`, or zeros, or the copy already
-    /// here when `None` and the page is valid), readable or writable.
-    Install {
-        shmid: i32,
-        size: u64,
-        page: u32,
-        write: bool,
-        data: Option<ByteBuf>,
-    },
     /// Drop the page here, returning its contents if `want`.
-    Invalidate { shmid: i32, page: u32, want: bool },
+    Invalidate {
+        shmid: i32,
+        page: u32,
+        want: bool,
+        ver: u64,
+    },
     /// Keep a read-only copy, returning the contents.
-    Downgrade { shmid: i32, page: u32 },
+    Downgrade { shmid: i32, page: u32, ver: u64 },
     /// The contents of a valid copy.
-    Fetch { shmid: i32, page: u32 },
+    Fetch { shmid: i32, page: u32, ver: u64 },
     /// The segment is gone: free its memory here.
     Drop { shmid: i32 },
 }
@@ -185,8 +197,27 @@ struct Meta {
 #[derive(Debug, Default)]
 struct Dir {
     writer: Option<u32>,
-    /// Bit n: node n holds a valid copy (the writer included).
-    copies: u64,
+    /// The nodes holding a valid copy (the writer included), with the
+    /// version of the grant that gave it.
+    holders: Vec<(u32, u64)>,
+    /// Version of the last grant.
+    ver: u64,
+    /// The only up-to-date copy was on a node that is gone: every access
+    /// fails (SIGBUS) rather than see old contents.
+    lost: bool,
+}
+
+impl Dir {
+    fn holds(&self, n: u32) -> Option<u64> {
+        self.holders.iter().find(|h| h.0 == n).map(|h| h.1)
+    }
+}
+
+/// A page on a node: its state and the version of the last grant applied.
+#[derive(Debug, Clone, Copy)]
+struct LPage {
+    st: PState,
+    ver: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,7 +232,9 @@ enum PState {
 struct LocalSeg {
     size: u64,
     mem: File,
-    pages: Vec<AsyncMutex<PState>>,
+    pages: Vec<AsyncMutex<LPage>>,
+    /// Signalled whenever a grant is applied (see [`NodeOp`]).
+    applied: Notify,
     atts: Mutex<Vec<LAtt>>,
     /// Offsets of the futex words local processes wait on (4-byte words of
     /// their mutexes, condition variables, semaphores, barriers).
@@ -340,12 +373,55 @@ impl LocalSeg {
             size,
             mem,
             pages: (0..pages_of(size))
-                .map(|_| AsyncMutex::new(PState::Invalid))
+                .map(|_| {
+                    AsyncMutex::new(LPage {
+                        st: PState::Invalid,
+                        ver: 0,
+                    })
+                })
                 .collect(),
+            applied: Notify::new(),
             atts: Mutex::new(Vec::new()),
             futex: Mutex::new(BTreeSet::new()),
             map: Mutex::new(None),
         })
+    }
+
+    /// Apply a grant from the home (unless a later one was applied).
+    async fn apply(&self, page: u32, g: Grant) -> Result<(), ErrorReply> {
+        let mut p = page_lock(self, page)?.lock().await;
+        if g.ver > p.ver {
+            match g.data {
+                Some(d) => self.write_page(page, &d)?,
+                None if p.st == PState::Invalid => self.write_page(page, &[0u8; PAGE as usize])?,
+                None => {}
+            }
+            p.st = if g.write { PState::Write } else { PState::Read };
+            p.ver = g.ver;
+        }
+        drop(p);
+        self.applied.notify_waiters();
+        Ok(())
+    }
+
+    /// Lock a page once the grant of version `ver` has been applied (or
+    /// after a while: a grant whose answer was lost never comes).
+    async fn page_at(
+        &self,
+        page: u32,
+        ver: u64,
+    ) -> Result<tokio::sync::MutexGuard<'_, LPage>, ErrorReply> {
+        let m = page_lock(self, page)?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let wait = self.applied.notified();
+            let p = m.lock().await;
+            if p.ver >= ver || tokio::time::Instant::now() >= deadline {
+                return Ok(p);
+            }
+            drop(p);
+            let _ = tokio::time::timeout_at(deadline, wait).await;
+        }
     }
 
     /// Remember futex words (`len` bytes at `offset`) to wake on
@@ -651,7 +727,11 @@ impl Agent {
         }
     }
 
-    pub async fn shm_unlink(self: &Arc<Self>, who: Caller, name: String) -> Result<Response, ErrorReply> {
+    pub async fn shm_unlink(
+        self: &Arc<Self>,
+        who: Caller,
+        name: String,
+    ) -> Result<Response, ErrorReply> {
         let op = HomeOp::Unlink {
             name,
             cred: self.cred(who),
@@ -979,9 +1059,9 @@ impl Agent {
         let wp = f.flags & uffd::FLAG_WP != 0;
         loop {
             {
-                let st = seg.pages[page as usize].lock().await;
-                if *st == PState::Write || (*st == PState::Read && !write) {
-                    resolve(&mem, addr, *st, wp);
+                let p = seg.pages[page as usize].lock().await;
+                if p.st == PState::Write || (p.st == PState::Read && !write) {
+                    resolve(&mem, addr, p.st, wp);
                     return;
                 }
             }
@@ -991,7 +1071,12 @@ impl Agent {
                 node: self.node_id(),
                 write,
             };
-            if let Err(e) = self.dsm_home(home_of(shmid), op).await {
+            let r = match self.dsm_home(home_of(shmid), op).await {
+                Ok(HomeReply::Grant(g)) => seg.apply(page, g).await,
+                Ok(r) => Err(err(libc::EIO, format!("acquire: unexpected {r:?}"))),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
                 // The page cannot be had (its only copy was on a node that
                 // is gone, or the home is): the access fails loudly.
                 warn!(
@@ -1109,8 +1194,12 @@ impl Agent {
                 node,
                 write,
             } => {
-                self.acquire(shmid, page, node, write).await?;
-                Ok(HomeReply::Done)
+                if node > MAX_NODE {
+                    return Err(err(libc::EINVAL, format!("node {node}")));
+                }
+                Ok(HomeReply::Grant(
+                    self.acquire(shmid, page, node, write).await?,
+                ))
             }
             HomeOp::List => Ok(HomeReply::List(self.dsm.list())),
         }
@@ -1192,7 +1281,14 @@ impl Agent {
         if oflag & libc::O_CREAT == 0 {
             return Err(err(libc::ENOENT, format!("no object named {name}")));
         }
-        let id = self.create(libc::IPC_PRIVATE, name.clone(), size, mode & 0o777, cred, pid)?;
+        let id = self.create(
+            libc::IPC_PRIVATE,
+            name.clone(),
+            size,
+            mode & 0o777,
+            cred,
+            pid,
+        )?;
         if let Some(bytes) = init {
             let h = self.dsm.home(id)?;
             let seg = self.dsm.local_or_new(id, size)?;
@@ -1202,10 +1298,14 @@ impl Agent {
             seg.write_page(0, &page)?;
             let me = self.node_id();
             // Fresh objects: nobody else can hold these locks yet.
-            if let (Ok(mut st), Ok(mut d)) = (seg.pages[0].try_lock(), h.pages[0].try_lock()) {
-                *st = PState::Write;
+            if let (Ok(mut p), Ok(mut d)) = (seg.pages[0].try_lock(), h.pages[0].try_lock()) {
+                d.ver = 1;
                 d.writer = Some(me);
-                d.copies = 1 << me;
+                d.holders = vec![(me, 1)];
+                *p = LPage {
+                    st: PState::Write,
+                    ver: 1,
+                };
             }
             lock(&h.meta).nodes.insert(me);
         }
@@ -1334,138 +1434,165 @@ impl Agent {
     }
 
     /// Give `node` a readable or writable copy of a page, invalidating the
-    /// others for a write. One request per page at a time.
+    /// others for a write. One request per page at a time; the answer
+    /// carries the page.
     async fn acquire(
         self: &Arc<Self>,
         shmid: i32,
         page: u32,
         node: u32,
         write: bool,
-    ) -> Result<(), ErrorReply> {
-        if node > MAX_NODE {
-            return Err(err(libc::EINVAL, format!("node {node}")));
-        }
+    ) -> Result<Grant, ErrorReply> {
         let h = self.dsm.home(shmid)?;
-        let size = lock(&h.meta).info.size;
         let mut d = h
             .pages
             .get(page as usize)
             .ok_or_else(|| err(libc::EINVAL, format!("segment {shmid}: page {page}")))?
             .lock()
             .await;
-        let bit = 1u64 << node;
-        let holders = |mask: u64| (0..=MAX_NODE).filter(move |n| mask & (1 << n) != 0);
+        // Nothing to do (another fault of the same node got it first).
+        let noop = Grant {
+            ver: 0,
+            write,
+            data: None,
+        };
+        let lost = |n: u32, e: ErrorReply| {
+            err(
+                libc::EIO,
+                format!("segment {shmid} page {page}: node {n}: {}", e.msg),
+            )
+        };
+        if d.lost {
+            return Err(err(
+                libc::EIO,
+                format!("segment {shmid} page {page}: lost with the node that held it"),
+            ));
+        }
         if write {
             if d.writer == Some(node) {
-                return Ok(());
+                return Ok(noop);
             }
-            let have = d.copies & bit != 0;
+            let have = d.holds(node).is_some();
             let src = if have {
                 None
             } else {
-                d.writer.or_else(|| holders(d.copies).next())
+                d.writer.or_else(|| d.holders.first().map(|h| h.0))
             };
-            let others: Vec<u32> = holders(d.copies & !bit).collect();
-            let calls = others.iter().map(|&n| {
+            let others: Vec<(u32, u64)> =
+                d.holders.iter().copied().filter(|h| h.0 != node).collect();
+            let calls = others.iter().map(|&(n, ver)| {
                 self.dsm_node(
                     n,
                     NodeOp::Invalidate {
                         shmid,
                         page,
                         want: Some(n) == src,
+                        ver,
                     },
                 )
             });
             let mut data = None;
-            for (n, r) in others.iter().zip(futures::future::join_all(calls).await) {
-                let r = r.map_err(|e| {
-                    err(
-                        libc::EIO,
-                        format!("segment {shmid} page {page}: node {n}: {}", e.msg),
-                    )
-                })?;
-                if Some(*n) == src {
-                    data = r;
+            let results = futures::future::join_all(calls).await;
+            // Every other copy is gone (or its node is): from here the page
+            // is `node`'s alone.
+            d.holders.retain(|h| h.0 == node);
+            d.writer = None;
+            for ((n, _), r) in others.iter().zip(results) {
+                match r {
+                    Ok(r) if Some(*n) == src => data = r,
+                    Ok(_) => {}
+                    // A reader's copy dies with its node; the source's
+                    // was the page.
+                    Err(e) if Some(*n) == src => {
+                        d.lost = true;
+                        return Err(lost(*n, e));
+                    }
+                    Err(e) => warn!("segment {shmid} page {page}: node {n}: {}", e.msg),
                 }
             }
-            // Every other copy is gone: from here the page is `node`'s.
-            d.copies &= bit;
-            d.writer = None;
             if src.is_some() && data.is_none() {
                 return Err(err(
                     libc::EIO,
                     format!("segment {shmid} page {page}: no contents from its holder"),
                 ));
             }
-            self.dsm_node(
-                node,
-                NodeOp::Install {
-                    shmid,
-                    size,
-                    page,
-                    write: true,
-                    data,
-                },
-            )
-            .await?;
+            d.ver += 1;
             d.writer = Some(node);
-            d.copies = bit;
+            d.holders = vec![(node, d.ver)];
+            Ok(Grant {
+                ver: d.ver,
+                write: true,
+                data,
+            })
         } else {
-            if d.copies & bit != 0 {
-                return Ok(());
+            if d.holds(node).is_some() {
+                return Ok(noop);
             }
             let data = if let Some(w) = d.writer {
-                let r = self.dsm_node(w, NodeOp::Downgrade { shmid, page }).await?;
-                d.writer = None;
-                r
-            } else if let Some(n) = holders(d.copies).next() {
-                self.dsm_node(n, NodeOp::Fetch { shmid, page }).await?
+                let ver = d.holds(w).unwrap_or(0);
+                match self
+                    .dsm_node(w, NodeOp::Downgrade { shmid, page, ver })
+                    .await
+                {
+                    Ok(r) => {
+                        d.writer = None;
+                        r
+                    }
+                    Err(e) => {
+                        d.lost = true;
+                        return Err(lost(w, e));
+                    }
+                }
+            } else if !d.holders.is_empty() {
+                // Any reader's copy will do; readers on dead nodes drop out.
+                let mut got = None;
+                while let Some((n, ver)) = d.holders.first().copied() {
+                    match self.dsm_node(n, NodeOp::Fetch { shmid, page, ver }).await {
+                        Ok(r) => {
+                            got = r;
+                            break;
+                        }
+                        Err(e) => {
+                            warn!("segment {shmid} page {page}: node {n}: {}", e.msg);
+                            d.holders.remove(0);
+                        }
+                    }
+                }
+                if got.is_none() {
+                    d.lost = true;
+                    return Err(err(
+                        libc::EIO,
+                        format!("segment {shmid} page {page}: every copy is gone"),
+                    ));
+                }
+                got
             } else {
                 None
             };
-            self.dsm_node(
-                node,
-                NodeOp::Install {
-                    shmid,
-                    size,
-                    page,
-                    write: false,
-                    data,
-                },
-            )
-            .await?;
-            d.copies |= bit;
+            d.ver += 1;
+            let ver = d.ver;
+            d.holders.push((node, ver));
+            Ok(Grant {
+                ver,
+                write: false,
+                data,
+            })
         }
-        Ok(())
     }
 
     // -- a node holding pages -----------------------------------------------
 
     pub async fn node_op(self: &Arc<Self>, op: NodeOp) -> Result<Option<ByteBuf>, ErrorReply> {
         match op {
-            NodeOp::Install {
+            NodeOp::Invalidate {
                 shmid,
-                size,
                 page,
-                write,
-                data,
+                want,
+                ver,
             } => {
-                let seg = self.dsm.local_or_new(shmid, size)?;
-                let mut st = page_lock(&seg, page)?.lock().await;
-                match data {
-                    Some(d) => seg.write_page(page, &d)?,
-                    None if *st == PState::Invalid => {
-                        seg.write_page(page, &[0u8; PAGE as usize])?
-                    }
-                    None => {}
-                }
-                *st = if write { PState::Write } else { PState::Read };
-                Ok(None)
-            }
-            NodeOp::Invalidate { shmid, page, want } => {
                 let seg = self.dsm.local(shmid)?;
-                let mut st = page_lock(&seg, page)?.lock().await;
-                if *st == PState::Write {
+                let mut p = seg.page_at(page, ver).await?;
+                if p.st == PState::Write {
                     seg.protect_all(page);
                 }
                 let data = if want {
@@ -1483,22 +1610,22 @@ impl Agent {
                 if seg.wake_futexes(page) {
                     seg.punch(page)?;
                 }
-                *st = PState::Invalid;
+                p.st = PState::Invalid;
                 Ok(data)
             }
-            NodeOp::Downgrade { shmid, page } => {
+            NodeOp::Downgrade { shmid, page, ver } => {
                 let seg = self.dsm.local(shmid)?;
-                let mut st = page_lock(&seg, page)?.lock().await;
-                if *st == PState::Write {
+                let mut p = seg.page_at(page, ver).await?;
+                if p.st == PState::Write {
                     seg.protect_all(page);
-                    *st = PState::Read;
+                    p.st = PState::Read;
                 }
                 Ok(Some(seg.read_page(page)?))
             }
-            NodeOp::Fetch { shmid, page } => {
+            NodeOp::Fetch { shmid, page, ver } => {
                 let seg = self.dsm.local(shmid)?;
-                let st = page_lock(&seg, page)?.lock().await;
-                if *st == PState::Invalid {
+                let p = seg.page_at(page, ver).await?;
+                if p.st == PState::Invalid {
                     return Err(err(
                         libc::EIO,
                         format!("segment {shmid} page {page}: no valid copy here"),
@@ -1514,7 +1641,7 @@ impl Agent {
     }
 }
 
-fn page_lock(seg: &LocalSeg, page: u32) -> Result<&AsyncMutex<PState>, ErrorReply> {
+fn page_lock(seg: &LocalSeg, page: u32) -> Result<&AsyncMutex<LPage>, ErrorReply> {
     seg.pages
         .get(page as usize)
         .ok_or_else(|| err(libc::EINVAL, format!("page {page} out of range")))

@@ -266,7 +266,10 @@ fn attach_at(shmid: c_int, addr: u64, flags: c_int) -> Result<*mut c_void, i32> 
 
 /// The object name of a POSIX semaphore name (`/NAME` or `NAME`).
 fn sem_name(name: &CStr) -> Result<String, i32> {
-    let n = name.to_str().map_err(|_| libc::EINVAL)?.trim_start_matches('/');
+    let n = name
+        .to_str()
+        .map_err(|_| libc::EINVAL)?
+        .trim_start_matches('/');
     if n.is_empty() || n.contains('/') || n.len() > 250 {
         return Err(libc::EINVAL);
     }
@@ -288,7 +291,12 @@ fn current_umask() -> u32 {
 /// `sem_open(name, oflag, mode, value)`: a named semaphore shared by the
 /// whole cluster. Created with its value already in place at its home, so
 /// no node ever sees it half made.
-pub fn sem_open(name: &CStr, oflag: c_int, mode: libc::mode_t, value: libc::c_uint) -> *mut libc::sem_t {
+pub fn sem_open(
+    name: &CStr,
+    oflag: c_int,
+    mode: libc::mode_t,
+    value: libc::c_uint,
+) -> *mut libc::sem_t {
     let failed = std::ptr::null_mut();
     let obj = match sem_name(name) {
         Ok(n) => n,
