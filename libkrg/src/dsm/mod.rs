@@ -326,7 +326,7 @@ pub fn sem_open(
     let req = Request::ShmOpen {
         name: obj.clone(),
         oflag,
-        mode: mode as u32 & 0o777 & !current_umask(),
+        mode: mode & 0o777 & !current_umask(),
         size: std::mem::size_of::<libc::sem_t>() as u64,
         init,
     };
