@@ -41,8 +41,10 @@ const SEQ_BITS: u32 = 20;
 const SHM_MAX: u64 = 1 << 36;
 /// `mode` bit of a removed segment (Linux's SHM_DEST).
 const SHM_DEST: u32 = 0o1000;
-/// Page directories keep copy sets as bit masks of node ids.
+/// Node ids up to this (page directories' limit).
 const MAX_NODE: u32 = 63;
+/// Pages read ahead after a read fault that follows the previous one.
+const READ_AHEAD: u32 = 256;
 
 /// The home node of a segment id.
 pub fn home_of(shmid: i32) -> u32 {
@@ -122,8 +124,15 @@ pub enum HomeOp {
         set: Option<(u32, u32, u32)>,
         cred: Cred,
     },
-    /// `node` wants page `page` readable (or writable): answered once the
-    /// home has installed it there.
+    /// `node` reads ahead: read copies of these pages, those the home can
+    /// give (`Grants`).
+    AcquireRead {
+        shmid: i32,
+        pages: Vec<u32>,
+        node: u32,
+    },
+    /// `node` wants page `page` readable (or writable): answered with the
+    /// page (`Grant`).
     Acquire {
         shmid: i32,
         page: u32,
@@ -139,6 +148,7 @@ pub enum HomeReply {
     Info(ShmInfo),
     List(Vec<ShmInfo>),
     Grant(Grant),
+    Grants(Vec<(u32, Grant)>),
     Done,
 }
 
@@ -235,6 +245,10 @@ struct LocalSeg {
     pages: Vec<AsyncMutex<LPage>>,
     /// Signalled whenever a grant is applied (see [`NodeOp`]).
     applied: Notify,
+    /// The last page this node read-faulted (sequential read detection).
+    last_read: AtomicU32,
+    /// End of the last window read ahead.
+    ahead_until: AtomicU32,
     atts: Mutex<Vec<LAtt>>,
     /// Offsets of the futex words local processes wait on (4-byte words of
     /// their mutexes, condition variables, semaphores, barriers).
@@ -381,6 +395,8 @@ impl LocalSeg {
                 })
                 .collect(),
             applied: Notify::new(),
+            last_read: AtomicU32::new(u32::MAX),
+            ahead_until: AtomicU32::new(0),
             atts: Mutex::new(Vec::new()),
             futex: Mutex::new(BTreeSet::new()),
             map: Mutex::new(None),
@@ -421,6 +437,58 @@ impl LocalSeg {
             }
             drop(p);
             let _ = tokio::time::timeout_at(deadline, wait).await;
+        }
+    }
+
+    /// After a read fault on `page`: the next window of pages to read
+    /// ahead, when the faults look sequential and less than a window and a
+    /// half is ahead of the reader (so that two windows are in flight; a
+    /// window's middle page stays unmapped to tell when the reader gets
+    /// there).
+    fn next_window(&self, page: u32) -> Option<Vec<u32>> {
+        let last = self.last_read.swap(page, Ordering::Relaxed);
+        if last == u32::MAX || page <= last || page - last > READ_AHEAD {
+            return None;
+        }
+        let until = self.ahead_until.load(Ordering::Relaxed);
+        let start = if until <= page {
+            page + 1
+        } else if page + READ_AHEAD + READ_AHEAD / 2 >= until {
+            until
+        } else {
+            return None;
+        };
+        let end = (start as usize + READ_AHEAD as usize).min(self.pages.len());
+        if start as usize >= end {
+            return None;
+        }
+        self.ahead_until.store(end as u32, Ordering::Relaxed);
+        Some(
+            (start as usize..end)
+                .filter(|&p| {
+                    self.pages[p]
+                        .try_lock()
+                        .is_ok_and(|l| l.st == PState::Invalid)
+                })
+                .map(|p| p as u32)
+                .collect(),
+        )
+    }
+
+    /// Map a page read ahead into a process (read-only unless writable
+    /// here), so that its first access does not fault.
+    async fn map_read(&self, mem: &ProcMem, base: u64, page: u32) {
+        let Ok(m) = page_lock(self, page) else {
+            return;
+        };
+        let p = m.lock().await;
+        if p.st != PState::Invalid {
+            let _ = uffd::cont(
+                mem.uffd.as_fd(),
+                base + page as u64 * PAGE,
+                PAGE,
+                p.st == PState::Read,
+            );
         }
     }
 
@@ -1062,6 +1130,10 @@ impl Agent {
                 let p = seg.pages[page as usize].lock().await;
                 if p.st == PState::Write || (p.st == PState::Read && !write) {
                     resolve(&mem, addr, p.st, wp);
+                    drop(p);
+                    if !write {
+                        self.read_ahead(&seg, shmid, &mem, base, page);
+                    }
                     return;
                 }
             }
@@ -1099,6 +1171,43 @@ impl Agent {
                 return;
             }
         }
+    }
+
+    /// Sequential reads: fetch the next window of pages in the background
+    /// (one message per holder) and map them into the reader, so that it
+    /// finds them in place instead of faulting on each.
+    fn read_ahead(
+        self: &Arc<Self>,
+        seg: &Arc<LocalSeg>,
+        shmid: i32,
+        mem: &Arc<ProcMem>,
+        base: u64,
+        page: u32,
+    ) {
+        let Some(pages) = seg.next_window(page) else {
+            return;
+        };
+        if pages.is_empty() {
+            return;
+        }
+        let (a, seg, mem) = (self.clone(), seg.clone(), mem.clone());
+        tokio::spawn(async move {
+            let op = HomeOp::AcquireRead {
+                shmid,
+                pages,
+                node: a.node_id(),
+            };
+            if let Ok(HomeReply::Grants(gs)) = a.dsm_home(home_of(shmid), op).await {
+                // The middle page stays unmapped: the reader's (cheap,
+                // local) fault there asks for the next window in time.
+                let marker = gs.get(gs.len() / 2).map(|g| g.0);
+                for (p, g) in gs {
+                    if seg.apply(p, g).await.is_ok() && Some(p) != marker {
+                        seg.map_read(&mem, base, p).await;
+                    }
+                }
+            }
+        });
     }
 
     // -- the home -----------------------------------------------------------
@@ -1188,6 +1297,17 @@ impl Agent {
                 set,
                 cred,
             } => self.home_ctl(shmid, cmd, set, &cred),
+            HomeOp::AcquireRead { shmid, pages, node } => {
+                if node > MAX_NODE || pages.len() > READ_AHEAD as usize {
+                    return Err(err(
+                        libc::EINVAL,
+                        format!("read of {} pages by node {node}", pages.len()),
+                    ));
+                }
+                Ok(HomeReply::Grants(
+                    self.acquire_read(shmid, &pages, node).await?,
+                ))
+            }
             HomeOp::Acquire {
                 shmid,
                 page,
@@ -1578,6 +1698,140 @@ impl Agent {
                 data,
             })
         }
+    }
+
+    /// Read copies of `pages` for a node reading ahead: those the home can
+    /// give by asking their holders, one message per holder; pages that
+    /// fail are left out (the reader will fault on them).
+    async fn acquire_read(
+        self: &Arc<Self>,
+        shmid: i32,
+        pages: &[u32],
+        node: u32,
+    ) -> Result<Vec<(u32, Grant)>, ErrorReply> {
+        let h = self.dsm.home(shmid)?;
+        // Ascending order, as every multi-page lock here (no deadlock).
+        let mut sorted = pages.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut dirs = Vec::with_capacity(sorted.len());
+        for &p in &sorted {
+            let m = h
+                .pages
+                .get(p as usize)
+                .ok_or_else(|| err(libc::EINVAL, format!("segment {shmid}: page {p}")))?;
+            dirs.push((p, m.lock().await));
+        }
+        // What to ask of whom.
+        let mut asks: HashMap<u32, Vec<(u32, u64, bool)>> = HashMap::new();
+        let mut zero = Vec::new();
+        for (p, d) in dirs.iter() {
+            if d.holds(node).is_some() || d.lost {
+                continue;
+            }
+            if let Some(w) = d.writer {
+                asks.entry(w)
+                    .or_default()
+                    .push((*p, d.holds(w).unwrap_or(0), true));
+            } else if let Some((n, ver)) = d.holders.first().copied() {
+                asks.entry(n).or_default().push((*p, ver, false));
+            } else {
+                zero.push(*p);
+            }
+        }
+        let calls = asks.iter().map(|(&n, items)| async move {
+            (n, self.dsm_read_many(n, shmid, items.clone()).await)
+        });
+        let mut got: HashMap<u32, ByteBuf> = HashMap::new();
+        let mut failed: HashMap<u32, ErrorReply> = HashMap::new();
+        for (n, r) in futures::future::join_all(calls).await {
+            match r {
+                Ok(v) => {
+                    for ((p, _, _), d) in asks[&n].iter().zip(v) {
+                        if let Some(d) = d {
+                            got.insert(*p, d);
+                        }
+                    }
+                }
+                Err(e) => {
+                    for (p, _, _) in &asks[&n] {
+                        failed.insert(*p, e.clone());
+                    }
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (p, d) in dirs.iter_mut() {
+            if d.holds(node).is_some() {
+                continue;
+            }
+            let data = if let Some(b) = got.remove(p) {
+                Some(b)
+            } else if zero.contains(p) {
+                None
+            } else {
+                if let Some(e) = failed.remove(p) {
+                    // As for a single read: the writer's copy was the page.
+                    if d.writer.is_some() {
+                        d.lost = true;
+                    }
+                    debug!("segment {shmid} page {p}: read ahead: {}", e.msg);
+                }
+                continue;
+            };
+            d.writer = None;
+            d.ver += 1;
+            let ver = d.ver;
+            d.holders.push((node, ver));
+            out.push((
+                *p,
+                Grant {
+                    ver,
+                    write: false,
+                    data,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn dsm_read_many(
+        self: &Arc<Self>,
+        node: u32,
+        shmid: i32,
+        items: Vec<(u32, u64, bool)>,
+    ) -> Result<Vec<Option<ByteBuf>>, ErrorReply> {
+        if node == self.node_id() {
+            return self.read_many(shmid, items).await;
+        }
+        let c = self.client(node).await?;
+        c.dsm_read_many(ctx(), shmid, items).await.map_err(|e| {
+            self.drop_client(node);
+            err(libc::EIO, format!("node {node}: {e}"))
+        })?
+    }
+
+    /// `ReadMany` here: read copies of pages for another node.
+    pub async fn read_many(
+        self: &Arc<Self>,
+        shmid: i32,
+        items: Vec<(u32, u64, bool)>,
+    ) -> Result<Vec<Option<ByteBuf>>, ErrorReply> {
+        let seg = self.dsm.local(shmid)?;
+        let mut out = Vec::with_capacity(items.len());
+        for (page, ver, downgrade) in items {
+            let mut p = seg.page_at(page, ver).await?;
+            if downgrade && p.st == PState::Write {
+                seg.protect_all(page);
+                p.st = PState::Read;
+            }
+            out.push(if p.st == PState::Invalid {
+                None
+            } else {
+                Some(seg.read_page(page)?)
+            });
+        }
+        Ok(out)
     }
 
     // -- a node holding pages -----------------------------------------------

@@ -927,6 +927,15 @@ impl Peer for PeerServer {
         self.0.home_op(op).await
     }
 
+    async fn dsm_read_many(
+        self,
+        _: context::Context,
+        shmid: i32,
+        items: Vec<(u32, u64, bool)>,
+    ) -> Result<Vec<Option<serde_bytes::ByteBuf>>, ErrorReply> {
+        self.0.read_many(shmid, items).await
+    }
+
     async fn dsm_node(
         self,
         _: context::Context,

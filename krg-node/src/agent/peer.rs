@@ -79,6 +79,12 @@ pub trait Peer {
     async fn dsm_home(op: super::dsm::HomeOp) -> Result<super::dsm::HomeReply, ErrorReply>;
     /// What a segment's home asks of a node holding its pages.
     async fn dsm_node(op: super::dsm::NodeOp) -> Result<Option<serde_bytes::ByteBuf>, ErrorReply>;
+    /// Read copies of several pages, `(page, grant version, downgrade)`,
+    /// for another node (read ahead).
+    async fn dsm_read_many(
+        shmid: i32,
+        items: Vec<(u32, u64, bool)>,
+    ) -> Result<Vec<Option<serde_bytes::ByteBuf>>, ErrorReply>;
 }
 
 fn codec() -> LengthDelimitedCodec {

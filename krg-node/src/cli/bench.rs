@@ -13,6 +13,9 @@
 //! - live migration of a process holding 1 MiB to 2 GiB: its freeze-to-
 //!   resume gap (from its own timestamps) against a memcpy of the same size;
 //! - checkpoint to disk and restart against writing the same bytes;
+//! - shared memory: remote read and write faults against a TCP round trip
+//!   between the same nodes, a sequential read, a bounced page
+//!   (`bench_dsm`);
 //! - the load balancer's makespan for 8 CPU-bound jobs started on one of 4
 //!   half-CPU nodes (a second local cluster), against the ideal.
 
@@ -30,7 +33,7 @@ pub struct Sample {
     pub values: Vec<f64>,
 }
 
-fn quantile(v: &mut [f64], q: f64) -> f64 {
+pub(crate) fn quantile(v: &mut [f64], q: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -131,6 +134,13 @@ pub fn worker(args: &[String]) -> Result<i32> {
             s.values.push(std::hint::black_box(h) as f64);
         }
         "makespan" => s.values = makespan_sample(n)?,
+        "dsm" => {
+            let seq = node.as_deref().unwrap_or("64").parse()?;
+            s.values = super::bench_dsm::dsm_sample(n as usize, seq)?;
+        }
+        "dsm-echo" | "dsm-touch" | "dsm-seq" | "dsm-bounce" => {
+            s = super::bench_dsm::dsm_partner(what, args)?;
+        }
         other => bail!("bench-worker: unknown benchmark {other:?}"),
     }
     println!("{}", serde_json::to_string(&s)?);
@@ -467,6 +477,10 @@ fn measure(quick: bool) -> Result<i32> {
         "  SSI, writer on other node    {pr:8.0} MB/s   {:.2}x same-node SSI",
         pr / pl
     );
+
+    let (pages, seq) = if quick { (2000, 64) } else { (10000, 256) };
+    let v = run_worker(false, &["dsm", &pages.to_string(), &seq.to_string()])?.values;
+    super::bench_dsm::report(&v, pages, seq);
 
     let sizes: &[(&str, &str)] = if quick {
         &[("1", "[goal <= 30 ms]"), ("64", ""), ("256", "")]

@@ -3,6 +3,7 @@
 //! refused to multithreaded processes).
 
 mod bench;
+mod bench_dsm;
 mod checkpoint;
 mod ipcs;
 mod kill;
