@@ -207,3 +207,74 @@ fn semaphores_and_condition_variables_wake_waiters_on_other_nodes() {
         "{x} / {y}"
     );
 }
+
+#[test]
+fn a_named_posix_semaphore_ping_pongs_ten_thousand_times_between_two_nodes() {
+    let c = Cluster::up(3, 1.0);
+    let t = cc(&repo_root().join("examples/shm/semping.c"), "semping");
+    let t = t.to_str().unwrap();
+    let b = spawn(&c, 3, &[t, "krgtest", "10000", "1"]);
+    let a = spawn(&c, 2, &[t, "krgtest", "10000", "0"]);
+    let x = finish(a, "semping side 0 on node 2");
+    let y = finish(b, "semping side 1 on node 3");
+    assert!(x.contains("10000 round trips"), "{x}");
+    assert!(y.contains("10000 round trips"), "{y}");
+    // Side 0 unlinked both names and both sides closed them: nothing left.
+    assert!(
+        wait_for(std::time::Duration::from_secs(5), || ipcs(&c, 1).is_empty()),
+        "{:?}",
+        ipcs(&c, 1)
+    );
+}
+
+#[test]
+fn system_v_semaphores_are_one_set_for_the_whole_cluster() {
+    let c = Cluster::up(3, 1.0);
+    let t = cc(&repo_root().join("examples/shm/semtool.c"), "semtool");
+    let t = t.to_str().unwrap();
+    let made = ok(
+        &c.cmd(1, &[t, "create", "0x5201", "4"]).output().unwrap(),
+        "create",
+    );
+    assert!(made.contains("nsems 4"), "{made}");
+    // Cross-node wake-ups, both ways.
+    let b = spawn(&c, 2, &[t, "pingpong", "0x5201", "1000", "1"]);
+    let a = spawn(&c, 3, &[t, "pingpong", "0x5201", "1000", "0"]);
+    assert!(finish(a, "pingpong side 0").contains("1000 round trips"));
+    assert!(finish(b, "pingpong side 1").contains("1000 round trips"));
+    // SEM_UNDO: the +1 of a process on node 2 is undone when it exits.
+    ok(
+        &c.cmd(2, &[t, "up-undo", "0x5201", "2"]).output().unwrap(),
+        "up-undo",
+    );
+    assert!(wait_for(std::time::Duration::from_secs(5), || {
+        text(
+            &c.cmd(3, &[t, "get", "0x5201", "2"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .trim()
+            == "0"
+    }));
+    // IPC_NOWAIT and a timeout give EAGAIN.
+    let nowait = ok(
+        &c.cmd(3, &[t, "down", "0x5201", "3", "nowait"])
+            .output()
+            .unwrap(),
+        "nowait",
+    );
+    assert_eq!(nowait.trim(), "Resource temporarily unavailable");
+    let timed = ok(
+        &c.cmd(1, &[t, "down", "0x5201", "3", "300"])
+            .output()
+            .unwrap(),
+        "timed",
+    );
+    assert_eq!(timed.trim(), "Resource temporarily unavailable");
+    // IPC_RMID from node 1 wakes a waiter on node 2 with EIDRM.
+    let waiter = spawn(&c, 2, &[t, "down", "0x5201", "3"]);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    ok(&c.cmd(1, &[t, "rm", "0x5201"]).output().unwrap(), "rm");
+    assert_eq!(finish(waiter, "waiter").trim(), "Identifier removed");
+}

@@ -14,10 +14,10 @@ use hook::{enosys, hooks};
 use libc::{
     c_char, c_int, c_uint, c_void, id_t, idtype_t, key_t, mode_t, pid_t,
     posix_spawn_file_actions_t, posix_spawnattr_t, pthread_barrier_t, pthread_cond_t,
-    pthread_mutex_t, rusage, sem_t, shmid_ds, siginfo_t, sigval, size_t, ssize_t, termios,
+    pthread_mutex_t, rusage, sem_t, sembuf, shmid_ds, siginfo_t, sigval, size_t, ssize_t, termios,
     timespec, winsize, DIR, FILE,
 };
-use libkrg::{dsm, processes, procfs};
+use libkrg::{dsm, processes, procfs, sync};
 use std::ffi::CStr;
 use std::mem::size_of;
 
@@ -551,6 +551,38 @@ hooks! {
     fn pthread_barrier_wait(b: *mut pthread_barrier_t) -> c_int {
         missing => enosys(),
         krg(real) => { dsm::sync_object(b as usize, size_of::<pthread_barrier_t>()); real(b) },
+    }
+
+    /// `semget`: a cluster-wide System V semaphore set (capability `dsm`).
+    fn semget(key: key_t, nsems: c_int, flags: c_int) -> c_int {
+        missing => enosys(),
+        krg(real) => if sync::active() { sync::semget(key, nsems, flags) } else { real(key, nsems, flags) },
+    }
+
+    /// `semop`: done atomically at the set's home node.
+    fn semop(semid: c_int, sops: *mut sembuf, nsops: size_t) -> c_int {
+        missing => enosys(),
+        // SAFETY: sops is the caller's array of nsops entries, per semop(2).
+        krg(real) => if sync::active() { unsafe { sync::semtimedop(semid, sops, nsops, std::ptr::null()) } } else { real(semid, sops, nsops) },
+    }
+
+    /// `semtimedop`: as semop, with a timeout.
+    fn semtimedop(semid: c_int, sops: *mut sembuf, nsops: size_t, timeout: *const timespec) -> c_int {
+        missing => enosys(),
+        // SAFETY: the caller's arguments, per semop(2).
+        krg(real) => if sync::active() { unsafe { sync::semtimedop(semid, sops, nsops, timeout) } } else { real(semid, sops, nsops, timeout) },
+    }
+
+    /// `semctl(semid, num, cmd, ...)`: the optional `union semun` is one
+    /// integer-class argument (an int or a pointer).
+    fn semctl(semid: c_int, num: c_int, cmd: c_int; ...arg: usize) -> c_int {
+        missing => enosys(),
+        krg(real) => if sync::active() {
+            // SAFETY: arg is what the caller passed for cmd, per semctl(2).
+            unsafe { sync::semctl(semid, num, cmd, arg, real) }
+        } else {
+            real(semid, num, cmd, arg)
+        },
     }
 
     /// `shmget`: a cluster-wide System V segment (capability `dsm`).

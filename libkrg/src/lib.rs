@@ -20,3 +20,4 @@ pub mod processes;
 pub mod procfs;
 pub mod proto;
 pub mod rt;
+pub mod sync;

@@ -154,6 +154,47 @@ pub enum Request {
     },
     /// Every segment of the cluster (`krg ipcs`). Answered with `Ipcs`.
     Ipcs,
+    // --- System V semaphores (cluster-wide, kept by their home node) ---
+    /// `semget(key, nsems, flags)`. Answered with `Id`.
+    SemGet { key: i32, nsems: i32, flags: i32 },
+    /// `semop`/`semtimedop`: `(sem_num, sem_op, sem_flg)` each, all or
+    /// nothing. Answered with `Ok`, or `Pending` when the operations could
+    /// not be done within the agent's wait round (the caller asks again),
+    /// or `EAGAIN` for IPC_NOWAIT or once `timeout_ns` has passed.
+    SemOp {
+        semid: i32,
+        ops: Vec<(u16, i16, i16)>,
+        timeout_ns: Option<u64>,
+    },
+    /// `semctl`: `val` for SETVAL, `array` for SETALL, `set` (uid, gid,
+    /// mode) for IPC_SET. Answered with `Sem` (IPC_STAT), `Id` (GETVAL,
+    /// GETPID, GETNCNT, GETZCNT), `SemVals` (GETALL) or `Ok`.
+    SemCtl {
+        semid: i32,
+        num: i32,
+        cmd: i32,
+        val: i32,
+        array: Vec<u16>,
+        set: Option<(u32, u32, u32)>,
+    },
+}
+
+/// A System V semaphore set as `semctl(IPC_STAT)` shows it.
+#[derive(
+    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+)]
+pub struct SemInfo {
+    pub semid: i32,
+    pub key: i32,
+    pub home: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cuid: u32,
+    pub cgid: u32,
+    pub mode: u32,
+    pub nsems: u32,
+    pub otime: i64,
+    pub ctime: i64,
 }
 
 /// One System V segment as `shmctl(IPC_STAT)` and `krg ipcs` show it.
@@ -367,6 +408,10 @@ pub enum Response {
     },
     Shm(ShmInfo),
     Ipcs(Vec<ShmInfo>),
+    Sem(SemInfo),
+    SemVals(Vec<u16>),
+    /// A blocking operation is still waiting: ask again.
+    Pending,
 }
 
 /// A failed request: the errno the application should see, and what failed.

@@ -683,7 +683,7 @@ impl Dsm {
 }
 
 impl Agent {
-    fn cred(&self, who: Caller) -> Cred {
+    pub(crate) fn cred(&self, who: Caller) -> Cred {
         Cred {
             uid: who.uid,
             gid: who.gid,
@@ -701,7 +701,7 @@ impl Agent {
 
     /// Where the segment of a System V key lives: the lowest node id of
     /// the cluster, so that every node finds the same segment for a key.
-    fn key_home(&self) -> u32 {
+    pub(crate) fn key_home(&self) -> u32 {
         let m = self.members();
         m.keys()
             .copied()
@@ -1060,14 +1060,21 @@ impl Agent {
             return;
         }
         let a = self.clone();
+        self.on_exit(kpid, move || {
+            lock(&a.dsm.watched).remove(&kpid);
+            a.shm_forget(kpid);
+        });
+    }
+
+    /// Run `f` when local process `kpid` exits (at once if it is gone).
+    pub(crate) fn on_exit(&self, kpid: i32, f: impl FnOnce() + Send + 'static) {
         tokio::spawn(async move {
             if let Ok(fd) = pidfd_open(kpid) {
                 if let Ok(afd) = async_fd(fd) {
                     let _ = afd.readable().await;
                 }
             }
-            lock(&a.dsm.watched).remove(&kpid);
-            a.shm_forget(kpid);
+            f();
         });
     }
 

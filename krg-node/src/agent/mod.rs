@@ -14,6 +14,7 @@ pub mod probe;
 pub mod procs;
 pub mod remote;
 pub mod sched;
+pub mod sync;
 
 use crate::agent::config::Config;
 use crate::agent::peer::{GroupKill, Heartbeat, Peer, PeerClient};
@@ -92,6 +93,8 @@ pub struct Agent {
     balancer: Mutex<balance::State>,
     /// Shared memory segments: those homed here and local copies.
     dsm: dsm::Dsm,
+    /// System V semaphore sets homed here.
+    sems: sync::Sems,
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -121,6 +124,7 @@ impl Agent {
             orders: checkpoint::Orders::default(),
             balancer: Mutex::new(balance::State::default()),
             dsm: dsm::Dsm::default(),
+            sems: sync::Sems::default(),
             cpus,
             cfg,
         })
@@ -669,6 +673,20 @@ impl Agent {
             Request::ShmDetach { shmid, addr } => Ok(self.shm_detach(who, shmid, addr).await),
             Request::ShmCtl { shmid, cmd, set } => self.shm_ctl(who, shmid, cmd, set).await,
             Request::Ipcs => Ok(self.ipcs().await),
+            Request::SemGet { key, nsems, flags } => self.sem_get(who, key, nsems, flags).await,
+            Request::SemOp {
+                semid,
+                ops,
+                timeout_ns,
+            } => self.sem_op(who, semid, ops, timeout_ns).await,
+            Request::SemCtl {
+                semid,
+                num,
+                cmd,
+                val,
+                array,
+                set,
+            } => self.sem_ctl(who, semid, num, cmd, val, array, set).await,
             Request::Ensure { kpid } => {
                 let me = need_pid()?;
                 if kpid != me {
@@ -925,6 +943,14 @@ impl Peer for PeerServer {
         op: dsm::HomeOp,
     ) -> Result<dsm::HomeReply, ErrorReply> {
         self.0.home_op(op).await
+    }
+
+    async fn sem_home(
+        self,
+        _: context::Context,
+        op: sync::SemHomeOp,
+    ) -> Result<sync::SemReply, ErrorReply> {
+        self.0.sem_home_op(op).await
     }
 
     async fn dsm_read_many(

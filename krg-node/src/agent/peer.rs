@@ -74,6 +74,9 @@ pub trait Peer {
     /// `krg sched set` on the caller: apply `policy` if it is newer than
     /// the callee's; answers the policy in force on the callee afterwards.
     async fn sched_push(policy: super::sched::SchedPolicy) -> Result<SchedInfo, ErrorReply>;
+    // --- System V semaphores ---
+    /// A request to the home of a semaphore set.
+    async fn sem_home(op: super::sync::SemHomeOp) -> Result<super::sync::SemReply, ErrorReply>;
     // --- distributed shared memory ---
     /// A request to the home of a segment (metadata, page directory).
     async fn dsm_home(op: super::dsm::HomeOp) -> Result<super::dsm::HomeReply, ErrorReply>;
