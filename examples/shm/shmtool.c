@@ -6,6 +6,8 @@
  *   shmtool ring-cons KEY N         single consumer: prints the checksum
  *   shmtool add KEY N atomic|mutex [P]  add 1 to the shared counter N times
  *                                   (after P processes have arrived, if P)
+ *   shmtool fork-add KEY N          attach, fork; the child then the parent
+ *                                   add N atomically through the attachment
  *   shmtool show KEY                print the counters
  *   shmtool read-into KEY FILE      read(2) FILE straight into the segment
  *   shmtool dump KEY                print what read-into stored
@@ -40,6 +42,7 @@
 #include <time.h>
 #include <sys/ipc.h>
 #include <sys/shm.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define PAGE 4096
@@ -183,6 +186,22 @@ int main(int argc, char **argv) {
             }
         }
         printf("added %llu\n", (unsigned long long)n);
+        return 0;
+    }
+    if (!strcmp(cmd, "fork-add")) {
+        uint64_t n = strtoull(argv[3], NULL, 0);
+        struct seg *s = attach(key);
+        pid_t c = fork();
+        if (c < 0) die("fork");
+        if (c == 0) {
+            /* The child first, while the page is still another node's. */
+            for (uint64_t i = 0; i < n; i++) atomic_fetch_add(&s->acounter, 1);
+            _exit(0);
+        }
+        int st;
+        if (waitpid(c, &st, 0) < 0 || !WIFEXITED(st) || WEXITSTATUS(st)) die("child");
+        for (uint64_t i = 0; i < n; i++) atomic_fetch_add(&s->acounter, 1);
+        printf("parent and child added %llu each\n", (unsigned long long)n);
         return 0;
     }
     if (!strcmp(cmd, "show")) {

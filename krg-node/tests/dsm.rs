@@ -278,3 +278,79 @@ fn system_v_semaphores_are_one_set_for_the_whole_cluster() {
     ok(&c.cmd(1, &[t, "rm", "0x5201"]).output().unwrap(), "rm");
     assert_eq!(finish(waiter, "waiter").trim(), "Identifier removed");
 }
+
+/// A page whose only up-to-date copy was on a node that died: a process
+/// touching it gets SIGBUS, never the old contents.
+#[test]
+fn a_page_lost_with_its_node_gives_sigbus_not_stale_data() {
+    let c = Cluster::up(3, 1.0);
+    let t = shmtool();
+    ok(
+        &c.cmd(1, &[&t, "create", "0x5107"]).output().unwrap(),
+        "create",
+    );
+    // Node 1 reads the atomic counter's page (a read copy here), then
+    // node 2 writes it: node 2 now holds the only up-to-date copy.
+    assert!(ok(&c.cmd(1, &[&t, "show", "0x5107"]).output().unwrap(), "show").contains("atomic 0"));
+    ok(
+        &c.cmd(2, &[&t, "add", "0x5107", "5", "atomic"])
+            .output()
+            .unwrap(),
+        "add on node 2",
+    );
+    // The whole node 2 goes (its agent is the pid namespace's init).
+    signal(c.agent_pid(2), nix::sys::signal::Signal::SIGKILL);
+    let out = c.sh(3, &format!("{t} show 0x5107; echo status $?"));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("status 135"),
+        "expected death by SIGBUS (135): {said} {}",
+        text(&out.stderr)
+    );
+    assert!(!said.contains("atomic 0"), "stale contents read: {said}");
+    // A migration of a process with a segment attached is refused.
+    let mut hold = spawn(&c, 1, &[&t, "hold", "0x5107", "5"]);
+    assert_eq!(read_line(&mut hold), "attached");
+    let ps = c.ps(1);
+    let pid = ps
+        .iter()
+        .find(|p| p["command"].as_str().is_some_and(|s| s.contains("hold")))
+        .map(|p| p["pid"].as_i64().unwrap().to_string())
+        .expect("holder in krg ps");
+    let mig = c.krg(1, &["migrate", &pid, "3"]);
+    assert!(!mig.status.success());
+    assert!(
+        text(&mig.stderr).contains("shared memory segment"),
+        "{}",
+        text(&mig.stderr)
+    );
+    finish(hold, "holder");
+}
+
+/// A forked child shares its parent's attachment, coherently: the kernel
+/// gives the child's mapping no userfaultfd, libkrg registers a new one.
+#[test]
+fn a_forked_child_shares_the_attachment_coherently() {
+    let c = Cluster::up(3, 1.0);
+    let t = shmtool();
+    ok(
+        &c.cmd(1, &[&t, "create", "0x5108"]).output().unwrap(),
+        "create",
+    );
+    // The counter's page is node 2's when node 3's processes start.
+    ok(
+        &c.cmd(2, &[&t, "add", "0x5108", "1000", "atomic"])
+            .output()
+            .unwrap(),
+        "add",
+    );
+    let f = ok(
+        &c.cmd(3, &[&t, "fork-add", "0x5108", "1000"])
+            .output()
+            .unwrap(),
+        "fork-add",
+    );
+    assert!(f.contains("added 1000 each"), "{f}");
+    let show = ok(&c.cmd(1, &[&t, "show", "0x5108"]).output().unwrap(), "show");
+    assert!(show.contains("atomic 3000"), "{show}");
+}

@@ -181,6 +181,12 @@ impl Agent {
         if let Some(why) = fd_refusal(kpid) {
             return Err(err(libc::EBUSY, format!("pid {g}: {why}")));
         }
+        if let Some(shmid) = self.shm_attached(kpid) {
+            return Err(err(
+                libc::EBUSY,
+                format!("pid {g}: shared memory segment {shmid} (krg DSM) is attached: processes using cluster shared memory are not migratable yet"),
+            ));
+        }
         if migrate || order.kill {
             if let Some(child) = first_child(kpid) {
                 return Err(err(

@@ -1027,6 +1027,13 @@ impl Agent {
         Response::Ipcs(all)
     }
 
+    /// A segment a local process has attached, if any.
+    pub fn shm_attached(&self, kpid: i32) -> Option<i32> {
+        lock(&self.dsm.owed)
+            .get(&kpid)
+            .and_then(|v| v.first().map(|(s, _)| *s))
+    }
+
     /// A local process exec'd or exited: its attachments are gone.
     pub fn shm_forget(self: &Arc<Self>, kpid: i32) {
         if let Some(m) = lock(&self.dsm.mems).remove(&kpid) {
