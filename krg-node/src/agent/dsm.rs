@@ -44,7 +44,7 @@ const SHM_DEST: u32 = 0o1000;
 /// Node ids up to this (page directories' limit).
 const MAX_NODE: u32 = 63;
 /// Pages read ahead after a read fault that follows the previous one.
-const READ_AHEAD: u32 = 256;
+const READ_AHEAD: u32 = 512;
 
 /// The home node of a segment id.
 pub fn home_of(shmid: i32) -> u32 {
@@ -475,21 +475,42 @@ impl LocalSeg {
         )
     }
 
-    /// Map a page read ahead into a process (read-only unless writable
-    /// here), so that its first access does not fault.
-    async fn map_read(&self, mem: &ProcMem, base: u64, page: u32) {
-        let Ok(m) = page_lock(self, page) else {
-            return;
-        };
-        let p = m.lock().await;
-        if p.st != PState::Invalid {
-            let _ = uffd::cont(
-                mem.uffd.as_fd(),
-                base + page as u64 * PAGE,
-                PAGE,
-                p.st == PState::Read,
-            );
+    /// Apply read-ahead grants and map the pages into the reader (but
+    /// `skip`), so that its accesses do not fault.
+    async fn apply_mapped(
+        &self,
+        gs: Vec<(u32, Grant)>,
+        mem: &ProcMem,
+        base: u64,
+        skip: Option<u32>,
+    ) {
+        for (page, g) in gs {
+            let Ok(m) = page_lock(self, page) else {
+                continue;
+            };
+            let mut p = m.lock().await;
+            if g.ver > p.ver {
+                let w = match &g.data {
+                    Some(d) => self.write_page(page, d),
+                    None if p.st == PState::Invalid => self.write_page(page, &[0u8; PAGE as usize]),
+                    None => Ok(()),
+                };
+                if w.is_err() {
+                    continue;
+                }
+                p.st = if g.write { PState::Write } else { PState::Read };
+                p.ver = g.ver;
+            }
+            if p.st != PState::Invalid && Some(page) != skip {
+                let _ = uffd::cont(
+                    mem.uffd.as_fd(),
+                    base + page as u64 * PAGE,
+                    PAGE,
+                    p.st == PState::Read,
+                );
+            }
         }
+        self.applied.notify_waiters();
     }
 
     /// Remember futex words (`len` bytes at `offset`) to wake on
@@ -1215,11 +1236,7 @@ impl Agent {
                 // The middle page stays unmapped: the reader's (cheap,
                 // local) fault there asks for the next window in time.
                 let marker = gs.get(gs.len() / 2).map(|g| g.0);
-                for (p, g) in gs {
-                    if seg.apply(p, g).await.is_ok() && Some(p) != marker {
-                        seg.map_read(&mem, base, p).await;
-                    }
-                }
+                seg.apply_mapped(gs, &mem, base, marker).await;
             }
         });
     }

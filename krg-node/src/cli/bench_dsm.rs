@@ -300,7 +300,7 @@ pub fn report(v: &[f64], pages: usize, seq_mib: usize) {
         v[4], v[5]
     );
     println!(
-        "  sequential read of {seq_mib} MiB populated on the other node {:7.0} MB/s   (same read on the populating node {:7.0} MB/s) [goal >= 500 MB/s]",
+        "  sequential read of {seq_mib} MiB populated on the other node {:7.0} MB/s   (one byte per page, as on the populating node: {:7.0} MB/s) [goal >= 500 MB/s]",
         v[6], v[7]
     );
     println!(
