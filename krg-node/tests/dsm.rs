@@ -354,3 +354,51 @@ fn a_forked_child_shares_the_attachment_coherently() {
     let show = ok(&c.cmd(1, &[&t, "show", "0x5108"]).output().unwrap(), "show");
     assert!(show.contains("atomic 3000"), "{show}");
 }
+
+/// POSIX shared memory objects: shm_open + ftruncate + mmap on one node,
+/// the same object by name on the others; shm_unlink removes the name.
+#[test]
+fn a_posix_shared_memory_object_is_the_same_on_every_node() {
+    let c = Cluster::up(3, 1.0);
+    let t = cc(&repo_root().join("examples/shm/posixshm.c"), "posixshm");
+    let t = t.to_str().unwrap();
+    let made = ok(
+        &c.cmd(1, &[t, "create", "/krgobj", "3000000"])
+            .output()
+            .unwrap(),
+        "create",
+    );
+    assert!(made.contains("created 3000000 bytes"), "{made}");
+    // Node 2 sees the size (fstat) and every byte node 1 wrote.
+    let seen = ok(
+        &c.cmd(2, &[t, "check", "/krgobj"]).output().unwrap(),
+        "check on node 2",
+    );
+    assert_eq!(seen.trim(), "size 3000000 ok");
+    // O_EXCL on an existing name fails on any node.
+    let again = c
+        .cmd(3, &[t, "create", "/krgobj", "4096"])
+        .output()
+        .unwrap();
+    assert!(text(&again.stderr).contains("File exists"), "{again:?}");
+    let kids: Vec<Child> = (1..=3)
+        .map(|n| spawn(&c, n, &[t, "add", "/krgobj", "20000", "3"]))
+        .collect();
+    for k in kids {
+        finish(k, "adder");
+    }
+    let show = ok(&c.cmd(3, &[t, "show", "/krgobj"]).output().unwrap(), "show");
+    assert_eq!(show.trim(), "counter 60000");
+    let listed = ipcs(&c, 2);
+    assert!(
+        listed.iter().any(|s| s["name"] == "shm.krgobj"),
+        "{listed:?}"
+    );
+    ok(
+        &c.cmd(2, &[t, "unlink", "/krgobj"]).output().unwrap(),
+        "unlink",
+    );
+    let gone = c.cmd(1, &[t, "show", "/krgobj"]).output().unwrap();
+    assert!(text(&gone.stderr).contains("No such file"), "{gone:?}");
+    assert!(wait_for(std::time::Duration::from_secs(5), || ipcs(&c, 1).is_empty()));
+}

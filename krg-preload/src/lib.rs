@@ -12,7 +12,7 @@ mod vfork;
 
 use hook::{enosys, hooks};
 use libc::{
-    c_char, c_int, c_uint, c_void, id_t, idtype_t, key_t, mode_t, pid_t,
+    c_char, c_int, c_uint, c_void, id_t, idtype_t, key_t, mode_t, off_t, pid_t,
     posix_spawn_file_actions_t, posix_spawnattr_t, pthread_barrier_t, pthread_cond_t,
     pthread_mutex_t, rusage, sem_t, sembuf, shmid_ds, siginfo_t, sigval, size_t, ssize_t, termios,
     timespec, winsize, DIR, FILE,
@@ -551,6 +551,67 @@ hooks! {
     fn pthread_barrier_wait(b: *mut pthread_barrier_t) -> c_int {
         missing => enosys(),
         krg(real) => { dsm::sync_object(b as usize, size_of::<pthread_barrier_t>()); real(b) },
+    }
+
+    /// `shm_open`: a POSIX shared memory object of the whole cluster
+    /// (capability `dsm`).
+    fn shm_open(name: *const c_char, oflag: c_int, mode: mode_t) -> c_int {
+        missing => enosys(),
+        krg(real) => if dsm::active() && !name.is_null() {
+            // SAFETY: a non-null name is the caller's C string.
+            dsm::shm_open(unsafe { CStr::from_ptr(name) }, oflag, mode)
+        } else {
+            real(name, oflag, mode)
+        },
+    }
+
+    /// `shm_unlink`: remove a cluster-wide object's name.
+    fn shm_unlink(name: *const c_char) -> c_int {
+        missing => enosys(),
+        krg(real) => if dsm::active() && !name.is_null() {
+            // SAFETY: a non-null name is the caller's C string.
+            dsm::shm_unlink(unsafe { CStr::from_ptr(name) })
+        } else {
+            real(name)
+        },
+    }
+
+    /// `ftruncate`: sizes a cluster-wide object (other descriptors: libc).
+    fn ftruncate(fd: c_int, len: off_t) -> c_int {
+        missing => enosys(),
+        krg(real) => dsm::ftruncate(fd, len).unwrap_or_else(|| real(fd, len)),
+    }
+
+    /// `ftruncate64`: as ftruncate.
+    fn ftruncate64(fd: c_int, len: off_t) -> c_int {
+        missing => enosys(),
+        krg(real) => dsm::ftruncate(fd, len).unwrap_or_else(|| real(fd, len)),
+    }
+
+    /// `mmap`: a shared mapping of a cluster-wide object is kept coherent
+    /// (other mappings: libc).
+    fn mmap(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off_t) -> *mut c_void {
+        missing => enosys_failed(),
+        krg(real) => dsm::mmap(addr, len, prot, flags, fd, off).unwrap_or_else(|| real(addr, len, prot, flags, fd, off)),
+    }
+
+    /// `mmap64`: as mmap.
+    fn mmap64(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off_t) -> *mut c_void {
+        missing => enosys_failed(),
+        krg(real) => dsm::mmap(addr, len, prot, flags, fd, off).unwrap_or_else(|| real(addr, len, prot, flags, fd, off)),
+    }
+
+    /// `munmap`: unmapping a cluster-wide object's mapping detaches it.
+    fn munmap(addr: *mut c_void, len: size_t) -> c_int {
+        missing => enosys(),
+        // SAFETY: the caller's munmap of its own range.
+        krg(real) => unsafe { dsm::munmap(addr, len) }.unwrap_or_else(|| real(addr, len)),
+    }
+
+    /// `close`: forgets a cluster-wide object's descriptor.
+    fn close(fd: c_int) -> c_int {
+        missing => enosys(),
+        krg(real) => { dsm::closed(fd); real(fd) },
     }
 
     /// `semget`: a cluster-wide System V semaphore set (capability `dsm`).

@@ -124,6 +124,8 @@ pub enum Request {
         shmid: i32,
         addr: u64,
         len: u64,
+        /// Byte offset in the object of the mapping's start.
+        off: u64,
         rdonly: bool,
         uffd: i32,
     },
@@ -132,7 +134,7 @@ pub enum Request {
     /// the agent wakes the futexes in it when another node changes its page.
     ShmFutex { shmid: i32, offset: u64, len: u32 },
     /// Open (or create, with `O_CREAT` in `oflag`) a named object: a
-    /// POSIX named semaphore (`sem.NAME`). `init` is the contents of its
+    /// POSIX named semaphore (`sem.NAME`) or shared memory object (`shm.NAME`). `init` is the contents of its
     /// first bytes when this call creates it. Answered with `Id`.
     ShmOpen {
         name: String,
@@ -141,8 +143,15 @@ pub enum Request {
         size: u64,
         init: Option<Vec<u8>>,
     },
-    /// Remove a name (`sem_unlink`); the object lives on while attached.
+    /// Remove a name (`sem_unlink`, `shm_unlink`); the object lives on
+    /// while attached.
     ShmUnlink { name: String },
+    /// This node's memory object of an object opened with `shm_open`
+    /// (`write`: opened read-write). Answered with `ShmAttached` and one
+    /// descriptor.
+    ShmFd { shmid: i32, write: bool },
+    /// `ftruncate` of a POSIX shared memory object (grow only).
+    ShmResize { shmid: i32, size: u64 },
     /// `shmdt`: the caller unmapped the attachment at `addr`.
     ShmDetach { shmid: i32, addr: u64 },
     /// `shmctl(IPC_STAT | IPC_SET | IPC_RMID)`; `set` carries uid, gid and

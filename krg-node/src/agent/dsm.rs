@@ -27,7 +27,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Mutex as AsyncMutex, Notify};
@@ -104,6 +104,19 @@ pub enum HomeOp {
     },
     Unlink {
         name: String,
+        cred: Cred,
+    },
+    /// May this caller open the object (`want`: rwx bits)? Answered with
+    /// its `Info`.
+    Check {
+        shmid: i32,
+        want: u32,
+        cred: Cred,
+    },
+    /// `ftruncate`: grow a POSIX object to `size` bytes.
+    Resize {
+        shmid: i32,
+        size: u64,
         cred: Cred,
     },
     Attach {
@@ -192,7 +205,22 @@ pub enum NodeOp {
 #[derive(Debug)]
 struct Home {
     meta: Mutex<Meta>,
-    pages: Vec<AsyncMutex<Dir>>,
+    /// Directory entries, made at a page's first request (a segment may be
+    /// large and sparse, and POSIX objects grow).
+    pages: Mutex<HashMap<u32, Arc<AsyncMutex<Dir>>>>,
+}
+
+impl Home {
+    /// The directory entry of a page inside the segment.
+    fn dir(&self, shmid: i32, page: u32) -> Result<Arc<AsyncMutex<Dir>>, ErrorReply> {
+        if page as usize >= pages_of(lock(&self.meta).info.size) {
+            return Err(err(
+                libc::EINVAL,
+                format!("segment {shmid}: no page {page}"),
+            ));
+        }
+        Ok(lock(&self.pages).entry(page).or_default().clone())
+    }
 }
 
 #[derive(Debug)]
@@ -240,9 +268,11 @@ enum PState {
 /// A segment on a node that has (or had) attachments.
 #[derive(Debug)]
 struct LocalSeg {
-    size: u64,
+    /// Size in bytes (POSIX objects grow).
+    size: AtomicU64,
     mem: File,
-    pages: Vec<AsyncMutex<LPage>>,
+    /// Page states, made at a page's first use.
+    pages: Mutex<HashMap<u32, Arc<AsyncMutex<LPage>>>>,
     /// Signalled whenever a grant is applied (see [`NodeOp`]).
     applied: Notify,
     /// The last page this node read-faulted (sequential read detection).
@@ -274,12 +304,14 @@ impl Drop for Mapping {
     }
 }
 
-/// A local process's mapping of a segment.
+/// A local process's mapping of a segment (of `len` bytes from byte `off`
+/// of the segment).
 #[derive(Debug, Clone)]
 struct LAtt {
     kpid: i32,
     addr: u64,
     len: u64,
+    off: u64,
     mem: Arc<ProcMem>,
 }
 
@@ -380,20 +412,14 @@ impl LocalSeg {
         let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
         let fd = sys_fd(fd as libc::c_long, "memfd_create")?;
         let mem = File::from(fd);
-        let len = pages_of(size) as u64 * PAGE;
-        mem.set_len(len)
-            .map_err(|e| io_err(format!("segment {shmid}: size {len}"), e))?;
+        // The exact size: a POSIX object's fstat shows it. The tail of the
+        // last page reads as zeros, as for any file.
+        mem.set_len(size)
+            .map_err(|e| io_err(format!("segment {shmid}: size {size}"), e))?;
         Ok(LocalSeg {
-            size,
+            size: AtomicU64::new(size),
             mem,
-            pages: (0..pages_of(size))
-                .map(|_| {
-                    AsyncMutex::new(LPage {
-                        st: PState::Invalid,
-                        ver: 0,
-                    })
-                })
-                .collect(),
+            pages: Mutex::new(HashMap::new()),
             applied: Notify::new(),
             last_read: AtomicU32::new(u32::MAX),
             ahead_until: AtomicU32::new(0),
@@ -403,9 +429,50 @@ impl LocalSeg {
         })
     }
 
+    fn npages(&self) -> usize {
+        pages_of(self.size.load(Ordering::Acquire))
+    }
+
+    /// Grow to `size` bytes (the memfd too, so that mappings and fstat
+    /// see it).
+    fn grow(&self, size: u64) -> Result<(), ErrorReply> {
+        if size > self.size.load(Ordering::Acquire) {
+            if size > self.mem.metadata().map(|m| m.len()).unwrap_or(0) {
+                self.mem
+                    .set_len(size)
+                    .map_err(|e| io_err(format!("grow to {size}"), e))?;
+            }
+            self.size.fetch_max(size, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// A page's state (invalid until the first grant).
+    fn page(&self, page: u32) -> Result<Arc<AsyncMutex<LPage>>, ErrorReply> {
+        if page as usize >= self.npages() {
+            return Err(err(libc::EINVAL, format!("page {page} out of range")));
+        }
+        Ok(lock(&self.pages)
+            .entry(page)
+            .or_insert_with(|| {
+                Arc::new(AsyncMutex::new(LPage {
+                    st: PState::Invalid,
+                    ver: 0,
+                }))
+            })
+            .clone())
+    }
+
+    /// Whether a page is known invalid here without waiting.
+    fn idle_invalid(&self, page: u32) -> bool {
+        lock(&self.pages)
+            .get(&page)
+            .is_none_or(|m| m.try_lock().is_ok_and(|l| l.st == PState::Invalid))
+    }
+
     /// Apply a grant from the home (unless a later one was applied).
     async fn apply(&self, page: u32, g: Grant) -> Result<(), ErrorReply> {
-        let mut p = page_lock(self, page)?.lock().await;
+        let mut p = self.page(page)?.lock_owned().await;
         if g.ver > p.ver {
             match g.data {
                 Some(d) => self.write_page(page, &d)?,
@@ -426,12 +493,12 @@ impl LocalSeg {
         &self,
         page: u32,
         ver: u64,
-    ) -> Result<tokio::sync::MutexGuard<'_, LPage>, ErrorReply> {
-        let m = page_lock(self, page)?;
+    ) -> Result<tokio::sync::OwnedMutexGuard<LPage>, ErrorReply> {
+        let m = self.page(page)?;
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
         loop {
             let wait = self.applied.notified();
-            let p = m.lock().await;
+            let p = m.clone().lock_owned().await;
             if p.ver >= ver || tokio::time::Instant::now() >= deadline {
                 return Ok(p);
             }
@@ -458,18 +525,14 @@ impl LocalSeg {
         } else {
             return None;
         };
-        let end = (start as usize + READ_AHEAD as usize).min(self.pages.len());
+        let end = (start as usize + READ_AHEAD as usize).min(self.npages());
         if start as usize >= end {
             return None;
         }
         self.ahead_until.store(end as u32, Ordering::Relaxed);
         Some(
             (start as usize..end)
-                .filter(|&p| {
-                    self.pages[p]
-                        .try_lock()
-                        .is_ok_and(|l| l.st == PState::Invalid)
-                })
+                .filter(|&p| self.idle_invalid(p as u32))
                 .map(|p| p as u32)
                 .collect(),
         )
@@ -485,10 +548,10 @@ impl LocalSeg {
         skip: Option<u32>,
     ) {
         for (page, g) in gs {
-            let Ok(m) = page_lock(self, page) else {
+            let Ok(m) = self.page(page) else {
                 continue;
             };
-            let mut p = m.lock().await;
+            let mut p = m.lock_owned().await;
             if g.ver > p.ver {
                 let w = match &g.data {
                     Some(d) => self.write_page(page, d),
@@ -516,7 +579,7 @@ impl LocalSeg {
     /// Remember futex words (`len` bytes at `offset`) to wake on
     /// invalidation.
     fn note_futex(&self, offset: u64, len: u64) -> Result<(), ErrorReply> {
-        let mapped = pages_of(self.size) as u64 * PAGE;
+        let mapped = self.npages() as u64 * PAGE;
         if len == 0 || len > 256 || offset.checked_add(len).is_none_or(|e| e > mapped) {
             return Err(err(libc::EINVAL, format!("futex range {offset}+{len}")));
         }
@@ -589,10 +652,21 @@ impl LocalSeg {
         true
     }
 
+    /// The bytes of page `page` inside the object (the last page may be
+    /// partial); the page is always sent whole, the tail as zeros.
+    fn in_page(&self, page: u32) -> usize {
+        let off = page as u64 * PAGE;
+        self.size
+            .load(Ordering::Acquire)
+            .saturating_sub(off)
+            .min(PAGE) as usize
+    }
+
     fn read_page(&self, page: u32) -> Result<ByteBuf, ErrorReply> {
         let mut b = vec![0u8; PAGE as usize];
+        let n = self.in_page(page);
         self.mem
-            .read_exact_at(&mut b, page as u64 * PAGE)
+            .read_exact_at(&mut b[..n], page as u64 * PAGE)
             .map_err(|e| io_err(format!("page {page}: read"), e))?;
         Ok(ByteBuf::from(b))
     }
@@ -604,8 +678,9 @@ impl LocalSeg {
                 format!("page {page}: {} bytes", data.len()),
             ));
         }
+        let n = self.in_page(page);
         self.mem
-            .write_all_at(data, page as u64 * PAGE)
+            .write_all_at(&data[..n], page as u64 * PAGE)
             .map_err(|e| io_err(format!("page {page}: write"), e))
     }
 
@@ -632,10 +707,13 @@ impl LocalSeg {
     /// Write-protect the page in every local mapping, so that its contents
     /// stay still while they are read for another node.
     fn protect_all(&self, page: u32) {
-        let off = page as u64 * PAGE;
-        for a in lock(&self.atts).iter().filter(|a| off < a.len) {
-            if let Err(e) = uffd::write_protect(a.mem.uffd.as_fd(), a.addr + off, PAGE, true) {
-                debug!("pid {}: write-protect {:#x}: {e}", a.kpid, a.addr + off);
+        let at = page as u64 * PAGE;
+        for a in lock(&self.atts).iter() {
+            let Some(rel) = at.checked_sub(a.off).filter(|r| *r < a.len) else {
+                continue;
+            };
+            if let Err(e) = uffd::write_protect(a.mem.uffd.as_fd(), a.addr + rel, PAGE, true) {
+                debug!("pid {}: write-protect {:#x}: {e}", a.kpid, a.addr + rel);
             }
         }
     }
@@ -690,7 +768,7 @@ impl Dsm {
             lock(&s.atts)
                 .iter()
                 .find(|a| a.kpid == kpid && addr >= a.addr && addr < a.addr + a.len)
-                .map(|a| (*id, s.clone(), a.addr))
+                .map(|a| (*id, s.clone(), a.addr.wrapping_sub(a.off)))
         })
     }
 
@@ -871,7 +949,11 @@ impl Agent {
             tokio::spawn(async move { a.shm_detach(who, shmid, 0).await });
             e
         };
-        let seg = match self.dsm.local_or_new(shmid, info.size) {
+        let seg = match self
+            .dsm
+            .local_or_new(shmid, info.size)
+            .and_then(|s| s.grow(info.size).map(|_| s))
+        {
             Ok(s) => s,
             Err(e) => return Err(undo(self, e)),
         };
@@ -901,6 +983,61 @@ impl Agent {
         ))
     }
 
+    /// `ShmFd`: this node's memory object of a POSIX object, for a caller
+    /// that may open it.
+    pub async fn shm_fd(
+        self: &Arc<Self>,
+        who: Caller,
+        shmid: i32,
+        write: bool,
+    ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
+        let op = HomeOp::Check {
+            shmid,
+            want: if write { 0o6 } else { 0o4 },
+            cred: self.cred(who),
+        };
+        let info = match self.dsm_home(home_of(shmid), op).await? {
+            HomeReply::Info(i) => i,
+            r => return Err(err(libc::EIO, format!("shm_open: unexpected {r:?}"))),
+        };
+        let seg = self.dsm.local_or_new(shmid, info.size)?;
+        seg.grow(info.size)?;
+        let f = seg
+            .mem
+            .try_clone()
+            .map_err(|e| io_err(format!("object {shmid}"), e))?;
+        Ok((
+            Response::ShmAttached {
+                size: info.size,
+                fds: 1,
+            },
+            vec![OwnedFd::from(f)],
+        ))
+    }
+
+    /// `ShmResize`: `ftruncate` of a POSIX object.
+    pub async fn shm_resize(
+        self: &Arc<Self>,
+        who: Caller,
+        shmid: i32,
+        size: u64,
+    ) -> Result<Response, ErrorReply> {
+        let op = HomeOp::Resize {
+            shmid,
+            size,
+            cred: self.cred(who),
+        };
+        match self.dsm_home(home_of(shmid), op).await? {
+            HomeReply::Info(i) => {
+                // The caller's descriptor is this node's memfd: fstat and
+                // mmap see the new size at once.
+                self.dsm.local_or_new(shmid, i.size)?.grow(i.size)?;
+                Ok(Response::Ok)
+            }
+            r => Err(err(libc::EIO, format!("ftruncate: unexpected {r:?}"))),
+        }
+    }
+
     /// `ShmMapped`: register the process's mapping with its userfaultfd.
     pub fn shm_mapped(
         self: &Arc<Self>,
@@ -908,6 +1045,7 @@ impl Agent {
         shmid: i32,
         addr: u64,
         len: u64,
+        off: u64,
         uffd_fd: i32,
     ) -> Result<Response, ErrorReply> {
         let seg = self.dsm.local(shmid)?;
@@ -920,8 +1058,16 @@ impl Agent {
                 format!("segment {shmid}: not attached by pid {}", who.pid),
             ));
         }
-        let seg_len = pages_of(seg.size) as u64 * PAGE;
-        if len != seg_len || !addr.is_multiple_of(PAGE) || addr.checked_add(len).is_none() {
+        // A System V attachment maps the whole segment; a POSIX mapping
+        // may map part of it, or more (beyond the end: SIGBUS, as for any
+        // file).
+        let seg_len = seg.npages() as u64 * PAGE;
+        if len == 0
+            || !addr.is_multiple_of(PAGE)
+            || !off.is_multiple_of(PAGE)
+            || addr.checked_add(len).is_none()
+            || off.checked_add(len).is_none()
+        {
             return Err(err(
                 libc::EINVAL,
                 format!("segment {shmid}: mapping {addr:#x}+{len:#x} (segment is {seg_len:#x})"),
@@ -953,6 +1099,7 @@ impl Agent {
             kpid: who.pid,
             addr,
             len,
+            off,
             mem,
         });
         Ok(Response::Ok)
@@ -1153,8 +1300,8 @@ impl Agent {
             let _ = uffd::wake(mem.uffd.as_fd(), addr, PAGE);
             return;
         };
-        let page = ((addr - base) / PAGE) as u32;
-        if page as usize >= seg.pages.len() {
+        let page = (addr.wrapping_sub(base) / PAGE) as u32;
+        if page as usize >= seg.npages() {
             let _ = uffd::wake(mem.uffd.as_fd(), addr, PAGE);
             return;
         }
@@ -1162,7 +1309,11 @@ impl Agent {
         let wp = f.flags & uffd::FLAG_WP != 0;
         loop {
             {
-                let p = seg.pages[page as usize].lock().await;
+                let Ok(m) = seg.page(page) else {
+                    let _ = uffd::wake(mem.uffd.as_fd(), addr, PAGE);
+                    return;
+                };
+                let p = m.lock_owned().await;
                 if p.st == PState::Write || (p.st == PState::Read && !write) {
                     resolve(&mem, addr, p.st, wp);
                     drop(p);
@@ -1261,6 +1412,45 @@ impl Agent {
                 cred,
                 pid,
             } => self.home_open(name, oflag, mode, size, init, &cred, pid),
+            HomeOp::Check { shmid, want, cred } => {
+                let h = self.dsm.home(shmid)?;
+                let m = lock(&h.meta);
+                if !cred.allowed(&m.info, want) {
+                    return Err(err(
+                        libc::EACCES,
+                        format!("object {shmid}: permission denied"),
+                    ));
+                }
+                Ok(HomeReply::Info(m.info.clone()))
+            }
+            HomeOp::Resize { shmid, size, cred } => {
+                let h = self.dsm.home(shmid)?;
+                let mut m = lock(&h.meta);
+                if m.info.name.is_empty() {
+                    return Err(err(
+                        libc::EINVAL,
+                        format!("segment {shmid} is not a POSIX object"),
+                    ));
+                }
+                if !cred.allowed(&m.info, 0o2) {
+                    return Err(err(
+                        libc::EACCES,
+                        format!("object {shmid}: permission denied"),
+                    ));
+                }
+                if size < m.info.size {
+                    return Err(err(
+                        libc::EINVAL,
+                        format!("object {shmid}: shrinking a shared memory object ({} to {size} bytes) is not supported", m.info.size),
+                    ));
+                }
+                if size > SHM_MAX {
+                    return Err(err(libc::EFBIG, format!("object {shmid}: {size} bytes")));
+                }
+                m.info.size = size;
+                m.info.ctime = now();
+                Ok(HomeReply::Info(m.info.clone()))
+            }
             HomeOp::Unlink { name, cred } => {
                 let id = lock(&self.dsm.names)
                     .get(&name)
@@ -1449,7 +1639,8 @@ impl Agent {
             seg.write_page(0, &page)?;
             let me = self.node_id();
             // Fresh objects: nobody else can hold these locks yet.
-            if let (Ok(mut p), Ok(mut d)) = (seg.pages[0].try_lock(), h.pages[0].try_lock()) {
+            let (sp, hp) = (seg.page(0)?, h.dir(id, 0)?);
+            if let (Ok(mut p), Ok(mut d)) = (sp.try_lock_owned(), hp.try_lock_owned()) {
                 d.ver = 1;
                 d.writer = Some(me);
                 d.holders = vec![(me, 1)];
@@ -1474,7 +1665,8 @@ impl Agent {
         cred: &Cred,
         pid: i32,
     ) -> Result<i32, ErrorReply> {
-        if size == 0 || size > SHM_MAX {
+        // POSIX objects start empty (ftruncate sizes them).
+        if (size == 0 && name.is_empty()) || size > SHM_MAX {
             return Err(err(libc::EINVAL, format!("segment size {size}")));
         }
         let me = self.node_id();
@@ -1505,7 +1697,7 @@ impl Agent {
                 removed: false,
                 nodes: BTreeSet::new(),
             }),
-            pages: (0..pages_of(size)).map(|_| AsyncMutex::default()).collect(),
+            pages: Mutex::new(HashMap::new()),
         });
         lock(&self.dsm.homes).insert(id, h);
         debug!("segment {id} (key {key:#x}, {size} bytes) created by pid {pid}");
@@ -1595,12 +1787,7 @@ impl Agent {
         write: bool,
     ) -> Result<Grant, ErrorReply> {
         let h = self.dsm.home(shmid)?;
-        let mut d = h
-            .pages
-            .get(page as usize)
-            .ok_or_else(|| err(libc::EINVAL, format!("segment {shmid}: page {page}")))?
-            .lock()
-            .await;
+        let mut d = h.dir(shmid, page)?.lock_owned().await;
         // Nothing to do (another fault of the same node got it first).
         let noop = Grant {
             ver: 0,
@@ -1747,11 +1934,7 @@ impl Agent {
         sorted.dedup();
         let mut dirs = Vec::with_capacity(sorted.len());
         for &p in &sorted {
-            let m = h
-                .pages
-                .get(p as usize)
-                .ok_or_else(|| err(libc::EINVAL, format!("segment {shmid}: page {p}")))?;
-            dirs.push((p, m.lock().await));
+            dirs.push((p, h.dir(shmid, p)?.lock_owned().await));
         }
         // What to ask of whom.
         let mut asks: HashMap<u32, Vec<(u32, u64, bool)>> = HashMap::new();
@@ -1924,10 +2107,4 @@ impl Agent {
             }
         }
     }
-}
-
-fn page_lock(seg: &LocalSeg, page: u32) -> Result<&AsyncMutex<LPage>, ErrorReply> {
-    seg.pages
-        .get(page as usize)
-        .ok_or_else(|| err(libc::EINVAL, format!("page {page} out of range")))
 }

@@ -582,6 +582,10 @@ impl Agent {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
             },
+            Request::ShmFd { shmid, write } => match self.shm_fd(who, shmid, write).await {
+                Ok(r) => r,
+                Err(e) => (Response::Err(e), Vec::new()),
+            },
             req => (self.handle_local(req, who).await, Vec::new()),
         }
     }
@@ -658,9 +662,10 @@ impl Agent {
                 shmid,
                 addr,
                 len,
+                off,
                 uffd,
                 ..
-            } => self.shm_mapped(who, shmid, addr, len, uffd),
+            } => self.shm_mapped(who, shmid, addr, len, off, uffd),
             Request::ShmFutex { shmid, offset, len } => self.shm_futex(who, shmid, offset, len),
             Request::ShmOpen {
                 name,
@@ -670,6 +675,11 @@ impl Agent {
                 init,
             } => self.shm_open(who, name, oflag, mode, size, init).await,
             Request::ShmUnlink { name } => self.shm_unlink(who, name).await,
+            Request::ShmResize { shmid, size } => self.shm_resize(who, shmid, size).await,
+            Request::ShmFd { .. } => Err(err(
+                libc::EINVAL,
+                "ShmFd answers with a descriptor: not on this path",
+            )),
             Request::ShmDetach { shmid, addr } => Ok(self.shm_detach(who, shmid, addr).await),
             Request::ShmCtl { shmid, cmd, set } => self.shm_ctl(who, shmid, cmd, set).await,
             Request::Ipcs => Ok(self.ipcs().await),

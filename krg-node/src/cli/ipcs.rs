@@ -19,12 +19,19 @@ fn attached(i: &ShmInfo) -> String {
 pub fn table(segs: &[ShmInfo]) -> String {
     let mut out = format!(
         "{:<10} {:>10} {:>4} {:<8} {:>5} {:>12} {:>6} {:<6} ATTACHED (PID@NODE)\n",
-        "KEY", "SHMID", "HOME", "OWNER", "PERMS", "BYTES", "NATTCH", "STATUS"
+        "KEY/NAME", "SHMID", "HOME", "OWNER", "PERMS", "BYTES", "NATTCH", "STATUS"
     );
     for i in segs {
         out.push_str(&format!(
             "{:<10} {:>10} {:>4} {:<8} {:>5o} {:>12} {:>6} {:<6} {}\n",
-            format!("{:#010x}", i.key),
+            if i.name.is_empty() {
+                format!("{:#010x}", i.key)
+            } else {
+                format!(
+                    "/{}",
+                    i.name.split_once('.').map_or(i.name.as_str(), |x| x.1)
+                )
+            },
             i.shmid,
             i.home,
             i.uid,
@@ -48,7 +55,7 @@ pub fn ipcs(json: bool) -> Result<i32> {
             .iter()
             .map(|i| {
                 serde_json::json!({
-                    "key": i.key, "shmid": i.shmid, "home": i.home, "uid": i.uid,
+                    "key": i.key, "name": i.name, "shmid": i.shmid, "home": i.home, "uid": i.uid,
                     "gid": i.gid, "cuid": i.cuid, "cgid": i.cgid, "mode": i.mode & 0o777,
                     "removed": i.mode & 0o1000 != 0, "bytes": i.size,
                     "nattch": i.attached.len(), "cpid": i.cpid, "lpid": i.lpid,

@@ -20,7 +20,7 @@ use crate::proto::{Request, Response, ShmInfo};
 use libc::{c_int, c_void, key_t, shmid_ds, size_t};
 use std::cell::RefCell;
 use std::ffi::CStr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -30,6 +30,8 @@ struct Att {
     shmid: i32,
     addr: u64,
     len: u64,
+    /// Byte offset in the object (POSIX mappings; 0 for shmat).
+    off: u64,
     rdonly: bool,
 }
 
@@ -47,6 +49,22 @@ thread_local! {
     /// The attachment table held across `fork`, so that the child gets a
     /// consistent copy (see [`register_atfork`]).
     static HELD: RefCell<Option<MutexGuard<'static, Vec<Att>>>> = const { RefCell::new(None) };
+}
+
+/// Run `f` inside krg (the re-entrancy guard set): the `mmap`, `munmap`
+/// and `close` it makes, directly or through std, go straight to libc
+/// instead of back into these hooks (which take the same locks). Keeps the
+/// errno `f` sets.
+fn inside<R>(f: impl FnOnce() -> R) -> R {
+    let (r, e) = crate::rt::guarded(|| {
+        let r = f();
+        (
+            r,
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        )
+    });
+    crate::rt::set_errno(e);
+    r
 }
 
 fn atts() -> MutexGuard<'static, Vec<Att>> {
@@ -133,6 +151,7 @@ fn mapped(
     shmid: i32,
     addr: u64,
     len: u64,
+    off: u64,
     rdonly: bool,
     dev: Option<OwnedFd>,
 ) -> Result<(), (i32, String)> {
@@ -150,6 +169,7 @@ fn mapped(
         shmid,
         addr,
         len,
+        off,
         rdonly,
         uffd: uffd.as_ref().map_or(-1, |u| u.as_raw_fd()),
     };
@@ -173,7 +193,7 @@ fn page_up(n: u64) -> u64 {
 
 /// `shmat(shmid, addr, flags)`.
 pub fn shmat(shmid: c_int, addr: *const c_void, flags: c_int) -> *mut c_void {
-    match attach_at(shmid, addr as u64, flags) {
+    match inside(|| attach_at(shmid, addr as u64, flags)) {
         Ok(p) => p,
         Err(errno) => fail(errno, libc::MAP_FAILED),
     }
@@ -247,7 +267,7 @@ fn attach_at(shmid: c_int, addr: u64, flags: c_int) -> Result<*mut c_void, i32> 
         });
     }
     let at = p as u64;
-    if let Err((errno, msg)) = mapped(shmid, at, len, rdonly, dev) {
+    if let Err((errno, msg)) = mapped(shmid, at, len, 0, rdonly, dev) {
         krg_log!(Level::Warn, "shmat {shmid}: {msg}");
         // SAFETY: the mapping we just made, not yet handed to the caller.
         unsafe { libc::munmap(p, len as usize) };
@@ -258,10 +278,248 @@ fn attach_at(shmid: c_int, addr: u64, flags: c_int) -> Result<*mut c_void, i32> 
         shmid,
         addr: at,
         len,
+        off: 0,
         rdonly,
     });
     ANY.store(true, Ordering::Release);
     Ok(p)
+}
+
+// ---------------------------------------------------------------------------
+// POSIX shared memory objects: shm_open, ftruncate, mmap, munmap, close
+
+/// Descriptors this process got from `shm_open`: (fd, object id, writable).
+static FDS: Mutex<Vec<(c_int, i32, bool)>> = Mutex::new(Vec::new());
+/// Whether `FDS` is non-empty (the fast test of the mmap/ftruncate/close
+/// hooks).
+static ANY_FD: AtomicBool = AtomicBool::new(false);
+
+fn fds() -> MutexGuard<'static, Vec<(c_int, i32, bool)>> {
+    FDS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The object behind a descriptor from `shm_open`, if it is one.
+fn object_of(fd: c_int) -> Option<(i32, bool)> {
+    if !ANY_FD.load(Ordering::Acquire) || fd < 0 {
+        return None;
+    }
+    fds().iter().find(|f| f.0 == fd).map(|f| (f.1, f.2))
+}
+
+/// The object name of a POSIX shared memory name.
+fn shm_name(name: &CStr) -> Result<String, i32> {
+    let n = name
+        .to_str()
+        .map_err(|_| libc::EINVAL)?
+        .trim_start_matches('/');
+    if n.is_empty() || n.contains('/') || n.len() > 250 {
+        return Err(libc::EINVAL);
+    }
+    Ok(format!("shm.{n}"))
+}
+
+/// `shm_open(name, oflag, mode)`: a descriptor of the cluster-wide object
+/// (this node's memory object for it). Its pages are kept coherent when it
+/// is mapped with `MAP_SHARED`; `read`/`write` on the descriptor itself
+/// bypass the coherence (use mmap).
+pub fn shm_open(name: &CStr, oflag: c_int, mode: libc::mode_t) -> c_int {
+    inside(|| shm_open_inner(name, oflag, mode))
+}
+
+fn shm_open_inner(name: &CStr, oflag: c_int, mode: libc::mode_t) -> c_int {
+    let obj = match shm_name(name) {
+        Ok(n) => n,
+        Err(e) => return fail(e, -1),
+    };
+    let acc = oflag & libc::O_ACCMODE;
+    if acc != libc::O_RDONLY && acc != libc::O_RDWR {
+        return fail(libc::EINVAL, -1);
+    }
+    let req = Request::ShmOpen {
+        name: obj.clone(),
+        oflag,
+        mode: mode & 0o777 & !current_umask(),
+        size: 0,
+        init: None,
+    };
+    let id = match call(&req) {
+        Ok(Response::Id(id)) => id,
+        Ok(other) => return fail(libc::EIO, unexpected("shm_open", &other)),
+        Err(e) => return call_err(&format!("shm_open {obj}"), e, -1),
+    };
+    let (r, got) = match client::call_fds(&Request::ShmFd {
+        shmid: id,
+        write: acc == libc::O_RDWR,
+    }) {
+        Ok(x) => x,
+        Err(e) => return call_err(&format!("shm_open {obj}"), e, -1),
+    };
+    if !matches!(r, Response::ShmAttached { .. }) {
+        return fail(libc::EIO, unexpected("shm_open", &r));
+    }
+    let Some(fd) = got.into_iter().next() else {
+        return fail(libc::EIO, -1);
+    };
+    let raw = fd.into_raw_fd();
+    let mut t = fds();
+    t.retain(|f| f.0 != raw);
+    t.push((raw, id, acc == libc::O_RDWR));
+    ANY_FD.store(true, Ordering::Release);
+    raw
+}
+
+/// `shm_unlink(name)`.
+pub fn shm_unlink(name: &CStr) -> c_int {
+    let obj = match shm_name(name) {
+        Ok(n) => n,
+        Err(e) => return fail(e, -1),
+    };
+    match call(&Request::ShmUnlink { name: obj.clone() }) {
+        Ok(_) => 0,
+        Err(e) => call_err(&format!("shm_unlink {obj}"), e, -1),
+    }
+}
+
+/// `ftruncate(fd, len)` on a descriptor from `shm_open`: the object's
+/// size, cluster-wide (it may grow, not shrink). `None`: not such a
+/// descriptor.
+pub fn ftruncate(fd: c_int, len: libc::off_t) -> Option<c_int> {
+    let (id, writable) = object_of(fd)?;
+    if !writable {
+        return Some(fail(libc::EINVAL, -1));
+    }
+    if len < 0 {
+        return Some(fail(libc::EINVAL, -1));
+    }
+    Some(inside(|| {
+        match call(&Request::ShmResize {
+            shmid: id,
+            size: len as u64,
+        }) {
+            Ok(_) => 0,
+            Err(e) => call_err(&format!("ftruncate of object {id}"), e, -1),
+        }
+    }))
+}
+
+/// `mmap(addr, len, prot, flags, fd, off)` of a descriptor from
+/// `shm_open` with `MAP_SHARED`: mapped and registered with the agent.
+/// `None`: not such a mapping (the real mmap does it).
+pub fn mmap(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> Option<*mut c_void> {
+    let (id, writable) = object_of(fd)?;
+    if flags & libc::MAP_SHARED == 0 || len == 0 {
+        return None;
+    }
+    Some(inside(|| {
+        map_object(id, writable, addr, len, prot, flags, fd, off)
+    }))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn map_object(
+    id: i32,
+    writable: bool,
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> *mut c_void {
+    let bad = libc::MAP_FAILED;
+    if prot & libc::PROT_WRITE != 0 && !writable {
+        return fail(libc::EACCES, bad);
+    }
+    if off < 0 || !(off as u64).is_multiple_of(uffd::PAGE) {
+        return fail(libc::EINVAL, bad);
+    }
+    let rdonly = prot & libc::PROT_WRITE == 0;
+    let mut held = atts();
+    let dev = match attach_req(id, rdonly, true) {
+        Ok((_, _, dev)) => dev,
+        Err((errno, msg)) => {
+            krg_log!(Level::Debug, "mmap of object {id}: {msg}");
+            return fail(errno, bad);
+        }
+    };
+    // SAFETY: the caller's mmap, with its own arguments, on the object's
+    // descriptor it gave us.
+    let p = unsafe { libc::mmap(addr, len, prot, flags, fd, off) };
+    if p == libc::MAP_FAILED {
+        let errno = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EINVAL);
+        let _ = call(&Request::ShmDetach { shmid: id, addr: 0 });
+        return fail(errno, bad);
+    }
+    let plen = page_up(len as u64);
+    if let Err((errno, msg)) = mapped(id, p as u64, plen, off as u64, rdonly, dev) {
+        krg_log!(Level::Warn, "mmap of object {id}: {msg}");
+        // SAFETY: the mapping just made, not yet handed to the caller.
+        unsafe { libc::munmap(p, len) };
+        let _ = call(&Request::ShmDetach { shmid: id, addr: 0 });
+        return fail(errno, bad);
+    }
+    held.push(Att {
+        shmid: id,
+        addr: p as u64,
+        len: plen,
+        off: off as u64,
+        rdonly,
+    });
+    ANY.store(true, Ordering::Release);
+    p
+}
+
+/// `munmap(addr, len)` of a whole mapping made by [`mmap`] (or an
+/// attachment): detached from the agent. `None`: not one (the real munmap
+/// does it; unmapping part of an object's mapping leaves it attached).
+///
+/// # Safety
+/// As munmap(2): the caller gives up `[addr, addr+len)`.
+pub unsafe fn munmap(addr: *mut c_void, len: size_t) -> Option<c_int> {
+    if !ANY.load(Ordering::Acquire) {
+        return None;
+    }
+    let a = {
+        let mut held = atts();
+        let i = held
+            .iter()
+            .position(|a| a.addr == addr as u64 && page_up(len as u64) >= a.len)?;
+        let a = held.remove(i);
+        ANY.store(!held.is_empty(), Ordering::Release);
+        a
+    };
+    Some(inside(|| {
+        // SAFETY: the caller's munmap of its own mapping.
+        let r = unsafe { libc::munmap(addr, len) };
+        let e = std::io::Error::last_os_error();
+        let _ = call(&Request::ShmDetach {
+            shmid: a.shmid,
+            addr: a.addr,
+        });
+        if r < 0 {
+            crate::rt::set_errno(e.raw_os_error().unwrap_or(libc::EINVAL));
+        }
+        r
+    }))
+}
+
+/// `close(fd)`: forget a descriptor from `shm_open` (mappings stay).
+pub fn closed(fd: c_int) {
+    if !ANY_FD.load(Ordering::Acquire) {
+        return;
+    }
+    let mut t = fds();
+    t.retain(|f| f.0 != fd);
+    ANY_FD.store(!t.is_empty(), Ordering::Release);
 }
 
 /// The object name of a POSIX semaphore name (`/NAME` or `NAME`).
@@ -335,7 +593,7 @@ pub fn sem_open(
         Ok(other) => return fail(libc::EIO, unexpected_ptr("sem_open", &other)),
         Err(e) => return call_err(&format!("sem_open {obj}"), e, failed),
     };
-    match attach_at(id, 0, 0) {
+    match inside(|| attach_at(id, 0, 0)) {
         Ok(p) => p.cast(),
         Err(errno) => fail(errno, failed),
     }
@@ -388,10 +646,12 @@ pub fn sync_object(addr: usize, len: usize) {
         }
         n.push((shmid, offset));
     }
-    if let Err(e) = call(&Request::ShmFutex {
-        shmid,
-        offset,
-        len: len as u32,
+    if let Err(e) = inside(|| {
+        call(&Request::ShmFutex {
+            shmid,
+            offset,
+            len: len as u32,
+        })
     }) {
         krg_log!(
             Level::Warn,
@@ -402,6 +662,10 @@ pub fn sync_object(addr: usize, len: usize) {
 
 /// `shmdt(addr)`.
 pub fn shmdt(addr: *const c_void) -> c_int {
+    inside(|| shmdt_inner(addr))
+}
+
+fn shmdt_inner(addr: *const c_void) -> c_int {
     let mut held = atts();
     let Some(i) = held.iter().position(|a| a.addr == addr as u64) else {
         return fail(libc::EINVAL, -1);
@@ -509,7 +773,7 @@ pub fn register_atfork() {
         let g = HELD.with(|h| h.borrow_mut().take());
         HAS_UFFD.store(false, Ordering::Release);
         if let Some(g) = g {
-            after_fork_child(g);
+            inside(|| after_fork_child(g));
         }
     }
     // SAFETY: registering handlers with no preconditions.
@@ -525,7 +789,7 @@ fn after_fork_child(mut held: MutexGuard<'static, Vec<Att>>) {
     let old = std::mem::take(&mut *held);
     for a in old {
         let r = attach_req(a.shmid, a.rdonly, true)
-            .and_then(|(_, _, dev)| mapped(a.shmid, a.addr, a.len, a.rdonly, dev));
+            .and_then(|(_, _, dev)| mapped(a.shmid, a.addr, a.len, a.off, a.rdonly, dev));
         match r {
             Ok(()) => held.push(a),
             Err((_, msg)) => {
