@@ -547,33 +547,105 @@ impl LocalSeg {
         base: u64,
         skip: Option<u32>,
     ) {
+        // Lock every page first (ascending, as the home sent them), then
+        // one pwritev per run of consecutive pages and one UFFDIO_CONTINUE
+        // per run to map: a window costs a few system calls, not three per
+        // page.
+        let mut locked = Vec::with_capacity(gs.len());
         for (page, g) in gs {
-            let Ok(m) = self.page(page) else {
-                continue;
-            };
-            let mut p = m.lock_owned().await;
-            if g.ver > p.ver {
-                let w = match &g.data {
-                    Some(d) => self.write_page(page, d),
-                    None if p.st == PState::Invalid => self.write_page(page, &[0u8; PAGE as usize]),
-                    None => Ok(()),
-                };
-                if w.is_err() {
-                    continue;
-                }
+            if let Ok(m) = self.page(page) {
+                locked.push((page, g, m.lock_owned().await));
+            }
+        }
+        let zero = [0u8; PAGE as usize];
+        let fresh: Vec<(u32, &[u8])> = locked
+            .iter()
+            .filter(|(_, g, p)| g.ver > p.ver)
+            .map(|(page, g, p)| match &g.data {
+                Some(d) => (*page, &d[..]),
+                None if p.st == PState::Invalid => (*page, &zero[..]),
+                None => (*page, &zero[..0]),
+            })
+            .collect();
+        let failed = self.write_runs(&fresh);
+        for (page, g, p) in locked.iter_mut() {
+            if g.ver > p.ver && !failed.contains(page) {
                 p.st = if g.write { PState::Write } else { PState::Read };
                 p.ver = g.ver;
             }
-            if p.st != PState::Invalid && Some(page) != skip {
-                let _ = uffd::cont(
-                    mem.uffd.as_fd(),
-                    base + page as u64 * PAGE,
-                    PAGE,
-                    p.st == PState::Read,
-                );
-            }
         }
+        // Map runs of pages in the same state.
+        let mut run: Option<(u32, u32, PState)> = None;
+        let fd = mem.uffd.as_fd();
+        let flush = |r: Option<(u32, u32, PState)>| {
+            if let Some((first, n, st)) = r {
+                cont_range(fd, base + first as u64 * PAGE, n, st == PState::Read);
+            }
+        };
+        for (page, _, p) in locked.iter() {
+            let mappable = p.st != PState::Invalid && Some(*page) != skip;
+            run = match run {
+                Some((first, n, st)) if mappable && st == p.st && first + n == *page => {
+                    Some((first, n + 1, st))
+                }
+                r => {
+                    flush(r);
+                    mappable.then_some((*page, 1, p.st))
+                }
+            };
+        }
+        flush(run);
+        drop(locked);
         self.applied.notify_waiters();
+    }
+
+    /// Write pages (`(page, bytes)`, an empty slice for "keep") with one
+    /// pwritev per run of consecutive pages. Returns the pages that failed.
+    fn write_runs(&self, pages: &[(u32, &[u8])]) -> Vec<u32> {
+        let mut failed = Vec::new();
+        let mut i = 0;
+        while i < pages.len() {
+            if pages[i].1.is_empty() {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < pages.len()
+                && j - i < 512
+                && !pages[j].1.is_empty()
+                && pages[j].0 == pages[j - 1].0 + 1
+            {
+                j += 1;
+            }
+            let iov: Vec<libc::iovec> = pages[i..j]
+                .iter()
+                .map(|(page, d)| libc::iovec {
+                    iov_base: d.as_ptr() as *mut libc::c_void,
+                    iov_len: self.in_page(*page).min(d.len()),
+                })
+                .collect();
+            let want: usize = iov.iter().map(|v| v.iov_len).sum();
+            // SAFETY: the iovecs point into slices that outlive the call;
+            // pwritev only reads them.
+            let r = unsafe {
+                libc::pwritev(
+                    self.mem.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len() as i32,
+                    (pages[i].0 as u64 * PAGE) as libc::off_t,
+                )
+            };
+            if r < 0 || r as usize != want {
+                // Short or failed: fall back to one page at a time.
+                for (page, d) in &pages[i..j] {
+                    if self.write_page(*page, d).is_err() {
+                        failed.push(*page);
+                    }
+                }
+            }
+            i = j;
+        }
+        failed
     }
 
     /// Remember futex words (`len` bytes at `offset`) to wake on
@@ -704,6 +776,34 @@ impl LocalSeg {
         Ok(())
     }
 
+    /// Write-protect pages (ascending) in every local mapping, one ioctl
+    /// per run of consecutive pages.
+    fn protect_runs(&self, pages: &[u32]) {
+        if pages.is_empty() {
+            return;
+        }
+        for a in lock(&self.atts).iter() {
+            let mut i = 0;
+            while i < pages.len() {
+                let mut j = i + 1;
+                while j < pages.len() && pages[j] == pages[j - 1] + 1 {
+                    j += 1;
+                }
+                let start = pages[i] as u64 * PAGE;
+                let end = pages[j - 1] as u64 * PAGE + PAGE;
+                let lo = start.max(a.off);
+                let hi = end.min(a.off + a.len);
+                if lo < hi {
+                    let at = a.addr + (lo - a.off);
+                    if let Err(e) = uffd::write_protect(a.mem.uffd.as_fd(), at, hi - lo, true) {
+                        debug!("pid {}: write-protect {at:#x}: {e}", a.kpid);
+                    }
+                }
+                i = j;
+            }
+        }
+    }
+
     /// Write-protect the page in every local mapping, so that its contents
     /// stay still while they are read for another node.
     fn protect_all(&self, page: u32) {
@@ -716,6 +816,17 @@ impl LocalSeg {
                 debug!("pid {}: write-protect {:#x}: {e}", a.kpid, a.addr + rel);
             }
         }
+    }
+}
+
+/// Map `n` pages from `start` into a process (after read ahead); pages
+/// already mapped are skipped.
+fn cont_range(fd: std::os::fd::BorrowedFd<'_>, start: u64, n: u32, wp: bool) {
+    if uffd::cont(fd, start, n as u64 * PAGE, wp).is_ok() {
+        return;
+    }
+    for k in 0..n as u64 {
+        let _ = uffd::cont(fd, start + k * PAGE, PAGE, wp);
     }
 }
 
@@ -2032,18 +2143,47 @@ impl Agent {
         items: Vec<(u32, u64, bool)>,
     ) -> Result<Vec<Option<ByteBuf>>, ErrorReply> {
         let seg = self.dsm.local(shmid)?;
-        let mut out = Vec::with_capacity(items.len());
-        for (page, ver, downgrade) in items {
-            let mut p = seg.page_at(page, ver).await?;
-            if downgrade && p.st == PState::Write {
-                seg.protect_all(page);
+        let mut locked = Vec::with_capacity(items.len());
+        for &(page, ver, downgrade) in &items {
+            locked.push((page, downgrade, seg.page_at(page, ver).await?));
+        }
+        let down: Vec<u32> = locked
+            .iter()
+            .filter(|(_, d, p)| *d && p.st == PState::Write)
+            .map(|x| x.0)
+            .collect();
+        seg.protect_runs(&down);
+        for (_, d, p) in locked.iter_mut() {
+            if *d && p.st == PState::Write {
                 p.st = PState::Read;
             }
-            out.push(if p.st == PState::Invalid {
-                None
-            } else {
-                Some(seg.read_page(page)?)
-            });
+        }
+        // One pread per run of consecutive valid pages.
+        let mut out: Vec<Option<ByteBuf>> = vec![None; locked.len()];
+        let mut i = 0;
+        while i < locked.len() {
+            if locked[i].2.st == PState::Invalid {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < locked.len()
+                && locked[j].2.st != PState::Invalid
+                && locked[j].0 == locked[j - 1].0 + 1
+            {
+                j += 1;
+            }
+            let first = locked[i].0;
+            let n = j - i;
+            let mut buf = vec![0u8; n * PAGE as usize];
+            let bytes = (0..n).map(|k| seg.in_page(first + k as u32)).sum::<usize>();
+            seg.mem
+                .read_exact_at(&mut buf[..bytes], first as u64 * PAGE)
+                .map_err(|e| io_err(format!("pages {first}+{n}: read"), e))?;
+            for (k, chunk) in buf.chunks(PAGE as usize).enumerate() {
+                out[i + k] = Some(ByteBuf::from(chunk.to_vec()));
+            }
+            i = j;
         }
         Ok(out)
     }
