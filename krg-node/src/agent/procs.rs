@@ -599,6 +599,7 @@ impl ProcTable {
     /// a kernel pgid). Returns (members found, members signalled, last error).
     pub fn kill_group(&self, pgid: i32, sig: i32, caller: u32) -> (u32, u32, Option<ErrorReply>) {
         let (mut found, mut sent, mut last) = (0, 0, None);
+        let mut members = Vec::new();
         for p in self.by_gpid.values() {
             let Some(st) = read_stat(p.kpid) else {
                 continue;
@@ -611,6 +612,13 @@ impl ProcTable {
             if self.group_gpid(st.pgrp) != pgid {
                 continue;
             }
+            members.push((p.start_ticks, p));
+        }
+        // Oldest first: parents before their children. The kernel signals
+        // a group at once; one by one, a shell signalled after its children
+        // could see them die and exit 0 before its own signal arrives.
+        members.sort_by_key(|m| m.0);
+        for (_, p) in members {
             found += 1;
             match Self::permitted(p, caller).and_then(|_| {
                 send_signal(p, sig).map_err(|e| err(e, format!("pid {}: {}", p.gpid, errno_str(e))))
