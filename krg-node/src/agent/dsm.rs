@@ -18,7 +18,8 @@
 //! faults take ownership. Invalidation punches the page out of the memfd,
 //! which unmaps it from every local process at once.
 
-use super::{ctx, err, Agent, Caller};
+use super::dsm_link::{Req, Resp};
+use super::{err, Agent, Caller};
 use libkrg::dsm::uffd;
 use libkrg::proto::{ErrorReply, Response, ShmInfo};
 use serde::{Deserialize, Serialize};
@@ -932,11 +933,18 @@ impl Agent {
                 format!("the home node {home} of the segment is down"),
             ));
         }
-        let c = self.client(home).await?;
-        c.dsm_home(ctx(), op).await.map_err(|e| {
-            self.drop_client(home);
-            err(libc::EIO, format!("segment home node {home}: {e}"))
-        })?
+        if matches!(op, HomeOp::AcquireRead { .. }) {
+            let c = self.client(home).await?;
+            return c.dsm_home(super::ctx(), op).await.map_err(|e| {
+                self.drop_client(home);
+                err(libc::EIO, format!("segment home node {home}: {e}"))
+            })?;
+        }
+        let link = self.dsm_link(home).await?;
+        match link.call(home, Req::Home(op)).await? {
+            Resp::Home(r) => r,
+            other => Err(err(libc::EIO, format!("node {home}: unexpected {other:?}"))),
+        }
     }
 
     async fn dsm_node(
@@ -947,11 +955,11 @@ impl Agent {
         if node == self.node_id() {
             return self.node_op(op).await;
         }
-        let c = self.client(node).await?;
-        c.dsm_node(ctx(), op).await.map_err(|e| {
-            self.drop_client(node);
-            err(libc::EIO, format!("node {node}: {e}"))
-        })?
+        let link = self.dsm_link(node).await?;
+        match link.call(node, Req::Node(op)).await? {
+            Resp::Node(r) => r,
+            other => Err(err(libc::EIO, format!("node {node}: unexpected {other:?}"))),
+        }
     }
 
     // -- the application's requests (local socket) --------------------------
@@ -2129,11 +2137,11 @@ impl Agent {
         if node == self.node_id() {
             return self.read_many(shmid, items).await;
         }
-        let c = self.client(node).await?;
-        c.dsm_read_many(ctx(), shmid, items).await.map_err(|e| {
-            self.drop_client(node);
-            err(libc::EIO, format!("node {node}: {e}"))
-        })?
+        let link = self.dsm_link(node).await?;
+        match link.call(node, Req::ReadMany(shmid, items)).await? {
+            Resp::Many(r) => r,
+            other => Err(err(libc::EIO, format!("node {node}: unexpected {other:?}"))),
+        }
     }
 
     /// `ReadMany` here: read copies of pages for another node.

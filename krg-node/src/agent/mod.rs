@@ -8,6 +8,7 @@ pub mod balance;
 pub mod checkpoint;
 pub mod config;
 pub mod dsm;
+pub mod dsm_link;
 pub mod local;
 pub mod peer;
 pub mod probe;
@@ -95,6 +96,8 @@ pub struct Agent {
     dsm: dsm::Dsm,
     /// System V semaphore sets homed here.
     sems: sync::Sems,
+    /// Shared-memory links to other agents (see `dsm_link`).
+    links: Mutex<HashMap<u32, Arc<dsm_link::Link>>>,
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -125,6 +128,7 @@ impl Agent {
             balancer: Mutex::new(balance::State::default()),
             dsm: dsm::Dsm::default(),
             sems: sync::Sems::default(),
+            links: Mutex::new(HashMap::new()),
             cpus,
             cfg,
         })
@@ -232,6 +236,31 @@ impl Agent {
             mem.client = Some(c.clone());
         }
         Ok(c)
+    }
+
+    /// The shared-memory link to node `id`, connecting if needed.
+    async fn dsm_link(&self, id: u32) -> Result<Arc<dsm_link::Link>, ErrorReply> {
+        let addr = {
+            let l = self.links.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(k) = l.get(&id).filter(|k| !k.is_dead()) {
+                return Ok(k.clone());
+            }
+            drop(l);
+            self.members().get(&id).map(|m| m.addr).ok_or_else(|| {
+                err(
+                    libc::ESRCH,
+                    format!("node {id} is not a member of the cluster"),
+                )
+            })?
+        };
+        let k = dsm_link::Link::connect(addr, &self.cfg.key, self.cfg.node_id, id)
+            .await
+            .map_err(|e| err(libc::EHOSTUNREACH, format!("node {id} at {addr}: {e}")))?;
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, k.clone());
+        Ok(k)
     }
 
     fn drop_client(&self, id: u32) {
@@ -963,23 +992,6 @@ impl Peer for PeerServer {
         self.0.sem_home_op(op).await
     }
 
-    async fn dsm_read_many(
-        self,
-        _: context::Context,
-        shmid: i32,
-        items: Vec<(u32, u64, bool)>,
-    ) -> Result<Vec<Option<serde_bytes::ByteBuf>>, ErrorReply> {
-        self.0.read_many(shmid, items).await
-    }
-
-    async fn dsm_node(
-        self,
-        _: context::Context,
-        op: dsm::NodeOp,
-    ) -> Result<Option<serde_bytes::ByteBuf>, ErrorReply> {
-        self.0.node_op(op).await
-    }
-
     async fn sched_push(
         self,
         _: context::Context,
@@ -1031,8 +1043,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 let _ = s.set_nodelay(true);
                 match auth::server(&mut s, &a.cfg.key, a.cfg.node_id).await {
                     Ok(id) => {
-                        debug!("node {id} connected from {addr}");
-                        peer::serve(s, PeerServer(a)).await;
+                        use tokio::io::AsyncReadExt;
+                        let mut ch = [0u8; 1];
+                        let got =
+                            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ch))
+                                .await;
+                        match (got, ch[0]) {
+                            (Ok(Ok(_)), dsm_link::CHANNEL_TARPC) => {
+                                debug!("node {id} connected from {addr}");
+                                peer::serve(s, PeerServer(a)).await;
+                            }
+                            (Ok(Ok(_)), dsm_link::CHANNEL_DSM) => {
+                                debug!("node {id}: shared memory link from {addr}");
+                                dsm_link::serve(s, a, id).await;
+                            }
+                            (Ok(Ok(_)), c) => warn!("node {id} at {addr}: unknown channel {c}"),
+                            _ => warn!("node {id} at {addr}: no channel chosen"),
+                        }
                     }
                     Err(e) => warn!("refused connection from {addr}: {e}"),
                 }

@@ -77,17 +77,8 @@ pub trait Peer {
     // --- System V semaphores ---
     /// A request to the home of a semaphore set.
     async fn sem_home(op: super::sync::SemHomeOp) -> Result<super::sync::SemReply, ErrorReply>;
-    // --- distributed shared memory ---
-    /// A request to the home of a segment (metadata, page directory).
+    /// Read ahead: a request to a segment's home whose answer is large.
     async fn dsm_home(op: super::dsm::HomeOp) -> Result<super::dsm::HomeReply, ErrorReply>;
-    /// What a segment's home asks of a node holding its pages.
-    async fn dsm_node(op: super::dsm::NodeOp) -> Result<Option<serde_bytes::ByteBuf>, ErrorReply>;
-    /// Read copies of several pages, `(page, grant version, downgrade)`,
-    /// for another node (read ahead).
-    async fn dsm_read_many(
-        shmid: i32,
-        items: Vec<(u32, u64, bool)>,
-    ) -> Result<Vec<Option<serde_bytes::ByteBuf>>, ErrorReply>;
 }
 
 fn codec() -> LengthDelimitedCodec {
@@ -107,6 +98,10 @@ pub async fn connect(
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     s.set_nodelay(true)?;
     let id = auth::client(&mut s, key, my_id).await?;
+    {
+        use tokio::io::AsyncWriteExt;
+        s.write_all(&[super::dsm_link::CHANNEL_TARPC]).await?;
+    }
     let transport = serde_transport::new(
         tarpc::tokio_util::codec::Framed::new(s, codec()),
         Bincode::default(),
