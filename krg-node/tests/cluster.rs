@@ -587,7 +587,19 @@ fn exec_passes_stdio_status_and_signals() {
     assert_eq!(o.status.code(), Some(7));
     assert_eq!(text(&o.stderr).trim(), "to-stderr");
     // Ctrl-C (SIGINT to krg) reaches the program.
-    let mut sl = c.cmd(2, &["sleep", "30"]).spawn().unwrap();
+    let mut sl = c.cmd(2, &["sleep", "30"]);
+    // A harness started in the background by a non-interactive shell
+    // inherits SIGINT ignored (POSIX), and so would krg: Ctrl-C's default
+    // action is what this checks.
+    use std::os::unix::process::CommandExt;
+    // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+    unsafe {
+        sl.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut sl = sl.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(700));
     let t = Instant::now();
     signal(sl.id() as i32, nix::sys::signal::Signal::SIGINT);
