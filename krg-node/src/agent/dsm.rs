@@ -66,21 +66,61 @@ impl Cred {
     }
 
     /// Linux's ipcperms: `want` is rwx in the low three bits.
-    fn allowed(&self, i: &ShmInfo, want: u32) -> bool {
+    pub(crate) fn allowed(&self, i: &impl IpcPerm, want: u32) -> bool {
         if self.uid == 0 {
             return true;
         }
-        let mut granted = i.mode;
-        if self.uid == i.cuid || self.uid == i.uid {
+        let p = i.perm();
+        let mut granted = p.mode;
+        if self.uid == p.cuid || self.uid == p.uid {
             granted >>= 6;
-        } else if self.in_group(i.cgid) || self.in_group(i.gid) {
+        } else if self.in_group(p.cgid) || self.in_group(p.gid) {
             granted >>= 3;
         }
         want & !granted & 0o7 == 0
     }
 
-    fn owns(&self, i: &ShmInfo) -> bool {
-        self.uid == 0 || self.uid == i.uid || self.uid == i.cuid
+    /// Owner, creator or root: may IPC_SET and IPC_RMID.
+    pub(crate) fn owns(&self, i: &impl IpcPerm) -> bool {
+        let p = i.perm();
+        self.uid == 0 || self.uid == p.uid || self.uid == p.cuid
+    }
+}
+
+/// The permission fields of a System V object (`struct ipc_perm`).
+pub(crate) struct Perm {
+    uid: u32,
+    gid: u32,
+    cuid: u32,
+    cgid: u32,
+    mode: u32,
+}
+
+pub(crate) trait IpcPerm {
+    fn perm(&self) -> Perm;
+}
+
+impl IpcPerm for ShmInfo {
+    fn perm(&self) -> Perm {
+        Perm {
+            uid: self.uid,
+            gid: self.gid,
+            cuid: self.cuid,
+            cgid: self.cgid,
+            mode: self.mode,
+        }
+    }
+}
+
+impl IpcPerm for libkrg::proto::SemInfo {
+    fn perm(&self) -> Perm {
+        Perm {
+            uid: self.uid,
+            gid: self.gid,
+            cuid: self.cuid,
+            cgid: self.cgid,
+            mode: self.mode,
+        }
     }
 }
 
@@ -342,11 +382,11 @@ pub struct Dsm {
     watched: Mutex<HashSet<i32>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
@@ -906,12 +946,21 @@ impl Agent {
         }
     }
 
-    fn caller_gpid(&self, who: Caller) -> i32 {
+    pub(crate) fn caller_gpid(&self, who: Caller) -> i32 {
         self.procs().translate(who.pid).unwrap_or(who.pid)
     }
 
     /// Where the segment of a System V key lives: the lowest node id of
     /// the cluster, so that every node finds the same segment for a key.
+    /// The home of a new or keyed object: here for IPC_PRIVATE.
+    pub(crate) fn home_for_key(&self, key: i32) -> u32 {
+        if key == libc::IPC_PRIVATE {
+            self.node_id()
+        } else {
+            self.key_home()
+        }
+    }
+
     pub(crate) fn key_home(&self) -> u32 {
         let m = self.members();
         m.keys()
@@ -971,11 +1020,6 @@ impl Agent {
         size: u64,
         flags: i32,
     ) -> Result<Response, ErrorReply> {
-        let home = if key == libc::IPC_PRIVATE {
-            self.node_id()
-        } else {
-            self.key_home()
-        };
         let op = HomeOp::Get {
             key,
             size,
@@ -983,7 +1027,7 @@ impl Agent {
             cred: self.cred(who),
             pid: self.caller_gpid(who),
         };
-        match self.dsm_home(home, op).await? {
+        match self.dsm_home(self.home_for_key(key), op).await? {
             HomeReply::Id(id) => Ok(Response::Id(id)),
             r => Err(err(libc::EIO, format!("shmget: unexpected {r:?}"))),
         }

@@ -7,13 +7,13 @@
 //! asks again. So no call is ever longer than an agent's call deadline, and
 //! a caller that dies simply stops asking.
 
-use super::dsm::{home_of, Cred};
+use super::dsm::{home_of, lock, now, Cred};
 use super::{ctx, err, Agent, Caller};
 use libkrg::proto::{ErrorReply, Response, SemInfo};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
@@ -102,30 +102,6 @@ pub struct Sems {
     seq: AtomicU32,
     /// Local processes that used SEM_UNDO: kernel pid -> (gpid, sets).
     undoers: Mutex<HashMap<i32, (i32, Vec<i32>)>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
-/// Linux's ipcperms for a semaphore set.
-fn allowed(c: &Cred, i: &SemInfo, want: u32) -> bool {
-    if c.uid == 0 {
-        return true;
-    }
-    let mut granted = i.mode;
-    if c.uid == i.cuid || c.uid == i.uid {
-        granted >>= 6;
-    } else if c.gid == i.gid || c.gid == i.cgid || c.groups.contains(&i.gid) {
-        granted >>= 3;
-    }
-    want & !granted & 0o7 == 0
 }
 
 enum Try {
@@ -239,11 +215,7 @@ impl Agent {
         nsems: i32,
         flags: i32,
     ) -> Result<Response, ErrorReply> {
-        let home = if key == libc::IPC_PRIVATE {
-            self.node_id()
-        } else {
-            self.key_home()
-        };
+        let home = self.home_for_key(key);
         let op = SemHomeOp::Get {
             key,
             nsems,
@@ -263,7 +235,7 @@ impl Agent {
         ops: Vec<(u16, i16, i16)>,
         timeout_ns: Option<u64>,
     ) -> Result<Response, ErrorReply> {
-        let gpid = self.procs().translate(who.pid).unwrap_or(who.pid);
+        let gpid = self.caller_gpid(who);
         if ops.iter().any(|o| o.2 as i32 & libc::SEM_UNDO != 0) && who.pid > 0 {
             let mut u = lock(&self.sems.undoers);
             let first = !u.contains_key(&who.pid);
@@ -309,7 +281,7 @@ impl Agent {
             array,
             set,
             cred: self.cred(who),
-            pid: self.procs().translate(who.pid).unwrap_or(who.pid),
+            pid: self.caller_gpid(who),
         };
         Ok(match self.sem_home(home_of(semid), op).await? {
             SemReply::Id(v) => Response::Id(v),
@@ -408,7 +380,7 @@ impl Agent {
                     ));
                 }
                 let f = flags as u32;
-                if !allowed(cred, &s.info, ((f >> 6) | (f >> 3) | f) & 0o7) {
+                if !cred.allowed(&s.info, ((f >> 6) | (f >> 3) | f) & 0o7) {
                     return Err(err(
                         libc::EACCES,
                         format!("semaphore set {id}: permission denied"),
@@ -485,7 +457,7 @@ impl Agent {
                 ));
             }
             let alter = ops.iter().any(|o| o.1 != 0);
-            if !allowed(cred, &s.info, if alter { 0o2 } else { 0o4 }) {
+            if !cred.allowed(&s.info, if alter { 0o2 } else { 0o4 }) {
                 return Err(err(
                     libc::EACCES,
                     format!("semaphore set {semid}: permission denied"),
@@ -536,7 +508,7 @@ impl Agent {
     ) -> Result<SemReply, ErrorReply> {
         let arc = self.sem_set(semid)?;
         let mut s = lock(&arc);
-        let owner = cred.uid == 0 || cred.uid == s.info.uid || cred.uid == s.info.cuid;
+        let owner = cred.owns(&s.info);
         let denied = || {
             err(
                 libc::EACCES,
@@ -555,7 +527,7 @@ impl Agent {
         };
         match cmd {
             libc::IPC_STAT => {
-                if !allowed(cred, &s.info, 0o4) {
+                if !cred.allowed(&s.info, 0o4) {
                     return Err(denied());
                 }
                 Ok(SemReply::Info(s.info.clone()))
@@ -599,7 +571,7 @@ impl Agent {
                 Ok(SemReply::Done)
             }
             GETVAL | GETPID | GETNCNT | GETZCNT | GETALL => {
-                if !allowed(cred, &s.info, 0o4) {
+                if !cred.allowed(&s.info, 0o4) {
                     return Err(denied());
                 }
                 if cmd == GETALL {
@@ -614,7 +586,7 @@ impl Agent {
                 }))
             }
             SETVAL | SETALL => {
-                if !allowed(cred, &s.info, 0o2) {
+                if !cred.allowed(&s.info, 0o2) {
                     return Err(denied());
                 }
                 if cmd == SETVAL {

@@ -306,8 +306,9 @@ fn object_of(fd: c_int) -> Option<(i32, bool)> {
     fds().iter().find(|f| f.0 == fd).map(|f| (f.1, f.2))
 }
 
-/// The object name of a POSIX shared memory name.
-fn shm_name(name: &CStr) -> Result<String, i32> {
+/// The object name of a POSIX name (`/NAME` or `NAME`): `KIND.NAME`, one
+/// namespace per kind as in /dev/shm (`shm`, `sem`).
+fn object_name(kind: &str, name: &CStr) -> Result<String, i32> {
     let n = name
         .to_str()
         .map_err(|_| libc::EINVAL)?
@@ -315,7 +316,7 @@ fn shm_name(name: &CStr) -> Result<String, i32> {
     if n.is_empty() || n.contains('/') || n.len() > 250 {
         return Err(libc::EINVAL);
     }
-    Ok(format!("shm.{n}"))
+    Ok(format!("{kind}.{n}"))
 }
 
 /// `shm_open(name, oflag, mode)`: a descriptor of the cluster-wide object
@@ -327,7 +328,7 @@ pub fn shm_open(name: &CStr, oflag: c_int, mode: libc::mode_t) -> c_int {
 }
 
 fn shm_open_inner(name: &CStr, oflag: c_int, mode: libc::mode_t) -> c_int {
-    let obj = match shm_name(name) {
+    let obj = match object_name("shm", name) {
         Ok(n) => n,
         Err(e) => return fail(e, -1),
     };
@@ -370,7 +371,7 @@ fn shm_open_inner(name: &CStr, oflag: c_int, mode: libc::mode_t) -> c_int {
 
 /// `shm_unlink(name)`.
 pub fn shm_unlink(name: &CStr) -> c_int {
-    let obj = match shm_name(name) {
+    let obj = match object_name("shm", name) {
         Ok(n) => n,
         Err(e) => return fail(e, -1),
     };
@@ -522,18 +523,6 @@ pub fn closed(fd: c_int) {
     ANY_FD.store(!t.is_empty(), Ordering::Release);
 }
 
-/// The object name of a POSIX semaphore name (`/NAME` or `NAME`).
-fn sem_name(name: &CStr) -> Result<String, i32> {
-    let n = name
-        .to_str()
-        .map_err(|_| libc::EINVAL)?
-        .trim_start_matches('/');
-    if n.is_empty() || n.contains('/') || n.len() > 250 {
-        return Err(libc::EINVAL);
-    }
-    Ok(format!("sem.{n}"))
-}
-
 /// This process's umask (without changing it).
 fn current_umask() -> u32 {
     std::fs::read_to_string("/proc/self/status")
@@ -556,7 +545,7 @@ pub fn sem_open(
     value: libc::c_uint,
 ) -> *mut libc::sem_t {
     let failed = std::ptr::null_mut();
-    let obj = match sem_name(name) {
+    let obj = match object_name("sem", name) {
         Ok(n) => n,
         Err(e) => return fail(e, failed),
     };
@@ -611,7 +600,7 @@ pub fn is_attachment(addr: *const c_void) -> bool {
 
 /// `sem_unlink(name)`.
 pub fn sem_unlink(name: &CStr) -> c_int {
-    let obj = match sem_name(name) {
+    let obj = match object_name("sem", name) {
         Ok(n) => n,
         Err(e) => return fail(e, -1),
     };
