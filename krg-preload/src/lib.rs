@@ -14,10 +14,10 @@ use hook::{enosys, hooks};
 use libc::{
     c_char, c_int, c_uint, c_void, id_t, idtype_t, key_t, mode_t, off_t, pid_t,
     posix_spawn_file_actions_t, posix_spawnattr_t, pthread_barrier_t, pthread_cond_t,
-    pthread_mutex_t, rusage, sem_t, sembuf, shmid_ds, siginfo_t, sigval, size_t, ssize_t, termios,
-    timespec, winsize, DIR, FILE,
+    pthread_mutex_t, rusage, sem_t, sembuf, shmid_ds, siginfo_t, sigval, size_t, sockaddr,
+    socklen_t, ssize_t, termios, timespec, winsize, DIR, FILE,
 };
-use libkrg::{dsm, processes, procfs, sync};
+use libkrg::{dsm, processes, procfs, streams, sync};
 use std::ffi::CStr;
 use std::mem::size_of;
 
@@ -612,6 +612,43 @@ hooks! {
     fn close(fd: c_int) -> c_int {
         missing => enosys(),
         krg(real) => { dsm::closed(fd); real(fd) },
+    }
+
+    /// `bind`: a TCP port on the loopback or wildcard address is reserved
+    /// in the whole cluster (capability `streams`).
+    fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+        missing => enosys(),
+        krg(real) => streams::bind(fd, addr, len, real),
+    }
+
+    /// `listen`: an unbound TCP socket gets a port free in the cluster.
+    fn listen(fd: c_int, backlog: c_int) -> c_int {
+        missing => enosys(),
+        krg(real) => streams::listen(fd, backlog, real),
+    }
+
+    /// `connect`: the loopback reaches the node that holds the port.
+    fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+        missing => enosys(),
+        krg(real) => streams::connect(fd, addr, len, real),
+    }
+
+    /// `accept`: a loopback server accepts only cluster nodes.
+    fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+        missing => enosys(),
+        krg(real) => streams::accept(fd, addr, len, |a, l| real(fd, a, l)),
+    }
+
+    /// `accept4`: as accept.
+    fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+        missing => enosys(),
+        krg(real) => streams::accept(fd, addr, len, |a, l| real(fd, a, l, flags)),
+    }
+
+    /// `getsockname`: a loopback server shows the loopback address.
+    fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+        missing => enosys(),
+        krg(real) => streams::getsockname(fd, addr, len, real),
     }
 
     /// `semget`: a cluster-wide System V semaphore set (capability `dsm`).

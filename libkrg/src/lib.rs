@@ -20,4 +20,5 @@ pub mod processes;
 pub mod procfs;
 pub mod proto;
 pub mod rt;
+pub mod streams;
 pub mod sync;

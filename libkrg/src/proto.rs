@@ -186,6 +186,18 @@ pub enum Request {
         array: Vec<u16>,
         set: Option<(u32, u32, u32)>,
     },
+    // --- streams: the cluster-wide loopback (see docs/architecture/streams.md) ---
+    /// Reserve TCP port `port` for this node before a bind to a loopback or
+    /// wildcard address: `EADDRINUSE` if a process on another node holds it
+    /// (`reuse`: the socket has `SO_REUSEADDR`, so only a listener or a
+    /// bound socket without it conflicts, as on one machine). Answered with
+    /// `Ok`.
+    PortBind { port: u16, reuse: bool },
+    /// Where a connection to the loopback or wildcard address with TCP port
+    /// `port` must go. Answered with `PortOwner`.
+    PortOwner { port: u16 },
+    /// The IPv4 address of every node up. Answered with `NodeAddrs`.
+    NodeAddrs,
 }
 
 /// A System V semaphore set as `semctl(IPC_STAT)` shows it.
@@ -421,6 +433,12 @@ pub enum Response {
     SemVals(Vec<u16>),
     /// A blocking operation is still waiting: ask again.
     Pending,
+    /// Answer to `PortOwner`: the node whose SSI process holds the port and
+    /// that node's address, or `None` when it is this node or nobody (the
+    /// connection stays on this node).
+    PortOwner(Option<(u32, [u8; 4])>),
+    /// Answer to `NodeAddrs`: `(node, IPv4 address)` of every node up.
+    NodeAddrs(Vec<(u32, [u8; 4])>),
 }
 
 /// A failed request: the errno the application should see, and what failed.

@@ -15,6 +15,7 @@ pub mod probe;
 pub mod procs;
 pub mod remote;
 pub mod sched;
+pub mod streams;
 pub mod sync;
 
 use crate::agent::config::Config;
@@ -98,6 +99,8 @@ pub struct Agent {
     sems: sync::Sems,
     /// Shared-memory links to other agents (see `dsm_link`).
     links: Mutex<HashMap<u32, Arc<dsm_link::Link>>>,
+    /// The cluster-wide loopback's ports (see `streams`).
+    ports: streams::Ports,
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -129,6 +132,7 @@ impl Agent {
             dsm: dsm::Dsm::default(),
             sems: sync::Sems::default(),
             links: Mutex::new(HashMap::new()),
+            ports: streams::Ports::default(),
             cpus,
             cfg,
         })
@@ -726,6 +730,9 @@ impl Agent {
                 array,
                 set,
             } => self.sem_ctl(who, semid, num, cmd, val, array, set).await,
+            Request::PortBind { port, reuse } => self.port_bind(who, port, reuse).await,
+            Request::PortOwner { port } => self.port_owner(port).await,
+            Request::NodeAddrs => Ok(self.node_addrs()),
             Request::Ensure { kpid } => {
                 let me = need_pid()?;
                 if kpid != me {
@@ -990,6 +997,18 @@ impl Peer for PeerServer {
         op: sync::SemHomeOp,
     ) -> Result<sync::SemReply, ErrorReply> {
         self.0.sem_home_op(op).await
+    }
+
+    async fn port_home(
+        self,
+        _: context::Context,
+        op: streams::PortOp,
+    ) -> Result<Option<u32>, ErrorReply> {
+        self.0.port_home_op(op).await
+    }
+
+    async fn port_probe(self, _: context::Context, port: u16, reuse: bool) -> bool {
+        self.0.port_probe(port, reuse).await
     }
 
     async fn sched_push(

@@ -79,6 +79,11 @@ pub trait Peer {
     async fn sem_home(op: super::sync::SemHomeOp) -> Result<super::sync::SemReply, ErrorReply>;
     /// Read ahead: a request to a segment's home whose answer is large.
     async fn dsm_home(op: super::dsm::HomeOp) -> Result<super::dsm::HomeReply, ErrorReply>;
+    // --- streams ---
+    /// A request to the port home of the cluster-wide loopback.
+    async fn port_home(op: super::streams::PortOp) -> Result<Option<u32>, ErrorReply>;
+    /// Whether a TCP port is bound on the callee (it tries to bind it).
+    async fn port_probe(port: u16, reuse: bool) -> bool;
 }
 
 fn codec() -> LengthDelimitedCodec {

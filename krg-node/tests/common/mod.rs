@@ -44,20 +44,66 @@ pub struct Cluster {
     _lock: MutexGuard<'static, ()>,
     /// Held for the cluster's life: other test processes on this machine
     /// (another `cargo test`) wait instead of colliding.
-    _flock: nix::fcntl::Flock<std::fs::File>,
+    _flock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
-/// Take the machine-wide local-cluster test lock.
-pub fn machine_lock() -> nix::fcntl::Flock<std::fs::File> {
+const LOCK: &str = "/run/krg-cluster-tests.lock";
+
+/// Take the machine-wide local-cluster test lock; `None` when one of our
+/// ancestors holds it already (`flock LOCK cargo test`), which would
+/// otherwise wait for us forever.
+pub fn machine_lock() -> Option<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::MetadataExt;
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open("/run/krg-cluster-tests.lock")
-        .expect("open /run/krg-cluster-tests.lock");
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .expect("lock /run/krg-cluster-tests.lock")
+        .open(LOCK)
+        .expect("open the test lock");
+    let ino = f.metadata().expect("stat the test lock").ino();
+    let f = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => return Some(l),
+        Err((f, _)) => f,
+    };
+    if held_by_ancestor(ino) {
+        return None;
+    }
+    Some(
+        Flock::lock(f, FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .expect("lock the test lock"),
+    )
+}
+
+/// Whether a process among our ancestors holds a flock on inode `ino`
+/// (from /proc/locks: `1: FLOCK ADVISORY WRITE PID MAJ:MIN:INO 0 EOF`).
+fn held_by_ancestor(ino: u64) -> bool {
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    let holders: Vec<i32> = locks
+        .lines()
+        .filter(|l| !l.contains("->"))
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let (pid, dev) = (w.get(4)?, w.get(5)?);
+            (w.get(1) == Some(&"FLOCK") && dev.rsplit(':').next()?.parse::<u64>().ok()? == ino)
+                .then(|| pid.parse().ok())
+                .flatten()
+        })
+        .collect();
+    let mut pid = std::process::id() as i32;
+    while pid > 1 {
+        if holders.contains(&pid) {
+            return true;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The parent pid follows the command's closing parenthesis.
+        pid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0);
+    }
+    false
 }
 
 impl Cluster {

@@ -1,0 +1,152 @@
+//! Streams (issue 5): the cluster-wide loopback. Every node of a local
+//! cluster has its own network namespace, so its 127.0.0.1 is its own: a
+//! connection from one node's loopback to another node's server exists
+//! only through krg, and a port held on one node is free on the others as
+//! far as their kernels know.
+
+mod common;
+
+use common::*;
+use std::process::{Child, Output, Stdio};
+
+fn tcpecho() -> String {
+    cc(&repo_root().join("examples/streams/tcpecho.c"), "tcpecho")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(out.status.success(), "{what}: {}", show(out));
+    text(&out.stdout)
+}
+
+/// Start `tcpecho serve ADDR 0 CONNS` on `node`; its port.
+fn serve(c: &Cluster, t: &str, node: u32, addr: &str, conns: u32) -> (Child, u16) {
+    let mut ch = c
+        .cmd(node, &[t, "serve", addr, "0", &conns.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = read_line(&mut ch);
+    let port = line
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("server on node {node}: {line:?}"));
+    (ch, port)
+}
+
+fn client(c: &Cluster, t: &str, node: u32, addr: &str, port: u16, msgs: u32) -> Output {
+    c.cmd(
+        node,
+        &[t, "client", addr, &port.to_string(), &msgs.to_string()],
+    )
+    .output()
+    .unwrap()
+}
+
+fn bind_on(c: &Cluster, t: &str, node: u32, addr: &str, port: u16) -> String {
+    let out = c
+        .cmd(node, &[t, "bind", addr, &port.to_string()])
+        .output()
+        .unwrap();
+    text(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_loopback_server_on_one_node_answers_127_0_0_1_on_every_node() {
+    let c = Cluster::up(3, 1.0);
+    let t = tcpecho();
+    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 3);
+    // Without krg the other nodes' loopback has nothing on that port: the
+    // only way there is krg's.
+    let plain = c
+        .plain(2, &[&t, "client", "127.0.0.1", &port.to_string(), "1"])
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success(),
+        "a plain process reached it: {}",
+        show(&plain)
+    );
+    for node in [2, 3, 1] {
+        let out = client(&c, &t, node, "127.0.0.1", port, 2000);
+        assert_eq!(
+            ok(&out, &format!("client on node {node}")).trim(),
+            "ok 2000"
+        );
+    }
+    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    assert!(
+        s.contains(&format!(
+            "served 3 connections, 6000 lines, bound to 127.0.0.1 port {port}"
+        )),
+        "the server sees the address it asked for: {s}"
+    );
+}
+
+#[test]
+fn a_port_held_on_one_node_is_in_use_on_every_node_until_it_is_closed() {
+    let c = Cluster::up(3, 1.0);
+    let t = tcpecho();
+    let (srv, port) = serve(&c, &t, 2, "0.0.0.0", 1);
+    for (node, addr) in [(3, "127.0.0.1"), (1, "::1"), (3, "0.0.0.0"), (1, "::")] {
+        assert_eq!(
+            bind_on(&c, &t, node, addr, port),
+            "Address already in use",
+            "bind {addr} port {port} on node {node} while node 2 holds it"
+        );
+    }
+    // A process without the streams capability has node-local ports.
+    let local = c
+        .cmd(3, &[&t, "bind", "127.0.0.1", &port.to_string()])
+        .env("KRG_CAPS", "-streams")
+        .output()
+        .unwrap();
+    assert_eq!(text(&local.stdout).trim(), "bound", "{}", show(&local));
+    // The wildcard server is reached through 127.0.0.1 from node 1.
+    let out = client(&c, &t, 1, "127.0.0.1", port, 100);
+    assert_eq!(ok(&out, "client on node 1").trim(), "ok 100");
+    ok(&srv.wait_with_output().unwrap(), "server");
+    // Closed (the server exited): free everywhere again.
+    assert_eq!(bind_on(&c, &t, 3, "127.0.0.1", port), "bound");
+}
+
+#[test]
+fn an_ipv6_loopback_server_is_reached_at_ipv6_loopback_from_another_node() {
+    let c = Cluster::up(3, 1.0);
+    let t = tcpecho();
+    let (srv, port) = serve(&c, &t, 3, "::1", 2);
+    for node in [1, 2] {
+        let out = client(&c, &t, node, "::1", port, 500);
+        assert_eq!(ok(&out, &format!("client on node {node}")).trim(), "ok 500");
+    }
+    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    assert!(s.contains(&format!("bound to ::1 port {port}")), "{s}");
+}
+
+#[test]
+fn a_server_that_listens_without_bind_gets_a_port_reachable_from_every_node() {
+    let c = Cluster::up(3, 1.0);
+    let t = tcpecho();
+    let (srv, port) = serve(&c, &t, 2, "-", 2);
+    assert_eq!(
+        bind_on(&c, &t, 1, "0.0.0.0", port),
+        "Address already in use"
+    );
+    for node in [1, 3] {
+        let out = client(&c, &t, node, "127.0.0.1", port, 100);
+        assert_eq!(ok(&out, &format!("client on node {node}")).trim(), "ok 100");
+    }
+    ok(&srv.wait_with_output().unwrap(), "server");
+}

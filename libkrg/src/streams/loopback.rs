@@ -1,0 +1,601 @@
+//! The cluster-wide loopback: `127.0.0.1:P` means the same server on every
+//! node.
+//!
+//! - `bind` of a TCP socket to a loopback or wildcard address first reserves
+//!   the port with the agent (the port home says `EADDRINUSE` when a process
+//!   on another node holds it). A socket bound to the loopback is bound to
+//!   the wildcard address instead, so that the other nodes can reach it; its
+//!   `accept` then hands over only connections from the loopback or from a
+//!   cluster node (others are closed unseen), and `getsockname` shows the
+//!   address the program asked for. Port 0 (and `listen` on an unbound
+//!   socket) picks a free port from the ephemeral range that is free in the
+//!   whole cluster.
+//! - `connect` to a loopback or wildcard address asks the agent where the
+//!   port is held, and connects straight to that node's address: one
+//!   ordinary TCP connection between the two nodes, no relay; a port held
+//!   on this node, or by nobody, stays a local connection.
+//!
+//! The agent calls run under the re-entrancy guard; the application's own
+//! (possibly blocking) `accept` and `connect` run outside it, so signals
+//! interrupt them as usual.
+
+use crate::client::{self, CallError};
+use crate::krg_log;
+use crate::log::Level;
+use crate::proto::{Request, Response};
+use libc::{c_int, sockaddr, socklen_t};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// `sizeof(struct sockaddr_in)`.
+const V4_LEN: usize = 16;
+/// `sizeof(struct sockaddr_in6)`.
+const V6_LEN: usize = 28;
+const LOOPBACK6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// An IPv4 or IPv6 socket address, as the kernel lays it out.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct Addr {
+    b: [u8; V6_LEN],
+    len: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Loopback,
+    Wildcard,
+    Other,
+}
+
+impl Addr {
+    /// The caller's address, if it is an `AF_INET` or `AF_INET6` one of the
+    /// right length.
+    fn read(p: *const sockaddr, len: socklen_t) -> Option<Addr> {
+        if p.is_null() || (len as usize) < 2 {
+            return None;
+        }
+        let mut fam = [0u8; 2];
+        // SAFETY: the caller gives `len` (>= 2) readable bytes at `p`, its
+        // contract with libc for this very call.
+        unsafe { std::ptr::copy_nonoverlapping(p.cast::<u8>(), fam.as_mut_ptr(), 2) };
+        let need = match u16::from_ne_bytes(fam) as c_int {
+            libc::AF_INET => V4_LEN,
+            libc::AF_INET6 => V6_LEN,
+            _ => return None,
+        };
+        if (len as usize) < need {
+            return None;
+        }
+        let mut a = Addr {
+            b: [0; V6_LEN],
+            len: need,
+        };
+        // SAFETY: as above, with `len >= need`.
+        unsafe { std::ptr::copy_nonoverlapping(p.cast::<u8>(), a.b.as_mut_ptr(), need) };
+        Some(a)
+    }
+
+    fn v6(&self) -> bool {
+        self.len == V6_LEN
+    }
+
+    fn port(&self) -> u16 {
+        u16::from_be_bytes([self.b[2], self.b[3]])
+    }
+
+    fn set_port(&mut self, p: u16) {
+        self.b[2..4].copy_from_slice(&p.to_be_bytes());
+    }
+
+    /// The IPv4 address: of an IPv4 address, or of an IPv4-mapped IPv6 one.
+    fn ipv4(&self) -> Option<[u8; 4]> {
+        if !self.v6() {
+            return Some([self.b[4], self.b[5], self.b[6], self.b[7]]);
+        }
+        let ip = &self.b[8..24];
+        (ip[..10] == [0; 10] && ip[10..12] == [0xff, 0xff])
+            .then(|| [ip[12], ip[13], ip[14], ip[15]])
+    }
+
+    fn kind(&self) -> Kind {
+        match self.ipv4() {
+            Some([127, ..]) => Kind::Loopback,
+            Some([0, 0, 0, 0]) => Kind::Wildcard,
+            Some(_) => Kind::Other,
+            None if self.b[8..24] == LOOPBACK6 => Kind::Loopback,
+            None if self.b[8..24] == [0; 16] => Kind::Wildcard,
+            None => Kind::Other,
+        }
+    }
+
+    /// Put an IPv4 address in (IPv4-mapped in an IPv6 address).
+    fn set_ipv4(&mut self, ip: [u8; 4]) {
+        if self.v6() {
+            self.b[8..18].fill(0);
+            self.b[18..20].copy_from_slice(&[0xff, 0xff]);
+            self.b[20..24].copy_from_slice(&ip);
+        } else {
+            self.b[4..8].copy_from_slice(&ip);
+        }
+    }
+
+    /// The wildcard address of the same kind (an IPv4-mapped loopback gives
+    /// the IPv4-mapped wildcard, which stays IPv4-only like the original).
+    fn wildcard(&self) -> Addr {
+        let mut a = *self;
+        if self.ipv4().is_some() {
+            a.set_ipv4([0; 4]);
+        } else {
+            a.b[8..24].fill(0);
+        }
+        a
+    }
+
+    fn as_ptr(&self) -> *const sockaddr {
+        self.b.as_ptr().cast()
+    }
+
+    fn socklen(&self) -> socklen_t {
+        self.len as socklen_t
+    }
+}
+
+// --- the sockets bound to the wildcard in place of the loopback ----------
+
+/// How many such listening sockets are remembered (by inode); past that the
+/// oldest are forgotten (their `accept` is then unfiltered).
+const SLOTS: usize = 256;
+static INOS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
+/// The address the program asked for: `1 << 32 | IPv4` (an IPv4 or
+/// IPv4-mapped loopback) or `2 << 32` (`::1`).
+static ORIG: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+/// Whether any is remembered: `accept` and `getsockname` of every other
+/// socket cost one atomic load.
+static ANY: AtomicUsize = AtomicUsize::new(0);
+
+fn sock_ino(fd: c_int) -> Option<u64> {
+    // SAFETY: stat is plain data, all-zero valid; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a live, writable stat buffer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return None;
+    }
+    Some(st.st_ino)
+}
+
+fn remember(fd: c_int, asked: &Addr) {
+    let Some(ino) = sock_ino(fd) else { return };
+    let orig = match asked.ipv4() {
+        Some(v4) => 1 << 32 | u32::from_be_bytes(v4) as u64,
+        None => 2 << 32,
+    };
+    let i = NEXT.fetch_add(1, Ordering::Relaxed) % SLOTS;
+    // A reader may see the new inode with the previous slot's address for
+    // an instant: both are loopback addresses of listeners of ours.
+    INOS[i].store(ino, Ordering::Release);
+    ORIG[i].store(orig, Ordering::Release);
+    ANY.store(1, Ordering::Release);
+}
+
+/// The address the program bound `fd` to, if it is one of ours.
+fn remembered(fd: c_int) -> Option<u64> {
+    if ANY.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    let ino = sock_ino(fd)?;
+    (0..SLOTS)
+        .find(|&i| INOS[i].load(Ordering::Acquire) == ino)
+        .map(|i| ORIG[i].load(Ordering::Acquire))
+}
+
+// --- helpers -------------------------------------------------------------
+
+fn sockopt(fd: c_int, level: c_int, opt: c_int) -> Option<c_int> {
+    let mut v: c_int = 0;
+    let mut l = std::mem::size_of::<c_int>() as socklen_t;
+    // SAFETY: an int-sized, writable option buffer and its length.
+    let r = unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut c_int).cast(), &mut l) };
+    (r == 0).then_some(v)
+}
+
+fn is_tcp(fd: c_int) -> bool {
+    sockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+}
+
+fn call(req: &Request) -> Result<Response, CallError> {
+    crate::rt::guarded(|| client::call(req))
+}
+
+fn fail(errno: i32) -> c_int {
+    crate::rt::set_errno(errno);
+    -1
+}
+
+/// The ephemeral port range (`net.ipv4.ip_local_port_range`).
+fn ephemeral_range() -> (u16, u16) {
+    let s = crate::rt::guarded(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default()
+    });
+    let mut it = s.split_whitespace().filter_map(|w| w.parse::<u16>().ok());
+    match (it.next(), it.next()) {
+        (Some(lo), Some(hi)) if lo > 0 && lo <= hi => (lo, hi),
+        _ => (32768, 60999),
+    }
+}
+
+fn random_u16() -> u16 {
+    let mut b = [0u8; 2];
+    // SAFETY: getrandom writes at most 2 bytes into our buffer.
+    let r = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 2, 0) };
+    if r != 2 {
+        // Not random, but still spreads the attempts.
+        return (Instant::now().elapsed().as_nanos() as u16) ^ (std::process::id() as u16);
+    }
+    u16::from_ne_bytes(b)
+}
+
+/// Outcome of a reservation.
+enum Reserved {
+    Yes,
+    /// Refused, with this errno (`EADDRINUSE`).
+    No(i32),
+    /// The agent could not be asked: the port stays node-local.
+    Unknown,
+}
+
+fn reserve(port: u16, reuse: bool) -> Reserved {
+    match call(&Request::PortBind { port, reuse }) {
+        Ok(_) => Reserved::Yes,
+        Err(CallError::Agent(e)) => {
+            krg_log!(Level::Debug, "bind of TCP port {port}: {}", e.msg);
+            Reserved::No(e.errno)
+        }
+        Err(e) => {
+            krg_log!(
+                Level::Warn,
+                "bind of TCP port {port}: the agent cannot reserve it ({e}); it is local to this node"
+            );
+            Reserved::Unknown
+        }
+    }
+}
+
+// --- the hooks' logic ----------------------------------------------------
+
+/// `bind(fd, addr, len)`.
+pub fn bind(
+    fd: c_int,
+    addr: *const sockaddr,
+    len: socklen_t,
+    real: impl Fn(c_int, *const sockaddr, socklen_t) -> c_int,
+) -> c_int {
+    let Some(a) = Addr::read(addr, len) else {
+        return real(fd, addr, len);
+    };
+    let kind = a.kind();
+    if kind == Kind::Other || !super::active() || !is_tcp(fd) {
+        return real(fd, addr, len);
+    }
+    let reuse = sockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR).unwrap_or(0) != 0;
+    let target = if kind == Kind::Loopback {
+        a.wildcard()
+    } else {
+        a
+    };
+    let port = a.port();
+    let bound = if port != 0 {
+        match reserve(port, reuse) {
+            Reserved::Yes => real(fd, target.as_ptr(), target.socklen()),
+            Reserved::No(e) => return fail(e),
+            Reserved::Unknown => return real(fd, addr, len),
+        }
+    } else {
+        match bind_ephemeral(fd, target, reuse, &real) {
+            Some(Ok(())) => 0,
+            Some(Err(e)) => return fail(e),
+            None => return real(fd, addr, len),
+        }
+    };
+    if bound == 0 && kind == Kind::Loopback {
+        remember(fd, &a);
+    }
+    bound
+}
+
+/// Bind `fd` to `target` with a port from the ephemeral range that is free
+/// in the cluster and here; `Err(errno)` if none could be bound. `None`:
+/// the agent cannot be asked.
+fn bind_ephemeral(
+    fd: c_int,
+    mut target: Addr,
+    reuse: bool,
+    real: &impl Fn(c_int, *const sockaddr, socklen_t) -> c_int,
+) -> Option<Result<(), i32>> {
+    let (lo, hi) = ephemeral_range();
+    let span = u32::from(hi - lo) + 1;
+    for _ in 0..64 {
+        let port = lo + (u32::from(random_u16()) % span) as u16;
+        match reserve(port, reuse) {
+            Reserved::Yes => {}
+            Reserved::No(_) => continue,
+            Reserved::Unknown => return None,
+        }
+        target.set_port(port);
+        if real(fd, target.as_ptr(), target.socklen()) == 0 {
+            return Some(Ok(()));
+        }
+        let e = crate::rt::errno();
+        if e != libc::EADDRINUSE {
+            return Some(Err(e));
+        }
+    }
+    Some(Err(libc::EADDRINUSE))
+}
+
+/// `listen(fd, backlog)`: a TCP socket not bound yet would get a port the
+/// kernel picks on this node only; give it one free in the whole cluster
+/// first (on the wildcard address, where the kernel would put it).
+pub fn listen(fd: c_int, backlog: c_int, real: impl Fn(c_int, c_int) -> c_int) -> c_int {
+    if !super::active() || !is_tcp(fd) {
+        return real(fd, backlog);
+    }
+    // Guarded: libc's getsockname and bind are our own hooks.
+    let pre = crate::rt::guarded(|| {
+        let mut st = Addr {
+            b: [0; V6_LEN],
+            len: V6_LEN,
+        };
+        let mut l = V6_LEN as socklen_t;
+        // SAFETY: our buffer and its length; getsockname writes at most `l`.
+        let r = unsafe { libc::getsockname(fd, st.b.as_mut_ptr().cast(), &mut l) };
+        let a = match Addr::read(st.as_ptr(), l) {
+            Some(a) if r == 0 && a.port() == 0 => a,
+            _ => return Ok(()),
+        };
+        let reuse = sockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR).unwrap_or(0) != 0;
+        let real_bind = |fd: c_int, p: *const sockaddr, l: socklen_t| {
+            // SAFETY: bind with our own address buffer and its length.
+            unsafe { libc::bind(fd, p, l) }
+        };
+        bind_ephemeral(fd, a.wildcard(), reuse, &real_bind).unwrap_or(Ok(()))
+    });
+    match pre {
+        Ok(()) => real(fd, backlog),
+        Err(e) => fail(e),
+    }
+}
+
+/// `connect(fd, addr, len)`.
+pub fn connect(
+    fd: c_int,
+    addr: *const sockaddr,
+    len: socklen_t,
+    real: impl Fn(c_int, *const sockaddr, socklen_t) -> c_int,
+) -> c_int {
+    let Some(a) = Addr::read(addr, len) else {
+        return real(fd, addr, len);
+    };
+    if a.kind() == Kind::Other || !super::active() || !is_tcp(fd) {
+        return real(fd, addr, len);
+    }
+    match call(&Request::PortOwner { port: a.port() }) {
+        Ok(Response::PortOwner(Some((node, ip)))) => {
+            let mut to = a;
+            to.set_ipv4(ip);
+            krg_log!(
+                Level::Debug,
+                "connect to loopback port {}: held on node {node}",
+                a.port()
+            );
+            real(fd, to.as_ptr(), to.socklen())
+        }
+        Ok(_) => real(fd, addr, len),
+        Err(e) => {
+            krg_log!(
+                Level::Debug,
+                "connect to loopback port {}: {e}; staying on this node",
+                a.port()
+            );
+            real(fd, addr, len)
+        }
+    }
+}
+
+/// The cluster's node addresses, refreshed when an unknown peer shows up
+/// (at most once a second).
+static NODES: Mutex<(Option<Instant>, Vec<[u8; 4]>)> = Mutex::new((None, Vec::new()));
+
+fn is_node(ip: [u8; 4]) -> bool {
+    crate::rt::guarded(|| {
+        let mut g = NODES.lock().unwrap_or_else(|e| e.into_inner());
+        if g.1.contains(&ip) {
+            return true;
+        }
+        if g.0.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return false;
+        }
+        if let Ok(Response::NodeAddrs(v)) = client::call(&Request::NodeAddrs) {
+            g.1 = v.into_iter().map(|(_, a)| a).collect();
+        }
+        g.0 = Some(Instant::now());
+        g.1.contains(&ip)
+    })
+}
+
+/// Whether a connection from `peer` may reach a server that asked for the
+/// loopback: from this machine or from a node of the cluster.
+fn allowed(peer: &Addr) -> bool {
+    match (peer.kind(), peer.ipv4()) {
+        (Kind::Loopback, _) => true,
+        (_, Some(ip)) => is_node(ip),
+        _ => false,
+    }
+}
+
+/// Give the caller an address the way the kernel does: at most `*len`
+/// bytes, and `*len` set to the full size.
+fn give(a: &Addr, out: *mut sockaddr, len: *mut socklen_t) {
+    if out.is_null() || len.is_null() {
+        return;
+    }
+    // SAFETY: the caller passes a valid `len` pointer with `out` (the
+    // accept/getsockname contract).
+    let room = unsafe { *len } as usize;
+    let n = room.min(a.len);
+    // SAFETY: `out` has room for `*len` bytes; we copy at most that.
+    unsafe {
+        std::ptr::copy_nonoverlapping(a.b.as_ptr(), out.cast::<u8>(), n);
+        *len = a.len as socklen_t;
+    }
+}
+
+/// `accept`/`accept4` on `fd`; `real` accepts with an address buffer.
+pub fn accept(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    real: impl Fn(*mut sockaddr, *mut socklen_t) -> c_int,
+) -> c_int {
+    if remembered(fd).is_none() {
+        return real(addr, len);
+    }
+    loop {
+        let mut peer = Addr {
+            b: [0; V6_LEN],
+            len: V6_LEN,
+        };
+        let mut l = V6_LEN as socklen_t;
+        let c = real(peer.b.as_mut_ptr().cast(), &mut l);
+        if c < 0 {
+            return c;
+        }
+        match Addr::read(peer.as_ptr(), l) {
+            Some(p) if allowed(&p) => {
+                give(&p, addr, len);
+                return c;
+            }
+            Some(p) => {
+                krg_log!(
+                    Level::Info,
+                    "refused a connection from {:?} to a loopback server (not a cluster node)",
+                    p.ipv4()
+                );
+                // SAFETY: the descriptor accept just gave us, not the app.
+                crate::rt::guarded(|| unsafe { libc::close(c) });
+            }
+            // Not an IP peer: nothing to filter.
+            None => {
+                if !addr.is_null() && !len.is_null() {
+                    let n = (l as usize).min(V6_LEN);
+                    let mut a = peer;
+                    a.len = n;
+                    give(&a, addr, len);
+                }
+                return c;
+            }
+        }
+    }
+}
+
+/// `getsockname(fd, addr, len)`: a listener bound for the program to the
+/// loopback shows the loopback.
+pub fn getsockname(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    real: impl Fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int,
+) -> c_int {
+    let Some(orig) = remembered(fd) else {
+        return real(fd, addr, len);
+    };
+    let mut me = Addr {
+        b: [0; V6_LEN],
+        len: V6_LEN,
+    };
+    let mut l = V6_LEN as socklen_t;
+    let r = real(fd, me.b.as_mut_ptr().cast(), &mut l);
+    if r != 0 {
+        return r;
+    }
+    let Some(mut a) = Addr::read(me.as_ptr(), l) else {
+        return real(fd, addr, len);
+    };
+    if orig >> 32 == 1 {
+        a.set_ipv4((orig as u32).to_be_bytes());
+    } else if a.v6() {
+        a.b[8..24].copy_from_slice(&LOOPBACK6);
+    }
+    give(&a, addr, len);
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn addr_of(s: &str) -> Addr {
+        let sa: SocketAddr = s.parse().unwrap();
+        let sa2 = socket_bytes(&sa);
+        Addr::read(sa2.0.as_ptr().cast(), sa2.1).unwrap()
+    }
+
+    fn socket_bytes(sa: &SocketAddr) -> ([u8; 28], socklen_t) {
+        let mut b = [0u8; 28];
+        match sa {
+            SocketAddr::V4(v) => {
+                b[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+                b[2..4].copy_from_slice(&v.port().to_be_bytes());
+                b[4..8].copy_from_slice(&v.ip().octets());
+                (b, 16)
+            }
+            SocketAddr::V6(v) => {
+                b[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+                b[2..4].copy_from_slice(&v.port().to_be_bytes());
+                b[8..24].copy_from_slice(&v.ip().octets());
+                (b, 28)
+            }
+        }
+    }
+
+    #[test]
+    fn kinds() {
+        assert_eq!(addr_of("127.0.0.1:80").kind(), Kind::Loopback);
+        assert_eq!(addr_of("127.3.2.1:80").kind(), Kind::Loopback);
+        assert_eq!(addr_of("0.0.0.0:80").kind(), Kind::Wildcard);
+        assert_eq!(addr_of("10.0.0.1:80").kind(), Kind::Other);
+        assert_eq!(addr_of("[::1]:80").kind(), Kind::Loopback);
+        assert_eq!(addr_of("[::]:80").kind(), Kind::Wildcard);
+        assert_eq!(addr_of("[::ffff:127.0.0.1]:80").kind(), Kind::Loopback);
+        assert_eq!(addr_of("[::ffff:0.0.0.0]:80").kind(), Kind::Wildcard);
+        assert_eq!(addr_of("[fe80::1]:80").kind(), Kind::Other);
+        assert_eq!(addr_of("[::1]:8080").port(), 8080);
+    }
+
+    #[test]
+    fn rewrites_keep_family_and_port() {
+        let mut a = addr_of("[::1]:4000");
+        a.set_ipv4([10, 77, 0, 3]);
+        assert_eq!(a.ipv4(), Some([10, 77, 0, 3]));
+        assert_eq!(a.port(), 4000);
+        assert_eq!(a.len, V6_LEN);
+        let w = addr_of("127.0.0.1:5").wildcard();
+        assert_eq!((w.kind(), w.port(), w.len), (Kind::Wildcard, 5, V4_LEN));
+        let w = addr_of("[::1]:5").wildcard();
+        assert_eq!((w.kind(), w.ipv4()), (Kind::Wildcard, None));
+        let w = addr_of("[::ffff:127.0.0.1]:5").wildcard();
+        assert_eq!((w.kind(), w.ipv4()), (Kind::Wildcard, Some([0; 4])));
+    }
+
+    #[test]
+    fn other_families_and_short_lengths_are_not_read() {
+        let (b, _) = socket_bytes(&"1.2.3.4:5".parse().unwrap());
+        assert!(Addr::read(b.as_ptr().cast(), 8).is_none());
+        let un = [libc::AF_UNIX as u16 as u8, 0, b'/', b'x'];
+        assert!(Addr::read(un.as_ptr().cast(), 4).is_none());
+        assert!(Addr::read(std::ptr::null(), 16).is_none());
+    }
+}

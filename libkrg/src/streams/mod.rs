@@ -1,0 +1,20 @@
+//! Streams, the application side. See docs/architecture/streams.md.
+//!
+//! So far: the cluster-wide loopback ([`loopback`]): a TCP server that an
+//! SSI process binds to `127.0.0.1:P`, `::1` or the wildcard address on one
+//! node is reachable at `127.0.0.1:P` from SSI processes on every node, and
+//! a port held anywhere in the cluster cannot be bound again elsewhere
+//! (`EADDRINUSE`), as on one machine. Moving stream ends with their process
+//! comes next.
+
+pub mod loopback;
+
+pub use loopback::{accept, bind, connect, getsockname, listen};
+
+use crate::caps::Caps;
+
+/// Whether this process's streams are krg's (capability `streams`);
+/// otherwise the kernel's, node-local.
+pub fn active() -> bool {
+    Caps::from_bits(crate::processes::hello_caps()).contains(Caps::STREAMS)
+}
