@@ -150,3 +150,89 @@ fn a_server_that_listens_without_bind_gets_a_port_reachable_from_every_node() {
     }
     ok(&srv.wait_with_output().unwrap(), "server");
 }
+
+/// The gpid and node of the SSI process whose command starts with `pat`.
+fn find(c: &Cluster, pat: &str) -> Option<(i64, u64)> {
+    c.ps(1)
+        .iter()
+        .find(|p| p["command"].as_str().unwrap_or("").starts_with(pat))
+        .map(|p| (p["pid"].as_i64().unwrap(), p["node"].as_u64().unwrap()))
+}
+
+/// The lines a child prints, as they come.
+fn lines_of(ch: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = ch.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The next line starting with `prefix` (others are skipped).
+fn next_with(rx: &std::sync::mpsc::Receiver<String>, prefix: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.starts_with(prefix) => return l,
+            Ok(_) => {}
+            Err(e) => panic!("no line starting with {prefix:?}: {e}"),
+        }
+    }
+}
+
+fn ticks(line: &str) -> u64 {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let i = w.iter().position(|x| *x == "ticks").unwrap();
+    w[i + 1].parse().unwrap()
+}
+
+#[test]
+fn an_epoll_loop_over_timerfd_eventfd_and_signalfd_migrates_and_keeps_serving_all_three() {
+    let c = Cluster::up(3, 1.0);
+    let bin = cc(&repo_root().join("examples/ckpt/evloop.c"), "evloop");
+    let bin = bin.to_str().unwrap();
+    let mut ch = c
+        .cmd(1, &[bin])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut ch);
+    assert_eq!(next_with(&rx, "ready"), "ready");
+    let (pid, _) = find(&c, bin).expect("evloop in krg ps");
+    let mut last = ticks(&next_with(&rx, "ticks "));
+    for (n, (to, from)) in [(2u32, 3u32), (3, 1)].into_iter().enumerate() {
+        let out = c.krg(1, &["migrate", &pid.to_string(), &to.to_string()]);
+        assert!(out.status.success(), "migrate to {to}: {}", show(&out));
+        assert_eq!(find(&c, bin).map(|p| p.1), Some(to as u64));
+        // The timer goes on firing there (and the eventfd posts are seen:
+        // the final line checks every one).
+        let t = ticks(&next_with(&rx, "ticks "));
+        assert!(
+            t > last,
+            "ticks {t} after the move to node {to}, {last} before"
+        );
+        last = t;
+        // A signal sent from a third node arrives through the signalfd.
+        let k = c.krg(from, &["kill", "-USR1", &pid.to_string()]);
+        assert!(k.status.success(), "{}", show(&k));
+        let u = next_with(&rx, "usr1 ");
+        assert!(u.starts_with(&format!("usr1 {} ", n + 1)), "{u}");
+    }
+    let k = c.krg(2, &["kill", "-TERM", &pid.to_string()]);
+    assert!(k.status.success(), "{}", show(&k));
+    let done = next_with(&rx, "done ");
+    assert!(
+        done.ends_with("usr1 2 consistent yes"),
+        "every eventfd post seen once, both signals taken: {done}"
+    );
+    assert!(ch.wait().unwrap().success());
+}

@@ -167,7 +167,7 @@ pub fn refusal(fd: i32, link: &str) -> Option<String> {
     if let Some(kind) = link.strip_prefix("anon_inode:") {
         let kind = kind.trim_matches(|c| c == '[' || c == ']');
         return match kind {
-            "eventfd" => None,
+            "eventfd" | "timerfd" | "signalfd" | "eventpoll" => None,
             "io_uring" => Some(format!("fd {fd}: io_uring is not migratable")),
             other => Some(format!("fd {fd}: {other} is not migratable")),
         };
@@ -260,9 +260,84 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
                 .unwrap_or(0);
             FdKind::EventFd { count, flags }
         }
+        _ if link_s == "anon_inode:[timerfd]" => timerfd(fd, flags)?,
+        _ if link_s == "anon_inode:[signalfd]" => {
+            let info = fdinfo(fd);
+            let mask = status_field(&info, "sigmask:")
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
+                .ok_or_else(|| format!("fd {fd}: signalfd without a mask in fdinfo"))?;
+            FdKind::SignalFd { mask, flags }
+        }
+        _ if link_s == "anon_inode:[eventpoll]" => FdKind::Epoll {
+            flags,
+            watches: epoll_watches(fd, &fdinfo(fd))?,
+        },
         _ => return Err(format!("fd {fd}: {link_s} is not migratable")),
     };
     Ok(Some(FdState { fd, cloexec, kind }))
+}
+
+fn fdinfo(fd: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default()
+}
+
+fn timerfd(fd: i32, flags: i32) -> Result<FdKind, String> {
+    // SAFETY: itimerspec is plain data; timerfd_gettime fills it.
+    let mut its: libc::itimerspec = unsafe { std::mem::zeroed() };
+    // timerfd_gettime first: for an expired periodic timer it moves the
+    // timer forward and counts the expirations, which fdinfo alone would
+    // show as disarmed.
+    // SAFETY: our itimerspec.
+    if unsafe { libc::timerfd_gettime(fd, &mut its) } != 0 {
+        return Err(os_err(&format!("fd {fd}: timerfd_gettime")));
+    }
+    let info = fdinfo(fd);
+    let num = |name: &str| status_field(&info, name).and_then(|v| v.parse::<u64>().ok());
+    let clockid =
+        num("clockid:").ok_or_else(|| format!("fd {fd}: timerfd without a clock in fdinfo"))?;
+    Ok(FdKind::TimerFd {
+        clockid: clockid as i32,
+        flags,
+        value: (its.it_value.tv_sec, its.it_value.tv_nsec),
+        interval: (its.it_interval.tv_sec, its.it_interval.tv_nsec),
+        ticks: num("ticks:").unwrap_or(0),
+    })
+}
+
+/// What an epoll instance watches, from its fdinfo lines
+/// (`tfd: 5 events: 19 data: 5 pos:0 ino:40e sdev:10`; hexadecimal but the
+/// fd). Each must still be the file open under that number.
+fn epoll_watches(fd: i32, info: &str) -> Result<Vec<(i32, u32, u64)>, String> {
+    let mut out = Vec::new();
+    for l in info.lines().filter(|l| l.starts_with("tfd:")) {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let field = |name: &str| {
+            w.iter()
+                .position(|x| *x == name)
+                .and_then(|i| w.get(i + 1).copied())
+        };
+        let tagged = |name: &str| w.iter().find_map(|x| x.strip_prefix(name));
+        let bad = || format!("fd {fd}: unreadable epoll entry {l:?}");
+        let tfd: i32 = field("tfd:").and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+        let events = field("events:")
+            .and_then(|v| u32::from_str_radix(v, 16).ok())
+            .ok_or_else(bad)?;
+        let data = field("data:")
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .ok_or_else(bad)?;
+        let ino = tagged("ino:").and_then(|v| u64::from_str_radix(v, 16).ok());
+        // SAFETY: st is ours; fstat only reads the fd's state.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let open = unsafe { libc::fstat(tfd, &mut st) } == 0;
+        if !open || ino.is_some_and(|i| i != st.st_ino) {
+            return Err(format!(
+                "fd {fd}: epoll watches a file that is no longer open as fd {tfd}"
+            ));
+        }
+        out.push((tfd, events, data));
+    }
+    Ok(out)
 }
 
 /// Capture the fds of the process, except `skip`.

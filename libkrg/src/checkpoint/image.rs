@@ -155,6 +155,28 @@ pub enum FdKind {
         count: u64,
         flags: i32,
     },
+    /// A timerfd, re-armed with the time it had left (relative: the nodes'
+    /// clocks are not the same clock) and its interval; expirations not
+    /// read yet are given back.
+    TimerFd {
+        clockid: i32,
+        flags: i32,
+        /// `(seconds, nanoseconds)` left; zero: disarmed.
+        value: (i64, i64),
+        interval: (i64, i64),
+        ticks: u64,
+    },
+    /// A signalfd and the signals it takes (bit `n - 1` for signal `n`).
+    SignalFd {
+        mask: u64,
+        flags: i32,
+    },
+    /// An epoll instance with what it watches: `(fd, events, data)`, added
+    /// again once every other fd is back under its number.
+    Epoll {
+        flags: i32,
+        watches: Vec<(i32, u32, u64)>,
+    },
 }
 
 /// Header of one memory record.

@@ -153,6 +153,71 @@ fn open_path(path: &[u8], flags: i32) -> Result<RawFd, String> {
     Ok(fd)
 }
 
+/// `_IOW('T', 0, u64)`: set a timerfd's expiration count (the kernel's
+/// checkpoint/restore ioctl).
+const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+
+fn timerfd(
+    num: RawFd,
+    clockid: i32,
+    flags: i32,
+    value: (i64, i64),
+    interval: (i64, i64),
+    ticks: u64,
+) -> Result<RawFd, String> {
+    let fl = flags & (libc::TFD_NONBLOCK | libc::TFD_CLOEXEC);
+    // SAFETY: creates a new timerfd.
+    let fd = unsafe { libc::timerfd_create(clockid, fl) };
+    if fd < 0 {
+        return Err(os_err(&format!(
+            "fd {num}: timerfd_create (clock {clockid})"
+        )));
+    }
+    if value != (0, 0) {
+        let its = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: interval.0,
+                tv_nsec: interval.1,
+            },
+            it_value: libc::timespec {
+                tv_sec: value.0,
+                tv_nsec: value.1,
+            },
+        };
+        // SAFETY: arms our timerfd with a valid itimerspec (relative).
+        if unsafe { libc::timerfd_settime(fd, 0, &its, std::ptr::null_mut()) } != 0 {
+            return Err(os_err(&format!("fd {num}: timerfd_settime")));
+        }
+    }
+    // SAFETY: the ioctl reads one u64 from the pointer we give.
+    if ticks > 0 && unsafe { libc::ioctl(fd, TFD_IOC_SET_TICKS, &ticks as *const u64) } != 0 {
+        return Err(os_err(&format!(
+            "fd {num}: giving back {ticks} unread expirations (TFD_IOC_SET_TICKS)"
+        )));
+    }
+    Ok(fd)
+}
+
+fn signalfd(num: RawFd, mask: u64, flags: i32) -> Result<RawFd, String> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: our set.
+    unsafe { libc::sigemptyset(&mut set) };
+    for sig in 1..=64 {
+        if mask & (1u64 << (sig - 1)) != 0 {
+            // SAFETY: our set; out-of-range signals are refused, not UB.
+            unsafe { libc::sigaddset(&mut set, sig) };
+        }
+    }
+    let fl = flags & (libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+    // SAFETY: a new signalfd for our set.
+    let fd = unsafe { libc::signalfd(-1, &set, fl) };
+    if fd < 0 {
+        return Err(os_err(&format!("fd {num}: signalfd")));
+    }
+    Ok(fd)
+}
+
 fn fstat(fd: RawFd) -> Option<libc::stat> {
     // SAFETY: st is ours.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -226,6 +291,23 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
                 }
                 fd
             }
+            FdKind::TimerFd {
+                clockid,
+                flags,
+                value,
+                interval,
+                ticks,
+            } => timerfd(f.fd, *clockid, *flags, *value, *interval, *ticks)?,
+            FdKind::SignalFd { mask, flags } => signalfd(f.fd, *mask, *flags)?,
+            FdKind::Epoll { flags, .. } => {
+                // SAFETY: creates a new epoll instance; what it watches is
+                // added once every fd is under its number (below).
+                let fd = unsafe { libc::epoll_create1(flags & libc::O_CLOEXEC) };
+                if fd < 0 {
+                    return Err(os_err(&format!("fd {}: epoll_create1", f.fd)));
+                }
+                fd
+            }
         };
         placed.push((high(tmp, floor)?, f.fd, f.cloexec));
     }
@@ -238,6 +320,21 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
         }
         // SAFETY: the temporary is ours.
         unsafe { libc::close(*tmp) };
+    }
+    for f in &meta.fds {
+        if let FdKind::Epoll { watches, .. } = &f.kind {
+            for (tfd, events, data) in watches {
+                let mut ev = libc::epoll_event {
+                    events: *events,
+                    u64: *data,
+                };
+                // SAFETY: adds an fd now under its image number to the epoll
+                // instance now under its own, with the saved events and data.
+                if unsafe { libc::epoll_ctl(f.fd, libc::EPOLL_CTL_ADD, *tfd, &mut ev) } != 0 {
+                    return Err(os_err(&format!("fd {}: epoll watch of fd {tfd}", f.fd)));
+                }
+            }
+        }
     }
     // Whatever else is open and not in the image goes (fds 0-2 the image
     // did not have included).
