@@ -5,8 +5,9 @@
  *                                   after the other (each until EOF), then
  *                                   print the address getsockname shows
  *                                   (ADDR "-": listen without bind)
- *   tcpecho client ADDR PORT MSGS   send MSGS numbered lines, check every
- *                                   echo, print "ok MSGS"
+ *   tcpecho client ADDR PORT MSGS [SRC]
+ *                                   send MSGS numbered lines, check every
+ *                                   echo, print "ok MSGS" (from address SRC)
  *   tcpecho bind ADDR PORT          bind only: print "bound" or the error
  *
  * ADDR is an IPv4 or IPv6 literal (127.0.0.1, ::1, 0.0.0.0, ::). Under krg,
@@ -121,12 +122,18 @@ static int serve(const char *ip, int port, int conns) {
     return 0;
 }
 
-static int client(const char *ip, int port, long msgs) {
+static int client(const char *ip, int port, long msgs, const char *src) {
     struct sockaddr_storage ss;
     socklen_t len = make_addr(ip, port, &ss);
     int s = socket(ss.ss_family, SOCK_STREAM, 0);
     if (s < 0)
         die("socket");
+    if (src) {
+        struct sockaddr_storage from;
+        socklen_t fl = make_addr(src, 0, &from);
+        if (bind(s, (struct sockaddr *)&from, fl) < 0)
+            die("bind to the source address");
+    }
     if (connect(s, (struct sockaddr *)&ss, len) < 0)
         die("connect");
     int one = 1;
@@ -158,8 +165,8 @@ static int client(const char *ip, int port, long msgs) {
 int main(int argc, char **argv) {
     if (argc == 5 && !strcmp(argv[1], "serve"))
         return serve(argv[2], atoi(argv[3]), atoi(argv[4]));
-    if (argc == 5 && !strcmp(argv[1], "client"))
-        return client(argv[2], atoi(argv[3]), atol(argv[4]));
+    if ((argc == 5 || argc == 6) && !strcmp(argv[1], "client"))
+        return client(argv[2], atoi(argv[3]), atol(argv[4]), argc == 6 ? argv[5] : NULL);
     if (argc == 4 && !strcmp(argv[1], "bind")) {
         int s = bound_socket(argv[2], atoi(argv[3]));
         if (s < 0) {
@@ -169,6 +176,6 @@ int main(int argc, char **argv) {
         printf("bound\n");
         return 0;
     }
-    fprintf(stderr, "usage: tcpecho serve|client ADDR PORT N | bind ADDR PORT\n");
+    fprintf(stderr, "usage: tcpecho serve ADDR PORT N | client ADDR PORT N [SRC] | bind ADDR PORT\n");
     return 2;
 }

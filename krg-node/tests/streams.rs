@@ -96,6 +96,43 @@ fn a_loopback_server_on_one_node_answers_127_0_0_1_on_every_node() {
 }
 
 #[test]
+fn a_loopback_server_never_sees_a_connection_from_outside_the_cluster() {
+    let c = Cluster::up(3, 1.0);
+    let t = tcpecho();
+    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
+    // A host that is not a node: one more address on node 2's network,
+    // which no agent advertises.
+    let stranger = "10.77.0.250";
+    let add = std::process::Command::new("ip")
+        .args(["netns", "exec", "krg-n2", "ip", "addr", "add"])
+        .arg(format!("{stranger}/24"))
+        .args(["dev", "eth0"])
+        .output()
+        .unwrap();
+    assert!(add.status.success(), "ip addr add: {}", show(&add));
+    // Straight to node 1's address (the kernel listens on the wildcard for
+    // the loopback server): the connection is closed before the server's
+    // accept returns it.
+    let out = c
+        .plain(
+            2,
+            &[&t, "client", "10.77.0.1", &port.to_string(), "5", stranger],
+        )
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a stranger was served: {}",
+        show(&out)
+    );
+    // A node is served, and it is the server's one and only connection.
+    let out = client(&c, &t, 3, "127.0.0.1", port, 100);
+    assert_eq!(ok(&out, "client on node 3").trim(), "ok 100");
+    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    assert!(s.contains("served 1 connections, 100 lines"), "{s}");
+}
+
+#[test]
 fn a_port_held_on_one_node_is_in_use_on_every_node_until_it_is_closed() {
     let c = Cluster::up(3, 1.0);
     let t = tcpecho();

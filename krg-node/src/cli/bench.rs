@@ -16,6 +16,9 @@
 //! - shared memory: remote read and write faults against a TCP round trip
 //!   between the same nodes, a sequential read, a bounced page
 //!   (`bench_dsm`);
+//! - a TCP stream between the nodes reached at 127.0.0.1 (the cluster-wide
+//!   loopback) against the same opened to the node's address
+//!   (`bench_streams`);
 //! - the load balancer's makespan for 8 CPU-bound jobs started on one of 4
 //!   half-CPU nodes (a second local cluster), against the ideal.
 
@@ -48,6 +51,13 @@ pub(crate) fn quantile(v: &mut [f64], q: f64) -> f64 {
 /// NODE if given); print MB/s as JSON.
 pub fn worker(args: &[String]) -> Result<i32> {
     let what = args.first().map(String::as_str).unwrap_or("");
+    if what == "tcp-serve" {
+        let addr = args
+            .get(1)
+            .context("bench-worker tcp-serve: missing address")?;
+        super::bench_streams::tcp_serve(addr)?;
+        return Ok(0);
+    }
     let n: u64 = args
         .get(1)
         .context("bench-worker: missing count")?
@@ -140,6 +150,10 @@ pub fn worker(args: &[String]) -> Result<i32> {
         }
         "dsm-echo" | "dsm-touch" | "dsm-seq" | "dsm-bounce" => {
             s = super::bench_dsm::dsm_partner(what, args)?;
+        }
+        "tcp" => {
+            let pings = node.as_deref().unwrap_or("2000").parse()?;
+            s.values = super::bench_streams::tcp_sample(n as usize, pings)?;
         }
         other => bail!("bench-worker: unknown benchmark {other:?}"),
     }
@@ -481,6 +495,10 @@ fn measure(quick: bool) -> Result<i32> {
     let (pages, seq) = if quick { (2000, 64) } else { (10000, 256) };
     let v = run_worker(false, &["dsm", &pages.to_string(), &seq.to_string()])?.values;
     super::bench_dsm::report(&v, pages, seq);
+
+    let (tmib, pings) = if quick { (256, 2000) } else { (1024, 10000) };
+    let v = run_worker(false, &["tcp", &tmib.to_string(), &pings.to_string()])?.values;
+    super::bench_streams::report(&v, tmib, pings);
 
     let sizes: &[(&str, &str)] = if quick {
         &[("1", "[goal <= 30 ms]"), ("64", ""), ("256", "")]
