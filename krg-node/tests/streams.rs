@@ -273,3 +273,101 @@ fn an_epoll_loop_over_timerfd_eventfd_and_signalfd_migrates_and_keeps_serving_al
     );
     assert!(ch.wait().unwrap().success());
 }
+
+/// Established TCP connections on `node` whose remote port is `port`.
+fn established_to(c: &Cluster, node: u32, port: u16) -> usize {
+    let out = c.plain(node, &["cat", "/proc/net/tcp"]).output().unwrap();
+    let want = format!(":{port:04X}");
+    text(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.len() > 3 && w[2].ends_with(&want) && w[3] == "01"
+        })
+        .count()
+}
+
+/// Bytes received plus sent on `node`'s network interface so far.
+fn eth0_bytes(c: &Cluster, node: u32) -> u64 {
+    let out = c.plain(node, &["cat", "/proc/net/dev"]).output().unwrap();
+    let t = text(&out.stdout);
+    let l = t
+        .lines()
+        .find(|l| l.trim_start().starts_with("eth0:"))
+        .unwrap_or_else(|| panic!("no eth0 on node {node}: {t}"));
+    let w: Vec<u64> = l
+        .split_once(':')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    w[0] + w[8]
+}
+
+/// Traffic of node `a` and node `b` while the conversation goes on for a
+/// second.
+fn traffic(c: &Cluster, a: u32, b: u32) -> (u64, u64) {
+    let (a0, b0) = (eth0_bytes(c, a), eth0_bytes(c, b));
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    (eth0_bytes(c, a) - a0, eth0_bytes(c, b) - b0)
+}
+
+#[test]
+fn a_tcp_client_migrated_twice_mid_conversation_loses_no_byte_and_leaves_nothing_behind() {
+    let c = Cluster::up(3, 1.0);
+    let t = tcpecho();
+    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
+    let n = "400000";
+    let cli = c
+        .cmd(2, &[&t, "client", "127.0.0.1", &port.to_string(), n])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pid = None;
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        pid = find(&c, &format!("{t} client")).map(|p| p.0);
+        pid.is_some()
+    }));
+    let pid = pid.unwrap().to_string();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        established_to(&c, 2, port),
+        1,
+        "the client's connection on node 2"
+    );
+    for (to, left) in [(3u32, 2u32), (2, 3)] {
+        let out = c.krg(1, &["migrate", &pid, &to.to_string()]);
+        assert!(out.status.success(), "migrate to {to}: {}", show(&out));
+        assert_eq!(
+            find(&c, &format!("{t} client")).map(|p| p.1),
+            Some(to as u64)
+        );
+        // The old connection is gone from the node left, and the
+        // conversation's traffic goes through the new node, not the old one
+        // (which only sees the agents' heartbeats).
+        assert_eq!(
+            established_to(&c, left, port),
+            0,
+            "connection left on node {left}"
+        );
+        let (new, old) = traffic(&c, to, left);
+        assert!(
+            new > 500_000 && old < new / 20,
+            "one second of conversation: node {to} (where the client runs) moved {new} bytes, node {left} (left) {old}"
+        );
+    }
+    let out = cli.wait_with_output().unwrap();
+    assert_eq!(
+        ok(&out, "client").trim(),
+        format!("ok {n}"),
+        "every reply checked"
+    );
+    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    assert!(
+        s.contains(&format!("served 1 connections, {n} lines")),
+        "{s}"
+    );
+}

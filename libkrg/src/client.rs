@@ -103,6 +103,7 @@ pub fn call_fds(req: &Request) -> Result<(Response, Vec<OwnedFd>), CallError> {
     let n = match &resp {
         Response::Err(e) => return Err(CallError::Agent(e.clone())),
         Response::ShmAttached { fds, .. } => *fds as usize,
+        Response::StreamFd => 1,
         _ => 0,
     };
     let fds = if n > 0 {

@@ -11,7 +11,9 @@ use rkyv::util::AlignedVec;
 use std::io::{self, Read, Write};
 
 /// Largest request frame the agent accepts.
-pub const MAX_REQUEST: usize = 1024 * 1024;
+/// Large enough for the bytes a moving TCP connection had in flight
+/// (`StreamDrained`, `StreamAttach`: socket buffers, a few MiB).
+pub const MAX_REQUEST: usize = 64 * 1024 * 1024;
 /// Largest response frame a client accepts (a `ps` of a big cluster).
 pub const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 

@@ -198,6 +198,31 @@ pub enum Request {
     PortOwner { port: u16 },
     /// The IPv4 address of every node up. Answered with `NodeAddrs`.
     NodeAddrs,
+    /// From a process being captured for migration: its TCP connection
+    /// `local` -> `peer` (socket addresses as text) is to move. The agent
+    /// finds the SSI process at the other end and has it drain its side
+    /// and wait for a new connection. Answered with `Stream`.
+    StreamFreeze { local: String, peer: String },
+    /// From that peer, in its handler: what was pending for it on the old
+    /// connection, and whether it had shut down writing. Answered with `Ok`.
+    StreamDrained {
+        id: u64,
+        pending: Vec<u8>,
+        wr_shut: bool,
+    },
+    /// From that peer: wait for the new connection of stream `id`.
+    /// Answered with `StreamFd`, then one descriptor.
+    StreamAwait { id: u64 },
+    /// From the moved process (restored, or resuming after a failed move):
+    /// connect stream `id` to its peer on `node`, refilled with `pending`
+    /// (what was in flight for this process). Answered with `StreamFd`,
+    /// then one descriptor.
+    StreamAttach {
+        id: u64,
+        node: u32,
+        pending: Vec<u8>,
+        wr_shut: bool,
+    },
 }
 
 /// A System V semaphore set as `semctl(IPC_STAT)` shows it.
@@ -269,6 +294,9 @@ pub enum CkptAction {
     /// Stream the image to another node, which restores it; stay behind as
     /// the shadow.
     Migrate,
+    /// The peer of some of this process's TCP connections is moving: drain
+    /// them and take over the new connections (`CkptOrder::streams`).
+    StreamSwap,
 }
 
 /// The order a process gets in its checkpoint handler.
@@ -282,6 +310,8 @@ pub struct CkptOrder {
     pub kill: bool,
     /// Target node of a migration.
     pub node: u32,
+    /// `StreamSwap`: `(fd, stream id)` of each connection to hand over.
+    pub streams: Vec<(i32, u64)>,
 }
 
 /// A restart request: what the command read from the image (the agent
@@ -439,6 +469,13 @@ pub enum Response {
     PortOwner(Option<(u32, [u8; 4])>),
     /// Answer to `NodeAddrs`: `(node, IPv4 address)` of every node up.
     NodeAddrs(Vec<(u32, [u8; 4])>),
+    /// Answer to `StreamFreeze`: the stream's id and its peer's node.
+    Stream {
+        id: u64,
+        node: u32,
+    },
+    /// A stream's new connection: one descriptor follows.
+    StreamFd,
 }
 
 /// A failed request: the errno the application should see, and what failed.

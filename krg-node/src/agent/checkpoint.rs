@@ -107,7 +107,9 @@ impl Agent {
                 },
             }
         };
-        if order.action == CkptAction::Migrate && order.node == target {
+        // Only the node where it runs knows (a first hop may only guess the
+        // gpid's origin, where its shadow is: moving back there is fine).
+        if order.action == CkptAction::Migrate && order.node == target && target == me {
             return Err(err(
                 libc::EINVAL,
                 format!("pid {g} already runs on node {target}"),
@@ -297,17 +299,61 @@ impl Agent {
                 path: Vec::new(),
                 kill: false,
                 node: 0,
+                streams: Vec::new(),
             },
         }
     }
 
     /// `CkptDone` from a process.
     pub(super) fn ckpt_done(&self, who: Caller, ok: bool, msg: String, bytes: u64) {
-        if let Some(p) = self.orders.lock().get_mut(&who.pid) {
+        let mut o = self.orders.lock();
+        if let Some(p) = o.get_mut(&who.pid) {
             if let Some(tx) = p.done.take() {
                 let _ = tx.send(if ok { Ok(bytes) } else { Err(msg) });
             }
+            // Nobody waits for a stream swap: it ends here.
+            if p.order.action == CkptAction::StreamSwap {
+                o.remove(&who.pid);
+            }
         }
+    }
+
+    /// Order a local process to hand its connections `streams` (fd, id) over
+    /// to new ones (its peer moves). Not if a capture is under way.
+    pub(super) fn order_stream_swap(
+        &self,
+        g: i32,
+        kpid: i32,
+        streams: Vec<(i32, u64)>,
+    ) -> Result<(), ErrorReply> {
+        {
+            let mut o = self.orders.lock();
+            if o.contains_key(&kpid) {
+                return Err(err(
+                    libc::EBUSY,
+                    format!("pid {g}, the peer of a moving connection, is itself being captured"),
+                ));
+            }
+            o.insert(
+                kpid,
+                Pending {
+                    order: CkptOrder {
+                        action: CkptAction::StreamSwap,
+                        path: Vec::new(),
+                        kill: false,
+                        node: 0,
+                        streams,
+                    },
+                    taken: false,
+                    done: None,
+                },
+            );
+        }
+        self.procs()
+            .kill(g, libkrg::proto::CKPT_SIGNAL, 0)
+            .inspect_err(|_| {
+                self.orders.lock().remove(&kpid);
+            })
     }
 
     /// `krg restart`: start the image on the chosen node; the caller is the

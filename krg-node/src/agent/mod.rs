@@ -101,6 +101,8 @@ pub struct Agent {
     links: Mutex<HashMap<u32, Arc<dsm_link::Link>>>,
     /// The cluster-wide loopback's ports (see `streams`).
     ports: streams::Ports,
+    /// TCP connections whose other end is moving (see `streams`).
+    moving: streams::Moving,
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -133,6 +135,7 @@ impl Agent {
             sems: sync::Sems::default(),
             links: Mutex::new(HashMap::new()),
             ports: streams::Ports::default(),
+            moving: streams::Moving::default(),
             cpus,
             cfg,
         })
@@ -619,6 +622,19 @@ impl Agent {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
             },
+            Request::StreamAwait { id } => match self.stream_await(id).await {
+                Ok(r) => r,
+                Err(e) => (Response::Err(e), Vec::new()),
+            },
+            Request::StreamAttach {
+                id,
+                node,
+                pending,
+                wr_shut,
+            } => match self.stream_attach(id, node, pending, wr_shut).await {
+                Ok(r) => r,
+                Err(e) => (Response::Err(e), Vec::new()),
+            },
             req => (self.handle_local(req, who).await, Vec::new()),
         }
     }
@@ -733,6 +749,16 @@ impl Agent {
             Request::PortBind { port, reuse } => self.port_bind(who, port, reuse).await,
             Request::PortOwner { port } => self.port_owner(port).await,
             Request::NodeAddrs => Ok(self.node_addrs()),
+            Request::StreamFreeze { local, peer } => self.stream_freeze(local, peer).await,
+            Request::StreamDrained {
+                id,
+                pending,
+                wr_shut,
+            } => self.stream_drained(id, pending, wr_shut),
+            Request::StreamAwait { .. } | Request::StreamAttach { .. } => Err(err(
+                libc::EINVAL,
+                "a stream descriptor request needs the descriptor-passing path",
+            )),
             Request::Ensure { kpid } => {
                 let me = need_pid()?;
                 if kpid != me {
@@ -873,6 +899,7 @@ impl Agent {
                     path: dir,
                     kill,
                     node: 0,
+                    streams: Vec::new(),
                 };
                 Ok(Response::Ckpt(
                     self.checkpoint(pid, order, who.uid, 0).await?,
@@ -884,6 +911,7 @@ impl Agent {
                     path: Vec::new(),
                     kill: false,
                     node,
+                    streams: Vec::new(),
                 };
                 Ok(Response::Ckpt(
                     self.checkpoint(pid, order, who.uid, 0).await?,
@@ -1011,6 +1039,19 @@ impl Peer for PeerServer {
         self.0.port_probe(port, reuse).await
     }
 
+    async fn stream_hold(
+        self,
+        _: context::Context,
+        local: String,
+        peer: String,
+    ) -> Result<u64, ErrorReply> {
+        let parse = |s: &str| {
+            s.parse::<std::net::SocketAddr>()
+                .map_err(|_| err(libc::EINVAL, format!("bad socket address {s:?}")))
+        };
+        self.0.stream_hold(parse(&local)?, parse(&peer)?).await
+    }
+
     async fn sched_push(
         self,
         _: context::Context,
@@ -1075,6 +1116,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                             (Ok(Ok(_)), dsm_link::CHANNEL_DSM) => {
                                 debug!("node {id}: shared memory link from {addr}");
                                 dsm_link::serve(s, a, id).await;
+                            }
+                            (Ok(Ok(_)), streams::CHANNEL_STREAM) => {
+                                debug!("node {id}: stream hand-over from {addr}");
+                                a.stream_accept(s, id).await;
                             }
                             (Ok(Ok(_)), c) => warn!("node {id} at {addr}: unknown channel {c}"),
                             _ => warn!("node {id} at {addr}: no channel chosen"),

@@ -84,6 +84,9 @@ pub trait Peer {
     async fn port_home(op: super::streams::PortOp) -> Result<Option<u32>, ErrorReply>;
     /// Whether a TCP port is bound on the callee (it tries to bind it).
     async fn port_probe(port: u16, reuse: bool) -> bool;
+    /// Freeze the SSI process holding the TCP connection `local` -> `peer`
+    /// on the callee (its other end is moving); the stream's id.
+    async fn stream_hold(local: String, peer: String) -> Result<u64, ErrorReply>;
 }
 
 fn codec() -> LengthDelimitedCodec {

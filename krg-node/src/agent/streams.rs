@@ -236,3 +236,412 @@ mod tests {
         assert!(!in_use_here(port, false));
     }
 }
+
+// --- moving TCP connections between SSI processes --------------------------
+//
+// When a process with a TCP connection to another SSI process migrates, both
+// ends are frozen: the mover (in its capture) and its peer (a `StreamSwap`
+// order). Each shuts down writing and reads its socket to EOF, so what was
+// in flight for it is in hand (the mover's goes in its image). The mover's
+// new node then connects to the peer's agent on the agents' port (channel
+// `CHANNEL_STREAM` after authentication): the two agents exchange the
+// pending bytes and each writes the *other* side's into the new connection
+// first (so each process reads what it had not read yet, in order), then
+// hands its end to its process, which puts it under the old fd number. No
+// byte passes through the node the mover left.
+
+/// Channel byte of a stream hand-over connection (after authentication).
+pub const CHANNEL_STREAM: u8 = 2;
+/// Longest wait for the other side of a hand-over.
+const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Largest pending data accepted from the other agent (socket buffers
+/// are a few MiB).
+const MAX_PENDING: u64 = 256 << 20;
+
+/// A stream held at the staying peer's node until its new connection comes.
+#[derive(Debug, Default)]
+pub struct Held {
+    drained_tx: Option<tokio::sync::oneshot::Sender<(Vec<u8>, bool)>>,
+    drained_rx: Option<tokio::sync::oneshot::Receiver<(Vec<u8>, bool)>>,
+    fd_tx: Option<tokio::sync::oneshot::Sender<std::os::fd::OwnedFd>>,
+    fd_rx: Option<tokio::sync::oneshot::Receiver<std::os::fd::OwnedFd>>,
+}
+
+/// Streams being moved (at the staying peer's node), by id.
+#[derive(Debug, Default)]
+pub struct Moving {
+    held: std::sync::Mutex<HashMap<u64, Held>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Moving {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A socket address as /proc/net/tcp{,6} spells it (hex, kernel byte
+/// order), both forms of an IPv4 address (plain and IPv4-mapped).
+fn proc_net_forms(a: &SocketAddr) -> Vec<String> {
+    let v4 = |ip: Ipv4Addr| format!("{:08X}:{:04X}", u32::from_ne_bytes(ip.octets()), a.port());
+    let v6 = |ip: Ipv6Addr| {
+        let o = ip.octets();
+        let mut s = String::new();
+        for w in o.chunks(4) {
+            s.push_str(&format!(
+                "{:08X}",
+                u32::from_ne_bytes([w[0], w[1], w[2], w[3]])
+            ));
+        }
+        format!("{s}:{:04X}", a.port())
+    };
+    match a.ip() {
+        IpAddr::V4(ip) => vec![v4(ip), v6(ip.to_ipv6_mapped())],
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v) => vec![v4(v), v6(ip)],
+            None => vec![v6(ip)],
+        },
+    }
+}
+
+/// The socket inode of the TCP connection `local` -> `peer` on this node.
+fn tcp_inode(local: &SocketAddr, peer: &SocketAddr) -> Option<u64> {
+    let (l, p) = (proc_net_forms(local), proc_net_forms(peer));
+    for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let t = std::fs::read_to_string(f).unwrap_or_default();
+        for line in t.lines().skip(1) {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            if w.len() > 9 && l.iter().any(|x| x == w[1]) && p.iter().any(|x| x == w[2]) {
+                return w[9].parse().ok();
+            }
+        }
+    }
+    None
+}
+
+/// Every `(kernel pid, fd)` of this node that holds socket `ino`.
+fn holders(ino: u64) -> Vec<(i32, i32)> {
+    let want = format!("socket:[{ino}]");
+    let mut out = Vec::new();
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        for f in std::fs::read_dir(p.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if std::fs::read_link(f.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
+                if let Some(fd) = f.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    out.push((pid, fd));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn sock_err(what: &str, e: std::io::Error) -> ErrorReply {
+    err(libc::EIO, format!("{what}: {e}"))
+}
+
+impl Agent {
+    /// The node whose address is `ip`.
+    fn node_at(&self, ip: IpAddr) -> Option<u32> {
+        let v4 = match ip {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(a) => a.to_ipv4_mapped()?,
+        };
+        match self.node_addrs() {
+            Response::NodeAddrs(v) => v
+                .into_iter()
+                .find(|(_, a)| *a == v4.octets())
+                .map(|(n, _)| n),
+            _ => None,
+        }
+    }
+
+    /// `StreamFreeze` from a process being captured: find the SSI process
+    /// at the other end (on any node) and have it drain and wait.
+    pub(crate) async fn stream_freeze(
+        self: &Arc<Self>,
+        local: String,
+        peer: String,
+    ) -> Result<Response, ErrorReply> {
+        let parse = |s: &str| {
+            s.parse::<SocketAddr>()
+                .map_err(|_| err(libc::EINVAL, format!("bad socket address {s:?}")))
+        };
+        let (l, p) = (parse(&local)?, parse(&peer)?);
+        let node = self.node_at(p.ip()).ok_or_else(|| {
+            err(
+                libc::EOPNOTSUPP,
+                format!("TCP connection {local} -> {peer}: the peer is not a node of the cluster (connections leaving the cluster do not move)"),
+            )
+        })?;
+        let id = if node == self.node_id() {
+            self.stream_hold(p, l).await?
+        } else {
+            let c = self.client(node).await?;
+            c.stream_hold(super::ctx(), p.to_string(), l.to_string())
+                .await
+                .map_err(|e| {
+                    self.drop_client(node);
+                    err(libc::EIO, format!("node {node}: {e}"))
+                })??
+        };
+        Ok(Response::Stream { id, node })
+    }
+
+    /// At the staying peer's node: freeze the SSI process holding the TCP
+    /// connection `local` -> `peer` (`StreamSwap` order); the stream's id.
+    pub(crate) async fn stream_hold(
+        self: &Arc<Self>,
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> Result<u64, ErrorReply> {
+        let what = format!("TCP connection {peer} -> {local}");
+        let ino = tokio::task::spawn_blocking(move || tcp_inode(&local, &peer))
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                err(
+                    libc::ENOTCONN,
+                    format!("{what}: no such connection on node {}", self.node_id()),
+                )
+            })?;
+        let hs = tokio::task::spawn_blocking(move || holders(ino))
+            .await
+            .unwrap_or_default();
+        let (kpid, fd) = match hs.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(err(
+                    libc::EOPNOTSUPP,
+                    format!("{what}: its peer end on node {} is held by no process (closed?)", self.node_id()),
+                ))
+            }
+            _ => {
+                return Err(err(
+                    libc::EOPNOTSUPP,
+                    format!("{what}: its peer end is shared by several processes or fds ({hs:?}): not movable yet"),
+                ))
+            }
+        };
+        let g = self.procs().translate(kpid).ok_or_else(|| {
+            err(
+                libc::EOPNOTSUPP,
+                format!(
+                    "{what}: its peer (kernel pid {kpid} on node {}) is not an SSI process",
+                    self.node_id()
+                ),
+            )
+        })?;
+        let id = (u64::from(self.node_id()) << 40)
+            | self
+                .moving
+                .next
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (dtx, drx) = tokio::sync::oneshot::channel();
+        let (ftx, frx) = tokio::sync::oneshot::channel();
+        self.moving.held().insert(
+            id,
+            Held {
+                drained_tx: Some(dtx),
+                drained_rx: Some(drx),
+                fd_tx: Some(ftx),
+                fd_rx: Some(frx),
+            },
+        );
+        if let Err(e) = self.order_stream_swap(g, kpid, vec![(fd, id)]) {
+            self.moving.held().remove(&id);
+            return Err(e);
+        }
+        tracing::debug!("stream {id:#x}: holding pid {g} fd {fd} ({what})");
+        Ok(id)
+    }
+
+    /// `StreamDrained` from the staying peer.
+    pub(crate) fn stream_drained(
+        &self,
+        id: u64,
+        pending: Vec<u8>,
+        wr_shut: bool,
+    ) -> Result<Response, ErrorReply> {
+        let tx = self
+            .moving
+            .held()
+            .get_mut(&id)
+            .and_then(|h| h.drained_tx.take())
+            .ok_or_else(|| err(libc::ENOENT, format!("stream {id:#x}: not held here")))?;
+        let _ = tx.send((pending, wr_shut));
+        Ok(Response::Ok)
+    }
+
+    /// `StreamAwait` from the staying peer: its end of the new connection.
+    pub(crate) async fn stream_await(
+        &self,
+        id: u64,
+    ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
+        let rx = self
+            .moving
+            .held()
+            .get_mut(&id)
+            .and_then(|h| h.fd_rx.take())
+            .ok_or_else(|| err(libc::ENOENT, format!("stream {id:#x}: not held here")))?;
+        let r = tokio::time::timeout(HANDOVER_TIMEOUT, rx).await;
+        self.moving.held().remove(&id);
+        match r {
+            Ok(Ok(fd)) => Ok((Response::StreamFd, vec![fd])),
+            _ => Err(err(
+                libc::ECONNRESET,
+                format!("stream {id:#x}: the moving peer never reconnected"),
+            )),
+        }
+    }
+
+    /// The agents' port, channel `CHANNEL_STREAM`: the moving side's new
+    /// node connects for stream `id`.
+    pub(crate) async fn stream_accept(self: Arc<Self>, s: tokio::net::TcpStream, from: u32) {
+        if let Err(e) = self.stream_accept_inner(s).await {
+            tracing::warn!("stream hand-over from node {from}: {}", e.msg);
+        }
+    }
+
+    async fn stream_accept_inner(&self, mut s: tokio::net::TcpStream) -> Result<(), ErrorReply> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let id = s
+            .read_u64_le()
+            .await
+            .map_err(|e| sock_err("stream id", e))?;
+        let theirs = read_blob(&mut s).await?;
+        let (drx, ftx) = {
+            let mut h = self.moving.held();
+            let h = h
+                .get_mut(&id)
+                .ok_or_else(|| err(libc::ENOENT, format!("stream {id:#x}: not held here")))?;
+            (h.drained_rx.take(), h.fd_tx.take())
+        };
+        let (drx, ftx) = drx
+            .zip(ftx)
+            .ok_or_else(|| err(libc::EBUSY, format!("stream {id:#x}: already handed over")))?;
+        let (mine, wr_shut) = tokio::time::timeout(HANDOVER_TIMEOUT, drx)
+            .await
+            .map_err(|_| {
+                err(
+                    libc::ETIMEDOUT,
+                    format!("stream {id:#x}: the peer never drained"),
+                )
+            })?
+            .map_err(|_| {
+                err(
+                    libc::ECONNRESET,
+                    format!("stream {id:#x}: the peer went away"),
+                )
+            })?;
+        s.write_u64_le(mine.len() as u64)
+            .await
+            .map_err(|e| sock_err("stream", e))?;
+        s.write_all(&mine)
+            .await
+            .map_err(|e| sock_err("stream", e))?;
+        let fd = refill(s, &theirs, wr_shut).await?;
+        let _ = ftx.send(fd);
+        Ok(())
+    }
+
+    /// `StreamAttach` from the moved process: connect stream `id` to its
+    /// peer's node; this process's end.
+    pub(crate) async fn stream_attach(
+        &self,
+        id: u64,
+        node: u32,
+        pending: Vec<u8>,
+        wr_shut: bool,
+    ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
+        use tokio::io::AsyncWriteExt;
+        let addr = if node == self.node_id() {
+            self.cfg.advertise
+        } else {
+            self.members().get(&node).map(|m| m.addr).ok_or_else(|| {
+                err(
+                    libc::EHOSTDOWN,
+                    format!("stream {id:#x}: node {node} is unknown"),
+                )
+            })?
+        };
+        let what = format!("stream {id:#x} to node {node}");
+        let mut s = tokio::time::timeout(HANDOVER_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| err(libc::ETIMEDOUT, format!("{what}: connect timed out")))?
+            .map_err(|e| sock_err(&what, e))?;
+        super::auth::client(&mut s, &self.cfg.key, self.node_id())
+            .await
+            .map_err(|e| sock_err(&what, e))?;
+        s.write_all(&[CHANNEL_STREAM])
+            .await
+            .map_err(|e| sock_err(&what, e))?;
+        s.write_u64_le(id).await.map_err(|e| sock_err(&what, e))?;
+        s.write_u64_le(pending.len() as u64)
+            .await
+            .map_err(|e| sock_err(&what, e))?;
+        s.write_all(&pending)
+            .await
+            .map_err(|e| sock_err(&what, e))?;
+        let theirs = tokio::time::timeout(HANDOVER_TIMEOUT, read_blob(&mut s))
+            .await
+            .map_err(|_| err(libc::ETIMEDOUT, format!("{what}: no answer")))??;
+        let fd = refill(s, &theirs, wr_shut).await?;
+        Ok((Response::StreamFd, vec![fd]))
+    }
+}
+
+async fn read_blob(s: &mut tokio::net::TcpStream) -> Result<Vec<u8>, ErrorReply> {
+    use tokio::io::AsyncReadExt;
+    let n = s.read_u64_le().await.map_err(|e| sock_err("stream", e))?;
+    if n > MAX_PENDING {
+        return Err(err(
+            libc::EMSGSIZE,
+            format!("stream: {n} pending bytes announced"),
+        ));
+    }
+    let mut b = vec![0u8; n as usize];
+    s.read_exact(&mut b)
+        .await
+        .map_err(|e| sock_err("stream", e))?;
+    Ok(b)
+}
+
+/// Write the other side's pending bytes into our end (they arrive first on
+/// the other side), shut writing if our process had, and give our end
+/// back as a plain blocking socket.
+async fn refill(
+    mut s: tokio::net::TcpStream,
+    theirs: &[u8],
+    wr_shut: bool,
+) -> Result<std::os::fd::OwnedFd, ErrorReply> {
+    use tokio::io::AsyncWriteExt;
+    if !theirs.is_empty() {
+        // Room for all of it in our send buffer, so that neither side
+        // waits for a process that is not reading yet (root may exceed
+        // wmem_max).
+        let want = theirs
+            .len()
+            .saturating_add(4 << 20)
+            .min(i32::MAX as usize / 2);
+        let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::SndBufForce, &want);
+        s.write_all(theirs)
+            .await
+            .map_err(|e| sock_err("stream refill", e))?;
+    }
+    s.flush().await.map_err(|e| sock_err("stream refill", e))?;
+    let std = s.into_std().map_err(|e| sock_err("stream", e))?;
+    std.set_nonblocking(false)
+        .map_err(|e| sock_err("stream", e))?;
+    if wr_shut {
+        let _ = std.shutdown(std::net::Shutdown::Write);
+    }
+    Ok(std::os::fd::OwnedFd::from(std))
+}

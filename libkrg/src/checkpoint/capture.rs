@@ -172,7 +172,7 @@ pub fn refusal(fd: i32, link: &str) -> Option<String> {
             other => Some(format!("fd {fd}: {other} is not migratable")),
         };
     }
-    if link.starts_with("socket:") || link.starts_with("pipe:") {
+    if link.starts_with("pipe:") {
         return (fd > 2).then(|| {
             format!("fd {fd}: {link} is not migratable (only stdin, stdout and stderr follow a process for now)")
         });
@@ -251,7 +251,26 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
                 return Err(format!("fd {fd}: device {link_s} is not migratable"));
             }
         }
-        libc::S_IFIFO | libc::S_IFSOCK => FdKind::Relay,
+        libc::S_IFIFO => FdKind::Relay,
+        libc::S_IFSOCK if fd <= 2 => FdKind::Relay,
+        libc::S_IFSOCK => {
+            if crate::streams::moving::tcp_ends(fd).is_none() {
+                return Err(format!("fd {fd}: {link_s} is not migratable (only TCP connections move, and stdin, stdout and stderr)"));
+            }
+            let o = crate::streams::moving::opts(fd);
+            // Filled in by the migration (`streams::moving`), which moves
+            // the connection; a checkpoint to disk refuses it.
+            FdKind::Tcp {
+                id: 0,
+                node: 0,
+                pending: Vec::new(),
+                wr_shut: false,
+                flags: o.flags,
+                nodelay: o.nodelay,
+                keepalive: o.keepalive,
+                alias_of: -1,
+            }
+        }
         _ if link_s == "anon_inode:[eventfd]" => {
             let info =
                 std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();

@@ -171,6 +171,22 @@ pub enum FdKind {
         mask: u64,
         flags: i32,
     },
+    /// A TCP connection to another SSI process, moved with this one:
+    /// stream `id` held by the agent of `node` (the peer's), the bytes that
+    /// were in flight for this process, whether it had shut down writing,
+    /// and the file flags and options its new connection gets.
+    Tcp {
+        id: u64,
+        node: u32,
+        pending: Vec<u8>,
+        wr_shut: bool,
+        flags: i32,
+        nodelay: bool,
+        keepalive: bool,
+        /// Another fd of the image for the same connection (`dup`): this
+        /// one is a copy of it, or -1.
+        alias_of: i32,
+    },
     /// An epoll instance with what it watches: `(fd, events, data)`, added
     /// again once every other fd is back under its number.
     Epoll {

@@ -41,6 +41,146 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
             f.kind = FdKind::Relay;
         }
     }
+    // TCP connections to other SSI processes: freeze their peers and drain
+    // both sides; from here on, a failure must hand them back here.
+    move_streams(&mut meta.fds)?;
+    match send(order, &meta, &regions, &runs) {
+        Ok((bytes, conns)) => {
+            report(true, String::new(), bytes);
+            become_shadow(
+                meta.gpid, order.node, &meta.exe, &meta.argv, &meta.env, conns,
+            )
+        }
+        Err(e) => {
+            reattach_streams(&meta.fds);
+            Err(e)
+        }
+    }
+}
+
+/// Freeze the peer of each TCP connection and drain it (the bytes in
+/// flight for this process go in the image). Fds that are copies of one
+/// connection (`dup`) move once. On a failure the streams already taken
+/// are reconnected here.
+fn move_streams(fds: &mut [super::image::FdState]) -> Result<(), String> {
+    use crate::streams::moving;
+    let mut seen: Vec<(u64, i32)> = Vec::new();
+    for i in 0..fds.len() {
+        let fd = fds[i].fd;
+        if !matches!(fds[i].kind, FdKind::Tcp { .. }) {
+            continue;
+        }
+        let ino = sock_ino(fd);
+        if let Some(&(_, first)) = seen.iter().find(|(n, _)| Some(*n) == ino) {
+            if let FdKind::Tcp { alias_of, .. } = &mut fds[i].kind {
+                *alias_of = first;
+            }
+            continue;
+        }
+        let r = moving::tcp_ends(fd)
+            .ok_or_else(|| format!("fd {fd}: the TCP connection is not connected"))
+            .and_then(|(l, p)| moving::freeze(fd, l, p));
+        let (sid, snode) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                reattach_streams(&fds[..i]);
+                return Err(e);
+            }
+        };
+        if let Some(n) = ino {
+            seen.push((n, fd));
+        }
+        // Frozen peer: from now on this stream is handed over, here or
+        // there, whatever happens.
+        let drained = moving::drain(fd);
+        if let FdKind::Tcp {
+            id,
+            node,
+            pending,
+            wr_shut,
+            ..
+        } = &mut fds[i].kind
+        {
+            *id = sid;
+            *node = snode;
+            if let Ok((p, w)) = &drained {
+                *pending = p.clone();
+                *wr_shut = *w;
+            }
+        }
+        if let Err(e) = drained {
+            reattach_streams(&fds[..=i]);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn sock_ino(fd: i32) -> Option<u64> {
+    // SAFETY: st is ours; fstat only reads the fd's state.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+}
+
+/// The migration failed after its connections were drained: connect them
+/// again from here, refilled, under their numbers.
+fn reattach_streams(fds: &[super::image::FdState]) {
+    use crate::streams::moving;
+    for f in fds {
+        let FdKind::Tcp {
+            id,
+            node,
+            pending,
+            wr_shut,
+            flags,
+            nodelay,
+            keepalive,
+            alias_of,
+        } = &f.kind
+        else {
+            continue;
+        };
+        let r = if *alias_of >= 0 {
+            // SAFETY: makes our fd a copy of another of ours.
+            if unsafe { libc::dup3(*alias_of, f.fd, 0) } < 0 {
+                Err(format!("dup3: {}", std::io::Error::last_os_error()))
+            } else {
+                Ok(())
+            }
+        } else if *id == 0 {
+            continue;
+        } else {
+            moving::attach(*id, *node, pending.clone(), *wr_shut).and_then(|new| {
+                moving::apply(
+                    &new,
+                    &moving::Opts {
+                        flags: *flags,
+                        nodelay: *nodelay,
+                        keepalive: *keepalive,
+                    },
+                );
+                moving::install(f.fd, new)
+            })
+        };
+        if let Err(e) = r {
+            crate::krg_log!(
+                crate::log::Level::Warn,
+                "fd {}: reconnecting after a failed migration: {e}",
+                f.fd
+            );
+        }
+    }
+}
+
+/// Send the image to `order.node`; the byte count and this side's
+/// connections to the restored program (stdio relays).
+fn send(
+    order: &Order,
+    meta: &super::image::Meta,
+    regions: &[super::image::Region],
+    runs: &[(u64, u64)],
+) -> Result<(u64, Vec<(u8, OwnedFd)>), String> {
     let listener = Listener::new()?;
     let mut token = [0u8; 16];
     // SAFETY: getrandom writes at most token.len() bytes into token.
@@ -86,7 +226,7 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     let (_, image) = conns.remove(i);
     // SAFETY: blocking mode on our own socket.
     unsafe { libc::fcntl(image.as_raw_fd(), libc::F_SETFL, 0) };
-    let bytes = match capture::write_image(image.as_raw_fd(), &meta, &regions, &runs) {
+    let bytes = match capture::write_image(image.as_raw_fd(), meta, regions, runs) {
         Ok(b) => b,
         // The restorer says why it gave up on the same connection.
         Err(e) => return Err(why_refused(&image).unwrap_or(e)),
@@ -94,10 +234,7 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     // SAFETY: half-close our socket: the target sees the end of the image.
     unsafe { libc::shutdown(image.as_raw_fd(), libc::SHUT_WR) };
     drop(image);
-    report(true, String::new(), bytes);
-    become_shadow(
-        meta.gpid, order.node, &meta.exe, &meta.argv, &meta.env, conns,
-    )
+    Ok((bytes, conns))
 }
 
 /// The restorer's last words on the image connection, if any.

@@ -333,6 +333,8 @@ pub(crate) struct Order {
     pub(crate) path: Vec<u8>,
     pub(crate) kill: bool,
     pub(crate) node: u32,
+    /// `StreamSwap`: (fd, stream id) of each connection to hand over.
+    pub(crate) streams: Vec<(i32, u64)>,
 }
 
 /// An order the process gave itself (`krg_checkpoint`, `krg_migrate`):
@@ -431,6 +433,7 @@ pub fn checkpoint_self(dir: &std::path::Path) -> Result<bool, (i32, String)> {
         path: dir.as_os_str().as_bytes().to_vec(),
         kill: false,
         node: 0,
+        streams: Vec::new(),
     })
 }
 
@@ -457,6 +460,7 @@ pub fn migrate_self(node: u32) -> Result<(), (i32, String)> {
         path: Vec::new(),
         kill: false,
         node,
+        streams: Vec::new(),
     })
     .map(|_| ())
 }
@@ -476,6 +480,7 @@ fn ask_order() -> Result<Option<Order>, String> {
                 path: o.path,
                 kill: o.kill,
                 node: o.node,
+                streams: o.streams,
             }),
         }),
         Ok(other) => Err(format!("unexpected answer {other:?}")),
@@ -508,7 +513,10 @@ fn lead() {
         }
     };
     let kill = order.kill;
-    run_callbacks(&BEFORE);
+    // A stream swap is not a capture: the program's callbacks stay out.
+    if order.action != CkptAction::StreamSwap {
+        run_callbacks(&BEFORE);
+    }
     let r = lead_capture(&order);
     drop(order);
     match r {
@@ -586,6 +594,11 @@ fn lead_capture(order: &Order) -> Result<Option<u64>, String> {
             ));
         }
         futex_wait(&PARKED, parked as u32, 20);
+    }
+    if order.action == CkptAction::StreamSwap {
+        // Every thread is parked (a blocked read or write of the old
+        // connection was interrupted and restarts on the new one).
+        return crate::streams::moving::swap(&order.streams).map(|()| Some(0));
     }
     if signalled.len() + 1 > MAX_THREADS {
         return Err(format!("more than {MAX_THREADS} threads"));
@@ -672,6 +685,15 @@ fn take_image(order: &Order) -> Result<u64, String> {
     let arena = alloc::range();
     let (regions, runs) = capture::regions(&maps, &[arena])?;
     let fds = capture::capture_fds(&[fd])?;
+    if let Some(f) = fds
+        .iter()
+        .find(|f| matches!(f.kind, image::FdKind::Tcp { .. }))
+    {
+        return Err(format!(
+            "fd {}: a TCP connection moves with krg migrate, not in a checkpoint image (it could not reconnect at restart)",
+            f.fd
+        ));
+    }
     let mem: u64 = runs.iter().map(|r| r.1).sum();
     let meta = capture::meta(
         &maps,

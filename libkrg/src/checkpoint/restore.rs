@@ -299,6 +299,47 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
                 ticks,
             } => timerfd(f.fd, *clockid, *flags, *value, *interval, *ticks)?,
             FdKind::SignalFd { mask, flags } => signalfd(f.fd, *mask, *flags)?,
+            FdKind::Tcp {
+                id,
+                node,
+                pending,
+                wr_shut,
+                flags,
+                nodelay,
+                keepalive,
+                alias_of,
+            } if *alias_of < 0 => {
+                use crate::streams::moving;
+                let new = moving::attach(*id, *node, pending.clone(), *wr_shut)
+                    .map_err(|e| format!("fd {}: {e}", f.fd))?;
+                moving::apply(
+                    &new,
+                    &moving::Opts {
+                        flags: *flags,
+                        nodelay: *nodelay,
+                        keepalive: *keepalive,
+                    },
+                );
+                std::os::fd::IntoRawFd::into_raw_fd(new)
+            }
+            FdKind::Tcp { alias_of, .. } => {
+                // A copy of a connection placed above (its fd is lower).
+                let (tmp, _, _) = placed
+                    .iter()
+                    .find(|(_, target, _)| target == alias_of)
+                    .ok_or_else(|| {
+                        format!(
+                            "fd {}: copy of fd {alias_of}, which is not in the image",
+                            f.fd
+                        )
+                    })?;
+                // SAFETY: duplicates our own temporary fd.
+                let fd = unsafe { libc::dup(*tmp) };
+                if fd < 0 {
+                    return Err(os_err(&format!("fd {}: dup", f.fd)));
+                }
+                fd
+            }
             FdKind::Epoll { flags, .. } => {
                 // SAFETY: creates a new epoll instance; what it watches is
                 // added once every fd is under its number (below).

@@ -8,6 +8,7 @@
 //! comes next.
 
 pub mod loopback;
+pub mod moving;
 
 pub use loopback::{accept, bind, connect, getsockname, listen};
 

@@ -1,0 +1,259 @@
+//! Moving a TCP connection between two SSI processes with one of them
+//! (see docs/architecture/streams.md, "Moving TCP connections").
+//!
+//! Both ends are frozen. Each shuts down writing and reads its socket to
+//! EOF: what was in flight for it is then in hand (the mover's goes in its
+//! image, the peer's to its agent). The agents make a new connection
+//! between the nodes where the two ends now are and write each side's
+//! pending bytes into it from the *other* side, so each process reads
+//! first what it had not read yet. Each process then puts its end under
+//! the old fd number, with the old file flags and options, and re-adds it
+//! to the epoll sets that watched the old one. Threads blocked in the old
+//! socket were interrupted by the freeze and restart on the new one.
+//!
+//! Everything here runs in the leader of a capture (the other threads
+//! parked), or in a restorer before the program runs.
+
+use crate::client;
+use crate::proto::{Request, Response};
+use std::mem::ManuallyDrop;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// Longest a drain may wait for the other side's end of stream.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a connection was, as it is given back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opts {
+    /// `F_GETFL` flags (`O_NONBLOCK`).
+    pub flags: i32,
+    pub nodelay: bool,
+    pub keepalive: bool,
+}
+
+/// The two ends of `fd` if it is a connected TCP socket (IPv4 or IPv6):
+/// `(local, peer)` as text.
+pub fn tcp_ends(fd: RawFd) -> Option<(String, String)> {
+    let ty = int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE)?;
+    let proto = int_opt(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+    if ty != libc::SOCK_STREAM || proto != libc::IPPROTO_TCP {
+        return None;
+    }
+    // SAFETY: borrowed for two queries; ManuallyDrop never closes it.
+    let s = ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) });
+    let (l, p) = (s.local_addr().ok()?, s.peer_addr().ok()?);
+    Some((l.to_string(), p.to_string()))
+}
+
+fn int_opt(fd: RawFd, level: i32, opt: i32) -> Option<i32> {
+    let mut v: libc::c_int = 0;
+    let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: an int-sized buffer and its length.
+    let r = unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut i32).cast(), &mut l) };
+    (r == 0).then_some(v)
+}
+
+fn set_int_opt(fd: RawFd, level: i32, opt: i32, v: i32) {
+    // SAFETY: an int-sized value and its length.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&v as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+}
+
+/// The options of `fd` that its replacement must keep.
+pub fn opts(fd: RawFd) -> Opts {
+    Opts {
+        // SAFETY: F_GETFL only reads.
+        flags: unsafe { libc::fcntl(fd, libc::F_GETFL) }.max(0),
+        nodelay: int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0) != 0,
+        keepalive: int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE).unwrap_or(0) != 0,
+    }
+}
+
+/// Whether this side had shut down writing (its FIN sent), from the TCP
+/// state.
+fn wr_shut(fd: RawFd) -> bool {
+    // tcpi_state is the first byte of struct tcp_info.
+    let mut info = [0u8; 232];
+    let mut l = info.len() as libc::socklen_t;
+    // SAFETY: our buffer and its length.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut l,
+        )
+    };
+    // FIN_WAIT1 4, FIN_WAIT2 5, TIME_WAIT 6, CLOSE 7, LAST_ACK 9, CLOSING 11.
+    r == 0 && matches!(info[0], 4 | 5 | 6 | 7 | 9 | 11)
+}
+
+/// Shut down writing and read `fd` to EOF: what was in flight for this
+/// side, and whether it had shut down writing itself before.
+pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
+    let was_shut = wr_shut(fd);
+    // SAFETY: shutdown on our socket (the other threads are parked).
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "fd {fd}: the other end did not finish its side of the connection within {}s",
+                DRAIN_TIMEOUT.as_secs()
+            ));
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) };
+        if n <= 0 {
+            continue;
+        }
+        // SAFETY: reads into our buffer without blocking.
+        let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        match r {
+            0 => return Ok((out, was_shut)),
+            n if n > 0 => out.extend_from_slice(&buf[..n as usize]),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) | Some(libc::EINTR) => {}
+                    // Reset by the peer: nothing more will come.
+                    _ => return Err(format!("fd {fd}: draining the connection: {e}")),
+                }
+            }
+        }
+    }
+}
+
+/// `StreamFreeze`: the agents find the peer of connection `fd` and have it
+/// drain and wait. `(stream id, peer's node)`.
+pub fn freeze(fd: RawFd, local: String, peer: String) -> Result<(u64, u32), String> {
+    match client::call(&Request::StreamFreeze { local, peer }) {
+        Ok(Response::Stream { id, node }) => Ok((id, node)),
+        Ok(other) => Err(format!("fd {fd}: unexpected answer {other:?}")),
+        Err(e) => Err(format!("fd {fd}: {e}")),
+    }
+}
+
+/// This side's end of the new connection for stream `id`, refilled with
+/// `pending`.
+pub fn attach(id: u64, node: u32, pending: Vec<u8>, wr_shut: bool) -> Result<OwnedFd, String> {
+    let req = Request::StreamAttach {
+        id,
+        node,
+        pending,
+        wr_shut,
+    };
+    one_fd(&req, id)
+}
+
+fn one_fd(req: &Request, id: u64) -> Result<OwnedFd, String> {
+    match client::call_fds(req) {
+        Ok((Response::StreamFd, mut fds)) if fds.len() == 1 => Ok(fds.remove(0)),
+        Ok((other, _)) => Err(format!("stream {id:#x}: unexpected answer {other:?}")),
+        Err(e) => Err(format!("stream {id:#x}: {e}")),
+    }
+}
+
+/// Give `new` the options of what it replaces.
+pub fn apply(new: &OwnedFd, o: &Opts) {
+    let fd = new.as_raw_fd();
+    // SAFETY: sets the status flags of our own socket.
+    unsafe { libc::fcntl(fd, libc::F_SETFL, o.flags & libc::O_NONBLOCK) };
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, o.nodelay as i32);
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, o.keepalive as i32);
+}
+
+/// Every `(epoll fd, events, data)` of this process that watches `fd`.
+fn epoll_watches_of(fd: RawFd) -> Vec<(RawFd, u32, u64)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(ep) = e.file_name().to_str().and_then(|s| s.parse::<RawFd>().ok()) else {
+            continue;
+        };
+        if !std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[eventpoll]") {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{ep}")).unwrap_or_default();
+        for l in info.lines().filter(|l| l.starts_with("tfd:")) {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let at = |k: &str| w.iter().position(|x| *x == k).and_then(|i| w.get(i + 1));
+            let tfd = at("tfd:").and_then(|v| v.parse::<RawFd>().ok());
+            let ev = at("events:").and_then(|v| u32::from_str_radix(v, 16).ok());
+            let data = at("data:").and_then(|v| u64::from_str_radix(v, 16).ok());
+            if let (Some(t), Some(ev), Some(data)) = (tfd, ev, data) {
+                if t == fd {
+                    out.push((ep, ev, data));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Put `new` under number `fd` (its close-on-exec flag kept) in place of
+/// the old connection, and in the epoll sets that watched the old one.
+pub fn install(fd: RawFd, new: OwnedFd) -> Result<(), String> {
+    let watches = epoll_watches_of(fd);
+    // SAFETY: F_GETFD only reads.
+    let cloexec = unsafe { libc::fcntl(fd, libc::F_GETFD) } > 0;
+    let fl = if cloexec { libc::O_CLOEXEC } else { 0 };
+    // SAFETY: replaces our fd `fd` by our new socket (closing the old one,
+    // which also drops it from every epoll set).
+    if unsafe { libc::dup3(new.as_raw_fd(), fd, fl) } < 0 {
+        return Err(format!(
+            "fd {fd}: dup3: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    drop(new);
+    for (ep, events, data) in watches {
+        let mut ev = libc::epoll_event { events, u64: data };
+        // SAFETY: re-adds fd to an epoll instance of ours.
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    }
+    Ok(())
+}
+
+/// The staying peer's side (`StreamSwap` order), threads parked: drain
+/// each connection, tell the agent, take the new connection in its place.
+pub fn swap(streams: &[(RawFd, u64)]) -> Result<(), String> {
+    let mut drained = Vec::new();
+    for &(fd, id) in streams {
+        let o = opts(fd);
+        let (pending, wr) = drain(fd)?;
+        client::call(&Request::StreamDrained {
+            id,
+            pending,
+            wr_shut: wr,
+        })
+        .map_err(|e| format!("stream {id:#x}: {e}"))?;
+        drained.push((fd, id, o));
+    }
+    for (fd, id, o) in drained {
+        let new = one_fd(&Request::StreamAwait { id }, id)?;
+        apply(&new, &o);
+        install(fd, new)?;
+    }
+    Ok(())
+}
