@@ -371,3 +371,55 @@ fn a_tcp_client_migrated_twice_mid_conversation_loses_no_byte_and_leaves_nothing
         "{s}"
     );
 }
+
+#[test]
+fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
+    let c = Cluster::up(3, 1.0);
+    let t = tcpecho();
+    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 2);
+    let n = "400000";
+    let cli = c
+        .cmd(2, &[&t, "client", "127.0.0.1", &port.to_string(), n])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = find(&c, &format!("{t} serve"))
+        .expect("server in krg ps")
+        .0
+        .to_string();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for (to, left) in [(3u32, 1u32), (1, 3)] {
+        let out = c.krg(2, &["migrate", &pid, &to.to_string()]);
+        assert!(
+            out.status.success(),
+            "migrate the server to {to}: {}",
+            show(&out)
+        );
+        assert_eq!(
+            find(&c, &format!("{t} serve")).map(|p| p.1),
+            Some(to as u64)
+        );
+        let (new, old) = traffic(&c, to, left);
+        assert!(
+            new > 500_000 && old < new / 20,
+            "one second of conversation: node {to} (server) moved {new} bytes, node {left} (left) {old}"
+        );
+    }
+    let out = cli.wait_with_output().unwrap();
+    assert_eq!(
+        ok(&out, "client").trim(),
+        format!("ok {n}"),
+        "every reply checked"
+    );
+    // Its listening socket moved too: a new client reaches it at 127.0.0.1.
+    let out = client(&c, &t, 3, "127.0.0.1", port, 100);
+    assert_eq!(ok(&out, "new client on node 3").trim(), "ok 100");
+    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    assert!(
+        s.contains(&format!(
+            "served 2 connections, 400100 lines, bound to 127.0.0.1 port {port}"
+        )),
+        "{s}"
+    );
+}

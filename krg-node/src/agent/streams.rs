@@ -415,18 +415,26 @@ impl Agent {
         let hs = tokio::task::spawn_blocking(move || holders(ino))
             .await
             .unwrap_or_default();
-        let (kpid, fd) = match hs.as_slice() {
-            [one] => *one,
+        let (kpid, fds) = match hs.as_slice() {
             [] => {
                 return Err(err(
                     libc::EOPNOTSUPP,
-                    format!("{what}: its peer end on node {} is held by no process (closed?)", self.node_id()),
+                    format!(
+                        "{what}: its peer end on node {} is held by no process (closed?)",
+                        self.node_id()
+                    ),
                 ))
+            }
+            // Several fds of one process (dup): all handed over together.
+            [(k, _), ..] if hs.iter().all(|(p, _)| p == k) => {
+                (*k, hs.iter().map(|(_, fd)| *fd).collect::<Vec<i32>>())
             }
             _ => {
                 return Err(err(
                     libc::EOPNOTSUPP,
-                    format!("{what}: its peer end is shared by several processes or fds ({hs:?}): not movable yet"),
+                    format!(
+                    "{what}: its peer end is shared by several processes ({hs:?}): not movable yet"
+                ),
                 ))
             }
         };
@@ -455,11 +463,12 @@ impl Agent {
                 fd_rx: Some(frx),
             },
         );
-        if let Err(e) = self.order_stream_swap(g, kpid, vec![(fd, id)]) {
+        let order = fds.iter().map(|fd| (*fd, id)).collect();
+        if let Err(e) = self.order_stream_swap(g, kpid, order) {
             self.moving.held().remove(&id);
             return Err(e);
         }
-        tracing::debug!("stream {id:#x}: holding pid {g} fd {fd} ({what})");
+        tracing::debug!("stream {id:#x}: holding pid {g} fds {fds:?} ({what})");
         Ok(id)
     }
 

@@ -254,6 +254,20 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
         libc::S_IFIFO => FdKind::Relay,
         libc::S_IFSOCK if fd <= 2 => FdKind::Relay,
         libc::S_IFSOCK => {
+            if let Some(l) = crate::streams::moving::listening(fd)? {
+                return Ok(Some(FdState {
+                    fd,
+                    cloexec,
+                    kind: FdKind::TcpListen {
+                        addr: l.addr.to_string(),
+                        v6only: l.v6only,
+                        reuseaddr: l.reuseaddr,
+                        reuseport: l.reuseport,
+                        backlog: l.backlog,
+                        flags: l.flags,
+                    },
+                }));
+            }
             if crate::streams::moving::tcp_ends(fd).is_none() {
                 return Err(format!("fd {fd}: {link_s} is not migratable (only TCP connections move, and stdin, stdout and stderr)"));
             }

@@ -187,6 +187,16 @@ pub enum FdKind {
         /// one is a copy of it, or -1.
         alias_of: i32,
     },
+    /// A listening TCP socket, bound again to the same address and port on
+    /// the new node (`addr` as text, the kernel's address).
+    TcpListen {
+        addr: String,
+        v6only: bool,
+        reuseaddr: bool,
+        reuseport: bool,
+        backlog: i32,
+        flags: i32,
+    },
     /// An epoll instance with what it watches: `(fd, events, data)`, added
     /// again once every other fd is back under its number.
     Epoll {

@@ -46,6 +46,13 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     move_streams(&mut meta.fds)?;
     match send(order, &meta, &regions, &runs) {
         Ok((bytes, conns)) => {
+            // The old ends of moved sockets stay out of the shadow.
+            for f in &meta.fds {
+                if matches!(f.kind, FdKind::Tcp { .. } | FdKind::TcpListen { .. }) {
+                    // SAFETY: closes our own fd; nothing uses it any more.
+                    unsafe { libc::close(f.fd) };
+                }
+            }
             report(true, String::new(), bytes);
             become_shadow(
                 meta.gpid, order.node, &meta.exe, &meta.argv, &meta.env, conns,
@@ -113,7 +120,55 @@ fn move_streams(fds: &mut [super::image::FdState]) -> Result<(), String> {
             return Err(e);
         }
     }
+    // Listening sockets: closed here now (the port must be free for the new
+    // node to bind it), made again there.
+    for f in fds.iter() {
+        if matches!(f.kind, FdKind::TcpListen { .. }) {
+            if let Err(e) = park_fd(f.fd) {
+                reattach_streams(fds);
+                return Err(e);
+            }
+        }
+    }
     Ok(())
+}
+
+/// The listening socket an image fd describes.
+pub(crate) fn listening_of(k: &FdKind) -> Option<crate::streams::moving::Listening> {
+    let FdKind::TcpListen {
+        addr,
+        v6only,
+        reuseaddr,
+        reuseport,
+        backlog,
+        flags,
+    } = k
+    else {
+        return None;
+    };
+    Some(crate::streams::moving::Listening {
+        addr: addr.parse().ok()?,
+        v6only: *v6only,
+        reuseaddr: *reuseaddr,
+        reuseport: *reuseport,
+        backlog: *backlog,
+        flags: *flags,
+    })
+}
+
+/// Close what `fd` holds but keep the number taken (by `/dev/null`), so
+/// that nothing the capture opens lands there before a rollback.
+fn park_fd(fd: i32) -> Result<(), String> {
+    // SAFETY: opens /dev/null and puts it under our fd number.
+    let ok = unsafe {
+        let n = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        n >= 0 && libc::dup3(n, fd, libc::O_CLOEXEC) >= 0 && libc::close(n) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("fd {fd}: {}", std::io::Error::last_os_error()))
+    }
 }
 
 fn sock_ino(fd: i32) -> Option<u64> {
@@ -128,6 +183,30 @@ fn sock_ino(fd: i32) -> Option<u64> {
 fn reattach_streams(fds: &[super::image::FdState]) {
     use crate::streams::moving;
     for f in fds {
+        if let Some(l) = listening_of(&f.kind) {
+            // Closed by the move: make it again here, if it was.
+            let parked = std::fs::read_link(format!("/proc/self/fd/{}", f.fd))
+                .is_ok_and(|p| p.as_os_str() == "/dev/null");
+            if parked {
+                let r = crate::streams::moving::relisten(&l).and_then(|s| {
+                    let fl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+                    // SAFETY: puts our new socket under the old number.
+                    if unsafe { libc::dup3(std::os::fd::AsRawFd::as_raw_fd(&s), f.fd, fl) } < 0 {
+                        Err(format!("dup3: {}", std::io::Error::last_os_error()))
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(e) = r {
+                    crate::krg_log!(
+                        crate::log::Level::Warn,
+                        "fd {}: listening again after a failed migration: {e}",
+                        f.fd
+                    );
+                }
+            }
+            continue;
+        }
         let FdKind::Tcp {
             id,
             node,

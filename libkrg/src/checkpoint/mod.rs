@@ -685,12 +685,14 @@ fn take_image(order: &Order) -> Result<u64, String> {
     let arena = alloc::range();
     let (regions, runs) = capture::regions(&maps, &[arena])?;
     let fds = capture::capture_fds(&[fd])?;
-    if let Some(f) = fds
-        .iter()
-        .find(|f| matches!(f.kind, image::FdKind::Tcp { .. }))
-    {
+    if let Some(f) = fds.iter().find(|f| {
+        matches!(
+            f.kind,
+            image::FdKind::Tcp { .. } | image::FdKind::TcpListen { .. }
+        )
+    }) {
         return Err(format!(
-            "fd {}: a TCP connection moves with krg migrate, not in a checkpoint image (it could not reconnect at restart)",
+            "fd {}: a TCP socket moves with krg migrate, not in a checkpoint image (it could not reconnect at restart)",
             f.fd
         ));
     }

@@ -322,6 +322,13 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
                 );
                 std::os::fd::IntoRawFd::into_raw_fd(new)
             }
+            FdKind::TcpListen { .. } => {
+                let l = crate::checkpoint::migrate::listening_of(&f.kind)
+                    .ok_or_else(|| format!("fd {}: bad listening address", f.fd))?;
+                let s = crate::streams::moving::relisten(&l)
+                    .map_err(|e| format!("fd {}: {e}", f.fd))?;
+                std::os::fd::IntoRawFd::into_raw_fd(s)
+            }
             FdKind::Tcp { alias_of, .. } => {
                 // A copy of a connection placed above (its fd is lower).
                 let (tmp, _, _) = placed

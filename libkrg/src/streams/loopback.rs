@@ -144,10 +144,14 @@ impl Addr {
 
 // --- the sockets bound to the wildcard in place of the loopback ----------
 
-/// How many such listening sockets are remembered (by inode); past that the
-/// oldest are forgotten (their `accept` is then unfiltered).
+/// How many such ports are remembered; past that the oldest are forgotten
+/// (their `accept` is then unfiltered).
 const SLOTS: usize = 256;
-static INOS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
+/// Keyed by local port and family (`KEY_BIT | v6 << 16 | port`), not by
+/// socket: the key survives a migration (the listener is bound to the same
+/// port on its new node, and this table is part of the process's memory).
+static KEYS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
+const KEY_BIT: u64 = 1 << 17;
 /// The address the program asked for: `1 << 32 | IPv4` (an IPv4 or
 /// IPv4-mapped loopback) or `2 << 32` (`::1`).
 static ORIG: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
@@ -156,38 +160,58 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 /// socket cost one atomic load.
 static ANY: AtomicUsize = AtomicUsize::new(0);
 
-fn sock_ino(fd: c_int) -> Option<u64> {
-    // SAFETY: stat is plain data, all-zero valid; fstat fills it.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: a live, writable stat buffer.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+fn key_of(a: &Addr) -> u64 {
+    KEY_BIT | (a.v6() as u64) << 16 | a.port() as u64
+}
+
+/// This socket's own address, without going through our hook.
+fn local_addr(fd: c_int) -> Option<Addr> {
+    let mut me = Addr {
+        b: [0; V6_LEN],
+        len: V6_LEN,
+    };
+    let mut l = V6_LEN as socklen_t;
+    // SAFETY: the raw system call (not the hooked libc symbol) with our
+    // buffer and its length.
+    let r = unsafe { libc::syscall(libc::SYS_getsockname, fd, me.b.as_mut_ptr(), &mut l) };
+    if r != 0 {
         return None;
     }
-    Some(st.st_ino)
+    Addr::read(me.as_ptr(), l)
 }
 
 fn remember(fd: c_int, asked: &Addr) {
-    let Some(ino) = sock_ino(fd) else { return };
+    let Some(me) = local_addr(fd) else { return };
     let orig = match asked.ipv4() {
         Some(v4) => 1 << 32 | u32::from_be_bytes(v4) as u64,
         None => 2 << 32,
     };
+    forget(&me);
     let i = NEXT.fetch_add(1, Ordering::Relaxed) % SLOTS;
-    // A reader may see the new inode with the previous slot's address for
+    // A reader may see the new key with the previous slot's address for
     // an instant: both are loopback addresses of listeners of ours.
-    INOS[i].store(ino, Ordering::Release);
+    KEYS[i].store(key_of(&me), Ordering::Release);
     ORIG[i].store(orig, Ordering::Release);
     ANY.store(1, Ordering::Release);
 }
 
-/// The address the program bound `fd` to, if it is one of ours.
+/// A port of this family bound again by the program for another address.
+fn forget(a: &Addr) {
+    let k = key_of(a);
+    for slot in &KEYS {
+        let _ = slot.compare_exchange(k, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// The address the program bound `fd`'s port to, if it asked for the
+/// loopback.
 fn remembered(fd: c_int) -> Option<u64> {
     if ANY.load(Ordering::Acquire) == 0 {
         return None;
     }
-    let ino = sock_ino(fd)?;
+    let k = key_of(&local_addr(fd)?);
     (0..SLOTS)
-        .find(|&i| INOS[i].load(Ordering::Acquire) == ino)
+        .find(|&i| KEYS[i].load(Ordering::Acquire) == k)
         .map(|i| ORIG[i].load(Ordering::Acquire))
 }
 
@@ -238,7 +262,7 @@ fn random_u16() -> u16 {
 }
 
 /// Outcome of a reservation.
-enum Reserved {
+pub(crate) enum Reserved {
     Yes,
     /// Refused, with this errno (`EADDRINUSE`).
     No(i32),
@@ -246,7 +270,7 @@ enum Reserved {
     Unknown,
 }
 
-fn reserve(port: u16, reuse: bool) -> Reserved {
+pub(crate) fn reserve(port: u16, reuse: bool) -> Reserved {
     match call(&Request::PortBind { port, reuse }) {
         Ok(_) => Reserved::Yes,
         Err(CallError::Agent(e)) => {
@@ -299,8 +323,12 @@ pub fn bind(
             None => return real(fd, addr, len),
         }
     };
-    if bound == 0 && kind == Kind::Loopback {
-        remember(fd, &a);
+    if bound == 0 {
+        if kind == Kind::Loopback {
+            remember(fd, &a);
+        } else if let Some(me) = local_addr(fd) {
+            forget(&me);
+        }
     }
     bound
 }

@@ -237,9 +237,14 @@ pub fn install(fd: RawFd, new: OwnedFd) -> Result<(), String> {
 
 /// The staying peer's side (`StreamSwap` order), threads parked: drain
 /// each connection, tell the agent, take the new connection in its place.
+/// Fds listed with the same id are copies of one connection: drained once,
+/// and each gets the new connection.
 pub fn swap(streams: &[(RawFd, u64)]) -> Result<(), String> {
-    let mut drained = Vec::new();
+    let mut drained: Vec<(RawFd, u64, Opts)> = Vec::new();
     for &(fd, id) in streams {
+        if drained.iter().any(|d| d.1 == id) {
+            continue;
+        }
         let o = opts(fd);
         let (pending, wr) = drain(fd)?;
         client::call(&Request::StreamDrained {
@@ -253,7 +258,168 @@ pub fn swap(streams: &[(RawFd, u64)]) -> Result<(), String> {
     for (fd, id, o) in drained {
         let new = one_fd(&Request::StreamAwait { id }, id)?;
         apply(&new, &o);
+        let copies: Vec<(RawFd, OwnedFd)> = streams
+            .iter()
+            .filter(|(f, i)| *i == id && *f != fd)
+            .filter_map(|(f, _)| new.try_clone().ok().map(|c| (*f, c)))
+            .collect();
         install(fd, new)?;
+        for (f, c) in copies {
+            install(f, c)?;
+        }
     }
     Ok(())
+}
+
+// --- listening sockets -------------------------------------------------------
+
+/// What a listening TCP socket is, to make it again on another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listening {
+    /// The address it is bound to (`0.0.0.0:P`, `[::]:P`; the kernel's,
+    /// not what `getsockname` shows the program).
+    pub addr: std::net::SocketAddr,
+    pub v6only: bool,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub backlog: i32,
+    pub flags: i32,
+}
+
+/// `struct tcp_info`: state (byte 0), then `tcpi_unacked` at 24 and
+/// `tcpi_sacked` at 28 (for a listener: its accept queue and backlog).
+fn tcp_info(fd: RawFd) -> Option<[u8; 104]> {
+    let mut info = [0u8; 104];
+    let mut l = info.len() as libc::socklen_t;
+    // SAFETY: our buffer and its length.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut l,
+        )
+    };
+    (r == 0).then_some(info)
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// The kernel's address of `fd` (the raw system call: libc's getsockname
+/// is our hook, which shows a loopback server its loopback).
+fn bound_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let mut b = [0u8; 28];
+    let mut l = b.len() as libc::socklen_t;
+    // SAFETY: the raw system call with our buffer and its length.
+    let r = unsafe { libc::syscall(libc::SYS_getsockname, fd, b.as_mut_ptr(), &mut l) };
+    if r != 0 {
+        return None;
+    }
+    let port = u16::from_be_bytes([b[2], b[3]]);
+    match u16::from_ne_bytes([b[0], b[1]]) as i32 {
+        libc::AF_INET => Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(b[4], b[5], b[6], b[7])),
+            port,
+        )),
+        libc::AF_INET6 => {
+            let mut o = [0u8; 16];
+            o.copy_from_slice(&b[8..24]);
+            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), port))
+        }
+        _ => None,
+    }
+}
+
+/// `fd` as a listening TCP socket, if it is one. A connection waiting to
+/// be accepted cannot move yet: refused, naming it.
+pub fn listening(fd: RawFd) -> Result<Option<Listening>, String> {
+    if int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != Some(1)
+        || int_opt(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_TCP)
+    {
+        return Ok(None);
+    }
+    let addr =
+        bound_addr(fd).ok_or_else(|| format!("fd {fd}: listening socket without an address"))?;
+    let info = tcp_info(fd).ok_or_else(|| format!("fd {fd}: TCP_INFO"))?;
+    let (queued, backlog) = (u32_at(&info, 24), u32_at(&info, 28));
+    if queued > 0 {
+        return Err(format!(
+            "fd {fd}: listening socket {addr} has {queued} connection(s) waiting to be accepted: those do not move yet (try again)"
+        ));
+    }
+    Ok(Some(Listening {
+        addr,
+        v6only: addr.is_ipv6() && int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) == Some(1),
+        reuseaddr: int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR) == Some(1),
+        reuseport: int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT) == Some(1),
+        backlog: backlog.min(i32::MAX as u32) as i32,
+        // SAFETY: F_GETFL only reads.
+        flags: unsafe { libc::fcntl(fd, libc::F_GETFL) }.max(0),
+    }))
+}
+
+/// Make the listening socket again here: its port reserved in the cluster
+/// (the old one was closed first), bound and listening, with its options.
+pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
+    use super::loopback::{reserve, Reserved};
+    let what = format!("listening socket {}", l.addr);
+    let fam = if l.addr.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: a new socket of ours.
+    let fd = unsafe { libc::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!(
+            "{what}: socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the fd was just created and is ours alone.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    if l.addr.is_ipv6() {
+        set_int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, l.v6only as i32);
+    }
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, l.reuseaddr as i32);
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, l.reuseport as i32);
+    match reserve(l.addr.port(), l.reuseaddr) {
+        Reserved::Yes | Reserved::Unknown => {}
+        Reserved::No(e) => {
+            return Err(format!(
+                "{what}: port {} is taken in the cluster ({})",
+                l.addr.port(),
+                std::io::Error::from_raw_os_error(e)
+            ))
+        }
+    }
+    let mut b = [0u8; 28];
+    b[..2].copy_from_slice(&(fam as u16).to_ne_bytes());
+    b[2..4].copy_from_slice(&l.addr.port().to_be_bytes());
+    let len = match l.addr.ip() {
+        std::net::IpAddr::V4(a) => {
+            b[4..8].copy_from_slice(&a.octets());
+            16
+        }
+        std::net::IpAddr::V6(a) => {
+            b[8..24].copy_from_slice(&a.octets());
+            28
+        }
+    };
+    // SAFETY: raw bind and listen (not our hooks: the port is reserved
+    // above) on our socket, with our address buffer.
+    let ok = unsafe {
+        libc::syscall(libc::SYS_bind, fd, b.as_ptr(), len) == 0
+            && libc::syscall(libc::SYS_listen, fd, l.backlog.max(1)) == 0
+    };
+    if !ok {
+        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: sets our socket's status flags.
+    unsafe { libc::fcntl(fd, libc::F_SETFL, l.flags & libc::O_NONBLOCK) };
+    Ok(owned)
 }
