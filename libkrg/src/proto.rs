@@ -96,8 +96,9 @@ pub enum Request {
     /// `threshold`. Answered with `Sched`.
     SchedBalance { name: String },
     /// Move a running process to another node (the `krg migrate`
-    /// command). Answered with `Ckpt`.
-    Migrate { pid: i32, node: u32 },
+    /// command). Answered with `Ckpt`. `precopy`: copy all the memory
+    /// while the process is frozen (no post-copy).
+    Migrate { pid: i32, node: u32, precopy: bool },
     /// Restart a checkpointed process (the `krg restart` command); the
     /// caller becomes its shadow as for `RemoteExec`. Answered with
     /// `Restarted`.
@@ -282,6 +283,9 @@ pub struct CkptOrder {
     pub kill: bool,
     /// Target node of a migration.
     pub node: u32,
+    /// A migration that copies all the memory while the process is frozen
+    /// (else big anonymous regions follow by post-copy).
+    pub precopy: bool,
 }
 
 /// A restart request: what the command read from the image (the agent

@@ -213,6 +213,7 @@ impl Agent {
                     path: Vec::new(),
                     kill: false,
                     node: to,
+                    precopy: false,
                 };
                 match a.checkpoint_local(g, order, 0).await {
                     Ok(done) => {

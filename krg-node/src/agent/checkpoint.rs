@@ -297,6 +297,7 @@ impl Agent {
                 path: Vec::new(),
                 kill: false,
                 node: 0,
+                precopy: false,
             },
         }
     }

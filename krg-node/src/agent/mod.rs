@@ -873,17 +873,19 @@ impl Agent {
                     path: dir,
                     kill,
                     node: 0,
+                    precopy: false,
                 };
                 Ok(Response::Ckpt(
                     self.checkpoint(pid, order, who.uid, 0).await?,
                 ))
             }
-            Request::Migrate { pid, node } => {
+            Request::Migrate { pid, node, precopy } => {
                 let order = libkrg::proto::CkptOrder {
                     action: libkrg::proto::CkptAction::Migrate,
                     path: Vec::new(),
                     kill: false,
                     node,
+                    precopy,
                 };
                 Ok(Response::Ckpt(
                     self.checkpoint(pid, order, who.uid, 0).await?,

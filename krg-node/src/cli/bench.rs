@@ -124,7 +124,8 @@ pub fn worker(args: &[String]) -> Result<i32> {
             }));
         }
         "hold" => hold(n)?,
-        "migrate" => s.values = migrate_sample(n, node.as_deref().unwrap_or("2"))?,
+        "migrate" => s.values = migrate_sample(n, node.as_deref().unwrap_or("2"), false)?,
+        "migrate-precopy" => s.values = migrate_sample(n, node.as_deref().unwrap_or("2"), true)?,
         "ckpt" => s.values = ckpt_sample(n)?,
         "spin" => {
             let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -183,7 +184,7 @@ fn hold(mib: u64) -> Result<()> {
 /// `bench-worker migrate MIB NODE`: start a holder of MIB MiB here, migrate
 /// it to NODE, and measure: the freeze-to-resume gap in its timestamps, the
 /// `krg migrate` call, and a plain memory copy of the same size (the floor).
-fn migrate_sample(mib: u64, node: &str) -> Result<Vec<f64>> {
+fn migrate_sample(mib: u64, node: &str, precopy: bool) -> Result<Vec<f64>> {
     use std::io::BufRead;
     let exe = std::env::current_exe()?;
     let mut child = Command::new(&exe)
@@ -210,7 +211,7 @@ fn migrate_sample(mib: u64, node: &str) -> Result<Vec<f64>> {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let node: u32 = node.parse().context("node")?;
     let t0 = Instant::now();
-    let r = libkrg::client::call(&libkrg::proto::Request::Migrate { pid, node })
+    let r = libkrg::client::call(&libkrg::proto::Request::Migrate { pid, node, precopy })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let call_ms = t0.elapsed().as_secs_f64() * 1e3;
     if let libkrg::proto::Response::Err(e) = r {

@@ -550,6 +550,7 @@ pub fn meta(
         vdso: vdso_bytes,
         mem_bytes,
         krg_anchor: anchor,
+        lazy: Vec::new(),
     })
 }
 
@@ -585,10 +586,16 @@ pub fn write_image(
     runs: &[(u64, u64)],
 ) -> Result<u64, String> {
     let head = image::encode_meta(meta).map_err(|e| e.to_string())?;
-    // SAFETY: (here and below) each range is a live buffer or a run of the
-    // process's own mapped memory, made readable above if it was not.
+    // SAFETY: a live buffer.
     unsafe { write_all(fd, head.as_ptr(), head.len())? };
-    let mut total = head.len() as u64;
+    let total = head.len() as u64 + write_runs(fd, regions, runs)?;
+    write_end(fd)?;
+    Ok(total + 24)
+}
+
+/// Write the memory records of `runs`; returns the bytes written.
+pub fn write_runs(fd: RawFd, regions: &[Region], runs: &[(u64, u64)]) -> Result<u64, String> {
+    let mut total = 0u64;
     for (addr, len) in runs {
         // A run in a region the process cannot read (PROT_NONE after use)
         // is made readable for the copy, then put back.
@@ -608,7 +615,8 @@ pub fn write_image(
             };
         }
         let h = image::record(*addr, *len);
-        // SAFETY: see above.
+        // SAFETY: a live buffer, then a run of the process's own mapped
+        // memory (made readable above if it was not).
         unsafe {
             write_all(fd, h.as_ptr(), h.len())?;
             write_all(fd, *addr as *const u8, *len as usize)?;
@@ -619,13 +627,17 @@ pub fn write_image(
         }
         total += 16 + len;
     }
+    Ok(total)
+}
+
+/// Write the end record and the end marker (24 bytes).
+pub fn write_end(fd: RawFd) -> Result<(), String> {
     let end = image::record(0, 0);
     // SAFETY: live buffers.
     unsafe {
         write_all(fd, end.as_ptr(), end.len())?;
-        write_all(fd, image::END_MAGIC.as_ptr(), 8)?;
+        write_all(fd, image::END_MAGIC.as_ptr(), 8)
     }
-    Ok(total + 24)
 }
 
 #[cfg(test)]

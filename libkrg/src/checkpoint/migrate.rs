@@ -6,8 +6,8 @@
 //! see `crate::distant`). To give its memory back at once it re-executes
 //! itself in shadow mode (`KRG_SHADOW`), which also ends its other threads.
 
-use super::image::FdKind;
-use super::{capture, report, Order, ANCHOR};
+use super::image::{self, FdKind, Meta, Region, RegionKind};
+use super::{capture, postcopy, report, Order, ANCHOR};
 use crate::distant::{self, Listener, SHADOW_ENV};
 use crate::proto::{RemoteExec, Request, Response, StdioKind, IMAGE_CHANNEL};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -32,6 +32,9 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
         mem,
         &ANCHOR as *const AtomicI32 as u64,
     )?;
+    if !order.precopy {
+        meta.lazy = lazy_regions(&regions);
+    }
     // Stdin, stdout and stderr stay with the shadow, whatever they are
     // (a file here may not exist there; a file shared with the parent keeps
     // its one offset): the target gets relayed streams. Devices that mean
@@ -86,6 +89,9 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     let (_, image) = conns.remove(i);
     // SAFETY: blocking mode on our own socket.
     unsafe { libc::fcntl(image.as_raw_fd(), libc::F_SETFL, 0) };
+    if !meta.lazy.is_empty() {
+        return post_copy(order, &meta, &regions, &runs, image, conns);
+    }
     let bytes = match capture::write_image(image.as_raw_fd(), &meta, &regions, &runs) {
         Ok(b) => b,
         // The restorer says why it gave up on the same connection.
@@ -98,6 +104,346 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     become_shadow(
         meta.gpid, order.node, &meta.exe, &meta.argv, &meta.env, conns,
     )
+}
+
+/// The regions that go by post-copy: private anonymous, readable, with at
+/// least `LAZY_MIN` bytes to send, and not libkrg's own data (the restorer
+/// writes there before the post-copy thread runs).
+fn lazy_regions(regions: &[Region]) -> Vec<(u64, u64)> {
+    let own = [
+        &ANCHOR as *const AtomicI32 as u64,
+        &super::RESUMED as *const _ as u64,
+        &super::RESTORE_AREA as *const _ as u64,
+        &postcopy::THREAD_TID as *const _ as u64,
+    ];
+    regions
+        .iter()
+        .filter(|r| {
+            r.kind == RegionKind::Anon
+                && r.saved >= postcopy::LAZY_MIN
+                && r.prot & libc::PROT_READ as u32 != 0
+                && !own.iter().any(|a| r.start <= *a && *a < r.end)
+        })
+        .take(postcopy::MAX_RANGES)
+        .map(|r| (r.start, r.end))
+        .collect()
+}
+
+/// How a post-copy migration failed.
+enum Broke {
+    /// Before the process resumed on the target: it goes on here.
+    Before(String),
+    /// After: it exists nowhere any more.
+    After(String),
+}
+
+/// The post-copy migration, once the target connected for the image:
+/// metadata, handshake, the memory outside the lazy regions, then (the
+/// process runs on the target) the lazy regions, pages the target faults
+/// on first. The process stays frozen here until the target has every
+/// page, then this becomes its shadow.
+fn post_copy(
+    order: &Order,
+    meta: &Meta,
+    regions: &[Region],
+    runs: &[(u64, u64)],
+    image: OwnedFd,
+    conns: Vec<(u8, OwnedFd)>,
+) -> Result<u64, String> {
+    let fd = image.as_raw_fd();
+    let head = image::encode_meta(meta).map_err(|e| e.to_string())?;
+    // SAFETY: a live buffer.
+    unsafe { capture::write_all(fd, head.as_ptr(), head.len()) }
+        .map_err(|e| why_refused(&image).unwrap_or(e))?;
+    let mut answer = [0u8; 8];
+    if !read_full(fd, &mut answer, 30_000) {
+        return Err(why_refused(&image)
+            .unwrap_or_else(|| format!("node {}: no answer from the restorer", order.node)));
+    }
+    let lazy = if &answer == image::LAZY_OK {
+        true
+    } else if &answer == image::LAZY_NO {
+        false
+    } else {
+        let rest = why_refused(&image).unwrap_or_default();
+        let all = format!("{}{rest}", String::from_utf8_lossy(&answer));
+        return Err(all
+            .strip_prefix(super::restore::REFUSAL)
+            .map(|m| m.trim().to_string())
+            .unwrap_or_else(|| format!("node {}: bad answer from the restorer", order.node)));
+    };
+    let in_lazy = |a: u64| lazy && meta.lazy.iter().any(|(s, e)| *s <= a && a < *e);
+    let now: Vec<(u64, u64)> = runs.iter().copied().filter(|r| !in_lazy(r.0)).collect();
+    let later: Vec<(u64, u64)> = runs.iter().copied().filter(|r| in_lazy(r.0)).collect();
+    let mut bytes = head.len() as u64;
+    let sent = capture::write_runs(fd, regions, &now).and_then(|n| {
+        capture::write_end(fd)?;
+        Ok(n + 24)
+    });
+    bytes += sent.map_err(|e| why_refused(&image).unwrap_or(e))?;
+    if lazy {
+        match serve(fd, &meta.lazy, &later) {
+            Ok(n) => bytes += n,
+            Err(Broke::Before(e)) => return Err(e),
+            Err(Broke::After(e)) => {
+                let msg = format!(
+                    "post-copy to node {} broke after the process resumed there ({e}):                      the process is lost, killed on both nodes",
+                    order.node
+                );
+                crate::krg_log!(crate::log::Level::Error, "{msg}");
+                report(false, msg, 0);
+                // SAFETY: ends this (frozen) copy: the other one is dead or
+                // dying, and the process must never run twice.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                return Err("killed".into());
+            }
+        }
+    } else {
+        // SAFETY: half-close our socket: the target sees the end.
+        unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    }
+    drop(image);
+    report(true, String::new(), bytes);
+    become_shadow(
+        meta.gpid, order.node, &meta.exe, &meta.argv, &meta.env, conns,
+    )
+}
+
+/// Read exactly `buf.len()` bytes, waiting at most `ms` for each part.
+fn read_full(fd: i32, buf: &mut [u8], ms: i32) -> bool {
+    let mut got = 0;
+    while got < buf.len() {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, ms) } <= 0 {
+            return false;
+        }
+        // SAFETY: reads into the rest of our buffer.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        if n <= 0 {
+            return false;
+        }
+        got += n as usize;
+    }
+    true
+}
+
+/// Send one record (header and bytes, or a zero record) with `sendmsg`.
+fn send_record(fd: i32, addr: u64, len: u64, zero: bool) -> Result<(), String> {
+    let head = image::record(addr, if zero { len | postcopy::ZERO } else { len });
+    let mut iov = [
+        libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: 16,
+        },
+        libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: if zero { 0 } else { len as usize },
+        },
+    ];
+    let mut first = 0usize;
+    loop {
+        // SAFETY: a zeroed msghdr is valid; we set the iovecs.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov[first..].as_mut_ptr();
+        msg.msg_iovlen = 2 - first;
+        // SAFETY: the iovecs cover our header and a run of this process's
+        // own memory (every other thread is parked: nothing changes it).
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            if crate::rt::errno() == libc::EINTR {
+                continue;
+            }
+            return Err(format!(
+                "sending memory: {}",
+                crate::rt::Errno(crate::rt::errno())
+            ));
+        }
+        let mut n = n as usize;
+        while first < 2 && n >= iov[first].iov_len {
+            n -= iov[first].iov_len;
+            first += 1;
+        }
+        if first == 2 {
+            return Ok(());
+        }
+        iov[first].iov_base = (iov[first].iov_base as usize + n) as *mut libc::c_void;
+        iov[first].iov_len -= n;
+    }
+}
+
+/// What the target sends back during post-copy: its "resumed" marker,
+/// then the page addresses it faults on.
+struct Back {
+    buf: [u8; 4096],
+    have: usize,
+    running: bool,
+}
+
+impl Back {
+    /// Take what arrived (without waiting unless `wait_ms` > 0). Pages
+    /// asked for go to `asks`. `Ok(false)`: the target closed.
+    fn take(&mut self, fd: i32, wait_ms: i32, asks: &mut Vec<u64>) -> Result<bool, Broke> {
+        if wait_ms > 0 {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut p, 1, wait_ms) } == 0 {
+                return Err(self.broke("the target went silent".into()));
+            }
+        }
+        loop {
+            // SAFETY: reads into the rest of our buffer.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    self.buf[self.have..].as_mut_ptr().cast(),
+                    self.buf.len() - self.have,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n == 0 {
+                return Ok(false);
+            }
+            if n < 0 {
+                let e = crate::rt::errno();
+                if e == libc::EAGAIN || e == libc::EINTR {
+                    return Ok(true);
+                }
+                return Err(self.broke(format!("{}", crate::rt::Errno(e))));
+            }
+            self.have += n as usize;
+            let mut at = 0;
+            while self.have - at >= 8 {
+                let w: [u8; 8] = self.buf[at..at + 8].try_into().expect("8 bytes");
+                at += 8;
+                if !self.running {
+                    if &w != image::RUNNING {
+                        return Err(Broke::Before(format!(
+                            "the restorer said {:?}",
+                            String::from_utf8_lossy(&self.buf[at - 8..self.have])
+                        )));
+                    }
+                    self.running = true;
+                } else {
+                    asks.push(u64::from_le_bytes(w));
+                }
+            }
+            self.buf.copy_within(at..self.have, 0);
+            self.have -= at;
+        }
+    }
+
+    fn broke(&self, why: String) -> Broke {
+        if self.running {
+            Broke::After(why)
+        } else {
+            Broke::Before(why)
+        }
+    }
+}
+
+/// Push the lazy runs, pages asked for first; then the end, and wait for
+/// the target to close (it has every page then). Returns the bytes sent.
+fn serve(fd: i32, lazy: &[(u64, u64)], runs: &[(u64, u64)]) -> Result<u64, Broke> {
+    use postcopy::{BLOCK, CHUNK, PAGE};
+    // A stuck target must not keep this frozen copy forever.
+    let tv = libc::timeval {
+        tv_sec: 60,
+        tv_usec: 0,
+    };
+    // SAFETY: sets a send timeout on our socket.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    // Blocks aligned on BLOCK, never across a run's end.
+    let mut blocks: Vec<(u64, u64)> = Vec::new();
+    for (a, l) in runs {
+        let mut p = *a;
+        while p < a + l {
+            let e = ((p / BLOCK + 1) * BLOCK).min(a + l);
+            blocks.push((p, e - p));
+            p = e;
+        }
+    }
+    let mut sent = vec![false; blocks.len()];
+    let mut back = Back {
+        buf: [0; 4096],
+        have: 0,
+        running: false,
+    };
+    let mut asks: Vec<u64> = Vec::new();
+    let mut bytes = 0u64;
+    let mut cursor = 0usize;
+    let fail = |back: &Back, e: String| back.broke(e);
+    loop {
+        if !back.take(fd, 0, &mut asks)? {
+            return Err(back.broke("the target closed the connection".into()));
+        }
+        for page in asks.drain(..) {
+            let page = page & !(PAGE - 1);
+            let i = blocks.partition_point(|b| b.0 + b.1 <= page);
+            if i < blocks.len() && blocks[i].0 <= page {
+                if !sent[i] {
+                    sent[i] = true;
+                    send_record(fd, blocks[i].0, blocks[i].1, false).map_err(|e| fail(&back, e))?;
+                    bytes += 16 + blocks[i].1;
+                }
+            } else if lazy.iter().any(|(s, e)| *s <= page && page < *e) {
+                // Never touched here: zero there too.
+                send_record(fd, page, PAGE, true).map_err(|e| fail(&back, e))?;
+                bytes += 16;
+            }
+        }
+        while cursor < blocks.len() && sent[cursor] {
+            cursor += 1;
+        }
+        if cursor == blocks.len() {
+            break;
+        }
+        // The next blocks not sent yet, contiguous, up to CHUNK bytes.
+        let start = blocks[cursor].0;
+        let mut end = start;
+        let mut j = cursor;
+        while j < blocks.len()
+            && !sent[j]
+            && blocks[j].0 == end
+            && end - start + blocks[j].1 <= CHUNK as u64
+        {
+            sent[j] = true;
+            end += blocks[j].1;
+            j += 1;
+        }
+        send_record(fd, start, end - start, false).map_err(|e| fail(&back, e))?;
+        bytes += 16 + (end - start);
+    }
+    capture::write_end(fd).map_err(|e| fail(&back, e))?;
+    // SAFETY: half-close our socket: the target sees the end.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    // The target closes once it has installed everything.
+    loop {
+        if !back.take(fd, 60_000, &mut asks)? {
+            break;
+        }
+        asks.clear();
+    }
+    if !back.running {
+        return Err(Broke::Before("the target never resumed the process".into()));
+    }
+    Ok(bytes + 24)
 }
 
 /// The restorer's last words on the image connection, if any.

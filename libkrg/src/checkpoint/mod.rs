@@ -28,6 +28,7 @@ pub mod arch;
 pub mod capture;
 pub mod image;
 mod migrate;
+mod postcopy;
 pub mod restore;
 
 use crate::proto::{CkptAction, Request, Response};
@@ -254,6 +255,12 @@ fn take_slot() -> Option<*mut ThreadRaw> {
     Some(unsafe { (SLOTS.0.get() as *mut ThreadRaw).add(i) })
 }
 
+/// Wait until a post-copy migration into this process has received its
+/// last page (returns at once when none runs).
+pub fn wait_postcopy() {
+    postcopy::wait_done();
+}
+
 /// Install the capture handler (once the process is an SSI process with
 /// the checkpoint or migrate capability).
 pub fn install() {
@@ -333,6 +340,8 @@ pub(crate) struct Order {
     pub(crate) path: Vec<u8>,
     pub(crate) kill: bool,
     pub(crate) node: u32,
+    /// A migration without post-copy.
+    pub(crate) precopy: bool,
 }
 
 /// An order the process gave itself (`krg_checkpoint`, `krg_migrate`):
@@ -431,6 +440,7 @@ pub fn checkpoint_self(dir: &std::path::Path) -> Result<bool, (i32, String)> {
         path: dir.as_os_str().as_bytes().to_vec(),
         kill: false,
         node: 0,
+        precopy: false,
     })
 }
 
@@ -457,6 +467,7 @@ pub fn migrate_self(node: u32) -> Result<(), (i32, String)> {
         path: Vec::new(),
         kill: false,
         node,
+        precopy: false,
     })
     .map(|_| ())
 }
@@ -476,6 +487,7 @@ fn ask_order() -> Result<Option<Order>, String> {
                 path: o.path,
                 kill: o.kill,
                 node: o.node,
+                precopy: o.precopy,
             }),
         }),
         Ok(other) => Err(format!("unexpected answer {other:?}")),
@@ -488,6 +500,10 @@ pub(crate) fn report(ok: bool, msg: String, bytes: u64) {
 }
 
 fn lead() {
+    // A process still receiving its memory by post-copy is not captured
+    // before the last page is in (its fault handler is no application
+    // thread and would never park).
+    postcopy::wait_done();
     if alloc::begin().is_none() {
         report(false, "no memory for the capture".into(), 0);
         BUSY.store(0, Ordering::Release);
