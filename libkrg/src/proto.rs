@@ -319,7 +319,13 @@ pub struct CkptDoneInfo {
     pub node: u32,
     pub bytes: u64,
     pub ms: u64,
+    /// A migration whose big regions followed by post-copy.
+    pub postcopy: bool,
 }
+
+/// What a process says in `CkptDone` (its `msg`) after a post-copy
+/// migration.
+pub const POSTCOPY_DONE: &str = "post-copy";
 
 /// How the remote program gets one of its standard fds.
 #[derive(

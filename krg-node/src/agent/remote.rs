@@ -435,6 +435,7 @@ impl Agent {
                         if let Some(p) = t.get_mut(g) {
                             p.greeted = true;
                             p.restoring = true;
+                            p.postcopy = uffd_fd >= 0;
                             p.command = Some(
                                 spec.exec
                                     .argv

@@ -181,11 +181,16 @@ pub fn migrate(pid: i32, node: u32, precopy: bool) -> Result<i32> {
     match r {
         Response::Ckpt(i) => {
             println!(
-                "pid {}: migrated to node {} ({} in {} ms)",
+                "pid {}: migrated to node {} ({} in {} ms{})",
                 i.pid,
                 i.node,
                 mib(i.bytes),
-                i.ms
+                i.ms,
+                if i.postcopy {
+                    ", post-copy: every page in"
+                } else {
+                    ""
+                }
             );
             Ok(0)
         }

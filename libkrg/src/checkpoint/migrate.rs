@@ -182,7 +182,14 @@ fn post_copy(
     });
     bytes += sent.map_err(|e| why_refused(&image).unwrap_or(e))?;
     if lazy {
-        match serve(fd, &meta.lazy, &later) {
+        // The program's output on the target is relayed from now on (the
+        // shadow, once this is done, goes on with the same streams).
+        let outs: Vec<(i32, i32)> = conns
+            .iter()
+            .filter(|(ch, _)| *ch == 2 || *ch == 3)
+            .map(|(ch, f)| (f.as_raw_fd(), i32::from(*ch) - 1))
+            .collect();
+        match serve(fd, &meta.lazy, &later, &outs) {
             Ok(n) => bytes += n,
             Err(Broke::Before(e)) => return Err(e),
             Err(Broke::After(e)) => {
@@ -203,7 +210,12 @@ fn post_copy(
         unsafe { libc::shutdown(fd, libc::SHUT_WR) };
     }
     drop(image);
-    report(true, String::new(), bytes);
+    let how = if lazy {
+        crate::proto::POSTCOPY_DONE.to_string()
+    } else {
+        String::new()
+    };
+    report(true, how, bytes);
     become_shadow(
         meta.gpid, order.node, &meta.exe, &meta.argv, &meta.env, conns,
     )
@@ -285,20 +297,9 @@ struct Back {
 }
 
 impl Back {
-    /// Take what arrived (without waiting unless `wait_ms` > 0). Pages
-    /// asked for go to `asks`. `Ok(false)`: the target closed.
-    fn take(&mut self, fd: i32, wait_ms: i32, asks: &mut Vec<u64>) -> Result<bool, Broke> {
-        if wait_ms > 0 {
-            let mut p = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            if unsafe { libc::poll(&mut p, 1, wait_ms) } == 0 {
-                return Err(self.broke("the target went silent".into()));
-            }
-        }
+    /// Take what arrived, without waiting. Pages asked for go to `asks`.
+    /// `Ok(false)`: the target closed.
+    fn take(&mut self, fd: i32, asks: &mut Vec<u64>) -> Result<bool, Broke> {
         loop {
             // SAFETY: reads into the rest of our buffer.
             let n = unsafe {
@@ -350,9 +351,58 @@ impl Back {
     }
 }
 
+/// Relay what the program wrote to its stdout and stderr on the target
+/// (`(stream, local fd)`), without waiting for more.
+fn relay(outs: &[(i32, i32)]) {
+    let mut buf = [0u8; 16 * 1024];
+    for (sock, local) in outs {
+        loop {
+            // SAFETY: reads into our buffer.
+            let n = unsafe {
+                libc::recv(
+                    *sock,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+            let mut at = 0usize;
+            while at < n as usize {
+                // SAFETY: writes the bytes we just read.
+                let w = unsafe { libc::write(*local, buf[at..].as_ptr().cast(), n as usize - at) };
+                if w > 0 {
+                    at += w as usize;
+                    continue;
+                }
+                let e = crate::rt::errno();
+                if w < 0 && (e == libc::EAGAIN || e == libc::EINTR) {
+                    let mut p = libc::pollfd {
+                        fd: *local,
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut p, 1, 100) };
+                    continue;
+                }
+                // The reader is gone: as the shadow would, drop the output.
+                break;
+            }
+        }
+    }
+}
+
 /// Push the lazy runs, pages asked for first; then the end, and wait for
 /// the target to close (it has every page then). Returns the bytes sent.
-fn serve(fd: i32, lazy: &[(u64, u64)], runs: &[(u64, u64)]) -> Result<u64, Broke> {
+fn serve(
+    fd: i32,
+    lazy: &[(u64, u64)],
+    runs: &[(u64, u64)],
+    outs: &[(i32, i32)],
+) -> Result<u64, Broke> {
     use postcopy::{BLOCK, CHUNK, PAGE};
     // A stuck target must not keep this frozen copy forever.
     let tv = libc::timeval {
@@ -390,7 +440,8 @@ fn serve(fd: i32, lazy: &[(u64, u64)], runs: &[(u64, u64)]) -> Result<u64, Broke
     let mut cursor = 0usize;
     let fail = |back: &Back, e: String| back.broke(e);
     loop {
-        if !back.take(fd, 0, &mut asks)? {
+        relay(outs);
+        if !back.take(fd, &mut asks)? {
             return Err(back.broke("the target closed the connection".into()));
         }
         for page in asks.drain(..) {
@@ -434,11 +485,23 @@ fn serve(fd: i32, lazy: &[(u64, u64)], runs: &[(u64, u64)]) -> Result<u64, Broke
     // SAFETY: half-close our socket: the target sees the end.
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
     // The target closes once it has installed everything.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        if !back.take(fd, 60_000, &mut asks)? {
+        relay(outs);
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, 20) };
+        if r > 0 && !back.take(fd, &mut asks)? {
             break;
         }
         asks.clear();
+        if std::time::Instant::now() > deadline {
+            return Err(back.broke("the target went silent".into()));
+        }
     }
     if !back.running {
         return Err(Broke::Before("the target never resumed the process".into()));

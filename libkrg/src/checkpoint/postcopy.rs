@@ -342,7 +342,11 @@ fn record(pc: &mut Pc) -> Res<bool> {
     }
     let zero = len & ZERO != 0;
     let len = len & !ZERO;
-    if addr % PAGE != 0 || len % PAGE != 0 || len == 0 || (!zero && len > CHUNK as u64) {
+    if !addr.is_multiple_of(PAGE)
+        || !len.is_multiple_of(PAGE)
+        || len == 0
+        || (!zero && len > CHUNK as u64)
+    {
         return Err(b"a bad record in the post-copy stream");
     }
     if bit_of(pc, addr).is_none() || bit_of(pc, addr + len - PAGE).is_none() {
