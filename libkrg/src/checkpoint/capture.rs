@@ -383,6 +383,17 @@ pub type Runs = Vec<(u64, u64)>;
 
 /// The regions of the image and the runs of memory to save.
 pub fn regions(maps: &[MapLine], exclude: &[(u64, u64)]) -> Result<(Vec<Region>, Runs), String> {
+    regions_deferring(maps, exclude, &[])
+}
+
+/// [`regions`], except that the pages of the regions `(start, end)` in
+/// `defer` are not looked up (a post-copy migration scans them once the
+/// process runs on the target: [`present_runs`]).
+pub fn regions_deferring(
+    maps: &[MapLine],
+    exclude: &[(u64, u64)],
+    defer: &[(u64, u64)],
+) -> Result<(Vec<Region>, Runs), String> {
     let pagemap = std::fs::File::open("/proc/self/pagemap")
         .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
     let mut regions = Vec::new();
@@ -415,6 +426,7 @@ pub fn regions(maps: &[MapLine], exclude: &[(u64, u64)]) -> Result<(Vec<Region>,
         // Runs never span two regions: the restore checks each against one.
         let floor = runs.len();
         match save {
+            _ if defer.contains(&(m.start, m.end)) => {}
             Save::Nothing => {}
             Save::All => push_run(&mut runs, floor, m.start, m.end - m.start),
             Save::Present | Save::Modified => scan_pagemap(
@@ -435,6 +447,15 @@ pub fn regions(maps: &[MapLine], exclude: &[(u64, u64)]) -> Result<(Vec<Region>,
         });
     }
     Ok((regions, runs))
+}
+
+/// The runs of present or swapped pages of `[start, end)`.
+pub fn present_runs(start: u64, end: u64) -> Result<Runs, String> {
+    let pagemap = std::fs::File::open("/proc/self/pagemap")
+        .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+    let mut runs = Vec::new();
+    scan_pagemap(&pagemap, start, end, false, &mut runs, 0)?;
+    Ok(runs)
 }
 
 fn push_run(runs: &mut Vec<(u64, u64)>, floor: usize, addr: u64, len: u64) {

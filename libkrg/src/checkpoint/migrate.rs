@@ -6,7 +6,8 @@
 //! see `crate::distant`). To give its memory back at once it re-executes
 //! itself in shadow mode (`KRG_SHADOW`), which also ends its other threads.
 
-use super::image::{self, FdKind, Meta, Region, RegionKind};
+use super::capture::MapLine;
+use super::image::{self, FdKind, Meta, Region};
 use super::{capture, postcopy, report, Order, ANCHOR};
 use crate::distant::{self, Listener, SHADOW_ENV};
 use crate::proto::{RemoteExec, Request, Response, StdioKind, IMAGE_CHANNEL};
@@ -20,7 +21,14 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     let maps_text = capture::read_file("/proc/self/maps")?;
     let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));
     let arena = super::alloc::range();
-    let (regions, runs) = capture::regions(&maps, &[arena])?;
+    // The big private anonymous regions go by post-copy: their pages are
+    // not even looked up before the process runs on the target.
+    let lazy = if order.precopy {
+        Vec::new()
+    } else {
+        lazy_regions(&maps, arena)
+    };
+    let (regions, runs) = capture::regions_deferring(&maps, &[arena], &lazy)?;
     // The fds, before this side's own sockets exist.
     let fds = capture::capture_fds(&[])?;
     let mem: u64 = runs.iter().map(|r| r.1).sum();
@@ -32,9 +40,7 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
         mem,
         &ANCHOR as *const AtomicI32 as u64,
     )?;
-    if !order.precopy {
-        meta.lazy = lazy_regions(&regions);
-    }
+    meta.lazy = lazy;
     // Stdin, stdout and stderr stay with the shadow, whatever they are
     // (a file here may not exist there; a file shared with the parent keeps
     // its one offset): the target gets relayed streams. Devices that mean
@@ -106,26 +112,30 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     )
 }
 
-/// The regions that go by post-copy: private anonymous, readable, with at
-/// least `LAZY_MIN` bytes to send, and not libkrg's own data (the restorer
-/// writes there before the post-copy thread runs).
-fn lazy_regions(regions: &[Region]) -> Vec<(u64, u64)> {
+/// The regions that go by post-copy: private anonymous (not the main
+/// stack), readable, at least `LAZY_MIN` bytes long, and not libkrg's own
+/// data (the restorer writes there before the post-copy thread runs) or
+/// the capture arena.
+fn lazy_regions(maps: &[MapLine], arena: (u64, u64)) -> Vec<(u64, u64)> {
     let own = [
         &ANCHOR as *const AtomicI32 as u64,
         &super::RESUMED as *const _ as u64,
         &super::RESTORE_AREA as *const _ as u64,
         &postcopy::THREAD_TID as *const _ as u64,
     ];
-    regions
-        .iter()
-        .filter(|r| {
-            r.kind == RegionKind::Anon
-                && r.saved >= postcopy::LAZY_MIN
-                && r.prot & libc::PROT_READ as u32 != 0
-                && !own.iter().any(|a| r.start <= *a && *a < r.end)
+    maps.iter()
+        .filter(|m| {
+            m.inode == 0
+                && !m.shared
+                && m.read
+                && !m.is_special()
+                && m.path != "[stack]"
+                && m.end - m.start >= postcopy::LAZY_MIN
+                && !own.iter().any(|a| m.start <= *a && *a < m.end)
+                && !(m.start < arena.1 && arena.0 < m.end)
         })
         .take(postcopy::MAX_RANGES)
-        .map(|r| (r.start, r.end))
+        .map(|m| (m.start, m.end))
         .collect()
 }
 
@@ -172,9 +182,14 @@ fn post_copy(
             .map(|m| m.trim().to_string())
             .unwrap_or_else(|| format!("node {}: bad answer from the restorer", order.node)));
     };
-    let in_lazy = |a: u64| lazy && meta.lazy.iter().any(|(s, e)| *s <= a && a < *e);
-    let now: Vec<(u64, u64)> = runs.iter().copied().filter(|r| !in_lazy(r.0)).collect();
-    let later: Vec<(u64, u64)> = runs.iter().copied().filter(|r| in_lazy(r.0)).collect();
+    // The lazy regions' pages: looked up now (no post-copy there) or once
+    // the process runs there (`serve`).
+    let mut now: Vec<(u64, u64)> = runs.to_vec();
+    if !lazy {
+        for (a, b) in &meta.lazy {
+            now.extend(capture::present_runs(*a, *b)?);
+        }
+    }
     let mut bytes = head.len() as u64;
     let sent = capture::write_runs(fd, regions, &now).and_then(|n| {
         capture::write_end(fd)?;
@@ -189,7 +204,7 @@ fn post_copy(
             .filter(|(ch, _)| *ch == 2 || *ch == 3)
             .map(|(ch, f)| (f.as_raw_fd(), i32::from(*ch) - 1))
             .collect();
-        match serve(fd, &meta.lazy, &later, &outs) {
+        match serve(fd, &meta.lazy, &outs) {
             Ok(n) => bytes += n,
             Err(Broke::Before(e)) => return Err(e),
             Err(Broke::After(e)) => {
@@ -397,12 +412,7 @@ fn relay(outs: &[(i32, i32)]) {
 
 /// Push the lazy runs, pages asked for first; then the end, and wait for
 /// the target to close (it has every page then). Returns the bytes sent.
-fn serve(
-    fd: i32,
-    lazy: &[(u64, u64)],
-    runs: &[(u64, u64)],
-    outs: &[(i32, i32)],
-) -> Result<u64, Broke> {
+fn serve(fd: i32, lazy: &[(u64, u64)], outs: &[(i32, i32)]) -> Result<u64, Broke> {
     use postcopy::{BLOCK, CHUNK, PAGE};
     // A stuck target must not keep this frozen copy forever.
     let tv = libc::timeval {
@@ -419,9 +429,14 @@ fn serve(
             std::mem::size_of::<libc::timeval>() as u32,
         )
     };
-    // Blocks aligned on BLOCK, never across a run's end.
+    // What the lazy regions hold (the process is frozen here: nothing
+    // changes), in blocks aligned on BLOCK, never across a run's end.
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in lazy {
+        runs.extend(capture::present_runs(*a, *b).map_err(Broke::After)?);
+    }
     let mut blocks: Vec<(u64, u64)> = Vec::new();
-    for (a, l) in runs {
+    for (a, l) in &runs {
         let mut p = *a;
         while p < a + l {
             let e = ((p / BLOCK + 1) * BLOCK).min(a + l);
