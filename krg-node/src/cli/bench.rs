@@ -158,8 +158,10 @@ fn now_ns() -> u64 {
 }
 
 /// `bench-worker hold MIB`: touch MIB MiB, say `ready`, then print a
-/// wall-clock timestamp every 200 us until stdin closes or 30 s pass. The
-/// gap in the timestamps around a migration is its freeze-to-resume time.
+/// wall-clock timestamp and its kernel pid every 200 us until stdin closes
+/// or 30 s pass. The gap between the last timestamp of the old kernel pid
+/// and the first of the new one (a migrated process is a new kernel
+/// process on the target) is the freeze-to-resume time.
 fn hold(mib: u64) -> Result<()> {
     use std::io::Write;
     let mut mem = vec![0u8; (mib << 20) as usize];
@@ -171,7 +173,10 @@ fn hold(mib: u64) -> Result<()> {
     out.flush()?;
     let end = Instant::now() + std::time::Duration::from_secs(30);
     while Instant::now() < end {
-        if writeln!(out, "{}", now_ns())
+        // SAFETY: the raw getpid (the kernel's pid, not the gpid libkrg's
+        // getpid answers) has no preconditions.
+        let kpid = unsafe { libc::syscall(libc::SYS_getpid) };
+        if writeln!(out, "{} {kpid}", now_ns())
             .and_then(|_| out.flush())
             .is_err()
         {
@@ -204,10 +209,12 @@ fn migrate_sample(mib: u64, node: &str, precopy: bool) -> Result<Vec<f64>> {
     }
     // Let it tick a while, reading as it goes (in a thread).
     let reader = std::thread::spawn(move || {
-        let mut v: Vec<u64> = Vec::new();
+        let mut v: Vec<(u64, i64)> = Vec::new();
         for l in lines.map_while(|l| l.ok()) {
-            if let Ok(t) = l.trim().parse() {
-                v.push(t);
+            let mut f = l.split_whitespace();
+            if let (Some(Ok(t)), Some(Ok(k))) = (f.next().map(str::parse), f.next().map(str::parse))
+            {
+                v.push((t, k));
             }
         }
         v
@@ -228,9 +235,17 @@ fn migrate_sample(mib: u64, node: &str, precopy: bool) -> Result<Vec<f64>> {
     });
     let _ = child.wait();
     let ticks = reader.join().map_err(|_| anyhow::anyhow!("reader"))?;
-    let gap_ms = ticks
+    // The freeze: from the old kernel process's last tick to the new
+    // one's first.
+    let Some(switch) = ticks.windows(2).position(|w| w[1].1 != w[0].1) else {
+        bail!("the holder never showed another kernel pid (not migrated?)");
+    };
+    let gap_ms = ticks[switch + 1].0.saturating_sub(ticks[switch].0) as f64 / 1e6;
+    // After it: the longest stall of the resumed process (page faults
+    // waiting for pages, the post-copy thread's share of the node's CPU).
+    let after_ms = ticks[switch + 1..]
         .windows(2)
-        .map(|w| w[1].saturating_sub(w[0]))
+        .map(|w| w[1].0.saturating_sub(w[0].0))
         .max()
         .unwrap_or(0) as f64
         / 1e6;
@@ -241,7 +256,7 @@ fn migrate_sample(mib: u64, node: &str, precopy: bool) -> Result<Vec<f64>> {
     dst.copy_from_slice(&src);
     std::hint::black_box(&dst);
     let copy_ms = t.elapsed().as_secs_f64() * 1e3;
-    Ok(vec![gap_ms, call_ms, copy_ms])
+    Ok(vec![gap_ms, call_ms, copy_ms, after_ms])
 }
 
 /// `bench-worker ckpt MIB`: checkpoint a holder of MIB MiB to this node's
@@ -292,7 +307,8 @@ fn ckpt_sample(mib: u64) -> Result<Vec<f64>> {
     let mut out = std::io::BufReader::new(r.stdout.take().context("stdout")?).lines();
     let first = out.next();
     let restart_ms = t.elapsed().as_secs_f64() * 1e3;
-    if !matches!(first, Some(Ok(ref l)) if l.trim().parse::<u64>().is_ok()) {
+    let stamp = |l: &str| l.split_whitespace().next().map(str::parse::<u64>);
+    if !matches!(first, Some(Ok(ref l)) if matches!(stamp(l), Some(Ok(_)))) {
         bail!("restarted holder said {first:?}");
     }
     let _ = r.kill();
@@ -497,24 +513,28 @@ fn measure(quick: bool) -> Result<i32> {
             ("2048", "[post-copy goal <= 20 ms]"),
         ]
     };
+    println!("live migration to the other node; freeze = last tick of the old kernel process to");
+    println!("  the first of the new one (the holder's own timestamps, every 200 us)");
     println!(
-        "live migration to the other node: freeze-to-resume gap (the holder's own timestamps)"
+        "  post-copy (default): freeze; all in = the krg migrate call (returns once every page"
     );
-    println!("  post-copy (default): gap, and the krg migrate call (until every page is in);");
-    println!("  --precopy: gap (every page copied while frozen); floor: memcpy of the same size");
+    println!("  is in); stall = longest pause of the resumed holder while pages still came");
+    println!(
+        "  --precopy: freeze with every page copied while frozen; floor: memcpy of the same size"
+    );
     for (mib, goal) in sizes {
         let post = run_worker(false, &["migrate", mib, "2"])?.values;
         let pre = run_worker(false, &["migrate-precopy", mib, "2"])?.values;
         let floor = post[2].min(pre[2]);
         let mb = mib.parse::<f64>().unwrap_or(0.0) * 1.048_576;
         println!(
-            "  {mib:>5} MiB   post-copy {:7.1} ms (all in {:7.1} ms, {:5.0} MB/s)   pre-copy {:7.1} ms   floor {:7.1} ms   post/floor {:5.2}x {goal}",
+            "  {mib:>5} MiB   post-copy freeze {:6.1} ms, all in {:7.1} ms ({:5.0} MB/s), stall {:5.1} ms   pre-copy freeze {:7.1} ms   floor {:7.1} ms {goal}",
             post[0],
             post[1],
             mb / (post[1] / 1e3),
+            post[3],
             pre[0],
             floor,
-            post[0] / floor.max(0.001),
         );
     }
     let sizes: &[&str] = if quick { &["64"] } else { &["64", "512"] };

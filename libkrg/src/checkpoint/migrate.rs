@@ -209,7 +209,8 @@ fn post_copy(
             Err(Broke::Before(e)) => return Err(e),
             Err(Broke::After(e)) => {
                 let msg = format!(
-                    "post-copy to node {} broke after the process resumed there ({e}):                      the process is lost, killed on both nodes",
+                    "post-copy to node {} broke after the process resumed there ({e}): \
+                     the process is lost, killed on both nodes",
                     order.node
                 );
                 crate::krg_log!(crate::log::Level::Error, "{msg}");
@@ -410,8 +411,43 @@ fn relay(outs: &[(i32, i32)]) {
     }
 }
 
-/// Push the lazy runs, pages asked for first; then the end, and wait for
-/// the target to close (it has every page then). Returns the bytes sent.
+/// Which pages of `[start, end)` are present or swapped, as runs.
+fn present(pagemap: &std::fs::File, start: u64, end: u64) -> Result<Vec<(u64, u64)>, String> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: u64 = postcopy::PAGE;
+    let n = ((end - start) / PAGE) as usize;
+    let mut buf = vec![0u8; n * 8];
+    let got = pagemap
+        .read_at(&mut buf, start / PAGE * 8)
+        .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for i in 0..got / 8 {
+        let e = u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        if e & (3 << 62) == 0 {
+            continue;
+        }
+        let a = start + i as u64 * PAGE;
+        match runs.last_mut() {
+            Some(r) if r.0 + r.1 == a => r.1 += PAGE,
+            _ => runs.push((a, PAGE)),
+        }
+    }
+    Ok(runs)
+}
+
+/// The lazy regions being pushed: which blocks went already.
+struct Lazy {
+    start: u64,
+    end: u64,
+    /// One flag per BLOCK.
+    sent: Vec<bool>,
+}
+
+/// Push the lazy regions, pages asked for first; then the end, and wait
+/// for the target to close (it has every page then). Which pages exist is
+/// read from the page map as the push goes (the process stays frozen
+/// here: nothing changes), so that nothing of it delays the first answers.
+/// Returns the bytes sent.
 fn serve(fd: i32, lazy: &[(u64, u64)], outs: &[(i32, i32)]) -> Result<u64, Broke> {
     use postcopy::{BLOCK, CHUNK, PAGE};
     // A stuck target must not keep this frozen copy forever.
@@ -429,31 +465,52 @@ fn serve(fd: i32, lazy: &[(u64, u64)], outs: &[(i32, i32)]) -> Result<u64, Broke
             std::mem::size_of::<libc::timeval>() as u32,
         )
     };
-    // What the lazy regions hold (the process is frozen here: nothing
-    // changes), in blocks aligned on BLOCK, never across a run's end.
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for (a, b) in lazy {
-        runs.extend(capture::present_runs(*a, *b).map_err(Broke::After)?);
-    }
-    let mut blocks: Vec<(u64, u64)> = Vec::new();
-    for (a, l) in &runs {
-        let mut p = *a;
-        while p < a + l {
-            let e = ((p / BLOCK + 1) * BLOCK).min(a + l);
-            blocks.push((p, e - p));
-            p = e;
-        }
-    }
-    let mut sent = vec![false; blocks.len()];
+    // Small socket buffers: a page asked for waits behind less data.
+    let sndbuf: libc::c_int = 512 * 1024;
+    // SAFETY: sets an int option on our socket.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&sndbuf as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
     let mut back = Back {
         buf: [0; 4096],
         have: 0,
         running: false,
     };
+    let pagemap = std::fs::File::open("/proc/self/pagemap")
+        .map_err(|e| back.broke(format!("/proc/self/pagemap: {e}")))?;
+    // The smaller regions first (stacks, malloc's heap and arenas: what a
+    // process touches first when it resumes), then the big buffers.
+    let mut regions: Vec<Lazy> = lazy
+        .iter()
+        .map(|(a, b)| Lazy {
+            start: *a,
+            end: *b,
+            sent: vec![false; (b - a).div_ceil(BLOCK) as usize],
+        })
+        .collect();
+    regions.sort_by_key(|r| (r.end - r.start, r.start));
     let mut asks: Vec<u64> = Vec::new();
     let mut bytes = 0u64;
-    let mut cursor = 0usize;
-    let fail = |back: &Back, e: String| back.broke(e);
+    // Send the present pages of `[a, b)` as records of at most CHUNK.
+    let send_present = |a: u64, b: u64, bytes: &mut u64| -> Result<(), String> {
+        for (s, l) in present(&pagemap, a, b)? {
+            let mut p = s;
+            while p < s + l {
+                let n = (s + l - p).min(CHUNK as u64);
+                send_record(fd, p, n, false)?;
+                *bytes += 16 + n;
+                p += n;
+            }
+        }
+        Ok(())
+    };
+    let (mut ri, mut bi) = (0usize, 0usize);
     loop {
         relay(outs);
         if !back.take(fd, &mut asks)? {
@@ -461,42 +518,54 @@ fn serve(fd: i32, lazy: &[(u64, u64)], outs: &[(i32, i32)]) -> Result<u64, Broke
         }
         for page in asks.drain(..) {
             let page = page & !(PAGE - 1);
-            let i = blocks.partition_point(|b| b.0 + b.1 <= page);
-            if i < blocks.len() && blocks[i].0 <= page {
-                if !sent[i] {
-                    sent[i] = true;
-                    send_record(fd, blocks[i].0, blocks[i].1, false).map_err(|e| fail(&back, e))?;
-                    bytes += 16 + blocks[i].1;
-                }
-            } else if lazy.iter().any(|(s, e)| *s <= page && page < *e) {
+            let Some(r) = regions.iter_mut().find(|r| r.start <= page && page < r.end) else {
+                continue;
+            };
+            let b = ((page - r.start) / BLOCK) as usize;
+            let (a, e) = (
+                r.start + b as u64 * BLOCK,
+                (r.start + (b as u64 + 1) * BLOCK).min(r.end),
+            );
+            let first = !r.sent[b];
+            r.sent[b] = true;
+            let have = present(&pagemap, page, page + PAGE).map_err(|e| back.broke(e))?;
+            if have.is_empty() {
                 // Never touched here: zero there too.
-                send_record(fd, page, PAGE, true).map_err(|e| fail(&back, e))?;
+                send_record(fd, page, PAGE, true).map_err(|e| back.broke(e))?;
                 bytes += 16;
             }
+            if first {
+                send_present(a, e, &mut bytes).map_err(|e| back.broke(e))?;
+            }
         }
-        while cursor < blocks.len() && sent[cursor] {
-            cursor += 1;
-        }
-        if cursor == blocks.len() {
+        // The next blocks of the push not sent yet, up to CHUNK bytes.
+        while ri < regions.len() {
+            let r = &regions[ri];
+            if bi >= r.sent.len() {
+                ri += 1;
+                bi = 0;
+                continue;
+            }
+            if r.sent[bi] {
+                bi += 1;
+                continue;
+            }
             break;
         }
-        // The next blocks not sent yet, contiguous, up to CHUNK bytes.
-        let start = blocks[cursor].0;
-        let mut end = start;
-        let mut j = cursor;
-        while j < blocks.len()
-            && !sent[j]
-            && blocks[j].0 == end
-            && end - start + blocks[j].1 <= CHUNK as u64
-        {
-            sent[j] = true;
-            end += blocks[j].1;
-            j += 1;
+        if ri == regions.len() {
+            break;
         }
-        send_record(fd, start, end - start, false).map_err(|e| fail(&back, e))?;
-        bytes += 16 + (end - start);
+        let r = &mut regions[ri];
+        let a = r.start + bi as u64 * BLOCK;
+        let mut e = a;
+        while bi < r.sent.len() && !r.sent[bi] && e - a < CHUNK as u64 {
+            r.sent[bi] = true;
+            e = (e + BLOCK).min(r.end);
+            bi += 1;
+        }
+        send_present(a, e, &mut bytes).map_err(|e| back.broke(e))?;
     }
-    capture::write_end(fd).map_err(|e| fail(&back, e))?;
+    capture::write_end(fd).map_err(|e| back.broke(e))?;
     // SAFETY: half-close our socket: the target sees the end.
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
     // The target closes once it has installed everything.

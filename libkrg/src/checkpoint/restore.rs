@@ -509,6 +509,21 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
         Some(u) => Some(high(u, floor)?),
         None => None,
     };
+    if uffd.is_some() {
+        // Small receive buffer: a page the process faults on waits behind
+        // less of the background push.
+        let buf: libc::c_int = 512 * 1024;
+        // SAFETY: sets an int option on the migration stream.
+        unsafe {
+            libc::setsockopt(
+                image_fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&buf as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+    }
     // The post-copy thread's own mapping (stack, buffers), apart from the
     // restorer's area, which goes once the threads are back.
     let (pc, pc_stack) = match uffd {
