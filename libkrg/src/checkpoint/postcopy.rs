@@ -42,11 +42,14 @@ pub const ZERO: u64 = 1 << 63;
 pub const MAX_RANGES: usize = 256;
 /// Most pieces the translation may be split into by `mremap`.
 const MAX_SEGS: usize = 512;
-/// A private anonymous region with at least this many saved bytes goes by
-/// post-copy.
+/// A private anonymous region at least this long goes by post-copy
+/// (smaller ones cost little to copy while frozen).
 pub const LAZY_MIN: u64 = 256 * 1024;
 const STACK: usize = 256 * 1024;
 const MAX_FAULTS: usize = 1024;
+/// Longest silence of the source before the process is given up (the
+/// stream also has this receive timeout, for a record cut short).
+pub const SILENCE_S: i64 = 60;
 
 /// Kernel tid of the post-copy thread while it runs; the kernel clears it
 /// (and wakes a futex waiter) when the thread exits.
@@ -272,8 +275,32 @@ pub extern "C" fn thread_main(arg: usize) -> ! {
     }
 }
 
+/// Seconds of `CLOCK_MONOTONIC`.
+fn now_s() -> i64 {
+    let mut ts = [0i64; 2];
+    // SAFETY: clock_gettime writes a struct timespec (two i64) into ours.
+    unsafe {
+        arch::sys(
+            libc::SYS_clock_gettime,
+            libc::CLOCK_MONOTONIC as usize,
+            ts.as_mut_ptr() as usize,
+            0,
+            0,
+        )
+    };
+    ts[0]
+}
+
 fn run(pc: &mut Pc) -> Res<()> {
+    // The source pushes without pause until its end marker: a stream
+    // silent this long means it is gone even if no FIN or RST ever
+    // arrives (a host that lost power), and waiting longer only keeps
+    // the process's faulting threads blocked.
+    let mut heard = now_s();
     loop {
+        if now_s() - heard > SILENCE_S {
+            return Err(b"the source sent nothing for 60 s");
+        }
         let mut fds = [
             libc::pollfd {
                 fd: pc.uffd as i32,
@@ -287,7 +314,7 @@ fn run(pc: &mut Pc) -> Res<()> {
             },
         ];
         // SAFETY: two valid pollfds on our stack.
-        let r = unsafe { arch::sys(libc::SYS_poll, fds.as_mut_ptr() as usize, 2, usize::MAX, 0) };
+        let r = unsafe { arch::sys(libc::SYS_poll, fds.as_mut_ptr() as usize, 2, 1000, 0) };
         if r == -(libc::EINTR as i64) {
             continue;
         }
@@ -298,8 +325,11 @@ fn run(pc: &mut Pc) -> Res<()> {
             pump(pc)?;
             serve_faults(pc)?;
         }
-        if fds[1].revents != 0 && record(pc)? {
-            return Ok(());
+        if fds[1].revents != 0 {
+            heard = now_s();
+            if record(pc)? {
+                return Ok(());
+            }
         }
         if pc.n_faults > 0 {
             // Queued while an event was taken in the middle of a copy.
@@ -318,6 +348,9 @@ fn read_exact(fd: i64, addr: usize, len: usize) -> Res<()> {
         }
         if n == 0 {
             return Err(b"the source closed the migration stream before the last page");
+        }
+        if n == -(libc::EAGAIN as i64) {
+            return Err(b"the source sent nothing for 60 s");
         }
         if n < 0 {
             return Err(b"reading the migration stream failed");

@@ -523,6 +523,22 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
                 std::mem::size_of::<libc::c_int>() as u32,
             )
         };
+        // A record cut short by a source that vanished without a FIN or
+        // RST must not block the post-copy thread forever.
+        let tv = libc::timeval {
+            tv_sec: postcopy::SILENCE_S,
+            tv_usec: 0,
+        };
+        // SAFETY: sets a timeval option on the migration stream.
+        unsafe {
+            libc::setsockopt(
+                image_fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
     }
     // The post-copy thread's own mapping (stack, buffers), apart from the
     // restorer's area, which goes once the threads are back.
