@@ -67,13 +67,15 @@ fn fd_refusal(kpid: i32) -> Option<String> {
     fds.iter().find_map(|(fd, l)| refusal(*fd, l))
 }
 
-/// Whether a local process has a userfaultfd open.
-fn has_userfaultfd(kpid: i32) -> bool {
-    std::fs::read_dir(format!("/proc/{kpid}/fd"))
+/// Whether a local process still has its post-copy thread (pages of a
+/// migration still coming). By the thread's name, not by an open
+/// userfaultfd: krg's shared memory gives a process one too.
+fn postcopy_running(kpid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{kpid}/task"))
         .map(|d| {
-            d.flatten().any(|e| {
-                std::fs::read_link(e.path())
-                    .is_ok_and(|l| l.as_os_str() == "anon_inode:[userfaultfd]")
+            d.flatten().any(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim_end() == libkrg::checkpoint::POSTCOPY_THREAD_NAME)
             })
         })
         .unwrap_or(false)
@@ -199,10 +201,11 @@ impl Agent {
         };
         // A process still receiving pages by post-copy has its
         // userfaultfd and migration stream open (and its handler waits
-        // for the last page anyway): wait for them to go.
+        // for the last page anyway): wait for its post-copy thread to end
+        // (it closes both first).
         if self.procs().get(g).is_some_and(|p| p.postcopy) {
             let until = Instant::now() + CAPTURE_TIMEOUT;
-            while has_userfaultfd(kpid) && Instant::now() < until {
+            while postcopy_running(kpid) && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             if let Some(p) = self.procs().get_mut(g) {

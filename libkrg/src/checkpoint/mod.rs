@@ -255,6 +255,10 @@ fn take_slot() -> Option<*mut ThreadRaw> {
     Some(unsafe { (SLOTS.0.get() as *mut ThreadRaw).add(i) })
 }
 
+/// The kernel name (`/proc/PID/task/TID/comm`) of the post-copy thread,
+/// by which the agent sees that pages are still coming into a process.
+pub const POSTCOPY_THREAD_NAME: &str = "krg-postcopy";
+
 /// Wait until a post-copy migration into this process has received its
 /// last page (returns at once when none runs).
 pub fn wait_postcopy() {

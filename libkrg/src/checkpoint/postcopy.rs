@@ -261,6 +261,22 @@ pub extern "C" fn thread_main(arg: usize) -> ! {
     // SAFETY: `arg` is the Pc laid out by `lay_out` in the thread's own
     // mapping; nothing else touches it.
     let pc = unsafe { &mut *(arg as *mut Pc) };
+    // Named, so that the agent can tell that pages are still coming (a
+    // process may have other userfaultfds, krg's DSM ones for instance).
+    let mut name = [0u8; 16];
+    let n = super::POSTCOPY_THREAD_NAME.len().min(15);
+    name[..n].copy_from_slice(&super::POSTCOPY_THREAD_NAME.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated name of at most 16 bytes
+    // from our stack; it names the calling thread only.
+    unsafe {
+        arch::sys(
+            libc::SYS_prctl,
+            libc::PR_SET_NAME as usize,
+            name.as_ptr() as usize,
+            0,
+            0,
+        )
+    };
     match run(pc) {
         Ok(()) => {
             // SAFETY: our fds; then the mapping we run on goes and the
