@@ -622,3 +622,127 @@ fn a_truncated_image_fails_and_nothing_runs_from_scratch() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(find(&c, &bin).is_none(), "nothing runs: {:?}", c.ps(1));
 }
+
+/// The data file `pcmem` reads from (100 known bytes and more).
+fn pcmem_data() -> std::path::PathBuf {
+    let f = shared_dir("pcmem").join("data");
+    let s: String = (0..4096).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    write_file(&f, &s);
+    f
+}
+
+/// Post-copy (the default): a 1 GiB process resumes on the target before
+/// its memory is there. Its three worker threads fault at once on pages
+/// still to come and update them; its reader thread's `read()` lands in
+/// pages not there yet (the last ones sent). A second migration, ordered
+/// while the first one's pages are still coming, waits for them and moves
+/// it again (post-copy again); a third with `--precopy` copies everything
+/// while frozen. Every byte checks out at the end.
+#[test]
+fn post_copy_gibibyte_with_faulting_threads_and_reads_moves_twice_in_a_row() {
+    let bin = cc(&repo_root().join("examples/ckpt/pcmem.c"), "ckpt-pcmem");
+    let bin = bin.to_str().unwrap().to_string();
+    let data = pcmem_data();
+    let c = Cluster::up(3, 1.0);
+    let mut p = c
+        .cmd(1, &[&bin, "1024", "3", "25", data.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(read_line(&mut p), "ready");
+    let (pid, _) = find(&c, &bin).unwrap();
+    let pid_s = pid.to_string();
+    std::thread::sleep(Duration::from_millis(500));
+    let (first, second) = std::thread::scope(|s| {
+        let first = s.spawn(|| c.krg(1, &["migrate", &pid_s, "2"]));
+        // As soon as it is placed on node 2 (its pages are still coming).
+        assert!(wait_for(Duration::from_secs(20), || find(&c, &bin)
+            .map(|f| f.1)
+            == Some(2)));
+        let second = c.krg(2, &["migrate", &pid_s, "3"]);
+        (first.join().unwrap(), second)
+    });
+    for (out, to) in [(&first, 2), (&second, 3)] {
+        assert!(
+            out.status.success(),
+            "migrate to {to}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        let said = text(&out.stdout);
+        assert!(
+            said.contains(&format!("migrated to node {to}")) && said.contains("post-copy"),
+            "{said}"
+        );
+    }
+    assert_eq!(find(&c, &bin), Some((pid, 3)));
+    let pre = c.krg(3, &["migrate", "--precopy", &pid_s, "1"]);
+    assert!(pre.status.success(), "{}", text(&pre.stderr));
+    assert!(
+        !text(&pre.stdout).contains("post-copy"),
+        "{}",
+        text(&pre.stdout)
+    );
+    let out = p.wait_with_output().unwrap();
+    let o = text(&out.stdout);
+    assert!(out.status.success(), "{o}{}", text(&out.stderr));
+    let fields: Vec<&str> = o.split_whitespace().collect();
+    assert_eq!(fields.first(), Some(&"ok"), "{o}");
+    let reads: u64 = fields[2].parse().unwrap();
+    assert!(reads > 100, "the reader kept reading across the moves: {o}");
+}
+
+/// If the source goes away while pages are still coming, the process
+/// cannot go on anywhere: the copy on the target is killed too (never a
+/// process running with missing memory, never two copies), the command
+/// says what happened and the parent sees the kill.
+#[test]
+fn post_copy_broken_by_the_source_dying_leaves_no_half_process() {
+    let bin = cc(
+        &repo_root().join("examples/ckpt/pcmem.c"),
+        "ckpt-pcmem-break",
+    );
+    let bin = bin.to_str().unwrap().to_string();
+    let data = pcmem_data();
+    let c = Cluster::up(2, 1.0);
+    let mut p = c
+        .cmd(1, &[&bin, "2048", "1", "60", data.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(read_line(&mut p), "ready");
+    let (pid, _) = find(&c, &bin).unwrap();
+    let pid_s = pid.to_string();
+    let out = std::thread::scope(|s| {
+        let m = s.spawn(|| c.krg(1, &["migrate", &pid_s, "2"]));
+        assert!(wait_for(Duration::from_secs(20), || find(&c, &bin)
+            .map(|f| f.1)
+            == Some(2)));
+        // The frozen source, in node 1's pid namespace.
+        let k = c
+            .plain(1, &["pkill", "-KILL", "-f", "^/[^ ]*ckpt-pcmem-break "])
+            .output()
+            .unwrap();
+        assert!(k.status.success(), "pkill: {}", text(&k.stderr));
+        m.join().unwrap()
+    });
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    let st = p.wait().unwrap();
+    assert!(!st.success(), "the parent sees the process end badly");
+    assert!(
+        wait_for(Duration::from_secs(10), || find(&c, &bin).is_none()),
+        "nothing left of it: {:?}",
+        c.ps(1)
+    );
+    let on2 = c
+        .plain(2, &["pgrep", "-f", "ckpt-pcmem-break"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&on2.stdout).trim().is_empty(),
+        "no copy left on node 2: {}",
+        text(&on2.stdout)
+    );
+}

@@ -400,6 +400,8 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
             find(&c, &format!("{t} serve")).map(|p| p.1),
             Some(to as u64)
         );
+        // (After the rest of its memory has followed by post-copy.)
+        std::thread::sleep(std::time::Duration::from_millis(700));
         let (new, old) = traffic(&c, to, left);
         assert!(
             new > 500_000 && old < new / 20,

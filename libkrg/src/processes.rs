@@ -599,6 +599,9 @@ pub fn fork(real: impl FnOnce() -> pid_t) -> pid_t {
     // A pending process registers itself before it has children, so that
     // they can translate their parent.
     let _ = my_gpid();
+    // A child forked while pages are still arriving by post-copy would
+    // see zeros where they are missing: wait for the last one.
+    crate::checkpoint::wait_postcopy();
     let k = real();
     if k == 0 {
         after_fork_child();

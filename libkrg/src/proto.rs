@@ -96,8 +96,9 @@ pub enum Request {
     /// `threshold`. Answered with `Sched`.
     SchedBalance { name: String },
     /// Move a running process to another node (the `krg migrate`
-    /// command). Answered with `Ckpt`.
-    Migrate { pid: i32, node: u32 },
+    /// command). Answered with `Ckpt`. `precopy`: copy all the memory
+    /// while the process is frozen (no post-copy).
+    Migrate { pid: i32, node: u32, precopy: bool },
     /// Restart a checkpointed process (the `krg restart` command); the
     /// caller becomes its shadow as for `RemoteExec`. Answered with
     /// `Restarted`.
@@ -312,6 +313,9 @@ pub struct CkptOrder {
     pub node: u32,
     /// `StreamSwap`: `(fd, stream id)` of each connection to hand over.
     pub streams: Vec<(i32, u64)>,
+    /// A migration that copies all the memory while the process is frozen
+    /// (else big anonymous regions follow by post-copy).
+    pub precopy: bool,
 }
 
 /// A restart request: what the command read from the image (the agent
@@ -345,7 +349,13 @@ pub struct CkptDoneInfo {
     pub node: u32,
     pub bytes: u64,
     pub ms: u64,
+    /// A migration whose big regions followed by post-copy.
+    pub postcopy: bool,
 }
+
+/// What a process says in `CkptDone` (its `msg`) after a post-copy
+/// migration.
+pub const POSTCOPY_DONE: &str = "post-copy";
 
 /// How the remote program gets one of its standard fds.
 #[derive(

@@ -214,6 +214,7 @@ impl Agent {
                     kill: false,
                     node: to,
                     streams: Vec::new(),
+                    precopy: false,
                 };
                 match a.checkpoint_local(g, order, 0).await {
                     Ok(done) => {

@@ -13,6 +13,7 @@
 //! `remote::spawn_here`) and the command stays as the restored process's
 //! shadow, exactly as for a remote exec.
 
+use super::procs::read_stat;
 use super::remote::SpawnSpec;
 use super::{err, Agent, Caller};
 use libkrg::caps::Caps;
@@ -41,7 +42,8 @@ impl std::fmt::Debug for Orders {
 struct Pending {
     order: CkptOrder,
     taken: bool,
-    done: Option<oneshot::Sender<Result<u64, String>>>,
+    /// Bytes, and whether post-copy was used; or why it failed.
+    done: Option<oneshot::Sender<Result<(u64, bool), String>>>,
 }
 
 impl Orders {
@@ -63,6 +65,25 @@ fn fd_refusal(kpid: i32) -> Option<String> {
         .collect();
     fds.sort();
     fds.iter().find_map(|(fd, l)| refusal(*fd, l))
+}
+
+/// Whether a local process still has its post-copy thread (pages of a
+/// migration still coming). By the thread's name, not by an open
+/// userfaultfd: krg's shared memory gives a process one too.
+fn postcopy_running(kpid: i32) -> bool {
+    std::fs::read_dir(format!("/proc/{kpid}/task"))
+        .map(|d| {
+            d.flatten().any(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim_end() == libkrg::checkpoint::POSTCOPY_THREAD_NAME)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Whether a local process still runs (not gone, not a zombie).
+fn alive(kpid: i32) -> bool {
+    read_stat(kpid).is_some_and(|s| s.state != 'Z')
 }
 
 /// A live child of a local process, if any (zombies included: the parent
@@ -180,6 +201,19 @@ impl Agent {
             }
             p.kpid
         };
+        // A process still receiving pages by post-copy has its
+        // userfaultfd and migration stream open (and its handler waits
+        // for the last page anyway): wait for its post-copy thread to end
+        // (it closes both first).
+        if self.procs().get(g).is_some_and(|p| p.postcopy) {
+            let until = Instant::now() + CAPTURE_TIMEOUT;
+            while postcopy_running(kpid) && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if let Some(p) = self.procs().get_mut(g) {
+                p.postcopy = false;
+            }
+        }
         if let Some(why) = fd_refusal(kpid) {
             return Err(err(libc::EBUSY, format!("pid {g}: {why}")));
         }
@@ -234,7 +268,26 @@ impl Agent {
         }
         // The handler must ask for its order soon; then the capture takes
         // as long as the memory needs.
-        let r = tokio::time::timeout(CAPTURE_TIMEOUT, rx).await;
+        // Until it reports, or dies (a process killed during its capture
+        // never reports).
+        let r = tokio::time::timeout(CAPTURE_TIMEOUT, async {
+            let mut rx = rx;
+            loop {
+                tokio::select! {
+                    r = &mut rx => return r,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if !alive(kpid) {
+                            // A report sent just before the end wins.
+                            return match rx.try_recv() {
+                                Ok(r) => Ok(r),
+                                Err(_) => Ok(Err("the process ended during the capture".to_string())),
+                            };
+                        }
+                    }
+                }
+            }
+        })
+        .await;
         let removed = self.orders.lock().remove(&kpid);
         let res = match r {
             Ok(Ok(r)) => r,
@@ -244,7 +297,7 @@ impl Agent {
                 _ => "the capture did not finish in time".to_string(),
             }),
         };
-        let bytes = match res {
+        let (bytes, postcopy) = match res {
             Ok(b) => b,
             Err(e) => {
                 if migrate {
@@ -258,8 +311,9 @@ impl Agent {
         let ms = started.elapsed().as_millis() as u64;
         if migrate {
             info!(
-                "pid {g}: migrated to node {} ({bytes} bytes, {ms} ms)",
-                order.node
+                "pid {g}: migrated to node {} ({bytes} bytes, {ms} ms{})",
+                order.node,
+                if postcopy { ", post-copy" } else { "" }
             );
         } else {
             info!(
@@ -273,6 +327,7 @@ impl Agent {
             node: if migrate { order.node } else { self.node_id() },
             bytes,
             ms,
+            postcopy,
         })
     }
 
@@ -300,6 +355,7 @@ impl Agent {
                 kill: false,
                 node: 0,
                 streams: Vec::new(),
+                precopy: false,
             },
         }
     }
@@ -309,7 +365,11 @@ impl Agent {
         let mut o = self.orders.lock();
         if let Some(p) = o.get_mut(&who.pid) {
             if let Some(tx) = p.done.take() {
-                let _ = tx.send(if ok { Ok(bytes) } else { Err(msg) });
+                let _ = tx.send(if ok {
+                    Ok((bytes, msg == libkrg::proto::POSTCOPY_DONE))
+                } else {
+                    Err(msg)
+                });
             }
             // Nobody waits for a stream swap: it ends here.
             if p.order.action == CkptAction::StreamSwap {
@@ -343,6 +403,7 @@ impl Agent {
                         kill: false,
                         node: 0,
                         streams,
+                        precopy: false,
                     },
                     taken: false,
                     done: None,
@@ -423,6 +484,7 @@ impl Agent {
             node,
             bytes: 0,
             ms: started.elapsed().as_millis() as u64,
+            postcopy: false,
         })
     }
 }

@@ -900,18 +900,20 @@ impl Agent {
                     kill,
                     node: 0,
                     streams: Vec::new(),
+                    precopy: false,
                 };
                 Ok(Response::Ckpt(
                     self.checkpoint(pid, order, who.uid, 0).await?,
                 ))
             }
-            Request::Migrate { pid, node } => {
+            Request::Migrate { pid, node, precopy } => {
                 let order = libkrg::proto::CkptOrder {
                     action: libkrg::proto::CkptAction::Migrate,
                     path: Vec::new(),
                     kill: false,
                     node,
                     streams: Vec::new(),
+                    precopy,
                 };
                 Ok(Response::Ckpt(
                     self.checkpoint(pid, order, who.uid, 0).await?,

@@ -40,6 +40,9 @@ pub struct Proc {
     /// An image being restored: not capturable until it asks `Whoami`
     /// (its handlers and threads are not back before that).
     pub restoring: bool,
+    /// Restored by a post-copy migration whose pages may still be coming
+    /// (its userfaultfd and migration stream are open until then).
+    pub postcopy: bool,
 }
 
 /// What `/proc/<pid>/stat` says about a process.
@@ -296,6 +299,7 @@ impl ProcTable {
                         vpgid: None,
                         command: None,
                         restoring: false,
+                        postcopy: false,
                     },
                 );
                 self.by_kpid.insert(kpid, g);
@@ -380,6 +384,7 @@ impl ProcTable {
                 vpgid: Some(vpgid),
                 command: None,
                 restoring: false,
+                postcopy: false,
             },
         );
         self.by_kpid.insert(kpid, g);

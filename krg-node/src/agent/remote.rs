@@ -278,6 +278,35 @@ impl Agent {
             .as_ref()
             .map(std::os::fd::AsRawFd::as_raw_fd)
             .unwrap_or(-1);
+        // Post-copy: /dev/userfaultfd is root's only; this agent opens it
+        // and hands it to the restorer as fd 4 (`KRG_UFFD`), which makes
+        // its own userfaultfd from it. Without it the source sends the
+        // whole memory before the process resumes.
+        let uffd_dev: Option<OwnedFd> = if image_stream.is_some() {
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/userfaultfd")
+            {
+                Ok(f) => Some(f.into()),
+                Err(e) => {
+                    warn!(
+                        "pid {}: /dev/userfaultfd: {e}: migration without post-copy",
+                        spec.gpid
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let uffd_fd = uffd_dev
+            .as_ref()
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+            .unwrap_or(-1);
+        if uffd_fd >= 0 {
+            cmd.env(libkrg::checkpoint::restore::UFFD_ENV, "4");
+        }
         let cwd = OsStr::from_bytes(&spec.exec.cwd).to_owned();
         if !std::path::Path::new(&cwd).is_dir() {
             return Err(err(
@@ -334,8 +363,25 @@ impl Agent {
                 for fd in &closed {
                     libc::close(*fd);
                 }
+                // The userfaultfd device out of the way first (it may be
+                // fd 3), then the image stream as 3 and the device as 4.
+                let uffd_tmp = if uffd_fd >= 0 {
+                    let t = libc::fcntl(uffd_fd, libc::F_DUPFD, 5);
+                    if t < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    t
+                } else {
+                    -1
+                };
                 if image_fd >= 0 && libc::dup2(image_fd, 3) != 3 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if uffd_tmp >= 0 {
+                    if libc::dup2(uffd_tmp, 4) != 4 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(uffd_tmp);
                 }
                 if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setgid(gid) != 0
@@ -389,6 +435,7 @@ impl Agent {
                         if let Some(p) = t.get_mut(g) {
                             p.greeted = true;
                             p.restoring = true;
+                            p.postcopy = uffd_fd >= 0;
                             p.command = Some(
                                 spec.exec
                                     .argv

@@ -10,8 +10,10 @@
 //!   other node (relayed by its shadow, one TCP hop);
 //! - the cost of hooked libc calls (getpid, getppid, a passed-through kill)
 //!   with and without the library;
-//! - live migration of a process holding 1 MiB to 2 GiB: its freeze-to-
-//!   resume gap (from its own timestamps) against a memcpy of the same size;
+//! - live migration of a process holding 1 MiB to 2 GiB, post-copy and
+//!   `--precopy`: its freeze-to-resume gap (from its own timestamps), the
+//!   time until every page is in (post-copy), against a memcpy of the same
+//!   size;
 //! - checkpoint to disk and restart against writing the same bytes;
 //! - shared memory: remote read and write faults against a TCP round trip
 //!   between the same nodes, a sequential read, a bounced page
@@ -134,7 +136,8 @@ pub fn worker(args: &[String]) -> Result<i32> {
             }));
         }
         "hold" => hold(n)?,
-        "migrate" => s.values = migrate_sample(n, node.as_deref().unwrap_or("2"))?,
+        "migrate" => s.values = migrate_sample(n, node.as_deref().unwrap_or("2"), false)?,
+        "migrate-precopy" => s.values = migrate_sample(n, node.as_deref().unwrap_or("2"), true)?,
         "ckpt" => s.values = ckpt_sample(n)?,
         "spin" => {
             let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -169,8 +172,10 @@ fn now_ns() -> u64 {
 }
 
 /// `bench-worker hold MIB`: touch MIB MiB, say `ready`, then print a
-/// wall-clock timestamp every 200 us until stdin closes or 30 s pass. The
-/// gap in the timestamps around a migration is its freeze-to-resume time.
+/// wall-clock timestamp and its kernel pid every 200 us until stdin closes
+/// or 30 s pass. The gap between the last timestamp of the old kernel pid
+/// and the first of the new one (a migrated process is a new kernel
+/// process on the target) is the freeze-to-resume time.
 fn hold(mib: u64) -> Result<()> {
     use std::io::Write;
     let mut mem = vec![0u8; (mib << 20) as usize];
@@ -182,7 +187,10 @@ fn hold(mib: u64) -> Result<()> {
     out.flush()?;
     let end = Instant::now() + std::time::Duration::from_secs(30);
     while Instant::now() < end {
-        if writeln!(out, "{}", now_ns())
+        // SAFETY: the raw getpid (the kernel's pid, not the gpid libkrg's
+        // getpid answers) has no preconditions.
+        let kpid = unsafe { libc::syscall(libc::SYS_getpid) };
+        if writeln!(out, "{} {kpid}", now_ns())
             .and_then(|_| out.flush())
             .is_err()
         {
@@ -194,10 +202,12 @@ fn hold(mib: u64) -> Result<()> {
     Ok(())
 }
 
-/// `bench-worker migrate MIB NODE`: start a holder of MIB MiB here, migrate
-/// it to NODE, and measure: the freeze-to-resume gap in its timestamps, the
-/// `krg migrate` call, and a plain memory copy of the same size (the floor).
-fn migrate_sample(mib: u64, node: &str) -> Result<Vec<f64>> {
+/// `bench-worker migrate MIB NODE` (`migrate-precopy`: without post-copy):
+/// start a holder of MIB MiB here, migrate it to NODE, and measure: the
+/// freeze-to-resume gap in its timestamps, the `krg migrate` call (with
+/// post-copy it returns once every page is on the target), and a plain
+/// memory copy of the same size (the floor).
+fn migrate_sample(mib: u64, node: &str, precopy: bool) -> Result<Vec<f64>> {
     use std::io::BufRead;
     let exe = std::env::current_exe()?;
     let mut child = Command::new(&exe)
@@ -213,10 +223,12 @@ fn migrate_sample(mib: u64, node: &str) -> Result<Vec<f64>> {
     }
     // Let it tick a while, reading as it goes (in a thread).
     let reader = std::thread::spawn(move || {
-        let mut v: Vec<u64> = Vec::new();
+        let mut v: Vec<(u64, i64)> = Vec::new();
         for l in lines.map_while(|l| l.ok()) {
-            if let Ok(t) = l.trim().parse() {
-                v.push(t);
+            let mut f = l.split_whitespace();
+            if let (Some(Ok(t)), Some(Ok(k))) = (f.next().map(str::parse), f.next().map(str::parse))
+            {
+                v.push((t, k));
             }
         }
         v
@@ -224,7 +236,7 @@ fn migrate_sample(mib: u64, node: &str) -> Result<Vec<f64>> {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let node: u32 = node.parse().context("node")?;
     let t0 = Instant::now();
-    let r = libkrg::client::call(&libkrg::proto::Request::Migrate { pid, node })
+    let r = libkrg::client::call(&libkrg::proto::Request::Migrate { pid, node, precopy })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let call_ms = t0.elapsed().as_secs_f64() * 1e3;
     if let libkrg::proto::Response::Err(e) = r {
@@ -237,9 +249,17 @@ fn migrate_sample(mib: u64, node: &str) -> Result<Vec<f64>> {
     });
     let _ = child.wait();
     let ticks = reader.join().map_err(|_| anyhow::anyhow!("reader"))?;
-    let gap_ms = ticks
+    // The freeze: from the old kernel process's last tick to the new
+    // one's first.
+    let Some(switch) = ticks.windows(2).position(|w| w[1].1 != w[0].1) else {
+        bail!("the holder never showed another kernel pid (not migrated?)");
+    };
+    let gap_ms = ticks[switch + 1].0.saturating_sub(ticks[switch].0) as f64 / 1e6;
+    // After it: the longest stall of the resumed process (page faults
+    // waiting for pages, the post-copy thread's share of the node's CPU).
+    let after_ms = ticks[switch + 1..]
         .windows(2)
-        .map(|w| w[1].saturating_sub(w[0]))
+        .map(|w| w[1].0.saturating_sub(w[0].0))
         .max()
         .unwrap_or(0) as f64
         / 1e6;
@@ -250,7 +270,7 @@ fn migrate_sample(mib: u64, node: &str) -> Result<Vec<f64>> {
     dst.copy_from_slice(&src);
     std::hint::black_box(&dst);
     let copy_ms = t.elapsed().as_secs_f64() * 1e3;
-    Ok(vec![gap_ms, call_ms, copy_ms])
+    Ok(vec![gap_ms, call_ms, copy_ms, after_ms])
 }
 
 /// `bench-worker ckpt MIB`: checkpoint a holder of MIB MiB to this node's
@@ -301,7 +321,8 @@ fn ckpt_sample(mib: u64) -> Result<Vec<f64>> {
     let mut out = std::io::BufReader::new(r.stdout.take().context("stdout")?).lines();
     let first = out.next();
     let restart_ms = t.elapsed().as_secs_f64() * 1e3;
-    if !matches!(first, Some(Ok(ref l)) if l.trim().parse::<u64>().is_ok()) {
+    let stamp = |l: &str| l.split_whitespace().next().map(str::parse::<u64>);
+    if !matches!(first, Some(Ok(ref l)) if matches!(stamp(l), Some(Ok(_)))) {
         bail!("restarted holder said {first:?}");
     }
     let _ = r.kill();
@@ -507,21 +528,31 @@ fn measure(quick: bool) -> Result<i32> {
             ("1", "[goal <= 30 ms]"),
             ("64", ""),
             ("512", "[goal <= 350 ms]"),
-            ("2048", ""),
+            ("2048", "[post-copy goal <= 20 ms]"),
         ]
     };
+    println!("live migration to the other node; freeze = last tick of the old kernel process to");
+    println!("  the first of the new one (the holder's own timestamps, every 200 us)");
     println!(
-        "live migration to the other node (freeze-to-resume gap; krg migrate call; memcpy floor)"
+        "  post-copy (default): freeze; all in = the krg migrate call (returns once every page"
+    );
+    println!("  is in); stall = longest pause of the resumed holder while pages still came");
+    println!(
+        "  --precopy: freeze with every page copied while frozen; floor: memcpy of the same size"
     );
     for (mib, goal) in sizes {
-        let v = run_worker(false, &["migrate", mib, "2"])?.values;
+        let post = run_worker(false, &["migrate", mib, "2"])?.values;
+        let pre = run_worker(false, &["migrate-precopy", mib, "2"])?.values;
+        let floor = post[2].min(pre[2]);
+        let mb = mib.parse::<f64>().unwrap_or(0.0) * 1.048_576;
         println!(
-            "  {mib:>5} MiB   {:8.1} ms   call {:8.1} ms   floor {:7.1} ms   {:.1}x floor   {:6.0} MB/s {goal}",
-            v[0],
-            v[1],
-            v[2],
-            v[0] / v[2].max(0.001),
-            (mib.parse::<f64>().unwrap_or(0.0) * 1.048_576) / (v[0] / 1e3)
+            "  {mib:>5} MiB   post-copy freeze {:6.1} ms, all in {:7.1} ms ({:5.0} MB/s), stall {:5.1} ms   pre-copy freeze {:7.1} ms   floor {:7.1} ms {goal}",
+            post[0],
+            post[1],
+            mb / (post[1] / 1e3),
+            post[3],
+            pre[0],
+            floor,
         );
     }
     let sizes: &[&str] = if quick { &["64"] } else { &["64", "512"] };

@@ -164,7 +164,7 @@ pub fn restart(dir: &Path, node: Option<u32>, quiet: bool) -> Result<i32> {
 }
 
 /// `krg migrate PID NODE`.
-pub fn migrate(pid: i32, node: u32) -> Result<i32> {
+pub fn migrate(pid: i32, node: u32, precopy: bool) -> Result<i32> {
     let node = libkrg::proto::parse_node_pin(&node.to_string())
         .with_context(|| format!("node {node}: node ids are 1..={}", libkrg::gpid::MAX_NODE))?;
     let r = with_progress(
@@ -176,16 +176,21 @@ pub fn migrate(pid: i32, node: u32) -> Result<i32> {
         ),
         None,
         None,
-        move || agent_call(&Request::Migrate { pid, node }),
+        move || agent_call(&Request::Migrate { pid, node, precopy }),
     )?;
     match r {
         Response::Ckpt(i) => {
             println!(
-                "pid {}: migrated to node {} ({} in {} ms)",
+                "pid {}: migrated to node {} ({} in {} ms{})",
                 i.pid,
                 i.node,
                 mib(i.bytes),
-                i.ms
+                i.ms,
+                if i.postcopy {
+                    ", post-copy: every page in"
+                } else {
+                    ""
+                }
             );
             Ok(0)
         }

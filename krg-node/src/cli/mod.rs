@@ -101,8 +101,16 @@ pub enum Cmd {
         kill: bool,
     },
     /// Move a running process to node NODE (its pid, parent, stdio and
-    /// signals stay as they were).
-    Migrate { pid: i32, node: u32 },
+    /// signals stay as they were). By default the process resumes on NODE
+    /// at once and its big anonymous regions follow (post-copy).
+    Migrate {
+        pid: i32,
+        node: u32,
+        /// Copy all the memory while the process is frozen (no post-copy:
+        /// longer freeze, but the process never depends on the old node).
+        #[arg(long)]
+        precopy: bool,
+    },
     /// Restart a checkpointed process (on node N, or where the scheduler
     /// places it); this command stays as its stand-in (stdio, signals,
     /// exit status).
@@ -247,7 +255,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             bail!("cannot run {}: {err}", cmd[0])
         }
         Cmd::Checkpoint { pid, dir, kill } => checkpoint::checkpoint(pid, dir, kill),
-        Cmd::Migrate { pid, node } => checkpoint::migrate(pid, node),
+        Cmd::Migrate { pid, node, precopy } => checkpoint::migrate(pid, node, precopy),
         Cmd::Restart { dir, node, quiet } => checkpoint::restart(&dir, node, quiet),
         Cmd::Sched { json, cmd } => sched::sched(cmd, json),
         Cmd::Bench { quick } => bench::bench(quick),

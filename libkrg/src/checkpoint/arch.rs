@@ -99,6 +99,24 @@ pub unsafe extern "C" fn switch_stack(top: usize, f: extern "C" fn(usize) -> !, 
     )
 }
 
+/// `munmap(addr, len)` then end the calling thread (`exit`, not
+/// `exit_group`), touching no memory in between: a thread can free the
+/// mapping its own stack is in.
+///
+/// # Safety
+/// Nothing else may use the mapping; the thread ends.
+#[unsafe(naked)]
+pub unsafe extern "C" fn unmap_and_exit(addr: usize, len: usize) -> ! {
+    naked_asm!(
+        "mov eax, 11", // munmap(rdi, rsi)
+        "syscall",
+        "xor edi, edi",
+        "mov eax, 60", // exit(0)
+        "syscall",
+        "ud2",
+    )
+}
+
 /// Raw `clone(2)` of a thread that starts with `entry(arg)` on the stack
 /// ending at `top`. Returns the new thread's tid, or `-errno`.
 ///

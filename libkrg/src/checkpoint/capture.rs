@@ -491,6 +491,17 @@ pub type Runs = Vec<(u64, u64)>;
 
 /// The regions of the image and the runs of memory to save.
 pub fn regions(maps: &[MapLine], exclude: &[(u64, u64)]) -> Result<(Vec<Region>, Runs), String> {
+    regions_deferring(maps, exclude, &[])
+}
+
+/// [`regions`], except that the pages of the regions `(start, end)` in
+/// `defer` are not looked up (a post-copy migration scans them once the
+/// process runs on the target: [`present_runs`]).
+pub fn regions_deferring(
+    maps: &[MapLine],
+    exclude: &[(u64, u64)],
+    defer: &[(u64, u64)],
+) -> Result<(Vec<Region>, Runs), String> {
     let pagemap = std::fs::File::open("/proc/self/pagemap")
         .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
     let mut regions = Vec::new();
@@ -523,6 +534,7 @@ pub fn regions(maps: &[MapLine], exclude: &[(u64, u64)]) -> Result<(Vec<Region>,
         // Runs never span two regions: the restore checks each against one.
         let floor = runs.len();
         match save {
+            _ if defer.contains(&(m.start, m.end)) => {}
             Save::Nothing => {}
             Save::All => push_run(&mut runs, floor, m.start, m.end - m.start),
             Save::Present | Save::Modified => scan_pagemap(
@@ -543,6 +555,15 @@ pub fn regions(maps: &[MapLine], exclude: &[(u64, u64)]) -> Result<(Vec<Region>,
         });
     }
     Ok((regions, runs))
+}
+
+/// The runs of present or swapped pages of `[start, end)`.
+pub fn present_runs(start: u64, end: u64) -> Result<Runs, String> {
+    let pagemap = std::fs::File::open("/proc/self/pagemap")
+        .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+    let mut runs = Vec::new();
+    scan_pagemap(&pagemap, start, end, false, &mut runs, 0)?;
+    Ok(runs)
 }
 
 fn push_run(runs: &mut Vec<(u64, u64)>, floor: usize, addr: u64, len: u64) {
@@ -658,6 +679,7 @@ pub fn meta(
         vdso: vdso_bytes,
         mem_bytes,
         krg_anchor: anchor,
+        lazy: Vec::new(),
     })
 }
 
@@ -693,10 +715,16 @@ pub fn write_image(
     runs: &[(u64, u64)],
 ) -> Result<u64, String> {
     let head = image::encode_meta(meta).map_err(|e| e.to_string())?;
-    // SAFETY: (here and below) each range is a live buffer or a run of the
-    // process's own mapped memory, made readable above if it was not.
+    // SAFETY: a live buffer.
     unsafe { write_all(fd, head.as_ptr(), head.len())? };
-    let mut total = head.len() as u64;
+    let total = head.len() as u64 + write_runs(fd, regions, runs)?;
+    write_end(fd)?;
+    Ok(total + 24)
+}
+
+/// Write the memory records of `runs`; returns the bytes written.
+pub fn write_runs(fd: RawFd, regions: &[Region], runs: &[(u64, u64)]) -> Result<u64, String> {
+    let mut total = 0u64;
     for (addr, len) in runs {
         // A run in a region the process cannot read (PROT_NONE after use)
         // is made readable for the copy, then put back.
@@ -716,7 +744,8 @@ pub fn write_image(
             };
         }
         let h = image::record(*addr, *len);
-        // SAFETY: see above.
+        // SAFETY: a live buffer, then a run of the process's own mapped
+        // memory (made readable above if it was not).
         unsafe {
             write_all(fd, h.as_ptr(), h.len())?;
             write_all(fd, *addr as *const u8, *len as usize)?;
@@ -727,13 +756,17 @@ pub fn write_image(
         }
         total += 16 + len;
     }
+    Ok(total)
+}
+
+/// Write the end record and the end marker (24 bytes).
+pub fn write_end(fd: RawFd) -> Result<(), String> {
     let end = image::record(0, 0);
     // SAFETY: live buffers.
     unsafe {
         write_all(fd, end.as_ptr(), end.len())?;
-        write_all(fd, image::END_MAGIC.as_ptr(), 8)?;
+        write_all(fd, image::END_MAGIC.as_ptr(), 8)
     }
-    Ok(total + 24)
 }
 
 #[cfg(test)]

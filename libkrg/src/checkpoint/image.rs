@@ -8,11 +8,30 @@
 //! addr = 0, len = 0                                       end of memory
 //! "KRGEND01"
 //! ```
+//!
+//! A post-copy migration (`Meta::lazy` not empty) adds a handshake and a
+//! second phase on the same connection (see `postcopy.rs`):
+//!
+//! ```text
+//! source → target: "KRGIMG01" meta
+//! target → source: "KRGLAZY1" (post-copy accepted) or "KRGFULL1" (send everything now)
+//! source → target: records of the memory outside the lazy regions, end record, "KRGEND01"
+//! target → source: "KRGRUN01" (the process resumes), then 8-byte page addresses it faults on
+//! source → target: records of the lazy regions ({addr, len | ZERO} = zero-fill),
+//!                  end record, "KRGEND01"; the target closes once all is in
+//! ```
 
 use rkyv::{Archive, Deserialize, Serialize};
 
 pub const MAGIC: &[u8; 8] = b"KRGIMG01";
 pub const END_MAGIC: &[u8; 8] = b"KRGEND01";
+/// Post-copy handshake: the target takes the lazy regions on demand.
+pub const LAZY_OK: &[u8; 8] = b"KRGLAZY1";
+/// Post-copy handshake: the target wants every page before it resumes.
+pub const LAZY_NO: &[u8; 8] = b"KRGFULL1";
+/// The target resumed the process (post-copy: from here on the process
+/// exists only there).
+pub const RUNNING: &[u8; 8] = b"KRGRUN01";
 /// Largest metadata section accepted on read.
 pub const MAX_META: u64 = 64 << 20;
 /// Name of the image file in a checkpoint directory.
@@ -55,6 +74,9 @@ pub struct Meta {
     /// Addresses of libkrg's own statics (the restorer writes them once the
     /// memory is back); they must match the restoring process's.
     pub krg_anchor: u64,
+    /// Regions (start, end) whose pages a migration may send after the
+    /// process resumed on the target (post-copy); empty for a checkpoint.
+    pub lazy: Vec<(u64, u64)>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -288,6 +310,7 @@ mod tests {
             vdso: vec![1, 2],
             mem_bytes: 0,
             krg_anchor: 0,
+            lazy: vec![(0x1000, 0x2000)],
         };
         let bytes = encode_meta(&m).unwrap();
         assert_eq!(read_meta(&mut &bytes[..]).unwrap(), m);

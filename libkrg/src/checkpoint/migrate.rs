@@ -6,8 +6,9 @@
 //! see `crate::distant`). To give its memory back at once it re-executes
 //! itself in shadow mode (`KRG_SHADOW`), which also ends its other threads.
 
-use super::image::FdKind;
-use super::{capture, report, Order, ANCHOR};
+use super::capture::MapLine;
+use super::image::{self, FdKind, Meta, Region};
+use super::{capture, postcopy, report, Order, ANCHOR};
 use crate::distant::{self, Listener, SHADOW_ENV};
 use crate::proto::{RemoteExec, Request, Response, StdioKind, IMAGE_CHANNEL};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -20,7 +21,14 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     let maps_text = capture::read_file("/proc/self/maps")?;
     let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));
     let arena = super::alloc::range();
-    let (regions, runs) = capture::regions(&maps, &[arena])?;
+    // The big private anonymous regions go by post-copy: their pages are
+    // not even looked up before the process runs on the target.
+    let lazy = if order.precopy {
+        Vec::new()
+    } else {
+        lazy_regions(&maps, arena)
+    };
+    let (regions, runs) = capture::regions_deferring(&maps, &[arena], &lazy)?;
     // The fds, before this side's own sockets exist.
     let fds = capture::capture_fds(&[])?;
     let mem: u64 = runs.iter().map(|r| r.1).sum();
@@ -32,6 +40,7 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
         mem,
         &ANCHOR as *const AtomicI32 as u64,
     )?;
+    meta.lazy = lazy;
     // Stdin, stdout and stderr stay with the shadow, whatever they are
     // (a file here may not exist there; a file shared with the parent keeps
     // its one offset): the target gets relayed streams. Devices that mean
@@ -45,7 +54,7 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     // both sides; from here on, a failure must hand them back here.
     move_streams(&mut meta.fds)?;
     match send(order, &meta, &regions, &runs) {
-        Ok((bytes, conns)) => {
+        Ok((bytes, how, conns)) => {
             // The old ends of moved sockets stay out of the shadow.
             for f in &meta.fds {
                 if matches!(f.kind, FdKind::Tcp { .. } | FdKind::TcpListen { .. }) {
@@ -53,7 +62,7 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
                     unsafe { libc::close(f.fd) };
                 }
             }
-            report(true, String::new(), bytes);
+            report(true, how, bytes);
             become_shadow(
                 meta.gpid, order.node, &meta.exe, &meta.argv, &meta.env, conns,
             )
@@ -252,14 +261,17 @@ fn reattach_streams(fds: &[super::image::FdState]) {
     }
 }
 
-/// Send the image to `order.node`; the byte count and this side's
-/// connections to the restored program (stdio relays).
+/// What was sent: the byte count, what to tell the agent (post-copy or
+/// not), this side's connections to the restored program (stdio relays).
+type Sent = (u64, String, Vec<(u8, OwnedFd)>);
+
+/// Send the image to `order.node` (post-copy when it has lazy regions).
 fn send(
     order: &Order,
     meta: &super::image::Meta,
     regions: &[super::image::Region],
     runs: &[(u64, u64)],
-) -> Result<(u64, Vec<(u8, OwnedFd)>), String> {
+) -> Result<Sent, String> {
     let listener = Listener::new()?;
     let mut token = [0u8; 16];
     // SAFETY: getrandom writes at most token.len() bytes into token.
@@ -305,6 +317,9 @@ fn send(
     let (_, image) = conns.remove(i);
     // SAFETY: blocking mode on our own socket.
     unsafe { libc::fcntl(image.as_raw_fd(), libc::F_SETFL, 0) };
+    if !meta.lazy.is_empty() {
+        return post_copy(order, meta, regions, runs, image, conns);
+    }
     let bytes = match capture::write_image(image.as_raw_fd(), meta, regions, runs) {
         Ok(b) => b,
         // The restorer says why it gave up on the same connection.
@@ -313,7 +328,485 @@ fn send(
     // SAFETY: half-close our socket: the target sees the end of the image.
     unsafe { libc::shutdown(image.as_raw_fd(), libc::SHUT_WR) };
     drop(image);
-    Ok((bytes, conns))
+    Ok((bytes, String::new(), conns))
+}
+
+/// The regions that go by post-copy: private anonymous (not the main
+/// stack), readable, at least `LAZY_MIN` bytes long, and not libkrg's own
+/// data (the restorer writes there before the post-copy thread runs) or
+/// the capture arena.
+fn lazy_regions(maps: &[MapLine], arena: (u64, u64)) -> Vec<(u64, u64)> {
+    let own = [
+        &ANCHOR as *const AtomicI32 as u64,
+        &super::RESUMED as *const _ as u64,
+        &super::RESTORE_AREA as *const _ as u64,
+        &postcopy::THREAD_TID as *const _ as u64,
+    ];
+    maps.iter()
+        .filter(|m| {
+            m.inode == 0
+                && !m.shared
+                && m.read
+                && !m.is_special()
+                && m.path != "[stack]"
+                && m.end - m.start >= postcopy::LAZY_MIN
+                && !own.iter().any(|a| m.start <= *a && *a < m.end)
+                && !(m.start < arena.1 && arena.0 < m.end)
+        })
+        .take(postcopy::MAX_RANGES)
+        .map(|m| (m.start, m.end))
+        .collect()
+}
+
+/// How a post-copy migration failed.
+enum Broke {
+    /// Before the process resumed on the target: it goes on here.
+    Before(String),
+    /// After: it exists nowhere any more.
+    After(String),
+}
+
+/// The post-copy migration, once the target connected for the image:
+/// metadata, handshake, the memory outside the lazy regions, then (the
+/// process runs on the target) the lazy regions, pages the target faults
+/// on first. The process stays frozen here until the target has every
+/// page, then this becomes its shadow.
+fn post_copy(
+    order: &Order,
+    meta: &Meta,
+    regions: &[Region],
+    runs: &[(u64, u64)],
+    image: OwnedFd,
+    conns: Vec<(u8, OwnedFd)>,
+) -> Result<Sent, String> {
+    let fd = image.as_raw_fd();
+    let head = image::encode_meta(meta).map_err(|e| e.to_string())?;
+    // SAFETY: a live buffer.
+    unsafe { capture::write_all(fd, head.as_ptr(), head.len()) }
+        .map_err(|e| why_refused(&image).unwrap_or(e))?;
+    let mut answer = [0u8; 8];
+    if !read_full(fd, &mut answer, 30_000) {
+        return Err(why_refused(&image)
+            .unwrap_or_else(|| format!("node {}: no answer from the restorer", order.node)));
+    }
+    let lazy = if &answer == image::LAZY_OK {
+        true
+    } else if &answer == image::LAZY_NO {
+        false
+    } else {
+        let rest = why_refused(&image).unwrap_or_default();
+        let all = format!("{}{rest}", String::from_utf8_lossy(&answer));
+        return Err(all
+            .strip_prefix(super::restore::REFUSAL)
+            .map(|m| m.trim().to_string())
+            .unwrap_or_else(|| format!("node {}: bad answer from the restorer", order.node)));
+    };
+    // The lazy regions' pages: looked up now (no post-copy there) or once
+    // the process runs there (`serve`).
+    let mut now: Vec<(u64, u64)> = runs.to_vec();
+    if !lazy {
+        for (a, b) in &meta.lazy {
+            now.extend(capture::present_runs(*a, *b)?);
+        }
+    }
+    let mut bytes = head.len() as u64;
+    let sent = capture::write_runs(fd, regions, &now).and_then(|n| {
+        capture::write_end(fd)?;
+        Ok(n + 24)
+    });
+    bytes += sent.map_err(|e| why_refused(&image).unwrap_or(e))?;
+    if lazy {
+        // The program's output on the target is relayed from now on (the
+        // shadow, once this is done, goes on with the same streams).
+        let outs: Vec<(i32, i32)> = conns
+            .iter()
+            .filter(|(ch, _)| *ch == 2 || *ch == 3)
+            .map(|(ch, f)| (f.as_raw_fd(), i32::from(*ch) - 1))
+            .collect();
+        match serve(fd, &meta.lazy, &outs) {
+            Ok(n) => bytes += n,
+            Err(Broke::Before(e)) => return Err(e),
+            Err(Broke::After(e)) => {
+                let msg = format!(
+                    "post-copy to node {} broke after the process resumed there ({e}): \
+                     the process is lost, killed on both nodes",
+                    order.node
+                );
+                crate::krg_log!(crate::log::Level::Error, "{msg}");
+                report(false, msg, 0);
+                // SAFETY: ends this (frozen) copy: the other one is dead or
+                // dying, and the process must never run twice.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                return Err("killed".into());
+            }
+        }
+    } else {
+        // SAFETY: half-close our socket: the target sees the end.
+        unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    }
+    drop(image);
+    let how = if lazy {
+        crate::proto::POSTCOPY_DONE.to_string()
+    } else {
+        String::new()
+    };
+    Ok((bytes, how, conns))
+}
+
+/// Read exactly `buf.len()` bytes, waiting at most `ms` for each part.
+fn read_full(fd: i32, buf: &mut [u8], ms: i32) -> bool {
+    let mut got = 0;
+    while got < buf.len() {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, ms) } <= 0 {
+            return false;
+        }
+        // SAFETY: reads into the rest of our buffer.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        if n <= 0 {
+            return false;
+        }
+        got += n as usize;
+    }
+    true
+}
+
+/// Send one record (header and bytes, or a zero record) with `sendmsg`.
+fn send_record(fd: i32, addr: u64, len: u64, zero: bool) -> Result<(), String> {
+    let head = image::record(addr, if zero { len | postcopy::ZERO } else { len });
+    let mut iov = [
+        libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: 16,
+        },
+        libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: if zero { 0 } else { len as usize },
+        },
+    ];
+    let mut first = 0usize;
+    loop {
+        // SAFETY: a zeroed msghdr is valid; we set the iovecs.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov[first..].as_mut_ptr();
+        msg.msg_iovlen = 2 - first;
+        // SAFETY: the iovecs cover our header and a run of this process's
+        // own memory (every other thread is parked: nothing changes it).
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            if crate::rt::errno() == libc::EINTR {
+                continue;
+            }
+            return Err(format!(
+                "sending memory: {}",
+                crate::rt::Errno(crate::rt::errno())
+            ));
+        }
+        let mut n = n as usize;
+        while first < 2 && n >= iov[first].iov_len {
+            n -= iov[first].iov_len;
+            first += 1;
+        }
+        if first == 2 {
+            return Ok(());
+        }
+        iov[first].iov_base = (iov[first].iov_base as usize + n) as *mut libc::c_void;
+        iov[first].iov_len -= n;
+    }
+}
+
+/// What the target sends back during post-copy: its "resumed" marker,
+/// then the page addresses it faults on.
+struct Back {
+    buf: [u8; 4096],
+    have: usize,
+    running: bool,
+}
+
+impl Back {
+    /// Take what arrived, without waiting. Pages asked for go to `asks`.
+    /// `Ok(false)`: the target closed.
+    fn take(&mut self, fd: i32, asks: &mut Vec<u64>) -> Result<bool, Broke> {
+        loop {
+            // SAFETY: reads into the rest of our buffer.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    self.buf[self.have..].as_mut_ptr().cast(),
+                    self.buf.len() - self.have,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n == 0 {
+                return Ok(false);
+            }
+            if n < 0 {
+                let e = crate::rt::errno();
+                if e == libc::EAGAIN || e == libc::EINTR {
+                    return Ok(true);
+                }
+                return Err(self.broke(format!("{}", crate::rt::Errno(e))));
+            }
+            self.have += n as usize;
+            let mut at = 0;
+            while self.have - at >= 8 {
+                let w: [u8; 8] = self.buf[at..at + 8].try_into().expect("8 bytes");
+                at += 8;
+                if !self.running {
+                    if &w != image::RUNNING {
+                        return Err(Broke::Before(format!(
+                            "the restorer said {:?}",
+                            String::from_utf8_lossy(&self.buf[at - 8..self.have])
+                        )));
+                    }
+                    self.running = true;
+                } else {
+                    asks.push(u64::from_le_bytes(w));
+                }
+            }
+            self.buf.copy_within(at..self.have, 0);
+            self.have -= at;
+        }
+    }
+
+    fn broke(&self, why: String) -> Broke {
+        if self.running {
+            Broke::After(why)
+        } else {
+            Broke::Before(why)
+        }
+    }
+}
+
+/// Relay what the program wrote to its stdout and stderr on the target
+/// (`(stream, local fd)`), without waiting for more.
+fn relay(outs: &[(i32, i32)]) {
+    let mut buf = [0u8; 16 * 1024];
+    for (sock, local) in outs {
+        loop {
+            // SAFETY: reads into our buffer.
+            let n = unsafe {
+                libc::recv(
+                    *sock,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+            let mut at = 0usize;
+            while at < n as usize {
+                // SAFETY: writes the bytes we just read.
+                let w = unsafe { libc::write(*local, buf[at..].as_ptr().cast(), n as usize - at) };
+                if w > 0 {
+                    at += w as usize;
+                    continue;
+                }
+                let e = crate::rt::errno();
+                if w < 0 && (e == libc::EAGAIN || e == libc::EINTR) {
+                    let mut p = libc::pollfd {
+                        fd: *local,
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut p, 1, 100) };
+                    continue;
+                }
+                // The reader is gone: as the shadow would, drop the output.
+                break;
+            }
+        }
+    }
+}
+
+/// Which pages of `[start, end)` are present or swapped, as runs.
+fn present(pagemap: &std::fs::File, start: u64, end: u64) -> Result<Vec<(u64, u64)>, String> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: u64 = postcopy::PAGE;
+    let n = ((end - start) / PAGE) as usize;
+    let mut buf = vec![0u8; n * 8];
+    let got = pagemap
+        .read_at(&mut buf, start / PAGE * 8)
+        .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for i in 0..got / 8 {
+        let e = u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        if e & (3 << 62) == 0 {
+            continue;
+        }
+        let a = start + i as u64 * PAGE;
+        match runs.last_mut() {
+            Some(r) if r.0 + r.1 == a => r.1 += PAGE,
+            _ => runs.push((a, PAGE)),
+        }
+    }
+    Ok(runs)
+}
+
+/// The lazy regions being pushed: which blocks went already.
+struct Lazy {
+    start: u64,
+    end: u64,
+    /// One flag per BLOCK.
+    sent: Vec<bool>,
+}
+
+/// Push the lazy regions, pages asked for first; then the end, and wait
+/// for the target to close (it has every page then). Which pages exist is
+/// read from the page map as the push goes (the process stays frozen
+/// here: nothing changes), so that nothing of it delays the first answers.
+/// Returns the bytes sent.
+fn serve(fd: i32, lazy: &[(u64, u64)], outs: &[(i32, i32)]) -> Result<u64, Broke> {
+    use postcopy::{BLOCK, CHUNK, PAGE};
+    // A stuck target must not keep this frozen copy forever.
+    let tv = libc::timeval {
+        tv_sec: 60,
+        tv_usec: 0,
+    };
+    // SAFETY: sets a send timeout on our socket.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    // Small socket buffers: a page asked for waits behind less data.
+    let sndbuf: libc::c_int = 512 * 1024;
+    // SAFETY: sets an int option on our socket.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&sndbuf as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    let mut back = Back {
+        buf: [0; 4096],
+        have: 0,
+        running: false,
+    };
+    let pagemap = std::fs::File::open("/proc/self/pagemap")
+        .map_err(|e| back.broke(format!("/proc/self/pagemap: {e}")))?;
+    // The smaller regions first (stacks, malloc's heap and arenas: what a
+    // process touches first when it resumes), then the big buffers.
+    let mut regions: Vec<Lazy> = lazy
+        .iter()
+        .map(|(a, b)| Lazy {
+            start: *a,
+            end: *b,
+            sent: vec![false; (b - a).div_ceil(BLOCK) as usize],
+        })
+        .collect();
+    regions.sort_by_key(|r| (r.end - r.start, r.start));
+    let mut asks: Vec<u64> = Vec::new();
+    let mut bytes = 0u64;
+    // Send the present pages of `[a, b)` as records of at most CHUNK.
+    let send_present = |a: u64, b: u64, bytes: &mut u64| -> Result<(), String> {
+        for (s, l) in present(&pagemap, a, b)? {
+            let mut p = s;
+            while p < s + l {
+                let n = (s + l - p).min(CHUNK as u64);
+                send_record(fd, p, n, false)?;
+                *bytes += 16 + n;
+                p += n;
+            }
+        }
+        Ok(())
+    };
+    let (mut ri, mut bi) = (0usize, 0usize);
+    loop {
+        relay(outs);
+        if !back.take(fd, &mut asks)? {
+            return Err(back.broke("the target closed the connection".into()));
+        }
+        for page in asks.drain(..) {
+            let page = page & !(PAGE - 1);
+            let Some(r) = regions.iter_mut().find(|r| r.start <= page && page < r.end) else {
+                continue;
+            };
+            let b = ((page - r.start) / BLOCK) as usize;
+            let (a, e) = (
+                r.start + b as u64 * BLOCK,
+                (r.start + (b as u64 + 1) * BLOCK).min(r.end),
+            );
+            let first = !r.sent[b];
+            r.sent[b] = true;
+            let have = present(&pagemap, page, page + PAGE).map_err(|e| back.broke(e))?;
+            if have.is_empty() {
+                // Never touched here: zero there too.
+                send_record(fd, page, PAGE, true).map_err(|e| back.broke(e))?;
+                bytes += 16;
+            }
+            if first {
+                send_present(a, e, &mut bytes).map_err(|e| back.broke(e))?;
+            }
+        }
+        // The next blocks of the push not sent yet, up to CHUNK bytes.
+        while ri < regions.len() {
+            let r = &regions[ri];
+            if bi >= r.sent.len() {
+                ri += 1;
+                bi = 0;
+                continue;
+            }
+            if r.sent[bi] {
+                bi += 1;
+                continue;
+            }
+            break;
+        }
+        if ri == regions.len() {
+            break;
+        }
+        let r = &mut regions[ri];
+        let a = r.start + bi as u64 * BLOCK;
+        let mut e = a;
+        while bi < r.sent.len() && !r.sent[bi] && e - a < CHUNK as u64 {
+            r.sent[bi] = true;
+            e = (e + BLOCK).min(r.end);
+            bi += 1;
+        }
+        send_present(a, e, &mut bytes).map_err(|e| back.broke(e))?;
+    }
+    capture::write_end(fd).map_err(|e| back.broke(e))?;
+    // SAFETY: half-close our socket: the target sees the end.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    // The target closes once it has installed everything.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        relay(outs);
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, 20) };
+        if r > 0 && !back.take(fd, &mut asks)? {
+            break;
+        }
+        asks.clear();
+        if std::time::Instant::now() > deadline {
+            return Err(back.broke("the target went silent".into()));
+        }
+    }
+    if !back.running {
+        return Err(Broke::Before("the target never resumed the process".into()));
+    }
+    Ok(bytes + 24)
 }
 
 /// The restorer's last words on the image connection, if any.

@@ -28,6 +28,7 @@ pub mod arch;
 pub mod capture;
 pub mod image;
 mod migrate;
+mod postcopy;
 pub mod restore;
 
 use crate::proto::{CkptAction, Request, Response};
@@ -254,6 +255,16 @@ fn take_slot() -> Option<*mut ThreadRaw> {
     Some(unsafe { (SLOTS.0.get() as *mut ThreadRaw).add(i) })
 }
 
+/// The kernel name (`/proc/PID/task/TID/comm`) of the post-copy thread,
+/// by which the agent sees that pages are still coming into a process.
+pub const POSTCOPY_THREAD_NAME: &str = "krg-postcopy";
+
+/// Wait until a post-copy migration into this process has received its
+/// last page (returns at once when none runs).
+pub fn wait_postcopy() {
+    postcopy::wait_done();
+}
+
 /// Install the capture handler (once the process is an SSI process with
 /// the checkpoint or migrate capability).
 pub fn install() {
@@ -335,6 +346,8 @@ pub(crate) struct Order {
     pub(crate) node: u32,
     /// `StreamSwap`: (fd, stream id) of each connection to hand over.
     pub(crate) streams: Vec<(i32, u64)>,
+    /// A migration without post-copy.
+    pub(crate) precopy: bool,
 }
 
 /// An order the process gave itself (`krg_checkpoint`, `krg_migrate`):
@@ -434,6 +447,7 @@ pub fn checkpoint_self(dir: &std::path::Path) -> Result<bool, (i32, String)> {
         kill: false,
         node: 0,
         streams: Vec::new(),
+        precopy: false,
     })
 }
 
@@ -461,6 +475,7 @@ pub fn migrate_self(node: u32) -> Result<(), (i32, String)> {
         kill: false,
         node,
         streams: Vec::new(),
+        precopy: false,
     })
     .map(|_| ())
 }
@@ -481,6 +496,7 @@ fn ask_order() -> Result<Option<Order>, String> {
                 kill: o.kill,
                 node: o.node,
                 streams: o.streams,
+                precopy: o.precopy,
             }),
         }),
         Ok(other) => Err(format!("unexpected answer {other:?}")),
@@ -493,6 +509,10 @@ pub(crate) fn report(ok: bool, msg: String, bytes: u64) {
 }
 
 fn lead() {
+    // A process still receiving its memory by post-copy is not captured
+    // before the last page is in (its fault handler is no application
+    // thread and would never park).
+    postcopy::wait_done();
     if alloc::begin().is_none() {
         report(false, "no memory for the capture".into(), 0);
         BUSY.store(0, Ordering::Release);

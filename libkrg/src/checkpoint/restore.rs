@@ -16,12 +16,16 @@
 use super::arch::{self, Ctx};
 use super::capture::{self, MapLine};
 use super::image::{self, FdKind, Meta, RegionKind};
+use super::postcopy;
 use super::{ThreadRaw, ANCHOR, RESTORE_AREA, RESUMED};
 use std::ffi::OsStr;
 use std::os::fd::{IntoRawFd, RawFd};
 
 /// `KRG_RESTORE=<path of the image>`: restore instead of running main.
 pub const RESTORE_ENV: &str = "KRG_RESTORE";
+/// `KRG_UFFD=<fd>`: an fd of `/dev/userfaultfd` the agent opened for a
+/// migration's restorer (post-copy).
+pub const UFFD_ENV: &str = "KRG_UFFD";
 
 const CORE_STACK: usize = 256 * 1024;
 const THREAD_STACK: usize = 64 * 1024;
@@ -86,6 +90,13 @@ struct Plan {
     n_timers: usize,
     close: *const i32,
     n_close: usize,
+    /// Post-copy: the userfaultfd (-1: none), the lazy regions to register
+    /// with it, the post-copy thread's argument and stack.
+    uffd: i64,
+    lazy: *const Range,
+    n_lazy: usize,
+    pc: usize,
+    pc_stack: usize,
     stacks: usize,
     cur_rseq: u64,
     cur_rseq_len: u64,
@@ -435,6 +446,77 @@ fn overlaps(a: u64, b: u64, c: u64, d: u64) -> bool {
     a < d && c < b
 }
 
+/// Map `len` bytes read-write where neither this process nor the image
+/// has anything.
+fn map_free(len: usize, maps: &[MapLine], meta: &Meta) -> Option<usize> {
+    let mut cand: u64 = 0x2000_0000_0000;
+    while cand < 0x7f00_0000_0000 {
+        let end = cand + len as u64;
+        let clash = maps.iter().any(|m| overlaps(cand, end, m.start, m.end))
+            || meta
+                .regions
+                .iter()
+                .any(|r| overlaps(cand, end, r.start, r.end));
+        if !clash {
+            // SAFETY: maps fresh memory at an address we checked is free
+            // (NOREPLACE: fails if something is there after all).
+            let p = unsafe {
+                libc::mmap(
+                    cand as *mut libc::c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+            };
+            if p as usize == cand as usize {
+                return Some(cand as usize);
+            }
+        }
+        cand += 0x100_0000_0000;
+    }
+    None
+}
+
+/// For a post-copy migration: the userfaultfd made from the device fd the
+/// agent passed (`KRG_UFFD`), or why there is none (the source then sends
+/// everything before the process resumes). The device fd is closed either
+/// way.
+fn lazy_uffd(meta: &Meta) -> Result<RawFd, String> {
+    let dev = std::env::var(UFFD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<RawFd>().ok())
+        .filter(|fd| fstat(*fd).is_some());
+    let Some(dev) = dev else {
+        return Err("no /dev/userfaultfd from the agent".into());
+    };
+    if meta.lazy.is_empty() {
+        // SAFETY: the device fd was handed to us; not needed.
+        unsafe { libc::close(dev) };
+        return Err("no lazy region".into());
+    }
+    if meta.lazy.len() > super::postcopy::MAX_RANGES {
+        // SAFETY: as above.
+        unsafe { libc::close(dev) };
+        return Err("too many lazy regions".into());
+    }
+    for (a, b) in &meta.lazy {
+        let ok = meta
+            .regions
+            .iter()
+            .any(|r| r.start == *a && r.end == *b && r.kind == RegionKind::Anon);
+        if !ok {
+            // SAFETY: as above.
+            unsafe { libc::close(dev) };
+            return Err(format!(
+                "lazy range {a:#x}-{b:#x} is not a private anonymous region of the image"
+            ));
+        }
+    }
+    super::postcopy::open_uffd(dev)
+}
+
 fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
     // `fd:N`: the image streams in on fd N (a migration); else a file.
     let mut file = match path.to_str().and_then(|p| p.strip_prefix("fd:")) {
@@ -450,6 +532,25 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
         None => std::fs::File::open(path).map_err(|e| e.to_string())?,
     };
     let meta = image::read_meta(&mut file).map_err(|e| e.to_string())?;
+    // Post-copy (a migration with lazy regions, and a userfaultfd here),
+    // settled before the image's fds take their numbers.
+    let streaming = STREAM_FD.load(std::sync::atomic::Ordering::Relaxed) >= 0;
+    let uffd = if streaming {
+        match lazy_uffd(&meta) {
+            Ok(u) => Some(u),
+            Err(why) => {
+                if !meta.lazy.is_empty() {
+                    crate::krg_log!(
+                        crate::log::Level::Warn,
+                        "no post-copy ({why}): the whole memory comes before the process resumes"
+                    );
+                }
+                None
+            }
+        }
+    } else {
+        None
+    };
     // A file image is checked whole before the point of no return: its end
     // marker is there and it is long enough for the memory it announces.
     if STREAM_FD.load(std::sync::atomic::Ordering::Relaxed) < 0 {
@@ -538,38 +639,10 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
     let sigs_off = layout.take(meta.sigactions.len() * std::mem::size_of::<KSig>());
     let timers_off = layout.take(meta.itimers.len() * std::mem::size_of::<Timer>());
     let close_off = layout.take((meta.regions.len() + 1) * 4);
+    let lazy_off = layout.take(meta.lazy.len() * std::mem::size_of::<Range>());
     let area_len = (layout.size + 4095) & !4095;
-    let mut area = 0usize;
-    let mut cand: u64 = 0x2000_0000_0000;
-    while cand < 0x7f00_0000_0000 {
-        let end = cand + area_len as u64;
-        let clash = maps.iter().any(|m| overlaps(cand, end, m.start, m.end))
-            || meta
-                .regions
-                .iter()
-                .any(|r| overlaps(cand, end, r.start, r.end));
-        if !clash {
-            // SAFETY: maps fresh memory at an address we checked is free.
-            let p = unsafe {
-                libc::mmap(
-                    cand as *mut libc::c_void,
-                    area_len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                    -1,
-                    0,
-                )
-            };
-            if p as usize == cand as usize {
-                area = cand as usize;
-                break;
-            }
-        }
-        cand += 0x100_0000_0000;
-    }
-    if area == 0 {
-        return Err("no room for the restorer between this process and the image".into());
-    }
+    let area = map_free(area_len, &maps, &meta)
+        .ok_or("no room for the restorer between this process and the image")?;
     // Fds: the restorer's own go above every fd number of the image.
     let floor = meta.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
     let is_stream = STREAM_FD.load(std::sync::atomic::Ordering::Relaxed) >= 0;
@@ -577,9 +650,64 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
     if is_stream {
         STREAM_FD.store(image_fd, std::sync::atomic::Ordering::Relaxed);
     }
+    let uffd = match uffd {
+        Some(u) => Some(high(u, floor)?),
+        None => None,
+    };
+    if uffd.is_some() {
+        // Small receive buffer: a page the process faults on waits behind
+        // less of the background push.
+        let buf: libc::c_int = 512 * 1024;
+        // SAFETY: sets an int option on the migration stream.
+        unsafe {
+            libc::setsockopt(
+                image_fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&buf as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        // A record cut short by a source that vanished without a FIN or
+        // RST must not block the post-copy thread forever.
+        let tv = libc::timeval {
+            tv_sec: postcopy::SILENCE_S,
+            tv_usec: 0,
+        };
+        // SAFETY: sets a timeval option on the migration stream.
+        unsafe {
+            libc::setsockopt(
+                image_fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+    }
+    // The post-copy thread's own mapping (stack, buffers), apart from the
+    // restorer's area, which goes once the threads are back.
+    let (pc, pc_stack) = match uffd {
+        Some(u) => {
+            let len = super::postcopy::area_len(&meta.lazy);
+            let a = map_free(len, &maps, &meta)
+                .ok_or("no room for the post-copy thread between this process and the image")?;
+            // SAFETY: a fresh zeroed mapping of that length, ours alone.
+            unsafe { super::postcopy::lay_out(a, &meta.lazy, u, image_fd) }
+        }
+        None => (0, 0),
+    };
     // Files to map again (those not already mapped identically here).
     let mut ops: Vec<MapOp> = Vec::new();
-    let mut close: Vec<i32> = vec![image_fd];
+    // With post-copy the stream and the userfaultfd stay open for the
+    // post-copy thread (which closes them when the last page is in).
+    let mut close: Vec<i32> = if uffd.is_some() {
+        Vec::new()
+    } else {
+        vec![image_fd]
+    };
+    let mut own_fds: Vec<i32> = vec![image_fd];
+    own_fds.extend(uffd);
     let mut kept: Vec<(u64, u64)> = Vec::new();
     let mut files: Vec<(Vec<u8>, RawFd)> = Vec::new();
     for r in &meta.regions {
@@ -678,6 +806,7 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
         }
     }
     let mut keep_fds = close.clone();
+    keep_fds.extend(&own_fds);
     keep_fds.sort_unstable();
     restore_fds(&meta, floor, &keep_fds)?;
     set_process_state(&meta)?;
@@ -753,6 +882,27 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
         })
         .collect();
     let (cur_rseq, cur_rseq_len) = super::rseq_of(arch::fs_base() as u64);
+    let lazy: Vec<Range> = meta
+        .lazy
+        .iter()
+        .map(|(a, b)| Range {
+            start: *a,
+            len: b - a,
+        })
+        .collect();
+    if !meta.lazy.is_empty() {
+        // The post-copy handshake: the source waits for this before it
+        // sends the memory.
+        let answer = if uffd.is_some() {
+            image::LAZY_OK
+        } else {
+            image::LAZY_NO
+        };
+        // SAFETY: writes 8 bytes of a static to the migration stream.
+        if unsafe { libc::write(image_fd, answer.as_ptr().cast(), 8) } != 8 {
+            return Err(os_err("answering the source"));
+        }
+    }
     // SAFETY: every offset was laid out above inside the area, which is
     // mapped read-write and ours alone; the element types are plain data.
     unsafe {
@@ -763,6 +913,9 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
         copy_to(put(sigs_off), &sigs);
         copy_to(put(timers_off), &timers);
         copy_to(put(close_off), &close);
+        if uffd.is_some() {
+            copy_to(put(lazy_off), &lazy);
+        }
         let plan = put(plan_off) as *mut Plan;
         plan.write(Plan {
             image_fd: i64::from(image_fd),
@@ -779,6 +932,11 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
             n_timers: timers.len(),
             close: put(close_off) as *const i32,
             n_close: close.len(),
+            uffd: uffd.map(i64::from).unwrap_or(-1),
+            lazy: put(lazy_off) as *const Range,
+            n_lazy: if uffd.is_some() { lazy.len() } else { 0 },
+            pc,
+            pc_stack,
             stacks: put(stacks_off),
             cur_rseq,
             cur_rseq_len: u64::from(cur_rseq_len),
@@ -942,6 +1100,14 @@ extern "C" fn restore_core(plan: usize) -> ! {
         for i in 0..p.n_close {
             arch::sys(SYS_close, *p.close.add(i) as usize, 0, 0, 0);
         }
+        // Post-copy: the lazy regions (mapped empty above) fault to the
+        // userfaultfd from now on.
+        for i in 0..p.n_lazy {
+            let r = &*p.lazy.add(i);
+            if postcopy::register(p.uffd as usize, r.start, r.len) < 0 {
+                die(b"registering a lazy region with the userfaultfd");
+            }
+        }
         for i in 0..p.n_sigs {
             let s = &*p.sigs.add(i);
             let k = [s.handler, s.flags, s.restorer, s.mask];
@@ -966,6 +1132,41 @@ extern "C" fn restore_core(plan: usize) -> ! {
             | libc::CLONE_SETTLS
             | libc::CLONE_PARENT_SETTID
             | libc::CLONE_CHILD_CLEARTID) as u64;
+        if p.pc != 0 {
+            // From here on the process exists here only: tell the source,
+            // then start the thread that brings the rest of the memory in
+            // (before any application thread can fault on it).
+            let w = arch::sys(
+                SYS_write,
+                p.image_fd as usize,
+                image::RUNNING.as_ptr() as usize,
+                8,
+                0,
+            );
+            if w != 8 {
+                die(b"the source is gone");
+            }
+            let tid = postcopy::THREAD_TID.as_ptr() as usize;
+            let r = arch::clone_thread(
+                (libc::CLONE_VM
+                    | libc::CLONE_FS
+                    | libc::CLONE_FILES
+                    | libc::CLONE_SIGHAND
+                    | libc::CLONE_THREAD
+                    | libc::CLONE_SYSVSEM
+                    | libc::CLONE_PARENT_SETTID
+                    | libc::CLONE_CHILD_CLEARTID) as u64,
+                p.pc_stack,
+                tid,
+                tid,
+                0,
+                postcopy::thread_main,
+                p.pc,
+            );
+            if r < 0 {
+                die(b"clone of the post-copy thread");
+            }
+        }
         let mut main: *const ThreadRaw = std::ptr::null();
         let mut k = 0usize;
         for i in 0..p.n_threads {
