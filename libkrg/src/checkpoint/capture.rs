@@ -795,7 +795,14 @@ mod tests {
         );
         assert!(refusal(3, "anon_inode:[eventfd]").is_none());
         assert!(refusal(1, "pipe:[123]").is_none());
-        assert!(refusal(5, "socket:[9]").unwrap().contains("fd 5"));
+        assert!(refusal(5, "pipe:[9]").unwrap().contains("fd 5"));
+        // Sockets: the capture decides (a TCP connection or listener moves).
+        assert!(refusal(5, "socket:[9]").is_none());
+        assert!(refusal(3, "anon_inode:[timerfd]").is_none());
+        assert!(refusal(3, "anon_inode:[eventpoll]").is_none());
+        assert!(refusal(3, "anon_inode:inotify")
+            .unwrap()
+            .contains("not migratable"));
         assert!(refusal(4, "/tmp/x (deleted)").is_some());
         assert!(refusal(4, "/tmp/x").is_none());
     }
