@@ -425,3 +425,45 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
         "{s}"
     );
 }
+
+#[test]
+fn a_tcp_client_moved_onto_its_servers_node_and_away_again_keeps_talking() {
+    let c = Cluster::up(3, 1.0);
+    let t = tcpecho();
+    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
+    let n = "300000";
+    let cli = c
+        .cmd(2, &[&t, "client", "127.0.0.1", &port.to_string(), n])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pid = None;
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        pid = find(&c, &format!("{t} client")).map(|p| p.0);
+        pid.is_some()
+    }));
+    let pid = pid.unwrap().to_string();
+    // Onto the server's node (the new connection is local there), then to
+    // a third node (from a local connection back to one across nodes).
+    for to in [1u32, 3] {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let out = c.krg(1, &["migrate", &pid, &to.to_string()]);
+        assert!(out.status.success(), "migrate to {to}: {}", show(&out));
+        assert_eq!(
+            find(&c, &format!("{t} client")).map(|p| p.1),
+            Some(to as u64)
+        );
+    }
+    let out = cli.wait_with_output().unwrap();
+    assert_eq!(
+        ok(&out, "client").trim(),
+        format!("ok {n}"),
+        "every reply checked"
+    );
+    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    assert!(
+        s.contains(&format!("served 1 connections, {n} lines")),
+        "{s}"
+    );
+}

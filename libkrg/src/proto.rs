@@ -199,11 +199,16 @@ pub enum Request {
     PortOwner { port: u16 },
     /// The IPv4 address of every node up. Answered with `NodeAddrs`.
     NodeAddrs,
-    /// From a process being captured for migration: its TCP connection
-    /// `local` -> `peer` (socket addresses as text) is to move. The agent
-    /// finds the SSI process at the other end and has it drain its side
-    /// and wait for a new connection. Answered with `Stream`.
-    StreamFreeze { local: String, peer: String },
+    /// From a process being captured for migration: its TCP connections
+    /// `(local, peer)` (socket addresses as text) are to move. The agents
+    /// find the SSI process at the other end of each and have it drain its
+    /// side and wait for a new connection (one order per process, however
+    /// many connections it has with the mover). Answered with `Streams`.
+    StreamFreeze { conns: Vec<(String, String)> },
+    /// From that peer, in its handler, every thread parked: it no longer
+    /// touches those connections (the mover may shut its side down now).
+    /// Answered with `Ok`.
+    StreamFrozen { ids: Vec<u64> },
     /// From that peer, in its handler: what was pending for it on the old
     /// connection, and whether it had shut down writing. Answered with `Ok`.
     StreamDrained {
@@ -479,11 +484,9 @@ pub enum Response {
     PortOwner(Option<(u32, [u8; 4])>),
     /// Answer to `NodeAddrs`: `(node, IPv4 address)` of every node up.
     NodeAddrs(Vec<(u32, [u8; 4])>),
-    /// Answer to `StreamFreeze`: the stream's id and its peer's node.
-    Stream {
-        id: u64,
-        node: u32,
-    },
+    /// Answer to `StreamFreeze`: each stream's id and its peer's node, in
+    /// the order asked.
+    Streams(Vec<(u64, u32)>),
     /// A stream's new connection: one descriptor follows.
     StreamFd,
 }

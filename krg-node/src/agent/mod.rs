@@ -749,7 +749,8 @@ impl Agent {
             Request::PortBind { port, reuse } => self.port_bind(who, port, reuse).await,
             Request::PortOwner { port } => self.port_owner(port).await,
             Request::NodeAddrs => Ok(self.node_addrs()),
-            Request::StreamFreeze { local, peer } => self.stream_freeze(local, peer).await,
+            Request::StreamFreeze { conns } => self.stream_freeze(conns).await,
+            Request::StreamFrozen { ids } => self.stream_frozen(&ids),
             Request::StreamDrained {
                 id,
                 pending,
@@ -1044,14 +1045,10 @@ impl Peer for PeerServer {
     async fn stream_hold(
         self,
         _: context::Context,
-        local: String,
-        peer: String,
-    ) -> Result<u64, ErrorReply> {
-        let parse = |s: &str| {
-            s.parse::<std::net::SocketAddr>()
-                .map_err(|_| err(libc::EINVAL, format!("bad socket address {s:?}")))
-        };
-        self.0.stream_hold(parse(&local)?, parse(&peer)?).await
+        conns: Vec<(String, String)>,
+        commit: bool,
+    ) -> Result<Vec<u64>, ErrorReply> {
+        self.0.stream_hold(conns, commit).await
     }
 
     async fn sched_push(

@@ -86,7 +86,11 @@ pub trait Peer {
     async fn port_probe(port: u16, reuse: bool) -> bool;
     /// Freeze the SSI process holding the TCP connection `local` -> `peer`
     /// on the callee (its other end is moving); the stream's id.
-    async fn stream_hold(local: String, peer: String) -> Result<u64, ErrorReply>;
+    /// `(local, peer)` each; `commit` false only checks that it could.
+    async fn stream_hold(
+        conns: Vec<(String, String)>,
+        commit: bool,
+    ) -> Result<Vec<u64>, ErrorReply>;
 }
 
 fn codec() -> LengthDelimitedCodec {

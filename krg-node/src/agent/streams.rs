@@ -258,9 +258,14 @@ const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 /// are a few MiB).
 const MAX_PENDING: u64 = 256 << 20;
 
+/// A TCP connection as `(local, peer)` socket addresses (text).
+type Conn = (String, String);
+
 /// A stream held at the staying peer's node until its new connection comes.
 #[derive(Debug, Default)]
 pub struct Held {
+    frozen_tx: Option<tokio::sync::oneshot::Sender<()>>,
+    frozen_rx: Option<tokio::sync::oneshot::Receiver<()>>,
     drained_tx: Option<tokio::sync::oneshot::Sender<(Vec<u8>, bool)>>,
     drained_rx: Option<tokio::sync::oneshot::Receiver<(Vec<u8>, bool)>>,
     fd_tx: Option<tokio::sync::oneshot::Sender<std::os::fd::OwnedFd>>,
@@ -349,6 +354,10 @@ fn sock_err(what: &str, e: std::io::Error) -> ErrorReply {
 impl Agent {
     /// The node whose address is `ip`.
     fn node_at(&self, ip: IpAddr) -> Option<u32> {
+        // Both ends on this node (a connection made over the loopback).
+        if ip.is_loopback() || ip.to_canonical().is_loopback() {
+            return Some(self.node_id());
+        }
         let v4 = match ip {
             IpAddr::V4(a) => a,
             IpAddr::V6(a) => a.to_ipv4_mapped()?,
@@ -363,113 +372,188 @@ impl Agent {
     }
 
     /// `StreamFreeze` from a process being captured: find the SSI process
-    /// at the other end (on any node) and have it drain and wait.
+    /// at the other end of each connection (on any node) and have it drain
+    /// and wait. Every peer node is checked before any peer is frozen.
     pub(crate) async fn stream_freeze(
         self: &Arc<Self>,
-        local: String,
-        peer: String,
+        conns: Vec<(String, String)>,
     ) -> Result<Response, ErrorReply> {
+        // By peer node: (index in `conns`, (peer's local, peer's remote)).
+        let mut by_node: HashMap<u32, Vec<(usize, Conn)>> = HashMap::new();
+        for (i, (local, peer)) in conns.iter().enumerate() {
+            let p: SocketAddr = peer
+                .parse()
+                .map_err(|_| err(libc::EINVAL, format!("bad socket address {peer:?}")))?;
+            let node = self.node_at(p.ip()).ok_or_else(|| {
+                err(
+                    libc::EOPNOTSUPP,
+                    format!("TCP connection {local} -> {peer}: the peer is not a node of the cluster (connections leaving the cluster do not move)"),
+                )
+            })?;
+            by_node
+                .entry(node)
+                .or_default()
+                .push((i, (peer.clone(), local.clone())));
+        }
+        for commit in [false, true] {
+            let mut out = vec![(0u64, 0u32); conns.len()];
+            for (node, list) in &by_node {
+                let asked: Vec<(String, String)> = list.iter().map(|(_, c)| c.clone()).collect();
+                let ids = if *node == self.node_id() {
+                    self.stream_hold(asked, commit).await?
+                } else {
+                    let c = self.client(*node).await?;
+                    c.stream_hold(super::ctx(), asked, commit)
+                        .await
+                        .map_err(|e| {
+                            self.drop_client(*node);
+                            err(libc::EIO, format!("node {node}: {e}"))
+                        })??
+                };
+                if commit {
+                    for ((i, _), id) in list.iter().zip(ids) {
+                        out[*i] = (id, *node);
+                    }
+                }
+            }
+            if commit {
+                return Ok(Response::Streams(out));
+            }
+        }
+        unreachable!("the loop returns on its commit pass")
+    }
+
+    /// At the staying peers' node: freeze the SSI processes holding the
+    /// TCP connections `(local, peer)` (one `StreamSwap` order per process);
+    /// the streams' ids. `commit` false: only check that it could.
+    pub(crate) async fn stream_hold(
+        self: &Arc<Self>,
+        conns: Vec<(String, String)>,
+        commit: bool,
+    ) -> Result<Vec<u64>, ErrorReply> {
         let parse = |s: &str| {
             s.parse::<SocketAddr>()
                 .map_err(|_| err(libc::EINVAL, format!("bad socket address {s:?}")))
         };
-        let (l, p) = (parse(&local)?, parse(&peer)?);
-        let node = self.node_at(p.ip()).ok_or_else(|| {
-            err(
-                libc::EOPNOTSUPP,
-                format!("TCP connection {local} -> {peer}: the peer is not a node of the cluster (connections leaving the cluster do not move)"),
-            )
-        })?;
-        let id = if node == self.node_id() {
-            self.stream_hold(p, l).await?
-        } else {
-            let c = self.client(node).await?;
-            c.stream_hold(super::ctx(), p.to_string(), l.to_string())
+        // (gpid, kpid, fds) of each connection's holder.
+        let mut found: Vec<(i32, i32, Vec<i32>)> = Vec::new();
+        for (local, peer) in &conns {
+            let (l, p) = (parse(local)?, parse(peer)?);
+            let what = format!("TCP connection {peer} -> {local}");
+            let ino = tokio::task::spawn_blocking(move || tcp_inode(&l, &p))
                 .await
-                .map_err(|e| {
-                    self.drop_client(node);
-                    err(libc::EIO, format!("node {node}: {e}"))
-                })??
-        };
-        Ok(Response::Stream { id, node })
-    }
-
-    /// At the staying peer's node: freeze the SSI process holding the TCP
-    /// connection `local` -> `peer` (`StreamSwap` order); the stream's id.
-    pub(crate) async fn stream_hold(
-        self: &Arc<Self>,
-        local: SocketAddr,
-        peer: SocketAddr,
-    ) -> Result<u64, ErrorReply> {
-        let what = format!("TCP connection {peer} -> {local}");
-        let ino = tokio::task::spawn_blocking(move || tcp_inode(&local, &peer))
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| {
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    err(
+                        libc::ENOTCONN,
+                        format!("{what}: no such connection on node {}", self.node_id()),
+                    )
+                })?;
+            let hs = tokio::task::spawn_blocking(move || holders(ino))
+                .await
+                .unwrap_or_default();
+            let (kpid, fds) = match hs.as_slice() {
+                [] => {
+                    return Err(err(
+                        libc::EOPNOTSUPP,
+                        format!(
+                            "{what}: its peer end on node {} is held by no process (closed?)",
+                            self.node_id()
+                        ),
+                    ))
+                }
+                // Several fds of one process (dup): all handed over together.
+                [(k, _), ..] if hs.iter().all(|(p, _)| p == k) => {
+                    (*k, hs.iter().map(|(_, fd)| *fd).collect::<Vec<i32>>())
+                }
+                _ => {
+                    return Err(err(
+                        libc::EOPNOTSUPP,
+                        format!("{what}: its peer end is shared by several processes ({hs:?}): not movable yet"),
+                    ))
+                }
+            };
+            let g = self.procs().translate(kpid).ok_or_else(|| {
                 err(
-                    libc::ENOTCONN,
-                    format!("{what}: no such connection on node {}", self.node_id()),
-                )
-            })?;
-        let hs = tokio::task::spawn_blocking(move || holders(ino))
-            .await
-            .unwrap_or_default();
-        let (kpid, fds) = match hs.as_slice() {
-            [] => {
-                return Err(err(
                     libc::EOPNOTSUPP,
                     format!(
-                        "{what}: its peer end on node {} is held by no process (closed?)",
+                        "{what}: its peer (kernel pid {kpid} on node {}) is not an SSI process",
                         self.node_id()
                     ),
-                ))
-            }
-            // Several fds of one process (dup): all handed over together.
-            [(k, _), ..] if hs.iter().all(|(p, _)| p == k) => {
-                (*k, hs.iter().map(|(_, fd)| *fd).collect::<Vec<i32>>())
-            }
-            _ => {
-                return Err(err(
-                    libc::EOPNOTSUPP,
-                    format!(
-                    "{what}: its peer end is shared by several processes ({hs:?}): not movable yet"
-                ),
-                ))
-            }
-        };
-        let g = self.procs().translate(kpid).ok_or_else(|| {
-            err(
-                libc::EOPNOTSUPP,
-                format!(
-                    "{what}: its peer (kernel pid {kpid} on node {}) is not an SSI process",
-                    self.node_id()
-                ),
-            )
-        })?;
-        let id = (u64::from(self.node_id()) << 40)
-            | self
-                .moving
-                .next
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (dtx, drx) = tokio::sync::oneshot::channel();
-        let (ftx, frx) = tokio::sync::oneshot::channel();
-        self.moving.held().insert(
-            id,
-            Held {
-                drained_tx: Some(dtx),
-                drained_rx: Some(drx),
-                fd_tx: Some(ftx),
-                fd_rx: Some(frx),
-            },
-        );
-        let order = fds.iter().map(|fd| (*fd, id)).collect();
-        if let Err(e) = self.order_stream_swap(g, kpid, order) {
-            self.moving.held().remove(&id);
-            return Err(e);
+                )
+            })?;
+            found.push((g, kpid, fds));
         }
-        tracing::debug!("stream {id:#x}: holding pid {g} fds {fds:?} ({what})");
-        Ok(id)
+        if !commit {
+            return Ok(Vec::new());
+        }
+        let mut ids = Vec::new();
+        let mut orders: HashMap<i32, (i32, Vec<(i32, u64)>)> = HashMap::new();
+        for (g, kpid, fds) in &found {
+            let id = (u64::from(self.node_id()) << 40)
+                | self
+                    .moving
+                    .next
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (dtx, drx) = tokio::sync::oneshot::channel();
+            let (ftx, frx) = tokio::sync::oneshot::channel();
+            let (ztx, zrx) = tokio::sync::oneshot::channel();
+            self.moving.held().insert(
+                id,
+                Held {
+                    frozen_tx: Some(ztx),
+                    frozen_rx: Some(zrx),
+                    drained_tx: Some(dtx),
+                    drained_rx: Some(drx),
+                    fd_tx: Some(ftx),
+                    fd_rx: Some(frx),
+                },
+            );
+            let e = orders.entry(*kpid).or_insert((*g, Vec::new()));
+            e.1.extend(fds.iter().map(|fd| (*fd, id)));
+            ids.push(id);
+            tracing::debug!("stream {id:#x}: holding pid {g} fds {fds:?}");
+        }
+        for (kpid, (g, order)) in orders {
+            if let Err(e) = self.order_stream_swap(g, kpid, order.clone()) {
+                for (_, id) in &order {
+                    self.moving.held().remove(id);
+                }
+                return Err(e);
+            }
+        }
+        // The mover shuts its side down only once every peer thread is
+        // parked: a thread still running could read that end of stream.
+        let waits: Vec<_> = ids
+            .iter()
+            .filter_map(|id| {
+                self.moving
+                    .held()
+                    .get_mut(id)
+                    .and_then(|h| h.frozen_rx.take())
+            })
+            .collect();
+        for w in waits {
+            if tokio::time::timeout(HANDOVER_TIMEOUT, w).await.is_err() {
+                return Err(err(
+                    libc::ETIMEDOUT,
+                    "the peer of a moving connection did not stop (is its signal 62 blocked?)",
+                ));
+            }
+        }
+        Ok(ids)
+    }
+
+    /// `StreamFrozen` from the staying peer: its threads are parked.
+    pub(crate) fn stream_frozen(&self, ids: &[u64]) -> Result<Response, ErrorReply> {
+        let mut h = self.moving.held();
+        for id in ids {
+            if let Some(tx) = h.get_mut(id).and_then(|x| x.frozen_tx.take()) {
+                let _ = tx.send(());
+            }
+        }
+        Ok(Response::Ok)
     }
 
     /// `StreamDrained` from the staying peer.
@@ -571,16 +655,15 @@ impl Agent {
         wr_shut: bool,
     ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
         use tokio::io::AsyncWriteExt;
-        let addr = if node == self.node_id() {
-            self.cfg.advertise
-        } else {
-            self.members().get(&node).map(|m| m.addr).ok_or_else(|| {
-                err(
-                    libc::EHOSTDOWN,
-                    format!("stream {id:#x}: node {node} is unknown"),
-                )
-            })?
-        };
+        if node == self.node_id() {
+            return self.stream_attach_here(id, pending, wr_shut).await;
+        }
+        let addr = self.members().get(&node).map(|m| m.addr).ok_or_else(|| {
+            err(
+                libc::EHOSTDOWN,
+                format!("stream {id:#x}: node {node} is unknown"),
+            )
+        })?;
         let what = format!("stream {id:#x} to node {node}");
         let mut s = tokio::time::timeout(HANDOVER_TIMEOUT, tokio::net::TcpStream::connect(addr))
             .await
@@ -604,6 +687,47 @@ impl Agent {
             .map_err(|_| err(libc::ETIMEDOUT, format!("{what}: no answer")))??;
         let fd = refill(s, &theirs, wr_shut).await?;
         Ok((Response::StreamFd, vec![fd]))
+    }
+}
+
+impl Agent {
+    /// Both ends on this node: a loopback TCP connection, each end
+    /// refilled with the other process's pending bytes, one end to the
+    /// held peer, the other to the caller.
+    async fn stream_attach_here(
+        &self,
+        id: u64,
+        pending: Vec<u8>,
+        wr_shut: bool,
+    ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
+        let what = format!("stream {id:#x} on this node");
+        let (drx, ftx) = {
+            let mut h = self.moving.held();
+            let h = h
+                .get_mut(&id)
+                .ok_or_else(|| err(libc::ENOENT, format!("{what}: not held here")))?;
+            (h.drained_rx.take(), h.fd_tx.take())
+        };
+        let (drx, ftx) = drx
+            .zip(ftx)
+            .ok_or_else(|| err(libc::EBUSY, format!("{what}: already handed over")))?;
+        let (theirs, their_wr) = tokio::time::timeout(HANDOVER_TIMEOUT, drx)
+            .await
+            .map_err(|_| err(libc::ETIMEDOUT, format!("{what}: the peer never drained")))?
+            .map_err(|_| err(libc::ECONNRESET, format!("{what}: the peer went away")))?;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| sock_err(&what, e))?;
+        let at = l.local_addr().map_err(|e| sock_err(&what, e))?;
+        let (mine, accepted) = tokio::join!(tokio::net::TcpStream::connect(at), l.accept());
+        let mine = mine.map_err(|e| sock_err(&what, e))?;
+        let (theirs_end, _) = accepted.map_err(|e| sock_err(&what, e))?;
+        // Our process's pending bytes go in from the peer's end, and the
+        // other way round.
+        let peer_fd = refill(theirs_end, &pending, their_wr).await?;
+        let my_fd = refill(mine, &theirs, wr_shut).await?;
+        let _ = ftx.send(peer_fd);
+        Ok((Response::StreamFd, vec![my_fd]))
     }
 }
 

@@ -80,53 +80,56 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
 /// are reconnected here.
 fn move_streams(fds: &mut [super::image::FdState]) -> Result<(), String> {
     use crate::streams::moving;
+    // The connections (one fd each; copies noted), then one freeze for all:
+    // a peer with several connections to this process gets one order.
     let mut seen: Vec<(u64, i32)> = Vec::new();
-    for i in 0..fds.len() {
-        let fd = fds[i].fd;
-        if !matches!(fds[i].kind, FdKind::Tcp { .. }) {
+    let mut todo: Vec<(usize, (String, String))> = Vec::new();
+    for (i, f) in fds.iter_mut().enumerate() {
+        let fd = f.fd;
+        if !matches!(f.kind, FdKind::Tcp { .. }) {
             continue;
         }
         let ino = sock_ino(fd);
         if let Some(&(_, first)) = seen.iter().find(|(n, _)| Some(*n) == ino) {
-            if let FdKind::Tcp { alias_of, .. } = &mut fds[i].kind {
+            if let FdKind::Tcp { alias_of, .. } = &mut f.kind {
                 *alias_of = first;
             }
             continue;
         }
-        let r = moving::tcp_ends(fd)
-            .ok_or_else(|| format!("fd {fd}: the TCP connection is not connected"))
-            .and_then(|(l, p)| moving::freeze(fd, l, p));
-        let (sid, snode) = match r {
-            Ok(x) => x,
-            Err(e) => {
-                reattach_streams(&fds[..i]);
-                return Err(e);
-            }
-        };
         if let Some(n) = ino {
             seen.push((n, fd));
         }
-        // Frozen peer: from now on this stream is handed over, here or
-        // there, whatever happens.
-        let drained = moving::drain(fd);
-        if let FdKind::Tcp {
-            id,
-            node,
-            pending,
-            wr_shut,
-            ..
-        } = &mut fds[i].kind
-        {
-            *id = sid;
-            *node = snode;
-            if let Ok((p, w)) = &drained {
-                *pending = p.clone();
-                *wr_shut = *w;
+        let ends = moving::tcp_ends(fd)
+            .ok_or_else(|| format!("fd {fd}: the TCP connection is not connected"))?;
+        todo.push((i, ends));
+    }
+    if !todo.is_empty() {
+        let ids = moving::freeze(todo.iter().map(|(_, e)| e.clone()).collect())?;
+        for ((i, _), (sid, snode)) in todo.iter().zip(&ids) {
+            if let FdKind::Tcp { id, node, .. } = &mut fds[*i].kind {
+                *id = *sid;
+                *node = *snode;
             }
         }
-        if let Err(e) = drained {
-            reattach_streams(&fds[..=i]);
-            return Err(e);
+        // Every peer is frozen: from now on each stream is handed over,
+        // here or there, whatever happens.
+        for (i, _) in &todo {
+            let fd = fds[*i].fd;
+            match moving::drain(fd) {
+                Ok((p, w)) => {
+                    if let FdKind::Tcp {
+                        pending, wr_shut, ..
+                    } = &mut fds[*i].kind
+                    {
+                        *pending = p;
+                        *wr_shut = w;
+                    }
+                }
+                Err(e) => {
+                    reattach_streams(fds);
+                    return Err(e);
+                }
+            }
         }
     }
     // Listening sockets: closed here now (the port must be free for the new

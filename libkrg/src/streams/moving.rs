@@ -142,13 +142,14 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
     }
 }
 
-/// `StreamFreeze`: the agents find the peer of connection `fd` and have it
-/// drain and wait. `(stream id, peer's node)`.
-pub fn freeze(fd: RawFd, local: String, peer: String) -> Result<(u64, u32), String> {
-    match client::call(&Request::StreamFreeze { local, peer }) {
-        Ok(Response::Stream { id, node }) => Ok((id, node)),
-        Ok(other) => Err(format!("fd {fd}: unexpected answer {other:?}")),
-        Err(e) => Err(format!("fd {fd}: {e}")),
+/// `StreamFreeze`: the agents find the peer of each connection `(local,
+/// peer)` and have it drain and wait. `(stream id, peer's node)` of each.
+pub fn freeze(conns: Vec<(String, String)>) -> Result<Vec<(u64, u32)>, String> {
+    let n = conns.len();
+    match client::call(&Request::StreamFreeze { conns }) {
+        Ok(Response::Streams(v)) if v.len() == n => Ok(v),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -240,6 +241,10 @@ pub fn install(fd: RawFd, new: OwnedFd) -> Result<(), String> {
 /// Fds listed with the same id are copies of one connection: drained once,
 /// and each gets the new connection.
 pub fn swap(streams: &[(RawFd, u64)]) -> Result<(), String> {
+    // The mover waits for this before it shuts its side down: no thread of
+    // ours may see that end of stream.
+    let ids: Vec<u64> = streams.iter().map(|s| s.1).collect();
+    client::call(&Request::StreamFrozen { ids }).map_err(|e| format!("streams: {e}"))?;
     let mut drained: Vec<(RawFd, u64, Opts)> = Vec::new();
     for &(fd, id) in streams {
         if drained.iter().any(|d| d.1 == id) {
