@@ -86,6 +86,25 @@ fn alive(kpid: i32) -> bool {
     read_stat(kpid).is_some_and(|s| s.state != 'Z')
 }
 
+/// The personality of a local process, from any of its threads: after a
+/// restore the thread-group leader may be a thread that has exited (a
+/// zombie whose file cannot be read) while the others run on.
+fn personality(kpid: i32) -> u32 {
+    let read = |p: String| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
+    };
+    read(format!("/proc/{kpid}/personality"))
+        .or_else(|| {
+            std::fs::read_dir(format!("/proc/{kpid}/task"))
+                .ok()?
+                .flatten()
+                .find_map(|t| read(t.path().join("personality").to_string_lossy().into_owned()))
+        })
+        .unwrap_or(0)
+}
+
 /// A live child of a local process, if any (zombies included: the parent
 /// still has to reap them here).
 fn first_child(kpid: i32) -> Option<i32> {
@@ -233,10 +252,7 @@ impl Agent {
                 ));
             }
         }
-        let pers = std::fs::read_to_string(format!("/proc/{kpid}/personality"))
-            .ok()
-            .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
-            .unwrap_or(0);
+        let pers = personality(kpid);
         if pers & libc::ADDR_NO_RANDOMIZE as u32 == 0 {
             return Err(err(
                 libc::EINVAL,
