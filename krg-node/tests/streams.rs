@@ -467,3 +467,52 @@ fn a_tcp_client_moved_onto_its_servers_node_and_away_again_keeps_talking() {
         "{s}"
     );
 }
+
+#[test]
+fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_nodes() {
+    let c = Cluster::up(3, 1.0);
+    let t = tcpecho();
+    let s = cc(
+        &repo_root().join("examples/streams/tcpthreads.c"),
+        "tcpthreads",
+    );
+    let s = s.to_str().unwrap();
+    let mut srv = c
+        .cmd(1, &[s, "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = read_line(&mut srv);
+    let port: u16 = line
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("server: {line:?}"));
+    let n = "1000000";
+    let clients: Vec<Child> = [2u32, 3]
+        .iter()
+        .map(|node| {
+            c.cmd(*node, &[&t, "client", "127.0.0.1", &port.to_string(), n])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let pid = find(&c, s).expect("server in krg ps").0.to_string();
+    for to in [2u32, 1] {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let out = c.krg(3, &["migrate", &pid, &to.to_string()]);
+        assert!(
+            out.status.success(),
+            "migrate the server to {to}: {}",
+            show(&out)
+        );
+    }
+    for (i, cl) in clients.into_iter().enumerate() {
+        let out = cl.wait_with_output().unwrap();
+        assert_eq!(ok(&out, &format!("client {i}")).trim(), format!("ok {n}"));
+    }
+    let out = ok(&srv.wait_with_output().unwrap(), "server");
+    assert!(out.contains("done 2000000 lines"), "{out}");
+}

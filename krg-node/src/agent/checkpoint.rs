@@ -89,20 +89,18 @@ fn alive(kpid: i32) -> bool {
 /// The personality of a local process, from any of its threads: after a
 /// restore the thread-group leader may be a thread that has exited (a
 /// zombie whose file cannot be read) while the others run on.
-fn personality(kpid: i32) -> u32 {
+fn personality(kpid: i32) -> Option<u32> {
     let read = |p: String| {
         std::fs::read_to_string(p)
             .ok()
             .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
     };
-    read(format!("/proc/{kpid}/personality"))
-        .or_else(|| {
-            std::fs::read_dir(format!("/proc/{kpid}/task"))
-                .ok()?
-                .flatten()
-                .find_map(|t| read(t.path().join("personality").to_string_lossy().into_owned()))
-        })
-        .unwrap_or(0)
+    read(format!("/proc/{kpid}/personality")).or_else(|| {
+        std::fs::read_dir(format!("/proc/{kpid}/task"))
+            .ok()?
+            .flatten()
+            .find_map(|t| read(t.path().join("personality").to_string_lossy().into_owned()))
+    })
 }
 
 /// A live child of a local process, if any (zombies included: the parent
@@ -252,7 +250,9 @@ impl Agent {
                 ));
             }
         }
-        let pers = personality(kpid);
+        // Unreadable from every thread: the process is exiting.
+        let pers =
+            personality(kpid).ok_or_else(|| err(libc::ESRCH, format!("pid {g}: exiting")))?;
         if pers & libc::ADDR_NO_RANDOMIZE as u32 == 0 {
             return Err(err(
                 libc::EINVAL,
