@@ -274,6 +274,23 @@ fn an_epoll_loop_over_timerfd_eventfd_and_signalfd_migrates_and_keeps_serving_al
     assert!(ch.wait().unwrap().success());
 }
 
+/// Start `tcpecho client 127.0.0.1 PORT MSGS` on `node`; it and its gpid
+/// once `krg ps` lists it.
+fn start_client(c: &Cluster, t: &str, node: u32, port: u16, msgs: &str) -> (Child, String) {
+    let cli = c
+        .cmd(node, &[t, "client", "127.0.0.1", &port.to_string(), msgs])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pid = None;
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        pid = find(c, &format!("{t} client")).map(|p| p.0);
+        pid.is_some()
+    }));
+    (cli, pid.unwrap().to_string())
+}
+
 /// Established TCP connections on `node` whose remote port is `port`.
 fn established_to(c: &Cluster, node: u32, port: u16) -> usize {
     let out = c.plain(node, &["cat", "/proc/net/tcp"]).output().unwrap();
@@ -320,18 +337,7 @@ fn a_tcp_client_migrated_twice_mid_conversation_loses_no_byte_and_leaves_nothing
     let t = tcpecho();
     let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
     let n = "400000";
-    let cli = c
-        .cmd(2, &[&t, "client", "127.0.0.1", &port.to_string(), n])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pid = None;
-    assert!(wait_for(std::time::Duration::from_secs(10), || {
-        pid = find(&c, &format!("{t} client")).map(|p| p.0);
-        pid.is_some()
-    }));
-    let pid = pid.unwrap().to_string();
+    let (cli, pid) = start_client(&c, &t, 2, port, n);
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(
         established_to(&c, 2, port),
@@ -432,18 +438,7 @@ fn a_tcp_client_moved_onto_its_servers_node_and_away_again_keeps_talking() {
     let t = tcpecho();
     let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
     let n = "300000";
-    let cli = c
-        .cmd(2, &[&t, "client", "127.0.0.1", &port.to_string(), n])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pid = None;
-    assert!(wait_for(std::time::Duration::from_secs(10), || {
-        pid = find(&c, &format!("{t} client")).map(|p| p.0);
-        pid.is_some()
-    }));
-    let pid = pid.unwrap().to_string();
+    let (cli, pid) = start_client(&c, &t, 2, port, n);
     // Onto the server's node (the new connection is local there), then to
     // a third node (from a local connection back to one across nodes).
     for to in [1u32, 3] {

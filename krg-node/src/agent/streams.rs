@@ -260,6 +260,8 @@ const MAX_PENDING: u64 = 256 << 20;
 
 /// A TCP connection as `(local, peer)` socket addresses (text).
 type Conn = (String, String);
+/// Where the staying peer's end of a new connection is sent.
+type FdSender = tokio::sync::oneshot::Sender<std::os::fd::OwnedFd>;
 
 /// A stream held at the staying peer's node until its new connection comes.
 #[derive(Debug, Default)]
@@ -268,7 +270,7 @@ pub struct Held {
     frozen_rx: Option<tokio::sync::oneshot::Receiver<()>>,
     drained_tx: Option<tokio::sync::oneshot::Sender<(Vec<u8>, bool)>>,
     drained_rx: Option<tokio::sync::oneshot::Receiver<(Vec<u8>, bool)>>,
-    fd_tx: Option<tokio::sync::oneshot::Sender<std::os::fd::OwnedFd>>,
+    fd_tx: Option<FdSender>,
     fd_rx: Option<tokio::sync::oneshot::Receiver<std::os::fd::OwnedFd>>,
 }
 
@@ -595,6 +597,31 @@ impl Agent {
         }
     }
 
+    /// Take over held stream `id` for its hand-over: where its peer's new
+    /// end goes, and (once the peer has drained) the bytes that were in
+    /// flight for the peer and whether it had shut down writing.
+    async fn handover(
+        &self,
+        id: u64,
+        what: &str,
+    ) -> Result<(FdSender, (Vec<u8>, bool)), ErrorReply> {
+        let (drx, ftx) = {
+            let mut h = self.moving.held();
+            let h = h
+                .get_mut(&id)
+                .ok_or_else(|| err(libc::ENOENT, format!("{what}: not held here")))?;
+            (h.drained_rx.take(), h.fd_tx.take())
+        };
+        let (drx, ftx) = drx
+            .zip(ftx)
+            .ok_or_else(|| err(libc::EBUSY, format!("{what}: already handed over")))?;
+        let drained = tokio::time::timeout(HANDOVER_TIMEOUT, drx)
+            .await
+            .map_err(|_| err(libc::ETIMEDOUT, format!("{what}: the peer never drained")))?
+            .map_err(|_| err(libc::ECONNRESET, format!("{what}: the peer went away")))?;
+        Ok((ftx, drained))
+    }
+
     /// The agents' port, channel `CHANNEL_STREAM`: the moving side's new
     /// node connects for stream `id`.
     pub(crate) async fn stream_accept(self: Arc<Self>, s: tokio::net::TcpStream, from: u32) {
@@ -610,30 +637,7 @@ impl Agent {
             .await
             .map_err(|e| sock_err("stream id", e))?;
         let theirs = read_blob(&mut s).await?;
-        let (drx, ftx) = {
-            let mut h = self.moving.held();
-            let h = h
-                .get_mut(&id)
-                .ok_or_else(|| err(libc::ENOENT, format!("stream {id:#x}: not held here")))?;
-            (h.drained_rx.take(), h.fd_tx.take())
-        };
-        let (drx, ftx) = drx
-            .zip(ftx)
-            .ok_or_else(|| err(libc::EBUSY, format!("stream {id:#x}: already handed over")))?;
-        let (mine, wr_shut) = tokio::time::timeout(HANDOVER_TIMEOUT, drx)
-            .await
-            .map_err(|_| {
-                err(
-                    libc::ETIMEDOUT,
-                    format!("stream {id:#x}: the peer never drained"),
-                )
-            })?
-            .map_err(|_| {
-                err(
-                    libc::ECONNRESET,
-                    format!("stream {id:#x}: the peer went away"),
-                )
-            })?;
+        let (ftx, (mine, wr_shut)) = self.handover(id, &format!("stream {id:#x}")).await?;
         s.write_u64_le(mine.len() as u64)
             .await
             .map_err(|e| sock_err("stream", e))?;
@@ -701,20 +705,7 @@ impl Agent {
         wr_shut: bool,
     ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
         let what = format!("stream {id:#x} on this node");
-        let (drx, ftx) = {
-            let mut h = self.moving.held();
-            let h = h
-                .get_mut(&id)
-                .ok_or_else(|| err(libc::ENOENT, format!("{what}: not held here")))?;
-            (h.drained_rx.take(), h.fd_tx.take())
-        };
-        let (drx, ftx) = drx
-            .zip(ftx)
-            .ok_or_else(|| err(libc::EBUSY, format!("{what}: already handed over")))?;
-        let (theirs, their_wr) = tokio::time::timeout(HANDOVER_TIMEOUT, drx)
-            .await
-            .map_err(|_| err(libc::ETIMEDOUT, format!("{what}: the peer never drained")))?
-            .map_err(|_| err(libc::ECONNRESET, format!("{what}: the peer went away")))?;
+        let (ftx, (theirs, their_wr)) = self.handover(id, &what).await?;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| sock_err(&what, e))?;

@@ -217,13 +217,7 @@ fn remembered(fd: c_int) -> Option<u64> {
 
 // --- helpers -------------------------------------------------------------
 
-fn sockopt(fd: c_int, level: c_int, opt: c_int) -> Option<c_int> {
-    let mut v: c_int = 0;
-    let mut l = std::mem::size_of::<c_int>() as socklen_t;
-    // SAFETY: an int-sized, writable option buffer and its length.
-    let r = unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut c_int).cast(), &mut l) };
-    (r == 0).then_some(v)
-}
+use super::moving::int_opt as sockopt;
 
 fn is_tcp(fd: c_int) -> bool {
     sockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)

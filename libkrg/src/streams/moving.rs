@@ -47,7 +47,8 @@ pub fn tcp_ends(fd: RawFd) -> Option<(String, String)> {
     Some((l.to_string(), p.to_string()))
 }
 
-fn int_opt(fd: RawFd, level: i32, opt: i32) -> Option<i32> {
+/// An int socket option of `fd` (shared by the streams code).
+pub(crate) fn int_opt(fd: RawFd, level: i32, opt: i32) -> Option<i32> {
     let mut v: libc::c_int = 0;
     let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: an int-sized buffer and its length.
@@ -55,7 +56,8 @@ fn int_opt(fd: RawFd, level: i32, opt: i32) -> Option<i32> {
     (r == 0).then_some(v)
 }
 
-fn set_int_opt(fd: RawFd, level: i32, opt: i32, v: i32) {
+/// Set an int socket option of `fd` (best effort).
+pub(crate) fn set_int_opt(fd: RawFd, level: i32, opt: i32, v: i32) {
     // SAFETY: an int-sized value and its length.
     unsafe {
         libc::setsockopt(
@@ -81,21 +83,8 @@ pub fn opts(fd: RawFd) -> Opts {
 /// Whether this side had shut down writing (its FIN sent), from the TCP
 /// state.
 fn wr_shut(fd: RawFd) -> bool {
-    // tcpi_state is the first byte of struct tcp_info.
-    let mut info = [0u8; 232];
-    let mut l = info.len() as libc::socklen_t;
-    // SAFETY: our buffer and its length.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut l,
-        )
-    };
     // FIN_WAIT1 4, FIN_WAIT2 5, TIME_WAIT 6, CLOSE 7, LAST_ACK 9, CLOSING 11.
-    r == 0 && matches!(info[0], 4 | 5 | 6 | 7 | 9 | 11)
+    tcp_info(fd).is_some_and(|info| matches!(info[0], 4 | 5 | 6 | 7 | 9 | 11))
 }
 
 /// Shut down writing and read `fd` to EOF: what was in flight for this
