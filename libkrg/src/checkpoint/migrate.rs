@@ -328,10 +328,31 @@ fn send(
         // The restorer says why it gave up on the same connection.
         Err(e) => return Err(why_refused(&image).unwrap_or(e)),
     };
-    // SAFETY: half-close our socket: the target sees the end of the image.
-    unsafe { libc::shutdown(image.as_raw_fd(), libc::SHUT_WR) };
-    drop(image);
+    await_running(&image, order.node)?;
     Ok((bytes, String::new(), conns))
+}
+
+/// After the whole image went (no post-copy): end the stream and wait until
+/// the target says the process runs there. Until then it may still fail
+/// there, and then the process goes on here.
+fn await_running(image: &OwnedFd, node: u32) -> Result<(), String> {
+    let fd = image.as_raw_fd();
+    // SAFETY: half-close our socket: the target sees the end of the image.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    let mut answer = [0u8; 8];
+    if read_full(fd, &mut answer, 30_000) && &answer == image::RUNNING {
+        return Ok(());
+    }
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&answer).trim_end_matches('\0'),
+        last_words(image)
+    );
+    // A late answer must find the stream closed: the target dies then.
+    // SAFETY: shuts our own socket down.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    Err(refusal(&said)
+        .unwrap_or_else(|| format!("node {node}: the restored process never started")))
 }
 
 /// The regions that go by post-copy: private anonymous (not the main
@@ -397,11 +418,8 @@ fn post_copy(
     } else if &answer == image::LAZY_NO {
         false
     } else {
-        let rest = why_refused(&image).unwrap_or_default();
-        let all = format!("{}{rest}", String::from_utf8_lossy(&answer));
-        return Err(all
-            .strip_prefix(super::restore::REFUSAL)
-            .map(|m| m.trim().to_string())
+        let all = format!("{}{}", String::from_utf8_lossy(&answer), last_words(&image));
+        return Err(refusal(&all)
             .unwrap_or_else(|| format!("node {}: bad answer from the restorer", order.node)));
     };
     // The lazy regions' pages: looked up now (no post-copy there) or once
@@ -444,8 +462,7 @@ fn post_copy(
             }
         }
     } else {
-        // SAFETY: half-close our socket: the target sees the end.
-        unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+        await_running(&image, order.node)?;
     }
     drop(image);
     let how = if lazy {
@@ -814,6 +831,18 @@ fn serve(fd: i32, lazy: &[(u64, u64)], outs: &[(i32, i32)]) -> Result<u64, Broke
 
 /// The restorer's last words on the image connection, if any.
 fn why_refused(image: &OwnedFd) -> Option<String> {
+    refusal(&last_words(image))
+}
+
+/// The reason in a restorer's refusal `said`.
+fn refusal(said: &str) -> Option<String> {
+    said.strip_prefix(super::restore::REFUSAL)
+        .map(|m| m.trim().to_string())
+}
+
+/// What is left to read on the image connection (a restorer that gives up
+/// writes why, then exits).
+fn last_words(image: &OwnedFd) -> String {
     let mut buf = [0u8; 1024];
     let mut got = 0;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
@@ -840,9 +869,7 @@ fn why_refused(image: &OwnedFd) -> Option<String> {
         }
         got += n as usize;
     }
-    let s = String::from_utf8_lossy(&buf[..got]);
-    s.strip_prefix(super::restore::REFUSAL)
-        .map(|m| m.trim().to_string())
+    String::from_utf8_lossy(&buf[..got]).into_owned()
 }
 
 /// Re-execute as the shadow of the migrated program, keeping only the

@@ -90,6 +90,10 @@ struct Plan {
     n_timers: usize,
     close: *const i32,
     n_close: usize,
+    /// A migration without post-copy: the stream to tell the source that
+    /// the process runs here (-1: a file image, or post-copy, whose
+    /// thread tells it).
+    tell: i64,
     /// Post-copy: the userfaultfd (-1: none), the lazy regions to register
     /// with it, the post-copy thread's argument and stack.
     uffd: i64,
@@ -932,6 +936,11 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
             n_timers: timers.len(),
             close: put(close_off) as *const i32,
             n_close: close.len(),
+            tell: if is_stream && uffd.is_none() {
+                i64::from(image_fd)
+            } else {
+                -1
+            },
             uffd: uffd.map(i64::from).unwrap_or(-1),
             lazy: put(lazy_off) as *const Range,
             n_lazy: if uffd.is_some() { lazy.len() } else { 0 },
@@ -1095,6 +1104,20 @@ extern "C" fn restore_core(plan: usize) -> ! {
                     op.prot as usize,
                     0,
                 );
+            }
+        }
+        if p.tell >= 0 {
+            // From here on the process exists here only; the source waits
+            // for this before it goes (and resumes itself without it).
+            let w = arch::sys(
+                SYS_write,
+                p.tell as usize,
+                image::RUNNING.as_ptr() as usize,
+                8,
+                0,
+            );
+            if w != 8 {
+                die(b"the source is gone");
             }
         }
         for i in 0..p.n_close {
