@@ -16,6 +16,13 @@ fn tcpecho() -> String {
         .to_string()
 }
 
+fn pipegen() -> String {
+    cc(&repo_root().join("examples/streams/pipegen.c"), "pipegen")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 fn show(out: &Output) -> String {
     format!(
         "exit {:?}\nstdout: {}\nstderr: {}",
@@ -510,4 +517,81 @@ fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_n
     }
     let out = ok(&srv.wait_with_output().unwrap(), "server");
     assert!(out.contains("done 2000000 lines"), "{out}");
+}
+
+/// Migrate `pid` to `to`, and check where `krg ps` shows it.
+fn migrate_to(c: &Cluster, pid: &str, to: u32, pat: &str) {
+    let out = c.krg(1, &["migrate", pid, &to.to_string()]);
+    assert!(
+        out.status.success(),
+        "migrate {pat} to {to}: {}",
+        show(&out)
+    );
+    assert_eq!(find(c, pat).map(|p| p.1), Some(to as u64), "{pat}");
+}
+
+#[test]
+fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_consumer_once() {
+    let c = Cluster::up(3, 1.0);
+    let g = pipegen();
+    let want = std::process::Command::new("sh")
+        .args(["-c", &format!("{g} 1024 | sha256sum")])
+        .output()
+        .unwrap();
+    let want = ok(&want, "reference run");
+    // 1 GiB, paced (8 ms a MiB) so that the stream lasts several seconds.
+    let job = c
+        .cmd(1, &["sh", "-c", &format!("{g} 1024 8 | sha256sum")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut prod, mut cons) = (None, None);
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        prod = find(&c, &format!("{g} 1024")).map(|p| p.0.to_string());
+        cons = find(&c, "sha256sum").map(|p| p.0.to_string());
+        prod.is_some() && cons.is_some()
+    }));
+    let (prod, cons) = (prod.unwrap(), cons.unwrap());
+    let p = format!("{g} 1024");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The pipe becomes a connection between nodes 2 and 1.
+    migrate_to(&c, &prod, 2, &p);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Then between 2 and 3: node 1 carries none of it any more.
+    migrate_to(&c, &cons, 3, "sha256sum");
+    let (new, old) = traffic(&c, 3, 1);
+    assert!(
+        new > 500_000 && old < new / 20,
+        "one second of the stream: node 3 (consumer) moved {new} bytes, node 1 (left) {old}"
+    );
+    // And both ends on node 3.
+    migrate_to(&c, &prod, 3, &p);
+    let out = job.wait_with_output().unwrap();
+    assert_eq!(ok(&out, "pipeline"), want, "the digest of the stream");
+}
+
+#[test]
+fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
+    let c = Cluster::up(2, 1.0);
+    let bin = cc(&repo_root().join("examples/ckpt/pipes.c"), "pipes");
+    let bin = bin.to_str().unwrap();
+    let mut ch = c
+        .cmd(1, &[bin, "4"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut ch);
+    assert!(next_with(&rx, "ready").starts_with("ready"));
+    let pid = find(&c, bin).expect("pipes in krg ps").0.to_string();
+    // A checkpoint image cannot hold a pipe that leads out of the process
+    // (here: one whose other end is closed); the process is left alone.
+    let dir = format!("/tmp/krg-pipes-{}", std::process::id());
+    let out = c.krg(1, &["checkpoint", &pid, "-o", &dir]);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(text(&out.stderr).contains("pipe:["), "{}", show(&out));
+    migrate_to(&c, &pid, 2, bin);
+    assert_eq!(next_with(&rx, ""), "ok", "what the process found");
+    assert!(ch.wait().unwrap().success());
 }

@@ -200,11 +200,19 @@ pub enum Request {
     /// The IPv4 address of every node up. Answered with `NodeAddrs`.
     NodeAddrs,
     /// From a process being captured for migration: its TCP connections
-    /// `(local, peer)` (socket addresses as text) are to move. The agents
-    /// find the SSI process at the other end of each and have it drain its
-    /// side and wait for a new connection (one order per process, however
-    /// many connections it has with the mover). Answered with `Streams`.
-    StreamFreeze { conns: Vec<(String, String)> },
+    /// `(local, peer)` (socket addresses as text) and its pipes (inode of
+    /// each, on this node) are to move. The agents find the SSI process at
+    /// the other end of each and have it drain its side and wait for a new
+    /// connection (one order per process, however many streams it has with
+    /// the mover). An end that cannot take part fails the whole request,
+    /// unless it is `optional` (one flag per stream, connections first:
+    /// standard fds, which the shadow can relay instead). Answered with
+    /// `Streams`.
+    StreamFreeze {
+        conns: Vec<(String, String)>,
+        pipes: Vec<u64>,
+        optional: Vec<bool>,
+    },
     /// From that peer, in its handler, every thread parked: it no longer
     /// touches those connections (the mover may shut its side down now).
     /// Answered with `Ok`.
@@ -362,6 +370,28 @@ pub struct CkptDoneInfo {
 /// migration.
 pub const POSTCOPY_DONE: &str = "post-copy";
 
+/// The other end of a stream that is moving (answer to `StreamFreeze`).
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+)]
+pub enum StreamPeer {
+    /// Held by the agent of `node` as stream `id` until the new
+    /// connection comes.
+    Held { id: u64, node: u32 },
+    /// No other process holds it (a pipe whose other end is closed).
+    Nobody,
+    /// It cannot take part (an optional stream only): why.
+    Foreign(String),
+}
+
 /// How the remote program gets one of its standard fds.
 #[derive(
     Archive,
@@ -484,9 +514,9 @@ pub enum Response {
     PortOwner(Option<(u32, [u8; 4])>),
     /// Answer to `NodeAddrs`: `(node, IPv4 address)` of every node up.
     NodeAddrs(Vec<(u32, [u8; 4])>),
-    /// Answer to `StreamFreeze`: each stream's id and its peer's node, in
-    /// the order asked.
-    Streams(Vec<(u64, u32)>),
+    /// Answer to `StreamFreeze`: what became of each stream, in the order
+    /// asked (connections, then pipes).
+    Streams(Vec<StreamPeer>),
     /// A stream's new connection: one descriptor follows.
     StreamFd,
 }

@@ -749,7 +749,11 @@ impl Agent {
             Request::PortBind { port, reuse } => self.port_bind(who, port, reuse).await,
             Request::PortOwner { port } => self.port_owner(port).await,
             Request::NodeAddrs => Ok(self.node_addrs()),
-            Request::StreamFreeze { conns } => self.stream_freeze(conns).await,
+            Request::StreamFreeze {
+                conns,
+                pipes,
+                optional,
+            } => self.stream_freeze(who, conns, pipes, optional).await,
             Request::StreamFrozen { ids } => self.stream_frozen(&ids),
             Request::StreamDrained {
                 id,
@@ -1045,10 +1049,10 @@ impl Peer for PeerServer {
     async fn stream_hold(
         self,
         _: context::Context,
-        conns: Vec<(String, String)>,
+        ends: Vec<streams::End>,
         commit: bool,
-    ) -> Result<Vec<u64>, ErrorReply> {
-        self.0.stream_hold(conns, commit).await
+    ) -> Result<Vec<streams::Hold>, ErrorReply> {
+        self.0.stream_hold(ends, commit).await
     }
 
     async fn sched_push(

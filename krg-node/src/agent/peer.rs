@@ -84,13 +84,13 @@ pub trait Peer {
     async fn port_home(op: super::streams::PortOp) -> Result<Option<u32>, ErrorReply>;
     /// Whether a TCP port is bound on the callee (it tries to bind it).
     async fn port_probe(port: u16, reuse: bool) -> bool;
-    /// Freeze the SSI process holding the TCP connection `local` -> `peer`
-    /// on the callee (its other end is moving); the stream's id.
-    /// `(local, peer)` each; `commit` false only checks that it could.
+    /// Freeze the SSI processes holding `ends` on the callee (their other
+    /// ends are moving); what became of each. `commit` false only checks
+    /// that it could.
     async fn stream_hold(
-        conns: Vec<(String, String)>,
+        ends: Vec<super::streams::End>,
         commit: bool,
-    ) -> Result<Vec<u64>, ErrorReply>;
+    ) -> Result<Vec<super::streams::Hold>, ErrorReply>;
 }
 
 fn codec() -> LengthDelimitedCodec {

@@ -10,7 +10,7 @@
 //! bind the port itself (`probe`). See docs/architecture/streams.md.
 
 use super::{err, Agent, Caller};
-use libkrg::proto::{ErrorReply, Response};
+use libkrg::proto::{ErrorReply, Response, StreamPeer};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -258,8 +258,30 @@ const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 /// are a few MiB).
 const MAX_PENDING: u64 = 256 << 20;
 
-/// A TCP connection as `(local, peer)` socket addresses (text).
-type Conn = (String, String);
+/// One end of a moving stream, at its node, as the agents look for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum End {
+    /// The TCP connection `(local, peer)` (socket addresses as text, as
+    /// that end sees them).
+    Tcp(String, String),
+    /// Pipe `ino` of this node; `mover` (a kernel pid) holds the moving
+    /// end.
+    Pipe { ino: u64, mover: i32 },
+}
+
+/// What `stream_hold` found at one end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Hold {
+    /// Held as stream `id` (0 when only checking).
+    Id(u64),
+    /// No process holds it.
+    Nobody,
+    /// It cannot take part: why.
+    Foreign(String),
+}
+
+/// The holder of one end: `(gpid, kernel pid, fds)`, or why none.
+type Found = Result<(i32, i32, Vec<i32>), Hold>;
 /// Where the staying peer's end of a new connection is sent.
 type FdSender = tokio::sync::oneshot::Sender<std::os::fd::OwnedFd>;
 
@@ -326,20 +348,23 @@ fn tcp_inode(local: &SocketAddr, peer: &SocketAddr) -> Option<u64> {
     None
 }
 
-/// Every `(kernel pid, fd)` of this node that holds socket `ino`.
-fn holders(ino: u64) -> Vec<(i32, i32)> {
-    let want = format!("socket:[{ino}]");
+/// Every `(kernel pid, fd)` of this node, but `mover`'s, whose fd link is
+/// `want` (`socket:[N]`, `pipe:[N]`).
+fn holders(want: &str, mover: i32) -> Vec<(i32, i32)> {
     let mut out = Vec::new();
     for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
+        if pid == mover {
+            continue;
+        }
         for f in std::fs::read_dir(p.path().join("fd"))
             .into_iter()
             .flatten()
             .flatten()
         {
-            if std::fs::read_link(f.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
+            if std::fs::read_link(f.path()).is_ok_and(|l| l.as_os_str() == want) {
                 if let Some(fd) = f.file_name().to_str().and_then(|s| s.parse().ok()) {
                     out.push((pid, fd));
                 }
@@ -347,6 +372,17 @@ fn holders(ino: u64) -> Vec<(i32, i32)> {
         }
     }
     out
+}
+
+/// Whether fd `fd` of kernel pid `pid` is open read-only (a pipe's read
+/// end), from its fdinfo.
+fn reads(pid: i32, fd: i32) -> Option<bool> {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    let flags = t
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())?;
+    Some(flags & libc::O_ACCMODE == libc::O_RDONLY)
 }
 
 fn sock_err(what: &str, e: std::io::Error) -> ErrorReply {
@@ -373,126 +409,203 @@ impl Agent {
         }
     }
 
-    /// `StreamFreeze` from a process being captured: find the SSI process
-    /// at the other end of each connection (on any node) and have it drain
-    /// and wait. Every peer node is checked before any peer is frozen.
+    /// `StreamFreeze` from a process being captured (`mover`): find the
+    /// SSI process at the other end of each connection (on any node) and
+    /// of each pipe (on this node), and have it drain and wait. Every peer
+    /// node is checked before any peer is frozen.
     pub(crate) async fn stream_freeze(
         self: &Arc<Self>,
+        mover: Caller,
         conns: Vec<(String, String)>,
+        pipes: Vec<u64>,
+        optional: Vec<bool>,
     ) -> Result<Response, ErrorReply> {
-        // By peer node: (index in `conns`, (peer's local, peer's remote)).
-        let mut by_node: HashMap<u32, Vec<(usize, Conn)>> = HashMap::new();
+        let n = conns.len() + pipes.len();
+        if optional.len() != n {
+            return Err(err(
+                libc::EINVAL,
+                "StreamFreeze: one optional flag per stream",
+            ));
+        }
+        let mut out = vec![StreamPeer::Nobody; n];
+        // By peer node: (index, the end as the peer sees it).
+        let mut by_node: HashMap<u32, Vec<(usize, End)>> = HashMap::new();
         for (i, (local, peer)) in conns.iter().enumerate() {
             let p: SocketAddr = peer
                 .parse()
                 .map_err(|_| err(libc::EINVAL, format!("bad socket address {peer:?}")))?;
-            let node = self.node_at(p.ip()).ok_or_else(|| {
-                err(
-                    libc::EOPNOTSUPP,
-                    format!("TCP connection {local} -> {peer}: the peer is not a node of the cluster (connections leaving the cluster do not move)"),
-                )
-            })?;
-            by_node
-                .entry(node)
-                .or_default()
-                .push((i, (peer.clone(), local.clone())));
+            match self.node_at(p.ip()) {
+                Some(node) => by_node
+                    .entry(node)
+                    .or_default()
+                    .push((i, End::Tcp(peer.clone(), local.clone()))),
+                None => out[i] = StreamPeer::Foreign(format!("TCP connection {local} -> {peer}: the peer is not a node of the cluster (connections leaving the cluster do not move)")),
+            }
         }
+        for (j, ino) in pipes.iter().enumerate() {
+            by_node.entry(self.node_id()).or_default().push((
+                conns.len() + j,
+                End::Pipe {
+                    ino: *ino,
+                    mover: mover.pid,
+                },
+            ));
+        }
+        // Check everywhere; then freeze the ends that can be.
+        let mut take: HashMap<u32, Vec<(usize, End)>> = HashMap::new();
         for commit in [false, true] {
-            let mut out = vec![(0u64, 0u32); conns.len()];
-            for (node, list) in &by_node {
-                let asked: Vec<(String, String)> = list.iter().map(|(_, c)| c.clone()).collect();
-                let ids = if *node == self.node_id() {
-                    self.stream_hold(asked, commit).await?
+            let asked = if commit { &take } else { &by_node };
+            let mut found: Vec<(u32, usize, Hold)> = Vec::new();
+            for (node, list) in asked {
+                let ends: Vec<End> = list.iter().map(|(_, e)| e.clone()).collect();
+                let r = if *node == self.node_id() {
+                    self.stream_hold(ends, commit).await?
                 } else {
                     let c = self.client(*node).await?;
-                    c.stream_hold(super::ctx(), asked, commit)
+                    c.stream_hold(super::ctx(), ends, commit)
                         .await
                         .map_err(|e| {
                             self.drop_client(*node);
                             err(libc::EIO, format!("node {node}: {e}"))
                         })??
                 };
-                if commit {
-                    for ((i, _), id) in list.iter().zip(ids) {
-                        out[*i] = (id, *node);
+                found.extend(list.iter().zip(r).map(|((i, _), h)| (*node, *i, h)));
+            }
+            for (node, i, h) in found {
+                out[i] = match h {
+                    Hold::Id(id) if commit => StreamPeer::Held { id, node },
+                    Hold::Id(_) => {
+                        if let Some(e) = by_node[&node].iter().find(|(k, _)| *k == i) {
+                            take.entry(node).or_default().push(e.clone());
+                        }
+                        continue;
                     }
+                    Hold::Nobody => StreamPeer::Nobody,
+                    Hold::Foreign(why) => StreamPeer::Foreign(why),
+                };
+            }
+            if !commit {
+                // Nothing frozen yet: a stream that must move and cannot
+                // fails the whole move here.
+                if let Some(why) = out.iter().zip(&optional).find_map(|(o, opt)| match o {
+                    StreamPeer::Foreign(w) if !opt => Some(w.clone()),
+                    _ => None,
+                }) {
+                    return Err(err(libc::EOPNOTSUPP, why));
                 }
             }
-            if commit {
-                return Ok(Response::Streams(out));
+        }
+        Ok(Response::Streams(out))
+    }
+
+    /// Who holds `end` on this node.
+    async fn holder_of(&self, end: &End) -> Found {
+        let (what, link, mover) = match end {
+            End::Tcp(local, peer) => {
+                let what = format!("TCP connection {peer} -> {local}");
+                let (Ok(l), Ok(p)) = (local.parse::<SocketAddr>(), peer.parse::<SocketAddr>())
+                else {
+                    return Err(Hold::Foreign(format!("{what}: bad socket address")));
+                };
+                let Some(ino) = tokio::task::spawn_blocking(move || tcp_inode(&l, &p))
+                    .await
+                    .ok()
+                    .flatten()
+                else {
+                    return Err(Hold::Foreign(format!(
+                        "{what}: no such connection on node {}",
+                        self.node_id()
+                    )));
+                };
+                (what, format!("socket:[{ino}]"), 0)
+            }
+            End::Pipe { ino, mover } => {
+                let l = format!("pipe:[{ino}]");
+                (format!("{l} of kernel pid {mover}"), l, *mover)
+            }
+        };
+        let l = link.clone();
+        let hs = tokio::task::spawn_blocking(move || holders(&l, mover))
+            .await
+            .unwrap_or_default();
+        if mover != 0 && !hs.is_empty() {
+            // The other end, and only it: a pipe with two writers (or
+            // readers) is not a connection between two processes.
+            let mine = holders(&link, 0)
+                .into_iter()
+                .find(|(p, _)| *p == mover)
+                .and_then(|(p, fd)| reads(p, fd));
+            let theirs: Vec<Option<bool>> = hs.iter().map(|(p, fd)| reads(*p, *fd)).collect();
+            if mine.is_none() || theirs.iter().any(|t| t.is_none() || *t == mine) {
+                return Err(Hold::Foreign(format!(
+                    "{what}: other processes hold the same end of it, or both (kernel pid, fd: {hs:?}): not movable yet"
+                )));
             }
         }
-        unreachable!("the loop returns on its commit pass")
+        let (kpid, fds) = match hs.as_slice() {
+            // A pipe whose other end is closed.
+            [] if mover != 0 => return Err(Hold::Nobody),
+            [] => {
+                return Err(Hold::Foreign(format!(
+                    "{what}: its peer end on node {} is held by no process (closed?)",
+                    self.node_id()
+                )))
+            }
+            // Several fds of one process (dup): all handed over together.
+            [(k, _), ..] if hs.iter().all(|(p, _)| p == k) => {
+                (*k, hs.iter().map(|(_, fd)| *fd).collect::<Vec<i32>>())
+            }
+            _ => {
+                return Err(Hold::Foreign(format!(
+                    "{what}: its other end is shared by several processes (kernel pid, fd: {hs:?}): not movable yet"
+                )))
+            }
+        };
+        let g = self.procs().translate(kpid).ok_or_else(|| {
+            Hold::Foreign(format!(
+                "{what}: its other end (kernel pid {kpid} on node {}) is not an SSI process",
+                self.node_id()
+            ))
+        })?;
+        // A shadow relays the standard fds of a process that left: that
+        // connection stays (it leads to what the shadow holds).
+        if self.procs().get(g).is_some_and(|p| p.running_on.is_some()) {
+            return Err(Hold::Foreign(format!(
+                "{what}: its other end is the shadow of pid {g}, which relays it"
+            )));
+        }
+        Ok((g, kpid, fds))
     }
 
     /// At the staying peers' node: freeze the SSI processes holding the
-    /// TCP connections `(local, peer)` (one `StreamSwap` order per process);
-    /// the streams' ids. `commit` false: only check that it could.
+    /// `ends` (one `StreamSwap` order per process); what became of each.
+    /// `commit` false: only check that it could.
     pub(crate) async fn stream_hold(
         self: &Arc<Self>,
-        conns: Vec<(String, String)>,
+        ends: Vec<End>,
         commit: bool,
-    ) -> Result<Vec<u64>, ErrorReply> {
-        let parse = |s: &str| {
-            s.parse::<SocketAddr>()
-                .map_err(|_| err(libc::EINVAL, format!("bad socket address {s:?}")))
-        };
-        // (gpid, kpid, fds) of each connection's holder.
-        let mut found: Vec<(i32, i32, Vec<i32>)> = Vec::new();
-        for (local, peer) in &conns {
-            let (l, p) = (parse(local)?, parse(peer)?);
-            let what = format!("TCP connection {peer} -> {local}");
-            let ino = tokio::task::spawn_blocking(move || tcp_inode(&l, &p))
-                .await
-                .ok()
-                .flatten()
-                .ok_or_else(|| {
-                    err(
-                        libc::ENOTCONN,
-                        format!("{what}: no such connection on node {}", self.node_id()),
-                    )
-                })?;
-            let hs = tokio::task::spawn_blocking(move || holders(ino))
-                .await
-                .unwrap_or_default();
-            let (kpid, fds) = match hs.as_slice() {
-                [] => {
-                    return Err(err(
-                        libc::EOPNOTSUPP,
-                        format!(
-                            "{what}: its peer end on node {} is held by no process (closed?)",
-                            self.node_id()
-                        ),
-                    ))
-                }
-                // Several fds of one process (dup): all handed over together.
-                [(k, _), ..] if hs.iter().all(|(p, _)| p == k) => {
-                    (*k, hs.iter().map(|(_, fd)| *fd).collect::<Vec<i32>>())
-                }
-                _ => {
-                    return Err(err(
-                        libc::EOPNOTSUPP,
-                        format!("{what}: its peer end is shared by several processes ({hs:?}): not movable yet"),
-                    ))
-                }
-            };
-            let g = self.procs().translate(kpid).ok_or_else(|| {
-                err(
-                    libc::EOPNOTSUPP,
-                    format!(
-                        "{what}: its peer (kernel pid {kpid} on node {}) is not an SSI process",
-                        self.node_id()
-                    ),
-                )
-            })?;
-            found.push((g, kpid, fds));
+    ) -> Result<Vec<Hold>, ErrorReply> {
+        let mut found: Vec<Found> = Vec::new();
+        for e in &ends {
+            found.push(self.holder_of(e).await);
         }
         if !commit {
-            return Ok(Vec::new());
+            return Ok(found
+                .into_iter()
+                .map(|f| f.map_or_else(|h| h, |_| Hold::Id(0)))
+                .collect());
         }
         let mut ids = Vec::new();
+        let mut out = Vec::new();
         let mut orders: HashMap<i32, (i32, Vec<(i32, u64)>)> = HashMap::new();
-        for (g, kpid, fds) in &found {
+        for f in &found {
+            let (g, kpid, fds) = match f {
+                Ok(p) => p,
+                Err(h) => {
+                    out.push(h.clone());
+                    continue;
+                }
+            };
             let id = (u64::from(self.node_id()) << 40)
                 | self
                     .moving
@@ -515,6 +628,7 @@ impl Agent {
             let e = orders.entry(*kpid).or_insert((*g, Vec::new()));
             e.1.extend(fds.iter().map(|fd| (*fd, id)));
             ids.push(id);
+            out.push(Hold::Id(id));
             tracing::debug!("stream {id:#x}: holding pid {g} fds {fds:?}");
         }
         for (kpid, (g, order)) in orders {
@@ -544,7 +658,7 @@ impl Agent {
                 ));
             }
         }
-        Ok(ids)
+        Ok(out)
     }
 
     /// `StreamFrozen` from the staying peer: its threads are parked.

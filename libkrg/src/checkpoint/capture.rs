@@ -172,11 +172,6 @@ pub fn refusal(fd: i32, link: &str) -> Option<String> {
             other => Some(format!("fd {fd}: {other} is not migratable")),
         };
     }
-    if link.starts_with("pipe:") {
-        return (fd > 2).then(|| {
-            format!("fd {fd}: {link} is not migratable (only stdin, stdout and stderr follow a process for now)")
-        });
-    }
     if link.ends_with(" (deleted)") {
         return Some(format!("fd {fd}: {link} is not migratable (deleted file)"));
     }
@@ -251,8 +246,23 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
                 return Err(format!("fd {fd}: device {link_s} is not migratable"));
             }
         }
-        libc::S_IFIFO => FdKind::Relay,
-        libc::S_IFSOCK if fd <= 2 => FdKind::Relay,
+        // A pipe moves with its process (`checkpoint::migrate`); a FIFO
+        // opened by path only as a standard fd (relayed).
+        libc::S_IFIFO if link_s.starts_with("pipe:") => FdKind::Pipe {
+            ino: st.st_ino,
+            read: flags & libc::O_ACCMODE == libc::O_RDONLY,
+            flags,
+            // SAFETY: F_GETPIPE_SZ only reads.
+            size: unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) },
+            pending: Vec::new(),
+        },
+        libc::S_IFIFO if fd <= 2 => FdKind::Relay,
+        libc::S_IFIFO => return Err(format!("fd {fd}: FIFO {link_s} is not migratable (pipes are; FIFOs opened by path only as stdin, stdout or stderr)")),
+        // A standard fd that is a TCP connection moves as one when its
+        // peer is an SSI process; anything else there is relayed.
+        libc::S_IFSOCK if fd <= 2 && crate::streams::moving::tcp_ends(fd).is_none() => {
+            FdKind::Relay
+        }
         libc::S_IFSOCK => {
             if let Some(l) = crate::streams::moving::listening(fd)? {
                 return Ok(Some(FdState {
@@ -795,7 +805,7 @@ mod tests {
         );
         assert!(refusal(3, "anon_inode:[eventfd]").is_none());
         assert!(refusal(1, "pipe:[123]").is_none());
-        assert!(refusal(5, "pipe:[9]").unwrap().contains("fd 5"));
+        assert!(refusal(5, "pipe:[9]").is_none());
         // Sockets: the capture decides (a TCP connection or listener moves).
         assert!(refusal(5, "socket:[9]").is_none());
         assert!(refusal(3, "anon_inode:[timerfd]").is_none());

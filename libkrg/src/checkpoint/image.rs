@@ -209,6 +209,17 @@ pub enum FdKind {
         /// one is a copy of it, or -1.
         alias_of: i32,
     },
+    /// A pipe end made again as a new pipe: its other end is in this
+    /// image too (`ino` pairs the ends of one pipe; a self-pipe) or held by
+    /// no process. The bytes that were in it (`pending`, on the read end)
+    /// are written back; `size` is its capacity.
+    Pipe {
+        ino: u64,
+        read: bool,
+        flags: i32,
+        size: i32,
+        pending: Vec<u8>,
+    },
     /// A listening TCP socket, bound again to the same address and port on
     /// the new node (`addr` as text, the kernel's address).
     TcpListen {

@@ -41,23 +41,32 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
         &ANCHOR as *const AtomicI32 as u64,
     )?;
     meta.lazy = lazy;
-    // Stdin, stdout and stderr stay with the shadow, whatever they are
-    // (a file here may not exist there; a file shared with the parent keeps
-    // its one offset): the target gets relayed streams. Devices that mean
-    // the same everywhere are simply reopened there.
+    // Stdin, stdout and stderr stay with the shadow (a file here may not
+    // exist there; a file shared with the parent keeps its one offset): the
+    // target gets relayed streams. Devices that mean the same everywhere
+    // are simply reopened there; pipes and TCP connections to other SSI
+    // processes move (below), others are relayed too.
     for f in meta.fds.iter_mut().filter(|f| f.fd <= 2) {
-        if !matches!(f.kind, FdKind::Device { .. }) {
+        if !matches!(
+            f.kind,
+            FdKind::Device { .. } | FdKind::Pipe { .. } | FdKind::Tcp { .. }
+        ) {
             f.kind = FdKind::Relay;
         }
     }
-    // TCP connections to other SSI processes: freeze their peers and drain
-    // both sides; from here on, a failure must hand them back here.
+    // Pipes and TCP connections to other SSI processes: freeze their peers
+    // and drain both sides; from here on, a failure must hand them back
+    // here.
     move_streams(&mut meta.fds)?;
     match send(order, &meta, &regions, &runs) {
         Ok((bytes, how, conns)) => {
-            // The old ends of moved sockets stay out of the shadow.
+            // The old ends of moved sockets and pipes stay out of the
+            // shadow.
             for f in &meta.fds {
-                if matches!(f.kind, FdKind::Tcp { .. } | FdKind::TcpListen { .. }) {
+                if matches!(
+                    f.kind,
+                    FdKind::Tcp { .. } | FdKind::TcpListen { .. } | FdKind::Pipe { .. }
+                ) {
                     // SAFETY: closes our own fd; nothing uses it any more.
                     unsafe { libc::close(f.fd) };
                 }
@@ -74,16 +83,19 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     }
 }
 
-/// Freeze the peer of each TCP connection and drain it (the bytes in
-/// flight for this process go in the image). Fds that are copies of one
-/// connection (`dup`) move once. On a failure the streams already taken
-/// are reconnected here.
+/// Freeze the peer of each TCP connection and pipe and drain it (the bytes
+/// in flight for this process go in the image). Fds that are copies of one
+/// stream (`dup`) move once. A pipe whose other end is this process's too
+/// or no process's is made again on the target; a standard fd whose peer
+/// cannot take part is relayed by the shadow instead. On a failure the
+/// streams already taken are reconnected here.
 fn move_streams(fds: &mut [super::image::FdState]) -> Result<(), String> {
+    use crate::proto::StreamPeer;
     use crate::streams::moving;
-    // The connections (one fd each; copies noted), then one freeze for all:
-    // a peer with several connections to this process gets one order.
+    // The streams (one fd each; copies noted), then one freeze for all:
+    // a peer with several streams to this process gets one order.
     let mut seen: Vec<(u64, i32)> = Vec::new();
-    let mut todo: Vec<(usize, (String, String))> = Vec::new();
+    let mut conns: Vec<(usize, (String, String))> = Vec::new();
     for (i, f) in fds.iter_mut().enumerate() {
         let fd = f.fd;
         if !matches!(f.kind, FdKind::Tcp { .. }) {
@@ -101,39 +113,182 @@ fn move_streams(fds: &mut [super::image::FdState]) -> Result<(), String> {
         }
         let ends = moving::tcp_ends(fd)
             .ok_or_else(|| format!("fd {fd}: the TCP connection is not connected"))?;
-        todo.push((i, ends));
+        conns.push((i, ends));
     }
-    if !todo.is_empty() {
-        let ids = moving::freeze(todo.iter().map(|(_, e)| e.clone()).collect())?;
-        for ((i, _), (sid, snode)) in todo.iter().zip(&ids) {
-            if let FdKind::Tcp { id, node, .. } = &mut fds[*i].kind {
-                *id = *sid;
-                *node = *snode;
+    // Pipes with one end here: (inode, the fds of that end).
+    let mut pipes: Vec<(u64, Vec<usize>)> = Vec::new();
+    let pipe_of = |k: &FdKind| match k {
+        FdKind::Pipe { ino, read, .. } => Some((*ino, *read)),
+        _ => None,
+    };
+    for i in 0..fds.len() {
+        let Some((ino, read)) = pipe_of(&fds[i].kind) else {
+            continue;
+        };
+        let both = fds
+            .iter()
+            .any(|g| pipe_of(&g.kind).is_some_and(|(n, r)| n == ino && r != read));
+        if both {
+            // A self-pipe: made again there with what is in it.
+            if read
+                && !fds[..i]
+                    .iter()
+                    .any(|g| pipe_of(&g.kind) == Some((ino, true)))
+            {
+                let bytes = moving::peek_pipe(fds[i].fd)?;
+                if let FdKind::Pipe { pending, .. } = &mut fds[i].kind {
+                    *pending = bytes;
+                }
             }
+            continue;
         }
-        // Every peer is frozen: from now on each stream is handed over,
-        // here or there, whatever happens.
-        for (i, _) in &todo {
+        match pipes.iter_mut().find(|(n, _)| *n == ino) {
+            Some((_, v)) => v.push(i),
+            None => pipes.push((ino, vec![i])),
+        }
+    }
+    if conns.is_empty() && pipes.is_empty() {
+        return park_listeners(fds);
+    }
+    // Standard fds only: relayed if their peer cannot take part.
+    let stdio_only =
+        |idx: &[usize], fds: &[super::image::FdState]| idx.iter().all(|i| fds[*i].fd <= 2);
+    let mut optional: Vec<bool> = conns
+        .iter()
+        .map(|(i, _)| {
             let fd = fds[*i].fd;
-            match moving::drain(fd) {
-                Ok((p, w)) => {
-                    if let FdKind::Tcp {
-                        pending, wr_shut, ..
-                    } = &mut fds[*i].kind
+            fd <= 2
+                && fds.iter().all(|g| {
+                    !matches!(g.kind, FdKind::Tcp { alias_of, .. } if alias_of == fd) || g.fd <= 2
+                })
+        })
+        .collect();
+    optional.extend(pipes.iter().map(|(_, v)| stdio_only(v, fds)));
+    let peers = moving::freeze(
+        conns.iter().map(|(_, e)| e.clone()).collect(),
+        pipes.iter().map(|(n, _)| *n).collect(),
+        optional.clone(),
+    )?;
+    let (conn_peers, pipe_peers) = peers.split_at(conns.len());
+    // What each stream became; the first error is kept (every stream
+    // frozen must still be handed over).
+    let mut failed: Option<String> = None;
+    for (((i, _), p), opt) in conns.iter().zip(conn_peers).zip(&optional) {
+        let fd = fds[*i].fd;
+        match p {
+            StreamPeer::Held {
+                id: sid,
+                node: snode,
+            } => {
+                if let FdKind::Tcp { id, node, .. } = &mut fds[*i].kind {
+                    *id = *sid;
+                    *node = *snode;
+                }
+            }
+            StreamPeer::Foreign(_) | StreamPeer::Nobody if *opt => {
+                for f in fds.iter_mut() {
+                    if f.fd == fd
+                        || matches!(f.kind, FdKind::Tcp { alias_of, .. } if alias_of == fd)
                     {
-                        *pending = p;
-                        *wr_shut = w;
+                        f.kind = FdKind::Relay;
                     }
                 }
-                Err(e) => {
-                    reattach_streams(fds);
-                    return Err(e);
-                }
+            }
+            StreamPeer::Foreign(why) => {
+                failed.get_or_insert_with(|| why.clone());
+            }
+            StreamPeer::Nobody => {
+                failed.get_or_insert_with(|| format!("fd {fd}: the TCP connection has no peer"));
             }
         }
     }
-    // Listening sockets: closed here now (the port must be free for the new
-    // node to bind it), made again there.
+    for ((_, idx), p) in pipes.iter().zip(pipe_peers) {
+        match p {
+            StreamPeer::Held { id, node } => {
+                // Every fd of this end becomes the new connection.
+                let first = fds[idx[0]].fd;
+                for (k, i) in idx.iter().enumerate() {
+                    let FdKind::Pipe { read, flags, .. } = fds[*i].kind else {
+                        continue;
+                    };
+                    fds[*i].kind = FdKind::Tcp {
+                        id: *id,
+                        node: *node,
+                        pending: Vec::new(),
+                        wr_shut: read,
+                        flags,
+                        nodelay: true,
+                        keepalive: false,
+                        alias_of: if k == 0 { -1 } else { first },
+                    };
+                }
+            }
+            // A standard fd's other end may be held where this node's
+            // agent cannot see (the process that started a local cluster's
+            // node): relayed, as before.
+            StreamPeer::Nobody | StreamPeer::Foreign(_) if stdio_only(idx, fds) => {
+                for i in idx {
+                    fds[*i].kind = FdKind::Relay;
+                }
+            }
+            StreamPeer::Nobody => {
+                // Its other end is closed: made again as it is.
+                let i = idx[0];
+                if pipe_of(&fds[i].kind).is_some_and(|(_, r)| r) {
+                    let bytes = match moving::peek_pipe(fds[i].fd) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                            Vec::new()
+                        }
+                    };
+                    if let FdKind::Pipe { pending, .. } = &mut fds[i].kind {
+                        *pending = bytes;
+                    }
+                }
+            }
+            StreamPeer::Foreign(why) => {
+                failed.get_or_insert_with(|| why.clone());
+            }
+        }
+    }
+    // Every peer held is frozen: from now on each stream is handed over,
+    // here or there, whatever happens (drained first, even on a failure:
+    // a reconnection here is refilled with what was in flight).
+    for f in fds.iter_mut() {
+        let FdKind::Tcp {
+            id,
+            alias_of,
+            pending,
+            wr_shut,
+            ..
+        } = &mut f.kind
+        else {
+            continue;
+        };
+        if *id == 0 || *alias_of >= 0 {
+            continue;
+        }
+        match moving::drain(f.fd) {
+            Ok((p, w)) => {
+                *pending = p;
+                *wr_shut = w;
+            }
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = failed {
+        reattach_streams(fds);
+        return Err(e);
+    }
+    park_listeners(fds)
+}
+
+/// Listening sockets: closed here now (the port must be free for the new
+/// node to bind it), made again there.
+fn park_listeners(fds: &mut [super::image::FdState]) -> Result<(), String> {
     for f in fds.iter() {
         if matches!(f.kind, FdKind::TcpListen { .. }) {
             if let Err(e) = park_fd(f.fd) {

@@ -691,6 +691,43 @@ fn capture_threads() -> Result<Vec<image::ThreadState>, String> {
     Ok(threads)
 }
 
+/// Pipes in a checkpoint image: a standard fd's is the restarting
+/// command's (relayed), a self-pipe is made again with what is in it, a
+/// pipe to another process cannot be (only a migration moves it).
+fn pipes_for_disk(fds: &mut [image::FdState]) -> Result<(), String> {
+    use image::FdKind;
+    for f in fds.iter_mut().filter(|f| f.fd <= 2) {
+        if matches!(f.kind, FdKind::Pipe { .. } | FdKind::Tcp { .. }) {
+            f.kind = FdKind::Relay;
+        }
+    }
+    let ends: Vec<(u64, bool)> = fds
+        .iter()
+        .filter_map(|f| match f.kind {
+            FdKind::Pipe { ino, read, .. } => Some((ino, read)),
+            _ => None,
+        })
+        .collect();
+    let mut peeked: Vec<u64> = Vec::new();
+    for f in fds.iter_mut() {
+        let fd = f.fd;
+        let FdKind::Pipe {
+            ino, read, pending, ..
+        } = &mut f.kind
+        else {
+            continue;
+        };
+        if !ends.contains(&(*ino, !*read)) {
+            return Err(format!("fd {fd}: pipe:[{ino}] leads to another process: a pipe moves with krg migrate, not in a checkpoint image"));
+        }
+        if *read && !peeked.contains(ino) {
+            *pending = crate::streams::moving::peek_pipe(fd)?;
+            peeked.push(*ino);
+        }
+    }
+    Ok(())
+}
+
 fn take_image(order: &Order) -> Result<u64, String> {
     let threads = capture_threads()?;
     let dir = std::path::PathBuf::from(
@@ -704,7 +741,8 @@ fn take_image(order: &Order) -> Result<u64, String> {
     let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));
     let arena = alloc::range();
     let (regions, runs) = capture::regions(&maps, &[arena])?;
-    let fds = capture::capture_fds(&[fd])?;
+    let mut fds = capture::capture_fds(&[fd])?;
+    pipes_for_disk(&mut fds)?;
     if let Some(f) = fds.iter().find(|f| {
         matches!(
             f.kind,

@@ -19,7 +19,7 @@ use super::image::{self, FdKind, Meta, RegionKind};
 use super::postcopy;
 use super::{ThreadRaw, ANCHOR, RESTORE_AREA, RESUMED};
 use std::ffi::OsStr;
-use std::os::fd::{IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 /// `KRG_RESTORE=<path of the image>`: restore instead of running main.
 pub const RESTORE_ENV: &str = "KRG_RESTORE";
@@ -233,6 +233,61 @@ fn signalfd(num: RawFd, mask: u64, flags: i32) -> Result<RawFd, String> {
     Ok(fd)
 }
 
+/// Pipe `ino` of the image made again: its capacity, and the bytes that
+/// were in it written back. Ends the image does not have are closed once
+/// every fd is placed (a reader then sees the end after those bytes, a
+/// writer `EPIPE`).
+fn new_pipe(meta: &Meta, ino: u64, floor: RawFd) -> Result<(OwnedFd, OwnedFd), String> {
+    let mut p = [0; 2];
+    // SAFETY: a new pipe of ours.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(os_err("pipe2"));
+    }
+    // Above the image's numbers, which the placing below overwrites.
+    let (r, w) = (high(p[0], floor)?, high(p[1], floor)?);
+    // SAFETY: just made, ours alone.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(w)) };
+    let (size, pending) = meta
+        .fds
+        .iter()
+        .filter_map(|f| match &f.kind {
+            FdKind::Pipe {
+                ino: n,
+                size,
+                pending,
+                ..
+            } if *n == ino => Some((*size, pending.as_slice())),
+            _ => None,
+        })
+        .fold((0, &[][..]), |(s, b), (s2, b2)| {
+            (s.max(s2), if b.is_empty() { b2 } else { b })
+        });
+    // SAFETY: sizes our own pipe (best effort: the bytes must fit below).
+    unsafe {
+        libc::fcntl(
+            w.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            size.max(pending.len() as i32),
+        )
+    };
+    if !pending.is_empty() {
+        // SAFETY: non-blocking writes from a live buffer into our pipe.
+        let n = unsafe {
+            libc::fcntl(w.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+            libc::write(w.as_raw_fd(), pending.as_ptr().cast(), pending.len())
+        };
+        if n != pending.len() as isize {
+            return Err(format!(
+                "pipe: {} bytes were in it, {n} fit in the new one",
+                pending.len()
+            ));
+        }
+        // SAFETY: back to blocking (the image's flags are set per fd).
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETFL, 0) };
+    }
+    Ok((r, w))
+}
+
 fn fstat(fd: RawFd) -> Option<libc::stat> {
     // SAFETY: st is ours.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -245,9 +300,31 @@ fn fstat(fd: RawFd) -> Option<libc::stat> {
 /// streams). `keep` are the restorer's own fds (already above `floor`).
 fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> {
     let mut placed: Vec<(RawFd, RawFd, bool)> = Vec::new();
+    // Pipes made again: (inode in the image, read end, write end).
+    let mut pipes: Vec<(u64, OwnedFd, OwnedFd)> = Vec::new();
     for f in &meta.fds {
         let tmp = match &f.kind {
             FdKind::Relay => continue,
+            FdKind::Pipe {
+                ino, read, flags, ..
+            } => {
+                if !pipes.iter().any(|p| p.0 == *ino) {
+                    let (r, w) =
+                        new_pipe(meta, *ino, floor).map_err(|e| format!("fd {}: {e}", f.fd))?;
+                    pipes.push((*ino, r, w));
+                }
+                let p = pipes.iter().find(|p| p.0 == *ino).expect("made above");
+                let end = if *read { &p.1 } else { &p.2 };
+                // SAFETY: duplicates our own pipe end; F_SETFL on the copy
+                // sets the end's status flags (O_NONBLOCK).
+                let fd = unsafe { libc::dup(end.as_raw_fd()) };
+                if fd < 0 {
+                    return Err(os_err(&format!("fd {}: dup", f.fd)));
+                }
+                // SAFETY: as above.
+                unsafe { libc::fcntl(fd, libc::F_SETFL, flags & libc::O_NONBLOCK) };
+                fd
+            }
             FdKind::File {
                 path,
                 flags,
@@ -399,6 +476,8 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
             }
         }
     }
+    // The pipes' own ends (the placed copies stay).
+    drop(pipes);
     // Whatever else is open and not in the image goes (fds 0-2 the image
     // did not have included).
     for fd in capture::list_dir_numbers("/proc/self/fd")? {

@@ -11,11 +11,16 @@
 //! to the epoll sets that watched the old one. Threads blocked in the old
 //! socket were interrupted by the freeze and restart on the new one.
 //!
+//! A pipe whose other end is held by an SSI process moves the same way:
+//! its reader takes what is in the pipe (its pending bytes), its writer has
+//! nothing in flight, and both ends become the new connection (a pipe
+//! cannot span two nodes; a TCP connection reads and writes as one does).
+//!
 //! Everything here runs in the leader of a capture (the other threads
 //! parked), or in a restorer before the program runs.
 
 use crate::client;
-use crate::proto::{Request, Response};
+use crate::proto::{Request, Response, StreamPeer};
 use std::mem::ManuallyDrop;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -70,14 +75,114 @@ pub(crate) fn set_int_opt(fd: RawFd, level: i32, opt: i32, v: i32) {
     };
 }
 
-/// The options of `fd` that its replacement must keep.
+/// The options of `fd` that its replacement must keep. A pipe's
+/// replacement sends at once, as a pipe does (`TCP_NODELAY`).
 pub fn opts(fd: RawFd) -> Opts {
     Opts {
         // SAFETY: F_GETFL only reads.
         flags: unsafe { libc::fcntl(fd, libc::F_GETFL) }.max(0),
-        nodelay: int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0) != 0,
+        nodelay: is_pipe(fd) || int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0) != 0,
         keepalive: int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE).unwrap_or(0) != 0,
     }
+}
+
+/// Whether `fd` is a pipe.
+pub fn is_pipe(fd: RawFd) -> bool {
+    // SAFETY: st is ours; fstat only reads the fd's state.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::fstat(fd, &mut st) } == 0) && st.st_mode & libc::S_IFMT == libc::S_IFIFO
+}
+
+/// Whether pipe end `fd` is a read end.
+pub fn pipe_reads(fd: RawFd) -> bool {
+    // SAFETY: F_GETFL only reads.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    fl >= 0 && fl & libc::O_ACCMODE == libc::O_RDONLY
+}
+
+/// Bytes in pipe `fd`.
+fn pipe_bytes(fd: RawFd) -> Result<usize, String> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into ours.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } != 0 {
+        return Err(format!(
+            "fd {fd}: FIONREAD: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(n.max(0) as usize)
+}
+
+/// Take what is in pipe `fd`, its writers parked. A read end gives its
+/// bytes and `true`: it never writes, so its new connection is shut for
+/// writing. A write end has nothing in flight for it.
+pub fn drain_pipe(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
+    if !pipe_reads(fd) {
+        return Ok((Vec::new(), false));
+    }
+    let n = pipe_bytes(fd)?;
+    let mut out = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        // SAFETY: reads into the rest of our buffer; the bytes are there,
+        // so this does not block.
+        let r = unsafe { libc::read(fd, out[got..].as_mut_ptr().cast(), n - got) };
+        if r <= 0 {
+            let e = std::io::Error::last_os_error();
+            if r < 0 && e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(format!("fd {fd}: reading the pipe: {e}"));
+        }
+        got += r as usize;
+    }
+    Ok((out, true))
+}
+
+/// A copy of what is in pipe read end `fd`, left where it is (`tee` into a
+/// pipe of the same capacity): the process may go on here with it.
+pub fn peek_pipe(fd: RawFd) -> Result<Vec<u8>, String> {
+    let n = pipe_bytes(fd)?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let mut p = [0; 2];
+    // SAFETY: a new pipe of ours.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the two fds were just made and are ours alone.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    // SAFETY: F_GETPIPE_SZ reads; F_SETPIPE_SZ sizes our own pipe.
+    unsafe {
+        let size = libc::fcntl(fd, libc::F_GETPIPE_SZ);
+        libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size.max(n as i32));
+    }
+    // SAFETY: duplicates the pipe's bytes into ours without taking them.
+    let t = unsafe { libc::tee(fd, w.as_raw_fd(), n, libc::SPLICE_F_NONBLOCK) };
+    if t != n as isize {
+        return Err(format!(
+            "fd {fd}: copying the {n} bytes in the pipe: {}",
+            if t < 0 {
+                std::io::Error::last_os_error().to_string()
+            } else {
+                format!("only {t}")
+            }
+        ));
+    }
+    drop(w);
+    let mut out = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        // SAFETY: reads into the rest of our buffer.
+        let k = unsafe { libc::read(r.as_raw_fd(), out[got..].as_mut_ptr().cast(), n - got) };
+        if k <= 0 {
+            return Err(format!("fd {fd}: reading the copy of the pipe"));
+        }
+        got += k as usize;
+    }
+    Ok(out)
 }
 
 /// Whether this side had shut down writing (its FIN sent), from the TCP
@@ -88,8 +193,12 @@ fn wr_shut(fd: RawFd) -> bool {
 }
 
 /// Shut down writing and read `fd` to EOF: what was in flight for this
-/// side, and whether it had shut down writing itself before.
+/// side, and whether it had shut down writing itself before. A pipe:
+/// [`drain_pipe`].
 pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
+    if is_pipe(fd) {
+        return drain_pipe(fd);
+    }
     let was_shut = wr_shut(fd);
     // SAFETY: shutdown on our socket (the other threads are parked).
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
@@ -132,10 +241,19 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
 }
 
 /// `StreamFreeze`: the agents find the peer of each connection `(local,
-/// peer)` and have it drain and wait. `(stream id, peer's node)` of each.
-pub fn freeze(conns: Vec<(String, String)>) -> Result<Vec<(u64, u32)>, String> {
-    let n = conns.len();
-    match client::call(&Request::StreamFreeze { conns }) {
+/// peer)` and pipe (inode) and have it drain and wait; `optional`: one flag
+/// per stream, connections first (see the request). What became of each.
+pub fn freeze(
+    conns: Vec<(String, String)>,
+    pipes: Vec<u64>,
+    optional: Vec<bool>,
+) -> Result<Vec<StreamPeer>, String> {
+    let n = conns.len() + pipes.len();
+    match client::call(&Request::StreamFreeze {
+        conns,
+        pipes,
+        optional,
+    }) {
         Ok(Response::Streams(v)) if v.len() == n => Ok(v),
         Ok(other) => Err(format!("unexpected answer {other:?}")),
         Err(e) => Err(e.to_string()),
