@@ -490,7 +490,9 @@ fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_n
         .strip_prefix("listening ")
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("server: {line:?}"));
-    let n = "1000000";
+    // Long enough to outlast both moves: a `krg` command started while the
+    // three busy processes run was seen to take seconds to get going.
+    let n = "3000000";
     let clients: Vec<Child> = [2u32, 3]
         .iter()
         .map(|node| {
@@ -516,7 +518,7 @@ fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_n
         assert_eq!(ok(&out, &format!("client {i}")).trim(), format!("ok {n}"));
     }
     let out = ok(&srv.wait_with_output().unwrap(), "server");
-    assert!(out.contains("done 2000000 lines"), "{out}");
+    assert!(out.contains("done 6000000 lines"), "{out}");
 }
 
 /// Migrate `pid` to `to`, and check where `krg ps` shows it.

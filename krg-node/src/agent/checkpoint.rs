@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-use tracing::info;
+use tracing::{debug, info};
 
 /// Longest a capture may take before the command gives up waiting.
 const CAPTURE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -82,24 +82,45 @@ fn postcopy_running(kpid: i32) -> bool {
 }
 
 /// Whether a local process still runs (not gone, not a zombie).
+/// Whether a local process still runs: any of its threads (after a restore
+/// the thread-group leader may be an exited thread, a zombie, while the
+/// others run on).
 fn alive(kpid: i32) -> bool {
-    read_stat(kpid).is_some_and(|s| s.state != 'Z')
+    if read_stat(kpid).is_some_and(|s| s.state != 'Z') {
+        return true;
+    }
+    std::fs::read_dir(format!("/proc/{kpid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|s| super::procs::parse_stat(&s))
+                .is_some_and(|s| s.state != 'Z')
+        })
 }
 
 /// The personality of a local process, from any of its threads: after a
 /// restore the thread-group leader may be a thread that has exited (a
 /// zombie whose file cannot be read) while the others run on.
-fn personality(kpid: i32) -> Option<u32> {
-    let read = |p: String| {
-        std::fs::read_to_string(p)
-            .ok()
-            .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
+fn personality(kpid: i32) -> Result<u32, String> {
+    let read = |p: String| -> Result<u32, String> {
+        let s = std::fs::read_to_string(&p).map_err(|e| format!("{p}: {e}"))?;
+        u32::from_str_radix(s.trim(), 16).map_err(|_| format!("{p}: {s:?}"))
     };
-    read(format!("/proc/{kpid}/personality")).or_else(|| {
-        std::fs::read_dir(format!("/proc/{kpid}/task"))
-            .ok()?
+    read(format!("/proc/{kpid}/personality")).or_else(|first| {
+        let mut why = first;
+        for t in std::fs::read_dir(format!("/proc/{kpid}/task"))
+            .map_err(|e| format!("{why}; /proc/{kpid}/task: {e}"))?
             .flatten()
-            .find_map(|t| read(t.path().join("personality").to_string_lossy().into_owned()))
+        {
+            match read(t.path().join("personality").to_string_lossy().into_owned()) {
+                Ok(p) => return Ok(p),
+                Err(e) => why = e,
+            }
+        }
+        Err(why)
     })
 }
 
@@ -250,9 +271,27 @@ impl Agent {
                 ));
             }
         }
-        // Unreadable from every thread: the process is exiting.
-        let pers =
-            personality(kpid).ok_or_else(|| err(libc::ESRCH, format!("pid {g}: exiting")))?;
+        // Unreadable from every thread: the process is exiting, or its
+        // threads are changing (seen once right after a restore): a few
+        // tries.
+        let mut pers = personality(kpid);
+        for _ in 0..10 {
+            if pers.is_ok() || !alive(kpid) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            pers = personality(kpid);
+        }
+        let pers = pers.map_err(|e| {
+            err(
+                libc::ESRCH,
+                if alive(kpid) {
+                    format!("pid {g}: cannot read its personality ({e})")
+                } else {
+                    format!("pid {g}: exiting")
+                },
+            )
+        })?;
         if pers & libc::ADDR_NO_RANDOMIZE as u32 == 0 {
             return Err(err(
                 libc::EINVAL,
@@ -282,6 +321,7 @@ impl Agent {
             self.orders.lock().remove(&kpid);
             return Err(e);
         }
+        debug!("pid {g}: capture signal sent (kernel pid {kpid})");
         // The handler must ask for its order soon; then the capture takes
         // as long as the memory needs.
         // Until it reports, or dies (a process killed during its capture

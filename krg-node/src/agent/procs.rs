@@ -65,7 +65,7 @@ pub fn read_stat(kpid: i32) -> Option<Stat> {
     parse_stat(&s)
 }
 
-fn parse_stat(s: &str) -> Option<Stat> {
+pub(crate) fn parse_stat(s: &str) -> Option<Stat> {
     // comm may contain spaces and parentheses: it ends at the last ')'.
     let open = s.find('(')?;
     let close = s.rfind(')')?;

@@ -333,45 +333,88 @@ fn proc_net_forms(a: &SocketAddr) -> Vec<String> {
     }
 }
 
-/// The socket inode of the TCP connection `local` -> `peer` on this node.
-fn tcp_inode(local: &SocketAddr, peer: &SocketAddr) -> Option<u64> {
-    let (l, p) = (proc_net_forms(local), proc_net_forms(peer));
+/// The TCP connections of this node: `(local, peer, socket inode)` as
+/// /proc/net/tcp{,6} spell them (one read for all the ends asked).
+fn tcp_table() -> Vec<(String, String, u64)> {
+    let mut out = Vec::new();
     for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let t = std::fs::read_to_string(f).unwrap_or_default();
         for line in t.lines().skip(1) {
             let w: Vec<&str> = line.split_whitespace().collect();
-            if w.len() > 9 && l.iter().any(|x| x == w[1]) && p.iter().any(|x| x == w[2]) {
-                return w[9].parse().ok();
+            if let (true, Some(ino)) = (w.len() > 9, w.get(9).and_then(|v| v.parse().ok())) {
+                out.push((w[1].to_string(), w[2].to_string(), ino));
             }
         }
     }
-    None
+    out
 }
 
-/// Every `(kernel pid, fd)` of this node, but `mover`'s, whose fd link is
-/// `want` (`socket:[N]`, `pipe:[N]`).
-fn holders(want: &str, mover: i32) -> Vec<(i32, i32)> {
-    let mut out = Vec::new();
+/// The socket inode of the TCP connection `local` -> `peer` in `table`.
+fn tcp_inode(
+    table: &[(String, String, u64)],
+    local: &SocketAddr,
+    peer: &SocketAddr,
+) -> Option<u64> {
+    let (l, p) = (proc_net_forms(local), proc_net_forms(peer));
+    table
+        .iter()
+        .find(|(a, b, _)| l.contains(a) && p.contains(b))
+        .map(|(_, _, ino)| *ino)
+}
+
+/// Every `(kernel pid, fd)` of this node whose fd link is one of `want`
+/// (`socket:[N]`, `pipe:[N]`), by link: one walk of /proc for all.
+fn holders(want: &[String]) -> HashMap<String, Vec<(i32, i32)>> {
+    let mut out: HashMap<String, Vec<(i32, i32)>> = HashMap::new();
     for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if pid == mover {
-            continue;
-        }
         for f in std::fs::read_dir(p.path().join("fd"))
             .into_iter()
             .flatten()
             .flatten()
         {
-            if std::fs::read_link(f.path()).is_ok_and(|l| l.as_os_str() == want) {
-                if let Some(fd) = f.file_name().to_str().and_then(|s| s.parse().ok()) {
-                    out.push((pid, fd));
-                }
+            let Ok(l) = std::fs::read_link(f.path()) else {
+                continue;
+            };
+            let Some(l) = l.to_str().filter(|l| want.iter().any(|w| w == l)) else {
+                continue;
+            };
+            if let Some(fd) = f.file_name().to_str().and_then(|s| s.parse().ok()) {
+                out.entry(l.to_string()).or_default().push((pid, fd));
             }
         }
     }
     out
+}
+
+/// What each end is: `(description, fd link, mover's kernel pid or 0)`, or
+/// why it is not here.
+fn links_of(ends: &[End]) -> Vec<Result<(String, String, i32), String>> {
+    let table = if ends.iter().any(|e| matches!(e, End::Tcp(..))) {
+        tcp_table()
+    } else {
+        Vec::new()
+    };
+    ends.iter()
+        .map(|e| match e {
+            End::Tcp(local, peer) => {
+                let what = format!("TCP connection {peer} -> {local}");
+                let (Ok(l), Ok(p)) = (local.parse::<SocketAddr>(), peer.parse::<SocketAddr>())
+                else {
+                    return Err(format!("{what}: bad socket address"));
+                };
+                let ino = tcp_inode(&table, &l, &p)
+                    .ok_or_else(|| format!("{what}: no such connection on this node"))?;
+                Ok((what, format!("socket:[{ino}]"), 0))
+            }
+            End::Pipe { ino, mover } => {
+                let l = format!("pipe:[{ino}]");
+                Ok((format!("{l} of kernel pid {mover}"), l, *mover))
+            }
+        })
+        .collect()
 }
 
 /// Whether fd `fd` of kernel pid `pid` is open read-only (a pipe's read
@@ -498,43 +541,24 @@ impl Agent {
         Ok(Response::Streams(out))
     }
 
-    /// Who holds `end` on this node.
-    async fn holder_of(&self, end: &End) -> Found {
-        let (what, link, mover) = match end {
-            End::Tcp(local, peer) => {
-                let what = format!("TCP connection {peer} -> {local}");
-                let (Ok(l), Ok(p)) = (local.parse::<SocketAddr>(), peer.parse::<SocketAddr>())
-                else {
-                    return Err(Hold::Foreign(format!("{what}: bad socket address")));
-                };
-                let Some(ino) = tokio::task::spawn_blocking(move || tcp_inode(&l, &p))
-                    .await
-                    .ok()
-                    .flatten()
-                else {
-                    return Err(Hold::Foreign(format!(
-                        "{what}: no such connection on node {}",
-                        self.node_id()
-                    )));
-                };
-                (what, format!("socket:[{ino}]"), 0)
-            }
-            End::Pipe { ino, mover } => {
-                let l = format!("pipe:[{ino}]");
-                (format!("{l} of kernel pid {mover}"), l, *mover)
-            }
-        };
-        let l = link.clone();
-        let hs = tokio::task::spawn_blocking(move || holders(&l, mover))
-            .await
-            .unwrap_or_default();
+    /// Who holds the end `what` (fd link `link`; `mover` holds the other
+    /// end of a pipe) on this node, from `all` (every holder by link).
+    fn holder_of(
+        &self,
+        what: &str,
+        link: &str,
+        mover: i32,
+        all: &HashMap<String, Vec<(i32, i32)>>,
+    ) -> Found {
+        let every = all.get(link).cloned().unwrap_or_default();
+        let hs: Vec<(i32, i32)> = every.iter().filter(|(p, _)| *p != mover).copied().collect();
         if mover != 0 && !hs.is_empty() {
             // The other end, and only it: a pipe with two writers (or
             // readers) is not a connection between two processes.
-            let mine = holders(&link, 0)
-                .into_iter()
+            let mine = every
+                .iter()
                 .find(|(p, _)| *p == mover)
-                .and_then(|(p, fd)| reads(p, fd));
+                .and_then(|(p, fd)| reads(*p, *fd));
             let theirs: Vec<Option<bool>> = hs.iter().map(|(p, fd)| reads(*p, *fd)).collect();
             if mine.is_none() || theirs.iter().any(|t| t.is_none() || *t == mine) {
                 return Err(Hold::Foreign(format!(
@@ -585,10 +609,25 @@ impl Agent {
         ends: Vec<End>,
         commit: bool,
     ) -> Result<Vec<Hold>, ErrorReply> {
-        let mut found: Vec<Found> = Vec::new();
-        for e in &ends {
-            found.push(self.holder_of(e).await);
-        }
+        // One read of the TCP table and one walk of /proc for every end.
+        let (links, all) = tokio::task::spawn_blocking(move || {
+            let links = links_of(&ends);
+            let want: Vec<String> = links
+                .iter()
+                .filter_map(|l| l.as_ref().ok().map(|(_, l, _)| l.clone()))
+                .collect();
+            let all = holders(&want);
+            (links, all)
+        })
+        .await
+        .map_err(|e| err(libc::EIO, format!("looking for the streams' ends: {e}")))?;
+        let found: Vec<Found> = links
+            .iter()
+            .map(|l| match l {
+                Ok((what, link, mover)) => self.holder_of(what, link, *mover, &all),
+                Err(why) => Err(Hold::Foreign(format!("{why} (node {})", self.node_id()))),
+            })
+            .collect();
         if !commit {
             return Ok(found
                 .into_iter()

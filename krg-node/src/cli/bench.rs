@@ -21,6 +21,9 @@
 //! - a TCP stream between the nodes reached at 127.0.0.1 (the cluster-wide
 //!   loopback) against the same opened to the node's address
 //!   (`bench_streams`);
+//! - a TCP connection and a pipe before and after migrating one end, and
+//!   the time to migrate a process holding 100 connections
+//!   (`bench_moved`);
 //! - the load balancer's makespan for 8 CPU-bound jobs started on one of 4
 //!   half-CPU nodes (a second local cluster), against the ideal.
 
@@ -58,6 +61,10 @@ pub fn worker(args: &[String]) -> Result<i32> {
             .get(1)
             .context("bench-worker tcp-serve: missing address")?;
         super::bench_streams::tcp_serve(addr)?;
+        return Ok(0);
+    }
+    if what == "stream-peer" {
+        super::bench_moved::stream_peer(args)?;
         return Ok(0);
     }
     let n: u64 = args
@@ -157,6 +164,10 @@ pub fn worker(args: &[String]) -> Result<i32> {
         "tcp" => {
             let pings = node.as_deref().unwrap_or("2000").parse()?;
             s.values = super::bench_streams::tcp_sample(n as usize, pings)?;
+        }
+        "moved" => {
+            let pings = node.as_deref().unwrap_or("2000").parse()?;
+            s.values = super::bench_moved::moved_sample(n as usize, pings)?;
         }
         other => bail!("bench-worker: unknown benchmark {other:?}"),
     }
@@ -520,6 +531,12 @@ fn measure(quick: bool) -> Result<i32> {
     let (tmib, pings) = if quick { (256, 2000) } else { (1024, 10000) };
     let v = run_worker(false, &["tcp", &tmib.to_string(), &pings.to_string()])?.values;
     super::bench_streams::report(&v, tmib, pings);
+    let v = run_worker(
+        false,
+        &["moved", &(tmib / 4).to_string(), &pings.to_string()],
+    )?
+    .values;
+    super::bench_moved::report(&v, tmib / 4, pings);
 
     let sizes: &[(&str, &str)] = if quick {
         &[("1", "[goal <= 30 ms]"), ("64", ""), ("256", "")]

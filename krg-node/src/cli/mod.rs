@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_dsm;
+mod bench_moved;
 mod bench_streams;
 mod checkpoint;
 mod ipcs;

@@ -1,0 +1,269 @@
+//! `krg bench`, streams that moved: a TCP connection and a pipe measured
+//! before and after migrating one end, and the time to migrate a process
+//! holding 100 connections, all in one run.
+//!
+//! The worker (`bench-worker moved`, node 1, under the library) talks to a
+//! *peer* process (`bench-worker stream-peer`), the end that moves:
+//! - TCP: the peer starts on node 2 (`KRG_NODE=2`) and is reached at
+//!   127.0.0.1; measured there, moved to node 1 (both ends on one node)
+//!   and back to node 2, measured again: after/before on the same nodes.
+//! - pipe: the peer is the worker's child on node 1, reading its stdin and
+//!   answering on its stdout; measured (a plain pipe), moved to node 2 (the
+//!   pipes become connections between the nodes), measured, moved back to
+//!   node 1 (a connection within the node), measured.
+//! - 100 connections: the time of `krg migrate` of a peer holding 100
+//!   connections to the worker, against the same peer holding one.
+//!
+//! The protocol, both ways: an 8-byte length `n`, `n` bytes, and the peer
+//! answers one byte once it has them all.
+//!
+//! Migrations are run by a `krg migrate` process: the worker is the peer's
+//! peer, frozen and handed its new connections during each move, so it
+//! must not be inside an agent call of its own then.
+
+use super::bench::quantile;
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::FromRawFd;
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+const CHUNK: usize = 1 << 20;
+const MSG: usize = 64;
+/// Measurements per state (median taken): the machine is shared.
+const REPEAT: usize = 3;
+
+/// `bench-worker stream-peer pipe` | `stream-peer tcp N`: serve the protocol
+/// on stdin/stdout, or on the first of N connections accepted at
+/// 127.0.0.1 (port printed), the others only held.
+pub fn stream_peer(args: &[String]) -> Result<()> {
+    match args.get(1).map(String::as_str) {
+        Some("pipe") => {
+            // SAFETY: fds 0 and 1 are ours for the process's life; the
+            // Files are never dropped (ManuallyDrop), so never closed.
+            let (mut r, mut w) = unsafe {
+                (
+                    std::mem::ManuallyDrop::new(std::fs::File::from_raw_fd(0)),
+                    std::mem::ManuallyDrop::new(std::fs::File::from_raw_fd(1)),
+                )
+            };
+            serve(&mut *r, &mut *w)
+        }
+        Some("tcp") => {
+            let n: usize = args.get(2).context("stream-peer tcp N")?.parse()?;
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            println!("{}", l.local_addr()?.port());
+            std::io::stdout().flush()?;
+            let mut conns = Vec::with_capacity(n);
+            for _ in 0..n {
+                conns.push(l.accept()?.0);
+            }
+            drop(l);
+            let mut c = conns.remove(0);
+            c.set_nodelay(true)?;
+            let mut w = c.try_clone()?;
+            serve(&mut c, &mut w)
+        }
+        other => bail!("stream-peer: unknown mode {other:?}"),
+    }
+}
+
+fn serve(r: &mut impl Read, w: &mut impl Write) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let mut h = [0u8; 8];
+        if r.read_exact(&mut h).is_err() {
+            return Ok(());
+        }
+        let mut left = u64::from_le_bytes(h) as usize;
+        while left > 0 {
+            let k = r.read(&mut buf[..left.min(CHUNK)])?;
+            if k == 0 {
+                bail!("stream-peer: end of stream with {left} bytes to come");
+            }
+            left -= k;
+        }
+        w.write_all(b"k")?;
+    }
+}
+
+/// MB/s for `mib` MiB, then round trip p50 and p99 (µs) over `pings`.
+fn measure(w: &mut impl Write, r: &mut impl Read, mib: usize, pings: usize) -> Result<[f64; 3]> {
+    let buf = vec![0x5au8; CHUNK];
+    let mut ack = [0u8; 1];
+    let t = Instant::now();
+    w.write_all(&((mib * CHUNK) as u64).to_le_bytes())?;
+    for _ in 0..mib {
+        w.write_all(&buf)?;
+    }
+    r.read_exact(&mut ack)?;
+    let mbs = (mib * CHUNK) as f64 / t.elapsed().as_secs_f64() / 1e6;
+    let mut msg = [7u8; 8 + MSG];
+    msg[..8].copy_from_slice(&(MSG as u64).to_le_bytes());
+    let mut v = Vec::with_capacity(pings);
+    for _ in 0..pings {
+        let t = Instant::now();
+        w.write_all(&msg)?;
+        r.read_exact(&mut ack)?;
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok([mbs, quantile(&mut v, 0.5), quantile(&mut v, 0.99)])
+}
+
+/// Medians of REPEAT measurements.
+fn measured(w: &mut impl Write, r: &mut impl Read, mib: usize, pings: usize) -> Result<[f64; 3]> {
+    let mut all: Vec<[f64; 3]> = Vec::new();
+    for _ in 0..REPEAT {
+        all.push(measure(w, r, mib, pings)?);
+    }
+    let mut out = [0.0; 3];
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut v: Vec<f64> = all.iter().map(|x| x[i]).collect();
+        *o = quantile(&mut v, 0.5);
+    }
+    Ok(out)
+}
+
+/// `krg migrate PID NODE` in a process of its own; its milliseconds.
+fn migrate(pid: u32, node: u32) -> Result<f64> {
+    let t = Instant::now();
+    let out = Command::new(std::env::current_exe()?)
+        .args(["migrate", &pid.to_string(), &node.to_string()])
+        .env("KRG_DISABLE", "1")
+        .stdin(Stdio::null())
+        .output()
+        .context("running krg migrate")?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    if !out.status.success() {
+        bail!(
+            "krg migrate {pid} {node}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(ms)
+}
+
+/// A TCP peer on node 2 holding `n` connections from here; the first.
+fn tcp_peer(n: usize) -> Result<(Child, Vec<TcpStream>)> {
+    let mut p = Command::new(std::env::current_exe()?)
+        .args(["bench-worker", "stream-peer", "tcp", &n.to_string()])
+        .env("KRG_NODE", "2")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the peer on node 2")?;
+    let mut port = String::new();
+    BufReader::new(p.stdout.as_mut().context("peer stdout")?).read_line(&mut port)?;
+    let to = format!("127.0.0.1:{}", port.trim());
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = TcpStream::connect(&to).with_context(|| format!("connecting to {to}"))?;
+        s.set_nodelay(true)?;
+        conns.push(s);
+    }
+    Ok((p, conns))
+}
+
+fn end(mut p: Child, what: &str) -> Result<()> {
+    let st = p.wait()?;
+    if !st.success() {
+        bail!("the {what} peer failed: {st}");
+    }
+    Ok(())
+}
+
+/// `bench-worker moved MIB PINGS`. Values: TCP before (3), on one node (3),
+/// after (3); pipe before (3), between nodes (3), back on one node (3);
+/// migrate ms with 1 and with 100 connections.
+pub fn moved_sample(mib: usize, pings: usize) -> Result<Vec<f64>> {
+    let mut out = Vec::new();
+    // TCP.
+    let (p, mut conns) = tcp_peer(1)?;
+    let mut s = conns.remove(0);
+    let mut r = s.try_clone()?;
+    out.extend(measured(&mut s, &mut r, mib, pings)?);
+    let one = migrate(p.id(), 1)?;
+    out.extend(measured(&mut s, &mut r, mib, pings)?);
+    migrate(p.id(), 2)?;
+    out.extend(measured(&mut s, &mut r, mib, pings)?);
+    drop((s, r));
+    end(p, "TCP")?;
+    // Pipe.
+    let mut p = Command::new(std::env::current_exe()?)
+        .args(["bench-worker", "stream-peer", "pipe"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the pipe peer")?;
+    let mut w = p.stdin.take().context("peer stdin")?;
+    let mut r = p.stdout.take().context("peer stdout")?;
+    out.extend(measured(&mut w, &mut r, mib, pings)?);
+    migrate(p.id(), 2)?;
+    out.extend(measured(&mut w, &mut r, mib, pings)?);
+    migrate(p.id(), 1)?;
+    out.extend(measured(&mut w, &mut r, mib, pings)?);
+    drop((w, r));
+    end(p, "pipe")?;
+    // 100 connections.
+    let (p, mut conns) = tcp_peer(100)?;
+    let many = migrate(p.id(), 1)?;
+    // The first one still answers.
+    let mut s = conns.remove(0);
+    let mut back = s.try_clone()?;
+    measure(&mut s, &mut back, 1, 10)?;
+    drop((s, back, conns));
+    end(p, "100-connection")?;
+    out.push(one);
+    out.push(many);
+    Ok(out)
+}
+
+/// Print the section.
+pub fn report(v: &[f64], mib: usize, pings: usize) {
+    let row = |name: &str, x: &[f64], base: Option<&[f64]>, goal: &str| {
+        let rel = base
+            .map(|b| {
+                format!(
+                    "   {:.2}x throughput, {:.2}x latency{goal}",
+                    x[0] / b[0],
+                    x[1] / b[1]
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "  {name:<34} {:7.0} MB/s   round trip {:6.1} us (p99 {:6.1}){rel}",
+            x[0], x[1], x[2]
+        );
+    };
+    println!(
+        "streams that moved ({mib} MiB one way; {pings} round trips of {MSG} B; medians of {REPEAT})"
+    );
+    let (tb, t1, ta) = (&v[0..3], &v[3..6], &v[6..9]);
+    row("TCP node 1 <-> 2, before", tb, None, "");
+    row("  peer moved to node 1 (one node)", t1, Some(tb), "");
+    row(
+        "  peer moved back to node 2",
+        ta,
+        Some(tb),
+        " [goal >= 0.97, <= 1.05]",
+    );
+    let (pb, p2, p1) = (&v[9..12], &v[12..15], &v[15..18]);
+    row("pipe on node 1, before", pb, None, "");
+    row(
+        "  reader moved to node 2",
+        p2,
+        Some(tb),
+        " (against TCP before)",
+    );
+    row(
+        "  reader moved back to node 1",
+        p1,
+        Some(pb),
+        " [same-node goal >= 0.98 throughput]",
+    );
+    println!(
+        "  krg migrate of a process holding 1 connection {:6.1} ms, 100 connections {:6.1} ms",
+        v[18], v[19]
+    );
+}
