@@ -338,13 +338,33 @@ fn traffic(c: &Cluster, a: u32, b: u32) -> (u64, u64) {
     (eth0_bytes(c, a) - a0, eth0_bytes(c, b) - b0)
 }
 
+/// Messages for a conversation that runs until the test stops it.
+const UNTIL_STOPPED: &str = "1000000000";
+
+/// End client `pid`'s conversation (SIGUSR1: after the current message)
+/// and wait for it: how many replies it checked. The moves happen while it
+/// runs whatever the machine's speed (starting a command was seen to take
+/// seconds while the nodes are busy).
+fn stop_client(c: &Cluster, cli: Child, pid: &str) -> u64 {
+    let k = c.krg(1, &["kill", "-USR1", pid]);
+    assert!(k.status.success(), "{}", show(&k));
+    let out = cli.wait_with_output().unwrap();
+    let o = ok(&out, "client");
+    let n = o
+        .trim()
+        .strip_prefix("ok ")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("client: {o}"));
+    assert!(n > 1000, "the client checked only {n} replies");
+    n
+}
+
 #[test]
 fn a_tcp_client_migrated_twice_mid_conversation_loses_no_byte_and_leaves_nothing_behind() {
     let c = Cluster::up(3, 1.0);
     let t = tcpecho();
     let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
-    let n = "400000";
-    let (cli, pid) = start_client(&c, &t, 2, port, n);
+    let (cli, pid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(
         established_to(&c, 2, port),
@@ -372,12 +392,8 @@ fn a_tcp_client_migrated_twice_mid_conversation_loses_no_byte_and_leaves_nothing
             "one second of conversation: node {to} (where the client runs) moved {new} bytes, node {left} (left) {old}"
         );
     }
-    let out = cli.wait_with_output().unwrap();
-    assert_eq!(
-        ok(&out, "client").trim(),
-        format!("ok {n}"),
-        "every reply checked"
-    );
+    // Every reply checked by the client, every line counted by the server.
+    let n = stop_client(&c, cli, &pid);
     let s = ok(&srv.wait_with_output().unwrap(), "server");
     assert!(
         s.contains(&format!("served 1 connections, {n} lines")),
@@ -390,13 +406,7 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
     let c = Cluster::up(3, 1.0);
     let t = tcpecho();
     let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 2);
-    let n = "400000";
-    let cli = c
-        .cmd(2, &[&t, "client", "127.0.0.1", &port.to_string(), n])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (cli, cpid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
     let pid = find(&c, &format!("{t} serve"))
         .expect("server in krg ps")
         .0
@@ -421,19 +431,15 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
             "one second of conversation: node {to} (server) moved {new} bytes, node {left} (left) {old}"
         );
     }
-    let out = cli.wait_with_output().unwrap();
-    assert_eq!(
-        ok(&out, "client").trim(),
-        format!("ok {n}"),
-        "every reply checked"
-    );
+    let n = stop_client(&c, cli, &cpid);
     // Its listening socket moved too: a new client reaches it at 127.0.0.1.
     let out = client(&c, &t, 3, "127.0.0.1", port, 100);
     assert_eq!(ok(&out, "new client on node 3").trim(), "ok 100");
     let s = ok(&srv.wait_with_output().unwrap(), "server");
     assert!(
         s.contains(&format!(
-            "served 2 connections, 400100 lines, bound to 127.0.0.1 port {port}"
+            "served 2 connections, {} lines, bound to 127.0.0.1 port {port}",
+            n + 100
         )),
         "{s}"
     );
@@ -444,8 +450,7 @@ fn a_tcp_client_moved_onto_its_servers_node_and_away_again_keeps_talking() {
     let c = Cluster::up(3, 1.0);
     let t = tcpecho();
     let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
-    let n = "300000";
-    let (cli, pid) = start_client(&c, &t, 2, port, n);
+    let (cli, pid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
     // Onto the server's node (the new connection is local there), then to
     // a third node (from a local connection back to one across nodes).
     for to in [1u32, 3] {
@@ -457,12 +462,7 @@ fn a_tcp_client_moved_onto_its_servers_node_and_away_again_keeps_talking() {
             Some(to as u64)
         );
     }
-    let out = cli.wait_with_output().unwrap();
-    assert_eq!(
-        ok(&out, "client").trim(),
-        format!("ok {n}"),
-        "every reply checked"
-    );
+    let n = stop_client(&c, cli, &pid);
     let s = ok(&srv.wait_with_output().unwrap(), "server");
     assert!(
         s.contains(&format!("served 1 connections, {n} lines")),
@@ -490,17 +490,35 @@ fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_n
         .strip_prefix("listening ")
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("server: {line:?}"));
-    // Long enough to outlast both moves: a `krg` command started while the
-    // three busy processes run was seen to take seconds to get going.
-    let n = "3000000";
-    let clients: Vec<Child> = [2u32, 3]
+    let clients: Vec<(Child, String)> = [2u32, 3]
         .iter()
         .map(|node| {
-            c.cmd(*node, &[&t, "client", "127.0.0.1", &port.to_string(), n])
+            let ch = c
+                .cmd(
+                    *node,
+                    &[&t, "client", "127.0.0.1", &port.to_string(), UNTIL_STOPPED],
+                )
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
-                .unwrap()
+                .unwrap();
+            // Its gpid: the one client placed on that node.
+            let mut pid = None;
+            assert!(wait_for(std::time::Duration::from_secs(10), || {
+                pid = c
+                    .ps(1)
+                    .iter()
+                    .find(|p| {
+                        p["command"]
+                            .as_str()
+                            .unwrap_or("")
+                            .starts_with(&format!("{t} client"))
+                            && p["node"].as_u64() == Some(u64::from(*node))
+                    })
+                    .map(|p| p["pid"].as_i64().unwrap().to_string());
+                pid.is_some()
+            }));
+            (ch, pid.unwrap())
         })
         .collect();
     let pid = find(&c, s).expect("server in krg ps").0.to_string();
@@ -513,12 +531,12 @@ fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_n
             show(&out)
         );
     }
-    for (i, cl) in clients.into_iter().enumerate() {
-        let out = cl.wait_with_output().unwrap();
-        assert_eq!(ok(&out, &format!("client {i}")).trim(), format!("ok {n}"));
+    let mut total = 0;
+    for (cl, pid) in clients {
+        total += stop_client(&c, cl, &pid);
     }
     let out = ok(&srv.wait_with_output().unwrap(), "server");
-    assert!(out.contains("done 6000000 lines"), "{out}");
+    assert!(out.contains(&format!("done {total} lines")), "{out}");
 }
 
 /// Migrate `pid` to `to`, and check where `krg ps` shows it.
@@ -567,8 +585,17 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
         new > 500_000 && old < new / 20,
         "one second of the stream: node 3 (consumer) moved {new} bytes, node 1 (left) {old}"
     );
-    // And both ends on node 3.
+    // And both ends on node 3: a pipe again.
     migrate_to(&c, &prod, 3, &p);
+    let out = c
+        .plain(3, &["sh", "-c", "readlink /proc/$(pgrep -x pipegen)/fd/1"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stdout).starts_with("pipe:"),
+        "the producer's stdout on the consumer's node: {}",
+        show(&out)
+    );
     let out = job.wait_with_output().unwrap();
     assert_eq!(ok(&out, "pipeline"), want, "the digest of the stream");
 }

@@ -236,6 +236,8 @@ pub enum Request {
         node: u32,
         pending: Vec<u8>,
         wr_shut: bool,
+        /// It stands for a pipe: a pipe again if both ends are on one node.
+        pipe: bool,
     },
 }
 

@@ -631,7 +631,8 @@ impl Agent {
                 node,
                 pending,
                 wr_shut,
-            } => match self.stream_attach(id, node, pending, wr_shut).await {
+                pipe,
+            } => match self.stream_attach(id, node, pending, wr_shut, pipe).await {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
             },

@@ -785,6 +785,10 @@ impl Agent {
 
     async fn stream_accept_inner(&self, mut s: tokio::net::TcpStream) -> Result<(), ErrorReply> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // The hand-over is a few small messages each way: Nagle's wait for
+        // a delayed ACK would add 40 ms to the move (the process's own
+        // setting is put back when it takes its end).
+        let _ = s.set_nodelay(true);
         let id = s
             .read_u64_le()
             .await
@@ -810,10 +814,11 @@ impl Agent {
         node: u32,
         pending: Vec<u8>,
         wr_shut: bool,
+        pipe: bool,
     ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
         use tokio::io::AsyncWriteExt;
         if node == self.node_id() {
-            return self.stream_attach_here(id, pending, wr_shut).await;
+            return self.stream_attach_here(id, pending, wr_shut, pipe).await;
         }
         let addr = self.members().get(&node).map(|m| m.addr).ok_or_else(|| {
             err(
@@ -826,6 +831,8 @@ impl Agent {
             .await
             .map_err(|_| err(libc::ETIMEDOUT, format!("{what}: connect timed out")))?
             .map_err(|e| sock_err(&what, e))?;
+        // As on the accepting side: no Nagle wait during the hand-over.
+        let _ = s.set_nodelay(true);
         super::auth::client(&mut s, &self.cfg.key, self.node_id())
             .await
             .map_err(|e| sock_err(&what, e))?;
@@ -850,15 +857,36 @@ impl Agent {
 impl Agent {
     /// Both ends on this node: a loopback TCP connection, each end
     /// refilled with the other process's pending bytes, one end to the
-    /// held peer, the other to the caller.
+    /// held peer, the other to the caller; a pipe again for a stream that
+    /// stands for one.
     async fn stream_attach_here(
         &self,
         id: u64,
         pending: Vec<u8>,
         wr_shut: bool,
+        pipe: bool,
     ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
         let what = format!("stream {id:#x} on this node");
         let (ftx, (theirs, their_wr)) = self.handover(id, &what).await?;
+        // The reader shut its side for writing (it never writes), and
+        // nothing can be in flight for the writer.
+        if pipe && wr_shut != their_wr {
+            let (reads, writes) = if wr_shut {
+                (&pending, &theirs)
+            } else {
+                (&theirs, &pending)
+            };
+            if writes.is_empty() {
+                match pipe_with(reads) {
+                    Ok((r, w)) => {
+                        let (mine, peer) = if wr_shut { (r, w) } else { (w, r) };
+                        let _ = ftx.send(peer);
+                        return Ok((Response::StreamFd, vec![mine]));
+                    }
+                    Err(e) => tracing::debug!("{what}: no pipe ({e}): a connection instead"),
+                }
+            }
+        }
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| sock_err(&what, e))?;
@@ -873,6 +901,31 @@ impl Agent {
         let _ = ftx.send(peer_fd);
         Ok((Response::StreamFd, vec![my_fd]))
     }
+}
+
+/// A pipe holding `bytes` (those in flight for its reader): its read and
+/// write ends.
+fn pipe_with(bytes: &[u8]) -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    if !bytes.is_empty() {
+        // Room for them all at once (root may exceed pipe-max-size), so
+        // that nobody waits for a reader that is not reading yet.
+        let want = bytes.len().next_power_of_two().max(65536) as libc::c_int;
+        // SAFETY: sizes and flags our own new pipe.
+        unsafe {
+            libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want);
+            libc::fcntl(w.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+        }
+        let mut f = std::fs::File::from(w);
+        f.write_all(bytes)?;
+        let w = std::os::fd::OwnedFd::from(f);
+        // SAFETY: back to blocking; the process sets its own flags.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETFL, 0) };
+        return Ok((r, w));
+    }
+    Ok((r, w))
 }
 
 async fn read_blob(s: &mut tokio::net::TcpStream) -> Result<Vec<u8>, ErrorReply> {

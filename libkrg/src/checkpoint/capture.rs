@@ -293,6 +293,7 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
                 nodelay: o.nodelay,
                 keepalive: o.keepalive,
                 alias_of: -1,
+                pipe: o.pipe,
             }
         }
         _ if link_s == "anon_inode:[eventfd]" => {

@@ -208,6 +208,8 @@ pub enum FdKind {
         /// Another fd of the image for the same connection (`dup`): this
         /// one is a copy of it, or -1.
         alias_of: i32,
+        /// It stands for a pipe (see `streams::moving`).
+        pipe: bool,
     },
     /// A pipe end made again as a new pipe: its other end is in this
     /// image too (`ino` pairs the ends of one pipe; a self-pipe) or held by

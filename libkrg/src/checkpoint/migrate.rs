@@ -58,6 +58,13 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     // and drain both sides; from here on, a failure must hand them back
     // here.
     move_streams(&mut meta.fds)?;
+    let pipes: Vec<i32> = meta
+        .fds
+        .iter()
+        .filter(|f| matches!(f.kind, FdKind::Tcp { pipe: true, .. }))
+        .map(|f| f.fd)
+        .collect();
+    crate::streams::moving::mark_for_restore(&pipes);
     match send(order, &meta, &regions, &runs) {
         Ok((bytes, how, conns)) => {
             // The old ends of moved sockets and pipes stay out of the
@@ -220,6 +227,7 @@ fn move_streams(fds: &mut [super::image::FdState]) -> Result<(), String> {
                         nodelay: true,
                         keepalive: false,
                         alias_of: if k == 0 { -1 } else { first },
+                        pipe: true,
                     };
                 }
             }
@@ -383,6 +391,7 @@ fn reattach_streams(fds: &[super::image::FdState]) {
             nodelay,
             keepalive,
             alias_of,
+            pipe,
         } = &f.kind
         else {
             continue;
@@ -392,21 +401,23 @@ fn reattach_streams(fds: &[super::image::FdState]) {
             if unsafe { libc::dup3(*alias_of, f.fd, 0) } < 0 {
                 Err(format!("dup3: {}", std::io::Error::last_os_error()))
             } else {
+                moving::note_pipe_born(f.fd, *pipe);
                 Ok(())
             }
         } else if *id == 0 {
             continue;
         } else {
-            moving::attach(*id, *node, pending.clone(), *wr_shut).and_then(|new| {
+            moving::attach(*id, *node, pending.clone(), *wr_shut, *pipe).and_then(|new| {
                 moving::apply(
                     &new,
                     &moving::Opts {
                         flags: *flags,
                         nodelay: *nodelay,
                         keepalive: *keepalive,
+                        pipe: *pipe,
                     },
                 );
-                moving::install(f.fd, new)
+                moving::install(f.fd, new, *pipe)
             })
         };
         if let Err(e) = r {

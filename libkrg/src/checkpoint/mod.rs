@@ -782,6 +782,7 @@ fn take_image(order: &Order) -> Result<u64, String> {
 /// the restorer's stacks, free those, let everyone go.
 fn after_restore() {
     let _ = alloc::restart_after_restore();
+    crate::streams::moving::bind_after_restore();
     crate::processes::after_restore();
     let others = NSLOTS.load(Ordering::Acquire).saturating_sub(1) as u32;
     let deadline = Instant::now() + Duration::from_secs(5);

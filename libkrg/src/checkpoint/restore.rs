@@ -400,9 +400,10 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
                 nodelay,
                 keepalive,
                 alias_of,
+                pipe,
             } if *alias_of < 0 => {
                 use crate::streams::moving;
-                let new = moving::attach(*id, *node, pending.clone(), *wr_shut)
+                let new = moving::attach(*id, *node, pending.clone(), *wr_shut, *pipe)
                     .map_err(|e| format!("fd {}: {e}", f.fd))?;
                 moving::apply(
                     &new,
@@ -410,6 +411,7 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
                         flags: *flags,
                         nodelay: *nodelay,
                         keepalive: *keepalive,
+                        pipe: *pipe,
                     },
                 );
                 std::os::fd::IntoRawFd::into_raw_fd(new)

@@ -36,6 +36,9 @@ pub struct Opts {
     pub flags: i32,
     pub nodelay: bool,
     pub keepalive: bool,
+    /// It stands for a pipe (a pipe whose ends parted, or one about to):
+    /// ends that meet on one node again get a pipe again.
+    pub pipe: bool,
 }
 
 /// The two ends of `fd` if it is a connected TCP socket (IPv4 or IPv6):
@@ -78,12 +81,85 @@ pub(crate) fn set_int_opt(fd: RawFd, level: i32, opt: i32, v: i32) {
 /// The options of `fd` that its replacement must keep. A pipe's
 /// replacement sends at once, as a pipe does (`TCP_NODELAY`).
 pub fn opts(fd: RawFd) -> Opts {
+    let pipe = is_pipe(fd) || pipe_born(fd);
     Opts {
         // SAFETY: F_GETFL only reads.
         flags: unsafe { libc::fcntl(fd, libc::F_GETFL) }.max(0),
-        nodelay: is_pipe(fd) || int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0) != 0,
+        nodelay: pipe || int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0) != 0,
         keepalive: int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE).unwrap_or(0) != 0,
+        pipe,
     }
+}
+
+/// This process's sockets that stand for a pipe: `(fd, socket inode)`,
+/// fd -1 for a free slot. In the process's memory, so it moves with it; an
+/// entry whose fd now holds another file no longer matches its inode. A
+/// fixed array: it changes during captures, whose allocations live in an
+/// arena that the image leaves out.
+static PIPE_BORN: std::sync::Mutex<[(RawFd, u64); 64]> = std::sync::Mutex::new([(-1, 0); 64]);
+
+fn pipe_born_table() -> std::sync::MutexGuard<'static, [(RawFd, u64); 64]> {
+    PIPE_BORN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Put `(fd, ino)` in the table (in place of any entry of `fd`).
+fn put_pipe_born(t: &mut [(RawFd, u64); 64], fd: RawFd, ino: Option<u64>) {
+    for e in t.iter_mut().filter(|e| e.0 == fd) {
+        *e = (-1, 0);
+    }
+    if let Some(ino) = ino {
+        if let Some(e) = t.iter_mut().find(|e| e.0 < 0) {
+            *e = (fd, ino);
+        }
+    }
+}
+
+fn ino_of(fd: RawFd) -> Option<u64> {
+    // SAFETY: st is ours; fstat only reads the fd's state.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+}
+
+/// Whether socket `fd` stands for a pipe.
+pub fn pipe_born(fd: RawFd) -> bool {
+    let Some(ino) = ino_of(fd) else {
+        return false;
+    };
+    pipe_born_table().contains(&(fd, ino))
+}
+
+/// Before a migration's image is sent: `fds` will stand for a pipe on the
+/// target, whatever socket they get there (inode 0 until
+/// [`bind_after_restore`]; the restorer's own notes are overwritten by the
+/// image's memory).
+pub fn mark_for_restore(fds: &[RawFd]) {
+    let mut t = pipe_born_table();
+    for fd in fds {
+        put_pipe_born(&mut t, *fd, Some(0));
+    }
+}
+
+/// In the restored process: the marked fds' sockets are now known.
+pub fn bind_after_restore() {
+    let mut t = pipe_born_table();
+    for e in t.iter_mut().filter(|e| e.0 >= 0 && e.1 == 0) {
+        *e = match ino_of(e.0) {
+            Some(i) if !is_pipe(e.0) => (e.0, i),
+            _ => (-1, 0),
+        };
+    }
+}
+
+/// Note whether what is under `fd` now stands for a pipe (a real pipe
+/// needs no note).
+pub fn note_pipe_born(fd: RawFd, pipe: bool) {
+    let ino = if pipe && !is_pipe(fd) {
+        ino_of(fd)
+    } else {
+        None
+    };
+    put_pipe_born(&mut pipe_born_table(), fd, ino);
 }
 
 /// Whether `fd` is a pipe.
@@ -262,12 +338,19 @@ pub fn freeze(
 
 /// This side's end of the new connection for stream `id`, refilled with
 /// `pending`.
-pub fn attach(id: u64, node: u32, pending: Vec<u8>, wr_shut: bool) -> Result<OwnedFd, String> {
+pub fn attach(
+    id: u64,
+    node: u32,
+    pending: Vec<u8>,
+    wr_shut: bool,
+    pipe: bool,
+) -> Result<OwnedFd, String> {
     let req = Request::StreamAttach {
         id,
         node,
         pending,
         wr_shut,
+        pipe,
     };
     one_fd(&req, id)
 }
@@ -321,7 +404,7 @@ fn epoll_watches_of(fd: RawFd) -> Vec<(RawFd, u32, u64)> {
 
 /// Put `new` under number `fd` (its close-on-exec flag kept) in place of
 /// the old connection, and in the epoll sets that watched the old one.
-pub fn install(fd: RawFd, new: OwnedFd) -> Result<(), String> {
+pub fn install(fd: RawFd, new: OwnedFd, pipe: bool) -> Result<(), String> {
     let watches = epoll_watches_of(fd);
     // SAFETY: F_GETFD only reads.
     let cloexec = unsafe { libc::fcntl(fd, libc::F_GETFD) } > 0;
@@ -335,6 +418,7 @@ pub fn install(fd: RawFd, new: OwnedFd) -> Result<(), String> {
         ));
     }
     drop(new);
+    note_pipe_born(fd, pipe);
     for (ep, events, data) in watches {
         let mut ev = libc::epoll_event { events, u64: data };
         // SAFETY: re-adds fd to an epoll instance of ours.
@@ -375,9 +459,9 @@ pub fn swap(streams: &[(RawFd, u64)]) -> Result<(), String> {
             .filter(|(f, i)| *i == id && *f != fd)
             .filter_map(|(f, _)| new.try_clone().ok().map(|c| (*f, c)))
             .collect();
-        install(fd, new)?;
+        install(fd, new, o.pipe)?;
         for (f, c) in copies {
-            install(f, c)?;
+            install(f, c, o.pipe)?;
         }
     }
     Ok(())
