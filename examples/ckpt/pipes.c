@@ -2,8 +2,8 @@
  *
  *   pipes SECONDS
  *
- * Makes three pipes and leaves bytes in flight in them, then sleeps
- * SECONDS (migrate it meanwhile) and checks each:
+ * Makes three pipes and leaves bytes in flight in them, then waits for
+ * SIGUSR1 or SECONDS (migrate it meanwhile) and checks each:
  *   - a self-pipe (both ends here) still holds "self-pipe" and still works
  *     both ways;
  *   - a pipe whose write end was closed gives "closed writer" and then
@@ -19,6 +19,13 @@
 #include <time.h>
 #include <unistd.h>
 
+static volatile sig_atomic_t go;
+static void on_usr1(int sig)
+{
+    (void)sig;
+    go = 1;
+}
+
 static int fail(const char *what)
 {
     printf("FAIL %s (errno %s)\n", what, strerror(errno));
@@ -30,6 +37,7 @@ int main(int argc, char **argv)
     int secs = argc > 1 ? atoi(argv[1]) : 3;
     int selfp[2], eofp[2], deadp[2];
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGUSR1, on_usr1);
     if (pipe(selfp) || pipe(eofp) || pipe(deadp))
         return fail("pipe");
     if (write(selfp[1], "self-pipe", 9) != 9 || write(eofp[1], "closed writer", 13) != 13)
@@ -39,7 +47,7 @@ int main(int argc, char **argv)
     printf("ready %d\n", (int)getpid());
     fflush(stdout);
     struct timespec t = {secs, 0};
-    while (nanosleep(&t, &t) != 0 && errno == EINTR)
+    while (!go && nanosleep(&t, &t) != 0 && errno == EINTR)
         ;
     char buf[64] = {0};
     if (read(selfp[0], buf, sizeof buf) != 9 || memcmp(buf, "self-pipe", 9))

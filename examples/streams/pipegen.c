@@ -3,12 +3,14 @@
  *   pipegen MIB [MS]   write MIB MiB of a fixed pseudo-random stream to
  *                      stdout, sleeping MS milliseconds after each MiB (so
  *                      that the stream lasts long enough to migrate its
- *                      ends mid-way); the same bytes on every run.
+ *                      ends mid-way) until SIGUSR1 says to go on at full
+ *                      speed; the same bytes on every run.
  *
  * The stream is xorshift64 output from a fixed seed, so `pipegen N | sha256sum`
  * has one right answer whatever happened to the pipe in between.
  */
 #include <errno.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,8 +33,16 @@ static void write_all(const char *p, size_t n)
     }
 }
 
+static volatile sig_atomic_t fast;
+static void on_usr1(int sig)
+{
+    (void)sig;
+    fast = 1;
+}
+
 int main(int argc, char **argv)
 {
+    signal(SIGUSR1, on_usr1);
     if (argc < 2) {
         fprintf(stderr, "usage: pipegen MIB [MS]\n");
         return 2;
@@ -51,9 +61,9 @@ int main(int argc, char **argv)
         /* Several writes per MiB, as a program writing lines would. */
         for (size_t off = 0; off < sizeof buf; off += 64 * 1024)
             write_all((const char *)buf + off, 64 * 1024);
-        if (ms > 0) {
+        if (ms > 0 && !fast) {
             struct timespec t = {ms / 1000, (ms % 1000) * 1000000L};
-            while (nanosleep(&t, &t) != 0 && errno == EINTR)
+            while (nanosleep(&t, &t) != 0 && errno == EINTR && !fast)
                 ;
         }
     }

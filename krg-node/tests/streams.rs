@@ -559,9 +559,10 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
         .output()
         .unwrap();
     let want = ok(&want, "reference run");
-    // 1 GiB, paced (8 ms a MiB) so that the stream lasts several seconds.
+    // 1 GiB, paced (30 ms a MiB) until the moves are done, then at full
+    // speed (SIGUSR1).
     let job = c
-        .cmd(1, &["sh", "-c", &format!("{g} 1024 8 | sha256sum")])
+        .cmd(1, &["sh", "-c", &format!("{g} 1024 30 | sha256sum")])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -596,6 +597,8 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
         "the producer's stdout on the consumer's node: {}",
         show(&out)
     );
+    let k = c.krg(1, &["kill", "-USR1", &prod]);
+    assert!(k.status.success(), "{}", show(&k));
     let out = job.wait_with_output().unwrap();
     assert_eq!(ok(&out, "pipeline"), want, "the digest of the stream");
 }
@@ -606,7 +609,7 @@ fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
     let bin = cc(&repo_root().join("examples/ckpt/pipes.c"), "pipes");
     let bin = bin.to_str().unwrap();
     let mut ch = c
-        .cmd(1, &[bin, "4"])
+        .cmd(1, &[bin, "60"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -621,6 +624,8 @@ fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
     assert!(!out.status.success(), "{}", show(&out));
     assert!(text(&out.stderr).contains("pipe:["), "{}", show(&out));
     migrate_to(&c, &pid, 2, bin);
+    let k = c.krg(1, &["kill", "-USR1", &pid]);
+    assert!(k.status.success(), "{}", show(&k));
     assert_eq!(next_with(&rx, ""), "ok", "what the process found");
     assert!(ch.wait().unwrap().success());
 }

@@ -1066,6 +1066,24 @@ fn die(msg: &[u8]) -> ! {
     loop {}
 }
 
+/// Tell the source, on the migration stream `fd`, that the process runs
+/// here now; a source that is gone means it may run there: end.
+fn tell_running(fd: i64) {
+    // SAFETY: writes 8 static bytes to our own stream.
+    let w = unsafe {
+        arch::sys(
+            SYS_write,
+            fd as usize,
+            image::RUNNING.as_ptr() as usize,
+            8,
+            0,
+        )
+    };
+    if w != 8 {
+        die(b"the source is gone");
+    }
+}
+
 /// Read exactly `len` bytes from `fd` to `addr`.
 fn read_to(fd: usize, addr: usize, len: usize) -> bool {
     let mut got = 0usize;
@@ -1190,16 +1208,7 @@ extern "C" fn restore_core(plan: usize) -> ! {
         if p.tell >= 0 {
             // From here on the process exists here only; the source waits
             // for this before it goes (and resumes itself without it).
-            let w = arch::sys(
-                SYS_write,
-                p.tell as usize,
-                image::RUNNING.as_ptr() as usize,
-                8,
-                0,
-            );
-            if w != 8 {
-                die(b"the source is gone");
-            }
+            tell_running(p.tell);
         }
         for i in 0..p.n_close {
             arch::sys(SYS_close, *p.close.add(i) as usize, 0, 0, 0);
@@ -1240,16 +1249,7 @@ extern "C" fn restore_core(plan: usize) -> ! {
             // From here on the process exists here only: tell the source,
             // then start the thread that brings the rest of the memory in
             // (before any application thread can fault on it).
-            let w = arch::sys(
-                SYS_write,
-                p.image_fd as usize,
-                image::RUNNING.as_ptr() as usize,
-                8,
-                0,
-            );
-            if w != 8 {
-                die(b"the source is gone");
-            }
+            tell_running(p.image_fd);
             let tid = postcopy::THREAD_TID.as_ptr() as usize;
             let r = arch::clone_thread(
                 (libc::CLONE_VM
