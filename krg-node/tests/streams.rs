@@ -629,3 +629,40 @@ fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
     assert_eq!(next_with(&rx, ""), "ok", "what the process found");
     assert!(ch.wait().unwrap().success());
 }
+
+#[test]
+fn a_child_talking_to_its_parent_over_a_socketpair_moves_twice_mid_conversation() {
+    let c = Cluster::up(3, 1.0);
+    let bin = cc(&repo_root().join("examples/streams/unixpair.c"), "unixpair");
+    let bin = bin.to_str().unwrap();
+    let mut ch = c
+        .cmd(1, &[bin])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut ch);
+    let pids = next_with(&rx, "pids ");
+    let w: Vec<&str> = pids.split_whitespace().collect();
+    let (parent, child) = (w[1].to_string(), w[2].to_string());
+    // The echoing child moves: its end of the socketpair becomes a
+    // connection to its parent's node, then follows it to a third node.
+    for to in [2u32, 3] {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let out = c.krg(1, &["migrate", &child, &to.to_string()]);
+        assert!(
+            out.status.success(),
+            "migrate the child to {to}: {}",
+            show(&out)
+        );
+    }
+    let k = c.krg(1, &["kill", "-USR1", &parent]);
+    assert!(k.status.success(), "{}", show(&k));
+    let last = next_with(&rx, "");
+    let n: u64 = last
+        .strip_prefix("ok ")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("parent: {last}"));
+    assert!(n > 1000, "only {n} lines echoed");
+    assert!(ch.wait().unwrap().success());
+}

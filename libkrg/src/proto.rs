@@ -211,6 +211,8 @@ pub enum Request {
     StreamFreeze {
         conns: Vec<(String, String)>,
         pipes: Vec<u64>,
+        /// Connected UNIX stream sockets (inode of each, on this node).
+        unix: Vec<u64>,
         optional: Vec<bool>,
     },
     /// From that peer, in its handler, every thread parked: it no longer
@@ -517,7 +519,7 @@ pub enum Response {
     /// Answer to `NodeAddrs`: `(node, IPv4 address)` of every node up.
     NodeAddrs(Vec<(u32, [u8; 4])>),
     /// Answer to `StreamFreeze`: what became of each stream, in the order
-    /// asked (connections, then pipes).
+    /// asked (connections, pipes, UNIX sockets).
     Streams(Vec<StreamPeer>),
     /// A stream's new connection: one descriptor follows.
     StreamFd,

@@ -753,8 +753,9 @@ impl Agent {
             Request::StreamFreeze {
                 conns,
                 pipes,
+                unix,
                 optional,
-            } => self.stream_freeze(who, conns, pipes, optional).await,
+            } => self.stream_freeze(who, conns, pipes, unix, optional).await,
             Request::StreamFrozen { ids } => self.stream_frozen(&ids),
             Request::StreamDrained {
                 id,

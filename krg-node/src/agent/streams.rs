@@ -267,6 +267,9 @@ pub enum End {
     /// Pipe `ino` of this node; `mover` (a kernel pid) holds the moving
     /// end.
     Pipe { ino: u64, mover: i32 },
+    /// The UNIX stream socket `ino` of this node, held by `mover`: its
+    /// peer socket is the other end.
+    Unix { ino: u64, mover: i32 },
 }
 
 /// What `stream_hold` found at one end.
@@ -397,6 +400,11 @@ fn links_of(ends: &[End]) -> Vec<Result<(String, String, i32), String>> {
     } else {
         Vec::new()
     };
+    let peers = if ends.iter().any(|e| matches!(e, End::Unix { .. })) {
+        unix_peers()
+    } else {
+        Ok(HashMap::new())
+    };
     ends.iter()
         .map(|e| match e {
             End::Tcp(local, peer) => {
@@ -413,8 +421,98 @@ fn links_of(ends: &[End]) -> Vec<Result<(String, String, i32), String>> {
                 let l = format!("pipe:[{ino}]");
                 Ok((format!("{l} of kernel pid {mover}"), l, *mover))
             }
+            End::Unix { ino, mover } => {
+                let what = format!("UNIX socket socket:[{ino}] of kernel pid {mover}");
+                let peer = peers
+                    .as_ref()
+                    .map_err(|e| format!("{what}: its peer: {e}"))?
+                    .get(ino)
+                    .copied()
+                    .ok_or_else(|| format!("{what}: no peer (not connected?)"))?;
+                Ok((what, format!("socket:[{peer}]"), *mover))
+            }
         })
         .collect()
+}
+
+/// The peer of every connected UNIX socket of this node's network
+/// namespace, by inode (a `sock_diag` dump: what `ss -x` shows).
+fn unix_peers() -> std::io::Result<HashMap<u64, u64>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const UDIAG_SHOW_PEER: u32 = 4;
+    const UNIX_DIAG_PEER: u16 = 2;
+    // SAFETY: a new socket of ours.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: just made, ours alone.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // nlmsghdr (16 bytes), then unix_diag_req: family, protocol, pad (2),
+    // states, ino, show, cookie (2 x u32).
+    let mut req = Vec::with_capacity(40);
+    req.extend_from_slice(&40u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]);
+    req.extend_from_slice(&u32::MAX.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&UDIAG_SHOW_PEER.to_ne_bytes());
+    req.extend_from_slice(&[0xff; 8]);
+    // SAFETY: sends our buffer on our socket (to the kernel).
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    let mut out = HashMap::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: receives into our buffer.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let b = &buf[..n as usize];
+        let mut at = 0;
+        while at + 16 <= b.len() {
+            let len = u32_at(b, at) as usize;
+            let ty = u16_at(b, at + 4);
+            if len < 16 || at + len > b.len() {
+                return Ok(out);
+            }
+            if ty == libc::NLMSG_DONE as u16 || ty == libc::NLMSG_ERROR as u16 {
+                return Ok(out);
+            }
+            // unix_diag_msg: family, type, state, pad, ino, cookie (2 x u32).
+            let m = &b[at + 16..at + len];
+            if m.len() >= 16 {
+                let ino = u64::from(u32_at(m, 4));
+                let mut a = 16;
+                while a + 4 <= m.len() {
+                    let alen = u16_at(m, a) as usize;
+                    let aty = u16_at(m, a + 2);
+                    if alen < 4 || a + alen > m.len() {
+                        break;
+                    }
+                    if aty == UNIX_DIAG_PEER && alen >= 8 {
+                        out.insert(ino, u64::from(u32_at(m, a + 4)));
+                    }
+                    a += (alen + 3) & !3;
+                }
+            }
+            at += (len + 3) & !3;
+        }
+    }
 }
 
 /// Whether fd `fd` of kernel pid `pid` is open read-only (a pipe's read
@@ -461,9 +559,10 @@ impl Agent {
         mover: Caller,
         conns: Vec<(String, String)>,
         pipes: Vec<u64>,
+        unix: Vec<u64>,
         optional: Vec<bool>,
     ) -> Result<Response, ErrorReply> {
-        let n = conns.len() + pipes.len();
+        let n = conns.len() + pipes.len() + unix.len();
         if optional.len() != n {
             return Err(err(
                 libc::EINVAL,
@@ -489,6 +588,15 @@ impl Agent {
             by_node.entry(self.node_id()).or_default().push((
                 conns.len() + j,
                 End::Pipe {
+                    ino: *ino,
+                    mover: mover.pid,
+                },
+            ));
+        }
+        for (j, ino) in unix.iter().enumerate() {
+            by_node.entry(self.node_id()).or_default().push((
+                conns.len() + pipes.len() + j,
+                End::Unix {
                     ino: *ino,
                     mover: mover.pid,
                 },
@@ -552,7 +660,7 @@ impl Agent {
     ) -> Found {
         let every = all.get(link).cloned().unwrap_or_default();
         let hs: Vec<(i32, i32)> = every.iter().filter(|(p, _)| *p != mover).copied().collect();
-        if mover != 0 && !hs.is_empty() {
+        if mover != 0 && link.starts_with("pipe:") && !hs.is_empty() {
             // The other end, and only it: a pipe with two writers (or
             // readers) is not a connection between two processes.
             let mine = every

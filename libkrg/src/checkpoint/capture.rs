@@ -260,7 +260,11 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
         libc::S_IFIFO => return Err(format!("fd {fd}: FIFO {link_s} is not migratable (pipes are; FIFOs opened by path only as stdin, stdout or stderr)")),
         // A standard fd that is a TCP connection moves as one when its
         // peer is an SSI process; anything else there is relayed.
-        libc::S_IFSOCK if fd <= 2 && crate::streams::moving::tcp_ends(fd).is_none() => {
+        libc::S_IFSOCK
+            if fd <= 2
+                && crate::streams::moving::tcp_ends(fd).is_none()
+                && !crate::streams::moving::unix_stream(fd) =>
+        {
             FdKind::Relay
         }
         libc::S_IFSOCK => {
@@ -275,6 +279,16 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
                         reuseport: l.reuseport,
                         backlog: l.backlog,
                         flags: l.flags,
+                    },
+                }));
+            }
+            if crate::streams::moving::unix_stream(fd) {
+                return Ok(Some(FdState {
+                    fd,
+                    cloexec,
+                    kind: FdKind::UnixStream {
+                        ino: st.st_ino,
+                        flags,
                     },
                 }));
             }

@@ -222,6 +222,13 @@ pub enum FdKind {
         size: i32,
         pending: Vec<u8>,
     },
+    /// A connected UNIX stream socket (a socketpair end, say), moved with
+    /// this process as a connection to the SSI process at its other end
+    /// (filled in by the migration, which makes it a `Tcp`).
+    UnixStream {
+        ino: u64,
+        flags: i32,
+    },
     /// A listening TCP socket, bound again to the same address and port on
     /// the new node (`addr` as text, the kernel's address).
     TcpListen {

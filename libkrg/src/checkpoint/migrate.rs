@@ -49,7 +49,10 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     for f in meta.fds.iter_mut().filter(|f| f.fd <= 2) {
         if !matches!(
             f.kind,
-            FdKind::Device { .. } | FdKind::Pipe { .. } | FdKind::Tcp { .. }
+            FdKind::Device { .. }
+                | FdKind::Pipe { .. }
+                | FdKind::Tcp { .. }
+                | FdKind::UnixStream { .. }
         ) {
             f.kind = FdKind::Relay;
         }
@@ -154,7 +157,17 @@ fn move_streams(fds: &mut [super::image::FdState]) -> Result<(), String> {
             None => pipes.push((ino, vec![i])),
         }
     }
-    if conns.is_empty() && pipes.is_empty() {
+    // Connected UNIX stream sockets: (inode, its fds).
+    let mut unixes: Vec<(u64, Vec<usize>)> = Vec::new();
+    for (i, f) in fds.iter().enumerate() {
+        if let FdKind::UnixStream { ino, .. } = f.kind {
+            match unixes.iter_mut().find(|(n, _)| *n == ino) {
+                Some((_, v)) => v.push(i),
+                None => unixes.push((ino, vec![i])),
+            }
+        }
+    }
+    if conns.is_empty() && pipes.is_empty() && unixes.is_empty() {
         return park_listeners(fds);
     }
     // Standard fds only: relayed if their peer cannot take part.
@@ -171,15 +184,56 @@ fn move_streams(fds: &mut [super::image::FdState]) -> Result<(), String> {
         })
         .collect();
     optional.extend(pipes.iter().map(|(_, v)| stdio_only(v, fds)));
-    let peers = moving::freeze(
-        conns.iter().map(|(_, e)| e.clone()).collect(),
-        pipes.iter().map(|(n, _)| *n).collect(),
-        optional.clone(),
-    )?;
-    let (conn_peers, pipe_peers) = peers.split_at(conns.len());
+    optional.extend(unixes.iter().map(|(_, v)| stdio_only(v, fds)));
     // What each stream became; the first error is kept (every stream
     // frozen must still be handed over).
     let mut failed: Option<String> = None;
+    let peers = moving::freeze(
+        conns.iter().map(|(_, e)| e.clone()).collect(),
+        pipes.iter().map(|(n, _)| *n).collect(),
+        unixes.iter().map(|(n, _)| *n).collect(),
+        optional.clone(),
+    )?;
+    let (conn_peers, rest) = peers.split_at(conns.len());
+    let (pipe_peers, unix_peers) = rest.split_at(pipes.len());
+    // A UNIX socket: a connection like the others from now on (its
+    // first fd drained, the others copies of it), or relayed if standard.
+    for ((_, idx), p) in unixes.iter().zip(unix_peers) {
+        let first = fds[idx[0]].fd;
+        match p {
+            StreamPeer::Held { id, node } => {
+                for (k, i) in idx.iter().enumerate() {
+                    let FdKind::UnixStream { flags, .. } = fds[*i].kind else {
+                        continue;
+                    };
+                    fds[*i].kind = FdKind::Tcp {
+                        id: *id,
+                        node: *node,
+                        pending: Vec::new(),
+                        wr_shut: false,
+                        flags,
+                        nodelay: true,
+                        keepalive: false,
+                        alias_of: if k == 0 { -1 } else { first },
+                        pipe: false,
+                    };
+                }
+            }
+            _ if stdio_only(idx, fds) => {
+                for i in idx {
+                    fds[*i].kind = FdKind::Relay;
+                }
+            }
+            StreamPeer::Foreign(why) => {
+                failed.get_or_insert_with(|| why.clone());
+            }
+            StreamPeer::Nobody => {
+                failed.get_or_insert_with(|| {
+                    format!("fd {first}: the UNIX socket's other end is closed or is this process's own: not movable yet")
+                });
+            }
+        }
+    }
     for (((i, _), p), opt) in conns.iter().zip(conn_peers).zip(&optional) {
         let fd = fds[*i].fd;
         match p {

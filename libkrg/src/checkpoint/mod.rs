@@ -697,7 +697,10 @@ fn capture_threads() -> Result<Vec<image::ThreadState>, String> {
 fn pipes_for_disk(fds: &mut [image::FdState]) -> Result<(), String> {
     use image::FdKind;
     for f in fds.iter_mut().filter(|f| f.fd <= 2) {
-        if matches!(f.kind, FdKind::Pipe { .. } | FdKind::Tcp { .. }) {
+        if matches!(
+            f.kind,
+            FdKind::Pipe { .. } | FdKind::Tcp { .. } | FdKind::UnixStream { .. }
+        ) {
             f.kind = FdKind::Relay;
         }
     }
@@ -746,11 +749,13 @@ fn take_image(order: &Order) -> Result<u64, String> {
     if let Some(f) = fds.iter().find(|f| {
         matches!(
             f.kind,
-            image::FdKind::Tcp { .. } | image::FdKind::TcpListen { .. }
+            image::FdKind::Tcp { .. }
+                | image::FdKind::TcpListen { .. }
+                | image::FdKind::UnixStream { .. }
         )
     }) {
         return Err(format!(
-            "fd {}: a TCP socket moves with krg migrate, not in a checkpoint image (it could not reconnect at restart)",
+            "fd {}: a connected socket moves with krg migrate, not in a checkpoint image (it could not reconnect at restart)",
             f.fd
         ));
     }

@@ -305,6 +305,12 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
     for f in &meta.fds {
         let tmp = match &f.kind {
             FdKind::Relay => continue,
+            FdKind::UnixStream { .. } => {
+                return Err(format!(
+                    "fd {}: a UNIX socket that was not moved (only a migration moves it)",
+                    f.fd
+                ))
+            }
             FdKind::Pipe {
                 ino, read, flags, ..
             } => {

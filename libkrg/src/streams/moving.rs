@@ -85,7 +85,10 @@ pub fn opts(fd: RawFd) -> Opts {
     Opts {
         // SAFETY: F_GETFL only reads.
         flags: unsafe { libc::fcntl(fd, libc::F_GETFL) }.max(0),
-        nodelay: pipe || int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0) != 0,
+        // A pipe or a UNIX socket sends at once: so does its replacement.
+        nodelay: pipe
+            || unix_stream(fd)
+            || int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0) != 0,
         keepalive: int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE).unwrap_or(0) != 0,
         pipe,
     }
@@ -160,6 +163,20 @@ pub fn note_pipe_born(fd: RawFd, pipe: bool) {
         None
     };
     put_pipe_born(&mut pipe_born_table(), fd, ino);
+}
+
+/// Whether `fd` is a connected UNIX stream socket.
+pub fn unix_stream(fd: RawFd) -> bool {
+    if int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) != Some(libc::AF_UNIX)
+        || int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) != Some(libc::SOCK_STREAM)
+    {
+        return false;
+    }
+    // SAFETY: an address buffer of ours and its length.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut l = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: as above.
+    unsafe { libc::getpeername(fd, (&mut sa as *mut libc::sockaddr_un).cast(), &mut l) == 0 }
 }
 
 /// Whether `fd` is a pipe.
@@ -322,12 +339,14 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
 pub fn freeze(
     conns: Vec<(String, String)>,
     pipes: Vec<u64>,
+    unix: Vec<u64>,
     optional: Vec<bool>,
 ) -> Result<Vec<StreamPeer>, String> {
-    let n = conns.len() + pipes.len();
+    let n = conns.len() + pipes.len() + unix.len();
     match client::call(&Request::StreamFreeze {
         conns,
         pipes,
+        unix,
         optional,
     }) {
         Ok(Response::Streams(v)) if v.len() == n => Ok(v),
