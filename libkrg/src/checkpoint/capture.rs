@@ -293,7 +293,7 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
                 }));
             }
             if crate::streams::moving::tcp_ends(fd).is_none() {
-                return Err(format!("fd {fd}: {link_s} is not migratable (only TCP connections move, and stdin, stdout and stderr)"));
+                return Err(format!("fd {fd}: {link_s} is not migratable (TCP connections and connected UNIX stream sockets move, and stdin, stdout and stderr)"));
             }
             let o = crate::streams::moving::opts(fd);
             // Filled in by the migration (`streams::moving`), which moves
