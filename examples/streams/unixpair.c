@@ -2,10 +2,13 @@
  * socket); the child (the same program run again, as an echo server on
  * fd 3) can be migrated while they talk.
  *
- *   unixpair     print "pids PARENT CHILD", then send numbered lines to the
+ *   unixpair [forked]
+ *                print "pids PARENT CHILD", then send numbered lines to the
  *                child and check every echo until SIGUSR1; then end the
  *                conversation, wait for the child and print "ok COUNT"
- *                (and the child's exit status if it is not 0).
+ *                (and the child's exit status if it is not 0). With
+ *                "forked" the child echoes in the forked process itself,
+ *                without running the program again.
  */
 #include <errno.h>
 #include <signal.h>
@@ -69,6 +72,8 @@ int main(int argc, char **argv)
     }
     if (child == 0) {
         close(sv[0]);
+        if (argc == 2 && !strcmp(argv[1], "forked"))
+            return echo(sv[1]);
         if (dup2(sv[1], 3) < 0)
             _exit(1);
         execl("/proc/self/exe", argv[0], "echo", (char *)NULL);

@@ -635,8 +635,15 @@ fn a_child_talking_to_its_parent_over_a_socketpair_moves_twice_mid_conversation(
     let c = Cluster::up(3, 1.0);
     let bin = cc(&repo_root().join("examples/streams/unixpair.c"), "unixpair");
     let bin = bin.to_str().unwrap();
+    // A child that runs the program again, and one that only forked.
+    for how in ["exec", "forked"] {
+        socketpair_child_moves(&c, bin, how);
+    }
+}
+
+fn socketpair_child_moves(c: &Cluster, bin: &str, how: &str) {
     let mut ch = c
-        .cmd(1, &[bin])
+        .cmd(1, &[bin, how])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -652,7 +659,7 @@ fn a_child_talking_to_its_parent_over_a_socketpair_moves_twice_mid_conversation(
         let out = c.krg(1, &["migrate", &child, &to.to_string()]);
         assert!(
             out.status.success(),
-            "migrate the child to {to}: {}",
+            "migrate the {how} child to {to}: {}",
             show(&out)
         );
     }
@@ -663,6 +670,6 @@ fn a_child_talking_to_its_parent_over_a_socketpair_moves_twice_mid_conversation(
         .strip_prefix("ok ")
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("parent: {last}"));
-    assert!(n > 1000, "only {n} lines echoed");
+    assert!(n > 1000, "{how}: only {n} lines echoed");
     assert!(ch.wait().unwrap().success());
 }

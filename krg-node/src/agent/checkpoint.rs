@@ -124,6 +124,28 @@ fn personality(kpid: i32) -> Result<u32, String> {
     })
 }
 
+/// Whether local process `kpid` has a handler for signal `sig` (its
+/// `SigCgt` mask), from any of its threads (after a restore the leader may
+/// be an exited thread).
+fn catches(kpid: i32, sig: i32) -> bool {
+    let caught = |p: std::path::PathBuf| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("SigCgt:"))
+                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            })
+            .is_some_and(|m| (1..=64).contains(&sig) && m & (1u64 << (sig - 1)) != 0)
+    };
+    caught(format!("/proc/{kpid}/status").into())
+        || std::fs::read_dir(format!("/proc/{kpid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|t| caught(t.path().join("status")))
+}
+
 /// A live child of a local process, if any (zombies included: the parent
 /// still has to reap them here).
 fn first_child(kpid: i32) -> Option<i32> {
@@ -231,14 +253,18 @@ impl Agent {
                     format!("pid {g}: the {capname} capability is off (krg capset {g} +{capname})"),
                 ));
             }
-            if !p.greeted {
-                return Err(err(
-                    libc::EPERM,
-                    format!("pid {g}: does not run libkrg (not started under krg)"),
-                ));
-            }
             p.kpid
         };
+        // It must take the capture signal: a program that greeted this
+        // agent, or a child forked from one (same library, same handler),
+        // but not one that has since exec'd a program without the library
+        // (the signal would kill it).
+        if !catches(kpid, libkrg::proto::CKPT_SIGNAL) {
+            return Err(err(
+                libc::EPERM,
+                format!("pid {g}: does not run libkrg (not started under krg, or it exec'd a program without it)"),
+            ));
+        }
         // A process still receiving pages by post-copy has its
         // userfaultfd and migration stream open (and its handler waits
         // for the last page anyway): wait for its post-copy thread to end
