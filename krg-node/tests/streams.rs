@@ -23,6 +23,15 @@ fn pipegen() -> String {
         .to_string()
 }
 
+/// `ARGS` on node K as an SSI process, its output and errors piped.
+fn piped(c: &Cluster, node: u32, args: &[&str]) -> Child {
+    c.cmd(node, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn show(out: &Output) -> String {
     format!(
         "exit {:?}\nstdout: {}\nstderr: {}",
@@ -39,12 +48,7 @@ fn ok(out: &Output, what: &str) -> String {
 
 /// Start `tcpecho serve ADDR 0 CONNS` on `node`; its port.
 fn serve(c: &Cluster, t: &str, node: u32, addr: &str, conns: u32) -> (Child, u16) {
-    let mut ch = c
-        .cmd(node, &[t, "serve", addr, "0", &conns.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut ch = piped(c, node, &[t, "serve", addr, "0", &conns.to_string()]);
     let line = read_line(&mut ch);
     let port = line
         .strip_prefix("listening ")
@@ -243,12 +247,7 @@ fn an_epoll_loop_over_timerfd_eventfd_and_signalfd_migrates_and_keeps_serving_al
     let c = Cluster::up(3, 1.0);
     let bin = cc(&repo_root().join("examples/ckpt/evloop.c"), "evloop");
     let bin = bin.to_str().unwrap();
-    let mut ch = c
-        .cmd(1, &[bin])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut ch = piped(&c, 1, &[bin]);
     let rx = lines_of(&mut ch);
     assert_eq!(next_with(&rx, "ready"), "ready");
     let (pid, _) = find(&c, bin).expect("evloop in krg ps");
@@ -266,8 +265,7 @@ fn an_epoll_loop_over_timerfd_eventfd_and_signalfd_migrates_and_keeps_serving_al
         );
         last = t;
         // A signal sent from a third node arrives through the signalfd.
-        let k = c.krg(from, &["kill", "-USR1", &pid.to_string()]);
-        assert!(k.status.success(), "{}", show(&k));
+        usr1(&c, from, &pid.to_string());
         let u = next_with(&rx, "usr1 ");
         assert!(u.starts_with(&format!("usr1 {} ", n + 1)), "{u}");
     }
@@ -284,15 +282,23 @@ fn an_epoll_loop_over_timerfd_eventfd_and_signalfd_migrates_and_keeps_serving_al
 /// Start `tcpecho client 127.0.0.1 PORT MSGS` on `node`; it and its gpid
 /// once `krg ps` lists it.
 fn start_client(c: &Cluster, t: &str, node: u32, port: u16, msgs: &str) -> (Child, String) {
-    let cli = c
-        .cmd(node, &[t, "client", "127.0.0.1", &port.to_string(), msgs])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let cli = piped(
+        c,
+        node,
+        &[t, "client", "127.0.0.1", &port.to_string(), msgs],
+    );
+    // Its gpid: the client started on that node.
+    let pat = format!("{t} client");
     let mut pid = None;
     assert!(wait_for(std::time::Duration::from_secs(10), || {
-        pid = find(c, &format!("{t} client")).map(|p| p.0);
+        pid = c
+            .ps(1)
+            .iter()
+            .find(|p| {
+                p["command"].as_str().unwrap_or("").starts_with(&pat)
+                    && p["node"].as_u64() == Some(u64::from(node))
+            })
+            .map(|p| p["pid"].as_i64().unwrap());
         pid.is_some()
     }));
     (cli, pid.unwrap().to_string())
@@ -338,6 +344,12 @@ fn traffic(c: &Cluster, a: u32, b: u32) -> (u64, u64) {
     (eth0_bytes(c, a) - a0, eth0_bytes(c, b) - b0)
 }
 
+/// `krg kill -USR1 PID` from node `from` (the examples end or speed up on it).
+fn usr1(c: &Cluster, from: u32, pid: &str) {
+    let k = c.krg(from, &["kill", "-USR1", pid]);
+    assert!(k.status.success(), "{}", show(&k));
+}
+
 /// Messages for a conversation that runs until the test stops it.
 const UNTIL_STOPPED: &str = "1000000000";
 
@@ -346,8 +358,7 @@ const UNTIL_STOPPED: &str = "1000000000";
 /// runs whatever the machine's speed (starting a command was seen to take
 /// seconds while the nodes are busy).
 fn stop_client(c: &Cluster, cli: Child, pid: &str) -> u64 {
-    let k = c.krg(1, &["kill", "-USR1", pid]);
-    assert!(k.status.success(), "{}", show(&k));
+    usr1(c, 1, pid);
     let out = cli.wait_with_output().unwrap();
     let o = ok(&out, "client");
     let n = o
@@ -479,12 +490,7 @@ fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_n
         "tcpthreads",
     );
     let s = s.to_str().unwrap();
-    let mut srv = c
-        .cmd(1, &[s, "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut srv = piped(&c, 1, &[s, "2"]);
     let line = read_line(&mut srv);
     let port: u16 = line
         .strip_prefix("listening ")
@@ -492,34 +498,7 @@ fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_n
         .unwrap_or_else(|| panic!("server: {line:?}"));
     let clients: Vec<(Child, String)> = [2u32, 3]
         .iter()
-        .map(|node| {
-            let ch = c
-                .cmd(
-                    *node,
-                    &[&t, "client", "127.0.0.1", &port.to_string(), UNTIL_STOPPED],
-                )
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            // Its gpid: the one client placed on that node.
-            let mut pid = None;
-            assert!(wait_for(std::time::Duration::from_secs(10), || {
-                pid = c
-                    .ps(1)
-                    .iter()
-                    .find(|p| {
-                        p["command"]
-                            .as_str()
-                            .unwrap_or("")
-                            .starts_with(&format!("{t} client"))
-                            && p["node"].as_u64() == Some(u64::from(*node))
-                    })
-                    .map(|p| p["pid"].as_i64().unwrap().to_string());
-                pid.is_some()
-            }));
-            (ch, pid.unwrap())
-        })
+        .map(|node| start_client(&c, &t, *node, port, UNTIL_STOPPED))
         .collect();
     let pid = find(&c, s).expect("server in krg ps").0.to_string();
     for to in [2u32, 1] {
@@ -561,12 +540,7 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
     let want = ok(&want, "reference run");
     // 1 GiB, paced (30 ms a MiB) until the moves are done, then at full
     // speed (SIGUSR1).
-    let job = c
-        .cmd(1, &["sh", "-c", &format!("{g} 1024 30 | sha256sum")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let job = piped(&c, 1, &["sh", "-c", &format!("{g} 1024 30 | sha256sum")]);
     let (mut prod, mut cons) = (None, None);
     assert!(wait_for(std::time::Duration::from_secs(10), || {
         prod = find(&c, &format!("{g} 1024")).map(|p| p.0.to_string());
@@ -597,8 +571,7 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
         "the producer's stdout on the consumer's node: {}",
         show(&out)
     );
-    let k = c.krg(1, &["kill", "-USR1", &prod]);
-    assert!(k.status.success(), "{}", show(&k));
+    usr1(&c, 1, &prod);
     let out = job.wait_with_output().unwrap();
     assert_eq!(ok(&out, "pipeline"), want, "the digest of the stream");
 }
@@ -608,12 +581,7 @@ fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
     let c = Cluster::up(2, 1.0);
     let bin = cc(&repo_root().join("examples/ckpt/pipes.c"), "pipes");
     let bin = bin.to_str().unwrap();
-    let mut ch = c
-        .cmd(1, &[bin, "60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut ch = piped(&c, 1, &[bin, "60"]);
     let rx = lines_of(&mut ch);
     assert!(next_with(&rx, "ready").starts_with("ready"));
     let pid = find(&c, bin).expect("pipes in krg ps").0.to_string();
@@ -624,8 +592,7 @@ fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
     assert!(!out.status.success(), "{}", show(&out));
     assert!(text(&out.stderr).contains("pipe:["), "{}", show(&out));
     migrate_to(&c, &pid, 2, bin);
-    let k = c.krg(1, &["kill", "-USR1", &pid]);
-    assert!(k.status.success(), "{}", show(&k));
+    usr1(&c, 1, &pid);
     assert_eq!(next_with(&rx, ""), "ok", "what the process found");
     assert!(ch.wait().unwrap().success());
 }
@@ -642,12 +609,7 @@ fn a_child_talking_to_its_parent_over_a_socketpair_moves_twice_mid_conversation(
 }
 
 fn socketpair_child_moves(c: &Cluster, bin: &str, how: &str) {
-    let mut ch = c
-        .cmd(1, &[bin, how])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut ch = piped(c, 1, &[bin, how]);
     let rx = lines_of(&mut ch);
     let pids = next_with(&rx, "pids ");
     let w: Vec<&str> = pids.split_whitespace().collect();
@@ -663,8 +625,7 @@ fn socketpair_child_moves(c: &Cluster, bin: &str, how: &str) {
             show(&out)
         );
     }
-    let k = c.krg(1, &["kill", "-USR1", &parent]);
-    assert!(k.status.success(), "{}", show(&k));
+    usr1(c, 1, &parent);
     let last = next_with(&rx, "");
     let n: u64 = last
         .strip_prefix("ok ")

@@ -13,7 +13,6 @@
 //! `remote::spawn_here`) and the command stays as the restored process's
 //! shadow, exactly as for a remote exec.
 
-use super::procs::read_stat;
 use super::remote::SpawnSpec;
 use super::{err, Agent, Caller};
 use libkrg::caps::Caps;
@@ -81,54 +80,48 @@ fn postcopy_running(kpid: i32) -> bool {
         .unwrap_or(false)
 }
 
-/// Whether a local process still runs (not gone, not a zombie).
-/// Whether a local process still runs: any of its threads (after a restore
-/// the thread-group leader may be an exited thread, a zombie, while the
-/// others run on).
-fn alive(kpid: i32) -> bool {
-    if read_stat(kpid).is_some_and(|s| s.state != 'Z') {
-        return true;
-    }
-    std::fs::read_dir(format!("/proc/{kpid}/task"))
+/// `/proc` file `name` of local process `kpid`, then the same of each of
+/// its threads: after a restore the thread-group leader may be an exited
+/// thread (a zombie, whose files say little) while the others run on.
+fn thread_files(kpid: i32, name: &str) -> impl Iterator<Item = std::path::PathBuf> + '_ {
+    let tasks = std::fs::read_dir(format!("/proc/{kpid}/task"))
         .into_iter()
         .flatten()
         .flatten()
-        .any(|t| {
-            std::fs::read_to_string(t.path().join("stat"))
-                .ok()
-                .and_then(|s| super::procs::parse_stat(&s))
-                .is_some_and(|s| s.state != 'Z')
-        })
+        .map(move |t| t.path().join(name));
+    std::iter::once(std::path::PathBuf::from(format!("/proc/{kpid}/{name}"))).chain(tasks)
 }
 
-/// The personality of a local process, from any of its threads: after a
-/// restore the thread-group leader may be a thread that has exited (a
-/// zombie whose file cannot be read) while the others run on.
-fn personality(kpid: i32) -> Result<u32, String> {
-    let read = |p: String| -> Result<u32, String> {
-        let s = std::fs::read_to_string(&p).map_err(|e| format!("{p}: {e}"))?;
-        u32::from_str_radix(s.trim(), 16).map_err(|_| format!("{p}: {s:?}"))
-    };
-    read(format!("/proc/{kpid}/personality")).or_else(|first| {
-        let mut why = first;
-        for t in std::fs::read_dir(format!("/proc/{kpid}/task"))
-            .map_err(|e| format!("{why}; /proc/{kpid}/task: {e}"))?
-            .flatten()
-        {
-            match read(t.path().join("personality").to_string_lossy().into_owned()) {
-                Ok(p) => return Ok(p),
-                Err(e) => why = e,
-            }
-        }
-        Err(why)
+/// Whether a local process still runs: any of its threads is not a zombie.
+fn alive(kpid: i32) -> bool {
+    thread_files(kpid, "stat").any(|p| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| super::procs::parse_stat(&s))
+            .is_some_and(|s| s.state != 'Z')
     })
 }
 
+/// The personality of a local process, from any of its threads; else why
+/// it could not be read.
+fn personality(kpid: i32) -> Result<u32, String> {
+    let mut why = format!("/proc/{kpid}: no such process");
+    for p in thread_files(kpid, "personality") {
+        match std::fs::read_to_string(&p) {
+            Ok(s) => match u32::from_str_radix(s.trim(), 16) {
+                Ok(v) => return Ok(v),
+                Err(_) => why = format!("{}: {s:?}", p.display()),
+            },
+            Err(e) => why = format!("{}: {e}", p.display()),
+        }
+    }
+    Err(why)
+}
+
 /// Whether local process `kpid` has a handler for signal `sig` (its
-/// `SigCgt` mask), from any of its threads (after a restore the leader may
-/// be an exited thread).
+/// `SigCgt` mask, from any of its threads).
 fn catches(kpid: i32, sig: i32) -> bool {
-    let caught = |p: std::path::PathBuf| {
+    thread_files(kpid, "status").any(|p| {
         std::fs::read_to_string(p)
             .ok()
             .and_then(|s| {
@@ -137,13 +130,7 @@ fn catches(kpid: i32, sig: i32) -> bool {
                     .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
             })
             .is_some_and(|m| (1..=64).contains(&sig) && m & (1u64 << (sig - 1)) != 0)
-    };
-    caught(format!("/proc/{kpid}/status").into())
-        || std::fs::read_dir(format!("/proc/{kpid}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|t| caught(t.path().join("status")))
+    })
 }
 
 /// A live child of a local process, if any (zombies included: the parent
@@ -297,18 +284,8 @@ impl Agent {
                 ));
             }
         }
-        // Unreadable from every thread: the process is exiting, or its
-        // threads are changing (seen once right after a restore): a few
-        // tries.
-        let mut pers = personality(kpid);
-        for _ in 0..10 {
-            if pers.is_ok() || !alive(kpid) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            pers = personality(kpid);
-        }
-        let pers = pers.map_err(|e| {
+        // Unreadable from every thread: the process is exiting.
+        let pers = personality(kpid).map_err(|e| {
             err(
                 libc::ESRCH,
                 if alive(kpid) {

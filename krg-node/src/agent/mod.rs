@@ -1053,7 +1053,7 @@ impl Peer for PeerServer {
         _: context::Context,
         ends: Vec<streams::End>,
         commit: bool,
-    ) -> Result<Vec<streams::Hold>, ErrorReply> {
+    ) -> Result<Vec<libkrg::proto::StreamPeer>, ErrorReply> {
         self.0.stream_hold(ends, commit).await
     }
 

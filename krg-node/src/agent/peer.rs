@@ -90,7 +90,7 @@ pub trait Peer {
     async fn stream_hold(
         ends: Vec<super::streams::End>,
         commit: bool,
-    ) -> Result<Vec<super::streams::Hold>, ErrorReply>;
+    ) -> Result<Vec<libkrg::proto::StreamPeer>, ErrorReply>;
 }
 
 fn codec() -> LengthDelimitedCodec {

@@ -272,19 +272,8 @@ pub enum End {
     Unix { ino: u64, mover: i32 },
 }
 
-/// What `stream_hold` found at one end.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Hold {
-    /// Held as stream `id` (0 when only checking).
-    Id(u64),
-    /// No process holds it.
-    Nobody,
-    /// It cannot take part: why.
-    Foreign(String),
-}
-
-/// The holder of one end: `(gpid, kernel pid, fds)`, or why none.
-type Found = Result<(i32, i32, Vec<i32>), Hold>;
+/// The holder of one end: `(gpid, kernel pid, fds)`, or what else it is.
+type Found = Result<(i32, i32, Vec<i32>), StreamPeer>;
 /// Where the staying peer's end of a new connection is sent.
 type FdSender = tokio::sync::oneshot::Sender<std::os::fd::OwnedFd>;
 
@@ -606,7 +595,7 @@ impl Agent {
         let mut take: HashMap<u32, Vec<(usize, End)>> = HashMap::new();
         for commit in [false, true] {
             let asked = if commit { &take } else { &by_node };
-            let mut found: Vec<(u32, usize, Hold)> = Vec::new();
+            let mut found: Vec<(u32, usize, StreamPeer)> = Vec::new();
             for (node, list) in asked {
                 let ends: Vec<End> = list.iter().map(|(_, e)| e.clone()).collect();
                 let r = if *node == self.node_id() {
@@ -623,17 +612,14 @@ impl Agent {
                 found.extend(list.iter().zip(r).map(|((i, _), h)| (*node, *i, h)));
             }
             for (node, i, h) in found {
-                out[i] = match h {
-                    Hold::Id(id) if commit => StreamPeer::Held { id, node },
-                    Hold::Id(_) => {
-                        if let Some(e) = by_node[&node].iter().find(|(k, _)| *k == i) {
-                            take.entry(node).or_default().push(e.clone());
-                        }
-                        continue;
+                if !commit && matches!(h, StreamPeer::Held { .. }) {
+                    // It could be held: it is asked again to commit.
+                    if let Some(e) = by_node[&node].iter().find(|(k, _)| *k == i) {
+                        take.entry(node).or_default().push(e.clone());
                     }
-                    Hold::Nobody => StreamPeer::Nobody,
-                    Hold::Foreign(why) => StreamPeer::Foreign(why),
-                };
+                    continue;
+                }
+                out[i] = h;
             }
             if !commit {
                 // Nothing frozen yet: a stream that must move and cannot
@@ -669,16 +655,16 @@ impl Agent {
                 .and_then(|(p, fd)| reads(*p, *fd));
             let theirs: Vec<Option<bool>> = hs.iter().map(|(p, fd)| reads(*p, *fd)).collect();
             if mine.is_none() || theirs.iter().any(|t| t.is_none() || *t == mine) {
-                return Err(Hold::Foreign(format!(
+                return Err(StreamPeer::Foreign(format!(
                     "{what}: other processes hold the same end of it, or both (kernel pid, fd: {hs:?}): not movable yet"
                 )));
             }
         }
         let (kpid, fds) = match hs.as_slice() {
             // A pipe whose other end is closed.
-            [] if mover != 0 => return Err(Hold::Nobody),
+            [] if mover != 0 => return Err(StreamPeer::Nobody),
             [] => {
-                return Err(Hold::Foreign(format!(
+                return Err(StreamPeer::Foreign(format!(
                     "{what}: its peer end on node {} is held by no process (closed?)",
                     self.node_id()
                 )))
@@ -688,13 +674,13 @@ impl Agent {
                 (*k, hs.iter().map(|(_, fd)| *fd).collect::<Vec<i32>>())
             }
             _ => {
-                return Err(Hold::Foreign(format!(
+                return Err(StreamPeer::Foreign(format!(
                     "{what}: its other end is shared by several processes (kernel pid, fd: {hs:?}): not movable yet"
                 )))
             }
         };
         let g = self.procs().translate(kpid).ok_or_else(|| {
-            Hold::Foreign(format!(
+            StreamPeer::Foreign(format!(
                 "{what}: its other end (kernel pid {kpid} on node {}) is not an SSI process",
                 self.node_id()
             ))
@@ -702,7 +688,7 @@ impl Agent {
         // A shadow relays the standard fds of a process that left: that
         // connection stays (it leads to what the shadow holds).
         if self.procs().get(g).is_some_and(|p| p.running_on.is_some()) {
-            return Err(Hold::Foreign(format!(
+            return Err(StreamPeer::Foreign(format!(
                 "{what}: its other end is the shadow of pid {g}, which relays it"
             )));
         }
@@ -711,12 +697,12 @@ impl Agent {
 
     /// At the staying peers' node: freeze the SSI processes holding the
     /// `ends` (one `StreamSwap` order per process); what became of each.
-    /// `commit` false: only check that it could.
+    /// `commit` false: only check that it could (`Held` with id 0).
     pub(crate) async fn stream_hold(
         self: &Arc<Self>,
         ends: Vec<End>,
         commit: bool,
-    ) -> Result<Vec<Hold>, ErrorReply> {
+    ) -> Result<Vec<StreamPeer>, ErrorReply> {
         // One read of the TCP table and one walk of /proc for every end.
         let (links, all) = tokio::task::spawn_blocking(move || {
             let links = links_of(&ends);
@@ -733,13 +719,17 @@ impl Agent {
             .iter()
             .map(|l| match l {
                 Ok((what, link, mover)) => self.holder_of(what, link, *mover, &all),
-                Err(why) => Err(Hold::Foreign(format!("{why} (node {})", self.node_id()))),
+                Err(why) => Err(StreamPeer::Foreign(format!(
+                    "{why} (node {})",
+                    self.node_id()
+                ))),
             })
             .collect();
+        let node = self.node_id();
         if !commit {
             return Ok(found
                 .into_iter()
-                .map(|f| f.map_or_else(|h| h, |_| Hold::Id(0)))
+                .map(|f| f.map_or_else(|h| h, |_| StreamPeer::Held { id: 0, node }))
                 .collect());
         }
         let mut ids = Vec::new();
@@ -775,7 +765,7 @@ impl Agent {
             let e = orders.entry(*kpid).or_insert((*g, Vec::new()));
             e.1.extend(fds.iter().map(|fd| (*fd, id)));
             ids.push(id);
-            out.push(Hold::Id(id));
+            out.push(StreamPeer::Held { id, node });
             tracing::debug!("stream {id:#x}: holding pid {g} fds {fds:?}");
         }
         for (kpid, (g, order)) in orders {
@@ -985,7 +975,7 @@ impl Agent {
                 (&theirs, &pending)
             };
             if writes.is_empty() {
-                match pipe_with(reads) {
+                match libkrg::streams::moving::pipe_holding(reads, 0) {
                     Ok((r, w)) => {
                         let (mine, peer) = if wr_shut { (r, w) } else { (w, r) };
                         let _ = ftx.send(peer);
@@ -1009,31 +999,6 @@ impl Agent {
         let _ = ftx.send(peer_fd);
         Ok((Response::StreamFd, vec![my_fd]))
     }
-}
-
-/// A pipe holding `bytes` (those in flight for its reader): its read and
-/// write ends.
-fn pipe_with(bytes: &[u8]) -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
-    use std::io::Write;
-    use std::os::fd::AsRawFd;
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    if !bytes.is_empty() {
-        // Room for them all at once (root may exceed pipe-max-size), so
-        // that nobody waits for a reader that is not reading yet.
-        let want = bytes.len().next_power_of_two().max(65536) as libc::c_int;
-        // SAFETY: sizes and flags our own new pipe.
-        unsafe {
-            libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want);
-            libc::fcntl(w.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
-        }
-        let mut f = std::fs::File::from(w);
-        f.write_all(bytes)?;
-        let w = std::os::fd::OwnedFd::from(f);
-        // SAFETY: back to blocking; the process sets its own flags.
-        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETFL, 0) };
-        return Ok((r, w));
-    }
-    Ok((r, w))
 }
 
 async fn read_blob(s: &mut tokio::net::TcpStream) -> Result<Vec<u8>, ErrorReply> {

@@ -258,56 +258,49 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
         },
         libc::S_IFIFO if fd <= 2 => FdKind::Relay,
         libc::S_IFIFO => return Err(format!("fd {fd}: FIFO {link_s} is not migratable (pipes are; FIFOs opened by path only as stdin, stdout or stderr)")),
-        // A standard fd that is a TCP connection moves as one when its
-        // peer is an SSI process; anything else there is relayed.
-        libc::S_IFSOCK
-            if fd <= 2
-                && crate::streams::moving::tcp_ends(fd).is_none()
-                && !crate::streams::moving::unix_stream(fd) =>
-        {
-            FdKind::Relay
-        }
         libc::S_IFSOCK => {
-            if let Some(l) = crate::streams::moving::listening(fd)? {
-                return Ok(Some(FdState {
-                    fd,
-                    cloexec,
-                    kind: FdKind::TcpListen {
-                        addr: l.addr.to_string(),
-                        v6only: l.v6only,
-                        reuseaddr: l.reuseaddr,
-                        reuseport: l.reuseport,
-                        backlog: l.backlog,
-                        flags: l.flags,
-                    },
-                }));
+            use crate::streams::moving;
+            if fd > 2 {
+                if let Some(l) = moving::listening(fd)? {
+                    return Ok(Some(FdState {
+                        fd,
+                        cloexec,
+                        kind: FdKind::TcpListen {
+                            addr: l.addr.to_string(),
+                            v6only: l.v6only,
+                            reuseaddr: l.reuseaddr,
+                            reuseport: l.reuseport,
+                            backlog: l.backlog,
+                            flags: l.flags,
+                        },
+                    }));
+                }
             }
-            if crate::streams::moving::unix_stream(fd) {
-                return Ok(Some(FdState {
-                    fd,
-                    cloexec,
-                    kind: FdKind::UnixStream {
-                        ino: st.st_ino,
-                        flags,
-                    },
-                }));
-            }
-            if crate::streams::moving::tcp_ends(fd).is_none() {
+            // Connections move with the migration (`streams::moving`) when
+            // their peer is an SSI process (a checkpoint to disk refuses
+            // them); at fds 0-2 anything else is relayed.
+            if moving::unix_stream(fd) {
+                FdKind::UnixStream {
+                    ino: st.st_ino,
+                    flags,
+                }
+            } else if moving::tcp_ends(fd).is_some() {
+                let o = moving::opts(fd);
+                FdKind::Tcp {
+                    id: 0,
+                    node: 0,
+                    pending: Vec::new(),
+                    wr_shut: false,
+                    flags: o.flags,
+                    nodelay: o.nodelay,
+                    keepalive: o.keepalive,
+                    alias_of: -1,
+                    pipe: o.pipe,
+                }
+            } else if fd <= 2 {
+                FdKind::Relay
+            } else {
                 return Err(format!("fd {fd}: {link_s} is not migratable (TCP connections and connected UNIX stream sockets move, and stdin, stdout and stderr)"));
-            }
-            let o = crate::streams::moving::opts(fd);
-            // Filled in by the migration (`streams::moving`), which moves
-            // the connection; a checkpoint to disk refuses it.
-            FdKind::Tcp {
-                id: 0,
-                node: 0,
-                pending: Vec::new(),
-                wr_shut: false,
-                flags: o.flags,
-                nodelay: o.nodelay,
-                keepalive: o.keepalive,
-                alias_of: -1,
-                pipe: o.pipe,
             }
         }
         _ if link_s == "anon_inode:[eventfd]" => {
@@ -333,6 +326,36 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
         _ => return Err(format!("fd {fd}: {link_s} is not migratable")),
     };
     Ok(Some(FdState { fd, cloexec, kind }))
+}
+
+/// Whether the other end of pipe end `(ino, read)` is among `fds` too.
+pub(super) fn other_end_here(fds: &[FdState], ino: u64, read: bool) -> bool {
+    fds.iter()
+        .any(|g| matches!(g.kind, FdKind::Pipe { ino: n, read: r, .. } if n == ino && r != read))
+}
+
+/// Self-pipes (both ends among `fds`) are made again from the image: the
+/// bytes in each go with its first read end (copied: the process may go
+/// on here).
+pub(super) fn keep_self_pipes(fds: &mut [FdState]) -> Result<(), String> {
+    let mut done: Vec<u64> = Vec::new();
+    for i in 0..fds.len() {
+        let FdKind::Pipe {
+            ino, read: true, ..
+        } = fds[i].kind
+        else {
+            continue;
+        };
+        if done.contains(&ino) || !other_end_here(fds, ino, true) {
+            continue;
+        }
+        done.push(ino);
+        let bytes = crate::streams::moving::peek_pipe(fds[i].fd)?;
+        if let FdKind::Pipe { pending, .. } = &mut fds[i].kind {
+            *pending = bytes;
+        }
+    }
+    Ok(())
 }
 
 fn fdinfo(fd: i32) -> String {

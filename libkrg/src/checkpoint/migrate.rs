@@ -7,7 +7,7 @@
 //! itself in shadow mode (`KRG_SHADOW`), which also ends its other threads.
 
 use super::capture::MapLine;
-use super::image::{self, FdKind, Meta, Region};
+use super::image::{self, FdKind, FdState, Meta, Region};
 use super::{capture, postcopy, report, Order, ANCHOR};
 use crate::distant::{self, Listener, SHADOW_ENV};
 use crate::proto::{RemoteExec, Request, Response, StdioKind, IMAGE_CHANNEL};
@@ -93,135 +93,104 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     }
 }
 
-/// Freeze the peer of each TCP connection and pipe and drain it (the bytes
-/// in flight for this process go in the image). Fds that are copies of one
-/// stream (`dup`) move once. A pipe whose other end is this process's too
-/// or no process's is made again on the target; a standard fd whose peer
-/// cannot take part is relayed by the shadow instead. On a failure the
-/// streams already taken are reconnected here.
-fn move_streams(fds: &mut [super::image::FdState]) -> Result<(), String> {
+/// Freeze the peer of each TCP connection, pipe and UNIX stream socket and
+/// drain it (the bytes in flight for this process go in the image). Fds
+/// that are copies of one stream (`dup`) move once. A pipe whose other end
+/// is this process's too or no process's is made again on the target; a
+/// standard fd whose peer cannot take part is relayed by the shadow
+/// instead. On a failure the streams already taken are reconnected here.
+fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
     use crate::proto::StreamPeer;
     use crate::streams::moving;
-    // The streams (one fd each; copies noted), then one freeze for all:
-    // a peer with several streams to this process gets one order.
-    let mut seen: Vec<(u64, i32)> = Vec::new();
-    let mut conns: Vec<(usize, (String, String))> = Vec::new();
-    for (i, f) in fds.iter_mut().enumerate() {
-        let fd = f.fd;
-        if !matches!(f.kind, FdKind::Tcp { .. }) {
-            continue;
-        }
-        let ino = sock_ino(fd);
-        if let Some(&(_, first)) = seen.iter().find(|(n, _)| Some(*n) == ino) {
-            if let FdKind::Tcp { alias_of, .. } = &mut f.kind {
-                *alias_of = first;
-            }
-            continue;
-        }
-        if let Some(n) = ino {
-            seen.push((n, fd));
-        }
-        let ends = moving::tcp_ends(fd)
-            .ok_or_else(|| format!("fd {fd}: the TCP connection is not connected"))?;
-        conns.push((i, ends));
-    }
-    // Pipes with one end here: (inode, the fds of that end).
-    let mut pipes: Vec<(u64, Vec<usize>)> = Vec::new();
-    let pipe_of = |k: &FdKind| match k {
-        FdKind::Pipe { ino, read, .. } => Some((*ino, *read)),
-        _ => None,
+    // Each stream once, with all its fds (the first is the one drained):
+    // then one freeze for all, so that a peer with several streams to this
+    // process gets one order.
+    let mut conns: Vec<(Vec<usize>, (String, String))> = Vec::new();
+    let mut pipes: Vec<(Vec<usize>, u64)> = Vec::new();
+    let mut unixes: Vec<(Vec<usize>, u64)> = Vec::new();
+    let add = |groups: &mut Vec<(Vec<usize>, u64)>, ino: u64, i: usize| match groups
+        .iter_mut()
+        .find(|(_, n)| *n == ino)
+    {
+        Some((v, _)) => v.push(i),
+        None => groups.push((vec![i], ino)),
     };
+    capture::keep_self_pipes(fds)?;
+    let mut seen: Vec<(u64, usize)> = Vec::new();
     for i in 0..fds.len() {
-        let Some((ino, read)) = pipe_of(&fds[i].kind) else {
-            continue;
-        };
-        let both = fds
-            .iter()
-            .any(|g| pipe_of(&g.kind).is_some_and(|(n, r)| n == ino && r != read));
-        if both {
-            // A self-pipe: made again there with what is in it.
-            if read
-                && !fds[..i]
-                    .iter()
-                    .any(|g| pipe_of(&g.kind) == Some((ino, true)))
-            {
-                let bytes = moving::peek_pipe(fds[i].fd)?;
-                if let FdKind::Pipe { pending, .. } = &mut fds[i].kind {
-                    *pending = bytes;
+        let fd = fds[i].fd;
+        match fds[i].kind {
+            FdKind::Tcp { .. } => {
+                let ino = moving::ino_of(fd);
+                if let Some(&(_, k)) = seen.iter().find(|(n, _)| Some(*n) == ino) {
+                    let first = fds[conns[k].0[0]].fd;
+                    if let FdKind::Tcp { alias_of, .. } = &mut fds[i].kind {
+                        *alias_of = first;
+                    }
+                    conns[k].0.push(i);
+                    continue;
                 }
+                let ends = moving::tcp_ends(fd)
+                    .ok_or_else(|| format!("fd {fd}: the TCP connection is not connected"))?;
+                if let Some(n) = ino {
+                    seen.push((n, conns.len()));
+                }
+                conns.push((vec![i], ends));
             }
-            continue;
-        }
-        match pipes.iter_mut().find(|(n, _)| *n == ino) {
-            Some((_, v)) => v.push(i),
-            None => pipes.push((ino, vec![i])),
-        }
-    }
-    // Connected UNIX stream sockets: (inode, its fds).
-    let mut unixes: Vec<(u64, Vec<usize>)> = Vec::new();
-    for (i, f) in fds.iter().enumerate() {
-        if let FdKind::UnixStream { ino, .. } = f.kind {
-            match unixes.iter_mut().find(|(n, _)| *n == ino) {
-                Some((_, v)) => v.push(i),
-                None => unixes.push((ino, vec![i])),
+            // One end here: its other end is some other process's, or
+            // closed.
+            FdKind::Pipe { ino, read, .. } if !capture::other_end_here(fds, ino, read) => {
+                add(&mut pipes, ino, i)
             }
+            FdKind::UnixStream { ino, .. } => add(&mut unixes, ino, i),
+            _ => {}
         }
     }
     if conns.is_empty() && pipes.is_empty() && unixes.is_empty() {
         return park_listeners(fds);
     }
-    // Standard fds only: relayed if their peer cannot take part.
-    let stdio_only =
-        |idx: &[usize], fds: &[super::image::FdState]| idx.iter().all(|i| fds[*i].fd <= 2);
-    let mut optional: Vec<bool> = conns
+    // In the order of the freeze's answer.
+    let groups: Vec<&Vec<usize>> = conns
         .iter()
-        .map(|(i, _)| {
-            let fd = fds[*i].fd;
-            fd <= 2
-                && fds.iter().all(|g| {
-                    !matches!(g.kind, FdKind::Tcp { alias_of, .. } if alias_of == fd) || g.fd <= 2
-                })
-        })
+        .map(|(v, _)| v)
+        .chain(pipes.iter().map(|(v, _)| v))
+        .chain(unixes.iter().map(|(v, _)| v))
         .collect();
-    optional.extend(pipes.iter().map(|(_, v)| stdio_only(v, fds)));
-    optional.extend(unixes.iter().map(|(_, v)| stdio_only(v, fds)));
+    // Standard fds only: relayed if their peer cannot take part.
+    let stdio_only = |idx: &[usize]| idx.iter().all(|i| fds[*i].fd <= 2);
+    let optional: Vec<bool> = groups.iter().map(|g| stdio_only(g)).collect();
+    let peers = moving::freeze(
+        conns.iter().map(|(_, e)| e.clone()).collect(),
+        pipes.iter().map(|(_, n)| *n).collect(),
+        unixes.iter().map(|(_, n)| *n).collect(),
+        optional.clone(),
+    )?;
     // What each stream became; the first error is kept (every stream
     // frozen must still be handed over).
     let mut failed: Option<String> = None;
-    let peers = moving::freeze(
-        conns.iter().map(|(_, e)| e.clone()).collect(),
-        pipes.iter().map(|(n, _)| *n).collect(),
-        unixes.iter().map(|(n, _)| *n).collect(),
-        optional.clone(),
-    )?;
-    let (conn_peers, rest) = peers.split_at(conns.len());
-    let (pipe_peers, unix_peers) = rest.split_at(pipes.len());
-    // A UNIX socket: a connection like the others from now on (its
-    // first fd drained, the others copies of it), or relayed if standard.
-    for ((_, idx), p) in unixes.iter().zip(unix_peers) {
-        let first = fds[idx[0]].fd;
+    for ((idx, p), opt) in groups.iter().zip(&peers).zip(optional) {
+        let first = idx[0];
         match p {
-            StreamPeer::Held { id, node } => {
-                for (k, i) in idx.iter().enumerate() {
-                    let FdKind::UnixStream { flags, .. } = fds[*i].kind else {
-                        continue;
-                    };
-                    fds[*i].kind = FdKind::Tcp {
-                        id: *id,
-                        node: *node,
-                        pending: Vec::new(),
-                        wr_shut: false,
-                        flags,
-                        nodelay: true,
-                        keepalive: false,
-                        alias_of: if k == 0 { -1 } else { first },
-                        pipe: false,
-                    };
+            StreamPeer::Held { id, node } => as_connection(fds, idx, *id, *node),
+            _ if opt => {
+                for i in idx.iter() {
+                    fds[*i].kind = FdKind::Relay;
                 }
             }
-            _ if stdio_only(idx, fds) => {
-                for i in idx {
-                    fds[*i].kind = FdKind::Relay;
+            // A pipe whose other end is closed: made again as it is.
+            StreamPeer::Nobody if matches!(fds[first].kind, FdKind::Pipe { .. }) => {
+                if let FdKind::Pipe {
+                    read: true,
+                    pending,
+                    ..
+                } = &mut fds[first].kind
+                {
+                    match moving::peek_pipe(fds[first].fd) {
+                        Ok(b) => *pending = b,
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
+                    }
                 }
             }
             StreamPeer::Foreign(why) => {
@@ -229,88 +198,11 @@ fn move_streams(fds: &mut [super::image::FdState]) -> Result<(), String> {
             }
             StreamPeer::Nobody => {
                 failed.get_or_insert_with(|| {
-                    format!("fd {first}: the UNIX socket's other end is closed or is this process's own: not movable yet")
+                    format!(
+                        "fd {}: its other end is closed or is this process's own: not movable yet",
+                        fds[first].fd
+                    )
                 });
-            }
-        }
-    }
-    for (((i, _), p), opt) in conns.iter().zip(conn_peers).zip(&optional) {
-        let fd = fds[*i].fd;
-        match p {
-            StreamPeer::Held {
-                id: sid,
-                node: snode,
-            } => {
-                if let FdKind::Tcp { id, node, .. } = &mut fds[*i].kind {
-                    *id = *sid;
-                    *node = *snode;
-                }
-            }
-            StreamPeer::Foreign(_) | StreamPeer::Nobody if *opt => {
-                for f in fds.iter_mut() {
-                    if f.fd == fd
-                        || matches!(f.kind, FdKind::Tcp { alias_of, .. } if alias_of == fd)
-                    {
-                        f.kind = FdKind::Relay;
-                    }
-                }
-            }
-            StreamPeer::Foreign(why) => {
-                failed.get_or_insert_with(|| why.clone());
-            }
-            StreamPeer::Nobody => {
-                failed.get_or_insert_with(|| format!("fd {fd}: the TCP connection has no peer"));
-            }
-        }
-    }
-    for ((_, idx), p) in pipes.iter().zip(pipe_peers) {
-        match p {
-            StreamPeer::Held { id, node } => {
-                // Every fd of this end becomes the new connection.
-                let first = fds[idx[0]].fd;
-                for (k, i) in idx.iter().enumerate() {
-                    let FdKind::Pipe { read, flags, .. } = fds[*i].kind else {
-                        continue;
-                    };
-                    fds[*i].kind = FdKind::Tcp {
-                        id: *id,
-                        node: *node,
-                        pending: Vec::new(),
-                        wr_shut: read,
-                        flags,
-                        nodelay: true,
-                        keepalive: false,
-                        alias_of: if k == 0 { -1 } else { first },
-                        pipe: true,
-                    };
-                }
-            }
-            // A standard fd's other end may be held where this node's
-            // agent cannot see (the process that started a local cluster's
-            // node): relayed, as before.
-            StreamPeer::Nobody | StreamPeer::Foreign(_) if stdio_only(idx, fds) => {
-                for i in idx {
-                    fds[*i].kind = FdKind::Relay;
-                }
-            }
-            StreamPeer::Nobody => {
-                // Its other end is closed: made again as it is.
-                let i = idx[0];
-                if pipe_of(&fds[i].kind).is_some_and(|(_, r)| r) {
-                    let bytes = match moving::peek_pipe(fds[i].fd) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            failed.get_or_insert(e);
-                            Vec::new()
-                        }
-                    };
-                    if let FdKind::Pipe { pending, .. } = &mut fds[i].kind {
-                        *pending = bytes;
-                    }
-                }
-            }
-            StreamPeer::Foreign(why) => {
-                failed.get_or_insert_with(|| why.clone());
             }
         }
     }
@@ -348,9 +240,42 @@ fn move_streams(fds: &mut [super::image::FdState]) -> Result<(), String> {
     park_listeners(fds)
 }
 
+/// The fds `idx` of one stream become its new connection `id` (held at
+/// `node`): the first one, the others copies of it. A pipe end or a UNIX
+/// socket becomes a connection that sends at once, as they do.
+fn as_connection(fds: &mut [FdState], idx: &[usize], id: u64, node: u32) {
+    let first = fds[idx[0]].fd;
+    for (k, i) in idx.iter().enumerate() {
+        let alias_of = if k == 0 { -1 } else { first };
+        let (flags, nodelay, keepalive, pipe) = match fds[*i].kind {
+            FdKind::Tcp {
+                flags,
+                nodelay,
+                keepalive,
+                pipe,
+                ..
+            } => (flags, nodelay, keepalive, pipe),
+            FdKind::Pipe { flags, .. } => (flags, true, false, true),
+            FdKind::UnixStream { flags, .. } => (flags, true, false, false),
+            _ => continue,
+        };
+        fds[*i].kind = FdKind::Tcp {
+            id,
+            node,
+            pending: Vec::new(),
+            wr_shut: false,
+            flags,
+            nodelay,
+            keepalive,
+            alias_of,
+            pipe,
+        };
+    }
+}
+
 /// Listening sockets: closed here now (the port must be free for the new
 /// node to bind it), made again there.
-fn park_listeners(fds: &mut [super::image::FdState]) -> Result<(), String> {
+fn park_listeners(fds: &mut [FdState]) -> Result<(), String> {
     for f in fds.iter() {
         if matches!(f.kind, FdKind::TcpListen { .. }) {
             if let Err(e) = park_fd(f.fd) {
@@ -400,16 +325,9 @@ fn park_fd(fd: i32) -> Result<(), String> {
     }
 }
 
-fn sock_ino(fd: i32) -> Option<u64> {
-    // SAFETY: st is ours; fstat only reads the fd's state.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
-}
-
 /// The migration failed after its connections were drained: connect them
 /// again from here, refilled, under their numbers.
-fn reattach_streams(fds: &[super::image::FdState]) {
+fn reattach_streams(fds: &[FdState]) {
     use crate::streams::moving;
     for f in fds {
         if let Some(l) = listening_of(&f.kind) {

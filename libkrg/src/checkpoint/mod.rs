@@ -704,31 +704,14 @@ fn pipes_for_disk(fds: &mut [image::FdState]) -> Result<(), String> {
             f.kind = FdKind::Relay;
         }
     }
-    let ends: Vec<(u64, bool)> = fds
-        .iter()
-        .filter_map(|f| match f.kind {
-            FdKind::Pipe { ino, read, .. } => Some((ino, read)),
-            _ => None,
-        })
-        .collect();
-    let mut peeked: Vec<u64> = Vec::new();
-    for f in fds.iter_mut() {
-        let fd = f.fd;
-        let FdKind::Pipe {
-            ino, read, pending, ..
-        } = &mut f.kind
-        else {
-            continue;
-        };
-        if !ends.contains(&(*ino, !*read)) {
-            return Err(format!("fd {fd}: pipe:[{ino}] leads to another process: a pipe moves with krg migrate, not in a checkpoint image"));
-        }
-        if *read && !peeked.contains(ino) {
-            *pending = crate::streams::moving::peek_pipe(fd)?;
-            peeked.push(*ino);
+    for f in fds.iter() {
+        if let FdKind::Pipe { ino, read, .. } = f.kind {
+            if !capture::other_end_here(fds, ino, read) {
+                return Err(format!("fd {}: pipe:[{ino}] leads to another process: a pipe moves with krg migrate, not in a checkpoint image", f.fd));
+            }
         }
     }
-    Ok(())
+    capture::keep_self_pipes(fds)
 }
 
 fn take_image(order: &Order) -> Result<u64, String> {

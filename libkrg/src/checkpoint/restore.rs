@@ -238,15 +238,6 @@ fn signalfd(num: RawFd, mask: u64, flags: i32) -> Result<RawFd, String> {
 /// every fd is placed (a reader then sees the end after those bytes, a
 /// writer `EPIPE`).
 fn new_pipe(meta: &Meta, ino: u64, floor: RawFd) -> Result<(OwnedFd, OwnedFd), String> {
-    let mut p = [0; 2];
-    // SAFETY: a new pipe of ours.
-    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(os_err("pipe2"));
-    }
-    // Above the image's numbers, which the placing below overwrites.
-    let (r, w) = (high(p[0], floor)?, high(p[1], floor)?);
-    // SAFETY: just made, ours alone.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(w)) };
     let (size, pending) = meta
         .fds
         .iter()
@@ -262,30 +253,11 @@ fn new_pipe(meta: &Meta, ino: u64, floor: RawFd) -> Result<(OwnedFd, OwnedFd), S
         .fold((0, &[][..]), |(s, b), (s2, b2)| {
             (s.max(s2), if b.is_empty() { b2 } else { b })
         });
-    // SAFETY: sizes our own pipe (best effort: the bytes must fit below).
-    unsafe {
-        libc::fcntl(
-            w.as_raw_fd(),
-            libc::F_SETPIPE_SZ,
-            size.max(pending.len() as i32),
-        )
-    };
-    if !pending.is_empty() {
-        // SAFETY: non-blocking writes from a live buffer into our pipe.
-        let n = unsafe {
-            libc::fcntl(w.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
-            libc::write(w.as_raw_fd(), pending.as_ptr().cast(), pending.len())
-        };
-        if n != pending.len() as isize {
-            return Err(format!(
-                "pipe: {} bytes were in it, {n} fit in the new one",
-                pending.len()
-            ));
-        }
-        // SAFETY: back to blocking (the image's flags are set per fd).
-        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETFL, 0) };
-    }
-    Ok((r, w))
+    let (r, w) = crate::streams::moving::pipe_holding(pending, size)?;
+    // Above the image's numbers, which the placing below overwrites.
+    let (r, w) = (high(r.into_raw_fd(), floor)?, high(w.into_raw_fd(), floor)?);
+    // SAFETY: just moved, ours alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(w)) })
 }
 
 fn fstat(fd: RawFd) -> Option<libc::stat> {

@@ -117,11 +117,16 @@ fn put_pipe_born(t: &mut [(RawFd, u64); 64], fd: RawFd, ino: Option<u64>) {
     }
 }
 
-fn ino_of(fd: RawFd) -> Option<u64> {
+fn stat_of(fd: RawFd) -> Option<libc::stat> {
     // SAFETY: st is ours; fstat only reads the fd's state.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st)
+}
+
+/// The inode of what `fd` holds (a socket's, a pipe's).
+pub(crate) fn ino_of(fd: RawFd) -> Option<u64> {
+    stat_of(fd).map(|st| st.st_ino)
 }
 
 /// Whether socket `fd` stands for a pipe.
@@ -181,10 +186,7 @@ pub fn unix_stream(fd: RawFd) -> bool {
 
 /// Whether `fd` is a pipe.
 pub fn is_pipe(fd: RawFd) -> bool {
-    // SAFETY: st is ours; fstat only reads the fd's state.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::fstat(fd, &mut st) } == 0) && st.st_mode & libc::S_IFMT == libc::S_IFIFO
+    stat_of(fd).is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO)
 }
 
 /// Whether pipe end `fd` is a read end.
@@ -214,12 +216,48 @@ pub fn drain_pipe(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
     if !pipe_reads(fd) {
         return Ok((Vec::new(), false));
     }
-    let n = pipe_bytes(fd)?;
+    Ok((read_n(fd, pipe_bytes(fd)?)?, true))
+}
+
+/// A new pipe (read end, write end) with `bytes` in it already, of at
+/// least `size` bytes: room for them all at once, so that nobody waits for
+/// a reader that is not reading yet (the restorer of a pipe that was full,
+/// an agent refilling a pipe whose ends met again).
+pub fn pipe_holding(bytes: &[u8], size: i32) -> Result<(OwnedFd, OwnedFd), String> {
+    let mut p = [0; 2];
+    // SAFETY: a new pipe of ours.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the two fds were just made and are ours alone.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    if bytes.is_empty() && size <= 0 {
+        return Ok((r, w));
+    }
+    // Never below the default capacity (64 KiB).
+    let want = size.max(bytes.len().next_power_of_two() as i32).max(65536);
+    // SAFETY: sizes our own pipe (best effort: the bytes must fit below),
+    // and writes to it without blocking, then back to blocking (the
+    // process sets its own flags).
+    let n = unsafe {
+        libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want);
+        libc::fcntl(w.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+        let n = libc::write(w.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
+        libc::fcntl(w.as_raw_fd(), libc::F_SETFL, 0);
+        n
+    };
+    if n != bytes.len() as isize {
+        return Err(format!("pipe: {} bytes to put in it, {n} fit", bytes.len()));
+    }
+    Ok((r, w))
+}
+
+/// The `n` bytes waiting in pipe `fd` (there, so reading does not block).
+fn read_n(fd: RawFd, n: usize) -> Result<Vec<u8>, String> {
     let mut out = vec![0u8; n];
     let mut got = 0;
     while got < n {
-        // SAFETY: reads into the rest of our buffer; the bytes are there,
-        // so this does not block.
+        // SAFETY: reads into the rest of our buffer.
         let r = unsafe { libc::read(fd, out[got..].as_mut_ptr().cast(), n - got) };
         if r <= 0 {
             let e = std::io::Error::last_os_error();
@@ -230,7 +268,7 @@ pub fn drain_pipe(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
         }
         got += r as usize;
     }
-    Ok((out, true))
+    Ok(out)
 }
 
 /// A copy of what is in pipe read end `fd`, left where it is (`tee` into a
@@ -265,17 +303,7 @@ pub fn peek_pipe(fd: RawFd) -> Result<Vec<u8>, String> {
         ));
     }
     drop(w);
-    let mut out = vec![0u8; n];
-    let mut got = 0;
-    while got < n {
-        // SAFETY: reads into the rest of our buffer.
-        let k = unsafe { libc::read(r.as_raw_fd(), out[got..].as_mut_ptr().cast(), n - got) };
-        if k <= 0 {
-            return Err(format!("fd {fd}: reading the copy of the pipe"));
-        }
-        got += k as usize;
-    }
-    Ok(out)
+    read_n(r.as_raw_fd(), n).map_err(|e| format!("fd {fd}: the copy of the pipe: {e}"))
 }
 
 /// Whether this side had shut down writing (its FIN sent), from the TCP
