@@ -154,6 +154,19 @@ fn ctrl_c_reaches_the_remote_job() {
     assert!(gone, "{:?}", c.ps(2));
 }
 
+/// `tr a-z A-Z` that says on stderr, once done, what its stdin is (one
+/// process: a stage that forks shares its stdin, which then stays relayed).
+const UPPER: &str = "import os, sys
+b, o = sys.stdin.buffer, sys.stdout.buffer
+t = bytes.maketrans(b\"abcdefghijklmnopqrstuvwxyz\", b\"ABCDEFGHIJKLMNOPQRSTUVWXYZ\")
+while True:
+    d = b.read1(1 << 16)
+    if not d:
+        break
+    o.write(d.translate(t))
+o.flush()
+sys.stderr.write(os.readlink(\"/proc/self/fd/0\"))";
+
 #[test]
 fn pipeline_across_three_nodes_is_byte_identical() {
     let c = Cluster::up(4, 1.0);
@@ -174,17 +187,35 @@ fn pipeline_across_three_nodes_is_byte_identical() {
         }
     }
     let f = f.to_str().unwrap();
-    let script = format!(
-        "KRG_NODE=2 cat {f} | KRG_NODE=3 tr a-z A-Z | KRG_NODE=4 sha256sum; cat {f} | tr a-z A-Z | sha256sum"
+    let local = c.sh(1, &format!("cat {f} | tr a-z A-Z | sha256sum"));
+    // The shell stays on node 1; its stages' pipes become connections
+    // between nodes 2, 3 and 4 (relayed through node 1 they would carry
+    // 400 MB there).
+    let before = eth0_bytes(&c, 1);
+    let o = c.sh(
+        1,
+        &format!("KRG_NODE=2 cat {f} | KRG_NODE=3 tr a-z A-Z | KRG_NODE=4 sha256sum"),
     );
-    let o = c.sh(1, &script);
-    let t = text(&o.stdout);
-    let sums: Vec<&str> = t
-        .lines()
-        .map(|l| l.split_whitespace().next().unwrap())
-        .collect();
-    assert_eq!(sums.len(), 2, "{t}\n{}", text(&o.stderr));
-    assert_eq!(sums[0], sums[1]);
+    let through_1 = eth0_bytes(&c, 1) - before;
+    let sum = |o: &std::process::Output| {
+        let t = text(&o.stdout);
+        assert!(o.status.success(), "{t}\n{}", text(&o.stderr));
+        t.split_whitespace().next().unwrap_or_default().to_string()
+    };
+    assert_eq!(sum(&o), sum(&local));
+    // What was in flight before the pipes were handed over (a few socket
+    // buffers) is all the shell's node may see.
+    assert!(
+        through_1 < 25_000_000,
+        "node 1 carried {through_1} bytes of a 100 MB pipeline between nodes 2, 3, 4"
+    );
+    // Two stages placed on one node share a real pipe there.
+    let o = c.sh(
+        1,
+        &format!("KRG_NODE=2 cat {f} | KRG_NODE=2 python3 -c '{UPPER}' | KRG_NODE=3 sha256sum"),
+    );
+    assert_eq!(sum(&o), sum(&local));
+    assert!(text(&o.stderr).starts_with("pipe:["), "{}", text(&o.stderr));
     let _ = std::fs::remove_file(f);
 }
 

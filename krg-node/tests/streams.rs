@@ -318,24 +318,6 @@ fn established_to(c: &Cluster, node: u32, port: u16) -> usize {
         .count()
 }
 
-/// Bytes received plus sent on `node`'s network interface so far.
-fn eth0_bytes(c: &Cluster, node: u32) -> u64 {
-    let out = c.plain(node, &["cat", "/proc/net/dev"]).output().unwrap();
-    let t = text(&out.stdout);
-    let l = t
-        .lines()
-        .find(|l| l.trim_start().starts_with("eth0:"))
-        .unwrap_or_else(|| panic!("no eth0 on node {node}: {t}"));
-    let w: Vec<u64> = l
-        .split_once(':')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    w[0] + w[8]
-}
-
 /// Traffic of node `a` and node `b` while the conversation goes on for a
 /// second.
 fn traffic(c: &Cluster, a: u32, b: u32) -> (u64, u64) {

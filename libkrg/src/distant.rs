@@ -67,7 +67,11 @@ pub fn run_on(node: u32, gpid: i32) -> Result<(), String> {
     if n != token.len() as isize {
         return Err(os_err("getrandom"));
     }
-    let stdio: Vec<StdioKind> = (0..3).map(stdio_kind).collect();
+    let mut stdio: Vec<StdioKind> = (0..3).map(stdio_kind).collect();
+    // Pipes to other SSI processes: connected directly to the target
+    // instead of relayed (the process at the other end is held until the
+    // target attaches, or until `reattach` below does).
+    crate::streams::placed::hand_over(&mut stdio);
     let req = RemoteExec {
         node,
         exe: read_link("/proc/self/exe")?,
@@ -88,11 +92,16 @@ pub fn run_on(node: u32, gpid: i32) -> Result<(), String> {
         token: token.to_vec(),
         restore: false,
     };
-    match client::call(&Request::RemoteExec(req)) {
-        Ok(Response::Pid(_)) => {}
-        Ok(other) => return Err(format!("unexpected answer {other:?}")),
-        Err(e) => return Err(e.to_string()),
+    let r = match client::call(&Request::RemoteExec(req)) {
+        Ok(Response::Pid(_)) => Ok(()),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = r {
+        crate::streams::placed::reattach(&stdio);
+        return Err(e);
     }
+    crate::streams::placed::let_go(&stdio);
     // From here on the program runs on `node`: this process is its shadow
     // and never returns to the caller.
     let relayed = stdio.iter().filter(|k| **k == StdioKind::Relay).count();
@@ -441,6 +450,66 @@ impl Pipe {
         }
     }
 
+    /// The local fd this relays and its connection to the program.
+    fn ends(&self) -> (RawFd, RawFd) {
+        if self.from == 0 {
+            (0, self.to)
+        } else {
+            (self.to, self.from)
+        }
+    }
+
+    /// Hand the stream over (the program's end is held, the process at the
+    /// other end of the local pipe frozen): all that this relay still has
+    /// goes on its way, then the relay ends and the local end is let go.
+    fn release(self) -> Result<(), String> {
+        let (local, sock) = self.ends();
+        if self.from == 0 {
+            // Towards the program: what we hold, then what is in the pipe
+            // (its writer is frozen), then end of stream.
+            let mut out = self.buf[self.start.min(self.buf.len())..].to_vec();
+            if !self.eof {
+                out.extend(crate::streams::moving::drain_pipe(0)?.0);
+            }
+            write_all(sock, &out)?;
+            // SAFETY: half-closes our own socket.
+            unsafe { libc::shutdown(sock, libc::SHUT_WR) };
+        } else {
+            // From the program (its threads parked; it drains to the end of
+            // stream we send): everything still coming, into the pipe,
+            // whose reader reads it to its end.
+            // SAFETY: half-closes our own socket.
+            unsafe { libc::shutdown(sock, libc::SHUT_WR) };
+            write_all(local, &self.buf[self.start.min(self.buf.len())..])?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut ended = self.eof;
+            while !ended {
+                if Instant::now() > deadline {
+                    return Err(format!("fd {local}: the program never ended its stream"));
+                }
+                if !poll_one(sock, libc::POLLIN, 1000) {
+                    continue;
+                }
+                // SAFETY: reads into our buffer.
+                let n = unsafe { libc::read(sock, buf.as_mut_ptr().cast(), buf.len()) };
+                ended = n == 0;
+                if ended {
+                    continue;
+                }
+                if n < 0 {
+                    if matches!(errno(), libc::EINTR | libc::EAGAIN) {
+                        continue;
+                    }
+                    return Err(os_err("reading the relay"));
+                }
+                write_all(local, &buf[..n as usize])?;
+            }
+        }
+        crate::streams::placed::park(local);
+        Ok(())
+    }
+
     fn finish(&mut self) {
         if self.eof && self.start >= self.buf.len() && self.shutdown_to {
             // SAFETY: half-close our socket: the program sees EOF on stdin.
@@ -450,12 +519,62 @@ impl Pipe {
     }
 }
 
+/// Write all of `b` to `fd` (blocking or not), within 30 s.
+fn write_all(fd: RawFd, mut b: &[u8]) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b.is_empty() {
+        // SAFETY: writes initialised bytes of ours.
+        let n = unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+        if n > 0 {
+            b = &b[n as usize..];
+            continue;
+        }
+        if n < 0 && !matches!(errno(), libc::EINTR | libc::EAGAIN) {
+            return Err(os_err(&format!("fd {fd}: handing the relay over")));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("fd {fd}: nobody read what the relay still had"));
+        }
+        poll_one(fd, libc::POLLOUT, 1000);
+    }
+    Ok(())
+}
+
+/// Signal 62 to a shadow: the agent wants one of its relays handed over
+/// (the process at the other end of a pipe it relays is moving, or being
+/// placed). Tell it what each relay connects; do what it answers.
+fn release_asked(pipes: &mut Vec<Pipe>) {
+    let relays: Vec<(i32, String, String)> = pipes
+        .iter()
+        .filter(|p| !p.done())
+        .filter_map(|p| {
+            let (local, sock) = p.ends();
+            crate::streams::moving::tcp_ends(sock).map(|(l, r)| (local, l, r))
+        })
+        .collect();
+    match client::call(&Request::ShadowRelays(relays)) {
+        Ok(Response::Release(fd)) => {
+            let Some(i) = pipes.iter().position(|p| p.ends().0 == fd) else {
+                return;
+            };
+            if let Err(e) = pipes.remove(i).release() {
+                crate::krg_log!(crate::log::Level::Warn, "handing fd {fd} over: {e}");
+            }
+        }
+        Ok(other) => crate::krg_log!(
+            crate::log::Level::Debug,
+            "relay hand-over: unexpected answer {other:?}"
+        ),
+        Err(e) => crate::krg_log!(crate::log::Level::Debug, "relay hand-over not done: {e}"),
+    }
+}
+
 fn signalfd_forwarded() -> Option<OwnedFd> {
     // SAFETY: an empty sigset filled by the libc helpers.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     unsafe { libc::sigemptyset(&mut set) };
-    for s in FORWARDED {
+    for s in FORWARDED.iter().chain(&[crate::proto::CKPT_SIGNAL]) {
         // SAFETY: adds a valid signal number to our set.
         unsafe { libc::sigaddset(&mut set, *s) };
     }
@@ -620,7 +739,9 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
                         sz,
                     )
                 };
-                if n == sz as isize {
+                if n == sz as isize && si.ssi_signo as i32 == crate::proto::CKPT_SIGNAL {
+                    release_asked(&mut pipes);
+                } else if n == sz as isize {
                     let sig = si.ssi_signo as i32;
                     forward(gpid, sig);
                     if matches!(sig, libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU) {

@@ -9,7 +9,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Bumped whenever a message changes incompatibly.
-pub const PROTO_VERSION: u32 = 1;
+pub const PROTO_VERSION: u32 = 2;
 
 /// A request to the local agent. The caller's pid, uid and gid come from
 /// `SO_PEERCRED`, never from the message.
@@ -241,6 +241,12 @@ pub enum Request {
         /// It stands for a pipe: a pipe again if both ends are on one node.
         pipe: bool,
     },
+    /// From a shadow told (signal 62) that one of the streams it relays is
+    /// to be handed over: every relayed fd with its connection to the
+    /// program `(fd, local, peer)`. Answered, once the program's end is
+    /// held, with `Release` (the fd whose relay to end) or an error (relay
+    /// on).
+    ShadowRelays(Vec<(i32, String, String)>),
 }
 
 /// A System V semaphore set as `semctl(IPC_STAT)` shows it.
@@ -390,6 +396,10 @@ pub enum StreamPeer {
     /// Held by the agent of `node` as stream `id` until the new
     /// connection comes.
     Held { id: u64, node: u32 },
+    /// Held like `Held`, but the other end was a shadow's relay, which
+    /// hands over what it still had and closes its end: a pipe read here
+    /// is read to its end, not just what is in it now.
+    Relayed { id: u64, node: u32 },
     /// No other process holds it (a pipe whose other end is closed).
     Nobody,
     /// It cannot take part (an optional stream only): why.
@@ -421,6 +431,18 @@ pub enum StdioKind {
     /// there) from the same offset, and the shadow moves its own offset to
     /// where the program stopped, as a shared file description would.
     File(FileRef),
+    /// A pipe between the caller and another SSI process, which now holds
+    /// its end of a new connection as stream `id` at `node`: the target
+    /// attaches to it (no relay), refilled with `pending`, what was in the
+    /// pipe for a reader.
+    Stream {
+        id: u64,
+        node: u32,
+        pending: Vec<u8>,
+        wr_shut: bool,
+    },
+    /// The same stream as standard fd `0`, `1` or `2` (`2>&1`).
+    Alias(u8),
 }
 
 /// A regular file the target node must open itself.
@@ -523,6 +545,8 @@ pub enum Response {
     Streams(Vec<StreamPeer>),
     /// A stream's new connection: one descriptor follows.
     StreamFd,
+    /// Answer to `ShadowRelays`: hand over the relay of this fd.
+    Release(i32),
 }
 
 /// A failed request: the errno the application should see, and what failed.

@@ -255,6 +255,7 @@ fn initialise() -> Mode {
             place,
         }) if crate::gpid::is_gpid(gpid) => {
             crate::processes::set_identity(gpid, node, caps);
+            crate::streams::placed::note_from_env();
             if place != 0 && place != node {
                 // Runs the program on `place` and never returns, unless it
                 // could not start there: then it runs here after all.

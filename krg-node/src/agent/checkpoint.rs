@@ -120,7 +120,7 @@ fn personality(kpid: i32) -> Result<u32, String> {
 
 /// Whether local process `kpid` has a handler for signal `sig` (its
 /// `SigCgt` mask, from any of its threads).
-fn catches(kpid: i32, sig: i32) -> bool {
+pub(super) fn catches(kpid: i32, sig: i32) -> bool {
     thread_files(kpid, "status").any(|p| {
         std::fs::read_to_string(p)
             .ok()

@@ -140,7 +140,19 @@ async fn client(agent: Arc<Agent>, mut s: UnixStream) -> std::io::Result<()> {
             Ok(r) => r,
             Err(e) => return refuse(&mut s, who, e).await,
         };
-        debug!("pid {} uid {}: {req:?}", who.pid, who.uid);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // Requests may carry megabytes (a stream's pending bytes).
+            let mut t = format!("{req:?}");
+            if t.len() > 400 {
+                let cut = (0..=400)
+                    .rev()
+                    .find(|i| t.is_char_boundary(*i))
+                    .unwrap_or(0);
+                t.truncate(cut);
+                t.push_str(" ...");
+            }
+            debug!("pid {} uid {}: {t}", who.pid, who.uid);
+        }
         let (r, fds) = agent.handle_local_fds(req, who).await;
         reply(&mut s, &r).await?;
         if !fds.is_empty() {

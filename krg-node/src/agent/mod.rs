@@ -695,6 +695,13 @@ impl Agent {
                 } else {
                     self.placement(kpid, pinned)
                 };
+                if place != 0 && place != self.cfg.node_id {
+                    // Until its RemoteExec is through, a process holding
+                    // the other end of one of its pipes waits for it.
+                    if let Some(p) = self.procs().get_mut(gpid) {
+                        p.placing = true;
+                    }
+                }
                 Ok(Response::Hello {
                     gpid,
                     node: self.cfg.node_id,
@@ -757,6 +764,7 @@ impl Agent {
                 optional,
             } => self.stream_freeze(who, conns, pipes, unix, optional).await,
             Request::StreamFrozen { ids } => self.stream_frozen(&ids),
+            Request::ShadowRelays(relays) => self.shadow_relays(who, relays).await,
             Request::StreamDrained {
                 id,
                 pending,

@@ -12,8 +12,9 @@ use tarpc::tokio_serde::formats::Bincode;
 use tarpc::tokio_util::codec::LengthDelimitedCodec;
 use tokio::net::TcpStream;
 
-/// Largest frame between agents.
-const MAX_FRAME: usize = 16 * 1024 * 1024;
+/// Largest frame between agents (a spawn carries what was in its
+/// program's pipes and relays when they are handed over: a few MiB).
+const MAX_FRAME: usize = 64 * 1024 * 1024;
 
 /// What a heartbeat carries both ways: the sender's state and the members
 /// it knows (so a node that joined through one seed learns everyone).

@@ -43,6 +43,9 @@ pub struct Proc {
     /// Restored by a post-copy migration whose pages may still be coming
     /// (its userfaultfd and migration stream are open until then).
     pub postcopy: bool,
+    /// Told to run on another node, not yet started there (its shadow's
+    /// `RemoteExec` under way): its standard fds are about to move.
+    pub placing: bool,
 }
 
 /// What `/proc/<pid>/stat` says about a process.
@@ -300,6 +303,7 @@ impl ProcTable {
                         command: None,
                         restoring: false,
                         postcopy: false,
+                        placing: false,
                     },
                 );
                 self.by_kpid.insert(kpid, g);
@@ -385,6 +389,7 @@ impl ProcTable {
                 command: None,
                 restoring: false,
                 postcopy: false,
+                placing: false,
             },
         );
         self.by_kpid.insert(kpid, g);

@@ -75,6 +75,18 @@ impl Agent {
         who: Caller,
         spec: RemoteExec,
     ) -> Result<i32, ErrorReply> {
+        let r = self.remote_exec_inner(who, spec).await;
+        // Started there (a shadow now) or running here: settled either way.
+        let mut t = self.procs();
+        if let Some(g) = t.translate(who.pid) {
+            if let Some(p) = t.get_mut(g) {
+                p.placing = false;
+            }
+        }
+        r
+    }
+
+    async fn remote_exec_inner(&self, who: Caller, spec: RemoteExec) -> Result<i32, ErrorReply> {
         if who.pid <= 0 {
             return Err(err(
                 libc::EPERM,
@@ -156,7 +168,7 @@ impl Agent {
     /// on `spec.from`. Answers its kernel pid here and its gpid.
     pub(super) async fn spawn_here(
         self: &Arc<Self>,
-        spec: SpawnSpec,
+        mut spec: SpawnSpec,
     ) -> Result<(i32, i32), ErrorReply> {
         tracing::debug!("pid {}: spawn request from node {}", spec.gpid, spec.from);
         if spec.exec.token.len() != 16 {
@@ -212,6 +224,8 @@ impl Agent {
                         .into(),
                 ),
                 StdioKind::Closed => None,
+                // Attached below, once nothing else can fail.
+                StdioKind::Stream { .. } | StdioKind::Alias(_) => None,
                 StdioKind::File(f) => {
                     let (fd, keep) = open_stdin_file(f, self.node_id())?;
                     stdin_file = Some(keep);
@@ -319,6 +333,60 @@ impl Agent {
             ));
         }
         cmd.current_dir(&cwd);
+        if spec
+            .exec
+            .stdio
+            .iter()
+            .any(|k| matches!(k, StdioKind::Stream { .. }))
+        {
+            // Checked before taking the streams (spawn would say it too
+            // late: the other ends' new connections would be lost).
+            use std::os::unix::fs::PermissionsExt;
+            let runnable = std::fs::metadata(&exe)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+            if !runnable {
+                return Err(err(
+                    libc::ENOENT,
+                    format!(
+                        "node {}: {} is not an executable file here",
+                        self.node_id(),
+                        std::path::Path::new(&exe).display()
+                    ),
+                ));
+            }
+        }
+        // Pipes handed over by the shadow: this node connects to the
+        // process at their other end (no relay), refilled with what was in
+        // the pipe for the program. Last: attaching takes the other end's
+        // new connection, which a failure here would lose.
+        let mut pipe_fds: Vec<String> = Vec::new();
+        for i in 0..fds.len().min(3) {
+            if let StdioKind::Stream {
+                id,
+                node,
+                pending,
+                wr_shut,
+            } = &mut spec.exec.stdio[i]
+            {
+                let (_, mut v) = self
+                    .stream_attach(*id, *node, std::mem::take(pending), *wr_shut, true)
+                    .await?;
+                fds[i] = v.pop();
+                pipe_fds.push(i.to_string());
+            }
+        }
+        for i in 0..fds.len().min(3) {
+            if let StdioKind::Alias(j) = spec.exec.stdio[i] {
+                fds[i] = fds
+                    .get(j as usize)
+                    .and_then(|f| f.as_ref())
+                    .and_then(|f| f.try_clone().ok());
+                pipe_fds.push(i.to_string());
+            }
+        }
+        if !pipe_fds.is_empty() {
+            cmd.env(libkrg::streams::placed::PIPE_FDS_ENV, pipe_fds.join(","));
+        }
         let mut closed = Vec::new();
         for (i, f) in fds.into_iter().enumerate() {
             let stdio = match f {

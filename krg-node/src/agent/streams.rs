@@ -272,8 +272,24 @@ pub enum End {
     Unix { ino: u64, mover: i32 },
 }
 
-/// The holder of one end: `(gpid, kernel pid, fds)`, or what else it is.
-type Found = Result<(i32, i32, Vec<i32>), StreamPeer>;
+/// The holder of one end: `(gpid, kernel pid, fds, node)`, `node` set when
+/// it is a shadow relaying the end to its program there; or what else it
+/// is.
+type Found = Result<(i32, i32, Vec<i32>, Option<u32>), StreamPeer>;
+/// What a shadow's relays connect: `(fd, local, peer)` of each.
+type Relays = Vec<(i32, String, String)>;
+
+/// A shadow asked to hand one of its relays over: it answers with its
+/// relays, then waits for the go (the fd to let go of) or a refusal.
+#[derive(Debug)]
+pub struct Release {
+    relays_tx: tokio::sync::oneshot::Sender<Relays>,
+    go_rx: tokio::sync::oneshot::Receiver<Result<i32, String>>,
+}
+
+/// Longest wait for a process being placed elsewhere to be started there,
+/// or for a program just started to take signal 62.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Where the staying peer's end of a new connection is sent.
 type FdSender = tokio::sync::oneshot::Sender<std::os::fd::OwnedFd>;
 
@@ -293,11 +309,17 @@ pub struct Held {
 pub struct Moving {
     held: std::sync::Mutex<HashMap<u64, Held>>,
     next: std::sync::atomic::AtomicU64,
+    /// Shadows asked to hand a relay over, by kernel pid.
+    releases: std::sync::Mutex<HashMap<i32, Release>>,
 }
 
 impl Moving {
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn releases(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Release>> {
+        self.releases.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -685,14 +707,160 @@ impl Agent {
                 self.node_id()
             ))
         })?;
-        // A shadow relays the standard fds of a process that left: that
-        // connection stays (it leads to what the shadow holds).
-        if self.procs().get(g).is_some_and(|p| p.running_on.is_some()) {
+        // A shadow relays the standard fds of a program that runs
+        // elsewhere: a pipe it relays from one fd is handed over to that
+        // program; anything else stays (it leads to what the shadow holds).
+        if let Some(node) = self.procs().get(g).and_then(|p| p.running_on) {
+            if link.starts_with("pipe:") && fds.len() == 1 {
+                return Ok((g, kpid, fds, Some(node)));
+            }
             return Err(StreamPeer::Foreign(format!(
                 "{what}: its other end is the shadow of pid {g}, which relays it"
             )));
         }
-        Ok((g, kpid, fds))
+        // Signal 62 would kill a process without libkrg's handler (not yet
+        // installed, or a program that does not load it).
+        if !super::checkpoint::catches(kpid, libkrg::proto::CKPT_SIGNAL) {
+            return Err(StreamPeer::Foreign(format!(
+                "{what}: its other end's process (pid {g}) does not take part (libkrg's signal handler is not installed)"
+            )));
+        }
+        Ok((g, kpid, fds, None))
+    }
+
+    /// Before the holders of `links` are judged: wait (a little) for those
+    /// not ready to take part yet. A process being placed on another node
+    /// is waited for until it runs there (its end is then its shadow's
+    /// relay), if it came before the mover (two placed at once must not
+    /// wait for each other); a program not started yet (started for a
+    /// shadow, restored, or exec'd by a child that has not said Hello),
+    /// until it catches signal 62 (it would die of it before) or is being
+    /// placed itself.
+    async fn settle(
+        &self,
+        links: &[Result<(String, String, i32), String>],
+        all: &HashMap<String, Vec<(i32, i32)>>,
+    ) {
+        let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+        for (_, link, mover) in links.iter().flatten() {
+            let mover_g = (*mover != 0)
+                .then(|| self.procs().translate(*mover))
+                .flatten();
+            for (kpid, _) in all.get(link).into_iter().flatten() {
+                if *kpid == *mover {
+                    continue;
+                }
+                loop {
+                    let ready = {
+                        let t = self.procs();
+                        match t.translate(*kpid).and_then(|g| t.get(g)) {
+                            None => true,
+                            Some(p) if p.placing => mover_g.is_none_or(|m| p.gpid >= m),
+                            Some(p) if p.running_on.is_some() => true,
+                            // Not started yet: a program started for a
+                            // shadow, an image being restored, a child that
+                            // exec'd and has not said Hello (a forked one
+                            // still has its parent's handler).
+                            Some(p) => {
+                                use libkrg::caps::Caps;
+                                let will_catch = p.caps_eff.contains(Caps::MIGRATE)
+                                    || p.caps_eff.contains(Caps::CHECKPOINT);
+                                !(will_catch && (p.skip_place || p.restoring || !p.greeted))
+                                    || super::checkpoint::catches(*kpid, libkrg::proto::CKPT_SIGNAL)
+                            }
+                        }
+                    };
+                    if ready || tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+            }
+        }
+    }
+
+    /// Have shadow `g` (kernel pid `kpid`) hand over its relay of fd `fd`
+    /// to its program on `node`: the program's end of the relay is held
+    /// there like the peer of a moving connection, and the shadow sends on
+    /// what it still has, then closes its end. `Relayed` (the program's
+    /// end, held) or why not (the relay goes on).
+    async fn release_relay(self: &Arc<Self>, g: i32, kpid: i32, fd: i32, node: u32) -> StreamPeer {
+        let what = format!("fd {fd} of pid {g}'s shadow");
+        let (relays_tx, relays_rx) = tokio::sync::oneshot::channel();
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel();
+        {
+            let mut r = self.moving.releases();
+            if r.contains_key(&kpid) {
+                return StreamPeer::Foreign(format!("{what}: already being handed over"));
+            }
+            r.insert(kpid, Release { relays_tx, go_rx });
+        }
+        // SAFETY: a signal to a process of this node (the shadow reads it
+        // from its signalfd).
+        if unsafe { libc::kill(kpid, libkrg::proto::CKPT_SIGNAL) } != 0 {
+            self.moving.releases().remove(&kpid);
+            return StreamPeer::Foreign(format!("{what}: the shadow is gone"));
+        }
+        let relays = match tokio::time::timeout(SETTLE_TIMEOUT, relays_rx).await {
+            Ok(Ok(r)) => r,
+            _ => {
+                self.moving.releases().remove(&kpid);
+                return StreamPeer::Foreign(format!("{what}: the shadow did not answer"));
+            }
+        };
+        let refuse = |go_tx: tokio::sync::oneshot::Sender<Result<i32, String>>, why: String| {
+            let _ = go_tx.send(Err(why.clone()));
+            StreamPeer::Foreign(why)
+        };
+        let Some((_, local, peer)) = relays.into_iter().find(|(f, _, _)| *f == fd) else {
+            return refuse(go_tx, format!("{what}: not relayed (any more)"));
+        };
+        // The program's end, as it sees it.
+        let end = End::Tcp(peer, local);
+        let held = match self.client(node).await {
+            Ok(c) => c
+                .stream_hold(super::ctx(), vec![end], true)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.msg)),
+            Err(e) => Err(e.msg),
+        };
+        match held.as_deref() {
+            Ok([StreamPeer::Held { id, node }]) => {
+                let _ = go_tx.send(Ok(fd));
+                StreamPeer::Relayed {
+                    id: *id,
+                    node: *node,
+                }
+            }
+            Ok([StreamPeer::Foreign(why)]) => refuse(go_tx, format!("{what}: {why}")),
+            Ok(other) => refuse(go_tx, format!("{what}: its program's end: {other:?}")),
+            Err(e) => refuse(go_tx, format!("{what}: node {node}: {e}")),
+        }
+    }
+
+    /// `ShadowRelays` from a shadow told to hand a relay over: its relays
+    /// go to the waiting [`Agent::release_relay`], and it gets the fd to
+    /// let go of once its program's end is held.
+    pub(crate) async fn shadow_relays(
+        &self,
+        who: Caller,
+        relays: Relays,
+    ) -> Result<Response, ErrorReply> {
+        let r = self.moving.releases().remove(&who.pid).ok_or_else(|| {
+            err(
+                libc::ENOENT,
+                "no relay of this process is being handed over",
+            )
+        })?;
+        r.relays_tx
+            .send(relays)
+            .map_err(|_| err(libc::ECANCELED, "the hand-over was given up"))?;
+        match tokio::time::timeout(HANDOVER_TIMEOUT, r.go_rx).await {
+            Ok(Ok(Ok(fd))) => Ok(Response::Release(fd)),
+            Ok(Ok(Err(why))) => Err(err(libc::EAGAIN, why)),
+            _ => Err(err(libc::ECANCELED, "the hand-over was given up")),
+        }
     }
 
     /// At the staying peers' node: freeze the SSI processes holding the
@@ -715,6 +883,8 @@ impl Agent {
         })
         .await
         .map_err(|e| err(libc::EIO, format!("looking for the streams' ends: {e}")))?;
+        // (Instant the second time, after a check.)
+        self.settle(&links, &all).await;
         let found: Vec<Found> = links
             .iter()
             .map(|l| match l {
@@ -737,7 +907,11 @@ impl Agent {
         let mut orders: HashMap<i32, (i32, Vec<(i32, u64)>)> = HashMap::new();
         for f in &found {
             let (g, kpid, fds) = match f {
-                Ok(p) => p,
+                Ok((g, kpid, fds, Some(node))) => {
+                    out.push(self.release_relay(*g, *kpid, fds[0], *node).await);
+                    continue;
+                }
+                Ok((g, kpid, fds, None)) => (g, kpid, fds),
                 Err(h) => {
                     out.push(h.clone());
                     continue;
@@ -967,8 +1141,9 @@ impl Agent {
         let what = format!("stream {id:#x} on this node");
         let (ftx, (theirs, their_wr)) = self.handover(id, &what).await?;
         // The reader shut its side for writing (it never writes), and
-        // nothing can be in flight for the writer.
-        if pipe && wr_shut != their_wr {
+        // nothing can be in flight for the writer (whose end may have been
+        // a shadow's relay, which says nothing of shutting).
+        if pipe && !(wr_shut && their_wr) {
             let (reads, writes) = if wr_shut {
                 (&pending, &theirs)
             } else {

@@ -309,6 +309,24 @@ pub fn read_line(child: &mut Child) -> String {
     line.trim().to_string()
 }
 
+/// Bytes received plus sent on `node`'s network interface so far.
+pub fn eth0_bytes(c: &Cluster, node: u32) -> u64 {
+    let out = c.plain(node, &["cat", "/proc/net/dev"]).output().unwrap();
+    let t = text(&out.stdout);
+    let l = t
+        .lines()
+        .find(|l| l.trim_start().starts_with("eth0:"))
+        .unwrap_or_else(|| panic!("no eth0 on node {node}: {t}"));
+    let w: Vec<u64> = l
+        .split_once(':')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    w[0] + w[8]
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

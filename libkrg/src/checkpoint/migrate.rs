@@ -168,10 +168,17 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
     // What each stream became; the first error is kept (every stream
     // frozen must still be handed over).
     let mut failed: Option<String> = None;
+    // Streams whose other end was a shadow's relay: a pipe read here is read
+    // to its end (the shadow writes what it still had, then closes it).
+    let mut relayed: Vec<u64> = Vec::new();
     for ((idx, p), opt) in groups.iter().zip(&peers).zip(optional) {
         let first = idx[0];
         match p {
             StreamPeer::Held { id, node } => as_connection(fds, idx, *id, *node),
+            StreamPeer::Relayed { id, node } => {
+                relayed.push(*id);
+                as_connection(fds, idx, *id, *node)
+            }
             _ if opt => {
                 for i in idx.iter() {
                     fds[*i].kind = FdKind::Relay;
@@ -221,6 +228,15 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
             continue;
         };
         if *id == 0 || *alias_of >= 0 {
+            continue;
+        }
+        if relayed.contains(id) && moving::is_pipe(f.fd) && moving::pipe_reads(f.fd) {
+            let (p, e) = crate::streams::placed::drain_pipe_to_eof(f.fd);
+            *pending = p;
+            *wr_shut = true;
+            if let Some(e) = e {
+                failed.get_or_insert(e);
+            }
             continue;
         }
         match moving::drain(f.fd) {

@@ -4,11 +4,13 @@
 //! SSI process binds to `127.0.0.1:P`, `::1` or the wildcard address on one
 //! node is reachable at `127.0.0.1:P` from SSI processes on every node, and
 //! a port held anywhere in the cluster cannot be bound again elsewhere
-//! (`EADDRINUSE`), as on one machine. Moving stream ends with their process
-//! comes next.
+//! (`EADDRINUSE`), as on one machine. Stream ends move with a migrated
+//! process ([`moving`]), and the pipes of a program placed on another node
+//! connect it directly to the process at their other end ([`placed`]).
 
 pub mod loopback;
 pub mod moving;
+pub mod placed;
 
 pub use loopback::{accept, bind, connect, getsockname, listen};
 
