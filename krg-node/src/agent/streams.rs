@@ -380,10 +380,16 @@ fn tcp_inode(
 /// (`socket:[N]`, `pipe:[N]`), by link: one walk of /proc for all.
 fn holders(want: &[String]) -> HashMap<String, Vec<(i32, i32)>> {
     let mut out: HashMap<String, Vec<(i32, i32)>> = HashMap::new();
+    // Not the agent's own fds (its many sockets are most of the walk; a
+    // stream it holds is in a hand-over, never a process's end).
+    let me = std::process::id() as i32;
     for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
+        if pid == me {
+            continue;
+        }
         for f in std::fs::read_dir(p.path().join("fd"))
             .into_iter()
             .flatten()
@@ -871,8 +877,9 @@ impl Agent {
         ends: Vec<End>,
         commit: bool,
     ) -> Result<Vec<StreamPeer>, ErrorReply> {
+        let ends_are_local = !ends.iter().any(|e| matches!(e, End::Tcp(..)));
         // One read of the TCP table and one walk of /proc for every end.
-        let (links, all) = tokio::task::spawn_blocking(move || {
+        let find = move || {
             let links = links_of(&ends);
             let want: Vec<String> = links
                 .iter()
@@ -880,9 +887,17 @@ impl Agent {
                 .collect();
             let all = holders(&want);
             (links, all)
-        })
-        .await
-        .map_err(|e| err(libc::EIO, format!("looking for the streams' ends: {e}")))?;
+        };
+        let (links, all) = if ends_are_local {
+            // A walk of this node's few processes (~0.1 ms): cheaper here
+            // than a wake-up of the blocking pool (a placed program's
+            // stdio pipes are looked up on every remote exec).
+            find()
+        } else {
+            tokio::task::spawn_blocking(find)
+                .await
+                .map_err(|e| err(libc::EIO, format!("looking for the streams' ends: {e}")))?
+        };
         // (Instant the second time, after a check.)
         self.settle(&links, &all).await;
         let found: Vec<Found> = links
