@@ -6,8 +6,9 @@
 //! - spawn + wait of `/bin/true`: plain fork+exec (no library), an SSI
 //!   program on the same node, and an SSI program placed on the other node
 //!   (remote exec through a shadow);
-//! - a pipe's throughput: plain, SSI on one node, and with the writer on the
-//!   other node (relayed by its shadow, one TCP hop);
+//! - a pipe's throughput: plain, SSI on one node, and with the writer
+//!   placed on the other node (the pipe handed over: one TCP connection
+//!   between the two nodes, no relay);
 //! - the cost of hooked libc calls (getpid, getppid, a passed-through kill)
 //!   with and without the library;
 //! - live migration of a process holding 1 MiB to 2 GiB, post-copy and
@@ -520,7 +521,7 @@ fn measure(quick: bool) -> Result<i32> {
         pl / pp
     );
     println!(
-        "  SSI, writer on other node    {pr:8.0} MB/s   {:.2}x same-node SSI",
+        "  SSI, writer on other node    {pr:8.0} MB/s   {:.2}x same-node SSI (a connection between the nodes)",
         pr / pl
     );
 
