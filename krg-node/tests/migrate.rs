@@ -196,6 +196,68 @@ raise SystemExit(7)' & a=$!
 }
 
 #[test]
+fn a_shell_migrated_twice_still_waits_for_the_children_it_left_behind() {
+    let c = Cluster::up(3, 1.0);
+    // The shell waits in `wait` for both while it moves; its children stay
+    // on node 1.
+    let script = r#"
+        sleep 100 & a=$!
+        /usr/bin/python3 -c 'import signal, sys
+signal.signal(signal.SIGUSR1, lambda *x: sys.exit(7))
+while True: signal.pause()' & b=$!
+        echo "started $$ $a $b"
+        wait $a; echo "a $?"
+        wait $b; echo "b $?"
+    "#;
+    let mut p = c
+        .cmd(1, &["sh", "-c", script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = read_line(&mut p);
+    let ids: Vec<&str> = line.split_whitespace().skip(1).collect();
+    assert_eq!(ids.len(), 3, "{line}");
+    let (sh, a, b) = (ids[0], ids[1], ids[2]);
+    let sh_pid: i64 = sh.parse().unwrap();
+    // Python ready for its signal.
+    assert!(wait_for(Duration::from_secs(10), || find(
+        &c,
+        "/usr/bin/python3 -c"
+    )
+    .is_some()));
+    migrate(&c, 1, sh_pid, 2);
+    migrate(&c, 3, sh_pid, 3);
+    let where_ = |g: &str| {
+        c.ps(2)
+            .iter()
+            .find(|p| p["pid"].as_i64().map(|x| x.to_string()).as_deref() == Some(g))
+            .and_then(|p| p["node"].as_u64())
+    };
+    assert_eq!(where_(sh), Some(3));
+    assert_eq!(where_(a), Some(1), "the children stay where they run");
+    assert_eq!(where_(b), Some(1));
+    // Signals by gpid still reach them, from any node; their ends reach
+    // the shell through both hops.
+    let k = c.krg(2, &["kill", "-TERM", a]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    let k = c.krg(3, &["kill", "-USR1", b]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    let out = p.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        vec!["a 143", "b 7"],
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(out.status.success());
+    // Nothing left standing for them.
+    for n in 1..=3 {
+        let left = c.plain(n, &["pgrep", "-f", "krg-child"]).output().unwrap();
+        assert!(left.stdout.is_empty(), "node {n}: {}", text(&left.stdout));
+    }
+}
+
+#[test]
 fn migrate_refusals_leave_the_process_alone() {
     let c = Cluster::up(2, 1.0);
     let mut p = c
@@ -232,8 +294,8 @@ fn migrate_refusals_leave_the_process_alone() {
         "{}",
         text(&refused.stderr)
     );
-    // A parent cannot leave its children behind (their kernel ids stay
-    // on this node): refused, not half done.
+    // A checkpoint that ends a parent would orphan its children: refused,
+    // not half done (migrating it is fine: see the next test).
     let parent = c
         .ps(1)
         .iter()
@@ -242,9 +304,9 @@ fn migrate_refusals_leave_the_process_alone() {
         .filter(|pp| *pp > 1)
         .map(|pp| pp.to_string());
     if let Some(sh) = parent {
-        let r = c.krg(1, &["migrate", &sh, "2"]);
+        let r = c.krg(1, &["checkpoint", &sh, "-o", "/tmp/krg-refused", "--kill"]);
         assert!(!r.status.success());
-        assert!(text(&r.stderr).contains("child"), "{}", text(&r.stderr));
+        assert!(text(&r.stderr).contains("orphan"), "{}", text(&r.stderr));
     }
     let nobody = c.krg_as_nobody(1, &["migrate", &pid, "2"]);
     assert!(!nobody.status.success());

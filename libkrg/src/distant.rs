@@ -574,7 +574,10 @@ fn signalfd_forwarded() -> Option<OwnedFd> {
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     unsafe { libc::sigemptyset(&mut set) };
-    for s in FORWARDED.iter().chain(&[crate::proto::CKPT_SIGNAL]) {
+    for s in FORWARDED
+        .iter()
+        .chain(&[crate::proto::CKPT_SIGNAL, libc::SIGCHLD])
+    {
         // SAFETY: adds a valid signal number to our set.
         unsafe { libc::sigaddset(&mut set, *s) };
     }
@@ -630,6 +633,13 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
         exit_like(libc::SIGKILL)
     };
     let sfd = signalfd_forwarded();
+    // Children of the program before it moved stay here, this process's:
+    // their ends go to the program (SIGCHLD must not be ignored, or they
+    // would vanish unseen). Some may have ended already.
+    // SAFETY: the default disposition for SIGCHLD (it is blocked and read
+    // from the signalfd).
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+    crate::checkpoint::children::reap_and_report();
     let mut status: Option<i32> = None;
     // The wait status, then where the program left a file stdin (-1: none).
     let mut ctl_buf = [0u8; 12];
@@ -741,6 +751,8 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
                 };
                 if n == sz as isize && si.ssi_signo as i32 == crate::proto::CKPT_SIGNAL {
                     release_asked(&mut pipes);
+                } else if n == sz as isize && si.ssi_signo as i32 == libc::SIGCHLD {
+                    crate::checkpoint::children::reap_and_report();
                 } else if n == sz as isize {
                     let sig = si.ssi_signo as i32;
                     forward(gpid, sig);
@@ -770,7 +782,7 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
 }
 
 /// Die of `sig` so the parent's wait sees the same end as the program's.
-fn exit_like(sig: i32) -> ! {
+pub(crate) fn exit_like(sig: i32) -> ! {
     // SAFETY: default disposition, unblock, raise: the process dies of sig.
     unsafe {
         libc::signal(sig, libc::SIG_DFL);

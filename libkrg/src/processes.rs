@@ -187,6 +187,12 @@ pub fn after_fork_child() {
     rt::after_fork_child();
 }
 
+/// `k` is this process's kernel child standing for gpid `g` (a child
+/// shadow, started after a restore).
+pub fn note_child(k: pid_t, g: pid_t) {
+    CHILDREN.insert(k, g);
+}
+
 /// In a restored image: the kernel pid is new and this node's agent
 /// registered it (under the image's gpid, or a new one if that is taken);
 /// cached translations of the old node's kernel ids mean nothing here.

@@ -84,6 +84,18 @@ pub enum Request {
     /// The caller's identity, as `Hello` gives it (`place` 0), without
     /// registering: a restored process asks after its memory came back.
     Whoami,
+    /// From a restored process: the gpids of the children it had where it
+    /// was captured (they stayed there). Answered with `Children`.
+    MovedChildren,
+    /// From a process the restored one started to stand for its child
+    /// `gpid` (its *child shadow*): register it as that child here and
+    /// answer, once the child has ended where it runs, with `WaitStatus` (its
+    /// raw wait status).
+    ChildShadow { gpid: i32 },
+    /// From a shadow: its kernel child `kpid` (a child of the program
+    /// before it moved, or a child shadow) ended with wait status `status`
+    /// (not reaped yet). Answered with `Ok`.
+    ChildExited { kpid: i32, status: i32 },
     /// Checkpoint a process (the `krg checkpoint` command): its image goes
     /// to `dir` (a path visible on the node where it runs). `kill`: the
     /// process ends once the image is complete.
@@ -508,6 +520,10 @@ pub enum Response {
         place: u32,
     },
     Pid(i32),
+    /// Answer to `MovedChildren`.
+    Children(Vec<i32>),
+    /// Answer to `ChildShadow`: a raw wait status.
+    WaitStatus(i32),
     Ok,
     Err(ErrorReply),
     Ps(Vec<ProcInfo>),

@@ -203,6 +203,10 @@ fn initialise() -> Mode {
         // SAFETY: ends this process.
         unsafe { libc::_exit(127) };
     }
+    if let Ok(spec) = std::env::var(crate::checkpoint::children::CHILD_SHADOW_ENV) {
+        // Started by a restored parent to stand for one of its children.
+        crate::checkpoint::children::child_shadow(&spec);
+    }
     if let Some(image) = std::env::var_os(crate::checkpoint::restore::RESTORE_ENV) {
         // This process exists to become the image: never returns.
         crate::checkpoint::restore::run(&image);

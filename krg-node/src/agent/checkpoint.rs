@@ -274,12 +274,15 @@ impl Agent {
                 format!("pid {g}: shared memory segment {shmid} (krg DSM) is attached: processes using cluster shared memory are not migratable yet"),
             ));
         }
-        if migrate || order.kill {
+        // A migrating parent leaves its children here (they are waited for
+        // from its new node through its shadow: see `children`); a killed
+        // one would orphan them.
+        if order.kill {
             if let Some(child) = first_child(kpid) {
                 return Err(err(
                     libc::EBUSY,
                     format!(
-                        "pid {g} has child processes (kernel pid {child} here): a parent cannot move away from its children yet"
+                        "pid {g} has child processes (kernel pid {child} here): a checkpoint that ends the parent would orphan them (checkpoint it without --kill, or migrate it)"
                     ),
                 ));
             }
@@ -520,6 +523,7 @@ impl Agent {
             vpgid: 0,
             shadow: SocketAddr::new(self.cfg.advertise.ip(), req.exec.port),
             restore: Some(req.image.clone()),
+            children: Vec::new(),
             exec: req.exec,
         };
         let started = Instant::now();

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod balance;
 pub mod checkpoint;
+pub mod children;
 pub mod config;
 pub mod dsm;
 pub mod dsm_link;
@@ -103,6 +104,9 @@ pub struct Agent {
     ports: streams::Ports,
     /// TCP connections whose other end is moving (see `streams`).
     moving: streams::Moving,
+    /// Ends of children that run elsewhere, for their child shadows here
+    /// (see `children`).
+    child_ends: children::Ends,
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -136,6 +140,7 @@ impl Agent {
             links: Mutex::new(HashMap::new()),
             ports: streams::Ports::default(),
             moving: streams::Moving::default(),
+            child_ends: children::Ends::default(),
             cpus,
             cfg,
         })
@@ -765,6 +770,9 @@ impl Agent {
             } => self.stream_freeze(who, conns, pipes, unix, optional).await,
             Request::StreamFrozen { ids } => self.stream_frozen(&ids),
             Request::ShadowRelays(relays) => self.shadow_relays(who, relays).await,
+            Request::MovedChildren => self.moved_children(who),
+            Request::ChildShadow { gpid } => self.child_shadow(who, gpid).await,
+            Request::ChildExited { kpid, status } => self.child_exited(who, kpid, status).await,
             Request::StreamDrained {
                 id,
                 pending,
@@ -1021,6 +1029,10 @@ impl Peer for PeerServer {
 
     async fn set_location(self, _: context::Context, g: i32, node: u32) {
         self.0.procs().set_location(g, node);
+    }
+
+    async fn child_exited(self, _: context::Context, g: i32, status: i32) {
+        self.0.child_ended(g, status);
     }
 
     // --- scheduling ---

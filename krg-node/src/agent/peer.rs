@@ -68,6 +68,9 @@ pub trait Peer {
     ) -> Result<libkrg::proto::CkptDoneInfo, ErrorReply>;
     /// The callee is the origin node of `gpid`: it now runs on `node`.
     async fn set_location(gpid: i32, node: u32);
+    /// Child `gpid` of a process that moved to the callee ended with wait
+    /// status `status` (its child shadow there ends likewise).
+    async fn child_exited(gpid: i32, status: i32);
     // --- scheduling ---
     /// The scheduling policy in force on the callee, with its text (a node
     /// whose heartbeat showed an older version fetches it).

@@ -46,6 +46,10 @@ pub struct Proc {
     /// Told to run on another node, not yet started there (its shadow's
     /// `RemoteExec` under way): its standard fds are about to move.
     pub placing: bool,
+    /// A restored process: the children it had where it was captured
+    /// (gpids), which it may start child shadows for, and that node.
+    pub adopt: Vec<i32>,
+    pub adopt_from: u32,
 }
 
 /// What `/proc/<pid>/stat` says about a process.
@@ -304,6 +308,8 @@ impl ProcTable {
                         restoring: false,
                         postcopy: false,
                         placing: false,
+                        adopt: Vec::new(),
+                        adopt_from: 0,
                     },
                 );
                 self.by_kpid.insert(kpid, g);
@@ -390,6 +396,8 @@ impl ProcTable {
                 restoring: false,
                 postcopy: false,
                 placing: false,
+                adopt: Vec::new(),
+                adopt_from: 0,
             },
         );
         self.by_kpid.insert(kpid, g);

@@ -47,6 +47,9 @@ pub struct SpawnSpec {
     /// image's, `KRG_RESTORE` tells libkrg. A `gpid` of 0 then asks for a
     /// new gpid from the target node.
     pub restore: Option<Vec<u8>>,
+    /// A migration: the gpids of the mover's children (they stay where
+    /// they run; the restored process stands a child shadow for each).
+    pub children: Vec<i32>,
 }
 
 /// Effective uid, effective gid and supplementary groups of a local pid.
@@ -131,6 +134,19 @@ impl Agent {
         };
         let (uid, gid, groups) = creds(who.pid)
             .ok_or_else(|| err(libc::ESRCH, format!("pid {g}: cannot read its credentials")))?;
+        // A migrating parent: its children stay here, each to be stood for
+        // by a child shadow there.
+        let children = if spec.restore {
+            let t = self.procs();
+            super::children::children_gpids(who.pid, |k| t.translate(k)).map_err(|k| {
+                err(
+                    libc::EBUSY,
+                    format!("pid {g}: its child (kernel pid {k} here) is not an SSI process: it could not be waited for from another node"),
+                )
+            })?
+        } else {
+            Vec::new()
+        };
         let full = SpawnSpec {
             gpid: g,
             from: self.node_id(),
@@ -144,6 +160,7 @@ impl Agent {
             vpgid,
             shadow: SocketAddr::new(self.cfg.advertise.ip(), spec.port),
             restore: None,
+            children,
             exec: spec,
         };
         let c = self.client(node).await?;
@@ -501,6 +518,8 @@ impl Agent {
                         // It runs libkrg (the image did), and never says
                         // Hello: it asks Whoami.
                         if let Some(p) = t.get_mut(g) {
+                            p.adopt = spec.children.clone();
+                            p.adopt_from = spec.from;
                             p.greeted = true;
                             p.restoring = true;
                             p.postcopy = uffd_fd >= 0;

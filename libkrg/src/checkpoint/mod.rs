@@ -26,6 +26,7 @@
 pub mod alloc;
 pub mod arch;
 pub mod capture;
+pub mod children;
 pub mod image;
 mod migrate;
 mod postcopy;
@@ -457,18 +458,6 @@ pub fn migrate_self(node: u32) -> Result<(), (i32, String)> {
     if node == crate::processes::node_id() {
         return Err((libc::EINVAL, format!("already on node {node}")));
     }
-    // As the agent refuses for `krg migrate`: children stay behind.
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for t in tasks.flatten() {
-            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-            if let Some(k) = kids.split_whitespace().next() {
-                return Err((
-                    libc::EBUSY,
-                    format!("this process has children (kernel pid {k}): a parent cannot move away from them yet"),
-                ));
-            }
-        }
-    }
     capture_self(Order {
         action: CkptAction::Migrate,
         path: Vec::new(),
@@ -772,6 +761,9 @@ fn after_restore() {
     let _ = alloc::restart_after_restore();
     crate::streams::moving::bind_after_restore();
     crate::processes::after_restore();
+    // The children it had stayed where they run: a child shadow here for
+    // each, before any thread of the program can wait for them.
+    children::adopt();
     let others = NSLOTS.load(Ordering::Acquire).saturating_sub(1) as u32;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -1,0 +1,189 @@
+//! The children of a migrated process, the agent's side (see libkrg's
+//! `checkpoint::children` and docs/architecture/checkpoint.md, "A parent
+//! and its children").
+//!
+//! The source agent lists the mover's children (by gpid) in the spawn
+//! request; the target lets the restored process start a child shadow for
+//! each of them, and no other. A shadow reports each kernel child that
+//! ends (`ChildExited`); the report goes to the node its program went to,
+//! whose child shadow for that gpid ends the same way. A report that comes
+//! before its child shadow waits for it.
+
+use super::{err, Agent, Caller};
+use libkrg::proto::{ErrorReply, Response};
+use std::collections::HashMap;
+
+/// Ends reported before their child shadow asked (bounded: a report whose
+/// child shadow never comes must not stay forever).
+const MAX_EARLY: usize = 4096;
+
+/// What is known here of the end of a child that runs elsewhere.
+#[derive(Debug)]
+enum End {
+    /// Reported: its wait status.
+    Ended(i32),
+    /// Its child shadow waits.
+    Awaited(tokio::sync::oneshot::Sender<i32>),
+}
+
+/// Child ends by gpid.
+#[derive(Debug, Default)]
+pub struct Ends(std::sync::Mutex<HashMap<i32, End>>);
+
+impl Ends {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, End>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Gpids of the live kernel children of local process `kpid`, or the first
+/// that is not an SSI process.
+pub(super) fn children_gpids(
+    kpid: i32,
+    translate: impl Fn(i32) -> Option<i32>,
+) -> Result<Vec<i32>, i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{kpid}/task")) else {
+        return Ok(out);
+    };
+    for t in tasks.flatten() {
+        let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for k in kids
+            .split_whitespace()
+            .filter_map(|k| k.parse::<i32>().ok())
+        {
+            out.push(translate(k).ok_or(k)?);
+        }
+    }
+    Ok(out)
+}
+
+impl Agent {
+    /// `MovedChildren` from a restored process.
+    pub(super) fn moved_children(&self, who: Caller) -> Result<Response, ErrorReply> {
+        let t = self.procs();
+        let p = t
+            .translate(who.pid)
+            .and_then(|g| t.get(g))
+            .ok_or_else(|| err(libc::EPERM, "not an SSI process"))?;
+        Ok(Response::Children(p.adopt.clone()))
+    }
+
+    /// `ChildShadow`: the caller stands for child `g` of its parent, a
+    /// restored process that had that child where it was captured; answered
+    /// with the child's wait status once it has ended.
+    pub(super) async fn child_shadow(&self, who: Caller, g: i32) -> Result<Response, ErrorReply> {
+        let st =
+            super::procs::read_stat(who.pid).ok_or_else(|| err(libc::ESRCH, "caller exited"))?;
+        {
+            let mut t = self.procs();
+            let parent = t
+                .translate(st.ppid)
+                .ok_or_else(|| err(libc::EPERM, "the caller's parent is not an SSI process"))?;
+            let (from, caps_eff, caps_inh) = {
+                let p = t.get_mut(parent).expect("translated gpid is in the table");
+                let Some(i) = p.adopt.iter().position(|c| *c == g) else {
+                    return Err(err(
+                        libc::EPERM,
+                        format!("pid {g} is not a child that pid {parent} brought here"),
+                    ));
+                };
+                p.adopt.remove(i);
+                (p.adopt_from, p.caps_eff, p.caps_inh)
+            };
+            t.register_remote(who.pid, g, caps_eff, caps_inh, None, parent, g)?;
+            // Listed and signalled where it runs, like a shadow.
+            t.set_shadow(g, from);
+        }
+        let rx = {
+            let mut e = self.child_ends.lock();
+            match e.remove(&g) {
+                Some(End::Ended(status)) => return Ok(Response::WaitStatus(status)),
+                _ => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    e.insert(g, End::Awaited(tx));
+                    rx
+                }
+            }
+        };
+        let status = rx.await.map_err(|_| {
+            err(
+                libc::ECONNRESET,
+                format!("pid {g}: its end will not be known here"),
+            )
+        })?;
+        Ok(Response::WaitStatus(status))
+    }
+
+    /// `ChildExited` from a shadow: its kernel child `kpid` ended. The
+    /// report goes where the shadow's program went.
+    pub(super) async fn child_exited(
+        &self,
+        who: Caller,
+        kpid: i32,
+        status: i32,
+    ) -> Result<Response, ErrorReply> {
+        let child = {
+            let t = self.procs();
+            let st = super::procs::read_stat(kpid)
+                .ok_or_else(|| err(libc::ESRCH, format!("kernel pid {kpid}: no such process")))?;
+            if st.ppid != who.pid {
+                return Err(err(
+                    libc::EPERM,
+                    format!("kernel pid {kpid} is not the caller's child"),
+                ));
+            }
+            t.translate(kpid)
+                .ok_or_else(|| err(libc::ESRCH, format!("kernel pid {kpid}: no gpid")))?
+        };
+        // A shadow that has just taken over may report before its
+        // migration is recorded as done here.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        let next = loop {
+            let next = {
+                let t = self.procs();
+                t.translate(who.pid)
+                    .and_then(|g| t.get(g))
+                    .and_then(|p| p.running_on)
+            };
+            match next {
+                Some(n) => break n,
+                None if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await
+                }
+                None => return Err(err(libc::EPERM, "the caller is not a shadow")),
+            }
+        };
+        if next == self.node_id() {
+            self.child_ended(child, status);
+        } else {
+            let c = self.client(next).await?;
+            c.child_exited(super::ctx(), child, status)
+                .await
+                .map_err(|e| {
+                    self.drop_client(next);
+                    err(libc::EHOSTUNREACH, format!("node {next}: {e}"))
+                })?;
+        }
+        tracing::debug!("pid {child} ended ({status:#x}): told node {next}");
+        Ok(Response::Ok)
+    }
+
+    /// Child `g` ended elsewhere: its child shadow here ends likewise.
+    pub(crate) fn child_ended(&self, g: i32, status: i32) {
+        let mut e = self.child_ends.lock();
+        match e.remove(&g) {
+            Some(End::Awaited(tx)) => {
+                let _ = tx.send(status);
+            }
+            _ => {
+                if e.len() >= MAX_EARLY {
+                    if let Some(k) = e.keys().next().copied() {
+                        e.remove(&k);
+                    }
+                }
+                e.insert(g, End::Ended(status));
+            }
+        }
+    }
+}

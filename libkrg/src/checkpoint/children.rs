@@ -1,0 +1,159 @@
+//! The children of a migrated process (see docs/architecture/checkpoint.md,
+//! "A parent and its children").
+//!
+//! A child stays where it runs when its parent migrates: it is a kernel
+//! child of the process the parent was, which stays behind as the parent's
+//! shadow. That shadow reaps it when it ends and reports its wait status
+//! ([`reap_and_report`]); the agents carry the report to the node the
+//! parent went to. There the restored parent has, for each such child, a
+//! *child shadow*: a kernel child of its own, registered under the child's
+//! gpid, that ends with the child's status ([`adopt`], [`child_shadow`]).
+//! So the parent's `wait`, `waitpid`, `SIGCHLD` and `$?` work as before;
+//! `kill` of the child's gpid reaches the child where it runs. When the
+//! parent moves again, its child shadows are its children: they are
+//! adopted in turn, and each hop reports to the next.
+
+use crate::client;
+use crate::proto::{Request, Response};
+use std::ffi::CString;
+
+/// `KRG_CHILD_SHADOW=gpid`: this process stands for child `gpid` of its
+/// parent, a restored process.
+pub const CHILD_SHADOW_ENV: &str = "KRG_CHILD_SHADOW";
+
+/// In a restored process, before its threads run again: start a child
+/// shadow for each child it had where it was captured. Returns how many.
+pub fn adopt() -> usize {
+    let gpids = match client::call(&Request::MovedChildren) {
+        Ok(Response::Children(v)) => v,
+        Ok(_) | Err(_) => return 0,
+    };
+    let mut n = 0;
+    for g in gpids {
+        match spawn_child_shadow(g) {
+            Ok(k) => {
+                crate::processes::note_child(k, g);
+                n += 1;
+            }
+            Err(e) => crate::log::emit(format_args!(
+                "krg: child {g} stays where it runs, but this process will not see it end ({e})"
+            )),
+        }
+    }
+    n
+}
+
+/// Start this program's executable again as the child shadow of `gpid`
+/// (libkrg's constructor takes over before `main`). A raw `clone`: the
+/// process may have other threads (parked), so the new one runs nothing
+/// but `execve`.
+fn spawn_child_shadow(gpid: i32) -> Result<i32, String> {
+    let mut env: Vec<CString> = Vec::new();
+    for key in ["LD_PRELOAD", "KRG_NODE_SOCK", "KRG_LOG", "PATH"] {
+        if let Some(v) = std::env::var_os(key) {
+            let mut e = key.as_bytes().to_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_encoded_bytes());
+            env.push(CString::new(e).map_err(|e| e.to_string())?);
+        }
+    }
+    env.push(CString::new(format!("{CHILD_SHADOW_ENV}={gpid}")).expect("no NUL"));
+    let exe = c"/proc/self/exe";
+    let arg0 = CString::new(format!("krg-child-{gpid}")).expect("no NUL");
+    let argv = [arg0.as_ptr(), std::ptr::null()];
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // SAFETY: a fork-like clone (SIGCHLD to the parent, no shared memory);
+    // the child only calls execve and _exit on memory prepared above.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid == 0 {
+        // SAFETY: in the new child: replace it, or end it.
+        unsafe {
+            libc::syscall(libc::SYS_execve, exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::syscall(libc::SYS_exit_group, 127);
+        }
+    }
+    if pid < 0 {
+        return Err(format!("clone: {}", std::io::Error::last_os_error()));
+    }
+    Ok(pid as i32)
+}
+
+/// The child shadow: wait for the child's end and end the same way. Never
+/// returns.
+pub fn child_shadow(spec: &str) -> ! {
+    // Signals aimed at it are not the child's (those reach the child where
+    // it runs, by its gpid): nothing but SIGKILL ends it early.
+    // SAFETY: a full set, blocked for this (only) thread.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+    }
+    let Ok(gpid) = spec.trim().parse::<i32>() else {
+        crate::log::emit(format_args!("krg: bad {CHILD_SHADOW_ENV}={spec}"));
+        // SAFETY: ends this process.
+        unsafe { libc::_exit(127) }
+    };
+    match client::call(&Request::ChildShadow { gpid }) {
+        Ok(Response::WaitStatus(st)) if libc::WIFEXITED(st) => {
+            // SAFETY: ends this process with the child's exit code.
+            unsafe { libc::_exit(libc::WEXITSTATUS(st)) }
+        }
+        Ok(Response::WaitStatus(st)) if libc::WIFSIGNALED(st) => {
+            crate::distant::exit_like(libc::WTERMSIG(st))
+        }
+        other => {
+            crate::log::emit(format_args!(
+                "krg: pid {gpid}: its end is unknown here ({other:?})"
+            ));
+            crate::distant::exit_like(libc::SIGKILL)
+        }
+    }
+}
+
+/// In a shadow: report and reap every kernel child that has ended (the
+/// report first, while the agent still knows the child's gpid).
+pub fn reap_and_report() {
+    loop {
+        // SAFETY: siginfo is plain data the kernel fills.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid into our siginfo; WNOWAIT leaves the child as it is.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: the SIGCHLD fields of a siginfo filled by waitid.
+        let (pid, code, val) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+        if r != 0 || pid <= 0 {
+            return;
+        }
+        let status = match code {
+            libc::CLD_EXITED => (val & 0xff) << 8,
+            libc::CLD_DUMPED => (val & 0x7f) | 0x80,
+            _ => val & 0x7f,
+        };
+        if let Err(e) = client::call(&Request::ChildExited { kpid: pid, status }) {
+            crate::krg_log!(
+                crate::log::Level::Warn,
+                "reporting the end of child {pid}: {e}"
+            );
+        }
+        let mut st = 0;
+        // SAFETY: reaps that one child.
+        unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+    }
+}
