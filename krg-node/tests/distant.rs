@@ -217,6 +217,15 @@ fn pipeline_across_three_nodes_is_byte_identical() {
     assert_eq!(sum(&o), sum(&local));
     assert!(text(&o.stderr).starts_with("pipe:["), "{}", text(&o.stderr));
     let _ = std::fs::remove_file(f);
+    // `2>&1`: stdout and stderr are one stream, in the order written.
+    let o = c.sh(
+        1,
+        "KRG_NODE=2 sh -c 'i=0; while [ $i -lt 500 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done' 2>&1 | KRG_NODE=3 cat",
+    );
+    let want: Vec<String> = (0..500)
+        .flat_map(|i| [format!("out{i}"), format!("err{i}")])
+        .collect();
+    assert_eq!(text(&o.stdout).lines().collect::<Vec<_>>(), want);
 }
 
 #[test]

@@ -67,7 +67,7 @@ pub fn run_on(node: u32, gpid: i32) -> Result<(), String> {
     if n != token.len() as isize {
         return Err(os_err("getrandom"));
     }
-    let mut stdio: Vec<StdioKind> = (0..3).map(stdio_kind).collect();
+    let mut stdio = stdio_kinds();
     // Pipes to other SSI processes: connected directly to the target
     // instead of relayed (the process at the other end is held until the
     // target attaches, or until `reattach` below does).
@@ -125,7 +125,7 @@ pub fn shadow_for(
     if n != token.len() as isize {
         return Err(os_err("getrandom"));
     }
-    let stdio: Vec<StdioKind> = (0..3).map(stdio_kind).collect();
+    let stdio = stdio_kinds();
     let (gpid, node) = match client::call(&make(listener.port, token.to_vec(), stdio.clone())) {
         Ok(Response::Ckpt(i)) => (i.pid, i.node),
         Ok(other) => return Err(format!("unexpected answer {other:?}")),
@@ -218,6 +218,36 @@ fn rlimits() -> Vec<(u32, u64, u64)> {
         }
     }
     v
+}
+
+/// How fds 0-2 travel. A stderr that is the same open file as stdout
+/// (`2>&1`) shares its stream: one relay keeps the two in the order they
+/// were written.
+pub(crate) fn stdio_kinds() -> Vec<StdioKind> {
+    let mut v: Vec<StdioKind> = (0..3).map(stdio_kind).collect();
+    if v[1] == StdioKind::Relay && v[2] == StdioKind::Relay && same_file(1, 2) {
+        v[2] = StdioKind::Alias(1);
+    }
+    v
+}
+
+/// Whether fds `a` and `b` are one open file description (`dup`).
+fn same_file(a: RawFd, b: RawFd) -> bool {
+    // SAFETY: kcmp compares two of our own fds.
+    let pid = unsafe { libc::getpid() };
+    // SAFETY: as above (KCMP_FILE is 0).
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, 0, a, b) };
+    if r >= 0 {
+        return r == 0;
+    }
+    // No kcmp: the same pipe, socket or terminal is taken as one.
+    let st = |fd| {
+        // SAFETY: fstat into our own struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino, st.st_mode))
+    };
+    matches!((st(a), st(b)), (Some(x), Some(y)) if x == y && x.2 & libc::S_IFMT != libc::S_IFREG)
 }
 
 pub(crate) fn stdio_kind(fd: RawFd) -> StdioKind {
@@ -543,7 +573,7 @@ fn write_all(fd: RawFd, mut b: &[u8]) -> Result<(), String> {
 /// Signal 62 to a shadow: the agent wants one of its relays handed over
 /// (the process at the other end of a pipe it relays is moving, or being
 /// placed). Tell it what each relay connects; do what it answers.
-fn release_asked(pipes: &mut Vec<Pipe>) {
+fn release_asked(pipes: &mut Vec<Pipe>, stdio: &[StdioKind]) {
     let relays: Vec<(i32, String, String)> = pipes
         .iter()
         .filter(|p| !p.done())
@@ -559,6 +589,12 @@ fn release_asked(pipes: &mut Vec<Pipe>) {
             };
             if let Err(e) = pipes.remove(i).release() {
                 crate::krg_log!(crate::log::Level::Warn, "handing fd {fd} over: {e}");
+            }
+            // `2>&1`: the copy goes with it.
+            for (a, k) in stdio.iter().enumerate() {
+                if *k == StdioKind::Alias(fd as u8) {
+                    crate::streams::placed::park(a as RawFd);
+                }
             }
         }
         Ok(other) => crate::krg_log!(
@@ -750,7 +786,7 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
                     )
                 };
                 if n == sz as isize && si.ssi_signo as i32 == crate::proto::CKPT_SIGNAL {
-                    release_asked(&mut pipes);
+                    release_asked(&mut pipes, stdio);
                 } else if n == sz as isize && si.ssi_signo as i32 == libc::SIGCHLD {
                     crate::checkpoint::children::reap_and_report();
                 } else if n == sz as isize {

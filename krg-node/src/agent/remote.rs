@@ -394,11 +394,17 @@ impl Agent {
         }
         for i in 0..fds.len().min(3) {
             if let StdioKind::Alias(j) = spec.exec.stdio[i] {
+                // `2>&1`: the same stream (relayed or attached) on both.
                 fds[i] = fds
                     .get(j as usize)
                     .and_then(|f| f.as_ref())
                     .and_then(|f| f.try_clone().ok());
-                pipe_fds.push(i.to_string());
+                if matches!(
+                    spec.exec.stdio.get(j as usize),
+                    Some(StdioKind::Stream { .. })
+                ) {
+                    pipe_fds.push(i.to_string());
+                }
             }
         }
         if !pipe_fds.is_empty() {

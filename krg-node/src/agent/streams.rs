@@ -717,7 +717,7 @@ impl Agent {
         // elsewhere: a pipe it relays from one fd is handed over to that
         // program; anything else stays (it leads to what the shadow holds).
         if let Some(node) = self.procs().get(g).and_then(|p| p.running_on) {
-            if link.starts_with("pipe:") && fds.len() == 1 {
+            if link.starts_with("pipe:") {
                 return Ok((g, kpid, fds, Some(node)));
             }
             return Err(StreamPeer::Foreign(format!(
@@ -790,8 +790,14 @@ impl Agent {
     /// there like the peer of a moving connection, and the shadow sends on
     /// what it still has, then closes its end. `Relayed` (the program's
     /// end, held) or why not (the relay goes on).
-    async fn release_relay(self: &Arc<Self>, g: i32, kpid: i32, fd: i32, node: u32) -> StreamPeer {
-        let what = format!("fd {fd} of pid {g}'s shadow");
+    async fn release_relay(
+        self: &Arc<Self>,
+        g: i32,
+        kpid: i32,
+        fds: &[i32],
+        node: u32,
+    ) -> StreamPeer {
+        let what = format!("fds {fds:?} of pid {g}'s shadow");
         let (relays_tx, relays_rx) = tokio::sync::oneshot::channel();
         let (go_tx, go_rx) = tokio::sync::oneshot::channel();
         {
@@ -818,9 +824,20 @@ impl Agent {
             let _ = go_tx.send(Err(why.clone()));
             StreamPeer::Foreign(why)
         };
-        let Some((_, local, peer)) = relays.into_iter().find(|(f, _, _)| *f == fd) else {
-            return refuse(go_tx, format!("{what}: not relayed (any more)"));
-        };
+        // One relay for all of them (`2>&1` shares stdout's): two streams
+        // could not become one connection.
+        let mut mine = relays.into_iter().filter(|(f, _, _)| fds.contains(f));
+        let (fd, local, peer) =
+            match (mine.next(), mine.next()) {
+                (Some(r), None) => r,
+                (None, _) => return refuse(go_tx, format!("{what}: not relayed (any more)")),
+                (Some(_), Some(_)) => return refuse(
+                    go_tx,
+                    format!(
+                        "{what}: relayed as separate streams (they cannot become one connection)"
+                    ),
+                ),
+            };
         // The program's end, as it sees it.
         let end = End::Tcp(peer, local);
         let held = match self.client(node).await {
@@ -923,7 +940,7 @@ impl Agent {
         for f in &found {
             let (g, kpid, fds) = match f {
                 Ok((g, kpid, fds, Some(node))) => {
-                    out.push(self.release_relay(*g, *kpid, fds[0], *node).await);
+                    out.push(self.release_relay(*g, *kpid, fds, *node).await);
                     continue;
                 }
                 Ok((g, kpid, fds, None)) => (g, kpid, fds),

@@ -186,7 +186,12 @@ pub fn reattach(stdio: &[StdioKind]) {
 /// opens lands on a standard fd).
 pub fn let_go(stdio: &[StdioKind]) {
     for (fd, k) in stdio.iter().enumerate() {
-        if matches!(k, StdioKind::Stream { .. } | StdioKind::Alias(_)) {
+        let stream = match k {
+            StdioKind::Stream { .. } => true,
+            StdioKind::Alias(j) => matches!(stdio.get(*j as usize), Some(StdioKind::Stream { .. })),
+            _ => false,
+        };
+        if stream {
             park(fd as RawFd);
         }
     }
