@@ -559,6 +559,58 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
 }
 
 #[test]
+fn a_fifo_between_two_nodes_carries_its_stream_over_the_network_while_its_reader_moves() {
+    let c = Cluster::up(3, 1.0);
+    let g = pipegen();
+    let want = std::process::Command::new("sh")
+        .args(["-c", &format!("{g} 256 | sha256sum")])
+        .output()
+        .unwrap();
+    let want = ok(&want, "reference run");
+    let dir = shared_dir("fifo");
+    let f = dir.join("ff");
+    let _ = std::fs::remove_file(&f);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&f)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let f = f.to_str().unwrap();
+    // The reader opens first and waits, as with a FIFO; the writer on
+    // another node (paced until SIGUSR1) meets it.
+    let reader = piped(&c, 2, &["sh", "-c", &format!("sha256sum < {f}")]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let writer = piped(&c, 1, &["sh", "-c", &format!("exec {g} 256 30 > {f}")]);
+    let (mut prod, mut cons) = (None, None);
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        prod = find(&c, &format!("{g} 256")).map(|p| p.0.to_string());
+        cons = find(&c, "sha256sum").map(|p| p.0.to_string());
+        prod.is_some() && cons.is_some()
+    }));
+    let (prod, cons) = (prod.unwrap(), cons.unwrap());
+    // Not one kernel's FIFO shared by two "nodes": the bytes cross the
+    // network, between the writer's node and the reader's.
+    let (w, r) = traffic(&c, 1, 2);
+    assert!(
+        w > 500_000 && r > 500_000,
+        "one second of the stream: writer's node {w} bytes, reader's node {r}"
+    );
+    // The reader moves mid-stream; the stream follows it directly.
+    migrate_to(&c, &cons, 3, "sha256sum");
+    let (new, old) = traffic(&c, 3, 2);
+    assert!(
+        new > 500_000 && old < new / 20,
+        "one second of the stream: node 3 (reader) moved {new} bytes, node 2 (left) {old}"
+    );
+    usr1(&c, 1, &prod);
+    let out = writer.wait_with_output().unwrap();
+    ok(&out, "writer");
+    let out = reader.wait_with_output().unwrap();
+    assert_eq!(ok(&out, "reader"), want, "the digest of the stream");
+    let _ = std::fs::remove_file(f);
+}
+
+#[test]
 fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
     let c = Cluster::up(2, 1.0);
     let bin = cc(&repo_root().join("examples/ckpt/pipes.c"), "pipes");

@@ -92,6 +92,18 @@ macro_rules! via_path {
     };
 }
 
+/// An open of a FIFO may be a rendezvous across the cluster
+/// (`streams::fifo`); anything else is opened as `via_path!` says.
+macro_rules! fifo_or_path {
+    ($dirfd:expr, $path:ident, $flags:ident => $real:ident($($arg:ident),*)) => {
+        // SAFETY: `path` is null or the caller's NUL-terminated string.
+        match unsafe { streams::fifo::open($dirfd, $path, $flags) } {
+            Some(r) => r,
+            None => via_path!($path => $real($($arg),*)),
+        }
+    };
+}
+
 hooks! {
     /// `getpid()`: the gpid (a cached atomic load).
     fn getpid() -> pid_t {
@@ -296,52 +308,54 @@ hooks! {
         krg(real) => processes::tcgetsid(|| real(fd)),
     }
 
-    /// `open(path, flags, ...)`: `/proc/<gpid>` paths translated.
+    /// `open(path, flags, ...)`: `/proc/<gpid>` paths translated; a FIFO may
+    /// meet its other end on another node.
     fn open(path: *const c_char, flags: c_int; ...mode: mode_t) -> c_int {
         missing => enosys(),
-        krg(real) => via_path!(path => real(path, flags, mode)),
+        krg(real) => fifo_or_path!(libc::AT_FDCWD, path, flags => real(path, flags, mode)),
     }
 
-    /// `open64`: `/proc/<gpid>` paths translated.
+    /// `open64`: as `open`.
     fn open64(path: *const c_char, flags: c_int; ...mode: mode_t) -> c_int {
         missing => enosys(),
-        krg(real) => via_path!(path => real(path, flags, mode)),
+        krg(real) => fifo_or_path!(libc::AT_FDCWD, path, flags => real(path, flags, mode)),
     }
 
-    /// `openat`: absolute `/proc/<gpid>` paths translated (relative ones are not).
+    /// `openat`: absolute `/proc/<gpid>` paths translated (relative ones are
+    /// not); FIFOs as with `open`.
     fn openat(dirfd: c_int, path: *const c_char, flags: c_int; ...mode: mode_t) -> c_int {
         missing => enosys(),
-        krg(real) => via_path!(path => real(dirfd, path, flags, mode)),
+        krg(real) => fifo_or_path!(dirfd, path, flags => real(dirfd, path, flags, mode)),
     }
 
-    /// `openat64`: `/proc/<gpid>` paths translated.
+    /// `openat64`: as `openat`.
     fn openat64(dirfd: c_int, path: *const c_char, flags: c_int; ...mode: mode_t) -> c_int {
         missing => enosys(),
-        krg(real) => via_path!(path => real(dirfd, path, flags, mode)),
+        krg(real) => fifo_or_path!(dirfd, path, flags => real(dirfd, path, flags, mode)),
     }
 
     /// `__open_2` (fortified open): as `open`.
     fn __open_2(path: *const c_char, flags: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => via_path!(path => real(path, flags)),
+        krg(real) => fifo_or_path!(libc::AT_FDCWD, path, flags => real(path, flags)),
     }
 
-    /// `__open64_2`: `/proc/<gpid>` paths translated.
+    /// `__open64_2`: as `open`.
     fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => via_path!(path => real(path, flags)),
+        krg(real) => fifo_or_path!(libc::AT_FDCWD, path, flags => real(path, flags)),
     }
 
     /// `__openat_2` (fortified openat): as `openat`.
     fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => via_path!(path => real(dirfd, path, flags)),
+        krg(real) => fifo_or_path!(dirfd, path, flags => real(dirfd, path, flags)),
     }
 
-    /// `__openat64_2`: `/proc/<gpid>` paths translated.
+    /// `__openat64_2`: as `openat`.
     fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
         missing => enosys(),
-        krg(real) => via_path!(path => real(dirfd, path, flags)),
+        krg(real) => fifo_or_path!(dirfd, path, flags => real(dirfd, path, flags)),
     }
 
     /// `fopen` (glibc opens without the PLT): `/proc/<gpid>` paths translated.

@@ -259,6 +259,18 @@ pub enum Request {
     /// held, with `Release` (the fd whose relay to end) or an error (relay
     /// on).
     ShadowRelays(Vec<(i32, String, String)>),
+    /// Open the FIFO `path` (canonical; the file's device and inode as this
+    /// node sees them) for reading or `write`ing: wait for a process
+    /// opening it the other way anywhere in the cluster. Answered with
+    /// `FifoLocal` (that process is on this node: open the FIFO itself)
+    /// or `StreamFd` and one descriptor (a connection to that process's
+    /// node, standing for the FIFO).
+    FifoOpen {
+        path: Vec<u8>,
+        dev: u64,
+        ino: u64,
+        write: bool,
+    },
 }
 
 /// A System V semaphore set as `semctl(IPC_STAT)` shows it.
@@ -563,6 +575,8 @@ pub enum Response {
     StreamFd,
     /// Answer to `ShadowRelays`: hand over the relay of this fd.
     Release(i32),
+    /// Answer to `FifoOpen`: the other end opens it on this node too.
+    FifoLocal,
 }
 
 /// A failed request: the errno the application should see, and what failed.

@@ -100,6 +100,23 @@ async fn send_fds(s: &UnixStream, fds: &[OwnedFd]) -> std::io::Result<()> {
     }
 }
 
+/// Once the client has closed its end (it sends nothing while it waits
+/// for an answer).
+async fn hung_up(s: &UnixStream) {
+    loop {
+        if s.readable().await.is_err() {
+            return;
+        }
+        let mut b = [0u8; 1];
+        match s.try_read(&mut b) {
+            // Readiness was stale: wait again.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            // End of stream, an error, or bytes it should not have sent.
+            _ => return,
+        }
+    }
+}
+
 async fn client(agent: Arc<Agent>, mut s: UnixStream) -> std::io::Result<()> {
     let cred = s.peer_cred()?;
     let who = Caller {
@@ -153,7 +170,16 @@ async fn client(agent: Arc<Agent>, mut s: UnixStream) -> std::io::Result<()> {
             }
             debug!("pid {} uid {}: {t}", who.pid, who.uid);
         }
-        let (r, fds) = agent.handle_local_fds(req, who).await;
+        // A FIFO's open waits for a partner as long as it takes: a client
+        // that goes away (killed, interrupted) withdraws from the wait.
+        let (r, fds) = if matches!(req, Request::FifoOpen { .. }) {
+            tokio::select! {
+                r = agent.handle_local_fds(req, who) => r,
+                _ = hung_up(&s) => return Ok(()),
+            }
+        } else {
+            agent.handle_local_fds(req, who).await
+        };
         reply(&mut s, &r).await?;
         if !fds.is_empty() {
             send_fds(&s, &fds).await?;

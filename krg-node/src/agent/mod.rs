@@ -10,6 +10,7 @@ pub mod children;
 pub mod config;
 pub mod dsm;
 pub mod dsm_link;
+pub mod fifo;
 pub mod local;
 pub mod peer;
 pub mod probe;
@@ -107,6 +108,8 @@ pub struct Agent {
     /// Ends of children that run elsewhere, for their child shadows here
     /// (see `children`).
     child_ends: children::Ends,
+    /// FIFO openers waiting for a partner, at the key home (see `fifo`).
+    fifos: fifo::Fifos,
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -141,6 +144,7 @@ impl Agent {
             ports: streams::Ports::default(),
             moving: streams::Moving::default(),
             child_ends: children::Ends::default(),
+            fifos: fifo::Fifos::default(),
             cpus,
             cfg,
         })
@@ -627,6 +631,18 @@ impl Agent {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
             },
+            Request::FifoOpen {
+                path,
+                dev,
+                ino,
+                write,
+            } => match self
+                .fifo_open(fifo::FifoKey { path, dev, ino }, write)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => (Response::Err(e), Vec::new()),
+            },
             Request::StreamAwait { id } => match self.stream_await(id).await {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
@@ -778,7 +794,9 @@ impl Agent {
                 pending,
                 wr_shut,
             } => self.stream_drained(id, pending, wr_shut),
-            Request::StreamAwait { .. } | Request::StreamAttach { .. } => Err(err(
+            Request::StreamAwait { .. }
+            | Request::StreamAttach { .. }
+            | Request::FifoOpen { .. } => Err(err(
                 libc::EINVAL,
                 "a stream descriptor request needs the descriptor-passing path",
             )),
@@ -1033,6 +1051,20 @@ impl Peer for PeerServer {
 
     async fn child_exited(self, _: context::Context, g: i32, status: i32) {
         self.0.child_ended(g, status);
+    }
+
+    async fn fifo_meet(
+        self,
+        _: context::Context,
+        key: fifo::FifoKey,
+        node: u32,
+        write: bool,
+    ) -> Result<fifo::FifoMatch, ErrorReply> {
+        self.0.fifo_meet(key, node, write).await
+    }
+
+    async fn fifo_expect(self, _: context::Context, id: u64) {
+        self.0.expect_connection(id);
     }
 
     // --- scheduling ---

@@ -71,6 +71,15 @@ pub trait Peer {
     /// Child `gpid` of a process that moved to the callee ended with wait
     /// status `status` (its child shadow there ends likewise).
     async fn child_exited(gpid: i32, status: i32);
+    /// At the key home: a process on `node` opens the FIFO `key` for
+    /// reading or writing; answered once a partner has come.
+    async fn fifo_meet(
+        key: super::fifo::FifoKey,
+        node: u32,
+        write: bool,
+    ) -> Result<super::fifo::FifoMatch, ErrorReply>;
+    /// A FIFO's writer's node will connect for stream `id`: hold it.
+    async fn fifo_expect(id: u64);
     // --- scheduling ---
     /// The scheduling policy in force on the callee, with its text (a node
     /// whose heartbeat showed an older version fetches it).

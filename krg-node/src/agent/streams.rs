@@ -827,17 +827,18 @@ impl Agent {
         // One relay for all of them (`2>&1` shares stdout's): two streams
         // could not become one connection.
         let mut mine = relays.into_iter().filter(|(f, _, _)| fds.contains(f));
-        let (fd, local, peer) =
-            match (mine.next(), mine.next()) {
-                (Some(r), None) => r,
-                (None, _) => return refuse(go_tx, format!("{what}: not relayed (any more)")),
-                (Some(_), Some(_)) => return refuse(
+        let (fd, local, peer) = match (mine.next(), mine.next()) {
+            (Some(r), None) => r,
+            (None, _) => return refuse(go_tx, format!("{what}: not relayed (any more)")),
+            (Some(_), Some(_)) => {
+                return refuse(
                     go_tx,
                     format!(
                         "{what}: relayed as separate streams (they cannot become one connection)"
                     ),
-                ),
-            };
+                )
+            }
+        };
         // The program's end, as it sees it.
         let end = End::Tcp(peer, local);
         let held = match self.client(node).await {
@@ -1002,6 +1003,55 @@ impl Agent {
             }
         }
         Ok(out)
+    }
+
+    /// A connection for stream `id` will come from another node for a
+    /// process of this node that is not moving and has nothing pending
+    /// (the reader of a FIFO): hold the place ([`Agent::take_expected`]).
+    pub(crate) fn expect_connection(&self, id: u64) {
+        let (dtx, drx) = tokio::sync::oneshot::channel();
+        let (ftx, frx) = tokio::sync::oneshot::channel();
+        // Nothing in flight for it; it never writes.
+        let _ = dtx.send((Vec::new(), true));
+        self.moving.held().insert(
+            id,
+            Held {
+                frozen_tx: None,
+                frozen_rx: None,
+                drained_tx: None,
+                drained_rx: Some(drx),
+                fd_tx: Some(ftx),
+                fd_rx: Some(frx),
+            },
+        );
+    }
+
+    /// The connection expected for stream `id`, once it came.
+    pub(crate) async fn take_expected(&self, id: u64) -> Result<std::os::fd::OwnedFd, ErrorReply> {
+        let rx = self
+            .moving
+            .held()
+            .get_mut(&id)
+            .and_then(|h| h.fd_rx.take())
+            .ok_or_else(|| err(libc::ENOENT, format!("stream {id:#x}: not expected here")))?;
+        let r = tokio::time::timeout(HANDOVER_TIMEOUT, rx).await;
+        self.moving.held().remove(&id);
+        match r {
+            Ok(Ok(fd)) => Ok(fd),
+            _ => Err(err(
+                libc::ECONNRESET,
+                format!("stream {id:#x}: the other node never connected"),
+            )),
+        }
+    }
+
+    /// A new stream id of this node.
+    pub(crate) fn new_stream_id(&self) -> u64 {
+        (u64::from(self.node_id()) << 40)
+            | self
+                .moving
+                .next
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `StreamFrozen` from the staying peer: its threads are parked.

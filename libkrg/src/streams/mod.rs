@@ -8,6 +8,7 @@
 //! process ([`moving`]), and the pipes of a program placed on another node
 //! connect it directly to the process at their other end ([`placed`]).
 
+pub mod fifo;
 pub mod loopback;
 pub mod moving;
 pub mod placed;
