@@ -439,6 +439,34 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
 }
 
 #[test]
+fn a_listening_socket_migrates_with_the_connection_waiting_in_its_queue() {
+    let c = Cluster::up(3, 1.0);
+    let t = tcpecho();
+    // The server serves one client after the other: the second waits in
+    // its accept queue, its first message sent and unanswered.
+    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 2);
+    let (a, apid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (b, bpid) = start_client(&c, &t, 3, port, UNTIL_STOPPED);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = find(&c, &format!("{t} serve"))
+        .expect("server in krg ps")
+        .0
+        .to_string();
+    migrate_to(&c, &pid, 2, &format!("{t} serve"));
+    // The first client ends; the server accepts the one that waited, on
+    // its new node, and answers it from its first message on.
+    let na = stop_client(&c, a, &apid);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let nb = stop_client(&c, b, &bpid);
+    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    assert!(
+        s.contains(&format!("served 2 connections, {} lines", na + nb)),
+        "{s}"
+    );
+}
+
+#[test]
 fn a_tcp_client_moved_onto_its_servers_node_and_away_again_keeps_talking() {
     let c = Cluster::up(3, 1.0);
     let t = tcpecho();

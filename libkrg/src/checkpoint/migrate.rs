@@ -17,6 +17,18 @@ use std::sync::atomic::AtomicI32;
 /// Take the image and send it to `order.node`. Never returns once the
 /// image is sent; an error means nothing changed (the process goes on).
 pub(super) fn out(order: &Order) -> Result<u64, String> {
+    // Connections waiting to be accepted move as connections owed to
+    // their listener (queued again once it listens on the new node).
+    crate::streams::accepted::take_queued();
+    let r = out_taken(order);
+    if r.is_err() {
+        // Still here: the listeners never closed; queue them again.
+        crate::streams::accepted::requeue();
+    }
+    r
+}
+
+fn out_taken(order: &Order) -> Result<u64, String> {
     let threads = super::capture_threads()?;
     let maps_text = capture::read_file("/proc/self/maps")?;
     let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));

@@ -764,6 +764,8 @@ fn after_restore() {
     // The children it had stayed where they run: a child shadow here for
     // each, before any thread of the program can wait for them.
     children::adopt();
+    // Connections that waited to be accepted wait again.
+    crate::streams::accepted::requeue();
     let others = NSLOTS.load(Ordering::Acquire).saturating_sub(1) as u32;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -8,14 +8,31 @@
 //! process ([`moving`]), and the pipes of a program placed on another node
 //! connect it directly to the process at their other end ([`placed`]).
 
+pub mod accepted;
 pub mod fifo;
 pub mod loopback;
 pub mod moving;
 pub mod placed;
 
-pub use loopback::{accept, bind, connect, getsockname, listen};
+pub use loopback::{bind, connect, getsockname, listen};
 
 use crate::caps::Caps;
+
+/// `accept`/`accept4` on `fd` (`real` accepts with an address buffer): the
+/// cluster-wide loopback's filter, then a connection owed since a
+/// migration in place of its stand-in.
+pub fn accept(
+    fd: libc::c_int,
+    addr: *mut libc::sockaddr,
+    len: *mut libc::socklen_t,
+    real: impl Fn(*mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int,
+) -> libc::c_int {
+    let c = loopback::accept(fd, addr, len, real);
+    if c >= 0 {
+        accepted::on_accept(c, addr, len);
+    }
+    c
+}
 
 /// Whether this process's streams are krg's (capability `streams`);
 /// otherwise the kernel's, node-local.

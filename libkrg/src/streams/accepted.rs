@@ -1,0 +1,221 @@
+//! Connections waiting in a listening socket's accept queue when its
+//! process migrates (see docs/architecture/streams.md, "Moving listening
+//! sockets").
+//!
+//! A kernel accept queue cannot be carried over, so the capture accepts
+//! what is waiting ([`take_queued`]): each such connection becomes an
+//! ordinary connected socket of the process, which moves like any other
+//! TCP connection, and is remembered as *owed* to its listener. Once the
+//! listener listens again (on the new node, or here after a failed move),
+//! [`requeue`] puts one connection per owed one into its queue: a socket
+//! of the process connects to its own listener, so `poll`, `epoll` and a
+//! blocking `accept` see it exactly as they would have seen the original.
+//! When the program accepts that stand-in, [`on_accept`] puts the owed
+//! connection under the fd `accept` returns.
+//!
+//! The table is fixed and lives in libkrg's memory: it is filled during a
+//! capture (whose allocations are left out of the image) and moves with
+//! the process.
+
+use super::moving::int_opt;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// `(listener fd, owed connection fd, stand-in client fd or -1)`.
+type Owed = (RawFd, RawFd, RawFd);
+
+const SLOTS: usize = 64;
+
+static OWED: std::sync::Mutex<[Owed; SLOTS]> = std::sync::Mutex::new([(-1, -1, -1); SLOTS]);
+/// Entries in use (a cheap check for every `accept`).
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+
+fn table() -> std::sync::MutexGuard<'static, [Owed; SLOTS]> {
+    OWED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn recount(t: &[Owed; SLOTS]) {
+    COUNT.store(t.iter().filter(|e| e.0 >= 0).count(), Ordering::Release);
+}
+
+/// `(address, port)` of a socket end as bytes, comparable.
+fn end(fd: RawFd, peer: bool) -> Option<([u8; 28], libc::socklen_t)> {
+    let mut a = [0u8; 28];
+    let mut l = a.len() as libc::socklen_t;
+    // SAFETY: an address buffer of ours and its length.
+    let r = unsafe {
+        if peer {
+            libc::getpeername(fd, a.as_mut_ptr().cast(), &mut l)
+        } else {
+            libc::getsockname(fd, a.as_mut_ptr().cast(), &mut l)
+        }
+    };
+    (r == 0).then_some((a, l))
+}
+
+/// Connections waiting in `fd`'s accept queue (a listening TCP socket).
+fn queued(fd: RawFd) -> u32 {
+    if int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != Some(1)
+        || int_opt(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_TCP)
+    {
+        return 0;
+    }
+    let mut info = [0u8; 104];
+    let mut l = info.len() as libc::socklen_t;
+    // SAFETY: TCP_INFO into our buffer.
+    if unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut l,
+        )
+    } != 0
+    {
+        return 0;
+    }
+    // tcpi_unacked: a listener's accept queue.
+    u32::from_ne_bytes(info[24..28].try_into().expect("4 bytes"))
+}
+
+/// In a capture for a migration (the other threads parked): accept what
+/// waits in every listening TCP socket's queue and owe it to the program.
+/// Stand-ins this process queued itself are dropped (they are made again).
+pub fn take_queued() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect();
+    let mut t = table();
+    for l in fds {
+        for _ in 0..queued(l) {
+            // No room left: the rest stays queued (the capture then
+            // refuses the move, naming them).
+            if !t.iter().any(|e| e.0 < 0) {
+                break;
+            }
+            // SAFETY: accepts from our own listener, which has that many
+            // connections waiting (so it does not block).
+            let c = unsafe {
+                libc::accept4(
+                    l,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if c < 0 {
+                break;
+            }
+            let peer = end(c, true);
+            if let Some(e) = t
+                .iter_mut()
+                .find(|e| e.0 == l && e.2 >= 0 && end(e.2, false) == peer)
+            {
+                // Our own stand-in: gone, made again after the move.
+                // SAFETY: both are ours alone.
+                unsafe {
+                    libc::close(c);
+                    libc::close(e.2);
+                }
+                e.2 = -1;
+                continue;
+            }
+            if let Some(e) = t.iter_mut().find(|e| e.0 < 0) {
+                *e = (l, c, -1);
+            }
+        }
+    }
+    recount(&t);
+}
+
+/// Once the listeners listen again: queue a stand-in for each owed
+/// connection that has none.
+pub fn requeue() {
+    if COUNT.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let mut t = table();
+    for e in t.iter_mut().filter(|e| e.0 >= 0 && e.2 < 0) {
+        let Some((mut a, l)) = end(e.0, false) else {
+            continue;
+        };
+        let fam = u16::from_ne_bytes([a[0], a[1]]) as i32;
+        // A wildcard listener is reached at the loopback address.
+        if fam == libc::AF_INET && a[4..8] == [0; 4] {
+            a[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        } else if fam == libc::AF_INET6 && a[8..24] == [0; 16] {
+            a[23] = 1;
+        }
+        // SAFETY: a new socket of ours, connected to our own listener (it
+        // completes at once: the kernel queues it).
+        let s = unsafe { libc::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if s < 0 {
+            continue;
+        }
+        // SAFETY: connect with the address buffer read above.
+        if unsafe { libc::connect(s, a.as_ptr().cast(), l) } != 0 {
+            crate::krg_log!(
+                crate::log::Level::Warn,
+                "fd {}: queueing an owed connection again: {}",
+                e.0,
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: ours alone.
+            unsafe { libc::close(s) };
+            continue;
+        }
+        e.2 = s;
+    }
+}
+
+/// After `accept` gave the program `fd`: if it is a stand-in, put the owed
+/// connection under that number instead (its flags kept: `accept4`'s
+/// `SOCK_NONBLOCK` and `SOCK_CLOEXEC`), and its peer's address in
+/// `addr`/`len`.
+pub(crate) fn on_accept(fd: RawFd, addr: *mut libc::sockaddr, len: *mut libc::socklen_t) {
+    if COUNT.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let Some(peer) = end(fd, true) else {
+        return;
+    };
+    let mut t = table();
+    let Some(e) = t
+        .iter_mut()
+        .find(|e| e.0 >= 0 && e.2 >= 0 && end(e.2, false) == Some(peer))
+    else {
+        return;
+    };
+    // SAFETY: F_GETFL/F_GETFD only read; the owed connection is ours and
+    // takes the stand-in's number and flags; the stand-in's client end
+    // is ours alone.
+    unsafe {
+        let nonblock = libc::fcntl(fd, libc::F_GETFL) & libc::O_NONBLOCK;
+        let cloexec = libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC != 0;
+        let fl = libc::fcntl(e.1, libc::F_GETFL);
+        libc::fcntl(e.1, libc::F_SETFL, (fl & !libc::O_NONBLOCK) | nonblock);
+        if libc::dup3(e.1, fd, if cloexec { libc::O_CLOEXEC } else { 0 }) < 0 {
+            return;
+        }
+        libc::close(e.1);
+        libc::close(e.2);
+    }
+    *e = (-1, -1, -1);
+    recount(&t);
+    drop(t);
+    if !addr.is_null() && !len.is_null() {
+        if let Some((a, l)) = end(fd, true) {
+            // SAFETY: the accept contract: `addr` has room for `*len`.
+            unsafe {
+                let n = (*len as usize).min(l as usize);
+                std::ptr::copy_nonoverlapping(a.as_ptr(), addr.cast::<u8>(), n);
+                *len = l;
+            }
+        }
+    }
+}
