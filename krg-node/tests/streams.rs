@@ -50,11 +50,13 @@ fn ok(out: &Output, what: &str) -> String {
 fn serve(c: &Cluster, t: &str, node: u32, addr: &str, conns: u32) -> (Child, u16) {
     let mut ch = piped(c, node, &[t, "serve", addr, "0", &conns.to_string()]);
     let line = read_line(&mut ch);
-    let port = line
-        .strip_prefix("listening ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("server on node {node}: {line:?}"));
-    (ch, port)
+    match line.strip_prefix("listening ").and_then(|p| p.parse().ok()) {
+        Some(port) => (ch, port),
+        None => {
+            let out = ch.wait_with_output().unwrap();
+            panic!("server on node {node}: {line:?}\n{}", show(&out))
+        }
+    }
 }
 
 fn client(c: &Cluster, t: &str, node: u32, addr: &str, port: u16, msgs: u32) -> Output {
@@ -434,6 +436,45 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
             "served 2 connections, {} lines, bound to 127.0.0.1 port {port}",
             n + 100
         )),
+        "{s}"
+    );
+}
+
+#[test]
+fn both_ends_of_a_connection_migrated_at_the_same_time_keep_talking() {
+    let c = Cluster::up(3, 1.0);
+    let t = tcpecho();
+    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
+    let (cli, cpid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
+    let spid = find(&c, &format!("{t} serve"))
+        .expect("server in krg ps")
+        .0
+        .to_string();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Each move freezes the other end: the one that meets the other
+    // moving waits for it and goes next.
+    for (s_to, c_to) in [(2u32, 3u32), (1, 2)] {
+        let (a, b) = std::thread::scope(|sc| {
+            let a = sc.spawn(|| c.krg(1, &["migrate", &spid, &s_to.to_string()]));
+            let b = sc.spawn(|| c.krg(3, &["migrate", &cpid, &c_to.to_string()]));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert!(a.status.success(), "server to {s_to}: {}", show(&a));
+        assert!(b.status.success(), "client to {c_to}: {}", show(&b));
+        assert_eq!(
+            find(&c, &format!("{t} serve")).map(|p| p.1),
+            Some(s_to as u64)
+        );
+        assert_eq!(
+            find(&c, &format!("{t} client")).map(|p| p.1),
+            Some(c_to as u64)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let n = stop_client(&c, cli, &cpid);
+    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    assert!(
+        s.contains(&format!("served 1 connections, {n} lines")),
         "{s}"
     );
 }

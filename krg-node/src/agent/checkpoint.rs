@@ -118,6 +118,11 @@ fn personality(kpid: i32) -> Result<u32, String> {
     Err(why)
 }
 
+/// Why a capture was refused when the other end of one of its streams is
+/// being captured itself (or was frozen by it) at the same time.
+const PEER_BUSY: &str = "the peer of a moving connection, is itself being captured";
+const CAPTURE_BUSY: &str = "a capture is already under way";
+
 /// Whether local process `kpid` has a handler for signal `sig` (its
 /// `SigCgt` mask, from any of its threads).
 pub(super) fn catches(kpid: i32, sig: i32) -> bool {
@@ -200,8 +205,36 @@ impl Agent {
             .map_err(|e| err(libc::EHOSTUNREACH, format!("pid {g}: node {target}: {e}")))?
     }
 
-    /// Checkpoint or migrate a process of this node.
+    /// Checkpoint or migrate a process of this node. A migration that
+    /// meets the other end of one of its streams moving at the same time
+    /// (it was refused, the process untouched) is tried again once that
+    /// one is over: each waits a random while, so one of them goes first.
     pub(super) async fn checkpoint_local(
+        &self,
+        g: i32,
+        order: CkptOrder,
+        uid: u32,
+    ) -> Result<CkptDoneInfo, ErrorReply> {
+        let mut tries = 0;
+        loop {
+            let r = self.checkpoint_local_once(g, order.clone(), uid).await;
+            match r {
+                Err(e)
+                    if order.action == CkptAction::Migrate
+                        && tries < 10
+                        && (e.msg.contains(PEER_BUSY) || e.msg.contains(CAPTURE_BUSY)) =>
+                {
+                    tries += 1;
+                    let ms = rand::random::<u64>() % 300 + 50;
+                    debug!("pid {g}: {} (try {tries}); again in {ms} ms", e.msg);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn checkpoint_local_once(
         &self,
         g: i32,
         order: CkptOrder,
@@ -308,10 +341,7 @@ impl Agent {
         {
             let mut o = self.orders.lock();
             if o.contains_key(&kpid) {
-                return Err(err(
-                    libc::EBUSY,
-                    format!("pid {g}: a capture is already under way"),
-                ));
+                return Err(err(libc::EBUSY, format!("pid {g}: {CAPTURE_BUSY}")));
             }
             o.insert(
                 kpid,
@@ -451,10 +481,7 @@ impl Agent {
         {
             let mut o = self.orders.lock();
             if o.contains_key(&kpid) {
-                return Err(err(
-                    libc::EBUSY,
-                    format!("pid {g}, the peer of a moving connection, is itself being captured"),
-                ));
+                return Err(err(libc::EBUSY, format!("pid {g}, {PEER_BUSY}")));
             }
             o.insert(
                 kpid,
