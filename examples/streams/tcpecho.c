@@ -8,7 +8,8 @@
  *   tcpecho client ADDR PORT MSGS [SRC]
  *                                   send MSGS numbered lines, check every
  *                                   echo, print "ok COUNT" (from address
- *                                   SRC); SIGUSR1 ends it early
+ *                                   SRC); SIGUSR1 ends it early; "replies
+ *                                   N" on stderr every 10000
  *   tcpecho bind ADDR PORT          bind only: print "bound" or the error
  *
  * ADDR is an IPv4 or IPv6 literal (127.0.0.1, ::1, 0.0.0.0, ::). Under krg,
@@ -165,6 +166,8 @@ static int client(const char *ip, int port, long msgs, const char *src) {
             fprintf(stderr, "tcpecho: reply %ld is \"%s\", sent \"%s\"\n", i, line, want);
             return 1;
         }
+        if ((i + 1) % 10000 == 0)
+            fprintf(stderr, "replies %ld\n", i + 1);
     }
     shutdown(s, SHUT_WR);
     if (fgets(line, sizeof line, in)) {

@@ -334,6 +334,36 @@ fn usr1(c: &Cluster, from: u32, pid: &str) {
     assert!(k.status.success(), "{}", show(&k));
 }
 
+/// Wait until client `cli` has checked `n` replies (its progress lines on
+/// stderr, which this takes).
+fn replies_reach(cli: &mut Child, n: u64) {
+    use std::io::BufRead;
+    let err = cli.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                if l.strip_prefix("replies ")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|v| v >= n)
+                {
+                    return;
+                }
+            }
+            Err(e) => panic!("the client never reached {n} replies: {e}"),
+        }
+    }
+}
+
 /// Messages for a conversation that runs until the test stops it.
 const UNTIL_STOPPED: &str = "1000000000";
 
@@ -401,7 +431,7 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
     let c = Cluster::up(3, 1.0);
     let t = tcpecho();
     let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 2);
-    let (cli, cpid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
+    let (mut cli, cpid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
     let pid = find(&c, &format!("{t} serve"))
         .expect("server in krg ps")
         .0
@@ -426,7 +456,10 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
             "one second of conversation: node {to} (server) moved {new} bytes, node {left} (left) {old}"
         );
     }
+    // The count: 100,000 messages, the moves among them.
+    replies_reach(&mut cli, 100_000);
     let n = stop_client(&c, cli, &cpid);
+    assert!(n >= 100_000, "{n} replies");
     // Its listening socket moved too: a new client reaches it at 127.0.0.1.
     let out = client(&c, &t, 3, "127.0.0.1", port, 100);
     assert_eq!(ok(&out, "new client on node 3").trim(), "ok 100");
