@@ -17,7 +17,6 @@
 //! capture (whose allocations are left out of the image) and moves with
 //! the process.
 
-use super::moving::int_opt;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -55,28 +54,7 @@ fn end(fd: RawFd, peer: bool) -> Option<([u8; 28], libc::socklen_t)> {
 
 /// Connections waiting in `fd`'s accept queue (a listening TCP socket).
 fn queued(fd: RawFd) -> u32 {
-    if int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != Some(1)
-        || int_opt(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_TCP)
-    {
-        return 0;
-    }
-    let mut info = [0u8; 104];
-    let mut l = info.len() as libc::socklen_t;
-    // SAFETY: TCP_INFO into our buffer.
-    if unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut l,
-        )
-    } != 0
-    {
-        return 0;
-    }
-    // tcpi_unacked: a listener's accept queue.
-    u32::from_ne_bytes(info[24..28].try_into().expect("4 bytes"))
+    super::moving::accept_queue(fd).map_or(0, |(q, _)| q)
 }
 
 /// In a capture for a migration (the other threads parked): accept what

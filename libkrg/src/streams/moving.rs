@@ -323,16 +323,31 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
     let was_shut = wr_shut(fd);
     // SAFETY: shutdown on our socket (the other threads are parked).
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    match read_to_end(
+        fd,
+        DRAIN_TIMEOUT,
+        "the other end did not finish its side of the connection",
+    ) {
+        (out, None) => Ok((out, was_shut)),
+        // Reset by the peer: nothing more will come.
+        (_, Some(e)) => Err(e),
+    }
+}
+
+/// Read `fd` (a socket or a pipe) until its end of stream, for at most
+/// `timeout` (`late` says what did not happen then). What was read, and
+/// why it stopped early if it did.
+pub(crate) fn read_to_end(fd: RawFd, timeout: Duration, late: &str) -> (Vec<u8>, Option<String>) {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!(
-                "fd {fd}: the other end did not finish its side of the connection within {}s",
-                DRAIN_TIMEOUT.as_secs()
-            ));
+            return (
+                out,
+                Some(format!("fd {fd}: {late} within {}s", timeout.as_secs())),
+            );
         }
         let mut p = libc::pollfd {
             fd,
@@ -340,21 +355,18 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
             revents: 0,
         };
         // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) };
-        if n <= 0 {
+        if unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) } <= 0 {
             continue;
         }
-        // SAFETY: reads into our buffer without blocking.
-        let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        // SAFETY: reads into our buffer; poll said it would not block.
+        let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
         match r {
-            0 => return Ok((out, was_shut)),
+            0 => return (out, None),
             n if n > 0 => out.extend_from_slice(&buf[..n as usize]),
             _ => {
                 let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EAGAIN) | Some(libc::EINTR) => {}
-                    // Reset by the peer: nothing more will come.
-                    _ => return Err(format!("fd {fd}: draining the connection: {e}")),
+                if !matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
+                    return (out, Some(format!("fd {fd}: reading to its end: {e}")));
                 }
             }
         }
@@ -577,21 +589,30 @@ fn bound_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
     }
 }
 
-/// `fd` as a listening TCP socket, if it is one. A connection waiting to
-/// be accepted cannot move yet: refused, naming it.
-pub fn listening(fd: RawFd) -> Result<Option<Listening>, String> {
+/// `(connections waiting, backlog)` of `fd` if it is a listening TCP
+/// socket.
+pub(crate) fn accept_queue(fd: RawFd) -> Option<(u32, u32)> {
     if int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != Some(1)
         || int_opt(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_TCP)
     {
-        return Ok(None);
+        return None;
     }
+    let info = tcp_info(fd)?;
+    Some((u32_at(&info, 24), u32_at(&info, 28)))
+}
+
+/// `fd` as a listening TCP socket, if it is one. Connections still waiting
+/// to be accepted (a migration takes them first: `streams::accepted`)
+/// refuse, naming them.
+pub fn listening(fd: RawFd) -> Result<Option<Listening>, String> {
+    let Some((queued, backlog)) = accept_queue(fd) else {
+        return Ok(None);
+    };
     let addr =
         bound_addr(fd).ok_or_else(|| format!("fd {fd}: listening socket without an address"))?;
-    let info = tcp_info(fd).ok_or_else(|| format!("fd {fd}: TCP_INFO"))?;
-    let (queued, backlog) = (u32_at(&info, 24), u32_at(&info, 28));
     if queued > 0 {
         return Err(format!(
-            "fd {fd}: listening socket {addr} has {queued} connection(s) waiting to be accepted: those do not move yet (try again)"
+            "fd {fd}: listening socket {addr} has {queued} connection(s) waiting to be accepted that could not be taken along (try again)"
         ));
     }
     Ok(Some(Listening {

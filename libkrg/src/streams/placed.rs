@@ -14,7 +14,7 @@
 use super::moving;
 use crate::proto::{StdioKind, StreamPeer};
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Set by the target agent on a program whose fds 0-2 (listed, comma
 /// separated) stand for pipes: ends that meet on one node again get a pipe.
@@ -27,42 +27,7 @@ const EOF_TIMEOUT: Duration = Duration::from_secs(30);
 /// relay, closes it once it has written what it had). What was read, and
 /// why it stopped early if it did (what was read still counts).
 pub fn drain_pipe_to_eof(fd: RawFd) -> (Vec<u8>, Option<String>) {
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let deadline = Instant::now() + EOF_TIMEOUT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return (
-                out,
-                Some(format!(
-                    "fd {fd}: the pipe's writer did not close it within {}s",
-                    EOF_TIMEOUT.as_secs()
-                )),
-            );
-        }
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) } <= 0 {
-            continue;
-        }
-        // SAFETY: reads into our buffer; poll said it would not block.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        match n {
-            0 => return (out, None),
-            n if n > 0 => out.extend_from_slice(&buf[..n as usize]),
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
-                    return (out, Some(format!("fd {fd}: reading the pipe: {e}")));
-                }
-            }
-        }
-    }
+    moving::read_to_end(fd, EOF_TIMEOUT, "the pipe's writer did not close it")
 }
 
 /// Turn the relayed standard fds that are pipes to other SSI processes
