@@ -431,7 +431,10 @@ fn refused_hello_is_standalone_with_the_reason() {
     assert_eq!(reqs[0].0, me);
     assert_eq!(
         reqs[0].1,
-        r#"Hello { version: 1, caps_env: Some("teleport"), pinned: None }"#
+        format!(
+            r#"Hello {{ version: {}, caps_env: Some("teleport"), pinned: None }}"#,
+            libkrg::proto::PROTO_VERSION
+        )
     );
 }
 

@@ -21,6 +21,11 @@ use libkrg::{dsm, processes, procfs, streams, sync};
 use std::ffi::CStr;
 use std::mem::size_of;
 
+extern "C" {
+    /// The process's environment (unistd.h).
+    static environ: *mut *const c_char;
+}
+
 /// Runs when the dynamic loader initialises libkrg.so: resolve every next
 /// symbol, then register with the agent (or go standalone/disabled).
 extern "C" fn constructor() {
@@ -135,6 +140,29 @@ hooks! {
     fn sigqueue(pid: pid_t, sig: c_int, value: sigval) -> c_int {
         missing => enosys(),
         krg(real) => processes::sigqueue(pid, |k| real(k, sig, value)),
+    }
+
+    /// `execve`: a program the scheduler places on another node goes there
+    /// from here, this process becoming its shadow, instead of being loaded
+    /// here first.
+    fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+        missing => enosys(),
+        krg(real) => {
+            // SAFETY: the execve contract (NUL-terminated path, null or
+            // null-terminated arrays).
+            unsafe { libkrg::distant::exec_elsewhere(path, argv, envp) };
+            real(path, argv, envp)
+        },
+    }
+
+    /// `execv`: as `execve`, with this process's environment.
+    fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
+        missing => enosys(),
+        krg(real) => {
+            // SAFETY: as execve; `environ` is this process's environment.
+            unsafe { libkrg::distant::exec_elsewhere(path, argv, environ.cast_const()) };
+            real(path, argv)
+        },
     }
 
     /// `pidfd_open(pid, flags)` on gpids of this node.

@@ -60,6 +60,32 @@ fn os_err(what: &str) -> String {
 /// it here instead); otherwise this process becomes the shadow and exits
 /// with the remote program's status.
 pub fn run_on(node: u32, gpid: i32) -> Result<(), String> {
+    let env = std::env::vars_os()
+        .map(|(k, v)| {
+            let mut e = k.into_encoded_bytes();
+            e.push(b'=');
+            e.extend_from_slice(v.as_encoded_bytes());
+            e
+        })
+        .collect();
+    run_on_with(
+        node,
+        gpid,
+        read_link("/proc/self/exe")?,
+        split_nul(&std::fs::read("/proc/self/cmdline").map_err(|e| e.to_string())?),
+        env,
+    )
+}
+
+/// [`run_on`] for the program `exe` with `argv` and `env` (an `execve`
+/// placed before the exec: this process is still the old image).
+fn run_on_with(
+    node: u32,
+    gpid: i32,
+    exe: Vec<u8>,
+    argv: Vec<Vec<u8>>,
+    env: Vec<Vec<u8>>,
+) -> Result<(), String> {
     let listener = Listener::new()?;
     let mut token = [0u8; 16];
     // SAFETY: getrandom writes at most token.len() bytes into token.
@@ -74,16 +100,9 @@ pub fn run_on(node: u32, gpid: i32) -> Result<(), String> {
     crate::streams::placed::hand_over(&mut stdio);
     let req = RemoteExec {
         node,
-        exe: read_link("/proc/self/exe")?,
-        argv: split_nul(&std::fs::read("/proc/self/cmdline").map_err(|e| e.to_string())?),
-        env: std::env::vars_os()
-            .map(|(k, v)| {
-                let mut e = k.into_encoded_bytes();
-                e.push(b'=');
-                e.extend_from_slice(v.as_encoded_bytes());
-                e
-            })
-            .collect(),
+        exe,
+        argv,
+        env,
         cwd: read_link("/proc/self/cwd")?,
         umask: current_umask(),
         rlimits: rlimits(),
@@ -107,6 +126,135 @@ pub fn run_on(node: u32, gpid: i32) -> Result<(), String> {
     let relayed = stdio.iter().filter(|k| **k == StdioKind::Relay).count();
     let conns = listener.accept_all(&token, 1 + relayed);
     shadow(gpid, node, &stdio, conns)
+}
+
+/// The agent's policy may place programs on other nodes (from its Hello).
+static SPREAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_spread(on: bool) {
+    SPREAD.store(on, std::sync::atomic::Ordering::Release);
+}
+
+/// `execve(path, argv, envp)` of an SSI process: when the program may be
+/// placed elsewhere (a `KRG_NODE` in its environment, or a policy that
+/// spreads), ask where before the exec. If it goes to another node, this
+/// process becomes its shadow at once (the program is never loaded here)
+/// and this never returns. Returns to exec here: placed here, or the
+/// placement could not be asked or carried out (the program then says
+/// Hello as usual).
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `argv` and `envp` are null or
+/// null-terminated arrays of them (the execve contract).
+pub unsafe fn exec_elsewhere(
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) {
+    use std::ffi::CStr;
+    if path.is_null()
+        || !crate::caps::Caps::from_bits(crate::processes::hello_caps())
+            .contains(crate::caps::Caps::DISTANT_FORK)
+    {
+        return;
+    }
+    let list = |a: *const *const libc::c_char| -> Vec<Vec<u8>> {
+        let mut v = Vec::new();
+        if a.is_null() {
+            return v;
+        }
+        for i in 0.. {
+            // SAFETY: a null-terminated array of C strings (the contract).
+            let p = unsafe { *a.add(i) };
+            if p.is_null() {
+                break;
+            }
+            // SAFETY: as above.
+            v.push(unsafe { CStr::from_ptr(p) }.to_bytes().to_vec());
+        }
+        v
+    };
+    let env = list(envp);
+    let var = |name: &[u8]| {
+        env.iter().find_map(|e| {
+            e.strip_prefix(name)
+                .and_then(|r| r.strip_prefix(b"="))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        })
+    };
+    let pinned = var(b"KRG_NODE").and_then(|v| v.trim().parse::<u32>().ok());
+    if pinned.is_none() && !SPREAD.load(std::sync::atomic::Ordering::Acquire) {
+        return;
+    }
+    // Another thread would go on running in the shadow (an exec would
+    // have ended it): only a single-threaded process takes this path.
+    if std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count()) != 1 {
+        return;
+    }
+    // SAFETY: the contract; a failing exec fails here just the same.
+    let file = unsafe { CStr::from_ptr(path) };
+    // SAFETY: access reads the path.
+    if unsafe { libc::access(path, libc::X_OK) } != 0 {
+        return;
+    }
+    let mut exe = file.to_bytes().to_vec();
+    if !exe.starts_with(b"/") {
+        let Ok(mut cwd) = read_link("/proc/self/cwd") else {
+            return;
+        };
+        cwd.push(b'/');
+        cwd.extend_from_slice(&exe);
+        exe = cwd;
+    }
+    let argv = list(argv);
+    let req = Request::PlaceExec {
+        exe: exe.clone(),
+        argv: argv.clone(),
+        caps_env: var(b"KRG_CAPS"),
+        pinned,
+    };
+    let (gpid, place) = match client::call(&req) {
+        Ok(Response::Hello { gpid, place, .. }) if place != 0 => (gpid, place),
+        Ok(_) => return,
+        Err(e) => {
+            crate::krg_log!(crate::log::Level::Debug, "exec: no placement ({e})");
+            return;
+        }
+    };
+    // The program's environment without its pin (its children are placed
+    // by the scheduler again).
+    let env: Vec<Vec<u8>> = env
+        .into_iter()
+        .filter(|e| !e.starts_with(b"KRG_NODE="))
+        .collect();
+    // The shadow reads its signals from a signalfd: all blocked, as in a
+    // constructor.
+    // SAFETY: sets and saves this (only) thread's mask.
+    let old = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        old
+    };
+    // What `ps` shows here for the shadow: the program's name.
+    if let Ok(name) = std::ffi::CString::new(
+        exe.rsplit(|c| *c == b'/')
+            .next()
+            .unwrap_or_default()
+            .to_vec(),
+    ) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
+    if let Err(e) = run_on_with(place, gpid, exe, argv, env) {
+        crate::krg_log!(
+            crate::log::Level::Warn,
+            "could not run on node {place} ({e}); running here"
+        );
+        // SAFETY: puts this thread's mask back.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    }
 }
 
 /// Have the agent start something elsewhere (the request is built from

@@ -95,6 +95,7 @@ pub enum Reply {
         node: u32,
         caps: u32,
         place: u32,
+        spread: bool,
     },
     Pid(i32),
     Ok,
@@ -218,11 +219,13 @@ pub fn decode_reply(body: &[u8]) -> Result<Reply, HookCallError> {
             node,
             caps,
             place,
+            spread,
         } => Reply::Hello {
             gpid: gpid.to_native(),
             node: node.to_native(),
             caps: caps.to_native(),
             place: place.to_native(),
+            spread: *spread,
         },
         ArchivedResponse::Pid(p) => Reply::Pid(p.to_native()),
         ArchivedResponse::Ok => Reply::Ok,
@@ -469,6 +472,7 @@ mod tests {
             node: 1,
             caps: 7,
             place: 0,
+            spread: false,
         }))
         .unwrap();
         assert_eq!(
@@ -477,7 +481,8 @@ mod tests {
                 gpid: 1 << 22 | 3,
                 node: 1,
                 caps: 7,
-                place: 0
+                place: 0,
+                spread: false
             }
         );
         assert_eq!(

@@ -84,6 +84,17 @@ pub enum Request {
     /// The caller's identity, as `Hello` gives it (`place` 0), without
     /// registering: a restored process asks after its memory came back.
     Whoami,
+    /// From an SSI process about to `execve` a program (`exe`, `argv`, the
+    /// `KRG_CAPS` and `KRG_NODE` of its new environment): where it runs,
+    /// decided before the exec (a program placed elsewhere is then never
+    /// loaded here). Answered with `Hello`; a program to run here is not
+    /// placed again when it says Hello.
+    PlaceExec {
+        exe: Vec<u8>,
+        argv: Vec<Vec<u8>>,
+        caps_env: Option<String>,
+        pinned: Option<u32>,
+    },
     /// From a restored process: the gpids of the children it had where it
     /// was captured (they stayed there). Answered with `Children`.
     MovedChildren,
@@ -525,11 +536,14 @@ pub const IMAGE_CHANNEL: u8 = 4;
 pub enum Response {
     /// `place`: 0 to run here, else the node the scheduler chose for this
     /// new program (the library then runs it there, see `RemoteExec`).
+    /// `spread`: the policy in force may place programs on other nodes (an
+    /// `execve` then asks first, `PlaceExec`).
     Hello {
         gpid: i32,
         node: u32,
         caps: u32,
         place: u32,
+        spread: bool,
     },
     Pid(i32),
     /// Answer to `MovedChildren`.

@@ -257,8 +257,10 @@ fn initialise() -> Mode {
             node,
             caps,
             place,
+            spread,
         }) if crate::gpid::is_gpid(gpid) => {
             crate::processes::set_identity(gpid, node, caps);
+            crate::distant::set_spread(spread);
             crate::streams::placed::note_from_env();
             if place != 0 && place != node {
                 // Runs the program on `place` and never returns, unless it

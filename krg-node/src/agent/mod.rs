@@ -401,6 +401,14 @@ impl Agent {
         let exe = std::fs::read_link(format!("/proc/{kpid}/exe"))
             .map(|p| p.display().to_string())
             .unwrap_or_default();
+        self.placement_of(kpid, pinned, exe, argv)
+    }
+
+    /// [`Agent::placement`] of program `exe` with `argv` (not exec'd yet).
+    fn placement_of(&self, kpid: i32, pinned: Option<u32>, exe: String, argv: Vec<String>) -> u32 {
+        if pinned.is_none() && self.sched.is_local() {
+            return self.cfg.node_id;
+        }
         let uid = procs::read_uids(kpid).map(|u| u[0]).unwrap_or(u32::MAX);
         self.place(&sched::PlaceRequest {
             origin_node: self.cfg.node_id,
@@ -728,6 +736,41 @@ impl Agent {
                     node: self.cfg.node_id,
                     caps: caps.0,
                     place: if place == self.cfg.node_id { 0 } else { place },
+                    spread: !self.sched.is_local(),
+                })
+            }
+            Request::PlaceExec {
+                exe,
+                argv,
+                caps_env,
+                pinned,
+            } => {
+                let kpid = need_pid()?;
+                // The caps the new program will have (its KRG_CAPS).
+                let (gpid, caps) = {
+                    let mut t = self.procs();
+                    let p = t.register(kpid, Some(caps_env))?;
+                    (p.gpid, p.caps_eff)
+                };
+                let place = if caps.contains(Caps::DISTANT_FORK) {
+                    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                    self.placement_of(kpid, pinned, s(&exe), argv.iter().map(|a| s(a)).collect())
+                } else {
+                    0
+                };
+                let remote = place != 0 && place != self.cfg.node_id;
+                if let Some(p) = self.procs().get_mut(gpid) {
+                    // Elsewhere: its pipes are about to move (as after a
+                    // Hello). Here: its Hello is not placed again.
+                    p.placing = remote;
+                    p.skip_place = !remote;
+                }
+                Ok(Response::Hello {
+                    gpid,
+                    node: self.cfg.node_id,
+                    caps: caps.0,
+                    place: if remote { place } else { 0 },
+                    spread: !self.sched.is_local(),
                 })
             }
             Request::RemoteExec(spec) => Ok(Response::Pid(self.remote_exec(who, spec).await?)),
@@ -932,6 +975,7 @@ impl Agent {
                     node: self.cfg.node_id,
                     caps,
                     place: 0,
+                    spread: !self.sched.is_local(),
                 })
             }
             Request::Checkpoint { pid, dir, kill } => {

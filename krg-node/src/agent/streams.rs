@@ -534,6 +534,29 @@ fn unix_peers() -> std::io::Result<HashMap<u64, u64>> {
 
 /// Whether fd `fd` of kernel pid `pid` is open read-only (a pipe's read
 /// end), from its fdinfo.
+/// Whether the parent of `mover` holds the same end of pipe `link` as
+/// `mover` does, at a number above 2: the pipe a shell made for a pipeline,
+/// which it closes once it has forked the stage (a shell that shares its
+/// own stdin or stdout with a child keeps it, and is not waited for).
+fn parent_shares(link: &str, mover: i32, all: &HashMap<String, Vec<(i32, i32)>>) -> bool {
+    if mover == 0 || !link.starts_with("pipe:") {
+        return false;
+    }
+    let Some(ppid) = super::procs::read_stat(mover).map(|s| s.ppid) else {
+        return false;
+    };
+    let hs = all.get(link).map(Vec::as_slice).unwrap_or_default();
+    let Some(mine) = hs
+        .iter()
+        .find(|(p, _)| *p == mover)
+        .and_then(|(p, fd)| reads(*p, *fd))
+    else {
+        return false;
+    };
+    hs.iter()
+        .any(|(p, fd)| *p == ppid && *fd > 2 && reads(*p, *fd) == Some(mine))
+}
+
 fn reads(pid: i32, fd: i32) -> Option<bool> {
     let t = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
     let flags = t
@@ -660,6 +683,7 @@ impl Agent {
                 }
             }
         }
+        tracing::debug!("streams of kernel pid {}: {out:?}", mover.pid);
         Ok(Response::Streams(out))
     }
 
@@ -674,6 +698,20 @@ impl Agent {
     ) -> Found {
         let every = all.get(link).cloned().unwrap_or_default();
         let hs: Vec<(i32, i32)> = every.iter().filter(|(p, _)| *p != mover).copied().collect();
+        // A program being placed whose parent (a shell) still holds the
+        // pipe it made for it: the shell is about to fork the stage at the
+        // other end and close its copy, or reads it itself (`$(...)`, on
+        // this node anyway). Not swapped: relayed, until that stage, placed
+        // in turn, takes the relay over.
+        if mover != 0 && link.starts_with("pipe:") && self.is_placing(mover) {
+            if let Some(ppid) = super::procs::read_stat(mover).map(|s| s.ppid) {
+                if hs.iter().any(|(p, fd)| *p == ppid && *fd > 2) {
+                    return Err(StreamPeer::Foreign(format!(
+                        "{what}: still held by the shell that made it"
+                    )));
+                }
+            }
+        }
         if mover != 0 && link.starts_with("pipe:") && !hs.is_empty() {
             // The other end, and only it: a pipe with two writers (or
             // readers) is not a connection between two processes.
@@ -713,9 +751,17 @@ impl Agent {
                 self.node_id()
             ))
         })?;
+        // Being placed itself: its end is relayed once it runs there, and
+        // handed over when it is asked then (not frozen now: it is busy
+        // becoming a shadow, with its signals blocked).
+        if self.procs().get(g).is_some_and(|p| p.placing) {
+            return Err(StreamPeer::Foreign(format!(
+                "{what}: its other end's process (pid {g}) is being placed on another node"
+            )));
+        }
         // A shadow relays the standard fds of a program that runs
-        // elsewhere: a pipe it relays from one fd is handed over to that
-        // program; anything else stays (it leads to what the shadow holds).
+        // elsewhere: a pipe it relays is handed over to that program;
+        // anything else stays (it leads to what the shadow holds).
         if let Some(node) = self.procs().get(g).and_then(|p| p.running_on) {
             if link.starts_with("pipe:") {
                 return Ok((g, kpid, fds, Some(node)));
@@ -732,6 +778,14 @@ impl Agent {
             )));
         }
         Ok((g, kpid, fds, None))
+    }
+
+    /// Whether local kernel pid `kpid` is being placed on another node.
+    fn is_placing(&self, kpid: i32) -> bool {
+        let t = self.procs();
+        t.translate(kpid)
+            .and_then(|g| t.get(g))
+            .is_some_and(|p| p.placing)
     }
 
     /// Before the holders of `links` are judged: wait (a little) for those
@@ -906,7 +960,7 @@ impl Agent {
             let all = holders(&want);
             (links, all)
         };
-        let (links, all) = if ends_are_local {
+        let (links, mut all) = if ends_are_local {
             // A walk of this node's few processes (~0.1 ms): cheaper here
             // than a wake-up of the blocking pool (a placed program's
             // stdio pipes are looked up on every remote exec).
@@ -916,6 +970,24 @@ impl Agent {
                 .await
                 .map_err(|e| err(libc::EIO, format!("looking for the streams' ends: {e}")))?
         };
+        // A shell that has just forked a mover being placed (at its exec)
+        // still holds its copy of the mover's pipe end for a moment: wait
+        // for it to close it (at most 0.1 s).
+        for _ in 0..50 {
+            if !links
+                .iter()
+                .flatten()
+                .any(|(_, l, m)| self.is_placing(*m) && parent_shares(l, *m, &all))
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            let want: Vec<String> = links
+                .iter()
+                .filter_map(|l| l.as_ref().ok().map(|(_, l, _)| l.clone()))
+                .collect();
+            all = holders(&want);
+        }
         // (Instant the second time, after a check.)
         self.settle(&links, &all).await;
         let found: Vec<Found> = links
