@@ -123,26 +123,20 @@ fn personality(kpid: i32) -> Result<u32, String> {
 const PEER_BUSY: &str = "the peer of a moving connection, is itself being captured";
 const CAPTURE_BUSY: &str = "a capture is already under way";
 
-/// Whether local process `kpid` takes signal `sig` now: a thread that has
-/// a handler for it (`SigCgt`) and does not block it (`SigBlk`; a process
-/// that blocks it everywhere, as one about to become a shadow does, would
-/// leave the sender waiting).
+/// Whether local process `kpid` has a handler for signal `sig` (its
+/// `SigCgt` mask, from any of its threads). Blocked or not: a process in a
+/// capture of its own blocks it for a moment (and is refused as busy
+/// elsewhere); one being placed is never sent it (`streams`).
 pub(super) fn catches(kpid: i32, sig: i32) -> bool {
-    if !(1..=64).contains(&sig) {
-        return false;
-    }
-    let bit = 1u64 << (sig - 1);
     thread_files(kpid, "status").any(|p| {
-        let Ok(s) = std::fs::read_to_string(p) else {
-            return false;
-        };
-        let mask = |name: &str| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        };
-        mask("SigCgt:").is_some_and(|m| m & bit != 0)
-            && mask("SigBlk:").is_some_and(|m| m & bit == 0)
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("SigCgt:"))
+                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            })
+            .is_some_and(|m| (1..=64).contains(&sig) && m & (1u64 << (sig - 1)) != 0)
     })
 }
 
