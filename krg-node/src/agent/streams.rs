@@ -304,6 +304,23 @@ pub struct Held {
     fd_rx: Option<tokio::sync::oneshot::Receiver<std::os::fd::OwnedFd>>,
 }
 
+impl Held {
+    /// Every channel of a hand-over, open.
+    fn open() -> Held {
+        let (ztx, zrx) = tokio::sync::oneshot::channel();
+        let (dtx, drx) = tokio::sync::oneshot::channel();
+        let (ftx, frx) = tokio::sync::oneshot::channel();
+        Held {
+            frozen_tx: Some(ztx),
+            frozen_rx: Some(zrx),
+            drained_tx: Some(dtx),
+            drained_rx: Some(drx),
+            fd_tx: Some(ftx),
+            fd_rx: Some(frx),
+        }
+    }
+}
+
 /// Streams being moved (at the staying peer's node), by id.
 #[derive(Debug, Default)]
 pub struct Moving {
@@ -1022,25 +1039,8 @@ impl Agent {
                     continue;
                 }
             };
-            let id = (u64::from(self.node_id()) << 40)
-                | self
-                    .moving
-                    .next
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let (dtx, drx) = tokio::sync::oneshot::channel();
-            let (ftx, frx) = tokio::sync::oneshot::channel();
-            let (ztx, zrx) = tokio::sync::oneshot::channel();
-            self.moving.held().insert(
-                id,
-                Held {
-                    frozen_tx: Some(ztx),
-                    frozen_rx: Some(zrx),
-                    drained_tx: Some(dtx),
-                    drained_rx: Some(drx),
-                    fd_tx: Some(ftx),
-                    fd_rx: Some(frx),
-                },
-            );
+            let id = self.new_stream_id();
+            self.moving.held().insert(id, Held::open());
             let e = orders.entry(*kpid).or_insert((*g, Vec::new()));
             e.1.extend(fds.iter().map(|fd| (*fd, id)));
             ids.push(id);
@@ -1081,21 +1081,12 @@ impl Agent {
     /// process of this node that is not moving and has nothing pending
     /// (the reader of a FIFO): hold the place ([`Agent::take_expected`]).
     pub(crate) fn expect_connection(&self, id: u64) {
-        let (dtx, drx) = tokio::sync::oneshot::channel();
-        let (ftx, frx) = tokio::sync::oneshot::channel();
-        // Nothing in flight for it; it never writes.
-        let _ = dtx.send((Vec::new(), true));
-        self.moving.held().insert(
-            id,
-            Held {
-                frozen_tx: None,
-                frozen_rx: None,
-                drained_tx: None,
-                drained_rx: Some(drx),
-                fd_tx: Some(ftx),
-                fd_rx: Some(frx),
-            },
-        );
+        let mut h = Held::open();
+        // Nothing in flight for it; it never writes; nothing to freeze.
+        if let Some(tx) = h.drained_tx.take() {
+            let _ = tx.send((Vec::new(), true));
+        }
+        self.moving.held().insert(id, h);
     }
 
     /// The connection expected for stream `id`, once it came.
