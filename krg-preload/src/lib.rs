@@ -151,7 +151,7 @@ hooks! {
             // SAFETY: the execve contract (NUL-terminated path, null or
             // null-terminated arrays).
             unsafe { libkrg::distant::exec_elsewhere(path, argv, envp) };
-            real(path, argv, envp)
+            libkrg::checkpoint::around_exec(|| real(path, argv, envp))
         },
     }
 
@@ -161,8 +161,21 @@ hooks! {
         krg(real) => {
             // SAFETY: as execve; `environ` is this process's environment.
             unsafe { libkrg::distant::exec_elsewhere(path, argv, environ.cast_const()) };
-            real(path, argv)
+            libkrg::checkpoint::around_exec(|| real(path, argv))
         },
+    }
+
+    /// `execvp`: the capture signal held across the exec (placement, which
+    /// needs the path searched, happens at the program's Hello).
+    fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
+        missing => enosys(),
+        krg(real) => libkrg::checkpoint::around_exec(|| real(file, argv)),
+    }
+
+    /// `execvpe`: as `execvp`.
+    fn execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+        missing => enosys(),
+        krg(real) => libkrg::checkpoint::around_exec(|| real(file, argv, envp)),
     }
 
     /// `pidfd_open(pid, flags)` on gpids of this node.

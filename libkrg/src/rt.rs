@@ -171,9 +171,15 @@ pub fn init() {
             8usize,
         )
     };
-    START_MASK.store(mask, Ordering::Relaxed);
+    START_MASK.store(
+        mask & !(1u64 << (crate::checkpoint::SIGCKPT - 1)),
+        Ordering::Relaxed,
+    );
     let outcome = guarded(initialise);
     STATE.store(outcome as u8, Ordering::Release);
+    // An order held across the exec that started this image (see
+    // `checkpoint::hold_for_exec`): taken or dropped now.
+    crate::checkpoint::release_held_order(mask);
 }
 
 /// A forked child inherits the parent's state; if another thread of the

@@ -17,6 +17,7 @@ pub mod probe;
 pub mod procs;
 pub mod remote;
 pub mod sched;
+pub mod spawn;
 pub mod streams;
 pub mod sync;
 

@@ -17,11 +17,25 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
+
+/// A program's environment, built as `Command::env` would (a later value
+/// of a name replaces the earlier one).
+#[derive(Default)]
+struct Env(Vec<Vec<u8>>);
+
+impl Env {
+    fn set(&mut self, name: &[u8], value: &[u8]) {
+        self.0
+            .retain(|e| !(e.starts_with(name) && e.get(name.len()) == Some(&b'=')));
+        let mut e = name.to_vec();
+        e.push(b'=');
+        e.extend_from_slice(value);
+        self.0.push(e);
+    }
+}
 
 /// Everything the target node needs to start the program.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -251,24 +265,16 @@ impl Agent {
             });
         }
         let exe = OsStr::from_bytes(&spec.exec.exe).to_owned();
-        let mut cmd = Command::new(&exe);
-        if let Some(a0) = spec.exec.argv.first() {
-            cmd.arg0(OsStr::from_bytes(a0));
-        }
-        cmd.args(spec.exec.argv.iter().skip(1).map(|a| OsStr::from_bytes(a)));
-        cmd.env_clear();
+        let mut env = Env::default();
         for e in &spec.exec.env {
             if let Some(eq) = e.iter().position(|c| *c == b'=') {
-                cmd.env(OsStr::from_bytes(&e[..eq]), OsStr::from_bytes(&e[eq + 1..]));
+                env.set(&e[..eq], &e[eq + 1..]);
             }
         }
         if let Some(image) = &spec.restore {
-            cmd.env(
-                libkrg::checkpoint::restore::RESTORE_ENV,
-                OsStr::from_bytes(image),
-            );
+            env.set(libkrg::checkpoint::restore::RESTORE_ENV.as_bytes(), image);
         } else if image_stream.is_some() {
-            cmd.env(libkrg::checkpoint::restore::RESTORE_ENV, "fd:3");
+            env.set(libkrg::checkpoint::restore::RESTORE_ENV.as_bytes(), b"fd:3");
         }
         if spec.restore.is_some() || image_stream.is_some() {
             // Without libkrg the restorer would run the program afresh:
@@ -288,10 +294,13 @@ impl Agent {
                     .filter(|p| p.exists());
                 match so {
                     Some(so) if current.is_empty() => {
-                        cmd.env("LD_PRELOAD", so);
+                        env.set(b"LD_PRELOAD", so.as_os_str().as_bytes());
                     }
                     Some(so) => {
-                        cmd.env("LD_PRELOAD", format!("{}:{current}", so.display()));
+                        env.set(
+                            b"LD_PRELOAD",
+                            format!("{}:{current}", so.display()).as_bytes(),
+                        );
                     }
                     None => {
                         return Err(err(
@@ -305,10 +314,6 @@ impl Agent {
                 }
             }
         }
-        let image_fd = image_stream
-            .as_ref()
-            .map(std::os::fd::AsRawFd::as_raw_fd)
-            .unwrap_or(-1);
         // Post-copy: /dev/userfaultfd is root's only; this agent opens it
         // and hands it to the restorer as fd 4 (`KRG_UFFD`), which makes
         // its own userfaultfd from it. Without it the source sends the
@@ -331,12 +336,9 @@ impl Agent {
         } else {
             None
         };
-        let uffd_fd = uffd_dev
-            .as_ref()
-            .map(std::os::fd::AsRawFd::as_raw_fd)
-            .unwrap_or(-1);
-        if uffd_fd >= 0 {
-            cmd.env(libkrg::checkpoint::restore::UFFD_ENV, "4");
+        let postcopy = uffd_dev.is_some();
+        if postcopy {
+            env.set(libkrg::checkpoint::restore::UFFD_ENV.as_bytes(), b"4");
         }
         let cwd = OsStr::from_bytes(&spec.exec.cwd).to_owned();
         if !std::path::Path::new(&cwd).is_dir() {
@@ -349,7 +351,6 @@ impl Agent {
                 ),
             ));
         }
-        cmd.current_dir(&cwd);
         if spec
             .exec
             .stdio
@@ -408,89 +409,54 @@ impl Agent {
             }
         }
         if !pipe_fds.is_empty() {
-            cmd.env(libkrg::streams::placed::PIPE_FDS_ENV, pipe_fds.join(","));
+            env.set(
+                libkrg::streams::placed::PIPE_FDS_ENV.as_bytes(),
+                pipe_fds.join(",").as_bytes(),
+            );
         }
-        let mut closed = Vec::new();
-        for (i, f) in fds.into_iter().enumerate() {
-            let stdio = match f {
-                Some(fd) => Stdio::from(fd),
-                None => {
-                    closed.push(i as i32);
-                    Stdio::null()
-                }
-            };
-            match i {
-                0 => cmd.stdin(stdio),
-                1 => cmd.stdout(stdio),
-                _ => cmd.stderr(stdio),
-            };
+        let cstr = |b: &[u8], what: &str| {
+            std::ffi::CString::new(b).map_err(|_| {
+                err(
+                    libc::EINVAL,
+                    format!("{what} {:?} holds a NUL byte", String::from_utf8_lossy(b)),
+                )
+            })
+        };
+        let mut prog_fds: [Option<OwnedFd>; 5] = Default::default();
+        for (i, f) in fds.into_iter().enumerate().take(3) {
+            prog_fds[i] = f;
         }
-        let (uid, gid, groups, umask, rlimits) = (
-            spec.uid,
-            spec.gid,
-            spec.groups.clone(),
-            spec.exec.umask,
-            spec.exec.rlimits.clone(),
-        );
-        // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe system calls on data captured by value.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Out of the agent's session and group: its process group
-                // is its shadow's (the agent answers with that gpid), and
-                // signals to the agent's group must not reach it.
-                libc::setsid();
-                // SSI processes run without address randomisation (an image
-                // restores at the same addresses on any node).
-                libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong);
-                libc::umask(umask as libc::mode_t);
-                for (r, cur, max) in &rlimits {
-                    let l = libc::rlimit {
-                        rlim_cur: *cur,
-                        rlim_max: *max,
-                    };
-                    libc::setrlimit(*r, &l);
-                }
-                for fd in &closed {
-                    libc::close(*fd);
-                }
-                // The userfaultfd device out of the way first (it may be
-                // fd 3), then the image stream as 3 and the device as 4.
-                let uffd_tmp = if uffd_fd >= 0 {
-                    let t = libc::fcntl(uffd_fd, libc::F_DUPFD, 5);
-                    if t < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    t
-                } else {
-                    -1
-                };
-                if image_fd >= 0 && libc::dup2(image_fd, 3) != 3 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if uffd_tmp >= 0 {
-                    if libc::dup2(uffd_tmp, 4) != 4 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    libc::close(uffd_tmp);
-                }
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        prog_fds[3] = image_stream.map(OwnedFd::from);
+        prog_fds[4] = uffd_dev;
+        let program = super::spawn::Program {
+            exe: cstr(exe.as_bytes(), "executable")?,
+            argv: spec
+                .exec
+                .argv
+                .iter()
+                .map(|a| cstr(a, "argument"))
+                .collect::<Result<_, _>>()?,
+            env: env
+                .0
+                .iter()
+                .map(|e| cstr(e, "environment variable"))
+                .collect::<Result<_, _>>()?,
+            cwd: cstr(cwd.as_bytes(), "working directory")?,
+            fds: prog_fds,
+            umask: spec.exec.umask,
+            rlimits: spec.exec.rlimits.clone(),
+            uid: spec.uid,
+            gid: spec.gid,
+            groups: spec.groups.clone(),
+        };
         let node = self.node_id();
         let mut g = spec.gpid;
         let restoring = spec.restore.is_some() || spec.exec.restore;
         // Spawn and register under the reaper's lock: the child can neither
         // be reaped by the pid-1 reaper nor say Hello before it is known.
-        let (child, kpid) = {
+        let kpid = {
             let mut reaper = crate::reaper::managed_lock();
-            let child = cmd.spawn().map_err(|e| {
+            let kpid = super::spawn::spawn(&program).map_err(|e| {
                 err(
                     e.raw_os_error().unwrap_or(libc::EIO),
                     format!(
@@ -499,7 +465,7 @@ impl Agent {
                     ),
                 )
             })?;
-            let kpid = child.id() as i32;
+            drop(program);
             crate::reaper::manage_locked(&mut reaper, kpid);
             let r = {
                 let mut t = self.procs();
@@ -528,7 +494,7 @@ impl Agent {
                             p.adopt_from = spec.from;
                             p.greeted = true;
                             p.restoring = true;
-                            p.postcopy = uffd_fd >= 0;
+                            p.postcopy = postcopy;
                             p.command = Some(
                                 spec.exec
                                     .argv
@@ -545,12 +511,11 @@ impl Agent {
                 // SAFETY: kill of the child we just started.
                 unsafe { libc::kill(kpid, libc::SIGKILL) };
                 drop(reaper);
-                let mut child = child;
-                let _ = child.wait();
+                let _ = wait_for(kpid);
                 crate::reaper::unmanage(kpid);
                 return Err(e);
             }
-            (child, kpid)
+            kpid
         };
         info!(
             "pid {g}: {} here (kernel pid {kpid}) for its shadow on node {}",
@@ -563,9 +528,8 @@ impl Agent {
         let _ = std::thread::Builder::new()
             .name(format!("krg-wait-{kpid}"))
             .spawn(move || {
-                let mut child = child;
-                let status = match child.wait() {
-                    Ok(st) => st.into_raw(),
+                let status = match wait_for(kpid) {
+                    Ok(st) => st,
                     Err(e) => {
                         warn!("pid {g}: waiting for kernel pid {kpid}: {e}");
                         // Unknown end: report a kill.
@@ -597,6 +561,21 @@ impl Agent {
                 }
             });
         Ok((kpid, g))
+    }
+}
+
+/// The wait status of a child of this agent (blocking).
+fn wait_for(kpid: i32) -> std::io::Result<i32> {
+    loop {
+        let mut st = 0;
+        // SAFETY: waits for our own child; `st` is a valid out pointer.
+        if unsafe { libc::waitpid(kpid, &mut st, 0) } == kpid {
+            return Ok(st);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 

@@ -1301,7 +1301,34 @@ impl Agent {
                         let _ = ftx.send(peer);
                         return Ok((Response::StreamFd, vec![mine]));
                     }
-                    Err(e) => tracing::debug!("{what}: no pipe ({e}): a connection instead"),
+                    Err(e) => {
+                        // More in flight than a pipe holds (a relay's
+                        // socket buffers): the reader gets its end at
+                        // once, the bytes are fed in as it reads, and the
+                        // writer gets its end after the last of them.
+                        tracing::debug!("{what}: {e}: fed in while read");
+                        let (r, w) = libkrg::streams::moving::pipe_holding(&[], 0)
+                            .map_err(|e| err(libc::EMFILE, format!("{what}: {e}")))?;
+                        let bytes = reads.clone();
+                        let feed = move || {
+                            let mut f = std::fs::File::from(w);
+                            // A reader gone is the writer's EPIPE later,
+                            // as on one machine.
+                            let _ = std::io::Write::write_all(&mut f, &bytes);
+                            std::os::fd::OwnedFd::from(f)
+                        };
+                        if wr_shut {
+                            tokio::task::spawn_blocking(move || {
+                                let _ = ftx.send(feed());
+                            });
+                            return Ok((Response::StreamFd, vec![r]));
+                        }
+                        let _ = ftx.send(r);
+                        let w = tokio::task::spawn_blocking(feed)
+                            .await
+                            .map_err(|e| err(libc::EIO, format!("{what}: feeding: {e}")))?;
+                        return Ok((Response::StreamFd, vec![w]));
+                    }
                 }
             }
         }

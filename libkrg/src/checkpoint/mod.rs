@@ -285,6 +285,80 @@ pub fn install() {
     ANCHOR.store(1, Ordering::Relaxed);
 }
 
+/// The agent may send [`SIGCKPT`] (a capture, a stream hand-over) at any
+/// time to a process that catches it; if the process is inside `execve`
+/// at that moment, the new image starts with the default action (death)
+/// until its constructor installs the handler. The exec hooks therefore
+/// block it across the exec: an order that arrives then stays pending and
+/// reaches the new image's handler once [`release_held_order`] unblocks
+/// it. Returns whether this call blocked it (it was not blocked before).
+pub fn hold_for_exec() -> bool {
+    let mut set = sigset_of(SIGCKPT);
+    // SAFETY: changes this thread's mask; `set` and `old` are ours.
+    unsafe {
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        set = old;
+        libc::sigismember(&set, SIGCKPT) == 0
+    }
+}
+
+/// Run an exec function with [`SIGCKPT`] held (see [`hold_for_exec`]);
+/// it returns only if the exec failed, with its errno kept.
+pub fn around_exec(exec: impl FnOnce() -> libc::c_int) -> libc::c_int {
+    let held = hold_for_exec();
+    let r = exec();
+    let e = crate::rt::errno();
+    release_after_failed_exec(held);
+    crate::rt::set_errno(e);
+    r
+}
+
+/// The exec failed: the old image runs on, its handler in place.
+pub fn release_after_failed_exec(held: bool) {
+    if held {
+        let set = sigset_of(SIGCKPT);
+        // SAFETY: changes this thread's mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    }
+}
+
+/// In the constructor, once the mode is known: `SIGCKPT` blocked from the
+/// start means the previous image held it across its exec. With the
+/// handler installed, a held order is taken now; without one (not an SSI
+/// process any more, or without the capabilities) it is dropped, and the
+/// program starts with the mask it would have had.
+pub fn release_held_order(start_mask: u64) {
+    if start_mask & (1u64 << (SIGCKPT - 1)) == 0 {
+        return;
+    }
+    let set = sigset_of(SIGCKPT);
+    if ANCHOR.load(Ordering::Relaxed) == 0 {
+        // Ignoring a pending signal discards it.
+        // SAFETY: a zeroed sigaction is SIG_DFL with an empty mask; the
+        // pair sets, then restores, the default disposition.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = libc::SIG_IGN;
+            libc::sigaction(SIGCKPT, &sa, std::ptr::null_mut());
+            sa.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(SIGCKPT, &sa, std::ptr::null_mut());
+        }
+    }
+    // SAFETY: changes this thread's mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+}
+
+fn sigset_of(sig: i32) -> libc::sigset_t {
+    // SAFETY: an empty set with one member, ours.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        set
+    }
+}
+
 extern "C" fn on_signal(_sig: i32, info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
     let saved = crate::rt::errno();
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
