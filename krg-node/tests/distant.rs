@@ -20,6 +20,8 @@ fn remote_program_keeps_stdio_status_and_parent() {
         echo "parent $$ $(cat /proc/sys/kernel/hostname)"
         KRG_NODE=2 sh -c 'echo "child $$ $PPID $(cat /proc/sys/kernel/hostname)"; read l; echo "got $l"; echo to-err >&2; exit 3'
         echo "status $?"
+        trap '' USR1
+        KRG_NODE=2 sh -c 'echo "ignores $(grep SigIgn /proc/$$/status | cut -f2) $(cat /proc/sys/kernel/hostname)"'
     "#;
     let mut p = c
         .cmd(1, &["sh", "-c", script])
@@ -36,7 +38,7 @@ fn remote_program_keeps_stdio_status_and_parent() {
     let out = p.wait_with_output().unwrap();
     let o = text(&out.stdout);
     let lines: Vec<Vec<&str>> = o.lines().map(|l| l.split_whitespace().collect()).collect();
-    assert_eq!(lines.len(), 4, "{o}\n{}", text(&out.stderr));
+    assert_eq!(lines.len(), 5, "{o}\n{}", text(&out.stderr));
     assert_eq!(lines[0][2], "krg-n1", "{o}");
     assert_eq!(lines[1][3], "krg-n2", "the child runs on node 2: {o}");
     let child: i64 = lines[1][1].parse().unwrap();
@@ -48,6 +50,11 @@ fn remote_program_keeps_stdio_status_and_parent() {
         "stdin reached it: {o}"
     );
     assert_eq!(lines[3], vec!["status", "3"], "exit status: {o}");
+    // A signal ignored before the exec stays ignored there (as `nohup`
+    // needs), whatever the agent's own dispositions.
+    assert_eq!(lines[4][2], "krg-n2", "{o}");
+    let ign = u64::from_str_radix(lines[4][1], 16).unwrap();
+    assert_ne!(ign & (1 << (libc::SIGUSR1 - 1)), 0, "SIGUSR1 ignored: {o}");
     assert_eq!(text(&out.stderr).trim(), "to-err");
     assert!(out.status.success());
 }
@@ -121,12 +128,18 @@ fn ctrl_c_reaches_the_remote_job() {
     // A terminal's Ctrl-C signals the whole foreground process group: run
     // krg in a group of its own and signal that group the same way.
     use std::os::unix::process::CommandExt;
-    let p = c
-        .cmd(1, &["sh", "-c", "KRG_NODE=2 sleep 61; echo after"])
-        .process_group(0)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut p = c.cmd(1, &["sh", "-c", "KRG_NODE=2 sleep 61; echo after"]);
+    // A harness started in the background by a non-interactive shell
+    // inherits SIGINT ignored (POSIX), and so would the job (its remote
+    // program too): a terminal's foreground job has it at the default.
+    // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+    unsafe {
+        p.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let p = p.process_group(0).stdout(Stdio::piped()).spawn().unwrap();
     let running = wait_for(Duration::from_secs(5), || {
         c.ps(2)
             .iter()

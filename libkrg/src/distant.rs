@@ -110,6 +110,7 @@ fn run_on_with(
         port: listener.port,
         token: token.to_vec(),
         restore: false,
+        ignored: ignored_signals(),
     };
     let r = match client::call(&Request::RemoteExec(req)) {
         Ok(Response::Pid(_)) => Ok(()),
@@ -126,6 +127,22 @@ fn run_on_with(
     let relayed = stdio.iter().filter(|k| **k == StdioKind::Relay).count();
     let conns = listener.accept_all(&token, 1 + relayed);
     shadow(gpid, node, &stdio, conns)
+}
+
+/// The signals this process ignores, as [`RemoteExec::ignored`] has them.
+/// Handlers do not count: an exec resets them to the default.
+fn ignored_signals() -> u64 {
+    let mut set = 0u64;
+    for sig in 1..=64 {
+        // SAFETY: queries the disposition only (null new action).
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; `old` is a valid out pointer.
+        let ok = unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } == 0;
+        if ok && old.sa_sigaction == libc::SIG_IGN {
+            set |= 1 << (sig - 1);
+        }
+    }
+    set
 }
 
 /// The agent's policy may place programs on other nodes (from its Hello).

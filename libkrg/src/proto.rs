@@ -9,7 +9,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Bumped whenever a message changes incompatibly.
-pub const PROTO_VERSION: u32 = 2;
+pub const PROTO_VERSION: u32 = 3;
 
 /// A request to the local agent. The caller's pid, uid and gid come from
 /// `SO_PEERCRED`, never from the message.
@@ -524,6 +524,10 @@ pub struct RemoteExec {
     /// one more connection (channel [`IMAGE_CHANNEL`]) instead of starting
     /// the executable afresh.
     pub restore: bool,
+    /// Signals the program starts with ignored, bit `s - 1` for signal
+    /// `s`: those the caller ignores (an exec keeps them ignored; `nohup`,
+    /// a shell's background job). Every other signal starts at its default.
+    pub ignored: u64,
 }
 
 /// Channel of the connection that carries a migrating process's image.

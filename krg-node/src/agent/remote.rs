@@ -448,6 +448,7 @@ impl Agent {
             uid: spec.uid,
             gid: spec.gid,
             groups: spec.groups.clone(),
+            ignored: spec.exec.ignored,
         };
         let node = self.node_id();
         let mut g = spec.gpid;

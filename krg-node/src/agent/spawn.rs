@@ -30,6 +30,8 @@ pub(super) struct Program {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
+    /// Signals ignored from the start (`RemoteExec::ignored`).
+    pub ignored: u64,
 }
 
 /// Everything the child reads, as raw values and pointers into memory that
@@ -47,6 +49,7 @@ struct ChildArgs {
     gid: libc::gid_t,
     groups: *const libc::gid_t,
     n_groups: usize,
+    ignored: u64,
     /// The errno of the step that failed (0: the exec went through).
     error: AtomicI32,
 }
@@ -81,6 +84,7 @@ pub(super) fn spawn(p: &Program) -> std::io::Result<i32> {
         gid: p.gid,
         groups: p.groups.as_ptr(),
         n_groups: p.groups.len(),
+        ignored: p.ignored,
         error: AtomicI32::new(0),
     };
     let mut stack = vec![0u8; STACK];
@@ -163,9 +167,10 @@ unsafe fn set_up_and_exec(a: &ChildArgs) -> i32 {
     // SAFETY: system calls on this child's own process state and on the
     // memory `a` points to (the caller's contract), for the whole block.
     unsafe {
-        // Handlers the agent installed would run on its memory: back to
-        // the default before anything is unblocked. SIGPIPE, which the
-        // agent ignores, starts at its default too (as std's Command does).
+        // The dispositions are the caller's as its exec left them, never
+        // the agent's: what it ignored stays ignored, everything else is
+        // at the default (a handler the agent installed would run on its
+        // memory), all before anything is unblocked.
         for sig in 1..=libc::SIGRTMAX() {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
@@ -174,12 +179,15 @@ unsafe fn set_up_and_exec(a: &ChildArgs) -> i32 {
             if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
                 continue;
             }
-            if old.sa_sigaction != libc::SIG_DFL
-                && (old.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
-            {
-                let mut dfl: libc::sigaction = std::mem::zeroed();
-                dfl.sa_sigaction = libc::SIG_DFL;
-                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            let want = if a.ignored & (1 << (sig - 1)) != 0 {
+                libc::SIG_IGN
+            } else {
+                libc::SIG_DFL
+            };
+            if old.sa_sigaction != want {
+                let mut new: libc::sigaction = std::mem::zeroed();
+                new.sa_sigaction = want;
+                libc::sigaction(sig, &new, std::ptr::null_mut());
             }
         }
         // Out of the agent's session and group: its process group is its
@@ -260,6 +268,7 @@ mod tests {
             // SAFETY: as above.
             gid: unsafe { libc::getgid() },
             groups: vec![],
+            ignored: 0,
         }
     }
 
@@ -291,6 +300,30 @@ mod tests {
         assert_eq!(lines[..4], ["/", "yes", "0027", "77"], "{out}");
         // stdin was closed: the shell says so.
         assert!(lines.last().unwrap().ends_with("closed"), "{out}");
+    }
+
+    #[test]
+    fn starts_with_the_callers_ignored_signals_only() {
+        let (r, w) = std::io::pipe().unwrap();
+        let mut p = program(
+            "/bin/sh",
+            &["-c", "grep SigIgn /proc/$$/status"],
+            Some(w.into()),
+        );
+        // SIGINT and SIGQUIT, as a shell's background job has them.
+        p.ignored = (1 << (libc::SIGINT - 1)) | (1 << (libc::SIGQUIT - 1));
+        let pid = spawn(&p).unwrap();
+        drop(p);
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut { r }, &mut out).unwrap();
+        wait(pid);
+        let hex = out.trim().strip_prefix("SigIgn:").unwrap().trim();
+        let ign = u64::from_str_radix(hex, 16).unwrap();
+        assert_ne!(ign & (1 << (libc::SIGINT - 1)), 0, "{out}");
+        assert_ne!(ign & (1 << (libc::SIGQUIT - 1)), 0, "{out}");
+        // The test process ignores SIGPIPE (Rust's runtime does): the
+        // program does not.
+        assert_eq!(ign & (1 << (libc::SIGPIPE - 1)), 0, "{out}");
     }
 
     #[test]

@@ -148,6 +148,8 @@ pub fn restart(dir: &Path, node: Option<u32>, quiet: bool) -> Result<i32> {
                     port,
                     token,
                     restore: false,
+                    // The image puts back every disposition.
+                    ignored: 0,
                 },
             })
         },

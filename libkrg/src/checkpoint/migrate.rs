@@ -469,6 +469,8 @@ fn send(
         port: listener.port,
         token: token.to_vec(),
         restore: true,
+        // The image puts back every disposition.
+        ignored: 0,
     };
     match crate::client::call(&Request::RemoteExec(req)) {
         Ok(Response::Pid(_)) => {}
