@@ -284,7 +284,8 @@ fn nodes_running(c: &Cluster, prefix: &str) -> Vec<i64> {
 
 #[test]
 fn round_robin_spreads_a_shell_batch_two_per_node() {
-    let c = Cluster::up(4, 1.0);
+    // Half a CPU per node: each hash runs long enough to be seen.
+    let c = Cluster::up(4, 0.5);
     let set = c.krg(1, &["sched", "set", "round-robin"]);
     assert!(set.status.success(), "{}", text(&set.stderr));
     let dir = shared_dir("batch");
@@ -316,14 +317,25 @@ fn round_robin_spreads_a_shell_batch_two_per_node() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    // While they run: 2 per node.
-    let mut seen = Vec::new();
-    let spread = wait_for(Duration::from_secs(20), || {
-        seen = nodes_running(&c, "sha256sum");
-        seen == vec![1, 1, 2, 2, 3, 3, 4, 4]
+    // While they run: 2 per node. Each one is noted when `krg ps` shows
+    // it (by pid: one that ends before the last starts still counts).
+    let mut seen = std::collections::BTreeMap::new();
+    wait_for(Duration::from_secs(30), || {
+        for p in c.ps(1) {
+            if p["command"].as_str().unwrap_or("").starts_with("sha256sum") {
+                seen.insert(p["pid"].as_i64().unwrap(), p["node"].as_i64().unwrap());
+            }
+        }
+        seen.len() >= 8
     });
     let out = job.wait_with_output().unwrap();
-    assert!(spread, "sha256sum ran on nodes {seen:?}");
+    let mut nodes: Vec<i64> = seen.values().copied().collect();
+    nodes.sort();
+    assert_eq!(
+        nodes,
+        vec![1, 1, 2, 2, 3, 3, 4, 4],
+        "sha256sum ran on nodes {seen:?}"
+    );
     let t = text(&out.stdout);
     let sums: Vec<&str> = t
         .lines()

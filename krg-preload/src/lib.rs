@@ -685,7 +685,9 @@ hooks! {
     /// `connect`: the loopback reaches the node that holds the port.
     fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
         missing => enosys(),
-        krg(real) => streams::connect(fd, addr, len, real),
+        // SAFETY: the C caller's connect contract: `addr` points to `len`
+        // bytes.
+        krg(real) => unsafe { streams::connect(fd, addr, len, real) },
     }
 
     /// `accept`: a loopback server accepts only cluster nodes.

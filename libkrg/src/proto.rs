@@ -273,7 +273,7 @@ pub enum Request {
     /// Open the FIFO `path` (canonical; the file's device and inode as this
     /// node sees them) for reading or `write`ing: wait for a process
     /// opening it the other way anywhere in the cluster. Answered with
-    /// `FifoLocal` (that process is on this node: open the FIFO itself)
+    /// `Local` (that process is on this node: open the FIFO itself)
     /// or `StreamFd` and one descriptor (a connection to that process's
     /// node, standing for the FIFO).
     FifoOpen {
@@ -282,6 +282,21 @@ pub enum Request {
         ino: u64,
         write: bool,
     },
+    /// A UNIX stream socket named `path` started listening here: make the
+    /// name reachable from every node. `path` is the canonical path of
+    /// the socket file (with its device and inode as this node sees them),
+    /// or an abstract name: a NUL byte and the name, device and inode 0.
+    /// Answered with `Ok`.
+    UnixListen { path: Vec<u8>, dev: u64, ino: u64 },
+    /// Connect to the UNIX stream socket named as in `UnixListen`.
+    /// Answered with `Local` (nobody listens under that name on another
+    /// node: connect here) or `StreamFd` and one descriptor (a connection
+    /// to the listener's node, already queued there on the listener).
+    UnixConnect { path: Vec<u8>, dev: u64, ino: u64 },
+    /// From a listener that accepted the agent's stand-in for connection
+    /// `id` (the stand-in's abstract name says which): the connection
+    /// itself. Answered with `StreamFd` and one descriptor.
+    UnixTake { id: u64 },
 }
 
 /// A System V semaphore set as `semctl(IPC_STAT)` shows it.
@@ -530,6 +545,11 @@ pub struct RemoteExec {
     pub ignored: u64,
 }
 
+/// The abstract name (after its NUL byte) an agent's stand-in for a
+/// connection from another node is bound to, followed by the connection's
+/// id in hex: what the listener's `accept` recognises it by.
+pub const UNIX_STAND_IN: &[u8] = b"krg-stand-in:";
+
 /// Channel of the connection that carries a migrating process's image.
 pub const IMAGE_CHANNEL: u8 = 4;
 
@@ -593,8 +613,9 @@ pub enum Response {
     StreamFd,
     /// Answer to `ShadowRelays`: hand over the relay of this fd.
     Release(i32),
-    /// Answer to `FifoOpen`: the other end opens it on this node too.
-    FifoLocal,
+    /// Answer to `FifoOpen` and `UnixConnect`: the other end is on this
+    /// node, the kernel pairs the two.
+    Local,
 }
 
 /// A failed request: the errno the application should see, and what failed.

@@ -78,7 +78,7 @@ impl Agent {
             })??
         };
         match m {
-            FifoMatch::Local => Ok((Response::FifoLocal, Vec::new())),
+            FifoMatch::Local => Ok((Response::Local, Vec::new())),
             FifoMatch::Accept { id } => {
                 let fd = self.take_expected(id).await?;
                 Ok((Response::StreamFd, vec![fd]))
@@ -125,7 +125,7 @@ impl Agent {
         let id = self.new_stream_id();
         // The reader's node holds the place before the writer's connects.
         let held = if reader == self.node_id() {
-            self.expect_connection(id);
+            self.expect_connection(id, true);
             Ok(())
         } else {
             match self.client(reader).await {

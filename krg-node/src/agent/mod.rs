@@ -20,6 +20,7 @@ pub mod sched;
 pub mod spawn;
 pub mod streams;
 pub mod sync;
+pub mod unix;
 
 use crate::agent::config::Config;
 use crate::agent::peer::{GroupKill, Heartbeat, Peer, PeerClient};
@@ -111,6 +112,8 @@ pub struct Agent {
     child_ends: children::Ends,
     /// FIFO openers waiting for a partner, at the key home (see `fifo`).
     fifos: fifo::Fifos,
+    /// Cluster-wide UNIX socket names (see `unix`).
+    unix: unix::UnixNames,
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -146,6 +149,7 @@ impl Agent {
             moving: streams::Moving::default(),
             child_ends: children::Ends::default(),
             fifos: fifo::Fifos::default(),
+            unix: unix::UnixNames::default(),
             cpus,
             cfg,
         })
@@ -652,6 +656,28 @@ impl Agent {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
             },
+            Request::UnixListen { path, dev, ino } => {
+                match self
+                    .unix_listen(who, fifo::FifoKey { path, dev, ino })
+                    .await
+                {
+                    Ok(r) => (r, Vec::new()),
+                    Err(e) => (Response::Err(e), Vec::new()),
+                }
+            }
+            Request::UnixConnect { path, dev, ino } => {
+                match self
+                    .unix_connect(who, fifo::FifoKey { path, dev, ino })
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => (Response::Err(e), Vec::new()),
+                }
+            }
+            Request::UnixTake { id } => match self.unix_take(who, id).await {
+                Ok(r) => r,
+                Err(e) => (Response::Err(e), Vec::new()),
+            },
             Request::StreamAwait { id } => match self.stream_await(id).await {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
@@ -840,7 +866,10 @@ impl Agent {
             } => self.stream_drained(id, pending, wr_shut),
             Request::StreamAwait { .. }
             | Request::StreamAttach { .. }
-            | Request::FifoOpen { .. } => Err(err(
+            | Request::FifoOpen { .. }
+            | Request::UnixListen { .. }
+            | Request::UnixConnect { .. }
+            | Request::UnixTake { .. } => Err(err(
                 libc::EINVAL,
                 "a stream descriptor request needs the descriptor-passing path",
             )),
@@ -1109,7 +1138,25 @@ impl Peer for PeerServer {
     }
 
     async fn fifo_expect(self, _: context::Context, id: u64) {
-        self.0.expect_connection(id);
+        self.0.expect_connection(id, true);
+    }
+
+    async fn unix_name_set(self, _: context::Context, key: fifo::FifoKey, node: u32) {
+        self.0.unix_name_set(key, node);
+    }
+
+    async fn unix_name_owner(self, _: context::Context, key: fifo::FifoKey) -> Option<u32> {
+        self.0.unix_name_owner(&key)
+    }
+
+    async fn unix_stand_in(
+        self,
+        _: context::Context,
+        key: fifo::FifoKey,
+        uid: u32,
+        gids: Vec<u32>,
+    ) -> Result<u64, ErrorReply> {
+        self.0.unix_stand_in(key, uid, gids).await
     }
 
     // --- scheduling ---

@@ -80,6 +80,18 @@ pub trait Peer {
     ) -> Result<super::fifo::FifoMatch, ErrorReply>;
     /// A FIFO's writer's node will connect for stream `id`: hold it.
     async fn fifo_expect(id: u64);
+    /// At the key home: the UNIX socket name `key` is listened on at `node`.
+    async fn unix_name_set(key: super::fifo::FifoKey, node: u32);
+    /// At the key home: where the UNIX socket name `key` is listened on.
+    async fn unix_name_owner(key: super::fifo::FifoKey) -> Option<u32>;
+    /// At the listener's node: queue a stand-in on the listener of `key`
+    /// for a client with `uid` and groups `gids` (its primary first), and
+    /// hold a place for its connection; answers the connection's id.
+    async fn unix_stand_in(
+        key: super::fifo::FifoKey,
+        uid: u32,
+        gids: Vec<u32>,
+    ) -> Result<u64, ErrorReply>;
     // --- scheduling ---
     /// The scheduling policy in force on the callee, with its text (a node
     /// whose heartbeat showed an older version fetches it).

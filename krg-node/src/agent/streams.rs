@@ -1079,12 +1079,14 @@ impl Agent {
 
     /// A connection for stream `id` will come from another node for a
     /// process of this node that is not moving and has nothing pending
-    /// (the reader of a FIFO): hold the place ([`Agent::take_expected`]).
-    pub(crate) fn expect_connection(&self, id: u64) {
+    /// (the reader of a FIFO, a UNIX listener): hold the place
+    /// ([`Agent::take_expected`]). `reads_only`: its end is shut for
+    /// writing (a FIFO's reader).
+    pub(crate) fn expect_connection(&self, id: u64, reads_only: bool) {
         let mut h = Held::open();
-        // Nothing in flight for it; it never writes; nothing to freeze.
+        // Nothing in flight for it; nothing to freeze.
         if let Some(tx) = h.drained_tx.take() {
-            let _ = tx.send((Vec::new(), true));
+            let _ = tx.send((Vec::new(), reads_only));
         }
         self.moving.held().insert(id, h);
     }
@@ -1106,6 +1108,11 @@ impl Agent {
                 format!("stream {id:#x}: the other node never connected"),
             )),
         }
+    }
+
+    /// Give up the place held for stream `id` (nobody will take it).
+    pub(crate) fn forget_expected(&self, id: u64) {
+        self.moving.held().remove(&id);
     }
 
     /// A new stream id of this node.

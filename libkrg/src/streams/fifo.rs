@@ -60,7 +60,7 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
     // Not guarded: the wait may be long, and the program's signals must
     // reach it meanwhile (a handler that returns resumes the wait).
     match client::call_fds(&req) {
-        Ok((Response::FifoLocal, _)) => None,
+        Ok((Response::Local, _)) => None,
         Ok((Response::StreamFd, mut fds)) if fds.len() == 1 => {
             let fd = fds.remove(0);
             let cloexec = flags & libc::O_CLOEXEC != 0;

@@ -7,14 +7,17 @@
 //! (`EADDRINUSE`), as on one machine. Stream ends move with a migrated
 //! process ([`moving`]), and the pipes of a program placed on another node
 //! connect it directly to the process at their other end ([`placed`]).
+//! FIFOs ([`fifo`]) and UNIX stream socket names ([`unix`]) opened or
+//! connected to from several nodes meet across the cluster.
 
 pub mod accepted;
 pub mod fifo;
 pub mod loopback;
 pub mod moving;
 pub mod placed;
+pub mod unix;
 
-pub use loopback::{bind, connect, getsockname, listen};
+pub use loopback::{bind, getsockname};
 
 use crate::caps::Caps;
 
@@ -27,11 +30,46 @@ pub fn accept(
     len: *mut libc::socklen_t,
     real: impl Fn(*mut libc::sockaddr, *mut libc::socklen_t) -> libc::c_int,
 ) -> libc::c_int {
-    let c = loopback::accept(fd, addr, len, real);
+    let mut c = loopback::accept(fd, addr, len, real);
+    if c >= 0 && active() {
+        c = unix::on_accept(c, addr, len);
+    }
     if c >= 0 {
         accepted::on_accept(c, addr, len);
     }
     c
+}
+
+/// `listen(fd, backlog)`: a TCP socket never bound gets a port free in the
+/// cluster; a named UNIX stream socket becomes reachable from every node.
+pub fn listen(
+    fd: libc::c_int,
+    backlog: libc::c_int,
+    real: impl Fn(libc::c_int, libc::c_int) -> libc::c_int,
+) -> libc::c_int {
+    let r = loopback::listen(fd, backlog, real);
+    if r == 0 {
+        unix::after_listen(fd);
+    }
+    r
+}
+
+/// `connect(fd, addr, len)`: a loopback port held on another node, or a
+/// UNIX stream name listened on there, is reached there.
+///
+/// # Safety
+/// `addr` is null or points to `len` readable bytes (the connect contract).
+pub unsafe fn connect(
+    fd: libc::c_int,
+    addr: *const libc::sockaddr,
+    len: libc::socklen_t,
+    real: impl Fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int,
+) -> libc::c_int {
+    // SAFETY: this function's contract.
+    if let Some(r) = unsafe { unix::connect(fd, addr, len) } {
+        return r;
+    }
+    loopback::connect(fd, addr, len, real)
 }
 
 /// Whether this process's streams are krg's (capability `streams`);

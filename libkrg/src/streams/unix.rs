@@ -1,0 +1,332 @@
+//! UNIX stream socket names reachable from every node, the application
+//! side (see docs/architecture/streams.md, "UNIX socket names across
+//! nodes").
+//!
+//! - `listen` on a named UNIX stream socket (a path, or an abstract name)
+//!   tells the agent, which makes the name known cluster-wide.
+//! - `connect` to a UNIX stream name asks the agent where it is listened
+//!   on: here or nowhere known, the kernel connects as usual; on another
+//!   node, the answer is a TCP connection to that node, already queued on
+//!   the listener (as a stand-in), put under the caller's fd.
+//! - `accept` that returns the agent's stand-in (its peer is bound to the
+//!   abstract name `krg-stand-in:<id>`) swaps it for the connection `id`.
+//!
+//! Each side's fd is a TCP socket afterwards: the bytes go straight between
+//! the two nodes, and the ends move with migrated processes as any
+//! connection between SSI processes. What a UNIX socket has and TCP has
+//! not (`SCM_RIGHTS`, `SO_PEERCRED`) is lost on such a connection.
+
+use super::moving::int_opt;
+use crate::client;
+use crate::krg_log;
+use crate::log::Level;
+use crate::proto::{Request, Response, UNIX_STAND_IN};
+use libc::{c_int, sockaddr, socklen_t};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+/// Bytes before `sun_path` in a `sockaddr_un`.
+const PATH_OFFSET: usize = 2;
+
+/// A name as the agents key it: the canonical path of the socket file with
+/// its device and inode, or a NUL byte and the abstract name (0, 0).
+struct Key {
+    path: Vec<u8>,
+    dev: u64,
+    ino: u64,
+}
+
+fn unix_stream(fd: c_int) -> bool {
+    int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_UNIX)
+        && int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+}
+
+/// The `sun_path` bytes of the `AF_UNIX` address at `addr` (`len` bytes),
+/// up to its end: `None` for another family.
+///
+/// # Safety
+/// `addr` is null or points to `len` readable bytes.
+unsafe fn name_bytes(addr: *const sockaddr, len: socklen_t) -> Option<Vec<u8>> {
+    let len = len as usize;
+    if addr.is_null() || len < PATH_OFFSET {
+        return None;
+    }
+    // SAFETY: the caller's contract (at least 2 bytes).
+    let fam = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sa_family_t>()) };
+    if c_int::from(fam) != libc::AF_UNIX {
+        return None;
+    }
+    let max = std::mem::size_of::<libc::sockaddr_un>();
+    // SAFETY: `len` readable bytes (at most a sockaddr_un's worth taken).
+    let all = unsafe { std::slice::from_raw_parts(addr.cast::<u8>(), len.min(max)) };
+    let path = &all[PATH_OFFSET..];
+    Some(match path.first() {
+        // Abstract: every byte counts.
+        Some(0) => path.to_vec(),
+        _ => path.iter().take_while(|b| **b != 0).copied().collect(),
+    })
+}
+
+/// The agents' key for a name (`None`: unnamed, or no socket file there).
+fn key_of(name: &[u8]) -> Option<Key> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match name.first() {
+        None => None,
+        Some(0) if name.len() > 1 => Some(Key {
+            path: name.to_vec(),
+            dev: 0,
+            ino: 0,
+        }),
+        Some(0) => None,
+        Some(_) => {
+            let p = std::fs::canonicalize(std::ffi::OsStr::from_bytes(name)).ok()?;
+            let m = std::fs::metadata(&p).ok()?;
+            m.file_type().is_socket().then(|| Key {
+                path: p.as_os_str().as_bytes().to_vec(),
+                dev: m.dev(),
+                ino: m.ino(),
+            })
+        }
+    }
+}
+
+/// Put connection `new` under `fd`, keeping `fd`'s `O_NONBLOCK` and
+/// close-on-exec flags. No Nagle delay: a UNIX socket has none.
+fn install(fd: c_int, new: OwnedFd) -> Result<(), i32> {
+    let n = new.as_raw_fd();
+    let one: c_int = 1;
+    // SAFETY: F_GETFL/F_GETFD read; F_SETFL, setsockopt and dup3 act on
+    // our new socket and on `fd`, which the caller gave us to replace.
+    unsafe {
+        let nonblock = libc::fcntl(fd, libc::F_GETFL) & libc::O_NONBLOCK;
+        let cloexec = libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC != 0;
+        let fl = libc::fcntl(n, libc::F_GETFL);
+        libc::fcntl(n, libc::F_SETFL, (fl & !libc::O_NONBLOCK) | nonblock);
+        libc::setsockopt(
+            n,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const c_int).cast(),
+            std::mem::size_of::<c_int>() as socklen_t,
+        );
+        if libc::dup3(n, fd, if cloexec { libc::O_CLOEXEC } else { 0 }) < 0 {
+            return Err(crate::rt::errno());
+        }
+    }
+    Ok(())
+}
+
+/// After a successful `listen(fd)`: a named UNIX stream socket's name
+/// becomes reachable from every node.
+pub fn after_listen(fd: c_int) {
+    if !super::active() {
+        return;
+    }
+    crate::rt::guarded(|| {
+        if !unix_stream(fd) {
+            return;
+        }
+        // SAFETY: an address buffer of ours and its length.
+        let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        let mut l = std::mem::size_of::<libc::sockaddr_un>() as socklen_t;
+        // SAFETY: as above; getsockname writes at most `l` bytes.
+        if unsafe { libc::getsockname(fd, (&mut sa as *mut libc::sockaddr_un).cast(), &mut l) } != 0
+        {
+            return;
+        }
+        // SAFETY: the kernel wrote `l` bytes of our buffer.
+        let Some(key) = unsafe { name_bytes((&sa as *const libc::sockaddr_un).cast(), l) }
+            .and_then(|n| key_of(&n))
+        else {
+            return;
+        };
+        let req = Request::UnixListen {
+            path: key.path,
+            dev: key.dev,
+            ino: key.ino,
+        };
+        if let Err(e) = client::call_fds(&req) {
+            krg_log!(
+                Level::Warn,
+                "listen on a UNIX socket: not reachable from other nodes: {e}"
+            );
+        }
+    })
+}
+
+/// `connect(fd, addr, len)` to a UNIX stream name: `None` when the kernel
+/// connects as usual (another family, not a stream socket, the name is
+/// listened on here or not by an SSI process), else the result.
+///
+/// # Safety
+/// `addr` is null or points to `len` readable bytes.
+pub unsafe fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Option<c_int> {
+    // SAFETY: the caller's contract.
+    let name = unsafe { name_bytes(addr, len) }?;
+    if !super::active() {
+        return None;
+    }
+    // Guarded: the agent call and the file lookups use hooked calls (the
+    // connection to the agent is itself a UNIX socket's connect).
+    let r = crate::rt::guarded(|| {
+        // The agent's own socket (a call made outside the guard comes here
+        // too): never a cluster name.
+        if !unix_stream(fd) || name == client::sock_path().as_os_str().as_encoded_bytes() {
+            return None;
+        }
+        let key = key_of(&name)?;
+        let shown = String::from_utf8_lossy(&key.path).into_owned();
+        let req = Request::UnixConnect {
+            path: key.path,
+            dev: key.dev,
+            ino: key.ino,
+        };
+        Some(match client::call_fds(&req) {
+            Ok((Response::Local, _)) => return None,
+            Ok((Response::StreamFd, mut fds)) if fds.len() == 1 => {
+                install(fd, fds.remove(0)).map(|()| {
+                    krg_log!(Level::Debug, "UNIX socket {shown}: connected across nodes");
+                })
+            }
+            Ok((other, _)) => {
+                krg_log!(
+                    Level::Warn,
+                    "UNIX socket {shown}: unexpected answer {other:?}"
+                );
+                Err(libc::EIO)
+            }
+            Err(e) => {
+                krg_log!(Level::Debug, "UNIX socket {shown}: {e}");
+                Err(e.errno())
+            }
+        })
+    })?;
+    Some(match r {
+        Ok(()) => 0,
+        Err(e) => {
+            crate::rt::set_errno(e);
+            -1
+        }
+    })
+}
+
+/// After `accept` gave the program `c`: if it is an agent's stand-in, the
+/// connection it stands for, under the same number (`addr`/`len` then
+/// show an unnamed peer, as for any client). Returns what `accept` returns.
+pub(crate) fn on_accept(c: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: an address buffer of ours and its length.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut l = std::mem::size_of::<libc::sockaddr_un>() as socklen_t;
+    // SAFETY: as above; getpeername writes at most `l` bytes.
+    if unsafe { libc::getpeername(c, (&mut sa as *mut libc::sockaddr_un).cast(), &mut l) } != 0 {
+        return c;
+    }
+    // SAFETY: the kernel wrote `l` bytes of our buffer.
+    let Some(peer) = (unsafe { name_bytes((&sa as *const libc::sockaddr_un).cast(), l) }) else {
+        return c;
+    };
+    let Some(id) = peer
+        .strip_prefix(&[0u8][..])
+        .and_then(|n| n.strip_prefix(UNIX_STAND_IN))
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+    else {
+        return c;
+    };
+    let r = crate::rt::guarded(|| match client::call_fds(&Request::UnixTake { id }) {
+        Ok((Response::StreamFd, mut fds)) if fds.len() == 1 => install(c, fds.remove(0)),
+        Ok((other, _)) => {
+            krg_log!(
+                Level::Warn,
+                "connection {id:#x}: unexpected answer {other:?}"
+            );
+            Err(libc::ECONNABORTED)
+        }
+        Err(e) => {
+            krg_log!(Level::Warn, "connection {id:#x} from another node: {e}");
+            Err(libc::ECONNABORTED)
+        }
+    });
+    match r {
+        Ok(()) => {
+            if !addr.is_null() && !len.is_null() {
+                // SAFETY: the accept contract: `addr` has room for `*len`
+                // bytes; an unnamed peer is its family alone.
+                unsafe {
+                    if *len as usize >= PATH_OFFSET {
+                        std::ptr::write_unaligned(
+                            addr.cast::<libc::sa_family_t>(),
+                            libc::AF_UNIX as libc::sa_family_t,
+                        );
+                    }
+                    *len = PATH_OFFSET as socklen_t;
+                }
+            }
+            c
+        }
+        Err(e) => {
+            // SAFETY: the stand-in accept just gave us; the program has
+            // not seen it.
+            crate::rt::guarded(|| unsafe { libc::close(c) });
+            crate::rt::set_errno(e);
+            -1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(path: &[u8]) -> (libc::sockaddr_un, socklen_t) {
+        // SAFETY: a plain C struct, all zeroes is valid.
+        let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (i, b) in path.iter().enumerate() {
+            sa.sun_path[i] = *b as libc::c_char;
+        }
+        (sa, (PATH_OFFSET + path.len()) as socklen_t)
+    }
+
+    #[test]
+    fn names_are_read_as_the_kernel_reads_them() {
+        let (sa, l) = addr(b"/tmp/x.sock");
+        // SAFETY: our own address and its length.
+        let n = unsafe { name_bytes((&sa as *const libc::sockaddr_un).cast(), l + 1) };
+        assert_eq!(n.as_deref(), Some(&b"/tmp/x.sock"[..]));
+        let (sa, l) = addr(b"\0abs\0x");
+        // SAFETY: as above.
+        let n = unsafe { name_bytes((&sa as *const libc::sockaddr_un).cast(), l) };
+        assert_eq!(n.as_deref(), Some(&b"\0abs\0x"[..]));
+        let k = key_of(&n.unwrap()).unwrap();
+        assert_eq!((k.dev, k.ino), (0, 0));
+        // Unnamed, and a path with no socket file: no key.
+        assert!(key_of(b"").is_none());
+        assert!(key_of(b"\0").is_none());
+        assert!(key_of(b"/nonexistent/krg.sock").is_none());
+    }
+
+    #[test]
+    fn a_socket_file_is_keyed_by_its_canonical_path() {
+        let dir = std::env::temp_dir().join(format!("krg-unix-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s.sock");
+        let _ = std::fs::remove_file(&p);
+        let _l = std::os::unix::net::UnixListener::bind(&p).unwrap();
+        let odd = format!(
+            "{}/../{}/s.sock",
+            dir.display(),
+            dir.file_name().unwrap().to_str().unwrap()
+        );
+        let k = key_of(odd.as_bytes()).unwrap();
+        assert_eq!(
+            k.path,
+            std::fs::canonicalize(&p)
+                .unwrap()
+                .as_os_str()
+                .as_encoded_bytes()
+        );
+        assert_ne!(k.ino, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
