@@ -860,3 +860,66 @@ fn a_unix_socket_name_is_reached_from_every_node() {
     let out = srv.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", show(&out));
 }
+
+/// A UNIX stream echo server on the path argv[1]: one connection, each
+/// line answered in capitals; at EOF it says how many lines it served.
+const UNIX_ECHO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(sys.argv[1])
+s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+f = c.makefile("rb")
+n = 0
+for line in f:
+    c.sendall(line.upper())
+    n += 1
+print("served", n, flush=True)
+"#;
+
+/// Connects to the path argv[1], says its pid, then sends argv[2] lines a
+/// few milliseconds apart, checking every answer.
+const UNIX_CHAT: &str = r#"
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+print(os.getpid(), flush=True)
+f = s.makefile("rb")
+n = int(sys.argv[2])
+for i in range(n):
+    line = b"line %d of the conversation\n" % i
+    s.sendall(line)
+    if f.readline() != line.upper():
+        print("wrong answer at", i, flush=True)
+        sys.exit(1)
+    time.sleep(0.003)
+s.shutdown(socket.SHUT_WR)
+print("talked", n, flush=True)
+"#;
+
+#[test]
+fn a_client_of_a_unix_socket_on_another_node_migrates_mid_conversation() {
+    let c = Cluster::up(3, 1.0);
+    let dir = shared_dir("unixchat");
+    let path = dir.join("echo.sock");
+    let _ = std::fs::remove_file(&path);
+    let p = path.to_str().unwrap();
+    let mut srv = piped(&c, 1, &["python3", "-c", UNIX_ECHO, p]);
+    assert_eq!(read_line(&mut srv), "ready");
+    let mut cli = piped(&c, 2, &["python3", "-c", UNIX_CHAT, p, "1500"]);
+    let pid = read_line(&mut cli);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = c.krg(1, &["migrate", &pid, "3"]);
+    assert!(out.status.success(), "migrate to 3: {}", show(&out));
+    let node = c
+        .ps(1)
+        .iter()
+        .find(|r| r["pid"].as_i64().map(|g| g.to_string()) == Some(pid.clone()))
+        .map(|r| r["node"].as_i64().unwrap());
+    assert_eq!(node, Some(3), "the client runs on node 3 now");
+    let out = cli.wait_with_output().unwrap();
+    assert_eq!(ok(&out, "client").trim(), "talked 1500");
+    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    assert_eq!(s.trim(), "served 1500");
+}
