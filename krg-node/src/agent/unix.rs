@@ -210,12 +210,12 @@ impl Agent {
         let me = self.node_id();
         // Only names an SSI process listened on: never any socket of this
         // node under the agent's own rights.
-        if !lock(&self.unix.local).contains_key(&key) {
+        let Some(owner_uid) = lock(&self.unix.local).get(&key).copied() else {
             return Err(err(
                 libc::ECONNREFUSED,
                 format!("UNIX socket {name}: no SSI process listens on it on node {me}"),
             ));
-        }
+        };
         if key.path.first() != Some(&0) {
             use std::os::unix::ffi::OsStrExt;
             use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -240,7 +240,6 @@ impl Agent {
                 ));
             }
         }
-        let owner_uid = lock(&self.unix.local).get(&key).copied().unwrap_or(0);
         let id = self.new_stream_id();
         self.expect_connection(id, false);
         lock(&self.unix.stand_ins).insert(

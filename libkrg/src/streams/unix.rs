@@ -161,11 +161,11 @@ pub fn after_listen(fd: c_int) {
 /// # Safety
 /// `addr` is null or points to `len` readable bytes.
 pub unsafe fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Option<c_int> {
-    // SAFETY: the caller's contract.
-    let name = unsafe { name_bytes(addr, len) }?;
     if !super::active() {
         return None;
     }
+    // SAFETY: the caller's contract.
+    let name = unsafe { name_bytes(addr, len) }?;
     // Guarded: the agent call and the file lookups use hooked calls (the
     // connection to the agent is itself a UNIX socket's connect).
     let r = crate::rt::guarded(|| {
