@@ -1266,6 +1266,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                                 debug!("node {id}: shared memory link from {addr}");
                                 dsm_link::serve(s, a, id).await;
                             }
+                            (Ok(Ok(_)), dsm_link::CHANNEL_DSM_FAULTS) => {
+                                debug!("node {id}: fault connection from {addr}");
+                                dsm_link::serve_faults(s, a, id);
+                            }
                             (Ok(Ok(_)), streams::CHANNEL_STREAM) => {
                                 debug!("node {id}: stream hand-over from {addr}");
                                 a.stream_accept(s, id).await;
