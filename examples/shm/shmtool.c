@@ -6,6 +6,8 @@
  *   shmtool ring-cons KEY N         single consumer: prints the checksum
  *   shmtool add KEY N atomic|mutex [P]  add 1 to the shared counter N times
  *                                   (after P processes have arrived, if P)
+ *   shmtool add-paced KEY N USEC    add 1 atomically N times, USEC apart
+ *                                   (slow enough to be migrated mid-way)
  *   shmtool fork-add KEY N          attach, fork; the child then the parent
  *                                   add N atomically through the attachment
  *   shmtool show KEY                print the counters
@@ -184,6 +186,17 @@ int main(int argc, char **argv) {
             } else {
                 atomic_fetch_add(&s->acounter, 1);
             }
+        }
+        printf("added %llu\n", (unsigned long long)n);
+        return 0;
+    }
+    if (!strcmp(cmd, "add-paced")) {
+        uint64_t n = strtoull(argv[3], NULL, 0);
+        unsigned us = (unsigned)strtoul(argv[4], NULL, 0);
+        struct seg *s = attach(key);
+        for (uint64_t i = 0; i < n; i++) {
+            atomic_fetch_add(&s->acounter, 1);
+            usleep(us);
         }
         printf("added %llu\n", (unsigned long long)n);
         return 0;

@@ -308,7 +308,8 @@ fn a_page_lost_with_its_node_gives_sigbus_not_stale_data() {
         text(&out.stderr)
     );
     assert!(!said.contains("atomic 0"), "stale contents read: {said}");
-    // A migration of a process with a segment attached is refused.
+    // A checkpoint of a process with a segment attached is refused (an
+    // image would not hold the segment's contents).
     let mut hold = spawn(&c, 1, &[&t, "hold", "0x5107", "5"]);
     assert_eq!(read_line(&mut hold), "attached");
     let ps = c.ps(1);
@@ -317,14 +318,86 @@ fn a_page_lost_with_its_node_gives_sigbus_not_stale_data() {
         .find(|p| p["command"].as_str().is_some_and(|s| s.contains("hold")))
         .map(|p| p["pid"].as_i64().unwrap().to_string())
         .expect("holder in krg ps");
-    let mig = c.krg(1, &["migrate", &pid, "3"]);
-    assert!(!mig.status.success());
+    let ck = c.krg(1, &["checkpoint", &pid, "-o", "/tmp/krg-shm-refused"]);
+    assert!(!ck.status.success());
     assert!(
-        text(&mig.stderr).contains("shared memory segment"),
+        text(&ck.stderr).contains("shared memory segment"),
         "{}",
-        text(&mig.stderr)
+        text(&ck.stderr)
     );
     finish(hold, "holder");
+}
+
+/// A process attached to a segment migrates and goes on sharing it: its
+/// new node's agent attaches the segment again at the same address, and
+/// the pages it had come from the cluster. Two processes on two nodes add
+/// to one counter while one of them moves: no add is lost.
+#[test]
+fn a_process_attached_to_a_segment_migrates_and_keeps_sharing_it() {
+    let c = Cluster::up(3, 1.0);
+    let t = shmtool();
+    ok(
+        &c.cmd(1, &[&t, "create", "0x5110"]).output().unwrap(),
+        "create",
+    );
+    let mover = spawn(&c, 1, &[&t, "add-paced", "0x5110", "3000", "1000"]);
+    let other = spawn(&c, 3, &[&t, "add-paced", "0x5110", "3000", "1000"]);
+    let find = || {
+        c.ps(1)
+            .into_iter()
+            .filter(|p| {
+                p["command"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("add-paced"))
+            })
+            .map(|p| (p["pid"].as_i64().unwrap(), p["node"].as_u64().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let pid = loop {
+        if let Some((pid, _)) = find().into_iter().find(|p| p.1 == 1) {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "adder not seen on node 1"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // Let it add for a while on node 1 first.
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let mig = c.krg(1, &["migrate", &pid.to_string(), "2"]);
+    assert!(
+        mig.status.success() && text(&mig.stdout).contains("migrated to node 2"),
+        "{}{}",
+        text(&mig.stdout),
+        text(&mig.stderr)
+    );
+    assert!(
+        find().contains(&(pid, 2)),
+        "the adder runs on node 2: {:?}",
+        find()
+    );
+    // The home sees the moved process attached from node 2.
+    let seg = ipcs(&c, 3)
+        .into_iter()
+        .find(|s| s["key"] == 0x5110)
+        .expect("segment listed");
+    let nodes: Vec<u64> = seg["attached"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["node"].as_u64().unwrap())
+        .collect();
+    assert!(nodes.contains(&2), "attached from node 2: {seg}");
+    let a = finish(mover, "the adder that moved");
+    let b = finish(other, "the adder on node 3");
+    assert!(
+        a.contains("added 3000") && b.contains("added 3000"),
+        "{a}{b}"
+    );
+    let show = ok(&c.cmd(2, &[&t, "show", "0x5110"]).output().unwrap(), "show");
+    assert!(show.contains("atomic 6000"), "{show}");
 }
 
 /// A forked child shares its parent's attachment, coherently: the kernel

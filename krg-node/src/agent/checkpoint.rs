@@ -303,11 +303,16 @@ impl Agent {
         if let Some(why) = fd_refusal(kpid) {
             return Err(err(libc::EBUSY, format!("pid {g}: {why}")));
         }
-        if let Some(shmid) = self.shm_attached(kpid) {
-            return Err(err(
-                libc::EBUSY,
-                format!("pid {g}: shared memory segment {shmid} (krg DSM) is attached: processes using cluster shared memory are not migratable yet"),
-            ));
+        // Cluster shared memory moves with a migration (the restored
+        // process attaches it again on its new node), but an image on disk
+        // would not hold it: its contents live in the cluster.
+        if !migrate {
+            if let Some(shmid) = self.shm_attached(kpid) {
+                return Err(err(
+                    libc::EBUSY,
+                    format!("pid {g}: shared memory segment {shmid} (krg DSM) is attached: its contents are the cluster's, not the process's, and an image would not hold them (migrate the process instead)"),
+                ));
+            }
         }
         // A migrating parent leaves its children here (they are waited for
         // from its new node through its shadow: see `children`); a killed

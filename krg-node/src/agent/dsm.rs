@@ -464,7 +464,8 @@ fn groups_of(kpid: i32) -> Vec<u32> {
 
 impl LocalSeg {
     fn new(shmid: i32, size: u64) -> Result<LocalSeg, ErrorReply> {
-        let name = std::ffi::CString::new(format!("krg-shm-{shmid}")).expect("no NUL");
+        let name = std::ffi::CString::new(format!("{}{shmid}", libkrg::dsm::MEMFD_PREFIX))
+            .expect("no NUL");
         // SAFETY: memfd_create with a NUL-terminated name.
         let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
         let fd = sys_fd(fd as libc::c_long, "memfd_create")?;

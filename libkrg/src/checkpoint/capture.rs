@@ -560,7 +560,11 @@ pub fn regions_deferring(
         }
         let deleted = m.path.ends_with(" (deleted)");
         let anon_name = m.inode == 0;
-        let (kind, save) = if m.path == "[stack]" {
+        let (kind, save) = if m.shared && crate::dsm::is_segment_path(&m.path) {
+            // Cluster shared memory: a placeholder; the restored process
+            // attaches the segment again (`dsm::after_restore`).
+            (RegionKind::SharedAnon, Save::Nothing)
+        } else if m.path == "[stack]" {
             (RegionKind::Stack, Save::Present)
         } else if anon_name {
             if m.shared {

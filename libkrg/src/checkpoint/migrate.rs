@@ -29,6 +29,7 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
 }
 
 fn out_taken(order: &Order) -> Result<u64, String> {
+    crate::dsm::capturable()?;
     let threads = super::capture_threads()?;
     let maps_text = capture::read_file("/proc/self/maps")?;
     let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));

@@ -835,6 +835,9 @@ fn after_restore() {
     let _ = alloc::restart_after_restore();
     crate::streams::moving::bind_after_restore();
     crate::processes::after_restore();
+    // Shared memory attached again, from this node (needs the agent to
+    // know this process: after `processes`).
+    crate::dsm::after_restore();
     // The children it had stayed where they run: a child shadow here for
     // each, before any thread of the program can wait for them.
     children::adopt();

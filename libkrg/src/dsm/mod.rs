@@ -802,3 +802,102 @@ fn after_fork_child(mut held: MutexGuard<'static, Vec<Att>>) {
 pub fn attached() -> Vec<i32> {
     atts().iter().map(|a| a.shmid).collect()
 }
+
+/// The name the agents give a segment's memory object on their node
+/// (`memfd_create`): `/proc/PID/maps` shows `/memfd:krg-shm-ID (deleted)`.
+pub const MEMFD_PREFIX: &str = "krg-shm-";
+
+/// Whether a `/proc/self/maps` path is a segment's memory: a capture saves
+/// none of it (its contents live in the cluster, not in the process).
+pub fn is_segment_path(path: &str) -> bool {
+    path.strip_prefix("/memfd:")
+        .is_some_and(|p| p.starts_with(MEMFD_PREFIX))
+}
+
+/// Before a migration's capture (other threads parked): the attachment
+/// table must be free, since the restored copy re-attaches from it.
+pub fn capturable() -> Result<(), String> {
+    match ATTS.try_lock() {
+        Ok(_) => Ok(()),
+        Err(std::sync::TryLockError::Poisoned(_)) => Ok(()),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            Err("a thread is attaching or detaching shared memory; try again".into())
+        }
+    }
+}
+
+/// In the leader of a process restored by a migration, before its other
+/// threads run: this node's agent knows none of its attachments, and the
+/// image held a zero placeholder where each was. Each comes back at its
+/// address from this node's memory object, registered with a new
+/// userfaultfd; its pages come from the cluster as any node's would. One
+/// that cannot come back is unmapped (a use faults loudly, never reads
+/// zeros). Runs while the capture allocator is active: nothing here may
+/// keep heap memory (the table is changed in place).
+pub fn after_restore() {
+    HAS_UFFD.store(false, Ordering::Release);
+    NOTED.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    let Ok(mut held) = ATTS.try_lock() else {
+        krg_log!(Level::Warn, "restore: the attachment table is locked");
+        return;
+    };
+    if held.is_empty() {
+        return;
+    }
+    inside(|| {
+        held.retain(|a| match reattach(a) {
+            Ok(()) => true,
+            Err((_, msg)) => {
+                krg_log!(
+                    Level::Warn,
+                    "restore: segment {} at {:#x} not attached here: {msg}",
+                    a.shmid,
+                    a.addr
+                );
+                // SAFETY: the placeholder of the attachment, which the
+                // application must not read as the segment.
+                unsafe { libc::munmap(a.addr as *mut c_void, a.len as usize) };
+                false
+            }
+        })
+    });
+    ANY.store(!held.is_empty(), Ordering::Release);
+}
+
+/// Map attachment `a` again from this node's memory object and register it.
+fn reattach(a: &Att) -> Result<(), (i32, String)> {
+    let (_, mem, dev) = attach_req(a.shmid, a.rdonly, false)?;
+    let mem = mem.ok_or((libc::EIO, "no memory object".to_string()))?;
+    let prot = if a.rdonly {
+        libc::PROT_READ
+    } else {
+        libc::PROT_READ | libc::PROT_WRITE
+    };
+    // SAFETY: replaces the image's placeholder for this attachment (same
+    // address and length) with the segment's memory object.
+    let p = unsafe {
+        libc::mmap(
+            a.addr as *mut c_void,
+            a.len as usize,
+            prot,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            mem.as_raw_fd(),
+            a.off as libc::off_t,
+        )
+    };
+    drop(mem);
+    if p == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        let _ = call(&Request::ShmDetach {
+            shmid: a.shmid,
+            addr: 0,
+        });
+        return Err((e.raw_os_error().unwrap_or(libc::EIO), format!("mmap: {e}")));
+    }
+    mapped(a.shmid, a.addr, a.len, a.off, a.rdonly, dev).inspect_err(|_| {
+        let _ = call(&Request::ShmDetach {
+            shmid: a.shmid,
+            addr: 0,
+        });
+    })
+}
