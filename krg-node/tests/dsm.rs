@@ -475,3 +475,72 @@ fn a_posix_shared_memory_object_is_the_same_on_every_node() {
     assert!(text(&gone.stderr).contains("No such file"), "{gone:?}");
     assert!(wait_for(std::time::Duration::from_secs(5), || ipcs(&c, 1).is_empty()));
 }
+
+/// `MAP_SHARED|MAP_ANONYMOUS` memory, with the `dsm-anon` capability, is a
+/// cluster segment: a parent and the child it forked go on sharing it when
+/// the child moves to another node, and again to a third. No add is lost.
+#[test]
+fn shared_anonymous_memory_stays_shared_with_a_child_that_moves() {
+    let c = Cluster::up(3, 1.0);
+    let prog = cc(&repo_root().join("examples/shm/anonshare.c"), "anonshare");
+    let prog = prog.to_str().unwrap();
+    let run = c
+        .cmd(1, &[prog, "2500", "1000"])
+        .env("KRG_CAPS", "+dsm-anon")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The child: the process of the program whose parent is the other.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let child = loop {
+        let ps: Vec<(i64, i64)> = c
+            .ps(1)
+            .into_iter()
+            .filter(|p| {
+                p["command"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("anonshare"))
+            })
+            .map(|p| (p["pid"].as_i64().unwrap(), p["ppid"].as_i64().unwrap()))
+            .collect();
+        if let Some((pid, _)) = ps.iter().find(|(_, pp)| ps.iter().any(|(p, _)| p == pp)) {
+            break *pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "parent and child not seen: {ps:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let seg = |node: u32| {
+        ipcs(&c, node)
+            .into_iter()
+            .find(|s| s["removed"] == true)
+            .unwrap_or_else(|| panic!("no removed (anonymous) segment: {:?}", ipcs(&c, node)))
+    };
+    let first = seg(2);
+    assert_eq!(first["key"], 0, "{first}");
+    for to in [2u32, 3] {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let from = if to == 2 { 1 } else { 2 };
+        let mig = c.krg(from, &["migrate", &child.to_string(), &to.to_string()]);
+        assert!(
+            mig.status.success() && text(&mig.stdout).contains(&format!("migrated to node {to}")),
+            "{}{}",
+            text(&mig.stdout),
+            text(&mig.stderr)
+        );
+        let s = seg(1);
+        assert!(
+            s["attached"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["node"] == to),
+            "attached from node {to}: {s}"
+        );
+    }
+    let out = finish(run, "anonshare");
+    assert!(out.contains("total 5000"), "{out}");
+}

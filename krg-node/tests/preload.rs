@@ -409,7 +409,7 @@ fn refused_hello_is_standalone_with_the_reason() {
     assert_eq!(err.lines().count(), 1, "{err}");
     let expected = format!(
         "krg: the agent at {} refused this process (KRG_CAPS: unknown capability 'teleport' \
-         (known: migrate, distant-fork, checkpoint, dsm, streams, dfs, all, none) \
+         (known: migrate,distant-fork,checkpoint,dsm,streams,dfs,dsm-anon,all,none) \
          (Invalid argument)); running as a plain local process\n",
         agent.sock.display()
     );

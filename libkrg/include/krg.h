@@ -44,6 +44,7 @@ extern "C" {
 #define KRG_CAP_DSM 8u
 #define KRG_CAP_STREAMS 16u
 #define KRG_CAP_DFS 32u
+#define KRG_CAP_DSM_ANON 64u  /* off by default: MAP_SHARED|MAP_ANONYMOUS as cluster memory */
 
 /* A gpid is node << 22 | local part; anything below 1 << 22 is a kernel pid
  * of the local node. */

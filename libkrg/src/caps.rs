@@ -19,6 +19,7 @@ pub const NAMES: &[(&str, u32)] = &[
     ("dsm", Caps::DSM.0),
     ("streams", Caps::STREAMS.0),
     ("dfs", Caps::DFS.0),
+    ("dsm-anon", Caps::DSM_ANON.0),
 ];
 
 impl Caps {
@@ -29,9 +30,15 @@ impl Caps {
     pub const DSM: Caps = Caps(1 << 3);
     pub const STREAMS: Caps = Caps(1 << 4);
     pub const DFS: Caps = Caps(1 << 5);
-    pub const ALL: Caps = Caps((1 << 6) - 1);
-    /// What a process gets when nothing says otherwise: every feature.
-    pub const DEFAULT: Caps = Caps::ALL;
+    /// `MAP_SHARED|MAP_ANONYMOUS` memory made a cluster segment, so that a
+    /// child that moves to another node still shares it. Off unless asked
+    /// for: every first touch of such memory then goes through the agent
+    /// (docs/architecture/dsm.md).
+    pub const DSM_ANON: Caps = Caps(1 << 6);
+    pub const ALL: Caps = Caps((1 << 7) - 1);
+    /// What a process gets when nothing says otherwise: every feature but
+    /// `dsm-anon`.
+    pub const DEFAULT: Caps = Caps(Caps::ALL.0 & !Caps::DSM_ANON.0);
 
     pub fn contains(self, other: Caps) -> bool {
         self.0 & other.0 == other.0
@@ -113,9 +120,9 @@ impl fmt::Display for CapsError {
         let known: Vec<&str> = NAMES.iter().map(|(n, _)| *n).collect();
         write!(
             f,
-            "unknown capability '{}' (known: {}, all, none)",
+            "unknown capability '{}' (known: {},all,none)",
             self.0,
-            known.join(", ")
+            known.join(",")
         )
     }
 }
@@ -139,6 +146,9 @@ mod tests {
         assert_eq!(c.to_string(), "migrate,distant-fork,dsm");
         assert_eq!(Caps::apply(Caps::ALL, "none").unwrap(), Caps::NONE);
         assert_eq!(Caps::apply(Caps::ALL, "").unwrap(), Caps::ALL);
+        assert!(!Caps::DEFAULT.contains(Caps::DSM_ANON));
+        let c = Caps::apply(Caps::DEFAULT, "+dsm-anon").unwrap();
+        assert!(c.contains(Caps::DSM_ANON) && c.contains(Caps::MIGRATE));
     }
 
     #[test]

@@ -77,6 +77,12 @@ pub fn active() -> bool {
     Caps::from_bits(crate::processes::hello_caps()).contains(Caps::DSM)
 }
 
+/// Whether its `MAP_SHARED|MAP_ANONYMOUS` memory is krg's too (`dsm` and
+/// `dsm-anon`).
+fn anon_active() -> bool {
+    Caps::from_bits(crate::processes::hello_caps()).contains(Caps(Caps::DSM.0 | Caps::DSM_ANON.0))
+}
+
 fn fail<T>(errno: i32, err: T) -> T {
     crate::rt::set_errno(errno);
     err
@@ -414,6 +420,14 @@ pub fn mmap(
     fd: c_int,
     off: libc::off_t,
 ) -> Option<*mut c_void> {
+    if fd == -1
+        && flags & libc::MAP_ANONYMOUS != 0
+        && flags & libc::MAP_SHARED != 0
+        && len != 0
+        && anon_active()
+    {
+        return Some(inside(|| map_anon(addr, len, prot, flags)));
+    }
     let (id, writable) = object_of(fd)?;
     if flags & libc::MAP_SHARED == 0 || len == 0 {
         return None;
@@ -421,6 +435,81 @@ pub fn mmap(
     Some(inside(|| {
         map_object(id, writable, addr, len, prot, flags, fd, off)
     }))
+}
+
+/// `MAP_SHARED|MAP_ANONYMOUS` memory (capability `dsm-anon`): a new
+/// private segment, removed at once so that it lives exactly as long as a
+/// mapping of it (this process's, its children's: `fork` shares it as any
+/// attachment, and a child that migrates keeps it). Mapped from the
+/// segment's memory object with the caller's address, protection and
+/// flags, but for `MAP_POPULATE`/`MAP_LOCKED` (pages filled before the
+/// agent serves the mapping would escape coherence).
+fn map_anon(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int) -> *mut c_void {
+    let bad = libc::MAP_FAILED;
+    let plen = page_up(len as u64);
+    let id = match call(&Request::ShmGet {
+        key: libc::IPC_PRIVATE,
+        size: plen,
+        flags: libc::IPC_CREAT | 0o600,
+    }) {
+        Ok(Response::Id(id)) => id,
+        Ok(other) => {
+            unexpected("mmap (shared anonymous)", &other);
+            return fail(libc::EIO, bad);
+        }
+        Err(e) => return call_err("mmap (shared anonymous): new segment", e, bad),
+    };
+    let remove = || {
+        let _ = call(&Request::ShmCtl {
+            shmid: id,
+            cmd: libc::IPC_RMID,
+            set: None,
+        });
+    };
+    let mut held = atts();
+    let (mem, dev) = match attach_req(id, false, false) {
+        Ok((_, Some(mem), dev)) => (mem, dev),
+        Ok(_) => {
+            remove();
+            return fail(libc::EIO, bad);
+        }
+        Err((errno, msg)) => {
+            krg_log!(Level::Debug, "mmap (shared anonymous) {id}: {msg}");
+            remove();
+            return fail(errno, bad);
+        }
+    };
+    // Gone for everyone else from now on; freed at the last detach.
+    remove();
+    let flags =
+        (flags & !(libc::MAP_ANONYMOUS | libc::MAP_POPULATE | libc::MAP_LOCKED)) | libc::MAP_SHARED;
+    // SAFETY: the caller's mmap (its address, protection and flags), of
+    // the segment's memory object instead of anonymous memory.
+    let p = unsafe { libc::mmap(addr, len, prot, flags, mem.as_raw_fd(), 0) };
+    drop(mem);
+    if p == bad {
+        let errno = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EINVAL);
+        let _ = call(&Request::ShmDetach { shmid: id, addr: 0 });
+        return fail(errno, bad);
+    }
+    if let Err((errno, msg)) = mapped(id, p as u64, plen, 0, false, dev) {
+        krg_log!(Level::Warn, "mmap (shared anonymous) {id}: {msg}");
+        // SAFETY: the mapping just made, not yet handed to the caller.
+        unsafe { libc::munmap(p, len) };
+        let _ = call(&Request::ShmDetach { shmid: id, addr: 0 });
+        return fail(errno, bad);
+    }
+    held.push(Att {
+        shmid: id,
+        addr: p as u64,
+        len: plen,
+        off: 0,
+        rdonly: false,
+    });
+    ANY.store(true, Ordering::Release);
+    p
 }
 
 #[allow(clippy::too_many_arguments)]
