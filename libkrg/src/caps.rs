@@ -32,8 +32,8 @@ impl Caps {
     pub const DFS: Caps = Caps(1 << 5);
     /// `MAP_SHARED|MAP_ANONYMOUS` memory made a cluster segment, so that a
     /// child that moves to another node still shares it. Off unless asked
-    /// for: every first touch of such memory then goes through the agent
-    /// (docs/architecture/dsm.md).
+    /// for: each such `mmap` then costs agent calls (0.3 ms), and `mremap`
+    /// or a partial `munmap` of it is not followed (docs/architecture/dsm.md).
     pub const DSM_ANON: Caps = Caps(1 << 6);
     pub const ALL: Caps = Caps((1 << 7) - 1);
     /// What a process gets when nothing says otherwise: every feature but

@@ -50,6 +50,8 @@ const SHM_DEST: u32 = 0o1000;
 const MAX_NODE: u32 = 63;
 /// Pages read ahead after a read fault that follows the previous one.
 const READ_AHEAD: u32 = 512;
+/// Pages a first write at the home may take at once (see `acquire_fresh`).
+const FRESH_RUN: u32 = 128;
 
 /// The home node of a segment id.
 pub fn home_of(shmid: i32) -> u32 {
@@ -1618,6 +1620,14 @@ impl Agent {
                 write,
             };
             let home = home_of(shmid);
+            if write && home == self.node_id() {
+                let gs = self.acquire_fresh(shmid, page, self.node_id());
+                if !gs.is_empty() {
+                    rt.block_on(seg.apply_mapped(gs, mem, base, None));
+                    asked = true;
+                    continue;
+                }
+            }
             let got = if home == self.node_id() {
                 rt.block_on(self.home_op(op))
             } else {
@@ -2220,6 +2230,40 @@ impl Agent {
                 data,
             })
         }
+    }
+
+    /// A first write at the home to a page no node ever had: that page and
+    /// the next ones in the same state (up to `FRESH_RUN`, while their
+    /// entries are free) go to `node` for writing at once, as zeros. A
+    /// program filling fresh memory (a new segment, shared anonymous
+    /// memory) then takes one fault per run instead of one per page.
+    /// Nothing else changes: another node that wants one of them later
+    /// gets it from `node` as from any writer.
+    fn acquire_fresh(&self, shmid: i32, page: u32, node: u32) -> Vec<(u32, Grant)> {
+        let Ok(h) = self.dsm.home(shmid) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for p in page..page.saturating_add(FRESH_RUN) {
+            let Some(mut d) = h.dir(shmid, p).ok().and_then(|d| d.try_lock_owned().ok()) else {
+                break;
+            };
+            if d.writer.is_some() || !d.holders.is_empty() || d.ver != 0 || d.lost {
+                break;
+            }
+            d.ver = 1;
+            d.writer = Some(node);
+            d.holders = vec![(node, 1)];
+            out.push((
+                p,
+                Grant {
+                    ver: 1,
+                    write: true,
+                    data: None,
+                },
+            ));
+        }
+        out
     }
 
     /// Read copies of `pages` for a node reading ahead: those the home can
