@@ -99,6 +99,13 @@ async fn read_frame<T: for<'de> Deserialize<'de>>(
 ) -> std::io::Result<(u64, T)> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await?;
+    let mut buf = vec![0u8; frame_len(len)?];
+    r.read_exact(&mut buf).await?;
+    decode_frame(&buf)
+}
+
+/// The length of a frame's id and body, checked.
+fn frame_len(len: [u8; 4]) -> std::io::Result<usize> {
     let n = u32::from_le_bytes(len) as u64;
     if !(8..=MAX_FRAME).contains(&n) {
         return Err(std::io::Error::new(
@@ -106,8 +113,11 @@ async fn read_frame<T: for<'de> Deserialize<'de>>(
             format!("frame of {n} bytes"),
         ));
     }
-    let mut buf = vec![0u8; n as usize];
-    r.read_exact(&mut buf).await?;
+    Ok(n as usize)
+}
+
+/// A frame's id and body (validated by deserialising it into `T`).
+fn decode_frame<T: for<'de> Deserialize<'de>>(buf: &[u8]) -> std::io::Result<(u64, T)> {
     let id = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
     let v = codec()
         .deserialize(&buf[8..])
@@ -382,21 +392,10 @@ fn read_frame_polling<T: for<'de> Deserialize<'de>>(
 ) -> std::io::Result<(u64, T)> {
     let mut len = [0u8; 4];
     read_exact_polling(s, &mut len, spin_until, deadline)?;
-    let n = u32::from_le_bytes(len) as u64;
-    if !(8..=MAX_FRAME).contains(&n) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {n} bytes"),
-        ));
-    }
-    let mut buf = vec![0u8; n as usize];
+    let mut buf = vec![0u8; frame_len(len)?];
     // The rest of a frame follows its length at once.
     read_exact_polling(s, &mut buf, Instant::now() + SPIN_FRAME, deadline)?;
-    let id = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
-    let v = codec()
-        .deserialize(&buf[8..])
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    Ok((id, v))
+    decode_frame(&buf)
 }
 
 /// The faulting side of a fault connection, owned by the node's fault

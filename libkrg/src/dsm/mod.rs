@@ -487,29 +487,55 @@ fn map_anon(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int) -> *mut c
     // the segment's memory object instead of anonymous memory.
     let p = unsafe { libc::mmap(addr, len, prot, flags, mem.as_raw_fd(), 0) };
     drop(mem);
-    if p == bad {
+    match register_mapping(id, p, len, 0, false, dev, "mmap (shared anonymous)") {
+        Ok(a) => {
+            held.push(a);
+            ANY.store(true, Ordering::Release);
+            p
+        }
+        Err(errno) => fail(errno, bad),
+    }
+}
+
+/// After the `mmap` of an attachment counted by the agent: tell the agent
+/// where it is mapped. On failure (of the mmap, `p` is `MAP_FAILED`, or
+/// of the registration) the mapping and the agent's count are undone and
+/// the errno comes back.
+#[allow(clippy::too_many_arguments)]
+fn register_mapping(
+    id: i32,
+    p: *mut c_void,
+    len: size_t,
+    off: u64,
+    rdonly: bool,
+    dev: Option<OwnedFd>,
+    what: &str,
+) -> Result<Att, i32> {
+    let undo = || {
+        let _ = call(&Request::ShmDetach { shmid: id, addr: 0 });
+    };
+    if p == libc::MAP_FAILED {
         let errno = std::io::Error::last_os_error()
             .raw_os_error()
             .unwrap_or(libc::EINVAL);
-        let _ = call(&Request::ShmDetach { shmid: id, addr: 0 });
-        return fail(errno, bad);
+        undo();
+        return Err(errno);
     }
-    if let Err((errno, msg)) = mapped(id, p as u64, plen, 0, false, dev) {
-        krg_log!(Level::Warn, "mmap (shared anonymous) {id}: {msg}");
+    let plen = page_up(len as u64);
+    if let Err((errno, msg)) = mapped(id, p as u64, plen, off, rdonly, dev) {
+        krg_log!(Level::Warn, "{what} {id}: {msg}");
         // SAFETY: the mapping just made, not yet handed to the caller.
         unsafe { libc::munmap(p, len) };
-        let _ = call(&Request::ShmDetach { shmid: id, addr: 0 });
-        return fail(errno, bad);
+        undo();
+        return Err(errno);
     }
-    held.push(Att {
+    Ok(Att {
         shmid: id,
         addr: p as u64,
         len: plen,
-        off: 0,
-        rdonly: false,
-    });
-    ANY.store(true, Ordering::Release);
-    p
+        off,
+        rdonly,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -542,30 +568,14 @@ fn map_object(
     // SAFETY: the caller's mmap, with its own arguments, on the object's
     // descriptor it gave us.
     let p = unsafe { libc::mmap(addr, len, prot, flags, fd, off) };
-    if p == libc::MAP_FAILED {
-        let errno = std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EINVAL);
-        let _ = call(&Request::ShmDetach { shmid: id, addr: 0 });
-        return fail(errno, bad);
+    match register_mapping(id, p, len, off as u64, rdonly, dev, "mmap of object") {
+        Ok(a) => {
+            held.push(a);
+            ANY.store(true, Ordering::Release);
+            p
+        }
+        Err(errno) => fail(errno, bad),
     }
-    let plen = page_up(len as u64);
-    if let Err((errno, msg)) = mapped(id, p as u64, plen, off as u64, rdonly, dev) {
-        krg_log!(Level::Warn, "mmap of object {id}: {msg}");
-        // SAFETY: the mapping just made, not yet handed to the caller.
-        unsafe { libc::munmap(p, len) };
-        let _ = call(&Request::ShmDetach { shmid: id, addr: 0 });
-        return fail(errno, bad);
-    }
-    held.push(Att {
-        shmid: id,
-        addr: p as u64,
-        len: plen,
-        off: off as u64,
-        rdonly,
-    });
-    ANY.store(true, Ordering::Release);
-    p
 }
 
 /// `munmap(addr, len)` of a whole mapping made by [`mmap`] (or an
