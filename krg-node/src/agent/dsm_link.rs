@@ -133,6 +133,33 @@ fn big_buffers(s: &TcpStream) {
     let _ = setsockopt(s, sockopt::RcvBuf, &(4 << 20));
 }
 
+/// Connect to node `want` at `addr`, authenticate, choose `channel`
+/// (`big`: socket buffers that hold a read-ahead window).
+async fn open_channel(
+    addr: SocketAddr,
+    key: &[u8],
+    my_id: u32,
+    want: u32,
+    channel: u8,
+    big: bool,
+) -> std::io::Result<TcpStream> {
+    let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.set_nodelay(true)?;
+    if big {
+        big_buffers(&s);
+    }
+    let id = auth::client(&mut s, key, my_id).await?;
+    if id != want {
+        return Err(std::io::Error::other(format!(
+            "{addr} answered as node {id}, expected node {want}"
+        )));
+    }
+    s.write_all(&[channel]).await?;
+    Ok(s)
+}
+
 /// The calling side of a link to one peer.
 #[derive(Debug)]
 pub struct Link {
@@ -149,20 +176,7 @@ impl Link {
         my_id: u32,
         want: u32,
     ) -> std::io::Result<Arc<Link>> {
-        let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
-        s.set_nodelay(true)?;
-        big_buffers(&s);
-        let id = auth::client(&mut s, key, my_id).await?;
-        if id != want {
-            return Err(std::io::Error::other(format!(
-                "{addr} answered as node {id}, expected node {want}"
-            )));
-        }
-        s.write_all(&[CHANNEL_DSM]).await?;
+        let s = open_channel(addr, key, my_id, want, CHANNEL_DSM, true).await?;
         let (mut r, w) = s.into_split();
         let link = Arc::new(Link {
             w: tokio::sync::Mutex::new(w),
@@ -413,19 +427,7 @@ impl FaultLink {
         my_id: u32,
         want: u32,
     ) -> std::io::Result<FaultLink> {
-        let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
-            .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-            })??;
-        s.set_nodelay(true)?;
-        let id = auth::client(&mut s, key, my_id).await?;
-        if id != want {
-            return Err(std::io::Error::other(format!(
-                "{addr} answered as node {id}, expected node {want}"
-            )));
-        }
-        s.write_all(&[CHANNEL_DSM_FAULTS]).await?;
+        let s = open_channel(addr, key, my_id, want, CHANNEL_DSM_FAULTS, false).await?;
         // Still non-blocking, as tokio left it: this side polls.
         let s = s.into_std()?;
         Ok(FaultLink { s, next: 1 })
