@@ -39,6 +39,25 @@ fn finish(ch: Child, what: &str) -> String {
     ok(&ch.wait_with_output().unwrap(), what)
 }
 
+/// `krg ps --json` entries (seen from node 1) whose command contains `pat`.
+fn procs_named(c: &Cluster, pat: &str) -> Vec<serde_json::Value> {
+    c.ps(1)
+        .into_iter()
+        .filter(|p| p["command"].as_str().is_some_and(|s| s.contains(pat)))
+        .collect()
+}
+
+/// `krg migrate PID TO` from node `from`, which must succeed.
+fn migrate(c: &Cluster, from: u32, pid: i64, to: u32) {
+    let mig = c.krg(from, &["migrate", &pid.to_string(), &to.to_string()]);
+    assert!(
+        mig.status.success() && text(&mig.stdout).contains(&format!("migrated to node {to}")),
+        "{}{}",
+        text(&mig.stdout),
+        text(&mig.stderr)
+    );
+}
+
 /// The segments `krg ipcs --json` lists, seen from `node`.
 fn ipcs(c: &Cluster, node: u32) -> Vec<serde_json::Value> {
     c.json_list(node, "ipcs")
@@ -312,10 +331,8 @@ fn a_page_lost_with_its_node_gives_sigbus_not_stale_data() {
     // image would not hold the segment's contents).
     let mut hold = spawn(&c, 1, &[&t, "hold", "0x5107", "5"]);
     assert_eq!(read_line(&mut hold), "attached");
-    let ps = c.ps(1);
-    let pid = ps
-        .iter()
-        .find(|p| p["command"].as_str().is_some_and(|s| s.contains("hold")))
+    let pid = procs_named(&c, "hold")
+        .first()
         .map(|p| p["pid"].as_i64().unwrap().to_string())
         .expect("holder in krg ps");
     let ck = c.krg(1, &["checkpoint", &pid, "-o", "/tmp/krg-shm-refused"]);
@@ -343,13 +360,8 @@ fn a_process_attached_to_a_segment_migrates_and_keeps_sharing_it() {
     let mover = spawn(&c, 1, &[&t, "add-paced", "0x5110", "3000", "1000"]);
     let other = spawn(&c, 3, &[&t, "add-paced", "0x5110", "3000", "1000"]);
     let find = || {
-        c.ps(1)
-            .into_iter()
-            .filter(|p| {
-                p["command"]
-                    .as_str()
-                    .is_some_and(|s| s.contains("add-paced"))
-            })
+        procs_named(&c, "add-paced")
+            .iter()
             .map(|p| (p["pid"].as_i64().unwrap(), p["node"].as_u64().unwrap()))
             .collect::<Vec<_>>()
     };
@@ -366,13 +378,7 @@ fn a_process_attached_to_a_segment_migrates_and_keeps_sharing_it() {
     };
     // Let it add for a while on node 1 first.
     std::thread::sleep(std::time::Duration::from_millis(700));
-    let mig = c.krg(1, &["migrate", &pid.to_string(), "2"]);
-    assert!(
-        mig.status.success() && text(&mig.stdout).contains("migrated to node 2"),
-        "{}{}",
-        text(&mig.stdout),
-        text(&mig.stderr)
-    );
+    migrate(&c, 1, pid, 2);
     assert!(
         find().contains(&(pid, 2)),
         "the adder runs on node 2: {:?}",
@@ -494,14 +500,8 @@ fn shared_anonymous_memory_stays_shared_with_a_child_that_moves() {
     // The child: the process of the program whose parent is the other.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let child = loop {
-        let ps: Vec<(i64, i64)> = c
-            .ps(1)
-            .into_iter()
-            .filter(|p| {
-                p["command"]
-                    .as_str()
-                    .is_some_and(|s| s.contains("anonshare"))
-            })
+        let ps: Vec<(i64, i64)> = procs_named(&c, "anonshare")
+            .iter()
             .map(|p| (p["pid"].as_i64().unwrap(), p["ppid"].as_i64().unwrap()))
             .collect();
         if let Some((pid, _)) = ps.iter().find(|(_, pp)| ps.iter().any(|(p, _)| p == pp)) {
@@ -524,13 +524,7 @@ fn shared_anonymous_memory_stays_shared_with_a_child_that_moves() {
     for to in [2u32, 3] {
         std::thread::sleep(std::time::Duration::from_millis(500));
         let from = if to == 2 { 1 } else { 2 };
-        let mig = c.krg(from, &["migrate", &child.to_string(), &to.to_string()]);
-        assert!(
-            mig.status.success() && text(&mig.stdout).contains(&format!("migrated to node {to}")),
-            "{}{}",
-            text(&mig.stdout),
-            text(&mig.stderr)
-        );
+        migrate(&c, from, child, to);
         let s = seg(1);
         assert!(
             s["attached"]
