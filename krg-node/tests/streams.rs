@@ -771,6 +771,41 @@ fn socketpair_child_moves(c: &Cluster, bin: &str, how: &str) {
     assert!(ch.wait().unwrap().success());
 }
 
+#[test]
+fn a_seqpacket_socketpair_keeps_every_message_whole_while_either_end_moves() {
+    let c = Cluster::up(3, 1.0);
+    let bin = cc(&repo_root().join("examples/streams/seqpair.c"), "seqpair");
+    let bin = bin.to_str().unwrap();
+    for how in ["exec", "forked"] {
+        let mut ch = piped(&c, 1, &[bin, how]);
+        let rx = lines_of(&mut ch);
+        let pids = next_with(&rx, "pids ");
+        let w: Vec<&str> = pids.split_whitespace().collect();
+        let (parent, child) = (w[1].to_string(), w[2].to_string());
+        // The parent leaves (the ends relayed between nodes 3 and 1), the
+        // child leaves too (relayed between 3 and 2, found through the
+        // relay), then joins the parent (one socketpair again).
+        for (pid, to) in [(&parent, 3u32), (&child, 2), (&child, 3)] {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let out = c.krg(1, &["migrate", pid, &to.to_string()]);
+            assert!(
+                out.status.success(),
+                "{how}: migrate {pid} to {to}: {}",
+                show(&out)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        usr1(&c, 1, &parent);
+        let last = next_with(&rx, "");
+        let n: u64 = last
+            .strip_prefix("ok ")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{how}: parent: {last}"));
+        assert!(n > 100, "{how}: only {n} messages echoed");
+        assert!(ch.wait().unwrap().success());
+    }
+}
+
 /// A UNIX stream server: listens on the path argv[1] and on the abstract
 /// name argv[2], says "ready", then serves argv[3] connections (epoll via
 /// selectors): it reads a line and answers it in capitals, then its node.
@@ -878,12 +913,12 @@ for line in f:
 print("served", n, flush=True)
 "#;
 
-/// Connects to the path argv[1], says its pid, then sends argv[2] lines a
-/// few milliseconds apart, checking every answer.
+/// Connects to the path argv[1] ("@name": abstract), says its pid, then
+/// sends argv[2] lines a few milliseconds apart, checking every answer.
 const UNIX_CHAT: &str = r#"
 import os, socket, sys, time
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect(sys.argv[1])
+s.connect("\0" + sys.argv[1][1:] if sys.argv[1].startswith("@") else sys.argv[1])
 print(os.getpid(), flush=True)
 f = s.makefile("rb")
 n = int(sys.argv[2])
@@ -922,4 +957,90 @@ fn a_client_of_a_unix_socket_on_another_node_migrates_mid_conversation() {
     assert_eq!(ok(&out, "client").trim(), "talked 1500");
     let s = ok(&srv.wait_with_output().unwrap(), "server");
     assert_eq!(s.trim(), "served 1500");
+}
+
+/// A UNIX stream server that serves one connection after the other: listens
+/// on the path argv[1] and on the abstract name argv[2] (epoll via
+/// selectors), says "ready", answers each line of a connection in
+/// capitals until it ends, and stops after argv[3] connections.
+const UNIX_SERIAL: &str = r#"
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+for name in (sys.argv[1], "\0" + sys.argv[2]):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(name)
+    s.listen(4)
+    sel.register(s, selectors.EVENT_READ)
+print("ready", flush=True)
+left = int(sys.argv[3])
+while left:
+    for key, _ in sel.select():
+        c, _ = key.fileobj.accept()
+        f = c.makefile("rb")
+        for line in f:
+            c.sendall(line.upper())
+        c.close()
+        left -= 1
+        break
+print("served", sys.argv[3], flush=True)
+"#;
+
+#[test]
+fn a_unix_server_migrates_with_its_listeners_and_the_connection_waiting_in_their_queue() {
+    let c = Cluster::up(3, 1.0);
+    let dir = shared_dir("unixmove");
+    let path = dir.join("serial.sock");
+    let _ = std::fs::remove_file(&path);
+    let p = path.to_str().unwrap();
+    let abs = format!("krg-test-serial-{}", std::process::id());
+    let at = format!("@{abs}");
+    let mut srv = piped(&c, 1, &["python3", "-c", UNIX_SERIAL, p, &abs, "4"]);
+    assert_eq!(read_line(&mut srv), "ready");
+    let srv_pid = c
+        .ps(1)
+        .iter()
+        .find(|r| r["command"].as_str().is_some_and(|s| s.contains(&abs)))
+        .and_then(|r| r["pid"].as_i64())
+        .expect("server in krg ps");
+    // A client on node 2 (by the abstract name: a connection between the
+    // nodes) is served; one on node 1 (by the path: the kernel's UNIX
+    // socket) waits in the queue, its first line sent.
+    let mut a = piped(&c, 2, &["python3", "-c", UNIX_CHAT, &at, "1200"]);
+    read_line(&mut a);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut b = piped(&c, 1, &["python3", "-c", UNIX_CHAT, p, "300"]);
+    read_line(&mut b);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = c.krg(1, &["migrate", &srv_pid.to_string(), "3"]);
+    assert!(out.status.success(), "migrate the server: {}", show(&out));
+    let node = c
+        .ps(1)
+        .iter()
+        .find(|r| r["pid"].as_i64() == Some(srv_pid))
+        .and_then(|r| r["node"].as_u64());
+    assert_eq!(node, Some(3), "the server runs on node 3 now");
+    // After the move both names lead to node 3, from either node.
+    let cl = c
+        .cmd(1, &["python3", "-c", UNIX_CHAT, &at, "100"])
+        .output()
+        .unwrap();
+    let dl = c
+        .cmd(2, &["python3", "-c", UNIX_CHAT, p, "100"])
+        .output()
+        .unwrap();
+    for (out, what, n) in [
+        (a.wait_with_output().unwrap(), "client on node 2", 1200),
+        (
+            b.wait_with_output().unwrap(),
+            "waiting client on node 1",
+            300,
+        ),
+        (cl, "later client on node 1", 100),
+        (dl, "later client on node 2", 100),
+    ] {
+        let o = ok(&out, what);
+        assert!(o.contains(&format!("talked {n}")), "{what}: {o}");
+    }
+    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    assert!(s.contains("served 4"), "{s}");
 }

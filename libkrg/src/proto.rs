@@ -9,7 +9,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Bumped whenever a message changes incompatibly.
-pub const PROTO_VERSION: u32 = 3;
+pub const PROTO_VERSION: u32 = 4;
 
 /// A request to the local agent. The caller's pid, uid and gid come from
 /// `SO_PEERCRED`, never from the message.
@@ -248,6 +248,10 @@ pub enum Request {
         id: u64,
         pending: Vec<u8>,
         wr_shut: bool,
+        /// A seqpacket socket: `pending` is framed messages, and these are
+        /// the fds `(mine, other)` of a new socketpair of the caller, which
+        /// the agent takes (`pidfd_getfd`) to make its new end of.
+        pair: Option<(i32, i32)>,
     },
     /// From that peer: wait for the new connection of stream `id`.
     /// Answered with `StreamFd`, then one descriptor.
@@ -263,6 +267,8 @@ pub enum Request {
         wr_shut: bool,
         /// It stands for a pipe: a pipe again if both ends are on one node.
         pipe: bool,
+        /// A seqpacket socket: as for `StreamDrained`.
+        pair: Option<(i32, i32)>,
     },
     /// From a shadow told (signal 62) that one of the streams it relays is
     /// to be handed over: every relayed fd with its connection to the

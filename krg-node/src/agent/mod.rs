@@ -17,6 +17,7 @@ pub mod probe;
 pub mod procs;
 pub mod remote;
 pub mod sched;
+pub mod seqpacket;
 pub mod spawn;
 pub mod streams;
 pub mod sync;
@@ -688,7 +689,14 @@ impl Agent {
                 pending,
                 wr_shut,
                 pipe,
-            } => match self.stream_attach(id, node, pending, wr_shut, pipe).await {
+                pair,
+            } => match async {
+                let pair = pair.map(|p| seqpacket::take_pair(who.pid, p)).transpose()?;
+                self.stream_attach_with(id, node, pending, wr_shut, pipe, pair)
+                    .await
+            }
+            .await
+            {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
             },
@@ -863,7 +871,8 @@ impl Agent {
                 id,
                 pending,
                 wr_shut,
-            } => self.stream_drained(id, pending, wr_shut),
+                pair,
+            } => self.stream_drained(who, id, pending, wr_shut, pair),
             Request::StreamAwait { .. }
             | Request::StreamAttach { .. }
             | Request::FifoOpen { .. }

@@ -252,6 +252,10 @@ mod tests {
 
 /// Channel byte of a stream hand-over connection (after authentication).
 pub const CHANNEL_STREAM: u8 = 2;
+/// After the stream id: what the two ends are (bytes: a TCP connection
+/// given to both processes; messages: seqpacket sockets, relayed).
+const KIND_BYTES: u8 = 0;
+const KIND_MESSAGES: u8 = 1;
 /// Longest wait for the other side of a hand-over.
 const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Largest pending data accepted from the other agent (socket buffers
@@ -267,9 +271,12 @@ pub enum End {
     /// Pipe `ino` of this node; `mover` (a kernel pid) holds the moving
     /// end.
     Pipe { ino: u64, mover: i32 },
-    /// The UNIX stream socket `ino` of this node, held by `mover`: its
-    /// peer socket is the other end.
+    /// The UNIX stream or seqpacket socket `ino` of this node, held by
+    /// `mover`: its peer socket is the other end.
     Unix { ino: u64, mover: i32 },
+    /// The process end of seqpacket relay `id` of this node (see
+    /// `seqpacket.rs`): the peer of the relay's socket.
+    Relay { id: u64 },
 }
 
 /// The holder of one end: `(gpid, kernel pid, fds, node)`, `node` set when
@@ -290,6 +297,9 @@ pub struct Release {
 /// Longest wait for a process being placed elsewhere to be started there,
 /// or for a program just started to take signal 62.
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// What the staying peer had in flight, whether it had shut down
+/// writing, and for a seqpacket socket its new socketpair.
+type Drained = (Vec<u8>, bool, Option<super::seqpacket::Pair>);
 /// Where the staying peer's end of a new connection is sent.
 type FdSender = tokio::sync::oneshot::Sender<std::os::fd::OwnedFd>;
 
@@ -298,8 +308,8 @@ type FdSender = tokio::sync::oneshot::Sender<std::os::fd::OwnedFd>;
 pub struct Held {
     frozen_tx: Option<tokio::sync::oneshot::Sender<()>>,
     frozen_rx: Option<tokio::sync::oneshot::Receiver<()>>,
-    drained_tx: Option<tokio::sync::oneshot::Sender<(Vec<u8>, bool)>>,
-    drained_rx: Option<tokio::sync::oneshot::Receiver<(Vec<u8>, bool)>>,
+    drained_tx: Option<tokio::sync::oneshot::Sender<Drained>>,
+    drained_rx: Option<tokio::sync::oneshot::Receiver<Drained>>,
     fd_tx: Option<FdSender>,
     fd_rx: Option<tokio::sync::oneshot::Receiver<std::os::fd::OwnedFd>>,
 }
@@ -328,6 +338,8 @@ pub struct Moving {
     next: std::sync::atomic::AtomicU64,
     /// Shadows asked to hand a relay over, by kernel pid.
     releases: std::sync::Mutex<HashMap<i32, Release>>,
+    /// Seqpacket relays running here.
+    pub(crate) relays: super::seqpacket::Relays,
 }
 
 impl Moving {
@@ -428,13 +440,19 @@ fn holders(want: &[String]) -> HashMap<String, Vec<(i32, i32)>> {
 
 /// What each end is: `(description, fd link, mover's kernel pid or 0)`, or
 /// why it is not here.
-fn links_of(ends: &[End]) -> Vec<Result<(String, String, i32), String>> {
+fn links_of(
+    ends: &[End],
+    relays: &HashMap<u64, u64>,
+) -> Vec<Result<(String, String, i32), String>> {
     let table = if ends.iter().any(|e| matches!(e, End::Tcp(..))) {
         tcp_table()
     } else {
         Vec::new()
     };
-    let peers = if ends.iter().any(|e| matches!(e, End::Unix { .. })) {
+    let peers = if ends
+        .iter()
+        .any(|e| matches!(e, End::Unix { .. } | End::Relay { .. }))
+    {
         unix_peers()
     } else {
         Ok(HashMap::new())
@@ -464,6 +482,14 @@ fn links_of(ends: &[End]) -> Vec<Result<(String, String, i32), String>> {
                     .copied()
                     .ok_or_else(|| format!("{what}: no peer (not connected?)"))?;
                 Ok((what, format!("socket:[{peer}]"), *mover))
+            }
+            End::Relay { id } => {
+                let what = format!("seqpacket relay {id:#x}");
+                let peer = relays
+                    .get(id)
+                    .and_then(|ino| peers.as_ref().ok()?.get(ino).copied())
+                    .ok_or_else(|| format!("{what}: not relayed here (any more)"))?;
+                Ok((what, format!("socket:[{peer}]"), 0))
             }
         })
         .collect()
@@ -583,7 +609,7 @@ fn reads(pid: i32, fd: i32) -> Option<bool> {
     Some(flags & libc::O_ACCMODE == libc::O_RDONLY)
 }
 
-fn sock_err(what: &str, e: std::io::Error) -> ErrorReply {
+pub(crate) fn sock_err(what: &str, e: std::io::Error) -> ErrorReply {
     err(libc::EIO, format!("{what}: {e}"))
 }
 
@@ -650,14 +676,35 @@ impl Agent {
                 },
             ));
         }
+        // A seqpacket socket whose peer is one of this agent's relays: its
+        // other end is the process at the relay's other node.
+        let relayed: Vec<Option<(u64, u32)>> = if unix.is_empty() || self.moving.relays.count() == 0
+        {
+            vec![None; unix.len()]
+        } else {
+            let peers = tokio::task::spawn_blocking(unix_peers)
+                .await
+                .map_err(|e| err(libc::EIO, format!("UNIX socket peers: {e}")))?
+                .map_err(|e| sock_err("UNIX socket peers", e))?;
+            unix.iter()
+                .map(|ino| peers.get(ino).and_then(|p| self.moving.relays.by_inode(*p)))
+                .collect()
+        };
         for (j, ino) in unix.iter().enumerate() {
-            by_node.entry(self.node_id()).or_default().push((
-                conns.len() + pipes.len() + j,
-                End::Unix {
-                    ino: *ino,
-                    mover: mover.pid,
-                },
-            ));
+            let (node, end) = match relayed[j] {
+                Some((id, node)) => (node, End::Relay { id }),
+                None => (
+                    self.node_id(),
+                    End::Unix {
+                        ino: *ino,
+                        mover: mover.pid,
+                    },
+                ),
+            };
+            by_node
+                .entry(node)
+                .or_default()
+                .push((conns.len() + pipes.len() + j, end));
         }
         // Check everywhere; then freeze the ends that can be.
         let mut take: HashMap<u32, Vec<(usize, End)>> = HashMap::new();
@@ -967,9 +1014,10 @@ impl Agent {
         commit: bool,
     ) -> Result<Vec<StreamPeer>, ErrorReply> {
         let ends_are_local = !ends.iter().any(|e| matches!(e, End::Tcp(..)));
+        let relays = self.moving.relays.inodes();
         // One read of the TCP table and one walk of /proc for every end.
         let find = move || {
-            let links = links_of(&ends);
+            let links = links_of(&ends, &relays);
             let want: Vec<String> = links
                 .iter()
                 .filter_map(|l| l.as_ref().ok().map(|(_, l, _)| l.clone()))
@@ -1086,7 +1134,7 @@ impl Agent {
         let mut h = Held::open();
         // Nothing in flight for it; nothing to freeze.
         if let Some(tx) = h.drained_tx.take() {
-            let _ = tx.send((Vec::new(), reads_only));
+            let _ = tx.send((Vec::new(), reads_only, None));
         }
         self.moving.held().insert(id, h);
     }
@@ -1138,17 +1186,22 @@ impl Agent {
     /// `StreamDrained` from the staying peer.
     pub(crate) fn stream_drained(
         &self,
+        who: Caller,
         id: u64,
         pending: Vec<u8>,
         wr_shut: bool,
+        pair: Option<(i32, i32)>,
     ) -> Result<Response, ErrorReply> {
+        let pair = pair
+            .map(|p| super::seqpacket::take_pair(who.pid, p))
+            .transpose()?;
         let tx = self
             .moving
             .held()
             .get_mut(&id)
             .and_then(|h| h.drained_tx.take())
             .ok_or_else(|| err(libc::ENOENT, format!("stream {id:#x}: not held here")))?;
-        let _ = tx.send((pending, wr_shut));
+        let _ = tx.send((pending, wr_shut, pair));
         Ok(Response::Ok)
     }
 
@@ -1177,11 +1230,7 @@ impl Agent {
     /// Take over held stream `id` for its hand-over: where its peer's new
     /// end goes, and (once the peer has drained) the bytes that were in
     /// flight for the peer and whether it had shut down writing.
-    async fn handover(
-        &self,
-        id: u64,
-        what: &str,
-    ) -> Result<(FdSender, (Vec<u8>, bool)), ErrorReply> {
+    async fn handover(&self, id: u64, what: &str) -> Result<(FdSender, Drained), ErrorReply> {
         let (drx, ftx) = {
             let mut h = self.moving.held();
             let h = h
@@ -1202,12 +1251,16 @@ impl Agent {
     /// The agents' port, channel `CHANNEL_STREAM`: the moving side's new
     /// node connects for stream `id`.
     pub(crate) async fn stream_accept(self: Arc<Self>, s: tokio::net::TcpStream, from: u32) {
-        if let Err(e) = self.stream_accept_inner(s).await {
+        if let Err(e) = self.stream_accept_inner(s, from).await {
             tracing::warn!("stream hand-over from node {from}: {}", e.msg);
         }
     }
 
-    async fn stream_accept_inner(&self, mut s: tokio::net::TcpStream) -> Result<(), ErrorReply> {
+    async fn stream_accept_inner(
+        self: &Arc<Self>,
+        mut s: tokio::net::TcpStream,
+        from: u32,
+    ) -> Result<(), ErrorReply> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         // The hand-over is a few small messages each way: Nagle's wait for
         // a delayed ACK would add 40 ms to the move (the process's own
@@ -1217,15 +1270,31 @@ impl Agent {
             .read_u64_le()
             .await
             .map_err(|e| sock_err("stream id", e))?;
+        let messages = s.read_u8().await.map_err(|e| sock_err("stream kind", e))? == KIND_MESSAGES;
         let theirs = read_blob(&mut s).await?;
-        let (ftx, (mine, wr_shut)) = self.handover(id, &format!("stream {id:#x}")).await?;
-        s.write_u64_le(mine.len() as u64)
+        let what = format!("stream {id:#x}");
+        let (ftx, (mine, wr_shut, pair)) = self.handover(id, &what).await?;
+        if messages != pair.is_some() {
+            return Err(err(
+                libc::EPROTOTYPE,
+                format!("{what}: a seqpacket socket at one end only"),
+            ));
+        }
+        // Messages stay on this side: each agent refills its own process.
+        let sent: &[u8] = if messages { &[] } else { &mine };
+        s.write_u64_le(sent.len() as u64)
             .await
             .map_err(|e| sock_err("stream", e))?;
-        s.write_all(&mine)
-            .await
-            .map_err(|e| sock_err("stream", e))?;
-        let fd = refill(s, &theirs, wr_shut).await?;
+        s.write_all(sent).await.map_err(|e| sock_err("stream", e))?;
+        let fd = match pair {
+            Some((end, relay)) => {
+                super::seqpacket::refill(&relay, &mine, &what)?;
+                let tcp = s.into_std().map_err(|e| sock_err(&what, e))?;
+                self.relay(id, from, relay, tcp);
+                end
+            }
+            None => refill(s, &theirs, wr_shut).await?,
+        };
         let _ = ftx.send(fd);
         Ok(())
     }
@@ -1233,16 +1302,33 @@ impl Agent {
     /// `StreamAttach` from the moved process: connect stream `id` to its
     /// peer's node; this process's end.
     pub(crate) async fn stream_attach(
-        &self,
+        self: &Arc<Self>,
         id: u64,
         node: u32,
         pending: Vec<u8>,
         wr_shut: bool,
         pipe: bool,
     ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
+        self.stream_attach_with(id, node, pending, wr_shut, pipe, None)
+            .await
+    }
+
+    /// [`Agent::stream_attach`]; `pair`: a seqpacket socket's new
+    /// socketpair, taken from the caller.
+    pub(crate) async fn stream_attach_with(
+        self: &Arc<Self>,
+        id: u64,
+        node: u32,
+        pending: Vec<u8>,
+        wr_shut: bool,
+        pipe: bool,
+        pair: Option<super::seqpacket::Pair>,
+    ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
         use tokio::io::AsyncWriteExt;
         if node == self.node_id() {
-            return self.stream_attach_here(id, pending, wr_shut, pipe).await;
+            return self
+                .stream_attach_here(id, pending, wr_shut, pipe, pair)
+                .await;
         }
         let addr = self.members().get(&node).map(|m| m.addr).ok_or_else(|| {
             err(
@@ -1260,20 +1346,33 @@ impl Agent {
         super::auth::client(&mut s, &self.cfg.key, self.node_id())
             .await
             .map_err(|e| sock_err(&what, e))?;
+        let kind = if pair.is_some() {
+            KIND_MESSAGES
+        } else {
+            KIND_BYTES
+        };
+        let sent: &[u8] = if pair.is_some() { &[] } else { &pending };
         s.write_all(&[CHANNEL_STREAM])
             .await
             .map_err(|e| sock_err(&what, e))?;
         s.write_u64_le(id).await.map_err(|e| sock_err(&what, e))?;
-        s.write_u64_le(pending.len() as u64)
+        s.write_u8(kind).await.map_err(|e| sock_err(&what, e))?;
+        s.write_u64_le(sent.len() as u64)
             .await
             .map_err(|e| sock_err(&what, e))?;
-        s.write_all(&pending)
-            .await
-            .map_err(|e| sock_err(&what, e))?;
+        s.write_all(sent).await.map_err(|e| sock_err(&what, e))?;
         let theirs = tokio::time::timeout(HANDOVER_TIMEOUT, read_blob(&mut s))
             .await
             .map_err(|_| err(libc::ETIMEDOUT, format!("{what}: no answer")))??;
-        let fd = refill(s, &theirs, wr_shut).await?;
+        let fd = match pair {
+            Some((end, relay)) => {
+                super::seqpacket::refill(&relay, &pending, &what)?;
+                let tcp = s.into_std().map_err(|e| sock_err(&what, e))?;
+                self.relay(id, node, relay, tcp);
+                end
+            }
+            None => refill(s, &theirs, wr_shut).await?,
+        };
         Ok((Response::StreamFd, vec![fd]))
     }
 }
@@ -1289,9 +1388,27 @@ impl Agent {
         pending: Vec<u8>,
         wr_shut: bool,
         pipe: bool,
+        pair: Option<super::seqpacket::Pair>,
     ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
         let what = format!("stream {id:#x} on this node");
-        let (ftx, (theirs, their_wr)) = self.handover(id, &what).await?;
+        let (ftx, (theirs, their_wr, their_pair)) = self.handover(id, &what).await?;
+        match (pair, their_pair) {
+            // Seqpacket ends that meet: one socketpair (the caller's), each
+            // end refilled with its own process's messages from the other.
+            (Some((mine, other)), Some(_)) => {
+                super::seqpacket::refill(&other, &pending, &what)?;
+                super::seqpacket::refill(&mine, &theirs, &what)?;
+                let _ = ftx.send(other);
+                return Ok((Response::StreamFd, vec![mine]));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(err(
+                    libc::EPROTOTYPE,
+                    format!("{what}: a seqpacket socket at one end only"),
+                ))
+            }
+        }
         // The reader shut its side for writing (it never writes), and
         // nothing can be in flight for the writer (whose end may have been
         // a shadow's relay, which says nothing of shutting).

@@ -261,6 +261,18 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
         libc::S_IFSOCK => {
             use crate::streams::moving;
             if fd > 2 {
+                if let Some(l) = crate::streams::unix::listening(fd)? {
+                    return Ok(Some(FdState {
+                        fd,
+                        cloexec,
+                        kind: FdKind::UnixListen {
+                            name: l.name,
+                            ty: l.ty,
+                            flags: l.flags,
+                            passcred: l.passcred,
+                        },
+                    }));
+                }
                 if let Some(l) = moving::listening(fd)? {
                     return Ok(Some(FdState {
                         fd,
@@ -279,10 +291,13 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
             // Connections move with the migration (`streams::moving`) when
             // their peer is an SSI process (a checkpoint to disk refuses
             // them); at fds 0-2 anything else is relayed.
-            if moving::unix_stream(fd) {
+            let seqpacket = crate::streams::seqpacket::is_seqpacket(fd);
+            if seqpacket || moving::unix_stream(fd) {
                 FdKind::UnixStream {
                     ino: st.st_ino,
                     flags,
+                    seqpacket,
+                    passcred: moving::opts(fd).passcred,
                 }
             } else if moving::tcp_ends(fd).is_some() {
                 let o = moving::opts(fd);
@@ -296,11 +311,13 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
                     keepalive: o.keepalive,
                     alias_of: -1,
                     pipe: o.pipe,
+                    seqpacket: false,
+                    passcred: false,
                 }
             } else if fd <= 2 {
                 FdKind::Relay
             } else {
-                return Err(format!("fd {fd}: {link_s} is not migratable (TCP connections and connected UNIX stream sockets move, and stdin, stdout and stderr)"));
+                return Err(format!("fd {fd}: {link_s} is not migratable (TCP connections and connected UNIX stream and seqpacket sockets move, and stdin, stdout and stderr)"));
             }
         }
         _ if link_s == "anon_inode:[eventfd]" => {

@@ -76,8 +76,11 @@ fn spawn_child_shadow(gpid: i32) -> Result<i32, String> {
         )
     };
     if pid == 0 {
-        // SAFETY: in the new child: replace it, or end it.
+        // SAFETY: in the new child: let go of the program's fds (a socket
+        // or pipe held here would stay open as long as the child runs, and
+        // its peer could not tell who holds it), then replace it, or end it.
         unsafe {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             libc::syscall(libc::SYS_execve, exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
             libc::syscall(libc::SYS_exit_group, 127);
         }

@@ -210,6 +210,11 @@ pub enum FdKind {
         alias_of: i32,
         /// It stands for a pipe (see `streams::moving`).
         pipe: bool,
+        /// A UNIX seqpacket socket: its new end is one too (`pending` holds
+        /// framed messages, see `streams::seqpacket`).
+        seqpacket: bool,
+        /// `SO_PASSCRED` was set on it.
+        passcred: bool,
     },
     /// A pipe end made again as a new pipe: its other end is in this
     /// image too (`ino` pairs the ends of one pipe; a self-pipe) or held by
@@ -222,12 +227,14 @@ pub enum FdKind {
         size: i32,
         pending: Vec<u8>,
     },
-    /// A connected UNIX stream socket (a socketpair end, say), moved with
-    /// this process as a connection to the SSI process at its other end
-    /// (filled in by the migration, which makes it a `Tcp`).
+    /// A connected UNIX stream or seqpacket socket (a socketpair end,
+    /// say), moved with this process as a connection to the SSI process at
+    /// its other end (filled in by the migration, which makes it a `Tcp`).
     UnixStream {
         ino: u64,
         flags: i32,
+        seqpacket: bool,
+        passcred: bool,
     },
     /// A listening TCP socket, bound again to the same address and port on
     /// the new node (`addr` as text, the kernel's address).
@@ -238,6 +245,14 @@ pub enum FdKind {
         reuseport: bool,
         backlog: i32,
         flags: i32,
+    },
+    /// A listening UNIX socket (stream or seqpacket), bound again to its
+    /// name on the new node (see `streams::unix::Listening`).
+    UnixListen {
+        name: Vec<u8>,
+        ty: i32,
+        flags: i32,
+        passcred: bool,
     },
     /// An epoll instance with what it watches: `(fd, events, data)`, added
     /// again once every other fd is back under its number.

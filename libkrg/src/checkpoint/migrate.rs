@@ -88,7 +88,10 @@ fn out_taken(order: &Order) -> Result<u64, String> {
             for f in &meta.fds {
                 if matches!(
                     f.kind,
-                    FdKind::Tcp { .. } | FdKind::TcpListen { .. } | FdKind::Pipe { .. }
+                    FdKind::Tcp { .. }
+                        | FdKind::TcpListen { .. }
+                        | FdKind::UnixListen { .. }
+                        | FdKind::Pipe { .. }
                 ) {
                     // SAFETY: closes our own fd; nothing uses it any more.
                     unsafe { libc::close(f.fd) };
@@ -276,16 +279,23 @@ fn as_connection(fds: &mut [FdState], idx: &[usize], id: u64, node: u32) {
     let first = fds[idx[0]].fd;
     for (k, i) in idx.iter().enumerate() {
         let alias_of = if k == 0 { -1 } else { first };
-        let (flags, nodelay, keepalive, pipe) = match fds[*i].kind {
+        let (flags, nodelay, keepalive, pipe, seqpacket, passcred) = match fds[*i].kind {
             FdKind::Tcp {
                 flags,
                 nodelay,
                 keepalive,
                 pipe,
+                seqpacket,
+                passcred,
                 ..
-            } => (flags, nodelay, keepalive, pipe),
-            FdKind::Pipe { flags, .. } => (flags, true, false, true),
-            FdKind::UnixStream { flags, .. } => (flags, true, false, false),
+            } => (flags, nodelay, keepalive, pipe, seqpacket, passcred),
+            FdKind::Pipe { flags, .. } => (flags, true, false, true, false, false),
+            FdKind::UnixStream {
+                flags,
+                seqpacket,
+                passcred,
+                ..
+            } => (flags, true, false, false, seqpacket, passcred),
             _ => continue,
         };
         fds[*i].kind = FdKind::Tcp {
@@ -298,20 +308,85 @@ fn as_connection(fds: &mut [FdState], idx: &[usize], id: u64, node: u32) {
             keepalive,
             alias_of,
             pipe,
+            seqpacket,
+            passcred,
         };
     }
+}
+
+/// The options a moved connection's new end gets, from its image entry.
+pub(crate) fn opts_of(k: &FdKind) -> Option<crate::streams::moving::Opts> {
+    let FdKind::Tcp {
+        flags,
+        nodelay,
+        keepalive,
+        pipe,
+        passcred,
+        ..
+    } = *k
+    else {
+        return None;
+    };
+    Some(crate::streams::moving::Opts {
+        flags,
+        nodelay,
+        keepalive,
+        pipe,
+        passcred,
+    })
 }
 
 /// Listening sockets: closed here now (the port must be free for the new
 /// node to bind it), made again there.
 fn park_listeners(fds: &mut [FdState]) -> Result<(), String> {
     for f in fds.iter() {
-        if matches!(f.kind, FdKind::TcpListen { .. }) {
+        if matches!(f.kind, FdKind::TcpListen { .. } | FdKind::UnixListen { .. }) {
             if let Err(e) = park_fd(f.fd) {
                 reattach_streams(fds);
                 return Err(e);
             }
         }
+    }
+    Ok(())
+}
+
+/// The listening UNIX socket an image fd describes.
+pub(crate) fn unix_listening_of(k: &FdKind) -> Option<crate::streams::unix::Listening> {
+    let FdKind::UnixListen {
+        name,
+        ty,
+        flags,
+        passcred,
+    } = k
+    else {
+        return None;
+    };
+    Some(crate::streams::unix::Listening {
+        name: name.clone(),
+        ty: *ty,
+        flags: *flags,
+        passcred: *passcred,
+    })
+}
+
+/// Make listening socket `f` again here, if the move closed it.
+fn relisten_here(f: &FdState) -> Result<(), String> {
+    let parked = std::fs::read_link(format!("/proc/self/fd/{}", f.fd))
+        .is_ok_and(|p| p.as_os_str() == "/dev/null");
+    if !parked {
+        return Ok(());
+    }
+    let s = if let Some(l) = listening_of(&f.kind) {
+        crate::streams::moving::relisten(&l)?
+    } else if let Some(l) = unix_listening_of(&f.kind) {
+        crate::streams::unix::relisten(&l)?
+    } else {
+        return Ok(());
+    };
+    let fl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+    // SAFETY: puts our new socket under the old number.
+    if unsafe { libc::dup3(std::os::fd::AsRawFd::as_raw_fd(&s), f.fd, fl) } < 0 {
+        return Err(format!("dup3: {}", std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -359,27 +434,14 @@ fn park_fd(fd: i32) -> Result<(), String> {
 fn reattach_streams(fds: &[FdState]) {
     use crate::streams::moving;
     for f in fds {
-        if let Some(l) = listening_of(&f.kind) {
+        if matches!(f.kind, FdKind::TcpListen { .. } | FdKind::UnixListen { .. }) {
             // Closed by the move: make it again here, if it was.
-            let parked = std::fs::read_link(format!("/proc/self/fd/{}", f.fd))
-                .is_ok_and(|p| p.as_os_str() == "/dev/null");
-            if parked {
-                let r = crate::streams::moving::relisten(&l).and_then(|s| {
-                    let fl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
-                    // SAFETY: puts our new socket under the old number.
-                    if unsafe { libc::dup3(std::os::fd::AsRawFd::as_raw_fd(&s), f.fd, fl) } < 0 {
-                        Err(format!("dup3: {}", std::io::Error::last_os_error()))
-                    } else {
-                        Ok(())
-                    }
-                });
-                if let Err(e) = r {
-                    crate::krg_log!(
-                        crate::log::Level::Warn,
-                        "fd {}: listening again after a failed migration: {e}",
-                        f.fd
-                    );
-                }
+            if let Err(e) = relisten_here(f) {
+                crate::krg_log!(
+                    crate::log::Level::Warn,
+                    "fd {}: listening again after a failed migration: {e}",
+                    f.fd
+                );
             }
             continue;
         }
@@ -388,11 +450,10 @@ fn reattach_streams(fds: &[FdState]) {
             node,
             pending,
             wr_shut,
-            flags,
-            nodelay,
-            keepalive,
             alias_of,
             pipe,
+            seqpacket,
+            ..
         } = &f.kind
         else {
             continue;
@@ -408,18 +469,14 @@ fn reattach_streams(fds: &[FdState]) {
         } else if *id == 0 {
             continue;
         } else {
-            moving::attach(*id, *node, pending.clone(), *wr_shut, *pipe).and_then(|new| {
-                moving::apply(
-                    &new,
-                    &moving::Opts {
-                        flags: *flags,
-                        nodelay: *nodelay,
-                        keepalive: *keepalive,
-                        pipe: *pipe,
-                    },
-                );
-                moving::install(f.fd, new, *pipe)
-            })
+            moving::attach(*id, *node, pending.clone(), *wr_shut, *pipe, *seqpacket).and_then(
+                |new| {
+                    if let Some(o) = opts_of(&f.kind) {
+                        moving::apply(&new, &o);
+                    }
+                    moving::install(f.fd, new, *pipe)
+                },
+            )
         };
         if let Err(e) = r {
             crate::krg_log!(

@@ -797,6 +797,7 @@ fn take_image(order: &Order) -> Result<u64, String> {
             f.kind,
             image::FdKind::Tcp { .. }
                 | image::FdKind::TcpListen { .. }
+                | image::FdKind::UnixListen { .. }
                 | image::FdKind::UnixStream { .. }
         )
     }) {

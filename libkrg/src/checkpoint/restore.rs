@@ -374,25 +374,25 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
                 node,
                 pending,
                 wr_shut,
-                flags,
-                nodelay,
-                keepalive,
                 alias_of,
                 pipe,
+                seqpacket,
+                ..
             } if *alias_of < 0 => {
                 use crate::streams::moving;
-                let new = moving::attach(*id, *node, pending.clone(), *wr_shut, *pipe)
+                let new = moving::attach(*id, *node, pending.clone(), *wr_shut, *pipe, *seqpacket)
                     .map_err(|e| format!("fd {}: {e}", f.fd))?;
-                moving::apply(
-                    &new,
-                    &moving::Opts {
-                        flags: *flags,
-                        nodelay: *nodelay,
-                        keepalive: *keepalive,
-                        pipe: *pipe,
-                    },
-                );
+                if let Some(o) = crate::checkpoint::migrate::opts_of(&f.kind) {
+                    moving::apply(&new, &o);
+                }
                 std::os::fd::IntoRawFd::into_raw_fd(new)
+            }
+            FdKind::UnixListen { .. } => {
+                let l = crate::checkpoint::migrate::unix_listening_of(&f.kind)
+                    .ok_or_else(|| format!("fd {}: bad listening socket", f.fd))?;
+                let s =
+                    crate::streams::unix::relisten(&l).map_err(|e| format!("fd {}: {e}", f.fd))?;
+                std::os::fd::IntoRawFd::into_raw_fd(s)
             }
             FdKind::TcpListen { .. } => {
                 let l = crate::checkpoint::migrate::listening_of(&f.kind)

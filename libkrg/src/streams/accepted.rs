@@ -37,9 +37,10 @@ fn recount(t: &[Owed; SLOTS]) {
     COUNT.store(t.iter().filter(|e| e.0 >= 0).count(), Ordering::Release);
 }
 
-/// `(address, port)` of a socket end as bytes, comparable.
-fn end(fd: RawFd, peer: bool) -> Option<([u8; 28], libc::socklen_t)> {
-    let mut a = [0u8; 28];
+/// The address of a socket end as bytes, comparable (room for a UNIX
+/// socket's name).
+fn end(fd: RawFd, peer: bool) -> Option<([u8; 112], libc::socklen_t)> {
+    let mut a = [0u8; 112];
     let mut l = a.len() as libc::socklen_t;
     // SAFETY: an address buffer of ours and its length.
     let r = unsafe {
@@ -57,9 +58,30 @@ fn queued(fd: RawFd) -> u32 {
     super::moving::accept_queue(fd).map_or(0, |(q, _)| q)
 }
 
+/// Whether `fd` is a listening UNIX socket.
+fn unix_listener(fd: RawFd) -> bool {
+    use super::moving::int_opt;
+    int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_UNIX)
+        && int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1)
+}
+
+/// Whether a connection waits in listener `fd`'s queue (its readiness: a
+/// UNIX socket's queue length cannot be read).
+fn waiting(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+}
+
 /// In a capture for a migration (the other threads parked): accept what
-/// waits in every listening TCP socket's queue and owe it to the program.
-/// Stand-ins this process queued itself are dropped (they are made again).
+/// waits in every listening TCP or UNIX socket's queue and owe it to the
+/// program. Stand-ins this process queued itself are dropped (they are
+/// made again); a UNIX connection from another node is taken from the
+/// agent first (see `streams::unix`), so it moves as a connection.
 pub fn take_queued() {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return;
@@ -70,7 +92,10 @@ pub fn take_queued() {
         .collect();
     let mut t = table();
     for l in fds {
-        for _ in 0..queued(l) {
+        let unix = unix_listener(l);
+        let mut left = if unix { u32::MAX } else { queued(l) };
+        while left > 0 && (!unix || waiting(l)) {
+            left -= 1;
             // No room left: the rest stays queued (the capture then
             // refuses the move, naming them).
             if !t.iter().any(|e| e.0 < 0) {
@@ -103,6 +128,16 @@ pub fn take_queued() {
                 e.2 = -1;
                 continue;
             }
+            let c = if unix && super::active() {
+                // A connection from another node: its stand-in is swapped
+                // for the real connection (or closed if it cannot be had).
+                super::unix::on_accept(c, std::ptr::null_mut(), std::ptr::null_mut())
+            } else {
+                c
+            };
+            if c < 0 {
+                continue;
+            }
             if let Some(e) = t.iter_mut().find(|e| e.0 < 0) {
                 *e = (l, c, -1);
             }
@@ -123,6 +158,17 @@ pub fn requeue() {
             continue;
         };
         let fam = u16::from_ne_bytes([a[0], a[1]]) as i32;
+        if fam == libc::AF_UNIX {
+            match unix_stand_in(e.0, e.1, &a, l) {
+                Ok(s) => e.2 = s,
+                Err(err) => crate::krg_log!(
+                    crate::log::Level::Warn,
+                    "fd {}: queueing an owed connection again: {err}",
+                    e.0
+                ),
+            }
+            continue;
+        }
         // A wildcard listener is reached at the loopback address.
         if fam == libc::AF_INET && a[4..8] == [0; 4] {
             a[4..8].copy_from_slice(&[127, 0, 0, 1]);
@@ -149,6 +195,44 @@ pub fn requeue() {
         }
         e.2 = s;
     }
+}
+
+/// A stand-in for owed connection `owed` of UNIX listener `l` (named `a`,
+/// `len` bytes): a socket bound to an abstract name of its own (so that
+/// the accepted end can be told by its peer's name), connected to the
+/// listener with the raw system call (the name is this process's).
+fn unix_stand_in(
+    l: RawFd,
+    owed: RawFd,
+    a: &[u8; 112],
+    len: libc::socklen_t,
+) -> Result<RawFd, std::io::Error> {
+    let ty =
+        super::moving::int_opt(l, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(libc::SOCK_STREAM);
+    // SAFETY: a new socket of ours.
+    let s = unsafe { libc::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the raw getpid (not our hook): this node's kernel pid.
+    let kpid = unsafe { libc::syscall(libc::SYS_getpid) };
+    let name = format!("krg-owed:{kpid}:{l}:{owed}");
+    let mut me = [0u8; 112];
+    me[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
+    me[3..3 + name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: raw bind and connect on our socket with our address buffers
+    // (an abstract name: the family, a NUL, the name's bytes).
+    let ok = unsafe {
+        libc::syscall(libc::SYS_bind, s, me.as_ptr(), 3 + name.len()) == 0
+            && libc::syscall(libc::SYS_connect, s, a.as_ptr(), len) == 0
+    };
+    if !ok {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: ours alone.
+        unsafe { libc::close(s) };
+        return Err(e);
+    }
+    Ok(s)
 }
 
 /// After `accept` gave the program `fd`: if it is a stand-in, put the owed

@@ -15,6 +15,7 @@ pub mod fifo;
 pub mod loopback;
 pub mod moving;
 pub mod placed;
+pub mod seqpacket;
 pub mod unix;
 
 pub use loopback::{bind, getsockname};

@@ -39,6 +39,8 @@ pub struct Opts {
     /// It stands for a pipe (a pipe whose ends parted, or one about to):
     /// ends that meet on one node again get a pipe again.
     pub pipe: bool,
+    /// `SO_PASSCRED` (a seqpacket socket's replacement is one too).
+    pub passcred: bool,
 }
 
 /// The two ends of `fd` if it is a connected TCP socket (IPv4 or IPv6):
@@ -91,6 +93,7 @@ pub fn opts(fd: RawFd) -> Opts {
             || int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0) != 0,
         keepalive: int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE).unwrap_or(0) != 0,
         pipe,
+        passcred: int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED).unwrap_or(0) != 0,
     }
 }
 
@@ -125,7 +128,7 @@ fn stat_of(fd: RawFd) -> Option<libc::stat> {
 }
 
 /// The inode of what `fd` holds (a socket's, a pipe's).
-pub(crate) fn ino_of(fd: RawFd) -> Option<u64> {
+pub fn ino_of(fd: RawFd) -> Option<u64> {
     stat_of(fd).map(|st| st.st_ino)
 }
 
@@ -320,6 +323,9 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
     if is_pipe(fd) {
         return drain_pipe(fd);
     }
+    if super::seqpacket::is_seqpacket(fd) {
+        return super::seqpacket::drain(fd);
+    }
     let was_shut = wr_shut(fd);
     // SAFETY: shutdown on our socket (the other threads are parked).
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
@@ -396,21 +402,29 @@ pub fn freeze(
 }
 
 /// This side's end of the new connection for stream `id`, refilled with
-/// `pending`.
+/// `pending`. A seqpacket socket's is one end of a socketpair made here
+/// (its agent takes the other, see `streams::seqpacket`).
 pub fn attach(
     id: u64,
     node: u32,
     pending: Vec<u8>,
     wr_shut: bool,
     pipe: bool,
+    seqpacket: bool,
 ) -> Result<OwnedFd, String> {
+    let pair = seqpacket
+        .then(super::seqpacket::new_pair)
+        .transpose()
+        .map_err(|e| format!("stream {id:#x}: {e}"))?;
     let req = Request::StreamAttach {
         id,
         node,
         pending,
         wr_shut,
         pipe,
+        pair: pair.as_ref().map(super::seqpacket::numbers),
     };
+    // The pair is closed here once the agent has its copies.
     one_fd(&req, id)
 }
 
@@ -429,6 +443,9 @@ pub fn apply(new: &OwnedFd, o: &Opts) {
     unsafe { libc::fcntl(fd, libc::F_SETFL, o.flags & libc::O_NONBLOCK) };
     set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, o.nodelay as i32);
     set_int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, o.keepalive as i32);
+    if o.passcred {
+        super::seqpacket::pass_credentials(fd);
+    }
 }
 
 /// Every `(epoll fd, events, data)` of this process that watches `fd`.
@@ -502,12 +519,19 @@ pub fn swap(streams: &[(RawFd, u64)]) -> Result<(), String> {
         }
         let o = opts(fd);
         let (pending, wr) = drain(fd)?;
+        // A seqpacket socket's new end is a socketpair of ours (the agent
+        // takes its copies while it answers).
+        let pair = super::seqpacket::is_seqpacket(fd)
+            .then(super::seqpacket::new_pair)
+            .transpose()?;
         client::call(&Request::StreamDrained {
             id,
             pending,
             wr_shut: wr,
+            pair: pair.as_ref().map(super::seqpacket::numbers),
         })
         .map_err(|e| format!("stream {id:#x}: {e}"))?;
+        drop(pair);
         drained.push((fd, id, o));
     }
     for (fd, id, o) in drained {

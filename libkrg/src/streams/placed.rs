@@ -123,7 +123,7 @@ pub fn reattach(stdio: &[StdioKind]) {
         else {
             continue;
         };
-        let new = match moving::attach(*id, *node, pending.clone(), *wr_shut, true) {
+        let new = match moving::attach(*id, *node, pending.clone(), *wr_shut, true, false) {
             Ok(s) => s,
             Err(e) => {
                 crate::log::emit(format_args!(

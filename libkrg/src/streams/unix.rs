@@ -116,42 +116,179 @@ fn install(fd: c_int, new: OwnedFd) -> Result<(), i32> {
     Ok(())
 }
 
+// --- listening sockets that move --------------------------------------------
+
+/// A listening UNIX socket (stream or seqpacket), to make it again on
+/// another node: its name as `getsockname` gives it (a NUL byte first for
+/// an abstract name), type, file flags and `SO_PASSCRED`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listening {
+    pub name: Vec<u8>,
+    pub ty: i32,
+    pub flags: i32,
+    pub passcred: bool,
+}
+
+/// A name for messages: the path, or `@` and the abstract name.
+pub fn show(name: &[u8]) -> String {
+    match name.split_first() {
+        Some((0, rest)) => format!("@{}", String::from_utf8_lossy(rest)),
+        _ => String::from_utf8_lossy(name).into_owned(),
+    }
+}
+
+/// `fd` as a listening UNIX socket, if it is one. Connections still
+/// waiting to be accepted (a migration takes them first:
+/// `streams::accepted`) refuse, naming them.
+pub fn listening(fd: c_int) -> Result<Option<Listening>, String> {
+    if int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) != Some(libc::AF_UNIX)
+        || int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != Some(1)
+    {
+        return Ok(None);
+    }
+    let ty = int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(libc::SOCK_STREAM);
+    // SAFETY: an address buffer of ours and its length.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut l = std::mem::size_of::<libc::sockaddr_un>() as socklen_t;
+    // SAFETY: the raw system call (not a hook) with our buffer.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_getsockname,
+            fd,
+            (&mut sa as *mut libc::sockaddr_un).cast::<sockaddr>(),
+            &mut l,
+        )
+    };
+    // SAFETY: the kernel wrote `l` bytes of our buffer.
+    let name = (r == 0)
+        .then(|| unsafe { name_bytes((&sa as *const libc::sockaddr_un).cast(), l) })
+        .flatten()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| format!("fd {fd}: listening UNIX socket without a name"))?;
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait: readable = a connection waits.
+    if unsafe { libc::poll(&mut p, 1, 0) } > 0 {
+        return Err(format!(
+            "fd {fd}: listening UNIX socket {} has connections waiting to be accepted that could not be taken along (try again)",
+            show(&name)
+        ));
+    }
+    Ok(Some(Listening {
+        name,
+        ty,
+        // SAFETY: F_GETFL only reads.
+        flags: unsafe { libc::fcntl(fd, libc::F_GETFL) }.max(0),
+        passcred: int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED) == Some(1),
+    }))
+}
+
+/// Make the listening socket again here (the old one was closed first): a
+/// socket file left at its path is removed, the name bound and listened
+/// on (backlog `SOMAXCONN`: a UNIX socket's own cannot be read back), and
+/// a stream socket's name made reachable from every node again.
+pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
+    use std::os::fd::FromRawFd;
+    let what = format!("listening UNIX socket {}", show(&l.name));
+    // SAFETY: a new socket of ours.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, l.ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!(
+            "{what}: socket: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the fd was just created and is ours alone.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an address of ours, filled below within its size.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if l.name.len() >= sa.sun_path.len() {
+        return Err(format!("{what}: name too long"));
+    }
+    for (d, s) in sa.sun_path.iter_mut().zip(&l.name) {
+        *d = *s as libc::c_char;
+    }
+    if l.name[0] != 0 {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::FileTypeExt;
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&l.name));
+        // The old listener's file (a directory every node sees): its
+        // socket is closed; a listener binds a fresh one in its place.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let len = if l.name[0] == 0 {
+        PATH_OFFSET + l.name.len()
+    } else {
+        std::mem::size_of::<libc::sockaddr_un>()
+    };
+    // SAFETY: raw bind and listen (not our hooks) on our socket with our
+    // address buffer, `len` bytes of it.
+    let ok = unsafe {
+        libc::syscall(
+            libc::SYS_bind,
+            fd,
+            (&sa as *const libc::sockaddr_un).cast::<sockaddr>(),
+            len as socklen_t,
+        ) == 0
+            && libc::syscall(libc::SYS_listen, fd, libc::SOMAXCONN) == 0
+    };
+    if !ok {
+        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+    }
+    if l.passcred {
+        super::seqpacket::pass_credentials(fd);
+    }
+    // SAFETY: sets our socket's status flags.
+    unsafe { libc::fcntl(fd, libc::F_SETFL, l.flags & libc::O_NONBLOCK) };
+    // (In a restorer or a capture: no hook runs here, no guard needed.)
+    register(fd);
+    Ok(owned)
+}
+
 /// After a successful `listen(fd)`: a named UNIX stream socket's name
 /// becomes reachable from every node.
 pub fn after_listen(fd: c_int) {
     if !super::active() {
         return;
     }
-    crate::rt::guarded(|| {
-        if !unix_stream(fd) {
-            return;
-        }
-        // SAFETY: an address buffer of ours and its length.
-        let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        let mut l = std::mem::size_of::<libc::sockaddr_un>() as socklen_t;
-        // SAFETY: as above; getsockname writes at most `l` bytes.
-        if unsafe { libc::getsockname(fd, (&mut sa as *mut libc::sockaddr_un).cast(), &mut l) } != 0
-        {
-            return;
-        }
-        // SAFETY: the kernel wrote `l` bytes of our buffer.
-        let Some(key) = unsafe { name_bytes((&sa as *const libc::sockaddr_un).cast(), l) }
-            .and_then(|n| key_of(&n))
-        else {
-            return;
-        };
-        let req = Request::UnixListen {
-            path: key.path,
-            dev: key.dev,
-            ino: key.ino,
-        };
-        if let Err(e) = client::call_fds(&req) {
-            krg_log!(
-                Level::Warn,
-                "listen on a UNIX socket: not reachable from other nodes: {e}"
-            );
-        }
-    })
+    crate::rt::guarded(|| register(fd))
+}
+
+/// Make the name of listening UNIX stream socket `fd` known cluster-wide.
+fn register(fd: c_int) {
+    if !unix_stream(fd) {
+        return;
+    }
+    // SAFETY: an address buffer of ours and its length.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut l = std::mem::size_of::<libc::sockaddr_un>() as socklen_t;
+    // SAFETY: as above; getsockname writes at most `l` bytes.
+    if unsafe { libc::getsockname(fd, (&mut sa as *mut libc::sockaddr_un).cast(), &mut l) } != 0 {
+        return;
+    }
+    // SAFETY: the kernel wrote `l` bytes of our buffer.
+    let Some(key) =
+        unsafe { name_bytes((&sa as *const libc::sockaddr_un).cast(), l) }.and_then(|n| key_of(&n))
+    else {
+        return;
+    };
+    let req = Request::UnixListen {
+        path: key.path,
+        dev: key.dev,
+        ino: key.ino,
+    };
+    if let Err(e) = client::call_fds(&req) {
+        krg_log!(
+            Level::Warn,
+            "listen on a UNIX socket: not reachable from other nodes: {e}"
+        );
+    }
 }
 
 /// `connect(fd, addr, len)` to a UNIX stream name: `None` when the kernel

@@ -1,0 +1,306 @@
+//! UNIX seqpacket sockets that move (see docs/architecture/streams.md,
+//! "Moving UNIX seqpacket sockets").
+//!
+//! A TCP connection would lose a seqpacket socket's message boundaries,
+//! so a moved seqpacket socket stays a seqpacket socket: the process
+//! makes a new `socketpair` itself (so `SO_PEERCRED` shows its own
+//! credentials, never the agent's) and its agent takes the other end
+//! (`pidfd_getfd`). Ends on one node are one socketpair; ends on two nodes
+//! each get a pair whose other end their agent relays, message by
+//! message, over one TCP connection between the two nodes.
+//!
+//! Messages in flight are carried as *frames*: a little-endian `u32`
+//! length, then the message. A zero-length message is a message: it is
+//! told from the end of stream by the credentials every message carries
+//! (`SO_PASSCRED`), which the end of stream has not.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// Longest a drain may wait for the other side's end of stream.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest message carried (a seqpacket message is bounded by the
+/// sender's send buffer, at most `wmem_max` without privileges).
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// Whether `fd` is a connected UNIX seqpacket socket.
+pub fn is_seqpacket(fd: RawFd) -> bool {
+    use super::moving::int_opt;
+    if int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) != Some(libc::AF_UNIX)
+        || int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) != Some(libc::SOCK_SEQPACKET)
+        || int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1)
+    {
+        return false;
+    }
+    // SAFETY: an address buffer of ours and its length.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut l = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: as above.
+    unsafe { libc::getpeername(fd, (&mut sa as *mut libc::sockaddr_un).cast(), &mut l) == 0 }
+}
+
+/// Append `msg` to `out` as one frame.
+pub fn frame(out: &mut Vec<u8>, msg: &[u8]) {
+    out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+    out.extend_from_slice(msg);
+}
+
+/// The messages of `framed`, in order.
+pub fn messages(framed: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < framed.len() {
+        let Some(h) = framed.get(at..at + 4) else {
+            return Err("pending messages: a cut frame header".into());
+        };
+        let n = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let Some(m) = framed.get(at + 4..at + 4 + n) else {
+            return Err(format!("pending messages: a {n}-byte frame is cut"));
+        };
+        out.push(m);
+        at += 4 + n;
+    }
+    Ok(out)
+}
+
+/// A new seqpacket socketpair, close-on-exec.
+pub fn new_pair() -> Result<(OwnedFd, OwnedFd), String> {
+    let mut p = [0; 2];
+    // SAFETY: a new socketpair of ours.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            p.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "seqpacket socketpair: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: both fds were just made and are ours alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) })
+}
+
+/// Tell every message received on `fd` from its end of stream from now on
+/// (see the module's comment).
+pub fn pass_credentials(fd: RawFd) {
+    super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, 1);
+}
+
+/// What one receive gave.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Got {
+    Message(Vec<u8>),
+    /// The other end shut down writing or closed, everything read.
+    End,
+    /// Nothing there (`MSG_DONTWAIT`).
+    Nothing,
+}
+
+/// Receive the next message of `fd` (credentials passed: see
+/// [`pass_credentials`]) whole, whatever its size.
+pub fn recv(fd: RawFd, dontwait: bool) -> std::io::Result<Got> {
+    let nb = if dontwait { libc::MSG_DONTWAIT } else { 0 };
+    // Its size first (MSG_TRUNC gives the whole length of the message).
+    let mut one = [0u8; 1];
+    // SAFETY: peeks into our one-byte buffer.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            one.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_TRUNC | nb,
+        )
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) => Ok(Got::Nothing),
+            _ => Err(e),
+        };
+    }
+    let n = n as usize;
+    if n > MAX_MESSAGE {
+        return Err(std::io::Error::other(format!("a {n}-byte message")));
+    }
+    let mut buf = vec![0u8; n.max(1)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // u64 words keep the control buffer aligned for cmsghdr; room for
+    // credentials (and for descriptors, closed: they cannot cross nodes).
+    let mut cbuf = [0u64; 16];
+    // SAFETY: msghdr is plain data; all-zero is valid before we fill it.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf);
+    // SAFETY: msg points at our buffers, live and of the sizes given.
+    let r = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | nb) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN) => Ok(Got::Nothing),
+            _ => Err(e),
+        };
+    }
+    let mut creds = false;
+    // SAFETY: the CMSG_* walkers read within msg's control buffer, whose
+    // length the kernel set; descriptors passed along are ours to close.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET {
+                match (*c).cmsg_type {
+                    libc::SCM_CREDENTIALS => creds = true,
+                    libc::SCM_RIGHTS => {
+                        let data = libc::CMSG_DATA(c) as *const libc::c_int;
+                        let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                            / std::mem::size_of::<libc::c_int>();
+                        for i in 0..count {
+                            libc::close(std::ptr::read_unaligned(data.add(i)));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if r == 0 && !creds {
+        return Ok(Got::End);
+    }
+    buf.truncate(r as usize);
+    Ok(Got::Message(buf))
+}
+
+/// Shut down writing and read `fd` to its end: the messages that were in
+/// flight for this side, framed, and whether it had shut down writing.
+pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
+    pass_credentials(fd);
+    // SAFETY: shutdown on our socket (the other threads are parked).
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    let mut out = Vec::new();
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "fd {fd}: the other end did not finish its side of the seqpacket connection within {}s",
+                DRAIN_TIMEOUT.as_secs()
+            ));
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) } <= 0 {
+            continue;
+        }
+        match recv(fd, true) {
+            Ok(Got::Message(m)) => frame(&mut out, &m),
+            Ok(Got::End) => return Ok((out, false)),
+            Ok(Got::Nothing) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(format!("fd {fd}: reading to its end: {e}")),
+        }
+    }
+}
+
+/// Put the messages of `framed` into `fd`'s peer's queue (sent on `fd`,
+/// without waiting: its send buffer is made large enough for all of them
+/// at once, which takes privileges beyond `wmem_max`: the agent's).
+pub fn refill(fd: RawFd, framed: &[u8]) -> Result<(), String> {
+    let msgs = messages(framed)?;
+    if msgs.is_empty() {
+        return Ok(());
+    }
+    // Each queued message costs its bytes and a buffer head (~1 KiB).
+    let want = (framed.len() + msgs.len() * 2048 + (1 << 20)).min(i32::MAX as usize / 2);
+    super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want as i32);
+    for m in msgs {
+        // SAFETY: sends our buffer on our socket without blocking.
+        let r = unsafe {
+            libc::send(
+                fd,
+                m.as_ptr().cast(),
+                m.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if r != m.len() as isize {
+            return Err(format!(
+                "putting back {} pending messages: {}",
+                framed.len(),
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The raw fd numbers of a pair, for a request (the agent takes them from
+/// this process with `pidfd_getfd`).
+pub fn numbers(p: &(OwnedFd, OwnedFd)) -> (i32, i32) {
+    (p.0.as_raw_fd(), p.1.as_raw_fd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_keep_boundaries_and_empty_messages() {
+        let mut f = Vec::new();
+        for m in [&b"abc"[..], b"", b"z"] {
+            frame(&mut f, m);
+        }
+        assert_eq!(messages(&f).unwrap(), vec![&b"abc"[..], b"", b"z"]);
+        assert!(messages(&f[..f.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn an_empty_message_is_not_the_end_of_stream() {
+        let (a, b) = new_pair().unwrap();
+        pass_credentials(b.as_raw_fd());
+        for m in [&b""[..], b"xy", b""] {
+            // SAFETY: sends our buffer on our socket.
+            unsafe { libc::send(a.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
+        }
+        // SAFETY: shuts our socket for writing.
+        unsafe { libc::shutdown(a.as_raw_fd(), libc::SHUT_WR) };
+        let (got, _) = drain(b.as_raw_fd()).unwrap();
+        assert_eq!(messages(&got).unwrap(), vec![&b""[..], b"xy", b""]);
+        assert_eq!(recv(b.as_raw_fd(), true).unwrap(), Got::End);
+    }
+
+    #[test]
+    fn refilled_messages_come_out_whole_and_in_order() {
+        let (a, b) = new_pair().unwrap();
+        let mut f = Vec::new();
+        let big = vec![7u8; 300_000];
+        for m in [&b"one"[..], &big, b""] {
+            frame(&mut f, m);
+        }
+        // Without privileges the send buffer stays at wmem_max: the big
+        // message may not fit; as root (the agent) it does.
+        if refill(b.as_raw_fd(), &f).is_ok() {
+            pass_credentials(a.as_raw_fd());
+            assert_eq!(
+                recv(a.as_raw_fd(), true).unwrap(),
+                Got::Message(b"one".to_vec())
+            );
+            assert_eq!(recv(a.as_raw_fd(), true).unwrap(), Got::Message(big));
+            assert_eq!(recv(a.as_raw_fd(), true).unwrap(), Got::Message(Vec::new()));
+            assert_eq!(recv(a.as_raw_fd(), true).unwrap(), Got::Nothing);
+        }
+    }
+}
