@@ -1044,3 +1044,92 @@ fn a_unix_server_migrates_with_its_listeners_and_the_connection_waiting_in_their
     let s = ok(&srv.wait_with_output().unwrap(), "server");
     assert!(s.contains("served 4"), "{s}");
 }
+
+/// A UNIX seqpacket server: listens on the path argv[1] and on the abstract
+/// name argv[2], says "ready", then serves argv[3] connections one after
+/// the other, echoing each message as it came (a zero-length one too:
+/// SO_PASSCRED tells it from the end).
+const SEQ_SERVER: &str = r#"
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+for name in (sys.argv[1], "\0" + sys.argv[2]):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(name)
+    s.listen(4)
+    sel.register(s, selectors.EVENT_READ)
+print("ready", flush=True)
+left = int(sys.argv[3])
+n = 0
+while left:
+    for key, _ in sel.select():
+        c, _ = key.fileobj.accept()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        while True:
+            data, anc, flags, _ = c.recvmsg(1 << 17, 64)
+            if not data and not anc:
+                break
+            c.send(data)
+            n += 1
+        c.close()
+        left -= 1
+        break
+print("served", n, flush=True)
+"#;
+
+/// Connects a seqpacket socket to argv[1] ("@name": abstract), says its
+/// pid, then sends argv[2] messages of 0 to 60000 bytes a few milliseconds
+/// apart, checking that each comes back whole.
+const SEQ_CLIENT: &str = r#"
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+s.connect("\0" + sys.argv[1][1:] if sys.argv[1].startswith("@") else sys.argv[1])
+print(os.getpid(), flush=True)
+n = int(sys.argv[2])
+for i in range(n):
+    m = 0 if i % 13 == 5 else (i * 7919) % 60000
+    msg = bytes((i * 31 + j * 7) & 255 for j in range(m))
+    s.send(msg)
+    data, anc, flags, _ = s.recvmsg(1 << 17, 64)
+    if data != msg or not anc or flags & socket.MSG_TRUNC:
+        print("wrong answer at", i, len(data), m, flush=True)
+        sys.exit(1)
+    time.sleep(0.003)
+s.shutdown(socket.SHUT_WR)
+data, anc, flags, _ = s.recvmsg(16, 64)
+print("talked", n, "end" if not data and not anc else "extra", flush=True)
+"#;
+
+#[test]
+fn a_seqpacket_name_is_reached_from_every_node_and_its_client_migrates() {
+    let c = Cluster::up(3, 1.0);
+    let dir = shared_dir("seqname");
+    let path = dir.join("seq.sock");
+    let _ = std::fs::remove_file(&path);
+    let p = path.to_str().unwrap();
+    let abs = format!("krg-test-seq-{}", std::process::id());
+    let at = format!("@{abs}");
+    let mut srv = piped(&c, 1, &["python3", "-c", SEQ_SERVER, p, &abs, "3"]);
+    assert_eq!(read_line(&mut srv), "ready");
+    // From node 2 by the abstract name (relayed between nodes 2 and 1),
+    // moved to node 3 mid-conversation (its server's end swapped through
+    // the relay).
+    let mut a = piped(&c, 2, &["python3", "-c", SEQ_CLIENT, &at, "400"]);
+    let pid = read_line(&mut a);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let out = c.krg(1, &["migrate", &pid, "3"]);
+    assert!(out.status.success(), "migrate the client: {}", show(&out));
+    let o = ok(&a.wait_with_output().unwrap(), "client moved to node 3");
+    assert!(o.contains("talked 400 end"), "{o}");
+    // By the path from node 3, and on the server's own node.
+    for (node, name) in [(3u32, p), (1, at.as_str())] {
+        let out = c
+            .cmd(node, &["python3", "-c", SEQ_CLIENT, name, "60"])
+            .output()
+            .unwrap();
+        let o = ok(&out, &format!("client on node {node}"));
+        assert!(o.contains("talked 60 end"), "node {node}: {o}");
+    }
+    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    assert!(s.contains("served 520"), "{s}");
+}

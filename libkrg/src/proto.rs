@@ -288,21 +288,28 @@ pub enum Request {
         ino: u64,
         write: bool,
     },
-    /// A UNIX stream socket named `path` started listening here: make the
+    /// A UNIX stream or seqpacket socket named `path` started listening here: make the
     /// name reachable from every node. `path` is the canonical path of
     /// the socket file (with its device and inode as this node sees them),
     /// or an abstract name: a NUL byte and the name, device and inode 0.
     /// Answered with `Ok`.
     UnixListen { path: Vec<u8>, dev: u64, ino: u64 },
-    /// Connect to the UNIX stream socket named as in `UnixListen`.
+    /// Connect to the UNIX socket named as in `UnixListen`.
     /// Answered with `Local` (nobody listens under that name on another
     /// node: connect here) or `StreamFd` and one descriptor (a connection
     /// to the listener's node, already queued there on the listener).
-    UnixConnect { path: Vec<u8>, dev: u64, ino: u64 },
+    /// `pair`: a seqpacket socket's (as for `StreamAttach`).
+    UnixConnect {
+        path: Vec<u8>,
+        dev: u64,
+        ino: u64,
+        pair: Option<(i32, i32)>,
+    },
     /// From a listener that accepted the agent's stand-in for connection
     /// `id` (the stand-in's abstract name says which): the connection
-    /// itself. Answered with `StreamFd` and one descriptor.
-    UnixTake { id: u64 },
+    /// itself. Answered with `StreamFd` and one descriptor. `pair`: a
+    /// seqpacket socket's (as for `StreamAttach`).
+    UnixTake { id: u64, pair: Option<(i32, i32)> },
 }
 
 /// A System V semaphore set as `semctl(IPC_STAT)` shows it.

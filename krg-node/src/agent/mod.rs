@@ -666,16 +666,21 @@ impl Agent {
                     Err(e) => (Response::Err(e), Vec::new()),
                 }
             }
-            Request::UnixConnect { path, dev, ino } => {
+            Request::UnixConnect {
+                path,
+                dev,
+                ino,
+                pair,
+            } => {
                 match self
-                    .unix_connect(who, fifo::FifoKey { path, dev, ino })
+                    .unix_connect(who, fifo::FifoKey { path, dev, ino }, pair)
                     .await
                 {
                     Ok(r) => r,
                     Err(e) => (Response::Err(e), Vec::new()),
                 }
             }
-            Request::UnixTake { id } => match self.unix_take(who, id).await {
+            Request::UnixTake { id, pair } => match self.unix_take(who, id, pair).await {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
             },
@@ -1164,8 +1169,9 @@ impl Peer for PeerServer {
         key: fifo::FifoKey,
         uid: u32,
         gids: Vec<u32>,
+        seqpacket: bool,
     ) -> Result<u64, ErrorReply> {
-        self.0.unix_stand_in(key, uid, gids).await
+        self.0.unix_stand_in(key, uid, gids, seqpacket).await
     }
 
     // --- scheduling ---

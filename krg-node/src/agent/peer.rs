@@ -87,10 +87,12 @@ pub trait Peer {
     /// At the listener's node: queue a stand-in on the listener of `key`
     /// for a client with `uid` and groups `gids` (its primary first), and
     /// hold a place for its connection; answers the connection's id.
+    /// `seqpacket`: the client's socket is one (the stand-in too).
     async fn unix_stand_in(
         key: super::fifo::FifoKey,
         uid: u32,
         gids: Vec<u32>,
+        seqpacket: bool,
     ) -> Result<u64, ErrorReply>;
     // --- scheduling ---
     /// The scheduling policy in force on the callee, with its text (a node

@@ -112,9 +112,10 @@ impl Agent {
         tcp: std::net::TcpStream,
     ) {
         let me = self.clone();
+        // Known before the relay runs: a move may look for it at once.
+        let ino = libkrg::streams::moving::ino_of(end.as_raw_fd()).unwrap_or(0);
+        self.moving.relays.map().insert(id, (ino, node));
         tokio::spawn(async move {
-            let ino = libkrg::streams::moving::ino_of(end.as_raw_fd()).unwrap_or(0);
-            me.moving.relays.map().insert(id, (ino, node));
             tracing::debug!("seqpacket relay {id:#x} to node {node}: started");
             match run(end, tcp).await {
                 Ok(()) => tracing::debug!("seqpacket relay {id:#x} to node {node}: ended"),

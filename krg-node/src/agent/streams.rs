@@ -615,7 +615,7 @@ pub(crate) fn sock_err(what: &str, e: std::io::Error) -> ErrorReply {
 
 impl Agent {
     /// The node whose address is `ip`.
-    fn node_at(&self, ip: IpAddr) -> Option<u32> {
+    pub(crate) fn node_at(&self, ip: IpAddr) -> Option<u32> {
         // Both ends on this node (a connection made over the loopback).
         if ip.is_loopback() || ip.to_canonical().is_loopback() {
             return Some(self.node_id());
@@ -1274,7 +1274,7 @@ impl Agent {
         let theirs = read_blob(&mut s).await?;
         let what = format!("stream {id:#x}");
         let (ftx, (mine, wr_shut, pair)) = self.handover(id, &what).await?;
-        if messages != pair.is_some() {
+        if !messages && pair.is_some() {
             return Err(err(
                 libc::EPROTOTYPE,
                 format!("{what}: a seqpacket socket at one end only"),
@@ -1293,6 +1293,12 @@ impl Agent {
                 self.relay(id, from, relay, tcp);
                 end
             }
+            // Messages for a connection expected here (a seqpacket
+            // listener's stand-in): whoever takes it relays it.
+            None if messages => s
+                .into_std()
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|e| sock_err(&what, e))?,
             None => refill(s, &theirs, wr_shut).await?,
         };
         let _ = ftx.send(fd);

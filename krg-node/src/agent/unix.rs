@@ -85,11 +85,16 @@ fn may_connect(m: &std::fs::Metadata, uid: u32, gids: &[u32]) -> bool {
 
 /// Connect a stand-in for connection `id` to the listener at `path` (an
 /// abstract name if it starts with a NUL byte). Blocking.
-fn connect_stand_in(path: &[u8], id: u64) -> std::io::Result<socket2::Socket> {
+fn connect_stand_in(path: &[u8], id: u64, seqpacket: bool) -> std::io::Result<socket2::Socket> {
     use socket2::{Domain, SockAddr, Socket, Type};
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
-    let s = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
+    let ty = if seqpacket {
+        Type::SEQPACKET
+    } else {
+        Type::STREAM
+    };
+    let s = Socket::new(Domain::UNIX, ty.cloexec(), None)?;
     let mut me = vec![0u8];
     me.extend_from_slice(UNIX_STAND_IN);
     me.extend_from_slice(format!("{id:x}").as_bytes());
@@ -138,6 +143,7 @@ impl Agent {
         self: &Arc<Self>,
         who: Caller,
         key: FifoKey,
+        pair: Option<(i32, i32)>,
     ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
         let home = self.key_home();
         let me = self.node_id();
@@ -183,9 +189,12 @@ impl Agent {
             )
         })?;
         let gids = std::iter::once(gid).chain(groups).collect();
+        let pair = pair
+            .map(|p| super::seqpacket::take_pair(who.pid, p))
+            .transpose()?;
         let c = self.client(node).await?;
         let id = c
-            .unix_stand_in(super::ctx(), key, uid, gids)
+            .unix_stand_in(super::ctx(), key, uid, gids, pair.is_some())
             .await
             .map_err(|e| {
                 self.drop_client(node);
@@ -195,7 +204,8 @@ impl Agent {
                 )
             })??;
         tracing::debug!("UNIX socket {name}: connection {id:#x} to node {node}");
-        self.stream_attach(id, node, Vec::new(), false, false).await
+        self.stream_attach_with(id, node, Vec::new(), false, false, pair)
+            .await
     }
 
     /// At the listener's node: queue a stand-in for a client of another
@@ -205,6 +215,7 @@ impl Agent {
         key: FifoKey,
         uid: u32,
         gids: Vec<u32>,
+        seqpacket: bool,
     ) -> Result<u64, ErrorReply> {
         let name = show(&key);
         let me = self.node_id();
@@ -251,7 +262,7 @@ impl Agent {
             },
         );
         let path = key.path.clone();
-        let sock = tokio::task::spawn_blocking(move || connect_stand_in(&path, id))
+        let sock = tokio::task::spawn_blocking(move || connect_stand_in(&path, id, seqpacket))
             .await
             .map_err(|e| err(libc::EIO, format!("UNIX socket {name}: {e}")))
             .and_then(|r| {
@@ -300,6 +311,7 @@ impl Agent {
         self: &Arc<Self>,
         who: Caller,
         id: u64,
+        pair: Option<(i32, i32)>,
     ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
         let owner = lock(&self.unix.stand_ins).get(&id).map(|s| s.uid);
         match owner {
@@ -317,10 +329,26 @@ impl Agent {
             }
             Some(_) => {}
         }
+        let pair = pair
+            .map(|p| super::seqpacket::take_pair(who.pid, p))
+            .transpose()?;
         let fd = self.take_expected(id).await;
         // The listener's copy of the stand-in is replaced by now.
         drop(lock(&self.unix.stand_ins).remove(&id));
-        Ok((Response::StreamFd, vec![fd?]))
+        let fd = fd?;
+        let Some((end, relay)) = pair else {
+            return Ok((Response::StreamFd, vec![fd]));
+        };
+        // A seqpacket connection: `fd` is the connection to the client's
+        // node, relayed from the end of the listener's new socketpair.
+        let tcp = std::net::TcpStream::from(fd);
+        let node = tcp
+            .peer_addr()
+            .ok()
+            .and_then(|a| self.node_at(a.ip()))
+            .unwrap_or(0);
+        self.relay(id, node, relay, tcp);
+        Ok((Response::StreamFd, vec![end]))
     }
 }
 
@@ -340,7 +368,7 @@ mod tests {
             .unwrap(),
         )
         .unwrap();
-        let _s = connect_stand_in(&path, 0x2a).unwrap();
+        let _s = connect_stand_in(&path, 0x2a, false).unwrap();
         let (_c, peer) = l.accept().unwrap();
         let got = std::os::linux::net::SocketAddrExt::as_abstract_name(&peer).unwrap();
         let mut want = UNIX_STAND_IN.to_vec();
@@ -350,7 +378,7 @@ mod tests {
 
     #[test]
     fn nobody_listening_is_refused() {
-        let e = connect_stand_in(b"\0krg-unix-test-nobody-listens", 7).unwrap_err();
+        let e = connect_stand_in(b"\0krg-unix-test-nobody-listens", 7, false).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ECONNREFUSED));
     }
 }

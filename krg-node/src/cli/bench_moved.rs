@@ -10,7 +10,12 @@
 //! - pipe: the peer is the worker's child on node 1, reading its stdin and
 //!   answering on its stdout; measured (a plain pipe), moved to node 2 (the
 //!   pipes become connections between the nodes), measured, moved back to
-//!   node 1 (a connection within the node), measured.
+//!   node 1 (a pipe again), measured.
+//! - After the moves, each moved stream is measured again interleaved with
+//!   an *untouched* stream of the same kind between the same places (a
+//!   fresh peer): on a shared, noisy machine two measurements minutes
+//!   apart differ more than a moved stream from an unmoved one, so the
+//!   goals compare streams measured in the same seconds.
 //! - 100 connections: the time of `krg migrate` of a peer holding 100
 //!   connections to the worker, against the same peer holding one.
 //!
@@ -117,12 +122,40 @@ fn measured(w: &mut impl Write, r: &mut impl Read, mib: usize, pings: usize) -> 
     for _ in 0..REPEAT {
         all.push(measure(w, r, mib, pings)?);
     }
+    Ok(medians(&all))
+}
+
+fn medians(all: &[[f64; 3]]) -> [f64; 3] {
     let mut out = [0.0; 3];
     for (i, o) in out.iter_mut().enumerate() {
         let mut v: Vec<f64> = all.iter().map(|x| x[i]).collect();
         *o = quantile(&mut v, 0.5);
     }
-    Ok(out)
+    out
+}
+
+/// Rounds of the interleaved comparison.
+const ROUNDS: usize = 5;
+
+/// The moved stream `a` and an untouched one `b`, measured in turns
+/// (ROUNDS each, the first of each pair alternating): their medians.
+fn side_by_side(
+    a: (&mut impl Write, &mut impl Read),
+    b: (&mut impl Write, &mut impl Read),
+    mib: usize,
+    pings: usize,
+) -> Result<([f64; 3], [f64; 3])> {
+    let (mut va, mut vb) = (Vec::new(), Vec::new());
+    for i in 0..ROUNDS {
+        if i % 2 == 0 {
+            va.push(measure(a.0, a.1, mib, pings)?);
+            vb.push(measure(b.0, b.1, mib, pings)?);
+        } else {
+            vb.push(measure(b.0, b.1, mib, pings)?);
+            va.push(measure(a.0, a.1, mib, pings)?);
+        }
+    }
+    Ok((medians(&va), medians(&vb)))
 }
 
 /// `krg migrate PID NODE` in a process of its own; its milliseconds.
@@ -173,9 +206,36 @@ fn end(mut p: Child, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A pipe peer: the worker's child on this node, on its stdin and stdout.
+struct PipePeer {
+    p: Child,
+    w: std::process::ChildStdin,
+    r: std::process::ChildStdout,
+}
+
+impl PipePeer {
+    fn start() -> Result<PipePeer> {
+        let mut p = Command::new(std::env::current_exe()?)
+            .args(["bench-worker", "stream-peer", "pipe"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the pipe peer")?;
+        let w = p.stdin.take().context("peer stdin")?;
+        let r = p.stdout.take().context("peer stdout")?;
+        Ok(PipePeer { p, w, r })
+    }
+
+    fn end(self) -> Result<()> {
+        drop((self.w, self.r));
+        end(self.p, "pipe")
+    }
+}
+
 /// `bench-worker moved MIB PINGS`. Values: TCP before (3), on one node (3),
-/// after (3); pipe before (3), between nodes (3), back on one node (3);
-/// migrate ms with 1 and with 100 connections.
+/// after (3), an untouched connection alongside (3); pipe before (3),
+/// between nodes (3), back on one node (3), an untouched pipe alongside
+/// (3); migrate ms with 1 and with 100 connections.
 pub fn moved_sample(mib: usize, pings: usize) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     // TCP.
@@ -186,25 +246,32 @@ pub fn moved_sample(mib: usize, pings: usize) -> Result<Vec<f64>> {
     let one = migrate(p.id(), 1)?;
     out.extend(measured(&mut s, &mut r, mib, pings)?);
     migrate(p.id(), 2)?;
-    out.extend(measured(&mut s, &mut r, mib, pings)?);
-    drop((s, r));
+    let (fresh, mut fc) = tcp_peer(1)?;
+    let mut f = fc.remove(0);
+    let mut fr = f.try_clone()?;
+    let (moved, untouched) = side_by_side((&mut s, &mut r), (&mut f, &mut fr), mib, pings)?;
+    out.extend(moved);
+    out.extend(untouched);
+    drop((s, r, f, fr));
     end(p, "TCP")?;
+    end(fresh, "untouched TCP")?;
     // Pipe.
-    let mut p = Command::new(std::env::current_exe()?)
-        .args(["bench-worker", "stream-peer", "pipe"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the pipe peer")?;
-    let mut w = p.stdin.take().context("peer stdin")?;
-    let mut r = p.stdout.take().context("peer stdout")?;
-    out.extend(measured(&mut w, &mut r, mib, pings)?);
-    migrate(p.id(), 2)?;
-    out.extend(measured(&mut w, &mut r, mib, pings)?);
-    migrate(p.id(), 1)?;
-    out.extend(measured(&mut w, &mut r, mib, pings)?);
-    drop((w, r));
-    end(p, "pipe")?;
+    let mut pp = PipePeer::start()?;
+    out.extend(measured(&mut pp.w, &mut pp.r, mib, pings)?);
+    migrate(pp.p.id(), 2)?;
+    out.extend(measured(&mut pp.w, &mut pp.r, mib, pings)?);
+    migrate(pp.p.id(), 1)?;
+    let mut fresh = PipePeer::start()?;
+    let (moved, untouched) = side_by_side(
+        (&mut pp.w, &mut pp.r),
+        (&mut fresh.w, &mut fresh.r),
+        mib,
+        pings,
+    )?;
+    out.extend(moved);
+    out.extend(untouched);
+    pp.end()?;
+    fresh.end()?;
     // 100 connections.
     let (p, mut conns) = tcp_peer(100)?;
     let many = migrate(p.id(), 1)?;
@@ -236,34 +303,51 @@ pub fn report(v: &[f64], mib: usize, pings: usize) {
             x[0], x[1], x[2]
         );
     };
+    let ratio = |name: &str, x: &[f64], base: &[f64], goal: &str| {
+        println!(
+            "  {name:<34} {:.2}x throughput, {:.2}x latency{goal}",
+            x[0] / base[0],
+            x[1] / base[1]
+        );
+    };
     println!(
-        "streams that moved ({mib} MiB one way; {pings} round trips of {MSG} B; medians of {REPEAT})"
+        "streams that moved ({mib} MiB one way; {pings} round trips of {MSG} B; medians of {REPEAT},"
     );
-    let (tb, t1, ta) = (&v[0..3], &v[3..6], &v[6..9]);
+    println!("  after the moves {ROUNDS} rounds each, moved and untouched streams in turns)");
+    let (tb, t1, ta, tu) = (&v[0..3], &v[3..6], &v[6..9], &v[9..12]);
     row("TCP node 1 <-> 2, before", tb, None, "");
     row("  peer moved to node 1 (one node)", t1, Some(tb), "");
     row(
         "  peer moved back to node 2",
         ta,
         Some(tb),
+        " against before",
+    );
+    row("  an untouched connection alongside", tu, None, "");
+    ratio(
+        "  moved back / untouched",
+        ta,
+        tu,
         " [goal >= 0.97, <= 1.05]",
     );
-    let (pb, p2, p1) = (&v[9..12], &v[12..15], &v[15..18]);
+    let (pb, p2, p1, pu) = (&v[12..15], &v[15..18], &v[18..21], &v[21..24]);
     row("pipe on node 1, before", pb, None, "");
-    row(
-        "  reader moved to node 2",
-        p2,
-        Some(tb),
-        " (against TCP before)",
-    );
+    row("  reader moved to node 2", p2, Some(tu), " against TCP");
     row(
         "  reader moved back to node 1",
         p1,
         Some(pb),
+        " against before",
+    );
+    row("  an untouched pipe alongside", pu, None, "");
+    ratio(
+        "  moved back / untouched",
+        p1,
+        pu,
         " [same-node goal >= 0.98 throughput]",
     );
     println!(
         "  krg migrate of a process holding 1 connection {:6.1} ms, 100 connections {:6.1} ms",
-        v[18], v[19]
+        v[24], v[25]
     );
 }

@@ -35,9 +35,29 @@ struct Key {
     ino: u64,
 }
 
-fn unix_stream(fd: c_int) -> bool {
-    int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_UNIX)
-        && int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+/// Whether `fd` is a UNIX socket whose names are the cluster's: a stream
+/// socket (`Some(false)`) or a seqpacket one (`Some(true)`).
+fn named_kind(fd: c_int) -> Option<bool> {
+    if int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) != Some(libc::AF_UNIX) {
+        return None;
+    }
+    match int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE)? {
+        libc::SOCK_STREAM => Some(false),
+        libc::SOCK_SEQPACKET => Some(true),
+        _ => None,
+    }
+}
+
+/// A seqpacket socket's new end is one end of a socketpair of ours (its
+/// agent takes the other; see `streams::seqpacket`).
+fn pair_for(seqpacket: bool) -> Result<Option<(OwnedFd, OwnedFd)>, c_int> {
+    if !seqpacket {
+        return Ok(None);
+    }
+    super::seqpacket::new_pair().map(Some).map_err(|e| {
+        krg_log!(Level::Warn, "{e}");
+        libc::EMFILE
+    })
 }
 
 /// The `sun_path` bytes of the `AF_UNIX` address at `addr` (`len` bytes),
@@ -91,9 +111,13 @@ fn key_of(name: &[u8]) -> Option<Key> {
 }
 
 /// Put connection `new` under `fd`, keeping `fd`'s `O_NONBLOCK` and
-/// close-on-exec flags. No Nagle delay: a UNIX socket has none.
+/// close-on-exec flags (and `SO_PASSCRED`). No Nagle delay: a UNIX socket
+/// has none.
 fn install(fd: c_int, new: OwnedFd) -> Result<(), i32> {
     let n = new.as_raw_fd();
+    if int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED) == Some(1) {
+        super::seqpacket::pass_credentials(n);
+    }
     let one: c_int = 1;
     // SAFETY: F_GETFL/F_GETFD read; F_SETFL, setsockopt and dup3 act on
     // our new socket and on `fd`, which the caller gave us to replace.
@@ -262,7 +286,7 @@ pub fn after_listen(fd: c_int) {
 
 /// Make the name of listening UNIX stream socket `fd` known cluster-wide.
 fn register(fd: c_int) {
-    if !unix_stream(fd) {
+    if named_kind(fd).is_none() {
         return;
     }
     // SAFETY: an address buffer of ours and its length.
@@ -308,15 +332,21 @@ pub unsafe fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Optio
     let r = crate::rt::guarded(|| {
         // The agent's own socket (a call made outside the guard comes here
         // too): never a cluster name.
-        if !unix_stream(fd) || name == client::sock_path().as_os_str().as_encoded_bytes() {
+        let seqpacket = named_kind(fd)?;
+        if name == client::sock_path().as_os_str().as_encoded_bytes() {
             return None;
         }
         let key = key_of(&name)?;
         let shown = String::from_utf8_lossy(&key.path).into_owned();
+        let pair = match pair_for(seqpacket) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
         let req = Request::UnixConnect {
             path: key.path,
             dev: key.dev,
             ino: key.ino,
+            pair: pair.as_ref().map(super::seqpacket::numbers),
         };
         Some(match client::call_fds(&req) {
             Ok((Response::Local, _)) => return None,
@@ -347,6 +377,24 @@ pub unsafe fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Optio
     })
 }
 
+/// `UnixTake` for stand-in `id`, accepted as `c`: the connection put under `c`.
+fn take(c: c_int, id: u64, req: &Request) -> Result<(), c_int> {
+    match client::call_fds(req) {
+        Ok((Response::StreamFd, mut fds)) if fds.len() == 1 => install(c, fds.remove(0)),
+        Ok((other, _)) => {
+            krg_log!(
+                Level::Warn,
+                "connection {id:#x}: unexpected answer {other:?}"
+            );
+            Err(libc::ECONNABORTED)
+        }
+        Err(e) => {
+            krg_log!(Level::Warn, "connection {id:#x} from another node: {e}");
+            Err(libc::ECONNABORTED)
+        }
+    }
+}
+
 /// After `accept` gave the program `c`: if it is an agent's stand-in, the
 /// connection it stands for, under the same number (`addr`/`len` then
 /// show an unnamed peer, as for any client). Returns what `accept` returns.
@@ -370,19 +418,13 @@ pub(crate) fn on_accept(c: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c
     else {
         return c;
     };
-    let r = crate::rt::guarded(|| match client::call_fds(&Request::UnixTake { id }) {
-        Ok((Response::StreamFd, mut fds)) if fds.len() == 1 => install(c, fds.remove(0)),
-        Ok((other, _)) => {
-            krg_log!(
-                Level::Warn,
-                "connection {id:#x}: unexpected answer {other:?}"
-            );
-            Err(libc::ECONNABORTED)
-        }
-        Err(e) => {
-            krg_log!(Level::Warn, "connection {id:#x} from another node: {e}");
-            Err(libc::ECONNABORTED)
-        }
+    let r = crate::rt::guarded(|| {
+        let pair = pair_for(named_kind(c) == Some(true))?;
+        let req = Request::UnixTake {
+            id,
+            pair: pair.as_ref().map(super::seqpacket::numbers),
+        };
+        take(c, id, &req)
     });
     match r {
         Ok(()) => {
