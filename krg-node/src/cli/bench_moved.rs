@@ -135,7 +135,7 @@ fn medians(all: &[[f64; 3]]) -> [f64; 3] {
 }
 
 /// Rounds of the interleaved comparison.
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 
 /// The moved stream `a` and an untouched one `b`, measured in turns
 /// (ROUNDS each, the first of each pair alternating): their medians.
