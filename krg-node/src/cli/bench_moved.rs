@@ -55,6 +55,14 @@ pub fn stream_peer(args: &[String]) -> Result<()> {
             };
             serve(&mut *r, &mut *w)
         }
+        // A seqpacket socket on fd 3 (one end of the worker's socketpair).
+        Some("seqpacket") => {
+            // SAFETY: fd 3 is ours for the process's life (never closed:
+            // ManuallyDrop).
+            let mut s = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(3) });
+            let mut w = s.try_clone()?;
+            serve(&mut *s, &mut w)
+        }
         Some("tcp") => {
             let n: usize = args.get(2).context("stream-peer tcp N")?.parse()?;
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -95,25 +103,98 @@ fn serve(r: &mut impl Read, w: &mut impl Write) -> Result<()> {
 
 /// MB/s for `mib` MiB, then round trip p50 and p99 (µs) over `pings`.
 fn measure(w: &mut impl Write, r: &mut impl Read, mib: usize, pings: usize) -> Result<[f64; 3]> {
-    let buf = vec![0x5au8; CHUNK];
+    measure_in(w, r, mib, pings, CHUNK)
+}
+
+/// [`measure`] in writes of `chunk` bytes; a seqpacket socket's (below
+/// CHUNK) also sends each length as a message of its own.
+fn measure_in(
+    w: &mut impl Write,
+    r: &mut impl Read,
+    mib: usize,
+    pings: usize,
+    chunk: usize,
+) -> Result<[f64; 3]> {
+    let buf = vec![0x5au8; chunk];
     let mut ack = [0u8; 1];
+    let total = mib * CHUNK;
     let t = Instant::now();
-    w.write_all(&((mib * CHUNK) as u64).to_le_bytes())?;
-    for _ in 0..mib {
+    w.write_all(&(total as u64).to_le_bytes())?;
+    for _ in 0..total / chunk {
         w.write_all(&buf)?;
     }
     r.read_exact(&mut ack)?;
-    let mbs = (mib * CHUNK) as f64 / t.elapsed().as_secs_f64() / 1e6;
+    let mbs = total as f64 / t.elapsed().as_secs_f64() / 1e6;
     let mut msg = [7u8; 8 + MSG];
     msg[..8].copy_from_slice(&(MSG as u64).to_le_bytes());
     let mut v = Vec::with_capacity(pings);
     for _ in 0..pings {
         let t = Instant::now();
-        w.write_all(&msg)?;
+        if chunk < CHUNK {
+            w.write_all(&msg[..8])?;
+            w.write_all(&msg[8..])?;
+        } else {
+            w.write_all(&msg)?;
+        }
         r.read_exact(&mut ack)?;
         v.push(t.elapsed().as_secs_f64() * 1e6);
     }
     Ok([mbs, quantile(&mut v, 0.5), quantile(&mut v, 0.99)])
+}
+
+/// Seqpacket messages of the throughput measurement.
+const SEQ_CHUNK: usize = 32 << 10;
+
+/// Medians of REPEAT seqpacket measurements on `s`.
+fn seq_measured(s: &mut std::fs::File, mib: usize, pings: usize) -> Result<[f64; 3]> {
+    let mut r = s.try_clone()?;
+    let mut all = Vec::new();
+    for _ in 0..REPEAT {
+        all.push(measure_in(s, &mut r, mib, pings, SEQ_CHUNK)?);
+    }
+    Ok(medians(&all))
+}
+
+/// A seqpacket peer: the worker's child on this node, on the other end
+/// of a socketpair (its fd 3); the worker's end.
+fn seq_peer() -> Result<(Child, std::fs::File)> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let mut sv = [0; 2];
+    // SAFETY: a new socketpair of ours.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            sv.as_mut_ptr(),
+        )
+    } != 0
+    {
+        bail!("socketpair: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just made and are ours alone.
+    let (mine, theirs) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    let t = theirs.as_raw_fd();
+    let mut cmd = Command::new(std::env::current_exe()?);
+    // Pinned here: a fork+exec is placed at its exec, and this start
+    // must give a socketpair on one node.
+    cmd.args(["bench-worker", "stream-peer", "seqpacket"])
+        .env("KRG_NODE", "1")
+        .stdin(Stdio::null());
+    // SAFETY: between fork and exec only dup2 (async-signal-safe), which
+    // puts the peer's end at fd 3 without close-on-exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(t, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let p = cmd.spawn().context("starting the seqpacket peer")?;
+    drop(theirs);
+    Ok((p, std::fs::File::from(mine)))
 }
 
 /// Medians of REPEAT measurements.
@@ -235,7 +316,8 @@ impl PipePeer {
 /// `bench-worker moved MIB PINGS`. Values: TCP before (3), on one node (3),
 /// after (3), an untouched connection alongside (3); pipe before (3),
 /// between nodes (3), back on one node (3), an untouched pipe alongside
-/// (3); migrate ms with 1 and with 100 connections.
+/// (3); seqpacket on one node (3), relayed between two (3), on one node
+/// again (3); migrate ms with 1 and with 100 connections.
 pub fn moved_sample(mib: usize, pings: usize) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     // TCP.
@@ -272,6 +354,15 @@ pub fn moved_sample(mib: usize, pings: usize) -> Result<Vec<f64>> {
     out.extend(untouched);
     pp.end()?;
     fresh.end()?;
+    // Seqpacket: one socketpair, relayed between two nodes, one again.
+    let (p, mut sq) = seq_peer()?;
+    out.extend(seq_measured(&mut sq, mib, pings)?);
+    migrate(p.id(), 2)?;
+    out.extend(seq_measured(&mut sq, mib, pings)?);
+    migrate(p.id(), 1)?;
+    out.extend(seq_measured(&mut sq, mib, pings)?);
+    drop(sq);
+    end(p, "seqpacket")?;
     // 100 connections.
     let (p, mut conns) = tcp_peer(100)?;
     let many = migrate(p.id(), 1)?;
@@ -346,8 +437,17 @@ pub fn report(v: &[f64], mib: usize, pings: usize) {
         pu,
         " [same-node goal >= 0.98 throughput]",
     );
+    let (sb, s2, s1) = (&v[24..27], &v[27..30], &v[30..33]);
+    row("seqpacket socketpair on node 1", sb, None, "");
+    row(
+        "  peer moved to node 2 (relayed)",
+        s2,
+        Some(sb),
+        " against the socketpair",
+    );
+    row("  peer moved back (a socketpair)", s1, Some(sb), "");
     println!(
         "  krg migrate of a process holding 1 connection {:6.1} ms, 100 connections {:6.1} ms",
-        v[24], v[25]
+        v[33], v[34]
     );
 }
