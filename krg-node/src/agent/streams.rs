@@ -1287,12 +1287,7 @@ impl Agent {
             .map_err(|e| sock_err("stream", e))?;
         s.write_all(sent).await.map_err(|e| sock_err("stream", e))?;
         let fd = match pair {
-            Some((end, relay)) => {
-                super::seqpacket::refill(&relay, &mine, &what)?;
-                let tcp = s.into_std().map_err(|e| sock_err(&what, e))?;
-                self.relay(id, from, relay, tcp);
-                end
-            }
+            Some(p) => self.relay_pair(s, id, from, p, &mine)?,
             // Messages for a connection expected here (a seqpacket
             // listener's stand-in): whoever takes it relays it.
             None if messages => s
@@ -1371,15 +1366,28 @@ impl Agent {
             .await
             .map_err(|_| err(libc::ETIMEDOUT, format!("{what}: no answer")))??;
         let fd = match pair {
-            Some((end, relay)) => {
-                super::seqpacket::refill(&relay, &pending, &what)?;
-                let tcp = s.into_std().map_err(|e| sock_err(&what, e))?;
-                self.relay(id, node, relay, tcp);
-                end
-            }
+            Some(p) => self.relay_pair(s, id, node, p, &pending)?,
             None => refill(s, &theirs, wr_shut).await?,
         };
         Ok((Response::StreamFd, vec![fd]))
+    }
+
+    /// The end of a seqpacket socket's hand-over over `s` (to `node`):
+    /// its process's new `pair` refilled with the process's own `pending`
+    /// messages, the other end relayed over `s`; the process's end.
+    fn relay_pair(
+        self: &Arc<Self>,
+        s: tokio::net::TcpStream,
+        id: u64,
+        node: u32,
+        (end, relay): super::seqpacket::Pair,
+        pending: &[u8],
+    ) -> Result<std::os::fd::OwnedFd, ErrorReply> {
+        let what = format!("stream {id:#x} to node {node}");
+        super::seqpacket::refill(&relay, pending, &what)?;
+        let tcp = s.into_std().map_err(|e| sock_err(&what, e))?;
+        self.relay(id, node, relay, tcp);
+        Ok(end)
     }
 }
 

@@ -253,6 +253,10 @@ pub(crate) fn on_accept(fd: RawFd, addr: *mut libc::sockaddr, len: *mut libc::so
     else {
         return;
     };
+    let family = |f: RawFd| super::moving::int_opt(f, libc::SOL_SOCKET, libc::SO_DOMAIN);
+    // A UNIX listener's owed connection that became a TCP one (its peer on
+    // another node) shows an unnamed UNIX peer, as most UNIX clients are.
+    let unnamed = family(fd) == Some(libc::AF_UNIX) && family(e.1) != Some(libc::AF_UNIX);
     // SAFETY: F_GETFL/F_GETFD only read; the owed connection is ours and
     // takes the stand-in's number and flags; the stand-in's client end
     // is ours alone.
@@ -271,7 +275,14 @@ pub(crate) fn on_accept(fd: RawFd, addr: *mut libc::sockaddr, len: *mut libc::so
     recount(&t);
     drop(t);
     if !addr.is_null() && !len.is_null() {
-        if let Some((a, l)) = end(fd, true) {
+        let peer = if unnamed {
+            let mut a = [0u8; 112];
+            a[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
+            Some((a, 2))
+        } else {
+            end(fd, true)
+        };
+        if let Some((a, l)) = peer {
             // SAFETY: the accept contract: `addr` has room for `*len`.
             unsafe {
                 let n = (*len as usize).min(l as usize);

@@ -348,21 +348,15 @@ pub(crate) fn read_to_end(fd: RawFd, timeout: Duration, late: &str) -> (Vec<u8>,
     let mut buf = vec![0u8; 256 * 1024];
     let deadline = Instant::now() + timeout;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return (
-                out,
-                Some(format!("fd {fd}: {late} within {}s", timeout.as_secs())),
-            );
-        }
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) } <= 0 {
-            continue;
+        match readable_before(fd, deadline) {
+            None => {
+                return (
+                    out,
+                    Some(format!("fd {fd}: {late} within {}s", timeout.as_secs())),
+                )
+            }
+            Some(false) => continue,
+            Some(true) => {}
         }
         // SAFETY: reads into our buffer; poll said it would not block.
         let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
@@ -377,6 +371,22 @@ pub(crate) fn read_to_end(fd: RawFd, timeout: Duration, late: &str) -> (Vec<u8>,
             }
         }
     }
+}
+
+/// Wait (a second at most, and not past `deadline`) for `fd` to be
+/// readable: `None` once the deadline has passed.
+pub(crate) fn readable_before(fd: RawFd, deadline: Instant) -> Option<bool> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return None;
+    }
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    Some(unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) } > 0)
 }
 
 /// `StreamFreeze`: the agents find the peer of each connection `(local,

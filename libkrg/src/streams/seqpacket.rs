@@ -189,21 +189,15 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
     let mut out = Vec::new();
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!(
-                "fd {fd}: the other end did not finish its side of the seqpacket connection within {}s",
-                DRAIN_TIMEOUT.as_secs()
-            ));
-        }
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) } <= 0 {
-            continue;
+        match super::moving::readable_before(fd, deadline) {
+            None => {
+                return Err(format!(
+                    "fd {fd}: the other end did not finish its side of the seqpacket connection within {}s",
+                    DRAIN_TIMEOUT.as_secs()
+                ))
+            }
+            Some(false) => continue,
+            Some(true) => {}
         }
         match recv(fd, true) {
             Ok(Got::Message(m)) => frame(&mut out, &m),
