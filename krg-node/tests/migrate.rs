@@ -100,6 +100,54 @@ fn python_migrated_three_times_prints_what_an_unmigrated_run_prints() {
     );
 }
 
+/// Worker threads allocate from their own glibc arenas (64 MiB
+/// `MAP_NORESERVE` heaps); the kernel can merge the capture arena with one
+/// of them into one line of /proc/self/maps, and the image once lost that
+/// thread arena whole (the program crashed on the new node).
+const POOL_PY: &str = r#"
+import concurrent.futures, os, sys, time
+def work(i):
+    return sum(len(str(k) * 3) for k in range(2000 + i))
+print(os.getpid(), flush=True)
+ex = concurrent.futures.ThreadPoolExecutor(4)
+total = 0
+for i in range(int(sys.argv[1])):
+    total += sum(ex.map(work, range(i, i + 8)))
+    time.sleep(0.005)
+ex.shutdown()
+print("total", total, flush=True)
+"#;
+
+#[test]
+fn a_thread_pool_migrated_twice_keeps_its_threads_memory() {
+    let native = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", POOL_PY, "400"])
+        .output()
+        .unwrap();
+    let want = text(&native.stdout);
+    let want = want.lines().last().unwrap().to_string();
+    let c = Cluster::up(3, 1.0);
+    let mut p = c
+        .cmd(1, &["/usr/bin/python3", "-c", POOL_PY, "400"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid: i64 = read_line(&mut p).trim().parse().unwrap();
+    for to in [2, 3] {
+        std::thread::sleep(Duration::from_millis(400));
+        migrate(&c, 1, pid, to);
+    }
+    let out = p.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout).lines().last(), Some(want.as_str()));
+}
+
 #[test]
 fn threads_migrated_ten_times_in_a_row_end_exact() {
     let bin = cc(&repo_root().join("examples/ckpt/threads.c"), "ckpt-threads");

@@ -1133,3 +1133,70 @@ fn a_seqpacket_name_is_reached_from_every_node_and_its_client_migrates() {
     let s = ok(&srv.wait_with_output().unwrap(), "server");
     assert!(s.contains("served 520"), "{s}");
 }
+
+/// An asyncio program (its event loop wakes through a socketpair, from
+/// executor threads) that also holds a stream and a seqpacket socketpair
+/// with bytes and messages queued both ways (an empty message among them):
+/// says its pid, runs argv[1] loop turns, then checks that everything
+/// queued is still there, in order, and says "ok".
+const ASYNC_PAIRS: &str = r#"
+import asyncio, os, socket, sys, time
+a, b = socket.socketpair()
+c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+a.send(b"to-b"); b.send(b"to-a-1"); b.send(b"to-a-2")
+c.send(b"m1"); c.send(b""); c.send(b"m3" * 1000); d.send(b"back")
+print(os.getpid(), flush=True)
+async def main(n):
+    loop = asyncio.get_running_loop()
+    done = 0
+    for i in range(n):
+        await loop.run_in_executor(None, time.sleep, 0.004)
+        await asyncio.sleep(0.004)
+        done += 1
+    return done
+n = asyncio.run(main(int(sys.argv[1])))
+for s in (a, b, c, d):
+    s.setblocking(False)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+def msgs(s):
+    out = []
+    while True:
+        try:
+            data, anc, _, _ = s.recvmsg(1 << 16, 64)
+        except BlockingIOError:
+            return out
+        out.append(data)
+got = (b.recv(100), a.recv(100), msgs(d), msgs(c))
+want = (b"to-b", b"to-a-1to-a-2", [b"m1", b"", b"m3" * 1000], [b"back"])
+print("ok" if got == want else "wrong %r" % (got,), n, flush=True)
+"#;
+
+#[test]
+fn socketpairs_within_a_process_move_and_restart_with_what_is_queued_in_them() {
+    let c = Cluster::up(3, 1.0);
+    // Migrated twice while its loop runs.
+    let mut p = piped(&c, 1, &["python3", "-c", ASYNC_PAIRS, "300"]);
+    let pid = read_line(&mut p);
+    for to in ["2", "3"] {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let out = c.krg(1, &["migrate", &pid, to]);
+        assert!(out.status.success(), "migrate to {to}: {}", show(&out));
+    }
+    let o = ok(&p.wait_with_output().unwrap(), "migrated");
+    assert!(o.contains("ok 300"), "{o}");
+    // Checkpointed (ended), restarted on another node.
+    let img = shared_dir("asyncpairs").join("img");
+    let _ = std::fs::remove_dir_all(&img);
+    let mut p = piped(&c, 1, &["python3", "-c", ASYNC_PAIRS, "300"]);
+    let pid = read_line(&mut p);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let ck = c.krg(
+        1,
+        &["checkpoint", &pid, "-o", img.to_str().unwrap(), "--kill"],
+    );
+    assert!(ck.status.success(), "checkpoint: {}", show(&ck));
+    let _ = p.wait();
+    let r = c.krg(2, &["restart", "-q", img.to_str().unwrap(), "--node", "2"]);
+    let o = ok(&r, "restarted");
+    assert!(o.contains("ok 300"), "{o}");
+}

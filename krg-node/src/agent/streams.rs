@@ -453,7 +453,7 @@ fn links_of(
         .iter()
         .any(|e| matches!(e, End::Unix { .. } | End::Relay { .. }))
     {
-        unix_peers()
+        libkrg::streams::unix::peers()
     } else {
         Ok(HashMap::new())
     };
@@ -493,86 +493,6 @@ fn links_of(
             }
         })
         .collect()
-}
-
-/// The peer of every connected UNIX socket of this node's network
-/// namespace, by inode (a `sock_diag` dump: what `ss -x` shows).
-fn unix_peers() -> std::io::Result<HashMap<u64, u64>> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const UDIAG_SHOW_PEER: u32 = 4;
-    const UNIX_DIAG_PEER: u16 = 2;
-    // SAFETY: a new socket of ours.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: just made, ours alone.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // nlmsghdr (16 bytes), then unix_diag_req: family, protocol, pad (2),
-    // states, ino, show, cookie (2 x u32).
-    let mut req = Vec::with_capacity(40);
-    req.extend_from_slice(&40u32.to_ne_bytes());
-    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-    req.extend_from_slice(&1u32.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes());
-    req.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]);
-    req.extend_from_slice(&u32::MAX.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes());
-    req.extend_from_slice(&UDIAG_SHOW_PEER.to_ne_bytes());
-    req.extend_from_slice(&[0xff; 8]);
-    // SAFETY: sends our buffer on our socket (to the kernel).
-    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
-    let mut out = HashMap::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        // SAFETY: receives into our buffer.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let b = &buf[..n as usize];
-        let mut at = 0;
-        while at + 16 <= b.len() {
-            let len = u32_at(b, at) as usize;
-            let ty = u16_at(b, at + 4);
-            if len < 16 || at + len > b.len() {
-                return Ok(out);
-            }
-            if ty == libc::NLMSG_DONE as u16 || ty == libc::NLMSG_ERROR as u16 {
-                return Ok(out);
-            }
-            // unix_diag_msg: family, type, state, pad, ino, cookie (2 x u32).
-            let m = &b[at + 16..at + len];
-            if m.len() >= 16 {
-                let ino = u64::from(u32_at(m, 4));
-                let mut a = 16;
-                while a + 4 <= m.len() {
-                    let alen = u16_at(m, a) as usize;
-                    let aty = u16_at(m, a + 2);
-                    if alen < 4 || a + alen > m.len() {
-                        break;
-                    }
-                    if aty == UNIX_DIAG_PEER && alen >= 8 {
-                        out.insert(ino, u64::from(u32_at(m, a + 4)));
-                    }
-                    a += (alen + 3) & !3;
-                }
-            }
-            at += (len + 3) & !3;
-        }
-    }
 }
 
 /// Whether fd `fd` of kernel pid `pid` is open read-only (a pipe's read
@@ -682,7 +602,7 @@ impl Agent {
         {
             vec![None; unix.len()]
         } else {
-            let peers = tokio::task::spawn_blocking(unix_peers)
+            let peers = tokio::task::spawn_blocking(libkrg::streams::unix::peers)
                 .await
                 .map_err(|e| err(libc::EIO, format!("UNIX socket peers: {e}")))?
                 .map_err(|e| sock_err("UNIX socket peers", e))?;

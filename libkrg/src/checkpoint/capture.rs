@@ -97,6 +97,43 @@ pub fn parse_maps(text: &str) -> Vec<MapLine> {
     out
 }
 
+/// `maps` without the addresses in `[hole.0, hole.1)`. The kernel merges
+/// the capture arena with an adjacent anonymous mapping of the same flags
+/// (a glibc thread arena is `MAP_NORESERVE` too), so the arena may be part
+/// of a longer line: only the arena's own addresses are left out, the
+/// program's memory on either side stays.
+pub fn without(maps: Vec<MapLine>, hole: (u64, u64)) -> Vec<MapLine> {
+    if hole.0 >= hole.1 {
+        return maps;
+    }
+    let mut out = Vec::with_capacity(maps.len() + 1);
+    for m in maps {
+        if m.end <= hole.0 || hole.1 <= m.start {
+            out.push(m);
+            continue;
+        }
+        if m.start < hole.0 {
+            out.push(MapLine {
+                end: hole.0,
+                ..m.clone()
+            });
+        }
+        if hole.1 < m.end {
+            let offset = if m.inode == 0 {
+                m.offset
+            } else {
+                m.offset + (hole.1 - m.start)
+            };
+            out.push(MapLine {
+                start: hole.1,
+                offset,
+                ..m
+            });
+        }
+    }
+    out
+}
+
 /// Read a whole (proc) file with plain system calls.
 pub fn read_file(path: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{path}: {e}"))
@@ -375,6 +412,59 @@ pub(super) fn keep_self_pipes(fds: &mut [FdState]) -> Result<(), String> {
     Ok(())
 }
 
+/// UNIX socketpairs whose two ends are both among `fds` are made again
+/// from the image with what is queued in each (left in place: the process
+/// may go on here).
+pub(super) fn keep_self_pairs(fds: &mut [FdState]) -> Result<(), String> {
+    // (index, socket inode, fd number)
+    let socks: Vec<(usize, u64, i32)> = fds
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| match f.kind {
+            FdKind::UnixStream { ino, .. } => Some((i, ino, f.fd)),
+            _ => None,
+        })
+        .collect();
+    if socks.len() < 2 {
+        return Ok(());
+    }
+    let peers = crate::streams::unix::peers().map_err(|e| format!("UNIX socket peers: {e}"))?;
+    let fd_of = |ino: u64| socks.iter().find(|s| s.1 == ino).map(|s| s.2);
+    let mut done: Vec<u64> = Vec::new();
+    for &(i, ino, fd) in &socks {
+        let Some(peer) = peers.get(&ino).copied().filter(|p| *p != ino) else {
+            continue;
+        };
+        let Some(peer_fd) = fd_of(peer) else {
+            continue;
+        };
+        let FdKind::UnixStream {
+            flags,
+            seqpacket,
+            passcred,
+            ..
+        } = fds[i].kind
+        else {
+            continue;
+        };
+        let pending = if done.contains(&ino) {
+            Vec::new()
+        } else {
+            done.push(ino);
+            crate::streams::unix::queued(fd, peer_fd, seqpacket)?
+        };
+        fds[i].kind = FdKind::UnixPair {
+            pair: ino.min(peer),
+            first: ino < peer,
+            seqpacket,
+            flags,
+            passcred,
+            pending,
+        };
+    }
+    Ok(())
+}
+
 fn fdinfo(fd: i32) -> String {
     std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default()
 }
@@ -555,8 +645,8 @@ enum Save {
 pub type Runs = Vec<(u64, u64)>;
 
 /// The regions of the image and the runs of memory to save.
-pub fn regions(maps: &[MapLine], exclude: &[(u64, u64)]) -> Result<(Vec<Region>, Runs), String> {
-    regions_deferring(maps, exclude, &[])
+pub fn regions(maps: &[MapLine]) -> Result<(Vec<Region>, Runs), String> {
+    regions_deferring(maps, &[])
 }
 
 /// [`regions`], except that the pages of the regions `(start, end)` in
@@ -564,7 +654,6 @@ pub fn regions(maps: &[MapLine], exclude: &[(u64, u64)]) -> Result<(Vec<Region>,
 /// process runs on the target: [`present_runs`]).
 pub fn regions_deferring(
     maps: &[MapLine],
-    exclude: &[(u64, u64)],
     defer: &[(u64, u64)],
 ) -> Result<(Vec<Region>, Runs), String> {
     let pagemap = std::fs::File::open("/proc/self/pagemap")
@@ -572,7 +661,7 @@ pub fn regions_deferring(
     let mut regions = Vec::new();
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for m in maps {
-        if m.is_special() || exclude.iter().any(|(a, b)| m.start < *b && *a < m.end) {
+        if m.is_special() {
             continue;
         }
         let deleted = m.path.ends_with(" (deleted)");
@@ -857,6 +946,32 @@ mod tests {
     }
 
     #[test]
+    fn the_arena_is_cut_out_of_a_line_it_was_merged_into() {
+        let t = "7fffb0000000-7ffff0021000 rw-p 00000000 00:00 0 \n\
+                 7ffff0021000-7ffff4000000 ---p 00000000 00:00 0 \n\
+                 7ffff5000000-7ffff5004000 rw-p 00010000 fe:00 9    /lib/x\n";
+        let arena = (0x7fffb0000000, 0x7ffff0000000);
+        let m = without(parse_maps(t), arena);
+        assert_eq!(m.len(), 3);
+        assert_eq!((m[0].start, m[0].end), (0x7ffff0000000, 0x7ffff0021000));
+        assert!(m[0].write && m[0].inode == 0);
+        assert_eq!(m[1].start, 0x7ffff0021000);
+        // A hole in the middle of a file mapping keeps both sides' offsets.
+        let m = without(parse_maps(t), (0x7ffff5001000, 0x7ffff5002000));
+        assert_eq!(m.len(), 4);
+        assert_eq!(
+            (m[2].start, m[2].end, m[2].offset),
+            (0x7ffff5000000, 0x7ffff5001000, 0x10000)
+        );
+        assert_eq!(
+            (m[3].start, m[3].end, m[3].offset),
+            (0x7ffff5002000, 0x7ffff5004000, 0x12000)
+        );
+        // No arena: nothing changes.
+        assert_eq!(without(parse_maps(t), (0, 0)), parse_maps(t));
+    }
+
+    #[test]
     fn refusals_name_the_resource() {
         assert_eq!(
             refusal(7, "anon_inode:[io_uring]").unwrap(),
@@ -881,7 +996,7 @@ mod tests {
         let fds = list_dir_numbers("/proc/self/fd").unwrap();
         assert!(fds.contains(&0) || fds.contains(&1) || fds.contains(&2));
         let maps = parse_maps(&String::from_utf8(read_file("/proc/self/maps").unwrap()).unwrap());
-        let (regions, runs) = regions(&maps, &[]).unwrap();
+        let (regions, runs) = regions(&maps).unwrap();
         assert!(regions.iter().any(|r| r.kind == RegionKind::Stack));
         assert!(!runs.is_empty());
         assert!(runs.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));

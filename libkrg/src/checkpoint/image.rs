@@ -246,6 +246,20 @@ pub enum FdKind {
         backlog: i32,
         flags: i32,
     },
+    /// One end of a UNIX socketpair whose two ends are both this process's
+    /// (a self-pipe made of a socketpair, as asyncio's), made again as a new
+    /// socketpair: `pair` names it (the lower inode of its two ends),
+    /// `first` says whether this is the end with that inode, `pending` is
+    /// what was queued for this end (framed messages for seqpacket; on the
+    /// first fd of each end only, copies carry none).
+    UnixPair {
+        pair: u64,
+        first: bool,
+        seqpacket: bool,
+        flags: i32,
+        passcred: bool,
+        pending: Vec<u8>,
+    },
     /// A listening UNIX socket (stream or seqpacket), bound again to its
     /// name on the new node (see `streams::unix::Listening`).
     UnixListen {

@@ -32,16 +32,19 @@ fn out_taken(order: &Order) -> Result<u64, String> {
     crate::dsm::capturable()?;
     let threads = super::capture_threads()?;
     let maps_text = capture::read_file("/proc/self/maps")?;
-    let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));
-    let arena = super::alloc::range();
+    // The capture arena is left out of the image.
+    let maps = capture::without(
+        capture::parse_maps(&String::from_utf8_lossy(&maps_text)),
+        super::alloc::range(),
+    );
     // The big private anonymous regions go by post-copy: their pages are
     // not even looked up before the process runs on the target.
     let lazy = if order.precopy {
         Vec::new()
     } else {
-        lazy_regions(&maps, arena)
+        lazy_regions(&maps)
     };
-    let (regions, runs) = capture::regions_deferring(&maps, &[arena], &lazy)?;
+    let (regions, runs) = capture::regions_deferring(&maps, &lazy)?;
     // The fds, before this side's own sockets exist.
     let fds = capture::capture_fds(&[])?;
     let mem: u64 = runs.iter().map(|r| r.1).sum();
@@ -66,6 +69,7 @@ fn out_taken(order: &Order) -> Result<u64, String> {
                 | FdKind::Pipe { .. }
                 | FdKind::Tcp { .. }
                 | FdKind::UnixStream { .. }
+                | FdKind::UnixPair { .. }
         ) {
             f.kind = FdKind::Relay;
         }
@@ -91,6 +95,7 @@ fn out_taken(order: &Order) -> Result<u64, String> {
                     FdKind::Tcp { .. }
                         | FdKind::TcpListen { .. }
                         | FdKind::UnixListen { .. }
+                        | FdKind::UnixPair { .. }
                         | FdKind::Pipe { .. }
                 ) {
                     // SAFETY: closes our own fd; nothing uses it any more.
@@ -132,6 +137,7 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
         None => groups.push((vec![i], ino)),
     };
     capture::keep_self_pipes(fds)?;
+    capture::keep_self_pairs(fds)?;
     let mut seen: Vec<(u64, usize)> = Vec::new();
     for i in 0..fds.len() {
         let fd = fds[i].fd;
@@ -583,9 +589,8 @@ fn await_running(image: &OwnedFd, node: u32) -> Result<(), String> {
 
 /// The regions that go by post-copy: private anonymous (not the main
 /// stack), readable, at least `LAZY_MIN` bytes long, and not libkrg's own
-/// data (the restorer writes there before the post-copy thread runs) or
-/// the capture arena.
-fn lazy_regions(maps: &[MapLine], arena: (u64, u64)) -> Vec<(u64, u64)> {
+/// data (the restorer writes there before the post-copy thread runs).
+fn lazy_regions(maps: &[MapLine]) -> Vec<(u64, u64)> {
     let own = [
         &ANCHOR as *const AtomicI32 as u64,
         &super::RESUMED as *const _ as u64,
@@ -601,7 +606,6 @@ fn lazy_regions(maps: &[MapLine], arena: (u64, u64)) -> Vec<(u64, u64)> {
                 && m.path != "[stack]"
                 && m.end - m.start >= postcopy::LAZY_MIN
                 && !own.iter().any(|a| m.start <= *a && *a < m.end)
-                && !(m.start < arena.1 && arena.0 < m.end)
         })
         .take(postcopy::MAX_RANGES)
         .map(|m| (m.start, m.end))

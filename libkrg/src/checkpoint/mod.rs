@@ -759,6 +759,7 @@ fn capture_threads() -> Result<Vec<image::ThreadState>, String> {
 /// pipe to another process cannot be (only a migration moves it).
 fn pipes_for_disk(fds: &mut [image::FdState]) -> Result<(), String> {
     use image::FdKind;
+    capture::keep_self_pairs(fds)?;
     for f in fds.iter_mut().filter(|f| f.fd <= 2) {
         if matches!(
             f.kind,
@@ -787,9 +788,12 @@ fn take_image(order: &Order) -> Result<u64, String> {
     let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
     let maps_text = capture::read_file("/proc/self/maps")?;
-    let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));
-    let arena = alloc::range();
-    let (regions, runs) = capture::regions(&maps, &[arena])?;
+    // The capture arena is left out of the image.
+    let maps = capture::without(
+        capture::parse_maps(&String::from_utf8_lossy(&maps_text)),
+        alloc::range(),
+    );
+    let (regions, runs) = capture::regions(&maps)?;
     let mut fds = capture::capture_fds(&[fd])?;
     pipes_for_disk(&mut fds)?;
     if let Some(f) = fds.iter().find(|f| {

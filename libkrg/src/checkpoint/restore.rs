@@ -260,6 +260,35 @@ fn new_pipe(meta: &Meta, ino: u64, floor: RawFd) -> Result<(OwnedFd, OwnedFd), S
     Ok(unsafe { (OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(w)) })
 }
 
+/// The socketpair `pair` of the image made again (its first end, its
+/// second), each end holding what was queued for it, above `floor`.
+fn new_pair(meta: &Meta, pair: u64, floor: RawFd) -> Result<(OwnedFd, OwnedFd), String> {
+    let queued = |end_first: bool| {
+        meta.fds
+            .iter()
+            .find_map(|f| match &f.kind {
+                FdKind::UnixPair {
+                    pair: p,
+                    first,
+                    pending,
+                    ..
+                } if *p == pair && *first == end_first && !pending.is_empty() => {
+                    Some(pending.as_slice())
+                }
+                _ => None,
+            })
+            .unwrap_or_default()
+    };
+    let seqpacket = meta
+        .fds
+        .iter()
+        .any(|f| matches!(f.kind, FdKind::UnixPair { pair: p, seqpacket: true, .. } if p == pair));
+    let (a, b) = crate::streams::unix::pair_holding(seqpacket, queued(true), queued(false))?;
+    let (a, b) = (high(a.into_raw_fd(), floor)?, high(b.into_raw_fd(), floor)?);
+    // SAFETY: just moved, ours alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(a), OwnedFd::from_raw_fd(b)) })
+}
+
 fn fstat(fd: RawFd) -> Option<libc::stat> {
     // SAFETY: st is ours.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -274,9 +303,38 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
     let mut placed: Vec<(RawFd, RawFd, bool)> = Vec::new();
     // Pipes made again: (inode in the image, read end, write end).
     let mut pipes: Vec<(u64, OwnedFd, OwnedFd)> = Vec::new();
+    // Socketpairs made again: (pair in the image, first end, second end).
+    let mut pairs: Vec<(u64, OwnedFd, OwnedFd)> = Vec::new();
     for f in &meta.fds {
         let tmp = match &f.kind {
             FdKind::Relay => continue,
+            FdKind::UnixPair {
+                pair,
+                first,
+                flags,
+                passcred,
+                ..
+            } => {
+                if !pairs.iter().any(|p| p.0 == *pair) {
+                    let (a, b) =
+                        new_pair(meta, *pair, floor).map_err(|e| format!("fd {}: {e}", f.fd))?;
+                    pairs.push((*pair, a, b));
+                }
+                let p = pairs.iter().find(|p| p.0 == *pair).expect("made above");
+                let end = if *first { &p.1 } else { &p.2 };
+                // SAFETY: duplicates our own socket; F_SETFL on the copy
+                // sets the socket's status flags (O_NONBLOCK).
+                let fd = unsafe { libc::dup(end.as_raw_fd()) };
+                if fd < 0 {
+                    return Err(os_err(&format!("fd {}: dup", f.fd)));
+                }
+                // SAFETY: as above.
+                unsafe { libc::fcntl(fd, libc::F_SETFL, flags & libc::O_NONBLOCK) };
+                if *passcred {
+                    crate::streams::seqpacket::pass_credentials(fd);
+                }
+                fd
+            }
             FdKind::UnixStream { .. } => {
                 return Err(format!(
                     "fd {}: a UNIX socket that was not moved (only a migration moves it)",
@@ -456,8 +514,9 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
             }
         }
     }
-    // The pipes' own ends (the placed copies stay).
+    // The pipes' and socketpairs' own ends (the placed copies stay).
     drop(pipes);
+    drop(pairs);
     // Whatever else is open and not in the image goes (fds 0-2 the image
     // did not have included).
     for fd in capture::list_dir_numbers("/proc/self/fd")? {

@@ -453,6 +453,207 @@ pub(crate) fn on_accept(c: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c
     }
 }
 
+/// The peer of every connected UNIX socket of this node's network
+/// namespace, by inode (a `sock_diag` dump: what `ss -x` shows).
+pub fn peers() -> std::io::Result<std::collections::HashMap<u64, u64>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const UDIAG_SHOW_PEER: u32 = 4;
+    const UNIX_DIAG_PEER: u16 = 2;
+    // SAFETY: a new socket of ours.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: just made, ours alone.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // nlmsghdr (16 bytes), then unix_diag_req: family, protocol, pad (2),
+    // states, ino, show, cookie (2 x u32).
+    let mut req = Vec::with_capacity(40);
+    req.extend_from_slice(&40u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]);
+    req.extend_from_slice(&u32::MAX.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&UDIAG_SHOW_PEER.to_ne_bytes());
+    req.extend_from_slice(&[0xff; 8]);
+    // SAFETY: sends our buffer on our socket (to the kernel).
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+    let mut out = std::collections::HashMap::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: receives into our buffer.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let b = &buf[..n as usize];
+        let mut at = 0;
+        while at + 16 <= b.len() {
+            let len = u32_at(b, at) as usize;
+            let ty = u16_at(b, at + 4);
+            if len < 16 || at + len > b.len() {
+                return Ok(out);
+            }
+            if ty == libc::NLMSG_DONE as u16 || ty == libc::NLMSG_ERROR as u16 {
+                return Ok(out);
+            }
+            // unix_diag_msg: family, type, state, pad, ino, cookie (2 x u32).
+            let m = &b[at + 16..at + len];
+            if m.len() >= 16 {
+                let ino = u64::from(u32_at(m, 4));
+                let mut a = 16;
+                while a + 4 <= m.len() {
+                    let alen = u16_at(m, a) as usize;
+                    let aty = u16_at(m, a + 2);
+                    if alen < 4 || a + alen > m.len() {
+                        break;
+                    }
+                    if aty == UNIX_DIAG_PEER && alen >= 8 {
+                        out.insert(ino, u64::from(u32_at(m, a + 4)));
+                    }
+                    a += (alen + 3) & !3;
+                }
+            }
+            at += (len + 3) & !3;
+        }
+    }
+}
+
+// --- socketpairs whose two ends are one process's --------------------------
+
+/// What is queued for `fd`, one end of a socketpair whose other end `peer`
+/// is this process's too (its threads parked), left where it is: a stream
+/// socket's bytes are peeked; a seqpacket socket's messages (which cannot
+/// be peeked past the first) are taken and sent again from `peer`, in
+/// order, and come back framed.
+pub fn queued(fd: c_int, peer: c_int, seqpacket: bool) -> Result<Vec<u8>, String> {
+    if !seqpacket {
+        let mut n: c_int = 0;
+        // SAFETY: FIONREAD writes one int into ours.
+        if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } != 0 || n <= 0 {
+            return Ok(Vec::new());
+        }
+        let mut b = vec![0u8; n as usize];
+        // SAFETY: peeks into our buffer, without waiting.
+        let r = unsafe {
+            libc::recv(
+                fd,
+                b.as_mut_ptr().cast(),
+                b.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if r != n as isize {
+            return Err(format!(
+                "fd {fd}: peeking at {n} queued bytes: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        return Ok(b);
+    }
+    use super::seqpacket::{frame, recv, Got};
+    let had = int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED) == Some(1);
+    super::seqpacket::pass_credentials(fd);
+    let mut msgs = Vec::new();
+    let r = loop {
+        match recv(fd, true) {
+            Ok(Got::Message(m)) => msgs.push(m),
+            Ok(Got::Nothing | Got::End) => break Ok(()),
+            Err(e) => break Err(format!("fd {fd}: taking its queued messages: {e}")),
+        }
+    };
+    if !had {
+        super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, 0);
+    }
+    let mut out = Vec::new();
+    for m in &msgs {
+        // SAFETY: sends our buffer on our socket without waiting (it held
+        // these messages a moment ago: there is room).
+        let s = unsafe {
+            libc::send(
+                peer,
+                m.as_ptr().cast(),
+                m.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if s != m.len() as isize {
+            return Err(format!(
+                "fd {fd}: putting back its {} queued messages: {}",
+                msgs.len(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        frame(&mut out, m);
+    }
+    r.map(|()| out)
+}
+
+/// A new socketpair whose ends hold what was queued for them: `for_a`
+/// queued for the first end, `for_b` for the second (framed messages for
+/// seqpacket).
+pub fn pair_holding(
+    seqpacket: bool,
+    for_a: &[u8],
+    for_b: &[u8],
+) -> Result<(OwnedFd, OwnedFd), String> {
+    use std::os::fd::FromRawFd;
+    let ty = if seqpacket {
+        libc::SOCK_SEQPACKET
+    } else {
+        libc::SOCK_STREAM
+    };
+    let mut sv = [0; 2];
+    // SAFETY: a new socketpair of ours.
+    if unsafe { libc::socketpair(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) } != 0
+    {
+        return Err(format!("socketpair: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just made and are ours alone.
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    for (from, bytes) in [(&b, for_a), (&a, for_b)] {
+        if seqpacket {
+            super::seqpacket::refill(from.as_raw_fd(), bytes)?;
+            continue;
+        }
+        if bytes.is_empty() {
+            continue;
+        }
+        let want = (bytes.len() + (64 << 10)).min(i32::MAX as usize / 2) as i32;
+        super::moving::set_int_opt(from.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, want);
+        // SAFETY: sends our buffer on our socket without waiting.
+        let r = unsafe {
+            libc::send(
+                from.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if r != bytes.len() as isize {
+            return Err(format!(
+                "socketpair: {} queued bytes to put back, {r} fit",
+                bytes.len()
+            ));
+        }
+    }
+    Ok((a, b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,5 +708,73 @@ mod tests {
         );
         assert_ne!(k.ino, 0);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn what_is_queued_in_a_socketpair_is_read_in_place_and_put_in_a_new_one() {
+        use crate::streams::seqpacket::{frame, messages, new_pair, pass_credentials, recv, Got};
+        let send = |fd: &OwnedFd, m: &[u8]| {
+            // SAFETY: sends our buffer on our socket.
+            unsafe { libc::send(fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
+        };
+        // Seqpacket: taken and sent again, still there afterwards.
+        let (a, b) = new_pair().unwrap();
+        for m in [&b"one"[..], b"", b"three"] {
+            send(&b, m);
+        }
+        let q = queued(a.as_raw_fd(), b.as_raw_fd(), true).unwrap();
+        assert_eq!(messages(&q).unwrap(), vec![&b"one"[..], b"", b"three"]);
+        assert_eq!(queued(a.as_raw_fd(), b.as_raw_fd(), true).unwrap(), q);
+        // A new pair holding them (and bytes the other way).
+        let mut back = Vec::new();
+        frame(&mut back, b"back");
+        let (x, y) = pair_holding(true, &q, &back).unwrap();
+        pass_credentials(x.as_raw_fd());
+        pass_credentials(y.as_raw_fd());
+        for want in [&b"one"[..], b"", b"three"] {
+            assert_eq!(
+                recv(x.as_raw_fd(), true).unwrap(),
+                Got::Message(want.to_vec())
+            );
+        }
+        assert_eq!(recv(x.as_raw_fd(), true).unwrap(), Got::Nothing);
+        assert_eq!(
+            recv(y.as_raw_fd(), true).unwrap(),
+            Got::Message(b"back".to_vec())
+        );
+        // Stream: peeked.
+        let (a, b) = new_stream_pair();
+        send(&b, b"abc");
+        send(&b, b"def");
+        assert_eq!(
+            queued(a.as_raw_fd(), b.as_raw_fd(), false).unwrap(),
+            b"abcdef"
+        );
+        assert_eq!(
+            queued(a.as_raw_fd(), b.as_raw_fd(), false).unwrap(),
+            b"abcdef"
+        );
+        let (x, _y) = pair_holding(false, b"abcdef", b"").unwrap();
+        let mut buf = [0u8; 16];
+        // SAFETY: reads into our buffer.
+        let n = unsafe {
+            libc::recv(
+                x.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                16,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        assert_eq!(&buf[..n as usize], b"abcdef");
+    }
+
+    fn new_stream_pair() -> (OwnedFd, OwnedFd) {
+        use std::os::fd::FromRawFd;
+        let mut sv = [0; 2];
+        // SAFETY: a new socketpair of ours.
+        let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        // SAFETY: just made, ours alone.
+        unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) }
     }
 }
