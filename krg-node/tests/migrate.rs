@@ -306,6 +306,52 @@ while True: signal.pause()' & b=$!
 }
 
 #[test]
+fn a_shell_migrates_after_its_child_went_away_and_came_back() {
+    let c = Cluster::up(2, 1.0);
+    let script = r#"
+        /usr/bin/python3 -c 'import signal, sys
+signal.signal(signal.SIGUSR1, lambda *x: sys.exit(7))
+while True: signal.pause()' & b=$!
+        echo "started $$ $b"
+        wait $b; echo "b $?"
+    "#;
+    let mut p = c
+        .cmd(1, &["sh", "-c", script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = read_line(&mut p);
+    let ids: Vec<i64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{line}");
+    let (sh, b) = (ids[0], ids[1]);
+    assert!(wait_for(Duration::from_secs(10), || find(
+        &c,
+        "/usr/bin/python3 -c"
+    )
+    .is_some()));
+    // The child goes away and comes back: the shell's kernel child on node
+    // 1 is its shadow again, not the program.
+    migrate(&c, 1, b, 2);
+    migrate(&c, 1, b, 1);
+    // The shell can still move, and its wait still sees the child's end.
+    migrate(&c, 1, sh, 2);
+    let k = c.krg(2, &["kill", "-USR1", &b.to_string()]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    let out = p.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        vec!["b 7"],
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(out.status.success());
+}
+
+#[test]
 fn migrate_refusals_leave_the_process_alone() {
     let c = Cluster::up(2, 1.0);
     let mut p = c

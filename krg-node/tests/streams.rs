@@ -712,6 +712,45 @@ fn a_fifo_between_two_nodes_carries_its_stream_over_the_network_while_its_reader
     let _ = std::fs::remove_file(f);
 }
 
+/// `fopen` opens without the PLT: its own hook meets the FIFO's other end
+/// across the cluster, and the program reads and writes a stdio stream as
+/// usual.
+#[test]
+fn a_fifo_opened_with_fopen_meets_its_other_end_on_another_node() {
+    let c = Cluster::up(2, 1.0);
+    let bin = cc(&repo_root().join("examples/streams/fifofile.c"), "fifofile");
+    let bin = bin.to_str().unwrap();
+    let f = shared_dir("fifo-fopen").join("ff");
+    let _ = std::fs::remove_file(&f);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&f)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let f = f.to_str().unwrap();
+    // Two nodes: each end is the socket krg gave, not the local FIFO.
+    let reader = piped(&c, 2, &[bin, "r", f]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let w = ok(
+        &c.cmd(1, &[bin, "w", f, "200000"]).output().unwrap(),
+        "writer",
+    );
+    assert_eq!(w, "socket\nwrote 200000\n");
+    let r = ok(&reader.wait_with_output().unwrap(), "reader");
+    assert_eq!(r, "socket\nread 200000 sum 19999900000\n");
+    // One node: the FIFO itself.
+    let reader = piped(&c, 1, &[bin, "r", f]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let w = ok(
+        &c.cmd(1, &[bin, "w", f, "1000"]).output().unwrap(),
+        "writer",
+    );
+    assert_eq!(w, "fifo\nwrote 1000\n");
+    let r = ok(&reader.wait_with_output().unwrap(), "reader");
+    assert_eq!(r, "fifo\nread 1000 sum 499500\n");
+    let _ = std::fs::remove_file(f);
+}
+
 #[test]
 fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
     let c = Cluster::up(2, 1.0);

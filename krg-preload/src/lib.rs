@@ -109,6 +109,19 @@ macro_rules! fifo_or_path {
     };
 }
 
+/// `fifo_or_path!` for `fopen`: a FIFO met across the cluster comes back
+/// as a stream on the fd the rendezvous gave.
+macro_rules! fifo_or_path_stream {
+    ($path:ident, $mode:ident => $real:ident($($arg:ident),*)) => {
+        // SAFETY: `path` and `mode` are null or the caller's NUL-terminated
+        // strings.
+        match unsafe { streams::fifo::fopen($path, $mode) } {
+            Some(f) => f,
+            None => via_path!($path => $real($($arg),*)),
+        }
+    };
+}
+
 hooks! {
     /// `getpid()`: the gpid (a cached atomic load).
     fn getpid() -> pid_t {
@@ -399,16 +412,17 @@ hooks! {
         krg(real) => fifo_or_path!(dirfd, path, flags => real(dirfd, path, flags)),
     }
 
-    /// `fopen` (glibc opens without the PLT): `/proc/<gpid>` paths translated.
+    /// `fopen` (glibc opens without the PLT): `/proc/<gpid>` paths
+    /// translated; FIFOs as with `open`.
     fn fopen(path: *const c_char, mode: *const c_char) -> *mut FILE {
         missing => enosys_null(),
-        krg(real) => via_path!(path => real(path, mode)),
+        krg(real) => fifo_or_path_stream!(path, mode => real(path, mode)),
     }
 
-    /// `fopen64`: `/proc/<gpid>` paths translated.
+    /// `fopen64`: as `fopen`.
     fn fopen64(path: *const c_char, mode: *const c_char) -> *mut FILE {
         missing => enosys_null(),
-        krg(real) => via_path!(path => real(path, mode)),
+        krg(real) => fifo_or_path_stream!(path, mode => real(path, mode)),
     }
 
     /// `opendir`: `/proc/<gpid>` paths translated.

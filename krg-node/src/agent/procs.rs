@@ -175,6 +175,11 @@ pub struct ProcTable {
     /// gpids born here that run on another node, and where (the origin
     /// node answers for its gpids).
     located: HashMap<i32, u32>,
+    /// Shadows here whose program came back to this node: the program has
+    /// the gpid's entry, but the shadow is still its parent's kernel child
+    /// and stands for the gpid to it (a parent's wait, a parent's own
+    /// migration). Kernel pid -> (gpid, start time).
+    returned: HashMap<i32, (i32, u64)>,
 }
 
 /// How long a reaped process stays translatable when no group or session
@@ -190,6 +195,7 @@ impl ProcTable {
             next_spare: 1,
             ghosts: HashMap::new(),
             located: HashMap::new(),
+            returned: HashMap::new(),
         }
     }
 
@@ -200,8 +206,17 @@ impl ProcTable {
     /// The live entry for a kernel pid, checking the start time so that a
     /// recycled pid is never taken for the process that had it before.
     fn live_gpid(&self, kpid: i32, start: u64) -> Option<i32> {
-        let g = *self.by_kpid.get(&kpid)?;
-        (self.by_gpid.get(&g)?.start_ticks == start).then_some(g)
+        if let Some(g) = self
+            .by_kpid
+            .get(&kpid)
+            .filter(|g| self.by_gpid.get(g).is_some_and(|p| p.start_ticks == start))
+        {
+            return Some(*g);
+        }
+        self.returned
+            .get(&kpid)
+            .filter(|(_, t)| *t == start)
+            .map(|(g, _)| *g)
     }
 
     fn remove(&mut self, g: i32) {
@@ -215,6 +230,10 @@ impl ProcTable {
 
     /// The gpid a gone process had, if its kernel pid was not reused since.
     fn ghost(&self, kpid: i32) -> Option<i32> {
+        if let Some((g, _)) = self.returned.get(&kpid) {
+            // Reaped before the sweep saw it go.
+            return (!std::path::Path::new(&format!("/proc/{kpid}")).exists()).then_some(*g);
+        }
         let (g, _) = self.ghosts.get(&kpid)?;
         // A live process with that kernel pid (SSI or not) means reuse.
         if self.by_kpid.contains_key(&kpid)
@@ -373,6 +392,8 @@ impl ProcTable {
         if let Some(old) = self.by_gpid.get(&g) {
             if old.kpid != kpid && old.running_on.is_none() {
                 self.by_kpid.remove(&old.kpid);
+            } else if old.kpid != kpid {
+                self.returned.insert(old.kpid, (g, old.start_ticks));
             }
         }
         // A shadow of the same gpid here (the program came back) is
@@ -496,6 +517,21 @@ impl ProcTable {
             .collect();
         for g in dead {
             self.remove(g);
+        }
+        // A returned shadow that ended is translatable a while longer, as
+        // any process that ended.
+        let gone: Vec<(i32, i32)> = self
+            .returned
+            .iter()
+            .filter(|(k, (_, t))| read_stat(**k).map(|s| s.start_ticks) != Some(*t))
+            .map(|(k, (g, _))| (*k, *g))
+            .collect();
+        for (k, g) in gone {
+            self.returned.remove(&k);
+            if self.by_kpid.get(&k) == Some(&g) {
+                self.by_kpid.remove(&k);
+            }
+            self.ghosts.insert(k, (g, std::time::Instant::now()));
         }
         // Keep a ghost while a live process still has its pid as process
         // group or session, else for GHOST_GRACE.
@@ -723,5 +759,36 @@ mod tests {
         assert_eq!(t.translate(me), Some(g2));
         assert!(t.kill(g2, 0, 0).is_ok());
         assert_eq!(t.kill(g2 + 1, 0, 0).unwrap_err().errno, libc::ESRCH);
+    }
+
+    #[test]
+    fn a_shadow_whose_program_came_back_still_stands_for_its_gpid() {
+        let mut t = ProcTable::new(1);
+        let mut shadow = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut back = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let (sk, bk) = (shadow.id() as i32, back.id() as i32);
+        let g = t.register(sk, None).unwrap().gpid;
+        t.set_shadow(g, 2);
+        // The program comes back: a new kernel process with the same gpid.
+        let none = Caps::from_bits(0);
+        t.register_remote(bk, g, none, none, None, 1, g).unwrap();
+        assert_eq!(t.translate(bk), Some(g));
+        assert_eq!(t.translate(sk), Some(g), "the parent's kernel child");
+        assert_eq!(t.resolve(g), Some(bk), "signals go to the program");
+        // Reaped by its parent: still translatable, before and after a sweep.
+        shadow.kill().unwrap();
+        shadow.wait().unwrap();
+        assert_eq!(t.translate(sk), Some(g));
+        t.sweep();
+        assert_eq!(t.translate(sk), Some(g));
+        assert_eq!(t.translate(bk), Some(g));
+        back.kill().unwrap();
+        back.wait().unwrap();
     }
 }

@@ -102,6 +102,56 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
     }
 }
 
+/// The `open` flags of an `fopen` mode ("r", "w", "a", with "+", "e",
+/// "x", "b", ...), as glibc reads it.
+pub fn fopen_flags(mode: &[u8]) -> Option<c_int> {
+    let mut flags = match mode.first()? {
+        b'r' => libc::O_RDONLY,
+        b'w' => libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+        b'a' => libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+        _ => return None,
+    };
+    for c in mode[1..].iter().take_while(|c| **c != b',') {
+        match c {
+            b'+' => flags = (flags & !libc::O_ACCMODE) | libc::O_RDWR,
+            b'e' => flags |= libc::O_CLOEXEC,
+            b'x' => flags |= libc::O_EXCL,
+            _ => {}
+        }
+    }
+    Some(flags)
+}
+
+/// What `fopen` should do, as [`open`] says for the `open` family:
+/// `Some(stream)` when this library opened `path` (a FIFO met across the
+/// cluster, wrapped with `fdopen`; null with `errno` on failure), `None` to
+/// open it as usual. glibc's `fopen` opens without the PLT, so the `open`
+/// hooks never see it.
+///
+/// # Safety
+/// `path` and `mode` are null or NUL-terminated strings.
+pub unsafe fn fopen(path: *const c_char, mode: *const c_char) -> Option<*mut libc::FILE> {
+    if mode.is_null() {
+        return None;
+    }
+    // SAFETY: the caller's contract.
+    let flags = fopen_flags(unsafe { CStr::from_ptr(mode) }.to_bytes())?;
+    // SAFETY: the caller's contract.
+    let fd = unsafe { open(libc::AT_FDCWD, path, flags) }?;
+    if fd < 0 {
+        return Some(std::ptr::null_mut());
+    }
+    // SAFETY: wraps our new fd in a stream with the caller's mode string.
+    let f = unsafe { libc::fdopen(fd, mode) };
+    if f.is_null() {
+        let e = crate::rt::errno();
+        // SAFETY: the fd is ours and nothing else refers to it.
+        unsafe { libc::close(fd) };
+        crate::rt::set_errno(e);
+    }
+    Some(f)
+}
+
 /// The canonical path of `path` relative to `dirfd`.
 fn canonical(dirfd: c_int, path: &[u8]) -> Option<Vec<u8>> {
     use std::os::unix::ffi::OsStrExt;
@@ -116,4 +166,30 @@ fn canonical(dirfd: c_int, path: &[u8]) -> Option<Vec<u8>> {
     std::fs::canonicalize(joined)
         .ok()
         .map(|c| c.as_os_str().as_bytes().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fopen_modes_read_as_glibc_reads_them() {
+        assert_eq!(fopen_flags(b"r"), Some(libc::O_RDONLY));
+        assert_eq!(fopen_flags(b"rb"), Some(libc::O_RDONLY));
+        assert_eq!(
+            fopen_flags(b"we"),
+            Some(libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC)
+        );
+        assert_eq!(
+            fopen_flags(b"a"),
+            Some(libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND)
+        );
+        assert_eq!(
+            fopen_flags(b"r+").map(|f| f & libc::O_ACCMODE),
+            Some(libc::O_RDWR)
+        );
+        assert_eq!(fopen_flags(b"w,ccs=UTF-8+"), fopen_flags(b"w"));
+        assert_eq!(fopen_flags(b""), None);
+        assert_eq!(fopen_flags(b"q"), None);
+    }
 }
