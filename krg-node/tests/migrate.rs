@@ -351,6 +351,46 @@ while True: signal.pause()' & b=$!
     assert!(out.status.success());
 }
 
+/// Native tools (`ps`, `pgrep -f`, `top`) read `/proc/PID/cmdline` and
+/// `environ`: on the new node they show the program's own strings.
+#[test]
+fn a_migrated_process_shows_its_own_command_line_to_native_tools() {
+    let c = Cluster::up(2, 1.0);
+    let script = "import time; time.sleep(30)";
+    let mut p = c
+        .cmd(1, &["/usr/bin/python3", "-c", script, "krg-cmdline-mark"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut pid = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        pid = find(&c, "/usr/bin/python3 -c").map(|p| p.0);
+        pid.is_some()
+    }));
+    migrate(&c, 1, pid.unwrap(), 2);
+    // Every process of node 2, one line each, NULs shown as '|'.
+    let all = c
+        .plain(
+            2,
+            &[
+                "sh",
+                "-c",
+                "for f in /proc/[0-9]*/cmdline; do tr '\\0' '|' < $f; echo; done",
+            ],
+        )
+        .output()
+        .unwrap();
+    let want = format!("/usr/bin/python3|-c|{script}|krg-cmdline-mark|");
+    assert!(
+        text(&all.stdout).lines().any(|l| l == want),
+        "node 2's command lines:\n{}",
+        text(&all.stdout)
+    );
+    let k = c.krg(1, &["kill", "-KILL", &pid.unwrap().to_string()]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    let _ = p.wait();
+}
+
 #[test]
 fn migrate_refusals_leave_the_process_alone() {
     let c = Cluster::up(2, 1.0);

@@ -838,7 +838,30 @@ pub fn meta(
         mem_bytes,
         krg_anchor: anchor,
         lazy: Vec::new(),
+        mm: read_file("/proc/self/stat")
+            .map(|t| mm_layout(&String::from_utf8_lossy(&t)))
+            .unwrap_or_default(),
     })
+}
+
+/// The memory layout fields of a `/proc/PID/stat` line (see
+/// [`Meta::mm`]), or nothing if the line is not as expected.
+pub fn mm_layout(stat: &str) -> Vec<u64> {
+    // Fields after the command (which may hold spaces and parentheses):
+    // the first is field 3 (state); field N is at N - 3.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Vec::new();
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let out: Vec<u64> = [26, 27, 45, 46, 47, 28, 48, 49, 50, 51]
+        .iter()
+        .filter_map(|n| f.get(n - 3).and_then(|v| v.parse().ok()))
+        .collect();
+    if out.len() == 10 && out.iter().all(|v| *v != 0) {
+        out
+    } else {
+        Vec::new()
+    }
 }
 
 /// Write `len` bytes at `p` to `fd`.
@@ -969,6 +992,18 @@ mod tests {
         );
         // No arena: nothing changes.
         assert_eq!(without(parse_maps(t), (0, 0)), parse_maps(t));
+    }
+
+    #[test]
+    fn the_memory_layout_is_read_off_our_own_stat() {
+        let t = String::from_utf8(read_file("/proc/self/stat").unwrap()).unwrap();
+        let mm = mm_layout(&t);
+        assert_eq!(mm.len(), 10, "{t}");
+        // start_code < end_code, start_data < end_data, arg and env areas
+        // ordered and on the stack side of the data.
+        assert!(mm[0] < mm[1] && mm[2] < mm[3] && mm[6] < mm[7] && mm[8] < mm[9]);
+        assert!(mm[7] <= mm[8] && mm[6] > mm[3]);
+        assert!(mm_layout("12 (a) b) S 1").is_empty());
     }
 
     #[test]

@@ -77,6 +77,12 @@ pub struct Meta {
     /// Regions (start, end) whose pages a migration may send after the
     /// process resumed on the target (post-copy); empty for a checkpoint.
     pub lazy: Vec<(u64, u64)>,
+    /// The kernel's record of the memory layout (`/proc/self/stat`):
+    /// start_code, end_code, start_data, end_data, start_brk, start_stack,
+    /// arg_start, arg_end, env_start, env_end; set again on restore so that
+    /// `/proc/PID/cmdline` and `environ` read the program's own strings.
+    /// Empty when it could not be read.
+    pub mm: Vec<u64>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -360,6 +366,7 @@ mod tests {
             mem_bytes: 0,
             krg_anchor: 0,
             lazy: vec![(0x1000, 0x2000)],
+            mm: vec![0x1000; 10],
         };
         let bytes = encode_meta(&m).unwrap();
         assert_eq!(read_meta(&mut &bytes[..]).unwrap(), m);

@@ -73,11 +73,36 @@ struct Timer {
     v: [i64; 4],
 }
 
+/// `struct prctl_mm_map` (linux/prctl.h), for `PR_SET_MM_MAP`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct MmMap {
+    start_code: u64,
+    end_code: u64,
+    start_data: u64,
+    end_data: u64,
+    start_brk: u64,
+    brk: u64,
+    start_stack: u64,
+    arg_start: u64,
+    arg_end: u64,
+    env_start: u64,
+    env_end: u64,
+    auxv: u64,
+    auxv_size: u32,
+    exe_fd: u32,
+}
+
+const PR_SET_MM: usize = 35;
+const PR_SET_MM_MAP: usize = 14;
+
 /// The plan, at the start of the area; arrays follow it.
 #[repr(C)]
 struct Plan {
     image_fd: i64,
     brk: u64,
+    /// The image's memory layout for the kernel (`start_code` 0: none).
+    mm: MmMap,
     unmap: *const Range,
     n_unmap: usize,
     ops: *mut MapOp,
@@ -289,6 +314,20 @@ fn new_pair(meta: &Meta, pair: u64, floor: RawFd) -> Result<(OwnedFd, OwnedFd), 
     Ok(unsafe { (OwnedFd::from_raw_fd(a), OwnedFd::from_raw_fd(b)) })
 }
 
+/// A copy of a made-again pipe end or socket for the image's fd `fd`,
+/// with its `O_NONBLOCK` status flag.
+fn copy_end(end: &OwnedFd, flags: i32, fd: RawFd) -> Result<RawFd, String> {
+    // SAFETY: duplicates our own fd; F_SETFL on the copy sets the shared
+    // open file's status flags.
+    let copy = unsafe { libc::dup(end.as_raw_fd()) };
+    if copy < 0 {
+        return Err(os_err(&format!("fd {fd}: dup")));
+    }
+    // SAFETY: as above.
+    unsafe { libc::fcntl(copy, libc::F_SETFL, flags & libc::O_NONBLOCK) };
+    Ok(copy)
+}
+
 fn fstat(fd: RawFd) -> Option<libc::stat> {
     // SAFETY: st is ours.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -321,15 +360,7 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
                     pairs.push((*pair, a, b));
                 }
                 let p = pairs.iter().find(|p| p.0 == *pair).expect("made above");
-                let end = if *first { &p.1 } else { &p.2 };
-                // SAFETY: duplicates our own socket; F_SETFL on the copy
-                // sets the socket's status flags (O_NONBLOCK).
-                let fd = unsafe { libc::dup(end.as_raw_fd()) };
-                if fd < 0 {
-                    return Err(os_err(&format!("fd {}: dup", f.fd)));
-                }
-                // SAFETY: as above.
-                unsafe { libc::fcntl(fd, libc::F_SETFL, flags & libc::O_NONBLOCK) };
+                let fd = copy_end(if *first { &p.1 } else { &p.2 }, *flags, f.fd)?;
                 if *passcred {
                     crate::streams::seqpacket::pass_credentials(fd);
                 }
@@ -350,16 +381,7 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
                     pipes.push((*ino, r, w));
                 }
                 let p = pipes.iter().find(|p| p.0 == *ino).expect("made above");
-                let end = if *read { &p.1 } else { &p.2 };
-                // SAFETY: duplicates our own pipe end; F_SETFL on the copy
-                // sets the end's status flags (O_NONBLOCK).
-                let fd = unsafe { libc::dup(end.as_raw_fd()) };
-                if fd < 0 {
-                    return Err(os_err(&format!("fd {}: dup", f.fd)));
-                }
-                // SAFETY: as above.
-                unsafe { libc::fcntl(fd, libc::F_SETFL, flags & libc::O_NONBLOCK) };
-                fd
+                copy_end(if *read { &p.1 } else { &p.2 }, *flags, f.fd)?
             }
             FdKind::File {
                 path,
@@ -1042,6 +1064,7 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
         plan.write(Plan {
             image_fd: i64::from(image_fd),
             brk: meta.brk,
+            mm: mm_map(&meta),
             unmap: put(unmap_off) as *const Range,
             n_unmap: unmap.len(),
             ops: put(ops_off) as *mut MapOp,
@@ -1073,6 +1096,32 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
     }
     let top = (area + stacks_off + CORE_STACK) & !15;
     Ok((area + plan_off, top))
+}
+
+/// The image's memory layout as `PR_SET_MM_MAP` takes it (auxv and the
+/// executable left as they are: the restorer runs the same executable).
+fn mm_map(meta: &Meta) -> MmMap {
+    let [start_code, end_code, start_data, end_data, start_brk, start_stack, arg_start, arg_end, env_start, env_end] =
+        meta.mm[..]
+    else {
+        return MmMap::default();
+    };
+    MmMap {
+        start_code,
+        end_code,
+        start_data,
+        end_data,
+        start_brk,
+        brk: meta.brk.max(start_brk),
+        start_stack,
+        arg_start,
+        arg_end,
+        env_start,
+        env_end,
+        auxv: 0,
+        auxv_size: 0,
+        exe_fd: u32::MAX,
+    }
 }
 
 /// # Safety
@@ -1168,6 +1217,19 @@ extern "C" fn restore_core(plan: usize) -> ! {
             arch::sys(SYS_munmap, r.start as usize, r.len as usize, 0, 0);
         }
         arch::sys(SYS_brk, p.brk as usize, 0, 0, 0);
+        // The kernel's idea of the layout becomes the image's, so that
+        // /proc/PID/cmdline and environ show the program's strings, not
+        // whatever of the image now lies where the restorer's were. Needs
+        // no privilege; an old kernel without it leaves them as they were.
+        if p.mm.start_code != 0 {
+            arch::sys(
+                libc::SYS_prctl,
+                PR_SET_MM,
+                PR_SET_MM_MAP,
+                &p.mm as *const MmMap as usize,
+                std::mem::size_of::<MmMap>(),
+            );
+        }
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as usize;
         for i in 0..p.n_ops {
             let op = &mut *p.ops.add(i);

@@ -220,7 +220,14 @@ pub fn refill(fd: RawFd, framed: &[u8]) -> Result<(), String> {
     // Each queued message costs its bytes and a buffer head (~1 KiB).
     let want = (framed.len() + msgs.len() * 2048 + (1 << 20)).min(i32::MAX as usize / 2);
     super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want as i32);
+    resend(fd, &msgs)
+}
+
+/// Send each of `msgs` on `fd` without waiting; an error if one does not
+/// fit.
+pub fn resend<M: AsRef<[u8]>>(fd: RawFd, msgs: &[M]) -> Result<(), String> {
     for m in msgs {
+        let m = m.as_ref();
         // SAFETY: sends our buffer on our socket without blocking.
         let r = unsafe {
             libc::send(
@@ -232,8 +239,8 @@ pub fn refill(fd: RawFd, framed: &[u8]) -> Result<(), String> {
         };
         if r != m.len() as isize {
             return Err(format!(
-                "putting back {} pending messages: {}",
-                framed.len(),
+                "putting back {} queued messages: {}",
+                msgs.len(),
                 std::io::Error::last_os_error()
             ));
         }

@@ -579,25 +579,11 @@ pub fn queued(fd: c_int, peer: c_int, seqpacket: bool) -> Result<Vec<u8>, String
     if !had {
         super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, 0);
     }
+    // Put back from the other end (it held these messages a moment ago:
+    // there is room).
+    super::seqpacket::resend(peer, &msgs).map_err(|e| format!("fd {fd}: {e}"))?;
     let mut out = Vec::new();
     for m in &msgs {
-        // SAFETY: sends our buffer on our socket without waiting (it held
-        // these messages a moment ago: there is room).
-        let s = unsafe {
-            libc::send(
-                peer,
-                m.as_ptr().cast(),
-                m.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if s != m.len() as isize {
-            return Err(format!(
-                "fd {fd}: putting back its {} queued messages: {}",
-                msgs.len(),
-                std::io::Error::last_os_error()
-            ));
-        }
         frame(&mut out, m);
     }
     r.map(|()| out)
