@@ -1210,6 +1210,91 @@ want = (b"to-b", b"to-a-1to-a-2", [b"m1", b"", b"m3" * 1000], [b"back"])
 print("ok" if got == want else "wrong %r" % (got,), n, flush=True)
 "#;
 
+const PARK_SERVER: &str = r#"
+import socket, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", int(sys.argv[1])))
+l.listen()
+print("listening", flush=True)
+c, _ = l.accept()
+f = c.makefile("rb")
+n = 0
+for line in f:
+    c.sendall(b"echo " + line)
+    n += 1
+print("server saw", n, "lines", flush=True)
+"#;
+
+const PARK_CLIENT: &str = r#"
+import os, socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+f = s.makefile("rb")
+print(os.getpid(), flush=True)
+n = int(sys.argv[2])
+for i in range(n):
+    s.sendall(b"line %d\n" % i)
+    time.sleep(0.01)
+    got = f.readline()
+    if got != b"echo line %d\n" % i:
+        print("wrong reply", i, got, flush=True)
+        sys.exit(1)
+s.close()
+print("ok", n, flush=True)
+"#;
+
+/// A checkpoint with `--kill` takes a connection to another process into
+/// the image: the agent keeps it open (the server sees no end and its
+/// reply waits in the socket); the restart takes the same socket back on
+/// the node where it waits, then moves the process to the node asked for,
+/// connection and all. Without `--kill` the checkpoint is refused (the
+/// connection stays with the running process).
+#[test]
+fn a_connection_in_a_checkpoint_image_waits_for_the_restart_and_goes_on_from_another_node() {
+    let c = Cluster::up(3, 1.0);
+    let port = "47311";
+    let mut server = piped(&c, 1, &["python3", "-c", PARK_SERVER, port]);
+    assert_eq!(read_line(&mut server), "listening");
+    let mut client = piped(&c, 2, &["python3", "-c", PARK_CLIENT, port, "400"]);
+    let pid = read_line(&mut client);
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let img = shared_dir("parked").join("img");
+    let _ = std::fs::remove_dir_all(&img);
+    let img = img.to_str().unwrap();
+    let keep = c.krg(2, &["checkpoint", &pid, "-o", img]);
+    assert!(!keep.status.success(), "{}", show(&keep));
+    assert!(text(&keep.stderr).contains("--kill"), "{}", show(&keep));
+    let ck = c.krg(2, &["checkpoint", &pid, "-o", img, "--kill"]);
+    assert!(ck.status.success(), "checkpoint: {}", show(&ck));
+    let _ = client.wait();
+    // A while with the client gone: the server waits, it sees no end.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let k = krg_bin();
+    let restart = c
+        .plain(
+            1,
+            &[k.to_str().unwrap(), "restart", "-q", img, "--node", "3"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(std::time::Duration::from_secs(20), || c
+            .ps(1)
+            .iter()
+            .any(|p| p["pid"].as_i64().map(|x| x.to_string())
+                == Some(pid.clone())
+                && p["node"].as_u64() == Some(3))),
+        "the restarted client never ran on node 3: {:?}",
+        c.ps(1)
+    );
+    let out = ok(&restart.wait_with_output().unwrap(), "restarted client");
+    assert_eq!(out, "ok 400\n");
+    let out = ok(&server.wait_with_output().unwrap(), "server");
+    assert_eq!(out, "server saw 400 lines\n");
+}
+
 #[test]
 fn socketpairs_within_a_process_move_and_restart_with_what_is_queued_in_them() {
     let c = Cluster::up(3, 1.0);

@@ -9,7 +9,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Bumped whenever a message changes incompatibly.
-pub const PROTO_VERSION: u32 = 4;
+pub const PROTO_VERSION: u32 = 5;
 
 /// A request to the local agent. The caller's pid, uid and gid come from
 /// `SO_PEERCRED`, never from the message.
@@ -276,6 +276,15 @@ pub enum Request {
     /// held, with `Release` (the fd whose relay to end) or an error (relay
     /// on).
     ShadowRelays(Vec<(i32, String, String)>),
+    /// From a process being checkpointed with `--kill`: keep its fd `fd`
+    /// (a connection, a listener, a pipe to another process) open in the
+    /// agent until the image is restarted, so that the other end waits
+    /// instead of seeing it closed. Answered with `Id` (the park).
+    Park { fd: i32 },
+    /// From a restorer: the fd parked as `id` on this node, taken back
+    /// (`StreamFd`, then one descriptor; a checkpoint that failed takes
+    /// its parks back and closes them). Only its owner (or root) may.
+    Unpark { id: i32 },
     /// Open the FIFO `path` (canonical; the file's device and inode as this
     /// node sees them) for reading or `write`ing: wait for a process
     /// opening it the other way anywhere in the cluster. Answered with
@@ -420,6 +429,10 @@ pub struct RestartReq {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
+    /// The node where the image's connections are parked (0: none): the
+    /// image is restored there first (it takes back the same sockets),
+    /// then migrated to `node` if that is another.
+    pub parked_on: u32,
     /// How the restored process is started: executable, argv, environment,
     /// cwd, umask, rlimits, stdio, and the shadow's port and token (the
     /// `node` field is ignored).

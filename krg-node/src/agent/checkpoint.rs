@@ -513,6 +513,40 @@ impl Agent {
             })
     }
 
+    /// After a restart where parked connections waited: migrate the
+    /// restored process to the node the restart asked for, once it runs
+    /// (tried for a while: the restore takes a moment).
+    async fn move_once_restored(self: std::sync::Arc<Self>, g: i32, to: u32, uid: u32) {
+        let order = CkptOrder {
+            action: CkptAction::Migrate,
+            path: Vec::new(),
+            kill: false,
+            node: to,
+            streams: Vec::new(),
+            precopy: false,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            match self.checkpoint(g, order.clone(), uid, 0).await {
+                Ok(_) => {
+                    info!("pid {g}: restarted, moved on to node {to} with its connections");
+                    return;
+                }
+                Err(e) if Instant::now() < deadline && e.errno != libc::ESRCH => {
+                    debug!("pid {g}: not movable to node {to} yet: {}", e.msg)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "pid {g}: restarted where its connections waited, but not moved to node {to}: {}",
+                        e.msg
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
     /// `krg restart`: start the image on the chosen node; the caller is the
     /// shadow. Answers the restored process's gpid and node.
     pub(super) async fn restart(
@@ -526,14 +560,35 @@ impl Agent {
                 "caller is not visible in this node's pid namespace",
             ));
         }
-        let node = if req.node != 0 {
-            if !self.is_up(req.node) && req.node != self.node_id() {
+        let up = |n: u32| self.is_up(n) || n == self.node_id();
+        // An image with parked connections is restored where they wait (it
+        // takes the same sockets back), then moved where it was asked to go.
+        let then =
+            (req.parked_on != 0 && req.node != 0 && req.node != req.parked_on).then_some(req.node);
+        let node = if req.parked_on != 0 {
+            if !up(req.parked_on) {
+                return Err(err(
+                    libc::EHOSTDOWN,
+                    format!(
+                        "node {} is down, and the image's connections wait there",
+                        req.parked_on
+                    ),
+                ));
+            }
+            req.parked_on
+        } else if req.node != 0 {
+            if !up(req.node) {
                 return Err(err(libc::EHOSTDOWN, format!("node {} is down", req.node)));
             }
             req.node
         } else {
             self.placement(who.pid, None)
         };
+        if let Some(n) = then {
+            if !up(n) {
+                return Err(err(libc::EHOSTDOWN, format!("node {n} is down")));
+            }
+        }
         // The image's gpid comes back if no process has it any more.
         let g = req.gpid;
         let reuse = libkrg::gpid::is_gpid(g) && self.kill_routed(g, 0, 0, 0).await.is_err();
@@ -576,6 +631,11 @@ impl Agent {
             "pid {gpid}: restarted from {} on node {node} (kernel pid {kpid} there)",
             String::from_utf8_lossy(&req.image)
         );
+        if let Some(to) = then {
+            let agent = self.clone();
+            let uid = who.uid;
+            tokio::spawn(async move { agent.move_once_restored(gpid, to, uid).await });
+        }
         Ok(CkptDoneInfo {
             pid: gpid,
             node,

@@ -12,6 +12,7 @@ pub mod dsm;
 pub mod dsm_link;
 pub mod fifo;
 pub mod local;
+pub mod parked;
 pub mod peer;
 pub mod probe;
 pub mod procs;
@@ -115,6 +116,8 @@ pub struct Agent {
     fifos: fifo::Fifos,
     /// Cluster-wide UNIX socket names (see `unix`).
     unix: unix::UnixNames,
+    /// Fds kept open for checkpointed processes (see `parked`).
+    parked: parked::Parked,
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -151,6 +154,7 @@ impl Agent {
             child_ends: children::Ends::default(),
             fifos: fifo::Fifos::default(),
             unix: unix::UnixNames::default(),
+            parked: parked::Parked::default(),
             cpus,
             cfg,
         })
@@ -688,6 +692,10 @@ impl Agent {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
             },
+            Request::Unpark { id } => match self.unpark(who, id) {
+                Ok(r) => r,
+                Err(e) => (Response::Err(e), Vec::new()),
+            },
             Request::StreamAttach {
                 id,
                 node,
@@ -878,7 +886,9 @@ impl Agent {
                 wr_shut,
                 pair,
             } => self.stream_drained(who, id, pending, wr_shut, pair),
+            Request::Park { fd } => self.park(who, fd),
             Request::StreamAwait { .. }
+            | Request::Unpark { .. }
             | Request::StreamAttach { .. }
             | Request::FifoOpen { .. }
             | Request::UnixListen { .. }

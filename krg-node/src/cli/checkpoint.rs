@@ -126,11 +126,21 @@ pub fn restart(dir: &Path, node: Option<u32>, quiet: bool) -> Result<i32> {
         None => 0,
     };
     let image = path.as_os_str().as_bytes().to_vec();
+    // Connections parked by the checkpoint: restored where they wait.
+    let parked_on = meta
+        .fds
+        .iter()
+        .find_map(|f| match f.kind {
+            image::FdKind::Parked { node, .. } => Some(node),
+            _ => None,
+        })
+        .unwrap_or(0);
     let err = libkrg::distant::shadow_for(
         |port, token, stdio| {
             Request::Restart(RestartReq {
                 image,
                 node,
+                parked_on,
                 gpid: meta.gpid,
                 caps: meta.caps,
                 uid: meta.uid,

@@ -274,6 +274,14 @@ pub enum FdKind {
         flags: i32,
         passcred: bool,
     },
+    /// A connection, listener or pipe leading out of the process, kept
+    /// open by the agent of `node` as park `id` since a checkpoint with
+    /// `--kill` (`Request::Park`): the restore takes the very socket or
+    /// pipe back there.
+    Parked {
+        node: u32,
+        id: i32,
+    },
     /// An epoll instance with what it watches: `(fd, events, data)`, added
     /// again once every other fd is back under its number.
     Epoll {

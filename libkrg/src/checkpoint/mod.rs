@@ -754,10 +754,14 @@ fn capture_threads() -> Result<Vec<image::ThreadState>, String> {
     Ok(threads)
 }
 
-/// Pipes in a checkpoint image: a standard fd's is the restarting
-/// command's (relayed), a self-pipe is made again with what is in it, a
-/// pipe to another process cannot be (only a migration moves it).
-fn pipes_for_disk(fds: &mut [image::FdState]) -> Result<(), String> {
+/// Streams in a checkpoint image: a standard fd's is the restarting
+/// command's (relayed), a self-pipe or socketpair is made again with what
+/// is in it. A connection, listener or pipe leading out of the process is
+/// parked in this node's agent when the process is killed after the
+/// checkpoint (`kill`): the image names the park, the restore takes the
+/// same socket or pipe back. Answers the parks made (to release if the
+/// image fails).
+fn streams_for_disk(fds: &mut [image::FdState], kill: bool) -> Result<Vec<i32>, String> {
     use image::FdKind;
     capture::keep_self_pairs(fds)?;
     for f in fds.iter_mut().filter(|f| f.fd <= 2) {
@@ -768,14 +772,53 @@ fn pipes_for_disk(fds: &mut [image::FdState]) -> Result<(), String> {
             f.kind = FdKind::Relay;
         }
     }
-    for f in fds.iter() {
-        if let FdKind::Pipe { ino, read, .. } = f.kind {
-            if !capture::other_end_here(fds, ino, read) {
-                return Err(format!("fd {}: pipe:[{ino}] leads to another process: a pipe moves with krg migrate, not in a checkpoint image", f.fd));
+    capture::keep_self_pipes(fds)?;
+    let leads_out = |fds: &[image::FdState], f: &image::FdState| match f.kind {
+        FdKind::Pipe { ino, read, .. } => !capture::other_end_here(fds, ino, read),
+        FdKind::Tcp { .. }
+        | FdKind::TcpListen { .. }
+        | FdKind::UnixListen { .. }
+        | FdKind::UnixStream { .. } => true,
+        _ => false,
+    };
+    let out: Vec<usize> = (0..fds.len())
+        .filter(|i| leads_out(fds, &fds[*i]))
+        .collect();
+    if let (false, Some(i)) = (kill, out.first()) {
+        let what = match fds[*i].kind {
+            FdKind::Pipe { ino, .. } => format!("pipe:[{ino}] leads to another process"),
+            FdKind::TcpListen { .. } | FdKind::UnixListen { .. } => "a listening socket".into(),
+            _ => "a connection to another process".into(),
+        };
+        return Err(format!(
+            "fd {}: {what}: it stays with the process, which keeps running; checkpoint with --kill to take it into the image (its other end then waits for the restart)",
+            fds[*i].fd
+        ));
+    }
+    let node = crate::processes::node_id();
+    let mut parks = Vec::new();
+    for i in out {
+        let fd = fds[i].fd;
+        match crate::client::call(&crate::proto::Request::Park { fd }) {
+            Ok(crate::proto::Response::Id(id)) => {
+                parks.push(id);
+                fds[i].kind = FdKind::Parked { node, id };
+            }
+            other => {
+                unpark(&parks);
+                return Err(format!("fd {fd}: parking it for the restart: {other:?}"));
             }
         }
     }
-    capture::keep_self_pipes(fds)
+    Ok(parks)
+}
+
+/// Take parks back and close them (a checkpoint that failed: the process
+/// goes on with its own fds).
+fn unpark(parks: &[i32]) {
+    for id in parks {
+        let _ = crate::client::call_fds(&crate::proto::Request::Unpark { id: *id });
+    }
 }
 
 fn take_image(order: &Order) -> Result<u64, String> {
@@ -795,39 +838,26 @@ fn take_image(order: &Order) -> Result<u64, String> {
     );
     let (regions, runs) = capture::regions(&maps)?;
     let mut fds = capture::capture_fds(&[fd])?;
-    pipes_for_disk(&mut fds)?;
-    if let Some(f) = fds.iter().find(|f| {
-        matches!(
-            f.kind,
-            image::FdKind::Tcp { .. }
-                | image::FdKind::TcpListen { .. }
-                | image::FdKind::UnixListen { .. }
-                | image::FdKind::UnixStream { .. }
-        )
-    }) {
-        return Err(format!(
-            "fd {}: a connected socket moves with krg migrate, not in a checkpoint image (it could not reconnect at restart)",
-            f.fd
-        ));
-    }
+    let parks = streams_for_disk(&mut fds, order.kill)?;
     let mem: u64 = runs.iter().map(|r| r.1).sum();
-    let meta = capture::meta(
+    let r = capture::meta(
         &maps,
         regions.clone(),
         threads,
         fds,
         mem,
         &ANCHOR as *const AtomicI32 as u64,
-    )?;
-    let r = capture::write_image(fd, &meta, &regions, &runs);
+    )
+    .and_then(|meta| capture::write_image(fd, &meta, &regions, &runs));
     drop(file);
     match r {
-        Ok(n) => {
-            std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
-            Ok(n)
-        }
+        Ok(n) => std::fs::rename(&tmp, &path).map(|()| n).map_err(|e| {
+            unpark(&parks);
+            format!("{}: {e}", path.display())
+        }),
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
+            unpark(&parks);
             Err(e)
         }
     }

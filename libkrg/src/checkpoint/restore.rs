@@ -499,6 +499,18 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
                 }
                 fd
             }
+            FdKind::Parked { node, id } => {
+                let what = || format!("fd {}: parked on node {node} as {id}", f.fd);
+                let (r, mut got) =
+                    crate::client::call_fds(&crate::proto::Request::Unpark { id: *id })
+                        .map_err(|e| format!("{}: {e}", what()))?;
+                match (r, got.pop()) {
+                    (crate::proto::Response::StreamFd, Some(fd)) => {
+                        std::os::fd::IntoRawFd::into_raw_fd(fd)
+                    }
+                    (other, _) => return Err(format!("{}: unexpected answer {other:?}", what())),
+                }
+            }
             FdKind::Epoll { flags, .. } => {
                 // SAFETY: creates a new epoll instance; what it watches is
                 // added once every fd is under its number (below).
