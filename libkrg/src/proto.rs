@@ -413,6 +413,20 @@ pub struct CkptOrder {
     pub precopy: bool,
 }
 
+impl CkptOrder {
+    /// An order to migrate to `node`.
+    pub fn migrate(node: u32, precopy: bool) -> CkptOrder {
+        CkptOrder {
+            action: CkptAction::Migrate,
+            path: Vec::new(),
+            kill: false,
+            node,
+            streams: Vec::new(),
+            precopy,
+        }
+    }
+}
+
 /// A restart request: what the command read from the image (the agent
 /// takes credentials from the kernel, never from the image, unless the
 /// caller is root).

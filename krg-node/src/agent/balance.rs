@@ -22,7 +22,7 @@
 //! candidates; the one with the most CPU time lately goes first.
 
 use super::{Agent, Caps};
-use libkrg::proto::{CkptAction, CkptOrder};
+use libkrg::proto::CkptOrder;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -208,14 +208,7 @@ impl Agent {
         let a = self.clone();
         tokio::spawn(async move {
             for (g, to) in plan {
-                let order = CkptOrder {
-                    action: CkptAction::Migrate,
-                    path: Vec::new(),
-                    kill: false,
-                    node: to,
-                    streams: Vec::new(),
-                    precopy: false,
-                };
+                let order = CkptOrder::migrate(to, false);
                 match a.checkpoint_local(g, order, 0).await {
                     Ok(done) => {
                         info!("balancer: moved pid {g} to node {to} ({} ms)", done.ms);

@@ -517,14 +517,7 @@ impl Agent {
     /// restored process to the node the restart asked for, once it runs
     /// (tried for a while: the restore takes a moment).
     async fn move_once_restored(self: std::sync::Arc<Self>, g: i32, to: u32, uid: u32) {
-        let order = CkptOrder {
-            action: CkptAction::Migrate,
-            path: Vec::new(),
-            kill: false,
-            node: to,
-            streams: Vec::new(),
-            precopy: false,
-        };
+        let order = CkptOrder::migrate(to, false);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;

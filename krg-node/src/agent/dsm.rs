@@ -442,8 +442,9 @@ fn pidfd_open(kpid: i32) -> Result<OwnedFd, ErrorReply> {
     sys_fd(r, &format!("pidfd_open({kpid})"))
 }
 
-/// A copy of descriptor `fd` of process `kpid`.
-fn pidfd_getfd(kpid: i32, fd: i32) -> Result<OwnedFd, ErrorReply> {
+/// A copy of descriptor `fd` of process `kpid` (also the parks'; see
+/// `parked`).
+pub(super) fn pidfd_getfd(kpid: i32, fd: i32) -> Result<OwnedFd, ErrorReply> {
     let p = pidfd_open(kpid)?;
     // SAFETY: pidfd_getfd takes a pidfd, a descriptor number and flags.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, p.as_raw_fd(), fd, 0) };

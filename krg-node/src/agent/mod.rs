@@ -1046,14 +1046,7 @@ impl Agent {
                 ))
             }
             Request::Migrate { pid, node, precopy } => {
-                let order = libkrg::proto::CkptOrder {
-                    action: libkrg::proto::CkptAction::Migrate,
-                    path: Vec::new(),
-                    kill: false,
-                    node,
-                    streams: Vec::new(),
-                    precopy,
-                };
+                let order = libkrg::proto::CkptOrder::migrate(node, precopy);
                 Ok(Response::Ckpt(
                     self.checkpoint(pid, order, who.uid, 0).await?,
                 ))

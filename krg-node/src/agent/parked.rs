@@ -11,7 +11,7 @@
 use super::{err, Agent, Caller};
 use libkrg::proto::{ErrorReply, Response};
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 
 /// The parks of this node: id -> (owner uid, the fd).
@@ -22,38 +22,6 @@ impl Parked {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<i32, (u32, OwnedFd)>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
-
-    /// How many fds are parked here.
-    pub fn count(&self) -> usize {
-        self.map().len()
-    }
-}
-
-/// A copy of fd `fd` of kernel pid `pid`.
-fn take(pid: i32, fd: i32) -> Result<OwnedFd, ErrorReply> {
-    let e = |what: &str| {
-        err(
-            libc::EBADF,
-            format!(
-                "parking fd {fd} of kernel pid {pid}: {what}: {}",
-                std::io::Error::last_os_error()
-            ),
-        )
-    };
-    // SAFETY: pidfd_open of a pid (no memory passed); the result is ours.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        return Err(e("pidfd_open"));
-    }
-    // SAFETY: the pidfd was just opened and is ours alone.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-    // SAFETY: copies fd `fd` of that process into ours (close-on-exec).
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if r < 0 {
-        return Err(e("pidfd_getfd"));
-    }
-    // SAFETY: as above: the new fd is ours alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
 
 impl Agent {
@@ -65,7 +33,12 @@ impl Agent {
                 "caller is not visible in this node's pid namespace",
             ));
         }
-        let f = take(who.pid, fd)?;
+        let f = super::dsm::pidfd_getfd(who.pid, fd).map_err(|e| {
+            err(
+                libc::EBADF,
+                format!("parking fd {fd} of kernel pid {}: {}", who.pid, e.msg),
+            )
+        })?;
         let mut m = self.parked.map();
         let id = loop {
             let id = (rand::random::<u32>() >> 1) as i32;
