@@ -314,6 +314,24 @@ fn new_pair(meta: &Meta, pair: u64, floor: RawFd) -> Result<(OwnedFd, OwnedFd), 
     Ok(unsafe { (OwnedFd::from_raw_fd(a), OwnedFd::from_raw_fd(b)) })
 }
 
+/// The two ends made again for `key` (a pipe's or a socketpair's): made
+/// by `make` the first time one of its fds is restored, found after that.
+fn made_once(
+    made: &mut Vec<(u64, OwnedFd, OwnedFd)>,
+    key: u64,
+    make: impl FnOnce() -> Result<(OwnedFd, OwnedFd), String>,
+) -> Result<&(u64, OwnedFd, OwnedFd), String> {
+    let i = match made.iter().position(|m| m.0 == key) {
+        Some(i) => i,
+        None => {
+            let (a, b) = make()?;
+            made.push((key, a, b));
+            made.len() - 1
+        }
+    };
+    Ok(&made[i])
+}
+
 /// A copy of a made-again pipe end or socket for the image's fd `fd`,
 /// with its `O_NONBLOCK` status flag.
 fn copy_end(end: &OwnedFd, flags: i32, fd: RawFd) -> Result<RawFd, String> {
@@ -354,12 +372,8 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
                 passcred,
                 ..
             } => {
-                if !pairs.iter().any(|p| p.0 == *pair) {
-                    let (a, b) =
-                        new_pair(meta, *pair, floor).map_err(|e| format!("fd {}: {e}", f.fd))?;
-                    pairs.push((*pair, a, b));
-                }
-                let p = pairs.iter().find(|p| p.0 == *pair).expect("made above");
+                let p = made_once(&mut pairs, *pair, || new_pair(meta, *pair, floor))
+                    .map_err(|e| format!("fd {}: {e}", f.fd))?;
                 let fd = copy_end(if *first { &p.1 } else { &p.2 }, *flags, f.fd)?;
                 if *passcred {
                     crate::streams::seqpacket::pass_credentials(fd);
@@ -375,12 +389,8 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
             FdKind::Pipe {
                 ino, read, flags, ..
             } => {
-                if !pipes.iter().any(|p| p.0 == *ino) {
-                    let (r, w) =
-                        new_pipe(meta, *ino, floor).map_err(|e| format!("fd {}: {e}", f.fd))?;
-                    pipes.push((*ino, r, w));
-                }
-                let p = pipes.iter().find(|p| p.0 == *ino).expect("made above");
+                let p = made_once(&mut pipes, *ino, || new_pipe(meta, *ino, floor))
+                    .map_err(|e| format!("fd {}: {e}", f.fd))?;
                 copy_end(if *read { &p.1 } else { &p.2 }, *flags, f.fd)?
             }
             FdKind::File {

@@ -621,21 +621,8 @@ pub fn pair_holding(
         }
         let want = (bytes.len() + (64 << 10)).min(i32::MAX as usize / 2) as i32;
         super::moving::set_int_opt(from.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, want);
-        // SAFETY: sends our buffer on our socket without waiting.
-        let r = unsafe {
-            libc::send(
-                from.as_raw_fd(),
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if r != bytes.len() as isize {
-            return Err(format!(
-                "socketpair: {} queued bytes to put back, {r} fit",
-                bytes.len()
-            ));
-        }
+        super::seqpacket::resend(from.as_raw_fd(), &[bytes])
+            .map_err(|e| format!("socketpair: {} queued bytes: {e}", bytes.len()))?;
     }
     Ok((a, b))
 }
