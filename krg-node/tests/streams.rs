@@ -712,6 +712,72 @@ fn a_fifo_between_two_nodes_carries_its_stream_over_the_network_while_its_reader
     let _ = std::fs::remove_file(f);
 }
 
+/// Both ends of a FIFO on one node share the kernel's FIFO; either end can
+/// still move: the FIFO becomes a connection between the two nodes, and
+/// after both moved the node they shared carries none of the stream.
+#[test]
+fn a_fifo_whose_ends_met_on_one_node_moves_with_either_end() {
+    let c = Cluster::up(3, 1.0);
+    let g = pipegen();
+    let want = std::process::Command::new("sh")
+        .args(["-c", &format!("{g} 256 | sha256sum")])
+        .output()
+        .unwrap();
+    let want = ok(&want, "reference run");
+    let want = want.split_whitespace().next().unwrap().to_string();
+    let f = shared_dir("fifo-local").join("ff");
+    for first in ["reader", "writer"] {
+        let _ = std::fs::remove_file(&f);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&f)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let fs = f.to_str().unwrap();
+        // The reader opens the FIFO by name (its fd 3), the writer has it
+        // as its stdout; both on node 1.
+        let reader = piped(&c, 1, &["sha256sum", fs]);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let writer = piped(&c, 1, &["sh", "-c", &format!("exec {g} 256 30 > {fs}")]);
+        let (mut prod, mut cons) = (None, None);
+        assert!(wait_for(std::time::Duration::from_secs(10), || {
+            prod = find(&c, &format!("{g} 256")).map(|p| p.0.to_string());
+            cons = find(&c, "sha256sum").map(|p| p.0.to_string());
+            prod.is_some() && cons.is_some()
+        }));
+        let (prod, cons) = (prod.unwrap(), cons.unwrap());
+        let (a, b) = if first == "reader" {
+            ((cons.as_str(), "sha256sum"), (prod.as_str(), g.as_str()))
+        } else {
+            ((prod.as_str(), g.as_str()), (cons.as_str(), "sha256sum"))
+        };
+        // One end leaves: the stream crosses between nodes 1 and 2.
+        migrate_to(&c, a.0, 2, a.1);
+        let (moved, stayed) = traffic(&c, 2, 1);
+        assert!(
+            moved > 500_000 && stayed > 500_000,
+            "{first} moved first: one second of the stream: node 2 {moved} bytes, node 1 {stayed}"
+        );
+        // The other one too: node 1 is left out of it.
+        migrate_to(&c, b.0, 3, b.1);
+        let (new, old) = traffic(&c, 3, 1);
+        assert!(
+            new > 500_000 && old < new / 20,
+            "{first} moved first, then the other: one second of the stream: node 3 {new} bytes, node 1 (left) {old}"
+        );
+        usr1(&c, 1, &prod);
+        ok(&writer.wait_with_output().unwrap(), "writer");
+        let out = reader.wait_with_output().unwrap();
+        let got = ok(&out, "reader");
+        assert_eq!(
+            got.split_whitespace().next(),
+            Some(want.as_str()),
+            "{first} moved first: the digest of the stream"
+        );
+    }
+    let _ = std::fs::remove_file(&f);
+}
+
 /// `fopen` opens without the PLT: its own hook meets the FIFO's other end
 /// across the cluster, and the program reads and writes a stdio stream as
 /// usual.

@@ -9,7 +9,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Bumped whenever a message changes incompatibly.
-pub const PROTO_VERSION: u32 = 5;
+pub const PROTO_VERSION: u32 = 6;
 
 /// A request to the local agent. The caller's pid, uid and gid come from
 /// `SO_PEERCRED`, never from the message.
@@ -223,8 +223,8 @@ pub enum Request {
     /// The IPv4 address of every node up. Answered with `NodeAddrs`.
     NodeAddrs,
     /// From a process being captured for migration: its TCP connections
-    /// `(local, peer)` (socket addresses as text) and its pipes (inode of
-    /// each, on this node) are to move. The agents find the SSI process at
+    /// `(local, peer)` (socket addresses as text), its pipes and FIFOs (on
+    /// this node) and UNIX sockets are to move. The agents find the SSI process at
     /// the other end of each and have it drain its side and wait for a new
     /// connection (one order per process, however many streams it has with
     /// the mover). An end that cannot take part fails the whole request,
@@ -233,7 +233,8 @@ pub enum Request {
     /// `Streams`.
     StreamFreeze {
         conns: Vec<(String, String)>,
-        pipes: Vec<u64>,
+        /// The fd link of each pipe end (`pipe:[N]`) or FIFO (its path).
+        pipes: Vec<String>,
         /// Connected UNIX stream sockets (inode of each, on this node).
         unix: Vec<u64>,
         optional: Vec<bool>,

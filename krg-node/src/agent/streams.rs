@@ -235,6 +235,17 @@ mod tests {
         drop(l);
         assert!(!in_use_here(port, false));
     }
+
+    #[test]
+    fn only_pipe_links_and_absolute_paths_name_a_pipe_end() {
+        assert!(is_pipe_link("pipe:[4242]"));
+        assert!(is_pipe_link("/srv/queue/ff"));
+        assert!(!is_pipe_link("pipe:[]"));
+        assert!(!is_pipe_link("pipe:[12x]"));
+        assert!(!is_pipe_link("socket:[4242]"));
+        assert!(!is_pipe_link("anon_inode:[eventfd]"));
+        assert!(!is_pipe_link("relative/ff"));
+    }
 }
 
 // --- moving TCP connections between SSI processes --------------------------
@@ -268,9 +279,9 @@ pub enum End {
     /// The TCP connection `(local, peer)` (socket addresses as text, as
     /// that end sees them).
     Tcp(String, String),
-    /// Pipe `ino` of this node; `mover` (a kernel pid) holds the moving
-    /// end.
-    Pipe { ino: u64, mover: i32 },
+    /// A pipe (fd link `pipe:[N]`) or FIFO (its path) of this node;
+    /// `mover` (a kernel pid) holds the moving end.
+    Pipe { link: String, mover: i32 },
     /// The UNIX stream or seqpacket socket `ino` of this node, held by
     /// `mover`: its peer socket is the other end.
     Unix { ino: u64, mover: i32 },
@@ -469,10 +480,11 @@ fn links_of(
                     .ok_or_else(|| format!("{what}: no such connection on this node"))?;
                 Ok((what, format!("socket:[{ino}]"), 0))
             }
-            End::Pipe { ino, mover } => {
-                let l = format!("pipe:[{ino}]");
-                Ok((format!("{l} of kernel pid {mover}"), l, *mover))
-            }
+            End::Pipe { link, mover } => Ok((
+                format!("{link} of kernel pid {mover}"),
+                link.clone(),
+                *mover,
+            )),
             End::Unix { ino, mover } => {
                 let what = format!("UNIX socket socket:[{ino}] of kernel pid {mover}");
                 let peer = peers
@@ -495,8 +507,15 @@ fn links_of(
         .collect()
 }
 
-/// Whether fd `fd` of kernel pid `pid` is open read-only (a pipe's read
-/// end), from its fdinfo.
+/// Whether `link` is an fd link a pipe end or FIFO has: `pipe:[N]`, or a
+/// FIFO's absolute path.
+fn is_pipe_link(link: &str) -> bool {
+    link.strip_prefix("pipe:[")
+        .and_then(|r| r.strip_suffix(']'))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        || link.starts_with('/')
+}
+
 /// Whether the parent of `mover` holds the same end of pipe `link` as
 /// `mover` does, at a number above 2: the pipe a shell made for a pipeline,
 /// which it closes once it has forked the stage (a shell that shares its
@@ -520,13 +539,20 @@ fn parent_shares(link: &str, mover: i32, all: &HashMap<String, Vec<(i32, i32)>>)
         .any(|(p, fd)| *p == ppid && *fd > 2 && reads(*p, *fd) == Some(mine))
 }
 
+/// Whether fd `fd` of kernel pid `pid` is open read-only (a pipe's read
+/// end) or write-only, from its fdinfo; `None` when open both ways (a FIFO
+/// opened `O_RDWR` is its own reader and writer).
 fn reads(pid: i32, fd: i32) -> Option<bool> {
     let t = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
     let flags = t
         .lines()
         .find_map(|l| l.strip_prefix("flags:"))
         .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())?;
-    Some(flags & libc::O_ACCMODE == libc::O_RDONLY)
+    match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => Some(true),
+        libc::O_WRONLY => Some(false),
+        _ => None,
+    }
 }
 
 pub(crate) fn sock_err(what: &str, e: std::io::Error) -> ErrorReply {
@@ -561,11 +587,12 @@ impl Agent {
         self: &Arc<Self>,
         mover: Caller,
         conns: Vec<(String, String)>,
-        pipes: Vec<u64>,
+        pipes: Vec<String>,
         unix: Vec<u64>,
         optional: Vec<bool>,
     ) -> Result<Response, ErrorReply> {
-        let n = conns.len() + pipes.len() + unix.len();
+        let (n_conns, n_pipes) = (conns.len(), pipes.len());
+        let n = n_conns + n_pipes + unix.len();
         if optional.len() != n {
             return Err(err(
                 libc::EINVAL,
@@ -587,11 +614,19 @@ impl Agent {
                 None => out[i] = StreamPeer::Foreign(format!("TCP connection {local} -> {peer}: the peer is not a node of the cluster (connections leaving the cluster do not move)")),
             }
         }
-        for (j, ino) in pipes.iter().enumerate() {
+        for (j, link) in pipes.into_iter().enumerate() {
+            // Only matched against the fd links of this node's processes,
+            // the mover's among them (`holder_of`).
+            if !is_pipe_link(&link) {
+                return Err(err(
+                    libc::EINVAL,
+                    format!("StreamFreeze: {link:?} is neither a pipe nor a FIFO's path"),
+                ));
+            }
             by_node.entry(self.node_id()).or_default().push((
                 conns.len() + j,
                 End::Pipe {
-                    ino: *ino,
+                    link,
                     mover: mover.pid,
                 },
             ));
@@ -624,7 +659,7 @@ impl Agent {
             by_node
                 .entry(node)
                 .or_default()
-                .push((conns.len() + pipes.len() + j, end));
+                .push((n_conns + n_pipes + j, end));
         }
         // Check everywhere; then freeze the ends that can be.
         let mut take: HashMap<u32, Vec<(usize, End)>> = HashMap::new();
@@ -696,9 +731,10 @@ impl Agent {
                 }
             }
         }
-        if mover != 0 && link.starts_with("pipe:") && !hs.is_empty() {
-            // The other end, and only it: a pipe with two writers (or
-            // readers) is not a connection between two processes.
+        if mover != 0 && is_pipe_link(link) && !hs.is_empty() {
+            // The other end, and only it: a pipe or FIFO with two writers
+            // (or readers, or one both ways) is not a connection between two
+            // processes.
             let mine = every
                 .iter()
                 .find(|(p, _)| *p == mover)

@@ -43,6 +43,35 @@ pub struct Sample {
     pub values: Vec<f64>,
 }
 
+/// The CPU the calling thread runs on now.
+pub(crate) fn this_cpu() -> usize {
+    // SAFETY: sched_getcpu has no preconditions.
+    let c = unsafe { libc::sched_getcpu() };
+    c.max(0) as usize
+}
+
+/// Pin the calling thread (and what it forks and execs afterwards) to
+/// `cpu`. The stream benchmarks run both ends on one CPU: on this VM a
+/// pipe between two CPUs runs at about a tenth of a pipe within one, and
+/// where the kernel puts two processes changes from run to run, so
+/// unpinned ratios measure the kernel's scheduler more than krg.
+pub(crate) fn pin_to(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET bounds-checks
+    // against the set's size; sched_setaffinity reads the set we own.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r != 0 {
+        bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The environment variable that tells a benchmark peer its CPU.
+pub(crate) const PIN_ENV: &str = "KRG_BENCH_CPU";
+
 pub(crate) fn quantile(v: &mut [f64], q: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -93,6 +122,8 @@ pub fn worker(args: &[String]) -> Result<i32> {
         }
         "forkexec" => s.values = fork_exec_sample(n, node.as_deref())?,
         "pipe" => {
+            // Reader and dd on one CPU (see pin_to); dd inherits it.
+            pin_to(this_cpu())?;
             let mut c = Command::new("dd");
             c.args(["if=/dev/zero", "bs=1M", &format!("count={n}")])
                 .stdout(Stdio::piped())

@@ -19,6 +19,10 @@
 //! - 100 connections: the time of `krg migrate` of a peer holding 100
 //!   connections to the worker, against the same peer holding one.
 //!
+//! - The worker and every peer run on one CPU (`bench::pin_to`): on this
+//!   VM where the kernel puts two ends of a pipe moves its throughput
+//!   tenfold, more than anything a move could change.
+//!
 //! The protocol, both ways: an 8-byte length `n`, `n` bytes, and the peer
 //! answers one byte once it has them all.
 //!
@@ -26,7 +30,7 @@
 //! peer, frozen and handed its new connections during each move, so it
 //! must not be inside an agent call of its own then.
 
-use super::bench::quantile;
+use super::bench::{pin_to, quantile, this_cpu, PIN_ENV};
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -84,10 +88,16 @@ pub fn stream_peer(args: &[String]) -> Result<()> {
 
 fn serve(r: &mut impl Read, w: &mut impl Write) -> Result<()> {
     let mut buf = vec![0u8; CHUNK];
+    // The worker's CPU, taken again at each measurement: a process that
+    // moved comes back with the new node's default affinity.
+    let pin: Option<usize> = std::env::var(PIN_ENV).ok().and_then(|c| c.parse().ok());
     loop {
         let mut h = [0u8; 8];
         if r.read_exact(&mut h).is_err() {
             return Ok(());
+        }
+        if let Some(c) = pin {
+            pin_to(c)?;
         }
         let mut left = u64::from_le_bytes(h) as usize;
         while left > 0 {
@@ -179,7 +189,8 @@ fn seq_peer() -> Result<(Child, std::fs::File)> {
     let mut cmd = Command::new(std::env::current_exe()?);
     // Pinned here: a fork+exec is placed at its exec, and this start
     // must give a socketpair on one node.
-    cmd.args(["bench-worker", "stream-peer", "seqpacket"])
+    cmd.env(PIN_ENV, this_cpu().to_string())
+        .args(["bench-worker", "stream-peer", "seqpacket"])
         .env("KRG_NODE", "1")
         .stdin(Stdio::null());
     // SAFETY: between fork and exec only dup2 (async-signal-safe), which
@@ -261,6 +272,7 @@ fn migrate(pid: u32, node: u32) -> Result<f64> {
 /// A TCP peer on node 2 holding `n` connections from here; the first.
 fn tcp_peer(n: usize) -> Result<(Child, Vec<TcpStream>)> {
     let mut p = Command::new(std::env::current_exe()?)
+        .env(PIN_ENV, this_cpu().to_string())
         .args(["bench-worker", "stream-peer", "tcp", &n.to_string()])
         .env("KRG_NODE", "2")
         .stdin(Stdio::null())
@@ -297,6 +309,7 @@ struct PipePeer {
 impl PipePeer {
     fn start() -> Result<PipePeer> {
         let mut p = Command::new(std::env::current_exe()?)
+            .env(PIN_ENV, this_cpu().to_string())
             .args(["bench-worker", "stream-peer", "pipe"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -319,6 +332,9 @@ impl PipePeer {
 /// (3); seqpacket on one node (3), relayed between two (3), on one node
 /// again (3); migrate ms with 1 and with 100 connections.
 pub fn moved_sample(mib: usize, pings: usize) -> Result<Vec<f64>> {
+    // The worker and every peer on one CPU (see pin_to): the peers are
+    // told the worker's CPU in their environment.
+    pin_to(this_cpu())?;
     let mut out = Vec::new();
     // TCP.
     let (p, mut conns) = tcp_peer(1)?;

@@ -283,8 +283,10 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
                 return Err(format!("fd {fd}: device {link_s} is not migratable"));
             }
         }
-        // A pipe moves with its process (`checkpoint::migrate`); a FIFO
-        // opened by path only as a standard fd (relayed).
+        // A pipe moves with its process (`checkpoint::migrate`), and so
+        // does a FIFO end opened by path one way; one opened both ways
+        // (`O_RDWR`: its own reader and writer) only as a standard fd
+        // (relayed).
         libc::S_IFIFO if link_s.starts_with("pipe:") => FdKind::Pipe {
             ino: st.st_ino,
             read: flags & libc::O_ACCMODE == libc::O_RDONLY,
@@ -293,8 +295,13 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
             size: unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) },
             pending: Vec::new(),
         },
+        libc::S_IFIFO if flags & libc::O_ACCMODE != libc::O_RDWR => FdKind::Fifo {
+            path: link,
+            read: flags & libc::O_ACCMODE == libc::O_RDONLY,
+            flags,
+        },
         libc::S_IFIFO if fd <= 2 => FdKind::Relay,
-        libc::S_IFIFO => return Err(format!("fd {fd}: FIFO {link_s} is not migratable (pipes are; FIFOs opened by path only as stdin, stdout or stderr)")),
+        libc::S_IFIFO => return Err(format!("fd {fd}: FIFO {link_s} opened for reading and writing is not migratable (pipes are, and FIFOs opened one way; both ways only as stdin, stdout or stderr)")),
         libc::S_IFSOCK => {
             use crate::streams::moving;
             if fd > 2 {
@@ -386,6 +393,36 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
 pub(super) fn other_end_here(fds: &[FdState], ino: u64, read: bool) -> bool {
     fds.iter()
         .any(|g| matches!(g.kind, FdKind::Pipe { ino: n, read: r, .. } if n == ino && r != read))
+}
+
+/// A FIFO both of whose ends are among `fds` (opened once each way): as a
+/// standard fd it is relayed; elsewhere the move is refused (made again as
+/// a pipe, its path would no longer reach it).
+pub(super) fn refuse_self_fifos(fds: &mut [FdState]) -> Result<(), String> {
+    let ends: Vec<(Vec<u8>, bool)> = fds
+        .iter()
+        .filter_map(|f| match &f.kind {
+            FdKind::Fifo { path, read, .. } => Some((path.clone(), *read)),
+            _ => None,
+        })
+        .collect();
+    for f in fds.iter_mut() {
+        let FdKind::Fifo { path, read, .. } = &f.kind else {
+            continue;
+        };
+        if !ends.iter().any(|(p, r)| p == path && r != read) {
+            continue;
+        }
+        if f.fd > 2 {
+            return Err(format!(
+                "fd {}: FIFO {}: this process holds both its ends: not movable",
+                f.fd,
+                String::from_utf8_lossy(path)
+            ));
+        }
+        f.kind = FdKind::Relay;
+    }
+    Ok(())
 }
 
 /// Self-pipes (both ends among `fds`) are made again from the image: the
@@ -953,6 +990,34 @@ pub fn write_end(fd: RawFd) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fifo(fd: i32, path: &str, read: bool) -> FdState {
+        FdState {
+            fd,
+            cloexec: false,
+            kind: FdKind::Fifo {
+                path: path.as_bytes().to_vec(),
+                read,
+                flags: if read { libc::O_RDONLY } else { libc::O_WRONLY },
+            },
+        }
+    }
+
+    #[test]
+    fn a_fifo_whose_both_ends_are_here_is_relayed_as_stdio_and_refused_above() {
+        // One end of each of two FIFOs: both move.
+        let mut fds = vec![fifo(0, "/a", true), fifo(4, "/b", false)];
+        refuse_self_fifos(&mut fds).unwrap();
+        assert!(fds.iter().all(|f| matches!(f.kind, FdKind::Fifo { .. })));
+        // Both ends of one, as stdin and stdout: relayed.
+        let mut fds = vec![fifo(0, "/a", true), fifo(1, "/a", false)];
+        refuse_self_fifos(&mut fds).unwrap();
+        assert!(fds.iter().all(|f| f.kind == FdKind::Relay));
+        // Both ends of one, one above 2: refused, naming it.
+        let mut fds = vec![fifo(0, "/a", true), fifo(5, "/a", false)];
+        let e = refuse_self_fifos(&mut fds).unwrap_err();
+        assert!(e.contains("fd 5") && e.contains("/a"), "{e}");
+    }
 
     #[test]
     fn maps_parse() {

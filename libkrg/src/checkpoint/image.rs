@@ -233,6 +233,15 @@ pub enum FdKind {
         size: i32,
         pending: Vec<u8>,
     },
+    /// A FIFO opened by its path, read-only or write-only, whose other end
+    /// is on this node (the kernel's FIFO): moved with this process as a
+    /// connection to the SSI process holding its other end (the migration
+    /// makes it a `Tcp`), like a pipe end. `path` is its fd link.
+    Fifo {
+        path: Vec<u8>,
+        read: bool,
+        flags: i32,
+    },
     /// A connected UNIX stream or seqpacket socket (a socketpair end,
     /// say), moved with this process as a connection to the SSI process at
     /// its other end (filled in by the migration, which makes it a `Tcp`).

@@ -67,6 +67,7 @@ fn out_taken(order: &Order) -> Result<u64, String> {
             f.kind,
             FdKind::Device { .. }
                 | FdKind::Pipe { .. }
+                | FdKind::Fifo { .. }
                 | FdKind::Tcp { .. }
                 | FdKind::UnixStream { .. }
                 | FdKind::UnixPair { .. }
@@ -127,17 +128,18 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
     // then one freeze for all, so that a peer with several streams to this
     // process gets one order.
     let mut conns: Vec<(Vec<usize>, (String, String))> = Vec::new();
-    let mut pipes: Vec<(Vec<usize>, u64)> = Vec::new();
+    // Pipes and FIFOs by fd link (`pipe:[N]`, a FIFO's path).
+    let mut pipes: Vec<(Vec<usize>, String)> = Vec::new();
     let mut unixes: Vec<(Vec<usize>, u64)> = Vec::new();
-    let add = |groups: &mut Vec<(Vec<usize>, u64)>, ino: u64, i: usize| match groups
-        .iter_mut()
-        .find(|(_, n)| *n == ino)
-    {
-        Some((v, _)) => v.push(i),
-        None => groups.push((vec![i], ino)),
-    };
+    fn add<K: PartialEq>(groups: &mut Vec<(Vec<usize>, K)>, key: K, i: usize) {
+        match groups.iter_mut().find(|(_, k)| *k == key) {
+            Some((v, _)) => v.push(i),
+            None => groups.push((vec![i], key)),
+        }
+    }
     capture::keep_self_pipes(fds)?;
     capture::keep_self_pairs(fds)?;
+    capture::refuse_self_fifos(fds)?;
     let mut seen: Vec<(u64, usize)> = Vec::new();
     for i in 0..fds.len() {
         let fd = fds[i].fd;
@@ -162,7 +164,10 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
             // One end here: its other end is some other process's, or
             // closed.
             FdKind::Pipe { ino, read, .. } if !capture::other_end_here(fds, ino, read) => {
-                add(&mut pipes, ino, i)
+                add(&mut pipes, format!("pipe:[{ino}]"), i)
+            }
+            FdKind::Fifo { ref path, .. } => {
+                add(&mut pipes, String::from_utf8_lossy(path).into_owned(), i)
             }
             FdKind::UnixStream { ino, .. } => add(&mut unixes, ino, i),
             _ => {}
@@ -183,7 +188,7 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
     let optional: Vec<bool> = groups.iter().map(|g| stdio_only(g)).collect();
     let peers = moving::freeze(
         conns.iter().map(|(_, e)| e.clone()).collect(),
-        pipes.iter().map(|(_, n)| *n).collect(),
+        pipes.iter().map(|(_, l)| l.clone()).collect(),
         unixes.iter().map(|(_, n)| *n).collect(),
         optional.clone(),
     )?;
@@ -295,7 +300,9 @@ fn as_connection(fds: &mut [FdState], idx: &[usize], id: u64, node: u32) {
                 passcred,
                 ..
             } => (flags, nodelay, keepalive, pipe, seqpacket, passcred),
-            FdKind::Pipe { flags, .. } => (flags, true, false, true, false, false),
+            FdKind::Pipe { flags, .. } | FdKind::Fifo { flags, .. } => {
+                (flags, true, false, true, false, false)
+            }
             FdKind::UnixStream {
                 flags,
                 seqpacket,

@@ -756,7 +756,7 @@ fn capture_threads() -> Result<Vec<image::ThreadState>, String> {
 
 /// Streams in a checkpoint image: a standard fd's is the restarting
 /// command's (relayed), a self-pipe or socketpair is made again with what
-/// is in it. A connection, listener or pipe leading out of the process is
+/// is in it. A connection, listener, FIFO or pipe leading out of the process is
 /// parked in this node's agent when the process is killed after the
 /// checkpoint (`kill`): the image names the park, the restore takes the
 /// same socket or pipe back. Answers the parks made (to release if the
@@ -767,7 +767,10 @@ fn streams_for_disk(fds: &mut [image::FdState], kill: bool) -> Result<Vec<i32>, 
     for f in fds.iter_mut().filter(|f| f.fd <= 2) {
         if matches!(
             f.kind,
-            FdKind::Pipe { .. } | FdKind::Tcp { .. } | FdKind::UnixStream { .. }
+            FdKind::Pipe { .. }
+                | FdKind::Fifo { .. }
+                | FdKind::Tcp { .. }
+                | FdKind::UnixStream { .. }
         ) {
             f.kind = FdKind::Relay;
         }
@@ -776,6 +779,7 @@ fn streams_for_disk(fds: &mut [image::FdState], kill: bool) -> Result<Vec<i32>, 
     let leads_out = |fds: &[image::FdState], f: &image::FdState| match f.kind {
         FdKind::Pipe { ino, read, .. } => !capture::other_end_here(fds, ino, read),
         FdKind::Tcp { .. }
+        | FdKind::Fifo { .. }
         | FdKind::TcpListen { .. }
         | FdKind::UnixListen { .. }
         | FdKind::UnixStream { .. } => true,
@@ -787,6 +791,9 @@ fn streams_for_disk(fds: &mut [image::FdState], kill: bool) -> Result<Vec<i32>, 
     if let (false, Some(i)) = (kill, out.first()) {
         let what = match fds[*i].kind {
             FdKind::Pipe { ino, .. } => format!("pipe:[{ino}] leads to another process"),
+            FdKind::Fifo { ref path, .. } => {
+                format!("FIFO {} is open", String::from_utf8_lossy(path))
+            }
             FdKind::TcpListen { .. } | FdKind::UnixListen { .. } => "a listening socket".into(),
             _ => "a connection to another process".into(),
         };

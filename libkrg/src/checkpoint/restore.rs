@@ -386,6 +386,13 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
                     f.fd
                 ))
             }
+            FdKind::Fifo { path, .. } => {
+                return Err(format!(
+                    "fd {}: FIFO {} was not moved (only a migration moves it)",
+                    f.fd,
+                    String::from_utf8_lossy(path)
+                ))
+            }
             FdKind::Pipe {
                 ino, read, flags, ..
             } => {

@@ -132,6 +132,12 @@ pub fn ino_of(fd: RawFd) -> Option<u64> {
     stat_of(fd).map(|st| st.st_ino)
 }
 
+/// What `/proc/self/fd/N` says `fd` is (`pipe:[N]`, a FIFO's path).
+pub fn fd_link(fd: RawFd) -> Option<String> {
+    let l = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    l.into_os_string().into_string().ok()
+}
+
 /// Whether socket `fd` stands for a pipe.
 pub fn pipe_born(fd: RawFd) -> bool {
     let Some(ino) = ino_of(fd) else {
@@ -394,7 +400,7 @@ pub(crate) fn readable_before(fd: RawFd, deadline: Instant) -> Option<bool> {
 /// per stream, connections first (see the request). What became of each.
 pub fn freeze(
     conns: Vec<(String, String)>,
-    pipes: Vec<u64>,
+    pipes: Vec<String>,
     unix: Vec<u64>,
     optional: Vec<bool>,
 ) -> Result<Vec<StreamPeer>, String> {

@@ -36,18 +36,18 @@ pub fn drain_pipe_to_eof(fd: RawFd) -> (Vec<u8>, Option<String>) {
 /// part. Each stream held must then be attached, on the target or here
 /// ([`reattach`]).
 pub fn hand_over(stdio: &mut [StdioKind]) {
-    // One group per pipe: (inode, fds).
-    let mut groups: Vec<(u64, Vec<usize>)> = Vec::new();
+    // One group per pipe or FIFO: (fd link, fds).
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
     for (fd, k) in stdio.iter().enumerate().take(3) {
         if *k != StdioKind::Relay || !moving::is_pipe(fd as RawFd) {
             continue;
         }
-        let Some(ino) = moving::ino_of(fd as RawFd) else {
+        let Some(link) = moving::fd_link(fd as RawFd) else {
             continue;
         };
-        match groups.iter_mut().find(|(i, _)| *i == ino) {
+        match groups.iter_mut().find(|(l, _)| *l == link) {
             Some((_, v)) => v.push(fd),
-            None => groups.push((ino, vec![fd])),
+            None => groups.push((link, vec![fd])),
         }
     }
     // Both ends here (`prog <p >p`, say): not a stream between two
@@ -62,7 +62,7 @@ pub fn hand_over(stdio: &mut [StdioKind]) {
     let n = groups.len();
     let peers = match moving::freeze(
         Vec::new(),
-        groups.iter().map(|(i, _)| *i).collect(),
+        groups.iter().map(|(l, _)| l.clone()).collect(),
         Vec::new(),
         vec![true; n],
     ) {
