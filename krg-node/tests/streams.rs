@@ -778,6 +778,99 @@ fn a_fifo_whose_ends_met_on_one_node_moves_with_either_end() {
     let _ = std::fs::remove_file(&f);
 }
 
+/// A reader that opens a FIFO non-blocking and polls it, as event loops
+/// do: `FIFO WANT`; prints "open", then the lines it read (each must be
+/// "line N") once it has WANT of them.
+const NB_READER: &str = r#"
+import os, re, select, sys, time
+path, want = sys.argv[1], int(sys.argv[2])
+fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+print("open", flush=True)
+buf, n, bad = b"", 0, 0
+p = select.poll()
+p.register(fd, select.POLLIN)
+deadline = time.time() + 120
+while n < want and time.time() < deadline:
+    p.poll(200)
+    try:
+        b = os.read(fd, 65536)
+    except BlockingIOError:
+        continue
+    if not b:
+        time.sleep(0.02)
+        continue
+    buf += b
+    *lines, buf = buf.split(b"\n")
+    for l in lines:
+        n += 1
+        bad += re.fullmatch(rb"line \d+", l) is None
+print("read", n, "bad", bad, flush=True)
+"#;
+
+/// A writer that opens a FIFO non-blocking: `FIFO N`; prints the errno's
+/// name if the open fails, else what its fd is and that it wrote N lines.
+const NB_WRITER: &str = r#"
+import errno, os, stat, sys
+path, n = sys.argv[1], int(sys.argv[2])
+try:
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+except OSError as e:
+    print(errno.errorcode[e.errno], flush=True)
+    sys.exit(0)
+m = os.fstat(fd).st_mode
+kind = "fifo" if stat.S_ISFIFO(m) else "socket" if stat.S_ISSOCK(m) else "other"
+os.set_blocking(fd, True)
+for i in range(n):
+    os.write(fd, b"line %d\n" % i)
+os.close(fd)
+print(kind, "wrote", n, flush=True)
+"#;
+
+/// Non-blocking FIFO opens across nodes, as on one machine: a writer's
+/// fails with ENXIO while no reader has the FIFO open anywhere; a reader's
+/// returns at once, and writers on other nodes (one that was waiting, a
+/// non-blocking one) reach it over the network, one on its node through
+/// the FIFO itself.
+#[test]
+fn a_non_blocking_fifo_reader_is_reached_by_writers_on_every_node() {
+    let c = Cluster::up(3, 1.0);
+    let bin = cc(&repo_root().join("examples/streams/fifofile.c"), "fifofile");
+    let bin = bin.to_str().unwrap();
+    let f = shared_dir("fifo-nonblock").join("ff");
+    let _ = std::fs::remove_file(&f);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&f)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let f = f.to_str().unwrap();
+    let nb_write = |node: u32, n: &str| {
+        ok(
+            &c.cmd(node, &["python3", "-c", NB_WRITER, f, n])
+                .output()
+                .unwrap(),
+            "non-blocking writer",
+        )
+    };
+    assert_eq!(nb_write(3, "1"), "ENXIO\n", "no reader anywhere yet");
+    // A blocking writer waits for a reader...
+    let waiting = piped(&c, 1, &[bin, "w", f, "1000"]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // ... and meets the non-blocking one on node 2 as soon as it opens.
+    let mut reader = piped(&c, 2, &["python3", "-c", NB_READER, f, "3500"]);
+    assert_eq!(read_line(&mut reader), "open");
+    let w = ok(&waiting.wait_with_output().unwrap(), "waiting writer");
+    assert_eq!(w, "socket\nwrote 1000\n", "the writer on node 1");
+    assert_eq!(nb_write(3, "2000"), "socket wrote 2000\n", "node 3");
+    let w = ok(&c.cmd(2, &[bin, "w", f, "500"]).output().unwrap(), "writer");
+    assert_eq!(w, "fifo\nwrote 500\n", "the writer on the reader's node");
+    let r = ok(&reader.wait_with_output().unwrap(), "reader");
+    assert_eq!(r, "read 3500 bad 0\n");
+    // The reader is gone: no reader anywhere again.
+    assert_eq!(nb_write(3, "1"), "ENXIO\n", "after the reader closed it");
+    let _ = std::fs::remove_file(f);
+}
+
 /// `fopen` opens without the PLT: its own hook meets the FIFO's other end
 /// across the cluster, and the program reads and writes a stdio stream as
 /// usual.

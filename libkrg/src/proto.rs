@@ -9,7 +9,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Bumped whenever a message changes incompatibly.
-pub const PROTO_VERSION: u32 = 6;
+pub const PROTO_VERSION: u32 = 7;
 
 /// A request to the local agent. The caller's pid, uid and gid come from
 /// `SO_PEERCRED`, never from the message.
@@ -297,7 +297,14 @@ pub enum Request {
         dev: u64,
         ino: u64,
         write: bool,
+        /// A non-blocking writer's (no reader open on its node): answered
+        /// at once, `ENXIO` when no reader is open or waiting anywhere.
+        nonblock: bool,
     },
+    /// A non-blocking reader opened the FIFO `path` (as for `FifoOpen`) on
+    /// this node: writers on other nodes may feed it from now on, through
+    /// this node's agent (which writes into the FIFO). Answered with `Ok`.
+    FifoStand { path: Vec<u8>, dev: u64, ino: u64 },
     /// A UNIX stream or seqpacket socket named `path` started listening here: make the
     /// name reachable from every node. `path` is the canonical path of
     /// the socket file (with its device and inode as this node sees them),

@@ -11,12 +11,22 @@
 //! connection between their nodes, standing for the FIFO like a pipe whose
 //! ends parted (it moves with a migrated process, and becomes a pipe again
 //! if the two ends meet on one node).
+//!
+//! A non-blocking reader does not wait: it opens the FIFO on its node and
+//! *stands* there (the home keeps its node; its node's agent keeps its
+//! kernel pid, to tell whether it still has the FIFO open). A writer on
+//! another node that finds no reader waiting meets a standing one: the
+//! reader's agent opens the FIFO for writing and feeds it what comes on a
+//! new connection from the writer (`splice`), until the writer ends it; a
+//! writer on the reader's node opens the FIFO itself. A non-blocking
+//! writer that finds no reader gets `ENXIO`.
 
 use super::{err, Agent};
 use libkrg::proto::{ErrorReply, Response};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 /// A FIFO as every node names it: its canonical path, and the device and
@@ -49,9 +59,27 @@ struct Waiting {
     tx: tokio::sync::oneshot::Sender<FifoMatch>,
 }
 
-/// The home's waiting openers, by FIFO.
+/// The home's rendezvous, by FIFO: the openers waiting, and the nodes
+/// where a non-blocking reader opened it (maybe closed since: checked when
+/// a writer comes).
 #[derive(Debug, Default)]
-pub struct Fifos(std::sync::Mutex<HashMap<FifoKey, VecDeque<Waiting>>>);
+struct Rendezvous {
+    waiting: HashMap<FifoKey, VecDeque<Waiting>>,
+    standing: HashMap<FifoKey, Vec<u32>>,
+    /// On every node: the kernel pids of this node's non-blocking readers
+    /// of each FIFO (not the kernel's FIFO to tell: on the local cluster
+    /// one kernel holds every node's).
+    here: HashMap<FifoKey, Vec<i32>>,
+}
+
+#[derive(Debug, Default)]
+pub struct Fifos(std::sync::Mutex<Rendezvous>);
+
+impl Fifos {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Rendezvous> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// Longest a rendezvous call to the home may wait (a FIFO's open blocks
 /// until its partner comes).
@@ -63,19 +91,22 @@ impl Agent {
         self: &Arc<Self>,
         key: FifoKey,
         write: bool,
+        nonblock: bool,
     ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
         let home = self.key_home();
         let me = self.node_id();
         let m = if home == me {
-            self.fifo_meet(key, me, write).await?
+            self.fifo_meet(key, me, write, nonblock).await?
         } else {
             let c = self.client(home).await?;
             let mut cx = tarpc::context::current();
             cx.deadline = std::time::Instant::now() + MEET_DEADLINE;
-            c.fifo_meet(cx, key, me, write).await.map_err(|e| {
-                self.drop_client(home);
-                err(libc::EIO, format!("key home node {home}: {e}"))
-            })??
+            c.fifo_meet(cx, key, me, write, nonblock)
+                .await
+                .map_err(|e| {
+                    self.drop_client(home);
+                    err(libc::EIO, format!("key home node {home}: {e}"))
+                })??
         };
         match m {
             FifoMatch::Local => Ok((Response::Local, Vec::new())),
@@ -89,27 +120,223 @@ impl Agent {
         }
     }
 
+    /// `FifoStand` from a local process (kernel pid `kpid`): a
+    /// non-blocking reader opened `key` here; the home learns it.
+    pub(crate) async fn fifo_stand(
+        self: &Arc<Self>,
+        kpid: i32,
+        key: FifoKey,
+    ) -> Result<Response, ErrorReply> {
+        {
+            let mut r = self.fifos.lock();
+            let pids = r.here.entry(key.clone()).or_default();
+            if !pids.contains(&kpid) {
+                pids.push(kpid);
+            }
+        }
+        let home = self.key_home();
+        let me = self.node_id();
+        if home == me {
+            self.fifo_stand_at_home(key, me).await;
+        } else {
+            let c = self.client(home).await?;
+            c.fifo_stand(super::ctx(), key, me).await.map_err(|e| {
+                self.drop_client(home);
+                err(libc::EIO, format!("key home node {home}: {e}"))
+            })?;
+        }
+        Ok(Response::Ok)
+    }
+
+    /// At the key home: a non-blocking reader of `key` stands on `node`.
+    /// Writers waiting for a reader meet it now, as on one machine: one
+    /// on its node opens the FIFO itself, others are fed through `node`'s
+    /// agent.
+    pub(crate) async fn fifo_stand_at_home(self: &Arc<Self>, key: FifoKey, node: u32) {
+        let writers: Vec<Waiting> = {
+            let mut guard = self.fifos.lock();
+            let Rendezvous {
+                waiting, standing, ..
+            } = &mut *guard;
+            let st = standing.entry(key.clone()).or_default();
+            if !st.contains(&node) {
+                st.push(node);
+            }
+            let q = waiting.entry(key.clone()).or_default();
+            q.retain(|w| !w.tx.is_closed());
+            let (w, rest): (VecDeque<Waiting>, VecDeque<Waiting>) =
+                std::mem::take(q).into_iter().partition(|w| w.write);
+            *q = rest;
+            w.into()
+        };
+        for w in writers {
+            if w.node == node {
+                let _ = w.tx.send(FifoMatch::Local);
+                continue;
+            }
+            match self.fifo_feed_from(&key, node).await {
+                Some(id) => {
+                    let _ = w.tx.send(FifoMatch::Connect { id, node });
+                }
+                // Closed already: the writer waits on.
+                None => self
+                    .fifos
+                    .lock()
+                    .waiting
+                    .entry(key.clone())
+                    .or_default()
+                    .push_front(w),
+            }
+        }
+    }
+
+    /// At the key home: have `node`'s agent feed a writer's stream into
+    /// its reader of `key`; the stream's id, or `None` when no reader is
+    /// open there any more (then forgotten).
+    async fn fifo_feed_from(self: &Arc<Self>, key: &FifoKey, node: u32) -> Option<u64> {
+        let id = self.new_stream_id();
+        let fed = if node == self.node_id() {
+            self.fifo_feed(key.clone(), id).await
+        } else {
+            match self.client(node).await {
+                Ok(c) => c
+                    .fifo_feed(super::ctx(), key.clone(), id)
+                    .await
+                    .unwrap_or(false),
+                Err(_) => false,
+            }
+        };
+        if !fed {
+            if let Some(st) = self.fifos.lock().standing.get_mut(key) {
+                st.retain(|n| *n != node);
+            }
+        }
+        fed.then_some(id)
+    }
+
+    /// At a standing reader's node: open `key` for writing (only if a
+    /// reader has it open here) and write the stream `id` that a writer's
+    /// node will connect with into it, until that writer ends (or the
+    /// readers do: the writer then sees the connection reset, its EPIPE).
+    pub(crate) async fn fifo_feed(self: &Arc<Self>, key: FifoKey, id: u64) -> bool {
+        if !self.fifo_reader_here(&key) {
+            return false;
+        }
+        let fifo = match open_for_feeding(&key) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(
+                    "FIFO {}: no reader to feed: {e}",
+                    String::from_utf8_lossy(&key.path)
+                );
+                return false;
+            }
+        };
+        self.expect_connection(id, true);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let Ok(sock) = me.take_expected(id).await else {
+                return;
+            };
+            let path = String::from_utf8_lossy(&key.path).into_owned();
+            let r = tokio::task::spawn_blocking(move || feed(&sock, &fifo)).await;
+            tracing::debug!("FIFO {path}: stream {id:#x} fed: {r:?}");
+        });
+        true
+    }
+
+    /// Whether one of this node's non-blocking readers of `key` still has
+    /// it open for reading (the others are forgotten).
+    pub(crate) fn fifo_reader_here(&self, key: &FifoKey) -> bool {
+        let pids = self.fifos.lock().here.get(key).cloned().unwrap_or_default();
+        let open: Vec<i32> = pids.into_iter().filter(|p| reads_fifo(*p, key)).collect();
+        let mut r = self.fifos.lock();
+        if open.is_empty() {
+            r.here.remove(key);
+            false
+        } else {
+            r.here.insert(key.clone(), open);
+            true
+        }
+    }
+
+    /// At the key home: whether a non-blocking reader of `key` on `node`
+    /// (maybe this one) still has it open.
+    async fn fifo_reader_on(self: &Arc<Self>, key: &FifoKey, node: u32) -> bool {
+        let open = if node == self.node_id() {
+            self.fifo_reader_here(key)
+        } else {
+            match self.client(node).await {
+                Ok(c) => c
+                    .fifo_reader_here(super::ctx(), key.clone())
+                    .await
+                    .unwrap_or(false),
+                Err(_) => false,
+            }
+        };
+        if !open {
+            if let Some(st) = self.fifos.lock().standing.get_mut(key) {
+                st.retain(|n| *n != node);
+            }
+        }
+        open
+    }
+
     /// At the key home: pair an opener of `key` on `node` with the first
-    /// one waiting the other way, or wait for one.
+    /// one waiting the other way (a writer also with a non-blocking reader
+    /// standing elsewhere), or wait for one; a non-blocking writer does not
+    /// wait (`ENXIO`, as with no reader on one machine).
     pub(crate) async fn fifo_meet(
         self: &Arc<Self>,
         key: FifoKey,
         node: u32,
         write: bool,
+        nonblock: bool,
     ) -> Result<FifoMatch, ErrorReply> {
-        let (other, rx) = {
-            let mut all = self.fifos.0.lock().unwrap_or_else(|e| e.into_inner());
-            let q = all.entry(key.clone()).or_default();
-            // Openers that gave up (their call was dropped) are gone.
-            q.retain(|w| !w.tx.is_closed());
-            match q.iter().position(|w| w.write != write) {
-                Some(i) => (q.remove(i), None),
-                None => {
+        let (other, rx) = loop {
+            let standing = {
+                let mut guard = self.fifos.lock();
+                let Rendezvous {
+                    waiting, standing, ..
+                } = &mut *guard;
+                let q = waiting.entry(key.clone()).or_default();
+                // Openers that gave up (their call was dropped) are gone.
+                q.retain(|w| !w.tx.is_closed());
+                if let Some(i) = q.iter().position(|w| w.write != write) {
+                    break (q.remove(i), None);
+                }
+                // The writer's own node first: the FIFO itself then.
+                let mut st: Vec<u32> = standing.get(&key).cloned().unwrap_or_default();
+                st.sort_by_key(|n| *n != node);
+                if !write || st.is_empty() {
+                    if write && nonblock {
+                        return Err(err(
+                            libc::ENXIO,
+                            format!(
+                                "FIFO {}: no reader has it open on any node",
+                                String::from_utf8_lossy(&key.path)
+                            ),
+                        ));
+                    }
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     q.push_back(Waiting { node, write, tx });
-                    (None, Some(rx))
+                    break (None, Some(rx));
+                }
+                st
+            };
+            // A writer, with non-blocking readers standing: one on its node
+            // is met in the kernel; elsewhere the first one still open
+            // feeds it.
+            for n in standing {
+                if n == node {
+                    if self.fifo_reader_on(&key, n).await {
+                        return Ok(FifoMatch::Local);
+                    }
+                } else if let Some(id) = self.fifo_feed_from(&key, n).await {
+                    return Ok(FifoMatch::Connect { id, node: n });
                 }
             }
+            // Each was closed (and is forgotten): look again.
         };
         if let Some(rx) = rx {
             return rx
@@ -138,8 +365,12 @@ impl Agent {
         };
         if let Err(e) = held {
             // The other opener waits on: it may meet someone else.
-            let mut all = self.fifos.0.lock().unwrap_or_else(|e| e.into_inner());
-            all.entry(key).or_default().push_front(other);
+            self.fifos
+                .lock()
+                .waiting
+                .entry(key)
+                .or_default()
+                .push_front(other);
             return Err(e);
         }
         let (mine, theirs) = if write {
@@ -161,4 +392,81 @@ impl Agent {
         }
         Ok(mine)
     }
+}
+
+/// `key`'s FIFO opened for writing, blocking, if a reader has it open on
+/// this node (and it is the same file).
+fn open_for_feeding(key: &FifoKey) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(std::ffi::OsStr::from_bytes(&key.path))?;
+    let m = f.metadata()?;
+    if m.dev() != key.dev || m.ino() != key.ino {
+        return Err(std::io::Error::other("another file under that name here"));
+    }
+    // Blocking from now on: the feeding thread waits for the reader.
+    // SAFETY: F_GETFL/F_SETFL on our own fd.
+    unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+    }
+    Ok(f)
+}
+
+/// Move what comes on `sock` into `fifo` until the writer's end (its
+/// connection ends) or the readers' (`EPIPE`: the connection is then shut,
+/// so the writer sees its pipe broken). Bytes moved.
+fn feed(sock: &OwnedFd, fifo: &std::fs::File) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        // SAFETY: splice between two fds of ours (a socket and a FIFO).
+        let n = unsafe {
+            libc::splice(
+                sock.as_raw_fd(),
+                std::ptr::null_mut(),
+                fifo.as_raw_fd(),
+                std::ptr::null_mut(),
+                1 << 16,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        match n {
+            0 => return Ok(total),
+            n if n > 0 => total += n as u64,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // SAFETY: shutdown on our own socket.
+                unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Whether kernel pid `pid` of this node has FIFO `key` open for reading.
+fn reads_fifo(pid: i32, key: &FifoKey) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    dir.flatten().any(|f| {
+        let same =
+            std::fs::metadata(f.path()).is_ok_and(|m| m.dev() == key.dev && m.ino() == key.ino);
+        same && std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            f.file_name().to_string_lossy()
+        ))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
+        })
+        .is_some_and(|fl| fl & libc::O_ACCMODE != libc::O_WRONLY)
+    })
 }

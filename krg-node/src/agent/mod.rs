@@ -654,8 +654,9 @@ impl Agent {
                 dev,
                 ino,
                 write,
+                nonblock,
             } => match self
-                .fifo_open(fifo::FifoKey { path, dev, ino }, write)
+                .fifo_open(fifo::FifoKey { path, dev, ino }, write, nonblock)
                 .await
             {
                 Ok(r) => r,
@@ -887,6 +888,10 @@ impl Agent {
                 pair,
             } => self.stream_drained(who, id, pending, wr_shut, pair),
             Request::Park { fd } => self.park(who, fd),
+            Request::FifoStand { path, dev, ino } => {
+                self.fifo_stand(who.pid, fifo::FifoKey { path, dev, ino })
+                    .await
+            }
             Request::StreamAwait { .. }
             | Request::Unpark { .. }
             | Request::StreamAttach { .. }
@@ -1150,12 +1155,25 @@ impl Peer for PeerServer {
         key: fifo::FifoKey,
         node: u32,
         write: bool,
+        nonblock: bool,
     ) -> Result<fifo::FifoMatch, ErrorReply> {
-        self.0.fifo_meet(key, node, write).await
+        self.0.fifo_meet(key, node, write, nonblock).await
     }
 
     async fn fifo_expect(self, _: context::Context, id: u64) {
         self.0.expect_connection(id, true);
+    }
+
+    async fn fifo_stand(self, _: context::Context, key: fifo::FifoKey, node: u32) {
+        self.0.fifo_stand_at_home(key, node).await;
+    }
+
+    async fn fifo_feed(self, _: context::Context, key: fifo::FifoKey, id: u64) -> bool {
+        self.0.fifo_feed(key, id).await
+    }
+
+    async fn fifo_reader_here(self, _: context::Context, key: fifo::FifoKey) -> bool {
+        self.0.fifo_reader_here(&key)
     }
 
     async fn unix_name_set(self, _: context::Context, key: fifo::FifoKey, node: u32) {

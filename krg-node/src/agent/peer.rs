@@ -77,9 +77,20 @@ pub trait Peer {
         key: super::fifo::FifoKey,
         node: u32,
         write: bool,
+        nonblock: bool,
     ) -> Result<super::fifo::FifoMatch, ErrorReply>;
     /// A FIFO's writer's node will connect for stream `id`: hold it.
     async fn fifo_expect(id: u64);
+    /// At the key home: a non-blocking reader of FIFO `key` opened it on
+    /// `node`.
+    async fn fifo_stand(key: super::fifo::FifoKey, node: u32);
+    /// At a standing reader's node: if a reader has FIFO `key` open here,
+    /// hold a place for stream `id` and write what comes on it into the
+    /// FIFO; whether it does.
+    async fn fifo_feed(key: super::fifo::FifoKey, id: u64) -> bool;
+    /// Whether a non-blocking reader of FIFO `key` on the callee's node
+    /// still has it open.
+    async fn fifo_reader_here(key: super::fifo::FifoKey) -> bool;
     /// At the key home: the UNIX socket name `key` is listened on at `node`.
     async fn unix_name_set(key: super::fifo::FifoKey, node: u32);
     /// At the key home: where the UNIX socket name `key` is listened on.

@@ -3,12 +3,18 @@
 //!
 //! The `open` family's hooks ask [`open`] first. For a FIFO (a named pipe
 //! on a file system, not a `/proc/.../fd` link to a pipe) opened read-only
-//! or write-only and blocking, by a process with the `streams` capability,
-//! the open is a rendezvous through the agents: it waits, as a FIFO's open
-//! does, for a process opening the same file the other way anywhere in the
-//! cluster. If that process is on this node the FIFO itself is opened (the
-//! kernel pairs them); otherwise the answer is a TCP connection to its
-//! node, which stands for the FIFO like a pipe whose ends parted.
+//! or write-only, by a process with the `streams` capability, the open is
+//! a rendezvous through the agents: it waits, as a FIFO's open does, for a
+//! process opening the same file the other way anywhere in the cluster. If
+//! that process is on this node the FIFO itself is opened (the kernel
+//! pairs them); otherwise the answer is a TCP connection to its node, which
+//! stands for the FIFO like a pipe whose ends parted.
+//!
+//! Non-blocking opens do not wait, as on one machine: a reader's opens the
+//! FIFO here at once and announces itself (`FifoStand`), so that writers
+//! elsewhere reach it through this node's agent, which writes their
+//! streams into the FIFO; a writer's meets a reader waiting or announced
+//! anywhere, or fails with `ENXIO`.
 
 use super::moving;
 use crate::client;
@@ -28,9 +34,9 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
         return None;
     }
     let acc = flags & libc::O_ACCMODE;
-    // Read-write (Linux never blocks it), non-blocking and O_PATH opens keep
-    // the local FIFO's behaviour.
-    if acc == libc::O_RDWR || flags & (libc::O_NONBLOCK | libc::O_PATH) != 0 {
+    // Read-write (Linux never blocks it) and O_PATH opens keep the local
+    // FIFO's behaviour.
+    if acc == libc::O_RDWR || flags & libc::O_PATH != 0 {
         return None;
     }
     // SAFETY: the caller's contract.
@@ -51,15 +57,31 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
     }
     // Rare from here on: allocation is fine.
     let full = canonical(dirfd, b)?;
+    let write = acc == libc::O_WRONLY;
+    let nonblock = flags & libc::O_NONBLOCK != 0;
+    if !write && nonblock {
+        return Some(stand(dirfd, path, flags, full, &st));
+    }
     let req = Request::FifoOpen {
         path: full.clone(),
         dev: st.st_dev,
         ino: st.st_ino,
-        write: acc == libc::O_WRONLY,
+        write,
+        nonblock,
     };
     // Not guarded: the wait may be long, and the program's signals must
     // reach it meanwhile (a handler that returns resumes the wait).
     match client::call_fds(&req) {
+        // Its partner opens it on this node now: a blocking open meets it
+        // (a non-blocking writer's would race the reader's).
+        Ok((Response::Local, _)) if nonblock => {
+            // SAFETY: the caller's path; a raw openat.
+            let fd = unsafe { raw_open(dirfd, path, flags & !libc::O_NONBLOCK) };
+            if fd >= 0 {
+                set_nonblock(fd, true);
+            }
+            Some(fd)
+        }
         Ok((Response::Local, _)) => None,
         Ok((Response::StreamFd, mut fds)) if fds.len() == 1 => {
             let fd = fds.remove(0);
@@ -73,6 +95,7 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
                 )
             };
             let raw = fd.into_raw_fd();
+            set_nonblock(raw, nonblock);
             moving::note_pipe_born(raw, true);
             crate::krg_log!(
                 crate::log::Level::Debug,
@@ -98,6 +121,56 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
             );
             crate::rt::set_errno(e.errno());
             Some(-1)
+        }
+    }
+}
+
+/// A non-blocking reader's open: the FIFO itself, opened here at once as
+/// on one machine; then the agent is told that a reader stands on this
+/// node, so that writers on other nodes reach it (their agent's stream is
+/// written into the FIFO by this node's agent). The fd, or -1 with errno.
+fn stand(dirfd: c_int, path: *const c_char, flags: c_int, full: Vec<u8>, st: &libc::stat) -> c_int {
+    // SAFETY: the caller's path; a raw openat.
+    let fd = unsafe { raw_open(dirfd, path, flags) };
+    if fd < 0 {
+        return fd;
+    }
+    let req = Request::FifoStand {
+        path: full,
+        dev: st.st_dev,
+        ino: st.st_ino,
+    };
+    if let Err(e) = client::call(&req) {
+        // The local FIFO works on; only writers elsewhere will not see it.
+        crate::krg_log!(crate::log::Level::Warn, "FIFO reader not announced: {e}");
+    }
+    fd
+}
+
+/// `openat` as a system call: this library's own open, past the hooks.
+///
+/// # Safety
+/// `path` is a NUL-terminated string.
+unsafe fn raw_open(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    // SAFETY: the caller's contract; the mode is unused (a FIFO exists).
+    let r = unsafe { libc::syscall(libc::SYS_openat, dirfd, path, flags, 0o666) };
+    r as c_int
+}
+
+/// Set or clear `O_NONBLOCK` on our new fd.
+fn set_nonblock(fd: c_int, on: bool) {
+    // SAFETY: F_GETFL/F_SETFL on our own fd.
+    unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl >= 0 {
+            let want = if on {
+                fl | libc::O_NONBLOCK
+            } else {
+                fl & !libc::O_NONBLOCK
+            };
+            if want != fl {
+                libc::fcntl(fd, libc::F_SETFL, want);
+            }
         }
     }
 }
