@@ -16,6 +16,39 @@ fn tcpecho() -> String {
         .to_string()
 }
 
+/// A new FIFO `ff` in the shared directory `name` (every node sees it).
+fn new_fifo(name: &str) -> std::path::PathBuf {
+    let f = shared_dir(name).join("ff");
+    let _ = std::fs::remove_file(&f);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&f)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo {}", f.display());
+    f
+}
+
+/// The pids of a running producer (command starting with `prod`) and of
+/// its `sha256sum` consumer.
+fn producer_and_consumer(c: &Cluster, prod: &str) -> (String, String) {
+    let (mut p, mut s) = (None, None);
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        p = find(c, prod).map(|p| p.0.to_string());
+        s = find(c, "sha256sum").map(|p| p.0.to_string());
+        p.is_some() && s.is_some()
+    }));
+    (p.unwrap(), s.unwrap())
+}
+
+/// What `pipegen MIB | sha256sum` prints without krg.
+fn reference_digest(g: &str, mib: u32) -> String {
+    let want = std::process::Command::new("sh")
+        .args(["-c", &format!("{g} {mib} | sha256sum")])
+        .output()
+        .unwrap();
+    ok(&want, "reference run")
+}
+
 fn pipegen() -> String {
     cc(&repo_root().join("examples/streams/pipegen.c"), "pipegen")
         .to_str()
@@ -617,21 +650,11 @@ fn migrate_to(c: &Cluster, pid: &str, to: u32, pat: &str) {
 fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_consumer_once() {
     let c = Cluster::up(3, 1.0);
     let g = pipegen();
-    let want = std::process::Command::new("sh")
-        .args(["-c", &format!("{g} 1024 | sha256sum")])
-        .output()
-        .unwrap();
-    let want = ok(&want, "reference run");
+    let want = reference_digest(&g, 1024);
     // 1 GiB, paced (30 ms a MiB) until the moves are done, then at full
     // speed (SIGUSR1).
     let job = piped(&c, 1, &["sh", "-c", &format!("{g} 1024 30 | sha256sum")]);
-    let (mut prod, mut cons) = (None, None);
-    assert!(wait_for(std::time::Duration::from_secs(10), || {
-        prod = find(&c, &format!("{g} 1024")).map(|p| p.0.to_string());
-        cons = find(&c, "sha256sum").map(|p| p.0.to_string());
-        prod.is_some() && cons.is_some()
-    }));
-    let (prod, cons) = (prod.unwrap(), cons.unwrap());
+    let (prod, cons) = producer_and_consumer(&c, &format!("{g} 1024"));
     let p = format!("{g} 1024");
     std::thread::sleep(std::time::Duration::from_millis(500));
     // The pipe becomes a connection between nodes 2 and 1.
@@ -664,32 +687,15 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
 fn a_fifo_between_two_nodes_carries_its_stream_over_the_network_while_its_reader_moves() {
     let c = Cluster::up(3, 1.0);
     let g = pipegen();
-    let want = std::process::Command::new("sh")
-        .args(["-c", &format!("{g} 256 | sha256sum")])
-        .output()
-        .unwrap();
-    let want = ok(&want, "reference run");
-    let dir = shared_dir("fifo");
-    let f = dir.join("ff");
-    let _ = std::fs::remove_file(&f);
-    let made = std::process::Command::new("mkfifo")
-        .arg(&f)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let want = reference_digest(&g, 256);
+    let f = new_fifo("fifo");
     let f = f.to_str().unwrap();
     // The reader opens first and waits, as with a FIFO; the writer on
     // another node (paced until SIGUSR1) meets it.
     let reader = piped(&c, 2, &["sh", "-c", &format!("sha256sum < {f}")]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let writer = piped(&c, 1, &["sh", "-c", &format!("exec {g} 256 30 > {f}")]);
-    let (mut prod, mut cons) = (None, None);
-    assert!(wait_for(std::time::Duration::from_secs(10), || {
-        prod = find(&c, &format!("{g} 256")).map(|p| p.0.to_string());
-        cons = find(&c, "sha256sum").map(|p| p.0.to_string());
-        prod.is_some() && cons.is_some()
-    }));
-    let (prod, cons) = (prod.unwrap(), cons.unwrap());
+    let (prod, cons) = producer_and_consumer(&c, &format!("{g} 256"));
     // Not one kernel's FIFO shared by two "nodes": the bytes cross the
     // network, between the writer's node and the reader's.
     let (w, r) = traffic(&c, 1, 2);
@@ -719,33 +725,17 @@ fn a_fifo_between_two_nodes_carries_its_stream_over_the_network_while_its_reader
 fn a_fifo_whose_ends_met_on_one_node_moves_with_either_end() {
     let c = Cluster::up(3, 1.0);
     let g = pipegen();
-    let want = std::process::Command::new("sh")
-        .args(["-c", &format!("{g} 256 | sha256sum")])
-        .output()
-        .unwrap();
-    let want = ok(&want, "reference run");
+    let want = reference_digest(&g, 256);
     let want = want.split_whitespace().next().unwrap().to_string();
-    let f = shared_dir("fifo-local").join("ff");
     for first in ["reader", "writer"] {
-        let _ = std::fs::remove_file(&f);
-        let made = std::process::Command::new("mkfifo")
-            .arg(&f)
-            .status()
-            .unwrap();
-        assert!(made.success());
+        let f = new_fifo("fifo-local");
         let fs = f.to_str().unwrap();
         // The reader opens the FIFO by name (its fd 3), the writer has it
         // as its stdout; both on node 1.
         let reader = piped(&c, 1, &["sha256sum", fs]);
         std::thread::sleep(std::time::Duration::from_millis(300));
         let writer = piped(&c, 1, &["sh", "-c", &format!("exec {g} 256 30 > {fs}")]);
-        let (mut prod, mut cons) = (None, None);
-        assert!(wait_for(std::time::Duration::from_secs(10), || {
-            prod = find(&c, &format!("{g} 256")).map(|p| p.0.to_string());
-            cons = find(&c, "sha256sum").map(|p| p.0.to_string());
-            prod.is_some() && cons.is_some()
-        }));
-        let (prod, cons) = (prod.unwrap(), cons.unwrap());
+        let (prod, cons) = producer_and_consumer(&c, &format!("{g} 256"));
         let (a, b) = if first == "reader" {
             ((cons.as_str(), "sha256sum"), (prod.as_str(), g.as_str()))
         } else {
@@ -774,8 +764,8 @@ fn a_fifo_whose_ends_met_on_one_node_moves_with_either_end() {
             Some(want.as_str()),
             "{first} moved first: the digest of the stream"
         );
+        let _ = std::fs::remove_file(&f);
     }
-    let _ = std::fs::remove_file(&f);
 }
 
 /// A reader that opens a FIFO non-blocking and polls it, as event loops
@@ -836,13 +826,7 @@ fn a_non_blocking_fifo_reader_is_reached_by_writers_on_every_node() {
     let c = Cluster::up(3, 1.0);
     let bin = cc(&repo_root().join("examples/streams/fifofile.c"), "fifofile");
     let bin = bin.to_str().unwrap();
-    let f = shared_dir("fifo-nonblock").join("ff");
-    let _ = std::fs::remove_file(&f);
-    let made = std::process::Command::new("mkfifo")
-        .arg(&f)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let f = new_fifo("fifo-nonblock");
     let f = f.to_str().unwrap();
     let nb_write = |node: u32, n: &str| {
         ok(
@@ -871,6 +855,105 @@ fn a_non_blocking_fifo_reader_is_reached_by_writers_on_every_node() {
     let _ = std::fs::remove_file(f);
 }
 
+/// A node's own datagram service (run plain, as a syslog daemon is): `PATH`;
+/// prints "bound", then each datagram, then "quiet" after 3 s of silence
+/// once one came, or "end" when the sender said so.
+const DGRAM_SERVICE: &str = r#"
+import os, socket, sys
+p = sys.argv[1]
+try:
+    os.unlink(p)
+except FileNotFoundError:
+    pass
+r = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+r.bind(p)
+print("bound", flush=True)
+while True:
+    try:
+        m = r.recv(100).decode()
+    except socket.timeout:
+        print("quiet", flush=True)
+        break
+    print(m, flush=True)
+    if m == "end":
+        break
+    r.settimeout(3)
+"#;
+
+/// An SSI program logging to its node's service at `PATH` (connected, as
+/// glibc's syslog is to /dev/log), with a UDP socket that sent once too:
+/// prints its pid, sends 200 ticks 50 ms apart, then "end".
+const DGRAM_SENDER: &str = r#"
+import os, socket, sys, time
+print(os.getpid(), flush=True)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.connect(sys.argv[1])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.sendto(b"x", ("127.0.0.1", 9))
+for i in range(200):
+    s.send(b"tick %d" % i)
+    time.sleep(0.05)
+s.send(b"end")
+print("sent", flush=True)
+"#;
+
+/// A process that sends datagrams to its node's service (syslog's way)
+/// migrates: its socket is made again on the new node and connected to the
+/// same name there, that node's service; no tick is lost or repeated.
+#[test]
+fn a_process_logging_to_its_nodes_datagram_service_migrates_and_logs_to_the_new_nodes() {
+    let c = Cluster::up(2, 1.0);
+    // /tmp is each node's own: two services under one name.
+    let path = "/tmp/krg-test-dlog.sock";
+    let mut svc: Vec<Child> = (1..=2)
+        .map(|n| {
+            c.plain(n, &["python3", "-c", DGRAM_SERVICE, path])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let rx: Vec<_> = svc.iter_mut().map(lines_of).collect();
+    for r in &rx {
+        assert_eq!(next_with(r, ""), "bound");
+    }
+    let mut sender = piped(&c, 1, &["python3", "-c", DGRAM_SENDER, path]);
+    let pid = read_line(&mut sender);
+    let mut on1 = Vec::new();
+    while on1.len() < 20 {
+        on1.push(next_with(&rx[0], "tick "));
+    }
+    let out = c.krg(1, &["migrate", &pid, "2"]);
+    assert!(out.status.success(), "migrate the sender: {}", show(&out));
+    // Node 1's service hears the rest of what was sent before the move,
+    // then nothing; node 2's hears the rest.
+    loop {
+        let l = next_with(&rx[0], "");
+        if l == "quiet" {
+            break;
+        }
+        on1.push(l);
+    }
+    let mut on2 = Vec::new();
+    loop {
+        let l = next_with(&rx[1], "");
+        if l == "end" {
+            break;
+        }
+        on2.push(l);
+    }
+    assert!(!on2.is_empty(), "node 2's service heard nothing");
+    let all: Vec<String> = on1.iter().chain(&on2).cloned().collect();
+    let want: Vec<String> = (0..200).map(|i| format!("tick {i}")).collect();
+    assert_eq!(all, want, "every tick once, in order, before then after");
+    let out = sender.wait_with_output().unwrap();
+    assert_eq!(ok(&out, "sender"), "sent\n");
+    for s in svc {
+        let _ = s.wait_with_output();
+    }
+}
+
 /// `fopen` opens without the PLT: its own hook meets the FIFO's other end
 /// across the cluster, and the program reads and writes a stdio stream as
 /// usual.
@@ -879,13 +962,7 @@ fn a_fifo_opened_with_fopen_meets_its_other_end_on_another_node() {
     let c = Cluster::up(2, 1.0);
     let bin = cc(&repo_root().join("examples/streams/fifofile.c"), "fifofile");
     let bin = bin.to_str().unwrap();
-    let f = shared_dir("fifo-fopen").join("ff");
-    let _ = std::fs::remove_file(&f);
-    let made = std::process::Command::new("mkfifo")
-        .arg(&f)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let f = new_fifo("fifo-fopen");
     let f = f.to_str().unwrap();
     // Two nodes: each end is the socket krg gave, not the local FIFO.
     let reader = piped(&c, 2, &[bin, "r", f]);

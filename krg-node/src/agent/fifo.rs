@@ -207,9 +207,7 @@ impl Agent {
             }
         };
         if !fed {
-            if let Some(st) = self.fifos.lock().standing.get_mut(key) {
-                st.retain(|n| *n != node);
-            }
+            self.forget_standing(key, node);
         }
         fed.then_some(id)
     }
@@ -275,11 +273,16 @@ impl Agent {
             }
         };
         if !open {
-            if let Some(st) = self.fifos.lock().standing.get_mut(key) {
-                st.retain(|n| *n != node);
-            }
+            self.forget_standing(key, node);
         }
         open
+    }
+
+    /// At the key home: no reader of `key` stands on `node` any more.
+    fn forget_standing(&self, key: &FifoKey, node: u32) {
+        if let Some(st) = self.fifos.lock().standing.get_mut(key) {
+            st.retain(|n| *n != node);
+        }
     }
 
     /// At the key home: pair an opener of `key` on `node` with the first

@@ -333,10 +333,17 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
                 }
             }
             // Connections move with the migration (`streams::moving`) when
-            // their peer is an SSI process (a checkpoint to disk refuses
-            // them); at fds 0-2 anything else is relayed.
+            // their peer is an SSI process (a checkpoint with --kill parks
+            // them), datagram senders are connected again where they land
+            // (`streams::dgram`); at fds 0-2 anything else is relayed.
             let seqpacket = crate::streams::seqpacket::is_seqpacket(fd);
-            if seqpacket || moving::unix_stream(fd) {
+            let dgram = moving::int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE)
+                == Some(libc::SOCK_DGRAM);
+            if dgram && fd > 2 {
+                let domain =
+                    moving::int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(-1);
+                crate::streams::dgram::capture(fd, domain, flags)?
+            } else if seqpacket || moving::unix_stream(fd) {
                 FdKind::UnixStream {
                     ino: st.st_ino,
                     flags,
@@ -361,7 +368,7 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
             } else if fd <= 2 {
                 FdKind::Relay
             } else {
-                return Err(format!("fd {fd}: {link_s} is not migratable (TCP connections and connected UNIX stream and seqpacket sockets move, and stdin, stdout and stderr)"));
+                return Err(format!("fd {fd}: {link_s} is not migratable (TCP connections, connected UNIX stream and seqpacket sockets and datagram senders move, and stdin, stdout and stderr)"));
             }
         }
         _ if link_s == "anon_inode:[eventfd]" => {

@@ -242,6 +242,15 @@ pub enum FdKind {
         read: bool,
         flags: i32,
     },
+    /// A datagram socket that only sends (UNIX, connected to a name or
+    /// not at all; UDP, connected or not bound to a port): made again
+    /// and connected to `peer` (a raw socket address, empty when not
+    /// connected) on the new node (see `streams::dgram`).
+    Dgram {
+        domain: i32,
+        peer: Vec<u8>,
+        flags: i32,
+    },
     /// A connected UNIX stream or seqpacket socket (a socketpair end,
     /// say), moved with this process as a connection to the SSI process at
     /// its other end (filled in by the migration, which makes it a `Tcp`).

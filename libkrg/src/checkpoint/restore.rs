@@ -386,6 +386,12 @@ fn restore_fds(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
                     f.fd
                 ))
             }
+            FdKind::Dgram {
+                domain,
+                peer,
+                flags,
+            } => crate::streams::dgram::restore(*domain, peer, *flags)
+                .map_err(|e| format!("fd {}: {e}", f.fd))?,
             FdKind::Fifo { path, .. } => {
                 return Err(format!(
                     "fd {}: FIFO {} was not moved (only a migration moves it)",

@@ -11,6 +11,7 @@
 //! connected to from several nodes meet across the cluster.
 
 pub mod accepted;
+pub mod dgram;
 pub mod fifo;
 pub mod loopback;
 pub mod moving;
