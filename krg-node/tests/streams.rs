@@ -1296,6 +1296,16 @@ fn a_unix_server_migrates_with_its_listeners_and_the_connection_waiting_in_their
         .find(|r| r["pid"].as_i64() == Some(srv_pid))
         .and_then(|r| r["node"].as_u64());
     assert_eq!(node, Some(3), "the server runs on node 3 now");
+    // Listening there with the backlog it asked for (`ss` shows it as a
+    // listener's Send-Q).
+    let ss = text(&c.plain(3, &["ss", "-xlH"]).output().unwrap().stdout);
+    for name in [p, at.as_str()] {
+        let l = ss
+            .lines()
+            .find(|l| l.split_whitespace().any(|w| w == name))
+            .unwrap_or_else(|| panic!("no listener {name} on node 3: {ss}"));
+        assert_eq!(l.split_whitespace().nth(3), Some("4"), "{l}");
+    }
     // After the move both names lead to node 3, from either node.
     let cl = c
         .cmd(1, &["python3", "-c", UNIX_CHAT, &at, "100"])

@@ -314,6 +314,7 @@ fn capture_fd(fd: i32) -> Result<Option<FdState>, String> {
                             ty: l.ty,
                             flags: l.flags,
                             passcred: l.passcred,
+                            backlog: l.backlog,
                         },
                     }));
                 }

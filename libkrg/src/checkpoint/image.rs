@@ -291,6 +291,7 @@ pub enum FdKind {
         ty: i32,
         flags: i32,
         passcred: bool,
+        backlog: i32,
     },
     /// A connection, listener or pipe leading out of the process, kept
     /// open by the agent of `node` as park `id` since a checkpoint with

@@ -370,6 +370,7 @@ pub(crate) fn unix_listening_of(k: &FdKind) -> Option<crate::streams::unix::List
         ty,
         flags,
         passcred,
+        backlog,
     } = k
     else {
         return None;
@@ -379,6 +380,7 @@ pub(crate) fn unix_listening_of(k: &FdKind) -> Option<crate::streams::unix::List
         ty: *ty,
         flags: *flags,
         passcred: *passcred,
+        backlog: *backlog,
     })
 }
 

@@ -144,13 +144,15 @@ fn install(fd: c_int, new: OwnedFd) -> Result<(), i32> {
 
 /// A listening UNIX socket (stream or seqpacket), to make it again on
 /// another node: its name as `getsockname` gives it (a NUL byte first for
-/// an abstract name), type, file flags and `SO_PASSCRED`.
+/// an abstract name), type, file flags, `SO_PASSCRED` and backlog.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listening {
     pub name: Vec<u8>,
     pub ty: i32,
     pub flags: i32,
     pub passcred: bool,
+    /// The backlog it listened with.
+    pub backlog: i32,
 }
 
 /// A name for messages: the path, or `@` and the abstract name.
@@ -207,13 +209,16 @@ pub fn listening(fd: c_int) -> Result<Option<Listening>, String> {
         // SAFETY: F_GETFL only reads.
         flags: unsafe { libc::fcntl(fd, libc::F_GETFL) }.max(0),
         passcred: int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED) == Some(1),
+        backlog: super::moving::ino_of(fd)
+            .and_then(backlog)
+            .unwrap_or(libc::SOMAXCONN),
     }))
 }
 
 /// Make the listening socket again here (the old one was closed first): a
 /// socket file left at its path is removed, the name bound and listened
-/// on (backlog `SOMAXCONN`: a UNIX socket's own cannot be read back), and
-/// a stream socket's name made reachable from every node again.
+/// on with its backlog, and a stream socket's name made reachable from
+/// every node again.
 pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
     use std::os::fd::FromRawFd;
     let what = format!("listening UNIX socket {}", show(&l.name));
@@ -260,7 +265,7 @@ pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
             (&sa as *const libc::sockaddr_un).cast::<sockaddr>(),
             len as socklen_t,
         ) == 0
-            && libc::syscall(libc::SYS_listen, fd, libc::SOMAXCONN) == 0
+            && libc::syscall(libc::SYS_listen, fd, l.backlog) == 0
     };
     if !ok {
         return Err(format!("{what}: {}", std::io::Error::last_os_error()));
@@ -456,10 +461,39 @@ pub(crate) fn on_accept(c: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c
 /// The peer of every connected UNIX socket of this node's network
 /// namespace, by inode (a `sock_diag` dump: what `ss -x` shows).
 pub fn peers() -> std::io::Result<std::collections::HashMap<u64, u64>> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
     const UDIAG_SHOW_PEER: u32 = 4;
     const UNIX_DIAG_PEER: u16 = 2;
+    let mut out = std::collections::HashMap::new();
+    diag(UDIAG_SHOW_PEER, |ino, aty, v| {
+        if aty == UNIX_DIAG_PEER && v.len() >= 4 {
+            out.insert(ino, u64::from(u32::from_ne_bytes([v[0], v[1], v[2], v[3]])));
+        }
+    })?;
+    Ok(out)
+}
+
+/// The backlog a listening UNIX socket (inode `ino`) was given (`listen`'s
+/// second argument, as the kernel capped it), from a `sock_diag` dump.
+pub fn backlog(ino: u64) -> Option<i32> {
+    const UDIAG_SHOW_RQLEN: u32 = 0x10;
+    const UNIX_DIAG_RQLEN: u16 = 4;
+    let mut found = None;
+    // For a listener, unix_diag_rqlen is (connections waiting, backlog).
+    diag(UDIAG_SHOW_RQLEN, |i, aty, v| {
+        if i == ino && aty == UNIX_DIAG_RQLEN && v.len() >= 8 {
+            found = Some(u32::from_ne_bytes([v[4], v[5], v[6], v[7]]) as i32);
+        }
+    })
+    .ok()?;
+    found
+}
+
+/// One `sock_diag` dump of this network namespace's UNIX sockets asking
+/// for the attributes `show` (`UDIAG_SHOW_*`): `each(inode, attribute
+/// type, attribute payload)` for every attribute of every socket.
+fn diag(show: u32, mut each: impl FnMut(u64, u16, &[u8])) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
     // SAFETY: a new socket of ours.
     let fd = unsafe {
         libc::socket(
@@ -484,7 +518,7 @@ pub fn peers() -> std::io::Result<std::collections::HashMap<u64, u64>> {
     req.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]);
     req.extend_from_slice(&u32::MAX.to_ne_bytes());
     req.extend_from_slice(&0u32.to_ne_bytes());
-    req.extend_from_slice(&UDIAG_SHOW_PEER.to_ne_bytes());
+    req.extend_from_slice(&show.to_ne_bytes());
     req.extend_from_slice(&[0xff; 8]);
     // SAFETY: sends our buffer on our socket (to the kernel).
     if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
@@ -492,7 +526,6 @@ pub fn peers() -> std::io::Result<std::collections::HashMap<u64, u64>> {
     }
     let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
-    let mut out = std::collections::HashMap::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // SAFETY: receives into our buffer.
@@ -506,10 +539,10 @@ pub fn peers() -> std::io::Result<std::collections::HashMap<u64, u64>> {
             let len = u32_at(b, at) as usize;
             let ty = u16_at(b, at + 4);
             if len < 16 || at + len > b.len() {
-                return Ok(out);
+                return Ok(());
             }
             if ty == libc::NLMSG_DONE as u16 || ty == libc::NLMSG_ERROR as u16 {
-                return Ok(out);
+                return Ok(());
             }
             // unix_diag_msg: family, type, state, pad, ino, cookie (2 x u32).
             let m = &b[at + 16..at + len];
@@ -522,9 +555,7 @@ pub fn peers() -> std::io::Result<std::collections::HashMap<u64, u64>> {
                     if alen < 4 || a + alen > m.len() {
                         break;
                     }
-                    if aty == UNIX_DIAG_PEER && alen >= 8 {
-                        out.insert(ino, u64::from(u32_at(m, a + 4)));
-                    }
+                    each(ino, aty, &m[a + 4..a + alen]);
                     a += (alen + 3) & !3;
                 }
             }
@@ -657,6 +688,26 @@ mod tests {
         assert!(key_of(b"").is_none());
         assert!(key_of(b"\0").is_none());
         assert!(key_of(b"/nonexistent/krg.sock").is_none());
+    }
+
+    #[test]
+    fn a_listeners_backlog_is_read_back() {
+        let name = format!("\0krg-backlog-{}", std::process::id());
+        let (sa, l) = addr(name.as_bytes());
+        // SAFETY: a new socket of ours, bound to our address, listening.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0);
+        // SAFETY: our own address and its length.
+        let bound = unsafe {
+            libc::bind(fd, (&sa as *const libc::sockaddr_un).cast(), l) == 0
+                && libc::listen(fd, 7) == 0
+        };
+        assert!(bound);
+        let got = listening(fd).unwrap().unwrap();
+        assert_eq!(got.backlog, 7);
+        assert_eq!(got.name, name.as_bytes());
+        // SAFETY: our own fd.
+        unsafe { libc::close(fd) };
     }
 
     #[test]
