@@ -8,7 +8,9 @@
 //! process ([`moving`]), and the pipes of a program placed on another node
 //! connect it directly to the process at their other end ([`placed`]).
 //! FIFOs ([`fifo`]) and UNIX stream socket names ([`unix`]) opened or
-//! connected to from several nodes meet across the cluster.
+//! connected to from several nodes meet across the cluster. Datagram
+//! sockets that only send ([`dgram`]) are connected again on the node a
+//! process moves to.
 
 pub mod accepted;
 pub mod dgram;
