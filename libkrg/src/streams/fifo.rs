@@ -60,7 +60,8 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
     let write = acc == libc::O_WRONLY;
     let nonblock = flags & libc::O_NONBLOCK != 0;
     if !write && nonblock {
-        return Some(stand(dirfd, path, flags, full, &st));
+        // SAFETY: the caller's contract on `path`.
+        return Some(unsafe { stand(dirfd, path, flags, full, &st) });
     }
     let req = Request::FifoOpen {
         path: full.clone(),
@@ -129,8 +130,17 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
 /// on one machine; then the agent is told that a reader stands on this
 /// node, so that writers on other nodes reach it (their agent's stream is
 /// written into the FIFO by this node's agent). The fd, or -1 with errno.
-fn stand(dirfd: c_int, path: *const c_char, flags: c_int, full: Vec<u8>, st: &libc::stat) -> c_int {
-    // SAFETY: the caller's path; a raw openat.
+///
+/// # Safety
+/// `path` is a NUL-terminated string.
+unsafe fn stand(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    full: Vec<u8>,
+    st: &libc::stat,
+) -> c_int {
+    // SAFETY: the caller's contract; a raw openat.
     let fd = unsafe { raw_open(dirfd, path, flags) };
     if fd < 0 {
         return fd;
