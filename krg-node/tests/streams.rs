@@ -49,6 +49,13 @@ fn reference_digest(g: &str, mib: u32) -> String {
     ok(&want, "reference run")
 }
 
+fn fifofile() -> String {
+    cc(&repo_root().join("examples/streams/fifofile.c"), "fifofile")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 fn pipegen() -> String {
     cc(&repo_root().join("examples/streams/pipegen.c"), "pipegen")
         .to_str()
@@ -826,8 +833,8 @@ print(kind, "wrote", n, flush=True)
 #[test]
 fn a_non_blocking_fifo_reader_is_reached_by_writers_on_every_node() {
     let c = Cluster::up(3, 1.0);
-    let bin = cc(&repo_root().join("examples/streams/fifofile.c"), "fifofile");
-    let bin = bin.to_str().unwrap();
+    let bin = fifofile();
+    let bin = bin.as_str();
     let f = new_fifo("fifo-nonblock");
     let f = f.to_str().unwrap();
     let nb_write = |node: u32, n: &str| {
@@ -962,8 +969,8 @@ fn a_process_logging_to_its_nodes_datagram_service_migrates_and_logs_to_the_new_
 #[test]
 fn a_fifo_opened_with_fopen_meets_its_other_end_on_another_node() {
     let c = Cluster::up(2, 1.0);
-    let bin = cc(&repo_root().join("examples/streams/fifofile.c"), "fifofile");
-    let bin = bin.to_str().unwrap();
+    let bin = fifofile();
+    let bin = bin.as_str();
     let f = new_fifo("fifo-fopen");
     let f = f.to_str().unwrap();
     // Two nodes: each end is the socket krg gave, not the local FIFO.

@@ -297,8 +297,8 @@ pub enum Request {
         dev: u64,
         ino: u64,
         write: bool,
-        /// A non-blocking writer's (no reader open on its node): answered
-        /// at once, `ENXIO` when no reader is open or waiting anywhere.
+        /// A non-blocking writer's: answered at once, `ENXIO` when no
+        /// reader is waiting or standing (`FifoStand`) anywhere.
         nonblock: bool,
     },
     /// A non-blocking reader opened the FIFO `path` (as for `FifoOpen`) on

@@ -1004,10 +1004,10 @@ impl Agent {
         }
         if matches!(op, HomeOp::AcquireRead { .. }) {
             let c = self.client(home).await?;
-            return c.dsm_home(super::ctx(), op).await.map_err(|e| {
-                self.drop_client(home);
-                err(libc::EIO, format!("segment home node {home}: {e}"))
-            })?;
+            return c
+                .dsm_home(super::ctx(), op)
+                .await
+                .map_err(|e| self.peer_lost(home, "segment home", e))?;
         }
         let link = self.dsm_link(home).await?;
         match link.call(home, Req::Home(op)).await? {

@@ -103,10 +103,7 @@ impl Agent {
             cx.deadline = std::time::Instant::now() + MEET_DEADLINE;
             c.fifo_meet(cx, key, me, write, nonblock)
                 .await
-                .map_err(|e| {
-                    self.drop_client(home);
-                    err(libc::EIO, format!("key home node {home}: {e}"))
-                })??
+                .map_err(|e| self.peer_lost(home, "key home", e))??
         };
         match m {
             FifoMatch::Local => Ok((Response::Local, Vec::new())),
@@ -140,10 +137,9 @@ impl Agent {
             self.fifo_stand_at_home(key, me).await;
         } else {
             let c = self.client(home).await?;
-            c.fifo_stand(super::ctx(), key, me).await.map_err(|e| {
-                self.drop_client(home);
-                err(libc::EIO, format!("key home node {home}: {e}"))
-            })?;
+            c.fifo_stand(super::ctx(), key, me)
+                .await
+                .map_err(|e| self.peer_lost(home, "key home", e))?;
         }
         Ok(Response::Ok)
     }
@@ -202,6 +198,7 @@ impl Agent {
                 Ok(c) => c
                     .fifo_feed(super::ctx(), key.clone(), id)
                     .await
+                    .map_err(|e| self.peer_lost(node, "FIFO reader", e))
                     .unwrap_or(false),
                 Err(_) => false,
             }
@@ -268,6 +265,7 @@ impl Agent {
                 Ok(c) => c
                     .fifo_reader_here(super::ctx(), key.clone())
                     .await
+                    .map_err(|e| self.peer_lost(node, "FIFO reader", e))
                     .unwrap_or(false),
                 Err(_) => false,
             }
@@ -410,11 +408,7 @@ fn open_for_feeding(key: &FifoKey) -> std::io::Result<std::fs::File> {
         return Err(std::io::Error::other("another file under that name here"));
     }
     // Blocking from now on: the feeding thread waits for the reader.
-    // SAFETY: F_GETFL/F_SETFL on our own fd.
-    unsafe {
-        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
-    }
+    libkrg::streams::moving::set_nonblock(f.as_raw_fd(), false)?;
     Ok(f)
 }
 
@@ -460,16 +454,9 @@ fn reads_fifo(pid: i32, key: &FifoKey) -> bool {
     dir.flatten().any(|f| {
         let same =
             std::fs::metadata(f.path()).is_ok_and(|m| m.dev() == key.dev && m.ino() == key.ino);
-        same && std::fs::read_to_string(format!(
-            "/proc/{pid}/fdinfo/{}",
-            f.file_name().to_string_lossy()
-        ))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("flags:"))
-                .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
-        })
-        .is_some_and(|fl| fl & libc::O_ACCMODE != libc::O_WRONLY)
+        let fd = f.file_name().to_str().and_then(|n| n.parse().ok());
+        same && fd
+            .and_then(|fd| super::streams::accmode(pid, fd))
+            .is_some_and(|m| m != libc::O_WRONLY)
     })
 }

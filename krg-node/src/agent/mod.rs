@@ -295,6 +295,14 @@ impl Agent {
         }
     }
 
+    /// A call to node `node` (`what`: "key home", say) failed on the way:
+    /// its client is dropped (the next call connects again) and the
+    /// caller gets `EIO` naming it.
+    pub(crate) fn peer_lost(&self, node: u32, what: &str, e: impl std::fmt::Display) -> ErrorReply {
+        self.drop_client(node);
+        err(libc::EIO, format!("{what} node {node}: {e}"))
+    }
+
     fn up_peers(&self) -> Vec<u32> {
         self.members()
             .iter()

@@ -128,7 +128,7 @@ impl Agent {
 
 async fn run(end: OwnedFd, tcp: std::net::TcpStream) -> std::io::Result<()> {
     seqpacket::pass_credentials(end.as_raw_fd());
-    set_nonblocking(&end)?;
+    libkrg::streams::moving::set_nonblock(end.as_raw_fd(), true)?;
     tcp.set_nonblocking(true)?;
     let tcp = tokio::net::TcpStream::from_std(tcp)?;
     let _ = tcp.set_nodelay(true);
@@ -159,18 +159,6 @@ async fn run(end: OwnedFd, tcp: std::net::TcpStream) -> std::io::Result<()> {
     let (a, b) = tokio::join!(up, down);
     tracing::debug!("seqpacket relay: up {a:?}, down {b:?}");
     a.and(b)
-}
-
-fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
-    // SAFETY: reads and sets the status flags of our own socket.
-    let r = unsafe {
-        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK)
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn shut(end: &AsyncFd<OwnedFd>, how: i32) {

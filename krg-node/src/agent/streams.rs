@@ -112,10 +112,9 @@ impl Agent {
             return self.port_home_op(op).await;
         }
         let c = self.client(home).await?;
-        c.port_home(super::ctx(), op).await.map_err(|e| {
-            self.drop_client(home);
-            err(libc::EIO, format!("port home node {home}: {e}"))
-        })?
+        c.port_home(super::ctx(), op)
+            .await
+            .map_err(|e| self.peer_lost(home, "port home", e))?
     }
 
     /// At the home: serve a [`PortOp`]. `Reserve` answers `Ok(None)` when
@@ -543,16 +542,22 @@ fn parent_shares(link: &str, mover: i32, all: &HashMap<String, Vec<(i32, i32)>>)
 /// end) or write-only, from its fdinfo; `None` when open both ways (a FIFO
 /// opened `O_RDWR` is its own reader and writer).
 fn reads(pid: i32, fd: i32) -> Option<bool> {
+    match accmode(pid, fd)? {
+        libc::O_RDONLY => Some(true),
+        libc::O_WRONLY => Some(false),
+        _ => None,
+    }
+}
+
+/// How fd `fd` of kernel pid `pid` is open (`O_RDONLY`, `O_WRONLY`,
+/// `O_RDWR`), from its fdinfo.
+pub(super) fn accmode(pid: i32, fd: i32) -> Option<i32> {
     let t = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
     let flags = t
         .lines()
         .find_map(|l| l.strip_prefix("flags:"))
         .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())?;
-    match flags & libc::O_ACCMODE {
-        libc::O_RDONLY => Some(true),
-        libc::O_WRONLY => Some(false),
-        _ => None,
-    }
+    Some(flags & libc::O_ACCMODE)
 }
 
 pub(crate) fn sock_err(what: &str, e: std::io::Error) -> ErrorReply {
@@ -674,10 +679,7 @@ impl Agent {
                     let c = self.client(*node).await?;
                     c.stream_hold(super::ctx(), ends, commit)
                         .await
-                        .map_err(|e| {
-                            self.drop_client(*node);
-                            err(libc::EIO, format!("node {node}: {e}"))
-                        })??
+                        .map_err(|e| self.peer_lost(*node, "peer", e))??
                 };
                 found.extend(list.iter().zip(r).map(|((i, _), h)| (*node, *i, h)));
             }

@@ -200,10 +200,9 @@ impl Agent {
             ));
         }
         let c = self.client(home).await?;
-        c.sem_home(ctx(), op).await.map_err(|e| {
-            self.drop_client(home);
-            err(libc::EIO, format!("semaphore home node {home}: {e}"))
-        })?
+        c.sem_home(ctx(), op)
+            .await
+            .map_err(|e| self.peer_lost(home, "semaphore home", e))?
     }
 
     // -- the application's requests ----------------------------------------

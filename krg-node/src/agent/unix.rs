@@ -120,10 +120,9 @@ impl Agent {
             self.unix_name_set(key, me);
         } else {
             let c = self.client(home).await?;
-            c.unix_name_set(super::ctx(), key, me).await.map_err(|e| {
-                self.drop_client(home);
-                err(libc::EIO, format!("key home node {home}: {e}"))
-            })?;
+            c.unix_name_set(super::ctx(), key, me)
+                .await
+                .map_err(|e| self.peer_lost(home, "key home", e))?;
         }
         Ok(Response::Ok)
     }
@@ -156,10 +155,7 @@ impl Agent {
                 Ok(c) => c
                     .unix_name_owner(super::ctx(), key.clone())
                     .await
-                    .map_err(|e| {
-                        self.drop_client(home);
-                        e.to_string()
-                    }),
+                    .map_err(|e| self.peer_lost(home, "key home", e).msg),
                 Err(e) => Err(e.msg),
             };
             match asked {

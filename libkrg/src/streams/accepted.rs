@@ -263,8 +263,7 @@ pub(crate) fn on_accept(fd: RawFd, addr: *mut libc::sockaddr, len: *mut libc::so
     unsafe {
         let nonblock = libc::fcntl(fd, libc::F_GETFL) & libc::O_NONBLOCK;
         let cloexec = libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC != 0;
-        let fl = libc::fcntl(e.1, libc::F_GETFL);
-        libc::fcntl(e.1, libc::F_SETFL, (fl & !libc::O_NONBLOCK) | nonblock);
+        let _ = super::moving::set_nonblock(e.1, nonblock != 0);
         if libc::dup3(e.1, fd, if cloexec { libc::O_CLOEXEC } else { 0 }) < 0 {
             return;
         }

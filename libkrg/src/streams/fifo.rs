@@ -79,7 +79,7 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
             // SAFETY: the caller's path; a raw openat.
             let fd = unsafe { raw_open(dirfd, path, flags & !libc::O_NONBLOCK) };
             if fd >= 0 {
-                set_nonblock(fd, true);
+                let _ = moving::set_nonblock(fd, true);
             }
             Some(fd)
         }
@@ -96,7 +96,7 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
                 )
             };
             let raw = fd.into_raw_fd();
-            set_nonblock(raw, nonblock);
+            let _ = moving::set_nonblock(raw, nonblock);
             moving::note_pipe_born(raw, true);
             crate::krg_log!(
                 crate::log::Level::Debug,
@@ -165,24 +165,6 @@ unsafe fn raw_open(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
     // SAFETY: the caller's contract; the mode is unused (a FIFO exists).
     let r = unsafe { libc::syscall(libc::SYS_openat, dirfd, path, flags, 0o666) };
     r as c_int
-}
-
-/// Set or clear `O_NONBLOCK` on our new fd.
-fn set_nonblock(fd: c_int, on: bool) {
-    // SAFETY: F_GETFL/F_SETFL on our own fd.
-    unsafe {
-        let fl = libc::fcntl(fd, libc::F_GETFL);
-        if fl >= 0 {
-            let want = if on {
-                fl | libc::O_NONBLOCK
-            } else {
-                fl & !libc::O_NONBLOCK
-            };
-            if want != fl {
-                libc::fcntl(fd, libc::F_SETFL, want);
-            }
-        }
-    }
 }
 
 /// The `open` flags of an `fopen` mode ("r", "w", "a", with "+", "e",

@@ -132,6 +132,25 @@ pub fn ino_of(fd: RawFd) -> Option<u64> {
     stat_of(fd).map(|st| st.st_ino)
 }
 
+/// Set or clear `O_NONBLOCK` on `fd`, its other status flags kept.
+pub fn set_nonblock(fd: RawFd, on: bool) -> std::io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an fd number only read and set its flags.
+    let r = unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl < 0 {
+            fl
+        } else if on {
+            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK)
+        } else {
+            libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK)
+        }
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// What `/proc/self/fd/N` says `fd` is (`pipe:[N]`, a FIFO's path).
 pub fn fd_link(fd: RawFd) -> Option<String> {
     let l = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;

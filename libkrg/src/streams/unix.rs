@@ -124,8 +124,7 @@ fn install(fd: c_int, new: OwnedFd) -> Result<(), i32> {
     unsafe {
         let nonblock = libc::fcntl(fd, libc::F_GETFL) & libc::O_NONBLOCK;
         let cloexec = libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC != 0;
-        let fl = libc::fcntl(n, libc::F_GETFL);
-        libc::fcntl(n, libc::F_SETFL, (fl & !libc::O_NONBLOCK) | nonblock);
+        let _ = super::moving::set_nonblock(n, nonblock != 0);
         libc::setsockopt(
             n,
             libc::IPPROTO_TCP,
