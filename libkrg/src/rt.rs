@@ -10,11 +10,14 @@
 //!                                └─▶ Disabled     (KRG_DISABLE=1: pure pass-through)
 //! ```
 //!
-//! The constructor of `libkrg.so` calls [`init`]; every hook calls [`enter`],
-//! which initialises first if the constructor has not run yet (a hook called
-//! from the constructor of a library initialised before ours). Exactly one
-//! thread initialises; another thread arriving meanwhile waits for the
-//! outcome, so no hook ever decides before the state is known.
+//! The constructor of `libkrg.so` calls [`init`]; every hook calls [`enter`].
+//! A hook reached before that constructor ran (from the constructor of a
+//! library initialised before ours, possibly inside that library's malloc
+//! with its lock held: jemalloc reads `/etc/malloc.conf` there) passes
+//! straight through ([`Why::Early`]): initialising from there would allocate
+//! through the program's malloc and deadlock on the lock it holds. Exactly
+//! one thread initialises; another thread arriving meanwhile waits for the
+//! outcome, so no hook decides while the state is being settled.
 //!
 //! # Re-entrancy
 //!
@@ -70,6 +73,10 @@ impl Mode {
 
 static STATE: AtomicU8 = AtomicU8::new(Mode::Uninit as u8);
 
+/// Set by [`init`] (the constructor): from then on a hook may initialise
+/// (a forked child of a process that was initialising starts over).
+static STARTED: AtomicBool = AtomicBool::new(false);
+
 /// The signal mask the process started with (the guard blocks everything
 /// during initialisation; an exec from there must not pass that on).
 static START_MASK: AtomicU64 = AtomicU64::new(0);
@@ -110,6 +117,8 @@ pub enum Why {
     Disabled,
     /// No agent: a plain local process.
     Standalone,
+    /// Before libkrg.so's constructor: nothing of the library may run yet.
+    Early,
 }
 
 /// The current mode, without initialising.
@@ -122,7 +131,8 @@ pub fn in_krg() -> bool {
     IN_KRG.get()
 }
 
-/// Decide what a hook does; initialises the library first if needed.
+/// Decide what a hook does; initialises the library first if needed, but
+/// never before the constructor ran (see the module doc).
 ///
 /// Never allocates or locks once initialised: one thread-local load and one
 /// atomic load.
@@ -136,6 +146,9 @@ pub fn enter() -> Entry {
             Mode::Active => return Entry::Krg,
             Mode::Standalone => return Entry::PassThrough(Why::Standalone),
             Mode::Disabled => return Entry::PassThrough(Why::Disabled),
+            Mode::Uninit if !STARTED.load(Ordering::Acquire) => {
+                return Entry::PassThrough(Why::Early)
+            }
             Mode::Uninit => init(),
             Mode::Initialising => {
                 // Another thread is initialising (this one would have the
@@ -149,6 +162,7 @@ pub fn enter() -> Entry {
 
 /// Initialise the library once per process image (idempotent, thread-safe).
 pub fn init() {
+    STARTED.store(true, Ordering::Release);
     if STATE
         .compare_exchange(
             Mode::Uninit as u8,
