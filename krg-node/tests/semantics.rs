@@ -6,12 +6,42 @@
 mod common;
 
 use common::*;
+use std::process::Output;
+
+/// `script` natively on node 1, then under krg, with programs placed round
+/// robin over 4 nodes; both outputs.
+fn native_and_krg(c: &Cluster, script: &str) -> (Output, Output) {
+    let native = c.plain(1, &["bash", "-c", script]).output().unwrap();
+    let krg = c.cmd(1, &["bash", "-c", script]).output().unwrap();
+    (native, krg)
+}
 
 fn round_robin(nodes: u32) -> Cluster {
     let c = Cluster::up(nodes, 1.0);
     let o = c.krg(1, &["sched", "set", "round-robin"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     c
+}
+
+fn assert_same(what: &str, native: &Output, krg: &Output) {
+    assert_eq!(
+        text(&krg.stdout),
+        text(&native.stdout),
+        "{what}: stdout differs (stderr under krg: {})",
+        text(&krg.stderr)
+    );
+    assert_eq!(krg.status.code(), native.status.code(), "{what}: status");
+}
+
+/// Prints the node a shell runs on to stderr.
+const HERE: &str = "read h </proc/sys/kernel/hostname; echo $h >&2";
+
+/// Whether some program of a run said (with [`HERE`]) that it ran on a
+/// node other than node 1.
+fn elsewhere(o: &Output) -> bool {
+    text(&o.stderr)
+        .lines()
+        .any(|l| l.starts_with("krg-n") && l != "krg-n1")
 }
 
 /// `krg cluster exec --node N -- bash script` pins bash, not what bash
@@ -46,4 +76,27 @@ fn a_pin_applies_to_one_program_not_to_what_a_shell_starts() {
     let l: Vec<&str> = t.lines().collect();
     assert_eq!(l[0], "", "bash does not see the pin: {t}");
     assert_eq!(l[1], "krg-n2", "the pinned program runs there: {t}");
+}
+
+/// A parent that waits for EOF on a close-on-exec pipe (its child's exec
+/// succeeded), then feeds the child's stdin: before, a child placed at its
+/// `execve` kept the pipe open in its shadow and both waited for ever (git
+/// gc and git clone hung this way).
+#[test]
+fn a_close_on_exec_pipe_closes_when_a_placed_program_starts() {
+    let c = round_robin(4);
+    let prog = cc(&repo_root().join("examples/unix/cloexec.c"), "cloexec");
+    let p = prog.to_str().unwrap();
+    let script = format!(
+        "for i in 1 2 3 4 5 6; do timeout -s KILL 20 {p} /bin/bash -c '{HERE}; exec md5sum'; done"
+    );
+    let (native, krg) = native_and_krg(&c, &script);
+    assert_same("close-on-exec", &native, &krg);
+    assert_eq!(
+        text(&krg.stdout).matches("exec done").count(),
+        6,
+        "{}",
+        text(&krg.stdout)
+    );
+    assert!(elsewhere(&krg), "{}", text(&krg.stderr));
 }
