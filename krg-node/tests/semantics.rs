@@ -141,3 +141,19 @@ fn a_stdin_shared_with_the_shell_keeps_every_byte() {
         assert!(elsewhere(&krg), "{}", text(&krg.stderr));
     }
 }
+
+/// `krg ps | head`-style pipelines: a reader that goes away ends `krg`
+/// quietly, as any Unix command (before: a panic, "failed printing to
+/// stdout: Broken pipe").
+#[test]
+fn krg_commands_end_quietly_when_their_reader_goes_away() {
+    let c = Cluster::up(2, 1.0);
+    let k = krg_bin();
+    let k = k.to_str().unwrap();
+    let script = format!(
+        "sleep 30 & s=$!; for i in 1 2 3 4 5; do {k} ps --json | (exec <&-; true); {k} ps | head -c 1 >/dev/null; {k} status | grep -q nothing-matches; done; kill $s"
+    );
+    let o = c.plain(1, &["bash", "-c", &script]).output().unwrap();
+    let e = text(&o.stderr);
+    assert!(!e.contains("panicked") && !e.contains("Broken pipe"), "{e}");
+}
