@@ -740,6 +740,12 @@ int main(void) {
         e.contains(&format!("fd {fd}: io_uring is not migratable")),
         "{e}"
     );
+    // A refused checkpoint leaves no partial image (before: a
+    // world-readable `.image.krg.tmp`).
+    let left: Vec<_> = std::fs::read_dir(&img)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", img.display());
     let mg = c.krg(1, &["migrate", &pid.to_string(), "2"]);
     assert!(!mg.status.success());
     assert!(
