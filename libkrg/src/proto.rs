@@ -239,6 +239,17 @@ pub enum Request {
         unix: Vec<u64>,
         optional: Vec<bool>,
     },
+    /// From a process that has just migrated to `node`, about its listening
+    /// TCP socket parked here as `id` during the move: connections that
+    /// still come to it here are passed on to `node`, where the process
+    /// listens on the same port now, for as long as it does. Answered with
+    /// `Ok`.
+    ForwardParked { id: i32, node: u32 },
+    /// From a process listening again on TCP `port` on this node (restored
+    /// here): the listener this agent kept for it when it moved away, with
+    /// the connections waiting in its queue, if any (`StreamFd`, then one
+    /// descriptor; `Ok` when there is none: it makes a new socket).
+    TakeForwarded { port: u16 },
     /// From a process about to be captured (migration or checkpoint): which
     /// of these does another process of this node hold too? `links`: fd
     /// links of pipes and socketpairs both of whose ends are the caller's
@@ -291,8 +302,10 @@ pub enum Request {
     /// From a process being checkpointed with `--kill`: keep its fd `fd`
     /// (a connection, a listener, a pipe to another process) open in the
     /// agent until the image is restarted, so that the other end waits
-    /// instead of seeing it closed. Answered with `Id` (the park).
-    Park { fd: i32 },
+    /// instead of seeing it closed. From a migrating process (`moving`):
+    /// its listening TCP socket, kept while it moves (its port is then free
+    /// for its new node; see `ForwardParked`). Answered with `Id` (the park).
+    Park { fd: i32, moving: bool },
     /// From a restorer: the fd parked as `id` on this node, taken back
     /// (`StreamFd`, then one descriptor; a checkpoint that failed takes
     /// its parks back and closes them). Only its owner (or root) may.
@@ -509,6 +522,13 @@ pub enum StreamPeer {
     /// hands over what it still had and closes its end: a pipe read here
     /// is read to its end, not just what is in it now.
     Relayed { id: u64, node: u32 },
+    /// A TCP connection whose other end cannot take part (a process
+    /// outside krg or the cluster, several processes, or none: a client
+    /// that closed): the mover's node's agent keeps the connection itself
+    /// and relays it, as stream `id`, to the mover's new end. The mover
+    /// takes what is queued for it without shutting anything down (the
+    /// connection goes on).
+    Kept { id: u64, node: u32 },
     /// No other process holds it (a pipe whose other end is closed).
     Nobody,
     /// It cannot take part (an optional stream only): why.

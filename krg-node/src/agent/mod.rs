@@ -119,6 +119,9 @@ pub struct Agent {
     unix: unix::UnixNames,
     /// Fds kept open for checkpointed processes (see `parked`).
     parked: parked::Parked,
+    /// Listeners kept for processes that moved away, by port: how to ask
+    /// each forwarder for its listener back (`agent::parked`).
+    forwarders: std::sync::Mutex<HashMap<u16, tokio::sync::oneshot::Sender<parked::Giver>>>,
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -156,6 +159,7 @@ impl Agent {
             fifos: fifo::Fifos::default(),
             unix: unix::UnixNames::default(),
             parked: parked::Parked::default(),
+            forwarders: Default::default(),
             cpus,
             cfg,
         })
@@ -702,6 +706,10 @@ impl Agent {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
             },
+            Request::TakeForwarded { port } => match self.take_forwarded(port).await {
+                Ok(r) => r,
+                Err(e) => (Response::Err(e), Vec::new()),
+            },
             Request::Unpark { id } => match self.unpark(who, id) {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
@@ -890,13 +898,15 @@ impl Agent {
                 wr_shut,
                 pair,
             } => self.stream_drained(who, id, pending, wr_shut, pair),
-            Request::Park { fd } => self.park(who, fd),
+            Request::Park { fd, moving } => self.park(who, fd, moving),
+            Request::ForwardParked { id, node } => self.forward_parked(who, id, node),
             Request::FifoStand { path, dev, ino } => {
                 self.fifo_stand(who.pid, fifo::FifoKey { path, dev, ino })
                     .await
             }
             Request::StreamAwait { .. }
             | Request::Unpark { .. }
+            | Request::TakeForwarded { .. }
             | Request::StreamAttach { .. }
             | Request::FifoOpen { .. }
             | Request::UnixListen { .. }
