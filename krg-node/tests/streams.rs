@@ -1654,3 +1654,64 @@ fn a_busy_server_moves_while_every_kind_of_client_keeps_asking() {
     let st = server.wait().unwrap();
     assert!(st.success(), "{st:?}");
 }
+
+/// A connection made to the loopback from another node shows the loopback
+/// at both ends, as on one machine (a database trusting 127.0.0.1 lets
+/// such a client in); one made to the server's node address shows the
+/// nodes' addresses. Before, the server saw the client's node address
+/// (10.77.x.2) for a client that connected to 127.0.0.1.
+#[test]
+fn a_connection_to_the_loopback_from_another_node_shows_the_loopback_at_both_ends() {
+    let c = Cluster::up(2, 1.0);
+    let py = repo_root().join("examples/streams/peers.py");
+    let py = py.to_str().unwrap();
+    let node1 = c.node_field(1, "address").as_str().unwrap().to_string();
+    let node2 = c.node_field(2, "address").as_str().unwrap().to_string();
+    let connect = |node: u32, host: &str, port: &str| {
+        let o = c
+            .cmd(node, &["python3", py, "connect", host, port])
+            .output()
+            .unwrap();
+        ok(&o, &format!("client on node {node} to {host}"))
+            .trim()
+            .to_string()
+    };
+    for (bind, port, clients, want) in [
+        (
+            "127.0.0.1",
+            "7071",
+            vec![(2, "127.0.0.1"), (1, "127.0.0.1")],
+            vec!["127.0.0.1", "127.0.0.1"],
+        ),
+        (
+            "0.0.0.0",
+            "7072",
+            vec![(2, "127.0.0.1"), (2, node1.as_str()), (1, "127.0.0.1")],
+            vec!["127.0.0.1", node2.as_str(), "127.0.0.1"],
+        ),
+        ("::", "7073", vec![(2, "::1")], vec!["::1"]),
+    ] {
+        let n = clients.len().to_string();
+        let mut srv = piped(&c, 1, &["python3", py, "serve", bind, port, &n]);
+        assert_eq!(read_line(&mut srv), "listening");
+        for ((node, host), peer) in clients.iter().zip(&want) {
+            let here = if *peer == node2 { host } else { peer };
+            assert_eq!(
+                connect(*node, host, port),
+                format!("client getsockname {peer} getpeername {here}"),
+                "server bound to {bind}"
+            );
+        }
+        let out = srv.wait_with_output().unwrap();
+        let lines: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+        let expect: Vec<String> = clients
+            .iter()
+            .zip(&want)
+            .map(|((_, host), peer)| {
+                let me = if *peer == node2 { host } else { peer };
+                format!("accept {peer} getpeername {peer} getsockname {me}")
+            })
+            .collect();
+        assert_eq!(lines, expect, "server bound to {bind}: {}", show(&out));
+    }
+}

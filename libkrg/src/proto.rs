@@ -218,8 +218,17 @@ pub enum Request {
     /// `Ok`.
     PortBind { port: u16, reuse: bool },
     /// Where a connection to the loopback or wildcard address with TCP port
-    /// `port` must go. Answered with `PortOwner`.
-    PortOwner { port: u16 },
+    /// `port` must go. Answered with `PortOwner`. `from`: the caller's
+    /// socket is bound to that local port and connects to `port` at the
+    /// loopback (`::1` if `v6`): when the port is held on another node, that
+    /// node is told first, so that the server sees the loopback as its peer
+    /// (`LoopbackPeer`), as on one machine. 0: nothing to tell.
+    PortOwner { port: u16, from: u16, v6: bool },
+    /// From a server that accepted a connection on TCP port `port` from
+    /// `ip:from` (another node's address): did the client connect to the
+    /// loopback (it then sees `127.0.0.1`, or `::1`)? Answered with
+    /// `LoopbackPeer`.
+    LoopbackPeer { ip: [u8; 4], from: u16, port: u16 },
     /// The IPv4 address of every node up. Answered with `NodeAddrs`.
     NodeAddrs,
     /// From a process being captured for migration: its TCP connections
@@ -683,6 +692,9 @@ pub enum Response {
     /// that node's address, or `None` when it is this node or nobody (the
     /// connection stays on this node).
     PortOwner(Option<(u32, [u8; 4])>),
+    /// Answer to `LoopbackPeer`: `None` (not a loopback connection), or
+    /// whether the client asked for `::1` (else `127.0.0.1`).
+    LoopbackPeer(Option<bool>),
     /// Answer to `NodeAddrs`: `(node, IPv4 address)` of every node up.
     NodeAddrs(Vec<(u32, [u8; 4])>),
     /// Answer to `StreamFreeze`: what became of each stream, in the order

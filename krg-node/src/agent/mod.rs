@@ -878,7 +878,10 @@ impl Agent {
                 set,
             } => self.sem_ctl(who, semid, num, cmd, val, array, set).await,
             Request::PortBind { port, reuse } => self.port_bind(who, port, reuse).await,
-            Request::PortOwner { port } => self.port_owner(port).await,
+            Request::PortOwner { port, from, v6 } => self.port_owner(port, from, v6).await,
+            Request::LoopbackPeer { ip, from, port } => {
+                Ok(Response::LoopbackPeer(self.loopback_peer(ip, from, port)))
+            }
             Request::NodeAddrs => Ok(self.node_addrs()),
             Request::StreamFreeze {
                 conns,
@@ -1239,6 +1242,10 @@ impl Peer for PeerServer {
 
     async fn port_probe(self, _: context::Context, port: u16, reuse: bool) -> bool {
         self.0.port_probe(port, reuse).await
+    }
+
+    async fn loopback_peer(self, _: context::Context, ip: [u8; 4], from: u16, port: u16, v6: bool) {
+        self.0.note_loopback_peer(ip, from, port, v6);
     }
 
     async fn stream_hold(

@@ -30,7 +30,19 @@ pub struct Ports {
     /// away, passing connections on to it (`agent::parked`): free for that
     /// process to take on its new node.
     pub(crate) forwarding: std::sync::Mutex<HashSet<u16>>,
+    /// Clients of other nodes about to connect to a port held here at the
+    /// loopback: (their address, their port) -> (this port, `::1`, when
+    /// told). Taken by the server's `LoopbackPeer`; forgotten after
+    /// [`LOOPBACK_PEER_TTL`].
+    loopback_peers: std::sync::Mutex<HashMap<([u8; 4], u16), LoopbackClient>>,
 }
+
+/// A loopback client of another node: the port it connects to here,
+/// whether it asked for `::1`, when it was told.
+type LoopbackClient = (u16, bool, std::time::Instant);
+
+/// How long a client's loopback connection is remembered for its server.
+const LOOPBACK_PEER_TTL: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// A request to the port home.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -202,15 +214,60 @@ impl Agent {
         Ok(Response::Ok)
     }
 
-    pub(crate) async fn port_owner(self: &Arc<Self>, port: u16) -> Result<Response, ErrorReply> {
+    pub(crate) async fn port_owner(
+        self: &Arc<Self>,
+        port: u16,
+        from: u16,
+        v6: bool,
+    ) -> Result<Response, ErrorReply> {
         if self.ports.held().contains(&port) {
             return Ok(Response::PortOwner(None));
         }
         let owner = self.port_call(PortOp::Owner { port }).await?;
-        Ok(Response::PortOwner(match owner {
+        let there = match owner {
             Some(n) if n != self.node_id() => self.node_ipv4(n).map(|a| (n, a)),
             _ => None,
-        }))
+        };
+        if let (Some((n, _)), Some(me), true) = (there, self.my_ipv4(), from != 0) {
+            // Before the client connects: its server then knows it came
+            // to the loopback.
+            if let Ok(c) = self.client(n).await {
+                if let Err(e) = c.loopback_peer(super::ctx(), me, from, port, v6).await {
+                    self.drop_client(n);
+                    tracing::warn!("telling node {n} of a loopback client: {e}");
+                }
+            }
+        }
+        Ok(Response::PortOwner(there))
+    }
+
+    /// A client at `ip:from` will connect to `port` here at the loopback.
+    pub(crate) fn note_loopback_peer(&self, ip: [u8; 4], from: u16, port: u16, v6: bool) {
+        let mut t = self
+            .ports
+            .loopback_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        t.retain(|_, (_, _, at)| now.duration_since(*at) < LOOPBACK_PEER_TTL);
+        t.insert((ip, from), (port, v6, now));
+    }
+
+    /// `LoopbackPeer`: whether the connection from `ip:from` to `port` was
+    /// made to the loopback (and to `::1`).
+    pub(crate) fn loopback_peer(&self, ip: [u8; 4], from: u16, port: u16) -> Option<bool> {
+        let mut t = self
+            .ports
+            .loopback_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match t.get(&(ip, from)) {
+            Some(&(p, v6, at)) if p == port && at.elapsed() < LOOPBACK_PEER_TTL => {
+                t.remove(&(ip, from));
+                Some(v6)
+            }
+            _ => None,
+        }
     }
 
     pub(crate) fn node_addrs(&self) -> Response {
