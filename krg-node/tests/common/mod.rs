@@ -369,26 +369,46 @@ pub fn write_file(p: &Path, s: &str) {
 }
 
 /// Compile a C program from examples/ (or a given source) into the shared
-/// test directory. Built under a name of its own then renamed into place:
-/// tests running side by side compile the same programs, and one must never
-/// run a half-written binary of another.
+/// test directory, as `bin/<hash of the source>/<name>`. Tests running side
+/// by side compile the same programs, and a binary must never be replaced
+/// while it runs: a migration starts the program again from its path, which
+/// a replaced binary no longer has (`/proc/PID/exe` says "(deleted)"). So a
+/// binary, once built, stays; another source gets another directory.
 pub fn cc(src: &Path, name: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
     static BUILDS: AtomicU32 = AtomicU32::new(0);
-    let dir = shared_dir("bin");
+    const FLAGS: [&str; 3] = ["-O1", "-Wall", "-pthread"];
+    let code = std::fs::read(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    let mut h = Sha256::new();
+    h.update(FLAGS.join(" "));
+    h.update(&code);
+    let dir = shared_dir("bin").join(&hex::encode(h.finalize())[..16]);
     let out = dir.join(name);
+    if out.exists() {
+        return out;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
     let tmp = dir.join(format!(
         ".{name}.{}.{}",
         std::process::id(),
         BUILDS.fetch_add(1, Ordering::SeqCst)
     ));
     let st = Command::new("gcc")
-        .args(["-O1", "-Wall", "-pthread", "-o"])
+        .args(FLAGS)
+        .arg("-o")
         .arg(&tmp)
         .arg(src)
         .status()
         .expect("gcc");
     assert!(st.success(), "gcc {} failed", src.display());
-    std::fs::rename(&tmp, &out).unwrap();
+    // A link, unlike a rename, never replaces: if another test got there
+    // first, its binary (the same program) stays.
+    match std::fs::hard_link(&tmp, &out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => panic!("linking {} to {}: {e}", tmp.display(), out.display()),
+    }
+    let _ = std::fs::remove_file(&tmp);
     out
 }
 
