@@ -333,12 +333,23 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// Read one line from a child's stdout.
 pub fn read_line(child: &mut Child) -> String {
-    use std::io::BufRead;
+    use std::io::Read;
     let out = child.stdout.as_mut().expect("piped stdout");
-    let mut r = std::io::BufReader::new(out);
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    line.trim().to_string()
+    // A byte at a time: a buffered reader, dropped on return, would swallow
+    // whatever came after the first line (two lines written at once, as a
+    // loaded machine delivers them), and the next call would never see it.
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match out.read(&mut b) {
+            Ok(0) => break,
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) => line.push(b[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading a child's stdout: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&line).trim().to_string()
 }
 
 /// Bytes received plus sent on `node`'s network interface so far.
