@@ -366,9 +366,11 @@ hooks! {
 
     /// `fcntl(fd, cmd, ...)`: the pid of `F_SETOWN`, `F_GETOWN`,
     /// `F_SETOWN_EX`, `F_GETOWN_EX` and `F_GETLK` (see
-    /// `libkrg::pidcalls`); any other command costs one bit test.
+    /// `libkrg::pidcalls`); any other command costs one bit test and goes
+    /// to libc without entering krg.
     fn fcntl(fd: c_int, cmd: c_int; ...arg: usize) -> c_int {
         missing => enosys(),
+        only_if => pidcalls::fcntl_may_carry_pid(cmd),
         // SAFETY: arg is what the caller passed for cmd, per fcntl(2).
         krg(real) => unsafe { pidcalls::fcntl(cmd, arg, |c, a| real(fd, c, a)) },
     }
@@ -377,6 +379,7 @@ hooks! {
     /// e.g. nginx): as `fcntl`.
     fn fcntl64(fd: c_int, cmd: c_int; ...arg: usize) -> c_int {
         missing => enosys(),
+        only_if => pidcalls::fcntl_may_carry_pid(cmd),
         // SAFETY: as fcntl.
         krg(real) => unsafe { pidcalls::fcntl(cmd, arg, |c, a| real(fd, c, a)) },
     }
@@ -384,6 +387,7 @@ hooks! {
     /// `__fcntl`, glibc's exported alias of fcntl.
     fn __fcntl(fd: c_int, cmd: c_int; ...arg: usize) -> c_int {
         missing => enosys(),
+        only_if => pidcalls::fcntl_may_carry_pid(cmd),
         // SAFETY: as fcntl.
         krg(real) => unsafe { pidcalls::fcntl(cmd, arg, |c, a| real(fd, c, a)) },
     }
@@ -393,6 +397,7 @@ hooks! {
     /// other request costs one bit test.
     fn ioctl(fd: c_int, req: c_ulong; ...arg: usize) -> c_int {
         missing => enosys(),
+        only_if => pidcalls::ioctl_may_carry_pid(req),
         // SAFETY: arg is what the caller passed for req, per ioctl(2).
         krg(real) => unsafe { pidcalls::ioctl(req, arg, |a| real(fd, req, a)) },
     }
@@ -532,13 +537,17 @@ hooks! {
     /// two comparisons.
     fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int {
         missing => enosys(),
+        only_if => pidcalls::is_peercred(level, name),
         // SAFETY: val and len are the caller's, per getsockopt(2).
         krg(real) => unsafe { pidcalls::getsockopt(level, name, val, len, || real(fd, level, name, val, len)) },
     }
 
-    /// `sendmsg`: `SCM_CREDENTIALS` may carry the sender's gpid.
+    /// `sendmsg`: `SCM_CREDENTIALS` may carry the sender's gpid (a message
+    /// without control data costs one comparison).
     fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
         missing => enosys(),
+        // SAFETY: msg is null or the caller's valid message, per sendmsg(2).
+        only_if => unsafe { pidcalls::sends_gpid_creds(msg) },
         // SAFETY: msg is the caller's, per sendmsg(2).
         krg(real) => unsafe { pidcalls::sendmsg(msg, |m| real(fd, m, flags)) },
     }
@@ -550,9 +559,12 @@ hooks! {
         krg(real) => unsafe { pidcalls::sendmmsg(msgs, n, |m, c| real(fd, m, c, flags)) },
     }
 
-    /// `recvmsg`: received `SCM_CREDENTIALS` show gpids.
+    /// `recvmsg`: received `SCM_CREDENTIALS` show gpids (a message without
+    /// a control buffer costs one comparison).
     fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
         missing => enosys(),
+        // SAFETY: msg is null or the caller's valid message, per recvmsg(2).
+        only_if => unsafe { pidcalls::has_control(msg) },
         // SAFETY: msg is the caller's, per recvmsg(2).
         krg(real) => unsafe { pidcalls::recvmsg(msg, || real(fd, msg, flags)) },
     }

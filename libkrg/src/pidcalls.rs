@@ -386,6 +386,12 @@ pub unsafe fn capabilities(hdr: *mut c_void, real: impl FnOnce(*mut c_void) -> c
 // ---------------------------------------------------------------------------
 // Credentials on UNIX sockets
 
+/// Whether a `getsockopt` option carries a pid (`SO_PEERCRED`).
+#[inline(always)]
+pub fn is_peercred(level: c_int, name: c_int) -> bool {
+    name == libc::SO_PEERCRED && level == libc::SOL_SOCKET
+}
+
 /// `getsockopt(fd, level, name, val, len)`: `SO_PEERCRED`'s pid becomes a
 /// gpid.
 ///
@@ -399,7 +405,7 @@ pub unsafe fn getsockopt(
     len: *mut libc::socklen_t,
     real: impl FnOnce() -> c_int,
 ) -> c_int {
-    if name != libc::SO_PEERCRED || level != libc::SOL_SOCKET {
+    if !is_peercred(level, name) {
         return real();
     }
     let r = real();
@@ -455,16 +461,27 @@ unsafe fn each_creds(msg: *const msghdr, mut f: impl FnMut(*mut libc::ucred)) {
     }
 }
 
+/// Whether `msg` has a control buffer (where credentials may be sent or
+/// received).
+///
+/// # Safety
+/// `msg` is null or valid.
+#[inline(always)]
+pub unsafe fn has_control(msg: *const msghdr) -> bool {
+    // SAFETY: the function's contract.
+    unsafe { !msg.is_null() && (*msg).msg_controllen != 0 && !(*msg).msg_control.is_null() }
+}
+
 /// Whether `msg` sends credentials with a gpid (which the kernel refuses:
 /// it checks the pid against the sender's kernel pid).
 ///
 /// # Safety
 /// As [`each_creds`], or `msg` null.
 #[inline]
-unsafe fn sends_gpid_creds(msg: *const msghdr) -> bool {
+pub unsafe fn sends_gpid_creds(msg: *const msghdr) -> bool {
     // SAFETY: the function's contract.
     unsafe {
-        if msg.is_null() || (*msg).msg_controllen == 0 || (*msg).msg_control.is_null() {
+        if !has_control(msg) {
             return false;
         }
         let mut found = false;
@@ -602,7 +619,7 @@ pub unsafe fn sendmmsg(
 unsafe fn received_msg(msg: *const msghdr) {
     // SAFETY: the function's contract.
     unsafe {
-        if !msg.is_null() && (*msg).msg_controllen != 0 && !(*msg).msg_control.is_null() {
+        if has_control(msg) {
             each_creds(msg, |c| received(c));
         }
     }
