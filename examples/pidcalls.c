@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/pidfd.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -194,6 +195,12 @@ static void on_a_child(pid_t c, int lockfd)
     struct __user_cap_header_struct h = {.version = _LINUX_CAPABILITY_VERSION_3, .pid = c};
     struct __user_cap_data_struct d[2];
     CHECK(capget(&h, d) == 0 && h.pid == c, "capget(child)");
+
+    /* A pidfd names the kernel process: pidfd_send_signal needs no pid. */
+    int pfd = pidfd_open(c, 0);
+    CHECK(pfd >= 0 && pidfd_send_signal(pfd, 0, NULL, 0) == 0, "pidfd_open(child), pidfd_send_signal");
+    if (pfd >= 0)
+        close(pfd);
 
     struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
     CHECK(fcntl(lockfd, F_GETLK, &fl) == 0 && fl.l_type == F_WRLCK && fl.l_pid == c,
