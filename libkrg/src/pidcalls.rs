@@ -22,9 +22,12 @@
 //!   is not an SSI process keeps its kernel pid).
 //!
 //! `fcntl`, `ioctl`, `getsockopt`, `sendmsg` and `recvmsg` are called all
-//! the time for other things: their pass-through path is one test of the
-//! command (or option, or control length) before the real call, inlined
-//! into the hook.
+//! the time for other things: their hooks hand those calls to libc after
+//! one test of the command, option or control data
+//! ([`fcntl_may_carry_pid`], [`ioctl_may_carry_pid`], [`is_peercred`],
+//! [`sends_gpid_creds`], [`has_control`]), before entering the library
+//! (`only_if` of the hook macro). The functions here make the same test
+//! first, so that they are right on their own.
 //!
 //! Pointer arguments are the caller's, valid as the call's contract says;
 //! a null one goes to the real function untouched, which says `EFAULT`.
