@@ -107,7 +107,7 @@ const FCNTL_PID_CMDS: u64 = 1 << libc::F_GETLK
 /// Whether `cmd` may carry a pid: one bit test. Commands of 64 and above
 /// share the bits of their number modulo 64: `F_DUPFD_CLOEXEC` (1030)
 /// fails the test, the rare `F_GETPIPE_SZ` and `F_ADD_SEALS` (1032, 1033)
-/// pass it and are told apart by the match in [`fcntl_pid`].
+/// pass it and are told apart by the match in `fcntl_pid`.
 #[inline(always)]
 pub fn fcntl_may_carry_pid(cmd: c_int) -> bool {
     (FCNTL_PID_CMDS >> (cmd as u32 & 63)) & 1 != 0
@@ -245,7 +245,7 @@ const IOCTL_PID_BUCKETS: u64 = 1 << ioctl_bucket(FIOSETOWN as u32)
 
 /// Whether `req` may carry a pid: one bit test (of its bucket). The few
 /// other requests that pass it are told apart by the match in
-/// [`ioctl_pid`].
+/// `ioctl_pid`.
 #[inline(always)]
 pub fn ioctl_may_carry_pid(req: c_ulong) -> bool {
     (IOCTL_PID_BUCKETS >> ioctl_bucket(req as u32)) & 1 != 0
@@ -479,7 +479,7 @@ pub unsafe fn has_control(msg: *const msghdr) -> bool {
 /// it checks the pid against the sender's kernel pid).
 ///
 /// # Safety
-/// As [`each_creds`], or `msg` null.
+/// As `each_creds`, or `msg` null.
 #[inline]
 pub unsafe fn sends_gpid_creds(msg: *const msghdr) -> bool {
     // SAFETY: the function's contract.
