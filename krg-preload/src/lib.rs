@@ -930,10 +930,18 @@ hooks! {
         krg(real) => streams::accept(fd, addr, len, |a, l| real(fd, a, l, flags)),
     }
 
-    /// `getsockname`: a loopback server shows the loopback address.
+    /// `getsockname`: a loopback server, and either end of a connection
+    /// made through the cluster-wide loopback, show the loopback address.
     fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
         missing => enosys(),
         krg(real) => streams::getsockname(fd, addr, len, real),
+    }
+
+    /// `getpeername`: either end of a connection made through the
+    /// cluster-wide loopback shows the loopback address.
+    fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+        missing => enosys(),
+        krg(real) => streams::getpeername(fd, addr, len, real),
     }
 
     /// `semget`: a cluster-wide System V semaphore set (capability `dsm`).
