@@ -546,8 +546,10 @@ hooks! {
     /// without control data costs one comparison).
     fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
         missing => enosys(),
+        // Read only once the library is active (with KRG_DISABLE=1 a bad
+        // pointer must get libc's EFAULT, not a crash here).
         // SAFETY: msg is null or the caller's valid message, per sendmsg(2).
-        only_if => unsafe { pidcalls::sends_gpid_creds(msg) },
+        only_if => libkrg::rt::active() && unsafe { pidcalls::sends_gpid_creds(msg) },
         // SAFETY: msg is the caller's, per sendmsg(2).
         krg(real) => unsafe { pidcalls::sendmsg(msg, |m| real(fd, m, flags)) },
     }
@@ -563,8 +565,9 @@ hooks! {
     /// a control buffer costs one comparison).
     fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
         missing => enosys(),
+        // Read only once the library is active (as sendmsg).
         // SAFETY: msg is null or the caller's valid message, per recvmsg(2).
-        only_if => unsafe { pidcalls::has_control(msg) },
+        only_if => libkrg::rt::active() && unsafe { pidcalls::has_control(msg) },
         // SAFETY: msg is the caller's, per recvmsg(2).
         krg(real) => unsafe { pidcalls::recvmsg(msg, || real(fd, msg, flags)) },
     }
