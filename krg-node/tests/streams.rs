@@ -155,9 +155,9 @@ fn a_loopback_server_never_sees_a_connection_from_outside_the_cluster() {
     let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
     // A host that is not a node: one more address on node 2's network,
     // which no agent advertises.
-    let stranger = "10.77.0.250";
+    let stranger = &c.addr(250);
     let add = std::process::Command::new("ip")
-        .args(["netns", "exec", "krg-n2", "ip", "addr", "add"])
+        .args(["netns", "exec", &c.netns(2), "ip", "addr", "add"])
         .arg(format!("{stranger}/24"))
         .args(["dev", "eth0"])
         .output()
@@ -169,7 +169,7 @@ fn a_loopback_server_never_sees_a_connection_from_outside_the_cluster() {
     let out = c
         .plain(
             2,
-            &[&t, "client", "10.77.0.1", &port.to_string(), "5", stranger],
+            &[&t, "client", &c.addr(1), &port.to_string(), "5", stranger],
         )
         .output()
         .unwrap();

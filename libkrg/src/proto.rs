@@ -9,7 +9,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Bumped whenever a message changes incompatibly.
-pub const PROTO_VERSION: u32 = 7;
+pub const PROTO_VERSION: u32 = 8;
 
 /// A request to the local agent. The caller's pid, uid and gid come from
 /// `SO_PEERCRED`, never from the message.
@@ -360,6 +360,11 @@ pub enum Request {
     /// itself. Answered with `StreamFd` and one descriptor. `pair`: a
     /// seqpacket socket's (as for `StreamAttach`).
     UnixTake { id: u64, pair: Option<(i32, i32)> },
+    /// The local kernel pid of a gpid whose program runs on this node: as
+    /// `Resolve`, but `ESRCH` for a shadow standing here for a program that
+    /// runs elsewhere (a call on the process's own state, its priority,
+    /// limits or memory, must reach the program, never its shadow).
+    ResolveRunning { gpid: i32 },
 }
 
 /// A System V semaphore set as `semctl(IPC_STAT)` shows it.

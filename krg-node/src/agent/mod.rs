@@ -958,6 +958,9 @@ impl Agent {
                 })?;
                 Ok(Response::Pid(k))
             }
+            Request::ResolveRunning { gpid: g } => {
+                Ok(Response::Pid(self.procs().resolve_running(g)?))
+            }
             Request::Kill { pid, sig } => {
                 if !(0..=64).contains(&sig) {
                     return Err(err(libc::EINVAL, format!("invalid signal {sig}")));
