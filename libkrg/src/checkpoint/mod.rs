@@ -573,7 +573,42 @@ pub(crate) fn report(ok: bool, msg: String, bytes: u64) {
     let _ = crate::client::call(&Request::CkptDone { ok, msg, bytes });
 }
 
+/// The calling thread in the "C" locale while it lives: glibc's
+/// `strerror_r` (every io::Error the capture formats: a vanished fd's
+/// readlink, any refusal) goes through gettext, which under a program's
+/// own locale (`setlocale(LC_ALL, "")`: coreutils, sort, awk) mallocs and
+/// frees on each call, in a handler that may have interrupted malloc.
+/// The C locale object is glibc's static one (`newlocale` of "C"
+/// allocates nothing), and `uselocale` is per thread.
+struct CLocale(libc::locale_t);
+
+impl CLocale {
+    fn enter() -> CLocale {
+        // SAFETY: newlocale of "C" with no base returns glibc's static C
+        // locale object; uselocale only changes this thread's locale.
+        unsafe {
+            let c = libc::newlocale(libc::LC_ALL_MASK, c"C".as_ptr(), std::ptr::null_mut());
+            CLocale(if c.is_null() {
+                std::ptr::null_mut()
+            } else {
+                libc::uselocale(c)
+            })
+        }
+    }
+}
+
+impl Drop for CLocale {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: puts back the locale this thread had (a valid
+            // locale_t, or LC_GLOBAL_LOCALE).
+            unsafe { libc::uselocale(self.0) };
+        }
+    }
+}
+
 fn lead() {
+    let _c = CLocale::enter();
     // A process still receiving its memory by post-copy is not captured
     // before the last page is in (its fault handler is no application
     // thread and would never park).
