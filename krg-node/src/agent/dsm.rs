@@ -970,8 +970,9 @@ impl Agent {
         self.procs().translate(who.pid).unwrap_or(who.pid)
     }
 
-    /// Where the segment of a System V key lives: the lowest node id of
-    /// the cluster, so that every node finds the same segment for a key.
+    /// Where the segment of a System V key lives: the lowest node id this
+    /// agent has known (down ones included), so that every node finds the
+    /// same segment for a key.
     /// The home of a new or keyed object: here for IPC_PRIVATE.
     pub(crate) fn home_for_key(&self, key: i32) -> u32 {
         if key == libc::IPC_PRIVATE {

@@ -4,7 +4,7 @@
 //! A FIFO is a kernel object of one node: a reader on node 2 and a writer
 //! on node 3 opening the same path (in a directory both see) would each
 //! wait forever in their own kernel. So an SSI process's open of a FIFO
-//! goes to the *key home* (the lowest node up), which pairs each opener
+//! goes to the *key home* (the lowest node known, down ones included), which pairs each opener
 //! with the first one waiting the other way for the same file. Two on one
 //! node open the FIFO itself (the kernel does the rest, several writers
 //! included); two on different nodes get the two ends of one TCP

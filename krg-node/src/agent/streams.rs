@@ -1,7 +1,7 @@
 //! Streams, the agent's side: the cluster-wide loopback's port table.
 //!
 //! A TCP port bound by an SSI process to a loopback or wildcard address is
-//! the cluster's, as on one machine: the *port home* (the lowest node id up,
+//! the cluster's, as on one machine: the *port home* (the lowest node id known,
 //! like System V keys) records which node holds each port. A bind asks the
 //! home to reserve the port; a connection to `127.0.0.1:P` asks where `P`
 //! lives. Entries are not removed when the socket closes (no hook sees every
