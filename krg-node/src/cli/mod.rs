@@ -2,10 +2,6 @@
 //! cluster exec` must be able to enter namespaces (setns(CLONE_NEWNS) is
 //! refused to multithreaded processes).
 
-mod bench;
-mod bench_dsm;
-mod bench_moved;
-mod bench_streams;
 mod checkpoint;
 mod ipcs;
 mod kill;
@@ -139,12 +135,6 @@ pub enum Cmd {
         #[arg(long)]
         quick: bool,
     },
-    /// One measurement of `krg bench`, run inside a node.
-    #[command(hide = true)]
-    BenchWorker {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
     /// A whole cluster of N nodes on this one machine.
     Cluster {
         /// The instance to act on: several local clusters can run side by
@@ -226,6 +216,25 @@ pub fn preload_path() -> Result<PathBuf> {
     Ok(so)
 }
 
+/// `krg bench`: runs `krg-bench`, built next to `krg` (the benchmarks are
+/// a binary of their own, not shipped inside this one).
+fn bench(quick: bool) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("locating the krg executable")?;
+    let b = exe.with_file_name("krg-bench");
+    if !b.exists() {
+        bail!(
+            "{} not found: the benchmarks are their own binary (build it with cargo build --release)",
+            b.display()
+        );
+    }
+    let mut c = std::process::Command::new(&b);
+    if quick {
+        c.arg("--quick");
+    }
+    Err(c.exec()).with_context(|| format!("running {}", b.display()))
+}
+
 fn dispatch(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Status { json } => ps::status(json),
@@ -272,8 +281,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Migrate { pid, node, precopy } => checkpoint::migrate(pid, node, precopy),
         Cmd::Restart { dir, node, quiet } => checkpoint::restart(&dir, node, quiet),
         Cmd::Sched { json, cmd } => sched::sched(cmd, json),
-        Cmd::Bench { quick } => bench::bench(quick),
-        Cmd::BenchWorker { args } => bench::worker(&args),
+        Cmd::Bench { quick } => bench(quick),
         Cmd::Cluster { name, cmd } => {
             let all = matches!(
                 cmd,

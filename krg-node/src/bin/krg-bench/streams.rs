@@ -9,7 +9,7 @@
 //! costs on the data path (nothing is expected: no relay, no hook on
 //! read or write).
 
-use super::bench::{quantile, Sample};
+use super::{quantile, Sample};
 use anyhow::{bail, Context, Result};
 use libkrg::proto::{Request, Response};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -36,7 +36,7 @@ fn node_ip(id: u32) -> Result<String> {
 /// moment must not decide a ratio).
 const ROUNDS: usize = 5;
 
-/// `krg bench-worker tcp MIB PINGS`. Values: MB/s and round-trip µs (p50,
+/// `krg-bench worker tcp MIB PINGS`. Values: MB/s and round-trip µs (p50,
 /// p99) straight to node 2's address, then the same through 127.0.0.1;
 /// medians over the rounds.
 pub fn tcp_sample(mib: usize, pings: usize) -> Result<Vec<f64>> {
@@ -67,7 +67,7 @@ fn one_round(bind: &str, connect: &str, mib: usize, pings: usize) -> Result<Vec<
     {
         let krg = std::env::current_exe()?;
         let mut server = Command::new(krg)
-            .args(["bench-worker", "tcp-serve", bind])
+            .args(["worker", "tcp-serve", bind])
             .env("KRG_NODE", "2")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -123,7 +123,7 @@ fn one_round(bind: &str, connect: &str, mib: usize, pings: usize) -> Result<Vec<
     Ok(out)
 }
 
-/// `krg bench-worker tcp-serve ADDR`: listen on ADDR (any port, printed),
+/// `krg-bench worker tcp-serve ADDR`: listen on ADDR (any port, printed),
 /// serve one throughput connection then one echo connection.
 pub fn tcp_serve(addr: &str) -> Result<Sample> {
     let l = TcpListener::bind((addr, 0)).with_context(|| format!("binding {addr}"))?;

@@ -1,6 +1,9 @@
-//! `krg bench`: benchmarks that print ratios against a baseline measured in
-//! the same run (this machine is shared and noisy: absolute numbers alone say
-//! little). It brings up its own 2-node local cluster and tears it down.
+//! `krg-bench` (what `krg bench` runs): benchmarks that print ratios
+//! against a baseline measured in the same run (this machine is shared and
+//! noisy: absolute numbers alone say little). It brings up its own 2-node
+//! local cluster and tears it down. A binary of its own, so that the
+//! measuring code does not ship inside `krg`; `krg-bench worker ...` is
+//! one measurement, run inside a node.
 //!
 //! Measured today:
 //! - spawn + wait of `/bin/true`: plain fork+exec (no library), an SSI
@@ -19,22 +22,58 @@
 //! - checkpoint to disk and restart against writing the same bytes;
 //! - shared memory: remote read and write faults against a TCP round trip
 //!   between the same nodes, a sequential read, a bounced page
-//!   (`bench_dsm`);
+//!   (`dsm.rs`);
 //! - a TCP stream between the nodes reached at 127.0.0.1 (the cluster-wide
 //!   loopback) against the same opened to the node's address
-//!   (`bench_streams`);
+//!   (`streams.rs`);
 //! - a TCP connection and a pipe before and after migrating one end, and
 //!   the time to migrate a process holding 100 connections
-//!   (`bench_moved`);
+//!   (`moved.rs`);
 //! - the load balancer's makespan for 8 CPU-bound jobs started on one of 4
 //!   half-CPU nodes (a second local cluster), against the ideal.
 
-use super::preload_path;
+mod dsm;
+mod moved;
+mod streams;
+
 use anyhow::{bail, Context, Result};
+use krg_node::cli::preload_path;
 use serde::{Deserialize, Serialize};
 use std::io::Read;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
+
+fn main() {
+    krg_node::logging::init_cli();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.first().map(String::as_str) {
+        Some("worker") => worker(&args[1..]),
+        None => bench(false),
+        Some("--quick") if args.len() == 1 => bench(true),
+        Some(_) => Err(anyhow::anyhow!(
+            "usage: krg-bench [--quick]   (or: krg bench [--quick])"
+        )),
+    };
+    match r {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("krg-bench: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The `krg` command next to this binary (cluster exec, migrate, restart,
+/// sched), as cargo builds them side by side.
+fn krg() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating krg-bench")?;
+    let krg = exe.with_file_name("krg");
+    if !krg.exists() {
+        bail!("{} not found (build it with cargo build)", krg.display());
+    }
+    Ok(krg)
+}
 
 /// What one worker run measured.
 #[derive(Serialize, Deserialize, Debug, Default)]
@@ -81,28 +120,26 @@ pub(crate) fn quantile(v: &mut [f64], q: f64) -> f64 {
     v[i]
 }
 
-/// `krg bench-worker spawn COUNT [NODE]`: spawn and wait for /bin/true COUNT
+/// `krg-bench worker spawn COUNT [NODE]`: spawn and wait for /bin/true COUNT
 /// times (placed on NODE if given); print the times as JSON.
-/// `krg bench-worker pipe MIB [NODE]`: read MIB MiB from a `dd` writer (on
+/// `krg-bench worker pipe MIB [NODE]`: read MIB MiB from a `dd` writer (on
 /// NODE if given); print MB/s as JSON.
-pub fn worker(args: &[String]) -> Result<i32> {
+fn worker(args: &[String]) -> Result<i32> {
     let what = args.first().map(String::as_str).unwrap_or("");
     if what == "tcp-serve" {
-        let addr = args
-            .get(1)
-            .context("bench-worker tcp-serve: missing address")?;
-        super::bench_streams::tcp_serve(addr)?;
+        let addr = args.get(1).context("worker tcp-serve: missing address")?;
+        streams::tcp_serve(addr)?;
         return Ok(0);
     }
     if what == "stream-peer" {
-        super::bench_moved::stream_peer(args)?;
+        moved::stream_peer(args)?;
         return Ok(0);
     }
     let n: u64 = args
         .get(1)
-        .context("bench-worker: missing count")?
+        .context("worker: missing count")?
         .parse()
-        .context("bench-worker: count")?;
+        .context("worker: count")?;
     let node = args.get(2).cloned();
     let mut s = Sample::default();
     match what {
@@ -200,26 +237,26 @@ pub fn worker(args: &[String]) -> Result<i32> {
         "makespan" => s.values = makespan_sample(n)?,
         "dsm" => {
             let seq = node.as_deref().unwrap_or("64").parse()?;
-            s.values = super::bench_dsm::dsm_sample(n as usize, seq)?;
+            s.values = dsm::dsm_sample(n as usize, seq)?;
         }
         "dsm-echo" | "dsm-touch" | "dsm-seq" | "dsm-bounce" => {
-            s = super::bench_dsm::dsm_partner(what, args)?;
+            s = dsm::dsm_partner(what, args)?;
         }
         "tcp" => {
             let pings = node.as_deref().unwrap_or("2000").parse()?;
-            s.values = super::bench_streams::tcp_sample(n as usize, pings)?;
+            s.values = streams::tcp_sample(n as usize, pings)?;
         }
         "moved" => {
             let pings = node.as_deref().unwrap_or("2000").parse()?;
-            s.values = super::bench_moved::moved_sample(n as usize, pings)?;
+            s.values = moved::moved_sample(n as usize, pings)?;
         }
-        other => bail!("bench-worker: unknown benchmark {other:?}"),
+        other => bail!("worker: unknown benchmark {other:?}"),
     }
     println!("{}", serde_json::to_string(&s)?);
     Ok(0)
 }
 
-/// `bench-worker forkexec COUNT [NODE]`: what a shell does: fork, then
+/// `krg-bench worker forkexec COUNT [NODE]`: what a shell does: fork, then
 /// execve /bin/true in the child (with `KRG_NODE=NODE` in its environment
 /// if given), then waitpid; microseconds per program. Under krg with a pin
 /// the placement is decided at the execve (the forked child becomes the
@@ -279,7 +316,7 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// `bench-worker hold MIB`: touch MIB MiB, say `ready`, then print a
+/// `krg-bench worker hold MIB`: touch MIB MiB, say `ready`, then print a
 /// wall-clock timestamp and its kernel pid every 200 us until stdin closes
 /// or 30 s pass. The gap between the last timestamp of the old kernel pid
 /// and the first of the new one (a migrated process is a new kernel
@@ -310,7 +347,7 @@ fn hold(mib: u64) -> Result<()> {
     Ok(())
 }
 
-/// `bench-worker migrate MIB NODE` (`migrate-precopy`: without post-copy):
+/// `krg-bench worker migrate MIB NODE` (`migrate-precopy`: without post-copy):
 /// start a holder of MIB MiB here, migrate it to NODE, and measure: the
 /// freeze-to-resume gap in its timestamps, the `krg migrate` call (with
 /// post-copy it returns once every page is on the target), and a plain
@@ -319,7 +356,7 @@ fn migrate_sample(mib: u64, node: &str, precopy: bool) -> Result<Vec<f64>> {
     use std::io::BufRead;
     let exe = std::env::current_exe()?;
     let mut child = Command::new(&exe)
-        .args(["bench-worker", "hold", &mib.to_string()])
+        .args(["worker", "hold", &mib.to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .context("starting the holder")?;
@@ -381,7 +418,7 @@ fn migrate_sample(mib: u64, node: &str, precopy: bool) -> Result<Vec<f64>> {
     Ok(vec![gap_ms, call_ms, copy_ms, after_ms])
 }
 
-/// `bench-worker ckpt MIB`: checkpoint a holder of MIB MiB to this node's
+/// `krg-bench worker ckpt MIB`: checkpoint a holder of MIB MiB to this node's
 /// /tmp (killing it), restart it here, and measure: the checkpoint's time
 /// and size, the restart until the restored holder's first timestamp, and
 /// writing the same bytes to a file in the same directory (the floor).
@@ -392,7 +429,7 @@ fn ckpt_sample(mib: u64) -> Result<Vec<f64>> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let mut child = Command::new(&exe)
-        .args(["bench-worker", "hold", &mib.to_string()])
+        .args(["worker", "hold", &mib.to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .context("starting the holder")?;
@@ -420,7 +457,7 @@ fn ckpt_sample(mib: u64) -> Result<Vec<f64>> {
     let _ = child.wait();
     // Restart here; the first timestamp it prints ends the measure.
     let t = Instant::now();
-    let mut r = Command::new(&exe)
+    let mut r = Command::new(krg()?)
         .args(["restart", "-q"])
         .arg(&dir)
         .stdout(Stdio::piped())
@@ -451,13 +488,13 @@ fn ckpt_sample(mib: u64) -> Result<Vec<f64>> {
     Ok(vec![ckpt_ms, bytes, restart_ms, floor_ms])
 }
 
-/// `bench-worker makespan N`: one `spin N` alone (its time on this node),
+/// `krg-bench worker makespan N`: one `spin N` alone (its time on this node),
 /// then 8 at once started here; seconds of each.
 fn makespan_sample(n: u64) -> Result<Vec<f64>> {
     let exe = std::env::current_exe()?;
     let spin = || {
         Command::new(&exe)
-            .args(["bench-worker", "spin", &n.to_string()])
+            .args(["worker", "spin", &n.to_string()])
             .stdout(Stdio::null())
             .spawn()
     };
@@ -479,15 +516,14 @@ fn makespan_sample(n: u64) -> Result<Vec<f64>> {
 }
 
 fn run_worker(plain: bool, args: &[&str]) -> Result<Sample> {
-    let krg = std::env::current_exe()?;
-    let mut c = Command::new(&krg);
+    let mut c = Command::new(krg()?);
     c.args(["cluster", "exec"]);
     if plain {
         c.arg("--plain");
     }
     c.args(["--node", "1", "--"])
-        .arg(&krg)
-        .arg("bench-worker")
+        .arg(std::env::current_exe()?)
+        .arg("worker")
         .args(args);
     let out = c
         .stderr(Stdio::inherit())
@@ -502,47 +538,47 @@ fn run_worker(plain: bool, args: &[&str]) -> Result<Sample> {
 }
 
 /// `krg bench [--quick]`.
-pub fn bench(quick: bool) -> Result<i32> {
+fn bench(quick: bool) -> Result<i32> {
     preload_path()?;
     // The instance KRG_CLUSTER names: the workers' `krg cluster exec` find
     // it the same way.
-    let inst = crate::cluster::Instance::from_env()?;
-    if crate::cluster::state(&inst)?.is_some_and(|s| s.any_running()) {
+    let inst = krg_node::cluster::Instance::from_env()?;
+    if krg_node::cluster::state(&inst)?.is_some_and(|s| s.any_running()) {
         bail!(
             "the {} is up: krg bench brings up its own (run `{}` first, or set {} to another instance name)",
             inst.title(),
             inst.command("down"),
-            crate::cluster::INSTANCE_ENV
+            krg_node::cluster::INSTANCE_ENV
         );
     }
-    crate::cluster::up(
+    krg_node::cluster::up(
         &inst,
-        &crate::cluster::UpOptions {
+        &krg_node::cluster::UpOptions {
             nodes: 2,
             cpus: 1.0,
         },
     )?;
     let r = measure(quick);
-    let down = crate::cluster::down(&inst);
+    let down = krg_node::cluster::down(&inst);
     let r = r?;
     down?;
     // The load balancer needs more, smaller nodes.
-    crate::cluster::up(
+    krg_node::cluster::up(
         &inst,
-        &crate::cluster::UpOptions {
+        &krg_node::cluster::UpOptions {
             nodes: 4,
             cpus: 0.5,
         },
     )?;
     let m = makespan(quick);
-    let down = crate::cluster::down(&inst);
+    let down = krg_node::cluster::down(&inst);
     m?;
     down?;
     Ok(r)
 }
 
 fn makespan(quick: bool) -> Result<()> {
-    let krg = std::env::current_exe()?;
+    let krg = krg()?;
     let st = Command::new(&krg)
         .args(["cluster", "exec", "--plain", "--node", "1", "--"])
         .arg(&krg)
@@ -677,17 +713,17 @@ fn measure(quick: bool) -> Result<i32> {
 
     let (pages, seq) = if quick { (2000, 64) } else { (10000, 256) };
     let v = run_worker(false, &["dsm", &pages.to_string(), &seq.to_string()])?.values;
-    super::bench_dsm::report(&v, pages, seq);
+    dsm::report(&v, pages, seq);
 
     let (tmib, pings) = if quick { (256, 2000) } else { (1024, 10000) };
     let v = run_worker(false, &["tcp", &tmib.to_string(), &pings.to_string()])?.values;
-    super::bench_streams::report(&v, tmib, pings);
+    streams::report(&v, tmib, pings);
     let v = run_worker(
         false,
         &["moved", &(tmib / 4).to_string(), &pings.to_string()],
     )?
     .values;
-    super::bench_moved::report(&v, tmib / 4, pings);
+    moved::report(&v, tmib / 4, pings);
 
     let sizes: &[(&str, &str)] = if quick {
         &[("1", "[goal <= 30 ms]"), ("64", ""), ("256", "")]

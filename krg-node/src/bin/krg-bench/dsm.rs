@@ -5,7 +5,7 @@
 //! The workers run under the library: `dsm` on node 1 drives the run and
 //! starts its partners on node 2 with `KRG_NODE=2` (remote exec).
 
-use super::bench::{quantile, Sample};
+use super::{quantile, Sample};
 use anyhow::{bail, Context, Result};
 use libkrg::proto::{Request, Response};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -90,12 +90,12 @@ impl Seg {
     }
 }
 
-/// Start `krg bench-worker ARGS` on node 2; its first line of output
+/// Start `krg-bench worker ARGS` on node 2; its first line of output
 /// says it is ready.
 fn partner(args: &[&str]) -> Result<(Child, String)> {
     let krg = std::env::current_exe()?;
     let mut c = Command::new(krg)
-        .arg("bench-worker")
+        .arg("worker")
         .args(args)
         .env("KRG_NODE", "2")
         .stdout(Stdio::piped())
@@ -147,7 +147,7 @@ fn tcp_floor(n: usize) -> Result<Vec<f64>> {
 fn loopback_floor(n: usize) -> Result<Vec<f64>> {
     let krg = std::env::current_exe()?;
     let mut c = Command::new(krg)
-        .args(["bench-worker", "dsm-echo", "0"])
+        .args(["worker", "dsm-echo", "0"])
         .env("KRG_NODE", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -173,7 +173,7 @@ fn ping(mut s: TcpStream, n: usize) -> Result<Vec<f64>> {
     Ok(v)
 }
 
-/// `krg bench-worker dsm PAGES SEQ_MIB`: every measurement of this section.
+/// `krg-bench worker dsm PAGES SEQ_MIB`: every measurement of this section.
 /// Values: read fault p50, p99; write fault p50, p99; TCP between the
 /// nodes p50, p99; TCP over loopback p50, p99 (µs); sequential read MB/s
 /// and the same read on the populating node; bounce operations per second.
@@ -245,7 +245,7 @@ pub fn dsm_partner(what: &str, args: &[String]) -> Result<Sample> {
     let arg = |i: usize| -> Result<&str> {
         args.get(i)
             .map(String::as_str)
-            .context("bench-worker: missing argument")
+            .context("worker: missing argument")
     };
     let mut s = Sample::default();
     match what {
@@ -294,7 +294,7 @@ pub fn dsm_partner(what: &str, args: &[String]) -> Result<Sample> {
             }
             s.values.push(n as f64);
         }
-        other => bail!("bench-worker: unknown benchmark {other:?}"),
+        other => bail!("worker: unknown benchmark {other:?}"),
     }
     Ok(s)
 }

@@ -2,8 +2,8 @@
 //! before and after migrating one end, and the time to migrate a process
 //! holding 100 connections, all in one run.
 //!
-//! The worker (`bench-worker moved`, node 1, under the library) talks to a
-//! *peer* process (`bench-worker stream-peer`), the end that moves:
+//! The worker (`krg-bench worker moved`, node 1, under the library) talks to a
+//! *peer* process (`krg-bench worker stream-peer`), the end that moves:
 //! - TCP: the peer starts on node 2 (`KRG_NODE=2`) and is reached at
 //!   127.0.0.1; measured there, moved to node 1 (both ends on one node)
 //!   and back to node 2, measured again: after/before on the same nodes.
@@ -30,7 +30,7 @@
 //! peer, frozen and handed its new connections during each move, so it
 //! must not be inside an agent call of its own then.
 
-use super::bench::{pin_to, quantile, this_cpu, PIN_ENV};
+use super::{pin_to, quantile, this_cpu, PIN_ENV};
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -43,7 +43,7 @@ const MSG: usize = 64;
 /// Measurements per state (median taken): the machine is shared.
 const REPEAT: usize = 3;
 
-/// `bench-worker stream-peer pipe` | `stream-peer tcp N`: serve the protocol
+/// `krg-bench worker stream-peer pipe` | `stream-peer tcp N`: serve the protocol
 /// on stdin/stdout, or on the first of N connections accepted at
 /// 127.0.0.1 (port printed), the others only held.
 pub fn stream_peer(args: &[String]) -> Result<()> {
@@ -190,7 +190,7 @@ fn seq_peer() -> Result<(Child, std::fs::File)> {
     // Pinned here: a fork+exec is placed at its exec, and this start
     // must give a socketpair on one node.
     cmd.env(PIN_ENV, this_cpu().to_string())
-        .args(["bench-worker", "stream-peer", "seqpacket"])
+        .args(["worker", "stream-peer", "seqpacket"])
         .env("KRG_NODE", "1")
         .stdin(Stdio::null());
     // SAFETY: between fork and exec only dup2 (async-signal-safe), which
@@ -253,7 +253,7 @@ fn side_by_side(
 /// `krg migrate PID NODE` in a process of its own; its milliseconds.
 fn migrate(pid: u32, node: u32) -> Result<f64> {
     let t = Instant::now();
-    let out = Command::new(std::env::current_exe()?)
+    let out = Command::new(super::krg()?)
         .args(["migrate", &pid.to_string(), &node.to_string()])
         .env("KRG_DISABLE", "1")
         .stdin(Stdio::null())
@@ -273,7 +273,7 @@ fn migrate(pid: u32, node: u32) -> Result<f64> {
 fn tcp_peer(n: usize) -> Result<(Child, Vec<TcpStream>)> {
     let mut p = Command::new(std::env::current_exe()?)
         .env(PIN_ENV, this_cpu().to_string())
-        .args(["bench-worker", "stream-peer", "tcp", &n.to_string()])
+        .args(["worker", "stream-peer", "tcp", &n.to_string()])
         .env("KRG_NODE", "2")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -310,7 +310,7 @@ impl PipePeer {
     fn start() -> Result<PipePeer> {
         let mut p = Command::new(std::env::current_exe()?)
             .env(PIN_ENV, this_cpu().to_string())
-            .args(["bench-worker", "stream-peer", "pipe"])
+            .args(["worker", "stream-peer", "pipe"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -326,7 +326,7 @@ impl PipePeer {
     }
 }
 
-/// `bench-worker moved MIB PINGS`. Values: TCP before (3), on one node (3),
+/// `krg-bench worker moved MIB PINGS`. Values: TCP before (3), on one node (3),
 /// after (3), an untouched connection alongside (3); pipe before (3),
 /// between nodes (3), back on one node (3), an untouched pipe alongside
 /// (3); seqpacket on one node (3), relayed between two (3), on one node
