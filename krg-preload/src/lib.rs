@@ -8,6 +8,8 @@
 //! here is argument plumbing (status and siginfo pointers) and the vfork
 //! trampoline. See `docs/architecture/preload.md`.
 
+#[cfg(test)]
+mod compat;
 mod hook;
 mod vfork;
 
