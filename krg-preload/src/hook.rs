@@ -6,11 +6,20 @@
 //! hooks! {
 //!     /// doc
 //!     fn kill(pid: pid_t, sig: c_int) -> c_int {
+//!         status => partial("`kill(-1)` signals this node's processes only"),
 //!         missing => enosys(),
 //!         krg(real) => processes::kill(pid, sig, real),
 //!     }
 //! }
 //! ```
+//!
+//! `status` is what a program gets compared with one machine: `full`, or
+//! `partial("what differs")` (any `&str` constant expression). It is
+//! required (a hook without it, or with any other word, does not compile)
+//! and costs nothing at run time: it only goes into the [`HookInfo`]
+//! entries of the constant `HOOKS`, from which a test generates the
+//! compatibility table of `docs/architecture/preload.md` (see
+//! `compat.rs`).
 //!
 //! A C-variadic function takes its variadic argument after `; ...`:
 //!
@@ -106,6 +115,28 @@ pub fn trace(name: &str, entry: libkrg::rt::Entry, args: std::fmt::Arguments<'_>
     );
 }
 
+/// What a hook gives a program, compared with one machine.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Behaves on the cluster as on one machine.
+    Full,
+    /// Works, with the difference said.
+    Partial(&'static str),
+}
+
+/// One hook, as the `hooks!` table declares it.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Debug)]
+pub struct HookInfo {
+    /// The exported symbol.
+    pub name: &'static str,
+    /// Full or partial, and why.
+    pub status: Status,
+    /// The lines of the hook's doc comment.
+    pub doc: &'static [&'static str],
+}
+
 /// Define hooks. See the module documentation.
 macro_rules! hooks {
     // The C type of the real function: fixed parameters only, or fixed
@@ -115,6 +146,20 @@ macro_rules! hooks {
     };
     (@fnty ($($ty:ty),*) ($($vty:ty),+) $ret:ty) => {
         unsafe extern "C" fn($($ty,)* ...) -> $ret
+    };
+    // A hook's status: only these two forms exist.
+    (@status full) => {
+        $crate::hook::Status::Full
+    };
+    (@status partial($why:expr)) => {
+        $crate::hook::Status::Partial($why)
+    };
+    (@status $($other:tt)*) => {
+        compile_error!(concat!(
+            "a hook's status is `full` or `partial(\"what differs\")`, not `",
+            stringify!($($other)*),
+            "`"
+        ))
     };
     // The body of a hook, inlined unless it has an `only_if` test.
     (@apart () $f:item) => {
@@ -128,6 +173,7 @@ macro_rules! hooks {
     ($(
         $(#[doc = $doc:literal])*
         fn $name:ident($($arg:ident: $ty:ty),* $(; ...$($varg:ident: $vty:ty),+)? $(,)?) -> $ret:ty {
+            status => $status:ident $(($why:expr))?,
             missing => $missing:expr,
             $(only_if => $only:expr,)?
             krg($real:ident) => $body:expr $(,)?
@@ -142,6 +188,18 @@ macro_rules! hooks {
                 pub static $name: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
             )*
         }
+
+        /// Every hook with its status and doc comment. A constant, so
+        /// nothing of it is in the library unless a test reads it; built
+        /// in every profile so that a bad `status` never compiles.
+        #[cfg_attr(not(test), allow(dead_code))]
+        pub(crate) const HOOKS: &[$crate::hook::HookInfo] = &[$(
+            $crate::hook::HookInfo {
+                name: stringify!($name),
+                status: $crate::hook::hooks!(@status $status $(($why))?),
+                doc: &[$($doc),*],
+            },
+        )*];
 
         /// Resolve every hook's next definition (from the constructor, so
         /// that hooks never call dlsym later, e.g. in a forked child).

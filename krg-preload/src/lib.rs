@@ -8,6 +8,8 @@
 //! here is argument plumbing (status and siginfo pointers) and the vfork
 //! trampoline. See `docs/architecture/preload.md`.
 
+#[cfg(test)]
+mod compat;
 mod hook;
 mod vfork;
 
@@ -124,9 +126,23 @@ macro_rules! fifo_or_path_stream {
     };
 }
 
+// What differs from one machine, for the hooks that share a reason (their
+// `status`; see the compatibility table in docs/architecture/preload.md).
+const ON_PROCESS: &str = "a process whose program runs on another node is `ESRCH`";
+const OWNER: &str = "`F_SETOWN` and `F_SETOWN_EX` to a process or group of another node are `ESRCH`; an owner is not kept across migration or restart";
+const EXEC_ELSEWHERE: &str = "a program placed on another node keeps its `ITIMER_VIRTUAL` and `ITIMER_PROF` timers on its shadow, where they never fire";
+const PROC_PATH: &str = "`/proc/<gpid>` of a process on another node is `ENOENT`; relative paths into `/proc` are not translated";
+const PROC_OR_FIFO: &str = "`/proc/<gpid>` of a process on another node is `ENOENT`; relative paths into `/proc` are not translated; a FIFO opened `O_RDWR` or non-blocking meets only this node's openers";
+const READLINK: &str = "`/proc/<gpid>` of a process on another node is `ENOENT`; links that name a process (`/proc/self`) give its kernel pid";
+const MAP_OBJECT: &str = "`MAP_PRIVATE` mappings of a cluster-wide object, and mappings through a `dup` of its descriptor, see this node's copy";
+const ACCEPT: &str = "past 256 loopback listeners in a process, the oldest accept from anywhere and show the wildcard address";
+const MOVED_ADDR: &str =
+    "a connection that moved with a migrated process shows the agents' addresses";
+
 hooks! {
     /// `getpid()`: the gpid (a cached atomic load).
     fn getpid() -> pid_t {
+        status => full,
         // SAFETY: getpid has no preconditions.
         missing => unsafe { libc::syscall(libc::SYS_getpid) as pid_t },
         krg(real) => processes::getpid(),
@@ -134,6 +150,7 @@ hooks! {
 
     /// `getppid()`: the parent's gpid.
     fn getppid() -> pid_t {
+        status => partial("a parent that is not an SSI process (the shell that started the tree, this node's init after reparenting) is its kernel pid"),
         // SAFETY: getppid has no preconditions.
         missing => unsafe { libc::syscall(libc::SYS_getppid) as pid_t },
         krg(real) => processes::getppid(),
@@ -141,18 +158,21 @@ hooks! {
 
     /// `kill(pid, sig)` on gpids and group gpids.
     fn kill(pid: pid_t, sig: c_int) -> c_int {
+        status => partial("`kill(-1)` signals this node's processes only; a signal sent through the agent shows the agent's kernel pid in `si_pid`"),
         missing => enosys(),
         krg(real) => processes::kill(pid, sig, real),
     }
 
     /// `killpg(pgrp, sig)` on group gpids.
     fn killpg(pgrp: pid_t, sig: c_int) -> c_int {
+        status => partial("a signal sent through the agent shows the agent's kernel pid in `si_pid`"),
         missing => enosys(),
         krg(real) => processes::killpg(pgrp, sig, real),
     }
 
     /// `sigqueue(pid, sig, value)` on gpids of this node.
     fn sigqueue(pid: pid_t, sig: c_int, value: sigval) -> c_int {
+        status => partial("a process whose program runs on another node is `ESRCH` (the protocol has no queued signal); the receiver's `si_pid` is the sender's kernel pid"),
         missing => enosys(),
         krg(real) => processes::sigqueue(pid, |k| real(k, sig, value)),
     }
@@ -161,6 +181,7 @@ hooks! {
     /// from here, this process becoming its shadow, instead of being loaded
     /// here first.
     fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+        status => partial(EXEC_ELSEWHERE),
         missing => enosys(),
         krg(real) => {
             // SAFETY: the execve contract (NUL-terminated path, null or
@@ -172,6 +193,7 @@ hooks! {
 
     /// `execv`: as `execve`, with this process's environment.
     fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
+        status => partial(EXEC_ELSEWHERE),
         missing => enosys(),
         krg(real) => {
             // SAFETY: as execve; `environ` is this process's environment.
@@ -183,24 +205,28 @@ hooks! {
     /// `execvp`: the capture signal held across the exec (placement, which
     /// needs the path searched, happens at the program's Hello).
     fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
+        status => partial(EXEC_ELSEWHERE),
         missing => enosys(),
         krg(real) => libkrg::checkpoint::around_exec(|| real(file, argv)),
     }
 
     /// `execvpe`: as `execvp`.
     fn execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+        status => partial(EXEC_ELSEWHERE),
         missing => enosys(),
         krg(real) => libkrg::checkpoint::around_exec(|| real(file, argv, envp)),
     }
 
     /// `pidfd_open(pid, flags)` on gpids of this node.
     fn pidfd_open(pid: pid_t, flags: c_uint) -> c_int {
+        status => partial("a process whose program runs on another node: the pidfd of its shadow if this node has it (it ends with the program; `pidfd_getfd` reaches the shadow), else `ESRCH`"),
         missing => enosys(),
         krg(real) => processes::pidfd_open(pid, |k| real(k, flags)),
     }
 
     /// `wait(status)`: returns the child's gpid.
     fn wait(status: *mut c_int) -> pid_t {
+        status => full,
         missing => enosys(),
         krg(real) => processes::wait(None, |_| {
             let mut local = 0;
@@ -212,6 +238,7 @@ hooks! {
 
     /// `waitpid(pid, status, options)` with gpids.
     fn waitpid(pid: pid_t, status: *mut c_int, options: c_int) -> pid_t {
+        status => full,
         missing => enosys(),
         krg(real) => processes::wait(Some(pid), |k| {
             let mut local = 0;
@@ -223,6 +250,7 @@ hooks! {
 
     /// `wait3(status, options, rusage)`: returns the child's gpid.
     fn wait3(status: *mut c_int, options: c_int, usage: *mut rusage) -> pid_t {
+        status => partial("the `rusage` of a child placed on another node is its shadow's, not its program's"),
         missing => enosys(),
         krg(real) => processes::wait(None, |_| {
             let mut local = 0;
@@ -234,6 +262,7 @@ hooks! {
 
     /// `wait4(pid, status, options, rusage)` with gpids.
     fn wait4(pid: pid_t, status: *mut c_int, options: c_int, usage: *mut rusage) -> pid_t {
+        status => partial("the `rusage` of a child placed on another node is its shadow's, not its program's"),
         missing => enosys(),
         krg(real) => processes::wait(Some(pid), |k| {
             let mut local = 0;
@@ -245,6 +274,7 @@ hooks! {
 
     /// `waitid(idtype, id, info, options)` with gpids, `si_pid` included.
     fn waitid(idtype: idtype_t, id: id_t, infop: *mut siginfo_t, options: c_int) -> c_int {
+        status => partial("`si_utime` and `si_stime` of a child placed on another node are its shadow's"),
         missing => enosys(),
         krg(real) => {
             // SAFETY: all-zero is a valid siginfo_t.
@@ -260,12 +290,14 @@ hooks! {
 
     /// `fork()`: returns the child's gpid to the parent.
     fn fork() -> pid_t {
+        status => full,
         missing => enosys(),
         krg(real) => processes::fork(real),
     }
 
     /// `_Fork()` (glibc 2.34: fork without atfork handlers).
     fn _Fork() -> pid_t {
+        status => full,
         missing => enosys(),
         krg(real) => processes::fork(real),
     }
@@ -278,6 +310,7 @@ hooks! {
         termp: *const termios,
         winp: *const winsize,
     ) -> pid_t {
+        status => full,
         missing => enosys(),
         krg(real) => processes::fork(|| real(amaster, name, termp, winp)),
     }
@@ -291,6 +324,7 @@ hooks! {
         argv: *const *mut c_char,
         envp: *const *mut c_char,
     ) -> c_int {
+        status => full,
         missing => libc::ENOSYS,
         // SAFETY: pid is null or writable (posix_spawn's contract).
         krg(real) => unsafe { processes::spawn(pid, |k| real(k, path, actions, attr, argv, envp)) },
@@ -305,6 +339,7 @@ hooks! {
         argv: *const *mut c_char,
         envp: *const *mut c_char,
     ) -> c_int {
+        status => full,
         missing => libc::ENOSYS,
         // SAFETY: pid is null or writable (posix_spawnp's contract).
         krg(real) => unsafe { processes::spawn(pid, |k| real(k, file, actions, attr, argv, envp)) },
@@ -312,54 +347,63 @@ hooks! {
 
     /// `getpgrp()`: the group's gpid when its leader is an SSI process.
     fn getpgrp() -> pid_t {
+        status => full,
         missing => enosys(),
         krg(real) => processes::getpgrp(real),
     }
 
     /// `getpgid(pid)` with gpids.
     fn getpgid(pid: pid_t) -> pid_t {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => processes::getpgid(pid, real),
     }
 
     /// `__getpgid(pid)`, glibc's exported alias of getpgid.
     fn __getpgid(pid: pid_t) -> pid_t {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => processes::getpgid(pid, real),
     }
 
     /// `getsid(pid)` with gpids.
     fn getsid(pid: pid_t) -> pid_t {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => processes::getsid(pid, real),
     }
 
     /// `setpgid(pid, pgid)` with gpids.
     fn setpgid(pid: pid_t, pgid: pid_t) -> c_int {
+        status => partial("a process whose program runs on another node is `ESRCH`, a group with no member here `EPERM`"),
         missing => enosys(),
         krg(real) => processes::setpgid(pid, pgid, real),
     }
 
     /// `setsid()`: returns the new session's gpid.
     fn setsid() -> pid_t {
+        status => full,
         missing => enosys(),
         krg(real) => processes::setsid(real),
     }
 
     /// `tcgetpgrp(fd)`: the foreground group's gpid.
     fn tcgetpgrp(fd: c_int) -> pid_t {
+        status => full,
         missing => enosys(),
         krg(real) => processes::tcgetpgrp(|| real(fd)),
     }
 
     /// `tcsetpgrp(fd, pgrp)` with a group gpid.
     fn tcsetpgrp(fd: c_int, pgrp: pid_t) -> c_int {
+        status => partial("a group with no member on this node is `EPERM`"),
         missing => enosys(),
         krg(real) => processes::tcsetpgrp(pgrp, |k| real(fd, k)),
     }
 
     /// `tcgetsid(fd)`: the session's gpid.
     fn tcgetsid(fd: c_int) -> pid_t {
+        status => full,
         missing => enosys(),
         krg(real) => processes::tcgetsid(|| real(fd)),
     }
@@ -369,6 +413,7 @@ hooks! {
     /// `libkrg::pidcalls`); any other command costs one bit test and goes
     /// to libc without entering krg.
     fn fcntl(fd: c_int, cmd: c_int; ...arg: usize) -> c_int {
+        status => partial(OWNER),
         missing => enosys(),
         only_if => pidcalls::fcntl_may_carry_pid(cmd),
         // SAFETY: arg is what the caller passed for cmd, per fcntl(2).
@@ -378,6 +423,7 @@ hooks! {
     /// `fcntl64` (glibc 2.28; what `fcntl` is with `_FILE_OFFSET_BITS=64`,
     /// e.g. nginx): as `fcntl`.
     fn fcntl64(fd: c_int, cmd: c_int; ...arg: usize) -> c_int {
+        status => partial(OWNER),
         missing => enosys(),
         only_if => pidcalls::fcntl_may_carry_pid(cmd),
         // SAFETY: as fcntl.
@@ -386,6 +432,7 @@ hooks! {
 
     /// `__fcntl`, glibc's exported alias of fcntl.
     fn __fcntl(fd: c_int, cmd: c_int; ...arg: usize) -> c_int {
+        status => partial(OWNER),
         missing => enosys(),
         only_if => pidcalls::fcntl_may_carry_pid(cmd),
         // SAFETY: as fcntl.
@@ -396,6 +443,7 @@ hooks! {
     /// `FIOGETOWN`, `SIOCGPGRP`, `TIOCSPGRP`, `TIOCGPGRP`, `TIOCGSID`; any
     /// other request costs one bit test.
     fn ioctl(fd: c_int, req: c_ulong; ...arg: usize) -> c_int {
+        status => partial("`FIOSETOWN` and `SIOCSPGRP` to a process or group of another node are `ESRCH`, `TIOCSPGRP` to a group with no member here `EPERM`"),
         missing => enosys(),
         only_if => pidcalls::ioctl_may_carry_pid(req),
         // SAFETY: arg is what the caller passed for req, per ioctl(2).
@@ -404,84 +452,98 @@ hooks! {
 
     /// `getpriority(which, who)` with gpids (`PRIO_PROCESS`, `PRIO_PGRP`).
     fn getpriority(which: __priority_which_t, who: id_t) -> c_int {
+        status => partial("`PRIO_PROCESS` and `PRIO_PGRP` of another node are `ESRCH`"),
         missing => enosys(),
         krg(real) => pidcalls::priority(which, who, |w| real(which, w)),
     }
 
     /// `setpriority(which, who, prio)` with gpids.
     fn setpriority(which: __priority_which_t, who: id_t, prio: c_int) -> c_int {
+        status => partial("`PRIO_PROCESS` and `PRIO_PGRP` of another node are `ESRCH`"),
         missing => enosys(),
         krg(real) => pidcalls::priority(which, who, |w| real(which, w, prio)),
     }
 
     /// `sched_setaffinity(pid, size, mask)` with a gpid of this node.
     fn sched_setaffinity(pid: pid_t, size: size_t, mask: *const cpu_set_t) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, |k| real(k, size, mask)),
     }
 
     /// `sched_getaffinity(pid, size, mask)` with a gpid of this node.
     fn sched_getaffinity(pid: pid_t, size: size_t, mask: *mut cpu_set_t) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, |k| real(k, size, mask)),
     }
 
     /// `sched_setscheduler(pid, policy, param)` with a gpid of this node.
     fn sched_setscheduler(pid: pid_t, policy: c_int, param: *const sched_param) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, |k| real(k, policy, param)),
     }
 
     /// `__sched_setscheduler`, glibc's exported alias.
     fn __sched_setscheduler(pid: pid_t, policy: c_int, param: *const sched_param) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, |k| real(k, policy, param)),
     }
 
     /// `sched_getscheduler(pid)` with a gpid of this node.
     fn sched_getscheduler(pid: pid_t) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, real),
     }
 
     /// `__sched_getscheduler`, glibc's exported alias.
     fn __sched_getscheduler(pid: pid_t) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, real),
     }
 
     /// `sched_setparam(pid, param)` with a gpid of this node.
     fn sched_setparam(pid: pid_t, param: *const sched_param) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, |k| real(k, param)),
     }
 
     /// `sched_getparam(pid, param)` with a gpid of this node.
     fn sched_getparam(pid: pid_t, param: *mut sched_param) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, |k| real(k, param)),
     }
 
     /// `__sched_getparam`, glibc's exported alias.
     fn __sched_getparam(pid: pid_t, param: *mut sched_param) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, |k| real(k, param)),
     }
 
     /// `sched_rr_get_interval(pid, tp)` with a gpid of this node.
     fn sched_rr_get_interval(pid: pid_t, tp: *mut timespec) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, |k| real(k, tp)),
     }
 
     /// `prlimit(pid, resource, new, old)` with a gpid of this node.
     fn prlimit(pid: pid_t, resource: __rlimit_resource_t, new: *const rlimit, old: *mut rlimit) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, |k| real(k, resource, new, old)),
     }
 
     /// `prlimit64`: as prlimit.
     fn prlimit64(pid: pid_t, resource: __rlimit_resource_t, new: *const rlimit64, old: *mut rlimit64) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, |k| real(k, resource, new, old)),
     }
@@ -495,6 +557,7 @@ hooks! {
         nremote: c_ulong,
         flags: c_ulong,
     ) -> ssize_t {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, |k| real(k, local, nlocal, remote, nremote, flags)),
     }
@@ -508,6 +571,7 @@ hooks! {
         nremote: c_ulong,
         flags: c_ulong,
     ) -> ssize_t {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         krg(real) => pidcalls::on_process(pid, |k| real(k, local, nlocal, remote, nremote, flags)),
     }
@@ -515,12 +579,14 @@ hooks! {
     /// `tgkill(tgid, tid, sig)`: the thread group may be named by its gpid
     /// (`tid` is a kernel thread id, as `gettid` gives).
     fn tgkill(tgid: pid_t, tid: pid_t, sig: c_int) -> c_int {
+        status => partial("a thread group whose program runs on another node is `ESRCH`; thread ids are kernel ids"),
         missing => enosys(),
         krg(real) => pidcalls::on_process(tgid, |k| real(k, tid, sig)),
     }
 
     /// `capget(hdr, data)`: the header's pid may be a gpid of this node.
     fn capget(hdr: *mut c_void, data: *mut c_void) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         // SAFETY: hdr is the caller's header, per capget(2).
         krg(real) => unsafe { pidcalls::capabilities(hdr, |h| real(h, data)) },
@@ -528,6 +594,7 @@ hooks! {
 
     /// `capset(hdr, data)`: as capget.
     fn capset(hdr: *mut c_void, data: *const c_void) -> c_int {
+        status => partial(ON_PROCESS),
         missing => enosys(),
         // SAFETY: as capget.
         krg(real) => unsafe { pidcalls::capabilities(hdr, |h| real(h, data)) },
@@ -536,6 +603,7 @@ hooks! {
     /// `getsockopt`: `SO_PEERCRED`'s pid is a gpid; any other option costs
     /// two comparisons.
     fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int {
+        status => partial("a `SO_PEERCRED` peer that is not an SSI process (an agent relaying a connection among them) shows its kernel pid"),
         missing => enosys(),
         only_if => pidcalls::is_peercred(level, name),
         // SAFETY: val and len are the caller's, per getsockopt(2).
@@ -545,6 +613,7 @@ hooks! {
     /// `sendmsg`: `SCM_CREDENTIALS` may carry the sender's gpid (a message
     /// without control data costs one comparison).
     fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+        status => partial("`SCM_CREDENTIALS` naming another process (root only) must name one of this node, else `ESRCH`"),
         missing => enosys(),
         // Read only once the library is active (with KRG_DISABLE=1 a bad
         // pointer must get libc's EFAULT, not a crash here).
@@ -556,6 +625,7 @@ hooks! {
 
     /// `sendmmsg`: as sendmsg, for each message.
     fn sendmmsg(fd: c_int, msgs: *mut mmsghdr, n: c_uint, flags: c_int) -> c_int {
+        status => partial("`SCM_CREDENTIALS` naming another process (root only) must name one of this node, else `ESRCH`; a batch with credentials is sent one message at a time"),
         missing => enosys(),
         // SAFETY: msgs is the caller's array of n entries, per sendmmsg(2).
         krg(real) => unsafe { pidcalls::sendmmsg(msgs, n, |m, c| real(fd, m, c, flags)) },
@@ -564,6 +634,7 @@ hooks! {
     /// `recvmsg`: received `SCM_CREDENTIALS` show gpids (a message without
     /// a control buffer costs one comparison).
     fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+        status => full,
         missing => enosys(),
         // Read only once the library is active (as sendmsg).
         // SAFETY: msg is null or the caller's valid message, per recvmsg(2).
@@ -574,6 +645,7 @@ hooks! {
 
     /// `recvmmsg`: as recvmsg, for each message.
     fn recvmmsg(fd: c_int, msgs: *mut mmsghdr, n: c_uint, flags: c_int, timeout: *mut timespec) -> c_int {
+        status => full,
         missing => enosys(),
         // SAFETY: msgs is the caller's array of n entries, per recvmmsg(2).
         krg(real) => unsafe { pidcalls::recvmmsg(msgs, || real(fd, msgs, n, flags, timeout)) },
@@ -582,12 +654,14 @@ hooks! {
     /// `open(path, flags, ...)`: `/proc/<gpid>` paths translated; a FIFO may
     /// meet its other end on another node.
     fn open(path: *const c_char, flags: c_int; ...mode: mode_t) -> c_int {
+        status => partial(PROC_OR_FIFO),
         missing => enosys(),
         krg(real) => fifo_or_path!(libc::AT_FDCWD, path, flags => real(path, flags, mode)),
     }
 
     /// `open64`: as `open`.
     fn open64(path: *const c_char, flags: c_int; ...mode: mode_t) -> c_int {
+        status => partial(PROC_OR_FIFO),
         missing => enosys(),
         krg(real) => fifo_or_path!(libc::AT_FDCWD, path, flags => real(path, flags, mode)),
     }
@@ -595,36 +669,42 @@ hooks! {
     /// `openat`: absolute `/proc/<gpid>` paths translated (relative ones are
     /// not); FIFOs as with `open`.
     fn openat(dirfd: c_int, path: *const c_char, flags: c_int; ...mode: mode_t) -> c_int {
+        status => partial(PROC_OR_FIFO),
         missing => enosys(),
         krg(real) => fifo_or_path!(dirfd, path, flags => real(dirfd, path, flags, mode)),
     }
 
     /// `openat64`: as `openat`.
     fn openat64(dirfd: c_int, path: *const c_char, flags: c_int; ...mode: mode_t) -> c_int {
+        status => partial(PROC_OR_FIFO),
         missing => enosys(),
         krg(real) => fifo_or_path!(dirfd, path, flags => real(dirfd, path, flags, mode)),
     }
 
     /// `__open_2` (fortified open): as `open`.
     fn __open_2(path: *const c_char, flags: c_int) -> c_int {
+        status => partial(PROC_OR_FIFO),
         missing => enosys(),
         krg(real) => fifo_or_path!(libc::AT_FDCWD, path, flags => real(path, flags)),
     }
 
     /// `__open64_2`: as `open`.
     fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
+        status => partial(PROC_OR_FIFO),
         missing => enosys(),
         krg(real) => fifo_or_path!(libc::AT_FDCWD, path, flags => real(path, flags)),
     }
 
     /// `__openat_2` (fortified openat): as `openat`.
     fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+        status => partial(PROC_OR_FIFO),
         missing => enosys(),
         krg(real) => fifo_or_path!(dirfd, path, flags => real(dirfd, path, flags)),
     }
 
     /// `__openat64_2`: as `openat`.
     fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+        status => partial(PROC_OR_FIFO),
         missing => enosys(),
         krg(real) => fifo_or_path!(dirfd, path, flags => real(dirfd, path, flags)),
     }
@@ -632,126 +712,147 @@ hooks! {
     /// `fopen` (glibc opens without the PLT): `/proc/<gpid>` paths
     /// translated; FIFOs as with `open`.
     fn fopen(path: *const c_char, mode: *const c_char) -> *mut FILE {
+        status => partial(PROC_OR_FIFO),
         missing => enosys_null(),
         krg(real) => fifo_or_path_stream!(path, mode => real(path, mode)),
     }
 
     /// `fopen64`: as `fopen`.
     fn fopen64(path: *const c_char, mode: *const c_char) -> *mut FILE {
+        status => partial(PROC_OR_FIFO),
         missing => enosys_null(),
         krg(real) => fifo_or_path_stream!(path, mode => real(path, mode)),
     }
 
     /// `opendir`: `/proc/<gpid>` paths translated.
     fn opendir(path: *const c_char) -> *mut DIR {
+        status => partial("`/proc/<gpid>` of a process on another node is `ENOENT`; listing `/proc` shows kernel pids"),
         missing => enosys_null(),
         krg(real) => via_path!(path => real(path)),
     }
 
     /// `stat`: `/proc/<gpid>` paths translated.
     fn stat(path: *const c_char, buf: *mut libc::stat) -> c_int {
+        status => partial(PROC_PATH),
         missing => enosys(),
         krg(real) => via_path!(path => real(path, buf)),
     }
 
     /// `stat64`: `/proc/<gpid>` paths translated.
     fn stat64(path: *const c_char, buf: *mut libc::stat64) -> c_int {
+        status => partial(PROC_PATH),
         missing => enosys(),
         krg(real) => via_path!(path => real(path, buf)),
     }
 
     /// `lstat`: `/proc/<gpid>` paths translated.
     fn lstat(path: *const c_char, buf: *mut libc::stat) -> c_int {
+        status => partial(PROC_PATH),
         missing => enosys(),
         krg(real) => via_path!(path => real(path, buf)),
     }
 
     /// `lstat64`: `/proc/<gpid>` paths translated.
     fn lstat64(path: *const c_char, buf: *mut libc::stat64) -> c_int {
+        status => partial(PROC_PATH),
         missing => enosys(),
         krg(real) => via_path!(path => real(path, buf)),
     }
 
     /// `fstatat`: `/proc/<gpid>` paths translated.
     fn fstatat(dirfd: c_int, path: *const c_char, buf: *mut libc::stat, flags: c_int) -> c_int {
+        status => partial(PROC_PATH),
         missing => enosys(),
         krg(real) => via_path!(path => real(dirfd, path, buf, flags)),
     }
 
     /// `fstatat64`: `/proc/<gpid>` paths translated.
     fn fstatat64(dirfd: c_int, path: *const c_char, buf: *mut libc::stat64, flags: c_int) -> c_int {
+        status => partial(PROC_PATH),
         missing => enosys(),
         krg(real) => via_path!(path => real(dirfd, path, buf, flags)),
     }
 
     /// `statx`: `/proc/<gpid>` paths translated.
     fn statx(dirfd: c_int, path: *const c_char, flags: c_int, mask: c_uint, buf: *mut libc::statx) -> c_int {
+        status => partial(PROC_PATH),
         missing => enosys(),
         krg(real) => via_path!(path => real(dirfd, path, flags, mask, buf)),
     }
 
     /// `access`: `/proc/<gpid>` paths translated.
     fn access(path: *const c_char, mode: c_int) -> c_int {
+        status => partial(PROC_PATH),
         missing => enosys(),
         krg(real) => via_path!(path => real(path, mode)),
     }
 
     /// `eaccess`: `/proc/<gpid>` paths translated.
     fn eaccess(path: *const c_char, mode: c_int) -> c_int {
+        status => partial(PROC_PATH),
         missing => enosys(),
         krg(real) => via_path!(path => real(path, mode)),
     }
 
     /// `euidaccess`: `/proc/<gpid>` paths translated.
     fn euidaccess(path: *const c_char, mode: c_int) -> c_int {
+        status => partial(PROC_PATH),
         missing => enosys(),
         krg(real) => via_path!(path => real(path, mode)),
     }
 
     /// `faccessat`: `/proc/<gpid>` paths translated.
     fn faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int {
+        status => partial(PROC_PATH),
         missing => enosys(),
         krg(real) => via_path!(path => real(dirfd, path, mode, flags)),
     }
 
     /// `readlink`: `/proc/<gpid>` paths translated.
     fn readlink(path: *const c_char, buf: *mut c_char, size: size_t) -> ssize_t {
+        status => partial(READLINK),
         missing => enosys(),
         krg(real) => via_path!(path => real(path, buf, size)),
     }
 
     /// `__readlink_chk` (fortified readlink): as `readlink`.
     fn __readlink_chk(path: *const c_char, buf: *mut c_char, size: size_t, buflen: size_t) -> ssize_t {
+        status => partial(READLINK),
         missing => enosys(),
         krg(real) => via_path!(path => real(path, buf, size, buflen)),
     }
 
     /// `readlinkat`: `/proc/<gpid>` paths translated.
     fn readlinkat(dirfd: c_int, path: *const c_char, buf: *mut c_char, size: size_t) -> ssize_t {
+        status => partial(READLINK),
         missing => enosys(),
         krg(real) => via_path!(path => real(dirfd, path, buf, size)),
     }
 
     /// `__readlinkat_chk`: `/proc/<gpid>` paths translated.
     fn __readlinkat_chk(dirfd: c_int, path: *const c_char, buf: *mut c_char, size: size_t, buflen: size_t) -> ssize_t {
+        status => partial(READLINK),
         missing => enosys(),
         krg(real) => via_path!(path => real(dirfd, path, buf, size, buflen)),
     }
 
     /// `chdir`: `/proc/<gpid>` paths translated.
     fn chdir(path: *const c_char) -> c_int {
+        status => partial(PROC_PATH),
         missing => enosys(),
         krg(real) => via_path!(path => real(path)),
     }
 
     /// `realpath`: a `/proc/<gpid>` path resolves to `/proc/<kernel pid>`.
     fn realpath(path: *const c_char, resolved: *mut c_char) -> *mut c_char {
+        status => partial("`/proc/<gpid>` of a process on another node is `ENOENT`; the answer names the kernel pid (`/proc/<kernel pid>`)"),
         missing => enosys_null(),
         krg(real) => via_path!(path => real(path, resolved)),
     }
 
     /// `__realpath_chk`: `/proc/<gpid>` paths translated.
     fn __realpath_chk(path: *const c_char, resolved: *mut c_char, resolvedlen: size_t) -> *mut c_char {
+        status => partial("`/proc/<gpid>` of a process on another node is `ENOENT`; the answer names the kernel pid (`/proc/<kernel pid>`)"),
         missing => enosys_null(),
         krg(real) => via_path!(path => real(path, resolved, resolvedlen)),
     }
@@ -759,12 +860,14 @@ hooks! {
     /// `pthread_mutex_lock`: a process-shared mutex in a cluster-wide
     /// segment is woken across nodes (see `dsm::sync_object`).
     fn pthread_mutex_lock(m: *mut pthread_mutex_t) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => { dsm::sync_object(m as usize, size_of::<pthread_mutex_t>()); real(m) },
     }
 
     /// `pthread_mutex_timedlock`: as pthread_mutex_lock.
     fn pthread_mutex_timedlock(m: *mut pthread_mutex_t, t: *const timespec) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => { dsm::sync_object(m as usize, size_of::<pthread_mutex_t>()); real(m, t) },
     }
@@ -772,6 +875,7 @@ hooks! {
     /// `pthread_cond_wait`: a process-shared condition variable in a
     /// cluster-wide segment is signalled across nodes.
     fn pthread_cond_wait(c: *mut pthread_cond_t, m: *mut pthread_mutex_t) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => {
             dsm::sync_object(c as usize, size_of::<pthread_cond_t>());
@@ -782,6 +886,7 @@ hooks! {
 
     /// `pthread_cond_timedwait`: as pthread_cond_wait.
     fn pthread_cond_timedwait(c: *mut pthread_cond_t, m: *mut pthread_mutex_t, t: *const timespec) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => {
             dsm::sync_object(c as usize, size_of::<pthread_cond_t>());
@@ -793,12 +898,14 @@ hooks! {
     /// `sem_wait`: a semaphore in a cluster-wide segment is posted across
     /// nodes.
     fn sem_wait(sem: *mut sem_t) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => { dsm::sync_object(sem as usize, size_of::<sem_t>()); real(sem) },
     }
 
     /// `sem_timedwait`: as sem_wait.
     fn sem_timedwait(sem: *mut sem_t, t: *const timespec) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => { dsm::sync_object(sem as usize, size_of::<sem_t>()); real(sem, t) },
     }
@@ -806,6 +913,7 @@ hooks! {
     /// `sem_open(name, oflag, mode, value)`: a named semaphore of the whole
     /// cluster (capability `dsm`).
     fn sem_open(name: *const c_char, oflag: c_int; ...mode: mode_t, value: c_uint) -> *mut sem_t {
+        status => full,
         missing => enosys_null(),
         krg(real) => if dsm::active() && !name.is_null() {
             // SAFETY: a non-null name is the caller's C string, per sem_open(3).
@@ -817,12 +925,14 @@ hooks! {
 
     /// `sem_close`: detach a cluster-wide named semaphore.
     fn sem_close(sem: *mut sem_t) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => if dsm::is_attachment(sem.cast()) { dsm::shmdt(sem.cast()) } else { real(sem) },
     }
 
     /// `sem_unlink`: remove a cluster-wide named semaphore's name.
     fn sem_unlink(name: *const c_char) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => if dsm::active() && !name.is_null() {
             // SAFETY: a non-null name is the caller's C string.
@@ -835,6 +945,7 @@ hooks! {
     /// `pthread_barrier_wait`: a process-shared barrier in a cluster-wide
     /// segment.
     fn pthread_barrier_wait(b: *mut pthread_barrier_t) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => { dsm::sync_object(b as usize, size_of::<pthread_barrier_t>()); real(b) },
     }
@@ -842,6 +953,7 @@ hooks! {
     /// `shm_open`: a POSIX shared memory object of the whole cluster
     /// (capability `dsm`).
     fn shm_open(name: *const c_char, oflag: c_int, mode: mode_t) -> c_int {
+        status => partial("`O_TRUNC` is ignored (an object never shrinks); `read` and `write` on the descriptor bypass the coherence (use the mapping)"),
         missing => enosys(),
         krg(real) => if dsm::active() && !name.is_null() {
             // SAFETY: a non-null name is the caller's C string.
@@ -853,6 +965,7 @@ hooks! {
 
     /// `shm_unlink`: remove a cluster-wide object's name.
     fn shm_unlink(name: *const c_char) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => if dsm::active() && !name.is_null() {
             // SAFETY: a non-null name is the caller's C string.
@@ -864,12 +977,14 @@ hooks! {
 
     /// `ftruncate`: sizes a cluster-wide object (other descriptors: libc).
     fn ftruncate(fd: c_int, len: off_t) -> c_int {
+        status => partial("shrinking a cluster-wide object is `EINVAL`"),
         missing => enosys(),
         krg(real) => dsm::ftruncate(fd, len).unwrap_or_else(|| real(fd, len)),
     }
 
     /// `ftruncate64`: as ftruncate.
     fn ftruncate64(fd: c_int, len: off_t) -> c_int {
+        status => partial("shrinking a cluster-wide object is `EINVAL`"),
         missing => enosys(),
         krg(real) => dsm::ftruncate(fd, len).unwrap_or_else(|| real(fd, len)),
     }
@@ -877,18 +992,21 @@ hooks! {
     /// `mmap`: a shared mapping of a cluster-wide object is kept coherent
     /// (other mappings: libc).
     fn mmap(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off_t) -> *mut c_void {
+        status => partial(MAP_OBJECT),
         missing => enosys_failed(),
         krg(real) => dsm::mmap(addr, len, prot, flags, fd, off).unwrap_or_else(|| real(addr, len, prot, flags, fd, off)),
     }
 
     /// `mmap64`: as mmap.
     fn mmap64(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off_t) -> *mut c_void {
+        status => partial(MAP_OBJECT),
         missing => enosys_failed(),
         krg(real) => dsm::mmap(addr, len, prot, flags, fd, off).unwrap_or_else(|| real(addr, len, prot, flags, fd, off)),
     }
 
     /// `munmap`: unmapping a cluster-wide object's mapping detaches it.
     fn munmap(addr: *mut c_void, len: size_t) -> c_int {
+        status => full,
         missing => enosys(),
         // SAFETY: the caller's munmap of its own range.
         krg(real) => unsafe { dsm::munmap(addr, len) }.unwrap_or_else(|| real(addr, len)),
@@ -896,6 +1014,7 @@ hooks! {
 
     /// `close`: forgets a cluster-wide object's descriptor.
     fn close(fd: c_int) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => { dsm::closed(fd); real(fd) },
     }
@@ -903,18 +1022,21 @@ hooks! {
     /// `bind`: a TCP port on the loopback or wildcard address is reserved
     /// in the whole cluster (capability `streams`).
     fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+        status => partial("UDP and other non-TCP sockets are node-local (a UDP port can be bound once on each node); while the port home is down, binds to the loopback fail naming it"),
         missing => enosys(),
         krg(real) => streams::bind(fd, addr, len, real),
     }
 
     /// `listen`: an unbound TCP socket gets a port free in the cluster.
     fn listen(fd: c_int, backlog: c_int) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => streams::listen(fd, backlog, real),
     }
 
     /// `connect`: the loopback reaches the node that holds the port.
     fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+        status => partial("UDP to the loopback reaches this node only"),
         missing => enosys(),
         // SAFETY: the C caller's connect contract: `addr` points to `len`
         // bytes.
@@ -923,12 +1045,14 @@ hooks! {
 
     /// `accept`: a loopback server accepts only cluster nodes.
     fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+        status => partial(ACCEPT),
         missing => enosys(),
         krg(real) => streams::accept(fd, addr, len, |a, l| real(fd, a, l)),
     }
 
     /// `accept4`: as accept.
     fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+        status => partial(ACCEPT),
         missing => enosys(),
         krg(real) => streams::accept(fd, addr, len, |a, l| real(fd, a, l, flags)),
     }
@@ -936,6 +1060,7 @@ hooks! {
     /// `getsockname`: a loopback server, and either end of a connection
     /// made through the cluster-wide loopback, show the loopback address.
     fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+        status => partial(MOVED_ADDR),
         missing => enosys(),
         krg(real) => streams::getsockname(fd, addr, len, real),
     }
@@ -943,18 +1068,21 @@ hooks! {
     /// `getpeername`: either end of a connection made through the
     /// cluster-wide loopback shows the loopback address.
     fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+        status => partial(MOVED_ADDR),
         missing => enosys(),
         krg(real) => streams::getpeername(fd, addr, len, real),
     }
 
     /// `semget`: a cluster-wide System V semaphore set (capability `dsm`).
     fn semget(key: key_t, nsems: c_int, flags: c_int) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => if sync::active() { sync::semget(key, nsems, flags) } else { real(key, nsems, flags) },
     }
 
     /// `semop`: done atomically at the set's home node.
     fn semop(semid: c_int, sops: *mut sembuf, nsops: size_t) -> c_int {
+        status => full,
         missing => enosys(),
         // SAFETY: sops is the caller's array of nsops entries, per semop(2).
         krg(real) => if sync::active() { unsafe { sync::semtimedop(semid, sops, nsops, std::ptr::null()) } } else { real(semid, sops, nsops) },
@@ -962,6 +1090,7 @@ hooks! {
 
     /// `semtimedop`: as semop, with a timeout.
     fn semtimedop(semid: c_int, sops: *mut sembuf, nsops: size_t, timeout: *const timespec) -> c_int {
+        status => full,
         missing => enosys(),
         // SAFETY: the caller's arguments, per semop(2).
         krg(real) => if sync::active() { unsafe { sync::semtimedop(semid, sops, nsops, timeout) } } else { real(semid, sops, nsops, timeout) },
@@ -970,6 +1099,7 @@ hooks! {
     /// `semctl(semid, num, cmd, ...)`: the optional `union semun` is one
     /// integer-class argument (an int or a pointer).
     fn semctl(semid: c_int, num: c_int, cmd: c_int; ...arg: usize) -> c_int {
+        status => partial("`IPC_INFO`, `SEM_INFO` and `SEM_STAT` show this node's kernel"),
         missing => enosys(),
         krg(real) => if sync::active() {
             // SAFETY: arg is what the caller passed for cmd, per semctl(2).
@@ -981,24 +1111,28 @@ hooks! {
 
     /// `shmget`: a cluster-wide System V segment (capability `dsm`).
     fn shmget(key: key_t, size: size_t, flags: c_int) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => if dsm::active() { dsm::shmget(key, size, flags) } else { real(key, size, flags) },
     }
 
     /// `shmat`: map a cluster-wide segment, kept coherent by the agent.
     fn shmat(shmid: c_int, addr: *const c_void, flags: c_int) -> *mut c_void {
+        status => full,
         missing => enosys_failed(),
         krg(real) => if dsm::active() { dsm::shmat(shmid, addr, flags) } else { real(shmid, addr, flags) },
     }
 
     /// `shmdt`: detach a cluster-wide segment.
     fn shmdt(addr: *const c_void) -> c_int {
+        status => full,
         missing => enosys(),
         krg(real) => if dsm::active() { dsm::shmdt(addr) } else { real(addr) },
     }
 
     /// `shmctl`: IPC_STAT, IPC_SET and IPC_RMID act cluster-wide.
     fn shmctl(shmid: c_int, cmd: c_int, buf: *mut shmid_ds) -> c_int {
+        status => partial("`IPC_INFO` and `SHM_INFO` show this node's kernel, `SHM_STAT` is `EINVAL`, `SHM_LOCK` and `SHM_UNLOCK` do nothing"),
         missing => enosys(),
         krg(real) => if dsm::active() {
             // SAFETY: buf is the caller's, valid for cmd per shmctl(2).
