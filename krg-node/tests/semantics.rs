@@ -157,3 +157,44 @@ fn krg_commands_end_quietly_when_their_reader_goes_away() {
     let e = text(&o.stderr);
     assert!(!e.contains("panicked") && !e.contains("Broken pipe"), "{e}");
 }
+
+/// `execl` and `execle` place the program at its exec, as `execv` and
+/// `execve` do: glibc's call `execve` inside libc, where no hook saw it,
+/// so a program that never loads libkrg (here a static one) ran where it
+/// was, whatever the scheduler or `KRG_NODE` said. `execlp`, like
+/// `execvp`, leaves placement to the program's first contact with the
+/// agent (a static program stays). Eight arguments: more than the
+/// registers hold.
+#[test]
+fn a_program_started_with_execl_is_placed_like_one_started_with_execv() {
+    let c = Cluster::up(2, 1.0);
+    let run = cc(&repo_root().join("examples/unix/execlrun.c"), "execlrun");
+    let dir = shared_dir("bin").join(format!("nodename-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let nodename = dir.join("nodename");
+    let st = std::process::Command::new("gcc")
+        .args(["-static", "-O1", "-o"])
+        .arg(&nodename)
+        .arg(repo_root().join("examples/unix/nodename.c"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "gcc -static nodename.c");
+    let (run, nodename) = (run.to_str().unwrap(), nodename.to_str().unwrap());
+    for (mode, prog, node) in [
+        ("l", nodename, "krg-n2"),
+        ("le", nodename, "krg-n2"),
+        ("lp", "nodename", "krg-n1"),
+    ] {
+        let o = c
+            .cmd(1, &[run, mode, prog])
+            .env("PATH", format!("{}:/usr/bin:/bin", dir.display()))
+            .output()
+            .unwrap();
+        assert_eq!(
+            text(&o.stdout),
+            format!("{node} a b c d e f g\n"),
+            "execlrun {mode}: {}",
+            text(&o.stderr)
+        );
+    }
+}

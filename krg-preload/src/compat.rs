@@ -20,8 +20,8 @@ const END: &str = "<!-- generated from krg-preload/src/compat.rs: end -->";
 /// The glibc the claims of [`UNSEEN`] were checked on.
 const GLIBC: &str = "Debian GLIBC 2.36-9+deb12u14";
 
-/// `vfork`, the one hook outside the `hooks!` table (a naked trampoline:
-/// see `vfork.rs`).
+/// `vfork`, a hook outside the `hooks!` table (a naked trampoline: see
+/// `vfork.rs`).
 const VFORK: HookInfo = HookInfo {
     name: "vfork",
     status: Status::Partial(
@@ -29,6 +29,36 @@ const VFORK: HookInfo = HookInfo {
     ),
     doc: &[" `vfork()`: the real vfork in pass-through modes; a fork that returns the child's gpid in an SSI process (the parent must run code after the child exists)."],
 };
+
+/// `execl`, `execle`, `execlp`: naked trampolines outside the `hooks!`
+/// table (see `execl.rs`) that call the `execv`, `execve`, `execvp` hooks.
+const EXECL: [HookInfo; 3] = [
+    HookInfo {
+        name: "execl",
+        status: Status::Partial(crate::EXEC_ELSEWHERE),
+        doc: &[" `execl(path, arg0, ..., NULL)`: the list gathered into an array (on the stack, or mmap'd beyond 256), then the `execv` hook."],
+    },
+    HookInfo {
+        name: "execle",
+        status: Status::Partial(crate::EXEC_ELSEWHERE),
+        doc: &[" `execle(path, arg0, ..., NULL, envp)`: as `execl`, then the `execve` hook."],
+    },
+    HookInfo {
+        name: "execlp",
+        status: Status::Partial(crate::EXEC_ELSEWHERE),
+        doc: &[" `execlp(file, arg0, ..., NULL)`: as `execl`, then the `execvp` hook."],
+    },
+];
+
+/// The hooks outside the `hooks!` table, each listed after the hook named.
+fn outside() -> [(&'static str, &'static HookInfo); 4] {
+    [
+        ("_Fork", &VFORK),
+        ("execvpe", &EXECL[0]),
+        ("execl", &EXECL[1]),
+        ("execle", &EXECL[2]),
+    ]
+}
 
 /// Why no hook sees a call.
 enum Why {
@@ -65,16 +95,6 @@ const UNSEEN: &[Unseen] = &[
         calls: "`system`, `popen`/`pclose`, `wordexp` with `$(...)`",
         why: Why::Internal("`posix_spawn` (clone3, execve) and `waitpid` (wait4)"),
         effect: "the `sh` started registers itself when it loads the library and is placed at its `Hello` (its `$$` is a gpid, its parent translated); the caller never sees the child's pid",
-    },
-    Unseen {
-        calls: "`execl`, `execle`, `execlp`",
-        why: Why::Internal("`execve` (`execlp`: its internal `execvpe`)"),
-        effect: "placed at the new program's `Hello` rather than before the exec; signal 62 is not held across the exec, so an order (a stream hand-over, a checkpoint) arriving during it kills the new image",
-    },
-    Unseen {
-        calls: "`fexecve`",
-        why: Why::Internal("execveat"),
-        effect: "as `execl`",
     },
     Unseen {
         calls: "`daemon`",
@@ -221,11 +241,13 @@ fn cell(s: &str) -> String {
 /// The region between the markers.
 fn render(hooks: &[HookInfo]) -> String {
     let mut all: Vec<&HookInfo> = hooks.iter().collect();
-    let at = all
-        .iter()
-        .position(|h| h.name == "_Fork")
-        .map_or(all.len(), |i| i + 1);
-    all.insert(at, &VFORK);
+    for (after, h) in outside() {
+        let at = all
+            .iter()
+            .position(|x| x.name == after)
+            .map_or(all.len(), |i| i + 1);
+        all.insert(at, h);
+    }
     let partial = all
         .iter()
         .filter(|h| matches!(h.status, Status::Partial(_)))
@@ -312,7 +334,7 @@ fn every_hook_says_what_it_does_and_what_differs() {
     let n = names.len();
     names.dedup();
     assert_eq!(names.len(), n, "a hook is declared twice");
-    for h in crate::HOOKS.iter().chain([&VFORK]) {
+    for h in crate::HOOKS.iter().chain(outside().map(|(_, h)| h)) {
         assert!(
             h.doc.iter().any(|l| !l.trim().is_empty()),
             "{} has no doc comment",
@@ -339,7 +361,8 @@ fn what_no_hook_sees_is_not_hooked() {
         for name in u.calls.split('`').skip(1).step_by(2) {
             let bare = name.split('(').next().unwrap_or(name);
             assert!(
-                !crate::HOOKS.iter().any(|h| h.name == bare) && bare != VFORK.name,
+                !crate::HOOKS.iter().any(|h| h.name == bare)
+                    && !outside().iter().any(|(_, h)| h.name == bare),
                 "`{bare}` is in UNSEEN as not hooked, but it is a hook"
             );
         }

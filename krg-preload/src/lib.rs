@@ -10,6 +10,8 @@
 
 #[cfg(test)]
 mod compat;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+mod execl;
 mod hook;
 mod vfork;
 
@@ -130,7 +132,7 @@ macro_rules! fifo_or_path_stream {
 // `status`; see the compatibility table in docs/architecture/preload.md).
 const ON_PROCESS: &str = "a process whose program runs on another node is `ESRCH`";
 const OWNER: &str = "`F_SETOWN` and `F_SETOWN_EX` to a process or group of another node are `ESRCH`; an owner is not kept across migration or restart";
-const EXEC_ELSEWHERE: &str = "a program placed on another node keeps its `ITIMER_VIRTUAL` and `ITIMER_PROF` timers on its shadow, where they never fire";
+pub(crate) const EXEC_ELSEWHERE: &str = "a program placed on another node keeps its `ITIMER_VIRTUAL` and `ITIMER_PROF` timers on its shadow, where they never fire";
 const PROC_PATH: &str = "`/proc/<gpid>` of a process on another node is `ENOENT`; relative paths into `/proc` are not translated";
 const PROC_OR_FIFO: &str = "`/proc/<gpid>` of a process on another node is `ENOENT`; relative paths into `/proc` are not translated; a FIFO opened `O_RDWR` or non-blocking meets only this node's openers";
 const READLINK: &str = "`/proc/<gpid>` of a process on another node is `ENOENT`; links that name a process (`/proc/self`) give its kernel pid";
@@ -208,6 +210,14 @@ hooks! {
         status => partial(EXEC_ELSEWHERE),
         missing => enosys(),
         krg(real) => libkrg::checkpoint::around_exec(|| real(file, argv)),
+    }
+
+    /// `fexecve(fd, argv, envp)`: as `execvp` (glibc's runs `execveat`,
+    /// where no hook would see it).
+    fn fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+        status => partial(EXEC_ELSEWHERE),
+        missing => enosys(),
+        krg(real) => libkrg::checkpoint::around_exec(|| real(fd, argv, envp)),
     }
 
     /// `execvpe`: as `execvp`.
