@@ -740,6 +740,12 @@ int main(void) {
         e.contains(&format!("fd {fd}: io_uring is not migratable")),
         "{e}"
     );
+    // A refused checkpoint leaves no partial image (before: a
+    // world-readable `.image.krg.tmp`).
+    let left: Vec<_> = std::fs::read_dir(&img)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", img.display());
     let mg = c.krg(1, &["migrate", &pid.to_string(), "2"]);
     assert!(!mg.status.success());
     assert!(
@@ -941,4 +947,64 @@ fn post_copy_broken_by_the_source_dying_leaves_no_half_process() {
         "no copy left on node 2: {}",
         text(&on2.stdout)
     );
+}
+
+/// A server that shares anonymous memory with its children and holds both
+/// ends of the pipe they watch for its death (PostgreSQL's postmaster)
+/// cannot move alone: the image would copy the memory and remake the pipe
+/// as its own. Before, the move was accepted, the children saw the server
+/// "die" and the server restarted in crash recovery. Now it is refused,
+/// naming what is shared, and everything runs on; a checkpoint likewise.
+#[test]
+fn a_server_sharing_memory_and_a_pipe_with_its_children_is_not_moved_alone() {
+    let bin = cc(
+        &repo_root().join("examples/unix/deathwatch.c"),
+        "deathwatch",
+    );
+    let c = Cluster::up(2, 1.0);
+    let mut p = c
+        .cmd(1, &[bin.to_str().unwrap(), "40"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(read_line(&mut p), "ready");
+    let cmd = format!("{} 40", bin.display());
+    let ps = c.ps(1);
+    let mine: Vec<&serde_json::Value> = ps.iter().filter(|r| r["command"] == cmd).collect();
+    let pids: Vec<i64> = mine.iter().map(|r| r["pid"].as_i64().unwrap()).collect();
+    let server = mine
+        .iter()
+        .find(|r| !pids.contains(&r["ppid"].as_i64().unwrap()))
+        .map(|r| r["pid"].as_i64().unwrap())
+        .unwrap_or_else(|| panic!("no server among {mine:?}"));
+    let mg = c.krg(1, &["migrate", &server.to_string(), "2"]);
+    assert!(!mg.status.success(), "{}", text(&mg.stdout));
+    let e = text(&mg.stderr);
+    assert!(
+        e.contains("after the move it would no longer connect them")
+            && e.contains("after the move it would no longer be shared"),
+        "{e}"
+    );
+    let img = shared_dir("deathwatch").join("img");
+    let _ = std::fs::remove_dir_all(&img);
+    let ck = c.krg(
+        1,
+        &[
+            "checkpoint",
+            &server.to_string(),
+            "-o",
+            img.to_str().unwrap(),
+        ],
+    );
+    assert!(!ck.status.success(), "{}", text(&ck.stdout));
+    assert!(
+        text(&ck.stderr).contains("would no longer be shared"),
+        "{}",
+        text(&ck.stderr)
+    );
+    let out = p.wait_with_output().unwrap();
+    let o = text(&out.stdout);
+    assert!(out.status.success(), "{o}");
+    assert!(o.ends_with("done\n"), "{o}");
+    assert!(!o.contains("died") && !o.contains("stalled"), "{o}");
 }

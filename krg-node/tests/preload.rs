@@ -652,3 +652,45 @@ fn procps_ps_under_the_library() {
     // The listing is in kernel pids (readdir of /proc is not translated).
     assert_eq!(val(&s, "ps gpid rc "), 1, "{s}");
 }
+
+/// A program whose malloc is jemalloc and whose library allocates in its
+/// constructor, before libkrg.so's constructor ran: jemalloc's
+/// initialisation calls readlink (a hook) with its init lock held. Before,
+/// the hook initialised libkrg there, which allocated through jemalloc and
+/// deadlocked (with every signal blocked: SIGTERM did nothing). Hooks
+/// reached before the constructor now pass straight through.
+#[test]
+fn a_jemalloc_program_whose_library_allocates_first_starts() {
+    let agent = Agent::start("jemalloc");
+    let src = repo().join("examples/unix");
+    let lib = agent.dir.join("libctorlib.so");
+    let st = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(src.join("ctorlib.c"))
+        .status()
+        .expect("run cc");
+    assert!(st.success(), "cc ctorlib.c");
+    let prog = agent.dir.join("jemalloc_ctor");
+    let st = Command::new("cc")
+        .arg("-o")
+        .arg(&prog)
+        .arg(src.join("jemalloc_ctor.c"))
+        .arg(format!("-L{}", agent.dir.display()))
+        .args(["-lctorlib", "-ljemalloc"])
+        .arg(format!("-Wl,-rpath,{}", agent.dir.display()))
+        .status()
+        .expect("run cc");
+    assert!(
+        st.success(),
+        "cc jemalloc_ctor.c (needs libjemalloc-dev, which scripts/test installs)"
+    );
+    // SIGKILL: a program stuck with its signals blocked ignores SIGTERM.
+    for sock in [agent.sock.clone(), agent.dir.join("no-agent.sock")] {
+        let mut c = under_krg(&sock, "timeout");
+        c.args(["-s", "KILL", "20"]).arg(&prog);
+        let out = run(&mut c);
+        assert_eq!(stdout(&out), "ready 1\n", "agent at {}", sock.display());
+    }
+    assert!(agent.count("Hello") >= 1, "{:?}", agent.requests());
+}

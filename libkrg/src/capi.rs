@@ -23,7 +23,7 @@ fn active() -> Result<(), c_int> {
     match rt::enter() {
         Entry::Krg => Ok(()),
         Entry::PassThrough(Why::Disabled) => Err(libc::ENOSYS),
-        Entry::PassThrough(Why::Standalone) => Err(libc::ENOTCONN),
+        Entry::PassThrough(Why::Standalone | Why::Early) => Err(libc::ENOTCONN),
         // Called from inside krg: answer from the state alone.
         Entry::PassThrough(Why::Reentrant) => match rt::mode() {
             Mode::Active => Ok(()),

@@ -74,17 +74,20 @@ pub fn run_on(node: u32, gpid: i32) -> Result<(), String> {
         read_link("/proc/self/exe")?,
         split_nul(&std::fs::read("/proc/self/cmdline").map_err(|e| e.to_string())?),
         env,
+        None,
     )
 }
 
-/// [`run_on`] for the program `exe` with `argv` and `env` (an `execve`
-/// placed before the exec: this process is still the old image).
+/// [`run_on`] for the program `exe` with `argv` and `env`; `exec` when it
+/// is placed at its `execve` (this process is still the old image): what
+/// that exec would have done besides loading the program.
 fn run_on_with(
     node: u32,
     gpid: i32,
     exe: Vec<u8>,
     argv: Vec<Vec<u8>>,
     env: Vec<Vec<u8>>,
+    exec: Option<&ExecEffects>,
 ) -> Result<(), String> {
     let listener = Listener::new()?;
     let mut token = [0u8; 16];
@@ -94,6 +97,17 @@ fn run_on_with(
         return Err(os_err("getrandom"));
     }
     let mut stdio = stdio_kinds();
+    if let Some(x) = exec {
+        // A standard fd the exec would close is closed for the program.
+        for (fd, k) in stdio.iter_mut().enumerate() {
+            if x.closes(fd as RawFd) {
+                *k = StdioKind::Closed;
+            }
+        }
+        if stdio[2] == StdioKind::Alias(1) && stdio[1] == StdioKind::Closed {
+            stdio[2] = StdioKind::Closed;
+        }
+    }
     // Pipes to other SSI processes: connected directly to the target
     // instead of relayed (the process at the other end is held until the
     // target attaches, or until `reattach` below does).
@@ -122,6 +136,11 @@ fn run_on_with(
         return Err(e);
     }
     crate::streams::placed::let_go(&stdio);
+    // The program runs: what its exec would have ended ends now (a parent
+    // waiting for EOF on a close-on-exec pipe learns that the exec is done).
+    if let Some(x) = exec {
+        x.apply();
+    }
     // From here on the program runs on `node`: this process is its shadow
     // and never returns to the caller.
     let relayed = stdio.iter().filter(|k| **k == StdioKind::Relay).count();
@@ -264,7 +283,8 @@ pub unsafe fn exec_elsewhere(
         // SAFETY: PR_SET_NAME reads a NUL-terminated string.
         unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
     }
-    if let Err(e) = run_on_with(place, gpid, exe, argv, env) {
+    let effects = ExecEffects::now();
+    if let Err(e) = run_on_with(place, gpid, exe, argv, env, Some(&effects)) {
         crate::krg_log!(
             crate::log::Level::Warn,
             "could not run on node {place} ({e}); running here"
@@ -272,6 +292,91 @@ pub unsafe fn exec_elsewhere(
         // SAFETY: puts this thread's mask back.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     }
+}
+
+/// What an `execve` does to the calling process besides loading the new
+/// program, for a process that becomes the shadow of a program placed at
+/// its `execve` (it never execs): its close-on-exec fds are closed (a
+/// parent reading EOF on a close-on-exec pipe learns the exec happened:
+/// git, Python's subprocess and posix_spawn emulations wait for that) and
+/// its POSIX timers deleted (the shadow would forward their signals to the
+/// program). Signal handlers need nothing: the shadow blocks every signal
+/// and reads the ones it forwards from a signalfd; interval timers survive
+/// an exec, and the shadow forwards their `SIGALRM`.
+pub(crate) struct ExecEffects {
+    /// The close-on-exec fds, with the file each held (the numbers of those
+    /// that go may be reused by the shadow's own before [`Self::apply`]).
+    cloexec: Vec<(RawFd, u64, u64)>,
+}
+
+impl ExecEffects {
+    /// Read them now, before the shadow opens anything of its own.
+    pub(crate) fn now() -> ExecEffects {
+        let mut cloexec = Vec::new();
+        let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for fd in fds {
+            // SAFETY: F_GETFD only reads the fd's flags (an fd that is gone
+            // by now, the directory's own, fails).
+            let fl = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            if fl < 0 || fl & libc::FD_CLOEXEC == 0 {
+                continue;
+            }
+            if let Some((dev, ino)) = file_id(fd) {
+                cloexec.push((fd, dev, ino));
+            }
+        }
+        ExecEffects { cloexec }
+    }
+
+    /// Whether the exec would close `fd`.
+    fn closes(&self, fd: RawFd) -> bool {
+        self.cloexec.iter().any(|(f, ..)| *f == fd)
+    }
+
+    /// Close what the exec would have closed (standard fds get `/dev/null`,
+    /// so that nothing the shadow opens lands on them), delete the timers.
+    fn apply(&self) {
+        for (fd, dev, ino) in &self.cloexec {
+            if file_id(*fd) != Some((*dev, *ino)) {
+                continue;
+            }
+            if *fd <= 2 {
+                crate::streams::placed::park(*fd);
+            } else {
+                // SAFETY: closes an fd of the old image that the exec would
+                // have closed; nothing of the shadow uses it (same file as
+                // when the exec was asked for).
+                unsafe { libc::close(*fd) };
+            }
+        }
+        for id in posix_timers() {
+            // SAFETY: deletes one of this process's own POSIX timers.
+            unsafe { libc::syscall(libc::SYS_timer_delete, id) };
+        }
+    }
+}
+
+/// Device and inode of the file open at `fd`.
+fn file_id(fd: RawFd) -> Option<(u64, u64)> {
+    // SAFETY: fstat into our own struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+}
+
+/// The ids of this process's POSIX timers (`/proc/self/timers`: `ID: N`).
+fn posix_timers() -> Vec<i64> {
+    std::fs::read_to_string("/proc/self/timers")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("ID:")?.trim().parse().ok())
+        .collect()
 }
 
 /// Have the agent start something elsewhere (the request is built from

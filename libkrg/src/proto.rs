@@ -239,6 +239,17 @@ pub enum Request {
         unix: Vec<u64>,
         optional: Vec<bool>,
     },
+    /// From a process about to be captured (migration or checkpoint): which
+    /// of these does another process of this node hold too? `links`: fd
+    /// links of pipes and socketpairs both of whose ends are the caller's
+    /// (`pipe:[N]`, `socket:[N]`), made again as its own after the move;
+    /// `mems`: `(device, inode)` of its shared memory mappings that would
+    /// be copied. Answered with `Shared` (one description per thing shared,
+    /// none when it may move).
+    SharedWith {
+        links: Vec<String>,
+        mems: Vec<(u64, u64)>,
+    },
     /// From that peer, in its handler, every thread parked: it no longer
     /// touches those connections (the mover may shut its side down now).
     /// Answered with `Ok`.
@@ -657,6 +668,8 @@ pub enum Response {
     /// Answer to `StreamFreeze`: what became of each stream, in the order
     /// asked (connections, pipes, UNIX sockets).
     Streams(Vec<StreamPeer>),
+    /// Answer to `SharedWith`: what other processes share, described.
+    Shared(Vec<String>),
     /// A stream's new connection: one descriptor follows.
     StreamFd,
     /// Answer to `ShadowRelays`: hand over the relay of this fd.

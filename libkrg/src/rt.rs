@@ -10,11 +10,14 @@
 //!                                └─▶ Disabled     (KRG_DISABLE=1: pure pass-through)
 //! ```
 //!
-//! The constructor of `libkrg.so` calls [`init`]; every hook calls [`enter`],
-//! which initialises first if the constructor has not run yet (a hook called
-//! from the constructor of a library initialised before ours). Exactly one
-//! thread initialises; another thread arriving meanwhile waits for the
-//! outcome, so no hook ever decides before the state is known.
+//! The constructor of `libkrg.so` calls [`init`]; every hook calls [`enter`].
+//! A hook reached before that constructor ran (from the constructor of a
+//! library initialised before ours, possibly inside that library's malloc
+//! with its lock held: jemalloc reads `/etc/malloc.conf` there) passes
+//! straight through ([`Why::Early`]): initialising from there would allocate
+//! through the program's malloc and deadlock on the lock it holds. Exactly
+//! one thread initialises; another thread arriving meanwhile waits for the
+//! outcome, so no hook decides while the state is being settled.
 //!
 //! # Re-entrancy
 //!
@@ -70,6 +73,10 @@ impl Mode {
 
 static STATE: AtomicU8 = AtomicU8::new(Mode::Uninit as u8);
 
+/// Set by [`init`] (the constructor): from then on a hook may initialise
+/// (a forked child of a process that was initialising starts over).
+static STARTED: AtomicBool = AtomicBool::new(false);
+
 /// The signal mask the process started with (the guard blocks everything
 /// during initialisation; an exec from there must not pass that on).
 static START_MASK: AtomicU64 = AtomicU64::new(0);
@@ -110,6 +117,8 @@ pub enum Why {
     Disabled,
     /// No agent: a plain local process.
     Standalone,
+    /// Before libkrg.so's constructor: nothing of the library may run yet.
+    Early,
 }
 
 /// The current mode, without initialising.
@@ -122,7 +131,8 @@ pub fn in_krg() -> bool {
     IN_KRG.get()
 }
 
-/// Decide what a hook does; initialises the library first if needed.
+/// Decide what a hook does; initialises the library first if needed, but
+/// never before the constructor ran (see the module doc).
 ///
 /// Never allocates or locks once initialised: one thread-local load and one
 /// atomic load.
@@ -136,6 +146,9 @@ pub fn enter() -> Entry {
             Mode::Active => return Entry::Krg,
             Mode::Standalone => return Entry::PassThrough(Why::Standalone),
             Mode::Disabled => return Entry::PassThrough(Why::Disabled),
+            Mode::Uninit if !STARTED.load(Ordering::Acquire) => {
+                return Entry::PassThrough(Why::Early)
+            }
             Mode::Uninit => init(),
             Mode::Initialising => {
                 // Another thread is initialising (this one would have the
@@ -149,6 +162,7 @@ pub fn enter() -> Entry {
 
 /// Initialise the library once per process image (idempotent, thread-safe).
 pub fn init() {
+    STARTED.store(true, Ordering::Release);
     if STATE
         .compare_exchange(
             Mode::Uninit as u8,
@@ -246,12 +260,8 @@ fn initialise() -> Mode {
     let caps_env = std::env::var("KRG_CAPS").ok();
     // KRG_NODE pins the program it is given to, not its children: consume
     // it (this runs in the constructor, before any other thread exists).
-    let pinned = std::env::var("KRG_NODE")
-        .ok()
-        .and_then(|v| v.trim().parse::<u32>().ok());
-    if std::env::var_os("KRG_NODE").is_some() {
-        std::env::remove_var("KRG_NODE");
-    }
+    let pinned = take_env(crate::proto::NODE_PIN_ENV)
+        .and_then(|v| String::from_utf8_lossy(&v).trim().parse::<u32>().ok());
     let hello = Request::Hello {
         version: PROTO_VERSION,
         caps_env,
@@ -317,14 +327,54 @@ fn initialise() -> Mode {
     }
 }
 
+extern "C" {
+    /// The process's environment (unistd.h).
+    static mut environ: *mut *mut libc::c_char;
+}
+
+/// Remove every `name=...` from the environment array itself and return the
+/// first value. Not `unsetenv`: a program may define its own (bash does,
+/// and its version does nothing before the shell has started), and bash
+/// builds its variables from the very array its `main` gets, so only an
+/// edit of that array keeps a consumed variable from its children. Called
+/// from the constructor, before the program's own threads exist.
+pub(crate) fn take_env(name: &str) -> Option<Vec<u8>> {
+    let name = name.as_bytes();
+    let mut found = None;
+    // SAFETY: `environ` is null or a null-terminated array of pointers to
+    // NUL-terminated strings (the C runtime's contract); entries are only
+    // moved down within the same array, and nothing else runs meanwhile.
+    unsafe {
+        let mut read = environ;
+        if read.is_null() {
+            return None;
+        }
+        let mut write = read;
+        while !(*read).is_null() {
+            let s = std::ffi::CStr::from_ptr(*read).to_bytes();
+            let ours = s.len() > name.len() && s.starts_with(name) && s[name.len()] == b'=';
+            if ours {
+                if found.is_none() {
+                    found = Some(s[name.len() + 1..].to_vec());
+                }
+            } else {
+                *write = *read;
+                write = write.add(1);
+            }
+            read = read.add(1);
+        }
+        *write = std::ptr::null_mut();
+    }
+    found
+}
+
 /// Set by the re-exec of [`ensure_no_aslr`]: the process name to keep.
 const COMM_ENV: &str = "KRG_COMM";
 
 /// After that re-exec: take the program's name back, drop the variable.
 fn restore_comm() {
-    if let Some(c) = std::env::var_os(COMM_ENV) {
-        std::env::remove_var(COMM_ENV);
-        if let Ok(c) = std::ffi::CString::new(c.into_encoded_bytes()) {
+    if let Some(c) = take_env(COMM_ENV) {
+        if let Ok(c) = std::ffi::CString::new(c) {
             // SAFETY: PR_SET_NAME reads a NUL-terminated string (the kernel
             // takes at most 15 bytes of it).
             unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr()) };
@@ -342,7 +392,7 @@ fn ensure_no_aslr() {
     if cur < 0 || cur & libc::ADDR_NO_RANDOMIZE != 0 {
         return;
     }
-    let (Ok(exe), Ok(cmdline), Ok(environ)) = (
+    let (Ok(exe), Ok(cmdline), Ok(env)) = (
         std::fs::read_link("/proc/self/exe"),
         std::fs::read("/proc/self/cmdline"),
         std::fs::read("/proc/self/environ"),
@@ -352,18 +402,18 @@ fn ensure_no_aslr() {
     // The kernel names the new image after the file exec'd (`dash` for
     // an `sh` symlink): keep the name the program had (see `COMM_ENV`).
     let comm = std::fs::read("/proc/self/comm").unwrap_or_default();
-    let mut environ = environ;
-    environ.extend_from_slice(COMM_ENV.as_bytes());
-    environ.push(b'=');
-    environ.extend_from_slice(comm.strip_suffix(b"\n").unwrap_or(&comm));
-    environ.push(0);
+    let mut env = env;
+    env.extend_from_slice(COMM_ENV.as_bytes());
+    env.push(b'=');
+    env.extend_from_slice(comm.strip_suffix(b"\n").unwrap_or(&comm));
+    env.push(0);
     let to_c = |b: &[u8]| -> Vec<std::ffi::CString> {
         b.split(|c| *c == 0)
             .filter(|s| !s.is_empty())
             .filter_map(|s| std::ffi::CString::new(s).ok())
             .collect()
     };
-    let (argv, envp) = (to_c(&cmdline), to_c(&environ));
+    let (argv, envp) = (to_c(&cmdline), to_c(&env));
     let Ok(exe) = std::ffi::CString::new(exe.into_os_string().into_encoded_bytes()) else {
         return;
     };

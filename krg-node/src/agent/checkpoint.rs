@@ -17,7 +17,7 @@ use super::remote::SpawnSpec;
 use super::{err, Agent, Caller};
 use libkrg::caps::Caps;
 use libkrg::checkpoint::capture::refusal;
-use libkrg::proto::{CkptAction, CkptDoneInfo, CkptOrder, ErrorReply, RestartReq};
+use libkrg::proto::{CkptAction, CkptDoneInfo, CkptOrder, ErrorReply, Response, RestartReq};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -153,7 +153,98 @@ fn first_child(kpid: i32) -> Option<i32> {
     None
 }
 
+/// Whether `l` names a pipe or a socket by its fd link (`pipe:[N]`,
+/// `socket:[N]`), the only things `SharedWith` looks for.
+fn inode_link(l: &str) -> bool {
+    ["pipe:[", "socket:["].iter().any(|p| {
+        l.strip_prefix(p)
+            .and_then(|r| r.strip_suffix(']'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// Every process of this node but `me` (and the agent) that maps one of
+/// `mems` (`(device, inode)`): kernel pids by mapping.
+fn mappers(mems: &[(u64, u64)], me: i32) -> HashMap<(u64, u64), Vec<i32>> {
+    let mut out: HashMap<(u64, u64), Vec<i32>> = HashMap::new();
+    let agent = std::process::id() as i32;
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me || pid == agent {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(p.path().join("maps")) else {
+            continue;
+        };
+        for m in libkrg::checkpoint::capture::parse_maps(&text) {
+            let k = (m.dev, m.inode);
+            if mems.contains(&k) {
+                let v = out.entry(k).or_default();
+                if !v.contains(&pid) {
+                    v.push(pid);
+                }
+            }
+        }
+    }
+    out
+}
+
 impl Agent {
+    /// `SharedWith` from a process about to be captured: what of `links`
+    /// (its own pipes and socketpairs) and `mems` (its shared memory to be
+    /// copied) other processes of this node hold too, described for the
+    /// refusal.
+    pub(super) async fn shared_with(
+        &self,
+        who: Caller,
+        links: Vec<String>,
+        mems: Vec<(u64, u64)>,
+    ) -> Result<Response, ErrorReply> {
+        if let Some(l) = links.iter().find(|l| !inode_link(l)) {
+            return Err(err(
+                libc::EINVAL,
+                format!("SharedWith: {l:?} names neither a pipe nor a socket"),
+            ));
+        }
+        let me = who.pid;
+        let (held, mapped) = tokio::task::spawn_blocking(move || {
+            (super::streams::holders(&links), mappers(&mems, me))
+        })
+        .await
+        .map_err(|e| err(libc::EIO, format!("looking for what is shared: {e}")))?;
+        let name = |kpid: i32| {
+            let comm = std::fs::read_to_string(format!("/proc/{kpid}/comm")).unwrap_or_default();
+            let g = self.procs().translate(kpid).unwrap_or(kpid);
+            format!("pid {g} ({})", comm.trim_end())
+        };
+        let mut out = Vec::new();
+        let mut held: Vec<(String, Vec<(i32, i32)>)> = held.into_iter().collect();
+        held.sort();
+        for (link, hs) in held {
+            let mut others: Vec<i32> = hs.iter().map(|(p, _)| *p).filter(|p| *p != me).collect();
+            others.dedup();
+            if !others.is_empty() {
+                let who: Vec<String> = others.into_iter().map(name).collect();
+                out.push(format!(
+                    "{link} (both ends are this process's) is held by {} too: after the move it would no longer connect them",
+                    who.join(", ")
+                ));
+            }
+        }
+        let mut mapped: Vec<((u64, u64), Vec<i32>)> = mapped.into_iter().collect();
+        mapped.sort();
+        for ((_, ino), pids) in mapped {
+            let who: Vec<String> = pids.into_iter().map(name).collect();
+            out.push(format!(
+                "shared memory (inode {ino}) is mapped by {} too: after the move it would no longer be shared (anonymous shared memory stays shared across nodes with KRG_CAPS=+dsm-anon)",
+                who.join(", ")
+            ));
+        }
+        Ok(Response::Shared(out))
+    }
+
     /// `krg checkpoint` and `krg migrate`: route to the node where `g`
     /// runs.
     pub(super) async fn checkpoint(

@@ -20,6 +20,7 @@ pub mod remote;
 pub mod sched;
 pub mod seqpacket;
 pub mod spawn;
+pub mod stay;
 pub mod streams;
 pub mod sync;
 pub mod unix;
@@ -781,13 +782,7 @@ impl Agent {
                 } else {
                     self.placement(kpid, pinned)
                 };
-                if place != 0 && place != self.cfg.node_id {
-                    // Until its RemoteExec is through, a process holding
-                    // the other end of one of its pipes waits for it.
-                    if let Some(p) = self.procs().get_mut(gpid) {
-                        p.placing = true;
-                    }
-                }
+                let place = self.place_or_stay(gpid, kpid, place).await;
                 Ok(Response::Hello {
                     gpid,
                     node: self.cfg.node_id,
@@ -815,11 +810,10 @@ impl Agent {
                 } else {
                     0
                 };
+                let place = self.place_or_stay(gpid, kpid, place).await;
                 let remote = place != 0 && place != self.cfg.node_id;
                 if let Some(p) = self.procs().get_mut(gpid) {
-                    // Elsewhere: its pipes are about to move (as after a
-                    // Hello). Here: its Hello is not placed again.
-                    p.placing = remote;
+                    // Here: its Hello is not placed again.
                     p.skip_place = !remote;
                 }
                 Ok(Response::Hello {
@@ -885,6 +879,7 @@ impl Agent {
                 optional,
             } => self.stream_freeze(who, conns, pipes, unix, optional).await,
             Request::StreamFrozen { ids } => self.stream_frozen(&ids),
+            Request::SharedWith { links, mems } => self.shared_with(who, links, mems).await,
             Request::ShadowRelays(relays) => self.shadow_relays(who, relays).await,
             Request::MovedChildren => self.moved_children(who),
             Request::ChildShadow { gpid } => self.child_shadow(who, gpid).await,

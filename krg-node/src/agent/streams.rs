@@ -417,7 +417,7 @@ fn tcp_inode(
 
 /// Every `(kernel pid, fd)` of this node whose fd link is one of `want`
 /// (`socket:[N]`, `pipe:[N]`), by link: one walk of /proc for all.
-fn holders(want: &[String]) -> HashMap<String, Vec<(i32, i32)>> {
+pub(super) fn holders(want: &[String]) -> HashMap<String, Vec<(i32, i32)>> {
     let mut out: HashMap<String, Vec<(i32, i32)>> = HashMap::new();
     // Not the agent's own fds (its many sockets are most of the walk; a
     // stream it holds is in a hand-over, never a process's end).

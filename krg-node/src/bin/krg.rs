@@ -3,6 +3,11 @@
 use clap::Parser;
 
 fn main() {
+    // Like every Unix command: a reader that goes away (`krg ps | head`)
+    // ends it quietly, instead of a panic of println! on EPIPE (Rust
+    // ignores SIGPIPE by default). Its own sockets send with MSG_NOSIGNAL.
+    // SAFETY: sets a default disposition before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     krg_node::logging::init_cli();
     let cli = krg_node::cli::Cli::parse();
     std::process::exit(krg_node::cli::main(cli));

@@ -79,13 +79,18 @@ pub fn checkpoint(pid: i32, dir: Option<PathBuf>, kill: bool) -> Result<i32> {
         dir: dir.as_os_str().as_bytes().to_vec(),
         kill,
     };
+    let tmp = dir.join(format!(".{}.tmp", image::IMAGE_FILE));
     let r = with_progress(
         format!("checkpointing pid {pid}"),
         expected_bytes(pid),
-        Some(dir.join(format!(".{}.tmp", image::IMAGE_FILE))),
+        Some(tmp.clone()),
         move || agent_call(&req),
-    )?;
-    match r {
+    );
+    if !matches!(r, Ok(Response::Ckpt(_))) {
+        // A capture that died half-way leaves its partial image behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    match r? {
         Response::Ckpt(i) => {
             println!(
                 "pid {}: checkpointed on node {} to {} ({} in {} ms){}",
@@ -135,6 +140,10 @@ pub fn restart(dir: &Path, node: Option<u32>, quiet: bool) -> Result<i32> {
             _ => None,
         })
         .unwrap_or(0);
+    // The shadow relays the program's output: a reader that goes away is
+    // an EPIPE it passes on to the program, not a signal that ends it.
+    // SAFETY: sets a disposition; no handler code is installed.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let err = libkrg::distant::shadow_for(
         |port, token, stdio| {
             Request::Restart(RestartReq {

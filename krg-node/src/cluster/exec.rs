@@ -324,6 +324,12 @@ fn run_child(
     // harmlessly, as setarch -R would.
     // SAFETY: changes this child's personality only.
     unsafe { libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong) };
+    // Only stdio enters the node, as with a remote login: an fd above 2
+    // would be a machine's file shared by two nodes, which no real cluster
+    // has (launchers and CI runners leave some open in every child).
+    // SAFETY: marks this child's own fds close-on-exec (CLOSE_RANGE_CLOEXEC
+    // is 4); the failure message below still has stderr.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 4u32) };
     // SAFETY: the file name, argv and envp are NUL-terminated C strings and
     // NULL-terminated arrays that outlive the call.
     unsafe { libc::execvpe(file.as_ptr(), argv.as_ptr(), envp.as_ptr()) };

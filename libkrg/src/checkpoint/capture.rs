@@ -28,6 +28,8 @@ pub struct MapLine {
     pub exec: bool,
     pub shared: bool,
     pub offset: u64,
+    /// The device of the mapped file (`makedev(major, minor)`).
+    pub dev: u64,
     pub inode: u64,
     pub path: String,
 }
@@ -61,11 +63,20 @@ pub fn parse_maps(text: &str) -> Vec<MapLine> {
     let mut out = Vec::new();
     for line in text.lines() {
         let mut it = line.splitn(6, ' ');
-        let (Some(range), Some(perms), Some(off), Some(_dev), Some(ino)) =
+        let (Some(range), Some(perms), Some(off), Some(dev), Some(ino)) =
             (it.next(), it.next(), it.next(), it.next(), it.next())
         else {
             continue;
         };
+        let dev = dev
+            .split_once(':')
+            .and_then(|(a, b)| {
+                Some(libc::makedev(
+                    u32::from_str_radix(a, 16).ok()?,
+                    u32::from_str_radix(b, 16).ok()?,
+                ))
+            })
+            .unwrap_or(0);
         let path = it.next().unwrap_or("").trim_start().to_string();
         let Some((a, b)) = range.split_once('-') else {
             continue;
@@ -90,6 +101,7 @@ pub fn parse_maps(text: &str) -> Vec<MapLine> {
             exec: p[2] == b'x',
             shared: p[3] == b's',
             offset,
+            dev,
             inode,
             path,
         });
@@ -431,6 +443,69 @@ pub(super) fn refuse_self_fifos(fds: &mut [FdState]) -> Result<(), String> {
         f.kind = FdKind::Relay;
     }
     Ok(())
+}
+
+/// Memory and streams the image would turn into the process's own: shared
+/// memory mappings that are copied (anonymous `MAP_SHARED` memory without
+/// the `dsm-anon` capability, System V segments and memfds that are not
+/// cluster segments), pipes and socketpairs both of whose ends are its
+/// fds. That is exact only if no other process shares them: a server
+/// whose children watch a pipe it holds both ends of (PostgreSQL's
+/// postmaster death watch) and share its anonymous memory would be cut
+/// off from them. Refused, naming what is shared and with whom.
+pub(super) fn refuse_shared(maps: &[MapLine], fds: &[FdState]) -> Result<(), String> {
+    let mut mems: Vec<(u64, u64)> = Vec::new();
+    for m in maps.iter().filter(|m| copied_shared(m)) {
+        if !mems.contains(&(m.dev, m.inode)) {
+            mems.push((m.dev, m.inode));
+        }
+    }
+    let mut links: Vec<String> = Vec::new();
+    for f in fds {
+        if let FdKind::Pipe { ino, read, .. } = f.kind {
+            let l = format!("pipe:[{ino}]");
+            if other_end_here(fds, ino, read) && !links.contains(&l) {
+                links.push(l);
+            }
+        }
+    }
+    let socks: Vec<u64> = fds
+        .iter()
+        .filter_map(|f| match f.kind {
+            FdKind::UnixStream { ino, .. } => Some(ino),
+            _ => None,
+        })
+        .collect();
+    if socks.len() >= 2 {
+        let peers = crate::streams::unix::peers().map_err(|e| format!("UNIX socket peers: {e}"))?;
+        for ino in &socks {
+            if peers.get(ino).is_some_and(|p| socks.contains(p)) {
+                links.push(format!("socket:[{ino}]"));
+            }
+        }
+    }
+    if mems.is_empty() && links.is_empty() {
+        return Ok(());
+    }
+    match crate::client::call(&crate::proto::Request::SharedWith { links, mems }) {
+        Ok(crate::proto::Response::Shared(v)) if v.is_empty() => Ok(()),
+        Ok(crate::proto::Response::Shared(v)) => Err(v.join("; ")),
+        Ok(other) => Err(format!(
+            "asking what is shared: unexpected answer {other:?}"
+        )),
+        Err(e) => Err(format!("asking what is shared: {e}")),
+    }
+}
+
+/// Whether `m` is shared memory that an image holds a copy of (made again
+/// as the process's own on restore), not a cluster segment.
+fn copied_shared(m: &MapLine) -> bool {
+    m.shared
+        && !crate::dsm::is_segment_path(&m.path)
+        && (m.inode == 0
+            || m.path.ends_with(" (deleted)")
+            || m.path.starts_with("/SYSV")
+            || m.path.starts_with("/memfd:"))
 }
 
 /// Self-pipes (both ends among `fds`) are made again from the image: the

@@ -835,8 +835,40 @@ fn take_image(order: &Order) -> Result<u64, String> {
     );
     let path = dir.join(image::IMAGE_FILE);
     let tmp = dir.join(format!(".{}.tmp", image::IMAGE_FILE));
-    let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // 0600: an image is this process's memory.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+    }
+    .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let r = write_image(threads, &file, order.kill);
+    drop(file);
+    match r {
+        Ok((n, parks)) => std::fs::rename(&tmp, &path).map(|()| n).map_err(|e| {
+            unpark(&parks);
+            format!("{}: {e}", path.display())
+        }),
+        Err(e) => {
+            // Refused or failed half-way: no partial image is left behind.
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Capture this process into `file` (`kill`: parking its connections is
+/// allowed): bytes written and the parks made (taken back if it fails).
+fn write_image(
+    threads: Vec<image::ThreadState>,
+    file: &std::fs::File,
+    kill: bool,
+) -> Result<(u64, Vec<i32>), String> {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(file);
     let maps_text = capture::read_file("/proc/self/maps")?;
     // The capture arena is left out of the image.
     let maps = capture::without(
@@ -845,7 +877,8 @@ fn take_image(order: &Order) -> Result<u64, String> {
     );
     let (regions, runs) = capture::regions(&maps)?;
     let mut fds = capture::capture_fds(&[fd])?;
-    let parks = streams_for_disk(&mut fds, order.kill)?;
+    capture::refuse_shared(&maps, &fds)?;
+    let parks = streams_for_disk(&mut fds, kill)?;
     let mem: u64 = runs.iter().map(|r| r.1).sum();
     let r = capture::meta(
         &maps,
@@ -856,14 +889,9 @@ fn take_image(order: &Order) -> Result<u64, String> {
         &ANCHOR as *const AtomicI32 as u64,
     )
     .and_then(|meta| capture::write_image(fd, &meta, &regions, &runs));
-    drop(file);
     match r {
-        Ok(n) => std::fs::rename(&tmp, &path).map(|()| n).map_err(|e| {
-            unpark(&parks);
-            format!("{}: {e}", path.display())
-        }),
+        Ok(n) => Ok((n, parks)),
         Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
             unpark(&parks);
             Err(e)
         }

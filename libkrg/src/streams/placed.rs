@@ -178,12 +178,10 @@ pub(crate) fn park(fd: RawFd) {
 /// pipes (`KRG_PIPE_FDS`), and drop the variable (its children's fds are
 /// their own business).
 pub fn note_from_env() {
-    let Some(v) = std::env::var_os(PIPE_FDS_ENV) else {
+    let Some(v) = crate::rt::take_env(PIPE_FDS_ENV) else {
         return;
     };
-    std::env::remove_var(PIPE_FDS_ENV);
-    for fd in v
-        .to_string_lossy()
+    for fd in String::from_utf8_lossy(&v)
         .split(',')
         .filter_map(|f| f.trim().parse::<RawFd>().ok())
         .filter(|f| (0..3).contains(f))

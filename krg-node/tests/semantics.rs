@@ -1,0 +1,159 @@
+//! Unix semantics kept exactly while programs are placed on other nodes:
+//! each script runs natively on node 1 (a plain process, no library) and
+//! under krg with the round-robin policy on 4 nodes, and both must print
+//! the same bytes and end with the same status (issue 25).
+
+mod common;
+
+use common::*;
+use std::process::Output;
+
+/// `script` natively on node 1, then under krg, with programs placed round
+/// robin over 4 nodes; both outputs.
+fn native_and_krg(c: &Cluster, script: &str) -> (Output, Output) {
+    let native = c.plain(1, &["bash", "-c", script]).output().unwrap();
+    let krg = c.cmd(1, &["bash", "-c", script]).output().unwrap();
+    (native, krg)
+}
+
+fn round_robin(nodes: u32) -> Cluster {
+    let c = Cluster::up(nodes, 1.0);
+    let o = c.krg(1, &["sched", "set", "round-robin"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    c
+}
+
+fn assert_same(what: &str, native: &Output, krg: &Output) {
+    assert_eq!(
+        text(&krg.stdout),
+        text(&native.stdout),
+        "{what}: stdout differs (stderr under krg: {})",
+        text(&krg.stderr)
+    );
+    assert_eq!(krg.status.code(), native.status.code(), "{what}: status");
+}
+
+/// Prints the node a shell runs on to stderr.
+const HERE: &str = "read h </proc/sys/kernel/hostname; echo $h >&2";
+
+/// Whether some program of a run said (with [`HERE`]) that it ran on a
+/// node other than node 1.
+fn elsewhere(o: &Output) -> bool {
+    text(&o.stderr)
+        .lines()
+        .any(|l| l.starts_with("krg-n") && l != "krg-n1")
+}
+
+/// `krg cluster exec --node N -- bash script` pins bash, not what bash
+/// starts: before, bash kept `KRG_NODE` from the environment it started
+/// with (it has its own unsetenv) and passed it to every child.
+#[test]
+fn a_pin_applies_to_one_program_not_to_what_a_shell_starts() {
+    let c = round_robin(4);
+    let o = c.sh(
+        1,
+        "bash -c 'declare -p KRG_NODE 2>/dev/null || echo unpinned; for i in 1 2 3 4 5 6 7 8; do hostname; done'",
+    );
+    let t = text(&o.stdout);
+    let mut lines = t.lines();
+    assert_eq!(lines.next(), Some("unpinned"), "{t}");
+    let mut nodes: Vec<&str> = lines.collect();
+    nodes.sort();
+    nodes.dedup();
+    assert!(nodes.len() >= 3, "round robin spreads them: {t}");
+    let o = c
+        .cmd(
+            2,
+            &[
+                "bash",
+                "-c",
+                "echo $KRG_NODE; read h </proc/sys/kernel/hostname; echo $h",
+            ],
+        )
+        .output()
+        .unwrap();
+    let t = text(&o.stdout);
+    let l: Vec<&str> = t.lines().collect();
+    assert_eq!(l[0], "", "bash does not see the pin: {t}");
+    assert_eq!(l[1], "krg-n2", "the pinned program runs there: {t}");
+}
+
+/// A parent that waits for EOF on a close-on-exec pipe (its child's exec
+/// succeeded), then feeds the child's stdin: before, a child placed at its
+/// `execve` kept the pipe open in its shadow and both waited for ever (git
+/// gc and git clone hung this way).
+#[test]
+fn a_close_on_exec_pipe_closes_when_a_placed_program_starts() {
+    let c = round_robin(4);
+    let prog = cc(&repo_root().join("examples/unix/cloexec.c"), "cloexec");
+    let p = prog.to_str().unwrap();
+    let script = format!(
+        "for i in 1 2 3 4 5 6; do timeout -s KILL 20 {p} /bin/bash -c '{HERE}; exec md5sum'; done"
+    );
+    let (native, krg) = native_and_krg(&c, &script);
+    assert_same("close-on-exec", &native, &krg);
+    assert_eq!(
+        text(&krg.stdout).matches("exec done").count(),
+        6,
+        "{}",
+        text(&krg.stdout)
+    );
+    assert!(elsewhere(&krg), "{}", text(&krg.stderr));
+}
+
+/// A program whose stdin another process also reads must not take input
+/// that is theirs: before, the placed program's shadow relayed the pipe
+/// and read ahead (`while read` lost all but 1 or 2 lines; `hostname`
+/// took `cat`'s input; an `exec gzip` stage got a corrupt stream).
+#[test]
+fn a_stdin_shared_with_the_shell_keeps_every_byte() {
+    let c = round_robin(4);
+    let d = shared_dir("semantics-stdin");
+    let data = d.join("data");
+    let rand: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&data, rand).unwrap();
+    let script = format!(
+        r#"
+        seq 1 100 | while read x; do /bin/echo $x; done | wc -l
+        for i in 1 2 3; do seq 1 5 | bash -c '{HERE}; hostname >/dev/null; cat' | wc -c; done
+        for i in 1 2 3; do cat {data} | sh -c "head -c 10 >/dev/null; exec gzip -c" | gzip -dc | md5sum; done
+        tail -c +11 {data} | md5sum
+        seq 1 20 | {{ /bin/head -n 2; /bin/cat; }} | md5sum
+        seq 1 20 | md5sum
+        seq 1 300 | while read a; do read b; /usr/bin/expr $a + $b; done | md5sum
+        "#,
+        data = data.display(),
+    );
+    // Run twice: which program lands where changes from run to run.
+    for _ in 0..2 {
+        let (native, krg) = native_and_krg(&c, &script);
+        assert_same("shared stdin", &native, &krg);
+        let o = text(&krg.stdout);
+        let l: Vec<&str> = o.lines().collect();
+        assert_eq!(l[0], "100", "{o}");
+        assert_eq!(&l[1..4], ["10", "10", "10"], "{o}");
+        for g in &l[4..7] {
+            assert_eq!(*g, l[7], "exec gzip keeps every byte: {o}");
+        }
+        // The programs whose stdin was their own did run elsewhere.
+        assert!(elsewhere(&krg), "{}", text(&krg.stderr));
+    }
+}
+
+/// `krg ps | head`-style pipelines: a reader that goes away ends `krg`
+/// quietly, as any Unix command (before: a panic, "failed printing to
+/// stdout: Broken pipe").
+#[test]
+fn krg_commands_end_quietly_when_their_reader_goes_away() {
+    let c = Cluster::up(2, 1.0);
+    let k = krg_bin();
+    let k = k.to_str().unwrap();
+    let script = format!(
+        "sleep 30 & s=$!; for i in 1 2 3 4 5; do {k} ps --json | (exec <&-; true); {k} ps | head -c 1 >/dev/null; {k} status | grep -q nothing-matches; done; kill $s"
+    );
+    let o = c.plain(1, &["bash", "-c", &script]).output().unwrap();
+    let e = text(&o.stderr);
+    assert!(!e.contains("panicked") && !e.contains("Broken pipe"), "{e}");
+}
