@@ -674,8 +674,11 @@ impl G {
         let mut parts = Vec::new();
         let n = self.range(1, 2);
         for _ in 0..n {
-            let p = match self.range(0, 8) {
+            let p = match self.range(0, 10) {
                 0 => "/bin/echo \"$x\"".to_string(),
+                // Readers of the loop's own stdin, exact or to its end.
+                9 => format!("head -c {}; echo", self.range(1, 12)),
+                10 if self.chance(0.3) => "cat".to_string(),
                 1 if c == Content::Nums => "expr \"$x\" \\* 3".to_string(),
                 2 => "/usr/bin/printf '<%s>\\n' \"$x\"".to_string(),
                 3 => "echo \"$x\" | tr 0-9a-z 5-90-4n-za-m".to_string(),
