@@ -54,8 +54,11 @@ difftest: scripts run natively and under krg must print the same bytes
                    two-choices,pack,migrate (default all); migrate-POLICY
                    injects migrations under that policy (migrate: a random one)
   --migrate-runs N runs with migrations injected per case (default 1)
+  --mig-max N      at most N migrations per run
+  --mig-only STR   migrate only processes whose command starts with STR
   --repeat N       run each mode N times (how often does it fail?)
-  --timeout SECS   per run (default 60): longer counts as a hang
+  --timeout SECS   most a run may take (default 60; the limit is 15 s
+                   + 10x the native run): longer counts as a hang
   --time-limit S   start no case after S seconds (env KRG_DIFFTEST_TIME)
   --print          print the scripts, run nothing
   --native-only    run each case twice natively on this host, no cluster
@@ -87,6 +90,7 @@ struct Opts {
     script: Option<PathBuf>,
     modes: Vec<Mode>,
     migrate_runs: u32,
+    aim: run::Aim,
     repeat: u32,
     timeout: Duration,
     time_limit: Option<Duration>,
@@ -120,6 +124,7 @@ fn parse_args() -> Result<Option<Opts>, String> {
             .chain([Mode::Migrate(None)])
             .collect(),
         migrate_runs: 1,
+        aim: run::Aim::default(),
         repeat: 1,
         timeout: Duration::from_secs(60),
         time_limit: env_num("KRG_DIFFTEST_TIME")?.map(Duration::from_secs),
@@ -148,10 +153,19 @@ fn parse_args() -> Result<Option<Opts>, String> {
             "--first" => o.first = val("--first")?,
             "--migrate-runs" => o.migrate_runs = val("--migrate-runs")? as u32,
             "--repeat" => o.repeat = val("--repeat")?.max(1) as u32,
+            "--mig-max" => o.aim.max = Some(val("--mig-max")?),
+            "--mig-only" => o.aim.only = Some(args.next().ok_or("--mig-only needs a string")?),
             "--timeout" => o.timeout = Duration::from_secs(val("--timeout")?),
             "--time-limit" => o.time_limit = Some(Duration::from_secs(val("--time-limit")?)),
             "--script" => {
-                o.script = Some(args.next().ok_or("--script needs a file")?.into());
+                let f = PathBuf::from(args.next().ok_or("--script needs a file")?);
+                // cargo test runs us in krg-node/: a path relative to the
+                // workspace, where the command was typed, works too.
+                let f = [f.clone(), repo_root().join(&f)]
+                    .into_iter()
+                    .find(|p| p.is_file())
+                    .ok_or(format!("--script {}: no such file", f.display()))?;
+                o.script = Some(f);
                 o.cases = 1;
             }
             "--modes" => {
@@ -361,6 +375,15 @@ fn report(c: &gen::Case, mode: &str, k: &[Kind], native: &Outcome, got: &Outcome
     if got.stderr != native.stderr {
         r.push_str(&diff_summary("stderr", &native.stderr, &got.stderr));
         r.push('\n');
+        // krg's own messages say what went wrong: all of them, if short.
+        for (who, e) in [("native", &native.stderr), ("krg", &got.stderr)] {
+            if !e.is_empty() && e.len() <= 2000 {
+                r.push_str(&format!("  {who} stderr:\n"));
+                for l in String::from_utf8_lossy(e).lines() {
+                    r.push_str(&format!("    {l}\n"));
+                }
+            }
+        }
     }
     r
 }
@@ -601,6 +624,13 @@ fn one_case(
     }
     let mut failed = false;
     let mut line = Vec::new();
+    let mut reports = Vec::new();
+    // A hang costs its whole limit: well above what the native run took
+    // (krg runs take a few times longer on this busy machine), at most
+    // --timeout.
+    let limit = o
+        .timeout
+        .min(Duration::from_secs(15) + native_time(native).mul_f64(10.0));
     for (r, mode) in runs.iter().enumerate() {
         let (pol, migrate) = match mode {
             Mode::Policy(p) => (*p, false),
@@ -618,9 +648,12 @@ fn one_case(
         let argv: Vec<&str> = argv.iter().map(|s| s.as_str()).collect();
         let cmd = env.prepare(c.cmd(1, &argv), &dir);
         let done = AtomicBool::new(false);
+        // What was still running when a run hung, before it is killed.
+        let stuck = std::sync::Mutex::new(None);
         let (got, mig) = std::thread::scope(|s| {
-            let inj = migrate.then(|| s.spawn(|| run::inject(c, NODES, &m, &done)));
-            let got = run::capture(cmd, o.timeout, &|| {
+            let inj = migrate.then(|| s.spawn(|| run::inject(c, NODES, &m, &o.aim, &done)));
+            let got = run::capture(cmd, limit, &|| {
+                *stuck.lock().unwrap() = run::ps(c);
                 run::kill_all(c);
             });
             done.store(true, Ordering::SeqCst);
@@ -643,18 +676,23 @@ fn one_case(
                 *t.fails.entry((mode.name(), kd.name())).or_default() += 1;
             }
             let mut rep = report(k, &name, &ks, native, &got);
+            if let Some(procs) = stuck.lock().unwrap().take() {
+                rep.push_str("  still running (krg ps):\n");
+                for p in &procs {
+                    rep.push_str(&format!("    {}\n", ps_line(p)));
+                }
+            }
             if let Some(mig) = &mig {
                 rep.push_str(&format!(
                     "  migrations: {} attempted, {} succeeded\n",
                     mig.attempted, mig.succeeded
                 ));
+                for l in &mig.log {
+                    rep.push_str(&format!("    {l}\n"));
+                }
             }
-            let path = save(env, k, &rep);
-            println!(
-                "{rep}  script:\n{}  saved: {}",
-                indent(&k.script),
-                path.display()
-            );
+            print!("{rep}");
+            reports.push(rep);
             t.failures.push(format!(
                 "seed={} case={} mode={name} kind={}",
                 k.seed,
@@ -665,46 +703,26 @@ fn one_case(
         line.push(note);
     }
     // Nothing of the case may outlive it: the cluster runs nothing else.
-    let left = run::ps(c).unwrap_or_default();
-    if !left.is_empty() {
-        std::thread::sleep(Duration::from_secs(2));
-        let left = run::ps(c).unwrap_or_default();
-        if !left.is_empty() {
-            failed = true;
-            let cmds: Vec<String> = left
-                .iter()
-                .map(|p| {
-                    format!(
-                        "{} {}",
-                        p["pid"],
-                        show(p["command"].as_str().unwrap_or("").as_bytes())
-                    )
-                })
-                .collect();
-            let rep = format!(
-                "FAIL seed={} case={} mode=any kind=leftover: SSI processes still there after every run ended:\n  {}\n",
-                k.seed,
-                k.index,
-                cmds.join("\n  ")
-            );
-            let path = save(env, k, &rep);
-            println!(
-                "{rep}  script:\n{}  saved: {}",
-                indent(&k.script),
-                path.display()
-            );
-            *t.fails
-                .entry(("any".into(), Kind::Leftover.name()))
-                .or_default() += 1;
-            t.failures.push(format!(
-                "seed={} case={} mode=any kind=leftover",
-                k.seed, k.index
-            ));
-            run::kill_all(c);
-        }
+    if let Some(rep) = leftovers(c, k) {
+        failed = true;
+        print!("{rep}");
+        reports.push(rep);
+        *t.fails
+            .entry(("any".into(), Kind::Leftover.name()))
+            .or_default() += 1;
+        t.failures.push(format!(
+            "seed={} case={} mode=any kind=leftover",
+            k.seed, k.index
+        ));
     }
     if failed {
         t.failed_cases += 1;
+        let saved = if o.script.is_none() {
+            format!("  saved: {}\n", save(env, k, &reports.concat()).display())
+        } else {
+            String::new()
+        };
+        print!("  script:\n{}{saved}", indent(&k.script));
     } else {
         let _ = std::fs::remove_dir_all(env.runs.join(format!("c{i}")));
     }
@@ -717,6 +735,43 @@ fn one_case(
             line.join(" | ")
         );
     }
+}
+
+/// One process of `krg ps --json`, on one line.
+fn ps_line(p: &serde_json::Value) -> String {
+    format!(
+        "pid {} node {} ppid {} {} {}",
+        p["pid"],
+        p["node"],
+        p["ppid"],
+        p["state"].as_str().unwrap_or("?"),
+        show(p["command"].as_str().unwrap_or("").as_bytes())
+    )
+}
+
+fn native_time(o: &Outcome) -> Duration {
+    Duration::from_secs_f64(o.secs)
+}
+
+/// SSI processes still there after the case's last run (given 2 s to
+/// go): a report, and they are killed.
+fn leftovers(c: &Cluster, k: &gen::Case) -> Option<String> {
+    if run::ps(c).unwrap_or_default().is_empty() {
+        return None;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let left = run::ps(c).unwrap_or_default();
+    if left.is_empty() {
+        return None;
+    }
+    let cmds: Vec<String> = left.iter().map(ps_line).collect();
+    run::kill_all(c);
+    Some(format!(
+        "FAIL seed={} case={} mode=any kind=leftover: SSI processes still there after every run ended:\n  {}\n",
+        k.seed,
+        k.index,
+        cmds.join("\n  ")
+    ))
 }
 
 fn short(name: &str) -> String {

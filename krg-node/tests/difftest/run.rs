@@ -133,7 +133,7 @@ pub fn ps(c: &Cluster) -> Option<Vec<serde_json::Value>> {
 
 /// The processes of the case whose top process has `marker` in its
 /// command line: those, and their descendants (ppid links) and group.
-pub fn case_procs(all: &[serde_json::Value], marker: &str) -> Vec<(i64, u64)> {
+pub fn case_procs(all: &[serde_json::Value], marker: &str) -> Vec<(i64, u64, String)> {
     let pid = |p: &serde_json::Value| p["pid"].as_i64().unwrap_or(0);
     let mut mine: Vec<i64> = all
         .iter()
@@ -162,7 +162,13 @@ pub fn case_procs(all: &[serde_json::Value], marker: &str) -> Vec<(i64, u64)> {
     }
     all.iter()
         .filter(|p| mine.contains(&pid(p)))
-        .map(|p| (pid(p), p["node"].as_u64().unwrap_or(0)))
+        .map(|p| {
+            (
+                pid(p),
+                p["node"].as_u64().unwrap_or(0),
+                p["command"].as_str().unwrap_or("").to_string(),
+            )
+        })
         .collect()
 }
 
@@ -202,6 +208,17 @@ pub struct MigStats {
     pub gone: u64,
     /// Refusals and errors, by message (numbers blanked).
     pub other: BTreeMap<String, u64>,
+    /// What was moved where, in order: for the failure report.
+    pub log: Vec<String>,
+}
+
+/// Which processes the injector moves, and how many times.
+#[derive(Debug, Default, Clone)]
+pub struct Aim {
+    /// Stop after this many attempts in a run.
+    pub max: Option<u64>,
+    /// Only processes whose command contains this.
+    pub only: Option<String>,
 }
 
 impl MigStats {
@@ -236,7 +253,7 @@ fn kind_of(msg: &str) -> String {
 
 /// While `done` is unset: at random moments, migrate a random process of
 /// the case (marked `marker`) to a random other node of `nodes`.
-pub fn inject(c: &Cluster, nodes: u32, marker: &str, done: &AtomicBool) -> MigStats {
+pub fn inject(c: &Cluster, nodes: u32, marker: &str, aim: &Aim, done: &AtomicBool) -> MigStats {
     let mut st = MigStats::default();
     let mut rng = StdRng::from_entropy();
     let nap = |rng: &mut StdRng, lo: u64, hi: u64| {
@@ -248,10 +265,17 @@ pub fn inject(c: &Cluster, nodes: u32, marker: &str, done: &AtomicBool) -> MigSt
     // The first move soon: most cases are short.
     nap(&mut rng, 20, 200);
     while !done.load(Ordering::SeqCst) {
-        let procs = ps(c)
+        if aim.max.is_some_and(|m| st.attempted >= m) {
+            nap(&mut rng, 100, 101);
+            continue;
+        }
+        let procs: Vec<(i64, u64, String)> = ps(c)
             .map(|all| case_procs(&all, marker))
-            .unwrap_or_default();
-        if let Some(&(pid, node)) = procs.choose(&mut rng) {
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| aim.only.as_ref().is_none_or(|o| p.2.starts_with(o.as_str())))
+            .collect();
+        if let Some((pid, node, cmd)) = procs.choose(&mut rng).cloned() {
             let others: Vec<u32> = (1..=nodes).filter(|&n| n as u64 != node).collect();
             let to = *others.choose(&mut rng).unwrap();
             let k = crate::common::krg_bin();
@@ -270,18 +294,26 @@ pub fn inject(c: &Cluster, nodes: u32, marker: &str, done: &AtomicBool) -> MigSt
             st.attempted += 1;
             let out = String::from_utf8_lossy(&o.stdout);
             let err = String::from_utf8_lossy(&o.stderr);
-            if o.status == Some(0) && out.contains("migrated to node") {
+            let what = if o.status == Some(0) && out.contains("migrated to node") {
                 st.succeeded += 1;
+                "moved".to_string()
             } else if err.contains("No such process") || err.contains("no such process") {
                 st.gone += 1;
+                "gone".to_string()
             } else {
                 let msg = if o.status.is_none() {
                     "krg migrate did not return within 60 s".to_string()
                 } else {
                     kind_of(&format!("{err}{out}"))
                 };
-                *st.other.entry(msg).or_default() += 1;
-            }
+                *st.other.entry(msg.clone()).or_default() += 1;
+                msg
+            };
+            let cmd: String = cmd.chars().take(50).collect();
+            st.log.push(format!(
+                "{pid} ({}) {node} -> {to}: {what}",
+                cmd.escape_debug()
+            ));
             nap(&mut rng, 50, 700);
         } else {
             nap(&mut rng, 20, 100);
