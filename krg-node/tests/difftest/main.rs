@@ -537,6 +537,15 @@ fn campaign(o: &Opts, env: &Env) -> i32 {
         }
         let k = case(o, i);
         one_case(o, env, &c, &k, &mut t, &mut now, &mut rng);
+        if o.quiet && t.cases % 25 == 0 {
+            println!(
+                "progress: {} cases, {} failed, {} discarded, {:.0} s",
+                t.cases,
+                t.failed_cases,
+                t.discarded,
+                t0.elapsed().as_secs_f64()
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&env.runs);
     drop(c);
