@@ -18,74 +18,87 @@ fn node_of(gpid: i64) -> i64 {
 
 #[test]
 fn cluster_up_down_leaves_nothing() {
-    {
-        let c = Cluster::up(3, 0.5);
-        // A second `up` is a clear error.
-        let again = Command::new(krg_bin())
-            .args(["cluster", "up", "--nodes", "2"])
-            .output()
-            .unwrap();
-        assert!(!again.status.success());
-        assert!(
-            text(&again.stderr).contains("already up"),
-            "{}",
-            text(&again.stderr)
-        );
-        // Every node sees every node up, with its CPU quota.
-        for n in 1..=3 {
-            let st = c.status(n);
-            assert_eq!(st.len(), 3, "node {n} sees {st:?}");
-            for s in &st {
-                assert_eq!(s["state"], "up", "from node {n}: {s}");
-                assert_eq!(s["cpus"].as_f64(), Some(0.5));
-                for k in [
-                    "id",
-                    "address",
-                    "load",
-                    "mem_total_kb",
-                    "mem_free_kb",
-                    "processes",
-                ] {
-                    assert!(!s[k].is_null(), "status lacks {k}: {s}");
-                }
+    let c = Cluster::up(3, 0.5);
+    // A second `up` of the same instance is a clear error.
+    let again = c
+        .krg_cluster()
+        .args(["up", "--nodes", "2"])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("already up"),
+        "{}",
+        text(&again.stderr)
+    );
+    // Every node sees every node up, with its CPU quota.
+    for n in 1..=3 {
+        let st = c.status(n);
+        assert_eq!(st.len(), 3, "node {n} sees {st:?}");
+        for s in &st {
+            assert_eq!(s["state"], "up", "from node {n}: {s}");
+            assert_eq!(s["cpus"].as_f64(), Some(0.5));
+            for k in [
+                "id",
+                "address",
+                "load",
+                "mem_total_kb",
+                "mem_free_kb",
+                "processes",
+            ] {
+                assert!(!s[k].is_null(), "status lacks {k}: {s}");
             }
         }
-        let quota =
-            std::fs::read_to_string("/sys/fs/cgroup/cpu/krg-cluster/n2/cpu.cfs_quota_us").unwrap();
-        assert_eq!(quota.trim(), "50000");
-        let list = Command::new(krg_bin())
-            .args(["cluster", "list"])
-            .output()
-            .unwrap();
-        assert!(list.status.success());
-        assert!(
-            text(&list.stdout).contains("10.77.0.3"),
-            "{}",
-            text(&list.stdout)
-        );
     }
-    // Dropped: everything must be gone.
-    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let cgroup = |h: &str| format!("/sys/fs/cgroup/{h}/{}", c.cgroup_parent());
+    let quota = std::fs::read_to_string(format!("{}/n2/cpu.cfs_quota_us", cgroup("cpu"))).unwrap();
+    assert_eq!(quota.trim(), "50000");
+    let list = c.krg_cluster().arg("list").output().unwrap();
+    assert!(list.status.success());
+    let l = text(&list.stdout);
     assert!(
-        !text(&netns.stdout).contains("krg-"),
+        l.contains(&c.addr(3)) && l.contains(&c.name) && l.contains(&c.subnet()),
+        "{l}"
+    );
+
+    let down = c.krg_cluster().arg("down").output().unwrap();
+    assert!(down.status.success(), "{}", text(&down.stderr));
+    // Everything of this instance must be gone (other tests' instances, and
+    // whoever uses the default one, may be up meanwhile).
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let ours = format!("krg-{}-", c.name);
+    assert!(
+        !text(&netns.stdout).contains(&ours),
         "left: {}",
         text(&netns.stdout)
     );
-    assert!(!std::path::Path::new("/sys/fs/cgroup/cpu/krg-cluster").exists());
-    assert!(!std::path::Path::new("/sys/fs/cgroup/cpuacct/krg-cluster").exists());
+    assert!(!std::path::Path::new(&cgroup("cpu")).exists());
+    assert!(!std::path::Path::new(&cgroup("cpuacct")).exists());
+    // Its agents are told its key file.
     let ps = Command::new("pgrep")
-        .args(["-f", "krg-node --node-id .* --listen 10.77.0."])
+        .args([
+            "-f",
+            &format!("krg-node --node-id .* {}/", c.run_dir().display()),
+        ])
         .output()
         .unwrap();
     assert!(ps.stdout.is_empty(), "agents left: {}", text(&ps.stdout));
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains("krg-n"), "mounts left");
+    assert!(!mounts.contains(&ours), "mounts left");
+    assert!(!c.run_dir().join("state.json").exists());
+    assert!(!c.run_dir().join("cluster.key").exists());
+    assert!(
+        c.run_dir().join("n1.log").exists(),
+        "the logs stay for post-mortems"
+    );
     // Down with nothing up is not an error.
-    let down = Command::new(krg_bin())
-        .args(["cluster", "down"])
-        .output()
-        .unwrap();
+    let down = c.krg_cluster().arg("down").output().unwrap();
     assert!(down.status.success(), "{}", text(&down.stderr));
+    assert!(
+        text(&down.stdout).contains("no local cluster"),
+        "{}",
+        text(&down.stdout)
+    );
 }
 
 #[test]
@@ -147,9 +160,14 @@ fn nodes_are_separate_hosts() {
         .plain(2, &["ip", "-4", "-o", "addr", "show", "eth0"])
         .output()
         .unwrap();
-    assert!(text(&o.stdout).contains("10.77.0.2"), "{}", text(&o.stdout));
+    assert!(
+        text(&o.stdout).contains(&format!("{}/24", c.addr(2))),
+        "{}",
+        text(&o.stdout)
+    );
+    // No route into any instance's subnet.
     let r = Command::new("ip")
-        .args(["route", "show", "10.77.0.0/24"])
+        .args(["route", "show", "root", "10.77.0.0/16"])
         .output()
         .unwrap();
     assert!(
@@ -478,6 +496,7 @@ fn peer_without_the_key_is_refused_and_logged() {
     let key = dir.join("bad.key");
     write_file(&key, "not-the-cluster-key-0123456789abcdef\n");
     let agent = bin_dir().join("krg-node");
+    let (listen, seed) = (format!("{}:7409", c.addr(2)), format!("{}:7400", c.addr(1)));
     let mut intruder = c
         .plain(
             2,
@@ -486,9 +505,9 @@ fn peer_without_the_key_is_refused_and_logged() {
                 "--node-id",
                 "9",
                 "--listen",
-                "10.77.0.2:7409",
+                &listen,
                 "--seed",
-                "10.77.0.1:7400",
+                &seed,
                 "--key-file",
                 key.to_str().unwrap(),
                 "--state-dir",
@@ -514,7 +533,7 @@ fn peer_without_the_key_is_refused_and_logged() {
 fn malformed_input_never_crashes_an_agent() {
     let c = Cluster::up(2, 1.0);
     let fuzz = r#"
-import os, socket, struct, random
+import os, socket, struct, random, sys
 random.seed(7)
 for i in range(400):
     s = socket.socket(socket.AF_UNIX)
@@ -528,13 +547,16 @@ for i in range(400):
     else: s.send(os.urandom(random.randint(1, 12)))
     s.close()
 for i in range(200):
-    t = socket.create_connection(('10.77.0.2', 7400))
+    t = socket.create_connection((sys.argv[1], 7400))
     if i % 2: t.send(b'KRG1' + os.urandom(random.randint(0, 100)))
     else: t.send(os.urandom(random.randint(1, 200)))
     t.close()
 print("sent")
 "#;
-    let o = c.plain(1, &["python3", "-c", fuzz]).output().unwrap();
+    let o = c
+        .plain(1, &["python3", "-c", fuzz, &c.addr(2)])
+        .output()
+        .unwrap();
     assert_eq!(text(&o.stdout).trim(), "sent", "{}", text(&o.stderr));
     // A truncated but well-formed-looking request gets an error reply.
     let probe = r#"
@@ -649,4 +671,122 @@ fn process_groups_are_signalled_by_gpid() {
     // An unknown group: ESRCH.
     let k = c.krg(1, &["kill", "--", &format!("-{leader}")]);
     assert!(!k.status.success());
+}
+
+/// Two local clusters (instances) at once: own subnets, own nodes, no way
+/// from one to the other; `down` of one leaves the other up and working.
+#[test]
+fn instances_side_by_side_cannot_reach_each_other() {
+    // Brought up concurrently: the subnet allocation must not hand out one
+    // subnet twice.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| Cluster::up(2, 1.0));
+        let b = s.spawn(|| Cluster::up(2, 1.0));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_ne!(a.net, b.net, "{} and {} share a subnet", a.name, b.name);
+    for c in [&a, &b] {
+        let st = c.status(1);
+        let addrs: Vec<&str> = st.iter().map(|s| s["address"].as_str().unwrap()).collect();
+        assert_eq!(
+            addrs,
+            [format!("{}:7400", c.addr(1)), format!("{}:7400", c.addr(2))],
+            "instance {} sees only its own nodes",
+            c.name
+        );
+    }
+    let all = Command::new(krg_bin())
+        .args(["cluster", "list", "--all"])
+        .output()
+        .unwrap();
+    for c in [&a, &b] {
+        assert!(
+            text(&all.stdout)
+                .lines()
+                .any(|l| l.starts_with(&c.name) && l.contains(&c.subnet())),
+            "{}",
+            text(&all.stdout)
+        );
+    }
+
+    // From a node of A, B's agents cannot be reached: no route to B's
+    // subnet...
+    let probe = r#"
+import socket, sys
+src, dst = sys.argv[1], sys.argv[2:]
+for a in dst:
+    s = socket.socket()
+    s.settimeout(4)
+    try:
+        if src != "-": s.bind((src, 0))
+        s.connect((a, 7400))
+        print(a, "connected")
+    except OSError as e:
+        print(a, "failed", e)
+"#;
+    let out = a
+        .plain(1, &["python3", "-c", probe, "-", &b.addr(1), &b.addr(2)])
+        .output()
+        .unwrap();
+    let t = text(&out.stdout);
+    assert_eq!(t.matches(" failed ").count(), 2, "{t}{}", text(&out.stderr));
+    // ...and not even with an address in B's subnet: the instances have
+    // separate bridges, no link between them.
+    let add = Command::new("ip")
+        .args(["netns", "exec", &a.netns(2), "ip", "addr", "add"])
+        .arg(format!("{}/24", b.addr(250)))
+        .args(["dev", "eth0"])
+        .output()
+        .unwrap();
+    assert!(add.status.success(), "{}", text(&add.stderr));
+    let out = a
+        .plain(2, &["python3", "-c", probe, &b.addr(250), &b.addr(1)])
+        .output()
+        .unwrap();
+    let t = text(&out.stdout);
+    assert!(t.contains(" failed "), "{t}{}", text(&out.stderr));
+    // Each instance has its own key.
+    let key = |c: &Cluster| std::fs::read(c.run_dir().join("cluster.key")).unwrap();
+    assert_ne!(key(&a), key(&b));
+
+    // Down A: B is untouched.
+    let b_agents: Vec<i32> = (1..=2).map(|n| b.agent_pid(n)).collect();
+    let down = a.krg_cluster().arg("down").output().unwrap();
+    assert!(down.status.success(), "{}", text(&down.stderr));
+    let netns = text(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    );
+    assert!(!netns.contains(&format!("krg-{}-", a.name)), "{netns}");
+    for ns in [b.netns(1), b.netns(2), format!("krg-{}-br", b.name)] {
+        assert!(
+            netns
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ns.as_str())),
+            "{ns} gone: {netns}"
+        );
+    }
+    assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/cpu/{}", a.cgroup_parent())).exists());
+    assert!(std::path::Path::new(&format!("/sys/fs/cgroup/cpu/{}/n2", b.cgroup_parent())).exists());
+    for (n, pid) in (1..=2).zip(&b_agents) {
+        assert_eq!(b.agent_pid(n), *pid);
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+    assert!(
+        b.status(2).iter().all(|s| s["state"] == "up"),
+        "{:?}",
+        b.status(2)
+    );
+    let o = b.sh(1, "KRG_NODE=2 sh -c 'cat /proc/sys/kernel/hostname'");
+    assert_eq!(text(&o.stdout).trim(), "krg-n2", "{}", text(&o.stderr));
+    let list = b.krg_cluster().arg("list").output().unwrap();
+    assert_eq!(
+        text(&list.stdout).matches(" up ").count(),
+        2,
+        "{}",
+        text(&list.stdout)
+    );
 }

@@ -653,6 +653,169 @@ fn procps_ps_under_the_library() {
     assert_eq!(val(&s, "ps gpid rc "), 1, "{s}");
 }
 
+/// The calls that take or return a pid beside fork, kill and wait
+/// (`libkrg::pidcalls`): examples/pidcalls.c checks each with getpid() or
+/// a child's pid as fork gave it, and that a gpid of a node that does not
+/// exist is ESRCH everywhere. Before the hooks, every one of them failed
+/// (the kernel does not know a gpid: ESRCH, EPERM for credentials) or
+/// showed a kernel pid.
+#[test]
+fn pid_calls_with_an_agent() {
+    let agent = Agent::start("pidcalls");
+    let prog = example("pidcalls", &agent.dir);
+    let out = run(&mut under_krg(&agent.sock, &prog));
+    let s = stdout(&out);
+    assert!(out.status.success(), "{s}");
+    assert!(s.contains("ok: 0 failure(s)"), "{s}");
+    assert_eq!(stderr(&out), "");
+    let me = val(&s, "pid ");
+    assert!(gpid::is_gpid(me), "{s}");
+    // The child's gpid was asked of the agent (it may not run here), the
+    // own gpid never.
+    let asked: Vec<String> = agent
+        .requests()
+        .into_iter()
+        .filter(|(_, r)| r.starts_with("ResolveRunning"))
+        .map(|(_, r)| r)
+        .collect();
+    assert!(asked.len() >= 10, "{asked:?}");
+    assert!(
+        !asked.iter().any(|r| r.contains(&format!("gpid: {me} "))),
+        "the own gpid needs no agent call: {asked:?}"
+    );
+    // Without the library: the same checks on kernel pids.
+    let out = run(&mut Command::new(&prog));
+    assert!(stdout(&out).contains("ok: 0 failure(s)"));
+}
+
+/// nginx, unless it is not installed (scripts/test installs it).
+fn nginx() -> PathBuf {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("nginx is not installed: scripts/test installs it (apt-get install nginx)")
+}
+
+/// A child killed and reaped when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One HTTP GET of `/` on the loopback port: the response's body.
+fn http_get(port: u16) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut r = String::new();
+    s.read_to_string(&mut r)?;
+    Ok(r.split_once("\r\n\r\n")
+        .map_or(r.clone(), |(_, b)| b.to_string()))
+}
+
+/// nginx with `master_process on` (its default): the master gives each
+/// worker's channel itself as owner, `fcntl(F_SETOWN, getpid())`. With the
+/// gpid the kernel said ESRCH and no worker started ("fcntl(F_SETOWN)
+/// failed while spawning "worker process" (3: No such process)").
+#[test]
+fn nginx_master_process_starts_its_workers() {
+    let nginx = nginx();
+    let agent = Agent::start("nginx");
+    let d = agent.dir.join("nginx");
+    std::fs::create_dir_all(&d).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let p = |f: &str| d.join(f).display().to_string();
+    let conf = format!(
+        r#"
+daemon off;
+master_process on;
+worker_processes 2;
+# Workers as the test's user: they reach the agent's socket in the test's
+# directory whatever its permissions (ignored, with a warning, unless root).
+user root;
+pid {pid};
+error_log {log} info;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {t}/body;
+    proxy_temp_path {t}/proxy;
+    fastcgi_temp_path {t}/fastcgi;
+    uwsgi_temp_path {t}/uwsgi;
+    scgi_temp_path {t}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 200 "worker $pid\n"; }}
+    }}
+}}
+"#,
+        pid = p("nginx.pid"),
+        log = p("error.log"),
+        t = d.display(),
+    );
+    std::fs::write(d.join("nginx.conf"), conf).unwrap();
+    let args = ["-p", &p(""), "-c", &p("nginx.conf"), "-e", &p("error.log")];
+    let mut master = Reaped(
+        under_krg(&agent.sock, &nginx)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx"),
+    );
+    let log = || std::fs::read_to_string(d.join("error.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        if let Ok(b) = http_get(port) {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline && master.0.try_wait().unwrap().is_none(),
+            "nginx does not answer on port {port}:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let worker = val(&body, "worker ");
+    assert!(gpid::is_gpid(worker), "{body}");
+    assert_eq!(gpid::node_of(worker), Some(NODE));
+    let l = log();
+    assert!(!l.contains("failed"), "{l}");
+    assert_eq!(l.matches("start worker process ").count(), 2, "{l}");
+    // `nginx -s quit` signals the master by the gpid in its pid file.
+    let master_pid: i32 = std::fs::read_to_string(d.join("nginx.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(gpid::is_gpid(master_pid));
+    let out = run(under_krg(&agent.sock, &nginx)
+        .args(args)
+        .args(["-s", "quit"]));
+    assert!(out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        if let Some(st) = master.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "nginx did not quit:\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(st.success(), "{st}:\n{}", log());
+    assert_eq!(log().matches("exited with code 0").count(), 2, "{}", log());
+}
+
 /// A program whose malloc is jemalloc and whose library allocates in its
 /// constructor, before libkrg.so's constructor ran: jemalloc's
 /// initialisation calls readlink (a hook) with its init lock held. Before,

@@ -36,6 +36,15 @@
 //!    the expansion: there is no silent fallback. `enter` initialises the
 //!    library first if needed, so no hook decides before the mode is known.
 //!
+//! A hot function most of whose calls are none of krg's business (`fcntl`,
+//! `ioctl`, `getsockopt`, `sendmsg`, `recvmsg`) names those it may act on
+//! with `only_if => <test of its arguments>` before its `krg` arm: a call
+//! that fails the test goes to `real` at once, before step 3. There is no
+//! decision to make for it (every mode would call `real` with the same
+//! arguments), so it costs the test and nothing else: no thread-local
+//! read (a `__tls_get_addr` call in a shared library), no mode, no trace
+//! line.
+//!
 //! Nothing here allocates; the profile aborts on panic and no code path here
 //! can panic, so nothing unwinds into C.
 
@@ -60,6 +69,7 @@ pub fn next(slot: &AtomicPtr<c_void>, name: &CStr) -> *mut c_void {
 }
 
 #[cold]
+#[inline(never)]
 fn resolve(slot: &AtomicPtr<c_void>, name: &CStr) -> *mut c_void {
     // SAFETY: dlsym with the RTLD_NEXT pseudo-handle and a NUL-terminated
     // name. It is called from code inside libkrg.so, so "next" means the
@@ -106,10 +116,20 @@ macro_rules! hooks {
     (@fnty ($($ty:ty),*) ($($vty:ty),+) $ret:ty) => {
         unsafe extern "C" fn($($ty,)* ...) -> $ret
     };
+    // The body of a hook, inlined unless it has an `only_if` test.
+    (@apart () $f:item) => {
+        #[inline(always)]
+        $f
+    };
+    (@apart ($only:expr) $f:item) => {
+        #[inline(never)]
+        $f
+    };
     ($(
         $(#[doc = $doc:literal])*
         fn $name:ident($($arg:ident: $ty:ty),* $(; ...$($varg:ident: $vty:ty),+)? $(,)?) -> $ret:ty {
             missing => $missing:expr,
+            $(only_if => $only:expr,)?
             krg($real:ident) => $body:expr $(,)?
         }
     )*) => {
@@ -150,29 +170,44 @@ macro_rules! hooks {
                 if p.is_null() {
                     return $missing;
                 }
+                type Real = $crate::hook::hooks!(@fnty ($($ty),*) ($($($vty),+)?) $ret);
                 // SAFETY: p is the address dlsym(RTLD_NEXT) returned for this
                 // very libc function, whose C type is this hook's signature.
-                let f = unsafe {
-                    std::mem::transmute::<*mut std::ffi::c_void, $crate::hook::hooks!(@fnty ($($ty),*) ($($($vty),+)?) $ret)>(p)
-                };
-                #[allow(unused_variables)]
-                let $real = move |$($arg: $ty,)* $($($varg: $vty),+)?| -> $ret {
-                    // SAFETY: the real function gets the arguments the C
-                    // caller passed to this hook, or kernel pids and paths
-                    // translated from them; their validity is the caller's
-                    // contract, exactly as for a direct call to libc.
-                    unsafe { f($($arg,)* $($($varg),+)?) }
-                };
-                let entry = libkrg::rt::enter();
-                if libkrg::log::enabled(libkrg::log::Level::Trace) {
-                    $crate::hook::trace(stringify!($name), entry, format_args!(
-                        concat!("(" $(, " ", stringify!($arg), "={", stringify!($arg), ":?}")* $($(, " ", stringify!($varg), "={", stringify!($varg), ":?}")+)?, " )") $(, $arg = $arg)* $($(, $varg = $varg)+)?
-                    ));
+                let f = unsafe { std::mem::transmute::<*mut std::ffi::c_void, Real>(p) };
+                // `only_if`: a call krg has nothing to do with goes to libc
+                // before `enter` (constant false without the clause).
+                #[allow(clippy::nonminimal_bool)]
+                let not_ours = false $(|| !($only))?;
+                if not_ours {
+                    // SAFETY: the C caller's own arguments, untouched.
+                    return unsafe { f($($arg,)* $($($varg),+)?) };
                 }
-                match entry {
-                    libkrg::rt::Entry::Krg => $body,
-                    libkrg::rt::Entry::PassThrough(_why) => $real($($arg,)* $($($varg),+)?),
+                // The rest of the hook: kept apart (not inlined) when
+                // `only_if` may send calls to libc, so that those pay for
+                // no stack frame of it.
+                $crate::hook::hooks! { @apart ($($only)?)
+                fn hooked(f: Real, $($arg: $ty,)* $($($varg: $vty),+)?) -> $ret {
+                    #[allow(unused_variables)]
+                    let $real = move |$($arg: $ty,)* $($($varg: $vty),+)?| -> $ret {
+                        // SAFETY: the real function gets the arguments the C
+                        // caller passed to this hook, or kernel pids and paths
+                        // translated from them; their validity is the caller's
+                        // contract, exactly as for a direct call to libc.
+                        unsafe { f($($arg,)* $($($varg),+)?) }
+                    };
+                    let entry = libkrg::rt::enter();
+                    if libkrg::log::enabled(libkrg::log::Level::Trace) {
+                        $crate::hook::trace(stringify!($name), entry, format_args!(
+                            concat!("(" $(, " ", stringify!($arg), "={", stringify!($arg), ":?}")* $($(, " ", stringify!($varg), "={", stringify!($varg), ":?}")+)?, " )") $(, $arg = $arg)* $($(, $varg = $varg)+)?
+                        ));
+                    }
+                    match entry {
+                        libkrg::rt::Entry::Krg => $body,
+                        libkrg::rt::Entry::PassThrough(_why) => $real($($arg,)* $($($varg),+)?),
+                    }
                 }
+                }
+                hooked(f, $($arg,)* $($($varg),+)?)
             }
         )*
     };

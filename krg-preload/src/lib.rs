@@ -2,8 +2,9 @@
 //!
 //! Thin by design: each hook resolves the next definition of its libc
 //! function, lets [`libkrg::rt::enter`] decide between the SSI semantics and
-//! plain pass-through, and delegates to [`libkrg::processes`] (pids) or
-//! [`libkrg::procfs`] (`/proc/<gpid>` paths). The only code
+//! plain pass-through, and delegates to [`libkrg::processes`] (pids),
+//! [`libkrg::pidcalls`] (pids in other calls) or [`libkrg::procfs`]
+//! (`/proc/<gpid>` paths). The only code
 //! here is argument plumbing (status and siginfo pointers) and the vfork
 //! trampoline. See `docs/architecture/preload.md`.
 
@@ -12,12 +13,13 @@ mod vfork;
 
 use hook::{enosys, hooks};
 use libc::{
-    c_char, c_int, c_uint, c_void, id_t, idtype_t, key_t, mode_t, off_t, pid_t,
+    __priority_which_t, __rlimit_resource_t, c_char, c_int, c_uint, c_ulong, c_void, cpu_set_t,
+    id_t, idtype_t, iovec, key_t, mmsghdr, mode_t, msghdr, off_t, pid_t,
     posix_spawn_file_actions_t, posix_spawnattr_t, pthread_barrier_t, pthread_cond_t,
-    pthread_mutex_t, rusage, sem_t, sembuf, shmid_ds, siginfo_t, sigval, size_t, sockaddr,
-    socklen_t, ssize_t, termios, timespec, winsize, DIR, FILE,
+    pthread_mutex_t, rlimit, rlimit64, rusage, sched_param, sem_t, sembuf, shmid_ds, siginfo_t,
+    sigval, size_t, sockaddr, socklen_t, ssize_t, termios, timespec, winsize, DIR, FILE,
 };
-use libkrg::{dsm, processes, procfs, streams, sync};
+use libkrg::{dsm, pidcalls, processes, procfs, streams, sync};
 use std::ffi::CStr;
 use std::mem::size_of;
 
@@ -360,6 +362,221 @@ hooks! {
     fn tcgetsid(fd: c_int) -> pid_t {
         missing => enosys(),
         krg(real) => processes::tcgetsid(|| real(fd)),
+    }
+
+    /// `fcntl(fd, cmd, ...)`: the pid of `F_SETOWN`, `F_GETOWN`,
+    /// `F_SETOWN_EX`, `F_GETOWN_EX` and `F_GETLK` (see
+    /// `libkrg::pidcalls`); any other command costs one bit test and goes
+    /// to libc without entering krg.
+    fn fcntl(fd: c_int, cmd: c_int; ...arg: usize) -> c_int {
+        missing => enosys(),
+        only_if => pidcalls::fcntl_may_carry_pid(cmd),
+        // SAFETY: arg is what the caller passed for cmd, per fcntl(2).
+        krg(real) => unsafe { pidcalls::fcntl(cmd, arg, |c, a| real(fd, c, a)) },
+    }
+
+    /// `fcntl64` (glibc 2.28; what `fcntl` is with `_FILE_OFFSET_BITS=64`,
+    /// e.g. nginx): as `fcntl`.
+    fn fcntl64(fd: c_int, cmd: c_int; ...arg: usize) -> c_int {
+        missing => enosys(),
+        only_if => pidcalls::fcntl_may_carry_pid(cmd),
+        // SAFETY: as fcntl.
+        krg(real) => unsafe { pidcalls::fcntl(cmd, arg, |c, a| real(fd, c, a)) },
+    }
+
+    /// `__fcntl`, glibc's exported alias of fcntl.
+    fn __fcntl(fd: c_int, cmd: c_int; ...arg: usize) -> c_int {
+        missing => enosys(),
+        only_if => pidcalls::fcntl_may_carry_pid(cmd),
+        // SAFETY: as fcntl.
+        krg(real) => unsafe { pidcalls::fcntl(cmd, arg, |c, a| real(fd, c, a)) },
+    }
+
+    /// `ioctl(fd, req, ...)`: the pid of `FIOSETOWN`, `SIOCSPGRP`,
+    /// `FIOGETOWN`, `SIOCGPGRP`, `TIOCSPGRP`, `TIOCGPGRP`, `TIOCGSID`; any
+    /// other request costs one bit test.
+    fn ioctl(fd: c_int, req: c_ulong; ...arg: usize) -> c_int {
+        missing => enosys(),
+        only_if => pidcalls::ioctl_may_carry_pid(req),
+        // SAFETY: arg is what the caller passed for req, per ioctl(2).
+        krg(real) => unsafe { pidcalls::ioctl(req, arg, |a| real(fd, req, a)) },
+    }
+
+    /// `getpriority(which, who)` with gpids (`PRIO_PROCESS`, `PRIO_PGRP`).
+    fn getpriority(which: __priority_which_t, who: id_t) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::priority(which, who, |w| real(which, w)),
+    }
+
+    /// `setpriority(which, who, prio)` with gpids.
+    fn setpriority(which: __priority_which_t, who: id_t, prio: c_int) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::priority(which, who, |w| real(which, w, prio)),
+    }
+
+    /// `sched_setaffinity(pid, size, mask)` with a gpid of this node.
+    fn sched_setaffinity(pid: pid_t, size: size_t, mask: *const cpu_set_t) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, |k| real(k, size, mask)),
+    }
+
+    /// `sched_getaffinity(pid, size, mask)` with a gpid of this node.
+    fn sched_getaffinity(pid: pid_t, size: size_t, mask: *mut cpu_set_t) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, |k| real(k, size, mask)),
+    }
+
+    /// `sched_setscheduler(pid, policy, param)` with a gpid of this node.
+    fn sched_setscheduler(pid: pid_t, policy: c_int, param: *const sched_param) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, |k| real(k, policy, param)),
+    }
+
+    /// `__sched_setscheduler`, glibc's exported alias.
+    fn __sched_setscheduler(pid: pid_t, policy: c_int, param: *const sched_param) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, |k| real(k, policy, param)),
+    }
+
+    /// `sched_getscheduler(pid)` with a gpid of this node.
+    fn sched_getscheduler(pid: pid_t) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, real),
+    }
+
+    /// `__sched_getscheduler`, glibc's exported alias.
+    fn __sched_getscheduler(pid: pid_t) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, real),
+    }
+
+    /// `sched_setparam(pid, param)` with a gpid of this node.
+    fn sched_setparam(pid: pid_t, param: *const sched_param) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, |k| real(k, param)),
+    }
+
+    /// `sched_getparam(pid, param)` with a gpid of this node.
+    fn sched_getparam(pid: pid_t, param: *mut sched_param) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, |k| real(k, param)),
+    }
+
+    /// `__sched_getparam`, glibc's exported alias.
+    fn __sched_getparam(pid: pid_t, param: *mut sched_param) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, |k| real(k, param)),
+    }
+
+    /// `sched_rr_get_interval(pid, tp)` with a gpid of this node.
+    fn sched_rr_get_interval(pid: pid_t, tp: *mut timespec) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, |k| real(k, tp)),
+    }
+
+    /// `prlimit(pid, resource, new, old)` with a gpid of this node.
+    fn prlimit(pid: pid_t, resource: __rlimit_resource_t, new: *const rlimit, old: *mut rlimit) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, |k| real(k, resource, new, old)),
+    }
+
+    /// `prlimit64`: as prlimit.
+    fn prlimit64(pid: pid_t, resource: __rlimit_resource_t, new: *const rlimit64, old: *mut rlimit64) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, |k| real(k, resource, new, old)),
+    }
+
+    /// `process_vm_readv(pid, ...)` with a gpid of this node.
+    fn process_vm_readv(
+        pid: pid_t,
+        local: *const iovec,
+        nlocal: c_ulong,
+        remote: *const iovec,
+        nremote: c_ulong,
+        flags: c_ulong,
+    ) -> ssize_t {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, |k| real(k, local, nlocal, remote, nremote, flags)),
+    }
+
+    /// `process_vm_writev(pid, ...)` with a gpid of this node.
+    fn process_vm_writev(
+        pid: pid_t,
+        local: *const iovec,
+        nlocal: c_ulong,
+        remote: *const iovec,
+        nremote: c_ulong,
+        flags: c_ulong,
+    ) -> ssize_t {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(pid, |k| real(k, local, nlocal, remote, nremote, flags)),
+    }
+
+    /// `tgkill(tgid, tid, sig)`: the thread group may be named by its gpid
+    /// (`tid` is a kernel thread id, as `gettid` gives).
+    fn tgkill(tgid: pid_t, tid: pid_t, sig: c_int) -> c_int {
+        missing => enosys(),
+        krg(real) => pidcalls::on_process(tgid, |k| real(k, tid, sig)),
+    }
+
+    /// `capget(hdr, data)`: the header's pid may be a gpid of this node.
+    fn capget(hdr: *mut c_void, data: *mut c_void) -> c_int {
+        missing => enosys(),
+        // SAFETY: hdr is the caller's header, per capget(2).
+        krg(real) => unsafe { pidcalls::capabilities(hdr, |h| real(h, data)) },
+    }
+
+    /// `capset(hdr, data)`: as capget.
+    fn capset(hdr: *mut c_void, data: *const c_void) -> c_int {
+        missing => enosys(),
+        // SAFETY: as capget.
+        krg(real) => unsafe { pidcalls::capabilities(hdr, |h| real(h, data)) },
+    }
+
+    /// `getsockopt`: `SO_PEERCRED`'s pid is a gpid; any other option costs
+    /// two comparisons.
+    fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int {
+        missing => enosys(),
+        only_if => pidcalls::is_peercred(level, name),
+        // SAFETY: val and len are the caller's, per getsockopt(2).
+        krg(real) => unsafe { pidcalls::getsockopt(level, name, val, len, || real(fd, level, name, val, len)) },
+    }
+
+    /// `sendmsg`: `SCM_CREDENTIALS` may carry the sender's gpid (a message
+    /// without control data costs one comparison).
+    fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+        missing => enosys(),
+        // Read only once the library is active (with KRG_DISABLE=1 a bad
+        // pointer must get libc's EFAULT, not a crash here).
+        // SAFETY: msg is null or the caller's valid message, per sendmsg(2).
+        only_if => libkrg::rt::active() && unsafe { pidcalls::sends_gpid_creds(msg) },
+        // SAFETY: msg is the caller's, per sendmsg(2).
+        krg(real) => unsafe { pidcalls::sendmsg(msg, |m| real(fd, m, flags)) },
+    }
+
+    /// `sendmmsg`: as sendmsg, for each message.
+    fn sendmmsg(fd: c_int, msgs: *mut mmsghdr, n: c_uint, flags: c_int) -> c_int {
+        missing => enosys(),
+        // SAFETY: msgs is the caller's array of n entries, per sendmmsg(2).
+        krg(real) => unsafe { pidcalls::sendmmsg(msgs, n, |m, c| real(fd, m, c, flags)) },
+    }
+
+    /// `recvmsg`: received `SCM_CREDENTIALS` show gpids (a message without
+    /// a control buffer costs one comparison).
+    fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+        missing => enosys(),
+        // Read only once the library is active (as sendmsg).
+        // SAFETY: msg is null or the caller's valid message, per recvmsg(2).
+        only_if => libkrg::rt::active() && unsafe { pidcalls::has_control(msg) },
+        // SAFETY: msg is the caller's, per recvmsg(2).
+        krg(real) => unsafe { pidcalls::recvmsg(msg, || real(fd, msg, flags)) },
+    }
+
+    /// `recvmmsg`: as recvmsg, for each message.
+    fn recvmmsg(fd: c_int, msgs: *mut mmsghdr, n: c_uint, flags: c_int, timeout: *mut timespec) -> c_int {
+        missing => enosys(),
+        // SAFETY: msgs is the caller's array of n entries, per recvmmsg(2).
+        krg(real) => unsafe { pidcalls::recvmmsg(msgs, || real(fd, msgs, n, flags, timeout)) },
     }
 
     /// `open(path, flags, ...)`: `/proc/<gpid>` paths translated; a FIFO may
@@ -716,10 +933,18 @@ hooks! {
         krg(real) => streams::accept(fd, addr, len, |a, l| real(fd, a, l, flags)),
     }
 
-    /// `getsockname`: a loopback server shows the loopback address.
+    /// `getsockname`: a loopback server, and either end of a connection
+    /// made through the cluster-wide loopback, show the loopback address.
     fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
         missing => enosys(),
         krg(real) => streams::getsockname(fd, addr, len, real),
+    }
+
+    /// `getpeername`: either end of a connection made through the
+    /// cluster-wide loopback shows the loopback address.
+    fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+        missing => enosys(),
+        krg(real) => streams::getpeername(fd, addr, len, real),
     }
 
     /// `semget`: a cluster-wide System V semaphore set (capability `dsm`).

@@ -430,6 +430,7 @@ mod tests {
             Request::Ensure { kpid: 1234 },
             Request::Translate { kpid: 77 },
             Request::Resolve { gpid: 1 << 22 | 5 },
+            Request::ResolveRunning { gpid: 2 << 22 | 6 },
             Request::Kill {
                 pid: -(1 << 22 | 9),
                 sig: 15,

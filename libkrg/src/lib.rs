@@ -16,6 +16,7 @@ pub mod frame;
 pub mod gpid;
 pub mod hookclient;
 pub mod log;
+pub mod pidcalls;
 pub mod processes;
 pub mod procfs;
 pub mod proto;

@@ -313,7 +313,7 @@ fn group_to_global_uncached(k: pid_t) -> pid_t {
 }
 
 /// A process group id (kernel) → gpid.
-fn group_to_global(kpg: pid_t) -> pid_t {
+pub(crate) fn group_to_global(kpg: pid_t) -> pid_t {
     if kpg > 0 && kpg == sys_getpgid(0) {
         group_to_global_cached(&PGID, kpg)
     } else {
@@ -322,7 +322,7 @@ fn group_to_global(kpg: pid_t) -> pid_t {
 }
 
 /// A session id (kernel) → gpid.
-fn session_to_global(ksid: pid_t) -> pid_t {
+pub(crate) fn session_to_global(ksid: pid_t) -> pid_t {
     if ksid > 0 && ksid == sys_getsid(0) {
         group_to_global_cached(&SID, ksid)
     } else {
@@ -357,6 +357,30 @@ pub fn to_kernel(g: pid_t) -> Result<pid_t, c_int> {
         Ok(k) if k > 0 && !is_gpid(k) => Ok(k),
         Ok(_) => Err(libc::ESRCH),
         Err(e) => Err(e.errno()),
+    }
+}
+
+/// gpid → local kernel pid of a process whose program runs on this node
+/// (kernel pids, 0 and negative values pass through): for calls on the
+/// process's own state (priority, affinity, limits, memory), which must
+/// reach the program itself. Unlike [`to_kernel`] it never gives a shadow
+/// standing here for a program that runs elsewhere, nor trusts the
+/// children table (a child's program may have been placed on another node
+/// at its exec): every gpid but the own one is asked (`ResolveRunning`).
+pub fn to_kernel_running(g: pid_t) -> Result<pid_t, c_int> {
+    if !is_gpid(g) {
+        return Ok(g);
+    }
+    if g == MY_GPID.load(Ordering::Acquire) {
+        return Ok(my_kpid());
+    }
+    match ask_pid(&Request::ResolveRunning { gpid: g }) {
+        Ok(k) if k > 0 && !is_gpid(k) => Ok(k),
+        Ok(_) => Err(libc::ESRCH),
+        Err(e) => {
+            krg_log!(log::Level::Debug, "pid {g} does not run here: {e}");
+            Err(e.errno())
+        }
     }
 }
 
@@ -487,7 +511,7 @@ pub fn tcgetsid(real: impl FnOnce() -> pid_t) -> pid_t {
 // ---------------------------------------------------------------------------
 // Signals
 
-fn fail(errno: c_int) -> c_int {
+pub(crate) fn fail(errno: c_int) -> c_int {
     set_errno(errno);
     -1
 }

@@ -9,7 +9,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Bumped whenever a message changes incompatibly.
-pub const PROTO_VERSION: u32 = 7;
+pub const PROTO_VERSION: u32 = 8;
 
 /// A request to the local agent. The caller's pid, uid and gid come from
 /// `SO_PEERCRED`, never from the message.
@@ -218,8 +218,17 @@ pub enum Request {
     /// `Ok`.
     PortBind { port: u16, reuse: bool },
     /// Where a connection to the loopback or wildcard address with TCP port
-    /// `port` must go. Answered with `PortOwner`.
-    PortOwner { port: u16 },
+    /// `port` must go. Answered with `PortOwner`. `from`: the caller's
+    /// socket is bound to that local port and connects to `port` at the
+    /// loopback (`::1` if `v6`): when the port is held on another node, that
+    /// node is told first, so that the server sees the loopback as its peer
+    /// (`LoopbackPeer`), as on one machine. 0: nothing to tell.
+    PortOwner { port: u16, from: u16, v6: bool },
+    /// From a server that accepted a connection on TCP port `port` from
+    /// `ip:from` (another node's address): did the client connect to the
+    /// loopback (it then sees `127.0.0.1`, or `::1`)? Answered with
+    /// `LoopbackPeer`.
+    LoopbackPeer { ip: [u8; 4], from: u16, port: u16 },
     /// The IPv4 address of every node up. Answered with `NodeAddrs`.
     NodeAddrs,
     /// From a process being captured for migration: its TCP connections
@@ -239,6 +248,17 @@ pub enum Request {
         unix: Vec<u64>,
         optional: Vec<bool>,
     },
+    /// From a process that has just migrated to `node`, about its listening
+    /// TCP socket parked here as `id` during the move: connections that
+    /// still come to it here are passed on to `node`, where the process
+    /// listens on the same port now, for as long as it does. Answered with
+    /// `Ok`.
+    ForwardParked { id: i32, node: u32 },
+    /// From a process listening again on TCP `port` on this node (restored
+    /// here): the listener this agent kept for it when it moved away, with
+    /// the connections waiting in its queue, if any (`StreamFd`, then one
+    /// descriptor; `Ok` when there is none: it makes a new socket).
+    TakeForwarded { port: u16 },
     /// From a process about to be captured (migration or checkpoint): which
     /// of these does another process of this node hold too? `links`: fd
     /// links of pipes and socketpairs both of whose ends are the caller's
@@ -291,8 +311,10 @@ pub enum Request {
     /// From a process being checkpointed with `--kill`: keep its fd `fd`
     /// (a connection, a listener, a pipe to another process) open in the
     /// agent until the image is restarted, so that the other end waits
-    /// instead of seeing it closed. Answered with `Id` (the park).
-    Park { fd: i32 },
+    /// instead of seeing it closed. From a migrating process (`moving`):
+    /// its listening TCP socket, kept while it moves (its port is then free
+    /// for its new node; see `ForwardParked`). Answered with `Id` (the park).
+    Park { fd: i32, moving: bool },
     /// From a restorer: the fd parked as `id` on this node, taken back
     /// (`StreamFd`, then one descriptor; a checkpoint that failed takes
     /// its parks back and closes them). Only its owner (or root) may.
@@ -338,6 +360,11 @@ pub enum Request {
     /// itself. Answered with `StreamFd` and one descriptor. `pair`: a
     /// seqpacket socket's (as for `StreamAttach`).
     UnixTake { id: u64, pair: Option<(i32, i32)> },
+    /// The local kernel pid of a gpid whose program runs on this node: as
+    /// `Resolve`, but `ESRCH` for a shadow standing here for a program that
+    /// runs elsewhere (a call on the process's own state, its priority,
+    /// limits or memory, must reach the program, never its shadow).
+    ResolveRunning { gpid: i32 },
 }
 
 /// A System V semaphore set as `semctl(IPC_STAT)` shows it.
@@ -509,6 +536,13 @@ pub enum StreamPeer {
     /// hands over what it still had and closes its end: a pipe read here
     /// is read to its end, not just what is in it now.
     Relayed { id: u64, node: u32 },
+    /// A TCP connection whose other end cannot take part (a process
+    /// outside krg or the cluster, several processes, or none: a client
+    /// that closed): the mover's node's agent keeps the connection itself
+    /// and relays it, as stream `id`, to the mover's new end. The mover
+    /// takes what is queued for it without shutting anything down (the
+    /// connection goes on).
+    Kept { id: u64, node: u32 },
     /// No other process holds it (a pipe whose other end is closed).
     Nobody,
     /// It cannot take part (an optional stream only): why.
@@ -663,6 +697,9 @@ pub enum Response {
     /// that node's address, or `None` when it is this node or nobody (the
     /// connection stays on this node).
     PortOwner(Option<(u32, [u8; 4])>),
+    /// Answer to `LoopbackPeer`: `None` (not a loopback connection), or
+    /// whether the client asked for `::1` (else `127.0.0.1`).
+    LoopbackPeer(Option<bool>),
     /// Answer to `NodeAddrs`: `(node, IPv4 address)` of every node up.
     NodeAddrs(Vec<(u32, [u8; 4])>),
     /// Answer to `StreamFreeze`: what became of each stream, in the order

@@ -126,6 +126,13 @@ pub fn mode() -> Mode {
     Mode::from_u8(STATE.load(Ordering::Acquire))
 }
 
+/// Whether this process is an SSI process (one atomic load; no
+/// initialisation).
+#[inline]
+pub fn active() -> bool {
+    mode() == Mode::Active
+}
+
 /// Whether the current thread is inside krg.
 pub fn in_krg() -> bool {
     IN_KRG.get()

@@ -119,6 +119,9 @@ pub struct Agent {
     unix: unix::UnixNames,
     /// Fds kept open for checkpointed processes (see `parked`).
     parked: parked::Parked,
+    /// Listeners kept for processes that moved away, by port: how to ask
+    /// each forwarder for its listener back (`agent::parked`).
+    forwarders: std::sync::Mutex<HashMap<u16, tokio::sync::oneshot::Sender<parked::Giver>>>,
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -156,6 +159,7 @@ impl Agent {
             fifos: fifo::Fifos::default(),
             unix: unix::UnixNames::default(),
             parked: parked::Parked::default(),
+            forwarders: Default::default(),
             cpus,
             cfg,
         })
@@ -702,6 +706,10 @@ impl Agent {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
             },
+            Request::TakeForwarded { port } => match self.take_forwarded(port).await {
+                Ok(r) => r,
+                Err(e) => (Response::Err(e), Vec::new()),
+            },
             Request::Unpark { id } => match self.unpark(who, id) {
                 Ok(r) => r,
                 Err(e) => (Response::Err(e), Vec::new()),
@@ -870,7 +878,10 @@ impl Agent {
                 set,
             } => self.sem_ctl(who, semid, num, cmd, val, array, set).await,
             Request::PortBind { port, reuse } => self.port_bind(who, port, reuse).await,
-            Request::PortOwner { port } => self.port_owner(port).await,
+            Request::PortOwner { port, from, v6 } => self.port_owner(port, from, v6).await,
+            Request::LoopbackPeer { ip, from, port } => {
+                Ok(Response::LoopbackPeer(self.loopback_peer(ip, from, port)))
+            }
             Request::NodeAddrs => Ok(self.node_addrs()),
             Request::StreamFreeze {
                 conns,
@@ -890,13 +901,15 @@ impl Agent {
                 wr_shut,
                 pair,
             } => self.stream_drained(who, id, pending, wr_shut, pair),
-            Request::Park { fd } => self.park(who, fd),
+            Request::Park { fd, moving } => self.park(who, fd, moving),
+            Request::ForwardParked { id, node } => self.forward_parked(who, id, node),
             Request::FifoStand { path, dev, ino } => {
                 self.fifo_stand(who.pid, fifo::FifoKey { path, dev, ino })
                     .await
             }
             Request::StreamAwait { .. }
             | Request::Unpark { .. }
+            | Request::TakeForwarded { .. }
             | Request::StreamAttach { .. }
             | Request::FifoOpen { .. }
             | Request::UnixListen { .. }
@@ -944,6 +957,9 @@ impl Agent {
                     )
                 })?;
                 Ok(Response::Pid(k))
+            }
+            Request::ResolveRunning { gpid: g } => {
+                Ok(Response::Pid(self.procs().resolve_running(g)?))
             }
             Request::Kill { pid, sig } => {
                 if !(0..=64).contains(&sig) {
@@ -1229,6 +1245,10 @@ impl Peer for PeerServer {
 
     async fn port_probe(self, _: context::Context, port: u16, reuse: bool) -> bool {
         self.0.port_probe(port, reuse).await
+    }
+
+    async fn loopback_peer(self, _: context::Context, ip: [u8; 4], from: u16, port: u16, v6: bool) {
+        self.0.note_loopback_peer(ip, from, port, v6);
     }
 
     async fn stream_hold(

@@ -12,21 +12,64 @@ use super::{err, Agent, Caller};
 use libkrg::proto::{ErrorReply, Response};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-/// The parks of this node: id -> (owner uid, the fd).
+/// One park: owner uid, the fd, the TCP port of a migrating process's
+/// listener.
+type Park = (u32, OwnedFd, Option<u16>);
+
+/// The parks of this node, by id.
 #[derive(Debug, Default)]
-pub struct Parked(Mutex<HashMap<i32, (u32, OwnedFd)>>);
+pub struct Parked(Mutex<HashMap<i32, Park>>);
 
 impl Parked {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<i32, (u32, OwnedFd)>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Park>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
+/// The port of listening TCP socket `fd`.
+fn listening_port(fd: &OwnedFd) -> Option<u16> {
+    let s = socket2::SockRef::from(fd);
+    if !s.is_listener().ok()? || s.r#type().ok()? != socket2::Type::STREAM {
+        return None;
+    }
+    s.local_addr().ok()?.as_socket().map(|a| a.port())
+}
+
+/// How long a passed-on connection waits for the process to listen on its
+/// new node (it restores meanwhile).
+const FORWARD_CONNECT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Where a forwarder gives its listener back.
+pub type Giver = tokio::sync::oneshot::Sender<OwnedFd>;
+
+/// Connection `c` (from `from`) that came to a kept listener, passed on to
+/// `to` (retried while the process is still being restored there).
+async fn pass_on(
+    mut c: tokio::net::TcpStream,
+    from: std::net::SocketAddr,
+    to: std::net::SocketAddr,
+    port: u16,
+) {
+    let deadline = tokio::time::Instant::now() + FORWARD_CONNECT;
+    let mut s = loop {
+        match tokio::net::TcpStream::connect(to).await {
+            Ok(s) => break s,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                tracing::warn!("port {port}: passing on {from}: {e}");
+                return;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+}
+
 impl Agent {
-    /// `Park`: keep a copy of the caller's fd `fd` until `Unpark`.
-    pub(super) fn park(&self, who: Caller, fd: i32) -> Result<Response, ErrorReply> {
+    /// `Park`: keep a copy of the caller's fd `fd` until `Unpark` (or, for
+    /// a migrating process's listener, `ForwardParked`).
+    pub(super) fn park(&self, who: Caller, fd: i32, moving: bool) -> Result<Response, ErrorReply> {
         if who.pid <= 0 {
             return Err(err(
                 libc::EPERM,
@@ -39,6 +82,26 @@ impl Agent {
                 format!("parking fd {fd} of kernel pid {}: {}", who.pid, e.msg),
             )
         })?;
+        let port = if moving {
+            let p = listening_port(&f).ok_or_else(|| {
+                err(
+                    libc::EINVAL,
+                    format!(
+                        "parking fd {fd} of kernel pid {}: not a listening TCP socket",
+                        who.pid
+                    ),
+                )
+            })?;
+            // Its process takes the port on its new node.
+            self.ports
+                .forwarding
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p);
+            Some(p)
+        } else {
+            None
+        };
         let mut m = self.parked.map();
         let id = loop {
             let id = (rand::random::<u32>() >> 1) as i32;
@@ -46,20 +109,21 @@ impl Agent {
                 break id;
             }
         };
-        m.insert(id, (who.uid, f));
+        m.insert(id, (who.uid, f, port));
         tracing::info!(
-            "kernel pid {}: fd {fd} parked here as {id} for its restart",
-            who.pid
+            "kernel pid {}: fd {fd} parked here as {id} ({})",
+            who.pid,
+            if moving {
+                "while it moves"
+            } else {
+                "for its restart"
+            }
         );
         Ok(Response::Id(id))
     }
 
-    /// `Unpark`: the fd parked as `id`, to its owner (or root).
-    pub(super) fn unpark(
-        &self,
-        who: Caller,
-        id: i32,
-    ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
+    /// Take park `id` for `who` (its owner, or root).
+    fn take_park(&self, who: Caller, id: i32) -> Result<(OwnedFd, Option<u16>), ErrorReply> {
         let mut m = self.parked.map();
         match m.get(&id) {
             None => Err(err(
@@ -69,14 +133,158 @@ impl Agent {
                     self.node_id()
                 ),
             )),
-            Some((uid, _)) if who.uid != 0 && who.uid != *uid => Err(err(
+            Some((uid, ..)) if who.uid != 0 && who.uid != *uid => Err(err(
                 libc::EPERM,
                 format!("node {}: park {id} is another user's", self.node_id()),
             )),
             Some(_) => {
-                let (_, f) = m.remove(&id).expect("checked above");
-                Ok((Response::StreamFd, vec![f]))
+                let (_, f, port) = m.remove(&id).expect("checked above");
+                Ok((f, port))
             }
         }
+    }
+
+    fn stop_forwarding(&self, port: u16) {
+        self.ports
+            .forwarding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&port);
+    }
+
+    /// `ForwardParked`: the process that parked listener `id` here listens
+    /// on `node` now. Connections that still come here (to this node's
+    /// address, or to the loopback from a client that asked before the
+    /// port moved) are accepted and passed on to wherever the port is held
+    /// now, each over a new connection, until nobody holds it any more, or
+    /// the process comes back and takes its listener here again
+    /// (`TakeForwarded`).
+    pub(super) fn forward_parked(
+        self: &Arc<Self>,
+        who: Caller,
+        id: i32,
+        node: u32,
+    ) -> Result<Response, ErrorReply> {
+        let (f, port) = self.take_park(who, id)?;
+        let Some(port) = port else {
+            return Err(err(
+                libc::EINVAL,
+                format!("park {id} is not a moving process's listener"),
+            ));
+        };
+        let l = std::net::TcpListener::from(f);
+        let l = l
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(l))
+            .map_err(|e| {
+                self.stop_forwarding(port);
+                err(libc::EIO, format!("port {port}: {e}"))
+            })?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.forwarders().insert(port, tx);
+        tracing::info!("port {port}: what still comes here goes on to node {node}");
+        let agent = self.clone();
+        tokio::spawn(async move {
+            agent.forward(l, port, node, rx).await;
+            tracing::info!("port {port}: no longer passed on from here");
+        });
+        Ok(Response::Ok)
+    }
+
+    fn forwarders(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u16, tokio::sync::oneshot::Sender<Giver>>> {
+        self.forwarders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `TakeForwarded` from a process listening again on `port` here (it
+    /// moved back): the listener this agent kept for it, with what waits
+    /// in its queue, instead of a new socket. `Ok` when there is none.
+    pub(super) async fn take_forwarded(
+        &self,
+        port: u16,
+    ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
+        let Some(tx) = self.forwarders().remove(&port) else {
+            return Ok((Response::Ok, Vec::new()));
+        };
+        let (give, got) = tokio::sync::oneshot::channel();
+        if tx.send(give).is_err() {
+            return Ok((Response::Ok, Vec::new()));
+        }
+        match tokio::time::timeout(std::time::Duration::from_secs(5), got).await {
+            Ok(Ok(fd)) => Ok((Response::StreamFd, vec![fd])),
+            _ => Ok((Response::Ok, Vec::new())),
+        }
+    }
+
+    /// Accept on `l` and pass each connection on to the node that holds
+    /// `port` (`node` at first; the port home is asked every 2 s), until
+    /// nobody holds it (once it was seen held, or after a grace period for
+    /// the restore), or `back` asks for the listener.
+    async fn forward(
+        self: &Arc<Self>,
+        l: tokio::net::TcpListener,
+        port: u16,
+        node: u32,
+        mut back: tokio::sync::oneshot::Receiver<Giver>,
+    ) {
+        let start = tokio::time::Instant::now();
+        let mut to = self
+            .node_ipv4(node)
+            .map(|ip| std::net::SocketAddr::from((ip, port)));
+        let mut seen = false;
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                give = &mut back => {
+                    // The process is back on this node: its listener, with
+                    // its queue, is its own again.
+                    self.stop_forwarding(port);
+                    if let (Ok(give), Ok(std)) = (give, l.into_std()) {
+                        let _ = std.set_nonblocking(false);
+                        let _ = give.send(OwnedFd::from(std));
+                    }
+                    return;
+                }
+                a = l.accept() => {
+                    let (Ok((c, from)), Some(to)) = (a, to) else { continue };
+                    tokio::spawn(pass_on(c, from, to, port));
+                }
+                _ = tick.tick() => {
+                    let holder = match self.port_call(super::streams::PortOp::Owner { port }).await {
+                        Ok(Some(n)) if n != self.node_id() => Some(n),
+                        _ => None,
+                    };
+                    let taken = match holder {
+                        Some(n) => self.probe_on(n, port, true).await,
+                        None => false,
+                    };
+                    if taken {
+                        seen = true;
+                        to = holder
+                            .and_then(|n| self.node_ipv4(n))
+                            .map(|ip| std::net::SocketAddr::from((ip, port)));
+                    } else if seen || start.elapsed() > FORWARD_CONNECT {
+                        self.forwarders().remove(&port);
+                        self.stop_forwarding(port);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `Unpark`: the fd parked as `id`, to its owner (or root).
+    pub(super) fn unpark(
+        &self,
+        who: Caller,
+        id: i32,
+    ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
+        let (f, port) = self.take_park(who, id)?;
+        if let Some(p) = port {
+            // A failed move: the process listens here again.
+            self.stop_forwarding(p);
+        }
+        Ok((Response::StreamFd, vec![f]))
     }
 }

@@ -122,6 +122,9 @@ pub trait Peer {
     async fn port_home(op: super::streams::PortOp) -> Result<Option<u32>, ErrorReply>;
     /// Whether a TCP port is bound on the callee (it tries to bind it).
     async fn port_probe(port: u16, reuse: bool) -> bool;
+    /// A client at `ip:from` (the caller's node) is about to connect to
+    /// port `port` held on the callee, at the loopback (`::1` if `v6`).
+    async fn loopback_peer(ip: [u8; 4], from: u16, port: u16, v6: bool);
     /// Freeze the SSI processes holding `ends` on the callee (their other
     /// ends are moving); what became of each. `commit` false only checks
     /// that it could.

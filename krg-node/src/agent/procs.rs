@@ -498,6 +498,20 @@ impl ProcTable {
             .map(|(k, _)| *k)
     }
 
+    /// The kernel pid of a gpid whose program runs here: as `resolve`, but
+    /// never a shadow standing for a program on another node (calls on a
+    /// process's own state must not reach the shadow instead).
+    pub fn resolve_running(&self, g: i32) -> Result<i32, ErrorReply> {
+        if let Some(node) = self.runs_elsewhere(g) {
+            return Err(err(
+                libc::ESRCH,
+                format!("pid {g} runs on node {node}, not on node {}", self.node),
+            ));
+        }
+        self.resolve(g)
+            .ok_or_else(|| err(libc::ESRCH, format!("pid {g}: not on node {}", self.node)))
+    }
+
     pub fn get(&self, g: i32) -> Option<&Proc> {
         self.by_gpid.get(&g)
     }
@@ -759,6 +773,28 @@ mod tests {
         assert_eq!(t.translate(me), Some(g2));
         assert!(t.kill(g2, 0, 0).is_ok());
         assert_eq!(t.kill(g2 + 1, 0, 0).unwrap_err().errno, libc::ESRCH);
+    }
+
+    #[test]
+    fn a_shadow_resolves_but_does_not_resolve_as_running() {
+        let mut t = ProcTable::new(1);
+        let mut shadow = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let sk = shadow.id() as i32;
+        let g = t.register(sk, None).unwrap().gpid;
+        assert_eq!(t.resolve_running(g).unwrap(), sk);
+        t.set_shadow(g, 2);
+        assert_eq!(t.resolve(g), Some(sk), "waits and signals reach the shadow");
+        let e = t.resolve_running(g).unwrap_err();
+        assert_eq!(e.errno, libc::ESRCH);
+        assert!(e.msg.contains("runs on node 2"), "{}", e.msg);
+        t.clear_shadow(g);
+        assert_eq!(t.resolve_running(g).unwrap(), sk);
+        assert_eq!(t.resolve_running(g + 1).unwrap_err().errno, libc::ESRCH);
+        shadow.kill().unwrap();
+        shadow.wait().unwrap();
     }
 
     #[test]

@@ -26,7 +26,23 @@ pub struct Ports {
     /// Ports granted to this node (answers a local connection without
     /// asking the home; dropped when a probe finds the port free here).
     held: std::sync::Mutex<HashSet<u16>>,
+    /// Ports whose listener this agent keeps for a process that moved
+    /// away, passing connections on to it (`agent::parked`): free for that
+    /// process to take on its new node.
+    pub(crate) forwarding: std::sync::Mutex<HashSet<u16>>,
+    /// Clients of other nodes about to connect to a port held here at the
+    /// loopback: (their address, their port) -> (this port, `::1`, when
+    /// told). Taken by the server's `LoopbackPeer`; forgotten after
+    /// [`LOOPBACK_PEER_TTL`].
+    loopback_peers: std::sync::Mutex<HashMap<([u8; 4], u16), LoopbackClient>>,
 }
+
+/// A loopback client of another node: the port it connects to here,
+/// whether it asked for `::1`, when it was told.
+type LoopbackClient = (u16, bool, std::time::Instant);
+
+/// How long a client's loopback connection is remembered for its server.
+const LOOPBACK_PEER_TTL: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// A request to the port home.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -96,7 +112,7 @@ impl Agent {
         }
     }
 
-    fn node_ipv4(&self, node: u32) -> Option<[u8; 4]> {
+    pub(crate) fn node_ipv4(&self, node: u32) -> Option<[u8; 4]> {
         if node == self.node_id() {
             return self.my_ipv4();
         }
@@ -106,7 +122,7 @@ impl Agent {
         }
     }
 
-    async fn port_call(self: &Arc<Self>, op: PortOp) -> Result<Option<u32>, ErrorReply> {
+    pub(crate) async fn port_call(self: &Arc<Self>, op: PortOp) -> Result<Option<u32>, ErrorReply> {
         let home = self.port_home();
         if home == self.node_id() {
             return self.port_home_op(op).await;
@@ -146,7 +162,7 @@ impl Agent {
 
     /// Whether `port` is in use on `node` (asked while deciding a
     /// reservation). An unreachable node holds nothing.
-    async fn probe_on(self: &Arc<Self>, node: u32, port: u16, reuse: bool) -> bool {
+    pub(crate) async fn probe_on(self: &Arc<Self>, node: u32, port: u16, reuse: bool) -> bool {
         if node == self.node_id() {
             return self.port_probe(port, reuse).await;
         }
@@ -163,11 +179,20 @@ impl Agent {
         }
     }
 
-    /// On the holder: is `port` still bound here? Forgets it if not.
+    /// On the holder: is `port` still bound here? Forgets it if not. A
+    /// listener this agent keeps for a process that moved away does not
+    /// count: the process takes the port on its new node.
     pub(crate) async fn port_probe(&self, port: u16, reuse: bool) -> bool {
-        let used = tokio::task::spawn_blocking(move || in_use_here(port, reuse))
-            .await
-            .unwrap_or(true);
+        let forwarded = self
+            .ports
+            .forwarding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&port);
+        let used = !forwarded
+            && tokio::task::spawn_blocking(move || in_use_here(port, reuse))
+                .await
+                .unwrap_or(true);
         if !used {
             self.ports.held().remove(&port);
         }
@@ -189,15 +214,60 @@ impl Agent {
         Ok(Response::Ok)
     }
 
-    pub(crate) async fn port_owner(self: &Arc<Self>, port: u16) -> Result<Response, ErrorReply> {
+    pub(crate) async fn port_owner(
+        self: &Arc<Self>,
+        port: u16,
+        from: u16,
+        v6: bool,
+    ) -> Result<Response, ErrorReply> {
         if self.ports.held().contains(&port) {
             return Ok(Response::PortOwner(None));
         }
         let owner = self.port_call(PortOp::Owner { port }).await?;
-        Ok(Response::PortOwner(match owner {
+        let there = match owner {
             Some(n) if n != self.node_id() => self.node_ipv4(n).map(|a| (n, a)),
             _ => None,
-        }))
+        };
+        if let (Some((n, _)), Some(me), true) = (there, self.my_ipv4(), from != 0) {
+            // Before the client connects: its server then knows it came
+            // to the loopback.
+            if let Ok(c) = self.client(n).await {
+                if let Err(e) = c.loopback_peer(super::ctx(), me, from, port, v6).await {
+                    self.drop_client(n);
+                    tracing::warn!("telling node {n} of a loopback client: {e}");
+                }
+            }
+        }
+        Ok(Response::PortOwner(there))
+    }
+
+    /// A client at `ip:from` will connect to `port` here at the loopback.
+    pub(crate) fn note_loopback_peer(&self, ip: [u8; 4], from: u16, port: u16, v6: bool) {
+        let mut t = self
+            .ports
+            .loopback_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        t.retain(|_, (_, _, at)| now.duration_since(*at) < LOOPBACK_PEER_TTL);
+        t.insert((ip, from), (port, v6, now));
+    }
+
+    /// `LoopbackPeer`: whether the connection from `ip:from` to `port` was
+    /// made to the loopback (and to `::1`).
+    pub(crate) fn loopback_peer(&self, ip: [u8; 4], from: u16, port: u16) -> Option<bool> {
+        let mut t = self
+            .ports
+            .loopback_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match t.get(&(ip, from)) {
+            Some(&(p, v6, at)) if p == port && at.elapsed() < LOOPBACK_PEER_TTL => {
+                t.remove(&(ip, from));
+                Some(v6)
+            }
+            _ => None,
+        }
     }
 
     pub(crate) fn node_addrs(&self) -> Response {
@@ -413,6 +483,46 @@ fn tcp_inode(
         .iter()
         .find(|(a, b, _)| l.contains(a) && p.contains(b))
         .map(|(_, _, ino)| *ino)
+}
+
+/// A copy of the socket of kernel pid `mover` that is its TCP connection
+/// `local` -> `peer` (addresses as the mover sees them).
+fn mover_socket(mover: i32, local: &str, peer: &str) -> Result<std::os::fd::OwnedFd, String> {
+    let (Ok(l), Ok(p)) = (local.parse::<SocketAddr>(), peer.parse::<SocketAddr>()) else {
+        return Err("bad socket address".into());
+    };
+    let ino = tcp_inode(&tcp_table(), &l, &p).ok_or("no such connection on this node")?;
+    let link = format!("socket:[{ino}]");
+    let fd = std::fs::read_dir(format!("/proc/{mover}/fd"))
+        .map_err(|e| format!("its fds: {e}"))?
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == link.as_str()))
+        .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .ok_or("the mover does not hold it")?;
+    super::dsm::pidfd_getfd(mover, fd).map_err(|e| e.msg)
+}
+
+/// Relay kept connection `old` (the moved process's old socket, with the
+/// other end's process or kernel on it) and `new` (the moved process's new
+/// end) until both directions end: an end of stream one way shuts the
+/// other's writing, as the ends themselves would.
+async fn relay_kept(old: std::os::fd::OwnedFd, new: std::os::fd::OwnedFd, what: &str) {
+    let tcp = |fd: std::os::fd::OwnedFd| {
+        let s = std::net::TcpStream::from(fd);
+        s.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(s)
+    };
+    let (mut a, mut b) = match (tcp(old), tcp(new)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("{what}: relaying it: {e}");
+            return;
+        }
+    };
+    match tokio::io::copy_bidirectional(&mut a, &mut b).await {
+        Ok((up, down)) => tracing::debug!("{what}: relayed {up} bytes in, {down} out; ended"),
+        Err(e) => tracing::debug!("{what}: relay ended: {e}"),
+    }
 }
 
 /// Every `(kernel pid, fd)` of this node whose fd link is one of `want`
@@ -668,6 +778,9 @@ impl Agent {
         }
         // Check everywhere; then freeze the ends that can be.
         let mut take: HashMap<u32, Vec<(usize, End)>> = HashMap::new();
+        // TCP connections this agent keeps and relays (their other end
+        // cannot take part): index, the mover's socket.
+        let mut keep: Vec<(usize, std::os::fd::OwnedFd)> = Vec::new();
         for commit in [false, true] {
             let asked = if commit { &take } else { &by_node };
             let mut found: Vec<(u32, usize, StreamPeer)> = Vec::new();
@@ -694,6 +807,22 @@ impl Agent {
                 out[i] = h;
             }
             if !commit {
+                // A connection whose other end cannot take part (outside
+                // krg or the cluster, shared, or closed) moves all the
+                // same: this agent keeps its socket and relays it to the
+                // mover's new end. Standard fds stay the shadow's to relay.
+                for (i, (local, peer)) in conns.iter().enumerate() {
+                    if optional[i] || !matches!(out[i], StreamPeer::Foreign(_)) {
+                        continue;
+                    }
+                    match mover_socket(mover.pid, local, peer) {
+                        Ok(fd) => {
+                            keep.push((i, fd));
+                            out[i] = StreamPeer::Nobody;
+                        }
+                        Err(e) => tracing::debug!("{local} -> {peer}: not kept: {e}"),
+                    }
+                }
                 // Nothing frozen yet: a stream that must move and cannot
                 // fails the whole move here.
                 if let Some(why) = out.iter().zip(&optional).find_map(|(o, opt)| match o {
@@ -703,6 +832,22 @@ impl Agent {
                     return Err(err(libc::EOPNOTSUPP, why));
                 }
             }
+        }
+        for (i, fd) in keep {
+            let id = self.new_stream_id();
+            self.expect_connection(id, false);
+            let agent = self.clone();
+            let what = format!("TCP connection {} -> {}", conns[i].0, conns[i].1);
+            tokio::spawn(async move {
+                match agent.take_expected(id).await {
+                    Ok(new) => relay_kept(fd, new, &what).await,
+                    Err(e) => tracing::warn!("{what}: kept, never taken: {}", e.msg),
+                }
+            });
+            out[i] = StreamPeer::Kept {
+                id,
+                node: self.node_id(),
+            };
         }
         tracing::debug!("streams of kernel pid {}: {out:?}", mover.pid);
         Ok(Response::Streams(out))

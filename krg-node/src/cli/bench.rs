@@ -504,24 +504,38 @@ fn run_worker(plain: bool, args: &[&str]) -> Result<Sample> {
 /// `krg bench [--quick]`.
 pub fn bench(quick: bool) -> Result<i32> {
     preload_path()?;
-    if crate::cluster::state()?.is_some_and(|s| s.nodes.iter().any(|n| n.is_running())) {
-        bail!("a local cluster is up: krg bench brings up its own (run `krg cluster down` first)");
+    // The instance KRG_CLUSTER names: the workers' `krg cluster exec` find
+    // it the same way.
+    let inst = crate::cluster::Instance::from_env()?;
+    if crate::cluster::state(&inst)?.is_some_and(|s| s.any_running()) {
+        bail!(
+            "the {} is up: krg bench brings up its own (run `{}` first, or set {} to another instance name)",
+            inst.title(),
+            inst.command("down"),
+            crate::cluster::INSTANCE_ENV
+        );
     }
-    crate::cluster::up(&crate::cluster::UpOptions {
-        nodes: 2,
-        cpus: 1.0,
-    })?;
+    crate::cluster::up(
+        &inst,
+        &crate::cluster::UpOptions {
+            nodes: 2,
+            cpus: 1.0,
+        },
+    )?;
     let r = measure(quick);
-    let down = crate::cluster::down();
+    let down = crate::cluster::down(&inst);
     let r = r?;
     down?;
     // The load balancer needs more, smaller nodes.
-    crate::cluster::up(&crate::cluster::UpOptions {
-        nodes: 4,
-        cpus: 0.5,
-    })?;
+    crate::cluster::up(
+        &inst,
+        &crate::cluster::UpOptions {
+            nodes: 4,
+            cpus: 0.5,
+        },
+    )?;
     let m = makespan(quick);
-    let down = crate::cluster::down();
+    let down = crate::cluster::down(&inst);
     m?;
     down?;
     Ok(r)

@@ -147,6 +147,11 @@ pub enum Cmd {
     },
     /// A whole cluster of N nodes on this one machine.
     Cluster {
+        /// The instance to act on: several local clusters can run side by
+        /// side, each named by 1 to 8 of a-z0-9 [default: $KRG_CLUSTER, else
+        /// the default instance].
+        #[arg(long, global = true, value_name = "NAME")]
+        name: Option<String>,
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
@@ -163,9 +168,17 @@ pub enum ClusterCmd {
         cpus: f64,
     },
     /// Stop every node and remove everything `up` made.
-    Down,
+    Down {
+        /// Every instance of this machine, the default one included.
+        #[arg(long)]
+        all: bool,
+    },
     /// List the nodes of the local cluster.
-    List,
+    List {
+        /// List the instances of this machine instead.
+        #[arg(long)]
+        all: bool,
+    },
     /// Run a command on node K as an SSI process (stdio, exit status and
     /// signals pass through).
     Exec {
@@ -261,26 +274,43 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Sched { json, cmd } => sched::sched(cmd, json),
         Cmd::Bench { quick } => bench::bench(quick),
         Cmd::BenchWorker { args } => bench::worker(&args),
-        Cmd::Cluster { cmd } => match cmd {
-            ClusterCmd::Up { nodes, cpus } => {
-                if nodes == 0 || nodes > 200 {
-                    bail!("--nodes {nodes}: between 1 and 200");
-                }
-                if !(cpus > 0.0 && cpus.is_finite()) {
-                    bail!("--cpus {cpus}: must be a positive number");
-                }
-                cluster::up(&cluster::UpOptions { nodes, cpus }).map(|_| 0)
+        Cmd::Cluster { name, cmd } => {
+            let all = matches!(
+                cmd,
+                ClusterCmd::Down { all: true } | ClusterCmd::List { all: true }
+            );
+            if all && name.is_some() {
+                bail!("--all and --name: choose one");
             }
-            ClusterCmd::Down => cluster::down().map(|_| 0),
-            ClusterCmd::List => cluster::list().map(|_| 0),
-            ClusterCmd::Exec { node, plain, cmd } => {
-                if plain {
-                    cluster::exec_plain(node, &cmd)
-                } else {
-                    cluster::exec(node, &cmd)
+            // With --all, KRG_CLUSTER does not matter (nor need be valid).
+            let inst = if all {
+                cluster::Instance::default_instance()
+            } else {
+                cluster::Instance::select(name.as_deref())?
+            };
+            match cmd {
+                ClusterCmd::Up { nodes, cpus } => {
+                    if nodes == 0 || nodes > 200 {
+                        bail!("--nodes {nodes}: between 1 and 200");
+                    }
+                    if !(cpus > 0.0 && cpus.is_finite()) {
+                        bail!("--cpus {cpus}: must be a positive number");
+                    }
+                    cluster::up(&inst, &cluster::UpOptions { nodes, cpus }).map(|_| 0)
+                }
+                ClusterCmd::Down { all: true } => cluster::down_all().map(|_| 0),
+                ClusterCmd::Down { all: false } => cluster::down(&inst).map(|_| 0),
+                ClusterCmd::List { all: true } => cluster::list_all().map(|_| 0),
+                ClusterCmd::List { all: false } => cluster::list(&inst).map(|_| 0),
+                ClusterCmd::Exec { node, plain, cmd } => {
+                    if plain {
+                        cluster::exec_plain(&inst, node, &cmd)
+                    } else {
+                        cluster::exec(&inst, node, &cmd)
+                    }
                 }
             }
-        },
+        }
     }
 }
 

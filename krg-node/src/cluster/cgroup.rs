@@ -1,7 +1,10 @@
-//! The nodes' cgroups (v1): `/sys/fs/cgroup/{cpu,cpuacct}/krg-cluster/nK`.
-//! The cpu controller gives node K its capacity (CFS quota over a 100 ms
-//! period); cpuacct counts what the node used.
+//! The nodes' cgroups (v1): `/sys/fs/cgroup/{cpu,cpuacct}/krg-cluster/nK`
+//! (`krg-cluster-<name>/nK` for instance `<name>`: siblings, never nested,
+//! so one instance's parent never holds another's nodes). The cpu
+//! controller gives node K its capacity (CFS quota over a 100 ms period);
+//! cpuacct counts what the node used.
 
+use super::instance::Instance;
 use super::sys;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -10,15 +13,13 @@ use std::time::{Duration, Instant};
 /// The cgroup v1 hierarchies a node joins (deduplicated at use: on systems
 /// that co-mount cpu and cpuacct both names lead to the same directory).
 const ROOTS: [&str; 2] = ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpuacct"];
-/// The parent of the nodes' cgroups in each hierarchy.
-pub(super) const PARENT: &str = "krg-cluster";
 /// The CFS period; the quota is `cpus * PERIOD_US`.
 pub(super) const PERIOD_US: u64 = 100_000;
 /// The smallest quota the kernel accepts.
 const MIN_QUOTA_US: u64 = 1_000;
 
 /// The hierarchies, each once.
-fn roots() -> Vec<PathBuf> {
+pub(super) fn roots() -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
     let mut seen = Vec::new();
     for r in ROOTS {
@@ -58,16 +59,16 @@ pub(super) fn valid_cpus(cpus: f64) -> bool {
 }
 
 /// Node `id`'s cgroup directories, one per hierarchy.
-pub(super) fn node_dirs(id: u32) -> Vec<PathBuf> {
+pub(super) fn node_dirs(inst: &Instance, id: u32) -> Vec<PathBuf> {
     roots()
         .into_iter()
-        .map(|r| r.join(PARENT).join(format!("n{id}")))
+        .map(|r| r.join(inst.cgroup_parent()).join(format!("n{id}")))
         .collect()
 }
 
 /// Node `id`'s `cgroup.procs` files (writing a pid there moves the process).
-pub(super) fn procs_files(id: u32) -> Vec<PathBuf> {
-    node_dirs(id)
+pub(super) fn procs_files(inst: &Instance, id: u32) -> Vec<PathBuf> {
+    node_dirs(inst, id)
         .into_iter()
         .map(|d| d.join("cgroup.procs"))
         .collect()
@@ -78,22 +79,25 @@ fn write(path: &Path, value: &str) -> Result<()> {
 }
 
 /// Create node `id`'s cgroups and set its CPU quota.
-pub(super) fn create(id: u32, cpus: f64) -> Result<()> {
-    for d in node_dirs(id) {
+pub(super) fn create(inst: &Instance, id: u32, cpus: f64) -> Result<()> {
+    for d in node_dirs(inst, id) {
         std::fs::create_dir_all(&d)
             .with_context(|| format!("creating cgroup {} for node {id}", d.display()))?;
     }
-    let cpu = Path::new(ROOTS[0]).join(PARENT).join(format!("n{id}"));
+    let cpu = Path::new(ROOTS[0])
+        .join(inst.cgroup_parent())
+        .join(format!("n{id}"));
     write(&cpu.join("cpu.cfs_period_us"), &PERIOD_US.to_string())?;
     write(&cpu.join("cpu.cfs_quota_us"), &quota_us(cpus).to_string())?;
     Ok(())
 }
 
-/// Every node cgroup directory that exists now, in every hierarchy.
-fn existing_node_dirs() -> Vec<PathBuf> {
+/// Every node cgroup directory of the instance that exists now, in every
+/// hierarchy.
+fn existing_node_dirs(inst: &Instance) -> Vec<PathBuf> {
     let mut v = Vec::new();
     for r in roots() {
-        if let Ok(d) = std::fs::read_dir(r.join(PARENT)) {
+        if let Ok(d) = std::fs::read_dir(r.join(inst.cgroup_parent())) {
             v.extend(
                 d.flatten()
                     .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
@@ -105,10 +109,10 @@ fn existing_node_dirs() -> Vec<PathBuf> {
     v
 }
 
-/// Every process in any node cgroup.
-pub(super) fn all_tasks() -> Vec<i32> {
+/// Every process in any node cgroup of the instance.
+pub(super) fn all_tasks(inst: &Instance) -> Vec<i32> {
     let mut v = Vec::new();
-    for d in existing_node_dirs() {
+    for d in existing_node_dirs(inst) {
         if let Ok(s) = std::fs::read_to_string(d.join("cgroup.procs")) {
             v.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
         }
@@ -118,23 +122,23 @@ pub(super) fn all_tasks() -> Vec<i32> {
     v
 }
 
-/// Whether anything of ours is left in the cgroup hierarchies.
-pub(super) fn any_left() -> Vec<PathBuf> {
+/// The instance's cgroup parents that exist now.
+pub(super) fn any_left(inst: &Instance) -> Vec<PathBuf> {
     roots()
         .into_iter()
-        .map(|r| r.join(PARENT))
+        .map(|r| r.join(inst.cgroup_parent()))
         .filter(|p| p.exists())
         .collect()
 }
 
-/// Remove every node cgroup and the parents, killing what is still inside
-/// and retrying until the kernel lets go (`rmdir` fails with EBUSY while a
-/// task, even a dying one, is in the group).
-pub(super) fn destroy(timeout: Duration) -> Result<()> {
+/// Remove every node cgroup of the instance and its parents, killing what
+/// is still inside and retrying until the kernel lets go (`rmdir` fails
+/// with EBUSY while a task, even a dying one, is in the group).
+pub(super) fn destroy(inst: &Instance, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut busy = Vec::new();
-        for d in existing_node_dirs() {
+        for d in existing_node_dirs(inst) {
             if let Err(e) = std::fs::remove_dir(&d) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     busy.push(format!("{}: {e}", d.display()));
@@ -142,7 +146,7 @@ pub(super) fn destroy(timeout: Duration) -> Result<()> {
             }
         }
         if busy.is_empty() {
-            for p in any_left() {
+            for p in any_left(inst) {
                 if let Err(e) = std::fs::remove_dir(&p) {
                     if e.kind() != std::io::ErrorKind::NotFound {
                         busy.push(format!("{}: {e}", p.display()));
@@ -156,7 +160,7 @@ pub(super) fn destroy(timeout: Duration) -> Result<()> {
         if Instant::now() >= deadline {
             bail!("cannot remove cgroups: {}", busy.join("; "));
         }
-        let tasks = all_tasks();
+        let tasks = all_tasks(inst);
         if !tasks.is_empty() {
             sys::kill_and_wait(&tasks, Duration::from_millis(500));
         } else {
@@ -189,10 +193,13 @@ mod tests {
 
     #[test]
     fn node_paths() {
-        let dirs = node_dirs(3);
+        let d = Instance::default_instance();
+        let dirs = node_dirs(&d, 3);
         assert!(dirs.contains(&PathBuf::from("/sys/fs/cgroup/cpu/krg-cluster/n3")));
-        assert!(procs_files(3)
+        assert!(procs_files(&d, 3)
             .iter()
-            .all(|p| p.ends_with("n3/cgroup.procs")));
+            .all(|p| p.ends_with("krg-cluster/n3/cgroup.procs")));
+        let f = Instance::named("foo").unwrap();
+        assert!(node_dirs(&f, 3).contains(&PathBuf::from("/sys/fs/cgroup/cpu/krg-cluster-foo/n3")));
     }
 }

@@ -7,6 +7,7 @@
 //! forwards termination signals and returns the child's exit code
 //! (128 + signal number when a signal killed it, as shells report it).
 
+use super::instance::Instance;
 use super::state::{self, NodeState};
 use super::sys::{self, CStrVec};
 use anyhow::{bail, Context, Result};
@@ -91,21 +92,28 @@ fn exec_failure(cmd: &str) -> [(i32, Vec<u8>); 3] {
     ]
 }
 
-/// Run `cmd` on node `node`; with `preload`, under libkrg.so.
-pub(super) fn run(node: u32, cmd: &[String], preload: bool) -> Result<i32> {
+/// Run `cmd` on node `node` of instance `inst`; with `preload`, under
+/// libkrg.so.
+pub(super) fn run(inst: &Instance, node: u32, cmd: &[String], preload: bool) -> Result<i32> {
     let Some(prog) = cmd.first() else {
         bail!("krg cluster exec: no command given");
     };
-    let st = state::read()?
-        .context("no local cluster is up (start one with `krg cluster up --nodes N`)")?;
+    let st = state::read(inst)?.with_context(|| {
+        format!(
+            "no {} is up (start one with `{}`)",
+            inst.title(),
+            inst.command("up --nodes N")
+        )
+    })?;
     let Some(n) = st.nodes.iter().find(|n| n.id == node) else {
         let ids: Vec<String> = st.nodes.iter().map(|n| n.id.to_string()).collect();
         bail!(
-            "node {node} is not in the local cluster (its nodes: {})",
+            "node {node} is not in the {} (its nodes: {})",
+            inst.title(),
             ids.join(" ")
         );
     };
-    check_running(n)?;
+    check_running(inst, n)?;
     if sys::thread_count().is_some_and(|t| t > 1) {
         bail!("krg cluster exec must run single-threaded: setns into a mount namespace is refused to multithreaded processes");
     }
@@ -152,7 +160,7 @@ pub(super) fn run(node: u32, cmd: &[String], preload: bool) -> Result<i32> {
         })
         .collect::<Result<Vec<_>>>()?;
     // The pid may have been recycled between the check and the opens.
-    check_running(n)?;
+    check_running(inst, n)?;
     let cgroups = n
         .cgroups
         .iter()
@@ -270,12 +278,14 @@ fn wait_child(child: Pid, fwd: &SigSet) -> nix::Result<i32> {
     }
 }
 
-fn check_running(n: &NodeState) -> Result<()> {
+fn check_running(inst: &Instance, n: &NodeState) -> Result<()> {
     if !n.is_running() {
         bail!(
-            "node {} is not running (its pid-1 process, host pid {}, is gone); `krg cluster down` then `krg cluster up` to start afresh\n{}",
+            "node {} is not running (its pid-1 process, host pid {}, is gone); `{}` then `{}` to start afresh\n{}",
             n.id,
             n.host_pid,
+            inst.command("down"),
+            inst.command("up"),
             sys::log_tail(&n.log, 10)
         );
     }

@@ -1,17 +1,20 @@
 //! The local cluster: N krg agents on this one machine, each a separate host
 //! (own network, pid, mount, IPC and UTS namespaces, own cgroup with a CPU
-//! quota). `krg cluster up|down|list|exec`. See
+//! quota). `krg cluster up|down|list|exec`. Several such clusters
+//! ("instances", named by `KRG_CLUSTER`) can run side by side. See
 //! docs/architecture/local-cluster.md.
 //!
 //! Blocking and single-threaded, like the `krg` command that calls it.
 
 mod cgroup;
 mod exec;
+mod instance;
 mod net;
 mod spawn;
 mod state;
 mod sys;
 
+pub use instance::{subnet, valid_name, Instance, ENV as INSTANCE_ENV, MAX_NAME};
 pub use state::{read as state, ClusterState, NodeState, KEY_FILE, RUN_DIR, STATE_FILE};
 
 use anyhow::{bail, Context, Result};
@@ -63,9 +66,9 @@ fn agent_path() -> Result<PathBuf> {
     Ok(agent)
 }
 
-/// Start a local cluster of `opts.nodes` nodes with `opts.cpus` CPUs each,
+/// Start instance `inst` with `opts.nodes` nodes of `opts.cpus` CPUs each,
 /// and wait until every agent answers and sees every node up.
-pub fn up(opts: &UpOptions) -> Result<()> {
+pub fn up(inst: &Instance, opts: &UpOptions) -> Result<()> {
     let n = opts.nodes;
     if n == 0 || n > MAX_NODES {
         bail!("--nodes {n}: a local cluster has 1 to {MAX_NODES} nodes");
@@ -82,32 +85,41 @@ pub fn up(opts: &UpOptions) -> Result<()> {
     cgroup::check()?;
     let agent = agent_path()?;
 
-    let _lock = state::lock()?;
-    if let Some(old) = read_state_lenient() {
-        let live = old.nodes.iter().filter(|n| n.is_running()).count();
-        if live > 0 {
+    let _lock = state::lock(inst)?;
+    let a_cluster = match inst.name() {
+        None => "a local cluster".to_string(),
+        Some(_) => inst.title(),
+    };
+    if let Some(old) = read_state_lenient(inst) {
+        if old.any_running() {
             bail!(
-                "a local cluster is already up ({} nodes); run `krg cluster down` first",
-                old.size
+                "{a_cluster} is already up ({} nodes); run `{}` first",
+                old.size,
+                inst.command("down")
             );
         }
     }
-    let stray = cgroup::all_tasks();
+    let stray = cgroup::all_tasks(inst);
     if !stray.is_empty() {
         bail!(
-            "processes {stray:?} run in the cgroups of a local cluster that has no usable state file; run `krg cluster down` first"
+            "processes {stray:?} run in the cgroups of {a_cluster} that has no usable state file; run `{}` first",
+            inst.command("down")
         );
     }
     // Leftovers of a cluster whose nodes are all dead: clean up silently.
-    teardown(None).context("cleaning up what is left of a previous local cluster")?;
+    teardown(inst, None)
+        .with_context(|| format!("cleaning up what is left of a previous {}", inst.title()))?;
 
     let mut st = ClusterState {
         version: 1,
         size: n,
         cpus: opts.cpus,
-        subnet: net::SUBNET.to_string(),
-        bridge_netns: net::BRIDGE_NETNS.to_string(),
-        key_file: PathBuf::from(KEY_FILE),
+        // The default instance's; a named one's is allocated in `build`.
+        subnet: instance::subnet(0),
+        instance: inst.name().unwrap_or("").to_string(),
+        subnet_octet: 0,
+        bridge_netns: inst.bridge_netns(),
+        key_file: inst.key_file(),
         agent: agent.clone(),
         started_unix: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -116,51 +128,109 @@ pub fn up(opts: &UpOptions) -> Result<()> {
         ready: false,
         nodes: Vec::new(),
     };
-    let res = build(&mut st, &agent);
+    let res = build(inst, &mut st, &agent);
     if let Err(e) = res {
-        return Err(match teardown(Some(&st)) {
+        let title = inst.title();
+        return Err(match teardown(inst, Some(&st)) {
             Ok(()) => e.context(format!(
-                "starting a local cluster of {n} nodes failed (everything it made was removed)"
+                "starting a {title} of {n} nodes failed (everything it made was removed)"
             )),
             Err(t) => e.context(format!(
-                "starting a local cluster of {n} nodes failed, and so did the clean-up ({t:#}); run `krg cluster down`"
+                "starting a {title} of {n} nodes failed, and so did the clean-up ({t:#}); run `{}`",
+                inst.command("down")
             )),
         });
     }
+    let x = st.subnet_octet;
     let addresses = if n == 1 {
-        net::address(1).to_string()
+        net::address(x, 1).to_string()
     } else {
-        format!("{}..{}", net::address(1), net::address(n))
+        format!("{}..{}", net::address(x, 1), net::address(x, n))
     };
     println!(
-        "local cluster up: {n} node{} ({addresses}), {} CPU{} each; state in {STATE_FILE}",
+        "{} up: {n} node{} ({addresses}), {} CPU{} each; state in {}",
+        inst.title(),
         if n == 1 { "" } else { "s" },
         opts.cpus,
         if opts.cpus == 1.0 { "" } else { "s" },
+        inst.state_file().display()
     );
     Ok(())
 }
 
 /// The state file, or `None` if it is missing or unreadable (with a warning).
-fn read_state_lenient() -> Option<ClusterState> {
-    match state::read() {
+fn read_state_lenient(inst: &Instance) -> Option<ClusterState> {
+    match state::read(inst) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("krg: warning: ignoring {STATE_FILE}: {e:#}");
+            eprintln!(
+                "krg: warning: ignoring {}: {e:#}",
+                inst.state_file().display()
+            );
             None
         }
     }
 }
 
+/// The subnets (X of 10.77.X.0/24) held by the other live named instances:
+/// those with a state file and a live node, or whose `up` or `down` is
+/// under way (lock held). The state file of an instance whose nodes all
+/// died holds no subnet: its leftovers sit behind a bridge of their own,
+/// which no new instance shares, so reusing its X is harmless.
+fn held_subnets(me: &Instance) -> Vec<u8> {
+    let Ok(dir) = std::fs::read_dir("/run") else {
+        return Vec::new();
+    };
+    let mut held = Vec::new();
+    for e in dir.flatten() {
+        let Some(other) = e.file_name().to_str().and_then(Instance::of_dir_name) else {
+            continue;
+        };
+        if other.name().is_none() || &other == me {
+            continue;
+        }
+        // Unreadable: being removed, or not ours to judge; a live instance
+        // always has a readable one (written atomically).
+        let Ok(Some(st)) = state::read(&other) else {
+            continue;
+        };
+        if st.subnet_octet != 0 && (st.any_running() || state::is_locked(&other)) {
+            held.push(st.subnet_octet);
+        }
+    }
+    held
+}
+
+/// Pick a named instance's subnet and record it in its state file, under
+/// the machine-wide lock so that two `up`s never pick the same one.
+fn allocate_subnet(inst: &Instance, st: &mut ClusterState) -> Result<()> {
+    let _machine = state::machine_lock()?;
+    let held = held_subnets(inst);
+    let Some(x) = instance::free_subnet(&held) else {
+        bail!(
+            "every subnet 10.77.1.0/24..10.77.254.0/24 is held by a live local cluster instance (`krg cluster list --all`)"
+        );
+    };
+    st.subnet_octet = x;
+    st.subnet = instance::subnet(x);
+    state::write(inst, st)
+}
+
 /// Everything `up` does after its checks; on error the caller tears down.
-fn build(st: &mut ClusterState, agent: &Path) -> Result<()> {
+fn build(inst: &Instance, st: &mut ClusterState, agent: &Path) -> Result<()> {
     let n = st.size;
-    state::remove_old_logs();
-    write_key()?;
-    state::write(st)?;
-    net::create(n)?;
+    state::remove_old_logs(inst);
+    write_key(inst)?;
+    if inst.name().is_some() {
+        allocate_subnet(inst, st)?;
+    } else {
+        state::write(inst, st)?;
+    }
+    let x = st.subnet_octet;
+    let key_file = inst.key_file().display().to_string();
+    net::create(inst, x, n)?;
     for id in 1..=n {
-        cgroup::create(id, st.cpus)?;
+        cgroup::create(inst, id, st.cpus)?;
     }
     let env = agent_env();
     // Start every node, then collect them: they start in parallel.
@@ -172,11 +242,11 @@ fn build(st: &mut ClusterState, agent: &Path) -> Result<()> {
             "--node-id".into(),
             id.to_string(),
             "--listen".into(),
-            format!("{}:{AGENT_PORT}", net::address(id)),
+            format!("{}:{AGENT_PORT}", net::address(x, id)),
             "--state-dir".into(),
             NODE_STATE_DIR.into(),
             "--key-file".into(),
-            KEY_FILE.into(),
+            key_file.clone(),
             "--sock".into(),
             NODE_SOCK.into(),
             "--cpus".into(),
@@ -184,13 +254,13 @@ fn build(st: &mut ClusterState, agent: &Path) -> Result<()> {
         ];
         if id > 1 {
             argv.push("--seed".into());
-            argv.push(format!("{}:{AGENT_PORT}", net::address(1)));
+            argv.push(format!("{}:{AGENT_PORT}", net::address(x, 1)));
         }
         let launch = spawn::Launch {
             id,
-            netns: net::netns_path(id),
-            cgroup_procs: cgroup::procs_files(id),
-            log: state::log_path(id),
+            netns: net::netns_path(inst, id),
+            cgroup_procs: cgroup::procs_files(inst, id),
+            log: inst.log_path(id),
             agent: agent.to_path_buf(),
             argv,
             env: env.clone(),
@@ -208,14 +278,14 @@ fn build(st: &mut ClusterState, agent: &Path) -> Result<()> {
         match p.finish(deadline) {
             Ok(started) => st.nodes.push(NodeState {
                 id,
-                address: net::address(id).to_string(),
-                listen: format!("{}:{AGENT_PORT}", net::address(id)),
-                netns: net::netns_name(id),
+                address: net::address(x, id).to_string(),
+                listen: format!("{}:{AGENT_PORT}", net::address(x, id)),
+                netns: inst.netns_name(id),
                 host_pid: started.host_pid,
                 start_time: started.start_time,
                 cpus: st.cpus,
-                log: state::log_path(id),
-                cgroups: cgroup::node_dirs(id),
+                log: inst.log_path(id),
+                cgroups: cgroup::node_dirs(inst, id),
                 sock: PathBuf::from(NODE_SOCK),
             }),
             Err(e) => {
@@ -223,14 +293,14 @@ fn build(st: &mut ClusterState, agent: &Path) -> Result<()> {
             }
         }
     }
-    state::write(st)?;
+    state::write(inst, st)?;
     if let Some(e) = failed {
         return Err(e);
     }
     match wait_ready(st)? {
         None => {
             st.ready = true;
-            state::write(st)
+            state::write(inst, st)
         }
         Some(warning) => {
             eprintln!("krg: warning: {warning}");
@@ -256,19 +326,21 @@ fn agent_env() -> Vec<String> {
     env
 }
 
-/// A fresh cluster key: 32 random bytes, hex, mode 0600.
-fn write_key() -> Result<()> {
+/// A fresh cluster key: 32 random bytes, hex, mode 0600. Each instance has
+/// its own, so an agent of one never accepts a peer of another.
+fn write_key(inst: &Instance) -> Result<()> {
+    let path = inst.key_file();
     let mut key = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut key);
-    let _ = std::fs::remove_file(KEY_FILE);
+    let _ = std::fs::remove_file(&path);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(KEY_FILE)
-        .with_context(|| format!("creating {KEY_FILE}"))?;
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(hex::encode(key).as_bytes())
-        .with_context(|| format!("writing {KEY_FILE}"))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// What the last status request to a node gave.
@@ -351,7 +423,8 @@ fn wait_ready(st: &ClusterState) -> Result<Option<String>> {
     }
     if !silent.is_empty() {
         bail!(
-            "the local cluster was not ready within {} s:{silent}",
+            "the {} was not ready within {} s:{silent}",
+            st_title(st),
             timeout.as_secs()
         );
     }
@@ -368,10 +441,19 @@ fn wait_ready(st: &ClusterState) -> Result<Option<String>> {
     )))
 }
 
-/// Remove everything of a local cluster: processes, network namespaces,
-/// veths, the bridge, cgroups, the state and key files. Works from the state
-/// file if there is one, and from what exists (by name) in any case.
-fn teardown(st: Option<&ClusterState>) -> Result<()> {
+/// "local cluster" or "local cluster foo", from a state file.
+fn st_title(st: &ClusterState) -> String {
+    Instance::named(&st.instance)
+        .unwrap_or_else(|_| Instance::default_instance())
+        .title()
+}
+
+/// Remove everything of one instance: processes, network namespaces, veths,
+/// the bridge, cgroups, the state and key files. Works from the state file
+/// if there is one, and from what exists (by the instance's names) in any
+/// case. Never touches another instance's: every name, cgroup and
+/// namespace inode looked at is the instance's own.
+fn teardown(inst: &Instance, st: Option<&ClusterState>) -> Result<()> {
     let mut victims: Vec<i32> = Vec::new();
     if let Some(st) = st {
         // Killing pid 1 of a pid namespace kills everything in it.
@@ -384,14 +466,14 @@ fn teardown(st: Option<&ClusterState>) -> Result<()> {
     }
     // Anything else still inside: in a node's cgroup (whatever node it
     // runs on) or network namespace (`ip netns exec`, `krg cluster exec`).
-    victims.extend(cgroup::all_tasks());
-    victims.extend(sys::pids_in_netns(&net::existing_inodes()));
+    victims.extend(cgroup::all_tasks(inst));
+    victims.extend(sys::pids_in_netns(&net::existing_inodes(inst)));
     let mut killed = sys::identities(&victims);
     let mut left = sys::kill_and_wait(&victims, Duration::from_secs(10));
     // One more sweep, for anything forked while we were killing.
-    let again: Vec<i32> = cgroup::all_tasks()
+    let again: Vec<i32> = cgroup::all_tasks(inst)
         .into_iter()
-        .chain(sys::pids_in_netns(&net::existing_inodes()))
+        .chain(sys::pids_in_netns(&net::existing_inodes(inst)))
         .collect();
     if !again.is_empty() {
         killed.extend(sys::identities(&again));
@@ -404,13 +486,13 @@ fn teardown(st: Option<&ClusterState>) -> Result<()> {
     if !left.is_empty() {
         errors.push(format!("processes still alive after SIGKILL: {left:?}"));
     }
-    if let Err(e) = net::destroy() {
+    if let Err(e) = net::destroy(inst) {
         errors.push(format!("{e:#}"));
     }
-    if let Err(e) = cgroup::destroy(Duration::from_secs(10)) {
+    if let Err(e) = cgroup::destroy(inst, Duration::from_secs(10)) {
         errors.push(format!("{e:#}"));
     }
-    if let Err(e) = state::remove() {
+    if let Err(e) = state::remove(inst) {
         errors.push(format!("{e:#}"));
     }
     if !errors.is_empty() {
@@ -422,50 +504,115 @@ fn teardown(st: Option<&ClusterState>) -> Result<()> {
     Ok(())
 }
 
-/// Stop the local cluster and remove everything it made. Not an error when
-/// nothing is up.
-pub fn down() -> Result<()> {
+/// Whether anything of an instance exists: its state file, a network
+/// namespace or a cgroup.
+fn anything_of(inst: &Instance) -> bool {
+    inst.state_file().exists()
+        || !net::existing(inst).is_empty()
+        || !cgroup::any_left(inst).is_empty()
+}
+
+/// Stop instance `inst` and remove everything it made (its logs stay).
+/// Not an error when nothing is up.
+pub fn down(inst: &Instance) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("krg cluster down must run as root");
     }
-    let _lock = state::lock()?;
-    let st = read_state_lenient();
-    let anything = st.is_some() || !net::existing().is_empty() || !cgroup::any_left().is_empty();
-    if !anything {
-        println!("no local cluster is up");
+    // A named instance that never existed: say so without making its
+    // directory (for the lock) only to leave it behind.
+    if inst.name().is_some() && !inst.run_dir().exists() && !anything_of(inst) {
+        println!("no {} is up", inst.title());
         return Ok(());
     }
-    teardown(st.as_ref()).context("krg cluster down")?;
+    let _lock = state::lock(inst)?;
+    let st = read_state_lenient(inst);
+    let anything = st.is_some() || anything_of(inst);
+    if !anything {
+        println!("no {} is up", inst.title());
+        return Ok(());
+    }
+    teardown(inst, st.as_ref()).with_context(|| inst.command("down"))?;
     match st {
         Some(st) => println!(
-            "local cluster down ({} node{} stopped, namespaces, veths, bridge and cgroups removed)",
+            "{} down ({} node{} stopped, namespaces, veths, bridge and cgroups removed)",
+            inst.title(),
             st.nodes.len(),
             if st.nodes.len() == 1 { "" } else { "s" }
         ),
-        None => println!("removed the leftovers of a local cluster"),
+        None => println!("removed the leftovers of a {}", inst.title()),
     }
     Ok(())
 }
 
-/// Print the nodes of the local cluster: id, address, host pid of the
-/// agent, whether it answers, CPUs.
-pub fn list() -> Result<()> {
-    let Some(st) = state::read()? else {
-        let netns = net::existing();
-        if netns.is_empty() && cgroup::any_left().is_empty() {
-            println!("no local cluster is up");
+/// Every instance something is left of on this machine, the default first.
+pub fn instances() -> Vec<Instance> {
+    instance::present(&cgroup::roots())
+}
+
+/// Stop every instance of this machine, the default one included (`krg
+/// cluster down --all`, for CI clean-up). Goes on after a failure and
+/// reports them all.
+pub fn down_all() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("krg cluster down must run as root");
+    }
+    let all = instances();
+    if all.is_empty() {
+        println!("no local cluster is up");
+        return Ok(());
+    }
+    let mut failed = Vec::new();
+    for inst in &all {
+        if let Err(e) = down(inst) {
+            eprintln!("krg: {e:#}");
+            failed.push(inst.to_string());
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "krg cluster down --all: {} of {} instances could not be torn down: {}",
+            failed.len(),
+            all.len(),
+            failed.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Print the nodes of instance `inst`: id, address, host pid of the agent,
+/// whether it answers, CPUs; after a line naming the instance.
+pub fn list(inst: &Instance) -> Result<()> {
+    let Some(st) = state::read(inst)? else {
+        let netns = net::existing(inst);
+        if netns.is_empty() && cgroup::any_left(inst).is_empty() {
+            println!("no {} is up", inst.title());
         } else {
             println!(
-                "no local cluster is up, but a previous one left things behind ({}); `krg cluster down` removes them",
+                "no {} is up, but a previous one left things behind ({}); `{}` removes them",
+                inst.title(),
                 if netns.is_empty() {
                     "cgroups".to_string()
                 } else {
                     format!("network namespaces {}", netns.join(" "))
-                }
+                },
+                inst.command("down")
             );
         }
         return Ok(());
     };
+    println!(
+        "{}{}: {} node{}, {}, {}",
+        inst.title(),
+        if inst.name().is_none() {
+            " (default instance)"
+        } else {
+            ""
+        },
+        st.size,
+        if st.size == 1 { "" } else { "s" },
+        st.subnet,
+        inst.run_dir().display()
+    );
     println!(
         "{:<5} {:<15} {:>8}  {:<12} {:>6}",
         "NODE", "ADDRESS", "PID", "STATE", "CPUS"
@@ -486,22 +633,57 @@ pub fn list() -> Result<()> {
     }
     if (st.nodes.len() as u32) < st.size {
         println!(
-            "({} of {} nodes were started: `krg cluster up` did not finish)",
+            "({} of {} nodes were started: `{}` did not finish)",
             st.nodes.len(),
-            st.size
+            st.size,
+            inst.command("up")
         );
     }
     Ok(())
 }
 
-/// Run `cmd` on node `node` as an SSI process (under libkrg.so); returns
-/// the exit code to use: the command's, or 128 + the signal that killed it.
-pub fn exec(node: u32, cmd: &[String]) -> Result<i32> {
-    exec::run(node, cmd, true)
+/// Print every instance of this machine: name, nodes, subnet, and whether
+/// its nodes are alive (no agent is asked: quick even with many).
+pub fn list_all() -> Result<()> {
+    let all = instances();
+    if all.is_empty() {
+        println!("no local cluster is up");
+        return Ok(());
+    }
+    println!("{:<10} {:>5}  {:<15} STATE", "INSTANCE", "NODES", "SUBNET");
+    for inst in &all {
+        let (nodes, subnet, what) = match read_state_lenient(inst) {
+            Some(st) => {
+                let live = st.nodes.iter().filter(|n| n.is_running()).count() as u32;
+                let what = if live == st.size {
+                    "up".to_string()
+                } else if live == 0 && !state::is_locked(inst) {
+                    format!("dead (`{}` cleans up)", inst.command("down"))
+                } else {
+                    format!("{live} of {} nodes alive", st.size)
+                };
+                (st.size.to_string(), st.subnet, what)
+            }
+            None => (
+                "-".into(),
+                "-".into(),
+                format!("leftovers (`{}` removes them)", inst.command("down")),
+            ),
+        };
+        println!("{:<10} {nodes:>5}  {subnet:<15} {what}", inst.to_string());
+    }
+    Ok(())
+}
+
+/// Run `cmd` on node `node` of instance `inst` as an SSI process (under
+/// libkrg.so); returns the exit code to use: the command's, or 128 + the
+/// signal that killed it.
+pub fn exec(inst: &Instance, node: u32, cmd: &[String]) -> Result<i32> {
+    exec::run(inst, node, cmd, true)
 }
 
 /// Like [`exec`], without the preload library: a plain, non-SSI process on
 /// that node (kernel pids, /tmp and everything node-local are the node's own).
-pub fn exec_plain(node: u32, cmd: &[String]) -> Result<i32> {
-    exec::run(node, cmd, false)
+pub fn exec_plain(inst: &Instance, node: u32, cmd: &[String]) -> Result<i32> {
+    exec::run(inst, node, cmd, false)
 }

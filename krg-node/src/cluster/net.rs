@@ -1,9 +1,12 @@
-//! The sealed network of the local cluster: one named network namespace per
-//! node (`krg-nK`, address 10.77.0.K/24 on its `eth0`), each linked by a veth
-//! pair to the bridge `br0`, which lives in a namespace of its own
-//! (`krg-br`). Nothing is ever created in the machine's own namespace, so
-//! the machine has no route into 10.77.0.0/24.
+//! The sealed network of a local cluster instance: one named network
+//! namespace per node (`krg-nK`, or `krg-<name>-nK` for instance `<name>`;
+//! address 10.77.X.K/24 on its `eth0`), each linked by a veth pair to the
+//! bridge `br0`, which lives in a namespace of the instance's own (`krg-br`,
+//! `krg-<name>-br`). Nothing is ever created in the machine's own
+//! namespace, so the machine has no route into 10.77.X.0/24; and since each
+//! instance has its own bridge, no packet passes between instances.
 
+use super::instance::Instance;
 use super::sys::{self, ip};
 use anyhow::{bail, Context, Result};
 use std::collections::HashSet;
@@ -13,44 +16,28 @@ use std::path::{Path, PathBuf};
 
 /// Where iproute2 keeps named network namespaces.
 pub(super) const NETNS_DIR: &str = "/run/netns";
-/// The namespace that holds the bridge.
-pub(super) const BRIDGE_NETNS: &str = "krg-br";
-/// The bridge.
+/// The bridge, in the instance's bridge namespace (the name is the same in
+/// every instance: they never share a namespace).
 const BRIDGE: &str = "br0";
-/// The cluster's subnet, shown to users.
-pub(super) const SUBNET: &str = "10.77.0.0/24";
-
-/// The named network namespace of node `id`.
-pub(super) fn netns_name(id: u32) -> String {
-    format!("krg-n{id}")
-}
 
 /// The file that holds node `id`'s network namespace.
-pub(super) fn netns_path(id: u32) -> PathBuf {
-    Path::new(NETNS_DIR).join(netns_name(id))
+pub(super) fn netns_path(inst: &Instance, id: u32) -> PathBuf {
+    Path::new(NETNS_DIR).join(inst.netns_name(id))
 }
 
-/// Node `id`'s address (10.77.0.K).
-pub(super) fn address(id: u32) -> Ipv4Addr {
+/// Node `id`'s address in subnet `x` (10.77.X.K).
+pub(super) fn address(x: u8, id: u32) -> Ipv4Addr {
     // Callers keep ids within 1..=MAX_NODES (200), so this never truncates.
-    Ipv4Addr::new(10, 77, 0, id as u8)
+    Ipv4Addr::new(10, 77, x, id as u8)
 }
 
-/// Whether a namespace name is one of ours.
-fn is_ours(name: &str) -> bool {
-    name == BRIDGE_NETNS
-        || name
-            .strip_prefix("krg-n")
-            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// The cluster's named namespaces that exist now (ours only, by name).
-pub(super) fn existing() -> Vec<String> {
+/// The instance's named namespaces that exist now (by name).
+pub(super) fn existing(inst: &Instance) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(NETNS_DIR)
         .map(|d| {
             d.flatten()
                 .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| is_ours(n))
+                .filter(|n| inst.owns_netns(n))
                 .collect()
         })
         .unwrap_or_default();
@@ -59,17 +46,17 @@ pub(super) fn existing() -> Vec<String> {
 }
 
 /// The namespace inodes of [`existing`], to find processes inside them.
-pub(super) fn existing_inodes() -> HashSet<u64> {
-    existing()
+pub(super) fn existing_inodes(inst: &Instance) -> HashSet<u64> {
+    existing(inst)
         .iter()
         .filter_map(|n| sys::ns_inode(&Path::new(NETNS_DIR).join(n)))
         .collect()
 }
 
 /// Create the bridge namespace, the node namespaces 1..=n, the veth pairs and
-/// the addresses.
-pub(super) fn create(n: u32) -> Result<()> {
-    let br = BRIDGE_NETNS;
+/// the addresses (in subnet `x`).
+pub(super) fn create(inst: &Instance, x: u8, n: u32) -> Result<()> {
+    let br = &inst.bridge_netns();
     ip(&["netns", "add", br], None).context("creating the bridge's network namespace")?;
     ip(
         &["-n", br, "-b", "-"],
@@ -81,7 +68,7 @@ pub(super) fn create(n: u32) -> Result<()> {
 
     let mut add = String::new();
     for id in 1..=n {
-        let _ = writeln!(add, "netns add {}", netns_name(id));
+        let _ = writeln!(add, "netns add {}", inst.netns_name(id));
     }
     ip(&["-b", "-"], Some(&add)).context("creating the nodes' network namespaces")?;
 
@@ -93,19 +80,19 @@ pub(super) fn create(n: u32) -> Result<()> {
         let _ = writeln!(
             veth,
             "link add v{id} type veth peer name eth0 netns {}",
-            netns_name(id)
+            inst.netns_name(id)
         );
         let _ = writeln!(veth, "link set v{id} master {BRIDGE} up");
     }
     ip(&["-n", br, "-b", "-"], Some(&veth)).context("creating the veth pairs")?;
 
     for id in 1..=n {
-        let ns = netns_name(id);
+        let ns = inst.netns_name(id);
         ip(
             &["-n", &ns, "-b", "-"],
             Some(&format!(
                 "link set lo up\naddr add {}/24 dev eth0\nlink set eth0 up\n",
-                address(id)
+                address(x, id)
             )),
         )
         .with_context(|| format!("configuring the network of node {id} (namespace {ns})"))?;
@@ -113,13 +100,15 @@ pub(super) fn create(n: u32) -> Result<()> {
     Ok(())
 }
 
-/// Delete every link of the bridge namespace, then every namespace of ours.
-/// Deleting the links explicitly makes sure no veth or bridge survives even
-/// if something still holds a reference to a namespace.
-pub(super) fn destroy() -> Result<()> {
-    let names = existing();
-    if names.iter().any(|n| n == BRIDGE_NETNS) {
-        if let Ok(out) = ip(&["-n", BRIDGE_NETNS, "-o", "link", "show"], None) {
+/// Delete every link of the instance's bridge namespace, then every
+/// namespace of the instance (and no other). Deleting the links explicitly
+/// makes sure no veth or bridge survives even if something still holds a
+/// reference to a namespace.
+pub(super) fn destroy(inst: &Instance) -> Result<()> {
+    let names = existing(inst);
+    let br = inst.bridge_netns();
+    if names.contains(&br) {
+        if let Ok(out) = ip(&["-n", &br, "-o", "link", "show"], None) {
             let mut del = String::new();
             for line in out.lines() {
                 // "7: v1@if2: <BROADCAST,...> ..." or "3: br0: <...> ..."
@@ -134,7 +123,7 @@ pub(super) fn destroy() -> Result<()> {
             if !del.is_empty() {
                 // -force: go on after a failure (a veth already gone with
                 // its peer); what is left is checked below.
-                let _ = ip(&["-n", BRIDGE_NETNS, "-force", "-b", "-"], Some(&del));
+                let _ = ip(&["-n", &br, "-force", "-b", "-"], Some(&del));
             }
         }
     }
@@ -145,7 +134,7 @@ pub(super) fn destroy() -> Result<()> {
         }
         let _ = ip(&["-force", "-b", "-"], Some(&del));
     }
-    let left = existing();
+    let left = existing(inst);
     if !left.is_empty() {
         bail!(
             "network namespaces left after `ip netns del`: {}",
@@ -160,20 +149,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_and_addresses() {
-        assert_eq!(netns_name(7), "krg-n7");
-        assert_eq!(netns_path(7), Path::new("/run/netns/krg-n7"));
-        assert_eq!(address(1).to_string(), "10.77.0.1");
-        assert_eq!(address(200).to_string(), "10.77.0.200");
-    }
-
-    #[test]
-    fn only_our_namespaces_are_ours() {
-        for n in ["krg-br", "krg-n1", "krg-n200"] {
-            assert!(is_ours(n), "{n}");
-        }
-        for n in ["krg-n", "krg-nx", "krg-n1a", "krg-brx", "other", "krg-test"] {
-            assert!(!is_ours(n), "{n}");
-        }
+    fn paths_and_addresses() {
+        let d = Instance::default_instance();
+        assert_eq!(netns_path(&d, 7), Path::new("/run/netns/krg-n7"));
+        let f = Instance::named("foo").unwrap();
+        assert_eq!(netns_path(&f, 7), Path::new("/run/netns/krg-foo-n7"));
+        assert_eq!(address(0, 1).to_string(), "10.77.0.1");
+        assert_eq!(address(0, 200).to_string(), "10.77.0.200");
+        assert_eq!(address(254, 3).to_string(), "10.77.254.3");
     }
 }

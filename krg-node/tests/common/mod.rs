@@ -1,16 +1,15 @@
 //! Shared helpers of the cluster integration tests: a local cluster that is
 //! always torn down (even when a test fails), and ways to run commands on
-//! its nodes.
+//! its nodes. Every cluster is an instance of its own (`KRG_CLUSTER`), so
+//! tests run side by side, in one test process or several, and never touch
+//! the default instance someone may be using.
 #![allow(dead_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-
-/// One local cluster per machine: tests that need one take this lock.
-static CLUSTER_LOCK: Mutex<()> = Mutex::new(());
 
 pub fn krg_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_krg"))
@@ -38,72 +37,58 @@ pub fn shared_dir(name: &str) -> PathBuf {
     d
 }
 
-/// A local cluster that goes down when dropped.
-pub struct Cluster {
-    pub nodes: u32,
-    _lock: MutexGuard<'static, ()>,
-    /// Held for the cluster's life: other test processes on this machine
-    /// (another `cargo test`) wait instead of colliding.
-    _flock: Option<nix::fcntl::Flock<std::fs::File>>,
+/// `v` in base 36, `width` digits (zero-padded; `v` must fit).
+fn base36(mut v: u64, width: usize) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = vec![b'0'; width];
+    for d in out.iter_mut().rev() {
+        *d = DIGITS[(v % 36) as usize];
+        v /= 36;
+    }
+    assert_eq!(v, 0, "does not fit in {width} base-36 digits");
+    String::from_utf8(out).unwrap()
 }
 
-const LOCK: &str = "/run/krg-cluster-tests.lock";
+/// Clusters this test process started so far.
+static STARTED: AtomicU32 = AtomicU32::new(0);
 
-/// Take the machine-wide local-cluster test lock; `None` when one of our
-/// ancestors holds it already (`flock LOCK cargo test`), which would
-/// otherwise wait for us forever.
-pub fn machine_lock() -> Option<nix::fcntl::Flock<std::fs::File>> {
-    use nix::fcntl::{Flock, FlockArg};
-    use std::os::unix::fs::MetadataExt;
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(LOCK)
-        .expect("open the test lock");
-    let ino = f.metadata().expect("stat the test lock").ino();
-    let f = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => return Some(l),
-        Err((f, _)) => f,
-    };
-    if held_by_ancestor(ino) {
-        return None;
-    }
-    Some(
-        Flock::lock(f, FlockArg::LockExclusive)
-            .map_err(|(_, e)| e)
-            .expect("lock the test lock"),
+/// A fresh instance name, 8 characters: `t`, this process's pid in 5
+/// base-36 digits (pids go up to 2^22 < 36^5) and a counter in 2 (1296
+/// clusters per test process): unique among the processes alive on the
+/// machine, and within this one.
+pub fn instance_name() -> String {
+    let n = STARTED.fetch_add(1, Ordering::SeqCst);
+    format!(
+        "t{}{}",
+        base36(std::process::id().into(), 5),
+        base36(n.into(), 2)
     )
 }
 
-/// Whether a process among our ancestors holds a flock on inode `ino`
-/// (from /proc/locks: `1: FLOCK ADVISORY WRITE PID MAJ:MIN:INO 0 EOF`).
-fn held_by_ancestor(ino: u64) -> bool {
-    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
-    let holders: Vec<i32> = locks
-        .lines()
-        .filter(|l| !l.contains("->"))
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            let (pid, dev) = (w.get(4)?, w.get(5)?);
-            (w.get(1) == Some(&"FLOCK") && dev.rsplit(':').next()?.parse::<u64>().ok()? == ino)
-                .then(|| pid.parse().ok())
-                .flatten()
-        })
-        .collect();
-    let mut pid = std::process::id() as i32;
-    while pid > 1 {
-        if holders.contains(&pid) {
-            return true;
-        }
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // The parent pid follows the command's closing parenthesis.
-        pid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0);
-    }
-    false
+/// Where scripts/test wants the names of the instances a run makes (one a
+/// line), to tear down those a killed test binary left behind.
+pub const INSTANCES_FILE_ENV: &str = "KRG_TEST_INSTANCES";
+
+fn record_instance(name: &str) {
+    let Some(path) = std::env::var_os(INSTANCES_FILE_ENV) else {
+        return;
+    };
+    // O_APPEND and one short write: lines from parallel tests never mix.
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{INSTANCES_FILE_ENV}={path:?}: {e}"));
+    f.write_all(format!("{name}\n").as_bytes()).unwrap();
+}
+
+/// A local cluster (an instance of its own) that goes down when dropped.
+pub struct Cluster {
+    pub nodes: u32,
+    /// The instance's name (`KRG_CLUSTER`).
+    pub name: String,
+    /// X of its subnet 10.77.X.0/24.
+    pub net: u8,
 }
 
 impl Cluster {
@@ -113,13 +98,19 @@ impl Cluster {
             "the cluster tests need root (namespaces, cgroups, veth)"
         );
         preload();
-        let lock = CLUSTER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let flock = machine_lock();
-        // A cluster left over by an earlier, killed run.
-        let _ = Command::new(krg_bin()).args(["cluster", "down"]).output();
-        let out = Command::new(krg_bin())
+        let mut c = Cluster {
+            nodes,
+            name: instance_name(),
+            net: 0,
+        };
+        record_instance(&c.name);
+        // Only if a killed test process with our pid left it behind.
+        if c.run_dir().exists() {
+            let _ = c.krg_cluster().arg("down").output();
+        }
+        let out = c
+            .krg_cluster()
             .args([
-                "cluster",
                 "up",
                 "--nodes",
                 &nodes.to_string(),
@@ -128,23 +119,56 @@ impl Cluster {
             ])
             .output()
             .expect("run krg cluster up");
-        let c = Cluster {
-            nodes,
-            _lock: lock,
-            _flock: flock,
-        };
+        // `c` exists from here on: its drop tears down what a failed `up`
+        // may have left.
         assert!(
             out.status.success(),
-            "krg cluster up failed: {}{}",
+            "krg cluster up (instance {}) failed: {}{}",
+            c.name,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        c.net = c.state()["subnet_octet"].as_u64().expect("subnet_octet") as u8;
+        assert!(c.net >= 1, "a named instance has a subnet of its own");
         c
+    }
+
+    /// `krg cluster` acting on this instance (add the subcommand).
+    pub fn krg_cluster(&self) -> Command {
+        let mut c = Command::new(krg_bin());
+        c.env("KRG_CLUSTER", &self.name).arg("cluster");
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// The instance's host directory: state, key, logs.
+    pub fn run_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/run/krg-cluster-{}", self.name))
+    }
+
+    /// Node K's address (10.77.X.K), or any host number of the subnet.
+    pub fn addr(&self, k: u32) -> String {
+        format!("10.77.{}.{k}", self.net)
+    }
+
+    /// 10.77.X.0/24
+    pub fn subnet(&self) -> String {
+        format!("10.77.{}.0/24", self.net)
+    }
+
+    /// Node K's named network namespace.
+    pub fn netns(&self, k: u32) -> String {
+        format!("krg-{}-n{k}", self.name)
+    }
+
+    /// The parent of the nodes' cgroups (in each hierarchy).
+    pub fn cgroup_parent(&self) -> String {
+        format!("krg-cluster-{}", self.name)
     }
 
     /// The state file written by `up`.
     pub fn state(&self) -> serde_json::Value {
-        let s = std::fs::read_to_string("/run/krg-cluster/state.json").expect("state file");
+        let s = std::fs::read_to_string(self.run_dir().join("state.json")).expect("state file");
         serde_json::from_str(&s).unwrap()
     }
 
@@ -170,26 +194,17 @@ impl Cluster {
 
     /// `krg cluster exec --node K -- args` with the library.
     pub fn cmd(&self, node: u32, args: &[&str]) -> Command {
-        let mut c = Command::new(krg_bin());
-        c.args(["cluster", "exec", "--node", &node.to_string(), "--"]);
+        let mut c = self.krg_cluster();
+        c.args(["exec", "--node", &node.to_string(), "--"]);
         c.args(args);
-        c.stdin(Stdio::null());
         c
     }
 
     /// The same without the library (a plain process on that node).
     pub fn plain(&self, node: u32, args: &[&str]) -> Command {
-        let mut c = Command::new(krg_bin());
-        c.args([
-            "cluster",
-            "exec",
-            "--plain",
-            "--node",
-            &node.to_string(),
-            "--",
-        ]);
+        let mut c = self.krg_cluster();
+        c.args(["exec", "--plain", "--node", &node.to_string(), "--"]);
         c.args(args);
-        c.stdin(Stdio::null());
         c
     }
 
@@ -275,14 +290,31 @@ pub fn signal(pid: i32, sig: nix::sys::signal::Signal) {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let out = Command::new(krg_bin()).args(["cluster", "down"]).output();
-        if let Ok(o) = out {
-            if !o.status.success() {
+        let out = self.krg_cluster().arg("down").output();
+        let down = match out {
+            Ok(o) if o.status.success() => true,
+            Ok(o) => {
                 eprintln!(
-                    "krg cluster down failed: {}",
+                    "KRG_CLUSTER={} krg cluster down failed: {}",
+                    self.name,
                     String::from_utf8_lossy(&o.stderr)
                 );
+                false
             }
+            Err(e) => {
+                eprintln!("running krg cluster down: {e}");
+                false
+            }
+        };
+        if down && !std::thread::panicking() {
+            // Its logs: nobody reads them after a test that passed.
+            let _ = std::fs::remove_dir_all(self.run_dir());
+        } else {
+            eprintln!(
+                "the agents' logs of local cluster {} are in {}",
+                self.name,
+                self.run_dir().display()
+            );
         }
     }
 }
@@ -301,12 +333,23 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// Read one line from a child's stdout.
 pub fn read_line(child: &mut Child) -> String {
-    use std::io::BufRead;
+    use std::io::Read;
     let out = child.stdout.as_mut().expect("piped stdout");
-    let mut r = std::io::BufReader::new(out);
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    line.trim().to_string()
+    // A byte at a time: a buffered reader, dropped on return, would swallow
+    // whatever came after the first line (two lines written at once, as a
+    // loaded machine delivers them), and the next call would never see it.
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match out.read(&mut b) {
+            Ok(0) => break,
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) => line.push(b[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading a child's stdout: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&line).trim().to_string()
 }
 
 /// Bytes received plus sent on `node`'s network interface so far.
@@ -337,16 +380,46 @@ pub fn write_file(p: &Path, s: &str) {
 }
 
 /// Compile a C program from examples/ (or a given source) into the shared
-/// test directory.
+/// test directory, as `bin/<hash of the source>/<name>`. Tests running side
+/// by side compile the same programs, and a binary must never be replaced
+/// while it runs: a migration starts the program again from its path, which
+/// a replaced binary no longer has (`/proc/PID/exe` says "(deleted)"). So a
+/// binary, once built, stays; another source gets another directory.
 pub fn cc(src: &Path, name: &str) -> PathBuf {
-    let out = shared_dir("bin").join(name);
+    use sha2::{Digest, Sha256};
+    static BUILDS: AtomicU32 = AtomicU32::new(0);
+    const FLAGS: [&str; 3] = ["-O1", "-Wall", "-pthread"];
+    let code = std::fs::read(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    let mut h = Sha256::new();
+    h.update(FLAGS.join(" "));
+    h.update(&code);
+    let dir = shared_dir("bin").join(&hex::encode(h.finalize())[..16]);
+    let out = dir.join(name);
+    if out.exists() {
+        return out;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}",
+        std::process::id(),
+        BUILDS.fetch_add(1, Ordering::SeqCst)
+    ));
     let st = Command::new("gcc")
-        .args(["-O1", "-Wall", "-pthread", "-o"])
-        .arg(&out)
+        .args(FLAGS)
+        .arg("-o")
+        .arg(&tmp)
         .arg(src)
         .status()
         .expect("gcc");
     assert!(st.success(), "gcc {} failed", src.display());
+    // A link, unlike a rename, never replaces: if another test got there
+    // first, its binary (the same program) stays.
+    match std::fs::hard_link(&tmp, &out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => panic!("linking {} to {}: {e}", tmp.display(), out.display()),
+    }
+    let _ = std::fs::remove_file(&tmp);
     out
 }
 

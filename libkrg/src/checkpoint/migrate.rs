@@ -105,6 +105,7 @@ fn out_taken(order: &Order) -> Result<u64, String> {
                 }
             }
             report(true, how, bytes);
+            forward_listeners(order.node);
             become_shadow(
                 meta.gpid, order.node, &meta.exe, &meta.argv, &meta.env, conns,
             )
@@ -199,12 +200,18 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
     // Streams whose other end was a shadow's relay: a pipe read here is read
     // to its end (the shadow writes what it still had, then closes it).
     let mut relayed: Vec<u64> = Vec::new();
+    // Connections this node's agent keeps and relays: taken as they are.
+    let mut kept: Vec<u64> = Vec::new();
     for ((idx, p), opt) in groups.iter().zip(&peers).zip(optional) {
         let first = idx[0];
         match p {
             StreamPeer::Held { id, node } => as_connection(fds, idx, *id, *node),
             StreamPeer::Relayed { id, node } => {
                 relayed.push(*id);
+                as_connection(fds, idx, *id, *node)
+            }
+            StreamPeer::Kept { id, node } => {
+                kept.push(*id);
                 as_connection(fds, idx, *id, *node)
             }
             _ if opt => {
@@ -256,6 +263,20 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
             continue;
         };
         if *id == 0 || *alias_of >= 0 {
+            continue;
+        }
+        if kept.contains(id) {
+            // Nobody at the other end drains or shuts anything: what is
+            // queued now is taken, what comes later the agent relays.
+            match moving::take_queued(f.fd) {
+                Ok((p, w)) => {
+                    *pending = p;
+                    *wr_shut = w;
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
             continue;
         }
         if relayed.contains(id) && moving::is_pipe(f.fd) && moving::pipe_reads(f.fd) {
@@ -354,6 +375,9 @@ pub(crate) fn opts_of(k: &FdKind) -> Option<crate::streams::moving::Opts> {
 /// node to bind it), made again there.
 fn park_listeners(fds: &mut [FdState]) -> Result<(), String> {
     for f in fds.iter() {
+        if matches!(f.kind, FdKind::TcpListen { .. }) {
+            park_listener(f.fd);
+        }
         if matches!(f.kind, FdKind::TcpListen { .. } | FdKind::UnixListen { .. }) {
             if let Err(e) = park_fd(f.fd) {
                 reattach_streams(fds);
@@ -362,6 +386,81 @@ fn park_listeners(fds: &mut [FdState]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Listening TCP sockets of this migration kept open by this node's agent
+/// (`Park`): `(fd, park id)`. A fixed table: filled in the capture, used
+/// right after it (handed on, or taken back).
+static PARKED: std::sync::Mutex<[(i32, i32); 64]> = std::sync::Mutex::new([(-1, 0); 64]);
+
+fn parked() -> std::sync::MutexGuard<'static, [(i32, i32); 64]> {
+    PARKED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Have this node's agent keep listening socket `fd` open while the move
+/// goes on: a connection that comes meanwhile waits in its queue instead
+/// of being refused, and is passed on to the new node once the process
+/// listens there (`forward_listeners`), or accepted here again by the
+/// process after a failed move (`take_listener_back`). Without the agent
+/// the socket is only closed, as before.
+fn park_listener(fd: i32) {
+    match crate::client::call(&Request::Park { fd, moving: true }) {
+        Ok(Response::Id(id)) => {
+            let mut t = parked();
+            if let Some(e) = t.iter_mut().find(|e| e.0 < 0) {
+                *e = (fd, id);
+            }
+        }
+        other => crate::krg_log!(
+            crate::log::Level::Warn,
+            "fd {fd}: listening socket not kept during the move: {other:?}"
+        ),
+    }
+}
+
+/// The move succeeded: the agent passes on what still reaches the parked
+/// listeners to `node`, where the process listens now.
+fn forward_listeners(node: u32) {
+    let mut t = parked();
+    for e in t.iter_mut().filter(|e| e.0 >= 0) {
+        if let Err(e2) = crate::client::call(&Request::ForwardParked { id: e.1, node }) {
+            crate::krg_log!(
+                crate::log::Level::Warn,
+                "fd {}: connections to the old node will not be passed on: {e2}",
+                e.0
+            );
+        }
+        *e = (-1, 0);
+    }
+}
+
+/// The move failed: listening socket `fd`, if parked, comes back as it was
+/// (with what queued meanwhile). Whether it did.
+fn take_listener_back(fd: i32, cloexec: bool) -> bool {
+    let id = {
+        let mut t = parked();
+        let Some(e) = t.iter_mut().find(|e| e.0 == fd) else {
+            return false;
+        };
+        let id = e.1;
+        *e = (-1, 0);
+        id
+    };
+    match crate::client::call_fds(&Request::Unpark { id }) {
+        Ok((Response::StreamFd, mut got)) if !got.is_empty() => {
+            let s = got.remove(0);
+            let fl = if cloexec { libc::O_CLOEXEC } else { 0 };
+            // SAFETY: puts the listener back under its own number.
+            unsafe { libc::dup3(std::os::fd::AsRawFd::as_raw_fd(&s), fd, fl) >= 0 }
+        }
+        other => {
+            crate::krg_log!(
+                crate::log::Level::Warn,
+                "fd {fd}: taking the listening socket back: {other:?}"
+            );
+            false
+        }
+    }
 }
 
 /// The listening UNIX socket an image fd describes.
@@ -451,6 +550,9 @@ fn reattach_streams(fds: &[FdState]) {
     use crate::streams::moving;
     for f in fds {
         if matches!(f.kind, FdKind::TcpListen { .. } | FdKind::UnixListen { .. }) {
+            if take_listener_back(f.fd, f.cloexec) {
+                continue;
+            }
             // Closed by the move: make it again here, if it was.
             if let Err(e) = relisten_here(f) {
                 crate::krg_log!(

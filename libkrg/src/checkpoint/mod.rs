@@ -806,7 +806,7 @@ fn streams_for_disk(fds: &mut [image::FdState], kill: bool) -> Result<Vec<i32>, 
     let mut parks = Vec::new();
     for i in out {
         let fd = fds[i].fd;
-        match crate::client::call(&crate::proto::Request::Park { fd }) {
+        match crate::client::call(&crate::proto::Request::Park { fd, moving: false }) {
             Ok(crate::proto::Response::Id(id)) => {
                 parks.push(id);
                 fds[i].kind = FdKind::Parked { node, id };

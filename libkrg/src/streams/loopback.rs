@@ -180,11 +180,18 @@ fn local_addr(fd: c_int) -> Option<Addr> {
     Addr::read(me.as_ptr(), l)
 }
 
+/// `ORIG` of a socket bound to the wildcard address (its connections are
+/// not filtered, its name is the kernel's).
+const WILDCARD: u64 = 3 << 32;
+
+/// Remember the port of `fd`, bound for the program to `asked` (a loopback
+/// or wildcard address).
 fn remember(fd: c_int, asked: &Addr) {
     let Some(me) = local_addr(fd) else { return };
-    let orig = match asked.ipv4() {
-        Some(v4) => 1 << 32 | u32::from_be_bytes(v4) as u64,
-        None => 2 << 32,
+    let orig = match (asked.kind(), asked.ipv4()) {
+        (Kind::Wildcard, _) => WILDCARD,
+        (_, Some(v4)) => 1 << 32 | u32::from_be_bytes(v4) as u64,
+        (_, None) => 2 << 32,
     };
     forget(&me);
     let i = NEXT.fetch_add(1, Ordering::Relaxed) % SLOTS;
@@ -318,11 +325,7 @@ pub fn bind(
         }
     };
     if bound == 0 {
-        if kind == Kind::Loopback {
-            remember(fd, &a);
-        } else if let Some(me) = local_addr(fd) {
-            forget(&me);
-        }
+        remember(fd, &a);
     }
     bound
 }
@@ -382,7 +385,14 @@ pub fn listen(fd: c_int, backlog: c_int, real: impl Fn(c_int, c_int) -> c_int) -
             // SAFETY: bind with our own address buffer and its length.
             unsafe { libc::bind(fd, p, l) }
         };
-        bind_ephemeral(fd, a.wildcard(), reuse, &real_bind).unwrap_or(Ok(()))
+        match bind_ephemeral(fd, a.wildcard(), reuse, &real_bind) {
+            Some(Ok(())) => {
+                remember(fd, &a.wildcard());
+                Ok(())
+            }
+            Some(Err(e)) => Err(e),
+            None => Ok(()),
+        }
     });
     match pre {
         Ok(()) => real(fd, backlog),
@@ -403,7 +413,18 @@ pub fn connect(
     if a.kind() == Kind::Other || !super::active() || !is_tcp(fd) {
         return real(fd, addr, len);
     }
-    match call(&Request::PortOwner { port: a.port() }) {
+    // Bound first (as connect would, to a port the kernel picks), so that
+    // the server's node can be told where it comes from and show the
+    // loopback as its peer. No port left to bind: the connection is made
+    // all the same, and its server sees this node's address.
+    let from = bound_port(fd, &a);
+    let form = Form::of(&a);
+    let req = Request::PortOwner {
+        port: a.port(),
+        from,
+        v6: form == Form::V6,
+    };
+    match call(&req) {
         Ok(Response::PortOwner(Some((node, ip)))) => {
             let mut to = a;
             to.set_ipv4(ip);
@@ -412,7 +433,12 @@ pub fn connect(
                 "connect to loopback port {}: held on node {node}",
                 a.port()
             );
-            real(fd, to.as_ptr(), to.socklen())
+            let r = real(fd, to.as_ptr(), to.socklen());
+            if r == 0 || crate::rt::errno() == libc::EINPROGRESS {
+                // Its own names show the loopback too, as on one machine.
+                mark(fd, form);
+            }
+            r
         }
         Ok(_) => real(fd, addr, len),
         Err(e) => {
@@ -481,9 +507,10 @@ pub fn accept(
     len: *mut socklen_t,
     real: impl Fn(*mut sockaddr, *mut socklen_t) -> c_int,
 ) -> c_int {
-    if remembered(fd).is_none() {
+    let Some(orig) = remembered(fd) else {
         return real(addr, len);
-    }
+    };
+    let filtered = orig != WILDCARD;
     loop {
         let mut peer = Addr {
             b: [0; V6_LEN],
@@ -495,7 +522,11 @@ pub fn accept(
             return c;
         }
         match Addr::read(peer.as_ptr(), l) {
-            Some(p) if allowed(&p) => {
+            Some(mut p) if !filtered || allowed(&p) => {
+                if let Some(form) = loopback_client(c, &p) {
+                    form.put(&mut p);
+                    mark(c, form);
+                }
                 give(&p, addr, len);
                 return c;
             }
@@ -530,7 +561,10 @@ pub fn getsockname(
     len: *mut socklen_t,
     real: impl Fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int,
 ) -> c_int {
-    let Some(orig) = remembered(fd) else {
+    if let Some(form) = marked(fd) {
+        return named_as(fd, form, addr, len, real);
+    }
+    let Some(orig) = remembered(fd).filter(|o| *o != WILDCARD) else {
         return real(fd, addr, len);
     };
     let mut me = Addr {
@@ -552,6 +586,158 @@ pub fn getsockname(
     }
     give(&a, addr, len);
     0
+}
+
+/// `getpeername(fd, addr, len)`: a connection made through the
+/// cluster-wide loopback shows the loopback at both ends.
+pub fn getpeername(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    real: impl Fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int,
+) -> c_int {
+    match marked(fd) {
+        Some(form) => named_as(fd, form, addr, len, real),
+        None => real(fd, addr, len),
+    }
+}
+
+/// `real` (getsockname or getpeername) with the address's IP replaced by
+/// the loopback of `form` (its port kept).
+fn named_as(
+    fd: c_int,
+    form: Form,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    real: impl Fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int,
+) -> c_int {
+    let mut got = Addr {
+        b: [0; V6_LEN],
+        len: V6_LEN,
+    };
+    let mut l = V6_LEN as socklen_t;
+    let r = real(fd, got.b.as_mut_ptr().cast(), &mut l);
+    if r != 0 {
+        return r;
+    }
+    let Some(mut a) = Addr::read(got.as_ptr(), l) else {
+        return real(fd, addr, len);
+    };
+    form.put(&mut a);
+    give(&a, addr, len);
+    0
+}
+
+// --- connections made through the cluster-wide loopback -------------------
+
+/// Which loopback address a connection made through the cluster-wide
+/// loopback shows: what its client asked for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Form {
+    /// `127.0.0.1` (or the IPv4-mapped one on an IPv6 socket).
+    V4,
+    /// `::1`.
+    V6,
+}
+
+impl Form {
+    /// The form of a loopback or wildcard address asked for.
+    fn of(a: &Addr) -> Form {
+        if a.v6() && a.ipv4().is_none() {
+            Form::V6
+        } else {
+            Form::V4
+        }
+    }
+
+    /// Put this form's loopback address into `a` (its family and port
+    /// kept).
+    fn put(self, a: &mut Addr) {
+        match self {
+            Form::V6 if a.v6() => a.b[8..24].copy_from_slice(&LOOPBACK6),
+            _ => a.set_ipv4([127, 0, 0, 1]),
+        }
+    }
+}
+
+/// Connections made through the cluster-wide loopback, at either end:
+/// `fd << 44 | socket inode << 1 | v6` (an fd whose socket changed is no
+/// longer one). Past the last slot the oldest are forgotten (their names
+/// are then the nodes').
+const LOOPED_SLOTS: usize = 256;
+static LOOPED: [AtomicU64; LOOPED_SLOTS] = [const { AtomicU64::new(0) }; LOOPED_SLOTS];
+static LOOPED_NEXT: AtomicUsize = AtomicUsize::new(0);
+/// Whether any is marked: every other `getpeername` costs one atomic load.
+static LOOPED_ANY: AtomicUsize = AtomicUsize::new(0);
+
+fn socket_ino(fd: c_int) -> Option<u64> {
+    // SAFETY: fstat into our own struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+}
+
+fn looped_key(fd: c_int, ino: u64) -> u64 {
+    ((fd as u64) << 44) | ((ino & ((1 << 43) - 1)) << 1)
+}
+
+fn mark(fd: c_int, form: Form) {
+    let Some(ino) = socket_ino(fd) else { return };
+    let k = looped_key(fd, ino) | (form == Form::V6) as u64;
+    let i = LOOPED_NEXT.fetch_add(1, Ordering::Relaxed) % LOOPED_SLOTS;
+    LOOPED[i].store(k, Ordering::Release);
+    LOOPED_ANY.store(1, Ordering::Release);
+}
+
+fn marked(fd: c_int) -> Option<Form> {
+    if LOOPED_ANY.load(Ordering::Acquire) == 0 || fd < 0 {
+        return None;
+    }
+    let k = looped_key(fd, socket_ino(fd)?);
+    LOOPED.iter().find_map(|s| {
+        let v = s.load(Ordering::Acquire);
+        (v & !1 == k).then_some(if v & 1 == 1 { Form::V6 } else { Form::V4 })
+    })
+}
+
+/// The local port of unbound TCP socket `fd` once bound to the wildcard
+/// address of `to`'s family, as connect would (the port bound already
+/// when the program bound it); 0 when it cannot be (no port left).
+fn bound_port(fd: c_int, to: &Addr) -> u16 {
+    if let Some(me) = local_addr(fd).filter(|m| m.port() != 0) {
+        return me.port();
+    }
+    let mut any = Addr {
+        b: [0; V6_LEN],
+        len: to.len,
+    };
+    any.b[..2].copy_from_slice(&to.b[..2]);
+    // SAFETY: the raw system call (the port is the kernel's to pick, as in
+    // connect; not our hook) with our address buffer and its length.
+    let r = unsafe { libc::syscall(libc::SYS_bind, fd, any.b.as_ptr(), any.len) };
+    if r != 0 {
+        return 0;
+    }
+    local_addr(fd).map_or(0, |m| m.port())
+}
+
+/// Whether connection `c`, accepted from `peer`, came from a client on
+/// another node that connected to the loopback (its agent told ours
+/// first): the loopback it shows then.
+fn loopback_client(c: c_int, peer: &Addr) -> Option<Form> {
+    let ip = peer.ipv4()?;
+    if peer.kind() != Kind::Other || !is_node(ip) {
+        return None;
+    }
+    let port = local_addr(c)?.port();
+    match call(&Request::LoopbackPeer {
+        ip,
+        from: peer.port(),
+        port,
+    }) {
+        Ok(Response::LoopbackPeer(Some(v6))) => Some(if v6 { Form::V6 } else { Form::V4 }),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ pub mod placed;
 pub mod seqpacket;
 pub mod unix;
 
-pub use loopback::{bind, getsockname};
+pub use loopback::{bind, getpeername, getsockname};
 
 use crate::caps::Caps;
 

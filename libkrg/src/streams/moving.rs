@@ -365,6 +365,35 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
     }
 }
 
+/// What is queued for this side of connection `fd` now, without shutting
+/// anything down or waiting (the connection goes on, kept by the agent),
+/// and whether this side had shut down writing.
+pub fn take_queued(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
+    let was_shut = wr_shut(fd);
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        // SAFETY: reads into our buffer without blocking.
+        let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if r > 0 {
+            out.extend_from_slice(&buf[..r as usize]);
+            continue;
+        }
+        if r == 0 {
+            // The peer's end of stream stays for the relay to see.
+            return Ok((out, was_shut));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => return Ok((out, was_shut)),
+            Some(libc::EINTR) => continue,
+            // Reset: the relay sees it too; what was read still counts.
+            Some(libc::ECONNRESET) => return Ok((out, was_shut)),
+            _ => return Err(format!("fd {fd}: taking what is queued: {e}")),
+        }
+    }
+}
+
 /// Read `fd` (a socket or a pipe) until its end of stream, for at most
 /// `timeout` (`late` says what did not happen then). What was read, and
 /// why it stopped early if it did.
@@ -685,6 +714,15 @@ pub fn listening(fd: RawFd) -> Result<Option<Listening>, String> {
     }))
 }
 
+/// The listener this node's agent kept on `port` for this process when it
+/// moved away, if any.
+fn kept_listener(port: u16) -> Option<OwnedFd> {
+    match client::call_fds(&Request::TakeForwarded { port }) {
+        Ok((Response::StreamFd, mut got)) if !got.is_empty() => Some(got.remove(0)),
+        _ => None,
+    }
+}
+
 /// Make the listening socket again here: its port reserved in the cluster
 /// (the old one was closed first), bound and listening, with its options.
 pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
@@ -719,6 +757,13 @@ pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
                 std::io::Error::from_raw_os_error(e)
             ))
         }
+    }
+    // Back on a node it left: the agent kept its listener (and passed on
+    // what came to it); it is the process's own again, with its queue.
+    if let Some(kept) = kept_listener(l.addr.port()) {
+        // SAFETY: sets the status flags of the socket we were given.
+        unsafe { libc::fcntl(kept.as_raw_fd(), libc::F_SETFL, l.flags & libc::O_NONBLOCK) };
+        return Ok(kept);
     }
     let mut b = [0u8; 28];
     b[..2].copy_from_slice(&(fam as u16).to_ne_bytes());
