@@ -273,7 +273,11 @@ pub fn inject(c: &Cluster, nodes: u32, marker: &str, aim: &Aim, done: &AtomicBoo
             .map(|all| case_procs(&all, marker))
             .unwrap_or_default()
             .into_iter()
-            .filter(|p| aim.only.as_ref().is_none_or(|o| p.2.starts_with(o.as_str())))
+            .filter(|p| {
+                aim.only
+                    .as_ref()
+                    .is_none_or(|o| p.2.starts_with(o.as_str()))
+            })
             .collect();
         if let Some((pid, node, cmd)) = procs.choose(&mut rng).cloned() {
             let others: Vec<u32> = (1..=nodes).filter(|&n| n as u64 != node).collect();
