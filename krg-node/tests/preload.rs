@@ -857,3 +857,73 @@ fn a_jemalloc_program_whose_library_allocates_first_starts() {
     }
     assert!(agent.count("Hello") >= 1, "{:?}", agent.requests());
 }
+
+/// libkrg's capture handler (signal 62) may interrupt malloc in the same
+/// thread; in a single-threaded program glibc takes no lock, so a malloc
+/// or free from the handler corrupts the heap. A refused checkpoint used
+/// to keep its reason with malloc once the capture arena was gone
+/// (`malloc(N) in the capture handler`, seen by examples/ckpt/
+/// handlermalloc.c preloaded before libkrg.so). Here a program that lives
+/// in malloc (examples/ckpt/mallocbusy.c) is refused ten times (fd 3 is
+/// a pipe to another process): no allocation in the handler, the program
+/// runs on with its heap intact.
+#[test]
+fn a_refused_checkpoint_calls_no_malloc_in_the_programs_handler() {
+    let agent = Agent::start("handlermalloc");
+    let spy = agent.dir.join("libhandlermalloc.so");
+    let st = Command::new("cc")
+        .args(["-O1", "-shared", "-fPIC", "-o"])
+        .arg(&spy)
+        .arg(repo().join("examples/ckpt/handlermalloc.c"))
+        .arg("-ldl")
+        .status()
+        .expect("run cc");
+    assert!(st.success(), "cc handlermalloc.c");
+    let prog = example("ckpt/mallocbusy", &agent.dir);
+    let mut c = under_krg(&agent.sock, "bash");
+    c.env(
+        "LD_PRELOAD",
+        format!("{} {}", spy.display(), preload().display()),
+    )
+    .args([
+        "-c",
+        &format!(
+            "exec 3> >(cat > /dev/null); exec {} 20000 < /dev/zero > /dev/null",
+            prog.display()
+        ),
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn");
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut err, &mut first).unwrap();
+    let pid = val(&first, "mallocbusy: pid");
+    let krg = bin_dir().join("krg");
+    for _ in 0..10 {
+        let out = Command::new(&krg)
+            .env("KRG_NODE_SOCK", &agent.sock)
+            .args(["checkpoint", "-o"])
+            .arg(agent.dir.join("ckpt"))
+            .arg(pid.to_string())
+            .output()
+            .expect("run krg checkpoint");
+        assert!(
+            !out.status.success() && stderr(&out).contains("fd 3"),
+            "the checkpoint is refused for fd 3: {}",
+            stderr(&out)
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+    assert!(alive, "mallocbusy ended during the checkpoints:\n{rest}");
+    assert!(
+        !rest.contains("in the capture handler"),
+        "libc allocations in the capture handler:\n{rest}"
+    );
+}

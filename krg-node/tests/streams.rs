@@ -692,6 +692,88 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
     assert_eq!(ok(&out, "pipeline"), want, "the digest of the stream");
 }
 
+/// A single-threaded program that lives in malloc (examples/ckpt/
+/// mallocbusy.c) in the middle of a spread pipeline: every move of its
+/// consumer hands its stdout over (a `StreamSwap` in its signal handler),
+/// and it moves itself too (then more hand-overs in the restored
+/// process). The handler may have interrupted malloc, and glibc takes no
+/// lock in a single-threaded program: a malloc or free there corrupts the
+/// heap. Before, each hand-over listed the fds with libc's opendir
+/// (malloc and free in the handler): glibc aborted ("malloc(): unsorted
+/// double linked list corrupted", "largebin double linked list
+/// corrupted") within 19 to 59 hand-overs, and the consumer got a
+/// truncated stream. Every stage has examples/ckpt/handlermalloc.c
+/// preloaded before libkrg.so, which reports any malloc-family call made
+/// in the handler (sha256sum sets its locale: glibc's strerror then
+/// mallocs, and a migration formats a vanished fd's readlink error).
+#[test]
+fn a_program_living_in_malloc_keeps_its_heap_while_its_streams_move() {
+    let c = Cluster::up(3, 1.0);
+    let g = pipegen();
+    let want = reference_digest(&g, 512);
+    let busy = cc(
+        &repo_root().join("examples/ckpt/mallocbusy.c"),
+        "mallocbusy",
+    );
+    let busy = busy.to_str().unwrap();
+    let spy = shared_dir("bin").join("libhandlermalloc.so");
+    let st = std::process::Command::new("gcc")
+        .args(["-O1", "-shared", "-fPIC", "-o"])
+        .arg(&spy)
+        .arg(repo_root().join("examples/ckpt/handlermalloc.c"))
+        .arg("-ldl")
+        .status()
+        .unwrap();
+    assert!(st.success(), "gcc handlermalloc.c");
+    let pre = format!("env LD_PRELOAD='{} {}'", spy.display(), preload().display());
+    // The producer paced (10 MiB/s) a little below what mallocbusy takes
+    // (mostly in malloc): the stream lasts as long as the moves.
+    let job = piped(
+        &c,
+        1,
+        &[
+            "bash",
+            "-c",
+            &format!(
+                "KRG_NODE=2 {pre} {g} 512 100 | KRG_NODE=3 {pre} {busy} 12000 | KRG_NODE=1 {pre} sha256sum; echo status ${{PIPESTATUS[*]}} >&2"
+            ),
+        ],
+    );
+    producer_and_consumer(&c, busy);
+    let mut moves = 0;
+    for i in 0..40 {
+        let Some((pid, node)) = find(&c, "sha256sum") else {
+            break;
+        };
+        let to = if node == 1 { 2 } else { 1 };
+        if c.krg(1, &["migrate", &pid.to_string(), &to.to_string()])
+            .status
+            .success()
+        {
+            moves += 1;
+        }
+        if i % 15 == 7 {
+            if let Some((pid, node)) = find(&c, busy) {
+                let to = if node == 3 { 1 } else { 3 };
+                let _ = c.krg(1, &["migrate", &pid.to_string(), &to.to_string()]);
+            }
+        }
+    }
+    let out = job.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(
+        !err.contains("in the capture handler"),
+        "malloc-family calls in the capture handler ({moves} moves):\n{err}"
+    );
+    assert!(
+        err.contains("status 0 0 0"),
+        "every stage ends well ({moves} moves): {}",
+        show(&out)
+    );
+    assert_eq!(text(&out.stdout), want, "the digest ({moves} moves)");
+    assert!(moves >= 20, "only {moves} moves of the consumer");
+}
+
 #[test]
 fn a_fifo_between_two_nodes_carries_its_stream_over_the_network_while_its_reader_moves() {
     let c = Cluster::up(3, 1.0);

@@ -552,7 +552,9 @@ pub fn agent_call(req: &Request) -> Result<Reply, HookCallError> {
     r
 }
 
-/// Formats an errno value as `strerror` would, without allocating.
+/// Formats an errno value as `strerror` would, without allocating in the
+/// "C" locale (under another, glibc's gettext mallocs: the capture handler
+/// switches its thread to "C").
 pub struct Errno(pub i32);
 
 impl std::fmt::Display for Errno {

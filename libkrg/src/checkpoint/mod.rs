@@ -478,7 +478,7 @@ fn capture_self(order: Order) -> Result<bool, (i32, String)> {
     }
     *LOCAL.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(order);
     SELF_RESULT.store(-libc::EAGAIN, Ordering::Release);
-    SELF_MSG.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    SELF_MSG.lock().unwrap_or_else(|e| e.into_inner()).1 = 0;
     LOCAL_PENDING.store(true, Ordering::Release);
     // SAFETY: a signal to the calling thread: its handler runs before
     // tgkill returns (the signal is not blocked outside krg).
@@ -496,14 +496,16 @@ fn capture_self(order: Order) -> Result<bool, (i32, String)> {
     match SELF_RESULT.load(Ordering::Acquire) {
         0 => Ok(false),
         1 => Ok(true),
-        e => Err((
-            -e,
-            SELF_MSG.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-        )),
+        e => Err((-e, {
+            let m = SELF_MSG.lock().unwrap_or_else(|e| e.into_inner());
+            String::from_utf8_lossy(&m.0[..m.1]).into_owned()
+        })),
     }
 }
 
-static SELF_MSG: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+/// Why the last self-ordered capture was refused (bytes, length): fixed,
+/// written in the handler.
+static SELF_MSG: std::sync::Mutex<([u8; 512], usize)> = std::sync::Mutex::new(([0; 512], 0));
 
 /// `krg_checkpoint(dir)`: write this process's image to `dir` and go on.
 /// Returns `Ok(false)` after taking it, `Ok(true)` in a process restarted
@@ -571,7 +573,42 @@ pub(crate) fn report(ok: bool, msg: String, bytes: u64) {
     let _ = crate::client::call(&Request::CkptDone { ok, msg, bytes });
 }
 
+/// The calling thread in the "C" locale while it lives: glibc's
+/// `strerror_r` (every io::Error the capture formats: a vanished fd's
+/// readlink, any refusal) goes through gettext, which under a program's
+/// own locale (`setlocale(LC_ALL, "")`: coreutils, sort, awk) mallocs and
+/// frees on each call, in a handler that may have interrupted malloc.
+/// The C locale object is glibc's static one (`newlocale` of "C"
+/// allocates nothing), and `uselocale` is per thread.
+struct CLocale(libc::locale_t);
+
+impl CLocale {
+    fn enter() -> CLocale {
+        // SAFETY: newlocale of "C" with no base returns glibc's static C
+        // locale object; uselocale only changes this thread's locale.
+        unsafe {
+            let c = libc::newlocale(libc::LC_ALL_MASK, c"C".as_ptr(), std::ptr::null_mut());
+            CLocale(if c.is_null() {
+                std::ptr::null_mut()
+            } else {
+                libc::uselocale(c)
+            })
+        }
+    }
+}
+
+impl Drop for CLocale {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: puts back the locale this thread had (a valid
+            // locale_t, or LC_GLOBAL_LOCALE).
+            unsafe { libc::uselocale(self.0) };
+        }
+    }
+}
+
 fn lead() {
+    let _c = CLocale::enter();
     // A process still receiving its memory by post-copy is not captured
     // before the last page is in (its fault handler is no application
     // thread and would never park).
@@ -600,9 +637,10 @@ fn lead() {
     if order.action != CkptAction::StreamSwap {
         run_callbacks(&BEFORE);
     }
-    let r = lead_capture(&order);
-    drop(order);
-    match r {
+    // `order` lives until the threads are released: a self order's is
+    // malloc's memory, whose free could wait for a lock a parked thread
+    // holds (an agent's order is in the arena: its free is nothing).
+    match lead_capture(&order) {
         Ok(Some(bytes)) => {
             SELF_RESULT.store(0, Ordering::Release);
             report(true, String::new(), bytes);
@@ -621,23 +659,20 @@ fn lead() {
         Err(e) => {
             krg_log!(log::Level::Warn, "checkpoint refused: {e}");
             SELF_RESULT.store(-libc::EBUSY, Ordering::Release);
-            // The message lives in the arena: keep a copy on the stack
-            // for the caller, taken to the heap once the arena is gone.
-            let mut keep = [0u8; 512];
-            let n = e.len().min(keep.len());
-            keep[..n].copy_from_slice(&e.as_bytes()[..n]);
-            report(false, e, 0);
-            release();
-            alloc::end();
+            // For the caller of a self order, in a fixed buffer: nothing
+            // here may call malloc (this handler may have interrupted it).
             if let Ok(mut m) = SELF_MSG.try_lock() {
-                m.clear();
-                m.push_str(&String::from_utf8_lossy(&keep[..n]));
+                let n = e.len().min(m.0.len());
+                m.0[..n].copy_from_slice(&e.as_bytes()[..n]);
+                m.1 = n;
             }
-            return;
+            report(false, e, 0);
         }
     }
-    release();
+    // The arena is ended before the capture is: once BUSY is 0 another
+    // thread may take the next order and start the arena again.
     alloc::end();
+    release();
 }
 
 /// Park the other threads and take the image. `Ok(None)` when this call

@@ -83,13 +83,11 @@ fn waiting(fd: RawFd) -> bool {
 /// made again); a UNIX connection from another node is taken from the
 /// agent first (see `streams::unix`), so it moves as a connection.
 pub fn take_queued() {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+    // getdents, not `read_dir` (libc's `opendir` mallocs; this is the
+    // capture handler).
+    let Ok(fds) = crate::checkpoint::capture::list_dir_numbers("/proc/self/fd") else {
         return;
     };
-    let fds: Vec<RawFd> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
-        .collect();
     let mut t = table();
     for l in fds {
         let unix = unix_listener(l);

@@ -513,16 +513,18 @@ pub fn apply(new: &OwnedFd, o: &Opts) {
 }
 
 /// Every `(epoll fd, events, data)` of this process that watches `fd`.
+/// The fds are listed with getdents (`read_dir` is libc's `opendir`,
+/// which mallocs: this runs in the capture handler, which may have
+/// interrupted malloc).
 fn epoll_watches_of(fd: RawFd) -> Vec<(RawFd, u32, u64)> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+    let Ok(fds) = crate::checkpoint::capture::list_dir_numbers("/proc/self/fd") else {
         return out;
     };
-    for e in dir.flatten() {
-        let Some(ep) = e.file_name().to_str().and_then(|s| s.parse::<RawFd>().ok()) else {
-            continue;
-        };
-        if !std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[eventpoll]") {
+    for ep in fds {
+        if !std::fs::read_link(format!("/proc/self/fd/{ep}"))
+            .is_ok_and(|l| l.as_os_str() == "anon_inode:[eventpoll]")
+        {
             continue;
         }
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{ep}")).unwrap_or_default();

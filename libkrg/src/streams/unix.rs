@@ -99,15 +99,33 @@ fn key_of(name: &[u8]) -> Option<Key> {
         }),
         Some(0) => None,
         Some(_) => {
-            let p = std::fs::canonicalize(std::ffi::OsStr::from_bytes(name)).ok()?;
-            let m = std::fs::metadata(&p).ok()?;
+            let p = real_path(name)?;
+            let m = std::fs::metadata(std::ffi::OsStr::from_bytes(&p)).ok()?;
             m.file_type().is_socket().then(|| Key {
-                path: p.as_os_str().as_bytes().to_vec(),
+                path: p,
                 dev: m.dev(),
                 ino: m.ino(),
             })
         }
     }
+}
+
+/// The canonical form of `path`, resolved into a buffer of ours: std's
+/// `canonicalize` has libc's `realpath` malloc the result, and this may
+/// run in the capture handler (a listener made again after a failed
+/// move), which may have interrupted malloc. glibc's `realpath` works on
+/// the stack for paths under 1 KiB.
+fn real_path(path: &[u8]) -> Option<Vec<u8>> {
+    let c = std::ffi::CString::new(path).ok()?;
+    let mut buf = [0u8; libc::PATH_MAX as usize];
+    // SAFETY: a NUL-terminated path and a PATH_MAX buffer, as realpath
+    // requires.
+    let r = unsafe { libc::realpath(c.as_ptr(), buf.as_mut_ptr().cast()) };
+    if r.is_null() {
+        return None;
+    }
+    let n = buf.iter().position(|b| *b == 0)?;
+    Some(buf[..n].to_vec())
 }
 
 /// Put connection `new` under `fd`, keeping `fd`'s `O_NONBLOCK` and
