@@ -351,6 +351,63 @@ while True: signal.pause()' & b=$!
     assert!(out.status.success());
 }
 
+/// The shell follows its child to the node the child went to, then moves
+/// on and comes back: each child shadow it starts stands for a child whose
+/// program already runs on that node (and, back there, for a child another
+/// child shadow of the same shell already stands for). Found by difftest:
+/// the child shadow was refused ("already runs on node 2"), killed itself
+/// and bash reported the child `Killed`.
+#[test]
+fn a_shell_follows_its_child_to_the_node_the_child_went_to() {
+    let c = Cluster::up(3, 1.0);
+    let script = r#"
+        /usr/bin/python3 -c 'import signal, sys
+signal.signal(signal.SIGUSR1, lambda *x: sys.exit(7))
+while True: signal.pause()' & b=$!
+        echo "started $$ $b"
+        wait $b; echo "b $?"
+    "#;
+    let mut p = c
+        .cmd(1, &["sh", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = read_line(&mut p);
+    let ids: Vec<i64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{line}");
+    let (sh, b) = (ids[0], ids[1]);
+    assert!(wait_for(Duration::from_secs(10), || find(
+        &c,
+        "/usr/bin/python3 -c"
+    )
+    .is_some()));
+    migrate(&c, 1, b, 2);
+    migrate(&c, 1, sh, 2);
+    migrate(&c, 1, sh, 3);
+    migrate(&c, 1, sh, 2);
+    let k = c.krg(3, &["kill", "-USR1", &b.to_string()]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    let out = p.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        vec!["b 7"],
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stderr), "");
+    assert!(out.status.success());
+    assert!(
+        wait_for(Duration::from_secs(10), || c.ps(1).is_empty()),
+        "left over: {:?}",
+        c.ps(1)
+    );
+}
+
 /// Native tools (`ps`, `pgrep -f`, `top`) read `/proc/PID/cmdline` and
 /// `environ`: on the new node they show the program's own strings.
 #[test]
