@@ -408,6 +408,54 @@ while True: signal.pause()' & b=$!
     );
 }
 
+/// A parent blocked in `waitpid(child)` when it moves: the kernel restarts
+/// the call on the new node with the child's kernel pid on the old one.
+/// Found by difftest (`spawnkit run fork tr`: "waitpid: No child
+/// processes", exit 111).
+#[test]
+fn a_parent_blocked_in_waitpid_for_one_child_migrates_and_reaps_it() {
+    let c = Cluster::up(2, 1.0);
+    let script = r#"
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    signal.signal(signal.SIGUSR1, lambda *x: os._exit(7))
+    while True:
+        signal.pause()
+print("child", pid, flush=True)
+p, st = os.waitpid(pid, 0)
+print("reaped", p == pid, os.waitstatus_to_exitcode(st), flush=True)
+"#;
+    let mut p = c
+        .cmd(1, &["/usr/bin/python3", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = read_line(&mut p);
+    let child: i64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut parent = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        parent = c
+            .ps(1)
+            .iter()
+            .find(|q| q["ppid"].as_i64() != Some(child) && q["pid"].as_i64() != Some(child))
+            .and_then(|q| q["pid"].as_i64());
+        parent.is_some()
+    }));
+    migrate(&c, 1, parent.unwrap(), 2);
+    let k = c.krg(2, &["kill", "-USR1", &child.to_string()]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    let out = p.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "reaped True 7\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 /// Native tools (`ps`, `pgrep -f`, `top`) read `/proc/PID/cmdline` and
 /// `environ`: on the new node they show the program's own strings.
 #[test]
