@@ -1113,3 +1113,54 @@ fn a_server_sharing_memory_and_a_pipe_with_its_children_is_not_moved_alone() {
     assert!(o.ends_with("done\n"), "{o}");
     assert!(!o.contains("died") && !o.contains("stalled"), "{o}");
 }
+
+/// A child that writes to a file through a description its shell holds
+/// too (`exec 3>f; ... sh -c 'echo two >&3'`) shares the file's offset
+/// with the shell. Opened again on another node the file would have its
+/// own offset: what the one writes the other overwrites (difftest
+/// seed-4242-case-105 lost "one"). The move is refused, naming the fd and
+/// the sharer, and the file ends as natively.
+#[test]
+fn a_file_description_shared_with_the_shell_is_not_moved_and_keeps_its_offset() {
+    let c = Cluster::up(2, 1.0);
+    let dir = shared_dir("migrate-shared-file");
+    let (f, go) = (dir.join("fd3"), dir.join("go"));
+    let _ = std::fs::remove_file(&go);
+    let script = format!(
+        "exec 3>{f}; /bin/echo one >&3; \
+         sh -c 'while [ ! -e {go} ]; do sleep 0.02; done; echo two >&3'; \
+         /bin/echo three >&3; exec 3>&-; cat {f}",
+        f = f.display(),
+        go = go.display()
+    );
+    let p = c
+        .cmd(1, &["bash", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sh = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        sh = find(&c, "sh -c while");
+        sh.is_some()
+    }));
+    let (pid, node) = sh.unwrap();
+    let to = if node == 1 { "2" } else { "1" };
+    let m = c.krg(1, &["migrate", &pid.to_string(), to]);
+    write_file(&go, "");
+    let out = p.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "one\ntwo\nthree\n",
+        "migrate: {}{}\nstderr: {}",
+        text(&m.stdout),
+        text(&m.stderr),
+        text(&out.stderr)
+    );
+    assert!(!m.status.success(), "{}", text(&m.stdout));
+    assert!(
+        text(&m.stderr).contains("fd 3") && text(&m.stderr).contains("(bash)"),
+        "{}",
+        text(&m.stderr)
+    );
+}
