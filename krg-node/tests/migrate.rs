@@ -351,6 +351,111 @@ while True: signal.pause()' & b=$!
     assert!(out.status.success());
 }
 
+/// The shell follows its child to the node the child went to, then moves
+/// on and comes back: each child shadow it starts stands for a child whose
+/// program already runs on that node (and, back there, for a child another
+/// child shadow of the same shell already stands for). Found by difftest:
+/// the child shadow was refused ("already runs on node 2"), killed itself
+/// and bash reported the child `Killed`.
+#[test]
+fn a_shell_follows_its_child_to_the_node_the_child_went_to() {
+    let c = Cluster::up(3, 1.0);
+    let script = r#"
+        /usr/bin/python3 -c 'import signal, sys
+signal.signal(signal.SIGUSR1, lambda *x: sys.exit(7))
+while True: signal.pause()' & b=$!
+        echo "started $$ $b"
+        wait $b; echo "b $?"
+    "#;
+    let mut p = c
+        .cmd(1, &["sh", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = read_line(&mut p);
+    let ids: Vec<i64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{line}");
+    let (sh, b) = (ids[0], ids[1]);
+    assert!(wait_for(Duration::from_secs(10), || find(
+        &c,
+        "/usr/bin/python3 -c"
+    )
+    .is_some()));
+    migrate(&c, 1, b, 2);
+    migrate(&c, 1, sh, 2);
+    migrate(&c, 1, sh, 3);
+    migrate(&c, 1, sh, 2);
+    let k = c.krg(3, &["kill", "-USR1", &b.to_string()]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    let out = p.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        vec!["b 7"],
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stderr), "");
+    assert!(out.status.success());
+    assert!(
+        wait_for(Duration::from_secs(10), || c.ps(1).is_empty()),
+        "left over: {:?}",
+        c.ps(1)
+    );
+}
+
+/// A parent blocked in `waitpid(child)` when it moves: the kernel restarts
+/// the call on the new node with the child's kernel pid on the old one.
+/// Found by difftest (`spawnkit run fork tr`: "waitpid: No child
+/// processes", exit 111).
+#[test]
+fn a_parent_blocked_in_waitpid_for_one_child_migrates_and_reaps_it() {
+    let c = Cluster::up(2, 1.0);
+    let script = r#"
+import os, signal, sys
+pid = os.fork()
+if pid == 0:
+    signal.signal(signal.SIGUSR1, lambda *x: os._exit(7))
+    while True:
+        signal.pause()
+print("child", pid, flush=True)
+p, st = os.waitpid(pid, 0)
+print("reaped", p == pid, os.waitstatus_to_exitcode(st), flush=True)
+"#;
+    let mut p = c
+        .cmd(1, &["/usr/bin/python3", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = read_line(&mut p);
+    let child: i64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut parent = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        parent = c
+            .ps(1)
+            .iter()
+            .find(|q| q["ppid"].as_i64() != Some(child) && q["pid"].as_i64() != Some(child))
+            .and_then(|q| q["pid"].as_i64());
+        parent.is_some()
+    }));
+    migrate(&c, 1, parent.unwrap(), 2);
+    let k = c.krg(2, &["kill", "-USR1", &child.to_string()]);
+    assert!(k.status.success(), "{}", text(&k.stderr));
+    let out = p.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "reaped True 7\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 /// Native tools (`ps`, `pgrep -f`, `top`) read `/proc/PID/cmdline` and
 /// `environ`: on the new node they show the program's own strings.
 #[test]
@@ -1007,4 +1112,55 @@ fn a_server_sharing_memory_and_a_pipe_with_its_children_is_not_moved_alone() {
     assert!(out.status.success(), "{o}");
     assert!(o.ends_with("done\n"), "{o}");
     assert!(!o.contains("died") && !o.contains("stalled"), "{o}");
+}
+
+/// A child that writes to a file through a description its shell holds
+/// too (`exec 3>f; ... sh -c 'echo two >&3'`) shares the file's offset
+/// with the shell. Opened again on another node the file would have its
+/// own offset: what the one writes the other overwrites (difftest
+/// seed-4242-case-105 lost "one"). The move is refused, naming the fd and
+/// the sharer, and the file ends as natively.
+#[test]
+fn a_file_description_shared_with_the_shell_is_not_moved_and_keeps_its_offset() {
+    let c = Cluster::up(2, 1.0);
+    let dir = shared_dir("migrate-shared-file");
+    let (f, go) = (dir.join("fd3"), dir.join("go"));
+    let _ = std::fs::remove_file(&go);
+    let script = format!(
+        "exec 3>{f}; /bin/echo one >&3; \
+         sh -c 'while [ ! -e {go} ]; do sleep 0.02; done; echo two >&3'; \
+         /bin/echo three >&3; exec 3>&-; cat {f}",
+        f = f.display(),
+        go = go.display()
+    );
+    let p = c
+        .cmd(1, &["bash", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sh = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        sh = find(&c, "sh -c while");
+        sh.is_some()
+    }));
+    let (pid, node) = sh.unwrap();
+    let to = if node == 1 { "2" } else { "1" };
+    let m = c.krg(1, &["migrate", &pid.to_string(), to]);
+    write_file(&go, "");
+    let out = p.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "one\ntwo\nthree\n",
+        "migrate: {}{}\nstderr: {}",
+        text(&m.stdout),
+        text(&m.stderr),
+        text(&out.stderr)
+    );
+    assert!(!m.status.success(), "{}", text(&m.stdout));
+    assert!(
+        text(&m.stderr).contains("fd 3") && text(&m.stderr).contains("(bash)"),
+        "{}",
+        text(&m.stderr)
+    );
 }

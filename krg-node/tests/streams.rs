@@ -1853,3 +1853,118 @@ fn a_connection_to_the_loopback_from_another_node_shows_the_loopback_at_both_end
         assert_eq!(lines, expect, "server bound to {bind}: {}", show(&out));
     }
 }
+
+/// A stdin read by several processes is read exactly (`head -c` then the
+/// shell's `read`): moving the reader that is blocked in it would leave a
+/// relay that reads ahead of it, and what `head` never takes would be lost
+/// to the shell. Found by difftest (`... | ( head -c 30; read -r a b )`
+/// printed the line after the one native bash prints). The move is
+/// refused, with the reason, and every byte goes where it goes natively.
+#[test]
+fn a_reader_sharing_its_stdin_pipe_is_not_moved_and_no_byte_is_lost() {
+    use std::io::Write;
+    let c = Cluster::up(2, 1.0);
+    let mut p = c
+        .cmd(
+            1,
+            &[
+                "bash",
+                "-c",
+                "( head -c 12; echo; read -r l; echo \"l=$l\"; read -r m; echo \"m=$m\" )",
+            ],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut w = p.stdin.take().unwrap();
+    w.write_all(b"abcdefgh\n").unwrap();
+    w.flush().unwrap();
+    let mut head = None;
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        head = find(&c, "head -c 12").map(|p| p.0.to_string());
+        head.is_some()
+    }));
+    let m = c.krg(1, &["migrate", head.as_deref().unwrap(), "2"]);
+    w.write_all(b"XYZW\nline2\n").unwrap();
+    drop(w);
+    let out = p.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "abcdefgh\nXYZ\nl=W\nm=line2\n",
+        "migrate: {}{}\nstderr: {}",
+        text(&m.stdout),
+        text(&m.stderr),
+        text(&out.stderr)
+    );
+    assert!(!m.status.success(), "{}", text(&m.stdout));
+    assert!(
+        text(&m.stderr).contains("other processes read it too"),
+        "{}",
+        text(&m.stderr)
+    );
+    assert_eq!(text(&out.stderr), "");
+}
+
+/// A shell whose stdin pipe became a connection in a first move (`feed |
+/// sh -c 'read -r x; ...; tr a-z A-Z'`, moved while in `read`) shares that
+/// socket with the child it then starts. Moved again, its stdin was
+/// relayed by its shadow, which read ahead of `tr` and took every other
+/// line (difftest seed-4242-case-55, `spawnkit chain 'tr a-z A-Z' cat`).
+/// The second move is refused, with the reason, and no line is lost.
+#[test]
+fn a_stdin_connection_shared_with_a_child_is_not_relayed_away_from_it() {
+    let c = Cluster::up(2, 1.0);
+    let dir = shared_dir("streams-shared-stdin-socket");
+    let go = dir.join("go");
+    let _ = std::fs::remove_file(&go);
+    let script = format!(
+        "{{ while [ ! -e {go} ]; do sleep 0.02; done; \
+           for i in $(seq 40); do echo tick $i; sleep 0.02; done; }} \
+         | sh -c 'read -r x; echo \"$x\"; tr a-z A-Z'",
+        go = go.display()
+    );
+    let p = c
+        .cmd(1, &["bash", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sh = None;
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        sh = find(&c, "sh -c read");
+        sh.is_some()
+    }));
+    let (pid, node) = sh.unwrap();
+    let (there, back) = if node == 1 { ("2", "1") } else { ("1", "2") };
+    let first = c.krg(1, &["migrate", &pid.to_string(), there]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    write_file(&go, "");
+    // Once `tr` runs (a child of the moved shell), move the shell again.
+    assert!(wait_for(std::time::Duration::from_secs(10), || find(
+        &c,
+        "tr a-z A-Z"
+    )
+    .is_some()));
+    let second = c.krg(1, &["migrate", &pid.to_string(), back]);
+    let out = p.wait_with_output().unwrap();
+    let mut want = String::from("tick 1\n");
+    for i in 2..=40 {
+        want.push_str(&format!("TICK {i}\n"));
+    }
+    assert_eq!(
+        text(&out.stdout),
+        want,
+        "second migrate: {}{}\nstderr: {}",
+        text(&second.stdout),
+        text(&second.stderr),
+        text(&out.stderr)
+    );
+    assert!(!second.status.success(), "{}", text(&second.stdout));
+    assert!(
+        text(&second.stderr).contains("other processes read it too"),
+        "{}",
+        text(&second.stderr)
+    );
+}

@@ -193,10 +193,15 @@ pub fn note_child(k: pid_t, g: pid_t) {
     CHILDREN.insert(k, g);
 }
 
+/// How many times this process was restored (a wait in progress then
+/// names its child by an old node's kernel pid).
+static RESTORES: AtomicU32 = AtomicU32::new(0);
+
 /// In a restored image: the kernel pid is new and this node's agent
 /// registered it (under the image's gpid, or a new one if that is taken);
 /// cached translations of the old node's kernel ids mean nothing here.
 pub fn after_restore() {
+    RESTORES.fetch_add(1, Ordering::AcqRel);
     MY_KPID.store(sys_getpid(), Ordering::Release);
     CHILDREN.clear();
     PPID.clear();
@@ -690,19 +695,50 @@ fn waited(k: pid_t, reaped: bool) -> pid_t {
 /// `waitpid`/`wait4`/`wait`/`wait3`. `pid` is `None` for wait and wait3.
 /// `real` gets the kernel pid argument and returns the result and the
 /// status it stored.
-pub fn wait(pid: Option<pid_t>, real: impl FnOnce(pid_t) -> (pid_t, c_int)) -> pid_t {
-    let kp = match pid {
+pub fn wait(pid: Option<pid_t>, mut real: impl FnMut(pid_t) -> (pid_t, c_int)) -> pid_t {
+    let mut kp = match pid {
         None => -1,
         Some(p) => match wait_arg(p) {
             Ok(k) => k,
             Err(e) => return fail(e),
         },
     };
-    let (r, status) = real(kp);
-    if r <= 0 {
-        return r;
+    // Bounded: one more try per move of this process during the wait.
+    for _ in 0..16 {
+        let moves = RESTORES.load(Ordering::Acquire);
+        let (r, status) = real(kp);
+        if r < 0 {
+            if let Some(k) = pid.and_then(|p| retranslated(p, kp, moves)) {
+                kp = k;
+                continue;
+            }
+            return r;
+        }
+        if r == 0 {
+            return r;
+        }
+        return waited(r, libc::WIFEXITED(status) || libc::WIFSIGNALED(status));
     }
-    waited(r, libc::WIFEXITED(status) || libc::WIFSIGNALED(status))
+    fail(libc::ECHILD)
+}
+
+/// A wait for child `g` (kernel pid `kp` when it began, `moves` restores
+/// before) failed: if this process was restored meanwhile, the kernel
+/// restarted the call on the new node with the child's kernel pid on the
+/// old one (`ECHILD`: no such child here, or not yet its child shadow
+/// with that number), and the gpid now names the child shadow here. Its
+/// kernel id to wait for again.
+fn retranslated(g: pid_t, kp: pid_t, moves: u32) -> Option<pid_t> {
+    if rt::errno() != libc::ECHILD
+        || kp == -1
+        || kp == 0
+        || RESTORES.load(Ordering::Acquire) == moves
+    {
+        return None;
+    }
+    let k = wait_arg(g).ok();
+    rt::set_errno(libc::ECHILD);
+    k
 }
 
 /// `waitid(idtype, id, info, options)`. `real` is called with the kernel id
@@ -712,7 +748,7 @@ pub fn waitid<'a>(
     idtype: idtype_t,
     id: libc::id_t,
     options: c_int,
-    real: impl FnOnce(idtype_t, libc::id_t) -> (c_int, Option<&'a mut siginfo_t>),
+    mut real: impl FnMut(idtype_t, libc::id_t) -> (c_int, Option<&'a mut siginfo_t>),
 ) -> c_int {
     let pid = id as pid_t;
     let kid = if (idtype == libc::P_PID || idtype == libc::P_PGID) && is_gpid(pid) {
@@ -723,7 +759,17 @@ pub fn waitid<'a>(
     } else {
         id
     };
-    let (r, info) = real(idtype, kid);
+    let moves = RESTORES.load(Ordering::Acquire);
+    let (r, info) = match real(idtype, kid) {
+        // Restored while waiting for one child: see `retranslated`.
+        (r, None) if r < 0 && idtype == libc::P_PID && is_gpid(pid) => {
+            match retranslated(pid, kid as pid_t, moves) {
+                Some(k) => real(idtype, k as libc::id_t),
+                None => return r,
+            }
+        }
+        ri => ri,
+    };
     let Some(info) = info else {
         return r;
     };

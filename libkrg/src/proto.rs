@@ -264,11 +264,14 @@ pub enum Request {
     /// links of pipes and socketpairs both of whose ends are the caller's
     /// (`pipe:[N]`, `socket:[N]`), made again as its own after the move;
     /// `mems`: `(device, inode)` of its shared memory mappings that would
-    /// be copied. Answered with `Shared` (one description per thing shared,
-    /// none when it may move).
+    /// be copied; `files`: `(fd, path)` of its regular files that a
+    /// migration reopens on the target (a description other processes
+    /// hold too would no longer share its offset with them). Answered with
+    /// `Shared` (one description per thing shared, none when it may move).
     SharedWith {
         links: Vec<String>,
         mems: Vec<(u64, u64)>,
+        files: Vec<(i32, String)>,
     },
     /// From that peer, in its handler, every thread parked: it no longer
     /// touches those connections (the mover may shut its side down now).

@@ -191,6 +191,68 @@ fn mappers(mems: &[(u64, u64)], me: i32) -> HashMap<(u64, u64), Vec<i32>> {
     out
 }
 
+/// An fd and its path, with the `(kernel pid, fd)` of the other processes
+/// holding its open file description.
+type FileSharers = (i32, String, Vec<(i32, i32)>);
+
+/// For each of `files` (`(fd, path)` of kernel pid `me`) the fds of
+/// other processes of this node that are the same open file description
+/// (`kcmp(KCMP_FILE)`; where kcmp cannot tell, the same file with the same
+/// offset and flags is taken as shared): `(fd, path, [(kernel pid, fd)])`,
+/// only those shared.
+fn file_sharers(me: i32, files: &[(i32, String)]) -> Vec<FileSharers> {
+    if files.is_empty() {
+        return Vec::new();
+    }
+    let paths: Vec<String> = files.iter().map(|(_, p)| p.clone()).collect();
+    let held = super::streams::holders(&paths);
+    let mut out = Vec::new();
+    for (fd, path) in files {
+        let theirs: Vec<(i32, i32)> = held
+            .get(path)
+            .into_iter()
+            .flatten()
+            .filter(|(p, ofd)| *p != me && same_description(me, *fd, *p, *ofd))
+            .copied()
+            .collect();
+        if !theirs.is_empty() {
+            out.push((*fd, path.clone(), theirs));
+        }
+    }
+    out
+}
+
+/// Whether fd `a` of kernel pid `pa` and fd `b` of `pb` are one open file
+/// description.
+fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp only compares kernel objects of the two processes.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pa as libc::c_long,
+            pb as libc::c_long,
+            KCMP_FILE,
+            a as libc::c_long,
+            b as libc::c_long,
+        )
+    };
+    if r >= 0 {
+        return r == 0;
+    }
+    // No kcmp (or not allowed): the same offset and flags, conservatively.
+    let info = |p: i32, fd: i32| {
+        let t = std::fs::read_to_string(format!("/proc/{p}/fdinfo/{fd}")).ok()?;
+        let field = |k: &str| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+        };
+        Some((field("pos:")?, field("flags:")?))
+    };
+    matches!((info(pa, a), info(pb, b)), (Some(x), Some(y)) if x == y)
+}
+
 impl Agent {
     /// `SharedWith` from a process about to be captured: what of `links`
     /// (its own pipes and socketpairs) and `mems` (its shared memory to be
@@ -201,6 +263,7 @@ impl Agent {
         who: Caller,
         links: Vec<String>,
         mems: Vec<(u64, u64)>,
+        files: Vec<(i32, String)>,
     ) -> Result<Response, ErrorReply> {
         if let Some(l) = links.iter().find(|l| !inode_link(l)) {
             return Err(err(
@@ -209,8 +272,18 @@ impl Agent {
             ));
         }
         let me = who.pid;
-        let (held, mapped) = tokio::task::spawn_blocking(move || {
-            (super::streams::holders(&links), mappers(&mems, me))
+        if let Some((fd, p)) = files.iter().find(|(fd, p)| *fd < 0 || !p.starts_with('/')) {
+            return Err(err(
+                libc::EINVAL,
+                format!("SharedWith: fd {fd}: {p:?} is not a file's path"),
+            ));
+        }
+        let (held, mapped, files) = tokio::task::spawn_blocking(move || {
+            (
+                super::streams::holders(&links),
+                mappers(&mems, me),
+                file_sharers(me, &files),
+            )
         })
         .await
         .map_err(|e| err(libc::EIO, format!("looking for what is shared: {e}")))?;
@@ -232,6 +305,16 @@ impl Agent {
                     who.join(", ")
                 ));
             }
+        }
+        for (fd, path, theirs) in files {
+            let who: Vec<String> = theirs
+                .into_iter()
+                .map(|(p, ofd)| format!("fd {ofd} of {}", name(p)))
+                .collect();
+            out.push(format!(
+                "fd {fd} ({path}): one open file with {}: opened again on the target it would no longer share their offset (writes would overwrite each other); movable once they close it",
+                who.join(", ")
+            ));
         }
         let mut mapped: Vec<((u64, u64), Vec<i32>)> = mapped.into_iter().collect();
         mapped.sort();

@@ -22,8 +22,8 @@ const MAX_EARLY: usize = 4096;
 enum End {
     /// Reported: its wait status.
     Ended(i32),
-    /// Its child shadow waits.
-    Awaited(tokio::sync::oneshot::Sender<i32>),
+    /// Its child shadows here wait (several when the parent came back).
+    Awaited(Vec<tokio::sync::oneshot::Sender<i32>>),
 }
 
 /// Child ends by gpid.
@@ -91,20 +91,35 @@ impl Agent {
                 p.adopt.remove(i);
                 (p.adopt_from, p.caps_eff, p.caps_inh)
             };
-            t.register_remote(who.pid, g, caps_eff, caps_inh, None, parent, g)?;
-            // Listed and signalled where it runs, like a shadow.
-            t.set_shadow(g, from);
+            if t.runs_here(g) {
+                // The child's program moved here before its parent did: it
+                // keeps its entry (signals, ps), the child shadow only
+                // stands for it to the parent.
+                t.stand_in(who.pid, g)?;
+            } else {
+                t.register_remote(who.pid, g, caps_eff, caps_inh, None, parent, g)?;
+                // Listed and signalled where it runs, like a shadow.
+                t.set_shadow(g, from);
+            }
         }
         let rx = {
             let mut e = self.child_ends.lock();
+            let (tx, rx) = tokio::sync::oneshot::channel();
             match e.remove(&g) {
                 Some(End::Ended(status)) => return Ok(Response::WaitStatus(status)),
-                _ => {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    e.insert(g, End::Awaited(tx));
-                    rx
+                // A parent that comes back to a node has a child shadow
+                // here already (its shadow's child): both end with the
+                // child.
+                Some(End::Awaited(mut v)) => {
+                    v.retain(|t| !t.is_closed());
+                    v.push(tx);
+                    e.insert(g, End::Awaited(v));
+                }
+                None => {
+                    e.insert(g, End::Awaited(vec![tx]));
                 }
             }
+            rx
         };
         let status = rx.await.map_err(|_| {
             err(
@@ -140,12 +155,7 @@ impl Agent {
         // migration is recorded as done here.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
         let next = loop {
-            let next = {
-                let t = self.procs();
-                t.translate(who.pid)
-                    .and_then(|g| t.get(g))
-                    .and_then(|p| p.running_on)
-            };
+            let next = self.procs().next_hop(who.pid);
             match next {
                 Some(n) => break n,
                 None if tokio::time::Instant::now() < deadline => {
@@ -173,8 +183,10 @@ impl Agent {
     pub(crate) fn child_ended(&self, g: i32, status: i32) {
         let mut e = self.child_ends.lock();
         match e.remove(&g) {
-            Some(End::Awaited(tx)) => {
-                let _ = tx.send(status);
+            Some(End::Awaited(v)) => {
+                for tx in v {
+                    let _ = tx.send(status);
+                }
             }
             _ => {
                 if e.len() >= MAX_EARLY {

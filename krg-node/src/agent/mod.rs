@@ -890,7 +890,9 @@ impl Agent {
                 optional,
             } => self.stream_freeze(who, conns, pipes, unix, optional).await,
             Request::StreamFrozen { ids } => self.stream_frozen(&ids),
-            Request::SharedWith { links, mems } => self.shared_with(who, links, mems).await,
+            Request::SharedWith { links, mems, files } => {
+                self.shared_with(who, links, mems, files).await
+            }
             Request::ShadowRelays(relays) => self.shadow_relays(who, relays).await,
             Request::MovedChildren => self.moved_children(who),
             Request::ChildShadow { gpid } => self.child_shadow(who, gpid).await,

@@ -178,8 +178,10 @@ pub struct ProcTable {
     /// Shadows here whose program came back to this node: the program has
     /// the gpid's entry, but the shadow is still its parent's kernel child
     /// and stands for the gpid to it (a parent's wait, a parent's own
-    /// migration). Kernel pid -> (gpid, start time).
-    returned: HashMap<i32, (i32, u64)>,
+    /// migration). Also child shadows started where their child's program
+    /// runs. Kernel pid -> (gpid, start time, the node the shadow's program
+    /// went to next: where the shadow reports the end of its own children).
+    returned: HashMap<i32, (i32, u64, Option<u32>)>,
 }
 
 /// How long a reaped process stays translatable when no group or session
@@ -215,8 +217,8 @@ impl ProcTable {
         }
         self.returned
             .get(&kpid)
-            .filter(|(_, t)| *t == start)
-            .map(|(g, _)| *g)
+            .filter(|(_, t, _)| *t == start)
+            .map(|(g, _, _)| *g)
     }
 
     fn remove(&mut self, g: i32) {
@@ -230,7 +232,7 @@ impl ProcTable {
 
     /// The gpid a gone process had, if its kernel pid was not reused since.
     fn ghost(&self, kpid: i32) -> Option<i32> {
-        if let Some((g, _)) = self.returned.get(&kpid) {
+        if let Some((g, _, _)) = self.returned.get(&kpid) {
             // Reaped before the sweep saw it go.
             return (!std::path::Path::new(&format!("/proc/{kpid}")).exists()).then_some(*g);
         }
@@ -393,7 +395,8 @@ impl ProcTable {
             if old.kpid != kpid && old.running_on.is_none() {
                 self.by_kpid.remove(&old.kpid);
             } else if old.kpid != kpid {
-                self.returned.insert(old.kpid, (g, old.start_ticks));
+                self.returned
+                    .insert(old.kpid, (g, old.start_ticks, old.running_on));
             }
         }
         // A shadow of the same gpid here (the program came back) is
@@ -441,6 +444,44 @@ impl ProcTable {
         } else {
             self.located.insert(g, node);
         }
+    }
+
+    /// Whether the program of `g` runs here (a live local entry, not a
+    /// shadow).
+    pub fn runs_here(&self, g: i32) -> bool {
+        self.by_gpid.get(&g).is_some_and(|p| {
+            p.running_on.is_none()
+                && read_stat(p.kpid).map(|s| s.start_ticks) == Some(p.start_ticks)
+        })
+    }
+
+    /// Let local process `kpid` stand for `g` to its parent while the
+    /// entry of `g` stays another's (a child shadow started on the node
+    /// where its child's program already runs).
+    pub fn stand_in(&mut self, kpid: i32, g: i32) -> Result<(), ErrorReply> {
+        let st = read_stat(kpid)
+            .ok_or_else(|| err(libc::ESRCH, format!("kernel pid {kpid}: no such process")))?;
+        self.returned.insert(kpid, (g, st.start_ticks, None));
+        Ok(())
+    }
+
+    /// The node the program of the local shadow `kpid` went to next, where
+    /// the shadow reports the end of its kernel children: its entry's, or,
+    /// if its program came back here since, the one it had.
+    pub fn next_hop(&self, kpid: i32) -> Option<u32> {
+        let st = read_stat(kpid)?;
+        if let Some(p) = self
+            .by_kpid
+            .get(&kpid)
+            .and_then(|g| self.by_gpid.get(g))
+            .filter(|p| p.kpid == kpid && p.start_ticks == st.start_ticks)
+        {
+            return p.running_on;
+        }
+        self.returned
+            .get(&kpid)
+            .filter(|(_, t, _)| *t == st.start_ticks)
+            .and_then(|(_, _, next)| *next)
     }
 
     /// Mark the local process `g` as the shadow of a program now on `node`.
@@ -537,8 +578,8 @@ impl ProcTable {
         let gone: Vec<(i32, i32)> = self
             .returned
             .iter()
-            .filter(|(k, (_, t))| read_stat(**k).map(|s| s.start_ticks) != Some(*t))
-            .map(|(k, (g, _))| (*k, *g))
+            .filter(|(k, (_, t, _))| read_stat(**k).map(|s| s.start_ticks) != Some(*t))
+            .map(|(k, (g, _, _))| (*k, *g))
             .collect();
         for (k, g) in gone {
             self.returned.remove(&k);

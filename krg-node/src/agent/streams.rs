@@ -659,6 +659,38 @@ fn reads(pid: i32, fd: i32) -> Option<bool> {
     }
 }
 
+/// Why the pipe, FIFO or socket `link`, read by kernel pid `mover`, cannot be
+/// relayed for it: other processes read it too (`None` if none does).
+fn shared_read(link: &str, mover: i32, all: &HashMap<String, Vec<(i32, i32)>>) -> Option<String> {
+    let hs = all.get(link)?;
+    // O_RDWR (a FIFO opened both ways) reads too. A socket is always open
+    // both ways: held as stdout or stderr it is taken as written only.
+    let socket = link.starts_with("socket:[");
+    let reader = |p: i32, fd: i32| {
+        if socket {
+            fd != 1 && fd != 2
+        } else {
+            reads(p, fd) != Some(false)
+        }
+    };
+    let mine: Vec<i32> = hs
+        .iter()
+        .filter(|(p, fd)| *p == mover && reader(*p, *fd))
+        .map(|(_, fd)| *fd)
+        .collect();
+    let theirs: Vec<(i32, i32)> = hs
+        .iter()
+        .filter(|(p, fd)| *p != mover && reader(*p, *fd))
+        .copied()
+        .collect();
+    (!mine.is_empty() && !theirs.is_empty()).then(|| {
+        format!(
+            "fds {mine:?} ({link}): other processes read it too (kernel pid, fd: {theirs:?}); \
+             a relay would read ahead of this process and take bytes that are theirs: not movable"
+        )
+    })
+}
+
 /// How fd `fd` of kernel pid `pid` is open (`O_RDONLY`, `O_WRONLY`,
 /// `O_RDWR`), from its fdinfo.
 pub(super) fn accmode(pid: i32, fd: i32) -> Option<i32> {
@@ -727,6 +759,37 @@ impl Agent {
                     .or_default()
                     .push((i, End::Tcp(peer.clone(), local.clone()))),
                 None => out[i] = StreamPeer::Foreign(format!("TCP connection {local} -> {peer}: the peer is not a node of the cluster (connections leaving the cluster do not move)")),
+            }
+        }
+        // A pipe (or FIFO) read by the mover and by other processes too
+        // cannot be relayed (a shadow's relay reads ahead of its program:
+        // what it takes and the program never reads is lost to the other
+        // readers, as in `( head -c 30; read l )`), nor made a connection:
+        // the move is refused. Placement is not a move: a program being
+        // placed keeps the relay (remote-exec.md, "Pipes between nodes").
+        if optional.iter().any(|o| *o) && !self.is_placing(mover.pid) {
+            let mut want: Vec<String> = pipes
+                .iter()
+                .enumerate()
+                .filter(|(j, l)| optional[n_conns + j] && is_pipe_link(l))
+                .map(|(_, l)| l.clone())
+                .collect();
+            // A stdin that is a socket (a pipe that became a connection
+            // in an earlier move, a relay) is relayed just the same when
+            // another process holds it too: `sh -c 'read x; tr ...'`
+            // moved twice lost every other line to its shadow's relay.
+            if let Some(l) = std::fs::read_link(format!("/proc/{}/fd/0", mover.pid))
+                .ok()
+                .and_then(|l| l.to_str().map(str::to_string))
+                .filter(|l| l.starts_with("socket:["))
+            {
+                want.push(l);
+            }
+            if !want.is_empty() {
+                let all = holders(&want);
+                if let Some(why) = want.iter().find_map(|l| shared_read(l, mover.pid, &all)) {
+                    return Err(err(libc::EOPNOTSUPP, why));
+                }
             }
         }
         for (j, link) in pipes.into_iter().enumerate() {

@@ -453,7 +453,14 @@ pub(super) fn refuse_self_fifos(fds: &mut [FdState]) -> Result<(), String> {
 /// whose children watch a pipe it holds both ends of (PostgreSQL's
 /// postmaster death watch) and share its anonymous memory would be cut
 /// off from them. Refused, naming what is shared and with whom.
-pub(super) fn refuse_shared(maps: &[MapLine], fds: &[FdState]) -> Result<(), String> {
+///
+/// When `moving` (a migration), also the regular files above the standard
+/// fds, which the target opens again: one open file description held by
+/// another process too (`exec 3>f; cmd >&3`: a shell and its children)
+/// shares its offset with it, which a file opened again on another node
+/// cannot do (their writes would overwrite each other). Refused until the
+/// sharer is gone. (Fds 0-2 stay with the shadow, which keeps sharing.)
+pub(super) fn refuse_shared(maps: &[MapLine], fds: &[FdState], moving: bool) -> Result<(), String> {
     let mut mems: Vec<(u64, u64)> = Vec::new();
     for m in maps.iter().filter(|m| copied_shared(m)) {
         if !mems.contains(&(m.dev, m.inode)) {
@@ -484,10 +491,23 @@ pub(super) fn refuse_shared(maps: &[MapLine], fds: &[FdState]) -> Result<(), Str
             }
         }
     }
-    if mems.is_empty() && links.is_empty() {
+    let files: Vec<(i32, String)> = if moving {
+        fds.iter()
+            .filter(|f| f.fd > 2)
+            .filter_map(|f| match &f.kind {
+                FdKind::File { path, .. } => {
+                    Some((f.fd, String::from_utf8_lossy(path).into_owned()))
+                }
+                _ => None,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if mems.is_empty() && links.is_empty() && files.is_empty() {
         return Ok(());
     }
-    match crate::client::call(&crate::proto::Request::SharedWith { links, mems }) {
+    match crate::client::call(&crate::proto::Request::SharedWith { links, mems, files }) {
         Ok(crate::proto::Response::Shared(v)) if v.is_empty() => Ok(()),
         Ok(crate::proto::Response::Shared(v)) => Err(v.join("; ")),
         Ok(other) => Err(format!(

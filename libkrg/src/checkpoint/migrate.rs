@@ -47,7 +47,7 @@ fn out_taken(order: &Order) -> Result<u64, String> {
     let (regions, runs) = capture::regions_deferring(&maps, &lazy)?;
     // The fds, before this side's own sockets exist.
     let fds = capture::capture_fds(&[])?;
-    capture::refuse_shared(&maps, &fds)?;
+    capture::refuse_shared(&maps, &fds, true)?;
     let mem: u64 = runs.iter().map(|r| r.1).sum();
     let mut meta = capture::meta(
         &maps,

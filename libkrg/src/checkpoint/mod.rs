@@ -912,7 +912,7 @@ fn write_image(
     );
     let (regions, runs) = capture::regions(&maps)?;
     let mut fds = capture::capture_fds(&[fd])?;
-    capture::refuse_shared(&maps, &fds)?;
+    capture::refuse_shared(&maps, &fds, false)?;
     let parks = streams_for_disk(&mut fds, kill)?;
     let mem: u64 = runs.iter().map(|r| r.1).sum();
     let r = capture::meta(
