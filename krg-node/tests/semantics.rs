@@ -157,3 +157,27 @@ fn krg_commands_end_quietly_when_their_reader_goes_away() {
     let e = text(&o.stderr);
     assert!(!e.contains("panicked") && !e.contains("Broken pipe"), "{e}");
 }
+
+/// A subshell whose parent had a stream handed over (the arena of its
+/// captures mapped) has its own pipe handed over in turn: before, the
+/// debug build's arena check took the arena the fork had copied for a
+/// stale one and aborted the subshell ("an allocation from the capture
+/// arena before it was mapped": its output lost, the pipeline stalled a
+/// minute; about 1 run of the inner loop in 2).
+#[test]
+fn a_forked_subshell_hands_its_pipe_over_after_its_parent_did() {
+    let c = round_robin(4);
+    let script = r#"for r in 1 2 3 4; do for i in $(seq 10); do seq 3 | ( read -r a; /bin/echo "a=$a"; cat ) | tr 1 1; done | sort | uniq -c; done"#;
+    let native = c.plain(1, &["bash", "-c", script]).output().unwrap();
+    // An aborted peer stalls its stage's hand-over for a minute.
+    let krg = c
+        .cmd(1, &["timeout", "-s", "KILL", "60", "bash", "-c", script])
+        .output()
+        .unwrap();
+    assert_same("subshell after its parent's swap", &native, &krg);
+    assert!(
+        !text(&krg.stderr).contains("capture arena"),
+        "{}",
+        text(&krg.stderr)
+    );
+}
