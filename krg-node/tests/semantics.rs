@@ -181,3 +181,20 @@ fn a_forked_subshell_hands_its_pipe_over_after_its_parent_did() {
         text(&krg.stderr)
     );
 }
+
+/// A process forks a child after the agent found it alone holding the
+/// pipe to a stage being placed, before it took the order to swap that
+/// pipe for a connection (a subshell starting `/bin/echo` just then):
+/// before, it was swapped all the same, and the child kept the old pipe,
+/// whose reader was gone: its output was lost (SIGPIPE). `forkswap` holds
+/// the order off until the fork to make that moment certain.
+#[test]
+fn a_child_forked_during_a_pipe_hand_over_keeps_its_output() {
+    let c = round_robin(4);
+    let prog = cc(&repo_root().join("examples/unix/forkswap.c"), "forkswap");
+    let script = format!("KRG_NODE=1 {} | KRG_NODE=2 tr a-z A-Z", prog.display());
+    let (native, krg) = native_and_krg(&c, &script);
+    assert_same("fork during a hand-over", &native, &krg);
+    assert_eq!(text(&krg.stdout), "PARENT\nCHILD\n");
+    assert_eq!(text(&krg.stderr), "ordered\n", "the swap was ordered");
+}
