@@ -198,3 +198,23 @@ fn a_child_forked_during_a_pipe_hand_over_keeps_its_output() {
     assert_eq!(text(&krg.stdout), "PARENT\nCHILD\n");
     assert_eq!(text(&krg.stderr), "ordered\n", "the swap was ordered");
 }
+
+/// A placed shell execs a program that is placed back on the shell's
+/// first node, where the shell's shadow still relays its stdout pipe;
+/// then the next stage is placed: before, the agent took the shadow for
+/// the program that came back (one gpid, two local processes), sent the
+/// swap order to the program, and the next stage waited a minute for a
+/// shadow that never heard of it (the difftest's `sh -c 'exec "$0" "$@"'
+/// sed` hangs).
+#[test]
+fn a_pipe_from_a_program_that_came_back_reaches_the_next_stage() {
+    let c = round_robin(4);
+    let script = r#"yes lima | KRG_NODE=2 sh -c 'KRG_NODE=1 exec sed s/^/+/' | { until pgrep -x sed >/dev/null; do sleep 0.01; done; KRG_NODE=3 exec head -n 3; }"#;
+    let native = c.plain(1, &["bash", "-c", script]).output().unwrap();
+    let krg = c
+        .cmd(1, &["timeout", "-s", "KILL", "30", "bash", "-c", script])
+        .output()
+        .unwrap();
+    assert_same("a program that came back", &native, &krg);
+    assert_eq!(text(&krg.stdout), "+lima\n+lima\n+lima\n");
+}

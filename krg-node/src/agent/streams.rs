@@ -923,6 +923,17 @@ impl Agent {
                 self.node_id()
             ))
         })?;
+        // A shadow left here by a program that came back (placed away, then
+        // placed here again at an exec: `sh -c 'exec sed'`): the gpid's
+        // entry is the program's now, and an order for the gpid would reach
+        // the program, never the shadow (the mover waited a minute). The
+        // shadow relays the end.
+        if self.procs().get(g).is_some_and(|p| p.kpid != kpid) {
+            return Err(StreamPeer::Foreign(format!(
+                "{what}: its other end is a shadow of pid {g}, whose program came back to node {}: it relays it",
+                self.node_id()
+            )));
+        }
         // Being placed itself: its end is relayed once it runs there, and
         // handed over when it is asked then (not frozen now: it is busy
         // becoming a shadow, with its signals blocked).
