@@ -198,3 +198,64 @@ fn a_program_started_with_execl_is_placed_like_one_started_with_execv() {
         );
     }
 }
+
+/// A subshell whose parent had a stream handed over (the arena of its
+/// captures mapped) has its own pipe handed over in turn: before, the
+/// debug build's arena check took the arena the fork had copied for a
+/// stale one and aborted the subshell ("an allocation from the capture
+/// arena before it was mapped": its output lost, the pipeline stalled a
+/// minute; about 1 run of the inner loop in 2).
+#[test]
+fn a_forked_subshell_hands_its_pipe_over_after_its_parent_did() {
+    let c = round_robin(4);
+    let script = r#"for r in 1 2 3 4; do for i in $(seq 10); do seq 3 | ( read -r a; /bin/echo "a=$a"; cat ) | tr 1 1; done | sort | uniq -c; done"#;
+    let native = c.plain(1, &["bash", "-c", script]).output().unwrap();
+    // An aborted peer stalls its stage's hand-over for a minute.
+    let krg = c
+        .cmd(1, &["timeout", "-s", "KILL", "60", "bash", "-c", script])
+        .output()
+        .unwrap();
+    assert_same("subshell after its parent's swap", &native, &krg);
+    assert!(
+        !text(&krg.stderr).contains("capture arena"),
+        "{}",
+        text(&krg.stderr)
+    );
+}
+
+/// A process forks a child after the agent found it alone holding the
+/// pipe to a stage being placed, before it took the order to swap that
+/// pipe for a connection (a subshell starting `/bin/echo` just then):
+/// before, it was swapped all the same, and the child kept the old pipe,
+/// whose reader was gone: its output was lost (SIGPIPE). `forkswap` holds
+/// the order off until the fork to make that moment certain.
+#[test]
+fn a_child_forked_during_a_pipe_hand_over_keeps_its_output() {
+    let c = round_robin(4);
+    let prog = cc(&repo_root().join("examples/unix/forkswap.c"), "forkswap");
+    let script = format!("KRG_NODE=1 {} | KRG_NODE=2 tr a-z A-Z", prog.display());
+    let (native, krg) = native_and_krg(&c, &script);
+    assert_same("fork during a hand-over", &native, &krg);
+    assert_eq!(text(&krg.stdout), "PARENT\nCHILD\n");
+    assert_eq!(text(&krg.stderr), "ordered\n", "the swap was ordered");
+}
+
+/// A placed shell execs a program that is placed back on the shell's
+/// first node, where the shell's shadow still relays its stdout pipe;
+/// then the next stage is placed: before, the agent took the shadow for
+/// the program that came back (one gpid, two local processes), sent the
+/// swap order to the program, and the next stage waited a minute for a
+/// shadow that never heard of it (the difftest's `sh -c 'exec "$0" "$@"'
+/// sed` hangs).
+#[test]
+fn a_pipe_from_a_program_that_came_back_reaches_the_next_stage() {
+    let c = round_robin(4);
+    let script = r#"yes lima | KRG_NODE=2 sh -c 'KRG_NODE=1 exec sed s/^/+/' | { until pgrep -x sed >/dev/null; do sleep 0.01; done; KRG_NODE=3 exec head -n 3; }"#;
+    let native = c.plain(1, &["bash", "-c", script]).output().unwrap();
+    let krg = c
+        .cmd(1, &["timeout", "-s", "KILL", "30", "bash", "-c", script])
+        .output()
+        .unwrap();
+    assert_same("a program that came back", &native, &krg);
+    assert_eq!(text(&krg.stdout), "+lima\n+lima\n+lima\n");
+}

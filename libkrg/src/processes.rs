@@ -185,6 +185,7 @@ pub fn after_fork_child() {
         PPID.clear();
     }
     rt::after_fork_child();
+    crate::checkpoint::alloc::after_fork_child();
 }
 
 /// `k` is this process's kernel child standing for gpid `g` (a child

@@ -386,8 +386,12 @@ type FdSender = tokio::sync::oneshot::Sender<std::os::fd::OwnedFd>;
 /// A stream held at the staying peer's node until its new connection comes.
 #[derive(Debug, Default)]
 pub struct Held {
-    frozen_tx: Option<tokio::sync::oneshot::Sender<()>>,
-    frozen_rx: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Once the peer is parked: `Err` if it may not be swapped after all.
+    frozen_tx: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    frozen_rx: Option<tokio::sync::oneshot::Receiver<Result<(), String>>>,
+    /// The end's fd link and the kernel pids that may hold it (the peer,
+    /// the mover): checked again once the peer is parked.
+    sole: Option<(String, Vec<i32>)>,
     drained_tx: Option<tokio::sync::oneshot::Sender<Drained>>,
     drained_rx: Option<tokio::sync::oneshot::Receiver<Drained>>,
     fd_tx: Option<FdSender>,
@@ -407,6 +411,7 @@ impl Held {
             drained_rx: Some(drx),
             fd_tx: Some(ftx),
             fd_rx: Some(frx),
+            sole: None,
         }
     }
 }
@@ -981,6 +986,17 @@ impl Agent {
                 self.node_id()
             ))
         })?;
+        // A shadow left here by a program that came back (placed away, then
+        // placed here again at an exec: `sh -c 'exec sed'`): the gpid's
+        // entry is the program's now, and an order for the gpid would reach
+        // the program, never the shadow (the mover waited a minute). The
+        // shadow relays the end.
+        if self.procs().get(g).is_some_and(|p| p.kpid != kpid) {
+            return Err(StreamPeer::Foreign(format!(
+                "{what}: its other end is a shadow of pid {g}, whose program came back to node {}: it relays it",
+                self.node_id()
+            )));
+        }
         // Being placed itself: its end is relayed once it runs there, and
         // handed over when it is asked then (not frozen now: it is busy
         // becoming a shadow, with its signals blocked).
@@ -1241,7 +1257,7 @@ impl Agent {
         let mut ids = Vec::new();
         let mut out = Vec::new();
         let mut orders: HashMap<i32, (i32, Vec<(i32, u64)>)> = HashMap::new();
-        for f in &found {
+        for (f, l) in found.iter().zip(&links) {
             let (g, kpid, fds) = match f {
                 Ok((g, kpid, fds, Some(node))) => {
                     out.push(self.release_relay(*g, *kpid, fds, *node).await);
@@ -1254,10 +1270,14 @@ impl Agent {
                 }
             };
             let id = self.new_stream_id();
-            self.moving.held().insert(id, Held::open());
+            let mut h = Held::open();
+            if let Ok((_, link, mover)) = l {
+                h.sole = Some((link.clone(), vec![*kpid, *mover]));
+            }
+            self.moving.held().insert(id, h);
             let e = orders.entry(*kpid).or_insert((*g, Vec::new()));
             e.1.extend(fds.iter().map(|fd| (*fd, id)));
-            ids.push(id);
+            ids.push((out.len(), id));
             out.push(StreamPeer::Held { id, node });
             tracing::debug!("stream {id:#x}: holding pid {g} fds {fds:?}");
         }
@@ -1273,19 +1293,29 @@ impl Agent {
         // parked: a thread still running could read that end of stream.
         let waits: Vec<_> = ids
             .iter()
-            .filter_map(|id| {
+            .filter_map(|(i, id)| {
                 self.moving
                     .held()
                     .get_mut(id)
                     .and_then(|h| h.frozen_rx.take())
+                    .map(|w| (*i, *id, w))
             })
             .collect();
-        for w in waits {
-            if tokio::time::timeout(HANDOVER_TIMEOUT, w).await.is_err() {
-                return Err(err(
-                    libc::ETIMEDOUT,
-                    "the peer of a moving connection did not stop (is its signal 62 blocked?)",
-                ));
+        for (i, id, w) in waits {
+            match tokio::time::timeout(HANDOVER_TIMEOUT, w).await {
+                Ok(Ok(Ok(()))) => {}
+                // Shared since it was found (see `stream_frozen`): the peer
+                // goes on with its end as it was; the mover relays it.
+                Ok(Ok(Err(why))) => {
+                    self.moving.held().remove(&id);
+                    out[i] = StreamPeer::Foreign(why);
+                }
+                _ => {
+                    return Err(err(
+                        libc::ETIMEDOUT,
+                        "the peer of a moving connection did not stop (is its signal 62 blocked?)",
+                    ))
+                }
             }
         }
         Ok(out)
@@ -1339,14 +1369,58 @@ impl Agent {
     }
 
     /// `StreamFrozen` from the staying peer: its threads are parked.
+    ///
+    /// Its ends were found held by it alone, but it ran on until the swap
+    /// order reached it: a child it forked meanwhile holds the old end too
+    /// (a subshell starting `/bin/echo` just as the next stage of its
+    /// pipeline is placed). Swapped, that child would be left with a pipe
+    /// whose other end is gone: its output lost, or its input cut short.
+    /// Parked, it can fork no more: so the holders are checked again here,
+    /// and the swap refused (every end of this order, each relayed) if
+    /// anyone else holds one now.
     pub(crate) fn stream_frozen(&self, ids: &[u64]) -> Result<Response, ErrorReply> {
+        let sole: Vec<(String, Vec<i32>)> = {
+            let h = self.moving.held();
+            ids.iter()
+                .filter_map(|id| h.get(id).and_then(|x| x.sole.clone()))
+                .collect()
+        };
+        let want: Vec<String> = sole.iter().map(|(l, _)| l.clone()).collect();
+        let all = if want.is_empty() {
+            HashMap::new()
+        } else {
+            holders(&want)
+        };
+        let shared = sole.iter().find_map(|(link, ok)| {
+            let others: Vec<(i32, i32)> = all
+                .get(link)
+                .into_iter()
+                .flatten()
+                .filter(|(p, _)| !ok.contains(p))
+                .copied()
+                .collect();
+            (!others.is_empty()).then(|| {
+                format!(
+                    "{link}: held by other processes too since it was found (kernel pid, fd: {others:?}): not movable yet"
+                )
+            })
+        });
         let mut h = self.moving.held();
         for id in ids {
             if let Some(tx) = h.get_mut(id).and_then(|x| x.frozen_tx.take()) {
-                let _ = tx.send(());
+                let _ = tx.send(match &shared {
+                    None => Ok(()),
+                    Some(why) => Err(why.clone()),
+                });
             }
         }
-        Ok(Response::Ok)
+        match shared {
+            None => Ok(Response::Ok),
+            Some(why) => {
+                tracing::debug!("stream swap refused: {why}");
+                Err(err(libc::EAGAIN, why))
+            }
+        }
     }
 
     /// `StreamDrained` from the staying peer.

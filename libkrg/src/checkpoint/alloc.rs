@@ -79,7 +79,9 @@ fn bump(layout: Layout) -> *mut u8 {
     #[cfg(debug_assertions)]
     if OWNER.load(Ordering::Relaxed) != super::getpid_raw() {
         crate::log::emit(format_args!(
-            "krg: an allocation from the capture arena before it was mapped in this process"
+            "krg: an allocation from the capture arena before it was mapped in this process (pid {}, mapped by {})",
+            super::getpid_raw(),
+            OWNER.load(Ordering::Relaxed)
         ));
         std::process::abort();
     }
@@ -216,6 +218,16 @@ pub fn begin() -> Option<(usize, usize)> {
         protect(base, libc::PROT_READ | libc::PROT_WRITE);
     }
     Some(lead_from(base))
+}
+
+/// In a forked child: the arena's mapping was copied with the address
+/// space, so it is this process's own (a subshell that leads a stream swap
+/// aborted before: the arena taken for a restored process's stale one).
+pub fn after_fork_child() {
+    #[cfg(debug_assertions)]
+    if BASE.load(Ordering::Relaxed) != 0 {
+        OWNER.store(super::getpid_raw(), Ordering::Relaxed);
+    }
 }
 
 /// The arena's address range (0, 0 when none).
