@@ -1233,3 +1233,48 @@ fn a_shell_moved_between_its_childrens_writes_keeps_every_line() {
     );
     assert!(moved > 0, "never moved in {tries} tries");
 }
+
+/// `popen` starts its child inside libc (`posix_spawn`, unhooked) and
+/// `pclose` waits for it by the kernel pid libc keeps: a program moved
+/// while such a child runs would wait on the target for a pid that names
+/// no child there (`pclose` -1, difftest seed 11 case 27). Refused until
+/// the child has been waited for; its output and status stay right.
+#[test]
+fn a_program_with_a_popen_child_is_not_moved_and_pclose_sees_its_end() {
+    let c = Cluster::up(2, 1.0);
+    let spawnkit = cc(&repo_root().join("examples/unix/spawnkit.c"), "spawnkit");
+    let dir = shared_dir("migrate-popen");
+    // The child holds its pipe alone (builtins wait, no grandchild).
+    let go = dir.join("go");
+    let _ = std::fs::remove_file(&go);
+    let cmd = format!(
+        "echo before; while [ ! -e {} ]; do :; done; echo after",
+        go.display()
+    );
+    let p = c
+        .cmd(1, &[spawnkit.to_str().unwrap(), "popen-r", &cmd])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sk = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        sk = find(&c, &format!("{} popen-r", spawnkit.display()));
+        sk.is_some() && find(&c, "sh -c echo before").is_some()
+    }));
+    let (pid, node) = sk.unwrap();
+    let to = if node == 1 { "2" } else { "1" };
+    let m = c.krg(1, &["migrate", &pid.to_string(), to]);
+    write_file(&go, "");
+    let out = p.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "before\nafter\n[pclose 0]\n",
+        "migrate: {}{}\nstderr: {}",
+        text(&m.stdout),
+        text(&m.stderr),
+        text(&out.stderr)
+    );
+    assert!(!m.status.success(), "{}", text(&m.stdout));
+    assert!(text(&m.stderr).contains("popen"), "{}", text(&m.stderr));
+}

@@ -30,6 +30,7 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
 
 fn out_taken(order: &Order) -> Result<u64, String> {
     crate::dsm::capturable()?;
+    super::children::refuse_unnamed_children()?;
     let threads = super::capture_threads()?;
     let maps_text = capture::read_file("/proc/self/maps")?;
     // The capture arena is left out of the image.
