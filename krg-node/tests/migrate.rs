@@ -1164,3 +1164,117 @@ fn a_file_description_shared_with_the_shell_is_not_moved_and_keeps_its_offset() 
         text(&m.stderr)
     );
 }
+
+/// A shell writing a shared file through short-lived children, moved again
+/// and again: a move may go ahead only once no child holds the file (the
+/// refusal above), and the offset it takes must be the one after the last
+/// child's write, not one read before a child that was still writing when
+/// the capture began. (difftest fd3b: fd 3 reopened one line behind, the
+/// next line overwrote the last.)
+#[test]
+fn a_shell_moved_between_its_childrens_writes_keeps_every_line() {
+    let c = Cluster::up(2, 1.0);
+    let dir = shared_dir("migrate-shared-file-race");
+    let (f, done) = (dir.join("fd3"), dir.join("done"));
+    let _ = std::fs::remove_file(&done);
+    const N: u32 = 300;
+    let script = format!(
+        "exec 3>{f}; for i in $(seq {N}); do /bin/echo line $i >&3; done; \
+         exec 3>&-; touch {done}; cat {f}",
+        f = f.display(),
+        done = done.display()
+    );
+    let p = c
+        .cmd(1, &["bash", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The shell, not one of its children not yet exec'd: the lowest gpid.
+    let shell = || {
+        c.ps(1)
+            .iter()
+            .filter(|p| {
+                p["command"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("bash -c exec 3>")
+            })
+            .map(|p| (p["pid"].as_i64().unwrap(), p["node"].as_u64().unwrap()))
+            .min()
+    };
+    let mut sh = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        sh = shell();
+        sh.is_some()
+    }));
+    let (pid, _) = sh.unwrap();
+    let (mut moved, mut tries) = (0, 0);
+    while !done.exists() && tries < 400 {
+        tries += 1;
+        let Some((_, node)) = shell().filter(|s| s.0 == pid) else {
+            break;
+        };
+        let to = if node == 1 { "2" } else { "1" };
+        if c.krg(1, &["migrate", &pid.to_string(), to])
+            .status
+            .success()
+        {
+            moved += 1;
+        }
+    }
+    let out = p.wait_with_output().unwrap();
+    let want: String = (1..=N).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(
+        text(&out.stdout),
+        want,
+        "{moved} moves in {tries} tries; stderr: {}",
+        text(&out.stderr)
+    );
+    assert!(moved > 0, "never moved in {tries} tries");
+}
+
+/// `popen` starts its child inside libc (`posix_spawn`, unhooked) and
+/// `pclose` waits for it by the kernel pid libc keeps: a program moved
+/// while such a child runs would wait on the target for a pid that names
+/// no child there (`pclose` -1, difftest seed 11 case 27). Refused until
+/// the child has been waited for; its output and status stay right.
+#[test]
+fn a_program_with_a_popen_child_is_not_moved_and_pclose_sees_its_end() {
+    let c = Cluster::up(2, 1.0);
+    let spawnkit = cc(&repo_root().join("examples/unix/spawnkit.c"), "spawnkit");
+    let dir = shared_dir("migrate-popen");
+    // The child holds its pipe alone (builtins wait, no grandchild).
+    let go = dir.join("go");
+    let _ = std::fs::remove_file(&go);
+    let cmd = format!(
+        "echo before; while [ ! -e {} ]; do :; done; echo after",
+        go.display()
+    );
+    let p = c
+        .cmd(1, &[spawnkit.to_str().unwrap(), "popen-r", &cmd])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sk = None;
+    assert!(wait_for(Duration::from_secs(10), || {
+        sk = find(&c, &format!("{} popen-r", spawnkit.display()));
+        sk.is_some() && find(&c, "sh -c echo before").is_some()
+    }));
+    let (pid, node) = sk.unwrap();
+    let to = if node == 1 { "2" } else { "1" };
+    let m = c.krg(1, &["migrate", &pid.to_string(), to]);
+    write_file(&go, "");
+    let out = p.wait_with_output().unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "before\nafter\n[pclose 0]\n",
+        "migrate: {}{}\nstderr: {}",
+        text(&m.stdout),
+        text(&m.stderr),
+        text(&out.stderr)
+    );
+    assert!(!m.status.success(), "{}", text(&m.stdout));
+    assert!(text(&m.stderr).contains("popen"), "{}", text(&m.stderr));
+}

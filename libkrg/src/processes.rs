@@ -194,6 +194,15 @@ pub fn note_child(k: pid_t, g: pid_t) {
     CHILDREN.insert(k, g);
 }
 
+/// Whether kernel child `k` is known to the program by its gpid: created
+/// through the hooks (`fork`, `posix_spawn`, ...) or a child shadow, and
+/// not reaped. A child libc started itself (`popen`, `system`) is known to
+/// the program by its kernel pid only. (The cache may have evicted a
+/// child: then it is taken as unknown.)
+pub fn knows_child(k: pid_t) -> bool {
+    CHILDREN.gpid_of(k).is_some()
+}
+
 /// How many times this process was restored (a wait in progress then
 /// names its child by an old node's kernel pid).
 static RESTORES: AtomicU32 = AtomicU32::new(0);

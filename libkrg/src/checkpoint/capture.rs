@@ -517,6 +517,24 @@ pub(super) fn refuse_shared(maps: &[MapLine], fds: &[FdState], moving: bool) -> 
     }
 }
 
+/// The offsets of the regular files among `fds`, read again. After
+/// [`refuse_shared`] has found no other holder of their descriptions
+/// (`moving`), nothing but this frozen process can move them any more; but
+/// before, a holder may have written (and ended) after [`capture_fds`]
+/// read the offset, and the file opened again there would overwrite that
+/// write.
+pub(super) fn reread_offsets(fds: &mut [FdState]) {
+    for f in fds.iter_mut() {
+        if let FdKind::File { offset, .. } = &mut f.kind {
+            // SAFETY: lseek with SEEK_CUR only reads the offset.
+            let now = unsafe { libc::lseek(f.fd, 0, libc::SEEK_CUR) };
+            if now >= 0 {
+                *offset = now;
+            }
+        }
+    }
+}
+
 /// Whether `m` is shared memory that an image holds a copy of (made again
 /// as the process's own on restore), not a cluster segment.
 fn copied_shared(m: &MapLine) -> bool {

@@ -21,6 +21,39 @@ use std::ffi::CString;
 /// parent, a restored process.
 pub const CHILD_SHADOW_ENV: &str = "KRG_CHILD_SHADOW";
 
+/// Refuse a migration while this process has a kernel child that the
+/// program knows by its kernel pid (one libc started itself: `popen`,
+/// `system` reach `posix_spawn` and `wait4` inside libc, unhooked): on
+/// another node that pid names no child, so `pclose` or `system` would
+/// fail with ECHILD (or wait for an unrelated process) although the child
+/// ends normally. Movable once the child has been waited for.
+pub(super) fn refuse_unnamed_children() -> Result<(), String> {
+    let mut unnamed: Vec<String> = Vec::new();
+    for t in super::capture::list_dir_numbers("/proc/self/task")? {
+        let Ok(kids) = super::capture::read_file(&format!("/proc/self/task/{t}/children")) else {
+            continue;
+        };
+        for k in String::from_utf8_lossy(&kids)
+            .split_whitespace()
+            .filter_map(|k| k.parse::<i32>().ok())
+        {
+            if !crate::processes::knows_child(k) {
+                let comm = super::capture::read_file(&format!("/proc/{k}/comm"))
+                    .map(|c| String::from_utf8_lossy(&c).trim_end().to_string())
+                    .unwrap_or_default();
+                unnamed.push(format!("{k} ({comm})"));
+            }
+        }
+    }
+    if unnamed.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "children with kernel pids {} were started inside libc (popen, system): the program knows them by a kernel pid that names no child on another node, so its wait for them would fail; movable once they have been waited for",
+        unnamed.join(", ")
+    ))
+}
+
 /// In a restored process, before its threads run again: start a child
 /// shadow for each child it had where it was captured. Returns how many.
 pub fn adopt() -> usize {

@@ -30,6 +30,7 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
 
 fn out_taken(order: &Order) -> Result<u64, String> {
     crate::dsm::capturable()?;
+    super::children::refuse_unnamed_children()?;
     let threads = super::capture_threads()?;
     let maps_text = capture::read_file("/proc/self/maps")?;
     // The capture arena is left out of the image.
@@ -46,8 +47,12 @@ fn out_taken(order: &Order) -> Result<u64, String> {
     };
     let (regions, runs) = capture::regions_deferring(&maps, &lazy)?;
     // The fds, before this side's own sockets exist.
-    let fds = capture::capture_fds(&[])?;
+    let mut fds = capture::capture_fds(&[])?;
     capture::refuse_shared(&maps, &fds, true)?;
+    // No other process holds them now, and none can take them from this
+    // (frozen) one: their offsets are final only now. A child that was
+    // still writing when the fds were read has written and gone since.
+    capture::reread_offsets(&mut fds);
     let mem: u64 = runs.iter().map(|r| r.1).sum();
     let mut meta = capture::meta(
         &maps,
