@@ -838,8 +838,11 @@ fn a_fifo_between_two_nodes_carries_its_stream_over_the_network_while_its_reader
     let f = new_fifo("fifo");
     let f = f.to_str().unwrap();
     // The reader opens first and waits, as with a FIFO; the writer on
-    // another node (paced until SIGUSR1) meets it.
-    let reader = piped(&c, 2, &["sh", "-c", &format!("sha256sum < {f}")]);
+    // another node (paced until SIGUSR1) meets it. `exec`: a shell that
+    // kept the FIFO as its own stdin while sha256sum reads it would make
+    // the move refused (it may read the rest later: a relay or a moved
+    // connection would take bytes that are its own).
+    let reader = piped(&c, 2, &["sh", "-c", &format!("exec sha256sum < {f}")]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let writer = piped(&c, 1, &["sh", "-c", &format!("exec {g} 256 30 > {f}")]);
     let (prod, cons) = producer_and_consumer(&c, &format!("{g} 256"));
