@@ -259,3 +259,23 @@ fn a_pipe_from_a_program_that_came_back_reaches_the_next_stage() {
     assert_same("a program that came back", &native, &krg);
     assert_eq!(text(&krg.stdout), "+lima\n+lima\n+lima\n");
 }
+
+/// A program placed elsewhere writes into a pipe, relayed by its shadow
+/// (two processes hold the read end: no hand-over), whose readers stop
+/// reading long enough for the connection's window to close, then leave:
+/// the writer must die of `SIGPIPE` as on one machine. Before, the shadow
+/// only shut its socket down, which resets nothing while the closed
+/// window lets no byte arrive: `yes` waited forever (the difftest's `yes |
+/// sh -c 'exec cat' | head` hangs, there with two shadows chained).
+#[test]
+fn a_relayed_writer_whose_readers_leave_dies_of_sigpipe() {
+    let c = round_robin(2);
+    let script = r#"{ sleep 0.3; KRG_NODE=2 exec yes papa; } | { KRG_NODE=1 sleep 2 <&0 & KRG_NODE=1 sleep 1 </dev/null; KRG_NODE=1 head -c 10; }; echo " ${PIPESTATUS[*]}""#;
+    let native = c.plain(1, &["bash", "-c", script]).output().unwrap();
+    let krg = c
+        .cmd(1, &["timeout", "-s", "KILL", "30", "bash", "-c", script])
+        .output()
+        .unwrap();
+    assert_same("a relayed writer whose readers left", &native, &krg);
+    assert_eq!(text(&krg.stdout), "papa\npapa\n 141 0\n");
+}

@@ -683,9 +683,11 @@ struct Pipe {
     broken: bool,
     /// Shut the write side of `to` (a socket) at EOF.
     shutdown_to: bool,
-    /// Stop reading `from` (a socket) when `to` breaks, so the writer sees
-    /// EPIPE as it would on a closed pipe.
-    shutdown_from: bool,
+    /// Close `from` (a socket) when `to` breaks, so the writer sees EPIPE
+    /// as it would on a closed pipe.
+    close_from: bool,
+    /// `to` broke and `from` is to be closed (by the owner of the fd).
+    hang_up: bool,
 }
 
 impl Pipe {
@@ -698,7 +700,8 @@ impl Pipe {
             eof: false,
             broken: false,
             shutdown_to: to_is_socket,
-            shutdown_from: !to_is_socket,
+            close_from: !to_is_socket,
+            hang_up: false,
         }
     }
 
@@ -743,9 +746,17 @@ impl Pipe {
             }
         } else if errno() != libc::EINTR && errno() != libc::EAGAIN {
             self.broken = true;
-            if self.shutdown_from {
+            if self.close_from {
+                // The writer must see EPIPE. A shutdown alone leaves a
+                // full receive window closed (nothing is read any more):
+                // no byte comes to be answered with a reset and the writer
+                // waits forever. So the socket is closed too (in the loop,
+                // which owns it), resetting the connection; the end of
+                // stream sent first makes the writer's socket take that
+                // reset as EPIPE (and SIGPIPE), not ECONNRESET.
                 // SAFETY: shutdown of a socket we own; errors are harmless.
                 unsafe { libc::shutdown(self.from, libc::SHUT_RDWR) };
+                self.hang_up = true;
             }
         }
     }
@@ -1011,6 +1022,13 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
             } else {
                 pipes[*i].on_readable();
             }
+        }
+        for p in pipes.iter_mut().filter(|p| p.hang_up) {
+            // Closing it with bytes unread resets the connection now;
+            // without, the next bytes to come are answered with a reset.
+            keep.retain(|f| f.as_raw_fd() != p.from);
+            p.hang_up = false;
+            p.from = -1;
         }
         if status.is_none() && !lost && fds[ctl_idx].revents != 0 {
             // SAFETY: reads into the rest of our 12-byte buffer.

@@ -1283,8 +1283,18 @@ impl Agent {
         }
         for (kpid, (g, order)) in orders {
             if let Err(e) = self.order_stream_swap(g, kpid, order.clone()) {
-                for (_, id) in &order {
-                    self.moving.held().remove(id);
+                // Every swap or none (the mover relays its ends, or tries
+                // its move again). Peers ordered already (the orders go
+                // out in no set order) find their ids gone at
+                // `StreamFrozen` and keep their ends. Before, only the
+                // refused order was called off: in `sort | uniq -c | sort
+                // -rn | head` with uniq and head placed at once, the last
+                // sort was busy with head's swap, uniq's other peer (the
+                // first sort) froze and waited a minute for a connection
+                // nobody would make.
+                let mut held = self.moving.held();
+                for (_, id) in &ids {
+                    held.remove(id);
                 }
                 return Err(e);
             }
@@ -1406,6 +1416,12 @@ impl Agent {
             })
         });
         let mut h = self.moving.held();
+        // A swap called off after the order went out (another peer of the
+        // same mover refused its own): the peer goes on as it was.
+        let shared = match ids.iter().find(|id| !h.contains_key(id)) {
+            Some(id) => Some(format!("stream {id:#x}: its hand-over was called off")),
+            None => shared,
+        };
         for id in ids {
             if let Some(tx) = h.get_mut(id).and_then(|x| x.frozen_tx.take()) {
                 let _ = tx.send(match &shared {
