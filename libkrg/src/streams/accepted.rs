@@ -18,7 +18,7 @@
 //! the process.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// `(listener fd, owed connection fd, stand-in client fd or -1)`.
 type Owed = (RawFd, RawFd, RawFd);
@@ -28,6 +28,16 @@ const SLOTS: usize = 64;
 static OWED: std::sync::Mutex<[Owed; SLOTS]> = std::sync::Mutex::new([(-1, -1, -1); SLOTS]);
 /// Entries in use (a cheap check for every `accept`).
 static COUNT: AtomicUsize = AtomicUsize::new(0);
+
+/// A migration's capture has taken the queues ([`take_queued`]) and not
+/// given them back ([`requeue`]): a connection that arrives later, while
+/// the listener is captured, is taken too ([`taking`]).
+static TAKING: AtomicBool = AtomicBool::new(false);
+
+/// Whether a migration's capture is taking the listeners' queues.
+pub fn taking() -> bool {
+    TAKING.load(Ordering::Acquire)
+}
 
 fn table() -> std::sync::MutexGuard<'static, [Owed; SLOTS]> {
     OWED.lock().unwrap_or_else(|e| e.into_inner())
@@ -83,6 +93,7 @@ fn waiting(fd: RawFd) -> bool {
 /// made again); a UNIX connection from another node is taken from the
 /// agent first (see `streams::unix`), so it moves as a connection.
 pub fn take_queued() {
+    TAKING.store(true, Ordering::Release);
     // getdents, not `read_dir` (libc's `opendir` mallocs; this is the
     // capture handler).
     let Ok(fds) = crate::checkpoint::capture::list_dir_numbers("/proc/self/fd") else {
@@ -147,6 +158,7 @@ pub fn take_queued() {
 /// Once the listeners listen again: queue a stand-in for each owed
 /// connection that has none.
 pub fn requeue() {
+    TAKING.store(false, Ordering::Release);
     if COUNT.load(Ordering::Acquire) == 0 {
         return;
     }

@@ -695,9 +695,16 @@ pub(crate) fn accept_queue(fd: RawFd) -> Option<(u32, u32)> {
 /// to be accepted (a migration takes them first: `streams::accepted`)
 /// refuse, naming them.
 pub fn listening(fd: RawFd) -> Result<Option<Listening>, String> {
-    let Some((queued, backlog)) = accept_queue(fd) else {
+    let Some((mut queued, backlog)) = accept_queue(fd) else {
         return Ok(None);
     };
+    if queued > 0 && super::accepted::taking() {
+        // The process is frozen but the kernel still queues: a client
+        // that connected since the migration took the queues is taken
+        // now, as they were.
+        super::accepted::take_queued();
+        queued = accept_queue(fd).map_or(0, |q| q.0);
+    }
     let addr =
         bound_addr(fd).ok_or_else(|| format!("fd {fd}: listening socket without an address"))?;
     if queued > 0 {
