@@ -424,7 +424,7 @@ int main(int argc, char **argv)
     pid_t me = getpid();
     printf("pid %d group %d\n", me, getpgrp());
 
-    char path[] = "/tmp/krg-pidcalls-XXXXXX";
+    char path[] = "/tmp/krg-pidcalls-XXXXXX"; /* mkstemp fills in the X */
     int lockfd = mkstemp(path);
     if (lockfd < 0 || write(lockfd, "l", 1) != 1)
         return 2;
