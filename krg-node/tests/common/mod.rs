@@ -429,3 +429,19 @@ pub fn repo_root() -> PathBuf {
         .unwrap()
         .to_path_buf()
 }
+
+/// A `krg migrate` (`m`) that had to be refused, saying `reason`, while
+/// the program (`out`) printed exactly `want`: nothing lost to a move that
+/// would have changed what it reads or writes.
+pub fn assert_refused_and_intact(m: &Output, out: &Output, want: &str, reason: &str) {
+    assert_eq!(
+        text(&out.stdout),
+        want,
+        "migrate: {}{}\nstderr: {}",
+        text(&m.stdout),
+        text(&m.stderr),
+        text(&out.stderr)
+    );
+    assert!(!m.status.success(), "{}", text(&m.stdout));
+    assert!(text(&m.stderr).contains(reason), "{}", text(&m.stderr));
+}
