@@ -38,8 +38,12 @@ int main(int argc, char **argv)
             }
         }
     }
+    /* Both children running (each has added once) before the beats: on a
+     * loaded machine a child may take longer than a beat to start. */
+    for (int w = 0; w < 1000 && __sync_fetch_and_add(shared, 0) < 2; w++)
+        usleep(10000);
     printf("ready\n");
-    int last = 0;
+    int last = __sync_fetch_and_add(shared, 0);
     for (int b = 0; b < beats; b++) {
         usleep(100000);
         int now = __sync_fetch_and_add(shared, 0);
