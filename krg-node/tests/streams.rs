@@ -692,6 +692,184 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
     assert_eq!(ok(&out, "pipeline"), want, "the digest of the stream");
 }
 
+/// The bytes in flight on the connection from `yes` (its stdout) on node
+/// `w` to its reader on node `r` once `yes` is blocked: `yes`'s send queue
+/// plus the reader's receive queue (/proc/net/tcp), read until steady.
+fn in_flight(c: &Cluster, w: u32, r: u32) -> u64 {
+    // (local port, remote port, tx_queue, rx_queue) of each line.
+    let table = |node: u32| -> Vec<(String, String, u64, u64, String)> {
+        let out = c.plain(node, &["cat", "/proc/net/tcp"]).output().unwrap();
+        text(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let port = |a: &str| a.rsplit(':').next().unwrap_or("").to_string();
+                let (tx, rx) = f.get(4)?.split_once(':')?;
+                Some((
+                    port(f.get(1)?),
+                    port(f.get(2)?),
+                    u64::from_str_radix(tx, 16).ok()?,
+                    u64::from_str_radix(rx, 16).ok()?,
+                    f.get(9)?.to_string(),
+                ))
+            })
+            .collect()
+    };
+    let once = || -> Option<u64> {
+        let link = c
+            .plain(w, &["sh", "-c", "readlink /proc/$(pgrep -x yes)/fd/1"])
+            .output()
+            .unwrap();
+        let ino = text(&link.stdout)
+            .trim()
+            .strip_prefix("socket:[")?
+            .strip_suffix(']')?
+            .to_string();
+        let mine = table(w).into_iter().find(|t| t.4 == ino)?;
+        let theirs = table(r)
+            .into_iter()
+            .find(|t| t.0 == mine.1 && t.1 == mine.0)?;
+        Some(mine.2 + theirs.3)
+    };
+    let (mut last, mut same) = (None, 0);
+    assert!(
+        wait_for(std::time::Duration::from_secs(20), || {
+            let now = once();
+            same = if now.is_some() && now == last {
+                same + 1
+            } else {
+                0
+            };
+            last = now;
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            same >= 3
+        }),
+        "the connection from yes (node {w}) to its reader (node {r}) never settled: {last:?}"
+    );
+    last.unwrap()
+}
+
+/// `yes | sleep`: the reader reads nothing, `yes` runs as far ahead as
+/// the stream holds, and each move of the reader carries all of it (in
+/// its image, then queued again in `yes`'s new connection). Before, that
+/// connection kept the send buffer enlarged to queue it: `yes` ran ahead
+/// by that much more at every move (100 MB after eight moves in `yes |
+/// gzip -nc | gzip -dc | head`, more than one image or request may
+/// carry: the move failed, and `yes` was left waiting for a connection
+/// nobody would make). Natively a pipe holds 64 KiB; here the stream may
+/// hold what TCP's buffers do, but no more after five moves than after
+/// one.
+#[test]
+fn a_stream_moved_again_and_again_holds_no_more_in_flight_than_after_one_move() {
+    let c = Cluster::up(3, 1.0);
+    let job = piped(&c, 1, &["sh", "-c", "yes | sleep 600"]);
+    let mut reader = None;
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        reader = find(&c, "sleep 600").map(|p| p.0.to_string());
+        reader.is_some() && find(&c, "yes").is_some()
+    }));
+    let reader = reader.unwrap();
+    migrate_to(&c, &reader, 2, "sleep 600");
+    let first = in_flight(&c, 1, 2);
+    let mut at = 2;
+    for _ in 0..4 {
+        at = 5 - at;
+        migrate_to(&c, &reader, at, "sleep 600");
+    }
+    let last = in_flight(&c, 1, at);
+    assert!(
+        last <= first + (1 << 20),
+        "bytes in flight from yes to its reader: {first} after one move, {last} after five"
+    );
+    let out = c.krg(1, &["kill", "-9", &reader]);
+    assert!(out.status.success(), "kill the reader: {}", show(&out));
+    let out = job.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "the pipeline ends with its killed reader: {}",
+        show(&out)
+    );
+}
+
+/// `yes | bigmem`: the reader (1 GiB, moved without post-copy: its image
+/// takes a second) is killed while its image is being written, after
+/// `yes` has its new end of the pipe (a connection to the restorer on the
+/// target). The move fails with the reader gone: `yes` must see a dead
+/// reader (SIGPIPE) at once, as it would natively, and nothing is left.
+#[test]
+fn a_reader_killed_mid_move_leaves_its_writer_a_broken_pipe_at_once() {
+    let c = Cluster::up(2, 1.0);
+    let big = cc(&repo_root().join("examples/ckpt/bigmem.c"), "bigmem");
+    let mut job = piped(
+        &c,
+        1,
+        &["sh", "-c", &format!("yes | {} 1024 600", big.display())],
+    );
+    let mut reader = None;
+    assert!(wait_for(std::time::Duration::from_secs(20), || {
+        reader = find(&c, &big.display().to_string()).map(|p| p.0.to_string());
+        reader.is_some() && find(&c, "yes").is_some()
+    }));
+    let reader = reader.unwrap();
+    // Touched, so that its image is big.
+    let mut out = job.stdout.take().expect("piped stdout");
+    let mut line = [0u8; 16];
+    let n = std::io::Read::read(&mut out, &mut line).unwrap();
+    assert!(
+        text(&line[..n]).starts_with("ready"),
+        "{:?}",
+        text(&line[..n])
+    );
+    let k = krg_bin();
+    let mover = c
+        .plain(
+            1,
+            &[k.to_str().unwrap(), "migrate", "--precopy", &reader, "2"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `yes` has its new end (a socket), the image is still on its way.
+    let link = || {
+        let o = c
+            .plain(1, &["sh", "-c", "readlink /proc/$(pgrep -x yes)/fd/1"])
+            .output()
+            .unwrap();
+        text(&o.stdout)
+    };
+    assert!(
+        wait_for(std::time::Duration::from_secs(20), || link()
+            .starts_with("socket:")),
+        "yes never got its new end: {}",
+        link()
+    );
+    let killed = c
+        .plain(1, &["pkill", "-9", "-x", "bigmem"])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "kill bigmem");
+    let moved = mover.wait_with_output().unwrap();
+    assert!(
+        !moved.status.success(),
+        "the move of a killed process: {}",
+        show(&moved)
+    );
+    let t = std::time::Instant::now();
+    assert!(
+        wait_for(std::time::Duration::from_secs(20), || find(&c, "yes")
+            .is_none()),
+        "yes still runs {:?} after its reader died",
+        t.elapsed()
+    );
+    let st = job.wait().unwrap();
+    assert!(
+        !st.success(),
+        "the pipeline ends with its killed reader: {st:?}"
+    );
+}
+
 /// A single-threaded program that lives in malloc (examples/ckpt/
 /// mallocbusy.c) in the middle of a spread pipeline: every move of its
 /// consumer hands its stdout over (a `StreamSwap` in its signal handler),

@@ -14,6 +14,7 @@ use libkrg::proto::{ErrorReply, Response, StreamPeer};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 /// The port table (used at the home) and the ports this node holds.
@@ -1779,6 +1780,9 @@ async fn refill(
         s.write_all(theirs)
             .await
             .map_err(|e| sock_err("stream refill", e))?;
+        // Queued: back to what autotuning would reach at most (the
+        // process writes on this socket next; see `shrink_sndbuf`).
+        libkrg::streams::moving::shrink_sndbuf(s.as_raw_fd(), tcp_wmem_max());
     }
     s.flush().await.map_err(|e| sock_err("stream refill", e))?;
     let std = s.into_std().map_err(|e| sock_err("stream", e))?;
@@ -1788,4 +1792,13 @@ async fn refill(
         let _ = std.shutdown(std::net::Shutdown::Write);
     }
     Ok(std::os::fd::OwnedFd::from(std))
+}
+
+/// The largest send buffer TCP autotuning gives a socket in this node's
+/// network namespace (`tcp_wmem`'s third field; 4 MiB if unreadable).
+fn tcp_wmem_max() -> i32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
+        .unwrap_or(4 << 20)
 }

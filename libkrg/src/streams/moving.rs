@@ -66,6 +66,19 @@ pub(crate) fn int_opt(fd: RawFd, level: i32, opt: i32) -> Option<i32> {
     (r == 0).then_some(v)
 }
 
+/// `fd`'s send buffer back to `doubled` (what `SO_SNDBUF` read before it
+/// was enlarged to queue a refill: the kernel doubles what is set), once
+/// the refill is queued. Left enlarged, the writer could run that much
+/// further ahead of its reader, and at the next hand-over the bytes in
+/// flight would be that much more: a pipe moved back and forth between
+/// `yes` and `gzip` held 100 MB after eight moves, more than one frame or
+/// one image may carry.
+pub fn shrink_sndbuf(fd: RawFd, doubled: i32) {
+    if doubled > 0 {
+        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, doubled / 2);
+    }
+}
+
 /// Set an int socket option of `fd` (best effort).
 pub(crate) fn set_int_opt(fd: RawFd, level: i32, opt: i32, v: i32) {
     // SAFETY: an int-sized value and its length.

@@ -219,8 +219,11 @@ pub fn refill(fd: RawFd, framed: &[u8]) -> Result<(), String> {
     }
     // Each queued message costs its bytes and a buffer head (~1 KiB).
     let want = (framed.len() + msgs.len() * 2048 + (1 << 20)).min(i32::MAX as usize / 2);
+    let before = super::moving::int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0);
     super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want as i32);
-    resend(fd, &msgs)
+    let r = resend(fd, &msgs);
+    super::moving::shrink_sndbuf(fd, before);
+    r
 }
 
 /// Send each of `msgs` on `fd` without waiting; an error if one does not

@@ -668,9 +668,12 @@ pub fn pair_holding(
             continue;
         }
         let want = (bytes.len() + (64 << 10)).min(i32::MAX as usize / 2) as i32;
-        super::moving::set_int_opt(from.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, want);
-        super::seqpacket::resend(from.as_raw_fd(), &[bytes])
-            .map_err(|e| format!("socketpair: {} queued bytes: {e}", bytes.len()))?;
+        let fd = from.as_raw_fd();
+        let before = super::moving::int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0);
+        super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, want);
+        let r = super::seqpacket::resend(fd, &[bytes]);
+        super::moving::shrink_sndbuf(fd, before);
+        r.map_err(|e| format!("socketpair: {} queued bytes: {e}", bytes.len()))?;
     }
     Ok((a, b))
 }
