@@ -570,6 +570,10 @@ impl Agent {
                 _ => "the capture did not finish in time".to_string(),
             }),
         };
+        let frozen = self.moving.take_frozen_for(kpid);
+        if res.is_err() && !frozen.is_empty() {
+            self.call_off_everywhere(frozen).await;
+        }
         let (bytes, postcopy) = match res {
             Ok(b) => b,
             Err(e) => {
@@ -647,6 +651,25 @@ impl Agent {
             // Nobody waits for a stream swap: it ends here.
             if p.order.action == CkptAction::StreamSwap {
                 o.remove(&who.pid);
+            }
+        }
+    }
+
+    /// A failed capture's hand-overs `(node, id)`, called off where they
+    /// are held (its peers, frozen for it, would wait a minute for a
+    /// connection nobody makes).
+    async fn call_off_everywhere(&self, frozen: Vec<(u32, u64)>) {
+        let mut by_node: HashMap<u32, Vec<u64>> = HashMap::new();
+        for (node, id) in frozen {
+            by_node.entry(node).or_default().push(id);
+        }
+        for (node, ids) in by_node {
+            if node == self.node_id() {
+                self.call_off(&ids);
+            } else if let Ok(c) = self.client(node).await {
+                if let Err(e) = c.stream_call_off(super::ctx(), ids).await {
+                    debug!("calling hand-overs off on node {node}: {e}");
+                }
             }
         }
     }

@@ -1262,6 +1262,10 @@ impl Peer for PeerServer {
         self.0.stream_hold(ends, commit).await
     }
 
+    async fn stream_call_off(self, _: context::Context, ids: Vec<u64>) {
+        self.0.call_off(&ids)
+    }
+
     async fn sched_push(
         self,
         _: context::Context,

@@ -132,6 +132,9 @@ pub trait Peer {
         ends: Vec<super::streams::End>,
         commit: bool,
     ) -> Result<Vec<libkrg::proto::StreamPeer>, ErrorReply>;
+    /// A mover's capture failed: end the hand-overs `ids` held on the
+    /// callee that it never took.
+    async fn stream_call_off(ids: Vec<u64>);
 }
 
 fn codec() -> LengthDelimitedCodec {

@@ -426,6 +426,9 @@ pub struct Moving {
     releases: std::sync::Mutex<HashMap<i32, Release>>,
     /// Seqpacket relays running here.
     pub(crate) relays: super::seqpacket::Relays,
+    /// The hand-overs held for each mover of this node (kernel pid) while
+    /// its capture runs: `(node, stream id)`, called off if it fails.
+    frozen_for: std::sync::Mutex<HashMap<i32, Vec<(u32, u64)>>>,
 }
 
 impl Moving {
@@ -435,6 +438,15 @@ impl Moving {
 
     fn releases(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Release>> {
         self.releases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The hand-overs held for mover `kpid`, forgotten here.
+    pub(crate) fn take_frozen_for(&self, kpid: i32) -> Vec<(u32, u64)> {
+        self.frozen_for
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&kpid)
+            .unwrap_or_default()
     }
 }
 
@@ -919,7 +931,56 @@ impl Agent {
             };
         }
         tracing::debug!("streams of kernel pid {}: {out:?}", mover.pid);
+        let held: Vec<(u32, u64)> = out
+            .iter()
+            .filter_map(|p| match p {
+                StreamPeer::Held { id, node } | StreamPeer::Kept { id, node } => Some((*node, *id)),
+                _ => None,
+            })
+            .collect();
+        if !held.is_empty() {
+            self.moving
+                .frozen_for
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(mover.pid)
+                .or_default()
+                .extend(held);
+        }
         Ok(Response::Streams(out))
+    }
+
+    /// The capture of a mover failed after its peers were frozen for it
+    /// and it did not connect back (it died mid-move, or its reconnection
+    /// failed): each of `ids` held here and not handed over ends as if the
+    /// mover had died, at once rather than after [`HANDOVER_TIMEOUT`]. A
+    /// peer that drained gets a stream with the bytes it had in flight,
+    /// then its end (a write there fails with EPIPE, as to a dead reader);
+    /// one that had not gets an error and keeps its old end.
+    pub(crate) fn call_off(&self, ids: &[u64]) {
+        let mut held = self.moving.held();
+        for id in ids {
+            let Some(h) = held.get_mut(id) else { continue };
+            // Taken: the hand-over went on (the mover reconnected).
+            let Some(ftx) = h.fd_tx.take() else { continue };
+            let drained = h.drained_rx.as_mut().and_then(|r| r.try_recv().ok());
+            let ended = match drained {
+                Some((pending, _, None)) => {
+                    libkrg::streams::unix::pair_holding(false, &pending, &[]).map(|(end, _)| end)
+                }
+                _ => Err("not drained".into()),
+            };
+            match ended {
+                Ok(end) => {
+                    let _ = ftx.send(end);
+                    tracing::debug!("stream {id:#x}: called off, its peer sees the end");
+                }
+                Err(why) => {
+                    held.remove(id);
+                    tracing::debug!("stream {id:#x}: called off ({why})");
+                }
+            }
+        }
     }
 
     /// Who holds the end `what` (fd link `link`; `mover` holds the other
