@@ -306,8 +306,10 @@ impl Drop for Cluster {
                 false
             }
         };
-        if down && !std::thread::panicking() {
-            // Its logs: nobody reads them after a test that passed.
+        let keep = std::env::var_os("KRG_TEST_KEEP_LOGS").is_some_and(|v| v == "1");
+        if down && !keep && !std::thread::panicking() {
+            // Its logs: nobody reads them after a test that passed (unless
+            // KRG_TEST_KEEP_LOGS=1: a difftest run does not panic).
             let _ = std::fs::remove_dir_all(self.run_dir());
         } else {
             eprintln!(
