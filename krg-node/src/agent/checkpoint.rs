@@ -122,6 +122,10 @@ fn personality(kpid: i32) -> Result<u32, String> {
 /// being captured itself (or was frozen by it) at the same time.
 const PEER_BUSY: &str = "the peer of a moving connection, is itself being captured";
 const CAPTURE_BUSY: &str = "a capture is already under way";
+/// Why a stream swap was not ordered: the peer is being placed at its
+/// exec (its end is relayed by its shadow, then handed over).
+pub(super) const PEER_PLACED: &str =
+    "the peer of a moving connection, is being placed on another node";
 
 /// Whether local process `kpid` has a handler for signal `sig` (its
 /// `SigCgt` mask, from any of its threads). Blocked or not: a process in a
@@ -618,6 +622,20 @@ impl Agent {
         }
     }
 
+    /// Mark gpid `g` (local kernel pid `kpid`) as being placed, unless an
+    /// order waits for its handler (the order's lock decides: see
+    /// `order_stream_swap`).
+    pub(super) fn mark_placing(&self, g: i32, kpid: i32) -> bool {
+        let o = self.orders.lock();
+        if o.contains_key(&kpid) {
+            return false;
+        }
+        if let Some(p) = self.procs().get_mut(g) {
+            p.placing = true;
+        }
+        true
+    }
+
     /// `CkptOrder` from a process in its handler.
     pub(super) fn ckpt_order(&self, who: Caller) -> CkptOrder {
         let mut o = self.orders.lock();
@@ -686,6 +704,13 @@ impl Agent {
             let mut o = self.orders.lock();
             if o.contains_key(&kpid) {
                 return Err(err(libc::EBUSY, format!("pid {g}, {PEER_BUSY}")));
+            }
+            // Decided under the same lock as `place_or_stay`: a process
+            // placed at its exec blocks its signals and becomes a shadow,
+            // which would never take the order (the mover waited a
+            // minute for its peer to freeze).
+            if self.procs().get(g).is_some_and(|p| p.placing) {
+                return Err(err(libc::EAGAIN, format!("pid {g}, {PEER_PLACED}")));
             }
             o.insert(
                 kpid,

@@ -155,8 +155,17 @@ impl Agent {
         if place == 0 || place == self.node_id() {
             return 0;
         }
-        if let Some(p) = self.procs().get_mut(gpid) {
-            p.placing = true;
+        // A stream swap ordered just before (its other end moves) is taken
+        // by its handler while it waits for this answer: placed first, it
+        // would block its signals and never take it. Waited for a little,
+        // else it stays.
+        let until = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
+        while !self.mark_placing(gpid, kpid) {
+            if tokio::time::Instant::now() >= until {
+                tracing::debug!("pid {gpid} stays on this node: a stream swap waits for it");
+                return 0;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
         let Some(why) = self.must_stay(kpid).await else {
             return place;

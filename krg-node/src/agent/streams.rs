@@ -1344,7 +1344,24 @@ impl Agent {
             tracing::debug!("stream {id:#x}: holding pid {g} fds {fds:?}");
         }
         for (kpid, (g, order)) in orders {
-            if let Err(e) = self.order_stream_swap(g, kpid, order.clone()) {
+            let r = self.order_stream_swap(g, kpid, order.clone());
+            if r.as_ref()
+                .is_err_and(|e| e.msg.contains(super::checkpoint::PEER_PLACED))
+            {
+                // Placed since it was found (the mover waited for a
+                // shadow's relay meanwhile): its ends are relayed by its
+                // shadow, handed over when it is asked then.
+                let why = format!("pid {g}: {}", super::checkpoint::PEER_PLACED);
+                let mut held = self.moving.held();
+                for (_, id) in order {
+                    held.remove(&id);
+                    if let Some((i, _)) = ids.iter().find(|(_, x)| *x == id) {
+                        out[*i] = StreamPeer::Foreign(why.clone());
+                    }
+                }
+                continue;
+            }
+            if let Err(e) = r {
                 // Every swap or none (the mover relays its ends, or tries
                 // its move again). Peers ordered already (the orders go
                 // out in no set order) find their ids gone at
