@@ -63,7 +63,9 @@ difftest: scripts run natively and under krg must print the same bytes
   --print          print the scripts, run nothing
   --native-only    run each case twice natively on this host, no cluster
                    (checks the generator's determinism)
-  --quiet          one line per failing case only";
+  --quiet          one line per failing case only
+  --no-regressions skip the scripts of regressions/ (they run after the
+                   generated cases, unless --case or --script is given)";
 
 #[derive(Debug, Clone, PartialEq)]
 enum Mode {
@@ -82,7 +84,7 @@ impl Mode {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Opts {
     seed: u64,
     cases: u64,
@@ -97,10 +99,34 @@ struct Opts {
     print: bool,
     native_only: bool,
     quiet: bool,
+    /// Run the scripts of `regressions/` after the generated cases.
+    regressions: bool,
 }
 
 fn policy(name: &str) -> Option<&'static str> {
     POLICIES.iter().copied().find(|p| *p == name)
+}
+
+/// Every policy, then migrations injected under a random one.
+fn all_modes() -> Vec<Mode> {
+    POLICIES
+        .iter()
+        .map(|p| Mode::Policy(p))
+        .chain([Mode::Migrate(None)])
+        .collect()
+}
+
+/// A mode by its name (`pack`, `migrate`, `migrate-pack`).
+fn parse_mode(m: &str) -> Result<Mode, String> {
+    match m {
+        "migrate" => Ok(Mode::Migrate(None)),
+        _ => if let Some(p) = m.strip_prefix("migrate-") {
+            policy(p).map(|p| Mode::Migrate(Some(p)))
+        } else {
+            policy(m).map(Mode::Policy)
+        }
+        .ok_or(format!("unknown mode {m}")),
+    }
 }
 
 fn parse_args() -> Result<Option<Opts>, String> {
@@ -118,11 +144,7 @@ fn parse_args() -> Result<Option<Opts>, String> {
         cases: env_num("KRG_DIFFTEST_CASES")?.unwrap_or(BRIEF_CASES),
         first: 0,
         script: None,
-        modes: POLICIES
-            .iter()
-            .map(|p| Mode::Policy(p))
-            .chain([Mode::Migrate(None)])
-            .collect(),
+        modes: all_modes(),
         migrate_runs: 1,
         aim: run::Aim::default(),
         repeat: 1,
@@ -131,6 +153,7 @@ fn parse_args() -> Result<Option<Opts>, String> {
         print: false,
         native_only: false,
         quiet: false,
+        regressions: true,
     };
     let mut filters = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -147,6 +170,7 @@ fn parse_args() -> Result<Option<Opts>, String> {
             "--cases" => o.cases = val("--cases")?,
             "--seed" => o.seed = val("--seed")?,
             "--case" => {
+                o.regressions = false;
                 o.first = val("--case")?;
                 o.cases = 1;
             }
@@ -167,23 +191,18 @@ fn parse_args() -> Result<Option<Opts>, String> {
                     .ok_or(format!("--script {}: no such file", f.display()))?;
                 o.script = Some(f);
                 o.cases = 1;
+                o.regressions = false;
             }
             "--modes" => {
                 let list = args.next().ok_or("--modes needs a list")?;
                 o.modes = list
                     .split(',')
-                    .map(|m| match m {
-                        "migrate" => Ok(Mode::Migrate(None)),
-                        _ => if let Some(p) = m.strip_prefix("migrate-") {
-                            policy(p).map(|p| Mode::Migrate(Some(p)))
-                        } else {
-                            policy(m).map(Mode::Policy)
-                        }
-                        .ok_or(format!("--modes: unknown mode {m}")),
-                    })
-                    .collect::<Result<_, _>>()?;
+                    .map(parse_mode)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("--modes: {e}"))?;
             }
             "--print" => o.print = true,
+            "--no-regressions" => o.regressions = false,
             "--native-only" => o.native_only = true,
             "--quiet" => o.quiet = true,
             // What `cargo test` passes to every test binary.
@@ -203,6 +222,54 @@ fn parse_args() -> Result<Option<Opts>, String> {
         return Ok(None);
     }
     Ok(Some(o))
+}
+
+/// The case numbers of the regression scripts (after any generated case).
+const REGRESSION_INDEX: u64 = 1 << 40;
+
+/// How a regression script runs: its header's `# difftest-modes: LIST`
+/// and `# difftest-repeat: N` (default: every mode, once).
+struct Regression {
+    modes: Vec<Mode>,
+    repeat: u32,
+}
+
+/// The scripts of `krg-node/tests/difftest/regressions/` (cases campaigns
+/// found failing once, minimised: each runs in every run of the tester,
+/// in the modes and as many times as it failed in before its fix), sorted.
+fn regressions() -> Vec<(PathBuf, Regression)> {
+    let dir = repo_root().join("krg-node/tests/difftest/regressions");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sh"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let field = |k: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(|v| v.trim().to_string())
+            };
+            let modes = field("# difftest-modes:")
+                .map(|l| {
+                    l.split(',')
+                        .map(|m| {
+                            parse_mode(m.trim()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_else(all_modes);
+            let repeat = field("# difftest-repeat:")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            (p, Regression { modes, repeat })
+        })
+        .collect()
 }
 
 /// A case to run: generated, or read from a file.
@@ -545,6 +612,36 @@ fn campaign(o: &Opts, env: &Env) -> i32 {
                 t.discarded,
                 t0.elapsed().as_secs_f64()
             );
+        }
+    }
+    if o.regressions {
+        for (j, (path, r)) in regressions().into_iter().enumerate() {
+            let k = gen::Case {
+                seed: o.seed,
+                index: REGRESSION_INDEX + j as u64,
+                script: std::fs::read_to_string(&path)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+                slow: true,
+                features: Default::default(),
+            };
+            println!(
+                "regression {}: case {} ({} x {})",
+                path.display(),
+                k.index,
+                r.modes
+                    .iter()
+                    .map(|m| m.name())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                r.repeat
+            );
+            let ro = Opts {
+                modes: r.modes,
+                repeat: r.repeat,
+                script: Some(path),
+                ..o.clone()
+            };
+            one_case(&ro, env, &c, &k, &mut t, &mut now, &mut rng);
         }
     }
     let _ = std::fs::remove_dir_all(&env.runs);
