@@ -792,6 +792,66 @@ fn a_stream_moved_again_and_again_holds_no_more_in_flight_than_after_one_move() 
     );
 }
 
+/// `yes | sleep`, `yes` stopped (SIGSTOP: its handler cannot run), then
+/// the reader moved: its move orders `yes` to freeze for the hand-over of
+/// the pipe, and `yes` is killed before it could. The move goes on as for
+/// a pipe whose writer is gone: at once, the bytes `yes` wrote still in
+/// it. Before, the move waited a minute for a process that had ended,
+/// then failed (`awk ... | grep` hung so when awk wrote all and exited
+/// while grep was being placed).
+#[test]
+fn a_peer_that_ends_before_it_freezes_does_not_hold_up_the_move() {
+    let c = Cluster::up(2, 1.0);
+    let job = piped(&c, 1, &["sh", "-c", "yes | sleep 600"]);
+    let mut reader = None;
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        reader = find(&c, "sleep 600").map(|p| p.0.to_string());
+        reader.is_some() && find(&c, "yes").is_some()
+    }));
+    let reader = reader.unwrap();
+    let stopped = c
+        .plain(1, &["pkill", "-STOP", "-x", "yes"])
+        .status()
+        .unwrap();
+    assert!(stopped.success(), "stop yes");
+    let k = krg_bin();
+    let t = std::time::Instant::now();
+    let mover = c
+        .plain(1, &[k.to_str().unwrap(), "migrate", &reader, "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The order is out: signal 62 pending for the stopped `yes`.
+    let pending = || {
+        let o = c
+            .plain(1, &["sh", "-c", "grep ShdPnd /proc/$(pgrep -x yes)/status"])
+            .output()
+            .unwrap();
+        let v = text(&o.stdout);
+        let bits = v.split_whitespace().nth(1).unwrap_or("0");
+        u64::from_str_radix(bits, 16).is_ok_and(|b| b & (1 << 61) != 0)
+    };
+    assert!(
+        wait_for(std::time::Duration::from_secs(20), pending),
+        "no hand-over order reached yes"
+    );
+    let killed = c.plain(1, &["pkill", "-9", "-x", "yes"]).status().unwrap();
+    assert!(killed.success(), "kill yes");
+    let moved = mover.wait_with_output().unwrap();
+    assert!(moved.status.success(), "the move: {}", show(&moved));
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(30),
+        "the move took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(find(&c, "sleep 600").map(|p| p.1), Some(2));
+    let out = c.krg(1, &["kill", "-9", &reader]);
+    assert!(out.status.success(), "kill the reader: {}", show(&out));
+    let out = job.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", show(&out));
+}
+
 /// `yes | bigmem`: the reader (1 GiB, moved without post-copy: its image
 /// takes a second) is killed while its image is being written, after
 /// `yes` has its new end of the pipe (a connection to the restorer on the

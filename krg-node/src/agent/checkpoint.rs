@@ -93,7 +93,7 @@ fn thread_files(kpid: i32, name: &str) -> impl Iterator<Item = std::path::PathBu
 }
 
 /// Whether a local process still runs: any of its threads is not a zombie.
-fn alive(kpid: i32) -> bool {
+pub(super) fn alive(kpid: i32) -> bool {
     thread_files(kpid, "stat").any(|p| {
         std::fs::read_to_string(p)
             .ok()
@@ -619,6 +619,17 @@ impl Agent {
             self.procs().set_location(g, node);
         } else if let Ok(oc) = self.client(origin).await {
             let _ = oc.set_location(super::ctx(), g, node).await;
+        }
+    }
+
+    /// Forget the stream swap ordered to local kernel pid `kpid`, which
+    /// ended before it took it (its number may come back).
+    pub(super) fn forget_swap(&self, kpid: i32) {
+        let mut o = self.orders.lock();
+        if o.get(&kpid)
+            .is_some_and(|p| p.order.action == CkptAction::StreamSwap)
+        {
+            o.remove(&kpid);
         }
     }
 

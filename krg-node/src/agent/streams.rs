@@ -417,6 +417,16 @@ impl Held {
     }
 }
 
+/// What became of a peer ordered to freeze for a hand-over.
+enum Frozen {
+    Yes,
+    /// It may not be swapped after all (why).
+    Refused(String),
+    /// It ended before it took the order.
+    Ended,
+    TimedOut,
+}
+
 /// Streams being moved (at the staying peer's node), by id.
 #[derive(Debug, Default)]
 pub struct Moving {
@@ -1317,6 +1327,8 @@ impl Agent {
                 .collect());
         }
         let mut ids = Vec::new();
+        // Each id's peer: kernel pid, gpid, and whether its end is a pipe's.
+        let mut peers: Vec<(u64, i32, i32, bool)> = Vec::new();
         let mut out = Vec::new();
         let mut orders: HashMap<i32, (i32, Vec<(i32, u64)>)> = HashMap::new();
         for (f, l) in found.iter().zip(&links) {
@@ -1340,6 +1352,12 @@ impl Agent {
             let e = orders.entry(*kpid).or_insert((*g, Vec::new()));
             e.1.extend(fds.iter().map(|fd| (*fd, id)));
             ids.push((out.len(), id));
+            peers.push((
+                id,
+                *kpid,
+                *g,
+                l.as_ref().is_ok_and(|(_, link, _)| is_pipe_link(link)),
+            ));
             out.push(StreamPeer::Held { id, node });
             tracing::debug!("stream {id:#x}: holding pid {g} fds {fds:?}");
         }
@@ -1391,15 +1409,32 @@ impl Agent {
             })
             .collect();
         for (i, id, w) in waits {
-            match tokio::time::timeout(HANDOVER_TIMEOUT, w).await {
-                Ok(Ok(Ok(()))) => {}
+            let Some(&(_, kpid, g, pipe)) = peers.iter().find(|p| p.0 == id) else {
+                continue;
+            };
+            match self.await_frozen(kpid, w).await {
+                Frozen::Yes => {}
                 // Shared since it was found (see `stream_frozen`): the peer
                 // goes on with its end as it was; the mover relays it.
-                Ok(Ok(Err(why))) => {
+                Frozen::Refused(why) => {
                     self.moving.held().remove(&id);
                     out[i] = StreamPeer::Foreign(why);
                 }
-                _ => {
+                // Ended since it was found (`awk ... | grep` with grep
+                // placed: awk had written all and exited): its end is
+                // closed. Before, the mover waited a minute for it.
+                Frozen::Ended => {
+                    self.moving.held().remove(&id);
+                    self.forget_swap(kpid);
+                    out[i] = if pipe {
+                        StreamPeer::Nobody
+                    } else {
+                        StreamPeer::Foreign(format!(
+                            "its other end's process (pid {g}) ended during the hand-over"
+                        ))
+                    };
+                }
+                Frozen::TimedOut => {
                     return Err(err(
                         libc::ETIMEDOUT,
                         "the peer of a moving connection did not stop (is its signal 62 blocked?)",
@@ -1408,6 +1443,38 @@ impl Agent {
             }
         }
         Ok(out)
+    }
+
+    /// Wait for the peer (local kernel pid `kpid`) to say it is parked
+    /// (`w`), or to end first.
+    async fn await_frozen(
+        &self,
+        kpid: i32,
+        mut w: tokio::sync::oneshot::Receiver<Result<(), String>>,
+    ) -> Frozen {
+        let until = tokio::time::Instant::now() + HANDOVER_TIMEOUT;
+        loop {
+            tokio::select! {
+                r = &mut w => return match r {
+                    Ok(Ok(())) => Frozen::Yes,
+                    Ok(Err(why)) => Frozen::Refused(why),
+                    Err(_) => Frozen::TimedOut,
+                },
+                _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {
+                    if !super::checkpoint::alive(kpid) {
+                        // A word sent just before the end wins.
+                        return match w.try_recv() {
+                            Ok(Ok(())) => Frozen::Yes,
+                            Ok(Err(why)) => Frozen::Refused(why),
+                            Err(_) => Frozen::Ended,
+                        };
+                    }
+                    if tokio::time::Instant::now() >= until {
+                        return Frozen::TimedOut;
+                    }
+                }
+            }
+        }
     }
 
     /// A connection for stream `id` will come from another node for a
