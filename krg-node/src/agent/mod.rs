@@ -9,7 +9,6 @@ pub mod checkpoint;
 pub mod children;
 pub mod config;
 pub mod dsm;
-pub mod dsm_link;
 pub mod fifo;
 pub mod local;
 pub mod parked;
@@ -23,6 +22,7 @@ pub mod spawn;
 pub mod stay;
 pub mod streams;
 pub mod sync;
+mod sys;
 pub mod unix;
 
 use crate::agent::config::Config;
@@ -104,8 +104,8 @@ pub struct Agent {
     dsm: dsm::Dsm,
     /// System V semaphore sets homed here.
     sems: sync::Sems,
-    /// Shared-memory links to other agents (see `dsm_link`).
-    links: Mutex<HashMap<u32, Arc<dsm_link::Link>>>,
+    /// Shared-memory links to other agents (see `dsm::link`).
+    links: Mutex<HashMap<u32, Arc<dsm::link::Link>>>,
     /// The cluster-wide loopback's ports (see `streams`).
     ports: streams::Ports,
     /// TCP connections whose other end is moving (see `streams`).
@@ -270,7 +270,7 @@ impl Agent {
     }
 
     /// The shared-memory link to node `id`, connecting if needed.
-    async fn dsm_link(&self, id: u32) -> Result<Arc<dsm_link::Link>, ErrorReply> {
+    async fn dsm_link(&self, id: u32) -> Result<Arc<dsm::link::Link>, ErrorReply> {
         let addr = {
             let l = self.links.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(k) = l.get(&id).filter(|k| !k.is_dead()) {
@@ -284,7 +284,7 @@ impl Agent {
                 )
             })?
         };
-        let k = dsm_link::Link::connect(addr, &self.cfg.key, self.cfg.node_id, id)
+        let k = dsm::link::Link::connect(addr, &self.cfg.key, self.cfg.node_id, id)
             .await
             .map_err(|e| err(libc::EHOSTUNREACH, format!("node {id} at {addr}: {e}")))?;
         self.links
@@ -1323,17 +1323,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                             tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ch))
                                 .await;
                         match (got, ch[0]) {
-                            (Ok(Ok(_)), dsm_link::CHANNEL_TARPC) => {
+                            (Ok(Ok(_)), dsm::link::CHANNEL_TARPC) => {
                                 debug!("node {id} connected from {addr}");
                                 peer::serve(s, PeerServer(a)).await;
                             }
-                            (Ok(Ok(_)), dsm_link::CHANNEL_DSM) => {
+                            (Ok(Ok(_)), dsm::link::CHANNEL_DSM) => {
                                 debug!("node {id}: shared memory link from {addr}");
-                                dsm_link::serve(s, a, id).await;
+                                dsm::link::serve(s, a, id).await;
                             }
-                            (Ok(Ok(_)), dsm_link::CHANNEL_DSM_FAULTS) => {
+                            (Ok(Ok(_)), dsm::link::CHANNEL_DSM_FAULTS) => {
                                 debug!("node {id}: fault connection from {addr}");
-                                dsm_link::serve_faults(s, a, id);
+                                dsm::link::serve_faults(s, a, id);
                             }
                             (Ok(Ok(_)), streams::CHANNEL_STREAM) => {
                                 debug!("node {id}: stream hand-over from {addr}");

@@ -76,7 +76,7 @@ impl Agent {
                 "caller is not visible in this node's pid namespace",
             ));
         }
-        let f = super::dsm::pidfd_getfd(who.pid, fd).map_err(|e| {
+        let f = super::sys::pidfd_getfd(who.pid, fd).map_err(|e| {
             err(
                 libc::EBADF,
                 format!("parking fd {fd} of kernel pid {}: {}", who.pid, e.msg),

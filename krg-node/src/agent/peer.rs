@@ -156,7 +156,7 @@ pub async fn connect(
     let id = auth::client(&mut s, key, my_id).await?;
     {
         use tokio::io::AsyncWriteExt;
-        s.write_all(&[super::dsm_link::CHANNEL_TARPC]).await?;
+        s.write_all(&[super::dsm::link::CHANNEL_TARPC]).await?;
     }
     let transport = serde_transport::new(
         tarpc::tokio_util::codec::Framed::new(s, codec()),

@@ -118,7 +118,7 @@ fn dead_pipe(kpid: i32, link: &str, all: &HashMap<String, Vec<(i32, i32)>>) -> b
     if writer {
         return false;
     }
-    let Ok(end) = super::dsm::pidfd_getfd(kpid, 0) else {
+    let Ok(end) = super::sys::pidfd_getfd(kpid, 0) else {
         return false;
     };
     let mut queued: libc::c_int = 0;

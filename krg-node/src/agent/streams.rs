@@ -527,7 +527,7 @@ fn mover_socket(mover: i32, local: &str, peer: &str) -> Result<std::os::fd::Owne
         .find(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == link.as_str()))
         .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .ok_or("the mover does not hold it")?;
-    super::dsm::pidfd_getfd(mover, fd).map_err(|e| e.msg)
+    super::sys::pidfd_getfd(mover, fd).map_err(|e| e.msg)
 }
 
 /// Relay kept connection `old` (the moved process's old socket, with the

@@ -20,8 +20,8 @@
 //! sleeping threads (the fault's reader, the answer's reader on both
 //! agents, the application); polling leaves the application's.
 
-use super::dsm::{HomeOp, HomeReply, NodeOp};
-use super::{auth, err, Agent};
+use super::super::{auth, err, Agent};
+use super::wire::{HomeOp, HomeReply, NodeOp};
 use bincode::Options;
 use libkrg::proto::ErrorReply;
 use serde::{Deserialize, Serialize};
