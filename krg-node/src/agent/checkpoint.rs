@@ -80,33 +80,11 @@ fn postcopy_running(kpid: i32) -> bool {
         .unwrap_or(false)
 }
 
-/// `/proc` file `name` of local process `kpid`, then the same of each of
-/// its threads: after a restore the thread-group leader may be an exited
-/// thread (a zombie, whose files say little) while the others run on.
-fn thread_files(kpid: i32, name: &str) -> impl Iterator<Item = std::path::PathBuf> + '_ {
-    let tasks = std::fs::read_dir(format!("/proc/{kpid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(move |t| t.path().join(name));
-    std::iter::once(std::path::PathBuf::from(format!("/proc/{kpid}/{name}"))).chain(tasks)
-}
-
-/// Whether a local process still runs: any of its threads is not a zombie.
-pub(super) fn alive(kpid: i32) -> bool {
-    thread_files(kpid, "stat").any(|p| {
-        std::fs::read_to_string(p)
-            .ok()
-            .and_then(|s| super::procs::parse_stat(&s))
-            .is_some_and(|s| s.state != 'Z')
-    })
-}
-
 /// The personality of a local process, from any of its threads; else why
 /// it could not be read.
 fn personality(kpid: i32) -> Result<u32, String> {
     let mut why = format!("/proc/{kpid}: no such process");
-    for p in thread_files(kpid, "personality") {
+    for p in super::procs::thread_files(kpid, "personality") {
         match std::fs::read_to_string(&p) {
             Ok(s) => match u32::from_str_radix(s.trim(), 16) {
                 Ok(v) => return Ok(v),
@@ -122,27 +100,6 @@ fn personality(kpid: i32) -> Result<u32, String> {
 /// being captured itself (or was frozen by it) at the same time.
 const PEER_BUSY: &str = "the peer of a moving connection, is itself being captured";
 const CAPTURE_BUSY: &str = "a capture is already under way";
-/// Why a stream swap was not ordered: the peer is being placed at its
-/// exec (its end is relayed by its shadow, then handed over).
-pub(super) const PEER_PLACED: &str =
-    "the peer of a moving connection, is being placed on another node";
-
-/// Whether local process `kpid` has a handler for signal `sig` (its
-/// `SigCgt` mask, from any of its threads). Blocked or not: a process in a
-/// capture of its own blocks it for a moment (and is refused as busy
-/// elsewhere); one being placed is never sent it (`streams`).
-pub(super) fn catches(kpid: i32, sig: i32) -> bool {
-    thread_files(kpid, "status").any(|p| {
-        std::fs::read_to_string(p)
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("SigCgt:"))
-                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            })
-            .is_some_and(|m| (1..=64).contains(&sig) && m & (1u64 << (sig - 1)) != 0)
-    })
-}
 
 /// A live child of a local process, if any (zombies included: the parent
 /// still has to reap them here).
@@ -459,7 +416,7 @@ impl Agent {
         // agent, or a child forked from one (same library, same handler),
         // but not one that has since exec'd a program without the library
         // (the signal would kill it).
-        if !catches(kpid, libkrg::proto::CKPT_SIGNAL) {
+        if !super::procs::catches(kpid, libkrg::proto::CKPT_SIGNAL) {
             return Err(err(
                 libc::EPERM,
                 format!("pid {g}: does not run libkrg (not started under krg, or it exec'd a program without it)"),
@@ -509,7 +466,7 @@ impl Agent {
         let pers = personality(kpid).map_err(|e| {
             err(
                 libc::ESRCH,
-                if alive(kpid) {
+                if super::procs::alive(kpid) {
                     format!("pid {g}: cannot read its personality ({e})")
                 } else {
                     format!("pid {g}: exiting")
@@ -553,7 +510,7 @@ impl Agent {
                 tokio::select! {
                     r = &mut rx => return r,
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                        if !alive(kpid) {
+                        if !super::procs::alive(kpid) {
                             // A report sent just before the end wins.
                             return match rx.try_recv() {
                                 Ok(r) => Ok(r),
@@ -721,7 +678,10 @@ impl Agent {
             // which would never take the order (the mover waited a
             // minute for its peer to freeze).
             if self.procs().get(g).is_some_and(|p| p.placing) {
-                return Err(err(libc::EAGAIN, format!("pid {g}, {PEER_PLACED}")));
+                return Err(err(
+                    libc::EAGAIN,
+                    format!("pid {g}, {}", super::streams::PEER_PLACED),
+                ));
             }
             o.insert(
                 kpid,

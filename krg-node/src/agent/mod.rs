@@ -131,6 +131,10 @@ pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
     }
 }
 
+pub(crate) fn sock_err(what: &str, e: std::io::Error) -> ErrorReply {
+    err(libc::EIO, format!("{what}: {e}"))
+}
+
 pub(crate) fn ctx() -> context::Context {
     let mut c = context::current();
     c.deadline = Instant::now() + CALL_TIMEOUT;

@@ -779,6 +779,45 @@ fn send_signal(p: &Proc, sig: i32) -> Result<(), i32> {
     }
 }
 
+/// `/proc` file `name` of local process `kpid`, then the same of each of
+/// its threads: after a restore the thread-group leader may be an exited
+/// thread (a zombie, whose files say little) while the others run on.
+pub(super) fn thread_files(kpid: i32, name: &str) -> impl Iterator<Item = std::path::PathBuf> + '_ {
+    let tasks = std::fs::read_dir(format!("/proc/{kpid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(move |t| t.path().join(name));
+    std::iter::once(std::path::PathBuf::from(format!("/proc/{kpid}/{name}"))).chain(tasks)
+}
+
+/// Whether a local process still runs: any of its threads is not a zombie.
+pub(super) fn alive(kpid: i32) -> bool {
+    thread_files(kpid, "stat").any(|p| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| parse_stat(&s))
+            .is_some_and(|s| s.state != 'Z')
+    })
+}
+
+/// Whether local process `kpid` has a handler for signal `sig` (its
+/// `SigCgt` mask, from any of its threads). Blocked or not: a process in a
+/// capture of its own blocks it for a moment (and is refused as busy
+/// elsewhere); one being placed is never sent it (`streams`).
+pub(crate) fn catches(kpid: i32, sig: i32) -> bool {
+    thread_files(kpid, "status").any(|p| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("SigCgt:"))
+                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            })
+            .is_some_and(|m| (1..=64).contains(&sig) && m & (1u64 << (sig - 1)) != 0)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@
 //! shuts its relay end both ways, so its process's next write fails with
 //! `EPIPE`, as with a peer that closed).
 
-use super::streams::sock_err;
+use super::sock_err;
 use super::Agent;
 use libkrg::proto::ErrorReply;
 use libkrg::streams::seqpacket::{self, Got, MAX_MESSAGE};

@@ -9,7 +9,7 @@
 //! by another node is checked *when it matters*, by asking that node to
 //! bind the port itself (`probe`). See docs/architecture/streams.md.
 
-use super::{err, Agent, Caller};
+use super::{err, sock_err, Agent, Caller};
 use libkrg::proto::{ErrorReply, Response, StreamPeer};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -417,6 +417,11 @@ impl Held {
     }
 }
 
+/// Why a stream swap was not ordered: the peer is being placed at its
+/// exec (its end is relayed by its shadow, then handed over).
+pub(crate) const PEER_PLACED: &str =
+    "the peer of a moving connection, is being placed on another node";
+
 /// What became of a peer ordered to freeze for a hand-over.
 enum Frozen {
     Yes,
@@ -728,10 +733,6 @@ pub(super) fn accmode(pid: i32, fd: i32) -> Option<i32> {
         .find_map(|l| l.strip_prefix("flags:"))
         .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())?;
     Some(flags & libc::O_ACCMODE)
-}
-
-pub(crate) fn sock_err(what: &str, e: std::io::Error) -> ErrorReply {
-    err(libc::EIO, format!("{what}: {e}"))
 }
 
 impl Agent {
@@ -1090,7 +1091,7 @@ impl Agent {
         }
         // Signal 62 would kill a process without libkrg's handler (not yet
         // installed, or a program that does not load it).
-        if !super::checkpoint::catches(kpid, libkrg::proto::CKPT_SIGNAL) {
+        if !super::procs::catches(kpid, libkrg::proto::CKPT_SIGNAL) {
             return Err(StreamPeer::Foreign(format!(
                 "{what}: its other end's process (pid {g}) does not take part (libkrg's signal handler is not installed)"
             )));
@@ -1144,7 +1145,7 @@ impl Agent {
                                 let will_catch = p.caps_eff.contains(Caps::MIGRATE)
                                     || p.caps_eff.contains(Caps::CHECKPOINT);
                                 !(will_catch && (p.skip_place || p.restoring || !p.greeted))
-                                    || super::checkpoint::catches(*kpid, libkrg::proto::CKPT_SIGNAL)
+                                    || super::procs::catches(*kpid, libkrg::proto::CKPT_SIGNAL)
                             }
                         }
                     };
@@ -1363,13 +1364,11 @@ impl Agent {
         }
         for (kpid, (g, order)) in orders {
             let r = self.order_stream_swap(g, kpid, order.clone());
-            if r.as_ref()
-                .is_err_and(|e| e.msg.contains(super::checkpoint::PEER_PLACED))
-            {
+            if r.as_ref().is_err_and(|e| e.msg.contains(PEER_PLACED)) {
                 // Placed since it was found (the mover waited for a
                 // shadow's relay meanwhile): its ends are relayed by its
                 // shadow, handed over when it is asked then.
-                let why = format!("pid {g}: {}", super::checkpoint::PEER_PLACED);
+                let why = format!("pid {g}: {}", PEER_PLACED);
                 let mut held = self.moving.held();
                 for (_, id) in order {
                     held.remove(&id);
@@ -1461,7 +1460,7 @@ impl Agent {
                     Err(_) => Frozen::TimedOut,
                 },
                 _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {
-                    if !super::checkpoint::alive(kpid) {
+                    if !super::procs::alive(kpid) {
                         // A word sent just before the end wins.
                         return match w.try_recv() {
                             Ok(Ok(())) => Frozen::Yes,
