@@ -13,6 +13,9 @@
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
+/// Where iproute2 keeps named network namespaces.
+pub(super) const NETNS_DIR: &str = "/run/netns";
+
 /// The environment variable that selects an instance.
 pub const ENV: &str = "KRG_CLUSTER";
 /// The longest instance name.
@@ -231,7 +234,7 @@ pub(super) fn present(cgroup_roots: &[PathBuf]) -> Vec<Instance> {
         }
     }
     found.extend(
-        names(Path::new(super::net::NETNS_DIR))
+        names(Path::new(NETNS_DIR))
             .iter()
             .filter_map(|n| Instance::of_netns(n)),
     );

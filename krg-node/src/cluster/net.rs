@@ -6,7 +6,7 @@
 //! namespace, so the machine has no route into 10.77.X.0/24; and since each
 //! instance has its own bridge, no packet passes between instances.
 
-use super::instance::Instance;
+use super::instance::{Instance, NETNS_DIR};
 use super::sys::{self, ip};
 use anyhow::{bail, Context, Result};
 use std::collections::HashSet;
@@ -14,8 +14,6 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-/// Where iproute2 keeps named network namespaces.
-pub(super) const NETNS_DIR: &str = "/run/netns";
 /// The bridge, in the instance's bridge namespace (the name is the same in
 /// every instance: they never share a namespace).
 const BRIDGE: &str = "br0";

@@ -8,7 +8,7 @@
 //! is prepared before `fork`: after it the children only make system calls,
 //! so nothing depends on the state of locks or the allocator at fork time.
 
-use super::net::NETNS_DIR;
+use super::instance::NETNS_DIR;
 use super::sys::{self, CStrVec};
 use anyhow::{bail, Context, Result};
 use nix::errno::Errno;
