@@ -151,13 +151,30 @@ impl Agent {
         // A migrating parent: its children stay here, each to be stood for
         // by a child shadow there.
         let children = if spec.restore {
-            let t = self.procs();
-            super::children::children_gpids(who.pid, |k| t.translate(k)).map_err(|k| {
-                err(
-                    libc::EBUSY,
-                    format!("pid {g}: its child (kernel pid {k} here) is not an SSI process: it could not be waited for from another node"),
-                )
-            })?
+            // A child not known yet may be one still starting: the shadow
+            // of a child that a restored parent starts for each child it
+            // left on its old node registers a moment after the parent
+            // runs (a shell moved twice in a row met its own child shadow
+            // unregistered under load). Waited for a little.
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            loop {
+                let r = {
+                    let t = self.procs();
+                    super::children::children_gpids(who.pid, |k| t.translate(k))
+                };
+                match r {
+                    Ok(c) => break c,
+                    Err(_) if std::time::Instant::now() < until => {
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await
+                    }
+                    Err(k) => {
+                        return Err(err(
+                            libc::EBUSY,
+                            format!("pid {g}: its child (kernel pid {k} here) is not an SSI process: it could not be waited for from another node"),
+                        ))
+                    }
+                }
+            }
         } else {
             Vec::new()
         };
