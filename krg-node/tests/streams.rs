@@ -692,6 +692,18 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
     assert_eq!(ok(&out, "pipeline"), want, "the digest of the stream");
 }
 
+/// `sh -c "yes | READER"` on node 1, once both run: the job and the
+/// reader's gpid.
+fn yes_into(c: &Cluster, reader: &str) -> (Child, String) {
+    let job = piped(c, 1, &["sh", "-c", &format!("yes | {reader}")]);
+    let mut pid = None;
+    assert!(wait_for(std::time::Duration::from_secs(20), || {
+        pid = find(c, reader).map(|p| p.0.to_string());
+        pid.is_some() && find(c, "yes").is_some()
+    }));
+    (job, pid.unwrap())
+}
+
 /// The bytes in flight on the connection from `yes` (its stdout) on node
 /// `w` to its reader on node `r` once `yes` is blocked: `yes`'s send queue
 /// plus the reader's receive queue (/proc/net/tcp), read until steady.
@@ -763,13 +775,7 @@ fn in_flight(c: &Cluster, w: u32, r: u32) -> u64 {
 #[test]
 fn a_stream_moved_again_and_again_holds_no_more_in_flight_than_after_one_move() {
     let c = Cluster::up(3, 1.0);
-    let job = piped(&c, 1, &["sh", "-c", "yes | sleep 600"]);
-    let mut reader = None;
-    assert!(wait_for(std::time::Duration::from_secs(10), || {
-        reader = find(&c, "sleep 600").map(|p| p.0.to_string());
-        reader.is_some() && find(&c, "yes").is_some()
-    }));
-    let reader = reader.unwrap();
+    let (job, reader) = yes_into(&c, "sleep 600");
     migrate_to(&c, &reader, 2, "sleep 600");
     let first = in_flight(&c, 1, 2);
     let mut at = 2;
@@ -802,13 +808,7 @@ fn a_stream_moved_again_and_again_holds_no_more_in_flight_than_after_one_move() 
 #[test]
 fn a_peer_that_ends_before_it_freezes_does_not_hold_up_the_move() {
     let c = Cluster::up(2, 1.0);
-    let job = piped(&c, 1, &["sh", "-c", "yes | sleep 600"]);
-    let mut reader = None;
-    assert!(wait_for(std::time::Duration::from_secs(10), || {
-        reader = find(&c, "sleep 600").map(|p| p.0.to_string());
-        reader.is_some() && find(&c, "yes").is_some()
-    }));
-    let reader = reader.unwrap();
+    let (job, reader) = yes_into(&c, "sleep 600");
     let stopped = c
         .plain(1, &["pkill", "-STOP", "-x", "yes"])
         .status()
@@ -861,17 +861,7 @@ fn a_peer_that_ends_before_it_freezes_does_not_hold_up_the_move() {
 fn a_reader_killed_mid_move_leaves_its_writer_a_broken_pipe_at_once() {
     let c = Cluster::up(2, 1.0);
     let big = cc(&repo_root().join("examples/ckpt/bigmem.c"), "bigmem");
-    let mut job = piped(
-        &c,
-        1,
-        &["sh", "-c", &format!("yes | {} 1024 600", big.display())],
-    );
-    let mut reader = None;
-    assert!(wait_for(std::time::Duration::from_secs(20), || {
-        reader = find(&c, &big.display().to_string()).map(|p| p.0.to_string());
-        reader.is_some() && find(&c, "yes").is_some()
-    }));
-    let reader = reader.unwrap();
+    let (mut job, reader) = yes_into(&c, &format!("{} 1024 600", big.display()));
     // Touched, so that its image is big.
     let mut out = job.stdout.take().expect("piped stdout");
     let mut line = [0u8; 16];
