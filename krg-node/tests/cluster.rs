@@ -60,6 +60,17 @@ fn cluster_up_down_leaves_nothing() {
         l.contains(&c.addr(3)) && l.contains(&c.name) && l.contains(&c.subnet()),
         "{l}"
     );
+    // An instance that is not up points at those that are.
+    let none = c
+        .krg_cluster()
+        .args(["list", "--name", "zz9none"])
+        .output()
+        .unwrap();
+    let n = text(&none.stdout);
+    assert!(
+        none.status.success() && n.contains("is up; other instances are") && n.contains(&c.name),
+        "{n}"
+    );
 
     let down = c.krg_cluster().arg("down").output().unwrap();
     assert!(down.status.success(), "{}", text(&down.stderr));

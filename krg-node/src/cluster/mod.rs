@@ -585,7 +585,21 @@ pub fn list(inst: &Instance) -> Result<()> {
     let Some(st) = state::read(inst)? else {
         let netns = net::existing(inst);
         if netns.is_empty() && cgroup::any_left(inst).is_empty() {
-            println!("no {} is up", inst.title());
+            // Others may be: say so rather than let "none" mislead.
+            let others: Vec<String> = instances()
+                .iter()
+                .filter(|i| i.name() != inst.name())
+                .map(|i| i.name().unwrap_or("(default)").to_string())
+                .collect();
+            if others.is_empty() {
+                println!("no {} is up", inst.title());
+            } else {
+                println!(
+                    "no {} is up; other instances are: {} (`krg cluster list --all`)",
+                    inst.title(),
+                    others.join(" ")
+                );
+            }
         } else {
             println!(
                 "no {} is up, but a previous one left things behind ({}); `{}` removes them",
