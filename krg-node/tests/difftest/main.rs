@@ -235,8 +235,10 @@ struct Regression {
 }
 
 /// The scripts of `krg-node/tests/difftest/regressions/` (cases campaigns
-/// found failing once, minimised: each runs in every run of the tester,
-/// in the modes and as many times as it failed in before its fix), sorted.
+/// found failing once: each runs in every run of the tester, in the modes
+/// and as many times as its header says, a budget that keeps the brief
+/// run short: a net for the bug's return, not a measure of its rate),
+/// sorted.
 fn regressions() -> Vec<(PathBuf, Regression)> {
     let dir = repo_root().join("krg-node/tests/difftest/regressions");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)

@@ -1,5 +1,5 @@
 # difftest-modes: two-choices,round-robin
-# difftest-repeat: 40
+# difftest-repeat: 20
 # Hung 3 runs in 80 (seed 2026, case 32, minimised): cut and the bash
 # stage were placed at once; cut's move found bash as its stdout's peer,
 # then waited for a shadow's relay while bash started its own placement

@@ -1,5 +1,5 @@
 # difftest-modes: least-loaded
-# difftest-repeat: 30
+# difftest-repeat: 10
 # Hung 1 run in 30 (seed 2026, case 91): in the last pipeline awk wrote
 # all its output into the pipe and exited just after grep's placement
 # found it as its stdin's writer; grep waited a minute for it to freeze.
