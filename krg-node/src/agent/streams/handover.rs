@@ -599,20 +599,29 @@ impl Agent {
 
     /// The connection expected for stream `id`, once it came.
     pub(crate) async fn take_expected(&self, id: u64) -> Result<std::os::fd::OwnedFd, ErrorReply> {
+        self.await_fd(id, "not expected here", "the other node never connected")
+            .await
+    }
+
+    /// The new end of held stream `id` once it comes (then forgotten);
+    /// `missing`, `lost`: what to say when it is not held, or never came.
+    async fn await_fd(
+        &self,
+        id: u64,
+        missing: &str,
+        lost: &str,
+    ) -> Result<std::os::fd::OwnedFd, ErrorReply> {
         let rx = self
             .moving
             .held()
             .get_mut(&id)
             .and_then(|h| h.fd_rx.take())
-            .ok_or_else(|| err(libc::ENOENT, format!("stream {id:#x}: not expected here")))?;
+            .ok_or_else(|| err(libc::ENOENT, format!("stream {id:#x}: {missing}")))?;
         let r = tokio::time::timeout(HANDOVER_TIMEOUT, rx).await;
         self.moving.held().remove(&id);
         match r {
             Ok(Ok(fd)) => Ok(fd),
-            _ => Err(err(
-                libc::ECONNRESET,
-                format!("stream {id:#x}: the other node never connected"),
-            )),
+            _ => Err(err(libc::ECONNRESET, format!("stream {id:#x}: {lost}"))),
         }
     }
 
@@ -718,20 +727,9 @@ impl Agent {
         &self,
         id: u64,
     ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
-        let rx = self
-            .moving
-            .held()
-            .get_mut(&id)
-            .and_then(|h| h.fd_rx.take())
-            .ok_or_else(|| err(libc::ENOENT, format!("stream {id:#x}: not held here")))?;
-        let r = tokio::time::timeout(HANDOVER_TIMEOUT, rx).await;
-        self.moving.held().remove(&id);
-        match r {
-            Ok(Ok(fd)) => Ok((Response::StreamFd, vec![fd])),
-            _ => Err(err(
-                libc::ECONNRESET,
-                format!("stream {id:#x}: the moving peer never reconnected"),
-            )),
-        }
+        let fd = self
+            .await_fd(id, "not held here", "the moving peer never reconnected")
+            .await?;
+        Ok((Response::StreamFd, vec![fd]))
     }
 }
