@@ -692,6 +692,18 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
     assert_eq!(ok(&out, "pipeline"), want, "the digest of the stream");
 }
 
+/// `krg migrate ARGS` from node 1, running while the test looks on.
+fn migrate_in_background(c: &Cluster, args: &[&str]) -> Child {
+    let k = krg_bin();
+    let mut v = vec![k.to_str().unwrap(), "migrate"];
+    v.extend_from_slice(args);
+    c.plain(1, &v)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// `sh -c "yes | READER"` on node 1, once both run: the job and the
 /// reader's gpid.
 fn yes_into(c: &Cluster, reader: &str) -> (Child, String) {
@@ -814,14 +826,8 @@ fn a_peer_that_ends_before_it_freezes_does_not_hold_up_the_move() {
         .status()
         .unwrap();
     assert!(stopped.success(), "stop yes");
-    let k = krg_bin();
     let t = std::time::Instant::now();
-    let mover = c
-        .plain(1, &[k.to_str().unwrap(), "migrate", &reader, "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mover = migrate_in_background(&c, &[&reader, "2"]);
     // The order is out: signal 62 pending for the stopped `yes`.
     let pending = || {
         let o = c
@@ -871,16 +877,7 @@ fn a_reader_killed_mid_move_leaves_its_writer_a_broken_pipe_at_once() {
         "{:?}",
         text(&line[..n])
     );
-    let k = krg_bin();
-    let mover = c
-        .plain(
-            1,
-            &[k.to_str().unwrap(), "migrate", "--precopy", &reader, "2"],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mover = migrate_in_background(&c, &["--precopy", &reader, "2"]);
     // `yes` has its new end (a socket), the image is still on its way.
     let link = || {
         let o = c
