@@ -10,6 +10,7 @@ pub mod capi;
 pub mod caps;
 pub mod checkpoint;
 pub mod client;
+pub mod dirs;
 pub mod distant;
 pub mod dsm;
 pub mod frame;

@@ -16,7 +16,7 @@
 use super::remote::SpawnSpec;
 use super::{err, Agent, Caller};
 use libkrg::caps::Caps;
-use libkrg::checkpoint::capture::refusal;
+use libkrg::checkpoint::fds::refusal;
 use libkrg::proto::{CkptAction, CkptDoneInfo, CkptOrder, ErrorReply, Response, RestartReq};
 use std::collections::HashMap;
 use std::net::SocketAddr;

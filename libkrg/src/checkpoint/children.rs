@@ -29,7 +29,7 @@ pub const CHILD_SHADOW_ENV: &str = "KRG_CHILD_SHADOW";
 /// ends normally. Movable once the child has been waited for.
 pub(super) fn refuse_unnamed_children() -> Result<(), String> {
     let mut unnamed: Vec<String> = Vec::new();
-    for t in super::capture::list_dir_numbers("/proc/self/task")? {
+    for t in crate::dirs::numbers("/proc/self/task")? {
         let Ok(kids) = super::capture::read_file(&format!("/proc/self/task/{t}/children")) else {
             continue;
         };

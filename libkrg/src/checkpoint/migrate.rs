@@ -7,7 +7,8 @@
 //! itself in shadow mode (`KRG_SHADOW`), which also ends its other threads.
 
 use super::capture::MapLine;
-use super::image::{self, FdKind, FdState, Meta, Region};
+use super::fds::{self, HandOver, Purpose, Stream};
+use super::image::{self, FdState, Meta, Region};
 use super::{capture, postcopy, report, Order, ANCHOR};
 use crate::distant::{self, Listener, SHADOW_ENV};
 use crate::proto::{RemoteExec, Request, Response, StdioKind, IMAGE_CHANNEL};
@@ -47,12 +48,8 @@ fn out_taken(order: &Order) -> Result<u64, String> {
     };
     let (regions, runs) = capture::regions_deferring(&maps, &lazy)?;
     // The fds, before this side's own sockets exist.
-    let mut fds = capture::capture_fds(&[])?;
-    capture::refuse_shared(&maps, &fds, true)?;
-    // No other process holds them now, and none can take them from this
-    // (frozen) one: their offsets are final only now. A child that was
-    // still writing when the fds were read has written and gone since.
-    capture::reread_offsets(&mut fds);
+    let fds = fds::capture(&[])?;
+    fds::refuse_shared(&maps, &fds, true)?;
     let mem: u64 = runs.iter().map(|r| r.1).sum();
     let mut meta = capture::meta(
         &maps,
@@ -68,19 +65,7 @@ fn out_taken(order: &Order) -> Result<u64, String> {
     // target gets relayed streams. Devices that mean the same everywhere
     // are simply reopened there; pipes and TCP connections to other SSI
     // processes move (below), others are relayed too.
-    for f in meta.fds.iter_mut().filter(|f| f.fd <= 2) {
-        if !matches!(
-            f.kind,
-            FdKind::Device { .. }
-                | FdKind::Pipe { .. }
-                | FdKind::Fifo { .. }
-                | FdKind::Tcp { .. }
-                | FdKind::UnixStream { .. }
-                | FdKind::UnixPair { .. }
-        ) {
-            f.kind = FdKind::Relay;
-        }
-    }
+    fds::relay_stdio(&mut meta.fds, Purpose::Migration);
     // Pipes and TCP connections to other SSI processes: freeze their peers
     // and drain both sides; from here on, a failure must hand them back
     // here.
@@ -88,7 +73,7 @@ fn out_taken(order: &Order) -> Result<u64, String> {
     let pipes: Vec<i32> = meta
         .fds
         .iter()
-        .filter(|f| matches!(f.kind, FdKind::Tcp { pipe: true, .. }))
+        .filter(|f| fds::is_moved_pipe(&f.kind))
         .map(|f| f.fd)
         .collect();
     crate::streams::moving::mark_for_restore(&pipes);
@@ -96,21 +81,12 @@ fn out_taken(order: &Order) -> Result<u64, String> {
         Ok((bytes, how, conns)) => {
             // The old ends of moved sockets and pipes stay out of the
             // shadow.
-            for f in &meta.fds {
-                if matches!(
-                    f.kind,
-                    FdKind::Tcp { .. }
-                        | FdKind::TcpListen { .. }
-                        | FdKind::UnixListen { .. }
-                        | FdKind::UnixPair { .. }
-                        | FdKind::Pipe { .. }
-                ) {
-                    // SAFETY: closes our own fd; nothing uses it any more.
-                    unsafe { libc::close(f.fd) };
-                }
+            for f in meta.fds.iter().filter(|f| fds::of(&f.kind).moved_away()) {
+                // SAFETY: closes our own fd; nothing uses it any more.
+                unsafe { libc::close(f.fd) };
             }
             report(true, how, bytes);
-            forward_listeners(order.node);
+            fds::moved_to(order.node);
             become_shadow(
                 meta.gpid, order.node, &meta.exe, &meta.argv, &meta.env, conns,
             )
@@ -144,44 +120,30 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
             None => groups.push((vec![i], key)),
         }
     }
-    capture::keep_self_pipes(fds)?;
-    capture::keep_self_pairs(fds)?;
-    capture::refuse_self_fifos(fds)?;
+    fds::settle(fds, Purpose::Migration)?;
+    // TCP connections by socket inode (copies of one share it).
     let mut seen: Vec<(u64, usize)> = Vec::new();
     for i in 0..fds.len() {
-        let fd = fds[i].fd;
-        match fds[i].kind {
-            FdKind::Tcp { .. } => {
-                let ino = moving::ino_of(fd);
+        let Some(stream) = fds::of(&fds[i].kind).stream(&fds[i], fds) else {
+            continue;
+        };
+        match stream? {
+            Stream::Tcp(ends, ino) => {
                 if let Some(&(_, k)) = seen.iter().find(|(n, _)| Some(*n) == ino) {
-                    let first = fds[conns[k].0[0]].fd;
-                    if let FdKind::Tcp { alias_of, .. } = &mut fds[i].kind {
-                        *alias_of = first;
-                    }
                     conns[k].0.push(i);
                     continue;
                 }
-                let ends = moving::tcp_ends(fd)
-                    .ok_or_else(|| format!("fd {fd}: the TCP connection is not connected"))?;
                 if let Some(n) = ino {
                     seen.push((n, conns.len()));
                 }
                 conns.push((vec![i], ends));
             }
-            // One end here: its other end is some other process's, or
-            // closed.
-            FdKind::Pipe { ino, read, .. } if !capture::other_end_here(fds, ino, read) => {
-                add(&mut pipes, format!("pipe:[{ino}]"), i)
-            }
-            FdKind::Fifo { ref path, .. } => {
-                add(&mut pipes, String::from_utf8_lossy(path).into_owned(), i)
-            }
-            FdKind::UnixStream { ino, .. } => add(&mut unixes, ino, i),
-            _ => {}
+            Stream::Pipe(link) => add(&mut pipes, link, i),
+            Stream::Unix(ino) => add(&mut unixes, ino, i),
         }
     }
     if conns.is_empty() && pipes.is_empty() && unixes.is_empty() {
-        return park_listeners(fds);
+        return vacate(fds);
     }
     // In the order of the freeze's answer.
     let groups: Vec<&Vec<usize>> = conns
@@ -202,8 +164,7 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
     // What each stream became; the first error is kept (every stream
     // frozen must still be handed over).
     let mut failed: Option<String> = None;
-    // Streams whose other end was a shadow's relay: a pipe read here is read
-    // to its end (the shadow writes what it still had, then closes it).
+    // Streams whose other end was a shadow's relay.
     let mut relayed: Vec<u64> = Vec::new();
     // Connections this node's agent keeps and relays: taken as they are.
     let mut kept: Vec<u64> = Vec::new();
@@ -221,393 +182,78 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
             }
             _ if opt => {
                 for i in idx.iter() {
-                    fds[*i].kind = FdKind::Relay;
-                }
-            }
-            // A pipe whose other end is closed: made again as it is.
-            StreamPeer::Nobody if matches!(fds[first].kind, FdKind::Pipe { .. }) => {
-                if let FdKind::Pipe {
-                    read: true,
-                    pending,
-                    ..
-                } = &mut fds[first].kind
-                {
-                    match moving::peek_pipe(fds[first].fd) {
-                        Ok(b) => *pending = b,
-                        Err(e) => {
-                            failed.get_or_insert(e);
-                        }
-                    }
+                    fds[*i].kind = image::FdKind::Relay;
                 }
             }
             StreamPeer::Foreign(why) => {
                 failed.get_or_insert_with(|| why.clone());
             }
-            StreamPeer::Nobody => {
-                failed.get_or_insert_with(|| {
-                    format!(
-                        "fd {}: its other end is closed or is this process's own: not movable yet",
-                        fds[first].fd
-                    )
-                });
-            }
+            StreamPeer::Nobody => match fds::of(&fds[first].kind).no_peer(&mut fds[first]) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    failed.get_or_insert(e);
+                }
+                None => {
+                    failed.get_or_insert_with(|| {
+                        format!(
+                            "fd {}: its other end is closed or is this process's own: not movable yet",
+                            fds[first].fd
+                        )
+                    });
+                }
+            },
         }
     }
     // Every peer held is frozen: from now on each stream is handed over,
     // here or there, whatever happens (drained first, even on a failure:
     // a reconnection here is refilled with what was in flight).
+    let h = HandOver {
+        kept: &kept,
+        relayed: &relayed,
+    };
     for f in fds.iter_mut() {
-        let FdKind::Tcp {
-            id,
-            alias_of,
-            pending,
-            wr_shut,
-            ..
-        } = &mut f.kind
-        else {
-            continue;
-        };
-        if *id == 0 || *alias_of >= 0 {
-            continue;
-        }
-        if kept.contains(id) {
-            // Nobody at the other end drains or shuts anything: what is
-            // queued now is taken, what comes later the agent relays.
-            match moving::take_queued(f.fd) {
-                Ok((p, w)) => {
-                    *pending = p;
-                    *wr_shut = w;
-                }
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
-            }
-            continue;
-        }
-        if relayed.contains(id) && moving::is_pipe(f.fd) && moving::pipe_reads(f.fd) {
-            let (p, e) = crate::streams::placed::drain_pipe_to_eof(f.fd);
-            *pending = p;
-            *wr_shut = true;
-            if let Some(e) = e {
-                failed.get_or_insert(e);
-            }
-            continue;
-        }
-        match moving::drain(f.fd) {
-            Ok((p, w)) => {
-                *pending = p;
-                *wr_shut = w;
-            }
-            Err(e) => {
-                failed.get_or_insert(e);
-            }
+        if let Err(e) = fds::of(&f.kind).hand_over(f, &h) {
+            failed.get_or_insert(e);
         }
     }
     if let Some(e) = failed {
         reattach_streams(fds);
         return Err(e);
     }
-    park_listeners(fds)
+    vacate(fds)
 }
 
 /// The fds `idx` of one stream become its new connection `id` (held at
-/// `node`): the first one, the others copies of it. A pipe end or a UNIX
-/// socket becomes a connection that sends at once, as they do.
+/// `node`): the first one, the others copies of it.
 fn as_connection(fds: &mut [FdState], idx: &[usize], id: u64, node: u32) {
     let first = fds[idx[0]].fd;
     for (k, i) in idx.iter().enumerate() {
+        let Some(o) = fds::of(&fds[*i].kind).conn_opts(&fds[*i].kind) else {
+            continue;
+        };
         let alias_of = if k == 0 { -1 } else { first };
-        let (flags, nodelay, keepalive, pipe, seqpacket, passcred) = match fds[*i].kind {
-            FdKind::Tcp {
-                flags,
-                nodelay,
-                keepalive,
-                pipe,
-                seqpacket,
-                passcred,
-                ..
-            } => (flags, nodelay, keepalive, pipe, seqpacket, passcred),
-            FdKind::Pipe { flags, .. } | FdKind::Fifo { flags, .. } => {
-                (flags, true, false, true, false, false)
-            }
-            FdKind::UnixStream {
-                flags,
-                seqpacket,
-                passcred,
-                ..
-            } => (flags, true, false, false, seqpacket, passcred),
-            _ => continue,
-        };
-        fds[*i].kind = FdKind::Tcp {
-            id,
-            node,
-            pending: Vec::new(),
-            wr_shut: false,
-            flags,
-            nodelay,
-            keepalive,
-            alias_of,
-            pipe,
-            seqpacket,
-            passcred,
-        };
+        fds[*i].kind = fds::connection(id, node, alias_of, o);
     }
 }
 
-/// The options a moved connection's new end gets, from its image entry.
-pub(crate) fn opts_of(k: &FdKind) -> Option<crate::streams::moving::Opts> {
-    let FdKind::Tcp {
-        flags,
-        nodelay,
-        keepalive,
-        pipe,
-        passcred,
-        ..
-    } = *k
-    else {
-        return None;
-    };
-    Some(crate::streams::moving::Opts {
-        flags,
-        nodelay,
-        keepalive,
-        pipe,
-        passcred,
-    })
-}
-
-/// Listening sockets: closed here now (the port must be free for the new
-/// node to bind it), made again there.
-fn park_listeners(fds: &mut [FdState]) -> Result<(), String> {
+/// What must be free on the target (listening ports) is closed here, its
+/// numbers kept taken; a failure puts everything back.
+fn vacate(fds: &mut [FdState]) -> Result<(), String> {
     for f in fds.iter() {
-        if matches!(f.kind, FdKind::TcpListen { .. }) {
-            park_listener(f.fd);
-        }
-        if matches!(f.kind, FdKind::TcpListen { .. } | FdKind::UnixListen { .. }) {
-            if let Err(e) = park_fd(f.fd) {
-                reattach_streams(fds);
-                return Err(e);
-            }
+        if let Err(e) = fds::of(&f.kind).vacate(f) {
+            reattach_streams(fds);
+            return Err(e);
         }
     }
     Ok(())
 }
 
-/// Listening TCP sockets of this migration kept open by this node's agent
-/// (`Park`): `(fd, park id)`. A fixed table: filled in the capture, used
-/// right after it (handed on, or taken back).
-static PARKED: std::sync::Mutex<[(i32, i32); 64]> = std::sync::Mutex::new([(-1, 0); 64]);
-
-fn parked() -> std::sync::MutexGuard<'static, [(i32, i32); 64]> {
-    PARKED.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Have this node's agent keep listening socket `fd` open while the move
-/// goes on: a connection that comes meanwhile waits in its queue instead
-/// of being refused, and is passed on to the new node once the process
-/// listens there (`forward_listeners`), or accepted here again by the
-/// process after a failed move (`take_listener_back`). Without the agent
-/// the socket is only closed, as before.
-fn park_listener(fd: i32) {
-    match crate::client::call(&Request::Park { fd, moving: true }) {
-        Ok(Response::Id(id)) => {
-            let mut t = parked();
-            if let Some(e) = t.iter_mut().find(|e| e.0 < 0) {
-                *e = (fd, id);
-            }
-        }
-        other => crate::krg_log!(
-            crate::log::Level::Warn,
-            "fd {fd}: listening socket not kept during the move: {other:?}"
-        ),
-    }
-}
-
-/// The move succeeded: the agent passes on what still reaches the parked
-/// listeners to `node`, where the process listens now.
-fn forward_listeners(node: u32) {
-    let mut t = parked();
-    for e in t.iter_mut().filter(|e| e.0 >= 0) {
-        if let Err(e2) = crate::client::call(&Request::ForwardParked { id: e.1, node }) {
-            crate::krg_log!(
-                crate::log::Level::Warn,
-                "fd {}: connections to the old node will not be passed on: {e2}",
-                e.0
-            );
-        }
-        *e = (-1, 0);
-    }
-}
-
-/// The move failed: listening socket `fd`, if parked, comes back as it was
-/// (with what queued meanwhile). Whether it did.
-fn take_listener_back(fd: i32, cloexec: bool) -> bool {
-    let id = {
-        let mut t = parked();
-        let Some(e) = t.iter_mut().find(|e| e.0 == fd) else {
-            return false;
-        };
-        let id = e.1;
-        *e = (-1, 0);
-        id
-    };
-    match crate::client::call_fds(&Request::Unpark { id }) {
-        Ok((Response::StreamFd, mut got)) if !got.is_empty() => {
-            let s = got.remove(0);
-            let fl = if cloexec { libc::O_CLOEXEC } else { 0 };
-            // SAFETY: puts the listener back under its own number.
-            unsafe { libc::dup3(std::os::fd::AsRawFd::as_raw_fd(&s), fd, fl) >= 0 }
-        }
-        other => {
-            crate::krg_log!(
-                crate::log::Level::Warn,
-                "fd {fd}: taking the listening socket back: {other:?}"
-            );
-            false
-        }
-    }
-}
-
-/// The listening UNIX socket an image fd describes.
-pub(crate) fn unix_listening_of(k: &FdKind) -> Option<crate::streams::unix::Listening> {
-    let FdKind::UnixListen {
-        name,
-        ty,
-        flags,
-        passcred,
-        backlog,
-    } = k
-    else {
-        return None;
-    };
-    Some(crate::streams::unix::Listening {
-        name: name.clone(),
-        ty: *ty,
-        flags: *flags,
-        passcred: *passcred,
-        backlog: *backlog,
-    })
-}
-
-/// Make listening socket `f` again here, if the move closed it.
-fn relisten_here(f: &FdState) -> Result<(), String> {
-    let parked = std::fs::read_link(format!("/proc/self/fd/{}", f.fd))
-        .is_ok_and(|p| p.as_os_str() == "/dev/null");
-    if !parked {
-        return Ok(());
-    }
-    let s = if let Some(l) = listening_of(&f.kind) {
-        crate::streams::moving::relisten(&l)?
-    } else if let Some(l) = unix_listening_of(&f.kind) {
-        crate::streams::unix::relisten(&l)?
-    } else {
-        return Ok(());
-    };
-    let fl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
-    // SAFETY: puts our new socket under the old number.
-    if unsafe { libc::dup3(std::os::fd::AsRawFd::as_raw_fd(&s), f.fd, fl) } < 0 {
-        return Err(format!("dup3: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-/// The listening socket an image fd describes.
-pub(crate) fn listening_of(k: &FdKind) -> Option<crate::streams::moving::Listening> {
-    let FdKind::TcpListen {
-        addr,
-        v6only,
-        reuseaddr,
-        reuseport,
-        backlog,
-        flags,
-    } = k
-    else {
-        return None;
-    };
-    Some(crate::streams::moving::Listening {
-        addr: addr.parse().ok()?,
-        v6only: *v6only,
-        reuseaddr: *reuseaddr,
-        reuseport: *reuseport,
-        backlog: *backlog,
-        flags: *flags,
-    })
-}
-
-/// Close what `fd` holds but keep the number taken (by `/dev/null`), so
-/// that nothing the capture opens lands there before a rollback.
-fn park_fd(fd: i32) -> Result<(), String> {
-    // SAFETY: opens /dev/null and puts it under our fd number.
-    let ok = unsafe {
-        let n = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-        n >= 0 && libc::dup3(n, fd, libc::O_CLOEXEC) >= 0 && libc::close(n) == 0
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("fd {fd}: {}", std::io::Error::last_os_error()))
-    }
-}
-
-/// The migration failed after its connections were drained: connect them
-/// again from here, refilled, under their numbers.
+/// The migration failed after its streams were taken: each fd is put back
+/// as it was (connections connected again from here, refilled, under
+/// their numbers; listeners taken back or made again).
 fn reattach_streams(fds: &[FdState]) {
-    use crate::streams::moving;
     for f in fds {
-        if matches!(f.kind, FdKind::TcpListen { .. } | FdKind::UnixListen { .. }) {
-            if take_listener_back(f.fd, f.cloexec) {
-                continue;
-            }
-            // Closed by the move: make it again here, if it was.
-            if let Err(e) = relisten_here(f) {
-                crate::krg_log!(
-                    crate::log::Level::Warn,
-                    "fd {}: listening again after a failed migration: {e}",
-                    f.fd
-                );
-            }
-            continue;
-        }
-        let FdKind::Tcp {
-            id,
-            node,
-            pending,
-            wr_shut,
-            alias_of,
-            pipe,
-            seqpacket,
-            ..
-        } = &f.kind
-        else {
-            continue;
-        };
-        let r = if *alias_of >= 0 {
-            // SAFETY: makes our fd a copy of another of ours.
-            if unsafe { libc::dup3(*alias_of, f.fd, 0) } < 0 {
-                Err(format!("dup3: {}", std::io::Error::last_os_error()))
-            } else {
-                moving::note_pipe_born(f.fd, *pipe);
-                Ok(())
-            }
-        } else if *id == 0 {
-            continue;
-        } else {
-            moving::attach(*id, *node, pending.clone(), *wr_shut, *pipe, *seqpacket).and_then(
-                |new| {
-                    if let Some(o) = opts_of(&f.kind) {
-                        moving::apply(&new, &o);
-                    }
-                    moving::install(f.fd, new, *pipe)
-                },
-            )
-        };
-        if let Err(e) = r {
-            crate::krg_log!(
-                crate::log::Level::Warn,
-                "fd {}: reconnecting after a failed migration: {e}",
-                f.fd
-            );
-        }
+        fds::of(&f.kind).take_back(f);
     }
 }
 
@@ -633,7 +279,7 @@ fn send(
     let stdio: Vec<StdioKind> = (0..3)
         .map(
             |i| match meta.fds.iter().find(|f| f.fd == i).map(|f| &f.kind) {
-                Some(FdKind::Relay) => StdioKind::Relay,
+                Some(k) if fds::is_relay(k) => StdioKind::Relay,
                 _ => StdioKind::Closed,
             },
         )

@@ -27,6 +27,7 @@ pub mod alloc;
 pub mod arch;
 pub mod capture;
 pub mod children;
+pub mod fds;
 pub mod image;
 mod migrate;
 mod postcopy;
@@ -689,7 +690,7 @@ fn lead_capture(order: &Order) -> Result<Option<u64>, String> {
     let mut signalled: Vec<i32> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let tasks = capture::list_dir_numbers("/proc/self/task")?;
+        let tasks = crate::dirs::numbers("/proc/self/task")?;
         let mut new = false;
         for t in tasks {
             if t != me && !signalled.contains(&t) {
@@ -797,41 +798,16 @@ fn capture_threads() -> Result<Vec<image::ThreadState>, String> {
 /// same socket or pipe back. Answers the parks made (to release if the
 /// image fails).
 fn streams_for_disk(fds: &mut [image::FdState], kill: bool) -> Result<Vec<i32>, String> {
-    use image::FdKind;
-    capture::keep_self_pairs(fds)?;
-    for f in fds.iter_mut().filter(|f| f.fd <= 2) {
-        if matches!(
-            f.kind,
-            FdKind::Pipe { .. }
-                | FdKind::Fifo { .. }
-                | FdKind::Tcp { .. }
-                | FdKind::UnixStream { .. }
-        ) {
-            f.kind = FdKind::Relay;
-        }
-    }
-    capture::keep_self_pipes(fds)?;
-    let leads_out = |fds: &[image::FdState], f: &image::FdState| match f.kind {
-        FdKind::Pipe { ino, read, .. } => !capture::other_end_here(fds, ino, read),
-        FdKind::Tcp { .. }
-        | FdKind::Fifo { .. }
-        | FdKind::TcpListen { .. }
-        | FdKind::UnixListen { .. }
-        | FdKind::UnixStream { .. } => true,
-        _ => false,
-    };
-    let out: Vec<usize> = (0..fds.len())
-        .filter(|i| leads_out(fds, &fds[*i]))
+    fds::settle(fds, fds::Purpose::Checkpoint)?;
+    fds::relay_stdio(fds, fds::Purpose::Checkpoint);
+    let out: Vec<(usize, String)> = (0..fds.len())
+        .filter_map(|i| {
+            fds::of(&fds[i].kind)
+                .leads_out(&fds[i], fds)
+                .map(|w| (i, w))
+        })
         .collect();
-    if let (false, Some(i)) = (kill, out.first()) {
-        let what = match fds[*i].kind {
-            FdKind::Pipe { ino, .. } => format!("pipe:[{ino}] leads to another process"),
-            FdKind::Fifo { ref path, .. } => {
-                format!("FIFO {} is open", String::from_utf8_lossy(path))
-            }
-            FdKind::TcpListen { .. } | FdKind::UnixListen { .. } => "a listening socket".into(),
-            _ => "a connection to another process".into(),
-        };
+    if let (false, Some((i, what))) = (kill, out.first()) {
         return Err(format!(
             "fd {}: {what}: it stays with the process, which keeps running; checkpoint with --kill to take it into the image (its other end then waits for the restart)",
             fds[*i].fd
@@ -839,12 +815,12 @@ fn streams_for_disk(fds: &mut [image::FdState], kill: bool) -> Result<Vec<i32>, 
     }
     let node = crate::processes::node_id();
     let mut parks = Vec::new();
-    for i in out {
+    for (i, _) in out {
         let fd = fds[i].fd;
         match crate::client::call(&crate::proto::Request::Park { fd, moving: false }) {
             Ok(crate::proto::Response::Id(id)) => {
                 parks.push(id);
-                fds[i].kind = FdKind::Parked { node, id };
+                fds[i].kind = fds::parked_entry(node, id);
             }
             other => {
                 unpark(&parks);
@@ -911,8 +887,8 @@ fn write_image(
         alloc::range(),
     );
     let (regions, runs) = capture::regions(&maps)?;
-    let mut fds = capture::capture_fds(&[fd])?;
-    capture::refuse_shared(&maps, &fds, false)?;
+    let mut fds = fds::capture(&[fd])?;
+    fds::refuse_shared(&maps, &fds, false)?;
     let parks = streams_for_disk(&mut fds, kill)?;
     let mem: u64 = runs.iter().map(|r| r.1).sum();
     let r = capture::meta(

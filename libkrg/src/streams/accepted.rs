@@ -96,7 +96,7 @@ pub fn take_queued() {
     TAKING.store(true, Ordering::Release);
     // getdents, not `read_dir` (libc's `opendir` mallocs; this is the
     // capture handler).
-    let Ok(fds) = crate::checkpoint::capture::list_dir_numbers("/proc/self/fd") else {
+    let Ok(fds) = crate::dirs::numbers("/proc/self/fd") else {
         return;
     };
     let mut t = table();

@@ -7,7 +7,6 @@
 //! node is that node's service (its syslog daemon, say). A socket bound to
 //! a name or port is a receiver, and does not move.
 
-use crate::checkpoint::image::FdKind;
 use std::os::fd::RawFd;
 
 /// Room for any socket address.
@@ -72,8 +71,10 @@ fn ephemeral(p: u16) -> bool {
     }
 }
 
-/// What a datagram socket becomes in an image, or why it cannot move.
-pub fn capture(fd: RawFd, domain: i32, flags: i32) -> Result<FdKind, String> {
+/// The peer a datagram socket of family `domain` sends to (a raw socket
+/// address, empty when not connected), or why it is not a sender and
+/// cannot move.
+pub fn sender_peer(fd: RawFd, domain: i32) -> Result<Vec<u8>, String> {
     let peer = addr_of(fd, libc::getpeername);
     let local = addr_of(fd, libc::getsockname).unwrap_or_default();
     let what = |w: &str| format!("fd {fd}: {w}");
@@ -113,11 +114,7 @@ pub fn capture(fd: RawFd, domain: i32, flags: i32) -> Result<FdKind, String> {
         }
         _ => return Err(what("datagram socket of this family is not migratable")),
     }
-    Ok(FdKind::Dgram {
-        domain,
-        peer: peer.unwrap_or_default(),
-        flags,
-    })
+    Ok(peer.unwrap_or_default())
 }
 
 /// The socket of a `Dgram` image entry made again here, connected to the
@@ -185,11 +182,8 @@ mod tests {
         let tx = std::os::unix::net::UnixDatagram::unbound().unwrap();
         tx.connect(&path).unwrap();
         use std::os::fd::AsRawFd;
-        let k = capture(tx.as_raw_fd(), libc::AF_UNIX, libc::O_RDWR).unwrap();
-        let FdKind::Dgram { peer, .. } = &k else {
-            panic!("{k:?}")
-        };
-        let fd = restore(libc::AF_UNIX, peer, libc::O_RDWR).unwrap();
+        let peer = sender_peer(tx.as_raw_fd(), libc::AF_UNIX).unwrap();
+        let fd = restore(libc::AF_UNIX, &peer, libc::O_RDWR).unwrap();
         // SAFETY: sends from our new socket.
         let n = unsafe { libc::send(fd, b"hello".as_ptr().cast(), 5, 0) };
         assert_eq!(n, 5);
@@ -197,7 +191,7 @@ mod tests {
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"hello");
         // The receiver itself is bound: it does not move.
-        let e = capture(rx.as_raw_fd(), libc::AF_UNIX, libc::O_RDWR).unwrap_err();
+        let e = sender_peer(rx.as_raw_fd(), libc::AF_UNIX).unwrap_err();
         assert!(e.contains("a receiver"), "{e}");
         // SAFETY: our own fd.
         unsafe { libc::close(fd) };
@@ -208,28 +202,25 @@ mod tests {
     fn a_datagram_socketpair_and_a_udp_receiver_stay() {
         use std::os::fd::AsRawFd;
         let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        let e = capture(a.as_raw_fd(), libc::AF_UNIX, libc::O_RDWR).unwrap_err();
+        let e = sender_peer(a.as_raw_fd(), libc::AF_UNIX).unwrap_err();
         assert!(e.contains("socketpair"), "{e}");
         // A service's port (below the ephemeral range).
         let server = (1024..32768)
             .find_map(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).ok())
             .unwrap();
-        let e = capture(server.as_raw_fd(), libc::AF_INET, libc::O_RDWR).unwrap_err();
+        let e = sender_peer(server.as_raw_fd(), libc::AF_INET).unwrap_err();
         assert!(e.contains("a receiver"), "{e}");
         // One the kernel bound for a first sendto: a sender.
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         sender.send_to(b"x", server.local_addr().unwrap()).unwrap();
-        assert!(capture(sender.as_raw_fd(), libc::AF_INET, libc::O_RDWR).is_ok());
+        assert!(sender_peer(sender.as_raw_fd(), libc::AF_INET).is_ok());
         let mut buf = [0u8; 8];
         assert_eq!(server.recv(&mut buf).unwrap(), 1);
         // A client connected to it moves, to the same address.
         let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         client.connect(server.local_addr().unwrap()).unwrap();
-        let k = capture(client.as_raw_fd(), libc::AF_INET, libc::O_RDWR).unwrap();
-        let FdKind::Dgram { peer, .. } = &k else {
-            panic!("{k:?}")
-        };
-        let fd = restore(libc::AF_INET, peer, libc::O_RDWR).unwrap();
+        let peer = sender_peer(client.as_raw_fd(), libc::AF_INET).unwrap();
+        let fd = restore(libc::AF_INET, &peer, libc::O_RDWR).unwrap();
         // SAFETY: sends from our new socket.
         assert_eq!(unsafe { libc::send(fd, b"hi".as_ptr().cast(), 2, 0) }, 2);
         assert_eq!(server.recv(&mut buf).unwrap(), 2);

@@ -531,7 +531,7 @@ pub fn apply(new: &OwnedFd, o: &Opts) {
 /// interrupted malloc).
 fn epoll_watches_of(fd: RawFd) -> Vec<(RawFd, u32, u64)> {
     let mut out = Vec::new();
-    let Ok(fds) = crate::checkpoint::capture::list_dir_numbers("/proc/self/fd") else {
+    let Ok(fds) = crate::dirs::numbers("/proc/self/fd") else {
         return out;
     };
     for ep in fds {

@@ -1,0 +1,45 @@
+//! A datagram socket that only sends (UNIX, connected to a name or not at
+//! all; UDP, connected or not bound to a port): made again and connected
+//! to its peer (a raw socket address, empty when not connected) on the
+//! new node (see `streams::dgram`).
+
+use super::{FdKind, FdState, Kind, Probe, Restoring};
+use crate::streams::{dgram, moving};
+use std::os::fd::RawFd;
+
+pub struct Dgram;
+
+impl Kind for Dgram {
+    fn owns(&self, k: &FdKind) -> bool {
+        matches!(k, FdKind::Dgram { .. })
+    }
+
+    /// Above the standard fds only (there any socket is relayed).
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+        let dgram = p.ty() == libc::S_IFSOCK
+            && moving::int_opt(p.fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_DGRAM);
+        if !dgram || p.fd <= 2 {
+            return None;
+        }
+        let domain = moving::int_opt(p.fd, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(-1);
+        Some(dgram::sender_peer(p.fd, domain).map(|peer| FdKind::Dgram {
+            domain,
+            peer,
+            flags: p.flags,
+        }))
+    }
+
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+        let FdKind::Dgram {
+            domain,
+            peer,
+            flags,
+        } = &f.kind
+        else {
+            unreachable!("Dgram::restore of {:?}", f.kind)
+        };
+        dgram::restore(*domain, peer, *flags)
+            .map(Some)
+            .map_err(|e| format!("fd {}: {e}", f.fd))
+    }
+}

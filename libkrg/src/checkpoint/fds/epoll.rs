@@ -1,0 +1,86 @@
+//! An epoll instance with what it watches: `(fd, events, data)`, added
+//! again once every other fd is back under its number.
+
+use super::{fdinfo, os_err, FdKind, FdState, Kind, Probe, Restoring};
+use std::os::fd::RawFd;
+
+pub struct Epoll;
+
+/// What an epoll instance watches, from its fdinfo lines
+/// (`tfd: 5 events: 19 data: 5 pos:0 ino:40e sdev:10`; hexadecimal but the
+/// fd). Each must still be the file open under that number.
+fn watches(fd: i32, info: &str) -> Result<Vec<(i32, u32, u64)>, String> {
+    let mut out = Vec::new();
+    for l in info.lines().filter(|l| l.starts_with("tfd:")) {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let field = |name: &str| {
+            w.iter()
+                .position(|x| *x == name)
+                .and_then(|i| w.get(i + 1).copied())
+        };
+        let tagged = |name: &str| w.iter().find_map(|x| x.strip_prefix(name));
+        let bad = || format!("fd {fd}: unreadable epoll entry {l:?}");
+        let tfd: i32 = field("tfd:").and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+        let events = field("events:")
+            .and_then(|v| u32::from_str_radix(v, 16).ok())
+            .ok_or_else(bad)?;
+        let data = field("data:")
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .ok_or_else(bad)?;
+        let ino = tagged("ino:").and_then(|v| u64::from_str_radix(v, 16).ok());
+        let st = super::fstat(tfd);
+        if st.is_none() || ino.is_some_and(|i| Some(i) != st.map(|s| s.st_ino)) {
+            return Err(format!(
+                "fd {fd}: epoll watches a file that is no longer open as fd {tfd}"
+            ));
+        }
+        out.push((tfd, events, data));
+    }
+    Ok(out)
+}
+
+impl Kind for Epoll {
+    fn owns(&self, k: &FdKind) -> bool {
+        matches!(k, FdKind::Epoll { .. })
+    }
+
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+        (p.link_s == "anon_inode:[eventpoll]").then(|| {
+            Ok(FdKind::Epoll {
+                flags: p.flags,
+                watches: watches(p.fd, &fdinfo(p.fd))?,
+            })
+        })
+    }
+
+    /// A new instance; what it watches is added by [`Kind::finish`].
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+        let FdKind::Epoll { flags, .. } = f.kind else {
+            unreachable!("Epoll::restore of {:?}", f.kind)
+        };
+        // SAFETY: creates a new epoll instance.
+        let fd = unsafe { libc::epoll_create1(flags & libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(os_err(&format!("fd {}: epoll_create1", f.fd)));
+        }
+        Ok(Some(fd))
+    }
+
+    fn finish(&self, f: &FdState) -> Result<(), String> {
+        let FdKind::Epoll { watches, .. } = &f.kind else {
+            return Ok(());
+        };
+        for (tfd, events, data) in watches {
+            let mut ev = libc::epoll_event {
+                events: *events,
+                u64: *data,
+            };
+            // SAFETY: adds an fd now under its image number to the epoll
+            // instance now under its own, with the saved events and data.
+            if unsafe { libc::epoll_ctl(f.fd, libc::EPOLL_CTL_ADD, *tfd, &mut ev) } != 0 {
+                return Err(os_err(&format!("fd {}: epoll watch of fd {tfd}", f.fd)));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,38 @@
+//! An eventfd, made again with its count.
+
+use super::{fdinfo, os_err, status_field, FdKind, FdState, Kind, Probe, Restoring};
+use std::os::fd::RawFd;
+
+pub struct EventFd;
+
+impl Kind for EventFd {
+    fn owns(&self, k: &FdKind) -> bool {
+        matches!(k, FdKind::EventFd { .. })
+    }
+
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+        if p.link_s != "anon_inode:[eventfd]" {
+            return None;
+        }
+        let count = status_field(&fdinfo(p.fd), "eventfd-count:")
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .unwrap_or(0);
+        Some(Ok(FdKind::EventFd {
+            count,
+            flags: p.flags,
+        }))
+    }
+
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+        let FdKind::EventFd { count, flags } = f.kind else {
+            unreachable!("EventFd::restore of {:?}", f.kind)
+        };
+        let fl = flags & (libc::O_NONBLOCK | libc::O_CLOEXEC);
+        // SAFETY: creates a new eventfd.
+        let fd = unsafe { libc::eventfd(count.min(u32::MAX as u64) as u32, fl) };
+        if fd < 0 {
+            return Err(os_err(&format!("fd {}: eventfd", f.fd)));
+        }
+        Ok(Some(fd))
+    }
+}

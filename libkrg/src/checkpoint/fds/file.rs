@@ -1,0 +1,116 @@
+//! A regular file or directory: reopened by path at its offset with its
+//! status flags, refused where the path names another file.
+
+use super::{fstat, open_path, os_err, FdKind, FdState, Kind, Probe, Restoring, Sharing};
+use std::os::fd::RawFd;
+
+pub struct File;
+
+impl Kind for File {
+    fn owns(&self, k: &FdKind) -> bool {
+        matches!(k, FdKind::File { .. })
+    }
+
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+        if !matches!(p.ty(), libc::S_IFREG | libc::S_IFDIR) {
+            return None;
+        }
+        // SAFETY: lseek with SEEK_CUR only reads the offset.
+        let offset = unsafe { libc::lseek(p.fd, 0, libc::SEEK_CUR) };
+        if !p.link.starts_with(b"/") {
+            return Some(Err(format!(
+                "fd {}: {} has no path to reopen it by",
+                p.fd, p.link_s
+            )));
+        }
+        Some(Ok(FdKind::File {
+            path: p.link.clone(),
+            flags: p.flags,
+            offset: offset.max(0),
+            dev: p.st.st_dev,
+            ino: p.st.st_ino,
+        }))
+    }
+
+    /// The offsets read again. After `refuse_shared` has found no
+    /// other holder of their descriptions (a migration), nothing but this
+    /// frozen process can move them any more; but before, a holder may have
+    /// written (and ended) after the capture read the offset, and the file
+    /// opened again there would overwrite that write.
+    fn settle(&self, fds: &mut [FdState], why: super::Purpose) -> Result<(), String> {
+        if why != super::Purpose::Migration {
+            return Ok(());
+        }
+        for f in fds.iter_mut() {
+            if let FdKind::File { offset, .. } = &mut f.kind {
+                // SAFETY: lseek with SEEK_CUR only reads the offset.
+                let now = unsafe { libc::lseek(f.fd, 0, libc::SEEK_CUR) };
+                if now >= 0 {
+                    *offset = now;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sharing(&self, f: &FdState, _fds: &[FdState], moving: bool) -> Option<Sharing> {
+        match &f.kind {
+            FdKind::File { path, .. } if moving && f.fd > 2 => Some(Sharing::File(
+                f.fd,
+                String::from_utf8_lossy(path).into_owned(),
+            )),
+            _ => None,
+        }
+    }
+
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+        let FdKind::File {
+            path,
+            flags,
+            offset,
+            dev,
+            ino,
+        } = &f.kind
+        else {
+            unreachable!("File::restore of {:?}", f.kind)
+        };
+        let fl = flags & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_NOCTTY);
+        let opened = open_path(path, fl | libc::O_NOCTTY);
+        let same = opened
+            .as_ref()
+            .ok()
+            .and_then(|fd| fstat(*fd))
+            .is_some_and(|st| st.st_dev == *dev && st.st_ino == *ino);
+        if f.fd <= 2 && !same {
+            // Stdio the image had in a file this node does not have: keep
+            // what the restarting command gave instead.
+            if let Ok(fd) = opened {
+                // SAFETY: our own fd.
+                unsafe { libc::close(fd) };
+            }
+            crate::krg_log!(
+                crate::log::Level::Warn,
+                "fd {}: {} is not on this node; using the restarting command's",
+                f.fd,
+                String::from_utf8_lossy(path)
+            );
+            return Ok(None);
+        }
+        let fd = opened.map_err(|e| format!("fd {}: {e}", f.fd))?;
+        let st = fstat(fd).ok_or_else(|| os_err("fstat"))?;
+        if st.st_dev != *dev || st.st_ino != *ino {
+            return Err(format!(
+                "fd {}: {} is another file on this node than where the image was taken",
+                f.fd,
+                String::from_utf8_lossy(path)
+            ));
+        }
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG
+            // SAFETY: moves the offset of our new fd.
+            && unsafe { libc::lseek(fd, *offset, libc::SEEK_SET) } < 0
+        {
+            return Err(os_err(&format!("fd {}: seek", f.fd)));
+        }
+        Ok(Some(fd))
+    }
+}

@@ -1,0 +1,616 @@
+//! Descriptor kinds: what a process's fds become in an image, how they
+//! move and how they are made again. One file per kind, each implementing
+//! [`Kind`], all registered in [`KINDS`]; the capture, the migration and
+//! the restore iterate over that table and ask the kinds, so that adding a
+//! kind of descriptor is one variant of [`FdKind`], one file and one row
+//! here.
+//!
+//! The image format stays one enum ([`FdKind`], in `image.rs`) because the
+//! image is one rkyv archive validated as a whole; each kind's file is the
+//! only code that looks inside its own variant.
+
+mod device;
+mod dgram;
+mod epoll;
+mod eventfd;
+mod fifo;
+mod file;
+mod parked;
+mod pipe;
+mod relay;
+mod signalfd;
+mod tcp;
+mod tcp_listen;
+mod timerfd;
+mod unix_listen;
+mod unix_pair;
+mod unix_stream;
+
+pub use parked::entry as parked_entry;
+pub use relay::is as is_relay;
+pub use tcp::{connection, is_pipe as is_moved_pipe};
+
+use super::image::{FdKind, FdState, Meta};
+use std::os::fd::{OwnedFd, RawFd};
+
+/// Every kind, in the order the capture asks them about an fd (the first
+/// that recognises it describes it).
+static KINDS: &[&dyn Kind] = &[
+    &file::File,
+    &device::Device,
+    &pipe::Pipe,
+    &fifo::Fifo,
+    &unix_listen::UnixListen,
+    &tcp_listen::TcpListen,
+    &dgram::Dgram,
+    &unix_stream::UnixStream,
+    &tcp::Tcp,
+    &relay::Relay,
+    &eventfd::EventFd,
+    &timerfd::TimerFd,
+    &signalfd::SignalFd,
+    &epoll::Epoll,
+    // Made by the passes below, never recognised as such.
+    &unix_pair::UnixPair,
+    &parked::Parked,
+];
+
+/// What an image is for: some kinds are treated differently by a
+/// migration (the shadow stays behind and relays) and a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Migration,
+    Checkpoint,
+}
+
+/// What the capture knows of an fd before asking the kinds.
+pub struct Probe {
+    pub fd: RawFd,
+    /// Its `/proc/self/fd` link.
+    pub link: Vec<u8>,
+    pub link_s: String,
+    /// `F_GETFL` flags.
+    pub flags: i32,
+    pub st: libc::stat,
+}
+
+impl Probe {
+    /// The file type bits of its mode.
+    pub fn ty(&self) -> libc::mode_t {
+        self.st.st_mode & libc::S_IFMT
+    }
+}
+
+/// Why an fd could be shared with another process ([`refuse_shared`] asks
+/// the agent whether it is).
+pub enum Sharing {
+    /// A link (`pipe:[N]`) both of whose ends are the process's.
+    Link(String),
+    /// A UNIX stream socket (its inode): shared if its peer is the
+    /// process's too.
+    Socket(u64),
+    /// A regular file reopened on the target (its fd and path).
+    File(i32, String),
+}
+
+/// The stream an fd belongs to, for the freeze of a migration: the agents
+/// find the peer by TCP ends, by pipe or FIFO link, or by UNIX socket inode.
+pub enum Stream {
+    /// A TCP connection: its (local, remote) ends and its socket inode
+    /// (copies of one connection share the inode).
+    Tcp((String, String), Option<u64>),
+    Pipe(String),
+    Unix(u64),
+}
+
+/// How a stream's new connection behaves, from the fd it replaces.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnOpts {
+    pub opts: crate::streams::moving::Opts,
+    /// A seqpacket socket's new end is one too.
+    pub seqpacket: bool,
+}
+
+impl ConnOpts {
+    /// What a pipe or FIFO end becomes: a connection that sends at once,
+    /// as pipes do.
+    fn pipe(flags: i32) -> Self {
+        ConnOpts {
+            opts: crate::streams::moving::Opts {
+                flags,
+                nodelay: true,
+                keepalive: false,
+                pipe: true,
+                passcred: false,
+            },
+            seqpacket: false,
+        }
+    }
+}
+
+/// What the freeze of a migration found at the other end of a stream.
+pub struct HandOver<'a> {
+    /// Connections the agent keeps and relays (nobody drains the other end).
+    pub kept: &'a [u64],
+    /// Connections whose other end was a shadow's relay.
+    pub relayed: &'a [u64],
+}
+
+/// One kind of descriptor. Every method but `owns` and `restore` has a
+/// default meaning "nothing to do for this kind".
+pub trait Kind: Sync {
+    /// Whether image entry `k` is of this kind.
+    fn owns(&self, k: &FdKind) -> bool;
+
+    /// Capture: the image entry of the fd `p` if it is of this kind,
+    /// `Some(Err)` if it is but cannot be captured.
+    fn describe(&self, _p: &Probe) -> Option<Result<FdKind, String>> {
+        None
+    }
+
+    /// Once every fd is described: what needs the whole set (self-pipes,
+    /// socketpairs both of whose ends are here, ...).
+    fn settle(&self, _fds: &mut [FdState], _why: Purpose) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// As fd 0, 1 or 2, whether it is relayed (the shadow's, after a
+    /// migration; the restarting command's, after a checkpoint) rather
+    /// than taken into the image.
+    fn relayed_as_stdio(&self, why: Purpose) -> bool {
+        why == Purpose::Migration
+    }
+
+    /// Why another process might share it with this one.
+    fn sharing(&self, _f: &FdState, _fds: &[FdState], _moving: bool) -> Option<Sharing> {
+        None
+    }
+
+    /// A checkpoint: whether it leads out of the process (parked for the
+    /// restart with `--kill`, refused without), and as what.
+    fn leads_out(&self, _f: &FdState, _fds: &[FdState]) -> Option<String> {
+        None
+    }
+
+    /// A migration: the stream it belongs to, whose peer is frozen and
+    /// drained.
+    fn stream(&self, _f: &FdState, _fds: &[FdState]) -> Option<Result<Stream, String>> {
+        None
+    }
+
+    /// What its stream's new connection keeps of it.
+    fn conn_opts(&self, _k: &FdKind) -> Option<ConnOpts> {
+        None
+    }
+
+    /// Its stream has nobody at the other end: `Some(Ok)` if it moves
+    /// anyway (made again as it is), `None` if it cannot.
+    fn no_peer(&self, _f: &mut FdState) -> Option<Result<(), String>> {
+        None
+    }
+
+    /// Every peer is frozen: take what is in flight for the process.
+    fn hand_over(&self, _f: &mut FdState, _h: &HandOver) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Once the streams are taken: close what must be free on the target
+    /// (a listening port) while keeping its number taken.
+    fn vacate(&self, _f: &FdState) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The migration failed: put it back as it was.
+    fn take_back(&self, _f: &FdState) {}
+
+    /// The migration succeeded: whether the shadow closes it (it moved;
+    /// the rest the shadow keeps or relays).
+    fn moved_away(&self) -> bool {
+        false
+    }
+
+    /// The migration succeeded to `node` (once per kind, not per fd).
+    fn moved_to(&self, _node: u32) {}
+
+    /// Restore: the fd made again (`None`: keep what is under its number,
+    /// the restarting command's).
+    fn restore(&self, f: &FdState, cx: &mut Restoring) -> Result<Option<RawFd>, String>;
+
+    /// Restore, once every fd is under its number.
+    fn finish(&self, _f: &FdState) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The kind of image entry `k`.
+pub fn of(k: &FdKind) -> &'static dyn Kind {
+    *KINDS
+        .iter()
+        .find(|kind| kind.owns(k))
+        .expect("every FdKind variant has a kind in KINDS")
+}
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", crate::rt::Errno(crate::rt::errno()))
+}
+
+pub(super) fn fstat(fd: RawFd) -> Option<libc::stat> {
+    // SAFETY: st is ours.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st)
+}
+
+fn fdinfo(fd: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default()
+}
+
+fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find(|l| l.starts_with(name))
+        .map(|l| l[name.len()..].trim())
+}
+
+/// Capture the fds of the process, except `skip`.
+pub fn capture(skip: &[RawFd]) -> Result<Vec<FdState>, String> {
+    let mut out = Vec::new();
+    for fd in crate::dirs::open_fds()? {
+        if skip.contains(&fd) {
+            continue;
+        }
+        if let Some(s) = capture_one(fd)? {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+fn capture_one(fd: i32) -> Result<Option<FdState>, String> {
+    // The fd that listed the directory is gone already: skip what vanished.
+    let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else {
+        return Ok(None);
+    };
+    let link = link.into_os_string().into_encoded_bytes();
+    let link_s = String::from_utf8_lossy(&link).into_owned();
+    if let Some(why) = refusal(fd, &link_s) {
+        return Err(why);
+    }
+    // SAFETY: fcntl on an fd number only reads its state.
+    let (fdflags, flags) = unsafe {
+        (
+            libc::fcntl(fd, libc::F_GETFD),
+            libc::fcntl(fd, libc::F_GETFL),
+        )
+    };
+    if fdflags < 0 || flags < 0 {
+        return Ok(None);
+    }
+    let st = fstat(fd).ok_or_else(|| os_err(&format!("fd {fd}: fstat")))?;
+    let p = Probe {
+        fd,
+        link,
+        link_s,
+        flags,
+        st,
+    };
+    let kind = KINDS
+        .iter()
+        .find_map(|k| k.describe(&p))
+        .unwrap_or_else(|| Err(not_movable(&p)))?;
+    Ok(Some(FdState {
+        fd,
+        cloexec: fdflags & libc::FD_CLOEXEC != 0,
+        kind,
+    }))
+}
+
+/// Why no kind took `p`, by what it is.
+fn not_movable(p: &Probe) -> String {
+    let (fd, link) = (p.fd, &p.link_s);
+    match p.ty() {
+        libc::S_IFCHR => format!("fd {fd}: device {link} is not migratable"),
+        libc::S_IFIFO => format!("fd {fd}: FIFO {link} opened for reading and writing is not migratable (pipes are, and FIFOs opened one way; both ways only as stdin, stdout or stderr)"),
+        libc::S_IFSOCK => format!("fd {fd}: {link} is not migratable (TCP connections, connected UNIX stream and seqpacket sockets and datagram senders move, and stdin, stdout and stderr)"),
+        _ => format!("fd {fd}: {link} is not migratable"),
+    }
+}
+
+/// Every kind's [`Kind::settle`], in table order.
+pub fn settle(fds: &mut [FdState], why: Purpose) -> Result<(), String> {
+    KINDS.iter().try_for_each(|k| k.settle(fds, why))
+}
+
+/// Fds 0-2 that are relayed instead of taken become `Relay` entries.
+pub fn relay_stdio(fds: &mut [FdState], why: Purpose) {
+    for f in fds.iter_mut().filter(|f| f.fd <= 2) {
+        if of(&f.kind).relayed_as_stdio(why) {
+            f.kind = FdKind::Relay;
+        }
+    }
+}
+
+/// A two-ended object of the restore: its kind's name and its key there
+/// (keys of different kinds may be equal: pipe and socket inodes).
+pub type MadeKey = (&'static str, u64);
+
+/// What the restore keeps while it makes the fds again.
+pub struct Restoring<'a> {
+    pub meta: &'a Meta,
+    /// The restorer's own fds are above this; new fds go there too until
+    /// they are put under their numbers.
+    pub floor: RawFd,
+    /// (temporary fd, image fd, close-on-exec) of each fd made so far.
+    pub placed: Vec<(RawFd, RawFd, bool)>,
+    /// Two-ended objects made once for several fds (a pipe, a socketpair),
+    /// by (kind, key): their two ends.
+    made: Vec<(MadeKey, (OwnedFd, OwnedFd))>,
+}
+
+impl Restoring<'_> {
+    /// The two ends made for `key` by `make` the first time, found after.
+    pub fn made_once(
+        &mut self,
+        key: MadeKey,
+        make: impl FnOnce() -> Result<(OwnedFd, OwnedFd), String>,
+    ) -> Result<&(OwnedFd, OwnedFd), String> {
+        let i = match self.made.iter().position(|m| m.0 == key) {
+            Some(i) => i,
+            None => {
+                let ends = make()?;
+                self.made.push((key, ends));
+                self.made.len() - 1
+            }
+        };
+        Ok(&self.made[i].1)
+    }
+}
+
+/// Move an fd to a number at or above `floor` (close-on-exec).
+pub(super) fn high(fd: RawFd, floor: RawFd) -> Result<RawFd, String> {
+    // SAFETY: duplicates an fd we own, then closes the original.
+    let h = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) };
+    if h < 0 {
+        return Err(os_err("moving an fd out of the way"));
+    }
+    // SAFETY: fd is ours and replaced by h.
+    unsafe { libc::close(fd) };
+    Ok(h)
+}
+
+/// Two new ends above `floor`, owned.
+fn high_pair(a: OwnedFd, b: OwnedFd, floor: RawFd) -> Result<(OwnedFd, OwnedFd), String> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let (a, b) = (high(a.into_raw_fd(), floor)?, high(b.into_raw_fd(), floor)?);
+    // SAFETY: just moved, ours alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(a), OwnedFd::from_raw_fd(b)) })
+}
+
+/// A copy of a made-again pipe end or socket for the image's fd `fd`,
+/// with its `O_NONBLOCK` status flag.
+fn copy_end(end: &OwnedFd, flags: i32, fd: RawFd) -> Result<RawFd, String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: duplicates our own fd; F_SETFL on the copy sets the shared
+    // open file's status flags.
+    let copy = unsafe { libc::dup(end.as_raw_fd()) };
+    if copy < 0 {
+        return Err(os_err(&format!("fd {fd}: dup")));
+    }
+    // SAFETY: as above.
+    unsafe { libc::fcntl(copy, libc::F_SETFL, flags & libc::O_NONBLOCK) };
+    Ok(copy)
+}
+
+pub(super) fn open_path(path: &[u8], flags: i32) -> Result<RawFd, String> {
+    let c = std::ffi::CString::new(path.to_vec()).map_err(|_| "path with a NUL byte")?;
+    // SAFETY: c is a valid C string.
+    let fd = unsafe { libc::open(c.as_ptr(), flags, 0) };
+    if fd < 0 {
+        return Err(os_err(&String::from_utf8_lossy(path)));
+    }
+    Ok(fd)
+}
+
+/// Reopen the image's fds under their numbers. Fds 0-2 marked `Relay`
+/// keep what the agent gave this process (the restarting command's
+/// streams). `keep` are the restorer's own fds (already above `floor`).
+pub fn restore(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> {
+    let mut cx = Restoring {
+        meta,
+        floor,
+        placed: Vec::new(),
+        made: Vec::new(),
+    };
+    for f in &meta.fds {
+        if let Some(tmp) = of(&f.kind).restore(f, &mut cx)? {
+            let tmp = high(tmp, floor)?;
+            cx.placed.push((tmp, f.fd, f.cloexec));
+        }
+    }
+    for (tmp, target, cloexec) in &cx.placed {
+        let fl = if *cloexec { libc::O_CLOEXEC } else { 0 };
+        // SAFETY: puts our fd under the image's number (closing whatever
+        // the agent had there).
+        if unsafe { libc::dup3(*tmp, *target, fl) } < 0 {
+            return Err(os_err(&format!("fd {target}")));
+        }
+        // SAFETY: the temporary is ours.
+        unsafe { libc::close(*tmp) };
+    }
+    for f in &meta.fds {
+        of(&f.kind).finish(f)?;
+    }
+    // The pipes' and socketpairs' own ends (the placed copies stay).
+    drop(cx);
+    // Whatever else is open and not in the image goes (fds 0-2 the image
+    // did not have included).
+    for fd in crate::dirs::open_fds()? {
+        if !meta.fds.iter().any(|f| f.fd == fd) && !keep.contains(&fd) {
+            // SAFETY: closes an fd the image does not have.
+            unsafe { libc::close(fd) };
+        }
+    }
+    Ok(())
+}
+
+/// Close what listening socket `f.fd` holds but keep the number taken (by
+/// `/dev/null`), so that nothing the capture opens lands there before a
+/// rollback.
+fn vacate_listener(f: &FdState) -> Result<(), String> {
+    let fd = f.fd;
+    // SAFETY: opens /dev/null and puts it under our fd number.
+    let ok = unsafe {
+        let n = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        n >= 0 && libc::dup3(n, fd, libc::O_CLOEXEC) >= 0 && libc::close(n) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("fd {fd}: {}", std::io::Error::last_os_error()))
+    }
+}
+
+/// A failed migration: listening socket `f` made again here by `listen`,
+/// if the move closed it.
+fn listen_again_here(f: &FdState, listen: impl FnOnce() -> Result<OwnedFd, String>) {
+    let vacated = std::fs::read_link(format!("/proc/self/fd/{}", f.fd))
+        .is_ok_and(|p| p.as_os_str() == "/dev/null");
+    if !vacated {
+        return;
+    }
+    let r = listen().and_then(|s| {
+        let fl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
+        // SAFETY: puts our new socket under the old number.
+        if unsafe { libc::dup3(std::os::fd::AsRawFd::as_raw_fd(&s), f.fd, fl) } < 0 {
+            return Err(format!("dup3: {}", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    });
+    if let Err(e) = r {
+        crate::krg_log!(
+            crate::log::Level::Warn,
+            "fd {}: listening again after a failed migration: {e}",
+            f.fd
+        );
+    }
+}
+
+/// A migration succeeded to `node`: every kind's [`Kind::moved_to`].
+pub fn moved_to(node: u32) {
+    KINDS.iter().for_each(|k| k.moved_to(node));
+}
+
+/// Why an fd can never be captured, from its `/proc/<pid>/fd` link and
+/// number: `None` if it may be (the agent asks this before it disturbs the
+/// process; the capture asks again from inside).
+pub fn refusal(fd: i32, link: &str) -> Option<String> {
+    if let Some(kind) = link.strip_prefix("anon_inode:") {
+        let kind = kind.trim_matches(|c| c == '[' || c == ']');
+        return match kind {
+            "eventfd" | "timerfd" | "signalfd" | "eventpoll" => None,
+            "io_uring" => Some(format!("fd {fd}: io_uring is not migratable")),
+            other => Some(format!("fd {fd}: {other} is not migratable")),
+        };
+    }
+    if link.ends_with(" (deleted)") {
+        return Some(format!("fd {fd}: {link} is not migratable (deleted file)"));
+    }
+    if link.starts_with("/dev/pts/") || link.starts_with("/dev/tty") || link == "/dev/console" {
+        return (fd > 2).then(|| format!("fd {fd}: terminal {link} is not migratable"));
+    }
+    None
+}
+
+/// Memory and streams the image would turn into the process's own: shared
+/// memory mappings that are copied (anonymous `MAP_SHARED` memory without
+/// the `dsm-anon` capability, System V segments and memfds that are not
+/// cluster segments), pipes and socketpairs both of whose ends are its
+/// fds. That is exact only if no other process shares them: a server
+/// whose children watch a pipe it holds both ends of (PostgreSQL's
+/// postmaster death watch) and share its anonymous memory would be cut
+/// off from them. Refused, naming what is shared and with whom.
+///
+/// When `moving` (a migration), also the regular files above the standard
+/// fds, which the target opens again: one open file description held by
+/// another process too (`exec 3>f; cmd >&3`: a shell and its children)
+/// shares its offset with it, which a file opened again on another node
+/// cannot do (their writes would overwrite each other). Refused until the
+/// sharer is gone. (Fds 0-2 stay with the shadow, which keeps sharing.)
+pub(super) fn refuse_shared(
+    maps: &[super::capture::MapLine],
+    fds: &[FdState],
+    moving: bool,
+) -> Result<(), String> {
+    let mut mems: Vec<(u64, u64)> = Vec::new();
+    for m in maps.iter().filter(|m| copied_shared(m)) {
+        if !mems.contains(&(m.dev, m.inode)) {
+            mems.push((m.dev, m.inode));
+        }
+    }
+    let mut links: Vec<String> = Vec::new();
+    let mut socks: Vec<u64> = Vec::new();
+    let mut files: Vec<(i32, String)> = Vec::new();
+    for f in fds {
+        match of(&f.kind).sharing(f, fds, moving) {
+            Some(Sharing::Link(l)) if !links.contains(&l) => links.push(l),
+            Some(Sharing::Socket(ino)) => socks.push(ino),
+            Some(Sharing::File(fd, path)) => files.push((fd, path)),
+            _ => {}
+        }
+    }
+    if socks.len() >= 2 {
+        let peers = crate::streams::unix::peers().map_err(|e| format!("UNIX socket peers: {e}"))?;
+        for ino in &socks {
+            if peers.get(ino).is_some_and(|p| socks.contains(p)) {
+                links.push(format!("socket:[{ino}]"));
+            }
+        }
+    }
+    if mems.is_empty() && links.is_empty() && files.is_empty() {
+        return Ok(());
+    }
+    match crate::client::call(&crate::proto::Request::SharedWith { links, mems, files }) {
+        Ok(crate::proto::Response::Shared(v)) if v.is_empty() => Ok(()),
+        Ok(crate::proto::Response::Shared(v)) => Err(v.join("; ")),
+        Ok(other) => Err(format!(
+            "asking what is shared: unexpected answer {other:?}"
+        )),
+        Err(e) => Err(format!("asking what is shared: {e}")),
+    }
+}
+
+/// Whether `m` is shared memory that an image holds a copy of (made again
+/// as the process's own on restore), not a cluster segment.
+fn copied_shared(m: &super::capture::MapLine) -> bool {
+    m.shared
+        && !crate::dsm::is_segment_path(&m.path)
+        && (m.inode == 0
+            || m.path.ends_with(" (deleted)")
+            || m.path.starts_with("/SYSV")
+            || m.path.starts_with("/memfd:"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_name_the_resource() {
+        assert_eq!(
+            refusal(7, "anon_inode:[io_uring]").unwrap(),
+            "fd 7: io_uring is not migratable"
+        );
+        assert!(refusal(3, "anon_inode:[eventfd]").is_none());
+        assert!(refusal(1, "pipe:[123]").is_none());
+        assert!(refusal(5, "pipe:[9]").is_none());
+        // Sockets: the capture decides (a TCP connection or listener moves).
+        assert!(refusal(5, "socket:[9]").is_none());
+        assert!(refusal(3, "anon_inode:[timerfd]").is_none());
+        assert!(refusal(3, "anon_inode:[eventpoll]").is_none());
+        assert!(refusal(3, "anon_inode:inotify")
+            .unwrap()
+            .contains("not migratable"));
+        assert!(refusal(4, "/tmp/x (deleted)").is_some());
+        assert!(refusal(4, "/tmp/x").is_none());
+    }
+}

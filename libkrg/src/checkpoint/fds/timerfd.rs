@@ -1,0 +1,90 @@
+//! A timerfd, re-armed with the time it had left (relative: the nodes'
+//! clocks are not the same clock) and its interval; expirations not read
+//! yet are given back.
+
+use super::{fdinfo, os_err, status_field, FdKind, FdState, Kind, Probe, Restoring};
+use std::os::fd::RawFd;
+
+/// `_IOW('T', 0, u64)`: set a timerfd's expiration count (the kernel's
+/// checkpoint/restore ioctl).
+const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+
+pub struct TimerFd;
+
+fn describe(fd: i32, flags: i32) -> Result<FdKind, String> {
+    // SAFETY: itimerspec is plain data; timerfd_gettime fills it.
+    let mut its: libc::itimerspec = unsafe { std::mem::zeroed() };
+    // timerfd_gettime first: for an expired periodic timer it moves the
+    // timer forward and counts the expirations, which fdinfo alone would
+    // show as disarmed.
+    // SAFETY: our itimerspec.
+    if unsafe { libc::timerfd_gettime(fd, &mut its) } != 0 {
+        return Err(os_err(&format!("fd {fd}: timerfd_gettime")));
+    }
+    let info = fdinfo(fd);
+    let num = |name: &str| status_field(&info, name).and_then(|v| v.parse::<u64>().ok());
+    let clockid =
+        num("clockid:").ok_or_else(|| format!("fd {fd}: timerfd without a clock in fdinfo"))?;
+    Ok(FdKind::TimerFd {
+        clockid: clockid as i32,
+        flags,
+        value: (its.it_value.tv_sec, its.it_value.tv_nsec),
+        interval: (its.it_interval.tv_sec, its.it_interval.tv_nsec),
+        ticks: num("ticks:").unwrap_or(0),
+    })
+}
+
+impl Kind for TimerFd {
+    fn owns(&self, k: &FdKind) -> bool {
+        matches!(k, FdKind::TimerFd { .. })
+    }
+
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+        (p.link_s == "anon_inode:[timerfd]").then(|| describe(p.fd, p.flags))
+    }
+
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+        let FdKind::TimerFd {
+            clockid,
+            flags,
+            value,
+            interval,
+            ticks,
+        } = f.kind
+        else {
+            unreachable!("TimerFd::restore of {:?}", f.kind)
+        };
+        let num = f.fd;
+        let fl = flags & (libc::TFD_NONBLOCK | libc::TFD_CLOEXEC);
+        // SAFETY: creates a new timerfd.
+        let fd = unsafe { libc::timerfd_create(clockid, fl) };
+        if fd < 0 {
+            return Err(os_err(&format!(
+                "fd {num}: timerfd_create (clock {clockid})"
+            )));
+        }
+        if value != (0, 0) {
+            let its = libc::itimerspec {
+                it_interval: libc::timespec {
+                    tv_sec: interval.0,
+                    tv_nsec: interval.1,
+                },
+                it_value: libc::timespec {
+                    tv_sec: value.0,
+                    tv_nsec: value.1,
+                },
+            };
+            // SAFETY: arms our timerfd with a valid itimerspec (relative).
+            if unsafe { libc::timerfd_settime(fd, 0, &its, std::ptr::null_mut()) } != 0 {
+                return Err(os_err(&format!("fd {num}: timerfd_settime")));
+            }
+        }
+        // SAFETY: the ioctl reads one u64 from the pointer we give.
+        if ticks > 0 && unsafe { libc::ioctl(fd, TFD_IOC_SET_TICKS, &ticks as *const u64) } != 0 {
+            return Err(os_err(&format!(
+                "fd {num}: giving back {ticks} unread expirations (TFD_IOC_SET_TICKS)"
+            )));
+        }
+        Ok(Some(fd))
+    }
+}

@@ -1,0 +1,78 @@
+//! A listening UNIX socket (stream or seqpacket), bound again to its name
+//! on the new node (see `streams::unix::Listening`).
+
+use super::{listen_again_here, vacate_listener, FdKind, FdState, Kind, Probe, Restoring};
+use crate::streams::unix::{self, Listening};
+use std::os::fd::{IntoRawFd, RawFd};
+
+pub struct UnixListen;
+
+fn listening_of(k: &FdKind) -> Option<Listening> {
+    let FdKind::UnixListen {
+        name,
+        ty,
+        flags,
+        passcred,
+        backlog,
+    } = k
+    else {
+        return None;
+    };
+    Some(Listening {
+        name: name.clone(),
+        ty: *ty,
+        flags: *flags,
+        passcred: *passcred,
+        backlog: *backlog,
+    })
+}
+
+impl Kind for UnixListen {
+    fn owns(&self, k: &FdKind) -> bool {
+        matches!(k, FdKind::UnixListen { .. })
+    }
+
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+        if p.ty() != libc::S_IFSOCK || p.fd <= 2 {
+            return None;
+        }
+        match unix::listening(p.fd) {
+            Ok(Some(l)) => Some(Ok(FdKind::UnixListen {
+                name: l.name,
+                ty: l.ty,
+                flags: l.flags,
+                passcred: l.passcred,
+                backlog: l.backlog,
+            })),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    fn leads_out(&self, _f: &FdState, _fds: &[FdState]) -> Option<String> {
+        Some("a listening socket".into())
+    }
+
+    /// Its name must be free for the new node's agent to take it over.
+    fn vacate(&self, f: &FdState) -> Result<(), String> {
+        vacate_listener(f)
+    }
+
+    fn take_back(&self, f: &FdState) {
+        listen_again_here(f, || {
+            let l = listening_of(&f.kind).ok_or("bad listening socket")?;
+            unix::relisten(&l)
+        })
+    }
+
+    fn moved_away(&self) -> bool {
+        true
+    }
+
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+        let l =
+            listening_of(&f.kind).ok_or_else(|| format!("fd {}: bad listening socket", f.fd))?;
+        let s = unix::relisten(&l).map_err(|e| format!("fd {}: {e}", f.fd))?;
+        Ok(Some(s.into_raw_fd()))
+    }
+}

@@ -1,0 +1,45 @@
+//! Directory listings for code that must not call malloc-heavy libc
+//! (`opendir`): the capture, a signal handler's helpers. Numbers only:
+//! `/proc/self/fd`, `/proc/self/task`.
+
+/// Entries of a directory, with getdents64 (std's `read_dir` goes through
+/// libc's `opendir`, which mallocs).
+pub fn numbers(path: &str) -> Result<Vec<i32>, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: getdents64 writes at most buf.len() bytes into buf.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        if n < 0 {
+            return Err(format!("{path}: {}", crate::rt::Errno(crate::rt::errno())));
+        }
+        if n == 0 {
+            break;
+        }
+        let mut off = 0usize;
+        while off + 19 <= n as usize {
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            if reclen == 0 || off + reclen > n as usize {
+                break;
+            }
+            let name = &buf[off + 19..off + reclen];
+            let end = name.iter().position(|c| *c == 0).unwrap_or(name.len());
+            if let Ok(v) = std::str::from_utf8(&name[..end])
+                .unwrap_or("")
+                .parse::<i32>()
+            {
+                out.push(v);
+            }
+            off += reclen;
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// The process's open fd numbers.
+pub fn open_fds() -> Result<Vec<i32>, String> {
+    numbers("/proc/self/fd")
+}
