@@ -24,3 +24,5 @@ pub mod proto;
 pub mod rt;
 pub mod streams;
 pub mod sync;
+#[allow(unsafe_code)]
+mod sys;

@@ -1,0 +1,136 @@
+//! System calls made directly, not through libc. A call from libkrg.so to a
+//! libc function that krg hooks reaches krg's own hook; these do not, and
+//! they are not cancellation points (`pthread_cancel` never unwinds
+//! through Rust frames here) and are async-signal-safe. For the hooks'
+//! agent client and the process's own ids.
+
+use super::sock::SockAddr;
+use libc::{c_int, pid_t, socklen_t};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+fn check(r: libc::c_long) -> io::Result<libc::c_long> {
+    super::check(r)
+}
+
+/// `getpid(2)`.
+#[inline]
+pub fn getpid() -> pid_t {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_getpid) as pid_t }
+}
+
+/// `getppid(2)`.
+#[inline]
+pub fn getppid() -> pid_t {
+    // SAFETY: getppid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_getppid) as pid_t }
+}
+
+/// `getpgid(2)`: the group, or -1 (errno set).
+#[inline]
+pub fn getpgid(pid: pid_t) -> pid_t {
+    // SAFETY: getpgid takes a plain integer.
+    unsafe { libc::syscall(libc::SYS_getpgid, pid) as pid_t }
+}
+
+/// `getsid(2)`: the session, or -1 (errno set).
+#[inline]
+pub fn getsid(pid: pid_t) -> pid_t {
+    // SAFETY: getsid takes a plain integer.
+    unsafe { libc::syscall(libc::SYS_getsid, pid) as pid_t }
+}
+
+/// `rt_sigprocmask(how, set, old)` on the kernel's 8-byte signal set
+/// (bit `n - 1` for signal `n`). Unlike `pthread_sigmask`, it also blocks
+/// glibc's internal signals when asked to.
+pub fn sigprocmask(how: c_int, set: Option<&u64>, old: Option<&mut u64>) -> io::Result<()> {
+    let set = set.map_or(std::ptr::null(), |s| s as *const u64);
+    let old = old.map_or(std::ptr::null_mut(), |o| o as *mut u64);
+    // SAFETY: both pointers are null or point to live 8-byte sets, the
+    // size passed.
+    check(unsafe { libc::syscall(libc::SYS_rt_sigprocmask, how, set, old, 8usize) }).map(drop)
+}
+
+/// An owned descriptor closed with a raw `close` (an `OwnedFd` closes it
+/// through libc, which a hook may see).
+#[derive(Debug)]
+pub struct Fd(RawFd);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: self.0 is a descriptor this value owns.
+        unsafe { libc::syscall(libc::SYS_close, self.0) };
+    }
+}
+
+/// `socket(2)`.
+pub fn socket(domain: c_int, ty: c_int, protocol: c_int) -> io::Result<Fd> {
+    // SAFETY: socket takes plain integers.
+    let fd = check(unsafe { libc::syscall(libc::SYS_socket, domain, ty, protocol) })?;
+    Ok(Fd(fd as RawFd))
+}
+
+/// `setsockopt(2)` with a value of type `T` (its size is passed).
+pub fn setsockopt<T: Copy>(fd: &Fd, level: c_int, opt: c_int, v: &T) -> io::Result<()> {
+    // SAFETY: v is live and its exact size is passed; the kernel only
+    // reads it.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_setsockopt,
+            fd.0,
+            level,
+            opt,
+            v as *const T,
+            std::mem::size_of::<T>() as socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// `connect(2)` to the first `len` bytes of `addr` (at most its size).
+pub fn connect<A: SockAddr>(fd: &Fd, addr: &A, len: socklen_t) -> io::Result<()> {
+    let len = super::sock::addr_len(addr, len)?;
+    // SAFETY: addr is live for len bytes (checked above).
+    check(unsafe { libc::syscall(libc::SYS_connect, fd.0, addr as *const A, len) }).map(drop)
+}
+
+/// `send(2)` (a `sendto` without address) of `buf`; how much went.
+pub fn send(fd: &Fd, buf: &[u8], flags: c_int) -> io::Result<usize> {
+    // SAFETY: buf is a live byte slice of the given length.
+    let n = check(unsafe {
+        libc::syscall(
+            libc::SYS_sendto,
+            fd.0,
+            buf.as_ptr(),
+            buf.len(),
+            flags,
+            std::ptr::null::<libc::sockaddr>(),
+            0,
+        )
+    })?;
+    Ok(n as usize)
+}
+
+/// `recv(2)` (a `recvfrom` without address) into `buf`; how much came.
+pub fn recv(fd: &Fd, buf: &mut [u8], flags: c_int) -> io::Result<usize> {
+    // SAFETY: buf is a live, writable byte slice of the given length.
+    let n = check(unsafe {
+        libc::syscall(
+            libc::SYS_recvfrom,
+            fd.0,
+            buf.as_mut_ptr(),
+            buf.len(),
+            flags,
+            std::ptr::null_mut::<libc::sockaddr>(),
+            std::ptr::null_mut::<socklen_t>(),
+        )
+    })?;
+    Ok(n as usize)
+}
