@@ -17,13 +17,17 @@
 //! are raw system calls: invisible to any krg hook, and not cancellation
 //! points, so `pthread_cancel` never unwinds through Rust frames here.
 
+#![deny(unsafe_code)]
+
 use crate::proto::{ArchivedResponse, Request};
+use crate::sys::raw::{self, Fd};
 use rkyv::api::low::{access, to_bytes_in_with_alloc};
 use rkyv::rancor::Failure;
 use rkyv::ser::allocator::SubAllocator;
 use rkyv::ser::writer::Buffer;
 use rkyv::util::Align;
 use std::fmt;
+use std::io;
 use std::mem::MaybeUninit;
 use std::time::Duration;
 
@@ -50,8 +54,10 @@ impl AgentAddr {
     /// An address for `path`; `None` if it does not fit `sun_path` or
     /// contains a NUL byte.
     pub fn new(path: &[u8]) -> Option<AgentAddr> {
-        // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        let mut addr = libc::sockaddr_un {
+            sun_family: 0,
+            sun_path: [0; 108],
+        };
         if path.is_empty() || path.len() >= addr.sun_path.len() || path.contains(&0) {
             return None;
         }
@@ -245,104 +251,50 @@ pub fn decode_reply(body: &[u8]) -> Result<Reply, HookCallError> {
     })
 }
 
-/// An owned socket descriptor, closed with a raw `close` on drop.
-struct Fd(i32);
-
-impl Drop for Fd {
-    fn drop(&mut self) {
-        // SAFETY: self.0 is a descriptor this module opened and owns.
-        unsafe { libc::syscall(libc::SYS_close, self.0) };
+/// `Io` for `op`, with the errno of `e`.
+fn io_err(op: &'static str) -> impl Fn(io::Error) -> HookCallError {
+    move |e| HookCallError::Io {
+        op,
+        errno: e.raw_os_error().unwrap_or(libc::EIO),
     }
 }
 
-fn last_errno() -> i32 {
-    crate::rt::errno()
+fn interrupted(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINTR)
 }
 
 fn connect(addr: &AgentAddr, timeout: Option<Duration>) -> Result<Fd, HookCallError> {
-    let io = |op| HookCallError::Io {
-        op,
-        errno: last_errno(),
-    };
     loop {
-        // SAFETY: plain socket(2) system call.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_socket,
-                libc::AF_UNIX,
-                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        if fd < 0 {
-            return Err(io("socket"));
-        }
-        let fd = Fd(fd as i32);
+        let fd = raw::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
+            .map_err(io_err("socket"))?;
         if let Some(t) = timeout {
             let tv = libc::timeval {
                 tv_sec: t.as_secs() as libc::time_t,
                 tv_usec: t.subsec_micros() as libc::suseconds_t,
             };
             for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-                // SAFETY: tv is a live timeval and its exact size is passed.
-                unsafe {
-                    libc::syscall(
-                        libc::SYS_setsockopt,
-                        fd.0,
-                        libc::SOL_SOCKET,
-                        opt,
-                        &tv as *const libc::timeval,
-                        std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                    )
-                };
+                let _ = raw::setsockopt(&fd, libc::SOL_SOCKET, opt, &tv);
             }
         }
-        // SAFETY: addr.addr is a valid sockaddr_un whose used length is
-        // addr.len.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_connect,
-                fd.0,
-                &addr.addr as *const libc::sockaddr_un,
-                addr.len,
-            )
-        };
-        if rc == 0 {
-            return Ok(fd);
+        match raw::connect(&fd, &addr.addr, addr.len) {
+            Ok(()) => return Ok(fd),
+            // Interrupted (e.g. by a stop/continue): start over on a new
+            // socket.
+            Err(e) if interrupted(&e) => {}
+            Err(e) => return Err(io_err("connect")(e)),
         }
-        if last_errno() != libc::EINTR {
-            return Err(io("connect"));
-        }
-        // Interrupted (e.g. by a stop/continue): start over on a new socket.
     }
 }
 
 fn send_all(fd: &Fd, mut buf: &[u8]) -> Result<(), HookCallError> {
     while !buf.is_empty() {
-        // SAFETY: buf is a live byte slice of the given length. MSG_NOSIGNAL:
-        // a vanished agent gives EPIPE, not a SIGPIPE that would kill the
-        // application.
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_sendto,
-                fd.0,
-                buf.as_ptr(),
-                buf.len(),
-                libc::MSG_NOSIGNAL,
-                std::ptr::null::<libc::sockaddr>(),
-                0,
-            )
-        };
-        if n < 0 {
-            if last_errno() == libc::EINTR {
-                continue;
-            }
-            return Err(HookCallError::Io {
-                op: "send",
-                errno: last_errno(),
-            });
+        // MSG_NOSIGNAL: a vanished agent gives EPIPE, not a SIGPIPE that
+        // would kill the application.
+        match raw::send(fd, buf, libc::MSG_NOSIGNAL) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if interrupted(&e) => {}
+            Err(e) => return Err(io_err("send")(e)),
         }
-        buf = &buf[n as usize..];
     }
     Ok(())
 }
@@ -350,35 +302,17 @@ fn send_all(fd: &Fd, mut buf: &[u8]) -> Result<(), HookCallError> {
 fn recv_exact(fd: &Fd, buf: &mut [u8]) -> Result<(), HookCallError> {
     let mut got = 0;
     while got < buf.len() {
-        let rest = &mut buf[got..];
-        // SAFETY: rest is a live, writable byte slice of the given length.
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_recvfrom,
-                fd.0,
-                rest.as_mut_ptr(),
-                rest.len(),
-                0,
-                std::ptr::null_mut::<libc::sockaddr>(),
-                std::ptr::null_mut::<libc::socklen_t>(),
-            )
-        };
-        if n < 0 {
-            if last_errno() == libc::EINTR {
-                continue;
+        match raw::recv(fd, &mut buf[got..], 0) {
+            Ok(0) => {
+                return Err(HookCallError::Io {
+                    op: "receive",
+                    errno: libc::ECONNRESET,
+                })
             }
-            return Err(HookCallError::Io {
-                op: "receive",
-                errno: last_errno(),
-            });
+            Ok(n) => got += n,
+            Err(e) if interrupted(&e) => {}
+            Err(e) => return Err(io_err("receive")(e)),
         }
-        if n == 0 {
-            return Err(HookCallError::Io {
-                op: "receive",
-                errno: libc::ECONNRESET,
-            });
-        }
-        got += n as usize;
     }
     Ok(())
 }

@@ -5,6 +5,8 @@
 //! stderr: no allocation and no lock, so it is usable from hooks and after
 //! fork.
 
+#![deny(unsafe_code)]
+
 use std::fmt::{self, Write as _};
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -75,18 +77,14 @@ pub fn emit(args: fmt::Arguments<'_>) {
     let _ = b.write_fmt(args);
     b.buf[b.len] = b'\n';
     b.len += 1;
-    // SAFETY: writes b.len initialised bytes of a live stack buffer to fd 2.
-    unsafe {
-        libc::write(2, b.buf.as_ptr().cast(), b.len);
-    }
+    let _ = crate::sys::fd::write(2, &b.buf[..b.len]);
 }
 
 /// Write one log line if `level` is enabled.
 pub fn log(level: Level, args: fmt::Arguments<'_>) {
     if enabled(level) {
-        // SAFETY: getpid has no preconditions; the raw syscall keeps the log
-        // independent of any hook.
-        let pid = unsafe { libc::syscall(libc::SYS_getpid) };
+        // The raw system call keeps the log independent of any hook.
+        let pid = crate::sys::raw::getpid();
         emit(format_args!("krg[{pid}] {level:?}: {args}"));
     }
 }

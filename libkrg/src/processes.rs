@@ -31,10 +31,18 @@
 //! so programs that mix in pids from outside (a pid file of a plain daemon)
 //! keep working on the local node.
 
+#![deny(unsafe_code)]
+
 use crate::gpid::is_gpid;
 use crate::hookclient::{HookCallError, Reply};
 use crate::proto::Request;
 use crate::rt::{self, set_errno};
+// Raw system calls: never through a hook.
+use crate::sys::raw::{
+    getpgid as sys_getpgid, getpid as sys_getpid, getppid as sys_getppid, getsid as sys_getsid,
+};
+use crate::sys::signal::child_pid;
+use crate::sys::user::PtrMut;
 use crate::{krg_log, log};
 use libc::{c_int, idtype_t, pid_t, siginfo_t};
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
@@ -60,29 +68,6 @@ static SID: Pair = Pair::new();
 static CHILDREN: PidTable = PidTable::new();
 
 // ---------------------------------------------------------------------------
-// Raw system calls (never through a hook)
-
-fn sys_getpid() -> pid_t {
-    // SAFETY: getpid has no preconditions.
-    unsafe { libc::syscall(libc::SYS_getpid) as pid_t }
-}
-
-fn sys_getppid() -> pid_t {
-    // SAFETY: getppid has no preconditions.
-    unsafe { libc::syscall(libc::SYS_getppid) as pid_t }
-}
-
-fn sys_getpgid(pid: pid_t) -> pid_t {
-    // SAFETY: getpgid takes a plain integer.
-    unsafe { libc::syscall(libc::SYS_getpgid, pid) as pid_t }
-}
-
-fn sys_getsid(pid: pid_t) -> pid_t {
-    // SAFETY: getsid takes a plain integer.
-    unsafe { libc::syscall(libc::SYS_getsid, pid) as pid_t }
-}
-
-// ---------------------------------------------------------------------------
 // Identity
 
 /// Record the kernel pid (at initialisation, before `Hello`).
@@ -104,11 +89,7 @@ pub fn register_atfork() {
     extern "C" fn child() {
         after_fork_child();
     }
-    // SAFETY: registering a handler with no preconditions; the prepare and
-    // parent handlers are absent.
-    unsafe {
-        libc::pthread_atfork(None, None, Some(child));
-    }
+    crate::sys::process::atfork(None, None, Some(child));
 }
 
 /// The node this process runs on (0 if unknown).
@@ -659,19 +640,36 @@ pub fn fork(real: impl FnOnce() -> pid_t) -> pid_t {
 }
 
 /// `posix_spawn`/`posix_spawnp`: `real` spawns and writes the kernel pid;
-/// the caller's `pid` (if not null) gets the child's gpid.
-///
-/// # Safety
-/// `pid` is null or writable, as posix_spawn's contract requires.
-pub unsafe fn spawn(pid: *mut pid_t, real: impl FnOnce(&mut pid_t) -> c_int) -> c_int {
+/// the caller's `pid` (if any) gets the child's gpid.
+fn spawn_into(pid: Option<PtrMut<'_, pid_t>>, real: impl FnOnce(&mut pid_t) -> c_int) -> c_int {
     let _ = my_gpid();
     let mut k: pid_t = 0;
     let rc = real(&mut k);
-    if rc == 0 && k > 0 && !pid.is_null() {
-        // SAFETY: non-null and writable by this function's contract.
-        unsafe { *pid = adopt_child(k) };
+    if rc == 0 && k > 0 {
+        if let Some(p) = pid {
+            p.write(adopt_child(k));
+        }
     }
     rc
+}
+
+pub use abi::spawn;
+
+/// The fence of this module's entry points that take the application's
+/// raw pointers (allowed `unsafe`: their contract is the C call's).
+#[allow(unsafe_code)]
+mod abi {
+    use super::*;
+
+    /// `posix_spawn`/`posix_spawnp`: `real` spawns and writes the kernel
+    /// pid; the caller's `pid` (if not null) gets the child's gpid.
+    ///
+    /// # Safety
+    /// `pid` is null or writable, as posix_spawn's contract requires.
+    pub unsafe fn spawn(pid: *mut pid_t, real: impl FnOnce(&mut pid_t) -> c_int) -> c_int {
+        // SAFETY: the function's contract.
+        spawn_into(unsafe { PtrMut::new(pid) }, real)
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -783,37 +781,16 @@ pub fn waitid<'a>(
     let Some(info) = info else {
         return r;
     };
-    let k = *sigchld_pid(info);
+    let k = *child_pid(info);
     if r == 0 && k > 0 {
         let reaped = options & libc::WNOWAIT == 0
             && matches!(
                 info.si_code,
                 libc::CLD_EXITED | libc::CLD_KILLED | libc::CLD_DUMPED
             );
-        *sigchld_pid(info) = waited(k, reaped);
+        *child_pid(info) = waited(k, reaped);
     }
     r
-}
-
-/// Offset of `si_pid` in a SIGCHLD siginfo: three ints, then the union,
-/// which is pointer-aligned (16 on 64-bit targets, 12 on 32-bit ones).
-const SI_PID_OFFSET: usize = {
-    let head = 3 * std::mem::size_of::<c_int>();
-    let align = std::mem::align_of::<*const u8>();
-    head.div_ceil(align) * align
-};
-
-/// The `si_pid` field of a SIGCHLD siginfo.
-fn sigchld_pid(info: &mut siginfo_t) -> &mut pid_t {
-    // SAFETY: siginfo_t is at least 128 bytes and pointer-aligned; si_pid is
-    // the first field of the union that starts at SI_PID_OFFSET, which is
-    // aligned for pid_t. The reference borrows `info` mutably.
-    unsafe {
-        &mut *(info as *mut siginfo_t)
-            .cast::<u8>()
-            .add(SI_PID_OFFSET)
-            .cast::<pid_t>()
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1046,15 +1023,6 @@ mod tests {
         for k in 1..40_000 {
             assert_eq!(T.gpid_of(k), None);
         }
-    }
-
-    #[test]
-    fn si_pid_offset_matches_libc() {
-        // SAFETY: zeroed siginfo_t is valid plain data.
-        let mut info: siginfo_t = unsafe { std::mem::zeroed() };
-        *sigchld_pid(&mut info) = 4242;
-        // SAFETY: reading the union field of a zero-initialised siginfo.
-        assert_eq!(unsafe { info.si_pid() }, 4242);
     }
 
     #[test]

@@ -37,8 +37,11 @@
 //! and no lock, one connection per request, so it is async-signal-safe and
 //! fork-safe. `errno` is preserved across it.
 
+#![deny(unsafe_code)]
+
 use crate::hookclient::{self, AgentAddr, HookCallError, Reply};
 use crate::proto::{Request, PROTO_VERSION};
+use crate::sys::{self, signal, signal::SigSet};
 use crate::{krg_log, log};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -160,8 +163,7 @@ pub fn enter() -> Entry {
             Mode::Initialising => {
                 // Another thread is initialising (this one would have the
                 // guard set otherwise): wait for its outcome.
-                // SAFETY: sched_yield has no preconditions.
-                unsafe { libc::sched_yield() };
+                std::thread::yield_now();
             }
         }
     }
@@ -182,16 +184,7 @@ pub fn init() {
         return;
     }
     let mut mask: u64 = 0;
-    // SAFETY: queries this thread's signal mask into an 8-byte set.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_BLOCK,
-            std::ptr::null::<u64>(),
-            &mut mask as *mut u64,
-            8usize,
-        )
-    };
+    let _ = sys::raw::sigprocmask(libc::SIG_BLOCK, None, Some(&mut mask));
     START_MASK.store(
         mask & !(1u64 << (crate::checkpoint::SIGCKPT - 1)),
         Ordering::Relaxed,
@@ -227,8 +220,7 @@ fn initialise() -> Mode {
         // A migrated process re-executed to stay behind as its shadow.
         let Err(e) = crate::distant::shadow_from_env(&spec);
         log::emit(format_args!("krg: {e}"));
-        // SAFETY: ends this process.
-        unsafe { libc::_exit(127) };
+        sys::process::exit_now(127);
     }
     if let Ok(spec) = std::env::var(crate::checkpoint::children::CHILD_SHADOW_ENV) {
         // Started by a restored parent to stand for one of its children.
@@ -334,45 +326,11 @@ fn initialise() -> Mode {
     }
 }
 
-extern "C" {
-    /// The process's environment (unistd.h).
-    static mut environ: *mut *mut libc::c_char;
-}
-
 /// Remove every `name=...` from the environment array itself and return the
-/// first value. Not `unsetenv`: a program may define its own (bash does,
-/// and its version does nothing before the shell has started), and bash
-/// builds its variables from the very array its `main` gets, so only an
-/// edit of that array keeps a consumed variable from its children. Called
-/// from the constructor, before the program's own threads exist.
+/// first value (see [`sys::process::take_env`]). Called from the
+/// constructor, before the program's own threads exist.
 pub(crate) fn take_env(name: &str) -> Option<Vec<u8>> {
-    let name = name.as_bytes();
-    let mut found = None;
-    // SAFETY: `environ` is null or a null-terminated array of pointers to
-    // NUL-terminated strings (the C runtime's contract); entries are only
-    // moved down within the same array, and nothing else runs meanwhile.
-    unsafe {
-        let mut read = environ;
-        if read.is_null() {
-            return None;
-        }
-        let mut write = read;
-        while !(*read).is_null() {
-            let s = std::ffi::CStr::from_ptr(*read).to_bytes();
-            let ours = s.len() > name.len() && s.starts_with(name) && s[name.len()] == b'=';
-            if ours {
-                if found.is_none() {
-                    found = Some(s[name.len() + 1..].to_vec());
-                }
-            } else {
-                *write = *read;
-                write = write.add(1);
-            }
-            read = read.add(1);
-        }
-        *write = std::ptr::null_mut();
-    }
-    found
+    sys::process::take_env(name)
 }
 
 /// Set by the re-exec of [`ensure_no_aslr`]: the process name to keep.
@@ -382,9 +340,7 @@ const COMM_ENV: &str = "KRG_COMM";
 fn restore_comm() {
     if let Some(c) = take_env(COMM_ENV) {
         if let Ok(c) = std::ffi::CString::new(c) {
-            // SAFETY: PR_SET_NAME reads a NUL-terminated string (the kernel
-            // takes at most 15 bytes of it).
-            unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr()) };
+            sys::process::set_name(&c);
         }
     }
 }
@@ -394,9 +350,11 @@ fn restore_comm() {
 /// inherited: `krg run`, `krg cluster exec` and the agents set it, and this
 /// re-exec is the fallback for a program started some other way).
 fn ensure_no_aslr() {
-    // SAFETY: 0xffffffff queries the personality without changing it.
-    let cur = unsafe { libc::personality(0xffff_ffff) };
-    if cur < 0 || cur & libc::ADDR_NO_RANDOMIZE != 0 {
+    // 0xffffffff queries the personality without changing it.
+    let Ok(cur) = sys::process::personality(0xffff_ffff) else {
+        return;
+    };
+    if cur & libc::ADDR_NO_RANDOMIZE != 0 {
         return;
     }
     let (Ok(exe), Ok(cmdline), Ok(env)) = (
@@ -424,34 +382,16 @@ fn ensure_no_aslr() {
     let Ok(exe) = std::ffi::CString::new(exe.into_os_string().into_encoded_bytes()) else {
         return;
     };
-    let mut av: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
-    av.push(std::ptr::null());
-    let mut ev: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
-    ev.push(std::ptr::null());
-    // SAFETY: sets our own personality, then replaces the image with the
-    // same program (NUL-terminated arrays of valid C strings); on failure
-    // the personality is put back and the program runs on as it is.
-    unsafe {
-        let start = START_MASK.load(Ordering::Relaxed);
-        let mut now: u64 = 0;
-        libc::personality((cur | libc::ADDR_NO_RANDOMIZE) as libc::c_ulong);
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &start as *const u64,
-            &mut now as *mut u64,
-            8usize,
-        );
-        libc::execve(exe.as_ptr(), av.as_ptr(), ev.as_ptr());
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &now as *const u64,
-            std::ptr::null_mut::<u64>(),
-            8usize,
-        );
-        libc::personality(cur as libc::c_ulong);
-    }
+    // Our own personality, then the same program in place of this image,
+    // with the mask the process started with; on failure both are put
+    // back and the program runs on as it is.
+    let start = START_MASK.load(Ordering::Relaxed);
+    let mut now: u64 = 0;
+    let _ = sys::process::personality((cur | libc::ADDR_NO_RANDOMIZE) as libc::c_ulong);
+    let _ = sys::raw::sigprocmask(libc::SIG_SETMASK, Some(&start), Some(&mut now));
+    let _ = sys::process::execve(&exe, &argv, &envp);
+    let _ = sys::raw::sigprocmask(libc::SIG_SETMASK, Some(&now), None);
+    let _ = sys::process::personality(cur as libc::c_ulong);
     krg_log!(
         log::Level::Warn,
         "could not re-execute without address randomisation: checkpoints will be refused"
@@ -485,39 +425,24 @@ pub fn guarded<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-fn block_all_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; an all-zero value is a valid
-    // (empty) set which sigfillset/pthread_sigmask then overwrite.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: both pointers are to live, writable sigset_t values.
-    // pthread_sigmask (unlike raw rt_sigprocmask) leaves glibc's internal
-    // cancellation and setxid signals unblocked.
-    unsafe {
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-    }
-    old
+fn block_all_signals() -> SigSet {
+    signal::set_thread_mask(libc::SIG_BLOCK, &SigSet::full())
 }
 
-fn restore_signals(old: &libc::sigset_t) {
-    // SAFETY: `old` is the mask returned by pthread_sigmask above.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut());
-    }
+fn restore_signals(old: &SigSet) {
+    signal::set_thread_mask(libc::SIG_SETMASK, old);
 }
 
 /// The calling thread's errno.
+#[inline]
 pub fn errno() -> i32 {
-    // SAFETY: __errno_location always returns the calling thread's errno.
-    unsafe { *libc::__errno_location() }
+    sys::errno()
 }
 
 /// Set the calling thread's errno.
+#[inline]
 pub fn set_errno(e: i32) {
-    // SAFETY: __errno_location always returns the calling thread's errno.
-    unsafe { *libc::__errno_location() = e }
+    sys::set_errno(e)
 }
 
 /// The agent's address, once the library is active.
@@ -560,13 +485,9 @@ pub struct Errno(pub i32);
 impl std::fmt::Display for Errno {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut buf = [0u8; 128];
-        // SAFETY: strerror_r (XSI variant in the libc crate's binding) writes
-        // a NUL-terminated string of at most buf.len() bytes into buf.
-        let rc = unsafe { libc::strerror_r(self.0, buf.as_mut_ptr().cast(), buf.len()) };
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(0);
-        match std::str::from_utf8(&buf[..end]) {
-            Ok(s) if rc == 0 && !s.is_empty() => f.write_str(s),
-            _ => write!(f, "errno {}", self.0),
+        match sys::strerror(self.0, &mut buf) {
+            Some(s) => f.write_str(s),
+            None => write!(f, "errno {}", self.0),
         }
     }
 }
@@ -591,19 +512,13 @@ mod tests {
 
     #[test]
     fn guard_blocks_signals() {
-        let blocked = guarded(|| {
-            // SAFETY: zeroed sigset_t is valid; pthread_sigmask with a null
-            // new set only reads the current mask into `cur`.
-            unsafe {
-                let mut cur: libc::sigset_t = std::mem::zeroed();
-                libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut cur);
-                libc::sigismember(&cur, libc::SIGINT) == 1
-            }
-        });
+        let blocked = guarded(|| signal::thread_mask().contains(libc::SIGINT));
         assert!(blocked);
     }
 
     #[test]
+    // Installing a signal handler of its own is the test.
+    #[allow(unsafe_code)]
     fn pending_signal_is_handled_outside_krg() {
         // A signal that arrives inside krg is handled when krg unblocks it,
         // and its handler must not be taken for krg's own call (a SIGCHLD
