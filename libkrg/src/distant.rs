@@ -20,9 +20,15 @@
 //! signal blocked, so it reads signals from a signalfd and makes its own
 //! system calls directly.
 
+#![deny(unsafe_code)]
+
 use crate::client;
 use crate::proto::{FileRef, RemoteExec, Request, Response, StdioKind};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use crate::sys;
+use crate::sys::signal::SigSet;
+use crate::sys::user::CStrArray;
+use std::ffi::CStr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// Channel ids a connection to the shadow announces after the token.
@@ -45,14 +51,20 @@ const FORWARDED: &[i32] = &[
     libc::SIGTTOU,
 ];
 
-fn errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
+/// Whether a read or write that failed is worth trying again:
+/// interrupted, or nothing to do on a non-blocking descriptor.
+fn again(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN))
 }
 
-fn os_err(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
+/// A token for the agent's connections back.
+fn random_token() -> Result<[u8; 16], String> {
+    let mut token = [0u8; 16];
+    match sys::getrandom(&mut token) {
+        Ok(16) => Ok(token),
+        Ok(_) => Err("getrandom: short read".to_string()),
+        Err(e) => Err(format!("getrandom: {e}")),
+    }
 }
 
 /// Run this process's program on `node` as gpid `gpid`. Returns only if the
@@ -90,12 +102,7 @@ fn run_on_with(
     exec: Option<&ExecEffects>,
 ) -> Result<(), String> {
     let listener = Listener::new()?;
-    let mut token = [0u8; 16];
-    // SAFETY: getrandom writes at most token.len() bytes into token.
-    let n = unsafe { libc::getrandom(token.as_mut_ptr().cast(), token.len(), 0) };
-    if n != token.len() as isize {
-        return Err(os_err("getrandom"));
-    }
+    let token = random_token()?;
     let mut stdio = stdio_kinds();
     if let Some(x) = exec {
         // A standard fd the exec would close is closed for the program.
@@ -153,11 +160,7 @@ fn run_on_with(
 fn ignored_signals() -> u64 {
     let mut set = 0u64;
     for sig in 1..=64 {
-        // SAFETY: queries the disposition only (null new action).
-        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; `old` is a valid out pointer.
-        let ok = unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } == 0;
-        if ok && old.sa_sigaction == libc::SIG_IGN {
+        if sys::signal::handler(sig).is_ok_and(|h| h == libc::SIG_IGN) {
             set |= 1 << (sig - 1);
         }
     }
@@ -171,6 +174,40 @@ pub fn set_spread(on: bool) {
     SPREAD.store(on, std::sync::atomic::Ordering::Release);
 }
 
+pub use abi::exec_elsewhere;
+
+/// The fence of this module's entry point that takes the application's
+/// raw pointers (allowed `unsafe`: their contract is `execve`'s).
+#[allow(unsafe_code)]
+mod abi {
+    use crate::sys::user::{CStrArray, CStrPtr};
+
+    /// `execve(path, argv, envp)` of an SSI process: see
+    /// [`super::place_exec`]. Returns to exec here; never returns when the
+    /// program goes to another node.
+    ///
+    /// # Safety
+    /// `path` is null or a NUL-terminated string; `argv` and `envp` are
+    /// null or null-terminated arrays of them (the execve contract).
+    pub unsafe fn exec_elsewhere(
+        path: *const libc::c_char,
+        argv: *const *const libc::c_char,
+        envp: *const *const libc::c_char,
+    ) {
+        // SAFETY: the function's contract, for the duration of the call.
+        let (path, argv, envp) = unsafe {
+            (
+                CStrPtr::new(path),
+                CStrArray::new(argv),
+                CStrArray::new(envp),
+            )
+        };
+        if let Some(path) = path {
+            super::place_exec(path.to_cstr(), argv, envp);
+        }
+    }
+}
+
 /// `execve(path, argv, envp)` of an SSI process: when the program may be
 /// placed elsewhere (a `KRG_NODE` in its environment, or a policy that
 /// spreads), ask where before the exec. If it goes to another node, this
@@ -178,38 +215,14 @@ pub fn set_spread(on: bool) {
 /// and this never returns. Returns to exec here: placed here, or the
 /// placement could not be asked or carried out (the program then says
 /// Hello as usual).
-///
-/// # Safety
-/// `path` is a NUL-terminated string; `argv` and `envp` are null or
-/// null-terminated arrays of them (the execve contract).
-pub unsafe fn exec_elsewhere(
-    path: *const libc::c_char,
-    argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
-) {
-    use std::ffi::CStr;
-    if path.is_null()
-        || !crate::caps::Caps::from_bits(crate::processes::hello_caps())
-            .contains(crate::caps::Caps::DISTANT_FORK)
+fn place_exec(file: &CStr, argv: CStrArray<'_>, envp: CStrArray<'_>) {
+    if !crate::caps::Caps::from_bits(crate::processes::hello_caps())
+        .contains(crate::caps::Caps::DISTANT_FORK)
     {
         return;
     }
-    let list = |a: *const *const libc::c_char| -> Vec<Vec<u8>> {
-        let mut v = Vec::new();
-        if a.is_null() {
-            return v;
-        }
-        for i in 0.. {
-            // SAFETY: a null-terminated array of C strings (the contract).
-            let p = unsafe { *a.add(i) };
-            if p.is_null() {
-                break;
-            }
-            // SAFETY: as above.
-            v.push(unsafe { CStr::from_ptr(p) }.to_bytes().to_vec());
-        }
-        v
-    };
+    let list =
+        |a: CStrArray<'_>| -> Vec<Vec<u8>> { a.iter().map(|s| s.to_bytes().to_vec()).collect() };
     let env = list(envp);
     let var = |name: &[u8]| {
         env.iter().find_map(|e| {
@@ -227,10 +240,7 @@ pub unsafe fn exec_elsewhere(
     if std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count()) != 1 {
         return;
     }
-    // SAFETY: the contract; a failing exec fails here just the same.
-    let file = unsafe { CStr::from_ptr(path) };
-    // SAFETY: access reads the path.
-    if unsafe { libc::access(path, libc::X_OK) } != 0 {
+    if !sys::fd::access(file, libc::X_OK) {
         return;
     }
     let mut exe = file.to_bytes().to_vec();
@@ -264,15 +274,8 @@ pub unsafe fn exec_elsewhere(
         .filter(|e| !e.starts_with(b"KRG_NODE="))
         .collect();
     // The shadow reads its signals from a signalfd: all blocked, as in a
-    // constructor.
-    // SAFETY: sets and saves this (only) thread's mask.
-    let old = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        old
-    };
+    // constructor (this thread is the only one).
+    let old = sys::signal::set_thread_mask(libc::SIG_BLOCK, &SigSet::full());
     // What `ps` shows here for the shadow: the program's name.
     if let Ok(name) = std::ffi::CString::new(
         exe.rsplit(|c| *c == b'/')
@@ -280,8 +283,7 @@ pub unsafe fn exec_elsewhere(
             .unwrap_or_default()
             .to_vec(),
     ) {
-        // SAFETY: PR_SET_NAME reads a NUL-terminated string.
-        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+        sys::process::set_name(&name);
     }
     let effects = ExecEffects::now();
     if let Err(e) = run_on_with(place, gpid, exe, argv, env, Some(&effects)) {
@@ -289,8 +291,7 @@ pub unsafe fn exec_elsewhere(
             crate::log::Level::Warn,
             "could not run on node {place} ({e}); running here"
         );
-        // SAFETY: puts this thread's mask back.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        sys::signal::set_thread_mask(libc::SIG_SETMASK, &old);
     }
 }
 
@@ -321,10 +322,8 @@ impl ExecEffects {
             })
             .unwrap_or_default();
         for fd in fds {
-            // SAFETY: F_GETFD only reads the fd's flags (an fd that is gone
-            // by now, the directory's own, fails).
-            let fl = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-            if fl < 0 || fl & libc::FD_CLOEXEC == 0 {
+            // An fd that is gone by now (the directory's own) fails.
+            if !sys::fd::fd_flags(fd).is_ok_and(|fl| fl & libc::FD_CLOEXEC != 0) {
                 continue;
             }
             if let Some((dev, ino)) = file_id(fd) {
@@ -349,25 +348,21 @@ impl ExecEffects {
             if *fd <= 2 {
                 crate::streams::placed::park(*fd);
             } else {
-                // SAFETY: closes an fd of the old image that the exec would
-                // have closed; nothing of the shadow uses it (same file as
-                // when the exec was asked for).
-                unsafe { libc::close(*fd) };
+                // An fd of the old image that the exec would have closed;
+                // nothing of the shadow uses it (same file as when the
+                // exec was asked for).
+                let _ = sys::fd::close(*fd);
             }
         }
         for id in posix_timers() {
-            // SAFETY: deletes one of this process's own POSIX timers.
-            unsafe { libc::syscall(libc::SYS_timer_delete, id) };
+            let _ = sys::process::timer_delete(id);
         }
     }
 }
 
 /// Device and inode of the file open at `fd`.
 fn file_id(fd: RawFd) -> Option<(u64, u64)> {
-    // SAFETY: fstat into our own struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+    sys::fd::fstat(fd).ok().map(|st| (st.st_dev, st.st_ino))
 }
 
 /// The ids of this process's POSIX timers (`/proc/self/timers`: `ID: N`).
@@ -389,12 +384,7 @@ pub fn shadow_for(
     announce: impl FnOnce(i32, u32),
 ) -> Result<std::convert::Infallible, String> {
     let listener = Listener::new()?;
-    let mut token = [0u8; 16];
-    // SAFETY: getrandom writes at most token.len() bytes into token.
-    let n = unsafe { libc::getrandom(token.as_mut_ptr().cast(), token.len(), 0) };
-    if n != token.len() as isize {
-        return Err(os_err("getrandom"));
-    }
+    let token = random_token()?;
     let stdio = stdio_kinds();
     let (gpid, node) = match client::call(&make(listener.port, token.to_vec(), stdio.clone())) {
         Ok(Response::Ckpt(i)) => (i.pid, i.node),
@@ -434,11 +424,10 @@ pub fn shadow_from_env(spec: &str) -> Result<std::convert::Infallible, String> {
             }
             continue;
         }
-        // SAFETY: the exec'ing process left these fds open for us and
-        // nothing else in this image refers to them.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: set close-on-exec on our own fd again.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        // The exec'ing process left these fds open for us and nothing
+        // else in this image refers to them.
+        let owned = sys::fd::adopt(fd);
+        let _ = sys::fd::set_fd_flags(fd, libc::FD_CLOEXEC);
         if i == 0 {
             conns.push((CH_CONTROL, owned));
         } else {
@@ -478,13 +467,8 @@ fn rlimits() -> Vec<(u32, u64, u64)> {
     let mut v = Vec::new();
     // Linux has 16 resource limits (RLIMIT_CPU = 0 .. RLIMIT_RTTIME = 15).
     for r in 0..16u32 {
-        let mut l = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit fills the rlimit struct we own.
-        if unsafe { libc::getrlimit(r, &mut l) } == 0 {
-            v.push((r, l.rlim_cur, l.rlim_max));
+        if let Ok((soft, hard)) = sys::process::getrlimit(r) {
+            v.push((r, soft, hard));
         }
     }
     v
@@ -503,30 +487,22 @@ pub(crate) fn stdio_kinds() -> Vec<StdioKind> {
 
 /// Whether fds `a` and `b` are one open file description (`dup`).
 fn same_file(a: RawFd, b: RawFd) -> bool {
-    // SAFETY: kcmp compares two of our own fds.
-    let pid = unsafe { libc::getpid() };
-    // SAFETY: as above (KCMP_FILE is 0).
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, 0, a, b) };
-    if r >= 0 {
-        return r == 0;
+    if let Ok(same) = sys::process::same_file(a, b) {
+        return same;
     }
     // No kcmp: the same pipe, socket or terminal is taken as one.
-    let st = |fd| {
-        // SAFETY: fstat into our own struct.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino, st.st_mode))
+    let st = |f| {
+        sys::fd::fstat(f)
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino, st.st_mode))
     };
     matches!((st(a), st(b)), (Some(x), Some(y)) if x == y && x.2 & libc::S_IFMT != libc::S_IFREG)
 }
 
 pub(crate) fn stdio_kind(fd: RawFd) -> StdioKind {
-    // SAFETY: fstat on any fd number is safe; st is ours.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+    let Ok(st) = sys::fd::fstat(fd) else {
         return StdioKind::Closed;
-    }
+    };
     if st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3) {
         return StdioKind::DevNull;
     }
@@ -542,9 +518,7 @@ pub(crate) fn stdio_kind(fd: RawFd) -> StdioKind {
 /// (relaying would read ahead of the program and take input that belongs
 /// to the parent, as in `while read l; do prog; done < file`).
 fn stdin_file(st: &libc::stat) -> Option<FileRef> {
-    // SAFETY: F_GETFL on fd 0 only reads its flags.
-    let fl = unsafe { libc::fcntl(0, libc::F_GETFL) };
-    if fl < 0 || fl & libc::O_ACCMODE != libc::O_RDONLY {
+    if !sys::fd::status_flags(0).is_ok_and(|fl| fl & libc::O_ACCMODE == libc::O_RDONLY) {
         return None;
     }
     let path = std::fs::read_link("/proc/self/fd/0").ok()?;
@@ -552,9 +526,8 @@ fn stdin_file(st: &libc::stat) -> Option<FileRef> {
     if path.ends_with(b" (deleted)") || !path.starts_with(b"/") {
         return None;
     }
-    // SAFETY: lseek with SEEK_CUR only reads the offset.
-    let off = unsafe { libc::lseek(0, 0, libc::SEEK_CUR) };
-    (off >= 0).then_some(FileRef {
+    let off = sys::fd::lseek(0, 0, libc::SEEK_CUR).ok()?;
+    Some(FileRef {
         path,
         dev: st.st_dev,
         ino: st.st_ino,
@@ -569,44 +542,20 @@ pub(crate) struct Listener {
 
 impl Listener {
     pub(crate) fn new() -> Result<Listener, String> {
-        // SAFETY: plain socket creation.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(os_err("socket"));
-        }
-        // SAFETY: fd was just created and is owned here only.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: all-zero is a valid sockaddr_in (INADDR_ANY, port 0).
-        let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        let err = |what: &'static str| move |e| format!("{what}: {e}");
+        let fd = sys::sock::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
+            .map_err(err("socket"))?;
+        // INADDR_ANY, port 0.
+        let mut sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: 0 },
+            sin_zero: [0; 8],
+        };
         let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        // SAFETY: sa is a valid sockaddr_in of `len` bytes.
-        if unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_in).cast(),
-                len,
-            )
-        } != 0
-        {
-            return Err(os_err("bind"));
-        }
-        // SAFETY: listen on our socket.
-        if unsafe { libc::listen(fd.as_raw_fd(), 8) } != 0 {
-            return Err(os_err("listen"));
-        }
-        let mut got = len;
-        // SAFETY: getsockname writes at most `got` bytes into sa.
-        if unsafe {
-            libc::getsockname(
-                fd.as_raw_fd(),
-                (&mut sa as *mut libc::sockaddr_in).cast(),
-                &mut got,
-            )
-        } != 0
-        {
-            return Err(os_err("getsockname"));
-        }
+        sys::sock::bind(fd.as_raw_fd(), &sa, len).map_err(err("bind"))?;
+        sys::sock::listen(fd.as_raw_fd(), 8).map_err(err("listen"))?;
+        sys::sock::getsockname(fd.as_raw_fd(), &mut sa).map_err(err("getsockname"))?;
         Ok(Listener {
             fd,
             port: u16::from_be(sa.sin_port),
@@ -619,23 +568,12 @@ impl Listener {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut out = Vec::new();
         while out.len() < n && Instant::now() < deadline {
-            if !poll_one(self.fd.as_raw_fd(), libc::POLLIN, 200) {
+            if !sys::poll::ready(self.fd.as_raw_fd(), libc::POLLIN, 200) {
                 continue;
             }
-            // SAFETY: accept4 on our listening socket, no address wanted.
-            let c = unsafe {
-                libc::accept4(
-                    self.fd.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_CLOEXEC,
-                )
+            let Ok(c) = sys::sock::accept(self.fd.as_raw_fd(), libc::SOCK_CLOEXEC) else {
+                continue;
             };
-            if c < 0 {
-                continue;
-            }
-            // SAFETY: c was just returned by accept4.
-            let c = unsafe { OwnedFd::from_raw_fd(c) };
             let mut hello = [0u8; 17];
             if read_exact_timeout(c.as_raw_fd(), &mut hello, 2000) && hello[..16] == token[..] {
                 out.push((hello[16], c));
@@ -645,28 +583,16 @@ impl Listener {
     }
 }
 
-fn poll_one(fd: RawFd, events: i16, ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, ms) > 0 }
-}
-
 fn read_exact_timeout(fd: RawFd, buf: &mut [u8], ms: i32) -> bool {
     let mut got = 0;
     while got < buf.len() {
-        if !poll_one(fd, libc::POLLIN, ms) {
+        if !sys::poll::ready(fd, libc::POLLIN, ms) {
             return false;
         }
-        // SAFETY: reads into the unfilled tail of buf.
-        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
-        if n <= 0 {
-            return false;
+        match sys::fd::read(fd, &mut buf[got..]) {
+            Ok(n) if n > 0 => got += n,
+            _ => return false,
         }
-        got += n as usize;
     }
     true
 }
@@ -719,17 +645,18 @@ impl Pipe {
 
     fn on_readable(&mut self) {
         self.buf.resize(64 * 1024, 0);
-        // SAFETY: reads into our buffer.
-        let n = unsafe { libc::read(self.from, self.buf.as_mut_ptr().cast(), self.buf.len()) };
-        if n > 0 {
-            self.buf.truncate(n as usize);
-            self.start = 0;
-        } else {
-            self.buf.clear();
-            self.start = 0;
-            if n == 0 || errno() != libc::EINTR && errno() != libc::EAGAIN {
-                self.eof = true;
-                self.finish();
+        match sys::fd::read(self.from, &mut self.buf) {
+            Ok(n) if n > 0 => {
+                self.buf.truncate(n);
+                self.start = 0;
+            }
+            r => {
+                self.buf.clear();
+                self.start = 0;
+                if !matches!(&r, Err(e) if again(e)) {
+                    self.eof = true;
+                    self.finish();
+                }
             }
         }
     }
@@ -737,14 +664,13 @@ impl Pipe {
     fn on_writable(&mut self) {
         // Pipes take PIPE_BUF bytes without blocking once poll says so.
         let chunk = (self.buf.len() - self.start).min(4096);
-        // SAFETY: writes initialised bytes of our buffer.
-        let n = unsafe { libc::write(self.to, self.buf[self.start..].as_ptr().cast(), chunk) };
-        if n > 0 {
-            self.start += n as usize;
+        let r = sys::fd::write(self.to, &self.buf[self.start..self.start + chunk]);
+        if let Ok(n @ 1..) = r {
+            self.start += n;
             if self.eof && self.start >= self.buf.len() {
                 self.finish();
             }
-        } else if errno() != libc::EINTR && errno() != libc::EAGAIN {
+        } else if !matches!(&r, Err(e) if again(e)) {
             self.broken = true;
             if self.close_from {
                 // The writer must see EPIPE. A shutdown alone leaves a
@@ -754,8 +680,8 @@ impl Pipe {
                 // which owns it), resetting the connection; the end of
                 // stream sent first makes the writer's socket take that
                 // reset as EPIPE (and SIGPIPE), not ECONNRESET.
-                // SAFETY: shutdown of a socket we own; errors are harmless.
-                unsafe { libc::shutdown(self.from, libc::SHUT_RDWR) };
+                // Errors are harmless.
+                let _ = sys::sock::shutdown(self.from, libc::SHUT_RDWR);
                 self.hang_up = true;
             }
         }
@@ -783,14 +709,12 @@ impl Pipe {
                 out.extend(crate::streams::moving::drain_pipe(0)?.0);
             }
             write_all(sock, &out)?;
-            // SAFETY: half-closes our own socket.
-            unsafe { libc::shutdown(sock, libc::SHUT_WR) };
+            let _ = sys::sock::shutdown(sock, libc::SHUT_WR);
         } else {
             // From the program (its threads parked; it drains to the end of
             // stream we send): everything still coming, into the pipe,
             // whose reader reads it to its end.
-            // SAFETY: half-closes our own socket.
-            unsafe { libc::shutdown(sock, libc::SHUT_WR) };
+            let _ = sys::sock::shutdown(sock, libc::SHUT_WR);
             write_all(local, &self.buf[self.start.min(self.buf.len())..])?;
             let mut buf = vec![0u8; 64 * 1024];
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -799,22 +723,19 @@ impl Pipe {
                 if Instant::now() > deadline {
                     return Err(format!("fd {local}: the program never ended its stream"));
                 }
-                if !poll_one(sock, libc::POLLIN, 1000) {
+                if !sys::poll::ready(sock, libc::POLLIN, 1000) {
                     continue;
                 }
-                // SAFETY: reads into our buffer.
-                let n = unsafe { libc::read(sock, buf.as_mut_ptr().cast(), buf.len()) };
+                let n = match sys::fd::read(sock, &mut buf) {
+                    Ok(n) => n,
+                    Err(e) if again(&e) => continue,
+                    Err(e) => return Err(format!("reading the relay: {e}")),
+                };
                 ended = n == 0;
                 if ended {
                     continue;
                 }
-                if n < 0 {
-                    if matches!(errno(), libc::EINTR | libc::EAGAIN) {
-                        continue;
-                    }
-                    return Err(os_err("reading the relay"));
-                }
-                write_all(local, &buf[..n as usize])?;
+                write_all(local, &buf[..n])?;
             }
         }
         crate::streams::placed::park(local);
@@ -823,8 +744,8 @@ impl Pipe {
 
     fn finish(&mut self) {
         if self.eof && self.start >= self.buf.len() && self.shutdown_to {
-            // SAFETY: half-close our socket: the program sees EOF on stdin.
-            unsafe { libc::shutdown(self.to, libc::SHUT_WR) };
+            // Half-closed: the program sees EOF on stdin.
+            let _ = sys::sock::shutdown(self.to, libc::SHUT_WR);
             self.shutdown_to = false;
         }
     }
@@ -834,19 +755,19 @@ impl Pipe {
 fn write_all(fd: RawFd, mut b: &[u8]) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !b.is_empty() {
-        // SAFETY: writes initialised bytes of ours.
-        let n = unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
-        if n > 0 {
-            b = &b[n as usize..];
-            continue;
-        }
-        if n < 0 && !matches!(errno(), libc::EINTR | libc::EAGAIN) {
-            return Err(os_err(&format!("fd {fd}: handing the relay over")));
+        match sys::fd::write(fd, b) {
+            Ok(n @ 1..) => {
+                b = &b[n..];
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) if again(&e) => {}
+            Err(e) => return Err(format!("fd {fd}: handing the relay over: {e}")),
         }
         if Instant::now() > deadline {
             return Err(format!("fd {fd}: nobody read what the relay still had"));
         }
-        poll_one(fd, libc::POLLOUT, 1000);
+        sys::poll::ready(fd, libc::POLLOUT, 1000);
     }
     Ok(())
 }
@@ -887,24 +808,13 @@ fn release_asked(pipes: &mut Vec<Pipe>, stdio: &[StdioKind]) {
 }
 
 fn signalfd_forwarded() -> Option<OwnedFd> {
-    // SAFETY: an empty sigset filled by the libc helpers.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::sigemptyset(&mut set) };
-    for s in FORWARDED
+    let set = FORWARDED
         .iter()
         .chain(&[crate::proto::CKPT_SIGNAL, libc::SIGCHLD])
-    {
-        // SAFETY: adds a valid signal number to our set.
-        unsafe { libc::sigaddset(&mut set, *s) };
-    }
+        .fold(SigSet::empty(), |set, s| set.with(*s));
     // They are already blocked (the guard blocks all signals); make sure.
-    // SAFETY: changes this thread's mask only.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    // SAFETY: creates a new signalfd for our set.
-    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
-    // SAFETY: fd was just created.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    sys::signal::set_thread_mask(libc::SIG_BLOCK, &set);
+    sys::signal::signalfd(&set, libc::SFD_CLOEXEC).ok()
 }
 
 fn forward(gpid: i32, sig: i32) {
@@ -930,9 +840,9 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
                 if stdio.get(local as usize) != Some(&StdioKind::Relay) {
                     continue;
                 }
-                // SAFETY: O_NONBLOCK on our own socket (never on the shared
-                // local fds: their file descriptions belong to others too).
-                unsafe { libc::fcntl(raw, libc::F_SETFL, libc::O_NONBLOCK) };
+                // O_NONBLOCK on our own socket (never on the shared local
+                // fds: their file descriptions belong to others too).
+                let _ = sys::fd::set_status_flags(raw, libc::O_NONBLOCK);
                 if local == 0 {
                     pipes.push(Pipe::new(0, raw, true));
                 } else {
@@ -953,9 +863,9 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
     // Children of the program before it moved stay here, this process's:
     // their ends go to the program (SIGCHLD must not be ignored, or they
     // would vanish unseen). Some may have ended already.
-    // SAFETY: the default disposition for SIGCHLD (it is blocked and read
-    // from the signalfd).
-    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+    // The default disposition for SIGCHLD (it is blocked and read from the
+    // signalfd).
+    sys::signal::set_default(libc::SIGCHLD);
     crate::checkpoint::children::reap_and_report();
     let mut status: Option<i32> = None;
     // The wait status, then where the program left a file stdin (-1: none).
@@ -1008,9 +918,7 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
                 revents: 0,
             });
         }
-        // SAFETY: fds is a valid array of pollfd of the given length.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 500) };
-        if r < 0 {
+        if sys::poll::poll(&mut fds, 500).is_err() {
             continue;
         }
         for (k, (i, w)) in map.iter().enumerate() {
@@ -1031,70 +939,49 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
             p.from = -1;
         }
         if status.is_none() && !lost && fds[ctl_idx].revents != 0 {
-            // SAFETY: reads into the rest of our 12-byte buffer.
-            let n = unsafe {
-                libc::read(
-                    control.as_raw_fd(),
-                    ctl_buf[ctl_got..].as_mut_ptr().cast(),
-                    12 - ctl_got,
-                )
-            };
-            if n > 0 {
-                ctl_got += n as usize;
+            let r = sys::fd::read(control.as_raw_fd(), &mut ctl_buf[ctl_got..]);
+            if let Ok(n @ 1..) = r {
+                ctl_got += n;
                 if ctl_got == 12 {
                     status = Some(i32::from_le_bytes(
                         ctl_buf[..4].try_into().expect("4 bytes"),
                     ));
                     let off = i64::from_le_bytes(ctl_buf[4..].try_into().expect("8 bytes"));
                     if off >= 0 && matches!(stdio.first(), Some(StdioKind::File(_))) {
-                        // SAFETY: moves the shared offset of our stdin (a
-                        // regular file) to where the program stopped reading.
-                        unsafe { libc::lseek(0, off, libc::SEEK_SET) };
+                        // The shared offset of our stdin (a regular file)
+                        // goes where the program stopped reading.
+                        let _ = sys::fd::lseek(0, off, libc::SEEK_SET);
                     }
                     // Output still in flight is relayed; a grandchild that
                     // keeps the stream open does not hold the parent's wait.
                     drain_deadline = Some(Instant::now() + Duration::from_secs(2));
                 }
-            } else if n == 0 || (errno() != libc::EINTR && errno() != libc::EAGAIN) {
+            } else if !matches!(&r, Err(e) if again(e)) {
                 lost = true;
                 drain_deadline = Some(Instant::now() + Duration::from_secs(1));
             }
         }
         if let Some(s) = &sfd {
             if fds[sig_idx].revents != 0 {
-                // SAFETY: signalfd_siginfo is plain data filled by read.
-                let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-                let sz = std::mem::size_of::<libc::signalfd_siginfo>();
-                // SAFETY: reads one siginfo record into si.
-                let n = unsafe {
-                    libc::read(
-                        s.as_raw_fd(),
-                        (&mut si as *mut libc::signalfd_siginfo).cast(),
-                        sz,
-                    )
-                };
-                if n == sz as isize && si.ssi_signo as i32 == crate::proto::CKPT_SIGNAL {
-                    release_asked(&mut pipes, stdio);
-                } else if n == sz as isize && si.ssi_signo as i32 == libc::SIGCHLD {
-                    crate::checkpoint::children::reap_and_report();
-                } else if n == sz as isize {
-                    let sig = si.ssi_signo as i32;
-                    forward(gpid, sig);
-                    if matches!(sig, libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU) {
-                        // Job control: the shell must see its child stop.
-                        // SAFETY: stops this process; SIGCONT resumes it.
-                        unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
+                match sys::signal::read_signalfd(s.as_raw_fd()).map(|si| si.ssi_signo as i32) {
+                    Some(crate::proto::CKPT_SIGNAL) => release_asked(&mut pipes, stdio),
+                    Some(libc::SIGCHLD) => crate::checkpoint::children::reap_and_report(),
+                    Some(sig) => {
+                        forward(gpid, sig);
+                        if matches!(sig, libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU) {
+                            // Job control: the shell must see its child
+                            // stop (SIGCONT resumes it).
+                            let _ = sys::process::kill(std::process::id() as i32, libc::SIGSTOP);
+                        }
                     }
+                    None => {}
                 }
             }
         }
     }
     drop(keep);
     match status {
-        Some(st) if libc::WIFEXITED(st) => {
-            // SAFETY: ends the process with the program's exit code.
-            unsafe { libc::_exit(libc::WEXITSTATUS(st)) }
-        }
+        Some(st) if libc::WIFEXITED(st) => sys::process::exit_now(libc::WEXITSTATUS(st)),
         Some(st) if libc::WIFSIGNALED(st) => exit_like(libc::WTERMSIG(st)),
         _ => {
             crate::log::emit(format_args!(
@@ -1107,16 +994,11 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
 
 /// Die of `sig` so the parent's wait sees the same end as the program's.
 pub(crate) fn exit_like(sig: i32) -> ! {
-    // SAFETY: default disposition, unblock, raise: the process dies of sig.
-    unsafe {
-        libc::signal(sig, libc::SIG_DFL);
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, sig);
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-        libc::raise(sig);
-        libc::_exit(128 + sig)
-    }
+    // Default disposition, unblocked, raised: the process dies of sig.
+    sys::signal::set_default(sig);
+    sys::signal::set_thread_mask(libc::SIG_UNBLOCK, &SigSet::empty().with(sig));
+    sys::signal::raise(sig);
+    sys::process::exit_now(128 + sig)
 }
 
 #[cfg(test)]
