@@ -31,11 +31,14 @@
 //! original did. A path longer than the kernel accepts is left as it is (the
 //! kernel then says `ENAMETOOLONG`).
 
+#![deny(unsafe_code)]
+
 use crate::gpid::is_gpid;
 use crate::hookclient::Reply;
 use crate::processes;
 use crate::proto::Request;
 use crate::rt;
+use crate::sys::user::CStrPtr;
 use crate::{krg_log, log};
 use libc::{c_char, pid_t};
 
@@ -44,19 +47,14 @@ pub const PATH_MAX: usize = libc::PATH_MAX as usize;
 
 const PREFIX: &[u8] = b"/proc/";
 
-/// The pid of a `/proc/<digits>` prefix of the NUL-terminated string at
-/// `path`, and the index of the byte after the digits (a `/` or the NUL),
-/// if the digits are a gpid. Reads no further than the first byte that does
-/// not match, so an ordinary path costs a comparison or two.
-///
-/// # Safety
-/// `path` must be non-null and point to a NUL-terminated string.
-pub unsafe fn gpid_prefix(path: *const c_char) -> Option<(pid_t, usize)> {
-    let p = path.cast::<u8>();
-    for (i, &c) in PREFIX.iter().enumerate() {
-        // SAFETY: bytes 0..i all matched the prefix, so none was the NUL and
-        // byte i is still inside the string (the caller's contract).
-        if unsafe { *p.add(i) } != c {
+/// The pid of a `/proc/<digits>` prefix of `path`, and the index of the
+/// byte after the digits (a `/` or the NUL), if the digits are a gpid.
+/// Reads no further than the first byte that does not match, so an
+/// ordinary path costs a comparison or two.
+pub fn gpid_prefix(path: CStrPtr<'_>) -> Option<(pid_t, usize)> {
+    let mut bytes = path.bytes();
+    for &c in PREFIX {
+        if bytes.next() != Some(c) {
             return None;
         }
     }
@@ -64,9 +62,7 @@ pub unsafe fn gpid_prefix(path: *const c_char) -> Option<(pid_t, usize)> {
     let mut value: u64 = 0;
     let mut i = start;
     loop {
-        // SAFETY: every byte before i was a prefix byte or a digit, not the
-        // NUL, so byte i is inside the string.
-        let c = unsafe { *p.add(i) };
+        let c = bytes.next().unwrap_or(0);
         match c {
             b'0'..=b'9' => {
                 if i == start && c == b'0' {
@@ -88,32 +84,18 @@ pub unsafe fn gpid_prefix(path: *const c_char) -> Option<(pid_t, usize)> {
 
 /// Rewrite `path` into `buf` if it starts with `/proc/<gpid>` and `lookup`
 /// gives that gpid's kernel pid; `None` means "use the path as it is".
-///
-/// # Safety
-/// `path` must be null or point to a NUL-terminated string.
-pub unsafe fn rewrite(
-    path: *const c_char,
+pub fn rewrite(
+    path: Option<CStrPtr<'_>>,
     buf: &mut [u8; PATH_MAX],
     lookup: impl FnOnce(pid_t) -> Option<pid_t>,
 ) -> Option<()> {
-    if path.is_null() {
-        return None;
-    }
-    // SAFETY: non-null and NUL-terminated (the caller's contract).
-    let (g, rest) = unsafe { gpid_prefix(path) }?;
+    let path = path?;
+    let (g, rest) = gpid_prefix(path)?;
     // Length of the tail (from the byte after the digits, NUL excluded),
     // bounded: a path the kernel would refuse is left for it to refuse.
-    let p = path.cast::<u8>();
-    let mut tail = 0;
-    loop {
-        if rest + tail >= PATH_MAX {
-            return None;
-        }
-        // SAFETY: the bytes before rest + tail were not the NUL.
-        if unsafe { *p.add(rest + tail) } == 0 {
-            break;
-        }
-        tail += 1;
+    let tail = path.bytes().skip(rest).take(PATH_MAX - rest).count();
+    if rest + tail >= PATH_MAX {
+        return None;
     }
     let k = lookup(g)?;
     if k <= 0 || is_gpid(k) {
@@ -140,11 +122,12 @@ pub unsafe fn rewrite(
     {
         *d = *s;
     }
-    // SAFETY: the tail is `tail` readable bytes at p + rest (measured above),
-    // and buf has room for them (total < PATH_MAX); the regions are distinct
-    // (buf is ours).
-    let src = unsafe { std::slice::from_raw_parts(p.add(rest), tail) };
-    buf[PREFIX.len() + n..total].copy_from_slice(src);
+    for (d, s) in buf[PREFIX.len() + n..total]
+        .iter_mut()
+        .zip(path.bytes().skip(rest))
+    {
+        *d = s;
+    }
     buf[total] = 0;
     Some(())
 }
@@ -161,26 +144,36 @@ fn local_kernel_pid(g: pid_t) -> Option<pid_t> {
     }
 }
 
-/// Call `f` with `path`, or with its translation when it names
-/// `/proc/<gpid>` of a process on this node (see the module documentation).
-/// errno is left as `f` sets it.
-///
-/// # Safety
-/// `path` must be null or point to a NUL-terminated string (what the libc
-/// function the hook stands for requires anyway).
-#[inline]
-pub unsafe fn with_path<R>(path: *const c_char, f: impl FnOnce(*const c_char) -> R) -> R {
-    // Fast path: a comparison or two for nearly every path, and no buffer.
-    // SAFETY: non-null and NUL-terminated (the caller's contract).
-    if path.is_null() || unsafe { gpid_prefix(path) }.is_none() {
-        return f(path);
+pub use abi::with_path;
+
+/// The fence of this module's entry point that takes the application's
+/// raw pointers (allowed `unsafe`: their contract is the C call's).
+#[allow(unsafe_code)]
+mod abi {
+    use super::*;
+
+    /// Call `f` with `path`, or with its translation when it names
+    /// `/proc/<gpid>` of a process on this node (see the module
+    /// documentation). errno is left as `f` sets it.
+    ///
+    /// # Safety
+    /// `path` must be null or point to a NUL-terminated string (what the
+    /// libc function the hook stands for requires anyway).
+    #[inline]
+    pub unsafe fn with_path<R>(path: *const c_char, f: impl FnOnce(*const c_char) -> R) -> R {
+        // SAFETY: the function's contract, for the duration of the call.
+        match unsafe { CStrPtr::new(path) } {
+            // Fast path: a comparison or two for nearly every path, and no
+            // buffer.
+            Some(p) if gpid_prefix(p).is_some() => translated(p, f),
+            _ => f(path),
+        }
     }
-    translated(path, f)
 }
 
 #[cold]
 #[inline(never)]
-fn translated<R>(path: *const c_char, f: impl FnOnce(*const c_char) -> R) -> R {
+fn translated<R>(path: CStrPtr<'_>, f: impl FnOnce(*const c_char) -> R) -> R {
     let mut buf = [0u8; PATH_MAX];
     let mut seen = None;
     let lookup = |g| {
@@ -188,8 +181,7 @@ fn translated<R>(path: *const c_char, f: impl FnOnce(*const c_char) -> R) -> R {
         seen = Some((g, k));
         k
     };
-    // SAFETY: path is non-null and NUL-terminated (with_path's contract).
-    let done = unsafe { rewrite(path, &mut buf, lookup) };
+    let done = rewrite(Some(path), &mut buf, lookup);
     match seen {
         Some((g, Some(k))) => krg_log!(log::Level::Trace, "path /proc/{g} -> /proc/{k}"),
         Some((g, None)) => krg_log!(
@@ -200,7 +192,7 @@ fn translated<R>(path: *const c_char, f: impl FnOnce(*const c_char) -> R) -> R {
     }
     match done {
         Some(()) => f(buf.as_ptr().cast()),
-        None => f(path),
+        None => f(path.as_ptr()),
     }
 }
 
@@ -220,8 +212,7 @@ mod tests {
     fn rw(path: &[u8]) -> Option<String> {
         let c = CString::new(path).unwrap();
         let mut buf = [0xffu8; PATH_MAX];
-        // SAFETY: a CString is NUL-terminated.
-        unsafe { rewrite(c.as_ptr(), &mut buf, lookup) }?;
+        rewrite(Some(c.as_c_str().into()), &mut buf, lookup)?;
         let s = CStr::from_bytes_until_nul(&buf).unwrap();
         Some(s.to_str().unwrap().to_string())
     }
@@ -286,8 +277,7 @@ mod tests {
     fn prefix_parser() {
         let p = |s: &str| {
             let c = CString::new(s).unwrap();
-            // SAFETY: a CString is NUL-terminated.
-            unsafe { gpid_prefix(c.as_ptr()) }
+            gpid_prefix(c.as_c_str().into())
         };
         assert_eq!(p("/proc/4194304"), Some((4194304, 13)));
         assert_eq!(p("/proc/4194305/status"), Some((G, 13)));
@@ -318,18 +308,18 @@ mod tests {
     #[test]
     fn null_and_lookup_errors() {
         let mut buf = [0u8; PATH_MAX];
-        // SAFETY: null is allowed.
-        assert_eq!(unsafe { rewrite(std::ptr::null(), &mut buf, lookup) }, None);
+        assert_eq!(rewrite(None, &mut buf, lookup), None);
         let c = CString::new("/proc/4194305").unwrap();
         // A lookup that answers nonsense (a gpid, 0) leaves the path alone.
         for bad in [0, -1, G] {
-            // SAFETY: a CString is NUL-terminated.
-            let r = unsafe { rewrite(c.as_ptr(), &mut buf, |_| Some(bad)) };
+            let r = rewrite(Some(c.as_c_str().into()), &mut buf, |_| Some(bad));
             assert_eq!(r, None);
         }
     }
 
     #[test]
+    // The entry point takes a raw pointer.
+    #[allow(unsafe_code)]
     fn with_path_outside_an_ssi_process() {
         // Ordinary paths go straight to f, the same pointer.
         let c = CString::new("/etc/passwd").unwrap();
