@@ -33,10 +33,17 @@
 //! a null one goes to the real function untouched, which says `EFAULT`.
 //! Nothing here allocates or locks: structures to change are copied to the
 //! stack, agent calls go through [`crate::rt::agent_call`].
+//!
+//! The entry points that take those pointers are the module's `abi` fence;
+//! they make typed views of them (`sys::user`) for the safe code.
+
+#![deny(unsafe_code)]
 
 use crate::gpid::is_gpid;
 use crate::processes::{self, fail};
-use libc::{c_int, c_short, c_uint, c_ulong, c_void, cmsghdr, id_t, msghdr, pid_t, ssize_t};
+use crate::sys::sock::{self, Cmsg};
+use crate::sys::user::{Msg, MsgMut, Msgs, Ptr, PtrMut};
+use libc::{c_int, c_short, c_uint, c_ulong, c_void, id_t, msghdr, pid_t, ssize_t};
 use std::mem::size_of;
 
 /// -1 with errno, in the return type of the call.
@@ -113,45 +120,46 @@ pub fn fcntl_may_carry_pid(cmd: c_int) -> bool {
     (FCNTL_PID_CMDS >> (cmd as u32 & 63)) & 1 != 0
 }
 
-/// `fcntl(fd, cmd, arg)`; `real` is the real fcntl on the caller's fd.
-///
-/// # Safety
-/// `arg` is what the caller passed for `cmd`, per fcntl(2): for
-/// `F_SETOWN_EX`, `F_GETOWN_EX` and `F_GETLK` a null pointer or a valid
-/// pointer to the command's structure.
-#[inline]
-pub unsafe fn fcntl(cmd: c_int, arg: usize, real: impl FnOnce(c_int, usize) -> c_int) -> c_int {
-    if !fcntl_may_carry_pid(cmd) {
-        return real(cmd, arg);
-    }
-    // SAFETY: the function's contract.
-    unsafe { fcntl_pid(cmd, arg, real) }
+/// `fcntl`'s argument for the commands that pass [`fcntl_may_carry_pid`],
+/// as each reads it (made in [`abi::fcntl`]).
+enum FcntlArg<'a> {
+    /// An int, or no argument (`F_SETOWN`, `F_GETOWN`, the others).
+    Value,
+    /// `F_SETOWN_EX`'s structure (`None`: null).
+    OwnerIn(Option<Ptr<'a, OwnerEx>>),
+    /// `F_GETOWN_EX`'s.
+    OwnerOut(Option<PtrMut<'a, OwnerEx>>),
+    /// `F_GETLK`'s.
+    Lock(Option<PtrMut<'a, libc::flock>>),
 }
 
-/// The pid-carrying commands (and the few others that share their bits).
-///
-/// # Safety
-/// As [`fcntl`].
+/// The pid-carrying commands (and the few others that share their bits):
+/// `real` is the real fcntl on the caller's fd, `arg` the caller's
+/// argument and `view` what it points to.
 #[inline(never)]
-unsafe fn fcntl_pid(cmd: c_int, arg: usize, real: impl FnOnce(c_int, usize) -> c_int) -> c_int {
-    match cmd {
-        libc::F_SETOWN => {
-            // The kernel reads an int (the rest of the register is noise).
-            let v = arg as c_int;
-            match owner_in(v) {
-                Ok(k) if k == v => real(cmd, arg),
-                Ok(k) => real(cmd, k as isize as usize),
-                Err(e) => fail(e),
+fn fcntl_pid(
+    cmd: c_int,
+    arg: usize,
+    view: FcntlArg<'_>,
+    real: impl FnOnce(c_int, usize) -> c_int,
+) -> c_int {
+    match view {
+        FcntlArg::Value => match cmd {
+            libc::F_SETOWN => {
+                // The kernel reads an int (the rest of the register is noise).
+                let v = arg as c_int;
+                match owner_in(v) {
+                    Ok(k) if k == v => real(cmd, arg),
+                    Ok(k) => real(cmd, k as isize as usize),
+                    Err(e) => fail(e),
+                }
             }
-        }
-        libc::F_GETOWN => owner_out(real(cmd, arg)),
-        F_SETOWN_EX => {
-            let p = arg as *const OwnerEx;
-            if p.is_null() {
-                return real(cmd, arg);
-            }
-            // SAFETY: non-null, valid per the contract.
-            let mut o = unsafe { p.read_unaligned() };
+            libc::F_GETOWN => owner_out(real(cmd, arg)),
+            _ => real(cmd, arg),
+        },
+        FcntlArg::OwnerIn(None) | FcntlArg::OwnerOut(None) | FcntlArg::Lock(None) => real(cmd, arg),
+        FcntlArg::OwnerIn(Some(p)) => {
+            let mut o = p.read();
             let k = match o.kind {
                 // A thread id is the kernel's (gettid is not translated);
                 // a gpid there is a process's, i.e. its main thread.
@@ -169,12 +177,11 @@ unsafe fn fcntl_pid(cmd: c_int, arg: usize, real: impl FnOnce(c_int, usize) -> c
                 Err(e) => fail(e),
             }
         }
-        F_GETOWN_EX => {
+        FcntlArg::OwnerOut(Some(p)) => {
             let r = real(cmd, arg);
-            let p = arg as *mut OwnerEx;
-            if r == 0 && !p.is_null() {
-                // SAFETY: the kernel just filled it.
-                let mut o = unsafe { p.read_unaligned() };
+            if r == 0 {
+                // The kernel just filled it.
+                let mut o = p.read();
                 let g = match o.kind {
                     F_OWNER_PID => processes::to_global(o.pid),
                     F_OWNER_PGRP => processes::group_to_global(o.pid),
@@ -182,29 +189,24 @@ unsafe fn fcntl_pid(cmd: c_int, arg: usize, real: impl FnOnce(c_int, usize) -> c
                 };
                 if g != o.pid {
                     o.pid = g;
-                    // SAFETY: as above, writable.
-                    unsafe { p.write_unaligned(o) };
+                    p.write(o);
                 }
             }
             r
         }
-        libc::F_GETLK => {
+        FcntlArg::Lock(Some(p)) => {
             let r = real(cmd, arg);
-            let p = arg as *mut libc::flock;
-            if r == 0 && !p.is_null() {
-                // SAFETY: the kernel just filled it (l_pid is that of the
-                // process holding a conflicting lock; -1 for an OFD lock).
-                unsafe {
-                    let mut fl = p.read_unaligned();
-                    if fl.l_type != libc::F_UNLCK as c_short && fl.l_pid > 0 {
-                        fl.l_pid = processes::to_global(fl.l_pid);
-                        p.write_unaligned(fl);
-                    }
+            if r == 0 {
+                // The kernel just filled it (l_pid is that of the process
+                // holding a conflicting lock; -1 for an OFD lock).
+                let mut fl = p.read();
+                if fl.l_type != libc::F_UNLCK as c_short && fl.l_pid > 0 {
+                    fl.l_pid = processes::to_global(fl.l_pid);
+                    p.write(fl);
                 }
             }
             r
         }
-        _ => real(cmd, arg),
     }
 }
 
@@ -251,34 +253,29 @@ pub fn ioctl_may_carry_pid(req: c_ulong) -> bool {
     (IOCTL_PID_BUCKETS >> ioctl_bucket(req as u32)) & 1 != 0
 }
 
-/// `ioctl(fd, req, arg)`; `real` is the real ioctl on the caller's fd and
-/// request.
-///
-/// # Safety
-/// `arg` is what the caller passed for `req`, per ioctl(2): for the pid
-/// requests a null pointer or a valid pointer to a `pid_t`.
-#[inline]
-pub unsafe fn ioctl(req: c_ulong, arg: usize, real: impl FnOnce(usize) -> c_int) -> c_int {
-    if !ioctl_may_carry_pid(req) {
-        return real(arg);
-    }
-    // SAFETY: the function's contract.
-    unsafe { ioctl_pid(req, arg, real) }
+/// The `pid_t` a pid request's argument points to (made in
+/// [`abi::ioctl`]).
+enum PidArg<'a> {
+    /// Read by the request (`TIOCSPGRP`, `FIOSETOWN`, `SIOCSPGRP`).
+    In(Ptr<'a, pid_t>),
+    /// Written by it (`TIOCGPGRP`, `TIOCGSID`, `FIOGETOWN`, `SIOCGPGRP`).
+    Out(PtrMut<'a, pid_t>),
 }
 
-/// # Safety
-/// As [`ioctl`].
+/// `ioctl` request `req` with a pid argument: `real` is the real ioctl on
+/// the caller's fd and request, `arg` the caller's argument and `view`
+/// what it points to.
 #[inline(never)]
-unsafe fn ioctl_pid(req: c_ulong, arg: usize, real: impl FnOnce(usize) -> c_int) -> c_int {
-    let p = arg as *mut pid_t;
-    if p.is_null() {
-        return real(arg);
-    }
+fn ioctl_pid(
+    req: c_ulong,
+    arg: usize,
+    view: PidArg<'_>,
+    real: impl FnOnce(usize) -> c_int,
+) -> c_int {
     // The kernel reads the request as an unsigned int.
-    match req as u32 as c_ulong {
-        TIOCSPGRP => {
-            // SAFETY: non-null, valid per the contract.
-            let v = unsafe { p.read_unaligned() };
+    match (req as u32 as c_ulong, view) {
+        (TIOCSPGRP, PidArg::In(p)) => {
+            let v = p.read();
             processes::tcsetpgrp(v, |k| {
                 if k == v {
                     real(arg)
@@ -287,39 +284,29 @@ unsafe fn ioctl_pid(req: c_ulong, arg: usize, real: impl FnOnce(usize) -> c_int)
                 }
             })
         }
-        FIOSETOWN | SIOCSPGRP => {
-            // SAFETY: as above.
-            let v = unsafe { p.read_unaligned() };
+        (FIOSETOWN | SIOCSPGRP, PidArg::In(p)) => {
+            let v = p.read();
             match owner_in(v) {
                 Ok(k) if k == v => real(arg),
                 Ok(k) => real(&k as *const pid_t as usize),
                 Err(e) => fail(e),
             }
         }
-        // SAFETY: `p` is what the kernel writes to when it answers 0.
-        TIOCGPGRP => unsafe { answered(real(arg), p, processes::group_to_global) },
-        // SAFETY: as above.
-        TIOCGSID => unsafe { answered(real(arg), p, processes::session_to_global) },
-        // SAFETY: as above.
-        FIOGETOWN | SIOCGPGRP => unsafe { answered(real(arg), p, owner_out) },
+        (TIOCGPGRP, PidArg::Out(p)) => answered(real(arg), p, processes::group_to_global),
+        (TIOCGSID, PidArg::Out(p)) => answered(real(arg), p, processes::session_to_global),
+        (FIOGETOWN | SIOCGPGRP, PidArg::Out(p)) => answered(real(arg), p, owner_out),
         _ => real(arg),
     }
 }
 
 /// `r`, the real ioctl's result; when 0, the pid it wrote at `p` is
 /// translated in place.
-///
-/// # Safety
-/// `p` is valid for reads and writes when `r` is 0.
-unsafe fn answered(r: c_int, p: *mut pid_t, to_global: fn(pid_t) -> pid_t) -> c_int {
+fn answered(r: c_int, p: PtrMut<'_, pid_t>, to_global: fn(pid_t) -> pid_t) -> c_int {
     if r == 0 {
-        // SAFETY: the function's contract.
-        unsafe {
-            let v = p.read_unaligned();
-            let g = to_global(v);
-            if g != v {
-                p.write_unaligned(g);
-            }
+        let v = p.read();
+        let g = to_global(v);
+        if g != v {
+            p.write(g);
         }
     }
     r
@@ -360,18 +347,17 @@ pub struct CapHeader {
     pub pid: c_int,
 }
 
-/// `capget`/`capset(hdr, data)`: the header names a process.
-///
-/// # Safety
-/// `hdr` is null or points to a valid, writable `CapHeader`, per
-/// capget(2).
-pub unsafe fn capabilities(hdr: *mut c_void, real: impl FnOnce(*mut c_void) -> c_int) -> c_int {
-    let h = hdr.cast::<CapHeader>();
-    if h.is_null() {
+/// `capget`/`capset(hdr, data)`: the header (`hdr`, viewed as `h`) names
+/// a process.
+fn capabilities_of(
+    hdr: *mut c_void,
+    h: Option<PtrMut<'_, CapHeader>>,
+    real: impl FnOnce(*mut c_void) -> c_int,
+) -> c_int {
+    let Some(h) = h else {
         return real(hdr);
-    }
-    // SAFETY: non-null, valid per the contract.
-    let mut local = unsafe { h.read_unaligned() };
+    };
+    let mut local = h.read();
     let k = match process(local.pid) {
         Ok(k) if k == local.pid => return real(hdr),
         Ok(k) => k,
@@ -381,8 +367,9 @@ pub unsafe fn capabilities(hdr: *mut c_void, real: impl FnOnce(*mut c_void) -> c
     let r = real((&mut local as *mut CapHeader).cast());
     // The kernel writes the version it prefers back (a probe with an
     // unknown version): the caller sees it, with its own pid left alone.
-    // SAFETY: as above, writable.
-    unsafe { std::ptr::addr_of_mut!((*h).version).write_unaligned(local.version) };
+    let mut back = h.read();
+    back.version = local.version;
+    h.write(back);
     r
 }
 
@@ -395,105 +382,61 @@ pub fn is_peercred(level: c_int, name: c_int) -> bool {
     name == libc::SO_PEERCRED && level == libc::SOL_SOCKET
 }
 
-/// `getsockopt(fd, level, name, val, len)`: `SO_PEERCRED`'s pid becomes a
-/// gpid.
-///
-/// # Safety
-/// `val` and `len` are null or valid as getsockopt(2) says.
-#[inline]
-pub unsafe fn getsockopt(
-    level: c_int,
-    name: c_int,
-    val: *mut c_void,
-    len: *mut libc::socklen_t,
-    real: impl FnOnce() -> c_int,
-) -> c_int {
-    if !is_peercred(level, name) {
-        return real();
-    }
-    let r = real();
-    // SAFETY: the kernel just filled `val` and `len` (checked non-null).
-    unsafe {
-        if r == 0 && !val.is_null() && !len.is_null() && *len as usize >= size_of::<libc::ucred>() {
-            received(val.cast());
-        }
-    }
-    r
+/// The gpid that credentials the kernel gave with pid `k` show, if not
+/// `k`.
+fn received_pid(k: pid_t) -> Option<pid_t> {
+    let g = if k > 0 { processes::to_global(k) } else { k };
+    (g != k).then_some(g)
 }
 
 /// Translate the pid of credentials the kernel gave, in place.
-///
-/// # Safety
-/// `c` points to a readable and writable `ucred` (perhaps unaligned).
-unsafe fn received(c: *mut libc::ucred) {
-    // SAFETY: the function's contract.
-    unsafe {
-        let mut u = c.read_unaligned();
-        if u.pid > 0 {
-            let g = processes::to_global(u.pid);
-            if g != u.pid {
-                u.pid = g;
-                c.write_unaligned(u);
-            }
-        }
+fn received(c: PtrMut<'_, libc::ucred>) {
+    let mut u = c.read();
+    if let Some(g) = received_pid(u.pid) {
+        u.pid = g;
+        c.write(u);
     }
 }
 
-/// Call `f` with each `SCM_CREDENTIALS` of `msg`'s control data (a
-/// pointer to its `ucred`, perhaps unaligned), within its length.
-///
-/// # Safety
-/// `msg` is valid and its control buffer holds `msg_controllen` bytes.
-unsafe fn each_creds(msg: *const msghdr, mut f: impl FnMut(*mut libc::ucred)) {
-    // SAFETY: the CMSG walkers stay within the control buffer's length;
-    // each credentials block is checked to end within it too.
-    unsafe {
-        let end = ((*msg).msg_control as usize).saturating_add((*msg).msg_controllen);
-        let need = libc::CMSG_LEN(size_of::<libc::ucred>() as c_uint) as usize;
-        let mut c: *const cmsghdr = libc::CMSG_FIRSTHDR(msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET
-                && (*c).cmsg_type == libc::SCM_CREDENTIALS
-                && (*c).cmsg_len >= need
-                && c as usize + need <= end
-            {
-                f(libc::CMSG_DATA(c).cast());
-            }
-            c = libc::CMSG_NXTHDR(msg, c);
-        }
-    }
+const UCRED: usize = size_of::<libc::ucred>();
+
+/// Whether control message `c` is credentials whose `ucred` is whole
+/// within the buffer.
+fn is_creds(c: &Cmsg) -> bool {
+    c.level == libc::SOL_SOCKET
+        && c.kind == libc::SCM_CREDENTIALS
+        && c.len >= sock::CMSG_HDR + UCRED
+        && c.data.len() >= UCRED
 }
 
-/// Whether `msg` has a control buffer (where credentials may be sent or
+/// The pid of the `ucred` at the start of `data` (at least its size).
+fn creds_pid(data: &[u8]) -> pid_t {
+    pid_t::from_ne_bytes(data[..4].try_into().expect("a pid"))
+}
+
+fn set_creds_pid(data: &mut [u8], pid: pid_t) {
+    data[..4].copy_from_slice(&pid.to_ne_bytes());
+}
+
+/// The pids of the credentials in `control`.
+fn creds_pids(control: &[u8]) -> impl Iterator<Item = pid_t> + '_ {
+    sock::cmsgs(control)
+        .filter(is_creds)
+        .map(|c| creds_pid(&control[c.data]))
+}
+
+/// Whether `h` has a control buffer (where credentials may be sent or
 /// received).
-///
-/// # Safety
-/// `msg` is null or valid.
 #[inline(always)]
-pub unsafe fn has_control(msg: *const msghdr) -> bool {
-    // SAFETY: the function's contract.
-    unsafe { !msg.is_null() && (*msg).msg_controllen != 0 && !(*msg).msg_control.is_null() }
+fn has_control_data(h: &msghdr) -> bool {
+    h.msg_controllen != 0 && !h.msg_control.is_null()
 }
 
-/// Whether `msg` sends credentials with a gpid (which the kernel refuses:
+/// Whether `m` sends credentials with a gpid (which the kernel refuses:
 /// it checks the pid against the sender's kernel pid).
-///
-/// # Safety
-/// As `each_creds`, or `msg` null.
 #[inline]
-pub unsafe fn sends_gpid_creds(msg: *const msghdr) -> bool {
-    // SAFETY: the function's contract.
-    unsafe {
-        if !has_control(msg) {
-            return false;
-        }
-        let mut found = false;
-        // SAFETY: the pointer is within the control buffer.
-        each_creds(msg, |c| {
-            found |= is_gpid(std::ptr::addr_of!((*c).pid).read_unaligned())
-        });
-        found
-    }
+fn sends_gpid(m: Msg<'_>) -> bool {
+    has_control_data(&m.header()) && creds_pids(m.control()).any(is_gpid)
 }
 
 /// The largest control buffer translated (on the stack): more than any
@@ -501,108 +444,89 @@ pub unsafe fn sends_gpid_creds(msg: *const msghdr) -> bool {
 /// 1064 bytes).
 const CONTROL_MAX: usize = 2048;
 
-/// `f` with a copy of `msg` whose credentials carry kernel pids; `Err`
-/// with the errno when a pid does not run here, or when the control data
-/// is larger than any UNIX socket accepts (`EINVAL`).
-///
-/// # Safety
-/// As [`each_creds`].
-unsafe fn with_kernel_creds<R>(
-    msg: *const msghdr,
-    f: impl FnOnce(*const msghdr) -> R,
-) -> Result<R, c_int> {
-    let mut buf = [0u64; CONTROL_MAX / 8];
-    // SAFETY: the function's contract; the copy holds the whole control
-    // data, and `m` points at it instead of the caller's buffer (which is
-    // left as it was).
-    unsafe {
-        let len = (*msg).msg_controllen;
-        if len > CONTROL_MAX {
-            return Err(libc::EINVAL);
-        }
-        std::ptr::copy_nonoverlapping(
-            (*msg).msg_control.cast::<u8>(),
-            buf.as_mut_ptr().cast::<u8>(),
-            len,
-        );
-        let mut m = *msg;
-        m.msg_control = buf.as_mut_ptr().cast();
-        let mut err = 0;
-        each_creds(&m, |c| {
-            let mut u = c.read_unaligned();
-            if err == 0 && is_gpid(u.pid) {
-                match process(u.pid) {
-                    Ok(k) => {
-                        u.pid = k;
-                        c.write_unaligned(u);
-                    }
-                    Err(e) => err = e,
-                }
+/// A control buffer aligned as `cmsghdr` wants.
+#[repr(C, align(8))]
+struct ControlBuf([u8; CONTROL_MAX]);
+
+/// `f` with a copy of `m` whose credentials carry kernel pids; `Err` with
+/// the errno when a pid does not run here, or when the control data is
+/// larger than any UNIX socket accepts (`EINVAL`).
+fn with_kernel_creds<R>(m: Msg<'_>, f: impl FnOnce(&msghdr) -> R) -> Result<R, c_int> {
+    let mut h = m.header();
+    if !has_control_data(&h) {
+        return Ok(f(&h));
+    }
+    let len = h.msg_controllen;
+    if len > CONTROL_MAX {
+        return Err(libc::EINVAL);
+    }
+    // The copy holds the whole control data, and the copied header points
+    // at it instead of the caller's buffer (which is left as it was).
+    let mut buf = ControlBuf([0; CONTROL_MAX]);
+    let control = &mut buf.0[..len];
+    control.copy_from_slice(m.control());
+    let mut err = 0;
+    sock::cmsgs_mut(control, |c, data| {
+        if err == 0 && is_creds(c) && is_gpid(creds_pid(data)) {
+            match process(creds_pid(data)) {
+                Ok(k) => set_creds_pid(data, k),
+                Err(e) => err = e,
             }
-        });
-        if err != 0 {
-            return Err(err);
         }
-        Ok(f(&m))
+    });
+    if err != 0 {
+        return Err(err);
     }
+    h.msg_control = buf.0.as_mut_ptr().cast();
+    Ok(f(&h))
 }
 
-/// `sendmsg(fd, msg, flags)`: credentials the program fills in with its
-/// `getpid()` reach the kernel with its kernel pid (the receiver's
-/// `recvmsg` gives the gpid back). `real` sends `msg` or a copy.
-///
-/// # Safety
-/// `msg` is null or valid per sendmsg(2).
+/// `sendmsg(fd, msg, flags)` of `m` (the caller's `msg`): credentials the
+/// program fills in with its `getpid()` reach the kernel with its kernel
+/// pid (the receiver's `recvmsg` gives the gpid back). `real` sends `msg`
+/// or a copy.
 #[inline]
-pub unsafe fn sendmsg(msg: *const msghdr, real: impl FnOnce(*const msghdr) -> ssize_t) -> ssize_t {
-    // SAFETY: the function's contract.
-    if !unsafe { sends_gpid_creds(msg) } {
-        return real(msg);
-    }
-    // SAFETY: as above; `msg` is not null.
-    match unsafe { with_kernel_creds(msg, real) } {
-        Ok(r) => r,
-        Err(e) => failed(e),
+fn send_one(
+    msg: *const msghdr,
+    m: Option<Msg<'_>>,
+    real: impl FnOnce(*const msghdr) -> ssize_t,
+) -> ssize_t {
+    match m {
+        Some(m) if sends_gpid(m) => match with_kernel_creds(m, |h| real(h)) {
+            Ok(r) => r,
+            Err(e) => failed(e),
+        },
+        _ => real(msg),
     }
 }
 
-/// `sendmmsg(fd, msgs, n, flags)`: as `sendmsg`. A batch with credentials
-/// to translate is sent one message at a time (`real` with a count of 1),
-/// which sendmmsg's own semantics allow (it stops at the first error and
-/// counts what went).
-///
-/// # Safety
-/// `msgs` is null or valid for `n` entries per sendmmsg(2).
-pub unsafe fn sendmmsg(
+/// `sendmmsg(fd, msgs, n, flags)` of `ms` (the caller's `msgs`): as
+/// `sendmsg`. A batch with credentials to translate is sent one message
+/// at a time (`real` with a count of 1), which sendmmsg's own semantics
+/// allow (it stops at the first error and counts what went).
+fn send_many(
     msgs: *mut libc::mmsghdr,
     n: c_uint,
+    ms: Option<Msgs<'_>>,
     mut real: impl FnMut(*mut libc::mmsghdr, c_uint) -> c_int,
 ) -> c_int {
-    // SAFETY: the function's contract.
-    let any = !msgs.is_null()
-        && (0..n as usize)
-            .any(|i| unsafe { sends_gpid_creds(std::ptr::addr_of!((*msgs.add(i)).msg_hdr)) });
-    if !any {
+    let Some(ms) = ms.filter(|ms| (0..ms.len()).any(|i| ms.get(i).is_some_and(sends_gpid))) else {
         return real(msgs, n);
-    }
-    for i in 0..n as usize {
-        // SAFETY: i < n.
-        let e = unsafe { msgs.add(i) };
-        // SAFETY: a valid entry; its msghdr (or a translated copy) is sent
-        // alone and its length stored back in the caller's entry.
-        let r = unsafe {
-            with_kernel_creds(std::ptr::addr_of!((*e).msg_hdr), |m| {
-                let mut one = libc::mmsghdr {
-                    msg_hdr: *m,
-                    msg_len: 0,
-                };
-                let r = real(&mut one, 1);
-                if r == 1 {
-                    (*e).msg_len = one.msg_len;
-                }
-                r
-            })
-        };
+    };
+    for (i, m) in (0..ms.len()).map_while(|i| Some((i, ms.get(i)?))) {
+        // Its msghdr (or a translated copy) is sent alone and its length
+        // stored back in the caller's entry.
+        let r = with_kernel_creds(m, |h| {
+            let mut one = libc::mmsghdr {
+                msg_hdr: *h,
+                msg_len: 0,
+            };
+            let r = real(&mut one, 1);
+            if r == 1 {
+                ms.set_sent(i, one.msg_len);
+            }
+            r
+        });
         match r {
             Ok(1) => {}
             Ok(r) if i == 0 => return r,
@@ -613,53 +537,210 @@ pub unsafe fn sendmmsg(
     n as c_int
 }
 
-/// Credentials in `msg`'s control data as received: their pids become
+/// Credentials in `m`'s control data as received: their pids become
 /// gpids.
-///
-/// # Safety
-/// `msg` is null or valid, as the kernel just filled it.
 #[inline]
-unsafe fn received_msg(msg: *const msghdr) {
-    // SAFETY: the function's contract.
-    unsafe {
-        if has_control(msg) {
-            each_creds(msg, |c| received(c));
+fn received_msg(m: &mut MsgMut<'_>) {
+    sock::cmsgs_mut(m.control_mut(), |c, data| {
+        if is_creds(c) {
+            if let Some(g) = received_pid(creds_pid(data)) {
+                set_creds_pid(data, g);
+            }
         }
-    }
+    });
 }
 
-/// `recvmsg(fd, msg, flags)`: received credentials (`SO_PASSCRED`, or the
-/// sender's `SCM_CREDENTIALS`) show gpids. `real` receives into `msg`.
-///
-/// # Safety
-/// `msg` is null or valid per recvmsg(2).
-#[inline]
-pub unsafe fn recvmsg(msg: *mut msghdr, real: impl FnOnce() -> ssize_t) -> ssize_t {
-    let r = real();
-    if r >= 0 {
-        // SAFETY: the function's contract; the kernel filled it.
-        unsafe { received_msg(msg) };
-    }
-    r
-}
+pub use abi::{
+    capabilities, fcntl, getsockopt, has_control, ioctl, recvmmsg, recvmsg, sendmmsg, sendmsg,
+    sends_gpid_creds,
+};
 
-/// `recvmmsg(fd, msgs, n, flags, timeout)`: as `recvmsg`, for each message
-/// received.
-///
-/// # Safety
-/// `msgs` is null or valid for `n` entries per recvmmsg(2).
-pub unsafe fn recvmmsg(msgs: *mut libc::mmsghdr, real: impl FnOnce() -> c_int) -> c_int {
-    let r = real();
-    if r > 0 && !msgs.is_null() {
-        for i in 0..r as usize {
-            // SAFETY: the kernel filled the first r entries.
-            unsafe { received_msg(std::ptr::addr_of!((*msgs.add(i)).msg_hdr)) };
+/// The fence of this module: its entry points that take the application's
+/// raw pointers (allowed `unsafe`: their contract is the C call's). Each
+/// makes typed views of them, as the call defines its arguments, and hands
+/// them to the safe code above.
+#[allow(unsafe_code)]
+mod abi {
+    use super::*;
+
+    /// `fcntl(fd, cmd, arg)`; `real` is the real fcntl on the caller's fd.
+    ///
+    /// # Safety
+    /// `arg` is what the caller passed for `cmd`, per fcntl(2): for
+    /// `F_SETOWN_EX`, `F_GETOWN_EX` and `F_GETLK` a null pointer or a valid
+    /// pointer to the command's structure.
+    #[inline]
+    pub unsafe fn fcntl(cmd: c_int, arg: usize, real: impl FnOnce(c_int, usize) -> c_int) -> c_int {
+        if !fcntl_may_carry_pid(cmd) {
+            return real(cmd, arg);
+        }
+        // SAFETY: the function's contract, for the duration of the call.
+        let view = unsafe {
+            match cmd {
+                F_SETOWN_EX => FcntlArg::OwnerIn(Ptr::new(arg as *const OwnerEx)),
+                F_GETOWN_EX => FcntlArg::OwnerOut(PtrMut::new(arg as *mut OwnerEx)),
+                libc::F_GETLK => FcntlArg::Lock(PtrMut::new(arg as *mut libc::flock)),
+                _ => FcntlArg::Value,
+            }
+        };
+        fcntl_pid(cmd, arg, view, real)
+    }
+
+    /// `ioctl(fd, req, arg)`; `real` is the real ioctl on the caller's fd
+    /// and request.
+    ///
+    /// # Safety
+    /// `arg` is what the caller passed for `req`, per ioctl(2): for the pid
+    /// requests a null pointer or a valid pointer to a `pid_t`.
+    #[inline]
+    pub unsafe fn ioctl(req: c_ulong, arg: usize, real: impl FnOnce(usize) -> c_int) -> c_int {
+        if !ioctl_may_carry_pid(req) {
+            return real(arg);
+        }
+        let p = arg as *mut pid_t;
+        // SAFETY: the function's contract, for the duration of the call.
+        let view = unsafe {
+            match req as u32 as c_ulong {
+                TIOCSPGRP | FIOSETOWN | SIOCSPGRP => Ptr::new(p).map(PidArg::In),
+                TIOCGPGRP | TIOCGSID | FIOGETOWN | SIOCGPGRP => PtrMut::new(p).map(PidArg::Out),
+                _ => None,
+            }
+        };
+        match view {
+            Some(view) => ioctl_pid(req, arg, view, real),
+            None => real(arg),
         }
     }
-    r
+
+    /// `capget`/`capset(hdr, data)`: the header names a process.
+    ///
+    /// # Safety
+    /// `hdr` is null or points to a valid, writable `CapHeader`, per
+    /// capget(2).
+    pub unsafe fn capabilities(hdr: *mut c_void, real: impl FnOnce(*mut c_void) -> c_int) -> c_int {
+        // SAFETY: the function's contract, for the duration of the call.
+        capabilities_of(hdr, unsafe { PtrMut::new(hdr.cast()) }, real)
+    }
+
+    /// `getsockopt(fd, level, name, val, len)`: `SO_PEERCRED`'s pid
+    /// becomes a gpid.
+    ///
+    /// # Safety
+    /// `val` and `len` are null or valid as getsockopt(2) says.
+    #[inline]
+    pub unsafe fn getsockopt(
+        level: c_int,
+        name: c_int,
+        val: *mut c_void,
+        len: *mut libc::socklen_t,
+        real: impl FnOnce() -> c_int,
+    ) -> c_int {
+        if !is_peercred(level, name) {
+            return real();
+        }
+        let r = real();
+        // SAFETY: the function's contract; the kernel just filled `len`
+        // and as many bytes of `val`, which then hold a `ucred`.
+        unsafe {
+            let whole = Ptr::new(len).is_some_and(|l| l.read() as usize >= UCRED);
+            if r == 0 && whole {
+                if let Some(c) = PtrMut::new(val.cast::<libc::ucred>()) {
+                    received(c);
+                }
+            }
+        }
+        r
+    }
+
+    /// Whether `msg` has a control buffer (where credentials may be sent
+    /// or received).
+    ///
+    /// # Safety
+    /// `msg` is null or valid.
+    #[inline(always)]
+    pub unsafe fn has_control(msg: *const msghdr) -> bool {
+        // SAFETY: the function's contract (only the header is read).
+        unsafe { Ptr::new(msg) }.is_some_and(|m| has_control_data(&m.read()))
+    }
+
+    /// Whether `msg` sends credentials with a gpid (which the kernel
+    /// refuses: it checks the pid against the sender's kernel pid).
+    ///
+    /// # Safety
+    /// `msg` is null or valid per sendmsg(2).
+    #[inline]
+    pub unsafe fn sends_gpid_creds(msg: *const msghdr) -> bool {
+        // SAFETY: the function's contract, for the duration of the call.
+        unsafe { Msg::new(msg) }.is_some_and(sends_gpid)
+    }
+
+    /// `sendmsg(fd, msg, flags)`: see [`send_one`].
+    ///
+    /// # Safety
+    /// `msg` is null or valid per sendmsg(2).
+    #[inline]
+    pub unsafe fn sendmsg(
+        msg: *const msghdr,
+        real: impl FnOnce(*const msghdr) -> ssize_t,
+    ) -> ssize_t {
+        // SAFETY: the function's contract, for the duration of the call.
+        send_one(msg, unsafe { Msg::new(msg) }, real)
+    }
+
+    /// `sendmmsg(fd, msgs, n, flags)`: see [`send_many`].
+    ///
+    /// # Safety
+    /// `msgs` is null or valid for `n` entries per sendmmsg(2).
+    pub unsafe fn sendmmsg(
+        msgs: *mut libc::mmsghdr,
+        n: c_uint,
+        real: impl FnMut(*mut libc::mmsghdr, c_uint) -> c_int,
+    ) -> c_int {
+        // SAFETY: the function's contract, for the duration of the call.
+        send_many(msgs, n, unsafe { Msgs::new(msgs, n as usize) }, real)
+    }
+
+    /// `recvmsg(fd, msg, flags)`: received credentials (`SO_PASSCRED`, or
+    /// the sender's `SCM_CREDENTIALS`) show gpids. `real` receives into
+    /// `msg`.
+    ///
+    /// # Safety
+    /// `msg` is null or valid per recvmsg(2).
+    #[inline]
+    pub unsafe fn recvmsg(msg: *mut msghdr, real: impl FnOnce() -> ssize_t) -> ssize_t {
+        let r = real();
+        if r >= 0 {
+            // SAFETY: the function's contract; the kernel filled it.
+            if let Some(mut m) = unsafe { MsgMut::new(msg) } {
+                received_msg(&mut m);
+            }
+        }
+        r
+    }
+
+    /// `recvmmsg(fd, msgs, n, flags, timeout)`: as `recvmsg`, for each
+    /// message received.
+    ///
+    /// # Safety
+    /// `msgs` is null or valid for `n` entries per recvmmsg(2).
+    pub unsafe fn recvmmsg(msgs: *mut libc::mmsghdr, real: impl FnOnce() -> c_int) -> c_int {
+        let r = real();
+        if r > 0 && !msgs.is_null() {
+            for i in 0..r as usize {
+                // SAFETY: the kernel filled the first r entries.
+                let m = unsafe { MsgMut::new(std::ptr::addr_of_mut!((*msgs.add(i)).msg_hdr)) };
+                if let Some(mut m) = m {
+                    received_msg(&mut m);
+                }
+            }
+        }
+        r
+    }
 }
 
 #[cfg(test)]
+// The entry points under test take raw pointers.
+#[allow(unsafe_code)]
 mod tests {
     use super::*;
     use crate::processes::{init_identity, my_kpid, set_identity};
@@ -1141,11 +1222,10 @@ mod tests {
     }
 
     /// The pid of the first credentials in `m`.
-    fn creds_pid(m: &msghdr) -> Option<pid_t> {
-        let mut pid = None;
+    fn first_creds(m: &msghdr) -> Option<pid_t> {
         // SAFETY: m and its control buffer are ours.
-        unsafe { each_creds(m, |c| pid = pid.or(Some((*c).pid))) };
-        pid
+        let m = unsafe { Msg::new(m) }.unwrap();
+        creds_pids(m.control()).next()
     }
 
     #[test]
@@ -1174,7 +1254,11 @@ mod tests {
         let send = |p: *const msghdr| unsafe { libc::sendmsg(sv[1], p, 0) };
         // SAFETY: as above.
         assert_eq!(unsafe { sendmsg(&m, send) }, 1, "errno {}", errno());
-        assert_eq!(creds_pid(&m), Some(g), "the caller's buffer is left alone");
+        assert_eq!(
+            first_creds(&m),
+            Some(g),
+            "the caller's buffer is left alone"
+        );
         // With the gpid as it is, the kernel refuses (EPERM, or ESRCH for
         // a privileged sender).
         assert_eq!(send(&m), -1);
@@ -1188,7 +1272,7 @@ mod tests {
             })
         };
         assert_eq!(r, 1);
-        assert_eq!(creds_pid(&rm), Some(g));
+        assert_eq!(first_creds(&rm), Some(g));
         // Credentials of a process that cannot be resolved: refused here.
         let m = creds_msg(&mut cbuf, &mut iov, ELSEWHERE);
         // SAFETY: as above.
@@ -1222,7 +1306,7 @@ mod tests {
             sendmmsg(msgs.as_mut_ptr(), 2, |m, n| {
                 assert_eq!(n, 1);
                 let mut s = seen.get();
-                s[calls.get()] = creds_pid(&(*m).msg_hdr).unwrap();
+                s[calls.get()] = first_creds(&(*m).msg_hdr).unwrap();
                 seen.set(s);
                 calls.set(calls.get() + 1);
                 (*m).msg_len = 1;
