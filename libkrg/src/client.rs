@@ -2,11 +2,14 @@
 //! by the `krg` command). One request per connection keeps it trivially
 //! thread- and fork-safe: no shared socket, no lock to inherit mid-call.
 
+#![deny(unsafe_code)]
+
 use crate::frame::{self, MAX_RESPONSE};
 use crate::proto::{ErrorReply, Request, Response};
+use crate::sys::sock;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -119,49 +122,21 @@ fn recv_fds(s: &UnixStream, max: usize) -> io::Result<Vec<OwnedFd>> {
     const MAX: usize = 4;
     let max = max.min(MAX);
     let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // u64 words keep the control buffer aligned for cmsghdr.
-    let mut cbuf = [0u64; 8];
-    // SAFETY: msghdr is plain data; all-zero is valid before we fill it.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cbuf);
-    // SAFETY: msg points at our iovec and control buffer, both live and
-    // of the sizes given; MSG_CMSG_CLOEXEC keeps the fds from exec.
-    let r = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let mut control = sock::Control::<8>::default();
+    // MSG_CMSG_CLOEXEC keeps the fds from exec.
+    let r = sock::recvmsg(
+        s.as_raw_fd(),
+        &mut byte,
+        &mut control,
+        libc::MSG_CMSG_CLOEXEC,
+    )?;
     if r == 0 {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "agent closed before sending descriptors",
         ));
     }
-    let mut out = Vec::new();
-    // SAFETY: the CMSG_* walkers read within msg's control buffer, whose
-    // length the kernel set; each SCM_RIGHTS payload is an array of ints
-    // that the kernel installed as new descriptors owned by us now.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c) as *const libc::c_int;
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
-                    / std::mem::size_of::<libc::c_int>();
-                for i in 0..count {
-                    let fd = std::ptr::read_unaligned(data.add(i));
-                    out.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
+    let out: Vec<OwnedFd> = control.take_fds().collect();
     if out.len() > max {
         return Err(io::Error::other(format!(
             "agent sent {} descriptors, {max} announced",
