@@ -10,6 +10,8 @@
 //! segment page that is not here blocks in the kernel until the agent has
 //! filled it, exactly like a user-space access.
 
+#![deny(unsafe_code)]
+
 pub mod uffd;
 
 use crate::caps::Caps;
@@ -17,6 +19,7 @@ use crate::client::{self, CallError};
 use crate::krg_log;
 use crate::log::Level;
 use crate::proto::{Request, Response, ShmInfo};
+use crate::sys::user::PtrMut;
 use libc::{c_int, c_void, key_t, shmid_ds, size_t};
 use std::cell::RefCell;
 use std::ffi::CStr;
@@ -243,40 +246,38 @@ fn attach_at(shmid: c_int, addr: u64, flags: c_int) -> Result<*mut c_void, i32> 
             libc::MAP_FIXED_NOREPLACE
         };
     }
-    // SAFETY: a new shared mapping of our own memfd; with an address it is
-    // either placed there or fails (MAP_FIXED only with SHM_REMAP, which
-    // asks for exactly that replacement).
-    let p = unsafe {
-        libc::mmap(
-            want as *mut c_void,
-            len as usize,
-            prot,
-            mflags,
-            mem.as_raw_fd(),
-            0,
-        )
-    };
+    // With an address it is either placed there or fails (MAP_FIXED only
+    // with SHM_REMAP, which asks for exactly that replacement).
+    let p = abi::map(
+        want as *mut c_void,
+        len as usize,
+        prot,
+        mflags,
+        mem.as_raw_fd(),
+        0,
+    );
     drop(mem);
     // Undo the attachment the agent counted (no mapping at address 0).
     let detach_at_home = || {
         let _ = call(&Request::ShmDetach { shmid, addr: 0 });
     };
-    if p == libc::MAP_FAILED {
-        let errno = std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EINVAL);
-        detach_at_home();
-        return Err(if errno == libc::EEXIST {
-            libc::EINVAL
-        } else {
-            errno
-        });
-    }
+    let p = match p {
+        Ok(p) => p,
+        Err(e) => {
+            let errno = e.raw_os_error().unwrap_or(libc::EINVAL);
+            detach_at_home();
+            return Err(if errno == libc::EEXIST {
+                libc::EINVAL
+            } else {
+                errno
+            });
+        }
+    };
     let at = p as u64;
     if let Err((errno, msg)) = mapped(shmid, at, len, 0, rdonly, dev) {
         krg_log!(Level::Warn, "shmat {shmid}: {msg}");
-        // SAFETY: the mapping we just made, not yet handed to the caller.
-        unsafe { libc::munmap(p, len as usize) };
+        // The mapping just made, not yet handed to the caller.
+        let _ = abi::unmap(p, len as usize);
         detach_at_home();
         return Err(errno);
     }
@@ -483,28 +484,28 @@ fn map_anon(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int) -> *mut c
     remove();
     let flags =
         (flags & !(libc::MAP_ANONYMOUS | libc::MAP_POPULATE | libc::MAP_LOCKED)) | libc::MAP_SHARED;
-    // SAFETY: the caller's mmap (its address, protection and flags), of
-    // the segment's memory object instead of anonymous memory.
-    let p = unsafe { libc::mmap(addr, len, prot, flags, mem.as_raw_fd(), 0) };
+    // The caller's mmap (its address, protection and flags), of the
+    // segment's memory object instead of anonymous memory.
+    let p = abi::map(addr, len, prot, flags, mem.as_raw_fd(), 0);
     drop(mem);
     match register_mapping(id, p, len, 0, false, dev, "mmap (shared anonymous)") {
         Ok(a) => {
             held.push(a);
             ANY.store(true, Ordering::Release);
-            p
+            a.addr as *mut c_void
         }
         Err(errno) => fail(errno, bad),
     }
 }
 
-/// After the `mmap` of an attachment counted by the agent: tell the agent
-/// where it is mapped. On failure (of the mmap, `p` is `MAP_FAILED`, or
-/// of the registration) the mapping and the agent's count are undone and
-/// the errno comes back.
+/// After the `mmap` of an attachment counted by the agent (`p`, its
+/// outcome): tell the agent where it is mapped. On failure (of the mmap
+/// or of the registration) the mapping and the agent's count are undone
+/// and the errno comes back.
 #[allow(clippy::too_many_arguments)]
 fn register_mapping(
     id: i32,
-    p: *mut c_void,
+    p: std::io::Result<*mut c_void>,
     len: size_t,
     off: u64,
     rdonly: bool,
@@ -514,18 +515,18 @@ fn register_mapping(
     let undo = || {
         let _ = call(&Request::ShmDetach { shmid: id, addr: 0 });
     };
-    if p == libc::MAP_FAILED {
-        let errno = std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EINVAL);
-        undo();
-        return Err(errno);
-    }
+    let p = match p {
+        Ok(p) => p,
+        Err(e) => {
+            undo();
+            return Err(e.raw_os_error().unwrap_or(libc::EINVAL));
+        }
+    };
     let plen = page_up(len as u64);
     if let Err((errno, msg)) = mapped(id, p as u64, plen, off, rdonly, dev) {
         krg_log!(Level::Warn, "{what} {id}: {msg}");
-        // SAFETY: the mapping just made, not yet handed to the caller.
-        unsafe { libc::munmap(p, len) };
+        // The mapping just made, not yet handed to the caller.
+        let _ = abi::unmap(p, len);
         undo();
         return Err(errno);
     }
@@ -565,14 +566,14 @@ fn map_object(
             return fail(errno, bad);
         }
     };
-    // SAFETY: the caller's mmap, with its own arguments, on the object's
+    // The caller's mmap, with its own arguments, on the object's
     // descriptor it gave us.
-    let p = unsafe { libc::mmap(addr, len, prot, flags, fd, off) };
+    let p = abi::map(addr, len, prot, flags, fd, off);
     match register_mapping(id, p, len, off as u64, rdonly, dev, "mmap of object") {
         Ok(a) => {
             held.push(a);
             ANY.store(true, Ordering::Release);
-            p
+            a.addr as *mut c_void
         }
         Err(errno) => fail(errno, bad),
     }
@@ -581,10 +582,7 @@ fn map_object(
 /// `munmap(addr, len)` of a whole mapping made by [`mmap`] (or an
 /// attachment): detached from the agent. `None`: not one (the real munmap
 /// does it; unmapping part of an object's mapping leaves it attached).
-///
-/// # Safety
-/// As munmap(2): the caller gives up `[addr, addr+len)`.
-pub unsafe fn munmap(addr: *mut c_void, len: size_t) -> Option<c_int> {
+fn unmap_attached(addr: *mut c_void, len: size_t) -> Option<c_int> {
     if !ANY.load(Ordering::Acquire) {
         return None;
     }
@@ -598,17 +596,16 @@ pub unsafe fn munmap(addr: *mut c_void, len: size_t) -> Option<c_int> {
         a
     };
     Some(inside(|| {
-        // SAFETY: the caller's munmap of its own mapping.
-        let r = unsafe { libc::munmap(addr, len) };
-        let e = std::io::Error::last_os_error();
+        // The caller's munmap of its own mapping.
+        let r = abi::unmap(addr, len);
         let _ = call(&Request::ShmDetach {
             shmid: a.shmid,
             addr: a.addr,
         });
-        if r < 0 {
-            crate::rt::set_errno(e.raw_os_error().unwrap_or(libc::EINVAL));
+        match r {
+            Ok(()) => 0,
+            Err(e) => fail(e.raw_os_error().unwrap_or(libc::EINVAL), -1),
         }
-        r
     }))
 }
 
@@ -652,18 +649,8 @@ pub fn sem_open(
         if value > i32::MAX as u32 {
             return fail(libc::EINVAL, failed);
         }
-        // SAFETY: sem_t is plain data; sem_init fills the local copy.
-        let mut sem: libc::sem_t = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid sem_t to initialise, process-shared.
-        if unsafe { libc::sem_init(&mut sem, 1, value) } != 0 {
+        let Ok(bytes) = crate::sys::mem::shared_sem(value) else {
             return fail(libc::EINVAL, failed);
-        }
-        // SAFETY: viewing the initialised sem_t as its bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&sem as *const libc::sem_t).cast::<u8>(),
-                std::mem::size_of::<libc::sem_t>(),
-            )
         };
         Some(bytes.to_vec())
     } else {
@@ -760,9 +747,9 @@ fn shmdt_inner(addr: *const c_void) -> c_int {
     };
     let a = held.remove(i);
     ANY.store(!held.is_empty(), Ordering::Release);
-    // SAFETY: unmapping an attachment this process made with shmat; the
-    // application gave up the address by calling shmdt.
-    unsafe { libc::munmap(a.addr as *mut c_void, a.len as usize) };
+    // An attachment this process made with shmat; the application gave
+    // up the address by calling shmdt.
+    let _ = abi::unmap(a.addr as *mut c_void, a.len as usize);
     match call(&Request::ShmDetach {
         shmid: a.shmid,
         addr: a.addr,
@@ -773,15 +760,13 @@ fn shmdt_inner(addr: *const c_void) -> c_int {
 }
 
 /// `shmctl(shmid, cmd, buf)` for IPC_STAT, IPC_SET, IPC_RMID, SHM_LOCK and
-/// SHM_UNLOCK; IPC_INFO and SHM_INFO (limits of the system) go to `real`.
-///
-/// # Safety
-/// `buf` is what the caller passed: valid for the command as shmctl(2)
-/// requires (read for IPC_SET, written for IPC_STAT).
-pub unsafe fn shmctl(
+/// SHM_UNLOCK, of the caller's `buf` (viewed as `ds`); IPC_INFO and
+/// SHM_INFO (limits of the system) go to `real`.
+fn control(
     shmid: c_int,
     cmd: c_int,
     buf: *mut shmid_ds,
+    ds: Option<PtrMut<'_, shmid_ds>>,
     real: impl FnOnce(c_int, c_int, *mut shmid_ds) -> c_int,
 ) -> c_int {
     const IPC_64: c_int = 0x100;
@@ -793,15 +778,16 @@ pub unsafe fn shmctl(
         libc::IPC_STAT | libc::IPC_SET | libc::IPC_RMID | libc::SHM_LOCK | libc::SHM_UNLOCK => {}
         _ => return fail(libc::EINVAL, -1),
     }
-    if (c == libc::IPC_STAT || c == libc::IPC_SET) && buf.is_null() {
-        return fail(libc::EFAULT, -1);
-    }
-    let set = if c == libc::IPC_SET {
-        // SAFETY: non-null, readable by the caller's contract.
-        let p = unsafe { &(*buf).shm_perm };
-        Some((p.uid, p.gid, p.mode as u32))
-    } else {
-        None
+    let ds = match ds {
+        None if c == libc::IPC_STAT || c == libc::IPC_SET => return fail(libc::EFAULT, -1),
+        ds => ds,
+    };
+    let set = match &ds {
+        Some(ds) if c == libc::IPC_SET => {
+            let p = ds.read().shm_perm;
+            Some((p.uid, p.gid, p.mode as u32))
+        }
+        _ => None,
     };
     // SHM_LOCK/UNLOCK: segments are never swapped by krg's choice; the
     // call checks that the segment exists and the caller may see it.
@@ -816,9 +802,10 @@ pub unsafe fn shmctl(
         set,
     }) {
         Ok(Response::Shm(info)) => {
-            if c == libc::IPC_STAT {
-                // SAFETY: non-null, writable by the caller's contract.
-                unsafe { fill_ds(&mut *buf, &info) };
+            if let Some(ds) = ds.filter(|_| c == libc::IPC_STAT) {
+                let mut d = ds.read();
+                fill_ds(&mut d, &info);
+                ds.write(d);
             }
             0
         }
@@ -864,10 +851,7 @@ pub fn register_atfork() {
             inside(|| after_fork_child(g));
         }
     }
-    // SAFETY: registering handlers with no preconditions.
-    unsafe {
-        libc::pthread_atfork(Some(prepare), Some(parent), Some(child));
-    }
+    crate::sys::process::atfork(Some(prepare), Some(parent), Some(child));
 }
 
 fn after_fork_child(mut held: MutexGuard<'static, Vec<Att>>) {
@@ -889,8 +873,8 @@ fn after_fork_child(mut held: MutexGuard<'static, Vec<Att>>) {
                     a.shmid,
                     a.addr
                 );
-                // SAFETY: the child's inherited copy of the attachment.
-                unsafe { libc::munmap(a.addr as *mut c_void, a.len as usize) };
+                // The child's inherited copy of the attachment.
+                let _ = abi::unmap(a.addr as *mut c_void, a.len as usize);
             }
         }
     }
@@ -953,9 +937,9 @@ pub fn after_restore() {
                     a.shmid,
                     a.addr
                 );
-                // SAFETY: the placeholder of the attachment, which the
+                // The placeholder of the attachment, which the
                 // application must not read as the segment.
-                unsafe { libc::munmap(a.addr as *mut c_void, a.len as usize) };
+                let _ = abi::unmap(a.addr as *mut c_void, a.len as usize);
                 false
             }
         })
@@ -972,21 +956,18 @@ fn reattach(a: &Att) -> Result<(), (i32, String)> {
     } else {
         libc::PROT_READ | libc::PROT_WRITE
     };
-    // SAFETY: replaces the image's placeholder for this attachment (same
-    // address and length) with the segment's memory object.
-    let p = unsafe {
-        libc::mmap(
-            a.addr as *mut c_void,
-            a.len as usize,
-            prot,
-            libc::MAP_SHARED | libc::MAP_FIXED,
-            mem.as_raw_fd(),
-            a.off as libc::off_t,
-        )
-    };
+    // Replaces the image's placeholder for this attachment (same address
+    // and length) with the segment's memory object.
+    let p = abi::map(
+        a.addr as *mut c_void,
+        a.len as usize,
+        prot,
+        libc::MAP_SHARED | libc::MAP_FIXED,
+        mem.as_raw_fd(),
+        a.off as libc::off_t,
+    );
     drop(mem);
-    if p == libc::MAP_FAILED {
-        let e = std::io::Error::last_os_error();
+    if let Err(e) = p {
         let _ = call(&Request::ShmDetach {
             shmid: a.shmid,
             addr: 0,
@@ -999,4 +980,64 @@ fn reattach(a: &Att) -> Result<(), (i32, String)> {
             addr: 0,
         });
     })
+}
+
+pub use abi::{munmap, shmctl};
+
+/// The fence of this module: its entry points that take the application's
+/// raw pointers, and the one place where it maps and unmaps memory
+/// (allowed `unsafe`).
+///
+/// [`map`](abi::map) and [`unmap`](abi::unmap) are safe to call because of
+/// what this module maps and unmaps, never anything else: a range the
+/// application named in its own `mmap`, `shmat`, `munmap` or `shmdt`
+/// (which, by those calls' contracts, it gives up to their result), or an
+/// attachment this module made for it (replaced or removed in its name
+/// after a fork or a restore). libkrg keeps no Rust object in any of them.
+#[allow(unsafe_code)]
+mod abi {
+    use super::*;
+
+    /// `mmap(2)` of the application's memory (see the module's rule).
+    pub(super) fn map(
+        addr: *mut c_void,
+        len: size_t,
+        prot: c_int,
+        flags: c_int,
+        fd: c_int,
+        off: libc::off_t,
+    ) -> std::io::Result<*mut c_void> {
+        // SAFETY: the fence's rule: the range is the application's.
+        unsafe { crate::sys::mem::map(addr, len, prot, flags, fd, off) }
+    }
+
+    /// `munmap(2)` of the application's memory (see the module's rule).
+    pub(super) fn unmap(addr: *mut c_void, len: size_t) -> std::io::Result<()> {
+        // SAFETY: the fence's rule: the range is the application's.
+        unsafe { crate::sys::mem::unmap(addr, len) }
+    }
+
+    /// `munmap(addr, len)`: see [`unmap_attached`].
+    ///
+    /// # Safety
+    /// As munmap(2): the caller gives up `[addr, addr+len)`.
+    pub unsafe fn munmap(addr: *mut c_void, len: size_t) -> Option<c_int> {
+        unmap_attached(addr, len)
+    }
+
+    /// `shmctl(shmid, cmd, buf)`: see [`control`].
+    ///
+    /// # Safety
+    /// `buf` is what the caller passed: valid for the command as shmctl(2)
+    /// requires (read for IPC_SET, written for IPC_STAT).
+    pub unsafe fn shmctl(
+        shmid: c_int,
+        cmd: c_int,
+        buf: *mut shmid_ds,
+        real: impl FnOnce(c_int, c_int, *mut shmid_ds) -> c_int,
+    ) -> c_int {
+        // SAFETY: the function's contract, for the duration of the call:
+        // the commands that read or write `buf` are given a view of it.
+        control(shmid, cmd, buf, unsafe { PtrMut::new(buf) }, real)
+    }
 }
