@@ -5,6 +5,8 @@
 //! start: a list of bare names replaces the inherited set, `+name`/`-name`
 //! adjust it, `all` and `none` are shorthands.
 
+#![deny(unsafe_code)]
+
 use std::fmt;
 
 /// A set of SSI capabilities, as a bit mask.

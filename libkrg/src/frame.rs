@@ -4,6 +4,8 @@
 //! validates the archive; a frame longer than the caller's limit is refused
 //! before anything is read into memory.
 
+#![deny(unsafe_code)]
+
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::rancor;
 use rkyv::ser::allocator::ArenaHandle;

@@ -11,6 +11,8 @@
 //! a process that left the node, so a gpid never changes and never repeats
 //! while its owner lives.
 
+#![deny(unsafe_code)]
+
 /// Bits reserved for the local part of a gpid.
 pub const NODE_SHIFT: u32 = 22;
 /// Mask of the local part.

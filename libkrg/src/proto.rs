@@ -6,6 +6,8 @@
 //! before use, see [`crate::frame`]. The data types used here are also
 //! serde-serialisable because the agents exchange them with each other.
 
+#![deny(unsafe_code)]
+
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Bumped whenever a message changes incompatibly.

@@ -17,9 +17,6 @@
 //!   number is the kernel's `EBADF`, not memory unsafety. Descriptors the
 //!   kernel creates come back as `OwnedFd`.
 
-// Until the modules use it.
-#![allow(dead_code)]
-
 pub mod fd;
 pub mod mem;
 pub mod poll;
