@@ -37,7 +37,7 @@ extern "C" {
 extern "C" fn constructor() {
     resolve_all();
     vfork::resolve();
-    libkrg::rt::init();
+    libkrg::start::init();
 }
 
 #[used]

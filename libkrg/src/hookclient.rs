@@ -190,9 +190,9 @@ impl HookCallError {
 impl fmt::Display for HookCallError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HookCallError::Io { op, errno } => write!(f, "{op}: {}", crate::rt::Errno(*errno)),
+            HookCallError::Io { op, errno } => write!(f, "{op}: {}", crate::sys::Errno(*errno)),
             HookCallError::Agent { errno, msg } => {
-                write!(f, "{} ({})", msg.as_str(), crate::rt::Errno(*errno))
+                write!(f, "{} ({})", msg.as_str(), crate::sys::Errno(*errno))
             }
             HookCallError::Protocol(what) => f.write_str(what),
         }

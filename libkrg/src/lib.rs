@@ -33,6 +33,7 @@ pub mod processes;
 pub mod procfs;
 pub mod proto;
 pub mod rt;
+pub mod start;
 #[allow(unsafe_code)]
 pub mod streams;
 pub mod sync;

@@ -166,7 +166,25 @@ pub fn after_fork_child() {
         PPID.clear();
     }
     rt::after_fork_child();
-    crate::checkpoint::alloc::after_fork_child();
+    if let Some(h) = FORK_HOOKS.get() {
+        (h.child)();
+    }
+}
+
+/// What the subsystems above this one do around a `fork` (set once by
+/// `crate::start`: processes never calls up into them).
+pub struct ForkHooks {
+    /// In the parent, before the child is created.
+    pub before: fn(),
+    /// In the child, once its identity is reset.
+    pub child: fn(),
+}
+
+static FORK_HOOKS: std::sync::OnceLock<ForkHooks> = std::sync::OnceLock::new();
+
+/// Say what the subsystems above do around a fork (once).
+pub fn set_fork_hooks(h: ForkHooks) {
+    let _ = FORK_HOOKS.set(h);
 }
 
 /// `k` is this process's kernel child standing for gpid `g` (a child
@@ -625,9 +643,9 @@ pub fn fork(real: impl FnOnce() -> pid_t) -> pid_t {
     // A pending process registers itself before it has children, so that
     // they can translate their parent.
     let _ = my_gpid();
-    // A child forked while pages are still arriving by post-copy would
-    // see zeros where they are missing: wait for the last one.
-    crate::checkpoint::wait_postcopy();
+    if let Some(h) = FORK_HOOKS.get() {
+        (h.before)();
+    }
     let k = real();
     if k == 0 {
         after_fork_child();

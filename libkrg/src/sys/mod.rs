@@ -72,3 +72,18 @@ pub fn strerror(errno: i32, buf: &mut [u8; 128]) -> Option<&str> {
         _ => None,
     }
 }
+
+/// Formats an errno value as `strerror` would, without allocating in the
+/// "C" locale (under another, glibc's gettext mallocs: the capture handler
+/// switches its thread to "C").
+pub struct Errno(pub i32);
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut buf = [0u8; 128];
+        match strerror(self.0, &mut buf) {
+            Some(s) => f.write_str(s),
+            None => write!(f, "errno {}", self.0),
+        }
+    }
+}
