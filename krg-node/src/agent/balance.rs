@@ -21,7 +21,8 @@
 //! runnable and capturable (no children, no fd that cannot move) are
 //! candidates; the one with the most CPU time lately goes first.
 
-use super::{Agent, Caps};
+use super::Agent;
+use libkrg::caps::Caps;
 use libkrg::proto::CkptOrder;
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -17,10 +17,12 @@ use super::remote::SpawnSpec;
 use super::{err, Agent, Caller};
 use libkrg::caps::Caps;
 use libkrg::checkpoint::fds::refusal;
-use libkrg::proto::{CkptAction, CkptDoneInfo, CkptOrder, ErrorReply, Response, RestartReq};
+use libkrg::proto::{
+    CkptAction, CkptDoneInfo, CkptOrder, ErrorReply, Request, Response, RestartReq,
+};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{debug, info};
@@ -214,12 +216,52 @@ fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
     matches!((info(pa, a), info(pb, b)), (Some(x), Some(y)) if x == y)
 }
 
+/// A local request about checkpoint, migration or restart (see
+/// `Agent::handle_local`).
+pub(super) async fn handle(
+    agent: &Arc<Agent>,
+    req: Request,
+    who: Caller,
+) -> Result<Response, ErrorReply> {
+    match req {
+        Request::Checkpoint { pid, dir, kill } => {
+            let order = CkptOrder {
+                action: CkptAction::Checkpoint,
+                path: dir,
+                kill,
+                node: 0,
+                streams: Vec::new(),
+                precopy: false,
+            };
+            Ok(Response::Ckpt(
+                agent.checkpoint(pid, order, who.uid, 0).await?,
+            ))
+        }
+        Request::Migrate { pid, node, precopy } => {
+            let order = CkptOrder::migrate(node, precopy);
+            Ok(Response::Ckpt(
+                agent.checkpoint(pid, order, who.uid, 0).await?,
+            ))
+        }
+        Request::CkptOrder => Ok(Response::CkptOrder(agent.ckpt_order(who))),
+        Request::CkptDone { ok, msg, bytes } => {
+            agent.ckpt_done(who, ok, msg, bytes);
+            Ok(Response::Ok)
+        }
+        Request::Restart(req) => Ok(Response::Ckpt(agent.restart(who, req).await?)),
+        Request::SharedWith { links, mems, files } => {
+            agent.shared_with(who, links, mems, files).await
+        }
+        other => Err(super::misrouted(&other)),
+    }
+}
+
 impl Agent {
     /// `SharedWith` from a process about to be captured: what of `links`
     /// (its own pipes and socketpairs) and `mems` (its shared memory to be
     /// copied) other processes of this node hold too, described for the
     /// refusal.
-    pub(super) async fn shared_with(
+    async fn shared_with(
         &self,
         who: Caller,
         links: Vec<String>,
@@ -605,7 +647,7 @@ impl Agent {
     }
 
     /// `CkptOrder` from a process in its handler.
-    pub(super) fn ckpt_order(&self, who: Caller) -> CkptOrder {
+    fn ckpt_order(&self, who: Caller) -> CkptOrder {
         let mut o = self.orders.lock();
         match o.get_mut(&who.pid) {
             Some(p) if !p.taken => {
@@ -624,7 +666,7 @@ impl Agent {
     }
 
     /// `CkptDone` from a process.
-    pub(super) fn ckpt_done(&self, who: Caller, ok: bool, msg: String, bytes: u64) {
+    fn ckpt_done(&self, who: Caller, ok: bool, msg: String, bytes: u64) {
         let mut o = self.orders.lock();
         if let Some(p) = o.get_mut(&who.pid) {
             if let Some(tx) = p.done.take() {
@@ -709,7 +751,7 @@ impl Agent {
     /// After a restart where parked connections waited: migrate the
     /// restored process to the node the restart asked for, once it runs
     /// (tried for a while: the restore takes a moment).
-    async fn move_once_restored(self: std::sync::Arc<Self>, g: i32, to: u32, uid: u32) {
+    async fn move_once_restored(self: Arc<Self>, g: i32, to: u32, uid: u32) {
         let order = CkptOrder::migrate(to, false);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -735,17 +777,12 @@ impl Agent {
 
     /// `krg restart`: start the image on the chosen node; the caller is the
     /// shadow. Answers the restored process's gpid and node.
-    pub(super) async fn restart(
-        self: &std::sync::Arc<Self>,
+    async fn restart(
+        self: &Arc<Self>,
         who: Caller,
         req: RestartReq,
     ) -> Result<CkptDoneInfo, ErrorReply> {
-        if who.pid <= 0 {
-            return Err(err(
-                libc::EPERM,
-                "caller is not visible in this node's pid namespace",
-            ));
-        }
+        who.kpid()?;
         let up = |n: u32| self.is_up(n) || n == self.node_id();
         // An image with parked connections is restored where they wait (it
         // takes the same sockets back), then moved where it was asked to go.

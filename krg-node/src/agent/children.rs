@@ -10,8 +10,9 @@
 //! before its child shadow waits for it.
 
 use super::{err, Agent, Caller};
-use libkrg::proto::{ErrorReply, Response};
+use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Ends reported before their child shadow asked (bounded: a report whose
 /// child shadow never comes must not stay forever).
@@ -58,9 +59,24 @@ pub(super) fn children_gpids(
     Ok(out)
 }
 
+/// A local request about the children of a moved process (see
+/// `Agent::handle_local`).
+pub(super) async fn handle(
+    agent: &Arc<Agent>,
+    req: Request,
+    who: Caller,
+) -> Result<Response, ErrorReply> {
+    match req {
+        Request::MovedChildren => agent.moved_children(who),
+        Request::ChildShadow { gpid } => agent.child_shadow(who, gpid).await,
+        Request::ChildExited { kpid, status } => agent.child_exited(who, kpid, status).await,
+        other => Err(super::misrouted(&other)),
+    }
+}
+
 impl Agent {
     /// `MovedChildren` from a restored process.
-    pub(super) fn moved_children(&self, who: Caller) -> Result<Response, ErrorReply> {
+    fn moved_children(&self, who: Caller) -> Result<Response, ErrorReply> {
         let t = self.procs();
         let p = t
             .translate(who.pid)
@@ -72,7 +88,7 @@ impl Agent {
     /// `ChildShadow`: the caller stands for child `g` of its parent, a
     /// restored process that had that child where it was captured; answered
     /// with the child's wait status once it has ended.
-    pub(super) async fn child_shadow(&self, who: Caller, g: i32) -> Result<Response, ErrorReply> {
+    async fn child_shadow(&self, who: Caller, g: i32) -> Result<Response, ErrorReply> {
         let st =
             super::procs::read_stat(who.pid).ok_or_else(|| err(libc::ESRCH, "caller exited"))?;
         {
@@ -132,7 +148,7 @@ impl Agent {
 
     /// `ChildExited` from a shadow: its kernel child `kpid` ended. The
     /// report goes where the shadow's program went.
-    pub(super) async fn child_exited(
+    async fn child_exited(
         &self,
         who: Caller,
         kpid: i32,

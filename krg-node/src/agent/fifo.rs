@@ -21,8 +21,8 @@
 //! writer on the reader's node opens the FIFO itself. A non-blocking
 //! writer that finds no reader gets `ENXIO`.
 
-use super::{err, Agent};
-use libkrg::proto::{ErrorReply, Response};
+use super::{err, Agent, Answer, Caller};
+use libkrg::proto::{ErrorReply, Request, Response};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -85,14 +85,43 @@ impl Fifos {
 /// until its partner comes).
 const MEET_DEADLINE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
+/// A local request about a FIFO (see `Agent::handle_local`); an open
+/// answers with a descriptor when its partner is on another node.
+pub(super) async fn handle(
+    agent: &Arc<Agent>,
+    req: Request,
+    who: Caller,
+) -> Result<Answer, ErrorReply> {
+    match req {
+        Request::FifoOpen {
+            path,
+            dev,
+            ino,
+            write,
+            nonblock,
+        } => {
+            agent
+                .fifo_open(FifoKey { path, dev, ino }, write, nonblock)
+                .await
+        }
+        Request::FifoStand { path, dev, ino } => Ok((
+            agent
+                .fifo_stand(who.pid, FifoKey { path, dev, ino })
+                .await?,
+            Vec::new(),
+        )),
+        other => Err(super::misrouted(&other)),
+    }
+}
+
 impl Agent {
     /// `FifoOpen` from a local process.
-    pub(crate) async fn fifo_open(
+    async fn fifo_open(
         self: &Arc<Self>,
         key: FifoKey,
         write: bool,
         nonblock: bool,
-    ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
+    ) -> Result<Answer, ErrorReply> {
         let home = self.key_home();
         let me = self.node_id();
         let m = if home == me {
@@ -119,11 +148,7 @@ impl Agent {
 
     /// `FifoStand` from a local process (kernel pid `kpid`): a
     /// non-blocking reader opened `key` here; the home learns it.
-    pub(crate) async fn fifo_stand(
-        self: &Arc<Self>,
-        kpid: i32,
-        key: FifoKey,
-    ) -> Result<Response, ErrorReply> {
+    async fn fifo_stand(self: &Arc<Self>, kpid: i32, key: FifoKey) -> Result<Response, ErrorReply> {
         {
             let mut r = self.fifos.lock();
             let pids = r.here.entry(key.clone()).or_default();

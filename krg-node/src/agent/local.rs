@@ -174,11 +174,11 @@ async fn client(agent: Arc<Agent>, mut s: UnixStream) -> std::io::Result<()> {
         // that goes away (killed, interrupted) withdraws from the wait.
         let (r, fds) = if matches!(req, Request::FifoOpen { .. }) {
             tokio::select! {
-                r = agent.handle_local_fds(req, who) => r,
+                r = agent.handle_local(req, who) => r,
                 _ = hung_up(&s) => return Ok(()),
             }
         } else {
-            agent.handle_local_fds(req, who).await
+            agent.handle_local(req, who).await
         };
         reply(&mut s, &r).await?;
         if !fds.is_empty() {

@@ -1,6 +1,7 @@
 //! The krg agent, one per host: membership and heartbeats with the other
-//! agents (tarpc over TCP, key-authenticated), the node's process table, and
-//! the local Unix socket that serves application processes and `krg`.
+//! agents (tarpc over TCP, key-authenticated), and the routing of each
+//! request of the local socket (application processes and `krg`) to the
+//! subsystem that answers it; peers' calls are answered in `peer_server`.
 //! See docs/architecture/agent.md.
 
 pub mod auth;
@@ -13,6 +14,7 @@ pub mod fifo;
 pub mod local;
 pub mod parked;
 pub mod peer;
+mod peer_server;
 pub mod probe;
 pub mod procs;
 pub mod remote;
@@ -26,13 +28,13 @@ mod sys;
 pub mod unix;
 
 use crate::agent::config::Config;
-use crate::agent::peer::{GroupKill, Heartbeat, Peer, PeerClient};
+use crate::agent::peer::{Heartbeat, PeerClient};
 use crate::agent::procs::ProcTable;
-use libkrg::caps::Caps;
 use libkrg::gpid;
-use libkrg::proto::{CapsInfo, ErrorReply, NodeStatus, ProcInfo, Request, Response};
+use libkrg::proto::{ErrorReply, NodeStatus, Request, Response};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tarpc::context;
@@ -58,6 +60,40 @@ pub struct Caller {
     pub pid: i32,
     pub uid: u32,
     pub gid: u32,
+}
+
+impl Caller {
+    /// The caller's kernel pid, if this node's pid namespace shows it.
+    pub(crate) fn kpid(&self) -> Result<i32, ErrorReply> {
+        if self.pid > 0 {
+            Ok(self.pid)
+        } else {
+            Err(err(
+                libc::EPERM,
+                "caller is not visible in this node's pid namespace",
+            ))
+        }
+    }
+}
+
+/// An answer on the local socket, and the descriptors sent after it
+/// (`SCM_RIGHTS`) when it announces some.
+pub(crate) type Answer = (Response, Vec<OwnedFd>);
+
+/// An answer without descriptors.
+fn bare(r: Response) -> Answer {
+    (r, Vec::new())
+}
+
+/// A request handed to a subsystem that does not serve it (a mistake in
+/// `Agent::handle_local`'s routing).
+pub(crate) fn misrouted(req: &Request) -> ErrorReply {
+    let name = format!("{req:?}");
+    let name = name.split([' ', '(', '{']).next().unwrap_or_default();
+    err(
+        libc::EINVAL,
+        format!("{name}: routed to the wrong subsystem"),
+    )
 }
 
 #[derive(Debug)]
@@ -228,9 +264,10 @@ impl Agent {
         }
     }
 
-    /// A heartbeat arrived from a peer.
-    fn on_heartbeat(&self, hb: Heartbeat) -> Heartbeat {
-        let id = hb.from.id;
+    /// A heartbeat arrived from a peer: it is up, and its scheduling
+    /// policy is fetched if newer.
+    fn on_heartbeat(self: &Arc<Self>, hb: Heartbeat) -> Heartbeat {
+        let (id, version) = (hb.from.id, hb.sched);
         if id != self.cfg.node_id && id != 0 && id <= gpid::MAX_NODE {
             let addr = hb.from.address.parse().ok();
             let mut m = self.members();
@@ -248,11 +285,15 @@ impl Agent {
             e.status = Some(hb.from);
         }
         self.learn(&hb.known);
-        Heartbeat {
+        let reply = Heartbeat {
             from: self.self_status(),
             known: self.known(),
             sched: self.sched_version(),
+        };
+        if id != self.cfg.node_id {
+            self.sched_sync(id, version);
         }
+        reply
     }
 
     /// An authenticated client for node `id`, connecting if needed.
@@ -426,43 +467,6 @@ impl Agent {
         }
     }
 
-    /// Where a new program of local kernel pid `kpid` should run: the
-    /// scheduler's choice (a pin first, if that node is up).
-    fn placement(&self, kpid: i32, pinned: Option<u32>) -> u32 {
-        if pinned.is_none() && self.sched.is_local() {
-            // The default policy: no need to read the program's /proc files
-            // on every exec of every SSI process.
-            return self.cfg.node_id;
-        }
-        let argv: Vec<String> = std::fs::read(format!("/proc/{kpid}/cmdline"))
-            .map(|b| {
-                b.split(|c| *c == 0)
-                    .filter(|a| !a.is_empty())
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let exe = std::fs::read_link(format!("/proc/{kpid}/exe"))
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        self.placement_of(kpid, pinned, exe, argv)
-    }
-
-    /// [`Agent::placement`] of program `exe` with `argv` (not exec'd yet).
-    fn placement_of(&self, kpid: i32, pinned: Option<u32>, exe: String, argv: Vec<String>) -> u32 {
-        if pinned.is_none() && self.sched.is_local() {
-            return self.cfg.node_id;
-        }
-        let uid = procs::read_uids(kpid).map(|u| u[0]).unwrap_or(u32::MAX);
-        self.place(&sched::PlaceRequest {
-            origin_node: self.cfg.node_id,
-            uid,
-            exe,
-            argv,
-            pinned,
-        })
-    }
-
     /// Every node of the cluster, this one first.
     pub fn status(&self) -> Vec<NodeStatus> {
         let mut v = vec![self.self_status()];
@@ -489,811 +493,73 @@ impl Agent {
         v
     }
 
-    /// Every SSI process of the cluster (nodes that do not answer in time
-    /// are left out).
-    pub async fn ps(&self) -> Vec<ProcInfo> {
-        let mut all = self.procs().ps();
-        let calls = self.up_peers().into_iter().map(|id| async move {
-            match self.client(id).await {
-                Ok(c) => match c.procs(ctx()).await {
-                    Ok(v) => v,
-                    Err(e) => {
-                        warn!("ps: node {id} did not answer: {e}");
-                        self.drop_client(id);
-                        Vec::new()
-                    }
-                },
-                Err(e) => {
-                    warn!("ps: {}", e.msg);
-                    Vec::new()
-                }
+    /// Serve one request from the local socket: each subsystem answers
+    /// its own requests (`handle` in its file). With the answer come the
+    /// descriptors it announces, if any.
+    pub async fn handle_local(self: &Arc<Self>, req: Request, who: Caller) -> Answer {
+        use Request as R;
+        let answer = match req {
+            R::Hello { .. }
+            | R::Whoami
+            | R::Ensure { .. }
+            | R::Translate { .. }
+            | R::TranslateGroup { .. }
+            | R::Resolve { .. }
+            | R::ResolveRunning { .. }
+            | R::Kill { .. }
+            | R::Ps
+            | R::CapGet { .. }
+            | R::CapSet { .. } => procs::handle(self, req, who).await.map(bare),
+            R::Status => Ok(bare(Response::Status(self.status()))),
+            R::PlaceExec { .. } | R::RemoteExec(_) => {
+                remote::handle(self, req, who).await.map(bare)
             }
-        });
-        for v in futures::future::join_all(calls).await {
-            all.extend(v);
-        }
-        all.sort_by_key(|p| (p.node, p.pid));
-        all
-    }
-
-    /// The node that answers for a gpid (its origin node: the one that
-    /// knows where it runs).
-    fn owner(&self, pid: i32) -> Result<u32, ErrorReply> {
-        let node = gpid::node_of(pid).ok_or_else(|| {
-            err(
-                libc::ESRCH,
-                format!("{pid} is not a cluster pid (no SSI process has it)"),
-            )
-        })?;
-        if node != self.cfg.node_id && !self.may_reach(node) {
-            let known = self.members().contains_key(&node);
-            return Err(err(
-                libc::ESRCH,
-                if known {
-                    format!("pid {pid}: its node {node} is down")
-                } else {
-                    format!("pid {pid}: no such process (no node {node} in the cluster)")
-                },
-            ));
-        }
-        Ok(node)
-    }
-
-    async fn kill_one(&self, pid: i32, sig: i32, uid: u32) -> Result<(), ErrorReply> {
-        self.owner(pid)?;
-        self.kill_routed(pid, sig, uid, 0).await
-    }
-
-    /// Deliver to a gpid wherever it runs: here, where this node knows it
-    /// went (it is its origin, or holds its shadow), else ask its origin.
-    async fn kill_routed(&self, g: i32, sig: i32, uid: u32, hops: u8) -> Result<(), ErrorReply> {
-        if hops > 3 {
-            return Err(err(
-                libc::ESRCH,
-                format!("pid {g}: lost while routing the signal"),
-            ));
-        }
-        let me = self.cfg.node_id;
-        let target = {
-            let t = self.procs();
-            match t.runs_elsewhere(g) {
-                Some(n) if n != me => n,
-                _ if t.get(g).is_some() => return t.kill(g, sig, uid),
-                _ => {
-                    let origin = gpid::node_of(g).unwrap_or(me);
-                    if origin == me || hops > 0 {
-                        return Err(err(libc::ESRCH, format!("pid {g}: no such process")));
-                    }
-                    origin
-                }
+            R::SchedGet | R::SchedSet { .. } | R::SchedPlace { .. } | R::SchedBalance { .. } => {
+                sched::handle(self, req, who).await.map(bare)
+            }
+            R::MovedChildren | R::ChildShadow { .. } | R::ChildExited { .. } => {
+                children::handle(self, req, who).await.map(bare)
+            }
+            R::Checkpoint { .. }
+            | R::Migrate { .. }
+            | R::CkptOrder
+            | R::CkptDone { .. }
+            | R::Restart(_)
+            | R::SharedWith { .. } => checkpoint::handle(self, req, who).await.map(bare),
+            R::ShmGet { .. }
+            | R::ShmAttach { .. }
+            | R::ShmMapped { .. }
+            | R::ShmFutex { .. }
+            | R::ShmOpen { .. }
+            | R::ShmUnlink { .. }
+            | R::ShmResize { .. }
+            | R::ShmFd { .. }
+            | R::ShmDetach { .. }
+            | R::ShmCtl { .. }
+            | R::Ipcs => dsm::handle(self, req, who).await,
+            R::SemGet { .. } | R::SemOp { .. } | R::SemCtl { .. } => {
+                sync::handle(self, req, who).await.map(bare)
+            }
+            R::PortBind { .. }
+            | R::PortOwner { .. }
+            | R::LoopbackPeer { .. }
+            | R::NodeAddrs
+            | R::StreamFreeze { .. }
+            | R::StreamFrozen { .. }
+            | R::StreamDrained { .. }
+            | R::StreamAwait { .. }
+            | R::StreamAttach { .. }
+            | R::ShadowRelays(_) => streams::handle(self, req, who).await,
+            R::Park { .. }
+            | R::Unpark { .. }
+            | R::ForwardParked { .. }
+            | R::TakeForwarded { .. } => parked::handle(self, req, who).await,
+            R::FifoOpen { .. } | R::FifoStand { .. } => fifo::handle(self, req, who).await,
+            R::UnixListen { .. } | R::UnixConnect { .. } | R::UnixTake { .. } => {
+                unix::handle(self, req, who).await
             }
         };
-        if !self.may_reach(target) {
-            return Err(err(
-                libc::ESRCH,
-                format!("pid {g}: its node {target} is down"),
-            ));
-        }
-        let c = self.client(target).await?;
-        c.kill(ctx(), g, sig, uid, hops + 1).await.map_err(|e| {
-            self.drop_client(target);
-            err(libc::EHOSTUNREACH, format!("pid {g}: node {target}: {e}"))
-        })?
-    }
-
-    async fn kill_group(&self, pgid: i32, sig: i32, uid: u32) -> Result<(), ErrorReply> {
-        let mut total = self.procs().kill_group(pgid, sig, uid);
-        let calls = self.up_peers().into_iter().map(|id| async move {
-            match self.client(id).await {
-                Ok(c) => c
-                    .kill_group(ctx(), pgid, sig, uid)
-                    .await
-                    .unwrap_or_default(),
-                Err(_) => GroupKill::default(),
-            }
-        });
-        for g in futures::future::join_all(calls).await {
-            total.0 += g.found;
-            total.1 += g.sent;
-            if g.error.is_some() {
-                total.2 = g.error;
-            }
-        }
-        match total {
-            (0, _, _) => Err(err(
-                libc::ESRCH,
-                format!("process group {pgid}: no such process group"),
-            )),
-            (_, 0, e) => Err(e.unwrap_or_else(|| {
-                err(
-                    libc::EPERM,
-                    format!("process group {pgid}: operation not permitted"),
-                )
-            })),
-            _ => Ok(()),
-        }
-    }
-
-    fn cap_get_local(&self, g: i32) -> Result<CapsInfo, ErrorReply> {
-        let t = self.procs();
-        let p = t
-            .get(g)
-            .ok_or_else(|| err(libc::ESRCH, format!("pid {g}: no such process")))?;
-        Ok(CapsInfo {
-            gpid: g,
-            effective: p.caps_eff.0,
-            inheritable: p.caps_inh.0,
-        })
-    }
-
-    fn cap_set_local(
-        &self,
-        g: i32,
-        spec: &str,
-        eff: bool,
-        inh: bool,
-        uid: u32,
-    ) -> Result<CapsInfo, ErrorReply> {
-        let mut t = self.procs();
-        let p = t
-            .get(g)
-            .ok_or_else(|| err(libc::ESRCH, format!("pid {g}: no such process")))?;
-        ProcTable::permitted(p, uid)?;
-        let p = t.get_mut(g).expect("just found");
-        if eff {
-            p.caps_eff =
-                Caps::apply(p.caps_eff, spec).map_err(|e| err(libc::EINVAL, e.to_string()))?;
-        }
-        if inh {
-            p.caps_inh =
-                Caps::apply(p.caps_inh, spec).map_err(|e| err(libc::EINVAL, e.to_string()))?;
-        }
-        info!(
-            "capabilities of {g} set to {} (inheritable {})",
-            p.caps_eff, p.caps_inh
-        );
-        Ok(CapsInfo {
-            gpid: g,
-            effective: p.caps_eff.0,
-            inheritable: p.caps_inh.0,
-        })
-    }
-
-    /// Serve one request from the local socket, with the descriptors its
-    /// answer carries (`ShmAttach`).
-    pub async fn handle_local_fds(
-        self: &Arc<Self>,
-        req: Request,
-        who: Caller,
-    ) -> (Response, Vec<std::os::fd::OwnedFd>) {
-        match req {
-            Request::ShmAttach {
-                shmid,
-                rdonly,
-                inherited,
-                need_uffd,
-            } => match self
-                .shm_attach(who, shmid, rdonly, inherited, need_uffd)
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => (Response::Err(e), Vec::new()),
-            },
-            Request::ShmFd { shmid, write } => match self.shm_fd(who, shmid, write).await {
-                Ok(r) => r,
-                Err(e) => (Response::Err(e), Vec::new()),
-            },
-            Request::FifoOpen {
-                path,
-                dev,
-                ino,
-                write,
-                nonblock,
-            } => match self
-                .fifo_open(fifo::FifoKey { path, dev, ino }, write, nonblock)
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => (Response::Err(e), Vec::new()),
-            },
-            Request::UnixListen { path, dev, ino } => {
-                match self
-                    .unix_listen(who, fifo::FifoKey { path, dev, ino })
-                    .await
-                {
-                    Ok(r) => (r, Vec::new()),
-                    Err(e) => (Response::Err(e), Vec::new()),
-                }
-            }
-            Request::UnixConnect {
-                path,
-                dev,
-                ino,
-                pair,
-            } => {
-                match self
-                    .unix_connect(who, fifo::FifoKey { path, dev, ino }, pair)
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(e) => (Response::Err(e), Vec::new()),
-                }
-            }
-            Request::UnixTake { id, pair } => match self.unix_take(who, id, pair).await {
-                Ok(r) => r,
-                Err(e) => (Response::Err(e), Vec::new()),
-            },
-            Request::StreamAwait { id } => match self.stream_await(id).await {
-                Ok(r) => r,
-                Err(e) => (Response::Err(e), Vec::new()),
-            },
-            Request::TakeForwarded { port } => match self.take_forwarded(port).await {
-                Ok(r) => r,
-                Err(e) => (Response::Err(e), Vec::new()),
-            },
-            Request::Unpark { id } => match self.unpark(who, id) {
-                Ok(r) => r,
-                Err(e) => (Response::Err(e), Vec::new()),
-            },
-            Request::StreamAttach {
-                id,
-                node,
-                pending,
-                wr_shut,
-                pipe,
-                pair,
-            } => match async {
-                let pair = pair.map(|p| seqpacket::take_pair(who.pid, p)).transpose()?;
-                self.stream_attach_with(id, node, pending, wr_shut, pipe, pair)
-                    .await
-            }
-            .await
-            {
-                Ok(r) => r,
-                Err(e) => (Response::Err(e), Vec::new()),
-            },
-            req => (self.handle_local(req, who).await, Vec::new()),
-        }
-    }
-
-    /// Serve one request from the local socket.
-    pub async fn handle_local(self: &Arc<Self>, req: Request, who: Caller) -> Response {
-        match self.handle_local_inner(req, who).await {
-            Ok(r) => r,
-            Err(e) => Response::Err(e),
-        }
-    }
-
-    async fn handle_local_inner(
-        self: &Arc<Self>,
-        req: Request,
-        who: Caller,
-    ) -> Result<Response, ErrorReply> {
-        let need_pid = || {
-            if who.pid > 0 {
-                Ok(who.pid)
-            } else {
-                Err(err(
-                    libc::EPERM,
-                    "caller is not visible in this node's pid namespace",
-                ))
-            }
-        };
-        match req {
-            Request::Hello {
-                version,
-                caps_env,
-                pinned,
-            } => {
-                if version != libkrg::proto::PROTO_VERSION {
-                    return Err(err(
-                        libc::EPROTO,
-                        format!(
-                            "protocol version {version} (agent speaks {})",
-                            libkrg::proto::PROTO_VERSION
-                        ),
-                    ));
-                }
-                let kpid = need_pid()?;
-                // A new program: the old one's segment attachments are gone.
-                self.shm_forget(kpid);
-                let (gpid, caps, skip) = {
-                    let mut t = self.procs();
-                    let p = t.register(kpid, Some(caps_env))?;
-                    let r = (p.gpid, p.caps_eff, p.skip_place);
-                    if let Some(p) = t.get_mut(r.0) {
-                        p.skip_place = false;
-                    }
-                    r
-                };
-                let place = if skip || !caps.contains(Caps::DISTANT_FORK) {
-                    0
-                } else {
-                    self.placement(kpid, pinned)
-                };
-                let place = self.place_or_stay(gpid, kpid, place).await;
-                Ok(Response::Hello {
-                    gpid,
-                    node: self.cfg.node_id,
-                    caps: caps.0,
-                    place: if place == self.cfg.node_id { 0 } else { place },
-                    spread: !self.sched.is_local(),
-                })
-            }
-            Request::PlaceExec {
-                exe,
-                argv,
-                caps_env,
-                pinned,
-            } => {
-                let kpid = need_pid()?;
-                // The caps the new program will have (its KRG_CAPS).
-                let (gpid, caps) = {
-                    let mut t = self.procs();
-                    let p = t.register(kpid, Some(caps_env))?;
-                    (p.gpid, p.caps_eff)
-                };
-                let place = if caps.contains(Caps::DISTANT_FORK) {
-                    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-                    self.placement_of(kpid, pinned, s(&exe), argv.iter().map(|a| s(a)).collect())
-                } else {
-                    0
-                };
-                let place = self.place_or_stay(gpid, kpid, place).await;
-                let remote = place != 0 && place != self.cfg.node_id;
-                if let Some(p) = self.procs().get_mut(gpid) {
-                    // Here: its Hello is not placed again.
-                    p.skip_place = !remote;
-                }
-                Ok(Response::Hello {
-                    gpid,
-                    node: self.cfg.node_id,
-                    caps: caps.0,
-                    place: if remote { place } else { 0 },
-                    spread: !self.sched.is_local(),
-                })
-            }
-            Request::RemoteExec(spec) => Ok(Response::Pid(self.remote_exec(who, spec).await?)),
-            Request::ShmGet { key, size, flags } => self.shm_get(who, key, size, flags).await,
-            Request::ShmAttach { .. } => Err(err(
-                libc::EINVAL,
-                "ShmAttach answers with descriptors: not on this path",
-            )),
-            Request::ShmMapped {
-                shmid,
-                addr,
-                len,
-                off,
-                uffd,
-                ..
-            } => self.shm_mapped(who, shmid, addr, len, off, uffd),
-            Request::ShmFutex { shmid, offset, len } => self.shm_futex(who, shmid, offset, len),
-            Request::ShmOpen {
-                name,
-                oflag,
-                mode,
-                size,
-                init,
-            } => self.shm_open(who, name, oflag, mode, size, init).await,
-            Request::ShmUnlink { name } => self.shm_unlink(who, name).await,
-            Request::ShmResize { shmid, size } => self.shm_resize(who, shmid, size).await,
-            Request::ShmFd { .. } => Err(err(
-                libc::EINVAL,
-                "ShmFd answers with a descriptor: not on this path",
-            )),
-            Request::ShmDetach { shmid, addr } => Ok(self.shm_detach(who, shmid, addr).await),
-            Request::ShmCtl { shmid, cmd, set } => self.shm_ctl(who, shmid, cmd, set).await,
-            Request::Ipcs => Ok(self.ipcs().await),
-            Request::SemGet { key, nsems, flags } => self.sem_get(who, key, nsems, flags).await,
-            Request::SemOp {
-                semid,
-                ops,
-                timeout_ns,
-            } => self.sem_op(who, semid, ops, timeout_ns).await,
-            Request::SemCtl {
-                semid,
-                num,
-                cmd,
-                val,
-                array,
-                set,
-            } => self.sem_ctl(who, semid, num, cmd, val, array, set).await,
-            Request::PortBind { port, reuse } => self.port_bind(who, port, reuse).await,
-            Request::PortOwner { port, from, v6 } => self.port_owner(port, from, v6).await,
-            Request::LoopbackPeer { ip, from, port } => {
-                Ok(Response::LoopbackPeer(self.loopback_peer(ip, from, port)))
-            }
-            Request::NodeAddrs => Ok(self.node_addrs()),
-            Request::StreamFreeze {
-                conns,
-                pipes,
-                unix,
-                optional,
-            } => self.stream_freeze(who, conns, pipes, unix, optional).await,
-            Request::StreamFrozen { ids } => self.stream_frozen(&ids),
-            Request::SharedWith { links, mems, files } => {
-                self.shared_with(who, links, mems, files).await
-            }
-            Request::ShadowRelays(relays) => self.shadow_relays(who, relays).await,
-            Request::MovedChildren => self.moved_children(who),
-            Request::ChildShadow { gpid } => self.child_shadow(who, gpid).await,
-            Request::ChildExited { kpid, status } => self.child_exited(who, kpid, status).await,
-            Request::StreamDrained {
-                id,
-                pending,
-                wr_shut,
-                pair,
-            } => self.stream_drained(who, id, pending, wr_shut, pair),
-            Request::Park { fd, moving } => self.park(who, fd, moving),
-            Request::ForwardParked { id, node } => self.forward_parked(who, id, node),
-            Request::FifoStand { path, dev, ino } => {
-                self.fifo_stand(who.pid, fifo::FifoKey { path, dev, ino })
-                    .await
-            }
-            Request::StreamAwait { .. }
-            | Request::Unpark { .. }
-            | Request::TakeForwarded { .. }
-            | Request::StreamAttach { .. }
-            | Request::FifoOpen { .. }
-            | Request::UnixListen { .. }
-            | Request::UnixConnect { .. }
-            | Request::UnixTake { .. } => Err(err(
-                libc::EINVAL,
-                "a stream descriptor request needs the descriptor-passing path",
-            )),
-            Request::Ensure { kpid } => {
-                let me = need_pid()?;
-                if kpid != me {
-                    let st = procs::read_stat(kpid).ok_or_else(|| {
-                        err(libc::ESRCH, format!("no process with kernel pid {kpid}"))
-                    })?;
-                    if st.ppid != me {
-                        return Err(err(
-                            libc::EPERM,
-                            format!("kernel pid {kpid} is neither the caller nor its child"),
-                        ));
-                    }
-                }
-                Ok(Response::Pid(self.procs().register(kpid, None)?.gpid))
-            }
-            Request::Translate { kpid } => {
-                let t = self.procs();
-                // A program started here for a shadow elsewhere has the
-                // agent as its kernel parent: it sees its shadow's parent.
-                if let Some(v) = t.translate(who.pid).and_then(|g| {
-                    let p = t.get(g)?;
-                    let st = procs::read_stat(who.pid)?;
-                    (kpid == st.ppid).then_some(p.vppid).flatten()
-                }) {
-                    if v > 0 {
-                        return Ok(Response::Pid(v));
-                    }
-                }
-                Ok(Response::Pid(t.translate(kpid).unwrap_or(kpid)))
-            }
-            Request::TranslateGroup { kpgid } => Ok(Response::Pid(self.procs().group_gpid(kpgid))),
-            Request::Resolve { gpid: g } => {
-                let k = self.procs().resolve(g).ok_or_else(|| {
-                    err(
-                        libc::ESRCH,
-                        format!("pid {g}: not on node {}", self.cfg.node_id),
-                    )
-                })?;
-                Ok(Response::Pid(k))
-            }
-            Request::ResolveRunning { gpid: g } => {
-                Ok(Response::Pid(self.procs().resolve_running(g)?))
-            }
-            Request::Kill { pid, sig } => {
-                if !(0..=64).contains(&sig) {
-                    return Err(err(libc::EINVAL, format!("invalid signal {sig}")));
-                }
-                if pid > 0 {
-                    self.kill_one(pid, sig, who.uid).await?;
-                } else if pid < -1 {
-                    self.kill_group(-pid, sig, who.uid).await?;
-                } else {
-                    return Err(err(
-                        libc::EINVAL,
-                        format!("kill({pid}): the library handles 0 and -1 locally"),
-                    ));
-                }
-                Ok(Response::Ok)
-            }
-            Request::Ps => Ok(Response::Ps(self.ps().await)),
-            Request::Status => Ok(Response::Status(self.status())),
-            Request::CapGet { gpid: g } => {
-                let node = self.owner(g)?;
-                if node == self.cfg.node_id {
-                    return Ok(Response::Caps(self.cap_get_local(g)?));
-                }
-                let c = self.client(node).await?;
-                let r = c
-                    .cap_get(ctx(), g)
-                    .await
-                    .map_err(|e| err(libc::EHOSTUNREACH, format!("node {node}: {e}")))??;
-                Ok(Response::Caps(r))
-            }
-            Request::CapSet {
-                gpid: g,
-                spec,
-                effective,
-                inheritable,
-            } => {
-                Caps::apply(Caps::NONE, &spec).map_err(|e| err(libc::EINVAL, e.to_string()))?;
-                let node = self.owner(g)?;
-                if node == self.cfg.node_id {
-                    return Ok(Response::Caps(self.cap_set_local(
-                        g,
-                        &spec,
-                        effective,
-                        inheritable,
-                        who.uid,
-                    )?));
-                }
-                let c = self.client(node).await?;
-                let r = c
-                    .cap_set(ctx(), g, spec, effective, inheritable, who.uid)
-                    .await
-                    .map_err(|e| err(libc::EHOSTUNREACH, format!("node {node}: {e}")))??;
-                Ok(Response::Caps(r))
-            }
-            Request::SchedGet => Ok(Response::Sched(self.sched_info())),
-            Request::SchedSet { name, source } => {
-                Ok(Response::Sched(self.sched_set(name, source, who).await?))
-            }
-            Request::SchedPlace {
-                count,
-                exe,
-                argv,
-                pinned,
-            } => Ok(Response::Placed(
-                self.sched_place(count, exe, argv, pinned, who)?,
-            )),
-            Request::SchedBalance { name } => {
-                Ok(Response::Sched(self.sched_balance(name, who).await?))
-            }
-            Request::Whoami => {
-                let kpid = need_pid()?;
-                let t = self.procs();
-                let g = t.translate(kpid).ok_or_else(|| {
-                    err(
-                        libc::ESRCH,
-                        format!("kernel pid {kpid} is not an SSI process"),
-                    )
-                })?;
-                drop(t);
-                let mut t = self.procs();
-                let caps = match t.get_mut(g) {
-                    Some(p) => {
-                        p.restoring = false;
-                        p.caps_eff.0
-                    }
-                    None => 0,
-                };
-                Ok(Response::Hello {
-                    gpid: g,
-                    node: self.cfg.node_id,
-                    caps,
-                    place: 0,
-                    spread: !self.sched.is_local(),
-                })
-            }
-            Request::Checkpoint { pid, dir, kill } => {
-                let order = libkrg::proto::CkptOrder {
-                    action: libkrg::proto::CkptAction::Checkpoint,
-                    path: dir,
-                    kill,
-                    node: 0,
-                    streams: Vec::new(),
-                    precopy: false,
-                };
-                Ok(Response::Ckpt(
-                    self.checkpoint(pid, order, who.uid, 0).await?,
-                ))
-            }
-            Request::Migrate { pid, node, precopy } => {
-                let order = libkrg::proto::CkptOrder::migrate(node, precopy);
-                Ok(Response::Ckpt(
-                    self.checkpoint(pid, order, who.uid, 0).await?,
-                ))
-            }
-            Request::CkptOrder => Ok(Response::CkptOrder(self.ckpt_order(who))),
-            Request::CkptDone { ok, msg, bytes } => {
-                self.ckpt_done(who, ok, msg, bytes);
-                Ok(Response::Ok)
-            }
-            Request::Restart(req) => Ok(Response::Ckpt(self.restart(who, req).await?)),
-        }
-    }
-}
-
-/// The tarpc face of the agent.
-#[derive(Clone, Debug)]
-pub struct PeerServer(pub Arc<Agent>);
-
-impl Peer for PeerServer {
-    async fn heartbeat(self, _: context::Context, hb: Heartbeat) -> Heartbeat {
-        let (from, version) = (hb.from.id, hb.sched);
-        let reply = self.0.on_heartbeat(hb);
-        if from != self.0.node_id() {
-            self.0.sched_sync(from, version);
-        }
-        reply
-    }
-
-    async fn procs(self, _: context::Context) -> Vec<ProcInfo> {
-        self.0.procs().ps()
-    }
-
-    async fn kill(
-        self,
-        _: context::Context,
-        g: i32,
-        sig: i32,
-        uid: u32,
-        hops: u8,
-    ) -> Result<(), ErrorReply> {
-        if !(0..=64).contains(&sig) {
-            return Err(err(libc::EINVAL, format!("invalid signal {sig}")));
-        }
-        self.0.kill_routed(g, sig, uid, hops.max(1)).await
-    }
-
-    async fn kill_group(self, _: context::Context, pgid: i32, sig: i32, uid: u32) -> GroupKill {
-        if !(0..=64).contains(&sig) {
-            return GroupKill::default();
-        }
-        let (found, sent, error) = self.0.procs().kill_group(pgid, sig, uid);
-        GroupKill { found, sent, error }
-    }
-
-    async fn cap_get(self, _: context::Context, g: i32) -> Result<CapsInfo, ErrorReply> {
-        self.0.cap_get_local(g)
-    }
-
-    async fn cap_set(
-        self,
-        _: context::Context,
-        g: i32,
-        spec: String,
-        eff: bool,
-        inh: bool,
-        uid: u32,
-    ) -> Result<CapsInfo, ErrorReply> {
-        self.0.cap_set_local(g, &spec, eff, inh, uid)
-    }
-
-    async fn spawn(
-        self,
-        _: context::Context,
-        spec: remote::SpawnSpec,
-    ) -> Result<(i32, i32), ErrorReply> {
-        self.0.spawn_here(spec).await
-    }
-
-    async fn checkpoint(
-        self,
-        _: context::Context,
-        g: i32,
-        order: libkrg::proto::CkptOrder,
-        uid: u32,
-        hops: u8,
-    ) -> Result<libkrg::proto::CkptDoneInfo, ErrorReply> {
-        self.0.checkpoint(g, order, uid, hops).await
-    }
-
-    async fn set_location(self, _: context::Context, g: i32, node: u32) {
-        self.0.procs().set_location(g, node);
-    }
-
-    async fn child_exited(self, _: context::Context, g: i32, status: i32) {
-        self.0.child_ended(g, status);
-    }
-
-    async fn fifo_meet(
-        self,
-        _: context::Context,
-        key: fifo::FifoKey,
-        node: u32,
-        write: bool,
-        nonblock: bool,
-    ) -> Result<fifo::FifoMatch, ErrorReply> {
-        self.0.fifo_meet(key, node, write, nonblock).await
-    }
-
-    async fn fifo_expect(self, _: context::Context, id: u64) {
-        self.0.expect_connection(id, true);
-    }
-
-    async fn fifo_stand(self, _: context::Context, key: fifo::FifoKey, node: u32) {
-        self.0.fifo_stand_at_home(key, node).await;
-    }
-
-    async fn fifo_feed(self, _: context::Context, key: fifo::FifoKey, id: u64) -> bool {
-        self.0.fifo_feed(key, id).await
-    }
-
-    async fn fifo_reader_here(self, _: context::Context, key: fifo::FifoKey) -> bool {
-        self.0.fifo_reader_here(&key)
-    }
-
-    async fn unix_name_set(self, _: context::Context, key: fifo::FifoKey, node: u32) {
-        self.0.unix_name_set(key, node);
-    }
-
-    async fn unix_name_owner(self, _: context::Context, key: fifo::FifoKey) -> Option<u32> {
-        self.0.unix_name_owner(&key)
-    }
-
-    async fn unix_stand_in(
-        self,
-        _: context::Context,
-        key: fifo::FifoKey,
-        uid: u32,
-        gids: Vec<u32>,
-        seqpacket: bool,
-    ) -> Result<u64, ErrorReply> {
-        self.0.unix_stand_in(key, uid, gids, seqpacket).await
-    }
-
-    // --- scheduling ---
-    async fn sched_get(self, _: context::Context) -> sched::SchedPolicy {
-        self.0.sched_policy()
-    }
-
-    async fn dsm_home(
-        self,
-        _: context::Context,
-        op: dsm::HomeOp,
-    ) -> Result<dsm::HomeReply, ErrorReply> {
-        self.0.home_op(op).await
-    }
-
-    async fn sem_home(
-        self,
-        _: context::Context,
-        op: sync::SemHomeOp,
-    ) -> Result<sync::SemReply, ErrorReply> {
-        self.0.sem_home_op(op).await
-    }
-
-    async fn port_home(
-        self,
-        _: context::Context,
-        op: streams::PortOp,
-    ) -> Result<Option<u32>, ErrorReply> {
-        self.0.port_home_op(op).await
-    }
-
-    async fn port_probe(self, _: context::Context, port: u16, reuse: bool) -> bool {
-        self.0.port_probe(port, reuse).await
-    }
-
-    async fn loopback_peer(self, _: context::Context, ip: [u8; 4], from: u16, port: u16, v6: bool) {
-        self.0.note_loopback_peer(ip, from, port, v6);
-    }
-
-    async fn stream_hold(
-        self,
-        _: context::Context,
-        ends: Vec<streams::End>,
-        commit: bool,
-    ) -> Result<Vec<libkrg::proto::StreamPeer>, ErrorReply> {
-        self.0.stream_hold(ends, commit).await
-    }
-
-    async fn stream_call_off(self, _: context::Context, ids: Vec<u64>) {
-        self.0.call_off(&ids)
-    }
-
-    async fn sched_push(
-        self,
-        _: context::Context,
-        policy: sched::SchedPolicy,
-    ) -> Result<libkrg::proto::SchedInfo, ErrorReply> {
-        let from = policy.version.node;
-        self.0.sched_receive(policy, from)
+        answer.unwrap_or_else(|e| bare(Response::Err(e)))
     }
 }
 
@@ -1321,54 +587,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         agent.cpus
     );
 
-    // Peers.
-    let a = agent.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, addr) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("accept on {}: {e}", a.cfg.listen);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let a = a.clone();
-            tokio::spawn(async move {
-                let _ = s.set_nodelay(true);
-                match auth::server(&mut s, &a.cfg.key, a.cfg.node_id).await {
-                    Ok(id) => {
-                        use tokio::io::AsyncReadExt;
-                        let mut ch = [0u8; 1];
-                        let got =
-                            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ch))
-                                .await;
-                        match (got, ch[0]) {
-                            (Ok(Ok(_)), dsm::link::CHANNEL_TARPC) => {
-                                debug!("node {id} connected from {addr}");
-                                peer::serve(s, PeerServer(a)).await;
-                            }
-                            (Ok(Ok(_)), dsm::link::CHANNEL_DSM) => {
-                                debug!("node {id}: shared memory link from {addr}");
-                                dsm::link::serve(s, a, id).await;
-                            }
-                            (Ok(Ok(_)), dsm::link::CHANNEL_DSM_FAULTS) => {
-                                debug!("node {id}: fault connection from {addr}");
-                                dsm::link::serve_faults(s, a, id);
-                            }
-                            (Ok(Ok(_)), streams::CHANNEL_STREAM) => {
-                                debug!("node {id}: stream hand-over from {addr}");
-                                a.stream_accept(s, id).await;
-                            }
-                            (Ok(Ok(_)), c) => warn!("node {id} at {addr}: unknown channel {c}"),
-                            _ => warn!("node {id} at {addr}: no channel chosen"),
-                        }
-                    }
-                    Err(e) => warn!("refused connection from {addr}: {e}"),
-                }
-            });
-        }
-    });
+    // Other agents.
+    tokio::spawn(peer_server::accept(agent.clone(), listener));
 
     // The load balancer.
     let a = agent.clone();

@@ -8,8 +8,8 @@
 //! flight stays in the socket or pipe itself. The restore of the image on
 //! this node takes the very same kernel objects back.
 
-use super::{err, Agent, Caller};
-use libkrg::proto::{ErrorReply, Response};
+use super::{err, Agent, Answer, Caller};
+use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
@@ -66,16 +66,29 @@ async fn pass_on(
     let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
 }
 
+/// A local request about parked descriptors (see `Agent::handle_local`);
+/// taking one back answers with it.
+pub(super) async fn handle(
+    agent: &Arc<Agent>,
+    req: Request,
+    who: Caller,
+) -> Result<Answer, ErrorReply> {
+    match req {
+        Request::Park { fd, moving } => Ok((agent.park(who, fd, moving)?, Vec::new())),
+        Request::ForwardParked { id, node } => {
+            Ok((agent.forward_parked(who, id, node)?, Vec::new()))
+        }
+        Request::Unpark { id } => agent.unpark(who, id),
+        Request::TakeForwarded { port } => agent.take_forwarded(port).await,
+        other => Err(super::misrouted(&other)),
+    }
+}
+
 impl Agent {
     /// `Park`: keep a copy of the caller's fd `fd` until `Unpark` (or, for
     /// a migrating process's listener, `ForwardParked`).
-    pub(super) fn park(&self, who: Caller, fd: i32, moving: bool) -> Result<Response, ErrorReply> {
-        if who.pid <= 0 {
-            return Err(err(
-                libc::EPERM,
-                "caller is not visible in this node's pid namespace",
-            ));
-        }
+    fn park(&self, who: Caller, fd: i32, moving: bool) -> Result<Response, ErrorReply> {
+        who.kpid()?;
         let f = super::sys::pidfd_getfd(who.pid, fd).map_err(|e| {
             err(
                 libc::EBADF,
@@ -159,7 +172,7 @@ impl Agent {
     /// now, each over a new connection, until nobody holds it any more, or
     /// the process comes back and takes its listener here again
     /// (`TakeForwarded`).
-    pub(super) fn forward_parked(
+    fn forward_parked(
         self: &Arc<Self>,
         who: Caller,
         id: i32,
@@ -200,10 +213,7 @@ impl Agent {
     /// `TakeForwarded` from a process listening again on `port` here (it
     /// moved back): the listener this agent kept for it, with what waits
     /// in its queue, instead of a new socket. `Ok` when there is none.
-    pub(super) async fn take_forwarded(
-        &self,
-        port: u16,
-    ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
+    async fn take_forwarded(&self, port: u16) -> Result<Answer, ErrorReply> {
         let Some(tx) = self.forwarders().remove(&port) else {
             return Ok((Response::Ok, Vec::new()));
         };
@@ -275,11 +285,7 @@ impl Agent {
     }
 
     /// `Unpark`: the fd parked as `id`, to its owner (or root).
-    pub(super) fn unpark(
-        &self,
-        who: Caller,
-        id: i32,
-    ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
+    fn unpark(&self, who: Caller, id: i32) -> Result<Answer, ErrorReply> {
         let (f, port) = self.take_park(who, id)?;
         if let Some(p) = port {
             // A failed move: the process listens here again.

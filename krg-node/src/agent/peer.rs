@@ -169,7 +169,7 @@ pub async fn connect(
 }
 
 /// Serve one authenticated connection.
-pub async fn serve(s: TcpStream, server: super::PeerServer) {
+pub async fn serve(s: TcpStream, server: super::peer_server::PeerServer) {
     let transport = serde_transport::new(
         tarpc::tokio_util::codec::Framed::new(s, codec()),
         Bincode::default(),

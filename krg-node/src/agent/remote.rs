@@ -10,7 +10,7 @@
 use super::procs::read_stat;
 use super::{err, Agent, Caller};
 use libkrg::caps::Caps;
-use libkrg::proto::{ErrorReply, RemoteExec, StdioKind};
+use libkrg::proto::{ErrorReply, RemoteExec, Request, Response, StdioKind};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsStr;
 use std::io::Write;
@@ -85,13 +85,65 @@ pub(super) fn creds(kpid: i32) -> Option<(u32, u32, Vec<u32>)> {
     Some((uid, gid, field("Groups:")))
 }
 
+/// A local request about remote exec (see `Agent::handle_local`).
+pub(super) async fn handle(
+    agent: &Arc<Agent>,
+    req: Request,
+    who: Caller,
+) -> Result<Response, ErrorReply> {
+    match req {
+        Request::PlaceExec {
+            exe,
+            argv,
+            caps_env,
+            pinned,
+        } => agent.place_exec(who, exe, argv, caps_env, pinned).await,
+        Request::RemoteExec(spec) => Ok(Response::Pid(agent.remote_exec(who, spec).await?)),
+        other => Err(super::misrouted(&other)),
+    }
+}
+
 impl Agent {
-    /// `RemoteExec` from a local process: start its program on `spec.node`.
-    pub(super) async fn remote_exec(
+    /// `PlaceExec`: where the caller's next program runs, decided before
+    /// its `execve`.
+    async fn place_exec(
         &self,
         who: Caller,
-        spec: RemoteExec,
-    ) -> Result<i32, ErrorReply> {
+        exe: Vec<u8>,
+        argv: Vec<Vec<u8>>,
+        caps_env: Option<String>,
+        pinned: Option<u32>,
+    ) -> Result<Response, ErrorReply> {
+        let kpid = who.kpid()?;
+        // The caps the new program will have (its KRG_CAPS).
+        let (gpid, caps) = {
+            let mut t = self.procs();
+            let p = t.register(kpid, Some(caps_env))?;
+            (p.gpid, p.caps_eff)
+        };
+        let place = if caps.contains(Caps::DISTANT_FORK) {
+            let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            self.placement_of(kpid, pinned, s(&exe), argv.iter().map(|a| s(a)).collect())
+        } else {
+            0
+        };
+        let place = self.place_or_stay(gpid, kpid, place).await;
+        let remote = place != 0 && place != self.cfg.node_id;
+        if let Some(p) = self.procs().get_mut(gpid) {
+            // Here: its Hello is not placed again.
+            p.skip_place = !remote;
+        }
+        Ok(Response::Hello {
+            gpid,
+            node: self.cfg.node_id,
+            caps: caps.0,
+            place: if remote { place } else { 0 },
+            spread: !self.sched.is_local(),
+        })
+    }
+
+    /// `RemoteExec` from a local process: start its program on `spec.node`.
+    async fn remote_exec(&self, who: Caller, spec: RemoteExec) -> Result<i32, ErrorReply> {
         let r = self.remote_exec_inner(who, spec).await;
         // Started there (a shadow now) or running here: settled either way.
         let mut t = self.procs();
@@ -104,12 +156,7 @@ impl Agent {
     }
 
     async fn remote_exec_inner(&self, who: Caller, spec: RemoteExec) -> Result<i32, ErrorReply> {
-        if who.pid <= 0 {
-            return Err(err(
-                libc::EPERM,
-                "caller is not visible in this node's pid namespace",
-            ));
-        }
+        who.kpid()?;
         let node = spec.node;
         if node == self.node_id() {
             return Err(err(libc::EINVAL, format!("node {node} is this node")));

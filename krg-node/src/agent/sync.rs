@@ -9,7 +9,7 @@
 
 use super::dsm::{home_of, lock, now, Cred};
 use super::{ctx, err, Agent, Caller};
-use libkrg::proto::{ErrorReply, Response, SemInfo};
+use libkrg::proto::{ErrorReply, Request, Response, SemInfo};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -181,6 +181,31 @@ impl Set {
     }
 }
 
+/// A local request about System V semaphores (see `Agent::handle_local`).
+pub(super) async fn handle(
+    agent: &Arc<Agent>,
+    req: Request,
+    who: Caller,
+) -> Result<Response, ErrorReply> {
+    match req {
+        Request::SemGet { key, nsems, flags } => agent.sem_get(who, key, nsems, flags).await,
+        Request::SemOp {
+            semid,
+            ops,
+            timeout_ns,
+        } => agent.sem_op(who, semid, ops, timeout_ns).await,
+        Request::SemCtl {
+            semid,
+            num,
+            cmd,
+            val,
+            array,
+            set,
+        } => agent.sem_ctl(who, semid, num, cmd, val, array, set).await,
+        other => Err(super::misrouted(&other)),
+    }
+}
+
 impl Agent {
     fn sem_set(&self, semid: i32) -> Result<Arc<Mutex<Set>>, ErrorReply> {
         lock(&self.sems.sets)
@@ -207,7 +232,7 @@ impl Agent {
 
     // -- the application's requests ----------------------------------------
 
-    pub async fn sem_get(
+    async fn sem_get(
         self: &Arc<Self>,
         who: Caller,
         key: i32,
@@ -227,7 +252,7 @@ impl Agent {
         }
     }
 
-    pub async fn sem_op(
+    async fn sem_op(
         self: &Arc<Self>,
         who: Caller,
         semid: i32,
@@ -262,7 +287,7 @@ impl Agent {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub async fn sem_ctl(
+    async fn sem_ctl(
         self: &Arc<Self>,
         who: Caller,
         semid: i32,

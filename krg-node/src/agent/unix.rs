@@ -17,10 +17,9 @@
 //! is one TCP connection between the two nodes: the agents only set it up.
 
 use super::fifo::FifoKey;
-use super::{err, Agent, Caller};
-use libkrg::proto::{ErrorReply, Response, UNIX_STAND_IN};
+use super::{err, Agent, Answer, Caller};
+use libkrg::proto::{ErrorReply, Request, Response, UNIX_STAND_IN};
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -105,9 +104,36 @@ fn connect_stand_in(path: &[u8], id: u64, seqpacket: bool) -> std::io::Result<so
     Ok(s)
 }
 
+/// A local request about a UNIX socket name (see `Agent::handle_local`);
+/// a connection across nodes is a descriptor.
+pub(super) async fn handle(
+    agent: &Arc<Agent>,
+    req: Request,
+    who: Caller,
+) -> Result<Answer, ErrorReply> {
+    match req {
+        Request::UnixListen { path, dev, ino } => Ok((
+            agent.unix_listen(who, FifoKey { path, dev, ino }).await?,
+            Vec::new(),
+        )),
+        Request::UnixConnect {
+            path,
+            dev,
+            ino,
+            pair,
+        } => {
+            agent
+                .unix_connect(who, FifoKey { path, dev, ino }, pair)
+                .await
+        }
+        Request::UnixTake { id, pair } => agent.unix_take(who, id, pair).await,
+        other => Err(super::misrouted(&other)),
+    }
+}
+
 impl Agent {
     /// `UnixListen` from a local process.
-    pub(crate) async fn unix_listen(
+    async fn unix_listen(
         self: &Arc<Self>,
         who: Caller,
         key: FifoKey,
@@ -138,12 +164,12 @@ impl Agent {
     }
 
     /// `UnixConnect` from a local process.
-    pub(crate) async fn unix_connect(
+    async fn unix_connect(
         self: &Arc<Self>,
         who: Caller,
         key: FifoKey,
         pair: Option<(i32, i32)>,
-    ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
+    ) -> Result<Answer, ErrorReply> {
         let home = self.key_home();
         let me = self.node_id();
         let owner = if home == me {
@@ -303,12 +329,12 @@ impl Agent {
     }
 
     /// `UnixTake` from the listener that accepted stand-in `id`.
-    pub(crate) async fn unix_take(
+    async fn unix_take(
         self: &Arc<Self>,
         who: Caller,
         id: u64,
         pair: Option<(i32, i32)>,
-    ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
+    ) -> Result<Answer, ErrorReply> {
         let owner = lock(&self.unix.stand_ins).get(&id).map(|s| s.uid);
         match owner {
             None => {

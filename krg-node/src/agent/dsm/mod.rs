@@ -25,9 +25,9 @@ mod local;
 mod wire;
 
 use super::sys::{async_fd, pidfd_getfd, pidfd_open, sys_fd};
-use super::{err, Agent, Caller};
+use super::{err, Agent, Answer, Caller};
 use libkrg::dsm::uffd;
-use libkrg::proto::{ErrorReply, Response, ShmInfo};
+use libkrg::proto::{ErrorReply, Request, Response, ShmInfo};
 use link::{FaultLink, Pace, Req, Resp};
 use local::resolve;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -365,6 +365,52 @@ impl Dsm {
     }
 }
 
+/// A local request about shared memory (see `Agent::handle_local`);
+/// attaching answers with descriptors.
+pub(super) async fn handle(
+    agent: &Arc<Agent>,
+    req: Request,
+    who: Caller,
+) -> Result<Answer, ErrorReply> {
+    let r = match req {
+        Request::ShmAttach {
+            shmid,
+            rdonly,
+            inherited,
+            need_uffd,
+        } => {
+            return agent
+                .shm_attach(who, shmid, rdonly, inherited, need_uffd)
+                .await
+        }
+        Request::ShmFd { shmid, write } => return agent.shm_fd(who, shmid, write).await,
+        Request::ShmGet { key, size, flags } => agent.shm_get(who, key, size, flags).await?,
+        Request::ShmMapped {
+            shmid,
+            addr,
+            len,
+            off,
+            uffd,
+            ..
+        } => agent.shm_mapped(who, shmid, addr, len, off, uffd)?,
+        Request::ShmFutex { shmid, offset, len } => agent.shm_futex(who, shmid, offset, len)?,
+        Request::ShmOpen {
+            name,
+            oflag,
+            mode,
+            size,
+            init,
+        } => agent.shm_open(who, name, oflag, mode, size, init).await?,
+        Request::ShmUnlink { name } => agent.shm_unlink(who, name).await?,
+        Request::ShmResize { shmid, size } => agent.shm_resize(who, shmid, size).await?,
+        Request::ShmDetach { shmid, addr } => agent.shm_detach(who, shmid, addr).await,
+        Request::ShmCtl { shmid, cmd, set } => agent.shm_ctl(who, shmid, cmd, set).await?,
+        Request::Ipcs => agent.ipcs().await,
+        other => return Err(super::misrouted(&other)),
+    };
+    Ok((r, Vec::new()))
+}
+
 impl Agent {
     pub(crate) fn cred(&self, who: Caller) -> Cred {
         Cred {
@@ -446,7 +492,7 @@ impl Agent {
 
     // -- the application's requests (local socket) --------------------------
 
-    pub async fn shm_get(
+    async fn shm_get(
         self: &Arc<Self>,
         who: Caller,
         key: i32,
@@ -466,7 +512,7 @@ impl Agent {
         }
     }
 
-    pub async fn shm_open(
+    async fn shm_open(
         self: &Arc<Self>,
         who: Caller,
         name: String,
@@ -490,7 +536,7 @@ impl Agent {
         }
     }
 
-    pub async fn shm_unlink(
+    async fn shm_unlink(
         self: &Arc<Self>,
         who: Caller,
         name: String,
@@ -506,14 +552,14 @@ impl Agent {
     /// `ShmAttach`: count the attachment at the home, make sure this node
     /// has the segment's memfd, and hand it over (with `/dev/userfaultfd`
     /// if asked).
-    pub async fn shm_attach(
+    async fn shm_attach(
         self: &Arc<Self>,
         who: Caller,
         shmid: i32,
         rdonly: bool,
         inherited: bool,
         need_uffd: bool,
-    ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
+    ) -> Result<Answer, ErrorReply> {
         if who.pid <= 0 {
             return Err(err(libc::EPERM, "caller not visible from this node"));
         }
@@ -581,12 +627,12 @@ impl Agent {
 
     /// `ShmFd`: this node's memory object of a POSIX object, for a caller
     /// that may open it.
-    pub async fn shm_fd(
+    async fn shm_fd(
         self: &Arc<Self>,
         who: Caller,
         shmid: i32,
         write: bool,
-    ) -> Result<(Response, Vec<OwnedFd>), ErrorReply> {
+    ) -> Result<Answer, ErrorReply> {
         let op = HomeOp::Check {
             shmid,
             want: if write { 0o6 } else { 0o4 },
@@ -612,7 +658,7 @@ impl Agent {
     }
 
     /// `ShmResize`: `ftruncate` of a POSIX object.
-    pub async fn shm_resize(
+    async fn shm_resize(
         self: &Arc<Self>,
         who: Caller,
         shmid: i32,
@@ -635,7 +681,7 @@ impl Agent {
     }
 
     /// `ShmMapped`: register the process's mapping with its userfaultfd.
-    pub fn shm_mapped(
+    fn shm_mapped(
         self: &Arc<Self>,
         who: Caller,
         shmid: i32,
@@ -701,7 +747,7 @@ impl Agent {
     }
 
     /// `ShmFutex`: a local process waits on a synchronisation object.
-    pub fn shm_futex(
+    fn shm_futex(
         &self,
         who: Caller,
         shmid: i32,
@@ -722,7 +768,7 @@ impl Agent {
     }
 
     /// `ShmDetach` (`addr` 0: an attachment that was never mapped).
-    pub async fn shm_detach(self: &Arc<Self>, who: Caller, shmid: i32, addr: u64) -> Response {
+    async fn shm_detach(self: &Arc<Self>, who: Caller, shmid: i32, addr: u64) -> Response {
         if addr != 0 {
             if let Ok(seg) = self.dsm.local(shmid) {
                 let mut atts = lock(&seg.atts);
@@ -753,7 +799,7 @@ impl Agent {
         Response::Ok
     }
 
-    pub async fn shm_ctl(
+    async fn shm_ctl(
         self: &Arc<Self>,
         who: Caller,
         shmid: i32,
@@ -774,7 +820,7 @@ impl Agent {
     }
 
     /// Every segment of the cluster (`krg ipcs`).
-    pub async fn ipcs(self: &Arc<Self>) -> Response {
+    async fn ipcs(self: &Arc<Self>) -> Response {
         let mut nodes = self.up_peers();
         nodes.push(self.node_id());
         let calls = nodes

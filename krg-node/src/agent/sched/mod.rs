@@ -15,7 +15,7 @@ pub mod policy;
 pub mod script;
 
 use super::{ctx, err, Agent, Caller};
-use libkrg::proto::{ErrorReply, NodeStatus, SchedInfo, SchedPush};
+use libkrg::proto::{ErrorReply, NodeStatus, Request, Response, SchedInfo, SchedPush};
 use policy::{Builtin, Candidate};
 use rand::Rng;
 use script::Script;
@@ -405,7 +405,78 @@ fn choose(
     picked.unwrap_or(me)
 }
 
+/// A local request about the scheduler (see `Agent::handle_local`).
+pub(super) async fn handle(
+    agent: &Arc<Agent>,
+    req: Request,
+    who: Caller,
+) -> Result<Response, ErrorReply> {
+    match req {
+        Request::SchedGet => Ok(Response::Sched(agent.sched_info())),
+        Request::SchedSet { name, source } => {
+            Ok(Response::Sched(agent.sched_set(name, source, who).await?))
+        }
+        Request::SchedPlace {
+            count,
+            exe,
+            argv,
+            pinned,
+        } => Ok(Response::Placed(
+            agent.sched_place(count, exe, argv, pinned, who)?,
+        )),
+        Request::SchedBalance { name } => {
+            Ok(Response::Sched(agent.sched_balance(name, who).await?))
+        }
+        other => Err(super::misrouted(&other)),
+    }
+}
+
 impl Agent {
+    /// Where a new program of local kernel pid `kpid` should run: the
+    /// scheduler's choice (a pin first, if that node is up).
+    pub(super) fn placement(&self, kpid: i32, pinned: Option<u32>) -> u32 {
+        if pinned.is_none() && self.sched.is_local() {
+            // The default policy: no need to read the program's /proc files
+            // on every exec of every SSI process.
+            return self.cfg.node_id;
+        }
+        let argv: Vec<String> = std::fs::read(format!("/proc/{kpid}/cmdline"))
+            .map(|b| {
+                b.split(|c| *c == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let exe = std::fs::read_link(format!("/proc/{kpid}/exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        self.placement_of(kpid, pinned, exe, argv)
+    }
+
+    /// [`Agent::placement`] of program `exe` with `argv` (not exec'd yet).
+    pub(super) fn placement_of(
+        &self,
+        kpid: i32,
+        pinned: Option<u32>,
+        exe: String,
+        argv: Vec<String>,
+    ) -> u32 {
+        if pinned.is_none() && self.sched.is_local() {
+            return self.cfg.node_id;
+        }
+        let uid = super::procs::read_uids(kpid)
+            .map(|u| u[0])
+            .unwrap_or(u32::MAX);
+        self.place(&PlaceRequest {
+            origin_node: self.cfg.node_id,
+            uid,
+            exe,
+            argv,
+            pinned,
+        })
+    }
+
     /// Where a new program should run: a node that is up (this node
     /// always counts as up). Synchronous and quick: it uses the probes the
     /// peers already sent; a user policy is bounded in operations.
@@ -535,7 +606,8 @@ impl Agent {
     }
 
     /// A peer pushed a policy (`krg sched set` on that node).
-    pub(crate) fn sched_receive(&self, p: SchedPolicy, from: u32) -> Result<SchedInfo, ErrorReply> {
+    pub(crate) fn sched_receive(&self, p: SchedPolicy) -> Result<SchedInfo, ErrorReply> {
+        let from = p.version.node;
         self.sched
             .apply(p, &format!("node {from}"))
             .map_err(|e| err(libc::EINVAL, e))?;

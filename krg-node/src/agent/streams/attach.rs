@@ -91,7 +91,7 @@ impl Agent {
         pending: Vec<u8>,
         wr_shut: bool,
         pipe: bool,
-    ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
+    ) -> Result<Answer, ErrorReply> {
         self.stream_attach_with(id, node, pending, wr_shut, pipe, None)
             .await
     }
@@ -106,7 +106,7 @@ impl Agent {
         wr_shut: bool,
         pipe: bool,
         pair: Option<super::super::seqpacket::Pair>,
-    ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
+    ) -> Result<Answer, ErrorReply> {
         use tokio::io::AsyncWriteExt;
         if node == self.node_id() {
             return self
@@ -185,7 +185,7 @@ impl Agent {
         wr_shut: bool,
         pipe: bool,
         pair: Option<super::super::seqpacket::Pair>,
-    ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
+    ) -> Result<Answer, ErrorReply> {
         let what = format!("stream {id:#x} on this node");
         let (ftx, (theirs, their_wr, their_pair)) = self.handover(id, &what).await?;
         match (pair, their_pair) {

@@ -28,7 +28,7 @@ impl Agent {
     /// SSI process at the other end of each connection (on any node) and
     /// of each pipe (on this node), and have it drain and wait. Every peer
     /// node is checked before any peer is frozen.
-    pub(crate) async fn stream_freeze(
+    pub(super) async fn stream_freeze(
         self: &Arc<Self>,
         mover: Caller,
         conns: Vec<(String, String)>,
@@ -346,7 +346,7 @@ impl Agent {
     /// `ShadowRelays` from a shadow told to hand a relay over: its relays
     /// go to the waiting [`Agent::release_relay`], and it gets the fd to
     /// let go of once its program's end is held.
-    pub(crate) async fn shadow_relays(
+    pub(super) async fn shadow_relays(
         &self,
         who: Caller,
         relays: Relays,
@@ -649,7 +649,7 @@ impl Agent {
     /// Parked, it can fork no more: so the holders are checked again here,
     /// and the swap refused (every end of this order, each relayed) if
     /// anyone else holds one now.
-    pub(crate) fn stream_frozen(&self, ids: &[u64]) -> Result<Response, ErrorReply> {
+    pub(super) fn stream_frozen(&self, ids: &[u64]) -> Result<Response, ErrorReply> {
         let sole: Vec<(String, Vec<i32>)> = {
             let h = self.moving.held();
             ids.iter()
@@ -701,7 +701,7 @@ impl Agent {
     }
 
     /// `StreamDrained` from the staying peer.
-    pub(crate) fn stream_drained(
+    pub(super) fn stream_drained(
         &self,
         who: Caller,
         id: u64,
@@ -723,10 +723,7 @@ impl Agent {
     }
 
     /// `StreamAwait` from the staying peer: its end of the new connection.
-    pub(crate) async fn stream_await(
-        &self,
-        id: u64,
-    ) -> Result<(Response, Vec<std::os::fd::OwnedFd>), ErrorReply> {
+    pub(super) async fn stream_await(&self, id: u64) -> Result<Answer, ErrorReply> {
         let fd = self
             .await_fd(id, "not held here", "the moving peer never reconnected")
             .await?;

@@ -9,8 +9,8 @@
 //! by another node is checked *when it matters*, by asking that node to
 //! bind the port itself (`probe`). See docs/architecture/streams.md.
 
-use super::{err, sock_err, Agent, Caller};
-use libkrg::proto::{ErrorReply, Response, StreamPeer};
+use super::{err, sock_err, Agent, Answer, Caller};
+use libkrg::proto::{ErrorReply, Request, Response, StreamPeer};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -101,6 +101,59 @@ pub(crate) fn in_use_here(port: u16, reuse: bool) -> bool {
     // If neither family can even open a socket, say "in use": refusing a
     // bind is recoverable, two servers on one port are not.
     .unwrap_or(true)
+}
+
+/// A local request about the loopback or a moving stream (see
+/// `Agent::handle_local`); a stream's new end is a descriptor.
+pub(super) async fn handle(
+    agent: &Arc<Agent>,
+    req: Request,
+    who: Caller,
+) -> Result<Answer, ErrorReply> {
+    let r = match req {
+        Request::StreamAwait { id } => return agent.stream_await(id).await,
+        Request::StreamAttach {
+            id,
+            node,
+            pending,
+            wr_shut,
+            pipe,
+            pair,
+        } => {
+            let pair = pair
+                .map(|p| super::seqpacket::take_pair(who.pid, p))
+                .transpose()?;
+            return agent
+                .stream_attach_with(id, node, pending, wr_shut, pipe, pair)
+                .await;
+        }
+        Request::PortBind { port, reuse } => agent.port_bind(who, port, reuse).await?,
+        Request::PortOwner { port, from, v6 } => agent.port_owner(port, from, v6).await?,
+        Request::LoopbackPeer { ip, from, port } => {
+            Response::LoopbackPeer(agent.loopback_peer(ip, from, port))
+        }
+        Request::NodeAddrs => agent.node_addrs(),
+        Request::StreamFreeze {
+            conns,
+            pipes,
+            unix,
+            optional,
+        } => {
+            agent
+                .stream_freeze(who, conns, pipes, unix, optional)
+                .await?
+        }
+        Request::StreamFrozen { ids } => agent.stream_frozen(&ids)?,
+        Request::StreamDrained {
+            id,
+            pending,
+            wr_shut,
+            pair,
+        } => agent.stream_drained(who, id, pending, wr_shut, pair)?,
+        Request::ShadowRelays(relays) => agent.shadow_relays(who, relays).await?,
+        other => return Err(super::misrouted(&other)),
+    };
+    Ok((r, Vec::new()))
 }
 
 impl Agent {
@@ -210,7 +263,7 @@ impl Agent {
 
     // -- the application's requests ------------------------------------------
 
-    pub(crate) async fn port_bind(
+    async fn port_bind(
         self: &Arc<Self>,
         _who: Caller,
         port: u16,
@@ -223,7 +276,7 @@ impl Agent {
         Ok(Response::Ok)
     }
 
-    pub(crate) async fn port_owner(
+    async fn port_owner(
         self: &Arc<Self>,
         port: u16,
         from: u16,

@@ -782,7 +782,7 @@ fn send_signal(p: &Proc, sig: i32) -> Result<(), i32> {
 /// `/proc` file `name` of local process `kpid`, then the same of each of
 /// its threads: after a restore the thread-group leader may be an exited
 /// thread (a zombie, whose files say little) while the others run on.
-pub(super) fn thread_files(kpid: i32, name: &str) -> impl Iterator<Item = std::path::PathBuf> + '_ {
+pub(crate) fn thread_files(kpid: i32, name: &str) -> impl Iterator<Item = std::path::PathBuf> + '_ {
     let tasks = std::fs::read_dir(format!("/proc/{kpid}/task"))
         .into_iter()
         .flatten()
@@ -792,7 +792,7 @@ pub(super) fn thread_files(kpid: i32, name: &str) -> impl Iterator<Item = std::p
 }
 
 /// Whether a local process still runs: any of its threads is not a zombie.
-pub(super) fn alive(kpid: i32) -> bool {
+pub(crate) fn alive(kpid: i32) -> bool {
     thread_files(kpid, "stat").any(|p| {
         std::fs::read_to_string(p)
             .ok()
