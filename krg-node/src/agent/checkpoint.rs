@@ -13,7 +13,7 @@
 //! `remote::spawn_here`) and the command stays as the restored process's
 //! shadow, exactly as for a remote exec.
 
-use super::remote::SpawnSpec;
+use super::peer::remote::SpawnSpec;
 use super::{err, Agent, Caller};
 use libkrg::caps::Caps;
 use libkrg::checkpoint::fds::refusal;

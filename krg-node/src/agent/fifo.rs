@@ -21,35 +21,13 @@
 //! writer on the reader's node opens the FIFO itself. A non-blocking
 //! writer that finds no reader gets `ENXIO`.
 
+use super::peer::streams::{FifoKey, FifoMatch};
 use super::{err, Agent, Answer, Caller};
 use libkrg::proto::{ErrorReply, Request, Response};
-use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-
-/// A FIFO as every node names it: its canonical path, and the device and
-/// inode the opener's node sees (a path in a directory private to a node,
-/// or another file under the same name, is another FIFO).
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash)]
-pub struct FifoKey {
-    pub path: Vec<u8>,
-    pub dev: u64,
-    pub ino: u64,
-}
-
-/// What an opener does, from the home.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub enum FifoMatch {
-    /// Its partner is on its node: open the FIFO itself.
-    Local,
-    /// The reader: take the connection for stream `id` (its node holds
-    /// the place).
-    Accept { id: u64 },
-    /// The writer: connect to `node` for stream `id`.
-    Connect { id: u64, node: u32 },
-}
 
 /// An opener waiting at the home.
 #[derive(Debug)]

@@ -4,7 +4,6 @@
 //! subsystem that answers it; peers' calls are answered in `peer_server`.
 //! See docs/architecture/agent.md.
 
-pub mod auth;
 pub mod balance;
 pub mod checkpoint;
 pub mod children;

@@ -8,6 +8,7 @@
 //! flight stays in the socket or pipe itself. The restore of the image on
 //! this node takes the very same kernel objects back.
 
+use super::peer::streams::PortOp;
 use super::{err, Agent, Answer, Caller};
 use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
@@ -261,7 +262,7 @@ impl Agent {
                     tokio::spawn(pass_on(c, from, to, port));
                 }
                 _ = tick.tick() => {
-                    let holder = match self.port_call(super::streams::PortOp::Owner { port }).await {
+                    let holder = match self.port_call(PortOp::Owner { port }).await {
                         Ok(Some(n)) if n != self.node_id() => Some(n),
                         _ => None,
                     };

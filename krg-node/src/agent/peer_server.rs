@@ -2,8 +2,14 @@
 //! caller chooses after it (see `peer`), and the answers to tarpc calls,
 //! each given by the subsystem the call belongs to.
 
-use super::peer::{self, GroupKill, Heartbeat, Peer};
-use super::{auth, dsm, fifo, remote, sched, streams, sync, Agent};
+use super::peer::dsm::{HomeOp, HomeReply};
+use super::peer::remote::SpawnSpec;
+use super::peer::sched::SchedPolicy;
+use super::peer::streams::{End, FifoKey, FifoMatch, PortOp};
+use super::peer::sync::{SemHomeOp, SemReply};
+use super::peer::{self, auth, GroupKill, Heartbeat, Peer};
+use super::{dsm, Agent};
+use futures::StreamExt;
 use libkrg::proto::{
     CapsInfo, CkptDoneInfo, CkptOrder, ErrorReply, ProcInfo, SchedInfo, StreamPeer,
 };
@@ -41,25 +47,36 @@ async fn serve(a: Arc<Agent>, mut s: TcpStream, addr: SocketAddr) {
     let mut ch = [0u8; 1];
     let got = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ch)).await;
     match (got, ch[0]) {
-        (Ok(Ok(_)), dsm::link::CHANNEL_TARPC) => {
+        (Ok(Ok(_)), peer::CHANNEL_TARPC) => {
             debug!("node {id} connected from {addr}");
-            peer::serve(s, PeerServer(a)).await;
+            serve_tarpc(s, a).await;
         }
-        (Ok(Ok(_)), dsm::link::CHANNEL_DSM) => {
+        (Ok(Ok(_)), peer::CHANNEL_DSM) => {
             debug!("node {id}: shared memory link from {addr}");
             dsm::link::serve(s, a, id).await;
         }
-        (Ok(Ok(_)), dsm::link::CHANNEL_DSM_FAULTS) => {
+        (Ok(Ok(_)), peer::CHANNEL_DSM_FAULTS) => {
             debug!("node {id}: fault connection from {addr}");
             dsm::link::serve_faults(s, a, id);
         }
-        (Ok(Ok(_)), streams::CHANNEL_STREAM) => {
+        (Ok(Ok(_)), peer::CHANNEL_STREAM) => {
             debug!("node {id}: stream hand-over from {addr}");
             a.stream_accept(s, id).await;
         }
         (Ok(Ok(_)), c) => warn!("node {id} at {addr}: unknown channel {c}"),
         _ => warn!("node {id} at {addr}: no channel chosen"),
     }
+}
+
+/// The [`Peer`] service on connection `s`, each call in a task of its own.
+async fn serve_tarpc(s: TcpStream, a: Arc<Agent>) {
+    use tarpc::server::{BaseChannel, Channel};
+    BaseChannel::with_defaults(peer::transport(s))
+        .execute(PeerServer(a).serve())
+        .for_each(|fut| async {
+            tokio::spawn(fut);
+        })
+        .await;
 }
 
 /// The tarpc face of the agent: each call is answered by the subsystem
@@ -107,11 +124,7 @@ impl Peer for PeerServer {
         self.0.cap_set_local(g, &spec, eff, inh, uid)
     }
 
-    async fn spawn(
-        self,
-        _: context::Context,
-        spec: remote::SpawnSpec,
-    ) -> Result<(i32, i32), ErrorReply> {
+    async fn spawn(self, _: context::Context, spec: SpawnSpec) -> Result<(i32, i32), ErrorReply> {
         self.0.spawn_here(spec).await
     }
 
@@ -137,11 +150,11 @@ impl Peer for PeerServer {
     async fn fifo_meet(
         self,
         _: context::Context,
-        key: fifo::FifoKey,
+        key: FifoKey,
         node: u32,
         write: bool,
         nonblock: bool,
-    ) -> Result<fifo::FifoMatch, ErrorReply> {
+    ) -> Result<FifoMatch, ErrorReply> {
         self.0.fifo_meet(key, node, write, nonblock).await
     }
 
@@ -149,30 +162,30 @@ impl Peer for PeerServer {
         self.0.expect_connection(id, true);
     }
 
-    async fn fifo_stand(self, _: context::Context, key: fifo::FifoKey, node: u32) {
+    async fn fifo_stand(self, _: context::Context, key: FifoKey, node: u32) {
         self.0.fifo_stand_at_home(key, node).await;
     }
 
-    async fn fifo_feed(self, _: context::Context, key: fifo::FifoKey, id: u64) -> bool {
+    async fn fifo_feed(self, _: context::Context, key: FifoKey, id: u64) -> bool {
         self.0.fifo_feed(key, id).await
     }
 
-    async fn fifo_reader_here(self, _: context::Context, key: fifo::FifoKey) -> bool {
+    async fn fifo_reader_here(self, _: context::Context, key: FifoKey) -> bool {
         self.0.fifo_reader_here(&key)
     }
 
-    async fn unix_name_set(self, _: context::Context, key: fifo::FifoKey, node: u32) {
+    async fn unix_name_set(self, _: context::Context, key: FifoKey, node: u32) {
         self.0.unix_name_set(key, node);
     }
 
-    async fn unix_name_owner(self, _: context::Context, key: fifo::FifoKey) -> Option<u32> {
+    async fn unix_name_owner(self, _: context::Context, key: FifoKey) -> Option<u32> {
         self.0.unix_name_owner(&key)
     }
 
     async fn unix_stand_in(
         self,
         _: context::Context,
-        key: fifo::FifoKey,
+        key: FifoKey,
         uid: u32,
         gids: Vec<u32>,
         seqpacket: bool,
@@ -180,31 +193,19 @@ impl Peer for PeerServer {
         self.0.unix_stand_in(key, uid, gids, seqpacket).await
     }
 
-    async fn sched_get(self, _: context::Context) -> sched::SchedPolicy {
+    async fn sched_get(self, _: context::Context) -> SchedPolicy {
         self.0.sched_policy()
     }
 
-    async fn dsm_home(
-        self,
-        _: context::Context,
-        op: dsm::HomeOp,
-    ) -> Result<dsm::HomeReply, ErrorReply> {
+    async fn dsm_home(self, _: context::Context, op: HomeOp) -> Result<HomeReply, ErrorReply> {
         self.0.home_op(op).await
     }
 
-    async fn sem_home(
-        self,
-        _: context::Context,
-        op: sync::SemHomeOp,
-    ) -> Result<sync::SemReply, ErrorReply> {
+    async fn sem_home(self, _: context::Context, op: SemHomeOp) -> Result<SemReply, ErrorReply> {
         self.0.sem_home_op(op).await
     }
 
-    async fn port_home(
-        self,
-        _: context::Context,
-        op: streams::PortOp,
-    ) -> Result<Option<u32>, ErrorReply> {
+    async fn port_home(self, _: context::Context, op: PortOp) -> Result<Option<u32>, ErrorReply> {
         self.0.port_home_op(op).await
     }
 
@@ -219,7 +220,7 @@ impl Peer for PeerServer {
     async fn stream_hold(
         self,
         _: context::Context,
-        ends: Vec<streams::End>,
+        ends: Vec<End>,
         commit: bool,
     ) -> Result<Vec<StreamPeer>, ErrorReply> {
         self.0.stream_hold(ends, commit).await
@@ -232,7 +233,7 @@ impl Peer for PeerServer {
     async fn sched_push(
         self,
         _: context::Context,
-        policy: sched::SchedPolicy,
+        policy: SchedPolicy,
     ) -> Result<SchedInfo, ErrorReply> {
         self.0.sched_receive(policy)
     }

@@ -7,11 +7,11 @@
 //! the program with the caller's identity, register it under its gpid, wait
 //! for it in a thread and send its wait status to the shadow.
 
+use super::peer::remote::SpawnSpec;
 use super::procs::read_stat;
 use super::{err, Agent, Caller};
 use libkrg::caps::Caps;
 use libkrg::proto::{ErrorReply, RemoteExec, Request, Response, StdioKind};
-use serde::{Deserialize, Serialize};
 use std::ffi::OsStr;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -35,35 +35,6 @@ impl Env {
         e.extend_from_slice(value);
         self.0.push(e);
     }
-}
-
-/// Everything the target node needs to start the program.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct SpawnSpec {
-    pub gpid: i32,
-    /// The node of the shadow (where the parent is).
-    pub from: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
-    pub caps_eff: u32,
-    pub caps_inh: u32,
-    pub caps_env: Option<String>,
-    pub vppid: i32,
-    pub vpgid: i32,
-    /// What the shadow sent (executable, argv, environment, cwd, umask,
-    /// rlimits, stdio, its port and token).
-    pub exec: RemoteExec,
-    /// The shadow's address (its node's address, the port it listens on).
-    pub shadow: SocketAddr,
-    /// Restore this image (a path on the target node) instead of running
-    /// the program afresh: the executable, argv and environment are the
-    /// image's, `KRG_RESTORE` tells libkrg. A `gpid` of 0 then asks for a
-    /// new gpid from the target node.
-    pub restore: Option<Vec<u8>>,
-    /// A migration: the gpids of the mover's children (they stay where
-    /// they run; the restored process stands a child shadow for each).
-    pub children: Vec<i32>,
 }
 
 /// Effective uid, effective gid and supplementary groups of a local pid.

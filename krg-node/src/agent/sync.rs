@@ -7,10 +7,11 @@
 //! asks again. So no call is ever longer than an agent's call deadline, and
 //! a caller that dies simply stops asking.
 
-use super::dsm::{home_of, lock, now, Cred};
+use super::dsm::{home_of, lock, now};
+use super::peer::dsm::Cred;
+use super::peer::sync::{SemHomeOp, SemReply};
 use super::{ctx, err, Agent, Caller};
 use libkrg::proto::{ErrorReply, Request, Response, SemInfo};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,46 +35,6 @@ const GETNCNT: i32 = 14;
 const GETZCNT: i32 = 15;
 const SETVAL: i32 = 16;
 const SETALL: i32 = 17;
-
-/// A request to a semaphore set's home.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub enum SemHomeOp {
-    Get {
-        key: i32,
-        nsems: i32,
-        flags: i32,
-        cred: Cred,
-    },
-    Op {
-        semid: i32,
-        ops: Vec<(u16, i16, i16)>,
-        cred: Cred,
-        pid: i32,
-        /// Wait at most this long (one round at most).
-        wait_ns: u64,
-    },
-    Ctl {
-        semid: i32,
-        num: i32,
-        cmd: i32,
-        val: i32,
-        array: Vec<u16>,
-        set: Option<(u32, u32, u32)>,
-        cred: Cred,
-        pid: i32,
-    },
-    /// Process `pid` exited: apply its SEM_UNDO adjustments.
-    Exit { semid: i32, pid: i32 },
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub enum SemReply {
-    Id(i32),
-    Info(SemInfo),
-    Vals(Vec<u16>),
-    Done,
-    Pending,
-}
 
 /// One blocked `semop`.
 #[derive(Debug)]

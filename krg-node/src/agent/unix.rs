@@ -16,7 +16,7 @@
 //! (poll, epoll, a blocking accept) is the kernel's own, and the data path
 //! is one TCP connection between the two nodes: the agents only set it up.
 
-use super::fifo::FifoKey;
+use super::peer::streams::FifoKey;
 use super::{err, Agent, Answer, Caller};
 use libkrg::proto::{ErrorReply, Request, Response, UNIX_STAND_IN};
 use std::collections::HashMap;

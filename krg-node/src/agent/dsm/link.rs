@@ -20,12 +20,12 @@
 //! sleeping threads (the fault's reader, the answer's reader on both
 //! agents, the application); polling leaves the application's.
 
-use super::super::{auth, err, Agent};
-use super::wire::{HomeOp, HomeReply, NodeOp};
+use super::super::peer::dsm::{Req, Resp};
+use super::super::peer::{auth, CHANNEL_DSM, CHANNEL_DSM_FAULTS};
+use super::super::{err, Agent};
 use bincode::Options;
 use libkrg::proto::ErrorReply;
 use serde::{Deserialize, Serialize};
-use serde_bytes::ByteBuf;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -39,11 +39,6 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-/// The byte a connecting agent sends after authenticating: which service.
-pub const CHANNEL_TARPC: u8 = 0;
-pub const CHANNEL_DSM: u8 = 1;
-/// (2 is `streams::CHANNEL_STREAM`.) A fault connection.
-pub const CHANNEL_DSM_FAULTS: u8 = 3;
 /// How long a fault thread, or a home's fault server, keeps polling for
 /// the next message after the last one before it sleeps: faults come in
 /// runs (a loop over an array, a page bounced between nodes), and the
@@ -61,22 +56,6 @@ const SPIN_FRAME: Duration = Duration::from_millis(1);
 const MAX_FRAME: u64 = 16 * 1024 * 1024;
 /// Deadline of one call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A request on the link.
-#[derive(Serialize, Deserialize, Debug)]
-pub enum Req {
-    Home(HomeOp),
-    Node(NodeOp),
-    ReadMany(i32, Vec<(u32, u64, bool)>),
-}
-
-/// Its answer.
-#[derive(Serialize, Deserialize, Debug)]
-pub enum Resp {
-    Home(Result<HomeReply, ErrorReply>),
-    Node(Result<Option<ByteBuf>, ErrorReply>),
-    Many(Result<Vec<Option<ByteBuf>>, ErrorReply>),
-}
 
 fn codec() -> impl Options {
     bincode::options().with_limit(MAX_FRAME)

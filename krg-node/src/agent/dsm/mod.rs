@@ -22,13 +22,13 @@ mod fault;
 mod home;
 pub mod link;
 mod local;
-mod wire;
 
+use super::peer::dsm::{Cred, Grant, HomeOp, HomeReply, NodeOp, Req, Resp};
 use super::sys::{async_fd, pidfd_getfd, pidfd_open, sys_fd};
 use super::{err, Agent, Answer, Caller};
 use libkrg::dsm::uffd;
 use libkrg::proto::{ErrorReply, Request, Response, ShmInfo};
-use link::{FaultLink, Pace, Req, Resp};
+use link::{FaultLink, Pace};
 use local::resolve;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use serde_bytes::ByteBuf;
@@ -40,7 +40,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{Mutex as AsyncMutex, Notify};
 use tracing::{debug, warn};
-pub use wire::{Cred, Grant, HomeOp, HomeReply, NodeOp};
 
 const PAGE: u64 = uffd::PAGE;
 /// How long a fault waits for a grant in flight (a read-ahead window)

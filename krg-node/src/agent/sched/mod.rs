@@ -14,15 +14,14 @@
 pub mod policy;
 pub mod script;
 
+use super::peer::sched::{SchedPolicy, SchedVersion};
 use super::{ctx, err, Agent, Caller};
 use libkrg::proto::{ErrorReply, NodeStatus, Request, Response, SchedInfo, SchedPush};
 use policy::{Builtin, Candidate};
 use rand::Rng;
 use script::Script;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
-use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{debug, info, warn};
@@ -54,37 +53,6 @@ pub struct PlaceRequest {
     pub argv: Vec<String>,
     /// `KRG_NODE` / `krg run --node`: this node if it is up.
     pub pinned: Option<u32>,
-}
-
-/// The version of a policy: when it was set (unix ms), then by which node.
-/// Ordered lexicographically; the highest wins everywhere.
-#[derive(
-    Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default,
-)]
-pub struct SchedVersion {
-    pub ms: u64,
-    pub node: u32,
-}
-
-impl fmt::Display for SchedVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.ms, self.node)
-    }
-}
-
-/// A policy as it travels between agents.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct SchedPolicy {
-    /// Built-in name, or the file name of a user policy.
-    pub name: String,
-    /// The rhai text of a user policy; `None` for a built-in one.
-    pub source: Option<String>,
-    /// Where a user policy was read from; empty for a built-in one.
-    pub origin: String,
-    pub version: SchedVersion,
-    /// The load-balancing policy (see [`crate::agent::balance`]): it travels
-    /// and is versioned with the placement policy.
-    pub balance: String,
 }
 
 impl SchedPolicy {

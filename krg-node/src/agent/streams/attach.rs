@@ -126,7 +126,7 @@ impl Agent {
             .map_err(|e| sock_err(&what, e))?;
         // As on the accepting side: no Nagle wait during the hand-over.
         let _ = s.set_nodelay(true);
-        super::super::auth::client(&mut s, &self.cfg.key, self.node_id())
+        super::super::peer::auth::client(&mut s, &self.cfg.key, self.node_id())
             .await
             .map_err(|e| sock_err(&what, e))?;
         let kind = if pair.is_some() {

@@ -9,9 +9,10 @@
 //! by another node is checked *when it matters*, by asking that node to
 //! bind the port itself (`probe`). See docs/architecture/streams.md.
 
+use super::peer::streams::{End, PortOp};
+use super::peer::CHANNEL_STREAM;
 use super::{err, sock_err, Agent, Answer, Caller};
 use libkrg::proto::{ErrorReply, Request, Response, StreamPeer};
-use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -52,15 +53,6 @@ type LoopbackClient = (u16, bool, std::time::Instant);
 
 /// How long a client's loopback connection is remembered for its server.
 const LOOPBACK_PEER_TTL: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// A request to the port home.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub enum PortOp {
-    /// Reserve `port` for `node`.
-    Reserve { port: u16, node: u32, reuse: bool },
-    /// Who holds `port`.
-    Owner { port: u16 },
-}
 
 impl Ports {
     fn held(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
@@ -392,8 +384,6 @@ mod tests {
 // hands its end to its process, which puts it under the old fd number. No
 // byte passes through the node the mover left.
 
-/// Channel byte of a stream hand-over connection (after authentication).
-pub const CHANNEL_STREAM: u8 = 2;
 /// After the stream id: what the two ends are (bytes: a TCP connection
 /// given to both processes; messages: seqpacket sockets, relayed).
 const KIND_BYTES: u8 = 0;
@@ -403,23 +393,6 @@ const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60)
 /// Largest pending data accepted from the other agent (socket buffers
 /// are a few MiB).
 const MAX_PENDING: u64 = 256 << 20;
-
-/// One end of a moving stream, at its node, as the agents look for it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum End {
-    /// The TCP connection `(local, peer)` (socket addresses as text, as
-    /// that end sees them).
-    Tcp(String, String),
-    /// A pipe (fd link `pipe:[N]`) or FIFO (its path) of this node;
-    /// `mover` (a kernel pid) holds the moving end.
-    Pipe { link: String, mover: i32 },
-    /// The UNIX stream or seqpacket socket `ino` of this node, held by
-    /// `mover`: its peer socket is the other end.
-    Unix { ino: u64, mover: i32 },
-    /// The process end of seqpacket relay `id` of this node (see
-    /// `seqpacket.rs`): the peer of the relay's socket.
-    Relay { id: u64 },
-}
 
 /// The holder of one end: `(gpid, kernel pid, fds, node)`, `node` set when
 /// it is a shadow relaying the end to its program there; or what else it

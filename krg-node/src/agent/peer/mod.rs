@@ -1,16 +1,44 @@
-//! The agent-to-agent service (tarpc over TCP, after the key handshake of
-//! [`super::auth`]).
+//! The protocol between agents, as `libkrg::proto` is for the local one:
+//! every message that travels from one agent to another is defined here
+//! or in this module's files (one per subsystem), and this module uses no
+//! subsystem (they use it).
+//!
+//! A connection starts with the key handshake ([`auth`]); the client
+//! then sends one byte choosing the service:
+//!
+//! - [`CHANNEL_TARPC`]: the [`Peer`] service, tarpc over length-delimited
+//!   bincode frames;
+//! - [`CHANNEL_DSM`]: the shared-memory link, [`dsm::Req`] and
+//!   [`dsm::Resp`] in frames of `u32` length, `u64` request id and a
+//!   bincode body (`dsm/link.rs`);
+//! - [`CHANNEL_STREAM`]: a stream hand-over: the stream id, its kind and
+//!   the bytes that were in flight each way (`streams/attach.rs`); a
+//!   seqpacket stream then carries tagged messages (`seqpacket.rs`);
+//! - [`CHANNEL_DSM_FAULTS`]: a fault connection, the link's frames served
+//!   by a thread outside tokio (`dsm/link.rs`).
 
-use super::auth;
-use futures::StreamExt;
-use libkrg::proto::{CapsInfo, ErrorReply, NodeStatus, ProcInfo, SchedInfo};
+pub mod auth;
+pub mod dsm;
+pub mod remote;
+pub mod sched;
+pub mod streams;
+pub mod sync;
+
+use libkrg::proto::{CapsInfo, CkptDoneInfo, CkptOrder, ErrorReply, NodeStatus, ProcInfo};
+use libkrg::proto::{SchedInfo, StreamPeer};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use tarpc::serde_transport;
-use tarpc::server::{BaseChannel, Channel};
+use tarpc::serde_transport::Transport;
 use tarpc::tokio_serde::formats::Bincode;
-use tarpc::tokio_util::codec::LengthDelimitedCodec;
+use tarpc::tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio::net::TcpStream;
+
+/// The byte a connecting agent sends after authenticating: which service.
+pub const CHANNEL_TARPC: u8 = 0;
+pub const CHANNEL_DSM: u8 = 1;
+pub const CHANNEL_STREAM: u8 = 2;
+pub const CHANNEL_DSM_FAULTS: u8 = 3;
 
 /// Largest frame between agents (a spawn carries what was in its
 /// program's pipes and relays when they are handed over: a few MiB).
@@ -23,7 +51,7 @@ pub struct Heartbeat {
     pub from: NodeStatus,
     pub known: Vec<(u32, SocketAddr)>,
     /// Version of the sender's scheduling policy.
-    pub sched: super::sched::SchedVersion,
+    pub sched: sched::SchedVersion,
 }
 
 /// Result of signalling a process group on one node.
@@ -56,16 +84,16 @@ pub trait Peer {
     // --- remote exec ---
     /// Start a program (or restore an image) here for a shadow on the
     /// caller's node; returns its kernel pid here and its gpid.
-    async fn spawn(spec: super::remote::SpawnSpec) -> Result<(i32, i32), ErrorReply>;
+    async fn spawn(spec: remote::SpawnSpec) -> Result<(i32, i32), ErrorReply>;
     // --- checkpoint ---
     /// Checkpoint a process running on the callee (`caller_uid` checked
     /// with SO_PEERCRED by the calling agent).
     async fn checkpoint(
         gpid: i32,
-        order: libkrg::proto::CkptOrder,
+        order: CkptOrder,
         caller_uid: u32,
         hops: u8,
-    ) -> Result<libkrg::proto::CkptDoneInfo, ErrorReply>;
+    ) -> Result<CkptDoneInfo, ErrorReply>;
     /// The callee is the origin node of `gpid`: it now runs on `node`.
     async fn set_location(gpid: i32, node: u32);
     /// Child `gpid` of a process that moved to the callee ended with wait
@@ -74,33 +102,33 @@ pub trait Peer {
     /// At the key home: a process on `node` opens the FIFO `key` for
     /// reading or writing; answered once a partner has come.
     async fn fifo_meet(
-        key: super::fifo::FifoKey,
+        key: streams::FifoKey,
         node: u32,
         write: bool,
         nonblock: bool,
-    ) -> Result<super::fifo::FifoMatch, ErrorReply>;
+    ) -> Result<streams::FifoMatch, ErrorReply>;
     /// A FIFO's writer's node will connect for stream `id`: hold it.
     async fn fifo_expect(id: u64);
     /// At the key home: a non-blocking reader of FIFO `key` opened it on
     /// `node`.
-    async fn fifo_stand(key: super::fifo::FifoKey, node: u32);
+    async fn fifo_stand(key: streams::FifoKey, node: u32);
     /// At a standing reader's node: if a reader has FIFO `key` open here,
     /// hold a place for stream `id` and write what comes on it into the
     /// FIFO; whether it does.
-    async fn fifo_feed(key: super::fifo::FifoKey, id: u64) -> bool;
+    async fn fifo_feed(key: streams::FifoKey, id: u64) -> bool;
     /// Whether a non-blocking reader of FIFO `key` on the callee's node
     /// still has it open.
-    async fn fifo_reader_here(key: super::fifo::FifoKey) -> bool;
+    async fn fifo_reader_here(key: streams::FifoKey) -> bool;
     /// At the key home: the UNIX socket name `key` is listened on at `node`.
-    async fn unix_name_set(key: super::fifo::FifoKey, node: u32);
+    async fn unix_name_set(key: streams::FifoKey, node: u32);
     /// At the key home: where the UNIX socket name `key` is listened on.
-    async fn unix_name_owner(key: super::fifo::FifoKey) -> Option<u32>;
+    async fn unix_name_owner(key: streams::FifoKey) -> Option<u32>;
     /// At the listener's node: queue a stand-in on the listener of `key`
     /// for a client with `uid` and groups `gids` (its primary first), and
     /// hold a place for its connection; answers the connection's id.
     /// `seqpacket`: the client's socket is one (the stand-in too).
     async fn unix_stand_in(
-        key: super::fifo::FifoKey,
+        key: streams::FifoKey,
         uid: u32,
         gids: Vec<u32>,
         seqpacket: bool,
@@ -108,18 +136,18 @@ pub trait Peer {
     // --- scheduling ---
     /// The scheduling policy in force on the callee, with its text (a node
     /// whose heartbeat showed an older version fetches it).
-    async fn sched_get() -> super::sched::SchedPolicy;
+    async fn sched_get() -> sched::SchedPolicy;
     /// `krg sched set` on the caller: apply `policy` if it is newer than
     /// the callee's; answers the policy in force on the callee afterwards.
-    async fn sched_push(policy: super::sched::SchedPolicy) -> Result<SchedInfo, ErrorReply>;
+    async fn sched_push(policy: sched::SchedPolicy) -> Result<SchedInfo, ErrorReply>;
     // --- System V semaphores ---
     /// A request to the home of a semaphore set.
-    async fn sem_home(op: super::sync::SemHomeOp) -> Result<super::sync::SemReply, ErrorReply>;
+    async fn sem_home(op: sync::SemHomeOp) -> Result<sync::SemReply, ErrorReply>;
     /// Read ahead: a request to a segment's home whose answer is large.
-    async fn dsm_home(op: super::dsm::HomeOp) -> Result<super::dsm::HomeReply, ErrorReply>;
+    async fn dsm_home(op: dsm::HomeOp) -> Result<dsm::HomeReply, ErrorReply>;
     // --- streams ---
     /// A request to the port home of the cluster-wide loopback.
-    async fn port_home(op: super::streams::PortOp) -> Result<Option<u32>, ErrorReply>;
+    async fn port_home(op: streams::PortOp) -> Result<Option<u32>, ErrorReply>;
     /// Whether a TCP port is bound on the callee (it tries to bind it).
     async fn port_probe(port: u16, reuse: bool) -> bool;
     /// A client at `ip:from` (the caller's node) is about to connect to
@@ -129,18 +157,29 @@ pub trait Peer {
     /// ends are moving); what became of each. `commit` false only checks
     /// that it could.
     async fn stream_hold(
-        ends: Vec<super::streams::End>,
+        ends: Vec<streams::End>,
         commit: bool,
-    ) -> Result<Vec<libkrg::proto::StreamPeer>, ErrorReply>;
+    ) -> Result<Vec<StreamPeer>, ErrorReply>;
     /// A mover's capture failed: end the hand-overs `ids` held on the
     /// callee that it never took.
     async fn stream_call_off(ids: Vec<u64>);
 }
 
-fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
+/// tarpc's transport on an authenticated connection whose channel is
+/// chosen: bincode in length-delimited frames.
+pub type PeerTransport<Item, SinkItem> =
+    Transport<TcpStream, Item, SinkItem, Bincode<Item, SinkItem>>;
+
+/// The framing of the [`Peer`] service on connection `s`, for either side.
+pub fn transport<Item, SinkItem>(s: TcpStream) -> PeerTransport<Item, SinkItem>
+where
+    Item: for<'de> Deserialize<'de>,
+    SinkItem: Serialize,
+{
+    let codec = LengthDelimitedCodec::builder()
         .max_frame_length(MAX_FRAME)
-        .new_codec()
+        .new_codec();
+    serde_transport::new(Framed::new(s, codec), Bincode::default())
 }
 
 /// Connect to a peer, authenticate, and return a client with its node id.
@@ -156,28 +195,10 @@ pub async fn connect(
     let id = auth::client(&mut s, key, my_id).await?;
     {
         use tokio::io::AsyncWriteExt;
-        s.write_all(&[super::dsm::link::CHANNEL_TARPC]).await?;
+        s.write_all(&[CHANNEL_TARPC]).await?;
     }
-    let transport = serde_transport::new(
-        tarpc::tokio_util::codec::Framed::new(s, codec()),
-        Bincode::default(),
-    );
     Ok((
         id,
-        PeerClient::new(tarpc::client::Config::default(), transport).spawn(),
+        PeerClient::new(tarpc::client::Config::default(), transport(s)).spawn(),
     ))
-}
-
-/// Serve one authenticated connection.
-pub async fn serve(s: TcpStream, server: super::peer_server::PeerServer) {
-    let transport = serde_transport::new(
-        tarpc::tokio_util::codec::Framed::new(s, codec()),
-        Bincode::default(),
-    );
-    BaseChannel::with_defaults(transport)
-        .execute(server.serve())
-        .for_each(|fut| async {
-            tokio::spawn(fut);
-        })
-        .await;
 }

@@ -1,7 +1,9 @@
-//! The messages of the shared-memory protocol between agents (carried by
-//! `link`): to a segment's home, and from the home to a node.
+//! The messages of the shared-memory protocol between agents (see
+//! docs/architecture/dsm.md): to a segment's home, and from the home to a
+//! node; carried by the shared-memory link (`dsm/link.rs`), and read-ahead
+//! requests by tarpc (`Peer::dsm_home`).
 
-use libkrg::proto::ShmInfo;
+use libkrg::proto::{ErrorReply, ShmInfo};
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
@@ -125,4 +127,20 @@ pub enum NodeOp {
     Fetch { shmid: i32, page: u32, ver: u64 },
     /// The segment is gone: free its memory here.
     Drop { shmid: i32 },
+}
+
+/// A request on the shared-memory link.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum Req {
+    Home(HomeOp),
+    Node(NodeOp),
+    ReadMany(i32, Vec<(u32, u64, bool)>),
+}
+
+/// Its answer.
+#[derive(Serialize, Deserialize, Debug)]
+pub enum Resp {
+    Home(Result<HomeReply, ErrorReply>),
+    Node(Result<Option<ByteBuf>, ErrorReply>),
+    Many(Result<Vec<Option<ByteBuf>>, ErrorReply>),
 }
