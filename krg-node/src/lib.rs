@@ -6,3 +6,5 @@ pub mod cli;
 pub mod cluster;
 pub mod logging;
 pub mod reaper;
+#[allow(unsafe_code)]
+pub mod sys;

@@ -35,24 +35,11 @@ pub fn install_if_init() {
     let r = std::thread::Builder::new()
         .name("krg-reaper".into())
         .spawn(|| loop {
-            // SAFETY: siginfo_t is plain data that waitid fills.
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // Look without reaping: a managed child's status is its waiter's.
-            // SAFETY: waitid with a valid siginfo pointer.
-            let r = unsafe {
-                libc::waitid(
-                    libc::P_ALL,
-                    0,
-                    &mut info,
-                    libc::WEXITED | libc::WNOWAIT | libc::__WALL,
-                )
-            };
-            if r != 0 {
+            let Ok(pid) = crate::sys::ended_child() else {
                 std::thread::sleep(std::time::Duration::from_millis(200));
                 continue;
-            }
-            // SAFETY: waitid succeeded, so si_pid is set.
-            let pid = unsafe { info.si_pid() };
+            };
             let guard = managed_lock();
             if guard.as_ref().is_some_and(|s| s.contains(&pid)) {
                 drop(guard);
@@ -60,8 +47,8 @@ pub fn install_if_init() {
                 std::thread::sleep(std::time::Duration::from_millis(5));
                 continue;
             }
-            // SAFETY: reaps that one zombie (not managed, so nobody waits).
-            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG | libc::__WALL) };
+            // Not managed, so nobody waits for it.
+            crate::sys::reap(pid);
         });
     if let Err(e) = r {
         eprintln!("krg-node: cannot start the zombie reaper: {e}");

@@ -142,8 +142,7 @@ pub fn restart(dir: &Path, node: Option<u32>, quiet: bool) -> Result<i32> {
         .unwrap_or(0);
     // The shadow relays the program's output: a reader that goes away is
     // an EPIPE it passes on to the program, not a signal that ends it.
-    // SAFETY: sets a disposition; no handler code is installed.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    let _ = crate::sys::ignore_signal(nix::sys::signal::Signal::SIGPIPE);
     let err = libkrg::distant::shadow_for(
         |port, token, stdio| {
             Request::Restart(RestartReq {

@@ -261,14 +261,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 })?;
                 c.env(libkrg::proto::NODE_PIN_ENV, n.to_string());
             }
-            // SAFETY: personality in the child before exec: SSI processes
-            // run without address randomisation (see libkrg::checkpoint).
-            unsafe {
-                c.pre_exec(|| {
-                    libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong);
-                    Ok(())
-                });
-            }
+            // SSI processes run without address randomisation (see
+            // libkrg::checkpoint).
+            crate::sys::exec_without_aslr(&mut c);
             let err = c
                 .args(&cmd[1..])
                 .env("LD_PRELOAD", so)
