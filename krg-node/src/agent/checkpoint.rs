@@ -188,20 +188,8 @@ fn file_sharers(me: i32, files: &[(i32, String)]) -> Vec<FileSharers> {
 /// Whether fd `a` of kernel pid `pa` and fd `b` of `pb` are one open file
 /// description.
 fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
-    const KCMP_FILE: libc::c_long = 0;
-    // SAFETY: kcmp only compares kernel objects of the two processes.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_kcmp,
-            pa as libc::c_long,
-            pb as libc::c_long,
-            KCMP_FILE,
-            a as libc::c_long,
-            b as libc::c_long,
-        )
-    };
-    if r >= 0 {
-        return r == 0;
+    if let Ok(same) = super::sys::same_file(pa, a, pb, b) {
+        return same;
     }
     // No kcmp (or not allowed): the same offset and flags, conservatively.
     let info = |p: i32, fd: i32| {

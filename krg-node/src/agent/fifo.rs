@@ -24,8 +24,9 @@
 use super::peer::streams::{FifoKey, FifoMatch};
 use super::{err, Agent, Answer, Caller};
 use libkrg::proto::{ErrorReply, Request, Response};
+use nix::sys::socket::Shutdown;
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
@@ -421,27 +422,12 @@ fn open_for_feeding(key: &FifoKey) -> std::io::Result<std::fs::File> {
 fn feed(sock: &OwnedFd, fifo: &std::fs::File) -> std::io::Result<u64> {
     let mut total = 0u64;
     loop {
-        // SAFETY: splice between two fds of ours (a socket and a FIFO).
-        let n = unsafe {
-            libc::splice(
-                sock.as_raw_fd(),
-                std::ptr::null_mut(),
-                fifo.as_raw_fd(),
-                std::ptr::null_mut(),
-                1 << 16,
-                libc::SPLICE_F_MOVE,
-            )
-        };
-        match n {
-            0 => return Ok(total),
-            n if n > 0 => total += n as u64,
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                // SAFETY: shutdown on our own socket.
-                unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
+        match super::sys::splice(sock.as_fd(), fifo.as_fd(), 1 << 16) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let _ = nix::sys::socket::shutdown(sock.as_raw_fd(), Shutdown::Both);
                 return Err(e);
             }
         }

@@ -19,10 +19,10 @@ pub mod procs;
 pub mod remote;
 pub mod sched;
 pub mod seqpacket;
-pub mod spawn;
 pub mod stay;
 pub mod streams;
 pub mod sync;
+#[allow(unsafe_code)]
 mod sys;
 pub mod unix;
 
@@ -180,6 +180,11 @@ pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
 
 pub(crate) fn sock_err(what: &str, e: std::io::Error) -> ErrorReply {
     err(libc::EIO, format!("{what}: {e}"))
+}
+
+/// A failed system call's error as an answer, with its errno.
+pub(crate) fn os_err(e: std::io::Error) -> ErrorReply {
+    err(crate::sys::errno(&e).unwrap_or(libc::EIO), e.to_string())
 }
 
 pub(crate) fn ctx() -> context::Context {

@@ -93,7 +93,7 @@ impl Agent {
         let f = super::sys::pidfd_getfd(who.pid, fd).map_err(|e| {
             err(
                 libc::EBADF,
-                format!("parking fd {fd} of kernel pid {}: {}", who.pid, e.msg),
+                format!("parking fd {fd} of kernel pid {}: {e}", who.pid),
             )
         })?;
         let port = if moving {

@@ -463,7 +463,7 @@ impl Agent {
         }
         prog_fds[3] = image_stream.map(OwnedFd::from);
         prog_fds[4] = uffd_dev;
-        let program = super::spawn::Program {
+        let program = super::sys::spawn::Program {
             exe: cstr(exe.as_bytes(), "executable")?,
             argv: spec
                 .exec
@@ -492,7 +492,7 @@ impl Agent {
         // be reaped by the pid-1 reaper nor say Hello before it is known.
         let kpid = {
             let mut reaper = crate::reaper::managed_lock();
-            let kpid = super::spawn::spawn(&program).map_err(|e| {
+            let kpid = super::sys::spawn::spawn(&program).map_err(|e| {
                 err(
                     e.raw_os_error().unwrap_or(libc::EIO),
                     format!(
@@ -544,10 +544,10 @@ impl Agent {
                 })
             };
             if let Err(e) = r {
-                // SAFETY: kill of the child we just started.
-                unsafe { libc::kill(kpid, libc::SIGKILL) };
+                // The child we just started, not reaped yet.
+                let _ = super::sys::kill(kpid, libc::SIGKILL);
                 drop(reaper);
-                let _ = wait_for(kpid);
+                let _ = super::sys::wait_status(kpid);
                 crate::reaper::unmanage(kpid);
                 return Err(e);
             }
@@ -564,7 +564,7 @@ impl Agent {
         let _ = std::thread::Builder::new()
             .name(format!("krg-wait-{kpid}"))
             .spawn(move || {
-                let status = match wait_for(kpid) {
+                let status = match super::sys::wait_status(kpid) {
                     Ok(st) => st,
                     Err(e) => {
                         warn!("pid {g}: waiting for kernel pid {kpid}: {e}");
@@ -597,21 +597,6 @@ impl Agent {
                 }
             });
         Ok((kpid, g))
-    }
-}
-
-/// The wait status of a child of this agent (blocking).
-fn wait_for(kpid: i32) -> std::io::Result<i32> {
-    loop {
-        let mut st = 0;
-        // SAFETY: waits for our own child; `st` is a valid out pointer.
-        if unsafe { libc::waitpid(kpid, &mut st, 0) } == kpid {
-            return Ok(st);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
-        }
     }
 }
 
@@ -693,9 +678,7 @@ mod tests {
     #[test]
     fn own_credentials() {
         let (uid, gid, _) = creds(std::process::id() as i32).unwrap();
-        // SAFETY: geteuid/getegid have no preconditions.
-        assert_eq!(uid, unsafe { libc::geteuid() });
-        // SAFETY: as above.
-        assert_eq!(gid, unsafe { libc::getegid() });
+        assert_eq!(uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(gid, nix::unistd::getegid().as_raw());
     }
 }

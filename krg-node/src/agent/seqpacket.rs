@@ -16,12 +16,13 @@
 //! shuts its relay end both ways, so its process's next write fails with
 //! `EPIPE`, as with a peer that closed).
 
-use super::sock_err;
-use super::Agent;
+use super::{sock_err, sys, Agent};
 use libkrg::proto::ErrorReply;
 use libkrg::streams::seqpacket::{self, Got, MAX_MESSAGE};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{MsgFlags, Shutdown};
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -66,23 +67,10 @@ impl Relays {
 /// made) into the agent.
 pub fn take_pair(pid: i32, fds: (i32, i32)) -> Result<Pair, ErrorReply> {
     let what = format!("the socketpair of kernel pid {pid}");
-    let e = |s: &str| sock_err(&format!("{what}: {s}"), std::io::Error::last_os_error());
-    // SAFETY: pidfd_open of a pid (no memory passed); the result is ours.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        return Err(e("pidfd_open"));
-    }
-    // SAFETY: the pidfd was just opened and is ours alone.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let pidfd = sys::pidfd_open(pid).map_err(|e| sock_err(&what, e))?;
     let take = |fd: i32| {
-        // SAFETY: copies fd `fd` of that process into ours (close-on-exec);
-        // the result is ours alone.
-        let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-        if r < 0 {
-            return Err(e("pidfd_getfd"));
-        }
-        // SAFETY: as above.
-        let o = unsafe { OwnedFd::from_raw_fd(r as i32) };
+        let o = sys::getfd(pidfd.as_fd(), fd, || format!("pidfd_getfd(fd {fd})"))
+            .map_err(|e| sock_err(&what, e))?;
         if !seqpacket::is_seqpacket(o.as_raw_fd()) {
             return Err(sock_err(
                 &format!("{what}: fd {fd}"),
@@ -134,8 +122,7 @@ async fn run(end: OwnedFd, tcp: std::net::TcpStream) -> std::io::Result<()> {
     let _ = tcp.set_nodelay(true);
     let (mut rd, wr) = tcp.into_split();
     let wr = Arc::new(tokio::sync::Mutex::new(wr));
-    // SAFETY: the AsyncFd owns the fd, which stays open as long as it.
-    let end = Arc::new(unsafe { AsyncFd::register(end) }.map_err(|e| e.into_parts().1)?);
+    let end = Arc::new(sys::async_fd(end)?);
     let up = {
         let (end, wr) = (end.clone(), wr.clone());
         async move {
@@ -152,7 +139,7 @@ async fn run(end: OwnedFd, tcp: std::net::TcpStream) -> std::io::Result<()> {
         if r.is_err() {
             // The other node is gone: the process's reads end, its writes
             // fail, as with a peer that reset the connection.
-            shut(&end, libc::SHUT_RDWR);
+            shut(&end, Shutdown::Both);
         }
         r
     };
@@ -161,9 +148,8 @@ async fn run(end: OwnedFd, tcp: std::net::TcpStream) -> std::io::Result<()> {
     a.and(b)
 }
 
-fn shut(end: &AsyncFd<OwnedFd>, how: i32) {
-    // SAFETY: shutdown on our own socket.
-    unsafe { libc::shutdown(end.get_ref().as_raw_fd(), how) };
+fn shut(end: &AsyncFd<OwnedFd>, how: Shutdown) {
+    let _ = nix::sys::socket::shutdown(end.get_ref().as_raw_fd(), how);
 }
 
 async fn send(
@@ -192,18 +178,12 @@ async fn up(
                 Ok(Got::End) => {
                     // Shut both ways (`POLLHUP`): the process closed its
                     // end (or shut it both ways): its peer's writes fail.
-                    let mut p = libc::pollfd {
-                        fd: end.get_ref().as_raw_fd(),
-                        events: 0,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd, no wait.
-                    unsafe { libc::poll(&mut p, 1, 0) };
-                    let tag = if p.revents & libc::POLLHUP != 0 {
-                        CLOSE
-                    } else {
-                        SHUT
-                    };
+                    let mut p = [PollFd::new(end.get_ref().as_fd(), PollFlags::empty())];
+                    let _ = poll(&mut p, PollTimeout::ZERO);
+                    let hup = p[0]
+                        .revents()
+                        .is_some_and(|r| r.contains(PollFlags::POLLHUP));
+                    let tag = if hup { CLOSE } else { SHUT };
                     send(wr, tag, &[]).await?;
                     return wr.lock().await.flush().await;
                 }
@@ -245,11 +225,11 @@ async fn down(
                 }
             }
             SHUT => {
-                shut(end, libc::SHUT_WR);
+                shut(end, Shutdown::Write);
                 return Ok(());
             }
             CLOSE => {
-                shut(end, libc::SHUT_RDWR);
+                shut(end, Shutdown::Both);
                 return Ok(());
             }
             t => return Err(std::io::Error::other(format!("frame tag {t}"))),
@@ -260,19 +240,11 @@ async fn down(
 async fn write_msg(end: &AsyncFd<OwnedFd>, m: &[u8]) -> std::io::Result<()> {
     loop {
         let mut guard = end.writable().await?;
-        // SAFETY: sends our buffer on our socket without blocking.
-        let r = unsafe {
-            libc::send(
-                end.get_ref().as_raw_fd(),
-                m.as_ptr().cast(),
-                m.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        let e = match nix::sys::socket::send(end.get_ref().as_raw_fd(), m, flags) {
+            Ok(_) => return Ok(()),
+            Err(e) => std::io::Error::from(e),
         };
-        if r >= 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EAGAIN) => guard.clear_ready(),
             Some(libc::EINTR) => {}

@@ -121,16 +121,7 @@ fn dead_pipe(kpid: i32, link: &str, all: &HashMap<String, Vec<(i32, i32)>>) -> b
     let Ok(end) = super::sys::pidfd_getfd(kpid, 0) else {
         return false;
     };
-    let mut queued: libc::c_int = 0;
-    // SAFETY: FIONREAD writes the count of queued bytes into our int.
-    let r = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&end),
-            libc::FIONREAD,
-            &mut queued,
-        )
-    };
-    r == 0 && queued == 0
+    super::sys::queued(std::os::fd::AsFd::as_fd(&end)).is_ok_and(|n| n == 0)
 }
 
 /// The other readers of `link` (kernel pid, fd) among `all`.

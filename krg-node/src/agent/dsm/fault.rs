@@ -75,16 +75,14 @@ impl Agent {
                     continue;
                 };
                 loop {
-                    // SAFETY: reading whole uffd_msg records into our buffer.
-                    let n = unsafe {
-                        libc::read(mem.uffd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-                    };
-                    if n <= 0 {
+                    // Whole uffd_msg records.
+                    let n = match nix::unistd::read(mem.uffd.as_raw_fd(), &mut buf) {
+                        Ok(n) if n > 0 => n,
                         // EAGAIN: all read; anything else: the process is
                         // going (its exit unwatches it).
-                        break;
-                    }
-                    for f in uffd::faults(&buf[..n as usize]) {
+                        _ => break,
+                    };
+                    for f in uffd::faults(&buf[..n]) {
                         if self.fault(rt, &mut links, &mem, f, spin) {
                             pace.note();
                         }
@@ -224,16 +222,7 @@ impl Agent {
                     mem.kpid, e.msg
                 );
                 if let Ok(p) = pidfd_open(mem.kpid) {
-                    // SAFETY: pidfd_send_signal with a valid pidfd.
-                    unsafe {
-                        libc::syscall(
-                            libc::SYS_pidfd_send_signal,
-                            p.as_raw_fd(),
-                            libc::SIGBUS,
-                            std::ptr::null::<libc::siginfo_t>(),
-                            0,
-                        );
-                    }
+                    let _ = sys::pidfd_send_signal(p.as_fd(), libc::SIGBUS);
                 }
                 let _ = uffd::wake(mem.uffd.as_fd(), addr, PAGE);
                 return asked;

@@ -7,10 +7,7 @@ impl LocalSeg {
     pub(super) fn new(shmid: i32, size: u64) -> Result<LocalSeg, ErrorReply> {
         let name = std::ffi::CString::new(format!("{}{shmid}", libkrg::dsm::MEMFD_PREFIX))
             .expect("no NUL");
-        // SAFETY: memfd_create with a NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        let fd = sys_fd(fd as libc::c_long, "memfd_create")?;
-        let mem = File::from(fd);
+        let mem = sys::memfd(&name).map_err(super::super::os_err)?;
         // The exact size: a POSIX object's fstat shows it. The tail of the
         // last page reads as zeros, as for any file.
         mem.set_len(size)
@@ -216,25 +213,13 @@ impl LocalSeg {
             {
                 j += 1;
             }
-            let iov: Vec<libc::iovec> = pages[i..j]
+            let iov: Vec<std::io::IoSlice> = pages[i..j]
                 .iter()
-                .map(|(page, d)| libc::iovec {
-                    iov_base: d.as_ptr() as *mut libc::c_void,
-                    iov_len: self.in_page(*page).min(d.len()),
-                })
+                .map(|(page, d)| std::io::IoSlice::new(&d[..self.in_page(*page).min(d.len())]))
                 .collect();
-            let want: usize = iov.iter().map(|v| v.iov_len).sum();
-            // SAFETY: the iovecs point into slices that outlive the call;
-            // pwritev only reads them.
-            let r = unsafe {
-                libc::pwritev(
-                    self.mem.as_raw_fd(),
-                    iov.as_ptr(),
-                    iov.len() as i32,
-                    (pages[i].0 as u64 * PAGE) as libc::off_t,
-                )
-            };
-            if r < 0 || r as usize != want {
+            let want: usize = iov.iter().map(|v| v.len()).sum();
+            let r = sys::pwritev(&self.mem, &iov, pages[i].0 as u64 * PAGE);
+            if r.ok() != Some(want) {
                 // Short or failed: fall back to one page at a time.
                 for (page, d) in &pages[i..j] {
                     if self.write_page(*page, d).is_err() {
@@ -257,28 +242,9 @@ impl LocalSeg {
         {
             let mut m = lock(&self.map);
             if m.is_none() {
-                // SAFETY: a new shared mapping of our memfd, at an address
-                // the kernel picks.
-                let p = unsafe {
-                    libc::mmap(
-                        std::ptr::null_mut(),
-                        mapped as usize,
-                        libc::PROT_READ,
-                        libc::MAP_SHARED,
-                        self.mem.as_raw_fd(),
-                        0,
-                    )
-                };
-                if p == libc::MAP_FAILED {
-                    return Err(io_err(
-                        "map segment".into(),
-                        std::io::Error::last_os_error(),
-                    ));
-                }
-                *m = Some(Mapping {
-                    addr: p as usize,
-                    len: mapped as usize,
-                });
+                let v = SharedView::new(&self.mem, mapped as usize)
+                    .map_err(|e| io_err("map segment".into(), e))?;
+                *m = Some(v);
             }
         }
         let mut f = lock(&self.futex);
@@ -306,19 +272,7 @@ impl LocalSeg {
             return false;
         };
         for w in words {
-            // SAFETY: FUTEX_WAKE on an address inside our own mapping; it
-            // reads nothing the kernel does not check.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_futex,
-                    map.addr + w as usize,
-                    libc::FUTEX_WAKE,
-                    i32::MAX,
-                    std::ptr::null::<libc::timespec>(),
-                    std::ptr::null::<u32>(),
-                    0,
-                );
-            }
+            let _ = map.futex_wake(w as usize);
         }
         true
     }
@@ -357,22 +311,8 @@ impl LocalSeg {
 
     /// Take the page out of the memfd: every local mapping loses it.
     pub(super) fn punch(&self, page: u32) -> Result<(), ErrorReply> {
-        // SAFETY: fallocate on our memfd with a range inside it.
-        let r = unsafe {
-            libc::fallocate(
-                self.mem.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                (page as u64 * PAGE) as libc::off_t,
-                PAGE as libc::off_t,
-            )
-        };
-        if r < 0 {
-            return Err(io_err(
-                format!("page {page}: punch"),
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
+        sys::punch_hole(&self.mem, page as u64 * PAGE, PAGE)
+            .map_err(|e| io_err(format!("page {page}: punch"), e))
     }
 
     /// Write-protect pages (ascending) in every local mapping, one ioctl

@@ -24,7 +24,7 @@ pub mod link;
 mod local;
 
 use super::peer::dsm::{Cred, Grant, HomeOp, HomeReply, NodeOp, Req, Resp};
-use super::sys::{async_fd, pidfd_getfd, pidfd_open, sys_fd};
+use super::sys::{self, async_fd, pidfd_getfd, pidfd_open, SharedView};
 use super::{err, Agent, Answer, Caller};
 use libkrg::dsm::uffd;
 use libkrg::proto::{ErrorReply, Request, Response, ShmInfo};
@@ -217,22 +217,7 @@ struct LocalSeg {
     /// The agent's own mapping of the memfd, made for the first futex word:
     /// a shared futex is named by file and offset, so a wake through this
     /// mapping reaches the waiters of every local process.
-    map: Mutex<Option<Mapping>>,
-}
-
-/// A shared mapping of a segment's memfd in the agent.
-#[derive(Debug)]
-struct Mapping {
-    addr: usize,
-    len: usize,
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping this struct owns; nothing else
-        // holds pointers into it (futex wakes use it only under the lock).
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
+    map: Mutex<Option<SharedView>>,
 }
 
 /// A local process's mapping of a segment (of `len` bytes from byte `off`
@@ -300,7 +285,7 @@ fn pages_of(size: u64) -> usize {
 
 fn io_err(what: String, e: std::io::Error) -> ErrorReply {
     err(
-        e.raw_os_error().unwrap_or(libc::EIO),
+        crate::sys::errno(&e).unwrap_or(libc::EIO),
         format!("{what}: {e}"),
     )
 }
@@ -715,7 +700,7 @@ impl Agent {
             ));
         }
         let mem = if uffd_fd >= 0 {
-            let fd = pidfd_getfd(who.pid, uffd_fd)?;
+            let fd = pidfd_getfd(who.pid, uffd_fd).map_err(super::os_err)?;
             let m = Arc::new(ProcMem {
                 kpid: who.pid,
                 uffd: fd,

@@ -6,11 +6,12 @@
 //! mistaken for the old process); signals go through a pidfd opened at
 //! registration, so they can never reach a recycled pid either.
 
+use crate::agent::sys;
 use libkrg::caps::Caps;
 use libkrg::gpid;
 use libkrg::proto::{ErrorReply, ProcInfo};
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 /// One registered SSI process.
 #[derive(Debug)]
@@ -119,13 +120,7 @@ fn read_cmdline(kpid: i32, comm: &str) -> String {
 }
 
 fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
+    sys::sysconf(libc::_SC_CLK_TCK).map_or(100.0, |t| t as f64)
 }
 
 fn uptime_s() -> f64 {
@@ -143,13 +138,7 @@ fn user_name(uid: u32) -> String {
 }
 
 fn pidfd_open(kpid: i32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, kpid, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: the kernel just gave us this fd; we are its only owner.
-    Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    sys::pidfd_open(kpid).ok()
 }
 
 fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
@@ -741,42 +730,21 @@ impl ProcTable {
 }
 
 fn page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as u64
-    } else {
-        4096
-    }
+    sys::sysconf(libc::_SC_PAGESIZE).map_or(4096, |p| p as u64)
 }
 
 fn errno_str(e: i32) -> String {
     std::io::Error::from_raw_os_error(e).to_string()
 }
 
+/// The errno of a failed signal.
 fn send_signal(p: &Proc, sig: i32) -> Result<(), i32> {
     let r = match &p.pidfd {
-        // SAFETY: pidfd_send_signal with a valid pidfd, a null siginfo and
-        // no flags, as documented.
-        Some(fd) => unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.as_raw_fd(),
-                sig,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        },
-        // SAFETY: plain kill(2); the start time was checked by the caller.
-        None => unsafe { libc::kill(p.kpid, sig) as libc::c_long },
+        Some(fd) => sys::pidfd_send_signal(fd.as_fd(), sig),
+        // The start time was checked by the caller.
+        None => sys::kill(p.kpid, sig),
     };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO))
-    }
+    r.map_err(|e| crate::sys::errno(&e).unwrap_or(libc::EIO))
 }
 
 /// `/proc` file `name` of local process `kpid`, then the same of each of

@@ -75,7 +75,7 @@ pub(super) fn mover_socket(
         .find(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == link.as_str()))
         .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .ok_or("the mover does not hold it")?;
-    super::super::sys::pidfd_getfd(mover, fd).map_err(|e| e.msg)
+    super::super::sys::pidfd_getfd(mover, fd).map_err(|e| e.to_string())
 }
 
 /// Every `(kernel pid, fd)` of this node whose fd link is one of `want`

@@ -287,9 +287,8 @@ impl Agent {
             }
             r.insert(kpid, Release { relays_tx, go_rx });
         }
-        // SAFETY: a signal to a process of this node (the shadow reads it
-        // from its signalfd).
-        if unsafe { libc::kill(kpid, libkrg::proto::CKPT_SIGNAL) } != 0 {
+        // The shadow reads it from its signalfd.
+        if super::super::sys::kill(kpid, libkrg::proto::CKPT_SIGNAL).is_err() {
             self.moving.releases().remove(&kpid);
             return StreamPeer::Foreign(format!("{what}: the shadow is gone"));
         }

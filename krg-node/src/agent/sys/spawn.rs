@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// What the child is set up with before its exec.
-pub(super) struct Program {
+pub(in crate::agent) struct Program {
     pub exe: CString,
     pub argv: Vec<CString>,
     pub env: Vec<CString>,
@@ -58,7 +58,7 @@ const STACK: usize = 64 << 10;
 
 /// Start `p`; answers its kernel pid once the exec went through (the
 /// child's error if it did not; the failed child is reaped here).
-pub(super) fn spawn(p: &Program) -> std::io::Result<i32> {
+pub(in crate::agent) fn spawn(p: &Program) -> std::io::Result<i32> {
     let argv: Vec<*const libc::c_char> = p
         .argv
         .iter()
@@ -115,9 +115,7 @@ pub(super) fn spawn(p: &Program) -> std::io::Result<i32> {
     let e = args.error.load(Ordering::Acquire);
     if e != 0 {
         // It exited without exec'ing: reap it here.
-        let mut st = 0;
-        // SAFETY: waits for our own child.
-        unsafe { libc::waitpid(pid, &mut st, 0) };
+        let _ = super::wait_status(pid);
         return Err(std::io::Error::from_raw_os_error(e));
     }
     Ok(pid)
@@ -263,20 +261,15 @@ mod tests {
             fds: [None, out, None, None, None],
             umask: 0o027,
             rlimits: vec![(libc::RLIMIT_NOFILE, 77, 77)],
-            // SAFETY: getuid/getgid have no preconditions.
-            uid: unsafe { libc::getuid() },
-            // SAFETY: as above.
-            gid: unsafe { libc::getgid() },
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
             groups: vec![],
             ignored: 0,
         }
     }
 
     fn wait(pid: i32) -> i32 {
-        let mut st = 0;
-        // SAFETY: waits for our own child.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
-        st
+        super::super::wait_status(pid).unwrap()
     }
 
     #[test]
