@@ -9,17 +9,16 @@
 
 use super::instance::Instance;
 use super::state::{self, NodeState};
-use super::sys::{self, CStrVec};
+use super::sys::{self, CStrVec, SavedAction};
 use anyhow::{bail, Context, Result};
 use nix::errno::Errno;
 use nix::sched::{setns, CloneFlags};
-use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::unistd::{ForkResult, Pid};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The signals passed on to the command.
 const FORWARDED: [Signal; 6] = [
@@ -40,30 +39,6 @@ const NAMESPACES: [(&str, CloneFlags); 5] = [
     ("pid", CloneFlags::CLONE_NEWPID),
     ("mnt", CloneFlags::CLONE_NEWNS),
 ];
-
-/// Host pid of the command while it runs (0 otherwise), for the handler.
-static CHILD: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn forward(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    let child = CHILD.load(Ordering::Relaxed);
-    if child <= 0 || info.is_null() {
-        return;
-    }
-    // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t, read
-    // here before the handler returns.
-    let (code, sender) = unsafe { ((*info).si_code, (*info).si_pid()) };
-    // A signal from the terminal (Ctrl-C, Ctrl-\, hangup) is sent by the
-    // kernel to the whole foreground process group, which the command is
-    // in too: it already has its copy. Neither echo the command's own
-    // signals back to it.
-    if code == libc::SI_KERNEL || sender == child {
-        return;
-    }
-    // SAFETY: kill is async-signal-safe. `child` is our child and not yet
-    // reaped: CHILD is cleared, with these signals blocked, before the
-    // child is reaped, so its pid cannot have been recycled.
-    unsafe { libc::kill(child, sig) };
-}
 
 /// Where libkrg.so is: next to the running `krg`.
 pub(super) fn preload_path() -> Result<PathBuf> {
@@ -200,23 +175,10 @@ pub(super) fn run(inst: &Instance, node: u32, cmd: &[String], preload: bool) -> 
     let mut old_mask = SigSet::empty();
     signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&fwd), Some(&mut old_mask))
         .context("blocking signals")?;
-    let handler = SigAction::new(
-        SigHandler::SigAction(forward),
-        SaFlags::SA_SIGINFO | SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    let mut saved: Vec<(Signal, SigAction)> = Vec::new();
+    let mut saved: Vec<SavedAction> = Vec::new();
     for s in FORWARDED {
-        // SAFETY: `forward` only reads an atomic and the siginfo, and calls
-        // kill, all async-signal-safe.
-        match unsafe { signal::sigaction(s, &handler) } {
-            Ok(old) => {
-                if old.handler() == SigHandler::SigIgn {
-                    // SAFETY: restoring the disposition we just read.
-                    let _ = unsafe { signal::sigaction(s, &old) };
-                }
-                saved.push((s, old));
-            }
+        match sys::forward_signal(s) {
+            Ok(old) => saved.push(old),
             Err(e) => {
                 restore(&saved, &old_mask);
                 return Err(e).with_context(|| format!("installing a handler for {s}"));
@@ -224,17 +186,14 @@ pub(super) fn run(inst: &Instance, node: u32, cmd: &[String], preload: bool) -> 
         }
     }
 
-    // SAFETY: the child only makes system calls on data prepared above,
-    // then execs or _exits.
-    let forked = unsafe { fork() };
-    let child = match forked {
+    let child = match sys::fork() {
         Ok(ForkResult::Child) => {
             run_child(&cgroups, &saved, &old_mask, &file, &argv, &envp, &failures)
         }
         Ok(ForkResult::Parent { child }) => child,
         Err(e) => {
             restore(&saved, &old_mask);
-            let hint = if e == Errno::ENOMEM {
+            let hint = if crate::sys::errno(&e) == Some(libc::ENOMEM) {
                 " (the node's pid namespace is gone: its agent exited)"
             } else {
                 ""
@@ -243,7 +202,7 @@ pub(super) fn run(inst: &Instance, node: u32, cmd: &[String], preload: bool) -> 
         }
     };
     drop(cgroups);
-    CHILD.store(child.as_raw(), Ordering::SeqCst);
+    sys::forward_to(child.as_raw());
     let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
 
     let code = wait_child(child, &fwd);
@@ -252,22 +211,22 @@ pub(super) fn run(inst: &Instance, node: u32, cmd: &[String], preload: bool) -> 
 }
 
 /// Wait for the command and return its exit code (128 + signal if a
-/// signal killed it). The child is only reaped once CHILD is cleared with
-/// the forwarded signals blocked, so the handler never signals a pid that
-/// was recycled.
+/// signal killed it). The child is only reaped once the forwarding is
+/// cleared with the forwarded signals blocked, so the handler never
+/// signals a pid that was recycled.
 fn wait_child(child: Pid, fwd: &SigSet) -> nix::Result<i32> {
     loop {
         match waitid(Id::Pid(child), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
             Ok(_) => break,
             Err(Errno::EINTR) => continue,
             Err(e) => {
-                CHILD.store(0, Ordering::SeqCst);
+                sys::forward_to(0);
                 return Err(e);
             }
         }
     }
     let _ = signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(fwd), None);
-    CHILD.store(0, Ordering::SeqCst);
+    sys::forward_to(0);
     loop {
         match waitpid(child, None) {
             Ok(WaitStatus::Exited(_, c)) => return Ok(c),
@@ -293,10 +252,9 @@ fn check_running(inst: &Instance, n: &NodeState) -> Result<()> {
 }
 
 /// Put the dispositions and the mask back as they were.
-fn restore(saved: &[(Signal, SigAction)], mask: &SigSet) {
-    for (s, old) in saved {
-        // SAFETY: restoring a disposition read from the kernel earlier.
-        let _ = unsafe { signal::sigaction(*s, old) };
+fn restore(saved: &[SavedAction], mask: &SigSet) {
+    for old in saved {
+        sys::restore_signal(old);
     }
     let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None);
 }
@@ -304,7 +262,7 @@ fn restore(saved: &[(Signal, SigAction)], mask: &SigSet) {
 /// The command's side of the fork: cgroups, signal state, exec.
 fn run_child(
     cgroups: &[File],
-    saved: &[(Signal, SigAction)],
+    saved: &[SavedAction],
     old_mask: &SigSet,
     file: &std::ffi::CStr,
     argv: &CStrVec,
@@ -313,9 +271,7 @@ fn run_child(
 ) -> ! {
     let fail = |msg: &[u8], code: i32| -> ! {
         let _ = nix::unistd::write(std::io::stderr(), msg);
-        // SAFETY: _exit ends the child without running the parent's
-        // atexit handlers or flushing its stdio buffers.
-        unsafe { libc::_exit(code) }
+        sys::exit_now(code)
     };
     for f in cgroups {
         // "0": the writing process itself, whatever pid it has in the node.
@@ -327,25 +283,20 @@ fn run_child(
     // its default (Rust ignores it; an ignored signal stays ignored across
     // exec), and krg's original signal mask.
     restore(saved, old_mask);
-    // SAFETY: setting a default disposition installs no handler code.
-    let _ = unsafe { signal::signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    let _ = crate::sys::default_signal(Signal::SIGPIPE);
     // SSI processes run without address randomisation (checkpoint images
     // restore at the same addresses); a plain process keeps it off too,
     // harmlessly, as setarch -R would.
-    // SAFETY: changes this child's personality only.
-    unsafe { libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong) };
+    let _ = crate::sys::no_aslr();
     // Only stdio enters the node, as with a remote login: an fd above 2
     // would be a machine's file shared by two nodes, which no real cluster
-    // has (launchers and CI runners leave some open in every child).
-    // SAFETY: marks this child's own fds close-on-exec (CLOSE_RANGE_CLOEXEC
-    // is 4); the failure message below still has stderr.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 4u32) };
-    // SAFETY: the file name, argv and envp are NUL-terminated C strings and
-    // NULL-terminated arrays that outlive the call.
-    unsafe { libc::execvpe(file.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-    let (code, msg) = match Errno::last() {
-        Errno::ENOENT | Errno::ENOTDIR => (failures[0].0, &failures[0].1),
-        Errno::EACCES | Errno::EPERM => (failures[1].0, &failures[1].1),
+    // has (launchers and CI runners leave some open in every child). The
+    // failure message below still has stderr.
+    let _ = sys::cloexec_from(3);
+    let e = sys::execvpe(file, argv, envp);
+    let (code, msg) = match crate::sys::errno(&e) {
+        Some(libc::ENOENT | libc::ENOTDIR) => (failures[0].0, &failures[0].1),
+        Some(libc::EACCES | libc::EPERM) => (failures[1].0, &failures[1].1),
         _ => (failures[2].0, &failures[2].1),
     };
     fail(msg, code)

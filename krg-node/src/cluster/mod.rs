@@ -12,6 +12,7 @@ mod instance;
 mod net;
 mod spawn;
 mod state;
+#[allow(unsafe_code)]
 mod sys;
 
 pub use instance::{subnet, valid_name, Instance, ENV as INSTANCE_ENV, MAX_NAME};

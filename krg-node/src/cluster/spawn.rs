@@ -13,14 +13,15 @@ use super::sys::{self, CStrVec};
 use anyhow::{bail, Context, Result};
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{setns, unshare, CloneFlags};
-use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
 use nix::sys::stat::Mode;
 use nix::sys::wait::waitpid;
-use nix::unistd::{chdir, dup2, fork, mkdir, pipe2, sethostname, setsid, ForkResult, Pid};
+use nix::unistd::{chdir, dup2, mkdir, pipe2, sethostname, setsid, ForkResult, Pid};
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -173,9 +174,9 @@ pub(super) fn begin(l: &Launch) -> Result<Pending> {
     std::fs::create_dir_all(NODE_RUN_DIR).with_context(|| format!("creating {NODE_RUN_DIR}"))?;
 
     let (rd, wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
-    // SAFETY: the child only makes system calls on data prepared above
-    // (no allocation, no lock) and ends in `_exit` or `execve`.
-    let child = match unsafe { fork() }.with_context(|| format!("node {id}: fork"))? {
+    // The child only makes system calls on data prepared above and ends
+    // in `_exit` or `execve`.
+    let child = match sys::fork().with_context(|| format!("node {id}: fork"))? {
         ForkResult::Child => intermediate(&p, &wr),
         ForkResult::Parent { child } => child,
     };
@@ -242,19 +243,15 @@ fn read_reports(rd: &OwnedFd, deadline: Instant) -> Result<Vec<(i32, i32, i32)>>
             bail!("no report from the node's processes in time");
         }
         let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
-        let mut pfd = libc::pollfd {
-            fd: rd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, for the duration of the call.
-        match unsafe { libc::poll(&mut pfd, 1, ms) } {
-            0 => continue,
-            n if n > 0 => {}
-            _ => match Errno::last() {
-                Errno::EINTR => continue,
-                e => return Err(e).context("poll"),
-            },
+        let mut pfd = [PollFd::new(rd.as_fd(), PollFlags::POLLIN)];
+        match poll(
+            &mut pfd,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e).context("poll"),
         }
         let mut chunk = [0u8; 256];
         match nix::unistd::read(rd.as_raw_fd(), &mut chunk) {
@@ -279,19 +276,13 @@ fn report(fd: &OwnedFd, tag: i32, a: i32, b: i32) {
     let _ = nix::unistd::write(fd, &rec);
 }
 
-fn exit_now(code: i32) -> ! {
-    // SAFETY: _exit ends the process at once, skipping atexit handlers and
-    // stdio flushing that belong to the parent's copy of the state.
-    unsafe { libc::_exit(code) }
-}
-
 /// Report a failed step and end the process.
 fn check<T>(fd: &OwnedFd, step: i32, r: nix::Result<T>) -> T {
     match r {
         Ok(v) => v,
         Err(e) => {
             report(fd, TAG_ERR, step, e as i32);
-            exit_now(1)
+            sys::exit_now(1)
         }
     }
 }
@@ -315,19 +306,24 @@ fn intermediate(p: &Prepared, wr: &OwnedFd) -> ! {
                 | CloneFlags::CLONE_NEWUTS,
         ),
     );
-    // SAFETY: as for the first fork: only system calls on prepared data
-    // follow in the child.
-    match unsafe { fork() } {
+    // As for the first fork: only system calls on prepared data follow in
+    // the child.
+    match sys::fork() {
         Ok(ForkResult::Child) => node_init(p, wr),
         Ok(ForkResult::Parent { child }) => {
             // `child` is the host pid: this process is still in the
             // machine's pid namespace (unshare moves only its children).
             report(wr, TAG_PID, child.as_raw(), 0);
-            exit_now(0)
+            sys::exit_now(0)
         }
         Err(e) => {
-            report(wr, TAG_ERR, ST_FORK, e as i32);
-            exit_now(1)
+            report(
+                wr,
+                TAG_ERR,
+                ST_FORK,
+                crate::sys::errno(&e).unwrap_or(libc::EIO),
+            );
+            sys::exit_now(1)
         }
     }
 }
@@ -416,9 +412,9 @@ fn node_init(p: &Prepared, wr: &OwnedFd) -> ! {
                 none,
             ),
         );
-        // SAFETY: rmdir of a NUL-terminated literal path.
-        let r = unsafe { libc::rmdir(c"/run/krg/.shared-tmp".as_ptr()) };
-        check(wr, ST_KEEPTMP, Errno::result(r));
+        let r = std::fs::remove_dir(TMP_STAGE)
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)));
+        check(wr, ST_KEEPTMP, r);
     }
     check(
         wr,
@@ -446,18 +442,19 @@ fn node_init(p: &Prepared, wr: &OwnedFd) -> ! {
     // Whatever the caller left open (without close-on-exec) is not the
     // agent's: mark every fd from 3 on close-on-exec. Failure (a kernel
     // without close_range) only leaks descriptors.
-    // SAFETY: close_range only changes fd flags of this process.
-    let _ = unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) };
+    let _ = sys::cloexec_from(3);
     // A clean signal state for the agent: nothing blocked, SIGPIPE back to
     // its default (Rust programs ignore it, and ignoring survives exec).
     let _ = signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    // SAFETY: setting a default disposition installs no handler code.
-    let _ = unsafe { signal::signal(Signal::SIGPIPE, SigHandler::SigDfl) };
-    // SAFETY: the path, argv and envp are NUL-terminated C strings and
-    // NULL-terminated arrays that live in `p` for the duration of the call.
-    unsafe { libc::execve(p.agent.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr()) };
-    report(wr, TAG_ERR, ST_EXEC, Errno::last() as i32);
-    exit_now(127)
+    let _ = crate::sys::default_signal(Signal::SIGPIPE);
+    let e = sys::execve(&p.agent, &p.argv, &p.envp);
+    report(
+        wr,
+        TAG_ERR,
+        ST_EXEC,
+        crate::sys::errno(&e).unwrap_or(libc::EIO),
+    );
+    sys::exit_now(127)
 }
 
 /// Whether `path` exists and is a regular file.

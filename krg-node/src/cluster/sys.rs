@@ -1,17 +1,20 @@
 //! Low-level helpers of the local cluster: processes seen through the host's
-//! /proc, argument vectors prepared before `fork`, running `ip`.
+//! /proc, argument vectors prepared before `fork`, running `ip`; and, the
+//! only code of the local cluster allowed `unsafe`, safe wrappers of fork,
+//! exec, `_exit` and signal forwarding (see `crate::sys`).
 
 use anyhow::{bail, Context, Result};
 use nix::errno::Errno;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::{self, kill, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::unistd::{ForkResult, Pid};
 use std::collections::HashSet;
-use std::ffi::{CString, OsStr};
-use std::io::Write;
+use std::ffi::{CStr, CString, OsStr};
+use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 /// The state letter and start time (clock ticks since boot) of a process,
@@ -184,6 +187,120 @@ impl CStrVec {
     pub(super) fn as_ptr(&self) -> *const *const libc::c_char {
         self.ptrs.as_ptr()
     }
+}
+
+/// Fork this process. Refused while other threads run: the child would
+/// then be allowed only async-signal-safe calls, and the children of the
+/// local cluster run ordinary code (nix's mount allocates, for one).
+pub(super) fn fork() -> io::Result<ForkResult> {
+    if let Some(n) = thread_count().filter(|n| *n > 1) {
+        return Err(io::Error::other(format!(
+            "fork refused: {n} threads run in this process"
+        )));
+    }
+    // SAFETY: this process is single-threaded (checked above), so the
+    // child is a whole copy of it, free to run any code.
+    unsafe { nix::unistd::fork() }.map_err(|e| crate::sys::context(e.into(), "fork"))
+}
+
+/// End this process at once, without the atexit handlers and stdio
+/// flushing that belong to its parent's copy of the state (a child after
+/// fork).
+pub(super) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit takes an integer and never returns.
+    unsafe { libc::_exit(code) }
+}
+
+/// Exec `path` with `argv` and `envp`; returns only on failure, with the
+/// error.
+pub(super) fn execve(path: &CStr, argv: &CStrVec, envp: &CStrVec) -> io::Error {
+    // SAFETY: a NUL-terminated path, and NULL-terminated arrays of
+    // NUL-terminated strings (`CStrVec`'s own), all borrowed for the call.
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    crate::sys::last_error(|| format!("execve {}", path.to_string_lossy()))
+}
+
+/// As [`execve`], looking `file` up in `PATH` if it has no `/`.
+pub(super) fn execvpe(file: &CStr, argv: &CStrVec, envp: &CStrVec) -> io::Error {
+    // SAFETY: as for `execve`.
+    unsafe { libc::execvpe(file.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    crate::sys::last_error(|| format!("execvpe {}", file.to_string_lossy()))
+}
+
+/// Mark every descriptor from `first` on close-on-exec.
+pub(super) fn cloexec_from(first: u32) -> io::Result<()> {
+    // SAFETY: close_range takes integers; CLOSE_RANGE_CLOEXEC only changes
+    // flags, so no descriptor anything owns is closed.
+    let r =
+        unsafe { libc::close_range(first, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) };
+    crate::sys::check(r as libc::c_long, || {
+        format!("close_range({first}, CLOEXEC)")
+    })
+    .map(drop)
+}
+
+/// Host pid the forwarded signals go to (0: none).
+static FORWARD_TO: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    let child = FORWARD_TO.load(Ordering::Relaxed);
+    if child <= 0 || info.is_null() {
+        return;
+    }
+    // SAFETY: with SA_SIGINFO the kernel passes a valid siginfo_t, read
+    // here before the handler returns.
+    let (code, sender) = unsafe { ((*info).si_code, (*info).si_pid()) };
+    // A signal from the terminal (Ctrl-C, Ctrl-\, hangup) is sent by the
+    // kernel to the whole foreground process group, which the command is
+    // in too: it already has its copy. Neither echo the command's own
+    // signals back to it.
+    if code == libc::SI_KERNEL || sender == child {
+        return;
+    }
+    // SAFETY: kill is async-signal-safe. `child` is our child and not yet
+    // reaped: FORWARD_TO is cleared, with these signals blocked, before
+    // the child is reaped (see `forward_to`), so its pid cannot have been
+    // recycled.
+    unsafe { libc::kill(child, sig) };
+}
+
+/// A signal's disposition before [`forward_signal`] changed it.
+#[derive(Debug)]
+pub(super) struct SavedAction(Signal, SigAction);
+
+/// Pass signal `sig`, whenever it comes, on to the process that
+/// [`forward_to`] names; an ignored signal stays ignored. Answers the
+/// disposition it had, for [`restore_signal`].
+pub(super) fn forward_signal(sig: Signal) -> io::Result<SavedAction> {
+    let handler = SigAction::new(
+        SigHandler::SigAction(forward),
+        SaFlags::SA_SIGINFO | SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: `forward` only reads an atomic and the siginfo, and calls
+    // kill, all async-signal-safe.
+    let old = unsafe { signal::sigaction(sig, &handler) }
+        .map_err(|e| crate::sys::context(e.into(), format!("sigaction({sig})")))?;
+    let saved = SavedAction(sig, old);
+    if old.handler() == SigHandler::SigIgn {
+        restore_signal(&saved);
+    }
+    Ok(saved)
+}
+
+/// Put back a disposition that [`forward_signal`] replaced.
+pub(super) fn restore_signal(saved: &SavedAction) {
+    // SAFETY: the disposition was read from the kernel for this very
+    // signal, so it was installed in this process before: a default, an
+    // ignore or a handler that was already allowed to run here.
+    let _ = unsafe { signal::sigaction(saved.0, &saved.1) };
+}
+
+/// From now on, the forwarded signals go to host pid `pid` (0: nowhere).
+/// Clear it, with the signals blocked, before `pid` is reaped: the handler
+/// must never signal a recycled pid.
+pub(super) fn forward_to(pid: i32) {
+    FORWARD_TO.store(pid, Ordering::SeqCst);
 }
 
 /// A C string from a path or argument, with a useful error.
