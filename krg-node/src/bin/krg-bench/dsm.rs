@@ -5,90 +5,17 @@
 //! The workers run under the library: `dsm` on node 1 drives the run and
 //! starts its partners on node 2 with `KRG_NODE=2` (remote exec).
 
+use super::sys::Seg;
 use super::{quantile, Sample};
 use anyhow::{bail, Context, Result};
 use libkrg::proto::{Request, Response};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const PAGE: usize = 4096;
-
-/// A System V segment attached in this process.
-struct Seg {
-    id: i32,
-    p: *mut u8,
-    len: usize,
-}
-
-impl Seg {
-    fn create(key: i32, len: usize) -> Result<Seg> {
-        // SAFETY: shmget takes plain integers.
-        let id = unsafe { libc::shmget(key, len, libc::IPC_CREAT | 0o600) };
-        if id < 0 {
-            bail!("shmget {key:#x}: {}", std::io::Error::last_os_error());
-        }
-        Seg::attach_id(id, len)
-    }
-
-    fn attach(key: i32) -> Result<Seg> {
-        // SAFETY: shmget takes plain integers.
-        let id = unsafe { libc::shmget(key, 0, 0) };
-        if id < 0 {
-            bail!("shmget {key:#x}: {}", std::io::Error::last_os_error());
-        }
-        // SAFETY: all-zero is a valid shmid_ds for IPC_STAT to fill.
-        let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
-        // SAFETY: IPC_STAT fills our struct.
-        if unsafe { libc::shmctl(id, libc::IPC_STAT, &mut ds) } < 0 {
-            bail!("shmctl {id}: {}", std::io::Error::last_os_error());
-        }
-        Seg::attach_id(id, ds.shm_segsz)
-    }
-
-    fn attach_id(id: i32, len: usize) -> Result<Seg> {
-        // SAFETY: shmat maps a new segment where the system chooses.
-        let p = unsafe { libc::shmat(id, std::ptr::null(), 0) };
-        if p as isize == -1 {
-            bail!("shmat {id}: {}", std::io::Error::last_os_error());
-        }
-        Ok(Seg {
-            id,
-            p: p.cast(),
-            len,
-        })
-    }
-
-    fn pages(&self) -> usize {
-        self.len / PAGE
-    }
-
-    /// Page `i` (volatile access: the point is the fault).
-    fn touch(&self, i: usize, write: bool) {
-        // SAFETY: i < pages(), so the byte is inside our mapping.
-        unsafe {
-            let q = self.p.add(i * PAGE);
-            if write {
-                std::ptr::write_volatile(q, i as u8);
-            } else {
-                std::hint::black_box(std::ptr::read_volatile(q));
-            }
-        }
-    }
-
-    fn counter(&self) -> &AtomicU64 {
-        // SAFETY: the segment is page aligned and at least a page long; an
-        // AtomicU64 has the layout of a u64.
-        unsafe { &*(self.p as *const AtomicU64) }
-    }
-
-    fn remove(&self) {
-        // SAFETY: IPC_RMID with a null buffer.
-        unsafe { libc::shmctl(self.id, libc::IPC_RMID, std::ptr::null_mut()) };
-    }
-}
 
 /// Start `krg-bench worker ARGS` on node 2; its first line of output
 /// says it is ready.
@@ -280,7 +207,7 @@ pub fn dsm_partner(what: &str, args: &[String]) -> Result<Sample> {
                 seg.touch(i, false);
             }
             s.values
-                .push(seg.len as f64 / t.elapsed().as_secs_f64() / 1e6);
+                .push(seg.len() as f64 / t.elapsed().as_secs_f64() / 1e6);
         }
         "dsm-bounce" => {
             println!("ready");

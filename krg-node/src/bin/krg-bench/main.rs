@@ -35,6 +35,8 @@
 mod dsm;
 mod moved;
 mod streams;
+#[allow(unsafe_code)]
+mod sys;
 
 use anyhow::{bail, Context, Result};
 use krg_node::cli::preload_path;
@@ -84,9 +86,7 @@ pub struct Sample {
 
 /// The CPU the calling thread runs on now.
 pub(crate) fn this_cpu() -> usize {
-    // SAFETY: sched_getcpu has no preconditions.
-    let c = unsafe { libc::sched_getcpu() };
-    c.max(0) as usize
+    nix::sched::sched_getcpu().unwrap_or(0)
 }
 
 /// Pin the calling thread (and what it forks and execs afterwards) to
@@ -95,17 +95,11 @@ pub(crate) fn this_cpu() -> usize {
 /// where the kernel puts two processes changes from run to run, so
 /// unpinned ratios measure the kernel's scheduler more than krg.
 pub(crate) fn pin_to(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET bounds-checks
-    // against the set's size; sched_setaffinity reads the set we own.
-    let r = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if r != 0 {
-        bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
+    use nix::sched::{sched_setaffinity, CpuSet};
+    let mut set = CpuSet::new();
+    set.set(cpu)
+        .and_then(|()| sched_setaffinity(nix::unistd::Pid::from_raw(0), &set))
+        .map_err(|e| anyhow::anyhow!("pinning to CPU {cpu}: {}", std::io::Error::from(e)))
 }
 
 /// The environment variable that tells a benchmark peer its CPU.
@@ -191,8 +185,7 @@ fn worker(args: &[String]) -> Result<i32> {
             // Nanoseconds per call of hooked libc functions: getpid (answered
             // from a cache under krg), getppid (cached translation), and
             // kill(own kernel pid, 0) (a kernel pid: passed through).
-            // SAFETY: the raw syscall has no preconditions.
-            let kself = unsafe { libc::syscall(libc::SYS_getpid) } as i32;
+            let kself = nix::unistd::Pid::from_raw(sys::kernel_pid());
             let time = |f: &dyn Fn()| {
                 let t = Instant::now();
                 for _ in 0..n {
@@ -200,26 +193,24 @@ fn worker(args: &[String]) -> Result<i32> {
                 }
                 t.elapsed().as_secs_f64() * 1e9 / n as f64
             };
-            // SAFETY: getpid/getppid have no preconditions.
-            s.values.push(time(&|| unsafe {
-                std::hint::black_box(libc::getpid());
+            // libc's own functions (nix calls them), which krg's hooks see.
+            s.values.push(time(&|| {
+                std::hint::black_box(nix::unistd::getpid());
             }));
-            // SAFETY: as above.
-            s.values.push(time(&|| unsafe {
-                std::hint::black_box(libc::getppid());
+            s.values.push(time(&|| {
+                std::hint::black_box(nix::unistd::getppid());
             }));
-            // SAFETY: signal 0 to ourselves only checks existence.
-            s.values.push(time(&|| unsafe {
-                std::hint::black_box(libc::kill(kself, 0));
+            // Signal 0 to ourselves only checks existence.
+            s.values.push(time(&|| {
+                let _ = std::hint::black_box(nix::sys::signal::kill(kself, None));
             }));
             // open + close of a regular file: under krg the open hook
             // checks whether the path is a FIFO (one fstatat).
             let path = c"/etc/hostname";
-            // SAFETY: a valid C string; the descriptor is closed at once.
-            s.values.push(time(&|| unsafe {
-                let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
-                if fd >= 0 {
-                    libc::close(fd);
+            s.values.push(time(&|| {
+                use nix::fcntl::{open, OFlag};
+                if let Ok(fd) = open(path, OFlag::O_RDONLY, nix::sys::stat::Mode::empty()) {
+                    let _ = nix::unistd::close(fd);
                 }
             }));
         }
@@ -277,30 +268,13 @@ fn fork_exec_sample(n: u64, node: Option<&str>) -> Result<Vec<f64>> {
     if let Some(k) = node {
         env.push(CString::new(format!("KRG_NODE={k}"))?);
     }
-    let argv = [path.as_ptr(), std::ptr::null()];
-    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-    envp.push(std::ptr::null());
+    let argv = sys::CArray::new(vec![path.clone()]);
+    let envp = sys::CArray::new(env);
     let mut v = Vec::with_capacity(n as usize);
     for _ in 0..n {
         let t = Instant::now();
-        // SAFETY: the child only calls execve and _exit (async-signal-safe)
-        // on memory prepared before the fork.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            bail!("fork: {}", std::io::Error::last_os_error());
-        }
-        if pid == 0 {
-            // SAFETY: as above.
-            unsafe {
-                libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
-                libc::_exit(127);
-            }
-        }
-        let mut st = 0;
-        // SAFETY: waits for our own child.
-        if unsafe { libc::waitpid(pid, &mut st, 0) } != pid {
-            bail!("waitpid {pid}: {}", std::io::Error::last_os_error());
-        }
+        let pid = sys::fork_exec(&path, &argv, &envp).map_err(|e| anyhow::anyhow!("fork: {e}"))?;
+        let st = sys::wait(pid).map_err(|e| anyhow::anyhow!("waitpid {pid}: {e}"))?;
         v.push(t.elapsed().as_secs_f64() * 1e6);
         if !libc::WIFEXITED(st) || libc::WEXITSTATUS(st) != 0 {
             bail!("/bin/true (fork+execve) failed: status {st:#x}");
@@ -332,9 +306,8 @@ fn hold(mib: u64) -> Result<()> {
     out.flush()?;
     let end = Instant::now() + std::time::Duration::from_secs(30);
     while Instant::now() < end {
-        // SAFETY: the raw getpid (the kernel's pid, not the gpid libkrg's
-        // getpid answers) has no preconditions.
-        let kpid = unsafe { libc::syscall(libc::SYS_getpid) };
+        // The kernel's pid, not the gpid libkrg's getpid answers.
+        let kpid = sys::kernel_pid();
         if writeln!(out, "{} {kpid}", now_ns())
             .and_then(|_| out.flush())
             .is_err()

@@ -30,11 +30,10 @@
 //! peer, frozen and handed its new connections during each move, so it
 //! must not be inside an agent call of its own then.
 
-use super::{pin_to, quantile, this_cpu, PIN_ENV};
+use super::{pin_to, quantile, sys, this_cpu, PIN_ENV};
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::FromRawFd;
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
@@ -49,21 +48,12 @@ const REPEAT: usize = 3;
 pub fn stream_peer(args: &[String]) -> Result<()> {
     match args.get(1).map(String::as_str) {
         Some("pipe") => {
-            // SAFETY: fds 0 and 1 are ours for the process's life; the
-            // Files are never dropped (ManuallyDrop), so never closed.
-            let (mut r, mut w) = unsafe {
-                (
-                    std::mem::ManuallyDrop::new(std::fs::File::from_raw_fd(0)),
-                    std::mem::ManuallyDrop::new(std::fs::File::from_raw_fd(1)),
-                )
-            };
+            let (mut r, mut w) = (sys::inherited(0)?, sys::inherited(1)?);
             serve(&mut *r, &mut *w)
         }
         // A seqpacket socket on fd 3 (one end of the worker's socketpair).
         Some("seqpacket") => {
-            // SAFETY: fd 3 is ours for the process's life (never closed:
-            // ManuallyDrop).
-            let mut s = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(3) });
+            let mut s = sys::inherited(3)?;
             let mut w = s.try_clone()?;
             serve(&mut *s, &mut w)
         }
@@ -168,23 +158,15 @@ fn seq_measured(s: &mut std::fs::File, mib: usize, pings: usize) -> Result<[f64;
 /// A seqpacket peer: the worker's child on this node, on the other end
 /// of a socketpair (its fd 3); the worker's end.
 fn seq_peer() -> Result<(Child, std::fs::File)> {
-    use std::os::fd::{AsRawFd, OwnedFd};
-    use std::os::unix::process::CommandExt;
-    let mut sv = [0; 2];
-    // SAFETY: a new socketpair of ours.
-    if unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            sv.as_mut_ptr(),
-        )
-    } != 0
-    {
-        bail!("socketpair: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: both fds were just made and are ours alone.
-    let (mine, theirs) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let (mine, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| anyhow::anyhow!("socketpair: {}", std::io::Error::from(e)))?;
     let t = theirs.as_raw_fd();
     let mut cmd = Command::new(std::env::current_exe()?);
     // Pinned here: a fork+exec is placed at its exec, and this start
@@ -193,16 +175,8 @@ fn seq_peer() -> Result<(Child, std::fs::File)> {
         .args(["worker", "stream-peer", "seqpacket"])
         .env("KRG_NODE", "1")
         .stdin(Stdio::null());
-    // SAFETY: between fork and exec only dup2 (async-signal-safe), which
-    // puts the peer's end at fd 3 without close-on-exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(t, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // The peer's end at fd 3, without close-on-exec.
+    sys::fd_at_exec(&mut cmd, t, 3);
     let p = cmd.spawn().context("starting the seqpacket peer")?;
     drop(theirs);
     Ok((p, std::fs::File::from(mine)))
