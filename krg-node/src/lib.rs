@@ -1,5 +1,10 @@
 //! krg-node: the agent (`krg-node`), the user command (`krg`) and the local
 //! cluster that runs several agents on one machine.
+//!
+//! `unsafe` is fenced: allowed only in the `sys` modules (this crate's,
+//! `agent::sys` and `cluster::sys`), as small safe wrappers.
+
+#![deny(unsafe_code)]
 
 pub mod agent;
 pub mod cli;

@@ -1,5 +1,7 @@
 //! krg-node: the krg agent, one per host.
 
+#![deny(unsafe_code)]
+
 use clap::Parser;
 use krg_node::agent::{
     self,

@@ -1,5 +1,7 @@
 //! krg: the user command of the krg cluster.
 
+#![deny(unsafe_code)]
+
 use clap::Parser;
 
 fn main() {

@@ -32,6 +32,8 @@
 //! - the load balancer's makespan for 8 CPU-bound jobs started on one of 4
 //!   half-CPU nodes (a second local cluster), against the ideal.
 
+#![deny(unsafe_code)]
+
 mod dsm;
 mod moved;
 mod streams;
