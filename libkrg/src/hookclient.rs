@@ -425,10 +425,10 @@ mod tests {
             Reply::Pid(42)
         );
         assert_eq!(decode_copy(&body_of(&Response::Ok)).unwrap(), Reply::Ok);
-        match decode_copy(&body_of(&Response::Err(ErrorReply {
-            errno: libc::EPERM,
-            msg: "not yours é".repeat(40),
-        }))) {
+        match decode_copy(&body_of(&Response::Err(ErrorReply::other(
+            libc::EPERM,
+            "not yours é".repeat(40),
+        )))) {
             Err(HookCallError::Agent { errno, msg }) => {
                 assert_eq!(errno, libc::EPERM);
                 assert!(msg.as_str().starts_with("not yours"));
@@ -442,10 +442,10 @@ mod tests {
             "KRG_CAPS: {}",
             crate::caps::Caps::apply(crate::caps::Caps::ALL, "teleport").unwrap_err()
         );
-        match decode_copy(&body_of(&Response::Err(ErrorReply {
-            errno: libc::EINVAL,
-            msg: long.clone(),
-        }))) {
+        match decode_copy(&body_of(&Response::Err(ErrorReply::other(
+            libc::EINVAL,
+            long.clone(),
+        )))) {
             Err(HookCallError::Agent { msg, .. }) => assert_eq!(msg.as_str(), long),
             other => panic!("{other:?}"),
         }

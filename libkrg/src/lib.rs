@@ -24,6 +24,7 @@ pub mod client;
 pub mod dirs;
 pub mod distant;
 pub mod dsm;
+pub mod error;
 pub mod frame;
 pub mod gpid;
 pub mod hookclient;

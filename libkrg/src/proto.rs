@@ -116,7 +116,13 @@ pub enum Request {
     /// From a process in its checkpoint handler: what is wanted of it.
     CkptOrder,
     /// From a process: the capture it was ordered is over.
-    CkptDone { ok: bool, msg: String, bytes: u64 },
+    /// `kind` says why a failed one failed.
+    CkptDone {
+        ok: bool,
+        kind: ErrorKind,
+        msg: String,
+        bytes: u64,
+    },
     /// Switch the load balancer of every up node (root only): `off` or
     /// `threshold`. Answered with `Sched`.
     SchedBalance { name: String },
@@ -551,7 +557,7 @@ pub enum StreamPeer {
     /// No other process holds it (a pipe whose other end is closed).
     Nobody,
     /// It cannot take part (an optional stream only): why.
-    Foreign(String),
+    Foreign(ErrorReply),
 }
 
 /// How the remote program gets one of its standard fds.
@@ -721,13 +727,70 @@ pub enum Response {
     Local,
 }
 
-/// A failed request: the errno the application should see, and what failed.
+/// A failed request: the errno the application should see, what kind of
+/// failure it is (callers decide on the kind, never on the text), and what
+/// failed.
 #[derive(
-    Archive, Serialize, Deserialize, serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq,
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
 )]
 pub struct ErrorReply {
     pub errno: i32,
+    pub kind: ErrorKind,
     pub msg: String,
+}
+
+impl ErrorReply {
+    /// A failure of kind `kind`.
+    pub fn new(errno: i32, kind: ErrorKind, msg: impl Into<String>) -> Self {
+        ErrorReply {
+            errno,
+            kind,
+            msg: msg.into(),
+        }
+    }
+
+    /// A failure no caller acts on but to report it.
+    pub fn other(errno: i32, msg: impl Into<String>) -> Self {
+        ErrorReply::new(errno, ErrorKind::Other, msg)
+    }
+}
+
+/// What kind of failure an [`ErrorReply`] or a libkrg `Error` is, where a
+/// caller acts on it.
+#[derive(
+    Archive,
+    Serialize,
+    Deserialize,
+    serde::Serialize,
+    serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+)]
+pub enum ErrorKind {
+    /// Any other failure: reported as it is.
+    #[default]
+    Other,
+    /// Another capture of the same process is under way (a migration
+    /// tries again once it is over).
+    CaptureBusy,
+    /// The other end of one of the process's streams is being captured
+    /// itself (a migration tries again once it is over).
+    PeerBusy,
+    /// The other end of a stream is being placed on another node at its
+    /// exec: its shadow relays it until it is handed over.
+    PeerPlaced,
 }
 
 /// One SSI process, as `krg ps` shows it.

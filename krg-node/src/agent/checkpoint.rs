@@ -18,7 +18,7 @@ use super::{err, Agent, Caller};
 use libkrg::caps::Caps;
 use libkrg::checkpoint::fds::refusal;
 use libkrg::proto::{
-    CkptAction, CkptDoneInfo, CkptOrder, ErrorReply, Request, Response, RestartReq,
+    CkptAction, CkptDoneInfo, CkptOrder, ErrorKind, ErrorReply, Request, Response, RestartReq,
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,17 +40,28 @@ impl std::fmt::Debug for Orders {
     }
 }
 
+/// How a capture ended: bytes, and whether post-copy was used; or the
+/// kind of failure and what failed.
+type CaptureEnd = Result<(u64, bool), (ErrorKind, String)>;
+
 struct Pending {
     order: CkptOrder,
     taken: bool,
-    /// Bytes, and whether post-copy was used; or why it failed.
-    done: Option<oneshot::Sender<Result<(u64, bool), String>>>,
+    done: Option<oneshot::Sender<CaptureEnd>>,
 }
 
 impl Orders {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Pending>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Why a capture failed when the process went away before it said.
+fn ended() -> (ErrorKind, String) {
+    (
+        ErrorKind::Other,
+        "the process ended during the capture".to_string(),
+    )
 }
 
 /// Why the fds of a local process forbid a capture, read from outside.
@@ -232,8 +243,13 @@ pub(super) async fn handle(
             ))
         }
         Request::CkptOrder => Ok(Response::CkptOrder(agent.ckpt_order(who))),
-        Request::CkptDone { ok, msg, bytes } => {
-            agent.ckpt_done(who, ok, msg, bytes);
+        Request::CkptDone {
+            ok,
+            kind,
+            msg,
+            bytes,
+        } => {
+            agent.ckpt_done(who, ok, kind, msg, bytes);
             Ok(Response::Ok)
         }
         Request::Restart(req) => Ok(Response::Ckpt(agent.restart(who, req).await?)),
@@ -389,7 +405,7 @@ impl Agent {
                 Err(e)
                     if order.action == CkptAction::Migrate
                         && tries < 10
-                        && (e.msg.contains(PEER_BUSY) || e.msg.contains(CAPTURE_BUSY)) =>
+                        && matches!(e.kind, ErrorKind::PeerBusy | ErrorKind::CaptureBusy) =>
                 {
                     tries += 1;
                     let ms = rand::random::<u64>() % 300 + 50;
@@ -513,7 +529,11 @@ impl Agent {
         {
             let mut o = self.orders.lock();
             if o.contains_key(&kpid) {
-                return Err(err(libc::EBUSY, format!("pid {g}: {CAPTURE_BUSY}")));
+                return Err(ErrorReply::new(
+                    libc::EBUSY,
+                    ErrorKind::CaptureBusy,
+                    format!("pid {g}: {CAPTURE_BUSY}"),
+                ));
             }
             o.insert(
                 kpid,
@@ -544,7 +564,7 @@ impl Agent {
                             // A report sent just before the end wins.
                             return match rx.try_recv() {
                                 Ok(r) => Ok(r),
-                                Err(_) => Ok(Err("the process ended during the capture".to_string())),
+                                Err(_) => Ok(Err(ended())),
                             };
                         }
                     }
@@ -555,11 +575,15 @@ impl Agent {
         let removed = self.orders.lock().remove(&kpid);
         let res = match r {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err("the process ended during the capture".to_string()),
-            Err(_) => Err(match removed {
-                Some(p) if !p.taken => "the process never answered the capture signal".to_string(),
-                _ => "the capture did not finish in time".to_string(),
-            }),
+            Ok(Err(_)) => Err(ended()),
+            Err(_) => Err((
+                ErrorKind::Other,
+                match removed {
+                    Some(p) if !p.taken => "the process never answered the capture signal",
+                    _ => "the capture did not finish in time",
+                }
+                .to_string(),
+            )),
         };
         let frozen = self.moving.take_frozen_for(kpid);
         if res.is_err() && !frozen.is_empty() {
@@ -567,13 +591,13 @@ impl Agent {
         }
         let (bytes, postcopy) = match res {
             Ok(b) => b,
-            Err(e) => {
+            Err((kind, e)) => {
                 if migrate {
                     // It stays here after all.
                     self.procs().clear_shadow(g);
                     self.relocate(g, self.node_id()).await;
                 }
-                return Err(err(libc::EIO, format!("pid {g}: {e}")));
+                return Err(ErrorReply::new(libc::EIO, kind, format!("pid {g}: {e}")));
             }
         };
         let ms = started.elapsed().as_millis() as u64;
@@ -654,14 +678,14 @@ impl Agent {
     }
 
     /// `CkptDone` from a process.
-    fn ckpt_done(&self, who: Caller, ok: bool, msg: String, bytes: u64) {
+    fn ckpt_done(&self, who: Caller, ok: bool, kind: ErrorKind, msg: String, bytes: u64) {
         let mut o = self.orders.lock();
         if let Some(p) = o.get_mut(&who.pid) {
             if let Some(tx) = p.done.take() {
                 let _ = tx.send(if ok {
                     Ok((bytes, msg == libkrg::proto::POSTCOPY_DONE))
                 } else {
-                    Err(msg)
+                    Err((kind, msg))
                 });
             }
             // Nobody waits for a stream swap: it ends here.
@@ -701,15 +725,20 @@ impl Agent {
         {
             let mut o = self.orders.lock();
             if o.contains_key(&kpid) {
-                return Err(err(libc::EBUSY, format!("pid {g}, {PEER_BUSY}")));
+                return Err(ErrorReply::new(
+                    libc::EBUSY,
+                    ErrorKind::PeerBusy,
+                    format!("pid {g}, {PEER_BUSY}"),
+                ));
             }
             // Decided under the same lock as `place_or_stay`: a process
             // placed at its exec blocks its signals and becomes a shadow,
             // which would never take the order (the mover waited a
             // minute for its peer to freeze).
             if self.procs().get(g).is_some_and(|p| p.placing) {
-                return Err(err(
+                return Err(ErrorReply::new(
                     libc::EAGAIN,
+                    ErrorKind::PeerPlaced,
                     format!("pid {g}, {}", super::streams::PEER_PLACED),
                 ));
             }

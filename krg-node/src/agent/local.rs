@@ -66,10 +66,10 @@ async fn reply(s: &mut UnixStream, r: &Response) -> std::io::Result<()> {
 /// Answer a malformed request with an error and end the connection.
 async fn refuse(s: &mut UnixStream, who: Caller, e: std::io::Error) -> std::io::Result<()> {
     warn!("local client pid {} uid {}: {e}", who.pid, who.uid);
-    let r = Response::Err(ErrorReply {
-        errno: libc::EINVAL,
-        msg: format!("malformed request: {e}"),
-    });
+    let r = Response::Err(ErrorReply::other(
+        libc::EINVAL,
+        format!("malformed request: {e}"),
+    ));
     let _ = reply(s, &r).await;
     Ok(())
 }

@@ -172,10 +172,7 @@ pub struct Agent {
 }
 
 pub(crate) fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
-    ErrorReply {
-        errno,
-        msg: msg.into(),
-    }
+    ErrorReply::other(errno, msg)
 }
 
 pub(crate) fn sock_err(what: &str, e: std::io::Error) -> ErrorReply {

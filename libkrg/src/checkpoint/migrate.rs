@@ -11,13 +11,14 @@ use super::fds::{self, HandOver, Purpose, Stream};
 use super::image::{self, FdState, Meta, Region};
 use super::{capture, postcopy, report, Order, ANCHOR};
 use crate::distant::{self, Listener, SHADOW_ENV};
-use crate::proto::{RemoteExec, Request, Response, StdioKind, IMAGE_CHANNEL};
+use crate::error::Error;
+use crate::proto::{ErrorKind, RemoteExec, Request, Response, StdioKind, IMAGE_CHANNEL};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::AtomicI32;
 
 /// Take the image and send it to `order.node`. Never returns once the
 /// image is sent; an error means nothing changed (the process goes on).
-pub(super) fn out(order: &Order) -> Result<u64, String> {
+pub(super) fn out(order: &Order) -> Result<u64, Error> {
     // Connections waiting to be accepted move as connections owed to
     // their listener (queued again once it listens on the new node).
     crate::streams::accepted::take_queued();
@@ -29,7 +30,7 @@ pub(super) fn out(order: &Order) -> Result<u64, String> {
     r
 }
 
-fn out_taken(order: &Order) -> Result<u64, String> {
+fn out_taken(order: &Order) -> Result<u64, Error> {
     crate::dsm::capturable()?;
     super::children::refuse_unnamed_children()?;
     let threads = super::capture_threads()?;
@@ -85,7 +86,7 @@ fn out_taken(order: &Order) -> Result<u64, String> {
                 // SAFETY: closes our own fd; nothing uses it any more.
                 unsafe { libc::close(f.fd) };
             }
-            report(true, how, bytes);
+            report(Ok(()), how, bytes);
             fds::moved_to(order.node);
             become_shadow(
                 meta.gpid, order.node, &meta.exe, &meta.argv, &meta.env, conns,
@@ -93,7 +94,7 @@ fn out_taken(order: &Order) -> Result<u64, String> {
         }
         Err(e) => {
             reattach_streams(&meta.fds);
-            Err(e)
+            Err(e.into())
         }
     }
 }
@@ -104,7 +105,7 @@ fn out_taken(order: &Order) -> Result<u64, String> {
 /// is this process's too or no process's is made again on the target; a
 /// standard fd whose peer cannot take part is relayed by the shadow
 /// instead. On a failure the streams already taken are reconnected here.
-fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
+fn move_streams(fds: &mut [FdState]) -> Result<(), Error> {
     use crate::proto::StreamPeer;
     use crate::streams::moving;
     // Each stream once, with all its fds (the first is the one drained):
@@ -163,7 +164,7 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
     )?;
     // What each stream became; the first error is kept (every stream
     // frozen must still be handed over).
-    let mut failed: Option<String> = None;
+    let mut failed: Option<Error> = None;
     // Streams whose other end was a shadow's relay.
     let mut relayed: Vec<u64> = Vec::new();
     // Connections this node's agent keeps and relays: taken as they are.
@@ -186,19 +187,19 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
                 }
             }
             StreamPeer::Foreign(why) => {
-                failed.get_or_insert_with(|| why.clone());
+                failed.get_or_insert_with(|| why.clone().into());
             }
             StreamPeer::Nobody => match fds::of(&fds[first].kind).no_peer(&mut fds[first]) {
                 Some(Ok(())) => {}
                 Some(Err(e)) => {
-                    failed.get_or_insert(e);
+                    failed.get_or_insert(e.into());
                 }
                 None => {
                     failed.get_or_insert_with(|| {
-                        format!(
-                            "fd {}: its other end is closed or is this process's own: not movable yet",
-                            fds[first].fd
+                        Error::other(
+                            "its other end is closed or is this process's own: not movable yet",
                         )
+                        .fd(fds[first].fd)
                     });
                 }
             },
@@ -213,7 +214,7 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), String> {
     };
     for f in fds.iter_mut() {
         if let Err(e) = fds::of(&f.kind).hand_over(f, &h) {
-            failed.get_or_insert(e);
+            failed.get_or_insert(e.into());
         }
     }
     if let Some(e) = failed {
@@ -238,11 +239,11 @@ fn as_connection(fds: &mut [FdState], idx: &[usize], id: u64, node: u32) {
 
 /// What must be free on the target (listening ports) is closed here, its
 /// numbers kept taken; a failure puts everything back.
-fn vacate(fds: &mut [FdState]) -> Result<(), String> {
+fn vacate(fds: &mut [FdState]) -> Result<(), Error> {
     for f in fds.iter() {
         if let Err(e) = fds::of(&f.kind).vacate(f) {
             reattach_streams(fds);
-            return Err(e);
+            return Err(e.into());
         }
     }
     Ok(())
@@ -447,7 +448,7 @@ fn post_copy(
                     order.node
                 );
                 crate::krg_log!(crate::log::Level::Error, "{msg}");
-                report(false, msg, 0);
+                report(Err(ErrorKind::Other), msg, 0);
                 // SAFETY: ends this (frozen) copy: the other one is dead or
                 // dying, and the process must never run twice.
                 unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };

@@ -33,7 +33,8 @@ mod migrate;
 mod postcopy;
 pub mod restore;
 
-use crate::proto::{CkptAction, Request, Response};
+use crate::error::Error;
+use crate::proto::{CkptAction, ErrorKind, Request, Response};
 use crate::{krg_log, log};
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
@@ -570,8 +571,19 @@ fn ask_order() -> Result<Option<Order>, String> {
     }
 }
 
-pub(crate) fn report(ok: bool, msg: String, bytes: u64) {
-    let _ = crate::client::call(&Request::CkptDone { ok, msg, bytes });
+/// Tell the agent how the capture it ordered ended: `Ok`, or the kind of
+/// failure (`msg` says what).
+pub(crate) fn report(r: Result<(), ErrorKind>, msg: String, bytes: u64) {
+    let (ok, kind) = match r {
+        Ok(()) => (true, ErrorKind::Other),
+        Err(k) => (false, k),
+    };
+    let _ = crate::client::call(&Request::CkptDone {
+        ok,
+        kind,
+        msg,
+        bytes,
+    });
 }
 
 /// The calling thread in the "C" locale while it lives: glibc's
@@ -615,7 +627,7 @@ fn lead() {
     // thread and would never park).
     postcopy::wait_done();
     if alloc::begin().is_none() {
-        report(false, "no memory for the capture".into(), 0);
+        report(Err(ErrorKind::Other), "no memory for the capture".into(), 0);
         BUSY.store(0, Ordering::Release);
         return;
     }
@@ -644,7 +656,7 @@ fn lead() {
     match lead_capture(&order) {
         Ok(Some(bytes)) => {
             SELF_RESULT.store(0, Ordering::Release);
-            report(true, String::new(), bytes);
+            report(Ok(()), String::new(), bytes);
             if kill {
                 // The image is the process now: it must not run on (a
                 // record appended after the capture would be replayed).
@@ -662,12 +674,13 @@ fn lead() {
             SELF_RESULT.store(-libc::EBUSY, Ordering::Release);
             // For the caller of a self order, in a fixed buffer: nothing
             // here may call malloc (this handler may have interrupted it).
+            let (kind, e) = (e.kind, e.to_string());
             if let Ok(mut m) = SELF_MSG.try_lock() {
                 let n = e.len().min(m.0.len());
                 m.0[..n].copy_from_slice(&e.as_bytes()[..n]);
                 m.1 = n;
             }
-            report(false, e, 0);
+            report(Err(kind), e, 0);
         }
     }
     // The arena is ended before the capture is: once BUSY is 0 another
@@ -678,7 +691,7 @@ fn lead() {
 
 /// Park the other threads and take the image. `Ok(None)` when this call
 /// returns in a restored process.
-fn lead_capture(order: &Order) -> Result<Option<u64>, String> {
+fn lead_capture(order: &Order) -> Result<Option<u64>, Error> {
     let me = gettid();
     let pid = getpid_raw();
     NSLOTS.store(0, Ordering::Release);
@@ -710,17 +723,20 @@ fn lead_capture(order: &Order) -> Result<Option<u64>, String> {
                 "{} of the threads ({}) did not stop within 5 s (signal {SIGCKPT} blocked?)",
                 signalled.len() - parked,
                 stuck.join(" ")
-            ));
+            )
+            .into());
         }
         futex_wait(&PARKED, parked as u32, 20);
     }
     if order.action == CkptAction::StreamSwap {
         // Every thread is parked (a blocked read or write of the old
         // connection was interrupted and restarts on the new one).
-        return crate::streams::moving::swap(&order.streams).map(|()| Some(0));
+        return crate::streams::moving::swap(&order.streams)
+            .map(|()| Some(0))
+            .map_err(Error::from);
     }
     if signalled.len() + 1 > MAX_THREADS {
-        return Err(format!("more than {MAX_THREADS} threads"));
+        return Err(format!("more than {MAX_THREADS} threads").into());
     }
     let slot = take_slot().ok_or("no thread slot")?;
     // SAFETY: the slot is ours.
@@ -736,7 +752,7 @@ fn personality() -> u32 {
 
 /// The context save of the leader and, in the same frame, the capture.
 #[inline(never)]
-fn save_and_capture(slot: *mut ThreadRaw, order: &Order) -> Result<Option<u64>, String> {
+fn save_and_capture(slot: *mut ThreadRaw, order: &Order) -> Result<Option<u64>, Error> {
     // Written into libkrg's memory now, before the pages to save are
     // listed: a page first touched after the pagemap scan is not saved.
     exec_ident()?;
@@ -746,7 +762,7 @@ fn save_and_capture(slot: *mut ThreadRaw, order: &Order) -> Result<Option<u64>, 
     }
     match order.action {
         CkptAction::Migrate => migrate::out(order).map(Some),
-        _ => take_image(order).map(Some),
+        _ => take_image(order).map(Some).map_err(Error::from),
     }
 }
 

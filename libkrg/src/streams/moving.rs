@@ -464,7 +464,7 @@ pub fn freeze(
     pipes: Vec<String>,
     unix: Vec<u64>,
     optional: Vec<bool>,
-) -> Result<Vec<StreamPeer>, String> {
+) -> Result<Vec<StreamPeer>, crate::error::Error> {
     let n = conns.len() + pipes.len() + unix.len();
     match client::call(&Request::StreamFreeze {
         conns,
@@ -473,8 +473,10 @@ pub fn freeze(
         optional,
     }) {
         Ok(Response::Streams(v)) if v.len() == n => Ok(v),
-        Ok(other) => Err(format!("unexpected answer {other:?}")),
-        Err(e) => Err(e.to_string()),
+        Ok(other) => Err(format!("unexpected answer {other:?}").into()),
+        // The agent's kind is kept: a busy peer is tried again.
+        Err(client::CallError::Agent(e)) => Err(e.into()),
+        Err(e) => Err(e.to_string().into()),
     }
 }
 

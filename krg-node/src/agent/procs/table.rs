@@ -142,10 +142,7 @@ fn pidfd_open(kpid: i32) -> Option<OwnedFd> {
 }
 
 fn err(errno: i32, msg: impl Into<String>) -> ErrorReply {
-    ErrorReply {
-        errno,
-        msg: msg.into(),
-    }
+    ErrorReply::other(errno, msg)
 }
 
 /// The process table of one node.

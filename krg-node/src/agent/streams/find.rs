@@ -283,7 +283,7 @@ impl Agent {
         if mover != 0 && link.starts_with("pipe:") && self.is_placing(mover) {
             if let Some(ppid) = super::super::procs::read_stat(mover).map(|s| s.ppid) {
                 if hs.iter().any(|(p, fd)| *p == ppid && *fd > 2) {
-                    return Err(StreamPeer::Foreign(format!(
+                    return Err(foreign(format!(
                         "{what}: still held by the shell that made it"
                     )));
                 }
@@ -299,7 +299,7 @@ impl Agent {
                 .and_then(|(p, fd)| reads(*p, *fd));
             let theirs: Vec<Option<bool>> = hs.iter().map(|(p, fd)| reads(*p, *fd)).collect();
             if mine.is_none() || theirs.iter().any(|t| t.is_none() || *t == mine) {
-                return Err(StreamPeer::Foreign(format!(
+                return Err(foreign(format!(
                     "{what}: other processes hold the same end of it, or both (kernel pid, fd: {hs:?}): not movable yet"
                 )));
             }
@@ -308,7 +308,7 @@ impl Agent {
             // A pipe whose other end is closed.
             [] if mover != 0 => return Err(StreamPeer::Nobody),
             [] => {
-                return Err(StreamPeer::Foreign(format!(
+                return Err(foreign(format!(
                     "{what}: its peer end on node {} is held by no process (closed?)",
                     self.node_id()
                 )))
@@ -318,13 +318,13 @@ impl Agent {
                 (*k, hs.iter().map(|(_, fd)| *fd).collect::<Vec<i32>>())
             }
             _ => {
-                return Err(StreamPeer::Foreign(format!(
+                return Err(foreign(format!(
                     "{what}: its other end is shared by several processes (kernel pid, fd: {hs:?}): not movable yet"
                 )))
             }
         };
         let g = self.procs().translate(kpid).ok_or_else(|| {
-            StreamPeer::Foreign(format!(
+            foreign(format!(
                 "{what}: its other end (kernel pid {kpid} on node {}) is not an SSI process",
                 self.node_id()
             ))
@@ -335,7 +335,7 @@ impl Agent {
         // the program, never the shadow (the mover waited a minute). The
         // shadow relays the end.
         if self.procs().get(g).is_some_and(|p| p.kpid != kpid) {
-            return Err(StreamPeer::Foreign(format!(
+            return Err(foreign(format!(
                 "{what}: its other end is a shadow of pid {g}, whose program came back to node {}: it relays it",
                 self.node_id()
             )));
@@ -344,7 +344,7 @@ impl Agent {
         // handed over when it is asked then (not frozen now: it is busy
         // becoming a shadow, with its signals blocked).
         if self.procs().get(g).is_some_and(|p| p.placing) {
-            return Err(StreamPeer::Foreign(format!(
+            return Err(foreign(format!(
                 "{what}: its other end's process (pid {g}) is being placed on another node"
             )));
         }
@@ -355,14 +355,14 @@ impl Agent {
             if link.starts_with("pipe:") {
                 return Ok((g, kpid, fds, Some(node)));
             }
-            return Err(StreamPeer::Foreign(format!(
+            return Err(foreign(format!(
                 "{what}: its other end is the shadow of pid {g}, which relays it"
             )));
         }
         // Signal 62 would kill a process without libkrg's handler (not yet
         // installed, or a program that does not load it).
         if !super::super::procs::catches(kpid, libkrg::proto::CKPT_SIGNAL) {
-            return Err(StreamPeer::Foreign(format!(
+            return Err(foreign(format!(
                 "{what}: its other end's process (pid {g}) does not take part (libkrg's signal handler is not installed)"
             )));
         }

@@ -56,7 +56,7 @@ impl Agent {
                     .entry(node)
                     .or_default()
                     .push((i, End::Tcp(peer.clone(), local.clone()))),
-                None => out[i] = StreamPeer::Foreign(format!("TCP connection {local} -> {peer}: the peer is not a node of the cluster (connections leaving the cluster do not move)")),
+                None => out[i] = foreign(format!("TCP connection {local} -> {peer}: the peer is not a node of the cluster (connections leaving the cluster do not move)")),
             }
         }
         // A pipe (or FIFO) read by the mover and by other processes too
@@ -190,7 +190,7 @@ impl Agent {
                     StreamPeer::Foreign(w) if !opt => Some(w.clone()),
                     _ => None,
                 }) {
-                    return Err(err(libc::EOPNOTSUPP, why));
+                    return Err(why);
                 }
             }
         }
@@ -283,25 +283,25 @@ impl Agent {
         {
             let mut r = self.moving.releases();
             if r.contains_key(&kpid) {
-                return StreamPeer::Foreign(format!("{what}: already being handed over"));
+                return foreign(format!("{what}: already being handed over"));
             }
             r.insert(kpid, Release { relays_tx, go_rx });
         }
         // The shadow reads it from its signalfd.
         if super::super::sys::kill(kpid, libkrg::proto::CKPT_SIGNAL).is_err() {
             self.moving.releases().remove(&kpid);
-            return StreamPeer::Foreign(format!("{what}: the shadow is gone"));
+            return foreign(format!("{what}: the shadow is gone"));
         }
         let relays = match tokio::time::timeout(SETTLE_TIMEOUT, relays_rx).await {
             Ok(Ok(r)) => r,
             _ => {
                 self.moving.releases().remove(&kpid);
-                return StreamPeer::Foreign(format!("{what}: the shadow did not answer"));
+                return foreign(format!("{what}: the shadow did not answer"));
             }
         };
         let refuse = |go_tx: tokio::sync::oneshot::Sender<Result<i32, String>>, why: String| {
             let _ = go_tx.send(Err(why.clone()));
-            StreamPeer::Foreign(why)
+            foreign(why)
         };
         // One relay for all of them (`2>&1` shares stdout's): two streams
         // could not become one connection.
@@ -336,7 +336,7 @@ impl Agent {
                     node: *node,
                 }
             }
-            Ok([StreamPeer::Foreign(why)]) => refuse(go_tx, format!("{what}: {why}")),
+            Ok([StreamPeer::Foreign(why)]) => refuse(go_tx, format!("{what}: {}", why.msg)),
             Ok(other) => refuse(go_tx, format!("{what}: its program's end: {other:?}")),
             Err(e) => refuse(go_tx, format!("{what}: node {node}: {e}")),
         }
@@ -420,10 +420,7 @@ impl Agent {
             .iter()
             .map(|l| match l {
                 Ok((what, link, mover)) => self.holder_of(what, link, *mover, &all),
-                Err(why) => Err(StreamPeer::Foreign(format!(
-                    "{why} (node {})",
-                    self.node_id()
-                ))),
+                Err(why) => Err(foreign(format!("{why} (node {})", self.node_id()))),
             })
             .collect();
         let node = self.node_id();
@@ -470,11 +467,15 @@ impl Agent {
         }
         for (kpid, (g, order)) in orders {
             let r = self.order_stream_swap(g, kpid, order.clone());
-            if r.as_ref().is_err_and(|e| e.msg.contains(PEER_PLACED)) {
+            if r.as_ref().is_err_and(|e| e.kind == ErrorKind::PeerPlaced) {
                 // Placed since it was found (the mover waited for a
                 // shadow's relay meanwhile): its ends are relayed by its
                 // shadow, handed over when it is asked then.
-                let why = format!("pid {g}: {}", PEER_PLACED);
+                let why = ErrorReply::new(
+                    libc::EAGAIN,
+                    ErrorKind::PeerPlaced,
+                    format!("pid {g}: {PEER_PLACED}"),
+                );
                 let mut held = self.moving.held();
                 for (_, id) in order {
                     held.remove(&id);
@@ -523,7 +524,7 @@ impl Agent {
                 // goes on with its end as it was; the mover relays it.
                 Frozen::Refused(why) => {
                     self.moving.held().remove(&id);
-                    out[i] = StreamPeer::Foreign(why);
+                    out[i] = foreign(why);
                 }
                 // Ended since it was found (`awk ... | grep` with grep
                 // placed: awk had written all and exited): its end is
@@ -534,7 +535,7 @@ impl Agent {
                     out[i] = if pipe {
                         StreamPeer::Nobody
                     } else {
-                        StreamPeer::Foreign(format!(
+                        foreign(format!(
                             "its other end's process (pid {g}) ended during the hand-over"
                         ))
                     };

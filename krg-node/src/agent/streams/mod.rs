@@ -12,7 +12,7 @@
 use super::peer::streams::{End, PortOp};
 use super::peer::CHANNEL_STREAM;
 use super::{err, sock_err, Agent, Answer, Caller};
-use libkrg::proto::{ErrorReply, Request, Response, StreamPeer};
+use libkrg::proto::{ErrorKind, ErrorReply, Request, Response, StreamPeer};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -449,6 +449,11 @@ impl Held {
             sole: None,
         }
     }
+}
+
+/// A stream whose other end cannot take part, and why.
+pub(crate) fn foreign(why: String) -> StreamPeer {
+    StreamPeer::Foreign(ErrorReply::other(libc::EOPNOTSUPP, why))
 }
 
 /// Why a stream swap was not ordered: the peer is being placed at its
