@@ -14,7 +14,7 @@
 //! shadow, exactly as for a remote exec.
 
 use super::peer::remote::SpawnSpec;
-use super::{err, Agent, Caller};
+use super::{err, Agent, Caller, Handled};
 use libkrg::caps::Caps;
 use libkrg::checkpoint::fds::refusal;
 use libkrg::proto::{
@@ -217,11 +217,7 @@ fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
 
 /// A local request about checkpoint, migration or restart (see
 /// `Agent::handle_local`).
-pub(super) async fn handle(
-    agent: &Arc<Agent>,
-    req: Request,
-    who: Caller,
-) -> Result<Response, ErrorReply> {
+pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
     match req {
         Request::Checkpoint { pid, dir, kill } => {
             let order = CkptOrder {

@@ -9,7 +9,7 @@
 //! whose child shadow for that gpid ends the same way. A report that comes
 //! before its child shadow waits for it.
 
-use super::{err, Agent, Caller};
+use super::{err, Agent, Caller, Handled};
 use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,11 +61,7 @@ pub(super) fn children_gpids(
 
 /// A local request about the children of a moved process (see
 /// `Agent::handle_local`).
-pub(super) async fn handle(
-    agent: &Arc<Agent>,
-    req: Request,
-    who: Caller,
-) -> Result<Response, ErrorReply> {
+pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
     match req {
         Request::MovedChildren => agent.moved_children(who),
         Request::ChildShadow { gpid } => agent.child_shadow(who, gpid).await,

@@ -22,7 +22,7 @@
 //! writer that finds no reader gets `ENXIO`.
 
 use super::peer::streams::{FifoKey, FifoMatch};
-use super::{err, Agent, Answer, Caller};
+use super::{err, Agent, Answer, Answered, Caller};
 use libkrg::proto::{ErrorReply, Request, Response};
 use nix::sys::socket::Shutdown;
 use std::collections::{HashMap, VecDeque};
@@ -66,11 +66,7 @@ const MEET_DEADLINE: std::time::Duration = std::time::Duration::from_secs(7 * 24
 
 /// A local request about a FIFO (see `Agent::handle_local`); an open
 /// answers with a descriptor when its partner is on another node.
-pub(super) async fn handle(
-    agent: &Arc<Agent>,
-    req: Request,
-    who: Caller,
-) -> Result<Answer, ErrorReply> {
+pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
     match req {
         Request::FifoOpen {
             path,

@@ -79,6 +79,12 @@ impl Caller {
 /// (`SCM_RIGHTS`) when it announces some.
 pub(crate) type Answer = (Response, Vec<OwnedFd>);
 
+/// What a subsystem's `handle` gives back for a local request.
+pub(crate) type Handled = Result<Response, ErrorReply>;
+
+/// The same, for a subsystem whose answers may carry descriptors.
+pub(crate) type Answered = Result<Answer, ErrorReply>;
+
 /// An answer without descriptors.
 fn bare(r: Response) -> Answer {
     (r, Vec::new())

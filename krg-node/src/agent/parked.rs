@@ -9,7 +9,7 @@
 //! this node takes the very same kernel objects back.
 
 use super::peer::streams::PortOp;
-use super::{err, Agent, Answer, Caller};
+use super::{err, Agent, Answer, Answered, Caller};
 use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -69,11 +69,7 @@ async fn pass_on(
 
 /// A local request about parked descriptors (see `Agent::handle_local`);
 /// taking one back answers with it.
-pub(super) async fn handle(
-    agent: &Arc<Agent>,
-    req: Request,
-    who: Caller,
-) -> Result<Answer, ErrorReply> {
+pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
     match req {
         Request::Park { fd, moving } => Ok((agent.park(who, fd, moving)?, Vec::new())),
         Request::ForwardParked { id, node } => {

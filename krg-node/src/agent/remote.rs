@@ -9,7 +9,7 @@
 
 use super::peer::remote::SpawnSpec;
 use super::procs::read_stat;
-use super::{err, Agent, Caller};
+use super::{err, Agent, Caller, Handled};
 use libkrg::caps::Caps;
 use libkrg::proto::{ErrorReply, RemoteExec, Request, Response, StdioKind};
 use std::ffi::OsStr;
@@ -57,11 +57,7 @@ pub(super) fn creds(kpid: i32) -> Option<(u32, u32, Vec<u32>)> {
 }
 
 /// A local request about remote exec (see `Agent::handle_local`).
-pub(super) async fn handle(
-    agent: &Arc<Agent>,
-    req: Request,
-    who: Caller,
-) -> Result<Response, ErrorReply> {
+pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
     match req {
         Request::PlaceExec {
             exe,

@@ -10,7 +10,7 @@
 use super::dsm::{home_of, lock, now};
 use super::peer::dsm::Cred;
 use super::peer::sync::{SemHomeOp, SemReply};
-use super::{ctx, err, Agent, Caller};
+use super::{ctx, err, Agent, Caller, Handled};
 use libkrg::proto::{ErrorReply, Request, Response, SemInfo};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -143,11 +143,7 @@ impl Set {
 }
 
 /// A local request about System V semaphores (see `Agent::handle_local`).
-pub(super) async fn handle(
-    agent: &Arc<Agent>,
-    req: Request,
-    who: Caller,
-) -> Result<Response, ErrorReply> {
+pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
     match req {
         Request::SemGet { key, nsems, flags } => agent.sem_get(who, key, nsems, flags).await,
         Request::SemOp {

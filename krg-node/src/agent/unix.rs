@@ -17,7 +17,7 @@
 //! is one TCP connection between the two nodes: the agents only set it up.
 
 use super::peer::streams::FifoKey;
-use super::{err, Agent, Answer, Caller};
+use super::{err, Agent, Answer, Answered, Caller};
 use libkrg::proto::{ErrorReply, Request, Response, UNIX_STAND_IN};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -106,11 +106,7 @@ fn connect_stand_in(path: &[u8], id: u64, seqpacket: bool) -> std::io::Result<so
 
 /// A local request about a UNIX socket name (see `Agent::handle_local`);
 /// a connection across nodes is a descriptor.
-pub(super) async fn handle(
-    agent: &Arc<Agent>,
-    req: Request,
-    who: Caller,
-) -> Result<Answer, ErrorReply> {
+pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
     match req {
         Request::UnixListen { path, dev, ino } => Ok((
             agent.unix_listen(who, FifoKey { path, dev, ino }).await?,

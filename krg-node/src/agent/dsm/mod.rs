@@ -25,7 +25,7 @@ mod local;
 
 use super::peer::dsm::{Cred, Grant, HomeOp, HomeReply, NodeOp, Req, Resp};
 use super::sys::{self, async_fd, pidfd_getfd, pidfd_open, SharedView};
-use super::{err, Agent, Answer, Caller};
+use super::{err, Agent, Answer, Answered, Caller};
 use libkrg::dsm::uffd;
 use libkrg::proto::{ErrorReply, Request, Response, ShmInfo};
 use link::{FaultLink, Pace};
@@ -351,11 +351,7 @@ impl Dsm {
 
 /// A local request about shared memory (see `Agent::handle_local`);
 /// attaching answers with descriptors.
-pub(super) async fn handle(
-    agent: &Arc<Agent>,
-    req: Request,
-    who: Caller,
-) -> Result<Answer, ErrorReply> {
+pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
     let r = match req {
         Request::ShmAttach {
             shmid,

@@ -9,7 +9,7 @@ pub(crate) use table::{alive, catches, thread_files};
 pub use table::{read_stat, read_uids, Proc, ProcTable, Stat};
 
 use super::peer::GroupKill;
-use super::{ctx, err, Agent, Caller};
+use super::{ctx, err, Agent, Caller, Handled};
 use libkrg::caps::Caps;
 use libkrg::gpid;
 use libkrg::proto::{CapsInfo, ErrorReply, ProcInfo, Request, Response};
@@ -17,11 +17,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 /// A local request about processes (see `Agent::handle_local`).
-pub(super) async fn handle(
-    agent: &Arc<Agent>,
-    req: Request,
-    who: Caller,
-) -> Result<Response, ErrorReply> {
+pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
     match req {
         Request::Hello {
             version,

@@ -15,7 +15,7 @@ pub mod policy;
 pub mod script;
 
 use super::peer::sched::{SchedPolicy, SchedVersion};
-use super::{ctx, err, Agent, Caller};
+use super::{ctx, err, Agent, Caller, Handled};
 use libkrg::proto::{ErrorReply, NodeStatus, Request, Response, SchedInfo, SchedPush};
 use policy::{Builtin, Candidate};
 use rand::Rng;
@@ -374,11 +374,7 @@ fn choose(
 }
 
 /// A local request about the scheduler (see `Agent::handle_local`).
-pub(super) async fn handle(
-    agent: &Arc<Agent>,
-    req: Request,
-    who: Caller,
-) -> Result<Response, ErrorReply> {
+pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
     match req {
         Request::SchedGet => Ok(Response::Sched(agent.sched_info())),
         Request::SchedSet { name, source } => {

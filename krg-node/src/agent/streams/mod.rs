@@ -11,7 +11,7 @@
 
 use super::peer::streams::{End, PortOp};
 use super::peer::CHANNEL_STREAM;
-use super::{err, sock_err, Agent, Answer, Caller};
+use super::{err, sock_err, Agent, Answer, Answered, Caller};
 use libkrg::proto::{ErrorKind, ErrorReply, Request, Response, StreamPeer};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -97,11 +97,7 @@ pub(crate) fn in_use_here(port: u16, reuse: bool) -> bool {
 
 /// A local request about the loopback or a moving stream (see
 /// `Agent::handle_local`); a stream's new end is a descriptor.
-pub(super) async fn handle(
-    agent: &Arc<Agent>,
-    req: Request,
-    who: Caller,
-) -> Result<Answer, ErrorReply> {
+pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
     let r = match req {
         Request::StreamAwait { id } => return agent.stream_await(id).await,
         Request::StreamAttach {
