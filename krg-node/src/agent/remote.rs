@@ -21,6 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
+/// Longest a remote spawn may take (connecting back to the shadow,
+/// starting the program), besides waiting for the pipes it takes over.
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// A program's environment, built as `Command::env` would (a later value
 /// of a name replaces the earlier one).
 #[derive(Default)]
@@ -208,9 +212,23 @@ impl Agent {
             children,
             exec: spec,
         };
+        // A spawn that takes over pipes waits there for their other ends
+        // (up to a hand-over's timeout): giving up sooner here would leave
+        // the program started there with those pipes while this side
+        // reconnects them ("already handed over"), or lose them.
+        let takes_streams = full
+            .exec
+            .stdio
+            .iter()
+            .any(|k| matches!(k, StdioKind::Stream { .. }));
+        let wait = if takes_streams {
+            super::streams::HANDOVER_TIMEOUT + SPAWN_TIMEOUT
+        } else {
+            SPAWN_TIMEOUT
+        };
         let c = self.client(node).await?;
         let mut cx = tarpc::context::current();
-        cx.deadline = std::time::Instant::now() + Duration::from_secs(15);
+        cx.deadline = std::time::Instant::now() + wait;
         let (kpid, _) = c
             .spawn(cx, full)
             .await

@@ -385,7 +385,7 @@ mod tests {
 const KIND_BYTES: u8 = 0;
 const KIND_MESSAGES: u8 = 1;
 /// Longest wait for the other side of a hand-over.
-const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Largest pending data accepted from the other agent (socket buffers
 /// are a few MiB).
 const MAX_PENDING: u64 = 256 << 20;
