@@ -5,9 +5,8 @@
 #![deny(unsafe_code)]
 
 use crate::frame::{self, MAX_RESPONSE};
-use crate::proto::{ErrorReply, Request, Response};
+use crate::proto::{ErrorKind, ErrorReply, Request, Response};
 use crate::sys::sock;
-use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -25,45 +24,64 @@ pub fn sock_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCK))
 }
 
-/// Why a call to the agent failed.
-#[derive(Debug)]
-pub enum CallError {
-    /// The agent could not be reached or the exchange broke.
-    Io { path: PathBuf, err: io::Error },
-    /// The agent answered with an error.
-    Agent(ErrorReply),
-    /// The agent answered something that does not fit the request.
-    Unexpected(String),
+/// Why a call to the agent failed: one enum for ordinary code and hooks,
+/// which differ only in how they hold the agent's message (`M`): a
+/// `String` here, a fixed buffer in hooks, which must not allocate
+/// ([`crate::hookclient::HookCallError`]).
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum CallError<M = String> {
+    /// The agent could not be reached or the exchange broke: `op` failed
+    /// with `errno`.
+    #[error("cannot talk to the krg agent ({op}: {})", crate::sys::Errno(*errno))]
+    Io { op: &'static str, errno: i32 },
+    /// The agent answered with an error, of kind `kind`.
+    #[error("{msg}")]
+    Agent { errno: i32, kind: ErrorKind, msg: M },
+    /// The request could not be sent as it is, or the answer does not fit
+    /// it.
+    #[error("unexpected answer from the agent: {0}")]
+    Protocol(M),
 }
 
-impl CallError {
+impl<M> CallError<M> {
     /// The errno an application should see for this failure.
     pub fn errno(&self) -> i32 {
         match self {
             CallError::Io { .. } => libc::EAGAIN,
-            CallError::Agent(e) => e.errno,
-            CallError::Unexpected(_) => libc::EIO,
+            CallError::Agent { errno, .. } => *errno,
+            CallError::Protocol(_) => libc::EIO,
         }
     }
 }
 
-impl fmt::Display for CallError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CallError::Io { path, err } => {
-                write!(
-                    f,
-                    "cannot talk to the krg agent at {}: {err}",
-                    path.display()
-                )
-            }
-            CallError::Agent(e) => f.write_str(&e.msg),
-            CallError::Unexpected(s) => write!(f, "unexpected answer from the agent: {s}"),
+impl From<ErrorReply> for CallError {
+    fn from(e: ErrorReply) -> Self {
+        CallError::Agent {
+            errno: e.errno,
+            kind: e.kind,
+            msg: e.msg,
         }
     }
 }
 
-impl std::error::Error for CallError {}
+/// libkrg's error, the agent's kind kept.
+impl From<CallError> for crate::error::Error {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Agent { errno, kind, msg } => crate::error::Error::new(kind, errno, msg),
+            other => crate::error::Error::new(ErrorKind::Other, other.errno(), other.to_string()),
+        }
+    }
+}
+
+/// `Io` for `op` with the errno of `e`; an exchange that broke without
+/// one (a malformed frame) is `Protocol`.
+fn io_err(op: &'static str) -> impl Fn(io::Error) -> CallError {
+    move |e| match e.raw_os_error() {
+        Some(errno) => CallError::Io { op, errno },
+        None => CallError::Protocol(format!("{op}: {e}")),
+    }
+}
 
 /// Send one request to the agent at `KRG_NODE_SOCK` and wait for its answer.
 pub fn call(req: &Request) -> Result<Response, CallError> {
@@ -76,18 +94,14 @@ pub fn call_at(
     req: &Request,
     timeout: Option<Duration>,
 ) -> Result<Response, CallError> {
-    let io_err = |err| CallError::Io {
-        path: path.to_path_buf(),
-        err,
-    };
     // std opens Unix sockets with SOCK_CLOEXEC, so exec never leaks them.
-    let mut s = UnixStream::connect(path).map_err(io_err)?;
-    s.set_read_timeout(timeout).map_err(io_err)?;
-    s.set_write_timeout(timeout).map_err(io_err)?;
-    frame::write_frame(&mut s, req).map_err(io_err)?;
-    let resp: Response = frame::read_frame(&mut s, MAX_RESPONSE).map_err(io_err)?;
+    let mut s = UnixStream::connect(path).map_err(io_err("connect"))?;
+    s.set_read_timeout(timeout).map_err(io_err("timeout"))?;
+    s.set_write_timeout(timeout).map_err(io_err("timeout"))?;
+    frame::write_frame(&mut s, req).map_err(io_err("send"))?;
+    let resp: Response = frame::read_frame(&mut s, MAX_RESPONSE).map_err(io_err("receive"))?;
     match resp {
-        Response::Err(e) => Err(CallError::Agent(e)),
+        Response::Err(e) => Err(e.into()),
         r => Ok(r),
     }
 }
@@ -95,22 +109,17 @@ pub fn call_at(
 /// Like [`call`], for requests whose answer announces file descriptors
 /// (`ShmAttached`): they follow the answer as SCM_RIGHTS on one byte.
 pub fn call_fds(req: &Request) -> Result<(Response, Vec<OwnedFd>), CallError> {
-    let path = sock_path();
-    let io_err = |err| CallError::Io {
-        path: path.clone(),
-        err,
-    };
-    let mut s = UnixStream::connect(&path).map_err(io_err)?;
-    frame::write_frame(&mut s, req).map_err(io_err)?;
-    let resp: Response = frame::read_frame(&mut s, MAX_RESPONSE).map_err(io_err)?;
+    let mut s = UnixStream::connect(sock_path()).map_err(io_err("connect"))?;
+    frame::write_frame(&mut s, req).map_err(io_err("send"))?;
+    let resp: Response = frame::read_frame(&mut s, MAX_RESPONSE).map_err(io_err("receive"))?;
     let n = match &resp {
-        Response::Err(e) => return Err(CallError::Agent(e.clone())),
+        Response::Err(e) => return Err(e.clone().into()),
         Response::ShmAttached { fds, .. } => *fds as usize,
         Response::StreamFd => 1,
         _ => 0,
     };
     let fds = if n > 0 {
-        recv_fds(&s, n).map_err(io_err)?
+        recv_fds(&s, n).map_err(io_err("receive descriptors"))?
     } else {
         Vec::new()
     };
@@ -150,6 +159,6 @@ fn recv_fds(s: &UnixStream, max: usize) -> io::Result<Vec<OwnedFd>> {
 pub fn call_pid(req: &Request) -> Result<i32, CallError> {
     match call(req)? {
         Response::Pid(p) => Ok(p),
-        other => Err(CallError::Unexpected(format!("{other:?}"))),
+        other => Err(CallError::Protocol(format!("{other:?}"))),
     }
 }

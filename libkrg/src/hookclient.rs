@@ -19,7 +19,7 @@
 
 #![deny(unsafe_code)]
 
-use crate::proto::{ArchivedResponse, Request};
+use crate::proto::{ArchivedErrorKind, ArchivedResponse, ErrorKind, Request};
 use crate::sys::raw::{self, Fd};
 use rkyv::api::low::{access, to_bytes_in_with_alloc};
 use rkyv::rancor::Failure;
@@ -164,40 +164,21 @@ impl fmt::Debug for Msg {
     }
 }
 
-/// Why a hook's call to the agent failed.
-#[derive(Clone, Copy, Debug)]
-pub enum HookCallError {
-    /// The agent could not be reached or the exchange broke (`op` failed
-    /// with `errno`).
-    Io { op: &'static str, errno: i32 },
-    /// The agent answered with an error.
-    Agent { errno: i32, msg: Msg },
-    /// The request could not be encoded, or the answer was invalid.
-    Protocol(&'static str),
-}
-
-impl HookCallError {
-    /// The errno an application should see.
-    pub fn errno(&self) -> i32 {
-        match self {
-            HookCallError::Io { .. } => libc::EAGAIN,
-            HookCallError::Agent { errno, .. } => *errno,
-            HookCallError::Protocol(_) => libc::EIO,
-        }
-    }
-}
-
-impl fmt::Display for HookCallError {
+impl fmt::Display for Msg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HookCallError::Io { op, errno } => write!(f, "{op}: {}", crate::sys::Errno(*errno)),
-            HookCallError::Agent { errno, msg } => {
-                write!(f, "{} ({})", msg.as_str(), crate::sys::Errno(*errno))
-            }
-            HookCallError::Protocol(what) => f.write_str(what),
-        }
+        f.write_str(self.as_str())
     }
 }
+
+impl From<&str> for Msg {
+    fn from(s: &str) -> Msg {
+        Msg::from_str(s)
+    }
+}
+
+/// Why a hook's call to the agent failed: [`crate::client::CallError`]
+/// with the message in a fixed buffer (nothing here allocates).
+pub type HookCallError = crate::client::CallError<Msg>;
 
 /// Serialise `req` as a complete frame (length prefix included) into `out`;
 /// returns the frame length.
@@ -209,7 +190,7 @@ pub fn encode_request(req: &Request, out: &mut [u8; SEND_MAX]) -> Result<usize, 
         Buffer::from(body),
         SubAllocator::new(&mut arena),
     )
-    .map_err(|_| HookCallError::Protocol("request too large for a hook frame"))?
+    .map_err(|_| HookCallError::Protocol(Msg::from_str("request too large for a hook frame")))?
     .len();
     head.copy_from_slice(&(n as u32).to_le_bytes());
     Ok(4 + n)
@@ -218,7 +199,7 @@ pub fn encode_request(req: &Request, out: &mut [u8; SEND_MAX]) -> Result<usize, 
 /// Validate an answer body and copy out what hooks need.
 pub fn decode_reply(body: &[u8]) -> Result<Reply, HookCallError> {
     let resp = access::<ArchivedResponse, Failure>(body)
-        .map_err(|_| HookCallError::Protocol("invalid answer from the agent"))?;
+        .map_err(|_| HookCallError::Protocol(Msg::from_str("invalid answer from the agent")))?;
     Ok(match resp {
         ArchivedResponse::Hello {
             gpid,
@@ -238,6 +219,12 @@ pub fn decode_reply(body: &[u8]) -> Result<Reply, HookCallError> {
         ArchivedResponse::Err(e) => {
             return Err(HookCallError::Agent {
                 errno: e.errno.to_native(),
+                kind: match e.kind {
+                    ArchivedErrorKind::Other => ErrorKind::Other,
+                    ArchivedErrorKind::CaptureBusy => ErrorKind::CaptureBusy,
+                    ArchivedErrorKind::PeerBusy => ErrorKind::PeerBusy,
+                    ArchivedErrorKind::PeerPlaced => ErrorKind::PeerPlaced,
+                },
                 msg: Msg::from_str(e.msg.as_str()),
             })
         }
@@ -332,10 +319,14 @@ pub fn call(
     recv_exact(&fd, &mut len)?;
     let len = u32::from_le_bytes(len) as usize;
     if len == 0 {
-        return Err(HookCallError::Protocol("empty answer from the agent"));
+        return Err(HookCallError::Protocol(Msg::from_str(
+            "empty answer from the agent",
+        )));
     }
     if len > RECV_MAX {
-        return Err(HookCallError::Protocol("answer too large for a hook"));
+        return Err(HookCallError::Protocol(Msg::from_str(
+            "answer too large for a hook",
+        )));
     }
     let mut body = Align([0u8; RECV_MAX]);
     recv_exact(&fd, &mut body[..len])?;
@@ -429,7 +420,7 @@ mod tests {
             libc::EPERM,
             "not yours é".repeat(40),
         )))) {
-            Err(HookCallError::Agent { errno, msg }) => {
+            Err(HookCallError::Agent { errno, msg, .. }) => {
                 assert_eq!(errno, libc::EPERM);
                 assert!(msg.as_str().starts_with("not yours"));
                 assert!(msg.as_str().ends_with("..."), "{msg:?}");

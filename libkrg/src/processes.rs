@@ -237,7 +237,7 @@ fn ask_pid(req: &Request) -> Result<pid_t, HookCallError> {
     match rt::agent_call(req)? {
         Reply::Pid(p) => Ok(p),
         _ => Err(HookCallError::Protocol(
-            "the agent answered a pid request with no pid",
+            "the agent answered a pid request with no pid".into(),
         )),
     }
 }

@@ -196,7 +196,8 @@ pub fn main(cli: Cli) -> i32 {
 pub(crate) fn agent_call(req: &Request) -> Result<Response> {
     client::call(req).map_err(|e| match e {
         CallError::Io { .. } => anyhow::anyhow!(
-            "{e} (is krg-node running on this node? In the local cluster, use `krg cluster exec --node N -- krg ...`)"
+            "{e} at {} (is krg-node running on this node? In the local cluster, use `krg cluster exec --node N -- krg ...`)",
+            client::sock_path().display()
         ),
         other => anyhow::anyhow!("{other}"),
     })

@@ -274,9 +274,9 @@ pub(crate) enum Reserved {
 pub(crate) fn reserve(port: u16, reuse: bool) -> Reserved {
     match call(&Request::PortBind { port, reuse }) {
         Ok(_) => Reserved::Yes,
-        Err(CallError::Agent(e)) => {
-            krg_log!(Level::Debug, "bind of TCP port {port}: {}", e.msg);
-            Reserved::No(e.errno)
+        Err(CallError::Agent { errno, msg, .. }) => {
+            krg_log!(Level::Debug, "bind of TCP port {port}: {msg}");
+            Reserved::No(errno)
         }
         Err(e) => {
             krg_log!(

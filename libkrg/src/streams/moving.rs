@@ -475,8 +475,7 @@ pub fn freeze(
         Ok(Response::Streams(v)) if v.len() == n => Ok(v),
         Ok(other) => Err(format!("unexpected answer {other:?}").into()),
         // The agent's kind is kept: a busy peer is tried again.
-        Err(client::CallError::Agent(e)) => Err(e.into()),
-        Err(e) => Err(e.to_string().into()),
+        Err(e) => Err(e.into()),
     }
 }
 
