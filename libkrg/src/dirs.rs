@@ -2,6 +2,10 @@
 //! (`opendir`): the capture, a signal handler's helpers. Numbers only:
 //! `/proc/self/fd`, `/proc/self/task`.
 
+#![deny(unsafe_code)]
+
+use crate::sys::raw;
+
 /// Entries of a directory, with getdents64 (std's `read_dir` goes through
 /// libc's `opendir`, which mallocs).
 pub fn numbers(path: &str) -> Result<Vec<i32>, String> {
@@ -10,18 +14,20 @@ pub fn numbers(path: &str) -> Result<Vec<i32>, String> {
     let mut buf = vec![0u8; 32 * 1024];
     let mut out = Vec::new();
     loop {
-        // SAFETY: getdents64 writes at most buf.len() bytes into buf.
-        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
-        if n < 0 {
-            return Err(format!("{path}: {}", crate::rt::Errno(crate::rt::errno())));
-        }
+        let n = match raw::getdents64(fd, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let errno = e.raw_os_error().unwrap_or(0);
+                return Err(format!("{path}: {}", crate::rt::Errno(errno)));
+            }
+        };
         if n == 0 {
             break;
         }
         let mut off = 0usize;
-        while off + 19 <= n as usize {
+        while off + 19 <= n {
             let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
-            if reclen == 0 || off + reclen > n as usize {
+            if reclen == 0 || off + reclen > n {
                 break;
             }
             let name = &buf[off + 19..off + reclen];

@@ -20,7 +20,6 @@ pub mod caps;
 #[allow(unsafe_code)]
 pub mod checkpoint;
 pub mod client;
-#[allow(unsafe_code)]
 pub mod dirs;
 pub mod distant;
 pub mod dsm;

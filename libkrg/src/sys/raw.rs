@@ -52,6 +52,15 @@ pub fn sigprocmask(how: c_int, set: Option<&u64>, old: Option<&mut u64>) -> io::
     check(unsafe { libc::syscall(libc::SYS_rt_sigprocmask, how, set, old, 8usize) }).map(drop)
 }
 
+/// `getdents64(2)` of directory `fd` into `buf`: how many bytes of
+/// `struct linux_dirent64` records came (0: the end). The caller's buffer,
+/// no allocation (libc's `opendir` mallocs).
+pub fn getdents64(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: getdents64 writes at most buf.len() bytes into buf.
+    let n = check(unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) })?;
+    Ok(n as usize)
+}
+
 /// An owned descriptor closed with a raw `close` (an `OwnedFd` closes it
 /// through libc, which a hook may see).
 #[derive(Debug)]
