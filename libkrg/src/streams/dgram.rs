@@ -7,32 +7,24 @@
 //! node is that node's service (its syslog daemon, say). A socket bound to
 //! a name or port is a receiver, and does not move.
 
-use std::os::fd::RawFd;
+#![deny(unsafe_code)]
+
+use crate::sys::{fd as sysfd, sock};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 
 /// Room for any socket address.
 type Storage = libc::sockaddr_storage;
-const STORAGE: libc::socklen_t = std::mem::size_of::<Storage>() as libc::socklen_t;
 
 /// The address `get` (getsockname or getpeername) gives for `fd`, as bytes;
 /// `None` if it fails (not connected, for getpeername).
 fn addr_of(
     fd: RawFd,
-    get: unsafe extern "C" fn(
-        libc::c_int,
-        *mut libc::sockaddr,
-        *mut libc::socklen_t,
-    ) -> libc::c_int,
+    get: fn(RawFd, &mut Storage) -> std::io::Result<libc::socklen_t>,
 ) -> Option<Vec<u8>> {
-    let mut ss = zeroed_storage();
-    let mut len = STORAGE;
-    // SAFETY: as above; the call writes at most `len` bytes.
-    if unsafe { get(fd, (&mut ss as *mut Storage).cast(), &mut len) } != 0 {
-        return None;
-    }
+    let mut ss = sock::zeroed::<Storage>();
+    let len = get(fd, &mut ss).ok()?;
     let len = (len as usize).min(std::mem::size_of::<Storage>());
-    // SAFETY: the first `len` bytes of our buffer, which the call wrote.
-    let b = unsafe { std::slice::from_raw_parts((&ss as *const Storage).cast::<u8>(), len) };
-    Some(b.to_vec())
+    Some(sock::addr_bytes(&ss)[..len].to_vec())
 }
 
 /// A UNIX address's name (path, or NUL and the abstract name), if any.
@@ -75,8 +67,8 @@ fn ephemeral(p: u16) -> bool {
 /// address, empty when not connected), or why it is not a sender and
 /// cannot move.
 pub fn sender_peer(fd: RawFd, domain: i32) -> Result<Vec<u8>, String> {
-    let peer = addr_of(fd, libc::getpeername);
-    let local = addr_of(fd, libc::getsockname).unwrap_or_default();
+    let peer = addr_of(fd, sock::getpeername);
+    let local = addr_of(fd, sock::getsockname).unwrap_or_default();
     let what = |w: &str| format!("fd {fd}: {w}");
     match domain {
         libc::AF_UNIX => {
@@ -93,9 +85,7 @@ pub fn sender_peer(fd: RawFd, domain: i32) -> Result<Vec<u8>, String> {
                 ));
             }
             // A receive queue would be lost (UNIX datagrams are reliable).
-            let mut queued: libc::c_int = 0;
-            // SAFETY: FIONREAD writes one int of ours.
-            if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) } == 0 && queued > 0 {
+            if sysfd::readable_bytes(fd).is_ok_and(|queued| queued > 0) {
                 return Err(what(
                     "UNIX datagram socket has datagrams waiting to be read: not migratable now",
                 ));
@@ -121,29 +111,14 @@ pub fn sender_peer(fd: RawFd, domain: i32) -> Result<Vec<u8>, String> {
 /// same name or address (this node's).
 pub fn restore(domain: i32, peer: &[u8], flags: i32) -> Result<RawFd, String> {
     let ty = libc::SOCK_DGRAM | (flags & libc::O_NONBLOCK);
-    // SAFETY: creates a new socket.
-    let fd = unsafe { libc::socket(domain, ty, 0) };
-    if fd < 0 {
-        return Err(format!(
-            "datagram socket: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    let s = sock::socket(domain, ty, 0).map_err(|e| format!("datagram socket: {e}"))?;
     if peer.is_empty() {
-        return Ok(fd);
+        return Ok(s.into_raw_fd());
     }
-    let mut ss = zeroed_storage();
+    let ss = sock::addr_from::<Storage>(peer);
     let len = peer.len().min(std::mem::size_of::<Storage>());
-    // SAFETY: copies at most the buffer's size into our own buffer.
-    unsafe {
-        std::ptr::copy_nonoverlapping(peer.as_ptr(), (&mut ss as *mut Storage).cast::<u8>(), len)
-    };
-    // SAFETY: connects our socket to an address in our buffer, with its
-    // length.
-    if unsafe { libc::connect(fd, (&ss as *const Storage).cast(), len as libc::socklen_t) } != 0 {
-        let e = std::io::Error::last_os_error();
-        // SAFETY: our own new fd.
-        unsafe { libc::close(fd) };
+    if let Err(e) = sock::connect(s.as_raw_fd(), &ss, len as libc::socklen_t) {
+        drop(s);
         let to = if domain == libc::AF_UNIX {
             String::from_utf8_lossy(unix_name(peer)).replace('\0', "@")
         } else {
@@ -153,12 +128,7 @@ pub fn restore(domain: i32, peer: &[u8], flags: i32) -> Result<RawFd, String> {
             "datagram socket connected to {to}: not reachable on this node: {e}"
         ));
     }
-    Ok(fd)
-}
-
-fn zeroed_storage() -> Storage {
-    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
-    unsafe { std::mem::zeroed() }
+    Ok(s.into_raw_fd())
 }
 
 #[cfg(test)]
@@ -184,17 +154,14 @@ mod tests {
         use std::os::fd::AsRawFd;
         let peer = sender_peer(tx.as_raw_fd(), libc::AF_UNIX).unwrap();
         let fd = restore(libc::AF_UNIX, &peer, libc::O_RDWR).unwrap();
-        // SAFETY: sends from our new socket.
-        let n = unsafe { libc::send(fd, b"hello".as_ptr().cast(), 5, 0) };
-        assert_eq!(n, 5);
+        assert_eq!(sock::send(fd, b"hello", 0).unwrap(), 5);
         let mut buf = [0u8; 16];
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"hello");
         // The receiver itself is bound: it does not move.
         let e = sender_peer(rx.as_raw_fd(), libc::AF_UNIX).unwrap_err();
         assert!(e.contains("a receiver"), "{e}");
-        // SAFETY: our own fd.
-        unsafe { libc::close(fd) };
+        sysfd::close(fd).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -221,10 +188,8 @@ mod tests {
         client.connect(server.local_addr().unwrap()).unwrap();
         let peer = sender_peer(client.as_raw_fd(), libc::AF_INET).unwrap();
         let fd = restore(libc::AF_INET, &peer, libc::O_RDWR).unwrap();
-        // SAFETY: sends from our new socket.
-        assert_eq!(unsafe { libc::send(fd, b"hi".as_ptr().cast(), 2, 0) }, 2);
+        assert_eq!(sock::send(fd, b"hi", 0).unwrap(), 2);
         assert_eq!(server.recv(&mut buf).unwrap(), 2);
-        // SAFETY: our own fd.
-        unsafe { libc::close(fd) };
+        sysfd::close(fd).unwrap();
     }
 }

@@ -19,11 +19,13 @@
 //! Everything here runs in the leader of a capture (the other threads
 //! parked), or in a restorer before the program runs.
 
+#![deny(unsafe_code)]
+
 use crate::client;
 use crate::proto::{Request, Response, StreamPeer};
-use std::mem::ManuallyDrop;
-use std::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use crate::sys::{events, fd as sysfd, poll, raw, sock};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// Longest a drain may wait for the other side's end of stream.
@@ -51,19 +53,44 @@ pub fn tcp_ends(fd: RawFd) -> Option<(String, String)> {
     if ty != libc::SOCK_STREAM || proto != libc::IPPROTO_TCP {
         return None;
     }
-    // SAFETY: borrowed for two queries; ManuallyDrop never closes it.
-    let s = ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) });
-    let (l, p) = (s.local_addr().ok()?, s.peer_addr().ok()?);
+    let mut a = sock::zeroed::<libc::sockaddr_storage>();
+    let len = sock::getsockname(fd, &mut a).ok()?;
+    let l = inet_addr(&a, len)?;
+    let len = sock::getpeername(fd, &mut a).ok()?;
+    let p = inet_addr(&a, len)?;
     Some((l.to_string(), p.to_string()))
+}
+
+/// An IPv4 or IPv6 address as the kernel gave it (`len` bytes of `a`), as
+/// std reads one.
+fn inet_addr(a: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let b = sock::addr_bytes(a);
+    let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let port = u16::from_be_bytes([b[2], b[3]]);
+    let len = len as usize;
+    match a.ss_family as i32 {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            let ip = Ipv4Addr::new(b[4], b[5], b[6], b[7]);
+            Some(SocketAddr::V4(SocketAddrV4::new(ip, port)))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            let mut o = [0u8; 16];
+            o.copy_from_slice(&b[8..24]);
+            let ip = Ipv6Addr::from(o);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                port,
+                u32_at(4),
+                u32_at(24),
+            )))
+        }
+        _ => None,
+    }
 }
 
 /// An int socket option of `fd` (shared by the streams code).
 pub(crate) fn int_opt(fd: RawFd, level: i32, opt: i32) -> Option<i32> {
-    let mut v: libc::c_int = 0;
-    let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: an int-sized buffer and its length.
-    let r = unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut i32).cast(), &mut l) };
-    (r == 0).then_some(v)
+    sock::getsockopt_int(fd, level, opt).ok()
 }
 
 /// `fd`'s send buffer back to `doubled` (what `SO_SNDBUF` read before it
@@ -81,16 +108,7 @@ pub fn shrink_sndbuf(fd: RawFd, doubled: i32) {
 
 /// Set an int socket option of `fd` (best effort).
 pub(crate) fn set_int_opt(fd: RawFd, level: i32, opt: i32, v: i32) {
-    // SAFETY: an int-sized value and its length.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            (&v as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
+    let _ = sock::setsockopt(fd, level, opt, &v);
 }
 
 /// The options of `fd` that its replacement must keep. A pipe's
@@ -98,8 +116,7 @@ pub(crate) fn set_int_opt(fd: RawFd, level: i32, opt: i32, v: i32) {
 pub fn opts(fd: RawFd) -> Opts {
     let pipe = is_pipe(fd) || pipe_born(fd);
     Opts {
-        // SAFETY: F_GETFL only reads.
-        flags: unsafe { libc::fcntl(fd, libc::F_GETFL) }.max(0),
+        flags: sysfd::status_flags(fd).unwrap_or(0),
         // A pipe or a UNIX socket sends at once: so does its replacement.
         nodelay: pipe
             || unix_stream(fd)
@@ -134,10 +151,7 @@ fn put_pipe_born(t: &mut [(RawFd, u64); 64], fd: RawFd, ino: Option<u64>) {
 }
 
 fn stat_of(fd: RawFd) -> Option<libc::stat> {
-    // SAFETY: st is ours; fstat only reads the fd's state.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st)
+    sysfd::fstat(fd).ok()
 }
 
 /// The inode of what `fd` holds (a socket's, a pipe's).
@@ -147,21 +161,12 @@ pub fn ino_of(fd: RawFd) -> Option<u64> {
 
 /// Set or clear `O_NONBLOCK` on `fd`, its other status flags kept.
 pub fn set_nonblock(fd: RawFd, on: bool) -> std::io::Result<()> {
-    // SAFETY: F_GETFL/F_SETFL on an fd number only read and set its flags.
-    let r = unsafe {
-        let fl = libc::fcntl(fd, libc::F_GETFL);
-        if fl < 0 {
-            fl
-        } else if on {
-            libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK)
-        } else {
-            libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK)
-        }
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
+    let fl = sysfd::status_flags(fd)?;
+    if on {
+        sysfd::set_status_flags(fd, fl | libc::O_NONBLOCK)
+    } else {
+        sysfd::set_status_flags(fd, fl & !libc::O_NONBLOCK)
     }
-    Ok(())
 }
 
 /// What `/proc/self/fd/N` says `fd` is (`pipe:[N]`, a FIFO's path).
@@ -218,11 +223,7 @@ pub fn unix_stream(fd: RawFd) -> bool {
     {
         return false;
     }
-    // SAFETY: an address buffer of ours and its length.
-    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let mut l = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: as above.
-    unsafe { libc::getpeername(fd, (&mut sa as *mut libc::sockaddr_un).cast(), &mut l) == 0 }
+    sock::getpeername(fd, &mut sock::zeroed::<libc::sockaddr_un>()).is_ok()
 }
 
 /// Whether `fd` is a pipe.
@@ -232,21 +233,12 @@ pub fn is_pipe(fd: RawFd) -> bool {
 
 /// Whether pipe end `fd` is a read end.
 pub fn pipe_reads(fd: RawFd) -> bool {
-    // SAFETY: F_GETFL only reads.
-    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    fl >= 0 && fl & libc::O_ACCMODE == libc::O_RDONLY
+    sysfd::status_flags(fd).is_ok_and(|fl| fl & libc::O_ACCMODE == libc::O_RDONLY)
 }
 
 /// Bytes in pipe `fd`.
 fn pipe_bytes(fd: RawFd) -> Result<usize, String> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int into ours.
-    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } != 0 {
-        return Err(format!(
-            "fd {fd}: FIONREAD: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    let n = sysfd::readable_bytes(fd).map_err(|e| format!("fd {fd}: FIONREAD: {e}"))?;
     Ok(n.max(0) as usize)
 }
 
@@ -265,28 +257,19 @@ pub fn drain_pipe(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
 /// a reader that is not reading yet (the restorer of a pipe that was full,
 /// an agent refilling a pipe whose ends met again).
 pub fn pipe_holding(bytes: &[u8], size: i32) -> Result<(OwnedFd, OwnedFd), String> {
-    let mut p = [0; 2];
-    // SAFETY: a new pipe of ours.
-    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: the two fds were just made and are ours alone.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+    let (r, w) = sysfd::pipe2(libc::O_CLOEXEC).map_err(|e| format!("pipe2: {e}"))?;
     if bytes.is_empty() && size <= 0 {
         return Ok((r, w));
     }
     // Never below the default capacity (64 KiB).
     let want = size.max(bytes.len().next_power_of_two() as i32).max(65536);
-    // SAFETY: sizes our own pipe (best effort: the bytes must fit below),
-    // and writes to it without blocking, then back to blocking (the
-    // process sets its own flags).
-    let n = unsafe {
-        libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want);
-        libc::fcntl(w.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
-        let n = libc::write(w.as_raw_fd(), bytes.as_ptr().cast(), bytes.len());
-        libc::fcntl(w.as_raw_fd(), libc::F_SETFL, 0);
-        n
-    };
+    // Sized (best effort: the bytes must fit below), written without
+    // blocking, then back to blocking (the process sets its own flags).
+    let wfd = w.as_raw_fd();
+    let _ = sysfd::set_pipe_size(wfd, want);
+    let _ = sysfd::set_status_flags(wfd, libc::O_NONBLOCK);
+    let n = sysfd::write(wfd, bytes).map_or(-1, |n| n as isize);
+    let _ = sysfd::set_status_flags(wfd, 0);
     if n != bytes.len() as isize {
         return Err(format!("pipe: {} bytes to put in it, {n} fit", bytes.len()));
     }
@@ -298,16 +281,15 @@ fn read_n(fd: RawFd, n: usize) -> Result<Vec<u8>, String> {
     let mut out = vec![0u8; n];
     let mut got = 0;
     while got < n {
-        // SAFETY: reads into the rest of our buffer.
-        let r = unsafe { libc::read(fd, out[got..].as_mut_ptr().cast(), n - got) };
-        if r <= 0 {
-            let e = std::io::Error::last_os_error();
-            if r < 0 && e.raw_os_error() == Some(libc::EINTR) {
-                continue;
+        match sysfd::read(fd, &mut out[got..]) {
+            Ok(0) => {
+                let e = std::io::Error::last_os_error();
+                return Err(format!("fd {fd}: reading the pipe: {e}"));
             }
-            return Err(format!("fd {fd}: reading the pipe: {e}"));
+            Ok(r) => got += r,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(format!("fd {fd}: reading the pipe: {e}")),
         }
-        got += r as usize;
     }
     Ok(out)
 }
@@ -319,29 +301,22 @@ pub fn peek_pipe(fd: RawFd) -> Result<Vec<u8>, String> {
     if n == 0 {
         return Ok(Vec::new());
     }
-    let mut p = [0; 2];
-    // SAFETY: a new pipe of ours.
-    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
-        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: the two fds were just made and are ours alone.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
-    // SAFETY: F_GETPIPE_SZ reads; F_SETPIPE_SZ sizes our own pipe.
-    unsafe {
-        let size = libc::fcntl(fd, libc::F_GETPIPE_SZ);
-        libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size.max(n as i32));
-    }
-    // SAFETY: duplicates the pipe's bytes into ours without taking them.
-    let t = unsafe { libc::tee(fd, w.as_raw_fd(), n, libc::SPLICE_F_NONBLOCK) };
-    if t != n as isize {
-        return Err(format!(
-            "fd {fd}: copying the {n} bytes in the pipe: {}",
-            if t < 0 {
-                std::io::Error::last_os_error().to_string()
-            } else {
-                format!("only {t}")
-            }
-        ));
+    let (r, w) =
+        sysfd::pipe2(libc::O_CLOEXEC | libc::O_NONBLOCK).map_err(|e| format!("pipe2: {e}"))?;
+    let size = sysfd::pipe_size(fd).unwrap_or(-1);
+    let _ = sysfd::set_pipe_size(w.as_raw_fd(), size.max(n as i32));
+    // The pipe's bytes duplicated into ours without taking them.
+    match sysfd::tee(fd, w.as_raw_fd(), n, libc::SPLICE_F_NONBLOCK) {
+        Ok(t) if t == n => {}
+        t => {
+            return Err(format!(
+                "fd {fd}: copying the {n} bytes in the pipe: {}",
+                match t {
+                    Ok(t) => format!("only {t}"),
+                    Err(e) => e.to_string(),
+                }
+            ))
+        }
     }
     drop(w);
     read_n(r.as_raw_fd(), n).map_err(|e| format!("fd {fd}: the copy of the pipe: {e}"))
@@ -365,8 +340,8 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
         return super::seqpacket::drain(fd);
     }
     let was_shut = wr_shut(fd);
-    // SAFETY: shutdown on our socket (the other threads are parked).
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    // The other threads are parked.
+    let _ = sock::shutdown(fd, libc::SHUT_WR);
     match read_to_end(
         fd,
         DRAIN_TIMEOUT,
@@ -386,17 +361,17 @@ pub fn take_queued(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        // SAFETY: reads into our buffer without blocking.
-        let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if r > 0 {
-            out.extend_from_slice(&buf[..r as usize]);
-            continue;
-        }
-        if r == 0 {
-            // The peer's end of stream stays for the relay to see.
-            return Ok((out, was_shut));
-        }
-        let e = std::io::Error::last_os_error();
+        let e = match sock::recv(fd, &mut buf, libc::MSG_DONTWAIT) {
+            Ok(0) => {
+                // The peer's end of stream stays for the relay to see.
+                return Ok((out, was_shut));
+            }
+            Ok(r) => {
+                out.extend_from_slice(&buf[..r]);
+                continue;
+            }
+            Err(e) => e,
+        };
         match e.raw_os_error() {
             Some(libc::EAGAIN) => return Ok((out, was_shut)),
             Some(libc::EINTR) => continue,
@@ -425,13 +400,11 @@ pub(crate) fn read_to_end(fd: RawFd, timeout: Duration, late: &str) -> (Vec<u8>,
             Some(false) => continue,
             Some(true) => {}
         }
-        // SAFETY: reads into our buffer; poll said it would not block.
-        let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        match r {
-            0 => return (out, None),
-            n if n > 0 => out.extend_from_slice(&buf[..n as usize]),
-            _ => {
-                let e = std::io::Error::last_os_error();
+        // poll said it would not block.
+        match sysfd::read(fd, &mut buf) {
+            Ok(0) => return (out, None),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => {
                 if !matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
                     return (out, Some(format!("fd {fd}: reading to its end: {e}")));
                 }
@@ -447,13 +420,11 @@ pub(crate) fn readable_before(fd: RawFd, deadline: Instant) -> Option<bool> {
     if left.is_zero() {
         return None;
     }
-    let mut p = libc::pollfd {
+    Some(poll::ready(
         fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    Some(unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) } > 0)
+        libc::POLLIN,
+        left.as_millis().min(1000) as i32,
+    ))
 }
 
 /// `StreamFreeze`: the agents find the peer of each connection `(local,
@@ -517,8 +488,7 @@ fn one_fd(req: &Request, id: u64) -> Result<OwnedFd, String> {
 /// Give `new` the options of what it replaces.
 pub fn apply(new: &OwnedFd, o: &Opts) {
     let fd = new.as_raw_fd();
-    // SAFETY: sets the status flags of our own socket.
-    unsafe { libc::fcntl(fd, libc::F_SETFL, o.flags & libc::O_NONBLOCK) };
+    let _ = sysfd::set_status_flags(fd, o.flags & libc::O_NONBLOCK);
     set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, o.nodelay as i32);
     set_int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, o.keepalive as i32);
     if o.passcred {
@@ -562,23 +532,14 @@ fn epoll_watches_of(fd: RawFd) -> Vec<(RawFd, u32, u64)> {
 /// the old connection, and in the epoll sets that watched the old one.
 pub fn install(fd: RawFd, new: OwnedFd, pipe: bool) -> Result<(), String> {
     let watches = epoll_watches_of(fd);
-    // SAFETY: F_GETFD only reads.
-    let cloexec = unsafe { libc::fcntl(fd, libc::F_GETFD) } > 0;
+    let cloexec = sysfd::fd_flags(fd).is_ok_and(|f| f > 0);
     let fl = if cloexec { libc::O_CLOEXEC } else { 0 };
-    // SAFETY: replaces our fd `fd` by our new socket (closing the old one,
-    // which also drops it from every epoll set).
-    if unsafe { libc::dup3(new.as_raw_fd(), fd, fl) } < 0 {
-        return Err(format!(
-            "fd {fd}: dup3: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    // The old connection closed, which also drops it from every epoll set.
+    sysfd::dup3(new.as_raw_fd(), fd, fl).map_err(|e| format!("fd {fd}: dup3: {e}"))?;
     drop(new);
     note_pipe_born(fd, pipe);
-    for (ep, events, data) in watches {
-        let mut ev = libc::epoll_event { events, u64: data };
-        // SAFETY: re-adds fd to an epoll instance of ours.
-        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    for (ep, ev, data) in watches {
+        let _ = events::epoll_add(ep, fd, ev, data);
     }
     Ok(())
 }
@@ -649,18 +610,8 @@ pub struct Listening {
 /// `tcpi_sacked` at 28 (for a listener: its accept queue and backlog).
 fn tcp_info(fd: RawFd) -> Option<[u8; 104]> {
     let mut info = [0u8; 104];
-    let mut l = info.len() as libc::socklen_t;
-    // SAFETY: our buffer and its length.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut l,
-        )
-    };
-    (r == 0).then_some(info)
+    sock::getsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info).ok()?;
+    Some(info)
 }
 
 fn u32_at(b: &[u8], i: usize) -> u32 {
@@ -669,15 +620,10 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
 
 /// The kernel's address of `fd` (the raw system call: libc's getsockname
 /// is our hook, which shows a loopback server its loopback).
-fn bound_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-    let mut b = [0u8; 28];
-    let mut l = b.len() as libc::socklen_t;
-    // SAFETY: the raw system call with our buffer and its length.
-    let r = unsafe { libc::syscall(libc::SYS_getsockname, fd, b.as_mut_ptr(), &mut l) };
-    if r != 0 {
-        return None;
-    }
+fn bound_addr(fd: RawFd) -> Option<SocketAddr> {
+    let mut a = sock::zeroed::<libc::sockaddr_in6>();
+    raw::getsockname(fd, &mut a).ok()?;
+    let b = sock::addr_bytes(&a);
     let port = u16::from_be_bytes([b[2], b[3]]);
     match u16::from_ne_bytes([b[0], b[1]]) as i32 {
         libc::AF_INET => Some(SocketAddr::new(
@@ -732,8 +678,7 @@ pub fn listening(fd: RawFd) -> Result<Option<Listening>, String> {
         reuseaddr: int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR) == Some(1),
         reuseport: int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT) == Some(1),
         backlog: backlog.min(i32::MAX as u32) as i32,
-        // SAFETY: F_GETFL only reads.
-        flags: unsafe { libc::fcntl(fd, libc::F_GETFL) }.max(0),
+        flags: sysfd::status_flags(fd).unwrap_or(0),
     }))
 }
 
@@ -756,16 +701,9 @@ pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
     } else {
         libc::AF_INET
     };
-    // SAFETY: a new socket of ours.
-    let fd = unsafe { libc::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(format!(
-            "{what}: socket: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: the fd was just created and is ours alone.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let owned = sock::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
+        .map_err(|e| format!("{what}: socket: {e}"))?;
+    let fd = owned.as_raw_fd();
     if l.addr.is_ipv6() {
         set_int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, l.v6only as i32);
     }
@@ -784,8 +722,7 @@ pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
     // Back on a node it left: the agent kept its listener (and passed on
     // what came to it); it is the process's own again, with its queue.
     if let Some(kept) = kept_listener(l.addr.port()) {
-        // SAFETY: sets the status flags of the socket we were given.
-        unsafe { libc::fcntl(kept.as_raw_fd(), libc::F_SETFL, l.flags & libc::O_NONBLOCK) };
+        let _ = sysfd::set_status_flags(kept.as_raw_fd(), l.flags & libc::O_NONBLOCK);
         return Ok(kept);
     }
     let mut b = [0u8; 28];
@@ -801,16 +738,11 @@ pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
             28
         }
     };
-    // SAFETY: raw bind and listen (not our hooks: the port is reserved
-    // above) on our socket, with our address buffer.
-    let ok = unsafe {
-        libc::syscall(libc::SYS_bind, fd, b.as_ptr(), len) == 0
-            && libc::syscall(libc::SYS_listen, fd, l.backlog.max(1)) == 0
-    };
-    if !ok {
-        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: sets our socket's status flags.
-    unsafe { libc::fcntl(fd, libc::F_SETFL, l.flags & libc::O_NONBLOCK) };
+    // Raw bind and listen (not our hooks: the port is reserved above).
+    let addr = sock::addr_from::<libc::sockaddr_in6>(&b);
+    raw::bind(fd, &addr, len)
+        .and_then(|()| raw::listen(fd, l.backlog.max(1)))
+        .map_err(|e| format!("{what}: {e}"))?;
+    let _ = sysfd::set_status_flags(fd, l.flags & libc::O_NONBLOCK);
     Ok(owned)
 }

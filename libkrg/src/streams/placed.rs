@@ -11,6 +11,8 @@
 //! the target node attaches to. What was in the pipe for this program goes
 //! with it. A pipe whose other end cannot take part stays relayed.
 
+#![deny(unsafe_code)]
+
 use super::moving;
 use crate::proto::{StdioKind, StreamPeer};
 use std::os::fd::{AsRawFd, RawFd};
@@ -169,8 +171,7 @@ pub(crate) fn park(fd: RawFd) {
         .write(true)
         .open("/dev/null")
     {
-        // SAFETY: puts /dev/null under our own fd number `fd`.
-        unsafe { libc::dup2(n.as_raw_fd(), fd) };
+        let _ = crate::sys::fd::dup2(n.as_raw_fd(), fd);
     }
 }
 

@@ -14,7 +14,10 @@
 //! told from the end of stream by the credentials every message carries
 //! (`SO_PASSCRED`), which the end of stream has not.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+#![deny(unsafe_code)]
+
+use crate::sys::sock::{self, Control};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// Longest a drain may wait for the other side's end of stream.
@@ -32,11 +35,7 @@ pub fn is_seqpacket(fd: RawFd) -> bool {
     {
         return false;
     }
-    // SAFETY: an address buffer of ours and its length.
-    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let mut l = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: as above.
-    unsafe { libc::getpeername(fd, (&mut sa as *mut libc::sockaddr_un).cast(), &mut l) == 0 }
+    sock::getpeername(fd, &mut sock::zeroed::<libc::sockaddr_un>()).is_ok()
 }
 
 /// Append `msg` to `out` as one frame.
@@ -65,24 +64,8 @@ pub fn messages(framed: &[u8]) -> Result<Vec<&[u8]>, String> {
 
 /// A new seqpacket socketpair, close-on-exec.
 pub fn new_pair() -> Result<(OwnedFd, OwnedFd), String> {
-    let mut p = [0; 2];
-    // SAFETY: a new socketpair of ours.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            p.as_mut_ptr(),
-        )
-    };
-    if r != 0 {
-        return Err(format!(
-            "seqpacket socketpair: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: both fds were just made and are ours alone.
-    Ok(unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) })
+    sock::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0)
+        .map_err(|e| format!("seqpacket socketpair: {e}"))
 }
 
 /// Tell every message received on `fd` from its end of stream from now on
@@ -107,76 +90,31 @@ pub fn recv(fd: RawFd, dontwait: bool) -> std::io::Result<Got> {
     let nb = if dontwait { libc::MSG_DONTWAIT } else { 0 };
     // Its size first (MSG_TRUNC gives the whole length of the message).
     let mut one = [0u8; 1];
-    // SAFETY: peeks into our one-byte buffer.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            one.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_TRUNC | nb,
-        )
+    let n = match sock::recv(fd, &mut one, libc::MSG_PEEK | libc::MSG_TRUNC | nb) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(Got::Nothing),
+        Err(e) => return Err(e),
     };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::EAGAIN) => Ok(Got::Nothing),
-            _ => Err(e),
-        };
-    }
-    let n = n as usize;
     if n > MAX_MESSAGE {
         return Err(std::io::Error::other(format!("a {n}-byte message")));
     }
     let mut buf = vec![0u8; n.max(1)];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+    // Room for credentials (and for descriptors, closed with it: they
+    // cannot cross nodes).
+    let mut control = Control::<16>::default();
+    let r = match sock::recvmsg(fd, &mut buf, &mut control, libc::MSG_CMSG_CLOEXEC | nb) {
+        Ok(r) => r,
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return Ok(Got::Nothing),
+        Err(e) => return Err(e),
     };
-    // u64 words keep the control buffer aligned for cmsghdr; room for
-    // credentials (and for descriptors, closed: they cannot cross nodes).
-    let mut cbuf = [0u64; 16];
-    // SAFETY: msghdr is plain data; all-zero is valid before we fill it.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cbuf);
-    // SAFETY: msg points at our buffers, live and of the sizes given.
-    let r = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | nb) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::EAGAIN) => Ok(Got::Nothing),
-            _ => Err(e),
-        };
-    }
-    let mut creds = false;
-    // SAFETY: the CMSG_* walkers read within msg's control buffer, whose
-    // length the kernel set; descriptors passed along are ours to close.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET {
-                match (*c).cmsg_type {
-                    libc::SCM_CREDENTIALS => creds = true,
-                    libc::SCM_RIGHTS => {
-                        let data = libc::CMSG_DATA(c) as *const libc::c_int;
-                        let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
-                            / std::mem::size_of::<libc::c_int>();
-                        for i in 0..count {
-                            libc::close(std::ptr::read_unaligned(data.add(i)));
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
+    let creds = control
+        .cmsgs()
+        .any(|c| c.level == libc::SOL_SOCKET && c.kind == libc::SCM_CREDENTIALS);
+    drop(control);
     if r == 0 && !creds {
         return Ok(Got::End);
     }
-    buf.truncate(r as usize);
+    buf.truncate(r);
     Ok(Got::Message(buf))
 }
 
@@ -184,8 +122,8 @@ pub fn recv(fd: RawFd, dontwait: bool) -> std::io::Result<Got> {
 /// flight for this side, framed, and whether it had shut down writing.
 pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
     pass_credentials(fd);
-    // SAFETY: shutdown on our socket (the other threads are parked).
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    // The other threads are parked.
+    let _ = sock::shutdown(fd, libc::SHUT_WR);
     let mut out = Vec::new();
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     loop {
@@ -231,21 +169,15 @@ pub fn refill(fd: RawFd, framed: &[u8]) -> Result<(), String> {
 pub fn resend<M: AsRef<[u8]>>(fd: RawFd, msgs: &[M]) -> Result<(), String> {
     for m in msgs {
         let m = m.as_ref();
-        // SAFETY: sends our buffer on our socket without blocking.
-        let r = unsafe {
-            libc::send(
-                fd,
-                m.as_ptr().cast(),
-                m.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if r != m.len() as isize {
-            return Err(format!(
-                "putting back {} queued messages: {}",
-                msgs.len(),
-                std::io::Error::last_os_error()
-            ));
+        match sock::send(fd, m, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+            Ok(r) if r == m.len() => {}
+            r => {
+                return Err(format!(
+                    "putting back {} queued messages: {}",
+                    msgs.len(),
+                    r.err().unwrap_or_else(std::io::Error::last_os_error)
+                ))
+            }
         }
     }
     Ok(())
@@ -276,11 +208,9 @@ mod tests {
         let (a, b) = new_pair().unwrap();
         pass_credentials(b.as_raw_fd());
         for m in [&b""[..], b"xy", b""] {
-            // SAFETY: sends our buffer on our socket.
-            unsafe { libc::send(a.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
+            sock::send(a.as_raw_fd(), m, 0).unwrap();
         }
-        // SAFETY: shuts our socket for writing.
-        unsafe { libc::shutdown(a.as_raw_fd(), libc::SHUT_WR) };
+        sock::shutdown(a.as_raw_fd(), libc::SHUT_WR).unwrap();
         let (got, _) = drain(b.as_raw_fd()).unwrap();
         assert_eq!(messages(&got).unwrap(), vec![&b""[..], b"xy", b""]);
         assert_eq!(recv(b.as_raw_fd(), true).unwrap(), Got::End);

@@ -77,3 +77,53 @@ pub fn access(path: &CStr, mode: c_int) -> bool {
     // SAFETY: access reads a NUL-terminated string.
     unsafe { libc::access(path.as_ptr(), mode) == 0 }
 }
+
+/// `dup2(2)`: `fd` also under number `target` (what `target` held is
+/// closed), which the caller owns.
+pub fn dup2(fd: RawFd, target: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 takes plain integers; which number to replace is the
+    // caller's business (see the module rules in `sys`).
+    check(unsafe { libc::dup2(fd, target) }).map(drop)
+}
+
+/// `dup3(2)`: `fd` also under number `target` with `flags`
+/// (`O_CLOEXEC`); what `target` held is closed. The caller owns `target`.
+pub fn dup3(fd: RawFd, target: RawFd, flags: c_int) -> io::Result<()> {
+    // SAFETY: as dup2.
+    check(unsafe { libc::dup3(fd, target, flags) }).map(drop)
+}
+
+/// `pipe2(2)`: (read end, write end).
+pub fn pipe2(flags: c_int) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut p = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into our array.
+    check(unsafe { libc::pipe2(p.as_mut_ptr(), flags) })?;
+    Ok((adopt(p[0]), adopt(p[1])))
+}
+
+/// The capacity of pipe `fd` (`F_GETPIPE_SZ`).
+pub fn pipe_size(fd: RawFd) -> io::Result<c_int> {
+    // SAFETY: F_GETPIPE_SZ takes no argument.
+    check(unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) })
+}
+
+/// Set the capacity of pipe `fd` (`F_SETPIPE_SZ`); the capacity it got.
+pub fn set_pipe_size(fd: RawFd, size: c_int) -> io::Result<c_int> {
+    // SAFETY: F_SETPIPE_SZ takes an int.
+    check(unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size) })
+}
+
+/// Bytes waiting to be read in `fd` (`FIONREAD`, `SIOCINQ` for a socket).
+pub fn readable_bytes(fd: RawFd) -> io::Result<c_int> {
+    let mut n: c_int = 0;
+    // SAFETY: FIONREAD writes one int into ours.
+    check(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) })?;
+    Ok(n)
+}
+
+/// `tee(2)`: copy up to `len` bytes from pipe `from` into pipe `to`
+/// without taking them; how many.
+pub fn tee(from: RawFd, to: RawFd, len: usize, flags: libc::c_uint) -> io::Result<usize> {
+    // SAFETY: tee takes plain integers.
+    check(unsafe { libc::tee(from, to, len, flags) }).map(|n| n as usize)
+}

@@ -17,6 +17,7 @@
 //!   number is the kernel's `EBADF`, not memory unsafety. Descriptors the
 //!   kernel creates come back as `OwnedFd`.
 
+pub mod events;
 pub mod fd;
 pub mod mem;
 pub mod poll;

@@ -104,10 +104,34 @@ pub fn setsockopt<T: Copy>(fd: &Fd, level: c_int, opt: c_int, v: &T) -> io::Resu
 }
 
 /// `connect(2)` to the first `len` bytes of `addr` (at most its size).
-pub fn connect<A: SockAddr>(fd: &Fd, addr: &A, len: socklen_t) -> io::Result<()> {
+pub fn connect<A: SockAddr>(fd: &impl AsRawFd, addr: &A, len: socklen_t) -> io::Result<()> {
+    let len = super::sock::addr_len(addr, len)?;
+    let fd = fd.as_raw_fd();
+    // SAFETY: addr is live for len bytes (checked above).
+    check(unsafe { libc::syscall(libc::SYS_connect, fd, addr as *const A, len) }).map(drop)
+}
+
+/// `bind(2)` to the first `len` bytes of `addr` (at most its size).
+pub fn bind<A: SockAddr>(fd: RawFd, addr: &A, len: socklen_t) -> io::Result<()> {
     let len = super::sock::addr_len(addr, len)?;
     // SAFETY: addr is live for len bytes (checked above).
-    check(unsafe { libc::syscall(libc::SYS_connect, fd.0, addr as *const A, len) }).map(drop)
+    check(unsafe { libc::syscall(libc::SYS_bind, fd, addr as *const A, len) }).map(drop)
+}
+
+/// `listen(2)`.
+pub fn listen(fd: RawFd, backlog: c_int) -> io::Result<()> {
+    // SAFETY: listen takes plain integers.
+    check(unsafe { libc::syscall(libc::SYS_listen, fd, backlog) }).map(drop)
+}
+
+/// `getsockname(2)` into `addr`: the kernel's own address of the socket
+/// (libc's is krg's hook, which may show another); the address's length.
+pub fn getsockname<A: SockAddr>(fd: RawFd, addr: &mut A) -> io::Result<socklen_t> {
+    let mut len = std::mem::size_of::<A>() as socklen_t;
+    // SAFETY: the kernel writes at most len bytes into addr, which any
+    // bytes leave valid (SockAddr).
+    check(unsafe { libc::syscall(libc::SYS_getsockname, fd, addr as *mut A, &mut len) })?;
+    Ok(len)
 }
 
 /// `send(2)` (a `sendto` without address) of `buf`; how much went.

@@ -11,8 +11,9 @@ mod sealed {
     pub trait Sealed {}
 }
 
-/// A socket address structure: plain data, every bit pattern valid, so the
-/// kernel may write any bytes into one.
+/// A socket address structure: plain data without padding, every bit
+/// pattern valid, so the kernel may write any bytes into one and its bytes
+/// may be read as such.
 pub trait SockAddr: sealed::Sealed + Copy {}
 
 macro_rules! sock_addrs {
@@ -27,6 +28,37 @@ sock_addrs!(
     libc::sockaddr_un,
     libc::sockaddr_storage
 );
+
+// No padding: each one's size is the sum of its fields'.
+const _: () = {
+    assert!(size_of::<libc::sockaddr_in>() == 16);
+    assert!(size_of::<libc::sockaddr_in6>() == 28);
+    assert!(size_of::<libc::sockaddr_un>() == 110);
+    assert!(size_of::<libc::sockaddr_storage>() == 128);
+};
+
+/// An all-zero address (family `AF_UNSPEC`), to be filled.
+pub fn zeroed<A: SockAddr>() -> A {
+    // SAFETY: every bit pattern is a valid A (SockAddr).
+    unsafe { std::mem::zeroed() }
+}
+
+/// The bytes of `addr`.
+pub fn addr_bytes<A: SockAddr>(addr: &A) -> &[u8] {
+    // SAFETY: A is plain data without padding (SockAddr): all of its
+    // bytes are initialised; u8 needs no alignment.
+    unsafe { std::slice::from_raw_parts((addr as *const A).cast::<u8>(), size_of::<A>()) }
+}
+
+/// An address made of `bytes` (cut to its size, zeroes after them).
+pub fn addr_from<A: SockAddr>(bytes: &[u8]) -> A {
+    let mut a = zeroed::<A>();
+    let n = bytes.len().min(size_of::<A>());
+    // SAFETY: at most size_of::<A>() bytes into our own A, which any bytes
+    // leave valid (SockAddr).
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut a as *mut A).cast::<u8>(), n) };
+    a
+}
 
 /// `len`, checked to fit `addr` (`EINVAL` otherwise).
 pub(super) fn addr_len<A: SockAddr>(_: &A, len: socklen_t) -> io::Result<socklen_t> {
@@ -72,6 +104,82 @@ pub fn getsockname<A: SockAddr>(fd: RawFd, addr: &mut A) -> io::Result<socklen_t
     // bytes leave valid (SockAddr).
     check(unsafe { libc::getsockname(fd, (addr as *mut A).cast(), &mut len) })?;
     Ok(len)
+}
+
+/// `getpeername(2)` into `addr` (through libc: krg's own hook sees it);
+/// the address's length.
+pub fn getpeername<A: SockAddr>(fd: RawFd, addr: &mut A) -> io::Result<socklen_t> {
+    let mut len = size_of::<A>() as socklen_t;
+    // SAFETY: the kernel writes at most len bytes into addr, which any
+    // bytes leave valid (SockAddr).
+    check(unsafe { libc::getpeername(fd, (addr as *mut A).cast(), &mut len) })?;
+    Ok(len)
+}
+
+/// `connect(2)` to the first `len` bytes of `addr` (at most its size;
+/// through libc: krg's own hook sees it).
+pub fn connect<A: SockAddr>(fd: RawFd, addr: &A, len: socklen_t) -> io::Result<()> {
+    let len = addr_len(addr, len)?;
+    // SAFETY: addr is live for len bytes (checked above).
+    check(unsafe { libc::connect(fd, (addr as *const A).cast(), len) }).map(drop)
+}
+
+/// `socketpair(2)`.
+pub fn socketpair(domain: c_int, ty: c_int, protocol: c_int) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut sv = [0; 2];
+    // SAFETY: socketpair writes two descriptors into our array.
+    check(unsafe { libc::socketpair(domain, ty, protocol, sv.as_mut_ptr()) })?;
+    // SAFETY: the kernel just returned these new descriptors.
+    Ok(unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) })
+}
+
+/// An int socket option (`getsockopt(2)`, through libc: krg's own hook
+/// sees it).
+pub fn getsockopt_int(fd: RawFd, level: c_int, opt: c_int) -> io::Result<c_int> {
+    let mut v: c_int = 0;
+    let mut len = size_of::<c_int>() as socklen_t;
+    // SAFETY: an int-sized buffer of ours and its length.
+    check(unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut c_int).cast(), &mut len) })?;
+    Ok(v)
+}
+
+/// A socket option as bytes (`struct tcp_info`...) into `buf`; how many
+/// the kernel wrote.
+pub fn getsockopt_bytes(fd: RawFd, level: c_int, opt: c_int, buf: &mut [u8]) -> io::Result<usize> {
+    let mut len = buf.len() as socklen_t;
+    // SAFETY: our buffer and its length; the kernel writes at most that.
+    check(unsafe { libc::getsockopt(fd, level, opt, buf.as_mut_ptr().cast(), &mut len) })?;
+    Ok(len as usize)
+}
+
+/// `setsockopt(2)` with a value of type `T` (an int, a `timeval`...; its
+/// size is passed).
+pub fn setsockopt<T: Copy>(fd: RawFd, level: c_int, opt: c_int, v: &T) -> io::Result<()> {
+    // SAFETY: v is live and its exact size is passed; the kernel only
+    // reads it.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (v as *const T).cast(),
+            size_of::<T>() as socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// `send(2)` of `buf`; how much went.
+pub fn send(fd: RawFd, buf: &[u8], flags: c_int) -> io::Result<usize> {
+    // SAFETY: a live byte slice of the given length.
+    check(unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) }).map(|n| n as usize)
+}
+
+/// `recv(2)` into `buf` (`MSG_PEEK`, `MSG_TRUNC`... as `flags` say); how
+/// much came (with `MSG_TRUNC`, the message's whole length).
+pub fn recv(fd: RawFd, buf: &mut [u8], flags: c_int) -> io::Result<usize> {
+    // SAFETY: a live, writable byte slice of the given length.
+    check(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) }).map(|n| n as usize)
 }
 
 /// `shutdown(2)`.
@@ -186,6 +294,11 @@ fn bytes_of<const W: usize>(buf: &[u64; W], len: usize) -> &[u8] {
 }
 
 impl<const W: usize> Control<W> {
+    /// The control messages received.
+    pub fn cmsgs(&self) -> impl Iterator<Item = Cmsg> + '_ {
+        cmsgs(bytes_of(&self.buf, self.len))
+    }
+
     /// The descriptors received (`SCM_RIGHTS`), now the caller's (those
     /// the iterator does not reach are closed with it).
     pub fn take_fds(&mut self) -> Fds<W> {
