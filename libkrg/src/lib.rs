@@ -34,7 +34,6 @@ pub mod procfs;
 pub mod proto;
 pub mod rt;
 pub mod start;
-#[allow(unsafe_code)]
 pub mod streams;
 pub mod sync;
 #[allow(unsafe_code)]

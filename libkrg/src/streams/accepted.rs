@@ -17,7 +17,11 @@
 //! capture (whose allocations are left out of the image) and moves with
 //! the process.
 
-use std::os::fd::RawFd;
+#![deny(unsafe_code)]
+
+use crate::sys::user::AddrOut;
+use crate::sys::{fd as sysfd, poll, raw, sock};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// `(listener fd, owed connection fd, stand-in client fd or -1)`.
@@ -50,17 +54,16 @@ fn recount(t: &[Owed; SLOTS]) {
 /// The address of a socket end as bytes, comparable (room for a UNIX
 /// socket's name).
 fn end(fd: RawFd, peer: bool) -> Option<([u8; 112], libc::socklen_t)> {
+    let mut ss = sock::zeroed::<libc::sockaddr_storage>();
+    let l = if peer {
+        sock::getpeername(fd, &mut ss)
+    } else {
+        sock::getsockname(fd, &mut ss)
+    }
+    .ok()?;
     let mut a = [0u8; 112];
-    let mut l = a.len() as libc::socklen_t;
-    // SAFETY: an address buffer of ours and its length.
-    let r = unsafe {
-        if peer {
-            libc::getpeername(fd, a.as_mut_ptr().cast(), &mut l)
-        } else {
-            libc::getsockname(fd, a.as_mut_ptr().cast(), &mut l)
-        }
-    };
-    (r == 0).then_some((a, l))
+    a.copy_from_slice(&sock::addr_bytes(&ss)[..112]);
+    Some((a, l))
 }
 
 /// Connections waiting in `fd`'s accept queue (a listening TCP socket).
@@ -78,13 +81,7 @@ fn unix_listener(fd: RawFd) -> bool {
 /// Whether a connection waits in listener `fd`'s queue (its readiness: a
 /// UNIX socket's queue length cannot be read).
 fn waiting(fd: RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no wait.
-    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+    poll::ready(fd, libc::POLLIN, 0)
 }
 
 /// In a capture for a migration (the other threads parked): accept what
@@ -110,37 +107,27 @@ pub fn take_queued() {
             if !t.iter().any(|e| e.0 < 0) {
                 break;
             }
-            // SAFETY: accepts from our own listener, which has that many
-            // connections waiting (so it does not block).
-            let c = unsafe {
-                libc::accept4(
-                    l,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_CLOEXEC,
-                )
-            };
-            if c < 0 {
+            // Our own listener, which has that many connections waiting
+            // (so it does not block).
+            let Ok(c) = sock::accept(l, libc::SOCK_CLOEXEC) else {
                 break;
-            }
+            };
+            let c = c.into_raw_fd();
             let peer = end(c, true);
             if let Some(e) = t
                 .iter_mut()
                 .find(|e| e.0 == l && e.2 >= 0 && end(e.2, false) == peer)
             {
                 // Our own stand-in: gone, made again after the move.
-                // SAFETY: both are ours alone.
-                unsafe {
-                    libc::close(c);
-                    libc::close(e.2);
-                }
+                let _ = sysfd::close(c);
+                let _ = sysfd::close(e.2);
                 e.2 = -1;
                 continue;
             }
             let c = if unix && super::active() {
                 // A connection from another node: its stand-in is swapped
                 // for the real connection (or closed if it cannot be had).
-                super::unix::on_accept(c, std::ptr::null_mut(), std::ptr::null_mut())
+                super::unix::on_accept(c, None)
             } else {
                 c
             };
@@ -185,25 +172,21 @@ pub fn requeue() {
         } else if fam == libc::AF_INET6 && a[8..24] == [0; 16] {
             a[23] = 1;
         }
-        // SAFETY: a new socket of ours, connected to our own listener (it
+        // A new socket of ours, connected to our own listener (it
         // completes at once: the kernel queues it).
-        let s = unsafe { libc::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if s < 0 {
+        let Ok(s) = sock::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) else {
             continue;
-        }
-        // SAFETY: connect with the address buffer read above.
-        if unsafe { libc::connect(s, a.as_ptr().cast(), l) } != 0 {
+        };
+        let to = sock::addr_from::<libc::sockaddr_storage>(&a);
+        if let Err(err) = sock::connect(s.as_raw_fd(), &to, l) {
             crate::krg_log!(
                 crate::log::Level::Warn,
-                "fd {}: queueing an owed connection again: {}",
-                e.0,
-                std::io::Error::last_os_error()
+                "fd {}: queueing an owed connection again: {err}",
+                e.0
             );
-            // SAFETY: ours alone.
-            unsafe { libc::close(s) };
             continue;
         }
-        e.2 = s;
+        e.2 = s.into_raw_fd();
     }
 }
 
@@ -219,37 +202,27 @@ fn unix_stand_in(
 ) -> Result<RawFd, std::io::Error> {
     let ty =
         super::moving::int_opt(l, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(libc::SOCK_STREAM);
-    // SAFETY: a new socket of ours.
-    let s = unsafe { libc::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0) };
-    if s < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the raw getpid (not our hook): this node's kernel pid.
-    let kpid = unsafe { libc::syscall(libc::SYS_getpid) };
+    let s = sock::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0)?;
+    // The raw getpid (not our hook): this node's kernel pid.
+    let kpid = raw::getpid();
     let name = format!("krg-owed:{kpid}:{l}:{owed}");
     let mut me = [0u8; 112];
     me[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
     me[3..3 + name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: raw bind and connect on our socket with our address buffers
-    // (an abstract name: the family, a NUL, the name's bytes).
-    let ok = unsafe {
-        libc::syscall(libc::SYS_bind, s, me.as_ptr(), 3 + name.len()) == 0
-            && libc::syscall(libc::SYS_connect, s, a.as_ptr(), len) == 0
-    };
-    if !ok {
-        let e = std::io::Error::last_os_error();
-        // SAFETY: ours alone.
-        unsafe { libc::close(s) };
-        return Err(e);
-    }
-    Ok(s)
+    // Raw bind and connect (an abstract name: the family, a NUL, the
+    // name's bytes); on failure the socket is closed.
+    let me = sock::addr_from::<libc::sockaddr_un>(&me);
+    let to = sock::addr_from::<libc::sockaddr_un>(a);
+    raw::bind(s.as_raw_fd(), &me, (3 + name.len()) as libc::socklen_t)?;
+    raw::connect(&s.as_raw_fd(), &to, len)?;
+    Ok(s.into_raw_fd())
 }
 
 /// After `accept` gave the program `fd`: if it is a stand-in, put the owed
 /// connection under that number instead (its flags kept: `accept4`'s
 /// `SOCK_NONBLOCK` and `SOCK_CLOEXEC`), and its peer's address in
 /// `addr`/`len`.
-pub(crate) fn on_accept(fd: RawFd, addr: *mut libc::sockaddr, len: *mut libc::socklen_t) {
+pub(crate) fn on_accept(fd: RawFd, out: Option<&AddrOut<'_>>) {
     if COUNT.load(Ordering::Acquire) == 0 {
         return;
     }
@@ -267,23 +240,21 @@ pub(crate) fn on_accept(fd: RawFd, addr: *mut libc::sockaddr, len: *mut libc::so
     // A UNIX listener's owed connection that became a TCP one (its peer on
     // another node) shows an unnamed UNIX peer, as most UNIX clients are.
     let unnamed = family(fd) == Some(libc::AF_UNIX) && family(e.1) != Some(libc::AF_UNIX);
-    // SAFETY: F_GETFL/F_GETFD only read; the owed connection is ours and
-    // takes the stand-in's number and flags; the stand-in's client end
-    // is ours alone.
-    unsafe {
-        let nonblock = libc::fcntl(fd, libc::F_GETFL) & libc::O_NONBLOCK;
-        let cloexec = libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC != 0;
-        let _ = super::moving::set_nonblock(e.1, nonblock != 0);
-        if libc::dup3(e.1, fd, if cloexec { libc::O_CLOEXEC } else { 0 }) < 0 {
-            return;
-        }
-        libc::close(e.1);
-        libc::close(e.2);
+    // The owed connection takes the stand-in's number and flags (a flag
+    // that cannot be read counts as set); the stand-in's client end is
+    // ours alone.
+    let nonblock = sysfd::status_flags(fd).unwrap_or(-1) & libc::O_NONBLOCK;
+    let cloexec = sysfd::fd_flags(fd).unwrap_or(-1) & libc::FD_CLOEXEC != 0;
+    let _ = super::moving::set_nonblock(e.1, nonblock != 0);
+    if sysfd::dup3(e.1, fd, if cloexec { libc::O_CLOEXEC } else { 0 }).is_err() {
+        return;
     }
+    let _ = sysfd::close(e.1);
+    let _ = sysfd::close(e.2);
     *e = (-1, -1, -1);
     recount(&t);
     drop(t);
-    if !addr.is_null() && !len.is_null() {
+    if let Some(out) = out {
         let peer = if unnamed {
             let mut a = [0u8; 112];
             a[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_ne_bytes());
@@ -292,12 +263,7 @@ pub(crate) fn on_accept(fd: RawFd, addr: *mut libc::sockaddr, len: *mut libc::so
             end(fd, true)
         };
         if let Some((a, l)) = peer {
-            // SAFETY: the accept contract: `addr` has room for `*len`.
-            unsafe {
-                let n = (*len as usize).min(l as usize);
-                std::ptr::copy_nonoverlapping(a.as_ptr(), addr.cast::<u8>(), n);
-                *len = l;
-            }
+            out.give(&a[..(l as usize).min(a.len())]);
         }
     }
 }

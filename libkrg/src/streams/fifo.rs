@@ -15,22 +15,60 @@
 //! elsewhere reach it through this node's agent, which writes their
 //! streams into the FIFO; a writer's meets a reader waiting or announced
 //! anywhere, or fails with `ENXIO`.
+//!
+//! The entry points take the application's strings: they are the module's
+//! `abi` fence, which makes `sys::user` views of them.
+
+#![deny(unsafe_code)]
 
 use super::moving;
 use crate::client;
 use crate::proto::{Request, Response};
+use crate::sys::user::CStrPtr;
+use crate::sys::{fd as sysfd, raw};
 use libc::{c_char, c_int};
 use std::ffi::CStr;
 use std::os::fd::{AsRawFd, IntoRawFd};
 
-/// What the open family should do: `Some(result)` when this library opened
-/// `path` (a FIFO met across the cluster; the fd, or -1 with `errno`),
-/// `None` to open it as usual.
-///
-/// # Safety
-/// `path` is null or a NUL-terminated string.
-pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_int> {
-    if path.is_null() || !super::active() {
+pub use abi::{fopen, open};
+
+/// The fence of this module: its entry points take the application's raw
+/// strings (allowed `unsafe`: their contract is the C call's), make views
+/// of them and call the safe code below.
+#[allow(unsafe_code)]
+mod abi {
+    use super::*;
+
+    /// What the open family should do: `Some(result)` when this library
+    /// opened `path` (a FIFO met across the cluster; the fd, or -1 with
+    /// `errno`), `None` to open it as usual.
+    ///
+    /// # Safety
+    /// `path` is null or a NUL-terminated string.
+    pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_int> {
+        // SAFETY: the function's contract, for the duration of the call.
+        let path = unsafe { CStrPtr::new(path) }?;
+        super::open_path(dirfd, path, flags)
+    }
+
+    /// What `fopen` should do, as [`open`] says for the `open` family:
+    /// `Some(stream)` when this library opened `path` (a FIFO met across
+    /// the cluster, wrapped with `fdopen`; null with `errno` on failure),
+    /// `None` to open it as usual. glibc's `fopen` opens without the PLT,
+    /// so the `open` hooks never see it.
+    ///
+    /// # Safety
+    /// `path` and `mode` are null or NUL-terminated strings.
+    pub unsafe fn fopen(path: *const c_char, mode: *const c_char) -> Option<*mut libc::FILE> {
+        // SAFETY: the function's contract, for the duration of the call.
+        let (path, mode) = unsafe { (CStrPtr::new(path), CStrPtr::new(mode)) };
+        super::fopen_path(path, mode?)
+    }
+}
+
+/// [`open`] of a path that is not null.
+fn open_path(dirfd: c_int, path: CStrPtr<'_>, flags: c_int) -> Option<c_int> {
+    if !super::active() {
         return None;
     }
     let acc = flags & libc::O_ACCMODE;
@@ -39,20 +77,15 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
     if acc == libc::O_RDWR || flags & libc::O_PATH != 0 {
         return None;
     }
-    // SAFETY: the caller's contract.
-    let p = unsafe { CStr::from_ptr(path) };
-    let b = p.to_bytes();
+    let path = path.to_cstr();
+    let b = path.to_bytes();
     if b.starts_with(b"/proc/") || b.starts_with(b"/dev/") {
         // A pipe reopened through /proc/<pid>/fd (or /dev/stdin...): not
         // a named FIFO.
         return None;
     }
-    // SAFETY: st is ours; fstatat only reads the path.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::fstatat(dirfd, path, &mut st, 0) } != 0
-        || st.st_mode & libc::S_IFMT != libc::S_IFIFO
-    {
+    let st = sysfd::fstatat(dirfd, path, 0).ok()?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
         return None;
     }
     // Rare from here on: allocation is fine.
@@ -60,8 +93,7 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
     let write = acc == libc::O_WRONLY;
     let nonblock = flags & libc::O_NONBLOCK != 0;
     if !write && nonblock {
-        // SAFETY: the caller's contract on `path`.
-        return Some(unsafe { stand(dirfd, path, flags, full, &st) });
+        return Some(stand(dirfd, path, flags, full, &st));
     }
     let req = Request::FifoOpen {
         path: full.clone(),
@@ -76,8 +108,7 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
         // Its partner opens it on this node now: a blocking open meets it
         // (a non-blocking writer's would race the reader's).
         Ok((Response::Local, _)) if nonblock => {
-            // SAFETY: the caller's path; a raw openat.
-            let fd = unsafe { raw_open(dirfd, path, flags & !libc::O_NONBLOCK) };
+            let fd = raw_open(dirfd, path, flags & !libc::O_NONBLOCK);
             if fd >= 0 {
                 let _ = moving::set_nonblock(fd, true);
             }
@@ -87,14 +118,7 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
         Ok((Response::StreamFd, mut fds)) if fds.len() == 1 => {
             let fd = fds.remove(0);
             let cloexec = flags & libc::O_CLOEXEC != 0;
-            // SAFETY: sets the close-on-exec flag of our new socket.
-            unsafe {
-                libc::fcntl(
-                    fd.as_raw_fd(),
-                    libc::F_SETFD,
-                    if cloexec { libc::FD_CLOEXEC } else { 0 },
-                )
-            };
+            let _ = sysfd::set_fd_flags(fd.as_raw_fd(), if cloexec { libc::FD_CLOEXEC } else { 0 });
             let raw = fd.into_raw_fd();
             let _ = moving::set_nonblock(raw, nonblock);
             moving::note_pipe_born(raw, true);
@@ -130,18 +154,8 @@ pub unsafe fn open(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_
 /// on one machine; then the agent is told that a reader stands on this
 /// node, so that writers on other nodes reach it (their agent's stream is
 /// written into the FIFO by this node's agent). The fd, or -1 with errno.
-///
-/// # Safety
-/// `path` is a NUL-terminated string.
-unsafe fn stand(
-    dirfd: c_int,
-    path: *const c_char,
-    flags: c_int,
-    full: Vec<u8>,
-    st: &libc::stat,
-) -> c_int {
-    // SAFETY: the caller's contract; a raw openat.
-    let fd = unsafe { raw_open(dirfd, path, flags) };
+fn stand(dirfd: c_int, path: &CStr, flags: c_int, full: Vec<u8>, st: &libc::stat) -> c_int {
+    let fd = raw_open(dirfd, path, flags);
     if fd < 0 {
         return fd;
     }
@@ -158,13 +172,16 @@ unsafe fn stand(
 }
 
 /// `openat` as a system call: this library's own open, past the hooks.
-///
-/// # Safety
-/// `path` is a NUL-terminated string.
-unsafe fn raw_open(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
-    // SAFETY: the caller's contract; the mode is unused (a FIFO exists).
-    let r = unsafe { libc::syscall(libc::SYS_openat, dirfd, path, flags, 0o666) };
-    r as c_int
+/// The fd, or -1 with errno.
+fn raw_open(dirfd: c_int, path: &CStr, flags: c_int) -> c_int {
+    // The mode is unused (a FIFO exists).
+    match raw::openat(dirfd, path, flags, 0o666) {
+        Ok(fd) => fd.into_raw_fd(),
+        Err(e) => {
+            crate::rt::set_errno(e.raw_os_error().unwrap_or(libc::EIO));
+            -1
+        }
+    }
 }
 
 /// The `open` flags of an `fopen` mode ("r", "w", "a", with "+", "e",
@@ -187,31 +204,20 @@ pub fn fopen_flags(mode: &[u8]) -> Option<c_int> {
     Some(flags)
 }
 
-/// What `fopen` should do, as [`open`] says for the `open` family:
-/// `Some(stream)` when this library opened `path` (a FIFO met across the
-/// cluster, wrapped with `fdopen`; null with `errno` on failure), `None` to
-/// open it as usual. glibc's `fopen` opens without the PLT, so the `open`
-/// hooks never see it.
-///
-/// # Safety
-/// `path` and `mode` are null or NUL-terminated strings.
-pub unsafe fn fopen(path: *const c_char, mode: *const c_char) -> Option<*mut libc::FILE> {
-    if mode.is_null() {
-        return None;
-    }
-    // SAFETY: the caller's contract.
-    let flags = fopen_flags(unsafe { CStr::from_ptr(mode) }.to_bytes())?;
-    // SAFETY: the caller's contract.
-    let fd = unsafe { open(libc::AT_FDCWD, path, flags) }?;
+/// [`fopen`] with a mode.
+fn fopen_path(path: Option<CStrPtr<'_>>, mode: CStrPtr<'_>) -> Option<*mut libc::FILE> {
+    let mode = mode.to_cstr();
+    let flags = fopen_flags(mode.to_bytes())?;
+    let fd = open_path(libc::AT_FDCWD, path?, flags)?;
     if fd < 0 {
         return Some(std::ptr::null_mut());
     }
-    // SAFETY: wraps our new fd in a stream with the caller's mode string.
-    let f = unsafe { libc::fdopen(fd, mode) };
+    // Our new fd in a stream with the caller's mode string.
+    let f = sysfd::fdopen(fd, mode);
     if f.is_null() {
         let e = crate::rt::errno();
-        // SAFETY: the fd is ours and nothing else refers to it.
-        unsafe { libc::close(fd) };
+        // The fd is ours and nothing else refers to it.
+        let _ = sysfd::close(fd);
         crate::rt::set_errno(e);
     }
     Some(f)

@@ -18,12 +18,21 @@
 //! The agent calls run under the re-entrancy guard; the application's own
 //! (possibly blocking) `accept` and `connect` run outside it, so signals
 //! interrupt them as usual.
+//!
+//! The hooks' entry points are in `streams`' `abi` fence, which hands
+//! this module the application's addresses as views, and the real call
+//! as closures: `pass` with the application's own arguments, `to` or
+//! `into` with an address buffer of ours.
+
+#![deny(unsafe_code)]
 
 use crate::client::{self, CallError};
 use crate::krg_log;
 use crate::log::Level;
 use crate::proto::{Request, Response};
-use libc::{c_int, sockaddr, socklen_t};
+use crate::sys::user::AddrOut;
+use crate::sys::{fd as sysfd, raw, sock};
+use libc::{c_int, socklen_t};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -50,31 +59,32 @@ enum Kind {
 }
 
 impl Addr {
-    /// The caller's address, if it is an `AF_INET` or `AF_INET6` one of the
-    /// right length.
-    fn read(p: *const sockaddr, len: socklen_t) -> Option<Addr> {
-        if p.is_null() || (len as usize) < 2 {
+    /// The address `p` (the caller's, or one the kernel gave), if it is
+    /// an `AF_INET` or `AF_INET6` one of the right length.
+    fn read(p: &[u8]) -> Option<Addr> {
+        if p.len() < 2 {
             return None;
         }
-        let mut fam = [0u8; 2];
-        // SAFETY: the caller gives `len` (>= 2) readable bytes at `p`, its
-        // contract with libc for this very call.
-        unsafe { std::ptr::copy_nonoverlapping(p.cast::<u8>(), fam.as_mut_ptr(), 2) };
-        let need = match u16::from_ne_bytes(fam) as c_int {
+        let need = match u16::from_ne_bytes([p[0], p[1]]) as c_int {
             libc::AF_INET => V4_LEN,
             libc::AF_INET6 => V6_LEN,
             _ => return None,
         };
-        if (len as usize) < need {
+        if p.len() < need {
             return None;
         }
         let mut a = Addr {
             b: [0; V6_LEN],
             len: need,
         };
-        // SAFETY: as above, with `len >= need`.
-        unsafe { std::ptr::copy_nonoverlapping(p.cast::<u8>(), a.b.as_mut_ptr(), need) };
+        a.b[..need].copy_from_slice(&p[..need]);
         Some(a)
+    }
+
+    /// An address the kernel wrote into `sa`, `len` bytes long.
+    fn given(sa: &libc::sockaddr_in6, len: socklen_t) -> Option<Addr> {
+        let b = sock::addr_bytes(sa);
+        Addr::read(&b[..(len as usize).min(b.len())])
     }
 
     fn v6(&self) -> bool {
@@ -133,12 +143,14 @@ impl Addr {
         a
     }
 
-    fn as_ptr(&self) -> *const sockaddr {
-        self.b.as_ptr().cast()
+    /// Its bytes.
+    fn bytes(&self) -> &[u8] {
+        &self.b[..self.len]
     }
 
-    fn socklen(&self) -> socklen_t {
-        self.len as socklen_t
+    /// As a `sockaddr_in6` (room for either family), for `sys`.
+    fn sockaddr(&self) -> libc::sockaddr_in6 {
+        sock::addr_from(self.bytes())
     }
 }
 
@@ -166,18 +178,10 @@ fn key_of(a: &Addr) -> u64 {
 
 /// This socket's own address, without going through our hook.
 fn local_addr(fd: c_int) -> Option<Addr> {
-    let mut me = Addr {
-        b: [0; V6_LEN],
-        len: V6_LEN,
-    };
-    let mut l = V6_LEN as socklen_t;
-    // SAFETY: the raw system call (not the hooked libc symbol) with our
-    // buffer and its length.
-    let r = unsafe { libc::syscall(libc::SYS_getsockname, fd, me.b.as_mut_ptr(), &mut l) };
-    if r != 0 {
-        return None;
-    }
-    Addr::read(me.as_ptr(), l)
+    let mut me = sock::zeroed::<libc::sockaddr_in6>();
+    // The raw system call (not the hooked libc symbol).
+    let l = raw::getsockname(fd, &mut me).ok()?;
+    Addr::given(&me, l)
 }
 
 /// `ORIG` of a socket bound to the wildcard address (its connections are
@@ -253,9 +257,7 @@ fn ephemeral_range() -> (u16, u16) {
 
 fn random_u16() -> u16 {
     let mut b = [0u8; 2];
-    // SAFETY: getrandom writes at most 2 bytes into our buffer.
-    let r = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 2, 0) };
-    if r != 2 {
+    if crate::sys::getrandom(&mut b).ok() != Some(2) {
         // Not random, but still spreads the attempts.
         return (Instant::now().elapsed().as_nanos() as u16) ^ (std::process::id() as u16);
     }
@@ -290,19 +292,20 @@ pub(crate) fn reserve(port: u16, reuse: bool) -> Reserved {
 
 // --- the hooks' logic ----------------------------------------------------
 
-/// `bind(fd, addr, len)`.
-pub fn bind(
+/// `bind(fd, addr)`: `pass` binds to the caller's address, `to` to one
+/// of ours.
+pub(super) fn bind(
     fd: c_int,
-    addr: *const sockaddr,
-    len: socklen_t,
-    real: impl Fn(c_int, *const sockaddr, socklen_t) -> c_int,
+    addr: Option<&[u8]>,
+    pass: impl Fn() -> c_int,
+    to: impl Fn(&[u8]) -> c_int,
 ) -> c_int {
-    let Some(a) = Addr::read(addr, len) else {
-        return real(fd, addr, len);
+    let Some(a) = addr.and_then(Addr::read) else {
+        return pass();
     };
     let kind = a.kind();
     if kind == Kind::Other || !super::active() || !is_tcp(fd) {
-        return real(fd, addr, len);
+        return pass();
     }
     let reuse = sockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR).unwrap_or(0) != 0;
     let target = if kind == Kind::Loopback {
@@ -313,15 +316,15 @@ pub fn bind(
     let port = a.port();
     let bound = if port != 0 {
         match reserve(port, reuse) {
-            Reserved::Yes => real(fd, target.as_ptr(), target.socklen()),
+            Reserved::Yes => to(target.bytes()),
             Reserved::No(e) => return fail(e),
-            Reserved::Unknown => return real(fd, addr, len),
+            Reserved::Unknown => return pass(),
         }
     } else {
-        match bind_ephemeral(fd, target, reuse, &real) {
+        match bind_ephemeral(target, reuse, &to) {
             Some(Ok(())) => 0,
             Some(Err(e)) => return fail(e),
-            None => return real(fd, addr, len),
+            None => return pass(),
         }
     };
     if bound == 0 {
@@ -330,14 +333,13 @@ pub fn bind(
     bound
 }
 
-/// Bind `fd` to `target` with a port from the ephemeral range that is free
-/// in the cluster and here; `Err(errno)` if none could be bound. `None`:
-/// the agent cannot be asked.
+/// Bind to `target` (with `bind`) with a port from the ephemeral range
+/// that is free in the cluster and here; `Err(errno)` if none could be
+/// bound. `None`: the agent cannot be asked.
 fn bind_ephemeral(
-    fd: c_int,
     mut target: Addr,
     reuse: bool,
-    real: &impl Fn(c_int, *const sockaddr, socklen_t) -> c_int,
+    bind: &impl Fn(&[u8]) -> c_int,
 ) -> Option<Result<(), i32>> {
     let (lo, hi) = ephemeral_range();
     let span = u32::from(hi - lo) + 1;
@@ -349,7 +351,7 @@ fn bind_ephemeral(
             Reserved::Unknown => return None,
         }
         target.set_port(port);
-        if real(fd, target.as_ptr(), target.socklen()) == 0 {
+        if bind(target.bytes()) == 0 {
             return Some(Ok(()));
         }
         let e = crate::rt::errno();
@@ -369,23 +371,17 @@ pub fn listen(fd: c_int, backlog: c_int, real: impl Fn(c_int, c_int) -> c_int) -
     }
     // Guarded: libc's getsockname and bind are our own hooks.
     let pre = crate::rt::guarded(|| {
-        let mut st = Addr {
-            b: [0; V6_LEN],
-            len: V6_LEN,
-        };
-        let mut l = V6_LEN as socklen_t;
-        // SAFETY: our buffer and its length; getsockname writes at most `l`.
-        let r = unsafe { libc::getsockname(fd, st.b.as_mut_ptr().cast(), &mut l) };
-        let a = match Addr::read(st.as_ptr(), l) {
-            Some(a) if r == 0 && a.port() == 0 => a,
+        let mut st = sock::zeroed::<libc::sockaddr_in6>();
+        let a = match sock::getsockname(fd, &mut st).map(|l| Addr::given(&st, l)) {
+            Ok(Some(a)) if a.port() == 0 => a,
             _ => return Ok(()),
         };
         let reuse = sockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR).unwrap_or(0) != 0;
-        let real_bind = |fd: c_int, p: *const sockaddr, l: socklen_t| {
-            // SAFETY: bind with our own address buffer and its length.
-            unsafe { libc::bind(fd, p, l) }
+        let real_bind = |b: &[u8]| {
+            let to = sock::addr_from::<libc::sockaddr_in6>(b);
+            sock::bind(fd, &to, b.len() as socklen_t).map_or(-1, |()| 0)
         };
-        match bind_ephemeral(fd, a.wildcard(), reuse, &real_bind) {
+        match bind_ephemeral(a.wildcard(), reuse, &real_bind) {
             Some(Ok(())) => {
                 remember(fd, &a.wildcard());
                 Ok(())
@@ -400,18 +396,19 @@ pub fn listen(fd: c_int, backlog: c_int, real: impl Fn(c_int, c_int) -> c_int) -
     }
 }
 
-/// `connect(fd, addr, len)`.
-pub fn connect(
+/// `connect(fd, addr)`: `pass` connects to the caller's address, `to` to
+/// one of ours.
+pub(super) fn connect(
     fd: c_int,
-    addr: *const sockaddr,
-    len: socklen_t,
-    real: impl Fn(c_int, *const sockaddr, socklen_t) -> c_int,
+    addr: Option<&[u8]>,
+    pass: impl Fn() -> c_int,
+    to: impl Fn(&[u8]) -> c_int,
 ) -> c_int {
-    let Some(a) = Addr::read(addr, len) else {
-        return real(fd, addr, len);
+    let Some(a) = addr.and_then(Addr::read) else {
+        return pass();
     };
     if a.kind() == Kind::Other || !super::active() || !is_tcp(fd) {
-        return real(fd, addr, len);
+        return pass();
     }
     // Bound first (as connect would, to a port the kernel picks), so that
     // the server's node can be told where it comes from and show the
@@ -426,28 +423,28 @@ pub fn connect(
     };
     match call(&req) {
         Ok(Response::PortOwner(Some((node, ip)))) => {
-            let mut to = a;
-            to.set_ipv4(ip);
+            let mut there = a;
+            there.set_ipv4(ip);
             krg_log!(
                 Level::Debug,
                 "connect to loopback port {}: held on node {node}",
                 a.port()
             );
-            let r = real(fd, to.as_ptr(), to.socklen());
+            let r = to(there.bytes());
             if r == 0 || crate::rt::errno() == libc::EINPROGRESS {
                 // Its own names show the loopback too, as on one machine.
                 mark(fd, form);
             }
             r
         }
-        Ok(_) => real(fd, addr, len),
+        Ok(_) => pass(),
         Err(e) => {
             krg_log!(
                 Level::Debug,
                 "connect to loopback port {}: {e}; staying on this node",
                 a.port()
             );
-            real(fd, addr, len)
+            pass()
         }
     }
 }
@@ -485,30 +482,23 @@ fn allowed(peer: &Addr) -> bool {
 
 /// Give the caller an address the way the kernel does: at most `*len`
 /// bytes, and `*len` set to the full size.
-fn give(a: &Addr, out: *mut sockaddr, len: *mut socklen_t) {
-    if out.is_null() || len.is_null() {
-        return;
-    }
-    // SAFETY: the caller passes a valid `len` pointer with `out` (the
-    // accept/getsockname contract).
-    let room = unsafe { *len } as usize;
-    let n = room.min(a.len);
-    // SAFETY: `out` has room for `*len` bytes; we copy at most that.
-    unsafe {
-        std::ptr::copy_nonoverlapping(a.b.as_ptr(), out.cast::<u8>(), n);
-        *len = a.len as socklen_t;
+fn give(a: &Addr, out: Option<&AddrOut<'_>>) {
+    if let Some(out) = out {
+        out.give(a.bytes());
     }
 }
 
-/// `accept`/`accept4` on `fd`; `real` accepts with an address buffer.
-pub fn accept(
+/// `accept`/`accept4` on `fd`: `pass` accepts with the caller's address
+/// buffer, `into` with one of ours (the connection and the address's
+/// length).
+pub(super) fn accept(
     fd: c_int,
-    addr: *mut sockaddr,
-    len: *mut socklen_t,
-    real: impl Fn(*mut sockaddr, *mut socklen_t) -> c_int,
+    out: Option<&AddrOut<'_>>,
+    pass: impl Fn() -> c_int,
+    into: impl Fn(&mut [u8]) -> (c_int, socklen_t),
 ) -> c_int {
     let Some(orig) = remembered(fd) else {
-        return real(addr, len);
+        return pass();
     };
     let filtered = orig != WILDCARD;
     loop {
@@ -516,18 +506,17 @@ pub fn accept(
             b: [0; V6_LEN],
             len: V6_LEN,
         };
-        let mut l = V6_LEN as socklen_t;
-        let c = real(peer.b.as_mut_ptr().cast(), &mut l);
+        let (c, l) = into(&mut peer.b);
         if c < 0 {
             return c;
         }
-        match Addr::read(peer.as_ptr(), l) {
+        match Addr::read(&peer.b[..(l as usize).min(V6_LEN)]) {
             Some(mut p) if !filtered || allowed(&p) => {
                 if let Some(form) = loopback_client(c, &p) {
                     form.put(&mut p);
                     mark(c, form);
                 }
-                give(&p, addr, len);
+                give(&p, out);
                 return c;
             }
             Some(p) => {
@@ -536,17 +525,15 @@ pub fn accept(
                     "refused a connection from {:?} to a loopback server (not a cluster node)",
                     p.ipv4()
                 );
-                // SAFETY: the descriptor accept just gave us, not the app.
-                crate::rt::guarded(|| unsafe { libc::close(c) });
+                // The descriptor accept just gave us, not the app.
+                crate::rt::guarded(|| sysfd::close(c).ok());
             }
             // Not an IP peer: nothing to filter.
             None => {
-                if !addr.is_null() && !len.is_null() {
-                    let n = (l as usize).min(V6_LEN);
-                    let mut a = peer;
-                    a.len = n;
-                    give(&a, addr, len);
-                }
+                let n = (l as usize).min(V6_LEN);
+                let mut a = peer;
+                a.len = n;
+                give(&a, out);
                 return c;
             }
         }
@@ -554,77 +541,69 @@ pub fn accept(
 }
 
 /// `getsockname(fd, addr, len)`: a listener bound for the program to the
-/// loopback shows the loopback.
-pub fn getsockname(
+/// loopback shows the loopback. `pass` is the real call with the
+/// caller's buffer, `into` with one of ours.
+pub(super) fn getsockname(
     fd: c_int,
-    addr: *mut sockaddr,
-    len: *mut socklen_t,
-    real: impl Fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int,
+    out: Option<&AddrOut<'_>>,
+    pass: impl Fn() -> c_int,
+    into: impl Fn(&mut [u8]) -> (c_int, socklen_t),
 ) -> c_int {
     if let Some(form) = marked(fd) {
-        return named_as(fd, form, addr, len, real);
+        return named_as(form, out, pass, into);
     }
     let Some(orig) = remembered(fd).filter(|o| *o != WILDCARD) else {
-        return real(fd, addr, len);
+        return pass();
     };
-    let mut me = Addr {
-        b: [0; V6_LEN],
-        len: V6_LEN,
-    };
-    let mut l = V6_LEN as socklen_t;
-    let r = real(fd, me.b.as_mut_ptr().cast(), &mut l);
+    let mut me = [0u8; V6_LEN];
+    let (r, l) = into(&mut me);
     if r != 0 {
         return r;
     }
-    let Some(mut a) = Addr::read(me.as_ptr(), l) else {
-        return real(fd, addr, len);
+    let Some(mut a) = Addr::read(&me[..(l as usize).min(V6_LEN)]) else {
+        return pass();
     };
     if orig >> 32 == 1 {
         a.set_ipv4((orig as u32).to_be_bytes());
     } else if a.v6() {
         a.b[8..24].copy_from_slice(&LOOPBACK6);
     }
-    give(&a, addr, len);
+    give(&a, out);
     0
 }
 
 /// `getpeername(fd, addr, len)`: a connection made through the
 /// cluster-wide loopback shows the loopback at both ends.
-pub fn getpeername(
+pub(super) fn getpeername(
     fd: c_int,
-    addr: *mut sockaddr,
-    len: *mut socklen_t,
-    real: impl Fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int,
+    out: Option<&AddrOut<'_>>,
+    pass: impl Fn() -> c_int,
+    into: impl Fn(&mut [u8]) -> (c_int, socklen_t),
 ) -> c_int {
     match marked(fd) {
-        Some(form) => named_as(fd, form, addr, len, real),
-        None => real(fd, addr, len),
+        Some(form) => named_as(form, out, pass, into),
+        None => pass(),
     }
 }
 
-/// `real` (getsockname or getpeername) with the address's IP replaced by
-/// the loopback of `form` (its port kept).
+/// The real getsockname or getpeername (`into` our buffer) with the
+/// address's IP replaced by the loopback of `form` (its port kept).
 fn named_as(
-    fd: c_int,
     form: Form,
-    addr: *mut sockaddr,
-    len: *mut socklen_t,
-    real: impl Fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int,
+    out: Option<&AddrOut<'_>>,
+    pass: impl Fn() -> c_int,
+    into: impl Fn(&mut [u8]) -> (c_int, socklen_t),
 ) -> c_int {
-    let mut got = Addr {
-        b: [0; V6_LEN],
-        len: V6_LEN,
-    };
-    let mut l = V6_LEN as socklen_t;
-    let r = real(fd, got.b.as_mut_ptr().cast(), &mut l);
+    let mut got = [0u8; V6_LEN];
+    let (r, l) = into(&mut got);
     if r != 0 {
         return r;
     }
-    let Some(mut a) = Addr::read(got.as_ptr(), l) else {
-        return real(fd, addr, len);
+    let Some(mut a) = Addr::read(&got[..(l as usize).min(V6_LEN)]) else {
+        return pass();
     };
     form.put(&mut a);
-    give(&a, addr, len);
+    give(&a, out);
     0
 }
 
@@ -671,10 +650,7 @@ static LOOPED_NEXT: AtomicUsize = AtomicUsize::new(0);
 static LOOPED_ANY: AtomicUsize = AtomicUsize::new(0);
 
 fn socket_ino(fd: c_int) -> Option<u64> {
-    // SAFETY: fstat into our own struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+    sysfd::fstat(fd).ok().map(|st| st.st_ino)
 }
 
 fn looped_key(fd: c_int, ino: u64) -> u64 {
@@ -712,10 +688,9 @@ fn bound_port(fd: c_int, to: &Addr) -> u16 {
         len: to.len,
     };
     any.b[..2].copy_from_slice(&to.b[..2]);
-    // SAFETY: the raw system call (the port is the kernel's to pick, as in
-    // connect; not our hook) with our address buffer and its length.
-    let r = unsafe { libc::syscall(libc::SYS_bind, fd, any.b.as_ptr(), any.len) };
-    if r != 0 {
+    // The raw system call (the port is the kernel's to pick, as in
+    // connect; not our hook).
+    if raw::bind(fd, &any.sockaddr(), any.len as socklen_t).is_err() {
         return 0;
     }
     local_addr(fd).map_or(0, |m| m.port())
@@ -748,7 +723,7 @@ mod tests {
     fn addr_of(s: &str) -> Addr {
         let sa: SocketAddr = s.parse().unwrap();
         let sa2 = socket_bytes(&sa);
-        Addr::read(sa2.0.as_ptr().cast(), sa2.1).unwrap()
+        Addr::read(&sa2.0[..sa2.1 as usize]).unwrap()
     }
 
     fn socket_bytes(sa: &SocketAddr) -> ([u8; 28], socklen_t) {
@@ -801,9 +776,9 @@ mod tests {
     #[test]
     fn other_families_and_short_lengths_are_not_read() {
         let (b, _) = socket_bytes(&"1.2.3.4:5".parse().unwrap());
-        assert!(Addr::read(b.as_ptr().cast(), 8).is_none());
+        assert!(Addr::read(&b[..8]).is_none());
         let un = [libc::AF_UNIX as u16 as u8, 0, b'/', b'x'];
-        assert!(Addr::read(un.as_ptr().cast(), 4).is_none());
-        assert!(Addr::read(std::ptr::null(), 16).is_none());
+        assert!(Addr::read(&un).is_none());
+        assert!(Addr::read(&[]).is_none());
     }
 }

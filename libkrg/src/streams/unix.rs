@@ -16,12 +16,16 @@
 //! connection between SSI processes. What a UNIX socket has and TCP has
 //! not (`SCM_RIGHTS`, `SO_PEERCRED`) is lost on such a connection.
 
+#![deny(unsafe_code)]
+
 use super::moving::int_opt;
 use crate::client;
 use crate::krg_log;
 use crate::log::Level;
 use crate::proto::{Request, Response, UNIX_STAND_IN};
-use libc::{c_int, sockaddr, socklen_t};
+use crate::sys::user::AddrOut;
+use crate::sys::{fd as sysfd, poll, raw, sock};
+use libc::{c_int, socklen_t};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 /// Bytes before `sun_path` in a `sockaddr_un`.
@@ -60,30 +64,31 @@ fn pair_for(seqpacket: bool) -> Result<Option<(OwnedFd, OwnedFd)>, c_int> {
     })
 }
 
-/// The `sun_path` bytes of the `AF_UNIX` address at `addr` (`len` bytes),
-/// up to its end: `None` for another family.
-///
-/// # Safety
-/// `addr` is null or points to `len` readable bytes.
-unsafe fn name_bytes(addr: *const sockaddr, len: socklen_t) -> Option<Vec<u8>> {
-    let len = len as usize;
-    if addr.is_null() || len < PATH_OFFSET {
+/// The `sun_path` bytes of the `AF_UNIX` address `addr` (as long as the
+/// caller or the kernel said), up to its end: `None` for another family.
+fn name_bytes(addr: &[u8]) -> Option<Vec<u8>> {
+    if addr.len() < PATH_OFFSET {
         return None;
     }
-    // SAFETY: the caller's contract (at least 2 bytes).
-    let fam = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sa_family_t>()) };
+    let fam = libc::sa_family_t::from_ne_bytes([addr[0], addr[1]]);
     if c_int::from(fam) != libc::AF_UNIX {
         return None;
     }
     let max = std::mem::size_of::<libc::sockaddr_un>();
-    // SAFETY: `len` readable bytes (at most a sockaddr_un's worth taken).
-    let all = unsafe { std::slice::from_raw_parts(addr.cast::<u8>(), len.min(max)) };
+    let all = &addr[..addr.len().min(max)];
     let path = &all[PATH_OFFSET..];
     Some(match path.first() {
         // Abstract: every byte counts.
         Some(0) => path.to_vec(),
         _ => path.iter().take_while(|b| **b != 0).copied().collect(),
     })
+}
+
+/// The first `len` bytes of `sa`, as long as the kernel said the address
+/// it wrote there is (at most its size).
+fn given(sa: &libc::sockaddr_un, len: socklen_t) -> &[u8] {
+    let b = sock::addr_bytes(sa);
+    &b[..(len as usize).min(b.len())]
 }
 
 /// The agents' key for a name (`None`: unnamed, or no socket file there).
@@ -118,14 +123,7 @@ fn key_of(name: &[u8]) -> Option<Key> {
 fn real_path(path: &[u8]) -> Option<Vec<u8>> {
     let c = std::ffi::CString::new(path).ok()?;
     let mut buf = [0u8; libc::PATH_MAX as usize];
-    // SAFETY: a NUL-terminated path and a PATH_MAX buffer, as realpath
-    // requires.
-    let r = unsafe { libc::realpath(c.as_ptr(), buf.as_mut_ptr().cast()) };
-    if r.is_null() {
-        return None;
-    }
-    let n = buf.iter().position(|b| *b == 0)?;
-    Some(buf[..n].to_vec())
+    sysfd::realpath(&c, &mut buf).map(<[u8]>::to_vec)
 }
 
 /// Put connection `new` under `fd`, keeping `fd`'s `O_NONBLOCK` and
@@ -136,25 +134,14 @@ fn install(fd: c_int, new: OwnedFd) -> Result<(), i32> {
     if int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED) == Some(1) {
         super::seqpacket::pass_credentials(n);
     }
-    let one: c_int = 1;
-    // SAFETY: F_GETFL/F_GETFD read; F_SETFL, setsockopt and dup3 act on
-    // our new socket and on `fd`, which the caller gave us to replace.
-    unsafe {
-        let nonblock = libc::fcntl(fd, libc::F_GETFL) & libc::O_NONBLOCK;
-        let cloexec = libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC != 0;
-        let _ = super::moving::set_nonblock(n, nonblock != 0);
-        libc::setsockopt(
-            n,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const c_int).cast(),
-            std::mem::size_of::<c_int>() as socklen_t,
-        );
-        if libc::dup3(n, fd, if cloexec { libc::O_CLOEXEC } else { 0 }) < 0 {
-            return Err(crate::rt::errno());
-        }
-    }
-    Ok(())
+    // `fd` is the caller's to replace; a flag that cannot be read counts
+    // as set.
+    let nonblock = sysfd::status_flags(fd).unwrap_or(-1) & libc::O_NONBLOCK;
+    let cloexec = sysfd::fd_flags(fd).unwrap_or(-1) & libc::FD_CLOEXEC != 0;
+    let _ = super::moving::set_nonblock(n, nonblock != 0);
+    let _ = sock::setsockopt(n, libc::IPPROTO_TCP, libc::TCP_NODELAY, &(1 as c_int));
+    sysfd::dup3(n, fd, if cloexec { libc::O_CLOEXEC } else { 0 })
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 // --- listening sockets that move --------------------------------------------
@@ -190,31 +177,15 @@ pub fn listening(fd: c_int) -> Result<Option<Listening>, String> {
         return Ok(None);
     }
     let ty = int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(libc::SOCK_STREAM);
-    // SAFETY: an address buffer of ours and its length.
-    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let mut l = std::mem::size_of::<libc::sockaddr_un>() as socklen_t;
-    // SAFETY: the raw system call (not a hook) with our buffer.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_getsockname,
-            fd,
-            (&mut sa as *mut libc::sockaddr_un).cast::<sockaddr>(),
-            &mut l,
-        )
-    };
-    // SAFETY: the kernel wrote `l` bytes of our buffer.
-    let name = (r == 0)
-        .then(|| unsafe { name_bytes((&sa as *const libc::sockaddr_un).cast(), l) })
-        .flatten()
+    let mut sa = sock::zeroed::<libc::sockaddr_un>();
+    // The raw system call (not a hook).
+    let name = raw::getsockname(fd, &mut sa)
+        .ok()
+        .and_then(|l| name_bytes(given(&sa, l)))
         .filter(|n| !n.is_empty())
         .ok_or_else(|| format!("fd {fd}: listening UNIX socket without a name"))?;
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no wait: readable = a connection waits.
-    if unsafe { libc::poll(&mut p, 1, 0) } > 0 {
+    // Readable: a connection waits.
+    if poll::ready(fd, libc::POLLIN, 0) {
         return Err(format!(
             "fd {fd}: listening UNIX socket {} has connections waiting to be accepted that could not be taken along (try again)",
             show(&name)
@@ -223,8 +194,7 @@ pub fn listening(fd: c_int) -> Result<Option<Listening>, String> {
     Ok(Some(Listening {
         name,
         ty,
-        // SAFETY: F_GETFL only reads.
-        flags: unsafe { libc::fcntl(fd, libc::F_GETFL) }.max(0),
+        flags: sysfd::status_flags(fd).unwrap_or(0),
         passcred: int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED) == Some(1),
         backlog: super::moving::ino_of(fd)
             .and_then(backlog)
@@ -237,20 +207,11 @@ pub fn listening(fd: c_int) -> Result<Option<Listening>, String> {
 /// on with its backlog, and a stream socket's name made reachable from
 /// every node again.
 pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
-    use std::os::fd::FromRawFd;
     let what = format!("listening UNIX socket {}", show(&l.name));
-    // SAFETY: a new socket of ours.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, l.ty | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(format!(
-            "{what}: socket: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: the fd was just created and is ours alone.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an address of ours, filled below within its size.
-    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let owned = sock::socket(libc::AF_UNIX, l.ty | libc::SOCK_CLOEXEC, 0)
+        .map_err(|e| format!("{what}: socket: {e}"))?;
+    let fd = owned.as_raw_fd();
+    let mut sa = sock::zeroed::<libc::sockaddr_un>();
     sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
     if l.name.len() >= sa.sun_path.len() {
         return Err(format!("{what}: name too long"));
@@ -273,25 +234,14 @@ pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
     } else {
         std::mem::size_of::<libc::sockaddr_un>()
     };
-    // SAFETY: raw bind and listen (not our hooks) on our socket with our
-    // address buffer, `len` bytes of it.
-    let ok = unsafe {
-        libc::syscall(
-            libc::SYS_bind,
-            fd,
-            (&sa as *const libc::sockaddr_un).cast::<sockaddr>(),
-            len as socklen_t,
-        ) == 0
-            && libc::syscall(libc::SYS_listen, fd, l.backlog) == 0
-    };
-    if !ok {
-        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
-    }
+    // Raw bind and listen (not our hooks).
+    raw::bind(fd, &sa, len as socklen_t)
+        .and_then(|()| raw::listen(fd, l.backlog))
+        .map_err(|e| format!("{what}: {e}"))?;
     if l.passcred {
         super::seqpacket::pass_credentials(fd);
     }
-    // SAFETY: sets our socket's status flags.
-    unsafe { libc::fcntl(fd, libc::F_SETFL, l.flags & libc::O_NONBLOCK) };
+    let _ = sysfd::set_status_flags(fd, l.flags & libc::O_NONBLOCK);
     // (In a restorer or a capture: no hook runs here, no guard needed.)
     register(fd);
     Ok(owned)
@@ -311,17 +261,11 @@ fn register(fd: c_int) {
     if named_kind(fd).is_none() {
         return;
     }
-    // SAFETY: an address buffer of ours and its length.
-    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let mut l = std::mem::size_of::<libc::sockaddr_un>() as socklen_t;
-    // SAFETY: as above; getsockname writes at most `l` bytes.
-    if unsafe { libc::getsockname(fd, (&mut sa as *mut libc::sockaddr_un).cast(), &mut l) } != 0 {
+    let mut sa = sock::zeroed::<libc::sockaddr_un>();
+    let Ok(l) = sock::getsockname(fd, &mut sa) else {
         return;
-    }
-    // SAFETY: the kernel wrote `l` bytes of our buffer.
-    let Some(key) =
-        unsafe { name_bytes((&sa as *const libc::sockaddr_un).cast(), l) }.and_then(|n| key_of(&n))
-    else {
+    };
+    let Some(key) = name_bytes(given(&sa, l)).and_then(|n| key_of(&n)) else {
         return;
     };
     let req = Request::UnixListen {
@@ -337,18 +281,14 @@ fn register(fd: c_int) {
     }
 }
 
-/// `connect(fd, addr, len)` to a UNIX stream name: `None` when the kernel
+/// `connect(fd, addr)` to a UNIX stream name: `None` when the kernel
 /// connects as usual (another family, not a stream socket, the name is
 /// listened on here or not by an SSI process), else the result.
-///
-/// # Safety
-/// `addr` is null or points to `len` readable bytes.
-pub unsafe fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Option<c_int> {
+pub(super) fn connect(fd: c_int, addr: &[u8]) -> Option<c_int> {
     if !super::active() {
         return None;
     }
-    // SAFETY: the caller's contract.
-    let name = unsafe { name_bytes(addr, len) }?;
+    let name = name_bytes(addr)?;
     // Guarded: the agent call and the file lookups use hooked calls (the
     // connection to the agent is itself a UNIX socket's connect).
     let r = crate::rt::guarded(|| {
@@ -418,18 +358,14 @@ fn take(c: c_int, id: u64, req: &Request) -> Result<(), c_int> {
 }
 
 /// After `accept` gave the program `c`: if it is an agent's stand-in, the
-/// connection it stands for, under the same number (`addr`/`len` then
-/// show an unnamed peer, as for any client). Returns what `accept` returns.
-pub(crate) fn on_accept(c: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    // SAFETY: an address buffer of ours and its length.
-    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    let mut l = std::mem::size_of::<libc::sockaddr_un>() as socklen_t;
-    // SAFETY: as above; getpeername writes at most `l` bytes.
-    if unsafe { libc::getpeername(c, (&mut sa as *mut libc::sockaddr_un).cast(), &mut l) } != 0 {
+/// connection it stands for, under the same number (`out` then shows an
+/// unnamed peer, as for any client). Returns what `accept` returns.
+pub(crate) fn on_accept(c: c_int, out: Option<&AddrOut<'_>>) -> c_int {
+    let mut sa = sock::zeroed::<libc::sockaddr_un>();
+    let Ok(l) = sock::getpeername(c, &mut sa) else {
         return c;
-    }
-    // SAFETY: the kernel wrote `l` bytes of our buffer.
-    let Some(peer) = (unsafe { name_bytes((&sa as *const libc::sockaddr_un).cast(), l) }) else {
+    };
+    let Some(peer) = name_bytes(given(&sa, l)) else {
         return c;
     };
     let Some(id) = peer
@@ -450,25 +386,19 @@ pub(crate) fn on_accept(c: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c
     });
     match r {
         Ok(()) => {
-            if !addr.is_null() && !len.is_null() {
-                // SAFETY: the accept contract: `addr` has room for `*len`
-                // bytes; an unnamed peer is its family alone.
-                unsafe {
-                    if *len as usize >= PATH_OFFSET {
-                        std::ptr::write_unaligned(
-                            addr.cast::<libc::sa_family_t>(),
-                            libc::AF_UNIX as libc::sa_family_t,
-                        );
-                    }
-                    *len = PATH_OFFSET as socklen_t;
+            if let Some(out) = out {
+                // An unnamed peer is its family alone.
+                if out.room() >= PATH_OFFSET {
+                    out.give(&(libc::AF_UNIX as libc::sa_family_t).to_ne_bytes());
+                } else {
+                    out.set_len(PATH_OFFSET as socklen_t);
                 }
             }
             c
         }
         Err(e) => {
-            // SAFETY: the stand-in accept just gave us; the program has
-            // not seen it.
-            crate::rt::guarded(|| unsafe { libc::close(c) });
+            // The stand-in accept just gave us; the program has not seen it.
+            crate::rt::guarded(|| sysfd::close(c).ok());
             crate::rt::set_errno(e);
             -1
         }
@@ -509,21 +439,12 @@ pub fn backlog(ino: u64) -> Option<i32> {
 /// for the attributes `show` (`UDIAG_SHOW_*`): `each(inode, attribute
 /// type, attribute payload)` for every attribute of every socket.
 fn diag(show: u32, mut each: impl FnMut(u64, u16, &[u8])) -> std::io::Result<()> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    // SAFETY: a new socket of ours.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: just made, ours alone.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let nl = sock::socket(
+        libc::AF_NETLINK,
+        libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+        libc::NETLINK_SOCK_DIAG,
+    )?;
     // nlmsghdr (16 bytes), then unix_diag_req: family, protocol, pad (2),
     // states, ino, show, cookie (2 x u32).
     let mut req = Vec::with_capacity(40);
@@ -537,20 +458,14 @@ fn diag(show: u32, mut each: impl FnMut(u64, u16, &[u8])) -> std::io::Result<()>
     req.extend_from_slice(&0u32.to_ne_bytes());
     req.extend_from_slice(&show.to_ne_bytes());
     req.extend_from_slice(&[0xff; 8]);
-    // SAFETY: sends our buffer on our socket (to the kernel).
-    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // To the kernel.
+    sock::send(nl.as_raw_fd(), &req, 0)?;
     let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        // SAFETY: receives into our buffer.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let b = &buf[..n as usize];
+        let n = sock::recv(nl.as_raw_fd(), &mut buf, 0)?;
+        let b = &buf[..n];
         let mut at = 0;
         while at + 16 <= b.len() {
             let len = u32_at(b, at) as usize;
@@ -590,26 +505,20 @@ fn diag(show: u32, mut each: impl FnMut(u64, u16, &[u8])) -> std::io::Result<()>
 /// order, and come back framed.
 pub fn queued(fd: c_int, peer: c_int, seqpacket: bool) -> Result<Vec<u8>, String> {
     if !seqpacket {
-        let mut n: c_int = 0;
-        // SAFETY: FIONREAD writes one int into ours.
-        if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } != 0 || n <= 0 {
-            return Ok(Vec::new());
-        }
-        let mut b = vec![0u8; n as usize];
-        // SAFETY: peeks into our buffer, without waiting.
-        let r = unsafe {
-            libc::recv(
-                fd,
-                b.as_mut_ptr().cast(),
-                b.len(),
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
+        let n = match sysfd::readable_bytes(fd) {
+            Ok(n) if n > 0 => n,
+            _ => return Ok(Vec::new()),
         };
-        if r != n as isize {
-            return Err(format!(
-                "fd {fd}: peeking at {n} queued bytes: {}",
-                std::io::Error::last_os_error()
-            ));
+        let mut b = vec![0u8; n as usize];
+        // Peeked, without waiting.
+        match sock::recv(fd, &mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+            Ok(r) if r == n as usize => {}
+            r => {
+                return Err(format!(
+                    "fd {fd}: peeking at {n} queued bytes: {}",
+                    r.err().unwrap_or_else(std::io::Error::last_os_error)
+                ))
+            }
         }
         return Ok(b);
     }
@@ -645,20 +554,13 @@ pub fn pair_holding(
     for_a: &[u8],
     for_b: &[u8],
 ) -> Result<(OwnedFd, OwnedFd), String> {
-    use std::os::fd::FromRawFd;
     let ty = if seqpacket {
         libc::SOCK_SEQPACKET
     } else {
         libc::SOCK_STREAM
     };
-    let mut sv = [0; 2];
-    // SAFETY: a new socketpair of ours.
-    if unsafe { libc::socketpair(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0, sv.as_mut_ptr()) } != 0
-    {
-        return Err(format!("socketpair: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: both fds were just made and are ours alone.
-    let (a, b) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    let (a, b) = sock::socketpair(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0)
+        .map_err(|e| format!("socketpair: {e}"))?;
     for (from, bytes) in [(&b, for_a), (&a, for_b)] {
         if seqpacket {
             super::seqpacket::refill(from.as_raw_fd(), bytes)?;
@@ -683,8 +585,7 @@ mod tests {
     use super::*;
 
     fn addr(path: &[u8]) -> (libc::sockaddr_un, socklen_t) {
-        // SAFETY: a plain C struct, all zeroes is valid.
-        let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        let mut sa = sock::zeroed::<libc::sockaddr_un>();
         sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
         for (i, b) in path.iter().enumerate() {
             sa.sun_path[i] = *b as libc::c_char;
@@ -695,12 +596,10 @@ mod tests {
     #[test]
     fn names_are_read_as_the_kernel_reads_them() {
         let (sa, l) = addr(b"/tmp/x.sock");
-        // SAFETY: our own address and its length.
-        let n = unsafe { name_bytes((&sa as *const libc::sockaddr_un).cast(), l + 1) };
+        let n = name_bytes(given(&sa, l + 1));
         assert_eq!(n.as_deref(), Some(&b"/tmp/x.sock"[..]));
         let (sa, l) = addr(b"\0abs\0x");
-        // SAFETY: as above.
-        let n = unsafe { name_bytes((&sa as *const libc::sockaddr_un).cast(), l) };
+        let n = name_bytes(given(&sa, l));
         assert_eq!(n.as_deref(), Some(&b"\0abs\0x"[..]));
         let k = key_of(&n.unwrap()).unwrap();
         assert_eq!((k.dev, k.ino), (0, 0));
@@ -714,20 +613,13 @@ mod tests {
     fn a_listeners_backlog_is_read_back() {
         let name = format!("\0krg-backlog-{}", std::process::id());
         let (sa, l) = addr(name.as_bytes());
-        // SAFETY: a new socket of ours, bound to our address, listening.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
-        assert!(fd >= 0);
-        // SAFETY: our own address and its length.
-        let bound = unsafe {
-            libc::bind(fd, (&sa as *const libc::sockaddr_un).cast(), l) == 0
-                && libc::listen(fd, 7) == 0
-        };
-        assert!(bound);
+        let s = sock::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0).unwrap();
+        let fd = s.as_raw_fd();
+        sock::bind(fd, &sa, l).unwrap();
+        sock::listen(fd, 7).unwrap();
         let got = listening(fd).unwrap().unwrap();
         assert_eq!(got.backlog, 7);
         assert_eq!(got.name, name.as_bytes());
-        // SAFETY: our own fd.
-        unsafe { libc::close(fd) };
     }
 
     #[test]
@@ -758,8 +650,7 @@ mod tests {
     fn what_is_queued_in_a_socketpair_is_read_in_place_and_put_in_a_new_one() {
         use crate::streams::seqpacket::{frame, messages, new_pair, pass_credentials, recv, Got};
         let send = |fd: &OwnedFd, m: &[u8]| {
-            // SAFETY: sends our buffer on our socket.
-            unsafe { libc::send(fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) };
+            sock::send(fd.as_raw_fd(), m, 0).unwrap();
         };
         // Seqpacket: taken and sent again, still there afterwards.
         let (a, b) = new_pair().unwrap();
@@ -800,25 +691,11 @@ mod tests {
         );
         let (x, _y) = pair_holding(false, b"abcdef", b"").unwrap();
         let mut buf = [0u8; 16];
-        // SAFETY: reads into our buffer.
-        let n = unsafe {
-            libc::recv(
-                x.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                16,
-                libc::MSG_DONTWAIT,
-            )
-        };
-        assert_eq!(&buf[..n as usize], b"abcdef");
+        let n = sock::recv(x.as_raw_fd(), &mut buf, libc::MSG_DONTWAIT).unwrap();
+        assert_eq!(&buf[..n], b"abcdef");
     }
 
     fn new_stream_pair() -> (OwnedFd, OwnedFd) {
-        use std::os::fd::FromRawFd;
-        let mut sv = [0; 2];
-        // SAFETY: a new socketpair of ours.
-        let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) };
-        assert_eq!(r, 0);
-        // SAFETY: just made, ours alone.
-        unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) }
+        sock::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0).unwrap()
     }
 }

@@ -78,6 +78,16 @@ pub fn access(path: &CStr, mode: c_int) -> bool {
     unsafe { libc::access(path.as_ptr(), mode) == 0 }
 }
 
+/// `fstatat(2)` of `path` relative to `dirfd` (through libc: krg's own
+/// hook sees it).
+pub fn fstatat(dirfd: RawFd, path: &CStr, flags: c_int) -> io::Result<libc::stat> {
+    // SAFETY: stat is plain data; all-zero is valid before fstatat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path; fstatat writes into our own struct.
+    check(unsafe { libc::fstatat(dirfd, path.as_ptr(), &mut st, flags) })?;
+    Ok(st)
+}
+
 /// `dup2(2)`: `fd` also under number `target` (what `target` held is
 /// closed), which the caller owns.
 pub fn dup2(fd: RawFd, target: RawFd) -> io::Result<()> {
@@ -126,4 +136,26 @@ pub fn readable_bytes(fd: RawFd) -> io::Result<c_int> {
 pub fn tee(from: RawFd, to: RawFd, len: usize, flags: libc::c_uint) -> io::Result<usize> {
     // SAFETY: tee takes plain integers.
     check(unsafe { libc::tee(from, to, len, flags) }).map(|n| n as usize)
+}
+
+/// `realpath(3)` of `path` into `buf` (through libc: krg's own hook sees
+/// it; glibc works on the stack for paths under 1 KiB, so nothing is
+/// allocated): the canonical path's bytes.
+pub fn realpath<'a>(path: &CStr, buf: &'a mut [u8; libc::PATH_MAX as usize]) -> Option<&'a [u8]> {
+    // SAFETY: a NUL-terminated path and a PATH_MAX buffer, as realpath
+    // requires.
+    let r = unsafe { libc::realpath(path.as_ptr(), buf.as_mut_ptr().cast()) };
+    if r.is_null() {
+        return None;
+    }
+    let n = buf.iter().position(|b| *b == 0)?;
+    Some(&buf[..n])
+}
+
+/// `fdopen(3)`: a stdio stream on `fd` with `mode`; null (errno set) on
+/// failure.
+pub fn fdopen(fd: RawFd, mode: &CStr) -> *mut libc::FILE {
+    // SAFETY: a NUL-terminated mode string; fdopen takes the descriptor
+    // by number.
+    unsafe { libc::fdopen(fd, mode.as_ptr()) }
 }

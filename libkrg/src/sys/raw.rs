@@ -6,8 +6,9 @@
 
 use super::sock::SockAddr;
 use libc::{c_int, pid_t, socklen_t};
+use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 fn check(r: libc::c_long) -> io::Result<libc::c_long> {
     super::check(r)
@@ -132,6 +133,14 @@ pub fn getsockname<A: SockAddr>(fd: RawFd, addr: &mut A) -> io::Result<socklen_t
     // bytes leave valid (SockAddr).
     check(unsafe { libc::syscall(libc::SYS_getsockname, fd, addr as *mut A, &mut len) })?;
     Ok(len)
+}
+
+/// `openat(2)` of `path` relative to `dirfd`, past krg's own `open`
+/// hooks.
+pub fn openat(dirfd: RawFd, path: &CStr, flags: c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    // SAFETY: a NUL-terminated path; the rest are plain integers.
+    let fd = check(unsafe { libc::syscall(libc::SYS_openat, dirfd, path.as_ptr(), flags, mode) })?;
+    Ok(super::fd::adopt(fd as RawFd))
 }
 
 /// `send(2)` (a `sendto` without address) of `buf`; how much went.

@@ -307,6 +307,50 @@ impl<'a> Msgs<'a> {
     }
 }
 
+/// A socket address buffer the application gave to be filled: the
+/// `addr` and `addrlen` of `accept`, `getsockname`, `getpeername`.
+#[derive(Debug)]
+pub struct AddrOut<'a> {
+    addr: NonNull<u8>,
+    len: PtrMut<'a, libc::socklen_t>,
+}
+
+impl<'a> AddrOut<'a> {
+    /// `None` when either is null.
+    ///
+    /// # Safety
+    /// `len` is null or valid for reads and writes of a `socklen_t`, and
+    /// `addr` null or valid for writes of `*len` bytes, during `'a` (the
+    /// contract of those calls).
+    pub unsafe fn new(addr: *mut libc::sockaddr, len: *mut libc::socklen_t) -> Option<AddrOut<'a>> {
+        Some(AddrOut {
+            addr: NonNull::new(addr.cast::<u8>())?,
+            // SAFETY: the function's contract.
+            len: unsafe { PtrMut::new(len) }?,
+        })
+    }
+
+    /// The room in the buffer (`*addrlen`).
+    pub fn room(&self) -> usize {
+        self.len.read() as usize
+    }
+
+    /// Set `*addrlen`.
+    pub fn set_len(&self, len: libc::socklen_t) {
+        self.len.write(len)
+    }
+
+    /// Give address `a` as the kernel does: at most its room's worth of
+    /// it, and its whole length in `*addrlen`.
+    pub fn give(&self, a: &[u8]) {
+        let n = self.room().min(a.len());
+        // SAFETY: `addr` has room for `*addrlen` bytes (the maker's
+        // contract); at most that many are written, from our own slice.
+        unsafe { std::ptr::copy_nonoverlapping(a.as_ptr(), self.addr.as_ptr(), n) };
+        self.set_len(a.len() as libc::socklen_t);
+    }
+}
+
 /// `n` `T`s the application gave, as a slice.
 ///
 /// # Safety
