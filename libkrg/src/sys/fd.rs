@@ -159,3 +159,23 @@ pub fn fdopen(fd: RawFd, mode: &CStr) -> *mut libc::FILE {
     // by number.
     unsafe { libc::fdopen(fd, mode.as_ptr()) }
 }
+
+/// `open(2)` of `path` (through libc: krg's own `open` hooks see it).
+pub fn open(path: &CStr, flags: c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    // SAFETY: open reads a NUL-terminated string.
+    let fd = check(unsafe { libc::open(path.as_ptr(), flags, mode) })?;
+    Ok(adopt(fd))
+}
+
+/// `dup(2)`: a new descriptor for what `fd` holds.
+pub fn dup(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: dup takes a plain integer.
+    check(unsafe { libc::dup(fd) }).map(adopt)
+}
+
+/// `fcntl(F_DUPFD_CLOEXEC)`: a close-on-exec copy of `fd` at the lowest
+/// free number from `floor` up.
+pub fn dup_above(fd: RawFd, floor: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC takes an int.
+    check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) }).map(adopt)
+}

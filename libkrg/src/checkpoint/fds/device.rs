@@ -1,6 +1,8 @@
 //! A character device that means the same on every node (`/dev/null`,
 //! `/dev/zero`, `/dev/urandom`, ...): opened again by its path.
 
+#![deny(unsafe_code)]
+
 use super::{open_path, FdKind, FdState, Kind, Probe, Purpose, Restoring};
 use std::os::fd::RawFd;
 

@@ -3,6 +3,8 @@
 //! to its peer (a raw socket address, empty when not connected) on the
 //! new node (see `streams::dgram`).
 
+#![deny(unsafe_code)]
+
 use super::{FdKind, FdState, Kind, Probe, Restoring};
 use crate::streams::{dgram, moving};
 use std::os::fd::RawFd;

@@ -1,8 +1,11 @@
 //! An epoll instance with what it watches: `(fd, events, data)`, added
 //! again once every other fd is back under its number.
 
+#![deny(unsafe_code)]
+
 use super::{fdinfo, os_err, FdKind, FdState, Kind, Probe, Restoring};
-use std::os::fd::RawFd;
+use crate::sys::events;
+use std::os::fd::{IntoRawFd, RawFd};
 
 pub struct Epoll;
 
@@ -58,28 +61,20 @@ impl Kind for Epoll {
         let FdKind::Epoll { flags, .. } = f.kind else {
             unreachable!("Epoll::restore of {:?}", f.kind)
         };
-        // SAFETY: creates a new epoll instance.
-        let fd = unsafe { libc::epoll_create1(flags & libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(os_err(&format!("fd {}: epoll_create1", f.fd)));
-        }
-        Ok(Some(fd))
+        let fd = events::epoll_create(flags & libc::O_CLOEXEC)
+            .map_err(|_| os_err(&format!("fd {}: epoll_create1", f.fd)))?;
+        Ok(Some(fd.into_raw_fd()))
     }
 
     fn finish(&self, f: &FdState) -> Result<(), String> {
         let FdKind::Epoll { watches, .. } = &f.kind else {
             return Ok(());
         };
-        for (tfd, events, data) in watches {
-            let mut ev = libc::epoll_event {
-                events: *events,
-                u64: *data,
-            };
-            // SAFETY: adds an fd now under its image number to the epoll
-            // instance now under its own, with the saved events and data.
-            if unsafe { libc::epoll_ctl(f.fd, libc::EPOLL_CTL_ADD, *tfd, &mut ev) } != 0 {
-                return Err(os_err(&format!("fd {}: epoll watch of fd {tfd}", f.fd)));
-            }
+        for (tfd, ev, data) in watches {
+            // An fd now under its image number, added to the epoll instance
+            // now under its own, with the saved events and data.
+            events::epoll_add(f.fd, *tfd, *ev, *data)
+                .map_err(|_| os_err(&format!("fd {}: epoll watch of fd {tfd}", f.fd)))?;
         }
         Ok(())
     }

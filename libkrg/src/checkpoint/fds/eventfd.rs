@@ -1,7 +1,9 @@
 //! An eventfd, made again with its count.
 
+#![deny(unsafe_code)]
+
 use super::{fdinfo, os_err, status_field, FdKind, FdState, Kind, Probe, Restoring};
-use std::os::fd::RawFd;
+use std::os::fd::{IntoRawFd, RawFd};
 
 pub struct EventFd;
 
@@ -28,11 +30,8 @@ impl Kind for EventFd {
             unreachable!("EventFd::restore of {:?}", f.kind)
         };
         let fl = flags & (libc::O_NONBLOCK | libc::O_CLOEXEC);
-        // SAFETY: creates a new eventfd.
-        let fd = unsafe { libc::eventfd(count.min(u32::MAX as u64) as u32, fl) };
-        if fd < 0 {
-            return Err(os_err(&format!("fd {}: eventfd", f.fd)));
-        }
-        Ok(Some(fd))
+        let fd = crate::sys::events::eventfd(count.min(u32::MAX as u64) as u32, fl)
+            .map_err(|_| os_err(&format!("fd {}: eventfd", f.fd)))?;
+        Ok(Some(fd.into_raw_fd()))
     }
 }

@@ -3,6 +3,8 @@
 //! connection to the SSI process holding its other end (the migration
 //! makes it a `Tcp` entry), like a pipe end. `path` is its fd link.
 
+#![deny(unsafe_code)]
+
 use super::{ConnOpts, FdKind, FdState, Kind, Probe, Purpose, Restoring, Stream};
 use std::os::fd::RawFd;
 

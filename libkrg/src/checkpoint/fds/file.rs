@@ -1,7 +1,10 @@
 //! A regular file or directory: reopened by path at its offset with its
 //! status flags, refused where the path names another file.
 
+#![deny(unsafe_code)]
+
 use super::{fstat, open_path, os_err, FdKind, FdState, Kind, Probe, Restoring, Sharing};
+use crate::sys::fd as sysfd;
 use std::os::fd::RawFd;
 
 pub struct File;
@@ -15,8 +18,7 @@ impl Kind for File {
         if !matches!(p.ty(), libc::S_IFREG | libc::S_IFDIR) {
             return None;
         }
-        // SAFETY: lseek with SEEK_CUR only reads the offset.
-        let offset = unsafe { libc::lseek(p.fd, 0, libc::SEEK_CUR) };
+        let offset = sysfd::lseek(p.fd, 0, libc::SEEK_CUR).unwrap_or(-1);
         if !p.link.starts_with(b"/") {
             return Some(Err(format!(
                 "fd {}: {} has no path to reopen it by",
@@ -43,9 +45,7 @@ impl Kind for File {
         }
         for f in fds.iter_mut() {
             if let FdKind::File { offset, .. } = &mut f.kind {
-                // SAFETY: lseek with SEEK_CUR only reads the offset.
-                let now = unsafe { libc::lseek(f.fd, 0, libc::SEEK_CUR) };
-                if now >= 0 {
+                if let Ok(now) = sysfd::lseek(f.fd, 0, libc::SEEK_CUR) {
                     *offset = now;
                 }
             }
@@ -85,8 +85,7 @@ impl Kind for File {
             // Stdio the image had in a file this node does not have: keep
             // what the restarting command gave instead.
             if let Ok(fd) = opened {
-                // SAFETY: our own fd.
-                unsafe { libc::close(fd) };
+                let _ = sysfd::close(fd);
             }
             crate::krg_log!(
                 crate::log::Level::Warn,
@@ -106,8 +105,7 @@ impl Kind for File {
             ));
         }
         if st.st_mode & libc::S_IFMT == libc::S_IFREG
-            // SAFETY: moves the offset of our new fd.
-            && unsafe { libc::lseek(fd, *offset, libc::SEEK_SET) } < 0
+            && sysfd::lseek(fd, *offset, libc::SEEK_SET).is_err()
         {
             return Err(os_err(&format!("fd {}: seek", f.fd)));
         }

@@ -9,6 +9,8 @@
 //! image is one rkyv archive validated as a whole; each kind's file is the
 //! only code that looks inside its own variant.
 
+#![deny(unsafe_code)]
+
 mod device;
 mod dgram;
 mod epoll;
@@ -31,7 +33,8 @@ pub use relay::is as is_relay;
 pub use tcp::{connection, is_pipe as is_moved_pipe};
 
 use super::image::{FdKind, FdState, Meta};
-use std::os::fd::{OwnedFd, RawFd};
+use crate::sys::fd as sysfd;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 
 /// Every kind, in the order the capture asks them about an fd (the first
 /// that recognises it describes it).
@@ -235,10 +238,7 @@ fn os_err(what: &str) -> String {
 }
 
 pub(super) fn fstat(fd: RawFd) -> Option<libc::stat> {
-    // SAFETY: st is ours.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st)
+    sysfd::fstat(fd).ok()
 }
 
 fn fdinfo(fd: i32) -> String {
@@ -276,16 +276,9 @@ fn capture_one(fd: i32) -> Result<Option<FdState>, String> {
     if let Some(why) = refusal(fd, &link_s) {
         return Err(why);
     }
-    // SAFETY: fcntl on an fd number only reads its state.
-    let (fdflags, flags) = unsafe {
-        (
-            libc::fcntl(fd, libc::F_GETFD),
-            libc::fcntl(fd, libc::F_GETFL),
-        )
-    };
-    if fdflags < 0 || flags < 0 {
+    let (Ok(fdflags), Ok(flags)) = (sysfd::fd_flags(fd), sysfd::status_flags(fd)) else {
         return Ok(None);
-    }
+    };
     let st = fstat(fd).ok_or_else(|| os_err(&format!("fd {fd}: fstat")))?;
     let p = Probe {
         fd,
@@ -368,47 +361,34 @@ impl Restoring<'_> {
 
 /// Move an fd to a number at or above `floor` (close-on-exec).
 pub(super) fn high(fd: RawFd, floor: RawFd) -> Result<RawFd, String> {
-    // SAFETY: duplicates an fd we own, then closes the original.
-    let h = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) };
-    if h < 0 {
-        return Err(os_err("moving an fd out of the way"));
-    }
-    // SAFETY: fd is ours and replaced by h.
-    unsafe { libc::close(fd) };
-    Ok(h)
+    let h = sysfd::dup_above(fd, floor).map_err(|_| os_err("moving an fd out of the way"))?;
+    // fd is ours and replaced by h.
+    let _ = sysfd::close(fd);
+    Ok(h.into_raw_fd())
 }
 
 /// Two new ends above `floor`, owned.
 fn high_pair(a: OwnedFd, b: OwnedFd, floor: RawFd) -> Result<(OwnedFd, OwnedFd), String> {
-    use std::os::fd::{FromRawFd, IntoRawFd};
     let (a, b) = (high(a.into_raw_fd(), floor)?, high(b.into_raw_fd(), floor)?);
-    // SAFETY: just moved, ours alone.
-    Ok(unsafe { (OwnedFd::from_raw_fd(a), OwnedFd::from_raw_fd(b)) })
+    // Just moved, ours alone.
+    Ok((sysfd::adopt(a), sysfd::adopt(b)))
 }
 
 /// A copy of a made-again pipe end or socket for the image's fd `fd`,
 /// with its `O_NONBLOCK` status flag.
 fn copy_end(end: &OwnedFd, flags: i32, fd: RawFd) -> Result<RawFd, String> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: duplicates our own fd; F_SETFL on the copy sets the shared
-    // open file's status flags.
-    let copy = unsafe { libc::dup(end.as_raw_fd()) };
-    if copy < 0 {
-        return Err(os_err(&format!("fd {fd}: dup")));
-    }
-    // SAFETY: as above.
-    unsafe { libc::fcntl(copy, libc::F_SETFL, flags & libc::O_NONBLOCK) };
+    let copy = sysfd::dup(end.as_raw_fd())
+        .map_err(|_| os_err(&format!("fd {fd}: dup")))?
+        .into_raw_fd();
+    // The status flags are the shared open file's.
+    let _ = sysfd::set_status_flags(copy, flags & libc::O_NONBLOCK);
     Ok(copy)
 }
 
 pub(super) fn open_path(path: &[u8], flags: i32) -> Result<RawFd, String> {
     let c = std::ffi::CString::new(path.to_vec()).map_err(|_| "path with a NUL byte")?;
-    // SAFETY: c is a valid C string.
-    let fd = unsafe { libc::open(c.as_ptr(), flags, 0) };
-    if fd < 0 {
-        return Err(os_err(&String::from_utf8_lossy(path)));
-    }
-    Ok(fd)
+    let fd = sysfd::open(&c, flags, 0).map_err(|_| os_err(&String::from_utf8_lossy(path)))?;
+    Ok(fd.into_raw_fd())
 }
 
 /// Reopen the image's fds under their numbers. Fds 0-2 marked `Relay`
@@ -429,13 +409,10 @@ pub fn restore(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
     }
     for (tmp, target, cloexec) in &cx.placed {
         let fl = if *cloexec { libc::O_CLOEXEC } else { 0 };
-        // SAFETY: puts our fd under the image's number (closing whatever
-        // the agent had there).
-        if unsafe { libc::dup3(*tmp, *target, fl) } < 0 {
-            return Err(os_err(&format!("fd {target}")));
-        }
-        // SAFETY: the temporary is ours.
-        unsafe { libc::close(*tmp) };
+        // Under the image's number (closing whatever the agent had there).
+        sysfd::dup3(*tmp, *target, fl).map_err(|_| os_err(&format!("fd {target}")))?;
+        // The temporary is ours.
+        let _ = sysfd::close(*tmp);
     }
     for f in &meta.fds {
         of(&f.kind).finish(f)?;
@@ -446,8 +423,8 @@ pub fn restore(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
     // did not have included).
     for fd in crate::dirs::open_fds()? {
         if !meta.fds.iter().any(|f| f.fd == fd) && !keep.contains(&fd) {
-            // SAFETY: closes an fd the image does not have.
-            unsafe { libc::close(fd) };
+            // An fd the image does not have.
+            let _ = sysfd::close(fd);
         }
     }
     Ok(())
@@ -458,16 +435,13 @@ pub fn restore(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
 /// rollback.
 fn vacate_listener(f: &FdState) -> Result<(), String> {
     let fd = f.fd;
-    // SAFETY: opens /dev/null and puts it under our fd number.
-    let ok = unsafe {
-        let n = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-        n >= 0 && libc::dup3(n, fd, libc::O_CLOEXEC) >= 0 && libc::close(n) == 0
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("fd {fd}: {}", std::io::Error::last_os_error()))
-    }
+    sysfd::open(c"/dev/null", libc::O_RDONLY | libc::O_CLOEXEC, 0)
+        .map(IntoRawFd::into_raw_fd)
+        .and_then(|n| {
+            sysfd::dup3(n, fd, libc::O_CLOEXEC)?;
+            sysfd::close(n)
+        })
+        .map_err(|e| format!("fd {fd}: {e}"))
 }
 
 /// A failed migration: listening socket `f` made again here by `listen`,
@@ -480,11 +454,8 @@ fn listen_again_here(f: &FdState, listen: impl FnOnce() -> Result<OwnedFd, Strin
     }
     let r = listen().and_then(|s| {
         let fl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
-        // SAFETY: puts our new socket under the old number.
-        if unsafe { libc::dup3(std::os::fd::AsRawFd::as_raw_fd(&s), f.fd, fl) } < 0 {
-            return Err(format!("dup3: {}", std::io::Error::last_os_error()));
-        }
-        Ok(())
+        // Our new socket under the old number.
+        sysfd::dup3(s.as_raw_fd(), f.fd, fl).map_err(|e| format!("dup3: {e}"))
     });
     if let Err(e) = r {
         crate::krg_log!(

@@ -2,6 +2,8 @@
 //! the agent of `node` as park `id` since a checkpoint with `--kill`
 //! (`Request::Park`): the restore takes the very socket or pipe back there.
 
+#![deny(unsafe_code)]
+
 use super::{FdKind, FdState, Kind, Restoring};
 use crate::proto::{Request, Response};
 use std::os::fd::{IntoRawFd, RawFd};

@@ -3,6 +3,8 @@
 //! again as a new pipe when its other end is in the image too (a
 //! self-pipe) or held by no process, with the bytes that were in it.
 
+#![deny(unsafe_code)]
+
 use super::{
     copy_end, high_pair, ConnOpts, FdKind, FdState, Kind, Probe, Purpose, Restoring, Sharing,
     Stream,
@@ -30,8 +32,7 @@ impl Kind for Pipe {
             ino: p.st.st_ino,
             read: p.flags & libc::O_ACCMODE == libc::O_RDONLY,
             flags: p.flags,
-            // SAFETY: F_GETPIPE_SZ only reads.
-            size: unsafe { libc::fcntl(p.fd, libc::F_GETPIPE_SZ) },
+            size: crate::sys::fd::pipe_size(p.fd).unwrap_or(-1),
             pending: Vec::new(),
         }))
     }

@@ -2,6 +2,8 @@
 //! after a migration the shadow relays it; after a restart it is what the
 //! restarting command gives.
 
+#![deny(unsafe_code)]
+
 use super::{FdKind, FdState, Kind, Probe, Restoring};
 use std::os::fd::RawFd;
 

@@ -1,7 +1,10 @@
 //! A signalfd and the signals it takes (bit `n - 1` for signal `n`).
 
+#![deny(unsafe_code)]
+
 use super::{fdinfo, os_err, status_field, FdKind, FdState, Kind, Probe, Restoring};
-use std::os::fd::RawFd;
+use crate::sys::signal::SigSet;
+use std::os::fd::{IntoRawFd, RawFd};
 
 pub struct SignalFd;
 
@@ -27,22 +30,13 @@ impl Kind for SignalFd {
         let FdKind::SignalFd { mask, flags } = f.kind else {
             unreachable!("SignalFd::restore of {:?}", f.kind)
         };
-        // SAFETY: sigset_t is plain data; sigemptyset initialises it.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: our set.
-        unsafe { libc::sigemptyset(&mut set) };
-        for sig in 1..=64 {
-            if mask & (1u64 << (sig - 1)) != 0 {
-                // SAFETY: our set; out-of-range signals are refused, not UB.
-                unsafe { libc::sigaddset(&mut set, sig) };
-            }
-        }
+        // Signals libc keeps for itself are left out, as sigaddset does.
+        let set = (1..=64)
+            .filter(|sig| mask & (1u64 << (sig - 1)) != 0)
+            .fold(SigSet::empty(), SigSet::with);
         let fl = flags & (libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
-        // SAFETY: a new signalfd for our set.
-        let fd = unsafe { libc::signalfd(-1, &set, fl) };
-        if fd < 0 {
-            return Err(os_err(&format!("fd {}: signalfd", f.fd)));
-        }
-        Ok(Some(fd))
+        let fd = crate::sys::signal::signalfd(&set, fl)
+            .map_err(|_| os_err(&format!("fd {}: signalfd", f.fd)))?;
+        Ok(Some(fd.into_raw_fd()))
     }
 }

@@ -5,6 +5,8 @@
 //! `streams::moving`). Pipe ends, FIFO ends and UNIX sockets moved by a
 //! migration are such connections too (`pipe`, `seqpacket`).
 
+#![deny(unsafe_code)]
+
 use super::{ConnOpts, FdKind, FdState, HandOver, Kind, Probe, Purpose, Restoring, Stream};
 use crate::streams::moving;
 use std::os::fd::{IntoRawFd, RawFd};
@@ -166,13 +168,10 @@ impl Kind for Tcp {
             return;
         };
         let r = if alias_of >= 0 {
-            // SAFETY: makes our fd a copy of another of ours.
-            if unsafe { libc::dup3(alias_of, f.fd, 0) } < 0 {
-                Err(format!("dup3: {}", std::io::Error::last_os_error()))
-            } else {
-                moving::note_pipe_born(f.fd, pipe);
-                Ok(())
-            }
+            // Our fd a copy of another of ours.
+            crate::sys::fd::dup3(alias_of, f.fd, 0)
+                .map(|()| moving::note_pipe_born(f.fd, pipe))
+                .map_err(|e| format!("dup3: {e}"))
         } else if id == 0 {
             return;
         } else {
@@ -210,11 +209,9 @@ impl Kind for Tcp {
                     f.fd
                 )
             })?;
-        // SAFETY: duplicates our own temporary fd.
-        let fd = unsafe { libc::dup(*tmp) };
-        if fd < 0 {
-            return Err(super::os_err(&format!("fd {}: dup", f.fd)));
-        }
-        Ok(Some(fd))
+        // A copy of our own temporary fd.
+        let fd =
+            crate::sys::fd::dup(*tmp).map_err(|_| super::os_err(&format!("fd {}: dup", f.fd)))?;
+        Ok(Some(std::os::fd::IntoRawFd::into_raw_fd(fd)))
     }
 }

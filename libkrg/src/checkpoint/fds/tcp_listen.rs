@@ -4,6 +4,8 @@
 //! meanwhile waits in its queue instead of being refused) and passes on
 //! what still reaches it once the process listens on the new node.
 
+#![deny(unsafe_code)]
+
 use super::{listen_again_here, vacate_listener, FdKind, FdState, Kind, Probe, Restoring};
 use crate::proto::{Request, Response};
 use crate::streams::moving::{self, Listening};
@@ -75,8 +77,8 @@ fn unpark(fd: i32, cloexec: bool) -> bool {
         Ok((Response::StreamFd, mut got)) if !got.is_empty() => {
             let s = got.remove(0);
             let fl = if cloexec { libc::O_CLOEXEC } else { 0 };
-            // SAFETY: puts the listener back under its own number.
-            unsafe { libc::dup3(std::os::fd::AsRawFd::as_raw_fd(&s), fd, fl) >= 0 }
+            // The listener back under its own number.
+            crate::sys::fd::dup3(std::os::fd::AsRawFd::as_raw_fd(&s), fd, fl).is_ok()
         }
         other => {
             crate::krg_log!(

@@ -2,25 +2,20 @@
 //! clocks are not the same clock) and its interval; expirations not read
 //! yet are given back.
 
-use super::{fdinfo, os_err, status_field, FdKind, FdState, Kind, Probe, Restoring};
-use std::os::fd::RawFd;
+#![deny(unsafe_code)]
 
-/// `_IOW('T', 0, u64)`: set a timerfd's expiration count (the kernel's
-/// checkpoint/restore ioctl).
-const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+use super::{fdinfo, os_err, status_field, FdKind, FdState, Kind, Probe, Restoring};
+use crate::sys::events;
+use std::os::fd::{IntoRawFd, RawFd};
 
 pub struct TimerFd;
 
 fn describe(fd: i32, flags: i32) -> Result<FdKind, String> {
-    // SAFETY: itimerspec is plain data; timerfd_gettime fills it.
-    let mut its: libc::itimerspec = unsafe { std::mem::zeroed() };
     // timerfd_gettime first: for an expired periodic timer it moves the
     // timer forward and counts the expirations, which fdinfo alone would
     // show as disarmed.
-    // SAFETY: our itimerspec.
-    if unsafe { libc::timerfd_gettime(fd, &mut its) } != 0 {
-        return Err(os_err(&format!("fd {fd}: timerfd_gettime")));
-    }
+    let its =
+        events::timerfd_gettime(fd).map_err(|_| os_err(&format!("fd {fd}: timerfd_gettime")))?;
     let info = fdinfo(fd);
     let num = |name: &str| status_field(&info, name).and_then(|v| v.parse::<u64>().ok());
     let clockid =
@@ -56,13 +51,9 @@ impl Kind for TimerFd {
         };
         let num = f.fd;
         let fl = flags & (libc::TFD_NONBLOCK | libc::TFD_CLOEXEC);
-        // SAFETY: creates a new timerfd.
-        let fd = unsafe { libc::timerfd_create(clockid, fl) };
-        if fd < 0 {
-            return Err(os_err(&format!(
-                "fd {num}: timerfd_create (clock {clockid})"
-            )));
-        }
+        let fd = events::timerfd_create(clockid, fl)
+            .map_err(|_| os_err(&format!("fd {num}: timerfd_create (clock {clockid})")))?
+            .into_raw_fd();
         if value != (0, 0) {
             let its = libc::itimerspec {
                 it_interval: libc::timespec {
@@ -74,13 +65,11 @@ impl Kind for TimerFd {
                     tv_nsec: value.1,
                 },
             };
-            // SAFETY: arms our timerfd with a valid itimerspec (relative).
-            if unsafe { libc::timerfd_settime(fd, 0, &its, std::ptr::null_mut()) } != 0 {
-                return Err(os_err(&format!("fd {num}: timerfd_settime")));
-            }
+            // Relative.
+            events::timerfd_settime(fd, 0, &its)
+                .map_err(|_| os_err(&format!("fd {num}: timerfd_settime")))?;
         }
-        // SAFETY: the ioctl reads one u64 from the pointer we give.
-        if ticks > 0 && unsafe { libc::ioctl(fd, TFD_IOC_SET_TICKS, &ticks as *const u64) } != 0 {
+        if ticks > 0 && events::timerfd_set_ticks(fd, ticks).is_err() {
             return Err(os_err(&format!(
                 "fd {num}: giving back {ticks} unread expirations (TFD_IOC_SET_TICKS)"
             )));

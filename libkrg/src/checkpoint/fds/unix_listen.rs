@@ -1,6 +1,8 @@
 //! A listening UNIX socket (stream or seqpacket), bound again to its name
 //! on the new node (see `streams::unix::Listening`).
 
+#![deny(unsafe_code)]
+
 use super::{listen_again_here, vacate_listener, FdKind, FdState, Kind, Probe, Restoring};
 use crate::streams::unix::{self, Listening};
 use std::os::fd::{IntoRawFd, RawFd};

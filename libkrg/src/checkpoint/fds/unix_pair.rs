@@ -2,6 +2,8 @@
 //! self-pipe made of a socketpair, as asyncio's), made again as a new
 //! socketpair with what was queued in each end.
 
+#![deny(unsafe_code)]
+
 use super::{copy_end, high_pair, FdKind, FdState, Kind, Purpose, Restoring};
 use std::os::fd::{OwnedFd, RawFd};
 

@@ -3,6 +3,8 @@
 //! end (the migration makes it a `Tcp` entry); a socketpair both of whose
 //! ends are the process's becomes a `UnixPair` (see `unix_pair.rs`).
 
+#![deny(unsafe_code)]
+
 use super::{ConnOpts, FdKind, FdState, Kind, Probe, Purpose, Restoring, Sharing, Stream};
 use crate::streams::moving;
 use std::os::fd::RawFd;
