@@ -3,7 +3,10 @@
 //! the capture arena ([`super::alloc`]); nothing here may call malloc,
 //! `opendir` or take a lock another thread could hold.
 
+#![deny(unsafe_code)]
+
 use super::image::{self, FdState, FileId, Meta, Region, RegionKind, SigAction, ThreadState};
+use crate::sys::{mem, process, raw};
 use std::os::fd::RawFd;
 
 const PAGE: u64 = 4096;
@@ -176,19 +179,10 @@ fn sigactions() -> Vec<SigAction> {
         if sig == libc::SIGKILL as u32 || sig == libc::SIGSTOP as u32 {
             continue;
         }
-        let mut k = [0u64; 4];
-        // SAFETY: rt_sigaction with a null new action only writes the old
-        // one (kernel layout: handler, flags, restorer, mask) into k.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_rt_sigaction,
-                sig,
-                std::ptr::null::<u8>(),
-                k.as_mut_ptr(),
-                8usize,
-            )
+        let Ok(k) = raw::sigaction_of(sig as i32) else {
+            continue;
         };
-        if r == 0 && k[0] != 0 {
+        if k[0] != 0 {
             v.push(SigAction {
                 sig,
                 handler: k[0],
@@ -204,12 +198,10 @@ fn sigactions() -> Vec<SigAction> {
 fn itimers() -> Vec<(u32, i64, i64, i64, i64)> {
     let mut v = Vec::new();
     for which in 0..3u32 {
-        // SAFETY: getitimer fills the struct we own.
-        let mut t: libc::itimerval = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        if unsafe { libc::syscall(libc::SYS_getitimer, which, &mut t) } == 0
-            && (t.it_value.tv_sec != 0 || t.it_value.tv_usec != 0)
-        {
+        let Ok(t) = raw::getitimer(which as i32) else {
+            continue;
+        };
+        if t.it_value.tv_sec != 0 || t.it_value.tv_usec != 0 {
             v.push((
                 which,
                 t.it_interval.tv_sec,
@@ -225,13 +217,8 @@ fn itimers() -> Vec<(u32, i64, i64, i64, i64)> {
 fn rlimits() -> Vec<(u32, u64, u64)> {
     let mut v = Vec::new();
     for r in 0..16u32 {
-        let mut l = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit fills the struct we own.
-        if unsafe { libc::getrlimit(r, &mut l) } == 0 {
-            v.push((r, l.rlim_cur, l.rlim_max));
+        if let Ok((cur, max)) = process::getrlimit(r) {
+            v.push((r, cur, max));
         }
     }
     v
@@ -424,20 +411,16 @@ pub fn meta(
     let umask = status_field(&status, "Umask:")
         .and_then(|v| u32::from_str_radix(v, 8).ok())
         .unwrap_or(0o022);
-    let vdso = maps.iter().find(|m| m.path == "[vdso]");
-    let (vdso_start, vdso_bytes) = match vdso {
-        Some(v) => {
-            // SAFETY: the vDSO is mapped readable for its whole range.
-            let s = unsafe {
-                std::slice::from_raw_parts(v.start as *const u8, (v.end - v.start) as usize)
-            };
-            (v.start, s.to_vec())
-        }
-        None => (0, Vec::new()),
-    };
+    let vdso = maps
+        .iter()
+        .any(|m| m.path == "[vdso]")
+        .then(mem::vdso)
+        .transpose()
+        .map_err(|e| format!("/proc/self/maps: {e}"))?
+        .flatten();
+    let (vdso_start, vdso_bytes) = vdso.unwrap_or((0, Vec::new()));
     let ident = super::exec_ident()?;
-    // SAFETY: brk(0) only reports the current break.
-    let brk = unsafe { libc::syscall(libc::SYS_brk, 0usize) } as u64;
+    let brk = raw::brk_now();
     Ok(Meta {
         gpid: crate::processes::my_gpid(),
         node: crate::processes::node_id(),
@@ -492,26 +475,25 @@ pub fn mm_layout(stat: &str) -> Vec<u64> {
     }
 }
 
-/// Write `len` bytes at `p` to `fd`.
-///
-/// # Safety
-/// `[p, p + len)` must be readable memory of this process.
-pub unsafe fn write_all(fd: RawFd, mut p: *const u8, mut len: usize) -> Result<(), String> {
+/// Write all of `buf` to `fd`.
+pub fn write_all(fd: RawFd, buf: &[u8]) -> Result<(), String> {
+    write_mem_all(fd, buf.as_ptr() as usize, buf.len())
+}
+
+/// Write the `len` bytes of this process's memory at `addr` to `fd` (the
+/// kernel reads them: see `sys::mem::write_mem`).
+fn write_mem_all(fd: RawFd, mut addr: usize, mut len: usize) -> Result<(), String> {
     while len > 0 {
-        // SAFETY: [p, p+len) is readable memory of this process.
-        let n = unsafe { libc::write(fd, p.cast(), len) };
-        if n < 0 {
-            if errno() == libc::EINTR {
-                continue;
-            }
-            return Err(os_err("writing the image"));
-        }
+        let n = match mem::write_mem(fd, addr, len) {
+            Ok(n) => n,
+            Err(_) if errno() == libc::EINTR => continue,
+            Err(_) => return Err(os_err("writing the image")),
+        };
         if n == 0 {
             return Err("writing the image: no progress".into());
         }
-        // SAFETY: stays within the original range.
-        p = unsafe { p.add(n as usize) };
-        len -= n as usize;
+        addr += n;
+        len -= n;
     }
     Ok(())
 }
@@ -524,8 +506,7 @@ pub fn write_image(
     runs: &[(u64, u64)],
 ) -> Result<u64, String> {
     let head = image::encode_meta(meta).map_err(|e| e.to_string())?;
-    // SAFETY: a live buffer.
-    unsafe { write_all(fd, head.as_ptr(), head.len())? };
+    write_all(fd, &head)?;
     let total = head.len() as u64 + write_runs(fd, regions, runs)?;
     write_end(fd)?;
     Ok(total + 24)
@@ -542,26 +523,16 @@ pub fn write_runs(fd: RawFd, regions: &[Region], runs: &[(u64, u64)]) -> Result<
             .find(|r| r.start <= *addr && *addr < r.end)
             .filter(|r| r.prot & libc::PROT_READ as u32 == 0);
         if let Some(r) = unreadable {
-            // SAFETY: changes protection of a mapping of this process that
-            // no running thread uses (all are parked).
-            unsafe {
-                libc::mprotect(
-                    r.start as *mut _,
-                    (r.end - r.start) as usize,
-                    libc::PROT_READ,
-                )
-            };
+            super::handler::set_protection(r.start, r.end, libc::PROT_READ);
         }
         let h = image::record(*addr, *len);
-        // SAFETY: a live buffer, then a run of the process's own mapped
-        // memory (made readable above if it was not).
-        unsafe {
-            write_all(fd, h.as_ptr(), h.len())?;
-            write_all(fd, *addr as *const u8, *len as usize)?;
-        }
+        // A run of the process's own mapped memory (made readable above if
+        // it was not).
+        write_all(fd, &h)?;
+        write_mem_all(fd, *addr as usize, *len as usize)?;
         if let Some(r) = unreadable {
-            // SAFETY: as above, back to the original protection.
-            unsafe { libc::mprotect(r.start as *mut _, (r.end - r.start) as usize, r.prot as i32) };
+            // Back to the original protection.
+            super::handler::set_protection(r.start, r.end, r.prot as i32);
         }
         total += 16 + len;
     }
@@ -571,11 +542,8 @@ pub fn write_runs(fd: RawFd, regions: &[Region], runs: &[(u64, u64)]) -> Result<
 /// Write the end record and the end marker (24 bytes).
 pub fn write_end(fd: RawFd) -> Result<(), String> {
     let end = image::record(0, 0);
-    // SAFETY: live buffers.
-    unsafe {
-        write_all(fd, end.as_ptr(), end.len())?;
-        write_all(fd, image::END_MAGIC.as_ptr(), 8)
-    }
+    write_all(fd, &end)?;
+    write_all(fd, &image::END_MAGIC[..8])
 }
 
 #[cfg(test)]

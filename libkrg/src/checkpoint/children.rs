@@ -13,8 +13,12 @@
 //! parent moves again, its child shadows are its children: they are
 //! adopted in turn, and each hop reports to the next.
 
+#![deny(unsafe_code)]
+
 use crate::client;
 use crate::proto::{Request, Response};
+use crate::sys::signal::{self, SigSet};
+use crate::sys::{process, raw};
 use std::ffi::CString;
 
 /// `KRG_CHILD_SHADOW=gpid`: this process stands for child `gpid` of its
@@ -93,35 +97,10 @@ fn spawn_child_shadow(gpid: i32) -> Result<i32, String> {
     env.push(CString::new(format!("{CHILD_SHADOW_ENV}={gpid}")).expect("no NUL"));
     let exe = c"/proc/self/exe";
     let arg0 = CString::new(format!("krg-child-{gpid}")).expect("no NUL");
-    let argv = [arg0.as_ptr(), std::ptr::null()];
-    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-    envp.push(std::ptr::null());
-    // SAFETY: a fork-like clone (SIGCHLD to the parent, no shared memory);
-    // the child only calls execve and _exit on memory prepared above.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            libc::SIGCHLD as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
-    };
-    if pid == 0 {
-        // SAFETY: in the new child: let go of the program's fds (a socket
-        // or pipe held here would stay open as long as the child runs, and
-        // its peer could not tell who holds it), then replace it, or end it.
-        unsafe {
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            libc::syscall(libc::SYS_execve, exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
-            libc::syscall(libc::SYS_exit_group, 127);
-        }
-    }
-    if pid < 0 {
-        return Err(format!("clone: {}", std::io::Error::last_os_error()));
-    }
-    Ok(pid as i32)
+    // The child lets go of the program's fds (a socket or pipe held there
+    // would stay open as long as it runs, and its peer could not tell who
+    // holds it), then is replaced.
+    raw::spawn(exe, &[arg0], &env).map_err(|e| format!("clone: {e}"))
 }
 
 /// The child shadow: wait for the child's end and end the same way. Never
@@ -129,21 +108,16 @@ fn spawn_child_shadow(gpid: i32) -> Result<i32, String> {
 pub fn child_shadow(spec: &str) -> ! {
     // Signals aimed at it are not the child's (those reach the child where
     // it runs, by its gpid): nothing but SIGKILL ends it early.
-    // SAFETY: a full set, blocked for this (only) thread.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
-    }
+    // A full set, blocked for this (only) thread.
+    signal::set_thread_mask(libc::SIG_BLOCK, &SigSet::full());
     let Ok(gpid) = spec.trim().parse::<i32>() else {
         crate::log::emit(format_args!("krg: bad {CHILD_SHADOW_ENV}={spec}"));
-        // SAFETY: ends this process.
-        unsafe { libc::_exit(127) }
+        process::exit_now(127)
     };
     match client::call(&Request::ChildShadow { gpid }) {
         Ok(Response::WaitStatus(st)) if libc::WIFEXITED(st) => {
-            // SAFETY: ends this process with the child's exit code.
-            unsafe { libc::_exit(libc::WEXITSTATUS(st)) }
+            // The child's exit code.
+            process::exit_now(libc::WEXITSTATUS(st))
         }
         Ok(Response::WaitStatus(st)) if libc::WIFSIGNALED(st) => {
             crate::distant::exit_like(libc::WTERMSIG(st))
@@ -161,20 +135,17 @@ pub fn child_shadow(spec: &str) -> ! {
 /// report first, while the agent still knows the child's gpid).
 pub fn reap_and_report() {
     loop {
-        // SAFETY: siginfo is plain data the kernel fills.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid into our siginfo; WNOWAIT leaves the child as it is.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_ALL,
-                0,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            )
+        // WNOWAIT leaves the child as it is.
+        let options = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        let Ok(process::ChildState {
+            pid,
+            code,
+            status: val,
+        }) = process::waitid(libc::P_ALL, 0, options)
+        else {
+            return;
         };
-        // SAFETY: the SIGCHLD fields of a siginfo filled by waitid.
-        let (pid, code, val) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
-        if r != 0 || pid <= 0 {
+        if pid <= 0 {
             return;
         }
         let status = match code {
@@ -188,8 +159,7 @@ pub fn reap_and_report() {
                 "reporting the end of child {pid}: {e}"
             );
         }
-        let mut st = 0;
-        // SAFETY: reaps that one child.
-        unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+        // Reaps that one child.
+        let _ = process::waitpid(pid, libc::WNOHANG);
     }
 }

@@ -21,6 +21,8 @@
 //!                  end record, "KRGEND01"; the target closes once all is in
 //! ```
 
+#![deny(unsafe_code)]
+
 use rkyv::{Archive, Deserialize, Serialize};
 
 pub const MAGIC: &[u8; 8] = b"KRGIMG01";

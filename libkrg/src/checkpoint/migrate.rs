@@ -399,9 +399,7 @@ fn post_copy(
 ) -> Result<Sent, String> {
     let fd = image.as_raw_fd();
     let head = image::encode_meta(meta).map_err(|e| e.to_string())?;
-    // SAFETY: a live buffer.
-    unsafe { capture::write_all(fd, head.as_ptr(), head.len()) }
-        .map_err(|e| why_refused(&image).unwrap_or(e))?;
+    capture::write_all(fd, &head).map_err(|e| why_refused(&image).unwrap_or(e))?;
     let mut answer = [0u8; 8];
     if !read_full(fd, &mut answer, 30_000) {
         return Err(why_refused(&image)

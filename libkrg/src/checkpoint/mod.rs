@@ -33,6 +33,23 @@ mod migrate;
 mod postcopy;
 pub mod restore;
 
+/// What relies on the capture handler (allowed `unsafe`): every other
+/// thread of the process is parked in it while the leader runs.
+#[allow(unsafe_code)]
+mod handler {
+    /// Give the pages of the mapping `[start, end)` protection `prot`: the
+    /// capture's copy of memory the process itself cannot read (made
+    /// readable, then given its protection back).
+    pub(super) fn set_protection(start: u64, end: u64, prot: i32) {
+        // SAFETY: a mapping of /proc/self/maps that no thread uses while
+        // the others are parked in the handler; its protection is put back
+        // before they run.
+        let _ = unsafe {
+            crate::sys::mem::protect(start as *mut libc::c_void, (end - start) as usize, prot)
+        };
+    }
+}
+
 use crate::error::Error;
 use crate::proto::{CkptAction, ErrorKind, Request, Response};
 use crate::{krg_log, log};

@@ -40,6 +40,49 @@ pub unsafe fn unmap(addr: *mut c_void, len: usize) -> io::Result<()> {
     super::check(unsafe { libc::munmap(addr, len) }).map(drop)
 }
 
+/// `mprotect(2)`.
+///
+/// # Safety
+/// `[addr, addr+len)` holds nothing whose use the new protection breaks
+/// (taking a permission away makes Rust code fault; giving one, to a
+/// guard page say, may let an overflow through).
+pub unsafe fn protect(addr: *mut c_void, len: usize, prot: c_int) -> io::Result<()> {
+    // SAFETY: the function's contract.
+    super::check(unsafe { libc::mprotect(addr, len, prot) }).map(drop)
+}
+
+/// `write(2)` of `len` bytes of this process's memory from address `addr`
+/// to `fd`; how many went. The kernel reads the memory (an address not
+/// mapped readable is `EFAULT`) and no Rust reference to it is made, so
+/// any address is sound; what another thread changes meanwhile is written
+/// as the kernel finds it.
+pub fn write_mem(fd: RawFd, addr: usize, len: usize) -> io::Result<usize> {
+    // SAFETY: the kernel only reads [addr, addr+len), checking it.
+    super::check(unsafe { libc::write(fd, addr as *const c_void, len) }).map(|n| n as usize)
+}
+
+/// The kernel's vDSO of this process: its address and a copy of its
+/// bytes, as `/proc/self/maps` shows it (the file is read: allocates).
+pub fn vdso() -> io::Result<Option<(u64, Vec<u8>)>> {
+    let maps = std::fs::read("/proc/self/maps")?;
+    let line = maps
+        .split(|b| *b == b'\n')
+        .find(|l| l.ends_with(b" [vdso]"));
+    let range = line.and_then(|l| {
+        let l = std::str::from_utf8(l).ok()?;
+        let (start, end) = l.split_whitespace().next()?.split_once('-')?;
+        let start = usize::from_str_radix(start, 16).ok()?;
+        let end = usize::from_str_radix(end, 16).ok()?;
+        (start < end).then_some((start, end))
+    });
+    Ok(range.map(|(start, end)| {
+        // SAFETY: the kernel maps the vDSO readable over this range and
+        // never writes it; the copy is made at once.
+        let b = unsafe { std::slice::from_raw_parts(start as *const u8, end - start) };
+        (start as u64, b.to_vec())
+    }))
+}
+
 /// The bytes of a process-shared `sem_t` of value `value`
 /// (`sem_init(sem, 1, value)`), to be placed in shared memory.
 pub fn shared_sem(value: u32) -> io::Result<[u8; std::mem::size_of::<libc::sem_t>()]> {
@@ -54,4 +97,17 @@ pub fn shared_sem(value: u32) -> io::Result<[u8; std::mem::size_of::<libc::sem_t
             std::mem::transmute::<libc::sem_t, [u8; std::mem::size_of::<libc::sem_t>()]>(sem)
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_vdso_is_an_elf_image_where_the_aux_vector_says() {
+        let (start, bytes) = super::vdso().unwrap().expect("a vDSO");
+        // SAFETY: getauxval has no preconditions.
+        let ehdr = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) };
+        assert_eq!(start, ehdr);
+        assert_eq!(&bytes[..4], b"\x7fELF");
+        assert_eq!(bytes.len() % 4096, 0);
+    }
 }

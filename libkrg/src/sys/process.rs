@@ -19,6 +19,42 @@ pub fn kill(pid: pid_t, sig: c_int) -> io::Result<()> {
     check(unsafe { libc::kill(pid, sig) }).map(drop)
 }
 
+/// A child's state as `waitid` gives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChildState {
+    /// 0 when no child was in a state asked for (`WNOHANG`).
+    pub pid: pid_t,
+    /// `CLD_EXITED`, `CLD_KILLED`, `CLD_DUMPED`...
+    pub code: c_int,
+    /// The exit code, or the signal.
+    pub status: c_int,
+}
+
+/// `waitid(2)` (through libc: krg's own hook sees it).
+pub fn waitid(idtype: libc::idtype_t, id: libc::id_t, options: c_int) -> io::Result<ChildState> {
+    // SAFETY: siginfo_t is plain data; all-zero is valid (and is what
+    // WNOHANG leaves when no child is ready).
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes into our own siginfo.
+    check(unsafe { libc::waitid(idtype, id, &mut info, options) })?;
+    // SAFETY: the SIGCHLD fields of a siginfo waitid filled or left zeroed.
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    Ok(ChildState {
+        pid,
+        code: info.si_code,
+        status,
+    })
+}
+
+/// `waitpid(2)` (through libc: krg's own hook sees it): the child and its
+/// wait status.
+pub fn waitpid(pid: pid_t, options: c_int) -> io::Result<(pid_t, c_int)> {
+    let mut st = 0;
+    // SAFETY: waitpid writes one int into ours.
+    let r = check(unsafe { libc::waitpid(pid, &mut st, options) })?;
+    Ok((r, st))
+}
+
 /// `getrlimit(2)` of `resource`: (soft, hard).
 pub fn getrlimit(resource: u32) -> io::Result<(u64, u64)> {
     let mut l = libc::rlimit {

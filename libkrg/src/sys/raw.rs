@@ -6,7 +6,7 @@
 
 use super::sock::SockAddr;
 use libc::{c_int, pid_t, socklen_t};
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
@@ -60,6 +60,79 @@ pub fn getdents64(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: getdents64 writes at most buf.len() bytes into buf.
     let n = check(unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) })?;
     Ok(n as usize)
+}
+
+/// The disposition of signal `sig` as the kernel keeps it
+/// (`rt_sigaction(2)` asking only): handler, flags, restorer, mask.
+pub fn sigaction_of(sig: c_int) -> io::Result<[u64; 4]> {
+    let mut k = [0u64; 4];
+    // SAFETY: a null new action only writes the old one (the kernel's
+    // layout, 4 words with an 8-byte mask) into k.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            std::ptr::null::<u8>(),
+            k.as_mut_ptr(),
+            8usize,
+        )
+    })?;
+    Ok(k)
+}
+
+/// `getitimer(2)` of timer `which` (`ITIMER_REAL`...).
+pub fn getitimer(which: c_int) -> io::Result<libc::itimerval> {
+    // SAFETY: itimerval is plain data; all-zero is valid.
+    let mut t: libc::itimerval = unsafe { std::mem::zeroed() };
+    // SAFETY: getitimer writes into our own itimerval.
+    check(unsafe { libc::syscall(libc::SYS_getitimer, which, &mut t) })?;
+    Ok(t)
+}
+
+/// The program break (`brk(0)`, which only reports it).
+pub fn brk_now() -> u64 {
+    // SAFETY: brk(0) changes nothing.
+    unsafe { libc::syscall(libc::SYS_brk, 0usize) as u64 }
+}
+
+/// A new process running `path` with `argv` and `envp`: a fork-like raw
+/// `clone` (`SIGCHLD` to the parent, no shared memory) whose child closes
+/// every descriptor above 2 (`close_range`) and execs, or ends with 127.
+/// The child runs nothing else (raw system calls on arrays made before
+/// the clone), so the caller may have other threads, even parked in a
+/// signal handler with locks held. Allocates the pointer arrays. The
+/// child's kernel pid.
+pub fn spawn(path: &CStr, argv: &[CString], envp: &[CString]) -> io::Result<pid_t> {
+    let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
+        v.iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect()
+    };
+    let (av, ev) = (ptrs(argv), ptrs(envp));
+    // SAFETY: a fork-like clone: the child has a copy of the memory and
+    // runs only the three raw system calls below.
+    let pid = check(unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    })?;
+    if pid == 0 {
+        // SAFETY: in the new child: a NUL-terminated path and
+        // null-terminated arrays of C strings, alive in its copy of the
+        // memory; exit_group does not return.
+        unsafe {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            libc::syscall(libc::SYS_execve, path.as_ptr(), av.as_ptr(), ev.as_ptr());
+            libc::syscall(libc::SYS_exit_group, 127);
+        }
+    }
+    Ok(pid as pid_t)
 }
 
 /// An owned descriptor closed with a raw `close` (an `OwnedFd` closes it
