@@ -6,6 +6,8 @@
 //! see `crate::distant`). To give its memory back at once it re-executes
 //! itself in shadow mode (`KRG_SHADOW`), which also ends its other threads.
 
+#![deny(unsafe_code)]
+
 use super::capture::MapLine;
 use super::fds::{self, HandOver, Purpose, Stream};
 use super::image::{self, FdState, Meta, Region};
@@ -13,6 +15,7 @@ use super::{capture, postcopy, report, Order, ANCHOR};
 use crate::distant::{self, Listener, SHADOW_ENV};
 use crate::error::Error;
 use crate::proto::{ErrorKind, RemoteExec, Request, Response, StdioKind, IMAGE_CHANNEL};
+use crate::sys::{fd as sysfd, mem, poll, process, sock};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::AtomicI32;
 
@@ -83,8 +86,8 @@ fn out_taken(order: &Order) -> Result<u64, Error> {
             // The old ends of moved sockets and pipes stay out of the
             // shadow.
             for f in meta.fds.iter().filter(|f| fds::of(&f.kind).moved_away()) {
-                // SAFETY: closes our own fd; nothing uses it any more.
-                unsafe { libc::close(f.fd) };
+                // Our own fd; nothing uses it any more.
+                let _ = sysfd::close(f.fd);
             }
             report(Ok(()), how, bytes);
             fds::moved_to(order.node);
@@ -271,8 +274,7 @@ fn send(
 ) -> Result<Sent, String> {
     let listener = Listener::new()?;
     let mut token = [0u8; 16];
-    // SAFETY: getrandom writes at most token.len() bytes into token.
-    if unsafe { libc::getrandom(token.as_mut_ptr().cast(), token.len(), 0) } != 16 {
+    if crate::sys::getrandom(&mut token).ok() != Some(16) {
         return Err("getrandom failed".into());
     }
     // Stdio that is a terminal, pipe or socket stays here and is relayed;
@@ -314,8 +316,8 @@ fn send(
         ));
     };
     let (_, image) = conns.remove(i);
-    // SAFETY: blocking mode on our own socket.
-    unsafe { libc::fcntl(image.as_raw_fd(), libc::F_SETFL, 0) };
+    // Blocking mode on our own socket.
+    let _ = sysfd::set_status_flags(image.as_raw_fd(), 0);
     if !meta.lazy.is_empty() {
         return post_copy(order, meta, regions, runs, image, conns);
     }
@@ -333,8 +335,8 @@ fn send(
 /// there, and then the process goes on here.
 fn await_running(image: &OwnedFd, node: u32) -> Result<(), String> {
     let fd = image.as_raw_fd();
-    // SAFETY: half-close our socket: the target sees the end of the image.
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    // Half-closed: the target sees the end of the image.
+    let _ = sock::shutdown(fd, libc::SHUT_WR);
     let mut answer = [0u8; 8];
     if read_full(fd, &mut answer, 30_000) && &answer == image::RUNNING {
         return Ok(());
@@ -345,8 +347,7 @@ fn await_running(image: &OwnedFd, node: u32) -> Result<(), String> {
         last_words(image)
     );
     // A late answer must find the stream closed: the target dies then.
-    // SAFETY: shuts our own socket down.
-    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    let _ = sock::shutdown(fd, libc::SHUT_RDWR);
     Err(refusal(&said)
         .unwrap_or_else(|| format!("node {node}: the restored process never started")))
 }
@@ -447,9 +448,9 @@ fn post_copy(
                 );
                 crate::krg_log!(crate::log::Level::Error, "{msg}");
                 report(Err(ErrorKind::Other), msg, 0);
-                // SAFETY: ends this (frozen) copy: the other one is dead or
-                // dying, and the process must never run twice.
-                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                // Ends this (frozen) copy: the other one is dead or dying,
+                // and the process must never run twice.
+                let _ = process::kill(process::getpid(), libc::SIGKILL);
                 return Err("killed".into());
             }
         }
@@ -469,21 +470,13 @@ fn post_copy(
 fn read_full(fd: i32, buf: &mut [u8], ms: i32) -> bool {
     let mut got = 0;
     while got < buf.len() {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut p, 1, ms) } <= 0 {
+        if !poll::ready(fd, libc::POLLIN, ms) {
             return false;
         }
-        // SAFETY: reads into the rest of our buffer.
-        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
-        if n <= 0 {
-            return false;
+        match sysfd::read(fd, &mut buf[got..]) {
+            Ok(n) if n > 0 => got += n,
+            _ => return false,
         }
-        got += n as usize;
     }
     true
 }
@@ -491,44 +484,29 @@ fn read_full(fd: i32, buf: &mut [u8], ms: i32) -> bool {
 /// Send one record (header and bytes, or a zero record) with `sendmsg`.
 fn send_record(fd: i32, addr: u64, len: u64, zero: bool) -> Result<(), String> {
     let head = image::record(addr, if zero { len | postcopy::ZERO } else { len });
-    let mut iov = [
-        libc::iovec {
-            iov_base: head.as_ptr() as *mut libc::c_void,
-            iov_len: 16,
-        },
-        libc::iovec {
-            iov_base: addr as *mut libc::c_void,
-            iov_len: if zero { 0 } else { len as usize },
-        },
-    ];
-    let mut first = 0usize;
+    let body = if zero { 0 } else { len as usize };
+    // Bytes of the header and of the run sent so far.
+    let (mut h, mut m) = (0usize, 0usize);
     loop {
-        // SAFETY: a zeroed msghdr is valid; we set the iovecs.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov[first..].as_mut_ptr();
-        msg.msg_iovlen = 2 - first;
-        // SAFETY: the iovecs cover our header and a run of this process's
-        // own memory (every other thread is parked: nothing changes it).
-        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            if crate::rt::errno() == libc::EINTR {
-                continue;
+        // A run of this process's own memory (every other thread is
+        // parked: nothing changes it), read by the kernel.
+        let run = (addr as usize + m, body - m);
+        let n = match mem::send_mem(fd, &head[h..], run.0, run.1, libc::MSG_NOSIGNAL) {
+            Ok(n) => n,
+            Err(_) if crate::rt::errno() == libc::EINTR => continue,
+            Err(_) => {
+                return Err(format!(
+                    "sending memory: {}",
+                    crate::rt::Errno(crate::rt::errno())
+                ))
             }
-            return Err(format!(
-                "sending memory: {}",
-                crate::rt::Errno(crate::rt::errno())
-            ));
-        }
-        let mut n = n as usize;
-        while first < 2 && n >= iov[first].iov_len {
-            n -= iov[first].iov_len;
-            first += 1;
-        }
-        if first == 2 {
+        };
+        let of_head = n.min(head.len() - h);
+        h += of_head;
+        m += n - of_head;
+        if h == head.len() && m == body {
             return Ok(());
         }
-        iov[first].iov_base = (iov[first].iov_base as usize + n) as *mut libc::c_void;
-        iov[first].iov_len -= n;
     }
 }
 
@@ -545,26 +523,18 @@ impl Back {
     /// `Ok(false)`: the target closed.
     fn take(&mut self, fd: i32, asks: &mut Vec<u64>) -> Result<bool, Broke> {
         loop {
-            // SAFETY: reads into the rest of our buffer.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    self.buf[self.have..].as_mut_ptr().cast(),
-                    self.buf.len() - self.have,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n == 0 {
-                return Ok(false);
-            }
-            if n < 0 {
-                let e = crate::rt::errno();
-                if e == libc::EAGAIN || e == libc::EINTR {
-                    return Ok(true);
+            let n = match sock::recv(fd, &mut self.buf[self.have..], libc::MSG_DONTWAIT) {
+                Ok(0) => return Ok(false),
+                Ok(n) => n,
+                Err(_) => {
+                    let e = crate::rt::errno();
+                    if e == libc::EAGAIN || e == libc::EINTR {
+                        return Ok(true);
+                    }
+                    return Err(self.broke(format!("{}", crate::rt::Errno(e))));
                 }
-                return Err(self.broke(format!("{}", crate::rt::Errno(e))));
-            }
-            self.have += n as usize;
+            };
+            self.have += n;
             let mut at = 0;
             while self.have - at >= 8 {
                 let w: [u8; 8] = self.buf[at..at + 8].try_into().expect("8 bytes");
@@ -599,41 +569,27 @@ impl Back {
 /// (`(stream, local fd)`), without waiting for more.
 fn relay(outs: &[(i32, i32)]) {
     let mut buf = [0u8; 16 * 1024];
-    for (sock, local) in outs {
+    for (stream, local) in outs {
         loop {
-            // SAFETY: reads into our buffer.
-            let n = unsafe {
-                libc::recv(
-                    *sock,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
+            let n = match sock::recv(*stream, &mut buf, libc::MSG_DONTWAIT) {
+                Ok(n) if n > 0 => n,
+                _ => break,
             };
-            if n <= 0 {
-                break;
-            }
             let mut at = 0usize;
-            while at < n as usize {
-                // SAFETY: writes the bytes we just read.
-                let w = unsafe { libc::write(*local, buf[at..].as_ptr().cast(), n as usize - at) };
-                if w > 0 {
-                    at += w as usize;
-                    continue;
+            while at < n {
+                match sysfd::write(*local, &buf[at..n]) {
+                    Ok(w) if w > 0 => {
+                        at += w;
+                        continue;
+                    }
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EINTR)) => {
+                        let _ = poll::ready(*local, libc::POLLOUT, 100);
+                        continue;
+                    }
+                    // The reader is gone: as the shadow would, drop the
+                    // output.
+                    _ => break,
                 }
-                let e = crate::rt::errno();
-                if w < 0 && (e == libc::EAGAIN || e == libc::EINTR) {
-                    let mut p = libc::pollfd {
-                        fd: *local,
-                        events: libc::POLLOUT,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd.
-                    unsafe { libc::poll(&mut p, 1, 100) };
-                    continue;
-                }
-                // The reader is gone: as the shadow would, drop the output.
-                break;
             }
         }
     }
@@ -683,28 +639,10 @@ fn serve(fd: i32, lazy: &[(u64, u64)], outs: &[(i32, i32)]) -> Result<u64, Broke
         tv_sec: 60,
         tv_usec: 0,
     };
-    // SAFETY: sets a send timeout on our socket.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
+    let _ = sock::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv);
     // Small socket buffers: a page asked for waits behind less data.
     let sndbuf: libc::c_int = 512 * 1024;
-    // SAFETY: sets an int option on our socket.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&sndbuf as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        )
-    };
+    let _ = sock::setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, &sndbuf);
     let mut back = Back {
         buf: [0; 4096],
         have: 0,
@@ -794,20 +732,13 @@ fn serve(fd: i32, lazy: &[(u64, u64)], outs: &[(i32, i32)]) -> Result<u64, Broke
         send_present(a, e, &mut bytes).map_err(|e| back.broke(e))?;
     }
     capture::write_end(fd).map_err(|e| back.broke(e))?;
-    // SAFETY: half-close our socket: the target sees the end.
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    // Half-closed: the target sees the end.
+    let _ = sock::shutdown(fd, libc::SHUT_WR);
     // The target closes once it has installed everything.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         relay(outs);
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, 20) };
-        if r > 0 && !back.take(fd, &mut asks)? {
+        if poll::ready(fd, libc::POLLIN, 20) && !back.take(fd, &mut asks)? {
             break;
         }
         asks.clear();
@@ -839,27 +770,13 @@ fn last_words(image: &OwnedFd) -> String {
     let mut got = 0;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     while got < buf.len() && std::time::Instant::now() < deadline {
-        let mut p = libc::pollfd {
-            fd: image.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut p, 1, 200) } <= 0 {
+        if !poll::ready(image.as_raw_fd(), libc::POLLIN, 200) {
             continue;
         }
-        // SAFETY: reads into the rest of our buffer.
-        let n = unsafe {
-            libc::read(
-                image.as_raw_fd(),
-                buf[got..].as_mut_ptr().cast(),
-                buf.len() - got,
-            )
-        };
-        if n <= 0 {
-            break;
+        match sysfd::read(image.as_raw_fd(), &mut buf[got..]) {
+            Ok(n) if n > 0 => got += n,
+            _ => break,
         }
-        got += n as usize;
     }
     String::from_utf8_lossy(&buf[..got]).into_owned()
 }
@@ -889,8 +806,8 @@ fn become_shadow(
         fd_of(3)
     );
     for (_, f) in &conns {
-        // SAFETY: the shadow image inherits these fds.
-        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) };
+        // The shadow image inherits these fds.
+        let _ = sysfd::set_fd_flags(f.as_raw_fd(), 0);
     }
     let c = |b: &[u8]| std::ffi::CString::new(b.to_vec()).ok();
     let mut envs: Vec<std::ffi::CString> = env
@@ -904,13 +821,9 @@ fn become_shadow(
     envs.extend(c(format!("{SHADOW_ENV}={spec}").as_bytes()));
     let args: Vec<std::ffi::CString> = argv.iter().filter_map(|a| c(a)).collect();
     if let Some(exe) = c(exe) {
-        let mut av: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
-        av.push(std::ptr::null());
-        let mut ev: Vec<*const libc::c_char> = envs.iter().map(|e| e.as_ptr()).collect();
-        ev.push(std::ptr::null());
-        // SAFETY: NUL-terminated arrays of valid C strings; on success the
-        // image is replaced (other threads end), on failure we go on below.
-        unsafe { libc::execve(exe.as_ptr(), av.as_ptr(), ev.as_ptr()) };
+        // On success the image is replaced (other threads end), on failure
+        // we go on below.
+        let _ = process::execve(&exe, &args, &envs);
     }
     crate::krg_log!(
         crate::log::Level::Warn,

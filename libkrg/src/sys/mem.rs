@@ -61,6 +61,36 @@ pub fn write_mem(fd: RawFd, addr: usize, len: usize) -> io::Result<usize> {
     super::check(unsafe { libc::write(fd, addr as *const c_void, len) }).map(|n| n as usize)
 }
 
+/// `sendmsg(2)` of `head`, then `len` bytes of this process's memory from
+/// `addr` (read by the kernel, as [`write_mem`] reads it); how many bytes
+/// went. An empty `head` is left out of the message.
+pub fn send_mem(
+    fd: RawFd,
+    head: &[u8],
+    addr: usize,
+    len: usize,
+    flags: c_int,
+) -> io::Result<usize> {
+    let mut iov = [
+        libc::iovec {
+            iov_base: head.as_ptr() as *mut c_void,
+            iov_len: head.len(),
+        },
+        libc::iovec {
+            iov_base: addr as *mut c_void,
+            iov_len: len,
+        },
+    ];
+    let first = usize::from(head.is_empty());
+    // SAFETY: msghdr is plain data; all-zero is valid before we fill it.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov[first..].as_mut_ptr();
+    msg.msg_iovlen = 2 - first;
+    // SAFETY: the kernel reads our header's bytes and checks the memory
+    // range (see above); msg points at our iovecs.
+    super::check(unsafe { libc::sendmsg(fd, &msg, flags) }).map(|n| n as usize)
+}
+
 /// The kernel's vDSO of this process: its address and a copy of its
 /// bytes, as `/proc/self/maps` shows it (the file is read: allocates).
 pub fn vdso() -> io::Result<Option<(u64, Vec<u8>)>> {

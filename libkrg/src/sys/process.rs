@@ -13,6 +13,13 @@ pub fn exit_now(code: c_int) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// `getpid(2)` through libc: krg's own hook answers it (the gpid of an
+/// SSI process, outside the hooks' guard).
+pub fn getpid() -> pid_t {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() }
+}
+
 /// `kill(2)` (through libc: a hook of krg's own sees it).
 pub fn kill(pid: pid_t, sig: c_int) -> io::Result<()> {
     // SAFETY: kill takes plain integers.
