@@ -17,7 +17,6 @@
 
 pub mod capi;
 pub mod caps;
-#[allow(unsafe_code)]
 pub mod checkpoint;
 pub mod client;
 pub mod dirs;

@@ -22,38 +22,43 @@
 //! save in the handler. The leader then re-registers with the agent and
 //! releases the others; each handler returns and the kernel's
 //! `rt_sigreturn` resumes the application where it was interrupted.
+//!
+//! # Unsafe
+//! Denied, but in the code that runs without libc or below Rust's rules:
+//! the restorer ([`restore`]), the x86_64 pieces ([`arch`]), the capture
+//! allocator ([`alloc`]), the post-copy thread (`postcopy`), this file's
+//! `handler` fence (the signal handler, the parked threads' slots and
+//! context saves, what relies on them being parked) and the leader's own
+//! context save in `save_and_capture`, which returns twice in its frame.
+//! The rest (capture, image, descriptor kinds, migration, children) calls
+//! `sys`.
 
+// The capture allocator: a global allocator over raw mappings.
+#[allow(unsafe_code)]
 pub mod alloc;
+// The x86_64 pieces: the context save that returns twice, raw clone and
+// system calls.
+#[allow(unsafe_code)]
 pub mod arch;
 pub mod capture;
 pub mod children;
 pub mod fds;
 pub mod image;
 mod migrate;
-mod postcopy;
-pub mod restore;
-
-/// What relies on the capture handler (allowed `unsafe`): every other
-/// thread of the process is parked in it while the leader runs.
+// The post-copy thread: raw system calls on a mapping of its own, no libc.
 #[allow(unsafe_code)]
-mod handler {
-    /// Give the pages of the mapping `[start, end)` protection `prot`: the
-    /// capture's copy of memory the process itself cannot read (made
-    /// readable, then given its protection back).
-    pub(super) fn set_protection(start: u64, end: u64, prot: i32) {
-        // SAFETY: a mapping of /proc/self/maps that no thread uses while
-        // the others are parked in the handler; its protection is put back
-        // before they run.
-        let _ = unsafe {
-            crate::sys::mem::protect(start as *mut libc::c_void, (end - start) as usize, prot)
-        };
-    }
-}
+mod postcopy;
+// The restorer: replaces the address space on a private stack, no libc.
+#[allow(unsafe_code)]
+pub mod restore;
 
 use crate::error::Error;
 use crate::proto::{CkptAction, ErrorKind, Request, Response};
+use crate::sys::process::{self, CLocale};
+use crate::sys::signal::{self, SigSet};
+use crate::sys::{futex, raw};
 use crate::{krg_log, log};
-use std::cell::UnsafeCell;
+use handler::{exec_ident, park, rseq_of, take_slot};
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -83,38 +88,6 @@ pub struct ThreadRaw {
     pub sigmask: u64,
 }
 
-struct Slots(UnsafeCell<[ThreadRaw; MAX_THREADS]>);
-// SAFETY: each slot is written by exactly one thread (index from NSLOTS)
-// and read by the leader only after that thread counted itself parked.
-unsafe impl Sync for Slots {}
-
-static SLOTS: Slots = Slots(UnsafeCell::new(
-    [ThreadRaw {
-        tid: 0,
-        main: 0,
-        ctx: arch::Ctx {
-            rbx: 0,
-            rbp: 0,
-            r12: 0,
-            r13: 0,
-            r14: 0,
-            r15: 0,
-            rsp: 0,
-            rip: 0,
-            mxcsr: 0,
-            fcw: 0,
-            _pad: 0,
-        },
-        fs: 0,
-        tid_addr: 0,
-        robust_head: 0,
-        robust_len: 0,
-        rseq: 0,
-        rseq_len: 0,
-        _pad: 0,
-        sigmask: 0,
-    }; MAX_THREADS],
-));
 static NSLOTS: AtomicUsize = AtomicUsize::new(0);
 /// 1 while a capture runs in this process.
 static BUSY: AtomicU32 = AtomicU32::new(0);
@@ -130,101 +103,20 @@ pub(crate) static RESTORE_AREA: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicU
 /// it and a restore refuses a libkrg mapped elsewhere.
 pub(crate) static ANCHOR: AtomicI32 = AtomicI32::new(0);
 
-/// The command line and environment the process image was started with
-/// (NUL-separated, as in /proc/self/cmdline and /proc/self/environ), kept
-/// in libkrg's memory at the first capture: after a restore, /proc shows
-/// the restoring process's own start instead, so a second capture of a
-/// restored process must take them from here. A fixed buffer because a
-/// capture may not allocate anything that outlives it.
-struct ExecIdent(UnsafeCell<[u8; IDENT_MAX]>);
-// SAFETY: only the leader of a capture touches it (every other thread of
-// the process is parked meanwhile).
-unsafe impl Sync for ExecIdent {}
-const IDENT_MAX: usize = 256 * 1024;
-static IDENT: ExecIdent = ExecIdent(UnsafeCell::new([0; IDENT_MAX]));
-/// Lengths of the command line and environment in `IDENT` (0, 0: unset).
-static IDENT_LEN: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
-
-/// The start-time command line and environment (raw, NUL-separated).
-pub(crate) fn exec_ident() -> Result<(Vec<u8>, Vec<u8>), String> {
-    let (a, e) = (
-        IDENT_LEN[0].load(Ordering::Acquire),
-        IDENT_LEN[1].load(Ordering::Acquire),
-    );
-    if a > 0 {
-        // SAFETY: the first a + e bytes were written by a previous capture.
-        let buf = unsafe { &*IDENT.0.get() };
-        return Ok((buf[..a].to_vec(), buf[a..a + e].to_vec()));
-    }
-    let argv = capture::read_file("/proc/self/cmdline")?;
-    let env = capture::read_file("/proc/self/environ")?;
-    if argv.len() + env.len() <= IDENT_MAX && !argv.is_empty() {
-        // SAFETY: the leader alone writes the buffer, within its bounds.
-        let buf = unsafe { &mut *IDENT.0.get() };
-        buf[..argv.len()].copy_from_slice(&argv);
-        buf[argv.len()..argv.len() + env.len()].copy_from_slice(&env);
-        IDENT_LEN[1].store(env.len(), Ordering::Release);
-        IDENT_LEN[0].store(argv.len(), Ordering::Release);
-    }
-    Ok((argv, env))
-}
-
-extern "C" {
-    /// glibc ≥ 2.35: offset of the rseq area from the thread pointer, and
-    /// its size (0 when glibc did not register one).
-    static __rseq_offset: isize;
-    static __rseq_size: u32;
-}
-
-fn rseq_of(fs: u64) -> (u64, u32) {
-    // SAFETY: plain reads of two constants glibc sets before main.
-    let (off, size) = unsafe { (__rseq_offset, __rseq_size) };
-    if size == 0 {
-        (0, 0)
-    } else {
-        // glibc registers the whole struct rseq (32 bytes) whatever the
-        // feature size it exports.
-        ((fs as i64 + off as i64) as u64, 32)
-    }
-}
-
 fn futex_wait(word: &AtomicU32, val: u32, ms: u64) {
-    let ts = libc::timespec {
-        tv_sec: (ms / 1000) as i64,
-        tv_nsec: ((ms % 1000) * 1_000_000) as i64,
-    };
-    // SAFETY: FUTEX_WAIT on a live atomic with a timeout we own.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            val,
-            &ts,
-        )
-    };
+    futex::wait(word, val, Duration::from_millis(ms), true);
 }
 
 fn futex_wake(word: &AtomicU32) {
-    // SAFETY: FUTEX_WAKE on a live atomic.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            i32::MAX,
-        )
-    };
+    futex::wake_all(word, true);
 }
 
 fn gettid() -> i32 {
-    // SAFETY: no preconditions.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+    raw::gettid()
 }
 
 fn getpid_raw() -> i32 {
-    // SAFETY: no preconditions.
-    unsafe { libc::syscall(libc::SYS_getpid) as i32 }
+    raw::getpid()
 }
 
 /// Fill the calling thread's slot (everything but the context).
@@ -232,47 +124,17 @@ fn fill_slot(t: &mut ThreadRaw) {
     t.tid = gettid();
     t.main = u32::from(t.tid == getpid_raw());
     t.fs = arch::fs_base() as u64;
-    let mut addr: u64 = 0;
-    // SAFETY: PR_GET_TID_ADDRESS writes one pointer into addr.
-    unsafe { libc::prctl(libc::PR_GET_TID_ADDRESS, &mut addr as *mut u64) };
-    t.tid_addr = addr;
-    let mut head: u64 = 0;
-    let mut len: usize = 0;
-    // SAFETY: get_robust_list of the calling thread writes into head/len.
-    unsafe {
-        libc::syscall(
-            libc::SYS_get_robust_list,
-            0,
-            &mut head as *mut u64,
-            &mut len as *mut usize,
-        )
-    };
+    t.tid_addr = process::tid_address().unwrap_or(0);
+    let (head, len) = raw::robust_list().unwrap_or((0, 0));
     t.robust_head = head;
     t.robust_len = len as u64;
     let (rseq, rseq_len) = rseq_of(t.fs);
     t.rseq = rseq;
     t.rseq_len = rseq_len;
     let mut mask: u64 = 0;
-    // SAFETY: queries the calling thread's mask into an 8-byte set.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_BLOCK,
-            std::ptr::null::<u64>(),
-            &mut mask as *mut u64,
-            8usize,
-        )
-    };
+    // The calling thread's mask, queried.
+    let _ = raw::sigprocmask(libc::SIG_BLOCK, None, Some(&mut mask));
     t.sigmask = mask;
-}
-
-fn take_slot() -> Option<*mut ThreadRaw> {
-    let i = NSLOTS.fetch_add(1, Ordering::AcqRel);
-    if i >= MAX_THREADS {
-        return None;
-    }
-    // SAFETY: index i is this thread's alone (fetch_add).
-    Some(unsafe { (SLOTS.0.get() as *mut ThreadRaw).add(i) })
 }
 
 /// The kernel name (`/proc/PID/task/TID/comm`) of the post-copy thread,
@@ -288,19 +150,7 @@ pub fn wait_postcopy() {
 /// Install the capture handler (once the process is an SSI process with
 /// the checkpoint or migrate capability).
 pub fn install() {
-    // SAFETY: a zeroed sigaction is valid; we fill handler, flags, mask.
-    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-    sa.sa_sigaction = on_signal as *const () as usize;
-    sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-    // SAFETY: fills the mask we own.
-    unsafe { libc::sigfillset(&mut sa.sa_mask) };
-    // Faults inside a capture must still kill the process loudly.
-    for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE] {
-        // SAFETY: as above.
-        unsafe { libc::sigdelset(&mut sa.sa_mask, s) };
-    }
-    // SAFETY: installs our handler for our reserved signal.
-    unsafe { libc::sigaction(SIGCKPT, &sa, std::ptr::null_mut()) };
+    handler::install();
     ANCHOR.store(1, Ordering::Relaxed);
 }
 
@@ -312,14 +162,8 @@ pub fn install() {
 /// reaches the new image's handler once [`release_held_order`] unblocks
 /// it. Returns whether this call blocked it (it was not blocked before).
 pub fn hold_for_exec() -> bool {
-    let mut set = sigset_of(SIGCKPT);
-    // SAFETY: changes this thread's mask; `set` and `old` are ours.
-    unsafe {
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-        set = old;
-        libc::sigismember(&set, SIGCKPT) == 0
-    }
+    let old = signal::set_thread_mask(libc::SIG_BLOCK, &SigSet::empty().with(SIGCKPT));
+    !old.contains(SIGCKPT)
 }
 
 /// Run an exec function with [`SIGCKPT`] held (see [`hold_for_exec`]);
@@ -336,9 +180,7 @@ pub fn around_exec(exec: impl FnOnce() -> libc::c_int) -> libc::c_int {
 /// The exec failed: the old image runs on, its handler in place.
 pub fn release_after_failed_exec(held: bool) {
     if held {
-        let set = sigset_of(SIGCKPT);
-        // SAFETY: changes this thread's mask.
-        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+        signal::set_thread_mask(libc::SIG_UNBLOCK, &SigSet::empty().with(SIGCKPT));
     }
 }
 
@@ -351,37 +193,19 @@ pub fn release_held_order(start_mask: u64) {
     if start_mask & (1u64 << (SIGCKPT - 1)) == 0 {
         return;
     }
-    let set = sigset_of(SIGCKPT);
     if ANCHOR.load(Ordering::Relaxed) == 0 {
-        // Ignoring a pending signal discards it.
-        // SAFETY: a zeroed sigaction is SIG_DFL with an empty mask; the
-        // pair sets, then restores, the default disposition.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = libc::SIG_IGN;
-            libc::sigaction(SIGCKPT, &sa, std::ptr::null_mut());
-            sa.sa_sigaction = libc::SIG_DFL;
-            libc::sigaction(SIGCKPT, &sa, std::ptr::null_mut());
-        }
+        // Ignoring a pending signal discards it; then the default
+        // disposition again.
+        let _ = signal::set_plain(SIGCKPT, libc::SIG_IGN);
+        let _ = signal::set_plain(SIGCKPT, libc::SIG_DFL);
     }
-    // SAFETY: changes this thread's mask.
-    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    signal::set_thread_mask(libc::SIG_UNBLOCK, &SigSet::empty().with(SIGCKPT));
 }
 
-fn sigset_of(sig: i32) -> libc::sigset_t {
-    // SAFETY: an empty set with one member, ours.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, sig);
-        set
-    }
-}
-
-extern "C" fn on_signal(_sig: i32, info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
+/// The handler's work for a [`SIGCKPT`] with `si_code` `code` from
+/// `sender`: park (the leader's own signal) or lead a capture.
+fn on_order(code: i32, sender: i32) {
     let saved = crate::rt::errno();
-    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
-    let (code, sender) = unsafe { ((*info).si_code, (*info).si_pid()) };
     let from_self = code == libc::SI_TKILL && sender == getpid_raw();
     let own_order = from_self && LOCAL_PENDING.load(Ordering::Acquire);
     if from_self && !own_order {
@@ -399,20 +223,10 @@ extern "C" fn on_signal(_sig: i32, info: *mut libc::siginfo_t, _uc: *mut libc::c
     crate::rt::set_errno(saved);
 }
 
-fn park(gen: u32) {
-    let Some(slot) = take_slot() else {
-        return;
-    };
-    // SAFETY: the slot is ours.
-    fill_slot(unsafe { &mut *slot });
-    park_here(slot, gen);
-}
-
-/// Save the context and wait for the leader; runs twice after a restore.
-#[inline(never)]
-fn park_here(slot: *mut ThreadRaw, gen: u32) {
-    // SAFETY: the slot is ours; this frame stays live until the wait ends.
-    let restored = unsafe { arch::ctx_save(&mut (*slot).ctx) } != 0;
+/// After the context save of a parked thread (`restored`: returning the
+/// second time, in a restored process): count it, and wait for the
+/// leader.
+fn parked(gen: u32, restored: bool) {
     if restored {
         RESUMED.fetch_add(1, Ordering::AcqRel);
         futex_wake(&RESUMED);
@@ -469,9 +283,7 @@ fn run_callbacks(list: &[AtomicUsize; 16]) {
     for s in list {
         let f = s.load(Ordering::Acquire);
         if f != 0 {
-            // SAFETY: only `extern "C" fn()` pointers are registered.
-            let f: extern "C" fn() = unsafe { std::mem::transmute::<usize, extern "C" fn()>(f) };
-            f();
+            handler::call_registered(f);
         }
     }
 }
@@ -499,9 +311,9 @@ fn capture_self(order: Order) -> Result<bool, (i32, String)> {
     SELF_RESULT.store(-libc::EAGAIN, Ordering::Release);
     SELF_MSG.lock().unwrap_or_else(|e| e.into_inner()).1 = 0;
     LOCAL_PENDING.store(true, Ordering::Release);
-    // SAFETY: a signal to the calling thread: its handler runs before
-    // tgkill returns (the signal is not blocked outside krg).
-    unsafe { libc::syscall(libc::SYS_tgkill, getpid_raw(), gettid(), SIGCKPT) };
+    // To the calling thread: its handler runs before tgkill returns (the
+    // signal is not blocked outside krg).
+    let _ = raw::tgkill(getpid_raw(), gettid(), SIGCKPT);
     LOCAL_PENDING.store(false, Ordering::Release);
     if let Ok(mut l) = LOCAL.0.lock() {
         // Not taken (another capture was under way): withdrawn.
@@ -603,39 +415,11 @@ pub(crate) fn report(r: Result<(), ErrorKind>, msg: String, bytes: u64) {
     });
 }
 
-/// The calling thread in the "C" locale while it lives: glibc's
-/// `strerror_r` (every io::Error the capture formats: a vanished fd's
-/// readlink, any refusal) goes through gettext, which under a program's
-/// own locale (`setlocale(LC_ALL, "")`: coreutils, sort, awk) mallocs and
-/// frees on each call, in a handler that may have interrupted malloc.
-/// The C locale object is glibc's static one (`newlocale` of "C"
-/// allocates nothing), and `uselocale` is per thread.
-struct CLocale(libc::locale_t);
-
-impl CLocale {
-    fn enter() -> CLocale {
-        // SAFETY: newlocale of "C" with no base returns glibc's static C
-        // locale object; uselocale only changes this thread's locale.
-        unsafe {
-            let c = libc::newlocale(libc::LC_ALL_MASK, c"C".as_ptr(), std::ptr::null_mut());
-            CLocale(if c.is_null() {
-                std::ptr::null_mut()
-            } else {
-                libc::uselocale(c)
-            })
-        }
-    }
-}
-
-impl Drop for CLocale {
-    fn drop(&mut self) {
-        if !self.0.is_null() {
-            // SAFETY: puts back the locale this thread had (a valid
-            // locale_t, or LC_GLOBAL_LOCALE).
-            unsafe { libc::uselocale(self.0) };
-        }
-    }
-}
+// The leader runs in the C locale ([`CLocale`]): glibc's `strerror_r`
+// (every io::Error the capture formats: a vanished fd's readlink, any
+// refusal) goes through gettext, which under a program's own locale
+// (`setlocale(LC_ALL, "")`: coreutils, sort, awk) mallocs and frees on
+// each call, in a handler that may have interrupted malloc.
 
 fn lead() {
     let _c = CLocale::enter();
@@ -677,8 +461,8 @@ fn lead() {
             if kill {
                 // The image is the process now: it must not run on (a
                 // record appended after the capture would be replayed).
-                // SAFETY: kills this process.
-                unsafe { libc::kill(getpid_raw(), libc::SIGKILL) };
+                // Kills this process.
+                let _ = process::kill(getpid_raw(), libc::SIGKILL);
             }
         }
         Ok(None) => {
@@ -724,8 +508,8 @@ fn lead_capture(order: &Order) -> Result<Option<u64>, Error> {
         let mut new = false;
         for t in tasks {
             if t != me && !signalled.contains(&t) {
-                // SAFETY: tgkill to a thread of this process.
-                unsafe { libc::syscall(libc::SYS_tgkill, pid, t, SIGCKPT) };
+                // A thread of this process.
+                let _ = raw::tgkill(pid, t, SIGCKPT);
                 signalled.push(t);
                 new = true;
             }
@@ -756,17 +540,20 @@ fn lead_capture(order: &Order) -> Result<Option<u64>, Error> {
         return Err(format!("more than {MAX_THREADS} threads").into());
     }
     let slot = take_slot().ok_or("no thread slot")?;
-    // SAFETY: the slot is ours.
-    fill_slot(unsafe { &mut *slot });
+    // The slot is ours.
+    handler::fill(slot);
     // On an error the parked threads go on: `lead` releases them.
     save_and_capture(slot, order)
 }
 
 fn personality() -> u32 {
-    // SAFETY: 0xffffffff queries without changing.
-    unsafe { libc::personality(0xffff_ffff) as u32 }
+    // 0xffffffff queries without changing.
+    process::personality(0xffff_ffff).map_or(u32::MAX, |p| p as u32)
 }
 
+// The context save returns twice, so it stays in the frame that goes on:
+// the one unsafe block of this file outside the handler's fence.
+#[allow(unsafe_code)]
 /// The context save of the leader and, in the same frame, the capture.
 #[inline(never)]
 fn save_and_capture(slot: *mut ThreadRaw, order: &Order) -> Result<Option<u64>, Error> {
@@ -784,34 +571,32 @@ fn save_and_capture(slot: *mut ThreadRaw, order: &Order) -> Result<Option<u64>, 
 }
 
 pub(crate) fn threads_of_slots() -> Vec<image::ThreadState> {
-    let n = NSLOTS.load(Ordering::Acquire).min(MAX_THREADS);
-    // SAFETY: every slot below n was filled by a parked thread or us.
-    let slots = unsafe { &(&*SLOTS.0.get())[..n] };
-    slots
-        .iter()
-        .map(|t| image::ThreadState {
-            tid: t.tid,
-            main: t.main != 0,
-            ctx: vec![
-                t.ctx.rbx,
-                t.ctx.rbp,
-                t.ctx.r12,
-                t.ctx.r13,
-                t.ctx.r14,
-                t.ctx.r15,
-                t.ctx.rsp,
-                t.ctx.rip,
-                u64::from(t.ctx.mxcsr) | (u64::from(t.ctx.fcw) << 32),
-            ],
-            fs: t.fs,
-            tid_addr: t.tid_addr,
-            robust_head: t.robust_head,
-            robust_len: t.robust_len,
-            rseq: t.rseq,
-            rseq_len: t.rseq_len,
-            sigmask: t.sigmask,
-        })
-        .collect()
+    handler::with_filled_slots(|slots| slots.iter().map(thread_state).collect())
+}
+
+fn thread_state(t: &ThreadRaw) -> image::ThreadState {
+    image::ThreadState {
+        tid: t.tid,
+        main: t.main != 0,
+        ctx: vec![
+            t.ctx.rbx,
+            t.ctx.rbp,
+            t.ctx.r12,
+            t.ctx.r13,
+            t.ctx.r14,
+            t.ctx.r15,
+            t.ctx.rsp,
+            t.ctx.rip,
+            u64::from(t.ctx.mxcsr) | (u64::from(t.ctx.fcw) << 32),
+        ],
+        fs: t.fs,
+        tid_addr: t.tid_addr,
+        robust_head: t.robust_head,
+        robust_len: t.robust_len,
+        rseq: t.rseq,
+        rseq_len: t.rseq_len,
+        sigmask: t.sigmask,
+    }
 }
 
 /// The threads of the capture; refused without a main thread.
@@ -966,14 +751,7 @@ fn after_restore() {
         }
         futex_wait(&RESUMED, n, 50);
     }
-    let (a, l) = (
-        RESTORE_AREA[0].swap(0, Ordering::AcqRel),
-        RESTORE_AREA[1].swap(0, Ordering::AcqRel),
-    );
-    if a != 0 && RESUMED.load(Ordering::Acquire) >= others {
-        // SAFETY: the restorer's area; no thread runs on it any more.
-        unsafe { libc::munmap(a as *mut libc::c_void, l) };
-    }
+    handler::free_restore_area(others);
     krg_log!(
         log::Level::Info,
         "restored as gpid {} on node {}",
@@ -984,4 +762,218 @@ fn after_restore() {
     alloc::end();
     run_callbacks(&AFTER);
     release();
+}
+
+/// The capture handler's fence (allowed `unsafe`): the handler itself
+/// (installed with `sigaction`, reading its siginfo), the context save of
+/// a parked thread, which returns twice, the threads' slots written in
+/// place, the start-time identity kept in libkrg's memory, glibc's rseq
+/// symbols, the registered C callbacks, and what relies on every other
+/// thread being parked: memory protection changed for the copy, the
+/// restorer's area unmapped.
+#[allow(unsafe_code)]
+mod handler {
+    use super::*;
+    use std::cell::UnsafeCell;
+
+    struct Slots(UnsafeCell<[ThreadRaw; MAX_THREADS]>);
+    // SAFETY: each slot is written by exactly one thread (index from NSLOTS)
+    // and read by the leader only after that thread counted itself parked.
+    unsafe impl Sync for Slots {}
+
+    static SLOTS: Slots = Slots(UnsafeCell::new(
+        [ThreadRaw {
+            tid: 0,
+            main: 0,
+            ctx: arch::Ctx {
+                rbx: 0,
+                rbp: 0,
+                r12: 0,
+                r13: 0,
+                r14: 0,
+                r15: 0,
+                rsp: 0,
+                rip: 0,
+                mxcsr: 0,
+                fcw: 0,
+                _pad: 0,
+            },
+            fs: 0,
+            tid_addr: 0,
+            robust_head: 0,
+            robust_len: 0,
+            rseq: 0,
+            rseq_len: 0,
+            _pad: 0,
+            sigmask: 0,
+        }; MAX_THREADS],
+    ));
+
+    /// A slot of this thread's own for the capture (`None` past
+    /// [`MAX_THREADS`]).
+    pub(super) fn take_slot() -> Option<*mut ThreadRaw> {
+        let i = NSLOTS.fetch_add(1, Ordering::AcqRel);
+        if i >= MAX_THREADS {
+            return None;
+        }
+        // SAFETY: index i is this thread's alone (fetch_add), within the
+        // array.
+        Some(unsafe { (SLOTS.0.get() as *mut ThreadRaw).add(i) })
+    }
+
+    /// Fill `slot`, which [`take_slot`] gave the calling thread (everything
+    /// but the context).
+    pub(super) fn fill(slot: *mut ThreadRaw) {
+        let base = SLOTS.0.get() as *mut ThreadRaw;
+        let i = (slot as usize).wrapping_sub(base as usize) / std::mem::size_of::<ThreadRaw>();
+        assert!(
+            i < MAX_THREADS && std::ptr::eq(slot, base.wrapping_add(i)),
+            "not a thread slot"
+        );
+        // SAFETY: a slot of SLOTS (checked above), the calling thread's
+        // alone (take_slot's index).
+        fill_slot(unsafe { &mut *slot });
+    }
+
+    /// `f` of the slots filled by the capture (by the parked threads and
+    /// the leader: run in the leader once they are parked).
+    pub(super) fn with_filled_slots<R>(f: impl FnOnce(&[ThreadRaw]) -> R) -> R {
+        let n = NSLOTS.load(Ordering::Acquire).min(MAX_THREADS);
+        // SAFETY: every slot below n was filled by a parked thread or the
+        // leader, and none is written while they stay parked.
+        f(unsafe { &(&*SLOTS.0.get())[..n] })
+    }
+
+    /// The command line and environment the process image was started with
+    /// (NUL-separated, as in /proc/self/cmdline and /proc/self/environ), kept
+    /// in libkrg's memory at the first capture: after a restore, /proc shows
+    /// the restoring process's own start instead, so a second capture of a
+    /// restored process must take them from here. A fixed buffer because a
+    /// capture may not allocate anything that outlives it.
+    struct ExecIdent(UnsafeCell<[u8; IDENT_MAX]>);
+    // SAFETY: only the leader of a capture touches it (every other thread of
+    // the process is parked meanwhile).
+    unsafe impl Sync for ExecIdent {}
+    const IDENT_MAX: usize = 256 * 1024;
+    static IDENT: ExecIdent = ExecIdent(UnsafeCell::new([0; IDENT_MAX]));
+    /// Lengths of the command line and environment in `IDENT` (0, 0: unset).
+    static IDENT_LEN: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+    /// The start-time command line and environment (raw, NUL-separated).
+    pub(crate) fn exec_ident() -> Result<(Vec<u8>, Vec<u8>), String> {
+        let (a, e) = (
+            IDENT_LEN[0].load(Ordering::Acquire),
+            IDENT_LEN[1].load(Ordering::Acquire),
+        );
+        if a > 0 {
+            // SAFETY: the first a + e bytes were written by a previous capture.
+            let buf = unsafe { &*IDENT.0.get() };
+            return Ok((buf[..a].to_vec(), buf[a..a + e].to_vec()));
+        }
+        let argv = capture::read_file("/proc/self/cmdline")?;
+        let env = capture::read_file("/proc/self/environ")?;
+        if argv.len() + env.len() <= IDENT_MAX && !argv.is_empty() {
+            // SAFETY: the leader alone writes the buffer, within its bounds.
+            let buf = unsafe { &mut *IDENT.0.get() };
+            buf[..argv.len()].copy_from_slice(&argv);
+            buf[argv.len()..argv.len() + env.len()].copy_from_slice(&env);
+            IDENT_LEN[1].store(env.len(), Ordering::Release);
+            IDENT_LEN[0].store(argv.len(), Ordering::Release);
+        }
+        Ok((argv, env))
+    }
+
+    extern "C" {
+        /// glibc ≥ 2.35: offset of the rseq area from the thread pointer, and
+        /// its size (0 when glibc did not register one).
+        static __rseq_offset: isize;
+        static __rseq_size: u32;
+    }
+
+    pub(super) fn rseq_of(fs: u64) -> (u64, u32) {
+        // SAFETY: plain reads of two constants glibc sets before main.
+        let (off, size) = unsafe { (__rseq_offset, __rseq_size) };
+        if size == 0 {
+            (0, 0)
+        } else {
+            // glibc registers the whole struct rseq (32 bytes) whatever the
+            // feature size it exports.
+            ((fs as i64 + off as i64) as u64, 32)
+        }
+    }
+
+    /// Install [`on_signal`] for [`SIGCKPT`], every other signal blocked
+    /// while it runs but faults (a fault inside a capture must still kill
+    /// the process loudly).
+    pub(super) fn install() {
+        // SAFETY: a zeroed sigaction is valid; we fill handler, flags, mask.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_signal as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        // SAFETY: fills the mask we own.
+        unsafe { libc::sigfillset(&mut sa.sa_mask) };
+        for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE] {
+            // SAFETY: as above.
+            unsafe { libc::sigdelset(&mut sa.sa_mask, s) };
+        }
+        // SAFETY: installs our handler, which only reads its siginfo and
+        // calls the capture, for our reserved signal.
+        unsafe { libc::sigaction(SIGCKPT, &sa, std::ptr::null_mut()) };
+    }
+
+    extern "C" fn on_signal(_sig: i32, info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+        let (code, sender) = unsafe { ((*info).si_code, (*info).si_pid()) };
+        on_order(code, sender);
+    }
+
+    /// Park the calling thread (the leader's signal) in a slot of its own.
+    pub(super) fn park(gen: u32) {
+        let Some(slot) = take_slot() else {
+            return;
+        };
+        fill(slot);
+        park_here(slot, gen);
+    }
+
+    /// Save the context and wait for the leader; runs twice after a restore.
+    #[inline(never)]
+    fn park_here(slot: *mut ThreadRaw, gen: u32) {
+        // SAFETY: the slot is ours; this frame stays live until the wait ends.
+        let restored = unsafe { arch::ctx_save(&mut (*slot).ctx) } != 0;
+        parked(gen, restored);
+    }
+
+    /// Call a callback registered with [`on_checkpoint`] or [`on_restart`]
+    /// (its address).
+    pub(super) fn call_registered(f: usize) {
+        // SAFETY: only `extern "C" fn()` pointers are registered.
+        let f: extern "C" fn() = unsafe { std::mem::transmute::<usize, extern "C" fn()>(f) };
+        f();
+    }
+
+    /// Give the pages of the mapping `[start, end)` protection `prot`: the
+    /// capture's copy of memory the process itself cannot read (made
+    /// readable, then given its protection back).
+    pub(super) fn set_protection(start: u64, end: u64, prot: i32) {
+        // SAFETY: a mapping of /proc/self/maps that no thread uses while
+        // the others are parked in the handler; its protection is put back
+        // before they run.
+        let _ = unsafe {
+            crate::sys::mem::protect(start as *mut libc::c_void, (end - start) as usize, prot)
+        };
+    }
+
+    /// In a restored process: unmap the restorer's area once the `others`
+    /// threads (all but the leader) have left it.
+    pub(super) fn free_restore_area(others: u32) {
+        let (a, l) = (
+            RESTORE_AREA[0].swap(0, Ordering::AcqRel),
+            RESTORE_AREA[1].swap(0, Ordering::AcqRel),
+        );
+        if a != 0 && RESUMED.load(Ordering::Acquire) >= others {
+            // SAFETY: the restorer's area; no thread runs on it any more.
+            let _ = unsafe { crate::sys::mem::unmap(a as *mut libc::c_void, l) };
+        }
+    }
 }

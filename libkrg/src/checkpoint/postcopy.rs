@@ -30,6 +30,7 @@
 
 use super::arch;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
 
 pub const PAGE: u64 = 4096;
 /// Largest memory record of the post-copy phase.
@@ -62,32 +63,16 @@ pub(crate) fn wait_done() {
         if t == 0 {
             return;
         }
-        let ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 50_000_000,
-        };
-        // SAFETY: FUTEX_WAIT (shared: the kernel's wake at thread exit is
-        // not private) on a live atomic, with a timeout.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                THREAD_TID.as_ptr(),
-                libc::FUTEX_WAIT,
-                t,
-                &ts as *const libc::timespec,
-            )
-        };
+        // Shared: the kernel's wake at thread exit is not private.
+        crate::sys::futex::wait(&THREAD_TID, t as u32, Duration::from_millis(50), false);
     }
 }
 
 // <linux/userfaultfd.h>
-const USERFAULTFD_IOC_NEW: u64 = 0xaa00;
-const UFFDIO_API: u64 = 0xc018_aa3f;
 const UFFDIO_REGISTER: u64 = 0xc020_aa00;
 const UFFDIO_COPY: u64 = 0xc028_aa03;
 const UFFDIO_ZEROPAGE: u64 = 0xc020_aa04;
 const UFFDIO_WAKE: u64 = 0x8010_aa02;
-const UFFD_API: u64 = 0xaa;
 const FEATURE_EVENT_REMAP: u64 = 1 << 2;
 const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
@@ -102,34 +87,21 @@ const EV_UNMAP: u8 = 0x16;
 /// agent, as root) on `dev`, which is closed. Non-blocking, close-on-exec,
 /// with the unmap, remove and remap events.
 pub fn open_uffd(dev: i32) -> Result<i32, String> {
-    // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value.
-    let u = unsafe {
-        libc::ioctl(
-            dev,
-            USERFAULTFD_IOC_NEW as _,
-            libc::O_CLOEXEC | libc::O_NONBLOCK,
-        )
-    };
-    let e = crate::rt::errno();
-    // SAFETY: the device fd was handed to us for this call only.
-    unsafe { libc::close(dev) };
-    if u < 0 {
-        return Err(format!("USERFAULTFD_IOC_NEW: {}", crate::rt::Errno(e)));
-    }
-    let mut api = [UFFD_API, FEATURES, 0u64];
-    // SAFETY: UFFDIO_API reads and writes a struct uffdio_api (3 u64).
-    if unsafe { libc::ioctl(u, UFFDIO_API as _, api.as_mut_ptr()) } != 0 {
-        let e = crate::rt::errno();
-        // SAFETY: our fd.
-        unsafe { libc::close(u) };
-        return Err(format!("UFFDIO_API: {}", crate::rt::Errno(e)));
-    }
-    if api[1] & FEATURES != FEATURES {
-        // SAFETY: our fd.
-        unsafe { libc::close(u) };
+    use crate::sys::uffd;
+    use std::os::fd::{AsFd, IntoRawFd};
+    let errno = |e: std::io::Error| crate::rt::Errno(e.raw_os_error().unwrap_or(0));
+    // The device fd was handed to us for this call only.
+    let dev = crate::sys::fd::adopt(dev);
+    let u = uffd::new(dev.as_fd(), libc::O_CLOEXEC | libc::O_NONBLOCK);
+    drop(dev);
+    let u = u.map_err(|e| format!("USERFAULTFD_IOC_NEW: {}", errno(e)))?;
+    // Closed on failure.
+    let granted =
+        uffd::api(u.as_fd(), FEATURES).map_err(|e| format!("UFFDIO_API: {}", errno(e)))?;
+    if granted & FEATURES != FEATURES {
         return Err("the kernel lacks userfaultfd unmap/remove/remap events".into());
     }
-    Ok(u)
+    Ok(u.into_raw_fd())
 }
 
 /// One lazy region, by source address; `bit` is the index of its first

@@ -19,6 +19,7 @@
 
 pub mod events;
 pub mod fd;
+pub mod futex;
 pub mod mem;
 pub mod poll;
 pub mod process;

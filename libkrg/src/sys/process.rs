@@ -73,6 +73,45 @@ pub fn getrlimit(resource: u32) -> io::Result<(u64, u64)> {
     Ok((l.rlim_cur, l.rlim_max))
 }
 
+/// The calling thread's `set_tid_address` pointer (`PR_GET_TID_ADDRESS`):
+/// where the kernel clears its tid when it exits.
+pub fn tid_address() -> io::Result<u64> {
+    let mut addr: u64 = 0;
+    // SAFETY: PR_GET_TID_ADDRESS writes one pointer into ours.
+    check(unsafe { libc::prctl(libc::PR_GET_TID_ADDRESS, &mut addr as *mut u64) })?;
+    Ok(addr)
+}
+
+/// The calling thread in the "C" locale while this lives (`uselocale`,
+/// which is per thread), its own locale back after. glibc's "C" locale
+/// object is static: `newlocale` of it allocates nothing.
+pub struct CLocale(libc::locale_t);
+
+impl CLocale {
+    pub fn enter() -> CLocale {
+        // SAFETY: newlocale of "C" with no base returns glibc's static C
+        // locale object; uselocale only changes this thread's locale.
+        unsafe {
+            let c = libc::newlocale(libc::LC_ALL_MASK, c"C".as_ptr(), std::ptr::null_mut());
+            CLocale(if c.is_null() {
+                std::ptr::null_mut()
+            } else {
+                libc::uselocale(c)
+            })
+        }
+    }
+}
+
+impl Drop for CLocale {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: puts back the locale this thread had (a valid
+            // locale_t, or LC_GLOBAL_LOCALE).
+            unsafe { libc::uselocale(self.0) };
+        }
+    }
+}
+
 /// Name the calling thread (`PR_SET_NAME`; the kernel keeps 15 bytes):
 /// what `ps` shows for a single-threaded process.
 pub fn set_name(name: &CStr) {

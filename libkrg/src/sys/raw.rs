@@ -35,6 +35,36 @@ pub fn getpgid(pid: pid_t) -> pid_t {
     unsafe { libc::syscall(libc::SYS_getpgid, pid) as pid_t }
 }
 
+/// `gettid(2)`: the calling thread's kernel id.
+#[inline]
+pub fn gettid() -> pid_t {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as pid_t }
+}
+
+/// `tgkill(2)`: signal `sig` to thread `tid` of process `pid`.
+pub fn tgkill(pid: pid_t, tid: pid_t, sig: c_int) -> io::Result<()> {
+    // SAFETY: tgkill takes plain integers.
+    check(unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) }).map(drop)
+}
+
+/// The calling thread's robust futex list (`get_robust_list(2)`): its
+/// head and length.
+pub fn robust_list() -> io::Result<(u64, usize)> {
+    let (mut head, mut len) = (0u64, 0usize);
+    // SAFETY: get_robust_list of the calling thread (0) writes one pointer
+    // and one length into ours.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            0,
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    })?;
+    Ok((head, len))
+}
+
 /// `getsid(2)`: the session, or -1 (errno set).
 #[inline]
 pub fn getsid(pid: pid_t) -> pid_t {

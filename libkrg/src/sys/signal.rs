@@ -42,7 +42,6 @@ impl SigSet {
     }
 
     /// Whether `sig` is in the set.
-    #[cfg(test)]
     pub fn contains(&self, sig: c_int) -> bool {
         // SAFETY: sigismember reads our own set.
         unsafe { libc::sigismember(&self.0, sig) == 1 }
@@ -77,6 +76,20 @@ pub fn handler(sig: c_int) -> io::Result<libc::sighandler_t> {
     // pointer.
     super::check(unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) })?;
     Ok(old.sa_sigaction)
+}
+
+/// Give `sig` the disposition `handler`, `SIG_DFL` or `SIG_IGN` only
+/// (`EINVAL` otherwise), with `sigaction` (no flags, an empty mask).
+pub fn set_plain(sig: c_int, handler: libc::sighandler_t) -> io::Result<()> {
+    if handler != libc::SIG_DFL && handler != libc::SIG_IGN {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: sigaction is plain data; all-zero is SIG_DFL with an empty
+    // mask.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = handler;
+    // SAFETY: SIG_DFL and SIG_IGN install no code of ours.
+    super::check(unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) }).map(drop)
 }
 
 /// Give `sig` its default disposition (`signal(sig, SIG_DFL)`).
