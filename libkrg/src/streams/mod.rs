@@ -134,12 +134,7 @@ mod abi {
         len: *mut socklen_t,
         real: impl Fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int,
     ) -> c_int {
-        // SAFETY: getsockname(2)'s contract: `addr` has room for `*len`
-        // bytes.
-        let out = unsafe { AddrOut::new(addr, len) };
-        let real = |a: *mut sockaddr, l: *mut socklen_t| real(fd, a, l);
-        let into = |b: &mut [u8]| into_ours(&real, b);
-        loopback::getsockname(fd, out.as_ref(), || real(addr, len), into)
+        name(fd, addr, len, real, false)
     }
 
     /// `getpeername(fd, addr, len)`: a connection made through the
@@ -151,12 +146,29 @@ mod abi {
         len: *mut socklen_t,
         real: impl Fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int,
     ) -> c_int {
-        // SAFETY: getpeername(2)'s contract: `addr` has room for `*len`
-        // bytes.
+        name(fd, addr, len, real, true)
+    }
+
+    /// `getpeername` (`peer`) or `getsockname`, which have one contract:
+    /// `addr` has room for `*len` bytes.
+    fn name(
+        fd: c_int,
+        addr: *mut sockaddr,
+        len: *mut socklen_t,
+        real: impl Fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int,
+        peer: bool,
+    ) -> c_int {
+        // SAFETY: the calls' contract (see above), which the hooks vouch
+        // for.
         let out = unsafe { AddrOut::new(addr, len) };
         let real = |a: *mut sockaddr, l: *mut socklen_t| real(fd, a, l);
         let into = |b: &mut [u8]| into_ours(&real, b);
-        loopback::getpeername(fd, out.as_ref(), || real(addr, len), into)
+        let pass = || real(addr, len);
+        if peer {
+            loopback::getpeername(fd, out.as_ref(), pass, into)
+        } else {
+            loopback::getsockname(fd, out.as_ref(), pass, into)
+        }
     }
 }
 

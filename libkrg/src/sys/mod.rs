@@ -3,8 +3,8 @@
 //! block with the reason it is sound. The rest of libkrg is
 //! `#![deny(unsafe_code)]` and calls these; the only other places allowed
 //! `unsafe` are the `abi` fences of the modules whose entry points take
-//! the application's raw pointers, and `checkpoint` and `streams` (named
-//! in `lib.rs`).
+//! the application's raw pointers, and the parts of `checkpoint` that run
+//! without libc or below Rust's rules (named in `checkpoint/mod.rs`).
 //!
 //! Rules of the wrappers, because hooks call them:
 //! - no allocation unless the doc says so (errors are `io::Error`s made
@@ -43,6 +43,15 @@ pub fn errno() -> i32 {
 pub fn set_errno(e: i32) {
     // SAFETY: __errno_location always returns the calling thread's errno.
     unsafe { *libc::__errno_location() = e }
+}
+
+/// The null-terminated array of pointers to `v`'s strings that `execve`
+/// takes (alive as long as `v`).
+fn c_ptrs(v: &[std::ffi::CString]) -> Vec<*const libc::c_char> {
+    v.iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
 }
 
 /// `Err` with errno when a call returned a negative value, else the value.

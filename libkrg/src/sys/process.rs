@@ -158,13 +158,7 @@ pub fn same_file(a: RawFd, b: RawFd) -> io::Result<bool> {
 /// `execve(2)`: returns only on failure, with its error. Allocates the
 /// pointer arrays.
 pub fn execve(path: &CStr, argv: &[CString], envp: &[CString]) -> io::Error {
-    let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
-        v.iter()
-            .map(|c| c.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect()
-    };
-    let (av, ev) = (ptrs(argv), ptrs(envp));
+    let (av, ev) = (super::c_ptrs(argv), super::c_ptrs(envp));
     // SAFETY: a NUL-terminated path and null-terminated arrays of valid C
     // strings, all alive across the call.
     unsafe { libc::execve(path.as_ptr(), av.as_ptr(), ev.as_ptr()) };

@@ -133,13 +133,7 @@ pub fn brk_now() -> u64 {
 /// signal handler with locks held. Allocates the pointer arrays. The
 /// child's kernel pid.
 pub fn spawn(path: &CStr, argv: &[CString], envp: &[CString]) -> io::Result<pid_t> {
-    let ptrs = |v: &[CString]| -> Vec<*const libc::c_char> {
-        v.iter()
-            .map(|c| c.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect()
-    };
-    let (av, ev) = (ptrs(argv), ptrs(envp));
+    let (av, ev) = (super::c_ptrs(argv), super::c_ptrs(envp));
     // SAFETY: a fork-like clone: the child has a copy of the memory and
     // runs only the three raw system calls below.
     let pid = check(unsafe {
