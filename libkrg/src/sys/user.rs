@@ -370,3 +370,21 @@ pub unsafe fn slice_mut<'a, T>(p: *mut T, n: usize) -> &'a mut [T] {
     // SAFETY: the function's contract.
     unsafe { std::slice::from_raw_parts_mut(p, n) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_is_given_as_the_kernel_gives_it() {
+        let mut buf = [0u8; 4];
+        let mut len: libc::socklen_t = 4;
+        // SAFETY: our buffer, with room for `len` bytes.
+        let out = unsafe { AddrOut::new(buf.as_mut_ptr().cast(), &mut len) }.unwrap();
+        out.give(&[1, 2, 3, 4, 5, 6]);
+        assert_eq!(out.room(), 6, "the whole length");
+        assert_eq!(buf, [1, 2, 3, 4], "cut to the room there was");
+        // SAFETY: null pointers.
+        assert!(unsafe { AddrOut::new(std::ptr::null_mut(), &mut len) }.is_none());
+    }
+}
