@@ -9,9 +9,10 @@
 //! `unsafe` is denied everywhere but in `sys` (the wrappers of system
 //! calls and the views of the application's pointers), in the `abi` fences
 //! of the modules whose entry points take the application's raw pointers,
-//! and in `checkpoint`, `streams` and `dirs` until they use `sys` (the
-//! restorer and the architecture code, which run without libc, will keep
-//! it). See docs/architecture/README.md.
+//! and in the parts of `checkpoint` that run without libc or below Rust's
+//! rules (its restorer, architecture code, capture allocator, post-copy
+//! thread and signal handler, named in `checkpoint/mod.rs`). See
+//! docs/architecture/README.md.
 
 #![deny(unsafe_code)]
 
