@@ -153,6 +153,14 @@ fn initialise(mask: u64) -> Mode {
             ));
             Mode::Standalone
         }
+        Err(HookCallError::Agent { errno, msg, .. }) => {
+            go_standalone(format_args!(
+                "the agent at {} refused this process ({msg} ({}))",
+                addr.display(),
+                rt::Errno(errno)
+            ));
+            Mode::Standalone
+        }
         Err(e) => {
             go_standalone(format_args!(
                 "the agent at {} refused this process ({e})",
