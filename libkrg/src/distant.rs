@@ -866,7 +866,7 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
     // The default disposition for SIGCHLD (it is blocked and read from the
     // signalfd).
     sys::signal::set_default(libc::SIGCHLD);
-    crate::checkpoint::children::reap_and_report();
+    reap_and_report();
     let mut status: Option<i32> = None;
     // The wait status, then where the program left a file stdin (-1: none).
     let mut ctl_buf = [0u8; 12];
@@ -965,7 +965,7 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
             if fds[sig_idx].revents != 0 {
                 match sys::signal::read_signalfd(s.as_raw_fd()).map(|si| si.ssi_signo as i32) {
                     Some(crate::proto::CKPT_SIGNAL) => release_asked(&mut pipes, stdio),
-                    Some(libc::SIGCHLD) => crate::checkpoint::children::reap_and_report(),
+                    Some(libc::SIGCHLD) => reap_and_report(),
                     Some(sig) => {
                         forward(gpid, sig);
                         if matches!(sig, libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU) {
@@ -989,6 +989,41 @@ pub(crate) fn shadow(gpid: i32, node: u32, stdio: &[StdioKind], conns: Vec<(u8, 
             ));
             exit_like(libc::SIGKILL)
         }
+    }
+}
+
+/// In a shadow: report and reap every kernel child that has ended (the
+/// report first, while the agent still knows the child's gpid).
+pub(crate) fn reap_and_report() {
+    loop {
+        // WNOWAIT leaves the child as it is.
+        let options = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        let Ok(crate::sys::process::ChildState {
+            pid,
+            code,
+            status: val,
+        }) = crate::sys::process::waitid(libc::P_ALL, 0, options)
+        else {
+            return;
+        };
+        if pid <= 0 {
+            return;
+        }
+        let status = match code {
+            libc::CLD_EXITED => (val & 0xff) << 8,
+            libc::CLD_DUMPED => (val & 0x7f) | 0x80,
+            _ => val & 0x7f,
+        };
+        if let Err(e) =
+            crate::client::call(&crate::proto::Request::ChildExited { kpid: pid, status })
+        {
+            crate::krg_log!(
+                crate::log::Level::Warn,
+                "reporting the end of child {pid}: {e}"
+            );
+        }
+        // Reaps that one child.
+        let _ = crate::sys::process::waitpid(pid, libc::WNOHANG);
     }
 }
 

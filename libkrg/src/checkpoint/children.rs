@@ -4,7 +4,7 @@
 //! A child stays where it runs when its parent migrates: it is a kernel
 //! child of the process the parent was, which stays behind as the parent's
 //! shadow. That shadow reaps it when it ends and reports its wait status
-//! ([`reap_and_report`]); the agents carry the report to the node the
+//! ([`crate::distant::reap_and_report`]); the agents carry the report to the node the
 //! parent went to. There the restored parent has, for each such child, a
 //! *child shadow*: a kernel child of its own, registered under the child's
 //! gpid, that ends with the child's status ([`adopt`], [`child_shadow`]).
@@ -128,38 +128,5 @@ pub fn child_shadow(spec: &str) -> ! {
             ));
             crate::distant::exit_like(libc::SIGKILL)
         }
-    }
-}
-
-/// In a shadow: report and reap every kernel child that has ended (the
-/// report first, while the agent still knows the child's gpid).
-pub fn reap_and_report() {
-    loop {
-        // WNOWAIT leaves the child as it is.
-        let options = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
-        let Ok(process::ChildState {
-            pid,
-            code,
-            status: val,
-        }) = process::waitid(libc::P_ALL, 0, options)
-        else {
-            return;
-        };
-        if pid <= 0 {
-            return;
-        }
-        let status = match code {
-            libc::CLD_EXITED => (val & 0xff) << 8,
-            libc::CLD_DUMPED => (val & 0x7f) | 0x80,
-            _ => val & 0x7f,
-        };
-        if let Err(e) = client::call(&Request::ChildExited { kpid: pid, status }) {
-            crate::krg_log!(
-                crate::log::Level::Warn,
-                "reporting the end of child {pid}: {e}"
-            );
-        }
-        // Reaps that one child.
-        let _ = process::waitpid(pid, libc::WNOHANG);
     }
 }
