@@ -311,7 +311,9 @@ fn build(inst: &Instance, st: &mut ClusterState, agent: &Path) -> Result<()> {
 }
 
 /// The agents' environment: a clean one, with KRG_LOG (and RUST_BACKTRACE)
-/// passed through when set.
+/// passed through when set. `KRG_AGENT_LOG`, when set, is the agents'
+/// KRG_LOG instead: their log without the programs' (whose stderr a test
+/// may compare byte for byte).
 fn agent_env() -> Vec<String> {
     let mut env = vec![format!(
         "PATH={}",
@@ -319,10 +321,13 @@ fn agent_env() -> Vec<String> {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
         })
     )];
-    for k in ["KRG_LOG", "RUST_BACKTRACE", "HOME"] {
+    for k in ["RUST_BACKTRACE", "HOME"] {
         if let Ok(v) = std::env::var(k) {
             env.push(format!("{k}={v}"));
         }
+    }
+    if let Ok(v) = std::env::var("KRG_AGENT_LOG").or_else(|_| std::env::var("KRG_LOG")) {
+        env.push(format!("KRG_LOG={v}"));
     }
     env
 }
