@@ -103,16 +103,7 @@ impl Agent {
                 p.adopt.remove(i);
                 (p.adopt_from, p.caps_eff, p.caps_inh)
             };
-            if t.runs_here(g) {
-                // The child's program moved here before its parent did: it
-                // keeps its entry (signals, ps), the child shadow only
-                // stands for it to the parent.
-                t.stand_in(who.pid, g)?;
-            } else {
-                t.register_remote(who.pid, g, caps_eff, caps_inh, None, parent, g)?;
-                // Listed and signalled where it runs, like a shadow.
-                t.set_shadow(g, from);
-            }
+            t.child_shadow(who.pid, g, from, (caps_eff, caps_inh), parent)?;
         }
         let rx = {
             let mut e = self.child_ends.lock();

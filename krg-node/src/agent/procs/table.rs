@@ -470,6 +470,45 @@ impl ProcTable {
             .and_then(|(_, _, next)| *next)
     }
 
+    /// Register local process `kpid` as the child shadow of `g` for
+    /// `parent`, a process that came here from node `from` and had `g` as
+    /// a child there.
+    ///
+    /// Where the shadow routes (signals, `krg migrate`) matters: `from` is
+    /// only a guess. Its own child shadow of `g` points to the node the
+    /// parent came from before, which may be this one: a parent that went
+    /// 1 -> 4 -> 1 left node 1 pointing at 4 and node 4 at 1, and every
+    /// request about `g` went round until "lost while routing" (difftest
+    /// seed 3 case 3). The origin of `g` always knows where it runs (its
+    /// own shadow, or the moves it was told of): a child shadow on another
+    /// node points there; on the origin, what it knew stays.
+    pub fn child_shadow(
+        &mut self,
+        kpid: i32,
+        g: i32,
+        from: u32,
+        caps: (Caps, Caps),
+        parent: i32,
+    ) -> Result<(), ErrorReply> {
+        if self.runs_here(g) {
+            // The child's program moved here before its parent did: it
+            // keeps its entry (signals, ps), the child shadow only stands
+            // for it to the parent.
+            return self.stand_in(kpid, g);
+        }
+        let to = match gpid::node_of(g) {
+            Some(origin) if origin != self.node => origin,
+            _ => self
+                .runs_elsewhere(g)
+                .filter(|n| *n != self.node)
+                .unwrap_or(from),
+        };
+        self.register_remote(kpid, g, caps.0, caps.1, None, parent, g)?;
+        // Listed and signalled where it runs, like a shadow.
+        self.set_shadow(g, to);
+        Ok(())
+    }
+
     /// Mark the local process `g` as the shadow of a program now on `node`.
     pub fn set_shadow(&mut self, g: i32, node: u32) {
         if let Some(p) = self.by_gpid.get_mut(&g) {
@@ -840,6 +879,37 @@ mod tests {
         assert_eq!(t.resolve_running(g + 1).unwrap_err().errno, libc::ESRCH);
         shadow.kill().unwrap();
         shadow.wait().unwrap();
+    }
+
+    #[test]
+    fn a_child_shadow_routes_to_what_the_origin_knows_not_back() {
+        let none = Caps::from_bits(0);
+        let mut sleepers: Vec<std::process::Child> = (0..3)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let k: Vec<i32> = sleepers.iter().map(|c| c.id() as i32).collect();
+        // Node 1 placed child g on node 3: its shadow here points there.
+        let mut origin = ProcTable::new(1);
+        let g = origin.register(k[0], None).unwrap().gpid;
+        origin.set_shadow(g, 3);
+        // The parent went to node 4 and came back from it: the child
+        // shadow made for it here still routes to node 3, not to node 4.
+        origin.child_shadow(k[1], g, 4, (none, none), 1).unwrap();
+        assert_eq!(origin.runs_elsewhere(g), Some(3));
+        // On node 4 (not g's origin), a child shadow routes to the origin,
+        // whatever node the parent came from.
+        let mut other = ProcTable::new(4);
+        other.child_shadow(k[2], g, 2, (none, none), 1).unwrap();
+        assert_eq!(other.runs_elsewhere(g), Some(1));
+        for c in &mut sleepers {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
     }
 
     #[test]
