@@ -452,6 +452,7 @@ impl Agent {
             if let Ok((_, link, mover)) = l {
                 h.sole = Some((link.clone(), vec![*kpid, *mover]));
             }
+            h.peer_fds = Some((*kpid, fds.clone()));
             self.moving.held().insert(id, h);
             let e = orders.entry(*kpid).or_insert((*g, Vec::new()));
             e.1.extend(fds.iter().map(|fd| (*fd, id)));
@@ -650,11 +651,18 @@ impl Agent {
     /// and the swap refused (every end of this order, each relayed) if
     /// anyone else holds one now.
     pub(super) fn stream_frozen(&self, ids: &[u64]) -> Result<Response, ErrorReply> {
-        let sole: Vec<(String, Vec<i32>)> = {
+        let (sole, peer_fds): (Vec<(String, Vec<i32>)>, Vec<(String, (i32, Vec<i32>))>) = {
             let h = self.moving.held();
-            ids.iter()
+            let sole: Vec<_> = ids
+                .iter()
                 .filter_map(|id| h.get(id).and_then(|x| x.sole.clone()))
-                .collect()
+                .collect();
+            let fds = ids
+                .iter()
+                .filter_map(|id| h.get(id))
+                .filter_map(|x| Some((x.sole.clone()?.0, x.peer_fds.clone()?)))
+                .collect();
+            (sole, fds)
         };
         let want: Vec<String> = sole.iter().map(|(l, _)| l.clone()).collect();
         let all = if want.is_empty() {
@@ -674,6 +682,33 @@ impl Agent {
                 format!(
                     "{link}: held by other processes too since it was found (kernel pid, fd: {others:?}): not movable yet"
                 )
+            })
+        });
+        // The peer's fds moved since it was found: a shell's child found
+        // with the pipe at fd 4 took the order only after its dup2 to 0,
+        // close and exec (signals stay pending across them), so fd 4 was
+        // gone when it drained it ("reading to its end: Bad file
+        // descriptor"), while the mover had let its end go: the next stage
+        // saw its input end early and the remote program waited a minute
+        // (difftest seed 3 case 3). Refused, the peer keeps its end and the
+        // mover relays it.
+        let shared = shared.or_else(|| {
+            peer_fds.iter().find_map(|(link, (kpid, fds))| {
+                let mut now: Vec<i32> = all
+                    .get(link)
+                    .into_iter()
+                    .flatten()
+                    .filter(|(p, _)| p == kpid)
+                    .map(|(_, fd)| *fd)
+                    .collect();
+                now.sort_unstable();
+                let mut then = fds.clone();
+                then.sort_unstable();
+                (now != then).then(|| {
+                    format!(
+                        "{link}: kernel pid {kpid} holds it at fds {now:?} now, not {then:?} as when it was found: not movable yet"
+                    )
+                })
             })
         });
         let mut h = self.moving.held();

@@ -423,6 +423,10 @@ pub struct Held {
     /// The end's fd link and the kernel pids that may hold it (the peer,
     /// the mover): checked again once the peer is parked.
     sole: Option<(String, Vec<i32>)>,
+    /// The peer's kernel pid and the fds it held the end at when it was
+    /// found: the swap order names them, and they must still hold it once
+    /// the peer is parked.
+    peer_fds: Option<(i32, Vec<i32>)>,
     drained_tx: Option<tokio::sync::oneshot::Sender<Drained>>,
     drained_rx: Option<tokio::sync::oneshot::Receiver<Drained>>,
     fd_tx: Option<FdSender>,
@@ -443,6 +447,7 @@ impl Held {
             fd_tx: Some(ftx),
             fd_rx: Some(frx),
             sole: None,
+            peer_fds: None,
         }
     }
 }
