@@ -67,6 +67,10 @@ pub fn stream_peer(args: &[String]) -> Result<()> {
                 conns.push(l.accept()?.0);
             }
             drop(l);
+            // The bench migrates this process next: a connection still in
+            // the accept queue refuses the move ("try again").
+            println!("accepted");
+            std::io::stdout().flush()?;
             let mut c = conns.remove(0);
             c.set_nodelay(true)?;
             let mut w = c.try_clone()?;
@@ -253,8 +257,10 @@ fn tcp_peer(n: usize) -> Result<(Child, Vec<TcpStream>)> {
         .stdout(Stdio::piped())
         .spawn()
         .context("starting the peer on node 2")?;
+    // (Its stdout stays open: the peer moves with it.)
+    let mut out = BufReader::new(p.stdout.as_mut().context("peer stdout")?);
     let mut port = String::new();
-    BufReader::new(p.stdout.as_mut().context("peer stdout")?).read_line(&mut port)?;
+    out.read_line(&mut port)?;
     let to = format!("127.0.0.1:{}", port.trim());
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
@@ -262,6 +268,12 @@ fn tcp_peer(n: usize) -> Result<(Child, Vec<TcpStream>)> {
         s.set_nodelay(true)?;
         conns.push(s);
     }
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    if line.trim() != "accepted" {
+        bail!("the tcp peer did not accept its {n} connections: {line:?}");
+    }
+    drop(out);
     Ok((p, conns))
 }
 
