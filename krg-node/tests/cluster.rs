@@ -196,12 +196,7 @@ fn nodes_are_separate_hosts() {
 #[test]
 fn gpids_ps_and_kill_across_nodes() {
     let c = Cluster::up(3, 1.0);
-    let mut child = c
-        .cmd(2, &["sh", "-c", "echo $$; exec sleep 60"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let gpid: i64 = read_line(&mut child).parse().unwrap();
+    let (mut child, gpid) = c.started_gpid(2, &["sh", "-c", "echo $$; exec sleep 60"]);
     assert_eq!(node_of(gpid), 2, "gpid {gpid} should encode node 2");
     // Seen from every node, with the right columns.
     for n in 1..=3 {
@@ -256,12 +251,7 @@ fn gpids_ps_and_kill_across_nodes() {
     let o = c.sh(1, &format!("kill -0 {gpid} 2>&1; echo rc=$?"));
     assert!(text(&o.stdout).contains("rc=1"), "{}", text(&o.stdout));
     // A program's kill(2) reaches a process on another node.
-    let mut victim = c
-        .cmd(3, &["sh", "-c", "echo $$; exec sleep 60"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let v: i64 = read_line(&mut victim).parse().unwrap();
+    let (mut victim, v) = c.started_gpid(3, &["sh", "-c", "echo $$; exec sleep 60"]);
     assert_eq!(node_of(v), 3);
     let o = c.sh(1, &format!("kill -KILL {v}; echo rc=$?"));
     assert!(
@@ -345,12 +335,7 @@ print("parent", me, pid, got, os.WEXITSTATUS(st), flush=True)
 #[test]
 fn kill_permissions_and_unknown_pids() {
     let c = Cluster::up(2, 1.0);
-    let mut root_proc = c
-        .cmd(2, &["sh", "-c", "echo $$; exec sleep 60"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let g = read_line(&mut root_proc);
+    let (mut root_proc, g) = c.started(2, &["sh", "-c", "echo $$; exec sleep 60"]);
     // Another user may not signal it, neither with krg kill nor with kill(2).
     let k = c.krg_as_nobody(1, &["kill", "-TERM", &g]);
     assert!(!k.status.success());
@@ -398,10 +383,7 @@ fn capabilities_show_change_and_inherit() {
             &["sh", "-c", "echo $$; read x; sleep 60 & echo $!; wait"],
         )
         .env("KRG_CAPS", "-dfs,-dsm")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_in_out();
     let g = read_line(&mut p);
     let show = c.krg(2, &["capset", &g]);
     let t = text(&show.stdout);
@@ -600,12 +582,7 @@ print(s.recv(4096))
 #[test]
 fn exec_passes_stdio_status_and_signals() {
     let c = Cluster::up(2, 1.0);
-    let mut cat = c
-        .cmd(2, &["cat"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cat = c.cmd(2, &["cat"]).spawn_in_out();
     let data: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
     let mut stdin = cat.stdin.take().unwrap();
     let d2 = data.clone();
@@ -647,15 +624,10 @@ fn process_groups_are_signalled_by_gpid() {
     let c = Cluster::up(2, 1.0);
     // setsid makes the shell a group (and session) leader: the group's id is
     // the shell's gpid, and getpgrp/getsid say so.
-    let mut job = c
-        .cmd(
-            2,
-            &["setsid", "sh", "-c", "echo $$; sleep 60 & sleep 60 & wait"],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = read_line(&mut job);
+    let (mut job, line) = c.started(
+        2,
+        &["setsid", "sh", "-c", "echo $$; sleep 60 & sleep 60 & wait"],
+    );
     let leader: i64 = line.split_whitespace().next().unwrap().parse().unwrap();
     assert_eq!(node_of(leader), 2);
     let members = |c: &Cluster| {

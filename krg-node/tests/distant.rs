@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use std::io::Write;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 fn node_of(gpid: i64) -> i64 {
@@ -26,19 +25,9 @@ fn remote_program_keeps_stdio_status_and_parent() {
         KRG_NODE=2 sh -c 'echo "ignores $(grep SigIgn /proc/$$/status | cut -f2) $(cat /proc/sys/kernel/hostname)"' </dev/null
         exec env KRG_NODE=2 sh -c 'read l; echo "got $l $(cat /proc/sys/kernel/hostname)"'
     "#;
-    let mut p = c
+    let out = c
         .cmd(1, &["sh", "-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    p.stdin
-        .as_mut()
-        .unwrap()
-        .write_all(b"hello there\n")
-        .unwrap();
-    let out = p.wait_with_output().unwrap();
+        .output_with_input(b"hello there\n");
     let o = text(&out.stdout);
     let lines: Vec<Vec<&str>> = o.lines().map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(lines.len(), 5, "{o}\n{}", text(&out.stderr));
@@ -90,19 +79,14 @@ fn wait_reaps_remote_and_local_children_and_signals_reach_them() {
 #[test]
 fn remote_child_is_listed_where_it_runs_and_killed_from_anywhere() {
     let c = Cluster::up(3, 1.0);
-    let mut p = c
-        .cmd(
-            1,
-            &[
-                "sh",
-                "-c",
-                "echo $$; KRG_NODE=2 sleep 60 & echo $!; wait $!; echo \"status $?\"",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let parent: i64 = read_line(&mut p).parse().unwrap();
+    let (mut p, parent) = c.started_gpid(
+        1,
+        &[
+            "sh",
+            "-c",
+            "echo $$; KRG_NODE=2 sleep 60 & echo $!; wait $!; echo \"status $?\"",
+        ],
+    );
     let child: i64 = read_line(&mut p).parse().unwrap();
     let listed = wait_for(Duration::from_secs(5), || {
         c.ps(3).iter().any(|r| {
@@ -142,7 +126,7 @@ fn ctrl_c_reaches_the_remote_job() {
             Ok(())
         });
     }
-    let p = p.process_group(0).stdout(Stdio::piped()).spawn().unwrap();
+    let p = p.process_group(0).spawn_stdout();
     let running = wait_for(Duration::from_secs(5), || {
         c.ps(2)
             .iter()
@@ -315,11 +299,7 @@ fn round_robin_spreads_a_shell_batch_two_per_node() {
     let fs = f.to_str().unwrap();
     let script =
         format!("for i in 1 2 3 4 5 6 7 8; do sha256sum {fs} > {fs}.$i & done; wait; cat {fs}.*");
-    let job = c
-        .cmd(1, &["sh", "-c", &script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let job = c.cmd(1, &["sh", "-c", &script]).spawn_stdout();
     // While they run: 2 per node. Each one is noted when `krg ps` shows
     // it (by pid: one that ends before the last starts still counts).
     let mut seen = std::collections::BTreeMap::new();
@@ -424,9 +404,7 @@ fn user_policy_switched_mid_batch_governs_every_node() {
                 "for i in 1 2 3 4 5 6; do sleep 4 & done; wait; echo batch-done",
             ],
         )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_stdout();
     assert!(wait_for(Duration::from_secs(10), || nodes_running(
         &c, "sleep 4"
     )
@@ -512,10 +490,7 @@ fn losing_the_node_of_a_remote_child_does_not_hang_its_parent() {
     let c = Cluster::up(3, 1.0);
     let mut p = c
         .cmd(1, &["sh", "-c", "KRG_NODE=3 sleep 60; echo \"status $?\""])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     assert!(wait_for(Duration::from_secs(5), || {
         c.ps(1)
             .iter()
@@ -563,20 +538,15 @@ fn a_remote_program_sees_its_shadows_parent_and_group() {
 #[test]
 fn killing_a_process_group_reaches_its_remote_members() {
     let c = Cluster::up(2, 1.0);
-    let mut job = c
-        .cmd(
-            1,
-            &[
-                "setsid",
-                "sh",
-                "-c",
-                "echo $$; KRG_NODE=2 sleep 62 & sleep 62 & wait",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let leader: i64 = read_line(&mut job).parse().unwrap();
+    let (mut job, leader) = c.started_gpid(
+        1,
+        &[
+            "setsid",
+            "sh",
+            "-c",
+            "echo $$; KRG_NODE=2 sleep 62 & sleep 62 & wait",
+        ],
+    );
     let members = |c: &Cluster| {
         c.ps(2)
             .iter()

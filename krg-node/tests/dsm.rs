@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use std::process::{Child, Stdio};
+use std::process::Child;
 
 fn shmtool() -> String {
     cc(&repo_root().join("examples/shm/shmtool.c"), "shmtool")
@@ -25,14 +25,6 @@ fn ok(out: &std::process::Output, what: &str) -> String {
         text(&out.stderr)
     );
     text(&out.stdout)
-}
-
-fn spawn(c: &Cluster, node: u32, args: &[&str]) -> Child {
-    c.cmd(node, args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
 }
 
 fn finish(ch: Child, what: &str) -> String {
@@ -73,8 +65,8 @@ fn a_ring_buffer_of_c11_atomics_carries_a_million_items_between_two_nodes() {
     );
     assert!(id.trim().parse::<i32>().is_ok(), "segment id: {id}");
     let n = "1000000";
-    let cons = spawn(&c, 2, &[&t, "ring-cons", "0x5101", n]);
-    let prod = spawn(&c, 1, &[&t, "ring-prod", "0x5101", n]);
+    let cons = c.piped(2, &[&t, "ring-cons", "0x5101", n]);
+    let prod = c.piped(1, &[&t, "ring-prod", "0x5101", n]);
     let p = finish(prod, "producer on node 1");
     let q = finish(cons, "consumer on node 2");
     // The consumer checks every item against the formula as it goes; the
@@ -95,7 +87,7 @@ fn three_nodes_add_to_one_counter_with_atomic_fetch_add_exactly() {
     );
     // Each adder waits until all three have arrived, so they contend.
     let kids: Vec<Child> = (1..=3)
-        .map(|n| spawn(&c, n, &[&t, "add", "0x5102", "100000", "atomic", "3"]))
+        .map(|n| c.piped(n, &[&t, "add", "0x5102", "100000", "atomic", "3"]))
         .collect();
     for (i, k) in kids.into_iter().enumerate() {
         finish(k, &format!("adder on node {}", i + 1));
@@ -157,7 +149,7 @@ fn ipc_rmid_and_permissions_behave_as_on_one_machine() {
 
     // IPC_RMID while a process on node 3 is attached: the segment stays
     // (marked for destruction, its key free) until that process detaches.
-    let mut hold = spawn(&c, 3, &[&t, "hold", "0x5104", "3"]);
+    let mut hold = c.piped(3, &[&t, "hold", "0x5104", "3"]);
     assert_eq!(read_line(&mut hold), "attached");
     let seg = ipcs(&c, 2)
         .into_iter()
@@ -193,7 +185,7 @@ fn three_nodes_add_under_one_process_shared_mutex_exactly() {
         "create",
     );
     let kids: Vec<Child> = (1..=3)
-        .map(|n| spawn(&c, n, &[&t, "add", "0x5105", "100000", "mutex", "3"]))
+        .map(|n| c.piped(n, &[&t, "add", "0x5105", "100000", "mutex", "3"]))
         .collect();
     for (i, k) in kids.into_iter().enumerate() {
         finish(k, &format!("adder on node {}", i + 1));
@@ -213,12 +205,12 @@ fn semaphores_and_condition_variables_wake_waiters_on_other_nodes() {
         "create",
     );
     let n = "1000";
-    let b = spawn(&c, 3, &[&t, "pingpong", "0x5106", n, "1"]);
-    let a = spawn(&c, 2, &[&t, "pingpong", "0x5106", n, "0"]);
+    let b = c.piped(3, &[&t, "pingpong", "0x5106", n, "1"]);
+    let a = c.piped(2, &[&t, "pingpong", "0x5106", n, "0"]);
     assert!(finish(a, "pingpong side 0").contains("1000 round trips"));
     assert!(finish(b, "pingpong side 1").contains("1000 round trips"));
-    let b = spawn(&c, 1, &[&t, "condvar", "0x5106", n, "1"]);
-    let a = spawn(&c, 3, &[&t, "condvar", "0x5106", n, "0"]);
+    let b = c.piped(1, &[&t, "condvar", "0x5106", n, "1"]);
+    let a = c.piped(3, &[&t, "condvar", "0x5106", n, "0"]);
     let (x, y) = (finish(a, "condvar side 0"), finish(b, "condvar side 1"));
     // 2000 hand-overs in all; the side that finishes last saw them all.
     assert!(
@@ -232,8 +224,8 @@ fn a_named_posix_semaphore_ping_pongs_ten_thousand_times_between_two_nodes() {
     let c = Cluster::up(3, 1.0);
     let t = cc(&repo_root().join("examples/shm/semping.c"), "semping");
     let t = t.to_str().unwrap();
-    let b = spawn(&c, 3, &[t, "krgtest", "10000", "1"]);
-    let a = spawn(&c, 2, &[t, "krgtest", "10000", "0"]);
+    let b = c.piped(3, &[t, "krgtest", "10000", "1"]);
+    let a = c.piped(2, &[t, "krgtest", "10000", "0"]);
     let x = finish(a, "semping side 0 on node 2");
     let y = finish(b, "semping side 1 on node 3");
     assert!(x.contains("10000 round trips"), "{x}");
@@ -257,8 +249,8 @@ fn system_v_semaphores_are_one_set_for_the_whole_cluster() {
     );
     assert!(made.contains("nsems 4"), "{made}");
     // Cross-node wake-ups, both ways.
-    let b = spawn(&c, 2, &[t, "pingpong", "0x5201", "1000", "1"]);
-    let a = spawn(&c, 3, &[t, "pingpong", "0x5201", "1000", "0"]);
+    let b = c.piped(2, &[t, "pingpong", "0x5201", "1000", "1"]);
+    let a = c.piped(3, &[t, "pingpong", "0x5201", "1000", "0"]);
     assert!(finish(a, "pingpong side 0").contains("1000 round trips"));
     assert!(finish(b, "pingpong side 1").contains("1000 round trips"));
     // SEM_UNDO: the +1 of a process on node 2 is undone when it exits.
@@ -292,7 +284,7 @@ fn system_v_semaphores_are_one_set_for_the_whole_cluster() {
     );
     assert_eq!(timed.trim(), "Resource temporarily unavailable");
     // IPC_RMID from node 1 wakes a waiter on node 2 with EIDRM.
-    let waiter = spawn(&c, 2, &[t, "down", "0x5201", "3"]);
+    let waiter = c.piped(2, &[t, "down", "0x5201", "3"]);
     std::thread::sleep(std::time::Duration::from_millis(800));
     ok(&c.cmd(1, &[t, "rm", "0x5201"]).output().unwrap(), "rm");
     assert_eq!(finish(waiter, "waiter").trim(), "Identifier removed");
@@ -329,7 +321,7 @@ fn a_page_lost_with_its_node_gives_sigbus_not_stale_data() {
     assert!(!said.contains("atomic 0"), "stale contents read: {said}");
     // A checkpoint of a process with a segment attached is refused (an
     // image would not hold the segment's contents).
-    let mut hold = spawn(&c, 1, &[&t, "hold", "0x5107", "5"]);
+    let mut hold = c.piped(1, &[&t, "hold", "0x5107", "5"]);
     assert_eq!(read_line(&mut hold), "attached");
     let pid = procs_named(&c, "hold")
         .first()
@@ -357,8 +349,8 @@ fn a_process_attached_to_a_segment_migrates_and_keeps_sharing_it() {
         &c.cmd(1, &[&t, "create", "0x5110"]).output().unwrap(),
         "create",
     );
-    let mover = spawn(&c, 1, &[&t, "add-paced", "0x5110", "3000", "1000"]);
-    let other = spawn(&c, 3, &[&t, "add-paced", "0x5110", "3000", "1000"]);
+    let mover = c.piped(1, &[&t, "add-paced", "0x5110", "3000", "1000"]);
+    let other = c.piped(3, &[&t, "add-paced", "0x5110", "3000", "1000"]);
     let find = || {
         procs_named(&c, "add-paced")
             .iter()
@@ -461,7 +453,7 @@ fn a_posix_shared_memory_object_is_the_same_on_every_node() {
         .unwrap();
     assert!(text(&again.stderr).contains("File exists"), "{again:?}");
     let kids: Vec<Child> = (1..=3)
-        .map(|n| spawn(&c, n, &[t, "add", "/krgobj", "20000", "3"]))
+        .map(|n| c.piped(n, &[t, "add", "/krgobj", "20000", "3"]))
         .collect();
     for k in kids {
         finish(k, "adder");
@@ -493,10 +485,7 @@ fn shared_anonymous_memory_stays_shared_with_a_child_that_moves() {
     let run = c
         .cmd(1, &[prog, "2500", "1000"])
         .env("KRG_CAPS", "+dsm-anon")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     // The child: the process of the program whose parent is the other.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let child = loop {

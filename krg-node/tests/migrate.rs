@@ -64,10 +64,7 @@ fn python_migrated_three_times_prints_what_an_unmigrated_run_prints() {
     // the shadow left on the node it came from.
     let mut p = c
         .cmd(1, &["/usr/bin/python3", &script, steps])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     let mut stdout = p.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut s = Vec::new();
@@ -129,10 +126,7 @@ fn a_thread_pool_migrated_twice_keeps_its_threads_memory() {
     let c = Cluster::up(3, 1.0);
     let mut p = c
         .cmd(1, &["/usr/bin/python3", "-c", POOL_PY, "400"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     let pid: i64 = read_line(&mut p).trim().parse().unwrap();
     for to in [2, 3] {
         std::thread::sleep(Duration::from_millis(400));
@@ -157,12 +151,7 @@ fn threads_migrated_ten_times_in_a_row_end_exact() {
         .output()
         .unwrap();
     let c = Cluster::up(3, 1.0);
-    let p = c
-        .cmd(1, &[&bin, "1500", "2000000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let p = c.cmd(1, &[&bin, "1500", "2000000"]).spawn_outputs();
     let mut pid = None;
     assert!(wait_for(Duration::from_secs(10), || {
         pid = find(&c, &bin).map(|p| p.0);
@@ -189,9 +178,7 @@ fn a_gibibyte_of_memory_moves_intact() {
     let c = Cluster::up(3, 1.0);
     let mut p = c
         .cmd(1, &[bin.to_str().unwrap(), "1024", "20"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_stdout();
     assert_eq!(read_line(&mut p), "ready 1024 MiB");
     let (pid, _) = find(&c, bin.to_str().unwrap()).unwrap();
     migrate(&c, 1, pid, 2);
@@ -218,12 +205,8 @@ raise SystemExit(7)' & a=$!
         wait $a; echo "a $?"
         wait $b; echo "b $?"
     "#;
-    let mut p = c
-        .cmd(1, &["sh", "-c", script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert_eq!(read_line(&mut p), "started");
+    let (p, first) = c.started(1, &["sh", "-c", script]);
+    assert_eq!(first, "started");
     let mut a = None;
     let mut b = None;
     assert!(wait_for(Duration::from_secs(10), || {
@@ -257,11 +240,7 @@ while True: signal.pause()' & b=$!
         wait $a; echo "a $?"
         wait $b; echo "b $?"
     "#;
-    let mut p = c
-        .cmd(1, &["sh", "-c", script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut p = c.cmd(1, &["sh", "-c", script]).spawn_stdout();
     let line = read_line(&mut p);
     let ids: Vec<&str> = line.split_whitespace().skip(1).collect();
     assert_eq!(ids.len(), 3, "{line}");
@@ -315,12 +294,7 @@ while True: signal.pause()' & b=$!
         echo "started $$ $b"
         wait $b; echo "b $?"
     "#;
-    let mut p = c
-        .cmd(1, &["sh", "-c", script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = read_line(&mut p);
+    let (p, line) = c.started(1, &["sh", "-c", script]);
     let ids: Vec<i64> = line
         .split_whitespace()
         .skip(1)
@@ -367,12 +341,7 @@ while True: signal.pause()' & b=$!
         echo "started $$ $b"
         wait $b; echo "b $?"
     "#;
-    let mut p = c
-        .cmd(1, &["sh", "-c", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut p = c.cmd(1, &["sh", "-c", script]).spawn_outputs();
     let line = read_line(&mut p);
     let ids: Vec<i64> = line
         .split_whitespace()
@@ -428,10 +397,7 @@ print("reaped", p == pid, os.waitstatus_to_exitcode(st), flush=True)
 "#;
     let mut p = c
         .cmd(1, &["/usr/bin/python3", "-c", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     let line = read_line(&mut p);
     let child: i64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     let mut parent = None;
@@ -501,9 +467,7 @@ fn migrate_refusals_leave_the_process_alone() {
     let c = Cluster::up(2, 1.0);
     let mut p = c
         .cmd(1, &["sh", "-c", "sleep 30; echo done"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_stdout();
     let mut pid = None;
     assert!(wait_for(Duration::from_secs(10), || {
         pid = find(&c, "sleep 30").map(|p| p.0);
@@ -753,11 +717,7 @@ fn checkpoint_keeps_running_and_a_restarted_copy_finishes_too() {
     let img = shared_dir("ckpt-copy").join("img");
     let _ = std::fs::remove_dir_all(&img);
     let c = Cluster::up(3, 1.0);
-    let p = c
-        .cmd(1, &[&bin, "800", "2000000"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let p = c.cmd(1, &[&bin, "800", "2000000"]).spawn_stdout();
     let mut pid = None;
     assert!(wait_for(Duration::from_secs(10), || {
         pid = find(&c, &bin).map(|p| p.0);
@@ -825,11 +785,7 @@ int main(void) {
     );
     let bin = cc(&src, "ckpt-uring");
     let c = Cluster::up(2, 1.0);
-    let mut p = c
-        .cmd(1, &[bin.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut p = c.cmd(1, &[bin.to_str().unwrap()]).spawn_stdout();
     let first = read_line(&mut p);
     assert!(first.starts_with("fd "), "{first}");
     let fd = first[3..].to_string();
@@ -953,10 +909,7 @@ fn post_copy_gibibyte_with_faulting_threads_and_reads_moves_twice_in_a_row() {
     let c = Cluster::up(3, 1.0);
     let mut p = c
         .cmd(1, &[&bin, "1024", "3", "25", data.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     assert_eq!(read_line(&mut p), "ready");
     let (pid, _) = find(&c, &bin).unwrap();
     let pid_s = pid.to_string();
@@ -1015,10 +968,7 @@ fn post_copy_broken_by_the_source_dying_leaves_no_half_process() {
     let c = Cluster::up(2, 1.0);
     let mut p = c
         .cmd(1, &[&bin, "2048", "1", "60", data.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     assert_eq!(read_line(&mut p), "ready");
     let (pid, _) = find(&c, &bin).unwrap();
     let pid_s = pid.to_string();
@@ -1067,11 +1017,7 @@ fn a_server_sharing_memory_and_a_pipe_with_its_children_is_not_moved_alone() {
         "deathwatch",
     );
     let c = Cluster::up(2, 1.0);
-    let mut p = c
-        .cmd(1, &[bin.to_str().unwrap(), "40"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut p = c.cmd(1, &[bin.to_str().unwrap(), "40"]).spawn_stdout();
     assert_eq!(read_line(&mut p), "ready");
     let cmd = format!("{} 40", bin.display());
     let ps = c.ps(1);
@@ -1133,12 +1079,7 @@ fn a_file_description_shared_with_the_shell_is_not_moved_and_keeps_its_offset() 
         f = f.display(),
         go = go.display()
     );
-    let p = c
-        .cmd(1, &["bash", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let p = c.cmd(1, &["bash", "-c", &script]).spawn_outputs();
     let mut sh = None;
     assert!(wait_for(Duration::from_secs(10), || {
         sh = find(&c, "sh -c while");
@@ -1172,12 +1113,7 @@ fn a_shell_moved_between_its_childrens_writes_keeps_every_line() {
         f = f.display(),
         done = done.display()
     );
-    let p = c
-        .cmd(1, &["bash", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let p = c.cmd(1, &["bash", "-c", &script]).spawn_outputs();
     // The shell, not one of its children not yet exec'd: the lowest gpid.
     let shell = || {
         c.ps(1)
@@ -1241,10 +1177,7 @@ fn a_program_with_a_popen_child_is_not_moved_and_pclose_sees_its_end() {
     );
     let p = c
         .cmd(1, &[spawnkit.to_str().unwrap(), "popen-r", &cmd])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     let mut sk = None;
     assert!(wait_for(Duration::from_secs(10), || {
         sk = find(&c, &format!("{} popen-r", spawnkit.display()));

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use std::process::{Child, Output, Stdio};
+use std::process::{Child, Output};
 
 fn tcpecho() -> String {
     cc(&repo_root().join("examples/streams/tcpecho.c"), "tcpecho")
@@ -63,15 +63,6 @@ fn pipegen() -> String {
         .to_string()
 }
 
-/// `ARGS` on node K as an SSI process, its output and errors piped.
-fn piped(c: &Cluster, node: u32, args: &[&str]) -> Child {
-    c.cmd(node, args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 fn show(out: &Output) -> String {
     format!(
         "exit {:?}\nstdout: {}\nstderr: {}",
@@ -88,7 +79,7 @@ fn ok(out: &Output, what: &str) -> String {
 
 /// Start `tcpecho serve ADDR 0 CONNS` on `node`; its port.
 fn serve(c: &Cluster, t: &str, node: u32, addr: &str, conns: u32) -> (Child, u16) {
-    let mut ch = piped(c, node, &[t, "serve", addr, "0", &conns.to_string()]);
+    let mut ch = c.piped(node, &[t, "serve", addr, "0", &conns.to_string()]);
     let line = read_line(&mut ch);
     match line.strip_prefix("listening ").and_then(|p| p.parse().ok()) {
         Some(port) => (ch, port),
@@ -289,7 +280,7 @@ fn an_epoll_loop_over_timerfd_eventfd_and_signalfd_migrates_and_keeps_serving_al
     let c = Cluster::up(3, 1.0);
     let bin = cc(&repo_root().join("examples/ckpt/evloop.c"), "evloop");
     let bin = bin.to_str().unwrap();
-    let mut ch = piped(&c, 1, &[bin]);
+    let mut ch = c.piped(1, &[bin]);
     let rx = lines_of(&mut ch);
     assert_eq!(next_with(&rx, "ready"), "ready");
     let (pid, _) = find(&c, bin).expect("evloop in krg ps");
@@ -324,11 +315,7 @@ fn an_epoll_loop_over_timerfd_eventfd_and_signalfd_migrates_and_keeps_serving_al
 /// Start `tcpecho client 127.0.0.1 PORT MSGS` on `node`; it and its gpid
 /// once `krg ps` lists it.
 fn start_client(c: &Cluster, t: &str, node: u32, port: u16, msgs: &str) -> (Child, String) {
-    let cli = piped(
-        c,
-        node,
-        &[t, "client", "127.0.0.1", &port.to_string(), msgs],
-    );
+    let cli = c.piped(node, &[t, "client", "127.0.0.1", &port.to_string(), msgs]);
     // Its gpid: the client started on that node.
     let pat = format!("{t} client");
     let mut pid = None;
@@ -616,7 +603,7 @@ fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_n
         "tcpthreads",
     );
     let s = s.to_str().unwrap();
-    let mut srv = piped(&c, 1, &[s, "2"]);
+    let mut srv = c.piped(1, &[s, "2"]);
     let line = read_line(&mut srv);
     let port: u16 = line
         .strip_prefix("listening ")
@@ -662,7 +649,7 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
     let want = reference_digest(&g, 1024);
     // 1 GiB, paced (30 ms a MiB) until the moves are done, then at full
     // speed (SIGUSR1).
-    let job = piped(&c, 1, &["sh", "-c", &format!("{g} 1024 30 | sha256sum")]);
+    let job = c.piped(1, &["sh", "-c", &format!("{g} 1024 30 | sha256sum")]);
     let (prod, cons) = producer_and_consumer(&c, &format!("{g} 1024"));
     let p = format!("{g} 1024");
     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -697,17 +684,13 @@ fn migrate_in_background(c: &Cluster, args: &[&str]) -> Child {
     let k = krg_bin();
     let mut v = vec![k.to_str().unwrap(), "migrate"];
     v.extend_from_slice(args);
-    c.plain(1, &v)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    c.plain(1, &v).spawn_outputs()
 }
 
 /// `sh -c "yes | READER"` on node 1, once both run: the job and the
 /// reader's gpid.
 fn yes_into(c: &Cluster, reader: &str) -> (Child, String) {
-    let job = piped(c, 1, &["sh", "-c", &format!("yes | {reader}")]);
+    let job = c.piped(1, &["sh", "-c", &format!("yes | {reader}")]);
     let mut pid = None;
     assert!(wait_for(std::time::Duration::from_secs(20), || {
         pid = find(c, reader).map(|p| p.0.to_string());
@@ -953,9 +936,7 @@ fn a_program_living_in_malloc_keeps_its_heap_while_its_streams_move() {
     let pre = format!("env LD_PRELOAD='{} {}'", spy.display(), preload().display());
     // The producer paced (10 MiB/s) a little below what mallocbusy takes
     // (mostly in malloc): the stream lasts as long as the moves.
-    let job = piped(
-        &c,
-        1,
+    let job = c.piped(1,
         &[
             "bash",
             "-c",
@@ -1019,8 +1000,7 @@ fn a_program_that_execs_itself_through_execl_keeps_its_stream_while_its_reader_m
         .output()
         .unwrap();
     let want = ok(&want, "reference run");
-    let mut job = piped(
-        &c,
+    let mut job = c.piped(
         1,
         &[
             "bash",
@@ -1067,9 +1047,9 @@ fn a_fifo_between_two_nodes_carries_its_stream_over_the_network_while_its_reader
     // kept the FIFO as its own stdin while sha256sum reads it would make
     // the move refused (it may read the rest later: a relay or a moved
     // connection would take bytes that are its own).
-    let reader = piped(&c, 2, &["sh", "-c", &format!("exec sha256sum < {f}")]);
+    let reader = c.piped(2, &["sh", "-c", &format!("exec sha256sum < {f}")]);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let writer = piped(&c, 1, &["sh", "-c", &format!("exec {g} 256 30 > {f}")]);
+    let writer = c.piped(1, &["sh", "-c", &format!("exec {g} 256 30 > {f}")]);
     let (prod, cons) = producer_and_consumer(&c, &format!("{g} 256"));
     // Not one kernel's FIFO shared by two "nodes": the bytes cross the
     // network, between the writer's node and the reader's.
@@ -1107,9 +1087,9 @@ fn a_fifo_whose_ends_met_on_one_node_moves_with_either_end() {
         let fs = f.to_str().unwrap();
         // The reader opens the FIFO by name (its fd 3), the writer has it
         // as its stdout; both on node 1.
-        let reader = piped(&c, 1, &["sha256sum", fs]);
+        let reader = c.piped(1, &["sha256sum", fs]);
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let writer = piped(&c, 1, &["sh", "-c", &format!("exec {g} 256 30 > {fs}")]);
+        let writer = c.piped(1, &["sh", "-c", &format!("exec {g} 256 30 > {fs}")]);
         let (prod, cons) = producer_and_consumer(&c, &format!("{g} 256"));
         let (a, b) = if first == "reader" {
             ((cons.as_str(), "sha256sum"), (prod.as_str(), g.as_str()))
@@ -1213,10 +1193,10 @@ fn a_non_blocking_fifo_reader_is_reached_by_writers_on_every_node() {
     };
     assert_eq!(nb_write(3, "1"), "ENXIO\n", "no reader anywhere yet");
     // A blocking writer waits for a reader...
-    let waiting = piped(&c, 1, &[bin, "w", f, "1000"]);
+    let waiting = c.piped(1, &[bin, "w", f, "1000"]);
     std::thread::sleep(std::time::Duration::from_millis(500));
     // ... and meets the non-blocking one on node 2 as soon as it opens.
-    let mut reader = piped(&c, 2, &["python3", "-c", NB_READER, f, "3500"]);
+    let mut reader = c.piped(2, &["python3", "-c", NB_READER, f, "3500"]);
     assert_eq!(read_line(&mut reader), "open");
     let w = ok(&waiting.wait_with_output().unwrap(), "waiting writer");
     assert_eq!(w, "socket\nwrote 1000\n", "the writer on node 1");
@@ -1283,17 +1263,14 @@ fn a_process_logging_to_its_nodes_datagram_service_migrates_and_logs_to_the_new_
     let mut svc: Vec<Child> = (1..=2)
         .map(|n| {
             c.plain(n, &["python3", "-c", DGRAM_SERVICE, path])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+                .spawn_outputs()
         })
         .collect();
     let rx: Vec<_> = svc.iter_mut().map(lines_of).collect();
     for r in &rx {
         assert_eq!(next_with(r, ""), "bound");
     }
-    let mut sender = piped(&c, 1, &["python3", "-c", DGRAM_SENDER, path]);
+    let mut sender = c.piped(1, &["python3", "-c", DGRAM_SENDER, path]);
     let pid = read_line(&mut sender);
     let mut on1 = Vec::new();
     while on1.len() < 20 {
@@ -1340,7 +1317,7 @@ fn a_fifo_opened_with_fopen_meets_its_other_end_on_another_node() {
     let f = new_fifo("fifo-fopen");
     let f = f.to_str().unwrap();
     // Two nodes: each end is the socket krg gave, not the local FIFO.
-    let reader = piped(&c, 2, &[bin, "r", f]);
+    let reader = c.piped(2, &[bin, "r", f]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let w = ok(
         &c.cmd(1, &[bin, "w", f, "200000"]).output().unwrap(),
@@ -1350,7 +1327,7 @@ fn a_fifo_opened_with_fopen_meets_its_other_end_on_another_node() {
     let r = ok(&reader.wait_with_output().unwrap(), "reader");
     assert_eq!(r, "socket\nread 200000 sum 19999900000\n");
     // One node: the FIFO itself.
-    let reader = piped(&c, 1, &[bin, "r", f]);
+    let reader = c.piped(1, &[bin, "r", f]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let w = ok(
         &c.cmd(1, &[bin, "w", f, "1000"]).output().unwrap(),
@@ -1367,7 +1344,7 @@ fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
     let c = Cluster::up(2, 1.0);
     let bin = cc(&repo_root().join("examples/ckpt/pipes.c"), "pipes");
     let bin = bin.to_str().unwrap();
-    let mut ch = piped(&c, 1, &[bin, "60"]);
+    let mut ch = c.piped(1, &[bin, "60"]);
     let rx = lines_of(&mut ch);
     assert!(next_with(&rx, "ready").starts_with("ready"));
     let pid = find(&c, bin).expect("pipes in krg ps").0.to_string();
@@ -1395,7 +1372,7 @@ fn a_child_talking_to_its_parent_over_a_socketpair_moves_twice_mid_conversation(
 }
 
 fn socketpair_child_moves(c: &Cluster, bin: &str, how: &str) {
-    let mut ch = piped(c, 1, &[bin, how]);
+    let mut ch = c.piped(1, &[bin, how]);
     let rx = lines_of(&mut ch);
     let pids = next_with(&rx, "pids ");
     let w: Vec<&str> = pids.split_whitespace().collect();
@@ -1427,7 +1404,7 @@ fn a_seqpacket_socketpair_keeps_every_message_whole_while_either_end_moves() {
     let bin = cc(&repo_root().join("examples/streams/seqpair.c"), "seqpair");
     let bin = bin.to_str().unwrap();
     for how in ["exec", "forked"] {
-        let mut ch = piped(&c, 1, &[bin, how]);
+        let mut ch = c.piped(1, &[bin, how]);
         let rx = lines_of(&mut ch);
         let pids = next_with(&rx, "pids ");
         let w: Vec<&str> = pids.split_whitespace().collect();
@@ -1517,7 +1494,7 @@ fn a_unix_socket_name_is_reached_from_every_node() {
     let _ = std::fs::remove_file(&path);
     let p = path.to_str().unwrap();
     let abs = format!("krg-test-echo-{}", std::process::id());
-    let mut srv = piped(&c, 1, &["python3", "-c", UNIX_SERVER, p, &abs, "4"]);
+    let mut srv = c.piped(1, &["python3", "-c", UNIX_SERVER, p, &abs, "4"]);
     assert_eq!(read_line(&mut srv), "ready");
     let at = |node: u32, name: &str| {
         let out = c
@@ -1590,9 +1567,9 @@ fn a_client_of_a_unix_socket_on_another_node_migrates_mid_conversation() {
     let path = dir.join("echo.sock");
     let _ = std::fs::remove_file(&path);
     let p = path.to_str().unwrap();
-    let mut srv = piped(&c, 1, &["python3", "-c", UNIX_ECHO, p]);
+    let mut srv = c.piped(1, &["python3", "-c", UNIX_ECHO, p]);
     assert_eq!(read_line(&mut srv), "ready");
-    let mut cli = piped(&c, 2, &["python3", "-c", UNIX_CHAT, p, "1500"]);
+    let mut cli = c.piped(2, &["python3", "-c", UNIX_CHAT, p, "1500"]);
     let pid = read_line(&mut cli);
     std::thread::sleep(std::time::Duration::from_millis(500));
     let out = c.krg(1, &["migrate", &pid, "3"]);
@@ -1644,7 +1621,7 @@ fn a_unix_server_migrates_with_its_listeners_and_the_connection_waiting_in_their
     let p = path.to_str().unwrap();
     let abs = format!("krg-test-serial-{}", std::process::id());
     let at = format!("@{abs}");
-    let mut srv = piped(&c, 1, &["python3", "-c", UNIX_SERIAL, p, &abs, "4"]);
+    let mut srv = c.piped(1, &["python3", "-c", UNIX_SERIAL, p, &abs, "4"]);
     assert_eq!(read_line(&mut srv), "ready");
     let srv_pid = c
         .ps(1)
@@ -1655,10 +1632,10 @@ fn a_unix_server_migrates_with_its_listeners_and_the_connection_waiting_in_their
     // A client on node 2 (by the abstract name: a connection between the
     // nodes) is served; one on node 1 (by the path: the kernel's UNIX
     // socket) waits in the queue, its first line sent.
-    let mut a = piped(&c, 2, &["python3", "-c", UNIX_CHAT, &at, "1200"]);
+    let mut a = c.piped(2, &["python3", "-c", UNIX_CHAT, &at, "1200"]);
     read_line(&mut a);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let mut b = piped(&c, 1, &["python3", "-c", UNIX_CHAT, p, "300"]);
+    let mut b = c.piped(1, &["python3", "-c", UNIX_CHAT, p, "300"]);
     read_line(&mut b);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let out = c.krg(1, &["migrate", &srv_pid.to_string(), "3"]);
@@ -1769,12 +1746,12 @@ fn a_seqpacket_name_is_reached_from_every_node_and_its_client_migrates() {
     let p = path.to_str().unwrap();
     let abs = format!("krg-test-seq-{}", std::process::id());
     let at = format!("@{abs}");
-    let mut srv = piped(&c, 1, &["python3", "-c", SEQ_SERVER, p, &abs, "3"]);
+    let mut srv = c.piped(1, &["python3", "-c", SEQ_SERVER, p, &abs, "3"]);
     assert_eq!(read_line(&mut srv), "ready");
     // From node 2 by the abstract name (relayed between nodes 2 and 1),
     // moved to node 3 mid-conversation (its server's end swapped through
     // the relay).
-    let mut a = piped(&c, 2, &["python3", "-c", SEQ_CLIENT, &at, "400"]);
+    let mut a = c.piped(2, &["python3", "-c", SEQ_CLIENT, &at, "400"]);
     let pid = read_line(&mut a);
     std::thread::sleep(std::time::Duration::from_millis(500));
     let out = c.krg(1, &["migrate", &pid, "3"]);
@@ -1874,9 +1851,9 @@ print("ok", n, flush=True)
 fn a_connection_in_a_checkpoint_image_waits_for_the_restart_and_goes_on_from_another_node() {
     let c = Cluster::up(3, 1.0);
     let port = "47311";
-    let mut server = piped(&c, 1, &["python3", "-c", PARK_SERVER, port]);
+    let mut server = c.piped(1, &["python3", "-c", PARK_SERVER, port]);
     assert_eq!(read_line(&mut server), "listening");
-    let mut client = piped(&c, 2, &["python3", "-c", PARK_CLIENT, port, "400"]);
+    let mut client = c.piped(2, &["python3", "-c", PARK_CLIENT, port, "400"]);
     let pid = read_line(&mut client);
     std::thread::sleep(std::time::Duration::from_millis(1000));
     let img = shared_dir("parked").join("img");
@@ -1896,10 +1873,7 @@ fn a_connection_in_a_checkpoint_image_waits_for_the_restart_and_goes_on_from_ano
             1,
             &[k.to_str().unwrap(), "restart", "-q", img, "--node", "3"],
         )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     assert!(
         wait_for(std::time::Duration::from_secs(20), || c
             .ps(1)
@@ -1920,7 +1894,7 @@ fn a_connection_in_a_checkpoint_image_waits_for_the_restart_and_goes_on_from_ano
 fn socketpairs_within_a_process_move_and_restart_with_what_is_queued_in_them() {
     let c = Cluster::up(3, 1.0);
     // Migrated twice while its loop runs.
-    let mut p = piped(&c, 1, &["python3", "-c", ASYNC_PAIRS, "300"]);
+    let mut p = c.piped(1, &["python3", "-c", ASYNC_PAIRS, "300"]);
     let pid = read_line(&mut p);
     for to in ["2", "3"] {
         std::thread::sleep(std::time::Duration::from_millis(700));
@@ -1932,7 +1906,7 @@ fn socketpairs_within_a_process_move_and_restart_with_what_is_queued_in_them() {
     // Checkpointed (ended), restarted on another node.
     let img = shared_dir("asyncpairs").join("img");
     let _ = std::fs::remove_dir_all(&img);
-    let mut p = piped(&c, 1, &["python3", "-c", ASYNC_PAIRS, "300"]);
+    let mut p = c.piped(1, &["python3", "-c", ASYNC_PAIRS, "300"]);
     let pid = read_line(&mut p);
     std::thread::sleep(std::time::Duration::from_millis(700));
     let ck = c.krg(
@@ -1965,27 +1939,18 @@ fn a_busy_server_moves_while_every_kind_of_client_keeps_asking() {
         ex.join("reqclient.py").display().to_string(),
     );
     let port = "8081";
-    let mut server = piped(&c, 1, &["python3", &srv, port, "4"]);
+    let mut server = c.piped(1, &["python3", &srv, port, "4"]);
     let out = lines_of(&mut server);
     next_with(&out, "ready");
     let node1 = c.node_field(1, "address").as_str().unwrap().to_string();
     let n = "100";
     let clients: Vec<Child> = vec![
-        piped(
-            &c,
-            2,
-            &["python3", &cli, "127.0.0.1", port, n, "ssi", "shut"],
-        ),
+        c.piped(2, &["python3", &cli, "127.0.0.1", port, n, "ssi", "shut"]),
         c.plain(1, &["python3", &cli, "127.0.0.1", port, n, "local", "shut"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .spawn_stdout(),
         c.plain(3, &["python3", &cli, &node1, port, n, "remote", "shut"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        piped(
-            &c,
+            .spawn_stdout(),
+        c.piped(
             3,
             &["python3", &cli, "127.0.0.1", port, "40", "gone", "gone"],
         ),
@@ -2058,7 +2023,7 @@ fn a_connection_to_the_loopback_from_another_node_shows_the_loopback_at_both_end
         ("::", "7073", vec![(2, "::1")], vec!["::1"]),
     ] {
         let n = clients.len().to_string();
-        let mut srv = piped(&c, 1, &["python3", py, "serve", bind, port, &n]);
+        let mut srv = c.piped(1, &["python3", py, "serve", bind, port, &n]);
         assert_eq!(read_line(&mut srv), "listening");
         for ((node, host), peer) in clients.iter().zip(&want) {
             let here = if *peer == node2 { host } else { peer };
@@ -2101,11 +2066,7 @@ fn a_reader_sharing_its_stdin_pipe_is_not_moved_and_no_byte_is_lost() {
                 "( head -c 12; echo; read -r l; echo \"l=$l\"; read -r m; echo \"m=$m\" )",
             ],
         )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_stdio();
     let mut w = p.stdin.take().unwrap();
     w.write_all(b"abcdefgh\n").unwrap();
     w.flush().unwrap();
@@ -2145,12 +2106,7 @@ fn a_stdin_connection_shared_with_a_child_is_not_relayed_away_from_it() {
          | sh -c 'read -r x; echo \"$x\"; tr a-z A-Z'",
         go = go.display()
     );
-    let p = c
-        .cmd(1, &["bash", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let p = c.cmd(1, &["bash", "-c", &script]).spawn_outputs();
     let mut sh = None;
     assert!(wait_for(std::time::Duration::from_secs(10), || {
         sh = find(&c, "sh -c read");

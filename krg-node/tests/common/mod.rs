@@ -254,6 +254,69 @@ impl Cluster {
     }
 }
 
+/// Starting a command with the standard streams a test holds: what is not
+/// piped is inherited (the test's own output shows it).
+pub trait Spawn {
+    /// Started, its stdout piped.
+    fn spawn_stdout(&mut self) -> Child;
+    /// Started, its stdout and stderr piped.
+    fn spawn_outputs(&mut self) -> Child;
+    /// Started, its stdin and stdout piped.
+    fn spawn_in_out(&mut self) -> Child;
+    /// Started, its stdin, stdout and stderr piped.
+    fn spawn_stdio(&mut self) -> Child;
+    /// Run with `input` on its stdin (closed after it); its output.
+    fn output_with_input(&mut self, input: &[u8]) -> Output;
+}
+
+impl Spawn for Command {
+    fn spawn_stdout(&mut self) -> Child {
+        self.stdout(Stdio::piped()).spawn().unwrap()
+    }
+
+    fn spawn_outputs(&mut self) -> Child {
+        self.stderr(Stdio::piped()).spawn_stdout()
+    }
+
+    fn spawn_in_out(&mut self) -> Child {
+        self.stdin(Stdio::piped()).spawn_stdout()
+    }
+
+    fn spawn_stdio(&mut self) -> Child {
+        self.stdin(Stdio::piped()).spawn_outputs()
+    }
+
+    fn output_with_input(&mut self, input: &[u8]) -> Output {
+        let mut ch = self.spawn_stdio();
+        ch.stdin.take().unwrap().write_all(input).unwrap();
+        ch.wait_with_output().unwrap()
+    }
+}
+
+impl Cluster {
+    /// `ARGS` on node K as an SSI process, its stdout and stderr piped.
+    pub fn piped(&self, node: u32, args: &[&str]) -> Child {
+        self.cmd(node, args).spawn_outputs()
+    }
+
+    /// `ARGS` on node K as an SSI process, its stdout piped, and the first
+    /// line it prints (a program that says its pid, or that it is ready).
+    pub fn started(&self, node: u32, args: &[&str]) -> (Child, String) {
+        let mut ch = self.cmd(node, args).spawn_stdout();
+        let line = read_line(&mut ch);
+        (ch, line)
+    }
+
+    /// `started` for a program whose first line is its gpid.
+    pub fn started_gpid(&self, node: u32, args: &[&str]) -> (Child, i64) {
+        let (ch, line) = self.started(node, args);
+        let gpid = line
+            .parse()
+            .unwrap_or_else(|_| panic!("{args:?} on node {node} printed {line:?}, not its gpid"));
+        (ch, gpid)
+    }
+}
+
 /// Run what follows as user nobody (uid and gid 65534, no groups).
 pub const AS_NOBODY: [&str; 4] = [
     "setpriv",
