@@ -454,10 +454,9 @@ pub fn cc(src: &Path, name: &str) -> PathBuf {
     use sha2::{Digest, Sha256};
     static BUILDS: AtomicU32 = AtomicU32::new(0);
     const FLAGS: [&str; 3] = ["-O1", "-Wall", "-pthread"];
-    let code = std::fs::read(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
     let mut h = Sha256::new();
     h.update(FLAGS.join(" "));
-    h.update(&code);
+    hash_source(&mut h, src);
     let dir = shared_dir("bin").join(&hex::encode(h.finalize())[..16]);
     let out = dir.join(name);
     if out.exists() {
@@ -486,6 +485,24 @@ pub fn cc(src: &Path, name: &str) -> PathBuf {
     }
     let _ = std::fs::remove_file(&tmp);
     out
+}
+
+/// Hash `src` and the local headers it includes (`#include "..."`, found
+/// next to the file that names them, as gcc does): a changed header is
+/// another program.
+fn hash_source(h: &mut sha2::Sha256, src: &Path) {
+    use sha2::Digest;
+    let code = std::fs::read_to_string(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    h.update(&code);
+    for l in code.lines() {
+        let header = l
+            .trim_start()
+            .strip_prefix("#include \"")
+            .and_then(|r| r.split_once('"'));
+        if let Some((name, _)) = header {
+            hash_source(h, &src.parent().unwrap().join(name));
+        }
+    }
 }
 
 pub fn repo_root() -> PathBuf {
