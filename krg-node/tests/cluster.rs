@@ -26,11 +26,7 @@ fn cluster_up_down_leaves_nothing() {
         .output()
         .unwrap();
     assert!(!again.status.success());
-    assert!(
-        text(&again.stderr).contains("already up"),
-        "{}",
-        text(&again.stderr)
-    );
+    assert_contains(&text(&again.stderr), "already up");
     // Every node sees every node up, with its CPU quota.
     for n in 1..=3 {
         let st = c.status(n);
@@ -105,11 +101,7 @@ fn cluster_up_down_leaves_nothing() {
     // Down with nothing up is not an error.
     let down = c.krg_cluster().arg("down").output().unwrap();
     assert!(down.status.success(), "{}", text(&down.stderr));
-    assert!(
-        text(&down.stdout).contains("no local cluster"),
-        "{}",
-        text(&down.stdout)
-    );
+    assert_contains(&text(&down.stdout), "no local cluster");
 }
 
 #[test]
@@ -171,11 +163,7 @@ fn nodes_are_separate_hosts() {
         .plain(2, &["ip", "-4", "-o", "addr", "show", "eth0"])
         .output()
         .unwrap();
-    assert!(
-        text(&o.stdout).contains(&format!("{}/24", c.addr(2))),
-        "{}",
-        text(&o.stdout)
-    );
+    assert_contains(&text(&o.stdout), &format!("{}/24", c.addr(2)));
     // No route into any instance's subnet.
     let r = Command::new("ip")
         .args(["route", "show", "root", "10.77.0.0/16"])
@@ -249,7 +237,7 @@ fn gpids_ps_and_kill_across_nodes() {
         text(&k.stderr)
     );
     let o = c.sh(1, &format!("kill -0 {gpid} 2>&1; echo rc=$?"));
-    assert!(text(&o.stdout).contains("rc=1"), "{}", text(&o.stdout));
+    assert_contains(&text(&o.stdout), "rc=1");
     // A program's kill(2) reaches a process on another node.
     let (mut victim, v) = c.started_gpid(3, &["sh", "-c", "echo $$; exec sleep 60"]);
     assert_eq!(node_of(v), 3);
@@ -264,11 +252,7 @@ fn gpids_ps_and_kill_across_nodes() {
     assert_eq!(status.code(), Some(128 + 9), "{status:?}");
     // top shows the cluster.
     let top = c.krg(1, &["top", "-b", "-n", "1"]);
-    assert!(
-        text(&top.stdout).contains("krg top"),
-        "{}",
-        text(&top.stdout)
-    );
+    assert_contains(&text(&top.stdout), "krg top");
 }
 
 #[test]
@@ -339,11 +323,7 @@ fn kill_permissions_and_unknown_pids() {
     // Another user may not signal it, neither with krg kill nor with kill(2).
     let k = c.krg_as_nobody(1, &["kill", "-TERM", &g]);
     assert!(!k.status.success());
-    assert!(
-        text(&k.stderr).contains("not permitted"),
-        "{}",
-        text(&k.stderr)
-    );
+    assert_contains(&text(&k.stderr), "not permitted");
     let nob = c.as_nobody(
         1,
         &["sh", "-c", &format!("kill -TERM {g} 2>&1; echo rc=$?")],
@@ -559,11 +539,7 @@ s.send(struct.pack('<I', 1 << 30))
 print(s.recv(4096))
 "#;
     let o = c.plain(1, &["python3", "-c", probe]).output().unwrap();
-    assert!(
-        text(&o.stdout).contains("malformed request"),
-        "{}",
-        text(&o.stdout)
-    );
+    assert_contains(&text(&o.stdout), "malformed request");
     for n in 1..=2 {
         assert!(
             c.status(n).iter().all(|s| s["state"] == "up"),

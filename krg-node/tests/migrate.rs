@@ -29,11 +29,7 @@ fn migrate(c: &Cluster, from: u32, pid: i64, to: u32) {
             .map(|p| format!("{} {} {}", p["pid"], p["ppid"], p["command"]))
             .collect::<Vec<_>>()
     );
-    assert!(
-        text(&out.stdout).contains(&format!("migrated to node {to}")),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_contains(&text(&out.stdout), &format!("migrated to node {to}"));
 }
 
 const HASH_PY: &str = r#"
@@ -476,27 +472,15 @@ fn migrate_refusals_leave_the_process_alone() {
     let pid = pid.unwrap().to_string();
     let same = c.krg(1, &["migrate", &pid, "1"]);
     assert!(!same.status.success());
-    assert!(
-        text(&same.stderr).contains("already runs on node 1"),
-        "{}",
-        text(&same.stderr)
-    );
+    assert_contains(&text(&same.stderr), "already runs on node 1");
     let nowhere = c.krg(1, &["migrate", &pid, "9"]);
     assert!(!nowhere.status.success());
-    assert!(
-        text(&nowhere.stderr).contains("node 9"),
-        "{}",
-        text(&nowhere.stderr)
-    );
+    assert_contains(&text(&nowhere.stderr), "node 9");
     let off = c.krg(1, &["capset", &pid, "-migrate"]);
     assert!(off.status.success());
     let refused = c.krg(1, &["migrate", &pid, "2"]);
     assert!(!refused.status.success());
-    assert!(
-        text(&refused.stderr).contains("migrate capability is off"),
-        "{}",
-        text(&refused.stderr)
-    );
+    assert_contains(&text(&refused.stderr), "migrate capability is off");
     // A checkpoint that ends a parent would orphan its children: refused,
     // not half done (migrating it is fine: see the next test).
     let parent = c
@@ -509,15 +493,11 @@ fn migrate_refusals_leave_the_process_alone() {
     if let Some(sh) = parent {
         let r = c.krg(1, &["checkpoint", &sh, "-o", "/tmp/krg-refused", "--kill"]);
         assert!(!r.status.success());
-        assert!(text(&r.stderr).contains("orphan"), "{}", text(&r.stderr));
+        assert_contains(&text(&r.stderr), "orphan");
     }
     let nobody = c.krg_as_nobody(1, &["migrate", &pid, "2"]);
     assert!(!nobody.status.success());
-    assert!(
-        text(&nobody.stderr).contains("not permitted"),
-        "{}",
-        text(&nobody.stderr)
-    );
+    assert_contains(&text(&nobody.stderr), "not permitted");
     assert_eq!(
         find(&c, "sleep 30").map(|p| p.1),
         Some(1),
@@ -535,11 +515,7 @@ fn balancer_spreads_cpu_bound_processes_and_never_moves_the_unmovable() {
     let on = c.krg(2, &["sched", "balance", "threshold"]);
     assert!(on.status.success(), "{}", text(&on.stderr));
     let shown = c.krg(3, &["sched"]);
-    assert!(
-        text(&shown.stdout).contains("balance  threshold"),
-        "{}",
-        text(&shown.stdout)
-    );
+    assert_contains(&text(&shown.stdout), "balance  threshold");
     let script = format!(
         "for i in 1 2 3 4 5 6 7 8; do {bin} 100000000 300000000 >/dev/null 2>&1 </dev/null & done; \
          KRG_CAPS=-migrate {bin} 100000000 300000001 >/dev/null 2>&1 </dev/null &"
@@ -685,7 +661,7 @@ int main(int argc, char **argv) {
         &["checkpoint", &pid, "-o", img.to_str().unwrap(), "--kill"],
     );
     assert!(ck.status.success(), "{}", text(&ck.stderr));
-    assert!(text(&ck.stdout).contains("killed"), "{}", text(&ck.stdout));
+    assert_contains(&text(&ck.stdout), "killed");
     let before = std::fs::read_to_string(&out).unwrap().lines().count();
     assert!(
         before > 10 && before < 300,
@@ -809,11 +785,7 @@ int main(void) {
     assert!(left.is_empty(), "left in {}: {left:?}", img.display());
     let mg = c.krg(1, &["migrate", &pid.to_string(), "2"]);
     assert!(!mg.status.success());
-    assert!(
-        text(&mg.stderr).contains("io_uring is not migratable"),
-        "{}",
-        text(&mg.stderr)
-    );
+    assert_contains(&text(&mg.stderr), "io_uring is not migratable");
     let out = p.wait_with_output().unwrap();
     let o = text(&out.stdout);
     assert!(out.status.success(), "it ran on to its end: {o}");
@@ -830,16 +802,12 @@ fn restart_of_a_missing_or_bad_image_fails_cleanly() {
     let c = Cluster::up(2, 1.0);
     let r = c.krg(1, &["restart", "/nonexistent/img"]);
     assert!(!r.status.success());
-    assert!(text(&r.stderr).contains("no image"), "{}", text(&r.stderr));
+    assert_contains(&text(&r.stderr), "no image");
     let junk = dir.join("image.krg");
     write_file(&junk, "this is not an image at all, just some bytes");
     let r = c.krg(1, &["restart", dir.to_str().unwrap()]);
     assert!(!r.status.success());
-    assert!(
-        text(&r.stderr).contains("not a krg process image"),
-        "{}",
-        text(&r.stderr)
-    );
+    assert_contains(&text(&r.stderr), "not a krg process image");
     assert!(c
         .ps(1)
         .iter()
@@ -1048,11 +1016,7 @@ fn a_server_sharing_memory_and_a_pipe_with_its_children_is_not_moved_alone() {
         ],
     );
     assert!(!ck.status.success(), "{}", text(&ck.stdout));
-    assert!(
-        text(&ck.stderr).contains("would no longer be shared"),
-        "{}",
-        text(&ck.stderr)
-    );
+    assert_contains(&text(&ck.stderr), "would no longer be shared");
     let out = p.wait_with_output().unwrap();
     let o = text(&out.stdout);
     assert!(out.status.success(), "{o}");
@@ -1091,7 +1055,7 @@ fn a_file_description_shared_with_the_shell_is_not_moved_and_keeps_its_offset() 
     write_file(&go, "");
     let out = p.wait_with_output().unwrap();
     assert_refused_and_intact(&m, &out, "one\ntwo\nthree\n", "fd 3");
-    assert!(text(&m.stderr).contains("(bash)"), "{}", text(&m.stderr));
+    assert_contains(&text(&m.stderr), "(bash)");
 }
 
 /// A shell writing a shared file through short-lived children, moved again

@@ -108,11 +108,7 @@ fn policy_switches_on_every_node_and_late_nodes_catch_up() {
         assert_eq!(s["version"], "0.0");
     }
     let human = c.krg(2, &["sched"]);
-    assert!(
-        text(&human.stdout).contains("policy   local (built-in)"),
-        "{}",
-        text(&human.stdout)
-    );
+    assert_contains(&text(&human.stdout), "policy   local (built-in)");
 
     // A built-in, set on node 1, is in force on every node at once.
     let out = set(&c, 1, "round-robin");
@@ -156,11 +152,7 @@ fn policy_switches_on_every_node_and_late_nodes_catch_up() {
     );
     let out = c.krg(1, &["sched", "set", "fastest"]);
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("unknown policy `fastest`"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_contains(&text(&out.stderr), "unknown policy `fastest`");
     // Only root changes the cluster's policy.
     let k = krg_bin();
     let out = c
@@ -180,11 +172,7 @@ fn policy_switches_on_every_node_and_late_nodes_catch_up() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("only root"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_contains(&text(&out.stderr), "only root");
     wait_everywhere(&c, &[1, 2, 3], "prefer-idle.rhai", &v2, Duration::ZERO);
 
     // Node 3 misses a switch (its agent is stopped, then seen down) and

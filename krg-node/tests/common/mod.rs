@@ -435,6 +435,15 @@ pub fn eth0_bytes(c: &Cluster, node: u32) -> u64 {
     w[0] + w[8]
 }
 
+/// Assert that `haystack` contains `needle`, showing both if it does not.
+#[track_caller]
+pub fn assert_contains(haystack: &str, needle: &str) {
+    assert!(
+        haystack.contains(needle),
+        "{needle:?} is not in:\n{haystack}"
+    );
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -525,5 +534,5 @@ pub fn assert_refused_and_intact(m: &Output, out: &Output, want: &str, reason: &
         text(&out.stderr)
     );
     assert!(!m.status.success(), "{}", text(&m.stdout));
-    assert!(text(&m.stderr).contains(reason), "{}", text(&m.stderr));
+    assert_contains(&text(&m.stderr), reason);
 }
