@@ -220,8 +220,7 @@ fn gpids_ps_and_kill_across_nodes() {
     });
     assert!(counted, "node 2's process not counted: {:?}", c.status(1));
     // Killed from node 3 with `krg kill`.
-    let k = c.krg(3, &["kill", "-TERM", &gpid.to_string()]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.kill_ok(3, &["-TERM", &gpid.to_string()]);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(128 + 15), "{status:?}");
     // Gone: ESRCH, from the command and from a program's kill(2).
@@ -340,8 +339,7 @@ fn kill_permissions_and_unknown_pids() {
         "{g} died"
     );
     // Root may.
-    let k = c.krg(1, &["kill", "-KILL", &g]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.kill_ok(1, &["-KILL", &g]);
     assert_eq!(root_proc.wait().unwrap().code(), Some(137));
     // Unknown gpids: ESRCH, including one on a node that does not exist.
     for bogus in [(1i64 << GPID_SHIFT) + 4_000_000, (77i64 << GPID_SHIFT) + 5] {
@@ -618,8 +616,7 @@ fn process_groups_are_signalled_by_gpid() {
         c.ps(1)
     );
     // From node 1: krg kill -- -PGID, then the whole group is gone.
-    let k = c.krg(1, &["kill", "-TERM", "--", &format!("-{leader}")]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.kill_ok(1, &["-TERM", "--", &format!("-{leader}")]);
     let st = job.wait().unwrap();
     assert_eq!(st.code(), Some(143), "{st:?}");
     assert!(

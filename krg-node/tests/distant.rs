@@ -102,8 +102,7 @@ fn remote_child_is_listed_where_it_runs_and_killed_from_anywhere() {
             .count(),
         1
     );
-    let k = c.krg(3, &["kill", "-KILL", &child.to_string()]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.kill_ok(3, &["-KILL", &child.to_string()]);
     let rest = read_line(&mut p);
     assert_eq!(rest, format!("status {}", 128 + 9));
     let _ = p.wait();
@@ -378,7 +377,7 @@ fn make_j8_compiles_on_several_nodes() {
         1,
         &format!("cd {d} && TMPDIR={d}/tmp make -j8 -s && ./prog"),
     );
-    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    assert_ok(&o);
     // 0+1+..+10 = 55; sum over i of 55*i for i < 20 = 55 * 190.
     assert_eq!(text(&o.stdout).trim(), format!("total {}", 55 * 190));
     let log = std::fs::read_to_string(dir.join("nodes.log")).unwrap();
@@ -563,8 +562,7 @@ fn killing_a_process_group_reaches_its_remote_members() {
         "{:?}",
         c.ps(2)
     );
-    let k = c.krg(2, &["kill", "-TERM", "--", &format!("-{leader}")]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.kill_ok(2, &["-TERM", "--", &format!("-{leader}")]);
     assert_eq!(job.wait().unwrap().code(), Some(143));
     assert!(
         wait_for(Duration::from_secs(5), || members(&c).is_empty()),

@@ -10,10 +10,7 @@ use common::*;
 use std::process::Child;
 
 fn shmtool() -> String {
-    cc(&repo_root().join("examples/shm/shmtool.c"), "shmtool")
-        .to_str()
-        .unwrap()
-        .to_string()
+    example("shm/shmtool.c", "shmtool")
 }
 
 fn ok(out: &std::process::Output, what: &str) -> String {

@@ -10,10 +10,7 @@ use common::*;
 use std::process::{Child, Output};
 
 fn tcpecho() -> String {
-    cc(&repo_root().join("examples/streams/tcpecho.c"), "tcpecho")
-        .to_str()
-        .unwrap()
-        .to_string()
+    example("streams/tcpecho.c", "tcpecho")
 }
 
 /// A new FIFO `ff` in the shared directory `name` (every node sees it).
@@ -33,8 +30,8 @@ fn new_fifo(name: &str) -> std::path::PathBuf {
 fn producer_and_consumer(c: &Cluster, prod: &str) -> (String, String) {
     let (mut p, mut s) = (None, None);
     assert!(wait_for(std::time::Duration::from_secs(10), || {
-        p = find(c, prod).map(|p| p.0.to_string());
-        s = find(c, "sha256sum").map(|p| p.0.to_string());
+        p = c.find(prod).map(|p| p.0.to_string());
+        s = c.find("sha256sum").map(|p| p.0.to_string());
         p.is_some() && s.is_some()
     }));
     (p.unwrap(), s.unwrap())
@@ -50,17 +47,11 @@ fn reference_digest(g: &str, mib: u32) -> String {
 }
 
 fn fifofile() -> String {
-    cc(&repo_root().join("examples/streams/fifofile.c"), "fifofile")
-        .to_str()
-        .unwrap()
-        .to_string()
+    example("streams/fifofile.c", "fifofile")
 }
 
 fn pipegen() -> String {
-    cc(&repo_root().join("examples/streams/pipegen.c"), "pipegen")
-        .to_str()
-        .unwrap()
-        .to_string()
+    example("streams/pipegen.c", "pipegen")
 }
 
 fn show(out: &Output) -> String {
@@ -233,13 +224,6 @@ fn a_server_that_listens_without_bind_gets_a_port_reachable_from_every_node() {
 }
 
 /// The gpid and node of the SSI process whose command starts with `pat`.
-fn find(c: &Cluster, pat: &str) -> Option<(i64, u64)> {
-    c.ps(1)
-        .iter()
-        .find(|p| p["command"].as_str().unwrap_or("").starts_with(pat))
-        .map(|p| (p["pid"].as_i64().unwrap(), p["node"].as_u64().unwrap()))
-}
-
 /// The lines a child prints, as they come.
 fn lines_of(ch: &mut Child) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
@@ -283,12 +267,12 @@ fn an_epoll_loop_over_timerfd_eventfd_and_signalfd_migrates_and_keeps_serving_al
     let mut ch = c.piped(1, &[bin]);
     let rx = lines_of(&mut ch);
     assert_eq!(next_with(&rx, "ready"), "ready");
-    let (pid, _) = find(&c, bin).expect("evloop in krg ps");
+    let (pid, _) = c.find(bin).expect("evloop in krg ps");
     let mut last = ticks(&next_with(&rx, "ticks "));
     for (n, (to, from)) in [(2u32, 3u32), (3, 1)].into_iter().enumerate() {
         let out = c.krg(1, &["migrate", &pid.to_string(), &to.to_string()]);
         assert!(out.status.success(), "migrate to {to}: {}", show(&out));
-        assert_eq!(find(&c, bin).map(|p| p.1), Some(to as u64));
+        assert_eq!(c.find(bin).map(|p| p.1), Some(to as u64));
         // The timer goes on firing there (and the eventfd posts are seen:
         // the final line checks every one).
         let t = ticks(&next_with(&rx, "ticks "));
@@ -426,10 +410,7 @@ fn a_tcp_client_migrated_twice_mid_conversation_loses_no_byte_and_leaves_nothing
     for (to, left) in [(3u32, 2u32), (2, 3)] {
         let out = c.krg(1, &["migrate", &pid, &to.to_string()]);
         assert!(out.status.success(), "migrate to {to}: {}", show(&out));
-        assert_eq!(
-            find(&c, &format!("{t} client")).map(|p| p.1),
-            Some(to as u64)
-        );
+        assert_eq!(c.find(&format!("{t} client")).map(|p| p.1), Some(to as u64));
         // The old connection is gone from the node left (its shadow closes
         // it once the image is sent: a moment after the move may return),
         // and the conversation's traffic goes through the new node, not the
@@ -461,7 +442,8 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
     let t = tcpecho();
     let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 2);
     let (mut cli, cpid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
-    let pid = find(&c, &format!("{t} serve"))
+    let pid = c
+        .find(&format!("{t} serve"))
         .expect("server in krg ps")
         .0
         .to_string();
@@ -473,10 +455,7 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
             "migrate the server to {to}: {}",
             show(&out)
         );
-        assert_eq!(
-            find(&c, &format!("{t} serve")).map(|p| p.1),
-            Some(to as u64)
-        );
+        assert_eq!(c.find(&format!("{t} serve")).map(|p| p.1), Some(to as u64));
         // (After the rest of its memory has followed by post-copy.)
         std::thread::sleep(std::time::Duration::from_millis(700));
         let (new, old) = traffic(&c, to, left);
@@ -508,7 +487,8 @@ fn both_ends_of_a_connection_migrated_at_the_same_time_keep_talking() {
     let t = tcpecho();
     let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
     let (cli, cpid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
-    let spid = find(&c, &format!("{t} serve"))
+    let spid = c
+        .find(&format!("{t} serve"))
         .expect("server in krg ps")
         .0
         .to_string();
@@ -524,11 +504,11 @@ fn both_ends_of_a_connection_migrated_at_the_same_time_keep_talking() {
         assert!(a.status.success(), "server to {s_to}: {}", show(&a));
         assert!(b.status.success(), "client to {c_to}: {}", show(&b));
         assert_eq!(
-            find(&c, &format!("{t} serve")).map(|p| p.1),
+            c.find(&format!("{t} serve")).map(|p| p.1),
             Some(s_to as u64)
         );
         assert_eq!(
-            find(&c, &format!("{t} client")).map(|p| p.1),
+            c.find(&format!("{t} client")).map(|p| p.1),
             Some(c_to as u64)
         );
         std::thread::sleep(std::time::Duration::from_millis(500));
@@ -552,7 +532,8 @@ fn a_listening_socket_migrates_with_the_connection_waiting_in_its_queue() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let (b, bpid) = start_client(&c, &t, 3, port, UNTIL_STOPPED);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let pid = find(&c, &format!("{t} serve"))
+    let pid = c
+        .find(&format!("{t} serve"))
         .expect("server in krg ps")
         .0
         .to_string();
@@ -581,10 +562,7 @@ fn a_tcp_client_moved_onto_its_servers_node_and_away_again_keeps_talking() {
         std::thread::sleep(std::time::Duration::from_millis(300));
         let out = c.krg(1, &["migrate", &pid, &to.to_string()]);
         assert!(out.status.success(), "migrate to {to}: {}", show(&out));
-        assert_eq!(
-            find(&c, &format!("{t} client")).map(|p| p.1),
-            Some(to as u64)
-        );
+        assert_eq!(c.find(&format!("{t} client")).map(|p| p.1), Some(to as u64));
     }
     let n = stop_client(&c, cli, &pid);
     let s = ok(&srv.wait_with_output().unwrap(), "server");
@@ -613,7 +591,7 @@ fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_n
         .iter()
         .map(|node| start_client(&c, &t, *node, port, UNTIL_STOPPED))
         .collect();
-    let pid = find(&c, s).expect("server in krg ps").0.to_string();
+    let pid = c.find(s).expect("server in krg ps").0.to_string();
     for to in [2u32, 1] {
         std::thread::sleep(std::time::Duration::from_millis(500));
         let out = c.krg(3, &["migrate", &pid, &to.to_string()]);
@@ -639,7 +617,7 @@ fn migrate_to(c: &Cluster, pid: &str, to: u32, pat: &str) {
         "migrate {pat} to {to}: {}",
         show(&out)
     );
-    assert_eq!(find(c, pat).map(|p| p.1), Some(to as u64), "{pat}");
+    assert_eq!(c.find(pat).map(|p| p.1), Some(to as u64), "{pat}");
 }
 
 #[test]
@@ -693,8 +671,8 @@ fn yes_into(c: &Cluster, reader: &str) -> (Child, String) {
     let job = c.piped(1, &["sh", "-c", &format!("yes | {reader}")]);
     let mut pid = None;
     assert!(wait_for(std::time::Duration::from_secs(20), || {
-        pid = find(c, reader).map(|p| p.0.to_string());
-        pid.is_some() && find(c, "yes").is_some()
+        pid = c.find(reader).map(|p| p.0.to_string());
+        pid.is_some() && c.find("yes").is_some()
     }));
     (job, pid.unwrap())
 }
@@ -834,7 +812,7 @@ fn a_peer_that_ends_before_it_freezes_does_not_hold_up_the_move() {
         "the move took {:?}",
         t.elapsed()
     );
-    assert_eq!(find(&c, "sleep 600").map(|p| p.1), Some(2));
+    assert_eq!(c.find("sleep 600").map(|p| p.1), Some(2));
     let out = c.krg(1, &["kill", "-9", &reader]);
     assert!(out.status.success(), "kill the reader: {}", show(&out));
     let out = job.wait_with_output().unwrap();
@@ -888,7 +866,8 @@ fn a_reader_killed_mid_move_leaves_its_writer_a_broken_pipe_at_once() {
     );
     let t = std::time::Instant::now();
     assert!(
-        wait_for(std::time::Duration::from_secs(20), || find(&c, "yes")
+        wait_for(std::time::Duration::from_secs(20), || c
+            .find("yes")
             .is_none()),
         "yes still runs {:?} after its reader died",
         t.elapsed()
@@ -948,7 +927,7 @@ fn a_program_living_in_malloc_keeps_its_heap_while_its_streams_move() {
     producer_and_consumer(&c, busy);
     let mut moves = 0;
     for i in 0..40 {
-        let Some((pid, node)) = find(&c, "sha256sum") else {
+        let Some((pid, node)) = c.find("sha256sum") else {
             break;
         };
         let to = if node == 1 { 2 } else { 1 };
@@ -959,7 +938,7 @@ fn a_program_living_in_malloc_keeps_its_heap_while_its_streams_move() {
             moves += 1;
         }
         if i % 15 == 7 {
-            if let Some((pid, node)) = find(&c, busy) {
+            if let Some((pid, node)) = c.find(busy) {
                 let to = if node == 3 { 1 } else { 3 };
                 let _ = c.krg(1, &["migrate", &pid.to_string(), &to.to_string()]);
             }
@@ -1013,7 +992,7 @@ fn a_program_that_execs_itself_through_execl_keeps_its_stream_while_its_reader_m
     // While the pipeline runs (the looper is out of `krg ps` for a moment
     // at each exec).
     while job.try_wait().unwrap().is_none() {
-        let Some((pid, node)) = find(&c, "sha256sum") else {
+        let Some((pid, node)) = c.find("sha256sum") else {
             break;
         };
         let to = if node == 1 { 2 } else { 1 };
@@ -1347,7 +1326,7 @@ fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
     let mut ch = c.piped(1, &[bin, "60"]);
     let rx = lines_of(&mut ch);
     assert!(next_with(&rx, "ready").starts_with("ready"));
-    let pid = find(&c, bin).expect("pipes in krg ps").0.to_string();
+    let pid = c.find(bin).expect("pipes in krg ps").0.to_string();
     // A checkpoint image cannot hold a pipe that leads out of the process
     // (here: one whose other end is closed); the process is left alone.
     let dir = format!("/tmp/krg-pipes-{}", std::process::id());
@@ -1856,8 +1835,7 @@ fn a_connection_in_a_checkpoint_image_waits_for_the_restart_and_goes_on_from_ano
     let mut client = c.piped(2, &["python3", "-c", PARK_CLIENT, port, "400"]);
     let pid = read_line(&mut client);
     std::thread::sleep(std::time::Duration::from_millis(1000));
-    let img = shared_dir("parked").join("img");
-    let _ = std::fs::remove_dir_all(&img);
+    let img = fresh_path("parked", "img");
     let img = img.to_str().unwrap();
     let keep = c.krg(2, &["checkpoint", &pid, "-o", img]);
     assert!(!keep.status.success(), "{}", show(&keep));
@@ -1904,8 +1882,7 @@ fn socketpairs_within_a_process_move_and_restart_with_what_is_queued_in_them() {
     let o = ok(&p.wait_with_output().unwrap(), "migrated");
     assert!(o.contains("ok 300"), "{o}");
     // Checkpointed (ended), restarted on another node.
-    let img = shared_dir("asyncpairs").join("img");
-    let _ = std::fs::remove_dir_all(&img);
+    let img = fresh_path("asyncpairs", "img");
     let mut p = c.piped(1, &["python3", "-c", ASYNC_PAIRS, "300"]);
     let pid = read_line(&mut p);
     std::thread::sleep(std::time::Duration::from_millis(700));
@@ -2070,12 +2047,8 @@ fn a_reader_sharing_its_stdin_pipe_is_not_moved_and_no_byte_is_lost() {
     let mut w = p.stdin.take().unwrap();
     w.write_all(b"abcdefgh\n").unwrap();
     w.flush().unwrap();
-    let mut head = None;
-    assert!(wait_for(std::time::Duration::from_secs(10), || {
-        head = find(&c, "head -c 12").map(|p| p.0.to_string());
-        head.is_some()
-    }));
-    let m = c.krg(1, &["migrate", head.as_deref().unwrap(), "2"]);
+    let head = c.wait_find("head -c 12").0.to_string();
+    let m = c.krg(1, &["migrate", &head, "2"]);
     w.write_all(b"XYZW\nline2\n").unwrap();
     drop(w);
     let out = p.wait_with_output().unwrap();
@@ -2107,22 +2080,13 @@ fn a_stdin_connection_shared_with_a_child_is_not_relayed_away_from_it() {
         go = go.display()
     );
     let p = c.cmd(1, &["bash", "-c", &script]).spawn_outputs();
-    let mut sh = None;
-    assert!(wait_for(std::time::Duration::from_secs(10), || {
-        sh = find(&c, "sh -c read");
-        sh.is_some()
-    }));
-    let (pid, node) = sh.unwrap();
+    let (pid, node) = c.wait_find("sh -c read");
     let (there, back) = if node == 1 { ("2", "1") } else { ("1", "2") };
     let first = c.krg(1, &["migrate", &pid.to_string(), there]);
     assert!(first.status.success(), "{}", text(&first.stderr));
     write_file(&go, "");
     // Once `tr` runs (a child of the moved shell), move the shell again.
-    assert!(wait_for(std::time::Duration::from_secs(10), || find(
-        &c,
-        "tr a-z A-Z"
-    )
-    .is_some()));
+    c.wait_find("tr a-z A-Z");
     let second = c.krg(1, &["migrate", &pid.to_string(), back]);
     let out = p.wait_with_output().unwrap();
     let mut want = String::from("tick 1\n");

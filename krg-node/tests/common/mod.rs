@@ -37,6 +37,15 @@ pub fn shared_dir(name: &str) -> PathBuf {
     d
 }
 
+/// `name` in the shared directory `dir` (see [`shared_dir`]), with nothing
+/// there yet: what a previous run left (a file or a directory) is removed.
+pub fn fresh_path(dir: &str, name: &str) -> PathBuf {
+    let p = shared_dir(dir).join(name);
+    let _ = std::fs::remove_file(&p);
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
 /// `v` in base 36, `width` digits (zero-padded; `v` must fit).
 fn base36(mut v: u64, width: usize) -> String {
     const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
@@ -244,6 +253,27 @@ impl Cluster {
         self.json_list(node, "status")
     }
 
+    /// The first SSI process (as node 1's `krg ps` lists them) whose
+    /// command starts with `pat`: its gpid and node.
+    pub fn find(&self, pat: &str) -> Option<(i64, u64)> {
+        self.ps(1)
+            .iter()
+            .find(|p| p["command"].as_str().unwrap_or("").starts_with(pat))
+            .map(|p| (p["pid"].as_i64().unwrap(), p["node"].as_u64().unwrap()))
+    }
+
+    /// `find`, waiting up to 10 s for such a process to be listed.
+    #[track_caller]
+    pub fn wait_find(&self, pat: &str) -> (i64, u64) {
+        let mut found = None;
+        let listed = wait_for(Duration::from_secs(10), || {
+            found = self.find(pat);
+            found.is_some()
+        });
+        assert!(listed, "no process {pat:?} in krg ps: {:?}", self.ps(1));
+        found.unwrap()
+    }
+
     /// Node `id`'s state as seen from node `from`.
     pub fn node_state(&self, from: u32, id: u32) -> String {
         self.status(from)
@@ -305,6 +335,12 @@ impl Cluster {
         let mut ch = self.cmd(node, args).spawn_stdout();
         let line = read_line(&mut ch);
         (ch, line)
+    }
+
+    /// `krg kill ARGS` from node K, which must succeed.
+    pub fn kill_ok(&self, node: u32, args: &[&str]) {
+        let k = self.krg(node, &[&["kill"], args].concat());
+        assert!(k.status.success(), "krg kill {args:?}: {}", text(&k.stderr));
     }
 
     /// `started` for a program whose first line is its gpid.
@@ -444,6 +480,29 @@ pub fn assert_contains(haystack: &str, needle: &str) {
     );
 }
 
+/// Assert that a finished program succeeded, showing its output if not.
+#[track_caller]
+pub fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// Assert that a finished program printed exactly the lines `want`
+/// (its stderr shown if not).
+#[track_caller]
+pub fn assert_lines(out: &Output, want: &[&str]) {
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        want,
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -512,6 +571,22 @@ fn hash_source(h: &mut sha2::Sha256, src: &Path) {
             hash_source(h, &src.parent().unwrap().join(name));
         }
     }
+}
+
+/// Write the C program `code` as `NAME.c` in the shared directory `dir`
+/// and `cc` it as `name`; the directory and the binary.
+pub fn cc_code(dir: &str, name: &str, code: &str) -> (PathBuf, PathBuf) {
+    let d = shared_dir(dir);
+    let src = d.join(format!("{name}.c"));
+    write_file(&src, code);
+    (d, cc(&src, name))
+}
+
+/// `cc` for a program of examples/ (`rel` below it), its path as a string
+/// (to pass in a command line).
+pub fn example(rel: &str, name: &str) -> String {
+    let bin = cc(&repo_root().join("examples").join(rel), name);
+    bin.to_str().unwrap().to_string()
 }
 
 pub fn repo_root() -> PathBuf {
