@@ -272,8 +272,7 @@ fn nodes_running(c: &Cluster, prefix: &str) -> Vec<i64> {
 fn round_robin_spreads_a_shell_batch_two_per_node() {
     // Half a CPU per node: each hash runs long enough to be seen.
     let c = Cluster::up(4, 0.5);
-    let set = c.krg(1, &["sched", "set", "round-robin"]);
-    assert!(set.status.success(), "{}", text(&set.stderr));
+    c.sched_set(1, "round-robin");
     let dir = shared_dir("batch");
     let f = dir.join("50M");
     {
@@ -330,8 +329,7 @@ fn round_robin_spreads_a_shell_batch_two_per_node() {
 #[test]
 fn make_j8_compiles_on_several_nodes() {
     let c = Cluster::up(4, 1.0);
-    let set = c.krg(1, &["sched", "set", "round-robin"]);
-    assert!(set.status.success(), "{}", text(&set.stderr));
+    c.sched_set(1, "round-robin");
     let dir = shared_dir("make");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
@@ -391,8 +389,7 @@ fn make_j8_compiles_on_several_nodes() {
 #[test]
 fn user_policy_switched_mid_batch_governs_every_node() {
     let c = Cluster::up(3, 1.0);
-    let set = c.krg(1, &["sched", "set", "round-robin"]);
-    assert!(set.status.success(), "{}", text(&set.stderr));
+    c.sched_set(1, "round-robin");
     // A batch keeps running across the switch.
     let batch = c
         .cmd(
@@ -411,8 +408,7 @@ fn user_policy_switched_mid_batch_governs_every_node() {
         == 6));
     let policy = shared_dir("policy").join("all-on-3.rhai");
     write_file(&policy, "fn place(nodes, req) { 3 }\n");
-    let set = c.krg(2, &["sched", "set", policy.to_str().unwrap()]);
-    assert!(set.status.success(), "{}", text(&set.stderr));
+    c.sched_set(2, policy.to_str().unwrap());
     for n in 1..=3 {
         let o = c.sh(n, "read h < /proc/sys/kernel/hostname; echo $h; sh -c 'read h < /proc/sys/kernel/hostname; echo $h'");
         let t = text(&o.stdout);

@@ -9,22 +9,6 @@ use std::io::Read;
 use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
-/// The gpid and node of the process whose command starts with `pat`.
-fn migrate(c: &Cluster, from: u32, pid: i64, to: u32) {
-    let out = c.krg(from, &["migrate", &pid.to_string(), &to.to_string()]);
-    assert!(
-        out.status.success(),
-        "krg migrate {pid} {to}: {}{}\nps: {:?}",
-        text(&out.stdout),
-        text(&out.stderr),
-        c.ps(1)
-            .iter()
-            .map(|p| format!("{} {} {}", p["pid"], p["ppid"], p["command"]))
-            .collect::<Vec<_>>()
-    );
-    assert_contains(&text(&out.stdout), &format!("migrated to node {to}"));
-}
-
 const HASH_PY: &str = r#"
 import hashlib, sys
 n = int(sys.argv[1])
@@ -65,7 +49,7 @@ fn python_migrated_three_times_prints_what_an_unmigrated_run_prints() {
         std::thread::sleep(Duration::from_millis(700));
         // Asked from any node: the request goes where the process runs.
         let from = if from == to { 1 } else { from };
-        migrate(&c, from, pid, to);
+        c.migrate_ok(from, pid, to);
         let now = c.find("/usr/bin/python3");
         assert_eq!(now, Some((pid, to as u64)), "same gpid, on node {to}");
     }
@@ -114,7 +98,7 @@ fn a_thread_pool_migrated_twice_keeps_its_threads_memory() {
     let pid: i64 = read_line(&mut p).trim().parse().unwrap();
     for to in [2, 3] {
         std::thread::sleep(Duration::from_millis(400));
-        migrate(&c, 1, pid, to);
+        c.migrate_ok(1, pid, to);
     }
     let out = p.wait_with_output().unwrap();
     assert_ok(&out);
@@ -129,7 +113,7 @@ fn threads_migrated_ten_times_in_a_row_end_exact() {
     let p = c.cmd(1, &[&bin, "1500", "2000000"]).spawn_outputs();
     let pid = c.wait_find(&bin).0;
     for to in [2, 3, 1, 2, 3, 1, 2, 3, 1, 2] {
-        migrate(&c, 3, pid, to);
+        c.migrate_ok(3, pid, to);
         std::thread::sleep(Duration::from_millis(150));
     }
     let out = p.wait_with_output().unwrap();
@@ -146,8 +130,8 @@ fn a_gibibyte_of_memory_moves_intact() {
         .spawn_stdout();
     assert_eq!(read_line(&mut p), "ready 1024 MiB");
     let (pid, _) = c.find(bin.to_str().unwrap()).unwrap();
-    migrate(&c, 1, pid, 2);
-    migrate(&c, 2, pid, 3);
+    c.migrate_ok(1, pid, 2);
+    c.migrate_ok(2, pid, 3);
     let out = p.wait_with_output().unwrap();
     let o = text(&out.stdout);
     assert!(out.status.success(), "{o}");
@@ -179,8 +163,8 @@ raise SystemExit(7)' & a=$!
         b = c.find("sleep 60").map(|p| p.0);
         a.is_some() && b.is_some()
     }));
-    migrate(&c, 1, a.unwrap(), 2);
-    migrate(&c, 1, b.unwrap(), 3);
+    c.migrate_ok(1, a.unwrap(), 2);
+    c.migrate_ok(1, b.unwrap(), 3);
     c.kill_ok(2, &["-TERM", &b.unwrap().to_string()]);
     let out = p.wait_with_output().unwrap();
     assert_eq!(
@@ -249,7 +233,7 @@ fn shell_and_child_moves(c: &Cluster, moves: &[(Mover, u32)], kill_from: u32) ->
             Mover::Shell => sh,
             Mover::Child => b,
         };
-        migrate(c, 1, pid, to);
+        c.migrate_ok(1, pid, to);
     }
     c.kill_ok(kill_from, &["-USR1", &b.to_string()]);
     let out = p.wait_with_output().unwrap();
@@ -279,8 +263,8 @@ fn a_shell_migrated_twice_still_waits_for_the_children_it_left_behind() {
     let (sh, a, b) = (ids[0], ids[1], ids[2]);
     let sh_pid: i64 = sh.parse().unwrap();
     python_ready(&c);
-    migrate(&c, 1, sh_pid, 2);
-    migrate(&c, 3, sh_pid, 3);
+    c.migrate_ok(1, sh_pid, 2);
+    c.migrate_ok(3, sh_pid, 3);
     let where_ = |g: &str| {
         c.ps(2)
             .iter()
@@ -366,7 +350,7 @@ print("reaped", p == pid, os.waitstatus_to_exitcode(st), flush=True)
             .and_then(|q| q["pid"].as_i64());
         parent.is_some()
     }));
-    migrate(&c, 1, parent.unwrap(), 2);
+    c.migrate_ok(1, parent.unwrap(), 2);
     c.kill_ok(2, &["-USR1", &child.to_string()]);
     let out = p.wait_with_output().unwrap();
     assert_eq!(
@@ -390,7 +374,7 @@ fn a_migrated_process_shows_its_own_command_line_to_native_tools() {
         .spawn()
         .unwrap();
     let pid = c.wait_find("/usr/bin/python3 -c").0;
-    migrate(&c, 1, pid, 2);
+    c.migrate_ok(1, pid, 2);
     // Every process of node 2, one line each, NULs shown as '|'.
     let all = c
         .plain(

@@ -26,8 +26,7 @@ fn native_and_krg(c: &Cluster, script: &str, kill_after: Option<u32>) -> (Output
 
 fn round_robin(nodes: u32) -> Cluster {
     let c = Cluster::up(nodes, 1.0);
-    let o = c.krg(1, &["sched", "set", "round-robin"]);
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    c.sched_set(1, "round-robin");
     c
 }
 

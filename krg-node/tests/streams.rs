@@ -54,20 +54,6 @@ fn pipegen() -> String {
     example("streams/pipegen.c", "pipegen")
 }
 
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
-
-fn ok(out: &Output, what: &str) -> String {
-    assert!(out.status.success(), "{what}: {}", show(out));
-    text(&out.stdout)
-}
-
 /// Start `tcpecho serve ADDR 0 CONNS` on `node`; its port.
 fn serve(c: &Cluster, t: &str, node: u32, addr: &str, conns: u32) -> (Child, u16) {
     let mut ch = c.piped(node, &[t, "serve", addr, "0", &conns.to_string()]);
@@ -121,7 +107,7 @@ fn a_loopback_server_on_one_node_answers_127_0_0_1_on_every_node() {
             "ok 2000"
         );
     }
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(
         s.contains(&format!(
             "served 3 connections, 6000 lines, bound to 127.0.0.1 port {port}"
@@ -163,7 +149,7 @@ fn a_loopback_server_never_sees_a_connection_from_outside_the_cluster() {
     // A node is served, and it is the server's one and only connection.
     let out = client(&c, &t, 3, "127.0.0.1", port, 100);
     assert_eq!(ok(&out, "client on node 3").trim(), "ok 100");
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(s.contains("served 1 connections, 100 lines"), "{s}");
 }
 
@@ -189,7 +175,7 @@ fn a_port_held_on_one_node_is_in_use_on_every_node_until_it_is_closed() {
     // The wildcard server is reached through 127.0.0.1 from node 1.
     let out = client(&c, &t, 1, "127.0.0.1", port, 100);
     assert_eq!(ok(&out, "client on node 1").trim(), "ok 100");
-    ok(&srv.wait_with_output().unwrap(), "server");
+    finish(srv, "server");
     // Closed (the server exited): free everywhere again.
     assert_eq!(bind_on(&c, &t, 3, "127.0.0.1", port), "bound");
 }
@@ -203,7 +189,7 @@ fn an_ipv6_loopback_server_is_reached_at_ipv6_loopback_from_another_node() {
         let out = client(&c, &t, node, "::1", port, 500);
         assert_eq!(ok(&out, &format!("client on node {node}")).trim(), "ok 500");
     }
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(s.contains(&format!("bound to ::1 port {port}")), "{s}");
 }
 
@@ -220,7 +206,7 @@ fn a_server_that_listens_without_bind_gets_a_port_reachable_from_every_node() {
         let out = client(&c, &t, node, "127.0.0.1", port, 100);
         assert_eq!(ok(&out, &format!("client on node {node}")).trim(), "ok 100");
     }
-    ok(&srv.wait_with_output().unwrap(), "server");
+    finish(srv, "server");
 }
 
 /// The gpid and node of the SSI process whose command starts with `pat`.
@@ -270,9 +256,7 @@ fn an_epoll_loop_over_timerfd_eventfd_and_signalfd_migrates_and_keeps_serving_al
     let (pid, _) = c.find(bin).expect("evloop in krg ps");
     let mut last = ticks(&next_with(&rx, "ticks "));
     for (n, (to, from)) in [(2u32, 3u32), (3, 1)].into_iter().enumerate() {
-        let out = c.krg(1, &["migrate", &pid.to_string(), &to.to_string()]);
-        assert!(out.status.success(), "migrate to {to}: {}", show(&out));
-        assert_eq!(c.find(bin).map(|p| p.1), Some(to as u64));
+        migrate_to(&c, pid, to, bin);
         // The timer goes on firing there (and the eventfd posts are seen:
         // the final line checks every one).
         let t = ticks(&next_with(&rx, "ticks "));
@@ -408,9 +392,7 @@ fn a_tcp_client_migrated_twice_mid_conversation_loses_no_byte_and_leaves_nothing
         "the client's connection on node 2"
     );
     for (to, left) in [(3u32, 2u32), (2, 3)] {
-        let out = c.krg(1, &["migrate", &pid, &to.to_string()]);
-        assert!(out.status.success(), "migrate to {to}: {}", show(&out));
-        assert_eq!(c.find(&format!("{t} client")).map(|p| p.1), Some(to as u64));
+        migrate_to(&c, &pid, to, &format!("{t} client"));
         // The old connection is gone from the node left (its shadow closes
         // it once the image is sent: a moment after the move may return),
         // and the conversation's traffic goes through the new node, not the
@@ -429,7 +411,7 @@ fn a_tcp_client_migrated_twice_mid_conversation_loses_no_byte_and_leaves_nothing
     }
     // Every reply checked by the client, every line counted by the server.
     let n = stop_client(&c, cli, &pid);
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(
         s.contains(&format!("served 1 connections, {n} lines")),
         "{s}"
@@ -449,12 +431,7 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
         .to_string();
     std::thread::sleep(std::time::Duration::from_millis(300));
     for (to, left) in [(3u32, 1u32), (1, 3)] {
-        let out = c.krg(2, &["migrate", &pid, &to.to_string()]);
-        assert!(
-            out.status.success(),
-            "migrate the server to {to}: {}",
-            show(&out)
-        );
+        c.migrate_ok(2, &pid, to);
         assert_eq!(c.find(&format!("{t} serve")).map(|p| p.1), Some(to as u64));
         // (After the rest of its memory has followed by post-copy.)
         std::thread::sleep(std::time::Duration::from_millis(700));
@@ -471,7 +448,7 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
     // Its listening socket moved too: a new client reaches it at 127.0.0.1.
     let out = client(&c, &t, 3, "127.0.0.1", port, 100);
     assert_eq!(ok(&out, "new client on node 3").trim(), "ok 100");
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(
         s.contains(&format!(
             "served 2 connections, {} lines, bound to 127.0.0.1 port {port}",
@@ -514,7 +491,7 @@ fn both_ends_of_a_connection_migrated_at_the_same_time_keep_talking() {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     let n = stop_client(&c, cli, &cpid);
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(
         s.contains(&format!("served 1 connections, {n} lines")),
         "{s}"
@@ -543,7 +520,7 @@ fn a_listening_socket_migrates_with_the_connection_waiting_in_its_queue() {
     let na = stop_client(&c, a, &apid);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let nb = stop_client(&c, b, &bpid);
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(
         s.contains(&format!("served 2 connections, {} lines", na + nb)),
         "{s}"
@@ -560,12 +537,10 @@ fn a_tcp_client_moved_onto_its_servers_node_and_away_again_keeps_talking() {
     // a third node (from a local connection back to one across nodes).
     for to in [1u32, 3] {
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let out = c.krg(1, &["migrate", &pid, &to.to_string()]);
-        assert!(out.status.success(), "migrate to {to}: {}", show(&out));
-        assert_eq!(c.find(&format!("{t} client")).map(|p| p.1), Some(to as u64));
+        migrate_to(&c, &pid, to, &format!("{t} client"));
     }
     let n = stop_client(&c, cli, &pid);
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(
         s.contains(&format!("served 1 connections, {n} lines")),
         "{s}"
@@ -594,29 +569,19 @@ fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_n
     let pid = c.find(s).expect("server in krg ps").0.to_string();
     for to in [2u32, 1] {
         std::thread::sleep(std::time::Duration::from_millis(500));
-        let out = c.krg(3, &["migrate", &pid, &to.to_string()]);
-        assert!(
-            out.status.success(),
-            "migrate the server to {to}: {}",
-            show(&out)
-        );
+        c.migrate_ok(3, &pid, to);
     }
     let mut total = 0;
     for (cl, pid) in clients {
         total += stop_client(&c, cl, &pid);
     }
-    let out = ok(&srv.wait_with_output().unwrap(), "server");
+    let out = finish(srv, "server");
     assert!(out.contains(&format!("done {total} lines")), "{out}");
 }
 
 /// Migrate `pid` to `to`, and check where `krg ps` shows it.
-fn migrate_to(c: &Cluster, pid: &str, to: u32, pat: &str) {
-    let out = c.krg(1, &["migrate", pid, &to.to_string()]);
-    assert!(
-        out.status.success(),
-        "migrate {pat} to {to}: {}",
-        show(&out)
-    );
+fn migrate_to(c: &Cluster, pid: impl std::fmt::Display, to: u32, pat: &str) {
+    c.migrate_ok(1, pid, to);
     assert_eq!(c.find(pat).map(|p| p.1), Some(to as u64), "{pat}");
 }
 
@@ -1090,7 +1055,7 @@ fn a_fifo_whose_ends_met_on_one_node_moves_with_either_end() {
             "{first} moved first, then the other: one second of the stream: node 3 {new} bytes, node 1 (left) {old}"
         );
         usr1(&c, 1, &prod);
-        ok(&writer.wait_with_output().unwrap(), "writer");
+        finish(writer, "writer");
         let out = reader.wait_with_output().unwrap();
         let got = ok(&out, "reader");
         assert_eq!(
@@ -1163,10 +1128,9 @@ fn a_non_blocking_fifo_reader_is_reached_by_writers_on_every_node() {
     let f = new_fifo("fifo-nonblock");
     let f = f.to_str().unwrap();
     let nb_write = |node: u32, n: &str| {
-        ok(
-            &c.cmd(node, &["python3", "-c", NB_WRITER, f, n])
-                .output()
-                .unwrap(),
+        c.run_ok(
+            node,
+            &["python3", "-c", NB_WRITER, f, n],
             "non-blocking writer",
         )
     };
@@ -1177,12 +1141,12 @@ fn a_non_blocking_fifo_reader_is_reached_by_writers_on_every_node() {
     // ... and meets the non-blocking one on node 2 as soon as it opens.
     let mut reader = c.piped(2, &["python3", "-c", NB_READER, f, "3500"]);
     assert_eq!(read_line(&mut reader), "open");
-    let w = ok(&waiting.wait_with_output().unwrap(), "waiting writer");
+    let w = finish(waiting, "waiting writer");
     assert_eq!(w, "socket\nwrote 1000\n", "the writer on node 1");
     assert_eq!(nb_write(3, "2000"), "socket wrote 2000\n", "node 3");
-    let w = ok(&c.cmd(2, &[bin, "w", f, "500"]).output().unwrap(), "writer");
+    let w = c.run_ok(2, &[bin, "w", f, "500"], "writer");
     assert_eq!(w, "fifo\nwrote 500\n", "the writer on the reader's node");
-    let r = ok(&reader.wait_with_output().unwrap(), "reader");
+    let r = finish(reader, "reader");
     assert_eq!(r, "read 3500 bad 0\n");
     // The reader is gone: no reader anywhere again.
     assert_eq!(nb_write(3, "1"), "ENXIO\n", "after the reader closed it");
@@ -1298,22 +1262,16 @@ fn a_fifo_opened_with_fopen_meets_its_other_end_on_another_node() {
     // Two nodes: each end is the socket krg gave, not the local FIFO.
     let reader = c.piped(2, &[bin, "r", f]);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let w = ok(
-        &c.cmd(1, &[bin, "w", f, "200000"]).output().unwrap(),
-        "writer",
-    );
+    let w = c.run_ok(1, &[bin, "w", f, "200000"], "writer");
     assert_eq!(w, "socket\nwrote 200000\n");
-    let r = ok(&reader.wait_with_output().unwrap(), "reader");
+    let r = finish(reader, "reader");
     assert_eq!(r, "socket\nread 200000 sum 19999900000\n");
     // One node: the FIFO itself.
     let reader = c.piped(1, &[bin, "r", f]);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let w = ok(
-        &c.cmd(1, &[bin, "w", f, "1000"]).output().unwrap(),
-        "writer",
-    );
+    let w = c.run_ok(1, &[bin, "w", f, "1000"], "writer");
     assert_eq!(w, "fifo\nwrote 1000\n");
-    let r = ok(&reader.wait_with_output().unwrap(), "reader");
+    let r = finish(reader, "reader");
     assert_eq!(r, "fifo\nread 1000 sum 499500\n");
     let _ = std::fs::remove_file(f);
 }
@@ -1360,12 +1318,7 @@ fn socketpair_child_moves(c: &Cluster, bin: &str, how: &str) {
     // connection to its parent's node, then follows it to a third node.
     for to in [2u32, 3] {
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let out = c.krg(1, &["migrate", &child, &to.to_string()]);
-        assert!(
-            out.status.success(),
-            "migrate the {how} child to {to}: {}",
-            show(&out)
-        );
+        c.migrate_ok(1, &child, to);
     }
     usr1(c, 1, &parent);
     let last = next_with(&rx, "");
@@ -1393,12 +1346,7 @@ fn a_seqpacket_socketpair_keeps_every_message_whole_while_either_end_moves() {
         // relay), then joins the parent (one socketpair again).
         for (pid, to) in [(&parent, 3u32), (&child, 2), (&child, 3)] {
             std::thread::sleep(std::time::Duration::from_millis(300));
-            let out = c.krg(1, &["migrate", pid, &to.to_string()]);
-            assert!(
-                out.status.success(),
-                "{how}: migrate {pid} to {to}: {}",
-                show(&out)
-            );
+            c.migrate_ok(1, pid, to);
         }
         std::thread::sleep(std::time::Duration::from_millis(300));
         usr1(&c, 1, &parent);
@@ -1561,7 +1509,7 @@ fn a_client_of_a_unix_socket_on_another_node_migrates_mid_conversation() {
     assert_eq!(node, Some(3), "the client runs on node 3 now");
     let out = cli.wait_with_output().unwrap();
     assert_eq!(ok(&out, "client").trim(), "talked 1500");
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert_eq!(s.trim(), "served 1500");
 }
 
@@ -1657,7 +1605,7 @@ fn a_unix_server_migrates_with_its_listeners_and_the_connection_waiting_in_their
         let o = ok(&out, what);
         assert!(o.contains(&format!("talked {n}")), "{what}: {o}");
     }
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(s.contains("served 4"), "{s}");
 }
 
@@ -1735,7 +1683,7 @@ fn a_seqpacket_name_is_reached_from_every_node_and_its_client_migrates() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     let out = c.krg(1, &["migrate", &pid, "3"]);
     assert!(out.status.success(), "migrate the client: {}", show(&out));
-    let o = ok(&a.wait_with_output().unwrap(), "client moved to node 3");
+    let o = finish(a, "client moved to node 3");
     assert!(o.contains("talked 400 end"), "{o}");
     // By the path from node 3, and on the server's own node.
     for (node, name) in [(3u32, p), (1, at.as_str())] {
@@ -1746,7 +1694,7 @@ fn a_seqpacket_name_is_reached_from_every_node_and_its_client_migrates() {
         let o = ok(&out, &format!("client on node {node}"));
         assert!(o.contains("talked 60 end"), "node {node}: {o}");
     }
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(s.contains("served 520"), "{s}");
 }
 
@@ -1862,9 +1810,9 @@ fn a_connection_in_a_checkpoint_image_waits_for_the_restart_and_goes_on_from_ano
         "the restarted client never ran on node 3: {:?}",
         c.ps(1)
     );
-    let out = ok(&restart.wait_with_output().unwrap(), "restarted client");
+    let out = finish(restart, "restarted client");
     assert_eq!(out, "ok 400\n");
-    let out = ok(&server.wait_with_output().unwrap(), "server");
+    let out = finish(server, "server");
     assert_eq!(out, "server saw 400 lines\n");
 }
 
@@ -1879,7 +1827,7 @@ fn socketpairs_within_a_process_move_and_restart_with_what_is_queued_in_them() {
         let out = c.krg(1, &["migrate", &pid, to]);
         assert!(out.status.success(), "migrate to {to}: {}", show(&out));
     }
-    let o = ok(&p.wait_with_output().unwrap(), "migrated");
+    let o = finish(p, "migrated");
     assert!(o.contains("ok 300"), "{o}");
     // Checkpointed (ended), restarted on another node.
     let img = fresh_path("asyncpairs", "img");

@@ -337,6 +337,42 @@ impl Cluster {
         (ch, line)
     }
 
+    /// `ARGS` on node K as an SSI process, run to its end: `ok` (its
+    /// stdout; it must succeed, `what` says which step failed).
+    #[track_caller]
+    pub fn run_ok(&self, node: u32, args: &[&str], what: &str) -> String {
+        ok(&self.cmd(node, args).output().unwrap(), what)
+    }
+
+    /// `krg migrate PID TO` from node `from`, which must succeed (with the
+    /// processes `krg ps` lists if it does not).
+    #[track_caller]
+    pub fn migrate_ok(&self, from: u32, pid: impl std::fmt::Display, to: u32) {
+        let out = self.krg(from, &["migrate", &pid.to_string(), &to.to_string()]);
+        assert!(
+            out.status.success(),
+            "krg migrate {pid} {to} (on node {from}): {}\nps: {:?}",
+            show(&out),
+            self.ps(1)
+                .iter()
+                .map(|p| format!("{} {} {} {}", p["pid"], p["ppid"], p["node"], p["command"]))
+                .collect::<Vec<_>>()
+        );
+        assert_contains(&text(&out.stdout), &format!("migrated to node {to}"));
+    }
+
+    /// `krg sched set POLICY` on node K, which must succeed; what it says.
+    pub fn sched_set(&self, node: u32, policy: &str) -> String {
+        let out = self.krg(node, &["sched", "set", policy]);
+        assert!(
+            out.status.success(),
+            "krg sched set {policy} on node {node}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
     /// `krg kill ARGS` from node K, which must succeed.
     pub fn kill_ok(&self, node: u32, args: &[&str]) {
         let k = self.krg(node, &[&["kill"], args].concat());
@@ -478,6 +514,29 @@ pub fn assert_contains(haystack: &str, needle: &str) {
         haystack.contains(needle),
         "{needle:?} is not in:\n{haystack}"
     );
+}
+
+/// A finished program's status and output, for a failure message.
+pub fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+/// The stdout of `what`, a finished program that must have succeeded.
+#[track_caller]
+pub fn ok(out: &Output, what: &str) -> String {
+    assert!(out.status.success(), "{what}: {}", show(out));
+    text(&out.stdout)
+}
+
+/// `ok` for a started program, once it ends.
+#[track_caller]
+pub fn finish(ch: Child, what: &str) -> String {
+    ok(&ch.wait_with_output().unwrap(), what)
 }
 
 /// Assert that a finished program succeeded, showing its output if not.
