@@ -13,16 +13,16 @@ fn tcpecho() -> String {
     example("streams/tcpecho.c", "tcpecho")
 }
 
-/// A new FIFO `ff` in the shared directory `name` (every node sees it).
-fn new_fifo(name: &str) -> std::path::PathBuf {
-    let f = shared_dir(name).join("ff");
-    let _ = std::fs::remove_file(&f);
+/// A new FIFO `ff` in the shared directory `name` (every node sees it):
+/// its path.
+fn new_fifo(name: &str) -> String {
+    let f = fresh_path(name, "ff");
     let made = std::process::Command::new("mkfifo")
         .arg(&f)
         .status()
         .unwrap();
     assert!(made.success(), "mkfifo {}", f.display());
-    f
+    f.to_str().unwrap().to_string()
 }
 
 /// The pids of a running producer (command starting with `prod`) and of
@@ -37,13 +37,18 @@ fn producer_and_consumer(c: &Cluster, prod: &str) -> (String, String) {
     (p.unwrap(), s.unwrap())
 }
 
-/// What `pipegen MIB | sha256sum` prints without krg.
-fn reference_digest(g: &str, mib: u32) -> String {
-    let want = std::process::Command::new("sh")
-        .args(["-c", &format!("{g} {mib} | sha256sum")])
+/// What `sh -c SCRIPT` prints run natively, here (it must succeed).
+fn native_sh(script: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", script])
         .output()
         .unwrap();
-    ok(&want, "reference run")
+    ok(&out, &format!("reference run of {script}"))
+}
+
+/// What `pipegen MIB | sha256sum` prints without krg.
+fn reference_digest(g: &str, mib: u32) -> String {
+    native_sh(&format!("{g} {mib} | sha256sum"))
 }
 
 fn fifofile() -> String {
@@ -86,9 +91,7 @@ fn bind_on(c: &Cluster, t: &str, node: u32, addr: &str, port: u16) -> String {
 
 #[test]
 fn a_loopback_server_on_one_node_answers_127_0_0_1_on_every_node() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 3);
+    let (c, t, srv, port) = loopback_server(3);
     // Without krg the other nodes' loopback has nothing on that port: the
     // only way there is krg's.
     let plain = c
@@ -118,9 +121,7 @@ fn a_loopback_server_on_one_node_answers_127_0_0_1_on_every_node() {
 
 #[test]
 fn a_loopback_server_never_sees_a_connection_from_outside_the_cluster() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
+    let (c, t, srv, port) = loopback_server(1);
     // A host that is not a node: one more address on node 2's network,
     // which no agent advertises.
     let stranger = &c.addr(250);
@@ -248,8 +249,7 @@ fn ticks(line: &str) -> u64 {
 #[test]
 fn an_epoll_loop_over_timerfd_eventfd_and_signalfd_migrates_and_keeps_serving_all_three() {
     let c = Cluster::up(3, 1.0);
-    let bin = cc(&repo_root().join("examples/ckpt/evloop.c"), "evloop");
-    let bin = bin.to_str().unwrap();
+    let bin = &example("ckpt/evloop.c", "evloop");
     let mut ch = c.piped(1, &[bin]);
     let rx = lines_of(&mut ch);
     assert_eq!(next_with(&rx, "ready"), "ready");
@@ -359,6 +359,31 @@ fn replies_reach(cli: &mut Child, n: u64) {
     }
 }
 
+/// A 3-node cluster with a tcpecho server on node 1 at 127.0.0.1 for
+/// `conns` connections: the cluster, tcpecho, the server and its port.
+fn loopback_server(conns: u32) -> (Cluster, String, Child, u16) {
+    let c = Cluster::up(3, 1.0);
+    let t = tcpecho();
+    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", conns);
+    (c, t, srv, port)
+}
+
+/// The gpid of tcpecho `t`'s server.
+fn server_pid(c: &Cluster, t: &str) -> String {
+    let (pid, _) = c.find(&format!("{t} serve")).expect("server in krg ps");
+    pid.to_string()
+}
+
+/// Wait for the server's end: it must say it served `conns` connections
+/// and `lines` lines.
+fn assert_served(srv: Child, conns: u32, lines: u64) {
+    let s = finish(srv, "server");
+    assert!(
+        s.contains(&format!("served {conns} connections, {lines} lines")),
+        "{s}"
+    );
+}
+
 /// Messages for a conversation that runs until the test stops it.
 const UNTIL_STOPPED: &str = "1000000000";
 
@@ -381,9 +406,7 @@ fn stop_client(c: &Cluster, cli: Child, pid: &str) -> u64 {
 
 #[test]
 fn a_tcp_client_migrated_twice_mid_conversation_loses_no_byte_and_leaves_nothing_behind() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
+    let (c, t, srv, port) = loopback_server(1);
     let (cli, pid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(
@@ -411,24 +434,14 @@ fn a_tcp_client_migrated_twice_mid_conversation_loses_no_byte_and_leaves_nothing
     }
     // Every reply checked by the client, every line counted by the server.
     let n = stop_client(&c, cli, &pid);
-    let s = finish(srv, "server");
-    assert!(
-        s.contains(&format!("served 1 connections, {n} lines")),
-        "{s}"
-    );
+    assert_served(srv, 1, n);
 }
 
 #[test]
 fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 2);
+    let (c, t, srv, port) = loopback_server(2);
     let (mut cli, cpid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
-    let pid = c
-        .find(&format!("{t} serve"))
-        .expect("server in krg ps")
-        .0
-        .to_string();
+    let pid = server_pid(&c, &t);
     std::thread::sleep(std::time::Duration::from_millis(300));
     for (to, left) in [(3u32, 1u32), (1, 3)] {
         c.migrate_ok(2, &pid, to);
@@ -460,15 +473,9 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
 
 #[test]
 fn both_ends_of_a_connection_migrated_at_the_same_time_keep_talking() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
+    let (c, t, srv, port) = loopback_server(1);
     let (cli, cpid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
-    let spid = c
-        .find(&format!("{t} serve"))
-        .expect("server in krg ps")
-        .0
-        .to_string();
+    let spid = server_pid(&c, &t);
     std::thread::sleep(std::time::Duration::from_millis(300));
     // Each move freezes the other end: the one that meets the other
     // moving waits for it and goes next.
@@ -491,29 +498,19 @@ fn both_ends_of_a_connection_migrated_at_the_same_time_keep_talking() {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     let n = stop_client(&c, cli, &cpid);
-    let s = finish(srv, "server");
-    assert!(
-        s.contains(&format!("served 1 connections, {n} lines")),
-        "{s}"
-    );
+    assert_served(srv, 1, n);
 }
 
 #[test]
 fn a_listening_socket_migrates_with_the_connection_waiting_in_its_queue() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
     // The server serves one client after the other: the second waits in
     // its accept queue, its first message sent and unanswered.
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 2);
+    let (c, t, srv, port) = loopback_server(2);
     let (a, apid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let (b, bpid) = start_client(&c, &t, 3, port, UNTIL_STOPPED);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let pid = c
-        .find(&format!("{t} serve"))
-        .expect("server in krg ps")
-        .0
-        .to_string();
+    let pid = server_pid(&c, &t);
     migrate_to(&c, &pid, 2, &format!("{t} serve"));
     // The first client ends; the server accepts the one that waited, on
     // its new node, and answers it from its first message on.
@@ -529,9 +526,7 @@ fn a_listening_socket_migrates_with_the_connection_waiting_in_its_queue() {
 
 #[test]
 fn a_tcp_client_moved_onto_its_servers_node_and_away_again_keeps_talking() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
+    let (c, t, srv, port) = loopback_server(1);
     let (cli, pid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
     // Onto the server's node (the new connection is local there), then to
     // a third node (from a local connection back to one across nodes).
@@ -540,22 +535,14 @@ fn a_tcp_client_moved_onto_its_servers_node_and_away_again_keeps_talking() {
         migrate_to(&c, &pid, to, &format!("{t} client"));
     }
     let n = stop_client(&c, cli, &pid);
-    let s = finish(srv, "server");
-    assert!(
-        s.contains(&format!("served 1 connections, {n} lines")),
-        "{s}"
-    );
+    assert_served(srv, 1, n);
 }
 
 #[test]
 fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_nodes() {
     let c = Cluster::up(3, 1.0);
     let t = tcpecho();
-    let s = cc(
-        &repo_root().join("examples/streams/tcpthreads.c"),
-        "tcpthreads",
-    );
-    let s = s.to_str().unwrap();
+    let s = &example("streams/tcpthreads.c", "tcpthreads");
     let mut srv = c.piped(1, &[s, "2"]);
     let line = read_line(&mut srv);
     let port: u16 = line
@@ -608,10 +595,7 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
     );
     // And both ends on node 3: a pipe again.
     migrate_to(&c, &prod, 3, &p);
-    let out = c
-        .plain(3, &["sh", "-c", "readlink /proc/$(pgrep -x pipegen)/fd/1"])
-        .output()
-        .unwrap();
+    let out = fd_link(&c, 3, "pipegen", 1);
     assert!(
         text(&out.stdout).starts_with("pipe:"),
         "the producer's stdout on the consumer's node: {}",
@@ -622,12 +606,41 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
     assert_eq!(ok(&out, "pipeline"), want, "the digest of the stream");
 }
 
+/// Move the process `pat` names (through node 1's agent) from the node it
+/// is on to the other of `a` and `b` (to `a` from any node but `a`): None
+/// if `krg ps` does not list it, else whether it moved.
+fn toggle(c: &Cluster, pat: &str, a: u32, b: u32) -> Option<bool> {
+    let (pid, node) = c.find(pat)?;
+    let to = if node == u64::from(a) { b } else { a };
+    let out = c.krg(1, &["migrate", &pid.to_string(), &to.to_string()]);
+    Some(out.status.success())
+}
+
+/// What fd `fd` of the program `name` on `node` is (`readlink`), as the
+/// output of the command.
+fn fd_link(c: &Cluster, node: u32, name: &str, fd: u32) -> Output {
+    let script = format!("readlink /proc/$(pgrep -x {name})/fd/{fd}");
+    c.plain(node, &["sh", "-c", &script]).output().unwrap()
+}
+
 /// `krg migrate ARGS` from node 1, running while the test looks on.
 fn migrate_in_background(c: &Cluster, args: &[&str]) -> Child {
     let k = krg_bin();
     let mut v = vec![k.to_str().unwrap(), "migrate"];
     v.extend_from_slice(args);
     c.plain(1, &v).spawn_outputs()
+}
+
+/// Check a pipeline that said its stages' statuses on stderr (`echo status
+/// ${PIPESTATUS[*]} >&2`) while its stages moved `moves` times: it must
+/// have said `statuses` (every stage ended well) and printed `want`.
+fn assert_pipeline_intact(out: &Output, statuses: &str, want: &str, moves: u32) {
+    assert!(
+        text(&out.stderr).contains(statuses),
+        "every stage ends well ({moves} moves): {}",
+        show(out)
+    );
+    assert_eq!(text(&out.stdout), want, "the digest ({moves} moves)");
 }
 
 /// `sh -c "yes | READER"` on node 1, once both run: the job and the
@@ -667,10 +680,7 @@ fn in_flight(c: &Cluster, w: u32, r: u32) -> u64 {
             .collect()
     };
     let once = || -> Option<u64> {
-        let link = c
-            .plain(w, &["sh", "-c", "readlink /proc/$(pgrep -x yes)/fd/1"])
-            .output()
-            .unwrap();
+        let link = fd_link(c, w, "yes", 1);
         let ino = text(&link.stdout)
             .trim()
             .strip_prefix("socket:[")?
@@ -806,10 +816,7 @@ fn a_reader_killed_mid_move_leaves_its_writer_a_broken_pipe_at_once() {
     let mover = migrate_in_background(&c, &["--precopy", &reader, "2"]);
     // `yes` has its new end (a socket), the image is still on its way.
     let link = || {
-        let o = c
-            .plain(1, &["sh", "-c", "readlink /proc/$(pgrep -x yes)/fd/1"])
-            .output()
-            .unwrap();
+        let o = fd_link(&c, 1, "yes", 1);
         text(&o.stdout)
     };
     assert!(
@@ -863,11 +870,7 @@ fn a_program_living_in_malloc_keeps_its_heap_while_its_streams_move() {
     let c = Cluster::up(3, 1.0);
     let g = pipegen();
     let want = reference_digest(&g, 512);
-    let busy = cc(
-        &repo_root().join("examples/ckpt/mallocbusy.c"),
-        "mallocbusy",
-    );
-    let busy = busy.to_str().unwrap();
+    let busy = &example("ckpt/mallocbusy.c", "mallocbusy");
     let spy = shared_dir("bin").join("libhandlermalloc.so");
     let st = std::process::Command::new("gcc")
         .args(["-O1", "-shared", "-fPIC", "-o"])
@@ -892,21 +895,12 @@ fn a_program_living_in_malloc_keeps_its_heap_while_its_streams_move() {
     producer_and_consumer(&c, busy);
     let mut moves = 0;
     for i in 0..40 {
-        let Some((pid, node)) = c.find("sha256sum") else {
+        let Some(moved) = toggle(&c, "sha256sum", 1, 2) else {
             break;
         };
-        let to = if node == 1 { 2 } else { 1 };
-        if c.krg(1, &["migrate", &pid.to_string(), &to.to_string()])
-            .status
-            .success()
-        {
-            moves += 1;
-        }
+        moves += u32::from(moved);
         if i % 15 == 7 {
-            if let Some((pid, node)) = c.find(busy) {
-                let to = if node == 3 { 1 } else { 3 };
-                let _ = c.krg(1, &["migrate", &pid.to_string(), &to.to_string()]);
-            }
+            toggle(&c, busy, 3, 1);
         }
     }
     let out = job.wait_with_output().unwrap();
@@ -915,12 +909,7 @@ fn a_program_living_in_malloc_keeps_its_heap_while_its_streams_move() {
         !err.contains("in the capture handler"),
         "malloc-family calls in the capture handler ({moves} moves):\n{err}"
     );
-    assert!(
-        err.contains("status 0 0 0"),
-        "every stage ends well ({moves} moves): {}",
-        show(&out)
-    );
-    assert_eq!(text(&out.stdout), want, "the digest ({moves} moves)");
+    assert_pipeline_intact(&out, "status 0 0 0", &want, moves);
     assert!(moves >= 20, "only {moves} moves of the consumer");
 }
 
@@ -936,14 +925,9 @@ fn a_program_living_in_malloc_keeps_its_heap_while_its_streams_move() {
 #[test]
 fn a_program_that_execs_itself_through_execl_keeps_its_stream_while_its_reader_moves() {
     let c = Cluster::up(2, 1.0);
-    let looper = cc(&repo_root().join("examples/unix/execloop.c"), "execloop");
-    let looper = looper.to_str().unwrap();
+    let looper = &example("unix/execloop.c", "execloop");
     let n = 1500;
-    let want = std::process::Command::new("sh")
-        .args(["-c", &format!("{looper} {n} | sha256sum")])
-        .output()
-        .unwrap();
-    let want = ok(&want, "reference run");
+    let want = native_sh(&format!("{looper} {n} | sha256sum"));
     let mut job = c.piped(
         1,
         &[
@@ -957,25 +941,13 @@ fn a_program_that_execs_itself_through_execl_keeps_its_stream_while_its_reader_m
     // While the pipeline runs (the looper is out of `krg ps` for a moment
     // at each exec).
     while job.try_wait().unwrap().is_none() {
-        let Some((pid, node)) = c.find("sha256sum") else {
+        let Some(moved) = toggle(&c, "sha256sum", 1, 2) else {
             break;
         };
-        let to = if node == 1 { 2 } else { 1 };
-        if c.krg(1, &["migrate", &pid.to_string(), &to.to_string()])
-            .status
-            .success()
-        {
-            moves += 1;
-        }
+        moves += u32::from(moved);
     }
     let out = job.wait_with_output().unwrap();
-    let err = text(&out.stderr);
-    assert!(
-        err.contains("status 0 0"),
-        "both stages end well ({moves} moves): {}",
-        show(&out)
-    );
-    assert_eq!(text(&out.stdout), want, "the digest ({moves} moves)");
+    assert_pipeline_intact(&out, "status 0 0", &want, moves);
     assert!(moves >= 5, "only {moves} moves of the reader");
 }
 
@@ -984,8 +956,7 @@ fn a_fifo_between_two_nodes_carries_its_stream_over_the_network_while_its_reader
     let c = Cluster::up(3, 1.0);
     let g = pipegen();
     let want = reference_digest(&g, 256);
-    let f = new_fifo("fifo");
-    let f = f.to_str().unwrap();
+    let f = &new_fifo("fifo");
     // The reader opens first and waits, as with a FIFO; the writer on
     // another node (paced until SIGUSR1) meets it. `exec`: a shell that
     // kept the FIFO as its own stdin while sha256sum reads it would make
@@ -1027,8 +998,7 @@ fn a_fifo_whose_ends_met_on_one_node_moves_with_either_end() {
     let want = reference_digest(&g, 256);
     let want = want.split_whitespace().next().unwrap().to_string();
     for first in ["reader", "writer"] {
-        let f = new_fifo("fifo-local");
-        let fs = f.to_str().unwrap();
+        let fs = &new_fifo("fifo-local");
         // The reader opens the FIFO by name (its fd 3), the writer has it
         // as its stdout; both on node 1.
         let reader = c.piped(1, &["sha256sum", fs]);
@@ -1063,7 +1033,7 @@ fn a_fifo_whose_ends_met_on_one_node_moves_with_either_end() {
             Some(want.as_str()),
             "{first} moved first: the digest of the stream"
         );
-        let _ = std::fs::remove_file(&f);
+        let _ = std::fs::remove_file(fs);
     }
 }
 
@@ -1123,10 +1093,8 @@ print(kind, "wrote", n, flush=True)
 #[test]
 fn a_non_blocking_fifo_reader_is_reached_by_writers_on_every_node() {
     let c = Cluster::up(3, 1.0);
-    let bin = fifofile();
-    let bin = bin.as_str();
-    let f = new_fifo("fifo-nonblock");
-    let f = f.to_str().unwrap();
+    let bin = &fifofile();
+    let f = &new_fifo("fifo-nonblock");
     let nb_write = |node: u32, n: &str| {
         c.run_ok(
             node,
@@ -1255,23 +1223,23 @@ fn a_process_logging_to_its_nodes_datagram_service_migrates_and_logs_to_the_new_
 #[test]
 fn a_fifo_opened_with_fopen_meets_its_other_end_on_another_node() {
     let c = Cluster::up(2, 1.0);
-    let bin = fifofile();
-    let bin = bin.as_str();
-    let f = new_fifo("fifo-fopen");
-    let f = f.to_str().unwrap();
+    let bin = &fifofile();
+    let f = &new_fifo("fifo-fopen");
+    // `fifofile r` on node `node` opens first; `fifofile w F N` on node 1
+    // meets it: what each says.
+    let through = |node: u32, n: &str| {
+        let reader = c.piped(node, &[bin, "r", f]);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let w = c.run_ok(1, &[bin, "w", f, n], "writer");
+        (w, finish(reader, "reader"))
+    };
     // Two nodes: each end is the socket krg gave, not the local FIFO.
-    let reader = c.piped(2, &[bin, "r", f]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let w = c.run_ok(1, &[bin, "w", f, "200000"], "writer");
+    let (w, r) = through(2, "200000");
     assert_eq!(w, "socket\nwrote 200000\n");
-    let r = finish(reader, "reader");
     assert_eq!(r, "socket\nread 200000 sum 19999900000\n");
     // One node: the FIFO itself.
-    let reader = c.piped(1, &[bin, "r", f]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let w = c.run_ok(1, &[bin, "w", f, "1000"], "writer");
+    let (w, r) = through(1, "1000");
     assert_eq!(w, "fifo\nwrote 1000\n");
-    let r = finish(reader, "reader");
     assert_eq!(r, "fifo\nread 1000 sum 499500\n");
     let _ = std::fs::remove_file(f);
 }
@@ -1279,8 +1247,7 @@ fn a_fifo_opened_with_fopen_meets_its_other_end_on_another_node() {
 #[test]
 fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
     let c = Cluster::up(2, 1.0);
-    let bin = cc(&repo_root().join("examples/ckpt/pipes.c"), "pipes");
-    let bin = bin.to_str().unwrap();
+    let bin = &example("ckpt/pipes.c", "pipes");
     let mut ch = c.piped(1, &[bin, "60"]);
     let rx = lines_of(&mut ch);
     assert!(next_with(&rx, "ready").starts_with("ready"));
@@ -1297,95 +1264,146 @@ fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
     assert!(ch.wait().unwrap().success());
 }
 
-#[test]
-fn a_child_talking_to_its_parent_over_a_socketpair_moves_twice_mid_conversation() {
-    let c = Cluster::up(3, 1.0);
-    let bin = cc(&repo_root().join("examples/streams/unixpair.c"), "unixpair");
-    let bin = bin.to_str().unwrap();
-    // A child that runs the program again, and one that only forked.
-    for how in ["exec", "forked"] {
-        socketpair_child_moves(&c, bin, how);
-    }
+/// Which end of a socketpair example a move moves.
+#[derive(Clone, Copy)]
+enum End {
+    Parent,
+    Child,
 }
 
-fn socketpair_child_moves(c: &Cluster, bin: &str, how: &str) {
+/// `BIN HOW` on node 1 (unixpair, seqpair: a parent and the child that
+/// echoes it); once it says their pids, each of `moves`, 300 ms apart
+/// (the conversation goes on meanwhile), then SIGUSR1 to the parent: it
+/// must end well, having checked more than `min` echoes.
+fn socketpair_moves(c: &Cluster, bin: &str, how: &str, moves: &[(End, u32)], min: u64) {
     let mut ch = c.piped(1, &[bin, how]);
     let rx = lines_of(&mut ch);
     let pids = next_with(&rx, "pids ");
     let w: Vec<&str> = pids.split_whitespace().collect();
     let (parent, child) = (w[1].to_string(), w[2].to_string());
-    // The echoing child moves: its end of the socketpair becomes a
-    // connection to its parent's node, then follows it to a third node.
-    for to in [2u32, 3] {
+    for &(end, to) in moves {
         std::thread::sleep(std::time::Duration::from_millis(300));
-        c.migrate_ok(1, &child, to);
+        let pid = match end {
+            End::Parent => &parent,
+            End::Child => &child,
+        };
+        c.migrate_ok(1, pid, to);
     }
+    std::thread::sleep(std::time::Duration::from_millis(300));
     usr1(c, 1, &parent);
     let last = next_with(&rx, "");
     let n: u64 = last
         .strip_prefix("ok ")
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("parent: {last}"));
-    assert!(n > 1000, "{how}: only {n} lines echoed");
+        .unwrap_or_else(|| panic!("{how}: parent: {last}"));
+    assert!(n > min, "{how}: only {n} echoes");
     assert!(ch.wait().unwrap().success());
 }
 
-#[test]
-fn a_seqpacket_socketpair_keeps_every_message_whole_while_either_end_moves() {
-    let c = Cluster::up(3, 1.0);
-    let bin = cc(&repo_root().join("examples/streams/seqpair.c"), "seqpair");
-    let bin = bin.to_str().unwrap();
-    for how in ["exec", "forked"] {
-        let mut ch = c.piped(1, &[bin, how]);
-        let rx = lines_of(&mut ch);
-        let pids = next_with(&rx, "pids ");
-        let w: Vec<&str> = pids.split_whitespace().collect();
-        let (parent, child) = (w[1].to_string(), w[2].to_string());
-        // The parent leaves (the ends relayed between nodes 3 and 1), the
-        // child leaves too (relayed between 3 and 2, found through the
-        // relay), then joins the parent (one socketpair again).
-        for (pid, to) in [(&parent, 3u32), (&child, 2), (&child, 3)] {
-            std::thread::sleep(std::time::Duration::from_millis(300));
-            c.migrate_ok(1, pid, to);
+/// One test per socketpair example (`name: source, binary, moves, how
+/// many echoes it must have checked at least`), each run twice: with a
+/// child that runs the program again, and with one that only forked.
+macro_rules! socketpair_tests {
+    ($($(#[doc = $doc:literal])* $name:ident: $src:literal, $bin:literal, $moves:expr, $min:literal;)*) => {$(
+        $(#[doc = $doc])*
+        #[test]
+        fn $name() {
+            let c = Cluster::up(3, 1.0);
+            let bin = &example($src, $bin);
+            for how in ["exec", "forked"] {
+                socketpair_moves(&c, bin, how, &$moves, $min);
+            }
         }
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        usr1(&c, 1, &parent);
-        let last = next_with(&rx, "");
-        let n: u64 = last
-            .strip_prefix("ok ")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{how}: parent: {last}"));
-        assert!(n > 100, "{how}: only {n} messages echoed");
-        assert!(ch.wait().unwrap().success());
-    }
+    )*};
+}
+
+socketpair_tests! {
+    /// The echoing child moves: its end of the socketpair becomes a
+    /// connection to its parent's node, then follows it to a third node.
+    a_child_talking_to_its_parent_over_a_socketpair_moves_twice_mid_conversation:
+        "streams/unixpair.c", "unixpair", [(End::Child, 2), (End::Child, 3)], 1000;
+    /// The parent leaves (the ends relayed between nodes 3 and 1), the
+    /// child leaves too (relayed between 3 and 2, found through the
+    /// relay), then joins the parent (one socketpair again).
+    a_seqpacket_socketpair_keeps_every_message_whole_while_either_end_moves:
+        "streams/seqpair.c", "seqpair", [(End::Parent, 3), (End::Child, 2), (End::Child, 3)], 100;
+}
+
+/// A fresh socket path `file` in the shared directory `dir`, and an
+/// abstract name of this test process, `krg-test-NAME-PID`.
+fn socket_names(dir: &str, file: &str, name: &str) -> (String, String) {
+    let path = fresh_path(dir, file);
+    let abs = format!("krg-test-{name}-{}", std::process::id());
+    (path.to_str().unwrap().to_string(), abs)
+}
+
+/// `python3 -c CODE ARGS...` (`args`: CODE first) on node 1, once it
+/// says "ready".
+fn python_ready(c: &Cluster, args: &[&str]) -> Child {
+    let mut srv = c.piped(1, &[&["python3", "-c"], args].concat());
+    assert_eq!(read_line(&mut srv), "ready");
+    srv
+}
+
+/// The UNIX server `code` (one of the [`connections_py`] ones) on node 1,
+/// listening on a fresh socket FILE in the shared directory DIR and on the
+/// abstract name of NAME (see [`socket_names`]), for `conns` connections;
+/// once it says "ready": the server, the path and the abstract name.
+fn listening(
+    c: &Cluster,
+    code: &str,
+    (dir, file, name): (&str, &str, &str),
+    conns: &str,
+) -> (Child, String, String) {
+    let (path, abs) = socket_names(dir, file, name);
+    let srv = python_ready(c, &[code, &path, &abs, conns]);
+    (srv, path, abs)
+}
+
+/// Python for the UNIX servers: `connections(kind, backlog)` listens on
+/// the path argv[1] and on the abstract name argv[2] (sockets of type
+/// `kind`), says "ready", then gives argv[3] connections one after the
+/// other (epoll via selectors), closing each once it has been served.
+macro_rules! connections_py {
+    () => {
+        r#"
+import os, selectors, socket, sys
+def connections(kind, backlog):
+    sel = selectors.DefaultSelector()
+    for name in (sys.argv[1], "\0" + sys.argv[2]):
+        s = socket.socket(socket.AF_UNIX, kind)
+        s.bind(name)
+        s.listen(backlog)
+        sel.register(s, selectors.EVENT_READ)
+    print("ready", flush=True)
+    left = int(sys.argv[3])
+    while left:
+        for key, _ in sel.select():
+            c, _ = key.fileobj.accept()
+            yield c
+            c.close()
+            left -= 1
+            break
+"#
+    };
 }
 
 /// A UNIX stream server: listens on the path argv[1] and on the abstract
 /// name argv[2], says "ready", then serves argv[3] connections (epoll via
 /// selectors): it reads a line and answers it in capitals, then its node.
-const UNIX_SERVER: &str = r#"
-import os, selectors, socket, sys
-sel = selectors.DefaultSelector()
-for name in (sys.argv[1], "\0" + sys.argv[2]):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(name)
-    s.listen(8)
-    sel.register(s, selectors.EVENT_READ)
-print("ready", flush=True)
-left = int(sys.argv[3])
-while left:
-    for key, _ in sel.select():
-        conn, _ = key.fileobj.accept()
-        data = b""
-        while not data.endswith(b"\n"):
-            d = conn.recv(1 << 16)
-            if not d:
-                break
-            data += d
-        conn.sendall(data.upper() + os.uname().nodename.encode() + b"\n")
-        conn.close()
-        left -= 1
-"#;
+const UNIX_SERVER: &str = concat!(
+    connections_py!(),
+    r#"
+for conn in connections(socket.SOCK_STREAM, 8):
+    data = b""
+    while not data.endswith(b"\n"):
+        d = conn.recv(1 << 16)
+        if not d:
+            break
+        data += d
+    conn.sendall(data.upper() + os.uname().nodename.encode() + b"\n")
+"#
+);
 
 /// Connects to argv[1] ("@name": abstract), sends a 1 MB line, prints the
 /// socket's domain as the kernel has it now, the answer's length and its
@@ -1416,13 +1434,8 @@ print(s.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN), len(got), ok, got.split
 #[test]
 fn a_unix_socket_name_is_reached_from_every_node() {
     let c = Cluster::up(3, 1.0);
-    let dir = shared_dir("unixname");
-    let path = dir.join("echo.sock");
-    let _ = std::fs::remove_file(&path);
-    let p = path.to_str().unwrap();
-    let abs = format!("krg-test-echo-{}", std::process::id());
-    let mut srv = c.piped(1, &["python3", "-c", UNIX_SERVER, p, &abs, "4"]);
-    assert_eq!(read_line(&mut srv), "ready");
+    let (srv, path, abs) = listening(&c, UNIX_SERVER, ("unixname", "echo.sock", "echo"), "4");
+    let p = path.as_str();
     let at = |node: u32, name: &str| {
         let out = c
             .cmd(node, &["python3", "-c", UNIX_CLIENT, name])
@@ -1490,12 +1503,9 @@ print("talked", n, flush=True)
 #[test]
 fn a_client_of_a_unix_socket_on_another_node_migrates_mid_conversation() {
     let c = Cluster::up(3, 1.0);
-    let dir = shared_dir("unixchat");
-    let path = dir.join("echo.sock");
-    let _ = std::fs::remove_file(&path);
-    let p = path.to_str().unwrap();
-    let mut srv = c.piped(1, &["python3", "-c", UNIX_ECHO, p]);
-    assert_eq!(read_line(&mut srv), "ready");
+    let (path, _) = socket_names("unixchat", "echo.sock", "");
+    let p = path.as_str();
+    let srv = python_ready(&c, &[UNIX_ECHO, p]);
     let mut cli = c.piped(2, &["python3", "-c", UNIX_CHAT, p, "1500"]);
     let pid = read_line(&mut cli);
     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -1517,39 +1527,23 @@ fn a_client_of_a_unix_socket_on_another_node_migrates_mid_conversation() {
 /// on the path argv[1] and on the abstract name argv[2] (epoll via
 /// selectors), says "ready", answers each line of a connection in
 /// capitals until it ends, and stops after argv[3] connections.
-const UNIX_SERIAL: &str = r#"
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-for name in (sys.argv[1], "\0" + sys.argv[2]):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(name)
-    s.listen(4)
-    sel.register(s, selectors.EVENT_READ)
-print("ready", flush=True)
-left = int(sys.argv[3])
-while left:
-    for key, _ in sel.select():
-        c, _ = key.fileobj.accept()
-        f = c.makefile("rb")
-        for line in f:
-            c.sendall(line.upper())
-        c.close()
-        left -= 1
-        break
+const UNIX_SERIAL: &str = concat!(
+    connections_py!(),
+    r#"
+for c in connections(socket.SOCK_STREAM, 4):
+    f = c.makefile("rb")
+    for line in f:
+        c.sendall(line.upper())
 print("served", sys.argv[3], flush=True)
-"#;
+"#
+);
 
 #[test]
 fn a_unix_server_migrates_with_its_listeners_and_the_connection_waiting_in_their_queue() {
     let c = Cluster::up(3, 1.0);
-    let dir = shared_dir("unixmove");
-    let path = dir.join("serial.sock");
-    let _ = std::fs::remove_file(&path);
-    let p = path.to_str().unwrap();
-    let abs = format!("krg-test-serial-{}", std::process::id());
+    let (srv, path, abs) = listening(&c, UNIX_SERIAL, ("unixmove", "serial.sock", "serial"), "4");
+    let p = path.as_str();
     let at = format!("@{abs}");
-    let mut srv = c.piped(1, &["python3", "-c", UNIX_SERIAL, p, &abs, "4"]);
-    assert_eq!(read_line(&mut srv), "ready");
     let srv_pid = c
         .ps(1)
         .iter()
@@ -1613,32 +1607,21 @@ fn a_unix_server_migrates_with_its_listeners_and_the_connection_waiting_in_their
 /// name argv[2], says "ready", then serves argv[3] connections one after
 /// the other, echoing each message as it came (a zero-length one too:
 /// SO_PASSCRED tells it from the end).
-const SEQ_SERVER: &str = r#"
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-for name in (sys.argv[1], "\0" + sys.argv[2]):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.bind(name)
-    s.listen(4)
-    sel.register(s, selectors.EVENT_READ)
-print("ready", flush=True)
-left = int(sys.argv[3])
+const SEQ_SERVER: &str = concat!(
+    connections_py!(),
+    r#"
 n = 0
-while left:
-    for key, _ in sel.select():
-        c, _ = key.fileobj.accept()
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        while True:
-            data, anc, flags, _ = c.recvmsg(1 << 17, 64)
-            if not data and not anc:
-                break
-            c.send(data)
-            n += 1
-        c.close()
-        left -= 1
-        break
+for c in connections(socket.SOCK_SEQPACKET, 4):
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    while True:
+        data, anc, flags, _ = c.recvmsg(1 << 17, 64)
+        if not data and not anc:
+            break
+        c.send(data)
+        n += 1
 print("served", n, flush=True)
-"#;
+"#
+);
 
 /// Connects a seqpacket socket to argv[1] ("@name": abstract), says its
 /// pid, then sends argv[2] messages of 0 to 60000 bytes a few milliseconds
@@ -1667,14 +1650,9 @@ print("talked", n, "end" if not data and not anc else "extra", flush=True)
 #[test]
 fn a_seqpacket_name_is_reached_from_every_node_and_its_client_migrates() {
     let c = Cluster::up(3, 1.0);
-    let dir = shared_dir("seqname");
-    let path = dir.join("seq.sock");
-    let _ = std::fs::remove_file(&path);
-    let p = path.to_str().unwrap();
-    let abs = format!("krg-test-seq-{}", std::process::id());
+    let (srv, path, abs) = listening(&c, SEQ_SERVER, ("seqname", "seq.sock", "seq"), "3");
+    let p = path.as_str();
     let at = format!("@{abs}");
-    let mut srv = c.piped(1, &["python3", "-c", SEQ_SERVER, p, &abs, "3"]);
-    assert_eq!(read_line(&mut srv), "ready");
     // From node 2 by the abstract name (relayed between nodes 2 and 1),
     // moved to node 3 mid-conversation (its server's end swapped through
     // the relay).
