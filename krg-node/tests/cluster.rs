@@ -89,7 +89,7 @@ fn cluster_up_down_leaves_nothing() {
         ])
         .output()
         .unwrap();
-    assert!(ps.stdout.is_empty(), "agents left: {}", text(&ps.stdout));
+    assert_eq!(text(&ps.stdout), "", "agents left");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&ours), "mounts left");
     assert!(!c.run_dir().join("state.json").exists());
@@ -116,19 +116,12 @@ fn nodes_are_separate_hosts() {
     // A process on node 1 is invisible on node 2.
     let mut s1 = c.plain(1, &["sleep", "31.4159"]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let o = c
-        .plain(1, &["pgrep", "-f", "sleep 31.4159"])
-        .output()
-        .unwrap();
-    assert!(!o.stdout.is_empty(), "node 1 does not see its own process");
-    let o = c
-        .plain(2, &["pgrep", "-f", "sleep 31.4159"])
-        .output()
-        .unwrap();
-    assert!(
-        o.stdout.is_empty(),
-        "node 2 sees node 1's process: {}",
-        text(&o.stdout)
+    let seen = c.pgrep(1, "sleep 31.4159");
+    assert!(!seen.is_empty(), "node 1 does not see its own process");
+    assert_eq!(
+        c.pgrep(2, "sleep 31.4159"),
+        "",
+        "node 2 sees node 1's process"
     );
     let _ = s1.kill();
     let _ = s1.wait();
@@ -169,11 +162,7 @@ fn nodes_are_separate_hosts() {
         .args(["route", "show", "root", "10.77.0.0/16"])
         .output()
         .unwrap();
-    assert!(
-        r.stdout.is_empty(),
-        "host route into the cluster: {}",
-        text(&r.stdout)
-    );
+    assert_eq!(text(&r.stdout), "", "host route into the cluster");
     let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
     assert!(
         !text(&links.stdout).contains("br0"),

@@ -361,6 +361,17 @@ impl Cluster {
         assert_contains(&text(&out.stdout), &format!("migrated to node {to}"));
     }
 
+    /// `pgrep -f PAT` on node K (a plain process): the pids it lists.
+    pub fn pgrep(&self, node: u32, pat: &str) -> String {
+        text(
+            &self
+                .plain(node, &["pgrep", "-f", pat])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+    }
+
     /// `krg sched set POLICY` on node K, which must succeed; what it says.
     pub fn sched_set(&self, node: u32, policy: &str) -> String {
         let out = self.krg(node, &["sched", "set", policy]);
