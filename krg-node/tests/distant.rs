@@ -25,9 +25,7 @@ fn remote_program_keeps_stdio_status_and_parent() {
         KRG_NODE=2 sh -c 'echo "ignores $(grep SigIgn /proc/$$/status | cut -f2) $(cat /proc/sys/kernel/hostname)"' </dev/null
         exec env KRG_NODE=2 sh -c 'read l; echo "got $l $(cat /proc/sys/kernel/hostname)"'
     "#;
-    let out = c
-        .cmd(1, &["sh", "-c", script])
-        .output_with_input(b"hello there\n");
+    let out = c.sh_cmd(1, script).output_with_input(b"hello there\n");
     let o = text(&out.stdout);
     let lines: Vec<Vec<&str>> = o.lines().map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(lines.len(), 5, "{o}\n{}", text(&out.stderr));
@@ -114,7 +112,7 @@ fn ctrl_c_reaches_the_remote_job() {
     // A terminal's Ctrl-C signals the whole foreground process group: run
     // krg in a group of its own and signal that group the same way.
     use std::os::unix::process::CommandExt;
-    let mut p = c.cmd(1, &["sh", "-c", "KRG_NODE=2 sleep 61; echo after"]);
+    let mut p = c.sh_cmd(1, "KRG_NODE=2 sleep 61; echo after");
     // A harness started in the background by a non-interactive shell
     // inherits SIGINT ignored (POSIX), and so would the job (its remote
     // program too): a terminal's foreground job has it at the default.
@@ -297,7 +295,7 @@ fn round_robin_spreads_a_shell_batch_two_per_node() {
     let fs = f.to_str().unwrap();
     let script =
         format!("for i in 1 2 3 4 5 6 7 8; do sha256sum {fs} > {fs}.$i & done; wait; cat {fs}.*");
-    let job = c.cmd(1, &["sh", "-c", &script]).spawn_stdout();
+    let job = c.sh_cmd(1, &script).spawn_stdout();
     // While they run: 2 per node. Each one is noted when `krg ps` shows
     // it (by pid: one that ends before the last starts still counts).
     let mut seen = std::collections::BTreeMap::new();
@@ -484,7 +482,7 @@ fn every_way_of_creating_a_program_is_placed() {
 fn losing_the_node_of_a_remote_child_does_not_hang_its_parent() {
     let c = Cluster::up(3, 1.0);
     let mut p = c
-        .cmd(1, &["sh", "-c", "KRG_NODE=3 sleep 60; echo \"status $?\""])
+        .sh_cmd(1, "KRG_NODE=3 sleep 60; echo \"status $?\"")
         .spawn_outputs();
     assert!(wait_for(Duration::from_secs(5), || {
         c.ps(1)

@@ -218,7 +218,7 @@ fn shell_and_child_moves(c: &Cluster, moves: &[(Mover, u32)], kill_from: u32) ->
         wait $b; echo "b $?"
     "#
     );
-    let mut p = c.cmd(1, &["sh", "-c", &script]).spawn_outputs();
+    let mut p = c.sh_cmd(1, &script).spawn_outputs();
     let line = read_line(&mut p);
     let ids: Vec<i64> = line
         .split_whitespace()
@@ -256,7 +256,7 @@ fn a_shell_migrated_twice_still_waits_for_the_children_it_left_behind() {
         wait $b; echo "b $?"
     "#
     );
-    let mut p = c.cmd(1, &["sh", "-c", &script]).spawn_stdout();
+    let mut p = c.sh_cmd(1, &script).spawn_stdout();
     let line = read_line(&mut p);
     let ids: Vec<&str> = line.split_whitespace().skip(1).collect();
     assert_eq!(ids.len(), 3, "{line}");
@@ -399,9 +399,7 @@ fn a_migrated_process_shows_its_own_command_line_to_native_tools() {
 #[test]
 fn migrate_refusals_leave_the_process_alone() {
     let c = Cluster::up(2, 1.0);
-    let mut p = c
-        .cmd(1, &["sh", "-c", "sleep 30; echo done"])
-        .spawn_stdout();
+    let mut p = c.sh_cmd(1, "sleep 30; echo done").spawn_stdout();
     let pid = c.wait_find("sleep 30").0.to_string();
     let same = c.krg(1, &["migrate", &pid, "1"]);
     assert!(!same.status.success());

@@ -217,9 +217,14 @@ impl Cluster {
         c
     }
 
+    /// `sh -c script` on node K as an SSI process.
+    pub fn sh_cmd(&self, node: u32, script: &str) -> Command {
+        self.cmd(node, &["sh", "-c", script])
+    }
+
     /// Run `sh -c script` on node K as an SSI process; return its output.
     pub fn sh(&self, node: u32, script: &str) -> Output {
-        self.cmd(node, &["sh", "-c", script]).output().unwrap()
+        self.sh_cmd(node, script).output().unwrap()
     }
 
     /// Run `krg ARGS` on node K (the command talks to that node's agent).
