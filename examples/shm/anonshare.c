@@ -9,6 +9,7 @@
  * it stays 2N when either process is migrated to another node meanwhile.
  */
 #define _GNU_SOURCE
+#include "../common.h"
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -25,23 +26,14 @@ static void add(_Atomic uint64_t *c, uint64_t n, unsigned us) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 3) {
-        fprintf(stderr, "usage: anonshare N USEC\n");
-        return 2;
-    }
+    need_args(argc, 2, "anonshare N USEC");
     uint64_t n = strtoull(argv[1], NULL, 0);
     unsigned us = (unsigned)strtoul(argv[2], NULL, 0);
     _Atomic uint64_t *c = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
                                MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (c == MAP_FAILED) {
-        perror("mmap");
-        return 1;
-    }
-    pid_t k = fork();
-    if (k < 0) {
-        perror("fork");
-        return 1;
-    }
+    if (c == MAP_FAILED)
+        die("mmap");
+    pid_t k = xfork();
     if (k == 0) {
         add(c, n, us);
         _exit(0);

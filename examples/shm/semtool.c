@@ -9,6 +9,7 @@
  *   semtool rm KEY                   IPC_RMID
  */
 #define _GNU_SOURCE
+#include "../common.h"
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,11 +23,6 @@ union semun {
     struct semid_ds *buf;
     unsigned short *array;
 };
-
-static void die(const char *what) {
-    fprintf(stderr, "semtool: %s: %s\n", what, strerror(errno));
-    exit(1);
-}
 
 static int id_of(key_t key) {
     int id = semget(key, 0, 0);
@@ -42,10 +38,7 @@ static void op(int id, unsigned short num, short delta, short flg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 3) {
-        fprintf(stderr, "usage: see the comment at the top of semtool.c\n");
-        return 2;
-    }
+    need_args(argc, 2, "see the comment at the top of semtool.c");
     const char *cmd = argv[1];
     key_t key = (key_t)strtol(argv[2], NULL, 0);
     if (!strcmp(cmd, "create")) {

@@ -30,6 +30,7 @@
  *   page 2: read-into length; page 3..: data / ring slots
  */
 #define _GNU_SOURCE
+#include "../common.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -74,11 +75,6 @@ struct seg {
     uint64_t slots[SLOTS];
 };
 
-static void die(const char *what) {
-    fprintf(stderr, "shmtool: %s: %s\n", what, strerror(errno));
-    exit(1);
-}
-
 static struct seg *attach(key_t key) {
     int id = shmget(key, 0, 0);
     if (id < 0) die("shmget");
@@ -94,10 +90,7 @@ static void pause_briefly(unsigned *spins) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 3) {
-        fprintf(stderr, "usage: see the comment at the top of shmtool.c\n");
-        return 2;
-    }
+    need_args(argc, 2, "see the comment at the top of shmtool.c");
     const char *cmd = argv[1];
     key_t key = (key_t)strtol(argv[2], NULL, 0);
     if (!strcmp(cmd, "create")) {
@@ -204,8 +197,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "fork-add")) {
         uint64_t n = strtoull(argv[3], NULL, 0);
         struct seg *s = attach(key);
-        pid_t c = fork();
-        if (c < 0) die("fork");
+        pid_t c = xfork();
         if (c == 0) {
             /* The child first, while the page is still another node's. */
             for (uint64_t i = 0; i < n; i++) atomic_fetch_add(&s->acounter, 1);

@@ -17,6 +17,7 @@
  * apart.
  */
 #define _GNU_SOURCE
+#include "echopair.h"
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -28,13 +29,6 @@
 
 #define WINDOW 8
 #define MAXLEN 60000
-
-static volatile sig_atomic_t stop;
-static void on_usr1(int sig)
-{
-    (void)sig;
-    stop = 1;
-}
 
 /* Length and bytes of message i. */
 static size_t len_of(long i)
@@ -109,34 +103,8 @@ static int echo(int s)
 
 int main(int argc, char **argv)
 {
-    if (argc == 2 && !strcmp(argv[1], "echo"))
-        return echo(3);
-    int sv[2];
-    if (socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv) != 0) {
-        perror("socketpair");
-        return 1;
-    }
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_usr1;
-    sa.sa_flags = SA_RESTART;
-    sigaction(SIGUSR1, &sa, NULL);
-    pid_t child = fork();
-    if (child < 0) {
-        perror("fork");
-        return 1;
-    }
-    if (child == 0) {
-        close(sv[0]);
-        if (argc == 2 && !strcmp(argv[1], "forked"))
-            return echo(sv[1]);
-        if (dup2(sv[1], 3) < 0)
-            _exit(1);
-        execl("/proc/self/exe", argv[0], "echo", (char *)NULL);
-        _exit(127);
-    }
-    close(sv[1]);
-    int s = sv[0];
+    pid_t child;
+    int s = echo_child(argc, argv, SOCK_SEQPACKET, echo, &child);
     int one = 1;
     setsockopt(s, SOL_SOCKET, SO_PASSCRED, &one, sizeof one);
     printf("pids %d %d\n", (int)getpid(), (int)child);
@@ -176,11 +144,5 @@ int main(int argc, char **argv)
         printf("FAIL after the last echo: %zd\n", n);
         return 1;
     }
-    int st = 0;
-    while (waitpid(child, &st, 0) < 0 && errno == EINTR)
-        ;
-    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
-        printf("child status %d\n", st);
-    printf("ok %ld\n", got);
-    return 0;
+    return echo_child_done(child, got);
 }

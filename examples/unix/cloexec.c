@@ -7,6 +7,7 @@
  *   cloexec PROGRAM [ARGS...]   # PROGRAM reads stdin: cat, md5sum...
  * prints "exec done", what PROGRAM prints of "hello", "status N". */
 #define _GNU_SOURCE
+#include "../common.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -17,19 +18,10 @@
 int main(int argc, char **argv)
 {
     int status_pipe[2], in[2];
-    if (argc < 2) {
-        fprintf(stderr, "usage: cloexec PROGRAM [ARGS...]\n");
-        return 2;
-    }
-    if (pipe2(status_pipe, O_CLOEXEC) || pipe(in)) {
-        perror("pipe");
-        return 1;
-    }
-    pid_t c = fork();
-    if (c < 0) {
-        perror("fork");
-        return 1;
-    }
+    need_args(argc, 1, "cloexec PROGRAM [ARGS...]");
+    if (pipe2(status_pipe, O_CLOEXEC) || pipe(in))
+        die("pipe");
+    pid_t c = xfork();
     if (c == 0) {
         close(status_pipe[0]);
         dup2(in[0], 0);

@@ -81,30 +81,22 @@ static int do_system(int argc, char **argv)
     return 0;
 }
 
-static int do_popen_r(const char *cmd)
+/* popen(CMD, MODE), then copy its output to ours ("re") or our stdin to
+ * its input ("we"); "[pclose N]". */
+static int do_popen(const char *cmd, const char *mode)
 {
-    FILE *f = popen(cmd, "re");
+    int reading = mode[0] == 'r';
+    /* Writing, our output so far goes out before the child's. */
+    if (!reading)
+        fflush(stdout);
+    FILE *f = popen(cmd, mode);
     if (!f)
         die("popen");
+    FILE *from = reading ? f : stdin, *to = reading ? stdout : f;
     char buf[8192];
     size_t n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0)
-        fwrite(buf, 1, n, stdout);
-    printf("[pclose %d]\n", status_code(pclose(f)));
-    return 0;
-}
-
-static int do_popen_w(const char *cmd)
-{
-    /* Our output so far goes out before the child's. */
-    fflush(stdout);
-    FILE *f = popen(cmd, "we");
-    if (!f)
-        die("popen");
-    char buf[8192];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof buf, stdin)) > 0)
-        fwrite(buf, 1, n, f);
+    while ((n = fread(buf, 1, sizeof buf, from)) > 0)
+        fwrite(buf, 1, n, to);
     printf("[pclose %d]\n", status_code(pclose(f)));
     return 0;
 }
@@ -226,9 +218,9 @@ int main(int argc, char **argv)
     if (!strcmp(m, "system"))
         return do_system(argc - 2, argv + 2);
     if (!strcmp(m, "popen-r"))
-        return do_popen_r(argv[2]);
+        return do_popen(argv[2], "re");
     if (!strcmp(m, "popen-w"))
-        return do_popen_w(argv[2]);
+        return do_popen(argv[2], "we");
     if (!strcmp(m, "run") && argc >= 4)
         return do_run(argv[2], argv + 3);
     if (!strcmp(m, "chain") && argc == 4)

@@ -26,11 +26,7 @@ fn cluster_up_down_leaves_nothing() {
         .output()
         .unwrap();
     assert!(!again.status.success());
-    assert!(
-        text(&again.stderr).contains("already up"),
-        "{}",
-        text(&again.stderr)
-    );
+    assert_contains(&text(&again.stderr), "already up");
     // Every node sees every node up, with its CPU quota.
     for n in 1..=3 {
         let st = c.status(n);
@@ -93,7 +89,7 @@ fn cluster_up_down_leaves_nothing() {
         ])
         .output()
         .unwrap();
-    assert!(ps.stdout.is_empty(), "agents left: {}", text(&ps.stdout));
+    assert_eq!(text(&ps.stdout), "", "agents left");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&ours), "mounts left");
     assert!(!c.run_dir().join("state.json").exists());
@@ -105,11 +101,7 @@ fn cluster_up_down_leaves_nothing() {
     // Down with nothing up is not an error.
     let down = c.krg_cluster().arg("down").output().unwrap();
     assert!(down.status.success(), "{}", text(&down.stderr));
-    assert!(
-        text(&down.stdout).contains("no local cluster"),
-        "{}",
-        text(&down.stdout)
-    );
+    assert_contains(&text(&down.stdout), "no local cluster");
 }
 
 #[test]
@@ -124,19 +116,12 @@ fn nodes_are_separate_hosts() {
     // A process on node 1 is invisible on node 2.
     let mut s1 = c.plain(1, &["sleep", "31.4159"]).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let o = c
-        .plain(1, &["pgrep", "-f", "sleep 31.4159"])
-        .output()
-        .unwrap();
-    assert!(!o.stdout.is_empty(), "node 1 does not see its own process");
-    let o = c
-        .plain(2, &["pgrep", "-f", "sleep 31.4159"])
-        .output()
-        .unwrap();
-    assert!(
-        o.stdout.is_empty(),
-        "node 2 sees node 1's process: {}",
-        text(&o.stdout)
+    let seen = c.pgrep(1, "sleep 31.4159");
+    assert!(!seen.is_empty(), "node 1 does not see its own process");
+    assert_eq!(
+        c.pgrep(2, "sleep 31.4159"),
+        "",
+        "node 2 sees node 1's process"
     );
     let _ = s1.kill();
     let _ = s1.wait();
@@ -171,21 +156,13 @@ fn nodes_are_separate_hosts() {
         .plain(2, &["ip", "-4", "-o", "addr", "show", "eth0"])
         .output()
         .unwrap();
-    assert!(
-        text(&o.stdout).contains(&format!("{}/24", c.addr(2))),
-        "{}",
-        text(&o.stdout)
-    );
+    assert_contains(&text(&o.stdout), &format!("{}/24", c.addr(2)));
     // No route into any instance's subnet.
     let r = Command::new("ip")
         .args(["route", "show", "root", "10.77.0.0/16"])
         .output()
         .unwrap();
-    assert!(
-        r.stdout.is_empty(),
-        "host route into the cluster: {}",
-        text(&r.stdout)
-    );
+    assert_eq!(text(&r.stdout), "", "host route into the cluster");
     let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
     assert!(
         !text(&links.stdout).contains("br0"),
@@ -196,12 +173,7 @@ fn nodes_are_separate_hosts() {
 #[test]
 fn gpids_ps_and_kill_across_nodes() {
     let c = Cluster::up(3, 1.0);
-    let mut child = c
-        .cmd(2, &["sh", "-c", "echo $$; exec sleep 60"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let gpid: i64 = read_line(&mut child).parse().unwrap();
+    let (mut child, gpid) = c.started_gpid(2, &["sh", "-c", "echo $$; exec sleep 60"]);
     assert_eq!(node_of(gpid), 2, "gpid {gpid} should encode node 2");
     // Seen from every node, with the right columns.
     for n in 1..=3 {
@@ -237,8 +209,7 @@ fn gpids_ps_and_kill_across_nodes() {
     });
     assert!(counted, "node 2's process not counted: {:?}", c.status(1));
     // Killed from node 3 with `krg kill`.
-    let k = c.krg(3, &["kill", "-TERM", &gpid.to_string()]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.kill_ok(3, &["-TERM", &gpid.to_string()]);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(128 + 15), "{status:?}");
     // Gone: ESRCH, from the command and from a program's kill(2).
@@ -254,14 +225,9 @@ fn gpids_ps_and_kill_across_nodes() {
         text(&k.stderr)
     );
     let o = c.sh(1, &format!("kill -0 {gpid} 2>&1; echo rc=$?"));
-    assert!(text(&o.stdout).contains("rc=1"), "{}", text(&o.stdout));
+    assert_contains(&text(&o.stdout), "rc=1");
     // A program's kill(2) reaches a process on another node.
-    let mut victim = c
-        .cmd(3, &["sh", "-c", "echo $$; exec sleep 60"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let v: i64 = read_line(&mut victim).parse().unwrap();
+    let (mut victim, v) = c.started_gpid(3, &["sh", "-c", "echo $$; exec sleep 60"]);
     assert_eq!(node_of(v), 3);
     let o = c.sh(1, &format!("kill -KILL {v}; echo rc=$?"));
     assert!(
@@ -274,11 +240,7 @@ fn gpids_ps_and_kill_across_nodes() {
     assert_eq!(status.code(), Some(128 + 9), "{status:?}");
     // top shows the cluster.
     let top = c.krg(1, &["top", "-b", "-n", "1"]);
-    assert!(
-        text(&top.stdout).contains("krg top"),
-        "{}",
-        text(&top.stdout)
-    );
+    assert_contains(&text(&top.stdout), "krg top");
 }
 
 #[test]
@@ -345,20 +307,11 @@ print("parent", me, pid, got, os.WEXITSTATUS(st), flush=True)
 #[test]
 fn kill_permissions_and_unknown_pids() {
     let c = Cluster::up(2, 1.0);
-    let mut root_proc = c
-        .cmd(2, &["sh", "-c", "echo $$; exec sleep 60"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let g = read_line(&mut root_proc);
+    let (mut root_proc, g) = c.started(2, &["sh", "-c", "echo $$; exec sleep 60"]);
     // Another user may not signal it, neither with krg kill nor with kill(2).
     let k = c.krg_as_nobody(1, &["kill", "-TERM", &g]);
     assert!(!k.status.success());
-    assert!(
-        text(&k.stderr).contains("not permitted"),
-        "{}",
-        text(&k.stderr)
-    );
+    assert_contains(&text(&k.stderr), "not permitted");
     let nob = c.as_nobody(
         1,
         &["sh", "-c", &format!("kill -TERM {g} 2>&1; echo rc=$?")],
@@ -375,8 +328,7 @@ fn kill_permissions_and_unknown_pids() {
         "{g} died"
     );
     // Root may.
-    let k = c.krg(1, &["kill", "-KILL", &g]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.kill_ok(1, &["-KILL", &g]);
     assert_eq!(root_proc.wait().unwrap().code(), Some(137));
     // Unknown gpids: ESRCH, including one on a node that does not exist.
     for bogus in [(1i64 << GPID_SHIFT) + 4_000_000, (77i64 << GPID_SHIFT) + 5] {
@@ -398,10 +350,7 @@ fn capabilities_show_change_and_inherit() {
             &["sh", "-c", "echo $$; read x; sleep 60 & echo $!; wait"],
         )
         .env("KRG_CAPS", "-dfs,-dsm")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_in_out();
     let g = read_line(&mut p);
     let show = c.krg(2, &["capset", &g]);
     let t = text(&show.stdout);
@@ -577,11 +526,7 @@ s.send(struct.pack('<I', 1 << 30))
 print(s.recv(4096))
 "#;
     let o = c.plain(1, &["python3", "-c", probe]).output().unwrap();
-    assert!(
-        text(&o.stdout).contains("malformed request"),
-        "{}",
-        text(&o.stdout)
-    );
+    assert_contains(&text(&o.stdout), "malformed request");
     for n in 1..=2 {
         assert!(
             c.status(n).iter().all(|s| s["state"] == "up"),
@@ -600,12 +545,7 @@ print(s.recv(4096))
 #[test]
 fn exec_passes_stdio_status_and_signals() {
     let c = Cluster::up(2, 1.0);
-    let mut cat = c
-        .cmd(2, &["cat"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cat = c.cmd(2, &["cat"]).spawn_in_out();
     let data: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
     let mut stdin = cat.stdin.take().unwrap();
     let d2 = data.clone();
@@ -647,15 +587,10 @@ fn process_groups_are_signalled_by_gpid() {
     let c = Cluster::up(2, 1.0);
     // setsid makes the shell a group (and session) leader: the group's id is
     // the shell's gpid, and getpgrp/getsid say so.
-    let mut job = c
-        .cmd(
-            2,
-            &["setsid", "sh", "-c", "echo $$; sleep 60 & sleep 60 & wait"],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = read_line(&mut job);
+    let (mut job, line) = c.started(
+        2,
+        &["setsid", "sh", "-c", "echo $$; sleep 60 & sleep 60 & wait"],
+    );
     let leader: i64 = line.split_whitespace().next().unwrap().parse().unwrap();
     assert_eq!(node_of(leader), 2);
     let members = |c: &Cluster| {
@@ -670,8 +605,7 @@ fn process_groups_are_signalled_by_gpid() {
         c.ps(1)
     );
     // From node 1: krg kill -- -PGID, then the whole group is gone.
-    let k = c.krg(1, &["kill", "-TERM", "--", &format!("-{leader}")]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.kill_ok(1, &["-TERM", "--", &format!("-{leader}")]);
     let st = job.wait().unwrap();
     assert_eq!(st.code(), Some(143), "{st:?}");
     assert!(

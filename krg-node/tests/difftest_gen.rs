@@ -2,12 +2,13 @@
 //! no cluster: a seed gives the same cases everywhere, every case parses,
 //! and the grammar's constructs all turn up.
 
+mod common;
 #[path = "difftest/gen.rs"]
 mod gen;
 
+use common::Spawn;
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 #[test]
 fn a_seed_and_case_number_give_the_same_script_every_time() {
@@ -33,18 +34,9 @@ fn a_case_does_not_depend_on_the_cases_before_it() {
 }
 
 fn bash_n(script: &str) -> Result<(), String> {
-    let mut c = Command::new("bash")
+    let o = Command::new("bash")
         .arg("-n")
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let o = c.wait_with_output().unwrap();
+        .output_with_input(script.as_bytes());
     if o.status.success() && o.stderr.is_empty() {
         Ok(())
     } else {

@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use std::io::Write;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 fn node_of(gpid: i64) -> i64 {
@@ -26,19 +25,7 @@ fn remote_program_keeps_stdio_status_and_parent() {
         KRG_NODE=2 sh -c 'echo "ignores $(grep SigIgn /proc/$$/status | cut -f2) $(cat /proc/sys/kernel/hostname)"' </dev/null
         exec env KRG_NODE=2 sh -c 'read l; echo "got $l $(cat /proc/sys/kernel/hostname)"'
     "#;
-    let mut p = c
-        .cmd(1, &["sh", "-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    p.stdin
-        .as_mut()
-        .unwrap()
-        .write_all(b"hello there\n")
-        .unwrap();
-    let out = p.wait_with_output().unwrap();
+    let out = c.sh_cmd(1, script).output_with_input(b"hello there\n");
     let o = text(&out.stdout);
     let lines: Vec<Vec<&str>> = o.lines().map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(lines.len(), 5, "{o}\n{}", text(&out.stderr));
@@ -90,19 +77,14 @@ fn wait_reaps_remote_and_local_children_and_signals_reach_them() {
 #[test]
 fn remote_child_is_listed_where_it_runs_and_killed_from_anywhere() {
     let c = Cluster::up(3, 1.0);
-    let mut p = c
-        .cmd(
-            1,
-            &[
-                "sh",
-                "-c",
-                "echo $$; KRG_NODE=2 sleep 60 & echo $!; wait $!; echo \"status $?\"",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let parent: i64 = read_line(&mut p).parse().unwrap();
+    let (mut p, parent) = c.started_gpid(
+        1,
+        &[
+            "sh",
+            "-c",
+            "echo $$; KRG_NODE=2 sleep 60 & echo $!; wait $!; echo \"status $?\"",
+        ],
+    );
     let child: i64 = read_line(&mut p).parse().unwrap();
     let listed = wait_for(Duration::from_secs(5), || {
         c.ps(3).iter().any(|r| {
@@ -118,8 +100,7 @@ fn remote_child_is_listed_where_it_runs_and_killed_from_anywhere() {
             .count(),
         1
     );
-    let k = c.krg(3, &["kill", "-KILL", &child.to_string()]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.kill_ok(3, &["-KILL", &child.to_string()]);
     let rest = read_line(&mut p);
     assert_eq!(rest, format!("status {}", 128 + 9));
     let _ = p.wait();
@@ -131,7 +112,7 @@ fn ctrl_c_reaches_the_remote_job() {
     // A terminal's Ctrl-C signals the whole foreground process group: run
     // krg in a group of its own and signal that group the same way.
     use std::os::unix::process::CommandExt;
-    let mut p = c.cmd(1, &["sh", "-c", "KRG_NODE=2 sleep 61; echo after"]);
+    let mut p = c.sh_cmd(1, "KRG_NODE=2 sleep 61; echo after");
     // A harness started in the background by a non-interactive shell
     // inherits SIGINT ignored (POSIX), and so would the job (its remote
     // program too): a terminal's foreground job has it at the default.
@@ -142,7 +123,7 @@ fn ctrl_c_reaches_the_remote_job() {
             Ok(())
         });
     }
-    let p = p.process_group(0).stdout(Stdio::piped()).spawn().unwrap();
+    let p = p.process_group(0).spawn_stdout();
     let running = wait_for(Duration::from_secs(5), || {
         c.ps(2)
             .iter()
@@ -289,8 +270,7 @@ fn nodes_running(c: &Cluster, prefix: &str) -> Vec<i64> {
 fn round_robin_spreads_a_shell_batch_two_per_node() {
     // Half a CPU per node: each hash runs long enough to be seen.
     let c = Cluster::up(4, 0.5);
-    let set = c.krg(1, &["sched", "set", "round-robin"]);
-    assert!(set.status.success(), "{}", text(&set.stderr));
+    c.sched_set(1, "round-robin");
     let dir = shared_dir("batch");
     let f = dir.join("50M");
     {
@@ -315,11 +295,7 @@ fn round_robin_spreads_a_shell_batch_two_per_node() {
     let fs = f.to_str().unwrap();
     let script =
         format!("for i in 1 2 3 4 5 6 7 8; do sha256sum {fs} > {fs}.$i & done; wait; cat {fs}.*");
-    let job = c
-        .cmd(1, &["sh", "-c", &script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let job = c.sh_cmd(1, &script).spawn_stdout();
     // While they run: 2 per node. Each one is noted when `krg ps` shows
     // it (by pid: one that ends before the last starts still counts).
     let mut seen = std::collections::BTreeMap::new();
@@ -351,8 +327,7 @@ fn round_robin_spreads_a_shell_batch_two_per_node() {
 #[test]
 fn make_j8_compiles_on_several_nodes() {
     let c = Cluster::up(4, 1.0);
-    let set = c.krg(1, &["sched", "set", "round-robin"]);
-    assert!(set.status.success(), "{}", text(&set.stderr));
+    c.sched_set(1, "round-robin");
     let dir = shared_dir("make");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
@@ -398,7 +373,7 @@ fn make_j8_compiles_on_several_nodes() {
         1,
         &format!("cd {d} && TMPDIR={d}/tmp make -j8 -s && ./prog"),
     );
-    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+    assert_ok(&o);
     // 0+1+..+10 = 55; sum over i of 55*i for i < 20 = 55 * 190.
     assert_eq!(text(&o.stdout).trim(), format!("total {}", 55 * 190));
     let log = std::fs::read_to_string(dir.join("nodes.log")).unwrap();
@@ -412,8 +387,7 @@ fn make_j8_compiles_on_several_nodes() {
 #[test]
 fn user_policy_switched_mid_batch_governs_every_node() {
     let c = Cluster::up(3, 1.0);
-    let set = c.krg(1, &["sched", "set", "round-robin"]);
-    assert!(set.status.success(), "{}", text(&set.stderr));
+    c.sched_set(1, "round-robin");
     // A batch keeps running across the switch.
     let batch = c
         .cmd(
@@ -424,9 +398,7 @@ fn user_policy_switched_mid_batch_governs_every_node() {
                 "for i in 1 2 3 4 5 6; do sleep 4 & done; wait; echo batch-done",
             ],
         )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_stdout();
     assert!(wait_for(Duration::from_secs(10), || nodes_running(
         &c, "sleep 4"
     )
@@ -434,8 +406,7 @@ fn user_policy_switched_mid_batch_governs_every_node() {
         == 6));
     let policy = shared_dir("policy").join("all-on-3.rhai");
     write_file(&policy, "fn place(nodes, req) { 3 }\n");
-    let set = c.krg(2, &["sched", "set", policy.to_str().unwrap()]);
-    assert!(set.status.success(), "{}", text(&set.stderr));
+    c.sched_set(2, policy.to_str().unwrap());
     for n in 1..=3 {
         let o = c.sh(n, "read h < /proc/sys/kernel/hostname; echo $h; sh -c 'read h < /proc/sys/kernel/hostname; echo $h'");
         let t = text(&o.stdout);
@@ -511,11 +482,8 @@ fn every_way_of_creating_a_program_is_placed() {
 fn losing_the_node_of_a_remote_child_does_not_hang_its_parent() {
     let c = Cluster::up(3, 1.0);
     let mut p = c
-        .cmd(1, &["sh", "-c", "KRG_NODE=3 sleep 60; echo \"status $?\""])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .sh_cmd(1, "KRG_NODE=3 sleep 60; echo \"status $?\"")
+        .spawn_outputs();
     assert!(wait_for(Duration::from_secs(5), || {
         c.ps(1)
             .iter()
@@ -563,20 +531,15 @@ fn a_remote_program_sees_its_shadows_parent_and_group() {
 #[test]
 fn killing_a_process_group_reaches_its_remote_members() {
     let c = Cluster::up(2, 1.0);
-    let mut job = c
-        .cmd(
-            1,
-            &[
-                "setsid",
-                "sh",
-                "-c",
-                "echo $$; KRG_NODE=2 sleep 62 & sleep 62 & wait",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let leader: i64 = read_line(&mut job).parse().unwrap();
+    let (mut job, leader) = c.started_gpid(
+        1,
+        &[
+            "setsid",
+            "sh",
+            "-c",
+            "echo $$; KRG_NODE=2 sleep 62 & sleep 62 & wait",
+        ],
+    );
     let members = |c: &Cluster| {
         c.ps(2)
             .iter()
@@ -593,8 +556,7 @@ fn killing_a_process_group_reaches_its_remote_members() {
         "{:?}",
         c.ps(2)
     );
-    let k = c.krg(2, &["kill", "-TERM", "--", &format!("-{leader}")]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.kill_ok(2, &["-TERM", "--", &format!("-{leader}")]);
     assert_eq!(job.wait().unwrap().code(), Some(143));
     assert!(
         wait_for(Duration::from_secs(5), || members(&c).is_empty()),

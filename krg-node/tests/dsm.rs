@@ -7,36 +7,62 @@
 mod common;
 
 use common::*;
-use std::process::{Child, Stdio};
+use std::process::Child;
 
 fn shmtool() -> String {
-    cc(&repo_root().join("examples/shm/shmtool.c"), "shmtool")
-        .to_str()
-        .unwrap()
-        .to_string()
+    example("shm/shmtool.c", "shmtool")
 }
 
-fn ok(out: &std::process::Output, what: &str) -> String {
+/// A 3-node cluster with the segment `key` (shmtool's default size)
+/// created from node 1; and shmtool.
+fn with_segment(key: &str) -> (Cluster, String) {
+    let c = Cluster::up(3, 1.0);
+    let t = shmtool();
+    c.run_ok(1, &[&t, "create", key], "create");
+    (c, t)
+}
+
+/// One `shmtool add KEY 100000 HOW 3` on each of three nodes, on a new
+/// segment `key`: then `show` on node `show_on` must say `want`.
+fn three_nodes_add(key: &str, how: &str, show_on: u32, want: &str) {
+    let (c, t) = with_segment(key);
+    // Each adder waits until all three have arrived, so they contend.
+    let kids: Vec<Child> = (1..=3)
+        .map(|n| c.piped(n, &[&t, "add", key, "100000", how, "3"]))
+        .collect();
+    for (i, k) in kids.into_iter().enumerate() {
+        finish(k, &format!("adder on node {}", i + 1));
+    }
+    let show = c.run_ok(show_on, &[&t, "show", key], "show");
+    assert!(show.contains(want), "{show}");
+}
+
+/// The two sides of a ping-pong, `ARGS 0` on node `n0` and `ARGS 1` on
+/// node `n1` (started first: it waits for side 0), run to their ends;
+/// their outputs.
+fn both_sides(c: &Cluster, args: &[&str], n0: u32, n1: u32) -> (String, String) {
+    let side = |k: &str, n: u32| c.piped(n, &[args, &[k]].concat());
+    let b = side("1", n1);
+    let a = side("0", n0);
+    let prog = std::path::Path::new(args[0]).file_name().unwrap();
+    let what = |k: u32, n: u32| format!("{prog:?} {} side {k} on node {n}", args[1]);
+    (finish(a, &what(0, n0)), finish(b, &what(1, n1)))
+}
+
+/// Run `ARGS` (a tool's `create`) on node 1: it must say `says`.
+fn create(c: &Cluster, args: &[&str], says: &str) {
+    let made = c.run_ok(1, args, "create");
+    assert!(made.contains(says), "{made}");
+}
+
+/// Wait until no segment or object is listed any more.
+#[track_caller]
+fn nothing_left(c: &Cluster) {
     assert!(
-        out.status.success(),
-        "{what}: exit {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
+        wait_for(std::time::Duration::from_secs(5), || ipcs(c, 1).is_empty()),
+        "still listed: {:?}",
+        ipcs(c, 1)
     );
-    text(&out.stdout)
-}
-
-fn spawn(c: &Cluster, node: u32, args: &[&str]) -> Child {
-    c.cmd(node, args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn finish(ch: Child, what: &str) -> String {
-    ok(&ch.wait_with_output().unwrap(), what)
 }
 
 /// `krg ps --json` entries (seen from node 1) whose command contains `pat`.
@@ -45,17 +71,6 @@ fn procs_named(c: &Cluster, pat: &str) -> Vec<serde_json::Value> {
         .into_iter()
         .filter(|p| p["command"].as_str().is_some_and(|s| s.contains(pat)))
         .collect()
-}
-
-/// `krg migrate PID TO` from node `from`, which must succeed.
-fn migrate(c: &Cluster, from: u32, pid: i64, to: u32) {
-    let mig = c.krg(from, &["migrate", &pid.to_string(), &to.to_string()]);
-    assert!(
-        mig.status.success() && text(&mig.stdout).contains(&format!("migrated to node {to}")),
-        "{}{}",
-        text(&mig.stdout),
-        text(&mig.stderr)
-    );
 }
 
 /// The segments `krg ipcs --json` lists, seen from `node`.
@@ -67,14 +82,11 @@ fn ipcs(c: &Cluster, node: u32) -> Vec<serde_json::Value> {
 fn a_ring_buffer_of_c11_atomics_carries_a_million_items_between_two_nodes() {
     let c = Cluster::up(3, 1.0);
     let t = shmtool();
-    let id = ok(
-        &c.cmd(1, &[&t, "create", "0x5101"]).output().unwrap(),
-        "create",
-    );
+    let id = c.run_ok(1, &[&t, "create", "0x5101"], "create");
     assert!(id.trim().parse::<i32>().is_ok(), "segment id: {id}");
     let n = "1000000";
-    let cons = spawn(&c, 2, &[&t, "ring-cons", "0x5101", n]);
-    let prod = spawn(&c, 1, &[&t, "ring-prod", "0x5101", n]);
+    let cons = c.piped(2, &[&t, "ring-cons", "0x5101", n]);
+    let prod = c.piped(1, &[&t, "ring-prod", "0x5101", n]);
     let p = finish(prod, "producer on node 1");
     let q = finish(cons, "consumer on node 2");
     // The consumer checks every item against the formula as it goes; the
@@ -85,33 +97,25 @@ fn a_ring_buffer_of_c11_atomics_carries_a_million_items_between_two_nodes() {
     assert_eq!(sum(&p), sum(&q), "producer {p} consumer {q}");
 }
 
-#[test]
-fn three_nodes_add_to_one_counter_with_atomic_fetch_add_exactly() {
-    let c = Cluster::up(3, 1.0);
-    let t = shmtool();
-    ok(
-        &c.cmd(1, &[&t, "create", "0x5102"]).output().unwrap(),
-        "create",
-    );
-    // Each adder waits until all three have arrived, so they contend.
-    let kids: Vec<Child> = (1..=3)
-        .map(|n| spawn(&c, n, &[&t, "add", "0x5102", "100000", "atomic", "3"]))
-        .collect();
-    for (i, k) in kids.into_iter().enumerate() {
-        finish(k, &format!("adder on node {}", i + 1));
-    }
-    let show = ok(&c.cmd(2, &[&t, "show", "0x5102"]).output().unwrap(), "show");
-    assert!(show.contains("atomic 300000"), "{show}");
+/// One test per way three nodes add to one counter: `name: key, how
+/// (shmtool add's), the node that shows it, what it must show`.
+macro_rules! three_nodes_add_tests {
+    ($($name:ident: $key:literal, $how:literal, $on:literal, $want:literal;)*) => {$(
+        #[test]
+        fn $name() {
+            three_nodes_add($key, $how, $on, $want);
+        }
+    )*};
+}
+
+three_nodes_add_tests! {
+    three_nodes_add_to_one_counter_with_atomic_fetch_add_exactly: "0x5102", "atomic", 2, "atomic 300000";
+    three_nodes_add_under_one_process_shared_mutex_exactly: "0x5105", "mutex", 3, "counter 300000";
 }
 
 #[test]
 fn a_read_into_a_segment_on_one_node_is_seen_on_another() {
-    let c = Cluster::up(3, 1.0);
-    let t = shmtool();
-    ok(
-        &c.cmd(1, &[&t, "create", "0x5103"]).output().unwrap(),
-        "create",
-    );
+    let (c, t) = with_segment("0x5103");
     // The file exists only in node 2's private /tmp.
     let read = c.sh(
         2,
@@ -125,7 +129,7 @@ fn a_read_into_a_segment_on_one_node_is_seen_on_another() {
     );
     let no_file = c.sh(3, "test -e /tmp/numbers && echo shared || echo private");
     assert_eq!(text(&no_file.stdout).trim(), "private");
-    let dump = ok(&c.cmd(3, &[&t, "dump", "0x5103"]).output().unwrap(), "dump");
+    let dump = c.run_ok(3, &[&t, "dump", "0x5103"], "dump");
     assert_eq!(dump, want);
 }
 
@@ -133,12 +137,7 @@ fn a_read_into_a_segment_on_one_node_is_seen_on_another() {
 fn ipc_rmid_and_permissions_behave_as_on_one_machine() {
     let c = Cluster::up(3, 1.0);
     let t = shmtool();
-    ok(
-        &c.cmd(1, &[&t, "create", "0x5104", "0", "600"])
-            .output()
-            .unwrap(),
-        "create 0600",
-    );
+    c.run_ok(1, &[&t, "create", "0x5104", "0", "600"], "create 0600");
     // Another user: no read permission, so no IPC_STAT and no attach; not
     // the owner, so no IPC_RMID.
     let stat = c.as_nobody(2, &[&t, "stat", "0x5104"]);
@@ -157,7 +156,7 @@ fn ipc_rmid_and_permissions_behave_as_on_one_machine() {
 
     // IPC_RMID while a process on node 3 is attached: the segment stays
     // (marked for destruction, its key free) until that process detaches.
-    let mut hold = spawn(&c, 3, &[&t, "hold", "0x5104", "3"]);
+    let mut hold = c.piped(3, &[&t, "hold", "0x5104", "3"]);
     assert_eq!(read_line(&mut hold), "attached");
     let seg = ipcs(&c, 2)
         .into_iter()
@@ -166,10 +165,7 @@ fn ipc_rmid_and_permissions_behave_as_on_one_machine() {
     let attached = seg["attached"].as_array().unwrap();
     assert_eq!(attached.len(), 1, "{seg}");
     assert_eq!(attached[0]["node"], 3, "{seg}");
-    ok(
-        &c.cmd(2, &[&t, "rm", "0x5104"]).output().unwrap(),
-        "rm as root",
-    );
+    c.run_ok(2, &[&t, "rm", "0x5104"], "rm as root");
     let after = ipcs(&c, 1);
     let dest: Vec<_> = after.iter().filter(|s| s["removed"] == true).collect();
     assert_eq!(dest.len(), 1, "{after:?}");
@@ -177,49 +173,20 @@ fn ipc_rmid_and_permissions_behave_as_on_one_machine() {
     let gone = c.cmd(1, &[&t, "stat", "0x5104"]).output().unwrap();
     assert!(text(&gone.stderr).contains("No such file"), "{gone:?}");
     finish(hold, "holder on node 3");
-    assert!(
-        wait_for(std::time::Duration::from_secs(5), || ipcs(&c, 1).is_empty()),
-        "segment still listed after its last detach: {:?}",
-        ipcs(&c, 1)
-    );
-}
-
-#[test]
-fn three_nodes_add_under_one_process_shared_mutex_exactly() {
-    let c = Cluster::up(3, 1.0);
-    let t = shmtool();
-    ok(
-        &c.cmd(1, &[&t, "create", "0x5105"]).output().unwrap(),
-        "create",
-    );
-    let kids: Vec<Child> = (1..=3)
-        .map(|n| spawn(&c, n, &[&t, "add", "0x5105", "100000", "mutex", "3"]))
-        .collect();
-    for (i, k) in kids.into_iter().enumerate() {
-        finish(k, &format!("adder on node {}", i + 1));
-    }
-    let show = ok(&c.cmd(3, &[&t, "show", "0x5105"]).output().unwrap(), "show");
-    assert!(show.contains("counter 300000"), "{show}");
+    // The segment goes with its last detach.
+    nothing_left(&c);
 }
 
 /// Waiters sleep in the kernel on their own node; a post, signal or unlock
 /// on another node must wake them.
 #[test]
 fn semaphores_and_condition_variables_wake_waiters_on_other_nodes() {
-    let c = Cluster::up(3, 1.0);
-    let t = shmtool();
-    ok(
-        &c.cmd(1, &[&t, "create", "0x5106"]).output().unwrap(),
-        "create",
-    );
+    let (c, t) = with_segment("0x5106");
     let n = "1000";
-    let b = spawn(&c, 3, &[&t, "pingpong", "0x5106", n, "1"]);
-    let a = spawn(&c, 2, &[&t, "pingpong", "0x5106", n, "0"]);
-    assert!(finish(a, "pingpong side 0").contains("1000 round trips"));
-    assert!(finish(b, "pingpong side 1").contains("1000 round trips"));
-    let b = spawn(&c, 1, &[&t, "condvar", "0x5106", n, "1"]);
-    let a = spawn(&c, 3, &[&t, "condvar", "0x5106", n, "0"]);
-    let (x, y) = (finish(a, "condvar side 0"), finish(b, "condvar side 1"));
+    let (x, y) = both_sides(&c, &[&t, "pingpong", "0x5106", n], 2, 3);
+    assert!(x.contains("1000 round trips"));
+    assert!(y.contains("1000 round trips"));
+    let (x, y) = both_sides(&c, &[&t, "condvar", "0x5106", n], 3, 1);
     // 2000 hand-overs in all; the side that finishes last saw them all.
     assert!(
         x.contains("turn 2000") || y.contains("turn 2000"),
@@ -230,42 +197,25 @@ fn semaphores_and_condition_variables_wake_waiters_on_other_nodes() {
 #[test]
 fn a_named_posix_semaphore_ping_pongs_ten_thousand_times_between_two_nodes() {
     let c = Cluster::up(3, 1.0);
-    let t = cc(&repo_root().join("examples/shm/semping.c"), "semping");
-    let t = t.to_str().unwrap();
-    let b = spawn(&c, 3, &[t, "krgtest", "10000", "1"]);
-    let a = spawn(&c, 2, &[t, "krgtest", "10000", "0"]);
-    let x = finish(a, "semping side 0 on node 2");
-    let y = finish(b, "semping side 1 on node 3");
+    let t = &example("shm/semping.c", "semping");
+    let (x, y) = both_sides(&c, &[t, "krgtest", "10000"], 2, 3);
     assert!(x.contains("10000 round trips"), "{x}");
     assert!(y.contains("10000 round trips"), "{y}");
     // Side 0 unlinked both names and both sides closed them: nothing left.
-    assert!(
-        wait_for(std::time::Duration::from_secs(5), || ipcs(&c, 1).is_empty()),
-        "{:?}",
-        ipcs(&c, 1)
-    );
+    nothing_left(&c);
 }
 
 #[test]
 fn system_v_semaphores_are_one_set_for_the_whole_cluster() {
     let c = Cluster::up(3, 1.0);
-    let t = cc(&repo_root().join("examples/shm/semtool.c"), "semtool");
-    let t = t.to_str().unwrap();
-    let made = ok(
-        &c.cmd(1, &[t, "create", "0x5201", "4"]).output().unwrap(),
-        "create",
-    );
-    assert!(made.contains("nsems 4"), "{made}");
+    let t = &example("shm/semtool.c", "semtool");
+    create(&c, &[t, "create", "0x5201", "4"], "nsems 4");
     // Cross-node wake-ups, both ways.
-    let b = spawn(&c, 2, &[t, "pingpong", "0x5201", "1000", "1"]);
-    let a = spawn(&c, 3, &[t, "pingpong", "0x5201", "1000", "0"]);
-    assert!(finish(a, "pingpong side 0").contains("1000 round trips"));
-    assert!(finish(b, "pingpong side 1").contains("1000 round trips"));
+    let (x, y) = both_sides(&c, &[t, "pingpong", "0x5201", "1000"], 3, 2);
+    assert!(x.contains("1000 round trips"));
+    assert!(y.contains("1000 round trips"));
     // SEM_UNDO: the +1 of a process on node 2 is undone when it exits.
-    ok(
-        &c.cmd(2, &[t, "up-undo", "0x5201", "2"]).output().unwrap(),
-        "up-undo",
-    );
+    c.run_ok(2, &[t, "up-undo", "0x5201", "2"], "up-undo");
     assert!(wait_for(std::time::Duration::from_secs(5), || {
         text(
             &c.cmd(3, &[t, "get", "0x5201", "2"])
@@ -277,24 +227,14 @@ fn system_v_semaphores_are_one_set_for_the_whole_cluster() {
             == "0"
     }));
     // IPC_NOWAIT and a timeout give EAGAIN.
-    let nowait = ok(
-        &c.cmd(3, &[t, "down", "0x5201", "3", "nowait"])
-            .output()
-            .unwrap(),
-        "nowait",
-    );
+    let nowait = c.run_ok(3, &[t, "down", "0x5201", "3", "nowait"], "nowait");
     assert_eq!(nowait.trim(), "Resource temporarily unavailable");
-    let timed = ok(
-        &c.cmd(1, &[t, "down", "0x5201", "3", "300"])
-            .output()
-            .unwrap(),
-        "timed",
-    );
+    let timed = c.run_ok(1, &[t, "down", "0x5201", "3", "300"], "timed");
     assert_eq!(timed.trim(), "Resource temporarily unavailable");
     // IPC_RMID from node 1 wakes a waiter on node 2 with EIDRM.
-    let waiter = spawn(&c, 2, &[t, "down", "0x5201", "3"]);
+    let waiter = c.piped(2, &[t, "down", "0x5201", "3"]);
     std::thread::sleep(std::time::Duration::from_millis(800));
-    ok(&c.cmd(1, &[t, "rm", "0x5201"]).output().unwrap(), "rm");
+    c.run_ok(1, &[t, "rm", "0x5201"], "rm");
     assert_eq!(finish(waiter, "waiter").trim(), "Identifier removed");
 }
 
@@ -302,21 +242,13 @@ fn system_v_semaphores_are_one_set_for_the_whole_cluster() {
 /// touching it gets SIGBUS, never the old contents.
 #[test]
 fn a_page_lost_with_its_node_gives_sigbus_not_stale_data() {
-    let c = Cluster::up(3, 1.0);
-    let t = shmtool();
-    ok(
-        &c.cmd(1, &[&t, "create", "0x5107"]).output().unwrap(),
-        "create",
-    );
+    let (c, t) = with_segment("0x5107");
     // Node 1 reads the atomic counter's page (a read copy here), then
     // node 2 writes it: node 2 now holds the only up-to-date copy.
-    assert!(ok(&c.cmd(1, &[&t, "show", "0x5107"]).output().unwrap(), "show").contains("atomic 0"));
-    ok(
-        &c.cmd(2, &[&t, "add", "0x5107", "5", "atomic"])
-            .output()
-            .unwrap(),
-        "add on node 2",
-    );
+    assert!(c
+        .run_ok(1, &[&t, "show", "0x5107"], "show")
+        .contains("atomic 0"));
+    c.run_ok(2, &[&t, "add", "0x5107", "5", "atomic"], "add on node 2");
     // The whole node 2 goes (its agent is the pid namespace's init).
     signal(c.agent_pid(2), nix::sys::signal::Signal::SIGKILL);
     let out = c.sh(3, &format!("{t} show 0x5107; echo status $?"));
@@ -329,7 +261,7 @@ fn a_page_lost_with_its_node_gives_sigbus_not_stale_data() {
     assert!(!said.contains("atomic 0"), "stale contents read: {said}");
     // A checkpoint of a process with a segment attached is refused (an
     // image would not hold the segment's contents).
-    let mut hold = spawn(&c, 1, &[&t, "hold", "0x5107", "5"]);
+    let mut hold = c.piped(1, &[&t, "hold", "0x5107", "5"]);
     assert_eq!(read_line(&mut hold), "attached");
     let pid = procs_named(&c, "hold")
         .first()
@@ -337,11 +269,7 @@ fn a_page_lost_with_its_node_gives_sigbus_not_stale_data() {
         .expect("holder in krg ps");
     let ck = c.krg(1, &["checkpoint", &pid, "-o", "/tmp/krg-shm-refused"]);
     assert!(!ck.status.success());
-    assert!(
-        text(&ck.stderr).contains("shared memory segment"),
-        "{}",
-        text(&ck.stderr)
-    );
+    assert_contains(&text(&ck.stderr), "shared memory segment");
     finish(hold, "holder");
 }
 
@@ -351,14 +279,9 @@ fn a_page_lost_with_its_node_gives_sigbus_not_stale_data() {
 /// to one counter while one of them moves: no add is lost.
 #[test]
 fn a_process_attached_to_a_segment_migrates_and_keeps_sharing_it() {
-    let c = Cluster::up(3, 1.0);
-    let t = shmtool();
-    ok(
-        &c.cmd(1, &[&t, "create", "0x5110"]).output().unwrap(),
-        "create",
-    );
-    let mover = spawn(&c, 1, &[&t, "add-paced", "0x5110", "3000", "1000"]);
-    let other = spawn(&c, 3, &[&t, "add-paced", "0x5110", "3000", "1000"]);
+    let (c, t) = with_segment("0x5110");
+    let mover = c.piped(1, &[&t, "add-paced", "0x5110", "3000", "1000"]);
+    let other = c.piped(3, &[&t, "add-paced", "0x5110", "3000", "1000"]);
     let find = || {
         procs_named(&c, "add-paced")
             .iter()
@@ -378,7 +301,7 @@ fn a_process_attached_to_a_segment_migrates_and_keeps_sharing_it() {
     };
     // Let it add for a while on node 1 first.
     std::thread::sleep(std::time::Duration::from_millis(700));
-    migrate(&c, 1, pid, 2);
+    c.migrate_ok(1, pid, 2);
     assert!(
         find().contains(&(pid, 2)),
         "the adder runs on node 2: {:?}",
@@ -402,7 +325,7 @@ fn a_process_attached_to_a_segment_migrates_and_keeps_sharing_it() {
         a.contains("added 3000") && b.contains("added 3000"),
         "{a}{b}"
     );
-    let show = ok(&c.cmd(2, &[&t, "show", "0x5110"]).output().unwrap(), "show");
+    let show = c.run_ok(2, &[&t, "show", "0x5110"], "show");
     assert!(show.contains("atomic 6000"), "{show}");
 }
 
@@ -410,27 +333,12 @@ fn a_process_attached_to_a_segment_migrates_and_keeps_sharing_it() {
 /// gives the child's mapping no userfaultfd, libkrg registers a new one.
 #[test]
 fn a_forked_child_shares_the_attachment_coherently() {
-    let c = Cluster::up(3, 1.0);
-    let t = shmtool();
-    ok(
-        &c.cmd(1, &[&t, "create", "0x5108"]).output().unwrap(),
-        "create",
-    );
+    let (c, t) = with_segment("0x5108");
     // The counter's page is node 2's when node 3's processes start.
-    ok(
-        &c.cmd(2, &[&t, "add", "0x5108", "1000", "atomic"])
-            .output()
-            .unwrap(),
-        "add",
-    );
-    let f = ok(
-        &c.cmd(3, &[&t, "fork-add", "0x5108", "1000"])
-            .output()
-            .unwrap(),
-        "fork-add",
-    );
+    c.run_ok(2, &[&t, "add", "0x5108", "1000", "atomic"], "add");
+    let f = c.run_ok(3, &[&t, "fork-add", "0x5108", "1000"], "fork-add");
     assert!(f.contains("added 1000 each"), "{f}");
-    let show = ok(&c.cmd(1, &[&t, "show", "0x5108"]).output().unwrap(), "show");
+    let show = c.run_ok(1, &[&t, "show", "0x5108"], "show");
     assert!(show.contains("atomic 3000"), "{show}");
 }
 
@@ -439,20 +347,14 @@ fn a_forked_child_shares_the_attachment_coherently() {
 #[test]
 fn a_posix_shared_memory_object_is_the_same_on_every_node() {
     let c = Cluster::up(3, 1.0);
-    let t = cc(&repo_root().join("examples/shm/posixshm.c"), "posixshm");
-    let t = t.to_str().unwrap();
-    let made = ok(
-        &c.cmd(1, &[t, "create", "/krgobj", "3000000"])
-            .output()
-            .unwrap(),
-        "create",
+    let t = &example("shm/posixshm.c", "posixshm");
+    create(
+        &c,
+        &[t, "create", "/krgobj", "3000000"],
+        "created 3000000 bytes",
     );
-    assert!(made.contains("created 3000000 bytes"), "{made}");
     // Node 2 sees the size (fstat) and every byte node 1 wrote.
-    let seen = ok(
-        &c.cmd(2, &[t, "check", "/krgobj"]).output().unwrap(),
-        "check on node 2",
-    );
+    let seen = c.run_ok(2, &[t, "check", "/krgobj"], "check on node 2");
     assert_eq!(seen.trim(), "size 3000000 ok");
     // O_EXCL on an existing name fails on any node.
     let again = c
@@ -461,25 +363,22 @@ fn a_posix_shared_memory_object_is_the_same_on_every_node() {
         .unwrap();
     assert!(text(&again.stderr).contains("File exists"), "{again:?}");
     let kids: Vec<Child> = (1..=3)
-        .map(|n| spawn(&c, n, &[t, "add", "/krgobj", "20000", "3"]))
+        .map(|n| c.piped(n, &[t, "add", "/krgobj", "20000", "3"]))
         .collect();
     for k in kids {
         finish(k, "adder");
     }
-    let show = ok(&c.cmd(3, &[t, "show", "/krgobj"]).output().unwrap(), "show");
+    let show = c.run_ok(3, &[t, "show", "/krgobj"], "show");
     assert_eq!(show.trim(), "counter 60000");
     let listed = ipcs(&c, 2);
     assert!(
         listed.iter().any(|s| s["name"] == "shm.krgobj"),
         "{listed:?}"
     );
-    ok(
-        &c.cmd(2, &[t, "unlink", "/krgobj"]).output().unwrap(),
-        "unlink",
-    );
+    c.run_ok(2, &[t, "unlink", "/krgobj"], "unlink");
     let gone = c.cmd(1, &[t, "show", "/krgobj"]).output().unwrap();
     assert!(text(&gone.stderr).contains("No such file"), "{gone:?}");
-    assert!(wait_for(std::time::Duration::from_secs(5), || ipcs(&c, 1).is_empty()));
+    nothing_left(&c);
 }
 
 /// `MAP_SHARED|MAP_ANONYMOUS` memory, with the `dsm-anon` capability, is a
@@ -493,10 +392,7 @@ fn shared_anonymous_memory_stays_shared_with_a_child_that_moves() {
     let run = c
         .cmd(1, &[prog, "2500", "1000"])
         .env("KRG_CAPS", "+dsm-anon")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     // The child: the process of the program whose parent is the other.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let child = loop {
@@ -524,7 +420,7 @@ fn shared_anonymous_memory_stays_shared_with_a_child_that_moves() {
     for to in [2u32, 3] {
         std::thread::sleep(std::time::Duration::from_millis(500));
         let from = if to == 2 { 1 } else { 2 };
-        migrate(&c, from, child, to);
+        c.migrate_ok(from, child, to);
         let s = seg(1);
         assert!(
             s["attached"]

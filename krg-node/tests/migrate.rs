@@ -6,35 +6,8 @@ mod common;
 
 use common::*;
 use std::io::Read;
-use std::process::Stdio;
+use std::process::{Child, Output, Stdio};
 use std::time::Duration;
-
-/// The gpid and node of the process whose command starts with `pat`.
-fn find(c: &Cluster, pat: &str) -> Option<(i64, u64)> {
-    c.ps(1)
-        .iter()
-        .find(|p| p["command"].as_str().unwrap_or("").starts_with(pat))
-        .map(|p| (p["pid"].as_i64().unwrap(), p["node"].as_u64().unwrap()))
-}
-
-fn migrate(c: &Cluster, from: u32, pid: i64, to: u32) {
-    let out = c.krg(from, &["migrate", &pid.to_string(), &to.to_string()]);
-    assert!(
-        out.status.success(),
-        "krg migrate {pid} {to}: {}{}\nps: {:?}",
-        text(&out.stdout),
-        text(&out.stderr),
-        c.ps(1)
-            .iter()
-            .map(|p| format!("{} {} {}", p["pid"], p["ppid"], p["command"]))
-            .collect::<Vec<_>>()
-    );
-    assert!(
-        text(&out.stdout).contains(&format!("migrated to node {to}")),
-        "{}",
-        text(&out.stdout)
-    );
-}
 
 const HASH_PY: &str = r#"
 import hashlib, sys
@@ -64,28 +37,20 @@ fn python_migrated_three_times_prints_what_an_unmigrated_run_prints() {
     // the shadow left on the node it came from.
     let mut p = c
         .cmd(1, &["/usr/bin/python3", &script, steps])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     let mut stdout = p.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut s = Vec::new();
         stdout.read_to_end(&mut s).unwrap();
         s
     });
-    let mut pid = None;
-    assert!(wait_for(Duration::from_secs(10), || {
-        pid = find(&c, "/usr/bin/python3").map(|p| p.0);
-        pid.is_some()
-    }));
-    let pid = pid.unwrap();
+    let pid = c.wait_find("/usr/bin/python3").0;
     for (from, to) in [(1, 2), (3, 3), (2, 1)] {
         std::thread::sleep(Duration::from_millis(700));
         // Asked from any node: the request goes where the process runs.
         let from = if from == to { 1 } else { from };
-        migrate(&c, from, pid, to);
-        let now = find(&c, "/usr/bin/python3");
+        c.migrate_ok(from, pid, to);
+        let now = c.find("/usr/bin/python3");
         assert_eq!(now, Some((pid, to as u64)), "same gpid, on node {to}");
     }
     let st = p.wait().unwrap();
@@ -129,57 +94,30 @@ fn a_thread_pool_migrated_twice_keeps_its_threads_memory() {
     let c = Cluster::up(3, 1.0);
     let mut p = c
         .cmd(1, &["/usr/bin/python3", "-c", POOL_PY, "400"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     let pid: i64 = read_line(&mut p).trim().parse().unwrap();
     for to in [2, 3] {
         std::thread::sleep(Duration::from_millis(400));
-        migrate(&c, 1, pid, to);
+        c.migrate_ok(1, pid, to);
     }
     let out = p.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert_ok(&out);
     assert_eq!(text(&out.stdout).lines().last(), Some(want.as_str()));
 }
 
 #[test]
 fn threads_migrated_ten_times_in_a_row_end_exact() {
-    let bin = cc(&repo_root().join("examples/ckpt/threads.c"), "ckpt-threads");
-    let bin = bin.to_str().unwrap().to_string();
-    let native = std::process::Command::new(&bin)
-        .args(["1500", "2000000"])
-        .output()
-        .unwrap();
+    let bin = example("ckpt/threads.c", "ckpt-threads");
+    let native = native(&bin, &["1500", "2000000"]);
     let c = Cluster::up(3, 1.0);
-    let p = c
-        .cmd(1, &[&bin, "1500", "2000000"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pid = None;
-    assert!(wait_for(Duration::from_secs(10), || {
-        pid = find(&c, &bin).map(|p| p.0);
-        pid.is_some()
-    }));
-    let pid = pid.unwrap();
+    let p = c.cmd(1, &[&bin, "1500", "2000000"]).spawn_outputs();
+    let pid = c.wait_find(&bin).0;
     for to in [2, 3, 1, 2, 3, 1, 2, 3, 1, 2] {
-        migrate(&c, 3, pid, to);
+        c.migrate_ok(3, pid, to);
         std::thread::sleep(Duration::from_millis(150));
     }
     let out = p.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    assert_ok(&out);
     assert_eq!(text(&out.stdout), text(&native.stdout));
 }
 
@@ -189,13 +127,11 @@ fn a_gibibyte_of_memory_moves_intact() {
     let c = Cluster::up(3, 1.0);
     let mut p = c
         .cmd(1, &[bin.to_str().unwrap(), "1024", "20"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_stdout();
     assert_eq!(read_line(&mut p), "ready 1024 MiB");
-    let (pid, _) = find(&c, bin.to_str().unwrap()).unwrap();
-    migrate(&c, 1, pid, 2);
-    migrate(&c, 2, pid, 3);
+    let (pid, _) = c.find(bin.to_str().unwrap()).unwrap();
+    c.migrate_ok(1, pid, 2);
+    c.migrate_ok(2, pid, 3);
     let out = p.wait_with_output().unwrap();
     let o = text(&out.stdout);
     assert!(out.status.success(), "{o}");
@@ -218,23 +154,18 @@ raise SystemExit(7)' & a=$!
         wait $a; echo "a $?"
         wait $b; echo "b $?"
     "#;
-    let mut p = c
-        .cmd(1, &["sh", "-c", script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert_eq!(read_line(&mut p), "started");
+    let (p, first) = c.started(1, &["sh", "-c", script]);
+    assert_eq!(first, "started");
     let mut a = None;
     let mut b = None;
     assert!(wait_for(Duration::from_secs(10), || {
-        a = find(&c, "/usr/bin/python3 -c").map(|p| p.0);
-        b = find(&c, "sleep 60").map(|p| p.0);
+        a = c.find("/usr/bin/python3 -c").map(|p| p.0);
+        b = c.find("sleep 60").map(|p| p.0);
         a.is_some() && b.is_some()
     }));
-    migrate(&c, 1, a.unwrap(), 2);
-    migrate(&c, 1, b.unwrap(), 3);
-    let k = c.krg(2, &["kill", "-TERM", &b.unwrap().to_string()]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.migrate_ok(1, a.unwrap(), 2);
+    c.migrate_ok(1, b.unwrap(), 3);
+    c.kill_ok(2, &["-TERM", &b.unwrap().to_string()]);
     let out = p.wait_with_output().unwrap();
     assert_eq!(
         text(&out.stdout).lines().collect::<Vec<_>>(),
@@ -243,38 +174,97 @@ raise SystemExit(7)' & a=$!
     );
 }
 
+/// `krg migrate` (from node 1's agent) of `pid`, which runs on `node`, to
+/// the other of nodes 1 and 2.
+fn migrate_to_the_other_node(c: &Cluster, pid: i64, node: u64) -> Output {
+    let to = if node == 1 { "2" } else { "1" };
+    c.krg(1, &["migrate", &pid.to_string(), to])
+}
+
+/// `bin ARGS` run natively, here (no cluster, no library).
+fn native(bin: &str, args: &[&str]) -> Output {
+    std::process::Command::new(bin).args(args).output().unwrap()
+}
+
+/// A Python program that waits for SIGUSR1, then exits 7 (a line of a
+/// shell script).
+const PY_EXITS_7_ON_USR1: &str = r"/usr/bin/python3 -c 'import signal, sys
+signal.signal(signal.SIGUSR1, lambda *x: sys.exit(7))
+while True: signal.pause()'";
+
+/// Wait until the Python program of [`PY_EXITS_7_ON_USR1`] runs (ready
+/// for its signal).
+fn python_ready(c: &Cluster) {
+    c.wait_find("/usr/bin/python3 -c");
+}
+
+/// Which process of [`shell_and_child_moves`] a move moves.
+#[derive(Clone, Copy)]
+enum Mover {
+    Shell,
+    Child,
+}
+
+/// A shell on node 1 waiting for its child, the Python program of
+/// [`PY_EXITS_7_ON_USR1`], then saying "b STATUS". Once the child is
+/// ready, each of `moves` (from node 1's agent), then SIGUSR1 to the
+/// child from node `kill_from`: the shell must say "b 7" and succeed.
+/// Its output.
+fn shell_and_child_moves(c: &Cluster, moves: &[(Mover, u32)], kill_from: u32) -> Output {
+    let script = format!(
+        r#"
+        {PY_EXITS_7_ON_USR1} & b=$!
+        echo "started $$ $b"
+        wait $b; echo "b $?"
+    "#
+    );
+    let mut p = c.sh_cmd(1, &script).spawn_outputs();
+    let line = read_line(&mut p);
+    let ids: Vec<i64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{line}");
+    let (sh, b) = (ids[0], ids[1]);
+    python_ready(c);
+    for &(who, to) in moves {
+        let pid = match who {
+            Mover::Shell => sh,
+            Mover::Child => b,
+        };
+        c.migrate_ok(1, pid, to);
+    }
+    c.kill_ok(kill_from, &["-USR1", &b.to_string()]);
+    let out = p.wait_with_output().unwrap();
+    assert_lines(&out, &["b 7"]);
+    assert!(out.status.success());
+    out
+}
+
 #[test]
 fn a_shell_migrated_twice_still_waits_for_the_children_it_left_behind() {
     let c = Cluster::up(3, 1.0);
     // The shell waits in `wait` for both while it moves; its children stay
     // on node 1.
-    let script = r#"
+    let script = format!(
+        r#"
         sleep 100 & a=$!
-        /usr/bin/python3 -c 'import signal, sys
-signal.signal(signal.SIGUSR1, lambda *x: sys.exit(7))
-while True: signal.pause()' & b=$!
+        {PY_EXITS_7_ON_USR1} & b=$!
         echo "started $$ $a $b"
         wait $a; echo "a $?"
         wait $b; echo "b $?"
-    "#;
-    let mut p = c
-        .cmd(1, &["sh", "-c", script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    "#
+    );
+    let mut p = c.sh_cmd(1, &script).spawn_stdout();
     let line = read_line(&mut p);
     let ids: Vec<&str> = line.split_whitespace().skip(1).collect();
     assert_eq!(ids.len(), 3, "{line}");
     let (sh, a, b) = (ids[0], ids[1], ids[2]);
     let sh_pid: i64 = sh.parse().unwrap();
-    // Python ready for its signal.
-    assert!(wait_for(Duration::from_secs(10), || find(
-        &c,
-        "/usr/bin/python3 -c"
-    )
-    .is_some()));
-    migrate(&c, 1, sh_pid, 2);
-    migrate(&c, 3, sh_pid, 3);
+    python_ready(&c);
+    c.migrate_ok(1, sh_pid, 2);
+    c.migrate_ok(3, sh_pid, 3);
     let where_ = |g: &str| {
         c.ps(2)
             .iter()
@@ -286,69 +276,25 @@ while True: signal.pause()' & b=$!
     assert_eq!(where_(b), Some(1));
     // Signals by gpid still reach them, from any node; their ends reach
     // the shell through both hops.
-    let k = c.krg(2, &["kill", "-TERM", a]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
-    let k = c.krg(3, &["kill", "-USR1", b]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.kill_ok(2, &["-TERM", a]);
+    c.kill_ok(3, &["-USR1", b]);
     let out = p.wait_with_output().unwrap();
-    assert_eq!(
-        text(&out.stdout).lines().collect::<Vec<_>>(),
-        vec!["a 143", "b 7"],
-        "{}",
-        text(&out.stderr)
-    );
+    assert_lines(&out, &["a 143", "b 7"]);
     assert!(out.status.success());
     // Nothing left standing for them.
     for n in 1..=3 {
-        let left = c.plain(n, &["pgrep", "-f", "krg-child"]).output().unwrap();
-        assert!(left.stdout.is_empty(), "node {n}: {}", text(&left.stdout));
+        assert_eq!(c.pgrep(n, "krg-child"), "", "node {n}");
     }
 }
 
 #[test]
 fn a_shell_migrates_after_its_child_went_away_and_came_back() {
     let c = Cluster::up(2, 1.0);
-    let script = r#"
-        /usr/bin/python3 -c 'import signal, sys
-signal.signal(signal.SIGUSR1, lambda *x: sys.exit(7))
-while True: signal.pause()' & b=$!
-        echo "started $$ $b"
-        wait $b; echo "b $?"
-    "#;
-    let mut p = c
-        .cmd(1, &["sh", "-c", script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = read_line(&mut p);
-    let ids: Vec<i64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|x| x.parse().unwrap())
-        .collect();
-    assert_eq!(ids.len(), 2, "{line}");
-    let (sh, b) = (ids[0], ids[1]);
-    assert!(wait_for(Duration::from_secs(10), || find(
-        &c,
-        "/usr/bin/python3 -c"
-    )
-    .is_some()));
     // The child goes away and comes back: the shell's kernel child on node
-    // 1 is its shadow again, not the program.
-    migrate(&c, 1, b, 2);
-    migrate(&c, 1, b, 1);
-    // The shell can still move, and its wait still sees the child's end.
-    migrate(&c, 1, sh, 2);
-    let k = c.krg(2, &["kill", "-USR1", &b.to_string()]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
-    let out = p.wait_with_output().unwrap();
-    assert_eq!(
-        text(&out.stdout).lines().collect::<Vec<_>>(),
-        vec!["b 7"],
-        "{}",
-        text(&out.stderr)
-    );
-    assert!(out.status.success());
+    // 1 is its shadow again, not the program. The shell can still move,
+    // and its wait still sees the child's end.
+    use Mover::*;
+    shell_and_child_moves(&c, &[(Child, 2), (Child, 1), (Shell, 2)], 2);
 }
 
 /// The shell follows its child to the node the child went to, then moves
@@ -360,47 +306,10 @@ while True: signal.pause()' & b=$!
 #[test]
 fn a_shell_follows_its_child_to_the_node_the_child_went_to() {
     let c = Cluster::up(3, 1.0);
-    let script = r#"
-        /usr/bin/python3 -c 'import signal, sys
-signal.signal(signal.SIGUSR1, lambda *x: sys.exit(7))
-while True: signal.pause()' & b=$!
-        echo "started $$ $b"
-        wait $b; echo "b $?"
-    "#;
-    let mut p = c
-        .cmd(1, &["sh", "-c", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = read_line(&mut p);
-    let ids: Vec<i64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|x| x.parse().unwrap())
-        .collect();
-    assert_eq!(ids.len(), 2, "{line}");
-    let (sh, b) = (ids[0], ids[1]);
-    assert!(wait_for(Duration::from_secs(10), || find(
-        &c,
-        "/usr/bin/python3 -c"
-    )
-    .is_some()));
-    migrate(&c, 1, b, 2);
-    migrate(&c, 1, sh, 2);
-    migrate(&c, 1, sh, 3);
-    migrate(&c, 1, sh, 2);
-    let k = c.krg(3, &["kill", "-USR1", &b.to_string()]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
-    let out = p.wait_with_output().unwrap();
-    assert_eq!(
-        text(&out.stdout).lines().collect::<Vec<_>>(),
-        vec!["b 7"],
-        "{}",
-        text(&out.stderr)
-    );
+    use Mover::*;
+    let moves = [(Child, 2), (Shell, 2), (Shell, 3), (Shell, 2)];
+    let out = shell_and_child_moves(&c, &moves, 3);
     assert_eq!(text(&out.stderr), "");
-    assert!(out.status.success());
     assert!(
         wait_for(Duration::from_secs(10), || c.ps(1).is_empty()),
         "left over: {:?}",
@@ -428,10 +337,7 @@ print("reaped", p == pid, os.waitstatus_to_exitcode(st), flush=True)
 "#;
     let mut p = c
         .cmd(1, &["/usr/bin/python3", "-c", script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     let line = read_line(&mut p);
     let child: i64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     let mut parent = None;
@@ -443,9 +349,8 @@ print("reaped", p == pid, os.waitstatus_to_exitcode(st), flush=True)
             .and_then(|q| q["pid"].as_i64());
         parent.is_some()
     }));
-    migrate(&c, 1, parent.unwrap(), 2);
-    let k = c.krg(2, &["kill", "-USR1", &child.to_string()]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.migrate_ok(1, parent.unwrap(), 2);
+    c.kill_ok(2, &["-USR1", &child.to_string()]);
     let out = p.wait_with_output().unwrap();
     assert_eq!(
         text(&out.stdout),
@@ -467,12 +372,8 @@ fn a_migrated_process_shows_its_own_command_line_to_native_tools() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let mut pid = None;
-    assert!(wait_for(Duration::from_secs(10), || {
-        pid = find(&c, "/usr/bin/python3 -c").map(|p| p.0);
-        pid.is_some()
-    }));
-    migrate(&c, 1, pid.unwrap(), 2);
+    let pid = c.wait_find("/usr/bin/python3 -c").0;
+    c.migrate_ok(1, pid, 2);
     // Every process of node 2, one line each, NULs shown as '|'.
     let all = c
         .plain(
@@ -491,48 +392,26 @@ fn a_migrated_process_shows_its_own_command_line_to_native_tools() {
         "node 2's command lines:\n{}",
         text(&all.stdout)
     );
-    let k = c.krg(1, &["kill", "-KILL", &pid.unwrap().to_string()]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
+    c.kill_ok(1, &["-KILL", &pid.to_string()]);
     let _ = p.wait();
 }
 
 #[test]
 fn migrate_refusals_leave_the_process_alone() {
     let c = Cluster::up(2, 1.0);
-    let mut p = c
-        .cmd(1, &["sh", "-c", "sleep 30; echo done"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pid = None;
-    assert!(wait_for(Duration::from_secs(10), || {
-        pid = find(&c, "sleep 30").map(|p| p.0);
-        pid.is_some()
-    }));
-    let pid = pid.unwrap().to_string();
+    let mut p = c.sh_cmd(1, "sleep 30; echo done").spawn_stdout();
+    let pid = c.wait_find("sleep 30").0.to_string();
     let same = c.krg(1, &["migrate", &pid, "1"]);
     assert!(!same.status.success());
-    assert!(
-        text(&same.stderr).contains("already runs on node 1"),
-        "{}",
-        text(&same.stderr)
-    );
+    assert_contains(&text(&same.stderr), "already runs on node 1");
     let nowhere = c.krg(1, &["migrate", &pid, "9"]);
     assert!(!nowhere.status.success());
-    assert!(
-        text(&nowhere.stderr).contains("node 9"),
-        "{}",
-        text(&nowhere.stderr)
-    );
+    assert_contains(&text(&nowhere.stderr), "node 9");
     let off = c.krg(1, &["capset", &pid, "-migrate"]);
     assert!(off.status.success());
     let refused = c.krg(1, &["migrate", &pid, "2"]);
     assert!(!refused.status.success());
-    assert!(
-        text(&refused.stderr).contains("migrate capability is off"),
-        "{}",
-        text(&refused.stderr)
-    );
+    assert_contains(&text(&refused.stderr), "migrate capability is off");
     // A checkpoint that ends a parent would orphan its children: refused,
     // not half done (migrating it is fine: see the next test).
     let parent = c
@@ -545,37 +424,24 @@ fn migrate_refusals_leave_the_process_alone() {
     if let Some(sh) = parent {
         let r = c.krg(1, &["checkpoint", &sh, "-o", "/tmp/krg-refused", "--kill"]);
         assert!(!r.status.success());
-        assert!(text(&r.stderr).contains("orphan"), "{}", text(&r.stderr));
+        assert_contains(&text(&r.stderr), "orphan");
     }
     let nobody = c.krg_as_nobody(1, &["migrate", &pid, "2"]);
     assert!(!nobody.status.success());
-    assert!(
-        text(&nobody.stderr).contains("not permitted"),
-        "{}",
-        text(&nobody.stderr)
-    );
-    assert_eq!(
-        find(&c, "sleep 30").map(|p| p.1),
-        Some(1),
-        "still on node 1"
-    );
+    assert_contains(&text(&nobody.stderr), "not permitted");
+    assert_eq!(c.find("sleep 30").map(|p| p.1), Some(1), "still on node 1");
     let _ = c.krg(1, &["kill", "-KILL", &pid]);
     let _ = p.wait();
 }
 
 #[test]
 fn balancer_spreads_cpu_bound_processes_and_never_moves_the_unmovable() {
-    let bin = cc(&repo_root().join("examples/ckpt/counter.c"), "ckpt-counter");
-    let bin = bin.to_str().unwrap().to_string();
+    let bin = example("ckpt/counter.c", "ckpt-counter");
     let c = Cluster::up(4, 0.5);
     let on = c.krg(2, &["sched", "balance", "threshold"]);
     assert!(on.status.success(), "{}", text(&on.stderr));
     let shown = c.krg(3, &["sched"]);
-    assert!(
-        text(&shown.stdout).contains("balance  threshold"),
-        "{}",
-        text(&shown.stdout)
-    );
+    assert_contains(&text(&shown.stdout), "balance  threshold");
     let script = format!(
         "for i in 1 2 3 4 5 6 7 8; do {bin} 100000000 300000000 >/dev/null 2>&1 </dev/null & done; \
          KRG_CAPS=-migrate {bin} 100000000 300000001 >/dev/null 2>&1 </dev/null &"
@@ -645,21 +511,14 @@ fn a_tuned_program_migrates_and_checkpoints_itself() {
         .cmd(1, &[bin.to_str().unwrap(), "2", dir.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert_eq!(
-        text(&out.stdout).lines().collect::<Vec<_>>(),
-        vec![
+    assert_ok(&out);
+    assert_lines(
+        &out,
+        &[
             "start node 1",
             "moved node 2 same-pid 1 captures 1 restores 1",
             "checkpoint returned 0 on node 2 captures 2 restores 1",
         ],
-        "{}",
-        text(&out.stderr)
     );
     let again = c.krg(1, &["restart", "-q", dir.to_str().unwrap(), "--node", "3"]);
     assert!(again.status.success(), "{}", text(&again.stderr));
@@ -673,10 +532,9 @@ fn a_tuned_program_migrates_and_checkpoints_itself() {
 /// the image; a file it appends to ends with every record exactly once.
 #[test]
 fn checkpoint_kill_restart_elsewhere_appends_every_record_once() {
-    let dir = shared_dir("ckpt-append");
-    let src = dir.join("append.c");
-    write_file(
-        &src,
+    let (dir, bin) = cc_code(
+        "ckpt-append",
+        "append.c",
         r#"#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -697,7 +555,6 @@ int main(int argc, char **argv) {
 }
 "#,
     );
-    let bin = cc(&src, "ckpt-append");
     let out = dir.join("records.txt");
     let _ = std::fs::remove_file(&out);
     let img = dir.join("img");
@@ -709,19 +566,14 @@ int main(int argc, char **argv) {
         out.display()
     );
     assert!(c.sh(1, &script).status.success());
-    let mut pid = None;
-    assert!(wait_for(Duration::from_secs(10), || {
-        pid = find(&c, bin.to_str().unwrap()).map(|p| p.0);
-        pid.is_some()
-    }));
+    let pid = c.wait_find(bin.to_str().unwrap()).0.to_string();
     std::thread::sleep(Duration::from_millis(1500));
-    let pid = pid.unwrap().to_string();
     let ck = c.krg(
         1,
         &["checkpoint", &pid, "-o", img.to_str().unwrap(), "--kill"],
     );
     assert!(ck.status.success(), "{}", text(&ck.stderr));
-    assert!(text(&ck.stdout).contains("killed"), "{}", text(&ck.stdout));
+    assert_contains(&text(&ck.stdout), "killed");
     let before = std::fs::read_to_string(&out).unwrap().lines().count();
     assert!(
         before > 10 && before < 300,
@@ -734,7 +586,7 @@ int main(int argc, char **argv) {
         "nothing written after the checkpoint with --kill"
     );
     let r = c.krg(2, &["restart", "-q", img.to_str().unwrap(), "--node", "3"]);
-    assert!(r.status.success(), "{}{}", text(&r.stdout), text(&r.stderr));
+    assert_ok(&r);
     let got = std::fs::read_to_string(&out).unwrap();
     let want: String = (0..300).map(|i| format!("{i:08}\n")).collect();
     assert_eq!(got, want, "every record exactly once, in order");
@@ -744,27 +596,13 @@ int main(int argc, char **argv) {
 /// it still runs is a copy with its own gpid; both finish exactly.
 #[test]
 fn checkpoint_keeps_running_and_a_restarted_copy_finishes_too() {
-    let bin = cc(&repo_root().join("examples/ckpt/threads.c"), "ckpt-threads");
-    let bin = bin.to_str().unwrap().to_string();
-    let native = std::process::Command::new(&bin)
-        .args(["800", "2000000"])
-        .output()
-        .unwrap();
-    let img = shared_dir("ckpt-copy").join("img");
-    let _ = std::fs::remove_dir_all(&img);
+    let bin = example("ckpt/threads.c", "ckpt-threads");
+    let native = native(&bin, &["800", "2000000"]);
+    let img = fresh_path("ckpt-copy", "img");
     let c = Cluster::up(3, 1.0);
-    let p = c
-        .cmd(1, &[&bin, "800", "2000000"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pid = None;
-    assert!(wait_for(Duration::from_secs(10), || {
-        pid = find(&c, &bin).map(|p| p.0);
-        pid.is_some()
-    }));
+    let p = c.cmd(1, &[&bin, "800", "2000000"]).spawn_stdout();
+    let pid = c.wait_find(&bin).0;
     std::thread::sleep(Duration::from_millis(800));
-    let pid = pid.unwrap();
     let ck = c.krg(
         2,
         &["checkpoint", &pid.to_string(), "-o", img.to_str().unwrap()],
@@ -795,10 +633,9 @@ fn checkpoint_keeps_running_and_a_restarted_copy_finishes_too() {
 /// What cannot move is refused before the process is touched.
 #[test]
 fn an_io_uring_refuses_checkpoint_and_migration_and_the_process_runs_on() {
-    let dir = shared_dir("ckpt-uring");
-    let src = dir.join("uring.c");
-    write_file(
-        &src,
+    let (dir, bin) = cc_code(
+        "ckpt-uring",
+        "uring.c",
         r#"#include <linux/io_uring.h>
 #include <signal.h>
 #include <stdio.h>
@@ -823,17 +660,12 @@ int main(void) {
 }
 "#,
     );
-    let bin = cc(&src, "ckpt-uring");
     let c = Cluster::up(2, 1.0);
-    let mut p = c
-        .cmd(1, &[bin.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut p = c.cmd(1, &[bin.to_str().unwrap()]).spawn_stdout();
     let first = read_line(&mut p);
     assert!(first.starts_with("fd "), "{first}");
     let fd = first[3..].to_string();
-    let (pid, _) = find(&c, bin.to_str().unwrap()).unwrap();
+    let (pid, _) = c.find(bin.to_str().unwrap()).unwrap();
     let img = dir.join("img");
     let ck = c.krg(
         1,
@@ -853,11 +685,7 @@ int main(void) {
     assert!(left.is_empty(), "left in {}: {left:?}", img.display());
     let mg = c.krg(1, &["migrate", &pid.to_string(), "2"]);
     assert!(!mg.status.success());
-    assert!(
-        text(&mg.stderr).contains("io_uring is not migratable"),
-        "{}",
-        text(&mg.stderr)
-    );
+    assert_contains(&text(&mg.stderr), "io_uring is not migratable");
     let out = p.wait_with_output().unwrap();
     let o = text(&out.stdout);
     assert!(out.status.success(), "it ran on to its end: {o}");
@@ -874,16 +702,12 @@ fn restart_of_a_missing_or_bad_image_fails_cleanly() {
     let c = Cluster::up(2, 1.0);
     let r = c.krg(1, &["restart", "/nonexistent/img"]);
     assert!(!r.status.success());
-    assert!(text(&r.stderr).contains("no image"), "{}", text(&r.stderr));
+    assert_contains(&text(&r.stderr), "no image");
     let junk = dir.join("image.krg");
     write_file(&junk, "this is not an image at all, just some bytes");
     let r = c.krg(1, &["restart", dir.to_str().unwrap()]);
     assert!(!r.status.success());
-    assert!(
-        text(&r.stderr).contains("not a krg process image"),
-        "{}",
-        text(&r.stderr)
-    );
+    assert_contains(&text(&r.stderr), "not a krg process image");
     assert!(c
         .ps(1)
         .iter()
@@ -893,22 +717,12 @@ fn restart_of_a_missing_or_bad_image_fails_cleanly() {
 /// A truncated image is refused, never run from the start.
 #[test]
 fn a_truncated_image_fails_and_nothing_runs_from_scratch() {
-    let bin = cc(
-        &repo_root().join("examples/ckpt/counter.c"),
-        "ckpt-counter-trunc",
-    );
-    let bin = bin.to_str().unwrap().to_string();
-    let img = shared_dir("ckpt-trunc").join("img");
-    let _ = std::fs::remove_dir_all(&img);
+    let bin = example("ckpt/counter.c", "ckpt-counter-trunc");
+    let img = fresh_path("ckpt-trunc", "img");
     let c = Cluster::up(2, 1.0);
     let script = format!("{bin} 1000000 300000000 </dev/null >/dev/null 2>&1 &");
     assert!(c.sh(1, &script).status.success());
-    let mut pid = None;
-    assert!(wait_for(Duration::from_secs(10), || {
-        pid = find(&c, &bin).map(|p| p.0);
-        pid.is_some()
-    }));
-    let pid = pid.unwrap().to_string();
+    let pid = c.wait_find(&bin).0.to_string();
     let ck = c.krg(
         1,
         &["checkpoint", &pid, "-o", img.to_str().unwrap(), "--kill"],
@@ -927,7 +741,7 @@ fn a_truncated_image_fails_and_nothing_runs_from_scratch() {
     let e = text(&r.stderr);
     assert!(e.contains("ends early") || e.contains("truncated"), "{e}");
     std::thread::sleep(Duration::from_millis(500));
-    assert!(find(&c, &bin).is_none(), "nothing runs: {:?}", c.ps(1));
+    assert!(c.find(&bin).is_none(), "nothing runs: {:?}", c.ps(1));
 }
 
 /// The data file `pcmem` reads from (100 known bytes and more).
@@ -936,6 +750,21 @@ fn pcmem_data() -> std::path::PathBuf {
     let s: String = (0..4096).map(|i| (b'a' + (i % 26) as u8) as char).collect();
     write_file(&f, &s);
     f
+}
+
+/// pcmem (built as `name`) on node 1 with `args` and the data file, once
+/// it says it is ready: the process (its output piped), its binary and its
+/// gpid.
+fn pcmem_ready(c: &Cluster, name: &str, args: &[&str]) -> (Child, String, i64) {
+    let bin = example("ckpt/pcmem.c", name);
+    let data = pcmem_data();
+    let mut cmd = vec![bin.as_str()];
+    cmd.extend_from_slice(args);
+    cmd.push(data.to_str().unwrap());
+    let mut p = c.cmd(1, &cmd).spawn_outputs();
+    assert_eq!(read_line(&mut p), "ready");
+    let (pid, _) = c.find(&bin).unwrap();
+    (p, bin, pid)
 }
 
 /// Post-copy (the default): a 1 GiB process resumes on the target before
@@ -947,24 +776,15 @@ fn pcmem_data() -> std::path::PathBuf {
 /// while frozen. Every byte checks out at the end.
 #[test]
 fn post_copy_gibibyte_with_faulting_threads_and_reads_moves_twice_in_a_row() {
-    let bin = cc(&repo_root().join("examples/ckpt/pcmem.c"), "ckpt-pcmem");
-    let bin = bin.to_str().unwrap().to_string();
-    let data = pcmem_data();
     let c = Cluster::up(3, 1.0);
-    let mut p = c
-        .cmd(1, &[&bin, "1024", "3", "25", data.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert_eq!(read_line(&mut p), "ready");
-    let (pid, _) = find(&c, &bin).unwrap();
+    let (p, bin, pid) = pcmem_ready(&c, "ckpt-pcmem", &["1024", "3", "25"]);
     let pid_s = pid.to_string();
     std::thread::sleep(Duration::from_millis(500));
     let (first, second) = std::thread::scope(|s| {
         let first = s.spawn(|| c.krg(1, &["migrate", &pid_s, "2"]));
         // As soon as it is placed on node 2 (its pages are still coming).
-        assert!(wait_for(Duration::from_secs(20), || find(&c, &bin)
+        assert!(wait_for(Duration::from_secs(20), || c
+            .find(&bin)
             .map(|f| f.1)
             == Some(2)));
         let second = c.krg(2, &["migrate", &pid_s, "3"]);
@@ -983,7 +803,7 @@ fn post_copy_gibibyte_with_faulting_threads_and_reads_moves_twice_in_a_row() {
             "{said}"
         );
     }
-    assert_eq!(find(&c, &bin), Some((pid, 3)));
+    assert_eq!(c.find(&bin), Some((pid, 3)));
     let pre = c.krg(3, &["migrate", "--precopy", &pid_s, "1"]);
     assert!(pre.status.success(), "{}", text(&pre.stderr));
     assert!(
@@ -1006,25 +826,13 @@ fn post_copy_gibibyte_with_faulting_threads_and_reads_moves_twice_in_a_row() {
 /// says what happened and the parent sees the kill.
 #[test]
 fn post_copy_broken_by_the_source_dying_leaves_no_half_process() {
-    let bin = cc(
-        &repo_root().join("examples/ckpt/pcmem.c"),
-        "ckpt-pcmem-break",
-    );
-    let bin = bin.to_str().unwrap().to_string();
-    let data = pcmem_data();
     let c = Cluster::up(2, 1.0);
-    let mut p = c
-        .cmd(1, &[&bin, "2048", "1", "60", data.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert_eq!(read_line(&mut p), "ready");
-    let (pid, _) = find(&c, &bin).unwrap();
+    let (mut p, bin, pid) = pcmem_ready(&c, "ckpt-pcmem-break", &["2048", "1", "60"]);
     let pid_s = pid.to_string();
     let out = std::thread::scope(|s| {
         let m = s.spawn(|| c.krg(1, &["migrate", &pid_s, "2"]));
-        assert!(wait_for(Duration::from_secs(20), || find(&c, &bin)
+        assert!(wait_for(Duration::from_secs(20), || c
+            .find(&bin)
             .map(|f| f.1)
             == Some(2)));
         // The frozen source, in node 1's pid namespace.
@@ -1039,7 +847,7 @@ fn post_copy_broken_by_the_source_dying_leaves_no_half_process() {
     let st = p.wait().unwrap();
     assert!(!st.success(), "the parent sees the process end badly");
     assert!(
-        wait_for(Duration::from_secs(10), || find(&c, &bin).is_none()),
+        wait_for(Duration::from_secs(10), || c.find(&bin).is_none()),
         "nothing left of it: {:?}",
         c.ps(1)
     );
@@ -1067,11 +875,7 @@ fn a_server_sharing_memory_and_a_pipe_with_its_children_is_not_moved_alone() {
         "deathwatch",
     );
     let c = Cluster::up(2, 1.0);
-    let mut p = c
-        .cmd(1, &[bin.to_str().unwrap(), "40"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut p = c.cmd(1, &[bin.to_str().unwrap(), "40"]).spawn_stdout();
     assert_eq!(read_line(&mut p), "ready");
     let cmd = format!("{} 40", bin.display());
     let ps = c.ps(1);
@@ -1090,8 +894,7 @@ fn a_server_sharing_memory_and_a_pipe_with_its_children_is_not_moved_alone() {
             && e.contains("after the move it would no longer be shared"),
         "{e}"
     );
-    let img = shared_dir("deathwatch").join("img");
-    let _ = std::fs::remove_dir_all(&img);
+    let img = fresh_path("deathwatch", "img");
     let ck = c.krg(
         1,
         &[
@@ -1102,11 +905,7 @@ fn a_server_sharing_memory_and_a_pipe_with_its_children_is_not_moved_alone() {
         ],
     );
     assert!(!ck.status.success(), "{}", text(&ck.stdout));
-    assert!(
-        text(&ck.stderr).contains("would no longer be shared"),
-        "{}",
-        text(&ck.stderr)
-    );
+    assert_contains(&text(&ck.stderr), "would no longer be shared");
     let out = p.wait_with_output().unwrap();
     let o = text(&out.stdout);
     assert!(out.status.success(), "{o}");
@@ -1123,9 +922,8 @@ fn a_server_sharing_memory_and_a_pipe_with_its_children_is_not_moved_alone() {
 #[test]
 fn a_file_description_shared_with_the_shell_is_not_moved_and_keeps_its_offset() {
     let c = Cluster::up(2, 1.0);
-    let dir = shared_dir("migrate-shared-file");
-    let (f, go) = (dir.join("fd3"), dir.join("go"));
-    let _ = std::fs::remove_file(&go);
+    let f = shared_dir("migrate-shared-file").join("fd3");
+    let go = fresh_path("migrate-shared-file", "go");
     let script = format!(
         "exec 3>{f}; /bin/echo one >&3; \
          sh -c 'while [ ! -e {go} ]; do sleep 0.02; done; echo two >&3'; \
@@ -1133,24 +931,13 @@ fn a_file_description_shared_with_the_shell_is_not_moved_and_keeps_its_offset() 
         f = f.display(),
         go = go.display()
     );
-    let p = c
-        .cmd(1, &["bash", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut sh = None;
-    assert!(wait_for(Duration::from_secs(10), || {
-        sh = find(&c, "sh -c while");
-        sh.is_some()
-    }));
-    let (pid, node) = sh.unwrap();
-    let to = if node == 1 { "2" } else { "1" };
-    let m = c.krg(1, &["migrate", &pid.to_string(), to]);
+    let p = c.cmd(1, &["bash", "-c", &script]).spawn_outputs();
+    let (pid, node) = c.wait_find("sh -c while");
+    let m = migrate_to_the_other_node(&c, pid, node);
     write_file(&go, "");
     let out = p.wait_with_output().unwrap();
     assert_refused_and_intact(&m, &out, "one\ntwo\nthree\n", "fd 3");
-    assert!(text(&m.stderr).contains("(bash)"), "{}", text(&m.stderr));
+    assert_contains(&text(&m.stderr), "(bash)");
 }
 
 /// A shell writing a shared file through short-lived children, moved again
@@ -1162,9 +949,8 @@ fn a_file_description_shared_with_the_shell_is_not_moved_and_keeps_its_offset() 
 #[test]
 fn a_shell_moved_between_its_childrens_writes_keeps_every_line() {
     let c = Cluster::up(2, 1.0);
-    let dir = shared_dir("migrate-shared-file-race");
-    let (f, done) = (dir.join("fd3"), dir.join("done"));
-    let _ = std::fs::remove_file(&done);
+    let f = shared_dir("migrate-shared-file-race").join("fd3");
+    let done = fresh_path("migrate-shared-file-race", "done");
     const N: u32 = 300;
     let script = format!(
         "exec 3>{f}; for i in $(seq {N}); do /bin/echo line $i >&3; done; \
@@ -1172,12 +958,7 @@ fn a_shell_moved_between_its_childrens_writes_keeps_every_line() {
         f = f.display(),
         done = done.display()
     );
-    let p = c
-        .cmd(1, &["bash", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let p = c.cmd(1, &["bash", "-c", &script]).spawn_outputs();
     // The shell, not one of its children not yet exec'd: the lowest gpid.
     let shell = || {
         c.ps(1)
@@ -1203,11 +984,7 @@ fn a_shell_moved_between_its_childrens_writes_keeps_every_line() {
         let Some((_, node)) = shell().filter(|s| s.0 == pid) else {
             break;
         };
-        let to = if node == 1 { "2" } else { "1" };
-        if c.krg(1, &["migrate", &pid.to_string(), to])
-            .status
-            .success()
-        {
+        if migrate_to_the_other_node(&c, pid, node).status.success() {
             moved += 1;
         }
     }
@@ -1241,18 +1018,14 @@ fn a_program_with_a_popen_child_is_not_moved_and_pclose_sees_its_end() {
     );
     let p = c
         .cmd(1, &[spawnkit.to_str().unwrap(), "popen-r", &cmd])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     let mut sk = None;
     assert!(wait_for(Duration::from_secs(10), || {
-        sk = find(&c, &format!("{} popen-r", spawnkit.display()));
-        sk.is_some() && find(&c, "sh -c echo before").is_some()
+        sk = c.find(&format!("{} popen-r", spawnkit.display()));
+        sk.is_some() && c.find("sh -c echo before").is_some()
     }));
     let (pid, node) = sk.unwrap();
-    let to = if node == 1 { "2" } else { "1" };
-    let m = c.krg(1, &["migrate", &pid.to_string(), to]);
+    let m = migrate_to_the_other_node(&c, pid, node);
     write_file(&go, "");
     let out = p.wait_with_output().unwrap();
     assert_refused_and_intact(&m, &out, "before\nafter\n[pclose 0]\n", "popen");

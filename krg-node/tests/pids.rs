@@ -9,7 +9,6 @@
 mod common;
 
 use common::*;
-use std::process::Stdio;
 use std::time::Duration;
 
 #[test]
@@ -19,20 +18,11 @@ fn pid_calls_act_on_this_nodes_processes_and_refuse_others() {
     let prog = prog.to_str().unwrap();
 
     // A process of node 2.
-    let mut far = c
-        .cmd(2, &["sh", "-c", "echo $$; exec sleep 300"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let far_pid = read_line(&mut far);
+    let (mut far, far_pid) = c.started(2, &["sh", "-c", "echo $$; exec sleep 300"]);
     // A program placed on node 2 by its parent on node 1, where its
     // shadow stays.
-    let mut placed = c
-        .cmd(1, &["sh", "-c", "KRG_NODE=2 sleep 300 & echo $!; wait"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let placed_pid = read_line(&mut placed);
+    let (mut placed, placed_pid) =
+        c.started(1, &["sh", "-c", "KRG_NODE=2 sleep 300 & echo $!; wait"]);
     let placed_gpid: i64 = placed_pid.parse().unwrap();
     let running = wait_for(Duration::from_secs(10), || {
         c.ps(1)
@@ -79,8 +69,7 @@ fn pid_calls_act_on_this_nodes_processes_and_refuse_others() {
     }
 
     for p in [&far_pid, &placed_pid] {
-        let k = c.krg(1, &["kill", "-KILL", p]);
-        assert!(k.status.success(), "{}", text(&k.stderr));
+        c.kill_ok(1, &["-KILL", p]);
     }
     let _ = far.wait();
     let _ = placed.wait();

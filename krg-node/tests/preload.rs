@@ -185,6 +185,13 @@ fn example(name: &str, dir: &Path) -> PathBuf {
     compile(&repo().join("examples").join(format!("{name}.c")), dir)
 }
 
+/// The C example `name`, compiled and run with the library talking to
+/// `agent`; its output.
+fn run_example(agent: &Agent, name: &str) -> Output {
+    let prog = example(name, &agent.dir);
+    run(&mut under_krg(&agent.sock, &prog))
+}
+
 /// Compile a C source into `dir`, with krg.h on the include path.
 fn compile(src: &Path, dir: &Path) -> PathBuf {
     let out = dir.join(src.file_stem().unwrap());
@@ -242,8 +249,7 @@ fn val(s: &str, key: &str) -> i32 {
 #[test]
 fn c_example_pids_with_an_agent() {
     let agent = Agent::start("pids");
-    let prog = example("pids", &agent.dir);
-    let out = run(&mut under_krg(&agent.sock, &prog));
+    let out = run_example(&agent, "pids");
     assert!(out.status.success());
     let s = stdout(&out);
     assert!(s.contains(&format!("(gpid, node {NODE})")), "{s}");
@@ -258,8 +264,7 @@ fn c_example_pids_with_an_agent() {
 #[test]
 fn threads_that_fork_with_an_agent() {
     let agent = Agent::start("threads");
-    let prog = example("threads_fork", &agent.dir);
-    let out = run(&mut under_krg(&agent.sock, &prog));
+    let out = run_example(&agent, "threads_fork");
     assert!(out.status.success());
     assert!(stdout(&out).contains("0 bad"));
     assert_eq!(stderr(&out), "");

@@ -40,17 +40,6 @@ fn sched(c: &Cluster, node: u32) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn set(c: &Cluster, node: u32, policy: &str) -> String {
-    let out = c.krg(node, &["sched", "set", policy]);
-    assert!(
-        out.status.success(),
-        "krg sched set {policy} on node {node}: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
 fn place(c: &Cluster, node: u32, extra: &[&str]) -> Vec<u32> {
     let mut args = vec!["sched", "place", "--json"];
     args.extend_from_slice(extra);
@@ -108,14 +97,10 @@ fn policy_switches_on_every_node_and_late_nodes_catch_up() {
         assert_eq!(s["version"], "0.0");
     }
     let human = c.krg(2, &["sched"]);
-    assert!(
-        text(&human.stdout).contains("policy   local (built-in)"),
-        "{}",
-        text(&human.stdout)
-    );
+    assert_contains(&text(&human.stdout), "policy   local (built-in)");
 
     // A built-in, set on node 1, is in force on every node at once.
-    let out = set(&c, 1, "round-robin");
+    let out = c.sched_set(1, "round-robin");
     assert!(
         out.contains("scheduling policy set to round-robin (built-in)")
             && out.contains("node 2: applied")
@@ -128,7 +113,7 @@ fn policy_switches_on_every_node_and_late_nodes_catch_up() {
 
     // A user policy file, set on node 2: same text everywhere.
     let file = example_policy();
-    let out = set(&c, 2, file.to_str().unwrap());
+    let out = c.sched_set(2, file.to_str().unwrap());
     assert!(out.contains("prefer-idle.rhai (user policy"), "{out}");
     let s2 = sched(&c, 2);
     let v2 = s2["version"].as_str().unwrap().to_string();
@@ -156,11 +141,7 @@ fn policy_switches_on_every_node_and_late_nodes_catch_up() {
     );
     let out = c.krg(1, &["sched", "set", "fastest"]);
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("unknown policy `fastest`"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_contains(&text(&out.stderr), "unknown policy `fastest`");
     // Only root changes the cluster's policy.
     let k = krg_bin();
     let out = c
@@ -180,11 +161,7 @@ fn policy_switches_on_every_node_and_late_nodes_catch_up() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("only root"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_contains(&text(&out.stderr), "only root");
     wait_everywhere(&c, &[1, 2, 3], "prefer-idle.rhai", &v2, Duration::ZERO);
 
     // Node 3 misses a switch (its agent is stopped, then seen down) and
@@ -195,7 +172,7 @@ fn policy_switches_on_every_node_and_late_nodes_catch_up() {
             wait_for(Duration::from_secs(5), || c.node_state(1, 3) == "down"),
             "node 1 still sees node 3 up"
         );
-        let out = set(&c, 1, "pack");
+        let out = c.sched_set(1, "pack");
         assert!(!out.contains("node 3"), "{out}");
         let v3 = sched(&c, 1)["version"].as_str().unwrap().to_string();
         wait_everywhere(&c, &[1, 2], "pack", &v3, Duration::ZERO);
@@ -207,7 +184,7 @@ fn policy_switches_on_every_node_and_late_nodes_catch_up() {
     // lands late; either way it converges.
     let v4 = {
         let _stopped = Stopped::new(&c, 3);
-        let out = set(&c, 2, "least-loaded");
+        let out = c.sched_set(2, "least-loaded");
         let v4 = sched(&c, 2)["version"].as_str().unwrap().to_string();
         wait_everywhere(&c, &[1, 2], "least-loaded", &v4, Duration::ZERO);
         assert!(out.contains("node 1: applied"), "{out}");
@@ -237,12 +214,12 @@ fn placements_follow_the_policy_and_avoid_down_nodes() {
     assert_eq!(place(&c, 2, &["--count", "3"]), vec![2, 2, 2]);
 
     // pack: fill node 1 (2 CPUs) before node 2, and so on.
-    set(&c, 1, "pack");
+    c.sched_set(1, "pack");
     assert_eq!(place(&c, 1, &["--count", "4"]), vec![1, 1, 2, 2]);
     assert_eq!(place(&c, 1, &["--count", "4"]), vec![3, 3, 4, 4]);
 
     // round-robin: 8 placements, 2 per node, in id order, from any node.
-    set(&c, 3, "round-robin");
+    c.sched_set(3, "round-robin");
     assert_eq!(
         place(&c, 1, &["--count", "8"]),
         vec![1, 2, 3, 4, 1, 2, 3, 4]
@@ -280,7 +257,7 @@ fn placements_follow_the_policy_and_avoid_down_nodes() {
     // A user policy governs every node's placements.
     let f = shared_dir("sched").join("node-four.rhai");
     write_file(&f, "fn place(nodes, req) { 4 }\n");
-    set(&c, 2, f.to_str().unwrap());
+    c.sched_set(2, f.to_str().unwrap());
     for n in 1..=4 {
         assert_eq!(place(&c, n, &["--count", "2"]), vec![4, 4], "from node {n}");
     }
@@ -308,7 +285,7 @@ fn placements_follow_the_policy_and_avoid_down_nodes() {
         "pack",
         "local",
     ] {
-        set(&c, 1, policy);
+        c.sched_set(1, policy);
         let got = place(&c, 1, &["--count", "8"]);
         assert!(got.iter().all(|n| (1..=3).contains(n)), "{policy}: {got:?}");
         let got = place(&c, 1, &["--count", "2", "--node", "4"]);
@@ -317,7 +294,7 @@ fn placements_follow_the_policy_and_avoid_down_nodes() {
             "{policy} pinned: {got:?}"
         );
     }
-    set(&c, 1, "round-robin");
+    c.sched_set(1, "round-robin");
     let got = place(&c, 1, &["--count", "9"]);
     assert_eq!(
         per_node(&got),

@@ -9,17 +9,24 @@ use common::*;
 use std::process::Output;
 
 /// `script` natively on node 1, then under krg, with programs placed round
-/// robin over 4 nodes; both outputs.
-fn native_and_krg(c: &Cluster, script: &str) -> (Output, Output) {
+/// robin over 4 nodes; both outputs. With `kill_after`, the run under krg
+/// is killed after that many seconds (a hang fails the comparison instead
+/// of holding the test up).
+fn native_and_krg(c: &Cluster, script: &str, kill_after: Option<u32>) -> (Output, Output) {
     let native = c.plain(1, &["bash", "-c", script]).output().unwrap();
-    let krg = c.cmd(1, &["bash", "-c", script]).output().unwrap();
+    let secs = kill_after.map(|s| s.to_string());
+    let mut args = match &secs {
+        Some(secs) => vec!["timeout", "-s", "KILL", secs],
+        None => vec![],
+    };
+    args.extend(["bash", "-c", script]);
+    let krg = c.cmd(1, &args).output().unwrap();
     (native, krg)
 }
 
 fn round_robin(nodes: u32) -> Cluster {
     let c = Cluster::up(nodes, 1.0);
-    let o = c.krg(1, &["sched", "set", "round-robin"]);
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    c.sched_set(1, "round-robin");
     c
 }
 
@@ -90,7 +97,7 @@ fn a_close_on_exec_pipe_closes_when_a_placed_program_starts() {
     let script = format!(
         "for i in 1 2 3 4 5 6; do timeout -s KILL 20 {p} /bin/bash -c '{HERE}; exec md5sum'; done"
     );
-    let (native, krg) = native_and_krg(&c, &script);
+    let (native, krg) = native_and_krg(&c, &script, None);
     assert_same("close-on-exec", &native, &krg);
     assert_eq!(
         text(&krg.stdout).matches("exec done").count(),
@@ -128,7 +135,7 @@ fn a_stdin_shared_with_the_shell_keeps_every_byte() {
     );
     // Run twice: which program lands where changes from run to run.
     for _ in 0..2 {
-        let (native, krg) = native_and_krg(&c, &script);
+        let (native, krg) = native_and_krg(&c, &script, None);
         assert_same("shared stdin", &native, &krg);
         let o = text(&krg.stdout);
         let l: Vec<&str> = o.lines().collect();
@@ -209,12 +216,8 @@ fn a_program_started_with_execl_is_placed_like_one_started_with_execv() {
 fn a_forked_subshell_hands_its_pipe_over_after_its_parent_did() {
     let c = round_robin(4);
     let script = r#"for r in 1 2 3 4; do for i in $(seq 10); do seq 3 | ( read -r a; /bin/echo "a=$a"; cat ) | tr 1 1; done | sort | uniq -c; done"#;
-    let native = c.plain(1, &["bash", "-c", script]).output().unwrap();
     // An aborted peer stalls its stage's hand-over for a minute.
-    let krg = c
-        .cmd(1, &["timeout", "-s", "KILL", "60", "bash", "-c", script])
-        .output()
-        .unwrap();
+    let (native, krg) = native_and_krg(&c, script, Some(60));
     assert_same("subshell after its parent's swap", &native, &krg);
     assert!(
         !text(&krg.stderr).contains("capture arena"),
@@ -234,7 +237,7 @@ fn a_child_forked_during_a_pipe_hand_over_keeps_its_output() {
     let c = round_robin(4);
     let prog = cc(&repo_root().join("examples/unix/forkswap.c"), "forkswap");
     let script = format!("KRG_NODE=1 {} | KRG_NODE=2 tr a-z A-Z", prog.display());
-    let (native, krg) = native_and_krg(&c, &script);
+    let (native, krg) = native_and_krg(&c, &script, None);
     assert_same("fork during a hand-over", &native, &krg);
     assert_eq!(text(&krg.stdout), "PARENT\nCHILD\n");
     assert_eq!(text(&krg.stderr), "ordered\n", "the swap was ordered");
@@ -251,11 +254,7 @@ fn a_child_forked_during_a_pipe_hand_over_keeps_its_output() {
 fn a_pipe_from_a_program_that_came_back_reaches_the_next_stage() {
     let c = round_robin(4);
     let script = r#"yes lima | KRG_NODE=2 sh -c 'KRG_NODE=1 exec sed s/^/+/' | { until pgrep -x sed >/dev/null; do sleep 0.01; done; KRG_NODE=3 exec head -n 3; }"#;
-    let native = c.plain(1, &["bash", "-c", script]).output().unwrap();
-    let krg = c
-        .cmd(1, &["timeout", "-s", "KILL", "30", "bash", "-c", script])
-        .output()
-        .unwrap();
+    let (native, krg) = native_and_krg(&c, script, Some(30));
     assert_same("a program that came back", &native, &krg);
     assert_eq!(text(&krg.stdout), "+lima\n+lima\n+lima\n");
 }
@@ -271,11 +270,7 @@ fn a_pipe_from_a_program_that_came_back_reaches_the_next_stage() {
 fn a_relayed_writer_whose_readers_leave_dies_of_sigpipe() {
     let c = round_robin(2);
     let script = r#"{ sleep 0.3; KRG_NODE=2 exec yes papa; } | { KRG_NODE=1 sleep 2 <&0 & KRG_NODE=1 sleep 1 </dev/null; KRG_NODE=1 head -c 10; }; echo " ${PIPESTATUS[*]}""#;
-    let native = c.plain(1, &["bash", "-c", script]).output().unwrap();
-    let krg = c
-        .cmd(1, &["timeout", "-s", "KILL", "30", "bash", "-c", script])
-        .output()
-        .unwrap();
+    let (native, krg) = native_and_krg(&c, script, Some(30));
     assert_same("a relayed writer whose readers left", &native, &krg);
     assert_eq!(text(&krg.stdout), "papa\npapa\n 141 0\n");
 }

@@ -7,25 +7,22 @@
 mod common;
 
 use common::*;
-use std::process::{Child, Output, Stdio};
+use std::process::{Child, Output};
 
 fn tcpecho() -> String {
-    cc(&repo_root().join("examples/streams/tcpecho.c"), "tcpecho")
-        .to_str()
-        .unwrap()
-        .to_string()
+    example("streams/tcpecho.c", "tcpecho")
 }
 
-/// A new FIFO `ff` in the shared directory `name` (every node sees it).
-fn new_fifo(name: &str) -> std::path::PathBuf {
-    let f = shared_dir(name).join("ff");
-    let _ = std::fs::remove_file(&f);
+/// A new FIFO `ff` in the shared directory `name` (every node sees it):
+/// its path.
+fn new_fifo(name: &str) -> String {
+    let f = fresh_path(name, "ff");
     let made = std::process::Command::new("mkfifo")
         .arg(&f)
         .status()
         .unwrap();
     assert!(made.success(), "mkfifo {}", f.display());
-    f
+    f.to_str().unwrap().to_string()
 }
 
 /// The pids of a running producer (command starting with `prod`) and of
@@ -33,62 +30,38 @@ fn new_fifo(name: &str) -> std::path::PathBuf {
 fn producer_and_consumer(c: &Cluster, prod: &str) -> (String, String) {
     let (mut p, mut s) = (None, None);
     assert!(wait_for(std::time::Duration::from_secs(10), || {
-        p = find(c, prod).map(|p| p.0.to_string());
-        s = find(c, "sha256sum").map(|p| p.0.to_string());
+        p = c.find(prod).map(|p| p.0.to_string());
+        s = c.find("sha256sum").map(|p| p.0.to_string());
         p.is_some() && s.is_some()
     }));
     (p.unwrap(), s.unwrap())
 }
 
-/// What `pipegen MIB | sha256sum` prints without krg.
-fn reference_digest(g: &str, mib: u32) -> String {
-    let want = std::process::Command::new("sh")
-        .args(["-c", &format!("{g} {mib} | sha256sum")])
+/// What `sh -c SCRIPT` prints run natively, here (it must succeed).
+fn native_sh(script: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", script])
         .output()
         .unwrap();
-    ok(&want, "reference run")
+    ok(&out, &format!("reference run of {script}"))
+}
+
+/// What `pipegen MIB | sha256sum` prints without krg.
+fn reference_digest(g: &str, mib: u32) -> String {
+    native_sh(&format!("{g} {mib} | sha256sum"))
 }
 
 fn fifofile() -> String {
-    cc(&repo_root().join("examples/streams/fifofile.c"), "fifofile")
-        .to_str()
-        .unwrap()
-        .to_string()
+    example("streams/fifofile.c", "fifofile")
 }
 
 fn pipegen() -> String {
-    cc(&repo_root().join("examples/streams/pipegen.c"), "pipegen")
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-/// `ARGS` on node K as an SSI process, its output and errors piped.
-fn piped(c: &Cluster, node: u32, args: &[&str]) -> Child {
-    c.cmd(node, args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
-
-fn ok(out: &Output, what: &str) -> String {
-    assert!(out.status.success(), "{what}: {}", show(out));
-    text(&out.stdout)
+    example("streams/pipegen.c", "pipegen")
 }
 
 /// Start `tcpecho serve ADDR 0 CONNS` on `node`; its port.
 fn serve(c: &Cluster, t: &str, node: u32, addr: &str, conns: u32) -> (Child, u16) {
-    let mut ch = piped(c, node, &[t, "serve", addr, "0", &conns.to_string()]);
+    let mut ch = c.piped(node, &[t, "serve", addr, "0", &conns.to_string()]);
     let line = read_line(&mut ch);
     match line.strip_prefix("listening ").and_then(|p| p.parse().ok()) {
         Some(port) => (ch, port),
@@ -118,9 +91,7 @@ fn bind_on(c: &Cluster, t: &str, node: u32, addr: &str, port: u16) -> String {
 
 #[test]
 fn a_loopback_server_on_one_node_answers_127_0_0_1_on_every_node() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 3);
+    let (c, t, srv, port) = loopback_server(3);
     // Without krg the other nodes' loopback has nothing on that port: the
     // only way there is krg's.
     let plain = c
@@ -139,7 +110,7 @@ fn a_loopback_server_on_one_node_answers_127_0_0_1_on_every_node() {
             "ok 2000"
         );
     }
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(
         s.contains(&format!(
             "served 3 connections, 6000 lines, bound to 127.0.0.1 port {port}"
@@ -150,9 +121,7 @@ fn a_loopback_server_on_one_node_answers_127_0_0_1_on_every_node() {
 
 #[test]
 fn a_loopback_server_never_sees_a_connection_from_outside_the_cluster() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
+    let (c, t, srv, port) = loopback_server(1);
     // A host that is not a node: one more address on node 2's network,
     // which no agent advertises.
     let stranger = &c.addr(250);
@@ -181,7 +150,7 @@ fn a_loopback_server_never_sees_a_connection_from_outside_the_cluster() {
     // A node is served, and it is the server's one and only connection.
     let out = client(&c, &t, 3, "127.0.0.1", port, 100);
     assert_eq!(ok(&out, "client on node 3").trim(), "ok 100");
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(s.contains("served 1 connections, 100 lines"), "{s}");
 }
 
@@ -207,7 +176,7 @@ fn a_port_held_on_one_node_is_in_use_on_every_node_until_it_is_closed() {
     // The wildcard server is reached through 127.0.0.1 from node 1.
     let out = client(&c, &t, 1, "127.0.0.1", port, 100);
     assert_eq!(ok(&out, "client on node 1").trim(), "ok 100");
-    ok(&srv.wait_with_output().unwrap(), "server");
+    finish(srv, "server");
     // Closed (the server exited): free everywhere again.
     assert_eq!(bind_on(&c, &t, 3, "127.0.0.1", port), "bound");
 }
@@ -221,7 +190,7 @@ fn an_ipv6_loopback_server_is_reached_at_ipv6_loopback_from_another_node() {
         let out = client(&c, &t, node, "::1", port, 500);
         assert_eq!(ok(&out, &format!("client on node {node}")).trim(), "ok 500");
     }
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(s.contains(&format!("bound to ::1 port {port}")), "{s}");
 }
 
@@ -238,17 +207,10 @@ fn a_server_that_listens_without_bind_gets_a_port_reachable_from_every_node() {
         let out = client(&c, &t, node, "127.0.0.1", port, 100);
         assert_eq!(ok(&out, &format!("client on node {node}")).trim(), "ok 100");
     }
-    ok(&srv.wait_with_output().unwrap(), "server");
+    finish(srv, "server");
 }
 
 /// The gpid and node of the SSI process whose command starts with `pat`.
-fn find(c: &Cluster, pat: &str) -> Option<(i64, u64)> {
-    c.ps(1)
-        .iter()
-        .find(|p| p["command"].as_str().unwrap_or("").starts_with(pat))
-        .map(|p| (p["pid"].as_i64().unwrap(), p["node"].as_u64().unwrap()))
-}
-
 /// The lines a child prints, as they come.
 fn lines_of(ch: &mut Child) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
@@ -287,17 +249,14 @@ fn ticks(line: &str) -> u64 {
 #[test]
 fn an_epoll_loop_over_timerfd_eventfd_and_signalfd_migrates_and_keeps_serving_all_three() {
     let c = Cluster::up(3, 1.0);
-    let bin = cc(&repo_root().join("examples/ckpt/evloop.c"), "evloop");
-    let bin = bin.to_str().unwrap();
-    let mut ch = piped(&c, 1, &[bin]);
+    let bin = &example("ckpt/evloop.c", "evloop");
+    let mut ch = c.piped(1, &[bin]);
     let rx = lines_of(&mut ch);
     assert_eq!(next_with(&rx, "ready"), "ready");
-    let (pid, _) = find(&c, bin).expect("evloop in krg ps");
+    let (pid, _) = c.find(bin).expect("evloop in krg ps");
     let mut last = ticks(&next_with(&rx, "ticks "));
     for (n, (to, from)) in [(2u32, 3u32), (3, 1)].into_iter().enumerate() {
-        let out = c.krg(1, &["migrate", &pid.to_string(), &to.to_string()]);
-        assert!(out.status.success(), "migrate to {to}: {}", show(&out));
-        assert_eq!(find(&c, bin).map(|p| p.1), Some(to as u64));
+        migrate_to(&c, pid, to, bin);
         // The timer goes on firing there (and the eventfd posts are seen:
         // the final line checks every one).
         let t = ticks(&next_with(&rx, "ticks "));
@@ -324,11 +283,7 @@ fn an_epoll_loop_over_timerfd_eventfd_and_signalfd_migrates_and_keeps_serving_al
 /// Start `tcpecho client 127.0.0.1 PORT MSGS` on `node`; it and its gpid
 /// once `krg ps` lists it.
 fn start_client(c: &Cluster, t: &str, node: u32, port: u16, msgs: &str) -> (Child, String) {
-    let cli = piped(
-        c,
-        node,
-        &[t, "client", "127.0.0.1", &port.to_string(), msgs],
-    );
+    let cli = c.piped(node, &[t, "client", "127.0.0.1", &port.to_string(), msgs]);
     // Its gpid: the client started on that node.
     let pat = format!("{t} client");
     let mut pid = None;
@@ -381,10 +336,11 @@ fn replies_reach(cli: &mut Child, n: u64) {
     let err = cli.stderr.take().expect("piped stderr");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // To its end, even once nobody waits for the lines: a closed pipe
+        // would kill the client (SIGPIPE) at its next progress line,
+        // before the test stops it.
         for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                return;
-            }
+            let _ = tx.send(l);
         }
     });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
@@ -402,6 +358,31 @@ fn replies_reach(cli: &mut Child, n: u64) {
             Err(e) => panic!("the client never reached {n} replies: {e}"),
         }
     }
+}
+
+/// A 3-node cluster with a tcpecho server on node 1 at 127.0.0.1 for
+/// `conns` connections: the cluster, tcpecho, the server and its port.
+fn loopback_server(conns: u32) -> (Cluster, String, Child, u16) {
+    let c = Cluster::up(3, 1.0);
+    let t = tcpecho();
+    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", conns);
+    (c, t, srv, port)
+}
+
+/// The gpid of tcpecho `t`'s server.
+fn server_pid(c: &Cluster, t: &str) -> String {
+    let (pid, _) = c.find(&format!("{t} serve")).expect("server in krg ps");
+    pid.to_string()
+}
+
+/// Wait for the server's end: it must say it served `conns` connections
+/// and `lines` lines.
+fn assert_served(srv: Child, conns: u32, lines: u64) {
+    let s = finish(srv, "server");
+    assert!(
+        s.contains(&format!("served {conns} connections, {lines} lines")),
+        "{s}"
+    );
 }
 
 /// Messages for a conversation that runs until the test stops it.
@@ -426,9 +407,7 @@ fn stop_client(c: &Cluster, cli: Child, pid: &str) -> u64 {
 
 #[test]
 fn a_tcp_client_migrated_twice_mid_conversation_loses_no_byte_and_leaves_nothing_behind() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
+    let (c, t, srv, port) = loopback_server(1);
     let (cli, pid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(
@@ -437,12 +416,7 @@ fn a_tcp_client_migrated_twice_mid_conversation_loses_no_byte_and_leaves_nothing
         "the client's connection on node 2"
     );
     for (to, left) in [(3u32, 2u32), (2, 3)] {
-        let out = c.krg(1, &["migrate", &pid, &to.to_string()]);
-        assert!(out.status.success(), "migrate to {to}: {}", show(&out));
-        assert_eq!(
-            find(&c, &format!("{t} client")).map(|p| p.1),
-            Some(to as u64)
-        );
+        migrate_to(&c, &pid, to, &format!("{t} client"));
         // The old connection is gone from the node left (its shadow closes
         // it once the image is sent: a moment after the move may return),
         // and the conversation's traffic goes through the new node, not the
@@ -461,35 +435,18 @@ fn a_tcp_client_migrated_twice_mid_conversation_loses_no_byte_and_leaves_nothing
     }
     // Every reply checked by the client, every line counted by the server.
     let n = stop_client(&c, cli, &pid);
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
-    assert!(
-        s.contains(&format!("served 1 connections, {n} lines")),
-        "{s}"
-    );
+    assert_served(srv, 1, n);
 }
 
 #[test]
 fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 2);
+    let (c, t, srv, port) = loopback_server(2);
     let (mut cli, cpid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
-    let pid = find(&c, &format!("{t} serve"))
-        .expect("server in krg ps")
-        .0
-        .to_string();
+    let pid = server_pid(&c, &t);
     std::thread::sleep(std::time::Duration::from_millis(300));
     for (to, left) in [(3u32, 1u32), (1, 3)] {
-        let out = c.krg(2, &["migrate", &pid, &to.to_string()]);
-        assert!(
-            out.status.success(),
-            "migrate the server to {to}: {}",
-            show(&out)
-        );
-        assert_eq!(
-            find(&c, &format!("{t} serve")).map(|p| p.1),
-            Some(to as u64)
-        );
+        c.migrate_ok(2, &pid, to);
+        assert_eq!(c.find(&format!("{t} serve")).map(|p| p.1), Some(to as u64));
         // (After the rest of its memory has followed by post-copy.)
         std::thread::sleep(std::time::Duration::from_millis(700));
         let (new, old) = traffic(&c, to, left);
@@ -505,7 +462,7 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
     // Its listening socket moved too: a new client reaches it at 127.0.0.1.
     let out = client(&c, &t, 3, "127.0.0.1", port, 100);
     assert_eq!(ok(&out, "new client on node 3").trim(), "ok 100");
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(
         s.contains(&format!(
             "served 2 connections, {} lines, bound to 127.0.0.1 port {port}",
@@ -517,14 +474,9 @@ fn a_tcp_echo_server_migrated_away_and_back_keeps_its_client_and_its_port() {
 
 #[test]
 fn both_ends_of_a_connection_migrated_at_the_same_time_keep_talking() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
+    let (c, t, srv, port) = loopback_server(1);
     let (cli, cpid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
-    let spid = find(&c, &format!("{t} serve"))
-        .expect("server in krg ps")
-        .0
-        .to_string();
+    let spid = server_pid(&c, &t);
     std::thread::sleep(std::time::Duration::from_millis(300));
     // Each move freezes the other end: the one that meets the other
     // moving waits for it and goes next.
@@ -537,45 +489,36 @@ fn both_ends_of_a_connection_migrated_at_the_same_time_keep_talking() {
         assert!(a.status.success(), "server to {s_to}: {}", show(&a));
         assert!(b.status.success(), "client to {c_to}: {}", show(&b));
         assert_eq!(
-            find(&c, &format!("{t} serve")).map(|p| p.1),
+            c.find(&format!("{t} serve")).map(|p| p.1),
             Some(s_to as u64)
         );
         assert_eq!(
-            find(&c, &format!("{t} client")).map(|p| p.1),
+            c.find(&format!("{t} client")).map(|p| p.1),
             Some(c_to as u64)
         );
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     let n = stop_client(&c, cli, &cpid);
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
-    assert!(
-        s.contains(&format!("served 1 connections, {n} lines")),
-        "{s}"
-    );
+    assert_served(srv, 1, n);
 }
 
 #[test]
 fn a_listening_socket_migrates_with_the_connection_waiting_in_its_queue() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
     // The server serves one client after the other: the second waits in
     // its accept queue, its first message sent and unanswered.
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 2);
+    let (c, t, srv, port) = loopback_server(2);
     let (a, apid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let (b, bpid) = start_client(&c, &t, 3, port, UNTIL_STOPPED);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let pid = find(&c, &format!("{t} serve"))
-        .expect("server in krg ps")
-        .0
-        .to_string();
+    let pid = server_pid(&c, &t);
     migrate_to(&c, &pid, 2, &format!("{t} serve"));
     // The first client ends; the server accepts the one that waited, on
     // its new node, and answers it from its first message on.
     let na = stop_client(&c, a, &apid);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let nb = stop_client(&c, b, &bpid);
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(
         s.contains(&format!("served 2 connections, {} lines", na + nb)),
         "{s}"
@@ -584,39 +527,24 @@ fn a_listening_socket_migrates_with_the_connection_waiting_in_its_queue() {
 
 #[test]
 fn a_tcp_client_moved_onto_its_servers_node_and_away_again_keeps_talking() {
-    let c = Cluster::up(3, 1.0);
-    let t = tcpecho();
-    let (srv, port) = serve(&c, &t, 1, "127.0.0.1", 1);
+    let (c, t, srv, port) = loopback_server(1);
     let (cli, pid) = start_client(&c, &t, 2, port, UNTIL_STOPPED);
     // Onto the server's node (the new connection is local there), then to
     // a third node (from a local connection back to one across nodes).
     for to in [1u32, 3] {
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let out = c.krg(1, &["migrate", &pid, &to.to_string()]);
-        assert!(out.status.success(), "migrate to {to}: {}", show(&out));
-        assert_eq!(
-            find(&c, &format!("{t} client")).map(|p| p.1),
-            Some(to as u64)
-        );
+        migrate_to(&c, &pid, to, &format!("{t} client"));
     }
     let n = stop_client(&c, cli, &pid);
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
-    assert!(
-        s.contains(&format!("served 1 connections, {n} lines")),
-        "{s}"
-    );
+    assert_served(srv, 1, n);
 }
 
 #[test]
 fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_nodes() {
     let c = Cluster::up(3, 1.0);
     let t = tcpecho();
-    let s = cc(
-        &repo_root().join("examples/streams/tcpthreads.c"),
-        "tcpthreads",
-    );
-    let s = s.to_str().unwrap();
-    let mut srv = piped(&c, 1, &[s, "2"]);
+    let s = &example("streams/tcpthreads.c", "tcpthreads");
+    let mut srv = c.piped(1, &[s, "2"]);
     let line = read_line(&mut srv);
     let port: u16 = line
         .strip_prefix("listening ")
@@ -626,33 +554,23 @@ fn a_threaded_server_blocked_in_reads_migrates_twice_with_two_clients_on_other_n
         .iter()
         .map(|node| start_client(&c, &t, *node, port, UNTIL_STOPPED))
         .collect();
-    let pid = find(&c, s).expect("server in krg ps").0.to_string();
+    let pid = c.find(s).expect("server in krg ps").0.to_string();
     for to in [2u32, 1] {
         std::thread::sleep(std::time::Duration::from_millis(500));
-        let out = c.krg(3, &["migrate", &pid, &to.to_string()]);
-        assert!(
-            out.status.success(),
-            "migrate the server to {to}: {}",
-            show(&out)
-        );
+        c.migrate_ok(3, &pid, to);
     }
     let mut total = 0;
     for (cl, pid) in clients {
         total += stop_client(&c, cl, &pid);
     }
-    let out = ok(&srv.wait_with_output().unwrap(), "server");
+    let out = finish(srv, "server");
     assert!(out.contains(&format!("done {total} lines")), "{out}");
 }
 
 /// Migrate `pid` to `to`, and check where `krg ps` shows it.
-fn migrate_to(c: &Cluster, pid: &str, to: u32, pat: &str) {
-    let out = c.krg(1, &["migrate", pid, &to.to_string()]);
-    assert!(
-        out.status.success(),
-        "migrate {pat} to {to}: {}",
-        show(&out)
-    );
-    assert_eq!(find(c, pat).map(|p| p.1), Some(to as u64), "{pat}");
+fn migrate_to(c: &Cluster, pid: impl std::fmt::Display, to: u32, pat: &str) {
+    c.migrate_ok(1, pid, to);
+    assert_eq!(c.find(pat).map(|p| p.1), Some(to as u64), "{pat}");
 }
 
 #[test]
@@ -662,7 +580,7 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
     let want = reference_digest(&g, 1024);
     // 1 GiB, paced (30 ms a MiB) until the moves are done, then at full
     // speed (SIGUSR1).
-    let job = piped(&c, 1, &["sh", "-c", &format!("{g} 1024 30 | sha256sum")]);
+    let job = c.piped(1, &["sh", "-c", &format!("{g} 1024 30 | sha256sum")]);
     let (prod, cons) = producer_and_consumer(&c, &format!("{g} 1024"));
     let p = format!("{g} 1024");
     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -678,10 +596,7 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
     );
     // And both ends on node 3: a pipe again.
     migrate_to(&c, &prod, 3, &p);
-    let out = c
-        .plain(3, &["sh", "-c", "readlink /proc/$(pgrep -x pipegen)/fd/1"])
-        .output()
-        .unwrap();
+    let out = fd_link(&c, 3, "pipegen", 1);
     assert!(
         text(&out.stdout).starts_with("pipe:"),
         "the producer's stdout on the consumer's node: {}",
@@ -692,26 +607,51 @@ fn a_pipeline_streams_a_gigabyte_intact_while_its_producer_moves_twice_and_its_c
     assert_eq!(ok(&out, "pipeline"), want, "the digest of the stream");
 }
 
+/// Move the process `pat` names (through node 1's agent) from the node it
+/// is on to the other of `a` and `b` (to `a` from any node but `a`): None
+/// if `krg ps` does not list it, else whether it moved.
+fn toggle(c: &Cluster, pat: &str, a: u32, b: u32) -> Option<bool> {
+    let (pid, node) = c.find(pat)?;
+    let to = if node == u64::from(a) { b } else { a };
+    let out = c.krg(1, &["migrate", &pid.to_string(), &to.to_string()]);
+    Some(out.status.success())
+}
+
+/// What fd `fd` of the program `name` on `node` is (`readlink`), as the
+/// output of the command.
+fn fd_link(c: &Cluster, node: u32, name: &str, fd: u32) -> Output {
+    let script = format!("readlink /proc/$(pgrep -x {name})/fd/{fd}");
+    c.plain(node, &["sh", "-c", &script]).output().unwrap()
+}
+
 /// `krg migrate ARGS` from node 1, running while the test looks on.
 fn migrate_in_background(c: &Cluster, args: &[&str]) -> Child {
     let k = krg_bin();
     let mut v = vec![k.to_str().unwrap(), "migrate"];
     v.extend_from_slice(args);
-    c.plain(1, &v)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    c.plain(1, &v).spawn_outputs()
+}
+
+/// Check a pipeline that said its stages' statuses on stderr (`echo status
+/// ${PIPESTATUS[*]} >&2`) while its stages moved `moves` times: it must
+/// have said `statuses` (every stage ended well) and printed `want`.
+fn assert_pipeline_intact(out: &Output, statuses: &str, want: &str, moves: u32) {
+    assert!(
+        text(&out.stderr).contains(statuses),
+        "every stage ends well ({moves} moves): {}",
+        show(out)
+    );
+    assert_eq!(text(&out.stdout), want, "the digest ({moves} moves)");
 }
 
 /// `sh -c "yes | READER"` on node 1, once both run: the job and the
 /// reader's gpid.
 fn yes_into(c: &Cluster, reader: &str) -> (Child, String) {
-    let job = piped(c, 1, &["sh", "-c", &format!("yes | {reader}")]);
+    let job = c.piped(1, &["sh", "-c", &format!("yes | {reader}")]);
     let mut pid = None;
     assert!(wait_for(std::time::Duration::from_secs(20), || {
-        pid = find(c, reader).map(|p| p.0.to_string());
-        pid.is_some() && find(c, "yes").is_some()
+        pid = c.find(reader).map(|p| p.0.to_string());
+        pid.is_some() && c.find("yes").is_some()
     }));
     (job, pid.unwrap())
 }
@@ -741,10 +681,7 @@ fn in_flight(c: &Cluster, w: u32, r: u32) -> u64 {
             .collect()
     };
     let once = || -> Option<u64> {
-        let link = c
-            .plain(w, &["sh", "-c", "readlink /proc/$(pgrep -x yes)/fd/1"])
-            .output()
-            .unwrap();
+        let link = fd_link(c, w, "yes", 1);
         let ino = text(&link.stdout)
             .trim()
             .strip_prefix("socket:[")?
@@ -851,7 +788,7 @@ fn a_peer_that_ends_before_it_freezes_does_not_hold_up_the_move() {
         "the move took {:?}",
         t.elapsed()
     );
-    assert_eq!(find(&c, "sleep 600").map(|p| p.1), Some(2));
+    assert_eq!(c.find("sleep 600").map(|p| p.1), Some(2));
     let out = c.krg(1, &["kill", "-9", &reader]);
     assert!(out.status.success(), "kill the reader: {}", show(&out));
     let out = job.wait_with_output().unwrap();
@@ -880,10 +817,7 @@ fn a_reader_killed_mid_move_leaves_its_writer_a_broken_pipe_at_once() {
     let mover = migrate_in_background(&c, &["--precopy", &reader, "2"]);
     // `yes` has its new end (a socket), the image is still on its way.
     let link = || {
-        let o = c
-            .plain(1, &["sh", "-c", "readlink /proc/$(pgrep -x yes)/fd/1"])
-            .output()
-            .unwrap();
+        let o = fd_link(&c, 1, "yes", 1);
         text(&o.stdout)
     };
     assert!(
@@ -905,7 +839,8 @@ fn a_reader_killed_mid_move_leaves_its_writer_a_broken_pipe_at_once() {
     );
     let t = std::time::Instant::now();
     assert!(
-        wait_for(std::time::Duration::from_secs(20), || find(&c, "yes")
+        wait_for(std::time::Duration::from_secs(20), || c
+            .find("yes")
             .is_none()),
         "yes still runs {:?} after its reader died",
         t.elapsed()
@@ -936,11 +871,7 @@ fn a_program_living_in_malloc_keeps_its_heap_while_its_streams_move() {
     let c = Cluster::up(3, 1.0);
     let g = pipegen();
     let want = reference_digest(&g, 512);
-    let busy = cc(
-        &repo_root().join("examples/ckpt/mallocbusy.c"),
-        "mallocbusy",
-    );
-    let busy = busy.to_str().unwrap();
+    let busy = &example("ckpt/mallocbusy.c", "mallocbusy");
     let spy = shared_dir("bin").join("libhandlermalloc.so");
     let st = std::process::Command::new("gcc")
         .args(["-O1", "-shared", "-fPIC", "-o"])
@@ -953,9 +884,7 @@ fn a_program_living_in_malloc_keeps_its_heap_while_its_streams_move() {
     let pre = format!("env LD_PRELOAD='{} {}'", spy.display(), preload().display());
     // The producer paced (10 MiB/s) a little below what mallocbusy takes
     // (mostly in malloc): the stream lasts as long as the moves.
-    let job = piped(
-        &c,
-        1,
+    let job = c.piped(1,
         &[
             "bash",
             "-c",
@@ -967,21 +896,12 @@ fn a_program_living_in_malloc_keeps_its_heap_while_its_streams_move() {
     producer_and_consumer(&c, busy);
     let mut moves = 0;
     for i in 0..40 {
-        let Some((pid, node)) = find(&c, "sha256sum") else {
+        let Some(moved) = toggle(&c, "sha256sum", 1, 2) else {
             break;
         };
-        let to = if node == 1 { 2 } else { 1 };
-        if c.krg(1, &["migrate", &pid.to_string(), &to.to_string()])
-            .status
-            .success()
-        {
-            moves += 1;
-        }
+        moves += u32::from(moved);
         if i % 15 == 7 {
-            if let Some((pid, node)) = find(&c, busy) {
-                let to = if node == 3 { 1 } else { 3 };
-                let _ = c.krg(1, &["migrate", &pid.to_string(), &to.to_string()]);
-            }
+            toggle(&c, busy, 3, 1);
         }
     }
     let out = job.wait_with_output().unwrap();
@@ -990,12 +910,7 @@ fn a_program_living_in_malloc_keeps_its_heap_while_its_streams_move() {
         !err.contains("in the capture handler"),
         "malloc-family calls in the capture handler ({moves} moves):\n{err}"
     );
-    assert!(
-        err.contains("status 0 0 0"),
-        "every stage ends well ({moves} moves): {}",
-        show(&out)
-    );
-    assert_eq!(text(&out.stdout), want, "the digest ({moves} moves)");
+    assert_pipeline_intact(&out, "status 0 0 0", &want, moves);
     assert!(moves >= 20, "only {moves} moves of the consumer");
 }
 
@@ -1011,16 +926,10 @@ fn a_program_living_in_malloc_keeps_its_heap_while_its_streams_move() {
 #[test]
 fn a_program_that_execs_itself_through_execl_keeps_its_stream_while_its_reader_moves() {
     let c = Cluster::up(2, 1.0);
-    let looper = cc(&repo_root().join("examples/unix/execloop.c"), "execloop");
-    let looper = looper.to_str().unwrap();
+    let looper = &example("unix/execloop.c", "execloop");
     let n = 1500;
-    let want = std::process::Command::new("sh")
-        .args(["-c", &format!("{looper} {n} | sha256sum")])
-        .output()
-        .unwrap();
-    let want = ok(&want, "reference run");
-    let mut job = piped(
-        &c,
+    let want = native_sh(&format!("{looper} {n} | sha256sum"));
+    let mut job = c.piped(
         1,
         &[
             "bash",
@@ -1033,25 +942,13 @@ fn a_program_that_execs_itself_through_execl_keeps_its_stream_while_its_reader_m
     // While the pipeline runs (the looper is out of `krg ps` for a moment
     // at each exec).
     while job.try_wait().unwrap().is_none() {
-        let Some((pid, node)) = find(&c, "sha256sum") else {
+        let Some(moved) = toggle(&c, "sha256sum", 1, 2) else {
             break;
         };
-        let to = if node == 1 { 2 } else { 1 };
-        if c.krg(1, &["migrate", &pid.to_string(), &to.to_string()])
-            .status
-            .success()
-        {
-            moves += 1;
-        }
+        moves += u32::from(moved);
     }
     let out = job.wait_with_output().unwrap();
-    let err = text(&out.stderr);
-    assert!(
-        err.contains("status 0 0"),
-        "both stages end well ({moves} moves): {}",
-        show(&out)
-    );
-    assert_eq!(text(&out.stdout), want, "the digest ({moves} moves)");
+    assert_pipeline_intact(&out, "status 0 0", &want, moves);
     assert!(moves >= 5, "only {moves} moves of the reader");
 }
 
@@ -1060,16 +957,15 @@ fn a_fifo_between_two_nodes_carries_its_stream_over_the_network_while_its_reader
     let c = Cluster::up(3, 1.0);
     let g = pipegen();
     let want = reference_digest(&g, 256);
-    let f = new_fifo("fifo");
-    let f = f.to_str().unwrap();
+    let f = &new_fifo("fifo");
     // The reader opens first and waits, as with a FIFO; the writer on
     // another node (paced until SIGUSR1) meets it. `exec`: a shell that
     // kept the FIFO as its own stdin while sha256sum reads it would make
     // the move refused (it may read the rest later: a relay or a moved
     // connection would take bytes that are its own).
-    let reader = piped(&c, 2, &["sh", "-c", &format!("exec sha256sum < {f}")]);
+    let reader = c.piped(2, &["sh", "-c", &format!("exec sha256sum < {f}")]);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let writer = piped(&c, 1, &["sh", "-c", &format!("exec {g} 256 30 > {f}")]);
+    let writer = c.piped(1, &["sh", "-c", &format!("exec {g} 256 30 > {f}")]);
     let (prod, cons) = producer_and_consumer(&c, &format!("{g} 256"));
     // Not one kernel's FIFO shared by two "nodes": the bytes cross the
     // network, between the writer's node and the reader's.
@@ -1103,13 +999,12 @@ fn a_fifo_whose_ends_met_on_one_node_moves_with_either_end() {
     let want = reference_digest(&g, 256);
     let want = want.split_whitespace().next().unwrap().to_string();
     for first in ["reader", "writer"] {
-        let f = new_fifo("fifo-local");
-        let fs = f.to_str().unwrap();
+        let fs = &new_fifo("fifo-local");
         // The reader opens the FIFO by name (its fd 3), the writer has it
         // as its stdout; both on node 1.
-        let reader = piped(&c, 1, &["sha256sum", fs]);
+        let reader = c.piped(1, &["sha256sum", fs]);
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let writer = piped(&c, 1, &["sh", "-c", &format!("exec {g} 256 30 > {fs}")]);
+        let writer = c.piped(1, &["sh", "-c", &format!("exec {g} 256 30 > {fs}")]);
         let (prod, cons) = producer_and_consumer(&c, &format!("{g} 256"));
         let (a, b) = if first == "reader" {
             ((cons.as_str(), "sha256sum"), (prod.as_str(), g.as_str()))
@@ -1131,7 +1026,7 @@ fn a_fifo_whose_ends_met_on_one_node_moves_with_either_end() {
             "{first} moved first, then the other: one second of the stream: node 3 {new} bytes, node 1 (left) {old}"
         );
         usr1(&c, 1, &prod);
-        ok(&writer.wait_with_output().unwrap(), "writer");
+        finish(writer, "writer");
         let out = reader.wait_with_output().unwrap();
         let got = ok(&out, "reader");
         assert_eq!(
@@ -1139,7 +1034,7 @@ fn a_fifo_whose_ends_met_on_one_node_moves_with_either_end() {
             Some(want.as_str()),
             "{first} moved first: the digest of the stream"
         );
-        let _ = std::fs::remove_file(&f);
+        let _ = std::fs::remove_file(fs);
     }
 }
 
@@ -1199,31 +1094,28 @@ print(kind, "wrote", n, flush=True)
 #[test]
 fn a_non_blocking_fifo_reader_is_reached_by_writers_on_every_node() {
     let c = Cluster::up(3, 1.0);
-    let bin = fifofile();
-    let bin = bin.as_str();
-    let f = new_fifo("fifo-nonblock");
-    let f = f.to_str().unwrap();
+    let bin = &fifofile();
+    let f = &new_fifo("fifo-nonblock");
     let nb_write = |node: u32, n: &str| {
-        ok(
-            &c.cmd(node, &["python3", "-c", NB_WRITER, f, n])
-                .output()
-                .unwrap(),
+        c.run_ok(
+            node,
+            &["python3", "-c", NB_WRITER, f, n],
             "non-blocking writer",
         )
     };
     assert_eq!(nb_write(3, "1"), "ENXIO\n", "no reader anywhere yet");
     // A blocking writer waits for a reader...
-    let waiting = piped(&c, 1, &[bin, "w", f, "1000"]);
+    let waiting = c.piped(1, &[bin, "w", f, "1000"]);
     std::thread::sleep(std::time::Duration::from_millis(500));
     // ... and meets the non-blocking one on node 2 as soon as it opens.
-    let mut reader = piped(&c, 2, &["python3", "-c", NB_READER, f, "3500"]);
+    let mut reader = c.piped(2, &["python3", "-c", NB_READER, f, "3500"]);
     assert_eq!(read_line(&mut reader), "open");
-    let w = ok(&waiting.wait_with_output().unwrap(), "waiting writer");
+    let w = finish(waiting, "waiting writer");
     assert_eq!(w, "socket\nwrote 1000\n", "the writer on node 1");
     assert_eq!(nb_write(3, "2000"), "socket wrote 2000\n", "node 3");
-    let w = ok(&c.cmd(2, &[bin, "w", f, "500"]).output().unwrap(), "writer");
+    let w = c.run_ok(2, &[bin, "w", f, "500"], "writer");
     assert_eq!(w, "fifo\nwrote 500\n", "the writer on the reader's node");
-    let r = ok(&reader.wait_with_output().unwrap(), "reader");
+    let r = finish(reader, "reader");
     assert_eq!(r, "read 3500 bad 0\n");
     // The reader is gone: no reader anywhere again.
     assert_eq!(nb_write(3, "1"), "ENXIO\n", "after the reader closed it");
@@ -1283,17 +1175,14 @@ fn a_process_logging_to_its_nodes_datagram_service_migrates_and_logs_to_the_new_
     let mut svc: Vec<Child> = (1..=2)
         .map(|n| {
             c.plain(n, &["python3", "-c", DGRAM_SERVICE, path])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+                .spawn_outputs()
         })
         .collect();
     let rx: Vec<_> = svc.iter_mut().map(lines_of).collect();
     for r in &rx {
         assert_eq!(next_with(r, ""), "bound");
     }
-    let mut sender = piped(&c, 1, &["python3", "-c", DGRAM_SENDER, path]);
+    let mut sender = c.piped(1, &["python3", "-c", DGRAM_SENDER, path]);
     let pid = read_line(&mut sender);
     let mut on1 = Vec::new();
     while on1.len() < 20 {
@@ -1335,29 +1224,23 @@ fn a_process_logging_to_its_nodes_datagram_service_migrates_and_logs_to_the_new_
 #[test]
 fn a_fifo_opened_with_fopen_meets_its_other_end_on_another_node() {
     let c = Cluster::up(2, 1.0);
-    let bin = fifofile();
-    let bin = bin.as_str();
-    let f = new_fifo("fifo-fopen");
-    let f = f.to_str().unwrap();
+    let bin = &fifofile();
+    let f = &new_fifo("fifo-fopen");
+    // `fifofile r` on node `node` opens first; `fifofile w F N` on node 1
+    // meets it: what each says.
+    let through = |node: u32, n: &str| {
+        let reader = c.piped(node, &[bin, "r", f]);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let w = c.run_ok(1, &[bin, "w", f, n], "writer");
+        (w, finish(reader, "reader"))
+    };
     // Two nodes: each end is the socket krg gave, not the local FIFO.
-    let reader = piped(&c, 2, &[bin, "r", f]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let w = ok(
-        &c.cmd(1, &[bin, "w", f, "200000"]).output().unwrap(),
-        "writer",
-    );
+    let (w, r) = through(2, "200000");
     assert_eq!(w, "socket\nwrote 200000\n");
-    let r = ok(&reader.wait_with_output().unwrap(), "reader");
     assert_eq!(r, "socket\nread 200000 sum 19999900000\n");
     // One node: the FIFO itself.
-    let reader = piped(&c, 1, &[bin, "r", f]);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let w = ok(
-        &c.cmd(1, &[bin, "w", f, "1000"]).output().unwrap(),
-        "writer",
-    );
+    let (w, r) = through(1, "1000");
     assert_eq!(w, "fifo\nwrote 1000\n");
-    let r = ok(&reader.wait_with_output().unwrap(), "reader");
     assert_eq!(r, "fifo\nread 1000 sum 499500\n");
     let _ = std::fs::remove_file(f);
 }
@@ -1365,12 +1248,11 @@ fn a_fifo_opened_with_fopen_meets_its_other_end_on_another_node() {
 #[test]
 fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
     let c = Cluster::up(2, 1.0);
-    let bin = cc(&repo_root().join("examples/ckpt/pipes.c"), "pipes");
-    let bin = bin.to_str().unwrap();
-    let mut ch = piped(&c, 1, &[bin, "60"]);
+    let bin = &example("ckpt/pipes.c", "pipes");
+    let mut ch = c.piped(1, &[bin, "60"]);
     let rx = lines_of(&mut ch);
     assert!(next_with(&rx, "ready").starts_with("ready"));
-    let pid = find(&c, bin).expect("pipes in krg ps").0.to_string();
+    let pid = c.find(bin).expect("pipes in krg ps").0.to_string();
     // A checkpoint image cannot hold a pipe that leads out of the process
     // (here: one whose other end is closed); the process is left alone.
     let dir = format!("/tmp/krg-pipes-{}", std::process::id());
@@ -1383,105 +1265,146 @@ fn a_self_pipe_and_pipes_whose_other_end_is_closed_move_with_their_bytes() {
     assert!(ch.wait().unwrap().success());
 }
 
-#[test]
-fn a_child_talking_to_its_parent_over_a_socketpair_moves_twice_mid_conversation() {
-    let c = Cluster::up(3, 1.0);
-    let bin = cc(&repo_root().join("examples/streams/unixpair.c"), "unixpair");
-    let bin = bin.to_str().unwrap();
-    // A child that runs the program again, and one that only forked.
-    for how in ["exec", "forked"] {
-        socketpair_child_moves(&c, bin, how);
-    }
+/// Which end of a socketpair example a move moves.
+#[derive(Clone, Copy)]
+enum End {
+    Parent,
+    Child,
 }
 
-fn socketpair_child_moves(c: &Cluster, bin: &str, how: &str) {
-    let mut ch = piped(c, 1, &[bin, how]);
+/// `BIN HOW` on node 1 (unixpair, seqpair: a parent and the child that
+/// echoes it); once it says their pids, each of `moves`, 300 ms apart
+/// (the conversation goes on meanwhile), then SIGUSR1 to the parent: it
+/// must end well, having checked more than `min` echoes.
+fn socketpair_moves(c: &Cluster, bin: &str, how: &str, moves: &[(End, u32)], min: u64) {
+    let mut ch = c.piped(1, &[bin, how]);
     let rx = lines_of(&mut ch);
     let pids = next_with(&rx, "pids ");
     let w: Vec<&str> = pids.split_whitespace().collect();
     let (parent, child) = (w[1].to_string(), w[2].to_string());
-    // The echoing child moves: its end of the socketpair becomes a
-    // connection to its parent's node, then follows it to a third node.
-    for to in [2u32, 3] {
+    for &(end, to) in moves {
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let out = c.krg(1, &["migrate", &child, &to.to_string()]);
-        assert!(
-            out.status.success(),
-            "migrate the {how} child to {to}: {}",
-            show(&out)
-        );
+        let pid = match end {
+            End::Parent => &parent,
+            End::Child => &child,
+        };
+        c.migrate_ok(1, pid, to);
     }
+    std::thread::sleep(std::time::Duration::from_millis(300));
     usr1(c, 1, &parent);
     let last = next_with(&rx, "");
     let n: u64 = last
         .strip_prefix("ok ")
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("parent: {last}"));
-    assert!(n > 1000, "{how}: only {n} lines echoed");
+        .unwrap_or_else(|| panic!("{how}: parent: {last}"));
+    assert!(n > min, "{how}: only {n} echoes");
     assert!(ch.wait().unwrap().success());
 }
 
-#[test]
-fn a_seqpacket_socketpair_keeps_every_message_whole_while_either_end_moves() {
-    let c = Cluster::up(3, 1.0);
-    let bin = cc(&repo_root().join("examples/streams/seqpair.c"), "seqpair");
-    let bin = bin.to_str().unwrap();
-    for how in ["exec", "forked"] {
-        let mut ch = piped(&c, 1, &[bin, how]);
-        let rx = lines_of(&mut ch);
-        let pids = next_with(&rx, "pids ");
-        let w: Vec<&str> = pids.split_whitespace().collect();
-        let (parent, child) = (w[1].to_string(), w[2].to_string());
-        // The parent leaves (the ends relayed between nodes 3 and 1), the
-        // child leaves too (relayed between 3 and 2, found through the
-        // relay), then joins the parent (one socketpair again).
-        for (pid, to) in [(&parent, 3u32), (&child, 2), (&child, 3)] {
-            std::thread::sleep(std::time::Duration::from_millis(300));
-            let out = c.krg(1, &["migrate", pid, &to.to_string()]);
-            assert!(
-                out.status.success(),
-                "{how}: migrate {pid} to {to}: {}",
-                show(&out)
-            );
+/// One test per socketpair example (`name: source, binary, moves, how
+/// many echoes it must have checked at least`), each run twice: with a
+/// child that runs the program again, and with one that only forked.
+macro_rules! socketpair_tests {
+    ($($(#[doc = $doc:literal])* $name:ident: $src:literal, $bin:literal, $moves:expr, $min:literal;)*) => {$(
+        $(#[doc = $doc])*
+        #[test]
+        fn $name() {
+            let c = Cluster::up(3, 1.0);
+            let bin = &example($src, $bin);
+            for how in ["exec", "forked"] {
+                socketpair_moves(&c, bin, how, &$moves, $min);
+            }
         }
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        usr1(&c, 1, &parent);
-        let last = next_with(&rx, "");
-        let n: u64 = last
-            .strip_prefix("ok ")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{how}: parent: {last}"));
-        assert!(n > 100, "{how}: only {n} messages echoed");
-        assert!(ch.wait().unwrap().success());
-    }
+    )*};
+}
+
+socketpair_tests! {
+    /// The echoing child moves: its end of the socketpair becomes a
+    /// connection to its parent's node, then follows it to a third node.
+    a_child_talking_to_its_parent_over_a_socketpair_moves_twice_mid_conversation:
+        "streams/unixpair.c", "unixpair", [(End::Child, 2), (End::Child, 3)], 1000;
+    /// The parent leaves (the ends relayed between nodes 3 and 1), the
+    /// child leaves too (relayed between 3 and 2, found through the
+    /// relay), then joins the parent (one socketpair again).
+    a_seqpacket_socketpair_keeps_every_message_whole_while_either_end_moves:
+        "streams/seqpair.c", "seqpair", [(End::Parent, 3), (End::Child, 2), (End::Child, 3)], 100;
+}
+
+/// A fresh socket path `file` in the shared directory `dir`, and an
+/// abstract name of this test process, `krg-test-NAME-PID`.
+fn socket_names(dir: &str, file: &str, name: &str) -> (String, String) {
+    let path = fresh_path(dir, file);
+    let abs = format!("krg-test-{name}-{}", std::process::id());
+    (path.to_str().unwrap().to_string(), abs)
+}
+
+/// `python3 -c CODE ARGS...` (`args`: CODE first) on node 1, once it
+/// says "ready".
+fn python_ready(c: &Cluster, args: &[&str]) -> Child {
+    let mut srv = c.piped(1, &[&["python3", "-c"], args].concat());
+    assert_eq!(read_line(&mut srv), "ready");
+    srv
+}
+
+/// The UNIX server `code` (one of the [`connections_py`] ones) on node 1,
+/// listening on a fresh socket FILE in the shared directory DIR and on the
+/// abstract name of NAME (see [`socket_names`]), for `conns` connections;
+/// once it says "ready": the server, the path and the abstract name.
+fn listening(
+    c: &Cluster,
+    code: &str,
+    (dir, file, name): (&str, &str, &str),
+    conns: &str,
+) -> (Child, String, String) {
+    let (path, abs) = socket_names(dir, file, name);
+    let srv = python_ready(c, &[code, &path, &abs, conns]);
+    (srv, path, abs)
+}
+
+/// Python for the UNIX servers: `connections(kind, backlog)` listens on
+/// the path argv[1] and on the abstract name argv[2] (sockets of type
+/// `kind`), says "ready", then gives argv[3] connections one after the
+/// other (epoll via selectors), closing each once it has been served.
+macro_rules! connections_py {
+    () => {
+        r#"
+import os, selectors, socket, sys
+def connections(kind, backlog):
+    sel = selectors.DefaultSelector()
+    for name in (sys.argv[1], "\0" + sys.argv[2]):
+        s = socket.socket(socket.AF_UNIX, kind)
+        s.bind(name)
+        s.listen(backlog)
+        sel.register(s, selectors.EVENT_READ)
+    print("ready", flush=True)
+    left = int(sys.argv[3])
+    while left:
+        for key, _ in sel.select():
+            c, _ = key.fileobj.accept()
+            yield c
+            c.close()
+            left -= 1
+            break
+"#
+    };
 }
 
 /// A UNIX stream server: listens on the path argv[1] and on the abstract
 /// name argv[2], says "ready", then serves argv[3] connections (epoll via
 /// selectors): it reads a line and answers it in capitals, then its node.
-const UNIX_SERVER: &str = r#"
-import os, selectors, socket, sys
-sel = selectors.DefaultSelector()
-for name in (sys.argv[1], "\0" + sys.argv[2]):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(name)
-    s.listen(8)
-    sel.register(s, selectors.EVENT_READ)
-print("ready", flush=True)
-left = int(sys.argv[3])
-while left:
-    for key, _ in sel.select():
-        conn, _ = key.fileobj.accept()
-        data = b""
-        while not data.endswith(b"\n"):
-            d = conn.recv(1 << 16)
-            if not d:
-                break
-            data += d
-        conn.sendall(data.upper() + os.uname().nodename.encode() + b"\n")
-        conn.close()
-        left -= 1
-"#;
+const UNIX_SERVER: &str = concat!(
+    connections_py!(),
+    r#"
+for conn in connections(socket.SOCK_STREAM, 8):
+    data = b""
+    while not data.endswith(b"\n"):
+        d = conn.recv(1 << 16)
+        if not d:
+            break
+        data += d
+    conn.sendall(data.upper() + os.uname().nodename.encode() + b"\n")
+"#
+);
 
 /// Connects to argv[1] ("@name": abstract), sends a 1 MB line, prints the
 /// socket's domain as the kernel has it now, the answer's length and its
@@ -1512,13 +1435,8 @@ print(s.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN), len(got), ok, got.split
 #[test]
 fn a_unix_socket_name_is_reached_from_every_node() {
     let c = Cluster::up(3, 1.0);
-    let dir = shared_dir("unixname");
-    let path = dir.join("echo.sock");
-    let _ = std::fs::remove_file(&path);
-    let p = path.to_str().unwrap();
-    let abs = format!("krg-test-echo-{}", std::process::id());
-    let mut srv = piped(&c, 1, &["python3", "-c", UNIX_SERVER, p, &abs, "4"]);
-    assert_eq!(read_line(&mut srv), "ready");
+    let (srv, path, abs) = listening(&c, UNIX_SERVER, ("unixname", "echo.sock", "echo"), "4");
+    let p = path.as_str();
     let at = |node: u32, name: &str| {
         let out = c
             .cmd(node, &["python3", "-c", UNIX_CLIENT, name])
@@ -1586,13 +1504,10 @@ print("talked", n, flush=True)
 #[test]
 fn a_client_of_a_unix_socket_on_another_node_migrates_mid_conversation() {
     let c = Cluster::up(3, 1.0);
-    let dir = shared_dir("unixchat");
-    let path = dir.join("echo.sock");
-    let _ = std::fs::remove_file(&path);
-    let p = path.to_str().unwrap();
-    let mut srv = piped(&c, 1, &["python3", "-c", UNIX_ECHO, p]);
-    assert_eq!(read_line(&mut srv), "ready");
-    let mut cli = piped(&c, 2, &["python3", "-c", UNIX_CHAT, p, "1500"]);
+    let (path, _) = socket_names("unixchat", "echo.sock", "");
+    let p = path.as_str();
+    let srv = python_ready(&c, &[UNIX_ECHO, p]);
+    let mut cli = c.piped(2, &["python3", "-c", UNIX_CHAT, p, "1500"]);
     let pid = read_line(&mut cli);
     std::thread::sleep(std::time::Duration::from_millis(500));
     let out = c.krg(1, &["migrate", &pid, "3"]);
@@ -1605,7 +1520,7 @@ fn a_client_of_a_unix_socket_on_another_node_migrates_mid_conversation() {
     assert_eq!(node, Some(3), "the client runs on node 3 now");
     let out = cli.wait_with_output().unwrap();
     assert_eq!(ok(&out, "client").trim(), "talked 1500");
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert_eq!(s.trim(), "served 1500");
 }
 
@@ -1613,39 +1528,23 @@ fn a_client_of_a_unix_socket_on_another_node_migrates_mid_conversation() {
 /// on the path argv[1] and on the abstract name argv[2] (epoll via
 /// selectors), says "ready", answers each line of a connection in
 /// capitals until it ends, and stops after argv[3] connections.
-const UNIX_SERIAL: &str = r#"
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-for name in (sys.argv[1], "\0" + sys.argv[2]):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(name)
-    s.listen(4)
-    sel.register(s, selectors.EVENT_READ)
-print("ready", flush=True)
-left = int(sys.argv[3])
-while left:
-    for key, _ in sel.select():
-        c, _ = key.fileobj.accept()
-        f = c.makefile("rb")
-        for line in f:
-            c.sendall(line.upper())
-        c.close()
-        left -= 1
-        break
+const UNIX_SERIAL: &str = concat!(
+    connections_py!(),
+    r#"
+for c in connections(socket.SOCK_STREAM, 4):
+    f = c.makefile("rb")
+    for line in f:
+        c.sendall(line.upper())
 print("served", sys.argv[3], flush=True)
-"#;
+"#
+);
 
 #[test]
 fn a_unix_server_migrates_with_its_listeners_and_the_connection_waiting_in_their_queue() {
     let c = Cluster::up(3, 1.0);
-    let dir = shared_dir("unixmove");
-    let path = dir.join("serial.sock");
-    let _ = std::fs::remove_file(&path);
-    let p = path.to_str().unwrap();
-    let abs = format!("krg-test-serial-{}", std::process::id());
+    let (srv, path, abs) = listening(&c, UNIX_SERIAL, ("unixmove", "serial.sock", "serial"), "4");
+    let p = path.as_str();
     let at = format!("@{abs}");
-    let mut srv = piped(&c, 1, &["python3", "-c", UNIX_SERIAL, p, &abs, "4"]);
-    assert_eq!(read_line(&mut srv), "ready");
     let srv_pid = c
         .ps(1)
         .iter()
@@ -1655,10 +1554,10 @@ fn a_unix_server_migrates_with_its_listeners_and_the_connection_waiting_in_their
     // A client on node 2 (by the abstract name: a connection between the
     // nodes) is served; one on node 1 (by the path: the kernel's UNIX
     // socket) waits in the queue, its first line sent.
-    let mut a = piped(&c, 2, &["python3", "-c", UNIX_CHAT, &at, "1200"]);
+    let mut a = c.piped(2, &["python3", "-c", UNIX_CHAT, &at, "1200"]);
     read_line(&mut a);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let mut b = piped(&c, 1, &["python3", "-c", UNIX_CHAT, p, "300"]);
+    let mut b = c.piped(1, &["python3", "-c", UNIX_CHAT, p, "300"]);
     read_line(&mut b);
     std::thread::sleep(std::time::Duration::from_millis(300));
     let out = c.krg(1, &["migrate", &srv_pid.to_string(), "3"]);
@@ -1701,7 +1600,7 @@ fn a_unix_server_migrates_with_its_listeners_and_the_connection_waiting_in_their
         let o = ok(&out, what);
         assert!(o.contains(&format!("talked {n}")), "{what}: {o}");
     }
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(s.contains("served 4"), "{s}");
 }
 
@@ -1709,32 +1608,21 @@ fn a_unix_server_migrates_with_its_listeners_and_the_connection_waiting_in_their
 /// name argv[2], says "ready", then serves argv[3] connections one after
 /// the other, echoing each message as it came (a zero-length one too:
 /// SO_PASSCRED tells it from the end).
-const SEQ_SERVER: &str = r#"
-import selectors, socket, sys
-sel = selectors.DefaultSelector()
-for name in (sys.argv[1], "\0" + sys.argv[2]):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    s.bind(name)
-    s.listen(4)
-    sel.register(s, selectors.EVENT_READ)
-print("ready", flush=True)
-left = int(sys.argv[3])
+const SEQ_SERVER: &str = concat!(
+    connections_py!(),
+    r#"
 n = 0
-while left:
-    for key, _ in sel.select():
-        c, _ = key.fileobj.accept()
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        while True:
-            data, anc, flags, _ = c.recvmsg(1 << 17, 64)
-            if not data and not anc:
-                break
-            c.send(data)
-            n += 1
-        c.close()
-        left -= 1
-        break
+for c in connections(socket.SOCK_SEQPACKET, 4):
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    while True:
+        data, anc, flags, _ = c.recvmsg(1 << 17, 64)
+        if not data and not anc:
+            break
+        c.send(data)
+        n += 1
 print("served", n, flush=True)
-"#;
+"#
+);
 
 /// Connects a seqpacket socket to argv[1] ("@name": abstract), says its
 /// pid, then sends argv[2] messages of 0 to 60000 bytes a few milliseconds
@@ -1763,23 +1651,18 @@ print("talked", n, "end" if not data and not anc else "extra", flush=True)
 #[test]
 fn a_seqpacket_name_is_reached_from_every_node_and_its_client_migrates() {
     let c = Cluster::up(3, 1.0);
-    let dir = shared_dir("seqname");
-    let path = dir.join("seq.sock");
-    let _ = std::fs::remove_file(&path);
-    let p = path.to_str().unwrap();
-    let abs = format!("krg-test-seq-{}", std::process::id());
+    let (srv, path, abs) = listening(&c, SEQ_SERVER, ("seqname", "seq.sock", "seq"), "3");
+    let p = path.as_str();
     let at = format!("@{abs}");
-    let mut srv = piped(&c, 1, &["python3", "-c", SEQ_SERVER, p, &abs, "3"]);
-    assert_eq!(read_line(&mut srv), "ready");
     // From node 2 by the abstract name (relayed between nodes 2 and 1),
     // moved to node 3 mid-conversation (its server's end swapped through
     // the relay).
-    let mut a = piped(&c, 2, &["python3", "-c", SEQ_CLIENT, &at, "400"]);
+    let mut a = c.piped(2, &["python3", "-c", SEQ_CLIENT, &at, "400"]);
     let pid = read_line(&mut a);
     std::thread::sleep(std::time::Duration::from_millis(500));
     let out = c.krg(1, &["migrate", &pid, "3"]);
     assert!(out.status.success(), "migrate the client: {}", show(&out));
-    let o = ok(&a.wait_with_output().unwrap(), "client moved to node 3");
+    let o = finish(a, "client moved to node 3");
     assert!(o.contains("talked 400 end"), "{o}");
     // By the path from node 3, and on the server's own node.
     for (node, name) in [(3u32, p), (1, at.as_str())] {
@@ -1790,7 +1673,7 @@ fn a_seqpacket_name_is_reached_from_every_node_and_its_client_migrates() {
         let o = ok(&out, &format!("client on node {node}"));
         assert!(o.contains("talked 60 end"), "node {node}: {o}");
     }
-    let s = ok(&srv.wait_with_output().unwrap(), "server");
+    let s = finish(srv, "server");
     assert!(s.contains("served 520"), "{s}");
 }
 
@@ -1874,13 +1757,12 @@ print("ok", n, flush=True)
 fn a_connection_in_a_checkpoint_image_waits_for_the_restart_and_goes_on_from_another_node() {
     let c = Cluster::up(3, 1.0);
     let port = "47311";
-    let mut server = piped(&c, 1, &["python3", "-c", PARK_SERVER, port]);
+    let mut server = c.piped(1, &["python3", "-c", PARK_SERVER, port]);
     assert_eq!(read_line(&mut server), "listening");
-    let mut client = piped(&c, 2, &["python3", "-c", PARK_CLIENT, port, "400"]);
+    let mut client = c.piped(2, &["python3", "-c", PARK_CLIENT, port, "400"]);
     let pid = read_line(&mut client);
     std::thread::sleep(std::time::Duration::from_millis(1000));
-    let img = shared_dir("parked").join("img");
-    let _ = std::fs::remove_dir_all(&img);
+    let img = fresh_path("parked", "img");
     let img = img.to_str().unwrap();
     let keep = c.krg(2, &["checkpoint", &pid, "-o", img]);
     assert!(!keep.status.success(), "{}", show(&keep));
@@ -1896,10 +1778,7 @@ fn a_connection_in_a_checkpoint_image_waits_for_the_restart_and_goes_on_from_ano
             1,
             &[k.to_str().unwrap(), "restart", "-q", img, "--node", "3"],
         )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_outputs();
     assert!(
         wait_for(std::time::Duration::from_secs(20), || c
             .ps(1)
@@ -1910,9 +1789,9 @@ fn a_connection_in_a_checkpoint_image_waits_for_the_restart_and_goes_on_from_ano
         "the restarted client never ran on node 3: {:?}",
         c.ps(1)
     );
-    let out = ok(&restart.wait_with_output().unwrap(), "restarted client");
+    let out = finish(restart, "restarted client");
     assert_eq!(out, "ok 400\n");
-    let out = ok(&server.wait_with_output().unwrap(), "server");
+    let out = finish(server, "server");
     assert_eq!(out, "server saw 400 lines\n");
 }
 
@@ -1920,19 +1799,18 @@ fn a_connection_in_a_checkpoint_image_waits_for_the_restart_and_goes_on_from_ano
 fn socketpairs_within_a_process_move_and_restart_with_what_is_queued_in_them() {
     let c = Cluster::up(3, 1.0);
     // Migrated twice while its loop runs.
-    let mut p = piped(&c, 1, &["python3", "-c", ASYNC_PAIRS, "300"]);
+    let mut p = c.piped(1, &["python3", "-c", ASYNC_PAIRS, "300"]);
     let pid = read_line(&mut p);
     for to in ["2", "3"] {
         std::thread::sleep(std::time::Duration::from_millis(700));
         let out = c.krg(1, &["migrate", &pid, to]);
         assert!(out.status.success(), "migrate to {to}: {}", show(&out));
     }
-    let o = ok(&p.wait_with_output().unwrap(), "migrated");
+    let o = finish(p, "migrated");
     assert!(o.contains("ok 300"), "{o}");
     // Checkpointed (ended), restarted on another node.
-    let img = shared_dir("asyncpairs").join("img");
-    let _ = std::fs::remove_dir_all(&img);
-    let mut p = piped(&c, 1, &["python3", "-c", ASYNC_PAIRS, "300"]);
+    let img = fresh_path("asyncpairs", "img");
+    let mut p = c.piped(1, &["python3", "-c", ASYNC_PAIRS, "300"]);
     let pid = read_line(&mut p);
     std::thread::sleep(std::time::Duration::from_millis(700));
     let ck = c.krg(
@@ -1965,27 +1843,18 @@ fn a_busy_server_moves_while_every_kind_of_client_keeps_asking() {
         ex.join("reqclient.py").display().to_string(),
     );
     let port = "8081";
-    let mut server = piped(&c, 1, &["python3", &srv, port, "4"]);
+    let mut server = c.piped(1, &["python3", &srv, port, "4"]);
     let out = lines_of(&mut server);
     next_with(&out, "ready");
     let node1 = c.node_field(1, "address").as_str().unwrap().to_string();
     let n = "100";
     let clients: Vec<Child> = vec![
-        piped(
-            &c,
-            2,
-            &["python3", &cli, "127.0.0.1", port, n, "ssi", "shut"],
-        ),
+        c.piped(2, &["python3", &cli, "127.0.0.1", port, n, "ssi", "shut"]),
         c.plain(1, &["python3", &cli, "127.0.0.1", port, n, "local", "shut"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+            .spawn_stdout(),
         c.plain(3, &["python3", &cli, &node1, port, n, "remote", "shut"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        piped(
-            &c,
+            .spawn_stdout(),
+        c.piped(
             3,
             &["python3", &cli, "127.0.0.1", port, "40", "gone", "gone"],
         ),
@@ -2058,7 +1927,7 @@ fn a_connection_to_the_loopback_from_another_node_shows_the_loopback_at_both_end
         ("::", "7073", vec![(2, "::1")], vec!["::1"]),
     ] {
         let n = clients.len().to_string();
-        let mut srv = piped(&c, 1, &["python3", py, "serve", bind, port, &n]);
+        let mut srv = c.piped(1, &["python3", py, "serve", bind, port, &n]);
         assert_eq!(read_line(&mut srv), "listening");
         for ((node, host), peer) in clients.iter().zip(&want) {
             let here = if *peer == node2 { host } else { peer };
@@ -2101,20 +1970,12 @@ fn a_reader_sharing_its_stdin_pipe_is_not_moved_and_no_byte_is_lost() {
                 "( head -c 12; echo; read -r l; echo \"l=$l\"; read -r m; echo \"m=$m\" )",
             ],
         )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .spawn_stdio();
     let mut w = p.stdin.take().unwrap();
     w.write_all(b"abcdefgh\n").unwrap();
     w.flush().unwrap();
-    let mut head = None;
-    assert!(wait_for(std::time::Duration::from_secs(10), || {
-        head = find(&c, "head -c 12").map(|p| p.0.to_string());
-        head.is_some()
-    }));
-    let m = c.krg(1, &["migrate", head.as_deref().unwrap(), "2"]);
+    let head = c.wait_find("head -c 12").0.to_string();
+    let m = c.krg(1, &["migrate", &head, "2"]);
     w.write_all(b"XYZW\nline2\n").unwrap();
     drop(w);
     let out = p.wait_with_output().unwrap();
@@ -2145,28 +2006,14 @@ fn a_stdin_connection_shared_with_a_child_is_not_relayed_away_from_it() {
          | sh -c 'read -r x; echo \"$x\"; tr a-z A-Z'",
         go = go.display()
     );
-    let p = c
-        .cmd(1, &["bash", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut sh = None;
-    assert!(wait_for(std::time::Duration::from_secs(10), || {
-        sh = find(&c, "sh -c read");
-        sh.is_some()
-    }));
-    let (pid, node) = sh.unwrap();
+    let p = c.cmd(1, &["bash", "-c", &script]).spawn_outputs();
+    let (pid, node) = c.wait_find("sh -c read");
     let (there, back) = if node == 1 { ("2", "1") } else { ("1", "2") };
     let first = c.krg(1, &["migrate", &pid.to_string(), there]);
     assert!(first.status.success(), "{}", text(&first.stderr));
     write_file(&go, "");
     // Once `tr` runs (a child of the moved shell), move the shell again.
-    assert!(wait_for(std::time::Duration::from_secs(10), || find(
-        &c,
-        "tr a-z A-Z"
-    )
-    .is_some()));
+    c.wait_find("tr a-z A-Z");
     let second = c.krg(1, &["migrate", &pid.to_string(), back]);
     let out = p.wait_with_output().unwrap();
     let mut want = String::from("tick 1\n");

@@ -124,71 +124,71 @@ extern "C" fn gather(regs: *const usize, stack: *const usize, which: usize) -> c
     r
 }
 
-/// A trampoline: store the argument registers, call [`gather`] with where
-/// they are, where the stack arguments start and which exec, return what
-/// it returns.
+/// The code of a trampoline: store the argument registers, call
+/// [`gather`] with where they are, where the stack arguments start and
+/// which exec (`{which}`), return what it returns. One string, as
+/// `naked_asm!` takes it.
 #[cfg(target_arch = "x86_64")]
-macro_rules! trampoline {
-    ($(#[$doc:meta])* $name:ident, $which:expr) => {
-        $(#[$doc])*
-        #[unsafe(naked)]
-        #[no_mangle]
-        pub unsafe extern "C" fn $name(path: *const c_char, arg: *const c_char) -> c_int {
-            core::arch::naked_asm!(
-                // On entry rsp points to the return address and the
-                // seventh argument is at rsp + 8. After six pushes the
-                // registers lie in argument order from rsp, and the
-                // stack arguments start at rsp + 56.
-                "push r9",
-                "push r8",
-                "push rcx",
-                "push rdx",
-                "push rsi",
-                "push rdi",
-                "mov rdi, rsp",
-                "lea rsi, [rsp + 56]",
-                "mov edx, {which}",
-                // rsp is 8 mod 16 (entry) + 48: re-align for the call.
-                "sub rsp, 8",
-                "call {gather}",
-                "add rsp, 56",
-                "ret",
-                which = const $which,
-                gather = sym gather,
-            )
-        }
+macro_rules! gather_asm {
+    () => {
+        concat!(
+            // On entry rsp points to the return address and the
+            // seventh argument is at rsp + 8. After six pushes the
+            // registers lie in argument order from rsp, and the
+            // stack arguments start at rsp + 56.
+            "push r9\n",
+            "push r8\n",
+            "push rcx\n",
+            "push rdx\n",
+            "push rsi\n",
+            "push rdi\n",
+            "mov rdi, rsp\n",
+            "lea rsi, [rsp + 56]\n",
+            "mov edx, {which}\n",
+            // rsp is 8 mod 16 (entry) + 48: re-align for the call.
+            "sub rsp, 8\n",
+            "call {gather}\n",
+            "add rsp, 56\n",
+            "ret",
+        )
     };
 }
 
 #[cfg(target_arch = "aarch64")]
+macro_rules! gather_asm {
+    () => {
+        concat!(
+            // The ninth argument is at sp on entry. Save the frame
+            // pointer and link register (16 bytes), then x0-x7 (64
+            // bytes) in argument order: the stack arguments start at
+            // sp + 80.
+            "stp x29, x30, [sp, #-16]!\n",
+            "mov x29, sp\n",
+            "sub sp, sp, #64\n",
+            "stp x0, x1, [sp]\n",
+            "stp x2, x3, [sp, #16]\n",
+            "stp x4, x5, [sp, #32]\n",
+            "stp x6, x7, [sp, #48]\n",
+            "mov x0, sp\n",
+            "add x1, sp, #80\n",
+            "mov x2, #{which}\n",
+            "bl {gather}\n",
+            "add sp, sp, #64\n",
+            "ldp x29, x30, [sp], #16\n",
+            "ret",
+        )
+    };
+}
+
+/// A trampoline: an exported naked function running `gather_asm!` for
+/// `$which`.
 macro_rules! trampoline {
     ($(#[$doc:meta])* $name:ident, $which:expr) => {
         $(#[$doc])*
         #[unsafe(naked)]
         #[no_mangle]
         pub unsafe extern "C" fn $name(path: *const c_char, arg: *const c_char) -> c_int {
-            core::arch::naked_asm!(
-                // The ninth argument is at sp on entry. Save the frame
-                // pointer and link register (16 bytes), then x0-x7 (64
-                // bytes) in argument order: the stack arguments start at
-                // sp + 80.
-                "stp x29, x30, [sp, #-16]!",
-                "mov x29, sp",
-                "sub sp, sp, #64",
-                "stp x0, x1, [sp]",
-                "stp x2, x3, [sp, #16]",
-                "stp x4, x5, [sp, #32]",
-                "stp x6, x7, [sp, #48]",
-                "mov x0, sp",
-                "add x1, sp, #80",
-                "mov x2, #{which}",
-                "bl {gather}",
-                "add sp, sp, #64",
-                "ldp x29, x30, [sp], #16",
-                "ret",
-                which = const $which,
-                gather = sym gather,
-            )
+            core::arch::naked_asm!(gather_asm!(), which = const $which, gather = sym gather)
         }
     };
 }

@@ -37,6 +37,15 @@ pub fn shared_dir(name: &str) -> PathBuf {
     d
 }
 
+/// `name` in the shared directory `dir` (see [`shared_dir`]), with nothing
+/// there yet: what a previous run left (a file or a directory) is removed.
+pub fn fresh_path(dir: &str, name: &str) -> PathBuf {
+    let p = shared_dir(dir).join(name);
+    let _ = std::fs::remove_file(&p);
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
 /// `v` in base 36, `width` digits (zero-padded; `v` must fit).
 fn base36(mut v: u64, width: usize) -> String {
     const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
@@ -208,9 +217,14 @@ impl Cluster {
         c
     }
 
+    /// `sh -c script` on node K as an SSI process.
+    pub fn sh_cmd(&self, node: u32, script: &str) -> Command {
+        self.cmd(node, &["sh", "-c", script])
+    }
+
     /// Run `sh -c script` on node K as an SSI process; return its output.
     pub fn sh(&self, node: u32, script: &str) -> Output {
-        self.cmd(node, &["sh", "-c", script]).output().unwrap()
+        self.sh_cmd(node, script).output().unwrap()
     }
 
     /// Run `krg ARGS` on node K (the command talks to that node's agent).
@@ -244,6 +258,27 @@ impl Cluster {
         self.json_list(node, "status")
     }
 
+    /// The first SSI process (as node 1's `krg ps` lists them) whose
+    /// command starts with `pat`: its gpid and node.
+    pub fn find(&self, pat: &str) -> Option<(i64, u64)> {
+        self.ps(1)
+            .iter()
+            .find(|p| p["command"].as_str().unwrap_or("").starts_with(pat))
+            .map(|p| (p["pid"].as_i64().unwrap(), p["node"].as_u64().unwrap()))
+    }
+
+    /// `find`, waiting up to 10 s for such a process to be listed.
+    #[track_caller]
+    pub fn wait_find(&self, pat: &str) -> (i64, u64) {
+        let mut found = None;
+        let listed = wait_for(Duration::from_secs(10), || {
+            found = self.find(pat);
+            found.is_some()
+        });
+        assert!(listed, "no process {pat:?} in krg ps: {:?}", self.ps(1));
+        found.unwrap()
+    }
+
     /// Node `id`'s state as seen from node `from`.
     pub fn node_state(&self, from: u32, id: u32) -> String {
         self.status(from)
@@ -251,6 +286,122 @@ impl Cluster {
             .find(|n| n["id"].as_u64() == Some(id as u64))
             .map(|n| n["state"].as_str().unwrap().to_string())
             .unwrap_or_else(|| "absent".into())
+    }
+}
+
+/// Starting a command with the standard streams a test holds: what is not
+/// piped is inherited (the test's own output shows it).
+pub trait Spawn {
+    /// Started, its stdout piped.
+    fn spawn_stdout(&mut self) -> Child;
+    /// Started, its stdout and stderr piped.
+    fn spawn_outputs(&mut self) -> Child;
+    /// Started, its stdin and stdout piped.
+    fn spawn_in_out(&mut self) -> Child;
+    /// Started, its stdin, stdout and stderr piped.
+    fn spawn_stdio(&mut self) -> Child;
+    /// Run with `input` on its stdin (closed after it); its output.
+    fn output_with_input(&mut self, input: &[u8]) -> Output;
+}
+
+impl Spawn for Command {
+    fn spawn_stdout(&mut self) -> Child {
+        self.stdout(Stdio::piped()).spawn().unwrap()
+    }
+
+    fn spawn_outputs(&mut self) -> Child {
+        self.stderr(Stdio::piped()).spawn_stdout()
+    }
+
+    fn spawn_in_out(&mut self) -> Child {
+        self.stdin(Stdio::piped()).spawn_stdout()
+    }
+
+    fn spawn_stdio(&mut self) -> Child {
+        self.stdin(Stdio::piped()).spawn_outputs()
+    }
+
+    fn output_with_input(&mut self, input: &[u8]) -> Output {
+        let mut ch = self.spawn_stdio();
+        ch.stdin.take().unwrap().write_all(input).unwrap();
+        ch.wait_with_output().unwrap()
+    }
+}
+
+impl Cluster {
+    /// `ARGS` on node K as an SSI process, its stdout and stderr piped.
+    pub fn piped(&self, node: u32, args: &[&str]) -> Child {
+        self.cmd(node, args).spawn_outputs()
+    }
+
+    /// `ARGS` on node K as an SSI process, its stdout piped, and the first
+    /// line it prints (a program that says its pid, or that it is ready).
+    pub fn started(&self, node: u32, args: &[&str]) -> (Child, String) {
+        let mut ch = self.cmd(node, args).spawn_stdout();
+        let line = read_line(&mut ch);
+        (ch, line)
+    }
+
+    /// `ARGS` on node K as an SSI process, run to its end: `ok` (its
+    /// stdout; it must succeed, `what` says which step failed).
+    #[track_caller]
+    pub fn run_ok(&self, node: u32, args: &[&str], what: &str) -> String {
+        ok(&self.cmd(node, args).output().unwrap(), what)
+    }
+
+    /// `krg migrate PID TO` from node `from`, which must succeed (with the
+    /// processes `krg ps` lists if it does not).
+    #[track_caller]
+    pub fn migrate_ok(&self, from: u32, pid: impl std::fmt::Display, to: u32) {
+        let out = self.krg(from, &["migrate", &pid.to_string(), &to.to_string()]);
+        assert!(
+            out.status.success(),
+            "krg migrate {pid} {to} (on node {from}): {}\nps: {:?}",
+            show(&out),
+            self.ps(1)
+                .iter()
+                .map(|p| format!("{} {} {} {}", p["pid"], p["ppid"], p["node"], p["command"]))
+                .collect::<Vec<_>>()
+        );
+        assert_contains(&text(&out.stdout), &format!("migrated to node {to}"));
+    }
+
+    /// `pgrep -f PAT` on node K (a plain process): the pids it lists.
+    pub fn pgrep(&self, node: u32, pat: &str) -> String {
+        text(
+            &self
+                .plain(node, &["pgrep", "-f", pat])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+    }
+
+    /// `krg sched set POLICY` on node K, which must succeed; what it says.
+    pub fn sched_set(&self, node: u32, policy: &str) -> String {
+        let out = self.krg(node, &["sched", "set", policy]);
+        assert!(
+            out.status.success(),
+            "krg sched set {policy} on node {node}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// `krg kill ARGS` from node K, which must succeed.
+    pub fn kill_ok(&self, node: u32, args: &[&str]) {
+        let k = self.krg(node, &[&["kill"], args].concat());
+        assert!(k.status.success(), "krg kill {args:?}: {}", text(&k.stderr));
+    }
+
+    /// `started` for a program whose first line is its gpid.
+    pub fn started_gpid(&self, node: u32, args: &[&str]) -> (Child, i64) {
+        let (ch, line) = self.started(node, args);
+        let gpid = line
+            .parse()
+            .unwrap_or_else(|_| panic!("{args:?} on node {node} printed {line:?}, not its gpid"));
+        (ch, gpid)
     }
 }
 
@@ -372,6 +523,61 @@ pub fn eth0_bytes(c: &Cluster, node: u32) -> u64 {
     w[0] + w[8]
 }
 
+/// Assert that `haystack` contains `needle`, showing both if it does not.
+#[track_caller]
+pub fn assert_contains(haystack: &str, needle: &str) {
+    assert!(
+        haystack.contains(needle),
+        "{needle:?} is not in:\n{haystack}"
+    );
+}
+
+/// A finished program's status and output, for a failure message.
+pub fn show(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+/// The stdout of `what`, a finished program that must have succeeded.
+#[track_caller]
+pub fn ok(out: &Output, what: &str) -> String {
+    assert!(out.status.success(), "{what}: {}", show(out));
+    text(&out.stdout)
+}
+
+/// `ok` for a started program, once it ends.
+#[track_caller]
+pub fn finish(ch: Child, what: &str) -> String {
+    ok(&ch.wait_with_output().unwrap(), what)
+}
+
+/// Assert that a finished program succeeded, showing its output if not.
+#[track_caller]
+pub fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// Assert that a finished program printed exactly the lines `want`
+/// (its stderr shown if not).
+#[track_caller]
+pub fn assert_lines(out: &Output, want: &[&str]) {
+    assert_eq!(
+        text(&out.stdout).lines().collect::<Vec<_>>(),
+        want,
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -391,10 +597,9 @@ pub fn cc(src: &Path, name: &str) -> PathBuf {
     use sha2::{Digest, Sha256};
     static BUILDS: AtomicU32 = AtomicU32::new(0);
     const FLAGS: [&str; 3] = ["-O1", "-Wall", "-pthread"];
-    let code = std::fs::read(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
     let mut h = Sha256::new();
     h.update(FLAGS.join(" "));
-    h.update(&code);
+    hash_source(&mut h, src);
     let dir = shared_dir("bin").join(&hex::encode(h.finalize())[..16]);
     let out = dir.join(name);
     if out.exists() {
@@ -425,6 +630,40 @@ pub fn cc(src: &Path, name: &str) -> PathBuf {
     out
 }
 
+/// Hash `src` and the local headers it includes (`#include "..."`, found
+/// next to the file that names them, as gcc does): a changed header is
+/// another program.
+fn hash_source(h: &mut sha2::Sha256, src: &Path) {
+    use sha2::Digest;
+    let code = std::fs::read_to_string(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    h.update(&code);
+    for l in code.lines() {
+        let header = l
+            .trim_start()
+            .strip_prefix("#include \"")
+            .and_then(|r| r.split_once('"'));
+        if let Some((name, _)) = header {
+            hash_source(h, &src.parent().unwrap().join(name));
+        }
+    }
+}
+
+/// Write the C program `code` as `NAME.c` in the shared directory `dir`
+/// and `cc` it as `name`; the directory and the binary.
+pub fn cc_code(dir: &str, name: &str, code: &str) -> (PathBuf, PathBuf) {
+    let d = shared_dir(dir);
+    let src = d.join(format!("{name}.c"));
+    write_file(&src, code);
+    (d, cc(&src, name))
+}
+
+/// `cc` for a program of examples/ (`rel` below it), its path as a string
+/// (to pass in a command line).
+pub fn example(rel: &str, name: &str) -> String {
+    let bin = cc(&repo_root().join("examples").join(rel), name);
+    bin.to_str().unwrap().to_string()
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -445,5 +684,5 @@ pub fn assert_refused_and_intact(m: &Output, out: &Output, want: &str, reason: &
         text(&out.stderr)
     );
     assert!(!m.status.success(), "{}", text(&m.stdout));
-    assert!(text(&m.stderr).contains(reason), "{}", text(&m.stderr));
+    assert_contains(&text(&m.stderr), reason);
 }

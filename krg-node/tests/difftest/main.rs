@@ -82,6 +82,11 @@ impl Mode {
             Mode::Migrate(Some(p)) => format!("migrate-{p}"),
         }
     }
+
+    /// `modes` by name, comma-separated (as `--modes` takes them).
+    fn names(modes: &[Mode]) -> String {
+        modes.iter().map(Mode::name).collect::<Vec<_>>().join(",")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -587,11 +592,7 @@ fn campaign(o: &Opts, env: &Env) -> i32 {
         o.seed,
         o.cases,
         o.first,
-        o.modes
-            .iter()
-            .map(|m| m.name())
-            .collect::<Vec<_>>()
-            .join(","),
+        Mode::names(&o.modes),
         o.seed
     );
     let t0 = Instant::now();
@@ -630,11 +631,7 @@ fn campaign(o: &Opts, env: &Env) -> i32 {
                 "regression {}: case {} ({} x {})",
                 path.display(),
                 k.index,
-                r.modes
-                    .iter()
-                    .map(|m| m.name())
-                    .collect::<Vec<_>>()
-                    .join(","),
+                Mode::names(&r.modes),
                 r.repeat
             );
             let ro = Opts {
