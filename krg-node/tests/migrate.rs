@@ -1040,48 +1040,7 @@ fn a_program_with_a_popen_child_is_not_moved_and_pclose_sees_its_end() {
 #[test]
 fn a_shell_back_on_its_first_node_still_reaches_a_child_moved_elsewhere() {
     let c = Cluster::up(3, 1.0);
-    let script = r#"
-        /usr/bin/python3 -c 'import signal, sys
-signal.signal(signal.SIGUSR1, lambda *x: sys.exit(7))
-while True: signal.pause()' & b=$!
-        echo "started $$ $b"
-        wait $b; echo "b $?"
-    "#;
-    let mut p = c
-        .cmd(1, &["sh", "-c", script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = read_line(&mut p);
-    let ids: Vec<i64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|x| x.parse().unwrap())
-        .collect();
-    assert_eq!(ids.len(), 2, "{line}");
-    let (sh, b) = (ids[0], ids[1]);
-    assert!(wait_for(Duration::from_secs(10), || find(
-        &c,
-        "/usr/bin/python3 -c"
-    )
-    .is_some()));
-    migrate(&c, 1, b, 3);
-    migrate(&c, 1, sh, 2);
-    migrate(&c, 2, sh, 1);
-    // Routed from every node: the child can still be found and moved.
-    for n in 1..=3 {
-        let k = c.krg(n, &["kill", "-0", &b.to_string()]);
-        assert!(k.status.success(), "from node {n}: {}", text(&k.stderr));
-    }
-    migrate(&c, 2, b, 2);
-    let k = c.krg(3, &["kill", "-USR1", &b.to_string()]);
-    assert!(k.status.success(), "{}", text(&k.stderr));
-    let out = p.wait_with_output().unwrap();
-    assert_eq!(
-        text(&out.stdout).lines().collect::<Vec<_>>(),
-        vec!["b 7"],
-        "{}",
-        text(&out.stderr)
-    );
-    assert!(out.status.success());
+    use Mover::*;
+    let moves = [(Child, 3), (Shell, 2), (Shell, 1), (Child, 2)];
+    shell_and_child_moves(&c, &moves, 3);
 }
