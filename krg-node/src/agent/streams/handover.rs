@@ -651,18 +651,19 @@ impl Agent {
     /// and the swap refused (every end of this order, each relayed) if
     /// anyone else holds one now.
     pub(super) fn stream_frozen(&self, ids: &[u64]) -> Result<Response, ErrorReply> {
-        let (sole, peer_fds): (Vec<(String, Vec<i32>)>, Vec<(String, (i32, Vec<i32>))>) = {
+        let sole: Vec<(String, Vec<i32>)> = {
             let h = self.moving.held();
-            let sole: Vec<_> = ids
-                .iter()
+            ids.iter()
                 .filter_map(|id| h.get(id).and_then(|x| x.sole.clone()))
-                .collect();
-            let fds = ids
-                .iter()
+                .collect()
+        };
+        // (link, (peer's kernel pid, its fds then)) of each end.
+        let peer_fds: Vec<(String, (i32, Vec<i32>))> = {
+            let h = self.moving.held();
+            ids.iter()
                 .filter_map(|id| h.get(id))
                 .filter_map(|x| Some((x.sole.clone()?.0, x.peer_fds.clone()?)))
-                .collect();
-            (sole, fds)
+                .collect()
         };
         let want: Vec<String> = sole.iter().map(|(l, _)| l.clone()).collect();
         let all = if want.is_empty() {
