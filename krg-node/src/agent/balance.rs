@@ -22,6 +22,7 @@
 //! candidates; the one with the most CPU time lately goes first.
 
 use super::Agent;
+use crate::agent::lock;
 use libkrg::caps::Caps;
 use libkrg::proto::CkptOrder;
 use std::collections::HashMap;
@@ -102,7 +103,7 @@ pub fn threshold_target(me: Load, others: &[Load]) -> Option<u32> {
 
 impl Agent {
     fn balancer(&self) -> std::sync::MutexGuard<'_, State> {
-        self.balancer.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.balancer)
     }
 
     /// One round (called every [`EVERY`]).
@@ -112,8 +113,8 @@ impl Agent {
             return;
         }
         let now = Instant::now();
-        let me_id = self.node_id();
-        let statuses = self.status();
+        let me_id = self.node.node_id();
+        let statuses = self.node.status();
         let mut loads: Vec<Load> = statuses
             .iter()
             .filter(|s| s.up && s.cpus > 0.0 && s.load.is_finite())
@@ -159,7 +160,7 @@ impl Agent {
                 st.over_rounds = st.over_rounds.max(PERSIST_ROUNDS);
             }
             // Rank the runnable local processes by CPU time since last round.
-            let procs = self.procs().ps();
+            let procs = self.node.procs().ps();
             let mut cands: Vec<(u64, i32)> = Vec::new();
             let mut seen = HashMap::new();
             for p in &procs {

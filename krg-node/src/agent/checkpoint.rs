@@ -15,6 +15,7 @@
 
 use super::peer::remote::SpawnSpec;
 use super::{err, Agent, Caller, Handled};
+use crate::agent::lock;
 use libkrg::caps::Caps;
 use libkrg::checkpoint::fds::refusal;
 use libkrg::proto::{
@@ -52,7 +53,7 @@ struct Pending {
 
 impl Orders {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Pending>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.0)
     }
 }
 
@@ -292,7 +293,7 @@ impl Agent {
         .map_err(|e| err(libc::EIO, format!("looking for what is shared: {e}")))?;
         let name = |kpid: i32| {
             let comm = std::fs::read_to_string(format!("/proc/{kpid}/comm")).unwrap_or_default();
-            let g = self.procs().translate(kpid).unwrap_or(kpid);
+            let g = self.node.procs().translate(kpid).unwrap_or(kpid);
             format!("pid {g} ({})", comm.trim_end())
         };
         let mut out = Vec::new();
@@ -347,9 +348,9 @@ impl Agent {
                 format!("pid {g}: lost while routing the request"),
             ));
         }
-        let me = self.node_id();
+        let me = self.node.node_id();
         let target = {
-            let t = self.procs();
+            let t = self.node.procs();
             match t.runs_elsewhere(g) {
                 Some(n) if n != me => n,
                 _ if t.get(g).is_some() => me,
@@ -370,13 +371,13 @@ impl Agent {
         if target == me {
             return self.checkpoint_local(g, order, uid).await;
         }
-        if !self.is_up(target) {
+        if !self.node.is_up(target) {
             return Err(err(
                 libc::EHOSTDOWN,
                 format!("pid {g}: node {target} is down"),
             ));
         }
-        let c = self.client(target).await?;
+        let c = self.node.client(target).await?;
         let mut cx = tarpc::context::current();
         cx.deadline = Instant::now() + CAPTURE_TIMEOUT + Duration::from_secs(5);
         c.checkpoint(cx, g, order, uid, hops + 1)
@@ -425,24 +426,24 @@ impl Agent {
         } else {
             (Caps::CHECKPOINT, "checkpoint")
         };
-        if migrate && !self.is_up(order.node) {
+        if migrate && !self.node.is_up(order.node) {
             return Err(err(libc::EHOSTDOWN, format!("node {} is down", order.node)));
         }
         // A process still being restored here is not capturable yet (its
         // handlers are not back): wait a little for it.
         let wait_until = Instant::now() + Duration::from_secs(10);
-        while self.procs().get(g).is_some_and(|p| p.restoring) && Instant::now() < wait_until {
+        while self.node.procs().get(g).is_some_and(|p| p.restoring) && Instant::now() < wait_until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let kpid = {
-            let t = self.procs();
+            let t = self.node.procs();
             if t.get(g).is_some_and(|p| p.restoring) {
                 return Err(err(libc::EBUSY, format!("pid {g}: still being restored")));
             }
             let p = t.get(g).filter(|p| p.running_on.is_none()).ok_or_else(|| {
                 err(
                     libc::ESRCH,
-                    format!("pid {g}: not running on node {}", self.node_id()),
+                    format!("pid {g}: not running on node {}", self.node.node_id()),
                 )
             })?;
             super::procs::ProcTable::permitted(p, uid)?;
@@ -468,12 +469,12 @@ impl Agent {
         // userfaultfd and migration stream open (and its handler waits
         // for the last page anyway): wait for its post-copy thread to end
         // (it closes both first).
-        if self.procs().get(g).is_some_and(|p| p.postcopy) {
+        if self.node.procs().get(g).is_some_and(|p| p.postcopy) {
             let until = Instant::now() + CAPTURE_TIMEOUT;
             while postcopy_running(kpid) && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            if let Some(p) = self.procs().get_mut(g) {
+            if let Some(p) = self.node.procs().get_mut(g) {
                 p.postcopy = false;
             }
         }
@@ -541,7 +542,7 @@ impl Agent {
             );
         }
         let started = Instant::now();
-        if let Err(e) = self.procs().kill(g, libkrg::proto::CKPT_SIGNAL, 0) {
+        if let Err(e) = self.node.procs().kill(g, libkrg::proto::CKPT_SIGNAL, 0) {
             self.orders.lock().remove(&kpid);
             return Err(e);
         }
@@ -590,8 +591,8 @@ impl Agent {
             Err((kind, e)) => {
                 if migrate {
                     // It stays here after all.
-                    self.procs().clear_shadow(g);
-                    self.relocate(g, self.node_id()).await;
+                    self.node.procs().clear_shadow(g);
+                    self.relocate(g, self.node.node_id()).await;
                 }
                 return Err(ErrorReply::new(libc::EIO, kind, format!("pid {g}: {e}")));
             }
@@ -612,7 +613,11 @@ impl Agent {
         }
         Ok(CkptDoneInfo {
             pid: g,
-            node: if migrate { order.node } else { self.node_id() },
+            node: if migrate {
+                order.node
+            } else {
+                self.node.node_id()
+            },
             bytes,
             ms,
             postcopy,
@@ -622,9 +627,9 @@ impl Agent {
     /// Tell the origin node of `g` that it runs on `node` now.
     pub(super) async fn relocate(&self, g: i32, node: u32) {
         let origin = libkrg::gpid::node_of(g).unwrap_or(node);
-        if origin == self.node_id() {
-            self.procs().set_location(g, node);
-        } else if let Ok(oc) = self.client(origin).await {
+        if origin == self.node.node_id() {
+            self.node.procs().set_location(g, node);
+        } else if let Ok(oc) = self.node.client(origin).await {
             let _ = oc.set_location(super::ctx(), g, node).await;
         }
     }
@@ -648,7 +653,7 @@ impl Agent {
         if o.contains_key(&kpid) {
             return false;
         }
-        if let Some(p) = self.procs().get_mut(g) {
+        if let Some(p) = self.node.procs().get_mut(g) {
             p.placing = true;
         }
         true
@@ -700,9 +705,9 @@ impl Agent {
             by_node.entry(node).or_default().push(id);
         }
         for (node, ids) in by_node {
-            if node == self.node_id() {
+            if node == self.node.node_id() {
                 self.call_off(&ids);
-            } else if let Ok(c) = self.client(node).await {
+            } else if let Ok(c) = self.node.client(node).await {
                 if let Err(e) = c.stream_call_off(super::ctx(), ids).await {
                     debug!("calling hand-overs off on node {node}: {e}");
                 }
@@ -731,7 +736,7 @@ impl Agent {
             // placed at its exec blocks its signals and becomes a shadow,
             // which would never take the order (the mover waited a
             // minute for its peer to freeze).
-            if self.procs().get(g).is_some_and(|p| p.placing) {
+            if self.node.procs().get(g).is_some_and(|p| p.placing) {
                 return Err(ErrorReply::new(
                     libc::EAGAIN,
                     ErrorKind::PeerPlaced,
@@ -754,7 +759,8 @@ impl Agent {
                 },
             );
         }
-        self.procs()
+        self.node
+            .procs()
             .kill(g, libkrg::proto::CKPT_SIGNAL, 0)
             .inspect_err(|_| {
                 self.orders.lock().remove(&kpid);
@@ -796,7 +802,7 @@ impl Agent {
         req: RestartReq,
     ) -> Result<CkptDoneInfo, ErrorReply> {
         who.kpid()?;
-        let up = |n: u32| self.is_up(n) || n == self.node_id();
+        let up = |n: u32| self.node.is_up(n) || n == self.node.node_id();
         // An image with parked connections is restored where they wait (it
         // takes the same sockets back), then moved where it was asked to go.
         let then =
@@ -837,7 +843,7 @@ impl Agent {
         let caps = Caps::from_bits(req.caps);
         let spec = SpawnSpec {
             gpid: if reuse { g } else { 0 },
-            from: self.node_id(),
+            from: self.node.node_id(),
             uid,
             gid,
             groups,
@@ -846,16 +852,16 @@ impl Agent {
             caps_env: None,
             vppid: 1,
             vpgid: 0,
-            shadow: SocketAddr::new(self.cfg.advertise.ip(), req.exec.port),
+            shadow: SocketAddr::new(self.node.cfg.advertise.ip(), req.exec.port),
             restore: Some(req.image.clone()),
             children: Vec::new(),
             exec: req.exec,
         };
         let started = Instant::now();
-        let (kpid, gpid) = if node == self.node_id() {
+        let (kpid, gpid) = if node == self.node.node_id() {
             self.clone().spawn_here(spec).await?
         } else {
-            let c = self.client(node).await?;
+            let c = self.node.client(node).await?;
             let mut cx = tarpc::context::current();
             cx.deadline = Instant::now() + Duration::from_secs(15);
             c.spawn(cx, spec)

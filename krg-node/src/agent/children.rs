@@ -10,6 +10,7 @@
 //! before its child shadow waits for it.
 
 use super::{err, Agent, Caller, Handled};
+use crate::agent::lock;
 use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ pub struct Ends(std::sync::Mutex<HashMap<i32, End>>);
 
 impl Ends {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, End>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.0)
     }
 }
 
@@ -73,7 +74,7 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Han
 impl Agent {
     /// `MovedChildren` from a restored process.
     fn moved_children(&self, who: Caller) -> Result<Response, ErrorReply> {
-        let t = self.procs();
+        let t = self.node.procs();
         let p = t
             .translate(who.pid)
             .and_then(|g| t.get(g))
@@ -88,7 +89,7 @@ impl Agent {
         let st =
             super::procs::read_stat(who.pid).ok_or_else(|| err(libc::ESRCH, "caller exited"))?;
         {
-            let mut t = self.procs();
+            let mut t = self.node.procs();
             let parent = t
                 .translate(st.ppid)
                 .ok_or_else(|| err(libc::EPERM, "the caller's parent is not an SSI process"))?;
@@ -151,7 +152,7 @@ impl Agent {
         status: i32,
     ) -> Result<Response, ErrorReply> {
         let child = {
-            let t = self.procs();
+            let t = self.node.procs();
             let st = super::procs::read_stat(kpid)
                 .ok_or_else(|| err(libc::ESRCH, format!("kernel pid {kpid}: no such process")))?;
             if st.ppid != who.pid {
@@ -167,7 +168,7 @@ impl Agent {
         // migration is recorded as done here.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
         let next = loop {
-            let next = self.procs().next_hop(who.pid);
+            let next = self.node.procs().next_hop(who.pid);
             match next {
                 Some(n) => break n,
                 None if tokio::time::Instant::now() < deadline => {
@@ -176,14 +177,14 @@ impl Agent {
                 None => return Err(err(libc::EPERM, "the caller is not a shadow")),
             }
         };
-        if next == self.node_id() {
+        if next == self.node.node_id() {
             self.child_ended(child, status);
         } else {
-            let c = self.client(next).await?;
+            let c = self.node.client(next).await?;
             c.child_exited(super::ctx(), child, status)
                 .await
                 .map_err(|e| {
-                    self.drop_client(next);
+                    self.node.drop_client(next);
                     err(libc::EHOSTUNREACH, format!("node {next}: {e}"))
                 })?;
         }

@@ -23,6 +23,7 @@
 
 use super::peer::streams::{FifoKey, FifoMatch};
 use super::{err, Agent, Answer, Answered, Caller};
+use crate::agent::lock;
 use libkrg::proto::{ErrorReply, Request, Response};
 use nix::sys::socket::Shutdown;
 use std::collections::{HashMap, VecDeque};
@@ -56,7 +57,7 @@ pub struct Fifos(std::sync::Mutex<Rendezvous>);
 
 impl Fifos {
     fn lock(&self) -> std::sync::MutexGuard<'_, Rendezvous> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.0)
     }
 }
 
@@ -97,17 +98,17 @@ impl Agent {
         write: bool,
         nonblock: bool,
     ) -> Result<Answer, ErrorReply> {
-        let home = self.key_home();
-        let me = self.node_id();
+        let home = self.node.key_home();
+        let me = self.node.node_id();
         let m = if home == me {
             self.fifo_meet(key, me, write, nonblock).await?
         } else {
-            let c = self.client(home).await?;
+            let c = self.node.client(home).await?;
             let mut cx = tarpc::context::current();
             cx.deadline = std::time::Instant::now() + MEET_DEADLINE;
             c.fifo_meet(cx, key, me, write, nonblock)
                 .await
-                .map_err(|e| self.peer_lost(home, "key home", e))??
+                .map_err(|e| self.node.peer_lost(home, "key home", e))??
         };
         match m {
             FifoMatch::Local => Ok((Response::Local, Vec::new())),
@@ -131,15 +132,15 @@ impl Agent {
                 pids.push(kpid);
             }
         }
-        let home = self.key_home();
-        let me = self.node_id();
+        let home = self.node.key_home();
+        let me = self.node.node_id();
         if home == me {
             self.fifo_stand_at_home(key, me).await;
         } else {
-            let c = self.client(home).await?;
+            let c = self.node.client(home).await?;
             c.fifo_stand(super::ctx(), key, me)
                 .await
-                .map_err(|e| self.peer_lost(home, "key home", e))?;
+                .map_err(|e| self.node.peer_lost(home, "key home", e))?;
         }
         Ok(Response::Ok)
     }
@@ -191,14 +192,14 @@ impl Agent {
     /// open there any more (then forgotten).
     async fn fifo_feed_from(self: &Arc<Self>, key: &FifoKey, node: u32) -> Option<u64> {
         let id = self.new_stream_id();
-        let fed = if node == self.node_id() {
+        let fed = if node == self.node.node_id() {
             self.fifo_feed(key.clone(), id).await
         } else {
-            match self.client(node).await {
+            match self.node.client(node).await {
                 Ok(c) => c
                     .fifo_feed(super::ctx(), key.clone(), id)
                     .await
-                    .map_err(|e| self.peer_lost(node, "FIFO reader", e))
+                    .map_err(|e| self.node.peer_lost(node, "FIFO reader", e))
                     .unwrap_or(false),
                 Err(_) => false,
             }
@@ -258,14 +259,14 @@ impl Agent {
     /// At the key home: whether a non-blocking reader of `key` on `node`
     /// (maybe this one) still has it open.
     async fn fifo_reader_on(self: &Arc<Self>, key: &FifoKey, node: u32) -> bool {
-        let open = if node == self.node_id() {
+        let open = if node == self.node.node_id() {
             self.fifo_reader_here(key)
         } else {
-            match self.client(node).await {
+            match self.node.client(node).await {
                 Ok(c) => c
                     .fifo_reader_here(super::ctx(), key.clone())
                     .await
-                    .map_err(|e| self.peer_lost(node, "FIFO reader", e))
+                    .map_err(|e| self.node.peer_lost(node, "FIFO reader", e))
                     .unwrap_or(false),
                 Err(_) => false,
             }
@@ -352,11 +353,11 @@ impl Agent {
         let reader = if write { other.node } else { node };
         let id = self.new_stream_id();
         // The reader's node holds the place before the writer's connects.
-        let held = if reader == self.node_id() {
+        let held = if reader == self.node.node_id() {
             self.expect_connection(id, true);
             Ok(())
         } else {
-            match self.client(reader).await {
+            match self.node.client(reader).await {
                 Ok(c) => c
                     .fifo_expect(super::ctx(), id)
                     .await

@@ -10,6 +10,7 @@
 
 use super::peer::streams::PortOp;
 use super::{err, Agent, Answer, Answered, Caller};
+use crate::agent::lock;
 use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -25,7 +26,7 @@ pub struct Parked(Mutex<HashMap<i32, Park>>);
 
 impl Parked {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Park>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.0)
     }
 }
 
@@ -103,11 +104,7 @@ impl Agent {
                 )
             })?;
             // Its process takes the port on its new node.
-            self.ports
-                .forwarding
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(p);
+            lock(&self.ports.forwarding).insert(p);
             Some(p)
         } else {
             None
@@ -140,12 +137,12 @@ impl Agent {
                 libc::ENOENT,
                 format!(
                     "node {}: nothing is parked as {id} (restarted already, or the agent restarted)",
-                    self.node_id()
+                    self.node.node_id()
                 ),
             )),
             Some((uid, ..)) if who.uid != 0 && who.uid != *uid => Err(err(
                 libc::EPERM,
-                format!("node {}: park {id} is another user's", self.node_id()),
+                format!("node {}: park {id} is another user's", self.node.node_id()),
             )),
             Some(_) => {
                 let (_, f, port) = m.remove(&id).expect("checked above");
@@ -155,11 +152,7 @@ impl Agent {
     }
 
     fn stop_forwarding(&self, port: u16) {
-        self.ports
-            .forwarding
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&port);
+        lock(&self.ports.forwarding).remove(&port);
     }
 
     /// `ForwardParked`: the process that parked listener `id` here listens
@@ -204,7 +197,7 @@ impl Agent {
     fn forwarders(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<u16, tokio::sync::oneshot::Sender<Giver>>> {
-        self.forwarders.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.forwarders)
     }
 
     /// `TakeForwarded` from a process listening again on `port` here (it
@@ -259,7 +252,7 @@ impl Agent {
                 }
                 _ = tick.tick() => {
                     let holder = match self.port_call(PortOp::Owner { port }).await {
-                        Ok(Some(n)) if n != self.node_id() => Some(n),
+                        Ok(Some(n)) if n != self.node.node_id() => Some(n),
                         _ => None,
                     };
                     let taken = match holder {

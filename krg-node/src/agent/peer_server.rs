@@ -26,7 +26,7 @@ pub(super) async fn accept(agent: Arc<Agent>, listener: TcpListener) {
         let (s, addr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                warn!("accept on {}: {e}", agent.cfg.listen);
+                warn!("accept on {}: {e}", agent.node.cfg.listen);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -40,7 +40,7 @@ pub(super) async fn accept(agent: Arc<Agent>, listener: TcpListener) {
 async fn serve(a: Arc<Agent>, mut s: TcpStream, addr: SocketAddr) {
     use tokio::io::AsyncReadExt;
     let _ = s.set_nodelay(true);
-    let id = match auth::server(&mut s, &a.cfg.key, a.cfg.node_id).await {
+    let id = match auth::server(&mut s, &a.node.cfg.key, a.node.cfg.node_id).await {
         Ok(id) => id,
         Err(e) => return warn!("refused connection from {addr}: {e}"),
     };
@@ -90,7 +90,7 @@ impl Peer for PeerServer {
     }
 
     async fn procs(self, _: context::Context) -> Vec<ProcInfo> {
-        self.0.procs().ps()
+        self.0.node.procs().ps()
     }
 
     async fn kill(
@@ -140,7 +140,7 @@ impl Peer for PeerServer {
     }
 
     async fn set_location(self, _: context::Context, g: i32, node: u32) {
-        self.0.procs().set_location(g, node);
+        self.0.node.procs().set_location(g, node);
     }
 
     async fn child_exited(self, _: context::Context, g: i32, status: i32) {

@@ -17,6 +17,7 @@
 //! `EPIPE`, as with a peer that closed).
 
 use super::{sock_err, sys, Agent};
+use crate::agent::lock;
 use libkrg::proto::ErrorReply;
 use libkrg::streams::seqpacket::{self, Got, MAX_MESSAGE};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -41,7 +42,7 @@ pub struct Relays(std::sync::Mutex<HashMap<u64, (u64, u32)>>);
 
 impl Relays {
     pub(crate) fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u64, u32)>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.0)
     }
 
     /// The relay whose end is socket `ino`: `(id, node at the other end)`.

@@ -143,7 +143,7 @@ impl Agent {
     /// check, which may wait a little: a hand-over meanwhile must not take
     /// it for a process that stays).
     pub(super) async fn place_or_stay(&self, gpid: i32, kpid: i32, place: u32) -> u32 {
-        if place == 0 || place == self.node_id() {
+        if place == 0 || place == self.node.node_id() {
             return 0;
         }
         // A stream swap ordered just before (its other end moves) is taken
@@ -162,7 +162,7 @@ impl Agent {
             return place;
         };
         tracing::debug!("pid {gpid} stays on this node: {why}");
-        if let Some(p) = self.procs().get_mut(gpid) {
+        if let Some(p) = self.node.procs().get_mut(gpid) {
             p.placing = false;
         }
         0
@@ -205,7 +205,7 @@ impl Agent {
                 let who: Vec<String> = others
                     .iter()
                     .map(|(p, fd)| {
-                        let g = self.procs().translate(*p).unwrap_or(*p);
+                        let g = self.node.procs().translate(*p).unwrap_or(*p);
                         let comm =
                             std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
                         format!("pid {g} ({}, fd {fd})", comm.trim_end())

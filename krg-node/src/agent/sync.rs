@@ -7,7 +7,8 @@
 //! asks again. So no call is ever longer than an agent's call deadline, and
 //! a caller that dies simply stops asking.
 
-use super::dsm::{home_of, lock, now};
+use super::dsm::{home_of, now};
+use super::lock;
 use super::peer::dsm::Cred;
 use super::peer::sync::{SemHomeOp, SemReply};
 use super::{ctx, err, Agent, Caller, Handled};
@@ -172,19 +173,19 @@ impl Agent {
     }
 
     async fn sem_home(self: &Arc<Self>, home: u32, op: SemHomeOp) -> Result<SemReply, ErrorReply> {
-        if home == self.node_id() {
+        if home == self.node.node_id() {
             return Box::pin(self.sem_home_op(op)).await;
         }
-        if !self.is_up(home) {
+        if !self.node.is_up(home) {
             return Err(err(
                 libc::EIO,
                 format!("the home node {home} of the semaphore set is down"),
             ));
         }
-        let c = self.client(home).await?;
+        let c = self.node.client(home).await?;
         c.sem_home(ctx(), op)
             .await
-            .map_err(|e| self.peer_lost(home, "semaphore home", e))?
+            .map_err(|e| self.node.peer_lost(home, "semaphore home", e))?
     }
 
     // -- the application's requests ----------------------------------------
@@ -196,7 +197,7 @@ impl Agent {
         nsems: i32,
         flags: i32,
     ) -> Result<Response, ErrorReply> {
-        let home = self.home_for_key(key);
+        let home = self.node.home_for_key(key);
         let op = SemHomeOp::Get {
             key,
             nsems,
@@ -379,7 +380,7 @@ impl Agent {
         if nsems <= 0 || nsems > SEMMSL {
             return Err(err(libc::EINVAL, format!("{nsems} semaphores")));
         }
-        let me = self.node_id();
+        let me = self.node.node_id();
         let seq = self.sems.seq.fetch_add(1, Ordering::Relaxed) & ((1 << SEQ_BITS) - 1);
         let id = ((me << SEQ_BITS) | seq) as i32;
         let info = SemInfo {

@@ -18,9 +18,10 @@
 
 use super::peer::streams::FifoKey;
 use super::{err, Agent, Answer, Answered, Caller};
+use crate::agent::lock;
 use libkrg::proto::{ErrorReply, Request, Response, UNIX_STAND_IN};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A stand-in queued on a local listener.
@@ -53,10 +54,6 @@ pub struct UnixNames {
 const STAND_IN_CONNECT: Duration = Duration::from_secs(10);
 /// A stand-in nobody accepted for this long is dropped with its place.
 const STAND_IN_LIFE: Duration = Duration::from_secs(120);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A name as `ss -x` shows it: an abstract name after an `@`.
 fn show(key: &FifoKey) -> String {
@@ -135,16 +132,16 @@ impl Agent {
         key: FifoKey,
     ) -> Result<Response, ErrorReply> {
         lock(&self.unix.local).insert(key.clone(), who.uid);
-        let home = self.key_home();
-        let me = self.node_id();
+        let home = self.node.key_home();
+        let me = self.node.node_id();
         tracing::debug!("UNIX socket {} listened on here", show(&key));
         if home == me {
             self.unix_name_set(key, me);
         } else {
-            let c = self.client(home).await?;
+            let c = self.node.client(home).await?;
             c.unix_name_set(super::ctx(), key, me)
                 .await
-                .map_err(|e| self.peer_lost(home, "key home", e))?;
+                .map_err(|e| self.node.peer_lost(home, "key home", e))?;
         }
         Ok(Response::Ok)
     }
@@ -166,18 +163,18 @@ impl Agent {
         key: FifoKey,
         pair: Option<(i32, i32)>,
     ) -> Result<Answer, ErrorReply> {
-        let home = self.key_home();
-        let me = self.node_id();
+        let home = self.node.key_home();
+        let me = self.node.node_id();
         let owner = if home == me {
             self.unix_name_owner(&key)
         } else {
             // A home that cannot answer leaves the connect to the kernel
             // here, as before krg (never a failure of its own making).
-            let asked = match self.client(home).await {
+            let asked = match self.node.client(home).await {
                 Ok(c) => c
                     .unix_name_owner(super::ctx(), key.clone())
                     .await
-                    .map_err(|e| self.peer_lost(home, "key home", e).msg),
+                    .map_err(|e| self.node.peer_lost(home, "key home", e).msg),
                 Err(e) => Err(e.msg),
             };
             match asked {
@@ -194,7 +191,7 @@ impl Agent {
             // Listened on here, or nowhere krg knows of: the kernel's.
             _ => return Ok((Response::Local, Vec::new())),
         };
-        if !self.is_up(node) {
+        if !self.node.is_up(node) {
             return Err(err(
                 libc::ECONNREFUSED,
                 format!("UNIX socket {name}: node {node}, where it was listened on, is down"),
@@ -210,12 +207,12 @@ impl Agent {
         let pair = pair
             .map(|p| super::seqpacket::take_pair(who.pid, p))
             .transpose()?;
-        let c = self.client(node).await?;
+        let c = self.node.client(node).await?;
         let id = c
             .unix_stand_in(super::ctx(), key, uid, gids, pair.is_some())
             .await
             .map_err(|e| {
-                self.drop_client(node);
+                self.node.drop_client(node);
                 err(
                     libc::EHOSTUNREACH,
                     format!("UNIX socket {name}: node {node}: {e}"),
@@ -236,7 +233,7 @@ impl Agent {
         seqpacket: bool,
     ) -> Result<u64, ErrorReply> {
         let name = show(&key);
-        let me = self.node_id();
+        let me = self.node.node_id();
         // Only names an SSI process listened on: never any socket of this
         // node under the agent's own rights.
         let Some(owner_uid) = lock(&self.unix.local).get(&key).copied() else {

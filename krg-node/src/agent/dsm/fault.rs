@@ -2,6 +2,7 @@
 //! attached, and what a fault asks of a segment's home.
 
 use super::*;
+use crate::agent::lock;
 
 impl Agent {
     /// Have the fault thread serve a process's page faults.
@@ -102,24 +103,19 @@ impl Agent {
         op: HomeOp,
         poll: bool,
     ) -> Result<HomeReply, ErrorReply> {
-        if !self.is_up(home) {
+        if !self.node.is_up(home) {
             return Err(err(
                 libc::EIO,
                 format!("the home node {home} of the segment is down"),
             ));
         }
         if let std::collections::hash_map::Entry::Vacant(slot) = links.entry(home) {
-            let addr = self.members().get(&home).map(|m| m.addr).ok_or_else(|| {
-                err(
-                    libc::ESRCH,
-                    format!("node {home} is not a member of the cluster"),
-                )
-            })?;
+            let addr = self.node.addr_of(home)?;
             let l = rt
                 .block_on(FaultLink::connect(
                     addr,
-                    &self.cfg.key,
-                    self.cfg.node_id,
+                    &self.node.cfg.key,
+                    self.node.cfg.node_id,
                     home,
                 ))
                 .map_err(|e| err(libc::EHOSTUNREACH, format!("node {home} at {addr}: {e}")))?;
@@ -182,19 +178,19 @@ impl Agent {
             let op = HomeOp::Acquire {
                 shmid,
                 page,
-                node: self.node_id(),
+                node: self.node.node_id(),
                 write,
             };
             let home = home_of(shmid);
-            if write && home == self.node_id() {
-                let gs = self.acquire_fresh(shmid, page, self.node_id());
+            if write && home == self.node.node_id() {
+                let gs = self.acquire_fresh(shmid, page, self.node.node_id());
                 if !gs.is_empty() {
                     rt.block_on(seg.apply_mapped(gs, mem, base, None));
                     asked = true;
                     continue;
                 }
             }
-            let got = if home == self.node_id() {
+            let got = if home == self.node.node_id() {
                 rt.block_on(self.home_op(op))
             } else {
                 self.fault_call(rt, links, home, op, poll)
@@ -252,7 +248,7 @@ impl Agent {
             let op = HomeOp::AcquireRead {
                 shmid,
                 pages,
-                node: a.node_id(),
+                node: a.node.node_id(),
             };
             if let Ok(HomeReply::Grants(gs)) = a.dsm_home(home_of(shmid), op).await {
                 // The middle page stays unmapped: the reader's (cheap,

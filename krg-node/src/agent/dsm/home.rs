@@ -3,6 +3,7 @@
 //! invalidate, downgrade); then what a node does when its home asks.
 
 use super::*;
+use crate::agent::lock;
 
 impl Agent {
     pub async fn home_op(self: &Arc<Self>, op: HomeOp) -> Result<HomeReply, ErrorReply> {
@@ -248,7 +249,7 @@ impl Agent {
             let n = bytes.len().min(page.len());
             page[..n].copy_from_slice(&bytes[..n]);
             seg.write_page(0, &page)?;
-            let me = self.node_id();
+            let me = self.node.node_id();
             // Fresh objects: nobody else can hold these locks yet.
             let (sp, hp) = (seg.page(0)?, h.dir(id, 0)?);
             if let (Ok(mut p), Ok(mut d)) = (sp.try_lock_owned(), hp.try_lock_owned()) {
@@ -280,7 +281,7 @@ impl Agent {
         if (size == 0 && name.is_empty()) || size > SHM_MAX {
             return Err(err(libc::EINVAL, format!("segment size {size}")));
         }
-        let me = self.node_id();
+        let me = self.node.node_id();
         let seq = self.dsm.seq.fetch_add(1, Ordering::Relaxed) & ((1 << SEQ_BITS) - 1);
         let id = ((me << SEQ_BITS) | seq) as i32;
         let t = now();
@@ -660,7 +661,7 @@ impl Agent {
         shmid: i32,
         items: Vec<(u32, u64, bool)>,
     ) -> Result<Vec<Option<ByteBuf>>, ErrorReply> {
-        if node == self.node_id() {
+        if node == self.node.node_id() {
             return self.read_many(shmid, items).await;
         }
         let link = self.dsm_link(node).await?;

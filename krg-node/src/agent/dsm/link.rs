@@ -23,6 +23,7 @@
 use super::super::peer::dsm::{Req, Resp};
 use super::super::peer::{auth, CHANNEL_DSM, CHANNEL_DSM_FAULTS};
 use super::super::{err, Agent};
+use crate::agent::lock;
 use bincode::Options;
 use libkrg::proto::ErrorReply;
 use serde::{Deserialize, Serialize};
@@ -168,11 +169,7 @@ impl Link {
             loop {
                 match read_frame::<Resp>(&mut r).await {
                     Ok((id, resp)) => {
-                        let tx = l
-                            .pending
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&id);
+                        let tx = lock(&l.pending).remove(&id);
                         if let Some(tx) = tx {
                             let _ = tx.send(resp);
                         }
@@ -185,7 +182,7 @@ impl Link {
             }
             // Every waiting call fails now (its sender is dropped).
             l.dead.store(true, Ordering::Release);
-            l.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            lock(&l.pending).clear();
         });
         Ok(link)
     }
@@ -198,27 +195,18 @@ impl Link {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let frame = encode(id, &req).map_err(|e| err(libc::EIO, format!("node {node}: {e}")))?;
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+        lock(&self.pending).insert(id, tx);
         let sent = self.w.lock().await.write_all(&frame).await;
         if let Err(e) = sent {
             self.dead.store(true, Ordering::Release);
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            lock(&self.pending).remove(&id);
             return Err(err(libc::EIO, format!("node {node}: {e}")));
         }
         match tokio::time::timeout(CALL_TIMEOUT, rx).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(err(libc::EIO, format!("node {node}: connection lost"))),
             Err(_) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
+                lock(&self.pending).remove(&id);
                 Err(err(
                     libc::EIO,
                     format!("node {node}: no answer in {CALL_TIMEOUT:?}"),

@@ -2,6 +2,7 @@
 //! the local processes' mappings (write protection, read ahead).
 
 use super::*;
+use crate::agent::lock;
 
 impl LocalSeg {
     pub(super) fn new(shmid: i32, size: u64) -> Result<LocalSeg, ErrorReply> {

@@ -26,6 +26,7 @@ mod local;
 use super::peer::dsm::{Cred, Grant, HomeOp, HomeReply, NodeOp, Req, Resp};
 use super::sys::{self, async_fd, pidfd_getfd, pidfd_open, SharedView};
 use super::{err, Agent, Answer, Answered, Caller};
+use crate::agent::lock;
 use libkrg::dsm::uffd;
 use libkrg::proto::{ErrorReply, Request, Response, ShmInfo};
 use link::{FaultLink, Pace};
@@ -37,7 +38,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{Mutex as AsyncMutex, Notify};
 use tracing::{debug, warn};
 
@@ -269,10 +270,6 @@ async fn lock_now<T>(m: Arc<AsyncMutex<T>>) -> tokio::sync::OwnedMutexGuard<T> {
     }
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -405,48 +402,27 @@ impl Agent {
     }
 
     pub(crate) fn caller_gpid(&self, who: Caller) -> i32 {
-        self.procs().translate(who.pid).unwrap_or(who.pid)
-    }
-
-    /// Where the segment of a System V key lives: the lowest node id this
-    /// agent has known (down ones included), so that every node finds the
-    /// same segment for a key.
-    /// The home of a new or keyed object: here for IPC_PRIVATE.
-    pub(crate) fn home_for_key(&self, key: i32) -> u32 {
-        if key == libc::IPC_PRIVATE {
-            self.node_id()
-        } else {
-            self.key_home()
-        }
-    }
-
-    pub(crate) fn key_home(&self) -> u32 {
-        let m = self.members();
-        m.keys()
-            .copied()
-            .chain(std::iter::once(self.node_id()))
-            .min()
-            .unwrap_or(self.node_id())
+        self.node.procs().translate(who.pid).unwrap_or(who.pid)
     }
 
     // -- calls, local or remote ---------------------------------------------
 
     async fn dsm_home(self: &Arc<Self>, home: u32, op: HomeOp) -> Result<HomeReply, ErrorReply> {
-        if home == self.node_id() {
+        if home == self.node.node_id() {
             return Box::pin(self.home_op(op)).await;
         }
-        if !self.is_up(home) {
+        if !self.node.is_up(home) {
             return Err(err(
                 libc::EIO,
                 format!("the home node {home} of the segment is down"),
             ));
         }
         if matches!(op, HomeOp::AcquireRead { .. }) {
-            let c = self.client(home).await?;
+            let c = self.node.client(home).await?;
             return c
                 .dsm_home(super::ctx(), op)
                 .await
-                .map_err(|e| self.peer_lost(home, "segment home", e))?;
+                .map_err(|e| self.node.peer_lost(home, "segment home", e))?;
         }
         let link = self.dsm_link(home).await?;
         match link.call(home, Req::Home(op)).await? {
@@ -460,7 +436,7 @@ impl Agent {
         node: u32,
         op: NodeOp,
     ) -> Result<Option<ByteBuf>, ErrorReply> {
-        if node == self.node_id() {
+        if node == self.node.node_id() {
             return self.node_op(op).await;
         }
         let link = self.dsm_link(node).await?;
@@ -486,7 +462,7 @@ impl Agent {
             cred: self.cred(who),
             pid: self.caller_gpid(who),
         };
-        match self.dsm_home(self.home_for_key(key), op).await? {
+        match self.dsm_home(self.node.home_for_key(key), op).await? {
             HomeReply::Id(id) => Ok(Response::Id(id)),
             r => Err(err(libc::EIO, format!("shmget: unexpected {r:?}"))),
         }
@@ -510,7 +486,7 @@ impl Agent {
             cred: self.cred(who),
             pid: self.caller_gpid(who),
         };
-        match self.dsm_home(self.key_home(), op).await? {
+        match self.dsm_home(self.node.key_home(), op).await? {
             HomeReply::Id(id) => Ok(Response::Id(id)),
             r => Err(err(libc::EIO, format!("open: unexpected {r:?}"))),
         }
@@ -525,7 +501,7 @@ impl Agent {
             name,
             cred: self.cred(who),
         };
-        self.dsm_home(self.key_home(), op).await?;
+        self.dsm_home(self.node.key_home(), op).await?;
         Ok(Response::Ok)
     }
 
@@ -543,7 +519,7 @@ impl Agent {
         if who.pid <= 0 {
             return Err(err(libc::EPERM, "caller not visible from this node"));
         }
-        if self.node_id() > MAX_NODE {
+        if self.node.node_id() > MAX_NODE {
             return Err(err(
                 libc::ENOSYS,
                 format!("shared memory needs node ids <= {MAX_NODE}"),
@@ -555,7 +531,7 @@ impl Agent {
             rdonly,
             cred: self.cred(who),
             pid: gpid,
-            node: self.node_id(),
+            node: self.node.node_id(),
         };
         let info = match self.dsm_home(home_of(shmid), op).await? {
             HomeReply::Info(i) => i,
@@ -770,7 +746,7 @@ impl Agent {
             let op = HomeOp::Detach {
                 shmid,
                 pid: gpid,
-                node: self.node_id(),
+                node: self.node.node_id(),
             };
             if let Err(e) = self.dsm_home(home_of(shmid), op).await {
                 return Response::Err(e);
@@ -801,8 +777,8 @@ impl Agent {
 
     /// Every segment of the cluster (`krg ipcs`).
     async fn ipcs(self: &Arc<Self>) -> Response {
-        let mut nodes = self.up_peers();
-        nodes.push(self.node_id());
+        let mut nodes = self.node.up_peers();
+        nodes.push(self.node.node_id());
         let calls = nodes
             .into_iter()
             .map(|n| async move { self.dsm_home(n, HomeOp::List).await });
@@ -841,7 +817,7 @@ impl Agent {
                 let op = HomeOp::Detach {
                     shmid,
                     pid: gpid,
-                    node: a.node_id(),
+                    node: a.node.node_id(),
                 };
                 if let Err(e) = a.dsm_home(home_of(shmid), op).await {
                     warn!("pid {kpid}: detaching segment {shmid}: {}", e.msg);

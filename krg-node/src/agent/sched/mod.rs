@@ -16,6 +16,7 @@ pub mod script;
 
 use super::peer::sched::{SchedPolicy, SchedVersion};
 use super::{ctx, err, Agent, Caller, Handled};
+use crate::agent::lock;
 use libkrg::proto::{ErrorReply, NodeStatus, Request, Response, SchedInfo, SchedPush};
 use policy::{Builtin, Candidate};
 use rand::Rng;
@@ -160,7 +161,7 @@ impl Sched {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     pub fn version(&self) -> SchedVersion {
@@ -402,7 +403,7 @@ impl Agent {
         if pinned.is_none() && self.sched.is_local() {
             // The default policy: no need to read the program's /proc files
             // on every exec of every SSI process.
-            return self.cfg.node_id;
+            return self.node.cfg.node_id;
         }
         let argv: Vec<String> = std::fs::read(format!("/proc/{kpid}/cmdline"))
             .map(|b| {
@@ -427,13 +428,13 @@ impl Agent {
         argv: Vec<String>,
     ) -> u32 {
         if pinned.is_none() && self.sched.is_local() {
-            return self.cfg.node_id;
+            return self.node.cfg.node_id;
         }
         let uid = super::procs::read_uids(kpid)
             .map(|u| u[0])
             .unwrap_or(u32::MAX);
         self.place(&PlaceRequest {
-            origin_node: self.cfg.node_id,
+            origin_node: self.node.cfg.node_id,
             uid,
             exe,
             argv,
@@ -445,11 +446,11 @@ impl Agent {
     /// always counts as up). Synchronous and quick: it uses the probes the
     /// peers already sent; a user policy is bounded in operations.
     pub fn place(&self, req: &PlaceRequest) -> u32 {
-        let nodes = self.status();
+        let nodes = self.node.status();
         self.sched.decide(
             nodes,
             req,
-            self.cfg.node_id,
+            self.node.cfg.node_id,
             Instant::now(),
             &mut rand::thread_rng(),
         )
@@ -495,7 +496,7 @@ impl Agent {
         };
         let p = self
             .sched
-            .set_new(name, source, origin, self.cfg.node_id)
+            .set_new(name, source, origin, self.node.cfg.node_id)
             .map_err(|e| err(libc::EINVAL, e))?;
         self.sched_push_all(p).await
     }
@@ -514,18 +515,18 @@ impl Agent {
         }
         let p = self
             .sched
-            .set_balance(name, self.cfg.node_id)
+            .set_balance(name, self.node.cfg.node_id)
             .map_err(|e| err(libc::EINVAL, e))?;
         self.sched_push_all(p).await
     }
 
     /// Push a policy just set here to every up peer.
     async fn sched_push_all(&self, p: SchedPolicy) -> Result<SchedInfo, ErrorReply> {
-        let calls = self.up_peers().into_iter().map(|id| {
+        let calls = self.node.up_peers().into_iter().map(|id| {
             let p = p.clone();
             async move {
                 let version = p.version;
-                let res = match self.client(id).await {
+                let res = match self.node.client(id).await {
                     Ok(c) => match c.sched_push(ctx(), p).await {
                         Ok(Ok(info)) => {
                             let theirs = SchedVersion {
@@ -543,7 +544,7 @@ impl Agent {
                         }
                         Ok(Err(e)) => Err(e.msg),
                         Err(e) => {
-                            self.drop_client(id);
+                            self.node.drop_client(id);
                             Err(format!("not reached: {e}"))
                         }
                     },
@@ -586,11 +587,7 @@ impl Agent {
             return;
         }
         {
-            let mut f = self
-                .sched
-                .fetching
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut f = lock(&self.sched.fetching);
             if f.is_some_and(|t| t.elapsed() < FETCH_RETRY) {
                 return;
             }
@@ -598,9 +595,9 @@ impl Agent {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            let res = match me.client(peer).await {
+            let res = match me.node.client(peer).await {
                 Ok(c) => c.sched_get(ctx()).await.map_err(|e| {
-                    me.drop_client(peer);
+                    me.node.drop_client(peer);
                     e.to_string()
                 }),
                 Err(e) => Err(e.msg),
@@ -613,7 +610,7 @@ impl Agent {
                 }
                 Err(e) => debug!("fetching the scheduling policy of node {peer}: {e}"),
             }
-            *me.sched.fetching.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *lock(&me.sched.fetching) = None;
         });
     }
 
@@ -641,7 +638,7 @@ impl Agent {
             }
         }
         let req = PlaceRequest {
-            origin_node: self.cfg.node_id,
+            origin_node: self.node.cfg.node_id,
             uid: who.uid,
             exe,
             argv,

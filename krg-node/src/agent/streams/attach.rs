@@ -108,12 +108,12 @@ impl Agent {
         pair: Option<super::super::seqpacket::Pair>,
     ) -> Result<Answer, ErrorReply> {
         use tokio::io::AsyncWriteExt;
-        if node == self.node_id() {
+        if node == self.node.node_id() {
             return self
                 .stream_attach_here(id, pending, wr_shut, pipe, pair)
                 .await;
         }
-        let addr = self.members().get(&node).map(|m| m.addr).ok_or_else(|| {
+        let addr = self.node.member_addr(node).ok_or_else(|| {
             err(
                 libc::EHOSTDOWN,
                 format!("stream {id:#x}: node {node} is unknown"),
@@ -126,7 +126,7 @@ impl Agent {
             .map_err(|e| sock_err(&what, e))?;
         // As on the accepting side: no Nagle wait during the hand-over.
         let _ = s.set_nodelay(true);
-        super::super::peer::auth::client(&mut s, &self.cfg.key, self.node_id())
+        super::super::peer::auth::client(&mut s, &self.node.cfg.key, self.node.node_id())
             .await
             .map_err(|e| sock_err(&what, e))?;
         let kind = if pair.is_some() {

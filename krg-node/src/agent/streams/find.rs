@@ -310,7 +310,7 @@ impl Agent {
             [] => {
                 return Err(foreign(format!(
                     "{what}: its peer end on node {} is held by no process (closed?)",
-                    self.node_id()
+                    self.node.node_id()
                 )))
             }
             // Several fds of one process (dup): all handed over together.
@@ -323,10 +323,10 @@ impl Agent {
                 )))
             }
         };
-        let g = self.procs().translate(kpid).ok_or_else(|| {
+        let g = self.node.procs().translate(kpid).ok_or_else(|| {
             foreign(format!(
                 "{what}: its other end (kernel pid {kpid} on node {}) is not an SSI process",
-                self.node_id()
+                self.node.node_id()
             ))
         })?;
         // A shadow left here by a program that came back (placed away, then
@@ -334,16 +334,16 @@ impl Agent {
         // entry is the program's now, and an order for the gpid would reach
         // the program, never the shadow (the mover waited a minute). The
         // shadow relays the end.
-        if self.procs().get(g).is_some_and(|p| p.kpid != kpid) {
+        if self.node.procs().get(g).is_some_and(|p| p.kpid != kpid) {
             return Err(foreign(format!(
                 "{what}: its other end is a shadow of pid {g}, whose program came back to node {}: it relays it",
-                self.node_id()
+                self.node.node_id()
             )));
         }
         // Being placed itself: its end is relayed once it runs there, and
         // handed over when it is asked then (not frozen now: it is busy
         // becoming a shadow, with its signals blocked).
-        if self.procs().get(g).is_some_and(|p| p.placing) {
+        if self.node.procs().get(g).is_some_and(|p| p.placing) {
             return Err(foreign(format!(
                 "{what}: its other end's process (pid {g}) is being placed on another node"
             )));
@@ -351,7 +351,7 @@ impl Agent {
         // A shadow relays the standard fds of a program that runs
         // elsewhere: a pipe it relays is handed over to that program;
         // anything else stays (it leads to what the shadow holds).
-        if let Some(node) = self.procs().get(g).and_then(|p| p.running_on) {
+        if let Some(node) = self.node.procs().get(g).and_then(|p| p.running_on) {
             if link.starts_with("pipe:") {
                 return Ok((g, kpid, fds, Some(node)));
             }
@@ -371,7 +371,7 @@ impl Agent {
 
     /// Whether local kernel pid `kpid` is being placed on another node.
     pub(super) fn is_placing(&self, kpid: i32) -> bool {
-        let t = self.procs();
+        let t = self.node.procs();
         t.translate(kpid)
             .and_then(|g| t.get(g))
             .is_some_and(|p| p.placing)
@@ -393,7 +393,7 @@ impl Agent {
         let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
         for (_, link, mover) in links.iter().flatten() {
             let mover_g = (*mover != 0)
-                .then(|| self.procs().translate(*mover))
+                .then(|| self.node.procs().translate(*mover))
                 .flatten();
             for (kpid, _) in all.get(link).into_iter().flatten() {
                 if *kpid == *mover {
@@ -401,7 +401,7 @@ impl Agent {
                 }
                 loop {
                     let ready = {
-                        let t = self.procs();
+                        let t = self.node.procs();
                         match t.translate(*kpid).and_then(|g| t.get(g)) {
                             None => true,
                             Some(p) if p.placing => mover_g.is_none_or(|m| p.gpid >= m),

@@ -3,13 +3,14 @@
 //! drains, and how a failed or raced hand-over ends.
 
 use super::*;
+use crate::agent::lock;
 
 impl Agent {
     /// The node whose address is `ip`.
     pub(crate) fn node_at(&self, ip: IpAddr) -> Option<u32> {
         // Both ends on this node (a connection made over the loopback).
         if ip.is_loopback() || ip.to_canonical().is_loopback() {
-            return Some(self.node_id());
+            return Some(self.node.node_id());
         }
         let v4 = match ip {
             IpAddr::V4(a) => a,
@@ -99,7 +100,7 @@ impl Agent {
                     format!("StreamFreeze: {link:?} is neither a pipe nor a FIFO's path"),
                 ));
             }
-            by_node.entry(self.node_id()).or_default().push((
+            by_node.entry(self.node.node_id()).or_default().push((
                 conns.len() + j,
                 End::Pipe {
                     link,
@@ -125,7 +126,7 @@ impl Agent {
             let (node, end) = match relayed[j] {
                 Some((id, node)) => (node, End::Relay { id }),
                 None => (
-                    self.node_id(),
+                    self.node.node_id(),
                     End::Unix {
                         ino: *ino,
                         mover: mover.pid,
@@ -147,13 +148,13 @@ impl Agent {
             let mut found: Vec<(u32, usize, StreamPeer)> = Vec::new();
             for (node, list) in asked {
                 let ends: Vec<End> = list.iter().map(|(_, e)| e.clone()).collect();
-                let r = if *node == self.node_id() {
+                let r = if *node == self.node.node_id() {
                     self.stream_hold(ends, commit).await?
                 } else {
-                    let c = self.client(*node).await?;
+                    let c = self.node.client(*node).await?;
                     c.stream_hold(super::super::ctx(), ends, commit)
                         .await
-                        .map_err(|e| self.peer_lost(*node, "peer", e))??
+                        .map_err(|e| self.node.peer_lost(*node, "peer", e))??
                 };
                 found.extend(list.iter().zip(r).map(|((i, _), h)| (*node, *i, h)));
             }
@@ -207,7 +208,7 @@ impl Agent {
             });
             out[i] = StreamPeer::Kept {
                 id,
-                node: self.node_id(),
+                node: self.node.node_id(),
             };
         }
         tracing::debug!("streams of kernel pid {}: {out:?}", mover.pid);
@@ -219,10 +220,7 @@ impl Agent {
             })
             .collect();
         if !held.is_empty() {
-            self.moving
-                .frozen_for
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            lock(&self.moving.frozen_for)
                 .entry(mover.pid)
                 .or_default()
                 .extend(held);
@@ -320,7 +318,7 @@ impl Agent {
         };
         // The program's end, as it sees it.
         let end = End::Tcp(peer, local);
-        let held = match self.client(node).await {
+        let held = match self.node.client(node).await {
             Ok(c) => c
                 .stream_hold(super::super::ctx(), vec![end], true)
                 .await
@@ -420,10 +418,10 @@ impl Agent {
             .iter()
             .map(|l| match l {
                 Ok((what, link, mover)) => self.holder_of(what, link, *mover, &all),
-                Err(why) => Err(foreign(format!("{why} (node {})", self.node_id()))),
+                Err(why) => Err(foreign(format!("{why} (node {})", self.node.node_id()))),
             })
             .collect();
-        let node = self.node_id();
+        let node = self.node.node_id();
         if !commit {
             return Ok(found
                 .into_iter()
@@ -632,7 +630,7 @@ impl Agent {
 
     /// A new stream id of this node.
     pub(crate) fn new_stream_id(&self) -> u64 {
-        (u64::from(self.node_id()) << 40)
+        (u64::from(self.node.node_id()) << 40)
             | self
                 .moving
                 .next

@@ -12,6 +12,7 @@
 use super::peer::streams::{End, PortOp};
 use super::peer::CHANNEL_STREAM;
 use super::{err, sock_err, Agent, Answer, Answered, Caller};
+use crate::agent::lock;
 use libkrg::proto::{ErrorKind, ErrorReply, Request, Response, StreamPeer};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -56,7 +57,7 @@ const LOOPBACK_PEER_TTL: std::time::Duration = std::time::Duration::from_secs(12
 
 impl Ports {
     fn held(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.held)
     }
 }
 
@@ -147,26 +148,26 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
 impl Agent {
     /// This node, or another node that is up.
     fn alive(&self, node: u32) -> bool {
-        node == self.node_id() || self.is_up(node)
+        node == self.node.node_id() || self.node.is_up(node)
     }
 
     fn port_home(&self) -> u32 {
-        self.key_home()
+        self.node.key_home()
     }
 
     /// This node's IPv4 address as the other nodes reach it.
     fn my_ipv4(&self) -> Option<[u8; 4]> {
-        match self.cfg.advertise.ip() {
+        match self.node.cfg.advertise.ip() {
             IpAddr::V4(a) => Some(a.octets()),
             IpAddr::V6(_) => None,
         }
     }
 
     pub(crate) fn node_ipv4(&self, node: u32) -> Option<[u8; 4]> {
-        if node == self.node_id() {
+        if node == self.node.node_id() {
             return self.my_ipv4();
         }
-        match self.members().get(&node).map(|m| m.addr.ip()) {
+        match self.node.member_addr(node).map(|a| a.ip()) {
             Some(IpAddr::V4(a)) => Some(a.octets()),
             _ => None,
         }
@@ -174,13 +175,13 @@ impl Agent {
 
     pub(crate) async fn port_call(self: &Arc<Self>, op: PortOp) -> Result<Option<u32>, ErrorReply> {
         let home = self.port_home();
-        if home == self.node_id() {
+        if home == self.node.node_id() {
             return self.port_home_op(op).await;
         }
-        let c = self.client(home).await?;
+        let c = self.node.client(home).await?;
         c.port_home(super::ctx(), op)
             .await
-            .map_err(|e| self.peer_lost(home, "port home", e))?
+            .map_err(|e| self.node.peer_lost(home, "port home", e))?
     }
 
     /// At the home: serve a [`PortOp`]. `Reserve` answers `Ok(None)` when
@@ -213,16 +214,16 @@ impl Agent {
     /// Whether `port` is in use on `node` (asked while deciding a
     /// reservation). An unreachable node holds nothing.
     pub(crate) async fn probe_on(self: &Arc<Self>, node: u32, port: u16, reuse: bool) -> bool {
-        if node == self.node_id() {
+        if node == self.node.node_id() {
             return self.port_probe(port, reuse).await;
         }
-        let Ok(c) = self.client(node).await else {
+        let Ok(c) = self.node.client(node).await else {
             return false;
         };
         match c.port_probe(super::ctx(), port, reuse).await {
             Ok(b) => b,
             Err(e) => {
-                self.drop_client(node);
+                self.node.drop_client(node);
                 tracing::warn!("probing port {port} on node {node}: {e}");
                 false
             }
@@ -233,12 +234,7 @@ impl Agent {
     /// listener this agent keeps for a process that moved away does not
     /// count: the process takes the port on its new node.
     pub(crate) async fn port_probe(&self, port: u16, reuse: bool) -> bool {
-        let forwarded = self
-            .ports
-            .forwarding
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&port);
+        let forwarded = lock(&self.ports.forwarding).contains(&port);
         let used = !forwarded
             && tokio::task::spawn_blocking(move || in_use_here(port, reuse))
                 .await
@@ -257,7 +253,7 @@ impl Agent {
         port: u16,
         reuse: bool,
     ) -> Result<Response, ErrorReply> {
-        let node = self.node_id();
+        let node = self.node.node_id();
         self.port_call(PortOp::Reserve { port, node, reuse })
             .await?;
         self.ports.held().insert(port);
@@ -275,15 +271,15 @@ impl Agent {
         }
         let owner = self.port_call(PortOp::Owner { port }).await?;
         let there = match owner {
-            Some(n) if n != self.node_id() => self.node_ipv4(n).map(|a| (n, a)),
+            Some(n) if n != self.node.node_id() => self.node_ipv4(n).map(|a| (n, a)),
             _ => None,
         };
         if let (Some((n, _)), Some(me), true) = (there, self.my_ipv4(), from != 0) {
             // Before the client connects: its server then knows it came
             // to the loopback.
-            if let Ok(c) = self.client(n).await {
+            if let Ok(c) = self.node.client(n).await {
                 if let Err(e) = c.loopback_peer(super::ctx(), me, from, port, v6).await {
-                    self.drop_client(n);
+                    self.node.drop_client(n);
                     tracing::warn!("telling node {n} of a loopback client: {e}");
                 }
             }
@@ -293,11 +289,7 @@ impl Agent {
 
     /// A client at `ip:from` will connect to `port` here at the loopback.
     pub(crate) fn note_loopback_peer(&self, ip: [u8; 4], from: u16, port: u16, v6: bool) {
-        let mut t = self
-            .ports
-            .loopback_peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut t = lock(&self.ports.loopback_peers);
         let now = std::time::Instant::now();
         t.retain(|_, (_, _, at)| now.duration_since(*at) < LOOPBACK_PEER_TTL);
         t.insert((ip, from), (port, v6, now));
@@ -306,11 +298,7 @@ impl Agent {
     /// `LoopbackPeer`: whether the connection from `ip:from` to `port` was
     /// made to the loopback (and to `::1`).
     pub(crate) fn loopback_peer(&self, ip: [u8; 4], from: u16, port: u16) -> Option<bool> {
-        let mut t = self
-            .ports
-            .loopback_peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut t = lock(&self.ports.loopback_peers);
         match t.get(&(ip, from)) {
             Some(&(p, v6, at)) if p == port && at.elapsed() < LOOPBACK_PEER_TTL => {
                 t.remove(&(ip, from));
@@ -322,16 +310,16 @@ impl Agent {
 
     pub(crate) fn node_addrs(&self) -> Response {
         let mut v: Vec<(u32, [u8; 4])> = self
-            .members()
-            .iter()
-            .filter(|(_, m)| m.up())
-            .filter_map(|(id, m)| match m.addr.ip() {
-                IpAddr::V4(a) => Some((*id, a.octets())),
+            .node
+            .up_members()
+            .into_iter()
+            .filter_map(|(id, addr)| match addr.ip() {
+                IpAddr::V4(a) => Some((id, a.octets())),
                 IpAddr::V6(_) => None,
             })
             .collect();
         if let Some(a) = self.my_ipv4() {
-            v.push((self.node_id(), a));
+            v.push((self.node.node_id(), a));
         }
         v.sort();
         Response::NodeAddrs(v)
@@ -483,19 +471,15 @@ pub struct Moving {
 
 impl Moving {
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.held)
     }
 
     fn releases(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Release>> {
-        self.releases.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.releases)
     }
 
     /// The hand-overs held for mover `kpid`, forgotten here.
     pub(crate) fn take_frozen_for(&self, kpid: i32) -> Vec<(u32, u64)> {
-        self.frozen_for
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&kpid)
-            .unwrap_or_default()
+        lock(&self.frozen_for).remove(&kpid).unwrap_or_default()
     }
 }
