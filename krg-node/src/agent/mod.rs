@@ -106,7 +106,7 @@ pub struct Agent {
     /// Shared memory segments: those homed here and local copies.
     dsm: dsm::Dsm,
     /// System V semaphore sets homed here.
-    sems: sync::Sems,
+    sems: Arc<sync::Sems>,
     /// Shared-memory links to other agents (see `dsm::link`).
     links: Mutex<HashMap<u32, Arc<dsm::link::Link>>>,
     /// The cluster-wide loopback's ports (see `streams`).
@@ -155,13 +155,13 @@ pub(crate) fn ctx() -> context::Context {
 
 impl Agent {
     pub fn new(cfg: Config) -> Arc<Agent> {
+        let node = Arc::new(Node::new(cfg));
         Arc::new(Agent {
-            node: Arc::new(Node::new(cfg)),
             sched: sched::Sched::new(),
             orders: checkpoint::Orders::default(),
             balancer: Mutex::new(balance::State::default()),
             dsm: dsm::Dsm::default(),
-            sems: sync::Sems::default(),
+            sems: Arc::new(sync::Sems::new(node.clone())),
             links: Mutex::new(HashMap::new()),
             ports: streams::Ports::default(),
             moving: streams::Moving::default(),
@@ -170,6 +170,7 @@ impl Agent {
             unix: unix::UnixNames::default(),
             parked: parked::Parked::default(),
             forwarders: Default::default(),
+            node,
         })
     }
 

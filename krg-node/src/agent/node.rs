@@ -6,7 +6,7 @@
 use super::config::Config;
 use super::peer::{self, Heartbeat, PeerClient};
 use super::procs::ProcTable;
-use super::{err, lock, probe};
+use super::{err, lock, probe, Caller};
 use libkrg::gpid;
 use libkrg::proto::{ErrorReply, NodeStatus};
 use std::collections::HashMap;
@@ -112,6 +112,11 @@ impl Node {
 
     pub(crate) fn procs(&self) -> MutexGuard<'_, ProcTable> {
         lock(&self.procs)
+    }
+
+    /// The caller's gpid (its kernel pid if it has none).
+    pub(crate) fn caller_gpid(&self, who: Caller) -> i32 {
+        self.procs().translate(who.pid).unwrap_or(who.pid)
     }
 
     fn members(&self) -> MutexGuard<'_, HashMap<u32, Member>> {

@@ -202,7 +202,7 @@ impl Peer for PeerServer {
     }
 
     async fn sem_home(self, _: context::Context, op: SemHomeOp) -> Result<SemReply, ErrorReply> {
-        self.0.sem_home_op(op).await
+        self.0.sems.sem_home_op(op).await
     }
 
     async fn port_home(self, _: context::Context, op: PortOp) -> Result<Option<u32>, ErrorReply> {

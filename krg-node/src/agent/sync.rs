@@ -7,8 +7,9 @@
 //! asks again. So no call is ever longer than an agent's call deadline, and
 //! a caller that dies simply stops asking.
 
-use super::dsm::{home_of, now};
+use super::dsm::{cred, home_of, now, on_exit};
 use super::lock;
+use super::node::Node;
 use super::peer::dsm::Cred;
 use super::peer::sync::{SemHomeOp, SemReply};
 use super::{ctx, err, Agent, Caller, Handled};
@@ -56,9 +57,11 @@ struct Set {
     undo: HashMap<i32, Vec<i32>>,
 }
 
-/// The semaphore sets homed here.
-#[derive(Debug, Default)]
+/// The semaphore sets homed here, and this node's processes that asked
+/// for their operations to be undone at exit.
+#[derive(Debug)]
 pub struct Sems {
+    node: Arc<Node>,
     keys: Mutex<HashMap<i32, i32>>,
     sets: Mutex<HashMap<i32, Arc<Mutex<Set>>>>,
     seq: AtomicU32,
@@ -146,12 +149,12 @@ impl Set {
 /// A local request about System V semaphores (see `Agent::handle_local`).
 pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
     match req {
-        Request::SemGet { key, nsems, flags } => agent.sem_get(who, key, nsems, flags).await,
+        Request::SemGet { key, nsems, flags } => agent.sems.sem_get(who, key, nsems, flags).await,
         Request::SemOp {
             semid,
             ops,
             timeout_ns,
-        } => agent.sem_op(who, semid, ops, timeout_ns).await,
+        } => agent.sems.sem_op(who, semid, ops, timeout_ns).await,
         Request::SemCtl {
             semid,
             num,
@@ -159,14 +162,29 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Han
             val,
             array,
             set,
-        } => agent.sem_ctl(who, semid, num, cmd, val, array, set).await,
+        } => {
+            agent
+                .sems
+                .sem_ctl(who, semid, num, cmd, val, array, set)
+                .await
+        }
         other => Err(super::misrouted(&other)),
     }
 }
 
-impl Agent {
+impl Sems {
+    pub fn new(node: Arc<Node>) -> Sems {
+        Sems {
+            node,
+            keys: Mutex::default(),
+            sets: Mutex::default(),
+            seq: AtomicU32::default(),
+            undoers: Mutex::default(),
+        }
+    }
+
     fn sem_set(&self, semid: i32) -> Result<Arc<Mutex<Set>>, ErrorReply> {
-        lock(&self.sems.sets)
+        lock(&self.sets)
             .get(&semid)
             .cloned()
             .ok_or_else(|| err(libc::EINVAL, format!("no semaphore set {semid}")))
@@ -202,7 +220,7 @@ impl Agent {
             key,
             nsems,
             flags,
-            cred: self.cred(who),
+            cred: cred(who),
         };
         match self.sem_home(home, op).await? {
             SemReply::Id(id) => Ok(Response::Id(id)),
@@ -217,9 +235,9 @@ impl Agent {
         ops: Vec<(u16, i16, i16)>,
         timeout_ns: Option<u64>,
     ) -> Result<Response, ErrorReply> {
-        let gpid = self.caller_gpid(who);
+        let gpid = self.node.caller_gpid(who);
         if ops.iter().any(|o| o.2 as i32 & libc::SEM_UNDO != 0) && who.pid > 0 {
-            let mut u = lock(&self.sems.undoers);
+            let mut u = lock(&self.undoers);
             let first = !u.contains_key(&who.pid);
             let e = u.entry(who.pid).or_insert((gpid, Vec::new()));
             if !e.1.contains(&semid) {
@@ -233,7 +251,7 @@ impl Agent {
         let op = SemHomeOp::Op {
             semid,
             ops,
-            cred: self.cred(who),
+            cred: cred(who),
             pid: gpid,
             wait_ns: timeout_ns.map_or(ROUND.as_nanos() as u64, |t| t.min(ROUND.as_nanos() as u64)),
         };
@@ -262,8 +280,8 @@ impl Agent {
             val,
             array,
             set,
-            cred: self.cred(who),
-            pid: self.caller_gpid(who),
+            cred: cred(who),
+            pid: self.node.caller_gpid(who),
         };
         Ok(match self.sem_home(home_of(semid), op).await? {
             SemReply::Id(v) => Response::Id(v),
@@ -277,8 +295,8 @@ impl Agent {
     /// Apply a process's SEM_UNDO adjustments when it exits.
     fn watch_sem_exit(self: &Arc<Self>, kpid: i32) {
         let a = self.clone();
-        self.on_exit(kpid, move || {
-            let Some((gpid, sets)) = lock(&a.sems.undoers).remove(&kpid) else {
+        on_exit(kpid, move || {
+            let Some((gpid, sets)) = lock(&a.undoers).remove(&kpid) else {
                 return;
             };
             let a = a.clone();
@@ -344,7 +362,7 @@ impl Agent {
         flags: i32,
         cred: &Cred,
     ) -> Result<SemReply, ErrorReply> {
-        let mut keys = lock(&self.sems.keys);
+        let mut keys = lock(&self.keys);
         if key != libc::IPC_PRIVATE {
             if let Some(&id) = keys.get(&key) {
                 if flags & libc::IPC_CREAT != 0 && flags & libc::IPC_EXCL != 0 {
@@ -381,7 +399,7 @@ impl Agent {
             return Err(err(libc::EINVAL, format!("{nsems} semaphores")));
         }
         let me = self.node.node_id();
-        let seq = self.sems.seq.fetch_add(1, Ordering::Relaxed) & ((1 << SEQ_BITS) - 1);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) & ((1 << SEQ_BITS) - 1);
         let id = ((me << SEQ_BITS) | seq) as i32;
         let info = SemInfo {
             semid: id,
@@ -403,7 +421,7 @@ impl Agent {
             queue: Vec::new(),
             undo: HashMap::new(),
         };
-        lock(&self.sems.sets).insert(id, Arc::new(Mutex::new(set)));
+        lock(&self.sets).insert(id, Arc::new(Mutex::new(set)));
         if key != libc::IPC_PRIVATE {
             keys.insert(key, id);
         }
@@ -545,8 +563,8 @@ impl Agent {
                 }
                 let key = s.info.key;
                 drop(s);
-                lock(&self.sems.sets).remove(&semid);
-                let mut keys = lock(&self.sems.keys);
+                lock(&self.sets).remove(&semid);
+                let mut keys = lock(&self.keys);
                 if keys.get(&key) == Some(&semid) {
                     keys.remove(&key);
                 }

@@ -288,6 +288,31 @@ fn io_err(what: String, e: std::io::Error) -> ErrorReply {
 }
 
 /// The supplementary groups of a local process.
+/// The caller's credentials, as a home checks them.
+pub(crate) fn cred(who: Caller) -> Cred {
+    Cred {
+        uid: who.uid,
+        gid: who.gid,
+        groups: if who.pid > 0 {
+            groups_of(who.pid)
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// Run `f` when local process `kpid` exits (at once if it is gone).
+pub(crate) fn on_exit(kpid: i32, f: impl FnOnce() + Send + 'static) {
+    tokio::spawn(async move {
+        if let Ok(fd) = pidfd_open(kpid) {
+            if let Ok(afd) = async_fd(fd) {
+                let _ = afd.readable().await;
+            }
+        }
+        f();
+    });
+}
+
 fn groups_of(kpid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{kpid}/status"))
         .ok()
@@ -389,22 +414,6 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
 }
 
 impl Agent {
-    pub(crate) fn cred(&self, who: Caller) -> Cred {
-        Cred {
-            uid: who.uid,
-            gid: who.gid,
-            groups: if who.pid > 0 {
-                groups_of(who.pid)
-            } else {
-                Vec::new()
-            },
-        }
-    }
-
-    pub(crate) fn caller_gpid(&self, who: Caller) -> i32 {
-        self.node.procs().translate(who.pid).unwrap_or(who.pid)
-    }
-
     // -- calls, local or remote ---------------------------------------------
 
     async fn dsm_home(self: &Arc<Self>, home: u32, op: HomeOp) -> Result<HomeReply, ErrorReply> {
@@ -459,8 +468,8 @@ impl Agent {
             key,
             size,
             flags,
-            cred: self.cred(who),
-            pid: self.caller_gpid(who),
+            cred: cred(who),
+            pid: self.node.caller_gpid(who),
         };
         match self.dsm_home(self.node.home_for_key(key), op).await? {
             HomeReply::Id(id) => Ok(Response::Id(id)),
@@ -483,8 +492,8 @@ impl Agent {
             mode,
             size,
             init: init.map(ByteBuf::from),
-            cred: self.cred(who),
-            pid: self.caller_gpid(who),
+            cred: cred(who),
+            pid: self.node.caller_gpid(who),
         };
         match self.dsm_home(self.node.key_home(), op).await? {
             HomeReply::Id(id) => Ok(Response::Id(id)),
@@ -499,7 +508,7 @@ impl Agent {
     ) -> Result<Response, ErrorReply> {
         let op = HomeOp::Unlink {
             name,
-            cred: self.cred(who),
+            cred: cred(who),
         };
         self.dsm_home(self.node.key_home(), op).await?;
         Ok(Response::Ok)
@@ -525,11 +534,11 @@ impl Agent {
                 format!("shared memory needs node ids <= {MAX_NODE}"),
             ));
         }
-        let gpid = self.caller_gpid(who);
+        let gpid = self.node.caller_gpid(who);
         let op = HomeOp::Attach {
             shmid,
             rdonly,
-            cred: self.cred(who),
+            cred: cred(who),
             pid: gpid,
             node: self.node.node_id(),
         };
@@ -592,7 +601,7 @@ impl Agent {
         let op = HomeOp::Check {
             shmid,
             want: if write { 0o6 } else { 0o4 },
-            cred: self.cred(who),
+            cred: cred(who),
         };
         let info = match self.dsm_home(home_of(shmid), op).await? {
             HomeReply::Info(i) => i,
@@ -623,7 +632,7 @@ impl Agent {
         let op = HomeOp::Resize {
             shmid,
             size,
-            cred: self.cred(who),
+            cred: cred(who),
         };
         match self.dsm_home(home_of(shmid), op).await? {
             HomeReply::Info(i) => {
@@ -766,7 +775,7 @@ impl Agent {
             shmid,
             cmd,
             set,
-            cred: self.cred(who),
+            cred: cred(who),
         };
         match self.dsm_home(home_of(shmid), op).await? {
             HomeReply::Info(i) => Ok(Response::Shm(i)),
@@ -832,21 +841,9 @@ impl Agent {
             return;
         }
         let a = self.clone();
-        self.on_exit(kpid, move || {
+        on_exit(kpid, move || {
             lock(&a.dsm.watched).remove(&kpid);
             a.shm_forget(kpid);
-        });
-    }
-
-    /// Run `f` when local process `kpid` exits (at once if it is gone).
-    pub(crate) fn on_exit(&self, kpid: i32, f: impl FnOnce() + Send + 'static) {
-        tokio::spawn(async move {
-            if let Ok(fd) = pidfd_open(kpid) {
-                if let Ok(afd) = async_fd(fd) {
-                    let _ = afd.readable().await;
-                }
-            }
-            f();
         });
     }
 }
