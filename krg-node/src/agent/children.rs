@@ -9,11 +9,12 @@
 //! whose child shadow for that gpid ends the same way. A report that comes
 //! before its child shadow waits for it.
 
+use super::lock;
+use super::node::Node;
 use super::{err, Agent, Caller, Handled};
-use crate::agent::lock;
 use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Ends reported before their child shadow asked (bounded: a report whose
 /// child shadow never comes must not stay forever).
@@ -28,14 +29,12 @@ enum End {
     Awaited(Vec<tokio::sync::oneshot::Sender<i32>>),
 }
 
-/// Child ends by gpid.
-#[derive(Debug, Default)]
-pub struct Ends(std::sync::Mutex<HashMap<i32, End>>);
-
-impl Ends {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, End>> {
-        lock(&self.0)
-    }
+/// The ends of children that run elsewhere, for their child shadows here.
+#[derive(Debug)]
+pub struct Children {
+    node: Arc<Node>,
+    /// Child ends by gpid.
+    ends: Mutex<HashMap<i32, End>>,
 }
 
 /// Gpids of the live kernel children of local process `kpid`, or the first
@@ -64,14 +63,23 @@ pub(super) fn children_gpids(
 /// `Agent::handle_local`).
 pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
     match req {
-        Request::MovedChildren => agent.moved_children(who),
-        Request::ChildShadow { gpid } => agent.child_shadow(who, gpid).await,
-        Request::ChildExited { kpid, status } => agent.child_exited(who, kpid, status).await,
+        Request::MovedChildren => agent.children.moved_children(who),
+        Request::ChildShadow { gpid } => agent.children.child_shadow(who, gpid).await,
+        Request::ChildExited { kpid, status } => {
+            agent.children.child_exited(who, kpid, status).await
+        }
         other => Err(super::misrouted(&other)),
     }
 }
 
-impl Agent {
+impl Children {
+    pub fn new(node: Arc<Node>) -> Children {
+        Children {
+            node,
+            ends: Mutex::default(),
+        }
+    }
+
     /// `MovedChildren` from a restored process.
     fn moved_children(&self, who: Caller) -> Result<Response, ErrorReply> {
         let t = self.node.procs();
@@ -116,7 +124,7 @@ impl Agent {
             }
         }
         let rx = {
-            let mut e = self.child_ends.lock();
+            let mut e = lock(&self.ends);
             let (tx, rx) = tokio::sync::oneshot::channel();
             match e.remove(&g) {
                 Some(End::Ended(status)) => return Ok(Response::WaitStatus(status)),
@@ -194,7 +202,7 @@ impl Agent {
 
     /// Child `g` ended elsewhere: its child shadow here ends likewise.
     pub(crate) fn child_ended(&self, g: i32, status: i32) {
-        let mut e = self.child_ends.lock();
+        let mut e = lock(&self.ends);
         match e.remove(&g) {
             Some(End::Awaited(v)) => {
                 for tx in v {

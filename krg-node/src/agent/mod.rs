@@ -115,7 +115,7 @@ pub struct Agent {
     moving: streams::Moving,
     /// Ends of children that run elsewhere, for their child shadows here
     /// (see `children`).
-    child_ends: children::Ends,
+    children: Arc<children::Children>,
     /// FIFO openers waiting for a partner, at the key home (see `fifo`).
     fifos: fifo::Fifos,
     /// Cluster-wide UNIX socket names (see `unix`).
@@ -165,7 +165,7 @@ impl Agent {
             links: Mutex::new(HashMap::new()),
             ports: streams::Ports::default(),
             moving: streams::Moving::default(),
-            child_ends: children::Ends::default(),
+            children: Arc::new(children::Children::new(node.clone())),
             fifos: fifo::Fifos::default(),
             unix: unix::UnixNames::default(),
             parked: parked::Parked::default(),

@@ -144,7 +144,7 @@ impl Peer for PeerServer {
     }
 
     async fn child_exited(self, _: context::Context, g: i32, status: i32) {
-        self.0.child_ended(g, status);
+        self.0.children.child_ended(g, status);
     }
 
     async fn fifo_meet(
