@@ -824,7 +824,7 @@ impl Agent {
             }
             req.node
         } else {
-            self.placement(who.pid, None)
+            self.sched.placement(who.pid, None)
         };
         if let Some(n) = then {
             if !up(n) {

@@ -4,7 +4,6 @@
 //! subsystem that answers it; peers' calls are answered in `peer_server`.
 //! See docs/architecture/agent.md.
 
-pub mod balance;
 pub mod checkpoint;
 pub mod children;
 pub mod config;
@@ -30,7 +29,7 @@ pub mod unix;
 use crate::agent::config::Config;
 use crate::agent::node::Node;
 use crate::agent::peer::Heartbeat;
-use libkrg::proto::{ErrorReply, Request, Response};
+use libkrg::proto::{CkptOrder, ErrorReply, Request, Response};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -97,12 +96,11 @@ pub(crate) fn misrouted(req: &Request) -> ErrorReply {
 pub struct Agent {
     /// This node, its membership and process table (see `node`).
     pub(crate) node: Arc<Node>,
-    /// The scheduling policy in force and the recent placements.
-    sched: sched::Sched,
+    /// The scheduling policy in force, the recent placements and the load
+    /// balancer.
+    sched: Arc<sched::Scheduler>,
     /// Checkpoint orders waiting for their processes.
     orders: checkpoint::Orders,
-    /// The load balancer's memory (hysteresis).
-    balancer: Mutex<balance::State>,
     /// Shared memory segments: those homed here and local copies.
     dsm: dsm::Dsm,
     /// System V semaphore sets homed here.
@@ -157,12 +155,11 @@ impl Agent {
     pub fn new(cfg: Config) -> Arc<Agent> {
         let node = Arc::new(Node::new(cfg));
         Arc::new(Agent {
-            sched: sched::Sched::new(),
+            sched: Arc::new(sched::Scheduler::new(node.clone())),
             orders: checkpoint::Orders::default(),
-            balancer: Mutex::new(balance::State::default()),
             dsm: dsm::Dsm::default(),
-            sems: Arc::new(sync::Sems::new(node.clone())),
             links: Mutex::new(HashMap::new()),
+            sems: Arc::new(sync::Sems::new(node.clone())),
             ports: streams::Ports::default(),
             moving: streams::Moving::default(),
             children: Arc::new(children::Children::new(node.clone())),
@@ -180,7 +177,7 @@ impl Agent {
         self.node.on_heartbeat(&hb);
         let reply = self.heartbeat();
         if hb.from.id != self.node.node_id() {
-            self.sched_sync(hb.from.id, hb.sched);
+            self.sched.sched_sync(hb.from.id, hb.sched);
         }
         reply
     }
@@ -190,7 +187,7 @@ impl Agent {
         Heartbeat {
             from: self.node.self_status(),
             known: self.node.known(),
-            sched: self.sched_version(),
+            sched: self.sched.sched_version(),
         }
     }
 
@@ -200,8 +197,26 @@ impl Agent {
         let me = self.clone();
         self.node
             .heartbeat_round(self.heartbeat(), move |id, reply| {
-                me.sched_sync(id, reply.sched)
+                me.sched.sched_sync(id, reply.sched)
             });
+    }
+
+    /// One round of the load balancer: the scheduler plans the moves,
+    /// the checkpoint subsystem makes them.
+    fn balance_round(self: &Arc<Self>) {
+        let plan = self.sched.balance_plan();
+        if plan.is_empty() {
+            return;
+        }
+        let a = self.clone();
+        tokio::spawn(async move {
+            for (g, to) in plan {
+                let order = CkptOrder::migrate(to, false);
+                let done = a.checkpoint_local(g, order, 0).await;
+                a.sched.balance_moved(g, to, done.map(|d| d.ms));
+            }
+            a.sched.balance_done();
+        });
     }
 
     /// The shared-memory link to node `id`, connecting if needed.
@@ -321,7 +336,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // The load balancer.
     let a = agent.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(balance::EVERY);
+        let mut tick = tokio::time::interval(sched::balance::EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;

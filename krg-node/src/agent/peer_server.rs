@@ -194,7 +194,7 @@ impl Peer for PeerServer {
     }
 
     async fn sched_get(self, _: context::Context) -> SchedPolicy {
-        self.0.sched_policy()
+        self.0.sched.sched_policy()
     }
 
     async fn dsm_home(self, _: context::Context, op: HomeOp) -> Result<HomeReply, ErrorReply> {
@@ -235,6 +235,6 @@ impl Peer for PeerServer {
         _: context::Context,
         policy: SchedPolicy,
     ) -> Result<SchedInfo, ErrorReply> {
-        self.0.sched_receive(policy)
+        self.0.sched.sched_receive(policy)
     }
 }

@@ -94,7 +94,8 @@ impl Agent {
         };
         let place = if caps.contains(Caps::DISTANT_FORK) {
             let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-            self.placement_of(kpid, pinned, s(&exe), argv.iter().map(|a| s(a)).collect())
+            self.sched
+                .placement_of(kpid, pinned, s(&exe), argv.iter().map(|a| s(a)).collect())
         } else {
             0
         };

@@ -93,7 +93,7 @@ impl Agent {
         let place = if skip || !caps.contains(Caps::DISTANT_FORK) {
             0
         } else {
-            self.placement(kpid, pinned)
+            self.sched.placement(kpid, pinned)
         };
         let place = self.place_or_stay(gpid, kpid, place).await;
         Ok(Response::Hello {

@@ -11,9 +11,11 @@
 //! [`RECENT`] (the probes, once a second, have not seen those yet).
 //! See docs/architecture/scheduler.md.
 
+pub mod balance;
 pub mod policy;
 pub mod script;
 
+use super::node::Node;
 use super::peer::sched::{SchedPolicy, SchedVersion};
 use super::{ctx, err, Agent, Caller, Handled};
 use crate::agent::lock;
@@ -94,6 +96,16 @@ pub struct Sched {
     fetching: Mutex<Option<Instant>>,
 }
 
+/// The scheduler subsystem: the policy in force ([`Sched`]), the load
+/// balancer's memory (`balance`), and the calls that place programs and
+/// push or fetch policies.
+#[derive(Debug)]
+pub struct Scheduler {
+    node: Arc<Node>,
+    sched: Sched,
+    balancer: Mutex<balance::State>,
+}
+
 impl Default for Sched {
     fn default() -> Self {
         Sched::new()
@@ -114,7 +126,7 @@ fn digest(src: &str) -> String {
 
 /// Validate a policy and build its runnable form.
 fn activate(p: &SchedPolicy) -> Result<(Active, String), String> {
-    crate::agent::balance::check_name(&p.balance)?;
+    balance::check_name(&p.balance)?;
     match &p.source {
         None => Builtin::from_name(&p.name)
             .map(|b| (Active::Builtin(b), String::new()))
@@ -148,7 +160,7 @@ impl Sched {
                     source: None,
                     origin: String::new(),
                     version: SchedVersion::default(),
-                    balance: crate::agent::balance::DEFAULT.into(),
+                    balance: balance::DEFAULT.into(),
                 },
                 active: Active::Builtin(DEFAULT_POLICY),
                 digest: String::new(),
@@ -256,7 +268,7 @@ impl Sched {
     /// Switch the load-balancing policy (the placement policy stays), with
     /// a new version; returns the whole policy to push.
     pub fn set_balance(&self, balance: String, me: u32) -> Result<SchedPolicy, String> {
-        crate::agent::balance::check_name(&balance)?;
+        balance::check_name(&balance)?;
         let mut st = self.state();
         let mut p = st.policy.clone();
         p.balance = balance;
@@ -377,26 +389,39 @@ fn choose(
 /// A local request about the scheduler (see `Agent::handle_local`).
 pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
     match req {
-        Request::SchedGet => Ok(Response::Sched(agent.sched_info())),
-        Request::SchedSet { name, source } => {
-            Ok(Response::Sched(agent.sched_set(name, source, who).await?))
-        }
+        Request::SchedGet => Ok(Response::Sched(agent.sched.sched_info())),
+        Request::SchedSet { name, source } => Ok(Response::Sched(
+            agent.sched.sched_set(name, source, who).await?,
+        )),
         Request::SchedPlace {
             count,
             exe,
             argv,
             pinned,
         } => Ok(Response::Placed(
-            agent.sched_place(count, exe, argv, pinned, who)?,
+            agent.sched.sched_place(count, exe, argv, pinned, who)?,
         )),
         Request::SchedBalance { name } => {
-            Ok(Response::Sched(agent.sched_balance(name, who).await?))
+            Ok(Response::Sched(agent.sched.sched_balance(name, who).await?))
         }
         other => Err(super::misrouted(&other)),
     }
 }
 
-impl Agent {
+impl Scheduler {
+    pub fn new(node: Arc<Node>) -> Scheduler {
+        Scheduler {
+            node,
+            sched: Sched::new(),
+            balancer: Mutex::default(),
+        }
+    }
+
+    /// Whether the policy in force never moves a program.
+    pub(crate) fn is_local(&self) -> bool {
+        self.sched.is_local()
+    }
+
     /// Where a new program of local kernel pid `kpid` should run: the
     /// scheduler's choice (a pin first, if that node is up).
     pub(super) fn placement(&self, kpid: i32, pinned: Option<u32>) -> u32 {
@@ -419,7 +444,7 @@ impl Agent {
         self.placement_of(kpid, pinned, exe, argv)
     }
 
-    /// [`Agent::placement`] of program `exe` with `argv` (not exec'd yet).
+    /// [`Scheduler::placement`] of program `exe` with `argv` (not exec'd yet).
     pub(super) fn placement_of(
         &self,
         kpid: i32,
