@@ -485,7 +485,7 @@ impl Agent {
         // process attaches it again on its new node), but an image on disk
         // would not hold it: its contents live in the cluster.
         if !migrate {
-            if let Some(shmid) = self.shm_attached(kpid) {
+            if let Some(shmid) = self.dsm.shm_attached(kpid) {
                 return Err(err(
                     libc::EBUSY,
                     format!("pid {g}: shared memory segment {shmid} (krg DSM) is attached: its contents are the cluster's, not the process's, and an image would not hold them (migrate the process instead)"),

@@ -102,11 +102,9 @@ pub struct Agent {
     /// Checkpoint orders waiting for their processes.
     orders: checkpoint::Orders,
     /// Shared memory segments: those homed here and local copies.
-    dsm: dsm::Dsm,
+    dsm: Arc<dsm::Dsm>,
     /// System V semaphore sets homed here.
     sems: Arc<sync::Sems>,
-    /// Shared-memory links to other agents (see `dsm::link`).
-    links: Mutex<HashMap<u32, Arc<dsm::link::Link>>>,
     /// The cluster-wide loopback's ports (see `streams`).
     ports: streams::Ports,
     /// TCP connections whose other end is moving (see `streams`).
@@ -157,8 +155,7 @@ impl Agent {
         Arc::new(Agent {
             sched: Arc::new(sched::Scheduler::new(node.clone())),
             orders: checkpoint::Orders::default(),
-            dsm: dsm::Dsm::default(),
-            links: Mutex::new(HashMap::new()),
+            dsm: Arc::new(dsm::Dsm::new(node.clone())),
             sems: Arc::new(sync::Sems::new(node.clone())),
             ports: streams::Ports::default(),
             moving: streams::Moving::default(),
@@ -217,23 +214,6 @@ impl Agent {
             }
             a.sched.balance_done();
         });
-    }
-
-    /// The shared-memory link to node `id`, connecting if needed.
-    async fn dsm_link(&self, id: u32) -> Result<Arc<dsm::link::Link>, ErrorReply> {
-        {
-            let l = lock(&self.links);
-            if let Some(k) = l.get(&id).filter(|k| !k.is_dead()) {
-                return Ok(k.clone());
-            }
-        }
-        let addr = self.node.addr_of(id)?;
-        let cfg = &self.node.cfg;
-        let k = dsm::link::Link::connect(addr, &cfg.key, cfg.node_id, id)
-            .await
-            .map_err(|e| err(libc::EHOSTUNREACH, format!("node {id} at {addr}: {e}")))?;
-        lock(&self.links).insert(id, k.clone());
-        Ok(k)
     }
 
     /// Serve one request from the local socket: each subsystem answers

@@ -53,11 +53,11 @@ async fn serve(a: Arc<Agent>, mut s: TcpStream, addr: SocketAddr) {
         }
         (Ok(Ok(_)), peer::CHANNEL_DSM) => {
             debug!("node {id}: shared memory link from {addr}");
-            dsm::link::serve(s, a, id).await;
+            dsm::link::serve(s, a.dsm.clone(), id).await;
         }
         (Ok(Ok(_)), peer::CHANNEL_DSM_FAULTS) => {
             debug!("node {id}: fault connection from {addr}");
-            dsm::link::serve_faults(s, a, id);
+            dsm::link::serve_faults(s, a.dsm.clone(), id);
         }
         (Ok(Ok(_)), peer::CHANNEL_STREAM) => {
             debug!("node {id}: stream hand-over from {addr}");
@@ -198,7 +198,7 @@ impl Peer for PeerServer {
     }
 
     async fn dsm_home(self, _: context::Context, op: HomeOp) -> Result<HomeReply, ErrorReply> {
-        self.0.home_op(op).await
+        self.0.dsm.home_op(op).await
     }
 
     async fn sem_home(self, _: context::Context, op: SemHomeOp) -> Result<SemReply, ErrorReply> {

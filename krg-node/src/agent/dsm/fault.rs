@@ -4,7 +4,7 @@
 use super::*;
 use crate::agent::lock;
 
-impl Agent {
+impl Dsm {
     /// Have the fault thread serve a process's page faults.
     pub(super) fn serve_faults(self: &Arc<Self>, mem: &ProcMem) -> Result<(), ErrorReply> {
         let ep = self.fault_thread()?;
@@ -17,14 +17,14 @@ impl Agent {
 
     /// A process's userfaultfd is no longer served.
     pub(super) fn unwatch(&self, mem: &ProcMem) {
-        if let Some(ep) = lock(&self.dsm.faults).as_ref() {
+        if let Some(ep) = lock(&self.faults).as_ref() {
             let _ = ep.delete(mem.uffd.as_fd());
         }
     }
 
     /// The fault thread's epoll set (the thread is started with it).
     pub(super) fn fault_thread(self: &Arc<Self>) -> Result<Arc<Epoll>, ErrorReply> {
-        let mut g = lock(&self.dsm.faults);
+        let mut g = lock(&self.faults);
         if let Some(ep) = g.as_ref() {
             return Ok(ep.clone());
         }
@@ -72,7 +72,7 @@ impl Agent {
             }
             for ev in &evs[..n] {
                 let kpid = ev.data() as u32 as i32;
-                let Some(mem) = lock(&self.dsm.mems).get(&kpid).cloned() else {
+                let Some(mem) = lock(&self.mems).get(&kpid).cloned() else {
                     continue;
                 };
                 loop {
@@ -144,7 +144,7 @@ impl Agent {
         poll: bool,
     ) -> bool {
         let addr = f.addr & !(PAGE - 1);
-        let Some((shmid, seg, base)) = self.dsm.find(mem.kpid, addr) else {
+        let Some((shmid, seg, base)) = self.find(mem.kpid, addr) else {
             debug!("pid {}: fault at {addr:#x} outside its segments", mem.kpid);
             let _ = uffd::wake(mem.uffd.as_fd(), addr, PAGE);
             return false;

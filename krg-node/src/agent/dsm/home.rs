@@ -5,7 +5,7 @@
 use super::*;
 use crate::agent::lock;
 
-impl Agent {
+impl Dsm {
     pub async fn home_op(self: &Arc<Self>, op: HomeOp) -> Result<HomeReply, ErrorReply> {
         match op {
             HomeOp::Get {
@@ -25,7 +25,7 @@ impl Agent {
                 pid,
             } => self.home_open(name, oflag, mode, size, init, &cred, pid),
             HomeOp::Check { shmid, want, cred } => {
-                let h = self.dsm.home(shmid)?;
+                let h = self.home(shmid)?;
                 let m = lock(&h.meta);
                 if !cred.allowed(&m.info, want) {
                     return Err(err(
@@ -36,7 +36,7 @@ impl Agent {
                 Ok(HomeReply::Info(m.info.clone()))
             }
             HomeOp::Resize { shmid, size, cred } => {
-                let h = self.dsm.home(shmid)?;
+                let h = self.home(shmid)?;
                 let mut m = lock(&h.meta);
                 if m.info.name.is_empty() {
                     return Err(err(
@@ -64,11 +64,11 @@ impl Agent {
                 Ok(HomeReply::Info(m.info.clone()))
             }
             HomeOp::Unlink { name, cred } => {
-                let id = lock(&self.dsm.names)
+                let id = lock(&self.names)
                     .get(&name)
                     .copied()
                     .ok_or_else(|| err(libc::ENOENT, format!("no object named {name}")))?;
-                let h = self.dsm.home(id)?;
+                let h = self.home(id)?;
                 let gone = {
                     let mut m = lock(&h.meta);
                     // /dev/shm is sticky: only the owner (or root) unlinks.
@@ -80,7 +80,7 @@ impl Agent {
                     m.info.ctime = now();
                     m.info.attached.is_empty()
                 };
-                lock(&self.dsm.names).remove(&name);
+                lock(&self.names).remove(&name);
                 if gone {
                     self.destroy(id);
                 }
@@ -93,7 +93,7 @@ impl Agent {
                 pid,
                 node,
             } => {
-                let h = self.dsm.home(shmid)?;
+                let h = self.home(shmid)?;
                 let mut m = lock(&h.meta);
                 let want = if rdonly { 0o4 } else { 0o6 };
                 if !cred.allowed(&m.info, want) {
@@ -109,7 +109,7 @@ impl Agent {
                 Ok(HomeReply::Info(m.info.clone()))
             }
             HomeOp::Detach { shmid, pid, node } => {
-                let h = self.dsm.home(shmid)?;
+                let h = self.home(shmid)?;
                 let gone = {
                     let mut m = lock(&h.meta);
                     if let Some(i) = m.info.attached.iter().position(|x| *x == (pid, node)) {
@@ -154,7 +154,7 @@ impl Agent {
                     self.acquire(shmid, page, node, write).await?,
                 ))
             }
-            HomeOp::List => Ok(HomeReply::List(self.dsm.list())),
+            HomeOp::List => Ok(HomeReply::List(self.list())),
         }
     }
 
@@ -166,7 +166,7 @@ impl Agent {
         cred: &Cred,
         pid: i32,
     ) -> Result<HomeReply, ErrorReply> {
-        let mut keys = lock(&self.dsm.keys);
+        let mut keys = lock(&self.keys);
         if key != libc::IPC_PRIVATE {
             if let Some(&id) = keys.get(&key) {
                 if flags & libc::IPC_CREAT != 0 && flags & libc::IPC_EXCL != 0 {
@@ -175,7 +175,7 @@ impl Agent {
                         format!("key {key:#x}: segment {id} exists"),
                     ));
                 }
-                let h = self.dsm.home(id)?;
+                let h = self.home(id)?;
                 let m = lock(&h.meta);
                 if size > m.info.size {
                     return Err(err(
@@ -220,12 +220,12 @@ impl Agent {
         cred: &Cred,
         pid: i32,
     ) -> Result<HomeReply, ErrorReply> {
-        let mut names = lock(&self.dsm.names);
+        let mut names = lock(&self.names);
         if let Some(&id) = names.get(&name) {
             if oflag & libc::O_CREAT != 0 && oflag & libc::O_EXCL != 0 {
                 return Err(err(libc::EEXIST, format!("{name} exists")));
             }
-            let h = self.dsm.home(id)?;
+            let h = self.home(id)?;
             if !cred.allowed(&lock(&h.meta).info, 0o6) {
                 return Err(err(libc::EACCES, format!("{name}: permission denied")));
             }
@@ -243,8 +243,8 @@ impl Agent {
             pid,
         )?;
         if let Some(bytes) = init {
-            let h = self.dsm.home(id)?;
-            let seg = self.dsm.local_or_new(id, size)?;
+            let h = self.home(id)?;
+            let seg = self.local_or_new(id, size)?;
             let mut page = vec![0u8; PAGE as usize];
             let n = bytes.len().min(page.len());
             page[..n].copy_from_slice(&bytes[..n]);
@@ -282,7 +282,7 @@ impl Agent {
             return Err(err(libc::EINVAL, format!("segment size {size}")));
         }
         let me = self.node.node_id();
-        let seq = self.dsm.seq.fetch_add(1, Ordering::Relaxed) & ((1 << SEQ_BITS) - 1);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) & ((1 << SEQ_BITS) - 1);
         let id = ((me << SEQ_BITS) | seq) as i32;
         let t = now();
         let info = ShmInfo {
@@ -311,7 +311,7 @@ impl Agent {
             }),
             pages: Mutex::new(HashMap::new()),
         });
-        lock(&self.dsm.homes).insert(id, h);
+        lock(&self.homes).insert(id, h);
         debug!("segment {id} (key {key:#x}, {size} bytes) created by pid {pid}");
         Ok(id)
     }
@@ -323,7 +323,7 @@ impl Agent {
         set: Option<(u32, u32, u32)>,
         cred: &Cred,
     ) -> Result<HomeReply, ErrorReply> {
-        let h = self.dsm.home(shmid)?;
+        let h = self.home(shmid)?;
         let mut m = lock(&h.meta);
         match cmd {
             libc::IPC_STAT => {
@@ -353,7 +353,7 @@ impl Agent {
                 if !m.removed {
                     m.removed = true;
                     m.info.mode |= SHM_DEST;
-                    let mut keys = lock(&self.dsm.keys);
+                    let mut keys = lock(&self.keys);
                     if keys.get(&m.info.key) == Some(&shmid) {
                         keys.remove(&m.info.key);
                     }
@@ -373,7 +373,7 @@ impl Agent {
 
     /// The last attachment of a removed segment went: free it everywhere.
     pub(super) fn destroy(self: &Arc<Self>, shmid: i32) {
-        let Some(h) = lock(&self.dsm.homes).remove(&shmid) else {
+        let Some(h) = lock(&self.homes).remove(&shmid) else {
             return;
         };
         let nodes: Vec<u32> = lock(&h.meta).nodes.iter().copied().collect();
@@ -398,7 +398,7 @@ impl Agent {
         node: u32,
         write: bool,
     ) -> Result<Grant, ErrorReply> {
-        let h = self.dsm.home(shmid)?;
+        let h = self.home(shmid)?;
         let mut d = h.dir(shmid, page)?.lock_owned().await;
         // Nothing to do (another fault of the same node got it first).
         let noop = Grant {
@@ -538,7 +538,7 @@ impl Agent {
     /// Nothing else changes: another node that wants one of them later
     /// gets it from `node` as from any writer.
     pub(super) fn acquire_fresh(&self, shmid: i32, page: u32, node: u32) -> Vec<(u32, Grant)> {
-        let Ok(h) = self.dsm.home(shmid) else {
+        let Ok(h) = self.home(shmid) else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -573,7 +573,7 @@ impl Agent {
         pages: &[u32],
         node: u32,
     ) -> Result<Vec<(u32, Grant)>, ErrorReply> {
-        let h = self.dsm.home(shmid)?;
+        let h = self.home(shmid)?;
         // Ascending order, as every multi-page lock here (no deadlock).
         let mut sorted = pages.to_vec();
         sorted.sort_unstable();
@@ -677,7 +677,7 @@ impl Agent {
         shmid: i32,
         items: Vec<(u32, u64, bool)>,
     ) -> Result<Vec<Option<ByteBuf>>, ErrorReply> {
-        let seg = self.dsm.local(shmid)?;
+        let seg = self.local(shmid)?;
         let mut locked = Vec::with_capacity(items.len());
         for &(page, ver, downgrade) in &items {
             locked.push((page, downgrade, seg.page_at(page, ver).await?));
@@ -733,7 +733,7 @@ impl Agent {
                 want,
                 ver,
             } => {
-                let seg = self.dsm.local(shmid)?;
+                let seg = self.local(shmid)?;
                 let mut p = seg.page_at(page, ver).await?;
                 if p.st == PState::Write {
                     seg.protect_all(page);
@@ -757,7 +757,7 @@ impl Agent {
                 Ok(data)
             }
             NodeOp::Downgrade { shmid, page, ver } => {
-                let seg = self.dsm.local(shmid)?;
+                let seg = self.local(shmid)?;
                 let mut p = seg.page_at(page, ver).await?;
                 if p.st == PState::Write {
                     seg.protect_all(page);
@@ -766,7 +766,7 @@ impl Agent {
                 Ok(Some(seg.read_page(page)?))
             }
             NodeOp::Fetch { shmid, page, ver } => {
-                let seg = self.dsm.local(shmid)?;
+                let seg = self.local(shmid)?;
                 let p = seg.page_at(page, ver).await?;
                 if p.st == PState::Invalid {
                     return Err(err(
@@ -777,7 +777,7 @@ impl Agent {
                 Ok(Some(seg.read_page(page)?))
             }
             NodeOp::Drop { shmid } => {
-                lock(&self.dsm.locals).remove(&shmid);
+                lock(&self.locals).remove(&shmid);
                 Ok(None)
             }
         }

@@ -20,9 +20,10 @@
 //! sleeping threads (the fault's reader, the answer's reader on both
 //! agents, the application); polling leaves the application's.
 
+use super::super::err;
 use super::super::peer::dsm::{Req, Resp};
 use super::super::peer::{auth, CHANNEL_DSM, CHANNEL_DSM_FAULTS};
-use super::super::{err, Agent};
+use super::Dsm;
 use crate::agent::lock;
 use bincode::Options;
 use libkrg::proto::ErrorReply;
@@ -218,7 +219,7 @@ impl Link {
 
 /// Serve one authenticated link: each request in its own task (a request
 /// may wait on a page lock, others must not wait behind it).
-pub async fn serve(s: TcpStream, agent: Arc<Agent>, from: u32) {
+pub async fn serve(s: TcpStream, dsm: Arc<Dsm>, from: u32) {
     big_buffers(&s);
     let (mut r, w) = s.into_split();
     let w = Arc::new(tokio::sync::Mutex::new(w));
@@ -232,7 +233,7 @@ pub async fn serve(s: TcpStream, agent: Arc<Agent>, from: u32) {
                 return;
             }
         };
-        let (a, w) = (agent.clone(), w.clone());
+        let (a, w) = (dsm.clone(), w.clone());
         tokio::spawn(async move {
             let resp = match req {
                 Req::Home(op) => Resp::Home(a.home_op(op).await),
@@ -427,7 +428,7 @@ impl FaultLink {
 /// Serve one fault connection from node `from` in a thread of its own:
 /// each request in turn (the caller sends one at a time), polling for
 /// the next for `SPIN_IDLE` after each answer.
-pub fn serve_faults(s: TcpStream, agent: Arc<Agent>, from: u32) {
+pub fn serve_faults(s: TcpStream, dsm: Arc<Dsm>, from: u32) {
     let rt = tokio::runtime::Handle::current();
     let mut s = match s.into_std() {
         Ok(s) => s,
@@ -449,10 +450,10 @@ pub fn serve_faults(s: TcpStream, agent: Arc<Agent>, from: u32) {
                     }
                 };
                 let resp = match req {
-                    Req::Home(op) => Resp::Home(rt.block_on(agent.home_op(op))),
-                    Req::Node(op) => Resp::Node(rt.block_on(agent.node_op(op))),
+                    Req::Home(op) => Resp::Home(rt.block_on(dsm.home_op(op))),
+                    Req::Node(op) => Resp::Node(rt.block_on(dsm.node_op(op))),
                     Req::ReadMany(shmid, items) => {
-                        Resp::Many(rt.block_on(agent.read_many(shmid, items)))
+                        Resp::Many(rt.block_on(dsm.read_many(shmid, items)))
                     }
                 };
                 let sent = encode(id, &resp).and_then(|f| write_all_polling(&mut s, &f, None));

@@ -23,6 +23,7 @@ mod home;
 pub mod link;
 mod local;
 
+use super::node::Node;
 use super::peer::dsm::{Cred, Grant, HomeOp, HomeReply, NodeOp, Req, Resp};
 use super::sys::{self, async_fd, pidfd_getfd, pidfd_open, SharedView};
 use super::{err, Agent, Answer, Answered, Caller};
@@ -239,9 +240,13 @@ struct ProcMem {
     uffd: OwnedFd,
 }
 
-/// The agent's shared-memory state.
-#[derive(Debug, Default)]
+/// The shared-memory subsystem: segments homed here, local copies, the
+/// processes' mappings, and the links to other agents.
+#[derive(Debug)]
 pub struct Dsm {
+    node: Arc<Node>,
+    /// Shared-memory links to other agents (see `link`).
+    links: Mutex<HashMap<u32, Arc<link::Link>>>,
     keys: Mutex<HashMap<i32, i32>>,
     /// Names of POSIX objects homed here.
     names: Mutex<HashMap<String, i32>>,
@@ -382,11 +387,12 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             need_uffd,
         } => {
             return agent
+                .dsm
                 .shm_attach(who, shmid, rdonly, inherited, need_uffd)
                 .await
         }
-        Request::ShmFd { shmid, write } => return agent.shm_fd(who, shmid, write).await,
-        Request::ShmGet { key, size, flags } => agent.shm_get(who, key, size, flags).await?,
+        Request::ShmFd { shmid, write } => return agent.dsm.shm_fd(who, shmid, write).await,
+        Request::ShmGet { key, size, flags } => agent.dsm.shm_get(who, key, size, flags).await?,
         Request::ShmMapped {
             shmid,
             addr,
@@ -394,26 +400,64 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             off,
             uffd,
             ..
-        } => agent.shm_mapped(who, shmid, addr, len, off, uffd)?,
-        Request::ShmFutex { shmid, offset, len } => agent.shm_futex(who, shmid, offset, len)?,
+        } => agent.dsm.shm_mapped(who, shmid, addr, len, off, uffd)?,
+        Request::ShmFutex { shmid, offset, len } => agent.dsm.shm_futex(who, shmid, offset, len)?,
         Request::ShmOpen {
             name,
             oflag,
             mode,
             size,
             init,
-        } => agent.shm_open(who, name, oflag, mode, size, init).await?,
-        Request::ShmUnlink { name } => agent.shm_unlink(who, name).await?,
-        Request::ShmResize { shmid, size } => agent.shm_resize(who, shmid, size).await?,
-        Request::ShmDetach { shmid, addr } => agent.shm_detach(who, shmid, addr).await,
-        Request::ShmCtl { shmid, cmd, set } => agent.shm_ctl(who, shmid, cmd, set).await?,
-        Request::Ipcs => agent.ipcs().await,
+        } => {
+            agent
+                .dsm
+                .shm_open(who, name, oflag, mode, size, init)
+                .await?
+        }
+        Request::ShmUnlink { name } => agent.dsm.shm_unlink(who, name).await?,
+        Request::ShmResize { shmid, size } => agent.dsm.shm_resize(who, shmid, size).await?,
+        Request::ShmDetach { shmid, addr } => agent.dsm.shm_detach(who, shmid, addr).await,
+        Request::ShmCtl { shmid, cmd, set } => agent.dsm.shm_ctl(who, shmid, cmd, set).await?,
+        Request::Ipcs => agent.dsm.ipcs().await,
         other => return Err(super::misrouted(&other)),
     };
     Ok((r, Vec::new()))
 }
 
-impl Agent {
+impl Dsm {
+    pub fn new(node: Arc<Node>) -> Dsm {
+        Dsm {
+            node,
+            links: Mutex::default(),
+            keys: Mutex::default(),
+            names: Mutex::default(),
+            homes: Mutex::default(),
+            seq: AtomicU32::default(),
+            locals: Mutex::default(),
+            mems: Mutex::default(),
+            owed: Mutex::default(),
+            watched: Mutex::default(),
+            faults: Mutex::default(),
+        }
+    }
+
+    /// The shared-memory link to node `id`, connecting if needed.
+    async fn dsm_link(&self, id: u32) -> Result<Arc<link::Link>, ErrorReply> {
+        {
+            let l = lock(&self.links);
+            if let Some(k) = l.get(&id).filter(|k| !k.is_dead()) {
+                return Ok(k.clone());
+            }
+        }
+        let addr = self.node.addr_of(id)?;
+        let cfg = &self.node.cfg;
+        let k = link::Link::connect(addr, &cfg.key, cfg.node_id, id)
+            .await
+            .map_err(|e| err(libc::EHOSTUNREACH, format!("node {id} at {addr}: {e}")))?;
+        lock(&self.links).insert(id, k.clone());
+        Ok(k)
+    }
+
     // -- calls, local or remote ---------------------------------------------
 
     async fn dsm_home(self: &Arc<Self>, home: u32, op: HomeOp) -> Result<HomeReply, ErrorReply> {
@@ -546,7 +590,7 @@ impl Agent {
             HomeReply::Info(i) => i,
             r => return Err(err(libc::EIO, format!("shmat: unexpected {r:?}"))),
         };
-        lock(&self.dsm.owed)
+        lock(&self.owed)
             .entry(who.pid)
             .or_default()
             .push((shmid, gpid));
@@ -557,7 +601,6 @@ impl Agent {
             e
         };
         let seg = match self
-            .dsm
             .local_or_new(shmid, info.size)
             .and_then(|s| s.grow(info.size).map(|_| s))
         {
@@ -607,7 +650,7 @@ impl Agent {
             HomeReply::Info(i) => i,
             r => return Err(err(libc::EIO, format!("shm_open: unexpected {r:?}"))),
         };
-        let seg = self.dsm.local_or_new(shmid, info.size)?;
+        let seg = self.local_or_new(shmid, info.size)?;
         seg.grow(info.size)?;
         let f = seg
             .mem
@@ -638,7 +681,7 @@ impl Agent {
             HomeReply::Info(i) => {
                 // The caller's descriptor is this node's memfd: fstat and
                 // mmap see the new size at once.
-                self.dsm.local_or_new(shmid, i.size)?.grow(i.size)?;
+                self.local_or_new(shmid, i.size)?.grow(i.size)?;
                 Ok(Response::Ok)
             }
             r => Err(err(libc::EIO, format!("ftruncate: unexpected {r:?}"))),
@@ -655,8 +698,8 @@ impl Agent {
         off: u64,
         uffd_fd: i32,
     ) -> Result<Response, ErrorReply> {
-        let seg = self.dsm.local(shmid)?;
-        if !lock(&self.dsm.owed)
+        let seg = self.local(shmid)?;
+        if !lock(&self.owed)
             .get(&who.pid)
             .is_some_and(|v| v.iter().any(|(s, _)| *s == shmid))
         {
@@ -686,13 +729,13 @@ impl Agent {
                 kpid: who.pid,
                 uffd: fd,
             });
-            if let Some(old) = lock(&self.dsm.mems).insert(who.pid, m.clone()) {
+            if let Some(old) = lock(&self.mems).insert(who.pid, m.clone()) {
                 self.unwatch(&old);
             }
             self.serve_faults(&m)?;
             m
         } else {
-            lock(&self.dsm.mems).get(&who.pid).cloned().ok_or_else(|| {
+            lock(&self.mems).get(&who.pid).cloned().ok_or_else(|| {
                 err(
                     libc::EINVAL,
                     format!("pid {}: no userfaultfd registered", who.pid),
@@ -719,7 +762,7 @@ impl Agent {
         offset: u64,
         len: u32,
     ) -> Result<Response, ErrorReply> {
-        if !lock(&self.dsm.owed)
+        if !lock(&self.owed)
             .get(&who.pid)
             .is_some_and(|v| v.iter().any(|(s, _)| *s == shmid))
         {
@@ -728,14 +771,14 @@ impl Agent {
                 format!("segment {shmid}: not attached by pid {}", who.pid),
             ));
         }
-        self.dsm.local(shmid)?.note_futex(offset, len as u64)?;
+        self.local(shmid)?.note_futex(offset, len as u64)?;
         Ok(Response::Ok)
     }
 
     /// `ShmDetach` (`addr` 0: an attachment that was never mapped).
     async fn shm_detach(self: &Arc<Self>, who: Caller, shmid: i32, addr: u64) -> Response {
         if addr != 0 {
-            if let Ok(seg) = self.dsm.local(shmid) {
+            if let Ok(seg) = self.local(shmid) {
                 let mut atts = lock(&seg.atts);
                 if let Some(i) = atts
                     .iter()
@@ -746,7 +789,7 @@ impl Agent {
             }
         }
         let counted = {
-            let mut owed = lock(&self.dsm.owed);
+            let mut owed = lock(&self.owed);
             let v = owed.entry(who.pid).or_default();
             let i = v.iter().position(|(s, _)| *s == shmid);
             i.map(|i| v.remove(i))
@@ -803,20 +846,20 @@ impl Agent {
 
     /// A segment a local process has attached, if any.
     pub fn shm_attached(&self, kpid: i32) -> Option<i32> {
-        lock(&self.dsm.owed)
+        lock(&self.owed)
             .get(&kpid)
             .and_then(|v| v.first().map(|(s, _)| *s))
     }
 
     /// A local process exec'd or exited: its attachments are gone.
     pub fn shm_forget(self: &Arc<Self>, kpid: i32) {
-        if let Some(m) = lock(&self.dsm.mems).remove(&kpid) {
+        if let Some(m) = lock(&self.mems).remove(&kpid) {
             self.unwatch(&m);
         }
-        for s in lock(&self.dsm.locals).values() {
+        for s in lock(&self.locals).values() {
             lock(&s.atts).retain(|a| a.kpid != kpid);
         }
-        let owed = lock(&self.dsm.owed).remove(&kpid).unwrap_or_default();
+        let owed = lock(&self.owed).remove(&kpid).unwrap_or_default();
         if owed.is_empty() {
             return;
         }
@@ -837,12 +880,12 @@ impl Agent {
 
     /// Detach a process's segments when it exits.
     fn watch_exit(self: &Arc<Self>, kpid: i32) {
-        if !lock(&self.dsm.watched).insert(kpid) {
+        if !lock(&self.watched).insert(kpid) {
             return;
         }
         let a = self.clone();
         on_exit(kpid, move || {
-            lock(&a.dsm.watched).remove(&kpid);
+            lock(&a.watched).remove(&kpid);
             a.shm_forget(kpid);
         });
     }

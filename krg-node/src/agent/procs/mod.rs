@@ -80,7 +80,7 @@ impl Agent {
         }
         let kpid = who.kpid()?;
         // A new program: the old one's segment attachments are gone.
-        self.shm_forget(kpid);
+        self.dsm.shm_forget(kpid);
         let (gpid, caps, skip) = {
             let mut t = self.node.procs();
             let p = t.register(kpid, Some(caps_env))?;
