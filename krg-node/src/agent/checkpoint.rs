@@ -13,6 +13,7 @@
 //! `remote::spawn_here`) and the command stays as the restored process's
 //! shadow, exactly as for a remote exec.
 
+use super::node::Node;
 use super::peer::remote::SpawnSpec;
 use super::{err, Agent, Caller, Handled};
 use crate::agent::lock;
@@ -31,9 +32,13 @@ use tracing::{debug, info};
 /// Longest a capture may take before the command gives up waiting.
 const CAPTURE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Orders waiting for (or being executed by) a process, by kernel pid.
-#[derive(Default)]
-pub struct Orders(Mutex<HashMap<i32, Pending>>);
+/// Orders waiting for (or being executed by) a process, by kernel pid:
+/// captures, and the stream swaps the hand-overs order. Its lock also
+/// decides between an order and a placement at exec (`mark_placing`).
+pub struct Orders {
+    node: Arc<Node>,
+    pending: Mutex<HashMap<i32, Pending>>,
+}
 
 impl std::fmt::Debug for Orders {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -52,8 +57,129 @@ struct Pending {
 }
 
 impl Orders {
+    pub fn new(node: Arc<Node>) -> Orders {
+        Orders {
+            node,
+            pending: Mutex::default(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Pending>> {
-        lock(&self.0)
+        lock(&self.pending)
+    }
+
+    /// Forget the stream swap ordered to local kernel pid `kpid`, which
+    /// ended before it took it (its number may come back).
+    pub(super) fn forget_swap(&self, kpid: i32) {
+        let mut o = self.lock();
+        if o.get(&kpid)
+            .is_some_and(|p| p.order.action == CkptAction::StreamSwap)
+        {
+            o.remove(&kpid);
+        }
+    }
+
+    /// Mark gpid `g` (local kernel pid `kpid`) as being placed, unless an
+    /// order waits for its handler (the order's lock decides: see
+    /// `order_stream_swap`).
+    pub(super) fn mark_placing(&self, g: i32, kpid: i32) -> bool {
+        let o = self.lock();
+        if o.contains_key(&kpid) {
+            return false;
+        }
+        if let Some(p) = self.node.procs().get_mut(g) {
+            p.placing = true;
+        }
+        true
+    }
+
+    /// `CkptOrder` from a process in its handler.
+    fn ckpt_order(&self, who: Caller) -> CkptOrder {
+        let mut o = self.lock();
+        match o.get_mut(&who.pid) {
+            Some(p) if !p.taken => {
+                p.taken = true;
+                p.order.clone()
+            }
+            _ => CkptOrder {
+                action: CkptAction::None,
+                path: Vec::new(),
+                kill: false,
+                node: 0,
+                streams: Vec::new(),
+                precopy: false,
+            },
+        }
+    }
+
+    /// `CkptDone` from a process.
+    fn ckpt_done(&self, who: Caller, ok: bool, kind: ErrorKind, msg: String, bytes: u64) {
+        let mut o = self.lock();
+        if let Some(p) = o.get_mut(&who.pid) {
+            if let Some(tx) = p.done.take() {
+                let _ = tx.send(if ok {
+                    Ok((bytes, msg == libkrg::proto::POSTCOPY_DONE))
+                } else {
+                    Err((kind, msg))
+                });
+            }
+            // Nobody waits for a stream swap: it ends here.
+            if p.order.action == CkptAction::StreamSwap {
+                o.remove(&who.pid);
+            }
+        }
+    }
+
+    /// Order a local process to hand its connections `streams` (fd, id) over
+    /// to new ones (its peer moves). Not if a capture is under way.
+    pub(super) fn order_stream_swap(
+        &self,
+        g: i32,
+        kpid: i32,
+        streams: Vec<(i32, u64)>,
+    ) -> Result<(), ErrorReply> {
+        {
+            let mut o = self.lock();
+            if o.contains_key(&kpid) {
+                return Err(ErrorReply::new(
+                    libc::EBUSY,
+                    ErrorKind::PeerBusy,
+                    format!("pid {g}, {PEER_BUSY}"),
+                ));
+            }
+            // Decided under the same lock as `place_or_stay`: a process
+            // placed at its exec blocks its signals and becomes a shadow,
+            // which would never take the order (the mover waited a
+            // minute for its peer to freeze).
+            if self.node.procs().get(g).is_some_and(|p| p.placing) {
+                return Err(ErrorReply::new(
+                    libc::EAGAIN,
+                    ErrorKind::PeerPlaced,
+                    format!("pid {g}, {}", super::streams::PEER_PLACED),
+                ));
+            }
+            o.insert(
+                kpid,
+                Pending {
+                    order: CkptOrder {
+                        action: CkptAction::StreamSwap,
+                        path: Vec::new(),
+                        kill: false,
+                        node: 0,
+                        streams,
+                        precopy: false,
+                    },
+                    taken: false,
+                    done: None,
+                },
+            );
+        }
+        self.node
+            .procs()
+            .kill(g, libkrg::proto::CKPT_SIGNAL, 0)
+            .inspect_err(|_| {
+                self.lock().remove(&kpid);
+            })
     }
 }
 
@@ -239,14 +365,14 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Han
                 agent.checkpoint(pid, order, who.uid, 0).await?,
             ))
         }
-        Request::CkptOrder => Ok(Response::CkptOrder(agent.ckpt_order(who))),
+        Request::CkptOrder => Ok(Response::CkptOrder(agent.orders.ckpt_order(who))),
         Request::CkptDone {
             ok,
             kind,
             msg,
             bytes,
         } => {
-            agent.ckpt_done(who, ok, kind, msg, bytes);
+            agent.orders.ckpt_done(who, ok, kind, msg, bytes);
             Ok(Response::Ok)
         }
         Request::Restart(req) => Ok(Response::Ckpt(agent.restart(who, req).await?)),
@@ -634,68 +760,6 @@ impl Agent {
         }
     }
 
-    /// Forget the stream swap ordered to local kernel pid `kpid`, which
-    /// ended before it took it (its number may come back).
-    pub(super) fn forget_swap(&self, kpid: i32) {
-        let mut o = self.orders.lock();
-        if o.get(&kpid)
-            .is_some_and(|p| p.order.action == CkptAction::StreamSwap)
-        {
-            o.remove(&kpid);
-        }
-    }
-
-    /// Mark gpid `g` (local kernel pid `kpid`) as being placed, unless an
-    /// order waits for its handler (the order's lock decides: see
-    /// `order_stream_swap`).
-    pub(super) fn mark_placing(&self, g: i32, kpid: i32) -> bool {
-        let o = self.orders.lock();
-        if o.contains_key(&kpid) {
-            return false;
-        }
-        if let Some(p) = self.node.procs().get_mut(g) {
-            p.placing = true;
-        }
-        true
-    }
-
-    /// `CkptOrder` from a process in its handler.
-    fn ckpt_order(&self, who: Caller) -> CkptOrder {
-        let mut o = self.orders.lock();
-        match o.get_mut(&who.pid) {
-            Some(p) if !p.taken => {
-                p.taken = true;
-                p.order.clone()
-            }
-            _ => CkptOrder {
-                action: CkptAction::None,
-                path: Vec::new(),
-                kill: false,
-                node: 0,
-                streams: Vec::new(),
-                precopy: false,
-            },
-        }
-    }
-
-    /// `CkptDone` from a process.
-    fn ckpt_done(&self, who: Caller, ok: bool, kind: ErrorKind, msg: String, bytes: u64) {
-        let mut o = self.orders.lock();
-        if let Some(p) = o.get_mut(&who.pid) {
-            if let Some(tx) = p.done.take() {
-                let _ = tx.send(if ok {
-                    Ok((bytes, msg == libkrg::proto::POSTCOPY_DONE))
-                } else {
-                    Err((kind, msg))
-                });
-            }
-            // Nobody waits for a stream swap: it ends here.
-            if p.order.action == CkptAction::StreamSwap {
-                o.remove(&who.pid);
-            }
-        }
-    }
-
     /// A failed capture's hand-overs `(node, id)`, called off where they
     /// are held (its peers, frozen for it, would wait a minute for a
     /// connection nobody makes).
@@ -713,58 +777,6 @@ impl Agent {
                 }
             }
         }
-    }
-
-    /// Order a local process to hand its connections `streams` (fd, id) over
-    /// to new ones (its peer moves). Not if a capture is under way.
-    pub(super) fn order_stream_swap(
-        &self,
-        g: i32,
-        kpid: i32,
-        streams: Vec<(i32, u64)>,
-    ) -> Result<(), ErrorReply> {
-        {
-            let mut o = self.orders.lock();
-            if o.contains_key(&kpid) {
-                return Err(ErrorReply::new(
-                    libc::EBUSY,
-                    ErrorKind::PeerBusy,
-                    format!("pid {g}, {PEER_BUSY}"),
-                ));
-            }
-            // Decided under the same lock as `place_or_stay`: a process
-            // placed at its exec blocks its signals and becomes a shadow,
-            // which would never take the order (the mover waited a
-            // minute for its peer to freeze).
-            if self.node.procs().get(g).is_some_and(|p| p.placing) {
-                return Err(ErrorReply::new(
-                    libc::EAGAIN,
-                    ErrorKind::PeerPlaced,
-                    format!("pid {g}, {}", super::streams::PEER_PLACED),
-                ));
-            }
-            o.insert(
-                kpid,
-                Pending {
-                    order: CkptOrder {
-                        action: CkptAction::StreamSwap,
-                        path: Vec::new(),
-                        kill: false,
-                        node: 0,
-                        streams,
-                        precopy: false,
-                    },
-                    taken: false,
-                    done: None,
-                },
-            );
-        }
-        self.node
-            .procs()
-            .kill(g, libkrg::proto::CKPT_SIGNAL, 0)
-            .inspect_err(|_| {
-                self.orders.lock().remove(&kpid);
-            })
     }
 
     /// After a restart where parked connections waited: migrate the

@@ -100,7 +100,7 @@ pub struct Agent {
     /// balancer.
     sched: Arc<sched::Scheduler>,
     /// Checkpoint orders waiting for their processes.
-    orders: checkpoint::Orders,
+    orders: Arc<checkpoint::Orders>,
     /// Shared memory segments: those homed here and local copies.
     dsm: Arc<dsm::Dsm>,
     /// System V semaphore sets homed here.
@@ -154,7 +154,7 @@ impl Agent {
         let node = Arc::new(Node::new(cfg));
         Arc::new(Agent {
             sched: Arc::new(sched::Scheduler::new(node.clone())),
-            orders: checkpoint::Orders::default(),
+            orders: Arc::new(checkpoint::Orders::new(node.clone())),
             dsm: Arc::new(dsm::Dsm::new(node.clone())),
             sems: Arc::new(sync::Sems::new(node.clone())),
             ports: streams::Ports::default(),

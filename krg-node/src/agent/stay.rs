@@ -151,7 +151,7 @@ impl Agent {
         // would block its signals and never take it. Waited for a little,
         // else it stays.
         let until = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
-        while !self.mark_placing(gpid, kpid) {
+        while !self.orders.mark_placing(gpid, kpid) {
             if tokio::time::Instant::now() >= until {
                 tracing::debug!("pid {gpid} stays on this node: a stream swap waits for it");
                 return 0;

@@ -464,7 +464,7 @@ impl Agent {
             tracing::debug!("stream {id:#x}: holding pid {g} fds {fds:?}");
         }
         for (kpid, (g, order)) in orders {
-            let r = self.order_stream_swap(g, kpid, order.clone());
+            let r = self.orders.order_stream_swap(g, kpid, order.clone());
             if r.as_ref().is_err_and(|e| e.kind == ErrorKind::PeerPlaced) {
                 // Placed since it was found (the mover waited for a
                 // shadow's relay meanwhile): its ends are relayed by its
@@ -529,7 +529,7 @@ impl Agent {
                 // closed. Before, the mover waited a minute for it.
                 Frozen::Ended => {
                     self.moving.held().remove(&id);
-                    self.forget_swap(kpid);
+                    self.orders.forget_swap(kpid);
                     out[i] = if pipe {
                         StreamPeer::Nobody
                     } else {
