@@ -708,7 +708,7 @@ impl Agent {
                 .to_string(),
             )),
         };
-        let frozen = self.moving.take_frozen_for(kpid);
+        let frozen = self.streams.take_frozen_for(kpid);
         if res.is_err() && !frozen.is_empty() {
             self.call_off_everywhere(frozen).await;
         }
@@ -770,7 +770,7 @@ impl Agent {
         }
         for (node, ids) in by_node {
             if node == self.node.node_id() {
-                self.call_off(&ids);
+                self.streams.call_off(&ids);
             } else if let Ok(c) = self.node.client(node).await {
                 if let Err(e) = c.stream_call_off(super::ctx(), ids).await {
                     debug!("calling hand-overs off on node {node}: {e}");

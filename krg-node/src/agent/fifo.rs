@@ -113,11 +113,13 @@ impl Agent {
         match m {
             FifoMatch::Local => Ok((Response::Local, Vec::new())),
             FifoMatch::Accept { id } => {
-                let fd = self.take_expected(id).await?;
+                let fd = self.streams.take_expected(id).await?;
                 Ok((Response::StreamFd, vec![fd]))
             }
             FifoMatch::Connect { id, node } => {
-                self.stream_attach(id, node, Vec::new(), false, true).await
+                self.streams
+                    .stream_attach(id, node, Vec::new(), false, true)
+                    .await
             }
         }
     }
@@ -191,7 +193,7 @@ impl Agent {
     /// its reader of `key`; the stream's id, or `None` when no reader is
     /// open there any more (then forgotten).
     async fn fifo_feed_from(self: &Arc<Self>, key: &FifoKey, node: u32) -> Option<u64> {
-        let id = self.new_stream_id();
+        let id = self.streams.new_stream_id();
         let fed = if node == self.node.node_id() {
             self.fifo_feed(key.clone(), id).await
         } else {
@@ -228,10 +230,10 @@ impl Agent {
                 return false;
             }
         };
-        self.expect_connection(id, true);
+        self.streams.expect_connection(id, true);
         let me = self.clone();
         tokio::spawn(async move {
-            let Ok(sock) = me.take_expected(id).await else {
+            let Ok(sock) = me.streams.take_expected(id).await else {
                 return;
             };
             let path = String::from_utf8_lossy(&key.path).into_owned();
@@ -351,10 +353,10 @@ impl Agent {
             return Ok(FifoMatch::Local);
         }
         let reader = if write { other.node } else { node };
-        let id = self.new_stream_id();
+        let id = self.streams.new_stream_id();
         // The reader's node holds the place before the writer's connects.
         let held = if reader == self.node.node_id() {
-            self.expect_connection(id, true);
+            self.streams.expect_connection(id, true);
             Ok(())
         } else {
             match self.node.client(reader).await {

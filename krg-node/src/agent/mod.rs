@@ -18,7 +18,6 @@ pub mod probe;
 pub mod procs;
 pub mod remote;
 pub mod sched;
-pub mod seqpacket;
 pub mod stay;
 pub mod streams;
 pub mod sync;
@@ -105,10 +104,9 @@ pub struct Agent {
     dsm: Arc<dsm::Dsm>,
     /// System V semaphore sets homed here.
     sems: Arc<sync::Sems>,
-    /// The cluster-wide loopback's ports (see `streams`).
-    ports: streams::Ports,
-    /// TCP connections whose other end is moving (see `streams`).
-    moving: streams::Moving,
+    /// The cluster-wide loopback's ports and the connections whose other
+    /// end is moving (see `streams`).
+    streams: Arc<streams::Streams>,
     /// Ends of children that run elsewhere, for their child shadows here
     /// (see `children`).
     children: Arc<children::Children>,
@@ -152,13 +150,13 @@ pub(crate) fn ctx() -> context::Context {
 impl Agent {
     pub fn new(cfg: Config) -> Arc<Agent> {
         let node = Arc::new(Node::new(cfg));
+        let orders = Arc::new(checkpoint::Orders::new(node.clone()));
         Arc::new(Agent {
             sched: Arc::new(sched::Scheduler::new(node.clone())),
-            orders: Arc::new(checkpoint::Orders::new(node.clone())),
+            orders: orders.clone(),
             dsm: Arc::new(dsm::Dsm::new(node.clone())),
             sems: Arc::new(sync::Sems::new(node.clone())),
-            ports: streams::Ports::default(),
-            moving: streams::Moving::default(),
+            streams: Arc::new(streams::Streams::new(node.clone(), orders.clone())),
             children: Arc::new(children::Children::new(node.clone())),
             fifos: fifo::Fifos::default(),
             unix: unix::UnixNames::default(),

@@ -104,7 +104,7 @@ impl Agent {
                 )
             })?;
             // Its process takes the port on its new node.
-            lock(&self.ports.forwarding).insert(p);
+            self.streams.forwarding().insert(p);
             Some(p)
         } else {
             None
@@ -152,7 +152,7 @@ impl Agent {
     }
 
     fn stop_forwarding(&self, port: u16) {
-        lock(&self.ports.forwarding).remove(&port);
+        self.streams.forwarding().remove(&port);
     }
 
     /// `ForwardParked`: the process that parked listener `id` here listens
@@ -230,6 +230,7 @@ impl Agent {
     ) {
         let start = tokio::time::Instant::now();
         let mut to = self
+            .streams
             .node_ipv4(node)
             .map(|ip| std::net::SocketAddr::from((ip, port)));
         let mut seen = false;
@@ -251,18 +252,18 @@ impl Agent {
                     tokio::spawn(pass_on(c, from, to, port));
                 }
                 _ = tick.tick() => {
-                    let holder = match self.port_call(PortOp::Owner { port }).await {
+                    let holder = match self.streams.port_call(PortOp::Owner { port }).await {
                         Ok(Some(n)) if n != self.node.node_id() => Some(n),
                         _ => None,
                     };
                     let taken = match holder {
-                        Some(n) => self.probe_on(n, port, true).await,
+                        Some(n) => self.streams.probe_on(n, port, true).await,
                         None => false,
                     };
                     if taken {
                         seen = true;
                         to = holder
-                            .and_then(|n| self.node_ipv4(n))
+                            .and_then(|n| self.streams.node_ipv4(n))
                             .map(|ip| std::net::SocketAddr::from((ip, port)));
                     } else if seen || start.elapsed() > FORWARD_CONNECT {
                         self.forwarders().remove(&port);

@@ -61,7 +61,7 @@ async fn serve(a: Arc<Agent>, mut s: TcpStream, addr: SocketAddr) {
         }
         (Ok(Ok(_)), peer::CHANNEL_STREAM) => {
             debug!("node {id}: stream hand-over from {addr}");
-            a.stream_accept(s, id).await;
+            a.streams.clone().stream_accept(s, id).await;
         }
         (Ok(Ok(_)), c) => warn!("node {id} at {addr}: unknown channel {c}"),
         _ => warn!("node {id} at {addr}: no channel chosen"),
@@ -159,7 +159,7 @@ impl Peer for PeerServer {
     }
 
     async fn fifo_expect(self, _: context::Context, id: u64) {
-        self.0.expect_connection(id, true);
+        self.0.streams.expect_connection(id, true);
     }
 
     async fn fifo_stand(self, _: context::Context, key: FifoKey, node: u32) {
@@ -206,15 +206,15 @@ impl Peer for PeerServer {
     }
 
     async fn port_home(self, _: context::Context, op: PortOp) -> Result<Option<u32>, ErrorReply> {
-        self.0.port_home_op(op).await
+        self.0.streams.port_home_op(op).await
     }
 
     async fn port_probe(self, _: context::Context, port: u16, reuse: bool) -> bool {
-        self.0.port_probe(port, reuse).await
+        self.0.streams.port_probe(port, reuse).await
     }
 
     async fn loopback_peer(self, _: context::Context, ip: [u8; 4], from: u16, port: u16, v6: bool) {
-        self.0.note_loopback_peer(ip, from, port, v6);
+        self.0.streams.note_loopback_peer(ip, from, port, v6);
     }
 
     async fn stream_hold(
@@ -223,11 +223,11 @@ impl Peer for PeerServer {
         ends: Vec<End>,
         commit: bool,
     ) -> Result<Vec<StreamPeer>, ErrorReply> {
-        self.0.stream_hold(ends, commit).await
+        self.0.streams.stream_hold(ends, commit).await
     }
 
     async fn stream_call_off(self, _: context::Context, ids: Vec<u64>) {
-        self.0.call_off(&ids)
+        self.0.streams.call_off(&ids)
     }
 
     async fn sched_push(

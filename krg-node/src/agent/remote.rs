@@ -437,6 +437,7 @@ impl Agent {
             } = &mut spec.exec.stdio[i]
             {
                 let (_, mut v) = self
+                    .streams
                     .stream_attach(*id, *node, std::mem::take(pending), *wr_shut, true)
                     .await?;
                 fds[i] = v.pop();

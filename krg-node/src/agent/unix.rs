@@ -205,7 +205,7 @@ impl Agent {
         })?;
         let gids = std::iter::once(gid).chain(groups).collect();
         let pair = pair
-            .map(|p| super::seqpacket::take_pair(who.pid, p))
+            .map(|p| super::streams::seqpacket::take_pair(who.pid, p))
             .transpose()?;
         let c = self.node.client(node).await?;
         let id = c
@@ -219,7 +219,8 @@ impl Agent {
                 )
             })??;
         tracing::debug!("UNIX socket {name}: connection {id:#x} to node {node}");
-        self.stream_attach_with(id, node, Vec::new(), false, false, pair)
+        self.streams
+            .stream_attach_with(id, node, Vec::new(), false, false, pair)
             .await
     }
 
@@ -266,8 +267,8 @@ impl Agent {
                 ));
             }
         }
-        let id = self.new_stream_id();
-        self.expect_connection(id, false);
+        let id = self.streams.new_stream_id();
+        self.streams.expect_connection(id, false);
         lock(&self.unix.stand_ins).insert(
             id,
             StandIn {
@@ -294,7 +295,7 @@ impl Agent {
             Ok(s) => s,
             Err(e) => {
                 lock(&self.unix.stand_ins).remove(&id);
-                self.forget_expected(id);
+                self.streams.forget_expected(id);
                 return Err(e);
             }
         };
@@ -316,7 +317,7 @@ impl Agent {
             old
         };
         for i in stale {
-            self.forget_expected(i);
+            self.streams.forget_expected(i);
         }
         Ok(id)
     }
@@ -345,9 +346,9 @@ impl Agent {
             Some(_) => {}
         }
         let pair = pair
-            .map(|p| super::seqpacket::take_pair(who.pid, p))
+            .map(|p| super::streams::seqpacket::take_pair(who.pid, p))
             .transpose()?;
-        let fd = self.take_expected(id).await;
+        let fd = self.streams.take_expected(id).await;
         // The listener's copy of the stand-in is replaced by now.
         drop(lock(&self.unix.stand_ins).remove(&id));
         let fd = fd?;
@@ -360,9 +361,9 @@ impl Agent {
         let node = tcp
             .peer_addr()
             .ok()
-            .and_then(|a| self.node_at(a.ip()))
+            .and_then(|a| self.streams.node_at(a.ip()))
             .unwrap_or(0);
-        self.relay(id, node, relay, tcp);
+        self.streams.relay(id, node, relay, tcp);
         Ok((Response::StreamFd, vec![end]))
     }
 }

@@ -263,7 +263,7 @@ pub(in crate::agent) fn accmode(pid: i32, fd: i32) -> Option<i32> {
     Some(flags & libc::O_ACCMODE)
 }
 
-impl Agent {
+impl Streams {
     /// Who holds the end `what` (fd link `link`; `mover` holds the other
     /// end of a pipe) on this node, from `all` (every holder by link).
     pub(super) fn holder_of(

@@ -5,7 +5,7 @@
 use super::*;
 use crate::agent::lock;
 
-impl Agent {
+impl Streams {
     /// The node whose address is `ip`.
     pub(crate) fn node_at(&self, ip: IpAddr) -> Option<u32> {
         // Both ends on this node (a connection made over the loopback).
@@ -262,7 +262,7 @@ impl Agent {
     }
 }
 
-impl Agent {
+impl Streams {
     /// Have shadow `g` (kernel pid `kpid`) hand over its relay of fd `fd`
     /// to its program on `node`: the program's end of the relay is held
     /// there like the peer of a moving connection, and the shadow sends on
@@ -708,7 +708,7 @@ impl Agent {
         pair: Option<(i32, i32)>,
     ) -> Result<Response, ErrorReply> {
         let pair = pair
-            .map(|p| super::super::seqpacket::take_pair(who.pid, p))
+            .map(|p| super::seqpacket::take_pair(who.pid, p))
             .transpose()?;
         let tx = self
             .moving

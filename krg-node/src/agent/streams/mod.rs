@@ -9,6 +9,8 @@
 //! by another node is checked *when it matters*, by asking that node to
 //! bind the port itself (`probe`). See docs/architecture/streams.md.
 
+use super::checkpoint::Orders;
+use super::node::Node;
 use super::peer::streams::{End, PortOp};
 use super::peer::CHANNEL_STREAM;
 use super::{err, sock_err, Agent, Answer, Answered, Caller};
@@ -22,14 +24,48 @@ use std::sync::Arc;
 mod attach;
 mod find;
 mod handover;
+pub mod seqpacket;
 
 use attach::*;
 use find::*;
 pub(super) use find::{accmode, holders};
 
+/// The streams subsystem: the cluster-wide loopback's ports and the
+/// connections whose other end is moving. Stream swaps are ordered
+/// through the checkpoint orders.
+#[derive(Debug)]
+pub struct Streams {
+    node: Arc<Node>,
+    orders: Arc<Orders>,
+    ports: Ports,
+    moving: Moving,
+}
+
+impl Streams {
+    pub fn new(node: Arc<Node>, orders: Arc<Orders>) -> Streams {
+        Streams {
+            node,
+            orders,
+            ports: Ports::default(),
+            moving: Moving::default(),
+        }
+    }
+
+    /// Ports whose listener this agent keeps for a process that moved
+    /// away (see `Ports::forwarding`).
+    pub(crate) fn forwarding(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
+        lock(&self.ports.forwarding)
+    }
+
+    /// The hand-overs held for mover `kpid`, forgotten here.
+    pub(crate) fn take_frozen_for(&self, kpid: i32) -> Vec<(u32, u64)> {
+        self.moving.take_frozen_for(kpid)
+    }
+}
+
 /// The port table (used at the home) and the ports this node holds.
 #[derive(Debug, Default)]
-pub struct Ports {
+struct Ports {
     /// At the home: port -> node that holds it. An async mutex: a
     /// reservation that conflicts probes the holder while holding it, so two
     /// binds of one port are decided one after the other.
@@ -40,7 +76,7 @@ pub struct Ports {
     /// Ports whose listener this agent keeps for a process that moved
     /// away, passing connections on to it (`agent::parked`): free for that
     /// process to take on its new node.
-    pub(crate) forwarding: std::sync::Mutex<HashSet<u16>>,
+    forwarding: std::sync::Mutex<HashSet<u16>>,
     /// Clients of other nodes about to connect to a port held here at the
     /// loopback: (their address, their port) -> (this port, `::1`, when
     /// told). Taken by the server's `LoopbackPeer`; forgotten after
@@ -100,7 +136,7 @@ pub(crate) fn in_use_here(port: u16, reuse: bool) -> bool {
 /// `Agent::handle_local`); a stream's new end is a descriptor.
 pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
     let r = match req {
-        Request::StreamAwait { id } => return agent.stream_await(id).await,
+        Request::StreamAwait { id } => return agent.streams.stream_await(id).await,
         Request::StreamAttach {
             id,
             node,
@@ -109,19 +145,18 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             pipe,
             pair,
         } => {
-            let pair = pair
-                .map(|p| super::seqpacket::take_pair(who.pid, p))
-                .transpose()?;
+            let pair = pair.map(|p| seqpacket::take_pair(who.pid, p)).transpose()?;
             return agent
+                .streams
                 .stream_attach_with(id, node, pending, wr_shut, pipe, pair)
                 .await;
         }
-        Request::PortBind { port, reuse } => agent.port_bind(who, port, reuse).await?,
-        Request::PortOwner { port, from, v6 } => agent.port_owner(port, from, v6).await?,
+        Request::PortBind { port, reuse } => agent.streams.port_bind(who, port, reuse).await?,
+        Request::PortOwner { port, from, v6 } => agent.streams.port_owner(port, from, v6).await?,
         Request::LoopbackPeer { ip, from, port } => {
-            Response::LoopbackPeer(agent.loopback_peer(ip, from, port))
+            Response::LoopbackPeer(agent.streams.loopback_peer(ip, from, port))
         }
-        Request::NodeAddrs => agent.node_addrs(),
+        Request::NodeAddrs => agent.streams.node_addrs(),
         Request::StreamFreeze {
             conns,
             pipes,
@@ -129,23 +164,26 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             optional,
         } => {
             agent
+                .streams
                 .stream_freeze(who, conns, pipes, unix, optional)
                 .await?
         }
-        Request::StreamFrozen { ids } => agent.stream_frozen(&ids)?,
+        Request::StreamFrozen { ids } => agent.streams.stream_frozen(&ids)?,
         Request::StreamDrained {
             id,
             pending,
             wr_shut,
             pair,
-        } => agent.stream_drained(who, id, pending, wr_shut, pair)?,
-        Request::ShadowRelays(relays) => agent.shadow_relays(who, relays).await?,
+        } => agent
+            .streams
+            .stream_drained(who, id, pending, wr_shut, pair)?,
+        Request::ShadowRelays(relays) => agent.streams.shadow_relays(who, relays).await?,
         other => return Err(super::misrouted(&other)),
     };
     Ok((r, Vec::new()))
 }
 
-impl Agent {
+impl Streams {
     /// This node, or another node that is up.
     fn alive(&self, node: u32) -> bool {
         node == self.node.node_id() || self.node.is_up(node)
@@ -398,7 +436,7 @@ pub struct Release {
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// What the staying peer had in flight, whether it had shut down
 /// writing, and for a seqpacket socket its new socketpair.
-type Drained = (Vec<u8>, bool, Option<super::seqpacket::Pair>);
+type Drained = (Vec<u8>, bool, Option<seqpacket::Pair>);
 /// Where the staying peer's end of a new connection is sent.
 type FdSender = tokio::sync::oneshot::Sender<std::os::fd::OwnedFd>;
 
@@ -457,13 +495,13 @@ enum Frozen {
 
 /// Streams being moved (at the staying peer's node), by id.
 #[derive(Debug, Default)]
-pub struct Moving {
+struct Moving {
     held: std::sync::Mutex<HashMap<u64, Held>>,
     next: std::sync::atomic::AtomicU64,
     /// Shadows asked to hand a relay over, by kernel pid.
     releases: std::sync::Mutex<HashMap<i32, Release>>,
     /// Seqpacket relays running here.
-    pub(crate) relays: super::seqpacket::Relays,
+    relays: seqpacket::Relays,
     /// The hand-overs held for each mover of this node (kernel pid) while
     /// its capture runs: `(node, stream id)`, called off if it fails.
     frozen_for: std::sync::Mutex<HashMap<i32, Vec<(u32, u64)>>>,
@@ -479,7 +517,7 @@ impl Moving {
     }
 
     /// The hand-overs held for mover `kpid`, forgotten here.
-    pub(crate) fn take_frozen_for(&self, kpid: i32) -> Vec<(u32, u64)> {
+    fn take_frozen_for(&self, kpid: i32) -> Vec<(u32, u64)> {
         lock(&self.frozen_for).remove(&kpid).unwrap_or_default()
     }
 }

@@ -16,7 +16,8 @@
 //! shuts its relay end both ways, so its process's next write fails with
 //! `EPIPE`, as with a peer that closed).
 
-use super::{sock_err, sys, Agent};
+use super::super::{sock_err, sys};
+use super::Streams;
 use crate::agent::lock;
 use libkrg::proto::ErrorReply;
 use libkrg::streams::seqpacket::{self, Got, MAX_MESSAGE};
@@ -89,7 +90,7 @@ pub fn refill(end: &OwnedFd, framed: &[u8], what: &str) -> Result<(), ErrorReply
         .map_err(|e| super::err(libc::EIO, format!("{what}: {e}")))
 }
 
-impl Agent {
+impl Streams {
     /// Relay stream `id` between `end` (the agent's end of a process's
     /// socketpair) and `tcp` (to the agent of `node`), until both
     /// directions have ended.
