@@ -21,7 +21,9 @@
 //! writer on the reader's node opens the FIFO itself. A non-blocking
 //! writer that finds no reader gets `ENXIO`.
 
+use super::node::Node;
 use super::peer::streams::{FifoKey, FifoMatch};
+use super::streams::Streams;
 use super::{err, Agent, Answer, Answered, Caller};
 use crate::agent::lock;
 use libkrg::proto::{ErrorReply, Request, Response};
@@ -52,13 +54,12 @@ struct Rendezvous {
     here: HashMap<FifoKey, Vec<i32>>,
 }
 
-#[derive(Debug, Default)]
-pub struct Fifos(std::sync::Mutex<Rendezvous>);
-
-impl Fifos {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Rendezvous> {
-        lock(&self.0)
-    }
+/// FIFOs opened from several nodes: the rendezvous of their openers.
+#[derive(Debug)]
+pub struct Fifos {
+    node: Arc<Node>,
+    streams: Arc<Streams>,
+    rendezvous: std::sync::Mutex<Rendezvous>,
 }
 
 /// Longest a rendezvous call to the home may wait (a FIFO's open blocks
@@ -77,11 +78,13 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             nonblock,
         } => {
             agent
+                .fifos
                 .fifo_open(FifoKey { path, dev, ino }, write, nonblock)
                 .await
         }
         Request::FifoStand { path, dev, ino } => Ok((
             agent
+                .fifos
                 .fifo_stand(who.pid, FifoKey { path, dev, ino })
                 .await?,
             Vec::new(),
@@ -90,7 +93,19 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
     }
 }
 
-impl Agent {
+impl Fifos {
+    pub fn new(node: Arc<Node>, streams: Arc<Streams>) -> Fifos {
+        Fifos {
+            node,
+            streams,
+            rendezvous: std::sync::Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Rendezvous> {
+        lock(&self.rendezvous)
+    }
+
     /// `FifoOpen` from a local process.
     async fn fifo_open(
         self: &Arc<Self>,
@@ -128,7 +143,7 @@ impl Agent {
     /// non-blocking reader opened `key` here; the home learns it.
     async fn fifo_stand(self: &Arc<Self>, kpid: i32, key: FifoKey) -> Result<Response, ErrorReply> {
         {
-            let mut r = self.fifos.lock();
+            let mut r = self.lock();
             let pids = r.here.entry(key.clone()).or_default();
             if !pids.contains(&kpid) {
                 pids.push(kpid);
@@ -153,7 +168,7 @@ impl Agent {
     /// agent.
     pub(crate) async fn fifo_stand_at_home(self: &Arc<Self>, key: FifoKey, node: u32) {
         let writers: Vec<Waiting> = {
-            let mut guard = self.fifos.lock();
+            let mut guard = self.lock();
             let Rendezvous {
                 waiting, standing, ..
             } = &mut *guard;
@@ -179,7 +194,6 @@ impl Agent {
                 }
                 // Closed already: the writer waits on.
                 None => self
-                    .fifos
                     .lock()
                     .waiting
                     .entry(key.clone())
@@ -246,9 +260,9 @@ impl Agent {
     /// Whether one of this node's non-blocking readers of `key` still has
     /// it open for reading (the others are forgotten).
     pub(crate) fn fifo_reader_here(&self, key: &FifoKey) -> bool {
-        let pids = self.fifos.lock().here.get(key).cloned().unwrap_or_default();
+        let pids = self.lock().here.get(key).cloned().unwrap_or_default();
         let open: Vec<i32> = pids.into_iter().filter(|p| reads_fifo(*p, key)).collect();
-        let mut r = self.fifos.lock();
+        let mut r = self.lock();
         if open.is_empty() {
             r.here.remove(key);
             false
@@ -281,7 +295,7 @@ impl Agent {
 
     /// At the key home: no reader of `key` stands on `node` any more.
     fn forget_standing(&self, key: &FifoKey, node: u32) {
-        if let Some(st) = self.fifos.lock().standing.get_mut(key) {
+        if let Some(st) = self.lock().standing.get_mut(key) {
             st.retain(|n| *n != node);
         }
     }
@@ -299,7 +313,7 @@ impl Agent {
     ) -> Result<FifoMatch, ErrorReply> {
         let (other, rx) = loop {
             let standing = {
-                let mut guard = self.fifos.lock();
+                let mut guard = self.lock();
                 let Rendezvous {
                     waiting, standing, ..
                 } = &mut *guard;
@@ -369,8 +383,7 @@ impl Agent {
         };
         if let Err(e) = held {
             // The other opener waits on: it may meet someone else.
-            self.fifos
-                .lock()
+            self.lock()
                 .waiting
                 .entry(key)
                 .or_default()

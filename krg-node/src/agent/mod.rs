@@ -29,7 +29,6 @@ use crate::agent::config::Config;
 use crate::agent::node::Node;
 use crate::agent::peer::Heartbeat;
 use libkrg::proto::{CkptOrder, ErrorReply, Request, Response};
-use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -111,14 +110,12 @@ pub struct Agent {
     /// (see `children`).
     children: Arc<children::Children>,
     /// FIFO openers waiting for a partner, at the key home (see `fifo`).
-    fifos: fifo::Fifos,
+    fifos: Arc<fifo::Fifos>,
     /// Cluster-wide UNIX socket names (see `unix`).
-    unix: unix::UnixNames,
-    /// Fds kept open for checkpointed processes (see `parked`).
-    parked: parked::Parked,
-    /// Listeners kept for processes that moved away, by port: how to ask
-    /// each forwarder for its listener back (`agent::parked`).
-    forwarders: std::sync::Mutex<HashMap<u16, tokio::sync::oneshot::Sender<parked::Giver>>>,
+    unix: Arc<unix::UnixNames>,
+    /// Fds kept open for checkpointed processes, and listeners kept for
+    /// processes that moved away (see `parked`).
+    parked: Arc<parked::Parked>,
 }
 
 /// A std mutex's guard, poisoned or not: a panic while it was held
@@ -151,17 +148,17 @@ impl Agent {
     pub fn new(cfg: Config) -> Arc<Agent> {
         let node = Arc::new(Node::new(cfg));
         let orders = Arc::new(checkpoint::Orders::new(node.clone()));
+        let streams = Arc::new(streams::Streams::new(node.clone(), orders.clone()));
         Arc::new(Agent {
             sched: Arc::new(sched::Scheduler::new(node.clone())),
             orders: orders.clone(),
             dsm: Arc::new(dsm::Dsm::new(node.clone())),
             sems: Arc::new(sync::Sems::new(node.clone())),
-            streams: Arc::new(streams::Streams::new(node.clone(), orders.clone())),
+            streams: streams.clone(),
             children: Arc::new(children::Children::new(node.clone())),
-            fifos: fifo::Fifos::default(),
-            unix: unix::UnixNames::default(),
-            parked: parked::Parked::default(),
-            forwarders: Default::default(),
+            fifos: Arc::new(fifo::Fifos::new(node.clone(), streams.clone())),
+            unix: Arc::new(unix::UnixNames::new(node.clone(), streams.clone())),
+            parked: Arc::new(parked::Parked::new(node.clone(), streams.clone())),
             node,
         })
     }

@@ -8,7 +8,9 @@
 //! flight stays in the socket or pipe itself. The restore of the image on
 //! this node takes the very same kernel objects back.
 
+use super::node::Node;
 use super::peer::streams::PortOp;
+use super::streams::Streams;
 use super::{err, Agent, Answer, Answered, Caller};
 use crate::agent::lock;
 use libkrg::proto::{ErrorReply, Request, Response};
@@ -20,14 +22,17 @@ use std::sync::{Arc, Mutex};
 /// listener.
 type Park = (u32, OwnedFd, Option<u16>);
 
-/// The parks of this node, by id.
-#[derive(Debug, Default)]
-pub struct Parked(Mutex<HashMap<i32, Park>>);
-
-impl Parked {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Park>> {
-        lock(&self.0)
-    }
+/// Fds kept open for checkpointed processes, and the listeners kept for
+/// processes that moved away.
+#[derive(Debug)]
+pub struct Parked {
+    node: Arc<Node>,
+    streams: Arc<Streams>,
+    /// The parks of this node, by id.
+    parks: Mutex<HashMap<i32, Park>>,
+    /// Listeners kept for processes that moved away, by port: how to ask
+    /// each forwarder for its listener back.
+    forwarders: Mutex<HashMap<u16, tokio::sync::oneshot::Sender<Giver>>>,
 }
 
 /// The port of listening TCP socket `fd`.
@@ -72,17 +77,30 @@ async fn pass_on(
 /// taking one back answers with it.
 pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
     match req {
-        Request::Park { fd, moving } => Ok((agent.park(who, fd, moving)?, Vec::new())),
+        Request::Park { fd, moving } => Ok((agent.parked.park(who, fd, moving)?, Vec::new())),
         Request::ForwardParked { id, node } => {
-            Ok((agent.forward_parked(who, id, node)?, Vec::new()))
+            Ok((agent.parked.forward_parked(who, id, node)?, Vec::new()))
         }
-        Request::Unpark { id } => agent.unpark(who, id),
-        Request::TakeForwarded { port } => agent.take_forwarded(port).await,
+        Request::Unpark { id } => agent.parked.unpark(who, id),
+        Request::TakeForwarded { port } => agent.parked.take_forwarded(port).await,
         other => Err(super::misrouted(&other)),
     }
 }
 
-impl Agent {
+impl Parked {
+    pub fn new(node: Arc<Node>, streams: Arc<Streams>) -> Parked {
+        Parked {
+            node,
+            streams,
+            parks: Mutex::default(),
+            forwarders: Mutex::default(),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Park>> {
+        lock(&self.parks)
+    }
+
     /// `Park`: keep a copy of the caller's fd `fd` until `Unpark` (or, for
     /// a migrating process's listener, `ForwardParked`).
     fn park(&self, who: Caller, fd: i32, moving: bool) -> Result<Response, ErrorReply> {
@@ -109,7 +127,7 @@ impl Agent {
         } else {
             None
         };
-        let mut m = self.parked.map();
+        let mut m = self.map();
         let id = loop {
             let id = (rand::random::<u32>() >> 1) as i32;
             if id != 0 && !m.contains_key(&id) {
@@ -131,7 +149,7 @@ impl Agent {
 
     /// Take park `id` for `who` (its owner, or root).
     fn take_park(&self, who: Caller, id: i32) -> Result<(OwnedFd, Option<u16>), ErrorReply> {
-        let mut m = self.parked.map();
+        let mut m = self.map();
         match m.get(&id) {
             None => Err(err(
                 libc::ENOENT,
@@ -186,9 +204,9 @@ impl Agent {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.forwarders().insert(port, tx);
         tracing::info!("port {port}: what still comes here goes on to node {node}");
-        let agent = self.clone();
+        let me = self.clone();
         tokio::spawn(async move {
-            agent.forward(l, port, node, rx).await;
+            me.forward(l, port, node, rx).await;
             tracing::info!("port {port}: no longer passed on from here");
         });
         Ok(Response::Ok)

@@ -155,7 +155,7 @@ impl Peer for PeerServer {
         write: bool,
         nonblock: bool,
     ) -> Result<FifoMatch, ErrorReply> {
-        self.0.fifo_meet(key, node, write, nonblock).await
+        self.0.fifos.fifo_meet(key, node, write, nonblock).await
     }
 
     async fn fifo_expect(self, _: context::Context, id: u64) {
@@ -163,23 +163,23 @@ impl Peer for PeerServer {
     }
 
     async fn fifo_stand(self, _: context::Context, key: FifoKey, node: u32) {
-        self.0.fifo_stand_at_home(key, node).await;
+        self.0.fifos.fifo_stand_at_home(key, node).await;
     }
 
     async fn fifo_feed(self, _: context::Context, key: FifoKey, id: u64) -> bool {
-        self.0.fifo_feed(key, id).await
+        self.0.fifos.fifo_feed(key, id).await
     }
 
     async fn fifo_reader_here(self, _: context::Context, key: FifoKey) -> bool {
-        self.0.fifo_reader_here(&key)
+        self.0.fifos.fifo_reader_here(&key)
     }
 
     async fn unix_name_set(self, _: context::Context, key: FifoKey, node: u32) {
-        self.0.unix_name_set(key, node);
+        self.0.unix.unix_name_set(key, node);
     }
 
     async fn unix_name_owner(self, _: context::Context, key: FifoKey) -> Option<u32> {
-        self.0.unix_name_owner(&key)
+        self.0.unix.unix_name_owner(&key)
     }
 
     async fn unix_stand_in(
@@ -190,7 +190,7 @@ impl Peer for PeerServer {
         gids: Vec<u32>,
         seqpacket: bool,
     ) -> Result<u64, ErrorReply> {
-        self.0.unix_stand_in(key, uid, gids, seqpacket).await
+        self.0.unix.unix_stand_in(key, uid, gids, seqpacket).await
     }
 
     async fn sched_get(self, _: context::Context) -> SchedPolicy {

@@ -16,7 +16,9 @@
 //! (poll, epoll, a blocking accept) is the kernel's own, and the data path
 //! is one TCP connection between the two nodes: the agents only set it up.
 
+use super::node::Node;
 use super::peer::streams::FifoKey;
+use super::streams::Streams;
 use super::{err, Agent, Answer, Answered, Caller};
 use crate::agent::lock;
 use libkrg::proto::{ErrorReply, Request, Response, UNIX_STAND_IN};
@@ -36,9 +38,12 @@ struct StandIn {
     since: Instant,
 }
 
-/// The agent's UNIX socket names.
-#[derive(Debug, Default)]
+/// Cluster-wide UNIX socket names: where each is listened on, and the
+/// stand-ins queued for clients of other nodes.
+#[derive(Debug)]
 pub struct UnixNames {
+    node: Arc<Node>,
+    streams: Arc<Streams>,
     /// At the key home: name -> the node where it is listened on.
     home: Mutex<HashMap<FifoKey, u32>>,
     /// Names local SSI processes listen on, with the uid that listened.
@@ -106,7 +111,10 @@ fn connect_stand_in(path: &[u8], id: u64, seqpacket: bool) -> std::io::Result<so
 pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
     match req {
         Request::UnixListen { path, dev, ino } => Ok((
-            agent.unix_listen(who, FifoKey { path, dev, ino }).await?,
+            agent
+                .unix
+                .unix_listen(who, FifoKey { path, dev, ino })
+                .await?,
             Vec::new(),
         )),
         Request::UnixConnect {
@@ -116,22 +124,33 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             pair,
         } => {
             agent
+                .unix
                 .unix_connect(who, FifoKey { path, dev, ino }, pair)
                 .await
         }
-        Request::UnixTake { id, pair } => agent.unix_take(who, id, pair).await,
+        Request::UnixTake { id, pair } => agent.unix.unix_take(who, id, pair).await,
         other => Err(super::misrouted(&other)),
     }
 }
 
-impl Agent {
+impl UnixNames {
+    pub fn new(node: Arc<Node>, streams: Arc<Streams>) -> UnixNames {
+        UnixNames {
+            node,
+            streams,
+            home: Mutex::default(),
+            local: Mutex::default(),
+            stand_ins: Mutex::default(),
+        }
+    }
+
     /// `UnixListen` from a local process.
     async fn unix_listen(
         self: &Arc<Self>,
         who: Caller,
         key: FifoKey,
     ) -> Result<Response, ErrorReply> {
-        lock(&self.unix.local).insert(key.clone(), who.uid);
+        lock(&self.local).insert(key.clone(), who.uid);
         let home = self.node.key_home();
         let me = self.node.node_id();
         tracing::debug!("UNIX socket {} listened on here", show(&key));
@@ -148,12 +167,12 @@ impl Agent {
 
     /// At the key home.
     pub(crate) fn unix_name_set(&self, key: FifoKey, node: u32) {
-        lock(&self.unix.home).insert(key, node);
+        lock(&self.home).insert(key, node);
     }
 
     /// At the key home.
     pub(crate) fn unix_name_owner(&self, key: &FifoKey) -> Option<u32> {
-        lock(&self.unix.home).get(key).copied()
+        lock(&self.home).get(key).copied()
     }
 
     /// `UnixConnect` from a local process.
@@ -237,7 +256,7 @@ impl Agent {
         let me = self.node.node_id();
         // Only names an SSI process listened on: never any socket of this
         // node under the agent's own rights.
-        let Some(owner_uid) = lock(&self.unix.local).get(&key).copied() else {
+        let Some(owner_uid) = lock(&self.local).get(&key).copied() else {
             return Err(err(
                 libc::ECONNREFUSED,
                 format!("UNIX socket {name}: no SSI process listens on it on node {me}"),
@@ -254,7 +273,7 @@ impl Agent {
                 )
             })?;
             if !m.file_type().is_socket() || m.dev() != key.dev || m.ino() != key.ino {
-                lock(&self.unix.local).remove(&key);
+                lock(&self.local).remove(&key);
                 return Err(err(
                     libc::ECONNREFUSED,
                     format!("UNIX socket {name}: no longer the socket listened on on node {me}"),
@@ -269,7 +288,7 @@ impl Agent {
         }
         let id = self.streams.new_stream_id();
         self.streams.expect_connection(id, false);
-        lock(&self.unix.stand_ins).insert(
+        lock(&self.stand_ins).insert(
             id,
             StandIn {
                 _sock: None,
@@ -294,13 +313,13 @@ impl Agent {
         let sock = match sock {
             Ok(s) => s,
             Err(e) => {
-                lock(&self.unix.stand_ins).remove(&id);
+                lock(&self.stand_ins).remove(&id);
                 self.streams.forget_expected(id);
                 return Err(e);
             }
         };
         let stale: Vec<u64> = {
-            let mut t = lock(&self.unix.stand_ins);
+            let mut t = lock(&self.stand_ins);
             match t.get_mut(&id) {
                 Some(s) => s._sock = Some(sock),
                 // Taken already: the listener's copy is replaced.
@@ -329,7 +348,7 @@ impl Agent {
         id: u64,
         pair: Option<(i32, i32)>,
     ) -> Result<Answer, ErrorReply> {
-        let owner = lock(&self.unix.stand_ins).get(&id).map(|s| s.uid);
+        let owner = lock(&self.stand_ins).get(&id).map(|s| s.uid);
         match owner {
             None => {
                 return Err(err(
@@ -350,7 +369,7 @@ impl Agent {
             .transpose()?;
         let fd = self.streams.take_expected(id).await;
         // The listener's copy of the stand-in is replaced by now.
-        drop(lock(&self.unix.stand_ins).remove(&id));
+        drop(lock(&self.stand_ins).remove(&id));
         let fd = fd?;
         let Some((end, relay)) = pair else {
             return Ok((Response::StreamFd, vec![fd]));
