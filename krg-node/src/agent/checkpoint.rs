@@ -467,7 +467,7 @@ impl Agent {
         uid: u32,
         hops: u8,
     ) -> Result<CkptDoneInfo, ErrorReply> {
-        self.owner(g)?;
+        self.procs.owner(g)?;
         if hops > 3 {
             return Err(err(
                 libc::ESRCH,
@@ -845,7 +845,7 @@ impl Agent {
         }
         // The image's gpid comes back if no process has it any more.
         let g = req.gpid;
-        let reuse = libkrg::gpid::is_gpid(g) && self.kill_routed(g, 0, 0, 0).await.is_err();
+        let reuse = libkrg::gpid::is_gpid(g) && self.procs.kill_routed(g, 0, 0, 0).await.is_err();
         let (uid, gid, groups) = if who.uid == 0 {
             (req.uid, req.gid, req.groups.clone())
         } else {

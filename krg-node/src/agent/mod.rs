@@ -109,6 +109,10 @@ pub struct Agent {
     /// Ends of children that run elsewhere, for their child shadows here
     /// (see `children`).
     children: Arc<children::Children>,
+    /// Whether a placed program goes after all (see `stay`).
+    stay: Arc<stay::Stay>,
+    /// The requests about processes (see `procs`).
+    procs: Arc<procs::Processes>,
     /// FIFO openers waiting for a partner, at the key home (see `fifo`).
     fifos: Arc<fifo::Fifos>,
     /// Cluster-wide UNIX socket names (see `unix`).
@@ -149,13 +153,24 @@ impl Agent {
         let node = Arc::new(Node::new(cfg));
         let orders = Arc::new(checkpoint::Orders::new(node.clone()));
         let streams = Arc::new(streams::Streams::new(node.clone(), orders.clone()));
+        let sched = Arc::new(sched::Scheduler::new(node.clone()));
+        let dsm = Arc::new(dsm::Dsm::new(node.clone()));
+        let stay = Arc::new(stay::Stay::new(node.clone(), orders.clone()));
+        let procs = Arc::new(procs::Processes::new(
+            node.clone(),
+            sched.clone(),
+            dsm.clone(),
+            stay.clone(),
+        ));
         Arc::new(Agent {
-            sched: Arc::new(sched::Scheduler::new(node.clone())),
+            sched,
             orders: orders.clone(),
-            dsm: Arc::new(dsm::Dsm::new(node.clone())),
+            dsm,
             sems: Arc::new(sync::Sems::new(node.clone())),
             streams: streams.clone(),
             children: Arc::new(children::Children::new(node.clone())),
+            stay,
+            procs,
             fifos: Arc::new(fifo::Fifos::new(node.clone(), streams.clone())),
             unix: Arc::new(unix::UnixNames::new(node.clone(), streams.clone())),
             parked: Arc::new(parked::Parked::new(node.clone(), streams.clone())),

@@ -101,15 +101,15 @@ impl Peer for PeerServer {
         uid: u32,
         hops: u8,
     ) -> Result<(), ErrorReply> {
-        self.0.peer_kill(g, sig, uid, hops).await
+        self.0.procs.peer_kill(g, sig, uid, hops).await
     }
 
     async fn kill_group(self, _: context::Context, pgid: i32, sig: i32, uid: u32) -> GroupKill {
-        self.0.peer_kill_group(pgid, sig, uid)
+        self.0.procs.peer_kill_group(pgid, sig, uid)
     }
 
     async fn cap_get(self, _: context::Context, g: i32) -> Result<CapsInfo, ErrorReply> {
-        self.0.cap_get_local(g)
+        self.0.procs.cap_get_local(g)
     }
 
     async fn cap_set(
@@ -121,7 +121,7 @@ impl Peer for PeerServer {
         inh: bool,
         uid: u32,
     ) -> Result<CapsInfo, ErrorReply> {
-        self.0.cap_set_local(g, &spec, eff, inh, uid)
+        self.0.procs.cap_set_local(g, &spec, eff, inh, uid)
     }
 
     async fn spawn(self, _: context::Context, spec: SpawnSpec) -> Result<(i32, i32), ErrorReply> {

@@ -99,7 +99,7 @@ impl Agent {
         } else {
             0
         };
-        let place = self.place_or_stay(gpid, kpid, place).await;
+        let place = self.stay.place_or_stay(gpid, kpid, place).await;
         let remote = place != 0 && place != self.node.cfg.node_id;
         if let Some(p) = self.node.procs().get_mut(gpid) {
             // Here: its Hello is not placed again.

@@ -23,9 +23,11 @@
 //! so does each stage it forked, until it has put its own ends in place:
 //! those holders are waited for, briefly, instead of counted.
 
+use super::checkpoint::Orders;
+use super::node::Node;
 use super::streams::{accmode, holders};
-use super::Agent;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// `O_CLOEXEC` as fdinfo's `flags:` shows it.
@@ -134,10 +136,22 @@ fn readers(link: &str, me: i32, all: &HashMap<String, Vec<(i32, i32)>>) -> Vec<(
         .collect()
 }
 
-impl Agent {
+/// Whether a program the scheduler placed elsewhere goes: it does not
+/// while a stream swap waits for it, or while it shares what cannot move.
+#[derive(Debug)]
+pub struct Stay {
+    node: Arc<Node>,
+    orders: Arc<Orders>,
+}
+
+impl Stay {
+    pub fn new(node: Arc<Node>, orders: Arc<Orders>) -> Stay {
+        Stay { node, orders }
+    }
+
     /// The scheduler chose `place` for the new program of gpid `gpid`
     /// (local kernel pid `kpid`): the node it goes to, or 0 when it stays
-    /// here after all (see [`Agent::must_stay`]). A program that goes is
+    /// here after all (see [`Stay::must_stay`]). A program that goes is
     /// marked `placing`: until its RemoteExec is through, a process holding
     /// the other end of one of its pipes waits for it (from before the
     /// check, which may wait a little: a hand-over meanwhile must not take

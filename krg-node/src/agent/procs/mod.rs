@@ -8,7 +8,11 @@ mod table;
 pub(crate) use table::{alive, catches, thread_files};
 pub use table::{read_stat, read_uids, Proc, ProcTable, Stat};
 
+use super::dsm::Dsm;
+use super::node::Node;
 use super::peer::GroupKill;
+use super::sched::Scheduler;
+use super::stay::Stay;
 use super::{ctx, err, Agent, Caller, Handled};
 use libkrg::caps::Caps;
 use libkrg::gpid;
@@ -23,10 +27,10 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Han
             version,
             caps_env,
             pinned,
-        } => agent.hello(who, version, caps_env, pinned).await,
-        Request::Whoami => agent.whoami(who),
-        Request::Ensure { kpid } => agent.ensure(who, kpid),
-        Request::Translate { kpid } => agent.translate(who, kpid),
+        } => agent.procs.hello(who, version, caps_env, pinned).await,
+        Request::Whoami => agent.procs.whoami(who),
+        Request::Ensure { kpid } => agent.procs.ensure(who, kpid),
+        Request::Translate { kpid } => agent.procs.translate(who, kpid),
         Request::TranslateGroup { kpgid } => {
             Ok(Response::Pid(agent.node.procs().group_gpid(kpgid)))
         }
@@ -42,15 +46,20 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Han
         Request::ResolveRunning { gpid: g } => {
             Ok(Response::Pid(agent.node.procs().resolve_running(g)?))
         }
-        Request::Kill { pid, sig } => agent.kill(pid, sig, who.uid).await,
-        Request::Ps => Ok(Response::Ps(agent.ps().await)),
-        Request::CapGet { gpid: g } => agent.cap_get(g).await,
+        Request::Kill { pid, sig } => agent.procs.kill(pid, sig, who.uid).await,
+        Request::Ps => Ok(Response::Ps(agent.procs.ps().await)),
+        Request::CapGet { gpid: g } => agent.procs.cap_get(g).await,
         Request::CapSet {
             gpid: g,
             spec,
             effective,
             inheritable,
-        } => agent.cap_set(g, spec, effective, inheritable, who).await,
+        } => {
+            agent
+                .procs
+                .cap_set(g, spec, effective, inheritable, who)
+                .await
+        }
         other => Err(super::misrouted(&other)),
     }
 }
@@ -59,7 +68,31 @@ fn valid_signal(sig: i32) -> bool {
     (0..=64).contains(&sig)
 }
 
-impl Agent {
+/// The requests about processes: pids, signals, capabilities, `ps`,
+/// and the placement of a program at its exec.
+#[derive(Debug)]
+pub struct Processes {
+    node: Arc<Node>,
+    sched: Arc<Scheduler>,
+    dsm: Arc<Dsm>,
+    stay: Arc<Stay>,
+}
+
+impl Processes {
+    pub fn new(
+        node: Arc<Node>,
+        sched: Arc<Scheduler>,
+        dsm: Arc<Dsm>,
+        stay: Arc<Stay>,
+    ) -> Processes {
+        Processes {
+            node,
+            sched,
+            dsm,
+            stay,
+        }
+    }
+
     /// `Hello`: a program starts (or execs) under the library: register
     /// it, and tell it where it should run.
     async fn hello(
@@ -95,7 +128,7 @@ impl Agent {
         } else {
             self.sched.placement(kpid, pinned)
         };
-        let place = self.place_or_stay(gpid, kpid, place).await;
+        let place = self.stay.place_or_stay(gpid, kpid, place).await;
         Ok(Response::Hello {
             gpid,
             node: self.node.cfg.node_id,
