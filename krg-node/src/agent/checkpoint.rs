@@ -871,7 +871,7 @@ impl Agent {
         };
         let started = Instant::now();
         let (kpid, gpid) = if node == self.node.node_id() {
-            self.clone().spawn_here(spec).await?
+            self.remote.clone().spawn_here(spec).await?
         } else {
             let c = self.node.client(node).await?;
             let mut cx = tarpc::context::current();

@@ -109,10 +109,10 @@ pub struct Agent {
     /// Ends of children that run elsewhere, for their child shadows here
     /// (see `children`).
     children: Arc<children::Children>,
-    /// Whether a placed program goes after all (see `stay`).
-    stay: Arc<stay::Stay>,
     /// The requests about processes (see `procs`).
     procs: Arc<procs::Processes>,
+    /// Remote exec (see `remote`).
+    remote: Arc<remote::Remote>,
     /// FIFO openers waiting for a partner, at the key home (see `fifo`).
     fifos: Arc<fifo::Fifos>,
     /// Cluster-wide UNIX socket names (see `unix`).
@@ -162,6 +162,12 @@ impl Agent {
             dsm.clone(),
             stay.clone(),
         ));
+        let remote = Arc::new(remote::Remote::new(
+            node.clone(),
+            sched.clone(),
+            stay,
+            streams.clone(),
+        ));
         Arc::new(Agent {
             sched,
             orders: orders.clone(),
@@ -169,8 +175,8 @@ impl Agent {
             sems: Arc::new(sync::Sems::new(node.clone())),
             streams: streams.clone(),
             children: Arc::new(children::Children::new(node.clone())),
-            stay,
             procs,
+            remote,
             fifos: Arc::new(fifo::Fifos::new(node.clone(), streams.clone())),
             unix: Arc::new(unix::UnixNames::new(node.clone(), streams.clone())),
             parked: Arc::new(parked::Parked::new(node.clone(), streams.clone())),

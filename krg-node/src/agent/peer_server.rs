@@ -125,7 +125,7 @@ impl Peer for PeerServer {
     }
 
     async fn spawn(self, _: context::Context, spec: SpawnSpec) -> Result<(i32, i32), ErrorReply> {
-        self.0.spawn_here(spec).await
+        self.0.remote.spawn_here(spec).await
     }
 
     async fn checkpoint(

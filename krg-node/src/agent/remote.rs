@@ -7,8 +7,12 @@
 //! the program with the caller's identity, register it under its gpid, wait
 //! for it in a thread and send its wait status to the shadow.
 
+use super::node::Node;
 use super::peer::remote::SpawnSpec;
 use super::procs::read_stat;
+use super::sched::Scheduler;
+use super::stay::Stay;
+use super::streams::Streams;
 use super::{err, Agent, Caller, Handled};
 use libkrg::caps::Caps;
 use libkrg::proto::{ErrorReply, RemoteExec, Request, Response, StdioKind};
@@ -68,13 +72,42 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Han
             argv,
             caps_env,
             pinned,
-        } => agent.place_exec(who, exe, argv, caps_env, pinned).await,
-        Request::RemoteExec(spec) => Ok(Response::Pid(agent.remote_exec(who, spec).await?)),
+        } => {
+            agent
+                .remote
+                .place_exec(who, exe, argv, caps_env, pinned)
+                .await
+        }
+        Request::RemoteExec(spec) => Ok(Response::Pid(agent.remote.remote_exec(who, spec).await?)),
         other => Err(super::misrouted(&other)),
     }
 }
 
-impl Agent {
+/// Remote exec, both sides: placing a program and starting it for a
+/// shadow elsewhere (the caller), and starting one here for a shadow.
+#[derive(Debug)]
+pub struct Remote {
+    node: Arc<Node>,
+    sched: Arc<Scheduler>,
+    stay: Arc<Stay>,
+    streams: Arc<Streams>,
+}
+
+impl Remote {
+    pub fn new(
+        node: Arc<Node>,
+        sched: Arc<Scheduler>,
+        stay: Arc<Stay>,
+        streams: Arc<Streams>,
+    ) -> Remote {
+        Remote {
+            node,
+            sched,
+            stay,
+            streams,
+        }
+    }
+
     /// `PlaceExec`: where the caller's next program runs, decided before
     /// its `execve`.
     async fn place_exec(
