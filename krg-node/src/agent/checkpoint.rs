@@ -13,8 +13,13 @@
 //! `remote::spawn_here`) and the command stays as the restored process's
 //! shadow, exactly as for a remote exec.
 
+use super::dsm::Dsm;
 use super::node::Node;
 use super::peer::remote::SpawnSpec;
+use super::procs::Processes;
+use super::remote::Remote;
+use super::sched::Scheduler;
+use super::streams::Streams;
 use super::{err, Agent, Caller, Handled};
 use crate::agent::lock;
 use libkrg::caps::Caps;
@@ -356,13 +361,13 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Han
                 precopy: false,
             };
             Ok(Response::Ckpt(
-                agent.checkpoint(pid, order, who.uid, 0).await?,
+                agent.ckpt.checkpoint(pid, order, who.uid, 0).await?,
             ))
         }
         Request::Migrate { pid, node, precopy } => {
             let order = CkptOrder::migrate(node, precopy);
             Ok(Response::Ckpt(
-                agent.checkpoint(pid, order, who.uid, 0).await?,
+                agent.ckpt.checkpoint(pid, order, who.uid, 0).await?,
             ))
         }
         Request::CkptOrder => Ok(Response::CkptOrder(agent.orders.ckpt_order(who))),
@@ -375,15 +380,52 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Han
             agent.orders.ckpt_done(who, ok, kind, msg, bytes);
             Ok(Response::Ok)
         }
-        Request::Restart(req) => Ok(Response::Ckpt(agent.restart(who, req).await?)),
+        Request::Restart(req) => Ok(Response::Ckpt(agent.ckpt.restart(who, req).await?)),
         Request::SharedWith { links, mems, files } => {
-            agent.shared_with(who, links, mems, files).await
+            agent.ckpt.shared_with(who, links, mems, files).await
         }
         other => Err(super::misrouted(&other)),
     }
 }
 
-impl Agent {
+/// Checkpoint, migration and restart, the agent's side.
+#[derive(Debug)]
+pub struct Checkpoint {
+    node: Arc<Node>,
+    orders: Arc<Orders>,
+    streams: Arc<Streams>,
+    sched: Arc<Scheduler>,
+    dsm: Arc<Dsm>,
+    procs: Arc<Processes>,
+    remote: Arc<Remote>,
+}
+
+/// What a [`Checkpoint`] works with: every subsystem that a capture, a
+/// move or a restart touches.
+#[derive(Debug)]
+pub struct Uses {
+    pub node: Arc<Node>,
+    pub orders: Arc<Orders>,
+    pub streams: Arc<Streams>,
+    pub sched: Arc<Scheduler>,
+    pub dsm: Arc<Dsm>,
+    pub procs: Arc<Processes>,
+    pub remote: Arc<Remote>,
+}
+
+impl Checkpoint {
+    pub fn new(u: Uses) -> Checkpoint {
+        Checkpoint {
+            node: u.node,
+            orders: u.orders,
+            streams: u.streams,
+            sched: u.sched,
+            dsm: u.dsm,
+            procs: u.procs,
+            remote: u.remote,
+        }
+    }
+
     /// `SharedWith` from a process about to be captured: what of `links`
     /// (its own pipes and socketpairs) and `mems` (its shared memory to be
     /// copied) other processes of this node hold too, described for the

@@ -113,6 +113,8 @@ pub struct Agent {
     procs: Arc<procs::Processes>,
     /// Remote exec (see `remote`).
     remote: Arc<remote::Remote>,
+    /// Checkpoint, migration and restart (see `checkpoint`).
+    ckpt: Arc<checkpoint::Checkpoint>,
     /// FIFO openers waiting for a partner, at the key home (see `fifo`).
     fifos: Arc<fifo::Fifos>,
     /// Cluster-wide UNIX socket names (see `unix`).
@@ -169,14 +171,23 @@ impl Agent {
             streams.clone(),
         ));
         Arc::new(Agent {
-            sched,
+            sched: sched.clone(),
             orders: orders.clone(),
-            dsm,
+            dsm: dsm.clone(),
             sems: Arc::new(sync::Sems::new(node.clone())),
             streams: streams.clone(),
             children: Arc::new(children::Children::new(node.clone())),
-            procs,
-            remote,
+            procs: procs.clone(),
+            remote: remote.clone(),
+            ckpt: Arc::new(checkpoint::Checkpoint::new(checkpoint::Uses {
+                node: node.clone(),
+                orders: orders.clone(),
+                streams: streams.clone(),
+                sched: sched.clone(),
+                dsm: dsm.clone(),
+                procs: procs.clone(),
+                remote: remote.clone(),
+            })),
             fifos: Arc::new(fifo::Fifos::new(node.clone(), streams.clone())),
             unix: Arc::new(unix::UnixNames::new(node.clone(), streams.clone())),
             parked: Arc::new(parked::Parked::new(node.clone(), streams.clone())),
@@ -225,7 +236,7 @@ impl Agent {
         tokio::spawn(async move {
             for (g, to) in plan {
                 let order = CkptOrder::migrate(to, false);
-                let done = a.checkpoint_local(g, order, 0).await;
+                let done = a.ckpt.checkpoint_local(g, order, 0).await;
                 a.sched.balance_moved(g, to, done.map(|d| d.ms));
             }
             a.sched.balance_done();

@@ -136,7 +136,7 @@ impl Peer for PeerServer {
         uid: u32,
         hops: u8,
     ) -> Result<CkptDoneInfo, ErrorReply> {
-        self.0.checkpoint(g, order, uid, hops).await
+        self.0.ckpt.checkpoint(g, order, uid, hops).await
     }
 
     async fn set_location(self, _: context::Context, g: i32, node: u32) {
