@@ -15,13 +15,13 @@
 
 use super::dsm::Dsm;
 use super::node::Node;
+use super::orders::Orders;
 use super::peer::remote::SpawnSpec;
 use super::procs::Processes;
 use super::remote::Remote;
 use super::sched::Scheduler;
 use super::streams::Streams;
 use super::{err, Agent, Caller, Handled};
-use crate::agent::lock;
 use libkrg::caps::Caps;
 use libkrg::checkpoint::fds::refusal;
 use libkrg::proto::{
@@ -29,164 +29,12 @@ use libkrg::proto::{
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 use tracing::{debug, info};
 
 /// Longest a capture may take before the command gives up waiting.
 const CAPTURE_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// Orders waiting for (or being executed by) a process, by kernel pid:
-/// captures, and the stream swaps the hand-overs order. Its lock also
-/// decides between an order and a placement at exec (`mark_placing`).
-pub struct Orders {
-    node: Arc<Node>,
-    pending: Mutex<HashMap<i32, Pending>>,
-}
-
-impl std::fmt::Debug for Orders {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Orders({} pending)", self.lock().len())
-    }
-}
-
-/// How a capture ended: bytes, and whether post-copy was used; or the
-/// kind of failure and what failed.
-type CaptureEnd = Result<(u64, bool), (ErrorKind, String)>;
-
-struct Pending {
-    order: CkptOrder,
-    taken: bool,
-    done: Option<oneshot::Sender<CaptureEnd>>,
-}
-
-impl Orders {
-    pub fn new(node: Arc<Node>) -> Orders {
-        Orders {
-            node,
-            pending: Mutex::default(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Pending>> {
-        lock(&self.pending)
-    }
-
-    /// Forget the stream swap ordered to local kernel pid `kpid`, which
-    /// ended before it took it (its number may come back).
-    pub(super) fn forget_swap(&self, kpid: i32) {
-        let mut o = self.lock();
-        if o.get(&kpid)
-            .is_some_and(|p| p.order.action == CkptAction::StreamSwap)
-        {
-            o.remove(&kpid);
-        }
-    }
-
-    /// Mark gpid `g` (local kernel pid `kpid`) as being placed, unless an
-    /// order waits for its handler (the order's lock decides: see
-    /// `order_stream_swap`).
-    pub(super) fn mark_placing(&self, g: i32, kpid: i32) -> bool {
-        let o = self.lock();
-        if o.contains_key(&kpid) {
-            return false;
-        }
-        if let Some(p) = self.node.procs().get_mut(g) {
-            p.placing = true;
-        }
-        true
-    }
-
-    /// `CkptOrder` from a process in its handler.
-    fn ckpt_order(&self, who: Caller) -> CkptOrder {
-        let mut o = self.lock();
-        match o.get_mut(&who.pid) {
-            Some(p) if !p.taken => {
-                p.taken = true;
-                p.order.clone()
-            }
-            _ => CkptOrder {
-                action: CkptAction::None,
-                path: Vec::new(),
-                kill: false,
-                node: 0,
-                streams: Vec::new(),
-                precopy: false,
-            },
-        }
-    }
-
-    /// `CkptDone` from a process.
-    fn ckpt_done(&self, who: Caller, ok: bool, kind: ErrorKind, msg: String, bytes: u64) {
-        let mut o = self.lock();
-        if let Some(p) = o.get_mut(&who.pid) {
-            if let Some(tx) = p.done.take() {
-                let _ = tx.send(if ok {
-                    Ok((bytes, msg == libkrg::proto::POSTCOPY_DONE))
-                } else {
-                    Err((kind, msg))
-                });
-            }
-            // Nobody waits for a stream swap: it ends here.
-            if p.order.action == CkptAction::StreamSwap {
-                o.remove(&who.pid);
-            }
-        }
-    }
-
-    /// Order a local process to hand its connections `streams` (fd, id) over
-    /// to new ones (its peer moves). Not if a capture is under way.
-    pub(super) fn order_stream_swap(
-        &self,
-        g: i32,
-        kpid: i32,
-        streams: Vec<(i32, u64)>,
-    ) -> Result<(), ErrorReply> {
-        {
-            let mut o = self.lock();
-            if o.contains_key(&kpid) {
-                return Err(ErrorReply::new(
-                    libc::EBUSY,
-                    ErrorKind::PeerBusy,
-                    format!("pid {g}, {PEER_BUSY}"),
-                ));
-            }
-            // Decided under the same lock as `place_or_stay`: a process
-            // placed at its exec blocks its signals and becomes a shadow,
-            // which would never take the order (the mover waited a
-            // minute for its peer to freeze).
-            if self.node.procs().get(g).is_some_and(|p| p.placing) {
-                return Err(ErrorReply::new(
-                    libc::EAGAIN,
-                    ErrorKind::PeerPlaced,
-                    format!("pid {g}, {}", super::streams::PEER_PLACED),
-                ));
-            }
-            o.insert(
-                kpid,
-                Pending {
-                    order: CkptOrder {
-                        action: CkptAction::StreamSwap,
-                        path: Vec::new(),
-                        kill: false,
-                        node: 0,
-                        streams,
-                        precopy: false,
-                    },
-                    taken: false,
-                    done: None,
-                },
-            );
-        }
-        self.node
-            .procs()
-            .kill(g, libkrg::proto::CKPT_SIGNAL, 0)
-            .inspect_err(|_| {
-                self.lock().remove(&kpid);
-            })
-    }
-}
 
 /// Why a capture failed when the process went away before it said.
 fn ended() -> (ErrorKind, String) {
@@ -229,7 +77,7 @@ fn postcopy_running(kpid: i32) -> bool {
 /// it could not be read.
 fn personality(kpid: i32) -> Result<u32, String> {
     let mut why = format!("/proc/{kpid}: no such process");
-    for p in super::procs::thread_files(kpid, "personality") {
+    for p in super::procs::table::thread_files(kpid, "personality") {
         match std::fs::read_to_string(&p) {
             Ok(s) => match u32::from_str_radix(s.trim(), 16) {
                 Ok(v) => return Ok(v),
@@ -240,11 +88,6 @@ fn personality(kpid: i32) -> Result<u32, String> {
     }
     Err(why)
 }
-
-/// Why a capture was refused when the other end of one of its streams is
-/// being captured itself (or was frozen by it) at the same time.
-const PEER_BUSY: &str = "the peer of a moving connection, is itself being captured";
-const CAPTURE_BUSY: &str = "a capture is already under way";
 
 /// A live child of a local process, if any (zombies included: the parent
 /// still has to reap them here).
@@ -614,7 +457,7 @@ impl Checkpoint {
                     format!("pid {g}: not running on node {}", self.node.node_id()),
                 )
             })?;
-            super::procs::ProcTable::permitted(p, uid)?;
+            super::procs::table::ProcTable::permitted(p, uid)?;
             if !p.caps_eff.contains(cap) {
                 return Err(err(
                     libc::EPERM,
@@ -627,7 +470,7 @@ impl Checkpoint {
         // agent, or a child forked from one (same library, same handler),
         // but not one that has since exec'd a program without the library
         // (the signal would kill it).
-        if !super::procs::catches(kpid, libkrg::proto::CKPT_SIGNAL) {
+        if !super::procs::table::catches(kpid, libkrg::proto::CKPT_SIGNAL) {
             return Err(err(
                 libc::EPERM,
                 format!("pid {g}: does not run libkrg (not started under krg, or it exec'd a program without it)"),
@@ -677,7 +520,7 @@ impl Checkpoint {
         let pers = personality(kpid).map_err(|e| {
             err(
                 libc::ESRCH,
-                if super::procs::alive(kpid) {
+                if super::procs::table::alive(kpid) {
                     format!("pid {g}: cannot read its personality ({e})")
                 } else {
                     format!("pid {g}: exiting")
@@ -690,28 +533,10 @@ impl Checkpoint {
                 format!("pid {g}: runs with address randomisation (not started under krg)"),
             ));
         }
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut o = self.orders.lock();
-            if o.contains_key(&kpid) {
-                return Err(ErrorReply::new(
-                    libc::EBUSY,
-                    ErrorKind::CaptureBusy,
-                    format!("pid {g}: {CAPTURE_BUSY}"),
-                ));
-            }
-            o.insert(
-                kpid,
-                Pending {
-                    order: order.clone(),
-                    taken: false,
-                    done: Some(tx),
-                },
-            );
-        }
+        let rx = self.orders.order_capture(g, kpid, order.clone())?;
         let started = Instant::now();
         if let Err(e) = self.node.procs().kill(g, libkrg::proto::CKPT_SIGNAL, 0) {
-            self.orders.lock().remove(&kpid);
+            self.orders.forget(kpid);
             return Err(e);
         }
         debug!("pid {g}: capture signal sent (kernel pid {kpid})");
@@ -725,7 +550,7 @@ impl Checkpoint {
                 tokio::select! {
                     r = &mut rx => return r,
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                        if !super::procs::alive(kpid) {
+                        if !super::procs::table::alive(kpid) {
                             // A report sent just before the end wins.
                             return match rx.try_recv() {
                                 Ok(r) => Ok(r),
@@ -737,14 +562,14 @@ impl Checkpoint {
             }
         })
         .await;
-        let removed = self.orders.lock().remove(&kpid);
+        let taken = self.orders.forget(kpid);
         let res = match r {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(ended()),
             Err(_) => Err((
                 ErrorKind::Other,
-                match removed {
-                    Some(p) if !p.taken => "the process never answered the capture signal",
+                match taken {
+                    Some(false) => "the process never answered the capture signal",
                     _ => "the capture did not finish in time",
                 }
                 .to_string(),

@@ -94,8 +94,8 @@ impl Children {
     /// restored process that had that child where it was captured; answered
     /// with the child's wait status once it has ended.
     async fn child_shadow(&self, who: Caller, g: i32) -> Result<Response, ErrorReply> {
-        let st =
-            super::procs::read_stat(who.pid).ok_or_else(|| err(libc::ESRCH, "caller exited"))?;
+        let st = super::procs::table::read_stat(who.pid)
+            .ok_or_else(|| err(libc::ESRCH, "caller exited"))?;
         {
             let mut t = self.node.procs();
             let parent = t
@@ -161,7 +161,7 @@ impl Children {
     ) -> Result<Response, ErrorReply> {
         let child = {
             let t = self.node.procs();
-            let st = super::procs::read_stat(kpid)
+            let st = super::procs::table::read_stat(kpid)
                 .ok_or_else(|| err(libc::ESRCH, format!("kernel pid {kpid}: no such process")))?;
             if st.ppid != who.pid {
                 return Err(err(

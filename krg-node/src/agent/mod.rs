@@ -11,6 +11,7 @@ pub mod dsm;
 pub mod fifo;
 pub mod local;
 pub mod node;
+pub mod orders;
 pub mod parked;
 pub mod peer;
 mod peer_server;
@@ -98,7 +99,7 @@ pub struct Agent {
     /// balancer.
     sched: Arc<sched::Scheduler>,
     /// Checkpoint orders waiting for their processes.
-    orders: Arc<checkpoint::Orders>,
+    orders: Arc<orders::Orders>,
     /// Shared memory segments: those homed here and local copies.
     dsm: Arc<dsm::Dsm>,
     /// System V semaphore sets homed here.
@@ -153,7 +154,7 @@ pub(crate) fn ctx() -> context::Context {
 impl Agent {
     pub fn new(cfg: Config) -> Arc<Agent> {
         let node = Arc::new(Node::new(cfg));
-        let orders = Arc::new(checkpoint::Orders::new(node.clone()));
+        let orders = Arc::new(orders::Orders::new(node.clone()));
         let streams = Arc::new(streams::Streams::new(node.clone(), orders.clone()));
         let sched = Arc::new(sched::Scheduler::new(node.clone()));
         let dsm = Arc::new(dsm::Dsm::new(node.clone()));

@@ -5,7 +5,7 @@
 
 use super::config::Config;
 use super::peer::{self, Heartbeat, PeerClient};
-use super::procs::ProcTable;
+use super::procs::table::ProcTable;
 use super::{err, lock, probe, Caller};
 use libkrg::gpid;
 use libkrg::proto::{ErrorReply, NodeStatus};

@@ -9,7 +9,7 @@
 
 use super::node::Node;
 use super::peer::remote::SpawnSpec;
-use super::procs::read_stat;
+use super::procs::table::read_stat;
 use super::sched::Scheduler;
 use super::stay::Stay;
 use super::streams::Streams;

@@ -23,8 +23,8 @@
 //! so does each stage it forked, until it has put its own ends in place:
 //! those holders are waited for, briefly, instead of counted.
 
-use super::checkpoint::Orders;
 use super::node::Node;
+use super::orders::Orders;
 use super::streams::{accmode, holders};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -197,7 +197,7 @@ impl Stay {
             return None;
         }
         let want = vec![stdin.link.clone()];
-        let ppid = super::procs::read_stat(kpid).map(|s| s.ppid);
+        let ppid = super::procs::table::read_stat(kpid).map(|s| s.ppid);
         let deadline = tokio::time::Instant::now() + PARENT_CLOSE_WAIT;
         loop {
             let all = holders(&want);
@@ -213,7 +213,8 @@ impl Stay {
             let transient = stdin.link.starts_with("pipe:")
                 && others.iter().all(|(p, fd)| {
                     *fd > 2
-                        && (Some(*p) == ppid || super::procs::read_stat(*p).map(|s| s.ppid) == ppid)
+                        && (Some(*p) == ppid
+                            || super::procs::table::read_stat(*p).map(|s| s.ppid) == ppid)
                 });
             if !transient || tokio::time::Instant::now() >= deadline {
                 let who: Vec<String> = others

@@ -3,10 +3,9 @@
 //! capabilities, and the routing of signals and capabilities to the node
 //! that answers for a gpid. The node's table itself is in `table.rs`.
 
-mod table;
+pub mod table;
 
-pub(crate) use table::{alive, catches, thread_files};
-pub use table::{read_stat, read_uids, Proc, ProcTable, Stat};
+use table::{read_stat, ProcTable};
 
 use super::dsm::Dsm;
 use super::node::Node;

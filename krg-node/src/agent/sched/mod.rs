@@ -455,7 +455,7 @@ impl Scheduler {
         if pinned.is_none() && self.sched.is_local() {
             return self.node.cfg.node_id;
         }
-        let uid = super::procs::read_uids(kpid)
+        let uid = super::procs::table::read_uids(kpid)
             .map(|u| u[0])
             .unwrap_or(u32::MAX);
         self.place(&PlaceRequest {

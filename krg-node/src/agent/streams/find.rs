@@ -190,7 +190,7 @@ pub(super) fn parent_shares(
     if mover == 0 || !link.starts_with("pipe:") {
         return false;
     }
-    let Some(ppid) = super::super::procs::read_stat(mover).map(|s| s.ppid) else {
+    let Some(ppid) = super::super::procs::table::read_stat(mover).map(|s| s.ppid) else {
         return false;
     };
     let hs = all.get(link).map(Vec::as_slice).unwrap_or_default();
@@ -281,7 +281,7 @@ impl Streams {
         // this node anyway). Not swapped: relayed, until that stage, placed
         // in turn, takes the relay over.
         if mover != 0 && link.starts_with("pipe:") && self.is_placing(mover) {
-            if let Some(ppid) = super::super::procs::read_stat(mover).map(|s| s.ppid) {
+            if let Some(ppid) = super::super::procs::table::read_stat(mover).map(|s| s.ppid) {
                 if hs.iter().any(|(p, fd)| *p == ppid && *fd > 2) {
                     return Err(foreign(format!(
                         "{what}: still held by the shell that made it"
@@ -361,7 +361,7 @@ impl Streams {
         }
         // Signal 62 would kill a process without libkrg's handler (not yet
         // installed, or a program that does not load it).
-        if !super::super::procs::catches(kpid, libkrg::proto::CKPT_SIGNAL) {
+        if !super::super::procs::table::catches(kpid, libkrg::proto::CKPT_SIGNAL) {
             return Err(foreign(format!(
                 "{what}: its other end's process (pid {g}) does not take part (libkrg's signal handler is not installed)"
             )));
@@ -415,7 +415,7 @@ impl Streams {
                                 let will_catch = p.caps_eff.contains(Caps::MIGRATE)
                                     || p.caps_eff.contains(Caps::CHECKPOINT);
                                 !(will_catch && (p.skip_place || p.restoring || !p.greeted))
-                                    || super::super::procs::catches(
+                                    || super::super::procs::table::catches(
                                         *kpid,
                                         libkrg::proto::CKPT_SIGNAL,
                                     )

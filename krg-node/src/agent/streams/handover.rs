@@ -565,7 +565,7 @@ impl Streams {
                     Err(_) => Frozen::TimedOut,
                 },
                 _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {
-                    if !super::super::procs::alive(kpid) {
+                    if !super::super::procs::table::alive(kpid) {
                         // A word sent just before the end wins.
                         return match w.try_recv() {
                             Ok(Ok(())) => Frozen::Yes,

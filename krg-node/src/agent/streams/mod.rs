@@ -9,8 +9,8 @@
 //! by another node is checked *when it matters*, by asking that node to
 //! bind the port itself (`probe`). See docs/architecture/streams.md.
 
-use super::checkpoint::Orders;
 use super::node::Node;
+use super::orders::{Orders, PEER_PLACED};
 use super::peer::streams::{End, PortOp};
 use super::peer::CHANNEL_STREAM;
 use super::{err, sock_err, Agent, Answer, Answered, Caller};
@@ -477,11 +477,6 @@ impl Held {
 pub(crate) fn foreign(why: String) -> StreamPeer {
     StreamPeer::Foreign(ErrorReply::other(libc::EOPNOTSUPP, why))
 }
-
-/// Why a stream swap was not ordered: the peer is being placed at its
-/// exec (its end is relayed by its shadow, then handed over).
-pub(crate) const PEER_PLACED: &str =
-    "the peer of a moving connection, is being placed on another node";
 
 /// What became of a peer ordered to freeze for a hand-over.
 enum Frozen {
