@@ -6,7 +6,7 @@
 //! highest wins), applies it on the local agent and pushes it to every up
 //! peer; heartbeats carry the version, so a node that was down or joined
 //! later fetches the newer policy from whoever has it. Every agent decides
-//! on its own, synchronously ([`Agent::place`]), from the probes its peers
+//! on its own, synchronously ([`Scheduler::place`]), from the probes its peers
 //! sent in their heartbeats plus the placements it made itself in the last
 //! [`RECENT`] (the probes, once a second, have not seen those yet).
 //! See docs/architecture/scheduler.md.

@@ -96,7 +96,7 @@ impl Streams {
             .await
     }
 
-    /// [`Agent::stream_attach`]; `pair`: a seqpacket socket's new
+    /// [`Streams::stream_attach`]; `pair`: a seqpacket socket's new
     /// socketpair, taken from the caller.
     pub(crate) async fn stream_attach_with(
         self: &Arc<Self>,

@@ -341,7 +341,7 @@ impl Streams {
     }
 
     /// `ShadowRelays` from a shadow told to hand a relay over: its relays
-    /// go to the waiting [`Agent::release_relay`], and it gets the fd to
+    /// go to the waiting [`Streams::release_relay`], and it gets the fd to
     /// let go of once its program's end is held.
     pub(super) async fn shadow_relays(
         &self,
@@ -584,7 +584,7 @@ impl Streams {
     /// A connection for stream `id` will come from another node for a
     /// process of this node that is not moving and has nothing pending
     /// (the reader of a FIFO, a UNIX listener): hold the place
-    /// ([`Agent::take_expected`]). `reads_only`: its end is shut for
+    /// ([`Streams::take_expected`]). `reads_only`: its end is shut for
     /// writing (a FIFO's reader).
     pub(crate) fn expect_connection(&self, id: u64, reads_only: bool) {
         let mut h = Held::open();
