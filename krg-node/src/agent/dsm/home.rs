@@ -664,10 +664,9 @@ impl Dsm {
         if node == self.node.node_id() {
             return self.read_many(shmid, items).await;
         }
-        let link = self.dsm_link(node).await?;
-        match link.call(node, Req::ReadMany(shmid, items)).await? {
+        match self.link_call(node, Req::ReadMany(shmid, items)).await? {
             Resp::Many(r) => r,
-            other => Err(err(libc::EIO, format!("node {node}: unexpected {other:?}"))),
+            other => Err(unexpected(node, &other)),
         }
     }
 

@@ -293,6 +293,11 @@ fn io_err(what: String, e: std::io::Error) -> ErrorReply {
 }
 
 /// The supplementary groups of a local process.
+/// A link answer of the wrong kind from node `node`.
+fn unexpected(node: u32, r: &Resp) -> ErrorReply {
+    err(libc::EIO, format!("node {node}: unexpected {r:?}"))
+}
+
 /// The caller's credentials, as a home checks them.
 pub(crate) fn cred(who: Caller) -> Cred {
     Cred {
@@ -458,6 +463,11 @@ impl Dsm {
         Ok(k)
     }
 
+    /// A call to node `node` on the shared-memory link.
+    async fn link_call(&self, node: u32, req: Req) -> Result<Resp, ErrorReply> {
+        self.dsm_link(node).await?.call(node, req).await
+    }
+
     // -- calls, local or remote ---------------------------------------------
 
     async fn dsm_home(self: &Arc<Self>, home: u32, op: HomeOp) -> Result<HomeReply, ErrorReply> {
@@ -477,10 +487,9 @@ impl Dsm {
                 .await
                 .map_err(|e| self.node.peer_lost(home, "segment home", e))?;
         }
-        let link = self.dsm_link(home).await?;
-        match link.call(home, Req::Home(op)).await? {
+        match self.link_call(home, Req::Home(op)).await? {
             Resp::Home(r) => r,
-            other => Err(err(libc::EIO, format!("node {home}: unexpected {other:?}"))),
+            other => Err(unexpected(home, &other)),
         }
     }
 
@@ -492,10 +501,9 @@ impl Dsm {
         if node == self.node.node_id() {
             return self.node_op(op).await;
         }
-        let link = self.dsm_link(node).await?;
-        match link.call(node, Req::Node(op)).await? {
+        match self.link_call(node, Req::Node(op)).await? {
             Resp::Node(r) => r,
-            other => Err(err(libc::EIO, format!("node {node}: unexpected {other:?}"))),
+            other => Err(unexpected(node, &other)),
         }
     }
 
