@@ -21,7 +21,7 @@ use super::procs::Processes;
 use super::remote::Remote;
 use super::sched::Scheduler;
 use super::streams::Streams;
-use super::{err, Agent, Caller, Handled};
+use super::{err, Caller, Handled};
 use libkrg::caps::Caps;
 use libkrg::checkpoint::fds::refusal;
 use libkrg::proto::{
@@ -192,7 +192,7 @@ fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
 
 /// A local request about checkpoint, migration or restart (see
 /// `Agent::handle_local`).
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
+pub(super) async fn handle(ckpt: &Arc<Checkpoint>, req: Request, who: Caller) -> Handled {
     match req {
         Request::Checkpoint { pid, dir, kill } => {
             let order = CkptOrder {
@@ -204,28 +204,28 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Han
                 precopy: false,
             };
             Ok(Response::Ckpt(
-                agent.ckpt.checkpoint(pid, order, who.uid, 0).await?,
+                ckpt.checkpoint(pid, order, who.uid, 0).await?,
             ))
         }
         Request::Migrate { pid, node, precopy } => {
             let order = CkptOrder::migrate(node, precopy);
             Ok(Response::Ckpt(
-                agent.ckpt.checkpoint(pid, order, who.uid, 0).await?,
+                ckpt.checkpoint(pid, order, who.uid, 0).await?,
             ))
         }
-        Request::CkptOrder => Ok(Response::CkptOrder(agent.orders.ckpt_order(who))),
+        Request::CkptOrder => Ok(Response::CkptOrder(ckpt.orders.ckpt_order(who))),
         Request::CkptDone {
             ok,
             kind,
             msg,
             bytes,
         } => {
-            agent.orders.ckpt_done(who, ok, kind, msg, bytes);
+            ckpt.orders.ckpt_done(who, ok, kind, msg, bytes);
             Ok(Response::Ok)
         }
-        Request::Restart(req) => Ok(Response::Ckpt(agent.ckpt.restart(who, req).await?)),
+        Request::Restart(req) => Ok(Response::Ckpt(ckpt.restart(who, req).await?)),
         Request::SharedWith { links, mems, files } => {
-            agent.ckpt.shared_with(who, links, mems, files).await
+            ckpt.shared_with(who, links, mems, files).await
         }
         other => Err(super::misrouted(&other)),
     }

@@ -11,7 +11,7 @@
 
 use super::lock;
 use super::node::Node;
-use super::{err, Agent, Caller, Handled};
+use super::{err, Caller, Handled};
 use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -61,13 +61,11 @@ pub(super) fn children_gpids(
 
 /// A local request about the children of a moved process (see
 /// `Agent::handle_local`).
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
+pub(super) async fn handle(children: &Arc<Children>, req: Request, who: Caller) -> Handled {
     match req {
-        Request::MovedChildren => agent.children.moved_children(who),
-        Request::ChildShadow { gpid } => agent.children.child_shadow(who, gpid).await,
-        Request::ChildExited { kpid, status } => {
-            agent.children.child_exited(who, kpid, status).await
-        }
+        Request::MovedChildren => children.moved_children(who),
+        Request::ChildShadow { gpid } => children.child_shadow(who, gpid).await,
+        Request::ChildExited { kpid, status } => children.child_exited(who, kpid, status).await,
         other => Err(super::misrouted(&other)),
     }
 }

@@ -24,7 +24,7 @@
 use super::node::Node;
 use super::peer::streams::{FifoKey, FifoMatch};
 use super::streams::Streams;
-use super::{err, Agent, Answer, Answered, Caller};
+use super::{err, Answer, Answered, Caller};
 use crate::agent::lock;
 use libkrg::proto::{ErrorReply, Request, Response};
 use nix::sys::socket::Shutdown;
@@ -68,7 +68,7 @@ const MEET_DEADLINE: std::time::Duration = std::time::Duration::from_secs(7 * 24
 
 /// A local request about a FIFO (see `Agent::handle_local`); an open
 /// answers with a descriptor when its partner is on another node.
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
+pub(super) async fn handle(fifos: &Arc<Fifos>, req: Request, who: Caller) -> Answered {
     match req {
         Request::FifoOpen {
             path,
@@ -77,14 +77,12 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             write,
             nonblock,
         } => {
-            agent
-                .fifos
+            fifos
                 .fifo_open(FifoKey { path, dev, ino }, write, nonblock)
                 .await
         }
         Request::FifoStand { path, dev, ino } => Ok((
-            agent
-                .fifos
+            fifos
                 .fifo_stand(who.pid, FifoKey { path, dev, ino })
                 .await?,
             Vec::new(),

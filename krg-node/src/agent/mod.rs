@@ -98,8 +98,6 @@ pub struct Agent {
     /// The scheduling policy in force, the recent placements and the load
     /// balancer.
     sched: Arc<sched::Scheduler>,
-    /// Checkpoint orders waiting for their processes.
-    orders: Arc<orders::Orders>,
     /// Shared memory segments: those homed here and local copies.
     dsm: Arc<dsm::Dsm>,
     /// System V semaphore sets homed here.
@@ -173,7 +171,6 @@ impl Agent {
         ));
         Arc::new(Agent {
             sched: sched.clone(),
-            orders: orders.clone(),
             dsm: dsm.clone(),
             sems: Arc::new(sync::Sems::new(node.clone())),
             streams: streams.clone(),
@@ -260,23 +257,23 @@ impl Agent {
             | R::Kill { .. }
             | R::Ps
             | R::CapGet { .. }
-            | R::CapSet { .. } => procs::handle(self, req, who).await.map(bare),
+            | R::CapSet { .. } => procs::handle(&self.procs, req, who).await.map(bare),
             R::Status => Ok(bare(Response::Status(self.node.status()))),
             R::PlaceExec { .. } | R::RemoteExec(_) => {
-                remote::handle(self, req, who).await.map(bare)
+                remote::handle(&self.remote, req, who).await.map(bare)
             }
             R::SchedGet | R::SchedSet { .. } | R::SchedPlace { .. } | R::SchedBalance { .. } => {
-                sched::handle(self, req, who).await.map(bare)
+                sched::handle(&self.sched, req, who).await.map(bare)
             }
             R::MovedChildren | R::ChildShadow { .. } | R::ChildExited { .. } => {
-                children::handle(self, req, who).await.map(bare)
+                children::handle(&self.children, req, who).await.map(bare)
             }
             R::Checkpoint { .. }
             | R::Migrate { .. }
             | R::CkptOrder
             | R::CkptDone { .. }
             | R::Restart(_)
-            | R::SharedWith { .. } => checkpoint::handle(self, req, who).await.map(bare),
+            | R::SharedWith { .. } => checkpoint::handle(&self.ckpt, req, who).await.map(bare),
             R::ShmGet { .. }
             | R::ShmAttach { .. }
             | R::ShmMapped { .. }
@@ -287,9 +284,9 @@ impl Agent {
             | R::ShmFd { .. }
             | R::ShmDetach { .. }
             | R::ShmCtl { .. }
-            | R::Ipcs => dsm::handle(self, req, who).await,
+            | R::Ipcs => dsm::handle(&self.dsm, req, who).await,
             R::SemGet { .. } | R::SemOp { .. } | R::SemCtl { .. } => {
-                sync::handle(self, req, who).await.map(bare)
+                sync::handle(&self.sems, req, who).await.map(bare)
             }
             R::PortBind { .. }
             | R::PortOwner { .. }
@@ -300,14 +297,14 @@ impl Agent {
             | R::StreamDrained { .. }
             | R::StreamAwait { .. }
             | R::StreamAttach { .. }
-            | R::ShadowRelays(_) => streams::handle(self, req, who).await,
+            | R::ShadowRelays(_) => streams::handle(&self.streams, req, who).await,
             R::Park { .. }
             | R::Unpark { .. }
             | R::ForwardParked { .. }
-            | R::TakeForwarded { .. } => parked::handle(self, req, who).await,
-            R::FifoOpen { .. } | R::FifoStand { .. } => fifo::handle(self, req, who).await,
+            | R::TakeForwarded { .. } => parked::handle(&self.parked, req, who).await,
+            R::FifoOpen { .. } | R::FifoStand { .. } => fifo::handle(&self.fifos, req, who).await,
             R::UnixListen { .. } | R::UnixConnect { .. } | R::UnixTake { .. } => {
-                unix::handle(self, req, who).await
+                unix::handle(&self.unix, req, who).await
             }
         };
         answer.unwrap_or_else(|e| bare(Response::Err(e)))

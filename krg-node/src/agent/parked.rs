@@ -11,7 +11,7 @@
 use super::node::Node;
 use super::peer::streams::PortOp;
 use super::streams::Streams;
-use super::{err, Agent, Answer, Answered, Caller};
+use super::{err, Answer, Answered, Caller};
 use crate::agent::lock;
 use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
@@ -75,14 +75,14 @@ async fn pass_on(
 
 /// A local request about parked descriptors (see `Agent::handle_local`);
 /// taking one back answers with it.
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
+pub(super) async fn handle(parked: &Arc<Parked>, req: Request, who: Caller) -> Answered {
     match req {
-        Request::Park { fd, moving } => Ok((agent.parked.park(who, fd, moving)?, Vec::new())),
+        Request::Park { fd, moving } => Ok((parked.park(who, fd, moving)?, Vec::new())),
         Request::ForwardParked { id, node } => {
-            Ok((agent.parked.forward_parked(who, id, node)?, Vec::new()))
+            Ok((parked.forward_parked(who, id, node)?, Vec::new()))
         }
-        Request::Unpark { id } => agent.parked.unpark(who, id),
-        Request::TakeForwarded { port } => agent.parked.take_forwarded(port).await,
+        Request::Unpark { id } => parked.unpark(who, id),
+        Request::TakeForwarded { port } => parked.take_forwarded(port).await,
         other => Err(super::misrouted(&other)),
     }
 }

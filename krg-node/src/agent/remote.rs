@@ -13,7 +13,7 @@ use super::procs::table::read_stat;
 use super::sched::Scheduler;
 use super::stay::Stay;
 use super::streams::Streams;
-use super::{err, Agent, Caller, Handled};
+use super::{err, Caller, Handled};
 use libkrg::caps::Caps;
 use libkrg::proto::{ErrorReply, RemoteExec, Request, Response, StdioKind};
 use std::ffi::OsStr;
@@ -65,20 +65,15 @@ pub(super) fn creds(kpid: i32) -> Option<(u32, u32, Vec<u32>)> {
 }
 
 /// A local request about remote exec (see `Agent::handle_local`).
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
+pub(super) async fn handle(remote: &Arc<Remote>, req: Request, who: Caller) -> Handled {
     match req {
         Request::PlaceExec {
             exe,
             argv,
             caps_env,
             pinned,
-        } => {
-            agent
-                .remote
-                .place_exec(who, exe, argv, caps_env, pinned)
-                .await
-        }
-        Request::RemoteExec(spec) => Ok(Response::Pid(agent.remote.remote_exec(who, spec).await?)),
+        } => remote.place_exec(who, exe, argv, caps_env, pinned).await,
+        Request::RemoteExec(spec) => Ok(Response::Pid(remote.remote_exec(who, spec).await?)),
         other => Err(super::misrouted(&other)),
     }
 }

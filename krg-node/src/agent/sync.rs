@@ -12,7 +12,7 @@ use super::lock;
 use super::node::Node;
 use super::peer::dsm::Cred;
 use super::peer::sync::{SemHomeOp, SemReply};
-use super::{ctx, err, Agent, Caller, Handled};
+use super::{ctx, err, Caller, Handled};
 use libkrg::proto::{ErrorReply, Request, Response, SemInfo};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -147,14 +147,14 @@ impl Set {
 }
 
 /// A local request about System V semaphores (see `Agent::handle_local`).
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
+pub(super) async fn handle(sems: &Arc<Sems>, req: Request, who: Caller) -> Handled {
     match req {
-        Request::SemGet { key, nsems, flags } => agent.sems.sem_get(who, key, nsems, flags).await,
+        Request::SemGet { key, nsems, flags } => sems.sem_get(who, key, nsems, flags).await,
         Request::SemOp {
             semid,
             ops,
             timeout_ns,
-        } => agent.sems.sem_op(who, semid, ops, timeout_ns).await,
+        } => sems.sem_op(who, semid, ops, timeout_ns).await,
         Request::SemCtl {
             semid,
             num,
@@ -162,12 +162,7 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Han
             val,
             array,
             set,
-        } => {
-            agent
-                .sems
-                .sem_ctl(who, semid, num, cmd, val, array, set)
-                .await
-        }
+        } => sems.sem_ctl(who, semid, num, cmd, val, array, set).await,
         other => Err(super::misrouted(&other)),
     }
 }

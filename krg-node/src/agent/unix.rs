@@ -19,7 +19,7 @@
 use super::node::Node;
 use super::peer::streams::FifoKey;
 use super::streams::Streams;
-use super::{err, Agent, Answer, Answered, Caller};
+use super::{err, Answer, Answered, Caller};
 use crate::agent::lock;
 use libkrg::proto::{ErrorReply, Request, Response, UNIX_STAND_IN};
 use std::collections::HashMap;
@@ -108,13 +108,10 @@ fn connect_stand_in(path: &[u8], id: u64, seqpacket: bool) -> std::io::Result<so
 
 /// A local request about a UNIX socket name (see `Agent::handle_local`);
 /// a connection across nodes is a descriptor.
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
+pub(super) async fn handle(unix: &Arc<UnixNames>, req: Request, who: Caller) -> Answered {
     match req {
         Request::UnixListen { path, dev, ino } => Ok((
-            agent
-                .unix
-                .unix_listen(who, FifoKey { path, dev, ino })
-                .await?,
+            unix.unix_listen(who, FifoKey { path, dev, ino }).await?,
             Vec::new(),
         )),
         Request::UnixConnect {
@@ -123,12 +120,10 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             ino,
             pair,
         } => {
-            agent
-                .unix
-                .unix_connect(who, FifoKey { path, dev, ino }, pair)
+            unix.unix_connect(who, FifoKey { path, dev, ino }, pair)
                 .await
         }
-        Request::UnixTake { id, pair } => agent.unix.unix_take(who, id, pair).await,
+        Request::UnixTake { id, pair } => unix.unix_take(who, id, pair).await,
         other => Err(super::misrouted(&other)),
     }
 }

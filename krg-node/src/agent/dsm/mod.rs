@@ -26,7 +26,7 @@ mod local;
 use super::node::Node;
 use super::peer::dsm::{Cred, Grant, HomeOp, HomeReply, NodeOp, Req, Resp};
 use super::sys::{self, async_fd, pidfd_getfd, pidfd_open, SharedView};
-use super::{err, Agent, Answer, Answered, Caller};
+use super::{err, Answer, Answered, Caller};
 use crate::agent::lock;
 use libkrg::dsm::uffd;
 use libkrg::proto::{ErrorReply, Request, Response, ShmInfo};
@@ -383,7 +383,7 @@ impl Dsm {
 
 /// A local request about shared memory (see `Agent::handle_local`);
 /// attaching answers with descriptors.
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
+pub(super) async fn handle(dsm: &Arc<Dsm>, req: Request, who: Caller) -> Answered {
     let r = match req {
         Request::ShmAttach {
             shmid,
@@ -391,13 +391,12 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             inherited,
             need_uffd,
         } => {
-            return agent
-                .dsm
+            return dsm
                 .shm_attach(who, shmid, rdonly, inherited, need_uffd)
                 .await
         }
-        Request::ShmFd { shmid, write } => return agent.dsm.shm_fd(who, shmid, write).await,
-        Request::ShmGet { key, size, flags } => agent.dsm.shm_get(who, key, size, flags).await?,
+        Request::ShmFd { shmid, write } => return dsm.shm_fd(who, shmid, write).await,
+        Request::ShmGet { key, size, flags } => dsm.shm_get(who, key, size, flags).await?,
         Request::ShmMapped {
             shmid,
             addr,
@@ -405,25 +404,20 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             off,
             uffd,
             ..
-        } => agent.dsm.shm_mapped(who, shmid, addr, len, off, uffd)?,
-        Request::ShmFutex { shmid, offset, len } => agent.dsm.shm_futex(who, shmid, offset, len)?,
+        } => dsm.shm_mapped(who, shmid, addr, len, off, uffd)?,
+        Request::ShmFutex { shmid, offset, len } => dsm.shm_futex(who, shmid, offset, len)?,
         Request::ShmOpen {
             name,
             oflag,
             mode,
             size,
             init,
-        } => {
-            agent
-                .dsm
-                .shm_open(who, name, oflag, mode, size, init)
-                .await?
-        }
-        Request::ShmUnlink { name } => agent.dsm.shm_unlink(who, name).await?,
-        Request::ShmResize { shmid, size } => agent.dsm.shm_resize(who, shmid, size).await?,
-        Request::ShmDetach { shmid, addr } => agent.dsm.shm_detach(who, shmid, addr).await,
-        Request::ShmCtl { shmid, cmd, set } => agent.dsm.shm_ctl(who, shmid, cmd, set).await?,
-        Request::Ipcs => agent.dsm.ipcs().await,
+        } => dsm.shm_open(who, name, oflag, mode, size, init).await?,
+        Request::ShmUnlink { name } => dsm.shm_unlink(who, name).await?,
+        Request::ShmResize { shmid, size } => dsm.shm_resize(who, shmid, size).await?,
+        Request::ShmDetach { shmid, addr } => dsm.shm_detach(who, shmid, addr).await,
+        Request::ShmCtl { shmid, cmd, set } => dsm.shm_ctl(who, shmid, cmd, set).await?,
+        Request::Ipcs => dsm.ipcs().await,
         other => return Err(super::misrouted(&other)),
     };
     Ok((r, Vec::new()))

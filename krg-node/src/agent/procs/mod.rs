@@ -12,7 +12,7 @@ use super::node::Node;
 use super::peer::GroupKill;
 use super::sched::Scheduler;
 use super::stay::Stay;
-use super::{ctx, err, Agent, Caller, Handled};
+use super::{ctx, err, Caller, Handled};
 use libkrg::caps::Caps;
 use libkrg::gpid;
 use libkrg::proto::{CapsInfo, ErrorReply, ProcInfo, Request, Response};
@@ -20,45 +20,40 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 /// A local request about processes (see `Agent::handle_local`).
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
+pub(super) async fn handle(procs: &Arc<Processes>, req: Request, who: Caller) -> Handled {
     match req {
         Request::Hello {
             version,
             caps_env,
             pinned,
-        } => agent.procs.hello(who, version, caps_env, pinned).await,
-        Request::Whoami => agent.procs.whoami(who),
-        Request::Ensure { kpid } => agent.procs.ensure(who, kpid),
-        Request::Translate { kpid } => agent.procs.translate(who, kpid),
+        } => procs.hello(who, version, caps_env, pinned).await,
+        Request::Whoami => procs.whoami(who),
+        Request::Ensure { kpid } => procs.ensure(who, kpid),
+        Request::Translate { kpid } => procs.translate(who, kpid),
         Request::TranslateGroup { kpgid } => {
-            Ok(Response::Pid(agent.node.procs().group_gpid(kpgid)))
+            Ok(Response::Pid(procs.node.procs().group_gpid(kpgid)))
         }
         Request::Resolve { gpid: g } => {
-            let k = agent.node.procs().resolve(g).ok_or_else(|| {
+            let k = procs.node.procs().resolve(g).ok_or_else(|| {
                 err(
                     libc::ESRCH,
-                    format!("pid {g}: not on node {}", agent.node.cfg.node_id),
+                    format!("pid {g}: not on node {}", procs.node.cfg.node_id),
                 )
             })?;
             Ok(Response::Pid(k))
         }
         Request::ResolveRunning { gpid: g } => {
-            Ok(Response::Pid(agent.node.procs().resolve_running(g)?))
+            Ok(Response::Pid(procs.node.procs().resolve_running(g)?))
         }
-        Request::Kill { pid, sig } => agent.procs.kill(pid, sig, who.uid).await,
-        Request::Ps => Ok(Response::Ps(agent.procs.ps().await)),
-        Request::CapGet { gpid: g } => agent.procs.cap_get(g).await,
+        Request::Kill { pid, sig } => procs.kill(pid, sig, who.uid).await,
+        Request::Ps => Ok(Response::Ps(procs.ps().await)),
+        Request::CapGet { gpid: g } => procs.cap_get(g).await,
         Request::CapSet {
             gpid: g,
             spec,
             effective,
             inheritable,
-        } => {
-            agent
-                .procs
-                .cap_set(g, spec, effective, inheritable, who)
-                .await
-        }
+        } => procs.cap_set(g, spec, effective, inheritable, who).await,
         other => Err(super::misrouted(&other)),
     }
 }

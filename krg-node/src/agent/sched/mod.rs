@@ -17,7 +17,7 @@ pub mod script;
 
 use super::node::Node;
 use super::peer::sched::{SchedPolicy, SchedVersion};
-use super::{ctx, err, Agent, Caller, Handled};
+use super::{ctx, err, Caller, Handled};
 use crate::agent::lock;
 use libkrg::proto::{ErrorReply, NodeStatus, Request, Response, SchedInfo, SchedPush};
 use policy::{Builtin, Candidate};
@@ -387,22 +387,22 @@ fn choose(
 }
 
 /// A local request about the scheduler (see `Agent::handle_local`).
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
+pub(super) async fn handle(sched: &Arc<Scheduler>, req: Request, who: Caller) -> Handled {
     match req {
-        Request::SchedGet => Ok(Response::Sched(agent.sched.sched_info())),
-        Request::SchedSet { name, source } => Ok(Response::Sched(
-            agent.sched.sched_set(name, source, who).await?,
-        )),
+        Request::SchedGet => Ok(Response::Sched(sched.sched_info())),
+        Request::SchedSet { name, source } => {
+            Ok(Response::Sched(sched.sched_set(name, source, who).await?))
+        }
         Request::SchedPlace {
             count,
             exe,
             argv,
             pinned,
         } => Ok(Response::Placed(
-            agent.sched.sched_place(count, exe, argv, pinned, who)?,
+            sched.sched_place(count, exe, argv, pinned, who)?,
         )),
         Request::SchedBalance { name } => {
-            Ok(Response::Sched(agent.sched.sched_balance(name, who).await?))
+            Ok(Response::Sched(sched.sched_balance(name, who).await?))
         }
         other => Err(super::misrouted(&other)),
     }

@@ -13,7 +13,7 @@ use super::node::Node;
 use super::orders::{Orders, PEER_PLACED};
 use super::peer::streams::{End, PortOp};
 use super::peer::CHANNEL_STREAM;
-use super::{err, sock_err, Agent, Answer, Answered, Caller};
+use super::{err, sock_err, Answer, Answered, Caller};
 use crate::agent::lock;
 use libkrg::proto::{ErrorKind, ErrorReply, Request, Response, StreamPeer};
 use std::collections::{HashMap, HashSet};
@@ -134,9 +134,9 @@ pub(crate) fn in_use_here(port: u16, reuse: bool) -> bool {
 
 /// A local request about the loopback or a moving stream (see
 /// `Agent::handle_local`); a stream's new end is a descriptor.
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
+pub(super) async fn handle(streams: &Arc<Streams>, req: Request, who: Caller) -> Answered {
     let r = match req {
-        Request::StreamAwait { id } => return agent.streams.stream_await(id).await,
+        Request::StreamAwait { id } => return streams.stream_await(id).await,
         Request::StreamAttach {
             id,
             node,
@@ -146,38 +146,34 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             pair,
         } => {
             let pair = pair.map(|p| seqpacket::take_pair(who.pid, p)).transpose()?;
-            return agent
-                .streams
+            return streams
                 .stream_attach_with(id, node, pending, wr_shut, pipe, pair)
                 .await;
         }
-        Request::PortBind { port, reuse } => agent.streams.port_bind(who, port, reuse).await?,
-        Request::PortOwner { port, from, v6 } => agent.streams.port_owner(port, from, v6).await?,
+        Request::PortBind { port, reuse } => streams.port_bind(who, port, reuse).await?,
+        Request::PortOwner { port, from, v6 } => streams.port_owner(port, from, v6).await?,
         Request::LoopbackPeer { ip, from, port } => {
-            Response::LoopbackPeer(agent.streams.loopback_peer(ip, from, port))
+            Response::LoopbackPeer(streams.loopback_peer(ip, from, port))
         }
-        Request::NodeAddrs => agent.streams.node_addrs(),
+        Request::NodeAddrs => streams.node_addrs(),
         Request::StreamFreeze {
             conns,
             pipes,
             unix,
             optional,
         } => {
-            agent
-                .streams
+            streams
                 .stream_freeze(who, conns, pipes, unix, optional)
                 .await?
         }
-        Request::StreamFrozen { ids } => agent.streams.stream_frozen(&ids)?,
+        Request::StreamFrozen { ids } => streams.stream_frozen(&ids)?,
         Request::StreamDrained {
             id,
             pending,
             wr_shut,
             pair,
-        } => agent
-            .streams
-            .stream_drained(who, id, pending, wr_shut, pair)?,
-        Request::ShadowRelays(relays) => agent.streams.shadow_relays(who, relays).await?,
+        } => streams.stream_drained(who, id, pending, wr_shut, pair)?,
+        Request::ShadowRelays(relays) => streams.shadow_relays(who, relays).await?,
         other => return Err(super::misrouted(&other)),
     };
     Ok((r, Vec::new()))
