@@ -13,6 +13,7 @@
 //! `remote::spawn_here`) and the command stays as the restored process's
 //! shadow, exactly as for a remote exec.
 
+use super::common::{err, Caller, Handled};
 use super::dsm::Dsm;
 use super::node::Node;
 use super::orders::Orders;
@@ -21,7 +22,6 @@ use super::procs::Processes;
 use super::remote::Remote;
 use super::sched::Scheduler;
 use super::streams::Streams;
-use super::{err, Caller, Handled};
 use libkrg::caps::Caps;
 use libkrg::checkpoint::fds::refusal;
 use libkrg::proto::{
@@ -227,7 +227,7 @@ pub(super) async fn handle(ckpt: &Arc<Checkpoint>, req: Request, who: Caller) ->
         Request::SharedWith { links, mems, files } => {
             ckpt.shared_with(who, links, mems, files).await
         }
-        other => Err(super::misrouted(&other)),
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
@@ -623,7 +623,7 @@ impl Checkpoint {
         if origin == self.node.node_id() {
             self.node.procs().set_location(g, node);
         } else if let Ok(oc) = self.node.client(origin).await {
-            let _ = oc.set_location(super::ctx(), g, node).await;
+            let _ = oc.set_location(super::common::ctx(), g, node).await;
         }
     }
 
@@ -639,7 +639,7 @@ impl Checkpoint {
             if node == self.node.node_id() {
                 self.streams.call_off(&ids);
             } else if let Ok(c) = self.node.client(node).await {
-                if let Err(e) = c.stream_call_off(super::ctx(), ids).await {
+                if let Err(e) = c.stream_call_off(super::common::ctx(), ids).await {
                     debug!("calling hand-overs off on node {node}: {e}");
                 }
             }

@@ -9,9 +9,9 @@
 //! whose child shadow for that gpid ends the same way. A report that comes
 //! before its child shadow waits for it.
 
-use super::lock;
+use super::common::lock;
+use super::common::{err, Caller, Handled};
 use super::node::Node;
-use super::{err, Caller, Handled};
 use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -66,7 +66,7 @@ pub(super) async fn handle(children: &Arc<Children>, req: Request, who: Caller) 
         Request::MovedChildren => children.moved_children(who),
         Request::ChildShadow { gpid } => children.child_shadow(who, gpid).await,
         Request::ChildExited { kpid, status } => children.child_exited(who, kpid, status).await,
-        other => Err(super::misrouted(&other)),
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
@@ -187,7 +187,7 @@ impl Children {
             self.child_ended(child, status);
         } else {
             let c = self.node.client(next).await?;
-            c.child_exited(super::ctx(), child, status)
+            c.child_exited(super::common::ctx(), child, status)
                 .await
                 .map_err(|e| {
                     self.node.drop_client(next);

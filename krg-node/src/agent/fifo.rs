@@ -21,11 +21,11 @@
 //! writer on the reader's node opens the FIFO itself. A non-blocking
 //! writer that finds no reader gets `ENXIO`.
 
+use super::common::{err, Answer, Answered, Caller};
 use super::node::Node;
 use super::peer::streams::{FifoKey, FifoMatch};
 use super::streams::Streams;
-use super::{err, Answer, Answered, Caller};
-use crate::agent::lock;
+use crate::agent::common::lock;
 use libkrg::proto::{ErrorReply, Request, Response};
 use nix::sys::socket::Shutdown;
 use std::collections::{HashMap, VecDeque};
@@ -87,7 +87,7 @@ pub(super) async fn handle(fifos: &Arc<Fifos>, req: Request, who: Caller) -> Ans
                 .await?,
             Vec::new(),
         )),
-        other => Err(super::misrouted(&other)),
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
@@ -153,7 +153,7 @@ impl Fifos {
             self.fifo_stand_at_home(key, me).await;
         } else {
             let c = self.node.client(home).await?;
-            c.fifo_stand(super::ctx(), key, me)
+            c.fifo_stand(super::common::ctx(), key, me)
                 .await
                 .map_err(|e| self.node.peer_lost(home, "key home", e))?;
         }
@@ -211,7 +211,7 @@ impl Fifos {
         } else {
             match self.node.client(node).await {
                 Ok(c) => c
-                    .fifo_feed(super::ctx(), key.clone(), id)
+                    .fifo_feed(super::common::ctx(), key.clone(), id)
                     .await
                     .map_err(|e| self.node.peer_lost(node, "FIFO reader", e))
                     .unwrap_or(false),
@@ -278,7 +278,7 @@ impl Fifos {
         } else {
             match self.node.client(node).await {
                 Ok(c) => c
-                    .fifo_reader_here(super::ctx(), key.clone())
+                    .fifo_reader_here(super::common::ctx(), key.clone())
                     .await
                     .map_err(|e| self.node.peer_lost(node, "FIFO reader", e))
                     .unwrap_or(false),
@@ -373,7 +373,7 @@ impl Fifos {
         } else {
             match self.node.client(reader).await {
                 Ok(c) => c
-                    .fifo_expect(super::ctx(), id)
+                    .fifo_expect(super::common::ctx(), id)
                     .await
                     .map_err(|e| err(libc::EHOSTUNREACH, format!("node {reader}: {e}"))),
                 Err(e) => Err(e),

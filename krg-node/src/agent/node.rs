@@ -3,10 +3,11 @@
 //! peers), the process table and the load probes. Subsystems hold an
 //! `Arc<Node>`; none of them reaches another's state through it.
 
+use super::common::{err, lock, Caller};
 use super::config::Config;
 use super::peer::{self, Heartbeat, PeerClient};
+use super::probe;
 use super::procs::table::ProcTable;
-use super::{err, lock, probe, Caller};
 use libkrg::gpid;
 use libkrg::proto::{ErrorReply, NodeStatus};
 use std::collections::HashMap;

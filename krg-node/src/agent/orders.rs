@@ -4,8 +4,8 @@
 //! `streams`). Under its lock an order and a placement at exec exclude
 //! each other (`mark_placing`, `order_stream_swap`).
 
+use super::common::{lock, Caller};
 use super::node::Node;
-use super::{lock, Caller};
 use libkrg::proto::{CkptAction, CkptOrder, ErrorKind, ErrorReply};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

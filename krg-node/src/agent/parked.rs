@@ -8,11 +8,11 @@
 //! flight stays in the socket or pipe itself. The restore of the image on
 //! this node takes the very same kernel objects back.
 
+use super::common::{err, Answer, Answered, Caller};
 use super::node::Node;
 use super::peer::streams::PortOp;
 use super::streams::Streams;
-use super::{err, Answer, Answered, Caller};
-use crate::agent::lock;
+use crate::agent::common::lock;
 use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -83,7 +83,7 @@ pub(super) async fn handle(parked: &Arc<Parked>, req: Request, who: Caller) -> A
         }
         Request::Unpark { id } => parked.unpark(who, id),
         Request::TakeForwarded { port } => parked.take_forwarded(port).await,
-        other => Err(super::misrouted(&other)),
+        other => Err(super::common::misrouted(&other)),
     }
 }
 

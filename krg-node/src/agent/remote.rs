@@ -7,13 +7,13 @@
 //! the program with the caller's identity, register it under its gpid, wait
 //! for it in a thread and send its wait status to the shadow.
 
+use super::common::{err, Caller, Handled};
 use super::node::Node;
 use super::peer::remote::SpawnSpec;
 use super::procs::table::read_stat;
 use super::sched::Scheduler;
 use super::stay::Stay;
 use super::streams::Streams;
-use super::{err, Caller, Handled};
 use libkrg::caps::Caps;
 use libkrg::proto::{ErrorReply, RemoteExec, Request, Response, StdioKind};
 use std::ffi::OsStr;
@@ -74,7 +74,7 @@ pub(super) async fn handle(remote: &Arc<Remote>, req: Request, who: Caller) -> H
             pinned,
         } => remote.place_exec(who, exe, argv, caps_env, pinned).await,
         Request::RemoteExec(spec) => Ok(Response::Pid(remote.remote_exec(who, spec).await?)),
-        other => Err(super::misrouted(&other)),
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
@@ -267,7 +267,7 @@ impl Remote {
         if origin == self.node.node_id() {
             self.node.procs().set_location(g, node);
         } else if let Ok(oc) = self.node.client(origin).await {
-            let _ = oc.set_location(super::ctx(), g, node).await;
+            let _ = oc.set_location(super::common::ctx(), g, node).await;
         }
         info!("pid {g} runs on node {node} (kernel pid {kpid} there); its shadow stays here");
         Ok(kpid)
@@ -633,7 +633,7 @@ impl Remote {
                 if origin != 0 && origin != agent.node.node_id() {
                     handle.spawn(async move {
                         if let Ok(c) = agent.node.client(origin).await {
-                            let _ = c.set_location(super::ctx(), g, origin).await;
+                            let _ = c.set_location(super::common::ctx(), g, origin).await;
                         }
                     });
                 } else {

@@ -7,12 +7,12 @@
 //! asks again. So no call is ever longer than an agent's call deadline, and
 //! a caller that dies simply stops asking.
 
+use super::common::lock;
+use super::common::{ctx, err, Caller, Handled};
 use super::dsm::{cred, home_of, now, on_exit};
-use super::lock;
 use super::node::Node;
 use super::peer::dsm::Cred;
 use super::peer::sync::{SemHomeOp, SemReply};
-use super::{ctx, err, Caller, Handled};
 use libkrg::proto::{ErrorReply, Request, Response, SemInfo};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -163,7 +163,7 @@ pub(super) async fn handle(sems: &Arc<Sems>, req: Request, who: Caller) -> Handl
             array,
             set,
         } => sems.sem_ctl(who, semid, num, cmd, val, array, set).await,
-        other => Err(super::misrouted(&other)),
+        other => Err(super::common::misrouted(&other)),
     }
 }
 

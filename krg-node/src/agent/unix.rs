@@ -16,11 +16,11 @@
 //! (poll, epoll, a blocking accept) is the kernel's own, and the data path
 //! is one TCP connection between the two nodes: the agents only set it up.
 
+use super::common::{err, Answer, Answered, Caller};
 use super::node::Node;
 use super::peer::streams::FifoKey;
 use super::streams::Streams;
-use super::{err, Answer, Answered, Caller};
-use crate::agent::lock;
+use crate::agent::common::lock;
 use libkrg::proto::{ErrorReply, Request, Response, UNIX_STAND_IN};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -124,7 +124,7 @@ pub(super) async fn handle(unix: &Arc<UnixNames>, req: Request, who: Caller) -> 
                 .await
         }
         Request::UnixTake { id, pair } => unix.unix_take(who, id, pair).await,
-        other => Err(super::misrouted(&other)),
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
@@ -153,7 +153,7 @@ impl UnixNames {
             self.unix_name_set(key, me);
         } else {
             let c = self.node.client(home).await?;
-            c.unix_name_set(super::ctx(), key, me)
+            c.unix_name_set(super::common::ctx(), key, me)
                 .await
                 .map_err(|e| self.node.peer_lost(home, "key home", e))?;
         }
@@ -186,7 +186,7 @@ impl UnixNames {
             // here, as before krg (never a failure of its own making).
             let asked = match self.node.client(home).await {
                 Ok(c) => c
-                    .unix_name_owner(super::ctx(), key.clone())
+                    .unix_name_owner(super::common::ctx(), key.clone())
                     .await
                     .map_err(|e| self.node.peer_lost(home, "key home", e).msg),
                 Err(e) => Err(e.msg),
@@ -223,7 +223,7 @@ impl UnixNames {
             .transpose()?;
         let c = self.node.client(node).await?;
         let id = c
-            .unix_stand_in(super::ctx(), key, uid, gids, pair.is_some())
+            .unix_stand_in(super::common::ctx(), key, uid, gids, pair.is_some())
             .await
             .map_err(|e| {
                 self.node.drop_client(node);

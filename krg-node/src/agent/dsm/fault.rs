@@ -2,7 +2,7 @@
 //! attached, and what a fault asks of a segment's home.
 
 use super::*;
-use crate::agent::lock;
+use crate::agent::common::lock;
 
 impl Dsm {
     /// Have the fault thread serve a process's page faults.

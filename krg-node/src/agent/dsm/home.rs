@@ -3,7 +3,7 @@
 //! invalidate, downgrade); then what a node does when its home asks.
 
 use super::*;
-use crate::agent::lock;
+use crate::agent::common::lock;
 
 impl Dsm {
     pub async fn home_op(self: &Arc<Self>, op: HomeOp) -> Result<HomeReply, ErrorReply> {

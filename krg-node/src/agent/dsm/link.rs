@@ -20,11 +20,11 @@
 //! sleeping threads (the fault's reader, the answer's reader on both
 //! agents, the application); polling leaves the application's.
 
-use super::super::err;
+use super::super::common::err;
 use super::super::peer::dsm::{Req, Resp};
 use super::super::peer::{auth, CHANNEL_DSM, CHANNEL_DSM_FAULTS};
 use super::Dsm;
-use crate::agent::lock;
+use crate::agent::common::lock;
 use bincode::Options;
 use libkrg::proto::ErrorReply;
 use serde::{Deserialize, Serialize};

@@ -23,11 +23,11 @@ mod home;
 pub mod link;
 mod local;
 
+use super::common::{err, Answer, Answered, Caller};
 use super::node::Node;
 use super::peer::dsm::{Cred, Grant, HomeOp, HomeReply, NodeOp, Req, Resp};
 use super::sys::{self, async_fd, pidfd_getfd, pidfd_open, SharedView};
-use super::{err, Answer, Answered, Caller};
-use crate::agent::lock;
+use crate::agent::common::lock;
 use libkrg::dsm::uffd;
 use libkrg::proto::{ErrorReply, Request, Response, ShmInfo};
 use link::{FaultLink, Pace};
@@ -418,7 +418,7 @@ pub(super) async fn handle(dsm: &Arc<Dsm>, req: Request, who: Caller) -> Answere
         Request::ShmDetach { shmid, addr } => dsm.shm_detach(who, shmid, addr).await,
         Request::ShmCtl { shmid, cmd, set } => dsm.shm_ctl(who, shmid, cmd, set).await?,
         Request::Ipcs => dsm.ipcs().await,
-        other => return Err(super::misrouted(&other)),
+        other => return Err(super::common::misrouted(&other)),
     };
     Ok((r, Vec::new()))
 }
@@ -477,7 +477,7 @@ impl Dsm {
         if matches!(op, HomeOp::AcquireRead { .. }) {
             let c = self.node.client(home).await?;
             return c
-                .dsm_home(super::ctx(), op)
+                .dsm_home(super::common::ctx(), op)
                 .await
                 .map_err(|e| self.node.peer_lost(home, "segment home", e))?;
         }
@@ -726,7 +726,7 @@ impl Dsm {
             ));
         }
         let mem = if uffd_fd >= 0 {
-            let fd = pidfd_getfd(who.pid, uffd_fd).map_err(super::os_err)?;
+            let fd = pidfd_getfd(who.pid, uffd_fd).map_err(super::common::os_err)?;
             let m = Arc::new(ProcMem {
                 kpid: who.pid,
                 uffd: fd,

@@ -7,12 +7,12 @@ pub mod table;
 
 use table::{read_stat, ProcTable};
 
+use super::common::{ctx, err, Caller, Handled};
 use super::dsm::Dsm;
 use super::node::Node;
 use super::peer::GroupKill;
 use super::sched::Scheduler;
 use super::stay::Stay;
-use super::{ctx, err, Caller, Handled};
 use libkrg::caps::Caps;
 use libkrg::gpid;
 use libkrg::proto::{CapsInfo, ErrorReply, ProcInfo, Request, Response};
@@ -54,7 +54,7 @@ pub(super) async fn handle(procs: &Arc<Processes>, req: Request, who: Caller) ->
             effective,
             inheritable,
         } => procs.cap_set(g, spec, effective, inheritable, who).await,
-        other => Err(super::misrouted(&other)),
+        other => Err(super::common::misrouted(&other)),
     }
 }
 

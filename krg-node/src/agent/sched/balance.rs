@@ -22,7 +22,7 @@
 //! candidates; the one with the most CPU time lately goes first.
 
 use super::Scheduler;
-use crate::agent::lock;
+use crate::agent::common::lock;
 use libkrg::caps::Caps;
 use libkrg::proto::ErrorReply;
 use std::collections::HashMap;

@@ -15,10 +15,10 @@ pub mod balance;
 pub mod policy;
 pub mod script;
 
+use super::common::{ctx, err, Caller, Handled};
 use super::node::Node;
 use super::peer::sched::{SchedPolicy, SchedVersion};
-use super::{ctx, err, Caller, Handled};
-use crate::agent::lock;
+use crate::agent::common::lock;
 use libkrg::proto::{ErrorReply, NodeStatus, Request, Response, SchedInfo, SchedPush};
 use policy::{Builtin, Candidate};
 use rand::Rng;
@@ -404,7 +404,7 @@ pub(super) async fn handle(sched: &Arc<Scheduler>, req: Request, who: Caller) ->
         Request::SchedBalance { name } => {
             Ok(Response::Sched(sched.sched_balance(name, who).await?))
         }
-        other => Err(super::misrouted(&other)),
+        other => Err(super::common::misrouted(&other)),
     }
 }
 

@@ -3,7 +3,7 @@
 //! drains, and how a failed or raced hand-over ends.
 
 use super::*;
-use crate::agent::lock;
+use crate::agent::common::lock;
 
 impl Streams {
     /// The node whose address is `ip`.
@@ -152,7 +152,7 @@ impl Streams {
                     self.stream_hold(ends, commit).await?
                 } else {
                     let c = self.node.client(*node).await?;
-                    c.stream_hold(super::super::ctx(), ends, commit)
+                    c.stream_hold(super::super::common::ctx(), ends, commit)
                         .await
                         .map_err(|e| self.node.peer_lost(*node, "peer", e))??
                 };
@@ -320,7 +320,7 @@ impl Streams {
         let end = End::Tcp(peer, local);
         let held = match self.node.client(node).await {
             Ok(c) => c
-                .stream_hold(super::super::ctx(), vec![end], true)
+                .stream_hold(super::super::common::ctx(), vec![end], true)
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.msg)),

@@ -9,12 +9,12 @@
 //! by another node is checked *when it matters*, by asking that node to
 //! bind the port itself (`probe`). See docs/architecture/streams.md.
 
+use super::common::{err, sock_err, Answer, Answered, Caller};
 use super::node::Node;
 use super::orders::{Orders, PEER_PLACED};
 use super::peer::streams::{End, PortOp};
 use super::peer::CHANNEL_STREAM;
-use super::{err, sock_err, Answer, Answered, Caller};
-use crate::agent::lock;
+use crate::agent::common::lock;
 use libkrg::proto::{ErrorKind, ErrorReply, Request, Response, StreamPeer};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -174,7 +174,7 @@ pub(super) async fn handle(streams: &Arc<Streams>, req: Request, who: Caller) ->
             pair,
         } => streams.stream_drained(who, id, pending, wr_shut, pair)?,
         Request::ShadowRelays(relays) => streams.shadow_relays(who, relays).await?,
-        other => return Err(super::misrouted(&other)),
+        other => return Err(super::common::misrouted(&other)),
     };
     Ok((r, Vec::new()))
 }
@@ -213,7 +213,7 @@ impl Streams {
             return self.port_home_op(op).await;
         }
         let c = self.node.client(home).await?;
-        c.port_home(super::ctx(), op)
+        c.port_home(super::common::ctx(), op)
             .await
             .map_err(|e| self.node.peer_lost(home, "port home", e))?
     }
@@ -254,7 +254,7 @@ impl Streams {
         let Ok(c) = self.node.client(node).await else {
             return false;
         };
-        match c.port_probe(super::ctx(), port, reuse).await {
+        match c.port_probe(super::common::ctx(), port, reuse).await {
             Ok(b) => b,
             Err(e) => {
                 self.node.drop_client(node);
@@ -312,7 +312,10 @@ impl Streams {
             // Before the client connects: its server then knows it came
             // to the loopback.
             if let Ok(c) = self.node.client(n).await {
-                if let Err(e) = c.loopback_peer(super::ctx(), me, from, port, v6).await {
+                if let Err(e) = c
+                    .loopback_peer(super::common::ctx(), me, from, port, v6)
+                    .await
+                {
                     self.node.drop_client(n);
                     tracing::warn!("telling node {n} of a loopback client: {e}");
                 }

@@ -16,9 +16,10 @@
 //! shuts its relay end both ways, so its process's next write fails with
 //! `EPIPE`, as with a peer that closed).
 
-use super::super::{sock_err, sys};
+use super::super::common::sock_err;
+use super::super::sys;
 use super::Streams;
-use crate::agent::lock;
+use crate::agent::common::lock;
 use libkrg::proto::ErrorReply;
 use libkrg::streams::seqpacket::{self, Got, MAX_MESSAGE};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
