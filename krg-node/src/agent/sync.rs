@@ -9,7 +9,7 @@
 
 use super::common::lock;
 use super::common::{ctx, err, Caller, Handled};
-use super::dsm::{cred, home_of, now, on_exit};
+use super::dsm::{access_of, cred, home_of, keyed, now, on_exit};
 use super::node::Node;
 use super::peer::dsm::Cred;
 use super::peer::sync::{SemHomeOp, SemReply};
@@ -358,37 +358,22 @@ impl Sems {
         cred: &Cred,
     ) -> Result<SemReply, ErrorReply> {
         let mut keys = lock(&self.keys);
-        if key != libc::IPC_PRIVATE {
-            if let Some(&id) = keys.get(&key) {
-                if flags & libc::IPC_CREAT != 0 && flags & libc::IPC_EXCL != 0 {
-                    return Err(err(
-                        libc::EEXIST,
-                        format!("key {key:#x}: semaphore set {id} exists"),
-                    ));
-                }
-                let s = self.sem_set(id)?;
-                let s = lock(&s);
-                if nsems > s.info.nsems as i32 {
-                    return Err(err(
-                        libc::EINVAL,
-                        format!("semaphore set {id} has {} semaphores", s.info.nsems),
-                    ));
-                }
-                let f = flags as u32;
-                if !cred.allowed(&s.info, ((f >> 6) | (f >> 3) | f) & 0o7) {
-                    return Err(err(
-                        libc::EACCES,
-                        format!("semaphore set {id}: permission denied"),
-                    ));
-                }
-                return Ok(SemReply::Id(id));
-            }
-            if flags & libc::IPC_CREAT == 0 {
+        if let Some(id) = keyed(&keys, key, flags, "semaphore set")? {
+            let s = self.sem_set(id)?;
+            let s = lock(&s);
+            if nsems > s.info.nsems as i32 {
                 return Err(err(
-                    libc::ENOENT,
-                    format!("no semaphore set with key {key:#x}"),
+                    libc::EINVAL,
+                    format!("semaphore set {id} has {} semaphores", s.info.nsems),
                 ));
             }
+            if !cred.allowed(&s.info, access_of(flags)) {
+                return Err(err(
+                    libc::EACCES,
+                    format!("semaphore set {id}: permission denied"),
+                ));
+            }
+            return Ok(SemReply::Id(id));
         }
         if nsems <= 0 || nsems > SEMMSL {
             return Err(err(libc::EINVAL, format!("{nsems} semaphores")));

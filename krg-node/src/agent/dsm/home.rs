@@ -167,37 +167,25 @@ impl Dsm {
         pid: i32,
     ) -> Result<HomeReply, ErrorReply> {
         let mut keys = lock(&self.keys);
-        if key != libc::IPC_PRIVATE {
-            if let Some(&id) = keys.get(&key) {
-                if flags & libc::IPC_CREAT != 0 && flags & libc::IPC_EXCL != 0 {
-                    return Err(err(
-                        libc::EEXIST,
-                        format!("key {key:#x}: segment {id} exists"),
-                    ));
-                }
-                let h = self.home(id)?;
-                let m = lock(&h.meta);
-                if size > m.info.size {
-                    return Err(err(
-                        libc::EINVAL,
-                        format!(
-                            "key {key:#x}: segment {id} is {} bytes, {size} asked",
-                            m.info.size
-                        ),
-                    ));
-                }
-                let f = flags as u32;
-                if !cred.allowed(&m.info, ((f >> 6) | (f >> 3) | f) & 0o7) {
-                    return Err(err(
-                        libc::EACCES,
-                        format!("key {key:#x}: segment {id}: permission denied"),
-                    ));
-                }
-                return Ok(HomeReply::Id(id));
+        if let Some(id) = keyed(&keys, key, flags, "segment")? {
+            let h = self.home(id)?;
+            let m = lock(&h.meta);
+            if size > m.info.size {
+                return Err(err(
+                    libc::EINVAL,
+                    format!(
+                        "key {key:#x}: segment {id} is {} bytes, {size} asked",
+                        m.info.size
+                    ),
+                ));
             }
-            if flags & libc::IPC_CREAT == 0 {
-                return Err(err(libc::ENOENT, format!("no segment with key {key:#x}")));
+            if !cred.allowed(&m.info, access_of(flags)) {
+                return Err(err(
+                    libc::EACCES,
+                    format!("key {key:#x}: segment {id}: permission denied"),
+                ));
             }
+            return Ok(HomeReply::Id(id));
         }
         let id = self.create(key, String::new(), size, flags as u32 & 0o777, cred, pid)?;
         if key != libc::IPC_PRIVATE {

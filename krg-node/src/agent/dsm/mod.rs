@@ -293,6 +293,39 @@ fn io_err(what: String, e: std::io::Error) -> ErrorReply {
 }
 
 /// The supplementary groups of a local process.
+/// System V `*get` of `key` among the objects homed here (`keys`, key ->
+/// id; `what`: "segment", say): `Some` existing object's id (refused
+/// under `IPC_CREAT | IPC_EXCL`), `None` when one is to be made
+/// (`IPC_PRIVATE`, or none and `IPC_CREAT`), else `ENOENT`.
+pub(crate) fn keyed(
+    keys: &HashMap<i32, i32>,
+    key: i32,
+    flags: i32,
+    what: &str,
+) -> Result<Option<i32>, ErrorReply> {
+    if key == libc::IPC_PRIVATE {
+        return Ok(None);
+    }
+    match keys.get(&key) {
+        Some(&id) if flags & libc::IPC_CREAT != 0 && flags & libc::IPC_EXCL != 0 => Err(err(
+            libc::EEXIST,
+            format!("key {key:#x}: {what} {id} exists"),
+        )),
+        Some(&id) => Ok(Some(id)),
+        None if flags & libc::IPC_CREAT == 0 => {
+            Err(err(libc::ENOENT, format!("no {what} with key {key:#x}")))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The access a `*get`'s mode bits ask for (rwx, the same for owner,
+/// group and others), as `Cred::allowed` checks it.
+pub(crate) fn access_of(flags: i32) -> u32 {
+    let f = flags as u32;
+    ((f >> 6) | (f >> 3) | f) & 0o7
+}
+
 /// A link answer of the wrong kind from node `node`.
 fn unexpected(node: u32, r: &Resp) -> ErrorReply {
     err(libc::EIO, format!("node {node}: unexpected {r:?}"))
