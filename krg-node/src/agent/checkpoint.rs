@@ -13,8 +13,15 @@
 //! `remote::spawn_here`) and the command stays as the restored process's
 //! shadow, exactly as for a remote exec.
 
+use super::common::{err, Caller, Handled};
+use super::dsm::Dsm;
+use super::node::Node;
+use super::orders::Orders;
 use super::peer::remote::SpawnSpec;
-use super::{err, Agent, Caller, Handled};
+use super::procs::Processes;
+use super::remote::Remote;
+use super::sched::Scheduler;
+use super::streams::Streams;
 use libkrg::caps::Caps;
 use libkrg::checkpoint::fds::refusal;
 use libkrg::proto::{
@@ -22,39 +29,12 @@ use libkrg::proto::{
 };
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 use tracing::{debug, info};
 
 /// Longest a capture may take before the command gives up waiting.
 const CAPTURE_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// Orders waiting for (or being executed by) a process, by kernel pid.
-#[derive(Default)]
-pub struct Orders(Mutex<HashMap<i32, Pending>>);
-
-impl std::fmt::Debug for Orders {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Orders({} pending)", self.lock().len())
-    }
-}
-
-/// How a capture ended: bytes, and whether post-copy was used; or the
-/// kind of failure and what failed.
-type CaptureEnd = Result<(u64, bool), (ErrorKind, String)>;
-
-struct Pending {
-    order: CkptOrder,
-    taken: bool,
-    done: Option<oneshot::Sender<CaptureEnd>>,
-}
-
-impl Orders {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Pending>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// Why a capture failed when the process went away before it said.
 fn ended() -> (ErrorKind, String) {
@@ -97,7 +77,7 @@ fn postcopy_running(kpid: i32) -> bool {
 /// it could not be read.
 fn personality(kpid: i32) -> Result<u32, String> {
     let mut why = format!("/proc/{kpid}: no such process");
-    for p in super::procs::thread_files(kpid, "personality") {
+    for p in super::procs::table::thread_files(kpid, "personality") {
         match std::fs::read_to_string(&p) {
             Ok(s) => match u32::from_str_radix(s.trim(), 16) {
                 Ok(v) => return Ok(v),
@@ -108,11 +88,6 @@ fn personality(kpid: i32) -> Result<u32, String> {
     }
     Err(why)
 }
-
-/// Why a capture was refused when the other end of one of its streams is
-/// being captured itself (or was frozen by it) at the same time.
-const PEER_BUSY: &str = "the peer of a moving connection, is itself being captured";
-const CAPTURE_BUSY: &str = "a capture is already under way";
 
 /// A live child of a local process, if any (zombies included: the parent
 /// still has to reap them here).
@@ -217,7 +192,7 @@ fn same_description(pa: i32, a: i32, pb: i32, b: i32) -> bool {
 
 /// A local request about checkpoint, migration or restart (see
 /// `Agent::handle_local`).
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
+pub(super) async fn handle(ckpt: &Arc<Checkpoint>, req: Request, who: Caller) -> Handled {
     match req {
         Request::Checkpoint { pid, dir, kill } => {
             let order = CkptOrder {
@@ -229,34 +204,71 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Han
                 precopy: false,
             };
             Ok(Response::Ckpt(
-                agent.checkpoint(pid, order, who.uid, 0).await?,
+                ckpt.checkpoint(pid, order, who.uid, 0).await?,
             ))
         }
         Request::Migrate { pid, node, precopy } => {
             let order = CkptOrder::migrate(node, precopy);
             Ok(Response::Ckpt(
-                agent.checkpoint(pid, order, who.uid, 0).await?,
+                ckpt.checkpoint(pid, order, who.uid, 0).await?,
             ))
         }
-        Request::CkptOrder => Ok(Response::CkptOrder(agent.ckpt_order(who))),
+        Request::CkptOrder => Ok(Response::CkptOrder(ckpt.orders.ckpt_order(who))),
         Request::CkptDone {
             ok,
             kind,
             msg,
             bytes,
         } => {
-            agent.ckpt_done(who, ok, kind, msg, bytes);
+            ckpt.orders.ckpt_done(who, ok, kind, msg, bytes);
             Ok(Response::Ok)
         }
-        Request::Restart(req) => Ok(Response::Ckpt(agent.restart(who, req).await?)),
+        Request::Restart(req) => Ok(Response::Ckpt(ckpt.restart(who, req).await?)),
         Request::SharedWith { links, mems, files } => {
-            agent.shared_with(who, links, mems, files).await
+            ckpt.shared_with(who, links, mems, files).await
         }
-        other => Err(super::misrouted(&other)),
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
-impl Agent {
+/// Checkpoint, migration and restart, the agent's side.
+#[derive(Debug)]
+pub struct Checkpoint {
+    node: Arc<Node>,
+    orders: Arc<Orders>,
+    streams: Arc<Streams>,
+    sched: Arc<Scheduler>,
+    dsm: Arc<Dsm>,
+    procs: Arc<Processes>,
+    remote: Arc<Remote>,
+}
+
+/// What a [`Checkpoint`] works with: every subsystem that a capture, a
+/// move or a restart touches.
+#[derive(Debug)]
+pub struct Uses {
+    pub node: Arc<Node>,
+    pub orders: Arc<Orders>,
+    pub streams: Arc<Streams>,
+    pub sched: Arc<Scheduler>,
+    pub dsm: Arc<Dsm>,
+    pub procs: Arc<Processes>,
+    pub remote: Arc<Remote>,
+}
+
+impl Checkpoint {
+    pub fn new(u: Uses) -> Checkpoint {
+        Checkpoint {
+            node: u.node,
+            orders: u.orders,
+            streams: u.streams,
+            sched: u.sched,
+            dsm: u.dsm,
+            procs: u.procs,
+            remote: u.remote,
+        }
+    }
+
     /// `SharedWith` from a process about to be captured: what of `links`
     /// (its own pipes and socketpairs) and `mems` (its shared memory to be
     /// copied) other processes of this node hold too, described for the
@@ -292,7 +304,7 @@ impl Agent {
         .map_err(|e| err(libc::EIO, format!("looking for what is shared: {e}")))?;
         let name = |kpid: i32| {
             let comm = std::fs::read_to_string(format!("/proc/{kpid}/comm")).unwrap_or_default();
-            let g = self.procs().translate(kpid).unwrap_or(kpid);
+            let g = self.node.procs().translate(kpid).unwrap_or(kpid);
             format!("pid {g} ({})", comm.trim_end())
         };
         let mut out = Vec::new();
@@ -340,16 +352,16 @@ impl Agent {
         uid: u32,
         hops: u8,
     ) -> Result<CkptDoneInfo, ErrorReply> {
-        self.owner(g)?;
+        self.procs.owner(g)?;
         if hops > 3 {
             return Err(err(
                 libc::ESRCH,
                 format!("pid {g}: lost while routing the request"),
             ));
         }
-        let me = self.node_id();
+        let me = self.node.node_id();
         let target = {
-            let t = self.procs();
+            let t = self.node.procs();
             match t.runs_elsewhere(g) {
                 Some(n) if n != me => n,
                 _ if t.get(g).is_some() => me,
@@ -370,13 +382,13 @@ impl Agent {
         if target == me {
             return self.checkpoint_local(g, order, uid).await;
         }
-        if !self.is_up(target) {
+        if !self.node.is_up(target) {
             return Err(err(
                 libc::EHOSTDOWN,
                 format!("pid {g}: node {target} is down"),
             ));
         }
-        let c = self.client(target).await?;
+        let c = self.node.client(target).await?;
         let mut cx = tarpc::context::current();
         cx.deadline = Instant::now() + CAPTURE_TIMEOUT + Duration::from_secs(5);
         c.checkpoint(cx, g, order, uid, hops + 1)
@@ -425,27 +437,27 @@ impl Agent {
         } else {
             (Caps::CHECKPOINT, "checkpoint")
         };
-        if migrate && !self.is_up(order.node) {
+        if migrate && !self.node.is_up(order.node) {
             return Err(err(libc::EHOSTDOWN, format!("node {} is down", order.node)));
         }
         // A process still being restored here is not capturable yet (its
         // handlers are not back): wait a little for it.
         let wait_until = Instant::now() + Duration::from_secs(10);
-        while self.procs().get(g).is_some_and(|p| p.restoring) && Instant::now() < wait_until {
+        while self.node.procs().get(g).is_some_and(|p| p.restoring) && Instant::now() < wait_until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let kpid = {
-            let t = self.procs();
+            let t = self.node.procs();
             if t.get(g).is_some_and(|p| p.restoring) {
                 return Err(err(libc::EBUSY, format!("pid {g}: still being restored")));
             }
             let p = t.get(g).filter(|p| p.running_on.is_none()).ok_or_else(|| {
                 err(
                     libc::ESRCH,
-                    format!("pid {g}: not running on node {}", self.node_id()),
+                    format!("pid {g}: not running on node {}", self.node.node_id()),
                 )
             })?;
-            super::procs::ProcTable::permitted(p, uid)?;
+            super::procs::table::ProcTable::permitted(p, uid)?;
             if !p.caps_eff.contains(cap) {
                 return Err(err(
                     libc::EPERM,
@@ -458,7 +470,7 @@ impl Agent {
         // agent, or a child forked from one (same library, same handler),
         // but not one that has since exec'd a program without the library
         // (the signal would kill it).
-        if !super::procs::catches(kpid, libkrg::proto::CKPT_SIGNAL) {
+        if !super::procs::table::catches(kpid, libkrg::proto::CKPT_SIGNAL) {
             return Err(err(
                 libc::EPERM,
                 format!("pid {g}: does not run libkrg (not started under krg, or it exec'd a program without it)"),
@@ -468,12 +480,12 @@ impl Agent {
         // userfaultfd and migration stream open (and its handler waits
         // for the last page anyway): wait for its post-copy thread to end
         // (it closes both first).
-        if self.procs().get(g).is_some_and(|p| p.postcopy) {
+        if self.node.procs().get(g).is_some_and(|p| p.postcopy) {
             let until = Instant::now() + CAPTURE_TIMEOUT;
             while postcopy_running(kpid) && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            if let Some(p) = self.procs().get_mut(g) {
+            if let Some(p) = self.node.procs().get_mut(g) {
                 p.postcopy = false;
             }
         }
@@ -484,7 +496,7 @@ impl Agent {
         // process attaches it again on its new node), but an image on disk
         // would not hold it: its contents live in the cluster.
         if !migrate {
-            if let Some(shmid) = self.shm_attached(kpid) {
+            if let Some(shmid) = self.dsm.shm_attached(kpid) {
                 return Err(err(
                     libc::EBUSY,
                     format!("pid {g}: shared memory segment {shmid} (krg DSM) is attached: its contents are the cluster's, not the process's, and an image would not hold them (migrate the process instead)"),
@@ -508,7 +520,7 @@ impl Agent {
         let pers = personality(kpid).map_err(|e| {
             err(
                 libc::ESRCH,
-                if super::procs::alive(kpid) {
+                if super::procs::table::alive(kpid) {
                     format!("pid {g}: cannot read its personality ({e})")
                 } else {
                     format!("pid {g}: exiting")
@@ -521,28 +533,10 @@ impl Agent {
                 format!("pid {g}: runs with address randomisation (not started under krg)"),
             ));
         }
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut o = self.orders.lock();
-            if o.contains_key(&kpid) {
-                return Err(ErrorReply::new(
-                    libc::EBUSY,
-                    ErrorKind::CaptureBusy,
-                    format!("pid {g}: {CAPTURE_BUSY}"),
-                ));
-            }
-            o.insert(
-                kpid,
-                Pending {
-                    order: order.clone(),
-                    taken: false,
-                    done: Some(tx),
-                },
-            );
-        }
+        let rx = self.orders.order_capture(g, kpid, order.clone())?;
         let started = Instant::now();
-        if let Err(e) = self.procs().kill(g, libkrg::proto::CKPT_SIGNAL, 0) {
-            self.orders.lock().remove(&kpid);
+        if let Err(e) = self.node.procs().kill(g, libkrg::proto::CKPT_SIGNAL, 0) {
+            self.orders.forget(kpid);
             return Err(e);
         }
         debug!("pid {g}: capture signal sent (kernel pid {kpid})");
@@ -556,7 +550,7 @@ impl Agent {
                 tokio::select! {
                     r = &mut rx => return r,
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                        if !super::procs::alive(kpid) {
+                        if !super::procs::table::alive(kpid) {
                             // A report sent just before the end wins.
                             return match rx.try_recv() {
                                 Ok(r) => Ok(r),
@@ -568,20 +562,20 @@ impl Agent {
             }
         })
         .await;
-        let removed = self.orders.lock().remove(&kpid);
+        let taken = self.orders.forget(kpid);
         let res = match r {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(ended()),
             Err(_) => Err((
                 ErrorKind::Other,
-                match removed {
-                    Some(p) if !p.taken => "the process never answered the capture signal",
+                match taken {
+                    Some(false) => "the process never answered the capture signal",
                     _ => "the capture did not finish in time",
                 }
                 .to_string(),
             )),
         };
-        let frozen = self.moving.take_frozen_for(kpid);
+        let frozen = self.streams.take_frozen_for(kpid);
         if res.is_err() && !frozen.is_empty() {
             self.call_off_everywhere(frozen).await;
         }
@@ -590,8 +584,8 @@ impl Agent {
             Err((kind, e)) => {
                 if migrate {
                     // It stays here after all.
-                    self.procs().clear_shadow(g);
-                    self.relocate(g, self.node_id()).await;
+                    self.node.procs().clear_shadow(g);
+                    self.relocate(g, self.node.node_id()).await;
                 }
                 return Err(ErrorReply::new(libc::EIO, kind, format!("pid {g}: {e}")));
             }
@@ -612,7 +606,11 @@ impl Agent {
         }
         Ok(CkptDoneInfo {
             pid: g,
-            node: if migrate { order.node } else { self.node_id() },
+            node: if migrate {
+                order.node
+            } else {
+                self.node.node_id()
+            },
             bytes,
             ms,
             postcopy,
@@ -622,72 +620,10 @@ impl Agent {
     /// Tell the origin node of `g` that it runs on `node` now.
     pub(super) async fn relocate(&self, g: i32, node: u32) {
         let origin = libkrg::gpid::node_of(g).unwrap_or(node);
-        if origin == self.node_id() {
-            self.procs().set_location(g, node);
-        } else if let Ok(oc) = self.client(origin).await {
-            let _ = oc.set_location(super::ctx(), g, node).await;
-        }
-    }
-
-    /// Forget the stream swap ordered to local kernel pid `kpid`, which
-    /// ended before it took it (its number may come back).
-    pub(super) fn forget_swap(&self, kpid: i32) {
-        let mut o = self.orders.lock();
-        if o.get(&kpid)
-            .is_some_and(|p| p.order.action == CkptAction::StreamSwap)
-        {
-            o.remove(&kpid);
-        }
-    }
-
-    /// Mark gpid `g` (local kernel pid `kpid`) as being placed, unless an
-    /// order waits for its handler (the order's lock decides: see
-    /// `order_stream_swap`).
-    pub(super) fn mark_placing(&self, g: i32, kpid: i32) -> bool {
-        let o = self.orders.lock();
-        if o.contains_key(&kpid) {
-            return false;
-        }
-        if let Some(p) = self.procs().get_mut(g) {
-            p.placing = true;
-        }
-        true
-    }
-
-    /// `CkptOrder` from a process in its handler.
-    fn ckpt_order(&self, who: Caller) -> CkptOrder {
-        let mut o = self.orders.lock();
-        match o.get_mut(&who.pid) {
-            Some(p) if !p.taken => {
-                p.taken = true;
-                p.order.clone()
-            }
-            _ => CkptOrder {
-                action: CkptAction::None,
-                path: Vec::new(),
-                kill: false,
-                node: 0,
-                streams: Vec::new(),
-                precopy: false,
-            },
-        }
-    }
-
-    /// `CkptDone` from a process.
-    fn ckpt_done(&self, who: Caller, ok: bool, kind: ErrorKind, msg: String, bytes: u64) {
-        let mut o = self.orders.lock();
-        if let Some(p) = o.get_mut(&who.pid) {
-            if let Some(tx) = p.done.take() {
-                let _ = tx.send(if ok {
-                    Ok((bytes, msg == libkrg::proto::POSTCOPY_DONE))
-                } else {
-                    Err((kind, msg))
-                });
-            }
-            // Nobody waits for a stream swap: it ends here.
-            if p.order.action == CkptAction::StreamSwap {
-                o.remove(&who.pid);
-            }
+        if origin == self.node.node_id() {
+            self.node.procs().set_location(g, node);
+        } else if let Ok(oc) = self.node.client(origin).await {
+            let _ = oc.set_location(super::common::ctx(), g, node).await;
         }
     }
 
@@ -700,65 +636,14 @@ impl Agent {
             by_node.entry(node).or_default().push(id);
         }
         for (node, ids) in by_node {
-            if node == self.node_id() {
-                self.call_off(&ids);
-            } else if let Ok(c) = self.client(node).await {
-                if let Err(e) = c.stream_call_off(super::ctx(), ids).await {
+            if node == self.node.node_id() {
+                self.streams.call_off(&ids);
+            } else if let Ok(c) = self.node.client(node).await {
+                if let Err(e) = c.stream_call_off(super::common::ctx(), ids).await {
                     debug!("calling hand-overs off on node {node}: {e}");
                 }
             }
         }
-    }
-
-    /// Order a local process to hand its connections `streams` (fd, id) over
-    /// to new ones (its peer moves). Not if a capture is under way.
-    pub(super) fn order_stream_swap(
-        &self,
-        g: i32,
-        kpid: i32,
-        streams: Vec<(i32, u64)>,
-    ) -> Result<(), ErrorReply> {
-        {
-            let mut o = self.orders.lock();
-            if o.contains_key(&kpid) {
-                return Err(ErrorReply::new(
-                    libc::EBUSY,
-                    ErrorKind::PeerBusy,
-                    format!("pid {g}, {PEER_BUSY}"),
-                ));
-            }
-            // Decided under the same lock as `place_or_stay`: a process
-            // placed at its exec blocks its signals and becomes a shadow,
-            // which would never take the order (the mover waited a
-            // minute for its peer to freeze).
-            if self.procs().get(g).is_some_and(|p| p.placing) {
-                return Err(ErrorReply::new(
-                    libc::EAGAIN,
-                    ErrorKind::PeerPlaced,
-                    format!("pid {g}, {}", super::streams::PEER_PLACED),
-                ));
-            }
-            o.insert(
-                kpid,
-                Pending {
-                    order: CkptOrder {
-                        action: CkptAction::StreamSwap,
-                        path: Vec::new(),
-                        kill: false,
-                        node: 0,
-                        streams,
-                        precopy: false,
-                    },
-                    taken: false,
-                    done: None,
-                },
-            );
-        }
-        self.procs()
-            .kill(g, libkrg::proto::CKPT_SIGNAL, 0)
-            .inspect_err(|_| {
-                self.orders.lock().remove(&kpid);
-            })
     }
 
     /// After a restart where parked connections waited: migrate the
@@ -796,7 +681,7 @@ impl Agent {
         req: RestartReq,
     ) -> Result<CkptDoneInfo, ErrorReply> {
         who.kpid()?;
-        let up = |n: u32| self.is_up(n) || n == self.node_id();
+        let up = |n: u32| self.node.is_up(n) || n == self.node.node_id();
         // An image with parked connections is restored where they wait (it
         // takes the same sockets back), then moved where it was asked to go.
         let then =
@@ -818,7 +703,7 @@ impl Agent {
             }
             req.node
         } else {
-            self.placement(who.pid, None)
+            self.sched.placement(who.pid, None)
         };
         if let Some(n) = then {
             if !up(n) {
@@ -827,7 +712,7 @@ impl Agent {
         }
         // The image's gpid comes back if no process has it any more.
         let g = req.gpid;
-        let reuse = libkrg::gpid::is_gpid(g) && self.kill_routed(g, 0, 0, 0).await.is_err();
+        let reuse = libkrg::gpid::is_gpid(g) && self.procs.kill_routed(g, 0, 0, 0).await.is_err();
         let (uid, gid, groups) = if who.uid == 0 {
             (req.uid, req.gid, req.groups.clone())
         } else {
@@ -837,7 +722,7 @@ impl Agent {
         let caps = Caps::from_bits(req.caps);
         let spec = SpawnSpec {
             gpid: if reuse { g } else { 0 },
-            from: self.node_id(),
+            from: self.node.node_id(),
             uid,
             gid,
             groups,
@@ -846,16 +731,16 @@ impl Agent {
             caps_env: None,
             vppid: 1,
             vpgid: 0,
-            shadow: SocketAddr::new(self.cfg.advertise.ip(), req.exec.port),
+            shadow: SocketAddr::new(self.node.cfg.advertise.ip(), req.exec.port),
             restore: Some(req.image.clone()),
             children: Vec::new(),
             exec: req.exec,
         };
         let started = Instant::now();
-        let (kpid, gpid) = if node == self.node_id() {
-            self.clone().spawn_here(spec).await?
+        let (kpid, gpid) = if node == self.node.node_id() {
+            self.remote.clone().spawn_here(spec).await?
         } else {
-            let c = self.client(node).await?;
+            let c = self.node.client(node).await?;
             let mut cx = tarpc::context::current();
             cx.deadline = Instant::now() + Duration::from_secs(15);
             c.spawn(cx, spec)

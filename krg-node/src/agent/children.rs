@@ -9,10 +9,12 @@
 //! whose child shadow for that gpid ends the same way. A report that comes
 //! before its child shadow waits for it.
 
-use super::{err, Agent, Caller, Handled};
+use super::common::lock;
+use super::common::{err, Caller, Handled};
+use super::node::Node;
 use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Ends reported before their child shadow asked (bounded: a report whose
 /// child shadow never comes must not stay forever).
@@ -27,14 +29,12 @@ enum End {
     Awaited(Vec<tokio::sync::oneshot::Sender<i32>>),
 }
 
-/// Child ends by gpid.
-#[derive(Debug, Default)]
-pub struct Ends(std::sync::Mutex<HashMap<i32, End>>);
-
-impl Ends {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, End>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// The ends of children that run elsewhere, for their child shadows here.
+#[derive(Debug)]
+pub struct Children {
+    node: Arc<Node>,
+    /// Child ends by gpid.
+    ends: Mutex<HashMap<i32, End>>,
 }
 
 /// Gpids of the live kernel children of local process `kpid`, or the first
@@ -61,19 +61,26 @@ pub(super) fn children_gpids(
 
 /// A local request about the children of a moved process (see
 /// `Agent::handle_local`).
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
+pub(super) async fn handle(children: &Arc<Children>, req: Request, who: Caller) -> Handled {
     match req {
-        Request::MovedChildren => agent.moved_children(who),
-        Request::ChildShadow { gpid } => agent.child_shadow(who, gpid).await,
-        Request::ChildExited { kpid, status } => agent.child_exited(who, kpid, status).await,
-        other => Err(super::misrouted(&other)),
+        Request::MovedChildren => children.moved_children(who),
+        Request::ChildShadow { gpid } => children.child_shadow(who, gpid).await,
+        Request::ChildExited { kpid, status } => children.child_exited(who, kpid, status).await,
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
-impl Agent {
+impl Children {
+    pub fn new(node: Arc<Node>) -> Children {
+        Children {
+            node,
+            ends: Mutex::default(),
+        }
+    }
+
     /// `MovedChildren` from a restored process.
     fn moved_children(&self, who: Caller) -> Result<Response, ErrorReply> {
-        let t = self.procs();
+        let t = self.node.procs();
         let p = t
             .translate(who.pid)
             .and_then(|g| t.get(g))
@@ -85,10 +92,10 @@ impl Agent {
     /// restored process that had that child where it was captured; answered
     /// with the child's wait status once it has ended.
     async fn child_shadow(&self, who: Caller, g: i32) -> Result<Response, ErrorReply> {
-        let st =
-            super::procs::read_stat(who.pid).ok_or_else(|| err(libc::ESRCH, "caller exited"))?;
+        let st = super::procs::table::read_stat(who.pid)
+            .ok_or_else(|| err(libc::ESRCH, "caller exited"))?;
         {
-            let mut t = self.procs();
+            let mut t = self.node.procs();
             let parent = t
                 .translate(st.ppid)
                 .ok_or_else(|| err(libc::EPERM, "the caller's parent is not an SSI process"))?;
@@ -106,7 +113,7 @@ impl Agent {
             t.child_shadow(who.pid, g, from, (caps_eff, caps_inh), parent)?;
         }
         let rx = {
-            let mut e = self.child_ends.lock();
+            let mut e = lock(&self.ends);
             let (tx, rx) = tokio::sync::oneshot::channel();
             match e.remove(&g) {
                 Some(End::Ended(status)) => return Ok(Response::WaitStatus(status)),
@@ -142,8 +149,8 @@ impl Agent {
         status: i32,
     ) -> Result<Response, ErrorReply> {
         let child = {
-            let t = self.procs();
-            let st = super::procs::read_stat(kpid)
+            let t = self.node.procs();
+            let st = super::procs::table::read_stat(kpid)
                 .ok_or_else(|| err(libc::ESRCH, format!("kernel pid {kpid}: no such process")))?;
             if st.ppid != who.pid {
                 return Err(err(
@@ -158,7 +165,7 @@ impl Agent {
         // migration is recorded as done here.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
         let next = loop {
-            let next = self.procs().next_hop(who.pid);
+            let next = self.node.procs().next_hop(who.pid);
             match next {
                 Some(n) => break n,
                 None if tokio::time::Instant::now() < deadline => {
@@ -167,14 +174,14 @@ impl Agent {
                 None => return Err(err(libc::EPERM, "the caller is not a shadow")),
             }
         };
-        if next == self.node_id() {
+        if next == self.node.node_id() {
             self.child_ended(child, status);
         } else {
-            let c = self.client(next).await?;
-            c.child_exited(super::ctx(), child, status)
+            let c = self.node.client(next).await?;
+            c.child_exited(super::common::ctx(), child, status)
                 .await
                 .map_err(|e| {
-                    self.drop_client(next);
+                    self.node.drop_client(next);
                     err(libc::EHOSTUNREACH, format!("node {next}: {e}"))
                 })?;
         }
@@ -184,7 +191,7 @@ impl Agent {
 
     /// Child `g` ended elsewhere: its child shadow here ends likewise.
     pub(crate) fn child_ended(&self, g: i32, status: i32) {
-        let mut e = self.child_ends.lock();
+        let mut e = lock(&self.ends);
         match e.remove(&g) {
             Some(End::Awaited(v)) => {
                 for tx in v {

@@ -21,8 +21,11 @@
 //! writer on the reader's node opens the FIFO itself. A non-blocking
 //! writer that finds no reader gets `ENXIO`.
 
+use super::common::{err, Answer, Answered, Caller};
+use super::node::Node;
 use super::peer::streams::{FifoKey, FifoMatch};
-use super::{err, Agent, Answer, Answered, Caller};
+use super::streams::Streams;
+use crate::agent::common::lock;
 use libkrg::proto::{ErrorReply, Request, Response};
 use nix::sys::socket::Shutdown;
 use std::collections::{HashMap, VecDeque};
@@ -51,13 +54,12 @@ struct Rendezvous {
     here: HashMap<FifoKey, Vec<i32>>,
 }
 
-#[derive(Debug, Default)]
-pub struct Fifos(std::sync::Mutex<Rendezvous>);
-
-impl Fifos {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Rendezvous> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// FIFOs opened from several nodes: the rendezvous of their openers.
+#[derive(Debug)]
+pub struct Fifos {
+    node: Arc<Node>,
+    streams: Arc<Streams>,
+    rendezvous: std::sync::Mutex<Rendezvous>,
 }
 
 /// Longest a rendezvous call to the home may wait (a FIFO's open blocks
@@ -66,7 +68,7 @@ const MEET_DEADLINE: std::time::Duration = std::time::Duration::from_secs(7 * 24
 
 /// A local request about a FIFO (see `Agent::handle_local`); an open
 /// answers with a descriptor when its partner is on another node.
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
+pub(super) async fn handle(fifos: &Arc<Fifos>, req: Request, who: Caller) -> Answered {
     match req {
         Request::FifoOpen {
             path,
@@ -75,21 +77,33 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             write,
             nonblock,
         } => {
-            agent
+            fifos
                 .fifo_open(FifoKey { path, dev, ino }, write, nonblock)
                 .await
         }
         Request::FifoStand { path, dev, ino } => Ok((
-            agent
+            fifos
                 .fifo_stand(who.pid, FifoKey { path, dev, ino })
                 .await?,
             Vec::new(),
         )),
-        other => Err(super::misrouted(&other)),
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
-impl Agent {
+impl Fifos {
+    pub fn new(node: Arc<Node>, streams: Arc<Streams>) -> Fifos {
+        Fifos {
+            node,
+            streams,
+            rendezvous: std::sync::Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Rendezvous> {
+        lock(&self.rendezvous)
+    }
+
     /// `FifoOpen` from a local process.
     async fn fifo_open(
         self: &Arc<Self>,
@@ -97,26 +111,28 @@ impl Agent {
         write: bool,
         nonblock: bool,
     ) -> Result<Answer, ErrorReply> {
-        let home = self.key_home();
-        let me = self.node_id();
+        let home = self.node.key_home();
+        let me = self.node.node_id();
         let m = if home == me {
             self.fifo_meet(key, me, write, nonblock).await?
         } else {
-            let c = self.client(home).await?;
+            let c = self.node.client(home).await?;
             let mut cx = tarpc::context::current();
             cx.deadline = std::time::Instant::now() + MEET_DEADLINE;
             c.fifo_meet(cx, key, me, write, nonblock)
                 .await
-                .map_err(|e| self.peer_lost(home, "key home", e))??
+                .map_err(|e| self.node.peer_lost(home, "key home", e))??
         };
         match m {
             FifoMatch::Local => Ok((Response::Local, Vec::new())),
             FifoMatch::Accept { id } => {
-                let fd = self.take_expected(id).await?;
+                let fd = self.streams.take_expected(id).await?;
                 Ok((Response::StreamFd, vec![fd]))
             }
             FifoMatch::Connect { id, node } => {
-                self.stream_attach(id, node, Vec::new(), false, true).await
+                self.streams
+                    .stream_attach(id, node, Vec::new(), false, true)
+                    .await
             }
         }
     }
@@ -125,21 +141,21 @@ impl Agent {
     /// non-blocking reader opened `key` here; the home learns it.
     async fn fifo_stand(self: &Arc<Self>, kpid: i32, key: FifoKey) -> Result<Response, ErrorReply> {
         {
-            let mut r = self.fifos.lock();
+            let mut r = self.lock();
             let pids = r.here.entry(key.clone()).or_default();
             if !pids.contains(&kpid) {
                 pids.push(kpid);
             }
         }
-        let home = self.key_home();
-        let me = self.node_id();
+        let home = self.node.key_home();
+        let me = self.node.node_id();
         if home == me {
             self.fifo_stand_at_home(key, me).await;
         } else {
-            let c = self.client(home).await?;
-            c.fifo_stand(super::ctx(), key, me)
+            let c = self.node.client(home).await?;
+            c.fifo_stand(super::common::ctx(), key, me)
                 .await
-                .map_err(|e| self.peer_lost(home, "key home", e))?;
+                .map_err(|e| self.node.peer_lost(home, "key home", e))?;
         }
         Ok(Response::Ok)
     }
@@ -150,7 +166,7 @@ impl Agent {
     /// agent.
     pub(crate) async fn fifo_stand_at_home(self: &Arc<Self>, key: FifoKey, node: u32) {
         let writers: Vec<Waiting> = {
-            let mut guard = self.fifos.lock();
+            let mut guard = self.lock();
             let Rendezvous {
                 waiting, standing, ..
             } = &mut *guard;
@@ -176,7 +192,6 @@ impl Agent {
                 }
                 // Closed already: the writer waits on.
                 None => self
-                    .fifos
                     .lock()
                     .waiting
                     .entry(key.clone())
@@ -190,15 +205,15 @@ impl Agent {
     /// its reader of `key`; the stream's id, or `None` when no reader is
     /// open there any more (then forgotten).
     async fn fifo_feed_from(self: &Arc<Self>, key: &FifoKey, node: u32) -> Option<u64> {
-        let id = self.new_stream_id();
-        let fed = if node == self.node_id() {
+        let id = self.streams.new_stream_id();
+        let fed = if node == self.node.node_id() {
             self.fifo_feed(key.clone(), id).await
         } else {
-            match self.client(node).await {
+            match self.node.client(node).await {
                 Ok(c) => c
-                    .fifo_feed(super::ctx(), key.clone(), id)
+                    .fifo_feed(super::common::ctx(), key.clone(), id)
                     .await
-                    .map_err(|e| self.peer_lost(node, "FIFO reader", e))
+                    .map_err(|e| self.node.peer_lost(node, "FIFO reader", e))
                     .unwrap_or(false),
                 Err(_) => false,
             }
@@ -227,10 +242,10 @@ impl Agent {
                 return false;
             }
         };
-        self.expect_connection(id, true);
+        self.streams.expect_connection(id, true);
         let me = self.clone();
         tokio::spawn(async move {
-            let Ok(sock) = me.take_expected(id).await else {
+            let Ok(sock) = me.streams.take_expected(id).await else {
                 return;
             };
             let path = String::from_utf8_lossy(&key.path).into_owned();
@@ -243,9 +258,9 @@ impl Agent {
     /// Whether one of this node's non-blocking readers of `key` still has
     /// it open for reading (the others are forgotten).
     pub(crate) fn fifo_reader_here(&self, key: &FifoKey) -> bool {
-        let pids = self.fifos.lock().here.get(key).cloned().unwrap_or_default();
+        let pids = self.lock().here.get(key).cloned().unwrap_or_default();
         let open: Vec<i32> = pids.into_iter().filter(|p| reads_fifo(*p, key)).collect();
-        let mut r = self.fifos.lock();
+        let mut r = self.lock();
         if open.is_empty() {
             r.here.remove(key);
             false
@@ -258,14 +273,14 @@ impl Agent {
     /// At the key home: whether a non-blocking reader of `key` on `node`
     /// (maybe this one) still has it open.
     async fn fifo_reader_on(self: &Arc<Self>, key: &FifoKey, node: u32) -> bool {
-        let open = if node == self.node_id() {
+        let open = if node == self.node.node_id() {
             self.fifo_reader_here(key)
         } else {
-            match self.client(node).await {
+            match self.node.client(node).await {
                 Ok(c) => c
-                    .fifo_reader_here(super::ctx(), key.clone())
+                    .fifo_reader_here(super::common::ctx(), key.clone())
                     .await
-                    .map_err(|e| self.peer_lost(node, "FIFO reader", e))
+                    .map_err(|e| self.node.peer_lost(node, "FIFO reader", e))
                     .unwrap_or(false),
                 Err(_) => false,
             }
@@ -278,7 +293,7 @@ impl Agent {
 
     /// At the key home: no reader of `key` stands on `node` any more.
     fn forget_standing(&self, key: &FifoKey, node: u32) {
-        if let Some(st) = self.fifos.lock().standing.get_mut(key) {
+        if let Some(st) = self.lock().standing.get_mut(key) {
             st.retain(|n| *n != node);
         }
     }
@@ -296,7 +311,7 @@ impl Agent {
     ) -> Result<FifoMatch, ErrorReply> {
         let (other, rx) = loop {
             let standing = {
-                let mut guard = self.fifos.lock();
+                let mut guard = self.lock();
                 let Rendezvous {
                     waiting, standing, ..
                 } = &mut *guard;
@@ -350,15 +365,15 @@ impl Agent {
             return Ok(FifoMatch::Local);
         }
         let reader = if write { other.node } else { node };
-        let id = self.new_stream_id();
+        let id = self.streams.new_stream_id();
         // The reader's node holds the place before the writer's connects.
-        let held = if reader == self.node_id() {
-            self.expect_connection(id, true);
+        let held = if reader == self.node.node_id() {
+            self.streams.expect_connection(id, true);
             Ok(())
         } else {
-            match self.client(reader).await {
+            match self.node.client(reader).await {
                 Ok(c) => c
-                    .fifo_expect(super::ctx(), id)
+                    .fifo_expect(super::common::ctx(), id)
                     .await
                     .map_err(|e| err(libc::EHOSTUNREACH, format!("node {reader}: {e}"))),
                 Err(e) => Err(e),
@@ -366,8 +381,7 @@ impl Agent {
         };
         if let Err(e) = held {
             // The other opener waits on: it may meet someone else.
-            self.fifos
-                .lock()
+            self.lock()
                 .waiting
                 .entry(key)
                 .or_default()

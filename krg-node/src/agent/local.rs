@@ -2,7 +2,8 @@
 //! `krg` command. Every frame is validated before use; the caller is
 //! identified by SO_PEERCRED, never by what it says.
 
-use super::{Agent, Caller};
+use super::common::Caller;
+use super::Agent;
 use anyhow::{Context, Result};
 use libkrg::frame::{self, MAX_REQUEST};
 use libkrg::proto::{ErrorReply, Request, Response};

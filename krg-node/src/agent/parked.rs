@@ -8,8 +8,11 @@
 //! flight stays in the socket or pipe itself. The restore of the image on
 //! this node takes the very same kernel objects back.
 
+use super::common::{err, Answer, Answered, Caller};
+use super::node::Node;
 use super::peer::streams::PortOp;
-use super::{err, Agent, Answer, Answered, Caller};
+use super::streams::Streams;
+use crate::agent::common::lock;
 use libkrg::proto::{ErrorReply, Request, Response};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -19,14 +22,17 @@ use std::sync::{Arc, Mutex};
 /// listener.
 type Park = (u32, OwnedFd, Option<u16>);
 
-/// The parks of this node, by id.
-#[derive(Debug, Default)]
-pub struct Parked(Mutex<HashMap<i32, Park>>);
-
-impl Parked {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Park>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// Fds kept open for checkpointed processes, and the listeners kept for
+/// processes that moved away.
+#[derive(Debug)]
+pub struct Parked {
+    node: Arc<Node>,
+    streams: Arc<Streams>,
+    /// The parks of this node, by id.
+    parks: Mutex<HashMap<i32, Park>>,
+    /// Listeners kept for processes that moved away, by port: how to ask
+    /// each forwarder for its listener back.
+    forwarders: Mutex<HashMap<u16, tokio::sync::oneshot::Sender<Giver>>>,
 }
 
 /// The port of listening TCP socket `fd`.
@@ -69,19 +75,32 @@ async fn pass_on(
 
 /// A local request about parked descriptors (see `Agent::handle_local`);
 /// taking one back answers with it.
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
+pub(super) async fn handle(parked: &Arc<Parked>, req: Request, who: Caller) -> Answered {
     match req {
-        Request::Park { fd, moving } => Ok((agent.park(who, fd, moving)?, Vec::new())),
+        Request::Park { fd, moving } => Ok((parked.park(who, fd, moving)?, Vec::new())),
         Request::ForwardParked { id, node } => {
-            Ok((agent.forward_parked(who, id, node)?, Vec::new()))
+            Ok((parked.forward_parked(who, id, node)?, Vec::new()))
         }
-        Request::Unpark { id } => agent.unpark(who, id),
-        Request::TakeForwarded { port } => agent.take_forwarded(port).await,
-        other => Err(super::misrouted(&other)),
+        Request::Unpark { id } => parked.unpark(who, id),
+        Request::TakeForwarded { port } => parked.take_forwarded(port).await,
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
-impl Agent {
+impl Parked {
+    pub fn new(node: Arc<Node>, streams: Arc<Streams>) -> Parked {
+        Parked {
+            node,
+            streams,
+            parks: Mutex::default(),
+            forwarders: Mutex::default(),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Park>> {
+        lock(&self.parks)
+    }
+
     /// `Park`: keep a copy of the caller's fd `fd` until `Unpark` (or, for
     /// a migrating process's listener, `ForwardParked`).
     fn park(&self, who: Caller, fd: i32, moving: bool) -> Result<Response, ErrorReply> {
@@ -103,16 +122,12 @@ impl Agent {
                 )
             })?;
             // Its process takes the port on its new node.
-            self.ports
-                .forwarding
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(p);
+            self.streams.forwarding().insert(p);
             Some(p)
         } else {
             None
         };
-        let mut m = self.parked.map();
+        let mut m = self.map();
         let id = loop {
             let id = (rand::random::<u32>() >> 1) as i32;
             if id != 0 && !m.contains_key(&id) {
@@ -134,18 +149,18 @@ impl Agent {
 
     /// Take park `id` for `who` (its owner, or root).
     fn take_park(&self, who: Caller, id: i32) -> Result<(OwnedFd, Option<u16>), ErrorReply> {
-        let mut m = self.parked.map();
+        let mut m = self.map();
         match m.get(&id) {
             None => Err(err(
                 libc::ENOENT,
                 format!(
                     "node {}: nothing is parked as {id} (restarted already, or the agent restarted)",
-                    self.node_id()
+                    self.node.node_id()
                 ),
             )),
             Some((uid, ..)) if who.uid != 0 && who.uid != *uid => Err(err(
                 libc::EPERM,
-                format!("node {}: park {id} is another user's", self.node_id()),
+                format!("node {}: park {id} is another user's", self.node.node_id()),
             )),
             Some(_) => {
                 let (_, f, port) = m.remove(&id).expect("checked above");
@@ -155,11 +170,7 @@ impl Agent {
     }
 
     fn stop_forwarding(&self, port: u16) {
-        self.ports
-            .forwarding
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&port);
+        self.streams.forwarding().remove(&port);
     }
 
     /// `ForwardParked`: the process that parked listener `id` here listens
@@ -193,9 +204,9 @@ impl Agent {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.forwarders().insert(port, tx);
         tracing::info!("port {port}: what still comes here goes on to node {node}");
-        let agent = self.clone();
+        let me = self.clone();
         tokio::spawn(async move {
-            agent.forward(l, port, node, rx).await;
+            me.forward(l, port, node, rx).await;
             tracing::info!("port {port}: no longer passed on from here");
         });
         Ok(Response::Ok)
@@ -204,7 +215,7 @@ impl Agent {
     fn forwarders(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<u16, tokio::sync::oneshot::Sender<Giver>>> {
-        self.forwarders.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.forwarders)
     }
 
     /// `TakeForwarded` from a process listening again on `port` here (it
@@ -237,6 +248,7 @@ impl Agent {
     ) {
         let start = tokio::time::Instant::now();
         let mut to = self
+            .streams
             .node_ipv4(node)
             .map(|ip| std::net::SocketAddr::from((ip, port)));
         let mut seen = false;
@@ -258,18 +270,18 @@ impl Agent {
                     tokio::spawn(pass_on(c, from, to, port));
                 }
                 _ = tick.tick() => {
-                    let holder = match self.port_call(PortOp::Owner { port }).await {
-                        Ok(Some(n)) if n != self.node_id() => Some(n),
+                    let holder = match self.streams.port_call(PortOp::Owner { port }).await {
+                        Ok(Some(n)) if n != self.node.node_id() => Some(n),
                         _ => None,
                     };
                     let taken = match holder {
-                        Some(n) => self.probe_on(n, port, true).await,
+                        Some(n) => self.streams.probe_on(n, port, true).await,
                         None => false,
                     };
                     if taken {
                         seen = true;
                         to = holder
-                            .and_then(|n| self.node_ipv4(n))
+                            .and_then(|n| self.streams.node_ipv4(n))
                             .map(|ip| std::net::SocketAddr::from((ip, port)));
                     } else if seen || start.elapsed() > FORWARD_CONNECT {
                         self.forwarders().remove(&port);

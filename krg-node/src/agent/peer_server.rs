@@ -26,7 +26,7 @@ pub(super) async fn accept(agent: Arc<Agent>, listener: TcpListener) {
         let (s, addr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                warn!("accept on {}: {e}", agent.cfg.listen);
+                warn!("accept on {}: {e}", agent.node.cfg.listen);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -40,7 +40,7 @@ pub(super) async fn accept(agent: Arc<Agent>, listener: TcpListener) {
 async fn serve(a: Arc<Agent>, mut s: TcpStream, addr: SocketAddr) {
     use tokio::io::AsyncReadExt;
     let _ = s.set_nodelay(true);
-    let id = match auth::server(&mut s, &a.cfg.key, a.cfg.node_id).await {
+    let id = match auth::server(&mut s, &a.node.cfg.key, a.node.cfg.node_id).await {
         Ok(id) => id,
         Err(e) => return warn!("refused connection from {addr}: {e}"),
     };
@@ -53,15 +53,15 @@ async fn serve(a: Arc<Agent>, mut s: TcpStream, addr: SocketAddr) {
         }
         (Ok(Ok(_)), peer::CHANNEL_DSM) => {
             debug!("node {id}: shared memory link from {addr}");
-            dsm::link::serve(s, a, id).await;
+            dsm::link::serve(s, a.dsm.clone(), id).await;
         }
         (Ok(Ok(_)), peer::CHANNEL_DSM_FAULTS) => {
             debug!("node {id}: fault connection from {addr}");
-            dsm::link::serve_faults(s, a, id);
+            dsm::link::serve_faults(s, a.dsm.clone(), id);
         }
         (Ok(Ok(_)), peer::CHANNEL_STREAM) => {
             debug!("node {id}: stream hand-over from {addr}");
-            a.stream_accept(s, id).await;
+            a.streams.clone().stream_accept(s, id).await;
         }
         (Ok(Ok(_)), c) => warn!("node {id} at {addr}: unknown channel {c}"),
         _ => warn!("node {id} at {addr}: no channel chosen"),
@@ -90,7 +90,7 @@ impl Peer for PeerServer {
     }
 
     async fn procs(self, _: context::Context) -> Vec<ProcInfo> {
-        self.0.procs().ps()
+        self.0.node.procs().ps()
     }
 
     async fn kill(
@@ -101,15 +101,15 @@ impl Peer for PeerServer {
         uid: u32,
         hops: u8,
     ) -> Result<(), ErrorReply> {
-        self.0.peer_kill(g, sig, uid, hops).await
+        self.0.procs.peer_kill(g, sig, uid, hops).await
     }
 
     async fn kill_group(self, _: context::Context, pgid: i32, sig: i32, uid: u32) -> GroupKill {
-        self.0.peer_kill_group(pgid, sig, uid)
+        self.0.procs.peer_kill_group(pgid, sig, uid)
     }
 
     async fn cap_get(self, _: context::Context, g: i32) -> Result<CapsInfo, ErrorReply> {
-        self.0.cap_get_local(g)
+        self.0.procs.cap_get_local(g)
     }
 
     async fn cap_set(
@@ -121,11 +121,11 @@ impl Peer for PeerServer {
         inh: bool,
         uid: u32,
     ) -> Result<CapsInfo, ErrorReply> {
-        self.0.cap_set_local(g, &spec, eff, inh, uid)
+        self.0.procs.cap_set_local(g, &spec, eff, inh, uid)
     }
 
     async fn spawn(self, _: context::Context, spec: SpawnSpec) -> Result<(i32, i32), ErrorReply> {
-        self.0.spawn_here(spec).await
+        self.0.remote.spawn_here(spec).await
     }
 
     async fn checkpoint(
@@ -136,15 +136,15 @@ impl Peer for PeerServer {
         uid: u32,
         hops: u8,
     ) -> Result<CkptDoneInfo, ErrorReply> {
-        self.0.checkpoint(g, order, uid, hops).await
+        self.0.ckpt.checkpoint(g, order, uid, hops).await
     }
 
     async fn set_location(self, _: context::Context, g: i32, node: u32) {
-        self.0.procs().set_location(g, node);
+        self.0.node.procs().set_location(g, node);
     }
 
     async fn child_exited(self, _: context::Context, g: i32, status: i32) {
-        self.0.child_ended(g, status);
+        self.0.children.child_ended(g, status);
     }
 
     async fn fifo_meet(
@@ -155,31 +155,31 @@ impl Peer for PeerServer {
         write: bool,
         nonblock: bool,
     ) -> Result<FifoMatch, ErrorReply> {
-        self.0.fifo_meet(key, node, write, nonblock).await
+        self.0.fifos.fifo_meet(key, node, write, nonblock).await
     }
 
     async fn fifo_expect(self, _: context::Context, id: u64) {
-        self.0.expect_connection(id, true);
+        self.0.streams.expect_connection(id, true);
     }
 
     async fn fifo_stand(self, _: context::Context, key: FifoKey, node: u32) {
-        self.0.fifo_stand_at_home(key, node).await;
+        self.0.fifos.fifo_stand_at_home(key, node).await;
     }
 
     async fn fifo_feed(self, _: context::Context, key: FifoKey, id: u64) -> bool {
-        self.0.fifo_feed(key, id).await
+        self.0.fifos.fifo_feed(key, id).await
     }
 
     async fn fifo_reader_here(self, _: context::Context, key: FifoKey) -> bool {
-        self.0.fifo_reader_here(&key)
+        self.0.fifos.fifo_reader_here(&key)
     }
 
     async fn unix_name_set(self, _: context::Context, key: FifoKey, node: u32) {
-        self.0.unix_name_set(key, node);
+        self.0.unix.unix_name_set(key, node);
     }
 
     async fn unix_name_owner(self, _: context::Context, key: FifoKey) -> Option<u32> {
-        self.0.unix_name_owner(&key)
+        self.0.unix.unix_name_owner(&key)
     }
 
     async fn unix_stand_in(
@@ -190,31 +190,31 @@ impl Peer for PeerServer {
         gids: Vec<u32>,
         seqpacket: bool,
     ) -> Result<u64, ErrorReply> {
-        self.0.unix_stand_in(key, uid, gids, seqpacket).await
+        self.0.unix.unix_stand_in(key, uid, gids, seqpacket).await
     }
 
     async fn sched_get(self, _: context::Context) -> SchedPolicy {
-        self.0.sched_policy()
+        self.0.sched.sched_policy()
     }
 
     async fn dsm_home(self, _: context::Context, op: HomeOp) -> Result<HomeReply, ErrorReply> {
-        self.0.home_op(op).await
+        self.0.dsm.home_op(op).await
     }
 
     async fn sem_home(self, _: context::Context, op: SemHomeOp) -> Result<SemReply, ErrorReply> {
-        self.0.sem_home_op(op).await
+        self.0.sems.sem_home_op(op).await
     }
 
     async fn port_home(self, _: context::Context, op: PortOp) -> Result<Option<u32>, ErrorReply> {
-        self.0.port_home_op(op).await
+        self.0.streams.port_home_op(op).await
     }
 
     async fn port_probe(self, _: context::Context, port: u16, reuse: bool) -> bool {
-        self.0.port_probe(port, reuse).await
+        self.0.streams.port_probe(port, reuse).await
     }
 
     async fn loopback_peer(self, _: context::Context, ip: [u8; 4], from: u16, port: u16, v6: bool) {
-        self.0.note_loopback_peer(ip, from, port, v6);
+        self.0.streams.note_loopback_peer(ip, from, port, v6);
     }
 
     async fn stream_hold(
@@ -223,11 +223,11 @@ impl Peer for PeerServer {
         ends: Vec<End>,
         commit: bool,
     ) -> Result<Vec<StreamPeer>, ErrorReply> {
-        self.0.stream_hold(ends, commit).await
+        self.0.streams.stream_hold(ends, commit).await
     }
 
     async fn stream_call_off(self, _: context::Context, ids: Vec<u64>) {
-        self.0.call_off(&ids)
+        self.0.streams.call_off(&ids)
     }
 
     async fn sched_push(
@@ -235,6 +235,6 @@ impl Peer for PeerServer {
         _: context::Context,
         policy: SchedPolicy,
     ) -> Result<SchedInfo, ErrorReply> {
-        self.0.sched_receive(policy)
+        self.0.sched.sched_receive(policy)
     }
 }

@@ -7,9 +7,13 @@
 //! the program with the caller's identity, register it under its gpid, wait
 //! for it in a thread and send its wait status to the shadow.
 
+use super::common::{err, Caller, Handled};
+use super::node::Node;
 use super::peer::remote::SpawnSpec;
-use super::procs::read_stat;
-use super::{err, Agent, Caller, Handled};
+use super::procs::table::read_stat;
+use super::sched::Scheduler;
+use super::stay::Stay;
+use super::streams::Streams;
 use libkrg::caps::Caps;
 use libkrg::proto::{ErrorReply, RemoteExec, Request, Response, StdioKind};
 use std::ffi::OsStr;
@@ -61,20 +65,44 @@ pub(super) fn creds(kpid: i32) -> Option<(u32, u32, Vec<u32>)> {
 }
 
 /// A local request about remote exec (see `Agent::handle_local`).
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
+pub(super) async fn handle(remote: &Arc<Remote>, req: Request, who: Caller) -> Handled {
     match req {
         Request::PlaceExec {
             exe,
             argv,
             caps_env,
             pinned,
-        } => agent.place_exec(who, exe, argv, caps_env, pinned).await,
-        Request::RemoteExec(spec) => Ok(Response::Pid(agent.remote_exec(who, spec).await?)),
-        other => Err(super::misrouted(&other)),
+        } => remote.place_exec(who, exe, argv, caps_env, pinned).await,
+        Request::RemoteExec(spec) => Ok(Response::Pid(remote.remote_exec(who, spec).await?)),
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
-impl Agent {
+/// Remote exec, both sides: placing a program and starting it for a
+/// shadow elsewhere (the caller), and starting one here for a shadow.
+#[derive(Debug)]
+pub struct Remote {
+    node: Arc<Node>,
+    sched: Arc<Scheduler>,
+    stay: Arc<Stay>,
+    streams: Arc<Streams>,
+}
+
+impl Remote {
+    pub fn new(
+        node: Arc<Node>,
+        sched: Arc<Scheduler>,
+        stay: Arc<Stay>,
+        streams: Arc<Streams>,
+    ) -> Remote {
+        Remote {
+            node,
+            sched,
+            stay,
+            streams,
+        }
+    }
+
     /// `PlaceExec`: where the caller's next program runs, decided before
     /// its `execve`.
     async fn place_exec(
@@ -88,25 +116,26 @@ impl Agent {
         let kpid = who.kpid()?;
         // The caps the new program will have (its KRG_CAPS).
         let (gpid, caps) = {
-            let mut t = self.procs();
+            let mut t = self.node.procs();
             let p = t.register(kpid, Some(caps_env))?;
             (p.gpid, p.caps_eff)
         };
         let place = if caps.contains(Caps::DISTANT_FORK) {
             let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-            self.placement_of(kpid, pinned, s(&exe), argv.iter().map(|a| s(a)).collect())
+            self.sched
+                .placement_of(kpid, pinned, s(&exe), argv.iter().map(|a| s(a)).collect())
         } else {
             0
         };
-        let place = self.place_or_stay(gpid, kpid, place).await;
-        let remote = place != 0 && place != self.cfg.node_id;
-        if let Some(p) = self.procs().get_mut(gpid) {
+        let place = self.stay.place_or_stay(gpid, kpid, place).await;
+        let remote = place != 0 && place != self.node.cfg.node_id;
+        if let Some(p) = self.node.procs().get_mut(gpid) {
             // Here: its Hello is not placed again.
             p.skip_place = !remote;
         }
         Ok(Response::Hello {
             gpid,
-            node: self.cfg.node_id,
+            node: self.node.cfg.node_id,
             caps: caps.0,
             place: if remote { place } else { 0 },
             spread: !self.sched.is_local(),
@@ -117,7 +146,7 @@ impl Agent {
     async fn remote_exec(&self, who: Caller, spec: RemoteExec) -> Result<i32, ErrorReply> {
         let r = self.remote_exec_inner(who, spec).await;
         // Started there (a shadow now) or running here: settled either way.
-        let mut t = self.procs();
+        let mut t = self.node.procs();
         if let Some(g) = t.translate(who.pid) {
             if let Some(p) = t.get_mut(g) {
                 p.placing = false;
@@ -129,14 +158,14 @@ impl Agent {
     async fn remote_exec_inner(&self, who: Caller, spec: RemoteExec) -> Result<i32, ErrorReply> {
         who.kpid()?;
         let node = spec.node;
-        if node == self.node_id() {
+        if node == self.node.node_id() {
             return Err(err(libc::EINVAL, format!("node {node} is this node")));
         }
-        if !self.is_up(node) {
+        if !self.node.is_up(node) {
             return Err(err(libc::EHOSTDOWN, format!("node {node} is down")));
         }
         let (g, caps_eff, caps_inh, caps_env, vppid, vpgid) = {
-            let t = self.procs();
+            let t = self.node.procs();
             let g = t.translate(who.pid).ok_or_else(|| {
                 err(
                     libc::EPERM,
@@ -177,7 +206,7 @@ impl Agent {
             let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
             loop {
                 let r = {
-                    let t = self.procs();
+                    let t = self.node.procs();
                     super::children::children_gpids(who.pid, |k| t.translate(k))
                 };
                 match r {
@@ -198,7 +227,7 @@ impl Agent {
         };
         let full = SpawnSpec {
             gpid: g,
-            from: self.node_id(),
+            from: self.node.node_id(),
             uid,
             gid,
             groups,
@@ -207,7 +236,7 @@ impl Agent {
             caps_env,
             vppid,
             vpgid,
-            shadow: SocketAddr::new(self.cfg.advertise.ip(), spec.port),
+            shadow: SocketAddr::new(self.node.cfg.advertise.ip(), spec.port),
             restore: None,
             children,
             exec: spec,
@@ -226,19 +255,19 @@ impl Agent {
         } else {
             SPAWN_TIMEOUT
         };
-        let c = self.client(node).await?;
+        let c = self.node.client(node).await?;
         let mut cx = tarpc::context::current();
         cx.deadline = std::time::Instant::now() + wait;
         let (kpid, _) = c
             .spawn(cx, full)
             .await
             .map_err(|e| err(libc::EHOSTUNREACH, format!("node {node}: {e}")))??;
-        self.procs().set_shadow(g, node);
+        self.node.procs().set_shadow(g, node);
         let origin = libkrg::gpid::node_of(g).unwrap_or(0);
-        if origin == self.node_id() {
-            self.procs().set_location(g, node);
-        } else if let Ok(oc) = self.client(origin).await {
-            let _ = oc.set_location(super::ctx(), g, node).await;
+        if origin == self.node.node_id() {
+            self.node.procs().set_location(g, node);
+        } else if let Ok(oc) = self.node.client(origin).await {
+            let _ = oc.set_location(super::common::ctx(), g, node).await;
         }
         info!("pid {g} runs on node {node} (kernel pid {kpid} there); its shadow stays here");
         Ok(kpid)
@@ -307,7 +336,7 @@ impl Agent {
                 // Attached below, once nothing else can fail.
                 StdioKind::Stream { .. } | StdioKind::Alias(_) => None,
                 StdioKind::File(f) => {
-                    let (fd, keep) = open_stdin_file(f, self.node_id())?;
+                    let (fd, keep) = open_stdin_file(f, self.node.node_id())?;
                     stdin_file = Some(keep);
                     Some(fd)
                 }
@@ -356,7 +385,7 @@ impl Agent {
                             libc::ENOENT,
                             format!(
                                 "node {}: libkrg.so is not next to krg-node: cannot restore",
-                                self.node_id()
+                                self.node.node_id()
                             ),
                         ))
                     }
@@ -395,7 +424,7 @@ impl Agent {
                 libc::ENOENT,
                 format!(
                     "node {}: working directory {} does not exist here",
-                    self.node_id(),
+                    self.node.node_id(),
                     std::path::Path::new(&cwd).display()
                 ),
             ));
@@ -416,7 +445,7 @@ impl Agent {
                     libc::ENOENT,
                     format!(
                         "node {}: {} is not an executable file here",
-                        self.node_id(),
+                        self.node.node_id(),
                         std::path::Path::new(&exe).display()
                     ),
                 ));
@@ -436,6 +465,7 @@ impl Agent {
             } = &mut spec.exec.stdio[i]
             {
                 let (_, mut v) = self
+                    .streams
                     .stream_attach(*id, *node, std::mem::take(pending), *wr_shut, true)
                     .await?;
                 fds[i] = v.pop();
@@ -499,7 +529,7 @@ impl Agent {
             groups: spec.groups.clone(),
             ignored: spec.exec.ignored,
         };
-        let node = self.node_id();
+        let node = self.node.node_id();
         let mut g = spec.gpid;
         let restoring = spec.restore.is_some() || spec.exec.restore;
         // Spawn and register under the reaper's lock: the child can neither
@@ -518,7 +548,7 @@ impl Agent {
             drop(program);
             crate::reaper::manage_locked(&mut reaper, kpid);
             let r = {
-                let mut t = self.procs();
+                let mut t = self.node.procs();
                 if g == 0 {
                     t.alloc_for(kpid).map(|n| g = n)
                 } else {
@@ -600,14 +630,14 @@ impl Agent {
                 let _ = control.write_all(&msg);
                 drop(control);
                 // The origin stops routing to this node.
-                if origin != 0 && origin != agent.node_id() {
+                if origin != 0 && origin != agent.node.node_id() {
                     handle.spawn(async move {
-                        if let Ok(c) = agent.client(origin).await {
-                            let _ = c.set_location(super::ctx(), g, origin).await;
+                        if let Ok(c) = agent.node.client(origin).await {
+                            let _ = c.set_location(super::common::ctx(), g, origin).await;
                         }
                     });
                 } else {
-                    agent.procs().set_location(g, origin);
+                    agent.node.procs().set_location(g, origin);
                 }
             });
         Ok((kpid, g))

@@ -23,9 +23,11 @@
 //! so does each stage it forked, until it has put its own ends in place:
 //! those holders are waited for, briefly, instead of counted.
 
+use super::node::Node;
+use super::orders::Orders;
 use super::streams::{accmode, holders};
-use super::Agent;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// `O_CLOEXEC` as fdinfo's `flags:` shows it.
@@ -134,16 +136,28 @@ fn readers(link: &str, me: i32, all: &HashMap<String, Vec<(i32, i32)>>) -> Vec<(
         .collect()
 }
 
-impl Agent {
+/// Whether a program the scheduler placed elsewhere goes: it does not
+/// while a stream swap waits for it, or while it shares what cannot move.
+#[derive(Debug)]
+pub struct Stay {
+    node: Arc<Node>,
+    orders: Arc<Orders>,
+}
+
+impl Stay {
+    pub fn new(node: Arc<Node>, orders: Arc<Orders>) -> Stay {
+        Stay { node, orders }
+    }
+
     /// The scheduler chose `place` for the new program of gpid `gpid`
     /// (local kernel pid `kpid`): the node it goes to, or 0 when it stays
-    /// here after all (see [`Agent::must_stay`]). A program that goes is
+    /// here after all (see [`Stay::must_stay`]). A program that goes is
     /// marked `placing`: until its RemoteExec is through, a process holding
     /// the other end of one of its pipes waits for it (from before the
     /// check, which may wait a little: a hand-over meanwhile must not take
     /// it for a process that stays).
     pub(super) async fn place_or_stay(&self, gpid: i32, kpid: i32, place: u32) -> u32 {
-        if place == 0 || place == self.node_id() {
+        if place == 0 || place == self.node.node_id() {
             return 0;
         }
         // A stream swap ordered just before (its other end moves) is taken
@@ -151,7 +165,7 @@ impl Agent {
         // would block its signals and never take it. Waited for a little,
         // else it stays.
         let until = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
-        while !self.mark_placing(gpid, kpid) {
+        while !self.orders.mark_placing(gpid, kpid) {
             if tokio::time::Instant::now() >= until {
                 tracing::debug!("pid {gpid} stays on this node: a stream swap waits for it");
                 return 0;
@@ -162,7 +176,7 @@ impl Agent {
             return place;
         };
         tracing::debug!("pid {gpid} stays on this node: {why}");
-        if let Some(p) = self.procs().get_mut(gpid) {
+        if let Some(p) = self.node.procs().get_mut(gpid) {
             p.placing = false;
         }
         0
@@ -183,7 +197,7 @@ impl Agent {
             return None;
         }
         let want = vec![stdin.link.clone()];
-        let ppid = super::procs::read_stat(kpid).map(|s| s.ppid);
+        let ppid = super::procs::table::read_stat(kpid).map(|s| s.ppid);
         let deadline = tokio::time::Instant::now() + PARENT_CLOSE_WAIT;
         loop {
             let all = holders(&want);
@@ -199,13 +213,14 @@ impl Agent {
             let transient = stdin.link.starts_with("pipe:")
                 && others.iter().all(|(p, fd)| {
                     *fd > 2
-                        && (Some(*p) == ppid || super::procs::read_stat(*p).map(|s| s.ppid) == ppid)
+                        && (Some(*p) == ppid
+                            || super::procs::table::read_stat(*p).map(|s| s.ppid) == ppid)
                 });
             if !transient || tokio::time::Instant::now() >= deadline {
                 let who: Vec<String> = others
                     .iter()
                     .map(|(p, fd)| {
-                        let g = self.procs().translate(*p).unwrap_or(*p);
+                        let g = self.node.procs().translate(*p).unwrap_or(*p);
                         let comm =
                             std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
                         format!("pid {g} ({}, fd {fd})", comm.trim_end())

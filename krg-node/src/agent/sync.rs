@@ -7,10 +7,12 @@
 //! asks again. So no call is ever longer than an agent's call deadline, and
 //! a caller that dies simply stops asking.
 
-use super::dsm::{home_of, lock, now};
+use super::common::lock;
+use super::common::{ctx, err, Caller, Handled};
+use super::dsm::{access_of, cred, home_of, keyed, now, on_exit};
+use super::node::Node;
 use super::peer::dsm::Cred;
 use super::peer::sync::{SemHomeOp, SemReply};
-use super::{ctx, err, Agent, Caller, Handled};
 use libkrg::proto::{ErrorReply, Request, Response, SemInfo};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -55,9 +57,11 @@ struct Set {
     undo: HashMap<i32, Vec<i32>>,
 }
 
-/// The semaphore sets homed here.
-#[derive(Debug, Default)]
+/// The semaphore sets homed here, and this node's processes that asked
+/// for their operations to be undone at exit.
+#[derive(Debug)]
 pub struct Sems {
+    node: Arc<Node>,
     keys: Mutex<HashMap<i32, i32>>,
     sets: Mutex<HashMap<i32, Arc<Mutex<Set>>>>,
     seq: AtomicU32,
@@ -143,14 +147,14 @@ impl Set {
 }
 
 /// A local request about System V semaphores (see `Agent::handle_local`).
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
+pub(super) async fn handle(sems: &Arc<Sems>, req: Request, who: Caller) -> Handled {
     match req {
-        Request::SemGet { key, nsems, flags } => agent.sem_get(who, key, nsems, flags).await,
+        Request::SemGet { key, nsems, flags } => sems.sem_get(who, key, nsems, flags).await,
         Request::SemOp {
             semid,
             ops,
             timeout_ns,
-        } => agent.sem_op(who, semid, ops, timeout_ns).await,
+        } => sems.sem_op(who, semid, ops, timeout_ns).await,
         Request::SemCtl {
             semid,
             num,
@@ -158,33 +162,43 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Han
             val,
             array,
             set,
-        } => agent.sem_ctl(who, semid, num, cmd, val, array, set).await,
-        other => Err(super::misrouted(&other)),
+        } => sems.sem_ctl(who, semid, num, cmd, val, array, set).await,
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
-impl Agent {
+impl Sems {
+    pub fn new(node: Arc<Node>) -> Sems {
+        Sems {
+            node,
+            keys: Mutex::default(),
+            sets: Mutex::default(),
+            seq: AtomicU32::default(),
+            undoers: Mutex::default(),
+        }
+    }
+
     fn sem_set(&self, semid: i32) -> Result<Arc<Mutex<Set>>, ErrorReply> {
-        lock(&self.sems.sets)
+        lock(&self.sets)
             .get(&semid)
             .cloned()
             .ok_or_else(|| err(libc::EINVAL, format!("no semaphore set {semid}")))
     }
 
     async fn sem_home(self: &Arc<Self>, home: u32, op: SemHomeOp) -> Result<SemReply, ErrorReply> {
-        if home == self.node_id() {
+        if home == self.node.node_id() {
             return Box::pin(self.sem_home_op(op)).await;
         }
-        if !self.is_up(home) {
+        if !self.node.is_up(home) {
             return Err(err(
                 libc::EIO,
                 format!("the home node {home} of the semaphore set is down"),
             ));
         }
-        let c = self.client(home).await?;
+        let c = self.node.client(home).await?;
         c.sem_home(ctx(), op)
             .await
-            .map_err(|e| self.peer_lost(home, "semaphore home", e))?
+            .map_err(|e| self.node.peer_lost(home, "semaphore home", e))?
     }
 
     // -- the application's requests ----------------------------------------
@@ -196,12 +210,12 @@ impl Agent {
         nsems: i32,
         flags: i32,
     ) -> Result<Response, ErrorReply> {
-        let home = self.home_for_key(key);
+        let home = self.node.home_for_key(key);
         let op = SemHomeOp::Get {
             key,
             nsems,
             flags,
-            cred: self.cred(who),
+            cred: cred(who),
         };
         match self.sem_home(home, op).await? {
             SemReply::Id(id) => Ok(Response::Id(id)),
@@ -216,9 +230,9 @@ impl Agent {
         ops: Vec<(u16, i16, i16)>,
         timeout_ns: Option<u64>,
     ) -> Result<Response, ErrorReply> {
-        let gpid = self.caller_gpid(who);
+        let gpid = self.node.caller_gpid(who);
         if ops.iter().any(|o| o.2 as i32 & libc::SEM_UNDO != 0) && who.pid > 0 {
-            let mut u = lock(&self.sems.undoers);
+            let mut u = lock(&self.undoers);
             let first = !u.contains_key(&who.pid);
             let e = u.entry(who.pid).or_insert((gpid, Vec::new()));
             if !e.1.contains(&semid) {
@@ -232,7 +246,7 @@ impl Agent {
         let op = SemHomeOp::Op {
             semid,
             ops,
-            cred: self.cred(who),
+            cred: cred(who),
             pid: gpid,
             wait_ns: timeout_ns.map_or(ROUND.as_nanos() as u64, |t| t.min(ROUND.as_nanos() as u64)),
         };
@@ -261,8 +275,8 @@ impl Agent {
             val,
             array,
             set,
-            cred: self.cred(who),
-            pid: self.caller_gpid(who),
+            cred: cred(who),
+            pid: self.node.caller_gpid(who),
         };
         Ok(match self.sem_home(home_of(semid), op).await? {
             SemReply::Id(v) => Response::Id(v),
@@ -276,8 +290,8 @@ impl Agent {
     /// Apply a process's SEM_UNDO adjustments when it exits.
     fn watch_sem_exit(self: &Arc<Self>, kpid: i32) {
         let a = self.clone();
-        self.on_exit(kpid, move || {
-            let Some((gpid, sets)) = lock(&a.sems.undoers).remove(&kpid) else {
+        on_exit(kpid, move || {
+            let Some((gpid, sets)) = lock(&a.undoers).remove(&kpid) else {
                 return;
             };
             let a = a.clone();
@@ -343,44 +357,29 @@ impl Agent {
         flags: i32,
         cred: &Cred,
     ) -> Result<SemReply, ErrorReply> {
-        let mut keys = lock(&self.sems.keys);
-        if key != libc::IPC_PRIVATE {
-            if let Some(&id) = keys.get(&key) {
-                if flags & libc::IPC_CREAT != 0 && flags & libc::IPC_EXCL != 0 {
-                    return Err(err(
-                        libc::EEXIST,
-                        format!("key {key:#x}: semaphore set {id} exists"),
-                    ));
-                }
-                let s = self.sem_set(id)?;
-                let s = lock(&s);
-                if nsems > s.info.nsems as i32 {
-                    return Err(err(
-                        libc::EINVAL,
-                        format!("semaphore set {id} has {} semaphores", s.info.nsems),
-                    ));
-                }
-                let f = flags as u32;
-                if !cred.allowed(&s.info, ((f >> 6) | (f >> 3) | f) & 0o7) {
-                    return Err(err(
-                        libc::EACCES,
-                        format!("semaphore set {id}: permission denied"),
-                    ));
-                }
-                return Ok(SemReply::Id(id));
-            }
-            if flags & libc::IPC_CREAT == 0 {
+        let mut keys = lock(&self.keys);
+        if let Some(id) = keyed(&keys, key, flags, "semaphore set")? {
+            let s = self.sem_set(id)?;
+            let s = lock(&s);
+            if nsems > s.info.nsems as i32 {
                 return Err(err(
-                    libc::ENOENT,
-                    format!("no semaphore set with key {key:#x}"),
+                    libc::EINVAL,
+                    format!("semaphore set {id} has {} semaphores", s.info.nsems),
                 ));
             }
+            if !cred.allowed(&s.info, access_of(flags)) {
+                return Err(err(
+                    libc::EACCES,
+                    format!("semaphore set {id}: permission denied"),
+                ));
+            }
+            return Ok(SemReply::Id(id));
         }
         if nsems <= 0 || nsems > SEMMSL {
             return Err(err(libc::EINVAL, format!("{nsems} semaphores")));
         }
-        let me = self.node_id();
-        let seq = self.sems.seq.fetch_add(1, Ordering::Relaxed) & ((1 << SEQ_BITS) - 1);
+        let me = self.node.node_id();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) & ((1 << SEQ_BITS) - 1);
         let id = ((me << SEQ_BITS) | seq) as i32;
         let info = SemInfo {
             semid: id,
@@ -402,7 +401,7 @@ impl Agent {
             queue: Vec::new(),
             undo: HashMap::new(),
         };
-        lock(&self.sems.sets).insert(id, Arc::new(Mutex::new(set)));
+        lock(&self.sets).insert(id, Arc::new(Mutex::new(set)));
         if key != libc::IPC_PRIVATE {
             keys.insert(key, id);
         }
@@ -544,8 +543,8 @@ impl Agent {
                 }
                 let key = s.info.key;
                 drop(s);
-                lock(&self.sems.sets).remove(&semid);
-                let mut keys = lock(&self.sems.keys);
+                lock(&self.sets).remove(&semid);
+                let mut keys = lock(&self.keys);
                 if keys.get(&key) == Some(&semid) {
                     keys.remove(&key);
                 }

@@ -16,11 +16,14 @@
 //! (poll, epoll, a blocking accept) is the kernel's own, and the data path
 //! is one TCP connection between the two nodes: the agents only set it up.
 
+use super::common::{err, Answer, Answered, Caller};
+use super::node::Node;
 use super::peer::streams::FifoKey;
-use super::{err, Agent, Answer, Answered, Caller};
+use super::streams::Streams;
+use crate::agent::common::lock;
 use libkrg::proto::{ErrorReply, Request, Response, UNIX_STAND_IN};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A stand-in queued on a local listener.
@@ -35,9 +38,12 @@ struct StandIn {
     since: Instant,
 }
 
-/// The agent's UNIX socket names.
-#[derive(Debug, Default)]
+/// Cluster-wide UNIX socket names: where each is listened on, and the
+/// stand-ins queued for clients of other nodes.
+#[derive(Debug)]
 pub struct UnixNames {
+    node: Arc<Node>,
+    streams: Arc<Streams>,
     /// At the key home: name -> the node where it is listened on.
     home: Mutex<HashMap<FifoKey, u32>>,
     /// Names local SSI processes listen on, with the uid that listened.
@@ -53,10 +59,6 @@ pub struct UnixNames {
 const STAND_IN_CONNECT: Duration = Duration::from_secs(10);
 /// A stand-in nobody accepted for this long is dropped with its place.
 const STAND_IN_LIFE: Duration = Duration::from_secs(120);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// A name as `ss -x` shows it: an abstract name after an `@`.
 fn show(key: &FifoKey) -> String {
@@ -106,10 +108,10 @@ fn connect_stand_in(path: &[u8], id: u64, seqpacket: bool) -> std::io::Result<so
 
 /// A local request about a UNIX socket name (see `Agent::handle_local`);
 /// a connection across nodes is a descriptor.
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
+pub(super) async fn handle(unix: &Arc<UnixNames>, req: Request, who: Caller) -> Answered {
     match req {
         Request::UnixListen { path, dev, ino } => Ok((
-            agent.unix_listen(who, FifoKey { path, dev, ino }).await?,
+            unix.unix_listen(who, FifoKey { path, dev, ino }).await?,
             Vec::new(),
         )),
         Request::UnixConnect {
@@ -118,45 +120,54 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             ino,
             pair,
         } => {
-            agent
-                .unix_connect(who, FifoKey { path, dev, ino }, pair)
+            unix.unix_connect(who, FifoKey { path, dev, ino }, pair)
                 .await
         }
-        Request::UnixTake { id, pair } => agent.unix_take(who, id, pair).await,
-        other => Err(super::misrouted(&other)),
+        Request::UnixTake { id, pair } => unix.unix_take(who, id, pair).await,
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
-impl Agent {
+impl UnixNames {
+    pub fn new(node: Arc<Node>, streams: Arc<Streams>) -> UnixNames {
+        UnixNames {
+            node,
+            streams,
+            home: Mutex::default(),
+            local: Mutex::default(),
+            stand_ins: Mutex::default(),
+        }
+    }
+
     /// `UnixListen` from a local process.
     async fn unix_listen(
         self: &Arc<Self>,
         who: Caller,
         key: FifoKey,
     ) -> Result<Response, ErrorReply> {
-        lock(&self.unix.local).insert(key.clone(), who.uid);
-        let home = self.key_home();
-        let me = self.node_id();
+        lock(&self.local).insert(key.clone(), who.uid);
+        let home = self.node.key_home();
+        let me = self.node.node_id();
         tracing::debug!("UNIX socket {} listened on here", show(&key));
         if home == me {
             self.unix_name_set(key, me);
         } else {
-            let c = self.client(home).await?;
-            c.unix_name_set(super::ctx(), key, me)
+            let c = self.node.client(home).await?;
+            c.unix_name_set(super::common::ctx(), key, me)
                 .await
-                .map_err(|e| self.peer_lost(home, "key home", e))?;
+                .map_err(|e| self.node.peer_lost(home, "key home", e))?;
         }
         Ok(Response::Ok)
     }
 
     /// At the key home.
     pub(crate) fn unix_name_set(&self, key: FifoKey, node: u32) {
-        lock(&self.unix.home).insert(key, node);
+        lock(&self.home).insert(key, node);
     }
 
     /// At the key home.
     pub(crate) fn unix_name_owner(&self, key: &FifoKey) -> Option<u32> {
-        lock(&self.unix.home).get(key).copied()
+        lock(&self.home).get(key).copied()
     }
 
     /// `UnixConnect` from a local process.
@@ -166,18 +177,18 @@ impl Agent {
         key: FifoKey,
         pair: Option<(i32, i32)>,
     ) -> Result<Answer, ErrorReply> {
-        let home = self.key_home();
-        let me = self.node_id();
+        let home = self.node.key_home();
+        let me = self.node.node_id();
         let owner = if home == me {
             self.unix_name_owner(&key)
         } else {
             // A home that cannot answer leaves the connect to the kernel
             // here, as before krg (never a failure of its own making).
-            let asked = match self.client(home).await {
+            let asked = match self.node.client(home).await {
                 Ok(c) => c
-                    .unix_name_owner(super::ctx(), key.clone())
+                    .unix_name_owner(super::common::ctx(), key.clone())
                     .await
-                    .map_err(|e| self.peer_lost(home, "key home", e).msg),
+                    .map_err(|e| self.node.peer_lost(home, "key home", e).msg),
                 Err(e) => Err(e.msg),
             };
             match asked {
@@ -194,7 +205,7 @@ impl Agent {
             // Listened on here, or nowhere krg knows of: the kernel's.
             _ => return Ok((Response::Local, Vec::new())),
         };
-        if !self.is_up(node) {
+        if !self.node.is_up(node) {
             return Err(err(
                 libc::ECONNREFUSED,
                 format!("UNIX socket {name}: node {node}, where it was listened on, is down"),
@@ -208,21 +219,22 @@ impl Agent {
         })?;
         let gids = std::iter::once(gid).chain(groups).collect();
         let pair = pair
-            .map(|p| super::seqpacket::take_pair(who.pid, p))
+            .map(|p| super::streams::seqpacket::take_pair(who.pid, p))
             .transpose()?;
-        let c = self.client(node).await?;
+        let c = self.node.client(node).await?;
         let id = c
-            .unix_stand_in(super::ctx(), key, uid, gids, pair.is_some())
+            .unix_stand_in(super::common::ctx(), key, uid, gids, pair.is_some())
             .await
             .map_err(|e| {
-                self.drop_client(node);
+                self.node.drop_client(node);
                 err(
                     libc::EHOSTUNREACH,
                     format!("UNIX socket {name}: node {node}: {e}"),
                 )
             })??;
         tracing::debug!("UNIX socket {name}: connection {id:#x} to node {node}");
-        self.stream_attach_with(id, node, Vec::new(), false, false, pair)
+        self.streams
+            .stream_attach_with(id, node, Vec::new(), false, false, pair)
             .await
     }
 
@@ -236,10 +248,10 @@ impl Agent {
         seqpacket: bool,
     ) -> Result<u64, ErrorReply> {
         let name = show(&key);
-        let me = self.node_id();
+        let me = self.node.node_id();
         // Only names an SSI process listened on: never any socket of this
         // node under the agent's own rights.
-        let Some(owner_uid) = lock(&self.unix.local).get(&key).copied() else {
+        let Some(owner_uid) = lock(&self.local).get(&key).copied() else {
             return Err(err(
                 libc::ECONNREFUSED,
                 format!("UNIX socket {name}: no SSI process listens on it on node {me}"),
@@ -256,7 +268,7 @@ impl Agent {
                 )
             })?;
             if !m.file_type().is_socket() || m.dev() != key.dev || m.ino() != key.ino {
-                lock(&self.unix.local).remove(&key);
+                lock(&self.local).remove(&key);
                 return Err(err(
                     libc::ECONNREFUSED,
                     format!("UNIX socket {name}: no longer the socket listened on on node {me}"),
@@ -269,9 +281,9 @@ impl Agent {
                 ));
             }
         }
-        let id = self.new_stream_id();
-        self.expect_connection(id, false);
-        lock(&self.unix.stand_ins).insert(
+        let id = self.streams.new_stream_id();
+        self.streams.expect_connection(id, false);
+        lock(&self.stand_ins).insert(
             id,
             StandIn {
                 _sock: None,
@@ -296,13 +308,13 @@ impl Agent {
         let sock = match sock {
             Ok(s) => s,
             Err(e) => {
-                lock(&self.unix.stand_ins).remove(&id);
-                self.forget_expected(id);
+                lock(&self.stand_ins).remove(&id);
+                self.streams.forget_expected(id);
                 return Err(e);
             }
         };
         let stale: Vec<u64> = {
-            let mut t = lock(&self.unix.stand_ins);
+            let mut t = lock(&self.stand_ins);
             match t.get_mut(&id) {
                 Some(s) => s._sock = Some(sock),
                 // Taken already: the listener's copy is replaced.
@@ -319,7 +331,7 @@ impl Agent {
             old
         };
         for i in stale {
-            self.forget_expected(i);
+            self.streams.forget_expected(i);
         }
         Ok(id)
     }
@@ -331,7 +343,7 @@ impl Agent {
         id: u64,
         pair: Option<(i32, i32)>,
     ) -> Result<Answer, ErrorReply> {
-        let owner = lock(&self.unix.stand_ins).get(&id).map(|s| s.uid);
+        let owner = lock(&self.stand_ins).get(&id).map(|s| s.uid);
         match owner {
             None => {
                 return Err(err(
@@ -348,11 +360,11 @@ impl Agent {
             Some(_) => {}
         }
         let pair = pair
-            .map(|p| super::seqpacket::take_pair(who.pid, p))
+            .map(|p| super::streams::seqpacket::take_pair(who.pid, p))
             .transpose()?;
-        let fd = self.take_expected(id).await;
+        let fd = self.streams.take_expected(id).await;
         // The listener's copy of the stand-in is replaced by now.
-        drop(lock(&self.unix.stand_ins).remove(&id));
+        drop(lock(&self.stand_ins).remove(&id));
         let fd = fd?;
         let Some((end, relay)) = pair else {
             return Ok((Response::StreamFd, vec![fd]));
@@ -363,9 +375,9 @@ impl Agent {
         let node = tcp
             .peer_addr()
             .ok()
-            .and_then(|a| self.node_at(a.ip()))
+            .and_then(|a| self.streams.node_at(a.ip()))
             .unwrap_or(0);
-        self.relay(id, node, relay, tcp);
+        self.streams.relay(id, node, relay, tcp);
         Ok((Response::StreamFd, vec![end]))
     }
 }

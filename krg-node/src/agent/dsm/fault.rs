@@ -2,8 +2,9 @@
 //! attached, and what a fault asks of a segment's home.
 
 use super::*;
+use crate::agent::common::lock;
 
-impl Agent {
+impl Dsm {
     /// Have the fault thread serve a process's page faults.
     pub(super) fn serve_faults(self: &Arc<Self>, mem: &ProcMem) -> Result<(), ErrorReply> {
         let ep = self.fault_thread()?;
@@ -16,14 +17,14 @@ impl Agent {
 
     /// A process's userfaultfd is no longer served.
     pub(super) fn unwatch(&self, mem: &ProcMem) {
-        if let Some(ep) = lock(&self.dsm.faults).as_ref() {
+        if let Some(ep) = lock(&self.faults).as_ref() {
             let _ = ep.delete(mem.uffd.as_fd());
         }
     }
 
     /// The fault thread's epoll set (the thread is started with it).
     pub(super) fn fault_thread(self: &Arc<Self>) -> Result<Arc<Epoll>, ErrorReply> {
-        let mut g = lock(&self.dsm.faults);
+        let mut g = lock(&self.faults);
         if let Some(ep) = g.as_ref() {
             return Ok(ep.clone());
         }
@@ -71,7 +72,7 @@ impl Agent {
             }
             for ev in &evs[..n] {
                 let kpid = ev.data() as u32 as i32;
-                let Some(mem) = lock(&self.dsm.mems).get(&kpid).cloned() else {
+                let Some(mem) = lock(&self.mems).get(&kpid).cloned() else {
                     continue;
                 };
                 loop {
@@ -102,24 +103,19 @@ impl Agent {
         op: HomeOp,
         poll: bool,
     ) -> Result<HomeReply, ErrorReply> {
-        if !self.is_up(home) {
+        if !self.node.is_up(home) {
             return Err(err(
                 libc::EIO,
                 format!("the home node {home} of the segment is down"),
             ));
         }
         if let std::collections::hash_map::Entry::Vacant(slot) = links.entry(home) {
-            let addr = self.members().get(&home).map(|m| m.addr).ok_or_else(|| {
-                err(
-                    libc::ESRCH,
-                    format!("node {home} is not a member of the cluster"),
-                )
-            })?;
+            let addr = self.node.addr_of(home)?;
             let l = rt
                 .block_on(FaultLink::connect(
                     addr,
-                    &self.cfg.key,
-                    self.cfg.node_id,
+                    &self.node.cfg.key,
+                    self.node.cfg.node_id,
                     home,
                 ))
                 .map_err(|e| err(libc::EHOSTUNREACH, format!("node {home} at {addr}: {e}")))?;
@@ -148,7 +144,7 @@ impl Agent {
         poll: bool,
     ) -> bool {
         let addr = f.addr & !(PAGE - 1);
-        let Some((shmid, seg, base)) = self.dsm.find(mem.kpid, addr) else {
+        let Some((shmid, seg, base)) = self.find(mem.kpid, addr) else {
             debug!("pid {}: fault at {addr:#x} outside its segments", mem.kpid);
             let _ = uffd::wake(mem.uffd.as_fd(), addr, PAGE);
             return false;
@@ -182,19 +178,19 @@ impl Agent {
             let op = HomeOp::Acquire {
                 shmid,
                 page,
-                node: self.node_id(),
+                node: self.node.node_id(),
                 write,
             };
             let home = home_of(shmid);
-            if write && home == self.node_id() {
-                let gs = self.acquire_fresh(shmid, page, self.node_id());
+            if write && home == self.node.node_id() {
+                let gs = self.acquire_fresh(shmid, page, self.node.node_id());
                 if !gs.is_empty() {
                     rt.block_on(seg.apply_mapped(gs, mem, base, None));
                     asked = true;
                     continue;
                 }
             }
-            let got = if home == self.node_id() {
+            let got = if home == self.node.node_id() {
                 rt.block_on(self.home_op(op))
             } else {
                 self.fault_call(rt, links, home, op, poll)
@@ -252,7 +248,7 @@ impl Agent {
             let op = HomeOp::AcquireRead {
                 shmid,
                 pages,
-                node: a.node_id(),
+                node: a.node.node_id(),
             };
             if let Ok(HomeReply::Grants(gs)) = a.dsm_home(home_of(shmid), op).await {
                 // The middle page stays unmapped: the reader's (cheap,

@@ -3,8 +3,9 @@
 //! invalidate, downgrade); then what a node does when its home asks.
 
 use super::*;
+use crate::agent::common::lock;
 
-impl Agent {
+impl Dsm {
     pub async fn home_op(self: &Arc<Self>, op: HomeOp) -> Result<HomeReply, ErrorReply> {
         match op {
             HomeOp::Get {
@@ -24,7 +25,7 @@ impl Agent {
                 pid,
             } => self.home_open(name, oflag, mode, size, init, &cred, pid),
             HomeOp::Check { shmid, want, cred } => {
-                let h = self.dsm.home(shmid)?;
+                let h = self.home(shmid)?;
                 let m = lock(&h.meta);
                 if !cred.allowed(&m.info, want) {
                     return Err(err(
@@ -35,7 +36,7 @@ impl Agent {
                 Ok(HomeReply::Info(m.info.clone()))
             }
             HomeOp::Resize { shmid, size, cred } => {
-                let h = self.dsm.home(shmid)?;
+                let h = self.home(shmid)?;
                 let mut m = lock(&h.meta);
                 if m.info.name.is_empty() {
                     return Err(err(
@@ -63,11 +64,11 @@ impl Agent {
                 Ok(HomeReply::Info(m.info.clone()))
             }
             HomeOp::Unlink { name, cred } => {
-                let id = lock(&self.dsm.names)
+                let id = lock(&self.names)
                     .get(&name)
                     .copied()
                     .ok_or_else(|| err(libc::ENOENT, format!("no object named {name}")))?;
-                let h = self.dsm.home(id)?;
+                let h = self.home(id)?;
                 let gone = {
                     let mut m = lock(&h.meta);
                     // /dev/shm is sticky: only the owner (or root) unlinks.
@@ -79,7 +80,7 @@ impl Agent {
                     m.info.ctime = now();
                     m.info.attached.is_empty()
                 };
-                lock(&self.dsm.names).remove(&name);
+                lock(&self.names).remove(&name);
                 if gone {
                     self.destroy(id);
                 }
@@ -92,7 +93,7 @@ impl Agent {
                 pid,
                 node,
             } => {
-                let h = self.dsm.home(shmid)?;
+                let h = self.home(shmid)?;
                 let mut m = lock(&h.meta);
                 let want = if rdonly { 0o4 } else { 0o6 };
                 if !cred.allowed(&m.info, want) {
@@ -108,7 +109,7 @@ impl Agent {
                 Ok(HomeReply::Info(m.info.clone()))
             }
             HomeOp::Detach { shmid, pid, node } => {
-                let h = self.dsm.home(shmid)?;
+                let h = self.home(shmid)?;
                 let gone = {
                     let mut m = lock(&h.meta);
                     if let Some(i) = m.info.attached.iter().position(|x| *x == (pid, node)) {
@@ -153,7 +154,7 @@ impl Agent {
                     self.acquire(shmid, page, node, write).await?,
                 ))
             }
-            HomeOp::List => Ok(HomeReply::List(self.dsm.list())),
+            HomeOp::List => Ok(HomeReply::List(self.list())),
         }
     }
 
@@ -165,38 +166,26 @@ impl Agent {
         cred: &Cred,
         pid: i32,
     ) -> Result<HomeReply, ErrorReply> {
-        let mut keys = lock(&self.dsm.keys);
-        if key != libc::IPC_PRIVATE {
-            if let Some(&id) = keys.get(&key) {
-                if flags & libc::IPC_CREAT != 0 && flags & libc::IPC_EXCL != 0 {
-                    return Err(err(
-                        libc::EEXIST,
-                        format!("key {key:#x}: segment {id} exists"),
-                    ));
-                }
-                let h = self.dsm.home(id)?;
-                let m = lock(&h.meta);
-                if size > m.info.size {
-                    return Err(err(
-                        libc::EINVAL,
-                        format!(
-                            "key {key:#x}: segment {id} is {} bytes, {size} asked",
-                            m.info.size
-                        ),
-                    ));
-                }
-                let f = flags as u32;
-                if !cred.allowed(&m.info, ((f >> 6) | (f >> 3) | f) & 0o7) {
-                    return Err(err(
-                        libc::EACCES,
-                        format!("key {key:#x}: segment {id}: permission denied"),
-                    ));
-                }
-                return Ok(HomeReply::Id(id));
+        let mut keys = lock(&self.keys);
+        if let Some(id) = keyed(&keys, key, flags, "segment")? {
+            let h = self.home(id)?;
+            let m = lock(&h.meta);
+            if size > m.info.size {
+                return Err(err(
+                    libc::EINVAL,
+                    format!(
+                        "key {key:#x}: segment {id} is {} bytes, {size} asked",
+                        m.info.size
+                    ),
+                ));
             }
-            if flags & libc::IPC_CREAT == 0 {
-                return Err(err(libc::ENOENT, format!("no segment with key {key:#x}")));
+            if !cred.allowed(&m.info, access_of(flags)) {
+                return Err(err(
+                    libc::EACCES,
+                    format!("key {key:#x}: segment {id}: permission denied"),
+                ));
             }
+            return Ok(HomeReply::Id(id));
         }
         let id = self.create(key, String::new(), size, flags as u32 & 0o777, cred, pid)?;
         if key != libc::IPC_PRIVATE {
@@ -219,12 +208,12 @@ impl Agent {
         cred: &Cred,
         pid: i32,
     ) -> Result<HomeReply, ErrorReply> {
-        let mut names = lock(&self.dsm.names);
+        let mut names = lock(&self.names);
         if let Some(&id) = names.get(&name) {
             if oflag & libc::O_CREAT != 0 && oflag & libc::O_EXCL != 0 {
                 return Err(err(libc::EEXIST, format!("{name} exists")));
             }
-            let h = self.dsm.home(id)?;
+            let h = self.home(id)?;
             if !cred.allowed(&lock(&h.meta).info, 0o6) {
                 return Err(err(libc::EACCES, format!("{name}: permission denied")));
             }
@@ -242,13 +231,13 @@ impl Agent {
             pid,
         )?;
         if let Some(bytes) = init {
-            let h = self.dsm.home(id)?;
-            let seg = self.dsm.local_or_new(id, size)?;
+            let h = self.home(id)?;
+            let seg = self.local_or_new(id, size)?;
             let mut page = vec![0u8; PAGE as usize];
             let n = bytes.len().min(page.len());
             page[..n].copy_from_slice(&bytes[..n]);
             seg.write_page(0, &page)?;
-            let me = self.node_id();
+            let me = self.node.node_id();
             // Fresh objects: nobody else can hold these locks yet.
             let (sp, hp) = (seg.page(0)?, h.dir(id, 0)?);
             if let (Ok(mut p), Ok(mut d)) = (sp.try_lock_owned(), hp.try_lock_owned()) {
@@ -280,8 +269,8 @@ impl Agent {
         if (size == 0 && name.is_empty()) || size > SHM_MAX {
             return Err(err(libc::EINVAL, format!("segment size {size}")));
         }
-        let me = self.node_id();
-        let seq = self.dsm.seq.fetch_add(1, Ordering::Relaxed) & ((1 << SEQ_BITS) - 1);
+        let me = self.node.node_id();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) & ((1 << SEQ_BITS) - 1);
         let id = ((me << SEQ_BITS) | seq) as i32;
         let t = now();
         let info = ShmInfo {
@@ -310,7 +299,7 @@ impl Agent {
             }),
             pages: Mutex::new(HashMap::new()),
         });
-        lock(&self.dsm.homes).insert(id, h);
+        lock(&self.homes).insert(id, h);
         debug!("segment {id} (key {key:#x}, {size} bytes) created by pid {pid}");
         Ok(id)
     }
@@ -322,7 +311,7 @@ impl Agent {
         set: Option<(u32, u32, u32)>,
         cred: &Cred,
     ) -> Result<HomeReply, ErrorReply> {
-        let h = self.dsm.home(shmid)?;
+        let h = self.home(shmid)?;
         let mut m = lock(&h.meta);
         match cmd {
             libc::IPC_STAT => {
@@ -352,7 +341,7 @@ impl Agent {
                 if !m.removed {
                     m.removed = true;
                     m.info.mode |= SHM_DEST;
-                    let mut keys = lock(&self.dsm.keys);
+                    let mut keys = lock(&self.keys);
                     if keys.get(&m.info.key) == Some(&shmid) {
                         keys.remove(&m.info.key);
                     }
@@ -372,7 +361,7 @@ impl Agent {
 
     /// The last attachment of a removed segment went: free it everywhere.
     pub(super) fn destroy(self: &Arc<Self>, shmid: i32) {
-        let Some(h) = lock(&self.dsm.homes).remove(&shmid) else {
+        let Some(h) = lock(&self.homes).remove(&shmid) else {
             return;
         };
         let nodes: Vec<u32> = lock(&h.meta).nodes.iter().copied().collect();
@@ -397,7 +386,7 @@ impl Agent {
         node: u32,
         write: bool,
     ) -> Result<Grant, ErrorReply> {
-        let h = self.dsm.home(shmid)?;
+        let h = self.home(shmid)?;
         let mut d = h.dir(shmid, page)?.lock_owned().await;
         // Nothing to do (another fault of the same node got it first).
         let noop = Grant {
@@ -537,7 +526,7 @@ impl Agent {
     /// Nothing else changes: another node that wants one of them later
     /// gets it from `node` as from any writer.
     pub(super) fn acquire_fresh(&self, shmid: i32, page: u32, node: u32) -> Vec<(u32, Grant)> {
-        let Ok(h) = self.dsm.home(shmid) else {
+        let Ok(h) = self.home(shmid) else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -572,7 +561,7 @@ impl Agent {
         pages: &[u32],
         node: u32,
     ) -> Result<Vec<(u32, Grant)>, ErrorReply> {
-        let h = self.dsm.home(shmid)?;
+        let h = self.home(shmid)?;
         // Ascending order, as every multi-page lock here (no deadlock).
         let mut sorted = pages.to_vec();
         sorted.sort_unstable();
@@ -660,13 +649,12 @@ impl Agent {
         shmid: i32,
         items: Vec<(u32, u64, bool)>,
     ) -> Result<Vec<Option<ByteBuf>>, ErrorReply> {
-        if node == self.node_id() {
+        if node == self.node.node_id() {
             return self.read_many(shmid, items).await;
         }
-        let link = self.dsm_link(node).await?;
-        match link.call(node, Req::ReadMany(shmid, items)).await? {
+        match self.link_call(node, Req::ReadMany(shmid, items)).await? {
             Resp::Many(r) => r,
-            other => Err(err(libc::EIO, format!("node {node}: unexpected {other:?}"))),
+            other => Err(unexpected(node, &other)),
         }
     }
 
@@ -676,7 +664,7 @@ impl Agent {
         shmid: i32,
         items: Vec<(u32, u64, bool)>,
     ) -> Result<Vec<Option<ByteBuf>>, ErrorReply> {
-        let seg = self.dsm.local(shmid)?;
+        let seg = self.local(shmid)?;
         let mut locked = Vec::with_capacity(items.len());
         for &(page, ver, downgrade) in &items {
             locked.push((page, downgrade, seg.page_at(page, ver).await?));
@@ -732,7 +720,7 @@ impl Agent {
                 want,
                 ver,
             } => {
-                let seg = self.dsm.local(shmid)?;
+                let seg = self.local(shmid)?;
                 let mut p = seg.page_at(page, ver).await?;
                 if p.st == PState::Write {
                     seg.protect_all(page);
@@ -756,7 +744,7 @@ impl Agent {
                 Ok(data)
             }
             NodeOp::Downgrade { shmid, page, ver } => {
-                let seg = self.dsm.local(shmid)?;
+                let seg = self.local(shmid)?;
                 let mut p = seg.page_at(page, ver).await?;
                 if p.st == PState::Write {
                     seg.protect_all(page);
@@ -765,7 +753,7 @@ impl Agent {
                 Ok(Some(seg.read_page(page)?))
             }
             NodeOp::Fetch { shmid, page, ver } => {
-                let seg = self.dsm.local(shmid)?;
+                let seg = self.local(shmid)?;
                 let p = seg.page_at(page, ver).await?;
                 if p.st == PState::Invalid {
                     return Err(err(
@@ -776,7 +764,7 @@ impl Agent {
                 Ok(Some(seg.read_page(page)?))
             }
             NodeOp::Drop { shmid } => {
-                lock(&self.dsm.locals).remove(&shmid);
+                lock(&self.locals).remove(&shmid);
                 Ok(None)
             }
         }

@@ -20,9 +20,11 @@
 //! sleeping threads (the fault's reader, the answer's reader on both
 //! agents, the application); polling leaves the application's.
 
+use super::super::common::err;
 use super::super::peer::dsm::{Req, Resp};
 use super::super::peer::{auth, CHANNEL_DSM, CHANNEL_DSM_FAULTS};
-use super::super::{err, Agent};
+use super::Dsm;
+use crate::agent::common::lock;
 use bincode::Options;
 use libkrg::proto::ErrorReply;
 use serde::{Deserialize, Serialize};
@@ -168,11 +170,7 @@ impl Link {
             loop {
                 match read_frame::<Resp>(&mut r).await {
                     Ok((id, resp)) => {
-                        let tx = l
-                            .pending
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .remove(&id);
+                        let tx = lock(&l.pending).remove(&id);
                         if let Some(tx) = tx {
                             let _ = tx.send(resp);
                         }
@@ -185,7 +183,7 @@ impl Link {
             }
             // Every waiting call fails now (its sender is dropped).
             l.dead.store(true, Ordering::Release);
-            l.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            lock(&l.pending).clear();
         });
         Ok(link)
     }
@@ -198,27 +196,18 @@ impl Link {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let frame = encode(id, &req).map_err(|e| err(libc::EIO, format!("node {node}: {e}")))?;
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+        lock(&self.pending).insert(id, tx);
         let sent = self.w.lock().await.write_all(&frame).await;
         if let Err(e) = sent {
             self.dead.store(true, Ordering::Release);
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            lock(&self.pending).remove(&id);
             return Err(err(libc::EIO, format!("node {node}: {e}")));
         }
         match tokio::time::timeout(CALL_TIMEOUT, rx).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(err(libc::EIO, format!("node {node}: connection lost"))),
             Err(_) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
+                lock(&self.pending).remove(&id);
                 Err(err(
                     libc::EIO,
                     format!("node {node}: no answer in {CALL_TIMEOUT:?}"),
@@ -230,7 +219,7 @@ impl Link {
 
 /// Serve one authenticated link: each request in its own task (a request
 /// may wait on a page lock, others must not wait behind it).
-pub async fn serve(s: TcpStream, agent: Arc<Agent>, from: u32) {
+pub async fn serve(s: TcpStream, dsm: Arc<Dsm>, from: u32) {
     big_buffers(&s);
     let (mut r, w) = s.into_split();
     let w = Arc::new(tokio::sync::Mutex::new(w));
@@ -244,7 +233,7 @@ pub async fn serve(s: TcpStream, agent: Arc<Agent>, from: u32) {
                 return;
             }
         };
-        let (a, w) = (agent.clone(), w.clone());
+        let (a, w) = (dsm.clone(), w.clone());
         tokio::spawn(async move {
             let resp = match req {
                 Req::Home(op) => Resp::Home(a.home_op(op).await),
@@ -439,7 +428,7 @@ impl FaultLink {
 /// Serve one fault connection from node `from` in a thread of its own:
 /// each request in turn (the caller sends one at a time), polling for
 /// the next for `SPIN_IDLE` after each answer.
-pub fn serve_faults(s: TcpStream, agent: Arc<Agent>, from: u32) {
+pub fn serve_faults(s: TcpStream, dsm: Arc<Dsm>, from: u32) {
     let rt = tokio::runtime::Handle::current();
     let mut s = match s.into_std() {
         Ok(s) => s,
@@ -461,10 +450,10 @@ pub fn serve_faults(s: TcpStream, agent: Arc<Agent>, from: u32) {
                     }
                 };
                 let resp = match req {
-                    Req::Home(op) => Resp::Home(rt.block_on(agent.home_op(op))),
-                    Req::Node(op) => Resp::Node(rt.block_on(agent.node_op(op))),
+                    Req::Home(op) => Resp::Home(rt.block_on(dsm.home_op(op))),
+                    Req::Node(op) => Resp::Node(rt.block_on(dsm.node_op(op))),
                     Req::ReadMany(shmid, items) => {
-                        Resp::Many(rt.block_on(agent.read_many(shmid, items)))
+                        Resp::Many(rt.block_on(dsm.read_many(shmid, items)))
                     }
                 };
                 let sent = encode(id, &resp).and_then(|f| write_all_polling(&mut s, &f, None));

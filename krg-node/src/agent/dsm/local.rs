@@ -2,12 +2,13 @@
 //! the local processes' mappings (write protection, read ahead).
 
 use super::*;
+use crate::agent::common::lock;
 
 impl LocalSeg {
     pub(super) fn new(shmid: i32, size: u64) -> Result<LocalSeg, ErrorReply> {
         let name = std::ffi::CString::new(format!("{}{shmid}", libkrg::dsm::MEMFD_PREFIX))
             .expect("no NUL");
-        let mem = sys::memfd(&name).map_err(super::super::os_err)?;
+        let mem = sys::memfd(&name).map_err(super::super::common::os_err)?;
         // The exact size: a POSIX object's fstat shows it. The tail of the
         // last page reads as zeros, as for any file.
         mem.set_len(size)

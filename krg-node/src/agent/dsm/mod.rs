@@ -23,9 +23,11 @@ mod home;
 pub mod link;
 mod local;
 
+use super::common::{err, Answer, Answered, Caller};
+use super::node::Node;
 use super::peer::dsm::{Cred, Grant, HomeOp, HomeReply, NodeOp, Req, Resp};
 use super::sys::{self, async_fd, pidfd_getfd, pidfd_open, SharedView};
-use super::{err, Agent, Answer, Answered, Caller};
+use crate::agent::common::lock;
 use libkrg::dsm::uffd;
 use libkrg::proto::{ErrorReply, Request, Response, ShmInfo};
 use link::{FaultLink, Pace};
@@ -37,7 +39,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{Mutex as AsyncMutex, Notify};
 use tracing::{debug, warn};
 
@@ -238,9 +240,13 @@ struct ProcMem {
     uffd: OwnedFd,
 }
 
-/// The agent's shared-memory state.
-#[derive(Debug, Default)]
+/// The shared-memory subsystem: segments homed here, local copies, the
+/// processes' mappings, and the links to other agents.
+#[derive(Debug)]
 pub struct Dsm {
+    node: Arc<Node>,
+    /// Shared-memory links to other agents (see `link`).
+    links: Mutex<HashMap<u32, Arc<link::Link>>>,
     keys: Mutex<HashMap<i32, i32>>,
     /// Names of POSIX objects homed here.
     names: Mutex<HashMap<String, i32>>,
@@ -269,10 +275,6 @@ async fn lock_now<T>(m: Arc<AsyncMutex<T>>) -> tokio::sync::OwnedMutexGuard<T> {
     }
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -291,6 +293,69 @@ fn io_err(what: String, e: std::io::Error) -> ErrorReply {
 }
 
 /// The supplementary groups of a local process.
+/// System V `*get` of `key` among the objects homed here (`keys`, key ->
+/// id; `what`: "segment", say): `Some` existing object's id (refused
+/// under `IPC_CREAT | IPC_EXCL`), `None` when one is to be made
+/// (`IPC_PRIVATE`, or none and `IPC_CREAT`), else `ENOENT`.
+pub(crate) fn keyed(
+    keys: &HashMap<i32, i32>,
+    key: i32,
+    flags: i32,
+    what: &str,
+) -> Result<Option<i32>, ErrorReply> {
+    if key == libc::IPC_PRIVATE {
+        return Ok(None);
+    }
+    match keys.get(&key) {
+        Some(&id) if flags & libc::IPC_CREAT != 0 && flags & libc::IPC_EXCL != 0 => Err(err(
+            libc::EEXIST,
+            format!("key {key:#x}: {what} {id} exists"),
+        )),
+        Some(&id) => Ok(Some(id)),
+        None if flags & libc::IPC_CREAT == 0 => {
+            Err(err(libc::ENOENT, format!("no {what} with key {key:#x}")))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The access a `*get`'s mode bits ask for (rwx, the same for owner,
+/// group and others), as `Cred::allowed` checks it.
+pub(crate) fn access_of(flags: i32) -> u32 {
+    let f = flags as u32;
+    ((f >> 6) | (f >> 3) | f) & 0o7
+}
+
+/// A link answer of the wrong kind from node `node`.
+fn unexpected(node: u32, r: &Resp) -> ErrorReply {
+    err(libc::EIO, format!("node {node}: unexpected {r:?}"))
+}
+
+/// The caller's credentials, as a home checks them.
+pub(crate) fn cred(who: Caller) -> Cred {
+    Cred {
+        uid: who.uid,
+        gid: who.gid,
+        groups: if who.pid > 0 {
+            groups_of(who.pid)
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// Run `f` when local process `kpid` exits (at once if it is gone).
+pub(crate) fn on_exit(kpid: i32, f: impl FnOnce() + Send + 'static) {
+    tokio::spawn(async move {
+        if let Ok(fd) = pidfd_open(kpid) {
+            if let Ok(afd) = async_fd(fd) {
+                let _ = afd.readable().await;
+            }
+        }
+        f();
+    });
+}
+
 fn groups_of(kpid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{kpid}/status"))
         .ok()
@@ -351,7 +416,7 @@ impl Dsm {
 
 /// A local request about shared memory (see `Agent::handle_local`);
 /// attaching answers with descriptors.
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
+pub(super) async fn handle(dsm: &Arc<Dsm>, req: Request, who: Caller) -> Answered {
     let r = match req {
         Request::ShmAttach {
             shmid,
@@ -359,12 +424,12 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             inherited,
             need_uffd,
         } => {
-            return agent
+            return dsm
                 .shm_attach(who, shmid, rdonly, inherited, need_uffd)
                 .await
         }
-        Request::ShmFd { shmid, write } => return agent.shm_fd(who, shmid, write).await,
-        Request::ShmGet { key, size, flags } => agent.shm_get(who, key, size, flags).await?,
+        Request::ShmFd { shmid, write } => return dsm.shm_fd(who, shmid, write).await,
+        Request::ShmGet { key, size, flags } => dsm.shm_get(who, key, size, flags).await?,
         Request::ShmMapped {
             shmid,
             addr,
@@ -372,86 +437,86 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             off,
             uffd,
             ..
-        } => agent.shm_mapped(who, shmid, addr, len, off, uffd)?,
-        Request::ShmFutex { shmid, offset, len } => agent.shm_futex(who, shmid, offset, len)?,
+        } => dsm.shm_mapped(who, shmid, addr, len, off, uffd)?,
+        Request::ShmFutex { shmid, offset, len } => dsm.shm_futex(who, shmid, offset, len)?,
         Request::ShmOpen {
             name,
             oflag,
             mode,
             size,
             init,
-        } => agent.shm_open(who, name, oflag, mode, size, init).await?,
-        Request::ShmUnlink { name } => agent.shm_unlink(who, name).await?,
-        Request::ShmResize { shmid, size } => agent.shm_resize(who, shmid, size).await?,
-        Request::ShmDetach { shmid, addr } => agent.shm_detach(who, shmid, addr).await,
-        Request::ShmCtl { shmid, cmd, set } => agent.shm_ctl(who, shmid, cmd, set).await?,
-        Request::Ipcs => agent.ipcs().await,
-        other => return Err(super::misrouted(&other)),
+        } => dsm.shm_open(who, name, oflag, mode, size, init).await?,
+        Request::ShmUnlink { name } => dsm.shm_unlink(who, name).await?,
+        Request::ShmResize { shmid, size } => dsm.shm_resize(who, shmid, size).await?,
+        Request::ShmDetach { shmid, addr } => dsm.shm_detach(who, shmid, addr).await,
+        Request::ShmCtl { shmid, cmd, set } => dsm.shm_ctl(who, shmid, cmd, set).await?,
+        Request::Ipcs => dsm.ipcs().await,
+        other => return Err(super::common::misrouted(&other)),
     };
     Ok((r, Vec::new()))
 }
 
-impl Agent {
-    pub(crate) fn cred(&self, who: Caller) -> Cred {
-        Cred {
-            uid: who.uid,
-            gid: who.gid,
-            groups: if who.pid > 0 {
-                groups_of(who.pid)
-            } else {
-                Vec::new()
-            },
+impl Dsm {
+    pub fn new(node: Arc<Node>) -> Dsm {
+        Dsm {
+            node,
+            links: Mutex::default(),
+            keys: Mutex::default(),
+            names: Mutex::default(),
+            homes: Mutex::default(),
+            seq: AtomicU32::default(),
+            locals: Mutex::default(),
+            mems: Mutex::default(),
+            owed: Mutex::default(),
+            watched: Mutex::default(),
+            faults: Mutex::default(),
         }
     }
 
-    pub(crate) fn caller_gpid(&self, who: Caller) -> i32 {
-        self.procs().translate(who.pid).unwrap_or(who.pid)
-    }
-
-    /// Where the segment of a System V key lives: the lowest node id this
-    /// agent has known (down ones included), so that every node finds the
-    /// same segment for a key.
-    /// The home of a new or keyed object: here for IPC_PRIVATE.
-    pub(crate) fn home_for_key(&self, key: i32) -> u32 {
-        if key == libc::IPC_PRIVATE {
-            self.node_id()
-        } else {
-            self.key_home()
+    /// The shared-memory link to node `id`, connecting if needed.
+    async fn dsm_link(&self, id: u32) -> Result<Arc<link::Link>, ErrorReply> {
+        {
+            let l = lock(&self.links);
+            if let Some(k) = l.get(&id).filter(|k| !k.is_dead()) {
+                return Ok(k.clone());
+            }
         }
+        let addr = self.node.addr_of(id)?;
+        let cfg = &self.node.cfg;
+        let k = link::Link::connect(addr, &cfg.key, cfg.node_id, id)
+            .await
+            .map_err(|e| err(libc::EHOSTUNREACH, format!("node {id} at {addr}: {e}")))?;
+        lock(&self.links).insert(id, k.clone());
+        Ok(k)
     }
 
-    pub(crate) fn key_home(&self) -> u32 {
-        let m = self.members();
-        m.keys()
-            .copied()
-            .chain(std::iter::once(self.node_id()))
-            .min()
-            .unwrap_or(self.node_id())
+    /// A call to node `node` on the shared-memory link.
+    async fn link_call(&self, node: u32, req: Req) -> Result<Resp, ErrorReply> {
+        self.dsm_link(node).await?.call(node, req).await
     }
 
     // -- calls, local or remote ---------------------------------------------
 
     async fn dsm_home(self: &Arc<Self>, home: u32, op: HomeOp) -> Result<HomeReply, ErrorReply> {
-        if home == self.node_id() {
+        if home == self.node.node_id() {
             return Box::pin(self.home_op(op)).await;
         }
-        if !self.is_up(home) {
+        if !self.node.is_up(home) {
             return Err(err(
                 libc::EIO,
                 format!("the home node {home} of the segment is down"),
             ));
         }
         if matches!(op, HomeOp::AcquireRead { .. }) {
-            let c = self.client(home).await?;
+            let c = self.node.client(home).await?;
             return c
-                .dsm_home(super::ctx(), op)
+                .dsm_home(super::common::ctx(), op)
                 .await
-                .map_err(|e| self.peer_lost(home, "segment home", e))?;
+                .map_err(|e| self.node.peer_lost(home, "segment home", e))?;
         }
-        let link = self.dsm_link(home).await?;
-        match link.call(home, Req::Home(op)).await? {
+        match self.link_call(home, Req::Home(op)).await? {
             Resp::Home(r) => r,
-            other => Err(err(libc::EIO, format!("node {home}: unexpected {other:?}"))),
+            other => Err(unexpected(home, &other)),
         }
     }
 
@@ -460,13 +525,12 @@ impl Agent {
         node: u32,
         op: NodeOp,
     ) -> Result<Option<ByteBuf>, ErrorReply> {
-        if node == self.node_id() {
+        if node == self.node.node_id() {
             return self.node_op(op).await;
         }
-        let link = self.dsm_link(node).await?;
-        match link.call(node, Req::Node(op)).await? {
+        match self.link_call(node, Req::Node(op)).await? {
             Resp::Node(r) => r,
-            other => Err(err(libc::EIO, format!("node {node}: unexpected {other:?}"))),
+            other => Err(unexpected(node, &other)),
         }
     }
 
@@ -483,10 +547,10 @@ impl Agent {
             key,
             size,
             flags,
-            cred: self.cred(who),
-            pid: self.caller_gpid(who),
+            cred: cred(who),
+            pid: self.node.caller_gpid(who),
         };
-        match self.dsm_home(self.home_for_key(key), op).await? {
+        match self.dsm_home(self.node.home_for_key(key), op).await? {
             HomeReply::Id(id) => Ok(Response::Id(id)),
             r => Err(err(libc::EIO, format!("shmget: unexpected {r:?}"))),
         }
@@ -507,10 +571,10 @@ impl Agent {
             mode,
             size,
             init: init.map(ByteBuf::from),
-            cred: self.cred(who),
-            pid: self.caller_gpid(who),
+            cred: cred(who),
+            pid: self.node.caller_gpid(who),
         };
-        match self.dsm_home(self.key_home(), op).await? {
+        match self.dsm_home(self.node.key_home(), op).await? {
             HomeReply::Id(id) => Ok(Response::Id(id)),
             r => Err(err(libc::EIO, format!("open: unexpected {r:?}"))),
         }
@@ -523,9 +587,9 @@ impl Agent {
     ) -> Result<Response, ErrorReply> {
         let op = HomeOp::Unlink {
             name,
-            cred: self.cred(who),
+            cred: cred(who),
         };
-        self.dsm_home(self.key_home(), op).await?;
+        self.dsm_home(self.node.key_home(), op).await?;
         Ok(Response::Ok)
     }
 
@@ -543,25 +607,25 @@ impl Agent {
         if who.pid <= 0 {
             return Err(err(libc::EPERM, "caller not visible from this node"));
         }
-        if self.node_id() > MAX_NODE {
+        if self.node.node_id() > MAX_NODE {
             return Err(err(
                 libc::ENOSYS,
                 format!("shared memory needs node ids <= {MAX_NODE}"),
             ));
         }
-        let gpid = self.caller_gpid(who);
+        let gpid = self.node.caller_gpid(who);
         let op = HomeOp::Attach {
             shmid,
             rdonly,
-            cred: self.cred(who),
+            cred: cred(who),
             pid: gpid,
-            node: self.node_id(),
+            node: self.node.node_id(),
         };
         let info = match self.dsm_home(home_of(shmid), op).await? {
             HomeReply::Info(i) => i,
             r => return Err(err(libc::EIO, format!("shmat: unexpected {r:?}"))),
         };
-        lock(&self.dsm.owed)
+        lock(&self.owed)
             .entry(who.pid)
             .or_default()
             .push((shmid, gpid));
@@ -572,7 +636,6 @@ impl Agent {
             e
         };
         let seg = match self
-            .dsm
             .local_or_new(shmid, info.size)
             .and_then(|s| s.grow(info.size).map(|_| s))
         {
@@ -616,13 +679,13 @@ impl Agent {
         let op = HomeOp::Check {
             shmid,
             want: if write { 0o6 } else { 0o4 },
-            cred: self.cred(who),
+            cred: cred(who),
         };
         let info = match self.dsm_home(home_of(shmid), op).await? {
             HomeReply::Info(i) => i,
             r => return Err(err(libc::EIO, format!("shm_open: unexpected {r:?}"))),
         };
-        let seg = self.dsm.local_or_new(shmid, info.size)?;
+        let seg = self.local_or_new(shmid, info.size)?;
         seg.grow(info.size)?;
         let f = seg
             .mem
@@ -647,13 +710,13 @@ impl Agent {
         let op = HomeOp::Resize {
             shmid,
             size,
-            cred: self.cred(who),
+            cred: cred(who),
         };
         match self.dsm_home(home_of(shmid), op).await? {
             HomeReply::Info(i) => {
                 // The caller's descriptor is this node's memfd: fstat and
                 // mmap see the new size at once.
-                self.dsm.local_or_new(shmid, i.size)?.grow(i.size)?;
+                self.local_or_new(shmid, i.size)?.grow(i.size)?;
                 Ok(Response::Ok)
             }
             r => Err(err(libc::EIO, format!("ftruncate: unexpected {r:?}"))),
@@ -670,8 +733,8 @@ impl Agent {
         off: u64,
         uffd_fd: i32,
     ) -> Result<Response, ErrorReply> {
-        let seg = self.dsm.local(shmid)?;
-        if !lock(&self.dsm.owed)
+        let seg = self.local(shmid)?;
+        if !lock(&self.owed)
             .get(&who.pid)
             .is_some_and(|v| v.iter().any(|(s, _)| *s == shmid))
         {
@@ -696,18 +759,18 @@ impl Agent {
             ));
         }
         let mem = if uffd_fd >= 0 {
-            let fd = pidfd_getfd(who.pid, uffd_fd).map_err(super::os_err)?;
+            let fd = pidfd_getfd(who.pid, uffd_fd).map_err(super::common::os_err)?;
             let m = Arc::new(ProcMem {
                 kpid: who.pid,
                 uffd: fd,
             });
-            if let Some(old) = lock(&self.dsm.mems).insert(who.pid, m.clone()) {
+            if let Some(old) = lock(&self.mems).insert(who.pid, m.clone()) {
                 self.unwatch(&old);
             }
             self.serve_faults(&m)?;
             m
         } else {
-            lock(&self.dsm.mems).get(&who.pid).cloned().ok_or_else(|| {
+            lock(&self.mems).get(&who.pid).cloned().ok_or_else(|| {
                 err(
                     libc::EINVAL,
                     format!("pid {}: no userfaultfd registered", who.pid),
@@ -734,7 +797,7 @@ impl Agent {
         offset: u64,
         len: u32,
     ) -> Result<Response, ErrorReply> {
-        if !lock(&self.dsm.owed)
+        if !lock(&self.owed)
             .get(&who.pid)
             .is_some_and(|v| v.iter().any(|(s, _)| *s == shmid))
         {
@@ -743,14 +806,14 @@ impl Agent {
                 format!("segment {shmid}: not attached by pid {}", who.pid),
             ));
         }
-        self.dsm.local(shmid)?.note_futex(offset, len as u64)?;
+        self.local(shmid)?.note_futex(offset, len as u64)?;
         Ok(Response::Ok)
     }
 
     /// `ShmDetach` (`addr` 0: an attachment that was never mapped).
     async fn shm_detach(self: &Arc<Self>, who: Caller, shmid: i32, addr: u64) -> Response {
         if addr != 0 {
-            if let Ok(seg) = self.dsm.local(shmid) {
+            if let Ok(seg) = self.local(shmid) {
                 let mut atts = lock(&seg.atts);
                 if let Some(i) = atts
                     .iter()
@@ -761,7 +824,7 @@ impl Agent {
             }
         }
         let counted = {
-            let mut owed = lock(&self.dsm.owed);
+            let mut owed = lock(&self.owed);
             let v = owed.entry(who.pid).or_default();
             let i = v.iter().position(|(s, _)| *s == shmid);
             i.map(|i| v.remove(i))
@@ -770,7 +833,7 @@ impl Agent {
             let op = HomeOp::Detach {
                 shmid,
                 pid: gpid,
-                node: self.node_id(),
+                node: self.node.node_id(),
             };
             if let Err(e) = self.dsm_home(home_of(shmid), op).await {
                 return Response::Err(e);
@@ -790,7 +853,7 @@ impl Agent {
             shmid,
             cmd,
             set,
-            cred: self.cred(who),
+            cred: cred(who),
         };
         match self.dsm_home(home_of(shmid), op).await? {
             HomeReply::Info(i) => Ok(Response::Shm(i)),
@@ -801,8 +864,8 @@ impl Agent {
 
     /// Every segment of the cluster (`krg ipcs`).
     async fn ipcs(self: &Arc<Self>) -> Response {
-        let mut nodes = self.up_peers();
-        nodes.push(self.node_id());
+        let mut nodes = self.node.up_peers();
+        nodes.push(self.node.node_id());
         let calls = nodes
             .into_iter()
             .map(|n| async move { self.dsm_home(n, HomeOp::List).await });
@@ -818,20 +881,20 @@ impl Agent {
 
     /// A segment a local process has attached, if any.
     pub fn shm_attached(&self, kpid: i32) -> Option<i32> {
-        lock(&self.dsm.owed)
+        lock(&self.owed)
             .get(&kpid)
             .and_then(|v| v.first().map(|(s, _)| *s))
     }
 
     /// A local process exec'd or exited: its attachments are gone.
     pub fn shm_forget(self: &Arc<Self>, kpid: i32) {
-        if let Some(m) = lock(&self.dsm.mems).remove(&kpid) {
+        if let Some(m) = lock(&self.mems).remove(&kpid) {
             self.unwatch(&m);
         }
-        for s in lock(&self.dsm.locals).values() {
+        for s in lock(&self.locals).values() {
             lock(&s.atts).retain(|a| a.kpid != kpid);
         }
-        let owed = lock(&self.dsm.owed).remove(&kpid).unwrap_or_default();
+        let owed = lock(&self.owed).remove(&kpid).unwrap_or_default();
         if owed.is_empty() {
             return;
         }
@@ -841,7 +904,7 @@ impl Agent {
                 let op = HomeOp::Detach {
                     shmid,
                     pid: gpid,
-                    node: a.node_id(),
+                    node: a.node.node_id(),
                 };
                 if let Err(e) = a.dsm_home(home_of(shmid), op).await {
                     warn!("pid {kpid}: detaching segment {shmid}: {}", e.msg);
@@ -852,25 +915,13 @@ impl Agent {
 
     /// Detach a process's segments when it exits.
     fn watch_exit(self: &Arc<Self>, kpid: i32) {
-        if !lock(&self.dsm.watched).insert(kpid) {
+        if !lock(&self.watched).insert(kpid) {
             return;
         }
         let a = self.clone();
-        self.on_exit(kpid, move || {
-            lock(&a.dsm.watched).remove(&kpid);
+        on_exit(kpid, move || {
+            lock(&a.watched).remove(&kpid);
             a.shm_forget(kpid);
-        });
-    }
-
-    /// Run `f` when local process `kpid` exits (at once if it is gone).
-    pub(crate) fn on_exit(&self, kpid: i32, f: impl FnOnce() + Send + 'static) {
-        tokio::spawn(async move {
-            if let Ok(fd) = pidfd_open(kpid) {
-                if let Ok(afd) = async_fd(fd) {
-                    let _ = afd.readable().await;
-                }
-            }
-            f();
         });
     }
 }

@@ -3,13 +3,16 @@
 //! capabilities, and the routing of signals and capabilities to the node
 //! that answers for a gpid. The node's table itself is in `table.rs`.
 
-mod table;
+pub mod table;
 
-pub(crate) use table::{alive, catches, thread_files};
-pub use table::{read_stat, read_uids, Proc, ProcTable, Stat};
+use table::{read_stat, ProcTable};
 
+use super::common::{ctx, err, Caller, Handled};
+use super::dsm::Dsm;
+use super::node::Node;
 use super::peer::GroupKill;
-use super::{ctx, err, Agent, Caller, Handled};
+use super::sched::Scheduler;
+use super::stay::Stay;
 use libkrg::caps::Caps;
 use libkrg::gpid;
 use libkrg::proto::{CapsInfo, ErrorReply, ProcInfo, Request, Response};
@@ -17,37 +20,41 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 /// A local request about processes (see `Agent::handle_local`).
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
+pub(super) async fn handle(procs: &Arc<Processes>, req: Request, who: Caller) -> Handled {
     match req {
         Request::Hello {
             version,
             caps_env,
             pinned,
-        } => agent.hello(who, version, caps_env, pinned).await,
-        Request::Whoami => agent.whoami(who),
-        Request::Ensure { kpid } => agent.ensure(who, kpid),
-        Request::Translate { kpid } => agent.translate(who, kpid),
-        Request::TranslateGroup { kpgid } => Ok(Response::Pid(agent.procs().group_gpid(kpgid))),
+        } => procs.hello(who, version, caps_env, pinned).await,
+        Request::Whoami => procs.whoami(who),
+        Request::Ensure { kpid } => procs.ensure(who, kpid),
+        Request::Translate { kpid } => procs.translate(who, kpid),
+        Request::TranslateGroup { kpgid } => {
+            Ok(Response::Pid(procs.node.procs().group_gpid(kpgid)))
+        }
         Request::Resolve { gpid: g } => {
-            let k = agent.procs().resolve(g).ok_or_else(|| {
+            let k = procs.node.procs().resolve(g).ok_or_else(|| {
                 err(
                     libc::ESRCH,
-                    format!("pid {g}: not on node {}", agent.cfg.node_id),
+                    format!("pid {g}: not on node {}", procs.node.cfg.node_id),
                 )
             })?;
             Ok(Response::Pid(k))
         }
-        Request::ResolveRunning { gpid: g } => Ok(Response::Pid(agent.procs().resolve_running(g)?)),
-        Request::Kill { pid, sig } => agent.kill(pid, sig, who.uid).await,
-        Request::Ps => Ok(Response::Ps(agent.ps().await)),
-        Request::CapGet { gpid: g } => agent.cap_get(g).await,
+        Request::ResolveRunning { gpid: g } => {
+            Ok(Response::Pid(procs.node.procs().resolve_running(g)?))
+        }
+        Request::Kill { pid, sig } => procs.kill(pid, sig, who.uid).await,
+        Request::Ps => Ok(Response::Ps(procs.ps().await)),
+        Request::CapGet { gpid: g } => procs.cap_get(g).await,
         Request::CapSet {
             gpid: g,
             spec,
             effective,
             inheritable,
-        } => agent.cap_set(g, spec, effective, inheritable, who).await,
-        other => Err(super::misrouted(&other)),
+        } => procs.cap_set(g, spec, effective, inheritable, who).await,
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
@@ -55,7 +62,31 @@ fn valid_signal(sig: i32) -> bool {
     (0..=64).contains(&sig)
 }
 
-impl Agent {
+/// The requests about processes: pids, signals, capabilities, `ps`,
+/// and the placement of a program at its exec.
+#[derive(Debug)]
+pub struct Processes {
+    node: Arc<Node>,
+    sched: Arc<Scheduler>,
+    dsm: Arc<Dsm>,
+    stay: Arc<Stay>,
+}
+
+impl Processes {
+    pub fn new(
+        node: Arc<Node>,
+        sched: Arc<Scheduler>,
+        dsm: Arc<Dsm>,
+        stay: Arc<Stay>,
+    ) -> Processes {
+        Processes {
+            node,
+            sched,
+            dsm,
+            stay,
+        }
+    }
+
     /// `Hello`: a program starts (or execs) under the library: register
     /// it, and tell it where it should run.
     async fn hello(
@@ -76,9 +107,9 @@ impl Agent {
         }
         let kpid = who.kpid()?;
         // A new program: the old one's segment attachments are gone.
-        self.shm_forget(kpid);
+        self.dsm.shm_forget(kpid);
         let (gpid, caps, skip) = {
-            let mut t = self.procs();
+            let mut t = self.node.procs();
             let p = t.register(kpid, Some(caps_env))?;
             let r = (p.gpid, p.caps_eff, p.skip_place);
             if let Some(p) = t.get_mut(r.0) {
@@ -89,14 +120,18 @@ impl Agent {
         let place = if skip || !caps.contains(Caps::DISTANT_FORK) {
             0
         } else {
-            self.placement(kpid, pinned)
+            self.sched.placement(kpid, pinned)
         };
-        let place = self.place_or_stay(gpid, kpid, place).await;
+        let place = self.stay.place_or_stay(gpid, kpid, place).await;
         Ok(Response::Hello {
             gpid,
-            node: self.cfg.node_id,
+            node: self.node.cfg.node_id,
             caps: caps.0,
-            place: if place == self.cfg.node_id { 0 } else { place },
+            place: if place == self.node.cfg.node_id {
+                0
+            } else {
+                place
+            },
             spread: !self.sched.is_local(),
         })
     }
@@ -105,7 +140,7 @@ impl Agent {
     /// then on).
     fn whoami(&self, who: Caller) -> Result<Response, ErrorReply> {
         let kpid = who.kpid()?;
-        let t = self.procs();
+        let t = self.node.procs();
         let g = t.translate(kpid).ok_or_else(|| {
             err(
                 libc::ESRCH,
@@ -113,7 +148,7 @@ impl Agent {
             )
         })?;
         drop(t);
-        let mut t = self.procs();
+        let mut t = self.node.procs();
         let caps = match t.get_mut(g) {
             Some(p) => {
                 p.restoring = false;
@@ -123,7 +158,7 @@ impl Agent {
         };
         Ok(Response::Hello {
             gpid: g,
-            node: self.cfg.node_id,
+            node: self.node.cfg.node_id,
             caps,
             place: 0,
             spread: !self.sched.is_local(),
@@ -144,12 +179,12 @@ impl Agent {
                 ));
             }
         }
-        Ok(Response::Pid(self.procs().register(kpid, None)?.gpid))
+        Ok(Response::Pid(self.node.procs().register(kpid, None)?.gpid))
     }
 
     /// `Translate`: the pid the caller sees for kernel pid `kpid`.
     fn translate(&self, who: Caller, kpid: i32) -> Result<Response, ErrorReply> {
-        let t = self.procs();
+        let t = self.node.procs();
         // A program started here for a shadow elsewhere has the
         // agent as its kernel parent: it sees its shadow's parent.
         if let Some(v) = t.translate(who.pid).and_then(|g| {
@@ -187,14 +222,14 @@ impl Agent {
     /// Every SSI process of the cluster (nodes that do not answer in time
     /// are left out).
     pub async fn ps(&self) -> Vec<ProcInfo> {
-        let mut all = self.procs().ps();
-        let calls = self.up_peers().into_iter().map(|id| async move {
-            match self.client(id).await {
+        let mut all = self.node.procs().ps();
+        let calls = self.node.up_peers().into_iter().map(|id| async move {
+            match self.node.client(id).await {
                 Ok(c) => match c.procs(ctx()).await {
                     Ok(v) => v,
                     Err(e) => {
                         warn!("ps: node {id} did not answer: {e}");
-                        self.drop_client(id);
+                        self.node.drop_client(id);
                         Vec::new()
                     }
                 },
@@ -220,8 +255,8 @@ impl Agent {
                 format!("{pid} is not a cluster pid (no SSI process has it)"),
             )
         })?;
-        if node != self.cfg.node_id && !self.may_reach(node) {
-            let known = self.members().contains_key(&node);
+        if node != self.node.cfg.node_id && !self.node.may_reach(node) {
+            let known = self.node.member_addr(node).is_some();
             return Err(err(
                 libc::ESRCH,
                 if known {
@@ -249,9 +284,9 @@ impl Agent {
                 format!("pid {g}: lost while routing the signal"),
             ));
         }
-        let me = self.cfg.node_id;
+        let me = self.node.cfg.node_id;
         let target = {
-            let t = self.procs();
+            let t = self.node.procs();
             match t.runs_elsewhere(g) {
                 Some(n) if n != me => n,
                 _ if t.get(g).is_some() => return t.kill(g, sig, uid),
@@ -264,23 +299,23 @@ impl Agent {
                 }
             }
         };
-        if !self.may_reach(target) {
+        if !self.node.may_reach(target) {
             return Err(err(
                 libc::ESRCH,
                 format!("pid {g}: its node {target} is down"),
             ));
         }
-        let c = self.client(target).await?;
+        let c = self.node.client(target).await?;
         c.kill(ctx(), g, sig, uid, hops + 1).await.map_err(|e| {
-            self.drop_client(target);
+            self.node.drop_client(target);
             err(libc::EHOSTUNREACH, format!("pid {g}: node {target}: {e}"))
         })?
     }
 
     async fn kill_group(&self, pgid: i32, sig: i32, uid: u32) -> Result<(), ErrorReply> {
-        let mut total = self.procs().kill_group(pgid, sig, uid);
-        let calls = self.up_peers().into_iter().map(|id| async move {
-            match self.client(id).await {
+        let mut total = self.node.procs().kill_group(pgid, sig, uid);
+        let calls = self.node.up_peers().into_iter().map(|id| async move {
+            match self.node.client(id).await {
                 Ok(c) => c
                     .kill_group(ctx(), pgid, sig, uid)
                     .await
@@ -329,16 +364,16 @@ impl Agent {
         if !valid_signal(sig) {
             return GroupKill::default();
         }
-        let (found, sent, error) = self.procs().kill_group(pgid, sig, uid);
+        let (found, sent, error) = self.node.procs().kill_group(pgid, sig, uid);
         GroupKill { found, sent, error }
     }
 
     async fn cap_get(&self, g: i32) -> Result<Response, ErrorReply> {
         let node = self.owner(g)?;
-        if node == self.cfg.node_id {
+        if node == self.node.cfg.node_id {
             return Ok(Response::Caps(self.cap_get_local(g)?));
         }
-        let c = self.client(node).await?;
+        let c = self.node.client(node).await?;
         let r = c
             .cap_get(ctx(), g)
             .await
@@ -356,7 +391,7 @@ impl Agent {
     ) -> Result<Response, ErrorReply> {
         Caps::apply(Caps::NONE, &spec).map_err(|e| err(libc::EINVAL, e.to_string()))?;
         let node = self.owner(g)?;
-        if node == self.cfg.node_id {
+        if node == self.node.cfg.node_id {
             return Ok(Response::Caps(self.cap_set_local(
                 g,
                 &spec,
@@ -365,7 +400,7 @@ impl Agent {
                 who.uid,
             )?));
         }
-        let c = self.client(node).await?;
+        let c = self.node.client(node).await?;
         let r = c
             .cap_set(ctx(), g, spec, effective, inheritable, who.uid)
             .await
@@ -375,7 +410,7 @@ impl Agent {
 
     /// The capabilities of `g`, a process of this node.
     pub(super) fn cap_get_local(&self, g: i32) -> Result<CapsInfo, ErrorReply> {
-        let t = self.procs();
+        let t = self.node.procs();
         let p = t
             .get(g)
             .ok_or_else(|| err(libc::ESRCH, format!("pid {g}: no such process")))?;
@@ -396,7 +431,7 @@ impl Agent {
         inh: bool,
         uid: u32,
     ) -> Result<CapsInfo, ErrorReply> {
-        let mut t = self.procs();
+        let mut t = self.node.procs();
         let p = t
             .get(g)
             .ok_or_else(|| err(libc::ESRCH, format!("pid {g}: no such process")))?;

@@ -53,6 +53,40 @@ pub struct Proc {
     pub adopt_from: u32,
 }
 
+impl Proc {
+    /// A process entry of gpid `g`, local kernel pid `kpid`, with its
+    /// (effective, inheritable) capabilities: not greeted, not a shadow,
+    /// nothing under way.
+    fn new(
+        g: i32,
+        kpid: i32,
+        start_ticks: u64,
+        caps: (Caps, Caps),
+        caps_env: Option<String>,
+    ) -> Proc {
+        Proc {
+            gpid: g,
+            kpid,
+            start_ticks,
+            caps_eff: caps.0,
+            caps_inh: caps.1,
+            caps_env,
+            greeted: false,
+            pidfd: pidfd_open(kpid),
+            running_on: None,
+            skip_place: false,
+            vppid: None,
+            vpgid: None,
+            command: None,
+            restoring: false,
+            postcopy: false,
+            placing: false,
+            adopt: Vec::new(),
+            adopt_from: 0,
+        }
+    }
+}
+
 /// What `/proc/<pid>/stat` says about a process.
 #[derive(Debug, Clone)]
 pub struct Stat {
@@ -298,26 +332,7 @@ impl ProcTable {
                 };
                 self.by_gpid.insert(
                     g,
-                    Proc {
-                        gpid: g,
-                        kpid,
-                        start_ticks: st.start_ticks,
-                        caps_eff: inh_base,
-                        caps_inh: inh_base,
-                        caps_env: parent_env,
-                        greeted: false,
-                        pidfd: pidfd_open(kpid),
-                        running_on: None,
-                        skip_place: false,
-                        vppid: None,
-                        vpgid: None,
-                        command: None,
-                        restoring: false,
-                        postcopy: false,
-                        placing: false,
-                        adopt: Vec::new(),
-                        adopt_from: 0,
-                    },
+                    Proc::new(g, kpid, st.start_ticks, (inh_base, inh_base), parent_env),
                 );
                 self.by_kpid.insert(kpid, g);
                 g
@@ -390,24 +405,10 @@ impl ProcTable {
         self.by_gpid.insert(
             g,
             Proc {
-                gpid: g,
-                kpid,
-                start_ticks: st.start_ticks,
-                caps_eff,
-                caps_inh,
-                caps_env,
-                greeted: false,
-                pidfd: pidfd_open(kpid),
-                running_on: None,
                 skip_place: true,
                 vppid: Some(vppid),
                 vpgid: Some(vpgid),
-                command: None,
-                restoring: false,
-                postcopy: false,
-                placing: false,
-                adopt: Vec::new(),
-                adopt_from: 0,
+                ..Proc::new(g, kpid, st.start_ticks, (caps_eff, caps_inh), caps_env)
             },
         );
         self.by_kpid.insert(kpid, g);

@@ -6,16 +6,19 @@
 //! highest wins), applies it on the local agent and pushes it to every up
 //! peer; heartbeats carry the version, so a node that was down or joined
 //! later fetches the newer policy from whoever has it. Every agent decides
-//! on its own, synchronously ([`Agent::place`]), from the probes its peers
+//! on its own, synchronously ([`Scheduler::place`]), from the probes its peers
 //! sent in their heartbeats plus the placements it made itself in the last
 //! [`RECENT`] (the probes, once a second, have not seen those yet).
 //! See docs/architecture/scheduler.md.
 
+pub mod balance;
 pub mod policy;
 pub mod script;
 
+use super::common::{ctx, err, Caller, Handled};
+use super::node::Node;
 use super::peer::sched::{SchedPolicy, SchedVersion};
-use super::{ctx, err, Agent, Caller, Handled};
+use crate::agent::common::lock;
 use libkrg::proto::{ErrorReply, NodeStatus, Request, Response, SchedInfo, SchedPush};
 use policy::{Builtin, Candidate};
 use rand::Rng;
@@ -93,6 +96,16 @@ pub struct Sched {
     fetching: Mutex<Option<Instant>>,
 }
 
+/// The scheduler subsystem: the policy in force ([`Sched`]), the load
+/// balancer's memory (`balance`), and the calls that place programs and
+/// push or fetch policies.
+#[derive(Debug)]
+pub struct Scheduler {
+    node: Arc<Node>,
+    sched: Sched,
+    balancer: Mutex<balance::State>,
+}
+
 impl Default for Sched {
     fn default() -> Self {
         Sched::new()
@@ -113,7 +126,7 @@ fn digest(src: &str) -> String {
 
 /// Validate a policy and build its runnable form.
 fn activate(p: &SchedPolicy) -> Result<(Active, String), String> {
-    crate::agent::balance::check_name(&p.balance)?;
+    balance::check_name(&p.balance)?;
     match &p.source {
         None => Builtin::from_name(&p.name)
             .map(|b| (Active::Builtin(b), String::new()))
@@ -147,7 +160,7 @@ impl Sched {
                     source: None,
                     origin: String::new(),
                     version: SchedVersion::default(),
-                    balance: crate::agent::balance::DEFAULT.into(),
+                    balance: balance::DEFAULT.into(),
                 },
                 active: Active::Builtin(DEFAULT_POLICY),
                 digest: String::new(),
@@ -160,7 +173,7 @@ impl Sched {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     pub fn version(&self) -> SchedVersion {
@@ -255,7 +268,7 @@ impl Sched {
     /// Switch the load-balancing policy (the placement policy stays), with
     /// a new version; returns the whole policy to push.
     pub fn set_balance(&self, balance: String, me: u32) -> Result<SchedPolicy, String> {
-        crate::agent::balance::check_name(&balance)?;
+        balance::check_name(&balance)?;
         let mut st = self.state();
         let mut p = st.policy.clone();
         p.balance = balance;
@@ -374,11 +387,11 @@ fn choose(
 }
 
 /// A local request about the scheduler (see `Agent::handle_local`).
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Handled {
+pub(super) async fn handle(sched: &Arc<Scheduler>, req: Request, who: Caller) -> Handled {
     match req {
-        Request::SchedGet => Ok(Response::Sched(agent.sched_info())),
+        Request::SchedGet => Ok(Response::Sched(sched.sched_info())),
         Request::SchedSet { name, source } => {
-            Ok(Response::Sched(agent.sched_set(name, source, who).await?))
+            Ok(Response::Sched(sched.sched_set(name, source, who).await?))
         }
         Request::SchedPlace {
             count,
@@ -386,23 +399,36 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Han
             argv,
             pinned,
         } => Ok(Response::Placed(
-            agent.sched_place(count, exe, argv, pinned, who)?,
+            sched.sched_place(count, exe, argv, pinned, who)?,
         )),
         Request::SchedBalance { name } => {
-            Ok(Response::Sched(agent.sched_balance(name, who).await?))
+            Ok(Response::Sched(sched.sched_balance(name, who).await?))
         }
-        other => Err(super::misrouted(&other)),
+        other => Err(super::common::misrouted(&other)),
     }
 }
 
-impl Agent {
+impl Scheduler {
+    pub fn new(node: Arc<Node>) -> Scheduler {
+        Scheduler {
+            node,
+            sched: Sched::new(),
+            balancer: Mutex::default(),
+        }
+    }
+
+    /// Whether the policy in force never moves a program.
+    pub(crate) fn is_local(&self) -> bool {
+        self.sched.is_local()
+    }
+
     /// Where a new program of local kernel pid `kpid` should run: the
     /// scheduler's choice (a pin first, if that node is up).
     pub(super) fn placement(&self, kpid: i32, pinned: Option<u32>) -> u32 {
         if pinned.is_none() && self.sched.is_local() {
             // The default policy: no need to read the program's /proc files
             // on every exec of every SSI process.
-            return self.cfg.node_id;
+            return self.node.cfg.node_id;
         }
         let argv: Vec<String> = std::fs::read(format!("/proc/{kpid}/cmdline"))
             .map(|b| {
@@ -418,7 +444,7 @@ impl Agent {
         self.placement_of(kpid, pinned, exe, argv)
     }
 
-    /// [`Agent::placement`] of program `exe` with `argv` (not exec'd yet).
+    /// [`Scheduler::placement`] of program `exe` with `argv` (not exec'd yet).
     pub(super) fn placement_of(
         &self,
         kpid: i32,
@@ -427,13 +453,13 @@ impl Agent {
         argv: Vec<String>,
     ) -> u32 {
         if pinned.is_none() && self.sched.is_local() {
-            return self.cfg.node_id;
+            return self.node.cfg.node_id;
         }
-        let uid = super::procs::read_uids(kpid)
+        let uid = super::procs::table::read_uids(kpid)
             .map(|u| u[0])
             .unwrap_or(u32::MAX);
         self.place(&PlaceRequest {
-            origin_node: self.cfg.node_id,
+            origin_node: self.node.cfg.node_id,
             uid,
             exe,
             argv,
@@ -445,11 +471,11 @@ impl Agent {
     /// always counts as up). Synchronous and quick: it uses the probes the
     /// peers already sent; a user policy is bounded in operations.
     pub fn place(&self, req: &PlaceRequest) -> u32 {
-        let nodes = self.status();
+        let nodes = self.node.status();
         self.sched.decide(
             nodes,
             req,
-            self.cfg.node_id,
+            self.node.cfg.node_id,
             Instant::now(),
             &mut rand::thread_rng(),
         )
@@ -495,7 +521,7 @@ impl Agent {
         };
         let p = self
             .sched
-            .set_new(name, source, origin, self.cfg.node_id)
+            .set_new(name, source, origin, self.node.cfg.node_id)
             .map_err(|e| err(libc::EINVAL, e))?;
         self.sched_push_all(p).await
     }
@@ -514,18 +540,18 @@ impl Agent {
         }
         let p = self
             .sched
-            .set_balance(name, self.cfg.node_id)
+            .set_balance(name, self.node.cfg.node_id)
             .map_err(|e| err(libc::EINVAL, e))?;
         self.sched_push_all(p).await
     }
 
     /// Push a policy just set here to every up peer.
     async fn sched_push_all(&self, p: SchedPolicy) -> Result<SchedInfo, ErrorReply> {
-        let calls = self.up_peers().into_iter().map(|id| {
+        let calls = self.node.up_peers().into_iter().map(|id| {
             let p = p.clone();
             async move {
                 let version = p.version;
-                let res = match self.client(id).await {
+                let res = match self.node.client(id).await {
                     Ok(c) => match c.sched_push(ctx(), p).await {
                         Ok(Ok(info)) => {
                             let theirs = SchedVersion {
@@ -543,7 +569,7 @@ impl Agent {
                         }
                         Ok(Err(e)) => Err(e.msg),
                         Err(e) => {
-                            self.drop_client(id);
+                            self.node.drop_client(id);
                             Err(format!("not reached: {e}"))
                         }
                     },
@@ -586,11 +612,7 @@ impl Agent {
             return;
         }
         {
-            let mut f = self
-                .sched
-                .fetching
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut f = lock(&self.sched.fetching);
             if f.is_some_and(|t| t.elapsed() < FETCH_RETRY) {
                 return;
             }
@@ -598,9 +620,9 @@ impl Agent {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            let res = match me.client(peer).await {
+            let res = match me.node.client(peer).await {
                 Ok(c) => c.sched_get(ctx()).await.map_err(|e| {
-                    me.drop_client(peer);
+                    me.node.drop_client(peer);
                     e.to_string()
                 }),
                 Err(e) => Err(e.msg),
@@ -613,7 +635,7 @@ impl Agent {
                 }
                 Err(e) => debug!("fetching the scheduling policy of node {peer}: {e}"),
             }
-            *me.sched.fetching.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *lock(&me.sched.fetching) = None;
         });
     }
 
@@ -641,7 +663,7 @@ impl Agent {
             }
         }
         let req = PlaceRequest {
-            origin_node: self.cfg.node_id,
+            origin_node: self.node.cfg.node_id,
             uid: who.uid,
             exe,
             argv,

@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Agent {
+impl Streams {
     /// Take over held stream `id` for its hand-over: where its peer's new
     /// end goes, and (once the peer has drained) the bytes that were in
     /// flight for the peer and whether it had shut down writing.
@@ -96,7 +96,7 @@ impl Agent {
             .await
     }
 
-    /// [`Agent::stream_attach`]; `pair`: a seqpacket socket's new
+    /// [`Streams::stream_attach`]; `pair`: a seqpacket socket's new
     /// socketpair, taken from the caller.
     pub(crate) async fn stream_attach_with(
         self: &Arc<Self>,
@@ -105,15 +105,15 @@ impl Agent {
         pending: Vec<u8>,
         wr_shut: bool,
         pipe: bool,
-        pair: Option<super::super::seqpacket::Pair>,
+        pair: Option<super::seqpacket::Pair>,
     ) -> Result<Answer, ErrorReply> {
         use tokio::io::AsyncWriteExt;
-        if node == self.node_id() {
+        if node == self.node.node_id() {
             return self
                 .stream_attach_here(id, pending, wr_shut, pipe, pair)
                 .await;
         }
-        let addr = self.members().get(&node).map(|m| m.addr).ok_or_else(|| {
+        let addr = self.node.member_addr(node).ok_or_else(|| {
             err(
                 libc::EHOSTDOWN,
                 format!("stream {id:#x}: node {node} is unknown"),
@@ -126,7 +126,7 @@ impl Agent {
             .map_err(|e| sock_err(&what, e))?;
         // As on the accepting side: no Nagle wait during the hand-over.
         let _ = s.set_nodelay(true);
-        super::super::peer::auth::client(&mut s, &self.cfg.key, self.node_id())
+        super::super::peer::auth::client(&mut s, &self.node.cfg.key, self.node.node_id())
             .await
             .map_err(|e| sock_err(&what, e))?;
         let kind = if pair.is_some() {
@@ -162,18 +162,18 @@ impl Agent {
         s: tokio::net::TcpStream,
         id: u64,
         node: u32,
-        (end, relay): super::super::seqpacket::Pair,
+        (end, relay): super::seqpacket::Pair,
         pending: &[u8],
     ) -> Result<std::os::fd::OwnedFd, ErrorReply> {
         let what = format!("stream {id:#x} to node {node}");
-        super::super::seqpacket::refill(&relay, pending, &what)?;
+        super::seqpacket::refill(&relay, pending, &what)?;
         let tcp = s.into_std().map_err(|e| sock_err(&what, e))?;
         self.relay(id, node, relay, tcp);
         Ok(end)
     }
 }
 
-impl Agent {
+impl Streams {
     /// Both ends on this node: a loopback TCP connection, each end
     /// refilled with the other process's pending bytes, one end to the
     /// held peer, the other to the caller; a pipe again for a stream that
@@ -184,7 +184,7 @@ impl Agent {
         pending: Vec<u8>,
         wr_shut: bool,
         pipe: bool,
-        pair: Option<super::super::seqpacket::Pair>,
+        pair: Option<super::seqpacket::Pair>,
     ) -> Result<Answer, ErrorReply> {
         let what = format!("stream {id:#x} on this node");
         let (ftx, (theirs, their_wr, their_pair)) = self.handover(id, &what).await?;
@@ -192,8 +192,8 @@ impl Agent {
             // Seqpacket ends that meet: one socketpair (the caller's), each
             // end refilled with its own process's messages from the other.
             (Some((mine, other)), Some(_)) => {
-                super::super::seqpacket::refill(&other, &pending, &what)?;
-                super::super::seqpacket::refill(&mine, &theirs, &what)?;
+                super::seqpacket::refill(&other, &pending, &what)?;
+                super::seqpacket::refill(&mine, &theirs, &what)?;
                 let _ = ftx.send(other);
                 return Ok((Response::StreamFd, vec![mine]));
             }

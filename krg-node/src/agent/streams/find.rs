@@ -190,7 +190,7 @@ pub(super) fn parent_shares(
     if mover == 0 || !link.starts_with("pipe:") {
         return false;
     }
-    let Some(ppid) = super::super::procs::read_stat(mover).map(|s| s.ppid) else {
+    let Some(ppid) = super::super::procs::table::read_stat(mover).map(|s| s.ppid) else {
         return false;
     };
     let hs = all.get(link).map(Vec::as_slice).unwrap_or_default();
@@ -263,7 +263,7 @@ pub(in crate::agent) fn accmode(pid: i32, fd: i32) -> Option<i32> {
     Some(flags & libc::O_ACCMODE)
 }
 
-impl Agent {
+impl Streams {
     /// Who holds the end `what` (fd link `link`; `mover` holds the other
     /// end of a pipe) on this node, from `all` (every holder by link).
     pub(super) fn holder_of(
@@ -281,7 +281,7 @@ impl Agent {
         // this node anyway). Not swapped: relayed, until that stage, placed
         // in turn, takes the relay over.
         if mover != 0 && link.starts_with("pipe:") && self.is_placing(mover) {
-            if let Some(ppid) = super::super::procs::read_stat(mover).map(|s| s.ppid) {
+            if let Some(ppid) = super::super::procs::table::read_stat(mover).map(|s| s.ppid) {
                 if hs.iter().any(|(p, fd)| *p == ppid && *fd > 2) {
                     return Err(foreign(format!(
                         "{what}: still held by the shell that made it"
@@ -310,7 +310,7 @@ impl Agent {
             [] => {
                 return Err(foreign(format!(
                     "{what}: its peer end on node {} is held by no process (closed?)",
-                    self.node_id()
+                    self.node.node_id()
                 )))
             }
             // Several fds of one process (dup): all handed over together.
@@ -323,10 +323,10 @@ impl Agent {
                 )))
             }
         };
-        let g = self.procs().translate(kpid).ok_or_else(|| {
+        let g = self.node.procs().translate(kpid).ok_or_else(|| {
             foreign(format!(
                 "{what}: its other end (kernel pid {kpid} on node {}) is not an SSI process",
-                self.node_id()
+                self.node.node_id()
             ))
         })?;
         // A shadow left here by a program that came back (placed away, then
@@ -334,16 +334,16 @@ impl Agent {
         // entry is the program's now, and an order for the gpid would reach
         // the program, never the shadow (the mover waited a minute). The
         // shadow relays the end.
-        if self.procs().get(g).is_some_and(|p| p.kpid != kpid) {
+        if self.node.procs().get(g).is_some_and(|p| p.kpid != kpid) {
             return Err(foreign(format!(
                 "{what}: its other end is a shadow of pid {g}, whose program came back to node {}: it relays it",
-                self.node_id()
+                self.node.node_id()
             )));
         }
         // Being placed itself: its end is relayed once it runs there, and
         // handed over when it is asked then (not frozen now: it is busy
         // becoming a shadow, with its signals blocked).
-        if self.procs().get(g).is_some_and(|p| p.placing) {
+        if self.node.procs().get(g).is_some_and(|p| p.placing) {
             return Err(foreign(format!(
                 "{what}: its other end's process (pid {g}) is being placed on another node"
             )));
@@ -351,7 +351,7 @@ impl Agent {
         // A shadow relays the standard fds of a program that runs
         // elsewhere: a pipe it relays is handed over to that program;
         // anything else stays (it leads to what the shadow holds).
-        if let Some(node) = self.procs().get(g).and_then(|p| p.running_on) {
+        if let Some(node) = self.node.procs().get(g).and_then(|p| p.running_on) {
             if link.starts_with("pipe:") {
                 return Ok((g, kpid, fds, Some(node)));
             }
@@ -361,7 +361,7 @@ impl Agent {
         }
         // Signal 62 would kill a process without libkrg's handler (not yet
         // installed, or a program that does not load it).
-        if !super::super::procs::catches(kpid, libkrg::proto::CKPT_SIGNAL) {
+        if !super::super::procs::table::catches(kpid, libkrg::proto::CKPT_SIGNAL) {
             return Err(foreign(format!(
                 "{what}: its other end's process (pid {g}) does not take part (libkrg's signal handler is not installed)"
             )));
@@ -371,7 +371,7 @@ impl Agent {
 
     /// Whether local kernel pid `kpid` is being placed on another node.
     pub(super) fn is_placing(&self, kpid: i32) -> bool {
-        let t = self.procs();
+        let t = self.node.procs();
         t.translate(kpid)
             .and_then(|g| t.get(g))
             .is_some_and(|p| p.placing)
@@ -393,7 +393,7 @@ impl Agent {
         let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
         for (_, link, mover) in links.iter().flatten() {
             let mover_g = (*mover != 0)
-                .then(|| self.procs().translate(*mover))
+                .then(|| self.node.procs().translate(*mover))
                 .flatten();
             for (kpid, _) in all.get(link).into_iter().flatten() {
                 if *kpid == *mover {
@@ -401,7 +401,7 @@ impl Agent {
                 }
                 loop {
                     let ready = {
-                        let t = self.procs();
+                        let t = self.node.procs();
                         match t.translate(*kpid).and_then(|g| t.get(g)) {
                             None => true,
                             Some(p) if p.placing => mover_g.is_none_or(|m| p.gpid >= m),
@@ -415,7 +415,7 @@ impl Agent {
                                 let will_catch = p.caps_eff.contains(Caps::MIGRATE)
                                     || p.caps_eff.contains(Caps::CHECKPOINT);
                                 !(will_catch && (p.skip_place || p.restoring || !p.greeted))
-                                    || super::super::procs::catches(
+                                    || super::super::procs::table::catches(
                                         *kpid,
                                         libkrg::proto::CKPT_SIGNAL,
                                     )

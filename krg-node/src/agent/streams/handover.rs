@@ -3,13 +3,14 @@
 //! drains, and how a failed or raced hand-over ends.
 
 use super::*;
+use crate::agent::common::lock;
 
-impl Agent {
+impl Streams {
     /// The node whose address is `ip`.
     pub(crate) fn node_at(&self, ip: IpAddr) -> Option<u32> {
         // Both ends on this node (a connection made over the loopback).
         if ip.is_loopback() || ip.to_canonical().is_loopback() {
-            return Some(self.node_id());
+            return Some(self.node.node_id());
         }
         let v4 = match ip {
             IpAddr::V4(a) => a,
@@ -99,7 +100,7 @@ impl Agent {
                     format!("StreamFreeze: {link:?} is neither a pipe nor a FIFO's path"),
                 ));
             }
-            by_node.entry(self.node_id()).or_default().push((
+            by_node.entry(self.node.node_id()).or_default().push((
                 conns.len() + j,
                 End::Pipe {
                     link,
@@ -125,7 +126,7 @@ impl Agent {
             let (node, end) = match relayed[j] {
                 Some((id, node)) => (node, End::Relay { id }),
                 None => (
-                    self.node_id(),
+                    self.node.node_id(),
                     End::Unix {
                         ino: *ino,
                         mover: mover.pid,
@@ -147,13 +148,13 @@ impl Agent {
             let mut found: Vec<(u32, usize, StreamPeer)> = Vec::new();
             for (node, list) in asked {
                 let ends: Vec<End> = list.iter().map(|(_, e)| e.clone()).collect();
-                let r = if *node == self.node_id() {
+                let r = if *node == self.node.node_id() {
                     self.stream_hold(ends, commit).await?
                 } else {
-                    let c = self.client(*node).await?;
-                    c.stream_hold(super::super::ctx(), ends, commit)
+                    let c = self.node.client(*node).await?;
+                    c.stream_hold(super::super::common::ctx(), ends, commit)
                         .await
-                        .map_err(|e| self.peer_lost(*node, "peer", e))??
+                        .map_err(|e| self.node.peer_lost(*node, "peer", e))??
                 };
                 found.extend(list.iter().zip(r).map(|((i, _), h)| (*node, *i, h)));
             }
@@ -207,7 +208,7 @@ impl Agent {
             });
             out[i] = StreamPeer::Kept {
                 id,
-                node: self.node_id(),
+                node: self.node.node_id(),
             };
         }
         tracing::debug!("streams of kernel pid {}: {out:?}", mover.pid);
@@ -219,10 +220,7 @@ impl Agent {
             })
             .collect();
         if !held.is_empty() {
-            self.moving
-                .frozen_for
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            lock(&self.moving.frozen_for)
                 .entry(mover.pid)
                 .or_default()
                 .extend(held);
@@ -264,7 +262,7 @@ impl Agent {
     }
 }
 
-impl Agent {
+impl Streams {
     /// Have shadow `g` (kernel pid `kpid`) hand over its relay of fd `fd`
     /// to its program on `node`: the program's end of the relay is held
     /// there like the peer of a moving connection, and the shadow sends on
@@ -320,9 +318,9 @@ impl Agent {
         };
         // The program's end, as it sees it.
         let end = End::Tcp(peer, local);
-        let held = match self.client(node).await {
+        let held = match self.node.client(node).await {
             Ok(c) => c
-                .stream_hold(super::super::ctx(), vec![end], true)
+                .stream_hold(super::super::common::ctx(), vec![end], true)
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.msg)),
@@ -343,7 +341,7 @@ impl Agent {
     }
 
     /// `ShadowRelays` from a shadow told to hand a relay over: its relays
-    /// go to the waiting [`Agent::release_relay`], and it gets the fd to
+    /// go to the waiting [`Streams::release_relay`], and it gets the fd to
     /// let go of once its program's end is held.
     pub(super) async fn shadow_relays(
         &self,
@@ -420,10 +418,10 @@ impl Agent {
             .iter()
             .map(|l| match l {
                 Ok((what, link, mover)) => self.holder_of(what, link, *mover, &all),
-                Err(why) => Err(foreign(format!("{why} (node {})", self.node_id()))),
+                Err(why) => Err(foreign(format!("{why} (node {})", self.node.node_id()))),
             })
             .collect();
-        let node = self.node_id();
+        let node = self.node.node_id();
         if !commit {
             return Ok(found
                 .into_iter()
@@ -467,7 +465,7 @@ impl Agent {
             tracing::debug!("stream {id:#x}: holding pid {g} fds {fds:?}");
         }
         for (kpid, (g, order)) in orders {
-            let r = self.order_stream_swap(g, kpid, order.clone());
+            let r = self.orders.order_stream_swap(g, kpid, order.clone());
             if r.as_ref().is_err_and(|e| e.kind == ErrorKind::PeerPlaced) {
                 // Placed since it was found (the mover waited for a
                 // shadow's relay meanwhile): its ends are relayed by its
@@ -532,7 +530,7 @@ impl Agent {
                 // closed. Before, the mover waited a minute for it.
                 Frozen::Ended => {
                     self.moving.held().remove(&id);
-                    self.forget_swap(kpid);
+                    self.orders.forget_swap(kpid);
                     out[i] = if pipe {
                         StreamPeer::Nobody
                     } else {
@@ -568,7 +566,7 @@ impl Agent {
                     Err(_) => Frozen::TimedOut,
                 },
                 _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {
-                    if !super::super::procs::alive(kpid) {
+                    if !super::super::procs::table::alive(kpid) {
                         // A word sent just before the end wins.
                         return match w.try_recv() {
                             Ok(Ok(())) => Frozen::Yes,
@@ -587,7 +585,7 @@ impl Agent {
     /// A connection for stream `id` will come from another node for a
     /// process of this node that is not moving and has nothing pending
     /// (the reader of a FIFO, a UNIX listener): hold the place
-    /// ([`Agent::take_expected`]). `reads_only`: its end is shut for
+    /// ([`Streams::take_expected`]). `reads_only`: its end is shut for
     /// writing (a FIFO's reader).
     pub(crate) fn expect_connection(&self, id: u64, reads_only: bool) {
         let mut h = Held::open();
@@ -633,7 +631,7 @@ impl Agent {
 
     /// A new stream id of this node.
     pub(crate) fn new_stream_id(&self) -> u64 {
-        (u64::from(self.node_id()) << 40)
+        (u64::from(self.node.node_id()) << 40)
             | self
                 .moving
                 .next
@@ -746,7 +744,7 @@ impl Agent {
         pair: Option<(i32, i32)>,
     ) -> Result<Response, ErrorReply> {
         let pair = pair
-            .map(|p| super::super::seqpacket::take_pair(who.pid, p))
+            .map(|p| super::seqpacket::take_pair(who.pid, p))
             .transpose()?;
         let tx = self
             .moving

@@ -9,9 +9,12 @@
 //! by another node is checked *when it matters*, by asking that node to
 //! bind the port itself (`probe`). See docs/architecture/streams.md.
 
+use super::common::{err, sock_err, Answer, Answered, Caller};
+use super::node::Node;
+use super::orders::{Orders, PEER_PLACED};
 use super::peer::streams::{End, PortOp};
 use super::peer::CHANNEL_STREAM;
-use super::{err, sock_err, Agent, Answer, Answered, Caller};
+use crate::agent::common::lock;
 use libkrg::proto::{ErrorKind, ErrorReply, Request, Response, StreamPeer};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -21,14 +24,48 @@ use std::sync::Arc;
 mod attach;
 mod find;
 mod handover;
+pub mod seqpacket;
 
 use attach::*;
 use find::*;
 pub(super) use find::{accmode, holders};
 
+/// The streams subsystem: the cluster-wide loopback's ports and the
+/// connections whose other end is moving. Stream swaps are ordered
+/// through the checkpoint orders.
+#[derive(Debug)]
+pub struct Streams {
+    node: Arc<Node>,
+    orders: Arc<Orders>,
+    ports: Ports,
+    moving: Moving,
+}
+
+impl Streams {
+    pub fn new(node: Arc<Node>, orders: Arc<Orders>) -> Streams {
+        Streams {
+            node,
+            orders,
+            ports: Ports::default(),
+            moving: Moving::default(),
+        }
+    }
+
+    /// Ports whose listener this agent keeps for a process that moved
+    /// away (see `Ports::forwarding`).
+    pub(crate) fn forwarding(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
+        lock(&self.ports.forwarding)
+    }
+
+    /// The hand-overs held for mover `kpid`, forgotten here.
+    pub(crate) fn take_frozen_for(&self, kpid: i32) -> Vec<(u32, u64)> {
+        self.moving.take_frozen_for(kpid)
+    }
+}
+
 /// The port table (used at the home) and the ports this node holds.
 #[derive(Debug, Default)]
-pub struct Ports {
+struct Ports {
     /// At the home: port -> node that holds it. An async mutex: a
     /// reservation that conflicts probes the holder while holding it, so two
     /// binds of one port are decided one after the other.
@@ -39,7 +76,7 @@ pub struct Ports {
     /// Ports whose listener this agent keeps for a process that moved
     /// away, passing connections on to it (`agent::parked`): free for that
     /// process to take on its new node.
-    pub(crate) forwarding: std::sync::Mutex<HashSet<u16>>,
+    forwarding: std::sync::Mutex<HashSet<u16>>,
     /// Clients of other nodes about to connect to a port held here at the
     /// loopback: (their address, their port) -> (this port, `::1`, when
     /// told). Taken by the server's `LoopbackPeer`; forgotten after
@@ -56,7 +93,7 @@ const LOOPBACK_PEER_TTL: std::time::Duration = std::time::Duration::from_secs(12
 
 impl Ports {
     fn held(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.held)
     }
 }
 
@@ -97,9 +134,9 @@ pub(crate) fn in_use_here(port: u16, reuse: bool) -> bool {
 
 /// A local request about the loopback or a moving stream (see
 /// `Agent::handle_local`); a stream's new end is a descriptor.
-pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Answered {
+pub(super) async fn handle(streams: &Arc<Streams>, req: Request, who: Caller) -> Answered {
     let r = match req {
-        Request::StreamAwait { id } => return agent.stream_await(id).await,
+        Request::StreamAwait { id } => return streams.stream_await(id).await,
         Request::StreamAttach {
             id,
             node,
@@ -108,65 +145,63 @@ pub(super) async fn handle(agent: &Arc<Agent>, req: Request, who: Caller) -> Ans
             pipe,
             pair,
         } => {
-            let pair = pair
-                .map(|p| super::seqpacket::take_pair(who.pid, p))
-                .transpose()?;
-            return agent
+            let pair = pair.map(|p| seqpacket::take_pair(who.pid, p)).transpose()?;
+            return streams
                 .stream_attach_with(id, node, pending, wr_shut, pipe, pair)
                 .await;
         }
-        Request::PortBind { port, reuse } => agent.port_bind(who, port, reuse).await?,
-        Request::PortOwner { port, from, v6 } => agent.port_owner(port, from, v6).await?,
+        Request::PortBind { port, reuse } => streams.port_bind(who, port, reuse).await?,
+        Request::PortOwner { port, from, v6 } => streams.port_owner(port, from, v6).await?,
         Request::LoopbackPeer { ip, from, port } => {
-            Response::LoopbackPeer(agent.loopback_peer(ip, from, port))
+            Response::LoopbackPeer(streams.loopback_peer(ip, from, port))
         }
-        Request::NodeAddrs => agent.node_addrs(),
+        Request::NodeAddrs => streams.node_addrs(),
         Request::StreamFreeze {
             conns,
             pipes,
             unix,
             optional,
         } => {
-            agent
+            streams
                 .stream_freeze(who, conns, pipes, unix, optional)
                 .await?
         }
-        Request::StreamFrozen { ids } => agent.stream_frozen(&ids)?,
+        Request::StreamFrozen { ids } => streams.stream_frozen(&ids)?,
         Request::StreamDrained {
             id,
             pending,
             wr_shut,
             pair,
-        } => agent.stream_drained(who, id, pending, wr_shut, pair)?,
-        Request::ShadowRelays(relays) => agent.shadow_relays(who, relays).await?,
-        other => return Err(super::misrouted(&other)),
+        } => streams.stream_drained(who, id, pending, wr_shut, pair)?,
+        Request::ShadowRelays(relays) => streams.shadow_relays(who, relays).await?,
+        other => return Err(super::common::misrouted(&other)),
     };
     Ok((r, Vec::new()))
 }
 
-impl Agent {
+impl Streams {
     /// This node, or another node that is up.
     fn alive(&self, node: u32) -> bool {
-        node == self.node_id() || self.is_up(node)
+        node == self.node.node_id() || self.node.is_up(node)
     }
 
     fn port_home(&self) -> u32 {
-        self.key_home()
+        self.node.key_home()
     }
 
     /// This node's IPv4 address as the other nodes reach it.
     fn my_ipv4(&self) -> Option<[u8; 4]> {
-        match self.cfg.advertise.ip() {
+        match self.node.cfg.advertise.ip() {
             IpAddr::V4(a) => Some(a.octets()),
             IpAddr::V6(_) => None,
         }
     }
 
     pub(crate) fn node_ipv4(&self, node: u32) -> Option<[u8; 4]> {
-        if node == self.node_id() {
+        if node == self.node.node_id() {
             return self.my_ipv4();
         }
-        match self.members().get(&node).map(|m| m.addr.ip()) {
+        match self.node.member_addr(node).map(|a| a.ip()) {
             Some(IpAddr::V4(a)) => Some(a.octets()),
             _ => None,
         }
@@ -174,13 +209,13 @@ impl Agent {
 
     pub(crate) async fn port_call(self: &Arc<Self>, op: PortOp) -> Result<Option<u32>, ErrorReply> {
         let home = self.port_home();
-        if home == self.node_id() {
+        if home == self.node.node_id() {
             return self.port_home_op(op).await;
         }
-        let c = self.client(home).await?;
-        c.port_home(super::ctx(), op)
+        let c = self.node.client(home).await?;
+        c.port_home(super::common::ctx(), op)
             .await
-            .map_err(|e| self.peer_lost(home, "port home", e))?
+            .map_err(|e| self.node.peer_lost(home, "port home", e))?
     }
 
     /// At the home: serve a [`PortOp`]. `Reserve` answers `Ok(None)` when
@@ -213,16 +248,16 @@ impl Agent {
     /// Whether `port` is in use on `node` (asked while deciding a
     /// reservation). An unreachable node holds nothing.
     pub(crate) async fn probe_on(self: &Arc<Self>, node: u32, port: u16, reuse: bool) -> bool {
-        if node == self.node_id() {
+        if node == self.node.node_id() {
             return self.port_probe(port, reuse).await;
         }
-        let Ok(c) = self.client(node).await else {
+        let Ok(c) = self.node.client(node).await else {
             return false;
         };
-        match c.port_probe(super::ctx(), port, reuse).await {
+        match c.port_probe(super::common::ctx(), port, reuse).await {
             Ok(b) => b,
             Err(e) => {
-                self.drop_client(node);
+                self.node.drop_client(node);
                 tracing::warn!("probing port {port} on node {node}: {e}");
                 false
             }
@@ -233,12 +268,7 @@ impl Agent {
     /// listener this agent keeps for a process that moved away does not
     /// count: the process takes the port on its new node.
     pub(crate) async fn port_probe(&self, port: u16, reuse: bool) -> bool {
-        let forwarded = self
-            .ports
-            .forwarding
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&port);
+        let forwarded = lock(&self.ports.forwarding).contains(&port);
         let used = !forwarded
             && tokio::task::spawn_blocking(move || in_use_here(port, reuse))
                 .await
@@ -257,7 +287,7 @@ impl Agent {
         port: u16,
         reuse: bool,
     ) -> Result<Response, ErrorReply> {
-        let node = self.node_id();
+        let node = self.node.node_id();
         self.port_call(PortOp::Reserve { port, node, reuse })
             .await?;
         self.ports.held().insert(port);
@@ -275,15 +305,18 @@ impl Agent {
         }
         let owner = self.port_call(PortOp::Owner { port }).await?;
         let there = match owner {
-            Some(n) if n != self.node_id() => self.node_ipv4(n).map(|a| (n, a)),
+            Some(n) if n != self.node.node_id() => self.node_ipv4(n).map(|a| (n, a)),
             _ => None,
         };
         if let (Some((n, _)), Some(me), true) = (there, self.my_ipv4(), from != 0) {
             // Before the client connects: its server then knows it came
             // to the loopback.
-            if let Ok(c) = self.client(n).await {
-                if let Err(e) = c.loopback_peer(super::ctx(), me, from, port, v6).await {
-                    self.drop_client(n);
+            if let Ok(c) = self.node.client(n).await {
+                if let Err(e) = c
+                    .loopback_peer(super::common::ctx(), me, from, port, v6)
+                    .await
+                {
+                    self.node.drop_client(n);
                     tracing::warn!("telling node {n} of a loopback client: {e}");
                 }
             }
@@ -293,11 +326,7 @@ impl Agent {
 
     /// A client at `ip:from` will connect to `port` here at the loopback.
     pub(crate) fn note_loopback_peer(&self, ip: [u8; 4], from: u16, port: u16, v6: bool) {
-        let mut t = self
-            .ports
-            .loopback_peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut t = lock(&self.ports.loopback_peers);
         let now = std::time::Instant::now();
         t.retain(|_, (_, _, at)| now.duration_since(*at) < LOOPBACK_PEER_TTL);
         t.insert((ip, from), (port, v6, now));
@@ -306,11 +335,7 @@ impl Agent {
     /// `LoopbackPeer`: whether the connection from `ip:from` to `port` was
     /// made to the loopback (and to `::1`).
     pub(crate) fn loopback_peer(&self, ip: [u8; 4], from: u16, port: u16) -> Option<bool> {
-        let mut t = self
-            .ports
-            .loopback_peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut t = lock(&self.ports.loopback_peers);
         match t.get(&(ip, from)) {
             Some(&(p, v6, at)) if p == port && at.elapsed() < LOOPBACK_PEER_TTL => {
                 t.remove(&(ip, from));
@@ -322,16 +347,16 @@ impl Agent {
 
     pub(crate) fn node_addrs(&self) -> Response {
         let mut v: Vec<(u32, [u8; 4])> = self
-            .members()
-            .iter()
-            .filter(|(_, m)| m.up())
-            .filter_map(|(id, m)| match m.addr.ip() {
-                IpAddr::V4(a) => Some((*id, a.octets())),
+            .node
+            .up_members()
+            .into_iter()
+            .filter_map(|(id, addr)| match addr.ip() {
+                IpAddr::V4(a) => Some((id, a.octets())),
                 IpAddr::V6(_) => None,
             })
             .collect();
         if let Some(a) = self.my_ipv4() {
-            v.push((self.node_id(), a));
+            v.push((self.node.node_id(), a));
         }
         v.sort();
         Response::NodeAddrs(v)
@@ -410,7 +435,7 @@ pub struct Release {
 const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// What the staying peer had in flight, whether it had shut down
 /// writing, and for a seqpacket socket its new socketpair.
-type Drained = (Vec<u8>, bool, Option<super::seqpacket::Pair>);
+type Drained = (Vec<u8>, bool, Option<seqpacket::Pair>);
 /// Where the staying peer's end of a new connection is sent.
 type FdSender = tokio::sync::oneshot::Sender<std::os::fd::OwnedFd>;
 
@@ -457,11 +482,6 @@ pub(crate) fn foreign(why: String) -> StreamPeer {
     StreamPeer::Foreign(ErrorReply::other(libc::EOPNOTSUPP, why))
 }
 
-/// Why a stream swap was not ordered: the peer is being placed at its
-/// exec (its end is relayed by its shadow, then handed over).
-pub(crate) const PEER_PLACED: &str =
-    "the peer of a moving connection, is being placed on another node";
-
 /// What became of a peer ordered to freeze for a hand-over.
 enum Frozen {
     Yes,
@@ -474,13 +494,13 @@ enum Frozen {
 
 /// Streams being moved (at the staying peer's node), by id.
 #[derive(Debug, Default)]
-pub struct Moving {
+struct Moving {
     held: std::sync::Mutex<HashMap<u64, Held>>,
     next: std::sync::atomic::AtomicU64,
     /// Shadows asked to hand a relay over, by kernel pid.
     releases: std::sync::Mutex<HashMap<i32, Release>>,
     /// Seqpacket relays running here.
-    pub(crate) relays: super::seqpacket::Relays,
+    relays: seqpacket::Relays,
     /// The hand-overs held for each mover of this node (kernel pid) while
     /// its capture runs: `(node, stream id)`, called off if it fails.
     frozen_for: std::sync::Mutex<HashMap<i32, Vec<(u32, u64)>>>,
@@ -488,19 +508,15 @@ pub struct Moving {
 
 impl Moving {
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.held)
     }
 
     fn releases(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Release>> {
-        self.releases.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.releases)
     }
 
     /// The hand-overs held for mover `kpid`, forgotten here.
-    pub(crate) fn take_frozen_for(&self, kpid: i32) -> Vec<(u32, u64)> {
-        self.frozen_for
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&kpid)
-            .unwrap_or_default()
+    fn take_frozen_for(&self, kpid: i32) -> Vec<(u32, u64)> {
+        lock(&self.frozen_for).remove(&kpid).unwrap_or_default()
     }
 }

@@ -322,25 +322,38 @@ fn hold(mib: u64) -> Result<()> {
     Ok(())
 }
 
+/// Start `krg-bench worker hold MIB` and wait for its `ready`: the child,
+/// and the rest of its output.
+fn start_holder(
+    exe: &std::path::Path,
+    mib: u64,
+) -> Result<(
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+)> {
+    use std::io::BufRead;
+    let mut child = Command::new(exe)
+        .args(["worker", "hold", &mib.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the holder")?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    match lines.next() {
+        Some(Ok(l)) if l == "ready" => {}
+        other => bail!("holder did not start: {other:?}"),
+    }
+    Ok((child, lines))
+}
+
 /// `krg-bench worker migrate MIB NODE` (`migrate-precopy`: without post-copy):
 /// start a holder of MIB MiB here, migrate it to NODE, and measure: the
 /// freeze-to-resume gap in its timestamps, the `krg migrate` call (with
 /// post-copy it returns once every page is on the target), and a plain
 /// memory copy of the same size (the floor).
 fn migrate_sample(mib: u64, node: &str, precopy: bool) -> Result<Vec<f64>> {
-    use std::io::BufRead;
     let exe = std::env::current_exe()?;
-    let mut child = Command::new(&exe)
-        .args(["worker", "hold", &mib.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the holder")?;
+    let (mut child, lines) = start_holder(&exe, mib)?;
     let pid = child.id() as i32;
-    let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
-    match lines.next() {
-        Some(Ok(l)) if l == "ready" => {}
-        other => bail!("holder did not start: {other:?}"),
-    }
     // Let it tick a while, reading as it goes (in a thread).
     let reader = std::thread::spawn(move || {
         let mut v: Vec<(u64, i64)> = Vec::new();
@@ -403,17 +416,8 @@ fn ckpt_sample(mib: u64) -> Result<Vec<f64>> {
     let dir = std::path::PathBuf::from(format!("/tmp/krg-bench-ckpt-{mib}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let mut child = Command::new(&exe)
-        .args(["worker", "hold", &mib.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the holder")?;
+    let (mut child, lines) = start_holder(&exe, mib)?;
     let pid = child.id() as i32;
-    let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
-    match lines.next() {
-        Some(Ok(l)) if l == "ready" => {}
-        other => bail!("holder did not start: {other:?}"),
-    }
     std::thread::spawn(move || for _ in lines.map_while(|l| l.ok()) {});
     std::thread::sleep(std::time::Duration::from_millis(200));
     let t = Instant::now();

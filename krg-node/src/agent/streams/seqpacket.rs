@@ -16,7 +16,10 @@
 //! shuts its relay end both ways, so its process's next write fails with
 //! `EPIPE`, as with a peer that closed).
 
-use super::{sock_err, sys, Agent};
+use super::super::common::sock_err;
+use super::super::sys;
+use super::Streams;
+use crate::agent::common::lock;
 use libkrg::proto::ErrorReply;
 use libkrg::streams::seqpacket::{self, Got, MAX_MESSAGE};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -41,7 +44,7 @@ pub struct Relays(std::sync::Mutex<HashMap<u64, (u64, u32)>>);
 
 impl Relays {
     pub(crate) fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u64, u32)>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.0)
     }
 
     /// The relay whose end is socket `ino`: `(id, node at the other end)`.
@@ -88,7 +91,7 @@ pub fn refill(end: &OwnedFd, framed: &[u8], what: &str) -> Result<(), ErrorReply
         .map_err(|e| super::err(libc::EIO, format!("{what}: {e}")))
 }
 
-impl Agent {
+impl Streams {
     /// Relay stream `id` between `end` (the agent's end of a process's
     /// socketpair) and `tcp` (to the agent of `node`), until both
     /// directions have ended.

@@ -21,11 +21,11 @@
 //! runnable and capturable (no children, no fd that cannot move) are
 //! candidates; the one with the most CPU time lately goes first.
 
-use super::Agent;
+use super::Scheduler;
+use crate::agent::common::lock;
 use libkrg::caps::Caps;
-use libkrg::proto::CkptOrder;
+use libkrg::proto::ErrorReply;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info};
 
@@ -100,20 +100,23 @@ pub fn threshold_target(me: Load, others: &[Load]) -> Option<u32> {
         .map(|t| t.id)
 }
 
-impl Agent {
+impl Scheduler {
     fn balancer(&self) -> std::sync::MutexGuard<'_, State> {
-        self.balancer.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.balancer)
     }
 
-    /// One round (called every [`EVERY`]).
-    pub(super) fn balance_round(self: &Arc<Self>) {
+    /// One round (called every [`EVERY`]): the moves to make, in order
+    /// (none most of the time). When there are some, the balancer is busy
+    /// until [`Scheduler::balance_done`]; each move's outcome goes to
+    /// [`Scheduler::balance_moved`].
+    pub(crate) fn balance_plan(&self) -> Vec<(i32, u32)> {
         if self.sched.balance() != "threshold" {
             self.balancer().over_rounds = 0;
-            return;
+            return Vec::new();
         }
         let now = Instant::now();
-        let me_id = self.node_id();
-        let statuses = self.status();
+        let me_id = self.node.node_id();
+        let statuses = self.node.status();
         let mut loads: Vec<Load> = statuses
             .iter()
             .filter(|s| s.up && s.cpus > 0.0 && s.load.is_finite())
@@ -123,10 +126,10 @@ impl Agent {
                 load: s.load,
             })
             .collect();
-        let plan: Vec<(i32, u32)> = {
+        {
             let mut st = self.balancer();
             if st.busy {
-                return;
+                return Vec::new();
             }
             st.moves.retain(|(t, _)| now.duration_since(*t) < IN_FLIGHT);
             st.moved
@@ -142,11 +145,11 @@ impl Agent {
                 }
             }
             let Some(me) = loads.iter().find(|l| l.id == me_id).copied() else {
-                return;
+                return Vec::new();
             };
             let Some(first) = threshold_target(me, &loads) else {
                 st.over_rounds = 0;
-                return;
+                return Vec::new();
             };
             st.over_rounds += 1;
             // A gap of several processes is no blip: act at once.
@@ -159,7 +162,7 @@ impl Agent {
                 st.over_rounds = st.over_rounds.max(PERSIST_ROUNDS);
             }
             // Rank the runnable local processes by CPU time since last round.
-            let procs = self.procs().ps();
+            let procs = self.node.procs().ps();
             let mut cands: Vec<(u64, i32)> = Vec::new();
             let mut seen = HashMap::new();
             for p in &procs {
@@ -175,7 +178,7 @@ impl Agent {
             }
             st.cpu = seen;
             if st.over_rounds < PERSIST_ROUNDS || cands.is_empty() {
-                return;
+                return Vec::new();
             }
             cands.sort_by(|a, b| b.cmp(a));
             // As many moves as it takes to stop being the most loaded (at
@@ -201,31 +204,34 @@ impl Agent {
                 }
             }
             if plan.is_empty() {
-                return;
+                return Vec::new();
             }
             st.busy = true;
             plan
-        };
-        let a = self.clone();
-        tokio::spawn(async move {
-            for (g, to) in plan {
-                let order = CkptOrder::migrate(to, false);
-                match a.checkpoint_local(g, order, 0).await {
-                    Ok(done) => {
-                        info!("balancer: moved pid {g} to node {to} ({} ms)", done.ms);
-                        let mut st = a.balancer();
-                        let t = Instant::now();
-                        st.moves.push((t, to));
-                        st.moved.insert(g, t);
-                    }
-                    Err(e) => {
-                        debug!("balancer: pid {g} stays: {}", e.msg);
-                        a.balancer().moved.insert(g, Instant::now());
-                    }
-                }
+        }
+    }
+
+    /// A move of [`Scheduler::balance_plan`] ended: `Ok` with the time it
+    /// took; the process is not moved again for a while either way.
+    pub(crate) fn balance_moved(&self, g: i32, to: u32, done: Result<u64, ErrorReply>) {
+        match done {
+            Ok(ms) => {
+                info!("balancer: moved pid {g} to node {to} ({ms} ms)");
+                let mut st = self.balancer();
+                let t = Instant::now();
+                st.moves.push((t, to));
+                st.moved.insert(g, t);
             }
-            a.balancer().busy = false;
-        });
+            Err(e) => {
+                debug!("balancer: pid {g} stays: {}", e.msg);
+                self.balancer().moved.insert(g, Instant::now());
+            }
+        }
+    }
+
+    /// The moves of the last plan are over.
+    pub(crate) fn balance_done(&self) {
+        self.balancer().busy = false;
     }
 }
 
