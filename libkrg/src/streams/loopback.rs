@@ -228,7 +228,7 @@ fn remembered(fd: c_int) -> Option<u64> {
 
 // --- helpers -------------------------------------------------------------
 
-use super::moving::int_opt as sockopt;
+use super::sock::int_opt as sockopt;
 
 fn is_tcp(fd: c_int) -> bool {
     sockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)

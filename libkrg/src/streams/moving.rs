@@ -21,15 +21,19 @@
 
 #![deny(unsafe_code)]
 
+use super::sock::{accept_queue, int_opt, readable_before, set_int_opt, stat_of, tcp_info, u32_at};
 use crate::client;
 use crate::proto::{Request, Response, StreamPeer};
-use crate::sys::{events, fd as sysfd, poll, raw, sock};
+use crate::sys::{events, fd as sysfd, raw, sock};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// Longest a drain may wait for the other side's end of stream.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+// The agent uses these by their old path.
+pub use super::sock::{ino_of, set_nonblock, shrink_sndbuf};
 
 /// What a connection was, as it is given back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +69,6 @@ pub fn tcp_ends(fd: RawFd) -> Option<(String, String)> {
 /// std reads one.
 fn inet_addr(a: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
     let b = sock::addr_bytes(a);
-    let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let port = u16::from_be_bytes([b[2], b[3]]);
     let len = len as usize;
     match a.ss_family as i32 {
@@ -80,35 +83,12 @@ fn inet_addr(a: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketA
             Some(SocketAddr::V6(SocketAddrV6::new(
                 ip,
                 port,
-                u32_at(4),
-                u32_at(24),
+                u32_at(b, 4),
+                u32_at(b, 24),
             )))
         }
         _ => None,
     }
-}
-
-/// An int socket option of `fd` (shared by the streams code).
-pub(crate) fn int_opt(fd: RawFd, level: i32, opt: i32) -> Option<i32> {
-    sock::getsockopt_int(fd, level, opt).ok()
-}
-
-/// `fd`'s send buffer back to `doubled` (what `SO_SNDBUF` read before it
-/// was enlarged to queue a refill: the kernel doubles what is set), once
-/// the refill is queued. Left enlarged, the writer could run that much
-/// further ahead of its reader, and at the next hand-over the bytes in
-/// flight would be that much more: a pipe moved back and forth between
-/// `yes` and `gzip` held 100 MB after eight moves, more than one frame or
-/// one image may carry.
-pub fn shrink_sndbuf(fd: RawFd, doubled: i32) {
-    if doubled > 0 {
-        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, doubled / 2);
-    }
-}
-
-/// Set an int socket option of `fd` (best effort).
-pub(crate) fn set_int_opt(fd: RawFd, level: i32, opt: i32, v: i32) {
-    let _ = sock::setsockopt(fd, level, opt, &v);
 }
 
 /// The options of `fd` that its replacement must keep. A pipe's
@@ -147,25 +127,6 @@ fn put_pipe_born(t: &mut [(RawFd, u64); 64], fd: RawFd, ino: Option<u64>) {
         if let Some(e) = t.iter_mut().find(|e| e.0 < 0) {
             *e = (fd, ino);
         }
-    }
-}
-
-fn stat_of(fd: RawFd) -> Option<libc::stat> {
-    sysfd::fstat(fd).ok()
-}
-
-/// The inode of what `fd` holds (a socket's, a pipe's).
-pub fn ino_of(fd: RawFd) -> Option<u64> {
-    stat_of(fd).map(|st| st.st_ino)
-}
-
-/// Set or clear `O_NONBLOCK` on `fd`, its other status flags kept.
-pub fn set_nonblock(fd: RawFd, on: bool) -> std::io::Result<()> {
-    let fl = sysfd::status_flags(fd)?;
-    if on {
-        sysfd::set_status_flags(fd, fl | libc::O_NONBLOCK)
-    } else {
-        sysfd::set_status_flags(fd, fl & !libc::O_NONBLOCK)
     }
 }
 
@@ -413,20 +374,6 @@ pub(crate) fn read_to_end(fd: RawFd, timeout: Duration, late: &str) -> (Vec<u8>,
     }
 }
 
-/// Wait (a second at most, and not past `deadline`) for `fd` to be
-/// readable: `None` once the deadline has passed.
-pub(crate) fn readable_before(fd: RawFd, deadline: Instant) -> Option<bool> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return None;
-    }
-    Some(poll::ready(
-        fd,
-        libc::POLLIN,
-        left.as_millis().min(1000) as i32,
-    ))
-}
-
 /// `StreamFreeze`: the agents find the peer of each connection `(local,
 /// peer)` and pipe (inode) and have it drain and wait; `optional`: one flag
 /// per stream, connections first (see the request). What became of each.
@@ -606,18 +553,6 @@ pub struct Listening {
     pub flags: i32,
 }
 
-/// `struct tcp_info`: state (byte 0), then `tcpi_unacked` at 24 and
-/// `tcpi_sacked` at 28 (for a listener: its accept queue and backlog).
-fn tcp_info(fd: RawFd) -> Option<[u8; 104]> {
-    let mut info = [0u8; 104];
-    sock::getsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info).ok()?;
-    Some(info)
-}
-
-fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-
 /// The kernel's address of `fd` (the raw system call: libc's getsockname
 /// is our hook, which shows a loopback server its loopback).
 fn bound_addr(fd: RawFd) -> Option<SocketAddr> {
@@ -637,18 +572,6 @@ fn bound_addr(fd: RawFd) -> Option<SocketAddr> {
         }
         _ => None,
     }
-}
-
-/// `(connections waiting, backlog)` of `fd` if it is a listening TCP
-/// socket.
-pub(crate) fn accept_queue(fd: RawFd) -> Option<(u32, u32)> {
-    if int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != Some(1)
-        || int_opt(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_TCP)
-    {
-        return None;
-    }
-    let info = tcp_info(fd)?;
-    Some((u32_at(&info, 24), u32_at(&info, 28)))
 }
 
 /// `fd` as a listening TCP socket, if it is one. Connections still waiting

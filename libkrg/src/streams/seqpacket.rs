@@ -16,6 +16,7 @@
 
 #![deny(unsafe_code)]
 
+use super::sock::{int_opt, readable_before, set_int_opt, shrink_sndbuf};
 use crate::sys::sock::{self, Control};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
@@ -28,7 +29,6 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 
 /// Whether `fd` is a connected UNIX seqpacket socket.
 pub fn is_seqpacket(fd: RawFd) -> bool {
-    use super::moving::int_opt;
     if int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) != Some(libc::AF_UNIX)
         || int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) != Some(libc::SOCK_SEQPACKET)
         || int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1)
@@ -71,7 +71,7 @@ pub fn new_pair() -> Result<(OwnedFd, OwnedFd), String> {
 /// Tell every message received on `fd` from its end of stream from now on
 /// (see the module's comment).
 pub fn pass_credentials(fd: RawFd) {
-    super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, 1);
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, 1);
 }
 
 /// What one receive gave.
@@ -127,7 +127,7 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
     let mut out = Vec::new();
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     loop {
-        match super::moving::readable_before(fd, deadline) {
+        match readable_before(fd, deadline) {
             None => {
                 return Err(format!(
                     "fd {fd}: the other end did not finish its side of the seqpacket connection within {}s",
@@ -157,10 +157,10 @@ pub fn refill(fd: RawFd, framed: &[u8]) -> Result<(), String> {
     }
     // Each queued message costs its bytes and a buffer head (~1 KiB).
     let want = (framed.len() + msgs.len() * 2048 + (1 << 20)).min(i32::MAX as usize / 2);
-    let before = super::moving::int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0);
-    super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want as i32);
+    let before = int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0);
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want as i32);
     let r = resend(fd, &msgs);
-    super::moving::shrink_sndbuf(fd, before);
+    shrink_sndbuf(fd, before);
     r
 }
 

@@ -18,7 +18,7 @@
 
 #![deny(unsafe_code)]
 
-use super::moving::int_opt;
+use super::sock::{int_opt, set_int_opt, shrink_sndbuf, u32_at};
 use crate::client;
 use crate::krg_log;
 use crate::log::Level;
@@ -138,7 +138,7 @@ fn install(fd: c_int, new: OwnedFd) -> Result<(), i32> {
     // as set.
     let nonblock = sysfd::status_flags(fd).unwrap_or(-1) & libc::O_NONBLOCK;
     let cloexec = sysfd::fd_flags(fd).unwrap_or(-1) & libc::FD_CLOEXEC != 0;
-    let _ = super::moving::set_nonblock(n, nonblock != 0);
+    let _ = super::sock::set_nonblock(n, nonblock != 0);
     let _ = sock::setsockopt(n, libc::IPPROTO_TCP, libc::TCP_NODELAY, &(1 as c_int));
     sysfd::dup3(n, fd, if cloexec { libc::O_CLOEXEC } else { 0 })
         .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
@@ -196,7 +196,7 @@ pub fn listening(fd: c_int) -> Result<Option<Listening>, String> {
         ty,
         flags: sysfd::status_flags(fd).unwrap_or(0),
         passcred: int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED) == Some(1),
-        backlog: super::moving::ino_of(fd)
+        backlog: super::sock::ino_of(fd)
             .and_then(backlog)
             .unwrap_or(libc::SOMAXCONN),
     }))
@@ -460,7 +460,6 @@ fn diag(show: u32, mut each: impl FnMut(u64, u16, &[u8])) -> std::io::Result<()>
     req.extend_from_slice(&[0xff; 8]);
     // To the kernel.
     sock::send(nl.as_raw_fd(), &req, 0)?;
-    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -534,7 +533,7 @@ pub fn queued(fd: c_int, peer: c_int, seqpacket: bool) -> Result<Vec<u8>, String
         }
     };
     if !had {
-        super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, 0);
+        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, 0);
     }
     // Put back from the other end (it held these messages a moment ago:
     // there is room).
@@ -571,10 +570,10 @@ pub fn pair_holding(
         }
         let want = (bytes.len() + (64 << 10)).min(i32::MAX as usize / 2) as i32;
         let fd = from.as_raw_fd();
-        let before = super::moving::int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0);
-        super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, want);
+        let before = int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0);
+        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, want);
         let r = super::seqpacket::resend(fd, &[bytes]);
-        super::moving::shrink_sndbuf(fd, before);
+        shrink_sndbuf(fd, before);
         r.map_err(|e| format!("socketpair: {} queued bytes: {e}", bytes.len()))?;
     }
     Ok((a, b))

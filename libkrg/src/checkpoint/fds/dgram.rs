@@ -6,7 +6,7 @@
 #![deny(unsafe_code)]
 
 use super::{FdKind, FdState, Kind, Probe, Restoring};
-use crate::streams::{dgram, moving};
+use crate::streams::{dgram, sock};
 use std::os::fd::RawFd;
 
 pub struct Dgram;
@@ -19,11 +19,11 @@ impl Kind for Dgram {
     /// Above the standard fds only (there any socket is relayed).
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
         let dgram = p.ty() == libc::S_IFSOCK
-            && moving::int_opt(p.fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_DGRAM);
+            && sock::int_opt(p.fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_DGRAM);
         if !dgram || p.fd <= 2 {
             return None;
         }
-        let domain = moving::int_opt(p.fd, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(-1);
+        let domain = sock::int_opt(p.fd, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(-1);
         Some(dgram::sender_peer(p.fd, domain).map(|peer| FdKind::Dgram {
             domain,
             peer,

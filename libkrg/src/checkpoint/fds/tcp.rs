@@ -94,7 +94,7 @@ impl Kind for Tcp {
         let fd = f.fd;
         Some(
             moving::tcp_ends(fd)
-                .map(|ends| Stream::Tcp(ends, moving::ino_of(fd)))
+                .map(|ends| Stream::Tcp(ends, crate::streams::sock::ino_of(fd)))
                 .ok_or_else(|| format!("fd {fd}: the TCP connection is not connected")),
         )
     }
