@@ -23,6 +23,7 @@
 #![deny(unsafe_code)]
 
 use crate::client;
+use crate::error::{Error, ResultExt};
 use crate::proto::{FileRef, RemoteExec, Request, Response, StdioKind};
 use crate::sys;
 use crate::sys::signal::SigSet;
@@ -58,12 +59,12 @@ fn again(e: &std::io::Error) -> bool {
 }
 
 /// A token for the agent's connections back.
-fn random_token() -> Result<[u8; 16], String> {
+fn random_token() -> Result<[u8; 16], Error> {
     let mut token = [0u8; 16];
     match sys::getrandom(&mut token) {
         Ok(16) => Ok(token),
-        Ok(_) => Err("getrandom: short read".to_string()),
-        Err(e) => Err(format!("getrandom: {e}")),
+        Ok(_) => Err(Error::other("getrandom: short read")),
+        Err(e) => Err(Error::io("getrandom", &e)),
     }
 }
 
@@ -71,7 +72,7 @@ fn random_token() -> Result<[u8; 16], String> {
 /// program could not be started there (nothing was changed: the caller runs
 /// it here instead); otherwise this process becomes the shadow and exits
 /// with the remote program's status.
-pub fn run_on(node: u32, gpid: i32) -> Result<(), String> {
+pub fn run_on(node: u32, gpid: i32) -> Result<(), Error> {
     let env = std::env::vars_os()
         .map(|(k, v)| {
             let mut e = k.into_encoded_bytes();
@@ -100,7 +101,7 @@ fn run_on_with(
     argv: Vec<Vec<u8>>,
     env: Vec<Vec<u8>>,
     exec: Option<&ExecEffects>,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let listener = Listener::new()?;
     let token = random_token()?;
     let mut stdio = stdio_kinds();
@@ -135,8 +136,8 @@ fn run_on_with(
     };
     let r = match client::call(&Request::RemoteExec(req)) {
         Ok(Response::Pid(_)) => Ok(()),
-        Ok(other) => Err(format!("unexpected answer {other:?}")),
-        Err(e) => Err(e.to_string()),
+        Ok(other) => Err(Error::other(format!("unexpected answer {other:?}"))),
+        Err(e) => Err(e.into()),
     };
     if let Err(e) = r {
         crate::streams::placed::reattach(&stdio);
@@ -382,14 +383,14 @@ fn posix_timers() -> Vec<i64> {
 pub fn shadow_for(
     make: impl FnOnce(u16, Vec<u8>, Vec<StdioKind>) -> Request,
     announce: impl FnOnce(i32, u32),
-) -> Result<std::convert::Infallible, String> {
+) -> Result<std::convert::Infallible, Error> {
     let listener = Listener::new()?;
     let token = random_token()?;
     let stdio = stdio_kinds();
     let (gpid, node) = match client::call(&make(listener.port, token.to_vec(), stdio.clone())) {
         Ok(Response::Ckpt(i)) => (i.pid, i.node),
-        Ok(other) => return Err(format!("unexpected answer {other:?}")),
-        Err(e) => return Err(e.to_string()),
+        Ok(other) => return Err(Error::other(format!("unexpected answer {other:?}"))),
+        Err(e) => return Err(e.into()),
     };
     announce(gpid, node);
     let relayed = stdio.iter().filter(|k| **k == StdioKind::Relay).count();
@@ -404,14 +405,16 @@ pub const SHADOW_ENV: &str = "KRG_SHADOW";
 
 /// Become the shadow described by `KRG_SHADOW`. Returns only if the value
 /// is not valid.
-pub fn shadow_from_env(spec: &str) -> Result<std::convert::Infallible, String> {
+pub fn shadow_from_env(spec: &str) -> Result<std::convert::Infallible, Error> {
     let v: Vec<i64> = spec
         .split(':')
         .map(|x| x.parse::<i64>())
         .collect::<Result<_, _>>()
-        .map_err(|_| format!("{SHADOW_ENV}={spec}: not numbers"))?;
+        .map_err(|_| Error::other(format!("{SHADOW_ENV}={spec}: not numbers")))?;
     if v.len() != 6 {
-        return Err(format!("{SHADOW_ENV}={spec}: 6 fields expected"));
+        return Err(Error::other(format!(
+            "{SHADOW_ENV}={spec}: 6 fields expected"
+        )));
     }
     let (gpid, node) = (v[0] as i32, v[1] as u32);
     let mut conns = Vec::new();
@@ -438,10 +441,10 @@ pub fn shadow_from_env(spec: &str) -> Result<std::convert::Infallible, String> {
     shadow(gpid, node, &stdio, conns)
 }
 
-fn read_link(p: &str) -> Result<Vec<u8>, String> {
+fn read_link(p: &str) -> Result<Vec<u8>, Error> {
     std::fs::read_link(p)
         .map(|p| p.into_os_string().into_encoded_bytes())
-        .map_err(|e| format!("{p}: {e}"))
+        .during(p)
 }
 
 fn split_nul(b: &[u8]) -> Vec<Vec<u8>> {
@@ -541,7 +544,7 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
-    pub(crate) fn new() -> Result<Listener, String> {
+    pub(crate) fn new() -> Result<Listener, Error> {
         let err = |what: &'static str| move |e| format!("{what}: {e}");
         let fd = sys::sock::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
             .map_err(err("socket"))?;
@@ -699,7 +702,7 @@ impl Pipe {
     /// Hand the stream over (the program's end is held, the process at the
     /// other end of the local pipe frozen): all that this relay still has
     /// goes on its way, then the relay ends and the local end is let go.
-    fn release(self) -> Result<(), String> {
+    fn release(self) -> Result<(), Error> {
         let (local, sock) = self.ends();
         if self.from == 0 {
             // Towards the program: what we hold, then what is in the pipe
@@ -721,7 +724,11 @@ impl Pipe {
             let mut ended = self.eof;
             while !ended {
                 if Instant::now() > deadline {
-                    return Err(format!("fd {local}: the program never ended its stream"));
+                    return Err(Error::errno(
+                        libc::ETIMEDOUT,
+                        "the program never ended its stream",
+                    )
+                    .fd(local));
                 }
                 if !sys::poll::ready(sock, libc::POLLIN, 1000) {
                     continue;
@@ -729,7 +736,7 @@ impl Pipe {
                 let n = match sys::fd::read(sock, &mut buf) {
                     Ok(n) => n,
                     Err(e) if again(&e) => continue,
-                    Err(e) => return Err(format!("reading the relay: {e}")),
+                    Err(e) => return Err(Error::io("reading the relay", &e)),
                 };
                 ended = n == 0;
                 if ended {
@@ -752,7 +759,7 @@ impl Pipe {
 }
 
 /// Write all of `b` to `fd` (blocking or not), within 30 s.
-fn write_all(fd: RawFd, mut b: &[u8]) -> Result<(), String> {
+fn write_all(fd: RawFd, mut b: &[u8]) -> Result<(), Error> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !b.is_empty() {
         match sys::fd::write(fd, b) {
@@ -762,10 +769,12 @@ fn write_all(fd: RawFd, mut b: &[u8]) -> Result<(), String> {
             }
             Ok(_) => {}
             Err(e) if again(&e) => {}
-            Err(e) => return Err(format!("fd {fd}: handing the relay over: {e}")),
+            Err(e) => return Err(Error::io("handing the relay over", &e).fd(fd)),
         }
         if Instant::now() > deadline {
-            return Err(format!("fd {fd}: nobody read what the relay still had"));
+            return Err(
+                Error::errno(libc::ETIMEDOUT, "nobody read what the relay still had").fd(fd),
+            );
         }
         sys::poll::ready(fd, libc::POLLOUT, 1000);
     }

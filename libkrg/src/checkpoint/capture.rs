@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 use super::image::{self, FdState, FileId, Meta, Region, RegionKind, SigAction, ThreadState};
+use crate::error::{Error, ResultExt};
 use crate::sys::{mem, process, raw};
 use std::os::fd::RawFd;
 
@@ -13,10 +14,6 @@ const PAGE: u64 = 4096;
 
 fn errno() -> i32 {
     crate::rt::errno()
-}
-
-fn os_err(what: &str) -> String {
-    format!("{what}: {}", crate::rt::Errno(errno()))
 }
 
 /// One line of `/proc/self/maps`.
@@ -148,14 +145,14 @@ pub fn without(maps: Vec<MapLine>, hole: (u64, u64)) -> Vec<MapLine> {
 }
 
 /// Read a whole (proc) file with plain system calls.
-pub fn read_file(path: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{path}: {e}"))
+pub fn read_file(path: &str) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).during(path)
 }
 
-fn read_link(path: &str) -> Result<Vec<u8>, String> {
+fn read_link(path: &str) -> Result<Vec<u8>, Error> {
     std::fs::read_link(path)
         .map(|p| p.into_os_string().into_encoded_bytes())
-        .map_err(|e| format!("{path}: {e}"))
+        .during(path)
 }
 
 fn split_nul(b: &[u8]) -> Vec<Vec<u8>> {
@@ -224,14 +221,14 @@ fn rlimits() -> Vec<(u32, u64, u64)> {
     v
 }
 
-fn file_id(m: &MapLine) -> Result<FileId, String> {
+fn file_id(m: &MapLine) -> Result<FileId, Error> {
     let md = std::fs::metadata(&m.path).map_err(|e| format!("mapping of {}: {e}", m.path))?;
     use std::os::unix::fs::MetadataExt;
     if md.ino() != m.inode {
-        return Err(format!(
+        return Err(Error::refused(format!(
             "mapping of {}: the file at that path was replaced",
             m.path
-        ));
+        )));
     }
     Ok(FileId {
         path: m.path.clone().into_bytes(),
@@ -260,7 +257,7 @@ enum Save {
 pub type Runs = Vec<(u64, u64)>;
 
 /// The regions of the image and the runs of memory to save.
-pub fn regions(maps: &[MapLine]) -> Result<(Vec<Region>, Runs), String> {
+pub fn regions(maps: &[MapLine]) -> Result<(Vec<Region>, Runs), Error> {
     regions_deferring(maps, &[])
 }
 
@@ -270,9 +267,8 @@ pub fn regions(maps: &[MapLine]) -> Result<(Vec<Region>, Runs), String> {
 pub fn regions_deferring(
     maps: &[MapLine],
     defer: &[(u64, u64)],
-) -> Result<(Vec<Region>, Runs), String> {
-    let pagemap = std::fs::File::open("/proc/self/pagemap")
-        .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+) -> Result<(Vec<Region>, Runs), Error> {
+    let pagemap = std::fs::File::open("/proc/self/pagemap").during("/proc/self/pagemap")?;
     let mut regions = Vec::new();
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for m in maps {
@@ -331,9 +327,8 @@ pub fn regions_deferring(
 }
 
 /// The runs of present or swapped pages of `[start, end)`.
-pub fn present_runs(start: u64, end: u64) -> Result<Runs, String> {
-    let pagemap = std::fs::File::open("/proc/self/pagemap")
-        .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+pub fn present_runs(start: u64, end: u64) -> Result<Runs, Error> {
+    let pagemap = std::fs::File::open("/proc/self/pagemap").during("/proc/self/pagemap")?;
     let mut runs = Vec::new();
     scan_pagemap(&pagemap, start, end, false, &mut runs, 0)?;
     Ok(runs)
@@ -357,7 +352,7 @@ fn scan_pagemap(
     modified_only: bool,
     runs: &mut Vec<(u64, u64)>,
     floor: usize,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     use std::os::unix::fs::FileExt;
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
@@ -369,7 +364,7 @@ fn scan_pagemap(
         let n = ((last - page) as usize).min(buf.len() / 8);
         let got = pagemap
             .read_at(&mut buf[..n * 8], page * 8)
-            .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+            .during("/proc/self/pagemap")?;
         if got < 8 {
             return Err("/proc/self/pagemap: short read".into());
         }
@@ -397,7 +392,7 @@ pub fn meta(
     fds: Vec<FdState>,
     mem_bytes: u64,
     anchor: u64,
-) -> Result<Meta, String> {
+) -> Result<Meta, Error> {
     let status = String::from_utf8_lossy(&read_file("/proc/self/status")?).into_owned();
     let ids = |name: &str| -> Vec<u32> {
         status_field(&status, name)
@@ -416,7 +411,7 @@ pub fn meta(
         .any(|m| m.path == "[vdso]")
         .then(mem::vdso)
         .transpose()
-        .map_err(|e| format!("/proc/self/maps: {e}"))?
+        .during("/proc/self/maps")?
         .flatten();
     let (vdso_start, vdso_bytes) = vdso.unwrap_or((0, Vec::new()));
     let ident = super::exec_ident()?;
@@ -476,18 +471,18 @@ pub fn mm_layout(stat: &str) -> Vec<u64> {
 }
 
 /// Write all of `buf` to `fd`.
-pub fn write_all(fd: RawFd, buf: &[u8]) -> Result<(), String> {
+pub fn write_all(fd: RawFd, buf: &[u8]) -> Result<(), Error> {
     write_mem_all(fd, buf.as_ptr() as usize, buf.len())
 }
 
 /// Write the `len` bytes of this process's memory at `addr` to `fd` (the
 /// kernel reads them: see `sys::mem::write_mem`).
-fn write_mem_all(fd: RawFd, mut addr: usize, mut len: usize) -> Result<(), String> {
+fn write_mem_all(fd: RawFd, mut addr: usize, mut len: usize) -> Result<(), Error> {
     while len > 0 {
         let n = match mem::write_mem(fd, addr, len) {
             Ok(n) => n,
             Err(_) if errno() == libc::EINTR => continue,
-            Err(_) => return Err(os_err("writing the image")),
+            Err(_) => return Err(Error::last_os("writing the image")),
         };
         if n == 0 {
             return Err("writing the image: no progress".into());
@@ -504,7 +499,7 @@ pub fn write_image(
     meta: &Meta,
     regions: &[Region],
     runs: &[(u64, u64)],
-) -> Result<u64, String> {
+) -> Result<u64, Error> {
     let head = image::encode_meta(meta).map_err(|e| e.to_string())?;
     write_all(fd, &head)?;
     let total = head.len() as u64 + write_runs(fd, regions, runs)?;
@@ -513,7 +508,7 @@ pub fn write_image(
 }
 
 /// Write the memory records of `runs`; returns the bytes written.
-pub fn write_runs(fd: RawFd, regions: &[Region], runs: &[(u64, u64)]) -> Result<u64, String> {
+pub fn write_runs(fd: RawFd, regions: &[Region], runs: &[(u64, u64)]) -> Result<u64, Error> {
     let mut total = 0u64;
     for (addr, len) in runs {
         // A run in a region the process cannot read (PROT_NONE after use)
@@ -540,7 +535,7 @@ pub fn write_runs(fd: RawFd, regions: &[Region], runs: &[(u64, u64)]) -> Result<
 }
 
 /// Write the end record and the end marker (24 bytes).
-pub fn write_end(fd: RawFd) -> Result<(), String> {
+pub fn write_end(fd: RawFd) -> Result<(), Error> {
     let end = image::record(0, 0);
     write_all(fd, &end)?;
     write_all(fd, &image::END_MAGIC[..8])

@@ -16,6 +16,7 @@ pub mod uffd;
 
 use crate::caps::Caps;
 use crate::client::{self, CallError};
+use crate::error::Error;
 use crate::krg_log;
 use crate::log::Level;
 use crate::proto::{Request, Response, ShmInfo};
@@ -129,7 +130,7 @@ type Granted = (u64, Option<OwnedFd>, Option<OwnedFd>);
 /// Ask the agent for an attachment: the memory object (unless
 /// `inherited`) and `/dev/userfaultfd` if this process has no userfaultfd
 /// with the agent yet.
-fn attach_req(shmid: i32, rdonly: bool, inherited: bool) -> Result<Granted, (i32, String)> {
+fn attach_req(shmid: i32, rdonly: bool, inherited: bool) -> Result<Granted, Error> {
     let need_uffd = !HAS_UFFD.load(Ordering::Acquire);
     let req = Request::ShmAttach {
         shmid,
@@ -137,19 +138,19 @@ fn attach_req(shmid: i32, rdonly: bool, inherited: bool) -> Result<Granted, (i32
         inherited,
         need_uffd,
     };
-    let (r, fds) = client::call_fds(&req).map_err(|e| (e.errno(), e.to_string()))?;
+    let (r, fds) = client::call_fds(&req)?;
     let size = match r {
         Response::ShmAttached { size, .. } => size,
-        other => return Err((libc::EIO, format!("unexpected answer {other:?}"))),
+        other => return Err(Error::other(format!("unexpected answer {other:?}"))),
     };
     let mut fds = fds.into_iter();
     let mem = if inherited { None } else { fds.next() };
     if !inherited && mem.is_none() {
-        return Err((libc::EIO, "the agent sent no memory object".into()));
+        return Err(Error::other("the agent sent no memory object"));
     }
     let dev = if need_uffd { fds.next() } else { None };
     if need_uffd && dev.is_none() {
-        return Err((libc::EIO, "the agent sent no /dev/userfaultfd".into()));
+        return Err(Error::other("the agent sent no /dev/userfaultfd"));
     }
     Ok((size, mem, dev))
 }
@@ -163,10 +164,10 @@ fn mapped(
     off: u64,
     rdonly: bool,
     dev: Option<OwnedFd>,
-) -> Result<(), (i32, String)> {
+) -> Result<(), Error> {
     let uffd = match &dev {
         Some(d) => Some(uffd::create(d.as_fd()).map_err(|e| {
-            (
+            Error::errno(
                 libc::ENOSYS,
                 format!("userfaultfd from /dev/userfaultfd: {e}"),
             )
@@ -191,8 +192,8 @@ fn mapped(
             }
             Ok(())
         }
-        Ok(other) => Err((libc::EIO, format!("unexpected answer {other:?}"))),
-        Err(e) => Err((e.errno(), e.to_string())),
+        Ok(other) => Err(Error::other(format!("unexpected answer {other:?}"))),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -222,8 +223,8 @@ fn attach_at(shmid: c_int, addr: u64, flags: c_int) -> Result<*mut c_void, i32> 
     let mut held = atts();
     let (size, mem, dev) = match attach_req(shmid, rdonly, false) {
         Ok(x) => x,
-        Err((errno, msg)) => {
-            krg_log!(Level::Debug, "shmat {shmid}: {msg}");
+        Err(e @ Error { errno, .. }) => {
+            krg_log!(Level::Debug, "shmat {shmid}: {e}");
             return Err(errno);
         }
     };
@@ -274,8 +275,8 @@ fn attach_at(shmid: c_int, addr: u64, flags: c_int) -> Result<*mut c_void, i32> 
         }
     };
     let at = p as u64;
-    if let Err((errno, msg)) = mapped(shmid, at, len, 0, rdonly, dev) {
-        krg_log!(Level::Warn, "shmat {shmid}: {msg}");
+    if let Err(e @ Error { errno, .. }) = mapped(shmid, at, len, 0, rdonly, dev) {
+        krg_log!(Level::Warn, "shmat {shmid}: {e}");
         // The mapping just made, not yet handed to the caller.
         let _ = abi::unmap(p, len as usize);
         detach_at_home();
@@ -474,8 +475,8 @@ fn map_anon(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int) -> *mut c
             remove();
             return fail(libc::EIO, bad);
         }
-        Err((errno, msg)) => {
-            krg_log!(Level::Debug, "mmap (shared anonymous) {id}: {msg}");
+        Err(e @ Error { errno, .. }) => {
+            krg_log!(Level::Debug, "mmap (shared anonymous) {id}: {e}");
             remove();
             return fail(errno, bad);
         }
@@ -523,8 +524,8 @@ fn register_mapping(
         }
     };
     let plen = page_up(len as u64);
-    if let Err((errno, msg)) = mapped(id, p as u64, plen, off, rdonly, dev) {
-        krg_log!(Level::Warn, "{what} {id}: {msg}");
+    if let Err(e @ Error { errno, .. }) = mapped(id, p as u64, plen, off, rdonly, dev) {
+        krg_log!(Level::Warn, "{what} {id}: {e}");
         // The mapping just made, not yet handed to the caller.
         let _ = abi::unmap(p, len);
         undo();
@@ -561,8 +562,8 @@ fn map_object(
     let mut held = atts();
     let dev = match attach_req(id, rdonly, true) {
         Ok((_, _, dev)) => dev,
-        Err((errno, msg)) => {
-            krg_log!(Level::Debug, "mmap of object {id}: {msg}");
+        Err(e @ Error { errno, .. }) => {
+            krg_log!(Level::Debug, "mmap of object {id}: {e}");
             return fail(errno, bad);
         }
     };
@@ -864,12 +865,12 @@ fn after_fork_child(mut held: MutexGuard<'static, Vec<Att>>) {
             .and_then(|(_, _, dev)| mapped(a.shmid, a.addr, a.len, a.off, a.rdonly, dev));
         match r {
             Ok(()) => held.push(a),
-            Err((_, msg)) => {
+            Err(e) => {
                 // Unregistered, the mapping would show stale or zero
                 // pages: take it away so that a use faults loudly.
                 krg_log!(
                     Level::Warn,
-                    "fork: segment {} at {:#x} not shared with the child: {msg}",
+                    "fork: segment {} at {:#x} not shared with the child: {e}",
                     a.shmid,
                     a.addr
                 );
@@ -899,7 +900,7 @@ pub fn is_segment_path(path: &str) -> bool {
 
 /// Before a migration's capture (other threads parked): the attachment
 /// table must be free, since the restored copy re-attaches from it.
-pub fn capturable() -> Result<(), String> {
+pub fn capturable() -> Result<(), Error> {
     match ATTS.try_lock() {
         Ok(_) => Ok(()),
         Err(std::sync::TryLockError::Poisoned(_)) => Ok(()),
@@ -930,10 +931,10 @@ pub fn after_restore() {
     inside(|| {
         held.retain(|a| match reattach(a) {
             Ok(()) => true,
-            Err((_, msg)) => {
+            Err(e) => {
                 krg_log!(
                     Level::Warn,
-                    "restore: segment {} at {:#x} not attached here: {msg}",
+                    "restore: segment {} at {:#x} not attached here: {e}",
                     a.shmid,
                     a.addr
                 );
@@ -948,9 +949,9 @@ pub fn after_restore() {
 }
 
 /// Map attachment `a` again from this node's memory object and register it.
-fn reattach(a: &Att) -> Result<(), (i32, String)> {
+fn reattach(a: &Att) -> Result<(), Error> {
     let (_, mem, dev) = attach_req(a.shmid, a.rdonly, false)?;
-    let mem = mem.ok_or((libc::EIO, "no memory object".to_string()))?;
+    let mem = mem.ok_or_else(|| Error::other("no memory object"))?;
     let prot = if a.rdonly {
         libc::PROT_READ
     } else {
@@ -972,7 +973,7 @@ fn reattach(a: &Att) -> Result<(), (i32, String)> {
             shmid: a.shmid,
             addr: 0,
         });
-        return Err((e.raw_os_error().unwrap_or(libc::EIO), format!("mmap: {e}")));
+        return Err(Error::io("mmap", &e));
     }
     mapped(a.shmid, a.addr, a.len, a.off, a.rdonly, dev).inspect_err(|_| {
         let _ = call(&Request::ShmDetach {

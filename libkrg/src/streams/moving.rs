@@ -23,6 +23,7 @@
 
 use super::sock::{accept_queue, int_opt, readable_before, set_int_opt, stat_of, tcp_info, u32_at};
 use crate::client;
+use crate::error::Error;
 use crate::proto::{Request, Response, StreamPeer};
 use crate::sys::{events, fd as sysfd, raw, sock};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -198,15 +199,15 @@ pub fn pipe_reads(fd: RawFd) -> bool {
 }
 
 /// Bytes in pipe `fd`.
-fn pipe_bytes(fd: RawFd) -> Result<usize, String> {
-    let n = sysfd::readable_bytes(fd).map_err(|e| format!("fd {fd}: FIONREAD: {e}"))?;
+fn pipe_bytes(fd: RawFd) -> Result<usize, Error> {
+    let n = sysfd::readable_bytes(fd).map_err(|e| Error::io("FIONREAD", &e).fd(fd))?;
     Ok(n.max(0) as usize)
 }
 
 /// Take what is in pipe `fd`, its writers parked. A read end gives its
 /// bytes and `true`: it never writes, so its new connection is shut for
 /// writing. A write end has nothing in flight for it.
-pub fn drain_pipe(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
+pub fn drain_pipe(fd: RawFd) -> Result<(Vec<u8>, bool), Error> {
     if !pipe_reads(fd) {
         return Ok((Vec::new(), false));
     }
@@ -217,8 +218,8 @@ pub fn drain_pipe(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
 /// least `size` bytes: room for them all at once, so that nobody waits for
 /// a reader that is not reading yet (the restorer of a pipe that was full,
 /// an agent refilling a pipe whose ends met again).
-pub fn pipe_holding(bytes: &[u8], size: i32) -> Result<(OwnedFd, OwnedFd), String> {
-    let (r, w) = sysfd::pipe2(libc::O_CLOEXEC).map_err(|e| format!("pipe2: {e}"))?;
+pub fn pipe_holding(bytes: &[u8], size: i32) -> Result<(OwnedFd, OwnedFd), Error> {
+    let (r, w) = sysfd::pipe2(libc::O_CLOEXEC).map_err(|e| Error::io("pipe2", &e))?;
     if bytes.is_empty() && size <= 0 {
         return Ok((r, w));
     }
@@ -232,24 +233,27 @@ pub fn pipe_holding(bytes: &[u8], size: i32) -> Result<(OwnedFd, OwnedFd), Strin
     let n = sysfd::write(wfd, bytes).map_or(-1, |n| n as isize);
     let _ = sysfd::set_status_flags(wfd, 0);
     if n != bytes.len() as isize {
-        return Err(format!("pipe: {} bytes to put in it, {n} fit", bytes.len()));
+        return Err(Error::errno(
+            libc::ENOSPC,
+            format!("pipe: {} bytes to put in it, {n} fit", bytes.len()),
+        ));
     }
     Ok((r, w))
 }
 
 /// The `n` bytes waiting in pipe `fd` (there, so reading does not block).
-fn read_n(fd: RawFd, n: usize) -> Result<Vec<u8>, String> {
+fn read_n(fd: RawFd, n: usize) -> Result<Vec<u8>, Error> {
     let mut out = vec![0u8; n];
     let mut got = 0;
     while got < n {
         match sysfd::read(fd, &mut out[got..]) {
             Ok(0) => {
                 let e = std::io::Error::last_os_error();
-                return Err(format!("fd {fd}: reading the pipe: {e}"));
+                return Err(Error::io("reading the pipe", &e).fd(fd));
             }
             Ok(r) => got += r,
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => return Err(format!("fd {fd}: reading the pipe: {e}")),
+            Err(e) => return Err(Error::io("reading the pipe", &e).fd(fd)),
         }
     }
     Ok(out)
@@ -257,30 +261,29 @@ fn read_n(fd: RawFd, n: usize) -> Result<Vec<u8>, String> {
 
 /// A copy of what is in pipe read end `fd`, left where it is (`tee` into a
 /// pipe of the same capacity): the process may go on here with it.
-pub fn peek_pipe(fd: RawFd) -> Result<Vec<u8>, String> {
+pub fn peek_pipe(fd: RawFd) -> Result<Vec<u8>, Error> {
     let n = pipe_bytes(fd)?;
     if n == 0 {
         return Ok(Vec::new());
     }
     let (r, w) =
-        sysfd::pipe2(libc::O_CLOEXEC | libc::O_NONBLOCK).map_err(|e| format!("pipe2: {e}"))?;
+        sysfd::pipe2(libc::O_CLOEXEC | libc::O_NONBLOCK).map_err(|e| Error::io("pipe2", &e))?;
     let size = sysfd::pipe_size(fd).unwrap_or(-1);
     let _ = sysfd::set_pipe_size(w.as_raw_fd(), size.max(n as i32));
     // The pipe's bytes duplicated into ours without taking them.
     match sysfd::tee(fd, w.as_raw_fd(), n, libc::SPLICE_F_NONBLOCK) {
         Ok(t) if t == n => {}
         t => {
-            return Err(format!(
-                "fd {fd}: copying the {n} bytes in the pipe: {}",
-                match t {
-                    Ok(t) => format!("only {t}"),
-                    Err(e) => e.to_string(),
-                }
-            ))
+            let what = format!("copying the {n} bytes in the pipe");
+            return Err(match t {
+                Ok(t) => Error::other(format!("{what}: only {t}")),
+                Err(e) => Error::io(what, &e),
+            }
+            .fd(fd));
         }
     }
     drop(w);
-    read_n(r.as_raw_fd(), n).map_err(|e| format!("fd {fd}: the copy of the pipe: {e}"))
+    read_n(r.as_raw_fd(), n).map_err(|e| e.during("the copy of the pipe").fd(fd))
 }
 
 /// Whether this side had shut down writing (its FIN sent), from the TCP
@@ -293,7 +296,7 @@ fn wr_shut(fd: RawFd) -> bool {
 /// Shut down writing and read `fd` to EOF: what was in flight for this
 /// side, and whether it had shut down writing itself before. A pipe:
 /// [`drain_pipe`].
-pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
+pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), Error> {
     if is_pipe(fd) {
         return drain_pipe(fd);
     }
@@ -317,7 +320,7 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
 /// What is queued for this side of connection `fd` now, without shutting
 /// anything down or waiting (the connection goes on, kept by the agent),
 /// and whether this side had shut down writing.
-pub fn take_queued(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
+pub fn take_queued(fd: RawFd) -> Result<(Vec<u8>, bool), Error> {
     let was_shut = wr_shut(fd);
     let mut out = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -338,7 +341,7 @@ pub fn take_queued(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
             Some(libc::EINTR) => continue,
             // Reset: the relay sees it too; what was read still counts.
             Some(libc::ECONNRESET) => return Ok((out, was_shut)),
-            _ => return Err(format!("fd {fd}: taking what is queued: {e}")),
+            _ => return Err(Error::io("taking what is queued", &e).fd(fd)),
         }
     }
 }
@@ -346,17 +349,15 @@ pub fn take_queued(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
 /// Read `fd` (a socket or a pipe) until its end of stream, for at most
 /// `timeout` (`late` says what did not happen then). What was read, and
 /// why it stopped early if it did.
-pub(crate) fn read_to_end(fd: RawFd, timeout: Duration, late: &str) -> (Vec<u8>, Option<String>) {
+pub(crate) fn read_to_end(fd: RawFd, timeout: Duration, late: &str) -> (Vec<u8>, Option<Error>) {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     let deadline = Instant::now() + timeout;
     loop {
         match readable_before(fd, deadline) {
             None => {
-                return (
-                    out,
-                    Some(format!("fd {fd}: {late} within {}s", timeout.as_secs())),
-                )
+                let why = format!("{late} within {}s", timeout.as_secs());
+                return (out, Some(Error::errno(libc::ETIMEDOUT, why).fd(fd)));
             }
             Some(false) => continue,
             Some(true) => {}
@@ -367,7 +368,7 @@ pub(crate) fn read_to_end(fd: RawFd, timeout: Duration, late: &str) -> (Vec<u8>,
             Ok(n) => out.extend_from_slice(&buf[..n]),
             Err(e) => {
                 if !matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
-                    return (out, Some(format!("fd {fd}: reading to its end: {e}")));
+                    return (out, Some(Error::io("reading to its end", &e).fd(fd)));
                 }
             }
         }
@@ -407,11 +408,11 @@ pub fn attach(
     wr_shut: bool,
     pipe: bool,
     seqpacket: bool,
-) -> Result<OwnedFd, String> {
+) -> Result<OwnedFd, Error> {
     let pair = seqpacket
         .then(super::seqpacket::new_pair)
         .transpose()
-        .map_err(|e| format!("stream {id:#x}: {e}"))?;
+        .map_err(|e| e.during(format_args!("stream {id:#x}")))?;
     let req = Request::StreamAttach {
         id,
         node,
@@ -424,11 +425,13 @@ pub fn attach(
     one_fd(&req, id)
 }
 
-fn one_fd(req: &Request, id: u64) -> Result<OwnedFd, String> {
+fn one_fd(req: &Request, id: u64) -> Result<OwnedFd, Error> {
     match client::call_fds(req) {
         Ok((Response::StreamFd, mut fds)) if fds.len() == 1 => Ok(fds.remove(0)),
-        Ok((other, _)) => Err(format!("stream {id:#x}: unexpected answer {other:?}")),
-        Err(e) => Err(format!("stream {id:#x}: {e}")),
+        Ok((other, _)) => Err(Error::other(format!(
+            "stream {id:#x}: unexpected answer {other:?}"
+        ))),
+        Err(e) => Err(Error::from(e).during(format_args!("stream {id:#x}"))),
     }
 }
 
@@ -477,12 +480,12 @@ fn epoll_watches_of(fd: RawFd) -> Vec<(RawFd, u32, u64)> {
 
 /// Put `new` under number `fd` (its close-on-exec flag kept) in place of
 /// the old connection, and in the epoll sets that watched the old one.
-pub fn install(fd: RawFd, new: OwnedFd, pipe: bool) -> Result<(), String> {
+pub fn install(fd: RawFd, new: OwnedFd, pipe: bool) -> Result<(), Error> {
     let watches = epoll_watches_of(fd);
     let cloexec = sysfd::fd_flags(fd).is_ok_and(|f| f > 0);
     let fl = if cloexec { libc::O_CLOEXEC } else { 0 };
     // The old connection closed, which also drops it from every epoll set.
-    sysfd::dup3(new.as_raw_fd(), fd, fl).map_err(|e| format!("fd {fd}: dup3: {e}"))?;
+    sysfd::dup3(new.as_raw_fd(), fd, fl).map_err(|e| Error::io("dup3", &e).fd(fd))?;
     drop(new);
     note_pipe_born(fd, pipe);
     for (ep, ev, data) in watches {
@@ -495,11 +498,11 @@ pub fn install(fd: RawFd, new: OwnedFd, pipe: bool) -> Result<(), String> {
 /// each connection, tell the agent, take the new connection in its place.
 /// Fds listed with the same id are copies of one connection: drained once,
 /// and each gets the new connection.
-pub fn swap(streams: &[(RawFd, u64)]) -> Result<(), String> {
+pub fn swap(streams: &[(RawFd, u64)]) -> Result<(), Error> {
     // The mover waits for this before it shuts its side down: no thread of
     // ours may see that end of stream.
     let ids: Vec<u64> = streams.iter().map(|s| s.1).collect();
-    client::call(&Request::StreamFrozen { ids }).map_err(|e| format!("streams: {e}"))?;
+    client::call(&Request::StreamFrozen { ids }).map_err(|e| Error::from(e).during("streams"))?;
     let mut drained: Vec<(RawFd, u64, Opts)> = Vec::new();
     for &(fd, id) in streams {
         if drained.iter().any(|d| d.1 == id) {
@@ -518,7 +521,7 @@ pub fn swap(streams: &[(RawFd, u64)]) -> Result<(), String> {
             wr_shut: wr,
             pair: pair.as_ref().map(super::seqpacket::numbers),
         })
-        .map_err(|e| format!("stream {id:#x}: {e}"))?;
+        .map_err(|e| Error::from(e).during(format_args!("stream {id:#x}")))?;
         drop(pair);
         drained.push((fd, id, o));
     }
@@ -577,7 +580,7 @@ fn bound_addr(fd: RawFd) -> Option<SocketAddr> {
 /// `fd` as a listening TCP socket, if it is one. Connections still waiting
 /// to be accepted (a migration takes them first: `streams::accepted`)
 /// refuse, naming them.
-pub fn listening(fd: RawFd) -> Result<Option<Listening>, String> {
+pub fn listening(fd: RawFd) -> Result<Option<Listening>, Error> {
     let Some((mut queued, backlog)) = accept_queue(fd) else {
         return Ok(None);
     };
@@ -589,11 +592,12 @@ pub fn listening(fd: RawFd) -> Result<Option<Listening>, String> {
         queued = accept_queue(fd).map_or(0, |q| q.0);
     }
     let addr =
-        bound_addr(fd).ok_or_else(|| format!("fd {fd}: listening socket without an address"))?;
+        bound_addr(fd).ok_or_else(|| Error::other("listening socket without an address").fd(fd))?;
     if queued > 0 {
-        return Err(format!(
-            "fd {fd}: listening socket {addr} has {queued} connection(s) waiting to be accepted that could not be taken along (try again)"
-        ));
+        return Err(Error::refused(format!(
+            "listening socket {addr} has {queued} connection(s) waiting to be accepted that could not be taken along (try again)"
+        ))
+        .fd(fd));
     }
     Ok(Some(Listening {
         addr,
@@ -616,7 +620,7 @@ fn kept_listener(port: u16) -> Option<OwnedFd> {
 
 /// Make the listening socket again here: its port reserved in the cluster
 /// (the old one was closed first), bound and listening, with its options.
-pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
+pub fn relisten(l: &Listening) -> Result<OwnedFd, Error> {
     use super::loopback::{reserve, Reserved};
     let what = format!("listening socket {}", l.addr);
     let fam = if l.addr.is_ipv6() {
@@ -625,7 +629,7 @@ pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
         libc::AF_INET
     };
     let owned = sock::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
-        .map_err(|e| format!("{what}: socket: {e}"))?;
+        .map_err(|e| Error::io("socket", &e).during(&what))?;
     let fd = owned.as_raw_fd();
     if l.addr.is_ipv6() {
         set_int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, l.v6only as i32);
@@ -635,10 +639,13 @@ pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
     match reserve(l.addr.port(), l.reuseaddr) {
         Reserved::Yes | Reserved::Unknown => {}
         Reserved::No(e) => {
-            return Err(format!(
-                "{what}: port {} is taken in the cluster ({})",
-                l.addr.port(),
-                std::io::Error::from_raw_os_error(e)
+            return Err(Error::errno(
+                e,
+                format!(
+                    "{what}: port {} is taken in the cluster ({})",
+                    l.addr.port(),
+                    std::io::Error::from_raw_os_error(e)
+                ),
             ))
         }
     }
@@ -665,7 +672,7 @@ pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
     let addr = sock::addr_from::<libc::sockaddr_in6>(&b);
     raw::bind(fd, &addr, len)
         .and_then(|()| raw::listen(fd, l.backlog.max(1)))
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|e| Error::io(&what, &e))?;
     let _ = sysfd::set_status_flags(fd, l.flags & libc::O_NONBLOCK);
     Ok(owned)
 }

@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 use super::{FdKind, FdState, Kind, Probe, Restoring};
+use crate::error::Error;
 use crate::streams::{dgram, sock};
 use std::os::fd::RawFd;
 
@@ -17,7 +18,7 @@ impl Kind for Dgram {
     }
 
     /// Above the standard fds only (there any socket is relayed).
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         let dgram = p.ty() == libc::S_IFSOCK
             && sock::int_opt(p.fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_DGRAM);
         if !dgram || p.fd <= 2 {
@@ -31,7 +32,7 @@ impl Kind for Dgram {
         }))
     }
 
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::Dgram {
             domain,
             peer,
@@ -42,6 +43,6 @@ impl Kind for Dgram {
         };
         dgram::restore(*domain, peer, *flags)
             .map(Some)
-            .map_err(|e| format!("fd {}: {e}", f.fd))
+            .map_err(|e| e.fd(f.fd))
     }
 }

@@ -2,7 +2,8 @@
 
 #![deny(unsafe_code)]
 
-use super::{fdinfo, os_err, status_field, FdKind, FdState, Kind, Probe, Restoring};
+use super::{fdinfo, status_field, FdKind, FdState, Kind, Probe, Restoring};
+use crate::error::Error;
 use std::os::fd::{IntoRawFd, RawFd};
 
 pub struct EventFd;
@@ -12,7 +13,7 @@ impl Kind for EventFd {
         matches!(k, FdKind::EventFd { .. })
     }
 
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.link_s != "anon_inode:[eventfd]" {
             return None;
         }
@@ -25,13 +26,13 @@ impl Kind for EventFd {
         }))
     }
 
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::EventFd { count, flags } = f.kind else {
             unreachable!("EventFd::restore of {:?}", f.kind)
         };
         let fl = flags & (libc::O_NONBLOCK | libc::O_CLOEXEC);
         let fd = crate::sys::events::eventfd(count.min(u32::MAX as u64) as u32, fl)
-            .map_err(|_| os_err(&format!("fd {}: eventfd", f.fd)))?;
+            .map_err(|e| Error::io("eventfd", &e).fd(f.fd))?;
         Ok(Some(fd.into_raw_fd()))
     }
 }

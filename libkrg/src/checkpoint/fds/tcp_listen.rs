@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 use super::{listen_again_here, vacate_listener, FdKind, FdState, Kind, Probe, Restoring};
+use crate::error::Error;
 use crate::proto::{Request, Response};
 use crate::streams::moving::{self, Listening};
 use std::os::fd::{IntoRawFd, RawFd};
@@ -95,7 +96,7 @@ impl Kind for TcpListen {
         matches!(k, FdKind::TcpListen { .. })
     }
 
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFSOCK || p.fd <= 2 {
             return None;
         }
@@ -118,7 +119,7 @@ impl Kind for TcpListen {
     }
 
     /// The port must be free for the new node to bind it.
-    fn vacate(&self, f: &FdState) -> Result<(), String> {
+    fn vacate(&self, f: &FdState) -> Result<(), Error> {
         park(f.fd);
         vacate_listener(f)
     }
@@ -153,10 +154,10 @@ impl Kind for TcpListen {
         }
     }
 
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let l =
-            listening_of(&f.kind).ok_or_else(|| format!("fd {}: bad listening address", f.fd))?;
-        let s = moving::relisten(&l).map_err(|e| format!("fd {}: {e}", f.fd))?;
+            listening_of(&f.kind).ok_or_else(|| Error::other("bad listening address").fd(f.fd))?;
+        let s = moving::relisten(&l).map_err(|e| e.fd(f.fd))?;
         Ok(Some(s.into_raw_fd()))
     }
 }

@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 use super::{listen_again_here, vacate_listener, FdKind, FdState, Kind, Probe, Restoring};
+use crate::error::Error;
 use crate::streams::unix::{self, Listening};
 use std::os::fd::{IntoRawFd, RawFd};
 
@@ -34,7 +35,7 @@ impl Kind for UnixListen {
         matches!(k, FdKind::UnixListen { .. })
     }
 
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFSOCK || p.fd <= 2 {
             return None;
         }
@@ -56,7 +57,7 @@ impl Kind for UnixListen {
     }
 
     /// Its name must be free for the new node's agent to take it over.
-    fn vacate(&self, f: &FdState) -> Result<(), String> {
+    fn vacate(&self, f: &FdState) -> Result<(), Error> {
         vacate_listener(f)
     }
 
@@ -71,10 +72,10 @@ impl Kind for UnixListen {
         true
     }
 
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let l =
-            listening_of(&f.kind).ok_or_else(|| format!("fd {}: bad listening socket", f.fd))?;
-        let s = unix::relisten(&l).map_err(|e| format!("fd {}: {e}", f.fd))?;
+            listening_of(&f.kind).ok_or_else(|| Error::other("bad listening socket").fd(f.fd))?;
+        let s = unix::relisten(&l).map_err(|e| e.fd(f.fd))?;
         Ok(Some(s.into_raw_fd()))
     }
 }

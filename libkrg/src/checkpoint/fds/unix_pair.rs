@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 use super::{copy_end, high_pair, FdKind, FdState, Kind, Purpose, Restoring};
+use crate::error::Error;
 use std::os::fd::{OwnedFd, RawFd};
 
 pub struct UnixPair;
@@ -17,7 +18,7 @@ impl Kind for UnixPair {
     /// UNIX stream sockets whose peers are among `fds` become the ends of
     /// a pair, with what is queued in each (left in place: the process may
     /// go on here).
-    fn settle(&self, fds: &mut [FdState], _why: Purpose) -> Result<(), String> {
+    fn settle(&self, fds: &mut [FdState], _why: Purpose) -> Result<(), Error> {
         // (index, socket inode, fd number)
         let socks: Vec<(usize, u64, i32)> = fds
             .iter()
@@ -30,7 +31,8 @@ impl Kind for UnixPair {
         if socks.len() < 2 {
             return Ok(());
         }
-        let peers = crate::streams::unix::peers().map_err(|e| format!("UNIX socket peers: {e}"))?;
+        let peers =
+            crate::streams::unix::peers().map_err(|e| Error::io("UNIX socket peers", &e))?;
         let fd_of = |ino: u64| socks.iter().find(|s| s.1 == ino).map(|s| s.2);
         let mut done: Vec<u64> = Vec::new();
         for &(i, ino, fd) in &socks {
@@ -76,7 +78,7 @@ impl Kind for UnixPair {
         true
     }
 
-    fn restore(&self, f: &FdState, cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::UnixPair {
             pair,
             first,
@@ -90,7 +92,7 @@ impl Kind for UnixPair {
         let (meta, floor) = (cx.meta, cx.floor);
         let p = cx
             .made_once(("socketpair", pair), || new_pair(meta, pair, floor))
-            .map_err(|e| format!("fd {}: {e}", f.fd))?;
+            .map_err(|e| e.fd(f.fd))?;
         let fd = copy_end(if first { &p.0 } else { &p.1 }, flags, f.fd)?;
         if passcred {
             crate::streams::seqpacket::pass_credentials(fd);
@@ -101,7 +103,7 @@ impl Kind for UnixPair {
 
 /// The socketpair `pair` of the image made again (its first end, its
 /// second), each end holding what was queued for it, above `floor`.
-fn new_pair(meta: &super::Meta, pair: u64, floor: RawFd) -> Result<(OwnedFd, OwnedFd), String> {
+fn new_pair(meta: &super::Meta, pair: u64, floor: RawFd) -> Result<(OwnedFd, OwnedFd), Error> {
     let queued = |end_first: bool| {
         meta.fds
             .iter()

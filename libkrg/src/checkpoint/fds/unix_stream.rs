@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 use super::{ConnOpts, FdKind, FdState, Kind, Probe, Purpose, Restoring, Sharing, Stream};
+use crate::error::Error;
 use crate::streams::moving;
 use std::os::fd::RawFd;
 
@@ -16,7 +17,7 @@ impl Kind for UnixStream {
         matches!(k, FdKind::UnixStream { .. })
     }
 
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFSOCK {
             return None;
         }
@@ -46,7 +47,7 @@ impl Kind for UnixStream {
         Some("a connection to another process".into())
     }
 
-    fn stream(&self, f: &FdState, _fds: &[FdState]) -> Option<Result<Stream, String>> {
+    fn stream(&self, f: &FdState, _fds: &[FdState]) -> Option<Result<Stream, Error>> {
         let FdKind::UnixStream { ino, .. } = f.kind else {
             return None;
         };
@@ -76,10 +77,7 @@ impl Kind for UnixStream {
         })
     }
 
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
-        Err(format!(
-            "fd {}: a UNIX socket that was not moved (only a migration moves it)",
-            f.fd
-        ))
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
+        Err(Error::other("a UNIX socket that was not moved (only a migration moves it)").fd(f.fd))
     }
 }
