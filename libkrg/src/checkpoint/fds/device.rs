@@ -18,10 +18,6 @@ const PORTABLE_DEVICES: &[(u32, u32, &str)] = &[
 pub struct Device;
 
 impl Kind for Device {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Device { .. })
-    }
-
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFCHR {
             return None;

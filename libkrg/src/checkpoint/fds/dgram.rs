@@ -13,10 +13,6 @@ use std::os::fd::RawFd;
 pub struct Dgram;
 
 impl Kind for Dgram {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Dgram { .. })
-    }
-
     /// Above the standard fds only (there any socket is relayed).
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         let dgram = p.ty() == libc::S_IFSOCK

@@ -45,10 +45,6 @@ fn watches(fd: i32, info: &str) -> Result<Vec<(i32, u32, u64)>, Error> {
 }
 
 impl Kind for Epoll {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Epoll { .. })
-    }
-
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         (p.link_s == "anon_inode:[eventpoll]").then(|| {
             Ok(FdKind::Epoll {

@@ -9,10 +9,6 @@ use std::os::fd::{IntoRawFd, RawFd};
 pub struct EventFd;
 
 impl Kind for EventFd {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::EventFd { .. })
-    }
-
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.link_s != "anon_inode:[eventfd]" {
             return None;

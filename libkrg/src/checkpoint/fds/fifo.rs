@@ -12,10 +12,6 @@ use std::os::fd::RawFd;
 pub struct Fifo;
 
 impl Kind for Fifo {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Fifo { .. })
-    }
-
     /// One opened both ways (`O_RDWR`: its own reader and writer) moves
     /// only as a standard fd (relayed).
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {

@@ -11,10 +11,6 @@ use std::os::fd::RawFd;
 pub struct File;
 
 impl Kind for File {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::File { .. })
-    }
-
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if !matches!(p.ty(), libc::S_IFREG | libc::S_IFDIR) {
             return None;

@@ -1,9 +1,10 @@
 //! Descriptor kinds: what a process's fds become in an image, how they
 //! move and how they are made again. One file per kind, each implementing
-//! [`Kind`], all registered in [`KINDS`]; the capture, the migration and
-//! the restore iterate over that table and ask the kinds, so that adding a
-//! kind of descriptor is one variant of [`FdKind`], one file and one row
-//! here.
+//! [`Kind`], all registered in one list (`kinds!`): the capture asks them
+//! in its order ([`KINDS`]), and an image entry reaches its kind by its
+//! variant ([`of`]). The capture, the migration and the restore ask the
+//! kinds, so that adding a kind of descriptor is one variant of
+//! [`FdKind`], one file and one row here.
 //!
 //! The image format stays one enum ([`FdKind`], in `image.rs`) because the
 //! image is one rkyv archive validated as a whole; each kind's file is the
@@ -29,7 +30,6 @@ mod unix_pair;
 mod unix_stream;
 
 pub use parked::entry as parked_entry;
-pub use relay::is as is_relay;
 pub use tcp::{connection, is_pipe as is_moved_pipe};
 
 use super::image::{FdKind, FdState, Meta};
@@ -38,26 +38,43 @@ use crate::sys::fd as sysfd;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 
 /// Every kind, in the order the capture asks them about an fd (the first
-/// that recognises it describes it).
-static KINDS: &[&dyn Kind] = &[
-    &file::File,
-    &device::Device,
-    &pipe::Pipe,
-    &fifo::Fifo,
-    &unix_listen::UnixListen,
-    &tcp_listen::TcpListen,
-    &dgram::Dgram,
-    &unix_stream::UnixStream,
-    &tcp::Tcp,
-    &relay::Relay,
-    &eventfd::EventFd,
-    &timerfd::TimerFd,
-    &signalfd::SignalFd,
-    &epoll::Epoll,
+/// that recognises it describes it), with the image variant it makes
+/// again: one list for both [`KINDS`] and [`of`].
+macro_rules! kinds {
+    ($($variant:ident => $kind:path,)*) => {
+        /// Every kind, in the order the capture asks them.
+        static KINDS: &[&dyn Kind] = &[$(&$kind),*];
+
+        /// The kind of image entry `k`: the one place where a variant
+        /// meets the code of its kind (each kind's methods may take their
+        /// own variant's fields for granted).
+        pub fn of(k: &FdKind) -> &'static dyn Kind {
+            match k {
+                $(FdKind::$variant { .. } => &$kind,)*
+            }
+        }
+    };
+}
+
+kinds! {
+    File => file::File,
+    Device => device::Device,
+    Pipe => pipe::Pipe,
+    Fifo => fifo::Fifo,
+    UnixListen => unix_listen::UnixListen,
+    TcpListen => tcp_listen::TcpListen,
+    Dgram => dgram::Dgram,
+    UnixStream => unix_stream::UnixStream,
+    Tcp => tcp::Tcp,
+    Relay => relay::Relay,
+    EventFd => eventfd::EventFd,
+    TimerFd => timerfd::TimerFd,
+    SignalFd => signalfd::SignalFd,
+    Epoll => epoll::Epoll,
     // Made by the passes below, never recognised as such.
-    &unix_pair::UnixPair,
-    &parked::Parked,
-];
+    UnixPair => unix_pair::UnixPair,
+    Parked => parked::Parked,
+}
 
 /// What an image is for: some kinds are treated differently by a
 /// migration (the shadow stays behind and relays) and a checkpoint.
@@ -140,12 +157,9 @@ pub struct HandOver<'a> {
     pub relayed: &'a [u64],
 }
 
-/// One kind of descriptor. Every method but `owns` and `restore` has a
-/// default meaning "nothing to do for this kind".
+/// One kind of descriptor. Every method but `restore` has a default
+/// meaning "nothing to do for this kind".
 pub trait Kind: Sync {
-    /// Whether image entry `k` is of this kind.
-    fn owns(&self, k: &FdKind) -> bool;
-
     /// Capture: the image entry of the fd `p` if it is of this kind,
     /// `Some(Err)` if it is but cannot be captured.
     fn describe(&self, _p: &Probe) -> Option<Result<FdKind, Error>> {
@@ -226,12 +240,9 @@ pub trait Kind: Sync {
     }
 }
 
-/// The kind of image entry `k`.
-pub fn of(k: &FdKind) -> &'static dyn Kind {
-    *KINDS
-        .iter()
-        .find(|kind| kind.owns(k))
-        .expect("every FdKind variant has a kind in KINDS")
+/// Whether `k` is a relayed standard fd.
+pub fn is_relay(k: &FdKind) -> bool {
+    matches!(k, FdKind::Relay)
 }
 
 pub(super) fn fstat(fd: RawFd) -> Option<libc::stat> {

@@ -17,10 +17,6 @@ pub fn entry(node: u32, id: i32) -> FdKind {
 }
 
 impl Kind for Parked {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Parked { .. })
-    }
-
     fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::Parked { node, id } = f.kind else {
             unreachable!("Parked::restore of {:?}", f.kind)

@@ -21,10 +21,6 @@ fn other_end_here(fds: &[FdState], ino: u64, read: bool) -> bool {
 }
 
 impl Kind for Pipe {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Pipe { .. })
-    }
-
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFIFO || !p.link_s.starts_with("pipe:") {
             return None;

@@ -10,16 +10,7 @@ use std::os::fd::RawFd;
 
 pub struct Relay;
 
-/// Whether `k` is a relayed standard fd.
-pub fn is(k: &FdKind) -> bool {
-    Relay.owns(k)
-}
-
 impl Kind for Relay {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Relay)
-    }
-
     /// The devices, FIFOs and sockets no other kind took, as fds 0-2.
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         let relayable = matches!(p.ty(), libc::S_IFCHR | libc::S_IFIFO | libc::S_IFSOCK);

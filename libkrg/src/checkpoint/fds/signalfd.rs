@@ -10,10 +10,6 @@ use std::os::fd::{IntoRawFd, RawFd};
 pub struct SignalFd;
 
 impl Kind for SignalFd {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::SignalFd { .. })
-    }
-
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.link_s != "anon_inode:[signalfd]" {
             return None;

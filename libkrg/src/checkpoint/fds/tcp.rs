@@ -60,10 +60,6 @@ fn attach(f: &FdState) -> Result<std::os::fd::OwnedFd, Error> {
 }
 
 impl Kind for Tcp {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Tcp { .. })
-    }
-
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFSOCK || moving::tcp_ends(p.fd).is_none() {
             return None;

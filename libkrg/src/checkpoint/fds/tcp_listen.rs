@@ -92,10 +92,6 @@ fn unpark(fd: i32, cloexec: bool) -> bool {
 }
 
 impl Kind for TcpListen {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::TcpListen { .. })
-    }
-
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFSOCK || p.fd <= 2 {
             return None;

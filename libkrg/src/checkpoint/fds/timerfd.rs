@@ -30,10 +30,6 @@ fn describe(fd: i32, flags: i32) -> Result<FdKind, Error> {
 }
 
 impl Kind for TimerFd {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::TimerFd { .. })
-    }
-
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         (p.link_s == "anon_inode:[timerfd]").then(|| describe(p.fd, p.flags))
     }

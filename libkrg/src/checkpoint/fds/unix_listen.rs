@@ -31,10 +31,6 @@ fn listening_of(k: &FdKind) -> Option<Listening> {
 }
 
 impl Kind for UnixListen {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::UnixListen { .. })
-    }
-
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFSOCK || p.fd <= 2 {
             return None;

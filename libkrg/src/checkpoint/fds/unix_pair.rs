@@ -11,10 +11,6 @@ use std::os::fd::{OwnedFd, RawFd};
 pub struct UnixPair;
 
 impl Kind for UnixPair {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::UnixPair { .. })
-    }
-
     /// UNIX stream sockets whose peers are among `fds` become the ends of
     /// a pair, with what is queued in each (left in place: the process may
     /// go on here).

@@ -13,10 +13,6 @@ use std::os::fd::RawFd;
 pub struct UnixStream;
 
 impl Kind for UnixStream {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::UnixStream { .. })
-    }
-
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFSOCK {
             return None;
