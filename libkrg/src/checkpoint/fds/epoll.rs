@@ -46,7 +46,7 @@ fn watches(fd: i32, info: &str) -> Result<Vec<(i32, u32, u64)>, Error> {
 
 impl Kind for Epoll {
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
-        (p.link_s == "anon_inode:[eventpoll]").then(|| {
+        p.anon("eventpoll").then(|| {
             Ok(FdKind::Epoll {
                 flags: p.flags,
                 watches: watches(p.fd, &fdinfo(p.fd))?,

@@ -2,7 +2,7 @@
 
 #![deny(unsafe_code)]
 
-use super::{fdinfo, status_field, FdKind, FdState, Kind, Probe, Restoring};
+use super::{FdKind, FdState, Kind, Probe, Restoring};
 use crate::error::Error;
 use std::os::fd::{IntoRawFd, RawFd};
 
@@ -10,16 +10,12 @@ pub struct EventFd;
 
 impl Kind for EventFd {
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
-        if p.link_s != "anon_inode:[eventfd]" {
-            return None;
-        }
-        let count = status_field(&fdinfo(p.fd), "eventfd-count:")
-            .and_then(|v| u64::from_str_radix(v, 16).ok())
-            .unwrap_or(0);
-        Some(Ok(FdKind::EventFd {
-            count,
-            flags: p.flags,
-        }))
+        p.anon("eventfd").then(|| {
+            Ok(FdKind::EventFd {
+                count: p.fdinfo_hex("eventfd-count:").unwrap_or(0),
+                flags: p.flags,
+            })
+        })
     }
 
     fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {

@@ -33,7 +33,7 @@ pub use parked::entry as parked_entry;
 pub use tcp::{connection, is_pipe as is_moved_pipe};
 
 use super::image::{FdKind, FdState, Meta};
-use crate::error::Error;
+use crate::error::{Error, ResultExt};
 use crate::sys::fd as sysfd;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 
@@ -100,6 +100,19 @@ impl Probe {
     pub fn ty(&self) -> libc::mode_t {
         self.st.st_mode & libc::S_IFMT
     }
+
+    /// Whether it is an anonymous inode of kind `name` (`eventfd`, ...).
+    fn anon(&self, name: &str) -> bool {
+        self.link_s
+            .strip_prefix("anon_inode:[")
+            .and_then(|s| s.strip_suffix(']'))
+            == Some(name)
+    }
+
+    /// Field `name` of its fdinfo, hexadecimal (`sigmask:`, ...).
+    fn fdinfo_hex(&self, name: &str) -> Option<u64> {
+        status_field(&fdinfo(self.fd), name).and_then(|v| u64::from_str_radix(v, 16).ok())
+    }
 }
 
 /// Why an fd could be shared with another process ([`refuse_shared`] asks
@@ -136,15 +149,22 @@ impl ConnOpts {
     /// What a pipe or FIFO end becomes: a connection that sends at once,
     /// as pipes do.
     fn pipe(flags: i32) -> Self {
+        ConnOpts::at_once(flags, true, false, false)
+    }
+
+    /// A connection that sends at once (`TCP_NODELAY`) without keepalive,
+    /// as pipes and UNIX sockets do; it stands for a pipe (`pipe`) or a
+    /// UNIX socket passing credentials (`passcred`, `seqpacket`).
+    fn at_once(flags: i32, pipe: bool, passcred: bool, seqpacket: bool) -> Self {
         ConnOpts {
             opts: crate::streams::moving::Opts {
                 flags,
                 nodelay: true,
                 keepalive: false,
-                pipe: true,
-                passcred: false,
+                pipe,
+                passcred,
             },
-            seqpacket: false,
+            seqpacket,
         }
     }
 }
@@ -350,21 +370,27 @@ pub struct Restoring<'a> {
 }
 
 impl Restoring<'_> {
-    /// The two ends made for `key` by `make` the first time, found after.
-    pub fn made_once(
+    /// For the image's fd `f` (status flags `flags`): a copy of the
+    /// `first` or second end of the two ends made for `key` by `make`
+    /// (from the image, above the floor) the first time, found after.
+    pub fn copy_of_end(
         &mut self,
+        f: &FdState,
         key: MadeKey,
-        make: impl FnOnce() -> Result<(OwnedFd, OwnedFd), Error>,
-    ) -> Result<&(OwnedFd, OwnedFd), Error> {
+        first: bool,
+        flags: i32,
+        make: impl FnOnce(&Meta, RawFd) -> Result<(OwnedFd, OwnedFd), Error>,
+    ) -> Result<RawFd, Error> {
         let i = match self.made.iter().position(|m| m.0 == key) {
             Some(i) => i,
             None => {
-                let ends = make()?;
+                let ends = make(self.meta, self.floor).fd(f.fd)?;
                 self.made.push((key, ends));
                 self.made.len() - 1
             }
         };
-        Ok(&self.made[i].1)
+        let ends = &self.made[i].1;
+        copy_end(if first { &ends.0 } else { &ends.1 }, flags, f.fd)
     }
 }
 
@@ -453,6 +479,17 @@ fn vacate_listener(f: &FdState) -> Result<(), Error> {
             sysfd::close(n)
         })
         .map_err(|e| Error::from(e).fd(fd))
+}
+
+/// Restore of listening socket `f`: `l`, read from its image entry, made
+/// again by `relisten`.
+fn relistened<L>(
+    f: &FdState,
+    l: Option<L>,
+    relisten: impl FnOnce(&L) -> Result<OwnedFd, Error>,
+) -> Result<Option<RawFd>, Error> {
+    let l = l.ok_or_else(|| Error::other("bad listening socket").fd(f.fd))?;
+    Ok(Some(relisten(&l).fd(f.fd)?.into_raw_fd()))
 }
 
 /// A failed migration: listening socket `f` made again here by `listen`,

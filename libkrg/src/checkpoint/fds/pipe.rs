@@ -6,8 +6,7 @@
 #![deny(unsafe_code)]
 
 use super::{
-    copy_end, high_pair, ConnOpts, FdKind, FdState, Kind, Probe, Purpose, Restoring, Sharing,
-    Stream,
+    high_pair, ConnOpts, FdKind, FdState, Kind, Probe, Purpose, Restoring, Sharing, Stream,
 };
 use crate::error::Error;
 use std::os::fd::{OwnedFd, RawFd};
@@ -131,11 +130,10 @@ impl Kind for Pipe {
         else {
             unreachable!("Pipe::restore of {:?}", f.kind)
         };
-        let (meta, floor) = (cx.meta, cx.floor);
-        let p = cx
-            .made_once(("pipe", ino), || new_pipe(meta, ino, floor))
-            .map_err(|e| e.fd(f.fd))?;
-        copy_end(if read { &p.0 } else { &p.1 }, flags, f.fd).map(Some)
+        cx.copy_of_end(f, ("pipe", ino), read, flags, |meta, floor| {
+            new_pipe(meta, ino, floor)
+        })
+        .map(Some)
     }
 }
 

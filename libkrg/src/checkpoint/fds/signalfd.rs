@@ -2,7 +2,7 @@
 
 #![deny(unsafe_code)]
 
-use super::{fdinfo, status_field, FdKind, FdState, Kind, Probe, Restoring};
+use super::{FdKind, FdState, Kind, Probe, Restoring};
 use crate::error::Error;
 use crate::sys::signal::SigSet;
 use std::os::fd::{IntoRawFd, RawFd};
@@ -11,16 +11,15 @@ pub struct SignalFd;
 
 impl Kind for SignalFd {
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
-        if p.link_s != "anon_inode:[signalfd]" {
-            return None;
-        }
-        let mask = status_field(&fdinfo(p.fd), "sigmask:")
-            .and_then(|v| u64::from_str_radix(v, 16).ok())
-            .ok_or_else(|| Error::other("signalfd without a mask in fdinfo").fd(p.fd));
-        Some(mask.map(|mask| FdKind::SignalFd {
-            mask,
-            flags: p.flags,
-        }))
+        p.anon("signalfd").then(|| {
+            let mask = p
+                .fdinfo_hex("sigmask:")
+                .ok_or_else(|| Error::other("signalfd without a mask in fdinfo").fd(p.fd))?;
+            Ok(FdKind::SignalFd {
+                mask,
+                flags: p.flags,
+            })
+        })
     }
 
     fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {

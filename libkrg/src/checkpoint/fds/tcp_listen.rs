@@ -6,11 +6,13 @@
 
 #![deny(unsafe_code)]
 
-use super::{listen_again_here, vacate_listener, FdKind, FdState, Kind, Probe, Restoring};
+use super::{
+    listen_again_here, relistened, vacate_listener, FdKind, FdState, Kind, Probe, Restoring,
+};
 use crate::error::Error;
 use crate::proto::{Request, Response};
 use crate::streams::moving::{self, Listening};
-use std::os::fd::{IntoRawFd, RawFd};
+use std::os::fd::RawFd;
 
 pub struct TcpListen;
 
@@ -96,18 +98,15 @@ impl Kind for TcpListen {
         if p.ty() != libc::S_IFSOCK || p.fd <= 2 {
             return None;
         }
-        match moving::listening(p.fd) {
-            Ok(Some(l)) => Some(Ok(FdKind::TcpListen {
-                addr: l.addr.to_string(),
-                v6only: l.v6only,
-                reuseaddr: l.reuseaddr,
-                reuseport: l.reuseport,
-                backlog: l.backlog,
-                flags: l.flags,
-            })),
-            Ok(None) => None,
-            Err(e) => Some(Err(e)),
-        }
+        let l = moving::listening(p.fd).transpose()?;
+        Some(l.map(|l| FdKind::TcpListen {
+            addr: l.addr.to_string(),
+            v6only: l.v6only,
+            reuseaddr: l.reuseaddr,
+            reuseport: l.reuseport,
+            backlog: l.backlog,
+            flags: l.flags,
+        }))
     }
 
     fn leads_out(&self, _f: &FdState, _fds: &[FdState]) -> Option<String> {
@@ -151,9 +150,6 @@ impl Kind for TcpListen {
     }
 
     fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
-        let l =
-            listening_of(&f.kind).ok_or_else(|| Error::other("bad listening address").fd(f.fd))?;
-        let s = moving::relisten(&l).map_err(|e| e.fd(f.fd))?;
-        Ok(Some(s.into_raw_fd()))
+        relistened(f, listening_of(&f.kind), moving::relisten)
     }
 }

@@ -31,7 +31,7 @@ fn describe(fd: i32, flags: i32) -> Result<FdKind, Error> {
 
 impl Kind for TimerFd {
     fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
-        (p.link_s == "anon_inode:[timerfd]").then(|| describe(p.fd, p.flags))
+        p.anon("timerfd").then(|| describe(p.fd, p.flags))
     }
 
     fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {

@@ -3,10 +3,12 @@
 
 #![deny(unsafe_code)]
 
-use super::{listen_again_here, vacate_listener, FdKind, FdState, Kind, Probe, Restoring};
+use super::{
+    listen_again_here, relistened, vacate_listener, FdKind, FdState, Kind, Probe, Restoring,
+};
 use crate::error::Error;
 use crate::streams::unix::{self, Listening};
-use std::os::fd::{IntoRawFd, RawFd};
+use std::os::fd::RawFd;
 
 pub struct UnixListen;
 
@@ -35,17 +37,14 @@ impl Kind for UnixListen {
         if p.ty() != libc::S_IFSOCK || p.fd <= 2 {
             return None;
         }
-        match unix::listening(p.fd) {
-            Ok(Some(l)) => Some(Ok(FdKind::UnixListen {
-                name: l.name,
-                ty: l.ty,
-                flags: l.flags,
-                passcred: l.passcred,
-                backlog: l.backlog,
-            })),
-            Ok(None) => None,
-            Err(e) => Some(Err(e)),
-        }
+        let l = unix::listening(p.fd).transpose()?;
+        Some(l.map(|l| FdKind::UnixListen {
+            name: l.name,
+            ty: l.ty,
+            flags: l.flags,
+            passcred: l.passcred,
+            backlog: l.backlog,
+        }))
     }
 
     fn leads_out(&self, _f: &FdState, _fds: &[FdState]) -> Option<String> {
@@ -69,9 +68,6 @@ impl Kind for UnixListen {
     }
 
     fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
-        let l =
-            listening_of(&f.kind).ok_or_else(|| Error::other("bad listening socket").fd(f.fd))?;
-        let s = unix::relisten(&l).map_err(|e| e.fd(f.fd))?;
-        Ok(Some(s.into_raw_fd()))
+        relistened(f, listening_of(&f.kind), unix::relisten)
     }
 }

@@ -4,7 +4,7 @@
 
 #![deny(unsafe_code)]
 
-use super::{copy_end, high_pair, FdKind, FdState, Kind, Purpose, Restoring};
+use super::{high_pair, FdKind, FdState, Kind, Purpose, Restoring};
 use crate::error::Error;
 use std::os::fd::{OwnedFd, RawFd};
 
@@ -85,11 +85,9 @@ impl Kind for UnixPair {
         else {
             unreachable!("UnixPair::restore of {:?}", f.kind)
         };
-        let (meta, floor) = (cx.meta, cx.floor);
-        let p = cx
-            .made_once(("socketpair", pair), || new_pair(meta, pair, floor))
-            .map_err(|e| e.fd(f.fd))?;
-        let fd = copy_end(if first { &p.0 } else { &p.1 }, flags, f.fd)?;
+        let fd = cx.copy_of_end(f, ("socketpair", pair), first, flags, |meta, floor| {
+            new_pair(meta, pair, floor)
+        })?;
         if passcred {
             crate::streams::seqpacket::pass_credentials(fd);
         }

@@ -61,16 +61,7 @@ impl Kind for UnixStream {
         else {
             return None;
         };
-        Some(ConnOpts {
-            opts: moving::Opts {
-                flags,
-                nodelay: true,
-                keepalive: false,
-                pipe: false,
-                passcred,
-            },
-            seqpacket,
-        })
+        Some(ConnOpts::at_once(flags, false, passcred, seqpacket))
     }
 
     fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
