@@ -23,7 +23,8 @@
 #![deny(unsafe_code)]
 
 use crate::client;
-use crate::error::{Error, ResultExt};
+use crate::error::Error;
+use crate::proc_self::{read_file, read_link, rlimits, split_nul, umask};
 use crate::proto::{FileRef, RemoteExec, Request, Response, StdioKind};
 use crate::sys;
 use crate::sys::signal::SigSet;
@@ -85,7 +86,7 @@ pub fn run_on(node: u32, gpid: i32) -> Result<(), Error> {
         node,
         gpid,
         read_link("/proc/self/exe")?,
-        split_nul(&std::fs::read("/proc/self/cmdline").map_err(|e| e.to_string())?),
+        split_nul(&read_file("/proc/self/cmdline")?),
         env,
         None,
     )
@@ -126,7 +127,7 @@ fn run_on_with(
         argv,
         env,
         cwd: read_link("/proc/self/cwd")?,
-        umask: current_umask(),
+        umask: umask(),
         rlimits: rlimits(),
         stdio: stdio.clone(),
         port: listener.port,
@@ -439,42 +440,6 @@ pub fn shadow_from_env(spec: &str) -> Result<std::convert::Infallible, Error> {
         }
     }
     shadow(gpid, node, &stdio, conns)
-}
-
-fn read_link(p: &str) -> Result<Vec<u8>, Error> {
-    std::fs::read_link(p)
-        .map(|p| p.into_os_string().into_encoded_bytes())
-        .during(p)
-}
-
-fn split_nul(b: &[u8]) -> Vec<Vec<u8>> {
-    let mut v: Vec<Vec<u8>> = b.split(|c| *c == 0).map(<[u8]>::to_vec).collect();
-    if v.last().is_some_and(Vec::is_empty) {
-        v.pop();
-    }
-    v
-}
-
-pub(crate) fn current_umask() -> u32 {
-    // /proc/self/status has it without the set-and-restore race of umask(2).
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let l = s.lines().find(|l| l.starts_with("Umask:"))?;
-            u32::from_str_radix(l[6..].trim(), 8).ok()
-        })
-        .unwrap_or(0o022)
-}
-
-fn rlimits() -> Vec<(u32, u64, u64)> {
-    let mut v = Vec::new();
-    // Linux has 16 resource limits (RLIMIT_CPU = 0 .. RLIMIT_RTTIME = 15).
-    for r in 0..16u32 {
-        if let Ok((soft, hard)) = sys::process::getrlimit(r) {
-            v.push((r, soft, hard));
-        }
-    }
-    v
 }
 
 /// How fds 0-2 travel. A stderr that is the same open file as stdout
@@ -1050,18 +1015,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cmdline_split() {
-        assert_eq!(
-            split_nul(b"sh\0-c\0echo hi\0"),
-            vec![b"sh".to_vec(), b"-c".to_vec(), b"echo hi".to_vec()]
-        );
-        assert_eq!(
-            split_nul(b"a\0\0b\0"),
-            vec![b"a".to_vec(), b"".to_vec(), b"b".to_vec()]
-        );
-    }
-
-    #[test]
     fn stdio_kinds() {
         let null = std::fs::File::open("/dev/null").unwrap();
         assert_eq!(stdio_kind(null.as_raw_fd()), StdioKind::DevNull);
@@ -1070,11 +1023,5 @@ mod tests {
         let (r, _w) = std::io::pipe().unwrap();
         assert_eq!(stdio_kind(r.as_raw_fd()), StdioKind::Relay);
         assert_eq!(stdio_kind(987), StdioKind::Closed);
-    }
-
-    #[test]
-    fn umask_and_limits_are_read() {
-        assert!(current_umask() <= 0o777);
-        assert!(rlimits().len() >= 10);
     }
 }

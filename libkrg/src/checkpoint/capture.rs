@@ -7,7 +7,8 @@
 
 use super::image::{self, FdState, FileId, Meta, Region, RegionKind, SigAction, ThreadState};
 use crate::error::{Error, ResultExt};
-use crate::sys::{mem, process, raw};
+use crate::proc_self::{read_file, read_link, rlimits, split_nul};
+use crate::sys::{mem, raw};
 use std::os::fd::RawFd;
 
 const PAGE: u64 = 4096;
@@ -144,25 +145,6 @@ pub fn without(maps: Vec<MapLine>, hole: (u64, u64)) -> Vec<MapLine> {
     out
 }
 
-/// Read a whole (proc) file with plain system calls.
-pub fn read_file(path: &str) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).during(path)
-}
-
-fn read_link(path: &str) -> Result<Vec<u8>, Error> {
-    std::fs::read_link(path)
-        .map(|p| p.into_os_string().into_encoded_bytes())
-        .during(path)
-}
-
-fn split_nul(b: &[u8]) -> Vec<Vec<u8>> {
-    let mut v: Vec<Vec<u8>> = b.split(|c| *c == 0).map(<[u8]>::to_vec).collect();
-    if v.last().is_some_and(Vec::is_empty) {
-        v.pop();
-    }
-    v
-}
-
 fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
     status
         .lines()
@@ -206,16 +188,6 @@ fn itimers() -> Vec<(u32, i64, i64, i64, i64)> {
                 t.it_value.tv_sec,
                 t.it_value.tv_usec,
             ));
-        }
-    }
-    v
-}
-
-fn rlimits() -> Vec<(u32, u64, u64)> {
-    let mut v = Vec::new();
-    for r in 0..16u32 {
-        if let Ok((cur, max)) = process::getrlimit(r) {
-            v.push((r, cur, max));
         }
     }
     v
@@ -403,9 +375,7 @@ pub fn meta(
             })
             .unwrap_or_default()
     };
-    let umask = status_field(&status, "Umask:")
-        .and_then(|v| u32::from_str_radix(v, 8).ok())
-        .unwrap_or(0o022);
+    let umask = crate::proc_self::umask();
     let vdso = maps
         .iter()
         .any(|m| m.path == "[vdso]")

@@ -35,7 +35,7 @@ pub const CHILD_SHADOW_ENV: &str = "KRG_CHILD_SHADOW";
 pub(super) fn refuse_unnamed_children() -> Result<(), Error> {
     let mut unnamed: Vec<String> = Vec::new();
     for t in crate::dirs::numbers("/proc/self/task")? {
-        let Ok(kids) = super::capture::read_file(&format!("/proc/self/task/{t}/children")) else {
+        let Ok(kids) = crate::proc_self::read_file(&format!("/proc/self/task/{t}/children")) else {
             continue;
         };
         for k in String::from_utf8_lossy(&kids)
@@ -43,7 +43,7 @@ pub(super) fn refuse_unnamed_children() -> Result<(), Error> {
             .filter_map(|k| k.parse::<i32>().ok())
         {
             if !crate::processes::knows_child(k) {
-                let comm = super::capture::read_file(&format!("/proc/{k}/comm"))
+                let comm = crate::proc_self::read_file(&format!("/proc/{k}/comm"))
                     .map(|c| String::from_utf8_lossy(&c).trim_end().to_string())
                     .unwrap_or_default();
                 unnamed.push(format!("{k} ({comm})"));

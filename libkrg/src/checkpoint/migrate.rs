@@ -37,7 +37,7 @@ fn out_taken(order: &Order) -> Result<u64, Error> {
     crate::dsm::capturable()?;
     super::children::refuse_unnamed_children()?;
     let threads = super::capture_threads()?;
-    let maps_text = capture::read_file("/proc/self/maps")?;
+    let maps_text = crate::proc_self::read_file("/proc/self/maps")?;
     // The capture arena is left out of the image.
     let maps = capture::without(
         capture::parse_maps(&String::from_utf8_lossy(&maps_text)),

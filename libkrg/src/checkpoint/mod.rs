@@ -699,7 +699,7 @@ fn write_image(
     kill: bool,
 ) -> Result<(u64, Vec<i32>), Error> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(file);
-    let maps_text = capture::read_file("/proc/self/maps")?;
+    let maps_text = crate::proc_self::read_file("/proc/self/maps")?;
     // The capture arena is left out of the image.
     let maps = capture::without(
         capture::parse_maps(&String::from_utf8_lossy(&maps_text)),
@@ -871,8 +871,8 @@ mod handler {
             let buf = unsafe { &*IDENT.0.get() };
             return Ok((buf[..a].to_vec(), buf[a..a + e].to_vec()));
         }
-        let argv = capture::read_file("/proc/self/cmdline")?;
-        let env = capture::read_file("/proc/self/environ")?;
+        let argv = crate::proc_self::read_file("/proc/self/cmdline")?;
+        let env = crate::proc_self::read_file("/proc/self/environ")?;
         if argv.len() + env.len() <= IDENT_MAX && !argv.is_empty() {
             // SAFETY: the leader alone writes the buffer, within its bounds.
             let buf = unsafe { &mut *IDENT.0.get() };

@@ -344,7 +344,7 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), Error> {
             anchor, meta.krg_anchor
         )));
     }
-    let maps = capture::parse_maps(&String::from_utf8_lossy(&capture::read_file(
+    let maps = capture::parse_maps(&String::from_utf8_lossy(&crate::proc_self::read_file(
         "/proc/self/maps",
     )?));
     let vdso = maps.iter().find(|m| m.path == "[vdso]");

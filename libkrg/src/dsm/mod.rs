@@ -347,7 +347,7 @@ fn shm_open_inner(name: &CStr, oflag: c_int, mode: libc::mode_t) -> c_int {
     let req = Request::ShmOpen {
         name: obj.clone(),
         oflag,
-        mode: mode & 0o777 & !current_umask(),
+        mode: mode & 0o777 & !crate::proc_self::umask(),
         size: 0,
         init: None,
     };
@@ -620,18 +620,6 @@ pub fn closed(fd: c_int) {
     ANY_FD.store(!t.is_empty(), Ordering::Release);
 }
 
-/// This process's umask (without changing it).
-fn current_umask() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Umask:"))
-                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-        })
-        .unwrap_or(0o022)
-}
-
 /// `sem_open(name, oflag, mode, value)`: a named semaphore shared by the
 /// whole cluster. Created with its value already in place at its home, so
 /// no node ever sees it half made.
@@ -660,7 +648,7 @@ pub fn sem_open(
     let req = Request::ShmOpen {
         name: obj.clone(),
         oflag,
-        mode: mode & 0o777 & !current_umask(),
+        mode: mode & 0o777 & !crate::proc_self::umask(),
         size: std::mem::size_of::<libc::sem_t>() as u64,
         init,
     };
