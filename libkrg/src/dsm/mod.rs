@@ -327,6 +327,50 @@ fn object_name(kind: &str, name: &CStr) -> Result<String, i32> {
     Ok(format!("{kind}.{n}"))
 }
 
+/// `kind_open`: the id of POSIX object `name` of `kind` (`shm`, `sem`),
+/// made by `O_CREAT` with `size` bytes holding `init`; or the errno.
+fn open_object(
+    kind: &str,
+    name: &CStr,
+    oflag: c_int,
+    mode: libc::mode_t,
+    size: u64,
+    init: Option<Vec<u8>>,
+) -> Result<i32, i32> {
+    let name = object_name(kind, name)?;
+    let what = format!("{kind}_open {name}");
+    let req = Request::ShmOpen {
+        name,
+        oflag,
+        mode: mode & 0o777 & !crate::proc_self::umask(),
+        size,
+        init,
+    };
+    match call(&req) {
+        Ok(Response::Id(id)) => Ok(id),
+        Ok(other) => {
+            unexpected(&what, &other);
+            Err(libc::EIO)
+        }
+        Err(e) => {
+            krg_log!(Level::Debug, "{what}: {e}");
+            Err(e.errno())
+        }
+    }
+}
+
+/// `kind_unlink(name)` of POSIX object `name` of `kind` (`shm`, `sem`).
+fn unlink_object(kind: &str, name: &CStr) -> c_int {
+    let obj = match object_name(kind, name) {
+        Ok(n) => n,
+        Err(e) => return fail(e, -1),
+    };
+    match call(&Request::ShmUnlink { name: obj.clone() }) {
+        Ok(_) => 0,
+        Err(e) => call_err(&format!("{kind}_unlink {obj}"), e, -1),
+    }
+}
+
 /// `shm_open(name, oflag, mode)`: a descriptor of the cluster-wide object
 /// (this node's memory object for it). Its pages are kept coherent when it
 /// is mapped with `MAP_SHARED`; `read`/`write` on the descriptor itself
@@ -336,32 +380,20 @@ pub fn shm_open(name: &CStr, oflag: c_int, mode: libc::mode_t) -> c_int {
 }
 
 fn shm_open_inner(name: &CStr, oflag: c_int, mode: libc::mode_t) -> c_int {
-    let obj = match object_name("shm", name) {
-        Ok(n) => n,
-        Err(e) => return fail(e, -1),
-    };
     let acc = oflag & libc::O_ACCMODE;
     if acc != libc::O_RDONLY && acc != libc::O_RDWR {
         return fail(libc::EINVAL, -1);
     }
-    let req = Request::ShmOpen {
-        name: obj.clone(),
-        oflag,
-        mode: mode & 0o777 & !crate::proc_self::umask(),
-        size: 0,
-        init: None,
-    };
-    let id = match call(&req) {
-        Ok(Response::Id(id)) => id,
-        Ok(other) => return fail(libc::EIO, unexpected("shm_open", &other)),
-        Err(e) => return call_err(&format!("shm_open {obj}"), e, -1),
+    let id = match open_object("shm", name, oflag, mode, 0, None) {
+        Ok(id) => id,
+        Err(e) => return fail(e, -1),
     };
     let (r, got) = match client::call_fds(&Request::ShmFd {
         shmid: id,
         write: acc == libc::O_RDWR,
     }) {
         Ok(x) => x,
-        Err(e) => return call_err(&format!("shm_open {obj}"), e, -1),
+        Err(e) => return call_err(&format!("shm_open {}", name.to_string_lossy()), e, -1),
     };
     if !matches!(r, Response::ShmAttached { .. }) {
         return fail(libc::EIO, unexpected("shm_open", &r));
@@ -379,14 +411,7 @@ fn shm_open_inner(name: &CStr, oflag: c_int, mode: libc::mode_t) -> c_int {
 
 /// `shm_unlink(name)`.
 pub fn shm_unlink(name: &CStr) -> c_int {
-    let obj = match object_name("shm", name) {
-        Ok(n) => n,
-        Err(e) => return fail(e, -1),
-    };
-    match call(&Request::ShmUnlink { name: obj.clone() }) {
-        Ok(_) => 0,
-        Err(e) => call_err(&format!("shm_unlink {obj}"), e, -1),
-    }
+    unlink_object("shm", name)
 }
 
 /// `ftruncate(fd, len)` on a descriptor from `shm_open`: the object's
@@ -630,10 +655,6 @@ pub fn sem_open(
     value: libc::c_uint,
 ) -> *mut libc::sem_t {
     let failed = std::ptr::null_mut();
-    let obj = match object_name("sem", name) {
-        Ok(n) => n,
-        Err(e) => return fail(e, failed),
-    };
     let init = if oflag & libc::O_CREAT != 0 {
         if value > i32::MAX as u32 {
             return fail(libc::EINVAL, failed);
@@ -645,27 +666,15 @@ pub fn sem_open(
     } else {
         None
     };
-    let req = Request::ShmOpen {
-        name: obj.clone(),
-        oflag,
-        mode: mode & 0o777 & !crate::proc_self::umask(),
-        size: std::mem::size_of::<libc::sem_t>() as u64,
-        init,
-    };
-    let id = match call(&req) {
-        Ok(Response::Id(id)) => id,
-        Ok(other) => return fail(libc::EIO, unexpected_ptr("sem_open", &other)),
-        Err(e) => return call_err(&format!("sem_open {obj}"), e, failed),
+    let size = std::mem::size_of::<libc::sem_t>() as u64;
+    let id = match open_object("sem", name, oflag, mode, size, init) {
+        Ok(id) => id,
+        Err(e) => return fail(e, failed),
     };
     match inside(|| attach_at(id, 0, 0)) {
         Ok(p) => p.cast(),
         Err(errno) => fail(errno, failed),
     }
-}
-
-fn unexpected_ptr<T>(what: &str, r: &Response) -> *mut T {
-    unexpected(what, r);
-    std::ptr::null_mut()
 }
 
 /// Whether `addr` is where this process attached a segment.
@@ -675,14 +684,7 @@ pub fn is_attachment(addr: *const c_void) -> bool {
 
 /// `sem_unlink(name)`.
 pub fn sem_unlink(name: &CStr) -> c_int {
-    let obj = match object_name("sem", name) {
-        Ok(n) => n,
-        Err(e) => return fail(e, -1),
-    };
-    match call(&Request::ShmUnlink { name: obj.clone() }) {
-        Ok(_) => 0,
-        Err(e) => call_err(&format!("sem_unlink {obj}"), e, -1),
-    }
+    unlink_object("sem", name)
 }
 
 /// A thread is about to wait on the synchronisation object of `len` bytes
