@@ -356,15 +356,17 @@ fn scan_pagemap(
     Ok(())
 }
 
-/// Everything but memory contents and threads.
+/// Everything but memory contents: the memory announced is that of `runs`,
+/// libkrg's address is that of its anchor.
 pub fn meta(
     maps: &[MapLine],
     regions: Vec<Region>,
+    runs: &[(u64, u64)],
     threads: Vec<ThreadState>,
     fds: Vec<FdState>,
-    mem_bytes: u64,
-    anchor: u64,
 ) -> Result<Meta, Error> {
+    let mem_bytes = runs.iter().map(|r| r.1).sum();
+    let anchor = &super::ANCHOR as *const _ as u64;
     let status = String::from_utf8_lossy(&read_file("/proc/self/status")?).into_owned();
     let ids = |name: &str| -> Vec<u32> {
         status_field(&status, name)

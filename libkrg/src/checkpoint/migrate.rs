@@ -54,15 +54,7 @@ fn out_taken(order: &Order) -> Result<u64, Error> {
     // The fds, before this side's own sockets exist.
     let fds = fds::capture(&[])?;
     fds::refuse_shared(&maps, &fds, true)?;
-    let mem: u64 = runs.iter().map(|r| r.1).sum();
-    let mut meta = capture::meta(
-        &maps,
-        regions.clone(),
-        threads,
-        fds,
-        mem,
-        &ANCHOR as *const AtomicI32 as u64,
-    )?;
+    let mut meta = capture::meta(&maps, regions.clone(), &runs, threads, fds)?;
     meta.lazy = lazy;
     // Stdin, stdout and stderr stay with the shadow (a file here may not
     // exist there; a file shared with the parent keeps its one offset): the

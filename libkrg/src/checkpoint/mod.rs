@@ -709,16 +709,8 @@ fn write_image(
     let mut fds = fds::capture(&[fd])?;
     fds::refuse_shared(&maps, &fds, false)?;
     let parks = streams_for_disk(&mut fds, kill)?;
-    let mem: u64 = runs.iter().map(|r| r.1).sum();
-    let r = capture::meta(
-        &maps,
-        regions.clone(),
-        threads,
-        fds,
-        mem,
-        &ANCHOR as *const AtomicI32 as u64,
-    )
-    .and_then(|meta| capture::write_image(fd, &meta, &regions, &runs));
+    let r = capture::meta(&maps, regions.clone(), &runs, threads, fds)
+        .and_then(|meta| capture::write_image(fd, &meta, &regions, &runs));
     match r {
         Ok(n) => Ok((n, parks)),
         Err(e) => {
