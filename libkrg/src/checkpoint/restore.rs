@@ -20,6 +20,7 @@ use super::image::{self, Meta, RegionKind};
 use super::postcopy;
 use super::{ThreadRaw, ANCHOR, RESTORE_AREA, RESUMED};
 use crate::error::{Error, ResultExt};
+use crate::sys::sock;
 use std::ffi::OsStr;
 use std::os::fd::{IntoRawFd, RawFd};
 
@@ -423,32 +424,14 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), Error> {
         // Small receive buffer: a page the process faults on waits behind
         // less of the background push.
         let buf: libc::c_int = 512 * 1024;
-        // SAFETY: sets an int option on the migration stream.
-        unsafe {
-            libc::setsockopt(
-                image_fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&buf as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as u32,
-            )
-        };
+        let _ = sock::setsockopt(image_fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &buf);
         // A record cut short by a source that vanished without a FIN or
         // RST must not block the post-copy thread forever.
         let tv = libc::timeval {
             tv_sec: postcopy::SILENCE_S,
             tv_usec: 0,
         };
-        // SAFETY: sets a timeval option on the migration stream.
-        unsafe {
-            libc::setsockopt(
-                image_fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
+        let _ = sock::setsockopt(image_fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv);
     }
     // The post-copy thread's own mapping (stack, buffers), apart from the
     // restorer's area, which goes once the threads are back.
