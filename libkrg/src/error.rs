@@ -84,8 +84,9 @@ impl Error {
     /// The system call `what` just failed: `what: <strerror>`, with the
     /// thread's errno (read before anything else can change it).
     pub fn last_os(what: impl fmt::Display) -> Self {
-        let errno = crate::rt::errno();
-        Error::errno(errno, format!("{what}: {}", crate::rt::Errno(errno)))
+        // sys, not rt: error sits below the runtime and its agent calls.
+        let errno = crate::sys::errno();
+        Error::errno(errno, format!("{what}: {}", crate::sys::Errno(errno)))
     }
 
     /// The same failure, found while doing `what`: `what: ` goes before
