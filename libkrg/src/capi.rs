@@ -35,9 +35,9 @@ fn active() -> Result<(), c_int> {
     }
 }
 
-fn ckpt_err((e, msg): (i32, String)) -> c_int {
-    crate::krg_log!(crate::log::Level::Warn, "{msg}");
-    set_errno(e);
+fn ckpt_err(e: crate::error::Error) -> c_int {
+    crate::krg_log!(crate::log::Level::Warn, "{e}");
+    set_errno(e.errno);
     -1
 }
 

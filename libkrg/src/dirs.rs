@@ -4,12 +4,13 @@
 
 #![deny(unsafe_code)]
 
+use crate::error::{Error, ResultExt};
 use crate::sys::raw;
 
 /// Entries of a directory, with getdents64 (std's `read_dir` goes through
 /// libc's `opendir`, which mallocs).
-pub fn numbers(path: &str) -> Result<Vec<i32>, String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+pub fn numbers(path: &str) -> Result<Vec<i32>, Error> {
+    let f = std::fs::File::open(path).during(path)?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
     let mut buf = vec![0u8; 32 * 1024];
     let mut out = Vec::new();
@@ -17,8 +18,8 @@ pub fn numbers(path: &str) -> Result<Vec<i32>, String> {
         let n = match raw::getdents64(fd, &mut buf) {
             Ok(n) => n,
             Err(e) => {
-                let errno = e.raw_os_error().unwrap_or(0);
-                return Err(format!("{path}: {}", crate::rt::Errno(errno)));
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                return Err(Error::errno(errno, crate::rt::Errno(errno).to_string()).path(path));
             }
         };
         if n == 0 {
@@ -46,6 +47,6 @@ pub fn numbers(path: &str) -> Result<Vec<i32>, String> {
 }
 
 /// The process's open fd numbers.
-pub fn open_fds() -> Result<Vec<i32>, String> {
+pub fn open_fds() -> Result<Vec<i32>, Error> {
     numbers("/proc/self/fd")
 }

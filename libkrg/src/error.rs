@@ -60,6 +60,42 @@ impl Error {
         Error::new(ErrorKind::Other, libc::EIO, msg)
     }
 
+    /// A failure of no particular kind that the application sees as
+    /// `errno`.
+    pub fn errno(errno: i32, msg: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Other, errno, msg)
+    }
+
+    /// The process cannot be captured or moved as it is: `EBUSY`, as the
+    /// application sees every refusal of `krg_checkpoint`/`krg_migrate`.
+    pub fn refused(msg: impl Into<String>) -> Self {
+        Error::errno(libc::EBUSY, msg)
+    }
+
+    /// `what` failed with `e`: `what: <e>`, its errno kept (`EIO` when it
+    /// has none).
+    pub fn io(what: impl fmt::Display, e: &std::io::Error) -> Self {
+        Error::errno(
+            e.raw_os_error().unwrap_or(libc::EIO),
+            format!("{what}: {e}"),
+        )
+    }
+
+    /// The system call `what` just failed: `what: <strerror>`, with the
+    /// thread's errno (read before anything else can change it).
+    pub fn last_os(what: impl fmt::Display) -> Self {
+        // sys, not rt: error sits below the runtime and its agent calls.
+        let errno = crate::sys::errno();
+        Error::errno(errno, format!("{what}: {}", crate::sys::Errno(errno)))
+    }
+
+    /// The same failure, found while doing `what`: `what: ` goes before
+    /// the message (after the context).
+    pub fn during(mut self, what: impl fmt::Display) -> Self {
+        self.msg = format!("{what}: {}", self.msg);
+        self
+    }
+
     /// About process `pid`.
     pub fn pid(mut self, pid: i32) -> Self {
         self.ctx.pid = Some(pid);
@@ -85,6 +121,30 @@ impl Error {
     }
 }
 
+/// Context added to any failure that becomes an [`Error`], on the way up.
+pub trait ResultExt<T> {
+    /// Found while doing `what` (see [`Error::during`]).
+    fn during(self, what: impl fmt::Display) -> Result<T, Error>;
+    /// About fd `fd`.
+    fn fd(self, fd: i32) -> Result<T, Error>;
+    /// About `path`.
+    fn path(self, path: impl fmt::Display) -> Result<T, Error>;
+}
+
+impl<T, E: Into<Error>> ResultExt<T> for Result<T, E> {
+    fn during(self, what: impl fmt::Display) -> Result<T, Error> {
+        self.map_err(|e| e.into().during(what))
+    }
+
+    fn fd(self, fd: i32) -> Result<T, Error> {
+        self.map_err(|e| e.into().fd(fd))
+    }
+
+    fn path(self, path: impl fmt::Display) -> Result<T, Error> {
+        self.map_err(|e| e.into().path(path.to_string()))
+    }
+}
+
 /// The messages libkrg's older code builds (context already in the text).
 impl From<String> for Error {
     fn from(msg: String) -> Self {
@@ -95,6 +155,13 @@ impl From<String> for Error {
 impl From<&str> for Error {
     fn from(msg: &str) -> Self {
         Error::other(msg)
+    }
+}
+
+/// An I/O failure, its errno kept.
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::errno(e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
     }
 }
 

@@ -29,6 +29,7 @@ pub mod gpid;
 pub mod hookclient;
 pub mod log;
 pub mod pidcalls;
+pub mod proc_self;
 pub mod processes;
 pub mod procfs;
 pub mod proto;

@@ -6,17 +6,15 @@
 #![deny(unsafe_code)]
 
 use super::image::{self, FdState, FileId, Meta, Region, RegionKind, SigAction, ThreadState};
-use crate::sys::{mem, process, raw};
+use crate::error::{Error, ResultExt};
+use crate::proc_self::{read_file, read_link, rlimits, split_nul};
+use crate::sys::{mem, raw};
 use std::os::fd::RawFd;
 
 const PAGE: u64 = 4096;
 
 fn errno() -> i32 {
     crate::rt::errno()
-}
-
-fn os_err(what: &str) -> String {
-    format!("{what}: {}", crate::rt::Errno(errno()))
 }
 
 /// One line of `/proc/self/maps`.
@@ -147,25 +145,6 @@ pub fn without(maps: Vec<MapLine>, hole: (u64, u64)) -> Vec<MapLine> {
     out
 }
 
-/// Read a whole (proc) file with plain system calls.
-pub fn read_file(path: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{path}: {e}"))
-}
-
-fn read_link(path: &str) -> Result<Vec<u8>, String> {
-    std::fs::read_link(path)
-        .map(|p| p.into_os_string().into_encoded_bytes())
-        .map_err(|e| format!("{path}: {e}"))
-}
-
-fn split_nul(b: &[u8]) -> Vec<Vec<u8>> {
-    let mut v: Vec<Vec<u8>> = b.split(|c| *c == 0).map(<[u8]>::to_vec).collect();
-    if v.last().is_some_and(Vec::is_empty) {
-        v.pop();
-    }
-    v
-}
-
 fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
     status
         .lines()
@@ -214,24 +193,14 @@ fn itimers() -> Vec<(u32, i64, i64, i64, i64)> {
     v
 }
 
-fn rlimits() -> Vec<(u32, u64, u64)> {
-    let mut v = Vec::new();
-    for r in 0..16u32 {
-        if let Ok((cur, max)) = process::getrlimit(r) {
-            v.push((r, cur, max));
-        }
-    }
-    v
-}
-
-fn file_id(m: &MapLine) -> Result<FileId, String> {
+fn file_id(m: &MapLine) -> Result<FileId, Error> {
     let md = std::fs::metadata(&m.path).map_err(|e| format!("mapping of {}: {e}", m.path))?;
     use std::os::unix::fs::MetadataExt;
     if md.ino() != m.inode {
-        return Err(format!(
+        return Err(Error::refused(format!(
             "mapping of {}: the file at that path was replaced",
             m.path
-        ));
+        )));
     }
     Ok(FileId {
         path: m.path.clone().into_bytes(),
@@ -260,7 +229,7 @@ enum Save {
 pub type Runs = Vec<(u64, u64)>;
 
 /// The regions of the image and the runs of memory to save.
-pub fn regions(maps: &[MapLine]) -> Result<(Vec<Region>, Runs), String> {
+pub fn regions(maps: &[MapLine]) -> Result<(Vec<Region>, Runs), Error> {
     regions_deferring(maps, &[])
 }
 
@@ -270,9 +239,8 @@ pub fn regions(maps: &[MapLine]) -> Result<(Vec<Region>, Runs), String> {
 pub fn regions_deferring(
     maps: &[MapLine],
     defer: &[(u64, u64)],
-) -> Result<(Vec<Region>, Runs), String> {
-    let pagemap = std::fs::File::open("/proc/self/pagemap")
-        .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+) -> Result<(Vec<Region>, Runs), Error> {
+    let pagemap = std::fs::File::open("/proc/self/pagemap").during("/proc/self/pagemap")?;
     let mut regions = Vec::new();
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for m in maps {
@@ -331,9 +299,8 @@ pub fn regions_deferring(
 }
 
 /// The runs of present or swapped pages of `[start, end)`.
-pub fn present_runs(start: u64, end: u64) -> Result<Runs, String> {
-    let pagemap = std::fs::File::open("/proc/self/pagemap")
-        .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+pub fn present_runs(start: u64, end: u64) -> Result<Runs, Error> {
+    let pagemap = std::fs::File::open("/proc/self/pagemap").during("/proc/self/pagemap")?;
     let mut runs = Vec::new();
     scan_pagemap(&pagemap, start, end, false, &mut runs, 0)?;
     Ok(runs)
@@ -357,7 +324,7 @@ fn scan_pagemap(
     modified_only: bool,
     runs: &mut Vec<(u64, u64)>,
     floor: usize,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     use std::os::unix::fs::FileExt;
     const PRESENT: u64 = 1 << 63;
     const SWAPPED: u64 = 1 << 62;
@@ -369,7 +336,7 @@ fn scan_pagemap(
         let n = ((last - page) as usize).min(buf.len() / 8);
         let got = pagemap
             .read_at(&mut buf[..n * 8], page * 8)
-            .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+            .during("/proc/self/pagemap")?;
         if got < 8 {
             return Err("/proc/self/pagemap: short read".into());
         }
@@ -389,15 +356,17 @@ fn scan_pagemap(
     Ok(())
 }
 
-/// Everything but memory contents and threads.
+/// Everything but memory contents: the memory announced is that of `runs`,
+/// libkrg's address is that of its anchor.
 pub fn meta(
     maps: &[MapLine],
     regions: Vec<Region>,
+    runs: &[(u64, u64)],
     threads: Vec<ThreadState>,
     fds: Vec<FdState>,
-    mem_bytes: u64,
-    anchor: u64,
-) -> Result<Meta, String> {
+) -> Result<Meta, Error> {
+    let mem_bytes = runs.iter().map(|r| r.1).sum();
+    let anchor = &super::ANCHOR as *const _ as u64;
     let status = String::from_utf8_lossy(&read_file("/proc/self/status")?).into_owned();
     let ids = |name: &str| -> Vec<u32> {
         status_field(&status, name)
@@ -408,15 +377,13 @@ pub fn meta(
             })
             .unwrap_or_default()
     };
-    let umask = status_field(&status, "Umask:")
-        .and_then(|v| u32::from_str_radix(v, 8).ok())
-        .unwrap_or(0o022);
+    let umask = crate::proc_self::umask();
     let vdso = maps
         .iter()
         .any(|m| m.path == "[vdso]")
         .then(mem::vdso)
         .transpose()
-        .map_err(|e| format!("/proc/self/maps: {e}"))?
+        .during("/proc/self/maps")?
         .flatten();
     let (vdso_start, vdso_bytes) = vdso.unwrap_or((0, Vec::new()));
     let ident = super::exec_ident()?;
@@ -476,18 +443,18 @@ pub fn mm_layout(stat: &str) -> Vec<u64> {
 }
 
 /// Write all of `buf` to `fd`.
-pub fn write_all(fd: RawFd, buf: &[u8]) -> Result<(), String> {
+pub fn write_all(fd: RawFd, buf: &[u8]) -> Result<(), Error> {
     write_mem_all(fd, buf.as_ptr() as usize, buf.len())
 }
 
 /// Write the `len` bytes of this process's memory at `addr` to `fd` (the
 /// kernel reads them: see `sys::mem::write_mem`).
-fn write_mem_all(fd: RawFd, mut addr: usize, mut len: usize) -> Result<(), String> {
+fn write_mem_all(fd: RawFd, mut addr: usize, mut len: usize) -> Result<(), Error> {
     while len > 0 {
         let n = match mem::write_mem(fd, addr, len) {
             Ok(n) => n,
             Err(_) if errno() == libc::EINTR => continue,
-            Err(_) => return Err(os_err("writing the image")),
+            Err(_) => return Err(Error::last_os("writing the image")),
         };
         if n == 0 {
             return Err("writing the image: no progress".into());
@@ -504,7 +471,7 @@ pub fn write_image(
     meta: &Meta,
     regions: &[Region],
     runs: &[(u64, u64)],
-) -> Result<u64, String> {
+) -> Result<u64, Error> {
     let head = image::encode_meta(meta).map_err(|e| e.to_string())?;
     write_all(fd, &head)?;
     let total = head.len() as u64 + write_runs(fd, regions, runs)?;
@@ -513,7 +480,7 @@ pub fn write_image(
 }
 
 /// Write the memory records of `runs`; returns the bytes written.
-pub fn write_runs(fd: RawFd, regions: &[Region], runs: &[(u64, u64)]) -> Result<u64, String> {
+pub fn write_runs(fd: RawFd, regions: &[Region], runs: &[(u64, u64)]) -> Result<u64, Error> {
     let mut total = 0u64;
     for (addr, len) in runs {
         // A run in a region the process cannot read (PROT_NONE after use)
@@ -540,7 +507,7 @@ pub fn write_runs(fd: RawFd, regions: &[Region], runs: &[(u64, u64)]) -> Result<
 }
 
 /// Write the end record and the end marker (24 bytes).
-pub fn write_end(fd: RawFd) -> Result<(), String> {
+pub fn write_end(fd: RawFd) -> Result<(), Error> {
     let end = image::record(0, 0);
     write_all(fd, &end)?;
     write_all(fd, &image::END_MAGIC[..8])

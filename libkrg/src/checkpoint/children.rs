@@ -16,6 +16,7 @@
 #![deny(unsafe_code)]
 
 use crate::client;
+use crate::error::{Error, ResultExt};
 use crate::proto::{Request, Response};
 use crate::sys::signal::{self, SigSet};
 use crate::sys::{process, raw};
@@ -31,10 +32,10 @@ pub const CHILD_SHADOW_ENV: &str = "KRG_CHILD_SHADOW";
 /// another node that pid names no child, so `pclose` or `system` would
 /// fail with ECHILD (or wait for an unrelated process) although the child
 /// ends normally. Movable once the child has been waited for.
-pub(super) fn refuse_unnamed_children() -> Result<(), String> {
+pub(super) fn refuse_unnamed_children() -> Result<(), Error> {
     let mut unnamed: Vec<String> = Vec::new();
     for t in crate::dirs::numbers("/proc/self/task")? {
-        let Ok(kids) = super::capture::read_file(&format!("/proc/self/task/{t}/children")) else {
+        let Ok(kids) = crate::proc_self::read_file(&format!("/proc/self/task/{t}/children")) else {
             continue;
         };
         for k in String::from_utf8_lossy(&kids)
@@ -42,7 +43,7 @@ pub(super) fn refuse_unnamed_children() -> Result<(), String> {
             .filter_map(|k| k.parse::<i32>().ok())
         {
             if !crate::processes::knows_child(k) {
-                let comm = super::capture::read_file(&format!("/proc/{k}/comm"))
+                let comm = crate::proc_self::read_file(&format!("/proc/{k}/comm"))
                     .map(|c| String::from_utf8_lossy(&c).trim_end().to_string())
                     .unwrap_or_default();
                 unnamed.push(format!("{k} ({comm})"));
@@ -52,10 +53,10 @@ pub(super) fn refuse_unnamed_children() -> Result<(), String> {
     if unnamed.is_empty() {
         return Ok(());
     }
-    Err(format!(
+    Err(Error::refused(format!(
         "children with kernel pids {} were started inside libc (popen, system): the program knows them by a kernel pid that names no child on another node, so its wait for them would fail; movable once they have been waited for",
         unnamed.join(", ")
-    ))
+    )))
 }
 
 /// In a restored process, before its threads run again: start a child
@@ -84,7 +85,7 @@ pub fn adopt() -> usize {
 /// (libkrg's constructor takes over before `main`). A raw `clone`: the
 /// process may have other threads (parked), so the new one runs nothing
 /// but `execve`.
-fn spawn_child_shadow(gpid: i32) -> Result<i32, String> {
+fn spawn_child_shadow(gpid: i32) -> Result<i32, Error> {
     let mut env: Vec<CString> = Vec::new();
     for key in ["LD_PRELOAD", "KRG_NODE_SOCK", "KRG_LOG", "PATH"] {
         if let Some(v) = std::env::var_os(key) {
@@ -100,7 +101,7 @@ fn spawn_child_shadow(gpid: i32) -> Result<i32, String> {
     // The child lets go of the program's fds (a socket or pipe held there
     // would stay open as long as it runs, and its peer could not tell who
     // holds it), then is replaced.
-    raw::spawn(exe, &[arg0], &env).map_err(|e| format!("clone: {e}"))
+    raw::spawn(exe, &[arg0], &env).during("clone")
 }
 
 /// The child shadow: wait for the child's end and end the same way. Never

@@ -13,7 +13,7 @@ use super::fds::{self, HandOver, Purpose, Stream};
 use super::image::{self, FdState, Meta, Region};
 use super::{capture, postcopy, report, Order, ANCHOR};
 use crate::distant::{self, Listener, SHADOW_ENV};
-use crate::error::Error;
+use crate::error::{Error, ResultExt};
 use crate::proto::{ErrorKind, RemoteExec, Request, Response, StdioKind, IMAGE_CHANNEL};
 use crate::sys::{fd as sysfd, mem, poll, process, sock};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -37,7 +37,7 @@ fn out_taken(order: &Order) -> Result<u64, Error> {
     crate::dsm::capturable()?;
     super::children::refuse_unnamed_children()?;
     let threads = super::capture_threads()?;
-    let maps_text = capture::read_file("/proc/self/maps")?;
+    let maps_text = crate::proc_self::read_file("/proc/self/maps")?;
     // The capture arena is left out of the image.
     let maps = capture::without(
         capture::parse_maps(&String::from_utf8_lossy(&maps_text)),
@@ -54,15 +54,7 @@ fn out_taken(order: &Order) -> Result<u64, Error> {
     // The fds, before this side's own sockets exist.
     let fds = fds::capture(&[])?;
     fds::refuse_shared(&maps, &fds, true)?;
-    let mem: u64 = runs.iter().map(|r| r.1).sum();
-    let mut meta = capture::meta(
-        &maps,
-        regions.clone(),
-        threads,
-        fds,
-        mem,
-        &ANCHOR as *const AtomicI32 as u64,
-    )?;
+    let mut meta = capture::meta(&maps, regions.clone(), &runs, threads, fds)?;
     meta.lazy = lazy;
     // Stdin, stdout and stderr stay with the shadow (a file here may not
     // exist there; a file shared with the parent keeps its one offset): the
@@ -97,7 +89,7 @@ fn out_taken(order: &Order) -> Result<u64, Error> {
         }
         Err(e) => {
             reattach_streams(&meta.fds);
-            Err(e.into())
+            Err(e)
         }
     }
 }
@@ -195,7 +187,7 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), Error> {
             StreamPeer::Nobody => match fds::of(&fds[first].kind).no_peer(&mut fds[first]) {
                 Some(Ok(())) => {}
                 Some(Err(e)) => {
-                    failed.get_or_insert(e.into());
+                    failed.get_or_insert(e);
                 }
                 None => {
                     failed.get_or_insert_with(|| {
@@ -217,7 +209,7 @@ fn move_streams(fds: &mut [FdState]) -> Result<(), Error> {
     };
     for f in fds.iter_mut() {
         if let Err(e) = fds::of(&f.kind).hand_over(f, &h) {
-            failed.get_or_insert(e.into());
+            failed.get_or_insert(e);
         }
     }
     if let Some(e) = failed {
@@ -246,7 +238,7 @@ fn vacate(fds: &mut [FdState]) -> Result<(), Error> {
     for f in fds.iter() {
         if let Err(e) = fds::of(&f.kind).vacate(f) {
             reattach_streams(fds);
-            return Err(e.into());
+            return Err(e);
         }
     }
     Ok(())
@@ -271,7 +263,7 @@ fn send(
     meta: &super::image::Meta,
     regions: &[super::image::Region],
     runs: &[(u64, u64)],
-) -> Result<Sent, String> {
+) -> Result<Sent, Error> {
     let listener = Listener::new()?;
     let mut token = [0u8; 16];
     if crate::sys::getrandom(&mut token).ok() != Some(16) {
@@ -304,16 +296,16 @@ fn send(
     };
     match crate::client::call(&Request::RemoteExec(req)) {
         Ok(Response::Pid(_)) => {}
-        Ok(other) => return Err(format!("unexpected answer {other:?}")),
-        Err(e) => return Err(format!("node {}: {e}", order.node)),
+        Ok(other) => return Err(Error::other(format!("unexpected answer {other:?}"))),
+        Err(e) => return Err(Error::from(e).node(order.node)),
     }
     let relayed = stdio.iter().filter(|k| **k == StdioKind::Relay).count();
     let mut conns = listener.accept_all(&token, 2 + relayed);
     let Some(i) = conns.iter().position(|(ch, _)| *ch == IMAGE_CHANNEL) else {
-        return Err(format!(
+        return Err(Error::other(format!(
             "node {} did not connect back for the image",
             order.node
-        ));
+        )));
     };
     let (_, image) = conns.remove(i);
     // Blocking mode on our own socket.
@@ -333,7 +325,7 @@ fn send(
 /// After the whole image went (no post-copy): end the stream and wait until
 /// the target says the process runs there. Until then it may still fail
 /// there, and then the process goes on here.
-fn await_running(image: &OwnedFd, node: u32) -> Result<(), String> {
+fn await_running(image: &OwnedFd, node: u32) -> Result<(), Error> {
     let fd = image.as_raw_fd();
     // Half-closed: the target sees the end of the image.
     let _ = sock::shutdown(fd, libc::SHUT_WR);
@@ -349,7 +341,7 @@ fn await_running(image: &OwnedFd, node: u32) -> Result<(), String> {
     // A late answer must find the stream closed: the target dies then.
     let _ = sock::shutdown(fd, libc::SHUT_RDWR);
     Err(refusal(&said)
-        .unwrap_or_else(|| format!("node {node}: the restored process never started")))
+        .unwrap_or_else(|| Error::other("the restored process never started").node(node)))
 }
 
 /// The regions that go by post-copy: private anonymous (not the main
@@ -380,9 +372,9 @@ fn lazy_regions(maps: &[MapLine]) -> Vec<(u64, u64)> {
 /// How a post-copy migration failed.
 enum Broke {
     /// Before the process resumed on the target: it goes on here.
-    Before(String),
+    Before(Error),
     /// After: it exists nowhere any more.
-    After(String),
+    After(Error),
 }
 
 /// The post-copy migration, once the target connected for the image:
@@ -397,14 +389,14 @@ fn post_copy(
     runs: &[(u64, u64)],
     image: OwnedFd,
     conns: Vec<(u8, OwnedFd)>,
-) -> Result<Sent, String> {
+) -> Result<Sent, Error> {
     let fd = image.as_raw_fd();
-    let head = image::encode_meta(meta).map_err(|e| e.to_string())?;
+    let head = image::encode_meta(meta).map_err(|e| Error::other(e.to_string()))?;
     capture::write_all(fd, &head).map_err(|e| why_refused(&image).unwrap_or(e))?;
     let mut answer = [0u8; 8];
     if !read_full(fd, &mut answer, 30_000) {
         return Err(why_refused(&image)
-            .unwrap_or_else(|| format!("node {}: no answer from the restorer", order.node)));
+            .unwrap_or_else(|| Error::other("no answer from the restorer").node(order.node)));
     }
     let lazy = if &answer == image::LAZY_OK {
         true
@@ -413,7 +405,7 @@ fn post_copy(
     } else {
         let all = format!("{}{}", String::from_utf8_lossy(&answer), last_words(&image));
         return Err(refusal(&all)
-            .unwrap_or_else(|| format!("node {}: bad answer from the restorer", order.node)));
+            .unwrap_or_else(|| Error::other("bad answer from the restorer").node(order.node)));
     };
     // The lazy regions' pages: looked up now (no post-copy there) or once
     // the process runs there (`serve`).
@@ -482,7 +474,7 @@ fn read_full(fd: i32, buf: &mut [u8], ms: i32) -> bool {
 }
 
 /// Send one record (header and bytes, or a zero record) with `sendmsg`.
-fn send_record(fd: i32, addr: u64, len: u64, zero: bool) -> Result<(), String> {
+fn send_record(fd: i32, addr: u64, len: u64, zero: bool) -> Result<(), Error> {
     let head = image::record(addr, if zero { len | postcopy::ZERO } else { len });
     let body = if zero { 0 } else { len as usize };
     // Bytes of the header and of the run sent so far.
@@ -495,10 +487,10 @@ fn send_record(fd: i32, addr: u64, len: u64, zero: bool) -> Result<(), String> {
             Ok(n) => n,
             Err(_) if crate::rt::errno() == libc::EINTR => continue,
             Err(_) => {
-                return Err(format!(
+                return Err(Error::other(format!(
                     "sending memory: {}",
                     crate::rt::Errno(crate::rt::errno())
-                ))
+                )))
             }
         };
         let of_head = n.min(head.len() - h);
@@ -531,7 +523,7 @@ impl Back {
                     if e == libc::EAGAIN || e == libc::EINTR {
                         return Ok(true);
                     }
-                    return Err(self.broke(format!("{}", crate::rt::Errno(e))));
+                    return Err(self.broke(Error::errno(e, crate::rt::Errno(e).to_string())));
                 }
             };
             self.have += n;
@@ -541,10 +533,10 @@ impl Back {
                 at += 8;
                 if !self.running {
                     if &w != image::RUNNING {
-                        return Err(Broke::Before(format!(
+                        return Err(Broke::Before(Error::other(format!(
                             "the restorer said {:?}",
                             String::from_utf8_lossy(&self.buf[at - 8..self.have])
-                        )));
+                        ))));
                     }
                     self.running = true;
                 } else {
@@ -556,7 +548,7 @@ impl Back {
         }
     }
 
-    fn broke(&self, why: String) -> Broke {
+    fn broke(&self, why: Error) -> Broke {
         if self.running {
             Broke::After(why)
         } else {
@@ -596,14 +588,14 @@ fn relay(outs: &[(i32, i32)]) {
 }
 
 /// Which pages of `[start, end)` are present or swapped, as runs.
-fn present(pagemap: &std::fs::File, start: u64, end: u64) -> Result<Vec<(u64, u64)>, String> {
+fn present(pagemap: &std::fs::File, start: u64, end: u64) -> Result<Vec<(u64, u64)>, Error> {
     use std::os::unix::fs::FileExt;
     const PAGE: u64 = postcopy::PAGE;
     let n = ((end - start) / PAGE) as usize;
     let mut buf = vec![0u8; n * 8];
     let got = pagemap
         .read_at(&mut buf, start / PAGE * 8)
-        .map_err(|e| format!("/proc/self/pagemap: {e}"))?;
+        .during("/proc/self/pagemap")?;
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for i in 0..got / 8 {
         let e = u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
@@ -649,7 +641,7 @@ fn serve(fd: i32, lazy: &[(u64, u64)], outs: &[(i32, i32)]) -> Result<u64, Broke
         running: false,
     };
     let pagemap = std::fs::File::open("/proc/self/pagemap")
-        .map_err(|e| back.broke(format!("/proc/self/pagemap: {e}")))?;
+        .map_err(|e| back.broke(Error::io("/proc/self/pagemap", &e)))?;
     // The smaller regions first (stacks, malloc's heap and arenas: what a
     // process touches first when it resumes), then the big buffers.
     let mut regions: Vec<Lazy> = lazy
@@ -664,7 +656,7 @@ fn serve(fd: i32, lazy: &[(u64, u64)], outs: &[(i32, i32)]) -> Result<u64, Broke
     let mut asks: Vec<u64> = Vec::new();
     let mut bytes = 0u64;
     // Send the present pages of `[a, b)` as records of at most CHUNK.
-    let send_present = |a: u64, b: u64, bytes: &mut u64| -> Result<(), String> {
+    let send_present = |a: u64, b: u64, bytes: &mut u64| -> Result<(), Error> {
         for (s, l) in present(&pagemap, a, b)? {
             let mut p = s;
             while p < s + l {
@@ -753,14 +745,14 @@ fn serve(fd: i32, lazy: &[(u64, u64)], outs: &[(i32, i32)]) -> Result<u64, Broke
 }
 
 /// The restorer's last words on the image connection, if any.
-fn why_refused(image: &OwnedFd) -> Option<String> {
+fn why_refused(image: &OwnedFd) -> Option<Error> {
     refusal(&last_words(image))
 }
 
 /// The reason in a restorer's refusal `said`.
-fn refusal(said: &str) -> Option<String> {
+fn refusal(said: &str) -> Option<Error> {
     said.strip_prefix(super::restore::REFUSAL)
-        .map(|m| m.trim().to_string())
+        .map(|m| Error::other(m.trim()))
 }
 
 /// What is left to read on the image connection (a restorer that gives up

@@ -52,7 +52,7 @@ mod postcopy;
 #[allow(unsafe_code)]
 pub mod restore;
 
-use crate::error::Error;
+use crate::error::{Error, ResultExt};
 use crate::proto::{CkptAction, ErrorKind, Request, Response};
 use crate::sys::process::{self, CLocale};
 use crate::sys::signal::{self, SigSet};
@@ -303,9 +303,9 @@ pub fn on_restart(f: extern "C" fn()) -> bool {
 /// `Ok(false)`: the image was taken (or the process migrated and this is
 /// the restored copy for a migration: `Ok(true)`); `Ok(true)` when this
 /// call returns in a process restored from the image.
-fn capture_self(order: Order) -> Result<bool, (i32, String)> {
+fn capture_self(order: Order) -> Result<bool, Error> {
     if crate::rt::mode() != crate::rt::Mode::Active {
-        return Err((libc::ENOTCONN, "not an SSI process".into()));
+        return Err(Error::errno(libc::ENOTCONN, "not an SSI process"));
     }
     *LOCAL.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(order);
     SELF_RESULT.store(-libc::EAGAIN, Ordering::Release);
@@ -318,16 +318,17 @@ fn capture_self(order: Order) -> Result<bool, (i32, String)> {
     if let Ok(mut l) = LOCAL.0.lock() {
         // Not taken (another capture was under way): withdrawn.
         if l.take().is_some() {
-            return Err((
+            return Err(Error::new(
+                ErrorKind::CaptureBusy,
                 libc::EBUSY,
-                "another capture of this process is under way".into(),
+                "another capture of this process is under way",
             ));
         }
     }
     match SELF_RESULT.load(Ordering::Acquire) {
         0 => Ok(false),
         1 => Ok(true),
-        e => Err((-e, {
+        e => Err(Error::errno(-e, {
             let m = SELF_MSG.lock().unwrap_or_else(|e| e.into_inner());
             String::from_utf8_lossy(&m.0[..m.1]).into_owned()
         })),
@@ -341,14 +342,9 @@ static SELF_MSG: std::sync::Mutex<([u8; 512], usize)> = std::sync::Mutex::new(([
 /// `krg_checkpoint(dir)`: write this process's image to `dir` and go on.
 /// Returns `Ok(false)` after taking it, `Ok(true)` in a process restarted
 /// from it.
-pub fn checkpoint_self(dir: &std::path::Path) -> Result<bool, (i32, String)> {
+pub fn checkpoint_self(dir: &std::path::Path) -> Result<bool, Error> {
     use std::os::unix::ffi::OsStrExt;
-    let dir = std::fs::canonicalize(dir).map_err(|e| {
-        (
-            e.raw_os_error().unwrap_or(libc::EINVAL),
-            format!("{}: {e}", dir.display()),
-        )
-    })?;
+    let dir = std::fs::canonicalize(dir).during(dir.display())?;
     capture_self(Order {
         action: CkptAction::Checkpoint,
         path: dir.as_os_str().as_bytes().to_vec(),
@@ -361,9 +357,12 @@ pub fn checkpoint_self(dir: &std::path::Path) -> Result<bool, (i32, String)> {
 
 /// `krg_migrate(node)`: move this process to `node`. Returns in the moved
 /// process (`Ok`), or here with the reason it could not move.
-pub fn migrate_self(node: u32) -> Result<(), (i32, String)> {
+pub fn migrate_self(node: u32) -> Result<(), Error> {
     if node == crate::processes::node_id() {
-        return Err((libc::EINVAL, format!("already on node {node}")));
+        return Err(Error::errno(
+            libc::EINVAL,
+            format!("already on node {node}"),
+        ));
     }
     capture_self(Order {
         action: CkptAction::Migrate,
@@ -376,7 +375,7 @@ pub fn migrate_self(node: u32) -> Result<(), (i32, String)> {
     .map(|_| ())
 }
 
-fn ask_order() -> Result<Option<Order>, String> {
+fn ask_order() -> Result<Option<Order>, Error> {
     // try_lock: this runs in a signal handler.
     if LOCAL_PENDING.swap(false, Ordering::AcqRel) {
         if let Some(o) = LOCAL.0.try_lock().ok().and_then(|mut l| l.take()) {
@@ -395,8 +394,8 @@ fn ask_order() -> Result<Option<Order>, String> {
                 precopy: o.precopy,
             }),
         }),
-        Ok(other) => Err(format!("unexpected answer {other:?}")),
-        Err(e) => Err(e.to_string()),
+        Ok(other) => Err(Error::other(format!("unexpected answer {other:?}"))),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -520,24 +519,21 @@ fn lead_capture(order: &Order) -> Result<Option<u64>, Error> {
         }
         if Instant::now() > deadline {
             let stuck: Vec<String> = signalled.iter().map(|t| t.to_string()).collect();
-            return Err(format!(
+            return Err(Error::other(format!(
                 "{} of the threads ({}) did not stop within 5 s (signal {SIGCKPT} blocked?)",
                 signalled.len() - parked,
                 stuck.join(" ")
-            )
-            .into());
+            )));
         }
         futex_wait(&PARKED, parked as u32, 20);
     }
     if order.action == CkptAction::StreamSwap {
         // Every thread is parked (a blocked read or write of the old
         // connection was interrupted and restarts on the new one).
-        return crate::streams::moving::swap(&order.streams)
-            .map(|()| Some(0))
-            .map_err(Error::from);
+        return crate::streams::moving::swap(&order.streams).map(|()| Some(0));
     }
     if signalled.len() + 1 > MAX_THREADS {
-        return Err(format!("more than {MAX_THREADS} threads").into());
+        return Err(Error::other(format!("more than {MAX_THREADS} threads")));
     }
     let slot = take_slot().ok_or("no thread slot")?;
     // The slot is ours.
@@ -566,7 +562,7 @@ fn save_and_capture(slot: *mut ThreadRaw, order: &Order) -> Result<Option<u64>, 
     }
     match order.action {
         CkptAction::Migrate => migrate::out(order).map(Some),
-        _ => take_image(order).map(Some).map_err(Error::from),
+        _ => take_image(order).map(Some),
     }
 }
 
@@ -600,7 +596,7 @@ fn thread_state(t: &ThreadRaw) -> image::ThreadState {
 }
 
 /// The threads of the capture; refused without a main thread.
-fn capture_threads() -> Result<Vec<image::ThreadState>, String> {
+fn capture_threads() -> Result<Vec<image::ThreadState>, Error> {
     let threads = threads_of_slots();
     if !threads.iter().any(|t| t.main) {
         return Err("the main thread has exited; such a process cannot be restored".into());
@@ -615,7 +611,7 @@ fn capture_threads() -> Result<Vec<image::ThreadState>, String> {
 /// checkpoint (`kill`): the image names the park, the restore takes the
 /// same socket or pipe back. Answers the parks made (to release if the
 /// image fails).
-fn streams_for_disk(fds: &mut [image::FdState], kill: bool) -> Result<Vec<i32>, String> {
+fn streams_for_disk(fds: &mut [image::FdState], kill: bool) -> Result<Vec<i32>, Error> {
     fds::settle(fds, fds::Purpose::Checkpoint)?;
     fds::relay_stdio(fds, fds::Purpose::Checkpoint);
     let out: Vec<(usize, String)> = (0..fds.len())
@@ -626,10 +622,10 @@ fn streams_for_disk(fds: &mut [image::FdState], kill: bool) -> Result<Vec<i32>, 
         })
         .collect();
     if let (false, Some((i, what))) = (kill, out.first()) {
-        return Err(format!(
-            "fd {}: {what}: it stays with the process, which keeps running; checkpoint with --kill to take it into the image (its other end then waits for the restart)",
-            fds[*i].fd
-        ));
+        return Err(Error::refused(format!(
+            "{what}: it stays with the process, which keeps running; checkpoint with --kill to take it into the image (its other end then waits for the restart)"
+        ))
+        .fd(fds[*i].fd));
     }
     let node = crate::processes::node_id();
     let mut parks = Vec::new();
@@ -642,7 +638,12 @@ fn streams_for_disk(fds: &mut [image::FdState], kill: bool) -> Result<Vec<i32>, 
             }
             other => {
                 unpark(&parks);
-                return Err(format!("fd {fd}: parking it for the restart: {other:?}"));
+                return Err(match other {
+                    Err(e) => Error::from(e),
+                    Ok(r) => Error::other(format!("unexpected answer {r:?}")),
+                }
+                .during("parking it for the restart")
+                .fd(fd));
             }
         }
     }
@@ -657,7 +658,7 @@ fn unpark(parks: &[i32]) {
     }
 }
 
-fn take_image(order: &Order) -> Result<u64, String> {
+fn take_image(order: &Order) -> Result<u64, Error> {
     let threads = capture_threads()?;
     let dir = std::path::PathBuf::from(
         <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&order.path),
@@ -680,7 +681,7 @@ fn take_image(order: &Order) -> Result<u64, String> {
     match r {
         Ok((n, parks)) => std::fs::rename(&tmp, &path).map(|()| n).map_err(|e| {
             unpark(&parks);
-            format!("{}: {e}", path.display())
+            Error::io(path.display(), &e)
         }),
         Err(e) => {
             // Refused or failed half-way: no partial image is left behind.
@@ -696,9 +697,9 @@ fn write_image(
     threads: Vec<image::ThreadState>,
     file: &std::fs::File,
     kill: bool,
-) -> Result<(u64, Vec<i32>), String> {
+) -> Result<(u64, Vec<i32>), Error> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(file);
-    let maps_text = capture::read_file("/proc/self/maps")?;
+    let maps_text = crate::proc_self::read_file("/proc/self/maps")?;
     // The capture arena is left out of the image.
     let maps = capture::without(
         capture::parse_maps(&String::from_utf8_lossy(&maps_text)),
@@ -708,16 +709,8 @@ fn write_image(
     let mut fds = fds::capture(&[fd])?;
     fds::refuse_shared(&maps, &fds, false)?;
     let parks = streams_for_disk(&mut fds, kill)?;
-    let mem: u64 = runs.iter().map(|r| r.1).sum();
-    let r = capture::meta(
-        &maps,
-        regions.clone(),
-        threads,
-        fds,
-        mem,
-        &ANCHOR as *const AtomicI32 as u64,
-    )
-    .and_then(|meta| capture::write_image(fd, &meta, &regions, &runs));
+    let r = capture::meta(&maps, regions.clone(), &runs, threads, fds)
+        .and_then(|meta| capture::write_image(fd, &meta, &regions, &runs));
     match r {
         Ok(n) => Ok((n, parks)),
         Err(e) => {
@@ -860,7 +853,7 @@ mod handler {
     static IDENT_LEN: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 
     /// The start-time command line and environment (raw, NUL-separated).
-    pub(crate) fn exec_ident() -> Result<(Vec<u8>, Vec<u8>), String> {
+    pub(crate) fn exec_ident() -> Result<(Vec<u8>, Vec<u8>), Error> {
         let (a, e) = (
             IDENT_LEN[0].load(Ordering::Acquire),
             IDENT_LEN[1].load(Ordering::Acquire),
@@ -870,8 +863,8 @@ mod handler {
             let buf = unsafe { &*IDENT.0.get() };
             return Ok((buf[..a].to_vec(), buf[a..a + e].to_vec()));
         }
-        let argv = capture::read_file("/proc/self/cmdline")?;
-        let env = capture::read_file("/proc/self/environ")?;
+        let argv = crate::proc_self::read_file("/proc/self/cmdline")?;
+        let env = crate::proc_self::read_file("/proc/self/environ")?;
         if argv.len() + env.len() <= IDENT_MAX && !argv.is_empty() {
             // SAFETY: the leader alone writes the buffer, within its bounds.
             let buf = unsafe { &mut *IDENT.0.get() };

@@ -29,6 +29,7 @@
 //! kills its frozen copy too, so the process never runs twice.
 
 use super::arch;
+use crate::error::Error;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
@@ -86,7 +87,7 @@ const EV_UNMAP: u8 = 0x16;
 /// A userfaultfd for this process from `/dev/userfaultfd` opened (by the
 /// agent, as root) on `dev`, which is closed. Non-blocking, close-on-exec,
 /// with the unmap, remove and remap events.
-pub fn open_uffd(dev: i32) -> Result<i32, String> {
+pub fn open_uffd(dev: i32) -> Result<i32, Error> {
     use crate::sys::uffd;
     use std::os::fd::{AsFd, IntoRawFd};
     let errno = |e: std::io::Error| crate::rt::Errno(e.raw_os_error().unwrap_or(0));

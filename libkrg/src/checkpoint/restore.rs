@@ -19,6 +19,8 @@ use super::fds::{fstat, high, open_path};
 use super::image::{self, Meta, RegionKind};
 use super::postcopy;
 use super::{ThreadRaw, ANCHOR, RESTORE_AREA, RESUMED};
+use crate::error::{Error, ResultExt};
+use crate::sys::sock;
 use std::ffi::OsStr;
 use std::os::fd::{IntoRawFd, RawFd};
 
@@ -168,15 +170,11 @@ pub fn run(path: &OsStr) -> ! {
     }
 }
 
-fn os_err(what: &str) -> String {
-    format!("{what}: {}", crate::rt::Errno(crate::rt::errno()))
-}
-
-fn set_process_state(meta: &Meta) -> Result<(), String> {
+fn set_process_state(meta: &Meta) -> Result<(), Error> {
     let cwd = std::ffi::CString::new(meta.cwd.clone()).map_err(|_| "cwd with a NUL byte")?;
     // SAFETY: valid C string.
     if unsafe { libc::chdir(cwd.as_ptr()) } != 0 {
-        return Err(os_err(&format!(
+        return Err(Error::last_os(format!(
             "working directory {}",
             String::from_utf8_lossy(&meta.cwd)
         )));
@@ -249,7 +247,7 @@ fn map_free(len: usize, maps: &[MapLine], meta: &Meta) -> Option<usize> {
 /// agent passed (`KRG_UFFD`), or why there is none (the source then sends
 /// everything before the process resumes). The device fd is closed either
 /// way.
-fn lazy_uffd(meta: &Meta) -> Result<RawFd, String> {
+fn lazy_uffd(meta: &Meta) -> Result<RawFd, Error> {
     let dev = std::env::var(UFFD_ENV)
         .ok()
         .and_then(|v| v.parse::<RawFd>().ok())
@@ -275,21 +273,23 @@ fn lazy_uffd(meta: &Meta) -> Result<RawFd, String> {
         if !ok {
             // SAFETY: as above.
             unsafe { libc::close(dev) };
-            return Err(format!(
+            return Err(Error::other(format!(
                 "lazy range {a:#x}-{b:#x} is not a private anonymous region of the image"
-            ));
+            )));
         }
     }
     super::postcopy::open_uffd(dev)
 }
 
-fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
+fn prepare(path: &OsStr) -> Result<(usize, usize), Error> {
     // `fd:N`: the image streams in on fd N (a migration); else a file.
     let mut file = match path.to_str().and_then(|p| p.strip_prefix("fd:")) {
         Some(n) => {
-            let fd: RawFd = n.parse().map_err(|_| format!("bad image fd {n}"))?;
+            let fd: RawFd = n
+                .parse()
+                .map_err(|_| Error::other(format!("bad image fd {n}")))?;
             if fstat(fd).is_none() {
-                return Err(format!("image fd {fd} is not open"));
+                return Err(Error::other(format!("image fd {fd} is not open")));
             }
             STREAM_FD.store(fd, std::sync::atomic::Ordering::Relaxed);
             // SAFETY: the agent left this fd open for us; nothing else owns it.
@@ -329,23 +329,23 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
             && file.read_exact(&mut end).is_ok()
             && &end == image::END_MAGIC;
         if !ok {
-            return Err(format!(
+            return Err(Error::other(format!(
                 "the image is truncated ({len} bytes, no end marker or less than the {} bytes of memory it announces)",
                 meta.mem_bytes
-            ));
+            )));
         }
         file.seek(SeekFrom::Start(here))
             .map_err(|e| e.to_string())?;
     }
     let anchor = &ANCHOR as *const _ as u64;
     if meta.krg_anchor != anchor {
-        return Err(format!(
+        return Err(Error::other(format!(
             "libkrg is at another address than when the image was taken ({:#x} vs {:#x}): \
              the program must start with the same libraries and without address randomisation",
             anchor, meta.krg_anchor
-        ));
+        )));
     }
-    let maps = capture::parse_maps(&String::from_utf8_lossy(&capture::read_file(
+    let maps = capture::parse_maps(&String::from_utf8_lossy(&crate::proc_self::read_file(
         "/proc/self/maps",
     )?));
     let vdso = maps.iter().find(|m| m.path == "[vdso]");
@@ -361,36 +361,36 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
         }
         _ if meta.vdso_start == 0 => {}
         _ => {
-            return Err(format!(
+            return Err(Error::other(format!(
                 "the vDSO is not where the image has it ({:#x}): another kernel, or address randomisation",
                 meta.vdso_start
-            ))
+            )))
         }
     }
     // Regions: sorted, aligned, user space, clear of the kernel's mappings.
     let mut prev_end = 0u64;
     for r in &meta.regions {
         if r.start % 4096 != 0 || r.end % 4096 != 0 || r.start >= r.end || r.start < prev_end {
-            return Err(format!(
+            return Err(Error::other(format!(
                 "bad region {:#x}-{:#x} in the image",
                 r.start, r.end
-            ));
+            )));
         }
         if r.end > 0x7fff_ffff_f000 {
-            return Err(format!(
+            return Err(Error::other(format!(
                 "region {:#x}-{:#x} is not user space",
                 r.start, r.end
-            ));
+            )));
         }
         if maps
             .iter()
             .filter(|m| m.is_special())
             .any(|m| overlaps(r.start, r.end, m.start, m.end))
         {
-            return Err(format!(
+            return Err(Error::other(format!(
                 "region {:#x}-{:#x} overlaps the kernel's vDSO here",
                 r.start, r.end
-            ));
+            )));
         }
         prev_end = r.end;
     }
@@ -424,32 +424,14 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
         // Small receive buffer: a page the process faults on waits behind
         // less of the background push.
         let buf: libc::c_int = 512 * 1024;
-        // SAFETY: sets an int option on the migration stream.
-        unsafe {
-            libc::setsockopt(
-                image_fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&buf as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as u32,
-            )
-        };
+        let _ = sock::setsockopt(image_fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &buf);
         // A record cut short by a source that vanished without a FIN or
         // RST must not block the post-copy thread forever.
         let tv = libc::timeval {
             tv_sec: postcopy::SILENCE_S,
             tv_usec: 0,
         };
-        // SAFETY: sets a timeval option on the migration stream.
-        unsafe {
-            libc::setsockopt(
-                image_fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
+        let _ = sock::setsockopt(image_fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv);
     }
     // The post-copy thread's own mapping (stack, buffers), apart from the
     // restorer's area, which goes once the threads are back.
@@ -528,18 +510,17 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
                         } else {
                             libc::O_RDONLY
                         };
-                        let fd = open_path(&f.path, fl | libc::O_CLOEXEC)
-                            .map_err(|e| format!("mapping: {e}"))?;
-                        let st = fstat(fd).ok_or_else(|| os_err("fstat"))?;
+                        let fd = open_path(&f.path, fl | libc::O_CLOEXEC).during("mapping")?;
+                        let st = fstat(fd).ok_or_else(|| Error::last_os("fstat"))?;
                         let mtime = st.st_mtime * 1_000_000_000 + st.st_mtime_nsec;
                         if st.st_dev != f.dev
                             || st.st_ino != f.ino
                             || (!shared && (st.st_size as u64 != f.size || mtime != f.mtime_ns))
                         {
-                            return Err(format!(
+                            return Err(Error::other(format!(
                                 "mapping of {}: the file on this node is not the one the image mapped",
                                 String::from_utf8_lossy(&f.path)
-                            ));
+                            )));
                         }
                         let fd = high(fd, floor)?;
                         files.push((f.path.clone(), fd));
@@ -566,9 +547,9 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
     ] {
         let f = f as u64;
         if !kept.iter().any(|(a, b)| *a <= f && f < *b) {
-            return Err(format!(
+            return Err(Error::other(format!(
                 "libkrg's code at {f:#x} is not mapped as in the image (different libkrg build?)"
-            ));
+            )));
         }
     }
     let mut keep_fds = close.clone();
@@ -623,7 +604,10 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
     }
     for t in &threads {
         if t.ctx.rsp == 0 || t.ctx.rip == 0 {
-            return Err(format!("thread {} has no saved context", t.tid));
+            return Err(Error::other(format!(
+                "thread {} has no saved context",
+                t.tid
+            )));
         }
     }
     let sigs: Vec<KSig> = meta
@@ -666,7 +650,7 @@ fn prepare(path: &OsStr) -> Result<(usize, usize), String> {
         };
         // SAFETY: writes 8 bytes of a static to the migration stream.
         if unsafe { libc::write(image_fd, answer.as_ptr().cast(), 8) } != 8 {
-            return Err(os_err("answering the source"));
+            return Err(Error::last_os("answering the source"));
         }
     }
     // SAFETY: every offset was laid out above inside the area, which is

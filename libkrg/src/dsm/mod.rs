@@ -16,6 +16,7 @@ pub mod uffd;
 
 use crate::caps::Caps;
 use crate::client::{self, CallError};
+use crate::error::Error;
 use crate::krg_log;
 use crate::log::Level;
 use crate::proto::{Request, Response, ShmInfo};
@@ -129,7 +130,7 @@ type Granted = (u64, Option<OwnedFd>, Option<OwnedFd>);
 /// Ask the agent for an attachment: the memory object (unless
 /// `inherited`) and `/dev/userfaultfd` if this process has no userfaultfd
 /// with the agent yet.
-fn attach_req(shmid: i32, rdonly: bool, inherited: bool) -> Result<Granted, (i32, String)> {
+fn attach_req(shmid: i32, rdonly: bool, inherited: bool) -> Result<Granted, Error> {
     let need_uffd = !HAS_UFFD.load(Ordering::Acquire);
     let req = Request::ShmAttach {
         shmid,
@@ -137,19 +138,19 @@ fn attach_req(shmid: i32, rdonly: bool, inherited: bool) -> Result<Granted, (i32
         inherited,
         need_uffd,
     };
-    let (r, fds) = client::call_fds(&req).map_err(|e| (e.errno(), e.to_string()))?;
+    let (r, fds) = client::call_fds(&req)?;
     let size = match r {
         Response::ShmAttached { size, .. } => size,
-        other => return Err((libc::EIO, format!("unexpected answer {other:?}"))),
+        other => return Err(Error::other(format!("unexpected answer {other:?}"))),
     };
     let mut fds = fds.into_iter();
     let mem = if inherited { None } else { fds.next() };
     if !inherited && mem.is_none() {
-        return Err((libc::EIO, "the agent sent no memory object".into()));
+        return Err(Error::other("the agent sent no memory object"));
     }
     let dev = if need_uffd { fds.next() } else { None };
     if need_uffd && dev.is_none() {
-        return Err((libc::EIO, "the agent sent no /dev/userfaultfd".into()));
+        return Err(Error::other("the agent sent no /dev/userfaultfd"));
     }
     Ok((size, mem, dev))
 }
@@ -163,10 +164,10 @@ fn mapped(
     off: u64,
     rdonly: bool,
     dev: Option<OwnedFd>,
-) -> Result<(), (i32, String)> {
+) -> Result<(), Error> {
     let uffd = match &dev {
         Some(d) => Some(uffd::create(d.as_fd()).map_err(|e| {
-            (
+            Error::errno(
                 libc::ENOSYS,
                 format!("userfaultfd from /dev/userfaultfd: {e}"),
             )
@@ -191,8 +192,8 @@ fn mapped(
             }
             Ok(())
         }
-        Ok(other) => Err((libc::EIO, format!("unexpected answer {other:?}"))),
-        Err(e) => Err((e.errno(), e.to_string())),
+        Ok(other) => Err(Error::other(format!("unexpected answer {other:?}"))),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -222,8 +223,8 @@ fn attach_at(shmid: c_int, addr: u64, flags: c_int) -> Result<*mut c_void, i32> 
     let mut held = atts();
     let (size, mem, dev) = match attach_req(shmid, rdonly, false) {
         Ok(x) => x,
-        Err((errno, msg)) => {
-            krg_log!(Level::Debug, "shmat {shmid}: {msg}");
+        Err(e @ Error { errno, .. }) => {
+            krg_log!(Level::Debug, "shmat {shmid}: {e}");
             return Err(errno);
         }
     };
@@ -274,8 +275,8 @@ fn attach_at(shmid: c_int, addr: u64, flags: c_int) -> Result<*mut c_void, i32> 
         }
     };
     let at = p as u64;
-    if let Err((errno, msg)) = mapped(shmid, at, len, 0, rdonly, dev) {
-        krg_log!(Level::Warn, "shmat {shmid}: {msg}");
+    if let Err(e @ Error { errno, .. }) = mapped(shmid, at, len, 0, rdonly, dev) {
+        krg_log!(Level::Warn, "shmat {shmid}: {e}");
         // The mapping just made, not yet handed to the caller.
         let _ = abi::unmap(p, len as usize);
         detach_at_home();
@@ -326,6 +327,50 @@ fn object_name(kind: &str, name: &CStr) -> Result<String, i32> {
     Ok(format!("{kind}.{n}"))
 }
 
+/// `kind_open`: the id of POSIX object `name` of `kind` (`shm`, `sem`),
+/// made by `O_CREAT` with `size` bytes holding `init`; or the errno.
+fn open_object(
+    kind: &str,
+    name: &CStr,
+    oflag: c_int,
+    mode: libc::mode_t,
+    size: u64,
+    init: Option<Vec<u8>>,
+) -> Result<i32, i32> {
+    let name = object_name(kind, name)?;
+    let what = format!("{kind}_open {name}");
+    let req = Request::ShmOpen {
+        name,
+        oflag,
+        mode: mode & 0o777 & !crate::proc_self::umask(),
+        size,
+        init,
+    };
+    match call(&req) {
+        Ok(Response::Id(id)) => Ok(id),
+        Ok(other) => {
+            unexpected(&what, &other);
+            Err(libc::EIO)
+        }
+        Err(e) => {
+            krg_log!(Level::Debug, "{what}: {e}");
+            Err(e.errno())
+        }
+    }
+}
+
+/// `kind_unlink(name)` of POSIX object `name` of `kind` (`shm`, `sem`).
+fn unlink_object(kind: &str, name: &CStr) -> c_int {
+    let obj = match object_name(kind, name) {
+        Ok(n) => n,
+        Err(e) => return fail(e, -1),
+    };
+    match call(&Request::ShmUnlink { name: obj.clone() }) {
+        Ok(_) => 0,
+        Err(e) => call_err(&format!("{kind}_unlink {obj}"), e, -1),
+    }
+}
+
 /// `shm_open(name, oflag, mode)`: a descriptor of the cluster-wide object
 /// (this node's memory object for it). Its pages are kept coherent when it
 /// is mapped with `MAP_SHARED`; `read`/`write` on the descriptor itself
@@ -335,32 +380,20 @@ pub fn shm_open(name: &CStr, oflag: c_int, mode: libc::mode_t) -> c_int {
 }
 
 fn shm_open_inner(name: &CStr, oflag: c_int, mode: libc::mode_t) -> c_int {
-    let obj = match object_name("shm", name) {
-        Ok(n) => n,
-        Err(e) => return fail(e, -1),
-    };
     let acc = oflag & libc::O_ACCMODE;
     if acc != libc::O_RDONLY && acc != libc::O_RDWR {
         return fail(libc::EINVAL, -1);
     }
-    let req = Request::ShmOpen {
-        name: obj.clone(),
-        oflag,
-        mode: mode & 0o777 & !current_umask(),
-        size: 0,
-        init: None,
-    };
-    let id = match call(&req) {
-        Ok(Response::Id(id)) => id,
-        Ok(other) => return fail(libc::EIO, unexpected("shm_open", &other)),
-        Err(e) => return call_err(&format!("shm_open {obj}"), e, -1),
+    let id = match open_object("shm", name, oflag, mode, 0, None) {
+        Ok(id) => id,
+        Err(e) => return fail(e, -1),
     };
     let (r, got) = match client::call_fds(&Request::ShmFd {
         shmid: id,
         write: acc == libc::O_RDWR,
     }) {
         Ok(x) => x,
-        Err(e) => return call_err(&format!("shm_open {obj}"), e, -1),
+        Err(e) => return call_err(&format!("shm_open {}", name.to_string_lossy()), e, -1),
     };
     if !matches!(r, Response::ShmAttached { .. }) {
         return fail(libc::EIO, unexpected("shm_open", &r));
@@ -378,14 +411,7 @@ fn shm_open_inner(name: &CStr, oflag: c_int, mode: libc::mode_t) -> c_int {
 
 /// `shm_unlink(name)`.
 pub fn shm_unlink(name: &CStr) -> c_int {
-    let obj = match object_name("shm", name) {
-        Ok(n) => n,
-        Err(e) => return fail(e, -1),
-    };
-    match call(&Request::ShmUnlink { name: obj.clone() }) {
-        Ok(_) => 0,
-        Err(e) => call_err(&format!("shm_unlink {obj}"), e, -1),
-    }
+    unlink_object("shm", name)
 }
 
 /// `ftruncate(fd, len)` on a descriptor from `shm_open`: the object's
@@ -474,8 +500,8 @@ fn map_anon(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int) -> *mut c
             remove();
             return fail(libc::EIO, bad);
         }
-        Err((errno, msg)) => {
-            krg_log!(Level::Debug, "mmap (shared anonymous) {id}: {msg}");
+        Err(e @ Error { errno, .. }) => {
+            krg_log!(Level::Debug, "mmap (shared anonymous) {id}: {e}");
             remove();
             return fail(errno, bad);
         }
@@ -523,8 +549,8 @@ fn register_mapping(
         }
     };
     let plen = page_up(len as u64);
-    if let Err((errno, msg)) = mapped(id, p as u64, plen, off, rdonly, dev) {
-        krg_log!(Level::Warn, "{what} {id}: {msg}");
+    if let Err(e @ Error { errno, .. }) = mapped(id, p as u64, plen, off, rdonly, dev) {
+        krg_log!(Level::Warn, "{what} {id}: {e}");
         // The mapping just made, not yet handed to the caller.
         let _ = abi::unmap(p, len);
         undo();
@@ -561,8 +587,8 @@ fn map_object(
     let mut held = atts();
     let dev = match attach_req(id, rdonly, true) {
         Ok((_, _, dev)) => dev,
-        Err((errno, msg)) => {
-            krg_log!(Level::Debug, "mmap of object {id}: {msg}");
+        Err(e @ Error { errno, .. }) => {
+            krg_log!(Level::Debug, "mmap of object {id}: {e}");
             return fail(errno, bad);
         }
     };
@@ -619,18 +645,6 @@ pub fn closed(fd: c_int) {
     ANY_FD.store(!t.is_empty(), Ordering::Release);
 }
 
-/// This process's umask (without changing it).
-fn current_umask() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Umask:"))
-                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-        })
-        .unwrap_or(0o022)
-}
-
 /// `sem_open(name, oflag, mode, value)`: a named semaphore shared by the
 /// whole cluster. Created with its value already in place at its home, so
 /// no node ever sees it half made.
@@ -641,10 +655,6 @@ pub fn sem_open(
     value: libc::c_uint,
 ) -> *mut libc::sem_t {
     let failed = std::ptr::null_mut();
-    let obj = match object_name("sem", name) {
-        Ok(n) => n,
-        Err(e) => return fail(e, failed),
-    };
     let init = if oflag & libc::O_CREAT != 0 {
         if value > i32::MAX as u32 {
             return fail(libc::EINVAL, failed);
@@ -656,27 +666,15 @@ pub fn sem_open(
     } else {
         None
     };
-    let req = Request::ShmOpen {
-        name: obj.clone(),
-        oflag,
-        mode: mode & 0o777 & !current_umask(),
-        size: std::mem::size_of::<libc::sem_t>() as u64,
-        init,
-    };
-    let id = match call(&req) {
-        Ok(Response::Id(id)) => id,
-        Ok(other) => return fail(libc::EIO, unexpected_ptr("sem_open", &other)),
-        Err(e) => return call_err(&format!("sem_open {obj}"), e, failed),
+    let size = std::mem::size_of::<libc::sem_t>() as u64;
+    let id = match open_object("sem", name, oflag, mode, size, init) {
+        Ok(id) => id,
+        Err(e) => return fail(e, failed),
     };
     match inside(|| attach_at(id, 0, 0)) {
         Ok(p) => p.cast(),
         Err(errno) => fail(errno, failed),
     }
-}
-
-fn unexpected_ptr<T>(what: &str, r: &Response) -> *mut T {
-    unexpected(what, r);
-    std::ptr::null_mut()
 }
 
 /// Whether `addr` is where this process attached a segment.
@@ -686,14 +684,7 @@ pub fn is_attachment(addr: *const c_void) -> bool {
 
 /// `sem_unlink(name)`.
 pub fn sem_unlink(name: &CStr) -> c_int {
-    let obj = match object_name("sem", name) {
-        Ok(n) => n,
-        Err(e) => return fail(e, -1),
-    };
-    match call(&Request::ShmUnlink { name: obj.clone() }) {
-        Ok(_) => 0,
-        Err(e) => call_err(&format!("sem_unlink {obj}"), e, -1),
-    }
+    unlink_object("sem", name)
 }
 
 /// A thread is about to wait on the synchronisation object of `len` bytes
@@ -864,12 +855,12 @@ fn after_fork_child(mut held: MutexGuard<'static, Vec<Att>>) {
             .and_then(|(_, _, dev)| mapped(a.shmid, a.addr, a.len, a.off, a.rdonly, dev));
         match r {
             Ok(()) => held.push(a),
-            Err((_, msg)) => {
+            Err(e) => {
                 // Unregistered, the mapping would show stale or zero
                 // pages: take it away so that a use faults loudly.
                 krg_log!(
                     Level::Warn,
-                    "fork: segment {} at {:#x} not shared with the child: {msg}",
+                    "fork: segment {} at {:#x} not shared with the child: {e}",
                     a.shmid,
                     a.addr
                 );
@@ -899,7 +890,7 @@ pub fn is_segment_path(path: &str) -> bool {
 
 /// Before a migration's capture (other threads parked): the attachment
 /// table must be free, since the restored copy re-attaches from it.
-pub fn capturable() -> Result<(), String> {
+pub fn capturable() -> Result<(), Error> {
     match ATTS.try_lock() {
         Ok(_) => Ok(()),
         Err(std::sync::TryLockError::Poisoned(_)) => Ok(()),
@@ -930,10 +921,10 @@ pub fn after_restore() {
     inside(|| {
         held.retain(|a| match reattach(a) {
             Ok(()) => true,
-            Err((_, msg)) => {
+            Err(e) => {
                 krg_log!(
                     Level::Warn,
-                    "restore: segment {} at {:#x} not attached here: {msg}",
+                    "restore: segment {} at {:#x} not attached here: {e}",
                     a.shmid,
                     a.addr
                 );
@@ -948,9 +939,9 @@ pub fn after_restore() {
 }
 
 /// Map attachment `a` again from this node's memory object and register it.
-fn reattach(a: &Att) -> Result<(), (i32, String)> {
+fn reattach(a: &Att) -> Result<(), Error> {
     let (_, mem, dev) = attach_req(a.shmid, a.rdonly, false)?;
-    let mem = mem.ok_or((libc::EIO, "no memory object".to_string()))?;
+    let mem = mem.ok_or_else(|| Error::other("no memory object"))?;
     let prot = if a.rdonly {
         libc::PROT_READ
     } else {
@@ -972,7 +963,7 @@ fn reattach(a: &Att) -> Result<(), (i32, String)> {
             shmid: a.shmid,
             addr: 0,
         });
-        return Err((e.raw_os_error().unwrap_or(libc::EIO), format!("mmap: {e}")));
+        return Err(Error::io("mmap", &e));
     }
     mapped(a.shmid, a.addr, a.len, a.off, a.rdonly, dev).inspect_err(|_| {
         let _ = call(&Request::ShmDetach {

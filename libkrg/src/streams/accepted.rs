@@ -68,12 +68,12 @@ fn end(fd: RawFd, peer: bool) -> Option<([u8; 112], libc::socklen_t)> {
 
 /// Connections waiting in `fd`'s accept queue (a listening TCP socket).
 fn queued(fd: RawFd) -> u32 {
-    super::moving::accept_queue(fd).map_or(0, |(q, _)| q)
+    super::sock::accept_queue(fd).map_or(0, |(q, _)| q)
 }
 
 /// Whether `fd` is a listening UNIX socket.
 fn unix_listener(fd: RawFd) -> bool {
-    use super::moving::int_opt;
+    use super::sock::int_opt;
     int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) == Some(libc::AF_UNIX)
         && int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1)
 }
@@ -200,8 +200,7 @@ fn unix_stand_in(
     a: &[u8; 112],
     len: libc::socklen_t,
 ) -> Result<RawFd, std::io::Error> {
-    let ty =
-        super::moving::int_opt(l, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(libc::SOCK_STREAM);
+    let ty = super::sock::int_opt(l, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(libc::SOCK_STREAM);
     let s = sock::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0)?;
     // The raw getpid (not our hook): this node's kernel pid.
     let kpid = raw::getpid();
@@ -236,7 +235,7 @@ pub(crate) fn on_accept(fd: RawFd, out: Option<&AddrOut<'_>>) {
     else {
         return;
     };
-    let family = |f: RawFd| super::moving::int_opt(f, libc::SOL_SOCKET, libc::SO_DOMAIN);
+    let family = |f: RawFd| super::sock::int_opt(f, libc::SOL_SOCKET, libc::SO_DOMAIN);
     // A UNIX listener's owed connection that became a TCP one (its peer on
     // another node) shows an unnamed UNIX peer, as most UNIX clients are.
     let unnamed = family(fd) == Some(libc::AF_UNIX) && family(e.1) != Some(libc::AF_UNIX);
@@ -245,7 +244,7 @@ pub(crate) fn on_accept(fd: RawFd, out: Option<&AddrOut<'_>>) {
     // ours alone.
     let nonblock = sysfd::status_flags(fd).unwrap_or(-1) & libc::O_NONBLOCK;
     let cloexec = sysfd::fd_flags(fd).unwrap_or(-1) & libc::FD_CLOEXEC != 0;
-    let _ = super::moving::set_nonblock(e.1, nonblock != 0);
+    let _ = super::sock::set_nonblock(e.1, nonblock != 0);
     if sysfd::dup3(e.1, fd, if cloexec { libc::O_CLOEXEC } else { 0 }).is_err() {
         return;
     }

@@ -9,6 +9,7 @@
 
 #![deny(unsafe_code)]
 
+use crate::error::Error;
 use crate::sys::{fd as sysfd, sock};
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 
@@ -66,10 +67,10 @@ fn ephemeral(p: u16) -> bool {
 /// The peer a datagram socket of family `domain` sends to (a raw socket
 /// address, empty when not connected), or why it is not a sender and
 /// cannot move.
-pub fn sender_peer(fd: RawFd, domain: i32) -> Result<Vec<u8>, String> {
+pub fn sender_peer(fd: RawFd, domain: i32) -> Result<Vec<u8>, Error> {
     let peer = addr_of(fd, sock::getpeername);
     let local = addr_of(fd, sock::getsockname).unwrap_or_default();
-    let what = |w: &str| format!("fd {fd}: {w}");
+    let what = |w: &str| Error::refused(w).fd(fd);
     match domain {
         libc::AF_UNIX => {
             let name = unix_name(&local);
@@ -109,9 +110,9 @@ pub fn sender_peer(fd: RawFd, domain: i32) -> Result<Vec<u8>, String> {
 
 /// The socket of a `Dgram` image entry made again here, connected to the
 /// same name or address (this node's).
-pub fn restore(domain: i32, peer: &[u8], flags: i32) -> Result<RawFd, String> {
+pub fn restore(domain: i32, peer: &[u8], flags: i32) -> Result<RawFd, Error> {
     let ty = libc::SOCK_DGRAM | (flags & libc::O_NONBLOCK);
-    let s = sock::socket(domain, ty, 0).map_err(|e| format!("datagram socket: {e}"))?;
+    let s = sock::socket(domain, ty, 0).map_err(|e| Error::io("datagram socket", &e))?;
     if peer.is_empty() {
         return Ok(s.into_raw_fd());
     }
@@ -124,8 +125,9 @@ pub fn restore(domain: i32, peer: &[u8], flags: i32) -> Result<RawFd, String> {
         } else {
             format!("port {}", port(peer))
         };
-        return Err(format!(
-            "datagram socket connected to {to}: not reachable on this node: {e}"
+        return Err(Error::io(
+            format!("datagram socket connected to {to}: not reachable on this node"),
+            &e,
         ));
     }
     Ok(s.into_raw_fd())
@@ -159,7 +161,9 @@ mod tests {
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"hello");
         // The receiver itself is bound: it does not move.
-        let e = sender_peer(rx.as_raw_fd(), libc::AF_UNIX).unwrap_err();
+        let e = sender_peer(rx.as_raw_fd(), libc::AF_UNIX)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("a receiver"), "{e}");
         sysfd::close(fd).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
@@ -169,13 +173,17 @@ mod tests {
     fn a_datagram_socketpair_and_a_udp_receiver_stay() {
         use std::os::fd::AsRawFd;
         let (a, _b) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        let e = sender_peer(a.as_raw_fd(), libc::AF_UNIX).unwrap_err();
+        let e = sender_peer(a.as_raw_fd(), libc::AF_UNIX)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("socketpair"), "{e}");
         // A service's port (below the ephemeral range).
         let server = (1024..32768)
             .find_map(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).ok())
             .unwrap();
-        let e = sender_peer(server.as_raw_fd(), libc::AF_INET).unwrap_err();
+        let e = sender_peer(server.as_raw_fd(), libc::AF_INET)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("a receiver"), "{e}");
         // One the kernel bound for a first sendto: a sender.
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

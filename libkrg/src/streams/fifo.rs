@@ -110,7 +110,7 @@ fn open_path(dirfd: c_int, path: CStrPtr<'_>, flags: c_int) -> Option<c_int> {
         Ok((Response::Local, _)) if nonblock => {
             let fd = raw_open(dirfd, path, flags & !libc::O_NONBLOCK);
             if fd >= 0 {
-                let _ = moving::set_nonblock(fd, true);
+                let _ = super::sock::set_nonblock(fd, true);
             }
             Some(fd)
         }
@@ -120,7 +120,7 @@ fn open_path(dirfd: c_int, path: CStrPtr<'_>, flags: c_int) -> Option<c_int> {
             let cloexec = flags & libc::O_CLOEXEC != 0;
             let _ = sysfd::set_fd_flags(fd.as_raw_fd(), if cloexec { libc::FD_CLOEXEC } else { 0 });
             let raw = fd.into_raw_fd();
-            let _ = moving::set_nonblock(raw, nonblock);
+            let _ = super::sock::set_nonblock(raw, nonblock);
             moving::note_pipe_born(raw, true);
             crate::krg_log!(
                 crate::log::Level::Debug,

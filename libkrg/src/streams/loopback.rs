@@ -228,7 +228,7 @@ fn remembered(fd: c_int) -> Option<u64> {
 
 // --- helpers -------------------------------------------------------------
 
-use super::moving::int_opt as sockopt;
+use super::sock::int_opt as sockopt;
 
 fn is_tcp(fd: c_int) -> bool {
     sockopt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
@@ -292,6 +292,13 @@ pub(crate) fn reserve(port: u16, reuse: bool) -> Reserved {
 
 // --- the hooks' logic ----------------------------------------------------
 
+/// The address a `bind` or `connect` of `fd` gives, if krg handles it: a
+/// loopback or wildcard address, on a TCP socket of an SSI process.
+fn ours(fd: c_int, addr: Option<&[u8]>) -> Option<Addr> {
+    let a = addr.and_then(Addr::read)?;
+    (a.kind() != Kind::Other && super::active() && is_tcp(fd)).then_some(a)
+}
+
 /// `bind(fd, addr)`: `pass` binds to the caller's address, `to` to one
 /// of ours.
 pub(super) fn bind(
@@ -300,13 +307,10 @@ pub(super) fn bind(
     pass: impl Fn() -> c_int,
     to: impl Fn(&[u8]) -> c_int,
 ) -> c_int {
-    let Some(a) = addr.and_then(Addr::read) else {
+    let Some(a) = ours(fd, addr) else {
         return pass();
     };
     let kind = a.kind();
-    if kind == Kind::Other || !super::active() || !is_tcp(fd) {
-        return pass();
-    }
     let reuse = sockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR).unwrap_or(0) != 0;
     let target = if kind == Kind::Loopback {
         a.wildcard()
@@ -404,12 +408,9 @@ pub(super) fn connect(
     pass: impl Fn() -> c_int,
     to: impl Fn(&[u8]) -> c_int,
 ) -> c_int {
-    let Some(a) = addr.and_then(Addr::read) else {
+    let Some(a) = ours(fd, addr) else {
         return pass();
     };
-    if a.kind() == Kind::Other || !super::active() || !is_tcp(fd) {
-        return pass();
-    }
     // Bound first (as connect would, to a port the kernel picks), so that
     // the server's node can be told where it comes from and show the
     // loopback as its peer. No port left to bind: the connection is made

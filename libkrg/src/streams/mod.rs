@@ -24,6 +24,7 @@ pub mod loopback;
 pub mod moving;
 pub mod placed;
 pub mod seqpacket;
+pub(crate) mod sock;
 pub mod unix;
 
 pub use abi::{accept, bind, connect, getpeername, getsockname};

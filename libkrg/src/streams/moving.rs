@@ -21,15 +21,20 @@
 
 #![deny(unsafe_code)]
 
+use super::sock::{accept_queue, int_opt, readable_before, set_int_opt, stat_of, tcp_info, u32_at};
 use crate::client;
+use crate::error::Error;
 use crate::proto::{Request, Response, StreamPeer};
-use crate::sys::{events, fd as sysfd, poll, raw, sock};
+use crate::sys::{events, fd as sysfd, raw, sock};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// Longest a drain may wait for the other side's end of stream.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+// The agent uses these by their old path.
+pub use super::sock::{ino_of, set_nonblock, shrink_sndbuf};
 
 /// What a connection was, as it is given back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +70,6 @@ pub fn tcp_ends(fd: RawFd) -> Option<(String, String)> {
 /// std reads one.
 fn inet_addr(a: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
     let b = sock::addr_bytes(a);
-    let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let port = u16::from_be_bytes([b[2], b[3]]);
     let len = len as usize;
     match a.ss_family as i32 {
@@ -80,35 +84,12 @@ fn inet_addr(a: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketA
             Some(SocketAddr::V6(SocketAddrV6::new(
                 ip,
                 port,
-                u32_at(4),
-                u32_at(24),
+                u32_at(b, 4),
+                u32_at(b, 24),
             )))
         }
         _ => None,
     }
-}
-
-/// An int socket option of `fd` (shared by the streams code).
-pub(crate) fn int_opt(fd: RawFd, level: i32, opt: i32) -> Option<i32> {
-    sock::getsockopt_int(fd, level, opt).ok()
-}
-
-/// `fd`'s send buffer back to `doubled` (what `SO_SNDBUF` read before it
-/// was enlarged to queue a refill: the kernel doubles what is set), once
-/// the refill is queued. Left enlarged, the writer could run that much
-/// further ahead of its reader, and at the next hand-over the bytes in
-/// flight would be that much more: a pipe moved back and forth between
-/// `yes` and `gzip` held 100 MB after eight moves, more than one frame or
-/// one image may carry.
-pub fn shrink_sndbuf(fd: RawFd, doubled: i32) {
-    if doubled > 0 {
-        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, doubled / 2);
-    }
-}
-
-/// Set an int socket option of `fd` (best effort).
-pub(crate) fn set_int_opt(fd: RawFd, level: i32, opt: i32, v: i32) {
-    let _ = sock::setsockopt(fd, level, opt, &v);
 }
 
 /// The options of `fd` that its replacement must keep. A pipe's
@@ -147,25 +128,6 @@ fn put_pipe_born(t: &mut [(RawFd, u64); 64], fd: RawFd, ino: Option<u64>) {
         if let Some(e) = t.iter_mut().find(|e| e.0 < 0) {
             *e = (fd, ino);
         }
-    }
-}
-
-fn stat_of(fd: RawFd) -> Option<libc::stat> {
-    sysfd::fstat(fd).ok()
-}
-
-/// The inode of what `fd` holds (a socket's, a pipe's).
-pub fn ino_of(fd: RawFd) -> Option<u64> {
-    stat_of(fd).map(|st| st.st_ino)
-}
-
-/// Set or clear `O_NONBLOCK` on `fd`, its other status flags kept.
-pub fn set_nonblock(fd: RawFd, on: bool) -> std::io::Result<()> {
-    let fl = sysfd::status_flags(fd)?;
-    if on {
-        sysfd::set_status_flags(fd, fl | libc::O_NONBLOCK)
-    } else {
-        sysfd::set_status_flags(fd, fl & !libc::O_NONBLOCK)
     }
 }
 
@@ -237,15 +199,15 @@ pub fn pipe_reads(fd: RawFd) -> bool {
 }
 
 /// Bytes in pipe `fd`.
-fn pipe_bytes(fd: RawFd) -> Result<usize, String> {
-    let n = sysfd::readable_bytes(fd).map_err(|e| format!("fd {fd}: FIONREAD: {e}"))?;
+fn pipe_bytes(fd: RawFd) -> Result<usize, Error> {
+    let n = sysfd::readable_bytes(fd).map_err(|e| Error::io("FIONREAD", &e).fd(fd))?;
     Ok(n.max(0) as usize)
 }
 
 /// Take what is in pipe `fd`, its writers parked. A read end gives its
 /// bytes and `true`: it never writes, so its new connection is shut for
 /// writing. A write end has nothing in flight for it.
-pub fn drain_pipe(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
+pub fn drain_pipe(fd: RawFd) -> Result<(Vec<u8>, bool), Error> {
     if !pipe_reads(fd) {
         return Ok((Vec::new(), false));
     }
@@ -256,8 +218,8 @@ pub fn drain_pipe(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
 /// least `size` bytes: room for them all at once, so that nobody waits for
 /// a reader that is not reading yet (the restorer of a pipe that was full,
 /// an agent refilling a pipe whose ends met again).
-pub fn pipe_holding(bytes: &[u8], size: i32) -> Result<(OwnedFd, OwnedFd), String> {
-    let (r, w) = sysfd::pipe2(libc::O_CLOEXEC).map_err(|e| format!("pipe2: {e}"))?;
+pub fn pipe_holding(bytes: &[u8], size: i32) -> Result<(OwnedFd, OwnedFd), Error> {
+    let (r, w) = sysfd::pipe2(libc::O_CLOEXEC).map_err(|e| Error::io("pipe2", &e))?;
     if bytes.is_empty() && size <= 0 {
         return Ok((r, w));
     }
@@ -271,24 +233,27 @@ pub fn pipe_holding(bytes: &[u8], size: i32) -> Result<(OwnedFd, OwnedFd), Strin
     let n = sysfd::write(wfd, bytes).map_or(-1, |n| n as isize);
     let _ = sysfd::set_status_flags(wfd, 0);
     if n != bytes.len() as isize {
-        return Err(format!("pipe: {} bytes to put in it, {n} fit", bytes.len()));
+        return Err(Error::errno(
+            libc::ENOSPC,
+            format!("pipe: {} bytes to put in it, {n} fit", bytes.len()),
+        ));
     }
     Ok((r, w))
 }
 
 /// The `n` bytes waiting in pipe `fd` (there, so reading does not block).
-fn read_n(fd: RawFd, n: usize) -> Result<Vec<u8>, String> {
+fn read_n(fd: RawFd, n: usize) -> Result<Vec<u8>, Error> {
     let mut out = vec![0u8; n];
     let mut got = 0;
     while got < n {
         match sysfd::read(fd, &mut out[got..]) {
             Ok(0) => {
                 let e = std::io::Error::last_os_error();
-                return Err(format!("fd {fd}: reading the pipe: {e}"));
+                return Err(Error::io("reading the pipe", &e).fd(fd));
             }
             Ok(r) => got += r,
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => return Err(format!("fd {fd}: reading the pipe: {e}")),
+            Err(e) => return Err(Error::io("reading the pipe", &e).fd(fd)),
         }
     }
     Ok(out)
@@ -296,30 +261,29 @@ fn read_n(fd: RawFd, n: usize) -> Result<Vec<u8>, String> {
 
 /// A copy of what is in pipe read end `fd`, left where it is (`tee` into a
 /// pipe of the same capacity): the process may go on here with it.
-pub fn peek_pipe(fd: RawFd) -> Result<Vec<u8>, String> {
+pub fn peek_pipe(fd: RawFd) -> Result<Vec<u8>, Error> {
     let n = pipe_bytes(fd)?;
     if n == 0 {
         return Ok(Vec::new());
     }
     let (r, w) =
-        sysfd::pipe2(libc::O_CLOEXEC | libc::O_NONBLOCK).map_err(|e| format!("pipe2: {e}"))?;
+        sysfd::pipe2(libc::O_CLOEXEC | libc::O_NONBLOCK).map_err(|e| Error::io("pipe2", &e))?;
     let size = sysfd::pipe_size(fd).unwrap_or(-1);
     let _ = sysfd::set_pipe_size(w.as_raw_fd(), size.max(n as i32));
     // The pipe's bytes duplicated into ours without taking them.
     match sysfd::tee(fd, w.as_raw_fd(), n, libc::SPLICE_F_NONBLOCK) {
         Ok(t) if t == n => {}
         t => {
-            return Err(format!(
-                "fd {fd}: copying the {n} bytes in the pipe: {}",
-                match t {
-                    Ok(t) => format!("only {t}"),
-                    Err(e) => e.to_string(),
-                }
-            ))
+            let what = format!("copying the {n} bytes in the pipe");
+            return Err(match t {
+                Ok(t) => Error::other(format!("{what}: only {t}")),
+                Err(e) => Error::io(what, &e),
+            }
+            .fd(fd));
         }
     }
     drop(w);
-    read_n(r.as_raw_fd(), n).map_err(|e| format!("fd {fd}: the copy of the pipe: {e}"))
+    read_n(r.as_raw_fd(), n).map_err(|e| e.during("the copy of the pipe").fd(fd))
 }
 
 /// Whether this side had shut down writing (its FIN sent), from the TCP
@@ -332,7 +296,7 @@ fn wr_shut(fd: RawFd) -> bool {
 /// Shut down writing and read `fd` to EOF: what was in flight for this
 /// side, and whether it had shut down writing itself before. A pipe:
 /// [`drain_pipe`].
-pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
+pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), Error> {
     if is_pipe(fd) {
         return drain_pipe(fd);
     }
@@ -356,7 +320,7 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
 /// What is queued for this side of connection `fd` now, without shutting
 /// anything down or waiting (the connection goes on, kept by the agent),
 /// and whether this side had shut down writing.
-pub fn take_queued(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
+pub fn take_queued(fd: RawFd) -> Result<(Vec<u8>, bool), Error> {
     let was_shut = wr_shut(fd);
     let mut out = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -377,7 +341,7 @@ pub fn take_queued(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
             Some(libc::EINTR) => continue,
             // Reset: the relay sees it too; what was read still counts.
             Some(libc::ECONNRESET) => return Ok((out, was_shut)),
-            _ => return Err(format!("fd {fd}: taking what is queued: {e}")),
+            _ => return Err(Error::io("taking what is queued", &e).fd(fd)),
         }
     }
 }
@@ -385,17 +349,15 @@ pub fn take_queued(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
 /// Read `fd` (a socket or a pipe) until its end of stream, for at most
 /// `timeout` (`late` says what did not happen then). What was read, and
 /// why it stopped early if it did.
-pub(crate) fn read_to_end(fd: RawFd, timeout: Duration, late: &str) -> (Vec<u8>, Option<String>) {
+pub(crate) fn read_to_end(fd: RawFd, timeout: Duration, late: &str) -> (Vec<u8>, Option<Error>) {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     let deadline = Instant::now() + timeout;
     loop {
         match readable_before(fd, deadline) {
             None => {
-                return (
-                    out,
-                    Some(format!("fd {fd}: {late} within {}s", timeout.as_secs())),
-                )
+                let why = format!("{late} within {}s", timeout.as_secs());
+                return (out, Some(Error::errno(libc::ETIMEDOUT, why).fd(fd)));
             }
             Some(false) => continue,
             Some(true) => {}
@@ -406,25 +368,11 @@ pub(crate) fn read_to_end(fd: RawFd, timeout: Duration, late: &str) -> (Vec<u8>,
             Ok(n) => out.extend_from_slice(&buf[..n]),
             Err(e) => {
                 if !matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
-                    return (out, Some(format!("fd {fd}: reading to its end: {e}")));
+                    return (out, Some(Error::io("reading to its end", &e).fd(fd)));
                 }
             }
         }
     }
-}
-
-/// Wait (a second at most, and not past `deadline`) for `fd` to be
-/// readable: `None` once the deadline has passed.
-pub(crate) fn readable_before(fd: RawFd, deadline: Instant) -> Option<bool> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return None;
-    }
-    Some(poll::ready(
-        fd,
-        libc::POLLIN,
-        left.as_millis().min(1000) as i32,
-    ))
 }
 
 /// `StreamFreeze`: the agents find the peer of each connection `(local,
@@ -460,11 +408,11 @@ pub fn attach(
     wr_shut: bool,
     pipe: bool,
     seqpacket: bool,
-) -> Result<OwnedFd, String> {
+) -> Result<OwnedFd, Error> {
     let pair = seqpacket
         .then(super::seqpacket::new_pair)
         .transpose()
-        .map_err(|e| format!("stream {id:#x}: {e}"))?;
+        .map_err(|e| e.during(format_args!("stream {id:#x}")))?;
     let req = Request::StreamAttach {
         id,
         node,
@@ -477,11 +425,13 @@ pub fn attach(
     one_fd(&req, id)
 }
 
-fn one_fd(req: &Request, id: u64) -> Result<OwnedFd, String> {
+fn one_fd(req: &Request, id: u64) -> Result<OwnedFd, Error> {
     match client::call_fds(req) {
         Ok((Response::StreamFd, mut fds)) if fds.len() == 1 => Ok(fds.remove(0)),
-        Ok((other, _)) => Err(format!("stream {id:#x}: unexpected answer {other:?}")),
-        Err(e) => Err(format!("stream {id:#x}: {e}")),
+        Ok((other, _)) => Err(Error::other(format!(
+            "stream {id:#x}: unexpected answer {other:?}"
+        ))),
+        Err(e) => Err(Error::from(e).during(format_args!("stream {id:#x}"))),
     }
 }
 
@@ -530,12 +480,12 @@ fn epoll_watches_of(fd: RawFd) -> Vec<(RawFd, u32, u64)> {
 
 /// Put `new` under number `fd` (its close-on-exec flag kept) in place of
 /// the old connection, and in the epoll sets that watched the old one.
-pub fn install(fd: RawFd, new: OwnedFd, pipe: bool) -> Result<(), String> {
+pub fn install(fd: RawFd, new: OwnedFd, pipe: bool) -> Result<(), Error> {
     let watches = epoll_watches_of(fd);
     let cloexec = sysfd::fd_flags(fd).is_ok_and(|f| f > 0);
     let fl = if cloexec { libc::O_CLOEXEC } else { 0 };
     // The old connection closed, which also drops it from every epoll set.
-    sysfd::dup3(new.as_raw_fd(), fd, fl).map_err(|e| format!("fd {fd}: dup3: {e}"))?;
+    sysfd::dup3(new.as_raw_fd(), fd, fl).map_err(|e| Error::io("dup3", &e).fd(fd))?;
     drop(new);
     note_pipe_born(fd, pipe);
     for (ep, ev, data) in watches {
@@ -548,11 +498,11 @@ pub fn install(fd: RawFd, new: OwnedFd, pipe: bool) -> Result<(), String> {
 /// each connection, tell the agent, take the new connection in its place.
 /// Fds listed with the same id are copies of one connection: drained once,
 /// and each gets the new connection.
-pub fn swap(streams: &[(RawFd, u64)]) -> Result<(), String> {
+pub fn swap(streams: &[(RawFd, u64)]) -> Result<(), Error> {
     // The mover waits for this before it shuts its side down: no thread of
     // ours may see that end of stream.
     let ids: Vec<u64> = streams.iter().map(|s| s.1).collect();
-    client::call(&Request::StreamFrozen { ids }).map_err(|e| format!("streams: {e}"))?;
+    client::call(&Request::StreamFrozen { ids }).map_err(|e| Error::from(e).during("streams"))?;
     let mut drained: Vec<(RawFd, u64, Opts)> = Vec::new();
     for &(fd, id) in streams {
         if drained.iter().any(|d| d.1 == id) {
@@ -571,7 +521,7 @@ pub fn swap(streams: &[(RawFd, u64)]) -> Result<(), String> {
             wr_shut: wr,
             pair: pair.as_ref().map(super::seqpacket::numbers),
         })
-        .map_err(|e| format!("stream {id:#x}: {e}"))?;
+        .map_err(|e| Error::from(e).during(format_args!("stream {id:#x}")))?;
         drop(pair);
         drained.push((fd, id, o));
     }
@@ -606,18 +556,6 @@ pub struct Listening {
     pub flags: i32,
 }
 
-/// `struct tcp_info`: state (byte 0), then `tcpi_unacked` at 24 and
-/// `tcpi_sacked` at 28 (for a listener: its accept queue and backlog).
-fn tcp_info(fd: RawFd) -> Option<[u8; 104]> {
-    let mut info = [0u8; 104];
-    sock::getsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info).ok()?;
-    Some(info)
-}
-
-fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-
 /// The kernel's address of `fd` (the raw system call: libc's getsockname
 /// is our hook, which shows a loopback server its loopback).
 fn bound_addr(fd: RawFd) -> Option<SocketAddr> {
@@ -639,22 +577,10 @@ fn bound_addr(fd: RawFd) -> Option<SocketAddr> {
     }
 }
 
-/// `(connections waiting, backlog)` of `fd` if it is a listening TCP
-/// socket.
-pub(crate) fn accept_queue(fd: RawFd) -> Option<(u32, u32)> {
-    if int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != Some(1)
-        || int_opt(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_TCP)
-    {
-        return None;
-    }
-    let info = tcp_info(fd)?;
-    Some((u32_at(&info, 24), u32_at(&info, 28)))
-}
-
 /// `fd` as a listening TCP socket, if it is one. Connections still waiting
 /// to be accepted (a migration takes them first: `streams::accepted`)
 /// refuse, naming them.
-pub fn listening(fd: RawFd) -> Result<Option<Listening>, String> {
+pub fn listening(fd: RawFd) -> Result<Option<Listening>, Error> {
     let Some((mut queued, backlog)) = accept_queue(fd) else {
         return Ok(None);
     };
@@ -666,11 +592,12 @@ pub fn listening(fd: RawFd) -> Result<Option<Listening>, String> {
         queued = accept_queue(fd).map_or(0, |q| q.0);
     }
     let addr =
-        bound_addr(fd).ok_or_else(|| format!("fd {fd}: listening socket without an address"))?;
+        bound_addr(fd).ok_or_else(|| Error::other("listening socket without an address").fd(fd))?;
     if queued > 0 {
-        return Err(format!(
-            "fd {fd}: listening socket {addr} has {queued} connection(s) waiting to be accepted that could not be taken along (try again)"
-        ));
+        return Err(Error::refused(format!(
+            "listening socket {addr} has {queued} connection(s) waiting to be accepted that could not be taken along (try again)"
+        ))
+        .fd(fd));
     }
     Ok(Some(Listening {
         addr,
@@ -693,7 +620,7 @@ fn kept_listener(port: u16) -> Option<OwnedFd> {
 
 /// Make the listening socket again here: its port reserved in the cluster
 /// (the old one was closed first), bound and listening, with its options.
-pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
+pub fn relisten(l: &Listening) -> Result<OwnedFd, Error> {
     use super::loopback::{reserve, Reserved};
     let what = format!("listening socket {}", l.addr);
     let fam = if l.addr.is_ipv6() {
@@ -702,7 +629,7 @@ pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
         libc::AF_INET
     };
     let owned = sock::socket(fam, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
-        .map_err(|e| format!("{what}: socket: {e}"))?;
+        .map_err(|e| Error::io("socket", &e).during(&what))?;
     let fd = owned.as_raw_fd();
     if l.addr.is_ipv6() {
         set_int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, l.v6only as i32);
@@ -712,10 +639,13 @@ pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
     match reserve(l.addr.port(), l.reuseaddr) {
         Reserved::Yes | Reserved::Unknown => {}
         Reserved::No(e) => {
-            return Err(format!(
-                "{what}: port {} is taken in the cluster ({})",
-                l.addr.port(),
-                std::io::Error::from_raw_os_error(e)
+            return Err(Error::errno(
+                e,
+                format!(
+                    "{what}: port {} is taken in the cluster ({})",
+                    l.addr.port(),
+                    std::io::Error::from_raw_os_error(e)
+                ),
             ))
         }
     }
@@ -742,7 +672,7 @@ pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
     let addr = sock::addr_from::<libc::sockaddr_in6>(&b);
     raw::bind(fd, &addr, len)
         .and_then(|()| raw::listen(fd, l.backlog.max(1)))
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|e| Error::io(&what, &e))?;
     let _ = sysfd::set_status_flags(fd, l.flags & libc::O_NONBLOCK);
     Ok(owned)
 }

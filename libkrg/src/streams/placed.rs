@@ -28,7 +28,7 @@ const EOF_TIMEOUT: Duration = Duration::from_secs(30);
 /// Read pipe `fd` to its end (its last writer, a shadow handing over its
 /// relay, closes it once it has written what it had). What was read, and
 /// why it stopped early if it did (what was read still counts).
-pub fn drain_pipe_to_eof(fd: RawFd) -> (Vec<u8>, Option<String>) {
+pub fn drain_pipe_to_eof(fd: RawFd) -> (Vec<u8>, Option<crate::error::Error>) {
     moving::read_to_end(fd, EOF_TIMEOUT, "the pipe's writer did not close it")
 }
 

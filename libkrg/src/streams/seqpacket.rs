@@ -16,6 +16,8 @@
 
 #![deny(unsafe_code)]
 
+use super::sock::{int_opt, readable_before, set_int_opt, shrink_sndbuf};
+use crate::error::Error;
 use crate::sys::sock::{self, Control};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
@@ -28,7 +30,6 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 
 /// Whether `fd` is a connected UNIX seqpacket socket.
 pub fn is_seqpacket(fd: RawFd) -> bool {
-    use super::moving::int_opt;
     if int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) != Some(libc::AF_UNIX)
         || int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) != Some(libc::SOCK_SEQPACKET)
         || int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1)
@@ -45,7 +46,7 @@ pub fn frame(out: &mut Vec<u8>, msg: &[u8]) {
 }
 
 /// The messages of `framed`, in order.
-pub fn messages(framed: &[u8]) -> Result<Vec<&[u8]>, String> {
+pub fn messages(framed: &[u8]) -> Result<Vec<&[u8]>, Error> {
     let mut out = Vec::new();
     let mut at = 0;
     while at < framed.len() {
@@ -54,7 +55,7 @@ pub fn messages(framed: &[u8]) -> Result<Vec<&[u8]>, String> {
         };
         let n = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
         let Some(m) = framed.get(at + 4..at + 4 + n) else {
-            return Err(format!("pending messages: a {n}-byte frame is cut"));
+            return Err(format!("pending messages: a {n}-byte frame is cut").into());
         };
         out.push(m);
         at += 4 + n;
@@ -63,15 +64,15 @@ pub fn messages(framed: &[u8]) -> Result<Vec<&[u8]>, String> {
 }
 
 /// A new seqpacket socketpair, close-on-exec.
-pub fn new_pair() -> Result<(OwnedFd, OwnedFd), String> {
+pub fn new_pair() -> Result<(OwnedFd, OwnedFd), Error> {
     sock::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0)
-        .map_err(|e| format!("seqpacket socketpair: {e}"))
+        .map_err(|e| Error::io("seqpacket socketpair", &e))
 }
 
 /// Tell every message received on `fd` from its end of stream from now on
 /// (see the module's comment).
 pub fn pass_credentials(fd: RawFd) {
-    super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, 1);
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, 1);
 }
 
 /// What one receive gave.
@@ -120,19 +121,23 @@ pub fn recv(fd: RawFd, dontwait: bool) -> std::io::Result<Got> {
 
 /// Shut down writing and read `fd` to its end: the messages that were in
 /// flight for this side, framed, and whether it had shut down writing.
-pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
+pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), Error> {
     pass_credentials(fd);
     // The other threads are parked.
     let _ = sock::shutdown(fd, libc::SHUT_WR);
     let mut out = Vec::new();
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     loop {
-        match super::moving::readable_before(fd, deadline) {
+        match readable_before(fd, deadline) {
             None => {
-                return Err(format!(
-                    "fd {fd}: the other end did not finish its side of the seqpacket connection within {}s",
+                return Err(Error::errno(
+                    libc::ETIMEDOUT,
+                    format!(
+                    "the other end did not finish its side of the seqpacket connection within {}s",
                     DRAIN_TIMEOUT.as_secs()
-                ))
+                ),
+                )
+                .fd(fd))
             }
             Some(false) => continue,
             Some(true) => {}
@@ -142,7 +147,7 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
             Ok(Got::End) => return Ok((out, false)),
             Ok(Got::Nothing) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => return Err(format!("fd {fd}: reading to its end: {e}")),
+            Err(e) => return Err(Error::io("reading to its end", &e).fd(fd)),
         }
     }
 }
@@ -150,33 +155,33 @@ pub fn drain(fd: RawFd) -> Result<(Vec<u8>, bool), String> {
 /// Put the messages of `framed` into `fd`'s peer's queue (sent on `fd`,
 /// without waiting: its send buffer is made large enough for all of them
 /// at once, which takes privileges beyond `wmem_max`: the agent's).
-pub fn refill(fd: RawFd, framed: &[u8]) -> Result<(), String> {
+pub fn refill(fd: RawFd, framed: &[u8]) -> Result<(), Error> {
     let msgs = messages(framed)?;
     if msgs.is_empty() {
         return Ok(());
     }
     // Each queued message costs its bytes and a buffer head (~1 KiB).
     let want = (framed.len() + msgs.len() * 2048 + (1 << 20)).min(i32::MAX as usize / 2);
-    let before = super::moving::int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0);
-    super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want as i32);
+    let before = int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0);
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want as i32);
     let r = resend(fd, &msgs);
-    super::moving::shrink_sndbuf(fd, before);
+    shrink_sndbuf(fd, before);
     r
 }
 
 /// Send each of `msgs` on `fd` without waiting; an error if one does not
 /// fit.
-pub fn resend<M: AsRef<[u8]>>(fd: RawFd, msgs: &[M]) -> Result<(), String> {
+pub fn resend<M: AsRef<[u8]>>(fd: RawFd, msgs: &[M]) -> Result<(), Error> {
     for m in msgs {
         let m = m.as_ref();
         match sock::send(fd, m, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
             Ok(r) if r == m.len() => {}
             r => {
-                return Err(format!(
-                    "putting back {} queued messages: {}",
-                    msgs.len(),
-                    r.err().unwrap_or_else(std::io::Error::last_os_error)
-                ))
+                let e = r.err().unwrap_or_else(std::io::Error::last_os_error);
+                return Err(Error::io(
+                    format!("putting back {} queued messages", msgs.len()),
+                    &e,
+                ));
             }
         }
     }

@@ -18,8 +18,9 @@
 
 #![deny(unsafe_code)]
 
-use super::moving::int_opt;
+use super::sock::{int_opt, set_int_opt, shrink_sndbuf, u32_at};
 use crate::client;
+use crate::error::Error;
 use crate::krg_log;
 use crate::log::Level;
 use crate::proto::{Request, Response, UNIX_STAND_IN};
@@ -138,7 +139,7 @@ fn install(fd: c_int, new: OwnedFd) -> Result<(), i32> {
     // as set.
     let nonblock = sysfd::status_flags(fd).unwrap_or(-1) & libc::O_NONBLOCK;
     let cloexec = sysfd::fd_flags(fd).unwrap_or(-1) & libc::FD_CLOEXEC != 0;
-    let _ = super::moving::set_nonblock(n, nonblock != 0);
+    let _ = super::sock::set_nonblock(n, nonblock != 0);
     let _ = sock::setsockopt(n, libc::IPPROTO_TCP, libc::TCP_NODELAY, &(1 as c_int));
     sysfd::dup3(n, fd, if cloexec { libc::O_CLOEXEC } else { 0 })
         .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
@@ -170,7 +171,7 @@ pub fn show(name: &[u8]) -> String {
 /// `fd` as a listening UNIX socket, if it is one. Connections still
 /// waiting to be accepted (a migration takes them first:
 /// `streams::accepted`) refuse, naming them.
-pub fn listening(fd: c_int) -> Result<Option<Listening>, String> {
+pub fn listening(fd: c_int) -> Result<Option<Listening>, Error> {
     if int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) != Some(libc::AF_UNIX)
         || int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != Some(1)
     {
@@ -183,20 +184,20 @@ pub fn listening(fd: c_int) -> Result<Option<Listening>, String> {
         .ok()
         .and_then(|l| name_bytes(given(&sa, l)))
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| format!("fd {fd}: listening UNIX socket without a name"))?;
+        .ok_or_else(|| Error::other("listening UNIX socket without a name").fd(fd))?;
     // Readable: a connection waits.
     if poll::ready(fd, libc::POLLIN, 0) {
-        return Err(format!(
-            "fd {fd}: listening UNIX socket {} has connections waiting to be accepted that could not be taken along (try again)",
+        return Err(Error::refused(format!(
+            "listening UNIX socket {} has connections waiting to be accepted that could not be taken along (try again)",
             show(&name)
-        ));
+        )).fd(fd));
     }
     Ok(Some(Listening {
         name,
         ty,
         flags: sysfd::status_flags(fd).unwrap_or(0),
         passcred: int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED) == Some(1),
-        backlog: super::moving::ino_of(fd)
+        backlog: super::sock::ino_of(fd)
             .and_then(backlog)
             .unwrap_or(libc::SOMAXCONN),
     }))
@@ -206,15 +207,18 @@ pub fn listening(fd: c_int) -> Result<Option<Listening>, String> {
 /// socket file left at its path is removed, the name bound and listened
 /// on with its backlog, and a stream socket's name made reachable from
 /// every node again.
-pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
+pub fn relisten(l: &Listening) -> Result<OwnedFd, Error> {
     let what = format!("listening UNIX socket {}", show(&l.name));
     let owned = sock::socket(libc::AF_UNIX, l.ty | libc::SOCK_CLOEXEC, 0)
-        .map_err(|e| format!("{what}: socket: {e}"))?;
+        .map_err(|e| Error::io("socket", &e).during(&what))?;
     let fd = owned.as_raw_fd();
     let mut sa = sock::zeroed::<libc::sockaddr_un>();
     sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
     if l.name.len() >= sa.sun_path.len() {
-        return Err(format!("{what}: name too long"));
+        return Err(Error::errno(
+            libc::ENAMETOOLONG,
+            format!("{what}: name too long"),
+        ));
     }
     for (d, s) in sa.sun_path.iter_mut().zip(&l.name) {
         *d = *s as libc::c_char;
@@ -237,7 +241,7 @@ pub fn relisten(l: &Listening) -> Result<OwnedFd, String> {
     // Raw bind and listen (not our hooks).
     raw::bind(fd, &sa, len as socklen_t)
         .and_then(|()| raw::listen(fd, l.backlog))
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|e| Error::io(&what, &e))?;
     if l.passcred {
         super::seqpacket::pass_credentials(fd);
     }
@@ -460,7 +464,6 @@ fn diag(show: u32, mut each: impl FnMut(u64, u16, &[u8])) -> std::io::Result<()>
     req.extend_from_slice(&[0xff; 8]);
     // To the kernel.
     sock::send(nl.as_raw_fd(), &req, 0)?;
-    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let u16_at = |b: &[u8], i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -503,7 +506,7 @@ fn diag(show: u32, mut each: impl FnMut(u64, u16, &[u8])) -> std::io::Result<()>
 /// socket's bytes are peeked; a seqpacket socket's messages (which cannot
 /// be peeked past the first) are taken and sent again from `peer`, in
 /// order, and come back framed.
-pub fn queued(fd: c_int, peer: c_int, seqpacket: bool) -> Result<Vec<u8>, String> {
+pub fn queued(fd: c_int, peer: c_int, seqpacket: bool) -> Result<Vec<u8>, Error> {
     if !seqpacket {
         let n = match sysfd::readable_bytes(fd) {
             Ok(n) if n > 0 => n,
@@ -514,10 +517,8 @@ pub fn queued(fd: c_int, peer: c_int, seqpacket: bool) -> Result<Vec<u8>, String
         match sock::recv(fd, &mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
             Ok(r) if r == n as usize => {}
             r => {
-                return Err(format!(
-                    "fd {fd}: peeking at {n} queued bytes: {}",
-                    r.err().unwrap_or_else(std::io::Error::last_os_error)
-                ))
+                let e = r.err().unwrap_or_else(std::io::Error::last_os_error);
+                return Err(Error::io(format!("peeking at {n} queued bytes"), &e).fd(fd));
             }
         }
         return Ok(b);
@@ -530,15 +531,15 @@ pub fn queued(fd: c_int, peer: c_int, seqpacket: bool) -> Result<Vec<u8>, String
         match recv(fd, true) {
             Ok(Got::Message(m)) => msgs.push(m),
             Ok(Got::Nothing | Got::End) => break Ok(()),
-            Err(e) => break Err(format!("fd {fd}: taking its queued messages: {e}")),
+            Err(e) => break Err(Error::io("taking its queued messages", &e).fd(fd)),
         }
     };
     if !had {
-        super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, 0);
+        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_PASSCRED, 0);
     }
     // Put back from the other end (it held these messages a moment ago:
     // there is room).
-    super::seqpacket::resend(peer, &msgs).map_err(|e| format!("fd {fd}: {e}"))?;
+    super::seqpacket::resend(peer, &msgs).map_err(|e| e.fd(fd))?;
     let mut out = Vec::new();
     for m in &msgs {
         frame(&mut out, m);
@@ -553,14 +554,14 @@ pub fn pair_holding(
     seqpacket: bool,
     for_a: &[u8],
     for_b: &[u8],
-) -> Result<(OwnedFd, OwnedFd), String> {
+) -> Result<(OwnedFd, OwnedFd), Error> {
     let ty = if seqpacket {
         libc::SOCK_SEQPACKET
     } else {
         libc::SOCK_STREAM
     };
     let (a, b) = sock::socketpair(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0)
-        .map_err(|e| format!("socketpair: {e}"))?;
+        .map_err(|e| Error::io("socketpair", &e))?;
     for (from, bytes) in [(&b, for_a), (&a, for_b)] {
         if seqpacket {
             super::seqpacket::refill(from.as_raw_fd(), bytes)?;
@@ -571,11 +572,11 @@ pub fn pair_holding(
         }
         let want = (bytes.len() + (64 << 10)).min(i32::MAX as usize / 2) as i32;
         let fd = from.as_raw_fd();
-        let before = super::moving::int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0);
-        super::moving::set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, want);
+        let before = int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0);
+        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, want);
         let r = super::seqpacket::resend(fd, &[bytes]);
-        super::moving::shrink_sndbuf(fd, before);
-        r.map_err(|e| format!("socketpair: {} queued bytes: {e}", bytes.len()))?;
+        shrink_sndbuf(fd, before);
+        r.map_err(|e| e.during(format!("socketpair: {} queued bytes", bytes.len())))?;
     }
     Ok((a, b))
 }

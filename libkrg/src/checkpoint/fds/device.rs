@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 use super::{open_path, FdKind, FdState, Kind, Probe, Purpose, Restoring};
+use crate::error::Error;
 use std::os::fd::RawFd;
 
 const PORTABLE_DEVICES: &[(u32, u32, &str)] = &[
@@ -17,11 +18,7 @@ const PORTABLE_DEVICES: &[(u32, u32, &str)] = &[
 pub struct Device;
 
 impl Kind for Device {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Device { .. })
-    }
-
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFCHR {
             return None;
         }
@@ -40,12 +37,10 @@ impl Kind for Device {
         false
     }
 
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::Device { path, flags } = &f.kind else {
             unreachable!("Device::restore of {:?}", f.kind)
         };
-        open_path(path, *flags)
-            .map(Some)
-            .map_err(|e| format!("fd {}: {e}", f.fd))
+        open_path(path, *flags).map(Some).map_err(|e| e.fd(f.fd))
     }
 }

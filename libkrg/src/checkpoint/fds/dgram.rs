@@ -6,24 +6,21 @@
 #![deny(unsafe_code)]
 
 use super::{FdKind, FdState, Kind, Probe, Restoring};
-use crate::streams::{dgram, moving};
+use crate::error::Error;
+use crate::streams::{dgram, sock};
 use std::os::fd::RawFd;
 
 pub struct Dgram;
 
 impl Kind for Dgram {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Dgram { .. })
-    }
-
     /// Above the standard fds only (there any socket is relayed).
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         let dgram = p.ty() == libc::S_IFSOCK
-            && moving::int_opt(p.fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_DGRAM);
+            && sock::int_opt(p.fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_DGRAM);
         if !dgram || p.fd <= 2 {
             return None;
         }
-        let domain = moving::int_opt(p.fd, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(-1);
+        let domain = sock::int_opt(p.fd, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(-1);
         Some(dgram::sender_peer(p.fd, domain).map(|peer| FdKind::Dgram {
             domain,
             peer,
@@ -31,7 +28,7 @@ impl Kind for Dgram {
         }))
     }
 
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::Dgram {
             domain,
             peer,
@@ -42,6 +39,6 @@ impl Kind for Dgram {
         };
         dgram::restore(*domain, peer, *flags)
             .map(Some)
-            .map_err(|e| format!("fd {}: {e}", f.fd))
+            .map_err(|e| e.fd(f.fd))
     }
 }

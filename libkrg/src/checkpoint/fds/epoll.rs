@@ -3,7 +3,8 @@
 
 #![deny(unsafe_code)]
 
-use super::{fdinfo, os_err, FdKind, FdState, Kind, Probe, Restoring};
+use super::{fdinfo, FdKind, FdState, Kind, Probe, Restoring};
+use crate::error::Error;
 use crate::sys::events;
 use std::os::fd::{IntoRawFd, RawFd};
 
@@ -12,7 +13,7 @@ pub struct Epoll;
 /// What an epoll instance watches, from its fdinfo lines
 /// (`tfd: 5 events: 19 data: 5 pos:0 ino:40e sdev:10`; hexadecimal but the
 /// fd). Each must still be the file open under that number.
-fn watches(fd: i32, info: &str) -> Result<Vec<(i32, u32, u64)>, String> {
+fn watches(fd: i32, info: &str) -> Result<Vec<(i32, u32, u64)>, Error> {
     let mut out = Vec::new();
     for l in info.lines().filter(|l| l.starts_with("tfd:")) {
         let w: Vec<&str> = l.split_whitespace().collect();
@@ -22,7 +23,7 @@ fn watches(fd: i32, info: &str) -> Result<Vec<(i32, u32, u64)>, String> {
                 .and_then(|i| w.get(i + 1).copied())
         };
         let tagged = |name: &str| w.iter().find_map(|x| x.strip_prefix(name));
-        let bad = || format!("fd {fd}: unreadable epoll entry {l:?}");
+        let bad = || Error::other(format!("unreadable epoll entry {l:?}")).fd(fd);
         let tfd: i32 = field("tfd:").and_then(|v| v.parse().ok()).ok_or_else(bad)?;
         let events = field("events:")
             .and_then(|v| u32::from_str_radix(v, 16).ok())
@@ -33,9 +34,10 @@ fn watches(fd: i32, info: &str) -> Result<Vec<(i32, u32, u64)>, String> {
         let ino = tagged("ino:").and_then(|v| u64::from_str_radix(v, 16).ok());
         let st = super::fstat(tfd);
         if st.is_none() || ino.is_some_and(|i| Some(i) != st.map(|s| s.st_ino)) {
-            return Err(format!(
-                "fd {fd}: epoll watches a file that is no longer open as fd {tfd}"
-            ));
+            return Err(Error::refused(format!(
+                "epoll watches a file that is no longer open as fd {tfd}"
+            ))
+            .fd(fd));
         }
         out.push((tfd, events, data));
     }
@@ -43,12 +45,8 @@ fn watches(fd: i32, info: &str) -> Result<Vec<(i32, u32, u64)>, String> {
 }
 
 impl Kind for Epoll {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Epoll { .. })
-    }
-
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
-        (p.link_s == "anon_inode:[eventpoll]").then(|| {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
+        p.anon("eventpoll").then(|| {
             Ok(FdKind::Epoll {
                 flags: p.flags,
                 watches: watches(p.fd, &fdinfo(p.fd))?,
@@ -57,16 +55,16 @@ impl Kind for Epoll {
     }
 
     /// A new instance; what it watches is added by [`Kind::finish`].
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::Epoll { flags, .. } = f.kind else {
             unreachable!("Epoll::restore of {:?}", f.kind)
         };
         let fd = events::epoll_create(flags & libc::O_CLOEXEC)
-            .map_err(|_| os_err(&format!("fd {}: epoll_create1", f.fd)))?;
+            .map_err(|e| Error::io("epoll_create1", &e).fd(f.fd))?;
         Ok(Some(fd.into_raw_fd()))
     }
 
-    fn finish(&self, f: &FdState) -> Result<(), String> {
+    fn finish(&self, f: &FdState) -> Result<(), Error> {
         let FdKind::Epoll { watches, .. } = &f.kind else {
             return Ok(());
         };
@@ -74,7 +72,7 @@ impl Kind for Epoll {
             // An fd now under its image number, added to the epoll instance
             // now under its own, with the saved events and data.
             events::epoll_add(f.fd, *tfd, *ev, *data)
-                .map_err(|_| os_err(&format!("fd {}: epoll watch of fd {tfd}", f.fd)))?;
+                .map_err(|e| Error::io(format!("epoll watch of fd {tfd}"), &e).fd(f.fd))?;
         }
         Ok(())
     }

@@ -2,36 +2,29 @@
 
 #![deny(unsafe_code)]
 
-use super::{fdinfo, os_err, status_field, FdKind, FdState, Kind, Probe, Restoring};
+use super::{FdKind, FdState, Kind, Probe, Restoring};
+use crate::error::Error;
 use std::os::fd::{IntoRawFd, RawFd};
 
 pub struct EventFd;
 
 impl Kind for EventFd {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::EventFd { .. })
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
+        p.anon("eventfd").then(|| {
+            Ok(FdKind::EventFd {
+                count: p.fdinfo_hex("eventfd-count:").unwrap_or(0),
+                flags: p.flags,
+            })
+        })
     }
 
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
-        if p.link_s != "anon_inode:[eventfd]" {
-            return None;
-        }
-        let count = status_field(&fdinfo(p.fd), "eventfd-count:")
-            .and_then(|v| u64::from_str_radix(v, 16).ok())
-            .unwrap_or(0);
-        Some(Ok(FdKind::EventFd {
-            count,
-            flags: p.flags,
-        }))
-    }
-
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::EventFd { count, flags } = f.kind else {
             unreachable!("EventFd::restore of {:?}", f.kind)
         };
         let fl = flags & (libc::O_NONBLOCK | libc::O_CLOEXEC);
         let fd = crate::sys::events::eventfd(count.min(u32::MAX as u64) as u32, fl)
-            .map_err(|_| os_err(&format!("fd {}: eventfd", f.fd)))?;
+            .map_err(|e| Error::io("eventfd", &e).fd(f.fd))?;
         Ok(Some(fd.into_raw_fd()))
     }
 }

@@ -6,18 +6,15 @@
 #![deny(unsafe_code)]
 
 use super::{ConnOpts, FdKind, FdState, Kind, Probe, Purpose, Restoring, Stream};
+use crate::error::Error;
 use std::os::fd::RawFd;
 
 pub struct Fifo;
 
 impl Kind for Fifo {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Fifo { .. })
-    }
-
     /// One opened both ways (`O_RDWR`: its own reader and writer) moves
     /// only as a standard fd (relayed).
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         let access = p.flags & libc::O_ACCMODE;
         if p.ty() != libc::S_IFIFO || access == libc::O_RDWR {
             return None;
@@ -32,7 +29,7 @@ impl Kind for Fifo {
     /// A FIFO both of whose ends are among `fds` (opened once each way):
     /// as a standard fd it is relayed; elsewhere the move is refused (made
     /// again as a pipe, its path would no longer reach it).
-    fn settle(&self, fds: &mut [FdState], why: Purpose) -> Result<(), String> {
+    fn settle(&self, fds: &mut [FdState], why: Purpose) -> Result<(), Error> {
         if why != Purpose::Migration {
             return Ok(());
         }
@@ -51,11 +48,11 @@ impl Kind for Fifo {
                 continue;
             }
             if f.fd > 2 {
-                return Err(format!(
-                    "fd {}: FIFO {}: this process holds both its ends: not movable",
-                    f.fd,
-                    String::from_utf8_lossy(path)
-                ));
+                return Err(
+                    Error::refused("this process holds both its ends: not movable")
+                        .fd(f.fd)
+                        .path(format!("FIFO {}", String::from_utf8_lossy(path))),
+                );
             }
             f.kind = FdKind::Relay;
         }
@@ -73,7 +70,7 @@ impl Kind for Fifo {
         Some(format!("FIFO {} is open", String::from_utf8_lossy(path)))
     }
 
-    fn stream(&self, f: &FdState, _fds: &[FdState]) -> Option<Result<Stream, String>> {
+    fn stream(&self, f: &FdState, _fds: &[FdState]) -> Option<Result<Stream, Error>> {
         let FdKind::Fifo { path, .. } = &f.kind else {
             return None;
         };
@@ -87,15 +84,15 @@ impl Kind for Fifo {
         Some(ConnOpts::pipe(flags))
     }
 
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::Fifo { path, .. } = &f.kind else {
             unreachable!("Fifo::restore of {:?}", f.kind)
         };
-        Err(format!(
-            "fd {}: FIFO {} was not moved (only a migration moves it)",
-            f.fd,
+        Err(Error::other(format!(
+            "FIFO {} was not moved (only a migration moves it)",
             String::from_utf8_lossy(path)
         ))
+        .fd(f.fd))
     }
 }
 
@@ -128,7 +125,7 @@ mod tests {
         assert!(fds.iter().all(|f| f.kind == FdKind::Relay));
         // Both ends of one, one above 2: refused, naming it.
         let mut fds = vec![fifo(0, "/a", true), fifo(5, "/a", false)];
-        let e = settle(&mut fds).unwrap_err();
+        let e = settle(&mut fds).unwrap_err().to_string();
         assert!(e.contains("fd 5") && e.contains("/a"), "{e}");
     }
 }

@@ -3,27 +3,23 @@
 
 #![deny(unsafe_code)]
 
-use super::{fstat, open_path, os_err, FdKind, FdState, Kind, Probe, Restoring, Sharing};
+use super::{fstat, open_path, FdKind, FdState, Kind, Probe, Restoring, Sharing};
+use crate::error::Error;
 use crate::sys::fd as sysfd;
 use std::os::fd::RawFd;
 
 pub struct File;
 
 impl Kind for File {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::File { .. })
-    }
-
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if !matches!(p.ty(), libc::S_IFREG | libc::S_IFDIR) {
             return None;
         }
         let offset = sysfd::lseek(p.fd, 0, libc::SEEK_CUR).unwrap_or(-1);
         if !p.link.starts_with(b"/") {
-            return Some(Err(format!(
-                "fd {}: {} has no path to reopen it by",
-                p.fd, p.link_s
-            )));
+            return Some(Err(Error::refused("has no path to reopen it by")
+                .fd(p.fd)
+                .path(&p.link_s)));
         }
         Some(Ok(FdKind::File {
             path: p.link.clone(),
@@ -39,7 +35,7 @@ impl Kind for File {
     /// frozen process can move them any more; but before, a holder may have
     /// written (and ended) after the capture read the offset, and the file
     /// opened again there would overwrite that write.
-    fn settle(&self, fds: &mut [FdState], why: super::Purpose) -> Result<(), String> {
+    fn settle(&self, fds: &mut [FdState], why: super::Purpose) -> Result<(), Error> {
         if why != super::Purpose::Migration {
             return Ok(());
         }
@@ -63,7 +59,7 @@ impl Kind for File {
         }
     }
 
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::File {
             path,
             flags,
@@ -95,19 +91,20 @@ impl Kind for File {
             );
             return Ok(None);
         }
-        let fd = opened.map_err(|e| format!("fd {}: {e}", f.fd))?;
-        let st = fstat(fd).ok_or_else(|| os_err("fstat"))?;
+        let fd = opened.map_err(|e| e.fd(f.fd))?;
+        let st = fstat(fd).ok_or_else(|| Error::last_os("fstat").fd(f.fd))?;
         if st.st_dev != *dev || st.st_ino != *ino {
-            return Err(format!(
-                "fd {}: {} is another file on this node than where the image was taken",
-                f.fd,
-                String::from_utf8_lossy(path)
-            ));
+            return Err(Error::errno(
+                libc::ESTALE,
+                "another file on this node than where the image was taken",
+            )
+            .fd(f.fd)
+            .path(String::from_utf8_lossy(path)));
         }
         if st.st_mode & libc::S_IFMT == libc::S_IFREG
             && sysfd::lseek(fd, *offset, libc::SEEK_SET).is_err()
         {
-            return Err(os_err(&format!("fd {}: seek", f.fd)));
+            return Err(Error::last_os("seek").fd(f.fd));
         }
         Ok(Some(fd))
     }

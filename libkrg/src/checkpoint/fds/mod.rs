@@ -1,9 +1,10 @@
 //! Descriptor kinds: what a process's fds become in an image, how they
 //! move and how they are made again. One file per kind, each implementing
-//! [`Kind`], all registered in [`KINDS`]; the capture, the migration and
-//! the restore iterate over that table and ask the kinds, so that adding a
-//! kind of descriptor is one variant of [`FdKind`], one file and one row
-//! here.
+//! [`Kind`], all registered in one list (`kinds!`): the capture asks them
+//! in its order ([`KINDS`]), and an image entry reaches its kind by its
+//! variant ([`of`]). The capture, the migration and the restore ask the
+//! kinds, so that adding a kind of descriptor is one variant of
+//! [`FdKind`], one file and one row here.
 //!
 //! The image format stays one enum ([`FdKind`], in `image.rs`) because the
 //! image is one rkyv archive validated as a whole; each kind's file is the
@@ -29,34 +30,51 @@ mod unix_pair;
 mod unix_stream;
 
 pub use parked::entry as parked_entry;
-pub use relay::is as is_relay;
 pub use tcp::{connection, is_pipe as is_moved_pipe};
 
 use super::image::{FdKind, FdState, Meta};
+use crate::error::{Error, ResultExt};
 use crate::sys::fd as sysfd;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 
 /// Every kind, in the order the capture asks them about an fd (the first
-/// that recognises it describes it).
-static KINDS: &[&dyn Kind] = &[
-    &file::File,
-    &device::Device,
-    &pipe::Pipe,
-    &fifo::Fifo,
-    &unix_listen::UnixListen,
-    &tcp_listen::TcpListen,
-    &dgram::Dgram,
-    &unix_stream::UnixStream,
-    &tcp::Tcp,
-    &relay::Relay,
-    &eventfd::EventFd,
-    &timerfd::TimerFd,
-    &signalfd::SignalFd,
-    &epoll::Epoll,
+/// that recognises it describes it), with the image variant it makes
+/// again: one list for both [`KINDS`] and [`of`].
+macro_rules! kinds {
+    ($($variant:ident => $kind:path,)*) => {
+        /// Every kind, in the order the capture asks them.
+        static KINDS: &[&dyn Kind] = &[$(&$kind),*];
+
+        /// The kind of image entry `k`: the one place where a variant
+        /// meets the code of its kind (each kind's methods may take their
+        /// own variant's fields for granted).
+        pub fn of(k: &FdKind) -> &'static dyn Kind {
+            match k {
+                $(FdKind::$variant { .. } => &$kind,)*
+            }
+        }
+    };
+}
+
+kinds! {
+    File => file::File,
+    Device => device::Device,
+    Pipe => pipe::Pipe,
+    Fifo => fifo::Fifo,
+    UnixListen => unix_listen::UnixListen,
+    TcpListen => tcp_listen::TcpListen,
+    Dgram => dgram::Dgram,
+    UnixStream => unix_stream::UnixStream,
+    Tcp => tcp::Tcp,
+    Relay => relay::Relay,
+    EventFd => eventfd::EventFd,
+    TimerFd => timerfd::TimerFd,
+    SignalFd => signalfd::SignalFd,
+    Epoll => epoll::Epoll,
     // Made by the passes below, never recognised as such.
-    &unix_pair::UnixPair,
-    &parked::Parked,
-];
+    UnixPair => unix_pair::UnixPair,
+    Parked => parked::Parked,
+}
 
 /// What an image is for: some kinds are treated differently by a
 /// migration (the shadow stays behind and relays) and a checkpoint.
@@ -81,6 +99,19 @@ impl Probe {
     /// The file type bits of its mode.
     pub fn ty(&self) -> libc::mode_t {
         self.st.st_mode & libc::S_IFMT
+    }
+
+    /// Whether it is an anonymous inode of kind `name` (`eventfd`, ...).
+    fn anon(&self, name: &str) -> bool {
+        self.link_s
+            .strip_prefix("anon_inode:[")
+            .and_then(|s| s.strip_suffix(']'))
+            == Some(name)
+    }
+
+    /// Field `name` of its fdinfo, hexadecimal (`sigmask:`, ...).
+    fn fdinfo_hex(&self, name: &str) -> Option<u64> {
+        status_field(&fdinfo(self.fd), name).and_then(|v| u64::from_str_radix(v, 16).ok())
     }
 }
 
@@ -118,15 +149,22 @@ impl ConnOpts {
     /// What a pipe or FIFO end becomes: a connection that sends at once,
     /// as pipes do.
     fn pipe(flags: i32) -> Self {
+        ConnOpts::at_once(flags, true, false, false)
+    }
+
+    /// A connection that sends at once (`TCP_NODELAY`) without keepalive,
+    /// as pipes and UNIX sockets do; it stands for a pipe (`pipe`) or a
+    /// UNIX socket passing credentials (`passcred`, `seqpacket`).
+    fn at_once(flags: i32, pipe: bool, passcred: bool, seqpacket: bool) -> Self {
         ConnOpts {
             opts: crate::streams::moving::Opts {
                 flags,
                 nodelay: true,
                 keepalive: false,
-                pipe: true,
-                passcred: false,
+                pipe,
+                passcred,
             },
-            seqpacket: false,
+            seqpacket,
         }
     }
 }
@@ -139,21 +177,18 @@ pub struct HandOver<'a> {
     pub relayed: &'a [u64],
 }
 
-/// One kind of descriptor. Every method but `owns` and `restore` has a
-/// default meaning "nothing to do for this kind".
+/// One kind of descriptor. Every method but `restore` has a default
+/// meaning "nothing to do for this kind".
 pub trait Kind: Sync {
-    /// Whether image entry `k` is of this kind.
-    fn owns(&self, k: &FdKind) -> bool;
-
     /// Capture: the image entry of the fd `p` if it is of this kind,
     /// `Some(Err)` if it is but cannot be captured.
-    fn describe(&self, _p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, _p: &Probe) -> Option<Result<FdKind, Error>> {
         None
     }
 
     /// Once every fd is described: what needs the whole set (self-pipes,
     /// socketpairs both of whose ends are here, ...).
-    fn settle(&self, _fds: &mut [FdState], _why: Purpose) -> Result<(), String> {
+    fn settle(&self, _fds: &mut [FdState], _why: Purpose) -> Result<(), Error> {
         Ok(())
     }
 
@@ -177,7 +212,7 @@ pub trait Kind: Sync {
 
     /// A migration: the stream it belongs to, whose peer is frozen and
     /// drained.
-    fn stream(&self, _f: &FdState, _fds: &[FdState]) -> Option<Result<Stream, String>> {
+    fn stream(&self, _f: &FdState, _fds: &[FdState]) -> Option<Result<Stream, Error>> {
         None
     }
 
@@ -188,18 +223,18 @@ pub trait Kind: Sync {
 
     /// Its stream has nobody at the other end: `Some(Ok)` if it moves
     /// anyway (made again as it is), `None` if it cannot.
-    fn no_peer(&self, _f: &mut FdState) -> Option<Result<(), String>> {
+    fn no_peer(&self, _f: &mut FdState) -> Option<Result<(), Error>> {
         None
     }
 
     /// Every peer is frozen: take what is in flight for the process.
-    fn hand_over(&self, _f: &mut FdState, _h: &HandOver) -> Result<(), String> {
+    fn hand_over(&self, _f: &mut FdState, _h: &HandOver) -> Result<(), Error> {
         Ok(())
     }
 
     /// Once the streams are taken: close what must be free on the target
     /// (a listening port) while keeping its number taken.
-    fn vacate(&self, _f: &FdState) -> Result<(), String> {
+    fn vacate(&self, _f: &FdState) -> Result<(), Error> {
         Ok(())
     }
 
@@ -217,24 +252,17 @@ pub trait Kind: Sync {
 
     /// Restore: the fd made again (`None`: keep what is under its number,
     /// the restarting command's).
-    fn restore(&self, f: &FdState, cx: &mut Restoring) -> Result<Option<RawFd>, String>;
+    fn restore(&self, f: &FdState, cx: &mut Restoring) -> Result<Option<RawFd>, Error>;
 
     /// Restore, once every fd is under its number.
-    fn finish(&self, _f: &FdState) -> Result<(), String> {
+    fn finish(&self, _f: &FdState) -> Result<(), Error> {
         Ok(())
     }
 }
 
-/// The kind of image entry `k`.
-pub fn of(k: &FdKind) -> &'static dyn Kind {
-    *KINDS
-        .iter()
-        .find(|kind| kind.owns(k))
-        .expect("every FdKind variant has a kind in KINDS")
-}
-
-fn os_err(what: &str) -> String {
-    format!("{what}: {}", crate::rt::Errno(crate::rt::errno()))
+/// Whether `k` is a relayed standard fd.
+pub fn is_relay(k: &FdKind) -> bool {
+    matches!(k, FdKind::Relay)
 }
 
 pub(super) fn fstat(fd: RawFd) -> Option<libc::stat> {
@@ -253,7 +281,7 @@ fn status_field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// Capture the fds of the process, except `skip`.
-pub fn capture(skip: &[RawFd]) -> Result<Vec<FdState>, String> {
+pub fn capture(skip: &[RawFd]) -> Result<Vec<FdState>, Error> {
     let mut out = Vec::new();
     for fd in crate::dirs::open_fds()? {
         if skip.contains(&fd) {
@@ -266,7 +294,7 @@ pub fn capture(skip: &[RawFd]) -> Result<Vec<FdState>, String> {
     Ok(out)
 }
 
-fn capture_one(fd: i32) -> Result<Option<FdState>, String> {
+fn capture_one(fd: i32) -> Result<Option<FdState>, Error> {
     // The fd that listed the directory is gone already: skip what vanished.
     let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else {
         return Ok(None);
@@ -274,12 +302,12 @@ fn capture_one(fd: i32) -> Result<Option<FdState>, String> {
     let link = link.into_os_string().into_encoded_bytes();
     let link_s = String::from_utf8_lossy(&link).into_owned();
     if let Some(why) = refusal(fd, &link_s) {
-        return Err(why);
+        return Err(Error::refused(why));
     }
     let (Ok(fdflags), Ok(flags)) = (sysfd::fd_flags(fd), sysfd::status_flags(fd)) else {
         return Ok(None);
     };
-    let st = fstat(fd).ok_or_else(|| os_err(&format!("fd {fd}: fstat")))?;
+    let st = fstat(fd).ok_or_else(|| Error::last_os("fstat").fd(fd))?;
     let p = Probe {
         fd,
         link,
@@ -299,18 +327,19 @@ fn capture_one(fd: i32) -> Result<Option<FdState>, String> {
 }
 
 /// Why no kind took `p`, by what it is.
-fn not_movable(p: &Probe) -> String {
-    let (fd, link) = (p.fd, &p.link_s);
-    match p.ty() {
-        libc::S_IFCHR => format!("fd {fd}: device {link} is not migratable"),
-        libc::S_IFIFO => format!("fd {fd}: FIFO {link} opened for reading and writing is not migratable (pipes are, and FIFOs opened one way; both ways only as stdin, stdout or stderr)"),
-        libc::S_IFSOCK => format!("fd {fd}: {link} is not migratable (TCP connections, connected UNIX stream and seqpacket sockets and datagram senders move, and stdin, stdout and stderr)"),
-        _ => format!("fd {fd}: {link} is not migratable"),
-    }
+fn not_movable(p: &Probe) -> Error {
+    let link = &p.link_s;
+    let why = match p.ty() {
+        libc::S_IFCHR => format!("device {link} is not migratable"),
+        libc::S_IFIFO => format!("FIFO {link} opened for reading and writing is not migratable (pipes are, and FIFOs opened one way; both ways only as stdin, stdout or stderr)"),
+        libc::S_IFSOCK => format!("{link} is not migratable (TCP connections, connected UNIX stream and seqpacket sockets and datagram senders move, and stdin, stdout and stderr)"),
+        _ => format!("{link} is not migratable"),
+    };
+    Error::refused(why).fd(p.fd)
 }
 
 /// Every kind's [`Kind::settle`], in table order.
-pub fn settle(fds: &mut [FdState], why: Purpose) -> Result<(), String> {
+pub fn settle(fds: &mut [FdState], why: Purpose) -> Result<(), Error> {
     KINDS.iter().try_for_each(|k| k.settle(fds, why))
 }
 
@@ -341,34 +370,41 @@ pub struct Restoring<'a> {
 }
 
 impl Restoring<'_> {
-    /// The two ends made for `key` by `make` the first time, found after.
-    pub fn made_once(
+    /// For the image's fd `f` (status flags `flags`): a copy of the
+    /// `first` or second end of the two ends made for `key` by `make`
+    /// (from the image, above the floor) the first time, found after.
+    pub fn copy_of_end(
         &mut self,
+        f: &FdState,
         key: MadeKey,
-        make: impl FnOnce() -> Result<(OwnedFd, OwnedFd), String>,
-    ) -> Result<&(OwnedFd, OwnedFd), String> {
+        first: bool,
+        flags: i32,
+        make: impl FnOnce(&Meta, RawFd) -> Result<(OwnedFd, OwnedFd), Error>,
+    ) -> Result<RawFd, Error> {
         let i = match self.made.iter().position(|m| m.0 == key) {
             Some(i) => i,
             None => {
-                let ends = make()?;
+                let ends = make(self.meta, self.floor).fd(f.fd)?;
                 self.made.push((key, ends));
                 self.made.len() - 1
             }
         };
-        Ok(&self.made[i].1)
+        let ends = &self.made[i].1;
+        copy_end(if first { &ends.0 } else { &ends.1 }, flags, f.fd)
     }
 }
 
 /// Move an fd to a number at or above `floor` (close-on-exec).
-pub(super) fn high(fd: RawFd, floor: RawFd) -> Result<RawFd, String> {
-    let h = sysfd::dup_above(fd, floor).map_err(|_| os_err("moving an fd out of the way"))?;
+pub(super) fn high(fd: RawFd, floor: RawFd) -> Result<RawFd, Error> {
+    let h =
+        sysfd::dup_above(fd, floor).map_err(|e| Error::io("moving an fd out of the way", &e))?;
     // fd is ours and replaced by h.
     let _ = sysfd::close(fd);
     Ok(h.into_raw_fd())
 }
 
 /// Two new ends above `floor`, owned.
-fn high_pair(a: OwnedFd, b: OwnedFd, floor: RawFd) -> Result<(OwnedFd, OwnedFd), String> {
+fn high_pair(a: OwnedFd, b: OwnedFd, floor: RawFd) -> Result<(OwnedFd, OwnedFd), Error> {
     let (a, b) = (high(a.into_raw_fd(), floor)?, high(b.into_raw_fd(), floor)?);
     // Just moved, ours alone.
     Ok((sysfd::adopt(a), sysfd::adopt(b)))
@@ -376,25 +412,26 @@ fn high_pair(a: OwnedFd, b: OwnedFd, floor: RawFd) -> Result<(OwnedFd, OwnedFd),
 
 /// A copy of a made-again pipe end or socket for the image's fd `fd`,
 /// with its `O_NONBLOCK` status flag.
-fn copy_end(end: &OwnedFd, flags: i32, fd: RawFd) -> Result<RawFd, String> {
+fn copy_end(end: &OwnedFd, flags: i32, fd: RawFd) -> Result<RawFd, Error> {
     let copy = sysfd::dup(end.as_raw_fd())
-        .map_err(|_| os_err(&format!("fd {fd}: dup")))?
+        .map_err(|e| Error::io("dup", &e).fd(fd))?
         .into_raw_fd();
     // The status flags are the shared open file's.
     let _ = sysfd::set_status_flags(copy, flags & libc::O_NONBLOCK);
     Ok(copy)
 }
 
-pub(super) fn open_path(path: &[u8], flags: i32) -> Result<RawFd, String> {
-    let c = std::ffi::CString::new(path.to_vec()).map_err(|_| "path with a NUL byte")?;
-    let fd = sysfd::open(&c, flags, 0).map_err(|_| os_err(&String::from_utf8_lossy(path)))?;
+pub(super) fn open_path(path: &[u8], flags: i32) -> Result<RawFd, Error> {
+    let c = std::ffi::CString::new(path.to_vec())
+        .map_err(|_| Error::errno(libc::EINVAL, "path with a NUL byte"))?;
+    let fd = sysfd::open(&c, flags, 0).map_err(|e| Error::io(String::from_utf8_lossy(path), &e))?;
     Ok(fd.into_raw_fd())
 }
 
 /// Reopen the image's fds under their numbers. Fds 0-2 marked `Relay`
 /// keep what the agent gave this process (the restarting command's
 /// streams). `keep` are the restorer's own fds (already above `floor`).
-pub fn restore(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> {
+pub fn restore(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), Error> {
     let mut cx = Restoring {
         meta,
         floor,
@@ -410,7 +447,7 @@ pub fn restore(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
     for (tmp, target, cloexec) in &cx.placed {
         let fl = if *cloexec { libc::O_CLOEXEC } else { 0 };
         // Under the image's number (closing whatever the agent had there).
-        sysfd::dup3(*tmp, *target, fl).map_err(|_| os_err(&format!("fd {target}")))?;
+        sysfd::dup3(*tmp, *target, fl).map_err(|e| Error::from(e).fd(*target))?;
         // The temporary is ours.
         let _ = sysfd::close(*tmp);
     }
@@ -433,7 +470,7 @@ pub fn restore(meta: &Meta, floor: RawFd, keep: &[RawFd]) -> Result<(), String> 
 /// Close what listening socket `f.fd` holds but keep the number taken (by
 /// `/dev/null`), so that nothing the capture opens lands there before a
 /// rollback.
-fn vacate_listener(f: &FdState) -> Result<(), String> {
+fn vacate_listener(f: &FdState) -> Result<(), Error> {
     let fd = f.fd;
     sysfd::open(c"/dev/null", libc::O_RDONLY | libc::O_CLOEXEC, 0)
         .map(IntoRawFd::into_raw_fd)
@@ -441,12 +478,23 @@ fn vacate_listener(f: &FdState) -> Result<(), String> {
             sysfd::dup3(n, fd, libc::O_CLOEXEC)?;
             sysfd::close(n)
         })
-        .map_err(|e| format!("fd {fd}: {e}"))
+        .map_err(|e| Error::from(e).fd(fd))
+}
+
+/// Restore of listening socket `f`: `l`, read from its image entry, made
+/// again by `relisten`.
+fn relistened<L>(
+    f: &FdState,
+    l: Option<L>,
+    relisten: impl FnOnce(&L) -> Result<OwnedFd, Error>,
+) -> Result<Option<RawFd>, Error> {
+    let l = l.ok_or_else(|| Error::other("bad listening socket").fd(f.fd))?;
+    Ok(Some(relisten(&l).fd(f.fd)?.into_raw_fd()))
 }
 
 /// A failed migration: listening socket `f` made again here by `listen`,
 /// if the move closed it.
-fn listen_again_here(f: &FdState, listen: impl FnOnce() -> Result<OwnedFd, String>) {
+fn listen_again_here(f: &FdState, listen: impl FnOnce() -> Result<OwnedFd, Error>) {
     let vacated = std::fs::read_link(format!("/proc/self/fd/{}", f.fd))
         .is_ok_and(|p| p.as_os_str() == "/dev/null");
     if !vacated {
@@ -455,7 +503,7 @@ fn listen_again_here(f: &FdState, listen: impl FnOnce() -> Result<OwnedFd, Strin
     let r = listen().and_then(|s| {
         let fl = if f.cloexec { libc::O_CLOEXEC } else { 0 };
         // Our new socket under the old number.
-        sysfd::dup3(s.as_raw_fd(), f.fd, fl).map_err(|e| format!("dup3: {e}"))
+        sysfd::dup3(s.as_raw_fd(), f.fd, fl).map_err(|e| Error::io("dup3", &e))
     });
     if let Err(e) = r {
         crate::krg_log!(
@@ -511,7 +559,7 @@ pub(super) fn refuse_shared(
     maps: &[super::capture::MapLine],
     fds: &[FdState],
     moving: bool,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let mut mems: Vec<(u64, u64)> = Vec::new();
     for m in maps.iter().filter(|m| copied_shared(m)) {
         if !mems.contains(&(m.dev, m.inode)) {
@@ -530,7 +578,8 @@ pub(super) fn refuse_shared(
         }
     }
     if socks.len() >= 2 {
-        let peers = crate::streams::unix::peers().map_err(|e| format!("UNIX socket peers: {e}"))?;
+        let peers =
+            crate::streams::unix::peers().map_err(|e| Error::io("UNIX socket peers", &e))?;
         for ino in &socks {
             if peers.get(ino).is_some_and(|p| socks.contains(p)) {
                 links.push(format!("socket:[{ino}]"));
@@ -542,11 +591,12 @@ pub(super) fn refuse_shared(
     }
     match crate::client::call(&crate::proto::Request::SharedWith { links, mems, files }) {
         Ok(crate::proto::Response::Shared(v)) if v.is_empty() => Ok(()),
-        Ok(crate::proto::Response::Shared(v)) => Err(v.join("; ")),
-        Ok(other) => Err(format!(
-            "asking what is shared: unexpected answer {other:?}"
-        )),
-        Err(e) => Err(format!("asking what is shared: {e}")),
+        Ok(crate::proto::Response::Shared(v)) => Err(Error::refused(v.join("; "))),
+        Ok(other) => {
+            Err(Error::other(format!("unexpected answer {other:?}"))
+                .during("asking what is shared"))
+        }
+        Err(e) => Err(Error::from(e).during("asking what is shared")),
     }
 }
 

@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 use super::{FdKind, FdState, Kind, Restoring};
+use crate::error::Error;
 use crate::proto::{Request, Response};
 use std::os::fd::{IntoRawFd, RawFd};
 
@@ -16,20 +17,16 @@ pub fn entry(node: u32, id: i32) -> FdKind {
 }
 
 impl Kind for Parked {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Parked { .. })
-    }
-
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::Parked { node, id } = f.kind else {
             unreachable!("Parked::restore of {:?}", f.kind)
         };
-        let what = || format!("fd {}: parked on node {node} as {id}", f.fd);
-        let (r, mut got) = crate::client::call_fds(&Request::Unpark { id })
-            .map_err(|e| format!("{}: {e}", what()))?;
+        let what = |e: Error| e.during(format!("parked as {id}")).node(node).fd(f.fd);
+        let (r, mut got) =
+            crate::client::call_fds(&Request::Unpark { id }).map_err(|e| what(e.into()))?;
         match (r, got.pop()) {
             (Response::StreamFd, Some(fd)) => Ok(Some(fd.into_raw_fd())),
-            (other, _) => Err(format!("{}: unexpected answer {other:?}", what())),
+            (other, _) => Err(what(Error::other(format!("unexpected answer {other:?}")))),
         }
     }
 }

@@ -6,9 +6,9 @@
 #![deny(unsafe_code)]
 
 use super::{
-    copy_end, high_pair, ConnOpts, FdKind, FdState, Kind, Probe, Purpose, Restoring, Sharing,
-    Stream,
+    high_pair, ConnOpts, FdKind, FdState, Kind, Probe, Purpose, Restoring, Sharing, Stream,
 };
+use crate::error::Error;
 use std::os::fd::{OwnedFd, RawFd};
 
 pub struct Pipe;
@@ -20,11 +20,7 @@ fn other_end_here(fds: &[FdState], ino: u64, read: bool) -> bool {
 }
 
 impl Kind for Pipe {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Pipe { .. })
-    }
-
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFIFO || !p.link_s.starts_with("pipe:") {
             return None;
         }
@@ -41,7 +37,7 @@ impl Kind for Pipe {
     /// the bytes in each go with its first read end (copied: the process
     /// may go on here). A checkpoint relays its standard fds (the
     /// restarting command's), so ends there do not make a self-pipe.
-    fn settle(&self, fds: &mut [FdState], why: Purpose) -> Result<(), String> {
+    fn settle(&self, fds: &mut [FdState], why: Purpose) -> Result<(), Error> {
         let counted = |f: &FdState| why == Purpose::Migration || f.fd > 2;
         let ends: Vec<(u64, bool)> = fds
             .iter()
@@ -90,7 +86,7 @@ impl Kind for Pipe {
     }
 
     /// One end here: its other end is some other process's, or closed.
-    fn stream(&self, f: &FdState, fds: &[FdState]) -> Option<Result<Stream, String>> {
+    fn stream(&self, f: &FdState, fds: &[FdState]) -> Option<Result<Stream, Error>> {
         let FdKind::Pipe { ino, read, .. } = f.kind else {
             return None;
         };
@@ -107,7 +103,7 @@ impl Kind for Pipe {
 
     /// A pipe whose other end is closed: made again as it is, with what a
     /// read end still holds.
-    fn no_peer(&self, f: &mut FdState) -> Option<Result<(), String>> {
+    fn no_peer(&self, f: &mut FdState) -> Option<Result<(), Error>> {
         let fd = f.fd;
         if let FdKind::Pipe {
             read: true,
@@ -127,18 +123,17 @@ impl Kind for Pipe {
         true
     }
 
-    fn restore(&self, f: &FdState, cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::Pipe {
             ino, read, flags, ..
         } = f.kind
         else {
             unreachable!("Pipe::restore of {:?}", f.kind)
         };
-        let (meta, floor) = (cx.meta, cx.floor);
-        let p = cx
-            .made_once(("pipe", ino), || new_pipe(meta, ino, floor))
-            .map_err(|e| format!("fd {}: {e}", f.fd))?;
-        copy_end(if read { &p.0 } else { &p.1 }, flags, f.fd).map(Some)
+        cx.copy_of_end(f, ("pipe", ino), read, flags, |meta, floor| {
+            new_pipe(meta, ino, floor)
+        })
+        .map(Some)
     }
 }
 
@@ -146,7 +141,7 @@ impl Kind for Pipe {
 /// were in it written back. Ends the image does not have are closed once
 /// every fd is placed (a reader then sees the end after those bytes, a
 /// writer `EPIPE`).
-fn new_pipe(meta: &super::Meta, ino: u64, floor: RawFd) -> Result<(OwnedFd, OwnedFd), String> {
+fn new_pipe(meta: &super::Meta, ino: u64, floor: RawFd) -> Result<(OwnedFd, OwnedFd), Error> {
     let (size, pending) = meta
         .fds
         .iter()

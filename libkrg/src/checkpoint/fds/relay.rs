@@ -5,27 +5,19 @@
 #![deny(unsafe_code)]
 
 use super::{FdKind, FdState, Kind, Probe, Restoring};
+use crate::error::Error;
 use std::os::fd::RawFd;
 
 pub struct Relay;
 
-/// Whether `k` is a relayed standard fd.
-pub fn is(k: &FdKind) -> bool {
-    Relay.owns(k)
-}
-
 impl Kind for Relay {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Relay)
-    }
-
     /// The devices, FIFOs and sockets no other kind took, as fds 0-2.
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         let relayable = matches!(p.ty(), libc::S_IFCHR | libc::S_IFIFO | libc::S_IFSOCK);
         (relayable && p.fd <= 2).then_some(Ok(FdKind::Relay))
     }
 
-    fn restore(&self, _f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, _f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         Ok(None)
     }
 }

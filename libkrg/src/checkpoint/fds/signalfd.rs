@@ -2,31 +2,27 @@
 
 #![deny(unsafe_code)]
 
-use super::{fdinfo, os_err, status_field, FdKind, FdState, Kind, Probe, Restoring};
+use super::{FdKind, FdState, Kind, Probe, Restoring};
+use crate::error::Error;
 use crate::sys::signal::SigSet;
 use std::os::fd::{IntoRawFd, RawFd};
 
 pub struct SignalFd;
 
 impl Kind for SignalFd {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::SignalFd { .. })
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
+        p.anon("signalfd").then(|| {
+            let mask = p
+                .fdinfo_hex("sigmask:")
+                .ok_or_else(|| Error::other("signalfd without a mask in fdinfo").fd(p.fd))?;
+            Ok(FdKind::SignalFd {
+                mask,
+                flags: p.flags,
+            })
+        })
     }
 
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
-        if p.link_s != "anon_inode:[signalfd]" {
-            return None;
-        }
-        let mask = status_field(&fdinfo(p.fd), "sigmask:")
-            .and_then(|v| u64::from_str_radix(v, 16).ok())
-            .ok_or_else(|| format!("fd {}: signalfd without a mask in fdinfo", p.fd));
-        Some(mask.map(|mask| FdKind::SignalFd {
-            mask,
-            flags: p.flags,
-        }))
-    }
-
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::SignalFd { mask, flags } = f.kind else {
             unreachable!("SignalFd::restore of {:?}", f.kind)
         };
@@ -36,7 +32,7 @@ impl Kind for SignalFd {
             .fold(SigSet::empty(), SigSet::with);
         let fl = flags & (libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
         let fd = crate::sys::signal::signalfd(&set, fl)
-            .map_err(|_| os_err(&format!("fd {}: signalfd", f.fd)))?;
+            .map_err(|e| Error::io("signalfd", &e).fd(f.fd))?;
         Ok(Some(fd.into_raw_fd()))
     }
 }

@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 use super::{ConnOpts, FdKind, FdState, HandOver, Kind, Probe, Purpose, Restoring, Stream};
+use crate::error::Error;
 use crate::streams::moving;
 use std::os::fd::{IntoRawFd, RawFd};
 
@@ -38,7 +39,7 @@ pub fn connection(id: u64, node: u32, alias_of: i32, c: ConnOpts) -> FdKind {
 }
 
 /// The new end of the connection `f` describes.
-fn attach(f: &FdState) -> Result<std::os::fd::OwnedFd, String> {
+fn attach(f: &FdState) -> Result<std::os::fd::OwnedFd, Error> {
     let FdKind::Tcp {
         id,
         node,
@@ -59,11 +60,7 @@ fn attach(f: &FdState) -> Result<std::os::fd::OwnedFd, String> {
 }
 
 impl Kind for Tcp {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::Tcp { .. })
-    }
-
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFSOCK || moving::tcp_ends(p.fd).is_none() {
             return None;
         }
@@ -90,12 +87,12 @@ impl Kind for Tcp {
         Some("a connection to another process".into())
     }
 
-    fn stream(&self, f: &FdState, _fds: &[FdState]) -> Option<Result<Stream, String>> {
+    fn stream(&self, f: &FdState, _fds: &[FdState]) -> Option<Result<Stream, Error>> {
         let fd = f.fd;
         Some(
             moving::tcp_ends(fd)
-                .map(|ends| Stream::Tcp(ends, moving::ino_of(fd)))
-                .ok_or_else(|| format!("fd {fd}: the TCP connection is not connected")),
+                .map(|ends| Stream::Tcp(ends, crate::streams::sock::ino_of(fd)))
+                .ok_or_else(|| Error::other("the TCP connection is not connected").fd(fd)),
         )
     }
 
@@ -126,7 +123,7 @@ impl Kind for Tcp {
 
     /// The bytes in flight for this process go in the image (drained first,
     /// even if the move fails: a reconnection here is refilled with them).
-    fn hand_over(&self, f: &mut FdState, h: &HandOver) -> Result<(), String> {
+    fn hand_over(&self, f: &mut FdState, h: &HandOver) -> Result<(), Error> {
         let fd = f.fd;
         let FdKind::Tcp {
             id,
@@ -171,7 +168,7 @@ impl Kind for Tcp {
             // Our fd a copy of another of ours.
             crate::sys::fd::dup3(alias_of, f.fd, 0)
                 .map(|()| moving::note_pipe_born(f.fd, pipe))
-                .map_err(|e| format!("dup3: {e}"))
+                .map_err(|e| Error::io("dup3", &e))
         } else if id == 0 {
             return;
         } else {
@@ -190,12 +187,12 @@ impl Kind for Tcp {
         true
     }
 
-    fn restore(&self, f: &FdState, cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::Tcp { alias_of, .. } = f.kind else {
             unreachable!("Tcp::restore of {:?}", f.kind)
         };
         if alias_of < 0 {
-            let new = attach(f).map_err(|e| format!("fd {}: {e}", f.fd))?;
+            let new = attach(f).map_err(|e| e.fd(f.fd))?;
             return Ok(Some(new.into_raw_fd()));
         }
         // A copy of a connection placed before it (its fd is lower).
@@ -204,14 +201,10 @@ impl Kind for Tcp {
             .iter()
             .find(|(_, target, _)| *target == alias_of)
             .ok_or_else(|| {
-                format!(
-                    "fd {}: copy of fd {alias_of}, which is not in the image",
-                    f.fd
-                )
+                Error::other(format!("copy of fd {alias_of}, which is not in the image")).fd(f.fd)
             })?;
         // A copy of our own temporary fd.
-        let fd =
-            crate::sys::fd::dup(*tmp).map_err(|_| super::os_err(&format!("fd {}: dup", f.fd)))?;
+        let fd = crate::sys::fd::dup(*tmp).map_err(|e| Error::io("dup", &e).fd(f.fd))?;
         Ok(Some(std::os::fd::IntoRawFd::into_raw_fd(fd)))
     }
 }

@@ -6,10 +6,13 @@
 
 #![deny(unsafe_code)]
 
-use super::{listen_again_here, vacate_listener, FdKind, FdState, Kind, Probe, Restoring};
+use super::{
+    listen_again_here, relistened, vacate_listener, FdKind, FdState, Kind, Probe, Restoring,
+};
+use crate::error::Error;
 use crate::proto::{Request, Response};
 use crate::streams::moving::{self, Listening};
-use std::os::fd::{IntoRawFd, RawFd};
+use std::os::fd::RawFd;
 
 pub struct TcpListen;
 
@@ -91,26 +94,19 @@ fn unpark(fd: i32, cloexec: bool) -> bool {
 }
 
 impl Kind for TcpListen {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::TcpListen { .. })
-    }
-
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFSOCK || p.fd <= 2 {
             return None;
         }
-        match moving::listening(p.fd) {
-            Ok(Some(l)) => Some(Ok(FdKind::TcpListen {
-                addr: l.addr.to_string(),
-                v6only: l.v6only,
-                reuseaddr: l.reuseaddr,
-                reuseport: l.reuseport,
-                backlog: l.backlog,
-                flags: l.flags,
-            })),
-            Ok(None) => None,
-            Err(e) => Some(Err(e)),
-        }
+        let l = moving::listening(p.fd).transpose()?;
+        Some(l.map(|l| FdKind::TcpListen {
+            addr: l.addr.to_string(),
+            v6only: l.v6only,
+            reuseaddr: l.reuseaddr,
+            reuseport: l.reuseport,
+            backlog: l.backlog,
+            flags: l.flags,
+        }))
     }
 
     fn leads_out(&self, _f: &FdState, _fds: &[FdState]) -> Option<String> {
@@ -118,7 +114,7 @@ impl Kind for TcpListen {
     }
 
     /// The port must be free for the new node to bind it.
-    fn vacate(&self, f: &FdState) -> Result<(), String> {
+    fn vacate(&self, f: &FdState) -> Result<(), Error> {
         park(f.fd);
         vacate_listener(f)
     }
@@ -153,10 +149,7 @@ impl Kind for TcpListen {
         }
     }
 
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
-        let l =
-            listening_of(&f.kind).ok_or_else(|| format!("fd {}: bad listening address", f.fd))?;
-        let s = moving::relisten(&l).map_err(|e| format!("fd {}: {e}", f.fd))?;
-        Ok(Some(s.into_raw_fd()))
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
+        relistened(f, listening_of(&f.kind), moving::relisten)
     }
 }

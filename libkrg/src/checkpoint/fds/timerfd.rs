@@ -4,22 +4,22 @@
 
 #![deny(unsafe_code)]
 
-use super::{fdinfo, os_err, status_field, FdKind, FdState, Kind, Probe, Restoring};
+use super::{fdinfo, status_field, FdKind, FdState, Kind, Probe, Restoring};
+use crate::error::Error;
 use crate::sys::events;
 use std::os::fd::{IntoRawFd, RawFd};
 
 pub struct TimerFd;
 
-fn describe(fd: i32, flags: i32) -> Result<FdKind, String> {
+fn describe(fd: i32, flags: i32) -> Result<FdKind, Error> {
     // timerfd_gettime first: for an expired periodic timer it moves the
     // timer forward and counts the expirations, which fdinfo alone would
     // show as disarmed.
-    let its =
-        events::timerfd_gettime(fd).map_err(|_| os_err(&format!("fd {fd}: timerfd_gettime")))?;
+    let its = events::timerfd_gettime(fd).map_err(|e| Error::io("timerfd_gettime", &e).fd(fd))?;
     let info = fdinfo(fd);
     let num = |name: &str| status_field(&info, name).and_then(|v| v.parse::<u64>().ok());
     let clockid =
-        num("clockid:").ok_or_else(|| format!("fd {fd}: timerfd without a clock in fdinfo"))?;
+        num("clockid:").ok_or_else(|| Error::other("timerfd without a clock in fdinfo").fd(fd))?;
     Ok(FdKind::TimerFd {
         clockid: clockid as i32,
         flags,
@@ -30,15 +30,11 @@ fn describe(fd: i32, flags: i32) -> Result<FdKind, String> {
 }
 
 impl Kind for TimerFd {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::TimerFd { .. })
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
+        p.anon("timerfd").then(|| describe(p.fd, p.flags))
     }
 
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
-        (p.link_s == "anon_inode:[timerfd]").then(|| describe(p.fd, p.flags))
-    }
-
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::TimerFd {
             clockid,
             flags,
@@ -52,7 +48,7 @@ impl Kind for TimerFd {
         let num = f.fd;
         let fl = flags & (libc::TFD_NONBLOCK | libc::TFD_CLOEXEC);
         let fd = events::timerfd_create(clockid, fl)
-            .map_err(|_| os_err(&format!("fd {num}: timerfd_create (clock {clockid})")))?
+            .map_err(|e| Error::io(format!("timerfd_create (clock {clockid})"), &e).fd(num))?
             .into_raw_fd();
         if value != (0, 0) {
             let its = libc::itimerspec {
@@ -67,12 +63,13 @@ impl Kind for TimerFd {
             };
             // Relative.
             events::timerfd_settime(fd, 0, &its)
-                .map_err(|_| os_err(&format!("fd {num}: timerfd_settime")))?;
+                .map_err(|e| Error::io("timerfd_settime", &e).fd(num))?;
         }
         if ticks > 0 && events::timerfd_set_ticks(fd, ticks).is_err() {
-            return Err(os_err(&format!(
-                "fd {num}: giving back {ticks} unread expirations (TFD_IOC_SET_TICKS)"
-            )));
+            return Err(Error::last_os(format!(
+                "giving back {ticks} unread expirations (TFD_IOC_SET_TICKS)"
+            ))
+            .fd(num));
         }
         Ok(Some(fd))
     }

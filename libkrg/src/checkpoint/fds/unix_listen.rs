@@ -3,9 +3,12 @@
 
 #![deny(unsafe_code)]
 
-use super::{listen_again_here, vacate_listener, FdKind, FdState, Kind, Probe, Restoring};
+use super::{
+    listen_again_here, relistened, vacate_listener, FdKind, FdState, Kind, Probe, Restoring,
+};
+use crate::error::Error;
 use crate::streams::unix::{self, Listening};
-use std::os::fd::{IntoRawFd, RawFd};
+use std::os::fd::RawFd;
 
 pub struct UnixListen;
 
@@ -30,25 +33,18 @@ fn listening_of(k: &FdKind) -> Option<Listening> {
 }
 
 impl Kind for UnixListen {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::UnixListen { .. })
-    }
-
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFSOCK || p.fd <= 2 {
             return None;
         }
-        match unix::listening(p.fd) {
-            Ok(Some(l)) => Some(Ok(FdKind::UnixListen {
-                name: l.name,
-                ty: l.ty,
-                flags: l.flags,
-                passcred: l.passcred,
-                backlog: l.backlog,
-            })),
-            Ok(None) => None,
-            Err(e) => Some(Err(e)),
-        }
+        let l = unix::listening(p.fd).transpose()?;
+        Some(l.map(|l| FdKind::UnixListen {
+            name: l.name,
+            ty: l.ty,
+            flags: l.flags,
+            passcred: l.passcred,
+            backlog: l.backlog,
+        }))
     }
 
     fn leads_out(&self, _f: &FdState, _fds: &[FdState]) -> Option<String> {
@@ -56,7 +52,7 @@ impl Kind for UnixListen {
     }
 
     /// Its name must be free for the new node's agent to take it over.
-    fn vacate(&self, f: &FdState) -> Result<(), String> {
+    fn vacate(&self, f: &FdState) -> Result<(), Error> {
         vacate_listener(f)
     }
 
@@ -71,10 +67,7 @@ impl Kind for UnixListen {
         true
     }
 
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
-        let l =
-            listening_of(&f.kind).ok_or_else(|| format!("fd {}: bad listening socket", f.fd))?;
-        let s = unix::relisten(&l).map_err(|e| format!("fd {}: {e}", f.fd))?;
-        Ok(Some(s.into_raw_fd()))
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
+        relistened(f, listening_of(&f.kind), unix::relisten)
     }
 }

@@ -4,20 +4,17 @@
 
 #![deny(unsafe_code)]
 
-use super::{copy_end, high_pair, FdKind, FdState, Kind, Purpose, Restoring};
+use super::{high_pair, FdKind, FdState, Kind, Purpose, Restoring};
+use crate::error::Error;
 use std::os::fd::{OwnedFd, RawFd};
 
 pub struct UnixPair;
 
 impl Kind for UnixPair {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::UnixPair { .. })
-    }
-
     /// UNIX stream sockets whose peers are among `fds` become the ends of
     /// a pair, with what is queued in each (left in place: the process may
     /// go on here).
-    fn settle(&self, fds: &mut [FdState], _why: Purpose) -> Result<(), String> {
+    fn settle(&self, fds: &mut [FdState], _why: Purpose) -> Result<(), Error> {
         // (index, socket inode, fd number)
         let socks: Vec<(usize, u64, i32)> = fds
             .iter()
@@ -30,7 +27,8 @@ impl Kind for UnixPair {
         if socks.len() < 2 {
             return Ok(());
         }
-        let peers = crate::streams::unix::peers().map_err(|e| format!("UNIX socket peers: {e}"))?;
+        let peers =
+            crate::streams::unix::peers().map_err(|e| Error::io("UNIX socket peers", &e))?;
         let fd_of = |ino: u64| socks.iter().find(|s| s.1 == ino).map(|s| s.2);
         let mut done: Vec<u64> = Vec::new();
         for &(i, ino, fd) in &socks {
@@ -76,7 +74,7 @@ impl Kind for UnixPair {
         true
     }
 
-    fn restore(&self, f: &FdState, cx: &mut Restoring) -> Result<Option<RawFd>, String> {
+    fn restore(&self, f: &FdState, cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
         let FdKind::UnixPair {
             pair,
             first,
@@ -87,11 +85,9 @@ impl Kind for UnixPair {
         else {
             unreachable!("UnixPair::restore of {:?}", f.kind)
         };
-        let (meta, floor) = (cx.meta, cx.floor);
-        let p = cx
-            .made_once(("socketpair", pair), || new_pair(meta, pair, floor))
-            .map_err(|e| format!("fd {}: {e}", f.fd))?;
-        let fd = copy_end(if first { &p.0 } else { &p.1 }, flags, f.fd)?;
+        let fd = cx.copy_of_end(f, ("socketpair", pair), first, flags, |meta, floor| {
+            new_pair(meta, pair, floor)
+        })?;
         if passcred {
             crate::streams::seqpacket::pass_credentials(fd);
         }
@@ -101,7 +97,7 @@ impl Kind for UnixPair {
 
 /// The socketpair `pair` of the image made again (its first end, its
 /// second), each end holding what was queued for it, above `floor`.
-fn new_pair(meta: &super::Meta, pair: u64, floor: RawFd) -> Result<(OwnedFd, OwnedFd), String> {
+fn new_pair(meta: &super::Meta, pair: u64, floor: RawFd) -> Result<(OwnedFd, OwnedFd), Error> {
     let queued = |end_first: bool| {
         meta.fds
             .iter()

@@ -6,17 +6,14 @@
 #![deny(unsafe_code)]
 
 use super::{ConnOpts, FdKind, FdState, Kind, Probe, Purpose, Restoring, Sharing, Stream};
+use crate::error::Error;
 use crate::streams::moving;
 use std::os::fd::RawFd;
 
 pub struct UnixStream;
 
 impl Kind for UnixStream {
-    fn owns(&self, k: &FdKind) -> bool {
-        matches!(k, FdKind::UnixStream { .. })
-    }
-
-    fn describe(&self, p: &Probe) -> Option<Result<FdKind, String>> {
+    fn describe(&self, p: &Probe) -> Option<Result<FdKind, Error>> {
         if p.ty() != libc::S_IFSOCK {
             return None;
         }
@@ -46,7 +43,7 @@ impl Kind for UnixStream {
         Some("a connection to another process".into())
     }
 
-    fn stream(&self, f: &FdState, _fds: &[FdState]) -> Option<Result<Stream, String>> {
+    fn stream(&self, f: &FdState, _fds: &[FdState]) -> Option<Result<Stream, Error>> {
         let FdKind::UnixStream { ino, .. } = f.kind else {
             return None;
         };
@@ -64,22 +61,10 @@ impl Kind for UnixStream {
         else {
             return None;
         };
-        Some(ConnOpts {
-            opts: moving::Opts {
-                flags,
-                nodelay: true,
-                keepalive: false,
-                pipe: false,
-                passcred,
-            },
-            seqpacket,
-        })
+        Some(ConnOpts::at_once(flags, false, passcred, seqpacket))
     }
 
-    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, String> {
-        Err(format!(
-            "fd {}: a UNIX socket that was not moved (only a migration moves it)",
-            f.fd
-        ))
+    fn restore(&self, f: &FdState, _cx: &mut Restoring) -> Result<Option<RawFd>, Error> {
+        Err(Error::other("a UNIX socket that was not moved (only a migration moves it)").fd(f.fd))
     }
 }
