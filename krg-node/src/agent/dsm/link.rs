@@ -56,8 +56,20 @@ const SPIN_ANSWER: Duration = Duration::from_micros(250);
 const SPIN_FRAME: Duration = Duration::from_millis(1);
 /// Largest frame (a read-ahead window of 2 MiB and its framing fit).
 const MAX_FRAME: u64 = 16 * 1024 * 1024;
-/// Deadline of one call.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline of one call between agents (the home recalling a page from
+/// its holder, an invalidation, a read-ahead window). A node that does not
+/// answer by then is taken for lost and so are the pages only it held:
+/// every later access gets SIGBUS. At 2 s a node merely stalled by load
+/// lost pages for good (a loaded test run: node 2's agent answered a
+/// recall late, the semaphore page it held was marked lost, the process
+/// on node 3 got SIGBUS and its partner waited for ever); a node is shown
+/// down after 2 s of silence but requests about its processes are still
+/// sent for 10 s (`agent::GIVE_UP_AFTER`), and so are these.
+const CALL_TIMEOUT: Duration = Duration::from_secs(8);
+/// Deadline of a fault's call to the home: beyond the home's own wait for
+/// a holder ([`CALL_TIMEOUT`]), so the home's answer (the page, or that
+/// it is lost) comes before the fault gives the home up.
+const FAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn codec() -> impl Options {
     bincode::options().with_limit(MAX_FRAME)
@@ -305,7 +317,7 @@ pub fn wait_ready(
         Some(d) if d <= now => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("no answer in {CALL_TIMEOUT:?}"),
+                format!("no answer in {FAULT_TIMEOUT:?}"),
             ))
         }
         // Rounded up to a millisecond (0 would make this a busy loop).
@@ -409,7 +421,7 @@ impl FaultLink {
         let fail = |e: std::io::Error| err(libc::EIO, format!("node {node}: {e}"));
         let frame = encode(id, req).map_err(fail)?;
         let start = Instant::now();
-        let deadline = Some(start + CALL_TIMEOUT);
+        let deadline = Some(start + FAULT_TIMEOUT);
         write_all_polling(&mut self.s, &frame, deadline).map_err(fail)?;
         loop {
             let (got, resp) = read_frame_polling::<Resp>(
