@@ -170,6 +170,48 @@ fn nodes_are_separate_hosts() {
     );
 }
 
+/// Every node's name resolves on every node, its own included (Java's
+/// `InetAddress.getLocalHost()` threw `UnknownHostException: krg-n2`), to
+/// the node's address; the names are the instance's, and a node cannot
+/// change what the others resolve.
+#[test]
+fn node_names_resolve_on_every_node() {
+    let c = Cluster::up(3, 1.0);
+    for n in 1..=3 {
+        let own = c
+            .plain(n, &["sh", "-c", "getent hosts \"$(hostname)\""])
+            .output()
+            .unwrap();
+        assert_eq!(
+            text(&own.stdout).split_whitespace().collect::<Vec<_>>(),
+            [c.addr(n), format!("krg-n{n}")],
+            "node {n}: {}",
+            text(&own.stderr)
+        );
+        for k in 1..=3 {
+            let o = c
+                .plain(n, &["getent", "hosts", &format!("krg-n{k}")])
+                .output()
+                .unwrap();
+            assert_eq!(
+                text(&o.stdout).split_whitespace().next(),
+                Some(c.addr(k).as_str()),
+                "krg-n{k} seen from node {n}"
+            );
+        }
+    }
+    let w = c
+        .plain(1, &["sh", "-c", "echo 10.0.0.9 intruder >> /etc/hosts"])
+        .output()
+        .unwrap();
+    assert!(!w.status.success(), "a node wrote the cluster's hosts file");
+    let o = c
+        .plain(2, &["getent", "hosts", "intruder"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&o.stdout), "");
+}
+
 #[test]
 fn gpids_ps_and_kill_across_nodes() {
     let c = Cluster::up(3, 1.0);

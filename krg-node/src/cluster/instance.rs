@@ -120,6 +120,12 @@ impl Instance {
         self.run_dir().join("cluster.key")
     }
 
+    /// The nodes' /etc/hosts (bound read-only over theirs): the machine's
+    /// lines, then every node's name and address.
+    pub fn hosts_file(&self) -> PathBuf {
+        self.run_dir().join("hosts")
+    }
+
     /// Held while `up` or `down` of this instance works.
     pub fn lock_file(&self) -> PathBuf {
         self.run_dir().join("lock")

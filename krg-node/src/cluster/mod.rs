@@ -230,6 +230,7 @@ fn build(inst: &Instance, st: &mut ClusterState, agent: &Path) -> Result<()> {
     let x = st.subnet_octet;
     let key_file = inst.key_file().display().to_string();
     net::create(inst, x, n)?;
+    let hosts = write_hosts(inst, x, n)?;
     for id in 1..=n {
         cgroup::create(inst, id, st.cpus)?;
     }
@@ -265,6 +266,7 @@ fn build(inst: &Instance, st: &mut ClusterState, agent: &Path) -> Result<()> {
             agent: agent.to_path_buf(),
             argv,
             env: env.clone(),
+            hosts: hosts.clone(),
         };
         match spawn::begin(&launch) {
             Ok(p) => pending.push((id, p)),
@@ -330,6 +332,24 @@ fn agent_env() -> Vec<String> {
         env.push(format!("KRG_LOG={v}"));
     }
     env
+}
+
+/// The nodes' /etc/hosts: the machine's, then `ADDRESS krg-nK` for every
+/// node. None if the machine has no /etc/hosts to bind it over.
+fn write_hosts(inst: &Instance, x: u8, n: u32) -> Result<Option<std::path::PathBuf>> {
+    let Ok(mut text) = std::fs::read_to_string("/etc/hosts") else {
+        return Ok(None);
+    };
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str("# the nodes of this krg local cluster\n");
+    for id in 1..=n {
+        text.push_str(&format!("{}\tkrg-n{id}\n", net::address(x, id)));
+    }
+    let path = inst.hosts_file();
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(Some(path))
 }
 
 /// A fresh cluster key: 32 random bytes, hex, mode 0600. Each instance has

@@ -45,6 +45,8 @@ pub(super) struct Launch {
     pub argv: Vec<String>,
     /// Its whole environment, `NAME=value`.
     pub env: Vec<String>,
+    /// The file bound over the node's /etc/hosts, if any.
+    pub hosts: Option<PathBuf>,
 }
 
 /// What the children report on the pipe: 12-byte records `tag, a, b` (one
@@ -69,6 +71,7 @@ const ST_STDIO: i32 = 13;
 const ST_EXEC: i32 = 14;
 const ST_CHDIR: i32 = 15;
 const ST_KEEPTMP: i32 = 16;
+const ST_HOSTS: i32 = 17;
 
 fn step_name(step: i32) -> &'static str {
     match step {
@@ -88,6 +91,7 @@ fn step_name(step: i32) -> &'static str {
         ST_STDIO => "redirecting stdin/stdout/stderr",
         ST_EXEC => "executing the agent",
         ST_CHDIR => "changing directory to /",
+        ST_HOSTS => "binding the cluster's hosts file over /etc/hosts",
         _ => "an unknown step",
     }
 }
@@ -106,6 +110,7 @@ struct Prepared {
     /// live under /tmp (a checkout in /tmp): part of the shared image, so it
     /// stays visible through the node's private /tmp.
     keep_tmp: Option<PathBuf>,
+    hosts: Option<PathBuf>,
 }
 
 /// Where `keep_tmp` waits while the node's /tmp is replaced.
@@ -168,6 +173,7 @@ pub(super) fn begin(l: &Launch) -> Result<Pending> {
         argv: CStrVec::new(&l.argv)?,
         envp: CStrVec::new(&l.env)?,
         keep_tmp: tmp_top(&l.agent),
+        hosts: l.hosts.clone(),
     };
     // The mount point of the node's run directory, on the shared root
     // file system (an empty directory; the tmpfs is mounted inside the node).
@@ -432,6 +438,34 @@ fn node_init(p: &Prepared, wr: &OwnedFd) -> ! {
         ST_STATEDIR,
         mkdir("/run/krg/state", Mode::from_bits_truncate(0o755)),
     );
+    // Every node's name resolves on every node, its own included, as a
+    // cluster's DNS would have it (Java's InetAddress.getLocalHost failed:
+    // "UnknownHostException: krg-n2"). Read-only: the file is the
+    // instance's, and a node must not write what the others read.
+    if let Some(hosts) = &p.hosts {
+        check(
+            wr,
+            ST_HOSTS,
+            mount(
+                Some(hosts.as_path()),
+                "/etc/hosts",
+                none,
+                MsFlags::MS_BIND,
+                none,
+            ),
+        );
+        check(
+            wr,
+            ST_HOSTS,
+            mount(
+                none,
+                "/etc/hosts",
+                none,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                none,
+            ),
+        );
+    }
     check(wr, ST_HOSTNAME, sethostname(&p.hostname));
     // Do not pin the caller's current directory.
     check(wr, ST_CHDIR, chdir("/"));
