@@ -629,39 +629,13 @@ impl Streams {
         self.moving.held().remove(&id);
     }
 
-    /// A new stream id: random, so that no one can name a stream held for
-    /// another process (they were sequential; issue 21), and not one held
-    /// here now.
+    /// A new stream id of this node.
     pub(crate) fn new_stream_id(&self) -> u64 {
-        let held = self.moving.held();
-        loop {
-            let id: u64 = rand::random();
-            if id != 0 && !held.contains_key(&id) {
-                return id;
-            }
-        }
-    }
-
-    /// Refuse a request about held streams `ids` from a process that is
-    /// not the peer they are held for (`StreamFrozen`, `StreamDrained`,
-    /// `StreamAwait`): another process, of any user, could otherwise
-    /// freeze, feed or take someone else's connection. Ids not held here
-    /// are left to the request's own answer.
-    fn check_peer(&self, who: Caller, ids: &[u64]) -> Result<(), ErrorReply> {
-        let held = self.moving.held();
-        match ids
-            .iter()
-            .find(|id| held.get(id).is_some_and(|h| !h.is_peer(who.pid)))
-        {
-            Some(id) => Err(err(
-                libc::EPERM,
-                format!(
-                    "stream {id:#x}: held for another process than kernel pid {}",
-                    who.pid
-                ),
-            )),
-            None => Ok(()),
-        }
+        (u64::from(self.node.node_id()) << 40)
+            | self
+                .moving
+                .next
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `StreamFrozen` from the staying peer: its threads are parked.
@@ -674,8 +648,7 @@ impl Streams {
     /// Parked, it can fork no more: so the holders are checked again here,
     /// and the swap refused (every end of this order, each relayed) if
     /// anyone else holds one now.
-    pub(super) fn stream_frozen(&self, who: Caller, ids: &[u64]) -> Result<Response, ErrorReply> {
-        self.check_peer(who, ids)?;
+    pub(super) fn stream_frozen(&self, ids: &[u64]) -> Result<Response, ErrorReply> {
         let sole: Vec<(String, Vec<i32>)> = {
             let h = self.moving.held();
             ids.iter()
@@ -770,7 +743,6 @@ impl Streams {
         wr_shut: bool,
         pair: Option<(i32, i32)>,
     ) -> Result<Response, ErrorReply> {
-        self.check_peer(who, &[id])?;
         let pair = pair
             .map(|p| super::seqpacket::take_pair(who.pid, p))
             .transpose()?;
@@ -785,8 +757,7 @@ impl Streams {
     }
 
     /// `StreamAwait` from the staying peer: its end of the new connection.
-    pub(super) async fn stream_await(&self, who: Caller, id: u64) -> Result<Answer, ErrorReply> {
-        self.check_peer(who, &[id])?;
+    pub(super) async fn stream_await(&self, id: u64) -> Result<Answer, ErrorReply> {
         let fd = self
             .await_fd(id, "not held here", "the moving peer never reconnected")
             .await?;

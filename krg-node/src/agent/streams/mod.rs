@@ -136,7 +136,7 @@ pub(crate) fn in_use_here(port: u16, reuse: bool) -> bool {
 /// `Agent::handle_local`); a stream's new end is a descriptor.
 pub(super) async fn handle(streams: &Arc<Streams>, req: Request, who: Caller) -> Answered {
     let r = match req {
-        Request::StreamAwait { id } => return streams.stream_await(who, id).await,
+        Request::StreamAwait { id } => return streams.stream_await(id).await,
         Request::StreamAttach {
             id,
             node,
@@ -166,7 +166,7 @@ pub(super) async fn handle(streams: &Arc<Streams>, req: Request, who: Caller) ->
                 .stream_freeze(who, conns, pipes, unix, optional)
                 .await?
         }
-        Request::StreamFrozen { ids } => streams.stream_frozen(who, &ids)?,
+        Request::StreamFrozen { ids } => streams.stream_frozen(&ids)?,
         Request::StreamDrained {
             id,
             pending,
@@ -381,16 +381,6 @@ mod tests {
     }
 
     #[test]
-    fn a_held_stream_belongs_to_its_peer_only() {
-        let mut h = Held::open();
-        assert!(!h.is_peer(42), "a place held for the agent itself");
-        h.peer_fds = Some((42, vec![4]));
-        assert!(h.is_peer(42));
-        assert!(!h.is_peer(43));
-        assert!(!h.is_peer(0), "a caller the agent cannot see");
-    }
-
-    #[test]
     fn only_pipe_links_and_absolute_paths_name_a_pipe_end() {
         assert!(is_pipe_link("pipe:[4242]"));
         assert!(is_pipe_link("/srv/queue/ff"));
@@ -469,12 +459,6 @@ pub struct Held {
 }
 
 impl Held {
-    /// Whether local kernel pid `kpid` is the peer this stream is held for
-    /// (the only process that may freeze, drain and take it).
-    fn is_peer(&self, kpid: i32) -> bool {
-        self.peer_fds.as_ref().is_some_and(|(k, _)| *k == kpid)
-    }
-
     /// Every channel of a hand-over, open.
     fn open() -> Held {
         let (ztx, zrx) = tokio::sync::oneshot::channel();
@@ -512,6 +496,7 @@ enum Frozen {
 #[derive(Debug, Default)]
 struct Moving {
     held: std::sync::Mutex<HashMap<u64, Held>>,
+    next: std::sync::atomic::AtomicU64,
     /// Shadows asked to hand a relay over, by kernel pid.
     releases: std::sync::Mutex<HashMap<i32, Release>>,
     /// Seqpacket relays running here.
