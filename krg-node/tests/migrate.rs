@@ -233,7 +233,24 @@ fn shell_and_child_moves(c: &Cluster, moves: &[(Mover, u32)], kill_from: u32) ->
             Mover::Shell => sh,
             Mover::Child => b,
         };
-        c.migrate_ok(1, pid, to);
+        // Listed in `krg ps` from its Hello, a program is movable only
+        // once libkrg's constructor has installed its capture handler a
+        // moment later: under load the first move met that window ("does
+        // not run libkrg"). Waited for, as a user would try again.
+        let mut last = None;
+        wait_for(Duration::from_secs(10), || {
+            let out = c.krg(1, &["migrate", &pid.to_string(), &to.to_string()]);
+            let again = !out.status.success() && text(&out.stderr).contains("does not run libkrg");
+            last = Some(out);
+            !again
+        });
+        let out = last.expect("tried at least once");
+        assert!(
+            out.status.success(),
+            "krg migrate {pid} {to}: {}",
+            show(&out)
+        );
+        assert_contains(&text(&out.stdout), &format!("migrated to node {to}"));
     }
     c.kill_ok(kill_from, &["-USR1", &b.to_string()]);
     let out = p.wait_with_output().unwrap();
