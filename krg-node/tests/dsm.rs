@@ -421,14 +421,19 @@ fn shared_anonymous_memory_stays_shared_with_a_child_that_moves() {
         std::thread::sleep(std::time::Duration::from_millis(500));
         let from = if to == 2 { 1 } else { 2 };
         c.migrate_ok(from, child, to);
-        let s = seg(1);
-        assert!(
-            s["attached"]
+        // The restored child attaches again on its new node as it starts
+        // running there, a moment after `krg migrate` returns.
+        let from_to = || {
+            seg(1)["attached"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|a| a["node"] == to),
-            "attached from node {to}: {s}"
+                .any(|a| a["node"] == to)
+        };
+        assert!(
+            wait_for(std::time::Duration::from_secs(10), from_to),
+            "attached from node {to}: {}",
+            seg(1)
         );
     }
     let out = finish(run, "anonshare");
